@@ -1,0 +1,246 @@
+"""Hugging Face checkpoint directories: `config.json` + sharded safetensors + `model.safetensors.index.json`
+(spec 2.2, 2.3).
+
+Choices:
+- Names: ours are the checkpoint's minus the `model.` prefix, except that routed experts are stacked
+  (`experts.gate_proj[e]` <-> `experts.{e}.gate_proj.weight`) and MTP module k is checkpoint layer
+  `num_hidden_layers + k`, whose `embed_tokens` / `shared_head.head` copies are the main model's tensors.
+- Loading streams tensor by tensor from memory-mapped shards into a model allocated once (peak host memory: the
+  model plus one tensor); released FP8 weights are dequantised block by block as they arrive.
+- Nothing is ignored silently: the whole name set is checked against the model before any tensor is read, and
+  missing, unexpected or mis-shaped tensors raise `CheckpointError` naming them. One exception, with a warning:
+  a checkpoint with *no* MTP tensors at all (what transformers writes) loads without the MTP module.
+- Saving writes per-expert names, the MTP layer with its embedding/head copies, an index, and `config.json`,
+  atomically; `quantize_fp8=True` writes the released e4m3 + `weight_scale_inv` format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import ConfigError, ModelConfig
+from ..fp8 import dequantize_weight_blocks, quantize_weight_blocks
+from ..model import Transformer
+from .atomic import atomic_directory
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
+# Every Linear of attention and FFN/experts is FP8 in the release; gate, eh_proj, norms, embeddings, head are not.
+FP8_WEIGHT = re.compile(r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)|"
+                        r"mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$")
+FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                    "weight_block_size": [128, 128]}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match its model: the message names the tensors."""
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    s = ", ".join(sorted(names)[:limit])
+    return s + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def hf_name_map(model: Transformer) -> dict[str, tuple[str, int | None]]:
+    """HF tensor name -> (our state_dict name, expert row or None), for every tensor a checkpoint holds."""
+    n_layers = model.config.num_hidden_layers
+    out: dict[str, tuple[str, int | None]] = {}
+    for name, t in model.state_dict().items():
+        m = re.match(r"(layers|mtp)\.(\d+)\.(.*)", name)
+        if m is None:
+            out[name if name.startswith("lm_head") else f"model.{name}"] = (name, None)
+            continue
+        kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
+        prefix = f"model.layers.{i if kind == 'layers' else n_layers + i}."
+        em = re.fullmatch(r"mlp\.experts\.(gate_proj|up_proj|down_proj)", rest)
+        if em:
+            for e in range(t.shape[0]):
+                out[f"{prefix}mlp.experts.{e}.{em.group(1)}.weight"] = (name, e)
+        else:
+            out[prefix + rest] = (name, None)
+    for k in range(len(model.mtp)):
+        out[f"model.layers.{n_layers + k}.embed_tokens.weight"] = ("embed_tokens.weight", None)
+        out[f"model.layers.{n_layers + k}.shared_head.head.weight"] = ("lm_head.weight", None)
+    return out
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            return json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+    single = path / SINGLE_NAME
+    if single.exists():
+        with safe_open(single, framework="pt") as f:
+            return {k: SINGLE_NAME for k in f.keys()}
+    raise CheckpointError(f"{path} has neither {INDEX_NAME} nor {SINGLE_NAME}")
+
+
+def _default_dtype(cfg: ModelConfig) -> torch.dtype:
+    name = cfg.torch_dtype or cfg.hf_extra.get("dtype") or "bfloat16"
+    dt = getattr(torch, str(name), None)
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point and dt.itemsize >= 2 else torch.bfloat16
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> Transformer:
+    """Load a HF-format DeepSeek-V3/V2 directory (bf16/fp32 or released FP8) into a `Transformer`."""
+    path = Path(path)
+    cfg = ModelConfig.from_hf(path)
+    weight_map = _weight_map(path)
+    missing_files = sorted({f for f in weight_map.values() if not (path / f).exists()})
+    if missing_files:
+        raise CheckpointError(f"shard files listed in the index are missing: {_names(missing_files)}")
+    mtp_prefixes = tuple(f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers))
+    if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in weight_map):
+        warnings.warn(f"{path} has no MTP tensors ({mtp_prefixes[0]}*): loading without the MTP module "
+                      f"(num_nextn_predict_layers 0)", stacklevel=2)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    dtype = dtype or _default_dtype(cfg)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to(dtype).to_empty(device=device)
+    model.init_weights()  # non-persistent buffers (expert counts) start at zero; every weight is overwritten below
+
+    name_map = hf_name_map(model)
+    scales = {k[: -len("_scale_inv")]: k for k in weight_map if k.endswith(".weight_scale_inv")}
+    orphans = [s for w, s in scales.items() if w not in weight_map]
+    missing = [k for k in name_map if k not in weight_map]
+    unexpected = [k for k in weight_map if k not in name_map and not k.endswith(".weight_scale_inv")]
+    if missing or unexpected or orphans:
+        parts = [f"{what}: {_names(v)}" for what, v in
+                 (("missing tensors", missing), ("unexpected tensors", unexpected),
+                  ("scales without a weight", orphans)) if v]
+        raise CheckpointError(f"{path} does not match the model of its config.json; " + "; ".join(parts))
+
+    state = model.state_dict()
+    handles: dict[str, object] = {}
+
+    def read(name: str) -> torch.Tensor:
+        file = weight_map[name]
+        if file not in handles:
+            try:
+                handles[file] = safe_open(path / file, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot read shard {path / file}: {e}") from None
+        try:
+            return handles[file].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {path / file}: {e}") from None
+
+    by_file: dict[str, list[str]] = {}
+    for k, f in weight_map.items():
+        if k in name_map:
+            by_file.setdefault(f, []).append(k)
+    tied = []
+    for file in sorted(by_file):
+        for hf_name in by_file[file]:
+            ours, expert = name_map[hf_name]
+            if hf_name.startswith(mtp_prefixes) and ours in ("embed_tokens.weight", "lm_head.weight"):
+                tied.append((hf_name, ours))  # compared once the main copy is in
+                continue
+            target = state[ours] if expert is None else state[ours][expert]
+            t = read(hf_name)
+            if hf_name in scales:
+                t = _dequantize(hf_name, t, read(scales[hf_name]), torch.float32)
+            if tuple(t.shape) != tuple(target.shape):
+                raise CheckpointError(f"tensor {hf_name} has shape {tuple(t.shape)}, the config expects "
+                                      f"{tuple(target.shape)}")
+            target.copy_(t.to(target.dtype))
+    for hf_name, ours in tied:
+        if not torch.equal(read(hf_name).to(state[ours].dtype), state[ours]):
+            warnings.warn(f"{hf_name} differs from the main model's {ours}; dsv3 shares one tensor "
+                          f"(spec 1.8) and uses the main model's", stacklevel=2)
+    handles.clear()
+    return model
+
+
+def _dequantize(name: str, w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    try:
+        return dequantize_weight_blocks(w, scale_inv, dtype)
+    except ValueError as e:
+        raise CheckpointError(f"tensor {name}: {e}") from None
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, re.I)
+    if not m:
+        raise ValueError(f"cannot parse shard size {size!r}; use bytes or e.g. '5GB'")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | None = None, quantize_fp8: bool = False) -> None:
+    """Write `model` as a HF directory that `load_pretrained` and transformers load; atomic.
+
+    dtype: storage dtype of the non-FP8 tensors (default: each tensor's own; the routing bias stays fp32).
+    quantize_fp8: store attention/FFN/expert Linear weights as e4m3 with 128x128 `weight_scale_inv` (released format).
+    """
+    limit = _parse_size(max_shard_size)
+    state = model.state_dict()
+    # plan: (hf name, ours, expert, nbytes) in checkpoint order; tensors are materialised one shard at a time
+    plan = []
+    for hf_name, (ours, expert) in hf_name_map(model).items():
+        t = state[ours] if expert is None else state[ours][expert]
+        fp8 = quantize_fp8 and FP8_WEIGHT.search(hf_name) is not None
+        out_dtype = torch.float32 if hf_name.endswith("e_score_correction_bias") else (dtype or t.dtype)
+        nbytes = t.numel() * (1 if fp8 else out_dtype.itemsize)
+        plan.append((hf_name, ours, expert, fp8, out_dtype, nbytes))
+    shards, cur, size = [], [], 0
+    for item in plan:
+        if cur and size + item[-1] > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(item)
+        size += item[-1]
+    if cur:
+        shards.append(cur)
+
+    cfg = model.config.to_hf()
+    cfg.setdefault("architectures", ["DeepseekV3ForCausalLM" if model.config.model_type == "deepseek_v3"
+                                     else "DeepseekV2ForCausalLM"])
+    stored = dtype or model.embed_tokens.weight.dtype
+    cfg["torch_dtype"] = str(stored).removeprefix("torch.")
+    if quantize_fp8:
+        cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
+    else:
+        cfg.pop("quantization_config", None)
+
+    weight_map, total = {}, 0
+    with atomic_directory(path) as tmp:
+        for i, shard in enumerate(shards, start=1):
+            file = SINGLE_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for hf_name, ours, expert, fp8, out_dtype, _ in shard:
+                t = (state[ours] if expert is None else state[ours][expert]).detach().to("cpu")
+                if fp8:
+                    q, s = quantize_weight_blocks(t)
+                    tensors[hf_name], tensors[hf_name + "_scale_inv"] = q, s
+                else:
+                    tensors[hf_name] = t.to(out_dtype).clone().contiguous()  # clone: tied copies must not alias
+            for k, t in tensors.items():
+                weight_map[k] = file
+                total += t.numel() * t.element_size()
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            del tensors
+        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+__all__ = ["load_pretrained", "save_pretrained", "hf_name_map", "CheckpointError", "ConfigError"]

@@ -1,0 +1,306 @@
+"""ModelConfig: the one description of a DeepSeek-V3-architecture model.
+
+Field names are the Hugging Face `config.json` keys (spec 2.1), so `from_hf` / `to_hf` are a near-identity
+map. Choices:
+- Validation happens in `__post_init__`: every way of building a config (presets, HF files, TOML, `replace`)
+  goes through it, and an error names the field and the reason.
+- `init_std` is ours (0.006, TR 4.2). The Hub's `initializer_range` (0.02) was not what DeepSeek used, so it
+  is carried through untouched in `hf_extra` and never read (spec 9.8).
+- `rope_scaling` is kept as the HF dict (YaRN keys, spec 1.5); `rope_key` remembers whether the file used the
+  released `rope_scaling` key or the `rope_parameters` key that transformers 5 writes, so a round trip is exact.
+- Keys we do not use (`aux_loss_alpha`, `quantization_config`, `auto_map`, ...) live in `hf_extra` verbatim;
+  `hf_absent` lists our keys the source file did not have, so they are not invented on the way back out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+_ROPE_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+              "mscale", "mscale_all_dim", "attention_factor", "truncate"}
+_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+# Keys HF writes that are derived from ours: checked for consistency, then carried verbatim.
+_DERIVED_KEYS = ("qk_head_dim", "head_dim")
+
+
+class ConfigError(ValueError):
+    """A model configuration is invalid; the message names the field and the reason."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432           # dense FFN width (first_k_dense_replace layers)
+    moe_intermediate_size: int = 2048        # width of each routed / shared expert
+    num_hidden_layers: int = 61
+    num_nextn_predict_layers: int = 1        # MTP depth D
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128           # MLA: always equal to num_attention_heads
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8
+    routed_scaling_factor: float = 2.5
+    n_group: int = 8
+    topk_group: int = 4
+    topk_method: str = "noaux_tc"            # V3; "greedy" / "group_limited_greedy" for V2-family
+    scoring_func: str = "sigmoid"            # V3; "softmax" for V2-family
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536           # None: a single q_proj (V2-Lite style)
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 163840
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(default_factory=lambda: {
+        "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096, "type": "yarn"})
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list | None = 1
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    model_type: str = "deepseek_v3"
+    init_std: float = 0.006                  # TR 4.2; not the Hub's initializer_range
+    rope_key: str = "rope_scaling"           # which HF key holds RoPE settings when written back
+    hf_extra: dict = field(default_factory=dict)
+    hf_absent: tuple = ()
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ConfigError(f"invalid model config: {name}={getattr(self, name, None)!r}: {why}")
+
+        if self.q_lora_rank == 0:  # DeepSeek's own configs write 0 for "no query compression"
+            self.q_lora_rank = None
+        positive = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+                    "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "max_position_embeddings"]
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                fail(name, "must be a positive integer")
+        for name in ("num_nextn_predict_layers", "n_shared_experts", "first_k_dense_replace"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                fail(name, "must be a non-negative integer")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
+            fail("q_lora_rank", "must be a positive integer or null")
+        if self.num_key_value_heads != self.num_attention_heads:
+            fail("num_key_value_heads", f"MLA needs num_key_value_heads == num_attention_heads "
+                                        f"({self.num_attention_heads})")
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)")
+        if self.n_routed_experts % self.n_group:
+            fail("n_routed_experts", f"must be divisible by n_group={self.n_group}")
+        if self.topk_group > self.n_group:
+            fail("topk_group", f"cannot exceed n_group={self.n_group}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            fail("num_experts_per_tok", f"cannot exceed n_routed_experts={self.n_routed_experts}")
+        per_group = self.n_routed_experts // self.n_group
+        if self.num_experts_per_tok > self.topk_group * per_group:
+            fail("num_experts_per_tok", f"cannot exceed topk_group*experts_per_group={self.topk_group * per_group}")
+        if self.topk_method not in _TOPK_METHODS:
+            fail("topk_method", f"must be one of {_TOPK_METHODS}")
+        if self.topk_method == "noaux_tc" and self.n_group > 1 and per_group < 2:
+            fail("n_group", "noaux_tc scores a group by its top-2 experts: each group needs >= 2 experts")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            fail("scoring_func", "must be 'sigmoid' or 'softmax'")
+        if self.hidden_act != "silu":
+            fail("hidden_act", "only 'silu' (SwiGLU) is supported")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            fail("first_k_dense_replace", f"cannot exceed num_hidden_layers={self.num_hidden_layers}")
+        if not (self.rms_norm_eps > 0):
+            fail("rms_norm_eps", "must be > 0")
+        if not (self.rope_theta > 0):
+            fail("rope_theta", "must be > 0")
+        if not (self.init_std > 0):
+            fail("init_std", "must be > 0")
+        if self.routed_scaling_factor <= 0:
+            fail("routed_scaling_factor", "must be > 0")
+        if self.rope_key not in ("rope_scaling", "rope_parameters"):
+            fail("rope_key", "must be 'rope_scaling' or 'rope_parameters'")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            if not isinstance(rs, dict):
+                fail("rope_scaling", "must be a dict or null")
+            unknown = set(rs) - _ROPE_KEYS
+            if unknown:
+                fail("rope_scaling", f"unknown keys {sorted(unknown)}")
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind != "yarn":
+                fail("rope_scaling", f"only YaRN scaling is supported, got type {kind!r}")
+            if not isinstance(rs.get("factor"), (int, float)) or rs["factor"] < 1:
+                fail("rope_scaling", "'factor' must be a number >= 1")
+            if not isinstance(rs.get("original_max_position_embeddings"), int) or \
+                    rs["original_max_position_embeddings"] <= 0:
+                fail("rope_scaling", "'original_max_position_embeddings' must be a positive integer")
+
+    # ---- derived quantities -----------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.first_k_dense_replace
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """Hub/vLLM rule (spec 1.1); MTP blocks use their checkpoint index num_hidden_layers + k."""
+        return layer_id >= self.first_k_dense_replace and layer_id % self.moe_layer_freq == 0
+
+    def yarn(self) -> dict | None:
+        """YaRN parameters with the defaults HF and DeepSeek use, or None when RoPE is unscaled (spec 1.5)."""
+        if self.rope_scaling is None:
+            return None
+        rs = self.rope_scaling
+        return dict(factor=float(rs["factor"]), original_max_position_embeddings=rs["original_max_position_embeddings"],
+                    beta_fast=float(rs.get("beta_fast") or 32), beta_slow=float(rs.get("beta_slow") or 1),
+                    mscale=rs.get("mscale"), mscale_all_dim=rs.get("mscale_all_dim"),
+                    attention_factor=rs.get("attention_factor"), truncate=rs.get("truncate", True))
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_qk), times mscale(s, mscale_all_dim)^2 under YaRN (spec 1.3, 1.5)."""
+        scale = self.qk_head_dim ** -0.5
+        y = self.yarn()
+        if y is not None and y["mscale_all_dim"]:
+            m = yarn_mscale(y["factor"], y["mscale_all_dim"])
+            scale *= m * m
+        return scale
+
+    # ---- Hugging Face config.json -----------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, source: dict | str | Path) -> "ModelConfig":
+        """Read a HF `config.json` (a dict, the file, or its directory); deepseek_v3 and deepseek_v2 types."""
+        if not isinstance(source, dict):
+            path = Path(source)
+            if path.is_dir():
+                path = path / "config.json"
+            try:
+                source = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"no config.json at {path}") from None
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        d = dict(source)
+        mt = d.get("model_type", "deepseek_v3")
+        if mt not in ("deepseek_v3", "deepseek_v2"):
+            raise ConfigError(f"invalid model config: model_type={mt!r}: expected 'deepseek_v3' or 'deepseek_v2'")
+        names = {f.name for f in dataclasses.fields(cls)} - {"init_std", "rope_key", "hf_extra", "hf_absent"}
+        kw: dict[str, Any] = {}
+        if "rope_parameters" in d:
+            rp = dict(d.pop("rope_parameters") or {})
+            kw["rope_key"] = "rope_parameters"
+            if "rope_theta" in rp:
+                kw["rope_theta"] = rp.pop("rope_theta")
+            kind = rp.get("rope_type", rp.get("type", "default"))
+            kw["rope_scaling"] = None if kind == "default" and set(rp) <= {"rope_type", "type"} else rp
+            if "rope_scaling" in d:  # transformers 5 may keep both; rope_parameters is what it reads
+                d.pop("rope_scaling")
+        for k in list(d):
+            if k in names:
+                kw[k] = d.pop(k)
+        for k in ("n_group", "topk_group"):  # V2 configs write null for "no grouping"
+            if k in kw and kw[k] is None:
+                kw[k] = 1
+        if "qk_head_dim" in d and "qk_nope_head_dim" in kw and "qk_rope_head_dim" in kw and \
+                d["qk_head_dim"] != kw["qk_nope_head_dim"] + kw["qk_rope_head_dim"]:
+            raise ConfigError(f"invalid model config: qk_head_dim={d['qk_head_dim']}: kv dims inconsistent, "
+                              f"expected qk_nope_head_dim + qk_rope_head_dim = "
+                              f"{kw['qk_nope_head_dim'] + kw['qk_rope_head_dim']}")
+        if "head_dim" in d and "qk_rope_head_dim" in kw and d["head_dim"] != kw["qk_rope_head_dim"]:
+            raise ConfigError(f"invalid model config: head_dim={d['head_dim']}: kv dims inconsistent, transformers "
+                              f"sets head_dim = qk_rope_head_dim ({kw['qk_rope_head_dim']})")
+        if "num_key_value_heads" not in kw and "num_attention_heads" in kw:
+            kw["num_key_value_heads"] = kw["num_attention_heads"]
+        present = set(source) | ({"rope_scaling", "rope_theta"} if "rope_parameters" in source else set())
+        absent = tuple(sorted(n for n in names if n not in present))
+        try:
+            return cls(**kw, hf_extra=d, hf_absent=absent)
+        except TypeError as e:
+            raise ConfigError(f"invalid model config: {e}") from None
+
+    def to_hf(self) -> dict:
+        """The HF `config.json` dict; `from_hf(d).to_hf() == d` for files we read."""
+        defaults = ModelConfig()
+        out: dict[str, Any] = {}
+        skip = {"init_std", "rope_key", "hf_extra", "hf_absent", "rope_scaling", "rope_theta"}
+        for f in dataclasses.fields(self):
+            if f.name in skip:
+                continue
+            v = getattr(self, f.name)
+            if f.name in self.hf_absent and v == getattr(defaults, f.name):
+                continue
+            out[f.name] = v
+        if self.rope_key == "rope_parameters":
+            rp = dict(self.rope_scaling) if self.rope_scaling is not None else {"rope_type": "default"}
+            out["rope_parameters"] = {**rp, "rope_theta": self.rope_theta}
+        else:
+            for k in ("rope_scaling", "rope_theta"):
+                if not (k in self.hf_absent and getattr(self, k) == getattr(defaults, k)):
+                    out[k] = getattr(self, k)
+        out.update(self.hf_extra)
+        return out
+
+    # ---- our own files (TOML [model] sections, presets) ---------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build from our own field names; unknown keys are errors (no silent typos)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"invalid model config: unknown keys {unknown}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature sqrt(t) = 0.1 * mscale * ln(s) + 1 (TR 4.3, spec 1.5)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """A preset name (`tiny`, `lite`, `lite-8L`, `v3-671b`), a HF `config.json`, a checkpoint directory, or a TOML
+    file with a `[model]` table."""
+    path = Path(name_or_path)
+    if not path.exists() and (CONFIG_DIR / f"{name_or_path}.json").exists():
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if path.is_dir() or path.suffix == ".json":
+        return ModelConfig.from_hf(path)
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        model = data.get("model")
+        if not isinstance(model, dict):
+            raise ConfigError(f"{path} has no [model] table")
+        if "preset" in model:
+            base = load_model_config(model.pop("preset"))
+            return base.replace(**ModelConfig.from_dict({**base.to_dict(), **model}).to_dict())
+        return ModelConfig.from_dict(model)
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.json")) if CONFIG_DIR.exists() else []
+    raise ConfigError(f"no model config found at {name_or_path!r}; presets: {presets}")

@@ -1,0 +1,121 @@
+"""Multi-head Latent Attention (spec 1.3, 1.4) and its contiguous latent cache.
+
+Shapes: B batch, T new tokens, S keys (cached + new), H heads, C = kv_lora_rank, R = qk_rope_head_dim,
+Dn = qk_nope_head_dim, Dv = v_head_dim, D = hidden_size.
+
+Both forms compute the same function:
+- naive (training / prefill): expand c_kv through kv_b_proj into per-head K (Dn + R) and V (Dv), then SDPA.
+- absorbed (decode): fold W_UK into the query and W_UV after the value sum, so attention runs directly on the
+  cache of C + R values per token (576 for V3) shared by all heads:
+      q_abs = q_nope @ W_UK[h]; score = (q_abs . c_kv + q_pe . k_pe) * scale; o = (p @ c_kv) @ W_UV[h]^T
+  This is the naive form by associativity; only the order of the matmuls changes.
+The cache always holds the *normalised* c_kv and the *rotated* k_pe (spec 9.3), whichever form reads it.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope
+
+
+class LatentCache:
+    """Per-layer contiguous latent cache for the reference generate(): c_kv (L, B, S_max, C), k_pe (L, B, S_max, R).
+
+    The inference engine replaces this with a paged cache; the model only ever sees one layer's (c_kv, k_pe) pair.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, n_layers: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers if n_layers is None else n_layers
+        self.max_seq_len = max_seq_len
+        self.c_kv = torch.zeros(n, batch_size, max_seq_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(n, batch_size, max_seq_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.c_kv[i], self.k_pe[i]
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, D = cfg.num_attention_heads, cfg.hidden_size
+        self.n_heads, self.nope_dim, self.rope_dim, self.v_dim = H, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.softmax_scale = cfg.softmax_scale
+        qk_dim = cfg.qk_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attention_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0,
+                absorb: bool = False) -> torch.Tensor:
+        """x (B, T, D) at positions start_pos..start_pos+T-1; cache = one layer's (c_kv, k_pe) buffers, holding
+        positions 0..start_pos-1 already. Without a cache, start_pos only offsets the RoPE positions."""
+        B, T, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)                               # (B, T, C)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)       # (B, T, R): one key for all heads
+
+        if cache is not None:
+            cache_c_kv, cache_k_pe = cache
+            end = start_pos + T
+            if end > cache_c_kv.shape[1]:
+                raise ValueError(f"latent cache holds {cache_c_kv.shape[1]} positions, need {end}")
+            cache_c_kv[:B, start_pos:end] = c_kv.to(cache_c_kv.dtype)
+            cache_k_pe[:B, start_pos:end] = k_pe.to(cache_k_pe.dtype)
+            c_kv, k_pe = cache_c_kv[:B, :end].to(x.dtype), cache_k_pe[:B, :end].to(x.dtype)
+
+        # Query i sits at position start_pos + i and sees the keys at positions <= its own (causal; packed documents
+        # are not masked from each other, TR 4.1). Without a cache the keys are just these T tokens.
+        S = c_kv.shape[1]
+        past = S - T
+        mask = None
+        if T > 1:
+            mask = torch.arange(S, device=x.device)[None, :] <= torch.arange(past, past + T, device=x.device)[:, None]
+        attend = self._attend_absorbed if absorb else self._attend_naive
+        out = attend(q_nope, q_pe, c_kv, k_pe, mask)                    # (B, T, H, Dv)
+        return self.o_proj(out.flatten(2))
+
+    def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        B, S, H = c_kv.shape[0], c_kv.shape[1], self.n_heads
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        T = q.shape[1]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if (mask is None or T == S) else mask, is_causal=mask is not None and T == S,
+            scale=self.softmax_scale)
+        return out.transpose(1, 2)
+
+    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]           # (H, Dn, C), (H, Dv, C)
+        q_abs = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        scores = (torch.einsum("bthc,bsc->bths", q_abs, c_kv) +
+                  torch.einsum("bthr,bsr->bths", q_pe, k_pe)).float() * self.softmax_scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
+        p = scores.softmax(dim=-1).to(c_kv.dtype)
+        x = torch.einsum("bths,bsc->bthc", p, c_kv)
+        return torch.einsum("bthc,hdc->bthd", x, w_uv)

@@ -1,0 +1,142 @@
+"""DeepSeekMoE: sigmoid gate with bias-steered, group-limited top-k routing, shared experts, and routed experts
+stacked as (E, ...) tensors computed with a grouped GEMM (spec 1.6).
+
+Shapes: N tokens (B*T flattened), D hidden, E routed experts, K experts per token, G groups, I expert width.
+
+Why the bias only selects: aux-loss-free balancing (TR 2.1.2) nudges `e_score_correction_bias` to change *which*
+experts a token visits; the gate *weights* still come from the unbiased affinities, so the bias never enters the
+gradient or the output scale. Gate math runs in fp32 (TR 3.3.1: gating stays in high precision) and the bias
+stays fp32 under `.to(bf16)`.
+
+No token is ever dropped: every (token, expert) pair is computed. Tokens are sorted by expert so each expert sees
+one contiguous segment; `torch._grouped_mm` runs all segments in one call where the device supports it, and an
+exact per-segment loop runs otherwise. The gate adds each step's per-expert token counts to `tokens_per_expert`,
+which the trainer reads (and zeroes) for the bias update.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # keep the selection bias in fp32 under model.to(bf16): sign updates of 1e-3 vanish in bf16 (spec 9.4)
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        new = self.e_score_correction_bias
+        if bias is not None and new.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(device=new.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D) -> weights (N, K) fp32, indices (N, K) int64."""
+        logits = F.linear(x.float(), self.weight.float())                           # (N, E)
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        if self.topk_method == "greedy":
+            idx = scores.topk(self.top_k, dim=-1).indices
+        else:
+            choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
+            if self.n_group > 1:
+                grouped = choice.unflatten(-1, (self.n_group, -1))                 # (N, G, E/G)
+                # V3: a group is worth the sum of its top-2 biased scores; V2: its best score
+                group_scores = (grouped.topk(2, dim=-1).values.sum(-1) if self.topk_method == "noaux_tc"
+                                else grouped.amax(dim=-1))
+                keep = group_scores.topk(self.topk_group, dim=-1).indices
+                group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+                # -inf, not 0: a biased score can be negative (spec 1.6 step 4)
+                choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+            idx = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, idx)                                               # unbiased affinities
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, idx
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def expert_ffn(x: torch.Tensor, counts: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
+               down_proj: torch.Tensor, use_grouped_mm: bool | None = None) -> torch.Tensor:
+    """SwiGLU of each expert on its segment of x.
+
+    x (M, D) sorted by expert, counts (E,) rows per expert; gate_proj/up_proj (E, I, D), down_proj (E, D, I).
+    """
+    if use_grouped_mm is None:
+        use_grouped_mm = _grouped_mm_supported(x)
+    if use_grouped_mm:
+        offs = counts.cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(x, gate_proj.transpose(-2, -1), offs=offs)) * \
+            torch._grouped_mm(x, up_proj.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(h, down_proj.transpose(-2, -1), offs=offs)
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            seg = x[start:start + n]
+            outs.append(F.linear(F.silu(F.linear(seg, gate_proj[e])) * F.linear(seg, up_proj[e]), down_proj[e]))
+            start += n
+    return torch.cat(outs) if outs else x.new_zeros(0, down_proj.shape[1])
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: checkpoint `experts.{e}.gate_proj.weight` is row e of `gate_proj`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, I, D))
+        self.up_proj = nn.Parameter(torch.empty(E, I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, D), weights/idx (N, K), counts (E,) -> (N, D) = sum_k weights[:, k] * expert_{idx[:, k]}(x)."""
+        K = idx.shape[1]
+        order = idx.flatten().argsort(stable=True)          # (N*K,) pairs grouped by expert
+        token = order // K
+        y = expert_ffn(x[token], counts, self.gate_proj, self.up_proj, self.down_proj)
+        y = y * weights.flatten()[order, None]               # fp32 gate weights, as HF
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(x)
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
+        with torch.no_grad():
+            self.tokens_per_expert += counts
+        y = self.experts(x, weights, idx, counts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
