@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, upcast
 from .rope import apply_rope
 
 
@@ -112,8 +112,8 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]           # (H, Dn, C), (H, Dv, C)
         q_abs = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-        scores = (torch.einsum("bthc,bsc->bths", q_abs, c_kv) +
-                  torch.einsum("bthr,bsr->bths", q_pe, k_pe)).float() * self.softmax_scale
+        scores = upcast(torch.einsum("bthc,bsc->bths", q_abs, c_kv) +
+                        torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.softmax_scale
         if mask is not None:
             scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(c_kv.dtype)

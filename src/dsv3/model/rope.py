@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..config import ModelConfig, yarn_mscale
+from .layers import upcast
 
 
 def rope_frequencies(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
@@ -58,7 +59,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if cos.dim() == 2:
         cos, sin = cos[None], sin[None]
     cos, sin = cos[:, :, None], sin[:, :, None]  # broadcast over heads
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = upcast(x).unflatten(-1, (-1, 2))
     x1, x2 = xf[..., 0], xf[..., 1]
     out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.flatten(-2).to(x.dtype)

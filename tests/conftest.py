@@ -1,0 +1,43 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+from dsv3 import ModelConfig, Transformer
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A small V3-shaped config: groups, dense first layer, q_lora, YaRN, MTP."""
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+                num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=32,
+                q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                max_position_embeddings=16384, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+                rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=4096, beta_fast=32,
+                                  beta_slow=1, mscale=1.0, mscale_all_dim=1.0), torch_dtype="float32")
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def build(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, std: float = 0.02, bias: bool = True) -> Transformer:
+    """A randomly initialised model; std 0.02 so routing and attention are far from uniform. With `bias`, the
+    routing biases are random too, so that selection really depends on them."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to(dtype).to_empty(device="cpu")
+    model.init_weights(std=std)
+    if bias:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.uniform_(-0.05, 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def tmp_ckpt(tmp_path):
+    return tmp_path / "ckpt"
