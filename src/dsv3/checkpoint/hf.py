@@ -153,7 +153,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
             target = state[ours] if expert is None else state[ours][expert]
             t = read(hf_name)
             if hf_name in scales:
-                t = _dequantize(hf_name, t, read(scales[hf_name]), torch.float32)
+                t = _dequantize(hf_name, t, read(scales[hf_name]), target.dtype)
             if tuple(t.shape) != tuple(target.shape):
                 raise CheckpointError(f"tensor {hf_name} has shape {tuple(t.shape)}, the config expects "
                                       f"{tuple(target.shape)}")

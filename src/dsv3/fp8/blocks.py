@@ -33,11 +33,12 @@ def quantize_weight_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.T
 
 def dequantize_weight_blocks(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
                              block: int = BLOCK) -> torch.Tensor:
-    """Inverse of quantize_weight_blocks: each block times its scale_inv, computed in fp32, cast to dtype."""
+    """Inverse of quantize_weight_blocks: each block times its scale_inv (in fp32, or fp64 if asked), cast to dtype."""
     rows, cols = w.shape
     expected = (-(-rows // block), -(-cols // block))
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match weight {tuple(w.shape)} "
                          f"(expected {expected} for {block}x{block} blocks)")
-    s = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-    return (w.float() * s).to(dtype)
+    compute = torch.promote_types(dtype, torch.float32)  # the e4m3 value times its fp32 scale, exact in fp32
+    s = scale_inv.to(compute).repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return (w.to(compute) * s).to(dtype)
