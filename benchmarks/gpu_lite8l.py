@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--check", action="store_true", help="bf16 (device) vs fp32 (CPU) logits parity check")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mtp", action="store_true", help="drop the MTP module (the HF peer has none)")
+    p.add_argument("--tag", default="lite8l", help="name of the JSON written under $OUT")
     return p.parse_args()
 
 
@@ -164,6 +166,8 @@ def main() -> None:
     cfg = dsv3.load_model_config(a.config)
     if a.tiny:
         cfg = shrink(cfg)
+    if a.no_mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
     a.batch = a.batch or (2 if a.tiny else 4)
     a.seq = a.seq or (128 if a.tiny else 2048)
     result: dict[str, object] = dict(config=a.config, tiny=a.tiny, device=str(device), torch=torch.__version__,
@@ -178,13 +182,13 @@ def main() -> None:
         r = bench(cfg, a, device)
         result["bench"] = r
         mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] is not None else "n/a"
-        print(f"{a.config}{' (tiny)' if a.tiny else ''} B={a.batch} S={a.seq}: median step {r['median_step_s']:.4f} s, "
+        print(f"{a.config}{' (tiny)' if a.tiny else ''}{' no MTP' if a.no_mtp else ''} B={a.batch} S={a.seq}: median step {r['median_step_s']:.4f} s, "
               f"{r['tokens_per_s']:,.0f} tok/s, peak mem {mem}, loss {r['last_loss']:.4f}")
         print(f"F = {r['flops_per_token'] / 1e9:.4f} GFLOP/token (N_active matmul {r['n_active_matmul']:,}; "
               f"with norms {r['flops_per_token_incl_norms'] / 1e9:.4f}; ANCHORS lite-8L S=2048: 5.4861), "
               f"MFU {100 * r['mfu']:.2f}% of {a.peak:.3g}")
     if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "lite8l.json"
+        path = Path(os.environ["OUT"]) / f"{a.tag}.json"
         path.write_text(json.dumps(result, indent=2))
         print(f"wrote {path}")
 

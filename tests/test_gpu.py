@@ -1,0 +1,63 @@
+"""GPU checks (run on the device machine; skipped on CPU-only machines such as CI)."""
+
+import pytest
+import torch
+
+from dsv3.model import LatentCache, expert_ffn
+
+from conftest import build, tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_cuda_forward_matches_cpu():
+    """fp32 on the GPU (TF32 off) equals the CPU forward tightly; bf16 stays close (bf16 rounding can flip a few
+    routing decisions, so its bound is loose and the top-1 token is compared too)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = tiny_config(hidden_size=128, moe_intermediate_size=64)
+    ref = build(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        want = ref(ids)
+        fp32 = build(cfg).cuda()
+        assert _rel(fp32(ids.cuda()).cpu(), want) < 1e-5
+        assert _rel(fp32(ids.cuda(), absorb=True).cpu(), want) < 1e-5
+        bf16 = build(cfg).to("cuda", torch.bfloat16)
+        for absorb in (False, True):
+            got = bf16(ids.cuda(), absorb=absorb).float().cpu()
+            assert _rel(got, want) < 0.1
+            assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_fp32_cuda_forms_and_cache_agree():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = tiny_config()
+    model = build(cfg).cuda()
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), device="cuda")
+    with torch.no_grad():
+        full = model(ids)
+        assert _rel(model(ids, absorb=True), full) < 1e-5
+        cache = LatentCache(cfg, 2, 32, device="cuda")
+        parts = [model(ids[:, :16], 0, cache)] + [model(ids[:, t:t + 1], t, cache, absorb=True) for t in range(16, 24)]
+    assert _rel(torch.cat(parts, 1), full) < 1e-5
+
+
+def test_grouped_mm_on_cuda_matches_loop_fwd_bwd():
+    torch.manual_seed(0)
+    E, D, I = 16, 256, 128
+    g, u, d = (torch.randn(*s, device="cuda", dtype=torch.bfloat16) * 0.05 for s in ((E, I, D), (E, I, D), (E, D, I)))
+    for p in (g, u, d):
+        p.requires_grad_()
+    counts = torch.randint(0, 40, (E,), device="cuda")
+    counts[3] = 0
+    x = torch.randn(int(counts.sum()), D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    fast = expert_ffn(x, counts, g, u, d, use_grouped_mm=True)
+    grad = torch.randn_like(fast)
+    gx_fast, gg_fast = torch.autograd.grad(fast, (x, g), grad)
+    slow = expert_ffn(x, counts, g, u, d, use_grouped_mm=False)
+    gx_slow, gg_slow = torch.autograd.grad(slow, (x, g), grad)
+    assert _rel(fast, slow) < 1e-2 and _rel(gx_fast, gx_slow) < 1e-2 and _rel(gg_fast, gg_slow) < 1e-2
