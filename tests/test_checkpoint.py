@@ -240,3 +240,25 @@ def test_killed_save_leaves_no_loadable_directory(tmp_path, monkeypatch):
         dsv3.save_pretrained(build(tiny_config(), seed=1), target, max_shard_size="40KB")
     assert sorted((p.name, p.read_bytes()) for p in target.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_convert_bf16_to_fp8_and_back_streams_shards(tmp_path):
+    from dsv3.cli import main
+    model = _fp8_model()
+    dsv3.save_pretrained(model, tmp_path / "bf16", max_shard_size="300KB")
+    n_shards = len(list((tmp_path / "bf16").glob("model-*.safetensors")))
+    assert n_shards > 1
+    assert main(["convert", str(tmp_path / "bf16"), str(tmp_path / "fp8"), "--to", "fp8", "--dtype", "float32"]) == 0
+    assert len(list((tmp_path / "fp8").glob("model-*.safetensors"))) == n_shards
+    direct = tmp_path / "direct"
+    dsv3.save_pretrained(model, direct, quantize_fp8=True)
+    a = dsv3.load_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    b = dsv3.load_pretrained(direct, dtype=torch.float32)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    _rewrite_fail = tmp_path / "bf16" / "model.safetensors.index.json"
+    idx = json.loads(_rewrite_fail.read_text())
+    idx["weight_map"].pop("model.layers.0.mlp.up_proj.weight")
+    _rewrite_fail.write_text(json.dumps(idx))
+    assert main(["convert", str(tmp_path / "bf16"), str(tmp_path / "bad"), "--to", "fp8"]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .checkpoint import CheckpointError, convert_checkpoint, load_pretrained, save_pretrained
 from .config import ConfigError, ModelConfig, load_model_config
 from .model import Transformer, generate
 
@@ -77,10 +77,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """Re-write a HF directory: FP8 -> bf16 (dequantise), or bf16 -> released FP8 block format."""
-    dtype = DTYPES[args.dtype]
-    model = load_pretrained(args.src, dtype=dtype if args.to != "fp8" else torch.float32)
-    save_pretrained(model, args.dst, max_shard_size=args.max_shard_size, dtype=dtype, quantize_fp8=args.to == "fp8")
+    """Re-write a HF directory shard by shard: FP8 -> bf16 (dequantise), or bf16 -> released FP8 block format."""
+    convert_checkpoint(args.src, args.dst, to=args.to, dtype=DTYPES[args.dtype])
     print(f"wrote {args.dst} ({args.to})")
 
 
@@ -100,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("dst")
     s.add_argument("--to", choices=["bf16", "fp8"], default="bf16", help="bf16: dequantise everything; fp8: quantise")
     s.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the non-FP8 tensors")
-    s.add_argument("--max-shard-size", default="5GB")
     s.set_defaults(fn=cmd_convert)
     args = p.parse_args(argv)
     try:

@@ -92,77 +92,97 @@ def _default_dtype(cfg: ModelConfig) -> torch.dtype:
     return dt if isinstance(dt, torch.dtype) and dt.is_floating_point and dt.itemsize >= 2 else torch.bfloat16
 
 
+class CheckpointReader:
+    """A HF directory opened for streaming: its config, where each tensor lives, and tensor-at-a-time reads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = ModelConfig.from_hf(self.path)
+        self.weight_map = _weight_map(self.path)
+        missing_files = sorted({f for f in self.weight_map.values() if not (self.path / f).exists()})
+        if missing_files:
+            raise CheckpointError(f"shard files listed in the index are missing: {_names(missing_files)}")
+        # released FP8: `X.weight` (e4m3) comes with `X.weight_scale_inv` (fp32, one per 128x128 block)
+        self.scales = {k[: -len("_scale_inv")]: k for k in self.weight_map if k.endswith(".weight_scale_inv")}
+        self._handles: dict[str, object] = {}
+
+    def check_names(self, expected: dict) -> None:
+        """Raise naming every missing, unexpected or orphaned tensor, before anything is read."""
+        wm = self.weight_map
+        orphans = [s for w, s in self.scales.items() if w not in wm]
+        missing = [k for k in expected if k not in wm]
+        unexpected = [k for k in wm if k not in expected and not k.endswith(".weight_scale_inv")]
+        if missing or unexpected or orphans:
+            parts = [f"{what}: {_names(v)}" for what, v in
+                     (("missing tensors", missing), ("unexpected tensors", unexpected),
+                      ("scales without a weight", orphans)) if v]
+            raise CheckpointError(f"{self.path} does not match the model of its config.json; " + "; ".join(parts))
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor; an FP8 weight is dequantised into `dtype` (default fp32) when its scale exists."""
+        file = self.weight_map[name]
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(self.path / file, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot read shard {self.path / file}: {e}") from None
+        try:
+            t = self._handles[file].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.path / file}: {e}") from None
+        if name in self.scales:
+            t = _dequantize(name, t, self.read(self.scales[name]), dtype or torch.float32)
+        return t
+
+    def by_file(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for k, f in self.weight_map.items():
+            out.setdefault(f, []).append(k)
+        return dict(sorted(out.items()))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> Transformer:
     """Load a HF-format DeepSeek-V3/V2 directory (bf16/fp32 or released FP8) into a `Transformer`."""
-    path = Path(path)
-    cfg = ModelConfig.from_hf(path)
-    weight_map = _weight_map(path)
-    missing_files = sorted({f for f in weight_map.values() if not (path / f).exists()})
-    if missing_files:
-        raise CheckpointError(f"shard files listed in the index are missing: {_names(missing_files)}")
+    ckpt = CheckpointReader(path)
+    cfg = ckpt.config
     mtp_prefixes = tuple(f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers))
-    if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in weight_map):
-        warnings.warn(f"{path} has no MTP tensors ({mtp_prefixes[0]}*): loading without the MTP module "
+    if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in ckpt.weight_map):
+        warnings.warn(f"{ckpt.path} has no MTP tensors ({mtp_prefixes[0]}*): loading without the MTP module "
                       f"(num_nextn_predict_layers 0)", stacklevel=2)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    dtype = dtype or _default_dtype(cfg)
-    device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to(dtype).to_empty(device=device)
-    model.init_weights()  # non-persistent buffers (expert counts) start at zero; every weight is overwritten below
-
+    model.to(dtype or _default_dtype(cfg)).to_empty(device=torch.device(device or "cpu"))
+    for b in model.buffers():  # every weight is overwritten below; buffers (bias, expert counts) start at zero
+        b.zero_()
     name_map = hf_name_map(model)
-    scales = {k[: -len("_scale_inv")]: k for k in weight_map if k.endswith(".weight_scale_inv")}
-    orphans = [s for w, s in scales.items() if w not in weight_map]
-    missing = [k for k in name_map if k not in weight_map]
-    unexpected = [k for k in weight_map if k not in name_map and not k.endswith(".weight_scale_inv")]
-    if missing or unexpected or orphans:
-        parts = [f"{what}: {_names(v)}" for what, v in
-                 (("missing tensors", missing), ("unexpected tensors", unexpected),
-                  ("scales without a weight", orphans)) if v]
-        raise CheckpointError(f"{path} does not match the model of its config.json; " + "; ".join(parts))
+    ckpt.check_names(name_map)
 
     state = model.state_dict()
-    handles: dict[str, object] = {}
-
-    def read(name: str) -> torch.Tensor:
-        file = weight_map[name]
-        if file not in handles:
-            try:
-                handles[file] = safe_open(path / file, framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"cannot read shard {path / file}: {e}") from None
-        try:
-            return handles[file].get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {path / file}: {e}") from None
-
-    by_file: dict[str, list[str]] = {}
-    for k, f in weight_map.items():
-        if k in name_map:
-            by_file.setdefault(f, []).append(k)
     tied = []
-    for file in sorted(by_file):
-        for hf_name in by_file[file]:
+    for names in ckpt.by_file().values():
+        for hf_name in names:
+            if hf_name not in name_map:
+                continue  # a scale, consumed with its weight
             ours, expert = name_map[hf_name]
             if hf_name.startswith(mtp_prefixes) and ours in ("embed_tokens.weight", "lm_head.weight"):
                 tied.append((hf_name, ours))  # compared once the main copy is in
                 continue
             target = state[ours] if expert is None else state[ours][expert]
-            t = read(hf_name)
-            if hf_name in scales:
-                t = _dequantize(hf_name, t, read(scales[hf_name]), target.dtype)
+            t = ckpt.read(hf_name, target.dtype)
             if tuple(t.shape) != tuple(target.shape):
                 raise CheckpointError(f"tensor {hf_name} has shape {tuple(t.shape)}, the config expects "
                                       f"{tuple(target.shape)}")
-            target.copy_(t.to(target.dtype))
+            target.copy_(t)
     for hf_name, ours in tied:
-        if not torch.equal(read(hf_name).to(state[ours].dtype), state[ours]):
+        if not torch.equal(ckpt.read(hf_name).to(state[ours].dtype), state[ours].cpu()):
             warnings.warn(f"{hf_name} differs from the main model's {ours}; dsv3 shares one tensor "
                           f"(spec 1.8) and uses the main model's", stacklevel=2)
-    handles.clear()
+    ckpt.close()
     return model
 
 

@@ -1,0 +1,61 @@
+"""Streaming checkpoint conversion, shard by shard: released FP8 -> bf16, or bf16 -> released FP8.
+
+Peak host memory is one source shard plus its converted copy, so the 671B checkpoint converts on an ordinary
+host (what DeepSeek's `fp8_cast_bf16.py` does, with our checks). The tensor set is checked against the model
+of the config first; the output keeps the source's shard layout, file names and tensor names, and is written
+atomically. Our on-disk format *is* the HF format, so there is no other direction to convert.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..fp8 import quantize_weight_blocks
+from ..model import Transformer
+from .atomic import atomic_directory
+from .hf import FP8_QUANT_CONFIG, FP8_WEIGHT, INDEX_NAME, CheckpointReader, hf_name_map
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype: torch.dtype = torch.bfloat16) -> None:
+    """to="bf16": dequantise every FP8 weight into `dtype` and drop the scales; to="fp8": quantise the attention and
+    FFN/expert Linear weights to e4m3 with 128x128 `weight_scale_inv`. Other tensors are cast to `dtype`, except
+    the fp32 routing bias."""
+    if to not in ("bf16", "fp8"):
+        raise ValueError(f"convert to 'bf16' or 'fp8', not {to!r}")
+    ckpt = CheckpointReader(src)
+    with torch.device("meta"):
+        model = Transformer(ckpt.config)
+    ckpt.check_names(hf_name_map(model))
+    weight_map, total = {}, 0
+    with atomic_directory(dst) as tmp:
+        for file, names in ckpt.by_file().items():
+            out = {}
+            for name in names:
+                if name.endswith(".weight_scale_inv"):
+                    continue  # consumed with its weight
+                t = ckpt.read(name, torch.float32 if to == "fp8" else dtype)
+                if to == "fp8" and FP8_WEIGHT.search(name):
+                    out[name], out[name + "_scale_inv"] = quantize_weight_blocks(t)
+                elif name.endswith("e_score_correction_bias"):
+                    out[name] = t.float().contiguous()
+                else:
+                    out[name] = t.to(dtype).contiguous()
+            for k, t in out.items():
+                weight_map[k] = file
+                total += t.numel() * t.element_size()
+            save_file(out, str(tmp / file), metadata={"format": "pt"})
+            del out
+        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2, sort_keys=True))
+        cfg = ckpt.config.to_hf()
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        if to == "fp8":
+            cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
+        else:
+            cfg.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    ckpt.close()
