@@ -130,3 +130,11 @@ def test_toml_model_section(tmp_path):
     p.write_text('[model]\npreset = "tiny"\nnum_hiden_layers = 5\n')
     with pytest.raises(ConfigError, match="num_hiden_layers"):
         load_model_config(p)
+
+
+def test_to_hf_returns_a_copy():
+    cfg = load_model_config("tiny")
+    d = cfg.to_hf()
+    d["rope_scaling"]["rope_theta"] = 1.0
+    raw = json.loads((CONFIG_DIR / "tiny.json").read_text())
+    assert "rope_theta" not in cfg.rope_scaling and cfg.to_hf() != d

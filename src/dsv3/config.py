@@ -14,6 +14,7 @@ map. Choices:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -196,7 +197,7 @@ class ModelConfig:
                 raise ConfigError(f"no config.json at {path}") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        d = dict(source)
+        d = copy.deepcopy(dict(source))
         mt = d.get("model_type", "deepseek_v3")
         if mt not in ("deepseek_v3", "deepseek_v2"):
             raise ConfigError(f"invalid model config: model_type={mt!r}: expected 'deepseek_v3' or 'deepseek_v2'")
@@ -254,7 +255,7 @@ class ModelConfig:
                 if not (k in self.hf_absent and getattr(self, k) == getattr(defaults, k)):
                     out[k] = getattr(self, k)
         out.update(self.hf_extra)
-        return out
+        return copy.deepcopy(out)  # callers (transformers' config classes) mutate what they are given
 
     # ---- our own files (TOML [model] sections, presets) ---------------------------------------------------------
     @classmethod
