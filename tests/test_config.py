@@ -136,5 +136,4 @@ def test_to_hf_returns_a_copy():
     cfg = load_model_config("tiny")
     d = cfg.to_hf()
     d["rope_scaling"]["rope_theta"] = 1.0
-    raw = json.loads((CONFIG_DIR / "tiny.json").read_text())
     assert "rope_theta" not in cfg.rope_scaling and cfg.to_hf() != d

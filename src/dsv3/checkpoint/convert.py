@@ -8,16 +8,13 @@ atomically. Our on-disk format *is* the HF format, so there is no other directio
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from ..fp8 import quantize_weight_blocks
 from ..model import Transformer
 from .atomic import atomic_directory
-from .hf import FP8_QUANT_CONFIG, FP8_WEIGHT, INDEX_NAME, CheckpointReader, hf_name_map
+from .hf import FP8_WEIGHT, CheckpointReader, ShardWriter, hf_name_map
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype: torch.dtype = torch.bfloat16) -> None:
@@ -30,7 +27,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype
     with torch.device("meta"):
         model = Transformer(ckpt.config)
     ckpt.check_names(hf_name_map(model))
-    weight_map, total = {}, 0
+    writer = ShardWriter(ckpt.config, dtype, fp8=to == "fp8")
     with atomic_directory(dst) as tmp:
         for file, names in ckpt.by_file().items():
             out = {}
@@ -44,18 +41,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype
                     out[name] = t.float().contiguous()
                 else:
                     out[name] = t.to(dtype).contiguous()
-            for k, t in out.items():
-                weight_map[k] = file
-                total += t.numel() * t.element_size()
-            save_file(out, str(tmp / file), metadata={"format": "pt"})
+            writer.write_shard(tmp / file, out)
             del out
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2, sort_keys=True))
-        cfg = ckpt.config.to_hf()
-        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-        if to == "fp8":
-            cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
-        else:
-            cfg.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        writer.finish(tmp)
     ckpt.close()

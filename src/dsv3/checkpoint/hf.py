@@ -204,6 +204,34 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+class ShardWriter:
+    """Writes safetensors shards into a directory, then its index and the matching `config.json`."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, fp8: bool):
+        self.config, self.dtype, self.fp8 = config, dtype, fp8
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def write_shard(self, file: Path, tensors: dict[str, torch.Tensor]) -> None:
+        for k, t in tensors.items():
+            self.weight_map[k] = file.name
+            self.total += t.numel() * t.element_size()
+        save_file(tensors, str(file), metadata={"format": "pt"})
+
+    def finish(self, directory: Path) -> None:
+        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+        cfg = self.config.to_hf()
+        cfg.setdefault("architectures", ["DeepseekV3ForCausalLM" if self.config.model_type == "deepseek_v3"
+                                         else "DeepseekV2ForCausalLM"])
+        cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        if self.fp8:
+            cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
+        else:
+            cfg.pop("quantization_config", None)
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None, quantize_fp8: bool = False) -> None:
     """Write `model` as a HF directory that `load_pretrained` and transformers load; atomic.
@@ -231,17 +259,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     if cur:
         shards.append(cur)
 
-    cfg = model.config.to_hf()
-    cfg.setdefault("architectures", ["DeepseekV3ForCausalLM" if model.config.model_type == "deepseek_v3"
-                                     else "DeepseekV2ForCausalLM"])
-    stored = dtype or model.embed_tokens.weight.dtype
-    cfg["torch_dtype"] = str(stored).removeprefix("torch.")
-    if quantize_fp8:
-        cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
-    else:
-        cfg.pop("quantization_config", None)
-
-    weight_map, total = {}, 0
+    writer = ShardWriter(model.config, dtype or model.embed_tokens.weight.dtype, quantize_fp8)
     with atomic_directory(path) as tmp:
         for i, shard in enumerate(shards, start=1):
             file = SINGLE_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -253,14 +271,9 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
                     tensors[hf_name], tensors[hf_name + "_scale_inv"] = q, s
                 else:
                     tensors[hf_name] = t.to(out_dtype).clone().contiguous()  # clone: tied copies must not alias
-            for k, t in tensors.items():
-                weight_map[k] = file
-                total += t.numel() * t.element_size()
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            writer.write_shard(tmp / file, tensors)
             del tensors
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2, sort_keys=True))
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        writer.finish(tmp)
 
 
-__all__ = ["load_pretrained", "save_pretrained", "hf_name_map", "CheckpointError", "ConfigError"]
+__all__ = ["load_pretrained", "save_pretrained", "hf_name_map", "CheckpointReader", "ShardWriter", "CheckpointError"]
