@@ -256,9 +256,9 @@ def test_convert_bf16_to_fp8_and_back_streams_shards(tmp_path):
     b = dsv3.load_pretrained(direct, dtype=torch.float32)
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), k
-    _rewrite_fail = tmp_path / "bf16" / "model.safetensors.index.json"
-    idx = json.loads(_rewrite_fail.read_text())
+    index = tmp_path / "bf16" / "model.safetensors.index.json"   # a tensor the config needs goes missing
+    idx = json.loads(index.read_text())
     idx["weight_map"].pop("model.layers.0.mlp.up_proj.weight")
-    _rewrite_fail.write_text(json.dumps(idx))
+    index.write_text(json.dumps(idx))
     assert main(["convert", str(tmp_path / "bf16"), str(tmp_path / "bad"), "--to", "fp8"]) == 2
     assert not (tmp_path / "bad").exists()

@@ -74,8 +74,6 @@ def _dense_reference(x, weights, idx, experts):
 
 @pytest.mark.parametrize("use_grouped_mm", [True, False])
 def test_grouped_experts_match_dense_reference_fwd_bwd(use_grouped_mm, monkeypatch):
-    if use_grouped_mm and not hasattr(torch, "_grouped_mm"):
-        pytest.skip("torch._grouped_mm not in this torch build")
     torch.manual_seed(0)
     cfg = tiny_config(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
     experts = Experts(cfg)
@@ -112,8 +110,6 @@ def test_grouped_experts_match_dense_reference_fwd_bwd(use_grouped_mm, monkeypat
 
 
 def test_expert_ffn_paths_agree():
-    if not hasattr(torch, "_grouped_mm"):
-        pytest.skip("torch._grouped_mm not in this torch build")
     torch.manual_seed(1)
     E, D, I = 6, 16, 8
     g, u, d = torch.randn(E, I, D), torch.randn(E, I, D), torch.randn(E, D, I)

@@ -155,10 +155,6 @@ class ModelConfig:
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
-    @property
-    def n_dense_layers(self) -> int:
-        return self.first_k_dense_replace
-
     def is_moe_layer(self, layer_id: int) -> bool:
         """Hub/vLLM rule (spec 1.1); MTP blocks use their checkpoint index num_hidden_layers + k."""
         return layer_id >= self.first_k_dense_replace and layer_id % self.moe_layer_freq == 0

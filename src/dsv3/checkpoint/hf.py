@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
 from ..fp8 import dequantize_weight_blocks, quantize_weight_blocks
 from ..model import Transformer
 from .atomic import atomic_directory

@@ -45,7 +45,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D) -> weights (N, K) fp32, indices (N, K) int64."""
-        logits = F.linear(upcast(x), self.weight.to(upcast(x).dtype))                           # (N, E)
+        xf = upcast(x)
+        logits = F.linear(xf, self.weight.to(xf.dtype))                              # (N, E)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         if self.topk_method == "greedy":
             idx = scores.topk(self.top_k, dim=-1).indices
