@@ -61,3 +61,34 @@ def test_grouped_mm_on_cuda_matches_loop_fwd_bwd():
     slow = expert_ffn(x, counts, g, u, d, use_grouped_mm=False)
     gx_slow, gg_slow = torch.autograd.grad(slow, (x, g), grad)
     assert _rel(fast, slow) < 1e-2 and _rel(gx_fast, gx_slow) < 1e-2 and _rel(gg_fast, gg_slow) < 1e-2
+
+
+def test_trainer_on_cuda_clips_inside_fused_adamw_like_clip_grad_norm(tmp_path):
+    """Gradient clipping folded into fused AdamW's grad_scale gives the weights the usual clip_grad_norm_ +
+    AdamW step gives; the bf16 autocast and compiled paths train (finite, falling loss)."""
+    from test_train_loop import small_run
+    from dsv3.train import Trainer
+    torch.backends.cuda.matmul.allow_tf32 = False
+    params = []
+    for fused_clip in (True, False):
+        t = Trainer(small_run(tmp_path, f"clip{fused_clip}", train={"device": "cuda", "dtype": "fp32"},
+                              optim={"grad_clip": 0.05}))
+        t.clip_in_optimizer = fused_clip
+        for _ in range(2):
+            t.train_step()
+        params.append(torch.cat([p.detach().flatten() for p in t.model.parameters()]))
+        t.logger.close()
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+    t = Trainer(small_run(tmp_path, "copt", train={"device": "cuda", "dtype": "fp32", "compile_optimizer": True},
+                          optim={"grad_clip": 0.05}))
+    for _ in range(2):
+        t.train_step()
+    t.logger.close()
+    torch.testing.assert_close(torch.cat([p.detach().flatten() for p in t.model.parameters()]), params[1],
+                               rtol=1e-5, atol=1e-6)
+    for dtype, compile_ in (("bf16", False), ("bf16-params", True)):
+        t = Trainer(small_run(tmp_path, f"{dtype}{compile_}", train={"device": "cuda", "dtype": dtype,
+                                                                        "compile": compile_, "steps": 12}))
+        losses = [t.train_step()[0].main_loss for _ in range(12)]
+        t.logger.close()
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.3, losses

@@ -14,6 +14,8 @@ FORBIDDEN = {
     "config": ["torch"],
     "fp8": ["dsv3.model", "dsv3.checkpoint", "dsv3.train", "dsv3.infer"],
     "checkpoint": ["dsv3.train", "dsv3.infer", "dsv3.serve", "dsv3.eval", "dsv3.parallel"],
+    "data": ["dsv3.model", "dsv3.train", "dsv3.infer", "dsv3.serve", "dsv3.eval", "dsv3.cli", "torch.distributed"],
+    "train": ["dsv3.infer", "dsv3.serve", "dsv3.eval", "dsv3.cli"],
 }
 
 

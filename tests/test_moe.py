@@ -134,3 +134,18 @@ def test_moe_counts_tokens_per_expert():
     _, idx = moe.gate(x.view(-1, cfg.hidden_size))
     assert torch.equal(moe.tokens_per_expert, 2 * torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts))
     assert int(moe.tokens_per_expert.sum()) == 2 * 10 * cfg.num_experts_per_tok   # no token dropped
+
+
+def test_expert_dispatch_and_combine_pass_gradcheck():
+    """The gather-only dispatch/combine autograd functions against numerical derivatives (float64, loop path)."""
+    cfg = tiny_config(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=3, hidden_size=5, n_group=1,
+                      topk_group=1)
+    experts = Experts(cfg).double()
+    torch.manual_seed(0)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(6)])
+    counts = torch.bincount(idx.flatten(), minlength=4)
+    assert torch.autograd.gradcheck(lambda x, w, g: experts(x, w, idx, counts), (x, w, experts.gate_proj))

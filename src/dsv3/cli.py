@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -82,6 +83,76 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst} ({args.to})")
 
 
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .data import iter_documents, train_tokenizer
+    t0 = time.perf_counter()
+    tok = train_tokenizer((d.text for d in iter_documents(args.sources)), args.vocab_size, args.out)
+    print(f"wrote {args.out}: byte-level BPE, {tok.vocab_size} tokens, in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import Trainer, load_run_config
+    from .train.config import RunConfig, apply_overrides
+    overrides = list(args.overrides) + ([f"run_dir={json.dumps(args.run_dir)}"] if args.run_dir else [])
+    if args.resume:
+        run_dir = Path(args.run_dir or load_run_config(args.config, overrides).run_dir)
+        saved = run_dir / "config.json"
+        if not saved.exists():
+            raise FileNotFoundError(f"--resume: {saved} does not exist")
+        cfg = RunConfig.from_dict(apply_overrides(json.loads(saved.read_text()), overrides))
+    else:
+        cfg = load_run_config(args.config, overrides)
+    trainer = Trainer(cfg, resume=args.resume, progress=False if args.quiet else None)
+    n = trainer.model.num_params()
+    print(f"training {cfg.run_dir}: {_fmt(n['total'])} params ({_fmt(n['active'])} active) + {_fmt(n['mtp'])} MTP, "
+          f"{cfg.train.steps} steps of up to {cfg.train.batch_size} x {cfg.data.seq_len} tokens on "
+          f"{trainer.device} ({str(trainer.dtype).removeprefix('torch.')}), from step {trainer.step}",
+          file=sys.stderr)
+    summary = trainer.run()
+    print(json.dumps(summary))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .train import export_run
+    out = export_run(args.run_dir, args.out_dir, step=args.step, ema=args.ema,
+                     dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {out}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .train.plot import plot_run
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .data import Tokenizer
+    path = Path(args.model)
+    if (path / "checkpoints").is_dir():          # a training run: its latest checkpoint and tokenizer
+        from .train import load_run_model
+        model, _ = load_run_model(path, ema=args.ema)
+        tok_dir = path / "tokenizer"
+    else:
+        model, tok_dir = load_pretrained(path, dtype=torch.float32).eval(), path
+    if not (tok_dir / "tokenizer.json").exists() and not args.tokenizer:
+        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer")
+    tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
+    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    # pre-training packs documents as `doc EOS doc EOS ...` (dsv3.data.packing): an EOS in front makes the prompt
+    # the start of a document, as the model saw documents start
+    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    if len(ids) + args.max_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({args.max_tokens}) exceed the model's context "
+                         f"of {model.config.max_position_embeddings}")
+    gen = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.samples):
+        new = generate(model, [ids], args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_id=tokenizer.eos_id, generator=gen)[0]
+        print(prompt + tokenizer.decode(new, skip_special_tokens=True))
+        if args.samples > 1:
+            print("-" * 40)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,12 +170,56 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--to", choices=["bf16", "fp8"], default="bf16", help="bf16: dequantise everything; fp8: quantise")
     s.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the non-FP8 tensors")
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = s.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json)")
+    t.add_argument("--sources", nargs="+", default=["stdlib"], help="stdlib, files, directories or globs")
+    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=cmd_tokenizer_train)
+    s = sub.add_parser("train", help="pre-train a model: dsv3 train --config configs/tiny.toml [section.key=value ...]")
+    s.add_argument("--config", default=None, help="run TOML (sections model, data, optim, balance, mtp, train, "
+                   "log, checkpoint)")
+    s.add_argument("overrides", nargs="*", help="section.key=value, the value in TOML syntax")
+    s.add_argument("--run-dir", default=None, help="overrides run_dir")
+    s.add_argument("--resume", action="store_true", help="continue the run in run_dir from its latest checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_train)
+    s = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face directory")
+    s.add_argument("run_dir")
+    s.add_argument("out_dir")
+    s.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    s.add_argument("--ema", action="store_true", help="export the EMA weights")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as trained (fp32)")
+    s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("plot", help="PNG charts of a run's metrics")
+    s.add_argument("run_dir")
+    s.add_argument("--out", default=None, help="default: RUN_DIR/plots")
+    s.set_defaults(fn=cmd_plot)
+    s = sub.add_parser("generate", help="sample a completion from a trained model")
+    s.add_argument("--model", required=True, help="a HF directory (dsv3 export) or a training run directory")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--tokenizer", default=None, help="default: the model directory's")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--samples", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ema", action="store_true", help="a run directory's EMA weights")
+    s.add_argument("--escapes", action="store_true", help="interpret backslash escapes (\\n) in the prompt")
+    s.set_defaults(fn=cmd_generate)
     args = p.parse_args(argv)
     try:
         args.fn(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "TrainingDiverged":
+            raise
+        print(f"dsv3 {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

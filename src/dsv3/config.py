@@ -295,9 +295,15 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
         model = data.get("model")
         if not isinstance(model, dict):
             raise ConfigError(f"{path} has no [model] table")
-        if "preset" in model:
-            base = load_model_config(model.pop("preset"))
-            return base.replace(**ModelConfig.from_dict({**base.to_dict(), **model}).to_dict())
-        return ModelConfig.from_dict(model)
+        return model_config_from_table(model)
     presets = sorted(p.stem for p in CONFIG_DIR.glob("*.json")) if CONFIG_DIR.exists() else []
     raise ConfigError(f"no model config found at {name_or_path!r}; presets: {presets}")
+
+
+def model_config_from_table(table: dict) -> ModelConfig:
+    """A TOML-style `[model]` table: an optional `preset` (name or path) plus field overrides."""
+    table = dict(table)
+    if "preset" in table:
+        base = load_model_config(table.pop("preset"))
+        return ModelConfig.from_dict({**base.to_dict(), **table})
+    return ModelConfig.from_dict(table)

@@ -10,8 +10,9 @@ stays fp32 under `.to(bf16)`.
 
 No token is ever dropped: every (token, expert) pair is computed. Tokens are sorted by expert so each expert sees
 one contiguous segment; `torch._grouped_mm` runs all segments in one call where the device supports it, and an
-exact per-segment loop runs otherwise. The gate adds each step's per-expert token counts to `tokens_per_expert`,
-which the trainer reads (and zeroes) for the bias update.
+exact per-segment loop runs otherwise. Each forward adds its per-expert token counts to `tokens_per_expert`,
+which the trainer zeroes before and reads after a forward for the bias update; with `keep_routing` set, the MoE
+also keeps the step's affinities and selections in `routing` for the sequence-wise balance loss (spec 1.7).
 """
 
 import torch
@@ -45,8 +46,13 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D) -> weights (N, K) fp32, indices (N, K) int64."""
+        return self.route(x)[:2]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> weights (N, K), indices (N, K), and the unbiased affinities of all experts (N, E), fp32."""
         xf = upcast(x)
-        logits = F.linear(xf, self.weight.to(xf.dtype))                              # (N, E)
+        with torch.autocast(x.device.type, enabled=False):   # the gate stays fp32 under bf16 autocast
+            logits = F.linear(xf, self.weight.to(xf.dtype))                          # (N, E)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         if self.topk_method == "greedy":
             idx = scores.topk(self.top_k, dim=-1).indices
@@ -65,7 +71,7 @@ class Gate(nn.Module):
         weights = scores.gather(1, idx)                                               # unbiased affinities
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.route_scale, idx
+        return weights * self.route_scale, idx, scores
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -98,6 +104,36 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, gate_proj: torch.Tensor, u
     return torch.cat(outs) if outs else x.new_zeros(0, down_proj.shape[1])
 
 
+class _DispatchRows(torch.autograd.Function):
+    """x (N, D) -> x[order // K] (N*K, D): each token copied once per selected expert, in expert order. The
+    backward sums each token's K copies through the inverse permutation: gathers only, no atomic scatter."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].unflatten(0, (-1, ctx.k)).sum(1), None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """y[perm] for a permutation perm with inverse `inverse`; the backward is the gather grad[inverse]."""
+
+    @staticmethod
+    def forward(ctx, y, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return y[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
 class Experts(nn.Module):
     """The routed experts, stacked: checkpoint `experts.{e}.gate_proj.weight` is row e of `gate_proj`."""
 
@@ -111,11 +147,17 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, D), weights/idx (N, K), counts (E,) -> (N, D) = sum_k weights[:, k] * expert_{idx[:, k]}(x)."""
         K = idx.shape[1]
-        order = idx.flatten().argsort(stable=True)          # (N*K,) pairs grouped by expert
-        token = order // K
-        y = expert_ffn(x[token], counts, self.gate_proj, self.up_proj, self.down_proj)
-        y = y * weights.flatten()[order, None]               # fp32 gate weights, as HF
-        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        order = idx.flatten().argsort(stable=True)          # (N*K,) (token, k) pairs grouped by expert
+        inverse = order.argsort()                           # where each pair sits in expert order
+        weights_3d = (self.gate_proj, self.up_proj, self.down_proj)
+        xs = _DispatchRows.apply(x, order, inverse, K)
+        if torch.is_autocast_enabled(x.device.type):        # autocast does not cover grouped GEMMs: cast here
+            dtype = torch.get_autocast_dtype(x.device.type)
+            weights_3d = tuple(w.to(dtype) for w in weights_3d)
+            xs = xs.to(dtype)
+        y = expert_ffn(xs, counts, *weights_3d)
+        y = _PermuteRows.apply(y, inverse, order).unflatten(0, (-1, K))          # (N, K, D) back in token order
+        return (y * weights[..., None]).sum(1).to(x.dtype)  # fp32 gate weights and sum, as HF
 
 
 class MoE(nn.Module):
@@ -128,11 +170,15 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64),
                              persistent=False)
+        self.keep_routing = False
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, idx = self.gate(x)
+        weights, idx, scores = self.gate.route(x)
+        if self.keep_routing:   # (B, T, E) affinities with grad, (B, T, K) selections
+            self.routing = (scores.view(*shape[:-1], -1), idx.view(*shape[:-1], -1))
         counts = torch.zeros(self.n_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
         with torch.no_grad():

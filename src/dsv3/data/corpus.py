@@ -1,0 +1,190 @@
+"""Where documents come from: the CPython standard library, text and code files, JSONL, JSON and Parquet.
+
+A document is the unit of packing, of FIM (code documents only, TR 4.1) and of the train/validation split.
+Everything is yielded in a deterministic order, so the same sources always give the same token stream.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TEXT_EXTS = frozenset({".txt", ".md", ".rst"})
+CODE_EXTS = frozenset({
+    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".cu", ".cuh", ".rs", ".go", ".java", ".kt",
+    ".scala", ".js", ".jsx", ".ts", ".tsx", ".mjs", ".rb", ".php", ".cs", ".swift", ".m", ".mm", ".sh", ".bash",
+    ".lua", ".pl", ".r", ".jl", ".hs", ".ml", ".sql", ".zig", ".dart", ".ex", ".exs", ".erl", ".clj", ".el",
+    ".vim", ".f90", ".s", ".asm", ".cmake", ".toml", ".yaml", ".yml", ".ini", ".cfg", ".html", ".css", ".xml",
+    ".tex",
+})
+RECORD_EXTS = frozenset({".jsonl", ".json", ".parquet"})
+SUPPORTED_EXTS = TEXT_EXTS | CODE_EXTS | RECORD_EXTS
+_TEXT_KEYS = ("text", "content")
+_SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "node_modules"})
+_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+
+
+@dataclass
+class Document:
+    text: str
+    source: str      # a file path (":N" appended for the N-th record of a JSONL/JSON/Parquet file) or "stdlib:rel/path"
+    is_code: bool
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def stdlib_files(include_tests: bool = True) -> list[Path]:
+    """The standard library's .py files (never site-packages, never a virtualenv), sorted."""
+    root = stdlib_root()
+    venv = Path(sys.prefix).resolve() if sys.prefix != sys.base_prefix else None
+    skip = _SKIP_DIRS if include_tests else _SKIP_DIRS | _TEST_DIRS
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if venv is not None and (here == venv or venv in here.parents):
+            dirnames.clear()
+            continue
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        out += [here / f for f in filenames if f.endswith(".py")]
+    return sorted(out)
+
+
+def source_files(source: str) -> list[Path]:
+    """The files one non-stdlib source names: a file, a directory (recursed) or a glob; sorted."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in SUPPORTED_EXTS:
+            raise ValueError(f"data source {source!r} has unsupported extension {path.suffix!r}; supported: "
+                             f"{' '.join(sorted(SUPPORTED_EXTS))}")
+        return [path]
+    if path.is_dir():
+        return _walk(path)
+    if any(c in source for c in "*?["):
+        found: list[Path] = []
+        for m in sorted(glob.glob(os.path.expanduser(source), recursive=True)):
+            p = Path(m)
+            found += _walk(p) if p.is_dir() else [p] if p.suffix.lower() in SUPPORTED_EXTS else []
+        if found:
+            return found
+        raise FileNotFoundError(f"data source {source!r}: the glob matches no supported files")
+    raise FileNotFoundError(f"data source {source!r} does not exist (expected 'stdlib', a file, a directory "
+                            f"or a glob)")
+
+
+def iter_documents(sources: list[str]) -> Iterator[Document]:
+    """Documents of every source in order; empty and whitespace-only ones are skipped.
+
+    Each source is "stdlib", a file, a directory or a glob. All sources are resolved before the first document
+    is yielded, so a typo fails at once rather than after an hour of tokenising.
+    """
+    if isinstance(sources, (str, Path)):
+        raise TypeError(f"sources must be a list of strings, got the single string {sources!r}")
+    resolved = [None if s == "stdlib" else source_files(str(s)) for s in sources]
+    for files in resolved:
+        if files is None:
+            root = stdlib_root()
+            docs = (Document(_read(f), f"stdlib:{f.relative_to(root).as_posix()}", True) for f in stdlib_files())
+        else:
+            docs = (d for f in files for d in _file_documents(f))
+        yield from (d for d in docs if d.text.strip())
+
+
+def _walk(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+        out += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in SUPPORTED_EXTS]
+    return sorted(out)
+
+
+def _read(path: Path) -> str:
+    # Undecodable bytes become U+FFFD: one odd file must not kill a multi-hour build.
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def _valid_utf8(text: str) -> str:
+    # JSON may escape lone surrogates ("\ud800"), which the Rust tokenizer cannot accept.
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+def _file_documents(path: Path) -> Iterator[Document]:
+    ext = path.suffix.lower()
+    if ext == ".jsonl":
+        yield from _jsonl_documents(path)
+    elif ext == ".json":
+        yield from _json_documents(path)
+    elif ext == ".parquet":
+        yield from _parquet_documents(path)
+    else:
+        yield Document(_read(path), str(path), ext in CODE_EXTS)
+
+
+def _record(rec: Any, where: str) -> Document:
+    if isinstance(rec, str):
+        return Document(_valid_utf8(rec), where, False)
+    if isinstance(rec, dict):
+        for key in _TEXT_KEYS:
+            if isinstance(rec.get(key), str):
+                return Document(_valid_utf8(rec[key]), where, rec.get("is_code") is True)
+    raise ValueError(f"{where}: expected a string or an object with a string 'text' or 'content' field")
+
+
+def _jsonl_documents(path: Path) -> Iterator[Document]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
+            yield _record(rec, f"{path}:{lineno}")
+
+
+def _json_documents(path: Path) -> Iterator[Document]:
+    """A list of records (or one record) with a text field is a dataset; any other JSON is itself a code file."""
+    raw = _read(path)
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    if isinstance(data, list) and data and all(isinstance(r, (str, dict)) for r in data):
+        yield from (_record(r, f"{path}:{i}") for i, r in enumerate(data))
+    elif isinstance(data, dict) and any(isinstance(data.get(k), str) for k in _TEXT_KEYS):
+        yield _record(data, str(path))
+    else:
+        yield Document(raw, str(path), True)
+
+
+def _parquet_documents(path: Path, batch_rows: int = 1024) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    col = next((k for k in _TEXT_KEYS if k in names), None)
+    if col is None:
+        raise ValueError(f"{path}: no 'text' or 'content' column (columns: {', '.join(names)})")
+    cols = [col] + (["is_code"] if "is_code" in names else [])
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+        texts = batch.column(0).to_pylist()
+        codes = batch.column(1).to_pylist() if len(cols) > 1 else [False] * len(texts)
+        for text, code in zip(texts, codes):
+            if isinstance(text, str):
+                yield Document(text, f"{path}:{row}", code is True)
+            row += 1

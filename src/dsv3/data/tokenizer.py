@@ -1,0 +1,157 @@
+"""Byte-level BPE tokenizer with DeepSeek-V3's special tokens, pre-tokenizer and file layout.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer`, so it loads our own files and DeepSeek's released `tokenizer.json`
+alike. Specials are found by name, never by position: ours get ids 0..7 (bos=0, eos=1, as in the model
+configs), DeepSeek's sit at 0, 1, 2 and 128800+. `save` also writes a `tokenizer_config.json`, so
+`transformers.AutoTokenizer.from_pretrained` loads the directory and gives the same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as _HFTokenizer
+
+# Order matters: ids are assigned in this order, and the model configs assume bos=0, eos=1.
+SPECIAL_TOKENS: dict[str, str] = {
+    "bos": "<｜begin▁of▁sentence｜>",
+    "eos": "<｜end▁of▁sentence｜>",
+    "pad": "<｜▁pad▁｜>",
+    "fim_begin": "<｜fim▁begin｜>",
+    "fim_hole": "<｜fim▁hole｜>",
+    "fim_end": "<｜fim▁end｜>",
+    "user": "<｜User｜>",
+    "assistant": "<｜Assistant｜>",
+}
+
+# DeepSeek-V3's released pre-tokenizer: numbers in groups of at most 3 digits, runs of CJK kept apart, then a
+# GPT-4-like word/punctuation/whitespace split that keeps indentation runs whole (good for code).
+_SPLITS = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*"""
+     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""),
+)
+
+# DeepSeek-V3's layout: the system prompt follows BOS with no role marker; each assistant turn ends with EOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids of the special tokens (None where the vocabulary lacks one)."""
+
+    def __init__(self, tok: _HFTokenizer):
+        self._tok = tok
+        vocab = tok.get_vocab(with_added_tokens=True)
+        # Max id + 1, not the entry count: released vocabularies have holes, and this sizes embeddings and dtypes.
+        self.vocab_size: int = max(vocab.values()) + 1
+        ids = {name: vocab.get(text) for name, text in SPECIAL_TOKENS.items()}
+        if ids["eos"] is None:
+            raise ValueError(f"tokenizer has no EOS token {SPECIAL_TOKENS['eos']!r}; documents cannot be packed")
+        self.bos_id: int | None = ids["bos"]
+        self.eos_id: int = ids["eos"]
+        self.pad_id: int | None = ids["pad"]
+        self.fim_begin_id: int | None = ids["fim_begin"]
+        self.fim_hole_id: int | None = ids["fim_hole"]
+        self.fim_end_id: int | None = ids["fim_end"]
+        self.user_id: int | None = ids["user"]
+        self.assistant_id: int | None = ids["assistant"]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load `tokenizer.json`, given either the file or a directory holding it."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {path}")
+        try:
+            tok = _HFTokenizer.from_file(str(file))
+        except Exception as e:
+            raise ValueError(f"{file} is not a valid tokenizer.json: {e}") from e
+        try:
+            return cls(tok)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+
+    @property
+    def fim_ids(self) -> tuple[int, int, int] | None:
+        """(fim_begin, fim_hole, fim_end), or None if any is missing."""
+        ids = (self.fim_begin_id, self.fim_hole_id, self.fim_end_id)
+        return None if None in ids else ids  # type: ignore[return-value]
+
+    @property
+    def backend(self) -> _HFTokenizer:
+        return self._tok
+
+    def fingerprint(self) -> str:
+        """A hash of the full tokenizer definition: shard caches are only valid for the tokenizer that made them."""
+        return hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write tokenizer.json and a transformers-loadable tokenizer_config.json; returns the directory."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(out / "tokenizer.json"))
+        name = {k: SPECIAL_TOKENS[k] if getattr(self, f"{k}_id") is not None else None for k in ("bos", "eos", "pad")}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name["bos"], "eos_token": name["eos"], "pad_token": name["pad"],
+            # As DeepSeek's config: BOS only when the caller asks for special tokens, never EOS. Our encode()
+            # adds none, so AutoTokenizer(..., add_special_tokens=False) gives identical ids.
+            "add_bos_token": name["bos"] is not None, "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,  # anything else breaks the exact byte-level round trip
+            "model_max_length": 1 << 30,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        return out
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None,
+                    min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer; `vocab_size` counts the specials and the 256 byte tokens.
+
+    With all 256 bytes in the initial alphabet any string encodes and decodes exactly. A small corpus may run
+    out of pairs to merge, giving a vocabulary smaller than asked for (never larger).
+    """
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens plus "
+                         f"{len(SPECIAL_TOKENS)} specials, so at least {256 + len(SPECIAL_TOKENS)}")
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency={min_frequency} must be >= 1")
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in _SPLITS]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS.values()]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = SPECIAL_TOKENS["bos"]
+    tok.post_processor = processors.TemplateProcessing(  # used only when a caller asks for special tokens
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.token_to_id(bos))])
+    out = Tokenizer(tok)
+    if out_dir is not None:
+        out.save(out_dir)
+    return out

@@ -1,0 +1,206 @@
+"""RunConfig: everything a training run needs, one dataclass per TOML section, read from a file and overridden
+from the command line as `section.key=value` (the value is parsed as TOML: `train.steps=200`,
+`data.sources=["stdlib", "notes/"]`, `train.recompute=true`).
+
+Schedule positions are fractions of the run, so the V3 recipe (spec 3) scales to any length: the report's
+14.8T-token run switches at 10T (0.676), 14.3T (0.966) and 14.633T (0.989), warms up for 2K of ~235K steps and
+ramps the batch over its first 469B tokens (0.032).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, ModelConfig, model_config_from_table
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    sources: list = field(default_factory=lambda: ["stdlib"])  # "stdlib", files, directories or globs
+    tokenizer: str = ""          # an existing tokenizer.json (or its directory); "" trains one on the sources
+    vocab_size: int = 0          # of the trained tokenizer; 0 = model.vocab_size (a smaller one leaves ids unused)
+    cache_dir: str = "out/data"  # tokenizers and token shards are cached here, keyed by sources, vocab and seed
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    fim_rate: float = 0.1        # PSM fill-in-the-middle on code documents (TR 4.1)
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2.2e-4           # peak (TR 4.2)
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup: float = 0.0085       # linear warm-up: 2K of ~235K steps
+    constant_until: float = 0.676
+    decay_until: float = 0.966   # cosine from lr to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1    # 2.2e-5 / 2.2e-4
+    final_at: float = 0.989      # then final_lr_ratio * lr for the rest
+    final_lr_ratio: float = 0.0332   # 7.3e-6 / 2.2e-4
+
+
+@dataclass
+class BalanceConfig:
+    bias_update_speed: float = 0.001   # gamma (TR 4.2)
+    bias_freeze_at: float = 0.966      # gamma = 0 for the last 500B of 14.8T tokens
+    seq_aux_alpha: float = 1e-4        # complementary sequence-wise balance loss (spec 1.7)
+
+
+@dataclass
+class MTPConfig:
+    weight: float = 0.3          # lambda (TR 4.2)
+    final_weight: float = 0.1
+    switch_at: float = 0.676     # 10T of 14.8T tokens
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32         # sequences per optimizer step once the ramp is done
+    batch_size_start: int = 0    # first step's batch; 0 = no ramp (V3: 3072 -> 15360 sequences)
+    batch_ramp: float = 0.032    # fraction of the run the ramp takes
+    micro_batch_size: int = 8    # sequences per forward; batch sizes are multiples of it
+    device: str = "auto"         # auto | cpu | cuda | cuda:N
+    # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16: autocast over fp32 master weights and AdamW state |
+    # bf16-params: weights, gradients and AdamW state all bf16 (the HF peer's setup; fastest, but small late
+    # updates round away)
+    dtype: str = "auto"
+    recompute: bool = False      # recompute RMSNorm, MLA up-projections and SwiGLU in backward (TR 3.2.3)
+    ema_decay: float = 0.0       # > 0 keeps an EMA of the parameters on the CPU (TR 3.2.3)
+    compile: bool = False        # torch.compile each block and the loss
+    compile_optimizer: bool = False  # CUDA: one compiled kernel set for clipping + AdamW instead of fused AdamW
+    seed: int = 0
+    spike_ratio: float = 1.5     # a step whose loss exceeds this multiple of the running loss counts as a spike
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10
+    val_interval: int = 100
+    val_batches: int = 8
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 500
+    keep: int = 2                # most recent checkpoints kept (0 keeps all)
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "mtp": MTPConfig,
+            "train": TrainConfig, "log": LogConfig, "checkpoint": CheckpointConfig}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=lambda: model_config_from_table({"preset": "tiny"}))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_dir: str = "runs/run"
+
+    def __post_init__(self) -> None:
+        t = self.train
+        for name in ("batch_size", "micro_batch_size", "steps"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"invalid run config: train.{name} must be >= 1, got {getattr(t, name)}")
+        for name in ("batch_size", "batch_size_start"):
+            if getattr(t, name) % t.micro_batch_size:
+                raise ConfigError(f"invalid run config: train.{name}={getattr(t, name)} is not a multiple of "
+                                  f"train.micro_batch_size={t.micro_batch_size}")
+        if self.data.seq_len < 2 or self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(f"invalid run config: data.seq_len={self.data.seq_len} must be in "
+                              f"[2, model.max_position_embeddings={self.model.max_position_embeddings}]")
+        if self.data.vocab_size > self.model.vocab_size:
+            raise ConfigError(f"invalid run config: data.vocab_size={self.data.vocab_size} exceeds "
+                              f"model.vocab_size={self.model.vocab_size}")
+        if not 0 <= self.data.fim_rate <= 1:
+            raise ConfigError(f"invalid run config: data.fim_rate={self.data.fim_rate} must be in [0, 1]")
+        if t.dtype not in ("auto", "bf16", "fp32", "bf16-params"):
+            raise ConfigError(f"invalid run config: train.dtype={t.dtype!r}; use auto, bf16, bf16-params or fp32")
+        o = self.optim
+        if not 0 <= o.warmup <= o.constant_until <= o.decay_until <= o.final_at <= 1:
+            raise ConfigError("invalid run config: need 0 <= optim.warmup <= constant_until <= decay_until "
+                              "<= final_at <= 1")
+
+    def to_dict(self) -> dict:
+        d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {"run_dir": self.run_dir, "model": self.model.to_dict(), **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        unknown = sorted(set(d) - set(SECTIONS) - {"model", "run_dir"})
+        if unknown:
+            raise ConfigError(f"invalid run config: unknown sections {unknown}; known: {sorted(SECTIONS)} + model")
+        kwargs: dict[str, Any] = {}
+        for name, section in SECTIONS.items():
+            table = d.get(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"invalid run config: [{name}] must be a table")
+            fields = {f.name for f in dataclasses.fields(section)}
+            bad = sorted(set(table) - fields)
+            if bad:
+                raise ConfigError(f"invalid run config: unknown keys {bad} in [{name}]; known: {sorted(fields)}")
+            kwargs[name] = section(**table)
+        if "model" in d:
+            kwargs["model"] = model_config_from_table(d["model"])
+        if "run_dir" in d:
+            kwargs["run_dir"] = str(d["run_dir"])
+        return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as TOML, or the raw string)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path) or (len(path) != 2 and path != ["run_dir"]):
+        raise ConfigError(f"override {item!r}: the key must be section.key (or run_dir)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    d = json.loads(json.dumps(d))
+    for item in overrides:
+        path, value = parse_override(item)
+        if path == ["run_dir"]:
+            d["run_dir"] = value
+        else:
+            d.setdefault(path[0], {})[path[1]] = value
+    return d
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """A TOML run file (sections as above, `[model]` with an optional preset), or the `config.json` a run writes
+    (the same dict), plus command-line overrides."""
+    d: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"run config {path} does not exist")
+        try:
+            d = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is not valid {path.suffix[1:].upper() or 'TOML'}: {e}") from None
+    return RunConfig.from_dict(apply_overrides(d, list(overrides)))

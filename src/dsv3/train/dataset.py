@@ -1,0 +1,48 @@
+"""The data a run trains on: a tokenizer (given, or trained on the sources) and the token shards, both cached under
+`data.cache_dir` in a directory named by a hash of what determines them, so runs on the same sources and vocabulary
+share one tokenisation and a changed source list never reuses a stale one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..checkpoint import atomic_directory
+from ..data.corpus import stdlib_root
+from ..data import ShardSet, Tokenizer, build_shards, iter_documents, train_tokenizer
+from .config import DataConfig
+
+
+def dataset_key(cfg: DataConfig, vocab_size: int) -> str:
+    tok = Path(cfg.tokenizer).resolve() if cfg.tokenizer else None
+    tok_id = hashlib.sha256(tok.read_bytes() if tok and tok.is_file() else
+                            (tok / "tokenizer.json").read_bytes()).hexdigest() if tok else f"bpe{vocab_size}"
+    # "stdlib" means this interpreter's standard library: another Python version is another corpus
+    sources = [f"stdlib:{stdlib_root()}" if s == "stdlib" else str(Path(s).resolve()) for s in cfg.sources]
+    blob = json.dumps([sorted(sources), tok_id, cfg.seed, cfg.val_fraction])
+    name = "-".join(s if s == "stdlib" else Path(s).stem for s in cfg.sources)[:40] or "data"
+    return f"{name}-v{vocab_size}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def prepare_dataset(cfg: DataConfig, vocab_size: int, progress: bool = True) -> tuple[Tokenizer, ShardSet, Path]:
+    """Tokenizer and shards for `cfg`, built on first use. The tokenizer's vocabulary must fit the model's."""
+    if cfg.tokenizer and not Path(cfg.tokenizer).exists():
+        raise FileNotFoundError(f"data.tokenizer={cfg.tokenizer!r} does not exist")
+    root = Path(cfg.cache_dir) / dataset_key(cfg, vocab_size)
+    tok_dir = root / "tokenizer"
+    if cfg.tokenizer:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+    elif (tok_dir / "tokenizer.json").exists():
+        tokenizer = Tokenizer.load(tok_dir)
+    else:
+        texts = (doc.text for doc in iter_documents(list(cfg.sources)))
+        tokenizer = train_tokenizer(texts, vocab_size)
+        with atomic_directory(tok_dir) as tmp:
+            tokenizer.save(tmp)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the {vocab_size} allowed "
+                         f"(data.vocab_size, or model.vocab_size)")
+    shards = build_shards(tokenizer, list(cfg.sources), root / "shards", val_fraction=cfg.val_fraction,
+                          seed=cfg.seed, progress=progress)
+    return tokenizer, shards, root

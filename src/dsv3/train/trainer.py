@@ -1,0 +1,338 @@
+"""The pre-training loop on one device (TR 3-4, spec 1.7, 1.8, 3).
+
+One optimizer step = `batch_size(step)` sequences in micro-batches of `micro_batch_size`:
+    loss = CE(main) + lambda * mean_k CE(MTP depth k) + alpha * sum_layers L_Bal      (per micro-batch, / n_micro)
+then clip the global gradient norm, AdamW, the aux-loss-free bias update from the expert loads summed over all
+micro-batches of the step, and the CPU EMA. A non-finite loss or gradient stops the run before the optimizer
+touches the weights, so the last checkpoint stays the last good state.
+
+Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, the EMA, the data position and the RNG
+states, and the logged metrics are cut back to the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import PackedLoader, ShardSet
+from ..data.packing import val_batches
+from ..model import Transformer
+from . import schedule
+from .balance import collect_balance_loss, moe_layers, update_bias
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .dataset import prepare_dataset
+from .ema import CPUEma
+from .metrics import MetricsLogger, max_violation
+from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
+from .recompute import apply_recompute
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the run stopped and its last checkpoint is intact."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 autocast where the device does it fast (CUDA); fp32 on the CPU unless asked."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "bf16-params": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
+    """N(0, 0.006^2) weights (TR 4.2) on `device`: fp32 master weights, or bf16 with train.dtype=bf16-params (the
+    routing bias stays fp32 either way)."""
+    torch.manual_seed(cfg.train.seed)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    if cfg.train.dtype == "bf16-params":
+        model.to(torch.bfloat16)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy, computed in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def lm_losses(model: Transformer, window: torch.Tensor, ce=cross_entropy) -> tuple[
+        torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """window (B, T+1) -> main CE, MTP CE per depth, main logits (B, T, V), MTP logits (B, T-k, V) per depth.
+    MTP depth k at position i predicts token i+k+1 of the window (spec 1.8)."""
+    inputs, targets = window[:, :-1], window[:, 1:]
+    hidden = model.hidden_states(inputs)
+    logits = model.lm_head(hidden)
+    main = ce(logits, targets)
+    mtp_logits = model.mtp_logits(hidden, inputs) if len(model.mtp) else []
+    mtp = [ce(lg, window[:, k + 1:]) for k, lg in enumerate(mtp_logits, start=1)]
+    return main, mtp, logits, mtp_logits
+
+
+def unigram_entropy(shards: ShardSet, vocab_size: int) -> dict[str, float]:
+    """Entropy (nats/token) of the training split's unigram distribution, and the cross-entropy of that distribution
+    (add-one smoothed) on the validation split: the loss of a model that ignores context."""
+    def counts(split: str) -> np.ndarray:
+        c = np.zeros(vocab_size, dtype=np.int64)
+        for i in range(shards.n_docs(split)):
+            c += np.bincount(shards.doc(split, i), minlength=vocab_size)[:vocab_size]
+        return c
+    train, val = counts("train"), counts("val")
+    p = train / train.sum()
+    q = (train + 1) / (train.sum() + vocab_size)
+    nz = p > 0
+    return {"unigram entropy": float(-(p[nz] * np.log(p[nz])).sum()),
+            "unigram val cross-entropy": float(-(val * np.log(q)).sum() / max(val.sum(), 1))}
+
+
+@dataclass
+class StepStats:
+    loss: float
+    main_loss: float
+    mtp_loss: float | None
+    aux_loss: float
+    grad_norm: float
+    tokens: int
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is not None and not resume:
+            raise FileExistsError(f"{self.run_dir} already has checkpoints (latest {ckpt.name}); pass --resume to "
+                                  f"continue it or choose another run_dir")
+        if resume and ckpt is None:
+            raise FileNotFoundError(f"--resume: {self.run_dir} has no checkpoint to resume from")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.train.device)
+        self.dtype = compute_dtype(cfg.train.dtype, self.device)
+        show = cfg.log.progress if progress is None else progress
+
+        self.tokenizer, self.shards, data_dir = prepare_dataset(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size,
+                                                                progress=show)
+        self._write_run_files(data_dir)
+        self.loader = PackedLoader(self.shards, "train", cfg.data.seq_len, seed=cfg.data.seed,
+                                   fim_rate=cfg.data.fim_rate, eos_id=self.tokenizer.eos_id,
+                                   fim_ids=self._fim_ids())
+        self.val = val_batches(self.shards, cfg.data.seq_len, cfg.log.val_batches, cfg.train.micro_batch_size,
+                               self.tokenizer.eos_id) if cfg.log.val_batches else []
+
+        self.model = build_model(cfg, self.device)
+        self.layers = moe_layers(self.model)
+        if cfg.train.recompute:
+            apply_recompute(self.model)
+        compiled_opt = cfg.train.compile_optimizer and self.device.type == "cuda"
+        self.optimizer = build_optimizer(self.model, cfg.optim, compiled=compiled_opt)
+        self.compiled_step = compiled_clip_and_step(self.optimizer) if compiled_opt else None
+        self.ema = CPUEma(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
+        if resume:
+            state = load_checkpoint(ckpt, self.model, self.optimizer)
+            self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
+            self.loss_ema = state["loss_ema"]
+            self.loader.load_state_dict(state["loader"])
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+        self.forward, self.ce = self.model, cross_entropy
+        if cfg.train.compile:
+            # regional compilation: every block is one graph (fused norms, RoPE, SwiGLU, routing glue) and the loss
+            # fuses the fp32 upcast into log-softmax instead of materialising fp32 logits
+            for block in list(self.model.layers) + list(self.model.mtp):
+                block.compile()
+            self.ce = torch.compile(cross_entropy)
+        # fused AdamW divides the gradients by `grad_scale` inside its kernel: clipping there saves a pass over
+        # every gradient (on CPU, the usual clip_grad_norm_)
+        self.clip_in_optimizer = (self.device.type == "cuda" and self.compiled_step is None
+                                  and hasattr(torch.nn.utils, "get_total_norm"))
+        self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
+                                    start_step=self.step)
+        if resume:
+            self.logger.truncate_after(self.step)
+            self.logger.log_event(self.step, f"resumed from {ckpt}")
+
+    def _fim_ids(self) -> tuple[int, int, int] | None:
+        t = self.tokenizer
+        ids = (t.fim_begin_id, t.fim_hole_id, t.fim_end_id)
+        if self.cfg.data.fim_rate > 0 and None in ids:
+            raise ValueError("data.fim_rate > 0 but the tokenizer has no fim_begin/fim_hole/fim_end tokens")
+        return ids if None not in ids else None
+
+    def _write_run_files(self, data_dir: Path) -> None:
+        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+        if not (self.run_dir / "tokenizer" / "tokenizer.json").exists():
+            self.tokenizer.save(self.run_dir / "tokenizer")
+        baselines = self.run_dir / "baselines.json"
+        if not baselines.exists():
+            cached = data_dir / "baselines.json"
+            if not cached.exists():
+                cached.write_text(json.dumps(unigram_entropy(self.shards, self.tokenizer.vocab_size)))
+            shutil.copy(cached, baselines)
+
+    def autocast(self):
+        enabled = self.dtype != torch.float32 and self.cfg.train.dtype != "bf16-params"
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    # ---- one optimizer step -------------------------------------------------------------------------------------
+    def train_step(self) -> tuple[StepStats, torch.Tensor]:
+        cfg, step = self.cfg, self.step
+        lr = schedule.learning_rate(step, cfg)
+        set_learning_rate(self.optimizer, lr)
+        n_micro = schedule.batch_size(step, cfg) // cfg.train.micro_batch_size
+        lam, alpha = schedule.mtp_weight(step, cfg), cfg.balance.seq_aux_alpha
+        self.model.train()
+        for _, m in self.layers:
+            m.keep_routing = alpha > 0
+        loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64, device=self.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)   # total, main, mtp, aux
+        for _ in range(n_micro):
+            window = self.loader.next_batch(cfg.train.micro_batch_size).to(self.device, non_blocking=True)
+            for _, m in self.layers:
+                m.tokens_per_expert.zero_()
+            with self.autocast():
+                main, mtp, _, _ = lm_losses(self.forward, window, self.ce)
+                mtp_loss = torch.stack(mtp).mean() if mtp else main.new_zeros(())
+                aux = collect_balance_loss(self.layers)
+                aux = aux if aux is not None else main.new_zeros(())
+                loss = main + lam * mtp_loss + alpha * aux
+            (loss / n_micro).backward()
+            if self.layers:
+                loads += torch.stack([m.tokens_per_expert for _, m in self.layers])
+            sums += torch.stack([loss, main, mtp_loss, aux]).detach().double() / n_micro
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.compiled_step is not None:
+            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        elif self.clip_in_optimizer:
+            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            self.optimizer.grad_scale = (grad_norm / cfg.optim.grad_clip).clamp(min=1.0).float()
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        total, main_v, mtp_v, aux_v = sums.tolist()
+        if not (math.isfinite(total) and math.isfinite(grad_norm.item())):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = latest_checkpoint(self.run_dir)
+            msg = (f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
+                   f"(loss {total}, grad norm {grad_norm.item()}); stopping. Last good checkpoint: "
+                   f"{last if last else 'none'}. Lower optim.lr or raise the warm-up, then --resume.")
+            self.logger.log_event(step + 1, msg)
+            raise TrainingDiverged(msg)
+        if self.compiled_step is not None:
+            self.compiled_step(grads, (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_bias(self.layers, loads, schedule.bias_update_speed(step, cfg))
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        self.tokens += n_micro * cfg.train.micro_batch_size * cfg.data.seq_len
+        if self.loss_ema is not None and self.step > 10 and total > cfg.train.spike_ratio * self.loss_ema:
+            self.spikes += 1
+            self.logger.log_event(self.step, f"loss spike: {total:.4f} vs running {self.loss_ema:.4f}")
+        self.loss_ema = total if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * total
+        stats = StepStats(total, main_v, mtp_v if len(self.model.mtp) else None, aux_v, grad_norm.item(),
+                          n_micro * cfg.train.micro_batch_size * cfg.data.seq_len)
+        return stats, loads
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float | None]:
+        """Main-token loss, MTP loss, and the MTP head's next-next-token accuracy: against the data (`mtp_acc`) and
+        against the main model's own greedy choice one step later (`mtp_agree`, the acceptance rate of greedy
+        speculative decoding with the MTP head as the draft)."""
+        if not self.val:
+            return {}
+        self.model.eval()
+        for _, m in self.layers:
+            m.keep_routing = False
+        main_sum, mtp_sum, hit, agree, n_mtp = 0.0, 0.0, 0, 0, 0
+        for window in self.val:
+            window = window.to(self.device)
+            with self.autocast():
+                main, mtp, logits, mtp_logits = lm_losses(self.forward, window, self.ce)
+            main_sum += main.item()
+            if mtp:
+                mtp_sum += mtp[0].item()
+                draft = mtp_logits[0].argmax(-1)                       # (B, T-1): guesses of token i+2
+                hit += int((draft == window[:, 2:]).sum())
+                agree += int((draft == logits[:, 1:].argmax(-1)).sum())
+                n_mtp += draft.numel()
+        n = len(self.val)
+        out = {"val_loss": main_sum / n, "val_mtp_loss": mtp_sum / n if n_mtp else None,
+               "val_mtp_acc": hit / n_mtp if n_mtp else None, "val_mtp_agree": agree / n_mtp if n_mtp else None}
+        return out
+
+    def save(self) -> Path:
+        state = {"tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
+                 "loader": self.loader.state_dict()}
+        path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.to_dict(),
+                               self.ema.state_dict() if self.ema is not None else None, self.cfg.checkpoint.keep)
+        self.logger.log_event(self.step, f"checkpoint {path.name}")
+        return path
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, log = self.cfg, self.cfg.log
+        interval_loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64,
+                                     device=self.device)
+        acc = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0, "grad_norm": 0.0, "n": 0, "tok": 0}
+        t0, last_val = time.perf_counter(), {}
+        try:
+            while self.step < cfg.train.steps:
+                stats, loads = self.train_step()
+                interval_loads += loads
+                for k in ("loss", "main_loss", "aux_loss", "grad_norm"):
+                    acc[k] += getattr(stats, k)
+                acc["mtp_loss"] += stats.mtp_loss or 0.0
+                acc["n"] += 1
+                acc["tok"] += stats.tokens
+                step, done = self.step, self.step == cfg.train.steps
+                if step % log.interval == 0 or done:
+                    dt = time.perf_counter() - t0
+                    n = acc["n"]
+                    vio = [max_violation(load) for load in interval_loads.cpu().numpy()]
+                    mean = interval_loads.double().mean(-1, keepdim=True).clamp_min(1e-12)
+                    self.logger.log_train(
+                        step, loss=acc["loss"] / n, main_loss=acc["main_loss"] / n,
+                        mtp_loss=acc["mtp_loss"] / n if stats.mtp_loss is not None else None,
+                        aux_loss=acc["aux_loss"] / n, grad_norm=acc["grad_norm"] / n,
+                        lr=schedule.learning_rate(step - 1, cfg), batch_size=schedule.batch_size(step - 1, cfg),
+                        tokens=self.tokens, tok_per_s=acc["tok"] / dt, mtp_weight=schedule.mtp_weight(step - 1, cfg),
+                        bias_update_speed=schedule.bias_update_speed(step - 1, cfg), spikes=self.spikes,
+                        max_vio=vio, max_vio_mean=sum(vio) / len(vio) if vio else 0.0,
+                        expert_load=(interval_loads.double() / mean).cpu().tolist(),
+                        moe_layers=[name for name, _ in self.layers])
+                    interval_loads.zero_()
+                    acc = dict.fromkeys(acc, 0.0)
+                    acc["n"] = acc["tok"] = 0
+                    t0 = time.perf_counter()
+                if log.val_interval and (step % log.val_interval == 0 or done):
+                    last_val = self.evaluate()
+                    if last_val:
+                        self.logger.log_val(step, **last_val)
+                    t0 = time.perf_counter()
+                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or done:
+                    self.save()
+                    t0 = time.perf_counter()
+        finally:
+            if self.ema is not None:
+                self.ema.wait()
+            self.logger.close()
+        return {"step": self.step, "tokens": self.tokens, "spikes": self.spikes, **last_val}
