@@ -44,7 +44,9 @@ def main() -> None:
         print(f"| {r['run']} | {r['steps']} | {r['max_vio_first20']:.3f} | {r['max_vio_last20']:.3f} | "
               f"{r['val_loss']:.4f} | {r['train_main_last20']:.4f} | {acc} | {agree} |")
     docs = Path(__file__).resolve().parents[1] / "docs"
-    named = {r.name: r for r in runs}
+    labels = {"ablate-none": "(a) no balancing", "ablate-auxloss": "(b) aux loss only, alpha=0.01",
+              "tiny-main": "(c) aux-loss-free gamma=0.01 + alpha=1e-4", "ablate-nomtp": "(c) without MTP"}
+    named = {labels.get(r.name, r.name): r for r in runs}
     for metric in ("max_vio_mean", "val_loss"):
         print(compare_runs(named, docs / f"ablation-{metric}.png", metric=metric, logy=metric == "max_vio_mean"))
 

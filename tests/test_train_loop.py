@@ -159,6 +159,23 @@ def test_export_loads_in_dsv3_and_transformers(tmp_path):
     assert not torch.equal(load_pretrained(ema).lm_head.weight, ours.lm_head.weight)
 
 
+def test_cli_generate_plot_and_export(tmp_path, capsys):
+    from dsv3.cli import main
+    t = Trainer(small_run(tmp_path, "cli", train={"steps": 2}))
+    t.run()
+    assert main(["export", str(t.run_dir), str(tmp_path / "hf")]) == 0
+    for model in (tmp_path / "hf", t.run_dir):                        # an exported directory or a run directory
+        capsys.readouterr()
+        assert main(["generate", "--model", str(model), "--prompt", "def f(x):", "--max-tokens", "5",
+                     "--temperature", "0"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("def f(x):")
+    assert main(["generate", "--model", str(model), "--prompt", "x", "--max-tokens", "99999"]) == 2
+    assert "exceed the model's context" in capsys.readouterr().err
+    assert main(["plot", str(t.run_dir)]) == 0
+    assert {p.name for p in (t.run_dir / "plots").iterdir()} >= {"loss.png", "lr.png", "maxvio.png"}
+
+
 def test_cli_train_errors_are_clear(tmp_path):
     r = subprocess.run(dsv3_cli("train", "train.stepz=3", "--quiet"), capture_output=True, text=True)
     assert r.returncode == 2 and "unknown keys ['stepz']" in r.stderr
