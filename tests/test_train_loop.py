@@ -28,7 +28,8 @@ def small_run(tmp_path: Path, name: str = "run", **sections) -> RunConfig:
          "data": {"sources": [CORPUS], "cache_dir": str(tmp_path.parent / "data-cache"), "seq_len": 32,
                   "val_fraction": 0.2, "fim_rate": 0.5},
          "optim": {"lr": 3e-3, "warmup": 0.1},
-         "train": {"steps": 12, "batch_size": 4, "micro_batch_size": 2, "batch_size_start": 2, "batch_ramp": 0.25},
+         "train": {"steps": 12, "batch_size": 4, "micro_batch_size": 2, "batch_size_start": 2, "batch_ramp": 0.25,
+                   "device": "cpu", "dtype": "fp32"},     # the CPU semantics, also on a GPU machine
          "log": {"interval": 1, "val_interval": 4, "val_batches": 2, "tensorboard": False, "progress": False},
          "checkpoint": {"interval": 4, "keep": 0}}
     for section, values in sections.items():

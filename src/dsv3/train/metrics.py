@@ -185,7 +185,9 @@ class MetricsLogger:
             names = rec.get("moe_layers") or [str(i) for i in range(len(rec["max_vio"]))]
             for name, v in zip(names, rec["max_vio"]):
                 self._tb.add_scalar(f"balance/max_vio/{name}", v, step)
-        self.update(step, rec.get("loss"), rec.get("lr"), rec.get("tok_per_s"))
+        # the bar shows the main-token loss: the total adds lambda * MTP and alpha * balance terms
+        main = rec.get("main_loss")
+        self.update(step, main if main is not None else rec.get("loss"), rec.get("lr"), rec.get("tok_per_s"))
         return rec
 
     def log_val(self, step: int, **fields: Any) -> dict:
