@@ -57,11 +57,9 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attention_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0,
-                absorb: bool = False) -> torch.Tensor:
-        """x (B, T, D) at positions start_pos..start_pos+T-1; cache = one layer's (c_kv, k_pe) buffers, holding
-        positions 0..start_pos-1 already. Without a cache, start_pos only offsets the RoPE positions."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x (B, T, D) -> q_nope (B, T, H, Dn), rotated q_pe (B, T, H, R), normalised c_kv (B, T, C) and rotated
+        k_pe (B, T, R): everything a token contributes before attention (the latent pair is what a cache keeps)."""
         B, T, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -70,10 +68,23 @@ class MLA(nn.Module):
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
-
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)                               # (B, T, C)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)       # (B, T, R): one key for all heads
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)       # one key for all heads
+        return q_nope, q_pe, c_kv, k_pe
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, Dn, C) and W_UV (H, Dv, C): kv_b_proj split per head, for the absorbed form (spec 1.4)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, :self.nope_dim], w[:, self.nope_dim:]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0,
+                absorb: bool = False) -> torch.Tensor:
+        """x (B, T, D) at positions start_pos..start_pos+T-1; cache = one layer's (c_kv, k_pe) buffers, holding
+        positions 0..start_pos-1 already. Without a cache, start_pos only offsets the RoPE positions."""
+        B, T, _ = x.shape
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
 
         if cache is not None:
             cache_c_kv, cache_k_pe = cache
@@ -109,8 +120,7 @@ class MLA(nn.Module):
         return out.transpose(1, 2)
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, :self.nope_dim], w[:, self.nope_dim:]           # (H, Dn, C), (H, Dv, C)
+        w_uk, w_uv = self.absorbed_weights()                              # (H, Dn, C), (H, Dv, C)
         q_abs = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
         scores = upcast(torch.einsum("bthc,bsc->bths", q_abs, c_kv) +
                         torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.softmax_scale

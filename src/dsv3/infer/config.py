@@ -1,0 +1,28 @@
+"""EngineConfig: the inference engine's knobs (cache geometry and budget, batching limits, speculation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 64               # tokens per cache block (FlashMLA's page size)
+    num_blocks: int = 0                # 0: as many as cache_memory_gib holds
+    cache_memory_gib: float = 1.0
+    max_num_seqs: int = 64             # running sequences at once
+    max_num_batched_tokens: int = 2048 # tokens per step: prefill chunks + decode tokens
+    max_model_len: int = 0             # 0: the model's max_position_embeddings
+    prefix_caching: bool = True
+    num_speculative_tokens: int = 0    # MTP draft tokens per step (0: off)
+    speculative_max_batch: int = 8     # speculation switches off above this many running sequences
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_blocks", "max_model_len", "num_speculative_tokens", "speculative_max_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_blocks == 0 and self.cache_memory_gib <= 0:
+            raise ValueError("EngineConfig: give num_blocks or a positive cache_memory_gib")

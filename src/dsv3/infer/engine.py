@@ -1,0 +1,208 @@
+"""The inference engine: `step()` = schedule -> run -> postprocess (nano-vllm's shape).
+
+    engine = Engine(model, tokenizer, EngineConfig(...))
+    outs = engine.generate(["def f(x):", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
+    rid = engine.add_request("import os", params); engine.step(); engine.abort(rid)      # for a server
+
+Requests are validated when added (a bad one raises ValueError and nothing is queued, so the engine keeps
+serving the others). Finish reasons: "stop" (EOS, a stop token or a stop string), "length" (max_tokens or the
+context), "abort".
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import Transformer
+from .block_manager import BlockManager
+from .cache import PagedLatentCache, bytes_per_block
+from .config import EngineConfig
+from .runner import ModelRunner
+from .sampling import SamplingParams, SamplingTensors, compute_logprobs, sample
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    new_token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = config = config or EngineConfig()
+        cfg = model.config
+        self.device = next(model.parameters()).device
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        dtype = model.embed_tokens.weight.dtype
+        n_layers = cfg.num_hidden_layers
+        num_blocks = config.num_blocks or max(1, int(config.cache_memory_gib * 2**30) //
+                                               bytes_per_block(cfg, n_layers, config.block_size, dtype))
+        self.cache = PagedLatentCache(cfg, n_layers, num_blocks, config.block_size, dtype, self.device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.runner = ModelRunner(model, self.cache)
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        self._ids = itertools.count()
+        self.seqs: dict[int, Sequence] = {}
+        self._generators: dict[int, torch.Generator] = {}
+        self._aborted: list[Sequence] = []
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+        params = params or SamplingParams()
+        vocab = self.model.config.vocab_size
+        params.validate(vocab)
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine one")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
+                             f"(prompt + at least one generated token)")
+        limit = min(len(ids) + params.max_tokens, self.max_model_len)
+        if self.blocks.blocks_needed(limit) > self.blocks.num_blocks:
+            raise ValueError(f"prompt + max_tokens = {limit} tokens exceed the cache capacity of "
+                             f"{self.blocks.num_blocks * self.blocks.block_size} tokens")
+        rid = next(self._ids)
+        seq = Sequence(rid, ids, params)
+        self.seqs[rid] = seq
+        if params.seed is not None:
+            self._generators[rid] = torch.Generator(self.device).manual_seed(params.seed)
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: int) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.finished:
+            return
+        self._finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step -----------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that produced tokens or finished (aborted ones
+        included)."""
+        outputs = [self._output(s, []) for s in self._aborted]
+        self._aborted = []
+        seqs, counts = self.scheduler.schedule()
+        if not seqs:
+            return self._forget_finished(outputs)
+        batch = self.runner.prepare(seqs, counts)
+        hidden = self.runner.forward(batch)
+        done, last = [], []
+        for i, (seq, n) in enumerate(zip(seqs, counts)):
+            if seq.params.prompt_logprobs is not None:
+                self._prompt_logprobs(seq, hidden[batch.starts[i]:batch.starts[i] + n])
+            seq.num_cached_tokens += n
+            self.blocks.mark_computed(seq)
+            if seq.num_uncomputed == 0:            # the chunk reached the sequence's end: sample its next token
+                done.append(seq)
+                last.append(batch.starts[i] + n - 1)
+        if done:
+            logits = self.runner.logits(hidden[torch.tensor(last, device=self.device)])
+            temps, top_ks, top_ps = SamplingTensors.from_params([s.params for s in done], self.device)
+            tokens = sample(logits, temps, top_ks, top_ps, [self._generators.get(s.seq_id) for s in done])
+            want = max((s.params.logprobs for s in done if s.params.logprobs is not None), default=None)
+            lp = compute_logprobs(logits, tokens, want) if want is not None else None
+            for j, (seq, tok) in enumerate(zip(done, tokens.tolist())):
+                if seq.params.logprobs is not None:
+                    n_top = seq.params.logprobs
+                    seq.logprobs.append((lp[0][j].item(), lp[1][j, :n_top].tolist(), lp[2][j, :n_top].tolist()))
+                self._append(seq, tok)
+                outputs.append(self._output(seq, [tok]))
+        return self._forget_finished(outputs)
+
+    def _forget_finished(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        for out in outputs:
+            if out.finished:
+                self.seqs.pop(out.request_id, None)
+        return outputs
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Log-probability of each prompt token given the ones before it (position p's logits score token p+1)."""
+        start = seq.num_cached_tokens
+        positions = [p for p in range(start, start + hidden.shape[0]) if p + 1 < seq.num_prompt_tokens
+                     and p >= len(seq.prompt_logprobs)]
+        if not positions:
+            return
+        logits = self.runner.logits(hidden[torch.tensor([p - start for p in positions], device=self.device)])
+        targets = torch.tensor([seq.token_ids[p + 1] for p in positions], device=self.device)
+        n_top = seq.params.prompt_logprobs
+        lp, top_ids, top_lp = compute_logprobs(logits, targets, n_top)
+        for j in range(len(positions)):
+            seq.prompt_logprobs.append((lp[j].item(), top_ids[j].tolist(), top_lp[j].tolist()))
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        p = seq.params
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            return self._finish(seq, "stop")
+        for stop in p.stop:
+            at = seq.text.find(stop)
+            if at >= 0:
+                seq.text = seq.text[:at]
+                return self._finish(seq, "stop")
+        if len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.scheduler.remove(seq)
+        self._generators.pop(seq.seq_id, None)
+        if reason == "abort":
+            self._aborted.append(seq)
+
+    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        return RequestOutput(seq.seq_id, seq.prompt_ids, list(seq.output_ids), seq.text, seq.finished,
+                             seq.finish_reason, new, list(seq.logprobs), list(seq.prompt_logprobs))
+
+    # ---- offline ------------------------------------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in prompt order."""
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        ids: list[int] = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.add_request(p, sp))
+        except ValueError:
+            for rid in ids:           # all or nothing: a bad prompt queues none of the batch
+                self.abort(rid)
+            self._aborted = [s for s in self._aborted if s.seq_id not in ids]
+            for rid in ids:
+                self.seqs.pop(rid, None)
+            raise
+        final: dict[int, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]

@@ -1,0 +1,216 @@
+"""Sampling parameters, batched token sampling, logprobs and speculative-decoding acceptance.
+
+Everything after `SamplingTensors.from_params` runs on the device with no host synchronisation (no `.item()`,
+`.tolist()`, `.cpu()`, no Python branching on tensor values), so a decode step can overlap with the host and be
+captured in a CUDA graph. Per-request reproducibility comes from per-row `torch.Generator`s: a row's random draws come
+only from its own generator, so a seed gives the same tokens whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+MAX_LOGPROBS = 20     # OpenAI's limit; keeps the per-token top-n small
+GREEDY_EPS = 1e-5     # temperatures below this are greedy: logits / T would overflow and the result is argmax anyway
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0           # 0 = greedy
+    top_k: int = 0                     # 0 = off
+    top_p: float = 1.0                 # 1 = off
+    max_tokens: int = 16
+    seed: int | None = None            # per-request generator; None draws from the global one
+    stop: list[str] = field(default_factory=list)           # stop strings (matched by the engine on the text)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None        # None: none; 0: the sampled token's; n > 0: also the top n alternatives
+    prompt_logprobs: int | None = None  # the same for prompt tokens (echo / log-likelihood evaluation)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):   # a lone string is one stop string, not a list of characters
+            self.stop = [self.stop]
+        self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)   # own copies, callers may reuse
+        self._check()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    def _check(self) -> None:
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:   # also rejects nan: every comparison is False
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be an int > 0, got {self.max_tokens!r}")
+        if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**64):  # torch's seed range
+            raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not all(_is_int(i) for i in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not (_is_int(n) and 0 <= n <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {n!r}")
+
+    def validate(self, vocab_size: int) -> None:
+        """Full check against the model's vocabulary; raises ValueError naming the offending field."""
+        self._check()   # again: fields may have been assigned after construction
+        bad = [i for i in self.stop_token_ids if not 0 <= i < vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and n > vocab_size:
+                raise ValueError(f"{name}={n} exceeds the vocabulary size {vocab_size}")
+
+
+class SamplingTensors(NamedTuple):
+    temperatures: Tensor   # (B,) float32
+    top_ks: Tensor         # (B,) int64, 0 = off
+    top_ps: Tensor         # (B,) float32
+
+    @classmethod
+    def from_params(cls, params: list[SamplingParams], device: torch.device | str) -> SamplingTensors:
+        """Host-side, once per batch composition (the engine caches it while the batch is unchanged)."""
+        return cls(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+                   torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+                   torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
+
+
+def make_generators(params: list[SamplingParams], device: torch.device | str) -> list[torch.Generator | None]:
+    """A generator per seeded request (None for the rest). The engine keeps each for the request's lifetime so the
+    stream advances step by step. The same seed gives different streams on CPU and CUDA."""
+    return [None if p.seed is None else torch.Generator(device=device).manual_seed(p.seed) for p in params]
+
+
+def _fill(x: Tensor, draw: Callable, generators: list[torch.Generator | None] | None) -> Tensor:
+    """Fill x (B, ...) in place with `draw` (Tensor.uniform_ / Tensor.exponential_); row i from generators[i] if set.
+    The whole batch is drawn from the global generator first (one kernel), then seeded rows are redrawn: a loop over
+    a host list, never over tensor values."""
+    draw(x)
+    if generators is not None:
+        assert len(generators) == x.shape[0], f"{len(generators)} generators for {x.shape[0]} rows"
+        for i, g in enumerate(generators):
+            if g is not None:
+                draw(x[i], generator=g)
+    return x
+
+
+def _race(probs: Tensor, generators: list[torch.Generator | None] | None) -> Tensor:
+    """Sample index ~ probs (B, V) per row (unnormalised is fine) as argmax(probs / q), q ~ Exp(1) i.i.d.
+    q_i / p_i ~ Exp(rate p_i), and the smallest of independent exponentials is the i-th with probability p_i / sum p:
+    exactly multinomial, as one elementwise op and an argmax (the "exponential race"; gpt-fast and vLLM do the same)."""
+    q = _fill(torch.empty_like(probs, dtype=torch.float32), Tensor.exponential_, generators)
+    # exponential_ can return exactly 0; 0/0 = nan would win the argmax. With q >= tiny, p/q stays finite for p <= 1.
+    return (probs.float() / q.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
+
+
+def _top_k_top_p(logits: Tensor, top_ks: Tensor, top_ps: Tensor) -> Tensor:
+    """Mask (-inf) what per-row top-k and then top-p (on the top-k-renormalised probs) exclude. One sort serves both."""
+    V = logits.shape[-1]
+    sorted_logits, idx = logits.sort(-1, descending=True)
+    rank = torch.arange(V, device=logits.device)
+    k = torch.where(top_ks > 0, top_ks, V).clamp(max=V)
+    sorted_logits = sorted_logits.masked_fill(rank >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    # keep token i iff the mass strictly before it is < top_p: the smallest prefix reaching top_p (the first token is
+    # always kept, its prefix mass being exactly 0). top_p = 1 is skipped: rounding could make a cumsum reach 1 early.
+    before = probs.cumsum(-1) - probs
+    top_ps = top_ps.float()[:, None]
+    sorted_logits = sorted_logits.masked_fill((before >= top_ps) & (top_ps < 1), float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
+
+
+def sample(logits: Tensor, temperatures: Tensor, top_ks: Tensor, top_ps: Tensor,
+           generators: list[torch.Generator | None] | None = None) -> Tensor:
+    """Next tokens (B,) int64 from logits (B, V). Temperature-0 rows are argmax of the raw logits; the others are
+    logits / T, top-k, top-p, then an exact draw. Greedy rows go through the same math (no branching on values) and
+    are overwritten at the end; an engine whose batch is all greedy can call logits.argmax(-1) directly."""
+    logits = logits.float()
+    greedy = temperatures < GREEDY_EPS
+    t = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()   # keep greedy rows finite
+    probs = _top_k_top_p(logits / t[:, None], top_ks, top_ps).softmax(-1)
+    return torch.where(greedy, logits.argmax(-1), _race(probs, generators))
+
+
+def compute_logprobs(logits: Tensor, tokens: Tensor, top_n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(logprob of tokens (B,), top-n ids (B, top_n), their logprobs (B, top_n)) under log_softmax of the RAW logits:
+    the model's own distribution, before temperature / top-k / top-p, as vLLM and OpenAI report it."""
+    logprobs = logits.float().log_softmax(-1)
+    token_lp = logprobs.gather(-1, tokens.long()[:, None]).squeeze(-1)
+    top_lp, top_ids = logprobs.topk(top_n, dim=-1)
+    return token_lp, top_ids, top_lp
+
+
+def _emit(drafts: Tensor, num_accepted: Tensor, next_token: Tensor) -> Tensor:
+    """(B, k+1): the accepted drafts, then next_token at position num_accepted, then -1 padding."""
+    B, k = drafts.shape
+    pos = torch.arange(k + 1, device=drafts.device)[None]
+    n = num_accepted[:, None]
+    drafts = torch.cat([drafts.long(), drafts.new_full((B, 1), -1, dtype=torch.long)], 1)
+    return torch.where(pos < n, drafts, torch.where(pos == n, next_token.long()[:, None], -1))
+
+
+def _prefix_len(ok: Tensor) -> Tensor:
+    """Length of the leading run of True per row of ok (B, k)."""
+    return ((~ok).cumsum(-1) == 0).sum(-1)
+
+
+def greedy_verify(draft_tokens: Tensor, target_argmax: Tensor) -> tuple[Tensor, Tensor]:
+    """Greedy speculative verification. draft_tokens (B, k), target_argmax (B, k+1) (the target's argmax after the
+    context and after each draft). Returns (tokens (B, k+1), num_accepted (B,)): the longest matching draft prefix,
+    then the target's token at the first mismatch (the bonus token target_argmax[:, k] if all match), then -1."""
+    k = draft_tokens.shape[1]
+    num_accepted = _prefix_len(draft_tokens == target_argmax[:, :k])
+    return _emit(draft_tokens, num_accepted, target_argmax.gather(1, num_accepted[:, None]).squeeze(1)), num_accepted
+
+
+def rejection_sample(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
+                     generators: list[torch.Generator | None] | None = None) -> tuple[Tensor, Tensor]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023). draft_tokens (B, k) were drawn from
+    draft_probs q (B, k, V); target_probs p (B, k+1, V) are the target's (already temperature/top-k/top-p filtered)
+    distributions. Draft x_i is accepted with probability min(1, p(x)/q(x)); at the first rejection the token is drawn
+    from normalize(max(0, p - q)); if all are accepted a bonus token is drawn from p[:, k]. Each emitted token is then
+    distributed exactly as a draw from the target: P(a) = min(p, q)(a) + max(0, p - q)(a) = p(a).
+    Returns (tokens (B, k+1) padded with -1, num_accepted (B,)) like greedy_verify."""
+    B, k = draft_tokens.shape
+    p, q, x = target_probs.float(), draft_probs.float(), draft_tokens.long()
+    p_x = p[:, :k].gather(-1, x[..., None]).squeeze(-1)
+    q_x = q.gather(-1, x[..., None]).squeeze(-1)
+    u = _fill(p.new_empty(B, k), Tensor.uniform_, generators)
+    # u < p/q without the division: q(x) = 0 (a draft its own model called impossible, e.g. underflow) is accepted iff
+    # p(x) > 0, the limit of p/q -> inf; p(x) = 0 is never accepted, so the target never emits an impossible token.
+    num_accepted = _prefix_len(u * q_x < p_x)
+    # distribution at the first rejection, max(0, p - q); with all accepted q counts as 0 there, which gives p[:, k].
+    p_n = p.gather(1, num_accepted[:, None, None].expand(B, 1, p.shape[-1])).squeeze(1)
+    if k > 0:   # a shape, not a value: no sync
+        q_n = q.gather(1, num_accepted.clamp(max=k - 1)[:, None, None].expand(B, 1, q.shape[-1])).squeeze(1)
+        q_n = q_n.masked_fill((num_accepted == k)[:, None], 0.0)
+    else:
+        q_n = torch.zeros_like(p_n)
+    residual = (p_n - q_n).clamp_min(0)
+    # all-zero only if p <= q everywhere, i.e. p == q, where only a q(x) = 0 draft is rejected: fall back to p.
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+    return _emit(x, num_accepted, _race(residual, generators)), num_accepted   # the race needs no normalisation

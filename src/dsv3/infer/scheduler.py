@@ -1,0 +1,79 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step has a token budget (max_num_batched_tokens). Running sequences go first, oldest first: a decoding one
+needs 1 token, one still in its prompt takes the next chunk that fits (chunked prefill). Then waiting sequences
+are admitted, oldest first, while the budget, the sequence limit and free blocks allow. When a running sequence
+needs a block and none is free, the newest running sequence is preempted: its blocks are freed and it returns to
+the front of the queue, to be recomputed from its tokens (prompt + what it has generated) when readmitted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, blocks: BlockManager):
+        self.config, self.blocks = config, blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence from the queues and return its blocks (finished or aborted)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_sequence(seq)
+
+    def schedule(self) -> tuple[list[Sequence], list[int]]:
+        budget = self.config.max_num_batched_tokens
+        seqs: list[Sequence] = []
+        counts: list[int] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:      # preempted earlier in this loop
+                continue
+            n = min(seq.num_uncomputed, budget)
+            while not self.blocks.ensure_capacity(seq, seq.num_cached_tokens + n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, share=seq.params.prompt_logprobs is None)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        return seqs, counts

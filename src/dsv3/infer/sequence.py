@@ -1,0 +1,56 @@
+"""A request as the engine tracks it: its tokens, where their latents live in the paged cache, and how far the
+model has got through them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .sampling import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"      # queued, or preempted (its blocks were freed; it will be recomputed)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    token_ids: list[int] = field(default_factory=list)     # prompt + generated
+    status: Status = Status.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks computed so far
+    num_cached_tokens: int = 0    # tokens whose latents are in the cache (a prefix of token_ids)
+    finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)           # per generated token: (logprob, top ids, top logprobs)
+    prompt_logprobs: list = field(default_factory=list)    # per prompt token after the first
+    text: str = ""
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens to run through the model before the next one can be sampled (1 while decoding)."""
+        return len(self.token_ids) - self.num_cached_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

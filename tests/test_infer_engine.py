@@ -1,0 +1,122 @@
+"""The engine against the model's full forward (no cache): greedy outputs are identical through the paged cache,
+chunked prefill, preemption and prefix caching; every block comes back; bad requests fail alone."""
+
+import pytest
+import torch
+
+from conftest import build, tiny_config
+from dsv3.infer import Engine, EngineConfig, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model():
+    # float64: the engine's absorbed decode and the reference's naive form then agree far below any logit gap
+    return build(tiny_config(vocab_size=96), seed=3, dtype=torch.float64)
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+def all_blocks_free(engine: Engine) -> bool:
+    b = engine.blocks
+    return b.num_free_blocks == b.num_blocks and not any(b.ref_count)
+
+
+@pytest.mark.parametrize("config", [
+    EngineConfig(block_size=8, num_blocks=64),                                   # plain continuous batching
+    EngineConfig(block_size=8, num_blocks=64, max_num_batched_tokens=7),         # chunked prefill, mixed steps
+    EngineConfig(block_size=4, num_blocks=14, max_num_seqs=8),                   # preemption by recomputation
+], ids=["batch", "chunked", "preempt"])
+def test_greedy_engine_equals_full_forward(model, config):
+    ps = prompts([1, 5, 8, 9, 17, 30])
+    want = [reference_greedy(model, p, GREEDY.max_tokens) for p in ps]
+    engine = Engine(model, config=config)
+    outs = engine.generate(ps, GREEDY)
+    assert [o.token_ids for o in outs] == want
+    assert all(o.finish_reason == "length" for o in outs)
+    assert all_blocks_free(engine)
+    if config.num_blocks == 14:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_hits_change_no_output(model):
+    shared = prompts([20], seed=1)[0]
+    ps = [shared + tail for tail in prompts([3, 7, 1], seed=2)]
+    want = [reference_greedy(model, p, 4) for p in ps]
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    first = engine.generate(ps[:1], params)
+    rest = engine.generate(ps[1:], params)
+    assert [o.token_ids for o in first + rest] == want
+    assert engine.blocks.prefix_hits >= 2 * (20 // 4)
+    assert all_blocks_free(engine)
+
+
+def test_aborts_and_finishes_return_every_block(model):
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=40, max_num_batched_tokens=16))
+    ids = [engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+           for p in prompts([3, 9, 14, 20, 6])]
+    for _ in range(3):
+        engine.step()
+    engine.abort(ids[1])
+    engine.abort(ids[4])
+    outs = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] = o
+    assert outs[ids[1]].finish_reason == "abort" and outs[ids[4]].finish_reason == "abort"
+    assert all(outs[i].finish_reason == "length" and len(outs[i].token_ids) == 12 for i in (0, 2, 3))
+    assert all_blocks_free(engine) and not engine.seqs
+
+
+def test_stop_tokens_and_prompt_logprobs(model):
+    p = prompts([10], seed=4)[0]
+    want = reference_greedy(model, p, 6)
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=32))
+    out = engine.generate([p], SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[want[2]],
+                                              ignore_eos=True, logprobs=2, prompt_logprobs=1))[0]
+    stop_at = want.index(want[2])
+    assert out.token_ids == want[:stop_at + 1] and out.finish_reason == "stop"
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([p + out.token_ids]))[0].double(), -1)
+    prompt_lp = [ref[i, p[i + 1]].item() for i in range(len(p) - 1)]
+    assert [lp for lp, _, _ in out.prompt_logprobs] == pytest.approx(prompt_lp, abs=1e-5)
+    gen_lp = [ref[len(p) - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
+    assert [lp for lp, _, _ in out.logprobs] == pytest.approx(gen_lp, abs=1e-5)
+    assert all(ids[0] == t for (_, ids, _), t in zip(out.logprobs, out.token_ids))     # greedy = top-1
+
+
+def test_bad_requests_fail_alone_and_the_engine_keeps_serving(model):
+    engine = Engine(model, config=EngineConfig(block_size=8, num_blocks=16, max_model_len=64))
+    good = prompts([5])[0]
+    for prompt, params, msg in [
+        (list(range(2, 66)), GREEDY, "context"),
+        ([], GREEDY, "empty"),
+        (good + [96], GREEDY, "vocabulary"),
+        ("text", GREEDY, "tokenizer"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            engine.add_request(prompt, params)
+    for kwargs, field in [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"),
+                          ({"top_p": 0.0}, "top_p"), ({"top_k": -2}, "top_k")]:
+        with pytest.raises(ValueError, match=field):
+            engine.add_request(good, SamplingParams(**kwargs))
+    with pytest.raises(ValueError, match="cache capacity"):
+        Engine(model, config=EngineConfig(block_size=8, num_blocks=2)).add_request(good, SamplingParams(max_tokens=30))
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([good, []], GREEDY)
+    assert not engine.has_unfinished()
+    assert engine.generate([good], GREEDY)[0].token_ids == reference_greedy(model, good, GREEDY.max_tokens)
