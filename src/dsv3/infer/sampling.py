@@ -194,7 +194,8 @@ def rejection_sample(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Te
     distributions. Draft x_i is accepted with probability min(1, p(x)/q(x)); at the first rejection the token is drawn
     from normalize(max(0, p - q)); if all are accepted a bonus token is drawn from p[:, k]. Each emitted token is then
     distributed exactly as a draw from the target: P(a) = min(p, q)(a) + max(0, p - q)(a) = p(a).
-    Returns (tokens (B, k+1) padded with -1, num_accepted (B,)) like greedy_verify."""
+    Returns (tokens (B, k+1) padded with -1, num_accepted (B,)) like greedy_verify. A one-hot p (a greedy request)
+    reduces to greedy_verify: the draft is kept iff it is the argmax, else the argmax replaces it."""
     B, k = draft_tokens.shape
     p, q, x = target_probs.float(), draft_probs.float(), draft_tokens.long()
     p_x = p[:, :k].gather(-1, x[..., None]).squeeze(-1)
