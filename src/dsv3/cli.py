@@ -144,13 +144,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if len(ids) + args.max_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({args.max_tokens}) exceed the model's context "
                          f"of {model.config.max_position_embeddings}")
-    gen = torch.Generator().manual_seed(args.seed)
-    for _ in range(args.samples):
-        new = generate(model, [ids], args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_id=tokenizer.eos_id, generator=gen)[0]
-        print(prompt + tokenizer.decode(new, skip_special_tokens=True))
-        if args.samples > 1:
+    from .infer import Engine, EngineConfig, SamplingParams
+    block = 16
+    engine = Engine(model, tokenizer, EngineConfig(block_size=block, max_num_seqs=args.samples, num_blocks=args.samples
+                                                   * -(-(len(ids) + args.max_tokens) // block)))
+    params = [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             max_tokens=args.max_tokens, seed=args.seed + i) for i in range(args.samples)]
+    for i, out in enumerate(engine.generate([ids] * args.samples, params)):
+        if i:
             print("-" * 40)
+        print(prompt + out.text)
 
 
 def main(argv: list[str] | None = None) -> int:
