@@ -1,0 +1,339 @@
+"""Paged MLA decode attention (absorbed, FlashMLA "MQA mode" semantics): a PyTorch reference and a Triton kernel.
+
+One decode query token per sequence b; per head h it has `q_abs[b, h]` (C = kv_lora_rank, 512 for V3/lite) and
+`q_pe[b, h]` (R = qk_rope_head_dim, 64). The cache holds per token one latent `c_kv` (C) and one rotated `k_pe` (R),
+shared by every head, in a paged layout:
+
+    c_kv_cache (num_blocks, block_size, C),  k_pe_cache (num_blocks, block_size, R)
+    block_tables (B, max_blocks) int32: physical block of the j-th logical block of sequence b (entries past the
+                 sequence's last block are ignored, whatever they hold)
+    seq_lens (B,) int32: tokens of sequence b in the cache; the query sees all of them (it is the last position)
+
+    score[b,h,s] = (q_abs[b,h] . c_kv[s] + q_pe[b,h] . k_pe[s]) * scale,  s < seq_lens[b]
+    p = softmax_s(score) (fp32);  out[b,h] = sum_s p[b,h,s] c_kv[s]             -> (B, H, C) in q's dtype
+
+The output is the latent; the caller applies W_UV. A sequence with seq_lens[b] == 0 (a padded batch row) gets
+zeros, in both implementations.
+
+`mla_decode_reference`: pure PyTorch, vectorised over the batch (gather through the block tables up to the longest
+sequence, mask, fp32 softmax); the CPU path of the inference engine.
+
+`mla_decode_triton`: FlashDecoding-style Triton kernel that reads the block table itself (no gather copy). Grid
+(head groups, KV splits, batch), head groups fastest so that the programs sharing one KV range run together and
+hit L2; each program holds BLOCK_H heads' queries and streams BLOCK_N-token tiles of c_kv/k_pe, each tile used by
+all BLOCK_H heads for both products (`tl.dot`, fp32 accumulation), online softmax in base 2. With more than one
+split a small combine kernel merges the partial outputs through their log-sum-exps. The number of splits depends
+only on shapes (B, H, block_tables.shape[1]) and the SM count, never on seq_lens' values: no host sync, so the
+call can be captured in a CUDA graph. Keep block_tables no wider than the longest sequence needs (the splits
+cover block_tables.shape[1] * block_size tokens; splits past a sequence's end return at once).
+
+`mla_decode`: Triton on CUDA when triton imports, else the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional: the CPU engine path needs only the reference
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+
+__all__ = ["HAS_TRITON", "mla_decode", "mla_decode_reference", "mla_decode_triton", "mla_decode_bytes",
+           "mla_decode_num_splits"]
+
+
+def _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens):
+    if q_abs.dim() != 3 or q_pe.dim() != 3 or q_abs.shape[:2] != q_pe.shape[:2]:
+        raise ValueError(f"q_abs (B, H, C) and q_pe (B, H, R) expected, got {tuple(q_abs.shape)}, {tuple(q_pe.shape)}")
+    B, H, C = q_abs.shape
+    R = q_pe.shape[2]
+    if c_kv_cache.dim() != 3 or k_pe_cache.dim() != 3 or c_kv_cache.shape[:2] != k_pe_cache.shape[:2]:
+        raise ValueError(f"c_kv_cache (N, bs, C) and k_pe_cache (N, bs, R) expected, got "
+                         f"{tuple(c_kv_cache.shape)}, {tuple(k_pe_cache.shape)}")
+    if c_kv_cache.shape[2] != C or k_pe_cache.shape[2] != R:
+        raise ValueError(f"cache widths {c_kv_cache.shape[2]}, {k_pe_cache.shape[2]} != q widths {C}, {R}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or seq_lens.shape != (B,):
+        raise ValueError(f"block_tables (B, max_blocks) and seq_lens (B,) expected for B={B}, got "
+                         f"{tuple(block_tables.shape)}, {tuple(seq_lens.shape)}")
+    return B, H, C, R
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------------
+
+def mla_decode_reference(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
+                         seq_lens: Tensor, scale: float) -> Tensor:
+    """Paged absorbed-MLA decode in plain PyTorch (fp32 math), vectorised over the batch. Returns (B, H, C) in
+    q_abs' dtype; rows with seq_lens == 0 are zeros."""
+    B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
+    bs = c_kv_cache.shape[1]
+    dev = q_abs.device
+    seq_lens = seq_lens.to(device=dev, dtype=torch.long)
+    max_len = int(seq_lens.max()) if B else 0
+    if max_len == 0:
+        return q_abs.new_zeros(B, H, C)
+    nb = -(-max_len // bs)
+    if nb > block_tables.shape[1]:
+        raise ValueError(f"a sequence of {max_len} tokens needs {nb} blocks; block_tables has {block_tables.shape[1]}")
+    used = torch.arange(nb, device=dev) * bs < seq_lens[:, None]                         # (B, nb)
+    blocks = torch.where(used, block_tables[:, :nb].to(device=dev, dtype=torch.long), 0)  # padding never indexed
+    T = nb * bs
+    kv = c_kv_cache[blocks].reshape(B, T, C).float()                                       # (B, T, C)
+    pe = k_pe_cache[blocks].reshape(B, T, R).float()
+    score = torch.baddbmm(torch.bmm(q_pe.float(), pe.transpose(1, 2)), q_abs.float(), kv.transpose(1, 2))
+    score.mul_(scale)                                                                      # (B, H, T)
+    valid = torch.arange(T, device=dev) < seq_lens[:, None]                                # (B, T)
+    score.masked_fill_(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(score, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)                                                       # empty rows -> 0
+    return torch.bmm(p, kv).to(q_abs.dtype)
+
+
+def mla_decode_bytes(seq_lens: Tensor, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one call must read: sum(seq_lens) * (C + R) * itemsize (queries, block tables and the
+    output are left out: they are small beside the cache)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return int(seq_lens.long().sum()) * (kv_lora_rank + rope_dim) * itemsize
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _mla_decode_split_kernel(
+        Q, QPE, CKV, KPE, BT, SL, OP, LSE,
+        sm_scale_log2,
+        stride_q_b, stride_q_h, stride_pe_b, stride_pe_h,
+        stride_c_blk, stride_c_tok, stride_k_blk, stride_k_tok,
+        stride_bt_b,
+        stride_op_b, stride_op_h, stride_op_s,
+        stride_lse_b, stride_lse_h,
+        H, tokens_per_split,
+        C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr,
+    ):
+        hg = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+
+        seq_len = tl.load(SL + b)
+        start = sp * tokens_per_split
+        end = tl.minimum(start + tokens_per_split, seq_len)
+
+        offs_h = hg * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < H
+        offs_c = tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+
+        q = tl.load(Q + b * stride_q_b + offs_h[:, None] * stride_q_h + offs_c[None, :],
+                    mask=mask_h[:, None] & mask_c[None, :], other=0.0)
+        qpe = tl.load(QPE + b * stride_pe_b + offs_h[:, None] * stride_pe_h + offs_r[None, :],
+                      mask=mask_h[:, None] & mask_r[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+        bt_row = BT + b * stride_bt_b
+
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            blk = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+            slot = offs_n % PAGE
+            kv = tl.load(CKV + blk[:, None] * stride_c_blk + slot[:, None] * stride_c_tok + offs_c[None, :],
+                         mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+            kpe = tl.load(KPE + blk[:, None] * stride_k_blk + slot[:, None] * stride_k_tok + offs_r[None, :],
+                          mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(kv), input_precision=DOT_PREC)
+            s = tl.dot(qpe, tl.trans(kpe), acc=s, input_precision=DOT_PREC)
+            s = s * sm_scale_log2
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(kv.dtype), kv, acc=acc, input_precision=DOT_PREC)
+            m_i = m_new
+
+        nonempty = l_i > 0.0
+        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        op_ptrs = OP + b * stride_op_b + sp * stride_op_s + offs_h[:, None] * stride_op_h + offs_c[None, :]
+        tl.store(op_ptrs, out.to(OP.dtype.element_ty), mask=mask_h[:, None] & mask_c[None, :])
+        if WRITE_LSE:
+            lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+            tl.store(LSE + b * stride_lse_b + offs_h * stride_lse_h + sp, lse, mask=mask_h)
+
+    @triton.jit
+    def _mla_decode_combine_kernel(
+        OP, LSE, O,
+        stride_op_b, stride_op_h, stride_op_s,
+        stride_lse_b, stride_lse_h,
+        stride_o_b, stride_o_h,
+        S,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        h = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        offs_s = tl.arange(0, BLOCK_S)
+        lse_row = LSE + b * stride_lse_b + h * stride_lse_h
+        lse = tl.load(lse_row + offs_s, mask=offs_s < S, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        denom = tl.sum(tl.exp2(lse - m), 0)
+        offs_c = tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        op_row = OP + b * stride_op_b + h * stride_op_h
+        for s in range(S):
+            w = tl.exp2(tl.load(lse_row + s) - m)
+            o = tl.load(op_row + s * stride_op_s + offs_c, mask=mask_c, other=0.0)
+            acc += w * o
+        out = acc / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(O + b * stride_o_b + h * stride_o_h + offs_c, out.to(O.dtype.element_ty), mask=mask_c)
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few splits, so that the split path is exercised
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _default_config(H: int, C: int, dtype: torch.dtype) -> dict:
+    """Block shapes and launch parameters, from sweeps on one H200 (C=512, R=64, bf16, B=64, ctx 16K, triton 3.6:
+    benchmarks/mla_decode_bench.py --sweep). H=16: 2.8 TB/s with (16, 128, 4 warps, 3 stages) vs 2.0 TB/s for
+    (16, 32, 4, 2). H=128: 0.93 TB/s (~225 TFLOP/s, compute-bound) with (64, 64, 8 warps, 2 stages) vs 0.32 TB/s
+    for (32, 32, 8, 2): a 64-row head block lets Triton use Hopper's wgmma."""
+    if dtype == torch.float32:  # twice the bytes per tile: smaller tiles (exactness tests, not speed)
+        return dict(block_h=16, block_n=16, num_warps=4, num_stages=2)
+    if H <= 16:
+        return dict(block_h=16, block_n=128, num_warps=4, num_stages=3)
+    if H < 64:
+        return dict(block_h=32, block_n=64, num_warps=4, num_stages=2)
+    return dict(block_h=64, block_n=64, num_warps=8, num_stages=2)
+
+
+def mla_decode_num_splits(B: int, H: int, max_tokens: int, block_h: int, block_n: int, sm_count: int,
+                          min_tokens_per_split: int = 256, max_splits: int = 64) -> tuple[int, int]:
+    """(num_splits, tokens_per_split) for a launch: enough programs for ~2 waves over the SMs, each split at
+    least `min_tokens_per_split` tokens (a multiple of block_n). Depends on shapes only (graph-capturable)."""
+    n_hg = -(-H // block_h)
+    base = max(1, B * n_hg)
+    want = -(-2 * sm_count // base)
+    cap = max(1, -(-max_tokens // min_tokens_per_split))
+    splits = max(1, min(want, cap, max_splits))
+    n_tiles = max(1, -(-max_tokens // block_n))
+    tiles_per_split = -(-n_tiles // splits)
+    tokens_per_split = tiles_per_split * block_n
+    splits = max(1, -(-max_tokens // tokens_per_split))
+    return splits, tokens_per_split
+
+
+def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
+                      seq_lens: Tensor, scale: float, *, num_splits: int | None = None, block_h: int | None = None,
+                      block_n: int | None = None, num_warps: int | None = None,
+                      num_stages: int | None = None) -> Tensor:
+    """Paged absorbed-MLA decode through Triton (same contract as `mla_decode_reference`). The keyword-only
+    arguments override the tuned defaults (benchmark sweeps); `num_splits` fixes the KV split count."""
+    if not HAS_TRITON:
+        raise RuntimeError("mla_decode_triton needs triton (pip install triton)")
+    B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
+    if q_abs.stride(-1) != 1:
+        q_abs = q_abs.contiguous()
+    if q_pe.stride(-1) != 1:
+        q_pe = q_pe.contiguous()
+    if c_kv_cache.stride(-1) != 1 or k_pe_cache.stride(-1) != 1:
+        raise ValueError("the caches' last dimension must be contiguous")
+    if block_tables.dtype != torch.int32 or block_tables.stride(-1) != 1:
+        block_tables = block_tables.to(torch.int32).contiguous()
+    if seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
+        seq_lens = seq_lens.to(torch.int32).contiguous()
+    if not (q_abs.dtype == q_pe.dtype == c_kv_cache.dtype == k_pe_cache.dtype):
+        raise ValueError(f"dtypes differ: {q_abs.dtype}, {q_pe.dtype}, {c_kv_cache.dtype}, {k_pe_cache.dtype}")
+
+    cfg = _default_config(H, C, q_abs.dtype)
+    for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages)):
+        if v is not None:
+            cfg[k] = v
+    page = c_kv_cache.shape[1]
+    max_tokens = block_tables.shape[1] * page
+    out = torch.empty(B, H, C, device=q_abs.device, dtype=q_abs.dtype)
+    if B == 0 or H == 0:
+        return out
+    if num_splits is None:
+        S, tps = mla_decode_num_splits(B, H, max_tokens, cfg["block_h"], cfg["block_n"], _sm_count(q_abs.device))
+    else:
+        n_tiles = max(1, -(-max_tokens // cfg["block_n"]))
+        tps = -(-n_tiles // max(1, num_splits)) * cfg["block_n"]
+        S = max(1, -(-max_tokens // tps))
+
+    if S == 1:  # write the final output directly
+        op, lse = out.unsqueeze(2), out  # lse unused (WRITE_LSE=False)
+        op_strides = (op.stride(0), op.stride(1), op.stride(2))
+        lse_strides = (0, 0)
+    else:
+        op = torch.empty(B, H, S, C, device=q_abs.device, dtype=torch.float32)
+        lse = torch.empty(B, H, S, device=q_abs.device, dtype=torch.float32)
+        op_strides = (op.stride(0), op.stride(1), op.stride(2))
+        lse_strides = (lse.stride(0), lse.stride(1))
+
+    dot_prec = "ieee" if q_abs.dtype == torch.float32 else "tf32"
+    grid = (triton.cdiv(H, cfg["block_h"]), S, B)
+    _mla_decode_split_kernel[grid](
+        q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse,
+        float(scale) * math.log2(math.e),
+        q_abs.stride(0), q_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
+        c_kv_cache.stride(0), c_kv_cache.stride(1), k_pe_cache.stride(0), k_pe_cache.stride(1),
+        block_tables.stride(0),
+        *op_strides, *lse_strides,
+        H, tps,
+        C=C, R=R, PAGE=page,
+        BLOCK_C=_next_pow2(C), BLOCK_R=max(16, _next_pow2(R)), BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
+        DOT_PREC=dot_prec, WRITE_LSE=S > 1,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if S > 1:
+        _mla_decode_combine_kernel[(H, B)](
+            op, lse, out,
+            op.stride(0), op.stride(1), op.stride(2),
+            lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            S,
+            C=C, BLOCK_C=_next_pow2(C), BLOCK_S=_next_pow2(S),
+            num_warps=4,
+        )
+    return out
+
+
+def mla_decode(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
+               seq_lens: Tensor, scale: float) -> Tensor:
+    """Dispatcher: the Triton kernel for CUDA tensors when triton imports, else the PyTorch reference."""
+    if HAS_TRITON and q_abs.is_cuda and os.environ.get("DSV3_MLA_DECODE", "") != "reference":
+        return mla_decode_triton(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale)
+    return mla_decode_reference(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale)
