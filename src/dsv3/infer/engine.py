@@ -20,8 +20,9 @@ from ..model import Transformer
 from .block_manager import BlockManager
 from .cache import PagedLatentCache, bytes_per_block
 from .config import EngineConfig
-from .runner import ModelRunner
-from .sampling import SamplingParams, SamplingTensors, compute_logprobs, sample
+from .runner import ModelRunner, Row
+from .sampling import (SamplingParams, SamplingTensors, compute_logprobs, draw, filtered_probs, rejection_sample,
+                       sample)
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
@@ -47,7 +48,11 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         dtype = model.embed_tokens.weight.dtype
-        n_layers = cfg.num_hidden_layers
+        self.speculative = config.num_speculative_tokens > 0
+        if self.speculative and not len(model.mtp):
+            raise ValueError("num_speculative_tokens > 0 needs a model with an MTP module (num_nextn_predict_layers)")
+        n_layers = cfg.num_hidden_layers + self.speculative     # the MTP block keeps its own latents
+        self.spec_stats = {"steps": 0, "proposed": 0, "accepted": 0}
         num_blocks = config.num_blocks or max(1, int(config.cache_memory_gib * 2**30) //
                                                bytes_per_block(cfg, n_layers, config.block_size, dtype))
         self.cache = PagedLatentCache(cfg, n_layers, num_blocks, config.block_size, dtype, self.device)
@@ -103,6 +108,7 @@ class Engine:
         return self.scheduler.has_work()
 
     # ---- one step -----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one batch; return an output for every request that produced tokens or finished (aborted ones
         included)."""
@@ -111,12 +117,17 @@ class Engine:
         seqs, counts = self.scheduler.schedule()
         if not seqs:
             return self._forget_finished(outputs)
-        batch = self.runner.prepare(seqs, counts)
+        if self._can_speculate(seqs, counts):
+            return self._forget_finished(outputs + self._speculative_step(seqs))
+        batch = self.runner.prepare([Row(s.token_ids[s.num_cached_tokens:s.num_cached_tokens + n], s.num_cached_tokens,
+                                         s.block_table) for s, n in zip(seqs, counts)])
         hidden = self.runner.forward(batch)
         done, last = [], []
         for i, (seq, n) in enumerate(zip(seqs, counts)):
             if seq.params.prompt_logprobs is not None:
                 self._prompt_logprobs(seq, hidden[batch.starts[i]:batch.starts[i] + n])
+            if self.speculative:
+                seq.pending_hidden.append(hidden[batch.starts[i]:batch.starts[i] + n])
             seq.num_cached_tokens += n
             self.blocks.mark_computed(seq)
             if seq.num_uncomputed == 0:            # the chunk reached the sequence's end: sample its next token
@@ -140,6 +151,68 @@ class Engine:
         for out in outputs:
             if out.finished:
                 self.seqs.pop(out.request_id, None)
+        return outputs
+
+    # ---- MTP speculative decoding ------------------------------------------------------------------------------
+    def _can_speculate(self, seqs: list[Sequence], counts: list[int]) -> bool:
+        """Speculate when every scheduled sequence is decoding, the batch is small enough for drafting to pay, no
+        log-probabilities are asked for, and each has blocks for k more tokens."""
+        k = self.config.num_speculative_tokens
+        if not self.speculative or len(seqs) > self.config.speculative_max_batch or len(seqs) != len(
+                self.scheduler.running):
+            return False
+        if any(n != 1 or s.num_cached_tokens == 0 or s.params.logprobs is not None for s, n in zip(seqs, counts)):
+            return False
+        return all(self.blocks.ensure_capacity(s, s.num_cached_tokens + k + 1) for s in seqs)
+
+    def _speculative_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Draft k tokens per sequence with the MTP module (chained for k > 1), verify them with one forward of the
+        main model over [last token, drafts], keep the accepted prefix plus one token of the target's own
+        (rejection sampling: the output distribution is the target's; greedy requests keep exact matches)."""
+        k, dev = self.config.num_speculative_tokens, self.device
+        temps, top_ks, top_ps = SamplingTensors.from_params([s.params for s in seqs], dev)
+        gens = [self._generators.get(s.seq_id) for s in seqs]
+        # MTP position i pairs h_i with token i+1: catch up over every position the main model has finished
+        rows = [Row(s.token_ids[s.mtp_cached + 1:s.num_cached_tokens + 1], s.mtp_cached, s.block_table) for s in seqs]
+        batch = self.runner.prepare(rows)
+        logits, h = self.runner.mtp_forward(batch, torch.cat([torch.cat(s.pending_hidden) for s in seqs]))
+        last = torch.tensor(batch.last(), device=dev)
+        logits, h = logits[last], h[last]
+        drafts, draft_probs = [], []
+        for j in range(k):
+            q = filtered_probs(logits, temps, top_ks, top_ps)
+            d = draw(q, gens)
+            drafts.append(d)
+            draft_probs.append(q)
+            if j + 1 < k:      # chain: the block's output stands in for the main model's next hidden state
+                pos = [s.num_cached_tokens + j for s in seqs]
+                batch = self.runner.prepare([Row([0], p, s.block_table) for s, p in zip(seqs, pos)])
+                batch.input_ids = d
+                logits, h = self.runner.mtp_forward(batch, h)
+        drafts_t = torch.stack(drafts, 1)                                    # (B, k)
+        draft_list = drafts_t.tolist()
+        for s in seqs:
+            s.mtp_cached, s.pending_hidden = s.num_cached_tokens, []
+        verify = self.runner.prepare([Row([s.token_ids[s.num_cached_tokens]] + dl, s.num_cached_tokens, s.block_table)
+                                      for s, dl in zip(seqs, draft_list)])
+        hidden = self.runner.forward(verify)
+        target = filtered_probs(self.runner.logits(hidden).view(len(seqs), k + 1, -1), temps, top_ks, top_ps)
+        tokens, accepted = rejection_sample(drafts_t, torch.stack(draft_probs, 1), target, gens)
+        outputs = []
+        self.spec_stats["steps"] += 1
+        for b, (seq, toks, a) in enumerate(zip(seqs, tokens.tolist(), accepted.tolist())):
+            self.spec_stats["proposed"] += k
+            self.spec_stats["accepted"] += a
+            seq.pending_hidden = [hidden[b * (k + 1):b * (k + 1) + a + 1]]
+            seq.num_cached_tokens += a + 1
+            self.blocks.mark_computed(seq)
+            new = []
+            for tok in toks[:a + 1]:
+                self._append(seq, tok)
+                new.append(tok)
+                if seq.finished:
+                    break
+            outputs.append(self._output(seq, new))
         return outputs
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:

@@ -1,12 +1,15 @@
-"""ModelRunner: one forward over a ragged batch of sequences against the paged latent cache.
+"""ModelRunner: one forward over a ragged batch of token rows against the paged latent cache.
 
-All scheduled tokens of a step (prefill chunks and single decode tokens) are flattened into one row of N tokens,
-so every projection, norm and MoE layer runs once for the whole batch. Attention is per sequence kind:
-- prefill chunks: the naive MLA form (spec 1.3) over the sequence's cached context + the chunk, causal;
-- decode tokens: the absorbed form (spec 1.4) straight on the paged cache (dsv3.kernels.mla_decode: Triton on
-  GPU, the PyTorch reference on CPU).
+A row is a run of consecutive positions of one sequence (a prefill chunk, a decode token, or a token + its
+speculative drafts). All rows are flattened into one row of N tokens, so every projection, norm and MoE layer runs
+once for the whole batch. Attention depends on the row:
+- several tokens, or the first of a sequence: the naive MLA form (spec 1.3) over the cached context + the row,
+  causal;
+- one token with context: the absorbed form (spec 1.4) straight on the paged cache (dsv3.kernels.mla_decode: Triton
+  on GPU, the PyTorch reference on CPU).
 The model's own modules do the math (`MLA.project`, `_attend_naive`, `absorbed_weights`, the blocks' norms and
-FFNs); the runner only routes tokens and cache slots.
+FFNs); the runner only routes tokens and cache slots. The MTP module runs the same way on cache layer
+`num_hidden_layers`, so its drafts attend over its own latents (spec 1.8).
 """
 
 from __future__ import annotations
@@ -19,22 +22,30 @@ from ..kernels.mla_decode import mla_decode
 from ..model import Transformer
 from ..model.rope import rope_cos_sin
 from .cache import PagedLatentCache
-from .sequence import Sequence
+
+
+@dataclass
+class Row:
+    tokens: list[int]        # input tokens of this row, at positions past .. past + len - 1
+    past: int                # positions already in the cache before this row
+    block_table: list[int]
 
 
 @dataclass
 class Batch:
-    """Host-side description of one step: which tokens of which sequences run."""
-    seqs: list[Sequence]
-    n_tokens: list[int]            # tokens of each sequence in this step (a prefill chunk, or 1 when decoding)
+    rows: list[Row]
     input_ids: torch.Tensor        # (N,)
     positions: torch.Tensor        # (N,)
     slots: torch.Tensor            # (N,) flat cache slots the new latents go to
-    starts: list[int]              # where each sequence's tokens start in the flat row
-    decode: list[int]              # indices into seqs of single-token rows with context (absorbed form)
+    starts: list[int]              # where each row starts in the flat token row
+    decode: list[int]              # single-token rows with context (absorbed form)
     prefill: list[int]             # the others (naive form)
-    block_tables: torch.Tensor     # (B, max_blocks) int32, for the decode rows
-    context_lens: torch.Tensor     # (B,) int32: tokens in cache once this step has written
+    block_tables: torch.Tensor     # (n_decode, max_blocks) int32
+    context_lens: torch.Tensor     # (n_decode,) int32: tokens in cache once this step has written
+
+    def last(self) -> list[int]:
+        """Flat index of each row's last token."""
+        return [s + len(r.tokens) - 1 for s, r in zip(self.starts, self.rows)]
 
 
 class ModelRunner:
@@ -43,48 +54,64 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.block_size = cache.block_size
 
-    def prepare(self, seqs: list[Sequence], n_tokens: list[int]) -> Batch:
+    def prepare(self, rows: list[Row]) -> Batch:
         ids, pos, slots, starts, decode, prefill = [], [], [], [], [], []
         bs = self.block_size
-        for i, (seq, n) in enumerate(zip(seqs, n_tokens)):
-            start = seq.num_cached_tokens
+        for i, row in enumerate(rows):
+            n = len(row.tokens)
             starts.append(len(ids))
-            ids += seq.token_ids[start:start + n]
-            pos += range(start, start + n)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            (decode if n == 1 and start > 0 else prefill).append(i)
-        width = max((len(seqs[i].block_table) for i in decode), default=1)
-        table = [seqs[i].block_table + [0] * (width - len(seqs[i].block_table)) for i in decode]
+            ids += row.tokens
+            pos += range(row.past, row.past + n)
+            slots += [row.block_table[p // bs] * bs + p % bs for p in range(row.past, row.past + n)]
+            (decode if n == 1 and row.past > 0 else prefill).append(i)
+        width = max((len(rows[i].block_table) for i in decode), default=1)
+        table = [rows[i].block_table + [0] * (width - len(rows[i].block_table)) for i in decode]
         t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
-        return Batch(seqs, n_tokens, t(ids), t(pos), t(slots), starts, decode, prefill,
+        return Batch(rows, t(ids), t(pos), t(slots), starts, decode, prefill,
                      t(table, torch.int32).view(len(decode), width),
-                     t([seqs[i].num_cached_tokens + 1 for i in decode], torch.int32))
+                     t([rows[i].past + 1 for i in decode], torch.int32))
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Final-normed hidden states (N, D) of every token of the batch; writes their latents into the cache."""
-        model, cfg = self.model, self.cfg
+        model = self.model
         x = model.embed_tokens(batch.input_ids)[None]                       # (1, N, D)
-        cos, sin = rope_cos_sin(cfg, batch.positions)
+        cos, sin = rope_cos_sin(self.cfg, batch.positions)
         for i, layer in enumerate(model.layers):
-            attn = layer.self_attn
-            q_nope, q_pe, c_kv, k_pe = attn.project(layer.input_layernorm(x), cos, sin)
-            self.cache.write(i, batch.slots, c_kv[0], k_pe[0])
-            out = self._attention(i, attn, q_nope[0], q_pe[0], batch)       # (N, H, Dv)
-            x = x + attn.o_proj(out.flatten(1).to(x.dtype))[None]
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self._block(i, layer, x, cos, sin, batch)
         return model.norm(x)[0]
+
+    @torch.inference_mode()
+    def mtp_forward(self, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first MTP module over the batch: position i combines the main model's hidden state h_i (N, D) with
+        the embedding of the row's token (t_{i+1}); returns (logits (N, V) fp32 guessing t_{i+2}, the block's output
+        (N, D), which stands in for h when drafts are chained)."""
+        model = self.model
+        module = model.mtp[0]
+        emb = model.embed_tokens(batch.input_ids)
+        x = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(hidden.to(emb.dtype))], dim=-1))[None]
+        cos, sin = rope_cos_sin(self.cfg, batch.positions)
+        x = self._block(self.cfg.num_hidden_layers, module, x, cos, sin, batch)[0]
+        return self.logits(module.shared_head.norm(x)), x
+
+    def _block(self, index: int, layer, x, cos, sin, batch: Batch) -> torch.Tensor:
+        attn = layer.self_attn
+        q_nope, q_pe, c_kv, k_pe = attn.project(layer.input_layernorm(x), cos, sin)
+        self.cache.write(index, batch.slots, c_kv[0], k_pe[0])
+        out = self._attention(index, attn, q_nope[0], q_pe[0], batch)     # (N, H, Dv)
+        x = x + attn.o_proj(out.flatten(1).to(x.dtype))[None]
+        return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def _attention(self, layer: int, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: Batch) -> torch.Tensor:
         out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)
         for i in batch.prefill:
-            seq, s, n = batch.seqs[i], batch.starts[i], batch.n_tokens[i]
-            past = seq.num_cached_tokens
-            table = torch.tensor(seq.block_table, device=q_nope.device)
+            row, s = batch.rows[i], batch.starts[i]
+            n, past = len(row.tokens), row.past
+            table = torch.tensor(row.block_table, device=q_nope.device)
             c_kv, k_pe = self.cache.gather(layer, table, past + n)
             c_kv, k_pe = c_kv.to(q_nope.dtype), k_pe.to(q_nope.dtype)
             mask = None
-            if n > 1:   # chunk token j sits at position past + j and sees positions <= its own
+            if n > 1:   # row token j sits at position past + j and sees positions <= its own
                 keys = torch.arange(past + n, device=q_nope.device)
                 mask = keys[None, :] <= torch.arange(past, past + n, device=q_nope.device)[:, None]
             out[s:s + n] = attn._attend_naive(q_nope[None, s:s + n], q_pe[None, s:s + n], c_kv[None], k_pe[None],

@@ -155,6 +155,26 @@ def sample(logits: Tensor, temperatures: Tensor, top_ks: Tensor, top_ps: Tensor,
     return torch.where(greedy, logits.argmax(-1), _race(probs, generators))
 
 
+def filtered_probs(logits: Tensor, temperatures: Tensor, top_ks: Tensor, top_ps: Tensor) -> Tensor:
+    """The distribution `sample` draws from, per row (..., V) for rows (B, ..., V): one-hot argmax for greedy rows,
+    else softmax of the temperature-scaled, top-k/top-p-filtered logits. Speculative decoding compares these."""
+    shape = logits.shape
+    flat = logits.float().reshape(shape[0], -1, shape[-1])
+    n = flat.shape[1]
+    rep = lambda t: t.repeat_interleave(n)  # noqa: E731
+    greedy = rep(temperatures < GREEDY_EPS)
+    t = torch.where(greedy, torch.ones_like(greedy, dtype=torch.float32), rep(temperatures).float())
+    rows = flat.reshape(-1, shape[-1])
+    probs = _top_k_top_p(rows / t[:, None], rep(top_ks), rep(top_ps)).softmax(-1)
+    one_hot = torch.zeros_like(probs).scatter_(-1, rows.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy[:, None], one_hot, probs).reshape(shape)
+
+
+def draw(probs: Tensor, generators: list[torch.Generator | None] | None = None) -> Tensor:
+    """One token per row of probs (B, V), exactly (the exponential race)."""
+    return _race(probs, generators)
+
+
 def compute_logprobs(logits: Tensor, tokens: Tensor, top_n: int) -> tuple[Tensor, Tensor, Tensor]:
     """(logprob of tokens (B,), top-n ids (B, top_n), their logprobs (B, top_n)) under log_softmax of the RAW logits:
     the model's own distribution, before temperature / top-k / top-p, as vLLM and OpenAI report it."""

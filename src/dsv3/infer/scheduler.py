@@ -32,6 +32,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
+        seq.mtp_cached, seq.pending_hidden = 0, []
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -69,7 +70,10 @@ class Scheduler:
             if not self.blocks.can_allocate(seq):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, share=seq.params.prompt_logprobs is None)
+            # no sharing when the prompt's own log-probabilities are wanted (every position must run), or with
+            # speculation (a shared block's MTP-layer latents may be drafts' provisional ones)
+            self.blocks.allocate(seq, share=seq.params.prompt_logprobs is None
+                                 and self.config.num_speculative_tokens == 0)
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)

@@ -30,6 +30,10 @@ class Sequence:
     prompt_logprobs: list = field(default_factory=list)    # per prompt token after the first
     text: str = ""
     num_preemptions: int = 0
+    # speculative decoding: the MTP layer's cache holds positions < mtp_cached; the main model's final hidden states
+    # of positions mtp_cached .. num_cached_tokens - 1 wait in pending_hidden to be fed to it
+    mtp_cached: int = 0
+    pending_hidden: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
