@@ -148,3 +148,22 @@ def test_mtp_drafts_that_match_are_accepted(model):
     assert s["proposed"] == s["steps"] and 0 <= s["accepted"] <= s["proposed"]
     # tokens produced = 1 (prefill) + one per speculative step + one per accepted draft
     assert 1 + s["steps"] + s["accepted"] >= 8
+
+
+def test_text_prompts_stop_strings_and_bench_cli(tmp_path):
+    from dsv3.cli import main
+    from dsv3.data import train_tokenizer
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n" * 20, "import os\nprint(os.sep)\n" * 20], 300)
+    lm = build(tiny_config(vocab_size=tok.vocab_size), seed=7, dtype=torch.float64)
+    engine = Engine(lm, tok, EngineConfig(block_size=8, num_blocks=32))
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    full = engine.generate(["def f(x):"], greedy)[0]
+    assert full.text == tok.decode(full.token_ids, skip_special_tokens=True) and len(full.token_ids) == 12
+    stop = full.text[len(full.text) // 2:][:2]
+    assert stop
+    cut = engine.generate(["def f(x):"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                       stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    assert main(["bench", "decode", "--config", "tiny", "--batches", "1,2", "--prompt", "8", "--tokens", "3",
+                 "--device", "cpu"]) == 0
+    assert main(["bench", "prefill", "--config", "tiny", "--batches", "2", "--prompt", "8", "--device", "cpu"]) == 0

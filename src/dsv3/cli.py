@@ -156,6 +156,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(prompt + out.text)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .infer.bench import bench_decode, bench_prefill, random_model
+    cfg = load_model_config(args.config)
+    if not args.mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = random_model(cfg, device, DTYPES[args.dtype] if args.dtype else
+                         (torch.bfloat16 if device.startswith("cuda") else torch.float32))
+    for b in map(int, args.batches.split(",")):
+        if args.what == "decode":
+            r = bench_decode(model, b, args.prompt, args.tokens, args.spec)
+            print(f"decode  batch {b:4d}: TTFT {r['ttft_s'] * 1e3:8.1f} ms  TPOT {r['tpot_ms']:7.2f} ms  "
+                  f"{r['tok_per_s']:10.1f} tok/s  ({r['roofline_fraction']:.1%} of the {r['roofline_tok_per_s']:.0f} "
+                  f"tok/s roofline)")
+        else:
+            r = bench_prefill(model, b, args.prompt)
+            print(f"prefill batch {b:4d} x {args.prompt}: {r['seconds'] * 1e3:8.1f} ms  {r['tok_per_s']:10.1f} tok/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,6 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--ema", action="store_true", help="a run directory's EMA weights")
     s.add_argument("--escapes", action="store_true", help="interpret backslash escapes (\\n) in the prompt")
     s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("bench", help="engine throughput on random weights: decode (TTFT, TPOT, tok/s) or prefill")
+    s.add_argument("what", choices=["decode", "prefill"])
+    s.add_argument("--config", default="lite", help="preset or config.json")
+    s.add_argument("--batches", default="1,32")
+    s.add_argument("--prompt", type=int, default=128)
+    s.add_argument("--tokens", type=int, default=64, help="new tokens per request (decode)")
+    s.add_argument("--spec", type=int, default=0, help="MTP draft tokens (needs --mtp)")
+    s.add_argument("--mtp", action="store_true", help="keep the config's MTP module")
+    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     try:
         args.fn(args)
