@@ -15,7 +15,7 @@ class Status(Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)      # identity: two requests with the same tokens are still two requests
 class Sequence:
     seq_id: int
     prompt_ids: list[int]
