@@ -146,8 +146,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
                          f"of {model.config.max_position_embeddings}")
     from .infer import Engine, EngineConfig, SamplingParams
     block = 16
+    if args.spec and not len(model.mtp):
+        raise ValueError("--spec needs a model with an MTP module")
     engine = Engine(model, tokenizer, EngineConfig(block_size=block, max_num_seqs=args.samples, num_blocks=args.samples
-                                                   * -(-(len(ids) + args.max_tokens) // block)))
+                                                   * -(-(len(ids) + args.max_tokens + args.spec) // block),
+                                                   num_speculative_tokens=args.spec))
     params = [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              max_tokens=args.max_tokens, seed=args.seed + i) for i in range(args.samples)]
     for i, out in enumerate(engine.generate([ids] * args.samples, params)):
@@ -229,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--samples", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--ema", action="store_true", help="a run directory's EMA weights")
+    s.add_argument("--spec", type=int, default=0, help="MTP speculative decoding with this many draft tokens")
     s.add_argument("--escapes", action="store_true", help="interpret backslash escapes (\\n) in the prompt")
     s.set_defaults(fn=cmd_generate)
     s = sub.add_parser("bench", help="engine throughput on random weights: decode (TTFT, TPOT, tok/s) or prefill")
