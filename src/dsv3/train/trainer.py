@@ -124,6 +124,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(cfg.train.device)
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
+        if (cfg.train.compile or cfg.train.compile_optimizer) and self.device.type != "cuda":
+            raise ValueError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
+                             "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
         show = cfg.log.progress if progress is None else progress
 
         self.tokenizer, self.shards, data_dir = prepare_dataset(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size,
