@@ -13,6 +13,7 @@ MaxVio: max load / mean load - 1 per MoE layer over each 10-step logging interva
 the main model's MoE layers and over the last 20% of the run. Validation loss: the last evaluation.
 """
 
+import json
 import re
 import statistics
 import sys
@@ -49,8 +50,11 @@ def main() -> None:
     groups: dict[str, dict[str, Path]] = defaultdict(dict)
     for p in map(Path, sys.argv[1:]):
         m = re.fullmatch(r"abl-(\w)-s(\d+)", p.name)
-        if m and (p / "metrics.jsonl").exists() and read_metrics(p, kind="val"):
-            groups[m[1]][m[2]] = p
+        if m and (p / "config.json").exists() and (p / "metrics.jsonl").exists():
+            steps = json.loads((p / "config.json").read_text())["train"]["steps"]
+            train = read_metrics(p, kind="train")
+            if train and train[-1]["step"] == steps and read_metrics(p, kind="val"):   # finished runs only
+                groups[m[1]][m[2]] = p
     print("| configuration | seeds | MaxVio, last 20% | val loss | MTP next-next acc | MTP agrees with main |")
     print("|---|---|---|---|---|---|")
     for key in sorted(groups):

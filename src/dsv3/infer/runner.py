@@ -42,6 +42,8 @@ class Batch:
     prefill: list[int]             # the others (naive form)
     block_tables: torch.Tensor     # (n_decode, max_blocks) int32
     context_lens: torch.Tensor     # (n_decode,) int32: tokens in cache once this step has written
+    decode_rows: torch.Tensor      # (n_decode,) flat index of each decode row's token
+    prefill_tables: list[torch.Tensor]   # block table of each prefill row, on the device
 
     def last(self) -> list[int]:
         """Flat index of each row's last token."""
@@ -66,10 +68,12 @@ class ModelRunner:
             (decode if n == 1 and row.past > 0 else prefill).append(i)
         width = max((len(rows[i].block_table) for i in decode), default=1)
         table = [rows[i].block_table + [0] * (width - len(rows[i].block_table)) for i in decode]
+        # every host -> device copy happens here, once per step, not once per layer
         t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
         return Batch(rows, t(ids), t(pos), t(slots), starts, decode, prefill,
                      t(table, torch.int32).view(len(decode), width),
-                     t([rows[i].past + 1 for i in decode], torch.int32))
+                     t([rows[i].past + 1 for i in decode], torch.int32), t([starts[i] for i in decode]),
+                     [t(rows[i].block_table) for i in prefill])
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -104,10 +108,9 @@ class ModelRunner:
 
     def _attention(self, layer: int, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: Batch) -> torch.Tensor:
         out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)
-        for i in batch.prefill:
+        for i, table in zip(batch.prefill, batch.prefill_tables):
             row, s = batch.rows[i], batch.starts[i]
             n, past = len(row.tokens), row.past
-            table = torch.tensor(row.block_table, device=q_nope.device)
             c_kv, k_pe = self.cache.gather(layer, table, past + n)
             c_kv, k_pe = c_kv.to(q_nope.dtype), k_pe.to(q_nope.dtype)
             mask = None
@@ -117,7 +120,7 @@ class ModelRunner:
             out[s:s + n] = attn._attend_naive(q_nope[None, s:s + n], q_pe[None, s:s + n], c_kv[None], k_pe[None],
                                               mask)[0]
         if batch.decode:
-            rows = torch.tensor([batch.starts[i] for i in batch.decode], device=q_nope.device)
+            rows = batch.decode_rows
             w_uk, w_uv = attn.absorbed_weights()
             q_abs = torch.einsum("nhd,hdc->nhc", q_nope[rows], w_uk)
             c_kv, k_pe = self.cache.layer(layer)
