@@ -191,3 +191,20 @@ def test_speculative_sampling_keeps_the_target_distribution():
     # measured: 0.028 here; accepting every draft gives 0.52
     assert tv < 0.06, tv
     assert 0 < engine.spec_stats["accepted"] < 0.6 * n
+
+
+def test_fp8_weights_serve_close_to_bf16_and_exactly_like_their_own_forward():
+    from dsv3.infer.fp8_weights import FP8Experts, FP8Linear, quantize_weights
+    lm = build(tiny_config(vocab_size=96), seed=12)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = lm(ids)
+        quantize_weights(lm)
+        got = lm(ids)
+    assert any(isinstance(m, FP8Experts) for m in lm.modules()) and any(isinstance(m, FP8Linear) for m in lm.modules())
+    assert lm.layers[1].mlp.experts.gate_proj.dtype == torch.float8_e4m3fn
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 1e-4 < rel < 0.08, rel                  # e4m3 has a 3-bit mantissa: a few percent, not zero
+    p = prompts([7, 13], seed=8)
+    engine = Engine(lm, config=EngineConfig(block_size=4, num_blocks=32))
+    assert [o.token_ids for o in engine.generate(p, GREEDY)] == [reference_greedy(lm, x, GREEDY.max_tokens) for x in p]

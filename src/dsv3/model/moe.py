@@ -144,12 +144,16 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gate (E, I, D), up (E, I, D), down (E, D, I): the seam where other weight storage (FP8) plugs in."""
+        return self.gate_proj, self.up_proj, self.down_proj
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, D), weights/idx (N, K), counts (E,) -> (N, D) = sum_k weights[:, k] * expert_{idx[:, k]}(x)."""
         K = idx.shape[1]
         order = idx.flatten().argsort(stable=True)          # (N*K,) (token, k) pairs grouped by expert
         inverse = order.argsort()                           # where each pair sits in expert order
-        weights_3d = (self.gate_proj, self.up_proj, self.down_proj)
+        weights_3d = self.stacked_weights()
         xs = _DispatchRows.apply(x, order, inverse, K)
         if torch.is_autocast_enabled(x.device.type):        # autocast does not cover grouped GEMMs: cast here
             dtype = torch.get_autocast_dtype(x.device.type)

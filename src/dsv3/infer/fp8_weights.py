@@ -1,0 +1,76 @@
+"""Serving with weights kept in the released FP8 block format (spec 2.3): e4m3 values + one fp32 `weight_scale_inv`
+per 128x128 block, for every attention and FFN projection and every expert; half the bytes of bf16.
+
+`quantize_weights(model)` swaps those modules in place, from outside the model. Their forward is the reference:
+dequantise the block-scaled weight into the activation dtype, then the usual matmul, so it runs on any device and
+its output is exactly the bf16 computation on the dequantised weights. (The GPU fast path, a blockwise-scaled
+`torch._scaled_mm` or a Triton GEMM reading e4m3 directly, belongs to the FP8 kernels work.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..fp8.blocks import dequantize_weight_blocks, quantize_weight_blocks
+from ..model.mla import MLA
+from ..model.layers import MLP
+from ..model.moe import Experts
+
+
+class FP8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, s = quantize_weight_blocks(linear.weight.detach())
+        self.register_buffer("weight", q)
+        self.register_buffer("weight_scale_inv", s)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_weight_blocks(self.weight, self.weight_scale_inv, x.dtype), self.bias)
+
+
+def _quantize_stacked(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [quantize_weight_blocks(m) for m in w.detach()]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+class FP8Experts(Experts):
+    """Stacked experts, each expert's matrices block-quantised like the checkpoint's per-expert tensors."""
+
+    def __init__(self, experts: Experts):
+        nn.Module.__init__(self)
+        self._dtype = experts.gate_proj.dtype
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            q, s = _quantize_stacked(getattr(experts, name))
+            self.register_buffer(name, q)
+            self.register_buffer(f"{name}_scale_inv", s)
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def deq(name: str) -> torch.Tensor:
+            q, s = getattr(self, name), getattr(self, f"{name}_scale_inv")
+            return torch.stack([dequantize_weight_blocks(q[e], s[e], self._dtype) for e in range(q.shape[0])])
+        return deq("gate_proj"), deq("up_proj"), deq("down_proj")
+
+
+_ATTN = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+def quantize_weights(model: nn.Module) -> nn.Module:
+    """Store every projection the released checkpoints keep in FP8 (attention, dense/shared FFN, experts) as FP8, in
+    place. Embeddings, norms, the router and the head stay in their dtype, as in the release. The absorbed MLA form
+    reads kv_b_proj's weight directly, so that one stays dequantised (it is 2% of a layer)."""
+    for module in list(model.modules()):
+        if isinstance(module, MLA):
+            for name in _ATTN:
+                if hasattr(module, name) and name != "kv_b_proj":
+                    setattr(module, name, FP8Linear(getattr(module, name)))
+        elif isinstance(module, MLP):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(module, name, FP8Linear(getattr(module, name)))
+        for name, child in list(module.named_children()):
+            if type(child) is Experts:
+                setattr(module, name, FP8Experts(child))
+    return model
