@@ -167,6 +167,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = random_model(cfg, device, DTYPES[args.dtype] if args.dtype else
                          (torch.bfloat16 if device.startswith("cuda") else torch.float32))
+    if args.fp8:
+        from .infer.fp8_weights import quantize_weights
+        quantize_weights(model)
     for b in map(int, args.batches.split(",")):
         if args.what == "decode":
             r = bench_decode(model, b, args.prompt, args.tokens, args.spec)
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tokens", type=int, default=64, help="new tokens per request (decode)")
     s.add_argument("--spec", type=int, default=0, help="MTP draft tokens (needs --mtp)")
     s.add_argument("--mtp", action="store_true", help="keep the config's MTP module")
+    s.add_argument("--fp8", action="store_true", help="weights in the released FP8 block format (reference path)")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.set_defaults(fn=cmd_bench)
