@@ -173,6 +173,8 @@ def test_cli_generate_plot_and_export(tmp_path, capsys):
         assert out.startswith("def f(x):")
     assert main(["generate", "--model", str(model), "--prompt", "x", "--max-tokens", "99999"]) == 2
     assert "exceed the model's context" in capsys.readouterr().err
+    assert main(["tokenizer", "train", "--sources", CORPUS, "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
+    assert (tmp_path / "tok" / "tokenizer.json").exists() and (tmp_path / "tok" / "tokenizer_config.json").exists()
     assert main(["plot", str(t.run_dir)]) == 0
     assert {p.name for p in (t.run_dir / "plots").iterdir()} >= {"loss.png", "lr.png", "maxvio.png"}
 
