@@ -56,21 +56,8 @@ from dsv3.kernels import mla_decode_bytes, mla_decode_reference, mla_decode_trit
 
 
 def _patch_interpreter_for_numpy2():
-    """Triton 3.6's interpreter does int(array of shape (1,)), refused by numpy >= 2.4 (see the kernel tests)."""
-    import numpy as np
-    try:
-        int(np.zeros(1, dtype=np.int32))
-        return
-    except TypeError:
-        pass
-    import triton.runtime.interpreter as interpreter
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
+    from dsv3.kernels.interpret import patch_interpreter_for_numpy2
+    patch_interpreter_for_numpy2()
 
 
 def make_inputs(lens, H, C, R, bs, dtype, device, seed=0, extra_blocks=1):

@@ -120,23 +120,8 @@ def test_bytes_and_splits():
 # ---------------------------------------------------------------------------------------------------------------
 
 def _patch_interpreter_for_numpy2():
-    """Triton 3.6's interpreter converts scalar tensors (numpy arrays of shape (1,)) with int(array), which numpy
-    >= 2.4 refuses: `for i in range(start, end)` with run-time bounds then fails. Newer Triton squeezes first;
-    do the same here (test harness only; kernels and the installed package are untouched)."""
-    import numpy as np
-    try:
-        int(np.zeros(1, dtype=np.int32))
-        return
-    except TypeError:
-        pass
-    import triton.runtime.interpreter as interpreter
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
+    from dsv3.kernels.interpret import patch_interpreter_for_numpy2
+    patch_interpreter_for_numpy2()
 
 
 def _interpreter_cases() -> dict:
