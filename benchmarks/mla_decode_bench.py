@@ -144,7 +144,7 @@ def main():
             for bh, bn, nw, ns in grid:
                 kw = dict(block_h=bh, block_n=bn, num_warps=nw, num_stages=ns)
                 try:
-                    ms = bench(lambda: mla_decode_triton(*inp, **kw), interpret)
+                    ms = bench(lambda inp=inp, kw=kw: mla_decode_triton(*inp, **kw), interpret)
                 except Exception as e:  # e.g. out of shared memory for this tile
                     print(f"sweep H={H} {kw}: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
                     continue
@@ -174,7 +174,7 @@ def main():
                 q_abs = torch.randn(B, H, C, device=device, dtype=dtype)
                 q_pe = torch.randn(B, H, R, device=device, dtype=dtype)
                 inp = (q_abs, q_pe) + kv
-                ms = bench(lambda: mla_decode_triton(*inp, **best[H]), interpret)
+                ms = bench(lambda inp=inp, H=H: mla_decode_triton(*inp, **best[H]), interpret)
                 nbytes = mla_decode_bytes(inp[5], C, R, dtype)
                 flops = 2 * B * ctx * H * (2 * C + R)
                 gbs = nbytes / (ms * 1e-3) / 1e9

@@ -10,24 +10,20 @@ import json
 import tempfile
 import time
 
-import torch
 
 from dsv3.train import Trainer, load_run_config
+from dsv3.train.recompute import saved_activation_bytes
 from dsv3.train.trainer import lm_losses
 
 
 def saved_bytes(trainer: Trainer) -> int:
-    total = 0
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
     window = trainer.val[0] if trainer.val else trainer.loader.next_batch(trainer.cfg.train.micro_batch_size)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        main, mtp, _, _ = lm_losses(trainer.model, window)
+    out = []
+    n = saved_activation_bytes(lambda: out.extend(lm_losses(trainer.model, window)[:2]))
+    main, mtp = out
     (main + sum(mtp)).backward()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return total
+    return n
 
 
 def main() -> None:

@@ -10,9 +10,11 @@ import time
 
 import torch
 
-from dsv3.data import ShardSet, Tokenizer
+from dsv3.data import Tokenizer
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 from dsv3.train import load_run_model
+from dsv3.train.config import DataConfig
+from dsv3.train.dataset import prepare_dataset
 
 
 def main() -> None:
@@ -27,10 +29,8 @@ def main() -> None:
     model, ckpt = load_run_model(a.run_dir)
     cfg = json.loads((ckpt / "config.json").read_text())
     tok = Tokenizer.load(f"{a.run_dir}/tokenizer")
-    from dsv3.train.dataset import dataset_key
-    from dsv3.train.config import DataConfig
     data = DataConfig(**cfg["data"])
-    shards = ShardSet.open(f"{data.cache_dir}/{dataset_key(data, data.vocab_size or cfg['model']['vocab_size'])}/shards")
+    _, shards, _ = prepare_dataset(data, data.vocab_size or cfg["model"]["vocab_size"], progress=False)
     prompts = [[tok.eos_id] + shards.doc("val", i)[:a.prompt_len].tolist() for i in range(a.prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True)
     results = {}

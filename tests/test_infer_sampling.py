@@ -13,7 +13,7 @@ from dsv3.infer.sampling import (SamplingParams, SamplingTensors, _top_k_top_p, 
 
 N = 200_000
 TV_TOL = 0.015   # E[TV] of 50k-200k draws over <= 36 cells is <= ~0.006
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
 
 

@@ -144,7 +144,8 @@ def _interpreter_cases() -> dict:
     return errs
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton): no interpreter test")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "
+                                           "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(SRC), str(HERE), os.environ.get("PYTHONPATH", "")]))
@@ -163,7 +164,8 @@ def test_triton_interpreter_matches_reference():
 # CUDA
 # ---------------------------------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON),
+                                reason="the Triton kernel compiles only on a CUDA GPU (run through the device tool)")
 
 
 @pytest.mark.gpu

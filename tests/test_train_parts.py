@@ -12,7 +12,7 @@ from dsv3.train import schedule
 from dsv3.train.balance import collect_balance_loss, moe_layers, sequence_balance_loss, update_bias
 from dsv3.train.metrics import max_violation
 from dsv3.train.config import RunConfig, load_run_config
-from dsv3.train.recompute import apply_recompute
+from dsv3.train.recompute import apply_recompute, saved_activation_bytes
 from dsv3.train.trainer import lm_losses
 
 
@@ -88,17 +88,6 @@ def test_bias_update_moves_against_load_and_maxvio():
     assert max_violation([0, 0, 0, 0]) == 0.0
 
 
-def saved_bytes(fn) -> int:
-    total = 0
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
 def test_recompute_gives_the_same_gradients_with_less_saved_memory():
     cfg = tiny_config(num_hidden_layers=2)
     window = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(3))
@@ -107,10 +96,13 @@ def test_recompute_gives_the_same_gradients_with_less_saved_memory():
         model = build(cfg, seed=2).train()
         if recompute:
             assert apply_recompute(model) > 0 and apply_recompute(model) == 0       # idempotent
-        def step():
+        main, mtp = None, None
+
+        def forward():
+            nonlocal main, mtp
             main, mtp, _, _ = lm_losses(model, window)
-            (main + 0.3 * mtp[0]).backward()
-        mem.append(saved_bytes(step))
+        mem.append(saved_activation_bytes(forward))
+        (main + 0.3 * mtp[0]).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:

@@ -21,8 +21,8 @@ from .block_manager import BlockManager
 from .cache import PagedLatentCache, bytes_per_block
 from .config import EngineConfig
 from .runner import ModelRunner, Row
-from .sampling import (SamplingParams, SamplingTensors, compute_logprobs, draw, filtered_probs, rejection_sample,
-                       sample)
+from .sampling import (SamplingParams, SamplingTensors, compute_logprobs, draw, filtered_probs, make_generators,
+                       rejection_sample, sample)
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
@@ -32,7 +32,7 @@ class RequestOutput:
     request_id: int
     prompt_token_ids: list[int]
     token_ids: list[int]
-    text: str = ""
+    text: str = ""                    # decoded output: once finished, or every step when stop strings are given
     finished: bool = False
     finish_reason: str | None = None
     new_token_ids: list[int] = field(default_factory=list)
@@ -67,7 +67,12 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+        """Queue a request; raises ValueError (and queues nothing) for a bad one."""
         params = params or SamplingParams()
+        return self._queue(self._checked_prompt(prompt, params), params)
+
+    def _checked_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, after every check a request must pass before it is queued."""
         vocab = self.model.config.vocab_size
         params.validate(vocab)
         if isinstance(prompt, str):
@@ -90,11 +95,15 @@ class Engine:
         if self.blocks.blocks_needed(limit) > self.blocks.num_blocks:
             raise ValueError(f"prompt + max_tokens = {limit} tokens exceed the cache capacity of "
                              f"{self.blocks.num_blocks * self.blocks.block_size} tokens")
+        return ids
+
+    def _queue(self, ids: list[int], params: SamplingParams) -> int:
         rid = next(self._ids)
         seq = Sequence(rid, ids, params)
         self.seqs[rid] = seq
-        if params.seed is not None:
-            self._generators[rid] = torch.Generator(self.device).manual_seed(params.seed)
+        generator = make_generators([params], self.device)[0]
+        if generator is not None:
+            self._generators[rid] = generator
         self.scheduler.add(seq)
         return rid
 
@@ -156,7 +165,7 @@ class Engine:
     # ---- MTP speculative decoding ------------------------------------------------------------------------------
     def _can_speculate(self, seqs: list[Sequence], counts: list[int]) -> bool:
         """Speculate when every scheduled sequence is decoding, the batch is small enough for drafting to pay, no
-        log-probabilities are asked for, and each has blocks for k more tokens."""
+        log-probabilities are asked for, and each can get blocks for k more tokens (they are taken here)."""
         k = self.config.num_speculative_tokens
         if not self.speculative or len(seqs) > self.config.speculative_max_batch or len(seqs) != len(
                 self.scheduler.running):
@@ -230,19 +239,22 @@ class Engine:
             seq.prompt_logprobs.append((lp[j].item(), top_ids[j].tolist(), top_lp[j].tolist()))
 
     def _append(self, seq: Sequence, token: int) -> None:
+        """Add a generated token and check the stop conditions. The text is decoded only when something needs it:
+        stop strings (every token) or the finished output."""
         seq.token_ids.append(token)
         p = seq.params
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        reason = None
         if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
-            return self._finish(seq, "stop")
-        for stop in p.stop:
-            at = seq.text.find(stop)
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+            reason = "length"
+        if self.tokenizer is not None and (p.stop or reason):
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            at = min((i for i in (seq.text.find(stop) for stop in p.stop) if i >= 0), default=-1)
             if at >= 0:
-                seq.text = seq.text[:at]
-                return self._finish(seq, "stop")
-        if len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
-            self._finish(seq, "length")
+                seq.text, reason = seq.text[:at], "stop"
+        if reason:
+            self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
@@ -262,17 +274,8 @@ class Engine:
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
-        ids: list[int] = []
-        try:
-            for p, sp in zip(prompts, params):
-                ids.append(self.add_request(p, sp))
-        except ValueError:
-            for rid in ids:           # all or nothing: a bad prompt queues none of the batch
-                self.abort(rid)
-            self._aborted = [s for s in self._aborted if s.seq_id not in ids]
-            for rid in ids:
-                self.seqs.pop(rid, None)
-            raise
+        checked = [self._checked_prompt(p, sp) for p, sp in zip(prompts, params)]   # a bad prompt queues none
+        ids = [self._queue(c, sp) for c, sp in zip(checked, params)]
         final: dict[int, RequestOutput] = {}
         while self.has_unfinished():
             for out in self.step():

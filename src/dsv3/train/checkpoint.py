@@ -61,9 +61,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     return target
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Restore model (strictly: every tensor present and of the right shape), optimizer and RNG; return state.json
-    with `ema` (a state dict or None) added."""
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = True) -> dict:
+    """Restore model (strictly: every tensor present and of the right shape), optimizer and (for a resumed run)
+    the RNG; return state.json with `ema` (a state dict or None) added."""
     path = Path(path)
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path} is not a training checkpoint (no state.json)")
@@ -79,10 +80,11 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             v.copy_(tensors[k])
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if restore_rng:
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     state = json.loads((path / "state.json").read_text())
     ema = path / "ema.safetensors"
     state["ema"] = load_file(str(ema)) if ema.exists() else None

@@ -36,9 +36,7 @@ def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = Fal
     with torch.device("meta"):
         model = Transformer(cfg.model)
     model.to_empty(device="cpu")
-    rng = torch.get_rng_state()
-    state = load_checkpoint(ckpt, model)
-    torch.set_rng_state(rng)
+    state = load_checkpoint(ckpt, model, restore_rng=False)
     if ema:
         if state["ema"] is None:
             raise ValueError(f"{ckpt} has no EMA weights (train.ema_decay was 0)")

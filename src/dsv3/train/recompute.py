@@ -8,7 +8,9 @@ outside every checkpointed region, so the per-expert load counts are never doubl
 """
 
 import functools
+from collections.abc import Callable
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -39,3 +41,18 @@ def apply_recompute(model: nn.Module) -> int:
         m._recompute = True
         n += 1
     return n
+
+
+def saved_activation_bytes(fn: Callable[[], object]) -> int:
+    """Bytes autograd keeps for the backward of what fn() computes: the activation memory recomputation trades away,
+    measured the same way on any device."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total

@@ -32,7 +32,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .dataset import prepare_dataset
 from .ema import CPUEma
-from .metrics import MetricsLogger, max_violation
+from .metrics import MetricsLogger
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .recompute import apply_recompute
 
@@ -134,7 +134,7 @@ class Trainer:
         self._write_run_files(data_dir)
         self.loader = PackedLoader(self.shards, "train", cfg.data.seq_len, seed=cfg.data.seed,
                                    fim_rate=cfg.data.fim_rate, eos_id=self.tokenizer.eos_id,
-                                   fim_ids=self._fim_ids())
+                                   fim_ids=self.tokenizer.fim_ids)
         self.val = val_batches(self.shards, cfg.data.seq_len, cfg.log.val_batches, cfg.train.micro_batch_size,
                                self.tokenizer.eos_id) if cfg.log.val_batches else []
 
@@ -142,9 +142,8 @@ class Trainer:
         self.layers = moe_layers(self.model)
         if cfg.train.recompute:
             apply_recompute(self.model)
-        compiled_opt = cfg.train.compile_optimizer and self.device.type == "cuda"
-        self.optimizer = build_optimizer(self.model, cfg.optim, compiled=compiled_opt)
-        self.compiled_step = compiled_clip_and_step(self.optimizer) if compiled_opt else None
+        self.optimizer = build_optimizer(self.model, cfg.optim, compiled=cfg.train.compile_optimizer)
+        self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
         self.ema = CPUEma(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         if resume:
@@ -154,7 +153,7 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             if self.ema is not None and state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
-        self.forward, self.ce = self.model, cross_entropy
+        self.ce = cross_entropy
         if cfg.train.compile:
             # regional compilation: every block is one graph (fused norms, RoPE, SwiGLU, routing glue) and the loss
             # fuses the fp32 upcast into log-softmax instead of materialising fp32 logits
@@ -170,13 +169,6 @@ class Trainer:
         if resume:
             self.logger.truncate_after(self.step)
             self.logger.log_event(self.step, f"resumed from {ckpt}")
-
-    def _fim_ids(self) -> tuple[int, int, int] | None:
-        t = self.tokenizer
-        ids = (t.fim_begin_id, t.fim_hole_id, t.fim_end_id)
-        if self.cfg.data.fim_rate > 0 and None in ids:
-            raise ValueError("data.fim_rate > 0 but the tokenizer has no fim_begin/fim_hole/fim_end tokens")
-        return ids if None not in ids else None
 
     def _write_run_files(self, data_dir: Path) -> None:
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
@@ -210,7 +202,7 @@ class Trainer:
             for _, m in self.layers:
                 m.tokens_per_expert.zero_()
             with self.autocast():
-                main, mtp, _, _ = lm_losses(self.forward, window, self.ce)
+                main, mtp, _, _ = lm_losses(self.model, window, self.ce)
                 mtp_loss = torch.stack(mtp).mean() if mtp else main.new_zeros(())
                 aux = collect_balance_loss(self.layers)
                 aux = aux if aux is not None else main.new_zeros(())
@@ -220,11 +212,10 @@ class Trainer:
                 loads += torch.stack([m.tokens_per_expert for _, m in self.layers])
             sums += torch.stack([loss, main, mtp_loss, aux]).detach().double() / n_micro
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self.compiled_step is not None:
+        if self.compiled_step is not None or self.clip_in_optimizer:   # the scaling happens inside the update
             grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        elif self.clip_in_optimizer:
-            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-            self.optimizer.grad_scale = (grad_norm / cfg.optim.grad_clip).clamp(min=1.0).float()
+            if self.clip_in_optimizer:
+                self.optimizer.grad_scale = (grad_norm / cfg.optim.grad_clip).clamp(min=1.0).float()
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         total, main_v, mtp_v, aux_v = sums.tolist()
@@ -245,13 +236,13 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
-        self.tokens += n_micro * cfg.train.micro_batch_size * cfg.data.seq_len
+        tokens = n_micro * cfg.train.micro_batch_size * cfg.data.seq_len
+        self.tokens += tokens
         if self.loss_ema is not None and self.step > 10 and total > cfg.train.spike_ratio * self.loss_ema:
             self.spikes += 1
             self.logger.log_event(self.step, f"loss spike: {total:.4f} vs running {self.loss_ema:.4f}")
         self.loss_ema = total if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * total
-        stats = StepStats(total, main_v, mtp_v if len(self.model.mtp) else None, aux_v, grad_norm.item(),
-                          n_micro * cfg.train.micro_batch_size * cfg.data.seq_len)
+        stats = StepStats(total, main_v, mtp_v if len(self.model.mtp) else None, aux_v, grad_norm.item(), tokens)
         return stats, loads
 
     # ---- validation ---------------------------------------------------------------------------------------------
@@ -269,7 +260,7 @@ class Trainer:
         for window in self.val:
             window = window.to(self.device)
             with self.autocast():
-                main, mtp, logits, mtp_logits = lm_losses(self.forward, window, self.ce)
+                main, mtp, logits, mtp_logits = lm_losses(self.model, window, self.ce)
             main_sum += main.item()
             if mtp:
                 mtp_sum += mtp[0].item()
@@ -310,7 +301,6 @@ class Trainer:
                 if step % log.interval == 0 or done:
                     dt = time.perf_counter() - t0
                     n = acc["n"]
-                    vio = [max_violation(load) for load in interval_loads.cpu().numpy()]
                     mean = interval_loads.double().mean(-1, keepdim=True).clamp_min(1e-12)
                     self.logger.log_train(
                         step, loss=acc["loss"] / n, main_loss=acc["main_loss"] / n,
@@ -319,7 +309,6 @@ class Trainer:
                         lr=schedule.learning_rate(step - 1, cfg), batch_size=schedule.batch_size(step - 1, cfg),
                         tokens=self.tokens, tok_per_s=acc["tok"] / dt, mtp_weight=schedule.mtp_weight(step - 1, cfg),
                         bias_update_speed=schedule.bias_update_speed(step - 1, cfg), spikes=self.spikes,
-                        max_vio=vio, max_vio_mean=sum(vio) / len(vio) if vio else 0.0,
                         expert_load=(interval_loads.double() / mean).cpu().tolist(),
                         moe_layers=[name for name, _ in self.layers])
                     interval_loads.zero_()
