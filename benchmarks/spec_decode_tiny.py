@@ -2,6 +2,8 @@
 the output checked identical to plain decoding. Prompts are the starts of validation documents.
 
     HF_HUB_OFFLINE=1 python benchmarks/spec_decode_tiny.py runs/tiny --prompts 8 --tokens 64 --k 1,2
+GPU (bf16, decode and verify steps from CUDA graphs; each engine first runs one untimed prompt that captures them):
+    python benchmarks/spec_decode_tiny.py runs/small-gpu --device cuda --dtype bf16 --k 1,2,3
 """
 
 import argparse
@@ -24,18 +26,25 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=48)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--k", default="1,2")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     a = p.parse_args()
-    torch.set_num_threads(2)
+    if a.device == "cpu":
+        torch.set_num_threads(2)
     model, ckpt = load_run_model(a.run_dir)
+    model.to(a.device, torch.bfloat16 if a.dtype == "bf16" else torch.float32)
     cfg = json.loads((ckpt / "config.json").read_text())
     tok = Tokenizer.load(f"{a.run_dir}/tokenizer")
     data = DataConfig(**cfg["data"])
     _, shards, _ = prepare_dataset(data, data.vocab_size or cfg["model"]["vocab_size"], progress=False)
-    prompts = [[tok.eos_id] + shards.doc("val", i)[:a.prompt_len].tolist() for i in range(a.prompts)]
+    prompts = [[tok.eos_id] + shards.doc("val", i)[:a.prompt_len].tolist() for i in range(a.prompts + 1)]
+    warm, prompts = prompts[-1], prompts[:-1]
     params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True)
     results = {}
     for k in [0] + [int(x) for x in a.k.split(",")]:
         engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64, num_speculative_tokens=k))
+        engine.generate([warm], params)
+        engine.spec_stats.update(steps=0, proposed=0, accepted=0)
         t0 = time.perf_counter()
         outs = [engine.generate([pr], params)[0].token_ids for pr in prompts]      # batch 1, one after another
         dt = time.perf_counter() - t0
@@ -48,7 +57,7 @@ def main() -> None:
         same = r["outputs"] == base["outputs"]
         acc = f"{r['acceptance']:.1%}" if r["acceptance"] is not None else "-"
         print(f"k={k}: {r['tok_per_s']:.1f} tok/s ({r['tok_per_s'] / base['tok_per_s']:.2f}x), acceptance {acc}, "
-              f"{r['tokens_per_step']:.2f} tokens per verify step, output identical to plain: {same}")
+              f"{r['tokens_per_step']:.2f} tokens per verify step, output identical to plain: {same}", flush=True)
 
 
 if __name__ == "__main__":

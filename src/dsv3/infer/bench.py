@@ -30,14 +30,18 @@ def random_model(cfg, device: str, dtype: torch.dtype, seed: int = 0) -> Transfo
 
 
 def decode_step_bytes(model: Transformer, batch: int) -> int:
-    """Weights one decode step reads: all but the routed experts and the embedding, plus min(E, B*K) experts per
-    MoE layer (an upper bound on the distinct experts hit)."""
+    """Weights one decode step reads: every tensor but the routed experts, the MTP module and the embedding (which
+    is gathered, not read), plus min(E, B*K) experts per MoE layer (an upper bound on the distinct experts hit).
+    Buffers count too: FP8 weights and their scales are buffers."""
     cfg = model.config
-    size = model.lm_head.weight.element_size()
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * size
-    rest = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-               if ".experts." not in n and not n.startswith("mtp.") and n != "embed_tokens.weight")
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    skip = lambda n: ".experts." in n or n.startswith("mtp.") or n == "embed_tokens.weight"  # noqa: E731
+    rest = sum(t.numel() * t.element_size() for n, t in tensors.items() if not skip(n))
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    expert_layer = sum(t.numel() * t.element_size() for n, t in tensors.items()
+                       if ".experts." in n and not n.startswith("mtp.")) // max(n_moe, 1)
+    expert = expert_layer // cfg.n_routed_experts
     return rest + n_moe * min(cfg.n_routed_experts, batch * cfg.num_experts_per_tok) * expert
 
 
@@ -47,33 +51,41 @@ def _sync(device: str) -> None:
 
 
 def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int = 0,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, cuda_graphs: bool = True, warmup: bool = True) -> dict:
     device = str(next(model.parameters()).device)
     cfg = model.config
     engine = Engine(model, config=EngineConfig(block_size=64, max_num_seqs=batch, cache_memory_gib=4,
                                                max_num_batched_tokens=max(2048, batch * prompt_len),
-                                               num_speculative_tokens=spec_tokens, speculative_max_batch=batch))
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(batch):
-        engine.add_request(torch.randint(10, cfg.vocab_size, (prompt_len,), generator=g).tolist(),
-                           SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
-    _sync(device)
-    t0 = time.perf_counter()
-    engine.step()
-    _sync(device)
-    t1 = time.perf_counter()
-    steps = 0
-    while engine.has_unfinished():
+                                               num_speculative_tokens=spec_tokens, speculative_max_batch=batch,
+                                               cuda_graphs=cuda_graphs))
+
+    def run(seed: int) -> tuple[float, float, int]:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(batch):
+            engine.add_request(torch.randint(10, cfg.vocab_size, (prompt_len,), generator=g).tolist(),
+                               SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True))
+        _sync(device)
+        t0 = time.perf_counter()
         engine.step()
-        steps += 1
-    _sync(device)
-    t2 = time.perf_counter()
+        _sync(device)
+        t1 = time.perf_counter()
+        steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        _sync(device)
+        return t1 - t0, time.perf_counter() - t1, steps
+
+    if warmup:   # an untimed round with other prompts: Triton compilation, graph capture of the buckets used
+        run(seed + 1)
+        engine.spec_stats.update(steps=0, proposed=0, accepted=0)
+    ttft, decode_s, steps = run(seed)
     decoded = batch * (new_tokens - 1)
     nbytes = decode_step_bytes(model, batch)
     roof = COPY_BANDWIDTH / nbytes * batch
-    return dict(batch=batch, prompt=prompt_len, new_tokens=new_tokens, ttft_s=t1 - t0, steps=steps,
-                tpot_ms=(t2 - t1) / max(new_tokens - 1, 1) * 1e3, tok_per_s=decoded / (t2 - t1),
-                step_bytes=nbytes, roofline_tok_per_s=roof, roofline_fraction=decoded / (t2 - t1) / roof,
+    return dict(batch=batch, prompt=prompt_len, new_tokens=new_tokens, ttft_s=ttft, steps=steps,
+                tpot_ms=decode_s / max(new_tokens - 1, 1) * 1e3, tok_per_s=decoded / decode_s,
+                step_bytes=nbytes, roofline_tok_per_s=roof, roofline_fraction=decoded / decode_s / roof,
                 spec=dict(engine.spec_stats))
 
 

@@ -16,6 +16,7 @@ class EngineConfig:
     prefix_caching: bool = True
     num_speculative_tokens: int = 0    # MTP draft tokens per step (0: off)
     speculative_max_batch: int = 8     # speculation switches off above this many running sequences
+    cuda_graphs: bool = True           # on CUDA, decode steps replay captured graphs (dsv3.infer.graphs)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -20,6 +20,7 @@ from ..model import Transformer
 from .block_manager import BlockManager
 from .cache import PagedLatentCache, bytes_per_block
 from .config import EngineConfig
+from .graphs import DecodeGraphs, graphs_supported
 from .runner import ModelRunner, Row
 from .sampling import (SamplingParams, SamplingTensors, compute_logprobs, draw, filtered_probs, make_generators,
                        rejection_sample, sample)
@@ -55,15 +56,25 @@ class Engine:
         self.spec_stats = {"steps": 0, "proposed": 0, "accepted": 0}
         num_blocks = config.num_blocks or max(1, int(config.cache_memory_gib * 2**30) //
                                                bytes_per_block(cfg, n_layers, config.block_size, dtype))
-        self.cache = PagedLatentCache(cfg, n_layers, num_blocks, config.block_size, dtype, self.device)
+        # one block more than the manager hands out: the scratch block padded decode rows write to
+        self.cache = PagedLatentCache(cfg, n_layers, num_blocks + 1, config.block_size, dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, self.cache)
+        if config.cuda_graphs and graphs_supported(model):
+            self.use_decode_graphs(capture=True)
         self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self._ids = itertools.count()
         self.seqs: dict[int, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
         self._aborted: list[Sequence] = []
+
+    def use_decode_graphs(self, capture: bool = True) -> None:
+        """Run decode batches from padded buckets, replayed from CUDA graphs (capture=False: the same padded
+        batches, eagerly; any device)."""
+        max_blocks = -(-self.max_model_len // self.config.block_size)
+        self.runner.graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks, self.blocks.num_blocks,
+                                          capture)
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
@@ -183,7 +194,7 @@ class Engine:
         gens = [self._generators.get(s.seq_id) for s in seqs]
         # MTP position i pairs h_i with token i+1: catch up over every position the main model has finished
         rows = [Row(s.token_ids[s.mtp_cached + 1:s.num_cached_tokens + 1], s.mtp_cached, s.block_table) for s in seqs]
-        batch = self.runner.prepare(rows)
+        batch = self.runner.prepare(rows, graph=False)
         logits, h = self.runner.mtp_forward(batch, torch.cat([torch.cat(s.pending_hidden) for s in seqs]))
         last = torch.tensor(batch.last(), device=dev)
         logits, h = logits[last], h[last]
@@ -195,15 +206,18 @@ class Engine:
             draft_probs.append(q)
             if j + 1 < k:      # chain: the block's output stands in for the main model's next hidden state
                 pos = [s.num_cached_tokens + j for s in seqs]
-                batch = self.runner.prepare([Row([0], p, s.block_table) for s, p in zip(seqs, pos)])
+                batch = self.runner.prepare([Row([0], p, s.block_table) for s, p in zip(seqs, pos)], graph=False)
                 batch.input_ids = d
                 logits, h = self.runner.mtp_forward(batch, h)
         drafts_t = torch.stack(drafts, 1)                                    # (B, k)
         draft_list = drafts_t.tolist()
         for s in seqs:
             s.mtp_cached, s.pending_hidden = s.num_cached_tokens, []
-        verify = self.runner.prepare([Row([s.token_ids[s.num_cached_tokens]] + dl, s.num_cached_tokens, s.block_table)
-                                      for s, dl in zip(seqs, draft_list)])
+        # verify as B*(k+1) one-token rows: token j of a sequence attends over the cache up to its own position
+        # (all k+1 latents are written before attention), so the absorbed decode path, and its CUDA graphs, serve
+        verify = self.runner.prepare([Row([tok], s.num_cached_tokens + j, s.block_table)
+                                      for s, dl in zip(seqs, draft_list)
+                                      for j, tok in enumerate([s.token_ids[s.num_cached_tokens]] + dl)])
         hidden = self.runner.forward(verify)
         target = filtered_probs(self.runner.logits(hidden).view(len(seqs), k + 1, -1), temps, top_ks, top_ps)
         tokens, accepted = rejection_sample(drafts_t, torch.stack(draft_probs, 1), target, gens)

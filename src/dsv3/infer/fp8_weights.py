@@ -1,10 +1,11 @@
 """Serving with weights kept in the released FP8 block format (spec 2.3): e4m3 values + one fp32 `weight_scale_inv`
 per 128x128 block, for every attention and FFN projection and every expert; half the bytes of bf16.
 
-`quantize_weights(model)` swaps those modules in place, from outside the model. Their forward is the reference:
-dequantise the block-scaled weight into the activation dtype, then the usual matmul, so it runs on any device and
-its output is exactly the bf16 computation on the dequantised weights. (The GPU fast path, a blockwise-scaled
-`torch._scaled_mm` or a Triton GEMM reading e4m3 directly, belongs to the FP8 kernels work.)
+`quantize_weights(model)` swaps those modules in place, from outside the model. Their matmuls read the e4m3
+weights directly (dsv3.kernels.fp8_weight_gemm: weight-only FP8, activations stay bf16, fp32 accumulation, one scale
+per 128-wide K slice): a Triton kernel on the GPU, streaming half the bytes of bf16 in decode, and a
+dequantise-then-matmul reference elsewhere. The experts use its grouped form over the same expert-sorted rows and
+offsets as `torch._grouped_mm`, with no host synchronisation, so FP8 decode steps capture in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fp8.blocks import dequantize_weight_blocks, quantize_weight_blocks
+from ..kernels.fp8_weight_gemm import fp8_grouped_linear, fp8_linear
 from ..model.mla import MLA
 from ..model.layers import MLP
 from ..model.moe import Experts
@@ -29,7 +31,8 @@ class FP8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequantize_weight_blocks(self.weight, self.weight_scale_inv, x.dtype), self.bias)
+        y = fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale_inv).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
 
 
 def _quantize_stacked(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +56,12 @@ class FP8Experts(Experts):
             q, s = getattr(self, name), getattr(self, f"{name}_scale_inv")
             return torch.stack([dequantize_weight_blocks(q[e], s[e], self._dtype) for e in range(q.shape[0])])
         return deq("gate_proj"), deq("up_proj"), deq("down_proj")
+
+    def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = counts.cumsum(0).to(torch.int32)
+        gemm = lambda x, name: fp8_grouped_linear(x, getattr(self, name), getattr(self, f"{name}_scale_inv"),  # noqa: E731
+                                                  offs)
+        return gemm(F.silu(gemm(xs, "gate_proj")) * gemm(xs, "up_proj"), "down_proj")
 
 
 _ATTN = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")

@@ -22,6 +22,7 @@ from ..kernels.mla_decode import mla_decode
 from ..model import Transformer
 from ..model.rope import rope_cos_sin
 from .cache import PagedLatentCache
+from .graphs import DecodeGraphs
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Batch:
     context_lens: torch.Tensor     # (n_decode,) int32: tokens in cache once this step has written
     decode_rows: torch.Tensor      # (n_decode,) flat index of each decode row's token
     prefill_tables: list[torch.Tensor]   # block table of each prefill row, on the device
+    graph_key: tuple[int, int] | None = None   # set when the batch runs from a captured decode graph
 
     def last(self) -> list[int]:
         """Flat index of each row's last token."""
@@ -55,8 +57,13 @@ class ModelRunner:
         self.model, self.cache, self.cfg = model, cache, model.config
         self.device = next(model.parameters()).device
         self.block_size = cache.block_size
+        self.graphs: DecodeGraphs | None = None     # set by the engine on CUDA
 
-    def prepare(self, rows: list[Row]) -> Batch:
+    def prepare(self, rows: list[Row], graph: bool = True) -> Batch:
+        """The batch's device tensors; a pure decode batch goes to a padded graph bucket when graphs are on (its
+        tensors are then the bucket's static, padded ones: only `forward` may use them)."""
+        if graph and self.graphs is not None and self.graphs.fits(rows):
+            return self.graphs.prepare(rows)
         ids, pos, slots, starts, decode, prefill = [], [], [], [], [], []
         bs = self.block_size
         for i, row in enumerate(rows):
@@ -78,6 +85,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         """Final-normed hidden states (N, D) of every token of the batch; writes their latents into the cache."""
+        if batch.graph_key is not None:
+            return self.graphs.run(batch)
+        return self.forward_eager(batch)
+
+    def forward_eager(self, batch: Batch) -> torch.Tensor:
         model = self.model
         x = model.embed_tokens(batch.input_ids)[None]                       # (1, N, D)
         cos, sin = rope_cos_sin(self.cfg, batch.positions)

@@ -145,21 +145,25 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """gate (E, I, D), up (E, I, D), down (E, D, I): the seam where other weight storage (FP8) plugs in."""
+        """gate (E, I, D), up (E, I, D), down (E, D, I). With `ffn`, the seam where other weight storage (FP8)
+        plugs in."""
         return self.gate_proj, self.up_proj, self.down_proj
+
+    def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert's SwiGLU on its segment of xs (M, D), rows sorted by expert, counts (E,) rows per expert."""
+        weights_3d = self.stacked_weights()
+        if torch.is_autocast_enabled(xs.device.type):        # autocast does not cover grouped GEMMs: cast here
+            dtype = torch.get_autocast_dtype(xs.device.type)
+            weights_3d = tuple(w.to(dtype) for w in weights_3d)
+            xs = xs.to(dtype)
+        return expert_ffn(xs, counts, *weights_3d)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, D), weights/idx (N, K), counts (E,) -> (N, D) = sum_k weights[:, k] * expert_{idx[:, k]}(x)."""
         K = idx.shape[1]
         order = idx.flatten().argsort(stable=True)          # (N*K,) (token, k) pairs grouped by expert
         inverse = order.argsort()                           # where each pair sits in expert order
-        weights_3d = self.stacked_weights()
-        xs = _DispatchRows.apply(x, order, inverse, K)
-        if torch.is_autocast_enabled(x.device.type):        # autocast does not cover grouped GEMMs: cast here
-            dtype = torch.get_autocast_dtype(x.device.type)
-            weights_3d = tuple(w.to(dtype) for w in weights_3d)
-            xs = xs.to(dtype)
-        y = expert_ffn(xs, counts, *weights_3d)
+        y = self.ffn(_DispatchRows.apply(x, order, inverse, K), counts)
         y = _PermuteRows.apply(y, inverse, order).unflatten(0, (-1, K))          # (N, K, D) back in token order
         return (y * weights[..., None]).sum(1).to(x.dtype)  # fp32 gate weights and sum, as HF
 

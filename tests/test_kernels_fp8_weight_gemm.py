@@ -1,0 +1,304 @@
+"""Weight-only FP8 GEMMs: the PyTorch references against float64 on weights dequantised by dsv3.fp8.blocks, the
+Triton kernels against the references under TRITON_INTERPRET=1 (fp32 activations, tiny shapes, in a subprocess:
+the interpreter must be switched on before the kernels' @triton.jit decorators run), and on CUDA in bf16."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3.fp8.blocks import dequantize_weight_blocks, quantize_weight_blocks
+from dsv3.kernels.fp8_weight_gemm import (HAS_TRITON, _grouped_tile_map, fp8_grouped_linear,
+                                          fp8_grouped_linear_reference, fp8_grouped_linear_triton, fp8_linear,
+                                          fp8_linear_reference, fp8_linear_triton)
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+
+
+def make_weight(N, K, g):
+    """Random (N, K) weight whose 128x128 blocks differ in magnitude by up to 2^8, so that a scale applied to the
+    wrong block (or not at all) shows; returns the e4m3 weight and its scale_inv."""
+    mag = 2.0 ** (torch.rand(-(-N // 128), -(-K // 128), generator=g) * 8 - 4)
+    w = torch.randn(N, K, generator=g) * mag.repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
+    return quantize_weight_blocks(w)
+
+
+def make_linear(M, N, K, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q, s = make_weight(N, K, g)
+    x = torch.randn(M, K, generator=g)
+    return x.to(device=device, dtype=dtype), q.to(device), s.to(device)
+
+
+def make_grouped(counts, M, N, K, dtype=torch.float32, seed=0, device="cpu"):
+    """Rows sorted by group, `counts[e]` rows for group e, M >= sum(counts) (the rest belong to no group)."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = [make_weight(N, K, g) for _ in counts]
+    q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    x = torch.randn(M, K, generator=g)
+    return x.to(device=device, dtype=dtype), q.to(device), s.to(device), offs.to(device)
+
+
+def oracle_linear(x, q, s):
+    return x.cpu().double() @ dequantize_weight_blocks(q.cpu(), s.cpu(), torch.float64).T
+
+
+def oracle_grouped(x, q, s, offs):
+    out = torch.zeros(x.shape[0], q.shape[1], dtype=torch.float64)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = oracle_linear(x[start:end], q[e], s[e])
+        start = end
+    return out
+
+
+def assert_close_scaled(out, ref, tol):
+    """|out - ref| <= tol * (|ref| + max |ref|): relative to the output's scale (sums cancel)."""
+    assert out.shape == ref.shape
+    if ref.numel():
+        scale = ref.double().abs().max().item()
+        torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), atol=tol * scale, rtol=tol)
+
+
+SHAPES = [(5, 200, 300), (1, 128, 128), (37, 130, 257), (0, 64, 200)]  # N, K off the 128 grid; M = 1, 37, 0
+TOLS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", list(TOLS))
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_reference_matches_float64(M, N, K, dtype):
+    x, q, s = make_linear(M, N, K, dtype=dtype, seed=M + N + K)
+    out = fp8_linear_reference(x, q, s)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert_close_scaled(out, oracle_linear(x, q, s), TOLS[dtype])
+
+
+def test_scales_are_not_trivial():
+    """The data must be able to catch a dropped or misplaced scale."""
+    x, q, s = make_linear(4, 300, 260, seed=1)
+    ref = oracle_linear(x, q, s)
+    no_scale = x.double() @ q.double().T
+    flipped = x.double() @ dequantize_weight_blocks(q, s.flip(0), torch.float64).T
+    for wrong in (no_scale, flipped):
+        assert (wrong - ref).abs().max() > 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_reference_matches_float64(dtype):
+    counts = [3, 0, 1, 17, 0, 2]  # empty groups, a one-row group; 4 rows past offs[-1]
+    x, q, s, offs = make_grouped(counts, 27, 136, 200, dtype=dtype, seed=2)
+    out = fp8_grouped_linear_reference(x, q, s, offs)
+    assert out.dtype == dtype and out.shape == (27, 136)
+    assert (out[23:] == 0).all()
+    assert_close_scaled(out, oracle_grouped(x, q, s, offs), TOLS[dtype])
+
+
+@pytest.mark.parametrize("bad", [[3, 2, 5], [-1, 2, 4], [1, 2, 30]])
+def test_grouped_reference_rejects_bad_offs(bad):
+    x, q, s, _ = make_grouped([1, 1, 1], 10, 64, 64, seed=3)
+    with pytest.raises(ValueError):
+        fp8_grouped_linear_reference(x, q, s, torch.tensor(bad, dtype=torch.int32))
+
+
+def _bad_linear_inputs():
+    x, q, s = make_linear(3, 200, 300, seed=4)
+    return {
+        "x_1d": (x[0], q, s),
+        "x_int": (x.long(), q, s),
+        "weight_bf16": (x, q.to(torch.bfloat16), s),
+        "weight_3d": (x, q[None], s),
+        "k_mismatch": (x[:, :299], q, s),
+        "scale_shape": (x, q, s[:1]),
+        "scale_transposed": (x, q, s.T.contiguous()),
+        "scale_int": (x, q, s.int()),
+    }
+
+
+def _bad_grouped_inputs():
+    x, q, s, offs = make_grouped([2, 3], 6, 200, 150, seed=5)
+    return {
+        "weight_2d": (x, q[0], s[0], offs),
+        "scale_e": (x, q, s[:1], offs),
+        "scale_blocks": (x, q, s[:, :1], offs),
+        "offs_len": (x, q, s, offs[:1]),
+        "offs_float": (x, q, s, offs.float()),
+        "offs_2d": (x, q, s, offs[None]),
+        "k_mismatch": (x[:, :100], q, s, offs),
+    }
+
+
+LINEAR_FNS = [fp8_linear_reference, fp8_linear] + ([fp8_linear_triton] if HAS_TRITON else [])
+GROUPED_FNS = [fp8_grouped_linear_reference, fp8_grouped_linear] + ([fp8_grouped_linear_triton] if HAS_TRITON
+                                                                     else [])
+
+
+@pytest.mark.parametrize("name", list(_bad_linear_inputs()))
+@pytest.mark.parametrize("fn", LINEAR_FNS, ids=lambda f: f.__name__)
+def test_linear_input_checks(fn, name):
+    with pytest.raises(ValueError):
+        fn(*_bad_linear_inputs()[name])
+
+
+@pytest.mark.parametrize("name", list(_bad_grouped_inputs()))
+@pytest.mark.parametrize("fn", GROUPED_FNS, ids=lambda f: f.__name__)
+def test_grouped_input_checks(fn, name):
+    with pytest.raises(ValueError):
+        fn(*_bad_grouped_inputs()[name])
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: nothing to check")
+def test_triton_rejects_fp64_and_bad_blocks():
+    x, q, s = make_linear(3, 64, 64, dtype=torch.float64, seed=10)
+    xg, qg, sg, offs = make_grouped([3], 3, 64, 64, dtype=torch.float64, seed=10)
+    for call in (lambda: fp8_linear_triton(x, q, s), lambda: fp8_grouped_linear_triton(xg, qg, sg, offs),
+                 lambda: fp8_linear_triton(x.float(), q, s, block_n=256),
+                 lambda: fp8_linear_triton(x.float(), q, s, block_m=24)):
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_dispatchers_on_cpu_are_reference():
+    x, q, s = make_linear(7, 140, 300, dtype=torch.bfloat16, seed=6)
+    assert torch.equal(fp8_linear(x, q, s), fp8_linear_reference(x, q, s))
+    x, q, s, offs = make_grouped([2, 0, 5], 9, 64, 130, seed=7)
+    assert torch.equal(fp8_grouped_linear(x, q, s, offs), fp8_grouped_linear_reference(x, q, s, offs))
+
+
+@pytest.mark.parametrize("counts,M,block_m", [([3, 0, 1, 17, 0, 2], 27, 16), ([0, 0], 4, 16), ([40], 40, 16),
+                                              ([16, 16, 1, 32], 70, 16), ([5, 0, 9], 14, 64), ([], 3, 16)])
+def test_grouped_tile_map(counts, M, block_m):
+    """Against a host enumeration: each group's rows cut into block_m tiles, in group order, then padding tiles."""
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    if not counts:
+        return  # E == 0 never reaches the tile map (the launch is skipped)
+    group, row = _grouped_tile_map(offs, M, block_m)
+    want, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        want += [(e, r) for r in range(start, end, block_m)]
+        start = end
+    T = -(-M // block_m) + len(counts)
+    assert group.shape == row.shape == (T,) and group.dtype == row.dtype == torch.int32
+    assert len(want) <= T
+    real = [(int(g), int(r)) for g, r in zip(group, row) if g < len(counts)]
+    assert real == want
+    assert (group[len(want):] == len(counts)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton under the interpreter (subprocess)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _patch_interpreter_for_numpy2():
+    from dsv3.kernels.interpret import patch_interpreter_for_numpy2
+    patch_interpreter_for_numpy2()
+
+
+def _rel(out, ref) -> float:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
+    if ref.numel() == 0:
+        return 0.0
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _interpreter_cases() -> dict:
+    """Run in a TRITON_INTERPRET=1 subprocess: max |triton - reference| / max |reference| per case (fp32
+    activations: the interpreter's bf16 tl.dot is not faithful)."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    _patch_interpreter_for_numpy2()
+    errs = {}
+    for name, (M, N, K, kw) in {"m1_n200_k300": (1, 200, 300, {}), "m37_n130_k257": (37, 130, 257, {}),
+                                "m0": (0, 64, 200, {}), "m20_bn128_bm32": (20, 256, 128, dict(block_n=128,
+                                                                                              block_m=32))}.items():
+        x, q, s = make_linear(M, N, K, seed=M + N + K)
+        errs[name] = _rel(fp8_linear_triton(x, q, s, **kw), fp8_linear_reference(x, q, s))
+    x, q, s = make_linear(5, 72, 300, seed=8)
+    wide = torch.randn(5, 320)
+    wide[:, 10:310] = x  # x as a strided view (row stride 320)
+    errs["strided_x"] = _rel(fp8_linear_triton(wide[:, 10:310], q, s), fp8_linear_reference(x, q, s))
+    for name, (counts, M, kw) in {"mixed": ([3, 0, 1, 17, 0, 2], 27, {}),
+                                  "mixed_bm32_bn128": ([3, 0, 1, 17, 0, 2], 27, dict(block_m=32, block_n=128)),
+                                  "one_group": ([20], 20, {}), "all_empty": ([0, 0, 0], 5, {}),
+                                  "m0": ([0, 0], 0, {})}.items():
+        x, q, s, offs = make_grouped(counts, M, 136, 200, seed=9)
+        out = fp8_grouped_linear_triton(x, q, s, offs, **kw)
+        errs["grouped_" + name] = _rel(out, fp8_grouped_linear_reference(x, q, s, offs))
+        errs["grouped_" + name + "_tail"] = out[sum(counts):].abs().max().item() if M > sum(counts) else 0.0
+    return errs
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "
+                                           "(requirements-ci.txt pins triton, so CI runs it)")
+def test_triton_interpreter_matches_reference():
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(SRC), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    code = ("import json, test_kernels_fp8_weight_gemm as t; "
+            "print('RESULT ' + json.dumps(t._interpreter_cases()))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    errs = json.loads(line[len("RESULT "):])
+    assert len(errs) == 15, errs
+    for name, err in errs.items():
+        assert err < 1e-5, (name, errs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAS_TRITON and torch.cuda.get_device_capability() >= (8, 9)),
+    reason="the Triton kernel compiles only on a CUDA GPU of sm_89+ (e4m3 conversion; run through the device tool)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 16, 37, 64, 300])
+@pytest.mark.parametrize("N,K", [(2048, 7168), (576, 7168), (7168, 2048), (200, 300)])
+def test_triton_cuda_bf16(M, N, K):
+    x, q, s = make_linear(M, N, K, dtype=torch.bfloat16, seed=21, device="cuda")
+    out = fp8_linear_triton(x, q, s)
+    assert out.dtype == torch.bfloat16
+    assert_close_scaled(out, fp8_linear_reference(x, q, s), 1.6e-2)
+    assert_close_scaled(fp8_linear(x, q, s), fp8_linear_reference(x, q, s), 1.6e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_triton_cuda_fp32():
+    x, q, s = make_linear(37, 1000, 1100, seed=22, device="cuda")
+    assert_close_scaled(fp8_linear_triton(x, q, s), fp8_linear_reference(x, q, s), 1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("counts,M", [([1, 0, 70, 3, 0, 1, 200, 9], 300), ([2] * 32, 64), ([0] * 7 + [5], 5)])
+def test_triton_cuda_grouped_bf16(counts, M):
+    x, q, s, offs = make_grouped(counts, M, 512, 1024, dtype=torch.bfloat16, seed=23, device="cuda")
+    out = fp8_grouped_linear_triton(x, q, s, offs)
+    assert_close_scaled(out, fp8_grouped_linear_reference(x, q, s, offs), 1.6e-2)
+    assert (out[sum(counts):] == 0).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_triton_cuda_grouped_graph_capture():
+    """No host sync: the call captures in a CUDA graph and replays correctly with new group sizes."""
+    x, q, s, offs = make_grouped([3, 0, 9, 1], 16, 256, 512, dtype=torch.bfloat16, seed=24, device="cuda")
+    fp8_grouped_linear_triton(x, q, s, offs)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_grouped_linear_triton(x, q, s, offs)
+    offs.copy_(torch.tensor([0, 7, 7, 12], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_scaled(out, fp8_grouped_linear_reference(x, q, s, offs), 1.6e-2)
