@@ -39,7 +39,7 @@ def profile_step(model, batch: int, prompt: int) -> dict:
     end.record()
     torch.cuda.synchronize()
     replay_ms = start.elapsed_time(end) / 50
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         engine.runner.forward_eager(bucket.batch)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)

@@ -34,6 +34,7 @@ def _parse():
     p.add_argument("--interpret", action="store_true", help="TRITON_INTERPRET=1 on CPU (fp32)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes (for --interpret)")
     p.add_argument("--sweep", action="store_true", help="sweep launch configs per H first, use the best")
+    p.add_argument("--graph-timing", action="store_true", help="time replays of a CUDA graph of the call")
     p.add_argument("--heads", type=int, nargs="+", default=[16, 128])
     p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
@@ -88,6 +89,8 @@ def bench(fn, interpret):
         fn()
         return (time.perf_counter() - t) * 1e3
     import triton.testing
+    if ARGS.graph_timing:   # replays from a CUDA graph: no launch gaps (the L2 is not flushed)
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 

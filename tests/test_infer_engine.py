@@ -262,6 +262,7 @@ def test_cuda_graph_decode_matches_eager_decode(fp8):
     engine.step()                                                    # prefill
     for _ in range(6):
         seqs = list(engine.scheduler.running)
+        assert all(engine.blocks.ensure_capacity(s, s.num_cached_tokens + 1) for s in seqs)
         rows = [Row([s.token_ids[-1]], s.num_cached_tokens, s.block_table) for s in seqs]
         eager = engine.runner.forward(engine.runner.prepare(rows, graph=False))
         graph_batch = engine.runner.prepare(rows)
