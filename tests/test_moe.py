@@ -149,3 +149,16 @@ def test_expert_dispatch_and_combine_pass_gradcheck():
     idx = torch.stack([torch.randperm(4)[:2] for _ in range(6)])
     counts = torch.bincount(idx.flatten(), minlength=4)
     assert torch.autograd.gradcheck(lambda x, w, g: experts(x, w, idx, counts), (x, w, experts.gate_proj))
+
+
+@pytest.mark.parametrize("M,E", [(1, 8), (7, 8), (192, 64), (300, 256)])    # the last one takes the sort path
+def test_expert_order_is_the_stable_sort_by_expert(M, E):
+    from dsv3.model.moe import expert_order
+    g = torch.Generator().manual_seed(M)
+    flat = torch.randint(0, E, (M,), generator=g)
+    flat[: M // 2] = flat[0]                              # many ties: stability matters
+    counts = torch.bincount(flat, minlength=E)
+    order, inverse = expert_order(flat, counts)
+    want = sorted(range(M), key=lambda i: (int(flat[i]), i))
+    assert order.tolist() == want
+    assert torch.equal(order[inverse], torch.arange(M)) and torch.equal(inverse[order], torch.arange(M))

@@ -176,24 +176,26 @@ if HAS_TRITON:
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _default_config(M: int, dtype: torch.dtype) -> dict:
-    """Untuned first guesses (no GPU sweep yet): decode-sized M keeps 16-row tiles and 64-wide N tiles so that even
-    N = 2048 gives enough programs to stream the weight; larger M amortises each weight tile over more rows. Each
-    bf16 config needs <= 80 KB of shared memory for its cp.async stages (compiled for sm_90 offline), so it fits
-    sm_89's 99 KB too."""
+def _default_config(M: int, dtype: torch.dtype, grouped: bool = False) -> dict:
+    """From a sweep on one H200 (bf16, lite decode shapes, graph-replayed timing; benchmarks/
+    fp8_weight_gemm_bench.py): dense decode GEMMs want narrow N tiles (more programs over a short K loop: 32 wide
+    for M <= 16, 16 up to 64 rows); grouped ones keep 64-wide tiles (their grid already spans the experts). Each
+    bf16 config needs <= 80 KB of shared memory, so it fits sm_89 too."""
     if dtype == torch.float32:  # twice the bytes of an x tile: fewer stages (exactness tests, not speed)
         return dict(block_m=16 if M <= 16 else 32, block_n=64, num_warps=4, num_stages=2)
+    if grouped and M <= 16:
+        return dict(block_m=16, block_n=64, num_warps=4, num_stages=3)
     if M <= 16:
-        return dict(block_m=16, block_n=64, num_warps=4, num_stages=4)
+        return dict(block_m=16, block_n=32, num_warps=4, num_stages=3)
     if M <= 64:
-        return dict(block_m=32 if M <= 32 else 64, block_n=64, num_warps=4, num_stages=3)
+        return dict(block_m=32 if M <= 32 else 64, block_n=16, num_warps=4, num_stages=3)
     return dict(block_m=64, block_n=128, num_warps=8, num_stages=2)
 
 
-def _config(M: int, dtype: torch.dtype, block_m: int | None, block_n: int | None) -> dict:
+def _config(M: int, dtype: torch.dtype, block_m: int | None, block_n: int | None, grouped: bool = False) -> dict:
     if dtype not in _TRITON_DTYPES:
         raise ValueError(f"the Triton kernels take x in {_TRITON_DTYPES}, got {dtype} (use the reference)")
-    cfg = _default_config(M, dtype)
+    cfg = _default_config(M, dtype, grouped)
     if block_m is not None:
         cfg["block_m"] = block_m
     if block_n is not None:
@@ -254,7 +256,7 @@ def fp8_grouped_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, offs
     E = weight.shape[0]
     _check_offs(offs, E, x)
     # row tiles never span two groups: size them for the mean group (a shape, not offs' values: no sync)
-    cfg = _config(-(-M // max(E, 1)), x.dtype, block_m, block_n)
+    cfg = _config(-(-M // max(E, 1)), x.dtype, block_m, block_n, grouped=True)
     # rows past offs[-1] are never written by a tile
     out = torch.zeros(M, N, device=x.device, dtype=x.dtype)
     if M == 0 or N == 0 or E == 0:
