@@ -37,7 +37,10 @@ def main() -> None:
     tok = Tokenizer.load(f"{a.run_dir}/tokenizer")
     data = DataConfig(**cfg["data"])
     _, shards, _ = prepare_dataset(data, data.vocab_size or cfg["model"]["vocab_size"], progress=False)
-    prompts = [[tok.eos_id] + shards.doc("val", i)[:a.prompt_len].tolist() for i in range(a.prompts + 1)]
+    docs = [shards.doc("val", i) for i in range(shards.n_docs("val"))]
+    # prompt i: the (i // n_docs)-th prompt-length slice of validation document i % n_docs
+    prompts = [[tok.eos_id] + docs[i % len(docs)][(i // len(docs)) * a.prompt_len:][:a.prompt_len].tolist()
+               for i in range(a.prompts + 1)]
     warm, prompts = prompts[-1], prompts[:-1]
     params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True)
     results = {}
