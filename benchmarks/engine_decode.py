@@ -55,10 +55,12 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--modes", default="eager,graphs,fp8")
+    p.add_argument("--spec-k", type=int, default=0, help="also time MTP speculative decoding with k drafts at "
+                   "batch 1 (random weights: the cost of a speculative step, not its acceptance)")
     p.add_argument("--profile", action="store_true", help="after each graphs/fp8 mode: GPU time of one replay and "
                    "the top kernels of the same step run eagerly")
     a = p.parse_args()
-    cfg = load_model_config("tiny" if a.tiny else "lite").replace(num_nextn_predict_layers=0)
+    cfg = load_model_config("tiny" if a.tiny else "lite").replace(num_nextn_predict_layers=int(a.spec_k > 0))
     model = random_model(cfg, a.device, torch.bfloat16 if a.device == "cuda" else torch.float32)
     rows = []
     for mode in a.modes.split(","):
@@ -74,6 +76,14 @@ def main() -> None:
             print(f"{mode:6s} batch {B:3d}: TTFT {r['ttft_s']:.3f} s, {r['tok_per_s']:9.1f} tok/s, TPOT "
                   f"{r['tpot_ms']:.2f} ms, roofline {r['roofline_tok_per_s']:9.1f} tok/s ({r['roofline_fraction']:.1%}, "
                   f"{r['step_bytes'] / 1e9:.2f} GB/step)", flush=True)
+    if a.spec_k:
+        for k in (0, a.spec_k):
+            r = bench_decode(model, 1, a.prompt, a.tokens, spec_tokens=k)
+            steps = r["spec"]["steps"] if k else r["steps"]
+            r.update(mode=f"spec{k}", ms_per_step=r["tpot_ms"] * (a.tokens - 1) / max(steps, 1))
+            rows.append(r)
+            print(f"speculative k={k} batch 1: {r['ms_per_step']:.2f} ms per step, {r['tok_per_s']:.1f} tok/s, "
+                  f"{r['spec']}", flush=True)
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))

@@ -19,8 +19,12 @@ if [ "$part" = 1 ]; then
 else
   [ "$part" = 3 ] || timeout 120 python benchmarks/engine_decode.py --batches 1,32,64 --tokens 64 --modes graphs,fp8 \
     2>&1 | tee "$OUT/engine_decode.txt"
+  [ "$part" = 3 ] && timeout 100 python -m pytest -q -p no:cacheprovider tests/test_infer_engine.py -k cuda -rs 2>&1 \
+    | tail -5 | tee "$OUT/pytest.txt"
   timeout 300 python -m dsv3.cli train --config configs/small-gpu.toml log.progress=false 2>&1 | tail -30 | tee "$OUT/train.txt"
   cp runs/small-gpu/metrics.jsonl "$OUT/small-gpu-metrics.jsonl"
   timeout 150 python benchmarks/spec_decode_tiny.py runs/small-gpu --device cuda --dtype bf16 --prompts 8 \
     --prompt-len 64 --tokens 96 --k 1,2,3 2>&1 | tee "$OUT/spec.txt"
+  timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes graphs --spec-k 1 2>&1 \
+    | tee "$OUT/engine_spec.txt"
 fi

@@ -20,7 +20,7 @@ from ..model import Transformer
 from .block_manager import BlockManager
 from .cache import PagedLatentCache, bytes_per_block
 from .config import EngineConfig
-from .graphs import DecodeGraphs, graphs_supported
+from .graphs import graphs_supported
 from .runner import ModelRunner, Row
 from .sampling import (SamplingParams, SamplingTensors, compute_logprobs, draw, filtered_probs, make_generators,
                        rejection_sample, sample)
@@ -72,9 +72,12 @@ class Engine:
     def use_decode_graphs(self, capture: bool = True) -> None:
         """Run decode batches from padded buckets, replayed from CUDA graphs (capture=False: the same padded
         batches, eagerly; any device)."""
-        max_blocks = -(-self.max_model_len // self.config.block_size)
-        self.runner.graphs = DecodeGraphs(self.runner, self.config.max_num_seqs, max_blocks, self.blocks.num_blocks,
-                                          capture)
+        # verify and MTP rows are one-token decode rows too: B * (k + 1) of them
+        max_batch = self.config.max_num_seqs
+        if self.speculative:
+            max_batch = max(max_batch, self.config.speculative_max_batch * (self.config.num_speculative_tokens + 1))
+        self.runner.use_graphs(max_batch, -(-self.max_model_len // self.config.block_size), self.blocks.num_blocks,
+                               capture)
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
@@ -194,9 +197,13 @@ class Engine:
         gens = [self._generators.get(s.seq_id) for s in seqs]
         # MTP position i pairs h_i with token i+1: catch up over every position the main model has finished
         rows = [Row(s.token_ids[s.mtp_cached + 1:s.num_cached_tokens + 1], s.mtp_cached, s.block_table) for s in seqs]
-        batch = self.runner.prepare(rows, graph=False)
+        if all(r.past > 0 and len(r.tokens) <= k + 1 for r in rows):
+            # steady state: the a + 1 positions of the last step as one-token rows (absorbed decode, graphs)
+            rows = [Row([t], r.past + j, r.block_table) for r in rows for j, t in enumerate(r.tokens)]
+        lengths = [s.num_cached_tokens - s.mtp_cached for s in seqs]
+        batch = self.runner.prepare(rows, mtp=True)
         logits, h = self.runner.mtp_forward(batch, torch.cat([torch.cat(s.pending_hidden) for s in seqs]))
-        last = torch.tensor(batch.last(), device=dev)
+        last = torch.tensor(list(itertools.accumulate(lengths)), device=dev) - 1
         logits, h = logits[last], h[last]
         drafts, draft_probs = [], []
         for j in range(k):
@@ -206,8 +213,8 @@ class Engine:
             draft_probs.append(q)
             if j + 1 < k:      # chain: the block's output stands in for the main model's next hidden state
                 pos = [s.num_cached_tokens + j for s in seqs]
-                batch = self.runner.prepare([Row([0], p, s.block_table) for s, p in zip(seqs, pos)], graph=False)
-                batch.input_ids = d
+                batch = self.runner.prepare([Row([0], p, s.block_table) for s, p in zip(seqs, pos)], mtp=True,
+                                            input_ids=d)
                 logits, h = self.runner.mtp_forward(batch, h)
         drafts_t = torch.stack(drafts, 1)                                    # (B, k)
         draft_list = drafts_t.tolist()

@@ -39,17 +39,23 @@ class _Bucket:
     longs: torch.Tensor              # (3, b): input ids, positions, slots
     ints: torch.Tensor               # (b, 1 + w): context length, block table
     batch: object                    # the static Batch the graph was captured with
-    hidden: torch.Tensor | None = None
+    extra: torch.Tensor | None       # (b, D): the body's second input (the MTP module's hidden states), if any
+    outputs: tuple | None = None
     graph: torch.cuda.CUDAGraph | None = None
 
 
 class DecodeGraphs:
-    def __init__(self, runner, max_batch: int, max_blocks: int, scratch_block: int, capture: bool = True):
-        self.runner, self.scratch, self.capture = runner, scratch_block, capture
+    """Graphs of one body: `body(batch) -> tensor(s)` (the main model's forward) or, with `extra_width` D,
+    `body(batch, extra (b, D)) -> tensor(s)` (the MTP module). Outputs come back as clones of their first n rows."""
+
+    def __init__(self, runner, body, max_batch: int, max_blocks: int, scratch_block: int, capture: bool = True,
+                 extra_width: int = 0, pool=None):
+        self.runner, self.body, self.scratch, self.capture = runner, body, scratch_block, capture
+        self.extra_width = extra_width
         self.batch_sizes = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
         self.max_blocks = max_blocks
         self.buckets: dict[tuple[int, int], _Bucket] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.pool = pool if pool is not None or not capture else torch.cuda.graph_pool_handle()
 
     def fits(self, rows) -> bool:
         return (len(rows) <= self.batch_sizes[-1] and all(len(r.tokens) == 1 and r.past > 0 for r in rows)
@@ -60,15 +66,15 @@ class DecodeGraphs:
         need = max(len(r.block_table) for r in rows)
         return b, min(1 << (need - 1).bit_length(), self.max_blocks)
 
-    def prepare(self, rows):
-        """The bucket's static Batch with `rows` written into its buffers (padding after them)."""
+    def prepare(self, rows, input_ids: torch.Tensor | None = None):
+        """The bucket's static Batch with `rows` written into its buffers (padding after them); `input_ids` (n,) on
+        the device replaces the rows' tokens (chained MTP drafts, still on the device)."""
         from .runner import Batch     # runner imports this module
         b, w = key = self.key(rows)
         bucket = self.buckets.get(key) or self._new_bucket(b, w)
         bs, n = self.runner.block_size, len(rows)
-        scratch_slot = self.scratch * bs
         longs = torch.zeros(3, b, dtype=torch.long)
-        longs[2] = scratch_slot
+        longs[2] = self.scratch * bs
         ints = torch.zeros(b, 1 + w, dtype=torch.int32)
         for i, r in enumerate(rows):
             p = r.past
@@ -77,22 +83,33 @@ class DecodeGraphs:
             ints[i, 1:1 + len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
         bucket.longs.copy_(longs, non_blocking=True)
         bucket.ints.copy_(ints, non_blocking=True)
+        if input_ids is not None:
+            bucket.longs[0, :n].copy_(input_ids)
         static = bucket.batch
         # the engine reads starts/rows/last(); the tensors stay the static (padded) ones
         batch = Batch(list(rows), static.input_ids, static.positions, static.slots, list(range(n)),
                       list(range(n)), [], static.block_tables, static.context_lens, static.decode_rows, [])
-        batch.graph_key = key
+        batch.graph_key, batch.graphs = key, self
         return batch
 
-    def run(self, batch) -> torch.Tensor:
+    def run(self, batch, extra: torch.Tensor | None = None):
         bucket = self.buckets[batch.graph_key]
         n = len(batch.rows)
-        if bucket.graph is None:
-            if not self.capture:
-                return self.runner.forward_eager(bucket.batch)[:n]
+        if extra is not None:
+            bucket.extra[:n].copy_(extra)
+        if bucket.graph is None and self.capture:
             self._capture(bucket)
-        bucket.graph.replay()
-        return bucket.hidden[:n].clone()      # the next replay overwrites the static output
+        if bucket.graph is not None:
+            bucket.graph.replay()
+            outs = bucket.outputs
+        else:
+            outs = self._body(bucket)
+        # clones: the next replay overwrites the static outputs
+        return outs[0][:n].clone() if len(outs) == 1 else tuple(o[:n].clone() for o in outs)
+
+    def _body(self, bucket: _Bucket) -> tuple:
+        out = self.body(bucket.batch) if bucket.extra is None else self.body(bucket.batch, bucket.extra)
+        return out if isinstance(out, tuple) else (out,)
 
     def _new_bucket(self, b: int, w: int) -> _Bucket:
         from .runner import Batch, Row
@@ -103,7 +120,10 @@ class DecodeGraphs:
         rows = [Row([0], 1, [self.scratch])] * b
         batch = Batch(rows, longs[0], longs[1], longs[2], list(range(b)), list(range(b)), [], ints[:, 1:],
                       ints[:, 0], torch.arange(b, device=dev), [])
-        bucket = self.buckets[(b, w)] = _Bucket(longs, ints, batch)
+        extra = None
+        if self.extra_width:
+            extra = torch.zeros(b, self.extra_width, dtype=self.runner.model.embed_tokens.weight.dtype, device=dev)
+        bucket = self.buckets[(b, w)] = _Bucket(longs, ints, batch, extra)
         return bucket
 
     def _capture(self, bucket: _Bucket) -> None:
@@ -112,9 +132,9 @@ class DecodeGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.runner.forward_eager(bucket.batch)
+            self._body(bucket)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            bucket.hidden = self.runner.forward_eager(bucket.batch)
+            bucket.outputs = self._body(bucket)
         bucket.graph = graph

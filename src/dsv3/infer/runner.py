@@ -45,7 +45,8 @@ class Batch:
     context_lens: torch.Tensor     # (n_decode,) int32: tokens in cache once this step has written
     decode_rows: torch.Tensor      # (n_decode,) flat index of each decode row's token
     prefill_tables: list[torch.Tensor]   # block table of each prefill row, on the device
-    graph_key: tuple[int, int] | None = None   # set when the batch runs from a captured decode graph
+    graph_key: tuple[int, int] | None = None   # set when the batch runs from a captured decode graph ...
+    graphs: object = None                      # ... of this DecodeGraphs
 
     def last(self) -> list[int]:
         """Flat index of each row's last token."""
@@ -57,13 +58,29 @@ class ModelRunner:
         self.model, self.cache, self.cfg = model, cache, model.config
         self.device = next(model.parameters()).device
         self.block_size = cache.block_size
-        self.graphs: DecodeGraphs | None = None     # set by the engine on CUDA
+        self.graphs: DecodeGraphs | None = None       # set by the engine on CUDA: the main model's decode graphs
+        self.mtp_graphs: DecodeGraphs | None = None   # and the MTP module's
 
-    def prepare(self, rows: list[Row], graph: bool = True) -> Batch:
-        """The batch's device tensors; a pure decode batch goes to a padded graph bucket when graphs are on (its
-        tensors are then the bucket's static, padded ones: only `forward` may use them)."""
-        if graph and self.graphs is not None and self.graphs.fits(rows):
-            return self.graphs.prepare(rows)
+    def use_graphs(self, max_batch: int, max_blocks: int, scratch_block: int, capture: bool) -> None:
+        self.graphs = DecodeGraphs(self, self.forward_eager, max_batch, max_blocks, scratch_block, capture)
+        if len(self.model.mtp):
+            self.mtp_graphs = DecodeGraphs(self, self.mtp_forward_eager, max_batch, max_blocks, scratch_block,
+                                           capture, extra_width=self.cfg.hidden_size, pool=self.graphs.pool)
+
+    def prepare(self, rows: list[Row], graph: bool = True, mtp: bool = False,
+                input_ids: torch.Tensor | None = None) -> Batch:
+        """The batch's device tensors, for `forward` (or `mtp_forward` with mtp); `input_ids` (N,) on the device
+        replaces the rows' tokens. A pure decode batch goes to a padded graph bucket when graphs are on (its tensors
+        are then the bucket's static, padded ones: only forward / mtp_forward may use them)."""
+        graphs = self.mtp_graphs if mtp else self.graphs
+        if graph and graphs is not None and graphs.fits(rows):
+            return graphs.prepare(rows, input_ids)
+        batch = self._prepare(rows)
+        if input_ids is not None:
+            batch.input_ids = input_ids
+        return batch
+
+    def _prepare(self, rows: list[Row]) -> Batch:
         ids, pos, slots, starts, decode, prefill = [], [], [], [], [], []
         bs = self.block_size
         for i, row in enumerate(rows):
@@ -86,7 +103,7 @@ class ModelRunner:
     def forward(self, batch: Batch) -> torch.Tensor:
         """Final-normed hidden states (N, D) of every token of the batch; writes their latents into the cache."""
         if batch.graph_key is not None:
-            return self.graphs.run(batch)
+            return batch.graphs.run(batch)
         return self.forward_eager(batch)
 
     def forward_eager(self, batch: Batch) -> torch.Tensor:
@@ -102,6 +119,11 @@ class ModelRunner:
         """The first MTP module over the batch: position i combines the main model's hidden state h_i (N, D) with
         the embedding of the row's token (t_{i+1}); returns (logits (N, V) fp32 guessing t_{i+2}, the block's output
         (N, D), which stands in for h when drafts are chained)."""
+        if batch.graph_key is not None:
+            return batch.graphs.run(batch, hidden)
+        return self.mtp_forward_eager(batch, hidden)
+
+    def mtp_forward_eager(self, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         module = model.mtp[0]
         emb = model.embed_tokens(batch.input_ids)
