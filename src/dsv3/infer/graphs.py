@@ -20,6 +20,7 @@ bucketing against the unpadded engine.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +135,14 @@ class DecodeGraphs:
         with torch.cuda.stream(side):
             self._body(bucket)
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            bucket.outputs = self._body(bucket)
+        # garbage graphs (a dropped engine's, in reference cycles) must not be destroyed mid-capture: their reset
+        # invalidates it, and torch no longer runs gc.collect() on entering torch.cuda.graph
+        gc.collect()
+        gc.disable()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                bucket.outputs = self._body(bucket)
+        finally:
+            gc.enable()
         bucket.graph = graph
