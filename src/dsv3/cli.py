@@ -172,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         quantize_weights(model)
     for b in map(int, args.batches.split(",")):
         if args.what == "decode":
-            r = bench_decode(model, b, args.prompt, args.tokens, args.spec)
+            r = bench_decode(model, b, args.prompt, args.tokens, args.spec, cuda_graphs=not args.no_cuda_graphs)
             print(f"decode  batch {b:4d}: TTFT {r['ttft_s'] * 1e3:8.1f} ms  TPOT {r['tpot_ms']:7.2f} ms  "
                   f"{r['tok_per_s']:10.1f} tok/s  ({r['roofline_fraction']:.1%} of the {r['roofline_tok_per_s']:.0f} "
                   f"tok/s roofline)")
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tokens", type=int, default=64, help="new tokens per request (decode)")
     s.add_argument("--spec", type=int, default=0, help="MTP draft tokens (needs --mtp)")
     s.add_argument("--mtp", action="store_true", help="keep the config's MTP module")
-    s.add_argument("--fp8", action="store_true", help="weights in the released FP8 block format (reference path)")
+    s.add_argument("--fp8", action="store_true", help="weights in the released FP8 block format (weight-only FP8 GEMMs)")
+    s.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.set_defaults(fn=cmd_bench)
