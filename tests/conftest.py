@@ -1,4 +1,8 @@
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -41,3 +45,16 @@ def build(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, std: float = 0.0
 @pytest.fixture
 def tmp_ckpt(tmp_path):
     return tmp_path / "ckpt"
+
+
+def interpreter_cases(module: str) -> dict:
+    """Errors from `tests/<module>.py`'s `_interpreter_cases()`, run in a subprocess under TRITON_INTERPRET=1 (it must
+    be set before the @triton.jit decorators run, i.e. before dsv3.kernels is imported)."""
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(here.parent / "src"), str(here), os.environ.get("PYTHONPATH", "")]))
+    code = f"import json, {module} as t; print('RESULT ' + json.dumps(t._interpreter_cases()))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])

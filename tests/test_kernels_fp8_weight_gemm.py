@@ -4,22 +4,17 @@ the interpreter must be switched on before the kernels' @triton.jit decorators r
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import interpreter_cases
 
 from dsv3.fp8.blocks import dequantize_weight_blocks, quantize_weight_blocks
 from dsv3.kernels.fp8_weight_gemm import (HAS_TRITON, _grouped_tile_map, fp8_grouped_linear,
                                           fp8_grouped_linear_reference, fp8_grouped_linear_triton, fp8_linear,
                                           fp8_linear_reference, fp8_linear_triton)
 
-HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
 
 
 def make_weight(N, K, g):
@@ -237,14 +232,7 @@ def _interpreter_cases() -> dict:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(SRC), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    code = ("import json, test_kernels_fp8_weight_gemm as t; "
-            "print('RESULT ' + json.dumps(t._interpreter_cases()))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    errs = json.loads(line[len("RESULT "):])
+    errs = interpreter_cases("test_kernels_fp8_weight_gemm")
     assert len(errs) == 15, errs
     for name, err in errs.items():
         assert err < 1e-5, (name, errs)

@@ -4,21 +4,16 @@ the kernels' @triton.jit decorators run), and on CUDA in bf16 at lite shapes."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import interpreter_cases
 
 from dsv3.kernels import (HAS_TRITON, mla_decode, mla_decode_bytes, mla_decode_num_splits, mla_decode_reference,
                           mla_decode_triton)
 
-HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
 
 
 def make_case(lens, H=4, C=32, R=8, bs=16, dtype=torch.float32, seed=0, extra_blocks=3, pad=-1, device="cpu",
@@ -147,14 +142,7 @@ def _interpreter_cases() -> dict:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(SRC), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    code = ("import json, test_kernels_mla_decode as t; "
-            "print('RESULT ' + json.dumps(t._interpreter_cases()))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    errs = json.loads(line[len("RESULT "):])
+    errs = interpreter_cases("test_kernels_mla_decode")
     assert set(errs) == {"default", "splits4", "splits2_bn32", "h20_cross_page", "all_empty"}
     for name, err in errs.items():
         assert err < 1e-5, (name, errs)
