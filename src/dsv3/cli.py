@@ -125,18 +125,23 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(path)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, ema: bool = False):
+    """A training run (its latest checkpoint and tokenizer) or a Hugging Face directory, fp32 on the CPU."""
     from .data import Tokenizer
-    path = Path(args.model)
-    if (path / "checkpoints").is_dir():          # a training run: its latest checkpoint and tokenizer
+    path = Path(model_path)
+    if (path / "checkpoints").is_dir():
         from .train import load_run_model
-        model, _ = load_run_model(path, ema=args.ema)
+        model, _ = load_run_model(path, ema=ema)
         tok_dir = path / "tokenizer"
     else:
         model, tok_dir = load_pretrained(path, dtype=torch.float32).eval(), path
-    if not (tok_dir / "tokenizer.json").exists() and not args.tokenizer:
+    if not (tok_dir / "tokenizer.json").exists() and not tokenizer_path:
         raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer")
-    tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
+    return model, Tokenizer.load(tokenizer_path or tok_dir), Path(tokenizer_path or tok_dir)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model, tokenizer, _ = load_model_and_tokenizer(args.model, args.tokenizer, args.ema)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     # pre-training packs documents as `doc EOS doc EOS ...` (dsv3.data.packing): an EOS in front makes the prompt
     # the start of a document, as the model saw documents start
@@ -157,6 +162,36 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if i:
             print("-" * 40)
         print(prompt + out.text)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import json
+
+    import uvicorn
+
+    from .infer import Engine, EngineConfig
+    from .serve import build_app
+    model, tokenizer, tok_dir = load_model_and_tokenizer(args.model, args.tokenizer)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model.to(device=device, dtype=dtype)
+    if args.fp8:
+        from .infer.fp8_weights import quantize_weights
+        quantize_weights(model)
+    config = EngineConfig(block_size=args.block_size, cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len, num_speculative_tokens=args.spec)
+    engine = Engine(model, tokenizer, config)
+    template = None
+    if args.chat_template:
+        template = Path(args.chat_template).read_text()
+    elif (tok_dir / "tokenizer_config.json").exists():
+        template = json.loads((tok_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    name = args.served_model_name or Path(args.model).resolve().name
+    app = build_app(engine, tokenizer, name, api_key=args.api_key, max_pending=args.max_pending,
+                    chat_template=template)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {dtype}, "
+          f"{engine.blocks.num_blocks} cache blocks of {config.block_size} tokens)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -238,6 +273,25 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--spec", type=int, default=0, help="MTP speculative decoding with this many draft tokens")
     s.add_argument("--escapes", action="store_true", help="interpret backslash escapes (\\n) in the prompt")
     s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
+    s.add_argument("--model", required=True, help="a training run directory or a Hugging Face model directory")
+    s.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: the model's)")
+    s.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: dir name)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on the API routes")
+    s.add_argument("--max-pending", type=int, default=256, help="requests queued or running before 429")
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--max-model-len", type=int, default=0, help="0: the model's max_position_embeddings")
+    s.add_argument("--block-size", type=int, default=64)
+    s.add_argument("--cache-gib", type=float, default=1.0, help="latent-cache memory")
+    s.add_argument("--spec", type=int, default=0, help="MTP speculative draft tokens")
+    s.add_argument("--fp8", action="store_true", help="serve weights in the released FP8 block format")
+    s.add_argument("--chat-template", default=None, help="a Jinja file (default: tokenizer_config.json's)")
+    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--log-level", default="warning")
+    s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("bench", help="engine throughput on random weights: decode (TTFT, TPOT, tok/s) or prefill")
     s.add_argument("what", choices=["decode", "prefill"])
     s.add_argument("--config", default="lite", help="preset or config.json")

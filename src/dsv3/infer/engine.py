@@ -83,10 +83,11 @@ class Engine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
         """Queue a request; raises ValueError (and queues nothing) for a bad one."""
         params = params or SamplingParams()
-        return self._queue(self._checked_prompt(prompt, params), params)
+        return self._queue(self.check_request(prompt, params), params)
 
-    def _checked_prompt(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """The prompt's token ids, after every check a request must pass before it is queued."""
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, after every check a request must pass before it is queued (ValueError names the
+        problem). Reads only what does not change while serving, so a server may call it from another thread."""
         vocab = self.model.config.vocab_size
         params.validate(vocab)
         if isinstance(prompt, str):
@@ -128,7 +129,15 @@ class Engine:
         self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        """Work left, or aborted requests whose final output the next step still has to return."""
+        return self.scheduler.has_work() or bool(self._aborted)
+
+    def stats(self) -> dict:
+        """Queue lengths, cache use, preemptions and speculation counts (for a server's /metrics)."""
+        b = self.blocks
+        return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                    cache_usage=1 - b.num_free_blocks / b.num_blocks, preemptions=self.scheduler.num_preemptions,
+                    prefix_hits=b.prefix_hits, **{f"spec_{k}": v for k, v in self.spec_stats.items()})
 
     # ---- one step -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -295,7 +304,7 @@ class Engine:
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
-        checked = [self._checked_prompt(p, sp) for p, sp in zip(prompts, params)]   # a bad prompt queues none
+        checked = [self.check_request(p, sp) for p, sp in zip(prompts, params)]   # a bad prompt queues none
         ids = [self._queue(c, sp) for c, sp in zip(checked, params)]
         final: dict[int, RequestOutput] = {}
         while self.has_unfinished():

@@ -1,0 +1,65 @@
+"""/metrics in the Prometheus text format (prometheus_client, one registry per server).
+
+Counters: requests by endpoint and status, prompt and generated tokens, speculative drafts proposed / accepted.
+Gauges (read at scrape time): running and waiting sequences, pending requests, KV-cache usage, speculative acceptance.
+Histograms: time to first token, time per output token (a request's decode time / (tokens - 1)).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from ..infer.engine import RequestOutput
+
+disable_created_metrics()      # no `*_created` series: they double the output and no dashboard reads them
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServerMetrics:
+    def __init__(self, aengine):
+        self.aengine = aengine
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("dsv3_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("dsv3_prompt_tokens", "prompt tokens of accepted requests", registry=r)
+        self.generation_tokens = Counter("dsv3_generation_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("dsv3_time_to_first_token_seconds", "submit -> first token", buckets=_LATENCY,
+                              registry=r)
+        self.tpot = Histogram("dsv3_time_per_output_token_seconds", "decode time per output token after the first",
+                              buckets=_LATENCY, registry=r)
+        self.running = Gauge("dsv3_num_requests_running", "sequences the engine is running", registry=r)
+        self.waiting = Gauge("dsv3_num_requests_waiting", "sequences waiting for the engine", registry=r)
+        self.pending = Gauge("dsv3_num_requests_pending", "requests accepted and not finished", registry=r)
+        self.cache = Gauge("dsv3_kv_cache_usage_ratio", "fraction of latent-cache blocks in use", registry=r)
+        self.preemptions = Gauge("dsv3_num_preemptions", "sequences preempted so far", registry=r)
+        self.spec_proposed = Gauge("dsv3_spec_decode_draft_tokens", "MTP draft tokens proposed", registry=r)
+        self.spec_accepted = Gauge("dsv3_spec_decode_accepted_tokens", "MTP draft tokens accepted", registry=r)
+        self.spec_rate = Gauge("dsv3_spec_decode_acceptance_ratio", "accepted / proposed draft tokens", registry=r)
+        aengine.on_output = self.output
+
+    def request(self, endpoint: str, prompt_lengths: list[int]) -> None:
+        self.requests.labels(endpoint, "200").inc()
+        self.prompt_tokens.inc(sum(prompt_lengths))
+
+    def error(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def output(self, handle, out: RequestOutput) -> None:
+        self.generation_tokens.inc(len(out.new_token_ids))
+        if out.finished and handle.first_token is not None and out.finish_reason != "abort":
+            self.ttft.observe(handle.first_token - handle.submitted)
+            if len(out.token_ids) > 1:
+                self.tpot.observe((time.perf_counter() - handle.first_token) / (len(out.token_ids) - 1))
+
+    def render(self) -> bytes:
+        s = self.aengine.engine.stats()
+        self.running.set(s["running"])
+        self.waiting.set(s["waiting"])
+        self.pending.set(self.aengine.num_pending)
+        self.cache.set(s["cache_usage"])
+        self.preemptions.set(s["preemptions"])
+        self.spec_proposed.set(s["spec_proposed"])
+        self.spec_accepted.set(s["spec_accepted"])
+        self.spec_rate.set(s["spec_accepted"] / s["spec_proposed"] if s["spec_proposed"] else 0.0)
+        return generate_latest(self.registry)

@@ -1,0 +1,85 @@
+"""Engine outputs -> OpenAI response pieces: incremental text, logprobs in both APIs' shapes, usage, SSE framing."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from ..data import Tokenizer
+from ..infer.engine import RequestOutput
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class TextStream:
+    """The text of one choice, released as it becomes final. The full output is re-decoded each step (byte-level
+    BPE: a token may end inside a UTF-8 character, shown as U+FFFD until the next one completes it), and with stop
+    strings the last len(longest stop) - 1 characters are held back: they might still turn out to start a stop
+    string, which the engine removes from the final text."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer, self.sent = tokenizer, ""
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+
+    def delta(self, out: RequestOutput, drop_last: bool = False) -> str:
+        if out.finished:
+            full = out.text if not drop_last else ""
+        else:
+            full = self.tokenizer.decode(out.token_ids, skip_special_tokens=True).rstrip("\ufffd")
+            full = full[:max(len(full) - self.holdback, 0)]
+        if len(full) <= len(self.sent):
+            return ""
+        new, self.sent = full[len(self.sent):], full
+        return new
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def completion_logprobs(tokenizer: Tokenizer, ids: list[int], entries: list, offset: int) -> dict:
+    """The legacy completions `logprobs` object for tokens `ids` whose entries are (logprob, top ids, top logprobs)
+    or None (the first prompt token has no logprob); text offsets count from `offset`."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tid, entry in zip(ids, entries):
+        text = token_text(tokenizer, tid)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(text)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        lp, top_ids, top_lps = entry
+        out["token_logprobs"].append(lp)
+        top = {token_text(tokenizer, t): v for t, v in zip(top_ids, top_lps)}
+        top.setdefault(text, lp)      # the sampled token is always listed, as OpenAI does
+        out["top_logprobs"].append(top)
+    return out
+
+
+def chat_logprobs(tokenizer: Tokenizer, ids: list[int], entries: list) -> dict:
+    """The chat completions `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    content = []
+    for tid, (lp, top_ids, top_lps) in zip(ids, entries):
+        text = token_text(tokenizer, tid)
+        content.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": (t := token_text(tokenizer, i)), "logprob": v,
+                                          "bytes": list(t.encode())} for i, v in zip(top_ids, top_lps)]})
+    return {"content": content}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,69 @@
+"""A live dsv3 server on loopback for the serving tests: a random tiny model with a small trained tokenizer,
+served by uvicorn in a thread; plus a direct Engine on the same model as the reference."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import uvicorn
+
+from conftest import build, tiny_config
+from dsv3.data import train_tokenizer
+from dsv3.infer import Engine, EngineConfig
+from dsv3.serve import build_app
+
+TEXTS = ["def read_file(path):\n    with open(path) as f:\n        return f.read()\n",
+         "The quick brown fox jumps over the lazy dog. " * 3, "import os\nimport sys\nprint(os.getcwd())\n",
+         "for i in range(10):\n    total += i * i\n", "class Point:\n    x: int = 0\n    y: int = 0\n"] * 20
+
+
+@dataclass
+class LiveServer:
+    url: str
+    engine: Engine              # the served engine (read block accounting from it)
+    reference: Engine           # an engine of its own on the same model
+    tokenizer: object
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def start_server(engine_config: EngineConfig | None = None, api_key: str | None = None, max_pending: int = 64,
+                 seed: int = 0) -> LiveServer:
+    tok = train_tokenizer(TEXTS, vocab_size=320)
+    model = build(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512), seed=seed)
+    cfg = engine_config or EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32, max_num_batched_tokens=512)
+    engine = Engine(model, tok, cfg)
+    app = build_app(engine, tok, "dsv3-tiny", api_key=api_key, max_pending=max_pending)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    reference = Engine(model, tok, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32))
+    return LiveServer(f"http://127.0.0.1:{port}", engine, reference, tok, server, thread)
+
+
+def all_blocks_free(engine: Engine, timeout: float = 10.0) -> bool:
+    """Every block back in the pool (waits for the engine thread to process aborts)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        b = engine.blocks
+        if b.num_free_blocks == b.num_blocks and not any(b.ref_count) and not engine.has_unfinished():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+torch.set_num_threads(1)
