@@ -26,6 +26,7 @@ class LiveServer:
     engine: Engine              # the served engine (read block accounting from it)
     reference: Engine           # an engine of its own on the same model
     tokenizer: object
+    app: object
     server: uvicorn.Server
     thread: threading.Thread
 
@@ -37,7 +38,8 @@ class LiveServer:
 def start_server(engine_config: EngineConfig | None = None, api_key: str | None = None, max_pending: int = 64,
                  seed: int = 0) -> LiveServer:
     tok = train_tokenizer(TEXTS, vocab_size=320)
-    model = build(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512), seed=seed)
+    # float64: the served engine batches requests differently from the reference, and greedy outputs must match
+    model = build(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512), seed=seed, dtype=torch.float64)
     cfg = engine_config or EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32, max_num_batched_tokens=512)
     engine = Engine(model, tok, cfg)
     app = build_app(engine, tok, "dsv3-tiny", api_key=api_key, max_pending=max_pending)
@@ -52,7 +54,7 @@ def start_server(engine_config: EngineConfig | None = None, api_key: str | None 
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     reference = Engine(model, tok, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32))
-    return LiveServer(f"http://127.0.0.1:{port}", engine, reference, tok, server, thread)
+    return LiveServer(f"http://127.0.0.1:{port}", engine, reference, tok, app, server, thread)
 
 
 def all_blocks_free(engine: Engine, timeout: float = 10.0) -> bool:

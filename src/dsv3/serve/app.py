@@ -19,9 +19,9 @@ import hmac
 from collections.abc import AsyncIterator
 
 import jinja2.sandbox
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data import Tokenizer
@@ -58,7 +58,15 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         yield
         await aengine.shutdown(drain=True)      # uvicorn has stopped accepting and waited for open responses
 
-    app = FastAPI(title="dsv3", lifespan=lifespan)
+    async def _auth(request: Request) -> None:
+        # a dependency, not an HTTP middleware: Starlette's BaseHTTPMiddleware hides client disconnects from
+        # the handlers, and a non-streaming request must notice its client leaving to abort its generation
+        if api_key is not None and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise APIError("invalid or missing API key", 401, "authentication_error")
+
+    app = FastAPI(title="dsv3", lifespan=lifespan, dependencies=[Depends(_auth)])
     app.state.engine, app.state.async_engine, app.state.metrics = engine, aengine, metrics
 
     # ---- errors -------------------------------------------------------------------------------------------------
@@ -75,16 +83,6 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return await _api_error(request, APIError(str(exc.detail), exc.status_code, kind))
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                metrics.error(request.url.path, 401)
-                return JSONResponse(APIError("invalid or missing API key", 401, "authentication_error").body(),
-                                    status_code=401)
-        return await call_next(request)
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def check_model(name: str | None) -> None:
@@ -137,7 +135,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
             raise APIError(str(e), 429, "rate_limit_error", code="queue_full") from None
 
     async def final_outputs(request: Request, handles: list[RequestHandle]):
-        """Every request's last output; aborts all of them if the client goes away first."""
+        """Every request's last output; None (and all of them aborted) if the client goes away first."""
         async def last(h):
             out = None
             async for out in aengine.stream(h):
@@ -146,16 +144,18 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         task = asyncio.gather(*(last(h) for h in handles))
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=0.5)
+                done, _ = await asyncio.wait({task}, timeout=0.1)
                 if done:
                     return task.result()
                 if await request.is_disconnected():
-                    raise asyncio.CancelledError
-        except BaseException:
-            task.cancel()
-            for h in handles:
-                aengine.abort(h)
-            raise
+                    return None
+        finally:
+            if not task.done():
+                task.cancel()
+                for h in handles:
+                    aengine.abort(h)
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, object]]:
         """(choice index, output) from all requests as they come; cancelling aborts them all."""
@@ -243,6 +243,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
             return StreamingResponse(events(), media_type="text/event-stream")
 
         outs = await final_outputs(request, handles)
+        if outs is None:                # the client left; nobody reads this
+            return Response(status_code=499)
         engine_failure(outs)
         choices, n_completion = [], 0
         for k, out in enumerate(outs):
@@ -303,6 +305,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
             return StreamingResponse(events(), media_type="text/event-stream")
 
         outs = await final_outputs(request, handles)
+        if outs is None:
+            return Response(status_code=499)
         engine_failure(outs)
         choices = [{"index": k, "message": {"role": "assistant", "content": out.text},
                     "logprobs": chat_logprobs(tokenizer, out.token_ids, out.logprobs) if n_top is not None else None,

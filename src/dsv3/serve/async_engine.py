@@ -50,6 +50,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[int, RequestHandle] = {}       # engine request id -> handle (engine thread only)
         self._pending = 0                                   # submitted and not yet finished (event loop only)
+        self.num_aborted = 0                                # requests that ended by abort (client gone)
         self._accepting = True
         self._stop = threading.Event()
         self.on_output = None      # optional callback(handle, output) on the event loop (metrics)
@@ -118,6 +119,7 @@ class AsyncEngine:
             if out.finished:
                 handle.finished = True
                 self._pending -= 1
+                self.num_aborted += out.finish_reason == "abort"
             if self.on_output is not None:
                 self.on_output(handle, out)
         else:

@@ -1,0 +1,222 @@
+"""`dsv3 serve` against a live server on loopback, through the real `openai` client and raw HTTP: outputs equal the
+engine's own, streaming equals non-streaming, logprobs/echo equal the engine's prompt log-probabilities, load,
+disconnects, API key, queue limit, graceful drain, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import openai
+import pytest
+
+from dsv3.infer import EngineConfig, SamplingParams
+from serve_fixture import all_blocks_free, start_server
+
+PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n",
+           "print(", "with open(", "return f.", "total += i", "import sys\nimport", "The lazy dog", "def f(x):",
+           "y: int = 0", "os.getcwd()", "jumps over", "class A:\n    x", "if __name__", "f.read()", "i * i"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = start_server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def greedy(server, prompt, n: int, **kw) -> list[int]:
+    out = server.reference.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, **kw))[0]
+    return out
+
+
+def test_completions_equal_the_engine(server, client):
+    r = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[:4], max_tokens=12, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for p, c in zip(PROMPTS[:4], r.choices):
+        want = greedy(server, p, 12)
+        assert c.text == want.text and c.finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == sum(len(server.tokenizer.encode(p)) for p in PROMPTS[:4])
+    ids = server.tokenizer.encode(PROMPTS[0])                    # a token-id prompt gives the same text
+    assert client.completions.create(model="dsv3-tiny", prompt=ids, max_tokens=12, temperature=0
+                                     ).choices[0].text == r.choices[0].text
+
+
+def test_streaming_equals_non_streaming(server, client):
+    for p in PROMPTS[4:7]:
+        full = client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=20, temperature=0)
+        chunks = list(client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=20, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_chat_and_chat_streaming_equal_the_engine(server, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def read_file"}]
+    ids = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()["tokens"]
+    want = greedy(server, ids, 10)
+    r = client.chat.completions.create(model="dsv3-tiny", messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want.token_ids)
+    stream = client.chat.completions.create(model="dsv3-tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want.text
+    lp = client.chat.completions.create(model="dsv3-tiny", messages=messages, max_tokens=10, temperature=0,
+                                        logprobs=True, top_logprobs=3).choices[0].logprobs.content
+    assert len(lp) == len(want.token_ids) and all(len(t.top_logprobs) == 3 for t in lp)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-9) for t in lp)   # greedy = top-1
+
+
+def test_logprobs_and_echo_equal_the_engine_prompt_logprobs(server, client):
+    p = PROMPTS[0]
+    r = client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    c = r.choices[0]
+    ids = server.tokenizer.encode(p)
+    want = server.reference.generate([p], SamplingParams(temperature=0.0, max_tokens=3, logprobs=2,
+                                                          prompt_logprobs=2))[0]
+    assert c.text == p + want.text
+    lp = c.logprobs
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None
+    expected = [e[0] for e in want.prompt_logprobs] + [e[0] for e in want.logprobs]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-9)
+    assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    assert all(len(t) >= 2 for t in lp.top_logprobs[1:])
+    # max_tokens=0 with echo scores the prompt only (lm-eval's log-likelihood requests)
+    r0 = client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=0, echo=True, logprobs=0)
+    assert r0.choices[0].text == p and r0.usage.completion_tokens == 0
+    assert r0.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected[:len(ids) - 1], abs=1e-9)
+
+
+def test_n_seeds_and_stop_strings(server, client):
+    r = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[1], max_tokens=8, temperature=0, n=3)
+    assert len({c.text for c in r.choices}) == 1 and [c.index for c in r.choices] == [0, 1, 2]
+    s1 = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[1], max_tokens=8, temperature=1.0, n=2, seed=7)
+    s2 = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[1], max_tokens=8, temperature=1.0, n=2, seed=7)
+    assert [c.text for c in s1.choices] == [c.text for c in s2.choices]      # per-request seeds reproduce
+    full = greedy(server, PROMPTS[2], 16, ignore_eos=True).text
+    at = next(k for k in range(3, len(full) - 2) if full[k:k + 2] not in full[:k + 1])   # first occurrence at k
+    stop = full[at:at + 2]
+    for stream in (False, True):
+        kw = dict(model="dsv3-tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0, stop=[stop],
+                  extra_body={"ignore_eos": True})
+        if stream:
+            chunks = list(client.completions.create(stream=True, **kw))
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            c = client.completions.create(**kw).choices[0]
+            text, reason = c.text, c.finish_reason
+        assert text == full[:full.index(stop)] and reason == "stop", (text, full, stop)
+
+
+def test_load_200_requests_32_concurrent_streams(server):
+    want = {p: greedy(server, p, 16, ignore_eos=True).text for p in PROMPTS}
+
+    async def one(client, i):
+        p = PROMPTS[i % len(PROMPTS)]
+        stream = await client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=16, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        return p, "".join([c.choices[0].text async for c in stream])
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        sem = asyncio.Semaphore(32)
+
+        async def limited(i):
+            async with sem:
+                return await one(client, i)
+        return await asyncio.gather(*(limited(i) for i in range(200)))
+
+    results = asyncio.run(main())
+    assert len(results) == 200
+    assert all(text == want[p] for p, text in results)
+    assert all_blocks_free(server.engine)
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    body = {"model": "dsv3-tiny", "prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    aengine = server.app.state.async_engine
+    aborted = aengine.num_aborted
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        assert server.engine.has_unfinished()
+    # the connection is closed here, mid-generation: the request is aborted (not run to its 480 tokens) and its
+    # blocks come back
+    assert all_blocks_free(server.engine)
+    assert aengine.num_aborted == aborted + 1
+    # a non-streaming client that gives up (read timeout) is noticed too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=dict(body, stream=False), timeout=0.3)
+    assert all_blocks_free(server.engine)
+    assert aengine.num_aborted == aborted + 2
+    assert client_ok(server)
+
+
+def client_ok(server) -> bool:
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "import os", "max_tokens": 4, "temperature": 0})
+    return r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(server, "import os", 4).text
+
+
+def test_models_health_tokenize_metrics(server, client):
+    assert [m.id for m in client.models.list()] == ["dsv3-tiny"]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "def f(x):"}).json()["tokens"]
+    assert ids == server.tokenizer.encode("def f(x):")
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "def f(x):"}
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == server.tokenizer.decode([server.tokenizer.eos_id]) and "chat_template" in info
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("dsv3_requests_total", "dsv3_generation_tokens_total", "dsv3_time_to_first_token_seconds_bucket",
+                 "dsv3_time_per_output_token_seconds_bucket", "dsv3_kv_cache_usage_ratio",
+                 "dsv3_num_requests_waiting", "dsv3_spec_decode_acceptance_ratio"):
+        assert name in text, name
+    assert 'dsv3_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+def test_api_key_queue_limit_and_graceful_drain():
+    s = start_server(EngineConfig(block_size=8, num_blocks=200, max_num_seqs=4), api_key="sekret", max_pending=3)
+    try:
+        body = {"prompt": "import os", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+        assert httpx.post(s.url + "/v1/completions", json=body).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert httpx.post(s.url + "/v1/completions", json=body, headers=wrong).status_code == 401
+        auth = {"Authorization": "Bearer sekret"}
+        assert httpx.get(s.url + "/health").status_code == 200          # open without the key
+        assert httpx.post(s.url + "/v1/completions", json=body, headers=auth).status_code == 200
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*(http.post(s.url + "/v1/completions", json=body, headers=auth)
+                                              for _ in range(10)))
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert codes.count(429) > 0 and codes.count(200) >= 3 and set(codes) <= {200, 429}, codes
+        r429 = next(r for r in asyncio.run(burst()) if r.status_code == 429)
+        assert r429.json()["error"]["code"] == "queue_full"
+        assert all_blocks_free(s.engine)
+
+        # graceful shutdown: a stream open when the server is told to exit still runs to its end
+        out = {}
+
+        def consume():
+            with httpx.stream("POST", s.url + "/v1/completions", headers=auth, timeout=60,
+                              json=dict(body, stream=True)) as r:
+                out["lines"] = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        t = threading.Thread(target=consume)
+        t.start()
+        while not s.engine.has_unfinished():
+            pass
+        s.server.should_exit = True
+        t.join(60)
+        assert out["lines"][-1] == "data: [DONE]" and len(out["lines"]) >= 10
+    finally:
+        s.stop()
