@@ -194,8 +194,45 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
 
 
+def _bench_serve(args: argparse.Namespace, model) -> None:
+    import asyncio
+    import json
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size if model is not None else args.vocab_size
+
+    def prompts(n: int) -> list[list[int]]:
+        return [torch.randint(10, vocab, (args.prompt,), generator=g).tolist() for _ in range(n)]
+    if args.url:
+        from .serve.bench import run_load
+        r = asyncio.run(run_load(args.url, args.served_model_name, prompts(args.requests), args.tokens,
+                                 args.concurrency, args.requests, args.api_key))
+    else:
+        from .data import stdlib_files, train_tokenizer
+        from .infer import Engine, EngineConfig
+        from .serve.bench import bench_serve_vs_engine
+        texts = [f.read_text(errors="ignore") for f in stdlib_files()[:50]]
+        tokenizer = train_tokenizer(texts, vocab_size=512)      # decodes text only; the model's ids may exceed it
+        engine = Engine(model, tokenizer, EngineConfig(block_size=64, cache_memory_gib=args.cache_gib,
+                                                       max_num_seqs=args.concurrency,
+                                                       max_num_batched_tokens=max(2048, args.prompt * 8)))
+        r = bench_serve_vs_engine(engine, tokenizer, prompts(args.requests), prompts(args.requests), args.tokens,
+                                  args.concurrency, args.requests, warmup_requests=args.concurrency)
+        print(f"engine alone: {r['engine_output_tok_per_s']:.1f} output tok/s; through the server: "
+              f"{r['output_tok_per_s']:.1f} ({r['server_vs_engine']:.1%})")
+    ms = lambda d: " ".join(f"{k} {v * 1e3:.1f}" for k, v in d.items() if v is not None)  # noqa: E731
+    print(f"{r['completed']}/{r['requests']} requests at concurrency {r['concurrency']} in {r['seconds']:.2f} s: "
+          f"{r['output_tok_per_s']:.1f} output tok/s, {r['requests_per_s']:.2f} req/s\n"
+          f"  TTFT ms: {ms(r['ttft_s'])}\n  TPOT ms: {ms(r['tpot_s'])}\n  ITL ms:  {ms(r['itl_s'])}")
+    if r["errors"]:
+        print("errors:", r["errors"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=1))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .infer.bench import bench_decode, bench_prefill, random_model
+    if args.what == "serve" and args.url:
+        return _bench_serve(args, None)
     cfg = load_model_config(args.config)
     if not args.mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
@@ -205,6 +242,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.fp8:
         from .infer.fp8_weights import quantize_weights
         quantize_weights(model)
+    if args.what == "serve":
+        return _bench_serve(args, model)
     for b in map(int, args.batches.split(",")):
         if args.what == "decode":
             r = bench_decode(model, b, args.prompt, args.tokens, args.spec, cuda_graphs=not args.no_cuda_graphs)
@@ -292,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_serve)
-    s = sub.add_parser("bench", help="engine throughput on random weights: decode (TTFT, TPOT, tok/s) or prefill")
-    s.add_argument("what", choices=["decode", "prefill"])
+    s = sub.add_parser("bench", help="engine throughput on random weights: decode (TTFT, TPOT, tok/s), prefill, or serve (the HTTP server vs the engine)")
+    s.add_argument("what", choices=["decode", "prefill", "serve"])
     s.add_argument("--config", default="lite", help="preset or config.json")
     s.add_argument("--batches", default="1,32")
     s.add_argument("--prompt", type=int, default=128)
@@ -302,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--mtp", action="store_true", help="keep the config's MTP module")
     s.add_argument("--fp8", action="store_true", help="weights in the released FP8 block format (weight-only FP8 GEMMs)")
     s.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    s.add_argument("--concurrency", type=int, default=64, help="serve: streams in flight")
+    s.add_argument("--requests", type=int, default=256, help="serve: requests in all")
+    s.add_argument("--url", default=None, help="serve: load an already running server instead")
+    s.add_argument("--served-model-name", default="bench", help="serve --url: the model name to ask for")
+    s.add_argument("--api-key", default=None, help="serve --url: bearer key")
+    s.add_argument("--vocab-size", type=int, default=1000, help="serve --url: prompt ids are drawn below this")
+    s.add_argument("--cache-gib", type=float, default=4.0, help="serve: latent-cache memory")
+    s.add_argument("--json", default=None, help="serve: write the results here")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.set_defaults(fn=cmd_bench)

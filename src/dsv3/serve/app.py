@@ -159,6 +159,13 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
 
     async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, object]]:
         """(choice index, output) from all requests as they come; cancelling aborts them all."""
+        if len(handles) == 1:           # the common case, without the fan-in tasks
+            try:
+                async for out in aengine.stream(handles[0]):
+                    yield 0, out
+            except Exception as e:
+                yield 0, e
+            return
         q: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, h):

@@ -14,6 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 MAX_N = 16
+MAX_TOP_K = 2**63 - 1      # the engine carries top_k in an int64 tensor; anything >= the vocabulary means "off" anyway
+
+
+def _unicode(value, name: str):
+    """JSON's \\uXXXX escapes can carry lone surrogates, which Python strings hold but no tokenizer (nor UTF-8)
+    can: reject them here, not as a TypeError from the tokenizer."""
+    for s in value if isinstance(value, list) else [value]:
+        if isinstance(s, str):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{name} is not valid Unicode: lone surrogate {s[e.start]!r} at {e.start}") from None
+    return value
 
 
 class APIError(Exception):
@@ -37,7 +50,7 @@ class _Sampling(BaseModel):
     model: str | None = None
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = 1.0
-    top_k: Annotated[int, Field(ge=-1)] | None = 0                 # -1 or 0: off
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = 0     # -1 or 0: off
     seed: Annotated[int, Field(ge=-2**63, lt=2**64)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
@@ -48,6 +61,11 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
     logit_bias: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_unicode(cls, v):
+        return _unicode(v, "stop")
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -76,7 +94,7 @@ class CompletionRequest(_Sampling):
     def _nonempty(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be an empty list")
-        return v
+        return _unicode(v, "prompt")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -100,11 +118,21 @@ class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _text_unicode(cls, v):
+        return _unicode(v, "text")
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_unicode(cls, v):
+        return _unicode(v, "content")
 
     def text(self) -> str:
         if self.content is None:
@@ -137,6 +165,11 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_unicode(cls, v):
+        return _unicode(v, "prompt")
 
     @model_validator(mode="after")
     def _one(self):
