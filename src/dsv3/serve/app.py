@@ -239,7 +239,9 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
                     if req.echo and not started[k]:
                         text = echo_text[k // req.n] + text
                     started[k] = True
-                    if text or out.finished or lp:
+                    # a chunk for every step that produced tokens, even when their text is not final yet (held
+                    # back UTF-8 or stop-string prefix): clients and benchmarks time tokens by chunks
+                    if text or out.finished or lp or new:
                         yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,
                                    "choices": [{"index": k, "text": text, "logprobs": lp,
                                                 "finish_reason": out.finish_reason if out.finished else None}]})
@@ -301,7 +303,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
                     lp = None
                     if n_top is not None and out.new_token_ids:
                         lp = chat_logprobs(tokenizer, out.new_token_ids, out.logprobs[-len(out.new_token_ids):])
-                    if delta or lp:
+                    if delta or lp or out.new_token_ids:
                         yield chunk(k, {"content": delta}, lp=lp)
                     if out.finished:
                         yield chunk(k, {}, out.finish_reason)
