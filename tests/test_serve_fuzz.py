@@ -9,6 +9,7 @@ import json
 
 import httpx
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,7 @@ from dsv3.infer import EngineConfig, SamplingParams
 from serve_fixture import all_blocks_free, start_server
 
 ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
-FUZZ_EXAMPLES = 120          # per route and mode; with everything else the file stays well under 90 s on 2 CPUs
+FUZZ_EXAMPLES = 200          # per route and mode; with everything else the file stays well under 90 s on 2 CPUs
 # A short context bounds the worst generated request (n=16, no max_tokens: 16 x 64 tokens) to well under a second
 # on the tiny model, whatever max_tokens / n the generators pick; 32 blocks of 8 hold only half of that, so wide
 # requests also go through preemption.
@@ -33,6 +34,18 @@ def server():
     s = start_server(FUZZ_ENGINE)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:      # one client: httpx.post() builds an SSL context each call
+        yield c
+
+
+@pytest.fixture(scope="module")
+def session():
+    with requests.Session() as s:      # what schemathesis' Case.call sends with
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +73,9 @@ def assert_sane(status: int, content_type: str, text: str, request: object = Non
         assert '"server_error"' not in text, f"{request!r}: {text[-2000:]}"
 
 
-def post(server, route: str, content: bytes, content_type: str | None = "application/json") -> None:
+def post(client: httpx.Client, route: str, content: bytes, content_type: str | None = "application/json") -> None:
     headers = {} if content_type is None else {"content-type": content_type}
-    r = httpx.post(server.url + route, content=content, headers=headers, timeout=60)
+    r = client.post(route, content=content, headers=headers)
     assert_sane(r.status_code, r.headers.get("content-type", ""), r.text, (route, content[:300], content_type))
 
 
@@ -70,15 +83,15 @@ def post(server, route: str, content: bytes, content_type: str | None = "applica
 # Driven through schemathesis' Python API rather than its pytest plugin, whose lazy fixture loader reads a pytest
 # private (Function._nodeid) that pytest 9 no longer has.
 
-def call_and_check(case, url: str) -> None:
-    response = case.call(base_url=url, timeout=60)
+def call_and_check(case, url: str, session: requests.Session) -> None:
+    response = case.call(base_url=url, session=session, timeout=60)
     case.validate_response(response, checks=[not_a_server_error])
     content_type = (response.headers.get("content-type") or [""])[0]     # schemathesis: name -> list of values
     assert_sane(response.status_code, content_type, response.text, (case.method, case.path, case.body))
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_schema_coverage(api_schema, server, route):
+def test_schema_coverage(api_schema, server, session, route):
     """Schemathesis' coverage phase: boundary values, each property missing or of each wrong type, other methods."""
     op = api_schema[route]["POST"]
     cases = list(api_schema.iter_coverage_cases(
@@ -86,16 +99,16 @@ def test_schema_coverage(api_schema, server, route):
         generation_config=api_schema.config.generation_for(operation=op, phase="coverage")))
     assert len(cases) > 20
     for case in cases:
-        call_and_check(case, server.url)
+        call_and_check(case, server.url, session)
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 @pytest.mark.parametrize("route", ROUTES)
-def test_schema_fuzz(api_schema, server, route, mode):
+def test_schema_fuzz(api_schema, server, session, route, mode):
     @settings(max_examples=FUZZ_EXAMPLES, **SETTINGS)
     @given(case=api_schema[route]["POST"].as_strategy(mode))
     def fuzz(case):
-        call_and_check(case, server.url)
+        call_and_check(case, server.url, session)
     fuzz()
 
 
@@ -152,12 +165,12 @@ def with_field(base: dict, field: str, value) -> dict | None:
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_edge_values(server, route):
+def test_edge_values(client, route):
     for base in BASES[route]:
         bodies = [with_field(base, f, v) for f in NUMERIC[route] for v in NUMBERS]
         bodies += [with_field(base, f, v) for f in TEXTUAL[route] for v in STRINGS]
         for body in filter(None, bodies):
-            post(server, route, json.dumps(body).encode())     # emits NaN / Infinity, and \\ud800 escapes
+            post(client, route, json.dumps(body).encode())     # emits NaN / Infinity, and \\ud800 escapes
 
 
 # ---- raw bodies the schema cannot describe --------------------------------------------------------------------
@@ -184,18 +197,18 @@ _content_type = st.sampled_from(["application/json"] * 4 + ["application/json; c
                                                             "application/x-www-form-urlencoded", None])
 
 
-@settings(max_examples=300, **SETTINGS)
+@settings(max_examples=500, **SETTINGS)
 @given(body=_body)
-def test_junk_fields(server, body):
+def test_junk_fields(client, body):
     route, obj = body
-    post(server, route, json.dumps(obj).encode())
+    post(client, route, json.dumps(obj).encode())
 
 
-@settings(max_examples=200, **SETTINGS)
+@settings(max_examples=300, **SETTINGS)
 @given(raw=_raw, content_type=_content_type)
-def test_raw_bodies(server, raw, content_type):
+def test_raw_bodies(client, raw, content_type):
     route, content = raw
-    post(server, route, content, content_type)
+    post(client, route, content, content_type)
 
 
 # ---- afterwards ------------------------------------------------------------------------------------------------

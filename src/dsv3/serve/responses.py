@@ -23,21 +23,32 @@ def now() -> int:
 
 
 class TextStream:
-    """The text of one choice, released as it becomes final. The full output is re-decoded each step (byte-level
-    BPE: a token may end inside a UTF-8 character, shown as U+FFFD until the next one completes it), and with stop
-    strings the last len(longest stop) - 1 characters are held back: they might still turn out to start a stop
-    string, which the engine removes from the final text."""
+    """The text of one choice, released as it becomes final, decoding each token once: the new tokens are decoded
+    together with the few before them (byte-level BPE: a token may end inside a UTF-8 character), and the text of
+    that window minus the text of its old part is what they add (vLLM's incremental detokenisation). Text that ends
+    in an incomplete character (U+FFFD) waits for the next token. With stop strings the last len(longest stop) - 1
+    characters are held back: they might still turn out to start a stop string, which the engine removes from the
+    final text."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.tokenizer, self.sent = tokenizer, ""
+        self.tokenizer, self.sent, self.text = tokenizer, "", ""
+        self.prefix = self.read = 0          # window start; tokens already in self.text
         self.holdback = max((len(s) for s in stop), default=1) - 1
+
+    def _advance(self, ids: list[int]) -> None:
+        dec = lambda xs: self.tokenizer.decode(xs, skip_special_tokens=True)  # noqa: E731
+        old = dec(ids[self.prefix:self.read])
+        new = dec(ids[self.prefix:])
+        if len(new) > len(old) and not new.endswith("\ufffd"):
+            self.text += new[len(old):]
+            self.prefix, self.read = max(self.read - 4, 0), len(ids)
 
     def delta(self, out: RequestOutput, drop_last: bool = False) -> str:
         if out.finished:
             full = out.text if not drop_last else ""
         else:
-            full = self.tokenizer.decode(out.token_ids, skip_special_tokens=True).rstrip("\ufffd")
-            full = full[:max(len(full) - self.holdback, 0)]
+            self._advance(out.token_ids)
+            full = self.text[:max(len(self.text) - self.holdback, 0)]
         if len(full) <= len(self.sent):
             return ""
         new, self.sent = full[len(self.sent):], full
