@@ -3,6 +3,7 @@ served by uvicorn in a thread; plus a direct Engine on the same model as the ref
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import uvicorn
 from conftest import build, tiny_config
 from dsv3.data import train_tokenizer
 from dsv3.infer import Engine, EngineConfig
-from dsv3.serve import build_app
+from dsv3.serve import EngineProcess, build_app
 
 TEXTS = ["def read_file(path):\n    with open(path) as f:\n        return f.read()\n",
          "The quick brown fox jumps over the lazy dog. " * 3, "import os\nimport sys\nprint(os.getcwd())\n",
@@ -35,14 +36,30 @@ class LiveServer:
         self.thread.join(30)
 
 
-def start_server(engine_config: EngineConfig | None = None, api_key: str | None = None, max_pending: int = 64,
-                 seed: int = 0) -> LiveServer:
+DEFAULT_CONFIG = EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32, max_num_batched_tokens=512)
+
+
+def build_engine(seed: int = 0, engine_config: EngineConfig | None = None) -> Engine:
+    """Deterministic: the same tokenizer and weights in every process (EngineProcess builds its own copy)."""
+    torch.set_num_threads(1)
     tok = train_tokenizer(TEXTS, vocab_size=320)
     # float64: the served engine batches requests differently from the reference, and greedy outputs must match
     model = build(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512), seed=seed, dtype=torch.float64)
-    cfg = engine_config or EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32, max_num_batched_tokens=512)
-    engine = Engine(model, tok, cfg)
-    app = build_app(engine, tok, "dsv3-tiny", api_key=api_key, max_pending=max_pending)
+    return Engine(model, tok, engine_config or DEFAULT_CONFIG)
+
+
+def start_server(engine_config: EngineConfig | None = None, api_key: str | None = None, max_pending: int = 64,
+                 seed: int = 0, process: bool = False) -> LiveServer:
+    """With `process`, the served engine runs in a child process (EngineProcess); `.engine` is then None and block
+    accounting comes from its stats."""
+    reference = build_engine(seed, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32))
+    tok = reference.tokenizer
+    if process:
+        engine = None
+        served = EngineProcess(functools.partial(build_engine, seed, engine_config), tok, max_pending)
+    else:
+        engine = served = build_engine(seed, engine_config)
+    app = build_app(served, tok, "dsv3-tiny", api_key=api_key, max_pending=max_pending)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -53,19 +70,22 @@ def start_server(engine_config: EngineConfig | None = None, api_key: str | None 
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    reference = Engine(model, tok, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32))
     return LiveServer(f"http://127.0.0.1:{port}", engine, reference, tok, app, server, thread)
 
 
-def all_blocks_free(engine: Engine, timeout: float = 10.0) -> bool:
-    """Every block back in the pool (waits for the engine thread to process aborts)."""
+def all_blocks_free(engine_or_server, timeout: float = 10.0) -> bool:
+    """Every block back in the pool and nothing left to run (waits for the engine to process aborts); takes an
+    Engine, or a LiveServer whose engine may live in another process."""
+    def stats() -> dict:
+        if isinstance(engine_or_server, Engine):
+            return engine_or_server.stats()
+        if engine_or_server.engine is not None:
+            return engine_or_server.engine.stats()
+        return engine_or_server.app.state.async_engine.stats_future().result(10)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        b = engine.blocks
-        if b.num_free_blocks == b.num_blocks and not any(b.ref_count) and not engine.has_unfinished():
+        s = stats()
+        if s["free_blocks"] == s["num_blocks"] and not s["referenced_blocks"] and not s["unfinished"]:
             return True
         time.sleep(0.05)
     return False
-
-
-torch.set_num_threads(1)

@@ -164,41 +164,79 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(prompt + out.text)
 
 
+def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtype_name: str | None, fp8: bool,
+                  config):
+    """The engine `dsv3 serve` runs (built in the engine process)."""
+    from .infer import Engine
+    model, tokenizer, _ = load_model_and_tokenizer(model_path, tokenizer_path)
+    dtype = DTYPES[dtype_name] if dtype_name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model.to(device=device, dtype=dtype)
+    if fp8:
+        from .infer.fp8_weights import quantize_weights
+        quantize_weights(model)
+    return Engine(model, tokenizer, config)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
+    import functools
     import json
 
     import uvicorn
 
-    from .infer import Engine, EngineConfig
-    from .serve import build_app
-    model, tokenizer, tok_dir = load_model_and_tokenizer(args.model, args.tokenizer)
+    from .data import Tokenizer
+    from .infer import EngineConfig
+    from .serve import EngineProcess, build_app
+    path = Path(args.model)
+    tok_dir = Path(args.tokenizer) if args.tokenizer else (path / "tokenizer" if (path / "checkpoints").is_dir()
+                                                           else path)
+    tokenizer = Tokenizer.load(tok_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model.to(device=device, dtype=dtype)
-    if args.fp8:
-        from .infer.fp8_weights import quantize_weights
-        quantize_weights(model)
     config = EngineConfig(block_size=args.block_size, cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, num_speculative_tokens=args.spec)
-    engine = Engine(model, tokenizer, config)
+    factory = functools.partial(served_engine, args.model, args.tokenizer, device, args.dtype, args.fp8, config)
+    # the step loop in a process of its own, so HTTP work never competes with it for the GIL
+    engine = factory() if args.engine_thread else EngineProcess(factory, tokenizer, args.max_pending)
     template = None
     if args.chat_template:
         template = Path(args.chat_template).read_text()
     elif (tok_dir / "tokenizer_config.json").exists():
         template = json.loads((tok_dir / "tokenizer_config.json").read_text()).get("chat_template")
-    name = args.served_model_name or Path(args.model).resolve().name
+    name = args.served_model_name or path.resolve().name
     app = build_app(engine, tokenizer, name, api_key=args.api_key, max_pending=args.max_pending,
                     chat_template=template)
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {dtype}, "
-          f"{engine.blocks.num_blocks} cache blocks of {config.block_size} tokens)", flush=True)
+    limits = app.state.async_engine.limits
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}; context {limits.max_model_len}, "
+          f"cache {limits.capacity} tokens)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
 
 
-def _bench_serve(args: argparse.Namespace, model) -> None:
+def _bench_tokenizer():
+    """Random-weight benchmarks decode text only for the HTTP layer: a small tokenizer (ids past it decode to '')."""
+    from .data import stdlib_files, train_tokenizer
+    return train_tokenizer([f.read_text(errors="ignore") for f in stdlib_files()[:50]], vocab_size=512)
+
+
+def bench_engine(config_name: str, mtp: bool, device: str, dtype_name: str | None, fp8: bool, config):
+    """A random-weight engine for `dsv3 bench serve` (built again in the engine process: a picklable recipe)."""
+    from .infer import Engine
+    from .infer.bench import random_model
+    cfg = load_model_config(config_name)
+    if not mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    model = random_model(cfg, device, DTYPES[dtype_name] if dtype_name else
+                         (torch.bfloat16 if device.startswith("cuda") else torch.float32))
+    if fp8:
+        from .infer.fp8_weights import quantize_weights
+        quantize_weights(model)
+    return Engine(model, _bench_tokenizer(), config)
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
     import asyncio
+    import functools
     import json
     g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size if model is not None else args.vocab_size
+    vocab = load_model_config(args.config).vocab_size if not args.url else args.vocab_size
 
     def prompts(n: int) -> list[list[int]]:
         return [torch.randint(10, vocab, (args.prompt,), generator=g).tolist() for _ in range(n)]
@@ -207,18 +245,17 @@ def _bench_serve(args: argparse.Namespace, model) -> None:
         r = asyncio.run(run_load(args.url, args.served_model_name, prompts(args.requests), args.tokens,
                                  args.concurrency, args.requests, args.api_key))
     else:
-        from .data import stdlib_files, train_tokenizer
-        from .infer import Engine, EngineConfig
+        from .infer import EngineConfig
         from .serve.bench import bench_serve_vs_engine
-        texts = [f.read_text(errors="ignore") for f in stdlib_files()[:50]]
-        tokenizer = train_tokenizer(texts, vocab_size=512)      # decodes text only; the model's ids may exceed it
-        engine = Engine(model, tokenizer, EngineConfig(block_size=64, cache_memory_gib=args.cache_gib,
-                                                       max_num_seqs=args.concurrency,
-                                                       max_num_batched_tokens=max(2048, args.prompt * 8)))
-        r = bench_serve_vs_engine(engine, tokenizer, prompts(args.requests), prompts(args.requests), args.tokens,
-                                  args.concurrency, args.requests, warmup_requests=args.concurrency)
-        print(f"engine alone: {r['engine_output_tok_per_s']:.1f} output tok/s; through the server: "
-              f"{r['output_tok_per_s']:.1f} ({r['server_vs_engine']:.1%})")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        config = EngineConfig(block_size=64, cache_memory_gib=args.cache_gib, max_num_seqs=args.concurrency,
+                              max_num_batched_tokens=max(2048, args.prompt * 8),
+                              cuda_graphs=not args.no_cuda_graphs)
+        factory = functools.partial(bench_engine, args.config, args.mtp, device, args.dtype, args.fp8, config)
+        r = bench_serve_vs_engine(factory, _bench_tokenizer(), prompts(args.requests), prompts(args.requests),
+                                  args.tokens, args.concurrency, args.requests, process=not args.engine_thread)
+        print(f"engine alone: {r['engine_output_tok_per_s']:.1f} output tok/s; through the server (engine in a "
+              f"{r['engine_layout']}): {r['output_tok_per_s']:.1f} ({r['server_vs_engine']:.1%})")
     ms = lambda d: " ".join(f"{k} {v * 1e3:.1f}" for k, v in d.items() if v is not None)  # noqa: E731
     print(f"{r['completed']}/{r['requests']} requests at concurrency {r['concurrency']} in {r['seconds']:.2f} s: "
           f"{r['output_tok_per_s']:.1f} output tok/s, {r['requests_per_s']:.2f} req/s\n"
@@ -231,8 +268,8 @@ def _bench_serve(args: argparse.Namespace, model) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from .infer.bench import bench_decode, bench_prefill, random_model
-    if args.what == "serve" and args.url:
-        return _bench_serve(args, None)
+    if args.what == "serve":
+        return _bench_serve(args)
     cfg = load_model_config(args.config)
     if not args.mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
@@ -242,8 +279,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.fp8:
         from .infer.fp8_weights import quantize_weights
         quantize_weights(model)
-    if args.what == "serve":
-        return _bench_serve(args, model)
     for b in map(int, args.batches.split(",")):
         if args.what == "decode":
             r = bench_decode(model, b, args.prompt, args.tokens, args.spec, cuda_graphs=not args.no_cuda_graphs)
@@ -329,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--chat-template", default=None, help="a Jinja file (default: tokenizer_config.json's)")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.add_argument("--engine-thread", action="store_true", help="step the engine in a thread of the server process "
+                   "(default: a process of its own)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("bench", help="engine throughput on random weights: decode (TTFT, TPOT, tok/s), prefill, or serve (the HTTP server vs the engine)")
@@ -349,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--vocab-size", type=int, default=1000, help="serve --url: prompt ids are drawn below this")
     s.add_argument("--cache-gib", type=float, default=4.0, help="serve: latent-cache memory")
     s.add_argument("--json", default=None, help="serve: write the results here")
+    s.add_argument("--engine-thread", action="store_true", help="serve: step the engine in a thread of the server "
+                   "process instead of a process of its own")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.set_defaults(fn=cmd_bench)

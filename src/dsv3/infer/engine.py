@@ -28,6 +28,45 @@ from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request is checked against; fixed for an engine's life (a server process can hold a copy)."""
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+
+    @property
+    def capacity(self) -> int:
+        return self.block_size * self.num_blocks
+
+
+def check_request(prompt: str | list[int], params: SamplingParams, limits: RequestLimits, tokenizer=None) -> list[int]:
+    """The prompt's token ids, or ValueError naming what is wrong with the request."""
+    vocab = limits.vocab_size
+    params.validate(vocab)
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine one")
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    if params.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    if len(ids) >= limits.max_model_len:
+        raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {limits.max_model_len} "
+                         f"(prompt + at least one generated token)")
+    limit = min(len(ids) + params.max_tokens, limits.max_model_len)
+    if -(-limit // limits.block_size) > limits.num_blocks:
+        raise ValueError(f"prompt + max_tokens = {limit} tokens exceed the cache capacity of {limits.capacity} tokens")
+    return ids
+
+
 @dataclass
 class RequestOutput:
     request_id: int
@@ -59,6 +98,7 @@ class Engine:
         # one block more than the manager hands out: the scratch block padded decode rows write to
         self.cache = PagedLatentCache(cfg, n_layers, num_blocks + 1, config.block_size, dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
+        self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, config.block_size, num_blocks)
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, self.cache)
         if config.cuda_graphs and graphs_supported(model):
@@ -88,29 +128,7 @@ class Engine:
     def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The prompt's token ids, after every check a request must pass before it is queued (ValueError names the
         problem). Reads only what does not change while serving, so a server may call it from another thread."""
-        vocab = self.model.config.vocab_size
-        params.validate(vocab)
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine one")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
-                             f"(prompt + at least one generated token)")
-        limit = min(len(ids) + params.max_tokens, self.max_model_len)
-        if self.blocks.blocks_needed(limit) > self.blocks.num_blocks:
-            raise ValueError(f"prompt + max_tokens = {limit} tokens exceed the cache capacity of "
-                             f"{self.blocks.num_blocks * self.blocks.block_size} tokens")
-        return ids
+        return check_request(prompt, params, self.limits, self.tokenizer)
 
     def _queue(self, ids: list[int], params: SamplingParams) -> int:
         rid = next(self._ids)
@@ -136,6 +154,8 @@ class Engine:
         """Queue lengths, cache use, preemptions and speculation counts (for a server's /metrics)."""
         b = self.blocks
         return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                    unfinished=self.has_unfinished(), free_blocks=b.num_free_blocks, num_blocks=b.num_blocks,
+                    referenced_blocks=sum(1 for r in b.ref_count if r),
                     cache_usage=1 - b.num_free_blocks / b.num_blocks, preemptions=self.scheduler.num_preemptions,
                     prefix_hits=b.prefix_hits, **{f"spec_{k}": v for k, v in self.spec_stats.items()})
 

@@ -57,8 +57,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:   # also rejects nan: every comparison is False
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k < 2**63:    # an int64 on the device
+            raise ValueError(f"top_k must be an int in [0, 2**63) (0 = off), got {self.top_k!r}")
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be an int > 0, got {self.max_tokens!r}")
         if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**64):  # torch's seed range
@@ -96,7 +96,8 @@ class SamplingTensors(NamedTuple):
         """Host-side, once per batch composition (the engine caches it while the batch is unchanged)."""
         return cls(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
                    torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-                   torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device))
+                   # a top_p below float32's smallest normal would round to 0 and mask every token
+                   torch.tensor([max(p.top_p, 1.2e-38) for p in params], dtype=torch.float32, device=device))
 
 
 def make_generators(params: list[SamplingParams], device: torch.device | str) -> list[torch.Generator | None]:

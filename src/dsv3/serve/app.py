@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data import Tokenizer
 from ..data.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
 from ..infer import Engine, SamplingParams
-from .async_engine import AsyncEngine, QueueFull, RequestHandle, ShuttingDown
+from .async_engine import AsyncEngine, AsyncEngineBase, QueueFull, RequestHandle, ShuttingDown
 from .metrics import ServerMetrics
 from .protocol import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                        TokenizeRequest)
@@ -44,14 +44,15 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
               max_pending: int = 256, chat_template: str | None = None) -> FastAPI:
-    aengine = AsyncEngine(engine, max_pending)
+    """An Engine is stepped by a thread of this process (AsyncEngine); pass an EngineProcess to keep the step loop
+    in a process of its own."""
+    aengine = engine if isinstance(engine, AsyncEngineBase) else AsyncEngine(engine, max_pending)
     metrics = ServerMetrics(aengine)
     template = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
         chat_template or CHAT_TEMPLATE)
-    max_len = engine.max_model_len
-    capacity = engine.blocks.num_blocks * engine.blocks.block_size
+    max_len, capacity = aengine.limits.max_model_len, aengine.limits.capacity
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,7 +68,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
                 raise APIError("invalid or missing API key", 401, "authentication_error")
 
     app = FastAPI(title="dsv3", lifespan=lifespan, dependencies=[Depends(_auth)])
-    app.state.engine, app.state.async_engine, app.state.metrics = engine, aengine, metrics
+    app.state.async_engine, app.state.metrics = aengine, metrics
 
     # ---- errors -------------------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -112,7 +113,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
     def checked(prompt: str | list[int], params: SamplingParams) -> list[int]:
         try:
             return aengine.check(prompt, params)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:       # TypeError: text the tokenizer cannot take
             raise APIError(str(e), param="prompt") from None
 
     def default_max_tokens(n_prompt: int) -> int:
@@ -138,8 +139,11 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
         """Every request's last output; None (and all of them aborted) if the client goes away first."""
         async def last(h):
             out = None
-            async for out in aengine.stream(h):
-                pass
+            try:
+                async for out in aengine.stream(h):
+                    pass
+            except Exception as e:          # an engine failure: answered as a JSON 500 by engine_failure
+                return e
             return out
         task = asyncio.gather(*(last(h) for h in handles))
         try:
@@ -332,7 +336,8 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
     @app.get("/health")
     async def health():
         if aengine.step_error is not None or not aengine.alive:
-            return JSONResponse({"status": "unhealthy", "error": str(aengine.step_error)}, status_code=503)
+            return JSONResponse({"status": "unhealthy", "error": aengine.step_error or "the engine stopped"},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.post("/tokenize")
@@ -347,7 +352,7 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         check_model(req.model)
-        vocab = engine.model.config.vocab_size
+        vocab = aengine.limits.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
@@ -361,6 +366,6 @@ def build_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: st
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(await aengine.stats()), media_type="text/plain; version=0.0.4")
 
     return app

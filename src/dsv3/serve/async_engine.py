@@ -1,26 +1,34 @@
-"""AsyncEngine: one inference Engine driven by its own thread, fed and read from an asyncio event loop.
+"""The engine behind the server, driven from an asyncio event loop without ever blocking it.
 
-The Engine is not thread-safe, so exactly one thread (the engine thread) touches it: it takes commands (add,
-abort) from a queue, runs `engine.step()` while there is work, and hands each request's outputs to that request's
-asyncio queue through `loop.call_soon_threadsafe`. The event loop never waits on the model, so the HTTP server keeps
-answering (health, metrics, new requests, disconnects) while a step runs.
+Two backends with one interface (`check`, `submit`, `stream`, `abort`, `stats`, `shutdown`):
+- `AsyncEngine(engine)`: the Engine stepped by a thread of this process. Simple, and what tests and notebooks use.
+- `EngineProcess(factory)`: the Engine built and stepped in a child process, talking through pipes: one message
+  per step carries every request's new output. The HTTP side (SSE, JSON, detokenising) then never competes with the
+  step loop for the GIL; `dsv3 serve` uses it (vLLM's API-server / engine-core split, for the same reason).
+
+Either way exactly one thread touches the Engine (it is not thread-safe): it takes commands (add, abort, stats),
+steps while there is work, and the outputs reach each request's asyncio queue through one
+`loop.call_soon_threadsafe` per step. Requests are validated on the event-loop side against `RequestLimits` (the
+same checks as Engine.add_request), so a bad one gets its 400 before anything is queued.
 
 Back-pressure: at most `max_pending` requests may be queued or running; `submit` raises QueueFull beyond that
-(the server answers 429). `shutdown(drain=True)` stops accepting, lets running requests finish, then stops the
-thread.
+(the server answers 429). `shutdown(drain=True)` stops accepting, lets running requests finish, then stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import itertools
+import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ..infer import Engine, SamplingParams
-from ..infer.engine import RequestOutput
+from ..infer.engine import RequestLimits, RequestOutput, check_request
 
 
 class QueueFull(Exception):
@@ -37,39 +45,46 @@ class RequestHandle:
     ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    request_id: int
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
-    request_id: int | None = None      # the engine's id, set by the engine thread
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: bool = False
 
 
-class AsyncEngine:
-    def __init__(self, engine: Engine, max_pending: int = 256):
-        self.engine, self.max_pending = engine, max_pending
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._handles: dict[int, RequestHandle] = {}       # engine request id -> handle (engine thread only)
+class AsyncEngineBase:
+    def __init__(self, limits: RequestLimits, tokenizer, max_pending: int):
+        self.limits, self.tokenizer, self.max_pending = limits, tokenizer, max_pending
         self._pending = 0                                   # submitted and not yet finished (event loop only)
-        self.num_aborted = 0                                # requests that ended by abort (client gone)
         self._accepting = True
-        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self._handles: dict[int, RequestHandle] = {}        # request id -> handle, until finished
+        self.num_aborted = 0                                # requests that ended by abort (client gone)
         self.on_output = None      # optional callback(handle, output) on the event loop (metrics)
-        self.step_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
-        self._thread.start()
+        self.step_error: str | None = None
+
+    # ---- to implement -------------------------------------------------------------------------------------------
+    def _send(self, command: tuple) -> None:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def stats_future(self) -> concurrent.futures.Future:
+        raise NotImplementedError
+
+    def _stop_backend(self) -> None:
+        raise NotImplementedError
 
     # ---- event-loop side ------------------------------------------------------------------------------------------
     @property
     def num_pending(self) -> int:
         return self._pending
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def check(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Validate a request without queueing it (ValueError names the problem)."""
-        return self.engine.check_request(prompt, params)
+        return check_request(prompt, params, self.limits, self.tokenizer)
 
     def submit(self, ids: list[int], params: SamplingParams) -> RequestHandle:
         if not self._accepting:
@@ -77,14 +92,15 @@ class AsyncEngine:
         if self._pending >= self.max_pending:
             raise QueueFull(f"{self._pending} requests are pending (limit {self.max_pending}); retry later")
         self._pending += 1
-        handle = RequestHandle(ids, params, asyncio.get_running_loop())
-        self._commands.put(("add", handle))
+        handle = RequestHandle(ids, params, asyncio.get_running_loop(), next(self._ids))
+        self._handles[handle.request_id] = handle
+        self._send(("add", handle.request_id, ids, params))
         return handle
 
     def abort(self, handle: RequestHandle) -> None:
         """Stop a request (a client went away); its blocks return to the pool at the engine's next step."""
         if not handle.finished:
-            self._commands.put(("abort", handle))
+            self._send(("abort", handle.request_id))
 
     async def stream(self, handle: RequestHandle) -> AsyncIterator[RequestOutput]:
         """The request's outputs as the engine produces them, the last one finished. Aborts the request if the
@@ -101,79 +117,227 @@ class AsyncEngine:
             if not handle.finished:
                 self.abort(handle)
 
+    async def stats(self) -> dict:
+        return await asyncio.wrap_future(self.stats_future())
+
     async def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
         self._accepting = False
         if drain:
             deadline = time.monotonic() + timeout
             while self._pending and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-        self._stop.set()
-        self._commands.put(("wake", None))
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_backend)
 
     def _deliver_all(self, items: list) -> None:
-        for handle, out in items:
-            self._deliver(handle, out)
-
-    def _deliver(self, handle: RequestHandle, out) -> None:
-        """On the event loop: pass an output (or an error) to the request's consumer."""
-        if isinstance(out, RequestOutput):
-            if out.new_token_ids and handle.first_token is None:
-                handle.first_token = time.perf_counter()
-            if out.finished:
+        """On the event loop: [(request id, RequestOutput or an error message)] from one engine step."""
+        for rid, out in items:
+            handle = self._handles.get(rid)
+            if handle is None:
+                continue
+            if isinstance(out, RequestOutput):
+                if out.new_token_ids and handle.first_token is None:
+                    handle.first_token = time.perf_counter()
+                if out.finished:
+                    self.num_aborted += out.finish_reason == "abort"
+                if self.on_output is not None:
+                    self.on_output(handle, out)
+            else:
+                out = RuntimeError(out)
+            if not isinstance(out, RequestOutput) or out.finished:
                 handle.finished = True
                 self._pending -= 1
-                self.num_aborted += out.finish_reason == "abort"
-            if self.on_output is not None:
-                self.on_output(handle, out)
-        else:
-            handle.finished = True
-            self._pending -= 1
-        handle.outputs.put_nowait(out)
+                del self._handles[rid]
+            handle.outputs.put_nowait(out)
 
-    # ---- engine thread --------------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
-        while not self._stop.is_set():
-            block = not engine.has_unfinished()
+
+class _EngineLoop:
+    """The command/step loop around one Engine, in whichever thread or process owns it. `emit(items)` receives
+    [(client request id, output or error message)] once per step; `reply(future_id, value)` answers stats."""
+
+    def __init__(self, engine: Engine, emit: Callable, reply: Callable):
+        self.engine, self.emit, self.reply = engine, emit, reply
+        self.by_client: dict[int, int] = {}       # client request id -> engine request id
+        self.by_engine: dict[int, int] = {}
+        self.stopped = False
+
+    def command(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            _, cid, ids, params = cmd
             try:
-                while True:      # take every command that is waiting; block for one only when idle
-                    kind, handle = self._commands.get(block=block)
+                rid = self.engine.add_request(ids, params)
+            except Exception as e:          # checked before submit; kept for safety
+                self.emit([(cid, f"request refused: {e}")])
+                return
+            self.by_client[cid], self.by_engine[rid] = rid, cid
+        elif kind == "abort":
+            rid = self.by_client.get(cmd[1])
+            if rid is not None:
+                self.engine.abort(rid)
+        elif kind == "stats":
+            self.reply(cmd[1], self.engine.stats())
+        elif kind == "stop":
+            self.stopped = True
+
+    def step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:       # a step that fails fails its requests, not the server
+            items = []
+            for cid, rid in list(self.by_client.items()):
+                self.engine.abort(rid)
+                items.append((cid, f"engine step failed: {e!r}"))
+            self.by_client.clear()
+            self.by_engine.clear()
+            self.engine.step()       # returns the aborted requests' blocks
+            self.emit(items, error=repr(e))
+            return
+        items = []
+        for out in outputs:
+            cid = self.by_engine.get(out.request_id)
+            if cid is None:
+                continue
+            if out.finished:
+                del self.by_engine[out.request_id], self.by_client[cid]
+            items.append((cid, out))
+        if items:
+            self.emit(items)
+
+
+class AsyncEngine(AsyncEngineBase):
+    """The Engine stepped by a thread of this process."""
+
+    def __init__(self, engine: Engine, max_pending: int = 256):
+        super().__init__(engine.limits, engine.tokenizer, max_pending)
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
+        self._thread.start()
+
+    def _send(self, command: tuple) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._commands.put(command)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats_future(self) -> concurrent.futures.Future:
+        fut = concurrent.futures.Future()
+        key = id(fut)
+        self._futures[key] = fut
+        self._commands.put(("stats", key))
+        return fut
+
+    def _stop_backend(self) -> None:
+        self._commands.put(("stop",))
+        self._thread.join(10.0)
+
+    def _emit(self, items: list, error: str | None = None) -> None:
+        if error is not None:
+            self.step_error = error
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver_all, items)
+
+    def _reply(self, key: int, value) -> None:
+        self._futures.pop(key).set_result(value)
+
+    def _run(self) -> None:
+        loop = _EngineLoop(self.engine, self._emit, self._reply)
+        while not loop.stopped:
+            block = not self.engine.has_unfinished()
+            try:
+                while not loop.stopped:      # take every waiting command; block for one only when idle
+                    loop.command(self._commands.get(block=block))
                     block = False
-                    self._command(kind, handle)
             except queue.Empty:
                 pass
-            if self._stop.is_set() or not engine.has_unfinished():
-                continue
-            try:
-                outputs = engine.step()
-            except Exception as e:       # a step that fails fails its requests, not the server
-                self.step_error = e
-                for rid, handle in list(self._handles.items()):
-                    engine.abort(rid)
-                    handle.loop.call_soon_threadsafe(self._deliver, handle, RuntimeError(f"engine step failed: {e}"))
-                self._handles.clear()
-                engine.step()     # returns the aborted requests' blocks
-                continue
-            # one wake-up of each event loop per step, not one per request: at 64 streams that is the difference
-            # between 1 and 64 cross-thread calls (each a self-pipe write) per step
-            by_loop: dict = {}
-            for out in outputs:
-                handle = self._handles.get(out.request_id)
-                if handle is None:
-                    continue
-                if out.finished:
-                    del self._handles[out.request_id]
-                by_loop.setdefault(handle.loop, []).append((handle, out))
-            for loop, items in by_loop.items():
-                loop.call_soon_threadsafe(self._deliver_all, items)
+            if not loop.stopped and self.engine.has_unfinished():
+                loop.step()
 
-    def _command(self, kind: str, handle: RequestHandle | None) -> None:
-        if kind == "add":
+
+def _engine_process_main(factory: Callable[[], Engine], commands, outputs) -> None:
+    """Child process: build the engine, report its limits, then run the command/step loop."""
+    try:
+        engine = factory()
+    except BaseException as e:
+        outputs.send(("failed", repr(e)))
+        return
+    outputs.send(("ready", engine.limits))
+    loop = _EngineLoop(engine, lambda items, error=None: outputs.send(("out", items, error)),
+                       lambda key, value: outputs.send(("stats", key, value)))
+    while not loop.stopped:
+        if engine.has_unfinished():
+            while commands.poll(0):
+                loop.command(commands.recv())
+            if not loop.stopped:
+                loop.step()
+        else:
+            loop.command(commands.recv())
+
+
+class EngineProcess(AsyncEngineBase):
+    """The Engine built by `factory()` (a picklable callable) in a spawned child process."""
+
+    def __init__(self, factory: Callable[[], Engine], tokenizer, max_pending: int = 256, start_timeout: float = 600):
+        ctx = multiprocessing.get_context("spawn")
+        self._commands, child_commands = ctx.Pipe(duplex=False)[::-1]
+        parent_outputs, child_outputs = ctx.Pipe(duplex=False)
+        self._outputs = parent_outputs
+        self._process = ctx.Process(target=_engine_process_main, args=(factory, child_commands, child_outputs),
+                                    name="dsv3-engine", daemon=True)
+        self._process.start()
+        if not parent_outputs.poll(start_timeout):
+            raise RuntimeError("the engine process did not start")
+        msg = parent_outputs.recv()
+        if msg[0] != "ready":
+            raise RuntimeError(f"the engine process failed to build its engine: {msg[1]}")
+        super().__init__(msg[1], tokenizer, max_pending)
+        self._lock = threading.Lock()                 # Connection.send from the loop and from stats callers
+        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader = threading.Thread(target=self._read, name="dsv3-engine-reader", daemon=True)
+        self._reader.start()
+
+    def _send(self, command: tuple) -> None:
+        self._loop = asyncio.get_running_loop()
+        with self._lock:
+            self._commands.send(command)
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def stats_future(self) -> concurrent.futures.Future:
+        fut = concurrent.futures.Future()
+        self._futures[id(fut)] = fut
+        with self._lock:
+            self._commands.send(("stats", id(fut)))
+        return fut
+
+    def _read(self) -> None:
+        while True:
             try:
-                handle.request_id = self.engine.add_request(handle.ids, handle.params)
-                self._handles[handle.request_id] = handle
-            except Exception as e:        # checked before submit; capacity can still be exceeded in a race
-                handle.loop.call_soon_threadsafe(self._deliver, handle, e)
-        elif kind == "abort" and handle.request_id is not None and handle.request_id in self._handles:
-            self.engine.abort(handle.request_id)
+                msg = self._outputs.recv()
+            except (EOFError, OSError):
+                break
+            if msg[0] == "out":
+                if msg[2] is not None:
+                    self.step_error = msg[2]
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._deliver_all, msg[1])
+            elif msg[0] == "stats":
+                self._futures.pop(msg[1]).set_result(msg[2])
+        # the child is gone: fail whatever still waits
+        if self._loop is not None and not self._loop.is_closed():
+            items = [(rid, "the engine process exited") for rid in list(self._handles)]
+            self._loop.call_soon_threadsafe(self._deliver_all, items)
+
+    def _stop_backend(self) -> None:
+        with self._lock:
+            self._commands.send(("stop",))
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()

@@ -4,10 +4,10 @@ Load: `num_requests` streaming /v1/completions requests (token-id prompts, greed
 at most `concurrency` in flight. Per request: time to first token (TTFT), time per output token after the first
 (TPOT), the gaps between streamed chunks (inter-token latency, ITL); overall: output tokens/s and requests/s.
 
-`bench_serve_vs_engine` runs the same workload twice on one engine: directly (`Engine.generate`, the batch of
-`concurrency` sequences kept full) and through the HTTP server (uvicorn in a thread of this process, the load
-generator in a separate process so that it does not compete for this process' GIL), and reports the ratio of output
-throughputs: what the HTTP layer costs.
+`bench_serve_vs_engine` runs the same workload twice: on an engine directly (`Engine.generate`, the batch of
+`concurrency` sequences kept full), and through the HTTP server (uvicorn in this process, the engine in its own
+process as `dsv3 serve` runs it, the load generator in a third so that it competes with neither), and reports the
+ratio of output throughputs: what the HTTP layer costs.
 """
 
 from __future__ import annotations
@@ -101,17 +101,27 @@ def engine_throughput(engine, prompts: list[list[int]], max_tokens: int, num_req
     return {"seconds": elapsed, "output_tok_per_s": tokens / elapsed}
 
 
-def bench_serve_vs_engine(engine, tokenizer, prompts: list[list[int]], other_prompts: list[list[int]],
-                          max_tokens: int, concurrency: int, num_requests: int, warmup_requests: int = 0) -> dict:
-    """`prompts` go straight to the engine, `other_prompts` (same lengths, other tokens) through the server, so that
-    neither run finds the other's prompts in the prefix cache."""
+def bench_serve_vs_engine(factory, tokenizer, prompts: list[list[int]], other_prompts: list[list[int]],
+                          max_tokens: int, concurrency: int, num_requests: int, process: bool = True) -> dict:
+    """The engine `factory()` builds, alone on `prompts`, then (a fresh one) behind the server on `other_prompts`
+    (same lengths, other tokens: neither run finds the other's prompts in the prefix cache). Each run is preceded by
+    an untimed round of `concurrency` requests (kernel compilation, CUDA-graph capture)."""
+    import gc
+
+    import torch
     import uvicorn
 
     from .app import build_app
-    if warmup_requests:     # kernels compiled and decode graphs captured before anything is timed
-        engine_throughput(engine, prompts, max_tokens, warmup_requests)
+    from .async_engine import EngineProcess
+    engine = factory()
+    engine_throughput(engine, prompts, max_tokens, concurrency)
     direct = engine_throughput(engine, prompts, max_tokens, num_requests)
-    app = build_app(engine, tokenizer, "bench", max_pending=max(num_requests, 1))
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    served = EngineProcess(factory, tokenizer, max(num_requests, 1)) if process else factory()
+    app = build_app(served, tokenizer, "bench", max_pending=max(num_requests, 1))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -121,11 +131,13 @@ def bench_serve_vs_engine(engine, tokenizer, prompts: list[list[int]], other_pro
         time.sleep(0.05)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     try:
-        served = load_in_subprocess(url=url, model="bench", prompts=other_prompts, max_tokens=max_tokens,
-                                    concurrency=concurrency, num_requests=num_requests)
+        load = dict(url=url, model="bench", prompts=other_prompts, max_tokens=max_tokens, concurrency=concurrency)
+        load_in_subprocess(**load, num_requests=concurrency)
+        served_run = load_in_subprocess(**load, num_requests=num_requests)
     finally:
         server.should_exit = True
-        thread.join(30)
-    served["engine_output_tok_per_s"] = direct["output_tok_per_s"]
-    served["server_vs_engine"] = served["output_tok_per_s"] / direct["output_tok_per_s"]
-    return served
+        thread.join(60)
+    served_run["engine_output_tok_per_s"] = direct["output_tok_per_s"]
+    served_run["server_vs_engine"] = served_run["output_tok_per_s"] / direct["output_tok_per_s"]
+    served_run["engine_layout"] = "process" if process else "thread"
+    return served_run

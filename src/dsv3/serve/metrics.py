@@ -53,8 +53,8 @@ class ServerMetrics:
             if len(out.token_ids) > 1:
                 self.tpot.observe((time.perf_counter() - handle.first_token) / (len(out.token_ids) - 1))
 
-    def render(self) -> bytes:
-        s = self.aengine.engine.stats()
+    def render(self, s: dict) -> bytes:
+        """The exposition, with the gauges set from the engine's `stats()` `s`."""
         self.running.set(s["running"])
         self.waiting.set(s["waiting"])
         self.pending.set(self.aengine.num_pending)
