@@ -48,6 +48,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1    # 2.2e-5 / 2.2e-4
     final_at: float = 0.989      # then final_lr_ratio * lr for the rest
     final_lr_ratio: float = 0.0332   # 7.3e-6 / 2.2e-4
+    # AdamW moments: fp32, or bf16 as DeepSeek-V3 (TR 3.3.3; with BF16 weights it keeps FP32 master weights too)
+    state_dtype: str = "fp32"
 
 
 @dataclass
@@ -78,6 +80,9 @@ class TrainConfig:
     dtype: str = "auto"
     recompute: bool = False      # recompute RMSNorm, MLA up-projections and SwiGLU in backward (TR 3.2.3)
     ema_decay: float = 0.0       # > 0 keeps an EMA of the parameters on the CPU (TR 3.2.3)
+    # GEMM precision of the MLA projections, dense FFNs and experts: bf16 (as `dtype`), or fp8 (E4M3, 1x128 activation
+    # tiles, 128x128 weight blocks, FP32 accumulation: TR 3.3, dsv3.fp8.training)
+    precision: str = "bf16"
     compile: bool = False        # torch.compile each block and the loss
     compile_optimizer: bool = False  # CUDA: one compiled kernel set for clipping + AdamW instead of fused AdamW
     seed: int = 0
@@ -134,7 +139,13 @@ class RunConfig:
             raise ConfigError(f"invalid run config: data.fim_rate={self.data.fim_rate} must be in [0, 1]")
         if t.dtype not in ("auto", "bf16", "fp32", "bf16-params"):
             raise ConfigError(f"invalid run config: train.dtype={t.dtype!r}; use auto, bf16, bf16-params or fp32")
+        if t.precision not in ("bf16", "fp8"):
+            raise ConfigError(f"invalid run config: train.precision={t.precision!r}; use bf16 or fp8")
         o = self.optim
+        if o.state_dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"invalid run config: optim.state_dtype={o.state_dtype!r}; use fp32 or bf16")
+        if o.state_dtype == "bf16" and t.compile_optimizer:
+            raise ConfigError("invalid run config: optim.state_dtype=bf16 does not combine with train.compile_optimizer")
         if not 0 <= o.warmup <= o.constant_until <= o.decay_until <= o.final_at <= 1:
             raise ConfigError("invalid run config: need 0 <= optim.warmup <= constant_until <= decay_until "
                               "<= final_at <= 1")

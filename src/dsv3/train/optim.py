@@ -8,6 +8,7 @@ moved only by the balancing rule.
 import torch
 from torch import nn
 
+from .adamw_bf16 import AdamWBF16
 from .config import OptimConfig
 
 
@@ -19,10 +20,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, compiled: bool = False) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, compiled: bool = False) -> torch.optim.Optimizer:
     """Fused AdamW on CUDA, foreach on CPU; `compiled`: foreach AdamW with a tensor learning rate, for
     torch.compile to fuse (a float lr would recompile whenever the schedule changes it)."""
     device = next(model.parameters()).device
+    if cfg.state_dtype == "bf16":
+        if compiled:
+            raise ValueError("optim.state_dtype=bf16 does not combine with train.compile_optimizer")
+        return AdamWBF16(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     lr: float | torch.Tensor = cfg.lr
     if compiled:
         kwargs, lr = {"foreach": True, "capturable": True}, torch.tensor(cfg.lr, device=device)
