@@ -139,6 +139,9 @@ class Trainer:
                                self.tokenizer.eos_id) if cfg.log.val_batches else []
 
         self.model = build_model(cfg, self.device)
+        if cfg.train.precision == "fp8":     # before recomputation wraps the modules
+            from ..fp8.training import apply_fp8
+            apply_fp8(self.model)
         self.layers = moe_layers(self.model)
         if cfg.train.recompute:
             apply_recompute(self.model)

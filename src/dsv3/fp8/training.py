@@ -1,0 +1,144 @@
+"""FP8 training GEMMs as autograd functions, and `apply_fp8(model)` that switches a model's linears to them
+(TR 3.3, Figure 6; spec section 4).
+
+For y = x W^T with x (M, K) and W (N, K), all three GEMMs run in E4M3 with FP32 accumulation:
+    forward       y  = Q_tile(x)            @ Q_block(W)^T        x: 1x128 tiles along K,   W: 128x128 blocks
+    input grad    dx = Q_tile(dy)           @ Q_block(W)          dy: 1x128 tiles along N,  W^T: the same blocks
+    weight grad   dW = Q_tile(dy^T)         @ Q_tile(x^T)^T       both 1x128 tiles along M (the tokens)
+The forward quantises x twice in one pass: along K for its own GEMM and along the tokens for the weight gradient
+(`quantize_tiles_transposed`); only that FP8 copy and its scales are saved for backward (the report caches
+activations in FP8), plus the FP8 weight. Everything outside these GEMMs stays in the model's precision: the
+embedding, the output head, the router, norms and attention (TR 3.3.1).
+
+Routed experts use the grouped form over the expert-sorted rows (offsets as torch._grouped_mm). Their weight
+gradient is a GEMM over each expert's own tokens, whose 128-token tiles would straddle experts; it is computed
+from the saved FP8 activations dequantised per expert (the same numbers a grouped FP8 weight-gradient kernel with
+per-expert 128-aligned segments would see, up to the tile scales at segment edges). A grouped FP8 kernel for it
+is future work.
+
+`apply_fp8` changes classes in place (`nn.Linear` -> `FP8TrainLinear`, `Experts` -> `FP8TrainExperts`): the
+parameters, their names and the state dict stay the same, so optimisers, checkpoints and export are unaffected.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.fp8_gemm import fp8_gemm, fp8_grouped_gemm
+from ..kernels.fp8_quant import (dequantize_tiles, quantize_blocks, quantize_tiles, quantize_tiles_transposed)
+from ..model.layers import MLP
+from ..model.mla import MLA
+from ..model.moe import Experts
+
+
+def _no_autocast(fn):
+    """The quantised GEMMs choose their own dtypes; autocast cannot handle fp8 tensors (torch.stack of e4m3 fails
+    in its dtype promotion), so it is off inside them."""
+    def wrapper(ctx, *args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(ctx, *args)
+    return wrapper
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1])
+        xq, xs = quantize_tiles(x2)
+        wq, ws = quantize_blocks(weight)
+        y = fp8_gemm(xq, xs, wq, ws, out_dtype=dtype)
+        xq_t, xs_t = quantize_tiles_transposed(x2)
+        ctx.save_for_backward(xq_t, xs_t, wq, ws)
+        ctx.shape, ctx.weight_dtype = shape, weight.dtype
+        return y.view(*shape[:-1], -1)
+
+    @staticmethod
+    @_no_autocast
+    def backward(ctx, dy: torch.Tensor):
+        xq_t, xs_t, wq, ws = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        gq, gs = quantize_tiles(dy2)
+        # W^T (K, N) in 128x128 blocks is W's blocks transposed
+        dx = fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), out_dtype=dy.dtype)
+        gq_t, gs_t = quantize_tiles_transposed(dy2)
+        dw = fp8_gemm(gq_t, gs_t, xq_t, xs_t, out_dtype=torch.float32)
+        return dx.view(ctx.shape), dw.to(ctx.weight_dtype)
+
+
+class FP8GroupedFunction(torch.autograd.Function):
+    """y[rows of expert e] = x[rows of e] @ W[e]^T for x (M, K) sorted by expert, W (E, N, K), offs (E,)."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_tiles(x)
+        pairs = [quantize_blocks(w) for w in weight]
+        wq, ws = torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+        y = fp8_grouped_gemm(xq, xs, wq, ws, offs, out_dtype=x.dtype)
+        ctx.save_for_backward(xq, xs, wq, ws, offs)
+        ctx.weight_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    @_no_autocast
+    def backward(ctx, dy: torch.Tensor):
+        xq, xs, wq, ws, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        gq, gs = quantize_tiles(dy)
+        dx = fp8_grouped_gemm(gq, gs, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(), offs,
+                              out_dtype=dy.dtype)
+        # weight gradient per expert from the FP8 copies (see the module docstring)
+        x = dequantize_tiles(xq, xs)
+        g = dequantize_tiles(gq, gs)
+        dw = torch.zeros(wq.shape, dtype=torch.float32, device=dy.device)
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            if end > start:
+                dw[e] = g[start:end].t() @ x[start:end]
+            start = end
+        return dx, dw.to(ctx.weight_dtype), None
+
+
+class FP8TrainLinear(nn.Linear):
+    """An nn.Linear whose matmul runs in FP8 in forward and backward (same parameters; no bias in V3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):     # activations in the autocast dtype, as a bf16 linear's
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        y = FP8LinearFunction.apply(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+
+class FP8TrainExperts(Experts):
+    def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.stacked_weights()
+        offs = counts.cumsum(0).to(torch.int32)
+        if torch.is_autocast_enabled(xs.device.type):
+            xs = xs.to(torch.get_autocast_dtype(xs.device.type))
+        h = F.silu(FP8GroupedFunction.apply(xs, gate, offs)) * FP8GroupedFunction.apply(xs, up, offs)
+        return FP8GroupedFunction.apply(h, down, offs)
+
+
+_MLA_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+def apply_fp8(model: nn.Module) -> nn.Module:
+    """Run the MLA projections, dense / shared FFNs and routed experts in FP8, in place; the embedding, head,
+    router, norms and attention core keep their precision (TR 3.3.1). Returns the model."""
+    for module in model.modules():
+        if isinstance(module, MLA):
+            for name in _MLA_LINEARS:
+                child = getattr(module, name, None)
+                if type(child) is nn.Linear:
+                    child.__class__ = FP8TrainLinear
+        elif isinstance(module, MLP):
+            for child in (module.gate_proj, module.up_proj, module.down_proj):
+                if type(child) is nn.Linear:
+                    child.__class__ = FP8TrainLinear
+        elif type(module) is Experts:
+            module.__class__ = FP8TrainExperts
+    return model

@@ -1,0 +1,286 @@
+"""FP8 (e4m3) quantisation for DeepSeek-V3's FP8 training recipe: PyTorch references and Triton kernels.
+
+Activations get one scale per 1x128 tile (a row's 128 consecutive elements along the last dim), weights one per
+128x128 block. Each scale comes from the tile's max-abs and is the DEQUANTISATION multiplier (like the checkpoint's
+`weight_scale_inv`):
+
+    scale = max(amax, EPS) / 448                           EPS = 1e-4 (DeepSeek's kernels clamp amax there)
+    scale = 2 ** ceil(log2(max(amax, EPS) / 448))          with pow2=True (exact in the exponent, >= the plain one)
+    q     = (x / scale).clamp(-448, 448).to(float8_e4m3fn),  so  x ~= float(q) * scale
+
+All math is fp32 (x is widened first, exactly). The pow2 rounding is done on the fp32 bits (add 0x7FFFFF, clear the
+mantissa: the next power of two for any positive normal float), not through log2, whose rounding could land just
+below a power of two and make the scale too small. The division is the correctly rounded one in both
+implementations (`tl.math.div_rn`: Triton's plain `/` is approximate on the GPU), so they agree bit for bit.
+
+  quantize_tiles(x (M, K))            -> q (M, K), scale (M, ceil(K/128))              forward activations
+  quantize_tiles_transposed(x (M, K)) -> q_t (K, M), scale_t (K, ceil(M/128))          = quantize_tiles(x.T)
+  quantize_blocks(w (N, K))           -> q (N, K), scale (ceil(N/128), ceil(K/128))    weights
+
+The transposed variant serves the weight gradient dW = dY^T X, whose reduction runs over tokens: dY and X are
+scaled per 128 tokens of one column and stored K-major, in one pass (x.T is never materialised in high precision).
+Weights need no transposed variant: the blocks are square, so quantize_blocks(w.T) is exactly (q.T, scale.T).
+Edge tiles and blocks (K, M or N not multiples of 128) are partial: their scales come from the elements present.
+
+`*_triton` kernels: fp32 in registers, masked edges (loaded as 0, which leaves amax alone), RTNE e4m3 cast after
+the clamp (so it does not matter whether the hardware cast saturates):
+  tiles:      grid (cdiv(M, 32), cdiv(K, 128)); a program loads 32 rows x one 128-column tile, row-wise amax.
+  transposed: grid (cdiv(K, 64), cdiv(M, 128)); a program loads 128 tokens x 64 columns, amax over the tokens per
+              column, and stores the tile transposed (q_t rows are columns of x) with its 64 scales; column
+              tiles vary fastest, so neighbouring programs read adjacent pieces of the same 128 rows.
+  blocks:     grid (cdiv(N, 128), cdiv(K, 128)); one program per 128x128 block, amax over the block.
+
+Dispatchers (`quantize_tiles`, ...): Triton on CUDA sm_89+ when triton imports, else the reference;
+DSV3_FP8_QUANT=reference forces the reference. `dequantize_tiles` / `dequantize_blocks` are reference helpers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional: CPU runs need only the references
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+HAS_TRITON = triton is not None
+
+__all__ = ["EPS", "FP8_MAX", "HAS_TRITON", "TILE", "dequantize_blocks", "dequantize_tiles", "quantize_blocks",
+           "quantize_blocks_reference", "quantize_blocks_triton", "quantize_tiles", "quantize_tiles_reference",
+           "quantize_tiles_transposed", "quantize_tiles_transposed_reference", "quantize_tiles_transposed_triton",
+           "quantize_tiles_triton"]
+
+TILE = 128  # tile length and block side (kept local: kernels sit below dsv3.fp8 in the import direction)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+EPS = 1e-4  # amax floor: an all-zero tile gets a finite, tiny scale
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_E4M3 = torch.float8_e4m3fn
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_x(x: Tensor, name: str = "x") -> tuple[int, int]:
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in _DTYPES:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a 2-D tensor of dtype in {_DTYPES}, got shape {shape} "
+                         f"dtype {getattr(x, 'dtype', None)}")
+    return x.shape[0], x.shape[1]
+
+
+def _check_q_scale(q: Tensor, scale: Tensor, expected: tuple[int, int], what: str) -> None:
+    if tuple(scale.shape) != expected or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be a float32 tensor of shape {expected} ({what} of q {tuple(q.shape)}), got "
+                         f"shape {tuple(scale.shape)} dtype {scale.dtype}")
+    if q.device != scale.device:
+        raise ValueError(f"devices differ: q {q.device}, scale {scale.device}")
+
+
+def _check_q(q: Tensor) -> tuple[int, int]:
+    if q.dim() != 2 or q.dtype != _E4M3:
+        raise ValueError(f"q must be a 2-D float8_e4m3fn tensor, got shape {tuple(q.shape)} dtype {q.dtype}")
+    return q.shape[0], q.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------------------
+
+def _scales(amax: Tensor, pow2: bool) -> Tensor:
+    s = amax.clamp_min(EPS) / FP8_MAX
+    if pow2:
+        s = ((s.view(torch.int32) + 0x7FFFFF) & -0x800000).view(torch.float32)
+    return s
+
+
+def quantize_tiles_reference(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """1x128-tile e4m3 quantisation of x (M, K): q (M, K) float8_e4m3fn, scale (M, ceil(K/128)) fp32."""
+    M, K = _check_x(x)
+    nt = _cdiv(K, TILE)
+    xf = torch.nn.functional.pad(x.float(), (0, nt * TILE - K)).view(M, nt, TILE)  # zeros leave amax unchanged
+    scale = _scales(xf.abs().amax(dim=-1), pow2)
+    q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX)  # clamp explicitly: GPU casts need not saturate
+    return q.view(M, nt * TILE)[:, :K].to(_E4M3).contiguous(), scale.contiguous()
+
+
+def quantize_tiles_transposed_reference(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """quantize_tiles of x.T: q_t (K, M) float8_e4m3fn contiguous, scale_t (K, ceil(M/128)) fp32."""
+    _check_x(x)
+    return quantize_tiles_reference(x.t().contiguous(), pow2)
+
+
+def quantize_blocks_reference(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """128x128-block e4m3 quantisation of w (N, K): q (N, K), scale (ceil(N/128), ceil(K/128)) fp32.
+    quantize_blocks(w.T) is (q.T, scale.T): no transposed variant needed."""
+    N, K = _check_x(w, "w")
+    nr, nc = _cdiv(N, TILE), _cdiv(K, TILE)
+    wf = torch.nn.functional.pad(w.float(), (0, nc * TILE - K, 0, nr * TILE - N)).view(nr, TILE, nc, TILE)
+    scale = _scales(wf.abs().amax(dim=(1, 3)), pow2)
+    q = (wf / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    return q.view(nr * TILE, nc * TILE)[:N, :K].to(_E4M3).contiguous(), scale.contiguous()
+
+
+def dequantize_tiles(q: Tensor, scale: Tensor) -> Tensor:
+    """float(q (M, K)) * scale (M, ceil(K/128)) per 1x128 tile, as fp32 (M, K) (the product rounded once)."""
+    M, K = _check_q(q)
+    _check_q_scale(q, scale, (M, _cdiv(K, TILE)), "one per 1x128 tile")
+    return q.float() * scale.repeat_interleave(TILE, 1)[:, :K]
+
+
+def dequantize_blocks(q: Tensor, scale: Tensor) -> Tensor:
+    """float(q (N, K)) * scale (ceil(N/128), ceil(K/128)) per 128x128 block, as fp32 (N, K)."""
+    N, K = _check_q(q)
+    _check_q_scale(q, scale, (_cdiv(N, TILE), _cdiv(K, TILE)), "one per 128x128 block")
+    return q.float() * scale.repeat_interleave(TILE, 0)[:N].repeat_interleave(TILE, 1)[:, :K]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------------------------
+
+_BLOCK_M = 32  # rows per program in the tile kernel
+_BLOCK_K = 64  # columns per program in the transposed kernel
+
+if HAS_TRITON:
+    _EPS_C = tl.constexpr(EPS)
+    _MAX_C = tl.constexpr(FP8_MAX)
+
+    @triton.jit
+    def _scale_of(amax, POW2: tl.constexpr):
+        s = tl.math.div_rn(tl.maximum(amax, _EPS_C), _MAX_C)
+        if POW2:
+            s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True)
+        return s
+
+    @triton.jit
+    def _quant(x, s):
+        return tl.minimum(tl.maximum(tl.math.div_rn(x, s), -_MAX_C), _MAX_C)
+
+    @triton.jit
+    def _tiles_kernel(X, Q, S, M, K, stride_xm, stride_xk, stride_qm, stride_sm,
+                      BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr):
+        t = tl.program_id(1)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = t * TILE_K + tl.arange(0, TILE_K)
+        mask_m = offs_m < M
+        mask = mask_m[:, None] & (offs_k < K)[None, :]
+        rows, cols = offs_m.to(tl.int64), offs_k.to(tl.int64)  # strided views can pass M*K > 2^31 offsets
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        s = _scale_of(tl.max(tl.abs(x), axis=1), POW2)
+        q = _quant(x, s[:, None])
+        tl.store(Q + rows[:, None] * stride_qm + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+        tl.store(S + rows * stride_sm + t, s, mask=mask_m)
+
+    @triton.jit
+    def _tiles_t_kernel(X, QT, ST, M, K, stride_xm, stride_xk, stride_qk, stride_sk,
+                        BLOCK_K: tl.constexpr, TILE_M: tl.constexpr, POW2: tl.constexpr):
+        t = tl.program_id(1)
+        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_m = t * TILE_M + tl.arange(0, TILE_M)
+        mask_k = offs_k < K
+        mask_m = offs_m < M
+        rows, cols = offs_m.to(tl.int64), offs_k.to(tl.int64)
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        s = _scale_of(tl.max(tl.abs(x), axis=0), POW2)  # per column, over this tile's 128 tokens
+        q = tl.trans(_quant(x, s[None, :]))  # (BLOCK_K, TILE_M): rows of q_t are columns of x
+        tl.store(QT + cols[:, None] * stride_qk + rows[None, :], q.to(QT.dtype.element_ty),
+                 mask=mask_k[:, None] & mask_m[None, :])
+        tl.store(ST + cols * stride_sk + t, s, mask=mask_k)
+
+    @triton.jit
+    def _blocks_kernel(W, Q, S, N, K, stride_wn, stride_wk, stride_qn, stride_sn,
+                       TILE_B: tl.constexpr, POW2: tl.constexpr):
+        bn, bk = tl.program_id(0), tl.program_id(1)
+        offs_n = bn * TILE_B + tl.arange(0, TILE_B)
+        offs_k = bk * TILE_B + tl.arange(0, TILE_B)
+        mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+        rows, cols = offs_n.to(tl.int64), offs_k.to(tl.int64)
+        w = tl.load(W + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32)
+        s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+        q = _quant(w, s)
+        tl.store(Q + rows[:, None] * stride_qn + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+        tl.store(S + bn * stride_sn + bk, s)
+
+
+def _need_triton(name: str) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"{name} needs triton (pip install triton)")
+
+
+def quantize_tiles_triton(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """1x128-tile quantisation through Triton (same contract as `quantize_tiles_reference`)."""
+    _need_triton("quantize_tiles_triton")
+    M, K = _check_x(x)
+    q = torch.empty(M, K, device=x.device, dtype=_E4M3)
+    scale = torch.empty(M, _cdiv(K, TILE), device=x.device, dtype=torch.float32)
+    if M and K:
+        _tiles_kernel[(triton.cdiv(M, _BLOCK_M), triton.cdiv(K, TILE))](
+            x, q, scale, M, K, x.stride(0), x.stride(1), q.stride(0), scale.stride(0),
+            BLOCK_M=_BLOCK_M, TILE_K=TILE, POW2=bool(pow2), num_warps=4)
+    return q, scale
+
+
+def quantize_tiles_transposed_triton(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """quantize_tiles of x.T in one pass through Triton (same contract as `quantize_tiles_transposed_reference`)."""
+    _need_triton("quantize_tiles_transposed_triton")
+    M, K = _check_x(x)
+    q_t = torch.empty(K, M, device=x.device, dtype=_E4M3)
+    scale_t = torch.empty(K, _cdiv(M, TILE), device=x.device, dtype=torch.float32)
+    if M and K:
+        _tiles_t_kernel[(triton.cdiv(K, _BLOCK_K), triton.cdiv(M, TILE))](
+            x, q_t, scale_t, M, K, x.stride(0), x.stride(1), q_t.stride(0), scale_t.stride(0),
+            BLOCK_K=_BLOCK_K, TILE_M=TILE, POW2=bool(pow2), num_warps=4)
+    return q_t, scale_t
+
+
+def quantize_blocks_triton(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """128x128-block quantisation through Triton (same contract as `quantize_blocks_reference`)."""
+    _need_triton("quantize_blocks_triton")
+    N, K = _check_x(w, "w")
+    q = torch.empty(N, K, device=w.device, dtype=_E4M3)
+    scale = torch.empty(_cdiv(N, TILE), _cdiv(K, TILE), device=w.device, dtype=torch.float32)
+    if N and K:
+        _blocks_kernel[(triton.cdiv(N, TILE), triton.cdiv(K, TILE))](
+            w, q, scale, N, K, w.stride(0), w.stride(1), q.stride(0), scale.stride(0),
+            TILE_B=TILE, POW2=bool(pow2), num_warps=8)
+    return q, scale
+
+
+_FP8_OK: dict = {}
+
+
+def _use_triton(x: Tensor) -> bool:
+    if not (HAS_TRITON and isinstance(x, Tensor) and x.is_cuda) or os.environ.get("DSV3_FP8_QUANT") == "reference":
+        return False
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if idx not in _FP8_OK:  # Triton converts to e4m3 (fp8e4nv) only on sm_89+
+        _FP8_OK[idx] = torch.cuda.get_device_capability(idx) >= (8, 9)
+    return _FP8_OK[idx]
+
+
+def quantize_tiles(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """Dispatcher: Triton for CUDA tensors on sm_89+ when triton imports, else the PyTorch reference."""
+    if _use_triton(x):
+        return quantize_tiles_triton(x, pow2)
+    return quantize_tiles_reference(x, pow2)
+
+
+def quantize_tiles_transposed(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """Dispatcher: Triton for CUDA tensors on sm_89+ when triton imports, else the PyTorch reference."""
+    if _use_triton(x):
+        return quantize_tiles_transposed_triton(x, pow2)
+    return quantize_tiles_transposed_reference(x, pow2)
+
+
+def quantize_blocks(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """Dispatcher: Triton for CUDA tensors on sm_89+ when triton imports, else the PyTorch reference."""
+    if _use_triton(w):
+        return quantize_blocks_triton(w, pow2)
+    return quantize_blocks_reference(w, pow2)

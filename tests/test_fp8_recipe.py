@@ -1,0 +1,88 @@
+"""FP8 training (issue 6): the FP8 linear and experts against high-precision GEMMs, apply_fp8's coverage, and the
+recipe's numerics (FP8 vs BF16 training loss from the same seed, < 0.25% relative, as the report claims)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build, tiny_config
+from dsv3.fp8.training import FP8GroupedFunction, FP8LinearFunction, FP8TrainExperts, FP8TrainLinear, apply_fp8
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(37, 300, 200), (256, 256, 512), (1, 128, 128)])
+def test_fp8_linear_forward_and_gradients_within_e4m3_error(shape):
+    """All three GEMMs in E4M3 with 1x128 / 128x128 scales: relative Frobenius error against the fp64 GEMMs of the
+    unquantised operands below 5% (E4M3 rounds to 2^-4 relative; ~3.7% is typical for Gaussian data), the forward
+    above 1% (so the FP8 path is really taken; with M = 1 the weight gradient's token tiles hold one value each, which
+    quantises exactly)."""
+    M, K, N = shape
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64)
+    w = torch.randn(N, K, generator=g, dtype=torch.float64) * 0.05
+    dy = torch.randn(M, N, generator=g, dtype=torch.float64)
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    y = FP8LinearFunction.apply(xf, wf)
+    y.backward(dy.float())
+    for got, want in ((y, x @ w.t()), (xf.grad, dy @ w), (wf.grad, dy.t() @ x)):
+        assert _rel(got, want) < 0.05
+    assert _rel(y, x @ w.t()) > 0.01
+    assert wf.grad.dtype == torch.float32 and xf.grad.dtype == torch.float32
+
+
+def test_fp8_grouped_forward_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 140, 19])
+    offs = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(int(counts.sum()), 256, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 192, 256, generator=g, dtype=torch.float64) * 0.05
+    dy = torch.randn(x.shape[0], 192, generator=g, dtype=torch.float64)
+    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
+    FP8GroupedFunction.apply(xf, wf, offs).backward(dy.float())
+    bounds = [0] + offs.tolist()
+    want_y = torch.cat([x[a:b] @ w[e].t() for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+    want_dx = torch.cat([dy[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+    want_dw = torch.stack([dy[a:b].t() @ x[a:b] for a, b in zip(bounds, bounds[1:])])
+    assert _rel(xf.grad, want_dx) < 0.05 and _rel(wf.grad[[0, 2, 3]], want_dw[[0, 2, 3]]) < 0.05
+    assert wf.grad[1].abs().max() == 0                       # an expert without tokens gets no gradient
+    with torch.no_grad():
+        assert _rel(FP8GroupedFunction.apply(xf, wf, offs), want_y) < 0.05
+
+
+def test_apply_fp8_covers_the_reports_gemms_and_keeps_the_state_dict():
+    model = build(tiny_config(), seed=0)
+    names = list(model.state_dict())
+    apply_fp8(model)
+    assert list(model.state_dict()) == names                  # optimisers, checkpoints and export are unaffected
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, (FP8TrainLinear, FP8TrainExperts))}
+    assert any(n.endswith("self_attn.kv_b_proj") for n in fp8) and any(n.endswith("mlp.experts") for n in fp8)
+    assert any(n.endswith("shared_experts.down_proj") for n in fp8) and any(n.endswith("self_attn.o_proj") for n in fp8)
+    for kept in ("embed_tokens", "lm_head", "mlp.gate", "norm", "layernorm"):   # TR 3.3.1: these stay high precision
+        assert not any(kept in n.split(".")[-1] or n.endswith(kept) for n in fp8), kept
+    ids = torch.randint(0, 128, (2, 20))
+    ref = build(tiny_config(), seed=0)
+    assert _rel(model(ids), ref(ids)) < 0.1                  # same weights, FP8 GEMMs: close, not equal
+    assert _rel(model(ids), ref(ids)) > 1e-4
+
+
+def test_fp8_training_loss_within_a_quarter_percent_of_bf16(tmp_path):
+    """A 256-wide V3-shaped model (2 layers, 8 experts, MLA) trained 300 steps on the standard library's email and
+    json packages, bf16 autocast, same seed and batches: FP8 GEMMs (reference path) vs BF16 GEMMs. Mean training
+    loss over the last 50 steps within 0.25% (measured: 0.17%; two numerically different BF16 runs agree to 0.002%,
+    so the gap is FP8's own)."""
+    from fp8_recipe_cpu import chart, run_pair
+    result = run_pair(tmp_path / "runs", steps=300, cache_dir=tmp_path / "data")
+    chart(result, tmp_path / "fp8-vs-bf16.png")
+    assert (tmp_path / "fp8-vs-bf16.png").stat().st_size > 10_000
+    assert result["tail_mean"]["bf16"] < 5.0                # it learned (6.9 at the start)
+    assert result["relative_gap"] < 0.0025, result["tail_mean"]
