@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data-cache", default="out/data")
     p.add_argument("--peak", type=float, default=989e12)
     p.add_argument("--tag", default=None)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="GEMM precision (train.precision)")
+    p.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"], help="AdamW moments (optim.state_dtype)")
     return p.parse_args()
 
 
@@ -59,7 +61,8 @@ def main() -> None:
     if a.no_mtp:
         model = model.replace(num_nextn_predict_layers=0)
     tag = a.tag or (f"trainer_{a.dtype}{'_compile' if a.compile else ''}{'_recompute' if a.recompute else ''}"
-                    f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}{'_noaux' if a.alpha == 0 else ''}")
+                    f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}{'_noaux' if a.alpha == 0 else ''}"
+                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}")
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig.from_dict({
@@ -68,7 +71,8 @@ def main() -> None:
                  "seq_len": a.seq},
         "train": {"steps": 100_000, "batch_size": a.batch, "micro_batch_size": a.batch, "device": a.device,
                   "dtype": a.dtype, "compile": a.compile, "recompute": a.recompute,
-                  "compile_optimizer": a.compile_optimizer},
+                  "compile_optimizer": a.compile_optimizer, "precision": a.precision},
+        "optim": {"state_dtype": a.state_dtype},
         "balance": {"seq_aux_alpha": a.alpha},
         "log": {"val_batches": 0, "tensorboard": False, "progress": False},
     })
