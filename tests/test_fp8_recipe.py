@@ -85,3 +85,30 @@ def test_fp8_training_loss_within_a_quarter_percent_of_bf16(tmp_path):
     assert (tmp_path / "fp8-vs-bf16.png").stat().st_size > 10_000
     assert result["tail_mean"]["bf16"] < 5.0                # it learned (6.9 at the start)
     assert result["relative_gap"] < 0.0025, result["tail_mean"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_fp8_autograd_on_cuda_matches_fp64():
+    """The Triton quantisers and GEMMs inside the autograd functions (bf16 activations), forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([130, 0, 300, 7])
+    offs = counts.cumsum(0).to(torch.int32).cuda()
+    x = torch.randn(int(counts.sum()), 512, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 384, 512, generator=g, dtype=torch.float64) * 0.05
+    dy = torch.randn(x.shape[0], 384, generator=g, dtype=torch.float64)
+    xb = x.to("cuda", torch.bfloat16).requires_grad_()
+    wb = w.float().cuda().requires_grad_()
+    y = FP8GroupedFunction.apply(xb, wb, offs)
+    y.backward(dy.to("cuda", torch.bfloat16))
+    bounds = [0] + counts.cumsum(0).tolist()
+    segs = list(zip(bounds, bounds[1:]))
+    assert _rel(y.cpu(), torch.cat([x[a:b] @ w[e].t() for e, (a, b) in enumerate(segs)])) < 0.05
+    assert _rel(xb.grad.cpu(), torch.cat([dy[a:b] @ w[e] for e, (a, b) in enumerate(segs)])) < 0.05
+    assert _rel(wb.grad.cpu()[[0, 2, 3]], torch.stack([dy[a:b].t() @ x[a:b] for a, b in segs])[[0, 2, 3]]) < 0.05
+    x2 = x[:300, :].to("cuda", torch.bfloat16).requires_grad_()
+    w2 = w[0].float().cuda().requires_grad_()
+    y2 = FP8LinearFunction.apply(x2, w2)
+    y2.backward(dy[:300].to("cuda", torch.bfloat16))
+    assert _rel(y2.cpu(), x[:300] @ w[0].t()) < 0.05
+    assert _rel(x2.grad.cpu(), dy[:300] @ w[0]) < 0.05 and _rel(w2.grad.cpu(), dy[:300].t() @ x[:300]) < 0.05

@@ -12,9 +12,10 @@ embedding, the output head, the router, norms and attention (TR 3.3.1).
 
 Routed experts use the grouped form over the expert-sorted rows (offsets as torch._grouped_mm). Their weight
 gradient is a GEMM over each expert's own tokens, whose 128-token tiles would straddle experts; it is computed
-from the saved FP8 activations dequantised per expert (the same numbers a grouped FP8 weight-gradient kernel with
-per-expert 128-aligned segments would see, up to the tile scales at segment edges). A grouped FP8 kernel for it
-is future work.
+from the FP8 values of the activations and gradients (dequantised), by one `torch._grouped_mm` whose groups split
+the token dimension: the same operands a grouped FP8 weight-gradient kernel with per-expert 128-aligned segments
+would multiply, up to the tile scales at segment edges, accumulated in high precision. That kernel (DeepGEMM's
+"contiguous" layout) is future work.
 
 `apply_fp8` changes classes in place (`nn.Linear` -> `FP8TrainLinear`, `Experts` -> `FP8TrainExperts`): the
 parameters, their names and the state dict stay the same, so optimisers, checkpoints and export are unaffected.
@@ -76,8 +77,7 @@ class FP8GroupedFunction(torch.autograd.Function):
     @_no_autocast
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         xq, xs = quantize_tiles(x)
-        pairs = [quantize_blocks(w) for w in weight]
-        wq, ws = torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+        wq, ws = _quantize_stacked(weight)
         y = fp8_grouped_gemm(xq, xs, wq, ws, offs, out_dtype=x.dtype)
         ctx.save_for_backward(xq, xs, wq, ws, offs)
         ctx.weight_dtype = weight.dtype
@@ -91,16 +91,25 @@ class FP8GroupedFunction(torch.autograd.Function):
         gq, gs = quantize_tiles(dy)
         dx = fp8_grouped_gemm(gq, gs, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(), offs,
                               out_dtype=dy.dtype)
-        # weight gradient per expert from the FP8 copies (see the module docstring)
-        x = dequantize_tiles(xq, xs)
-        g = dequantize_tiles(gq, gs)
-        dw = torch.zeros(wq.shape, dtype=torch.float32, device=dy.device)
-        start = 0
-        for e, end in enumerate(offs.tolist()):
-            if end > start:
-                dw[e] = g[start:end].t() @ x[start:end]
-            start = end
+        # weight gradient of every expert from the FP8 copies (see the module docstring): one grouped GEMM whose
+        # groups split the reduction (token) dimension, no host synchronisation; bf16 operands on CUDA (what
+        # _grouped_mm takes there), fp32 elsewhere
+        dtype = torch.bfloat16 if dy.is_cuda else torch.float32
+        x = dequantize_tiles(xq, xs).to(dtype)
+        g = dequantize_tiles(gq, gs).to(dtype)
+        dw = torch._grouped_mm(g.t(), x, offs=offs)
         return dx, dw.to(ctx.weight_dtype), None
+
+
+def _quantize_stacked(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 blocks of each expert's (N, K) matrix: one call on the (E*N, K) stack when N is a multiple of 128
+    (no block straddles two experts), else one per expert."""
+    E, N, K = weight.shape
+    if N % 128 == 0:
+        q, s = quantize_blocks(weight.reshape(E * N, K))
+        return q.view(E, N, K), s.view(E, N // 128, -1)
+    pairs = [quantize_blocks(w) for w in weight]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
 
 
 class FP8TrainLinear(nn.Linear):
