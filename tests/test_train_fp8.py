@@ -71,3 +71,29 @@ def test_state_dict_round_trip_resumes_exactly():
     opt2 = AdamWBF16(twin.parameters(), lr=1e-3)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert _run(model, opt, 3, seed=5) == _run(twin, opt2, 3, seed=5)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "bf16-params"])     # bf16-params: BF16 weights, FP32 masters in AdamW
+def test_fp8_bf16_state_run_resumes_exactly(tmp_path, dtype):
+    """train.precision=fp8 with optim.state_dtype=bf16 through the Trainer: a run stopped after its step-4
+    checkpoint and resumed gives the same losses for steps 5-8 as an uninterrupted run (exact floats): the FP8
+    path is deterministic and the BF16 moments / FP32 masters come back from the checkpoint as saved."""
+    from dsv3.train import Trainer
+    from test_train_loop import small_run, train_losses
+    extra = dict(train={"precision": "fp8", "steps": 8, "batch_size_start": 4, "dtype": dtype},
+                 optim={"state_dtype": "bf16"}, checkpoint={"interval": 4, "keep": 0})
+    straight = Trainer(small_run(tmp_path, "straight", **extra), progress=False)
+    straight.run()
+    first = Trainer(small_run(tmp_path, "resumed", **extra), progress=False)
+    for _ in range(4):
+        first.train_step()
+    first.save()
+    Trainer(small_run(tmp_path, "resumed", **extra), resume=True, progress=False).run()
+    want = train_losses(tmp_path / "straight")
+    got = train_losses(tmp_path / "resumed")
+    assert [got[s] for s in range(5, 9)] == [want[s] for s in range(5, 9)]
+    opt = straight.optimizer
+    assert type(opt).__name__ == "AdamWBF16"
+    state = opt.state[next(straight.model.parameters())]
+    assert state["exp_avg"].dtype == torch.bfloat16
+    assert ("master" in state) == (dtype == "bf16-params")
