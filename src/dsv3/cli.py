@@ -266,6 +266,17 @@ def _bench_serve(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(r, indent=1))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    import json
+
+    from .parallel.plan import Cluster, Layout, format_plan, plan
+    cfg = load_model_config(args.config)
+    p = plan(cfg, Cluster(args.gpus, args.gpus_per_node, args.gpu_memory, args.nvlink, args.ib),
+             Layout(args.pp, args.ep, args.schedule, args.micro_batch, args.seq_len, args.micro_batches,
+                    2 if args.moments == "bf16" else 4))
+    print(json.dumps(p, indent=1) if args.json else format_plan(p))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from .infer.bench import bench_decode, bench_prefill, random_model
     if args.what == "serve":
@@ -368,6 +379,22 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: a process of its own)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("plan", help="memory, traffic and pipeline bubble per GPU of a parallel layout")
+    s.add_argument("--config", default="v3-671b", help="preset or config.json")
+    s.add_argument("--gpus", type=int, default=2048)
+    s.add_argument("--gpus-per-node", type=int, default=8)
+    s.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    s.add_argument("--nvlink", type=float, default=160.0, help="GB/s per GPU within a node")
+    s.add_argument("--ib", type=float, default=50.0, help="GB/s per GPU across nodes")
+    s.add_argument("--pp", type=int, default=16)
+    s.add_argument("--ep", type=int, default=64)
+    s.add_argument("--schedule", default="dualpipe", choices=["1f1b", "dualpipe", "dualpipev"])
+    s.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    s.add_argument("--seq-len", type=int, default=4096)
+    s.add_argument("--micro-batches", type=int, default=120, help="per pipeline per step (V3: 15360 / dp 128)")
+    s.add_argument("--moments", default="bf16", choices=["bf16", "fp32"], help="AdamW moment precision")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_plan)
     s = sub.add_parser("bench", help="engine throughput on random weights: decode (TTFT, TPOT, tok/s), prefill, or serve (the HTTP server vs the engine)")
     s.add_argument("what", choices=["decode", "prefill", "serve"])
     s.add_argument("--config", default="lite", help="preset or config.json")

@@ -1,0 +1,202 @@
+"""`dsv3 plan`: what a parallel layout costs per GPU, before anything runs (spec section 5, TR 3.2-3.3).
+
+Given a model config, a cluster and a layout (pipeline ranks `pp`, data-parallel ranks `dp` = GPUs / pp, expert
+parallelism `ep` dividing dp, ZeRO-1 over dp) it computes, for the most loaded pipeline rank:
+- parameters, counted from the config's shapes (embedding on the first stage; final norm, head and MTP on the last);
+  routed experts split over ep; DualPipe keeps two chunks per rank (TR Table 2: 2x parameters), DualPipeV two
+  chunks of a model cut into 2 pp chunks (so 1x of a pp-way split);
+- memory: BF16 weights, FP32 gradients, ZeRO-1 optimizer state (FP32 master + two moments, BF16 or FP32) sharded
+  over dp (replicated parameters) or dp / ep (experts), and activations of the micro-batches in flight (1F1B: pp,
+  DualPipe(V): pp + 1; TR Table 2) from a per-token estimate that assumes the report's choices (FP8 caching of
+  the inputs of linears, recomputation of RMSNorm and the MLA up-projections);
+- traffic per step: expert all-to-all over InfiniBand (node-limited routing: a token reaches at most topk_group
+  nodes; dispatch in FP8, combine in BF16, forward and backward), pipeline sends (BF16 hidden states, both
+  directions), ZeRO-1 reduce-scatter of gradients and all-gather of weights;
+- the pipeline bubble (TR Table 2) for 1F1B, ZB1P and DualPipe in units of a chunk's forward time.
+
+The activation estimate is a model, not a measurement: it is written out term by term in `activation_bytes_per_token`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..config import ModelConfig
+
+GiB = 2**30
+
+
+@dataclass
+class Cluster:
+    gpus: int
+    gpus_per_node: int = 8
+    memory_gib: float = 80.0
+    nvlink_gbps: float = 160.0     # GB/s per GPU, intra-node (TR 3.2.2: H800 NVLink 160 GB/s)
+    ib_gbps: float = 50.0          # GB/s per GPU, inter-node (IB 50 GB/s)
+
+
+@dataclass
+class Layout:
+    pp: int = 1
+    ep: int = 1
+    schedule: str = "1f1b"          # 1f1b | dualpipe | dualpipev
+    micro_batch: int = 1            # sequences per micro-batch
+    seq_len: int = 4096
+    micro_batches: int = 8          # per pipeline per step
+    moment_bytes: int = 2           # BF16 AdamW moments (TR 3.3.3); 4 for FP32
+
+
+def layer_params(cfg: ModelConfig, moe: bool) -> tuple[int, int]:
+    """(replicated, routed-expert) parameter counts of one decoder layer."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    q = (D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * qk) if cfg.q_lora_rank else D * H * qk
+    kv = D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank \
+        + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    attn = q + kv + H * cfg.v_head_dim * D + 2 * D                       # + input / post-attention norms
+    if not moe:
+        return attn + 3 * D * cfg.intermediate_size, 0
+    expert = 3 * D * cfg.moe_intermediate_size
+    return attn + cfg.n_routed_experts * D + cfg.n_shared_experts * expert, cfg.n_routed_experts * expert
+
+
+def stage_layers(cfg: ModelConfig, stages: int) -> list[list[int]]:
+    """Decoder layers of each pipeline stage: contiguous, the first `L % stages` stages one layer longer."""
+    L = cfg.num_hidden_layers
+    base, extra = divmod(L, stages)
+    out, start = [], 0
+    for s in range(stages):
+        n = base + (s < extra)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def stage_params(cfg: ModelConfig, stages: int) -> list[tuple[int, int]]:
+    """(replicated, expert) parameters per stage, embedding on the first, norm + head + MTP on the last."""
+    V, D = cfg.vocab_size, cfg.hidden_size
+    out = []
+    for s, layers in enumerate(stage_layers(cfg, stages)):
+        rep = exp = 0
+        for i in layers:
+            r, e = layer_params(cfg, cfg.is_moe_layer(i))
+            rep, exp = rep + r, exp + e
+        if s == 0:
+            rep += V * D
+        if s == stages - 1:
+            rep += D + V * D
+            for _ in range(cfg.num_nextn_predict_layers):     # MTP: 2 norms, eh_proj, a MoE block, head norm
+                r, e = layer_params(cfg, True)
+                rep, exp = rep + 3 * D + 2 * D * D + r, exp + e
+        out.append((rep, exp))
+    return out
+
+
+def activation_bytes_per_token(cfg: ModelConfig, moe: bool) -> int:
+    """Bytes kept for backward per token per layer under the report's choices (an estimate):
+    residual input (BF16), the MLA latents c_q, c_kv, k_pe (BF16; the up-projections are recomputed), the attention
+    output (FP8, o_proj's input) and softmax statistics (FP32 per head); then the FFN: inputs of the linears in FP8
+    and the SwiGLU input (gate and up outputs, FP8: SwiGLU is recomputed), for a MoE layer top-k routed copies plus
+    the shared expert, the router's scores (FP32) and the combine weights."""
+    D, H = cfg.hidden_size, cfg.num_attention_heads
+    attn = 2 * D + 2 * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank + cfg.qk_rope_head_dim) \
+        + H * cfg.v_head_dim + 4 * H
+    if not moe:
+        return attn + D + 2 * cfg.intermediate_size + D
+    k, I = cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    routed = k * (D + 2 * I + I)                      # dispatched input, SwiGLU input, down_proj input (FP8)
+    shared = cfg.n_shared_experts * (D + 3 * I)
+    return attn + D + routed + shared + 4 * cfg.n_routed_experts + 4 * k
+
+
+def bubble(pp: int, schedule: str, f: float = 1.0, b: float = 2.0, w: float = 1.0, fb: float | None = None) -> float:
+    """Pipeline bubble (TR Table 2) in units of F; `fb`: an overlapped forward+backward chunk (default F + B)."""
+    fb = f + b if fb is None else fb
+    if schedule == "1f1b":
+        return (pp - 1) * (f + b)
+    if schedule == "zb1p":
+        return (pp - 1) * (f + b - 2 * w)
+    if schedule in ("dualpipe", "dualpipev"):
+        return (pp / 2 - 1) * (fb + b - 3 * w)
+    raise ValueError(f"unknown schedule {schedule!r}; use 1f1b, zb1p, dualpipe or dualpipev")
+
+
+def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
+    problems = []
+    pp, ep = layout.pp, layout.ep
+    if cluster.gpus % pp:
+        raise ValueError(f"{cluster.gpus} GPUs do not split into {pp} pipeline ranks")
+    dp = cluster.gpus // pp
+    if dp % ep:
+        raise ValueError(f"ep={ep} must divide the data-parallel degree dp={dp} (= GPUs / pp)")
+    if cfg.n_routed_experts % ep:
+        raise ValueError(f"ep={ep} must divide the {cfg.n_routed_experts} routed experts")
+    if layout.schedule not in ("1f1b", "dualpipe", "dualpipev"):
+        raise ValueError(f"unknown schedule {layout.schedule!r}; use 1f1b, dualpipe or dualpipev")
+    dual = layout.schedule in ("dualpipe", "dualpipev")
+    if dual and (pp % 2 or layout.micro_batches < 2 * pp or
+                 (layout.schedule == "dualpipe" and layout.micro_batches % 2)):
+        problems.append(f"{layout.schedule} needs an even pp and micro_batches >= 2 pp (DualPipe: even too)")
+    chunks = 2 * pp if layout.schedule == "dualpipev" else pp
+    per_chunk = stage_params(cfg, chunks)
+    if layout.schedule == "1f1b":
+        per_rank = per_chunk
+    elif layout.schedule == "dualpipe":                   # rank r holds chunk r and its mirror pp-1-r
+        per_rank = [tuple(a + b for a, b in zip(per_chunk[r], per_chunk[pp - 1 - r])) for r in range(pp)]
+    else:                                                 # V shape: rank r holds chunks r and 2pp-1-r
+        per_rank = [tuple(a + b for a, b in zip(per_chunk[r], per_chunk[chunks - 1 - r])) for r in range(pp)]
+    rank = max(range(pp), key=lambda r: per_rank[r][0] + per_rank[r][1] / ep)
+    rep, exp = per_rank[rank]
+    local = rep + exp / ep                                # parameters a GPU holds
+    weights, grads = 2 * local, 4 * local
+    optim = (4 + 2 * layout.moment_bytes) * (rep / dp + exp / ep / (dp // ep))
+    tokens = layout.micro_batch * layout.seq_len
+    layers = stage_layers(cfg, chunks)
+    mine = layers[rank] + (layers[chunks - 1 - rank] if dual else [])
+    # TR Table 2 counts activations in micro-batches of one chunk: pp (1F1B) or pp + 1 (DualPipe) of them per rank
+    act_chunk = max(tokens * sum(activation_bytes_per_token(cfg, cfg.is_moe_layer(i)) for i in c)
+                    for c in ([layers[rank], layers[chunks - 1 - rank]] if dual else [layers[rank]]))
+    act_mb = act_chunk
+    in_flight = pp + 1 if dual else pp
+    acts = act_mb * in_flight
+    total = weights + grads + optim + acts
+    if total > cluster.memory_gib * GiB:
+        problems.append(f"does not fit: {total / GiB:.1f} GiB per GPU > {cluster.memory_gib} GiB")
+    # traffic per step per GPU
+    nodes = max(1, ep // cluster.gpus_per_node)
+    fanout = min(cfg.topk_group if cfg.n_group > 1 else cfg.num_experts_per_tok, nodes) if nodes > 1 else 0
+    moe_layers = sum(cfg.is_moe_layer(i) for i in mine)
+    a2a_ib = layout.micro_batches * moe_layers * tokens * fanout * cfg.hidden_size * (1 + 2) * 2
+    pp_bytes = layout.micro_batches * tokens * cfg.hidden_size * 2 * 2 * (2 if dual else 1)
+    dp_bytes = (4 + 2) * local * (dp - 1) / dp
+    f, b, w = 1.0, 2.0, 1.0
+    return {
+        "layout": {**asdict(layout), "dp": dp, "nodes": cluster.gpus // cluster.gpus_per_node,
+                   "ep_nodes": nodes, "busiest_pipeline_rank": rank},
+        "params": {"total_with_mtp": sum(stage_params(cfg, 1)[0]), "replicated_on_rank": rep,
+                   "experts_on_rank": exp / ep, "on_gpu": local},
+        "memory_gib": {"weights_bf16": weights / GiB, "grads_fp32": grads / GiB, "optimizer_zero1": optim / GiB,
+                       "activations": acts / GiB, "activations_per_micro_batch": act_mb / GiB, "total": total / GiB},
+        "traffic_gb_per_step": {"expert_all_to_all_ib": a2a_ib / 1e9, "pipeline": pp_bytes / 1e9,
+                                "zero1_dp": dp_bytes / 1e9,
+                                "all_to_all_seconds_at_ib": a2a_ib / (cluster.ib_gbps * 1e9)},
+        "bubble_in_F": {s: bubble(pp, s, f, b, w) for s in ("1f1b", "zb1p", "dualpipe")},
+        "bubble_fraction": {s: bubble(pp, s, f, b, w) / (bubble(pp, s, f, b, w) + layout.micro_batches * (f + b))
+                            for s in ("1f1b", "zb1p", "dualpipe")},
+        "problems": problems,
+    }
+
+
+def format_plan(p: dict) -> str:
+    lay, par, mem, tr = p["layout"], p["params"], p["memory_gib"], p["traffic_gb_per_step"]
+    lines = [f"layout   pp {lay['pp']} x dp {lay['dp']} (ep {lay['ep']} over {lay['ep_nodes']} node(s)), "
+             f"{lay['schedule']}, {lay['micro_batches']} micro-batches of {lay['micro_batch']} x {lay['seq_len']}",
+             f"params   {par['total_with_mtp'] / 1e9:.2f}B with MTP; busiest rank {lay['busiest_pipeline_rank']}: "
+             f"{par['replicated_on_rank'] / 1e9:.2f}B replicated + {par['experts_on_rank'] / 1e9:.2f}B experts "
+             f"= {par['on_gpu'] / 1e9:.2f}B per GPU",
+             "memory   " + ", ".join(f"{k} {v:.1f} GiB" for k, v in mem.items()),
+             "traffic  " + ", ".join(f"{k} {v:.2f}" for k, v in tr.items()),
+             "bubble   " + ", ".join(f"{k} {v:g} F ({p['bubble_fraction'][k]:.1%})"
+                                     for k, v in p["bubble_in_F"].items()) + "  (F=1, B=2, W=1, F&B=F+B)"]
+    lines += [f"PROBLEM  {x}" for x in p["problems"]]
+    return "\n".join(lines)

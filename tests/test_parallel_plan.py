@@ -1,0 +1,53 @@
+"""`dsv3 plan` on the report's layout (671B on 2048 H800s: PP16 with DualPipe, EP64 over 8 nodes, ZeRO-1): the
+figures derivable from the report, pinned."""
+
+import pytest
+
+from dsv3 import load_model_config
+from dsv3.parallel.plan import Cluster, Layout, bubble, format_plan, plan, stage_layers, stage_params
+
+
+@pytest.fixture(scope="module")
+def v3():
+    return load_model_config("v3-671b")
+
+
+def test_parameter_counts_match_the_shapes(v3):
+    main = sum(stage_params(v3.replace(num_nextn_predict_layers=0), 1)[0])
+    assert main == 671_026_404_352                         # dsv3 info / spec 1.1: 671.03B
+    assert sum(stage_params(v3, 1)[0]) - main == 11_610_067_968   # the MTP module: 11.61B
+    per_stage = stage_params(v3, 16)
+    assert sum(a + b for a, b in per_stage) == sum(stage_params(v3, 1)[0])   # nothing lost or double counted
+    assert [len(x) for x in stage_layers(v3, 16)] == [4] * 13 + [3] * 3
+
+
+def test_bubbles_of_table_2():
+    # TR Table 2 with F=1, B=2, W=1 and F&B = F + B: 1F1B (PP-1)(F+B), ZB1P (PP-1)(F+B-2W), DualPipe (PP/2-1)(F&B+B-3W)
+    assert bubble(16, "1f1b") == 45 and bubble(16, "zb1p") == 15 and bubble(16, "dualpipe") == 14
+    assert bubble(8, "dualpipe", f=1, b=2, w=1, fb=2.5) == 3 * 1.5       # an overlapped chunk shorter than F+B
+    with pytest.raises(ValueError):
+        bubble(8, "gpipe")
+
+
+def test_the_reports_layout_fits_and_is_pinned(v3):
+    p = plan(v3, Cluster(2048, 8, 80.0), Layout(pp=16, ep=64, schedule="dualpipe", seq_len=4096, micro_batches=120))
+    assert p["layout"]["dp"] == 128 and p["layout"]["ep_nodes"] == 8 and not p["problems"]
+    par, mem = p["params"], p["memory_gib"]
+    # rank 0 holds chunk 0 (embedding + 4 layers) and chunk 15 (3 layers, norm, head, MTP): DualPipe's 2x parameters
+    assert par["on_gpu"] / 1e9 == pytest.approx(5.75, abs=0.01)
+    assert mem["weights_bf16"] == pytest.approx(2 * par["on_gpu"] / 2**30)
+    assert mem["total"] == pytest.approx(67.5, abs=0.1)
+    one = plan(v3, Cluster(2048, 8, 80.0), Layout(pp=16, ep=64, schedule="1f1b", seq_len=4096, micro_batches=120))
+    assert one["params"]["on_gpu"] < par["on_gpu"] and one["memory_gib"]["total"] < mem["total"]
+    assert p["bubble_fraction"]["dualpipe"] < one["bubble_fraction"]["1f1b"]
+    assert "dualpipe" in format_plan(p)
+
+
+def test_layouts_that_do_not_fit_or_do_not_divide_are_flagged(v3):
+    small = plan(v3, Cluster(256, 8, 80.0), Layout(pp=8, ep=32, schedule="dualpipe", micro_batches=32))
+    assert any("does not fit" in x for x in small["problems"])
+    assert plan(v3, Cluster(2048), Layout(pp=16, ep=64, schedule="dualpipe", micro_batches=8))["problems"]
+    for cluster, layout in ((Cluster(100), Layout(pp=16)), (Cluster(2048), Layout(pp=16, ep=48)),
+                            (Cluster(2048), Layout(pp=16, ep=64, schedule="gpipe"))):
+        with pytest.raises(ValueError):
+            plan(v3, cluster, layout)
