@@ -1,0 +1,189 @@
+"""Expert parallelism (spec 5: V3 trains with 64-way EP and no TP): the routed experts of every MoE layer are sharded
+over an EP process group, rank r holding the contiguous experts [r*E/ep, (r+1)*E/ep). Everything else (attention,
+gate, shared experts, embedding, head, norms) is replicated, and every rank routes its own tokens.
+
+Applied from outside, the model stays free of torch.distributed: `apply_expert_parallel(model, group)` slices each
+`Experts` module's stacked parameters in place and switches its class to `ExpertParallelExperts`, whose forward is
+`Experts.forward` with an all-to-all dispatch before the grouped GEMM and an all-to-all combine after it:
+  1. sort the (token, k) pairs by global expert, as Experts.forward does: the rows for rank 0 come first, then 1, ...
+  2. exchange the per-expert counts (E int64, one small all-to-all): they give the uneven split sizes of both
+     directions and, on the receiver, how many of the rows from each source go to each local expert;
+  3. dispatch the rows (all_to_all_single, uneven splits), group them by local expert, grouped GEMM, ungroup;
+  4. combine: the reverse all-to-all, un-permute to (token, k) order, weight by the gate and sum over k.
+No token is dropped and there is no capacity factor (TR 2.1.2): split sizes are exact, read on the host.
+Both row all-to-alls are autograd functions whose backward is the reverse all-to-all, so every rank must run the
+same forward and backward sequence of MoE layers (it does: the model is identical on every rank).
+
+Training with EP, the EP group doubling as the data-parallel group (each rank feeds its own batch):
+  * `all_reduce_expert_loads`: the gate is replicated, so each rank counts only its own tokens' loads; summed over
+    the group, the aux-loss-free bias update (spec 1.7) sees the step's whole batch and stays identical everywhere.
+  * `sync_gradients`: with loss = mean over all ranks' tokens = (1/ep) sum_r L_r and rank r backpropagating its own
+    L_r, a replicated parameter's local gradient is dL_r/dw, so it is averaged over the group (as in plain DP). An
+    expert lives on one rank only, and the backward all-to-alls bring it the row gradients of every rank's L_r: its
+    local gradient is already sum_r dL_r/dw. Dividing by ep makes it the gradient of the mean; no communication.
+  * `grad_norm`: the global norm for clipping; expert shards differ per rank, so a local norm would clip each rank
+    differently and let the replicas drift apart.
+(If EP were a sub-group of DP, each expert would also have replicas to average over; not implemented here.)
+
+Order: apply after FP8 (`apply_fp8`, whose expert `ffn` is kept) and before recomputation, compilation and the
+optimizer (parameters are replaced). On a meta-device model only the local slice is materialised by `to_empty`.
+State dicts hold the local slice; `first_expert` says where it starts.
+"""
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..model.moe import Experts, MoE, _DispatchRows, _PermuteRows, expert_order
+
+_STACKED = ("gate_proj", "up_proj", "down_proj")
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of x to the ranks of `group` by split sizes (host ints, uneven); the backward sends the row gradients
+    back the reverse way. (torch.distributed.nn.functional's equivalent is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def _all_to_all(x, out_splits, in_splits, group):
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class ExpertParallelExperts(Experts):
+    """Experts holding E/ep of the E routed experts; forward(x, weights, idx, counts) takes global expert ids and
+    global counts (E,) and returns the same (N, D) as the unsharded Experts on this rank's tokens."""
+
+    group: dist.ProcessGroup
+    ep_size: int
+    n_experts: int      # E, global
+    first_expert: int   # global id of local expert 0
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        K, ep, L = idx.shape[1], self.ep_size, self.n_experts // self.ep_size
+        # 1. (token, k) pairs sorted by global expert: consecutive blocks of rows for ranks 0, 1, ...
+        order, inverse = expert_order(idx.flatten(), counts)
+        xs = _DispatchRows.apply(x, order, inverse, K)                                    # (N*K, D)
+        # 2. recv[s, e]: rows source s sends to local expert e (counts split evenly: L experts per rank)
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts.contiguous(), group=self.group)
+        recv = recv.view(ep, L)
+        splits = torch.cat([counts.view(ep, L).sum(1), recv.sum(1)]).tolist()        # one host sync for both
+        send_splits, recv_splits = splits[:ep], splits[ep:]
+        # 3. dispatch; rows arrive by source, each source's rows by local expert: regroup by local expert
+        rows = _AllToAll.apply(xs, recv_splits, send_splits, self.group)
+        local_idx = torch.arange(L, device=counts.device).repeat(ep).repeat_interleave(recv.flatten())
+        local_counts = recv.sum(0)
+        order2, inverse2 = expert_order(local_idx, local_counts)
+        rows = _PermuteRows.apply(rows, order2, inverse2)
+        y = self.ffn(rows, local_counts) if rows.shape[0] else self._no_rows(rows)
+        y = _PermuteRows.apply(y, inverse2, order2)                                     # back to arrival order
+        # 4. combine: every row returns to its sender, in the sender's expert order
+        y = _AllToAll.apply(y, send_splits, recv_splits, self.group)
+        y = _PermuteRows.apply(y, inverse, order).unflatten(0, (-1, K))                 # (N, K, D) token order
+        return (y * weights[..., None]).sum(1).to(x.dtype)
+
+    def _no_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The (0, D) output of a rank that received no rows. It must stay in the autograd graph (else this rank
+        would skip the backward all-to-alls the others wait in) and have the dtype the other ranks send (the
+        autocast dtype, as `ffn`); the grouped GEMM itself fails on zero rows in backward."""
+        dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) \
+            else rows.dtype
+        return rows.to(dtype) * 0
+
+
+@functools.cache
+def _ep_class(cls: type) -> type:
+    """The EP class for an Experts class: a subclass of it (e.g. FP8TrainExperts) keeps its own `ffn`."""
+    if cls is Experts:
+        return ExpertParallelExperts
+    return type(f"ExpertParallel{cls.__name__}", (ExpertParallelExperts, cls), {})
+
+
+def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
+    """Shard every routed-expert module of `model` (main layers and MTP) over `group`, in place. Returns model."""
+    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    modules = [m for m in model.modules() if isinstance(m, Experts) and not isinstance(m, ExpertParallelExperts)]
+    for m in modules:     # check everything before changing anything
+        E = m.gate_proj.shape[0]
+        if E % ep:
+            raise ValueError(f"expert parallelism needs n_routed_experts % ep == 0, got {E} experts for ep={ep}")
+        if not all(isinstance(getattr(m, n), nn.Parameter) for n in _STACKED):
+            raise TypeError(f"{type(m).__name__} does not keep its experts as parameters {_STACKED}")
+        if "forward" in m.__dict__:
+            raise RuntimeError("apply expert parallelism before wrapping Experts.forward (e.g. apply_recompute)")
+    for m in modules:
+        E = m.gate_proj.shape[0]
+        L = E // ep
+        for name in _STACKED:
+            p = getattr(m, name)
+            setattr(m, name, nn.Parameter(p.detach()[rank * L:(rank + 1) * L].clone(), requires_grad=p.requires_grad))
+        m.__class__ = _ep_class(type(m))
+        m.group, m.ep_size, m.n_experts, m.first_expert = group, ep, E, rank * L
+    return model
+
+
+def _expert_params(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()}
+
+
+@torch.no_grad()
+def all_reduce_expert_loads(model: nn.Module, group: dist.ProcessGroup) -> None:
+    """Sum every MoE's `tokens_per_expert` over `group`, in place (one collective): call it after the forward and
+    before the loads are read for the bias update. (A trainer accumulating several micro-batches' loads can instead
+    all-reduce its summed loads once per step.)"""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moes:
+        return
+    loads = torch.stack([m.tokens_per_expert for m in moes])
+    dist.all_reduce(loads, group=group)
+    for m, load in zip(moes, loads):
+        m.tokens_per_expert.copy_(load)
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
+    """After each rank's backward of the mean loss over its own tokens (equal token counts on every rank), make the
+    gradients those of the mean loss over all ranks' tokens: replicated ones averaged over the group, expert ones
+    divided by the group size (see the module docstring)."""
+    ep = dist.get_world_size(group)
+    experts = _expert_params(model)
+    replicated: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in experts:
+            # a rank that received no rows has no expert gradient: the unsharded run has zeros there
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.div_(ep)
+        elif p.grad is not None:
+            replicated.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in replicated.values():      # one flat all-reduce per dtype, not one per tensor
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=group)         # sum, then / ep: gloo has no ReduceOp.AVG
+        for g, f in zip(grads, flat.div_(ep).split([g.numel() for g in grads])):
+            g.copy_(f.view_as(g))
+
+
+@torch.no_grad()
+def grad_norm(model: nn.Module, group: dist.ProcessGroup) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient after `sync_gradients`: replicated gradients counted once, the
+    expert shards of all ranks summed. The same value on every rank, for clipping."""
+    experts = _expert_params(model)
+    params = [p for p in model.parameters() if p.grad is not None]
+    sq = torch.zeros(2, dtype=torch.float64, device=params[0].device if params else None)   # replicated, expert
+    for p in params:
+        sq[int(id(p) in experts)] += p.grad.double().square().sum()
+    dist.all_reduce(sq[1:], group=group)
+    return (sq[0] + sq[1]).sqrt()
