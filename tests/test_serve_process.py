@@ -51,3 +51,51 @@ def test_metrics_and_stop(server):
     process = server.app.state.async_engine._process
     server.stop()                       # lifespan shutdown: drain, then the child exits
     assert not process.is_alive()
+
+
+def test_cli_serve_end_to_end(tmp_path):
+    """`dsv3 serve --model DIR` on a Hugging Face directory: the real command line, engine process included; a
+    completion, then SIGTERM drains and exits cleanly."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from dsv3 import save_pretrained
+    from serve_fixture import build_engine
+    engine = build_engine()
+    save_pretrained(engine.model, tmp_path / "m")
+    engine.tokenizer.save(tmp_path / "m")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from dsv3.cli import main; sys.exit(main())", "serve",
+                             "--model", str(tmp_path / "m"), "--port", str(port), "--dtype", "float64",
+                             "--max-model-len", "256", "--cache-gib", "0.01"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                      "temperature": 0}, timeout=30).json()
+        want = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0]
+        assert r["choices"][0]["text"] == want.text
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the captured signal: exit by SIGTERM, without a traceback
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+        out = proc.stdout.read()
+        assert "Traceback" not in out and "serving 'm'" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -16,7 +16,7 @@ from .config import ConfigError, ModelConfig, load_model_config
 from .model import Transformer, generate
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16}
+          "float16": torch.float16, "float64": torch.float64}
 
 
 def _fmt(n: int) -> str:
@@ -125,16 +125,19 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(path)
 
 
-def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, ema: bool = False):
-    """A training run (its latest checkpoint and tokenizer) or a Hugging Face directory, fp32 on the CPU."""
+def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, ema: bool = False,
+                             dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A training run (its latest checkpoint and tokenizer) or a Hugging Face directory, in `dtype` on `device`
+    (a Hugging Face checkpoint is read straight into them: a 16B model never exists in fp32 on the host)."""
     from .data import Tokenizer
     path = Path(model_path)
     if (path / "checkpoints").is_dir():
         from .train import load_run_model
         model, _ = load_run_model(path, ema=ema)
+        model.to(device=device, dtype=dtype)
         tok_dir = path / "tokenizer"
     else:
-        model, tok_dir = load_pretrained(path, dtype=torch.float32).eval(), path
+        model, tok_dir = load_pretrained(path, dtype=dtype, device=device).eval(), path
     if not (tok_dir / "tokenizer.json").exists() and not tokenizer_path:
         raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer")
     return model, Tokenizer.load(tokenizer_path or tok_dir), Path(tokenizer_path or tok_dir)
@@ -168,9 +171,8 @@ def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtyp
                   config):
     """The engine `dsv3 serve` runs (built in the engine process)."""
     from .infer import Engine
-    model, tokenizer, _ = load_model_and_tokenizer(model_path, tokenizer_path)
     dtype = DTYPES[dtype_name] if dtype_name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model.to(device=device, dtype=dtype)
+    model, tokenizer, _ = load_model_and_tokenizer(model_path, tokenizer_path, dtype=dtype, device=device)
     if fp8:
         from .infer.fp8_weights import quantize_weights
         quantize_weights(model)
