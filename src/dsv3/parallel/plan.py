@@ -195,7 +195,8 @@ def format_plan(p: dict) -> str:
              f"{par['replicated_on_rank'] / 1e9:.2f}B replicated + {par['experts_on_rank'] / 1e9:.2f}B experts "
              f"= {par['on_gpu'] / 1e9:.2f}B per GPU",
              "memory   " + ", ".join(f"{k} {v:.1f} GiB" for k, v in mem.items()),
-             "traffic  " + ", ".join(f"{k} {v:.2f}" for k, v in tr.items()),
+             "traffic  per step: " + ", ".join(f"{k} {v:.2f} {'s' if k.endswith('seconds_at_ib') else 'GB'}"
+                                              for k, v in tr.items()),
              "bubble   " + ", ".join(f"{k} {v:g} F ({p['bubble_fraction'][k]:.1%})"
                                      for k, v in p["bubble_in_F"].items()) + "  (F=1, B=2, W=1, F&B=F+B)"]
     lines += [f"PROBLEM  {x}" for x in p["problems"]]
