@@ -1,0 +1,145 @@
+"""Pipeline parallelism with DualPipeV (spec 5), on top of `torch.distributed.pipelining`.
+
+`split_stages(model, n)` cuts a built Transformer into n sequential chunks that share the model's parameters (no
+copy): chunk 0 = embedding + first layers, chunk n-1 = last layers + final norm + lm_head + the MTP modules; decoder
+layers are spread as evenly as possible (earlier chunks take the remainder). Parameter names inside a chunk are the
+model's own (`layers.3.mlp...`, `mtp.0...`), so checkpoints and per-parameter comparisons map one to one.
+
+DualPipeV (the "cut-in-half" DualPipe, spec 5): with W ranks there are 2W chunks and rank r holds chunks r and
+2W-1-r, a V: micro-batches go down the ranks through chunks 0..W-1 and back up through W..2W-1, so rank 0 holds both
+the first chunk (embedding) and the last one (head + MTP), as in TR 3.2.3. `build_dualpipev` wraps the two local
+chunks in `PipelineStage`s and builds torch's `ScheduleDualPipeV`, which needs n_microbatches >= 2W.
+
+MTP on the last chunk: the MTP module needs Emb(t_{i+1}), and the token ids only exist at chunk 0. Rather than
+sending integer ids through the pipeline (received activations get requires_grad in some torch versions, which
+integer tensors refuse), chunk 0 also emits the embeddings `emb = Emb(input_ids)` as a second activation; the middle
+chunks pass it on and the last chunk feeds emb[:, k:] to MTP depth k (exactly `Transformer.mtp_logits`). The
+embedding's MTP gradient flows back to chunk 0 as an ordinary activation gradient, so every parameter belongs to
+exactly one chunk (the schedule's `scale_grads` divides each stage's gradients once; a parameter registered in two
+stages would be divided twice, and a zero-bubble weight pass could miss it). The cost is a second (B, T, D) tensor
+per pipeline hop; a hand-written V schedule would keep it on rank 0, where chunk 0 and the last chunk both live.
+The last chunk outputs (logits, *mtp_logits), or logits alone without MTP; `lm_loss_fn` turns that and the micro-
+batch's window (B, T+1) into main CE + weight * mean MTP CE, as the trainer does.
+
+Limitations:
+  * No compute/communication overlap: torch runs DualPipeV's overlapped F&B actions one after the other unless an
+    overlapped forward/backward is registered (`schedule.register_custom_function(OVERLAP_F_B, fn)`); the schedule
+    order (and its smaller bubble) is DualPipeV's, the EP all-to-all hiding of real DualPipe is not there.
+  * The sequence-wise balance loss (spec 1.7) is not wired in: its per-layer terms would have to be added on each
+    stage (e.g. through the stage outputs). Aux-loss-free bias updates work per stage, with each rank's MoE layers'
+    `tokens_per_expert` summing over its micro-batches.
+  * Stage shapes are given statically (`microbatch_shape`), so torch runs no shape inference: it would run the MoE
+    on meta or uninitialised tensors, and the MoE reads its expert counts on the host. Every micro-batch must have
+    that shape. Recomputation (`apply_recompute`) is applied to the shared modules and should compose, but is untested
+    here, as are FSDP/EP inside a stage.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
+
+from ..model.rope import rope_cos_sin
+from ..model.transformer import Transformer
+
+
+class Chunk(nn.Module):
+    """Layers [start, stop) of a Transformer, plus the embedding on the first chunk and the norm, head and MTP modules
+    on the last. forward: chunk 0 takes input_ids (B, T); the others take the previous chunk's outputs."""
+
+    def __init__(self, model: Transformer, start: int, stop: int, first: bool, last: bool):
+        super().__init__()
+        self.config, self.first, self.last = model.config, first, last
+        self.with_emb = len(model.mtp) > 0       # the embeddings travel with the hidden states for the MTP modules
+        if first:
+            self.embed_tokens = model.embed_tokens
+        # ModuleDict keyed by the global layer index: parameter names stay "layers.{i}...."
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(start, stop)})
+        if last:
+            self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None):
+        if self.first:
+            x = emb = self.embed_tokens(x)
+        T = x.shape[1]
+        cos, sin = rope_cos_sin(self.config, torch.arange(T, device=x.device))
+        for layer in self.layers.values():
+            x = layer(x, cos, sin)
+        if not self.last:
+            # a fresh tensor, not the received buffer itself: the stage may reuse its receive buffers
+            return (x, emb.clone()) if self.with_emb else x
+        h = self.norm(x)
+        out, hk = [self.lm_head(h)], h
+        for k, module in enumerate(self.mtp, start=1):       # Transformer.mtp_logits with emb in place of Emb(ids)
+            hk = module(hk[:, :-1], emb[:, k:], cos[:T - k], sin[:T - k])
+            out.append(self.lm_head(module.shared_head.norm(hk)))
+        return tuple(out) if self.with_emb else out[0]
+
+
+def split_stages(model: Transformer, n_chunks: int) -> list[Chunk]:
+    """n_chunks sequential chunks of `model` sharing its parameters; layers split as evenly as possible."""
+    n_layers = len(model.layers)
+    if not 1 <= n_chunks <= n_layers:
+        raise ValueError(f"cannot split {n_layers} layers into {n_chunks} chunks of at least one layer")
+    base, extra = divmod(n_layers, n_chunks)
+    chunks, start = [], 0
+    for c in range(n_chunks):
+        stop = start + base + (c < extra)
+        chunks.append(Chunk(model, start, stop, first=c == 0, last=c == n_chunks - 1))
+        start = stop
+    return chunks
+
+
+def lm_loss_fn(mtp_weight: float = 0.3, ce=None):
+    """loss_fn(output, window) for the last stage: main CE of the logits against window[:, 1:], plus mtp_weight times
+    the mean over depths of the MTP CE against window[:, k+1:] (as `Trainer`). ce(logits (B, T, V), targets (B, T))
+    defaults to the trainer's mean token cross-entropy (in fp32)."""
+    if ce is None:
+        ce = lambda lg, t: F.cross_entropy(lg.float().flatten(0, 1), t.flatten())
+    def loss_fn(output, window):
+        logits, *mtp = (output,) if isinstance(output, torch.Tensor) else output
+        loss = ce(logits, window[:, 1:])
+        if mtp:
+            loss = loss + mtp_weight * torch.stack([ce(lg, window[:, k + 1:]) for k, lg in enumerate(mtp, 1)]).mean()
+        return loss
+    return loss_fn
+
+
+def _example_io(chunk: Chunk, b: int, t: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    """Meta-device example inputs and outputs of a chunk for a (b, t) micro-batch (static stage shapes)."""
+    # Float examples require grad: torch 2.13 takes requires_grad from them to decide which received activations
+    # become autograd leaves and which outputs get a gradient back (with False the backward of a middle stage fails).
+    cfg, meta = chunk.config, torch.device("meta")
+    act = lambda: torch.empty(b, t, cfg.hidden_size, dtype=dtype, device=meta, requires_grad=True)
+    hidden = (act(), act()) if chunk.with_emb else (act(),)
+    inputs = (torch.empty(b, t, dtype=torch.long, device=meta),) if chunk.first else hidden
+    if not chunk.last:
+        return inputs, hidden
+    logits = [torch.empty(b, t - k, cfg.vocab_size, dtype=dtype, device=meta, requires_grad=True)
+              for k in range(len(chunk.mtp) + 1)]
+    return inputs, tuple(logits) if chunk.with_emb else (logits[0],)
+
+
+def build_dualpipev(model: Transformer, rank: int, world: int, loss_fn, n_microbatches: int,
+                    microbatch_shape: tuple[int, int], group=None, device: torch.device | str = "cpu",
+                    scale_grads: bool = True):
+    """(schedule, [stage for chunk rank, stage for chunk 2*world-1-rank]) for DualPipeV on `world` pipeline ranks.
+
+    `model` is the full model on every rank (only the local chunks' parameters are used and get gradients; a real
+    run would build only those, e.g. on the meta device, and free the rest). `loss_fn(output, target)` runs on the
+    last stage (see `lm_loss_fn`); `microbatch_shape` = (micro-batch size, T) of the input ids. Rank 0 calls
+    `schedule.step(input_ids, target=windows, losses=losses)` (it holds the first and the last chunk), the others
+    `schedule.step()`. With scale_grads the gradients are averaged over micro-batches, i.e. those of the mean loss.
+    """
+    n_chunks = 2 * world
+    if n_microbatches < n_chunks:
+        raise ValueError(f"DualPipeV needs n_microbatches >= 2 * world = {n_chunks}, got {n_microbatches}")
+    chunks = split_stages(model, n_chunks)
+    dtype = model.embed_tokens.weight.dtype
+    stages = []
+    for idx in (rank, n_chunks - 1 - rank):        # the V: down the ranks, then back up
+        inputs, outputs = _example_io(chunks[idx], *microbatch_shape, dtype)
+        stages.append(PipelineStage(chunks[idx], idx, n_chunks, torch.device(device), input_args=inputs,
+                                    output_args=outputs, group=group))
+    schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+    return schedule, stages
