@@ -1,0 +1,77 @@
+"""Data parallelism with FSDP2 (spec 5: ZeRO over the data-parallel ranks): every parameter is sharded over a 1-D
+DeviceMesh (dim 0 of each tensor, one slice per rank) as a DTensor, all-gathered just before the unit that uses it
+runs and freed after; gradients are reduce-scattered (averaged over the mesh) in backward. An optimizer built after
+`apply_data_parallel` sees only the local shards, so its state (AdamW's two moments) is sharded too.
+
+Units, in this order (fully_shard must see children before their parent, which takes what is left):
+  * each decoder block and each MTP module: one all-gather / reduce-scatter per block, so only one block's full
+    parameters live at a time and communication overlaps the neighbouring block's compute (an MTP module's
+    `shared_head.norm`, which `mtp_logits` calls outside the module's forward, is a tiny unit of its own);
+  * the root, which keeps what no block owns: the embedding, the final norm and the head. The root is sharded with
+    reshard_after_forward=False, whatever the blocks use: `dsv3.train.trainer.lm_losses` calls `hidden_states`,
+    then `lm_head` and `mtp_logits` (which use `embed_tokens` and `lm_head` again) outside any root forward, so
+    the root's parameters must stay gathered from `hidden_states` until the backward (FSDP2 reshards the root in
+    its final backward callback, after every use has accumulated its gradient).
+  * `hidden_states` is registered as an FSDP forward method: it is the root's entry point in training (lm_losses
+    never calls `forward`), and the first root call is where FSDP2 finds its root and gathers the root's parameters.
+    `mtp_logits` is deliberately not registered: its input `hidden` requires grad, so FSDP2 would run the root's
+    post-backward (reduce-scatter + reshard) as soon as the MTP branch's gradient reached it, before the main
+    branch's embedding and head gradients exist (tried: the backward then fails on freed parameter storage).
+
+Buffers stay plain, replicated tensors: `e_score_correction_bias` (routing bias) and `tokens_per_expert` (loads).
+Each rank counts only its own tokens' loads, so before the aux-loss-free bias update the trainer must sum the loads
+over the mesh (`sync_expert_loads`, after the forward and before reading the loads); then every rank applies the same
+update and the biases stay identical. (With gradient accumulation, summing the accumulated loads once is enough.)
+
+Gradient semantics: FSDP2 averages gradients over the mesh, so with every rank backpropagating the mean loss over its
+own (equally many) tokens, the result is the gradient of the mean over the whole global batch.
+
+Not handled here: expert parallelism combined with FSDP (dsv3.parallel.expert shards the experts over its own group),
+mixed precision policies, gradient clipping (torch.nn.utils.clip_grad_norm_ should take the DTensor gradients and
+return the global norm as a DTensor; not tested here). `fully_shard` is imported from torch.distributed.fsdp, its public path since
+torch 2.6 (valid on 2.11 and 2.13). After a forward under no_grad (evaluation) the root stays gathered until
+the next backward: call `model.reshard()` if memory matters (state_dict() reshards it by itself).
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+from .expert import all_reduce_expert_loads
+
+
+def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
+    """Shard `model` (a dsv3 Transformer) over the 1-D `mesh` with FSDP2, in place; returns it (its class becomes an
+    FSDP subclass). Apply after everything that replaces parameters and before building the optimizer.
+    reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3; backward gathers them
+    again) or keep them until the backward (ZeRO-2 style: less communication, more memory)."""
+    if mesh.ndim != 1:
+        raise ValueError(f"apply_data_parallel expects a 1-D mesh, got {mesh.ndim} dimensions")
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for module in model.mtp:
+        # mtp_logits applies shared_head.norm to the module's output outside the module's forward: its own unit,
+        # else it would meet the module's parameters already resharded (DTensors)
+        fully_shard(module.shared_head.norm, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # the root: embedding, final norm, head (see the module docstring for why it is never resharded after forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
+
+
+def sync_expert_loads(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Sum every MoE's `tokens_per_expert` over the data-parallel `mesh`, in place (one all-reduce), so that the
+    bias update sees the loads of the whole global batch and keeps the routing biases identical on every rank."""
+    all_reduce_expert_loads(model, mesh.get_group())
+
+
+def dp_mean(value, mesh: DeviceMesh) -> float:
+    """The mean over the mesh of a per-rank scalar (e.g. each rank's loss over its equally sized share of the batch):
+    the loss over the global batch, for logging. A collective: every rank must call it."""
+    # a copy on the mesh's device (NCCL needs a GPU tensor), never the caller's tensor itself
+    t = torch.as_tensor(value).detach().to(device=mesh.device_type, dtype=torch.float64, copy=True)
+    dist.all_reduce(t, group=mesh.get_group())     # sum, then divide: gloo has no ReduceOp.AVG
+    return (t / mesh.size()).item()
