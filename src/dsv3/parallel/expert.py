@@ -23,7 +23,7 @@ Training with EP, the EP group doubling as the data-parallel group (each rank fe
     local gradient is already sum_r dL_r/dw. Dividing by ep makes it the gradient of the mean; no communication.
   * `grad_norm`: the global norm for clipping; expert shards differ per rank, so a local norm would clip each rank
     differently and let the replicas drift apart.
-(If EP were a sub-group of DP, each expert would also have replicas to average over; not implemented here.)
+(When EP is a sub-group of DP, each expert also has replicas to average over: dsv3.parallel.parallelize.)
 
 Order: apply after FP8 (`apply_fp8`, whose expert `ffn` is kept) and before recomputation, compilation and the
 optimizer (parameters are replaced). On a meta-device model only the local slice is materialised by `to_empty`.

@@ -1,0 +1,125 @@
+"""Expert parallelism inside data parallelism (spec 5): a 2-D layout of world = dp * ep ranks, mesh (dp, ep) with
+dimension names ("dp", "ep"), rank = d * ep + e. Every rank feeds its own, equally sized share of the global batch.
+  * Routed experts are sharded over "ep": the ep ranks of one row d (an EP group) hold all E experts between them,
+    rank (d, e) the contiguous experts [e*E/ep, (e+1)*E/ep) (`dsv3.parallel.expert.apply_expert_parallel` on the
+    row's group); the dp ranks of one column e hold replicas of the same experts.
+  * Everything else (attention, gate, shared experts, embedding, head, norms) is replicated on all world ranks and its
+    gradients are averaged over the whole world (plain all-reduce; FSDP-sharding it over the world is not done here).
+
+Gradients (loss = mean over all world tokens = 1/(dp*ep) * sum_{d,e} L_{d,e}, L_{d,e} the mean loss over rank
+(d, e)'s own tokens, which each rank backpropagates):
+  * replicated w: rank (d, e)'s local gradient is dL_{d,e}/dw, so the sum over the world divided by dp*ep;
+  * expert w held by column e: the backward all-to-alls of row d bring rank (d, e) the row gradients of every rank in
+    its row, so its local gradient is already sum_{e'} dL_{d,e'}/dw (as in 1-D EP). The other rows d hold replicas of
+    the same experts and computed the same thing for their tokens, so the full gradient is
+    1/(dp*ep) * sum_d sum_{e'} dL_{d,e'}/dw = all-reduce over the column ("dp" group), then divide by dp*ep.
+  With dp == 1 this is `dsv3.parallel.expert.sync_gradients`; with ep == 1 it is plain data parallelism.
+
+Routing-bias loads: the gate is replicated and each rank counts only its own tokens, so the loads are summed over the
+whole world (`sync_expert_loads_2d`) before the bias update; then every rank applies the same update.
+
+Order in a training step: forward + backward of the local loss -> `sync_gradients_2d` -> (clip with `grad_norm_2d`)
+-> optimizer step -> `sync_expert_loads_2d` -> bias update (`dsv3.train.balance.update_bias`).
+Order of application: like `apply_expert_parallel` (after FP8, before recomputation, compilation and building the
+optimizer: expert parameters are replaced by their local slices).
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .expert import (
+    _expert_params,
+    all_reduce_expert_loads,
+    apply_expert_parallel,
+    grad_norm,
+)
+
+DIMS = ("dp", "ep")
+
+
+def parallelize(model: nn.Module, world_group_or_mesh: DeviceMesh | dist.ProcessGroup | None, dp: int, ep: int,
+                device_type: str | None = None) -> nn.Module:
+    """Shard `model`'s routed experts over the "ep" dimension of a (dp, ep) mesh, in place, and attach the mesh as
+    `model.parallel_mesh` (what `sync_gradients_2d`, `sync_expert_loads_2d`, `grad_norm_2d` take). Returns model.
+
+    world_group_or_mesh: a DeviceMesh of shape (dp, ep) named ("dp", "ep"), or the world group / None, in which case
+    the mesh is built over all ranks (dp * ep must equal the world size). device_type: the mesh's device when it is
+    built here (default: "cuda" under NCCL, else "cpu")."""
+    if isinstance(world_group_or_mesh, DeviceMesh):
+        mesh = world_group_or_mesh
+        if tuple(mesh.shape) != (dp, ep) or tuple(mesh.mesh_dim_names or ()) != DIMS:
+            raise ValueError(f"expected a mesh of shape ({dp}, {ep}) named {DIMS}, "
+                             f"got {tuple(mesh.shape)} named {mesh.mesh_dim_names}")
+    else:
+        group = world_group_or_mesh
+        if group is not None and group != dist.group.WORLD:
+            # a sub-world mesh would need its own flattened group for the world-wide reductions below
+            raise ValueError("pass the world group (or None) or a DeviceMesh, not a sub-group")
+        if dp * ep != dist.get_world_size():
+            raise ValueError(f"dp * ep = {dp} * {ep} != world size {dist.get_world_size()}")
+        if device_type is None:
+            device_type = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
+        mesh = init_device_mesh(device_type, (dp, ep), mesh_dim_names=DIMS)
+    if mesh.size() != dist.get_world_size():
+        raise ValueError("the (dp, ep) mesh must span the whole world (the replicated reductions use the world group)")
+    # ep group of rank (d, e) = row d; its rank in that group is e, so apply_expert_parallel gives it slice e
+    apply_expert_parallel(model, mesh["ep"].get_group())
+    model.parallel_mesh = mesh
+    return model
+
+
+def _world_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    # parallelize checked that the mesh spans the world: the world group is the flattened (dp, ep) group
+    assert mesh.size() == dist.get_world_size()
+    return dist.group.WORLD
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
+    """Sum `grads` over `group` and multiply by `scale`, in place: one flat collective per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for gs in by_dtype.values():
+        flat = torch.cat([g.flatten() for g in gs])
+        dist.all_reduce(flat, group=group)          # sum, then scale: gloo has no ReduceOp.AVG
+        for g, f in zip(gs, flat.mul_(scale).split([g.numel() for g in gs])):
+            g.copy_(f.view_as(g))
+
+
+@torch.no_grad()
+def sync_gradients_2d(model: nn.Module, mesh: DeviceMesh) -> None:
+    """After every rank's backward of the mean loss over its own (equally many) tokens, make the gradients those of
+    the mean loss over all world tokens (see the module docstring): replicated ones summed over the world / (dp*ep),
+    expert ones summed over the "dp" dimension / (dp*ep). Every rank must call it (collectives)."""
+    dp, ep = mesh.shape
+    world = dp * ep
+    experts = _expert_params(model)
+    expert_grads, replicated = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in experts:
+            if p.grad is None:
+                # a row that routed no tokens to these experts has no gradient: the unsharded run has zeros there,
+                # and every dp replica must still join the collective
+                p.grad = torch.zeros_like(p)
+            expert_grads.append(p.grad)
+        elif p.grad is not None:
+            replicated.append(p.grad)
+    _all_reduce_flat(expert_grads, mesh["dp"].get_group(), 1.0 / world)
+    _all_reduce_flat(replicated, _world_group(mesh), 1.0 / world)
+
+
+def sync_expert_loads_2d(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Sum every MoE's `tokens_per_expert` over the whole world, in place: after the forward, before the loads are
+    read for the bias update, so that every rank sees the global batch's loads and the biases stay identical."""
+    all_reduce_expert_loads(model, _world_group(mesh))
+
+
+def grad_norm_2d(model: nn.Module, mesh: DeviceMesh) -> torch.Tensor:
+    """The global gradient L2 norm after `sync_gradients_2d` (for clipping), the same on every rank: after the sync
+    the dp replicas of an expert hold the same gradient, so summing the expert shards over one row (the "ep" group)
+    counts every expert once; replicated gradients are counted once."""
+    return grad_norm(model, mesh["ep"].get_group())

@@ -1,0 +1,169 @@
+"""Expert parallelism inside data parallelism (dsv3.parallel.parallelize, spec 5) against the single-process run.
+
+One spawn of four gloo ranks, mesh (dp, ep) = (2, 2): each trains the tiny float64 model (two MoE layers and an MoE
+MTP module, E = 8, so 4 experts per rank) with SGD on `sync_gradients_2d` gradients and the bias update on
+`sync_expert_loads_2d` loads, rank r = d*ep + e fed batch r (all four batches differ). The ranks save what they
+measured; the single-process reference on the concatenation of the four batches runs once, here in the pytest process
+(not on every rank: four copies on few cores would only cost time), and the tests compare.
+"""
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import build, tiny_config
+
+from dsv3.parallel.expert import ExpertParallelExperts
+from dsv3.parallel.parallelize import (
+    grad_norm_2d,
+    parallelize,
+    sync_expert_loads_2d,
+    sync_gradients_2d,
+)
+from dsv3.train.balance import collect_balance_loss, moe_layers, update_bias
+from dsv3.train.trainer import lm_losses
+
+DP, EP, STEPS, B, T = 2, 2, 3, 2, 12
+WORLD = DP * EP
+MTP_WEIGHT, ALPHA, LR, BIAS_SPEED = 0.3, 0.01, 0.5, 0.01
+EXPERT_SUFFIXES = ("experts.gate_proj", "experts.up_proj", "experts.down_proj")
+
+
+def _config():
+    return tiny_config(num_hidden_layers=3, first_k_dense_replace=1)     # MoE layers 1, 2 and the MTP module
+
+
+def _windows():
+    """(STEPS, WORLD, B, T + 1): batch r of each step goes to rank r; the reference sees their concatenation."""
+    return torch.randint(0, _config().vocab_size, (STEPS, WORLD, B, T + 1), generator=torch.Generator().manual_seed(1))
+
+
+def _loss(model, window):
+    """Main + MTP cross-entropy (float64, mean over this batch's tokens) + sequence-wise balance loss."""
+    for _, m in moe_layers(model):
+        m.tokens_per_expert.zero_()
+        m.keep_routing = True
+    main, mtp, _, _ = lm_losses(model, window, ce=lambda lg, t: F.cross_entropy(lg.flatten(0, 1), t.flatten()))
+    return main + MTP_WEIGHT * torch.stack(mtp).mean() + ALPHA * collect_balance_loss(moe_layers(model))
+
+
+def _step(model, opt, window, mesh=None):
+    """One step: loss, backward, (sync), SGD, then the bias update on the (world-summed) loads. Returns the loss, the
+    gradients as the optimizer saw them, the global gradient norm and the biases after the update."""
+    loss = _loss(model, window)
+    loss.backward()
+    local = loss.item()
+    if mesh is not None:
+        sync_gradients_2d(model, mesh)
+        norm = grad_norm_2d(model, mesh).item()
+        total = loss.detach().clone()
+        dist.all_reduce(total)                      # the world-mean loss, for comparison with the reference
+        loss = total / WORLD
+    else:
+        norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    opt.zero_grad()
+    if mesh is not None:
+        sync_expert_loads_2d(model, mesh)
+    loads = torch.stack([m.tokens_per_expert for _, m in moe_layers(model)])
+    update_bias(moe_layers(model), loads, BIAS_SPEED)
+    bias = torch.stack([m.gate.e_score_correction_bias for _, m in moe_layers(model)]).clone()
+    return {"loss": loss.item(), "local_loss": local, "grads": grads, "norm": norm, "loads": loads.clone(), "bias": bias}
+
+
+def _worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))   # a collective mismatch fails, not hangs
+    try:
+        model = parallelize(build(_config(), dtype=torch.float64).train(), dist.group.WORLD, DP, EP)
+        mesh = model.parallel_mesh
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        windows = _windows()
+        res = {"steps": [_step(model, opt, windows[s, rank], mesh) for s in range(STEPS)],
+               "coord": tuple(mesh.get_coordinate()),
+               "dp_ranks": dist.get_process_group_ranks(mesh["dp"].get_group()),
+               "ep_ranks": dist.get_process_group_ranks(mesh["ep"].get_group()),
+               "first_expert": [m.first_expert for m in model.modules() if isinstance(m, ExpertParallelExperts)],
+               "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+        torch.save(res, out_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dp_ep")
+    ctx = mp.spawn(_worker, args=(str(tmp / "init"), tmp), nprocs=WORLD, join=False)
+    for _ in range(120):             # at most 2 minutes, then fail instead of hanging the suite
+        if ctx.join(timeout=1):
+            break
+    else:
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail("dp x ep workers did not finish")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model = build(_config(), dtype=torch.float64).train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    windows = _windows()
+    steps = [_step(model, opt, windows[s].flatten(0, 1)) for s in range(STEPS)]    # batches 0..3 concatenated
+    return {"steps": steps, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def _local(name, tensor, e):
+    """The reference tensor as rank (d, e) holds it: the expert slice of column e, everything else whole."""
+    if name.endswith(EXPERT_SUFFIXES):
+        L = tensor.shape[0] // EP
+        return tensor[e * L:(e + 1) * L]
+    return tensor
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def test_layout(ranks):
+    for r, res in enumerate(ranks):
+        d, e = divmod(r, EP)
+        assert res["coord"] == (d, e)
+        assert res["ep_ranks"] == [d * EP + i for i in range(EP)]      # a row holds all experts
+        assert res["dp_ranks"] == [i * EP + e for i in range(DP)]      # a column holds replicas of the same ones
+        assert res["first_expert"] == [e * 4] * 3                      # E / ep = 4 per rank, 3 MoE modules
+        assert res["params"]["layers.1.mlp.experts.gate_proj"].shape == (4, 32, 64)
+
+
+def test_dp_ep_training_matches_the_single_process_run(ranks, reference):
+    for r, res in enumerate(ranks):
+        e = r % EP
+        for step, (got, ref) in enumerate(zip(res["steps"], reference["steps"])):
+            assert abs(got["loss"] - ref["loss"]) <= 1e-10 * abs(ref["loss"]), (r, step, got["loss"], ref["loss"])
+            assert got["grads"].keys() == ref["grads"].keys(), (r, step)
+            errs = {n: _rel(g, _local(n, ref["grads"][n], e)) for n, g in got["grads"].items()}
+            worst = max(errs, key=errs.get)
+            assert errs[worst] < 1e-9, (r, step, worst, errs[worst])
+            assert abs(got["norm"] - ref["norm"]) <= 1e-9 * ref["norm"], (r, step, got["norm"], ref["norm"])
+            assert torch.equal(got["loads"], ref["loads"]), (r, step)
+            assert torch.equal(got["bias"], ref["bias"]), (r, step)
+            assert torch.equal(got["bias"], ranks[0]["steps"][step]["bias"]), (r, step)   # identical everywhere
+        for n, p in res["params"].items():
+            assert (p - _local(n, reference["params"][n], e)).abs().max() < 1e-10, (r, n)
+    # the run really moved the biases and the loss, so agreement means something
+    steps = reference["steps"]
+    assert not torch.equal(steps[0]["bias"], steps[-1]["bias"])
+    assert steps[0]["loss"] != steps[-1]["loss"]
+
+
+def test_ranks_really_had_different_data(ranks):
+    """Before the sync each rank's loss differs; the synced (world-mean) loss is the same everywhere."""
+    local = [res["steps"][0]["local_loss"] for res in ranks]
+    assert len(set(local)) == WORLD, local
+    synced = [res["steps"][0]["loss"] for res in ranks]
+    assert max(synced) - min(synced) <= 1e-12 * abs(synced[0]), synced
