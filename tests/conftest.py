@@ -58,3 +58,18 @@ def interpreter_cases(module: str) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
+
+
+def run_ranks(worker, world: int, tmp: Path, what: str, timeout_s: int = 120) -> list:
+    """Spawn `world` processes running `worker(rank, init_file, out_dir)` (each saves `out_dir/rank{r}.pt`) and
+    return the saved results in rank order; a hang fails the test after `timeout_s` instead of blocking the suite."""
+    import torch.multiprocessing as mp
+    ctx = mp.spawn(worker, args=(str(tmp / "init"), tmp), nprocs=world, join=False)
+    for _ in range(timeout_s):
+        if ctx.join(timeout=1):
+            break
+    else:
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail(f"{what} workers did not finish")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -11,9 +11,8 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import build, tiny_config
+from conftest import build, run_ranks, tiny_config
 
 from dsv3.model.moe import Experts
 from dsv3.parallel.expert import (
@@ -183,16 +182,7 @@ def _worker(rank, init_file, out_dir):
 # ---- the tests ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ep")
-    ctx = mp.spawn(_worker, args=(str(tmp / "init"), tmp), nprocs=WORLD, join=False)
-    for _ in range(120):             # at most 2 minutes, then fail instead of hanging the suite
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("expert-parallel workers did not finish")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("ep"), "expert-parallel")
 
 
 def test_training_steps_match_the_single_process_run(ranks):

@@ -13,9 +13,8 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import build, tiny_config
+from conftest import build, run_ranks, tiny_config
 
 from dsv3.parallel.pipeline import build_dualpipev, lm_loss_fn, split_stages
 from dsv3.train.trainer import lm_losses
@@ -80,16 +79,7 @@ def _worker(rank, init_file, out_dir):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pp")
-    ctx = mp.spawn(_worker, args=(str(tmp / "init"), tmp), nprocs=WORLD, join=False)
-    for _ in range(120):             # at most 2 minutes, then fail instead of hanging the suite
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("pipeline workers did not finish")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("pp"), "pipeline")
 
 
 def test_dualpipev_matches_the_single_process_run(ranks):
