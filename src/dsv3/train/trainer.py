@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .config import RunConfig
 from .dataset import prepare_dataset
 from .ema import CPUEma
 from .metrics import MetricsLogger
+from .data_parallel import DataParallel, NullLogger
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .recompute import apply_recompute
 
@@ -121,17 +123,28 @@ class Trainer:
                                   f"continue it or choose another run_dir")
         if resume and ckpt is None:
             raise FileNotFoundError(f"--resume: {self.run_dir} has no checkpoint to resume from")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
         self.device = resolve_device(cfg.train.device)
+        self.dp = DataParallel(self.device)
+        if cfg.train.micro_batch_size % self.dp.world:
+            raise ValueError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of the "
+                             f"{self.dp.world} data-parallel ranks")
+        if self.dp.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
         if (cfg.train.compile or cfg.train.compile_optimizer) and self.device.type != "cuda":
             raise ValueError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
                              "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
         show = cfg.log.progress if progress is None else progress
 
+        if not self.dp.is_main:      # rank 0 builds the tokenizer and shards; the others then read its cache
+            self.dp.barrier()
         self.tokenizer, self.shards, data_dir = prepare_dataset(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size,
-                                                                progress=show)
-        self._write_run_files(data_dir)
+                                                                progress=show and self.dp.is_main)
+        if self.dp.is_main:
+            self._write_run_files(data_dir)
+            self.dp.barrier()
         self.loader = PackedLoader(self.shards, "train", cfg.data.seq_len, seed=cfg.data.seed,
                                    fim_rate=cfg.data.fim_rate, eos_id=self.tokenizer.eos_id,
                                    fim_ids=self.tokenizer.fim_ids)
@@ -168,7 +181,7 @@ class Trainer:
         self.clip_in_optimizer = (self.device.type == "cuda" and self.compiled_step is None
                                   and hasattr(torch.nn.utils, "get_total_norm"))
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
-                                    start_step=self.step)
+                                    start_step=self.step) if self.dp.is_main else NullLogger()
         if resume:
             self.logger.truncate_after(self.step)
             self.logger.log_event(self.step, f"resumed from {ckpt}")
@@ -201,7 +214,8 @@ class Trainer:
         loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64, device=self.device)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)   # total, main, mtp, aux
         for _ in range(n_micro):
-            window = self.loader.next_batch(cfg.train.micro_batch_size).to(self.device, non_blocking=True)
+            window = self.dp.shard(self.loader.next_batch(cfg.train.micro_batch_size)).to(self.device,
+                                                                                        non_blocking=True)
             for _, m in self.layers:
                 m.tokens_per_expert.zero_()
             with self.autocast():
@@ -214,6 +228,9 @@ class Trainer:
             if self.layers:
                 loads += torch.stack([m.tokens_per_expert for _, m in self.layers])
             sums += torch.stack([loss, main, mtp_loss, aux]).detach().double() / n_micro
+        if self.dp.world > 1:
+            self.dp.average_gradients(self.model.parameters())
+            loads, sums = self.dp.sum(loads), self.dp.mean(sums)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.compiled_step is not None or self.clip_in_optimizer:   # the scaling happens inside the update
             grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
@@ -277,11 +294,15 @@ class Trainer:
         return out
 
     def save(self) -> Path:
+        """Rank 0 writes (every rank holds the same model and optimizer state); the others wait for it."""
         state = {"tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
                  "loader": self.loader.state_dict()}
-        path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.to_dict(),
-                               self.ema.state_dict() if self.ema is not None else None, self.cfg.checkpoint.keep)
-        self.logger.log_event(self.step, f"checkpoint {path.name}")
+        path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
+        if self.dp.is_main:
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.to_dict(),
+                                   self.ema.state_dict() if self.ema is not None else None, self.cfg.checkpoint.keep)
+            self.logger.log_event(self.step, f"checkpoint {path.name}")
+        self.dp.barrier()
         return path
 
     # ---- the loop -----------------------------------------------------------------------------------------------
