@@ -60,11 +60,13 @@ def interpreter_cases(module: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def run_ranks(worker, world: int, tmp: Path, what: str, timeout_s: int = 120) -> list:
-    """Spawn `world` processes running `worker(rank, init_file, out_dir)` (each saves `out_dir/rank{r}.pt`) and
-    return the saved results in rank order; a hang fails the test after `timeout_s` instead of blocking the suite."""
+def run_ranks(worker, world: int, tmp: Path, what: str, args: tuple | None = None, name: str = "rank",
+              timeout_s: int = 120) -> list:
+    """Spawn `world` processes running `worker(rank, *args)` (default args: an init file and `tmp`; each saves
+    `tmp/{name}{rank}.pt`) and return the saved results in rank order; a hang fails the test after `timeout_s`
+    instead of blocking the suite."""
     import torch.multiprocessing as mp
-    ctx = mp.spawn(worker, args=(str(tmp / "init"), tmp), nprocs=world, join=False)
+    ctx = mp.spawn(worker, args=args or (str(tmp / "init"), tmp), nprocs=world, join=False)
     for _ in range(timeout_s):
         if ctx.join(timeout=1):
             break
@@ -72,4 +74,4 @@ def run_ranks(worker, world: int, tmp: Path, what: str, timeout_s: int = 120) ->
         for p in ctx.processes:
             p.kill()
         pytest.fail(f"{what} workers did not finish")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(tmp / f"{name}{r}.pt", weights_only=False) for r in range(world)]

@@ -11,10 +11,16 @@ import torch
 from conftest import interpreter_cases
 
 from dsv3.fp8.blocks import dequantize_weight_blocks, quantize_weight_blocks
-from dsv3.kernels.fp8_weight_gemm import (HAS_TRITON, _grouped_tile_map, fp8_grouped_linear,
-                                          fp8_grouped_linear_reference, fp8_grouped_linear_triton, fp8_linear,
-                                          fp8_linear_reference, fp8_linear_triton)
-
+from dsv3.kernels.fp8_weight_gemm import (
+    HAS_TRITON,
+    fp8_grouped_linear,
+    fp8_grouped_linear_reference,
+    fp8_grouped_linear_triton,
+    fp8_linear,
+    fp8_linear_reference,
+    fp8_linear_triton,
+    grouped_tile_map,
+)
 
 
 def make_weight(N, K, g):
@@ -174,7 +180,7 @@ def test_grouped_tile_map(counts, M, block_m):
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
     if not counts:
         return  # E == 0 never reaches the tile map (the launch is skipped)
-    group, row = _grouped_tile_map(offs, M, block_m)
+    group, row = grouped_tile_map(offs, M, block_m)
     want, start = [], 0
     for e, end in enumerate(offs.tolist()):
         want += [(e, r) for r in range(start, end, block_m)]

@@ -16,9 +16,8 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import build, tiny_config
+from conftest import build, run_ranks, tiny_config
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -131,15 +130,8 @@ def _worker(rank, world, init_file, out_dir, job):
 
 
 def _spawn(world, tmp, job):
-    ctx = mp.spawn(_worker, args=(world, str(tmp / f"init-{job}"), tmp, job), nprocs=world, join=False)
-    for _ in range(120):             # at most 2 minutes, then fail instead of hanging the suite
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail(f"data-parallel workers ({job}) did not finish")
-    return [torch.load(tmp / f"{job}{r}.pt", weights_only=False) for r in range(world)]
+    return run_ranks(_worker, world, tmp, f"data-parallel ({job})", args=(world, str(tmp / f"init-{job}"), tmp, job),
+                     name=job)
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lm_eval  # noqa: F401  (pinned in requirements-ci.txt: a missing install fails, it does not skip)
 import pytest
-
-pytest.importorskip("lm_eval")
-# lm-eval's API models refuse to start without tenacity, which only the `lm-eval[api]` extra installs.
-pytest.importorskip("tenacity", reason="lm-eval's local-completions model needs lm-eval[api] (tenacity)")
-
+import tenacity  # noqa: F401  lm-eval's API models refuse to start without it (the lm-eval[api] extra)
 from serve_fixture import start_server
 
 from dsv3.infer import SamplingParams
 
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval_mc"
 TASK = "dsv3_mc"
-LL_TOL = 1e-4       # same fp32 model on both sides, but different batch compositions
+LL_TOL = 1e-4       # same model on both sides, but different batch compositions
 
 
 @pytest.fixture(scope="module")

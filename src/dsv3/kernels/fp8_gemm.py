@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fp8_weight_gemm import _grouped_tile_map
+from .fp8_weight_gemm import grouped_tile_map
 
 try:  # triton is optional: the CPU path needs only the reference
     import triton
@@ -287,7 +287,7 @@ def fp8_grouped_gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tens
     out = torch.zeros(M, N, device=a.device, dtype=out_dtype)  # rows past offs[-1] are never written
     if M == 0 or N == 0 or E == 0:
         return out
-    tile_group, tile_row = _grouped_tile_map(offs, M, cfg["block_m"])
+    tile_group, tile_row = grouped_tile_map(offs, M, cfg["block_m"])
     grid = (tile_group.shape[0], triton.cdiv(N, cfg["block_n"]))
     _fp8_grouped_gemm_kernel[grid](
         a, a_scale, b, b_scale, out, tile_group, tile_row, offs.to(torch.int32), M, N, K, E,

@@ -205,7 +205,7 @@ def _config(M: int, dtype: torch.dtype, block_m: int | None, block_n: int | None
     return cfg
 
 
-def _grouped_tile_map(offs: Tensor, M: int, block_m: int) -> tuple[Tensor, Tensor]:
+def grouped_tile_map(offs: Tensor, M: int, block_m: int) -> tuple[Tensor, Tensor]:
     """For each of the cdiv(M, block_m) + E candidate tiles (an upper bound: sum_e ceil(c_e / b) < M / b + E): its
     group (E for tiles past the real ones) and first row, as int32 device tensors; torch ops only, no host sync."""
     E = offs.shape[0]
@@ -262,7 +262,7 @@ def fp8_grouped_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, offs
     if M == 0 or N == 0 or E == 0:
         return out
     scale_inv = scale_inv.float()
-    tile_group, tile_row = _grouped_tile_map(offs, M, cfg["block_m"])
+    tile_group, tile_row = grouped_tile_map(offs, M, cfg["block_m"])
     grid = (tile_group.shape[0], triton.cdiv(N, cfg["block_n"]))
     _fp8_grouped_kernel[grid](
         x, weight, scale_inv, out, tile_group, tile_row, offs.to(torch.int32), M, N, K, E,
