@@ -160,7 +160,7 @@ def sync_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
     divided by the group size (see the module docstring)."""
     ep = dist.get_world_size(group)
     experts = _expert_params(model)
-    replicated: dict[torch.dtype, list[torch.Tensor]] = {}
+    replicated = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
@@ -168,12 +168,22 @@ def sync_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
             # a rank that received no rows has no expert gradient: the unsharded run has zeros there
             p.grad = torch.zeros_like(p) if p.grad is None else p.grad.div_(ep)
         elif p.grad is not None:
-            replicated.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in replicated.values():      # one flat all-reduce per dtype, not one per tensor
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat, group=group)         # sum, then / ep: gloo has no ReduceOp.AVG
-        for g, f in zip(grads, flat.div_(ep).split([g.numel() for g in grads])):
+            replicated.append(p.grad)
+    all_reduce_flat(replicated, group, 1.0 / ep)
+
+
+def all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
+    """Sum `grads` over `group` and multiply by `scale`, in place: one flat collective per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for gs in by_dtype.values():
+        flat = torch.cat([g.flatten() for g in gs])
+        dist.all_reduce(flat, group=group)          # sum, then scale: gloo has no ReduceOp.AVG
+        for g, f in zip(gs, flat.mul_(scale).split([g.numel() for g in gs])):
             g.copy_(f.view_as(g))
+
+
 
 
 @torch.no_grad()

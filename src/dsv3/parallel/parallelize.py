@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from .expert import (
     _expert_params,
     all_reduce_expert_loads,
+    all_reduce_flat,
     apply_expert_parallel,
     grad_norm,
 )
@@ -76,18 +77,6 @@ def _world_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     return dist.group.WORLD
 
 
-def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
-    """Sum `grads` over `group` and multiply by `scale`, in place: one flat collective per dtype."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for gs in by_dtype.values():
-        flat = torch.cat([g.flatten() for g in gs])
-        dist.all_reduce(flat, group=group)          # sum, then scale: gloo has no ReduceOp.AVG
-        for g, f in zip(gs, flat.mul_(scale).split([g.numel() for g in gs])):
-            g.copy_(f.view_as(g))
-
-
 @torch.no_grad()
 def sync_gradients_2d(model: nn.Module, mesh: DeviceMesh) -> None:
     """After every rank's backward of the mean loss over its own (equally many) tokens, make the gradients those of
@@ -108,8 +97,8 @@ def sync_gradients_2d(model: nn.Module, mesh: DeviceMesh) -> None:
             expert_grads.append(p.grad)
         elif p.grad is not None:
             replicated.append(p.grad)
-    _all_reduce_flat(expert_grads, mesh["dp"].get_group(), 1.0 / world)
-    _all_reduce_flat(replicated, _world_group(mesh), 1.0 / world)
+    all_reduce_flat(expert_grads, mesh["dp"].get_group(), 1.0 / world)
+    all_reduce_flat(replicated, _world_group(mesh), 1.0 / world)
 
 
 def sync_expert_loads_2d(model: nn.Module, mesh: DeviceMesh) -> None:

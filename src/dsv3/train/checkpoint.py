@@ -40,9 +40,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict, config: dict, ema_state: dict | None = None, keep: int = 0) -> Path:
-    target = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+    target = checkpoint_path(run_dir, step)
     with atomic_directory(target) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"))

@@ -21,6 +21,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..parallel.expert import all_reduce_flat
+
 
 class DataParallel:
     def __init__(self, device: torch.device):
@@ -43,21 +45,8 @@ class DataParallel:
             dist.barrier()
 
     def average_gradients(self, params) -> None:
-        """One all-reduce per dtype over a flat copy of the gradients."""
-        if self.world == 1:
-            return
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in params:
-            if p.grad is not None:
-                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        for grads in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= self.world
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        if self.world > 1:
+            all_reduce_flat([p.grad for p in params if p.grad is not None], dist.group.WORLD, 1.0 / self.world)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

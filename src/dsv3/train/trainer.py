@@ -29,12 +29,12 @@ from ..data.packing import val_batches
 from ..model import Transformer
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
+from .data_parallel import DataParallel, NullLogger
 from .dataset import prepare_dataset
 from .ema import CPUEma
 from .metrics import MetricsLogger
-from .data_parallel import DataParallel, NullLogger
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .recompute import apply_recompute
 
@@ -160,7 +160,8 @@ class Trainer:
             apply_recompute(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim, compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
-        self.ema = CPUEma(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        # rank 0 alone saves the EMA and logs validation: the other ranks keep neither
+        self.ema = CPUEma(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and self.dp.is_main else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         if resume:
             state = load_checkpoint(ckpt, self.model, self.optimizer)
@@ -179,7 +180,9 @@ class Trainer:
         # fused AdamW divides the gradients by `grad_scale` inside its kernel: clipping there saves a pass over
         # every gradient (on CPU, the usual clip_grad_norm_)
         self.clip_in_optimizer = (self.device.type == "cuda" and self.compiled_step is None
-                                  and hasattr(torch.nn.utils, "get_total_norm"))
+                                  and hasattr(torch.nn.utils, "get_total_norm")
+                                  and isinstance(self.optimizer, torch.optim.AdamW)
+                                  and bool(self.optimizer.defaults.get("fused")))   # AdamWBF16 reads no grad_scale
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
                                     start_step=self.step) if self.dp.is_main else NullLogger()
         if resume:
@@ -271,7 +274,7 @@ class Trainer:
         """Main-token loss, MTP loss, and the MTP head's next-next-token accuracy: against the data (`mtp_acc`) and
         against the main model's own greedy choice one step later (`mtp_agree`, the acceptance rate of greedy
         speculative decoding with the MTP head as the draft)."""
-        if not self.val:
+        if not self.val or not self.dp.is_main:
             return {}
         self.model.eval()
         for _, m in self.layers:
@@ -297,7 +300,7 @@ class Trainer:
         """Rank 0 writes (every rank holds the same model and optimizer state); the others wait for it."""
         state = {"tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
                  "loader": self.loader.state_dict()}
-        path = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
+        path = checkpoint_path(self.run_dir, self.step)
         if self.dp.is_main:
             path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.to_dict(),
                                    self.ema.state_dict() if self.ema is not None else None, self.cfg.checkpoint.keep)
