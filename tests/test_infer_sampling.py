@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dsv3.infer.sampling import (SamplingParams, SamplingTensors, _top_k_top_p, compute_logprobs, greedy_verify,
+from dsv3.infer.sampling import (SamplingParams, SamplingTensors, _top_k_top_p, compute_logprobs,
                                  make_generators, rejection_sample, sample)
 
 N = 200_000
@@ -114,8 +114,6 @@ def test_empty_batch():
     z = torch.zeros(0, dtype=torch.long)
     assert sample(torch.zeros(0, 10), torch.zeros(0), z, torch.zeros(0)).shape == (0,)
     assert sample(torch.zeros(0, 10), torch.zeros(0), z, torch.zeros(0), []).shape == (0,)
-    toks, n = greedy_verify(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long))
-    assert toks.shape == (0, 4) and n.shape == (0,)
     toks, n = rejection_sample(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, 5), torch.zeros(0, 3, 5))
     assert toks.shape == (0, 3) and n.shape == (0,)
 
@@ -176,7 +174,6 @@ def _hot_inputs(device):
 def _hot_path(logits, st, gens, draft, target_argmax, q, p):
     tokens = sample(logits, *st, gens)
     compute_logprobs(logits, tokens, 5)
-    greedy_verify(draft, target_argmax)
     rejection_sample(draft, q, p, gens)
 
 
@@ -216,13 +213,17 @@ def test_compute_logprobs_matches_float64():
     assert ids0.shape == (5, 0) and top0.shape == (5, 0) and torch.equal(lp0, lp)
 
 
-def test_greedy_verify():
+def test_rejection_sample_with_one_hot_target_is_greedy_verification():
+    """A greedy request's target is one-hot: keep the longest prefix of drafts equal to the target's argmax, then
+    the argmax at the first mismatch (or the bonus token), then -1. Expected values written out by hand."""
     draft = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 9, 3], [7, 2, 3]])
     target = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 3, 4], [1, 2, 3, 4]])
-    tokens, n = greedy_verify(draft, target)
+    one_hot = lambda t: torch.nn.functional.one_hot(t, 10).double()  # noqa: E731
+    tokens, n = rejection_sample(draft, one_hot(draft), one_hot(target))
     assert n.tolist() == [3, 2, 1, 0]   # all accepted (+ bonus 4); mismatch at 2; at 1; at 0
     assert tokens.tolist() == [[1, 2, 3, 4], [1, 2, 5, -1], [1, 2, -1, -1], [1, -1, -1, -1]]
-    tokens, n = greedy_verify(torch.zeros(2, 0, dtype=torch.long), torch.tensor([[5], [6]]))   # k = 0
+    tokens, n = rejection_sample(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, 10),
+                                 one_hot(torch.tensor([[5], [6]])))                      # k = 0
     assert tokens.tolist() == [[5], [6]] and n.tolist() == [0, 0]
 
 

@@ -11,6 +11,11 @@ import torch
 from ..config import ModelConfig
 
 
+def slot(block_table: list[int], position: int, block_size: int) -> int:
+    """The flat cache slot of a sequence's token at `position`."""
+    return block_table[position // block_size] * block_size + position % block_size
+
+
 def bytes_per_block(cfg: ModelConfig, n_layers: int, block_size: int, dtype: torch.dtype) -> int:
     return n_layers * block_size * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
 

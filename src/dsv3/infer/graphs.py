@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import slot
+
 def graphs_supported(model) -> bool:
     """Capture needs a sync-free forward: on CUDA, the grouped expert GEMM (bf16, sm90+); the fp32 fallback loops
     over experts with host-side counts."""
@@ -74,20 +76,18 @@ class DecodeGraphs:
         b, w = key = self.key(rows)
         bucket = self.buckets.get(key) or self._new_bucket(b, w)
         bs, n = self.runner.block_size, len(rows)
-        longs = torch.zeros(3, b, dtype=torch.long)
-        longs[2] = self.scratch * bs
-        ints = torch.zeros(b, 1 + w, dtype=torch.int32)
-        for i, r in enumerate(rows):
-            p = r.past
-            longs[0, i], longs[1, i], longs[2, i] = r.tokens[0], p, r.block_table[p // bs] * bs + p % bs
-            ints[i, 0] = p + 1
-            ints[i, 1:1 + len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
-        bucket.longs.copy_(longs, non_blocking=True)
-        bucket.ints.copy_(ints, non_blocking=True)
+        # plain lists, then one tensor per buffer: per-row tensor writes would cost a host op each, every step
+        pad = b - n
+        ids = [r.tokens[0] for r in rows] + [0] * pad
+        pos = [r.past for r in rows] + [0] * pad
+        slots = [slot(r.block_table, r.past, bs) for r in rows] + [self.scratch * bs] * pad
+        ints = [[r.past + 1] + r.block_table + [0] * (w - len(r.block_table)) for r in rows] + [[0] * (1 + w)] * pad
+        bucket.longs.copy_(torch.tensor([ids, pos, slots], dtype=torch.long))
+        bucket.ints.copy_(torch.tensor(ints, dtype=torch.int32))
         if input_ids is not None:
             bucket.longs[0, :n].copy_(input_ids)
         static = bucket.batch
-        # the engine reads starts/rows/last(); the tensors stay the static (padded) ones
+        # the engine reads rows and starts; the tensors stay the static (padded) ones
         batch = Batch(list(rows), static.input_ids, static.positions, static.slots, list(range(n)),
                       list(range(n)), [], static.block_tables, static.context_lens, static.decode_rows, [])
         batch.graph_key, batch.graphs = key, self

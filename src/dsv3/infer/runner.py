@@ -21,7 +21,7 @@ import torch
 from ..kernels.mla_decode import mla_decode
 from ..model import Transformer
 from ..model.rope import rope_cos_sin
-from .cache import PagedLatentCache
+from .cache import PagedLatentCache, slot
 from .graphs import DecodeGraphs
 
 
@@ -47,11 +47,6 @@ class Batch:
     prefill_tables: list[torch.Tensor]   # block table of each prefill row, on the device
     graph_key: tuple[int, int] | None = None   # set when the batch runs from a captured decode graph ...
     graphs: object = None                      # ... of this DecodeGraphs
-
-    def last(self) -> list[int]:
-        """Flat index of each row's last token."""
-        return [s + len(r.tokens) - 1 for s, r in zip(self.starts, self.rows)]
-
 
 class ModelRunner:
     def __init__(self, model: Transformer, cache: PagedLatentCache):
@@ -88,7 +83,7 @@ class ModelRunner:
             starts.append(len(ids))
             ids += row.tokens
             pos += range(row.past, row.past + n)
-            slots += [row.block_table[p // bs] * bs + p % bs for p in range(row.past, row.past + n)]
+            slots += [slot(row.block_table, p, bs) for p in range(row.past, row.past + n)]
             (decode if n == 1 and row.past > 0 else prefill).append(i)
         width = max((len(rows[i].block_table) for i in decode), default=1)
         table = [rows[i].block_table + [0] * (width - len(rows[i].block_table)) for i in decode]

@@ -119,7 +119,7 @@ def _fill(x: Tensor, draw: Callable, generators: list[torch.Generator | None] | 
     return x
 
 
-def _race(probs: Tensor, generators: list[torch.Generator | None] | None) -> Tensor:
+def draw(probs: Tensor, generators: list[torch.Generator | None] | None = None) -> Tensor:
     """Sample index ~ probs (B, V) per row (unnormalised is fine) as argmax(probs / q), q ~ Exp(1) i.i.d.
     q_i / p_i ~ Exp(rate p_i), and the smallest of independent exponentials is the i-th with probability p_i / sum p:
     exactly multinomial, as one elementwise op and an argmax (the "exponential race"; gpt-fast and vLLM do the same)."""
@@ -146,22 +146,17 @@ def _top_k_top_p(logits: Tensor, top_ks: Tensor, top_ps: Tensor) -> Tensor:
 
 def sample(logits: Tensor, temperatures: Tensor, top_ks: Tensor, top_ps: Tensor,
            generators: list[torch.Generator | None] | None = None) -> Tensor:
-    """Next tokens (B,) int64 from logits (B, V). Temperature-0 rows are argmax of the raw logits; the others are
-    logits / T, top-k, top-p, then an exact draw. Greedy rows go through the same math (no branching on values) and
-    are overwritten at the end; an engine whose batch is all greedy can call logits.argmax(-1) directly."""
-    logits = logits.float()
-    greedy = temperatures < GREEDY_EPS
-    t = torch.where(greedy, torch.ones_like(temperatures), temperatures).float()   # keep greedy rows finite
-    probs = _top_k_top_p(logits / t[:, None], top_ks, top_ps).softmax(-1)
-    return torch.where(greedy, logits.argmax(-1), _race(probs, generators))
+    """Next tokens (B,) int64 from logits (B, V): an exact draw from `filtered_probs` (greedy rows are one-hot there,
+    so the race returns their argmax, consuming the same random numbers as any other row)."""
+    return draw(filtered_probs(logits, temperatures, top_ks, top_ps), generators)
 
 
 def filtered_probs(logits: Tensor, temperatures: Tensor, top_ks: Tensor, top_ps: Tensor) -> Tensor:
     """The distribution `sample` draws from, per row (..., V) for rows (B, ..., V): one-hot argmax for greedy rows,
     else softmax of the temperature-scaled, top-k/top-p-filtered logits. Speculative decoding compares these."""
     shape = logits.shape
-    flat = logits.float().reshape(shape[0], -1, shape[-1])
-    n = flat.shape[1]
+    n = math.prod(shape[1:-1])        # explicit: -1 is ambiguous for an empty batch
+    flat = logits.float().reshape(shape[0], n, shape[-1])
     rep = lambda t: t.repeat_interleave(n)  # noqa: E731
     greedy = rep(temperatures < GREEDY_EPS)
     t = torch.where(greedy, torch.ones_like(greedy, dtype=torch.float32), rep(temperatures).float())
@@ -169,11 +164,6 @@ def filtered_probs(logits: Tensor, temperatures: Tensor, top_ks: Tensor, top_ps:
     probs = _top_k_top_p(rows / t[:, None], rep(top_ks), rep(top_ps)).softmax(-1)
     one_hot = torch.zeros_like(probs).scatter_(-1, rows.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy[:, None], one_hot, probs).reshape(shape)
-
-
-def draw(probs: Tensor, generators: list[torch.Generator | None] | None = None) -> Tensor:
-    """One token per row of probs (B, V), exactly (the exponential race)."""
-    return _race(probs, generators)
 
 
 def compute_logprobs(logits: Tensor, tokens: Tensor, top_n: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -199,15 +189,6 @@ def _prefix_len(ok: Tensor) -> Tensor:
     return ((~ok).cumsum(-1) == 0).sum(-1)
 
 
-def greedy_verify(draft_tokens: Tensor, target_argmax: Tensor) -> tuple[Tensor, Tensor]:
-    """Greedy speculative verification. draft_tokens (B, k), target_argmax (B, k+1) (the target's argmax after the
-    context and after each draft). Returns (tokens (B, k+1), num_accepted (B,)): the longest matching draft prefix,
-    then the target's token at the first mismatch (the bonus token target_argmax[:, k] if all match), then -1."""
-    k = draft_tokens.shape[1]
-    num_accepted = _prefix_len(draft_tokens == target_argmax[:, :k])
-    return _emit(draft_tokens, num_accepted, target_argmax.gather(1, num_accepted[:, None]).squeeze(1)), num_accepted
-
-
 def rejection_sample(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
                      generators: list[torch.Generator | None] | None = None) -> tuple[Tensor, Tensor]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023). draft_tokens (B, k) were drawn from
@@ -215,8 +196,8 @@ def rejection_sample(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Te
     distributions. Draft x_i is accepted with probability min(1, p(x)/q(x)); at the first rejection the token is drawn
     from normalize(max(0, p - q)); if all are accepted a bonus token is drawn from p[:, k]. Each emitted token is then
     distributed exactly as a draw from the target: P(a) = min(p, q)(a) + max(0, p - q)(a) = p(a).
-    Returns (tokens (B, k+1) padded with -1, num_accepted (B,)) like greedy_verify. A one-hot p (a greedy request)
-    reduces to greedy_verify: the draft is kept iff it is the argmax, else the argmax replaces it."""
+    Returns (tokens (B, k+1) padded with -1 after the first rejection's replacement, num_accepted (B,)). A one-hot p
+    (a greedy request) is greedy verification: the draft is kept iff it is the argmax, else the argmax replaces it."""
     B, k = draft_tokens.shape
     p, q, x = target_probs.float(), draft_probs.float(), draft_tokens.long()
     p_x = p[:, :k].gather(-1, x[..., None]).squeeze(-1)
@@ -235,4 +216,4 @@ def rejection_sample(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Te
     residual = (p_n - q_n).clamp_min(0)
     # all-zero only if p <= q everywhere, i.e. p == q, where only a q(x) = 0 draft is rejected: fall back to p.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
-    return _emit(x, num_accepted, _race(residual, generators)), num_accepted   # the race needs no normalisation
+    return _emit(x, num_accepted, draw(residual, generators)), num_accepted   # the race needs no normalisation
