@@ -241,8 +241,16 @@ def test_incremental_text_equals_the_final_decode():
     rng = random.Random(0)
     for trial in range(300):
         ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 60))]
-        stream = TextStream(tok, ["xyz"] if trial % 2 else [])
-        got = "".join(stream.delta(RequestOutput(0, [], ids[:i])) for i in range(1, len(ids) + 1))
+        stop = ["xyz"] if trial % 2 else []
+        stream = TextStream(tok, stop)
+        got = ""
+        for i in range(1, len(ids) + 1):
+            got += stream.delta(RequestOutput(0, [], ids[:i]))
+            # independently: everything decoded so far is released, except an incomplete trailing character and
+            # the stop-string holdback
+            now = tok.decode(ids[:i], skip_special_tokens=True)
+            if not now.endswith("\ufffd"):
+                assert got == now[:max(len(now) - (2 if stop else 0), 0)], (trial, i)
         final = tok.decode(ids, skip_special_tokens=True)
         assert final.startswith(got), trial
         got += stream.delta(RequestOutput(0, [], ids, text=final, finished=True))

@@ -127,26 +127,37 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(path)
 
 
+def tokenizer_dir(model_path: str, tokenizer_path: str | None = None) -> Path:
+    """Where a model's tokenizer files live: `tokenizer_path` (tokenizer.json or its directory), else a training
+    run's `tokenizer/`, else the Hugging Face directory itself."""
+    if tokenizer_path:
+        p = Path(tokenizer_path)
+        return p.parent if p.is_file() else p
+    path = Path(model_path)
+    tok_dir = path / "tokenizer" if (path / "checkpoints").is_dir() else path
+    if not (tok_dir / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer")
+    return tok_dir
+
+
 def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, ema: bool = False,
                              dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A training run (its latest checkpoint and tokenizer) or a Hugging Face directory, in `dtype` on `device`
     (a Hugging Face checkpoint is read straight into them: a 16B model never exists in fp32 on the host)."""
     from .data import Tokenizer
     path = Path(model_path)
+    tokenizer = Tokenizer.load(tokenizer_path or tokenizer_dir(model_path))
     if (path / "checkpoints").is_dir():
         from .train import load_run_model
         model, _ = load_run_model(path, ema=ema)
         model.to(device=device, dtype=dtype)
-        tok_dir = path / "tokenizer"
     else:
-        model, tok_dir = load_pretrained(path, dtype=dtype, device=device).eval(), path
-    if not (tok_dir / "tokenizer.json").exists() and not tokenizer_path:
-        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer")
-    return model, Tokenizer.load(tokenizer_path or tok_dir), Path(tokenizer_path or tok_dir)
+        model = load_pretrained(path, dtype=dtype, device=device).eval()
+    return model, tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model, tokenizer, _ = load_model_and_tokenizer(args.model, args.tokenizer, args.ema)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     # pre-training packs documents as `doc EOS doc EOS ...` (dsv3.data.packing): an EOS in front makes the prompt
     # the start of a document, as the model saw documents start
@@ -174,7 +185,7 @@ def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtyp
     """The engine `dsv3 serve` runs (built in the engine process)."""
     from .infer import Engine
     dtype = DTYPES[dtype_name] if dtype_name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model, tokenizer, _ = load_model_and_tokenizer(model_path, tokenizer_path, dtype=dtype, device=device)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=dtype, device=device)
     if fp8:
         from .infer.fp8_weights import quantize_weights
         quantize_weights(model)
@@ -191,9 +202,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .infer import EngineConfig
     from .serve import EngineProcess, build_app
     path = Path(args.model)
-    tok_dir = Path(args.tokenizer) if args.tokenizer else (path / "tokenizer" if (path / "checkpoints").is_dir()
-                                                           else path)
-    tokenizer = Tokenizer.load(tok_dir)
+    tok_dir = tokenizer_dir(args.model, args.tokenizer)
+    tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = EngineConfig(block_size=args.block_size, cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, num_speculative_tokens=args.spec)

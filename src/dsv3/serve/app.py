@@ -204,16 +204,16 @@ def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name
         score_only = req.max_tokens == 0           # echo with no completion: generate one token, drop it
         jobs, prompts_ids, echo_text = [], [], []
         for p in req.prompts():
-            probe = sampling(req, max(req.max_tokens or 1, 1), 0, req.logprobs, req.logprobs if req.echo else None)
-            ids = checked(p, probe)
+            # tokenise and check the prompt first: the default max_tokens depends on its length
+            ids = checked(p, sampling(req, 1, 0))
             max_tokens = 1 if score_only else (req.max_tokens or default_max_tokens(len(ids)))
             fits_context(ids, max_tokens)
             prompts_ids.append(ids)
             echo_text.append(p if isinstance(p, str) else tokenizer.decode(ids))
-            for j in range(req.n):
+            for j in range(req.n):     # the choices differ only in their seed: the real max_tokens is checked once
                 params = sampling(req, max_tokens, j, req.logprobs,
                                   (req.logprobs or 0) if req.echo and req.logprobs is not None else None)
-                jobs.append((checked(ids, params), params))
+                jobs.append((checked(ids, params) if j == 0 else ids, params))
         handles = submit_all(jobs)
         metrics.request("/v1/completions", [len(ids) for ids in prompts_ids])
         created, rid = now(), new_id("cmpl")
@@ -283,7 +283,7 @@ def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name
         jobs = []
         for j in range(req.n):
             params = sampling(req, max_tokens, j, n_top)
-            jobs.append((checked(ids, params), params))
+            jobs.append((checked(ids, params) if j == 0 else ids, params))
         handles = submit_all(jobs)
         metrics.request("/v1/chat/completions", [len(ids)])
         created, rid = now(), new_id("chatcmpl")

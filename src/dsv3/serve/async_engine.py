@@ -42,9 +42,6 @@ class ShuttingDown(Exception):
 @dataclass(eq=False)
 class RequestHandle:
     """One submitted request as the event loop sees it."""
-    ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
     request_id: int
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.perf_counter)
@@ -92,7 +89,7 @@ class AsyncEngineBase:
         if self._pending >= self.max_pending:
             raise QueueFull(f"{self._pending} requests are pending (limit {self.max_pending}); retry later")
         self._pending += 1
-        handle = RequestHandle(ids, params, asyncio.get_running_loop(), next(self._ids))
+        handle = RequestHandle(next(self._ids))
         self._handles[handle.request_id] = handle
         self._send(("add", handle.request_id, ids, params))
         return handle
