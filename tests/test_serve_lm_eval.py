@@ -111,7 +111,6 @@ BACKENDS = {
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_lm_eval_multiple_choice_matches_reference(live, task_dir, tmp_path, monkeypatch, backend):
-    import lm_eval
     import lm_eval.tasks
     import lm_eval.utils
 

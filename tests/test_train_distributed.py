@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dsv3.train import load_run_model
 from test_train_loop import small_run, train_losses
