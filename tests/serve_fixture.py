@@ -73,6 +73,17 @@ def start_server(engine_config: EngineConfig | None = None, api_key: str | None 
     return LiveServer(f"http://127.0.0.1:{port}", engine, reference, tok, app, server, thread)
 
 
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    """Poll `predicate` until it holds. Outputs reach the event loop through call_soon_threadsafe, after the engine
+    has already freed the request's blocks, so counters kept on the event loop lag block accounting slightly."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def all_blocks_free(engine_or_server, timeout: float = 10.0) -> bool:
     """Every block back in the pool and nothing left to run (waits for the engine to process aborts); takes an
     Engine, or a LiveServer whose engine may live in another process."""

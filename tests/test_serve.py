@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from dsv3.infer import EngineConfig, SamplingParams
-from serve_fixture import all_blocks_free, start_server
+from serve_fixture import all_blocks_free, start_server, wait_until
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n",
            "print(", "with open(", "return f.", "total += i", "import sys\nimport", "The lazy dog", "def f(x):",
@@ -154,12 +154,12 @@ def test_disconnect_mid_stream_frees_blocks(server):
     # the connection is closed here, mid-generation: the request is aborted (not run to its 480 tokens) and its
     # blocks come back
     assert all_blocks_free(server.engine)
-    assert aengine.num_aborted == aborted + 1
+    assert wait_until(lambda: aengine.num_aborted == aborted + 1)
     # a non-streaming client that gives up (read timeout) is noticed too
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=dict(body, stream=False), timeout=0.3)
     assert all_blocks_free(server.engine)
-    assert aengine.num_aborted == aborted + 2
+    assert wait_until(lambda: aengine.num_aborted == aborted + 2)
     assert client_ok(server)
 
 

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from dsv3.infer import SamplingParams
-from serve_fixture import all_blocks_free, start_server
+from serve_fixture import all_blocks_free, start_server, wait_until
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:"]
 
@@ -41,7 +41,7 @@ def test_disconnect_aborts_in_the_engine_process(server):
         lines = r.iter_lines()
         assert [next(lines) for _ in range(4)]
     assert all_blocks_free(server)
-    assert aengine.num_aborted == before + 1
+    assert wait_until(lambda: aengine.num_aborted == before + 1)
 
 
 def test_metrics_and_stop(server):
