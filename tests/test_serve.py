@@ -245,7 +245,7 @@ def test_incremental_text_equals_the_final_decode():
         stream = TextStream(tok, stop)
         got = ""
         for i in range(1, len(ids) + 1):
-            got += stream.delta(RequestOutput(0, [], ids[:i]))
+            got += stream.delta(RequestOutput(0, [], [], new_token_ids=ids[i - 1:i]))   # mid-stream: deltas
             # independently: everything decoded so far is released, except an incomplete trailing character and
             # the stop-string holdback
             now = tok.decode(ids[:i], skip_special_tokens=True)

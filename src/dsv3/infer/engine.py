@@ -78,6 +78,7 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
+    new_logprobs: list = field(default_factory=list)    # the entries of `logprobs` for `new_token_ids`
 
 
 class Engine:
@@ -314,8 +315,9 @@ class Engine:
             self._aborted.append(seq)
 
     def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
+        new_lp = seq.logprobs[len(seq.logprobs) - len(new):] if new and seq.logprobs else []
         return RequestOutput(seq.seq_id, seq.prompt_ids, list(seq.output_ids), seq.text, seq.finished,
-                             seq.finish_reason, new, list(seq.logprobs), list(seq.prompt_logprobs))
+                             seq.finish_reason, new, list(seq.logprobs), list(seq.prompt_logprobs), new_lp)
 
     # ---- offline ------------------------------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None

@@ -236,7 +236,7 @@ def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name
                         yield sse(APIError(f"the engine failed: {out}", 500, "server_error").body())
                         break
                     new = [] if score_only else out.new_token_ids
-                    entries = out.logprobs[len(out.logprobs) - len(new):] if req.logprobs is not None else []
+                    entries = out.new_logprobs if new and req.logprobs is not None else []
                     n_out[k] += len(new)
                     text = texts[k].delta(out, drop_last=score_only)
                     lp = logprobs_of(k, out, new, entries, req.echo and not started[k], 0)
@@ -306,7 +306,7 @@ def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name
                     delta = texts[k].delta(out)
                     lp = None
                     if n_top is not None and out.new_token_ids:
-                        lp = chat_logprobs(tokenizer, out.new_token_ids, out.logprobs[-len(out.new_token_ids):])
+                        lp = chat_logprobs(tokenizer, out.new_token_ids, out.new_logprobs)
                     if delta or lp or out.new_token_ids:
                         yield chunk(k, {"content": delta}, lp=lp)
                     if out.finished:

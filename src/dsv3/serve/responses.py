@@ -32,6 +32,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str]):
         self.tokenizer, self.sent, self.text = tokenizer, "", ""
+        self.ids: list[int] = []             # the output so far (outputs mid-stream carry only their new tokens)
         self.prefix = self.read = 0          # window start; tokens already in self.text
         self.holdback = max((len(s) for s in stop), default=1) - 1
 
@@ -47,7 +48,8 @@ class TextStream:
         if out.finished:
             full = out.text if not drop_last else ""
         else:
-            self._advance(out.token_ids)
+            self.ids += out.new_token_ids
+            self._advance(self.ids)
             full = self.text[:max(len(self.text) - self.holdback, 0)]
         if len(full) <= len(self.sent):
             return ""
