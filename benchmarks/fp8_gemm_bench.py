@@ -62,6 +62,22 @@ def main() -> None:
         print(f"{name:14s} {M}x{N}x{K}: triton {r['tflops_triton']:7.1f} TFLOP/s (err {r['err_triton']:.1e})  "
               f"scaled_mm {r.get('tflops_scaled_mm', float('nan')):7.1f}  bf16 cuBLAS {r['tflops_bf16']:7.1f}",
               flush=True)
+    # launch-config sweep (the defaults in kernels/fp8_gemm.py are untuned starting points)
+    sweep = [(128, 128, 8, 4), (128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (128, 256, 8, 4),
+             (256, 128, 8, 3), (64, 256, 4, 4), (64, 128, 4, 4)]
+    M = N = K = 8192
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+    xq, xs = quantize_tiles(x)
+    wq, ws = quantize_blocks(w)
+    for bm, bn, nw, ns in sweep:
+        kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        try:
+            t = bench(lambda: fp8_gemm_triton(xq, xs, wq, ws, **kw))
+            rows.append({"name": "sweep cube", **kw, "tflops_triton": 2 * M * N * K / t / 1e12})
+            print(f"sweep 8192^3 {kw}: {2 * M * N * K / t / 1e12:7.1f} TFLOP/s", flush=True)
+        except Exception as e:           # out of shared memory, etc.
+            print(f"sweep 8192^3 {kw}: failed {repr(e)[:120]}", flush=True)
     # grouped: lite's 64 experts, 4 x 2048 tokens x 6 experts each, routed at random
     E, T = 64, 4 * 2048
     for name, N, K in (("lite experts gate/up", 1408, 2048), ("lite experts down", 2048, 1408)):
@@ -83,6 +99,14 @@ def main() -> None:
              "tflops_bf16": flops / bench(lambda: torch._grouped_mm(x, wt, offs=offs)) / 1e12}
         r["speedup"] = r["tflops_triton"] / r["tflops_bf16"]
         rows.append(r)
+        for bm, bn, nw, ns in sweep:
+            kw = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+            try:
+                t = bench(lambda: fp8_grouped_gemm_triton(xq, xs, wq, ws, offs, **kw))
+                rows.append({"name": f"sweep {name}", **kw, "tflops_triton": flops / t / 1e12})
+                print(f"  sweep {kw}: {flops / t / 1e12:7.1f} TFLOP/s", flush=True)
+            except Exception as e:
+                print(f"  sweep {kw}: failed {repr(e)[:120]}", flush=True)
         print(f"{name:20s} M={M} N={N} K={K}: fp8 grouped {r['tflops_triton']:7.1f} TFLOP/s (err "
               f"{r['err_triton']:.1e})  bf16 _grouped_mm {r['tflops_bf16']:7.1f}  -> {r['speedup']:.2f}x", flush=True)
     # quantisers: bytes read + written per second
