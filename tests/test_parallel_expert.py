@@ -151,6 +151,24 @@ def _errors(group):
     return out
 
 
+def _recompute_case(rank, group, sent):
+    """One forward + backward of the EP model with and without selective recomputation: the same gradients, and the
+    same number of all-to-alls (recomputation re-runs the local SwiGLU, never the dispatch or combine)."""
+    cfg = tiny_config(num_hidden_layers=3, first_k_dense_replace=1)
+    window = torch.randint(0, cfg.vocab_size, (WORLD, B, T + 1), generator=torch.Generator().manual_seed(2))[rank]
+    grads, calls = [], []
+    for recompute in (False, True):
+        model = apply_expert_parallel(build(cfg, dtype=torch.float64).train(), group)
+        if recompute:
+            assert apply_recompute(model) > 0
+        before = len(sent)
+        _loss(model, window).backward()
+        calls.append(len(sent) - before)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    errs = {n: ((grads[1][n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in grads[0].items()}
+    return {"calls": calls, "errs": errs, "same_names": set(grads[0]) == set(grads[1])}
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -174,6 +192,7 @@ def _worker(rank, init_file, out_dir):
         with torch.autocast("cpu", dtype=torch.bfloat16):   # the idle rank must send bf16 rows too
             res["idle_bf16"] = _routed_case(rank, group, _all_to_rank0)
         res["errors"] = _errors(group)
+        res["recompute"] = _recompute_case(rank, group, sent)
         torch.save(res, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -228,3 +247,13 @@ def test_bad_layouts_raise(ranks):
         kind, msg = res["errors"]["indivisible"]
         assert kind == "ValueError" and "5 experts" in msg and "ep=2" in msg
         assert res["errors"]["recompute first"][0] == "RuntimeError"
+
+
+def test_recomputation_repeats_no_all_to_all(ranks):
+    for r, res in enumerate(ranks):
+        rc = res["recompute"]
+        # 3 MoE modules (2 layers + MTP) x (dispatch + combine) x (forward + backward)
+        assert rc["calls"] == [12, 12], (r, rc["calls"])
+        assert rc["same_names"]
+        worst = max(rc["errs"], key=rc["errs"].get)
+        assert rc["errs"][worst] < 1e-12, (r, worst, rc["errs"][worst])

@@ -152,6 +152,8 @@ class _PermuteRows(torch.autograd.Function):
 class Experts(nn.Module):
     """The routed experts, stacked: checkpoint `experts.{e}.gate_proj.weight` is row e of `gate_proj`."""
 
+    recompute_region = "forward"     # what selective recomputation re-runs (dsv3.train.recompute)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size

@@ -66,6 +66,7 @@ class ExpertParallelExperts(Experts):
     """Experts holding E/ep of the E routed experts; forward(x, weights, idx, counts) takes global expert ids and
     global counts (E,) and returns the same (N, D) as the unsharded Experts on this rank's tokens."""
 
+    recompute_region = "ffn"     # recomputing forward would repeat both all-to-alls in the backward pass
     group: dist.ProcessGroup
     ep_size: int
     n_experts: int      # E, global

@@ -5,6 +5,11 @@ activations. What stays saved is the small stuff: block inputs, the latent c_kv 
 
 The forward values are bit-identical with and without recomputation; only memory and time change. Routing runs
 outside every checkpointed region, so the per-expert load counts are never double counted.
+
+Routed experts: an `Experts` module names the method to checkpoint in `recompute_region`. The plain one recomputes
+its whole forward (row permutation + SwiGLU, keeping only its input); an expert-parallel one recomputes only the
+local SwiGLU (`ffn`): recomputing its forward would repeat the dispatch and combine all-to-alls in the backward pass,
+the communication DualPipe works to hide, for the price of keeping the dispatched rows.
 """
 
 import functools
@@ -32,7 +37,9 @@ def apply_recompute(model: nn.Module) -> int:
     for m in model.modules():
         if getattr(m, "_recompute", False):
             continue
-        if isinstance(m, (RMSNorm, MLP, Experts)):
+        if isinstance(m, Experts):
+            setattr(m, m.recompute_region, _checkpointed(getattr(m, m.recompute_region)))
+        elif isinstance(m, (RMSNorm, MLP)):
             m.forward = _checkpointed(m.forward)
         elif isinstance(m, MLA):
             m._attend_naive = _checkpointed(m._attend_naive)
