@@ -12,13 +12,16 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 import torch.nn.functional as F
 from conftest import build, run_ranks, tiny_config
 
 from dsv3.parallel.expert import ExpertParallelExperts
 from dsv3.parallel.parallelize import (
     grad_norm_2d,
+    grad_norm_sharded,
     parallelize,
+    shard_data_parallel_2d,
     sync_expert_loads_2d,
     sync_gradients_2d,
 )
@@ -49,21 +52,29 @@ def _loss(model, window):
     return main + MTP_WEIGHT * torch.stack(mtp).mean() + ALPHA * collect_balance_loss(moe_layers(model))
 
 
-def _step(model, opt, window, mesh=None):
+def _full(t):
+    """A plain tensor from a plain tensor or an FSDP-sharded DTensor (a collective over its mesh)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _step(model, opt, window, mesh=None, fsdp=False):
     """One step: loss, backward, (sync), SGD, then the bias update on the (world-summed) loads. Returns the loss, the
     gradients as the optimizer saw them, the global gradient norm and the biases after the update."""
     loss = _loss(model, window)
     loss.backward()
     local = loss.item()
     if mesh is not None:
-        sync_gradients_2d(model, mesh)
-        norm = grad_norm_2d(model, mesh).item()
+        if fsdp:                                    # FSDP reduced the gradients in backward
+            norm = grad_norm_sharded(model).item()
+        else:
+            sync_gradients_2d(model, mesh)
+            norm = grad_norm_2d(model, mesh).item()
         total = loss.detach().clone()
         dist.all_reduce(total)                      # the world-mean loss, for comparison with the reference
         loss = total / WORLD
     else:
         norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
     opt.step()
     opt.zero_grad()
     if mesh is not None:
@@ -89,6 +100,14 @@ def _worker(rank, init_file, out_dir):
                "ep_ranks": dist.get_process_group_ranks(mesh["ep"].get_group()),
                "first_expert": [m.first_expert for m in model.modules() if isinstance(m, ExpertParallelExperts)],
                "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+        # the same run with FSDP2 over the layout: experts sharded over their dp column, the rest over the world
+        model = shard_data_parallel_2d(parallelize(build(_config(), dtype=torch.float64).train(), dist.group.WORLD,
+                                                   DP, EP))
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        res["fsdp_sharded"] = {n: type(p).__name__ for n, p in model.named_parameters()}
+        res["fsdp_steps"] = [_step(model, opt, windows[s, rank], model.parallel_mesh, fsdp=True)
+                             for s in range(STEPS)]
+        res["fsdp_params"] = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
         torch.save(res, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -130,10 +149,16 @@ def test_layout(ranks):
         assert res["params"]["layers.1.mlp.experts.gate_proj"].shape == (4, 32, 64)
 
 
-def test_dp_ep_training_matches_the_single_process_run(ranks, reference):
+@pytest.mark.parametrize("layout", ["replicated", "fsdp"])
+def test_dp_ep_training_matches_the_single_process_run(ranks, reference, layout):
+    """replicated: non-expert parameters replicated and all-reduced; fsdp: everything FSDP2-sharded (experts over
+    their dp column, the rest over the world), gradients and parameters gathered for the comparison."""
+    steps_key, params_key = ("steps", "params") if layout == "replicated" else ("fsdp_steps", "fsdp_params")
     for r, res in enumerate(ranks):
         e = r % EP
-        for step, (got, ref) in enumerate(zip(res["steps"], reference["steps"])):
+        if layout == "fsdp":      # really sharded: every parameter is a DTensor
+            assert set(res["fsdp_sharded"].values()) == {"DTensor"}, res["fsdp_sharded"]
+        for step, (got, ref) in enumerate(zip(res[steps_key], reference["steps"])):
             assert abs(got["loss"] - ref["loss"]) <= 1e-10 * abs(ref["loss"]), (r, step, got["loss"], ref["loss"])
             assert got["grads"].keys() == ref["grads"].keys(), (r, step)
             errs = {n: _rel(g, _local(n, ref["grads"][n], e)) for n, g in got["grads"].items()}
@@ -142,8 +167,8 @@ def test_dp_ep_training_matches_the_single_process_run(ranks, reference):
             assert abs(got["norm"] - ref["norm"]) <= 1e-9 * ref["norm"], (r, step, got["norm"], ref["norm"])
             assert torch.equal(got["loads"], ref["loads"]), (r, step)
             assert torch.equal(got["bias"], ref["bias"]), (r, step)
-            assert torch.equal(got["bias"], ranks[0]["steps"][step]["bias"]), (r, step)   # identical everywhere
-        for n, p in res["params"].items():
+            assert torch.equal(got["bias"], ranks[0][steps_key][step]["bias"]), (r, step)   # identical everywhere
+        for n, p in res[params_key].items():
             assert (p - _local(n, reference["params"][n], e)).abs().max() < 1e-10, (r, n)
     # the run really moved the biases and the loss, so agreement means something
     steps = reference["steps"]

@@ -26,8 +26,8 @@ update and the biases stay identical. (With gradient accumulation, summing the a
 Gradient semantics: FSDP2 averages gradients over the mesh, so with every rank backpropagating the mean loss over its
 own (equally many) tokens, the result is the gradient of the mean over the whole global batch.
 
-Not handled here: FSDP over the non-expert parameters combined with expert parallelism
-(dsv3.parallel.parallelize composes EP with a plain data-parallel all-reduce instead), mixed precision policies,
+With expert parallelism: `dsv3.parallel.parallelize.shard_data_parallel_2d` shards the experts over their dp column
+and then calls this on a world mesh for the rest. Not handled here: mixed precision policies,
 gradient clipping (torch.nn.utils.clip_grad_norm_ should take the DTensor gradients and return the global norm as
 a DTensor; not tested here). `fully_shard` is imported from torch.distributed.fsdp, its public path since
 torch 2.6 (valid on 2.11 and 2.13). After a forward under no_grad (evaluation) the root stays gathered until

@@ -18,6 +18,14 @@ Gradients (loss = mean over all world tokens = 1/(dp*ep) * sum_{d,e} L_{d,e}, L_
 Routing-bias loads: the gate is replicated and each rank counts only its own tokens, so the loads are summed over the
 whole world (`sync_expert_loads_2d`) before the bias update; then every rank applies the same update.
 
+Sharded variant (`shard_data_parallel_2d`, after `parallelize`): FSDP2 instead of replicas. The routed experts of
+each MoE are sharded over "dp" (their column: the replicas of the same experts), everything else over the whole
+world (a 1-D mesh over all ranks), as torchtitan does for EP + FSDP. FSDP then does the reductions above itself: it
+averages the non-expert gradients over the world (sum / (dp*ep), as above) and, with its divide factor set to
+dp*ep instead of its mesh size dp, reduce-scatters the expert ones to sum over the column / (dp*ep), exactly the
+sync above. Every parameter element then lives on exactly one rank, so the global gradient norm is one all-reduce
+of the local shards' squared sums (`grad_norm_sharded`). Optimizer state, built afterwards, is sharded too.
+
 Order in a training step: forward + backward of the local loss -> `sync_gradients_2d` -> (clip with `grad_norm_2d`)
 -> optimizer step -> `sync_expert_loads_2d` -> bias update (`dsv3.train.balance.update_bias`).
 Order of application: like `apply_expert_parallel` (after FP8, before recomputation, compilation and building the
@@ -28,8 +36,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from .expert import (
+    ExpertParallelExperts,
     _expert_params,
     all_reduce_expert_loads,
     all_reduce_flat,
@@ -112,3 +123,32 @@ def grad_norm_2d(model: nn.Module, mesh: DeviceMesh) -> torch.Tensor:
     the dp replicas of an expert hold the same gradient, so summing the expert shards over one row (the "ep" group)
     counts every expert once; replicated gradients are counted once."""
     return grad_norm(model, mesh["ep"].get_group())
+
+
+def shard_data_parallel_2d(model: nn.Module, reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2 on a model `parallelize` has laid out (see the module docstring): experts over "dp" with the divide
+    factor of the 2-D sync, the rest over the whole world (dsv3.parallel.data.apply_data_parallel's units and root).
+    Replaces `sync_gradients_2d` (FSDP reduces in backward) and `grad_norm_2d` (use `grad_norm_sharded`); the loads
+    are still summed with `sync_expert_loads_2d`. Apply before building the optimizer. Returns model."""
+    from .data import apply_data_parallel
+    mesh = model.parallel_mesh
+    dp, ep = mesh.shape
+    for m in model.modules():
+        if isinstance(m, ExpertParallelExperts):
+            fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
+            m.set_gradient_divide_factor(float(dp * ep))
+    world = init_device_mesh(mesh.device_type, (dp * ep,), mesh_dim_names=("world",))
+    apply_data_parallel(model, world, reshard_after_forward)       # the non-expert rest, averaged over the world
+    model.parallel_mesh = mesh
+    return model
+
+
+@torch.no_grad()
+def grad_norm_sharded(model: nn.Module) -> torch.Tensor:
+    """The global gradient L2 norm when every gradient element lives on exactly one rank (FSDP over the world and
+    over "dp" for the experts): one all-reduce of the local squared sums. The same on every rank."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    sq = torch.stack([g.double().pow(2).sum() for g in local]).sum() if local else torch.zeros((), dtype=torch.float64)
+    dist.all_reduce(sq)
+    return sq.sqrt()
