@@ -110,9 +110,10 @@ def _resume(ckpt, mesh=None):
     else:
         model, opt = _sharded(mesh)
     step = load_checkpoint(ckpt, model, opt)
+    before = _full_params(model)                 # what the checkpoint holds (the HF export is compared with it)
     window = _windows()[step]
     loss = _step(model, opt, window if mesh is None else _shard(window, mesh), mesh)
-    return {"step": step, "loss": loss, "params": _full_params(model), "bias": _biases(model)}
+    return {"step": step, "loss": loss, "params": _full_params(model), "bias": _biases(model), "before": before}
 
 
 def _worker(rank, world, init_file, out_dir, job):
@@ -208,3 +209,20 @@ def test_save_replaces_an_older_checkpoint(tmp_path):
                                                             opt.state_dict()["state"][0]["exp_avg"])
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing", m2, opt2)
+
+
+def test_checkpoint_exports_to_hugging_face(runs, tmp_path):
+    """The 2-rank FSDP checkpoint, gathered in one process into a full model and written as a HF directory, loads
+    back (dsv3.load_pretrained) with exactly the parameters the 2-rank run had when it saved."""
+    from dsv3.checkpoint import load_pretrained
+    from dsv3.parallel.dcp import export_hf
+    model = build(_config(), dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()                       # nothing of the template may survive the load
+    assert export_hf(runs["tmp"] / "ckpt", model, tmp_path / "hf") == STEPS - 1
+    loaded = load_pretrained(tmp_path / "hf", dtype=torch.float64)
+    fresh = runs["single"]["before"]
+    got = {n: p.detach() for n, p in loaded.named_parameters()}
+    err, name = _max_diff(got, fresh)
+    assert err == 0, (name, err)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
 
 def _distributed() -> bool:
@@ -75,3 +75,27 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     dcp.load(state, checkpoint_id=str(path))    # fills the template's tensors in place, any layout
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return int(state["step"])
+
+
+def load_model(path: str | Path, model: nn.Module) -> int:
+    """Only the model's state from a DCP checkpoint (no optimizer), resharded to `model`'s layout, in place; returns
+    the saved step. In a plain process with a full model this gathers the checkpoint whatever layout wrote it."""
+    path = Path(path)
+    if not (path / ".metadata").exists():
+        raise FileNotFoundError(f"no DCP checkpoint at {path}")
+    state = {"model": get_model_state_dict(model), "step": torch.tensor(0, dtype=torch.int64)}
+    dcp.load(state, checkpoint_id=str(path))       # a subset of the saved keys: the optimizer state is not read
+    model.load_state_dict(state["model"])
+    return int(state["step"])
+
+
+def export_hf(path: str | Path, model: nn.Module, out: str | Path, dtype: torch.dtype | None = None) -> int:
+    """A DCP checkpoint written by any layout as a Hugging Face directory (`dsv3.checkpoint.save_pretrained`), through
+    `model`: a full, unsharded dsv3 Transformer of the run's config (e.g. built on the CPU) in a process without a
+    process group. Returns the checkpoint's step."""
+    from ..checkpoint import save_pretrained
+    if _distributed():
+        raise RuntimeError("export_hf runs in a single process (it gathers the whole model): call it outside torchrun")
+    step = load_model(path, model)
+    save_pretrained(model, out, dtype=dtype)
+    return step
