@@ -103,9 +103,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         cfg = load_run_config(args.config, overrides)
     trainer = Trainer(cfg, resume=args.resume, progress=False if args.quiet else None)
-    n = trainer.model.num_params()
-    ranks = f" x {trainer.dp.world} data-parallel ranks" if trainer.dp.world > 1 else ""
-    if trainer.dp.is_main:
+    n = trainer.param_counts
+    ranks = trainer.layout.describe()
+    if trainer.layout.is_main:
         print(f"training {cfg.run_dir}: {_fmt(n['total'])} params ({_fmt(n['active'])} active) + {_fmt(n['mtp'])} "
               f"MTP, {cfg.train.steps} steps of up to {cfg.train.batch_size} x {cfg.data.seq_len} tokens on "
               f"{trainer.device}{ranks} ({str(trainer.dtype).removeprefix('torch.')}), from step {trainer.step}",

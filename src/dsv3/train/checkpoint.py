@@ -8,7 +8,8 @@ Layout: RUN_DIR/checkpoints/step_{N:08d}/ with
   state.json          step, tokens, data-loader position, loss statistics, spike count
   config.json         the RunConfig of the run
 A checkpoint directory exists only once complete (dsv3.checkpoint.atomic_directory): a run killed while saving
-leaves the previous checkpoint as the latest.
+leaves the previous checkpoint as the latest. It is always the single-process format (whole expert tensors; an
+expert-parallel run gathers them first, dsv3.train.data_parallel), so a run resumes at any world size and layout.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,13 +46,18 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, config: dict, ema_state: dict | None = None, keep: int = 0) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict, state: dict, config: dict, ema_state: dict | None = None,
+                    keep: int = 0) -> Path:
+    """model / optimizer: the modules, or their (full, single-process) state dicts, as an expert-parallel run
+    gathers them (dsv3.train.data_parallel.Layout.full_state)."""
     target = checkpoint_path(run_dir, step)
+    model_state = model if isinstance(model, dict) else model.state_dict()
+    optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     with atomic_directory(target) as tmp:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
         save_file(tensors, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optim_state, tmp / "optimizer.pt")
         if ema_state is not None:
             save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
         rng = {"cpu": torch.get_rng_state()}
@@ -66,13 +73,19 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = True) -> dict:
+                    restore_rng: bool = True, local: Callable[[dict, dict | None], tuple[dict, dict | None]] | None
+                    = None) -> dict:
     """Restore model (strictly: every tensor present and of the right shape), optimizer and (for a resumed run)
-    the RNG; return state.json with `ema` (a state dict or None) added."""
+    the RNG; return state.json with `ema` (a state dict or None, as saved) added. `local` maps the saved (model
+    tensors, optimizer state dict) to what this process holds (an expert-parallel rank: its slices)."""
     path = Path(path)
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path} is not a training checkpoint (no state.json)")
     tensors = load_file(str(path / "model.safetensors"))
+    optim_state = (torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+                   if optimizer is not None else None)
+    if local is not None:
+        tensors, optim_state = local(tensors, optim_state)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
@@ -83,7 +96,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         for k, v in own.items():
             v.copy_(tensors[k])
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(optim_state)
     if restore_rng:
         rng = torch.load(path / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["cpu"])

@@ -104,8 +104,17 @@ class CheckpointConfig:
     keep: int = 2                # most recent checkpoints kept (0 keeps all)
 
 
+@dataclass
+class ParallelConfig:
+    """The torchrun layout of `dsv3 train` (dsv3.train.data_parallel): world = dp * ep ranks, dp = WORLD_SIZE // ep
+    implied. ep > 1 shards the routed experts over groups of ep ranks (dsv3.parallel.parallelize); everything else
+    is replicated and data-parallel. Pipeline parallelism is not a trainer layout: it is driven separately by
+    dsv3.parallel.pipeline."""
+    ep: int = 1                  # expert-parallel degree: must divide the world size and model.n_routed_experts
+
+
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "mtp": MTPConfig,
-            "train": TrainConfig, "log": LogConfig, "checkpoint": CheckpointConfig}
+            "train": TrainConfig, "log": LogConfig, "checkpoint": CheckpointConfig, "parallel": ParallelConfig}
 
 
 @dataclass
@@ -118,6 +127,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run_dir: str = "runs/run"
 
     def __post_init__(self) -> None:
@@ -149,6 +159,23 @@ class RunConfig:
         if not 0 <= o.warmup <= o.constant_until <= o.decay_until <= o.final_at <= 1:
             raise ConfigError("invalid run config: need 0 <= optim.warmup <= constant_until <= decay_until "
                               "<= final_at <= 1")
+        ep = self.parallel.ep
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+            raise ConfigError(f"invalid run config: parallel.ep must be an integer >= 1, got {ep!r}")
+        if self.model.n_routed_experts % ep:
+            raise ConfigError(f"invalid run config: parallel.ep={ep} must divide model.n_routed_experts="
+                              f"{self.model.n_routed_experts} (every rank of an EP group holds E / ep experts)")
+
+    def check_world(self, world: int) -> int:
+        """Validate the layout against `world` processes (torchrun's WORLD_SIZE); returns dp = world // ep."""
+        ep, micro = self.parallel.ep, self.train.micro_batch_size
+        if world % ep:
+            hint = " (resuming an expert-parallel run in one process? add parallel.ep=1)" if world == 1 else ""
+            raise ConfigError(f"invalid run config: parallel.ep={ep} does not divide the world size {world}{hint}")
+        if micro % world:
+            raise ConfigError(f"invalid run config: train.micro_batch_size={micro} must be a multiple of the "
+                              f"{world} ranks (each rank takes micro_batch_size / world rows of every micro-batch)")
+        return world // ep
 
     def to_dict(self) -> dict:
         d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

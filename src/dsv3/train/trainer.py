@@ -8,6 +8,9 @@ touches the weights, so the last checkpoint stays the last good state.
 
 Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, the EMA, the data position and the RNG
 states, and the logged metrics are cut back to the checkpoint's step.
+
+Under torchrun the same loop runs on every rank in the layout of `parallel` (data parallelism, expert parallelism
+inside it: dsv3.train.data_parallel), with checkpoints in the single-process format.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .data_parallel import DataParallel, NullLogger
+from .data_parallel import Layout, NullLogger, local_model_state, local_optimizer_state
 from .dataset import prepare_dataset
 from .ema import CPUEma
 from .metrics import MetricsLogger
@@ -126,11 +129,9 @@ class Trainer:
         if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
         self.device = resolve_device(cfg.train.device)
-        self.dp = DataParallel(self.device)
-        if cfg.train.micro_batch_size % self.dp.world:
-            raise ValueError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of the "
-                             f"{self.dp.world} data-parallel ranks")
-        if self.dp.is_main:
+        self.layout = Layout(self.device, cfg.parallel.ep)
+        cfg.check_world(self.layout.world)
+        if self.layout.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
         if (cfg.train.compile or cfg.train.compile_optimizer) and self.device.type != "cuda":
@@ -138,13 +139,13 @@ class Trainer:
                              "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
         show = cfg.log.progress if progress is None else progress
 
-        if not self.dp.is_main:      # rank 0 builds the tokenizer and shards; the others then read its cache
-            self.dp.barrier()
+        if not self.layout.is_main:      # rank 0 builds the tokenizer and shards; the others then read its cache
+            self.layout.barrier()
         self.tokenizer, self.shards, data_dir = prepare_dataset(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size,
-                                                                progress=show and self.dp.is_main)
-        if self.dp.is_main:
+                                                                progress=show and self.layout.is_main)
+        if self.layout.is_main:
             self._write_run_files(data_dir)
-            self.dp.barrier()
+            self.layout.barrier()
         self.loader = PackedLoader(self.shards, "train", cfg.data.seq_len, seed=cfg.data.seed,
                                    fim_rate=cfg.data.fim_rate, eos_id=self.tokenizer.eos_id,
                                    fim_ids=self.tokenizer.fim_ids)
@@ -152,24 +153,28 @@ class Trainer:
                                self.tokenizer.eos_id) if cfg.log.val_batches else []
 
         self.model = build_model(cfg, self.device)
+        self.param_counts = self.model.num_params()      # of the whole model, before experts are sharded
         if cfg.train.precision == "fp8":     # before recomputation wraps the modules
             from ..fp8.training import apply_fp8
             apply_fp8(self.model)
+        self.layout.apply(self.model)        # ep > 1: shard the experts (every rank built the same full model)
         self.layers = moe_layers(self.model)
         if cfg.train.recompute:
             apply_recompute(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim, compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
-        # rank 0 alone saves the EMA and logs validation: the other ranks keep neither
-        self.ema = CPUEma(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and self.dp.is_main else None
+        # rank 0 alone logs validation; the EMA lives on rank 0 (with ep > 1: on row 0, each rank its expert slice)
+        self.ema = CPUEma(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and self.layout.first_row \
+            else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         if resume:
-            state = load_checkpoint(ckpt, self.model, self.optimizer)
+            state = load_checkpoint(ckpt, self.model, self.optimizer,
+                                    local=self._local_state if self.layout.ep > 1 else None)
             self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
             self.loss_ema = state["loss_ema"]
             self.loader.load_state_dict(state["loader"])
             if self.ema is not None and state["ema"] is not None:
-                self.ema.load_state_dict(state["ema"])
+                self.ema.load_state_dict(local_model_state(self.model, state["ema"]))
         self.ce = cross_entropy
         if cfg.train.compile:
             # regional compilation: every block is one graph (fused norms, RoPE, SwiGLU, routing glue) and the loss
@@ -178,16 +183,23 @@ class Trainer:
                 block.compile()
             self.ce = torch.compile(cross_entropy)
         # fused AdamW divides the gradients by `grad_scale` inside its kernel: clipping there saves a pass over
-        # every gradient (on CPU, the usual clip_grad_norm_)
+        # every gradient (on CPU, the usual clip_grad_norm_). Under expert parallelism this path and compiled_step
+        # stay enabled: both take the global gradient norm (grad_norm_2d) that train_step computes there
         self.clip_in_optimizer = (self.device.type == "cuda" and self.compiled_step is None
                                   and hasattr(torch.nn.utils, "get_total_norm")
                                   and isinstance(self.optimizer, torch.optim.AdamW)
                                   and bool(self.optimizer.defaults.get("fused")))   # AdamWBF16 reads no grad_scale
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
-                                    start_step=self.step) if self.dp.is_main else NullLogger()
+                                    start_step=self.step) if self.layout.is_main else NullLogger()
         if resume:
             self.logger.truncate_after(self.step)
             self.logger.log_event(self.step, f"resumed from {ckpt}")
+
+    def _local_state(self, tensors: dict, optim_state: dict | None) -> tuple[dict, dict | None]:
+        """A full checkpoint's model tensors and optimizer state cut to this rank's expert slices (ep > 1: every
+        rank reads the whole checkpoint)."""
+        return (local_model_state(self.model, tensors),
+                local_optimizer_state(self.model, self.optimizer, optim_state) if optim_state is not None else None)
 
     def _write_run_files(self, data_dir: Path) -> None:
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
@@ -217,8 +229,8 @@ class Trainer:
         loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64, device=self.device)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)   # total, main, mtp, aux
         for _ in range(n_micro):
-            window = self.dp.shard(self.loader.next_batch(cfg.train.micro_batch_size)).to(self.device,
-                                                                                        non_blocking=True)
+            window = self.layout.shard(self.loader.next_batch(cfg.train.micro_batch_size))
+            window = window.to(self.device, non_blocking=True)
             for _, m in self.layers:
                 m.tokens_per_expert.zero_()
             with self.autocast():
@@ -231,11 +243,20 @@ class Trainer:
             if self.layers:
                 loads += torch.stack([m.tokens_per_expert for _, m in self.layers])
             sums += torch.stack([loss, main, mtp_loss, aux]).detach().double() / n_micro
-        if self.dp.world > 1:
-            self.dp.average_gradients(self.model.parameters())
-            loads, sums = self.dp.sum(loads), self.dp.mean(sums)
+        if self.layout.world > 1:
+            self.layout.sync_gradients(self.model)
+            loads, sums = self.layout.sum(loads), self.layout.mean(sums)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self.compiled_step is not None or self.clip_in_optimizer:   # the scaling happens inside the update
+        if self.layout.ep > 1:
+            # the norm of the whole gradient: each rank holds other experts' shards, so clip_grad_norm_ on the local
+            # gradients would clip every rank differently. Clipping as clip_grad_norm_ does (coefficient in fp32).
+            grad_norm = self.layout.grad_norm(self.model).float()
+            coef = (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+            if self.clip_in_optimizer:
+                self.optimizer.grad_scale = (grad_norm / cfg.optim.grad_clip).clamp(min=1.0).float()
+            elif self.compiled_step is None:
+                torch._foreach_mul_(grads, coef)
+        elif self.compiled_step is not None or self.clip_in_optimizer:   # the scaling happens inside the update
             grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             if self.clip_in_optimizer:
                 self.optimizer.grad_scale = (grad_norm / cfg.optim.grad_clip).clamp(min=1.0).float()
@@ -273,15 +294,20 @@ class Trainer:
     def evaluate(self) -> dict[str, float | None]:
         """Main-token loss, MTP loss, and the MTP head's next-next-token accuracy: against the data (`mtp_acc`) and
         against the main model's own greedy choice one step later (`mtp_agree`, the acceptance rate of greedy
-        speculative decoding with the MTP head as the draft)."""
-        if not self.val or not self.dp.is_main:
+        speculative decoding with the MTP head as the draft).
+
+        Rank 0 alone validates, on whole batches, unless the experts are sharded (ep > 1): the MoE forward then
+        all-to-alls within the EP row, so every rank validates its rows of every batch (as in training) and the sums
+        are all-reduced; every rank returns the same numbers."""
+        sharded = self.layout.ep > 1
+        if not self.val or not (self.layout.is_main or sharded):
             return {}
         self.model.eval()
         for _, m in self.layers:
             m.keep_routing = False
         main_sum, mtp_sum, hit, agree, n_mtp = 0.0, 0.0, 0, 0, 0
         for window in self.val:
-            window = window.to(self.device)
+            window = (self.layout.shard(window) if sharded else window).to(self.device)
             with self.autocast():
                 main, mtp, logits, mtp_logits = lm_losses(self.model, window, self.ce)
             main_sum += main.item()
@@ -292,20 +318,29 @@ class Trainer:
                 agree += int((draft == logits[:, 1:].argmax(-1)).sum())
                 n_mtp += draft.numel()
         n = len(self.val)
+        if sharded:   # each rank's losses are means over its equal share of a batch: average them
+            tot = torch.tensor([main_sum, mtp_sum, hit, agree, n_mtp], dtype=torch.float64, device=self.device)
+            tot = self.layout.sum(tot).tolist()
+            main_sum, mtp_sum = tot[0] / self.layout.world, tot[1] / self.layout.world
+            hit, agree, n_mtp = (int(v) for v in tot[2:])
         out = {"val_loss": main_sum / n, "val_mtp_loss": mtp_sum / n if n_mtp else None,
                "val_mtp_acc": hit / n_mtp if n_mtp else None, "val_mtp_agree": agree / n_mtp if n_mtp else None}
         return out
 
     def save(self) -> Path:
-        """Rank 0 writes (every rank holds the same model and optimizer state); the others wait for it."""
+        """Rank 0 writes the single-process format (with ep > 1 the ranks of row 0 first gather their expert slices
+        to it; every rank must call this); the others wait for it."""
         state = {"tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
                  "loader": self.loader.state_dict()}
         path = checkpoint_path(self.run_dir, self.step)
-        if self.dp.is_main:
-            path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.to_dict(),
-                                   self.ema.state_dict() if self.ema is not None else None, self.cfg.checkpoint.keep)
+        full = self.layout.full_state(self.model, self.optimizer,
+                                      self.ema.state_dict() if self.ema is not None else None)
+        if full is not None:      # rank 0
+            model_state, optim_state, ema_state = full
+            path = save_checkpoint(self.run_dir, self.step, model_state, optim_state, state, self.cfg.to_dict(),
+                                   ema_state, self.cfg.checkpoint.keep)
             self.logger.log_event(self.step, f"checkpoint {path.name}")
-        self.dp.barrier()
+        self.layout.barrier()
         return path
 
     # ---- the loop -----------------------------------------------------------------------------------------------
