@@ -4,8 +4,10 @@ Two spawned gloo ranks run ScheduleDualPipeV over the 4 chunks of a tiny float64
 chunk, MoE layers 1-3 and an MoE MTP module on the last chunk): rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
 A batch of 8 sequences is split into 4 micro-batches of 2; in each process a reference copy of the model trains on
 the whole batch. For 2 SGD steps, the pipeline's loss (rank 0, mean over micro-batches) and every local parameter's
-gradient must match the reference to 1e-10 (relative; float64, only the summation order differs). One spawn runs
-everything and saves what it measured; the tests assert on it.
+gradient must match the reference to 1e-10 (relative; float64, only the summation order differs). The same runs
+again with the F/B overlap handler (dsv3.parallel.overlap): every OVERLAP_F_B pair must go through it, and losses and
+gradients must be bit-identical to the sequential runtime's (the concurrency itself is proven in
+test_parallel_pipeline_ep.py). One spawn runs everything and saves what it measured; the tests assert on it.
 """
 
 import datetime
@@ -13,13 +15,16 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.pipelining import schedules
 import torch.nn.functional as F
 from conftest import build, run_ranks, tiny_config
 
+from dsv3.parallel.overlap import enable_overlap, missing_torch_pieces
 from dsv3.parallel.pipeline import build_dualpipev, lm_loss_fn, split_stages
 from dsv3.train.trainer import lm_losses
 
 WORLD, STEPS, B, T, N_MICRO = 2, 2, 8, 12, 4
+MODES = ("sequential", "overlap")
 MTP_WEIGHT, LR = 0.3, 0.5
 TOL = 1e-10
 
@@ -32,47 +37,72 @@ def _config():
     return tiny_config(num_hidden_layers=4, first_k_dense_replace=1)
 
 
+def _reference(cfg, windows):
+    """(loss, {name: grad}) per step of the single-process run on the whole batch."""
+    ref = build(cfg, dtype=torch.float64).train()
+    opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    steps = []
+    for step in range(STEPS):
+        main, mtp, _, _ = lm_losses(ref, windows[step], ce=_ce)
+        loss = main + MTP_WEIGHT * torch.stack(mtp).mean()
+        loss.backward()
+        steps.append((loss.item(), {n: p.grad.clone() for n, p in ref.named_parameters()}))
+        opt.step()
+        opt.zero_grad()
+    return steps
+
+
+def _train(cfg, rank, windows, ref, overlap: bool) -> dict:
+    pp = build(cfg, dtype=torch.float64).train()
+    schedule, stages = build_dualpipev(pp, rank, WORLD, lm_loss_fn(MTP_WEIGHT, _ce), N_MICRO, (B // N_MICRO, T))
+    handler = enable_overlap(schedule) if overlap else None
+    local = {name for s in stages for name, _ in s.submod.named_parameters()}
+    opt = torch.optim.SGD(pp.parameters(), lr=LR)
+    out = {"stage_index": [s.stage_index for s in stages], "local": sorted(local), "loss": [], "grad_err": [],
+           "missing": [], "stray": [], "grads": [], "missing_torch": missing_torch_pieces(schedule)}
+    for step in range(STEPS):
+        ref_loss, ref_grads = ref[step]
+        if rank == 0:          # holds chunk 0 (takes the ids) and chunk 3 (computes the loss)
+            losses = []
+            schedule.step(windows[step, :, :-1], target=windows[step], losses=losses)
+            out["loss"].append((torch.stack(losses).mean().item(), ref_loss, len(losses)))
+        else:
+            schedule.step()
+        errs, missing, stray = {}, [], []
+        for name, p in pp.named_parameters():
+            if name not in local:
+                if p.grad is not None:
+                    stray.append(name)          # a chunk of the other rank ran here
+                continue
+            if p.grad is None:
+                missing.append(name)
+                continue
+            g = ref_grads[name]
+            errs[name] = ((p.grad - g).abs().max() / g.abs().max().clamp_min(1e-300)).item()
+        out["grad_err"].append(errs)
+        out["missing"].append(missing)
+        out["stray"].append(stray)
+        out["grads"].append({n: p.grad.clone() for n, p in pp.named_parameters() if p.grad is not None})
+        opt.step()
+        opt.zero_grad()
+    out["n_overlapped"] = handler.n_overlapped if handler else 0
+    return out
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))   # a send/recv mismatch fails, not hangs
     try:
         cfg = _config()
-        ref, pp = build(cfg, dtype=torch.float64).train(), build(cfg, dtype=torch.float64).train()
-        schedule, stages = build_dualpipev(pp, rank, WORLD, lm_loss_fn(MTP_WEIGHT, _ce), N_MICRO, (B // N_MICRO, T))
-        local = {name for s in stages for name, _ in s.submod.named_parameters()}
         windows = torch.randint(0, cfg.vocab_size, (STEPS, B, T + 1), generator=torch.Generator().manual_seed(1))
-        opt_ref, opt_pp = torch.optim.SGD(ref.parameters(), lr=LR), torch.optim.SGD(pp.parameters(), lr=LR)
-        ref_params = dict(ref.named_parameters())
-        out = {"stage_index": [s.stage_index for s in stages], "local": sorted(local), "loss": [], "grad_err": [],
-               "missing": [], "stray": []}
-        for step in range(STEPS):
-            main, mtp, _, _ = lm_losses(ref, windows[step], ce=_ce)
-            ref_loss = main + MTP_WEIGHT * torch.stack(mtp).mean()
-            ref_loss.backward()
-            if rank == 0:          # holds chunk 0 (takes the ids) and chunk 3 (computes the loss)
-                losses = []
-                schedule.step(windows[step, :, :-1], target=windows[step], losses=losses)
-                out["loss"].append((torch.stack(losses).mean().item(), ref_loss.item(), len(losses)))
-            else:
-                schedule.step()
-            errs, missing, stray = {}, [], []
-            for name, p in pp.named_parameters():
-                if name not in local:
-                    if p.grad is not None:
-                        stray.append(name)          # a chunk of the other rank ran here
-                    continue
-                if p.grad is None:
-                    missing.append(name)
-                    continue
-                g = ref_params[name].grad
-                errs[name] = ((p.grad - g).abs().max() / g.abs().max().clamp_min(1e-300)).item()
-            out["grad_err"].append(errs)
-            out["missing"].append(missing)
-            out["stray"].append(stray)
-            opt_ref.step(), opt_pp.step()
-            opt_ref.zero_grad(), opt_pp.zero_grad()
-        torch.save(out, out_dir / f"rank{rank}.pt")
+        ref = _reference(cfg, windows)
+        res = {mode: _train(cfg, rank, windows, ref, overlap=mode == "overlap") for mode in MODES}
+        # the overlap runs the same kernels in the same order per micro-batch: bit-identical to the sequential run
+        res["overlap_equal"] = all(torch.equal(g, base[n]) for grads, base in zip(res["overlap"].pop("grads"),
+                                                                                  res["sequential"].pop("grads"))
+                                   for n, g in grads.items())
+        torch.save(res, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -82,13 +112,15 @@ def ranks(tmp_path_factory):
     return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("pp"), "pipeline")
 
 
-def test_dualpipev_matches_the_single_process_run(ranks):
-    assert [res["stage_index"] for res in ranks] == [[0, 3], [1, 2]]        # the V
-    for step, (pp_loss, ref_loss, n) in enumerate(ranks[0]["loss"]):
+@pytest.mark.parametrize("mode", MODES)
+def test_dualpipev_matches_the_single_process_run(ranks, mode):
+    assert [res[mode]["stage_index"] for res in ranks] == [[0, 3], [1, 2]]        # the V
+    for step, (pp_loss, ref_loss, n) in enumerate(ranks[0][mode]["loss"]):
         assert n == N_MICRO
         assert abs(pp_loss - ref_loss) <= TOL * abs(ref_loss), (step, pp_loss, ref_loss)
-    assert len(ranks[0]["loss"]) == STEPS
+    assert len(ranks[0][mode]["loss"]) == STEPS
     for r, res in enumerate(ranks):
+        res = res[mode]
         assert len(res["grad_err"]) == STEPS
         for step, (errs, missing, stray) in enumerate(zip(res["grad_err"], res["missing"], res["stray"])):
             assert not missing and not stray, (r, step, missing, stray)
@@ -96,8 +128,35 @@ def test_dualpipev_matches_the_single_process_run(ranks):
             assert errs[worst] < TOL, (r, step, worst, errs[worst])
     # together the two ranks cover every parameter of the model, each exactly once
     names = [n for n, _ in build(_config()).named_parameters()]
-    assert sorted(ranks[0]["local"] + ranks[1]["local"]) == sorted(names)
-    assert "mtp.0.eh_proj.weight" in ranks[0]["local"] and "embed_tokens.weight" in ranks[0]["local"]
+    assert sorted(ranks[0][mode]["local"] + ranks[1][mode]["local"]) == sorted(names)
+    assert "mtp.0.eh_proj.weight" in ranks[0][mode]["local"] and "embed_tokens.weight" in ranks[0][mode]["local"]
+
+
+def test_the_overlap_handler_ran_every_pair_and_changed_nothing(ranks):
+    for r, res in enumerate(ranks):
+        assert res["overlap"]["missing_torch"] == [], (r, res["overlap"]["missing_torch"])
+        assert res["sequential"]["n_overlapped"] == 0
+        assert res["overlap"]["n_overlapped"] == 3 * STEPS, r      # DualPipeV, 2 ranks, 4 micro-batches: 3 pairs
+        assert res["overlap"]["loss"] == res["sequential"]["loss"], r
+        assert res["overlap_equal"], r
+
+
+def test_without_the_private_torch_pieces_the_overlap_falls_back(monkeypatch):
+    """Where torch lacks what the handler needs, nothing is registered (torch runs each pair sequentially)."""
+    class Schedule:                         # a runtime with the public hook only
+        def __init__(self):
+            self.registered = []
+
+        def register_custom_function(self, kind, fn):
+            self.registered.append(kind)
+
+    schedule = Schedule()
+    with pytest.warns(RuntimeWarning, match="overlapped pairs run sequentially"):
+        assert enable_overlap(schedule) is None
+    assert schedule.registered == []
+    assert "schedule._maybe_get_loss" in missing_torch_pieces(schedule)
+    monkeypatch.delattr(schedules, "_wait_batch_p2p")
+    assert "schedules._wait_batch_p2p" in missing_torch_pieces(schedule)
 
 
 def test_split_stages_shares_parameters_and_balances_layers():

@@ -31,6 +31,7 @@ State dicts hold the local slice; `first_expert` says where it starts.
 """
 
 import functools
+import threading
 
 import torch
 import torch.distributed as dist
@@ -58,8 +59,19 @@ class _AllToAll(torch.autograd.Function):
 
 def _all_to_all(x, out_splits, in_splits, group):
     out = x.new_empty(sum(out_splits), *x.shape[1:])
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=thread_group(group))
     return out
+
+
+_thread = threading.local()
+
+
+def thread_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """The group the calling thread's EP collectives use for `group`: `group` itself unless the thread has mapped it
+    (`_thread.groups`, set by dsv3.parallel.overlap, which runs a backward in a second thread on a duplicate group).
+    Resolved when the collective is issued, so a backward or a recomputed forward follows the thread running it."""
+    groups = getattr(_thread, "groups", None)
+    return groups.get(group, group) if groups else group
 
 
 class ExpertParallelExperts(Experts):
@@ -79,7 +91,7 @@ class ExpertParallelExperts(Experts):
         xs = _DispatchRows.apply(x, order, inverse, K)                                    # (N*K, D)
         # 2. recv[s, e]: rows source s sends to local expert e (counts split evenly: L experts per rank)
         recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts.contiguous(), group=self.group)
+        dist.all_to_all_single(recv, counts.contiguous(), group=thread_group(self.group))
         recv = recv.view(ep, L)
         splits = torch.cat([counts.view(ep, L).sum(1), recv.sum(1)]).tolist()        # one host sync for both
         send_splits, recv_splits = splits[:ep], splits[ep:]

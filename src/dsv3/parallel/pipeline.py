@@ -21,20 +21,42 @@ per pipeline hop; a hand-written V schedule would keep it on rank 0, where chunk
 The last chunk outputs (logits, *mtp_logits), or logits alone without MTP; `lm_loss_fn` turns that and the micro-
 batch's window (B, T+1) into main CE + weight * mean MTP CE, as the trainer does.
 
+PP x EP (spec 5: V3 trains with PP16 x EP64): `pipeline_mesh(pp, ep)` lays the ranks out as a (pp, ep) mesh, global
+rank = pp_rank * ep + ep_rank. The ep ranks of one pipeline position hold the same chunks, with every MoE layer's
+routed experts sharded over them (`apply_expert_parallel(model, mesh.ep_group)`, before recomputation and before
+`build_dualpipev(..., group=mesh.pp_group)`), and each feeds its own rows of the batch through its own pipeline
+`mesh.pp_group`; the expert all-to-alls of a chunk run among the ep ranks of its pipeline position. After `step`,
+the gradients of this rank's chunks (`local_chunks(stages)`) are those of its own rows' mean loss; `sync_gradients`
+over the ep group turns them into the whole batch's (replicated ones averaged, expert shards divided by ep), and
+`all_reduce_expert_loads` over the ep group gives the bias update the whole batch's loads (dsv3.parallel.expert).
+No collective crosses pipeline positions except the pipeline's own sends and receives.
+
+F/B overlap (`dsv3.parallel.overlap.enable_overlap(schedule, {mesh.ep_group: mesh.ep_group_bwd})`): DualPipeV's
+OVERLAP_F_B actions pair the forward of one micro-batch on one local chunk with the backward of another on the
+other chunk; torch runs them one after the other, the handler runs the backward on a second thread, its expert
+all-to-alls on a duplicate EP group (`ep_group_bwd`), so one's all-to-all waits overlap the other's compute.
+Results are bit-identical to the sequential runtime. No speed-up is measured or claimed: on the 2-core CPU
+machines both threads share the cores, and on GPU both still launch on one CUDA stream (see that module for what
+does and does not overlap there). Selective recomputation (`apply_recompute`, after `apply_expert_parallel`) composes with both:
+tested bit-identical, with and without the overlap.
+
 Limitations:
-  * No compute/communication overlap: torch runs DualPipeV's overlapped F&B actions one after the other unless an
-    overlapped forward/backward is registered (`schedule.register_custom_function(OVERLAP_F_B, fn)`); the schedule
-    order (and its smaller bubble) is DualPipeV's, the EP all-to-all hiding of real DualPipe is not there.
   * The sequence-wise balance loss (spec 1.7) is not wired in: its per-layer terms would have to be added on each
     stage (e.g. through the stage outputs). Aux-loss-free bias updates work per stage, with each rank's MoE layers'
-    `tokens_per_expert` summing over its micro-batches.
+    `tokens_per_expert` summing over its micro-batches (all-reduced over the ep group).
   * Stage shapes are given statically (`microbatch_shape`), so torch runs no shape inference: it would run the MoE
     on meta or uninitialised tensors, and the MoE reads its expert counts on the host. Every micro-batch must have
-    that shape. Recomputation (`apply_recompute`) is applied to the shared modules and should compose, but is untested
-    here, as are FSDP/EP inside a stage.
+    that shape, and with EP every ep rank must feed the same number of rows (the gradient averaging assumes it).
+  * Not here: a global gradient norm over pp x ep for clipping (`grad_norm` covers one pipeline position's ep group;
+    the pipeline positions' squares would still need summing over the pp group), EP as a sub-group of a larger DP
+    group together with PP, FSDP inside a stage, and the zero-bubble split of the backward inside an overlapped
+    pair (torch's DualPipeV emits full backwards there; DeepSeek splits them and also partitions SMs).
 """
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
@@ -130,7 +152,13 @@ def build_dualpipev(model: Transformer, rank: int, world: int, loss_fn, n_microb
     last stage (see `lm_loss_fn`); `microbatch_shape` = (micro-batch size, T) of the input ids. Rank 0 calls
     `schedule.step(input_ids, target=windows, losses=losses)` (it holds the first and the last chunk), the others
     `schedule.step()`. With scale_grads the gradients are averaged over micro-batches, i.e. those of the mean loss.
+    rank and world are this rank's place in the pipeline process group `group` (default: the default group); with
+    expert parallelism see `pipeline_mesh` and the module docstring.
     """
+    if group is not None and dist.is_initialized() and (dist.get_rank(group), dist.get_world_size(group)) != \
+            (rank, world):
+        raise ValueError(f"rank {rank} of {world} does not match the pipeline group: rank {dist.get_rank(group)} "
+                         f"of {dist.get_world_size(group)}")
     n_chunks = 2 * world
     if n_microbatches < n_chunks:
         raise ValueError(f"DualPipeV needs n_microbatches >= 2 * world = {n_chunks}, got {n_microbatches}")
@@ -143,3 +171,34 @@ def build_dualpipev(model: Transformer, rank: int, world: int, loss_fn, n_microb
                                     output_args=outputs, group=group))
     schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return schedule, stages
+
+
+def local_chunks(stages: list[PipelineStage]) -> nn.ModuleList:
+    """This rank's chunks as one module, for `sync_gradients`, `all_reduce_expert_loads`, `moe_layers` and the like:
+    the full model would also hold the other ranks' chunks (no gradients, loads never counted here)."""
+    return nn.ModuleList([s.submod for s in stages])
+
+
+@dataclass
+class PipelineMesh:
+    """This rank's place in a (pp, ep) mesh and its process groups (see `pipeline_mesh`)."""
+    pp_rank: int
+    ep_rank: int
+    pp_group: dist.ProcessGroup        # the pipeline through this rank: ranks ep_rank, ep + ep_rank, ...
+    ep_group: dist.ProcessGroup        # the ep ranks of this pipeline position: pp_rank * ep + [0, ep)
+    ep_group_bwd: dist.ProcessGroup    # the same ranks again, for the overlapped backward's all-to-alls
+
+
+def pipeline_mesh(pp: int, ep: int) -> PipelineMesh:
+    """Process groups for DualPipeV over pp ranks with the routed experts sharded over ep ranks: global rank =
+    pp_rank * ep + ep_rank, the ep ranks of one pipeline position adjacent (one node, for the all-to-all). Every rank
+    of the default group must call it at the same point (new_group is collective over the default group)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if pp * ep != world:
+        raise ValueError(f"a ({pp}, {ep}) mesh needs {pp * ep} ranks, the default group has {world}")
+    pp_rank, ep_rank = divmod(rank, ep)
+    # every rank creates every group, in the same order; each keeps its own
+    ep_groups = [dist.new_group([p * ep + e for e in range(ep)]) for p in range(pp)]
+    pp_groups = [dist.new_group([p * ep + e for p in range(pp)]) for e in range(ep)]
+    ep_bwd = [dist.new_group([p * ep + e for e in range(ep)]) for p in range(pp)]
+    return PipelineMesh(pp_rank, ep_rank, pp_groups[ep_rank], ep_groups[pp_rank], ep_bwd[pp_rank])
