@@ -255,3 +255,35 @@ def test_incremental_text_equals_the_final_decode():
         assert final.startswith(got), trial
         got += stream.delta(RequestOutput(0, [], ids, text=final, finished=True))
         assert got == final, trial
+
+
+def test_a_failed_engine_step_fails_its_requests_and_the_server_recovers():
+    """An exception inside Engine.step: the requests of that step get an OpenAI-style 500 (streaming: an error event),
+    /health turns 503 naming the error, the blocks come back, and the next request is served (and /health is ok)."""
+    s = start_server()
+    try:
+        real_step, failures = s.engine.step, [1]
+
+        def flaky_step():
+            if failures[0]:
+                failures[0] -= 1
+                raise RuntimeError("injected failure")
+            return real_step()
+
+        s.engine.step = flaky_step
+        body = {"model": "dsv3-tiny", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "injected failure" in r.json()["error"]["message"]
+        health = httpx.get(s.url + "/health")
+        assert health.status_code == 503 and "injected failure" in health.json()["error"]
+        failures[0] = 3             # the steps that would return the aborted request's blocks fail too
+        with httpx.stream("POST", s.url + "/v1/completions", json=dict(body, stream=True), timeout=30) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert any("injected failure" in e for e in events), events
+        assert all_blocks_free(s.engine)
+        want = s.reference.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0].text
+        assert httpx.post(s.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"] == want
+        assert httpx.get(s.url + "/health").json() == {"status": "ok"}
+    finally:
+        s.stop()

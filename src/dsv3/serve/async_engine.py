@@ -74,6 +74,15 @@ class AsyncEngineBase:
     def _stop_backend(self) -> None:
         raise NotImplementedError
 
+    def _note_step(self, items: list, error: str | None) -> None:
+        """A failed step marks the engine unhealthy (/health 503 with the error); a later step that produced outputs
+        shows it working again (a transient failure, e.g. one oversized batch running out of memory, fails only
+        the requests of that step)."""
+        if error is not None:
+            self.step_error = error
+        elif items:
+            self.step_error = None
+
     # ---- event-loop side ------------------------------------------------------------------------------------------
     @property
     def num_pending(self) -> int:
@@ -184,13 +193,13 @@ class _EngineLoop:
         except Exception as e:       # a step that fails fails its requests, not the server
             items = []
             for cid, rid in list(self.by_client.items()):
-                self.engine.abort(rid)
+                self.engine.abort(rid)   # their blocks return at the next step that gets that far
                 items.append((cid, f"engine step failed: {e!r}"))
             self.by_client.clear()
             self.by_engine.clear()
             self.started.clear()
-            self.engine.step()       # returns the aborted requests' blocks
             self.emit(items, error=repr(e))
+            time.sleep(0.05)             # an engine that keeps failing must not spin a core
             return
         items = []
         for out in outputs:
@@ -244,8 +253,7 @@ class AsyncEngine(AsyncEngineBase):
         self._thread.join(10.0)
 
     def _emit(self, items: list, error: str | None = None) -> None:
-        if error is not None:
-            self.step_error = error
+        self._note_step(items, error)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver_all, items)
 
@@ -332,8 +340,7 @@ class EngineProcess(AsyncEngineBase):
             except (EOFError, OSError):
                 break
             if msg[0] == "out":
-                if msg[2] is not None:
-                    self.step_error = msg[2]
+                self._note_step(msg[1], msg[2])
                 if self._loop is not None:
                     self._loop.call_soon_threadsafe(self._deliver_all, msg[1])
             elif msg[0] == "stats":
