@@ -1,12 +1,14 @@
-"""`dsv3 train` through torchrun (gloo, CPU): plain data parallelism and expert parallelism inside it (parallel.ep)
-give the same per-step losses, validation losses, final weights and EMA as one process on the same global batches,
-and write checkpoints in the single-process format that resume at any world size and layout."""
+"""`dsv3 train` through torchrun (gloo, CPU): plain data parallelism, expert parallelism inside it (parallel.ep) and
+both FSDP-sharded (parallel.fsdp) give the same per-step losses, validation losses, final weights and EMA as one
+process on the same global batches, and write checkpoints in the single-process format that resume at any world size
+and layout."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 from conftest import build, run_ranks, tiny_config
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dsv3.config import ConfigError
 from dsv3.train import Trainer, load_run_model
@@ -49,13 +52,14 @@ def _train(tmp: Path, name: str, nproc: int, *args: str) -> subprocess.Completed
     return r
 
 
-def _resume_from(tmp: Path, src: str, step: int, name: str, nproc: int, ep: int) -> subprocess.CompletedProcess:
+def _resume_from(tmp: Path, src: str, step: int, name: str, nproc: int, ep: int, *args: str
+                 ) -> subprocess.CompletedProcess:
     """Copy run `src` cut back to its checkpoint of `step` and continue it to the end in another layout."""
     shutil.copytree(tmp / src, tmp / name)
     for d in (tmp / name / "checkpoints").iterdir():
         if d.name != f"step_{step:08d}":
             shutil.rmtree(d)
-    return _train(tmp, name, nproc, "--resume", "--run-dir", str(tmp / name), f"parallel.ep={ep}")
+    return _train(tmp, name, nproc, "--resume", "--run-dir", str(tmp / name), f"parallel.ep={ep}", *args)
 
 
 def _metric(run_dir: Path, key: str) -> list[float]:
@@ -75,6 +79,21 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
         assert x.shape == y.shape, (what, name)
         if x.is_floating_point():
             assert ((x - y).norm() / x.norm().clamp_min(1e-12)).item() < tol, (what, name)
+
+
+def _assert_same_checkpoint(a: Path, b: Path, what: str) -> None:
+    """Two checkpoint directories hold the same weights, EMA and optimizer state (the same parameter indices)."""
+    _assert_same_tensors(load_file(a / "model.safetensors"), load_file(b / "model.safetensors"), f"{what} model")
+    _assert_same_tensors(load_file(a / "ema.safetensors"), load_file(b / "ema.safetensors"), f"{what} ema")
+    a_opt = torch.load(a / "optimizer.pt", weights_only=True)
+    b_opt = torch.load(b / "optimizer.pt", weights_only=True)
+    assert a_opt["param_groups"] == b_opt["param_groups"], what
+    assert a_opt["state"].keys() == b_opt["state"].keys(), what
+    # the moments carry the same fp32 noise as the weights, squared in exp_avg_sq (the embedding's rarely seen rows:
+    # up to 1.4e-3 for EP2 and 7e-4 for plain DP2 after 8 steps); a misplaced expert slice would be off by O(1)
+    for i, st in a_opt["state"].items():
+        _assert_same_tensors({k: v for k, v in st.items() if v.dim()},
+                             {k: v for k, v in b_opt["state"][i].items() if v.dim()}, f"{what} {i}", tol=1e-2)
 
 
 @pytest.fixture(scope="module")
@@ -127,22 +146,71 @@ def test_torchrun_expert_parallel_matches_one_process_and_resumes_in_any_layout(
     # whole expert tensors, moments and EMA in every checkpoint, equal to the single-process run's
     for step in (4, 8):
         ck = f"checkpoints/step_{step:08d}"
-        a_opt = torch.load(single / ck / "optimizer.pt", weights_only=True)
         for name in ("ep2", "ep2_then_1", "ep2_then_dp2ep2") if step == 8 else ("ep2",):
-            b = tmp / name / ck
-            _assert_same_tensors(load_file(single / ck / "model.safetensors"), load_file(b / "model.safetensors"),
-                                 f"{name} {step} model")
-            _assert_same_tensors(load_file(single / ck / "ema.safetensors"), load_file(b / "ema.safetensors"),
-                                 f"{name} {step} ema")
-            b_opt = torch.load(b / "optimizer.pt", weights_only=True)
-            assert a_opt["param_groups"] == b_opt["param_groups"]
-            # the moments carry the same fp32 noise as the weights, squared in exp_avg_sq (the embedding's rarely
-            # seen rows: up to 1.4e-3 for EP2 and 7e-4 for plain DP2 after 8 steps); a misplaced expert slice
-            # would be off by O(1)
-            for i, st in a_opt["state"].items():
-                _assert_same_tensors({k: v for k, v in st.items() if v.dim()},
-                                     {k: v for k, v in b_opt["state"][i].items() if v.dim()}, f"{name} {step} {i}",
-                                     tol=1e-2)
+            _assert_same_checkpoint(single / ck, tmp / name / ck, f"{name} {step}")
+
+
+def _fsdp_line(run_dir: Path) -> tuple[int, int, int, int]:
+    """The trainer's log line on what FSDP sharded: (DTensor parameters, parameters, elements rank 0 holds, elements
+    all ranks hold), counted from the model itself after sharding."""
+    lines = [r["message"] for r in read_metrics(run_dir, kind="event") if r["message"].startswith("FSDP:")]
+    assert lines, f"{run_dir}: no FSDP line logged"
+    m = re.fullmatch(r"FSDP: (\d+) of (\d+) parameters sharded \(DTensor\); rank 0 holds (\d+) of (\d+) "
+                     r"parameter elements", lines[-1])
+    assert m, lines[-1]
+    return tuple(int(g) for g in m.groups())
+
+
+def _assert_really_sharded(run_dir: Path, single: Path, world: int) -> None:
+    model, _ = load_run_model(single)
+    params = list(model.parameters())
+    n_dt, n, local, total = _fsdp_line(run_dir)
+    assert n_dt == n == len(params)                                   # every parameter a DTensor
+    assert total == sum(p.numel() for p in params)                  # every element on exactly one rank
+    assert local <= 1.1 * total / world                               # rank 0 holds its share, not the whole
+
+
+def test_torchrun_fsdp_matches_one_process_and_resumes_in_one_process(tmp, single):
+    """parallel.fsdp on 2 ranks (ZeRO-3 over dp 2, experts too: parallelize with ep 1): the single-process losses,
+    validation and checkpoints (gathered from the shards, AdamW moments and EMA included); its step-4 checkpoint
+    continued in one plain process (fsdp at world 1 is a no-op) takes the very step the FSDP run took."""
+    r = _train(tmp, "fsdp2", 2, "parallel.fsdp=true")
+    assert "x 2 data-parallel ranks (FSDP)" in r.stderr and r.stderr.count("training ") == 1
+    _assert_really_sharded(tmp / "fsdp2", single, 2)
+    r = _resume_from(tmp, "fsdp2", 4, "fsdp2_then_1", 1, ep=1)
+    assert "data-parallel" not in r.stderr and "from step 4" in r.stderr
+    ref = train_losses(single)
+    for name in ("fsdp2", "fsdp2_then_1"):
+        got = train_losses(tmp / name)
+        assert sorted(got) == list(range(1, 9)), name
+        assert [got[s] for s in range(1, 9)] == pytest.approx([ref[s] for s in range(1, 9)], rel=1e-5), name
+        assert _val_losses(tmp / name) == pytest.approx(_val_losses(single), rel=1e-5), name
+        # the clipping norm (grad_norm_sharded) is the global one; fp32 noise as in test_torchrun_expert_parallel_...
+        assert _metric(tmp / name, "grad_norm") == pytest.approx(_metric(single, "grad_norm"), rel=5e-3), name
+    assert train_losses(tmp / "fsdp2_then_1")[5] == pytest.approx(train_losses(tmp / "fsdp2")[5], rel=1e-6)
+    for step, names in ((4, ("fsdp2",)), (8, ("fsdp2", "fsdp2_then_1"))):
+        ck = f"checkpoints/step_{step:08d}"
+        for name in names:
+            _assert_same_checkpoint(single / ck, tmp / name / ck, f"{name} {step}")
+
+
+def test_torchrun_fsdp_with_expert_parallelism_and_recompute_resumes_a_plain_checkpoint(tmp, single):
+    """The single-process run's step-4 checkpoint continued at dp 2 x ep 2 with FSDP and recomputation on 4 ranks
+    (every rank cutting its expert slice, then its shard, out of the full checkpoint; at the end the shards gathered
+    over each dp column, then the expert slices over row 0): the single-process steps, and those of the FSDP run
+    without recomputation."""
+    r = _resume_from(tmp, "single", 4, "single_then_fsdp_ep2", 4, 2, "parallel.fsdp=true", "train.recompute=true")
+    assert "x 4 ranks (dp 2 x ep 2, FSDP)" in r.stderr and "from step 4" in r.stderr
+    assert json.loads((tmp / "single_then_fsdp_ep2" / "config.json").read_text())["train"]["recompute"] is True
+    _assert_really_sharded(tmp / "single_then_fsdp_ep2", single, 4)
+    got, ref = train_losses(tmp / "single_then_fsdp_ep2"), train_losses(single)
+    assert sorted(got) == list(range(1, 9))
+    # the steps FSDP without recomputation takes too (test_torchrun_fsdp_matches_one_process_...): recomputation
+    # repeats the forward bit for bit inside the FSDP units' backward, after their all-gathers
+    assert [got[s] for s in range(5, 9)] == pytest.approx([ref[s] for s in range(5, 9)], rel=1e-5)
+    assert _val_losses(tmp / "single_then_fsdp_ep2") == pytest.approx(_val_losses(single), rel=1e-5)
+    ck = "checkpoints/step_00000008"
+    _assert_same_checkpoint(single / ck, tmp / "single_then_fsdp_ep2" / ck, "single_then_fsdp_ep2 8")
 
 
 def test_bad_parallel_layouts_are_refused(tmp_path):
@@ -150,8 +218,12 @@ def test_bad_parallel_layouts_are_refused(tmp_path):
         small_run(tmp_path, parallel={"ep": 3})
     with pytest.raises(ConfigError, match=r"parallel.ep must be an integer >= 1"):
         small_run(tmp_path, parallel={"ep": 0})
+    with pytest.raises(ConfigError, match=r"parallel.fsdp must be true or false"):
+        small_run(tmp_path, parallel={"fsdp": "yes"})
+    with pytest.raises(ConfigError, match=r"parallel.fsdp does not combine with train.compile_optimizer"):
+        small_run(tmp_path, parallel={"fsdp": True}, train={"compile_optimizer": True})
     cfg = small_run(tmp_path, parallel={"ep": 2}, **SECTIONS)
-    assert cfg.to_dict()["parallel"] == {"ep": 2}
+    assert cfg.to_dict()["parallel"] == {"ep": 2, "fsdp": False}
     assert cfg.check_world(2) == 1 and cfg.check_world(4) == 2
     with pytest.raises(ConfigError, match=r"parallel.ep=2 does not divide the world size 3"):
         cfg.check_world(3)
@@ -222,3 +294,72 @@ def test_expert_parallel_state_gathers_and_scatters_exactly(tmp_path):
     for r in ranks:
         assert r["model"] == r["ema"] == r["optim"] == r["reloaded"] == []
         assert r["master_dtype"] == {torch.float32} and r["moment_dtype"] == {torch.bfloat16}
+
+
+def _fsdp_roundtrip_worker(rank, init_file, out_dir):
+    """dp 1 x ep 2 with FSDP on 2 gloo ranks (experts sliced over EP, everything else sharded over both ranks), BF16
+    weights with AdamWBF16 (BF16 moments + FP32 master) and an EMA: one step on known gradients, next to a plain
+    model taking the same step; rank 0 gets the gathered state, then every rank cuts it back to its shards."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        layout = Layout(torch.device("cpu"), ep=2, fsdp=True)
+        model = layout.apply(build(tiny_config(), dtype=torch.bfloat16).train())
+        layout.shard_parameters(model)
+        ref = build(tiny_config(), dtype=torch.bfloat16).train()
+        opt, ref_opt = AdamWBF16(model.parameters(), lr=1e-2), AdamWBF16(ref.parameters(), lr=1e-2)
+        ema, ref_ema = CPUEma(layout.ema_source(model), 0.5), CPUEma(ref, 0.5)
+        experts = expert_slices(model)
+        for i, ((n, p), q) in enumerate(zip(model.named_parameters(), ref.parameters())):
+            q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(i)).to(q.dtype)
+            g = q.grad[experts[n][0]:experts[n][0] + experts[n][1]] if n in experts else q.grad
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+        opt.step()
+        ref_opt.step()
+        ema.update(layout.ema_source(model))
+        ref_ema.update(ref)
+        full = layout.full_state(model, opt, ema.state_dict())
+        res = {"full_is_none": full is None, "types": {type(p).__name__ for p in model.parameters()}}
+        if rank == 0:
+            model_sd, optim_sd, ema_sd = full
+            ref_optim = ref_opt.state_dict()
+            res["vs_single"] = {"model": _mismatches(ref.state_dict(), model_sd),
+                                "ema": _mismatches(ref_ema.state_dict(), ema_sd),
+                                "optim": [i for i, st in ref_optim["state"].items()
+                                          if _mismatches(st, optim_sd["state"][i])],
+                                "groups": ref_optim["param_groups"] == optim_sd["param_groups"]}
+            torch.save(full, out_dir / "full.pt")
+        dist.barrier()
+        model_sd, optim_sd, ema_sd = torch.load(out_dir / "full.pt", weights_only=True)
+        local_model, local_opt = layout.local_state(model, opt, model_sd, optim_sd)
+        fresh = AdamWBF16(model.parameters(), lr=1e-2)
+        fresh.load_state_dict(local_opt)
+        own_opt = _shards(opt.state_dict())
+        res.update({"model": _mismatches(_shards(model.state_dict()), _shards(local_model)),
+                    "ema": _mismatches(ema.state_dict(), layout.local_ema(model, ema_sd)),
+                    "optim": [i for i, st in own_opt["state"].items()
+                              if _mismatches(st, _shards(local_opt)["state"][i])],
+                    "reloaded": [i for i, st in own_opt["state"].items()
+                                 if _mismatches(st, _shards(fresh.state_dict())["state"][i])]})
+        torch.save(res, out_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _shards(d: dict) -> dict:
+    """A state dict (or an optimizer's, one level down) with every DTensor replaced by this rank's local shard."""
+    if "state" in d:
+        return {**d, "state": {i: _shards(st) for i, st in d["state"].items()}}
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in d.items()}
+
+
+def test_fsdp_state_gathers_into_the_single_process_state_and_scatters_back_exactly(tmp_path):
+    ranks = run_ranks(_fsdp_roundtrip_worker, 2, tmp_path, "FSDP state round trip")
+    assert [r["full_is_none"] for r in ranks] == [False, True]      # rank 0 alone receives the whole state
+    # the same elementwise AdamW/EMA arithmetic on shards as on whole tensors: the gathered state is bitwise the
+    # plain model's (weights, BF16 moments, FP32 masters, EMA), under the plain model's parameter indices
+    assert ranks[0]["vs_single"] == {"model": [], "ema": [], "optim": [], "groups": True}
+    for r in ranks:
+        assert r["types"] == {"DTensor"}
+        assert r["model"] == r["ema"] == r["optim"] == r["reloaded"] == []

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from .expert import (
@@ -137,8 +137,18 @@ def shard_data_parallel_2d(model: nn.Module, reshard_after_forward: bool = True)
         if isinstance(m, ExpertParallelExperts):
             fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
             m.set_gradient_divide_factor(float(dp * ep))
+            if hasattr(m, "set_reduce_scatter_unused_params"):      # torch 2.13; older: see below
+                # a rank whose EP row sent these experts no rows has no gradient for them: it must still join the
+                # column's reduce-scatter (with zeros, as sync_gradients_2d does), else the others wait for it
+                m.set_reduce_scatter_unused_params(True, recurse=False)
     world = init_device_mesh(mesh.device_type, (dp * ep,), mesh_dim_names=("world",))
     apply_data_parallel(model, world, reshard_after_forward)       # the non-expert rest, averaged over the world
+    if dist.get_backend() == "gloo":
+        # FSDP2 reduce-scatters fp32/bf16 gradients with AVG, or with NCCL's PREMUL_SUM where the divide factor
+        # differs from the mesh size (the experts: dp*ep over dp), which gloo lacks: plain sums divided afterwards
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_force_sum_reduction_for_comms(True)
     model.parallel_mesh = mesh
     return model
 

@@ -109,8 +109,12 @@ class ParallelConfig:
     """The torchrun layout of `dsv3 train` (dsv3.train.data_parallel): world = dp * ep ranks, dp = WORLD_SIZE // ep
     implied. ep > 1 shards the routed experts over groups of ep ranks (dsv3.parallel.parallelize); everything else
     is replicated and data-parallel. Pipeline parallelism is not a trainer layout: it is driven separately by
-    dsv3.parallel.pipeline."""
+    dsv3.parallel.pipeline.
+    fsdp shards parameters, gradients and optimizer state (ZeRO-3 through FSDP2: experts over their dp column, the
+    rest over all ranks), with any ep. In one process (world 1) it is a no-op, so a FSDP run's checkpoints (always
+    the single-process format) resume in one plain process as configured. Not with train.compile_optimizer."""
     ep: int = 1                  # expert-parallel degree: must divide the world size and model.n_routed_experts
+    fsdp: bool = False           # shard everything with FSDP2 instead of replicating the non-expert parameters
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "mtp": MTPConfig,
@@ -165,6 +169,12 @@ class RunConfig:
         if self.model.n_routed_experts % ep:
             raise ConfigError(f"invalid run config: parallel.ep={ep} must divide model.n_routed_experts="
                               f"{self.model.n_routed_experts} (every rank of an EP group holds E / ep experts)")
+        if not isinstance(self.parallel.fsdp, bool):
+            raise ConfigError(f"invalid run config: parallel.fsdp must be true or false, got {self.parallel.fsdp!r}")
+        if self.parallel.fsdp and t.compile_optimizer:
+            # compiled_clip_and_step scales the gradients with torch._foreach_mul_ inside a compiled graph: not
+            # verified on FSDP's DTensor gradients (CUDA-only); the eager optimizer step is used under FSDP instead
+            raise ConfigError("invalid run config: parallel.fsdp does not combine with train.compile_optimizer")
 
     def check_world(self, world: int) -> int:
         """Validate the layout against `world` processes (torchrun's WORLD_SIZE); returns dp = world // ep."""

@@ -29,6 +29,22 @@ exp_avg / exp_avg_sq, AdamWBF16's master copy as well) and of the EMA into full 
 (`local_model_state`, `local_optimizer_state`). The EMA lives on the ranks of row 0 (rank 0 alone when ep == 1),
 each averaging its own slice; it is gathered like the parameters, so the checkpoint's EMA is the full model's.
 Pipeline parallelism is not a trainer layout (dsv3.parallel.pipeline).
+
+parallel.fsdp (ZeRO-3 through FSDP2, any ep, also 1): after `parallelize` (also with ep == 1: a (dp, 1) mesh) and
+after apply_recompute, `shard_data_parallel_2d` shards every parameter (experts over their dp column, the rest over
+the world), so the optimizer built afterwards holds sharded state too. FSDP reduce-scatters the gradients in
+backward (no `sync_gradients`); the global norm is `grad_norm_sharded` (every element on exactly one rank) and
+clipping scales the local shards. The fused-AdamW clip-in-optimizer and compiled paths are off (CUDA-only and not
+verified on DTensor gradients; config refuses compile_optimizer). Every rank validates its rows: the forward's
+parameter all-gathers are collectives. Recompute before FSDP, as torchtitan does AC before fully_shard: recompute
+wraps methods inside the FSDP units (RMSNorm/MLP forward, Experts `ffn`, MLA `_attend_naive`) while FSDP hooks
+the units' __call__, and a unit's pre-backward all-gather runs before its checkpointed regions are recomputed.
+Checkpoints: every DTensor of the model, optimizer and EMA state is made whole (`full_tensor`, one tensor at a
+time, every rank in the same order), kept on the CPU by the ranks that write (rank 0) or send it (with ep > 1,
+row 0 keeps its column's expert tensors for the usual row gather). At load every rank cuts its EP slice as above,
+then its FSDP shard (`distribute_tensor(..., src_data_rank=None)`: local, no communication). The EMA lives on every
+rank, each averaging its own local shards (1/world of the model in CPU memory per rank), and is gathered likewise.
+With one process (world 1) fsdp is a no-op, so a FSDP run's checkpoint resumes in one plain process as configured.
 """
 
 from __future__ import annotations
@@ -38,15 +54,22 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..parallel.expert import ExpertParallelExperts, all_reduce_flat
-from ..parallel.parallelize import grad_norm_2d, parallelize, sync_gradients_2d
+from ..parallel.parallelize import (
+    grad_norm_2d,
+    grad_norm_sharded,
+    parallelize,
+    shard_data_parallel_2d,
+    sync_gradients_2d,
+)
 
 
 class Layout:
     """The ranks of the job (one process: world 1) and the trainer's collectives over them."""
 
-    def __init__(self, device: torch.device, ep: int = 1):
+    def __init__(self, device: torch.device, ep: int = 1, fsdp: bool = False):
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -54,6 +77,8 @@ class Layout:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         # the world is only known here: RunConfig.check_world validates it against ep and the micro-batch
         self.device, self.ep, self.dp = device, ep, self.world // ep
+        # sharding over one process would shard nothing: a no-op, so a FSDP run resumes in one plain process
+        self.fsdp = fsdp and self.world > 1
         self.mesh = None
 
     @property
@@ -66,19 +91,49 @@ class Layout:
         between them, keep the EMA of their slices and send them to rank 0 at save; the other rows hold replicas."""
         return self.rank < self.ep
 
+    @property
+    def keeps_ema(self) -> bool:
+        """Under FSDP every rank averages its own shards; otherwise row 0 does (the other rows hold replicas)."""
+        return self.fsdp or self.first_row
+
+    @property
+    def global_norm(self) -> bool:
+        """Whether a rank's gradients are only a part of the whole (expert slices, FSDP shards): the clipping norm
+        then needs `grad_norm`, a collective, instead of a local one."""
+        return self.ep > 1 or self.fsdp
+
     def describe(self) -> str:
         if self.world == 1:
             return ""
         if self.ep == 1:
-            return f" x {self.world} data-parallel ranks"
-        return f" x {self.world} ranks (dp {self.dp} x ep {self.ep})"
+            return f" x {self.world} data-parallel ranks" + (" (FSDP)" if self.fsdp else "")
+        return f" x {self.world} ranks (dp {self.dp} x ep {self.ep}{', FSDP' if self.fsdp else ''})"
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Shard the routed experts (ep > 1) in place: after apply_fp8, before apply_recompute and the optimizer."""
-        if self.ep > 1:
+        """Shard the routed experts (ep > 1; with fsdp also ep == 1, for `shard_parameters`'s (dp, ep) mesh) in
+        place: after apply_fp8, before apply_recompute and the optimizer."""
+        if self.ep > 1 or self.fsdp:
             parallelize(model, None, self.dp, self.ep)
             self.mesh = model.parallel_mesh
         return model
+
+    def shard_parameters(self, model: nn.Module) -> str | None:
+        """fsdp: FSDP2 over the layout (after `apply` and apply_recompute, before the optimizer); returns a line for
+        the run's log saying what is sharded (from the model itself: how many parameters are DTensors, how many
+        elements this rank and all ranks hold). Every rank must call it. None (nothing done) without fsdp."""
+        if not self.fsdp:
+            return None
+        shard_data_parallel_2d(model)
+        params = list(model.parameters())
+        n_dt = sum(isinstance(p, DTensor) for p in params)
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+        total = self.sum(torch.tensor(local, dtype=torch.int64, device=self.device)).item()
+        return (f"FSDP: {n_dt} of {len(params)} parameters sharded (DTensor); rank {self.rank} holds {local} of "
+                f"{total} parameter elements")
+
+    def ema_source(self, model: nn.Module):
+        """What the CPU EMA averages: the model, or under FSDP its local shards (`_LocalShards`)."""
+        return _LocalShards(model) if self.fsdp else model
 
     def shard(self, window: torch.Tensor) -> torch.Tensor:
         rows = window.shape[0] // self.world
@@ -93,15 +148,27 @@ class Layout:
             all_reduce_flat([p.grad for p in params if p.grad is not None], dist.group.WORLD, 1.0 / self.world)
 
     def sync_gradients(self, model: nn.Module) -> None:
-        """The gradients of the mean loss over all ranks' tokens, on every rank (every rank must call it)."""
-        if self.mesh is not None:
+        """The gradients of the mean loss over all ranks' tokens, on every rank (every rank must call it). Under
+        FSDP nothing is left to do: backward reduce-scattered them (averaged over the world, experts summed over
+        their column / world: the divide factor shard_data_parallel_2d sets)."""
+        if self.fsdp:
+            return
+        if self.ep > 1:
             sync_gradients_2d(model, self.mesh)
         else:
             self.average_gradients(model.parameters())
 
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
-        """The global gradient norm under expert parallelism (float64, the same on every rank)."""
-        return grad_norm_2d(model, self.mesh)
+        """The global gradient norm when ranks hold parts of the gradient (`global_norm`): float64, the same on
+        every rank."""
+        return grad_norm_sharded(model) if self.fsdp else grad_norm_2d(model, self.mesh)
+
+    @staticmethod
+    @torch.no_grad()
+    def scale_gradients(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+        """grads *= coef (a plain 0-d tensor): on the local shards of DTensor gradients, since DTensor ops refuse a
+        plain tensor operand and the coefficient is the same on every rank anyway."""
+        torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         # also the expert loads: summing the step's accumulated loads over the world is what sync_expert_loads_2d
@@ -117,14 +184,17 @@ class Layout:
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                    ema_state: dict[str, torch.Tensor] | None) -> tuple[dict, dict, dict | None] | None:
         """(model state dict, optimizer state dict, EMA state) with every expert tensor whole, on rank 0; None on
-        the other ranks. Every rank must call it (the ranks of row 0 send their slices)."""
-        if self.mesh is None:
-            return (model.state_dict(), optimizer.state_dict(), ema_state) if self.is_main else None
+        the other ranks. Every rank must call it (the ranks of row 0 send their slices; under FSDP every rank
+        joins the all-gathers of its shards)."""
+        model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
+        if self.fsdp:     # whole DTensors (with ep > 1: this column's expert slices, for the row gather below)
+            model_sd, optim_sd, ema_state = self._unshard(model, optimizer, model_sd, optim_sd, ema_state)
+        if self.ep == 1:
+            return (model_sd, optim_sd, ema_state) if self.is_main else None
         if not self.first_row:           # rows d > 0 hold replicas of row 0's slices: nothing to send
             return None
         params = dict(model.named_parameters())
         index = _optimizer_index(optimizer)
-        model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
         # state_dict() hands out the optimizer's own per-parameter dicts: copy before replacing entries
         state = optim_sd["state"] = dict(optim_sd["state"])
         slots: list[tuple[dict, str]] = []
@@ -144,6 +214,65 @@ class Layout:
             d[k] = t
         return model_sd, optim_sd, ema_state
 
+    def _unshard(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict,
+                 ema_state: dict | None) -> tuple[dict, dict, dict | None]:
+        """FSDP: the model and optimizer state dicts and the EMA (local shards) with every DTensor made whole over
+        its mesh: one all-gather per tensor, every rank in the same order, so that only one whole tensor at a time
+        is on the device. A rank keeps (on the CPU) what it writes or sends: rank 0 everything, the other ranks of
+        row 0 their experts' tensors (ep > 1); the rest is dropped (None). Parameter ids, dtypes and the
+        non-DTensor entries (buffers, AdamW's step) are left as they are: the single-process format."""
+        experts = expert_slices(model) if self.ep > 1 else {}
+        params = dict(model.named_parameters())
+
+        def whole(t: torch.Tensor, name: str) -> torch.Tensor | None:
+            if not isinstance(t, DTensor):
+                return t
+            full = t.full_tensor()
+            return full.cpu() if self.is_main or (self.first_row and name in experts) else None
+
+        model_sd = {k: whole(v, k) for k, v in model_sd.items()}
+        index = _optimizer_index(optimizer)
+        name_of = {index[id(p)]: n for n, p in params.items()}
+        old = optim_sd["state"]
+        new = {i: {k: whole(v, name_of[i]) for k, v in old[i].items()} for i in sorted(old)}
+        optim_sd = {**optim_sd, "state": {i: new[i] for i in old}}
+        if ema_state is not None:        # the EMA holds plain local shards: made DTensors like their parameters
+            ema_state = {n: whole(DTensor.from_local(t.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                                     stride=p.stride()), n) if isinstance(p := params[n], DTensor)
+                         else t for n, t in ema_state.items()}
+        return model_sd, optim_sd, ema_state
+
+    # ---- loading a single-process checkpoint into this rank's slices and shards ---------------------------------
+    def local_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict,
+                    optim_state: dict | None) -> tuple[dict, dict | None]:
+        """A full checkpoint's model tensors and optimizer state cut to what this rank holds: its expert slices
+        (ep > 1), then under FSDP its shards as DTensors placed like the parameters (load_checkpoint's copy_ and
+        Optimizer.load_state_dict then take them as they are). Tensors of a wrong shape are left for
+        load_checkpoint's check to report."""
+        tensors = local_model_state(model, tensors)
+        if optim_state is not None:
+            optim_state = local_optimizer_state(model, optimizer, optim_state)
+        if not self.fsdp:
+            return tensors, optim_state
+        params = dict(model.named_parameters())
+        tensors = {k: _shard_like(v, params.get(k)) for k, v in tensors.items()}
+        if optim_state is not None:
+            by_index = {_optimizer_index(optimizer)[id(p)]: p for p in params.values()}
+            state = {i: {k: _shard_like(v, by_index.get(i)) for k, v in st.items()}
+                     for i, st in optim_state["state"].items()}
+            optim_state = {**optim_state, "state": state}
+        return tensors, optim_state
+
+    def local_ema(self, model: nn.Module, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A full EMA state cut like the parameters; under FSDP to plain local shards (what `ema_source` shows the
+        EMA)."""
+        ema = local_model_state(model, ema)
+        if self.fsdp:
+            params = dict(model.named_parameters())
+            ema = {n: _shard_like(t, params.get(n)) for n, t in ema.items()}
+            ema = {n: t.to_local() if isinstance(t, DTensor) else t for n, t in ema.items()}
+        return ema
+
     def _gather_row0(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Each tensor's slices from the ep ranks of row 0 concatenated along dim 0 in rank order (= expert order),
         on rank 0 (CPU); None on the senders. One gather per dtype (every rank's slices have the same shapes)."""
@@ -162,6 +291,29 @@ class Layout:
                 for j, i in enumerate(idx):
                     out[i] = torch.cat([pc[j].view(tensors[i].shape) for pc in pieces])
         return out if self.is_main else None
+
+
+class _LocalShards:
+    """A model seen through its parameters' local shards (plain tensors): what a CPUEma averages under FSDP, each
+    rank its own part (the EMA reads only `named_parameters` and `parameters`)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def named_parameters(self):
+        for n, p in self.model.named_parameters():
+            yield n, p.to_local() if isinstance(p, DTensor) else p
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+
+def _shard_like(t, p: torch.Tensor | None):
+    """A whole tensor as `p`'s DTensor shard (this rank's chunk, cut locally: every rank holds the whole tensor),
+    when p is a DTensor of that shape; else t unchanged (a buffer, AdamW's step, a mis-shaped entry)."""
+    if not (isinstance(p, DTensor) and isinstance(t, torch.Tensor) and t.shape == p.shape):
+        return t
+    return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
 
 
 def _optimizer_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:

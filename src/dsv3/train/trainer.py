@@ -10,7 +10,7 @@ Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, th
 states, and the logged metrics are cut back to the checkpoint's step.
 
 Under torchrun the same loop runs on every rank in the layout of `parallel` (data parallelism, expert parallelism
-inside it: dsv3.train.data_parallel), with checkpoints in the single-process format.
+inside it, optionally FSDP-sharded: dsv3.train.data_parallel), with checkpoints in the single-process format.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .data_parallel import Layout, NullLogger, local_model_state, local_optimizer_state
+from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
 from .ema import CPUEma
 from .metrics import MetricsLogger
@@ -129,7 +129,7 @@ class Trainer:
         if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
         self.device = resolve_device(cfg.train.device)
-        self.layout = Layout(self.device, cfg.parallel.ep)
+        self.layout = Layout(self.device, cfg.parallel.ep, cfg.parallel.fsdp)
         cfg.check_world(self.layout.world)
         if self.layout.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,20 +161,25 @@ class Trainer:
         self.layers = moe_layers(self.model)
         if cfg.train.recompute:
             apply_recompute(self.model)
+        # fsdp: shard every parameter, after recompute wrapped its methods (see dsv3.train.data_parallel) and before
+        # the optimizer allocates its state
+        sharded = self.layout.shard_parameters(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim, compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
-        # rank 0 alone logs validation; the EMA lives on rank 0 (with ep > 1: on row 0, each rank its expert slice)
-        self.ema = CPUEma(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 and self.layout.first_row \
-            else None
+        # rank 0 alone logs validation; the EMA lives on rank 0 (with ep > 1: on row 0, each rank its expert slice;
+        # under FSDP on every rank, each its own shards)
+        self.ema_source = self.layout.ema_source(self.model)
+        keep_ema = cfg.train.ema_decay > 0 and self.layout.keeps_ema
+        self.ema = CPUEma(self.ema_source, cfg.train.ema_decay) if keep_ema else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         if resume:
             state = load_checkpoint(ckpt, self.model, self.optimizer,
-                                    local=self._local_state if self.layout.ep > 1 else None)
+                                    local=self._local_state if self.layout.ep > 1 or self.layout.fsdp else None)
             self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
             self.loss_ema = state["loss_ema"]
             self.loader.load_state_dict(state["loader"])
             if self.ema is not None and state["ema"] is not None:
-                self.ema.load_state_dict(local_model_state(self.model, state["ema"]))
+                self.ema.load_state_dict(self.layout.local_ema(self.model, state["ema"]))
         self.ce = cross_entropy
         if cfg.train.compile:
             # regional compilation: every block is one graph (fused norms, RoPE, SwiGLU, routing glue) and the loss
@@ -184,8 +189,10 @@ class Trainer:
             self.ce = torch.compile(cross_entropy)
         # fused AdamW divides the gradients by `grad_scale` inside its kernel: clipping there saves a pass over
         # every gradient (on CPU, the usual clip_grad_norm_). Under expert parallelism this path and compiled_step
-        # stay enabled: both take the global gradient norm (grad_norm_2d) that train_step computes there
-        self.clip_in_optimizer = (self.device.type == "cuda" and self.compiled_step is None
+        # stay enabled: both take the global gradient norm (grad_norm_2d) that train_step computes there. Under FSDP
+        # both are off (compile_optimizer is refused by the config): they are CUDA-only and unverified with DTensor
+        # gradients, and the clipping is then train_step's scaling of the local shards
+        self.clip_in_optimizer = (self.device.type == "cuda" and self.compiled_step is None and not self.layout.fsdp
                                   and hasattr(torch.nn.utils, "get_total_norm")
                                   and isinstance(self.optimizer, torch.optim.AdamW)
                                   and bool(self.optimizer.defaults.get("fused")))   # AdamWBF16 reads no grad_scale
@@ -194,12 +201,13 @@ class Trainer:
         if resume:
             self.logger.truncate_after(self.step)
             self.logger.log_event(self.step, f"resumed from {ckpt}")
+        if sharded:
+            self.logger.log_event(self.step, sharded)
 
     def _local_state(self, tensors: dict, optim_state: dict | None) -> tuple[dict, dict | None]:
-        """A full checkpoint's model tensors and optimizer state cut to this rank's expert slices (ep > 1: every
-        rank reads the whole checkpoint)."""
-        return (local_model_state(self.model, tensors),
-                local_optimizer_state(self.model, self.optimizer, optim_state) if optim_state is not None else None)
+        """A full checkpoint's model tensors and optimizer state cut to this rank's expert slices and FSDP shards
+        (every rank reads the whole checkpoint)."""
+        return self.layout.local_state(self.model, self.optimizer, tensors, optim_state)
 
     def _write_run_files(self, data_dir: Path) -> None:
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
@@ -247,15 +255,16 @@ class Trainer:
             self.layout.sync_gradients(self.model)
             loads, sums = self.layout.sum(loads), self.layout.mean(sums)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self.layout.ep > 1:
-            # the norm of the whole gradient: each rank holds other experts' shards, so clip_grad_norm_ on the local
-            # gradients would clip every rank differently. Clipping as clip_grad_norm_ does (coefficient in fp32).
+        if self.layout.global_norm:
+            # the norm of the whole gradient: each rank holds other experts' slices (ep > 1) or only its FSDP shards,
+            # so clip_grad_norm_ on the local gradients would clip every rank differently. Clipping as
+            # clip_grad_norm_ does (coefficient in fp32).
             grad_norm = self.layout.grad_norm(self.model).float()
             coef = (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
             if self.clip_in_optimizer:
                 self.optimizer.grad_scale = (grad_norm / cfg.optim.grad_clip).clamp(min=1.0).float()
             elif self.compiled_step is None:
-                torch._foreach_mul_(grads, coef)
+                self.layout.scale_gradients(grads, coef)
         elif self.compiled_step is not None or self.clip_in_optimizer:   # the scaling happens inside the update
             grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
             if self.clip_in_optimizer:
@@ -278,7 +287,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         update_bias(self.layers, loads, schedule.bias_update_speed(step, cfg))
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.ema_source)
         self.step += 1
         tokens = n_micro * cfg.train.micro_batch_size * cfg.data.seq_len
         self.tokens += tokens
@@ -296,10 +305,11 @@ class Trainer:
         against the main model's own greedy choice one step later (`mtp_agree`, the acceptance rate of greedy
         speculative decoding with the MTP head as the draft).
 
-        Rank 0 alone validates, on whole batches, unless the experts are sharded (ep > 1): the MoE forward then
-        all-to-alls within the EP row, so every rank validates its rows of every batch (as in training) and the sums
-        are all-reduced; every rank returns the same numbers."""
-        sharded = self.layout.ep > 1
+        Rank 0 alone validates, on whole batches, unless the experts are sharded (ep > 1: the MoE forward then
+        all-to-alls within the EP row) or the parameters are (fsdp: the forward all-gathers them): every rank then
+        validates its rows of every batch (as in training) and the sums are all-reduced; every rank returns the
+        same numbers."""
+        sharded = self.layout.ep > 1 or self.layout.fsdp
         if not self.val or not (self.layout.is_main or sharded):
             return {}
         self.model.eval()
@@ -323,13 +333,16 @@ class Trainer:
             tot = self.layout.sum(tot).tolist()
             main_sum, mtp_sum = tot[0] / self.layout.world, tot[1] / self.layout.world
             hit, agree, n_mtp = (int(v) for v in tot[2:])
+        if self.layout.fsdp:
+            self.model.reshard()    # the root stays gathered after a no_grad forward (dsv3.parallel.data): free it
         out = {"val_loss": main_sum / n, "val_mtp_loss": mtp_sum / n if n_mtp else None,
                "val_mtp_acc": hit / n_mtp if n_mtp else None, "val_mtp_agree": agree / n_mtp if n_mtp else None}
         return out
 
     def save(self) -> Path:
         """Rank 0 writes the single-process format (with ep > 1 the ranks of row 0 first gather their expert slices
-        to it; every rank must call this); the others wait for it."""
+        to it, under FSDP every rank first joins the all-gathers of its shards; every rank must call this); the
+        others wait for it."""
         state = {"tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
                  "loader": self.loader.state_dict()}
         path = checkpoint_path(self.run_dir, self.step)
