@@ -111,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"{trainer.device}{ranks} ({str(trainer.dtype).removeprefix('torch.')}), from step {trainer.step}",
               file=sys.stderr)
     summary = trainer.run()
-    print(json.dumps(summary))
+    if trainer.layout.is_main:          # one summary per run, not one per rank
+        print(json.dumps(summary))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
