@@ -40,19 +40,31 @@ machines both threads share the cores, and on GPU both still launch on one CUDA 
 does and does not overlap there). Selective recomputation (`apply_recompute`, after `apply_expert_parallel`) composes with both:
 tested bit-identical, with and without the overlap.
 
+Sequence-wise balance loss (spec 1.7): its per-layer terms live on the chunks that hold those layers, not on the last
+stage that computes the loss. A chunk with `balance_loss` set (a callable taking the chunk's [(name, MoE)] and
+returning the summed loss of the routing they kept, `dsv3.train.balance.collect_balance_loss`) collects it after its
+decoder layers (and after each MTP module) and ties it to the hidden state there through `BalanceLossGrad` (Megatron's
+MoEAuxLossAutoScaler): the hidden state passes unchanged, and in backward the aux loss receives the constant gradient
+`balance_weight` (alpha / the number of micro-batches, set at step time), exactly the gradient of alpha * aux in the
+mean loss. The hidden state is then a view, which torch's stage backward refuses as a stage output (it detaches
+outputs in place): a middle chunk sends a copy. The detached values are summed in `balance_sum` for logging.
+`dsv3 train` drives all this (dsv3.train.pipeline_step, parallel.pp).
+
+PP x DP x EP: `pipeline_mesh(pp, ep, dp)` adds data parallelism: global rank = (pp_rank * dp + dp_rank) * ep +
+ep_rank; each pipeline position holds a (dp, ep) sub-layout whose replicated gradients are averaged over its dp * ep
+ranks (`position_group`) and whose expert gradients over the dp column (`dp_group`), as dsv3.parallel.parallelize
+does for the whole world.
+
 Limitations:
-  * The sequence-wise balance loss (spec 1.7) is not wired in: its per-layer terms would have to be added on each
-    stage (e.g. through the stage outputs). Aux-loss-free bias updates work per stage, with each rank's MoE layers'
-    `tokens_per_expert` summing over its micro-batches (all-reduced over the ep group).
   * Stage shapes are given statically (`microbatch_shape`), so torch runs no shape inference: it would run the MoE
     on meta or uninitialised tensors, and the MoE reads its expert counts on the host. Every micro-batch must have
     that shape, and with EP every ep rank must feed the same number of rows (the gradient averaging assumes it).
-  * Not here: a global gradient norm over pp x ep for clipping (`grad_norm` covers one pipeline position's ep group;
-    the pipeline positions' squares would still need summing over the pp group), EP as a sub-group of a larger DP
-    group together with PP, FSDP inside a stage, and the zero-bubble split of the backward inside an overlapped
-    pair (torch's DualPipeV emits full backwards there; DeepSeek splits them and also partitions SMs).
+  * Not here: FSDP inside a stage, and the zero-bubble split of the backward inside an overlapped pair (torch's
+    DualPipeV emits full backwards there; DeepSeek splits them and also partitions SMs). The global gradient norm
+    over pp x dp x ep for clipping is dsv3.train.pipeline_step's.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,17 +73,38 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
+from ..model.moe import MoE
 from ..model.rope import rope_cos_sin
 from ..model.transformer import Transformer
+
+
+class BalanceLossGrad(torch.autograd.Function):
+    """forward(x, aux, weight) = x unchanged (a view of it); backward passes x's gradient through and gives `aux` the
+    constant gradient `weight`: the gradient of (the loss x's gradient comes from) + weight * aux."""
+
+    @staticmethod
+    def forward(ctx, x, aux, weight: float):
+        ctx.weight, ctx.aux = weight, (aux.shape, aux.dtype, aux.device)
+        return x.view_as(x)          # a new tensor object over the same data (autograd makes a returned input one)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.aux
+        aux_grad = torch.full(shape, ctx.weight, dtype=dtype, device=device)
+        return grad, aux_grad, None
+
+
+def _moes(module: nn.Module) -> list[tuple[str, MoE]]:
+    return [(n.removesuffix(".mlp"), m) for n, m in module.named_modules() if isinstance(m, MoE)]
 
 
 class Chunk(nn.Module):
     """Layers [start, stop) of a Transformer, plus the embedding on the first chunk and the norm, head and MTP modules
     on the last. forward: chunk 0 takes input_ids (B, T); the others take the previous chunk's outputs."""
 
-    def __init__(self, model: Transformer, start: int, stop: int, first: bool, last: bool):
+    def __init__(self, model: Transformer, start: int, stop: int, first: bool, last: bool, index: int = 0):
         super().__init__()
-        self.config, self.first, self.last = model.config, first, last
+        self.config, self.first, self.last, self.index = model.config, first, last, index
         self.with_emb = len(model.mtp) > 0       # the embeddings travel with the hidden states for the MTP modules
         if first:
             self.embed_tokens = model.embed_tokens
@@ -79,6 +112,20 @@ class Chunk(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(start, stop)})
         if last:
             self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
+        # the sequence-wise balance loss (module docstring): off until a trainer sets balance_loss
+        self.moe_layers = _moes(self)
+        self._layer_moes = _moes(self.layers)
+        self._mtp_moes = [_moes(m) for m in self.mtp] if last else []
+        self.balance_loss: Callable[[list], torch.Tensor | None] | None = None
+        self.balance_weight = 0.0
+        self.balance_sum: torch.Tensor | None = None
+
+    def _with_balance_loss(self, y: torch.Tensor, moes: list) -> torch.Tensor:
+        aux = self.balance_loss(moes) if self.balance_loss is not None and moes else None
+        if aux is None:              # no hook, no MoE, or no routing kept (evaluation, alpha = 0)
+            return y
+        self.balance_sum = aux.detach() if self.balance_sum is None else self.balance_sum + aux.detach()
+        return BalanceLossGrad.apply(y, aux, self.balance_weight)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None):
         if self.first:
@@ -87,13 +134,17 @@ class Chunk(nn.Module):
         cos, sin = rope_cos_sin(self.config, torch.arange(T, device=x.device))
         for layer in self.layers.values():
             x = layer(x, cos, sin)
+        y = self._with_balance_loss(x, self._layer_moes)
         if not self.last:
+            x = y.clone() if y is not x else x          # a stage output must not be a view (module docstring)
             # a fresh tensor, not the received buffer itself: the stage may reuse its receive buffers
             return (x, emb.clone()) if self.with_emb else x
+        x = y
         h = self.norm(x)
         out, hk = [self.lm_head(h)], h
         for k, module in enumerate(self.mtp, start=1):       # Transformer.mtp_logits with emb in place of Emb(ids)
-            hk = module(hk[:, :-1], emb[:, k:], cos[:T - k], sin[:T - k])
+            hk = self._with_balance_loss(module(hk[:, :-1], emb[:, k:], cos[:T - k], sin[:T - k]),
+                                         self._mtp_moes[k - 1])
             out.append(self.lm_head(module.shared_head.norm(hk)))
         return tuple(out) if self.with_emb else out[0]
 
@@ -107,7 +158,7 @@ def split_stages(model: Transformer, n_chunks: int) -> list[Chunk]:
     chunks, start = [], 0
     for c in range(n_chunks):
         stop = start + base + (c < extra)
-        chunks.append(Chunk(model, start, stop, first=c == 0, last=c == n_chunks - 1))
+        chunks.append(Chunk(model, start, stop, first=c == 0, last=c == n_chunks - 1, index=c))
         start = stop
     return chunks
 
@@ -159,15 +210,30 @@ def build_dualpipev(model: Transformer, rank: int, world: int, loss_fn, n_microb
             (rank, world):
         raise ValueError(f"rank {rank} of {world} does not match the pipeline group: rank {dist.get_rank(group)} "
                          f"of {dist.get_world_size(group)}")
+    _check_microbatches(n_microbatches, world)
+    chunks = split_stages(model, 2 * world)
+    return dualpipev_schedule([chunks[rank], chunks[2 * world - 1 - rank]], world, loss_fn, n_microbatches,
+                              microbatch_shape, model.embed_tokens.weight.dtype, group, device, scale_grads)
+
+
+def _check_microbatches(n_microbatches: int, world: int) -> None:
+    if n_microbatches < 2 * world:
+        raise ValueError(f"DualPipeV needs n_microbatches >= 2 * world = {2 * world}, got {n_microbatches}")
+
+
+def dualpipev_schedule(chunks: list[Chunk], world: int, loss_fn, n_microbatches: int,
+                       microbatch_shape: tuple[int, int], dtype: torch.dtype, group=None,
+                       device: torch.device | str = "cpu", scale_grads: bool = True):
+    """`build_dualpipev` on this rank's two chunks of an existing `split_stages` (chunk r and 2*world-1-r, in that
+    order), with activations of `dtype`: new stages and a new schedule around the same chunks, e.g. one per number of
+    micro-batches."""
+    _check_microbatches(n_microbatches, world)
     n_chunks = 2 * world
-    if n_microbatches < n_chunks:
-        raise ValueError(f"DualPipeV needs n_microbatches >= 2 * world = {n_chunks}, got {n_microbatches}")
-    chunks = split_stages(model, n_chunks)
-    dtype = model.embed_tokens.weight.dtype
     stages = []
-    for idx in (rank, n_chunks - 1 - rank):        # the V: down the ranks, then back up
-        inputs, outputs = _example_io(chunks[idx], *microbatch_shape, dtype)
-        stages.append(PipelineStage(chunks[idx], idx, n_chunks, torch.device(device), input_args=inputs,
+    for chunk in chunks:
+        idx = chunk.index
+        inputs, outputs = _example_io(chunk, *microbatch_shape, dtype)
+        stages.append(PipelineStage(chunk, idx, n_chunks, torch.device(device), input_args=inputs,
                                     output_args=outputs, group=group))
     schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return schedule, stages
@@ -181,24 +247,37 @@ def local_chunks(stages: list[PipelineStage]) -> nn.ModuleList:
 
 @dataclass
 class PipelineMesh:
-    """This rank's place in a (pp, ep) mesh and its process groups (see `pipeline_mesh`)."""
+    """This rank's place in a (pp, dp, ep) mesh and its process groups (see `pipeline_mesh`)."""
     pp_rank: int
     ep_rank: int
-    pp_group: dist.ProcessGroup        # the pipeline through this rank: ranks ep_rank, ep + ep_rank, ...
-    ep_group: dist.ProcessGroup        # the ep ranks of this pipeline position: pp_rank * ep + [0, ep)
+    pp_group: dist.ProcessGroup        # the pipeline through this rank: same (dp_rank, ep_rank), every pp_rank
+    ep_group: dist.ProcessGroup        # the ep ranks of this pipeline position and dp row
     ep_group_bwd: dist.ProcessGroup    # the same ranks again, for the overlapped backward's all-to-alls
+    dp_rank: int = 0
+    dp_group: dist.ProcessGroup | None = None         # this rank's expert replicas: same (pp, ep), every dp_rank
+    position_group: dist.ProcessGroup | None = None   # the dp * ep ranks of this pipeline position
 
 
-def pipeline_mesh(pp: int, ep: int) -> PipelineMesh:
-    """Process groups for DualPipeV over pp ranks with the routed experts sharded over ep ranks: global rank =
-    pp_rank * ep + ep_rank, the ep ranks of one pipeline position adjacent (one node, for the all-to-all). Every rank
-    of the default group must call it at the same point (new_group is collective over the default group)."""
+def pipeline_mesh(pp: int, ep: int, dp: int = 1) -> PipelineMesh:
+    """Process groups for DualPipeV over pp ranks with the routed experts sharded over ep ranks, and dp data-parallel
+    replicas of that (pp, ep) layout: global rank = (pp_rank * dp + dp_rank) * ep + ep_rank, the ep ranks of one
+    pipeline position adjacent (one node, for the all-to-all). dp_group is None when dp == 1; position_group is the
+    ep group then. Every rank of the default group must call it at the same point (new_group is collective over the
+    default group)."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    if pp * ep != world:
-        raise ValueError(f"a ({pp}, {ep}) mesh needs {pp * ep} ranks, the default group has {world}")
-    pp_rank, ep_rank = divmod(rank, ep)
+    if pp * dp * ep != world:
+        raise ValueError(f"a ({pp}, {dp}, {ep}) mesh needs {pp * dp * ep} ranks, the default group has {world}")
+    n = dp * ep
+    pp_rank, dp_rank, ep_rank = rank // n, rank % n // ep, rank % ep
     # every rank creates every group, in the same order; each keeps its own
-    ep_groups = [dist.new_group([p * ep + e for e in range(ep)]) for p in range(pp)]
-    pp_groups = [dist.new_group([p * ep + e for p in range(pp)]) for e in range(ep)]
-    ep_bwd = [dist.new_group([p * ep + e for e in range(ep)]) for p in range(pp)]
-    return PipelineMesh(pp_rank, ep_rank, pp_groups[ep_rank], ep_groups[pp_rank], ep_bwd[pp_rank])
+    ep_groups = [dist.new_group([p * n + d * ep + e for e in range(ep)]) for p in range(pp) for d in range(dp)]
+    pp_groups = [dist.new_group([p * n + d * ep + e for p in range(pp)]) for d in range(dp) for e in range(ep)]
+    ep_bwd = [dist.new_group([p * n + d * ep + e for e in range(ep)]) for p in range(pp) for d in range(dp)]
+    row = pp_rank * dp + dp_rank
+    mesh = PipelineMesh(pp_rank, ep_rank, pp_groups[dp_rank * ep + ep_rank], ep_groups[row], ep_bwd[row], dp_rank,
+                        position_group=ep_groups[row])
+    if dp > 1:
+        dp_groups = [dist.new_group([p * n + d * ep + e for d in range(dp)]) for p in range(pp) for e in range(ep)]
+        positions = [dist.new_group([p * n + j for j in range(n)]) for p in range(pp)]
+        mesh.dp_group, mesh.position_group = dp_groups[pp_rank * ep + ep_rank], positions[pp_rank]
+    return mesh

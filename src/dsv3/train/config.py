@@ -106,15 +106,21 @@ class CheckpointConfig:
 
 @dataclass
 class ParallelConfig:
-    """The torchrun layout of `dsv3 train` (dsv3.train.data_parallel): world = dp * ep ranks, dp = WORLD_SIZE // ep
-    implied. ep > 1 shards the routed experts over groups of ep ranks (dsv3.parallel.parallelize); everything else
-    is replicated and data-parallel. Pipeline parallelism is not a trainer layout: it is driven separately by
-    dsv3.parallel.pipeline.
+    """The torchrun layout of `dsv3 train`: world = pp * dp * ep ranks, dp = WORLD_SIZE // (pp * ep) implied.
+    ep > 1 shards the routed experts over groups of ep ranks (dsv3.parallel.parallelize); everything else is
+    replicated and data-parallel (dsv3.train.data_parallel).
+    pp > 1 pipelines the model with DualPipeV (dsv3.train.pipeline_step, dsv3.parallel.pipeline): 2 * pp chunks of
+    >= 1 decoder layer, rank (p, d, e) holding chunks p and 2pp-1-p; each pipeline position is a (dp, ep) layout of
+    its own. overlap runs DualPipeV's paired forward and backward concurrently (dsv3.parallel.overlap); with pp == 1 it
+    is a no-op, so a PP run's checkpoint resumes in one process with parallel.pp=1 alone.
     fsdp shards parameters, gradients and optimizer state (ZeRO-3 through FSDP2: experts over their dp column, the
-    rest over all ranks), with any ep. In one process (world 1) it is a no-op, so a FSDP run's checkpoints (always
-    the single-process format) resume in one plain process as configured. Not with train.compile_optimizer."""
+    rest over all ranks), with any ep but not with pp. In one process (world 1) it is a no-op, so a FSDP run's
+    checkpoints (always the single-process format) resume in one plain process as configured. Not with
+    train.compile_optimizer."""
     ep: int = 1                  # expert-parallel degree: must divide the world size and model.n_routed_experts
     fsdp: bool = False           # shard everything with FSDP2 instead of replicating the non-expert parameters
+    pp: int = 1                  # pipeline-parallel degree (DualPipeV): needs model.num_hidden_layers >= 2 * pp
+    overlap: bool = False        # DualPipe's forward/backward overlap (pp > 1)
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "mtp": MTPConfig,
@@ -171,21 +177,61 @@ class RunConfig:
                               f"{self.model.n_routed_experts} (every rank of an EP group holds E / ep experts)")
         if not isinstance(self.parallel.fsdp, bool):
             raise ConfigError(f"invalid run config: parallel.fsdp must be true or false, got {self.parallel.fsdp!r}")
+        pp = self.parallel.pp
+        if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+            raise ConfigError(f"invalid run config: parallel.pp must be an integer >= 1, got {pp!r}")
+        if not isinstance(self.parallel.overlap, bool):
+            raise ConfigError(f"invalid run config: parallel.overlap must be true or false, got "
+                              f"{self.parallel.overlap!r}")
+        if pp > 1 and self.parallel.fsdp:
+            raise ConfigError("invalid run config: parallel.pp > 1 does not combine with parallel.fsdp (FSDP inside "
+                              "a pipeline stage is not implemented)")
+        if pp > 1 and self.model.num_hidden_layers < 2 * pp:
+            raise ConfigError(f"invalid run config: parallel.pp={pp} cuts the model into {2 * pp} DualPipeV chunks of "
+                              f">= 1 decoder layer: model.num_hidden_layers={self.model.num_hidden_layers} is too few")
         if self.parallel.fsdp and t.compile_optimizer:
             # compiled_clip_and_step scales the gradients with torch._foreach_mul_ inside a compiled graph: not
             # verified on FSDP's DTensor gradients (CUDA-only); the eager optimizer step is used under FSDP instead
             raise ConfigError("invalid run config: parallel.fsdp does not combine with train.compile_optimizer")
 
     def check_world(self, world: int) -> int:
-        """Validate the layout against `world` processes (torchrun's WORLD_SIZE); returns dp = world // ep."""
-        ep, micro = self.parallel.ep, self.train.micro_batch_size
-        if world % ep:
+        """Validate the layout against `world` processes (torchrun's WORLD_SIZE); returns dp = world // (pp * ep)."""
+        ep, pp, micro = self.parallel.ep, self.parallel.pp, self.train.micro_batch_size
+        if pp == 1 and world % ep:
             hint = " (resuming an expert-parallel run in one process? add parallel.ep=1)" if world == 1 else ""
             raise ConfigError(f"invalid run config: parallel.ep={ep} does not divide the world size {world}{hint}")
-        if micro % world:
+        if world % (pp * ep):
+            hint = " (resuming a pipeline-parallel run in one process? add parallel.pp=1 parallel.ep=1)" \
+                if world == 1 else ""
+            raise ConfigError(f"invalid run config: parallel.pp={pp} x parallel.ep={ep} = {pp * ep} ranks does not "
+                              f"divide the world size {world}{hint}")
+        dp = world // (pp * ep)
+        if pp == 1 and micro % world:
             raise ConfigError(f"invalid run config: train.micro_batch_size={micro} must be a multiple of the "
                               f"{world} ranks (each rank takes micro_batch_size / world rows of every micro-batch)")
-        return world // ep
+        if pp > 1:
+            if micro % (dp * ep):
+                raise ConfigError(f"invalid run config: train.micro_batch_size={micro} must be a multiple of the "
+                                  f"dp * ep = {dp * ep} ranks of a pipeline position (each takes its share of the "
+                                  f"rows of every micro-batch)")
+            self.pipeline_microbatch(dp)
+        return dp
+
+    def pipeline_microbatch(self, dp: int) -> int:
+        """pp > 1: the rows of one DualPipeV micro-batch on each rank. Each rank's share of a trainer micro-batch
+        (micro_batch_size / (dp * ep) rows) is cut into equal pipeline micro-batches, as large as possible while the
+        smallest step of the run (the batch ramp's) still gives DualPipeV its 2 * pp micro-batches."""
+        from .schedule import batch_size
+        pp, ep, t = self.parallel.pp, self.parallel.ep, self.train
+        rows = t.micro_batch_size // (dp * ep)
+        fewest = min(batch_size(0, self), t.batch_size) // t.micro_batch_size    # the ramp is linear: an end
+        for m in range(rows, 0, -1):
+            if rows % m == 0 and fewest * (rows // m) >= 2 * pp:
+                return m
+        raise ConfigError(f"invalid run config: parallel.pp={pp}: DualPipeV needs >= {2 * pp} micro-batches per step, "
+                          f"but the smallest step ({fewest} x train.micro_batch_size={t.micro_batch_size}) gives "
+                          f"each of the dp * ep = {dp * ep} pipelines only {fewest * rows} rows; raise "
+                          f"train.batch_size_start / train.micro_batch_size")
 
     def to_dict(self) -> dict:
         d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

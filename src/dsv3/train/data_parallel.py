@@ -1,4 +1,5 @@
-"""`dsv3 train` under torchrun: the layout of the ranks, data parallelism with optional expert parallelism inside.
+"""`dsv3 train` under torchrun: the layout of the ranks, data parallelism with optional expert parallelism inside
+(pipeline parallelism, parallel.pp > 1, is `PipelineLayout` in dsv3.train.pipeline_step, on the same interface).
 
     torchrun --standalone --nproc_per_node 2 -m dsv3.cli train --config configs/tiny.toml                 # dp 2
     torchrun --standalone --nproc_per_node 4 -m dsv3.cli train --config configs/tiny.toml parallel.ep=2   # dp 2 x ep 2
@@ -28,7 +29,8 @@ exp_avg / exp_avg_sq, AdamWBF16's master copy as well) and of the EMA into full 
 `save_checkpoint` (`full_state`). At load every rank reads the full checkpoint and keeps its slice
 (`local_model_state`, `local_optimizer_state`). The EMA lives on the ranks of row 0 (rank 0 alone when ep == 1),
 each averaging its own slice; it is gathered like the parameters, so the checkpoint's EMA is the full model's.
-Pipeline parallelism is not a trainer layout (dsv3.parallel.pipeline).
+Pipeline parallelism (DualPipeV, a (dp, ep) layout per pipeline position) is a trainer layout too:
+dsv3.train.pipeline_step, whose checkpoints are the same single-process format.
 
 parallel.fsdp (ZeRO-3 through FSDP2, any ep, also 1): after `parallelize` (also with ep == 1: a (dp, 1) mesh) and
 after apply_recompute, `shard_data_parallel_2d` shards every parameter (experts over their dp column, the rest over
@@ -80,6 +82,7 @@ class Layout:
         # sharding over one process would shard nothing: a no-op, so a FSDP run resumes in one plain process
         self.fsdp = fsdp and self.world > 1
         self.mesh = None
+        self.pp = 1
 
     @property
     def is_main(self) -> bool:
@@ -108,6 +111,14 @@ class Layout:
         if self.ep == 1:
             return f" x {self.world} data-parallel ranks" + (" (FSDP)" if self.fsdp else "")
         return f" x {self.world} ranks (dp {self.dp} x ep {self.ep}{', FSDP' if self.fsdp else ''})"
+
+    def trainable(self, model: nn.Module):
+        """What the optimizer holds: the whole model (a PipelineLayout: this rank's chunks)."""
+        return model
+
+    def holds(self, module: nn.Module) -> bool:
+        """Whether this rank runs `module` (every module here; a PipelineLayout: those of its chunks)."""
+        return True
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Shard the routed experts (ep > 1; with fsdp also ep == 1, for `shard_parameters`'s (dp, ep) mesh) in

@@ -10,7 +10,8 @@ Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, th
 states, and the logged metrics are cut back to the checkpoint's step.
 
 Under torchrun the same loop runs on every rank in the layout of `parallel` (data parallelism, expert parallelism
-inside it, optionally FSDP-sharded: dsv3.train.data_parallel), with checkpoints in the single-process format.
+inside it, optionally FSDP-sharded: dsv3.train.data_parallel; or DualPipeV pipeline parallelism with a (dp, ep)
+layout per pipeline position: dsv3.train.pipeline_step), with checkpoints in the single-process format.
 """
 
 from __future__ import annotations
@@ -129,7 +130,11 @@ class Trainer:
         if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
         self.device = resolve_device(cfg.train.device)
-        self.layout = Layout(self.device, cfg.parallel.ep, cfg.parallel.fsdp)
+        if cfg.parallel.pp > 1:
+            from .pipeline_step import PipelineLayout
+            self.layout = PipelineLayout(self.device, cfg)
+        else:
+            self.layout = Layout(self.device, cfg.parallel.ep, cfg.parallel.fsdp)
         cfg.check_world(self.layout.world)
         if self.layout.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,14 +162,16 @@ class Trainer:
         if cfg.train.precision == "fp8":     # before recomputation wraps the modules
             from ..fp8.training import apply_fp8
             apply_fp8(self.model)
-        self.layout.apply(self.model)        # ep > 1: shard the experts (every rank built the same full model)
+        # ep > 1: shard the experts (every rank built the same full model); pp > 1: also keep this rank's chunks
+        self.layout.apply(self.model)
         self.layers = moe_layers(self.model)
         if cfg.train.recompute:
             apply_recompute(self.model)
         # fsdp: shard every parameter, after recompute wrapped its methods (see dsv3.train.data_parallel) and before
         # the optimizer allocates its state
         sharded = self.layout.shard_parameters(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim, compiled=cfg.train.compile_optimizer)
+        self.optimizer = build_optimizer(self.layout.trainable(self.model), cfg.optim,
+                                         compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
         # rank 0 alone logs validation; the EMA lives on rank 0 (with ep > 1: on row 0, each rank its expert slice;
         # under FSDP on every rank, each its own shards)
@@ -173,8 +180,8 @@ class Trainer:
         self.ema = CPUEma(self.ema_source, cfg.train.ema_decay) if keep_ema else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         if resume:
-            state = load_checkpoint(ckpt, self.model, self.optimizer,
-                                    local=self._local_state if self.layout.ep > 1 or self.layout.fsdp else None)
+            cut = self.layout.ep > 1 or self.layout.fsdp or self.layout.pp > 1
+            state = load_checkpoint(ckpt, self.model, self.optimizer, local=self._local_state if cut else None)
             self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
             self.loss_ema = state["loss_ema"]
             self.loader.load_state_dict(state["loader"])
@@ -187,6 +194,11 @@ class Trainer:
             for block in list(self.model.layers) + list(self.model.mtp):
                 block.compile()
             self.ce = torch.compile(cross_entropy)
+        self.pipeline = None
+        if self.layout.pp > 1:
+            from .pipeline_step import PipelineRunner
+            self.pipeline = PipelineRunner(self.layout, self.model, self.layers, cfg.data.seq_len, self.ce,
+                                           self.autocast)
         # fused AdamW divides the gradients by `grad_scale` inside its kernel: clipping there saves a pass over
         # every gradient (on CPU, the usual clip_grad_norm_). Under expert parallelism this path and compiled_step
         # stay enabled: both take the global gradient norm (grad_norm_2d) that train_step computes there. Under FSDP
@@ -224,16 +236,10 @@ class Trainer:
         enabled = self.dtype != torch.float32 and self.cfg.train.dtype != "bf16-params"
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
-    # ---- one optimizer step -------------------------------------------------------------------------------------
-    def train_step(self) -> tuple[StepStats, torch.Tensor]:
-        cfg, step = self.cfg, self.step
-        lr = schedule.learning_rate(step, cfg)
-        set_learning_rate(self.optimizer, lr)
-        n_micro = schedule.batch_size(step, cfg) // cfg.train.micro_batch_size
-        lam, alpha = schedule.mtp_weight(step, cfg), cfg.balance.seq_aux_alpha
-        self.model.train()
-        for _, m in self.layers:
-            m.keep_routing = alpha > 0
+    def _forward_backward(self, n_micro: int, lam: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's micro-batches forward and backward (gradient accumulation), gradients synced over the ranks;
+        returns (loads (layers, E) summed over the step and the ranks, [total, main, mtp, aux] means)."""
+        cfg = self.cfg
         loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64, device=self.device)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)   # total, main, mtp, aux
         for _ in range(n_micro):
@@ -254,6 +260,23 @@ class Trainer:
         if self.layout.world > 1:
             self.layout.sync_gradients(self.model)
             loads, sums = self.layout.sum(loads), self.layout.mean(sums)
+        return loads, sums
+
+    # ---- one optimizer step -------------------------------------------------------------------------------------
+    def train_step(self) -> tuple[StepStats, torch.Tensor]:
+        cfg, step = self.cfg, self.step
+        lr = schedule.learning_rate(step, cfg)
+        set_learning_rate(self.optimizer, lr)
+        n_micro = schedule.batch_size(step, cfg) // cfg.train.micro_batch_size
+        lam, alpha = schedule.mtp_weight(step, cfg), cfg.balance.seq_aux_alpha
+        self.model.train()
+        for _, m in self.layers:
+            m.keep_routing = alpha > 0
+        if self.pipeline is not None:     # the whole step through DualPipeV; gradients synced, sums reduced
+            windows = [self.loader.next_batch(cfg.train.micro_batch_size) for _ in range(n_micro)]
+            loads, sums = self.pipeline.forward_backward(windows, lam, alpha)
+        else:
+            loads, sums = self._forward_backward(n_micro, lam, alpha)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.layout.global_norm:
             # the norm of the whole gradient: each rank holds other experts' slices (ep > 1) or only its FSDP shards,
@@ -285,7 +308,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        update_bias(self.layers, loads, schedule.bias_update_speed(step, cfg))
+        own = [i for i, (_, m) in enumerate(self.layers) if self.layout.holds(m)]   # pp > 1: this rank's layers
+        update_bias([self.layers[i] for i in own], loads[own], schedule.bias_update_speed(step, cfg))
         if self.ema is not None:
             self.ema.update(self.ema_source)
         self.step += 1
@@ -309,6 +333,8 @@ class Trainer:
         all-to-alls within the EP row) or the parameters are (fsdp: the forward all-gathers them): every rank then
         validates its rows of every batch (as in training) and the sums are all-reduced; every rank returns the
         same numbers."""
+        if self.pipeline is not None and self.val:      # every rank: the forward runs through the pipeline
+            return self.pipeline.evaluate(self.val, self.ce)
         sharded = self.layout.ep > 1 or self.layout.fsdp
         if not self.val or not (self.layout.is_main or sharded):
             return {}
