@@ -257,3 +257,27 @@ def test_recomputation_repeats_no_all_to_all(ranks):
         assert rc["same_names"]
         worst = max(rc["errs"], key=rc["errs"].get)
         assert rc["errs"][worst] < 1e-12, (r, worst, rc["errs"][worst])
+
+
+@pytest.mark.parametrize("ep, per_node, want", [(8, 2, 2), (8, 1, 4), (4, 4, 1), (8, 4, 2)])
+def test_group_limited_routing_is_node_limited(ep, per_node, want):
+    """The real gate on random tokens (16 experts in 4 groups, top-4 within 2 groups): with every group inside one
+    node a token's experts span at most topk_group nodes, and the bound `node_limit` states is reached; with groups
+    split over nodes (1 rank per node, 2 ranks per group) the bound is the top-k."""
+    from dsv3.model.moe import Gate
+    from dsv3.parallel.expert import expert_node, node_limit
+    cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    _, idx = gate(torch.randn(4096, cfg.hidden_size))
+    nodes = expert_node(idx, cfg.n_routed_experts, ep, per_node)                       # (N, K)
+    spans = torch.stack([torch.unique(row).numel() * torch.ones(()) for row in nodes]).long()
+    assert node_limit(cfg, ep, per_node) == want
+    assert spans.max().item() == want, (spans.max().item(), want)       # never more, and some token needs all
+
+
+def test_node_limit_refuses_layouts_that_do_not_divide():
+    from dsv3.parallel.expert import node_limit
+    with pytest.raises(ValueError, match="divide"):
+        node_limit(tiny_config(n_routed_experts=16, n_group=4, topk_group=2), 8, 3)

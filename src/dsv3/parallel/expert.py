@@ -25,6 +25,13 @@ Training with EP, the EP group doubling as the data-parallel group (each rank fe
     differently and let the replicas drift apart.
 (When EP is a sub-group of DP, each expert also has replicas to average over: dsv3.parallel.parallelize.)
 
+Node-limited routing (TR 2.1.2, spec 5): the gate's group-limited top-k keeps each token's experts inside
+`topk_group` of the `n_group` expert groups. With contiguous expert slices and the ranks of one node adjacent in the
+EP group, a node holds the contiguous experts of its ranks; when every group lies within one node (the report: 256
+experts in 8 groups of 32, EP64 over 8 nodes of 8 GPUs, one group per node) a token's rows reach at most
+`topk_group` nodes, so group-limited routing is node-limited routing. `node_limit(cfg, ep, ranks_per_node)` says the
+bound a layout gives and `expert_node` where each expert lives.
+
 Order: apply after FP8 (`apply_fp8`, whose expert `ffn` is kept) and before recomputation, compilation and the
 optimizer (parameters are replaced). On a meta-device model only the local slice is materialised by `to_empty`.
 State dicts hold the local slice; `first_expert` says where it starts.
@@ -210,3 +217,22 @@ def grad_norm(model: nn.Module, group: dist.ProcessGroup) -> torch.Tensor:
         sq[int(id(p) in experts)] += p.grad.double().square().sum()
     dist.all_reduce(sq[1:], group=group)
     return (sq[0] + sq[1]).sqrt()
+
+
+def expert_node(expert: int | torch.Tensor, n_experts: int, ep: int, ranks_per_node: int) -> int | torch.Tensor:
+    """The node holding global `expert` (int or tensor of ids): EP rank r holds experts [r*E/ep, (r+1)*E/ep) and
+    nodes hold ranks_per_node adjacent EP ranks."""
+    return expert // (n_experts // ep) // ranks_per_node
+
+
+def node_limit(cfg, ep: int, ranks_per_node: int) -> int:
+    """The most nodes one token's routed experts can span in this layout: topk_group when every expert group lies
+    within one node (group-limited routing is then node-limited), else num_experts_per_tok (or the node count)."""
+    E, G = cfg.n_routed_experts, cfg.n_group
+    if E % ep or ep % ranks_per_node:
+        raise ValueError(f"{E} experts over ep={ep} ranks in nodes of {ranks_per_node}: each must divide the next")
+    nodes = ep // ranks_per_node
+    per_group = E // G
+    aligned = G > 1 and all(expert_node(g * per_group, E, ep, ranks_per_node)
+                            == expert_node((g + 1) * per_group - 1, E, ep, ranks_per_node) for g in range(G))
+    return min(cfg.topk_group if aligned else cfg.num_experts_per_tok, nodes)
