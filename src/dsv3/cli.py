@@ -113,6 +113,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     summary = trainer.run()
     if trainer.layout.is_main:          # one summary per run, not one per rank
         print(json.dumps(summary))
+    import torch.distributed as dist
+    if dist.is_initialized():           # a clean exit (NCCL warns about a group left open)
+        dist.destroy_process_group()
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -204,8 +204,6 @@ def all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup, scale: 
             g.copy_(f.view_as(g))
 
 
-
-
 @torch.no_grad()
 def grad_norm(model: nn.Module, group: dist.ProcessGroup) -> torch.Tensor:
     """The L2 norm of the whole model's gradient after `sync_gradients`: replicated gradients counted once, the

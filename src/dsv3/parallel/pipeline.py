@@ -178,8 +178,11 @@ def lm_loss_fn(mtp_weight: float = 0.3, ce=None):
     return loss_fn
 
 
-def _example_io(chunk: Chunk, b: int, t: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
-    """Meta-device example inputs and outputs of a chunk for a (b, t) micro-batch (static stage shapes)."""
+def _example_io(chunk: Chunk, b: int, t: int, dtype: torch.dtype, logits_dtype: torch.dtype | None = None
+                ) -> tuple[tuple, tuple]:
+    """Meta-device example inputs and outputs of a chunk for a (b, t) micro-batch (static stage shapes). Under
+    autocast the hidden states keep the parameters' dtype (residual adds promote) but the head's logits come out in
+    the autocast dtype: `logits_dtype` (some torch versions validate the last stage's outputs against these)."""
     # Float examples require grad: torch 2.13 takes requires_grad from them to decide which received activations
     # become autograd leaves and which outputs get a gradient back (with False the backward of a middle stage fails).
     cfg, meta = chunk.config, torch.device("meta")
@@ -188,7 +191,7 @@ def _example_io(chunk: Chunk, b: int, t: int, dtype: torch.dtype) -> tuple[tuple
     inputs = (torch.empty(b, t, dtype=torch.long, device=meta),) if chunk.first else hidden
     if not chunk.last:
         return inputs, hidden
-    logits = [torch.empty(b, t - k, cfg.vocab_size, dtype=dtype, device=meta, requires_grad=True)
+    logits = [torch.empty(b, t - k, cfg.vocab_size, dtype=logits_dtype or dtype, device=meta, requires_grad=True)
               for k in range(len(chunk.mtp) + 1)]
     return inputs, tuple(logits) if chunk.with_emb else (logits[0],)
 
@@ -223,7 +226,8 @@ def _check_microbatches(n_microbatches: int, world: int) -> None:
 
 def dualpipev_schedule(chunks: list[Chunk], world: int, loss_fn, n_microbatches: int,
                        microbatch_shape: tuple[int, int], dtype: torch.dtype, group=None,
-                       device: torch.device | str = "cpu", scale_grads: bool = True):
+                       device: torch.device | str = "cpu", scale_grads: bool = True,
+                       logits_dtype: torch.dtype | None = None):
     """`build_dualpipev` on this rank's two chunks of an existing `split_stages` (chunk r and 2*world-1-r, in that
     order), with activations of `dtype`: new stages and a new schedule around the same chunks, e.g. one per number of
     micro-batches."""
@@ -232,7 +236,7 @@ def dualpipev_schedule(chunks: list[Chunk], world: int, loss_fn, n_microbatches:
     stages = []
     for chunk in chunks:
         idx = chunk.index
-        inputs, outputs = _example_io(chunk, *microbatch_shape, dtype)
+        inputs, outputs = _example_io(chunk, *microbatch_shape, dtype, logits_dtype)
         stages.append(PipelineStage(chunk, idx, n_chunks, torch.device(device), input_args=inputs,
                                     output_args=outputs, group=group))
     schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)

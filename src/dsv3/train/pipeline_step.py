@@ -290,24 +290,31 @@ class PipelineRunner:
         self.layout, self.model, self.layers, self.seq_len = layout, model, layers, seq_len
         self.loss = _StepLoss(ce)           # the CE casts the logits to fp32 itself: no autocast needed there
         self.dtype = model.embed_tokens.weight.dtype
-        self._schedules: dict[int, tuple] = {}
+        dev = layout.device.type
+        with autocast():          # the head's logits come out in the autocast dtype, the hidden states do not
+            self.logits_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.dtype
+        self._current: tuple | None = None     # (n, schedule, step kwargs, overlap handler)
         # autocast around the chunks' forwards only, as the trainer has it around the forward only: the schedule
         # interleaves forwards and backwards inside one step() (recomputation restores the forward's autocast itself)
         for c in layout.local.chunks:
             c.forward = _under(autocast, c.forward)
 
     def _schedule(self, n: int):
-        """The DualPipeV schedule for n micro-batches (new stages around the same chunks), built on first use."""
-        if n not in self._schedules:
+        """The DualPipeV schedule for n micro-batches (new stages around the same chunks). Only the current one is
+        kept: the batch ramp only grows n, and every schedule holds receive buffers (and an overlap thread)."""
+        if self._current is None or self._current[0] != n:
+            if self._current is not None and self._current[3] is not None:
+                self._current[3].close()
             L = self.layout
             schedule, _ = dualpipev_schedule(L.local.chunks, L.pp, self.loss, n, (L.rows, self.seq_len), self.dtype,
-                                             group=L.mesh.pp_group, device=L.device, scale_grads=False)
+                                             group=L.mesh.pp_group, device=L.device, scale_grads=False,
+                                             logits_dtype=self.logits_dtype)
             handler = None
             if L.overlap:
                 handler = enable_overlap(schedule, {L.mesh.ep_group: L.mesh.ep_group_bwd} if L.ep > 1 else {})
             quiet = "return_outputs" in inspect.signature(schedule.step).parameters
-            self._schedules[n] = (schedule, {"return_outputs": False} if quiet else {}, handler)
-        return self._schedules[n]
+            self._current = (n, schedule, {"return_outputs": False} if quiet else {}, handler)
+        return self._current[1:]
 
     def forward_backward(self, windows: list[torch.Tensor], lam: float, alpha: float
                          ) -> tuple[torch.Tensor, torch.Tensor]:
