@@ -121,7 +121,12 @@ class ExpertParallelExperts(Experts):
         autocast dtype, as `ffn`); the grouped GEMM itself fails on zero rows in backward."""
         dtype = torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) \
             else rows.dtype
-        return rows.to(dtype) * 0
+        # the local experts stay in the graph too, so their gradients are zeros rather than missing: FSDP2 on a
+        # torch without set_reduce_scatter_unused_params would otherwise skip this rank's reduce-scatter. One element
+        # each (its backward writes a dense zero gradient; a whole-tensor sum's would be a stride-0 expand, which
+        # later in-place accumulation refuses)
+        touch = sum(w.reshape(-1)[:1].sum() for w in self.stacked_weights())
+        return rows.to(dtype) * 0 + (touch * 0).to(dtype)
 
 
 @functools.cache

@@ -32,8 +32,6 @@ Order of application: like `apply_expert_parallel` (after FP8, before recomputat
 optimizer: expert parameters are replaced by their local slices).
 """
 
-import warnings
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -139,13 +137,11 @@ def shard_data_parallel_2d(model: nn.Module, reshard_after_forward: bool = True)
         if isinstance(m, ExpertParallelExperts):
             fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
             m.set_gradient_divide_factor(float(dp * ep))
-            # a rank whose EP row sent these experts no rows has no gradient for them: it must still join the
-            # column's reduce-scatter (with zeros, as sync_gradients_2d does), else the others wait for it
+            # a rank whose EP row sent these experts no rows must still join the column's reduce-scatter: its
+            # experts get zero gradients (ExpertParallelExperts._no_rows keeps them in the graph); newer torch can
+            # also be told so directly
             if hasattr(m, "set_reduce_scatter_unused_params"):
                 m.set_reduce_scatter_unused_params(True, recurse=False)
-            elif dp > 1:
-                warnings.warn("this torch's FSDP2 lacks set_reduce_scatter_unused_params: a step in which an EP "
-                              "row routes no token to a rank's experts will hang", RuntimeWarning, stacklevel=2)
     world = init_device_mesh(mesh.device_type, (dp * ep,), mesh_dim_names=("world",))
     apply_data_parallel(model, world, reshard_after_forward)       # the non-expert rest, averaged over the world
     if dist.get_backend() == "gloo":
