@@ -200,12 +200,11 @@ class Trainer:
             self.pipeline = PipelineRunner(self.layout, self.model, self.layers, cfg.data.seq_len, self.ce,
                                            self.autocast)
         # fused AdamW divides the gradients by `grad_scale` inside its kernel: clipping there saves a pass over
-        # every gradient (on CPU, the usual clip_grad_norm_). Under expert parallelism this path and compiled_step
-        # stay enabled: both take the global gradient norm (grad_norm_2d) that train_step computes there. Under FSDP
+        # every gradient (on CPU, train_step scales the gradients). Under expert and pipeline parallelism this path
+        # and compiled_step stay enabled: both take the global gradient norm that train_step computes. Under FSDP
         # both are off (compile_optimizer is refused by the config): they are CUDA-only and unverified with DTensor
         # gradients, and the clipping is then train_step's scaling of the local shards
         self.clip_in_optimizer = (self.device.type == "cuda" and self.compiled_step is None and not self.layout.fsdp
-                                  and hasattr(torch.nn.utils, "get_total_norm")
                                   and isinstance(self.optimizer, torch.optim.AdamW)
                                   and bool(self.optimizer.defaults.get("fused")))   # AdamWBF16 reads no grad_scale
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
@@ -278,22 +277,18 @@ class Trainer:
         else:
             loads, sums = self._forward_backward(n_micro, lam, alpha)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # the norm of the whole gradient: where ranks hold different slices or shards (ep > 1, FSDP, pp > 1) each
+        # element counted once over the world, else the local one (in the gradients' dtype, as clip_grad_norm_);
+        # then one coefficient, applied inside the fused or compiled update where there is one
         if self.layout.global_norm:
-            # the norm of the whole gradient: each rank holds other experts' slices (ep > 1) or only its FSDP shards,
-            # so clip_grad_norm_ on the local gradients would clip every rank differently. Clipping as
-            # clip_grad_norm_ does (coefficient in fp32).
             grad_norm = self.layout.grad_norm(self.model).float()
-            coef = (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
-            if self.clip_in_optimizer:
-                self.optimizer.grad_scale = (grad_norm / cfg.optim.grad_clip).clamp(min=1.0).float()
-            elif self.compiled_step is None:
-                self.layout.scale_gradients(grads, coef)
-        elif self.compiled_step is not None or self.clip_in_optimizer:   # the scaling happens inside the update
-            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-            if self.clip_in_optimizer:
-                self.optimizer.grad_scale = (grad_norm / cfg.optim.grad_clip).clamp(min=1.0).float()
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        coef = (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+        if self.clip_in_optimizer:               # fused AdamW divides the gradients by grad_scale in its kernel
+            self.optimizer.grad_scale = (grad_norm / cfg.optim.grad_clip).clamp(min=1.0).float()
+        elif self.compiled_step is None:
+            self.layout.scale_gradients(grads, coef)
         total, main_v, mtp_v, aux_v = sums.tolist()
         if not (math.isfinite(total) and math.isfinite(grad_norm.item())):
             self.optimizer.zero_grad(set_to_none=True)
@@ -304,7 +299,7 @@ class Trainer:
             self.logger.log_event(step + 1, msg)
             raise TrainingDiverged(msg)
         if self.compiled_step is not None:
-            self.compiled_step(grads, (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
+            self.compiled_step(grads, coef)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
