@@ -59,29 +59,46 @@ class AsyncEngineBase:
         self.num_aborted = 0                                # requests that ended by abort (client gone)
         self.on_output = None      # optional callback(handle, output) on the event loop (metrics)
         self.step_error: str | None = None
+        self._futures: dict[int, concurrent.futures.Future] = {}    # stats requests in flight
+        self._loop: asyncio.AbstractEventLoop | None = None         # the event loop outputs are delivered to
 
     # ---- to implement -------------------------------------------------------------------------------------------
-    def _send(self, command: tuple) -> None:
+    def _put(self, command: tuple) -> None:
+        """Hand a command to the engine's loop (from any thread)."""
         raise NotImplementedError
 
     @property
     def alive(self) -> bool:
         raise NotImplementedError
 
-    def stats_future(self) -> concurrent.futures.Future:
-        raise NotImplementedError
-
     def _stop_backend(self) -> None:
         raise NotImplementedError
 
-    def _note_step(self, items: list, error: str | None) -> None:
-        """A failed step marks the engine unhealthy (/health 503 with the error); a later step that produced outputs
-        shows it working again (a transient failure, e.g. one oversized batch running out of memory, fails only
-        the requests of that step)."""
+    # ---- shared by the backends ---------------------------------------------------------------------------------
+    def _send(self, command: tuple) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._put(command)
+
+    def stats_future(self) -> concurrent.futures.Future:
+        fut = concurrent.futures.Future()
+        self._futures[id(fut)] = fut
+        self._put(("stats", id(fut)))
+        return fut
+
+    def _reply(self, key: int, value) -> None:
+        """From the engine side: the answer to a stats request."""
+        self._futures.pop(key).set_result(value)
+
+    def _on_step(self, items: list, error: str | None = None) -> None:
+        """From the engine side, once per step: hand the outputs to the event loop. A failed step marks the engine
+        unhealthy (/health 503 with the error); a later step that produced outputs shows it working again (a
+        transient failure, e.g. one oversized batch running out of memory, fails only the requests of that step)."""
         if error is not None:
             self.step_error = error
         elif items:
             self.step_error = None
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver_all, items)
 
     # ---- event-loop side ------------------------------------------------------------------------------------------
     @property
@@ -228,40 +245,22 @@ class AsyncEngine(AsyncEngineBase):
         super().__init__(engine.limits, engine.tokenizer, max_pending)
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._futures: dict[int, concurrent.futures.Future] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
         self._thread.start()
 
-    def _send(self, command: tuple) -> None:
-        self._loop = asyncio.get_running_loop()
+    def _put(self, command: tuple) -> None:
         self._commands.put(command)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def stats_future(self) -> concurrent.futures.Future:
-        fut = concurrent.futures.Future()
-        key = id(fut)
-        self._futures[key] = fut
-        self._commands.put(("stats", key))
-        return fut
-
     def _stop_backend(self) -> None:
         self._commands.put(("stop",))
         self._thread.join(10.0)
 
-    def _emit(self, items: list, error: str | None = None) -> None:
-        self._note_step(items, error)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._deliver_all, items)
-
-    def _reply(self, key: int, value) -> None:
-        self._futures.pop(key).set_result(value)
-
     def _run(self) -> None:
-        loop = _EngineLoop(self.engine, self._emit, self._reply)
+        loop = _EngineLoop(self.engine, self._on_step, self._reply)
         while not loop.stopped:
             block = not self.engine.has_unfinished()
             try:
@@ -312,26 +311,16 @@ class EngineProcess(AsyncEngineBase):
             raise RuntimeError(f"the engine process failed to build its engine: {msg[1]}")
         super().__init__(msg[1], tokenizer, max_pending)
         self._lock = threading.Lock()                 # Connection.send from the loop and from stats callers
-        self._futures: dict[int, concurrent.futures.Future] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._reader = threading.Thread(target=self._read, name="dsv3-engine-reader", daemon=True)
         self._reader.start()
 
-    def _send(self, command: tuple) -> None:
-        self._loop = asyncio.get_running_loop()
+    def _put(self, command: tuple) -> None:
         with self._lock:
             self._commands.send(command)
 
     @property
     def alive(self) -> bool:
         return self._process.is_alive()
-
-    def stats_future(self) -> concurrent.futures.Future:
-        fut = concurrent.futures.Future()
-        self._futures[id(fut)] = fut
-        with self._lock:
-            self._commands.send(("stats", id(fut)))
-        return fut
 
     def _read(self) -> None:
         while True:
@@ -340,19 +329,16 @@ class EngineProcess(AsyncEngineBase):
             except (EOFError, OSError):
                 break
             if msg[0] == "out":
-                self._note_step(msg[1], msg[2])
-                if self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._deliver_all, msg[1])
+                self._on_step(msg[1], msg[2])
             elif msg[0] == "stats":
-                self._futures.pop(msg[1]).set_result(msg[2])
+                self._reply(msg[1], msg[2])
         # the child is gone: fail whatever still waits
         if self._loop is not None and not self._loop.is_closed():
             items = [(rid, "the engine process exited") for rid in list(self._handles)]
             self._loop.call_soon_threadsafe(self._deliver_all, items)
 
     def _stop_backend(self) -> None:
-        with self._lock:
-            self._commands.send(("stop",))
+        self._put(("stop",))
         self._process.join(30)
         if self._process.is_alive():
             self._process.kill()
