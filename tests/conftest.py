@@ -60,6 +60,17 @@ def interpreter_cases(module: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def init_gloo(rank: int, world: int, init_file) -> None:
+    """A spawned test rank: one thread, a gloo process group through `init_file`, and a timeout so that a
+    collective mismatch fails the rank instead of hanging it."""
+    import datetime
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+
 def run_ranks(worker, world: int, tmp: Path, what: str, args: tuple | None = None, name: str = "rank",
               timeout_s: int = 120) -> list:
     """Spawn `world` processes running `worker(rank, *args)` (default args: an init file and `tmp`; each saves

@@ -7,14 +7,12 @@ measured; the single-process reference on the concatenation of the four batches 
 (not on every rank: four copies on few cores would only cost time), and the tests compare.
 """
 
-import datetime
-
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 import torch.nn.functional as F
-from conftest import build, run_ranks, tiny_config
+from conftest import build, init_gloo, run_ranks, tiny_config
 
 from dsv3.parallel.expert import ExpertParallelExperts
 from dsv3.parallel.parallelize import (
@@ -86,9 +84,7 @@ def _step(model, opt, window, mesh=None, fsdp=False):
 
 
 def _worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))   # a collective mismatch fails, not hangs
+    init_gloo(rank, WORLD, init_file)
     try:
         model = parallelize(build(_config(), dtype=torch.float64).train(), dist.group.WORLD, DP, EP)
         mesh = model.parallel_mesh

@@ -11,13 +11,11 @@ four ranks; both take the last step and must reproduce the 2-rank run's loss and
 The workers save what they measured; the tests assert on it.
 """
 
-import datetime
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import build, run_ranks, tiny_config
+from conftest import build, init_gloo, run_ranks, tiny_config
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -117,9 +115,7 @@ def _resume(ckpt, mesh=None):
 
 
 def _worker(rank, world, init_file, out_dir, job):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))   # a collective mismatch fails, not hangs
+    init_gloo(rank, world, init_file)
     try:
         if job == "train":
             res = _train(world, out_dir / "ckpt")

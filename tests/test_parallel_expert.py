@@ -6,13 +6,11 @@ both batches. One spawn runs every distributed check (each spawn costs seconds) 
 tests below assert on it.
 """
 
-import datetime
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import build, run_ranks, tiny_config
+from conftest import build, init_gloo, run_ranks, tiny_config
 
 from dsv3.model.moe import Experts
 from dsv3.parallel.expert import (
@@ -170,9 +168,7 @@ def _recompute_case(rank, group, sent):
 
 
 def _worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))   # a collective mismatch fails, not hangs
+    init_gloo(rank, WORLD, init_file)
     group = dist.group.WORLD
     sent = []                  # the input split sizes of every all_to_all_single: do rows really move?
     a2a = dist.all_to_all_single

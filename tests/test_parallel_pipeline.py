@@ -10,14 +10,12 @@ gradients must be bit-identical to the sequential runtime's (the concurrency its
 test_parallel_pipeline_ep.py). One spawn runs everything and saves what it measured; the tests assert on it.
 """
 
-import datetime
-
 import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import schedules
 import torch.nn.functional as F
-from conftest import build, run_ranks, tiny_config
+from conftest import build, init_gloo, run_ranks, tiny_config
 
 from dsv3.parallel.overlap import enable_overlap, missing_torch_pieces
 from dsv3.parallel.pipeline import build_dualpipev, lm_loss_fn, split_stages
@@ -90,9 +88,7 @@ def _train(cfg, rank, windows, ref, overlap: bool) -> dict:
 
 
 def _worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))   # a send/recv mismatch fails, not hangs
+    init_gloo(rank, WORLD, init_file)
     try:
         cfg = _config()
         windows = torch.randint(0, cfg.vocab_size, (STEPS, B, T + 1), generator=torch.Generator().manual_seed(1))

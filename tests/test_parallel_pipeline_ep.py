@@ -23,7 +23,6 @@ time, with the forward on the calling thread and the backward on another. A spy 
 the worker's expert all-to-alls went to the backward EP group and the calling thread's to the forward one.
 """
 
-import datetime
 import threading
 import time
 
@@ -31,7 +30,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import build, run_ranks, tiny_config
+from conftest import build, init_gloo, run_ranks, tiny_config
 
 from dsv3.parallel.expert import all_reduce_expert_loads, apply_expert_parallel, sync_gradients
 from dsv3.parallel.overlap import enable_overlap
@@ -184,9 +183,7 @@ def _run(cfg, mesh, windows, ref, overlap: bool, recompute: bool, spy: list) -> 
 
 
 def _worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))   # a collective mismatch fails, not hangs
+    init_gloo(rank, WORLD, init_file)
     spy, a2a = [], dist.all_to_all_single
 
     def spying(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):

@@ -5,7 +5,6 @@ and layout."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import build, run_ranks, tiny_config
+from conftest import build, init_gloo, run_ranks, tiny_config
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -238,9 +237,7 @@ def test_bad_parallel_layouts_are_refused(tmp_path):
 def _roundtrip_worker(rank, init_file, out_dir):
     """EP2 on 2 gloo ranks, BF16 weights with AdamWBF16 (BF16 moments + FP32 master) and an EMA: gather the full
     state on rank 0, then let every rank cut it back to its slices."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, 2, init_file)
     try:
         layout = Layout(torch.device("cpu"), ep=2)
         model = layout.apply(build(tiny_config(), dtype=torch.bfloat16).train())
@@ -300,9 +297,7 @@ def _fsdp_roundtrip_worker(rank, init_file, out_dir):
     """dp 1 x ep 2 with FSDP on 2 gloo ranks (experts sliced over EP, everything else sharded over both ranks), BF16
     weights with AdamWBF16 (BF16 moments + FP32 master) and an EMA: one step on known gradients, next to a plain
     model taking the same step; rank 0 gets the gathered state, then every rank cuts it back to its shards."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    init_gloo(rank, 2, init_file)
     try:
         layout = Layout(torch.device("cpu"), ep=2, fsdp=True)
         model = layout.apply(build(tiny_config(), dtype=torch.bfloat16).train())
