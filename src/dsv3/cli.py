@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -197,7 +198,6 @@ def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtyp
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import functools
     import json
 
     import uvicorn
@@ -228,8 +228,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
 
 
+@functools.cache
 def _bench_tokenizer():
-    """Random-weight benchmarks decode text only for the HTTP layer: a small tokenizer (ids past it decode to '')."""
+    """Random-weight benchmarks decode text only for the HTTP layer: a small tokenizer (ids past it decode to '');
+    trained once per process."""
     from .data import stdlib_files, train_tokenizer
     return train_tokenizer([f.read_text(errors="ignore") for f in stdlib_files()[:50]], vocab_size=512)
 

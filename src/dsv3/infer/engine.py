@@ -69,6 +69,9 @@ def check_request(prompt: str | list[int], params: SamplingParams, limits: Reque
 
 @dataclass
 class RequestOutput:
+    """One request's progress after a step. The finished output is complete; an unfinished one carries only the
+    step's delta (`new_token_ids`, `new_logprobs`, and `prompt_logprobs` in the first): copying the whole output
+    every step would be quadratic in its length."""
     request_id: int
     prompt_token_ids: list[int]
     token_ids: list[int]
@@ -316,8 +319,12 @@ class Engine:
 
     def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
         new_lp = seq.logprobs[len(seq.logprobs) - len(new):] if new and seq.logprobs else []
-        return RequestOutput(seq.seq_id, seq.prompt_ids, list(seq.output_ids), seq.text, seq.finished,
-                             seq.finish_reason, new, list(seq.logprobs), list(seq.prompt_logprobs), new_lp)
+        if not seq.finished:
+            first = len(seq.output_ids) == len(new)          # the prompt log-probabilities go with the first output
+            return RequestOutput(seq.seq_id, [], [], "", False, None, new, [],
+                                 list(seq.prompt_logprobs) if first else [], new_lp)
+        return RequestOutput(seq.seq_id, seq.prompt_ids, seq.output_ids, seq.text, True, seq.finish_reason, new,
+                             list(seq.logprobs), list(seq.prompt_logprobs), new_lp)
 
     # ---- offline ------------------------------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None

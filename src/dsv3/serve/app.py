@@ -218,14 +218,14 @@ def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name
         metrics.request("/v1/completions", [len(ids) for ids in prompts_ids])
         created, rid = now(), new_id("cmpl")
 
-        def logprobs_of(k: int, out, new_ids: list[int], new_entries: list, with_prompt: bool, offset: int):
+        def logprobs_of(k: int, out, new_ids: list[int], new_entries: list, with_prompt: bool):
             if req.logprobs is None:
                 return None
             ids, entries = [], []
             if with_prompt:
                 ids, entries = list(prompts_ids[k // req.n]), [None] + list(out.prompt_logprobs)
             ids, entries = ids + new_ids, entries + new_entries
-            return completion_logprobs(tokenizer, ids, entries, offset)
+            return completion_logprobs(tokenizer, ids, entries, 0)
 
         if req.stream:
             async def events():
@@ -239,7 +239,7 @@ def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name
                     entries = out.new_logprobs if new and req.logprobs is not None else []
                     n_out[k] += len(new)
                     text = texts[k].delta(out, drop_last=score_only)
-                    lp = logprobs_of(k, out, new, entries, req.echo and not started[k], 0)
+                    lp = logprobs_of(k, out, new, entries, req.echo and not started[k])
                     if req.echo and not started[k]:
                         text = echo_text[k // req.n] + text
                     started[k] = True
@@ -265,7 +265,7 @@ def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name
             n_completion += len(new)
             text = "" if score_only else out.text
             prefix = echo_text[k // req.n] if req.echo else ""
-            lp = logprobs_of(k, out, new, list(out.logprobs) if req.logprobs is not None else [], req.echo, 0)
+            lp = logprobs_of(k, out, new, list(out.logprobs) if req.logprobs is not None else [], req.echo)
             choices.append({"index": k, "text": prefix + text, "logprobs": lp,
                             "finish_reason": "length" if score_only else out.finish_reason})
         return {"id": rid, "object": "text_completion", "created": created, "model": model_name,

@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..infer import Engine, SamplingParams
 from ..infer.engine import RequestLimits, RequestOutput, check_request
@@ -126,8 +126,7 @@ class AsyncEngineBase:
             self._send(("abort", handle.request_id))
 
     async def stream(self, handle: RequestHandle) -> AsyncIterator[RequestOutput]:
-        """The request's outputs as the engine produces them, the last one finished. Unfinished outputs carry only
-        the step's delta (`new_token_ids`, `new_logprobs`; `prompt_logprobs` in the first); the finished one is
+        """The request's outputs as the engine produces them (deltas, see RequestOutput), the last one finished and
         complete. Aborts the request if the consumer stops early (a disconnect cancels the task iterating this)."""
         try:
             while True:
@@ -182,7 +181,6 @@ class _EngineLoop:
         self.engine, self.emit, self.reply = engine, emit, reply
         self.by_client: dict[int, int] = {}       # client request id -> engine request id
         self.by_engine: dict[int, int] = {}
-        self.started: set[int] = set()            # client ids whose first output has been sent
         self.stopped = False
 
     def command(self, cmd: tuple) -> None:
@@ -214,7 +212,6 @@ class _EngineLoop:
                 items.append((cid, f"engine step failed: {e!r}"))
             self.by_client.clear()
             self.by_engine.clear()
-            self.started.clear()
             self.emit(items, error=repr(e))
             time.sleep(0.05)             # an engine that keeps failing must not spin a core
             return
@@ -225,14 +222,6 @@ class _EngineLoop:
                 continue
             if out.finished:
                 del self.by_engine[out.request_id], self.by_client[cid]
-                self.started.discard(cid)
-            else:
-                # mid-stream only the step's delta travels (the full lists grow with the output: sending them every
-                # step is quadratic in its length); prompt log-probabilities go with the first output only
-                first = cid not in self.started
-                self.started.add(cid)
-                out = replace(out, prompt_token_ids=[], token_ids=[], logprobs=[], text="",
-                              prompt_logprobs=out.prompt_logprobs if first else [])
             items.append((cid, out))
         if items:
             self.emit(items)
