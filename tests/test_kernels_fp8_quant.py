@@ -114,13 +114,11 @@ def bits(q):
 
 @pytest.mark.parametrize("K", SIZES)
 @pytest.mark.parametrize("M", SIZES)
-def test_transposed_reference_is_tiles_of_transpose(M, K):
+def test_transposed_reference_against_float64(M, K):
     x = make_x(M, K, torch.bfloat16, seed=M + 7 * K)
     for pow2 in (False, True):
         q_t, scale_t = quantize_tiles_transposed_reference(x, pow2)
-        q, scale = quantize_tiles_reference(x.t().contiguous(), pow2)
         assert q_t.shape == (K, M) and scale_t.shape == (K, -(-M // 128)) and q_t.is_contiguous()
-        assert torch.equal(bits(q_t), bits(q)) and torch.equal(scale_t, scale)
         check_against_float64(x.t(), q_t, scale_t, 1, 128, pow2)
 
 

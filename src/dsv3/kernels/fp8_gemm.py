@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fp8_quant import dequantize_blocks, dequantize_tiles
 from .fp8_weight_gemm import grouped_tile_map
 
 try:  # triton is optional: the CPU path needs only the reference
@@ -126,9 +127,8 @@ def _check_offs(offs: Tensor, E: int, a: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _dequant(q: Tensor, s: Tensor, rows: int) -> Tensor:
-    """fp32 q * s, with s repeated `rows` times along q's rows (1: tiles, 128: blocks) and 128 times along K."""
-    R, K = q.shape
-    return q.float() * s.repeat_interleave(rows, 0)[:R].repeat_interleave(BLOCK, 1)[:, :K]
+    """fp32 q * s: per 1x128 tile (rows=1) or per 128x128 block (rows=128)."""
+    return dequantize_tiles(q, s) if rows == 1 else dequantize_blocks(q, s)
 
 
 def fp8_gemm_reference(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
