@@ -211,3 +211,9 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """(name, MoE) for every MoE layer of `model` (any module: a Transformer, a pipeline chunk), main model first,
+    then the MTP modules."""
+    return [(name.removesuffix(".mlp"), m) for name, m in model.named_modules() if isinstance(m, MoE)]

@@ -73,9 +73,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
-from ..model.moe import MoE
+from ..model.moe import moe_layers
 from ..model.rope import rope_cos_sin
 from ..model.transformer import Transformer
+from .plan import stage_layers
 
 
 class BalanceLossGrad(torch.autograd.Function):
@@ -94,10 +95,6 @@ class BalanceLossGrad(torch.autograd.Function):
         return grad, aux_grad, None
 
 
-def _moes(module: nn.Module) -> list[tuple[str, MoE]]:
-    return [(n.removesuffix(".mlp"), m) for n, m in module.named_modules() if isinstance(m, MoE)]
-
-
 class Chunk(nn.Module):
     """Layers [start, stop) of a Transformer, plus the embedding on the first chunk and the norm, head and MTP modules
     on the last. forward: chunk 0 takes input_ids (B, T); the others take the previous chunk's outputs."""
@@ -113,9 +110,9 @@ class Chunk(nn.Module):
         if last:
             self.norm, self.lm_head, self.mtp = model.norm, model.lm_head, model.mtp
         # the sequence-wise balance loss (module docstring): off until a trainer sets balance_loss
-        self.moe_layers = _moes(self)
-        self._layer_moes = _moes(self.layers)
-        self._mtp_moes = [_moes(m) for m in self.mtp] if last else []
+        self.moe_layers = moe_layers(self)
+        self._layer_moes = moe_layers(self.layers)
+        self._mtp_moes = [moe_layers(m) for m in self.mtp] if last else []
         self.balance_loss: Callable[[list], torch.Tensor | None] | None = None
         self.balance_weight = 0.0
         self.balance_sum: torch.Tensor | None = None
@@ -154,13 +151,8 @@ def split_stages(model: Transformer, n_chunks: int) -> list[Chunk]:
     n_layers = len(model.layers)
     if not 1 <= n_chunks <= n_layers:
         raise ValueError(f"cannot split {n_layers} layers into {n_chunks} chunks of at least one layer")
-    base, extra = divmod(n_layers, n_chunks)
-    chunks, start = [], 0
-    for c in range(n_chunks):
-        stop = start + base + (c < extra)
-        chunks.append(Chunk(model, start, stop, first=c == 0, last=c == n_chunks - 1, index=c))
-        start = stop
-    return chunks
+    return [Chunk(model, layers[0], layers[-1] + 1, first=c == 0, last=c == n_chunks - 1, index=c)
+            for c, layers in enumerate(stage_layers(model.config, n_chunks))]
 
 
 def lm_loss_fn(mtp_weight: float = 0.3, ce=None):

@@ -11,14 +11,8 @@ Selections are the ones the model actually made (bias included; spec 1.7 notes t
 """
 
 import torch
-from torch import nn
 
-from ..model.moe import MoE
-
-
-def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    """(name, MoE) for every MoE layer, main model first, then the MTP modules."""
-    return [(name.removesuffix(".mlp"), m) for name, m in model.named_modules() if isinstance(m, MoE)]
+from ..model.moe import MoE, moe_layers  # noqa: F401  (moe_layers: re-exported, the trainer's entry point)
 
 
 def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

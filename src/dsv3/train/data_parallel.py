@@ -100,9 +100,10 @@ class Layout:
         return self.fsdp or self.first_row
 
     @property
-    def global_norm(self) -> bool:
-        """Whether a rank's gradients are only a part of the whole (expert slices, FSDP shards): the clipping norm
-        then needs `grad_norm`, a collective, instead of a local one."""
+    def partitioned(self) -> bool:
+        """Whether a rank holds only a part of the model (expert slices, FSDP shards, pipeline chunks): the clipping
+        norm is then `grad_norm`, a collective; checkpoints are cut to this rank's part at resume; every rank takes
+        part in validation."""
         return self.ep > 1 or self.fsdp
 
     def describe(self) -> str:
@@ -170,7 +171,7 @@ class Layout:
             self.average_gradients(model.parameters())
 
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
-        """The global gradient norm when ranks hold parts of the gradient (`global_norm`): float64, the same on
+        """The global gradient norm when ranks hold parts of the gradient (`partitioned`): float64, the same on
         every rank."""
         return grad_norm_sharded(model) if self.fsdp else grad_norm_2d(model, self.mesh)
 
@@ -268,7 +269,8 @@ class Layout:
         params = dict(model.named_parameters())
         tensors = {k: _shard_like(v, params.get(k)) for k, v in tensors.items()}
         if optim_state is not None:
-            by_index = {_optimizer_index(optimizer)[id(p)]: p for p in params.values()}
+            index = _optimizer_index(optimizer)
+            by_index = {index[id(p)]: p for p in params.values()}
             state = {i: {k: _shard_like(v, by_index.get(i)) for k, v in st.items()}
                      for i, st in optim_state["state"].items()}
             optim_state = {**optim_state, "state": state}

@@ -103,7 +103,7 @@ class PipelineLayout(Layout):
         return self.first_row
 
     @property
-    def global_norm(self) -> bool:
+    def partitioned(self) -> bool:
         return True
 
     def describe(self) -> str:
@@ -327,8 +327,7 @@ class PipelineRunner:
         self.loss.lam, self.loss.n, self.loss.sums = lam, n, None
         for c in L.local.chunks:
             c.balance_weight, c.balance_sum = alpha / n, None
-        for _, m in self.layers:
-            m.keep_routing = alpha > 0
+        for _, m in self.layers:       # (keep_routing is the trainer's, set for the step)
             m.tokens_per_expert.zero_()
         if L.mesh.pp_rank == 0:
             schedule.step(batch[:, :-1], target=batch, **kwargs)

@@ -169,7 +169,7 @@ class Trainer:
             apply_recompute(self.model)
         # fsdp: shard every parameter, after recompute wrapped its methods (see dsv3.train.data_parallel) and before
         # the optimizer allocates its state
-        sharded = self.layout.shard_parameters(self.model)
+        shard_note = self.layout.shard_parameters(self.model)
         self.optimizer = build_optimizer(self.layout.trainable(self.model), cfg.optim,
                                          compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
@@ -180,8 +180,8 @@ class Trainer:
         self.ema = CPUEma(self.ema_source, cfg.train.ema_decay) if keep_ema else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         if resume:
-            cut = self.layout.ep > 1 or self.layout.fsdp or self.layout.pp > 1
-            state = load_checkpoint(ckpt, self.model, self.optimizer, local=self._local_state if cut else None)
+            state = load_checkpoint(ckpt, self.model, self.optimizer,
+                                    local=self._local_state if self.layout.partitioned else None)
             self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
             self.loss_ema = state["loss_ema"]
             self.loader.load_state_dict(state["loader"])
@@ -212,8 +212,8 @@ class Trainer:
         if resume:
             self.logger.truncate_after(self.step)
             self.logger.log_event(self.step, f"resumed from {ckpt}")
-        if sharded:
-            self.logger.log_event(self.step, sharded)
+        if shard_note:
+            self.logger.log_event(self.step, shard_note)
 
     def _local_state(self, tensors: dict, optim_state: dict | None) -> tuple[dict, dict | None]:
         """A full checkpoint's model tensors and optimizer state cut to this rank's expert slices and FSDP shards
@@ -280,7 +280,7 @@ class Trainer:
         # the norm of the whole gradient: where ranks hold different slices or shards (ep > 1, FSDP, pp > 1) each
         # element counted once over the world, else the local one (in the gradients' dtype, as clip_grad_norm_);
         # then one coefficient, applied inside the fused or compiled update where there is one
-        if self.layout.global_norm:
+        if self.layout.partitioned:
             grad_norm = self.layout.grad_norm(self.model).float()
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
@@ -330,7 +330,7 @@ class Trainer:
         same numbers."""
         if self.pipeline is not None and self.val:      # every rank: the forward runs through the pipeline
             return self.pipeline.evaluate(self.val, self.ce)
-        sharded = self.layout.ep > 1 or self.layout.fsdp
+        sharded = self.layout.partitioned
         if not self.val or not (self.layout.is_main or sharded):
             return {}
         self.model.eval()
