@@ -71,8 +71,11 @@ def test_chat_and_chat_streaming_equal_the_engine(server, client):
     assert "".join(c.choices[0].delta.content or "" for c in stream) == want.text
     lp = client.chat.completions.create(model="dsv3-tiny", messages=messages, max_tokens=10, temperature=0,
                                         logprobs=True, top_logprobs=3).choices[0].logprobs.content
-    assert len(lp) == len(want.token_ids) and all(len(t.top_logprobs) == 3 for t in lp)
-    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-9) for t in lp)   # greedy = top-1
+    ref = greedy(server, ids, 10, logprobs=3).logprobs              # the engine's own (logprob, top ids, top lps)
+    assert len(lp) == len(ref) and all(len(t.top_logprobs) == 3 for t in lp)
+    for t, (want_lp, _, want_top) in zip(lp, ref):
+        assert t.logprob == pytest.approx(want_lp, abs=1e-9)
+        assert [x.logprob for x in t.top_logprobs] == pytest.approx(want_top, abs=1e-9)
 
 
 def test_logprobs_and_echo_equal_the_engine_prompt_logprobs(server, client):
@@ -101,6 +104,9 @@ def test_n_seeds_and_stop_strings(server, client):
     s1 = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[1], max_tokens=8, temperature=1.0, n=2, seed=7)
     s2 = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[1], max_tokens=8, temperature=1.0, n=2, seed=7)
     assert [c.text for c in s1.choices] == [c.text for c in s2.choices]      # per-request seeds reproduce
+    for j, c in enumerate(s1.choices):            # choice j samples with seed + j, as the engine alone does
+        ref = server.reference.generate([PROMPTS[1]], SamplingParams(temperature=1.0, max_tokens=8, seed=7 + j))[0]
+        assert c.text == ref.text, j
     full = greedy(server, PROMPTS[2], 16, ignore_eos=True).text
     at = next(k for k in range(3, len(full) - 2) if full[k:k + 2] not in full[:k + 1])   # first occurrence at k
     stop = full[at:at + 2]
@@ -177,11 +183,16 @@ def test_models_health_tokenize_metrics(server, client):
     info = httpx.get(server.url + "/tokenizer_info").json()
     assert info["eos_token"] == server.tokenizer.decode([server.tokenizer.eos_id]) and "chat_template" in info
     assert client_ok(server)          # at least one answered completion, whichever tests ran before on this worker
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {s.name: s.value for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+               for s in f.samples if not s.labels or s.name.endswith("_count")}
+    # client_ok's request was counted: 4 tokens generated, a first token timed, a request answered
+    assert samples["dsv3_generation_tokens_total"] >= 4
+    assert samples["dsv3_time_to_first_token_seconds_count"] >= 1
+    assert samples["dsv3_time_per_output_token_seconds_count"] >= 1
+    for name in ("dsv3_kv_cache_usage_ratio", "dsv3_num_requests_waiting", "dsv3_spec_decode_acceptance_ratio"):
+        assert name in samples, name
     text = httpx.get(server.url + "/metrics").text
-    for name in ("dsv3_requests_total", "dsv3_generation_tokens_total", "dsv3_time_to_first_token_seconds_bucket",
-                 "dsv3_time_per_output_token_seconds_bucket", "dsv3_kv_cache_usage_ratio",
-                 "dsv3_num_requests_waiting", "dsv3_spec_decode_acceptance_ratio"):
-        assert name in text, name
     assert 'dsv3_requests_total{endpoint="/v1/completions",status="200"}' in text
 
 
