@@ -185,16 +185,37 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(prompt + out.text)
 
 
+def _device(name: str | None) -> str:
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _serving_dtype(name: str | None, device: str) -> torch.dtype:
+    return DTYPES[name] if name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+
+def _bench_model(config_name: str, mtp: bool, device: str, dtype_name: str | None, fp8: bool) -> Transformer:
+    """The random-weight model of `dsv3 bench`, optionally with FP8 block weights."""
+    from .infer.bench import random_model
+    cfg = load_model_config(config_name)
+    if not mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    return _maybe_fp8(random_model(cfg, device, _serving_dtype(dtype_name, device)), fp8)
+
+
+def _maybe_fp8(model: Transformer, fp8: bool) -> Transformer:
+    if fp8:
+        from .infer.fp8_weights import quantize_weights
+        quantize_weights(model)
+    return model
+
+
 def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtype_name: str | None, fp8: bool,
                   config):
     """The engine `dsv3 serve` runs (built in the engine process)."""
     from .infer import Engine
-    dtype = DTYPES[dtype_name] if dtype_name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=dtype, device=device)
-    if fp8:
-        from .infer.fp8_weights import quantize_weights
-        quantize_weights(model)
-    return Engine(model, tokenizer, config)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=_serving_dtype(dtype_name, device),
+                                                device=device)
+    return Engine(_maybe_fp8(model, fp8), tokenizer, config)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -208,7 +229,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     path = Path(args.model)
     tok_dir = tokenizer_dir(args.model, args.tokenizer)
     tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     config = EngineConfig(block_size=args.block_size, cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, num_speculative_tokens=args.spec)
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, args.dtype, args.fp8, config)
@@ -239,16 +260,7 @@ def _bench_tokenizer():
 def bench_engine(config_name: str, mtp: bool, device: str, dtype_name: str | None, fp8: bool, config):
     """A random-weight engine for `dsv3 bench serve` (built again in the engine process: a picklable recipe)."""
     from .infer import Engine
-    from .infer.bench import random_model
-    cfg = load_model_config(config_name)
-    if not mtp:
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-    model = random_model(cfg, device, DTYPES[dtype_name] if dtype_name else
-                         (torch.bfloat16 if device.startswith("cuda") else torch.float32))
-    if fp8:
-        from .infer.fp8_weights import quantize_weights
-        quantize_weights(model)
-    return Engine(model, _bench_tokenizer(), config)
+    return Engine(_bench_model(config_name, mtp, device, dtype_name, fp8), _bench_tokenizer(), config)
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -267,7 +279,7 @@ def _bench_serve(args: argparse.Namespace) -> None:
     else:
         from .infer import EngineConfig
         from .serve.bench import bench_serve_vs_engine
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = _device(args.device)
         config = EngineConfig(block_size=64, cache_memory_gib=args.cache_gib, max_num_seqs=args.concurrency,
                               max_num_batched_tokens=max(2048, args.prompt * 8),
                               cuda_graphs=not args.no_cuda_graphs)
@@ -298,18 +310,10 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .infer.bench import bench_decode, bench_prefill, random_model
+    from .infer.bench import bench_decode, bench_prefill
     if args.what == "serve":
         return _bench_serve(args)
-    cfg = load_model_config(args.config)
-    if not args.mtp:
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = random_model(cfg, device, DTYPES[args.dtype] if args.dtype else
-                         (torch.bfloat16 if device.startswith("cuda") else torch.float32))
-    if args.fp8:
-        from .infer.fp8_weights import quantize_weights
-        quantize_weights(model)
+    model = _bench_model(args.config, args.mtp, _device(args.device), args.dtype, args.fp8)
     for b in map(int, args.batches.split(",")):
         if args.what == "decode":
             r = bench_decode(model, b, args.prompt, args.tokens, args.spec, cuda_graphs=not args.no_cuda_graphs)
