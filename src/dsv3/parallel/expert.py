@@ -183,18 +183,32 @@ def sync_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
     """After each rank's backward of the mean loss over its own tokens (equal token counts on every rank), make the
     gradients those of the mean loss over all ranks' tokens: replicated ones averaged over the group, expert ones
     divided by the group size (see the module docstring)."""
-    ep = dist.get_world_size(group)
+    sync_layout_gradients(model, None, group, dist.get_world_size(group))
+
+
+@torch.no_grad()
+def sync_layout_gradients(model: nn.Module, expert_group: dist.ProcessGroup | None,
+                          replicated_group: dist.ProcessGroup, n: int) -> None:
+    """The gradient sync of every EP layout (EP alone, EP inside DP, EP inside a pipeline position), with n ranks
+    sharing each batch: replicated gradients summed over `replicated_group`, expert gradients summed over
+    `expert_group` (the replicas of the same experts; None: this rank alone), both divided by n. An expert that
+    received no rows gets zeros, as the unsharded run has, and still joins the sum."""
     experts = _expert_params(model)
-    replicated = []
+    expert_grads, replicated = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
         if id(p) in experts:
-            # a rank that received no rows has no expert gradient: the unsharded run has zeros there
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.div_(ep)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            expert_grads.append(p.grad)
         elif p.grad is not None:
             replicated.append(p.grad)
-    all_reduce_flat(replicated, group, 1.0 / ep)
+    if expert_group is not None:
+        all_reduce_flat(expert_grads, expert_group, 1.0 / n)
+    elif expert_grads:
+        torch._foreach_mul_(expert_grads, 1.0 / n)
+    all_reduce_flat(replicated, replicated_group, 1.0 / n)
 
 
 def all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:

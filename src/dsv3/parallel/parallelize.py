@@ -41,11 +41,10 @@ from torch.distributed.tensor import DTensor
 
 from .expert import (
     ExpertParallelExperts,
-    _expert_params,
     all_reduce_expert_loads,
-    all_reduce_flat,
     apply_expert_parallel,
     grad_norm,
+    sync_layout_gradients,
 )
 
 DIMS = ("dp", "ep")
@@ -94,22 +93,7 @@ def sync_gradients_2d(model: nn.Module, mesh: DeviceMesh) -> None:
     the mean loss over all world tokens (see the module docstring): replicated ones summed over the world / (dp*ep),
     expert ones summed over the "dp" dimension / (dp*ep). Every rank must call it (collectives)."""
     dp, ep = mesh.shape
-    world = dp * ep
-    experts = _expert_params(model)
-    expert_grads, replicated = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in experts:
-            if p.grad is None:
-                # a row that routed no tokens to these experts has no gradient: the unsharded run has zeros there,
-                # and every dp replica must still join the collective
-                p.grad = torch.zeros_like(p)
-            expert_grads.append(p.grad)
-        elif p.grad is not None:
-            replicated.append(p.grad)
-    all_reduce_flat(expert_grads, mesh["dp"].get_group(), 1.0 / world)
-    all_reduce_flat(replicated, _world_group(mesh), 1.0 / world)
+    sync_layout_gradients(model, mesh["dp"].get_group(), _world_group(mesh), dp * ep)
 
 
 def sync_expert_loads_2d(model: nn.Module, mesh: DeviceMesh) -> None:

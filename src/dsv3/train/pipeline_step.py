@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..parallel.expert import _expert_params, all_reduce_flat, apply_expert_parallel
+from ..parallel.expert import _expert_params, apply_expert_parallel, sync_layout_gradients
 from ..parallel.overlap import enable_overlap
 from ..parallel.pipeline import Chunk, dualpipev_schedule, pipeline_mesh, split_stages
 from .balance import collect_balance_loss
@@ -143,22 +143,7 @@ class PipelineLayout(Layout):
         n = self.replicas
         if n == 1:
             return
-        experts = _expert_params(self.local)
-        expert_grads, replicated = [], []
-        for p in self.local.parameters():
-            if not p.requires_grad:
-                continue
-            if id(p) in experts:
-                if p.grad is None:       # no rows routed here: zeros, as the unsharded run has, and join the sum
-                    p.grad = torch.zeros_like(p)
-                expert_grads.append(p.grad)
-            elif p.grad is not None:
-                replicated.append(p.grad)
-        if self.mesh.dp_group is not None:
-            all_reduce_flat(expert_grads, self.mesh.dp_group, 1.0 / n)
-        elif expert_grads:
-            torch._foreach_mul_(expert_grads, 1.0 / n)
-        all_reduce_flat(replicated, self.mesh.position_group, 1.0 / n)
+        sync_layout_gradients(self.local, self.mesh.dp_group, self.mesh.position_group, n)
 
     @torch.no_grad()
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
