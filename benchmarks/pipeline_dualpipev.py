@@ -122,7 +122,7 @@ def main() -> None:
             t = time.perf_counter()
             if mesh.pp_rank == 0:
                 losses = []
-                schedule.step(ids[:, :-1], target=ids, losses=losses)
+                schedule.step(ids[:, :-1].contiguous(), target=ids, losses=losses)
                 losses_seen.append(torch.stack(losses).mean().item())
             else:
                 schedule.step()

@@ -62,7 +62,7 @@ def _train(cfg, rank, windows, ref, overlap: bool) -> dict:
         ref_loss, ref_grads = ref[step]
         if rank == 0:          # holds chunk 0 (takes the ids) and chunk 3 (computes the loss)
             losses = []
-            schedule.step(windows[step, :, :-1], target=windows[step], losses=losses)
+            schedule.step(windows[step, :, :-1].contiguous(), target=windows[step], losses=losses)
             out["loss"].append((torch.stack(losses).mean().item(), ref_loss, len(losses)))
         else:
             schedule.step()

@@ -137,7 +137,7 @@ def _run(cfg, mesh, windows, ref, overlap: bool, recompute: bool, spy: list) -> 
             m.tokens_per_expert.zero_()
         if mesh.pp_rank == 0:        # holds chunk 0 (takes the ids) and chunk 3 (computes the loss)
             losses = []
-            schedule.step(windows[step, rows, :-1], target=windows[step, rows], losses=losses)
+            schedule.step(windows[step, rows, :-1].contiguous(), target=windows[step, rows], losses=losses)
             loss = torch.stack(losses).mean().detach()
             dist.all_reduce(loss, group=mesh.ep_group)
             out["loss"].append(((loss / EP).item(), ref[step]["loss"], len(losses)))

@@ -95,6 +95,17 @@ class BalanceLossGrad(torch.autograd.Function):
         return grad, aux_grad, None
 
 
+class _Stage(PipelineStage):
+    """A PipelineStage that never sends to its own rank while warming up. torch 2.11's schedules warm the p2p links
+    up by sending to both neighbouring stages, and in a V the two middle chunks (W-1 and W) live on the same rank:
+    gloo has no pair to itself and fails ("Pair is not connected"). Those sends carry nothing (the real hand-over
+    between two local stages never goes through the process group), so they are dropped. torch >= 2.13 warms up
+    through a vote that does not call this method, so there the override is inert."""
+
+    def _get_init_p2p_neighbors_ops(self) -> list:
+        return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != self.group_rank]
+
+
 class Chunk(nn.Module):
     """Layers [start, stop) of a Transformer, plus the embedding on the first chunk and the norm, head and MTP modules
     on the last. forward: chunk 0 takes input_ids (B, T); the others take the previous chunk's outputs."""
@@ -197,7 +208,8 @@ def build_dualpipev(model: Transformer, rank: int, world: int, loss_fn, n_microb
     run would build only those, e.g. on the meta device, and free the rest). `loss_fn(output, target)` runs on the
     last stage (see `lm_loss_fn`); `microbatch_shape` = (micro-batch size, T) of the input ids. Rank 0 calls
     `schedule.step(input_ids, target=windows, losses=losses)` (it holds the first and the last chunk), the others
-    `schedule.step()`. With scale_grads the gradients are averaged over micro-batches, i.e. those of the mean loss.
+    `schedule.step()`; input_ids must be contiguous (torch 2.11 checks each micro-batch's strides against the
+    static shapes: pass `window[:, :-1].contiguous()`, not the slice). With scale_grads the gradients are averaged over micro-batches, i.e. those of the mean loss.
     rank and world are this rank's place in the pipeline process group `group` (default: the default group); with
     expert parallelism see `pipeline_mesh` and the module docstring.
     """
@@ -229,7 +241,7 @@ def dualpipev_schedule(chunks: list[Chunk], world: int, loss_fn, n_microbatches:
     for chunk in chunks:
         idx = chunk.index
         inputs, outputs = _example_io(chunk, *microbatch_shape, dtype, logits_dtype)
-        stages.append(PipelineStage(chunk, idx, n_chunks, torch.device(device), input_args=inputs,
+        stages.append(_Stage(chunk, idx, n_chunks, torch.device(device), input_args=inputs,
                                     output_args=outputs, group=group))
     schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return schedule, stages

@@ -315,7 +315,7 @@ class PipelineRunner:
         for _, m in self.layers:       # (keep_routing is the trainer's, set for the step)
             m.tokens_per_expert.zero_()
         if L.mesh.pp_rank == 0:
-            schedule.step(batch[:, :-1], target=batch, **kwargs)
+            schedule.step(batch[:, :-1].contiguous(), target=batch, **kwargs)
         else:
             schedule.step(**kwargs)
         L.sync_gradients(self.model)
