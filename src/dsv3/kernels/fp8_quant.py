@@ -10,8 +10,10 @@ Activations get one scale per 1x128 tile (a row's 128 consecutive elements along
 
 All math is fp32 (x is widened first, exactly). The pow2 rounding is done on the fp32 bits (add 0x7FFFFF, clear the
 mantissa: the next power of two for any positive normal float), not through log2, whose rounding could land just
-below a power of two and make the scale too small. The division is the correctly rounded one in both
-implementations (`tl.math.div_rn`: Triton's plain `/` is approximate on the GPU), so they agree bit for bit.
+below a power of two and make the scale too small. Both divisions (amax / 448 and x / scale) are the correctly
+rounded IEEE ones in both implementations: `tl.math.div_rn` in Triton (its plain `/` is approximate on the GPU),
+tensor / tensor in the reference (torch's CUDA `t / python_float` multiplies by the reciprocal instead), so they
+agree bit for bit on every device.
 
   quantize_tiles(x (M, K))            -> q (M, K), scale (M, ceil(K/128))              forward activations
   quantize_tiles_transposed(x (M, K)) -> q_t (K, M), scale_t (K, ceil(M/128))          = quantize_tiles(x.T)
@@ -93,7 +95,9 @@ def _check_q(q: Tensor) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _scales(amax: Tensor, pow2: bool) -> Tensor:
-    s = amax.clamp_min(EPS) / FP8_MAX
+    # Divide by a tensor, not the Python float: on CUDA torch computes `t / scalar` as t * (1 / scalar), which is
+    # off by one ulp for some amax; tensor / tensor is the correctly rounded division (Triton's div_rn) everywhere.
+    s = amax.clamp_min(EPS) / torch.full((), FP8_MAX, dtype=amax.dtype, device=amax.device)
     if pow2:
         s = ((s.view(torch.int32) + 0x7FFFFF) & -0x800000).view(torch.float32)
     return s
