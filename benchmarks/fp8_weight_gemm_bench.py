@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from dsv3.fp8.blocks import quantize_weight_blocks
+from dsv3.fp8 import quantize_blocks
 from dsv3.kernels.fp8_weight_gemm import (fp8_grouped_linear_reference, fp8_grouped_linear_triton,
                                           fp8_linear_reference, fp8_linear_triton)
 
@@ -53,7 +53,7 @@ def main() -> None:
     rows = []
     for (name, (N, K)), M in itertools.product(DENSE.items(), (1, 32, 64)):
         w = torch.randn(N, K, device=dev) * 0.02
-        q, s = quantize_weight_blocks(w)
+        q, s = quantize_blocks(w)
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         ref = fp8_linear_reference(x, q, s).float()
         err = ((fp8_linear_triton(x, q, s).float() - ref).norm() / ref.norm()).item()
@@ -68,7 +68,7 @@ def main() -> None:
     for (name, (N, K)), B in itertools.product(EXPERTS.items(), (1, 32, 64)):
         E = 64
         w = torch.randn(E, N, K, device=dev) * 0.02
-        pairs = [quantize_weight_blocks(m) for m in w]
+        pairs = [quantize_blocks(m) for m in w]
         q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         idx = torch.stack([torch.randperm(E, device=dev)[:6] for _ in range(B)]).flatten()
         counts = torch.bincount(idx, minlength=E)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import dsv3
 from dsv3 import CheckpointError
 from dsv3.checkpoint import hf as hf_ckpt
-from dsv3.fp8 import dequantize_weight_blocks, quantize_weight_blocks
+from dsv3.fp8 import dequantize_blocks, quantize_blocks
 
 from conftest import build, tiny_config
 
@@ -50,19 +50,19 @@ def test_bf16_load_keeps_routing_bias_fp32(tmp_ckpt):
 def test_dequantisation_matches_float64_reference():
     torch.manual_seed(0)
     w = torch.randn(300, 200, dtype=torch.float64) * torch.logspace(-3, 1, 200, dtype=torch.float64)
-    q, s = quantize_weight_blocks(w)
+    q, s = quantize_blocks(w)
     assert q.dtype == torch.float8_e4m3fn and s.shape == (3, 2)
     ref = torch.empty_like(w)
     for i in range(3):
         for j in range(2):
             blk = (slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1)))
             ref[blk] = q[blk].double() * s[i, j].double()
-    assert torch.equal(dequantize_weight_blocks(q, s, torch.float64), ref)
+    assert torch.equal(dequantize_blocks(q, s, torch.float64), ref)
     # e4m3 keeps 3 mantissa bits: relative error per element <= 2^-4, and the block max is exact
     err = ((ref - w).abs() / w.abs().clamp(min=1e-30))[w.abs() > 1e-2 * w.abs().max()]
     assert err.max() <= 2 ** -4 + 1e-9
-    with pytest.raises(ValueError, match="scale_inv shape"):
-        dequantize_weight_blocks(q, s[:2])
+    with pytest.raises(ValueError, match="scale must be a float32 tensor of shape"):
+        dequantize_blocks(q, s[:2])
 
 
 def _fp8_model(aligned: bool = False):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import interpreter_cases
 
-from dsv3.fp8.blocks import dequantize_weight_blocks, quantize_weight_blocks
+import dsv3.fp8
 from dsv3.kernels import fp8_quant
 from dsv3.kernels.fp8_quant import (HAS_TRITON, dequantize_blocks, dequantize_tiles, quantize_blocks,
                                     quantize_blocks_reference, quantize_blocks_triton, quantize_tiles,
@@ -129,18 +129,22 @@ def test_tiles_strided_input_matches_contiguous():
         assert torch.equal(bits(a[0]), bits(b[0])) and torch.equal(a[1], b[1])
 
 
-def test_blocks_match_checkpoint_format_and_transpose():
-    """Without all-zero blocks (where the checkpoint code clamps amax at 1e-12, not 1e-4) the blocks reference is
-    dsv3.fp8.blocks bit for bit; quantising w.T gives (q.T, scale.T)."""
+def test_one_block_quantiser_for_checkpoints_and_training():
+    """dsv3.fp8 (the checkpoint format) has no quantiser of its own: it is this module's, so checkpoint, serving and
+    training scales agree, near-zero blocks included. Quantising w.T gives (q.T, scale.T); fp64 weights (a float64
+    model saved as FP8) take the reference, through fp32."""
+    assert dsv3.fp8.quantize_blocks is quantize_blocks and dsv3.fp8.dequantize_blocks is dequantize_blocks
+    assert dsv3.fp8.BLOCK == fp8_quant.BLOCK == 128
     w = torch.randn(300, 200, generator=torch.Generator().manual_seed(4)) * 0.02
-    q, scale = quantize_blocks_reference(w)
-    q_ck, s_ck = quantize_weight_blocks(w)
-    assert torch.equal(bits(q), bits(q_ck)) and torch.equal(scale, s_ck)
-    assert torch.equal(dequantize_blocks(q, scale), dequantize_weight_blocks(q_ck, s_ck, torch.float32))
     for pow2 in (False, True):
         q, scale = quantize_blocks_reference(w, pow2)
         q_t, scale_t = quantize_blocks_reference(w.t().contiguous(), pow2)
         assert torch.equal(bits(q_t), bits(q.t())) and torch.equal(scale_t, scale.t())
+    q, scale = quantize_blocks(w.double())
+    assert torch.equal(bits(q), bits(quantize_blocks_reference(w)[0])) and scale.dtype == torch.float32
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):  # one rounding of the exact product, then a cast
+        want = (q.double() * expand(scale, 128, 128, w.shape)).to(dtype)
+        assert torch.equal(dequantize_blocks(q, scale, dtype), want)
 
 
 def test_pow2_scales():
@@ -216,6 +220,9 @@ if HAS_TRITON:
 @pytest.mark.parametrize("bad", list(BAD_INPUTS))
 @pytest.mark.parametrize("fn", QUANT_FNS, ids=lambda f: f.__name__)
 def test_input_checks(fn, bad):
+    if bad == "fp64" and not fn.__name__.endswith("_triton"):  # the references take fp64 (through fp32)
+        fn(BAD_INPUTS[bad])
+        return
     with pytest.raises(ValueError):
         fn(BAD_INPUTS[bad])
 
@@ -258,7 +265,7 @@ def _compare(out, ref) -> dict:
 def _interpreter_cases() -> dict:
     """Run in a TRITON_INTERPRET=1 subprocess: per case, _compare's numbers."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from dsv3.kernels.interpret import patch_interpreter_for_numpy2
+    from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
     patch_interpreter_for_numpy2()
     out = {}
     wide = torch.zeros(70, 300)

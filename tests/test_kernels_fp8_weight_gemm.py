@@ -1,4 +1,4 @@
-"""Weight-only FP8 GEMMs: the PyTorch references against float64 on weights dequantised by dsv3.fp8.blocks, the
+"""Weight-only FP8 GEMMs: the PyTorch references against float64 on weights dequantised by dsv3.fp8, the
 Triton kernels against the references under TRITON_INTERPRET=1 (fp32 activations, tiny shapes, in a subprocess:
 the interpreter must be switched on before the kernels' @triton.jit decorators run), and on CUDA in bf16."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import interpreter_cases
 
-from dsv3.fp8.blocks import dequantize_weight_blocks, quantize_weight_blocks
+from dsv3.fp8 import dequantize_blocks, quantize_blocks
 from dsv3.kernels.fp8_weight_gemm import (
     HAS_TRITON,
     fp8_grouped_linear,
@@ -28,7 +28,7 @@ def make_weight(N, K, g):
     wrong block (or not at all) shows; returns the e4m3 weight and its scale_inv."""
     mag = 2.0 ** (torch.rand(-(-N // 128), -(-K // 128), generator=g) * 8 - 4)
     w = torch.randn(N, K, generator=g) * mag.repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
-    return quantize_weight_blocks(w)
+    return quantize_blocks(w)
 
 
 def make_linear(M, N, K, dtype=torch.float32, seed=0, device="cpu"):
@@ -49,7 +49,7 @@ def make_grouped(counts, M, N, K, dtype=torch.float32, seed=0, device="cpu"):
 
 
 def oracle_linear(x, q, s):
-    return x.cpu().double() @ dequantize_weight_blocks(q.cpu(), s.cpu(), torch.float64).T
+    return x.cpu().double() @ dequantize_blocks(q.cpu(), s.cpu(), torch.float64).T
 
 
 def oracle_grouped(x, q, s, offs):
@@ -87,7 +87,7 @@ def test_scales_are_not_trivial():
     x, q, s = make_linear(4, 300, 260, seed=1)
     ref = oracle_linear(x, q, s)
     no_scale = x.double() @ q.double().T
-    flipped = x.double() @ dequantize_weight_blocks(q, s.flip(0), torch.float64).T
+    flipped = x.double() @ dequantize_blocks(q, s.flip(0), torch.float64).T
     for wrong in (no_scale, flipped):
         assert (wrong - ref).abs().max() > 0.1 * ref.abs().max()
 
@@ -198,7 +198,7 @@ def test_grouped_tile_map(counts, M, block_m):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _patch_interpreter_for_numpy2():
-    from dsv3.kernels.interpret import patch_interpreter_for_numpy2
+    from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
     patch_interpreter_for_numpy2()
 
 

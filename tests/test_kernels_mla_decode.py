@@ -120,7 +120,7 @@ def test_bytes_and_splits():
 # ---------------------------------------------------------------------------------------------------------------
 
 def _patch_interpreter_for_numpy2():
-    from dsv3.kernels.interpret import patch_interpreter_for_numpy2
+    from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
     patch_interpreter_for_numpy2()
 
 

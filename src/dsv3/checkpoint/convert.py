@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from ..fp8 import quantize_weight_blocks
+from ..fp8 import quantize_blocks
 from ..model import Transformer
 from .atomic import atomic_directory
 from .hf import FP8_WEIGHT, CheckpointReader, ShardWriter, hf_name_map
@@ -36,7 +36,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype
                     continue  # consumed with its weight
                 t = ckpt.read(name, torch.float32 if to == "fp8" else dtype)
                 if to == "fp8" and FP8_WEIGHT.search(name):
-                    out[name], out[name + "_scale_inv"] = quantize_weight_blocks(t)
+                    out[name], out[name + "_scale_inv"] = quantize_blocks(t)
                 elif name.endswith("e_score_correction_bias"):
                     out[name] = t.float().contiguous()
                 else:

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from ..fp8 import dequantize_weight_blocks, quantize_weight_blocks
+from ..fp8 import BLOCK, dequantize_blocks, quantize_blocks
 from ..model import Transformer
 from .atomic import atomic_directory
 
@@ -187,8 +187,12 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
 
 
 def _dequantize(name: str, w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    expected = tuple(-(-n // BLOCK) for n in w.shape)
+    if w.dim() != 2 or tuple(scale_inv.shape) != expected:
+        raise CheckpointError(f"tensor {name}: scale_inv shape {tuple(scale_inv.shape)} does not match weight "
+                              f"{tuple(w.shape)} (expected {expected} for {BLOCK}x{BLOCK} blocks)")
     try:
-        return dequantize_weight_blocks(w, scale_inv, dtype)
+        return dequantize_blocks(w, scale_inv.float(), dtype)
     except ValueError as e:
         raise CheckpointError(f"tensor {name}: {e}") from None
 
@@ -267,7 +271,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
             for hf_name, ours, expert, fp8, out_dtype, _ in shard:
                 t = (state[ours] if expert is None else state[ours][expert]).detach().to("cpu")
                 if fp8:
-                    q, s = quantize_weight_blocks(t)
+                    q, s = quantize_blocks(t)
                     tensors[hf_name], tensors[hf_name + "_scale_inv"] = q, s
                 else:
                     tensors[hf_name] = t.to(out_dtype).clone().contiguous()  # clone: tied copies must not alias

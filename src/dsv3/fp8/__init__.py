@@ -1,5 +1,10 @@
-"""dsv3.fp8: DeepSeek-V3's fine-grained FP8 formats (spec 2.3, 4)."""
+"""FP8: the released checkpoint's 128x128 block format and the FP8 training recipe (TR 3.3).
 
-from .blocks import BLOCK, FP8_MAX, dequantize_weight_blocks, quantize_weight_blocks
+Block quantisation has one implementation, dsv3.kernels.fp8_quant (the reference and its Triton kernel, bit-equal):
+`quantize_blocks(w)` -> (e4m3 weight, fp32 scale) where the scale is the checkpoint's `weight_scale_inv`
+(W = W_fp8 * scale_inv per 128x128 block, edge blocks partial; spec 2.3), `dequantize_blocks(q, scale_inv, dtype)`.
+"""
 
-__all__ = ["BLOCK", "FP8_MAX", "quantize_weight_blocks", "dequantize_weight_blocks"]
+from ..kernels.fp8_quant import BLOCK, FP8_MAX, dequantize_blocks, quantize_blocks
+
+__all__ = ["BLOCK", "FP8_MAX", "dequantize_blocks", "quantize_blocks"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fp8.blocks import dequantize_weight_blocks, quantize_weight_blocks
+from ..fp8 import dequantize_blocks, quantize_blocks
 from ..kernels.fp8_weight_gemm import fp8_grouped_linear, fp8_linear
 from ..model.mla import MLA
 from ..model.layers import MLP
@@ -24,7 +24,7 @@ from ..model.moe import Experts
 class FP8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        q, s = quantize_weight_blocks(linear.weight.detach())
+        q, s = quantize_blocks(linear.weight.detach())
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale_inv", s)
         self.bias = linear.bias
@@ -36,7 +36,7 @@ class FP8Linear(nn.Module):
 
 
 def _quantize_stacked(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [quantize_weight_blocks(m) for m in w.detach()]
+    pairs = [quantize_blocks(m) for m in w.detach()]
     return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
 
 
@@ -54,7 +54,7 @@ class FP8Experts(Experts):
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         def deq(name: str) -> torch.Tensor:
             q, s = getattr(self, name), getattr(self, f"{name}_scale_inv")
-            return torch.stack([dequantize_weight_blocks(q[e], s[e], self._dtype) for e in range(q.shape[0])])
+            return torch.stack([dequantize_blocks(q[e], s[e], self._dtype) for e in range(q.shape[0])])
         return deq("gate_proj"), deq("up_proj"), deq("down_proj")
 
     def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -55,19 +55,11 @@ from torch import Tensor
 from .fp8_quant import dequantize_blocks, dequantize_tiles
 from .fp8_weight_gemm import grouped_tile_map
 
-try:  # triton is optional: the CPU path needs only the reference
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
-
-HAS_TRITON = triton is not None
+from .triton_setup import BLOCK, HAS_TRITON, capability, need_triton, tl, triton
 
 __all__ = ["HAS_TRITON", "fp8_gemm", "fp8_gemm_reference", "fp8_gemm_scaled_mm", "fp8_gemm_triton",
            "fp8_grouped_gemm", "fp8_grouped_gemm_reference", "fp8_grouped_gemm_triton"]
 
-BLOCK = 128  # the recipe's scaling granularity along K (and along N for 128x128 blocks)
 FP8 = torch.float8_e4m3fn
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -228,7 +220,7 @@ if HAS_TRITON:
 
 
 def _big_smem(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return capability(device) >= (9, 0)
 
 
 def _config(M: int, device: torch.device, block_m: int | None, block_n: int | None, num_warps: int | None,
@@ -255,8 +247,7 @@ def fp8_gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_
                     *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                     num_stages: int | None = None) -> Tensor:
     """FP8 GEMM through Triton (same contract as `fp8_gemm_reference`); keyword-only launch overrides."""
-    if not HAS_TRITON:
-        raise RuntimeError("fp8_gemm_triton needs triton (pip install triton)")
+    need_triton("fp8_gemm_triton")
     M, N, K, rows = _check(a, a_scale, b, b_scale, out_dtype, grouped=False)
     cfg = _config(M, a.device, block_m, block_n, num_warps, num_stages)
     out = torch.empty(M, N, device=a.device, dtype=out_dtype)
@@ -277,8 +268,7 @@ def fp8_grouped_gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tens
                             num_stages: int | None = None) -> Tensor:
     """Grouped FP8 GEMM through Triton (contract of `fp8_grouped_gemm_reference`, except that offs' values are not
     validated: that would need them on the host). No host sync: graph-capturable."""
-    if not HAS_TRITON:
-        raise RuntimeError("fp8_grouped_gemm_triton needs triton (pip install triton)")
+    need_triton("fp8_grouped_gemm_triton")
     M, N, K, _ = _check(a, a_scale, b, b_scale, out_dtype, grouped=True)
     E = b.shape[0]
     _check_offs(offs, E, a)
@@ -343,7 +333,7 @@ def fp8_gemm_scaled_mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
     if not a.is_cuda:
         raise RuntimeError(f"fp8_gemm_scaled_mm runs cuBLASLt's block-scaled FP8 GEMM: it needs CUDA tensors on "
                            f"an sm_90 GPU, got device {a.device} (use fp8_gemm or fp8_gemm_reference)")
-    cap = torch.cuda.get_device_capability(a.device)
+    cap = capability(a.device)
     if cap[0] != 9:
         raise RuntimeError(f"torch's DeepSeek-style (1x128 / 128x128) FP8 scaling runs only on sm_90, got sm_"
                            f"{cap[0]}{cap[1]} (use fp8_gemm_triton)")
@@ -366,7 +356,6 @@ def fp8_gemm_scaled_mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
 # Dispatchers
 # ----------------------------------------------------------------------------------------------------------------
 
-_TRITON_OK: dict = {}
 _MODES = ("", "auto", "triton", "reference", "scaled_mm")
 
 
@@ -378,12 +367,8 @@ def _mode() -> str:
 
 
 def _triton_usable(a: Tensor) -> bool:
-    if not (HAS_TRITON and a.is_cuda):
-        return False
-    idx = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    if idx not in _TRITON_OK:  # Triton's fp8 (fp8e4nv) dot needs sm_89+
-        _TRITON_OK[idx] = torch.cuda.get_device_capability(idx) >= (8, 9)
-    return _TRITON_OK[idx]
+    # a is e4m3, which use_triton's dtype rule does not cover: Triton's fp8 (fp8e4nv) dot needs a CUDA sm_89+ GPU
+    return HAS_TRITON and a.is_cuda and capability(a.device) >= (8, 9)
 
 
 def fp8_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,

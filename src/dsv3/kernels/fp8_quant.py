@@ -38,29 +38,20 @@ DSV3_FP8_QUANT=reference forces the reference. `dequantize_tiles` / `dequantize_
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-try:  # triton is optional: CPU runs need only the references
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
+from .triton_setup import BLOCK, FP8_MAX, HAS_TRITON, need_triton, tl, triton, use_triton
 
-HAS_TRITON = triton is not None
-
-__all__ = ["EPS", "FP8_MAX", "HAS_TRITON", "TILE", "dequantize_blocks", "dequantize_tiles", "quantize_blocks",
+__all__ = ["BLOCK", "EPS", "FP8_MAX", "HAS_TRITON", "dequantize_blocks", "dequantize_tiles", "quantize_blocks",
            "quantize_blocks_reference", "quantize_blocks_triton", "quantize_tiles", "quantize_tiles_reference",
            "quantize_tiles_transposed", "quantize_tiles_transposed_reference", "quantize_tiles_transposed_triton",
            "quantize_tiles_triton"]
 
-TILE = 128  # tile length and block side (kept local: kernels sit below dsv3.fp8 in the import direction)
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+TILE = BLOCK  # tile length and block side
 EPS = 1e-4  # amax floor: an all-zero tile gets a finite, tiny scale
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # the Triton kernels'
+_REF_DTYPES = _DTYPES + (torch.float64,)                     # the references' (fp64 rounds to fp32 first)
 _E4M3 = torch.float8_e4m3fn
 
 
@@ -68,10 +59,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_x(x: Tensor, name: str = "x") -> tuple[int, int]:
-    if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in _DTYPES:
+def _check_x(x: Tensor, name: str = "x", dtypes: tuple = _DTYPES) -> tuple[int, int]:
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in dtypes:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a 2-D tensor of dtype in {_DTYPES}, got shape {shape} "
+        raise ValueError(f"{name} must be a 2-D tensor of dtype in {dtypes}, got shape {shape} "
                          f"dtype {getattr(x, 'dtype', None)}")
     return x.shape[0], x.shape[1]
 
@@ -105,7 +96,7 @@ def _scales(amax: Tensor, pow2: bool) -> Tensor:
 
 def quantize_tiles_reference(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """1x128-tile e4m3 quantisation of x (M, K): q (M, K) float8_e4m3fn, scale (M, ceil(K/128)) fp32."""
-    M, K = _check_x(x)
+    M, K = _check_x(x, dtypes=_REF_DTYPES)
     nt = _cdiv(K, TILE)
     xf = torch.nn.functional.pad(x.float(), (0, nt * TILE - K)).view(M, nt, TILE)  # zeros leave amax unchanged
     scale = _scales(xf.abs().amax(dim=-1), pow2)
@@ -115,14 +106,14 @@ def quantize_tiles_reference(x: Tensor, pow2: bool = False) -> tuple[Tensor, Ten
 
 def quantize_tiles_transposed_reference(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """quantize_tiles of x.T: q_t (K, M) float8_e4m3fn contiguous, scale_t (K, ceil(M/128)) fp32."""
-    _check_x(x)
+    _check_x(x, dtypes=_REF_DTYPES)
     return quantize_tiles_reference(x.t().contiguous(), pow2)
 
 
 def quantize_blocks_reference(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """128x128-block e4m3 quantisation of w (N, K): q (N, K), scale (ceil(N/128), ceil(K/128)) fp32.
     quantize_blocks(w.T) is (q.T, scale.T): no transposed variant needed."""
-    N, K = _check_x(w, "w")
+    N, K = _check_x(w, "w", _REF_DTYPES)
     nr, nc = _cdiv(N, TILE), _cdiv(K, TILE)
     wf = torch.nn.functional.pad(w.float(), (0, nc * TILE - K, 0, nr * TILE - N)).view(nr, TILE, nc, TILE)
     scale = _scales(wf.abs().amax(dim=(1, 3)), pow2)
@@ -130,18 +121,25 @@ def quantize_blocks_reference(w: Tensor, pow2: bool = False) -> tuple[Tensor, Te
     return q.view(nr * TILE, nc * TILE)[:N, :K].to(_E4M3).contiguous(), scale.contiguous()
 
 
-def dequantize_tiles(q: Tensor, scale: Tensor) -> Tensor:
-    """float(q (M, K)) * scale (M, ceil(K/128)) per 1x128 tile, as fp32 (M, K) (the product rounded once)."""
+def _times(q: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
+    compute = torch.promote_types(dtype, torch.float32)  # an e4m3 value times an fp32 scale: one rounding in fp32
+    return (q.to(compute) * s.to(compute)).to(dtype)
+
+
+def dequantize_tiles(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """float(q (M, K)) * scale (M, ceil(K/128)) per 1x128 tile, (M, K) in dtype (the product rounded once in fp32,
+    exact in fp64, then cast)."""
     M, K = _check_q(q)
     _check_q_scale(q, scale, (M, _cdiv(K, TILE)), "one per 1x128 tile")
-    return q.float() * scale.repeat_interleave(TILE, 1)[:, :K]
+    return _times(q, scale.repeat_interleave(TILE, 1)[:, :K], dtype)
 
 
-def dequantize_blocks(q: Tensor, scale: Tensor) -> Tensor:
-    """float(q (N, K)) * scale (ceil(N/128), ceil(K/128)) per 128x128 block, as fp32 (N, K)."""
+def dequantize_blocks(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """float(q (N, K)) * scale (ceil(N/128), ceil(K/128)) per 128x128 block, (N, K) in dtype; with the checkpoint's
+    `weight_scale_inv` as scale, the released format's dequantisation (spec 2.3)."""
     N, K = _check_q(q)
     _check_q_scale(q, scale, (_cdiv(N, TILE), _cdiv(K, TILE)), "one per 128x128 block")
-    return q.float() * scale.repeat_interleave(TILE, 0)[:N].repeat_interleave(TILE, 1)[:, :K]
+    return _times(q, scale.repeat_interleave(TILE, 0)[:N].repeat_interleave(TILE, 1)[:, :K], dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,14 +211,9 @@ if HAS_TRITON:
         tl.store(S + bn * stride_sn + bk, s)
 
 
-def _need_triton(name: str) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError(f"{name} needs triton (pip install triton)")
-
-
 def quantize_tiles_triton(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """1x128-tile quantisation through Triton (same contract as `quantize_tiles_reference`)."""
-    _need_triton("quantize_tiles_triton")
+    need_triton("quantize_tiles_triton")
     M, K = _check_x(x)
     q = torch.empty(M, K, device=x.device, dtype=_E4M3)
     scale = torch.empty(M, _cdiv(K, TILE), device=x.device, dtype=torch.float32)
@@ -233,7 +226,7 @@ def quantize_tiles_triton(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor
 
 def quantize_tiles_transposed_triton(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """quantize_tiles of x.T in one pass through Triton (same contract as `quantize_tiles_transposed_reference`)."""
-    _need_triton("quantize_tiles_transposed_triton")
+    need_triton("quantize_tiles_transposed_triton")
     M, K = _check_x(x)
     q_t = torch.empty(K, M, device=x.device, dtype=_E4M3)
     scale_t = torch.empty(K, _cdiv(M, TILE), device=x.device, dtype=torch.float32)
@@ -246,7 +239,7 @@ def quantize_tiles_transposed_triton(x: Tensor, pow2: bool = False) -> tuple[Ten
 
 def quantize_blocks_triton(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     """128x128-block quantisation through Triton (same contract as `quantize_blocks_reference`)."""
-    _need_triton("quantize_blocks_triton")
+    need_triton("quantize_blocks_triton")
     N, K = _check_x(w, "w")
     q = torch.empty(N, K, device=w.device, dtype=_E4M3)
     scale = torch.empty(_cdiv(N, TILE), _cdiv(K, TILE), device=w.device, dtype=torch.float32)
@@ -257,16 +250,8 @@ def quantize_blocks_triton(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tenso
     return q, scale
 
 
-_FP8_OK: dict = {}
-
-
 def _use_triton(x: Tensor) -> bool:
-    if not (HAS_TRITON and isinstance(x, Tensor) and x.is_cuda) or os.environ.get("DSV3_FP8_QUANT") == "reference":
-        return False
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if idx not in _FP8_OK:  # Triton converts to e4m3 (fp8e4nv) only on sm_89+
-        _FP8_OK[idx] = torch.cuda.get_device_capability(idx) >= (8, 9)
-    return _FP8_OK[idx]
+    return use_triton(x, "DSV3_FP8_QUANT", fp8=True)  # Triton converts to e4m3 (fp8e4nv) only on sm_89+
 
 
 def quantize_tiles(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:

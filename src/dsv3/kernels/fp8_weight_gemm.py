@@ -30,25 +30,14 @@ graph. The e4m3 -> bf16 conversion needs sm_89+ in Triton; the dispatchers fall 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-try:  # triton is optional: the CPU engine path needs only the reference
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
-
-HAS_TRITON = triton is not None
+from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, need_triton, tl, triton, use_triton
 
 __all__ = ["HAS_TRITON", "fp8_linear", "fp8_linear_reference", "fp8_linear_triton", "fp8_grouped_linear",
            "fp8_grouped_linear_reference", "fp8_grouped_linear_triton"]
 
-BLOCK = 128  # the checkpoint's scale block (kept local: kernels sit below dsv3.fp8 in the import direction)
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # tl.dot has no fp64 on the GPU
 
 
 def _check_common(x: Tensor, weight: Tensor, scale_inv: Tensor, grouped: bool) -> tuple[int, int, int]:
@@ -193,8 +182,8 @@ def _default_config(M: int, dtype: torch.dtype, grouped: bool = False) -> dict:
 
 
 def _config(M: int, dtype: torch.dtype, block_m: int | None, block_n: int | None, grouped: bool = False) -> dict:
-    if dtype not in _TRITON_DTYPES:
-        raise ValueError(f"the Triton kernels take x in {_TRITON_DTYPES}, got {dtype} (use the reference)")
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(f"the Triton kernels take x in {TRITON_DTYPES}, got {dtype} (use the reference)")
     cfg = _default_config(M, dtype, grouped)
     if block_m is not None:
         cfg["block_m"] = block_m
@@ -225,8 +214,7 @@ def fp8_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_m: 
                       num_stages: int | None = None) -> Tensor:
     """Weight-only FP8 linear through Triton (same contract as `fp8_linear_reference`); the keyword-only arguments
     override the default launch configuration."""
-    if not HAS_TRITON:
-        raise RuntimeError("fp8_linear_triton needs triton (pip install triton)")
+    need_triton("fp8_linear_triton")
     M, N, K = _check_common(x, weight, scale_inv, grouped=False)
     cfg = _config(M, x.dtype, block_m, block_n)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
@@ -250,8 +238,7 @@ def fp8_grouped_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, offs
                               num_stages: int | None = None) -> Tensor:
     """Grouped weight-only FP8 linear through Triton (same contract as `fp8_grouped_linear_reference`, except that
     offs is not validated: that would need its values on the host). Graph-capturable."""
-    if not HAS_TRITON:
-        raise RuntimeError("fp8_grouped_linear_triton needs triton (pip install triton)")
+    need_triton("fp8_grouped_linear_triton")
     M, N, K = _check_common(x, weight, scale_inv, grouped=True)
     E = weight.shape[0]
     _check_offs(offs, E, x)
@@ -275,16 +262,8 @@ def fp8_grouped_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, offs
     return out
 
 
-_FP8_OK: dict = {}
-
-
 def _use_triton(x: Tensor) -> bool:
-    if not (HAS_TRITON and x.is_cuda and x.dtype in _TRITON_DTYPES) or os.environ.get("DSV3_FP8_GEMM") == "reference":
-        return False
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if idx not in _FP8_OK:  # Triton converts e4m3 (fp8e4nv) only on sm_89+
-        _FP8_OK[idx] = torch.cuda.get_device_capability(idx) >= (8, 9)
-    return _FP8_OK[idx]
+    return use_triton(x, "DSV3_FP8_GEMM", fp8=True)  # Triton converts e4m3 (fp8e4nv) only on sm_89+
 
 
 def fp8_linear(x: Tensor, weight: Tensor, scale_inv: Tensor) -> Tensor:

@@ -33,19 +33,11 @@ cover block_tables.shape[1] * block_size tokens; splits past a sequence's end re
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
-try:  # triton is optional: the CPU engine path needs only the reference
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
-
-HAS_TRITON = triton is not None
+from .triton_setup import HAS_TRITON, need_triton, tl, triton, use_triton
 
 __all__ = ["HAS_TRITON", "mla_decode", "mla_decode_reference", "mla_decode_triton", "mla_decode_bytes",
            "mla_decode_num_splits"]
@@ -261,8 +253,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
                       num_stages: int | None = None) -> Tensor:
     """Paged absorbed-MLA decode through Triton (same contract as `mla_decode_reference`). The keyword-only
     arguments override the tuned defaults (benchmark sweeps); `num_splits` fixes the KV split count."""
-    if not HAS_TRITON:
-        raise RuntimeError("mla_decode_triton needs triton (pip install triton)")
+    need_triton("mla_decode_triton")
     B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
     if q_abs.stride(-1) != 1:
         q_abs = q_abs.contiguous()
@@ -333,7 +324,8 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
 
 def mla_decode(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
                seq_lens: Tensor, scale: float) -> Tensor:
-    """Dispatcher: the Triton kernel for CUDA tensors when triton imports, else the PyTorch reference."""
-    if HAS_TRITON and q_abs.is_cuda and os.environ.get("DSV3_MLA_DECODE", "") != "reference":
+    """Dispatcher: the Triton kernel for CUDA bf16/fp16/fp32 tensors when triton imports, else the PyTorch
+    reference (DSV3_MLA_DECODE=reference forces it)."""
+    if use_triton(q_abs, "DSV3_MLA_DECODE"):  # fp64 (tl.dot has none on the GPU) takes the reference
         return mla_decode_triton(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale)
     return mla_decode_reference(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale)
