@@ -91,7 +91,7 @@ def test_lite_parameter_counts_match_anchors():
 @pytest.mark.parametrize("change, field, reason", [
     (dict(topk_group=9), "topk_group", "cannot exceed n_group"),
     (dict(n_routed_experts=250), "n_routed_experts", "divisible by n_group"),
-    (dict(num_key_value_heads=64), "num_key_value_heads", "MLA"),
+    (dict(num_key_value_heads=0), "num_key_value_heads", "positive"),
     (dict(qk_rope_head_dim=63), "qk_rope_head_dim", "even"),
     (dict(num_experts_per_tok=300), "num_experts_per_tok", "cannot exceed"),
     (dict(hidden_size=0), "hidden_size", "positive"),
@@ -144,3 +144,87 @@ def test_to_hf_returns_a_copy():
     d = cfg.to_hf()
     d["rope_scaling"]["rope_theta"] = 1.0
     assert "rope_theta" not in cfg.rope_scaling and cfg.to_hf() != d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A key absent from a config.json reads as transformers reads it (issue 12)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _shared_fields() -> list[str]:
+    """ModelConfig fields that transformers' DeepseekV3Config also has (rope_scaling stands for its rope_parameters
+    and rope_theta; model_type is the file's identity, not a default)."""
+    import dataclasses
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV3Config()
+    names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "model_type" and hasattr(hf, f.name)]
+    return names + ["rope_scaling"]
+
+
+def _ours_and_theirs(d: dict):
+    import copy
+    import warnings
+    import transformers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers edits the dicts it is given: give it a copy
+        return ModelConfig.from_hf(d), transformers.DeepseekV3Config(**copy.deepcopy(d))
+
+
+def _their_value(hf, name):
+    if name == "rope_scaling":   # transformers 5 keeps RoPE in rope_parameters; "default" means none
+        rp = dict(hf.rope_parameters)
+        return None if rp.pop("rope_type", rp.pop("type", None)) == "default" else rp
+    if name == "torch_dtype":
+        return None if hf.dtype is None else str(hf.dtype).removeprefix("torch.")
+    return getattr(hf, name)
+
+
+@pytest.mark.parametrize("name", ["vocab_size", "hidden_size", "max_position_embeddings", "rope_scaling", "rope_theta",
+                                  "num_attention_heads", "torch_dtype", "q_lora_rank", "n_group", "norm_topk_prob"])
+def test_shared_fields_cover_what_matters(name):
+    assert name in _shared_fields() + ["rope_theta"]
+
+
+def test_absent_keys_load_to_transformers_defaults(tmp_path):
+    """For every field transformers' DeepseekV3Config has: the tiny preset's config.json without that key loads to
+    the value transformers reads; where the model that describes stays small, the same weights under that file give
+    logits within 1e-4 (fp32) of transformers'."""
+    import warnings
+    import transformers
+    import dsv3
+    from conftest import build
+    full = json.loads((CONFIG_DIR / "tiny.json").read_text())
+    full.update(torch_dtype="float32", max_position_embeddings=2048)
+    checked, compared = [], []
+    for name in _shared_fields():
+        d = {k: v for k, v in full.items() if k != name}
+        if name == "rope_scaling":
+            d.pop("rope_theta", None)
+        if name == "num_attention_heads":   # transformers repeats K/V by heads / kv heads: drop the pair together
+            d.pop("num_key_value_heads")
+        ours, hf = _ours_and_theirs(d)
+        want = _their_value(hf, name)
+        got = getattr(ours, name)
+        assert got == want, (name, got, want)
+        if name == "rope_scaling":
+            assert ours.rope_theta == hf.rope_parameters["rope_theta"] and ours.yarn() is None
+        checked.append(name)
+        with torch.device("meta"):
+            n_params = Transformer(ours).num_params()["total"]
+        if n_params > 20e6:
+            continue
+        model = build(ours.replace(num_nextn_predict_layers=0, hf_absent=()), seed=len(compared))
+        path = tmp_path / name
+        dsv3.save_pretrained(model, path)
+        (path / "config.json").write_text(json.dumps({**d, "num_nextn_predict_layers": 0}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        mine = dsv3.load_pretrained(path, dtype=torch.float32).eval()
+        ids = torch.randint(0, min(ours.vocab_size, full["vocab_size"]), (2, 40))
+        with torch.no_grad():
+            err = (mine(ids) - theirs(ids).logits).abs().max().item()
+        assert err < 1e-4, (name, err)
+        compared.append(name)
+    assert {"max_position_embeddings", "rope_scaling", "torch_dtype", "attention_bias", "norm_topk_prob",
+            "routed_scaling_factor", "rms_norm_eps", "tie_word_embeddings"} <= set(compared), compared
+    assert len(checked) >= 25, checked

@@ -2,6 +2,10 @@
 
 Field names are the Hugging Face `config.json` keys (spec 2.1), so `from_hf` / `to_hf` are a near-identity
 map. Choices:
+- Defaults are transformers' `DeepseekV3Config` defaults, so a key absent from a `config.json` reads as transformers
+  (and DeepSeek's own inference code) read it: the 671B shapes, but `max_position_embeddings` 4096, plain RoPE (no
+  YaRN) and no `torch_dtype`. The presets in configs/ spell out every value they need (v3-671b: YaRN, 163840).
+  Keys transformers does not have take V3's values (`topk_method` noaux_tc, `scoring_func` sigmoid).
 - Validation happens in `__post_init__`: every way of building a config (presets, HF files, TOML, `replace`)
   goes through it, and an error names the field and the reason.
 - `init_std` is ours (0.006, TR 4.2). The Hub's `initializer_range` (0.02) was not what DeepSeek used, so it
@@ -43,7 +47,7 @@ class ModelConfig:
     num_hidden_layers: int = 61
     num_nextn_predict_layers: int = 1        # MTP depth D
     num_attention_heads: int = 128
-    num_key_value_heads: int = 128           # MLA: always equal to num_attention_heads
+    num_key_value_heads: int = 128           # carried for the file only: MLA has no K/V heads (transformers ignores it)
     n_shared_experts: int = 1
     n_routed_experts: int = 256
     num_experts_per_tok: int = 8
@@ -61,18 +65,16 @@ class ModelConfig:
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     hidden_act: str = "silu"
-    max_position_embeddings: int = 163840
+    max_position_embeddings: int = 4096     # transformers' default; V3 itself: 163840 with YaRN (configs/v3-671b)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = field(default_factory=lambda: {
-        "beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-        "original_max_position_embeddings": 4096, "type": "yarn"})
+    rope_scaling: dict | None = None         # plain RoPE; a YaRN dict (spec 1.5) extends it
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 0
     eos_token_id: int | list | None = 1
     pad_token_id: int | None = None
-    torch_dtype: str = "bfloat16"
+    torch_dtype: str | None = None           # the weights' dtype as written; None: not stated
     model_type: str = "deepseek_v3"
     init_std: float = 0.006                  # TR 4.2; not the Hub's initializer_range
     rope_key: str = "rope_scaling"           # which HF key holds RoPE settings when written back
@@ -87,7 +89,7 @@ class ModelConfig:
         if self.q_lora_rank == 0:  # DeepSeek's own configs write 0 for "no query compression"
             self.q_lora_rank = None
         positive = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+                    "num_attention_heads", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
                     "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                     "max_position_embeddings"]
         for name in positive:
@@ -100,9 +102,6 @@ class ModelConfig:
                 fail(name, "must be a non-negative integer")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
             fail("q_lora_rank", "must be a positive integer or null")
-        if self.num_key_value_heads != self.num_attention_heads:
-            fail("num_key_value_heads", f"MLA needs num_key_value_heads == num_attention_heads "
-                                        f"({self.num_attention_heads})")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)")
         if self.n_routed_experts % self.n_group:
@@ -132,6 +131,8 @@ class ModelConfig:
             fail("init_std", "must be > 0")
         if self.routed_scaling_factor <= 0:
             fail("routed_scaling_factor", "must be > 0")
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            fail("torch_dtype", "must be a dtype name such as 'bfloat16', or null")
         if self.rope_key not in ("rope_scaling", "rope_parameters"):
             fail("rope_key", "must be 'rope_scaling' or 'rope_parameters'")
         if self.rope_scaling is not None:
@@ -222,8 +223,6 @@ class ModelConfig:
         if "head_dim" in d and "qk_rope_head_dim" in kw and d["head_dim"] != kw["qk_rope_head_dim"]:
             raise ConfigError(f"invalid model config: head_dim={d['head_dim']}: kv dims inconsistent, transformers "
                               f"sets head_dim = qk_rope_head_dim ({kw['qk_rope_head_dim']})")
-        if "num_key_value_heads" not in kw and "num_attention_heads" in kw:
-            kw["num_key_value_heads"] = kw["num_attention_heads"]
         present = set(source) | ({"rope_scaling", "rope_theta"} if "rope_parameters" in source else set())
         absent = tuple(sorted(n for n in names if n not in present))
         try:
@@ -240,7 +239,7 @@ class ModelConfig:
             if f.name in skip:
                 continue
             v = getattr(self, f.name)
-            if f.name in self.hf_absent and v == getattr(defaults, f.name):
+            if (f.name in self.hf_absent and v == getattr(defaults, f.name)) or (f.name == "torch_dtype" and v is None):
                 continue
             out[f.name] = v
         if self.rope_key == "rope_parameters":
