@@ -427,3 +427,21 @@ def test_scaled_mm_cuda_bf16(M, N, K, b_rows):
     assert out.shape == (M, N) and out.dtype == torch.bfloat16
     assert_close_scaled(out, fp8_gemm_reference(*args), 1.6e-2)
     assert_within_fp8_accumulation(fp8_gemm_scaled_mm(*args, torch.float32), *args)
+
+
+@pytest.mark.gpu
+@needs_sm90
+@needs_triton_gpu
+def test_dispatcher_prefers_cublas_where_it_fits(monkeypatch):
+    """On sm_90, fp8_gemm takes cuBLASLt's block-scaled GEMM where its shape rules hold and Triton elsewhere."""
+    import dsv3.kernels.fp8_gemm as m
+    calls = []
+    real_s, real_t = m.fp8_gemm_scaled_mm, m.fp8_gemm_triton
+    monkeypatch.setattr(m, "fp8_gemm_scaled_mm", lambda *a, **k: calls.append("scaled_mm") or real_s(*a, **k))
+    monkeypatch.setattr(m, "fp8_gemm_triton", lambda *a, **k: calls.append("triton") or real_t(*a, **k))
+    cases = [((64, 256, 512, 128), "scaled_mm"), ((64, 576, 512, 128), "triton"),   # N = 576: not whole blocks
+             ((64, 208, 512, 1), "scaled_mm"), ((64, 256, 200, 128), "triton")]   # tiles: N % 16; K % 128
+    for (M, N, K, rows), _ in cases:
+        args = make_dense(M, N, K, rows, seed=30 + N, device="cuda")
+        assert_close_scaled(m.fp8_gemm(*args), fp8_gemm_reference(*args), 1.6e-2)
+    assert calls == [want for _, want in cases]

@@ -40,8 +40,11 @@ see pytorch#166752, which fixed silent wrong answers when it was not):
 inferred from scale shapes/strides; it has no L4 padding, so block-scaled b then needs (K/128) % 4 == 0).
 M is padded to a multiple of 16 (M = 1 is reported to fail in cuBLASLt; not verified here) and the result sliced.
 
-`fp8_gemm`, `fp8_grouped_gemm`: Triton on CUDA sm_89+ when triton imports, else the reference. DSV3_FP8_GEMM=
-reference | scaled_mm (dense only) | triton forces a path (unset or auto: the default); other values raise.
+`fp8_gemm` (auto): on sm_90, cuBLASLt through `fp8_gemm_scaled_mm` wherever its shape rules hold (K % 128 == 0,
+N % 128 == 0 for blocks, % 16 for tiles: 1.1-1.7x the Triton kernel at V3 shapes, issue 15's measurements), else
+Triton on CUDA sm_89+ when triton imports, else the reference. `fp8_grouped_gemm`: Triton, else the reference.
+DSV3_FP8_GEMM=reference | scaled_mm (dense only) | triton forces a path (unset or auto: the default); other values
+raise.
 """
 
 from __future__ import annotations
@@ -371,11 +374,19 @@ def _triton_usable(a: Tensor) -> bool:
     return HAS_TRITON and a.is_cuda and capability(a.device) >= (8, 9)
 
 
+def _scaled_mm_fits(a: Tensor, M: int, N: int, K: int, rows: int) -> bool:
+    """cuBLASLt's block-scaled FP8 GEMM takes these operands (fp8_gemm_scaled_mm's rules, checked without raising)."""
+    return (a.is_cuda and capability(a.device)[0] == 9 and M > 0 and K % BLOCK == 0
+            and N % (BLOCK if rows > 1 else 16) == 0)
+
+
 def fp8_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
              out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """Dispatcher: Triton on CUDA sm_89+ when triton imports, else the reference (DSV3_FP8_GEMM overrides)."""
+    """Dispatcher: cuBLASLt where it fits on sm_90, else Triton on CUDA sm_89+ when triton imports, else the
+    reference (module docstring; DSV3_FP8_GEMM overrides)."""
     mode = _mode()
-    if mode == "scaled_mm":
+    M, N, K, rows = _check(a, a_scale, b, b_scale, out_dtype, grouped=False)
+    if mode == "scaled_mm" or (mode in ("", "auto") and _scaled_mm_fits(a, M, N, K, rows)):
         return fp8_gemm_scaled_mm(a, a_scale, b, b_scale, out_dtype)
     if mode == "triton" or (mode != "reference" and _triton_usable(a)):
         return fp8_gemm_triton(a, a_scale, b, b_scale, out_dtype)
