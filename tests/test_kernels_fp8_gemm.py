@@ -434,7 +434,8 @@ def test_scaled_mm_cuda_bf16(M, N, K, b_rows):
 @needs_triton_gpu
 def test_dispatcher_prefers_cublas_where_it_fits(monkeypatch):
     """On sm_90, fp8_gemm takes cuBLASLt's block-scaled GEMM where its shape rules hold and Triton elsewhere."""
-    import dsv3.kernels.fp8_gemm as m
+    import importlib
+    m = importlib.import_module("dsv3.kernels.fp8_gemm")  # the package's fp8_gemm attribute is the function
     calls = []
     real_s, real_t = m.fp8_gemm_scaled_mm, m.fp8_gemm_triton
     monkeypatch.setattr(m, "fp8_gemm_scaled_mm", lambda *a, **k: calls.append("scaled_mm") or real_s(*a, **k))
