@@ -49,17 +49,18 @@ def build_engine(seed: int = 0, engine_config: EngineConfig | None = None) -> En
 
 
 def start_server(engine_config: EngineConfig | None = None, api_key: str | None = None, max_pending: int = 64,
-                 seed: int = 0, process: bool = False) -> LiveServer:
-    """With `process`, the served engine runs in a child process (EngineProcess); `.engine` is then None and block
-    accounting comes from its stats."""
+                 seed: int = 0, process: bool = False, threads: int | None = None, **options) -> LiveServer:
+    """With `process`, the served engine runs in a child process (EngineProcess, with `threads` torch threads);
+    `.engine` is then None and block accounting comes from its stats. `options` go to build_app (metrics_public, allowed_hosts, max_body_bytes)."""
     reference = build_engine(seed, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32))
     tok = reference.tokenizer
     if process:
         engine = None
-        served = EngineProcess(functools.partial(build_engine, seed, engine_config), tok, max_pending)
+        served = EngineProcess(functools.partial(build_engine, seed, engine_config), tok, max_pending,
+                               threads=threads)
     else:
         engine = served = build_engine(seed, engine_config)
-    app = build_app(served, tok, "dsv3-tiny", api_key=api_key, max_pending=max_pending)
+    app = build_app(served, tok, "dsv3-tiny", api_key=api_key, max_pending=max_pending, **options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, daemon=True)
