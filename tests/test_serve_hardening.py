@@ -153,7 +153,7 @@ def test_3_unknown_paths_share_one_metrics_series(server):
             assert http.get(f"/v1/models/m{uuid.uuid4().hex}").status_code == 404
     after = request_series(server.url)
     assert after[("unmatched", "404")] - before.get(("unmatched", "404"), 0) == 200
-    assert after[("/v1/models/{model_id}", "404")] - before.get(("/v1/models/{model_id}", "404"), 0) == 200
+    assert after[("/v1/models/{model_id:path}", "404")] - before.get(("/v1/models/{model_id:path}", "404"), 0) == 200
     assert len(after) - len(before) <= 2 and len(httpx.get(server.url + "/metrics").text) < size + 400
 
 

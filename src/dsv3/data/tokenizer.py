@@ -120,7 +120,7 @@ class Tokenizer:
         tok.encode_special_tokens = True
         return tok
 
-    @property
+    @functools.cached_property
     def special_token_strings(self) -> list[str]:
         """The strings that encode to control tokens (every added token marked special)."""
         return [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
@@ -137,6 +137,11 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, seqs: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        """As decode, for many sequences, and without holding the GIL (decode holds it: for a long sequence on a
+        worker thread, use this)."""
+        return self._tok.decode_batch([[int(i) for i in ids] for ids in seqs], skip_special_tokens=skip_special_tokens)
 
     def save(self, out_dir: str | Path) -> Path:
         """Write tokenizer.json and a transformers-loadable tokenizer_config.json; returns the directory."""
