@@ -125,7 +125,11 @@ def test_split_special_tokens_and_the_token_count_bound(bpe):
     ids = tok.encode(text, split_special_tokens=True)
     assert tok.eos_id not in ids and tok.decode(ids) == text                 # text, not a control token
     assert tok.encode_batch([text], split_special_tokens=True) == [ids] and tok.encode(text) == [ids[0], 1, ids[-1]]
-    assert sorted(tok.special_token_strings) == sorted(SPECIAL_TOKENS.values())
+    s = SPECIAL_TOKENS
+    text = f"é{s['user']}{s['user']}x<｜User{s['eos']}"
+    at = [text.index(s["user"]), text.index(s["user"]) + len(s["user"]), text.index(s["eos"])]
+    assert tok.special_spans([text, "", "plain"]) == [[(at[0], at[1]), (at[1], at[1] + len(s["user"])),
+                                                       (at[2], at[2] + len(s["eos"]))], [], []]
     # max_token_bytes bounds what one token stands for, so characters / max_token_bytes never exceeds the count
     vocab = tok.backend.get_vocab(with_added_tokens=True)
     added = {t.content for t in tok.backend.get_added_tokens_decoder().values()}
@@ -151,7 +155,7 @@ def test_chat_content_is_encoded_as_text(bpe):
     plain = [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "  return x\n"}]
     assert encode_chat(tok, plain) == tok.encode(template.render(plain, add_generation_prompt=False))
     # pieces join to the rendered text: a character count of the prompt before tokenizing
-    pieces = template.pieces(chat, tok.special_token_strings)
+    pieces = template.pieces(tok, chat)
     assert "".join(p for p, _ in pieces) == template.render(chat)
     # a template's own edits of content still apply around the split specials
     trim = ChatTemplate("{% for m in messages %}{{ '<｜User｜>' + m['content'] | trim }}{% endfor %}")

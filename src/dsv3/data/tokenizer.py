@@ -109,8 +109,10 @@ class Tokenizer:
         return self.encode_batch([text], split_special_tokens)[0]
 
     def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
-        tok = self._text_tok if split_special_tokens else self._tok
-        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+        # in steps of 4096 texts: the GIL is held while a step's results become Python objects
+        tok, texts = self._text_tok if split_special_tokens else self._tok, list(texts)
+        return [e.ids for i in range(0, len(texts), 4096)
+                for e in tok.encode_batch(texts[i:i + 4096], add_special_tokens=False)]
 
     @functools.cached_property
     def _text_tok(self) -> _HFTokenizer:
@@ -120,10 +122,19 @@ class Tokenizer:
         tok.encode_special_tokens = True
         return tok
 
+    def special_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """The (start, end) character offsets of the special-token strings in each text, found as `encode` finds
+        them (tokenizers' added-token matcher: leftmost-longest), in linear time and without the GIL."""
+        encodings = self._special_finder.encode_batch(list(texts), add_special_tokens=False)
+        return [[span for i, span in zip(e.ids, e.offsets) if i != 0] for e in encodings]
+
     @functools.cached_property
-    def special_token_strings(self) -> list[str]:
-        """The strings that encode to control tokens (every added token marked special)."""
-        return [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+    def _special_finder(self) -> _HFTokenizer:
+        """A tokenizer holding only the special tokens (everything between them is one unknown word): it finds them
+        without tokenising the text around them."""
+        finder = _HFTokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+        finder.add_special_tokens([t for t in self._tok.get_added_tokens_decoder().values() if t.special])
+        return finder
 
     @functools.cached_property
     def max_token_bytes(self) -> int:

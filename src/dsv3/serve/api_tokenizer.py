@@ -6,8 +6,6 @@ JSON list, and neither may hold up the event loop (/health, other clients' strea
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -26,8 +24,14 @@ async def tokenize(req: TokenizeRequest, request: Request):
 
     def answer() -> bytes:
         ids = tokenize_ids(req, state.tokenizer, state.template)
-        return json.dumps({"tokens": ids, "count": len(ids), "max_model_len": state.limits.max_model_len}).encode()
+        return (f'{{"tokens": [{int_list(ids)}], "count": {len(ids)}, '
+                f'"max_model_len": {state.limits.max_model_len}}}').encode()
     return Response(await state.run(answer), media_type="application/json")
+
+
+def int_list(ids: list[int], chunk: int = 1 << 16) -> str:
+    """'1, 2, 3' in short steps: one json.dumps of millions of ids would hold the GIL for a tenth of a second."""
+    return ", ".join(", ".join(map(str, ids[i:i + chunk])) for i in range(0, len(ids), chunk))
 
 
 @router.post("/detokenize")

@@ -12,6 +12,7 @@ Chat content is rendered with data/chat.py: its special-token strings are text, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import jinja2
@@ -92,10 +93,10 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
 
 
-def chat_pieces(template: ChatTemplate, tokenizer: Tokenizer, messages: list[ChatMessage],
-                add_generation_prompt: bool) -> list:
+def render_chat(render, messages: list[ChatMessage], *args):
+    """`render(chat_messages(messages), *args)` with a template's failures as 400s."""
     try:
-        return template.pieces(chat_messages(messages), tokenizer.special_token_strings, add_generation_prompt)
+        return render(chat_messages(messages), *args)
     except jinja2.TemplateError as e:         # a custom template's raise_exception, or one that does not fit
         raise APIError(f"the chat template cannot render these messages: {e}", param="messages") from None
 
@@ -126,10 +127,11 @@ def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: To
 def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, template: ChatTemplate,
               max_pending: int) -> Plan:
     check_batch(req.n, max_pending)
-    pieces = chat_pieces(template, tokenizer, req.messages, req.add_generation_prompt)
     asked = req.max_completion_tokens or req.max_tokens
-    refuse_certain_overflow(limits, sum(len(text) for text, _ in pieces), tokenizer.max_token_bytes, asked or 1)
-    ids = encode_pieces(tokenizer, pieces)
+    n_chars = len(render_chat(template.render, req.messages, req.add_generation_prompt))     # milliseconds for MBs
+    refuse_certain_overflow(limits, n_chars, tokenizer.max_token_bytes, asked or 1)
+    ids = encode_pieces(tokenizer, render_chat(functools.partial(template.pieces, tokenizer), req.messages,
+                                               req.add_generation_prompt))
     max_tokens = asked or default_max_tokens(limits, len(ids))
     fits_context(limits, len(ids), max_tokens)
     n_top = (req.top_logprobs or 0) if req.logprobs else None
@@ -142,7 +144,7 @@ def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer, template: ChatTempl
     if req.prompt is not None:
         ids = tokenizer.encode(req.prompt, req.split_special_tokens)
     else:
-        ids = encode_pieces(tokenizer, chat_pieces(template, tokenizer, req.messages, req.add_generation_prompt))
+        ids = render_chat(functools.partial(template.encode, tokenizer), req.messages, req.add_generation_prompt)
     if req.add_special_tokens and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id] + ids
     return ids
