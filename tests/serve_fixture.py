@@ -3,17 +3,20 @@ served by uvicorn in a thread; plus a direct Engine on the same model as the ref
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
 import time
 from dataclasses import dataclass
 
+import httpx
+import openai
 import torch
 import uvicorn
 
 from conftest import build, tiny_config
 from dsv3.data import train_tokenizer
-from dsv3.infer import Engine, EngineConfig
+from dsv3.infer import Engine, EngineConfig, SamplingParams
 from dsv3.serve import EngineProcess, build_app
 
 TEXTS = ["def read_file(path):\n    with open(path) as f:\n        return f.read()\n",
@@ -101,3 +104,53 @@ def all_blocks_free(engine_or_server, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+LOAD_PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n",
+                "print(", "with open(", "return f.", "total += i"]
+
+
+def load_with_disconnects(server: LiveServer, requests: int, streams: int, dropped: int, timeout: float = 300) -> dict:
+    """Issue 14's load: `requests` streamed completions (16 tokens, ignore_eos), `streams` in flight, `dropped` of
+    them closed by their client after their first text (they asked for 200 tokens: they must really be aborted).
+    Checks no 5xx (the client raises), no hang (a bounded wait), every finished stream equal to the reference engine,
+    every block back, one abort per dropped stream, nothing pending, /health ok; returns the counts and seconds."""
+    want = {p: server.reference.generate([p], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0].text
+            for p in LOAD_PROMPTS}
+    aengine = server.app.state.async_engine
+    aborted = aengine.num_aborted
+    drop = {i * requests // dropped for i in range(dropped)} if dropped else set()
+
+    async def one(client, i):
+        p = LOAD_PROMPTS[i % len(LOAD_PROMPTS)]
+        stream = await client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=200 if i in drop else 16,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        text = ""
+        async for c in stream:
+            text += c.choices[0].text
+            if i in drop and text:
+                break
+        if i in drop:
+            await stream.close()                  # the client goes away mid-stream
+            return p, None
+        return p, text
+
+    async def main():
+        sem = asyncio.Semaphore(streams)
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                      timeout=60) as client:
+            async def limited(i):
+                async with sem:
+                    return await one(client, i)
+            return await asyncio.wait_for(asyncio.gather(*(limited(i) for i in range(requests))), timeout)
+
+    start = time.perf_counter()
+    results = asyncio.run(main())
+    seconds = time.perf_counter() - start
+    finished = [(p, text) for p, text in results if text is not None]
+    assert all(text == want[p] for p, text in finished)
+    assert all_blocks_free(server)
+    assert wait_until(lambda: aengine.num_aborted - aborted >= len(drop))
+    assert wait_until(lambda: aengine.num_pending == 0)
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    return {"finished": len(finished), "aborted": aengine.num_aborted - aborted, "seconds": round(seconds, 2)}

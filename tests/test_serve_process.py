@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from dsv3.infer import SamplingParams
-from serve_fixture import all_blocks_free, start_server, wait_until
+from serve_fixture import all_blocks_free, load_with_disconnects, start_server, wait_until
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:"]
 
@@ -42,6 +42,12 @@ def test_disconnect_aborts_in_the_engine_process(server):
         assert [next(lines) for _ in range(4)]
     assert all_blocks_free(server)
     assert wait_until(lambda: aengine.num_aborted == before + 1)
+
+
+def test_load_with_disconnects_across_the_process_boundary(server):
+    """Issue 14's load, full size, against `dsv3 serve`'s layout (the engine in its own process)."""
+    r = load_with_disconnects(server, requests=200, streams=32, dropped=60)
+    assert r["finished"] == 140 and r["aborted"] == 60, r
 
 
 def test_metrics_and_stop(server):

@@ -57,7 +57,8 @@ class ServerState:
                options: ServeOptions) -> ServerState:
         """An Engine is stepped by a thread of this process (AsyncEngine); an EngineProcess is used as it is."""
         aengine = engine if isinstance(engine, AsyncEngineBase) else AsyncEngine(engine, options.max_pending)
-        tokenizer.max_token_bytes           # computed now, not inside the first request
+        # the tokenizer's derived parts are built now, not inside the first request that needs them
+        tokenizer.max_token_bytes, tokenizer.special_spans([""]), tokenizer.encode("", split_special_tokens=True)
         return cls(aengine, tokenizer, model_name, options, ChatTemplate(options.chat_template),
                    ServerMetrics(aengine), ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="dsv3-tokenize"))
 
