@@ -107,3 +107,4 @@ def test_cli_serve_end_to_end(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.stdout.close()
