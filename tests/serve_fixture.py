@@ -3,17 +3,21 @@ served by uvicorn in a thread; plus a direct Engine on the same model as the ref
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
 import threading
 import time
 from dataclasses import dataclass
 
+import httpx
+import openai
 import torch
 import uvicorn
 
 from conftest import build, tiny_config
 from dsv3.data import train_tokenizer
-from dsv3.infer import Engine, EngineConfig
+from dsv3.infer import Engine, EngineConfig, SamplingParams
 from dsv3.serve import EngineProcess, build_app
 
 TEXTS = ["def read_file(path):\n    with open(path) as f:\n        return f.read()\n",
@@ -49,17 +53,18 @@ def build_engine(seed: int = 0, engine_config: EngineConfig | None = None) -> En
 
 
 def start_server(engine_config: EngineConfig | None = None, api_key: str | None = None, max_pending: int = 64,
-                 seed: int = 0, process: bool = False) -> LiveServer:
-    """With `process`, the served engine runs in a child process (EngineProcess); `.engine` is then None and block
-    accounting comes from its stats."""
+                 seed: int = 0, process: bool = False, threads: int | None = None, **options) -> LiveServer:
+    """With `process`, the served engine runs in a child process (EngineProcess, with `threads` torch threads);
+    `.engine` is then None and block accounting comes from its stats. `options` go to build_app (metrics_public, allowed_hosts, max_body_bytes)."""
     reference = build_engine(seed, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32))
     tok = reference.tokenizer
     if process:
         engine = None
-        served = EngineProcess(functools.partial(build_engine, seed, engine_config), tok, max_pending)
+        served = EngineProcess(functools.partial(build_engine, seed, engine_config), tok, max_pending,
+                               threads=threads)
     else:
         engine = served = build_engine(seed, engine_config)
-    app = build_app(served, tok, "dsv3-tiny", api_key=api_key, max_pending=max_pending)
+    app = build_app(served, tok, "dsv3-tiny", api_key=api_key, max_pending=max_pending, **options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -100,3 +105,70 @@ def all_blocks_free(engine_or_server, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+LOAD_PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n",
+                "print(", "with open(", "return f.", "total += i"]
+
+
+def load_with_disconnects(server: LiveServer, requests: int, streams: int, dropped: int, timeout: float = 300) -> dict:
+    """Issue 14's load: `requests` streamed completions (16 tokens, ignore_eos), `streams` in flight, `dropped` of
+    them closed by their client after their first text (they asked for 200 tokens: they must really be aborted).
+    Checks no 5xx (the clients raise), no hang (a bounded wait), every finished stream equal to the reference engine,
+    every block back, one abort per dropped stream, nothing pending, /health ok; returns the counts and seconds."""
+    want = {p: server.reference.generate([p], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0].text
+            for p in LOAD_PROMPTS}
+    aengine = server.app.state.async_engine
+    aborted = aengine.num_aborted
+    drop = {i * requests // dropped for i in range(dropped)} if dropped else set()
+
+    async def one(client, i):
+        p = LOAD_PROMPTS[i % len(LOAD_PROMPTS)]
+        if i in drop:
+            await dropped_stream(server.url, {"model": "dsv3-tiny", "prompt": p, "max_tokens": 200, "temperature": 0,
+                                              "stream": True, "ignore_eos": True})
+            return p, None
+        stream = await client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=16, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        return p, "".join([c.choices[0].text async for c in stream])
+
+    async def main():
+        sem = asyncio.Semaphore(streams)
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                                      timeout=60) as client:
+            async def limited(i):
+                async with sem:
+                    return await one(client, i)
+            return await asyncio.wait_for(asyncio.gather(*(limited(i) for i in range(requests))), timeout)
+
+    start = time.perf_counter()
+    results = asyncio.run(main())
+    seconds = time.perf_counter() - start
+    finished = [(p, text) for p, text in results if text is not None]
+    assert all(text == want[p] for p, text in finished)
+    assert all_blocks_free(server)
+    assert wait_until(lambda: aengine.num_aborted - aborted >= len(drop))
+    assert wait_until(lambda: aengine.num_pending == 0)
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    return {"finished": len(finished), "aborted": aengine.num_aborted - aborted, "seconds": round(seconds, 2)}
+
+
+async def dropped_stream(url: str, body: dict) -> None:
+    """A client that goes away mid-stream: a plain connection, closed once a chunk with text has arrived (no client
+    library whose half-read streams are left for the garbage collector)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = json.dumps(body).encode()
+    writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    try:
+        status = await reader.readline()
+        assert status.startswith(b"HTTP/1.1 200"), status
+        while True:
+            line = await reader.readline()
+            assert line, "the stream ended before any text"
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                return
+    finally:
+        writer.close()
+        await writer.wait_closed()

@@ -1,6 +1,7 @@
 """`dsv3 serve` against a live server on loopback, through the real `openai` client and raw HTTP: outputs equal the
-engine's own, streaming equals non-streaming, logprobs/echo equal the engine's prompt log-probabilities, load,
-disconnects, API key, queue limit, graceful drain, metrics."""
+engine's own, streaming equals non-streaming, logprobs/echo equal the engine's prompt log-probabilities,
+disconnects, API key, queue limit, graceful drain, metrics. The load test (200 streams, 60 dropped) is in
+test_serve_hardening."""
 
 from __future__ import annotations
 
@@ -120,30 +121,6 @@ def test_n_seeds_and_stop_strings(server, client):
             c = client.completions.create(**kw).choices[0]
             text, reason = c.text, c.finish_reason
         assert text == full[:full.index(stop)] and reason == "stop", (text, full, stop)
-
-
-def test_load_200_requests_32_concurrent_streams(server):
-    want = {p: greedy(server, p, 16, ignore_eos=True).text for p in PROMPTS}
-
-    async def one(client, i):
-        p = PROMPTS[i % len(PROMPTS)]
-        stream = await client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=16, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True})
-        return p, "".join([c.choices[0].text async for c in stream])
-
-    async def main():
-        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        sem = asyncio.Semaphore(32)
-
-        async def limited(i):
-            async with sem:
-                return await one(client, i)
-        return await asyncio.gather(*(limited(i) for i in range(200)))
-
-    results = asyncio.run(main())
-    assert len(results) == 200
-    assert all(text == want[p] for p, text in results)
-    assert all_blocks_free(server.engine)
 
 
 def test_disconnect_mid_stream_frees_blocks(server):

@@ -1,7 +1,9 @@
 """Fuzzing `dsv3 serve`: schema-guided requests (schemathesis, from the live server's own /openapi.json, valid and
-invalid), every numeric / text field at its edges, and raw malformed bodies (hypothesis) must never get a 5xx, every
-error must have the OpenAI shape, and afterwards the server must be healthy, still serve a correct greedy completion,
-and have every cache block back in the pool."""
+invalid), every numeric / text field at its edges, chat conversations (hypothesis: roles, content of every shape with
+special-token strings inside, tool calls) and raw malformed bodies must never get a 5xx, every error must have the
+OpenAI shape, a conversation must be accepted exactly when OpenAI's rules say so and then hold no control token but
+the template's own, and afterwards the server must be healthy, still serve a correct greedy completion, and have
+every cache block back in the pool."""
 
 from __future__ import annotations
 
@@ -216,6 +218,71 @@ def test_junk_fields(client, body):
 def test_raw_bodies(client, raw, content_type):
     route, content = raw
     post(client, route, content, content_type)
+
+
+# ---- chat conversations ----------------------------------------------------------------------------------------
+# Content is drawn from special-token strings and their fragments as much as from arbitrary text: whatever a message
+# holds, the prompt's control tokens are the template's markers and nothing else (issue 14: no forged turns).
+
+_ROLES = ["system", "developer", "user", "assistant"]
+_content_text = st.lists(st.sampled_from(list(SPECIAL_TOKENS.values()) + ["<｜", "｜>", "User", "▁", "a", " ", "\n",
+                                                                           "{{ 1 }}", "\x00"]) | _text,
+                         max_size=8).map(lambda xs: "".join(x if isinstance(x, str) else "".join(x) for x in xs))
+_part = st.fixed_dictionaries({"type": st.just("text"), "text": _content_text})
+_chat_content = (_content_text | st.none() | st.lists(_part, max_size=3) | _json)
+_tool_call = st.just([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}])
+_chat_message = st.fixed_dictionaries({"role": st.sampled_from(_ROLES + ["tool", "bot"])},
+                                      optional={"content": _chat_content, "tool_calls": _tool_call | _json,
+                                                "name": _json})
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _valid_message(m: dict) -> bool:
+    """OpenAI's rules as this server applies them: a known role, content a string or a non-empty list of text parts
+    (required: the one exception, an assistant message with tool calls, is refused as tools are)."""
+    c = m.get("content")
+    text_ok = (isinstance(c, str) and _utf8(c)) or (
+        isinstance(c, list) and len(c) > 0 and all(isinstance(p, dict) and p.get("type") == "text"
+                                                   and isinstance(p.get("text"), str) and _utf8(p["text"]) for p in c))
+    return m["role"] in _ROLES and text_ok and m.get("tool_calls") in (None, [])
+
+
+def _markers(tokenizer, messages: list[dict]) -> list[int]:
+    """The control tokens DeepSeek-V3's template lays out for `messages`, with the generation prompt."""
+    per_role = {"system": [], "developer": [], "user": [tokenizer.user_id],
+                "assistant": [tokenizer.assistant_id, tokenizer.eos_id]}
+    return [tokenizer.bos_id] + [i for m in messages for i in per_role[m["role"]]] + [tokenizer.assistant_id]
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(messages=st.lists(_chat_message, max_size=4), stream=st.booleans(), n=st.integers(1, 2))
+def test_chat_messages(server, client, messages, stream, n):
+    body = json.dumps({"messages": messages}).encode()
+    r = client.post("/tokenize", content=body, headers={"content-type": "application/json"})
+    assert_sane(r.status_code, r.headers.get("content-type", ""), r.text, messages)
+    valid = all(_valid_message(m) for m in messages)
+    assert (r.status_code == 200) == valid, (r.status_code, r.text[:500], messages)
+    if valid:
+        specials = {server.tokenizer.backend.token_to_id(s) for s in SPECIAL_TOKENS.values()}
+        ids = r.json()["tokens"]
+        assert [i for i in ids if i in specials] == _markers(server.tokenizer, messages), messages
+    chat = client.post("/v1/chat/completions", content=json.dumps(
+        {"messages": messages, "max_tokens": 2, "stream": stream, "n": n}).encode(),
+        headers={"content-type": "application/json"})
+    assert_sane(chat.status_code, chat.headers.get("content-type", ""), chat.text, messages)
+    if not valid or not messages:
+        assert chat.status_code == 400, (chat.status_code, chat.text[:500], messages)
+    elif chat.status_code == 200 and not stream:
+        assert chat.json()["usage"]["prompt_tokens"] == len(ids)
+    else:                  # a valid conversation is refused only for its length (a 64-token context here)
+        assert chat.status_code == 200 or len(ids) + 2 > FUZZ_ENGINE.max_model_len, chat.text[:500]
 
 
 # ---- afterwards ------------------------------------------------------------------------------------------------

@@ -8,14 +8,14 @@ import openai
 import pytest
 
 from dsv3.infer import SamplingParams
-from serve_fixture import all_blocks_free, start_server, wait_until
+from serve_fixture import all_blocks_free, load_with_disconnects, start_server, wait_until
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:"]
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = start_server(process=True)
+    s = start_server(process=True, threads=2)      # build_engine sets 1: the flag must win, in the child
     yield s
     s.stop()
 
@@ -44,9 +44,16 @@ def test_disconnect_aborts_in_the_engine_process(server):
     assert wait_until(lambda: aengine.num_aborted == before + 1)
 
 
+def test_load_with_disconnects_across_the_process_boundary(server):
+    """Issue 14's load, full size, against `dsv3 serve`'s layout (the engine in its own process)."""
+    r = load_with_disconnects(server, requests=200, streams=32, dropped=60)
+    assert r["finished"] == 140 and r["aborted"] == 60, r
+
+
 def test_metrics_and_stop(server):
     text = httpx.get(server.url + "/metrics").text
     assert "dsv3_kv_cache_usage_ratio 0.0" in text and "dsv3_generation_tokens_total" in text
+    assert "dsv3_engine_torch_threads 2.0" in text             # issue 14 (7): the engine process's thread count
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     process = server.app.state.async_engine._process
     server.stop()                       # lifespan shutdown: drain, then the child exits
@@ -74,7 +81,7 @@ def test_cli_serve_end_to_end(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from dsv3.cli import main; sys.exit(main())", "serve",
                              "--model", str(tmp_path / "m"), "--port", str(port), "--dtype", "float64",
-                             "--max-model-len", "256", "--cache-gib", "0.01"], env=env,
+                             "--max-model-len", "256", "--cache-gib", "0.01", "--threads", "1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -91,6 +98,7 @@ def test_cli_serve_end_to_end(tmp_path):
                                                       "temperature": 0}, timeout=30).json()
         want = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0]
         assert r["choices"][0]["text"] == want.text
+        assert "dsv3_engine_torch_threads 1.0" in httpx.get(url + "/metrics").text
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the captured signal: exit by SIGTERM, without a traceback
         assert proc.wait(30) in (0, -signal.SIGTERM)
@@ -99,3 +107,4 @@ def test_cli_serve_end_to_end(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.stdout.close()

@@ -226,6 +226,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .data import Tokenizer
     from .infer import EngineConfig
     from .serve import EngineProcess, build_app
+    from .serve.async_engine import engine_threads
+    from .serve.guard import default_allowed_hosts
     path = Path(args.model)
     tok_dir = tokenizer_dir(args.model, args.tokenizer)
     tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
@@ -234,18 +236,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           max_model_len=args.max_model_len, num_speculative_tokens=args.spec)
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, args.dtype, args.fp8, config)
     # the step loop in a process of its own, so HTTP work never competes with it for the GIL
-    engine = factory() if args.engine_thread else EngineProcess(factory, tokenizer, args.max_pending)
+    threads = engine_threads(args.threads)
+    if args.engine_thread:
+        import torch
+        torch.set_num_threads(threads)
+        engine = factory()
+    else:
+        engine = EngineProcess(factory, tokenizer, args.max_pending, threads=threads)
     template = None
     if args.chat_template:
         template = Path(args.chat_template).read_text()
     elif (tok_dir / "tokenizer_config.json").exists():
         template = json.loads((tok_dir / "tokenizer_config.json").read_text()).get("chat_template")
     name = args.served_model_name or path.resolve().name
+    limit = {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
     app = build_app(engine, tokenizer, name, api_key=args.api_key, max_pending=args.max_pending,
-                    chat_template=template)
+                    chat_template=template, metrics_public=args.metrics_public,
+                    allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts), **limit)
     limits = app.state.async_engine.limits
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}; context {limits.max_model_len}, "
-          f"cache {limits.capacity} tokens)", flush=True)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {threads} torch threads; context "
+          f"{limits.max_model_len}, cache {limits.capacity} tokens)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
 
 
@@ -388,8 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: dir name)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on the API routes")
+    s.add_argument("--allowed-hosts", type=lambda v: [h for h in v.split(",") if h], default=None,
+                   metavar="NAME[,NAME]", help="Host header names answered besides loopback ones (`*.example.com`, "
+                   "`*`: any); default: loopback names only when bound to loopback, any name otherwise")
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    s.add_argument("--metrics-public", action="store_true", help="with --api-key: /metrics open without the key")
+    s.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default 8 MiB)")
     s.add_argument("--max-pending", type=int, default=256, help="requests queued or running before 429")
+    s.add_argument("--threads", type=int, default=None, help="the engine's torch threads (default: OMP_NUM_THREADS, "
+                   "else the usable cores but one, which the HTTP process keeps)")
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--max-model-len", type=int, default=0, help="0: the model's max_position_embeddings")
     s.add_argument("--block-size", type=int, default=64)

@@ -1,9 +1,10 @@
-"""dsv3.data: tokenizer, corpora, token shards and the packed (FIM) training stream."""
+"""dsv3.data: tokenizer, chat encoding, corpora, token shards and the packed (FIM) training stream."""
 
+from .chat import ChatTemplate, encode_chat
 from .corpus import Document, iter_documents, stdlib_files
 from .packing import PackedLoader, val_batches
 from .shards import ShardSet, build_shards
 from .tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
-__all__ = ["Tokenizer", "SPECIAL_TOKENS", "train_tokenizer", "stdlib_files", "iter_documents", "Document",
-           "build_shards", "ShardSet", "PackedLoader", "val_batches"]
+__all__ = ["Tokenizer", "SPECIAL_TOKENS", "train_tokenizer", "ChatTemplate", "encode_chat", "stdlib_files",
+           "iter_documents", "Document", "build_shards", "ShardSet", "PackedLoader", "val_batches"]

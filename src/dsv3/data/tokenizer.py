@@ -4,10 +4,16 @@
 alike. Specials are found by name, never by position: ours get ids 0..7 (bos=0, eos=1, as in the model
 configs), DeepSeek's sit at 0, 1, 2 and 128800+. `save` also writes a `tokenizer_config.json`, so
 `transformers.AutoTokenizer.from_pretrained` loads the directory and gives the same ids.
+
+A special-token string inside a text is its control token by default (raw prompts, documents); with
+`split_special_tokens` it is ordinary text (what people wrote: chat content, see data/chat.py). Encoding goes through
+`tokenizers`' encode_batch, which releases the GIL, so a long text tokenised on a worker thread leaves the other
+threads (a server's event loop) running.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -37,7 +43,8 @@ _SPLITS = (
      r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""),
 )
 
-# DeepSeek-V3's layout: the system prompt follows BOS with no role marker; each assistant turn ends with EOS.
+# DeepSeek-V3's layout: the system prompt follows BOS with no role marker; each assistant turn ends with EOS. Rendered
+# and encoded by data/chat.py (content as text).
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}"
@@ -98,14 +105,54 @@ class Tokenizer:
         """A hash of the full tokenizer definition: shard caches are only valid for the tokenizer that made them."""
         return hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
+        return self.encode_batch([text], split_special_tokens)[0]
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
+        # in steps of 4096 texts: the GIL is held while a step's results become Python objects
+        tok, texts = self._text_tok if split_special_tokens else self._tok, list(texts)
+        return [e.ids for i in range(0, len(texts), 4096)
+                for e in tok.encode_batch(texts[i:i + 4096], add_special_tokens=False)]
+
+    @functools.cached_property
+    def _text_tok(self) -> _HFTokenizer:
+        """A copy that reads special-token strings as text (a copy: the switch is state, and encoding may run on
+        several threads at once)."""
+        tok = _HFTokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    def special_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+        """The (start, end) character offsets of the special-token strings in each text, found as `encode` finds
+        them (tokenizers' added-token matcher: leftmost-longest), in linear time and without the GIL."""
+        encodings = self._special_finder.encode_batch(list(texts), add_special_tokens=False)
+        return [[span for i, span in zip(e.ids, e.offsets) if i != 0] for e in encodings]
+
+    @functools.cached_property
+    def _special_finder(self) -> _HFTokenizer:
+        """A tokenizer holding only the special tokens (everything between them is one unknown word): it finds them
+        without tokenising the text around them."""
+        finder = _HFTokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+        finder.add_special_tokens([t for t in self._tok.get_added_tokens_decoder().values() if t.special])
+        return finder
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for (at least): a text of n characters has at least
+        n / max_token_bytes tokens, a bound that refuses an over-long prompt without tokenising it."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)       # token string (one char per byte) -> id
+        texts = self._tok.decode_batch([[i] for i in vocab.values()], skip_special_tokens=False)
+        # decoded length: the added tokens' and any non-byte-level vocabulary's; a partial character decodes to
+        # U+FFFD (3 bytes), never fewer bytes than it stands for
+        return max(max(len(t.encode("utf-8", "surrogatepass")) for t in texts), max(map(len, vocab)), 1)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, seqs: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        """As decode, for many sequences, and without holding the GIL (decode holds it: for a long sequence on a
+        worker thread, use this)."""
+        return self._tok.decode_batch([[int(i) for i in ids] for ids in seqs], skip_special_tokens=skip_special_tokens)
 
     def save(self, out_dir: str | Path) -> Path:
         """Write tokenizer.json and a transformers-loadable tokenizer_config.json; returns the directory."""

@@ -1,8 +1,12 @@
 """/metrics in the Prometheus text format (prometheus_client, one registry per server).
 
 Counters: requests by endpoint and status, prompt and generated tokens, speculative drafts proposed / accepted.
-Gauges (read at scrape time): running and waiting sequences, pending requests, KV-cache usage, speculative acceptance.
-Histograms: time to first token, time per output token (a request's decode time / (tokens - 1)).
+Gauges (read at scrape time): running and waiting sequences, pending requests, KV-cache usage, speculative acceptance,
+the engine's torch threads. Histograms: time to first token, time per output token (a request's decode time /
+(tokens - 1)).
+
+The endpoint label is a route's template (`/v1/models/{model_id:path}`), and "unmatched" for every path no route
+has: a raw path would let any client create series without bound.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from starlette.routing import Match
+from starlette.types import Scope
 
 from ..infer.engine import RequestOutput
 
@@ -37,6 +43,7 @@ class ServerMetrics:
         self.spec_proposed = Gauge("dsv3_spec_decode_draft_tokens", "MTP draft tokens proposed", registry=r)
         self.spec_accepted = Gauge("dsv3_spec_decode_accepted_tokens", "MTP draft tokens accepted", registry=r)
         self.spec_rate = Gauge("dsv3_spec_decode_acceptance_ratio", "accepted / proposed draft tokens", registry=r)
+        self.threads = Gauge("dsv3_engine_torch_threads", "torch intra-op threads of the engine", registry=r)
         aengine.on_output = self.output
 
     def request(self, endpoint: str, prompt_lengths: list[int]) -> None:
@@ -64,4 +71,14 @@ class ServerMetrics:
         self.spec_proposed.set(s["spec_proposed"])
         self.spec_accepted.set(s["spec_accepted"])
         self.spec_rate.set(s["spec_accepted"] / s["spec_proposed"] if s["spec_proposed"] else 0.0)
+        self.threads.set(s["torch_threads"])
         return generate_latest(self.registry)
+
+
+def route_label(scope: Scope) -> str:
+    """The endpoint label of a request: its route's template, found by the router (after routing) or here (for a
+    request refused before it)."""
+    route = scope.get("route")
+    if route is None and "app" in scope:
+        route = next((r for r in scope["app"].routes if r.matches(scope)[0] is not Match.NONE), None)
+    return getattr(route, "path", None) or "unmatched"

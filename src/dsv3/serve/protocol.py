@@ -2,8 +2,10 @@
 
 Field ranges follow the OpenAI reference where it has one (temperature [0, 2], top_p (0, 1], logprobs <= 20 for
 completions, top_logprobs <= 20 for chat); `top_k`, `ignore_eos`, `stop_token_ids` are the common extensions
-(vLLM's names). Unknown fields are ignored, as clients send many (`user`, `logit_bias` of {} ...); fields whose
-non-default values we cannot honour (penalties, logit_bias, tools) are rejected with a 400 that names them.
+(vLLM's names), `split_special_tokens` is Hugging Face's (a raw prompt's special-token strings as text). Unknown
+fields are ignored, as clients send many (`user`, `logit_bias` of {} ...); fields whose non-default values we cannot
+honour (penalties, logit_bias, tools) are rejected with a 400 that names them. A chat message needs its content
+(OpenAI's rule; the exception, an assistant message with tool calls, is refused as tools are).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None
+    split_special_tokens: bool = False      # a text prompt's special-token strings as text, not control tokens
 
     @field_validator("prompt")
     @classmethod
@@ -128,15 +131,25 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+    tool_calls: list | None = None
 
     @field_validator("content")
     @classmethod
     def _content_unicode(cls, v):
         return _unicode(v, "content")
 
-    def text(self) -> str:
+    @model_validator(mode="after")
+    def _content_required(self):
+        if self.tool_calls:
+            raise ValueError("tool calls are not supported by this server")
         if self.content is None:
-            return ""
+            raise ValueError(f"content is required in a {self.role} message (only an assistant message with "
+                             f"tool_calls may leave it out)")
+        if isinstance(self.content, list) and not self.content:
+            raise ValueError("content must not be an empty list of parts")
+        return self
+
+    def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -165,6 +178,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
+    split_special_tokens: bool = False      # for `prompt`; message content is always text
 
     @field_validator("prompt")
     @classmethod

@@ -1,10 +1,12 @@
-"""Engine outputs -> OpenAI response pieces: incremental text, logprobs in both APIs' shapes, usage, SSE framing."""
+"""Engine outputs -> OpenAI response pieces: incremental text, logprobs in both APIs' shapes, usage, the fields
+every body and chunk of a response repeats, SSE framing."""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 from ..data import Tokenizer
 from ..infer.engine import RequestOutput
@@ -20,6 +22,23 @@ def sse(payload: dict | str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+@dataclass(frozen=True)
+class Head:
+    """What every body (or every chunk) of one response repeats."""
+    id: str
+    object: str          # "text_completion", "chat.completion", "chat.completion.chunk"
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, prefix: str, object: str, model: str) -> Head:
+        return cls(new_id(prefix), object, now(), model)
+
+    def body(self, choices: list, **fields) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, **fields}
 
 
 class TextStream:

@@ -1,0 +1,71 @@
+"""POST /v1/chat/completions: messages through the model's chat template (data/chat.py: what people wrote is encoded
+as text, so a message cannot forge a turn), n choices, streamed (SSE) or not, with logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from ..data import Tokenizer
+from .outputs import engine_failure, engine_failure_event, final_outputs, merged, submit_all
+from .protocol import ChatCompletionRequest
+from .responses import Head, TextStream, chat_logprobs, sse, usage
+from .state import get_state
+from .validation import Plan, check_model, plan_chat
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(req: ChatCompletionRequest, request: Request):
+    state = get_state(request)
+    check_model(req.model, state.model_name)
+    plan = await state.run(plan_chat, req, state.limits, state.tokenizer, state.template, state.aengine.max_pending)
+    handles = submit_all(state.aengine, plan.jobs)
+    state.metrics.request("/v1/chat/completions", [len(plan.prompt_ids[0])])
+    head = Head.new("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion", state.model_name)
+    if req.stream:
+        events = chat_events(state.tokenizer, req, plan, head, merged(state.aengine, handles))
+        return StreamingResponse(events, media_type="text/event-stream")
+    outs = await final_outputs(request, state.aengine, handles)
+    if outs is None:                # the client left; nobody reads this
+        return Response(status_code=499)
+    engine_failure(outs)
+    return chat_response(state.tokenizer, req, plan, head, outs)
+
+
+def chat_response(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Plan, head: Head, outs: list) -> dict:
+    choices = [{"index": k, "message": {"role": "assistant", "content": out.text},
+                "logprobs": chat_logprobs(tokenizer, out.token_ids, out.logprobs) if req.logprobs else None,
+                "finish_reason": out.finish_reason} for k, out in enumerate(outs)]
+    return head.body(choices, usage=usage(len(plan.prompt_ids[0]), sum(len(o.token_ids) for o in outs)))
+
+
+async def chat_events(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Plan, head: Head,
+                      outputs: AsyncIterator) -> AsyncIterator[str]:
+    n = len(plan.jobs)
+    texts = [TextStream(tokenizer, req.stop_list()) for _ in range(n)]
+    n_out = [0] * n
+
+    def chunk(k: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> str:
+        return sse(head.body([{"index": k, "delta": delta, "logprobs": lp, "finish_reason": finish}]))
+
+    for k in range(n):
+        yield chunk(k, {"role": "assistant", "content": ""})
+    async for k, out in outputs:
+        if isinstance(out, Exception):
+            yield sse(engine_failure_event(out))
+            break
+        n_out[k] += len(out.new_token_ids)
+        delta = texts[k].delta(out)
+        lp = chat_logprobs(tokenizer, out.new_token_ids, out.new_logprobs) if req.logprobs and out.new_token_ids \
+            else None
+        if delta or lp or out.new_token_ids:
+            yield chunk(k, {"content": delta}, lp=lp)
+        if out.finished:
+            yield chunk(k, {}, out.finish_reason)
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse(head.body([], usage=usage(len(plan.prompt_ids[0]), sum(n_out))))
+    yield sse("[DONE]")

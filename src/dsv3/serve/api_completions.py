@@ -1,0 +1,95 @@
+"""POST /v1/completions: one prompt or a batch (strings or token ids), n choices each, streamed (SSE) or not, with
+echo and logprobs, the prompt's too (lm-evaluation-harness scores a prompt with echo, logprobs and max_tokens=0).
+
+A text prompt's special-token strings are control tokens, as in a plain tokenizer call: a raw completion is how a
+caller lays out a prompt of its own, template markers included. `split_special_tokens: true` reads them as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from ..data import Tokenizer
+from .outputs import engine_failure, engine_failure_event, final_outputs, merged, submit_all
+from .protocol import CompletionRequest
+from .responses import Head, TextStream, completion_logprobs, sse, usage
+from .state import get_state
+from .validation import Plan, check_model, plan_completion
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def create_completion(req: CompletionRequest, request: Request):
+    state = get_state(request)
+    check_model(req.model, state.model_name)
+    plan = await state.run(plan_completion, req, state.limits, state.tokenizer, state.aengine.max_pending)
+    handles = submit_all(state.aengine, plan.jobs)
+    state.metrics.request("/v1/completions", [len(ids) for ids in plan.prompt_ids])
+    head = Head.new("cmpl", "text_completion", state.model_name)
+    if req.stream:
+        events = completion_events(state.tokenizer, req, plan, head, merged(state.aengine, handles))
+        return StreamingResponse(events, media_type="text/event-stream")
+    outs = await final_outputs(request, state.aengine, handles)
+    if outs is None:                # the client left; nobody reads this
+        return Response(status_code=499)
+    engine_failure(outs)
+    return completion_response(state.tokenizer, req, plan, head, outs)
+
+
+def choice_logprobs(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, k: int, prompt_entries: list | None,
+                    new_ids: list[int], new_entries: list) -> dict | None:
+    """Choice k's `logprobs` object for its new tokens, preceded by the prompt's (echo) when `prompt_entries` are
+    given (the first prompt token has none)."""
+    if req.logprobs is None:
+        return None
+    ids, entries = [], []
+    if prompt_entries is not None:
+        ids, entries = list(plan.prompt_ids[k // req.n]), [None] + list(prompt_entries)
+    return completion_logprobs(tokenizer, ids + list(new_ids), entries + list(new_entries), 0)
+
+
+def completion_response(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, head: Head, outs: list) -> dict:
+    score_only = req.max_tokens == 0           # the one generated token is dropped
+    choices, n_completion = [], 0
+    for k, out in enumerate(outs):
+        new = [] if score_only else out.token_ids
+        n_completion += len(new)
+        text = (plan.echo[k // req.n] if req.echo else "") + ("" if score_only else out.text)
+        lp = choice_logprobs(tokenizer, req, plan, k, out.prompt_logprobs if req.echo else None, new,
+                             [] if score_only or req.logprobs is None else out.logprobs)
+        choices.append({"index": k, "text": text, "logprobs": lp,
+                        "finish_reason": "length" if score_only else out.finish_reason})
+    return head.body(choices, usage=usage(sum(map(len, plan.prompt_ids)), n_completion))
+
+
+async def completion_events(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, head: Head,
+                            outputs: AsyncIterator) -> AsyncIterator[str]:
+    score_only = req.max_tokens == 0
+    n = len(plan.jobs)
+    texts = [TextStream(tokenizer, req.stop_list()) for _ in range(n)]
+    started, n_out = [False] * n, [0] * n
+    async for k, out in outputs:
+        if isinstance(out, Exception):
+            yield sse(engine_failure_event(out))
+            break
+        new = [] if score_only else out.new_token_ids
+        entries = out.new_logprobs if new and req.logprobs is not None else []
+        n_out[k] += len(new)
+        text = texts[k].delta(out, drop_last=score_only)
+        first = req.echo and not started[k]
+        lp = choice_logprobs(tokenizer, req, plan, k, out.prompt_logprobs if first else None, new, entries)
+        if first:
+            text = plan.echo[k // req.n] + text
+        started[k] = True
+        # a chunk for every step that produced tokens, even when their text is not final yet (held back UTF-8 or
+        # stop-string prefix): clients and benchmarks time tokens by chunks
+        if text or out.finished or lp or new:
+            yield sse(head.body([{"index": k, "text": text, "logprobs": lp,
+                                  "finish_reason": out.finish_reason if out.finished else None}]))
+    if req.stream_options and req.stream_options.include_usage:
+        yield sse(head.body([], usage=usage(sum(map(len, plan.prompt_ids)), sum(n_out))))
+    yield sse("[DONE]")

@@ -1,0 +1,120 @@
+"""The checks every request passes before a route runs, in this order:
+
+1. Host. A server on loopback answers only loopback Host names (localhost, 127.0.0.0/8, ::1) and those of an
+   allow-list: a DNS-rebinding page (evil.example re-resolved to 127.0.0.1) cannot drive it from a browser, key or
+   not. A server bound elsewhere accepts any Host unless it is given a list (`default_allowed_hosts`).
+2. The API key. With one set, everything but /health needs it: the API, the tokenizer routes, the OpenAPI schema and
+   docs pages, and /metrics unless `metrics_public`.
+3. The body size. Past `max_body_bytes`: 413, from the Content-Length header before anything is read, or as the body
+   arrives (chunked uploads).
+
+A pure ASGI middleware, not Starlette's BaseHTTPMiddleware, which hides client disconnects from the routes (a
+non-streaming request must notice its client leaving to abort its generation). Refusals are OpenAI-style errors,
+counted in the metrics under their route's template.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .metrics import ServerMetrics, route_label
+from .protocol import APIError
+from .state import ServeOptions
+
+OPEN_PATHS = ("/health",)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from inside the route's body read; FastAPI lets HTTPExceptions through to the app's handler."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body exceeds this server's limit of {limit} bytes")
+
+
+def host_name(host: str) -> str:
+    """A Host header's name: 'Example.COM:8000' -> 'example.com', '[::1]:8000' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    if host.count(":") == 1:
+        host = host.split(":")[0]
+    return host.rstrip(".")
+
+
+def is_loopback(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(name: str, allowed: tuple[str, ...] | None) -> bool:
+    """Loopback names always; then the allow-list's names, `*.example.com` patterns, or `*` (anything)."""
+    if is_loopback(name):
+        return True
+    for pattern in allowed or ():
+        if pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
+            return True
+    return False
+
+
+def default_allowed_hosts(bind_host: str, allowed: list[str] | None) -> tuple[str, ...] | None:
+    """`dsv3 serve --host H [--allowed-hosts ...]`: the list if given; else loopback only for a loopback bind, any
+    Host for a server bound elsewhere (it is reached by whatever name its network gives it)."""
+    if allowed:
+        return tuple(allowed)
+    return None if is_loopback(host_name(bind_host)) else ("*",)
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, options: ServeOptions, metrics: ServerMetrics):
+        self.app, self.options, self.metrics = app, options, metrics
+        self._key = None if options.api_key is None else f"Bearer {options.api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        error = self.refusal(scope)
+        if error is not None:
+            self.metrics.error(route_label(scope), error.status)
+            headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+            return await JSONResponse(error.body(), error.status, headers)(scope, receive, send)
+        await self.app(scope, self.limited(receive), send)
+
+    def refusal(self, scope: Scope) -> APIError | None:
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if host is not None and not host_allowed(host_name(host), self.options.allowed_hosts):
+            return APIError(f"the Host header {host!r} is not one this server answers to (loopback names, or "
+                            f"--allowed-hosts)", 400, param="host", code="invalid_host")
+        path = scope["path"]
+        if self._key is not None and path not in OPEN_PATHS and not (self.options.metrics_public
+                                                                     and path == "/metrics"):
+            if not hmac.compare_digest(headers.get("authorization", "").encode(), self._key):
+                return APIError("invalid or missing API key", 401, "authentication_error")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.options.max_body_bytes:
+            return APIError(str(BodyTooLarge(self.options.max_body_bytes).detail), 413, code="request_too_large")
+        return None
+
+    def limited(self, receive: Receive) -> Receive:
+        """`receive` that counts the body as it arrives (a chunked upload has no Content-Length to check)."""
+        limit, seen = self.options.max_body_bytes, 0
+
+        async def receive_limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit)
+            return message
+        return receive_limited

@@ -1,0 +1,98 @@
+"""A route's engine requests: submitted together, then their outputs awaited (non-streaming) or merged as they come
+(streaming). A client that goes away has every one of its requests aborted, which returns their cache blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from ..infer import SamplingParams
+from .async_engine import AsyncEngineBase, QueueFull, RequestHandle, ShuttingDown
+from .protocol import APIError
+
+
+def submit_all(aengine: AsyncEngineBase, jobs: list[tuple[list[int], SamplingParams]]) -> list[RequestHandle]:
+    """All of a request's jobs or none: a batch that would overflow the queue now is refused whole (429)."""
+    if aengine.num_pending + len(jobs) > aengine.max_pending:
+        raise APIError(f"the server is at its limit of {aengine.max_pending} pending requests; retry later",
+                       429, "rate_limit_error", code="queue_full")
+    try:
+        return [aengine.submit(ids, params) for ids, params in jobs]
+    except ShuttingDown as e:
+        raise APIError(str(e), 503, "service_unavailable") from None
+    except QueueFull as e:
+        raise APIError(str(e), 429, "rate_limit_error", code="queue_full") from None
+
+
+async def final_outputs(request: Request, aengine: AsyncEngineBase, handles: list[RequestHandle]) -> list | None:
+    """Every request's last output (or the exception it failed with); None, with all of them aborted, if the client
+    goes away first."""
+    async def last(h):
+        out = None
+        try:
+            async for out in aengine.stream(h):
+                pass
+        except Exception as e:          # an engine failure: answered as a JSON 500 by engine_failure
+            return e
+        return out
+    task = asyncio.gather(*(last(h) for h in handles))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            for h in handles:
+                aengine.abort(h)
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def merged(aengine: AsyncEngineBase, handles: list[RequestHandle]) -> AsyncIterator[tuple[int, object]]:
+    """(choice index, output or exception) from all requests as they come; closing it early aborts them all."""
+    if len(handles) == 1:           # the common case, without the fan-in tasks
+        try:
+            async for out in aengine.stream(handles[0]):
+                yield 0, out
+        except Exception as e:
+            yield 0, e
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, h):
+        try:
+            async for out in aengine.stream(h):
+                q.put_nowait((i, out))
+        except Exception as e:          # an engine failure reaches the client as an error event
+            q.put_nowait((i, e))
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        for _ in range(len(handles)):
+            while True:
+                i, out = await q.get()
+                yield i, out
+                if isinstance(out, Exception) or out.finished:
+                    break
+    finally:
+        for t in tasks:
+            t.cancel()
+        for h in handles:
+            aengine.abort(h)
+
+
+def engine_failure(outs: list) -> None:
+    for o in outs:
+        if isinstance(o, Exception):
+            raise APIError(f"the engine failed: {o}", 500, "server_error")
+
+
+def engine_failure_event(error: Exception) -> dict:
+    """A stream has sent its 200 before the engine runs: a failure shows as this error event."""
+    return APIError(f"the engine failed: {error}", 500, "server_error").body()

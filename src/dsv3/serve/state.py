@@ -1,0 +1,80 @@
+"""The server's state: one object, built by build_app and read by every route through `get_state(request)`.
+
+It holds the engine (an AsyncEngine or an EngineProcess), the tokenizer and chat template, the metrics, the options
+of `dsv3 serve`, and the worker threads where tokenising, template rendering and decoding run: CPU work that grows
+with the input, kept off the event loop so that a 2 MB prompt cannot stall /health or other clients' streams (the
+tokenizer releases the GIL while it works, see data/tokenizer.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from ..data import ChatTemplate, Tokenizer
+from ..infer import Engine
+from ..infer.engine import RequestLimits
+from .async_engine import AsyncEngine, AsyncEngineBase
+from .metrics import ServerMetrics
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20      # a 128K-token context is ~0.5 MB of text, ~1 MB of token ids as JSON
+WORKER_THREADS = 4
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """build_app's keyword arguments (the `dsv3 serve` flags of the same names)."""
+    api_key: str | None = None               # `Authorization: Bearer KEY` on everything but /health
+    metrics_public: bool = False             # /metrics open without the key (for scrapers)
+    allowed_hosts: tuple[str, ...] | None = None   # Host names accepted besides loopback ones; "*": any
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES   # larger request bodies get 413
+    max_pending: int = 256                   # when given an Engine: queued or running requests before 429
+    chat_template: str | None = None         # Jinja source (default: DeepSeek-V3's layout)
+
+    def __post_init__(self):
+        if self.allowed_hosts is not None:
+            object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes={self.max_body_bytes} must be >= 1")
+
+
+@dataclass(eq=False)
+class ServerState:
+    aengine: AsyncEngineBase
+    tokenizer: Tokenizer
+    model_name: str
+    options: ServeOptions
+    template: ChatTemplate
+    metrics: ServerMetrics
+    executor: ThreadPoolExecutor
+
+    @classmethod
+    def create(cls, engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name: str,
+               options: ServeOptions) -> ServerState:
+        """An Engine is stepped by a thread of this process (AsyncEngine); an EngineProcess is used as it is."""
+        aengine = engine if isinstance(engine, AsyncEngineBase) else AsyncEngine(engine, options.max_pending)
+        # the tokenizer's derived parts are built now, not inside the first request that needs them
+        tokenizer.max_token_bytes, tokenizer.special_spans([""]), tokenizer.encode("", split_special_tokens=True)
+        return cls(aengine, tokenizer, model_name, options, ChatTemplate(options.chat_template),
+                   ServerMetrics(aengine), ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="dsv3-tokenize"))
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self.aengine.limits
+
+    async def run(self, fn, /, *args, **kwargs):
+        """fn(*args, **kwargs) on a worker thread; the event loop serves others meanwhile. Exceptions (APIError)
+        come back to the caller."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    async def close(self) -> None:
+        await self.aengine.shutdown(drain=True)   # uvicorn has stopped accepting and waited for open responses
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server

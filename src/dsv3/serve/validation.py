@@ -1,0 +1,156 @@
+"""Request bodies -> engine jobs, or the APIError the client gets.
+
+Plain functions of (request, limits, tokenizer): no event loop and no I/O, so the routes run them on the worker
+threads (they tokenise, and tokenising a long prompt takes seconds) and the tests call them directly. The order of
+the checks is the cost order: the batch size, then the prompt's character count (n characters are at least
+n / max_token_bytes tokens, so a prompt that certainly cannot fit is refused without tokenising it), then the
+tokens themselves against the context, the cache and the vocabulary (infer.engine.check_request, the engine's own
+checks).
+
+Chat content is rendered with data/chat.py: its special-token strings are text, never turn markers.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import jinja2
+
+from ..data import ChatTemplate, Tokenizer
+from ..data.chat import encode_pieces
+from ..infer import SamplingParams
+from ..infer.engine import RequestLimits, check_request
+from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
+
+
+@dataclass
+class Plan:
+    """A validated request: each prompt's ids, and per choice (prompt-major, n per prompt) its engine job."""
+    prompt_ids: list[list[int]]
+    jobs: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
+    echo: list[str] = field(default_factory=list)          # with echo: each prompt's text
+
+
+def check_model(name: str | None, served: str) -> None:
+    if name is not None and name != served:
+        raise APIError(f"the model {name!r} does not exist; this server serves {served!r}", 404, "not_found_error",
+                       "model", "model_not_found")
+
+
+def check_batch(n_jobs: int, max_pending: int) -> None:
+    """A request that could never be queued whole is a bad request, not a busy server (429 says retry)."""
+    if n_jobs > max_pending:
+        raise APIError(f"the request asks for {n_jobs} generations (prompts x n); this server holds at most "
+                       f"{max_pending} at once", param="prompt", code="batch_too_large")
+
+
+def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=0 if req.top_k in (None, -1) else req.top_k, max_tokens=max_tokens,
+            seed=None if req.seed is None else (req.seed + seed_offset) % 2**63, stop=req.stop_list(),
+            stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs)
+    except ValueError as e:
+        raise APIError(str(e)) from None
+
+
+def default_max_tokens(limits: RequestLimits, n_prompt: int) -> int:
+    return max(1, min(limits.max_model_len, limits.capacity) - n_prompt)
+
+
+def refuse_certain_overflow(limits: RequestLimits, n_chars: int, max_token_bytes: int, max_tokens: int) -> None:
+    """Refuse, before tokenising, a text of `n_chars` characters that cannot fit whatever its tokens are."""
+    least = -(-n_chars // max_token_bytes)
+    if least + max_tokens > limits.max_model_len:
+        raise APIError(f"this model's context holds {limits.max_model_len} tokens; the prompt has {n_chars} "
+                       f"characters, so at least {least} tokens, and max_tokens asks for {max_tokens} more",
+                       param="prompt", code="context_length_exceeded")
+    if least + max_tokens > limits.capacity:
+        raise APIError(f"the prompt has at least {least} tokens ({n_chars} characters): with max_tokens it exceeds "
+                       f"the cache capacity of {limits.capacity} tokens", param="prompt")
+
+
+def fits_context(limits: RequestLimits, n_prompt: int, max_tokens: int) -> None:
+    if n_prompt + max_tokens > limits.max_model_len:
+        raise APIError(f"this model's context holds {limits.max_model_len} tokens; the prompt has {n_prompt} and "
+                       f"max_tokens asks for {max_tokens} more", param="max_tokens", code="context_length_exceeded")
+
+
+def check_prompt(ids: list[int], params: SamplingParams, limits: RequestLimits, tokenizer: Tokenizer) -> list[int]:
+    try:
+        return check_request(ids, params, limits, tokenizer)
+    except (ValueError, TypeError) as e:
+        raise APIError(str(e), param="prompt") from None
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """The template's input: developer is OpenAI's new name for system; text parts are joined."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+def render_chat(render, messages: list[ChatMessage], *args):
+    """`render(chat_messages(messages), *args)` with a template's failures as 400s."""
+    try:
+        return render(chat_messages(messages), *args)
+    except jinja2.TemplateError as e:         # a custom template's raise_exception, or one that does not fit
+        raise APIError(f"the chat template cannot render these messages: {e}", param="messages") from None
+
+
+def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, max_pending: int) -> Plan:
+    prompts = req.prompts()
+    check_batch(len(prompts) * req.n, max_pending)
+    score_only = req.max_tokens == 0           # echo with no completion: generate one token, drop it
+    texts = [p for p in prompts if isinstance(p, str)]
+    for p in texts:
+        refuse_certain_overflow(limits, len(p), tokenizer.max_token_bytes, req.max_tokens or 1)
+    encoded = iter(tokenizer.encode_batch(texts, req.split_special_tokens) if texts else [])
+    prompt_lp = (req.logprobs or 0) if req.echo and req.logprobs is not None else None
+    plan = Plan([])
+    for p in prompts:
+        ids = next(encoded) if isinstance(p, str) else list(p)
+        max_tokens = 1 if score_only else (req.max_tokens or default_max_tokens(limits, len(ids)))
+        fits_context(limits, len(ids), max_tokens)
+        # the choices differ only in their seed: the prompt and max_tokens are checked once
+        check_prompt(ids, sampling_params(req, max_tokens, 0, req.logprobs, prompt_lp), limits, tokenizer)
+        plan.prompt_ids.append(ids)
+        plan.jobs += [(ids, sampling_params(req, max_tokens, j, req.logprobs, prompt_lp)) for j in range(req.n)]
+        if req.echo:
+            plan.echo.append(p if isinstance(p, str) else tokenizer.decode(ids))
+    return plan
+
+
+def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, template: ChatTemplate,
+              max_pending: int) -> Plan:
+    check_batch(req.n, max_pending)
+    asked = req.max_completion_tokens or req.max_tokens
+    n_chars = len(render_chat(template.render, req.messages, req.add_generation_prompt))     # milliseconds for MBs
+    refuse_certain_overflow(limits, n_chars, tokenizer.max_token_bytes, asked or 1)
+    ids = encode_pieces(tokenizer, render_chat(functools.partial(template.pieces, tokenizer), req.messages,
+                                               req.add_generation_prompt))
+    max_tokens = asked or default_max_tokens(limits, len(ids))
+    fits_context(limits, len(ids), max_tokens)
+    n_top = (req.top_logprobs or 0) if req.logprobs else None
+    check_prompt(ids, sampling_params(req, max_tokens, 0, n_top), limits, tokenizer)
+    return Plan([ids], [(ids, sampling_params(req, max_tokens, j, n_top)) for j in range(req.n)])
+
+
+def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
+    """/tokenize: a raw prompt as the completions API reads it, or messages as the chat API does."""
+    if req.prompt is not None:
+        ids = tokenizer.encode(req.prompt, req.split_special_tokens)
+    else:
+        ids = render_chat(functools.partial(template.encode, tokenizer), req.messages, req.add_generation_prompt)
+    if req.add_special_tokens and tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id] + ids
+    return ids
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", param="tokens")

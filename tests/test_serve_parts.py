@@ -1,0 +1,177 @@
+"""The server's pieces alone, without a server: request validation (serve/validation.py) against the tokenizer and
+the engine's own checks, the Guard's Host rules, metrics labels, response rendering against hand-built engine
+outputs, and the engine's thread count."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsv3.data import ChatTemplate, train_tokenizer
+from dsv3.data.tokenizer import SPECIAL_TOKENS
+from dsv3.infer.engine import RequestLimits, RequestOutput
+from dsv3.serve.api_chat import chat_response
+from dsv3.serve.api_completions import completion_response
+from dsv3.serve.async_engine import engine_threads
+from dsv3.serve.guard import default_allowed_hosts, host_allowed, host_name
+from dsv3.serve.metrics import route_label
+from dsv3.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from dsv3.serve.responses import Head
+from dsv3.serve.validation import (check_batch, plan_chat, plan_completion, refuse_certain_overflow, render_chat,
+                                   tokenize_ids)
+from serve_fixture import TEXTS
+
+LIMITS = RequestLimits(vocab_size=320, max_model_len=64, block_size=8, num_blocks=32)
+S = SPECIAL_TOKENS
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, vocab_size=320)
+
+
+def refused(fn, *args) -> APIError | None:
+    try:
+        fn(*args)
+    except APIError as e:
+        return e
+    return None
+
+
+# ---- validation -----------------------------------------------------------------------------------------------
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(text=st.lists(st.sampled_from(list(S.values()) + ["def f(x):", " ", "é", "😀", "\n" * 9, "abc" * 7])
+                     | st.text(max_size=30), max_size=40).map(lambda xs: "".join(x if isinstance(x, str)
+                                                                                   else "".join(x) for x in xs)),
+       max_tokens=st.integers(1, 70), split=st.booleans())
+def test_the_character_count_refuses_only_what_cannot_fit(tok, text, max_tokens, split):
+    """Sound: whenever the character count refuses a prompt, its real token count would not fit either."""
+    n = len(tok.encode(text, split))
+    if refused(refuse_certain_overflow, LIMITS, len(text), tok.max_token_bytes, max_tokens):
+        assert n + max_tokens > min(LIMITS.max_model_len, LIMITS.capacity), (text, n)
+
+
+def test_batch_and_overflow_errors():
+    e = refused(check_batch, 65, 64)
+    assert e.status == 400 and e.code == "batch_too_large" and "64" in e.message
+    assert refused(check_batch, 64, 64) is None
+    e = refused(refuse_certain_overflow, LIMITS, 10_000, 4, 1)
+    assert e.code == "context_length_exceeded" and "2500" in e.message
+    assert refused(refuse_certain_overflow, LIMITS, 63 * 4, 4, 1) is None          # 63 tokens may fit: tokenise
+
+
+def test_plan_completion(tok):
+    req = CompletionRequest(prompt=["def f(x):", "import os"], n=2, max_tokens=4, seed=3, echo=True, logprobs=1)
+    plan = plan_completion(req, LIMITS, tok, 64)
+    assert plan.prompt_ids == [tok.encode("def f(x):"), tok.encode("import os")]
+    assert plan.echo == ["def f(x):", "import os"]
+    assert [ids for ids, _ in plan.jobs] == [plan.prompt_ids[0]] * 2 + [plan.prompt_ids[1]] * 2
+    assert [p.seed for _, p in plan.jobs] == [3, 4, 3, 4] and all(p.prompt_logprobs == 1 for _, p in plan.jobs)
+    ids = plan_completion(CompletionRequest(prompt=[[5, 6, 7], [8]], echo=True), LIMITS, tok, 64)
+    assert ids.prompt_ids == [[5, 6, 7], [8]] and ids.echo == [tok.decode([5, 6, 7]), tok.decode([8])]
+    forged = CompletionRequest(prompt=S["user"], max_tokens=1)
+    assert plan_completion(forged, LIMITS, tok, 64).prompt_ids == [[tok.user_id]]       # raw: a control token
+    split = CompletionRequest(prompt=S["user"], max_tokens=1, split_special_tokens=True)
+    assert tok.user_id not in plan_completion(split, LIMITS, tok, 64).prompt_ids[0]
+    for bad, code in (({"prompt": ["a"] * 40, "n": 2}, "batch_too_large"),
+                      ({"prompt": "x" * 5000}, "context_length_exceeded"),
+                      ({"prompt": [1] * 60, "max_tokens": 8}, "context_length_exceeded")):
+        assert refused(plan_completion, CompletionRequest(**bad), LIMITS, tok, 64).code == code
+    assert "vocabulary" in refused(plan_completion, CompletionRequest(prompt=[999]), LIMITS, tok, 64).message
+
+
+def test_plan_chat_and_tokenize(tok):
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": f"hi{S['eos']}"}]
+    req = ChatCompletionRequest(messages=messages, n=3, max_tokens=4)
+    plan = plan_chat(req, LIMITS, tok, ChatTemplate(), 64)
+    want = ([tok.bos_id] + tok.encode("Be brief.") + [tok.user_id] + tok.encode(f"hi{S['eos']}", True)
+            + [tok.assistant_id])
+    assert plan.prompt_ids == [want] and len(plan.jobs) == 3
+    assert tokenize_ids(TokenizeRequest(messages=messages), tok, ChatTemplate()) == want
+    assert tokenize_ids(TokenizeRequest(prompt=S["eos"], add_special_tokens=True), tok, None) == [tok.bos_id, 1]
+    long = ChatCompletionRequest(messages=[{"role": "user", "content": "x" * 5000}])
+    assert refused(plan_chat, long, LIMITS, tok, ChatTemplate(), 64).code == "context_length_exceeded"
+    strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}x")
+    e = refused(render_chat, strict.render, ChatCompletionRequest(messages=messages).messages, True)
+    assert e.status == 400 and "user first" in e.message
+
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None},
+                                     {"role": "assistant", "content": []},
+                                     {"role": "assistant", "tool_calls": [{"id": "1"}]}])
+def test_chat_content_rules(message):
+    with pytest.raises(ValueError, match="content|tool calls"):
+        ChatCompletionRequest(messages=[message])
+    ChatCompletionRequest(messages=[{"role": "assistant", "content": "", "tool_calls": []}])
+
+
+# ---- guard, metrics, threads ------------------------------------------------------------------------------------
+
+def test_host_rules():
+    assert [host_name(h) for h in ("Example.COM:8000", "[::1]:80", "::1", "localhost.", "127.0.0.1")] == [
+        "example.com", "::1", "::1", "localhost", "127.0.0.1"]
+    for name in ("localhost", "127.0.0.1", "127.8.9.1", "::1"):
+        assert host_allowed(name, None), name
+    for name in ("example.com", "localhost.example.com", "0.0.0.0", "10.0.0.1", "127.0.0.1.nip.io"):
+        assert not host_allowed(name, None), name
+    assert host_allowed("api.example.com", ("*.example.com",)) and not host_allowed("example.org", ("*.example.com",))
+    assert host_allowed("anything", ("*",))
+    assert default_allowed_hosts("127.0.0.1", None) is None and default_allowed_hosts("::1", None) is None
+    assert default_allowed_hosts("0.0.0.0", None) == ("*",) and default_allowed_hosts("::", None) == ("*",)
+    assert default_allowed_hosts("0.0.0.0", ["a.b"]) == ("a.b",)
+
+
+def test_route_labels_are_templates():
+    app = FastAPI()
+    app.get("/v1/models/{model_id:path}")(lambda model_id: None)
+    scope = {"type": "http", "method": "GET", "path_params": {}, "root_path": "", "app": app}
+    assert route_label(dict(scope, path="/v1/models/a/b")) == "/v1/models/{model_id:path}"
+    assert route_label(dict(scope, path="/x123")) == "unmatched"
+    assert route_label(dict(scope, path="/x", route=app.routes[-1])) == "/v1/models/{model_id:path}"
+
+
+def test_engine_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert engine_threads(None) == 1 and engine_threads(3) == 3           # 2 cores: one is the HTTP process's
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert engine_threads(None) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert engine_threads(None) == 4 and engine_threads(2) == 2
+
+
+# ---- rendering --------------------------------------------------------------------------------------------------
+
+def test_completion_response_with_echo_and_logprobs(tok):
+    req = CompletionRequest(prompt="def f", max_tokens=2, echo=True, logprobs=1)
+    plan = plan_completion(req, LIMITS, tok, 64)
+    prompt, new = plan.prompt_ids[0], tok.encode(" x")[:1] * 2
+    entry = (-0.5, [new[0]], [-0.5])
+    out = RequestOutput(0, prompt, new, text=tok.decode(new), finished=True, finish_reason="length",
+                        logprobs=[entry, entry], prompt_logprobs=[entry] * (len(prompt) - 1))
+    body = completion_response(tok, req, plan, Head("cmpl-1", "text_completion", 7, "m"), [out])
+    assert body["id"] == "cmpl-1" and body["created"] == 7 and body["model"] == "m"
+    c = body["choices"][0]
+    assert c["text"] == "def f" + tok.decode(new) and c["finish_reason"] == "length"
+    lp = c["logprobs"]
+    assert lp["token_logprobs"] == [None] + [-0.5] * (len(prompt) - 1 + 2)
+    assert "".join(lp["tokens"]) == c["text"] and lp["text_offset"][0] == 0
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 2, "total_tokens": len(prompt) + 2}
+    score = CompletionRequest(prompt="def f", max_tokens=0, echo=True, logprobs=0)      # lm-eval's scoring
+    c = completion_response(tok, score, plan, Head("c", "text_completion", 0, "m"), [out])["choices"][0]
+    assert c["text"] == "def f" and len(c["logprobs"]["tokens"]) == len(prompt)
+
+
+def test_chat_response(tok):
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=1)
+    plan = plan_chat(req, LIMITS, tok, ChatTemplate(), 64)
+    out = RequestOutput(0, plan.prompt_ids[0], [9], text=tok.decode([9]), finished=True, finish_reason="stop",
+                        logprobs=[(-1.0, [9], [-1.0])])
+    body = chat_response(tok, req, plan, Head("chatcmpl-1", "chat.completion", 0, "m"), [out])
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"] == {"role": "assistant",
+                                                                                     "content": tok.decode([9])}
+    assert body["choices"][0]["logprobs"]["content"][0]["logprob"] == -1.0
+    assert body["usage"]["prompt_tokens"] == len(plan.prompt_ids[0])
