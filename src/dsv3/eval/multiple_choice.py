@@ -1,0 +1,153 @@
+"""Log-likelihood multiple choice (MMLU / ARC style), scored as lm-evaluation-harness scores it.
+
+Task rows (jsonl or parquet): `{"question": str, "choices": [str, ...], "answer": int | "A".."Z"}` (MMLU's fields;
+`answer` as an index or a letter). The prompt is MMLU's: the question, one "A. choice" line per choice, "Answer:";
+each choice is scored as the continuation " A" (`continuation="letter"`) or " <choice text>" (`"text"`, ARC /
+HellaSwag style). Few-shot examples come from a separate dev list, each shown with its answer, in the same format.
+
+Scoring follows lm-eval's causal-LM conventions, so numbers are comparable with it (issue 19):
+- `encode_pair`: trailing whitespace of the context moves onto the continuation, and the continuation's ids are the
+  tail of the ids of context + continuation (not its own encoding: BPE merges across the boundary);
+- BOS: the context starts with the tokenizer's BOS when `add_bos` is on, as lm-eval's `hf` backend does for a
+  tokenizer with `add_bos_token` (ours: `tokenizer_config.json` says so); a model trained on documents that start
+  with BOS scores very differently without it (up to 1.4 nats per choice on the tiny model);
+- acc: the choice of highest summed log-likelihood is the answer (ties: the first); acc_norm: the same after dividing
+  each by its continuation's length in characters.
+
+A backend turns (context ids, continuation ids) pairs into summed log-likelihoods: `EngineBackend` scores them with
+the inference engine's prompt log-probabilities (batched, prefix-cached, so shared few-shot prefixes are computed
+once).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .stats import binomial_stderr
+
+LETTERS = string.ascii_uppercase
+
+
+class TaskError(ValueError):
+    """A task file or row that cannot be used; the message names the file and row."""
+
+
+@dataclass
+class MCQuestion:
+    question: str
+    choices: list[str]
+    answer: int
+
+
+def _question(row, where: str) -> MCQuestion:
+    if not isinstance(row, dict):
+        raise TaskError(f"{where}: a row must be an object with question, choices and answer")
+    q, choices, ans = row.get("question"), row.get("choices"), row.get("answer")
+    if not isinstance(q, str) or not q.strip():
+        raise TaskError(f"{where}: 'question' must be a non-empty string")
+    if not isinstance(choices, list) or not 2 <= len(choices) <= 26 or not all(isinstance(c, str) for c in choices):
+        raise TaskError(f"{where}: 'choices' must be a list of 2 to 26 strings")
+    if isinstance(ans, str) and len(ans) == 1 and ans.upper() in LETTERS:
+        ans = LETTERS.index(ans.upper())
+    if not isinstance(ans, int) or isinstance(ans, bool) or not 0 <= ans < len(choices):
+        raise TaskError(f"{where}: 'answer' must be a choice index (0..{len(choices) - 1}) or letter, got {ans!r}")
+    return MCQuestion(q, choices, ans)
+
+
+def read_mc(path: str | Path) -> list[MCQuestion]:
+    """All questions of a jsonl or parquet task file; the first bad row is an error naming it (a task file is
+    curated data: a bad row means a wrong file, not noise to skip)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        rows = [(f"{path}:{k}", r) for k, r in enumerate(pq.read_table(path).to_pylist(), start=1)]
+    elif path.suffix == ".jsonl" and path.is_file():
+        rows = []
+        for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{k}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise TaskError(f"{path}:{k}: not JSON ({e.msg})") from None
+    else:
+        raise TaskError(f"a multiple-choice task is a .jsonl or .parquet file, got {path}")
+    if not rows:
+        raise TaskError(f"{path} holds no questions")
+    return [_question(r, where) for where, r in rows]
+
+
+def mc_prompt(q: MCQuestion, fewshot: list[MCQuestion] = ()) -> str:
+    def block(x: MCQuestion) -> str:
+        return x.question.strip() + "\n" + "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(x.choices)) + \
+            "Answer:"
+    shots = "".join(f"{block(x)} {LETTERS[x.answer]}\n\n" for x in fewshot)
+    return shots + block(q)
+
+
+def continuations(q: MCQuestion, continuation: str = "letter") -> list[str]:
+    if continuation not in ("letter", "text"):
+        raise ValueError(f"continuation must be 'letter' or 'text', got {continuation!r}")
+    return [" " + (LETTERS[i] if continuation == "letter" else c) for i, c in enumerate(q.choices)]
+
+
+def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    cont = whole[len(ctx):]
+    if not cont:
+        raise TaskError(f"continuation {continuation!r} adds no token after its context")
+    if add_bos and tokenizer.bos_id is not None:
+        ctx = [tokenizer.bos_id] + ctx
+    return ctx, cont
+
+
+class LoglikBackend(Protocol):
+    def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]: ...
+
+
+class EngineBackend:
+    """Summed log-likelihoods from a `dsv3.infer.Engine`'s prompt log-probabilities (prompt_logprobs[j] scores
+    prompt token j + 1)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        from ..infer import SamplingParams
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        outs = self.engine.generate([ctx + cont for ctx, cont in pairs], params)
+        return [sum(e[0] for e in out.prompt_logprobs[len(ctx) - 1:len(ctx) - 1 + len(cont)])
+                for (ctx, cont), out in zip(pairs, outs)]
+
+
+def _argmax(xs: list[float]) -> int:
+    return max(range(len(xs)), key=lambda i: (xs[i], -i))
+
+
+def score_mc(backend: LoglikBackend, tokenizer, questions: list[MCQuestion], fewshot: list[MCQuestion] = (),
+             add_bos: bool = True, continuation: str = "letter") -> tuple[dict, list[dict]]:
+    """({acc, acc_stderr, acc_norm, acc_norm_stderr, n}, one record per question: prompt, log-likelihoods,
+    predictions, verdicts)."""
+    pairs, spans = [], []
+    for q in questions:
+        ctx, conts = mc_prompt(q, fewshot), continuations(q, continuation)
+        spans.append((len(pairs), ctx, conts))
+        pairs += [encode_pair(tokenizer, ctx, c, add_bos) for c in conts]
+    lls = backend.loglikelihoods(pairs)
+    records = []
+    for q, (start, ctx, conts) in zip(questions, spans):
+        ll = lls[start:start + len(conts)]
+        pred, pred_norm = _argmax(ll), _argmax([x / len(c) for x, c in zip(ll, conts)])
+        records.append(dict(prompt=ctx, choices=conts, loglikelihoods=ll, answer=q.answer, prediction=pred,
+                            prediction_norm=pred_norm, correct=pred == q.answer, correct_norm=pred_norm == q.answer))
+    n = len(records)
+    acc = sum(r["correct"] for r in records) / n
+    acc_norm = sum(r["correct_norm"] for r in records) / n
+    return dict(acc=acc, acc_stderr=binomial_stderr(acc, n), acc_norm=acc_norm,
+                acc_norm_stderr=binomial_stderr(acc_norm, n), n=n), records

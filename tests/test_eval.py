@@ -1,0 +1,109 @@
+"""dsv3.eval: pass@k against its closed form and brute-force enumeration, maj@k and standard errors by hand, and
+multiple choice scored through the engine against log-likelihoods from a float64 full forward of the same model."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import build, tiny_config
+from dsv3.data import train_tokenizer
+from dsv3.eval import (EngineBackend, MCQuestion, TaskError, binomial_stderr, bootstrap_stderr, encode_pair,
+                       maj_at_k, mc_prompt, pass_at_k, read_mc, score_mc)
+from dsv3.infer import Engine, EngineConfig
+
+
+@pytest.mark.parametrize("n,c", [(5, 0), (5, 1), (5, 3), (6, 6), (10, 4)])
+def test_pass_at_k_equals_enumeration_and_closed_form(n, c):
+    for k in range(1, n + 1):
+        draws = list(itertools.combinations(range(n), k))          # samples 0..c-1 are the correct ones
+        enum = sum(any(i < c for i in d) for d in draws) / len(draws)
+        closed = 1 - math.comb(n - c, k) / math.comb(n, k)
+        assert pass_at_k(n, c, k) == pytest.approx(enum, abs=1e-12) == pytest.approx(closed, abs=1e-12)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_maj_and_stderr():
+    assert maj_at_k(["4", "5", "4", None, None, None], "4") and not maj_at_k(["5", "4"], "4")
+    assert not maj_at_k([None, None], None)
+    assert binomial_stderr(0.25, 5) == pytest.approx(math.sqrt(0.25 * 0.75 / 4))
+    scores = [1.0, 0.0] * 50
+    assert bootstrap_stderr(scores, resamples=2000) == pytest.approx(math.sqrt(0.25 / 100), rel=0.15)
+
+
+TEXTS = ["What is the capital? A. Paris B. Rome Answer: A\n" * 10, "the quick brown fox jumps over the lazy dog " * 10]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    tok = train_tokenizer(TEXTS, vocab_size=320)
+    model = build(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512), seed=3, dtype=torch.float64)
+    engine = Engine(model, tok, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=16))
+    return tok, model, engine
+
+
+def _ll64(model, ctx, cont) -> float:
+    """Summed log p(cont | ctx) from one full forward in float64 (no cache, no engine)."""
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids)[0].double(), -1)
+    return sum(lp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+
+
+QUESTIONS = [MCQuestion("What is the capital of France?", ["Paris", "Rome", "Berlin", "Madrid"], 0),
+             MCQuestion("Which is a fox?", ["the quick brown fox", "a dog"], 0),
+             MCQuestion("Pick the lazy one.", ["fox", "dog", "cat"], 1)]
+
+
+@pytest.mark.parametrize("continuation", ["letter", "text"])
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_multiple_choice_against_a_float64_forward(setup, continuation, add_bos):
+    tok, model, engine = setup
+    shots = [QUESTIONS[1]]
+    res, records = score_mc(EngineBackend(engine), tok, QUESTIONS, shots, add_bos=add_bos, continuation=continuation)
+    correct = correct_norm = 0
+    for q, r in zip(QUESTIONS, records):
+        assert r["prompt"] == mc_prompt(q, shots) and r["prompt"].endswith("Answer:")
+        want = []
+        for c in r["choices"]:
+            ctx, cont = encode_pair(tok, r["prompt"], c, add_bos)
+            assert (ctx[0] == tok.bos_id) == add_bos and cont
+            want.append(_ll64(model, ctx, cont))
+        assert r["loglikelihoods"] == pytest.approx(want, abs=1e-5)   # the engine reports fp32 log-probs
+        best = max(range(len(want)), key=lambda i: want[i])
+        best_norm = max(range(len(want)), key=lambda i: want[i] / len(r["choices"][i]))
+        correct += best == q.answer
+        correct_norm += best_norm == q.answer
+    assert res["n"] == 3 and res["acc"] == correct / 3 and res["acc_norm"] == correct_norm / 3
+    assert res["acc_stderr"] == pytest.approx(binomial_stderr(correct / 3, 3))
+
+
+def test_encode_pair_follows_lm_eval(setup):
+    tok = setup[0]
+    ctx, cont = encode_pair(tok, "Answer: ", "A", add_bos=False)   # the trailing space moves onto the continuation
+    assert ctx == tok.encode("Answer:") and cont == tok.encode("Answer: A")[len(ctx):]
+
+
+def test_task_files(tmp_path):
+    good = tmp_path / "mc.jsonl"
+    good.write_text(json.dumps({"question": "q?", "choices": ["a", "b"], "answer": "B"}) + "\n\n" +
+                    json.dumps({"question": "r?", "choices": ["a", "b", "c"], "answer": 2}) + "\n")
+    qs = read_mc(good)
+    assert [q.answer for q in qs] == [1, 2]
+    for row, why in [({"question": "", "choices": ["a", "b"], "answer": 0}, "question"),
+                     ({"question": "q", "choices": ["a"], "answer": 0}, "choices"),
+                     ({"question": "q", "choices": ["a", "b"], "answer": 5}, "answer"),
+                     ({"question": "q", "choices": ["a", "b"], "answer": True}, "answer")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps(row) + "\n")
+        with pytest.raises(TaskError, match=rf"bad.jsonl:1: '{why}'"):
+            read_mc(bad)
+    (tmp_path / "x.jsonl").write_text("{oops\n")
+    with pytest.raises(TaskError, match="x.jsonl:1: not JSON"):
+        read_mc(tmp_path / "x.jsonl")
+    with pytest.raises(TaskError, match="jsonl or .parquet"):
+        read_mc(tmp_path / "mc.csv")
