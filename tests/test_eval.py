@@ -107,3 +107,54 @@ def test_task_files(tmp_path):
         read_mc(tmp_path / "x.jsonl")
     with pytest.raises(TaskError, match="jsonl or .parquet"):
         read_mc(tmp_path / "mc.csv")
+
+
+def test_openai_backend_equals_the_engine_behind_the_server():
+    """The same pairs scored through a live `dsv3 serve` (the openai client, token-id prompts, echo) and by an engine
+    of its own on the same weights: equal log-likelihoods, so equal accuracy."""
+    from serve_fixture import start_server
+    from dsv3.eval import OpenAIBackend
+    srv = start_server()
+    try:
+        tok = srv.tokenizer
+        qs = [MCQuestion("def read_file(path):", ["with open(path) as f:", "import os", "class Point:"], 0),
+              MCQuestion("The quick brown", ["fox jumps", "dog sleeps"], 0)]
+        remote = score_mc(OpenAIBackend(srv.url, "dsv3-tiny", batch=3), tok, qs, continuation="text")
+        local = score_mc(EngineBackend(srv.reference), tok, qs, continuation="text")
+        for r, l in zip(remote[1], local[1]):
+            assert r["loglikelihoods"] == pytest.approx(l["loglikelihoods"], abs=1e-5)
+        assert remote[0]["acc"] == local[0]["acc"] and remote[0]["acc_norm"] == local[0]["acc_norm"]
+    finally:
+        srv.stop()
+
+
+def test_dsv3_eval_cli_local_and_through_a_server(tmp_path):
+    """`dsv3 eval mc` on a saved model and against a live server: the results files, the tokenizer's BOS
+    convention (add_bos_token), and the same accuracy as score_mc on an engine of its own."""
+    from serve_fixture import build_engine, start_server
+    from dsv3 import save_pretrained
+    from dsv3.cli import main
+    engine = build_engine()
+    save_pretrained(engine.model, tmp_path / "m")
+    engine.tokenizer.save(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())["add_bos_token"]
+    rows = [{"question": f"Which line follows {w}?", "choices": ["import os", "class Point:", "for i in range(10):"],
+             "answer": k % 3} for k, w in enumerate(["def", "The quick", "print", "total", "x"])]
+    task = tmp_path / "lines.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    want, _ = score_mc(EngineBackend(engine), engine.tokenizer, read_mc(task), add_bos=True)
+    assert main(["eval", "mc", "--task", str(task), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "a"),
+                 "--device", "cpu", "--dtype", "float64"]) in (0, None)
+    res = json.loads((tmp_path / "a" / "results.json").read_text())["lines"]
+    assert res["config"]["add_bos"] is True and res["metrics"]["acc"] == want["acc"]
+    samples = (tmp_path / "a" / "samples_lines.jsonl").read_text().splitlines()
+    assert len(samples) == 5 and json.loads(samples[0])["prompt"].endswith("Answer:")
+    srv = start_server()
+    try:
+        assert main(["eval", "mc", "--task", str(task), "--server", srv.url, "--served-model-name", "dsv3-tiny",
+                     "--tokenizer", str(tmp_path / "m"), "--out", str(tmp_path / "b")]) in (0, None)
+    finally:
+        srv.stop()
+    remote = json.loads((tmp_path / "b" / "results.json").read_text())["lines"]
+    assert remote["metrics"]["acc"] == want["acc"] and remote["metrics"]["acc_norm"] == want["acc_norm"]
+    assert main(["eval", "mc", "--task", str(tmp_path / "nope.jsonl"), "--model", str(tmp_path / "m")]) == 2

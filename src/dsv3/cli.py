@@ -218,6 +218,30 @@ def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtyp
     return Engine(_maybe_fp8(model, fp8), tokenizer, config)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .data import Tokenizer
+    from .eval import EngineBackend, OpenAIBackend
+    from .eval.run import evaluate_mc, tokenizer_adds_bos
+    if args.server:
+        if not args.tokenizer:
+            raise ValueError("--server scores token ids: pass --tokenizer (the served model's tokenizer.json)")
+        tok_dir = tokenizer_dir("", args.tokenizer)
+        tokenizer = Tokenizer.load(tok_dir)
+        backend = OpenAIBackend(args.server, args.served_model_name, args.api_key)
+    else:
+        from .infer import Engine, EngineConfig
+        if not args.model:
+            raise ValueError("pass --model (a run or HF directory) or --server URL")
+        device = _device(args.device)
+        tok_dir = tokenizer_dir(args.model, args.tokenizer)
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=_serving_dtype(args.dtype, device),
+                                                    device=device)
+        backend = EngineBackend(Engine(model, tokenizer, EngineConfig(cache_memory_gib=args.cache_gib)))
+    add_bos = tokenizer_adds_bos(tok_dir) if args.add_bos == "auto" else args.add_bos == "yes"
+    evaluate_mc(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos, args.continuation,
+                args.limit, args.seed)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import json
 
@@ -420,6 +444,26 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: a process of its own)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("eval", help="evaluate a model: log-likelihood multiple choice (lm-eval conventions)")
+    s.add_argument("mode", choices=["mc"])
+    s.add_argument("--task", required=True, help="jsonl / parquet of {question, choices, answer} rows")
+    s.add_argument("--model", default=None, help="a training run or Hugging Face directory (local engine)")
+    s.add_argument("--server", default=None, help="an OpenAI-compatible server's URL instead of --model")
+    s.add_argument("--served-model-name", default="default", help="--server: the model name to ask for")
+    s.add_argument("--api-key", default=None, help="--server: bearer key")
+    s.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: the model's)")
+    s.add_argument("--fewshot", type=int, default=0)
+    s.add_argument("--fewshot-file", default=None, help="the dev split few-shot examples are drawn from")
+    s.add_argument("--continuation", choices=["letter", "text"], default="letter")
+    s.add_argument("--add-bos", choices=["auto", "yes", "no"], default="auto",
+                   help="auto: as the tokenizer's add_bos_token says (lm-eval's hf backend does the same)")
+    s.add_argument("--limit", type=int, default=0, help="first N questions (0: all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="out/eval", help="results.json, samples_<task>.jsonl, results.png")
+    s.add_argument("--cache-gib", type=float, default=1.0)
+    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    s.set_defaults(fn=cmd_eval)
     s = sub.add_parser("plan", help="memory, traffic and pipeline bubble per GPU of a parallel layout")
     s.add_argument("--config", default="v3-671b", help="preset or config.json")
     s.add_argument("--gpus", type=int, default=2048)

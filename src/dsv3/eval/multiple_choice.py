@@ -14,9 +14,8 @@ Scoring follows lm-eval's causal-LM conventions, so numbers are comparable with 
 - acc: the choice of highest summed log-likelihood is the answer (ties: the first); acc_norm: the same after dividing
   each by its continuation's length in characters.
 
-A backend turns (context ids, continuation ids) pairs into summed log-likelihoods: `EngineBackend` scores them with
-the inference engine's prompt log-probabilities (batched, prefix-cached, so shared few-shot prefixes are computed
-once).
+A backend (dsv3.eval.backends) turns (context ids, continuation ids) pairs into summed log-likelihoods: a local model
+through the engine, or any OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
+from .backends import LoglikBackend
 from .stats import binomial_stderr
 
 LETTERS = string.ascii_uppercase
@@ -105,25 +104,6 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool) -> tu
     if add_bos and tokenizer.bos_id is not None:
         ctx = [tokenizer.bos_id] + ctx
     return ctx, cont
-
-
-class LoglikBackend(Protocol):
-    def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]: ...
-
-
-class EngineBackend:
-    """Summed log-likelihoods from a `dsv3.infer.Engine`'s prompt log-probabilities (prompt_logprobs[j] scores
-    prompt token j + 1)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-        from ..infer import SamplingParams
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-        outs = self.engine.generate([ctx + cont for ctx, cont in pairs], params)
-        return [sum(e[0] for e in out.prompt_logprobs[len(ctx) - 1:len(ctx) - 1 + len(cont)])
-                for (ctx, cont), out in zip(pairs, outs)]
 
 
 def _argmax(xs: list[float]) -> int:

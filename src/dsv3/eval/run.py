@@ -1,0 +1,43 @@
+"""`dsv3 eval mc`: one multiple-choice task through a backend, its results written and printed.
+
+The tokenizer's BOS convention decides `add_bos` unless the caller says otherwise: a tokenizer whose
+`tokenizer_config.json` has `add_bos_token` (ours) gets BOS in front of every context, as lm-eval's `hf` backend
+gives it; lm-eval's `local-completions` sends none unless `add_bos_token=True` is in its model_args (README).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .backends import LoglikBackend
+from .multiple_choice import read_mc, score_mc
+from .report import table, write_results
+
+PROMPT_VERSION = "mmlu-v1"   # mc_prompt's layout; bump when it changes, so results.json says what was measured
+
+
+def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
+    cfg = Path(tokenizer_dir or "") / "tokenizer_config.json"
+    return bool(json.loads(cfg.read_text()).get("add_bos_token", False)) if cfg.is_file() else False
+
+
+def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
+                fewshot: int = 0, add_bos: bool = True, continuation: str = "letter", limit: int = 0,
+                seed: int = 0) -> dict:
+    questions = read_mc(task)[:limit or None]
+    shots = []
+    if fewshot:
+        if fewshot_file is None:
+            raise ValueError("few-shot examples come from a dev split: pass --fewshot-file")
+        pool = read_mc(fewshot_file)
+        shots = random.Random(seed).sample(pool, min(fewshot, len(pool)))
+    metrics, records = score_mc(backend, tokenizer, questions, shots, add_bos=add_bos, continuation=continuation)
+    name = Path(task).stem
+    config = dict(task=str(task), fewshot=len(shots), fewshot_file=str(fewshot_file) if fewshot_file else None,
+                  add_bos=add_bos, continuation=continuation, seed=seed)
+    path = write_results(out_dir, name, metrics, records, PROMPT_VERSION, config)
+    print(table(name, metrics))
+    print(f"results: {path}")
+    return metrics
