@@ -11,7 +11,7 @@ import torch
 from conftest import build, tiny_config
 from dsv3.data import train_tokenizer
 from dsv3.eval import (EngineBackend, MCQuestion, TaskError, binomial_stderr, bootstrap_stderr, encode_pair,
-                       maj_at_k, mc_prompt, pass_at_k, read_mc, score_mc)
+                       majority_answer, mc_prompt, pass_at_k, read_mc, score_mc)
 from dsv3.infer import Engine, EngineConfig
 
 
@@ -27,8 +27,8 @@ def test_pass_at_k_equals_enumeration_and_closed_form(n, c):
 
 
 def test_maj_and_stderr():
-    assert maj_at_k(["4", "5", "4", None, None, None], "4") and not maj_at_k(["5", "4"], "4")
-    assert not maj_at_k([None, None], None)
+    assert majority_answer(["4", "5", "4", None, None, None]) == "4" and majority_answer(["5", "4"]) == "5"
+    assert majority_answer([None, None]) is None
     assert binomial_stderr(0.25, 5) == pytest.approx(math.sqrt(0.25 * 0.75 / 4))
     scores = [1.0, 0.0] * 50
     assert bootstrap_stderr(scores, resamples=2000) == pytest.approx(math.sqrt(0.25 / 100), rel=0.15)
@@ -158,3 +158,64 @@ def test_dsv3_eval_cli_local_and_through_a_server(tmp_path):
     remote = json.loads((tmp_path / "b" / "results.json").read_text())["lines"]
     assert remote["metrics"]["acc"] == want["acc"] and remote["metrics"]["acc_norm"] == want["acc_norm"]
     assert main(["eval", "mc", "--task", str(tmp_path / "nope.jsonl"), "--model", str(tmp_path / "m")]) == 2
+
+
+class Scripted:
+    """Fixed completions, to check the scoring arithmetic by hand (the engine path is tested below)."""
+
+    def __init__(self, texts):
+        self.texts, self.seen = texts, []
+
+    def generate(self, prompts, k, temperature, max_tokens, stop, seed):
+        self.seen.append((prompts, k, stop))
+        return self.texts
+
+
+def test_generation_scoring_by_hand(setup, tmp_path):
+    from dsv3.eval.generation import qa_prompt, read_qa, score_generation
+    tok = setup[0]
+    task = tmp_path / "gsm.jsonl"
+    task.write_text(json.dumps({"question": "2+2?", "answer": "two and two #### 4"}) + "\n" +
+                    json.dumps({"question": "3*3?", "answer": 9}) + "\n")
+    qs = read_qa(task)
+    assert [q["gold"] for q in qs] == ["4", "9"]
+    backend = Scripted([["The answer is 4.", "5", "so 4"],        # 2 of 3 right; majority 4
+                        ["nothing", "\\boxed{9}", "8"]])          # 1 of 3 right; 9 and 8 tie
+    m, records = score_generation(backend, tok, qs, k=3)
+    assert backend.seen[0][1] == 3 and backend.seen[0][2] == ["Question:"]
+    assert backend.seen[0][0][0][0] == tok.bos_id and qa_prompt(qs[0]).endswith("Question: 2+2?\nAnswer:")
+    assert m["pass@1"] == pytest.approx((2 / 3 + 1 / 3) / 2) and m["pass@3"] == 1.0
+    # maj@3: question 1's majority is "4" (right); question 2's answers 9, 8 tie -> the first seen, "9" (right)
+    assert m["maj@3"] == 1.0 and m["extraction_failures"] == 1 and m["n"] == 2
+    assert records[1]["extracted"] == [None, "9", "8"] and records[1]["correct"] == [False, True, False]
+
+
+def test_engine_generation_backend_is_the_engine(setup):
+    from dsv3.infer import SamplingParams
+    tok, _, engine = setup
+    ids = tok.encode("Question: the quick\nAnswer:")
+    got = EngineBackend(engine).generate([ids], 2, 1.0, 6, [], seed=7)
+    want = [o.text for o in engine.generate([ids, ids], [SamplingParams(temperature=1.0, max_tokens=6, seed=7 + j)
+                                                          for j in range(2)])]
+    assert got == [want]
+
+
+def test_dsv3_eval_gen_cli(tmp_path):
+    """`dsv3 eval gen` writes pass@k / maj@k with per-sample records; a random model's outputs are scored, whatever
+    they hold, and refusals are one-line errors."""
+    from serve_fixture import build_engine
+    from dsv3 import save_pretrained
+    from dsv3.cli import main
+    engine = build_engine()
+    save_pretrained(engine.model, tmp_path / "m")
+    engine.tokenizer.save(tmp_path / "m")
+    task = tmp_path / "arith.jsonl"
+    task.write_text("".join(json.dumps({"question": f"{a} + {a}?", "answer": f"#### {2 * a}"}) + "\n" for a in range(4)))
+    args = ["eval", "gen", "--task", str(task), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o"),
+            "--device", "cpu", "--dtype", "float64", "--max-tokens", "8"]
+    assert main(args + ["--k", "3", "--temperature", "1.0"]) in (0, None)
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["arith"]
+    assert res["metrics"]["n"] == 4 and {"pass@1", "pass@3", "maj@3"} <= set(res["metrics"])
+    recs = [json.loads(line) for line in (tmp_path / "o" / "samples_arith.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in recs] == ["0", "2", "4", "6"] and all(len(r["outputs"]) == 3 for r in recs)
+    assert main(args + ["--k", "3"]) == 2          # greedy samples are all the same

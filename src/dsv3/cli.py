@@ -221,7 +221,7 @@ def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtyp
 def cmd_eval(args: argparse.Namespace) -> None:
     from .data import Tokenizer
     from .eval import EngineBackend, OpenAIBackend
-    from .eval.run import evaluate_mc, tokenizer_adds_bos
+    from .eval.run import evaluate_generation, evaluate_mc, tokenizer_adds_bos
     if args.server:
         if not args.tokenizer:
             raise ValueError("--server scores token ids: pass --tokenizer (the served model's tokenizer.json)")
@@ -238,8 +238,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                                     device=device)
         backend = EngineBackend(Engine(model, tokenizer, EngineConfig(cache_memory_gib=args.cache_gib)))
     add_bos = tokenizer_adds_bos(tok_dir) if args.add_bos == "auto" else args.add_bos == "yes"
-    evaluate_mc(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos, args.continuation,
-                args.limit, args.seed)
+    if args.mode == "mc":
+        evaluate_mc(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos,
+                    args.continuation, args.limit, args.seed)
+    else:
+        evaluate_generation(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos, args.k,
+                            args.temperature, args.max_tokens, args.limit, args.seed)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -444,9 +448,14 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: a process of its own)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_serve)
-    s = sub.add_parser("eval", help="evaluate a model: log-likelihood multiple choice (lm-eval conventions)")
-    s.add_argument("mode", choices=["mc"])
-    s.add_argument("--task", required=True, help="jsonl / parquet of {question, choices, answer} rows")
+    s = sub.add_parser("eval", help="evaluate a model: multiple choice (lm-eval conventions) or generate-extract-match")
+    s.add_argument("mode", choices=["mc", "gen"], help="mc: log-likelihood multiple choice; gen: generate, extract, "
+                   "match (pass@k, maj@k)")
+    s.add_argument("--task", required=True, help="jsonl / parquet of {question, choices, answer} (mc) or "
+                   "{question, answer} (gen) rows")
+    s.add_argument("--k", type=int, default=1, help="gen: samples per question")
+    s.add_argument("--temperature", type=float, default=0.0, help="gen: 0 is greedy")
+    s.add_argument("--max-tokens", type=int, default=256, help="gen: new tokens per sample")
     s.add_argument("--model", default=None, help="a training run or Hugging Face directory (local engine)")
     s.add_argument("--server", default=None, help="an OpenAI-compatible server's URL instead of --model")
     s.add_argument("--served-model-name", default="default", help="--server: the model name to ask for")

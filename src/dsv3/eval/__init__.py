@@ -3,7 +3,7 @@ scored as lm-evaluation-harness scores it (multiple_choice)."""
 
 from .backends import EngineBackend, OpenAIBackend
 from .multiple_choice import MCQuestion, TaskError, encode_pair, mc_prompt, read_mc, score_mc
-from .stats import binomial_stderr, bootstrap_stderr, maj_at_k, pass_at_k
+from .stats import binomial_stderr, bootstrap_stderr, majority_answer, pass_at_k
 
 __all__ = ["EngineBackend", "MCQuestion", "OpenAIBackend", "TaskError", "binomial_stderr", "bootstrap_stderr", "encode_pair",
-           "maj_at_k", "mc_prompt", "pass_at_k", "read_mc", "score_mc"]
+           "majority_answer", "mc_prompt", "pass_at_k", "read_mc", "score_mc"]

@@ -19,6 +19,12 @@ class LoglikBackend(Protocol):
     def loglikelihoods(self, pairs: Pairs) -> list[float]: ...
 
 
+class GenerateBackend(Protocol):
+    def generate(self, prompts: list[list[int]], k: int, temperature: float, max_tokens: int, stop: list[str],
+                 seed: int) -> list[list[str]]:
+        """k completions (text) per token-id prompt; sample j of prompt i is seeded seed + j."""
+
+
 class EngineBackend:
     def __init__(self, engine):
         self.engine = engine
@@ -29,6 +35,15 @@ class EngineBackend:
         outs = self.engine.generate([ctx + cont for ctx, cont in pairs], params)
         return [sum(e[0] for e in out.prompt_logprobs[len(ctx) - 1:len(ctx) - 1 + len(cont)])
                 for (ctx, cont), out in zip(pairs, outs)]
+
+
+    def generate(self, prompts: list[list[int]], k: int, temperature: float, max_tokens: int, stop: list[str],
+                 seed: int) -> list[list[str]]:
+        from ..infer import SamplingParams
+        params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, stop=stop, seed=seed + j)
+                  for _ in prompts for j in range(k)]
+        outs = self.engine.generate([p for p in prompts for _ in range(k)], params)
+        return [[o.text for o in outs[i * k:(i + 1) * k]] for i in range(len(prompts))]
 
 
 class OpenAIBackend:
@@ -48,4 +63,13 @@ class OpenAIBackend:
             for (ctx, cont), choice in zip(chunk, sorted(r.choices, key=lambda c: c.index)):
                 lps = choice.logprobs.token_logprobs
                 out.append(sum(lps[len(ctx):len(ctx) + len(cont)]))
+        return out
+
+    def generate(self, prompts: list[list[int]], k: int, temperature: float, max_tokens: int, stop: list[str],
+                 seed: int) -> list[list[str]]:
+        out = []
+        for p in prompts:
+            r = self.client.completions.create(model=self.model, prompt=[p], n=k, temperature=temperature,
+                                               max_tokens=max_tokens, stop=stop or None, seed=seed)
+            out.append([c.text for c in sorted(r.choices, key=lambda c: c.index)])
         return out

@@ -1,4 +1,4 @@
-"""`dsv3 eval mc`: one multiple-choice task through a backend, its results written and printed.
+"""`dsv3 eval mc | gen`: one task through a backend, its results written and printed.
 
 The tokenizer's BOS convention decides `add_bos` unless the caller says otherwise: a tokenizer whose
 `tokenizer_config.json` has `add_bos_token` (ours) gets BOS in front of every context, as lm-eval's `hf` backend
@@ -11,11 +11,13 @@ import json
 import random
 from pathlib import Path
 
-from .backends import LoglikBackend
+from .backends import GenerateBackend, LoglikBackend
+from .generation import read_qa, score_generation
 from .multiple_choice import read_mc, score_mc
 from .report import table, write_results
 
-PROMPT_VERSION = "mmlu-v1"   # mc_prompt's layout; bump when it changes, so results.json says what was measured
+PROMPT_VERSION = "mmlu-v1"       # mc_prompt's layout; bump when it changes, so results.json says what was measured
+GEN_PROMPT_VERSION = "qa-v1"     # qa_prompt's
 
 
 def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
@@ -38,6 +40,25 @@ def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: st
     config = dict(task=str(task), fewshot=len(shots), fewshot_file=str(fewshot_file) if fewshot_file else None,
                   add_bos=add_bos, continuation=continuation, seed=seed)
     path = write_results(out_dir, name, metrics, records, PROMPT_VERSION, config)
+    print(table(name, metrics))
+    print(f"results: {path}")
+    return metrics
+
+
+def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
+                        fewshot: int = 0, add_bos: bool = True, k: int = 1, temperature: float = 0.0,
+                        max_tokens: int = 256, limit: int = 0, seed: int = 0) -> dict:
+    questions = read_qa(task)[:limit or None]
+    shots = random.Random(seed).sample(read_qa(fewshot_file), fewshot) if fewshot and fewshot_file else []
+    if fewshot and not fewshot_file:
+        raise ValueError("few-shot examples come from a dev split: pass --fewshot-file")
+    if k > 1 and temperature == 0:
+        raise ValueError("k > 1 samples need --temperature > 0 (greedy samples are all the same)")
+    metrics, records = score_generation(backend, tokenizer, questions, shots, k, temperature, max_tokens, add_bos, seed)
+    name = Path(task).stem
+    config = dict(task=str(task), fewshot=len(shots), add_bos=add_bos, k=k, temperature=temperature,
+                  max_tokens=max_tokens, seed=seed)
+    path = write_results(out_dir, name, metrics, records, GEN_PROMPT_VERSION, config)
     print(table(name, metrics))
     print(f"results: {path}")
     return metrics

@@ -3,7 +3,8 @@
 - `pass_at_k(n, c, k)`: the unbiased estimator of Chen et al. 2021 (HumanEval): the chance that at least one of k
   samples drawn without replacement from n generations, c of them correct, is correct: 1 - C(n-c, k) / C(n, k),
   computed as a running product (no big binomials).
-- `maj_at_k(answers, correct)`: the majority answer of k samples (ties: the first seen) is correct.
+- `majority_answer(answers)`: the most frequent of k answers (ties: the first seen; None, a failed extraction, never
+  wins); maj@k is whether it is correct.
 - `binomial_stderr(p, n)`: sqrt(p (1 - p) / (n - 1)), lm-eval's standard error of a mean of 0/1 scores.
 - `bootstrap_stderr(scores, resamples, seed)`: for other means (pass@k per problem, acc_norm, ...).
 """
@@ -27,10 +28,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - fail
 
 
-def maj_at_k(answers: Sequence[Hashable], correct: Hashable) -> bool:
-    """The most frequent answer among `answers` (None answers, failed extractions, never win) equals `correct`."""
+def majority_answer(answers: Sequence[Hashable]) -> Hashable | None:
     counts = Counter(a for a in answers if a is not None)
-    return bool(counts) and counts.most_common(1)[0][0] == correct
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def binomial_stderr(p: float, n: int) -> float:

@@ -1,0 +1,118 @@
+"""Answers out of model text, and whether two answers are the same (GSM8K / MATH-style scoring, issue 19; the GRPO
+answer reward uses the same functions, so training and evaluation agree on what counts as right).
+
+Extraction, first match wins:
+  strict:   <answer>...</answer>, the last \\boxed{...}, "The answer is X" / "Answer: X", GSM8K's "#### X"
+  flexible: the same, then the last number in the text (lm-eval's gsm8k "flexible-extract")
+None when nothing is found: a failed extraction is a wrong answer and is counted as such, never an error.
+
+Equivalence: equal strings after normalisation (spaces, a trailing period, \\text{}, $ and \\%, thousands commas);
+else equal numbers (int, decimal, fraction a/b, LaTeX \\frac, within rel_tol); else symbolic: both sides parsed by
+sympy and their difference simplifies to 0. Model output is untrusted and sympy's parser evaluates Python, so only
+a whitelisted arithmetic alphabet (digits, + - * / ^ ( ), single-letter symbols, sqrt, pi) of at most 64 characters,
+with no exponent above 3 digits, ever reaches it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
+_STRICT = [re.compile(r"<answer>(.*?)</answer>", re.S | re.I),
+           re.compile(r"(?:the (?:final )?answer is|answer:)\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?(?:\n|$)", re.I),
+           re.compile(r"####\s*([^\n]+)")]
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth, j = 1, i
+    while j < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        j += 1
+    return text[i:j - 1].strip() if depth == 0 else None
+
+
+def extract_answer(text: str, flexible: bool = True) -> str | None:
+    m = _STRICT[0].findall(text)
+    if m:
+        return m[-1].strip()
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    for pattern in _STRICT[1:]:
+        m = pattern.findall(text)
+        if m:
+            return m[-1].strip()
+    if flexible:
+        nums = re.findall(_NUMBER, text)
+        if nums:
+            return nums[-1]
+    return None
+
+
+def normalize(ans: str) -> str:
+    s = ans.strip()
+    s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
+    s = s.replace("\\%", "").replace("%", "").replace("$", "").replace("\\!", "").replace("\\,", "")
+    s = s.replace("\\left", "").replace("\\right", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"(\d),(\d{3})\b", r"\1\2", s)
+    s = re.sub(r"(\d),(\d{3})\b", r"\1\2", s)           # twice: 1,234,567
+    s = s.rstrip(".").strip()
+    return re.sub(r"\s+", " ", s)
+
+
+def to_number(ans: str) -> float | None:
+    s = normalize(ans).replace(" ", "")
+    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(-?\d+)/(-?\d+)", s)
+    try:
+        if m:
+            return float(Fraction(int(m.group(1)), int(m.group(2))))
+        return float(s) if re.fullmatch(r"-?(\d+\.?\d*|\.\d+)(e-?\d+)?", s) else None
+    except (ZeroDivisionError, ValueError, OverflowError):
+        return None
+
+
+def _latex_to_expr(s: str) -> str:
+    for _ in range(4):          # nested \frac / \sqrt
+        s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
+        s = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", s)
+    return s.replace("\\cdot", "*").replace("\\times", "*").replace("\\pi", "pi").replace("{", "(").replace("}", ")")
+
+
+# numbers, operators, sqrt, pi, and lone letters (no other names: "exec" or "open" never reach the parser)
+_SAFE = re.compile(r"(?:\d+\.?\d*|sqrt|pi|(?<![a-z])[a-z](?![a-z])|[+\-*/^()\s])+")
+
+
+def _symbolic_equal(a: str, b: str) -> bool:
+    exprs = []
+    for s in (a, b):
+        s = _latex_to_expr(normalize(s))
+        if len(s) > 64 or not _SAFE.fullmatch(s) or re.search(r"(\^|\*\*)\s*\(?\s*\d{4,}", s):
+            return False
+        exprs.append(s.replace("^", "**"))
+    try:
+        import sympy
+        from sympy.parsing.sympy_parser import (implicit_multiplication_application, parse_expr,
+                                                standard_transformations)
+        tr = standard_transformations + (implicit_multiplication_application,)
+        x, y = (parse_expr(e, transformations=tr, evaluate=True) for e in exprs)
+        return bool(sympy.simplify(x - y) == 0)
+    except Exception:            # anything sympy cannot read or decide is not shown equal
+        return False
+
+
+def equivalent(pred: str | None, gold: str, rel_tol: float = 1e-6) -> bool:
+    if pred is None:
+        return False
+    if normalize(pred) == normalize(gold):
+        return True
+    p, g = to_number(pred), to_number(gold)
+    if p is not None and g is not None:
+        return math.isclose(p, g, rel_tol=rel_tol, abs_tol=1e-12)
+    return _symbolic_equal(pred, gold)
