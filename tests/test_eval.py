@@ -219,3 +219,42 @@ def test_dsv3_eval_gen_cli(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "o" / "samples_arith.jsonl").read_text().splitlines()]
     assert [r["gold"] for r in recs] == ["0", "2", "4", "6"] and all(len(r["outputs"]) == 3 for r in recs)
     assert main(args + ["--k", "3"]) == 2          # greedy samples are all the same
+
+
+class Reader:
+    """A perfect retriever: reads the prompt back and answers with the needle it finds, so the grid's construction
+    (lengths, depths, one needle per cell) is what is checked; a real model's retrieval is a benchmark."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths, self.positions = tok, [], []
+
+    def generate(self, prompts, k, temperature, max_tokens, stop, seed):
+        import re
+        out = []
+        for ids in prompts:
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            self.lengths.append(len(ids))
+            m = list(re.finditer(r"The secret number of (\w+) is (\d+)\.", text))
+            assert len(m) == 1                      # one needle a cell
+            hay = text.index("\nQuestion:") - len(m[0].group(0))      # the haystack's characters
+            self.positions.append(m[0].start() / hay)
+            out.append([f" {m[0].group(2)}."])
+        return out
+
+
+def test_needle_grid_places_one_needle_per_cell_within_length(setup, tmp_path):
+    from dsv3.eval.needle import heat_map, needle_grid
+    tok = setup[0]
+    filler = "The quick brown fox jumps over the lazy dog. " * 300
+    lengths, depths = [128, 256, 512], [0.0, 0.5, 1.0]
+    reader = Reader(tok)
+    scores, records = needle_grid(reader, tok, filler, lengths, depths)
+    assert scores == [[1.0] * 3] * 3 and len({r["needle"] for r in records}) == 9
+    for L, n in zip([L for L in lengths for _ in depths], reader.lengths):
+        assert L - 24 <= n <= L + 1                 # BOS + the prompt's tokens, within the cell's length
+    pos = [reader.positions[i * 3:(i + 1) * 3] for i in range(3)]
+    assert all(p[0] < 0.05 and 0.3 < p[1] < 0.7 and p[2] > 0.8 for p in pos), pos
+    heat_map(scores, lengths, depths, tmp_path / "needle.png")
+    assert (tmp_path / "needle.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="fewer than"):
+        needle_grid(reader, tok, "short. " * 5, [512], [0.5])

@@ -1,0 +1,74 @@
+"""Needle in a haystack: long-context retrieval over context lengths x depths, with a heat map.
+
+A haystack is filler text (the caller's: any long document, e.g. a book from a file) cut to a length in tokens; the
+needle "The secret number of <city> is <7 digits>." goes in at a depth (0 = the start, 1 = the end), at the nearest
+sentence boundary, and the question asks for it. A cell scores 1 when the extracted number equals the needle's.
+Each cell uses its own city and number (seeded), so no cell can be answered from another's prompt or from the
+model's prior. Token lengths are the tokenizer's, measured on the whole prompt, so a cell never exceeds its length.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from .backends import GenerateBackend
+from .extract import extract_answer
+
+CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Tunis", "Hanoi", "Perth",
+          "Bilbao", "Kazan", "Accra", "Galway", "Mysore"]
+
+
+def needle_prompt(tokenizer, filler: str, length: int, depth: float, city: str, number: str) -> str:
+    """A prompt of at most `length` tokens with the needle at `depth` of the haystack."""
+    needle = f" The secret number of {city} is {number}. "
+    question = f"\nQuestion: What is the secret number of {city}?\nAnswer: The secret number of {city} is"
+    budget = length - len(tokenizer.encode(needle + question)) - 2
+    if budget < 16:
+        raise ValueError(f"a context of {length} tokens has no room for a haystack")
+    ids = tokenizer.encode(filler)
+    if len(ids) < budget:
+        raise ValueError(f"the filler text has {len(ids)} tokens, fewer than the {budget} a {length}-token cell needs")
+    hay = tokenizer.decode(ids[:budget])
+    cut = int(len(hay) * depth)
+    dot = hay.rfind(". ", 0, cut)            # a sentence boundary before the depth, if there is one
+    cut = dot + 1 if dot > 0 and depth < 1 else cut
+    prompt = hay[:cut] + needle + hay[cut:] + question
+    while len(tokenizer.encode(prompt)) > length:     # the join can merge tokens differently: trim the haystack
+        hay = hay[:-16]
+        prompt = hay[:min(cut, len(hay))] + needle + hay[min(cut, len(hay)):] + question
+    return prompt
+
+
+def needle_grid(backend: GenerateBackend, tokenizer, filler: str, lengths: list[int], depths: list[float],
+                seed: int = 0, add_bos: bool = True) -> tuple[list[list[float]], list[dict]]:
+    """scores[i][j] for lengths[i] x depths[j] (greedy, 12 new tokens), and one record per cell."""
+    rng = random.Random(seed)
+    cells = [(L, d, rng.choice(CITIES), f"{rng.randrange(10**6, 10**7)}") for L in lengths for d in depths]
+    prompts = [needle_prompt(tokenizer, filler, L, d, city, num) for L, d, city, num in cells]
+    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    outs = backend.generate([bos + tokenizer.encode(p) for p in prompts], 1, 0.0, 12, ["\n"], seed)
+    records, flat = [], []
+    for (L, d, city, num), texts in zip(cells, outs):
+        got = extract_answer(texts[0], flexible=True)
+        ok = got is not None and got.replace(",", "") == num
+        flat.append(float(ok))
+        records.append(dict(length=L, depth=d, city=city, needle=num, output=texts[0], extracted=got, correct=ok))
+    return [flat[i * len(depths):(i + 1) * len(depths)] for i in range(len(lengths))], records
+
+
+def heat_map(scores: list[list[float]], lengths: list[int], depths: list[float], path: str | Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(lengths), 1 + 0.5 * len(depths)))
+    im = ax.imshow([[scores[i][j] for i in range(len(lengths))] for j in range(len(depths))], vmin=0, vmax=1,
+                   cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
