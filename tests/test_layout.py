@@ -18,6 +18,7 @@ FORBIDDEN = {
     "train": ["dsv3.infer", "dsv3.serve", "dsv3.eval", "dsv3.cli"],
     "kernels": ["dsv3.model", "dsv3.train", "dsv3.infer", "dsv3.checkpoint", "dsv3.data", "dsv3.cli"],
     "infer": ["dsv3.train", "dsv3.serve", "dsv3.eval", "dsv3.cli", "dsv3.data"],
+    "posttrain": ["dsv3.serve", "dsv3.eval", "dsv3.cli"],
     "serve": ["dsv3.train", "dsv3.eval", "dsv3.cli", "dsv3.model", "dsv3.kernels", "torch.distributed"],
 }
 
