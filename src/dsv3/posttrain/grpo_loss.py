@@ -5,6 +5,9 @@ arXiv 2503.14476: token-level aggregation, asymmetric "clip-higher", dynamic sam
 Shapes: N = prompts x G responses (a group's G rows are consecutive), T = tokens per row. Per-token tensors are
 (N, T) and aligned with `mask` (True on the response tokens that carry loss); advantages are (N,) per response.
 All functions are pure: no optimiser, no model state beyond `sequence_logprobs`' forward.
+
+Order of use in a step: rewards -> group_advantages -> dynamic_sampling_mask / overlong_filter (shrink the mask) ->
+sequence_logprobs (policy, and the reference when beta > 0) -> policy_loss.
 """
 
 from __future__ import annotations
@@ -66,13 +69,14 @@ def _aggregate(per_token: Tensor, mask: Tensor, aggregation: str) -> Tensor:
 
 def policy_loss(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, logp_ref: Tensor | None = None,
                 *, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, kl_estimator: str = "k3",
-                aggregation: str = "token") -> tuple[Tensor, dict[str, Tensor]]:
+                aggregation: str = "token", entropy: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The GRPO objective (spec 7), negated to a loss, per token t of response i:
         rho = pi_theta / pi_old;  obj = min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) - beta KL_t
     aggregated over `mask` by `aggregation`. eps_high > eps_low is DAPO's clip-higher (room for unlikely tokens to
     grow, against entropy collapse). beta = 0 needs no reference model (DAPO / Dr. GRPO drop the KL term).
     Returns (loss, stats): clip_fraction (share of loss tokens whose gradient the clip stopped), kl (mean over loss
-    tokens, 0 when beta = 0 and no reference), ratio_mean."""
+    tokens, 0 when no reference is given), ratio_mean, and entropy (mean over loss tokens of the per-token policy
+    entropy `entropy` (N, T), only logged: its fall is the entropy collapse clip-higher is there to prevent)."""
     assert logp_new.shape == logp_old.shape == mask.shape, (logp_new.shape, logp_old.shape, mask.shape)
     assert advantages.shape == logp_new.shape[:1], (advantages.shape, logp_new.shape)
     if beta and logp_ref is None:
@@ -97,20 +101,30 @@ def policy_loss(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, mask: Te
         stats = {"clip_fraction": (clipped & mask).sum() / n,
                  "kl": (kl.detach() * mask).sum() / n,
                  "ratio_mean": (ratio.detach() * mask).sum() / n}
+        if entropy is not None:
+            stats["entropy"] = (entropy.detach() * mask).sum() / n
     return loss, stats
 
 
-def sequence_logprobs(model, ids: Tensor, response_mask: Tensor, temperature: float = 1.0) -> Tensor:
+def sequence_logprobs(model, ids: Tensor, response_mask: Tensor, temperature: float = 1.0,
+                      with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probs (N, T) of `ids` (N, T) under a dsv3 Transformer: entry t is log p(ids[t] | ids[:t]) where
     response_mask[t], 0 elsewhere (so it lines up with the mask that `policy_loss` takes). The log-prob is minus the
-    token cross-entropy in (at least) fp32, the trainer's `cross_entropy` (dsv3.train.trainer) before its mean. `temperature`
-    must be the rollout's, so that ratios compare the distribution the tokens were sampled from."""
+    token cross-entropy in fp32, as the trainer's `cross_entropy` (dsv3.train.trainer) before its mean (that one
+    returns only the mean, hence the one line here). `temperature` must be the rollout's, so that ratios compare the
+    distribution the tokens were sampled from. `with_entropy` also returns the per-token entropy (N, T) of that
+    distribution (for the log), masked the same way."""
     assert ids.shape == response_mask.shape, (ids.shape, response_mask.shape)
     assert not response_mask[:, 0].any(), "position 0 has no context: it cannot be a response token"
-    logits = model(ids[:, :-1])                          # (N, T-1, V): position t-1 predicts token t
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))    # at least fp32; fp64 stays fp64
+    logits = model(ids[:, :-1]).float()                  # (N, T-1, V): position t-1 predicts token t
     if temperature != 1.0:
         logits = logits / temperature
+    m = response_mask.to(logits.dtype)
     logp = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")    # (N, T-1)
-    logp = F.pad(logp, (1, 0))                                                          # (N, T): realign to ids
-    return logp * response_mask.to(logp.dtype)
+    logp = F.pad(logp, (1, 0)) * m                                                      # (N, T): realign to ids
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        lp = torch.log_softmax(logits, dim=-1)
+        ent = -(lp.exp() * lp).sum(-1)                                                  # (N, T-1)
+    return logp, F.pad(ent, (1, 0)) * m

@@ -26,6 +26,12 @@ _FORMAT = re.compile(r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answe
                      r"</answer>\s*", re.DOTALL)
 
 
+def tagged_answer(text: str) -> str | None:
+    """The last <answer>...</answer> block's content, stripped; None without one."""
+    found = _ANSWER.findall(text)
+    return found[-1].strip() if found else None
+
+
 def extract_answer(text: str) -> str | None:
     """The last <answer> block's content, else the last \\boxed{}, else the last number; None when there is none."""
     for pattern in (_ANSWER, _BOXED):
