@@ -132,6 +132,15 @@ def test_sequence_logprobs_matches_log_softmax():
             for t in range(10):
                 want = torch.log_softmax(logits[t - 1], -1)[ids[i, t]].item() if resp[i, t] else 0.0
                 assert lp[i, t].item() == pytest.approx(want, abs=1e-9)
+    lp2, ent = sequence_logprobs(model, ids, resp, temperature=0.7, with_entropy=True)
+    assert torch.equal(lp2, lp)
+    with torch.no_grad():
+        p = torch.softmax(model(ids[:, :-1]).double() / 0.7, -1)
+        want = -(p * p.log()).sum(-1)                    # entropy of the distribution at each position
+    assert torch.allclose(ent[:, 1:], want * resp[:, 1:], atol=1e-9) and (ent[:, 0] == 0).all()
+    z = torch.zeros(3, 10, dtype=torch.float64)
+    stats = policy_loss(z, z, torch.zeros(3, dtype=torch.float64), resp, entropy=ent)[1]
+    assert stats["entropy"].item() == pytest.approx(want[:, 3:].mean().item(), rel=1e-9)
 
 
 def test_one_grpo_step_moves_logprobs_with_the_advantage():
