@@ -16,6 +16,9 @@ def test_extract_answer():
     assert extract_answer("first 12, then -3.5 and finally 41") == "41"
     assert extract_answer("it is 3 / 4") == "3/4"
     assert extract_answer("no number here") is None
+    assert extract_answer("the total is 1,234") == "1,234" and extract_answer("1,2,3") == "3"
+    assert extract_answer(r"so \boxed{\frac{1}{2}}") == "1/2" and extract_answer(r"\boxed{x^{2}}") == "x^{2}"
+    assert extract_answer(r"\boxed{3") == "3"                           # unbalanced: falls back to the last number
 
 
 def test_numeric_and_exact_match():
@@ -28,6 +31,10 @@ def test_numeric_and_exact_match():
     assert not answers_match("0.1234567", "0.12345671", rel_tol=1e-9, abs_tol=0)
     assert answers_match("x  + 1", "x + 1") and not answers_match("X + 1", "x + 1")   # text: whitespace only
     assert not answers_match(None, "1")
+    # a policy can print absurd numbers: no match, never an exception
+    assert not answers_match("1" + "0" * 400, "5") and not answers_match("1" * 5000, "5")
+    assert correctness_reward("<answer>" + "9" * 400 + "</answer>", "0.5") == 0.0
+    assert correctness_reward(r"\boxed{\frac{2}{4}}", "0.5") == 1.0
     assert correctness_reward("<think>..</think><answer>1/2</answer>", "0.5") == 1.0
     assert correctness_reward("I think 3", "4") == 0.0
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from dsv3.posttrain.tasks import (arithmetic_task, countdown_task, generate_tasks, split_of, verify,
+from dsv3.posttrain.tasks import (arithmetic_key, arithmetic_task, countdown_task, generate_tasks, split_of, verify,
                                   verify_countdown)
 
 
@@ -20,6 +20,16 @@ def test_splits_are_disjoint_and_reproducible(kind, kw):
     assert a != generate_tasks(kind, "train", 20, 8, **kw)
     with pytest.raises(ValueError, match="split"):
         generate_tasks(kind, "test", 1, 0)
+
+
+def test_commuted_problems_share_a_key():
+    assert arithmetic_key(12, "+", 34) == arithmetic_key(34, "+", 12)
+    assert arithmetic_key(12, "*", 34) == arithmetic_key(34, "*", 12)
+    assert arithmetic_key(12, "-", 34) != arithmetic_key(34, "-", 12)
+    rng = random.Random(3)
+    for _ in range(100):
+        t = arithmetic_task(rng, digits=2)
+        assert t.key == arithmetic_key(t.numbers[0], t.prompt.split()[2], t.numbers[1])
 
 
 def test_split_share_is_about_ten_percent():

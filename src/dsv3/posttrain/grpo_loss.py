@@ -8,6 +8,8 @@ All functions are pure: no optimiser, no model state beyond `sequence_logprobs`'
 
 Order of use in a step: rewards -> group_advantages -> dynamic_sampling_mask / overlong_filter (shrink the mask) ->
 sequence_logprobs (policy, and the reference when beta > 0) -> policy_loss.
+"token" aggregation divides by the loss tokens of the call; a loop that accumulates micro-batches must rescale to
+the whole batch's token count (DAPO's mean is over the batch), or use Dr. GRPO's constant normaliser.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from torch import Tensor
 def group_advantages(rewards: Tensor, G: int, scale_std: bool = True, eps: float = 1e-6) -> Tensor:
     """A_i = (r_i - mean(r_group)) / std(r_group) (spec 7). `scale_std=False` is Dr. GRPO: dividing by the std
     up-weights groups whose rewards barely differ (too easy / too hard questions), a difficulty bias. The std is the
-    unbiased one (torch's default, as TRL's GRPOTrainer); `eps` keeps all-equal groups finite (their A is 0)."""
+    unbiased one (torch's default, as TRL's GRPOTrainer); `eps` keeps all-equal groups finite (their A is 0). With
+    real-valued (reward-model) rewards a group differing by ~eps gets O(1) advantages from noise: raise eps (TRL
+    uses 1e-4) or compare rewards with a tolerance in dynamic sampling."""
     assert rewards.ndim == 1 and rewards.numel() % G == 0, f"rewards {tuple(rewards.shape)} not a multiple of G={G}"
     r = rewards.view(-1, G).double()
     a = r - r.mean(dim=1, keepdim=True)                  # step 1: centre within the group (the critic-free baseline)

@@ -20,8 +20,10 @@ from fractions import Fraction
 from typing import Protocol, Sequence, runtime_checkable
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
+# thousands-separated form first, so "1,234" is one number and not "234"
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
+_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+MAX_NUMBER_CHARS = 64            # a policy can print 5000 digits; beyond this it is no answer (and float() overflows)
 _FORMAT = re.compile(r"\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*<answer>(?:(?!</?think>|</?answer>).)*"
                      r"</answer>\s*", re.DOTALL)
 
@@ -32,20 +34,33 @@ def tagged_answer(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...}, braces balanced (\\boxed{\\frac{1}{2}}), with \\frac{a}{b} -> a/b."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return _FRAC.sub(r"\1/\2", text[i + 1:j]).strip()
+    return None
+
+
 def extract_answer(text: str) -> str | None:
     """The last <answer> block's content, else the last \\boxed{}, else the last number; None when there is none."""
-    for pattern in (_ANSWER, _BOXED):
-        found = pattern.findall(text)
-        if found:
-            return found[-1].strip()
+    for found in (tagged_answer(text), last_boxed(text)):
+        if found is not None:
+            return found
     found = _NUMBER.findall(text)
     return found[-1].replace(" ", "") if found else None
 
 
 def parse_number(s: str) -> Fraction | None:
-    """'12', '-3.25', '7/4', '1,234' -> an exact Fraction; None for anything else (so 'nan', '1e999' never match)."""
+    """'12', '-3.25', '7/4', '1,234' -> an exact Fraction; None for anything else (so 'nan', '1e999' and
+    numbers longer than MAX_NUMBER_CHARS never match)."""
     s = s.strip().replace(",", "").replace(" ", "")
-    if not re.fullmatch(r"-?\d+(?:\.\d+)?(?:/-?\d+)?", s):
+    if len(s) > MAX_NUMBER_CHARS or not re.fullmatch(r"-?\d+(?:\.\d+)?(?:/-?\d+)?", s):
         return None
     try:
         return Fraction(s)

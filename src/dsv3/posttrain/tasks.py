@@ -40,12 +40,19 @@ def split_of(key: str) -> str:
     return "heldout" if bucket < HELDOUT_PER_MILLE else "train"
 
 
+def arithmetic_key(a: int, op: str, b: int) -> str:
+    """12+34 and 34+12 are one problem, so they get one key (and one split); a-b and b-a are two."""
+    x, y = (min(a, b), max(a, b)) if op in "+*" else (a, b)
+    return f"arith:{x}{op}{y}"
+
+
 def arithmetic_task(rng: random.Random, digits: int = 3) -> Task:
     """a op b with a, b of exactly `digits` digits, op in + - *."""
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1
     a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice("+-*")
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return Task("arithmetic", f"Compute {a} {op} {b}. {INSTRUCTION}", str(value), (a, b), value, f"arith:{a}{op}{b}")
+    return Task("arithmetic", f"Compute {a} {op} {b}. {INSTRUCTION}", str(value), (a, b), value,
+                arithmetic_key(a, op, b))
 
 
 def countdown_task(rng: random.Random, n_numbers: int = 4, max_number: int = 25) -> Task:
