@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dsv3.posttrain.sandbox import code_reward, namespaces_available, run_python
+from dsv3.posttrain.sandbox import SandboxUnavailable, code_reward, namespaces_available, run_python, self_check
 
 
 def _gone(pgid: int, wait_s: float = 5.0) -> bool:
@@ -33,6 +33,8 @@ def test_runs_code_and_removes_its_directory():
     assert r.isolation == ("namespaces" if namespaces_available() else "audit-hook")
     assert code_reward("def f(x):\n    return 2 * x", "assert f(3) == 6") == 1.0
     assert code_reward("def f(x):\n    return 2 * x", "assert f(3) == 7") == 0.0
+    for hack in ["import sys\nsys.exit(0)", "import os\nos._exit(0)"]:       # exit 0 before the tests run
+        assert code_reward(hack, "assert False") == 0.0, hack
     assert run_python("print(input())").returncode != 0          # stdin is at EOF
 
 
@@ -112,3 +114,15 @@ def test_network_is_blocked(isolation):
         assert r.stdout.startswith("blocked"), (r.stdout, r.stderr)
         with pytest.raises(TimeoutError):
             server.accept()
+
+
+def test_audit_hook_mode_blocks_other_programs():
+    for code in ["import os\nos.system('/bin/echo escaped')", "import subprocess\nsubprocess.run(['/bin/true'])",
+                 "import os\nos.execv('/bin/echo', ['echo', 'escaped'])"]:
+        r = run_python(code, isolation="audit-hook")
+        assert r.returncode != 0 and "escaped" not in r.stdout and "blocked in the sandbox" in r.stderr, code
+
+
+def test_self_check_turns_a_dead_sandbox_into_an_error():
+    with pytest.raises(SandboxUnavailable, match="cannot run code"):
+        self_check(max_file_mb=0)                # stdout is a file: its first byte is over RLIMIT_FSIZE
