@@ -114,10 +114,10 @@ def sequence_logprobs(model, ids: Tensor, response_mask: Tensor, temperature: fl
                       with_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probs (N, T) of `ids` (N, T) under a dsv3 Transformer: entry t is log p(ids[t] | ids[:t]) where
     response_mask[t], 0 elsewhere (so it lines up with the mask that `policy_loss` takes). The log-prob is minus the
-    token cross-entropy in (at least) fp32, as the trainer's `cross_entropy` (dsv3.train.trainer) before its mean (that one
-    returns only the mean, hence the one line here). `temperature` must be the rollout's, so that ratios compare the
-    distribution the tokens were sampled from. `with_entropy` also returns the per-token entropy (N, T) of that
-    distribution (for the log), masked the same way."""
+    token cross-entropy in (at least) fp32, as the trainer's `cross_entropy` (dsv3.train.trainer) before its mean
+    (that one returns only the mean, hence the one line here). `temperature` must be the rollout's, so that ratios
+    compare the distribution the tokens were sampled from. `with_entropy` also returns the per-token entropy (N, T)
+    of that distribution (for the log), masked the same way."""
     assert ids.shape == response_mask.shape, (ids.shape, response_mask.shape)
     assert not response_mask[:, 0].any(), "position 0 has no context: it cannot be a response token"
     logits = model(ids[:, :-1])                          # (N, T-1, V): position t-1 predicts token t
