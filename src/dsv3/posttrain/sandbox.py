@@ -13,6 +13,10 @@ The child runs `python -I` (isolated: no site dirs, no PYTHON* variables) with:
   by Popen's user/group in C) and runs a world-executable interpreter (ours may live under /root). The process
   count is per uid: concurrent sandboxes share the budget, and for a non-root caller it includes the caller's
   processes (`self_check` turns a sandbox that cannot start into an error, not into zero rewards);
+- memory: RLIMIT_AS is per process, so the bound for one run, and (NPROC being per uid) for all concurrent runs, is
+  max_procs x memory_mb: 8 x 512 MiB = 4 GiB by default, kept small because the machine is shared;
+- when root, the child's interpreter is the system python3 (ours may not be world-readable), so code importing
+  third-party packages can behave differently from a non-root run;
 - a fresh temporary working directory, removed afterwards; an empty environment; stdin from /dev/null (EOF at once);
 - no network. Preferred ("namespaces"): the child runs under `unshare --user --map-root-user --net --pid --fork
   --kill-child`: a new network namespace with only a down loopback, so no connection can leave it, and a new PID
@@ -131,7 +135,7 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int = 32,
+def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int = 8,
                max_file_mb: int = 8, max_output_chars: int = 1 << 16, isolation: str | None = None,
                sandbox_uid: int = 65534) -> SandboxResult:
     """Run `code` as a script in the sandbox and return its exit status and (truncated) output."""
