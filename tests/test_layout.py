@@ -19,6 +19,10 @@ FORBIDDEN = {
     "kernels": ["dsv3.model", "dsv3.train", "dsv3.infer", "dsv3.checkpoint", "dsv3.data", "dsv3.cli"],
     "infer": ["dsv3.train", "dsv3.serve", "dsv3.eval", "dsv3.cli", "dsv3.data"],
     "eval": ["dsv3.train", "dsv3.serve", "dsv3.cli", "torch.distributed"],
+    "posttrain": ["dsv3.serve", "dsv3.eval", "dsv3.cli"],
+    # answers and code are judged by one set of functions in training (rewards) and evaluation
+    "verify": ["torch", "dsv3.model", "dsv3.train", "dsv3.infer", "dsv3.serve", "dsv3.eval", "dsv3.posttrain",
+               "dsv3.cli"],
     "serve": ["dsv3.train", "dsv3.eval", "dsv3.cli", "dsv3.model", "dsv3.kernels", "torch.distributed"],
 }
 

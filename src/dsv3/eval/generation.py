@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .backends import GenerateBackend
-from .extract import equivalent, extract_answer, normalize
+from ..verify.extract import equivalent, extract_answer, normalize
 from .multiple_choice import TaskError
 from .stats import binomial_stderr, bootstrap_stderr, majority_answer, pass_at_k
 

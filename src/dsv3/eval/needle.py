@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 
 from .backends import GenerateBackend
-from .extract import extract_answer
+from ..verify.extract import extract_answer
 
 CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Tunis", "Hanoi", "Perth",
           "Bilbao", "Kazan", "Accra", "Galway", "Mysore"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dsv3.eval.extract import equivalent, extract_answer, last_boxed, normalize, to_number
+from dsv3.verify.extract import equivalent, extract_answer, last_boxed, normalize, to_number
 
 
 @pytest.mark.parametrize("text,strict,flexible", [

@@ -1,5 +1,6 @@
-"""Answers out of model text, and whether two answers are the same (GSM8K / MATH-style scoring, issue 19; the GRPO
-answer reward uses the same functions, so training and evaluation agree on what counts as right).
+"""Answers out of model text, and whether two answers are the same: GSM8K / MATH-style scoring in dsv3.eval and the
+GRPO correctness reward in dsv3.posttrain use these same functions, so training and evaluation agree on what counts
+as right.
 
 Extraction, first match wins:
   strict:   <answer>...</answer>, the last \\boxed{...}, "The answer is X" / "Answer: X", GSM8K's "#### X"
@@ -19,7 +20,9 @@ import math
 import re
 from fractions import Fraction
 
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+"
+# thousands-separated form first ("1,234" is one number, "1,2,3" ends in 3); "3 / 4" is one fraction
+_NUMBER = r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+"
+MAX_NUMBER_CHARS = 64   # a policy can print 5000 digits: beyond this it is no number
 _STRICT = [re.compile(r"<answer>(.*?)</answer>", re.S | re.I),
            re.compile(r"(?:the (?:final )?answer is|answer:)\s*\$?([^\n$]+?)\$?\s*(?:\.\s*)?(?:\n|$)", re.I),
            re.compile(r"####\s*([^\n]+)")]
@@ -38,10 +41,16 @@ def last_boxed(text: str) -> str | None:
     return text[i:j - 1].strip() if depth == 0 else None
 
 
-def extract_answer(text: str, flexible: bool = True) -> str | None:
+def tagged_answer(text: str) -> str | None:
+    """The last <answer>...</answer> block's content, stripped; None without one."""
     m = _STRICT[0].findall(text)
-    if m:
-        return m[-1].strip()
+    return m[-1].strip() if m else None
+
+
+def extract_answer(text: str, flexible: bool = True) -> str | None:
+    tagged = tagged_answer(text)
+    if tagged is not None:
+        return tagged
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed
@@ -52,7 +61,7 @@ def extract_answer(text: str, flexible: bool = True) -> str | None:
     if flexible:
         nums = re.findall(_NUMBER, text)
         if nums:
-            return nums[-1]
+            return re.sub(r"\s*/\s*", "/", nums[-1])
     return None
 
 
@@ -69,6 +78,8 @@ def normalize(ans: str) -> str:
 
 def to_number(ans: str) -> float | None:
     s = normalize(ans).replace(" ", "")
+    if len(s) > MAX_NUMBER_CHARS:
+        return None
     m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(-?\d+)/(-?\d+)", s)
     try:
         if m:

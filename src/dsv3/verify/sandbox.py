@@ -1,0 +1,200 @@
+"""Sandboxed execution of model-written Python for code rewards (spec 7: "compiler/test cases for LeetCode").
+
+The child runs `python -I` (isolated: no site dirs, no PYTHON* variables) with:
+- a wall-clock limit; on expiry its whole process group (it leads a new session) gets SIGKILL, and so do any
+  members left when it exits on its own (a forked child sleeping in the background);
+- RLIMIT_AS (memory), RLIMIT_NPROC (processes/threads), RLIMIT_FSIZE (file size; stdout/stderr go to files, so
+  output is bounded too), RLIMIT_CPU as a backstop, RLIMIT_CORE 0, soft = hard. A bootstrap (`_BOOTSTRAP`) sets
+  them in the child before the code is compiled: no `preexec_fn`, which Python documents as unsafe in a process
+  with threads (the GRPO loop has torch's and the Engine's). Lowering needs no privilege and, without
+  CAP_SYS_RESOURCE in the initial namespace, the code cannot raise them back;
+- a non-root user: the kernel never applies RLIMIT_NPROC to uid 0 (copy_process exempts INIT_USER, even inside a
+  user namespace that maps root to root), so when we are root the child is started as `sandbox_uid` (nobody; done
+  by Popen's user/group in C) and runs a world-executable interpreter (ours may live under /root). The process
+  count is per uid: concurrent sandboxes share the budget, and for a non-root caller it includes the caller's
+  processes (`self_check` turns a sandbox that cannot start into an error, not into zero rewards);
+- memory: RLIMIT_AS is per process, so the bound for one run, and (NPROC being per uid) for all concurrent runs, is
+  max_procs x memory_mb: 8 x 512 MiB = 4 GiB by default, kept small because the machine is shared;
+- when root, the child's interpreter is the system python3 (ours may not be world-readable), so code importing
+  third-party packages can behave differently from a non-root run;
+- a fresh temporary working directory, removed afterwards; an empty environment; stdin from /dev/null (EOF at once);
+- no network. Preferred ("namespaces"): the child runs under `unshare --user --map-root-user --net --pid --fork
+  --kill-child`: a new network namespace with only a down loopback, so no connection can leave it, and a new PID
+  namespace whose end kills every process in it (even one that escaped the process group with setsid). Fallback
+  ("audit-hook", when that cannot run as the sandbox user): a PEP 578 audit hook, installed before the code runs,
+  raises on socket connect/bind/sendto/getaddrinfo and on starting other programs (os.system, exec, spawn,
+  subprocess) or loading native code with ctypes; weaker (an audit hook is no security boundary), so the result
+  says which one ran.
+Killed members of the group are reaped by init, not by us: they may show as zombies for a moment after return.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+# argv: as_bytes nproc fsize_bytes cpu_s audit(0/1). The code runs in fresh globals, as __main__.
+_BOOTSTRAP = """
+import resource, sys
+_as, _nproc, _fsize, _cpu, _audit = map(int, sys.argv[1:6])
+for _r, _v in ((resource.RLIMIT_AS, _as), (resource.RLIMIT_NPROC, _nproc), (resource.RLIMIT_FSIZE, _fsize),
+               (resource.RLIMIT_CPU, _cpu), (resource.RLIMIT_CORE, 0)):
+    resource.setrlimit(_r, (_v, _v))
+_BLOCKED = ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
+            "socket.gethostbyname", "socket.gethostbyaddr", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
+            "subprocess.Popen", "ctypes.dlopen", "ctypes.dlsym")
+def _hook(event, args):
+    if event in _BLOCKED:
+        raise PermissionError("blocked in the sandbox: " + event)
+if _audit:
+    sys.addaudithook(_hook)
+sys.argv = ["main.py"]
+_code = compile(open("main.py").read(), "main.py", "exec")
+exec(_code, {"__name__": "__main__", "__builtins__": __builtins__})
+"""
+
+# new user, network and PID namespaces; the code runs as the PID namespace's init, so when it dies (or unshare dies:
+# --kill-child) the kernel kills everything in the namespace, also processes that left our process group by setsid
+_UNSHARE = ["--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"]
+
+
+class SandboxUnavailable(RuntimeError):
+    """No isolation that keeps the limits binding can be set up on this machine."""
+
+
+@dataclass
+class SandboxResult:
+    returncode: int              # negative: killed by that signal
+    stdout: str
+    stderr: str
+    timed_out: bool
+    isolation: str               # "namespaces" | "audit-hook"
+    pid: int                     # the child's pid = its process group id (for checks that nothing survived)
+    workdir: str                 # removed by the time the result is returned
+
+
+def _user(sandbox_uid: int) -> dict:
+    """Popen arguments that start the child as the sandbox user when we are root (nothing otherwise)."""
+    return dict(user=sandbox_uid, group=sandbox_uid, extra_groups=[]) if os.geteuid() == 0 else {}
+
+
+@lru_cache(maxsize=4)
+def namespaces_available(sandbox_uid: int = 65534) -> bool:
+    """Whether `unshare` gives user + net + PID namespaces to the user the child really runs as (an unprivileged
+    one when we are root; some hosts allow root but not unprivileged users). Probed once per uid."""
+    exe = shutil.which("unshare")
+    if exe is None:
+        return False
+    try:
+        probe = subprocess.run([exe, *_UNSHARE, "true"], stdin=subprocess.DEVNULL, capture_output=True,
+                               timeout=10, env={}, cwd="/", **_user(sandbox_uid))
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+def _choose_isolation(isolation: str | None, sandbox_uid: int) -> str:
+    if isolation is None:
+        return "namespaces" if namespaces_available(sandbox_uid) else "audit-hook"
+    if isolation not in ("namespaces", "audit-hook"):
+        raise ValueError(f"isolation must be 'namespaces' or 'audit-hook', got {isolation!r}")
+    if isolation == "namespaces" and not namespaces_available(sandbox_uid):
+        raise SandboxUnavailable("unshare cannot create user + net + PID namespaces for the sandbox user here")
+    return isolation
+
+
+def _world_executable(path: str) -> bool:
+    """Whether any user can run `path`: the file and every directory above it have the others' x bit."""
+    p = Path(os.path.realpath(path))
+    return all(q.exists() and q.stat().st_mode & stat.S_IXOTH for q in [p, *p.parents])
+
+
+def interpreter() -> str:
+    """Our interpreter when the child keeps our uid or can run it; else a system python3 that anyone can run."""
+    if os.geteuid() != 0 or _world_executable(sys.executable):
+        return sys.executable
+    candidate = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    if candidate and _world_executable(candidate):
+        return candidate
+    raise SandboxUnavailable("no python3 that an unprivileged user can execute")
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int = 8,
+               max_file_mb: int = 8, max_output_chars: int = 1 << 16, isolation: str | None = None,
+               sandbox_uid: int = 65534) -> SandboxResult:
+    """Run `code` as a script in the sandbox and return its exit status and (truncated) output."""
+    mode = _choose_isolation(isolation, sandbox_uid)
+    root = tempfile.mkdtemp(prefix="dsv3-sandbox-")
+    work = os.path.join(root, "work")                    # the child's cwd; outputs live beside it, not in it
+    try:
+        os.mkdir(work)
+        Path(work, "main.py").write_text(code)
+        if os.geteuid() == 0:
+            for d in (root, work):
+                os.chown(d, sandbox_uid, sandbox_uid)
+        limits = [memory_mb << 20, max_procs, max_file_mb << 20, int(timeout_s) + 1, int(mode == "audit-hook")]
+        argv = [interpreter(), "-I", "-B", "-c", _BOOTSTRAP, *map(str, limits)]
+        if mode == "namespaces":
+            argv = [shutil.which("unshare"), *_UNSHARE, "--"] + argv
+        with open(os.path.join(root, "stdout"), "wb") as out, open(os.path.join(root, "stderr"), "wb") as err:
+            proc = subprocess.Popen(argv, cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True, close_fds=True, **_user(sandbox_uid))
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc.pid)
+            proc.wait()
+        # members of the group that outlived the leader (the group id stays reserved while any member lives)
+        _kill_group(proc.pid)
+
+        def read(name: str) -> str:
+            with open(os.path.join(root, name), "rb") as f:
+                return f.read(max_output_chars).decode("utf-8", "replace")
+        return SandboxResult(proc.returncode, read("stdout"), read("stderr"), timed_out, mode, proc.pid, work)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@lru_cache(maxsize=8)
+def _checked(limits: tuple) -> None:
+    r = run_python("print('sandbox ok')", **dict(limits))
+    if r.returncode != 0 or r.stdout != "sandbox ok\n":
+        raise SandboxUnavailable(f"the sandbox cannot run code here (rc {r.returncode}, {r.isolation}): "
+                                 f"{r.stderr[-1000:]}")
+
+
+def self_check(**limits) -> None:
+    """Raise SandboxUnavailable when even `print` fails under these limits (once per set of limits): otherwise
+    every sample would score 0, indistinguishable from wrong code, and GRPO would see only all-equal groups."""
+    _checked(tuple(sorted(limits.items())))
+
+
+def code_reward(code: str, tests: str, **limits) -> float:
+    """1.0 when `code` followed by `tests` (asserts) runs to the end within the limits, else 0.0. "The end" is a
+    per-call random nonce printed after the tests, required as the last line of stdout: exiting early with status
+    0 (sys.exit(0), os._exit(0)) before the tests run is the known reward hack. Code that reads main.py can still
+    find the nonce; this stops the exit-early hack, not a determined reader."""
+    self_check(**limits)
+    nonce = secrets.token_hex(16)
+    result = run_python(f"{code}\n\n{tests}\n\nprint({nonce!r})\n", **limits)
+    lines = result.stdout.splitlines()
+    ok = result.returncode == 0 and not result.timed_out and bool(lines) and lines[-1] == nonce
+    return 1.0 if ok else 0.0
