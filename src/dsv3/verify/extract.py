@@ -8,7 +8,8 @@ Extraction, first match wins:
 None when nothing is found: a failed extraction is a wrong answer and is counted as such, never an error.
 
 Equivalence: equal strings after normalisation (spaces, a trailing period, \\text{}, $ and \\%, thousands commas);
-else equal numbers (int, decimal, fraction a/b, LaTeX \\frac, within rel_tol); else symbolic: both sides parsed by
+else, for a numeric reference, equal numbers (int, decimal, fraction a/b, LaTeX \\frac, within rel_tol:
+an expression is no value); else symbolic: both sides parsed by
 sympy and their difference simplifies to 0. Model output is untrusted and sympy's parser evaluates Python, so only
 a whitelisted arithmetic alphabet (digits, + - * / ^ ( ), single-letter symbols, sqrt, pi) of at most 64 characters,
 with no exponent above 3 digits, ever reaches it.
@@ -124,6 +125,6 @@ def equivalent(pred: str | None, gold: str, rel_tol: float = 1e-6) -> bool:
     if normalize(pred) == normalize(gold):
         return True
     p, g = to_number(pred), to_number(gold)
-    if p is not None and g is not None:
-        return math.isclose(p, g, rel_tol=rel_tol, abs_tol=1e-12)
+    if g is not None:       # a numeric reference wants a value: "964 - 494" is not an answer of 470 (nor a reward)
+        return p is not None and math.isclose(p, g, rel_tol=rel_tol, abs_tol=1e-12)
     return _symbolic_equal(pred, gold)
