@@ -4,10 +4,15 @@ One optimizer step = `batch_size(step)` sequences in micro-batches of `micro_bat
     loss = CE(main) + lambda * mean_k CE(MTP depth k) + alpha * sum_layers L_Bal      (per micro-batch, / n_micro)
 then clip the global gradient norm, AdamW, the aux-loss-free bias update from the expert loads summed over all
 micro-batches of the step, and the CPU EMA. A non-finite loss or gradient stops the run before the optimizer
-touches the weights, so the last checkpoint stays the last good state.
+touches the weights; checkpoints wait while the loss spikes (train.spike_ratio), so a blow-up that ends in NaN is
+never the last checkpoint, and the stop names the last healthy one with the command that resumes from it.
+
+SIGINT / SIGTERM (dsv3.train.signals) stop the loop after the step in progress, all ranks after the same step: it
+saves a checkpoint and raises TrainingInterrupted, whose message is the command that resumes.
 
 Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, the EMA, the data position and the RNG
-states, and the logged metrics are cut back to the checkpoint's step.
+states, and the logged metrics are cut back to the checkpoint's step. It starts from the newest checkpoint whose
+files match their checksums (dsv3.train.checkpoint), verified once by rank 0.
 
 Under torchrun the same loop runs on every rank in the layout of `parallel` (data parallelism, expert parallelism
 inside it, optionally FSDP-sharded: dsv3.train.data_parallel; or DualPipeV pipeline parallelism with a (dp, ep)
@@ -20,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
 from ..data import PackedLoader, ShardSet
 from ..data.packing import val_batches
 from ..model import Transformer
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (checkpoint_path, checkpoint_step, latest_checkpoint, load_checkpoint, newest_valid_checkpoint,
+                         remove_unfinished_saves, save_checkpoint)
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
@@ -41,16 +50,32 @@ from .ema import CPUEma
 from .metrics import MetricsLogger
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .recompute import apply_recompute
+from .run_dir import check_start, clear_run, restart_command, resume_command
+from .signals import StopSignals
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the run stopped and its last checkpoint is intact."""
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: the run stopped after a step and saved it; the message says how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 def resolve_device(name: str) -> torch.device:
+    """train.device as a torch device that exists here (a config names CUDA on a machine without it: one line)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r}: this machine has no CUDA device; use 'cpu' or 'auto'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -118,38 +143,41 @@ class StepStats:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None):
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None, overwrite: bool = False):
+        """resume: continue from the newest valid checkpoint; overwrite: start afresh in a run directory that holds
+        an earlier run (deleting its outputs); neither: the directory must not hold one (dsv3.train.run_dir)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is not None and not resume:
-            raise FileExistsError(f"{self.run_dir} already has checkpoints (latest {ckpt.name}); pass --resume to "
-                                  f"continue it or choose another run_dir")
-        if resume and ckpt is None:
-            raise FileNotFoundError(f"--resume: {self.run_dir} has no checkpoint to resume from")
+        # everything that can refuse the run does so before a file is written
         if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
         self.device = resolve_device(cfg.train.device)
+        if (cfg.train.compile or cfg.train.compile_optimizer) and self.device.type != "cuda":
+            raise ConfigError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
+                              "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
+        check_start(self.run_dir, resume, overwrite)
         if cfg.parallel.pp > 1:
             from .pipeline_step import PipelineLayout
             self.layout = PipelineLayout(self.device, cfg)
         else:
             self.layout = Layout(self.device, cfg.parallel.ep, cfg.parallel.fsdp)
         cfg.check_world(self.layout.world)
-        if self.layout.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt, skipped = self._choose_checkpoint() if resume else (None, [])
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
-        if (cfg.train.compile or cfg.train.compile_optimizer) and self.device.type != "cuda":
-            raise ValueError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
-                             "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
         show = cfg.log.progress if progress is None else progress
 
         if not self.layout.is_main:      # rank 0 builds the tokenizer and shards; the others then read its cache
             self.layout.barrier()
         self.tokenizer, self.shards, data_dir = prepare_dataset(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size,
                                                                 progress=show and self.layout.is_main)
+        notes = []
         if self.layout.is_main:
-            self._write_run_files(data_dir)
+            if overwrite and (gone := clear_run(self.run_dir)):
+                notes.append(f"--overwrite: deleted the earlier run's {', '.join(gone)}")
+            if left := remove_unfinished_saves(self.run_dir):
+                notes.append(f"removed {len(left)} unfinished checkpoint saves ({', '.join(left)})")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_run_files(data_dir, fresh=not resume)
             self.layout.barrier()
         self.loader = PackedLoader(self.shards, "train", cfg.data.seq_len, seed=cfg.data.seed,
                                    fim_rate=cfg.data.fim_rate, eos_id=self.tokenizer.eos_id,
@@ -179,9 +207,10 @@ class Trainer:
         keep_ema = cfg.train.ema_decay > 0 and self.layout.keeps_ema
         self.ema = CPUEma(self.ema_source, cfg.train.ema_decay) if keep_ema else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
-        if resume:
+        self.spiking = False           # the last step's loss was a spike: checkpoints wait
+        if resume:       # verified by rank 0 in _choose_checkpoint
             state = load_checkpoint(ckpt, self.model, self.optimizer,
-                                    local=self._local_state if self.layout.partitioned else None)
+                                    local=self._local_state if self.layout.partitioned else None, verify=False)
             self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
             self.loss_ema = state["loss_ema"]
             self.loader.load_state_dict(state["loader"])
@@ -211,21 +240,38 @@ class Trainer:
                                     start_step=self.step) if self.layout.is_main else NullLogger()
         if resume:
             self.logger.truncate_after(self.step)
-            self.logger.log_event(self.step, f"resumed from {ckpt}")
+            for note in skipped:
+                self.logger.log_event(self.step, note)
+            self.logger.log_event(self.step, f"resumed from {ckpt}" + (" (the newest valid checkpoint)" if skipped
+                                                                       else ""))
+        for note in notes:
+            self.logger.log_event(self.step, note)
         if shard_note:
             self.logger.log_event(self.step, shard_note)
+
+    def _choose_checkpoint(self) -> tuple[Path, list[str]]:
+        """--resume: the newest checkpoint whose files match their manifest, and a line for each newer one skipped.
+        Rank 0 reads and verifies them; every rank takes its choice (an all-reduce, so no rank waits on a rank that
+        failed alone)."""
+        ckpt, skipped = newest_valid_checkpoint(self.run_dir) if self.layout.is_main else (None, [])
+        step = self.layout.agree(checkpoint_step(ckpt) if ckpt is not None else -1)
+        if step < 0:
+            raise CheckpointError(f"--resume: no checkpoint of {self.run_dir} is intact: " + "; ".join(skipped))
+        return checkpoint_path(self.run_dir, step), skipped
 
     def _local_state(self, tensors: dict, optim_state: dict | None) -> tuple[dict, dict | None]:
         """A full checkpoint's model tensors and optimizer state cut to this rank's expert slices and FSDP shards
         (every rank reads the whole checkpoint)."""
         return self.layout.local_state(self.model, self.optimizer, tensors, optim_state)
 
-    def _write_run_files(self, data_dir: Path) -> None:
+    def _write_run_files(self, data_dir: Path, fresh: bool) -> None:
+        """config.json always (a resume may override keys); the tokenizer and baselines for a fresh start, or where
+        a resumed run lacks them."""
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        if not (self.run_dir / "tokenizer" / "tokenizer.json").exists():
+        if fresh or not (self.run_dir / "tokenizer" / "tokenizer.json").exists():
             self.tokenizer.save(self.run_dir / "tokenizer")
         baselines = self.run_dir / "baselines.json"
-        if not baselines.exists():
+        if fresh or not baselines.exists():
             cached = data_dir / "baselines.json"
             if not cached.exists():
                 cached.write_text(json.dumps(unigram_entropy(self.shards, self.tokenizer.vocab_size)))
@@ -292,10 +338,8 @@ class Trainer:
         total, main_v, mtp_v, aux_v = sums.tolist()
         if not (math.isfinite(total) and math.isfinite(grad_norm.item())):
             self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.run_dir)
             msg = (f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
-                   f"(loss {total}, grad norm {grad_norm.item()}); stopping. Last good checkpoint: "
-                   f"{last if last else 'none'}. Lower optim.lr or raise the warm-up, then --resume.")
+                   f"(loss {total}, grad norm {grad_norm.item()}); stopping. {self._divergence_advice()}")
             self.logger.log_event(step + 1, msg)
             raise TrainingDiverged(msg)
         if self.compiled_step is not None:
@@ -310,7 +354,9 @@ class Trainer:
         self.step += 1
         tokens = n_micro * cfg.train.micro_batch_size * cfg.data.seq_len
         self.tokens += tokens
-        if self.loss_ema is not None and self.step > 10 and total > cfg.train.spike_ratio * self.loss_ema:
+        # every rank has the same `total` (reduced above), so every rank takes the same checkpoint decisions on it
+        self.spiking = self.loss_ema is not None and total > cfg.train.spike_ratio * self.loss_ema
+        if self.spiking:
             self.spikes += 1
             self.logger.log_event(self.step, f"loss spike: {total:.4f} vs running {self.loss_ema:.4f}")
         self.loss_ema = total if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * total
@@ -360,6 +406,17 @@ class Trainer:
                "val_mtp_acc": hit / n_mtp if n_mtp else None, "val_mtp_agree": agree / n_mtp if n_mtp else None}
         return out
 
+    def _divergence_advice(self) -> str:
+        """Where a diverged run can go back to. The last checkpoint precedes the blow-up: checkpoints wait while the
+        loss spikes (run), and a blow-up that ends in NaN spikes on its way there."""
+        last = latest_checkpoint(self.run_dir)
+        lr = f"optim.lr={self.cfg.optim.lr / 10:g}"
+        if last is None:
+            return (f"No checkpoint precedes it: start afresh with a lower optim.lr (now {self.cfg.optim.lr:g}) or a "
+                    f"longer optim.warmup: {restart_command(self.run_dir, self.layout.world, lr)}")
+        return (f"Last healthy checkpoint: {last.name}. Lower optim.lr (now {self.cfg.optim.lr:g}) or raise "
+                f"optim.warmup and resume from it: {resume_command(self.run_dir, self.layout.world, lr)}")
+
     def save(self) -> Path:
         """Rank 0 writes the single-process format (with ep > 1 the ranks of row 0 first gather their expert slices
         to it, under FSDP every rank first joins the all-gathers of its shards; every rank must call this); the
@@ -378,12 +435,14 @@ class Trainer:
         return path
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, stop: StopSignals | None = None) -> dict:
+        """Train to train.steps. `stop` (installed by the caller: signal handlers are the process's) ends the run
+        early, with a checkpoint, by raising TrainingInterrupted."""
         cfg, log = self.cfg, self.cfg.log
         interval_loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64,
                                      device=self.device)
         acc = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0, "grad_norm": 0.0, "n": 0, "tok": 0}
-        t0, last_val = time.perf_counter(), {}
+        t0, last_val, due = time.perf_counter(), {}, False
         try:
             while self.step < cfg.train.steps:
                 stats, loads = self.train_step()
@@ -416,11 +475,30 @@ class Trainer:
                     if last_val:
                         self.logger.log_val(step, **last_val)
                     t0 = time.perf_counter()
-                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or done:
-                    self.save()
+                # a checkpoint due while the loss spikes waits for the first step back under the spike line: a blow-up
+                # is never saved as the run's latest state (the final one and a signal's are written regardless)
+                saved, on_time = None, bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
+                due = due or on_time
+                if done or (due and not self.spiking):
+                    saved, due = self.save(), False
                     t0 = time.perf_counter()
+                elif on_time:
+                    self.logger.log_event(step, "checkpoint deferred: the loss is spiking")
+                if stop is not None and not done:
+                    self._stop_if_asked(stop, saved)
         finally:
             if self.ema is not None:
                 self.ema.wait()
             self.logger.close()
         return {"step": self.step, "tokens": self.tokens, "spikes": self.spikes, **last_val}
+
+    def _stop_if_asked(self, stop: StopSignals, saved: Path | None) -> None:
+        """After a step: if any rank got SIGINT / SIGTERM, every rank saves (unless this step just did) and stops."""
+        signum = self.layout.agree(stop.received)
+        if not signum:
+            return
+        path = saved or self.save()
+        name = signal.Signals(signum).name
+        self.logger.log_event(self.step, f"stopped by {name}")
+        raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}. Resume with: "
+                                          f"{resume_command(self.run_dir, self.layout.world)}")
