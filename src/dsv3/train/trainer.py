@@ -170,14 +170,8 @@ class Trainer:
             self.layout.barrier()
         self.tokenizer, self.shards, data_dir = prepare_dataset(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size,
                                                                 progress=show and self.layout.is_main)
-        notes = []
+        notes = self._set_up_run_dir(data_dir, resume, overwrite) if self.layout.is_main else []
         if self.layout.is_main:
-            if overwrite and (gone := clear_run(self.run_dir)):
-                notes.append(f"--overwrite: deleted the earlier run's {', '.join(gone)}")
-            if left := remove_unfinished_saves(self.run_dir):
-                notes.append(f"removed {len(left)} unfinished checkpoint saves ({', '.join(left)})")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._write_run_files(data_dir, fresh=not resume)
             self.layout.barrier()
         self.loader = PackedLoader(self.shards, "train", cfg.data.seq_len, seed=cfg.data.seed,
                                    fim_rate=cfg.data.fim_rate, eos_id=self.tokenizer.eos_id,
@@ -264,9 +258,17 @@ class Trainer:
         (every rank reads the whole checkpoint)."""
         return self.layout.local_state(self.model, self.optimizer, tensors, optim_state)
 
-    def _write_run_files(self, data_dir: Path, fresh: bool) -> None:
-        """config.json always (a resume may override keys); the tokenizer and baselines for a fresh start, or where
-        a resumed run lacks them."""
+    def _set_up_run_dir(self, data_dir: Path, resume: bool, overwrite: bool) -> list[str]:
+        """Rank 0, once the data is ready: delete an earlier run's outputs (overwrite) and what killed saves left,
+        then write config.json (always: a resume may override keys), the tokenizer and the baselines (for a fresh
+        start, or where a resumed run lacks them). Returns lines for the run's log."""
+        notes = []
+        if overwrite and (gone := clear_run(self.run_dir)):
+            notes.append(f"--overwrite: deleted the earlier run's {', '.join(gone)}")
+        if left := remove_unfinished_saves(self.run_dir):
+            notes.append(f"removed {len(left)} unfinished checkpoint saves ({', '.join(left)})")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fresh = not resume
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         if fresh or not (self.run_dir / "tokenizer" / "tokenizer.json").exists():
             self.tokenizer.save(self.run_dir / "tokenizer")
@@ -276,6 +278,7 @@ class Trainer:
             if not cached.exists():
                 cached.write_text(json.dumps(unigram_entropy(self.shards, self.tokenizer.vocab_size)))
             shutil.copy(cached, baselines)
+        return notes
 
     def autocast(self):
         enabled = self.dtype != torch.float32 and self.cfg.train.dtype != "bf16-params"
