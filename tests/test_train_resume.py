@@ -104,16 +104,20 @@ def test_a_fresh_start_refuses_an_earlier_starts_metrics_and_overwrite_starts_cl
     assert [r["step"] for r in read_metrics(killed, kind="train")] == list(range(1, 9))
 
 
-def test_a_blow_up_is_never_checkpointed_and_the_stop_names_the_last_healthy_checkpoint(tmp_path):
+@pytest.mark.parametrize("update,healthy", [(5, 4), (4, 2)])
+def test_a_blow_up_is_never_checkpointed_and_the_stop_names_the_last_healthy_checkpoint(tmp_path, update, healthy):
+    """Update `update` blows the weights up (confident, wrong logits), step 9 ends in NaN. Checkpoints are due every
+    2 steps; one is written only after the next step's loss vetted its weights, so a blow-up in update 4, the
+    checkpoint's own step, keeps step 4 from being written too."""
     t = Trainer(small_run(tmp_path, "blow", train={"steps": 12}, checkpoint={"interval": 2, "keep": 2},
                           log={"val_interval": 0}))
     step = t.train_step
 
     def sabotaged():
         with torch.no_grad():
-            if t.step == 4:                            # the blow-up: confident, wrong logits from step 5 on
+            if t.step == update:                       # as if update `update` had done it
                 t.model.lm_head.weight.mul_(200)
-            if t.step == 8:                            # ... ending in NaN at step 9
+            if t.step == 8:
                 t.model.lm_head.weight[0, 0] = float("nan")
         return step()
 
@@ -121,12 +125,12 @@ def test_a_blow_up_is_never_checkpointed_and_the_stop_names_the_last_healthy_che
     with pytest.raises(TrainingDiverged) as e:
         t.run()
     msg = str(e.value)
-    assert "step 9: non-finite" in msg and "Last healthy checkpoint: step_00000004" in msg
+    assert "step 9: non-finite" in msg and f"Last healthy checkpoint: step_{healthy:08d}" in msg
     assert f"resume from it: dsv3 train --resume --run-dir {t.run_dir} optim.lr=0.0003" in msg
-    # checkpoints were due at 6 and 8 but waited for a step back under the spike line
-    assert [d.name for d in checkpoint_dirs(t.run_dir)] == ["step_00000002", "step_00000004"]
+    assert [d.name for d in checkpoint_dirs(t.run_dir)] == [f"step_{s:08d}" for s in (healthy - 2, healthy) if s]
     events = [r["message"] for r in read_metrics(t.run_dir, kind="event")]
-    assert sum("checkpoint deferred" in m for m in events) == 2 and sum("loss spike" in m for m in events) >= 4
+    assert sum("not written: the loss spiked on its weights" in m for m in events) >= 2
+    assert sum("loss spike" in m for m in events) >= 4
 
 
 def test_a_divergence_before_any_checkpoint_advises_a_fresh_start(tmp_path):
@@ -136,3 +140,31 @@ def test_a_divergence_before_any_checkpoint_advises_a_fresh_start(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"No checkpoint precedes it: start afresh .* dsv3 train --overwrite "
                                                r"--config \S+/early/config.json optim.lr=0.0003"):
         t.run()
+
+
+def test_a_saturated_model_counts_as_a_spike_and_one_spike_barely_lifts_the_running_loss(tmp_path):
+    # optim.lr=1e4 on tiny.toml: by step 2 the model outputs uniform logits with a gradient of exactly 0 at a calm
+    # loss; without this the step-5 checkpoint would hold the dead model and "lower the LR, --resume" cannot work
+    t = Trainer(small_run(tmp_path, "dead", **SECTIONS))
+    t._watch_for_spikes(5.0, 1.0)
+    assert not t.spiking and t.loss_ema == 5.0
+    t._watch_for_spikes(5.0, 0.0)
+    assert t.spiking
+    t._watch_for_spikes(1e6, 1.0)                      # the running mean takes in the spike only up to the line
+    assert t.spiking and t.loss_ema == pytest.approx(0.95 * 5.0 + 0.05 * t.cfg.train.spike_ratio * 5.0)
+    events = [r["message"] for r in read_metrics(t.run_dir, kind="event")]
+    assert any("gradient norm 0" in m for m in events) and any("loss spike" in m for m in events)
+
+
+def test_the_issues_lr_1e4_run_leaves_no_dead_checkpoint_and_its_advice_works(tmp_path, capsys):
+    """optim.lr=1e4 (the issue's run): update 1 saturates the model; the run must not checkpoint it, and the printed
+    command (start afresh with a lower LR) must train."""
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(small_run(tmp_path, "lr", **{**SECTIONS, "checkpoint": {"interval": 1}}).to_dict()))
+    assert main(["train", "--config", str(cfg), "optim.lr=1e4", "--quiet"]) == 3
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "non-finite" in line and checkpoint_dirs(tmp_path / "lr") == []
+    cmd = line.split("start afresh with a lower optim.lr (now 10000) or a longer optim.warmup: ", 1)[1].split()
+    assert cmd[:3] == ["dsv3", "train", "--overwrite"] and cmd[-1] == "optim.lr=1000"
+    assert main([*cmd[1:-1], "optim.lr=3e-3", "--quiet"]) == 0           # a sane LR, as the advice says
+    assert [d.name for d in checkpoint_dirs(tmp_path / "lr")][-1] == "step_00000008"

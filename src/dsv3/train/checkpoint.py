@@ -112,11 +112,19 @@ def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]
     return None, skipped
 
 
+def rng_state() -> dict:
+    """The torch generators' states (CPU, and every CUDA device's), as a checkpoint holds them."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer | dict, state: dict, config: dict, ema_state: dict | None = None,
-                    keep: int = 0) -> Path:
+                    keep: int = 0, rng: dict | None = None) -> Path:
     """model / optimizer: the modules, or their (full, single-process) state dicts, as an expert-parallel run
-    gathers them (dsv3.train.data_parallel.Layout.full_state)."""
+    gathers them (dsv3.train.data_parallel.Layout.full_state). rng: rng_state() as of `step` (default: now)."""
     target = checkpoint_path(run_dir, step)
     model_state = model if isinstance(model, dict) else model.state_dict()
     optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
@@ -126,10 +134,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
         torch.save(optim_state, tmp / "optimizer.pt")
         if ema_state is not None:
             save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         write_manifest(tmp)

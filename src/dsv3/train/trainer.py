@@ -4,8 +4,11 @@ One optimizer step = `batch_size(step)` sequences in micro-batches of `micro_bat
     loss = CE(main) + lambda * mean_k CE(MTP depth k) + alpha * sum_layers L_Bal      (per micro-batch, / n_micro)
 then clip the global gradient norm, AdamW, the aux-loss-free bias update from the expert loads summed over all
 micro-batches of the step, and the CPU EMA. A non-finite loss or gradient stops the run before the optimizer
-touches the weights; checkpoints wait while the loss spikes (train.spike_ratio), so a blow-up that ends in NaN is
-never the last checkpoint, and the stop names the last healthy one with the command that resumes from it.
+touches the weights. A periodic checkpoint is written one step late: the next step's forward and backward vet the
+weights first (its loss no spike, its gradient not zero: `_watch_for_spikes`), and it is written before that step's
+update changes them. A checkpoint due during a blow-up so waits until the run is healthy again, a blow-up that ends in
+NaN is never the last checkpoint (even one that a single update caused), and the stop names the last healthy
+checkpoint with the command that resumes from it.
 
 SIGINT / SIGTERM (dsv3.train.signals) stop the loop after the step in progress, all ranks after the same step: it
 saves a checkpoint and raises TrainingInterrupted, whose message is the command that resumes.
@@ -42,7 +45,7 @@ from ..model import Transformer
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
 from .checkpoint import (checkpoint_path, checkpoint_step, latest_checkpoint, load_checkpoint, newest_valid_checkpoint,
-                         remove_unfinished_saves, save_checkpoint)
+                         remove_unfinished_saves, rng_state, save_checkpoint)
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
@@ -202,6 +205,7 @@ class Trainer:
         self.ema = CPUEma(self.ema_source, cfg.train.ema_decay) if keep_ema else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         self.spiking = False           # the last step's loss was a spike: checkpoints wait
+        self.pending: dict | None = None   # a due checkpoint's state (_snapshot), waiting for the next step to vet it
         if resume:       # verified by rank 0 in _choose_checkpoint
             state = load_checkpoint(ckpt, self.model, self.optimizer,
                                     local=self._local_state if self.layout.partitioned else None, verify=False)
@@ -345,6 +349,10 @@ class Trainer:
                    f"(loss {total}, grad norm {grad_norm.item()}); stopping. {self._divergence_advice()}")
             self.logger.log_event(step + 1, msg)
             raise TrainingDiverged(msg)
+        self._watch_for_spikes(total, grad_norm.item())
+        if self.pending is not None and not self.spiking:   # this step's loss vetted the weights it was computed on
+            self.save(self.pending)
+            self.pending = None
         if self.compiled_step is not None:
             self.compiled_step(grads, coef)
         else:
@@ -357,14 +365,21 @@ class Trainer:
         self.step += 1
         tokens = n_micro * cfg.train.micro_batch_size * cfg.data.seq_len
         self.tokens += tokens
-        # every rank has the same `total` (reduced above), so every rank takes the same checkpoint decisions on it
-        self.spiking = self.loss_ema is not None and total > cfg.train.spike_ratio * self.loss_ema
-        if self.spiking:
-            self.spikes += 1
-            self.logger.log_event(self.step, f"loss spike: {total:.4f} vs running {self.loss_ema:.4f}")
-        self.loss_ema = total if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * total
         stats = StepStats(total, main_v, mtp_v if len(self.model.mtp) else None, aux_v, grad_norm.item(), tokens)
         return stats, loads
+
+    def _watch_for_spikes(self, total: float, grad_norm: float) -> None:
+        """Flag a spike: the loss above train.spike_ratio x its running mean, or a gradient of exactly zero (a model
+        that blew up saturates, e.g. uniform logits, and learns nothing more while its loss looks calm). The running
+        mean takes a spike in only up to that line, so one huge spike does not lift it over the blow-up that follows.
+        Every rank sees the same loss and norm (reduced), so every rank takes the same checkpoint decisions."""
+        line = None if self.loss_ema is None else self.cfg.train.spike_ratio * self.loss_ema
+        self.spiking = (line is not None and total > line) or grad_norm == 0
+        if self.spiking:
+            self.spikes += 1
+            self.logger.log_event(self.step + 1, f"loss spike: {total:.4f} vs running {self.loss_ema:.4f}"
+                                  if grad_norm else f"gradient norm 0 at loss {total:.4f}: the model stopped learning")
+        self.loss_ema = total if line is None else 0.95 * self.loss_ema + 0.05 * min(total, line)
 
     # ---- validation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -420,20 +435,27 @@ class Trainer:
         return (f"Last healthy checkpoint: {last.name}. Lower optim.lr (now {self.cfg.optim.lr:g}) or raise "
                 f"optim.warmup and resume from it: {resume_command(self.run_dir, self.layout.world, lr)}")
 
-    def save(self) -> Path:
-        """Rank 0 writes the single-process format (with ep > 1 the ranks of row 0 first gather their expert slices
-        to it, under FSDP every rank first joins the all-gathers of its shards; every rank must call this); the
-        others wait for it."""
-        state = {"tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
-                 "loader": self.loader.state_dict()}
-        path = checkpoint_path(self.run_dir, self.step)
+    def _snapshot(self) -> dict:
+        """Everything a checkpoint holds besides the weights, optimizer state and EMA, as of the end of this step
+        (the weights and optimizer state stay as they are until the next step's update)."""
+        return {"step": self.step, "rng": rng_state(), "state": {
+            "tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
+            "loader": self.loader.state_dict()}}
+
+    def save(self, snapshot: dict | None = None) -> Path:
+        """Write the checkpoint of the step that `snapshot` was taken at (default: now), before the weights have
+        changed since. Rank 0 writes the single-process format (with ep > 1 the ranks of row 0 first gather their
+        expert slices to it, under FSDP every rank first joins the all-gathers of its shards; every rank must call
+        this); the others wait for it."""
+        snap = snapshot or self._snapshot()
+        path = checkpoint_path(self.run_dir, snap["step"])
         full = self.layout.full_state(self.model, self.optimizer,
                                       self.ema.state_dict() if self.ema is not None else None)
         if full is not None:      # rank 0
             model_state, optim_state, ema_state = full
-            path = save_checkpoint(self.run_dir, self.step, model_state, optim_state, state, self.cfg.to_dict(),
-                                   ema_state, self.cfg.checkpoint.keep)
-            self.logger.log_event(self.step, f"checkpoint {path.name}")
+            path = save_checkpoint(self.run_dir, snap["step"], model_state, optim_state, snap["state"],
+                                   self.cfg.to_dict(), ema_state, self.cfg.checkpoint.keep, rng=snap["rng"])
+            self.logger.log_event(snap["step"], f"checkpoint {path.name}")
         self.layout.barrier()
         return path
 
@@ -445,7 +467,7 @@ class Trainer:
         interval_loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64,
                                      device=self.device)
         acc = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0, "grad_norm": 0.0, "n": 0, "tok": 0}
-        t0, last_val, due = time.perf_counter(), {}, False
+        t0, last_val = time.perf_counter(), {}
         try:
             while self.step < cfg.train.steps:
                 stats, loads = self.train_step()
@@ -478,15 +500,18 @@ class Trainer:
                     if last_val:
                         self.logger.log_val(step, **last_val)
                     t0 = time.perf_counter()
-                # a checkpoint due while the loss spikes waits for the first step back under the spike line: a blow-up
-                # is never saved as the run's latest state (the final one and a signal's are written regardless)
+                # a due checkpoint is written during the next step, once its loss vetted these weights (train_step);
+                # one still pending here was refused by a spike and waits for this step's state to be vetted instead.
+                # The final one and a signal's are written at once
                 saved, on_time = None, bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
-                due = due or on_time
-                if done or (due and not self.spiking):
-                    saved, due = self.save(), False
+                if done:
+                    saved, self.pending = self.save(), None
                     t0 = time.perf_counter()
-                elif on_time:
-                    self.logger.log_event(step, "checkpoint deferred: the loss is spiking")
+                elif on_time or self.pending is not None:
+                    if self.pending is not None:
+                        self.logger.log_event(step, f"checkpoint of step {self.pending['step']} not written: the "
+                                                    f"loss spiked on its weights; it waits for a healthy step")
+                    self.pending = self._snapshot()
                 if stop is not None and not done:
                     self._stop_if_asked(stop, saved)
         finally:
@@ -500,7 +525,7 @@ class Trainer:
         signum = self.layout.agree(stop.received)
         if not signum:
             return
-        path = saved or self.save()
+        path, self.pending = saved or self.save(), None
         name = signal.Signals(signum).name
         self.logger.log_event(self.step, f"stopped by {name}")
         raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}. Resume with: "
