@@ -91,15 +91,21 @@ def check_destination(run_dir: Path, out: Path, overwrite: bool) -> list[str] | 
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise FileExistsError(f"{out} is a non-empty directory ({shown}) and not a dsv3 export; export to a new or "
                               f"empty directory")
-    marker = json.loads((out / MARKER).read_text())
+    try:
+        marker = json.loads((out / MARKER).read_text())
+        # plain names only: a hand-edited marker must not point the replacement outside out_dir
+        files = [f for f in marker["files"] if isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..")]
+    except (ValueError, KeyError, TypeError):
+        raise FileExistsError(f"{out / MARKER} is unreadable, so what {out} holds is unknown; export to a new or "
+                              f"empty directory") from None
     if not overwrite:
         raise FileExistsError(f"{out} holds an export (of {marker.get('checkpoint')}); pass --overwrite to "
                               f"replace it")
-    foreign = [e for e in entries if e not in marker["files"] and not _ours(e)]
+    foreign = [e for e in entries if e not in files and not _ours(e)]
     if foreign:
         raise FileExistsError(f"{out} holds files the earlier export did not write ({', '.join(foreign[:5])}); "
                               f"move them away first (an export only replaces its own files)")
-    return list(marker["files"])
+    return files
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, ema: bool = False,
