@@ -37,15 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data import PackedLoader, ShardSet
 from ..data.packing import val_batches
 from ..model import Transformer
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
-from .checkpoint import (checkpoint_path, checkpoint_step, latest_checkpoint, load_checkpoint, newest_valid_checkpoint,
-                         remove_unfinished_saves, rng_state, save_checkpoint)
+from .checkpoint import checkpoint_path, load_checkpoint, remove_unfinished_saves, rng_state, save_checkpoint
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
@@ -53,7 +51,7 @@ from .ema import CPUEma
 from .metrics import MetricsLogger
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .recompute import apply_recompute
-from .run_dir import check_start, clear_run, restart_command, resume_command
+from .run_dir import check_start, choose_checkpoint, clear_run, divergence_advice, resume_command
 from .signals import StopSignals
 
 
@@ -165,7 +163,7 @@ class Trainer:
         else:
             self.layout = Layout(self.device, cfg.parallel.ep, cfg.parallel.fsdp)
         cfg.check_world(self.layout.world)
-        ckpt, skipped = self._choose_checkpoint() if resume else (None, [])
+        ckpt, skipped = choose_checkpoint(self.run_dir, self.layout) if resume else (None, [])
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
         show = cfg.log.progress if progress is None else progress
 
@@ -246,16 +244,6 @@ class Trainer:
             self.logger.log_event(self.step, note)
         if shard_note:
             self.logger.log_event(self.step, shard_note)
-
-    def _choose_checkpoint(self) -> tuple[Path, list[str]]:
-        """--resume: the newest checkpoint whose files match their manifest, and a line for each newer one skipped.
-        Rank 0 reads and verifies them; every rank takes its choice (an all-reduce, so no rank waits on a rank that
-        failed alone)."""
-        ckpt, skipped = newest_valid_checkpoint(self.run_dir) if self.layout.is_main else (None, [])
-        step = self.layout.agree(checkpoint_step(ckpt) if ckpt is not None else -1)
-        if step < 0:
-            raise CheckpointError(f"--resume: no checkpoint of {self.run_dir} is intact: " + "; ".join(skipped))
-        return checkpoint_path(self.run_dir, step), skipped
 
     def _local_state(self, tensors: dict, optim_state: dict | None) -> tuple[dict, dict | None]:
         """A full checkpoint's model tensors and optimizer state cut to this rank's expert slices and FSDP shards
@@ -346,7 +334,8 @@ class Trainer:
         if not (math.isfinite(total) and math.isfinite(grad_norm.item())):
             self.optimizer.zero_grad(set_to_none=True)
             msg = (f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
-                   f"(loss {total}, grad norm {grad_norm.item()}); stopping. {self._divergence_advice()}")
+                   f"(loss {total}, grad norm {grad_norm.item()}); stopping. "
+                   f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr)}")
             self.logger.log_event(step + 1, msg)
             raise TrainingDiverged(msg)
         self._watch_for_spikes(total, grad_norm.item())
@@ -423,17 +412,6 @@ class Trainer:
         out = {"val_loss": main_sum / n, "val_mtp_loss": mtp_sum / n if n_mtp else None,
                "val_mtp_acc": hit / n_mtp if n_mtp else None, "val_mtp_agree": agree / n_mtp if n_mtp else None}
         return out
-
-    def _divergence_advice(self) -> str:
-        """Where a diverged run can go back to. The last checkpoint precedes the blow-up: checkpoints wait while the
-        loss spikes (run), and a blow-up that ends in NaN spikes on its way there."""
-        last = latest_checkpoint(self.run_dir)
-        lr = f"optim.lr={self.cfg.optim.lr / 10:g}"
-        if last is None:
-            return (f"No checkpoint precedes it: start afresh with a lower optim.lr (now {self.cfg.optim.lr:g}) or a "
-                    f"longer optim.warmup: {restart_command(self.run_dir, self.layout.world, lr)}")
-        return (f"Last healthy checkpoint: {last.name}. Lower optim.lr (now {self.cfg.optim.lr:g}) or raise "
-                f"optim.warmup and resume from it: {resume_command(self.run_dir, self.layout.world, lr)}")
 
     def _snapshot(self) -> dict:
         """Everything a checkpoint holds besides the weights, optimizer state and EMA, as of the end of this step
