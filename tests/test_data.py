@@ -328,6 +328,29 @@ def test_build_shards_cache_and_rebuild(tmp_path, monkeypatch):
     assert other.meta["seed"] == 1 and meta.stat().st_mtime_ns != before
 
 
+def test_the_cache_follows_the_corpus_content_and_an_empty_corpus_names_its_source(tmp_path):
+    from dsv3.train.config import DataConfig
+    from dsv3.train.dataset import prepare_dataset
+    corpus, out = tmp_path / "corpus", tmp_path / "shards"
+    corpus.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{corpus}.*without supported files"):
+        build_shards(word_tokenizer(), [str(corpus)], out, progress=False)
+    (corpus / "blank.txt").write_text("  \n")
+    with pytest.raises(ValueError, match=f"{corpus}.*hold no documents"):
+        build_shards(word_tokenizer(), [str(corpus)], out, progress=False)
+    assert not out.exists()                                            # nothing cached that later files must beat
+    for i in range(16):
+        (corpus / f"d{i:02d}.txt").write_text(words(range(W0 + i, W0 + i + 5)))
+    assert build_shards(word_tokenizer(), [str(corpus)], out, val_fraction=0.0, progress=False).n_docs("train") == 16
+    cfg = DataConfig(sources=[str(corpus)], cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
+    _, first, root = prepare_dataset(cfg, 300, progress=False)
+    for i in range(16, 20):                                            # files added to the corpus directory
+        (corpus / f"d{i:02d}.txt").write_text(words(range(W0 + i, W0 + i + 5)))
+    assert build_shards(word_tokenizer(), [str(corpus)], out, val_fraction=0.0, progress=False).n_docs("train") == 20
+    _, again, other = prepare_dataset(cfg, 300, progress=False)
+    assert (first.n_docs("train"), again.n_docs("train")) == (16, 20) and other != root
+
+
 def test_killed_build_leaves_previous_dataset(tmp_path, monkeypatch):
     tok = word_tokenizer()
     ss = make_shards(tmp_path, random_docs(5), tok=tok)

@@ -215,9 +215,9 @@ def test_torchrun_fsdp_with_expert_parallelism_and_recompute_resumes_a_plain_che
 def test_bad_parallel_layouts_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel.ep=3 must divide model.n_routed_experts=16"):
         small_run(tmp_path, parallel={"ep": 3})
-    with pytest.raises(ConfigError, match=r"parallel.ep must be an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"parallel.ep=0: must be an integer >= 1"):
         small_run(tmp_path, parallel={"ep": 0})
-    with pytest.raises(ConfigError, match=r"parallel.fsdp must be true or false"):
+    with pytest.raises(ConfigError, match=r"parallel.fsdp='yes': must be true or false"):
         small_run(tmp_path, parallel={"fsdp": "yes"})
     with pytest.raises(ConfigError, match=r"parallel.fsdp does not combine with train.compile_optimizer"):
         small_run(tmp_path, parallel={"fsdp": True}, train={"compile_optimizer": True})

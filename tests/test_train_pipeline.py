@@ -113,9 +113,9 @@ def test_plain_checkpoint_resumes_at_pp2_dp2(tmp, single):
 
 
 def test_bad_pipeline_layouts_are_refused(tmp_path):
-    for bad, match in (({"pp": 0}, r"parallel.pp must be an integer >= 1"),
-                       ({"pp": True}, r"parallel.pp must be an integer >= 1"),
-                       ({"pp": 2, "overlap": "yes"}, r"parallel.overlap must be true or false"),
+    for bad, match in (({"pp": 0}, r"parallel.pp=0: must be an integer >= 1"),
+                       ({"pp": True}, r"parallel.pp=True: must be an integer >= 1"),
+                       ({"pp": 2, "overlap": "yes"}, r"parallel.overlap='yes': must be true or false"),
                        ({"pp": 2, "fsdp": True}, r"parallel.pp > 1 does not combine with parallel.fsdp"),
                        ({"pp": 3}, r"parallel.pp=3 cuts the model into 6 DualPipeV chunks .*num_hidden_layers=4")):
         with pytest.raises(ConfigError, match=match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -91,9 +92,15 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: byte-level BPE, {tok.vocab_size} tokens, in {time.perf_counter() - t0:.1f}s")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
+    """Exit status: 0 done, 2 refused (config, run directory), 3 diverged, 128 + signal when SIGINT / SIGTERM
+    stopped it after saving (130 / 143)."""
+    import torch.distributed as dist
+
     from .train import Trainer, load_run_config
     from .train.config import RunConfig, apply_overrides
+    from .train.signals import StopSignals
+    from .train.trainer import TrainingInterrupted
     overrides = list(args.overrides) + ([f"run_dir={json.dumps(args.run_dir)}"] if args.run_dir else [])
     if args.resume:
         run_dir = Path(args.run_dir or load_run_config(args.config, overrides).run_dir)
@@ -103,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = RunConfig.from_dict(apply_overrides(json.loads(saved.read_text()), overrides))
     else:
         cfg = load_run_config(args.config, overrides)
-    trainer = Trainer(cfg, resume=args.resume, progress=False if args.quiet else None)
+    trainer = Trainer(cfg, resume=args.resume, progress=False if args.quiet else None, overwrite=args.overwrite)
     n = trainer.param_counts
     ranks = trainer.layout.describe()
     if trainer.layout.is_main:
@@ -111,18 +118,25 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"MTP, {cfg.train.steps} steps of up to {cfg.train.batch_size} x {cfg.data.seq_len} tokens on "
               f"{trainer.device}{ranks} ({str(trainer.dtype).removeprefix('torch.')}), from step {trainer.step}",
               file=sys.stderr)
-    summary = trainer.run()
+    try:
+        with StopSignals(announce=trainer.layout.is_main) as stop:
+            summary = trainer.run(stop)
+    except TrainingInterrupted as e:
+        if trainer.layout.is_main:
+            print(f"dsv3 train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        if dist.is_initialized():       # a clean exit (NCCL warns about a group left open)
+            dist.destroy_process_group()
     if trainer.layout.is_main:          # one summary per run, not one per rank
         print(json.dumps(summary))
-    import torch.distributed as dist
-    if dist.is_initialized():           # a clean exit (NCCL warns about a group left open)
-        dist.destroy_process_group()
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .train import export_run
     out = export_run(args.run_dir, args.out_dir, step=args.step, ema=args.ema,
-                     dtype=DTYPES[args.dtype] if args.dtype else None)
+                     dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -392,7 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                    "log, checkpoint)")
     s.add_argument("overrides", nargs="*", help="section.key=value, the value in TOML syntax")
     s.add_argument("--run-dir", default=None, help="overrides run_dir")
-    s.add_argument("--resume", action="store_true", help="continue the run in run_dir from its latest checkpoint")
+    s.add_argument("--resume", action="store_true", help="continue the run in run_dir from its newest intact "
+                   "checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run "
+                   "(its checkpoints, metrics, tensorboard, plots, tokenizer and config are deleted)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
     s = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face directory")
@@ -401,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     s.add_argument("--ema", action="store_true", help="export the EMA weights")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as trained (fp32)")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export in out_dir (only its files)")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("plot", help="PNG charts of a run's metrics")
     s.add_argument("run_dir")
@@ -514,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_bench)
     args = p.parse_args(argv)
     try:
-        args.fn(args)
+        return args.fn(args) or 0
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -523,7 +541,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dsv3 {args.command}: stopped: {e}", file=sys.stderr)
         return 3
-    return 0
+    except KeyboardInterrupt as e:      # Ctrl-C outside the training loop, or a second one inside it
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"dsv3 {args.command}: aborted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

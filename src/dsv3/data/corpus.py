@@ -7,6 +7,7 @@ Everything is yielded in a deterministic order, so the same sources always give 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -67,7 +68,11 @@ def source_files(source: str) -> list[Path]:
                              f"{' '.join(sorted(SUPPORTED_EXTS))}")
         return [path]
     if path.is_dir():
-        return _walk(path)
+        found = _walk(path)
+        if not found:
+            raise FileNotFoundError(f"data source {source!r} is a directory without supported files (extensions: "
+                                    f"{' '.join(sorted(SUPPORTED_EXTS))})")
+        return found
     if any(c in source for c in "*?["):
         found: list[Path] = []
         for m in sorted(glob.glob(os.path.expanduser(source), recursive=True)):
@@ -78,6 +83,20 @@ def source_files(source: str) -> list[Path]:
         raise FileNotFoundError(f"data source {source!r}: the glob matches no supported files")
     raise FileNotFoundError(f"data source {source!r} does not exist (expected 'stdlib', a file, a directory "
                             f"or a glob)")
+
+
+def sources_fingerprint(sources: list[str]) -> str:
+    """A hash of what `sources` hold now: every file's path, size and modification time. Caches of tokenised data
+    key on it, so a file added, removed or edited in a corpus directory is a new corpus, not a stale cache hit."""
+    if isinstance(sources, (str, Path)):
+        raise TypeError(f"sources must be a list of strings, got the single string {sources!r}")
+    h = hashlib.sha256()
+    for s in sources:
+        h.update(b"source\n")
+        for f in stdlib_files() if s == "stdlib" else source_files(str(s)):
+            st = f.stat()
+            h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def iter_documents(sources: list[str]) -> Iterator[Document]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint.atomic import atomic_directory
-from .corpus import Document, iter_documents
+from .corpus import Document, iter_documents, sources_fingerprint
 from .tokenizer import Tokenizer
 
 FORMAT = 1
@@ -107,8 +107,10 @@ def build_shards(tokenizer: Tokenizer, sources: list[str], out_dir: str | Path, 
     """Tokenise every document of `sources` into train/val shards under `out_dir`; returns the opened set.
 
     If `out_dir` already holds a complete build of the same sources with the same tokenizer, seed and
-    val_fraction, it is returned as is. The cache keys on source *names*: delete the directory after editing
-    the data. When val_fraction > 0 and there are at least two documents, each split gets at least one.
+    val_fraction, it is returned as is; "the same sources" means the same names holding the same files (paths,
+    sizes, modification times: corpus.sources_fingerprint), so an edited corpus is rebuilt. Sources without any
+    document are an error naming them. When val_fraction > 0 and there are at least two documents, each split gets
+    at least one.
     """
     if isinstance(sources, (str, Path)):
         raise TypeError(f"sources must be a list of strings, got the single string {sources!r}")
@@ -117,8 +119,9 @@ def build_shards(tokenizer: Tokenizer, sources: list[str], out_dir: str | Path, 
     if max_tokens_per_shard < 1:
         raise ValueError(f"max_tokens_per_shard={max_tokens_per_shard} must be positive")
     out = Path(out_dir)
-    key = {"sources": [str(s) for s in sources], "tokenizer": tokenizer.fingerprint(),
-           "vocab_size": tokenizer.vocab_size, "seed": seed, "val_fraction": val_fraction}
+    key = {"sources": [str(s) for s in sources], "sources_fingerprint": sources_fingerprint([str(s) for s in sources]),
+           "tokenizer": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size, "seed": seed,
+           "val_fraction": val_fraction}
     if (out / "meta.json").is_file():
         try:
             meta = json.loads((out / "meta.json").read_text())
@@ -136,6 +139,8 @@ def build_shards(tokenizer: Tokenizer, sources: list[str], out_dir: str | Path, 
             _tokenise(tokenizer, iter_documents(key["sources"]), writers, val_fraction, seed, progress)
         finally:
             splits = {s: w.close() for s, w in writers.items()}
+        if not any(sp["n_docs"] for sp in splits.values()):
+            raise ValueError(f"the data sources {key['sources']} hold no documents (every file is empty)")
         meta = {"format": FORMAT, **key, "dtype": dtype.name, "eos_id": tokenizer.eos_id,
                 "max_tokens_per_shard": max_tokens_per_shard, "splits": splits, "complete": True}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

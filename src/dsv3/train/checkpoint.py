@@ -7,13 +7,20 @@ Layout: RUN_DIR/checkpoints/step_{N:08d}/ with
   rng.pt              torch CPU (and CUDA) generator states
   state.json          step, tokens, data-loader position, loss statistics, spike count
   config.json         the RunConfig of the run
+  manifest.json       size and sha256 of every file above, written last
 A checkpoint directory exists only once complete (dsv3.checkpoint.atomic_directory): a run killed while saving
-leaves the previous checkpoint as the latest. It is always the single-process format (whole expert tensors; an
-expert-parallel run gathers them first, dsv3.train.data_parallel), so a run resumes at any world size and layout.
+leaves the previous checkpoint as the latest, and `.step_N.tmp-*` leftovers that the next start removes. It is
+always the single-process format (whole expert tensors; an expert-parallel run gathers them first,
+dsv3.train.data_parallel), so a run resumes at any world size and layout.
+
+Loading verifies the manifest first: a truncated or garbled file is one error naming it (garbled bytes inside a
+tensor would otherwise load silently and surface steps later as a non-finite loss), and `--resume` takes the newest
+checkpoint that verifies (`newest_valid_checkpoint`), saying which ones it skipped and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -24,9 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import atomic_directory
+from ..checkpoint import CheckpointError, atomic_directory
+from ..checkpoint.atomic import remove_leftovers
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+MANIFEST = "manifest.json"
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -46,11 +55,76 @@ def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("_")[1])
+
+
+def remove_unfinished_saves(run_dir: str | Path) -> list[str]:
+    """The `.step_N.tmp-*` directories of saves killed midway (nothing reads them), removed at the next start."""
+    root = Path(run_dir) / "checkpoints"
+    return remove_leftovers(root) if root.is_dir() else []
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):      # streamed: a checkpoint file can be larger than memory
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+             for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError naming the first file that is missing, truncated or garbled. A checkpoint written
+    before manifests existed (no manifest.json) passes unchecked."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        return
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / MANIFEST} is unreadable ({e})") from None
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{f} has {size} bytes, the manifest says {want['bytes']} (truncated?)")
+        if file_sha256(f) != want["sha256"]:
+            raise CheckpointError(f"{f} does not match its sha256 in the manifest (corrupted)")
+
+
+def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies, and one line for each newer one that does not (the file and why)."""
+    skipped = []
+    for d in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify_checkpoint(d)
+            return d, skipped
+        except CheckpointError as e:
+            skipped.append(f"skipping checkpoint {d.name}: {e}")
+    return None, skipped
+
+
+def rng_state() -> dict:
+    """The torch generators' states (CPU, and every CUDA device's), as a checkpoint holds them."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer | dict, state: dict, config: dict, ema_state: dict | None = None,
-                    keep: int = 0) -> Path:
+                    keep: int = 0, rng: dict | None = None) -> Path:
     """model / optimizer: the modules, or their (full, single-process) state dicts, as an expert-parallel run
-    gathers them (dsv3.train.data_parallel.Layout.full_state)."""
+    gathers them (dsv3.train.data_parallel.Layout.full_state). rng: rng_state() as of `step` (default: now)."""
     target = checkpoint_path(run_dir, step)
     model_state = model if isinstance(model, dict) else model.state_dict()
     optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
@@ -60,12 +134,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
         torch.save(optim_state, tmp / "optimizer.pt")
         if ema_state is not None:
             save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        write_manifest(tmp)
     if keep > 0:
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -74,15 +146,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     restore_rng: bool = True, local: Callable[[dict, dict | None], tuple[dict, dict | None]] | None
-                    = None) -> dict:
+                    = None, verify: bool = True) -> dict:
     """Restore model (strictly: every tensor present and of the right shape), optimizer and (for a resumed run)
     the RNG; return state.json with `ema` (a state dict or None, as saved) added. `local` maps the saved (model
-    tensors, optimizer state dict) to what this process holds (an expert-parallel rank: its slices)."""
+    tensors, optimizer state dict) to what this process holds (an expert-parallel rank: its slices). `verify`
+    checks the manifest first (off where the caller has just done it)."""
     path = Path(path)
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{path} is not a training checkpoint (no state.json)")
-    tensors = load_file(str(path / "model.safetensors"))
-    optim_state = (torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if verify:
+        verify_checkpoint(path)
+    tensors = _read(path / "model.safetensors", lambda f: load_file(str(f)))
+    optim_state = (_read(path / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
                    if optimizer is not None else None)
     if local is not None:
         tensors, optim_state = local(tensors, optim_state)
@@ -98,11 +173,21 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if optimizer is not None:
         optimizer.load_state_dict(optim_state)
     if restore_rng:
-        rng = torch.load(path / "rng.pt", weights_only=True)
+        rng = _read(path / "rng.pt", lambda f: torch.load(f, weights_only=True))
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     state = json.loads((path / "state.json").read_text())
     ema = path / "ema.safetensors"
-    state["ema"] = load_file(str(ema)) if ema.exists() else None
+    state["ema"] = _read(ema, lambda f: load_file(str(f))) if ema.exists() else None
     return state
+
+
+def _read(path: Path, load: Callable[[Path], object]):
+    """load(path), any failure of the reader (a checkpoint without a manifest can still be damaged) named by the
+    file."""
+    try:
+        return load(path)
+    except Exception as e:
+        first = str(e).split("\n")[0][:200]
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {first})") from None

@@ -192,6 +192,15 @@ class Layout:
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         return self.sum(t) / self.world if self.world > 1 else t
 
+    def agree(self, value: int) -> int:
+        """The largest of the ranks' `value`s, on every rank (every rank must call it): one decision for all, e.g.
+        stop after this step when any rank got a signal."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     # ---- checkpoints in the single-process format -----------------------------------------------------------------
     def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                    ema_state: dict[str, torch.Tensor] | None) -> tuple[dict, dict, dict | None] | None:

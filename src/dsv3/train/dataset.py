@@ -1,6 +1,7 @@
 """The data a run trains on: a tokenizer (given, or trained on the sources) and the token shards, both cached under
 `data.cache_dir` in a directory named by a hash of what determines them, so runs on the same sources and vocabulary
-share one tokenisation and a changed source list never reuses a stale one."""
+share one tokenisation, and a changed source list or corpus (a file added, removed or edited: the sources' content
+fingerprint) never reuses a stale one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint import atomic_directory
-from ..data.corpus import stdlib_root
+from ..data.corpus import sources_fingerprint
 from ..data import ShardSet, Tokenizer, build_shards, iter_documents, train_tokenizer
 from .config import DataConfig
 
@@ -18,9 +19,8 @@ def dataset_key(cfg: DataConfig, vocab_size: int) -> str:
     tok = Path(cfg.tokenizer).resolve() if cfg.tokenizer else None
     tok_id = hashlib.sha256(tok.read_bytes() if tok and tok.is_file() else
                             (tok / "tokenizer.json").read_bytes()).hexdigest() if tok else f"bpe{vocab_size}"
-    # "stdlib" means this interpreter's standard library: another Python version is another corpus
-    sources = [f"stdlib:{stdlib_root()}" if s == "stdlib" else str(Path(s).resolve()) for s in cfg.sources]
-    blob = json.dumps([sorted(sources), tok_id, cfg.seed, cfg.val_fraction])
+    # the files the sources hold now (for "stdlib": this interpreter's standard library), not just their names
+    blob = json.dumps([sources_fingerprint(list(cfg.sources)), tok_id, cfg.seed, cfg.val_fraction])
     name = "-".join(s if s == "stdlib" else Path(s).stem for s in cfg.sources)[:40] or "data"
     return f"{name}-v{vocab_size}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 

@@ -1,18 +1,34 @@
 """`dsv3 export`: a training run's checkpoint as a Hugging Face directory (config.json, safetensors shards, index,
-tokenizer files) that `dsv3.load_pretrained` and `transformers.AutoModelForCausalLM` both load."""
+tokenizer files) that `dsv3.load_pretrained` and `transformers.AutoModelForCausalLM` both load.
+
+An export never deletes what it did not write. It goes to a new directory (built aside and renamed into place), an
+empty one, or, with `overwrite`, over an earlier export; every export holds a marker, `.dsv3-export.json`, listing
+the files it wrote, so a later one recognises it and replaces exactly those. Refused: the run directory itself, a
+directory containing it, a place inside its checkpoints, any other non-empty directory, and an earlier export that
+has gained files of someone else's. An existing directory is filled in place (file by file, the marker listing old
+and new files while it happens), so a shell standing in it keeps its directory.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_directory, save_pretrained
+from ..checkpoint import CheckpointError, atomic_directory, save_pretrained
 from ..model import Transformer
-from .checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint
+from .checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, newest_valid_checkpoint
 from .config import RunConfig
+
+MARKER = ".dsv3-export.json"
+
+
+def _ours(name: str) -> bool:
+    """The marker, its temporary copy, the staging directory and what a killed export left of them."""
+    return name.lstrip(".").startswith("dsv3-export")
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
@@ -30,13 +46,15 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
 
 
 def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = False) -> tuple[Transformer, Path]:
-    """The model of a run's checkpoint (its EMA weights with `ema`), fp32 on the CPU, in eval mode."""
+    """The model of a run's checkpoint (its EMA weights with `ema`), fp32 on the CPU, in eval mode. A damaged
+    latest checkpoint is an error naming the file and the newest one that verifies."""
     ckpt = find_checkpoint(run_dir, step)
-    cfg = RunConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device="cpu")
-    state = load_checkpoint(ckpt, model, restore_rng=False)
+    try:
+        state, model = _load(ckpt)
+    except CheckpointError as e:
+        good, _ = newest_valid_checkpoint(run_dir) if step is None else (None, [])
+        hint = f"; the newest valid checkpoint is {good.name} (step {int(good.name[5:])})" if good else ""
+        raise CheckpointError(f"{e}{hint}") from None
     if ema:
         if state["ema"] is None:
             raise ValueError(f"{ckpt} has no EMA weights (train.ema_decay was 0)")
@@ -46,12 +64,60 @@ def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = Fal
     return model.eval(), ckpt
 
 
+def _load(ckpt: Path) -> tuple[dict, Transformer]:
+    cfg = RunConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device="cpu")
+    return load_checkpoint(ckpt, model, restore_rng=False), model
+
+
+def check_destination(run_dir: Path, out: Path, overwrite: bool) -> list[str] | None:
+    """Where an export may go: None for a new directory, else the files of the earlier export there (or [] for an
+    empty directory) that the new one replaces. Raises FileExistsError for anywhere else."""
+    src, dst = run_dir.resolve(), out.resolve()
+    if dst == src or src.is_relative_to(dst):
+        raise FileExistsError(f"{out} is or contains the run directory {run_dir}; export to another directory")
+    if dst.is_relative_to(src / "checkpoints"):
+        raise FileExistsError(f"{out} is inside the run's checkpoints; export to another directory")
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return []
+    if MARKER not in entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(f"{out} is a non-empty directory ({shown}) and not a dsv3 export; export to a new or "
+                              f"empty directory")
+    try:
+        marker = json.loads((out / MARKER).read_text())
+        # plain names only: a hand-edited marker must not point the replacement outside out_dir
+        files = [f for f in marker["files"] if isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..")]
+    except (ValueError, KeyError, TypeError):
+        raise FileExistsError(f"{out / MARKER} is unreadable, so what {out} holds is unknown; export to a new or "
+                              f"empty directory") from None
+    if not overwrite:
+        raise FileExistsError(f"{out} holds an export (of {marker.get('checkpoint')}); pass --overwrite to "
+                              f"replace it")
+    foreign = [e for e in entries if e not in files and not _ours(e)]
+    if foreign:
+        raise FileExistsError(f"{out} holds files the earlier export did not write ({', '.join(foreign[:5])}); "
+                              f"move them away first (an export only replaces its own files)")
+    return files
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, ema: bool = False,
-               dtype: torch.dtype | None = None) -> Path:
-    """Write the checkpoint (latest, or `step`) with the run's tokenizer into out_dir, atomically."""
-    run_dir = Path(run_dir)
-    model, _ = load_run_model(run_dir, step, ema)
-    with atomic_directory(out_dir) as tmp:
+               dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write the checkpoint (latest, or `step`) with the run's tokenizer into out_dir (see the module docstring
+    for where that may be)."""
+    run_dir, out = Path(run_dir), Path(out_dir)
+    old = check_destination(run_dir, out, overwrite)
+    model, ckpt = load_run_model(run_dir, step, ema)
+    marker = {"format": "dsv3 export", "run": str(run_dir.resolve()), "checkpoint": ckpt.name, "ema": ema}
+
+    def write(tmp: Path) -> list[str]:
         save_pretrained(model, tmp / "model", dtype=dtype)
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)
@@ -59,4 +125,30 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
         tok = run_dir / "tokenizer"
         for f in sorted(tok.iterdir()) if tok.is_dir() else []:
             shutil.copy(f, tmp / f.name)
-    return Path(out_dir)
+        return sorted(p.name for p in tmp.iterdir())
+
+    if old is None:
+        with atomic_directory(out) as tmp:
+            _write_marker(tmp, {**marker, "files": write(tmp)})
+        return out
+    for p in out.iterdir():                             # what a killed export left
+        if _ours(p.name) and p.is_dir():
+            shutil.rmtree(p)
+    stage = out / ".dsv3-export.new"
+    with atomic_directory(stage) as tmp:
+        new = write(tmp)
+    # while files move, the marker lists old and new, so a kill here leaves a directory --overwrite can replace
+    _write_marker(out, {**marker, "files": sorted(set(old) | set(new))})
+    for name in new:
+        os.replace(stage / name, out / name)
+    for name in set(old) - set(new):
+        (out / name).unlink(missing_ok=True)
+    _write_marker(out, {**marker, "files": new})
+    stage.rmdir()
+    return out
+
+
+def _write_marker(directory: Path, marker: dict) -> None:
+    tmp = directory / ".dsv3-export.json.tmp"
+    tmp.write_text(json.dumps(marker, indent=1) + "\n")
+    os.replace(tmp, directory / MARKER)

@@ -4,10 +4,18 @@ One optimizer step = `batch_size(step)` sequences in micro-batches of `micro_bat
     loss = CE(main) + lambda * mean_k CE(MTP depth k) + alpha * sum_layers L_Bal      (per micro-batch, / n_micro)
 then clip the global gradient norm, AdamW, the aux-loss-free bias update from the expert loads summed over all
 micro-batches of the step, and the CPU EMA. A non-finite loss or gradient stops the run before the optimizer
-touches the weights, so the last checkpoint stays the last good state.
+touches the weights. A periodic checkpoint is written one step late: the next step's forward and backward vet the
+weights first (its loss no spike, its gradient not zero: `_watch_for_spikes`), and it is written before that step's
+update changes them. A checkpoint due during a blow-up so waits until the run is healthy again, a blow-up that ends in
+NaN is never the last checkpoint (even one that a single update caused), and the stop names the last healthy
+checkpoint with the command that resumes from it.
+
+SIGINT / SIGTERM (dsv3.train.signals) stop the loop after the step in progress, all ranks after the same step: it
+saves a checkpoint and raises TrainingInterrupted, whose message is the command that resumes.
 
 Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, the EMA, the data position and the RNG
-states, and the logged metrics are cut back to the checkpoint's step.
+states, and the logged metrics are cut back to the checkpoint's step. It starts from the newest checkpoint whose
+files match their checksums (dsv3.train.checkpoint), verified once by rank 0.
 
 Under torchrun the same loop runs on every rank in the layout of `parallel` (data parallelism, expert parallelism
 inside it, optionally FSDP-sharded: dsv3.train.data_parallel; or DualPipeV pipeline parallelism with a (dp, ep)
@@ -20,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from ..data import PackedLoader, ShardSet
 from ..data.packing import val_batches
 from ..model import Transformer
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
-from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, remove_unfinished_saves, rng_state, save_checkpoint
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
@@ -41,16 +51,32 @@ from .ema import CPUEma
 from .metrics import MetricsLogger
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .recompute import apply_recompute
+from .run_dir import check_start, choose_checkpoint, clear_run, divergence_advice, resume_command
+from .signals import StopSignals
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the run stopped and its last checkpoint is intact."""
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: the run stopped after a step and saved it; the message says how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 def resolve_device(name: str) -> torch.device:
+    """train.device as a torch device that exists here (a config names CUDA on a machine without it: one line)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r}: this machine has no CUDA device; use 'cpu' or 'auto'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -118,38 +144,35 @@ class StepStats:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None):
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None, overwrite: bool = False):
+        """resume: continue from the newest valid checkpoint; overwrite: start afresh in a run directory that holds
+        an earlier run (deleting its outputs); neither: the directory must not hold one (dsv3.train.run_dir)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is not None and not resume:
-            raise FileExistsError(f"{self.run_dir} already has checkpoints (latest {ckpt.name}); pass --resume to "
-                                  f"continue it or choose another run_dir")
-        if resume and ckpt is None:
-            raise FileNotFoundError(f"--resume: {self.run_dir} has no checkpoint to resume from")
+        # everything that can refuse the run does so before a file is written
         if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
         self.device = resolve_device(cfg.train.device)
+        if (cfg.train.compile or cfg.train.compile_optimizer) and self.device.type != "cuda":
+            raise ConfigError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
+                              "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
+        check_start(self.run_dir, resume, overwrite)
         if cfg.parallel.pp > 1:
             from .pipeline_step import PipelineLayout
             self.layout = PipelineLayout(self.device, cfg)
         else:
             self.layout = Layout(self.device, cfg.parallel.ep, cfg.parallel.fsdp)
         cfg.check_world(self.layout.world)
-        if self.layout.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt, skipped = choose_checkpoint(self.run_dir, self.layout) if resume else (None, [])
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
-        if (cfg.train.compile or cfg.train.compile_optimizer) and self.device.type != "cuda":
-            raise ValueError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
-                             "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
         show = cfg.log.progress if progress is None else progress
 
         if not self.layout.is_main:      # rank 0 builds the tokenizer and shards; the others then read its cache
             self.layout.barrier()
         self.tokenizer, self.shards, data_dir = prepare_dataset(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size,
                                                                 progress=show and self.layout.is_main)
+        notes = self._set_up_run_dir(data_dir, resume, overwrite) if self.layout.is_main else []
         if self.layout.is_main:
-            self._write_run_files(data_dir)
             self.layout.barrier()
         self.loader = PackedLoader(self.shards, "train", cfg.data.seq_len, seed=cfg.data.seed,
                                    fim_rate=cfg.data.fim_rate, eos_id=self.tokenizer.eos_id,
@@ -179,9 +202,11 @@ class Trainer:
         keep_ema = cfg.train.ema_decay > 0 and self.layout.keeps_ema
         self.ema = CPUEma(self.ema_source, cfg.train.ema_decay) if keep_ema else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
-        if resume:
+        self.spiking = False           # the last step's loss was a spike: checkpoints wait
+        self.pending: dict | None = None   # a due checkpoint's state (_snapshot), waiting for the next step to vet it
+        if resume:       # verified by rank 0 in _choose_checkpoint
             state = load_checkpoint(ckpt, self.model, self.optimizer,
-                                    local=self._local_state if self.layout.partitioned else None)
+                                    local=self._local_state if self.layout.partitioned else None, verify=False)
             self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
             self.loss_ema = state["loss_ema"]
             self.loader.load_state_dict(state["loader"])
@@ -211,7 +236,12 @@ class Trainer:
                                     start_step=self.step) if self.layout.is_main else NullLogger()
         if resume:
             self.logger.truncate_after(self.step)
-            self.logger.log_event(self.step, f"resumed from {ckpt}")
+            for note in skipped:
+                self.logger.log_event(self.step, note)
+            self.logger.log_event(self.step, f"resumed from {ckpt}" + (" (the newest valid checkpoint)" if skipped
+                                                                       else ""))
+        for note in notes:
+            self.logger.log_event(self.step, note)
         if shard_note:
             self.logger.log_event(self.step, shard_note)
 
@@ -220,16 +250,27 @@ class Trainer:
         (every rank reads the whole checkpoint)."""
         return self.layout.local_state(self.model, self.optimizer, tensors, optim_state)
 
-    def _write_run_files(self, data_dir: Path) -> None:
+    def _set_up_run_dir(self, data_dir: Path, resume: bool, overwrite: bool) -> list[str]:
+        """Rank 0, once the data is ready: delete an earlier run's outputs (overwrite) and what killed saves left,
+        then write config.json (always: a resume may override keys), the tokenizer and the baselines (for a fresh
+        start, or where a resumed run lacks them). Returns lines for the run's log."""
+        notes = []
+        if overwrite and (gone := clear_run(self.run_dir)):
+            notes.append(f"--overwrite: deleted the earlier run's {', '.join(gone)}")
+        if left := remove_unfinished_saves(self.run_dir):
+            notes.append(f"removed {len(left)} unfinished checkpoint saves ({', '.join(left)})")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fresh = not resume
         (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        if not (self.run_dir / "tokenizer" / "tokenizer.json").exists():
+        if fresh or not (self.run_dir / "tokenizer" / "tokenizer.json").exists():
             self.tokenizer.save(self.run_dir / "tokenizer")
         baselines = self.run_dir / "baselines.json"
-        if not baselines.exists():
+        if fresh or not baselines.exists():
             cached = data_dir / "baselines.json"
             if not cached.exists():
                 cached.write_text(json.dumps(unigram_entropy(self.shards, self.tokenizer.vocab_size)))
             shutil.copy(cached, baselines)
+        return notes
 
     def autocast(self):
         enabled = self.dtype != torch.float32 and self.cfg.train.dtype != "bf16-params"
@@ -292,12 +333,15 @@ class Trainer:
         total, main_v, mtp_v, aux_v = sums.tolist()
         if not (math.isfinite(total) and math.isfinite(grad_norm.item())):
             self.optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(self.run_dir)
             msg = (f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
-                   f"(loss {total}, grad norm {grad_norm.item()}); stopping. Last good checkpoint: "
-                   f"{last if last else 'none'}. Lower optim.lr or raise the warm-up, then --resume.")
+                   f"(loss {total}, grad norm {grad_norm.item()}); stopping. "
+                   f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr)}")
             self.logger.log_event(step + 1, msg)
             raise TrainingDiverged(msg)
+        self._watch_for_spikes(total, grad_norm.item())
+        if self.pending is not None and not self.spiking:   # this step's loss vetted the weights it was computed on
+            self.save(self.pending)
+            self.pending = None
         if self.compiled_step is not None:
             self.compiled_step(grads, coef)
         else:
@@ -310,12 +354,21 @@ class Trainer:
         self.step += 1
         tokens = n_micro * cfg.train.micro_batch_size * cfg.data.seq_len
         self.tokens += tokens
-        if self.loss_ema is not None and self.step > 10 and total > cfg.train.spike_ratio * self.loss_ema:
-            self.spikes += 1
-            self.logger.log_event(self.step, f"loss spike: {total:.4f} vs running {self.loss_ema:.4f}")
-        self.loss_ema = total if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * total
         stats = StepStats(total, main_v, mtp_v if len(self.model.mtp) else None, aux_v, grad_norm.item(), tokens)
         return stats, loads
+
+    def _watch_for_spikes(self, total: float, grad_norm: float) -> None:
+        """Flag a spike: the loss above train.spike_ratio x its running mean, or a gradient of exactly zero (a model
+        that blew up saturates, e.g. uniform logits, and learns nothing more while its loss looks calm). The running
+        mean takes a spike in only up to that line, so one huge spike does not lift it over the blow-up that follows.
+        Every rank sees the same loss and norm (reduced), so every rank takes the same checkpoint decisions."""
+        line = None if self.loss_ema is None else self.cfg.train.spike_ratio * self.loss_ema
+        self.spiking = (line is not None and total > line) or grad_norm == 0
+        if self.spiking:
+            self.spikes += 1
+            self.logger.log_event(self.step + 1, f"loss spike: {total:.4f} vs running {self.loss_ema:.4f}"
+                                  if grad_norm else f"gradient norm 0 at loss {total:.4f}: the model stopped learning")
+        self.loss_ema = total if line is None else 0.95 * self.loss_ema + 0.05 * min(total, line)
 
     # ---- validation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -360,25 +413,34 @@ class Trainer:
                "val_mtp_acc": hit / n_mtp if n_mtp else None, "val_mtp_agree": agree / n_mtp if n_mtp else None}
         return out
 
-    def save(self) -> Path:
-        """Rank 0 writes the single-process format (with ep > 1 the ranks of row 0 first gather their expert slices
-        to it, under FSDP every rank first joins the all-gathers of its shards; every rank must call this); the
-        others wait for it."""
-        state = {"tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
-                 "loader": self.loader.state_dict()}
-        path = checkpoint_path(self.run_dir, self.step)
+    def _snapshot(self) -> dict:
+        """Everything a checkpoint holds besides the weights, optimizer state and EMA, as of the end of this step
+        (the weights and optimizer state stay as they are until the next step's update)."""
+        return {"step": self.step, "rng": rng_state(), "state": {
+            "tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
+            "loader": self.loader.state_dict()}}
+
+    def save(self, snapshot: dict | None = None) -> Path:
+        """Write the checkpoint of the step that `snapshot` was taken at (default: now), before the weights have
+        changed since. Rank 0 writes the single-process format (with ep > 1 the ranks of row 0 first gather their
+        expert slices to it, under FSDP every rank first joins the all-gathers of its shards; every rank must call
+        this); the others wait for it."""
+        snap = snapshot or self._snapshot()
+        path = checkpoint_path(self.run_dir, snap["step"])
         full = self.layout.full_state(self.model, self.optimizer,
                                       self.ema.state_dict() if self.ema is not None else None)
         if full is not None:      # rank 0
             model_state, optim_state, ema_state = full
-            path = save_checkpoint(self.run_dir, self.step, model_state, optim_state, state, self.cfg.to_dict(),
-                                   ema_state, self.cfg.checkpoint.keep)
-            self.logger.log_event(self.step, f"checkpoint {path.name}")
+            path = save_checkpoint(self.run_dir, snap["step"], model_state, optim_state, snap["state"],
+                                   self.cfg.to_dict(), ema_state, self.cfg.checkpoint.keep, rng=snap["rng"])
+            self.logger.log_event(snap["step"], f"checkpoint {path.name}")
         self.layout.barrier()
         return path
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, stop: StopSignals | None = None) -> dict:
+        """Train to train.steps. `stop` (installed by the caller: signal handlers are the process's) ends the run
+        early, with a checkpoint, by raising TrainingInterrupted."""
         cfg, log = self.cfg, self.cfg.log
         interval_loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64,
                                      device=self.device)
@@ -416,11 +478,33 @@ class Trainer:
                     if last_val:
                         self.logger.log_val(step, **last_val)
                     t0 = time.perf_counter()
-                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or done:
-                    self.save()
+                # a due checkpoint is written during the next step, once its loss vetted these weights (train_step);
+                # one still pending here was refused by a spike and waits for this step's state to be vetted instead.
+                # The final one and a signal's are written at once
+                saved, on_time = None, bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
+                if done:
+                    saved, self.pending = self.save(), None
                     t0 = time.perf_counter()
+                elif on_time or self.pending is not None:
+                    if self.pending is not None:
+                        self.logger.log_event(step, f"checkpoint of step {self.pending['step']} not written: the "
+                                                    f"loss spiked on its weights; it waits for a healthy step")
+                    self.pending = self._snapshot()
+                if stop is not None and not done:
+                    self._stop_if_asked(stop, saved)
         finally:
             if self.ema is not None:
                 self.ema.wait()
             self.logger.close()
         return {"step": self.step, "tokens": self.tokens, "spikes": self.spikes, **last_val}
+
+    def _stop_if_asked(self, stop: StopSignals, saved: Path | None) -> None:
+        """After a step: if any rank got SIGINT / SIGTERM, every rank saves (unless this step just did) and stops."""
+        signum = self.layout.agree(stop.received)
+        if not signum:
+            return
+        path, self.pending = saved or self.save(), None
+        name = signal.Signals(signum).name
+        self.logger.log_event(self.step, f"stopped by {name}")
+        raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}. Resume with: "
+                                          f"{resume_command(self.run_dir, self.layout.world)}")

@@ -1,0 +1,97 @@
+"""Starting a run in its directory: what a fresh start, `--overwrite` and `--resume` each find acceptable there, which
+checkpoint a resume takes, and the commands that continue a run (printed when it stops).
+
+A run directory holds what `dsv3 train` writes (RUN_FILES) and nothing of a run may be mixed with an earlier one:
+a fresh start refuses a directory holding checkpoints (continue it with --resume) or an earlier start's metrics
+(its steps would interleave with the new ones); --overwrite starts afresh, deleting exactly RUN_FILES and nothing
+else the directory holds. These checks read files only, so every rank of a torchrun job reaches the same answer.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+from ..checkpoint import CheckpointError
+from .checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint, newest_valid_checkpoint
+from .metrics import METRICS_FILE
+
+RUN_FILES = ("checkpoints", METRICS_FILE, "tensorboard", "plots", "baselines.json", "config.json", "tokenizer")
+
+
+def check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Raise (FileExistsError / FileNotFoundError / ValueError) when a start of this kind must not use run_dir."""
+    if resume and overwrite:
+        raise ValueError("--resume continues a run and --overwrite starts it afresh: pass one of them")
+    ckpt = latest_checkpoint(run_dir)
+    if resume:
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
+        return
+    if overwrite:
+        return
+    if ckpt is not None:
+        raise FileExistsError(f"{run_dir} already has checkpoints (latest {ckpt.name}); pass --resume to continue "
+                              f"it, --overwrite to start it afresh, or choose another run_dir")
+    metrics = run_dir / METRICS_FILE
+    if metrics.exists() and metrics.stat().st_size:
+        raise FileExistsError(f"{run_dir} holds the {METRICS_FILE} of an earlier start that wrote no checkpoint; "
+                              f"pass --overwrite to start afresh (deleting it) or choose another run_dir")
+
+
+def choose_checkpoint(run_dir: Path, layout) -> tuple[Path, list[str]]:
+    """--resume: the newest checkpoint whose files match their manifest, and a line for each newer one skipped.
+    Rank 0 reads and verifies them; every rank takes its choice (Layout.agree, an all-reduce, so no rank waits on a
+    rank that failed alone)."""
+    ckpt, skipped = newest_valid_checkpoint(run_dir) if layout.is_main else (None, [])
+    step = layout.agree(checkpoint_step(ckpt) if ckpt is not None else -1)
+    if step < 0:
+        raise CheckpointError(f"--resume: no checkpoint of {run_dir} is intact: " + "; ".join(skipped))
+    return checkpoint_path(run_dir, step), skipped
+
+
+def clear_run(run_dir: Path) -> list[str]:
+    """--overwrite: delete what an earlier run wrote into run_dir (RUN_FILES only); returns the names deleted."""
+    gone = []
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        gone.append(name)
+    return gone
+
+
+def _launcher(world: int) -> str:
+    if world == 1:
+        return "dsv3 train"
+    nodes = "--standalone " if int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world else "<your torchrun options> "
+    return f"torchrun {nodes}--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)} -m dsv3.cli train"
+
+
+def resume_command(run_dir: Path, world: int, *overrides: str) -> str:
+    """The command that continues the run from its latest checkpoint (run_dir/config.json holds the config)."""
+    return " ".join([_launcher(world), "--resume", "--run-dir", shlex.quote(str(run_dir)),
+                     *map(shlex.quote, overrides)])
+
+
+def restart_command(run_dir: Path, world: int, *overrides: str) -> str:
+    """The command that starts the run afresh with its own config (and `overrides`)."""
+    return " ".join([_launcher(world), "--overwrite", "--config", shlex.quote(str(run_dir / "config.json")),
+                     *map(shlex.quote, overrides)])
+
+
+def divergence_advice(run_dir: Path, world: int, lr: float) -> str:
+    """Where a run that diverged can go back to: its last checkpoint, which precedes the blow-up (the trainer writes
+    a checkpoint only once the next step vetted its weights), with a tenth of the LR; or, without one, a fresh start."""
+    last, lower = latest_checkpoint(run_dir), f"optim.lr={lr / 10:g}"
+    if last is None:
+        return (f"No checkpoint precedes it: start afresh with a lower optim.lr (now {lr:g}) or a longer "
+                f"optim.warmup: {restart_command(run_dir, world, lower)}")
+    return (f"Last healthy checkpoint: {last.name}. Lower optim.lr (now {lr:g}) or raise optim.warmup and resume "
+            f"from it: {resume_command(run_dir, world, lower)}")

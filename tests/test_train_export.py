@@ -1,0 +1,71 @@
+"""`dsv3 export` never deletes what it did not write: the run itself, a directory containing it, the run's checkpoints
+and any non-empty directory that is not an earlier export are refused; --overwrite replaces an earlier export's own
+files only; the files get the user's umask."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3 import load_pretrained
+from dsv3.cli import main
+from dsv3.train import Trainer
+from test_train_loop import small_run
+
+
+def tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    t = Trainer(small_run(tmp_path_factory.mktemp("export"), "x", train={"steps": 2}, log={"val_interval": 0}))
+    t.run()
+    return t.run_dir
+
+
+def test_export_refuses_the_run_its_parents_its_checkpoints_and_foreign_directories(run, tmp_path, monkeypatch,
+                                                                                      capsys):
+    before = tree(run.parent)
+    mine = tmp_path / "dir"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    monkeypatch.chdir(mine)                                           # `cd dir && dsv3 export runs/x .`
+    for out, says in [(run, "is or contains the run directory"), (run.parent, "is or contains the run directory"),
+                      (run / "checkpoints" / "step_00000099", "inside the run's checkpoints"),
+                      (Path("."), "non-empty directory (notes.txt) and not a dsv3 export"),
+                      (mine / "notes.txt", "not a directory")]:
+        for extra in ([], ["--overwrite"]):
+            assert main(["export", str(run), str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and says in err, (out, err)
+    assert tree(run.parent) == before and tree(mine) == {"notes.txt": 4}
+
+
+def test_export_to_an_empty_directory_then_overwrite_only_its_own_files(run, tmp_path, monkeypatch, capsys):
+    old_umask = os.umask(0o027)
+    try:
+        out = tmp_path / "hf"
+        out.mkdir()
+        monkeypatch.chdir(out)                                        # exporting into the current directory
+        assert main(["export", str(run), "."]) == 0
+        assert Path.cwd().samefile(out) and (out / "config.json").exists() and (out / ".dsv3-export.json").exists()
+        assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o640)}
+        assert main(["export", str(run), "."]) == 2 and "pass --overwrite" in capsys.readouterr().err
+        assert main(["export", str(run), ".", "--overwrite", "--dtype", "bfloat16"]) == 0
+        assert load_pretrained(out).lm_head.weight.dtype == torch.bfloat16
+        (out / "README.md").write_text("my notes")                    # the user's file in the export
+        assert main(["export", str(run), ".", "--overwrite"]) == 2
+        assert "did not write (README.md)" in capsys.readouterr().err and (out / "README.md").exists()
+        fresh = tmp_path / "new" / "hf"                               # a new directory: built aside, renamed in
+        assert main(["export", str(run), str(fresh)]) == 0
+        assert oct(fresh.stat().st_mode & 0o777) == oct(0o750)
+        assert {oct(p.stat().st_mode & 0o777) for p in fresh.iterdir()} == {oct(0o640)}
+        assert [p.name for p in fresh.parent.iterdir()] == ["hf"]
+        ckpt = run / "checkpoints" / "step_00000002"
+        assert oct(ckpt.stat().st_mode & 0o777) != oct(0o700)        # checkpoints follow the umask too
+    finally:
+        os.umask(old_umask)
+    torch.testing.assert_close(load_pretrained(fresh).lm_head.weight, load_pretrained(out).lm_head.weight.float(),
+                               rtol=1e-2, atol=1e-2)

@@ -1,0 +1,170 @@
+"""What a start finds in a run directory: damaged checkpoints (named, skipped by --resume for the newest intact one),
+what killed saves left, an earlier start's metrics (refused; --overwrite), and, after a divergence, a last checkpoint
+from before the blow-up with advice that works."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3.checkpoint import CheckpointError
+from dsv3.cli import main
+from dsv3.train import Trainer, TrainingDiverged, export_run
+from dsv3.train.checkpoint import checkpoint_dirs
+from dsv3.train.metrics import read_metrics
+from test_train_loop import small_run, train_losses
+
+SECTIONS = dict(train={"steps": 8}, checkpoint={"interval": 4, "keep": 0}, log={"val_interval": 0})
+
+
+def train(tmp: Path, name: str, **sections) -> Path:
+    t = Trainer(small_run(tmp, name, **{**SECTIONS, **sections}))
+    t.run()
+    return t.run_dir
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> Path:
+    return train(tmp_path_factory.mktemp("resume"), "full")
+
+
+def damaged_copy(full: Path, tmp: Path, file: str, how: str) -> Path:
+    run = tmp / how
+    shutil.copytree(full, run)
+    f = run / "checkpoints" / "step_00000008" / file
+    data = bytearray(f.read_bytes())
+    if how == "truncated":
+        data = data[:len(data) // 2]
+    else:                                               # garbled: the size is right, bytes inside are not
+        data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    f.write_bytes(bytes(data))
+    return run
+
+
+@pytest.mark.parametrize("file,how", [("model.safetensors", "truncated"), ("optimizer.pt", "garbled")])
+def test_a_damaged_latest_checkpoint_is_named_and_resume_takes_the_newest_intact_one(full, tmp_path, file, how,
+                                                                                     capsys):
+    run = damaged_copy(full, tmp_path, file, how)
+    bad = run / "checkpoints" / "step_00000008" / file
+    with pytest.raises(CheckpointError, match=f"{bad}.*(truncated|corrupted).*newest valid checkpoint is "
+                                              f"step_00000004"):
+        export_run(run, tmp_path / "hf")
+    assert main(["train", "--resume", "--run-dir", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    skipped = [ln for ln in err.splitlines() if "skipping checkpoint step_00000008" in ln]
+    assert len(skipped) == 1 and str(bad) in skipped[0], err
+    assert "resumed from" in err and "step_00000004 (the newest valid checkpoint)" in err
+    assert train_losses(run) == train_losses(full)                    # steps 5-8 again, bit-identically
+    from dsv3.train.checkpoint import verify_checkpoint
+    verify_checkpoint(run / "checkpoints" / "step_00000008")          # step 8 written anew
+
+
+def test_a_checkpoint_without_manifest_that_cannot_be_read_is_named(full, tmp_path):
+    run = damaged_copy(full, tmp_path, "model.safetensors", "truncated")
+    (run / "checkpoints" / "step_00000008" / "manifest.json").unlink()    # as written before manifests
+    with pytest.raises(CheckpointError, match="step_00000008/model.safetensors cannot be read"):
+        export_run(run, tmp_path / "hf", step=8)
+
+
+def test_leftovers_of_killed_saves_are_removed_at_the_next_start(full, tmp_path):
+    run = tmp_path / "left"
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    tmp = run / "checkpoints" / ".step_00000008.tmp-123-abcd"         # killed while writing step 8
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"partial")
+    t = Trainer(small_run(tmp_path, "left", **SECTIONS), resume=True)
+    t.logger.close()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004"]
+    assert any("removed 1 unfinished checkpoint saves (.step_00000008.tmp-123-abcd)" in r["message"]
+               for r in read_metrics(run, kind="event"))
+
+
+def test_a_fresh_start_refuses_an_earlier_starts_metrics_and_overwrite_starts_clean(full, tmp_path, capsys):
+    run = tmp_path / "again"
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "checkpoints")                 # an earlier start that stopped before its first checkpoint
+    (run / "mine.txt").write_text("not the run's")
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(small_run(tmp_path, "again", **SECTIONS).to_dict()))
+    assert main(["train", "--config", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl of an earlier start" in err and "--overwrite" in err
+    assert main(["train", "--config", str(cfg), "train.steps=3", "--overwrite", "--quiet"]) == 0
+    assert [r["step"] for r in read_metrics(run, kind="train")] == [1, 2, 3]
+    assert not any("non-finite" in r["message"] for r in read_metrics(run, kind="event"))
+    assert (run / "mine.txt").exists() and [d.name for d in checkpoint_dirs(run)] == ["step_00000003"]
+    # --resume cuts the metrics logged past the checkpoint it resumes from (killed after step 8 was logged)
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed)
+    shutil.rmtree(killed / "checkpoints" / "step_00000008")
+    assert main(["train", "--resume", "--run-dir", str(killed), "--quiet"]) == 0
+    assert [r["step"] for r in read_metrics(killed, kind="train")] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("update,healthy", [(5, 4), (4, 2)])
+def test_a_blow_up_is_never_checkpointed_and_the_stop_names_the_last_healthy_checkpoint(tmp_path, update, healthy):
+    """Update `update` blows the weights up (confident, wrong logits), step 9 ends in NaN. Checkpoints are due every
+    2 steps; one is written only after the next step's loss vetted its weights, so a blow-up in update 4, the
+    checkpoint's own step, keeps step 4 from being written too."""
+    t = Trainer(small_run(tmp_path, "blow", train={"steps": 12}, checkpoint={"interval": 2, "keep": 2},
+                          log={"val_interval": 0}))
+    step = t.train_step
+
+    def sabotaged():
+        with torch.no_grad():
+            if t.step == update:                       # as if update `update` had done it
+                t.model.lm_head.weight.mul_(200)
+            if t.step == 8:
+                t.model.lm_head.weight[0, 0] = float("nan")
+        return step()
+
+    t.train_step = sabotaged
+    with pytest.raises(TrainingDiverged) as e:
+        t.run()
+    msg = str(e.value)
+    assert "step 9: non-finite" in msg and f"Last healthy checkpoint: step_{healthy:08d}" in msg
+    assert f"resume from it: dsv3 train --resume --run-dir {t.run_dir} optim.lr=0.0003" in msg
+    assert [d.name for d in checkpoint_dirs(t.run_dir)] == [f"step_{s:08d}" for s in (healthy - 2, healthy) if s]
+    events = [r["message"] for r in read_metrics(t.run_dir, kind="event")]
+    assert sum("not written: the loss spiked on its weights" in m for m in events) >= 2
+    assert sum("loss spike" in m for m in events) >= 4
+
+
+def test_a_divergence_before_any_checkpoint_advises_a_fresh_start(tmp_path):
+    t = Trainer(small_run(tmp_path, "early", **SECTIONS))
+    with torch.no_grad():
+        t.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"No checkpoint precedes it: start afresh .* dsv3 train --overwrite "
+                                               r"--config \S+/early/config.json optim.lr=0.0003"):
+        t.run()
+
+
+def test_a_saturated_model_counts_as_a_spike_and_one_spike_barely_lifts_the_running_loss(tmp_path):
+    # optim.lr=1e4 on tiny.toml: by step 2 the model outputs uniform logits with a gradient of exactly 0 at a calm
+    # loss; without this the step-5 checkpoint would hold the dead model and "lower the LR, --resume" cannot work
+    t = Trainer(small_run(tmp_path, "dead", **SECTIONS))
+    t._watch_for_spikes(5.0, 1.0)
+    assert not t.spiking and t.loss_ema == 5.0
+    t._watch_for_spikes(5.0, 0.0)
+    assert t.spiking
+    t._watch_for_spikes(1e6, 1.0)                      # the running mean takes in the spike only up to the line
+    assert t.spiking and t.loss_ema == pytest.approx(0.95 * 5.0 + 0.05 * t.cfg.train.spike_ratio * 5.0)
+    events = [r["message"] for r in read_metrics(t.run_dir, kind="event")]
+    assert any("gradient norm 0" in m for m in events) and any("loss spike" in m for m in events)
+
+
+def test_the_issues_lr_1e4_run_leaves_no_dead_checkpoint_and_its_advice_works(tmp_path, capsys):
+    """optim.lr=1e4 (the issue's run): update 1 saturates the model; the run must not checkpoint it, and the printed
+    command (start afresh with a lower LR) must train."""
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(small_run(tmp_path, "lr", **{**SECTIONS, "checkpoint": {"interval": 1}}).to_dict()))
+    assert main(["train", "--config", str(cfg), "optim.lr=1e4", "--quiet"]) == 3
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "non-finite" in line and checkpoint_dirs(tmp_path / "lr") == []
+    cmd = line.split("start afresh with a lower optim.lr (now 10000) or a longer optim.warmup: ", 1)[1].split()
+    assert cmd[:3] == ["dsv3", "train", "--overwrite"] and cmd[-1] == "optim.lr=1000"
+    assert main([*cmd[1:-1], "optim.lr=3e-3", "--quiet"]) == 0           # a sane LR, as the advice says
+    assert [d.name for d in checkpoint_dirs(tmp_path / "lr")][-1] == "step_00000008"
