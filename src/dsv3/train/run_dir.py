@@ -4,7 +4,8 @@ checkpoint a resume takes, and the commands that continue a run (printed when it
 A run directory holds what `dsv3 train` writes (RUN_FILES) and nothing of a run may be mixed with an earlier one:
 a fresh start refuses a directory holding checkpoints (continue it with --resume) or an earlier start's metrics
 (its steps would interleave with the new ones); --overwrite starts afresh, deleting exactly RUN_FILES and nothing
-else the directory holds. These checks read files only, so every rank of a torchrun job reaches the same answer.
+else the directory holds. check_start reads files only, so every rank of a torchrun job reaches the same answer;
+a resume's checkpoint is verified by rank 0 and its choice shared (choose_checkpoint).
 """
 
 from __future__ import annotations
