@@ -9,39 +9,22 @@ wrong, never a crash) and the verdict.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .backends import GenerateBackend
 from ..verify.extract import equivalent, extract_answer, normalize
-from .multiple_choice import TaskError
+from .multiple_choice import TaskError, task_rows
 from .stats import binomial_stderr, bootstrap_stderr, majority_answer, pass_at_k
 
 
 def read_qa(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        rows = pq.read_table(path).to_pylist()
-    elif path.suffix == ".jsonl" and path.is_file():
-        rows = []
-        for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}:{k}: not JSON ({e.msg})") from None
-    else:
-        raise TaskError(f"a question-answer task is a .jsonl or .parquet file, got {path}")
     out = []
-    for k, r in enumerate(rows, start=1):
-        if not (isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), (str, int,
-                                                                                                          float))):
-            raise TaskError(f"{path}:{k}: a row needs a string 'question' and an 'answer'")
+    for where, r in task_rows(path, "a question-answer task"):
+        if not (isinstance(r, dict) and isinstance(r.get("question"), str)
+                and isinstance(r.get("answer"), (str, int, float))):
+            raise TaskError(f"{where}: a row needs a string 'question' and an 'answer'")
         gold = extract_answer(str(r["answer"]), flexible=False) or str(r["answer"]).strip()
         out.append(dict(question=r["question"], answer=str(r["answer"]), gold=gold))
-    if not out:
-        raise TaskError(f"{path} holds no questions")
     return out
 
 

@@ -20,11 +20,11 @@ through the engine, or any OpenAI-compatible server.
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.records import RecordError, iter_records
 from .backends import LoglikBackend
 from .stats import binomial_stderr
 
@@ -60,23 +60,21 @@ def _question(row, where: str) -> MCQuestion:
 def read_mc(path: str | Path) -> list[MCQuestion]:
     """All questions of a jsonl or parquet task file; the first bad row is an error naming it (a task file is
     curated data: a bad row means a wrong file, not noise to skip)."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        rows = [(f"{path}:{k}", r) for k, r in enumerate(pq.read_table(path).to_pylist(), start=1)]
-    elif path.suffix == ".jsonl" and path.is_file():
-        rows = []
-        for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{k}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}:{k}: not JSON ({e.msg})") from None
-    else:
-        raise TaskError(f"a multiple-choice task is a .jsonl or .parquet file, got {path}")
+    return [_question(row, where) for where, row in task_rows(path, "a multiple-choice task")]
+
+
+def task_rows(path: str | Path, what: str) -> list[tuple[str, object]]:
+    """(where, row) of a task file; unreadable rows and files are TaskErrors."""
+    try:
+        rows = list(iter_records(path, what))
+    except RecordError as e:
+        raise TaskError(str(e)) from None
+    for where, row in rows:
+        if isinstance(row, RecordError):
+            raise TaskError(f"{where}: {row}")
     if not rows:
         raise TaskError(f"{path} holds no questions")
-    return [_question(r, where) for where, r in rows]
+    return rows
 
 
 def mc_prompt(q: MCQuestion, fewshot: list[MCQuestion] = ()) -> str:

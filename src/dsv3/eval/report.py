@@ -3,29 +3,21 @@
 `out_dir/results.json`: {task: {"metrics": {...}, "prompt_version": str, "config": {...}}}, merged with what an
 earlier run in the same directory wrote (one file collects a model's tasks); `out_dir/samples_<task>.jsonl`: one
 record per question (prompt, choices, log-likelihoods or output, extracted answer, verdict); `out_dir/results.png`:
-a bar chart of each task's main metric with its standard error. All written atomically (temp file + rename).
+a bar chart of each task's main metric with its standard error. Each written whole (temp file + rename), with the user's umask.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 
 def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())
+    """Written whole or not at all; a new file, so it gets the user's umask."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_results(out_dir: str | Path, task: str, metrics: dict, records: list[dict], prompt_version: str,

@@ -18,13 +18,13 @@ first ones were; `strict=True` makes the first one an error.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.chat import ChatTemplate
+from ..data.records import RecordError, iter_records
 
 ROLES = ("system", "user", "assistant")
 
@@ -84,33 +84,18 @@ def encode_conversation(tokenizer, messages: list[dict], template: ChatTemplate 
     return ChatExample(ids, mask)
 
 
-def _rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, row) for each row of a jsonl or parquet file."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        for k, row in enumerate(pq.read_table(path, columns=["messages"]).to_pylist(), start=1):
-            yield f"{path}:{k}", row
-        return
-    with path.open(encoding="utf-8") as f:
-        for k, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{k}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{k}", ChatDataError(f"not JSON ({e.msg})")
-
-
 def read_chat_rows(paths: Iterable[str | Path], tokenizer, max_len: int, template: ChatTemplate | None = None,
                    strict: bool = False) -> tuple[list[ChatExample], ChatDataReport]:
     """Encode every good conversation of the files (at most max_len tokens each); count and report the rest."""
     template = template or ChatTemplate()
     out, report = [], ChatDataReport()
     for p in map(Path, paths):
-        if not p.is_file() or p.suffix not in (".jsonl", ".parquet"):
-            raise ChatDataError(f"chat data must be .jsonl or .parquet files of {{'messages': [...]}} rows, got {p}")
-        for where, row in _rows(p):
-            why = str(row) if isinstance(row, ChatDataError) else (
+        try:
+            rows = list(iter_records(p, "chat data ({'messages': [...]} rows)"))
+        except RecordError as e:
+            raise ChatDataError(str(e)) from None
+        for where, row in rows:
+            why = str(row) if isinstance(row, RecordError) else (
                 "row has no 'messages'" if not isinstance(row, dict) or "messages" not in row
                 else conversation_problem(row["messages"]))
             example = None
