@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from conftest import build, tiny_config
-from dsv3.fp8.training import FP8GroupedFunction, FP8LinearFunction, FP8TrainExperts, FP8TrainLinear, apply_fp8
+from dsv3.fp8.training import (FP8GroupedFunction, FP8LinearFunction, FP8RowwiseGroupedFunction, FP8TrainExperts,
+                               FP8TrainLinear, apply_fp8)
+
+GROUPED = [FP8GroupedFunction, FP8RowwiseGroupedFunction]   # the report's block scaling; row-wise scales
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -39,7 +42,8 @@ def test_fp8_linear_forward_and_gradients_within_e4m3_error(shape):
     assert wf.grad.dtype == torch.float32 and xf.grad.dtype == torch.float32
 
 
-def test_fp8_grouped_forward_and_gradients():
+@pytest.mark.parametrize("fn", GROUPED)
+def test_fp8_grouped_forward_and_gradients(fn):
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([5, 0, 140, 19])
     offs = counts.cumsum(0).to(torch.int32)
@@ -47,7 +51,7 @@ def test_fp8_grouped_forward_and_gradients():
     w = torch.randn(4, 192, 256, generator=g, dtype=torch.float64) * 0.05
     dy = torch.randn(x.shape[0], 192, generator=g, dtype=torch.float64)
     xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
-    FP8GroupedFunction.apply(xf, wf, offs).backward(dy.float())
+    fn.apply(xf, wf, offs).backward(dy.float())
     bounds = [0] + offs.tolist()
     want_y = torch.cat([x[a:b] @ w[e].t() for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
     want_dx = torch.cat([dy[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
@@ -55,13 +59,16 @@ def test_fp8_grouped_forward_and_gradients():
     assert _rel(xf.grad, want_dx) < 0.05 and _rel(wf.grad[[0, 2, 3]], want_dw[[0, 2, 3]]) < 0.05
     assert wf.grad[1].abs().max() == 0                       # an expert without tokens gets no gradient
     with torch.no_grad():
-        assert _rel(FP8GroupedFunction.apply(xf, wf, offs), want_y) < 0.05
+        y = fn.apply(xf, wf, offs)
+        assert _rel(y, want_y) < 0.05 and _rel(y, want_y) > 1e-3          # quantised, so close, not equal
 
 
-def test_apply_fp8_covers_the_reports_gemms_and_keeps_the_state_dict():
+@pytest.mark.parametrize("experts", ["block", "row"])
+def test_apply_fp8_covers_the_reports_gemms_and_keeps_the_state_dict(experts):
     model = build(tiny_config(), seed=0)
     names = list(model.state_dict())
-    apply_fp8(model)
+    apply_fp8(model, experts=experts)
+    assert {m.fp8_scaling for m in model.modules() if isinstance(m, FP8TrainExperts)} == {experts}
     assert list(model.state_dict()) == names                  # optimisers, checkpoints and export are unaffected
     fp8 = {n for n, m in model.named_modules() if isinstance(m, (FP8TrainLinear, FP8TrainExperts))}
     assert any(n.endswith("self_attn.kv_b_proj") for n in fp8) and any(n.endswith("mlp.experts") for n in fp8)
@@ -89,8 +96,10 @@ def test_fp8_training_loss_within_a_quarter_percent_of_bf16(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
-def test_fp8_autograd_on_cuda_matches_fp64():
-    """The Triton quantisers and GEMMs inside the autograd functions (bf16 activations), forward and backward."""
+@pytest.mark.parametrize("fn", GROUPED)
+def test_fp8_autograd_on_cuda_matches_fp64(fn):
+    """The Triton quantisers and GEMMs (torch._scaled_grouped_mm for row-wise scales) inside the autograd functions
+    (bf16 activations), forward and backward."""
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([130, 0, 300, 7])
     offs = counts.cumsum(0).to(torch.int32).cuda()
@@ -99,7 +108,7 @@ def test_fp8_autograd_on_cuda_matches_fp64():
     dy = torch.randn(x.shape[0], 384, generator=g, dtype=torch.float64)
     xb = x.to("cuda", torch.bfloat16).requires_grad_()
     wb = w.float().cuda().requires_grad_()
-    y = FP8GroupedFunction.apply(xb, wb, offs)
+    y = fn.apply(xb, wb, offs)
     y.backward(dy.to("cuda", torch.bfloat16))
     bounds = [0] + counts.cumsum(0).tolist()
     segs = list(zip(bounds, bounds[1:]))

@@ -420,7 +420,8 @@ def test_triton_cuda_grouped_graph_capture():
 @pytest.mark.gpu
 @needs_sm90
 @pytest.mark.parametrize("b_rows", [128, 1], ids=["block", "tile"])
-@pytest.mark.parametrize("M,N,K", V3_SHAPES + [(5, 256, 384), (20, 384, 1152)])  # K/128 = 3, 9: L4 padding
+@pytest.mark.parametrize("M,N,K", V3_SHAPES + [(5, 256, 384), (20, 384, 1152),    # K/128 = 3, 9: L4 padding
+                                   (64, 576, 2048), (33, 200, 300), (16, 1000, 10944), (8, 10944, 2048)])  # padded
 def test_scaled_mm_cuda_bf16(M, N, K, b_rows):
     args = make_dense(M, N, K, b_rows, seed=25, device="cuda")
     out = fp8_gemm_scaled_mm(*args)
@@ -433,16 +434,20 @@ def test_scaled_mm_cuda_bf16(M, N, K, b_rows):
 @needs_sm90
 @needs_triton_gpu
 def test_dispatcher_prefers_cublas_where_it_fits(monkeypatch):
-    """On sm_90, fp8_gemm takes cuBLASLt's block-scaled GEMM where its shape rules hold and Triton elsewhere."""
+    """On sm_90, fp8_gemm takes cuBLASLt's block-scaled GEMM for every shape (padding K and N where needed), and
+    Triton when forced."""
     import importlib
     m = importlib.import_module("dsv3.kernels.fp8_gemm")  # the package's fp8_gemm attribute is the function
     calls = []
     real_s, real_t = m.fp8_gemm_scaled_mm, m.fp8_gemm_triton
     monkeypatch.setattr(m, "fp8_gemm_scaled_mm", lambda *a, **k: calls.append("scaled_mm") or real_s(*a, **k))
     monkeypatch.setattr(m, "fp8_gemm_triton", lambda *a, **k: calls.append("triton") or real_t(*a, **k))
-    cases = [((64, 256, 512, 128), "scaled_mm"), ((64, 576, 512, 128), "triton"),   # N = 576: not whole blocks
-             ((64, 208, 512, 1), "scaled_mm"), ((64, 256, 200, 128), "triton")]   # tiles: N % 16; K % 128
+    cases = [((64, 256, 512, 128), "scaled_mm"), ((64, 576, 512, 128), "scaled_mm"),   # N = 576: padded
+             ((64, 208, 512, 1), "scaled_mm"), ((64, 256, 200, 128), "scaled_mm")]     # K = 200: padded
     for (M, N, K, rows), _ in cases:
         args = make_dense(M, N, K, rows, seed=30 + N, device="cuda")
         assert_close_scaled(m.fp8_gemm(*args), fp8_gemm_reference(*args), 1.6e-2)
-    assert calls == [want for _, want in cases]
+    monkeypatch.setenv("DSV3_FP8_GEMM", "triton")
+    args = make_dense(64, 256, 512, 128, seed=40, device="cuda")
+    assert_close_scaled(m.fp8_gemm(*args), fp8_gemm_reference(*args), 1.6e-2)
+    assert calls == [want for _, want in cases] + ["triton"]

@@ -17,6 +17,10 @@ the token dimension: the same operands a grouped FP8 weight-gradient kernel with
 would multiply, up to the tile scales at segment edges, accumulated in high precision. That kernel (DeepGEMM's
 "contiguous" layout) is future work.
 
+`apply_fp8(model, experts="row")` gives the experts row-wise scales instead (`FP8RowwiseGroupedFunction`,
+dsv3.kernels.fp8_rowwise): on Hopper the only fast FP8 grouped GEMM, at the cost of coarser scaling, FP8 MMA
+accumulation and a bf16 weight gradient (the trade-off and its measured loss cost: RESULTS.md, issue 15).
+
 `apply_fp8` changes classes in place (`nn.Linear` -> `FP8TrainLinear`, `Experts` -> `FP8TrainExperts`): the
 parameters, their names and the state dict stay the same, so optimisers, checkpoints and export are unaffected.
 """
@@ -29,6 +33,7 @@ from torch import nn
 
 from ..kernels.fp8_gemm import fp8_gemm, fp8_grouped_gemm
 from ..kernels.fp8_quant import (dequantize_tiles, quantize_blocks, quantize_tiles, quantize_tiles_transposed)
+from ..kernels.fp8_rowwise import fp8_grouped_gemm_rowwise, quantize_rows
 from ..model.layers import MLP
 from ..model.mla import MLA
 from ..model.moe import Experts
@@ -41,6 +46,20 @@ def _no_autocast(fn):
         with torch.autocast(args[0].device.type, enabled=False):
             return fn(ctx, *args)
     return wrapper
+
+
+@torch.library.custom_op("dsv3::grouped_weight_grad", mutates_args=())
+def grouped_weight_grad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """dW[e] = dy[rows of e]^T @ x[rows of e] for dy (M, N), x (M, K) sorted by expert: (E, N, K), one
+    torch._grouped_mm whose groups split the token dimension. A custom op so that torch.compile passes dy and x
+    as they are here (row-major): with the token dimension contiguous, as inductor may otherwise lay them out,
+    CUTLASS requires every group's byte size to be a multiple of 16 and asserts on the device."""
+    return torch._grouped_mm(dy.contiguous().t(), x.contiguous(), offs=offs)
+
+
+@grouped_weight_grad.register_fake
+def _(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return dy.new_empty(offs.shape[0], dy.shape[1], x.shape[1])
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -97,8 +116,35 @@ class FP8GroupedFunction(torch.autograd.Function):
         dtype = torch.bfloat16 if dy.is_cuda else torch.float32
         x = dequantize_tiles(xq, xs).to(dtype)
         g = dequantize_tiles(gq, gs).to(dtype)
-        dw = torch._grouped_mm(g.t(), x, offs=offs)
+        dw = grouped_weight_grad(g, x, offs)
         return dx, dw.to(ctx.weight_dtype), None
+
+
+class FP8RowwiseGroupedFunction(torch.autograd.Function):
+    """The experts' grouped GEMM with row-wise scales (`kernels.fp8_rowwise`, `apply_fp8(experts="row")`): forward
+    and input gradient in FP8 through torch._scaled_grouped_mm; the weight gradient, whose reduction runs over each
+    expert's own tokens where row-wise scales cannot be factored out, in bf16 from the saved activation."""
+
+    @staticmethod
+    @_no_autocast
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        xq, xs = quantize_rows(x)
+        wq, ws = quantize_rows(weight)                                # (E, N, K), (E, N)
+        y = fp8_grouped_gemm_rowwise(xq, xs, wq, ws, offs, out_dtype=x.dtype)
+        ctx.save_for_backward(x, weight, offs)
+        return y
+
+    @staticmethod
+    @_no_autocast
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        gq, gs = quantize_rows(dy)
+        wtq, wts = quantize_rows(weight.transpose(1, 2))   # W^T (E, K, N): one scale per input column, read in place
+        dx = fp8_grouped_gemm_rowwise(gq, gs, wtq, wts, offs, out_dtype=dy.dtype)
+        dtype = torch.bfloat16 if dy.is_cuda else torch.float32
+        dw = grouped_weight_grad(dy.to(dtype), x.to(dtype), offs)
+        return dx, dw.to(weight.dtype), None
 
 
 def _quantize_stacked(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,21 +169,27 @@ class FP8TrainLinear(nn.Linear):
 
 
 class FP8TrainExperts(Experts):
+    fp8_scaling = "block"     # or "row": set by apply_fp8
+
     def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.stacked_weights()
         offs = counts.cumsum(0).to(torch.int32)
         if torch.is_autocast_enabled(xs.device.type):
             xs = xs.to(torch.get_autocast_dtype(xs.device.type))
-        h = F.silu(FP8GroupedFunction.apply(xs, gate, offs)) * FP8GroupedFunction.apply(xs, up, offs)
-        return FP8GroupedFunction.apply(h, down, offs)
+        fn = FP8RowwiseGroupedFunction if self.fp8_scaling == "row" else FP8GroupedFunction
+        h = F.silu(fn.apply(xs, gate, offs)) * fn.apply(xs, up, offs)
+        return fn.apply(h, down, offs)
 
 
 _MLA_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 
-def apply_fp8(model: nn.Module) -> nn.Module:
+def apply_fp8(model: nn.Module, experts: str = "block") -> nn.Module:
     """Run the MLA projections, dense / shared FFNs and routed experts in FP8, in place; the embedding, head,
-    router, norms and attention core keep their precision (TR 3.3.1). Returns the model."""
+    router, norms and attention core keep their precision (TR 3.3.1). `experts`: "block" (the report's 1x128 /
+    128x128 scaling, all three GEMMs) or "row" (row-wise scales, `FP8RowwiseGroupedFunction`). Returns the model."""
+    if experts not in ("block", "row"):
+        raise ValueError(f"apply_fp8: experts must be 'block' or 'row', got {experts!r}")
     for module in model.modules():
         if isinstance(module, MLA):
             for name in _MLA_LINEARS:
@@ -150,4 +202,5 @@ def apply_fp8(model: nn.Module) -> nn.Module:
                     child.__class__ = FP8TrainLinear
         elif type(module) is Experts:
             module.__class__ = FP8TrainExperts
+            module.fp8_scaling = experts
     return model

@@ -29,7 +29,7 @@ fp8_weight_gemm (cumsum + searchsorted over an upper bound of cdiv(M, BLOCK_M) +
 return at once): no host sync, so it captures in a CUDA graph. Triton's fp8 dot needs sm_89+.
 
 `fp8_gemm_scaled_mm`: cuBLASLt's DeepSeek-style block scaling through torch (sm_90 only, cuBLASLt >= 12.9,
-K % 128 == 0; N % 128 == 0 for block-scaled b, N % 16 == 0 for tiles). Layouts the kernels want (the `v2` rules of
+K % 128 == 0; N % 128 == 0 for block-scaled b, N % 16 == 0 for tiles: other K and N are zero-padded to these). Layouts the kernels want (the `v2` rules of
 torch's ScaledBlas.cpp / _meta_registrations.py; the K-block dimension of 128x128 scales padded to a multiple of 4,
 see pytorch#166752, which fixed silent wrong answers when it was not):
     mat_a = a (M, K) row-major; mat_b = b.t() (K, N) column-major
@@ -38,11 +38,12 @@ see pytorch#166752, which fixed silent wrong answers when it was not):
     1x128 scale_b   (N, K/128)            strides (1, N):   (K/128, N) storage, N fastest
 `torch.nn.functional.scaled_mm` (explicit recipes) is used where it exists, else `torch._scaled_mm` (recipe
 inferred from scale shapes/strides; it has no L4 padding, so block-scaled b then needs (K/128) % 4 == 0).
-M is padded to a multiple of 16 (M = 1 is reported to fail in cuBLASLt; not verified here) and the result sliced.
+M is padded to a multiple of 16 (M = 1 is reported to fail in cuBLASLt; not verified here), K and N as above, and
+the result sliced.
 
-`fp8_gemm` (auto): on sm_90, cuBLASLt through `fp8_gemm_scaled_mm` wherever its shape rules hold (K % 128 == 0,
-N % 128 == 0 for blocks, % 16 for tiles: 1.1-1.7x the Triton kernel at V3 shapes, issue 15's measurements), else
-Triton on CUDA sm_89+ when triton imports, else the reference. `fp8_grouped_gemm`: Triton, else the reference.
+`fp8_gemm` (auto): on sm_90, cuBLASLt through `fp8_gemm_scaled_mm` for every shape (1.1-1.7x the Triton kernel at
+V3 shapes, issue 15's measurements; padded where K or N is not a multiple of 128, e.g. lite's 10944-wide FFN and
+576-wide kv_a_proj), else Triton on CUDA sm_89+ when triton imports, else the reference. `fp8_grouped_gemm`: Triton, else the reference.
 DSV3_FP8_GEMM=reference | scaled_mm (dense only) | triton forces a path (unset or auto: the default); other values
 raise.
 """
@@ -298,23 +299,31 @@ def fp8_grouped_gemm_triton(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tens
 _V2 = hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
 
 
+def _pad_fp8(x: Tensor, rows: int, cols: int) -> Tensor:
+    """x (r, c) e4m3 zero-padded to (rows, cols), contiguous (through uint8: fills of fp8 tensors are not supported
+    everywhere). Zeros add nothing to a product, so padding K or N is exact."""
+    if tuple(x.shape) == (rows, cols):
+        return x.contiguous()
+    pad = torch.zeros(rows, cols, dtype=torch.uint8, device=x.device)
+    pad[:x.shape[0], :x.shape[1]] = x.view(torch.uint8)
+    return pad.view(FP8)
+
+
 def _scaled_mm_operands(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, rows: int,
                         v2: bool = _V2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(mat_a, mat_b, scale_a, scale_b) laid out as cuBLASLt wants them (module docstring); M padded to 16."""
+    """(mat_a, mat_b, scale_a, scale_b) laid out as cuBLASLt wants them (module docstring): M padded to 16, K to 128
+    and N to 128 (blocks) or 16 (tiles) with zeros; the scales already have one entry per partial tile or block."""
     M, K = a.shape
-    N, kb = b.shape[0], K // BLOCK
-    Mp = _cdiv(max(M, 1), 16) * 16
-    mat_a = a.contiguous()
-    if Mp != M:  # zero rows (through uint8: fills of fp8 tensors are not supported everywhere)
-        pad = torch.zeros(Mp, K, dtype=torch.uint8, device=a.device)
-        pad[:M] = a.view(torch.uint8)
-        mat_a = pad.view(FP8)
+    N, kb = b.shape[0], _cdiv(K, BLOCK)
+    Mp, Kp, Np = _cdiv(max(M, 1), 16) * 16, kb * BLOCK, _cdiv(N, BLOCK if rows > 1 else 16) * (BLOCK if rows > 1 else 16)
+    mat_a, mat_b = _pad_fp8(a, Mp, Kp), _pad_fp8(b, Np, Kp)
     scale_a = torch.zeros(kb, Mp, dtype=torch.float32, device=a.device)  # K-block-major storage
     scale_a[:, :M] = a_scale.T
     scale_a = scale_a.T  # (Mp, kb), strides (1, Mp)
     if rows == 1:
-        scale_b = torch.empty(kb, N, dtype=torch.float32, device=a.device).copy_(b_scale.T)  # N-major storage
-        scale_b = scale_b.T if v2 else scale_b  # v2: (N, kb) strides (1, N); v1 takes the (kb, N) view itself
+        scale_b = torch.zeros(kb, Np, dtype=torch.float32, device=a.device)   # N-major storage
+        scale_b[:, :N] = b_scale.T
+        scale_b = scale_b.T if v2 else scale_b  # v2: (Np, kb) strides (1, Np); v1 takes the (kb, Np) view itself
     elif v2:
         L4 = _cdiv(kb, 4) * 4
         scale_b = torch.zeros(b_scale.shape[0], L4, dtype=torch.float32, device=a.device)
@@ -325,13 +334,14 @@ def _scaled_mm_operands(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, 
             raise ValueError(f"this torch has no F.scaled_mm; torch._scaled_mm with 128x128 scales needs "
                              f"(K/128) % 4 == 0 (cuBLASLt's padded layout), got K={K}")
         scale_b = b_scale.contiguous().T  # (kb, N/128), strides (1, kb)
-    return mat_a, b.contiguous().T, scale_a, scale_b
+    return mat_a, mat_b.T, scale_a, scale_b
 
 
 def fp8_gemm_scaled_mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
                        out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """FP8 GEMM through torch's cuBLASLt block-scaled path (same contract as `fp8_gemm_reference`); CUDA sm_90
-    only, K % 128 == 0, N % 128 == 0 (block-scaled b) or N % 16 == 0 (tile-scaled b)."""
+    only. Operands whose K or N cuBLASLt does not take (K % 128, N % 128 for block-scaled b, N % 16 for tiles) are
+    zero-padded (an FP8 copy of the operand: cheap next to the GEMM) and the result sliced."""
     M, N, K, rows = _check(a, a_scale, b, b_scale, out_dtype, grouped=False)
     if not a.is_cuda:
         raise RuntimeError(f"fp8_gemm_scaled_mm runs cuBLASLt's block-scaled FP8 GEMM: it needs CUDA tensors on "
@@ -340,9 +350,6 @@ def fp8_gemm_scaled_mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
     if cap[0] != 9:
         raise RuntimeError(f"torch's DeepSeek-style (1x128 / 128x128) FP8 scaling runs only on sm_90, got sm_"
                            f"{cap[0]}{cap[1]} (use fp8_gemm_triton)")
-    if K % BLOCK or N % (BLOCK if rows > 1 else 16):
-        raise ValueError(f"fp8_gemm_scaled_mm needs K % 128 == 0 and N % {BLOCK if rows > 1 else 16} == 0, got "
-                         f"N={N}, K={K} (use fp8_gemm_triton)")
     if M == 0 or N == 0:
         return torch.zeros(M, N, device=a.device, dtype=out_dtype)
     mat_a, mat_b, scale_a, scale_b = _scaled_mm_operands(a, a_scale, b, b_scale, rows)
@@ -352,7 +359,7 @@ def fp8_gemm_scaled_mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,
                           st.BlockWise128x128 if rows > 1 else st.BlockWise1x128, output_dtype=out_dtype)
     else:
         out = torch._scaled_mm(mat_a, mat_b, scale_a, scale_b, out_dtype=out_dtype)
-    return out[:M]
+    return out[:M, :N]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,9 +382,8 @@ def _triton_usable(a: Tensor) -> bool:
 
 
 def _scaled_mm_fits(a: Tensor, M: int, N: int, K: int, rows: int) -> bool:
-    """cuBLASLt's block-scaled FP8 GEMM takes these operands (fp8_gemm_scaled_mm's rules, checked without raising)."""
-    return (a.is_cuda and capability(a.device)[0] == 9 and M > 0 and K % BLOCK == 0
-            and N % (BLOCK if rows > 1 else 16) == 0)
+    """cuBLASLt's block-scaled FP8 GEMM runs these operands (sm_90; any K and N, padded)."""
+    return a.is_cuda and capability(a.device)[0] == 9 and M > 0
 
 
 def fp8_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,

@@ -7,6 +7,10 @@ The arithmetic of a step is FP32: moments are read up to FP32, updated, rounded 
     m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2                      (FP32, stored as BF16)
     w <- w - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) - lr wd w   (FP32 master; then copied to the param)
 
+The update itself is `dsv3.kernels.adamw.adamw_update`: one Triton pass per parameter on the GPU, the PyTorch
+reference elsewhere. Like torch's fused AdamW, the optimizer divides the gradients by its `grad_scale` attribute
+when the trainer sets one (gradient clipping without a separate pass over the gradients).
+
 Parameters that are already FP32 are their own master (no copy). The state dict is torch's usual per-parameter
 state ({"step", "exp_avg", "exp_avg_sq", and "master" for BF16 parameters}), so checkpoints save and load it as is.
 """
@@ -14,6 +18,8 @@ state ({"step", "exp_avg", "exp_avg_sq", and "master" for BF16 parameters}), so 
 from __future__ import annotations
 
 import torch
+
+from ..kernels.adamw import adamw_update
 
 
 class AdamWBF16(torch.optim.Optimizer):
@@ -51,6 +57,7 @@ class AdamWBF16(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)   # clipping folded in, as torch's fused AdamW: g / grad_scale
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             lr = float(lr)
@@ -61,17 +68,6 @@ class AdamWBF16(torch.optim.Optimizer):
                     raise RuntimeError("AdamWBF16 does not support sparse gradients")
                 state = self.state[p] if self.state[p] else self._init_state(p)
                 state["step"] += 1
-                t = float(state["step"])
-                master = state.get("master", p)
-                g = p.grad.float()
-                m = state["exp_avg"].float().lerp_(g, 1 - b1)
-                v = state["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                if wd:
-                    master.mul_(1 - lr * wd)
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-                master.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
-                if master is not p:
-                    p.copy_(master)
+                adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state.get("master"), lr, b1, b2, eps,
+                             wd, int(state["step"]), grad_scale)
         return loss

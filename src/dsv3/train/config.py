@@ -227,6 +227,9 @@ class TrainConfig:
     # GEMM precision of the MLA projections, dense FFNs and experts: bf16 (as `dtype`), or fp8 (E4M3, 1x128 activation
     # tiles, 128x128 weight blocks, FP32 accumulation: TR 3.3, dsv3.fp8.training)
     precision: str = setting("bf16", OneOf(("bf16", "fp8")))
+    # with precision=fp8, the routed experts' scaling: block (the report's, as above) or row (one scale per token and
+    # per weight row through torch._scaled_grouped_mm on sm_90: faster, coarser; dsv3.kernels.fp8_rowwise)
+    fp8_experts: str = setting("block", OneOf(("block", "row")))
     compile: bool = setting(False, Flag())             # torch.compile each block and the loss
     # CUDA: one compiled kernel set for clipping + AdamW instead of fused AdamW
     compile_optimizer: bool = setting(False, Flag())

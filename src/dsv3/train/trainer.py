@@ -49,6 +49,7 @@ from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
 from .ema import CPUEma
 from .metrics import MetricsLogger
+from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .recompute import apply_recompute
 from .run_dir import check_start, choose_checkpoint, clear_run, divergence_advice, resume_command
@@ -184,7 +185,7 @@ class Trainer:
         self.param_counts = self.model.num_params()      # of the whole model, before experts are sharded
         if cfg.train.precision == "fp8":     # before recomputation wraps the modules
             from ..fp8.training import apply_fp8
-            apply_fp8(self.model)
+            apply_fp8(self.model, experts=cfg.train.fp8_experts)
         # ep > 1: shard the experts (every rank built the same full model); pp > 1: also keep this rank's chunks
         self.layout.apply(self.model)
         self.layers = moe_layers(self.model)
@@ -224,14 +225,15 @@ class Trainer:
             from .pipeline_step import PipelineRunner
             self.pipeline = PipelineRunner(self.layout, self.model, self.layers, cfg.data.seq_len, self.ce,
                                            self.autocast)
-        # fused AdamW divides the gradients by `grad_scale` inside its kernel: clipping there saves a pass over
+        # fused AdamW and AdamWBF16 divide the gradients by `grad_scale` inside their kernels: clipping there saves a pass over
         # every gradient (on CPU, train_step scales the gradients). Under expert and pipeline parallelism this path
         # and compiled_step stay enabled: both take the global gradient norm that train_step computes. Under FSDP
         # both are off (compile_optimizer is refused by the config): they are CUDA-only and unverified with DTensor
         # gradients, and the clipping is then train_step's scaling of the local shards
         self.clip_in_optimizer = (self.device.type == "cuda" and self.compiled_step is None and not self.layout.fsdp
-                                  and isinstance(self.optimizer, torch.optim.AdamW)
-                                  and bool(self.optimizer.defaults.get("fused")))   # AdamWBF16 reads no grad_scale
+                                  and (isinstance(self.optimizer, AdamWBF16)
+                                       or (isinstance(self.optimizer, torch.optim.AdamW)
+                                           and bool(self.optimizer.defaults.get("fused")))))
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
                                     start_step=self.step) if self.layout.is_main else NullLogger()
         if resume:

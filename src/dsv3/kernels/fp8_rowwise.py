@@ -1,0 +1,147 @@
+"""Row-wise scaled FP8 for the routed experts' grouped GEMMs: the fast alternative to the report's 1x128 / 128x128
+scaling where no block-scaled grouped GEMM is fast (issue 15).
+
+On Hopper, torch's only FP8 grouped GEMM is `torch._scaled_grouped_mm` (CUTLASS), which takes one scale per row of
+each operand: 800-880 TFLOP/s at lite's expert shapes, 1.4-1.6x bf16 `torch._grouped_mm` (issue 15's probe,
+RESULTS.md); its block-wise recipes have no sm_90 kernel ("No gemm implementation was found"), and our block-scaled
+Triton grouped GEMM reaches 0.72-0.81x bf16. Row-wise scaling is coarser than the report's (one scale per token
+over the whole hidden dimension, one per weight row over its whole input), so an outlier costs its row more
+precision; the loss comparison in RESULTS.md says what that costs. The GEMM also accumulates in FP8 MMA precision
+without the report's promotion every 128 products (`use_fast_accum`: 3x faster here than the promoted variant).
+
+    quantize_rows(x (M, K))  -> q (M, K) e4m3, scale (M,) fp32         scale = max(amax, EPS) / 448 (the dequantisation
+                                                                      multiplier, as kernels.fp8_quant's tiles)
+    fp8_grouped_gemm_rowwise(a (M, K), a_scale (M,), b (E, N, K), b_scale (E, N), offs (E,))
+        -> c (M, N):  c[rows of group e] = (a_scale[:, None] * a) @ (b_scale[e][:, None] * b[e]).T
+
+offs are cumulative row ends as torch._grouped_mm takes them, and every row belongs to a group (offs[-1] = M: the
+experts' sorted rows always are; checking it would cost a host sync, so the fast path leaves any other rows
+undefined where the reference zeroes them). The
+`*_reference` versions dequantise to fp32 and multiply group by group; the dispatchers take torch's kernel on CUDA
+sm_90 (K and N multiples of 16) and Triton for the quantiser on sm_89+, else the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .fp8_quant import _scales
+from .triton_setup import FP8_MAX, HAS_TRITON, capability, need_triton, tl, triton, use_triton
+
+__all__ = ["fp8_grouped_gemm_rowwise", "fp8_grouped_gemm_rowwise_reference", "quantize_rows",
+           "quantize_rows_reference", "quantize_rows_triton"]
+
+_E4M3 = torch.float8_e4m3fn
+
+
+def _check_x(x: Tensor) -> None:
+    if x.dim() not in (2, 3) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        raise ValueError(f"x must be a 2-D or 3-D floating tensor, got shape {tuple(x.shape)} dtype {x.dtype}")
+
+
+def quantize_rows_reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    """One e4m3 scale per row (last dim) of x (M, K) or (B, M, K), any strides: q contiguous float8_e4m3fn of x's
+    shape, scale (M,) or (B, M) fp32."""
+    _check_x(x)
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1) if x.shape[-1] else xf.new_zeros(x.shape[:-1])
+    scale = _scales(amax, pow2=False)
+    q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX)
+    return q.to(_E4M3).contiguous(), scale.contiguous()
+
+
+if HAS_TRITON:
+    from .fp8_quant import _quant, _scale_of
+
+    @triton.jit
+    def _rows_kernel(X, Q, S, M, K, stride_xb, stride_xm, stride_xk, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+        # two passes over the row block: its max-abs, then the scaled cast (the second read is served from L2)
+        b = tl.program_id(1).to(tl.int64)
+        rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        mask_m = rows < M
+        X += b * stride_xb
+        amax = tl.zeros((ROWS,), dtype=tl.float32)
+        for k0 in range(0, K, CHUNK):
+            cols = k0 + tl.arange(0, CHUNK)
+            mask = mask_m[:, None] & (cols < K)[None, :]
+            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        s = _scale_of(amax, False)
+        for k0 in range(0, K, CHUNK):
+            cols = k0 + tl.arange(0, CHUNK)
+            mask = mask_m[:, None] & (cols < K)[None, :]
+            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0)
+            q = _quant(x.to(tl.float32), s[:, None])
+            tl.store(Q + (b * M + rows[:, None]) * K + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+        tl.store(S + b * M + rows, s, mask=mask_m)
+
+
+def quantize_rows_triton(x: Tensor, rows: int | None = None, chunk: int | None = None,
+                         num_warps: int = 4) -> tuple[Tensor, Tensor]:
+    """Row-wise quantisation through Triton (contract of `quantize_rows_reference`; bit-equal to it on the GPU).
+    Strided input is read in place: rows along a contiguous dim (tokens, weight rows) take 4 rows x 1024 columns per
+    step; rows across it (the columns of a weight, for W^T) 64 x 64, so that each load is coalesced along the
+    contiguous dim and no transposed high-precision copy is made."""
+    need_triton("quantize_rows_triton")
+    _check_x(x)
+    x3 = x if x.dim() == 3 else x[None]
+    B, M, K = x3.shape
+    q = torch.empty(B, M, K, device=x.device, dtype=_E4M3)
+    scale = torch.empty(B, M, device=x.device, dtype=torch.float32)
+    along = x3.stride(2) == 1 or K == 1
+    rows, chunk = rows or (4 if along else 64), chunk or (1024 if along else 64)   # launch shape (a sweep's knobs)
+    if B and M:
+        _rows_kernel[(triton.cdiv(M, rows), B)](x3, q, scale, M, K, x3.stride(0), x3.stride(1), x3.stride(2),
+                                                 ROWS=rows, CHUNK=chunk, num_warps=num_warps)
+    return (q, scale) if x.dim() == 3 else (q[0], scale[0])
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dispatcher: Triton for CUDA tensors on sm_89+ (DSV3_FP8_QUANT=reference forces the reference)."""
+    if use_triton(x, "DSV3_FP8_QUANT", fp8=True):
+        return quantize_rows_triton(x)
+    return quantize_rows_reference(x)
+
+
+def _check_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, offs: Tensor) -> tuple[int, int, int, int]:
+    if a.dim() != 2 or b.dim() != 3 or a.dtype != _E4M3 or b.dtype != _E4M3:
+        raise ValueError(f"a (M, K) and b (E, N, K) must be float8_e4m3fn, got {tuple(a.shape)} {a.dtype}, "
+                         f"{tuple(b.shape)} {b.dtype}")
+    (M, K), (E, N, Kb) = a.shape, b.shape
+    if K != Kb or tuple(a_scale.shape) != (M,) or tuple(b_scale.shape) != (E, N) or tuple(offs.shape) != (E,):
+        raise ValueError(f"shapes disagree: a {tuple(a.shape)}, a_scale {tuple(a_scale.shape)} (want ({M},)), "
+                         f"b {tuple(b.shape)}, b_scale {tuple(b_scale.shape)} (want ({E}, {N})), offs "
+                         f"{tuple(offs.shape)} (want ({E},))")
+    return M, K, E, N
+
+
+def fp8_grouped_gemm_rowwise_reference(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, offs: Tensor,
+                                       out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Dequantise to fp32 and multiply each group's rows by its matrix (host syncs for the group bounds)."""
+    M, K, E, N = _check_gemm(a, a_scale, b, b_scale, offs)
+    af = a.float() * a_scale[:, None]
+    out = torch.zeros(M, N, device=a.device, dtype=torch.float32)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = af[start:end] @ (b[e].float() * b_scale[e][:, None]).t()
+        start = end
+    return out.to(out_dtype)
+
+
+def _use_scaled_grouped_mm(a: Tensor, N: int, K: int) -> bool:
+    return (a.is_cuda and hasattr(torch, "_scaled_grouped_mm") and capability(a.device) == (9, 0)
+            and K % 16 == 0 and N % 16 == 0)
+
+
+def fp8_grouped_gemm_rowwise(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, offs: Tensor,
+                             out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Dispatcher: torch._scaled_grouped_mm on sm_90 (no host sync; fast FP8 accumulation; bf16 output, widened
+    when out_dtype asks for more), else the reference."""
+    M, K, E, N = _check_gemm(a, a_scale, b, b_scale, offs)
+    if not _use_scaled_grouped_mm(a, N, K):
+        return fp8_grouped_gemm_rowwise_reference(a, a_scale, b, b_scale, offs, out_dtype)
+    out = torch._scaled_grouped_mm(a, b.transpose(-2, -1), a_scale, b_scale, offs=offs.to(torch.int32),
+                                   out_dtype=torch.bfloat16, use_fast_accum=True)   # its only output dtype
+    return out if out_dtype == torch.bfloat16 else out.to(out_dtype)

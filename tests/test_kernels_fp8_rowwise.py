@@ -1,0 +1,109 @@
+"""Row-wise scaled FP8 (dsv3.kernels.fp8_rowwise): the quantiser against float64 and E4M3's bound, its Triton kernel
+against the reference under TRITON_INTERPRET=1 and bit for bit on CUDA, the grouped GEMM reference against a float64
+einsum over a group mask, and torch._scaled_grouped_mm against the reference on an H100/H200."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import interpreter_cases
+from test_kernels_fp8_quant import _compare, make_x
+
+from dsv3.kernels.fp8_rowwise import (HAS_TRITON, fp8_grouped_gemm_rowwise, fp8_grouped_gemm_rowwise_reference,
+                                      quantize_rows, quantize_rows_reference, quantize_rows_triton)
+
+E4M3 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_scales_and_round_trip(dtype):
+    """Scales exactly amax / 448, each element within E4M3's rounding, 3-D and transposed inputs row by row."""
+    x = make_x(37, 300, dtype, seed=3)
+    q, s = quantize_rows_reference(x)
+    assert q.dtype == E4M3 and s.shape == (37,) and s.dtype == torch.float32
+    amax = x.double().abs().amax(1).clamp_min(1e-4)
+    torch.testing.assert_close(s.double(), amax / 448, rtol=2 ** -23, atol=0)   # one fp32 division
+    back = q.double() * s.double()[:, None]
+    # each element within half an e4m3 step of its binade (2^-4 relative) or, below 2^-6 * scale, the subnormal step
+    err = (back - x.double()).abs()
+    bound = torch.maximum(x.double().abs() * 2 ** -4, s.double()[:, None] * 2 ** -10)
+    assert bool((err <= bound).all())
+    assert q.double().abs().amax(1)[amax > 1e-4].eq(448).all()             # the largest element maps to E4M3's max
+    w = make_x(3 * 40, 50, dtype, seed=4).view(3, 40, 50).transpose(1, 2)   # (3, 50, 40), rows across memory
+    q3, s3 = quantize_rows_reference(w)
+    assert q3.shape == (3, 50, 40) and q3.is_contiguous() and s3.shape == (3, 50)
+    for e in range(3):
+        qe, se = quantize_rows_reference(w[e].contiguous())
+        assert torch.equal(q3[e].view(torch.uint8), qe.view(torch.uint8)) and torch.equal(s3[e], se)
+
+
+def _interpreter_cases() -> dict:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
+    patch_interpreter_for_numpy2()
+    wide = torch.zeros(9, 2500)
+    wide[:, 100:2300] = make_x(9, 2200, seed=5)
+    w3 = make_x(3 * 70, 130, seed=4).view(3, 70, 130)
+    cases = {"37x200": make_x(37, 200, seed=1), "6x2100_bf16": make_x(6, 2100, torch.bfloat16, seed=2),
+             "strided": wide[:, 100:2300], "empty": torch.zeros(0, 16), "3d": w3,
+             "3d_transposed": w3.transpose(1, 2), "2d_transposed": make_x(90, 70, seed=6).t()}
+    return {name: _compare(quantize_rows_triton(x), quantize_rows_reference(x)) for name, x in cases.items()}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
+def test_triton_interpreter_matches_reference():
+    res = interpreter_cases("test_kernels_fp8_rowwise")
+    assert len(res) == 7
+    for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
+        assert r["bad"] == 0 and r["nan"] == 0 and r["scale_err"] == 0, (name, r)
+
+
+def _grouped_case(counts, N=48, K=64, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(counts)
+    a, a_s = quantize_rows_reference(torch.randn(int(counts.sum()), K, generator=g))
+    w = torch.randn(len(counts), N, K, generator=g) * 0.05
+    b, b_s = quantize_rows_reference(w.reshape(-1, K))
+    offs = counts.cumsum(0).to(torch.int32)
+    to = dict(device=device)
+    return a.to(**to), a_s.to(**to), b.view(len(counts), N, K).to(**to), b_s.view(len(counts), N).to(**to), offs.to(**to)
+
+
+def test_grouped_reference_equals_float64_masked_einsum():
+    a, a_s, b, b_s, offs = _grouped_case([5, 0, 40, 19])
+    out = fp8_grouped_gemm_rowwise_reference(a, a_s, b, b_s, offs, out_dtype=torch.float32)
+    A = a.double() * a_s.double()[:, None]
+    B = b.double() * b_s.double()[..., None]
+    group = torch.bucketize(torch.arange(a.shape[0]), offs.long(), right=True)    # each row's group
+    want = torch.einsum("mk,mnk->mn", A, B[group])
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert fp8_grouped_gemm_rowwise(a, a_s, b, b_s, offs, torch.float32).equal(out)   # the CPU dispatch
+    with pytest.raises(ValueError, match="shapes disagree"):
+        fp8_grouped_gemm_rowwise(a, a_s[:3], b, b_s, offs)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
+def test_quantize_rows_bit_exact_on_cuda():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 conversion in Triton needs sm_89+")
+    w3 = make_x(4 * 200, 300, seed=10).view(4, 200, 300)
+    for x in (make_x(300, 2048, torch.bfloat16, seed=7), make_x(33, 1408, seed=8), make_x(5, 5000, seed=9),
+              w3, w3.transpose(1, 2), make_x(130, 300, torch.bfloat16, seed=11).t()):
+        q, s = quantize_rows(x.cuda())
+        qr, sr = quantize_rows_reference(x.cuda())
+        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scaled_grouped_mm_matches_reference_on_cuda():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("torch._scaled_grouped_mm row-wise runs on sm_90")
+    for counts in ([130, 0, 300, 7], [16, 32, 48, 64], [1, 1, 1, 509]):   # unaligned, aligned, tiny groups
+        case = _grouped_case(counts, N=384, K=512, seed=len(counts), device="cuda")
+        got = fp8_grouped_gemm_rowwise(*case, out_dtype=torch.float32)
+        want = fp8_grouped_gemm_rowwise_reference(*case, out_dtype=torch.float32)
+        # bf16 output (2^-9 relative rounding) after FP8 MMA accumulation without promotion
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 5e-3, (counts, rel)
