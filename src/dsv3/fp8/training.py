@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fp8_gemm import fp8_gemm, fp8_grouped_gemm
-from ..kernels.fp8_quant import (dequantize_tiles, quantize_blocks, quantize_tiles, quantize_tiles_transposed)
-from ..kernels.fp8_rowwise import fp8_grouped_gemm_rowwise, quantize_rows
+from ..kernels.fp8_quant import dequantize_tiles
+from .ops import (fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_rowwise, grouped_weight_grad, quantize_blocks,
+                  quantize_rows, quantize_tiles, quantize_tiles_transposed)
 from ..model.layers import MLP
 from ..model.mla import MLA
 from ..model.moe import Experts
@@ -46,20 +46,6 @@ def _no_autocast(fn):
         with torch.autocast(args[0].device.type, enabled=False):
             return fn(ctx, *args)
     return wrapper
-
-
-@torch.library.custom_op("dsv3::grouped_weight_grad", mutates_args=())
-def grouped_weight_grad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """dW[e] = dy[rows of e]^T @ x[rows of e] for dy (M, N), x (M, K) sorted by expert: (E, N, K), one
-    torch._grouped_mm whose groups split the token dimension. A custom op so that torch.compile passes dy and x
-    as they are here (row-major): with the token dimension contiguous, as inductor may otherwise lay them out,
-    CUTLASS requires every group's byte size to be a multiple of 16 and asserts on the device."""
-    return torch._grouped_mm(dy.contiguous().t(), x.contiguous(), offs=offs)
-
-
-@grouped_weight_grad.register_fake
-def _(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return dy.new_empty(offs.shape[0], dy.shape[1], x.shape[1])
 
 
 class FP8LinearFunction(torch.autograd.Function):
