@@ -3,7 +3,8 @@
 2 and 4 spawned gloo ranks each run an EPEngine on their own share of the prompts (uneven shares, one rank with
 none), the routed experts sharded over the ranks; their greedy outputs (fp32 tiny model) must equal those of one
 plain Engine serving every prompt, token for token. The same spawn checks redundant experts with a live rebalance
-every 2 steps (the placement changes, the outputs do not). One spawn per group size runs every case.
+every 2 steps (the placement changes, the outputs do not), and two-micro-batch overlap (each step's rows in two
+halves run concurrently over two groups; outputs unchanged). One spawn per group size runs every case.
 """
 
 import pytest
@@ -33,7 +34,8 @@ def _prompts():
 
 def _cases(world):
     return {"plain": ExpertParallelConfig(),
-            "rebalance": ExpertParallelConfig(redundant_experts=world, rebalance_interval=2)}
+            "rebalance": ExpertParallelConfig(redundant_experts=world, rebalance_interval=2),
+            "overlap": ExpertParallelConfig(two_batch_overlap=True)}
 
 
 def _worker(rank, world, init_file, tmp):
@@ -83,3 +85,8 @@ def test_ep_engine_equals_single_process(world, reference, tmp_path):
     assert st["ep_rebalances"] >= 2 and not torch.equal(ranks[0]["rebalance"]["first"], ranks[0]["rebalance"]["last"])
     assert sum(res["rebalance"]["stats"]["ep_moved_bytes"] for res in ranks) > 0
     assert len(st["expert_placement"][0]) == 8 + world and sum(st["expert_loads"][0]) > 0
+    # two-micro-batch overlap: every step split (outputs equal above), the halves ran at the same time
+    for res in ranks:
+        st = res["overlap"]["stats"]
+        assert st["ep_tbo_steps"] == st["ep_steps"] > 0
+    assert max(res["overlap"]["stats"]["ep_tbo_max_concurrent"] for res in ranks) == 2

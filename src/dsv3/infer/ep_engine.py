@@ -11,7 +11,8 @@ each MoE layer is a collective and the ranks must run their forwards in lockstep
     written to the cache's scratch block (its routing loads are not counted);
   * every `rebalance_interval` steps the group's expert loads of the window are all-reduced, every rank computes the
     same new placement (dsv3.infer.eplb) and the expert weights move between steps: no request is paused or changed.
-With one rank the group is trivial and the outputs are the plain Engine's. Not supported here: MTP speculation
+With `two_batch_overlap` each forward runs as two overlapping micro-batches (dsv3.infer.two_batch). With one rank
+the group is trivial and the outputs are the plain Engine's. Not supported here: MTP speculation
 (drafting runs a variable number of forwards per rank) and CUDA graphs (the exchange reads split sizes on the host).
 """
 
@@ -30,6 +31,7 @@ from .engine import Engine
 from .ep_experts import move_experts, place_experts
 from .eplb import Placement, identity_placement, rebalance_experts
 from .runner import Row
+from .two_batch import TwoBatchRunner
 
 
 class EPEngine(Engine):
@@ -54,6 +56,9 @@ class EPEngine(Engine):
             self.placement = identity_placement(layers, cfg.n_routed_experts)
         place_experts(model, self.group, self.placement)
         super().__init__(model, tokenizer, config)
+        if ep.two_batch_overlap:      # new_group is collective over the default group: every process calls it
+            second = dist.new_group(dist.get_process_group_ranks(self.group))
+            self.runner = TwoBatchRunner(model, self.cache, self.group, second)
         self.window_loads = torch.zeros(layers, cfg.n_routed_experts, dtype=torch.int64)
         self.ep_stats = {"steps": 0, "idle_steps": 0, "rebalances": 0, "moved_bytes": 0}
 
@@ -102,6 +107,9 @@ class EPEngine(Engine):
     def stats(self) -> dict:
         """The Engine's stats plus this rank's EP counters, the placement (slot -> logical expert, per MoE layer)
         and the last window's loads (tokens per logical expert, summed over the group)."""
-        return super().stats() | {f"ep_{k}": v for k, v in self.ep_stats.items()} | dict(
+        tbo = {}
+        if isinstance(self.runner, TwoBatchRunner):
+            tbo = dict(ep_tbo_steps=self.runner.steps, ep_tbo_max_concurrent=self.runner.max_concurrent)
+        return super().stats() | {f"ep_{k}": v for k, v in self.ep_stats.items()} | tbo | dict(
             ep_rank=self.ep_rank, ep_size=self.ep_size, expert_placement=self.placement.phy2log.tolist(),
             expert_loads=self.window_loads.tolist())
