@@ -14,6 +14,7 @@ from conftest import build, init_gloo, run_ranks, tiny_config
 
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 from dsv3.infer.config import ExpertParallelConfig
+from dsv3.infer.ep_driver import EPFront, follow
 from dsv3.infer.ep_engine import EPEngine
 
 LENGTHS = [1, 5, 8, 9, 17, 30, 3]
@@ -51,6 +52,17 @@ def _worker(rank, world, init_file, tmp):
                             first=first, last=engine.placement.phy2log.clone(),
                             local=engine.model.layers[1].mlp.experts.gate_proj.detach().clone(),
                             free=engine.blocks.num_free_blocks == engine.blocks.num_blocks)
+    # one front end: rank 0 takes every request and spreads them over the ranks by load
+    engine = EPEngine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE))
+    control = dist.new_group(backend="gloo")
+    if rank == 0:
+        front = EPFront(engine, control)
+        outs = front.generate(prompts, GREEDY)
+        result["front"] = dict(tokens=[o.token_ids for o in outs], stats=front.stats())
+        front.close()
+    else:
+        follow(engine, control)
+        result["front"] = dict(served=engine.stats()["ep_steps"] - engine.stats()["ep_idle_steps"])
     dist.destroy_process_group()
     torch.save(result, tmp / f"rank{rank}.pt")
 
@@ -66,7 +78,7 @@ def test_ep_engine_equals_single_process(world, reference, tmp_path):
     want, full = reference
     ranks = run_ranks(_worker, world, tmp_path, "EP engine", args=(world, str(tmp_path / "init"), tmp_path))
     full_gate = full.layers[1].mlp.experts.gate_proj.detach()
-    for name in _cases(world):
+    for name in _cases(world):      # each rank serving its own share
         got = {}
         for r, res in enumerate(ranks):
             got.update(res[name]["tokens"])
@@ -90,3 +102,8 @@ def test_ep_engine_equals_single_process(world, reference, tmp_path):
         st = res["overlap"]["stats"]
         assert st["ep_tbo_steps"] == st["ep_steps"] > 0
     assert max(res["overlap"]["stats"]["ep_tbo_max_concurrent"] for res in ranks) == 2
+    # one front end (rank 0) for the whole group: same outputs, every rank served requests, stats summed
+    front = ranks[0]["front"]
+    assert front["tokens"] == want
+    assert all(res["front"]["served"] > 0 for res in ranks[1:])
+    assert len(front["stats"]["ep_ranks"]) == world and front["stats"]["running"] == 0
