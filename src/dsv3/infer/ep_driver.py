@@ -14,10 +14,16 @@ The front steps whenever any request it handed out is unfinished, so the group s
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import os
+import signal
+from collections.abc import Callable
 
+import torch
 import torch.distributed as dist
 
+from .config import EngineConfig, ExpertParallelConfig
 from .engine import RequestOutput
 from .ep_engine import EPEngine
 from .sampling import SamplingParams
@@ -63,7 +69,13 @@ class _Rank:
 def follow(engine: EPEngine, control: dist.ProcessGroup) -> None:
     """A rank > 0: apply rank 0's rounds until it says stop."""
     me = _Rank(engine, control)
-    while (message := _round(control, None))[0] != "stop":
+    while True:
+        try:
+            message = _round(control, None)
+        except RuntimeError as e:      # gloo: the connection closed, rank 0 exited without a stop
+            raise RuntimeError(f"EP rank 0 is gone without releasing rank {me.rank}: {e}") from None
+        if message[0] == "stop":
+            return
         me.apply(message)
 
 
@@ -123,5 +135,42 @@ class EPFront:
         return [final[i] for i in ids]
 
     def close(self) -> None:
-        """Release the followers (they return from `follow`)."""
-        _round(self.control, ("stop",))
+        """Release the followers (they return from `follow`); a follower already gone is not an error here."""
+        try:
+            _round(self.control, ("stop",))
+        except (RuntimeError, OSError) as e:
+            print(f"EP front: could not release every follower rank ({e})", flush=True)
+
+
+def init_ep_group(ep: int) -> str:
+    """Join the torchrun group (NCCL on CUDA, gloo otherwise); returns this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if world != ep:
+        raise ValueError(f"--ep {ep} runs under torchrun with {ep} processes (torchrun --nproc-per-node {ep} -m "
+                         f"dsv3.cli serve ...); WORLD_SIZE is {world or 'unset'}")
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # followers wait in a broadcast for as long as rank 0's server is idle
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=365))
+    return device
+
+
+def ep_front(load: Callable[[str], tuple], config: EngineConfig, ep_config: ExpertParallelConfig,
+             ep: int) -> EPFront | None:
+    """Rank 0: the front end to serve (its `close()` releases the others). Other ranks: follow rank 0 and return
+    None once it says stop; they ignore SIGINT/SIGTERM (torchrun forwards them to every rank), so the front drains
+    its requests and stops them. `load(device)` gives (model, tokenizer)."""
+    device = init_ep_group(ep)
+    model, tokenizer = load(device)
+    engine = EPEngine(model, tokenizer, config, ep_config=ep_config)
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+    if dist.get_rank() == 0:
+        return EPFront(engine, control)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    follow(engine, control)
+    dist.destroy_process_group()
+    return None
