@@ -118,3 +118,58 @@ def test_killed_decode_worker_fails_its_requests_only(deployment):
     r = deployment["client"].completions.create(model="dsv3-tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0)
     want = deployment["reference"].generate([PROMPTS[2]], SamplingParams(temperature=0.0, max_tokens=8))[0]
     assert r.choices[0].text == want.text
+
+
+def test_cli_roles_end_to_end(tmp_path):
+    """`dsv3 serve --role prefill|decode|router`: the real command lines, each its own process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from dsv3 import save_pretrained
+    engine = build_engine()
+    save_pretrained(engine.model, tmp_path / "m")
+    engine.tokenizer.save(tmp_path / "m")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DSV3_PD_KEY="cli-key")
+    cli = [sys.executable, "-c", "import sys; from dsv3.cli import main; sys.exit(main())", "serve", "--model",
+           str(tmp_path / "m"), "--dtype", "float64", "--max-model-len", "256", "--cache-gib", "0.01", "--threads", "1"]
+    pre, dec, port = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}", _free_port()
+    procs = [subprocess.Popen(cli + ["--role", "prefill", "--pd-listen", pre], env=env),
+             subprocess.Popen(cli + ["--role", "decode", "--pd-listen", dec], env=env)]
+    try:
+        deadline = time.monotonic() + 60
+        while True:          # the router needs its workers up
+            try:
+                socket.create_connection(("127.0.0.1", int(dec.split(":")[1])), timeout=1).close()
+                socket.create_connection(("127.0.0.1", int(pre.split(":")[1])), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+                time.sleep(0.3)
+        router = subprocess.Popen(cli + ["--role", "router", "--prefill", pre, "--decode", dec, "--port", str(port)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(router)
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert router.poll() is None and time.monotonic() < deadline, router.stdout.read() if router.poll() else ""
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                      "temperature": 0}, timeout=30).json()
+        want = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0]
+        assert r["choices"][0]["text"] == want.text
+        router.send_signal(signal.SIGTERM)
+        assert router.wait(30) in (0, -signal.SIGTERM)
+        assert all(p.poll() is None for p in procs[:2])      # workers outlive a router and wait for the next
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        procs[-1].stdout and procs[-1].stdout.close()

@@ -23,6 +23,7 @@ import os
 import tempfile
 import uuid
 from dataclasses import dataclass
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 
 import torch
@@ -210,10 +211,14 @@ def _step(engine: Engine, conn: Connection, to_client: dict[int, int]) -> None:
 def serve_worker(engine: Engine, listener: Listener) -> None:
     """Serve routers one connection at a time, forever: a closed connection aborts its requests."""
     while True:
-        conn = listener.accept()
-        conn.send(("hello", type(engine).__name__, engine.limits, engine.stats()))
+        try:
+            conn = listener.accept()
+        except (EOFError, OSError, AuthenticationError) as e:     # a probe, a wrong key: not a router
+            print(f"refused a connection: {e!r}", flush=True)
+            continue
         to_client: dict[int, int] = {}
         try:
+            conn.send(("hello", type(engine).__name__, engine.limits, engine.stats()))
             while True:
                 if not engine.has_unfinished() or conn.poll(0):
                     cmd = conn.recv()
