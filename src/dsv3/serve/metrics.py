@@ -3,8 +3,8 @@
 Counters: requests by endpoint and status, prompt and generated tokens, speculative drafts proposed / accepted.
 Gauges (read at scrape time): running and waiting sequences, pending requests, KV-cache usage, speculative acceptance,
 the engine's torch threads; with expert parallelism, the expert placement (slot -> logical expert per MoE layer),
-the last window's expert loads and the rebalance count. Histograms: time to first token, time per output token (a request's decode time /
-(tokens - 1)).
+the last window's expert loads and the rebalance count. Histograms: time to first token, time per output token (a
+request's decode time / (tokens - 1)).
 
 The endpoint label is a route's template (`/v1/models/{model_id:path}`), and "unmatched" for every path no route
 has: a raw path would let any client create series without bound.
