@@ -82,6 +82,21 @@ def test_outputs_equal_the_unified_engine_and_kv_is_counted(deployment):
         [len(ref.tokenizer.encode(PROMPTS[0]))] * (len(want[0].token_ids) > 1)
     assert router.stats_now()["kv_bytes"] == sum(handed) * per_token > 0
     assert {w["in_flight"] for w in router.stats_now()["workers"]} == {0}
+    # log-probabilities (prompt's via echo, and generated tokens') come back as the unified engine computes them
+    r = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[1], max_tokens=5, temperature=0, logprobs=2,
+                                  echo=True)
+    lp = ref.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=5, logprobs=2, prompt_logprobs=2))[0]
+    got = r.choices[0].logprobs.token_logprobs
+    assert got[0] is None and got[1:] == pytest.approx([x[0] for x in lp.prompt_logprobs + lp.logprobs], abs=1e-9)
+    # a client that stops reading a stream has its request aborted wherever it is
+    stream = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[3], max_tokens=300, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 30
+    while router.requests or not router.num_aborted:
+        assert time.monotonic() < deadline, "the abandoned request was never aborted"
+        time.sleep(0.05)
     # both decode workers got requests (routed by load)
     assert all(w.stats["kv_bytes_received"] > 0 for w in router.workers if w.role == "decode")
 
