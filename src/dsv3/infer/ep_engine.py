@@ -60,6 +60,8 @@ class EPEngine(Engine):
             second = dist.new_group(dist.get_process_group_ranks(self.group))
             self.runner = TwoBatchRunner(model, self.cache, self.group, second)
         self.window_loads = torch.zeros(layers, cfg.n_routed_experts, dtype=torch.int64)
+        for _, m in moe_layers(model):      # the first window counts this engine's tokens only
+            m.tokens_per_expert.zero_()
         self.ep_stats = {"steps": 0, "idle_steps": 0, "rebalances": 0, "moved_bytes": 0}
 
     def _place(self, loads: torch.Tensor) -> Placement:
@@ -93,15 +95,19 @@ class EPEngine(Engine):
     # ---- EPLB -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rebalance(self) -> None:
-        """Collective: the window's loads summed over the group, a new placement, the expert weights moved."""
+        """Collective: the window's loads summed over the group, a new placement, the expert weights moved (only
+        when the placement changed; `ep_rebalances` counts those)."""
         all_reduce_expert_loads(self.model, self.group)
         moes = [m for _, m in moe_layers(self.model)]
         loads = torch.stack([m.tokens_per_expert for m in moes]).cpu()
         for m in moes:
             m.tokens_per_expert.zero_()
         new = self._place(loads)
+        self.window_loads = loads
+        if torch.equal(new.phy2log, self.placement.phy2log):      # every rank sees the same: none moves anything
+            return
         self.ep_stats["moved_bytes"] += move_experts(self.model, self.placement, new)
-        self.placement, self.window_loads = new, loads
+        self.placement = new
         self.ep_stats["rebalances"] += 1
 
     def stats(self) -> dict:
