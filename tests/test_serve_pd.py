@@ -49,7 +49,7 @@ def deployment():
         try:
             router = PDRouter(addrs[:1], addrs[1:], reference.tokenizer, key="test-key")
             break
-        except RuntimeError:
+        except ValueError:                   # not listening yet
             assert time.monotonic() < deadline and all(p.is_alive() for p in procs), "workers did not start"
             time.sleep(0.3)
     app = build_app(router, reference.tokenizer, "dsv3-tiny")

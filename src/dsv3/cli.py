@@ -288,6 +288,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, args.dtype, args.fp8, config)
     # the step loop in a process of its own, so HTTP work never competes with it for the GIL
     threads = engine_threads(args.threads)
+    if args.ep and args.role:
+        raise ValueError("--ep and --role do not combine (yet): an EP group serves unified prefill and decode")
     if args.role in ("prefill", "decode"):
         from .infer.disagg import run_worker
         return run_worker(args.role, *_load_for_serving(args, device), config, args.pd_listen, args.pd_key, threads)

@@ -254,6 +254,10 @@ def run_worker(role: str, model, tokenizer, config, address: str, key: str | Non
     if threads:
         torch.set_num_threads(threads)
     engine = (PrefillEngine if role == "prefill" else DecodeEngine)(model, tokenizer, config)
-    with Listener(parse_address(address), authkey=pd_key(key)) as listener:
+    try:
+        listener = Listener(parse_address(address), authkey=pd_key(key))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {address}: {e}") from None
+    with listener:
         print(f"{role} worker listening on {address}", flush=True)
         serve_worker(engine, listener)

@@ -72,7 +72,7 @@ class PDRouter(AsyncEngineBase):
         try:
             conn = Client(parse_address(address), authkey=key)
         except (OSError, EOFError) as e:
-            raise RuntimeError(f"cannot reach the {role} worker at {address}: {e}") from None
+            raise ValueError(f"cannot reach the {role} worker at {address}: {e}") from None
         hello = conn.recv()
         kind = "PrefillEngine" if role == "prefill" else "DecodeEngine"
         if hello[1] != kind:
