@@ -50,10 +50,10 @@ class EPEngine(Engine):
             raise ValueError(f"n_routed_experts + redundant_experts = {self.num_slots} must be a multiple of the "
                              f"EP size {self.ep_size}")
         layers = len(moe_layers(model))
-        if ep.redundant_experts:      # no loads seen yet: replicate as for uniform loads
+        self.placement = identity_placement(layers, cfg.n_routed_experts)
+        if ep.redundant_experts or ep.rebalance_interval:
+            # no loads seen yet: placed as for uniform loads (which also checks the layout now, not mid-serving)
             self.placement = self._place(torch.ones(layers, cfg.n_routed_experts))
-        else:
-            self.placement = identity_placement(layers, cfg.n_routed_experts)
         place_experts(model, self.group, self.placement)
         super().__init__(model, tokenizer, config)
         if ep.two_batch_overlap:      # new_group is collective over the default group: every process calls it
