@@ -223,6 +223,15 @@ def _maybe_fp8(model: Transformer, fp8: bool) -> Transformer:
     return model
 
 
+def _load_for_serving(args: argparse.Namespace, device: str):
+    """(model, tokenizer) for `dsv3 serve --ep` / `--role` processes."""
+    if args.fp8 and args.ep:
+        raise ValueError("--fp8 with --ep is not supported yet (expert slots are placed from plain expert weights)")
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=_serving_dtype(args.dtype, device),
+                                                device=device)
+    return _maybe_fp8(model, args.fp8), tokenizer
+
+
 def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtype_name: str | None, fp8: bool,
                   config):
     """The engine `dsv3 serve` runs (built in the engine process)."""
@@ -279,7 +288,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, args.dtype, args.fp8, config)
     # the step loop in a process of its own, so HTTP work never competes with it for the GIL
     threads = engine_threads(args.threads)
-    if args.engine_thread:
+    if args.ep and args.role:
+        raise ValueError("--ep and --role do not combine (yet): an EP group serves unified prefill and decode")
+    if args.role in ("prefill", "decode"):
+        from .infer.disagg import run_worker
+        return run_worker(args.role, *_load_for_serving(args, device), config, args.pd_listen, args.pd_key, threads)
+    if args.role == "router":
+        from .serve.pd_router import pd_router_from_args
+        engine = pd_router_from_args(args, tokenizer)
+    elif args.ep:
+        from .serve.ep import ep_serving_front
+        engine = ep_serving_front(args, config, functools.partial(_load_for_serving, args), threads)
+        if engine is None:           # a follower rank: rank 0 has stopped
+            return
+    elif args.engine_thread:
         import torch
         torch.set_num_threads(threads)
         engine = factory()
@@ -464,6 +486,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     s.add_argument("--engine-thread", action="store_true", help="step the engine in a thread of the server process "
                    "(default: a process of its own)")
+    s.add_argument("--ep", type=int, default=0, help="expert parallelism + DP attention over N torchrun processes "
+                   "(torchrun --nproc-per-node N -m dsv3.cli serve ... --ep N); rank 0 serves HTTP")
+    s.add_argument("--redundant-experts", type=int, default=0, help="--ep: extra expert slots per MoE layer (EPLB)")
+    s.add_argument("--rebalance-interval", type=int, default=0, help="--ep: steps between EPLB placements (0: never)")
+    s.add_argument("--ep-nodes", type=int, default=1, help="--ep: nodes of the group (EPLB's hierarchical policy)")
+    s.add_argument("--two-batch-overlap", action="store_true", help="--ep: two overlapping micro-batches per step")
+    s.add_argument("--role", choices=["prefill", "decode", "router"], default=None, help="prefill/decode "
+                   "disaggregation: a worker (listening on --pd-listen) or the HTTP router in front of workers")
+    s.add_argument("--pd-listen", default="127.0.0.1:7001", help="--role prefill|decode: HOST:PORT to listen on")
+    s.add_argument("--prefill", default=None, help="--role router: prefill workers, HOST:PORT[,HOST:PORT]")
+    s.add_argument("--decode", default=None, help="--role router: decode workers, HOST:PORT[,HOST:PORT]")
+    s.add_argument("--pd-key", default=None, help="the key routers and workers share (default: $DSV3_PD_KEY)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("eval", help="evaluate a model: multiple choice (lm-eval conventions) or generate-extract-match")

@@ -27,3 +27,19 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.num_blocks == 0 and self.cache_memory_gib <= 0:
             raise ValueError("EngineConfig: give num_blocks or a positive cache_memory_gib")
+
+
+@dataclass
+class ExpertParallelConfig:
+    """Serving over an EP group (dsv3.infer.ep_engine): expert placement and its live rebalancing (EPLB)."""
+    redundant_experts: int = 0         # physical slots per MoE layer beyond n_routed_experts (total: multiple of ep)
+    rebalance_interval: int = 0        # steps per load window; a new placement after each (0: placement fixed)
+    num_nodes: int = 1                 # EPLB: nodes of the group (hierarchical policy when it divides n_group)
+    two_batch_overlap: bool = False    # split each step into two micro-batches overlapping compute and all-to-all
+
+    def __post_init__(self) -> None:
+        for name in ("redundant_experts", "rebalance_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ExpertParallelConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_nodes < 1:
+            raise ValueError(f"ExpertParallelConfig.num_nodes must be >= 1, got {self.num_nodes}")

@@ -158,7 +158,7 @@ class Engine:
         """Queue lengths, cache use, preemptions and speculation counts (for a server's /metrics)."""
         b = self.blocks
         return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                    unfinished=self.has_unfinished(), free_blocks=b.num_free_blocks, num_blocks=b.num_blocks,
+                    unfinished=Engine.has_unfinished(self), free_blocks=b.num_free_blocks, num_blocks=b.num_blocks,
                     referenced_blocks=sum(1 for r in b.ref_count if r),
                     cache_usage=1 - b.num_free_blocks / b.num_blocks, preemptions=self.scheduler.num_preemptions,
                     prefix_hits=b.prefix_hits, **{f"spec_{k}": v for k, v in self.spec_stats.items()})
@@ -172,6 +172,7 @@ class Engine:
         self._aborted = []
         seqs, counts = self.scheduler.schedule()
         if not seqs:
+            self._idle_step()
             return self._forget_finished(outputs)
         if self._can_speculate(seqs, counts):
             return self._forget_finished(outputs + self._speculative_step(seqs))
@@ -202,6 +203,10 @@ class Engine:
                 self._append(seq, tok)
                 outputs.append(self._output(seq, [tok]))
         return self._forget_finished(outputs)
+
+    def _idle_step(self) -> None:
+        """A step that scheduled nothing: nothing to run here (an expert-parallel engine still joins its group's
+        collectives, dsv3.infer.ep_engine)."""
 
     def _forget_finished(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         for out in outputs:

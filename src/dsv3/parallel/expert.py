@@ -37,6 +37,7 @@ optimizer (parameters are replaced). On a meta-device model only the local slice
 State dicts hold the local slice; `first_expert` says where it starts.
 """
 
+import contextlib
 import functools
 import threading
 
@@ -79,6 +80,18 @@ def thread_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
     Resolved when the collective is issued, so a backward or a recomputed forward follows the thread running it."""
     groups = getattr(_thread, "groups", None)
     return groups.get(group, group) if groups else group
+
+
+@contextlib.contextmanager
+def thread_groups(groups: dict | None):
+    """Within the block, the calling thread's EP collectives use groups[g] instead of g (see thread_group): the public
+    form of what dsv3.parallel.overlap sets, for a serving thread that runs a second micro-batch (dsv3.infer)."""
+    old = getattr(_thread, "groups", None)
+    _thread.groups = groups
+    try:
+        yield
+    finally:
+        _thread.groups = old
 
 
 class ExpertParallelExperts(Experts):

@@ -2,8 +2,9 @@
 
 Counters: requests by endpoint and status, prompt and generated tokens, speculative drafts proposed / accepted.
 Gauges (read at scrape time): running and waiting sequences, pending requests, KV-cache usage, speculative acceptance,
-the engine's torch threads. Histograms: time to first token, time per output token (a request's decode time /
-(tokens - 1)).
+the engine's torch threads; with expert parallelism, the expert placement (slot -> logical expert per MoE layer),
+the last window's expert loads and the rebalance count. Histograms: time to first token, time per output token (a
+request's decode time / (tokens - 1)).
 
 The endpoint label is a route's template (`/v1/models/{model_id:path}`), and "unmatched" for every path no route
 has: a raw path would let any client create series without bound.
@@ -44,6 +45,12 @@ class ServerMetrics:
         self.spec_accepted = Gauge("dsv3_spec_decode_accepted_tokens", "MTP draft tokens accepted", registry=r)
         self.spec_rate = Gauge("dsv3_spec_decode_acceptance_ratio", "accepted / proposed draft tokens", registry=r)
         self.threads = Gauge("dsv3_engine_torch_threads", "torch intra-op threads of the engine", registry=r)
+        # expert parallelism (dsv3 serve --ep): the EPLB placement and the loads it was computed from
+        self.expert_slot = Gauge("dsv3_expert_slot_logical_expert", "logical expert held by each physical slot",
+                                 ["layer", "slot"], registry=r)
+        self.expert_load = Gauge("dsv3_expert_window_load_tokens", "routed tokens per logical expert in the last "
+                                 "rebalance window, summed over the EP group", ["layer", "expert"], registry=r)
+        self.rebalances = Gauge("dsv3_eplb_rebalances", "expert placements applied while serving", registry=r)
         aengine.on_output = self.output
 
     def request(self, endpoint: str, prompt_lengths: list[int]) -> None:
@@ -72,7 +79,18 @@ class ServerMetrics:
         self.spec_accepted.set(s["spec_accepted"])
         self.spec_rate.set(s["spec_accepted"] / s["spec_proposed"] if s["spec_proposed"] else 0.0)
         self.threads.set(s["torch_threads"])
+        if "expert_placement" in s:
+            self._experts(s)
         return generate_latest(self.registry)
+
+    def _experts(self, s: dict) -> None:
+        for layer, row in enumerate(s["expert_placement"]):
+            for slot, expert in enumerate(row):
+                self.expert_slot.labels(str(layer), str(slot)).set(expert)
+        for layer, row in enumerate(s["expert_loads"]):
+            for expert, load in enumerate(row):
+                self.expert_load.labels(str(layer), str(expert)).set(load)
+        self.rebalances.set(s["ep_rebalances"])
 
 
 def route_label(scope: Scope) -> str:

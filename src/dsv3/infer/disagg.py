@@ -1,0 +1,263 @@
+"""Prefill/decode disaggregation (TR 3.4: prefill and decode run on separate machines with their own parallelism):
+engines for the two roles, the latent-cache hand-off between them, and the worker loop behind a socket.
+
+  * `PrefillEngine`: an Engine that stops each request after its first sampled token (finish reason "prefilled",
+    unless the request truly finished there: a stop token, max_tokens=1) and exports the request's latent cache:
+    c_kv and k_pe of every prompt position in every layer, the 576 values per token and layer of MLA (spec 1.4).
+  * `DecodeEngine`: an Engine that imports such a request (blocks allocated, latents written into its paged cache,
+    the first token appended) and decodes it to the end as if it had prefilled it itself.
+  * the hand-off (`export_kv` / `import_kv`): one file in shared memory (/dev/shm) per request, written by the
+    prefill worker and read and removed by the decode worker; only its path crosses the sockets. Bytes are counted on
+    both sides. (Across machines the same pair would move over NCCL or RDMA; not here.)
+  * `serve_worker(engine, listener)`: a worker process's loop: one router connection at a time, commands in
+    ("add", "decode", "abort"), after every step one message out with the step's outputs and the engine's stats.
+
+What is exact: greedy requests give the unified engine's tokens (the decode worker reads the very latents the
+prefill worker computed). Seeded sampling is not reproduced token for token: the decode side starts a fresh
+generator from the request's seed after the first token.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener
+
+import torch
+
+from .cache import slot
+from .engine import Engine, RequestOutput
+from .sampling import SamplingParams, make_generators
+from .sequence import Sequence, Status
+
+PREFILLED = "prefilled"
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    """A request's latent cache in a shared-memory file: c_kv (layers, n, C) then k_pe (layers, n, R)."""
+    path: str
+    c_shape: tuple[int, ...]
+    r_shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def export_kv(c_kv: torch.Tensor, k_pe: torch.Tensor) -> KVHandle:
+    flat = torch.cat([c_kv.reshape(-1), k_pe.reshape(-1)]).view(torch.uint8)
+    path = os.path.join(_shm_dir(), f"dsv3-kv-{uuid.uuid4().hex}")
+    out = torch.from_file(path, shared=True, size=flat.numel(), dtype=torch.uint8)
+    out.copy_(flat)
+    return KVHandle(path, tuple(c_kv.shape), tuple(k_pe.shape), str(c_kv.dtype).removeprefix("torch."), flat.numel())
+
+
+def import_kv(handle: KVHandle) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latents of a handle (then removed from shared memory)."""
+    try:
+        raw = torch.from_file(handle.path, shared=False, size=handle.nbytes, dtype=torch.uint8).clone()
+    finally:
+        discard_kv(handle)
+    values = raw.view(getattr(torch, handle.dtype))
+    n_c = torch.Size(handle.c_shape).numel()
+    return values[:n_c].view(handle.c_shape), values[n_c:].view(handle.r_shape)
+
+
+def discard_kv(handle: KVHandle) -> None:
+    try:
+        os.unlink(handle.path)
+    except FileNotFoundError:
+        pass
+
+
+class PrefillEngine(Engine):
+    """Each request ends after its first token; a "prefilled" one leaves its latents in `exported[request_id]`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.speculative:
+            raise ValueError("a prefill worker does not speculate (EngineConfig.num_speculative_tokens must be 0)")
+        self.exported: dict[int, KVHandle] = {}
+        self.kv_bytes_sent = 0
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        super()._append(seq, token)
+        if not seq.finished:
+            self._finish(seq, PREFILLED)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if reason == PREFILLED:       # before the blocks go back: the prompt's latents, every layer
+            n, table = seq.num_cached_tokens, torch.tensor(seq.block_table, device=self.device)
+            c_kv = self.cache.c_kv[:, table].flatten(1, 2)[:, :n].cpu()
+            k_pe = self.cache.k_pe[:, table].flatten(1, 2)[:, :n].cpu()
+            handle = export_kv(c_kv, k_pe)
+            self.exported[seq.seq_id] = handle
+            self.kv_bytes_sent += handle.nbytes
+        super()._finish(seq, reason)
+
+    def stats(self) -> dict:
+        return super().stats() | {"kv_bytes_sent": self.kv_bytes_sent}
+
+
+class DecodeEngine(Engine):
+    """Imports prefilled requests (`add_prefilled`) and decodes them; plain requests work as in any Engine."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kv_bytes_received = 0
+        self._imports: list[tuple[Sequence, torch.Tensor, torch.Tensor]] = []
+
+    def add_prefilled(self, prompt_ids: list[int], first: RequestOutput, params: SamplingParams,
+                      handle: KVHandle) -> int:
+        """Queue a request whose prompt a prefill worker ran (`first`: its output there); ValueError if it can never
+        fit here."""
+        c_kv, k_pe = import_kv(handle)
+        ids = self.check_request(prompt_ids, params)
+        if c_kv.shape[:2] != (self.cache.c_kv.shape[0], len(ids)):
+            raise ValueError(f"latents of shape {tuple(c_kv.shape)} do not fit this model / prompt")
+        self.kv_bytes_received += handle.nbytes
+        rid = self._queue_imported(ids, first, params)
+        self._imports.append((self.seqs[rid], c_kv, k_pe))
+        return rid
+
+    def _queue_imported(self, ids: list[int], first: RequestOutput, params: SamplingParams) -> int:
+        rid = next(self._ids)
+        seq = Sequence(rid, ids, params)
+        seq.token_ids.extend(first.new_token_ids)
+        seq.logprobs, seq.prompt_logprobs = list(first.new_logprobs), list(first.prompt_logprobs)
+        self.seqs[rid] = seq
+        generator = make_generators([params], self.device)[0]
+        if generator is not None:
+            self._generators[rid] = generator
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return super().has_unfinished() or bool(self._imports)
+
+    def step(self) -> list[RequestOutput]:
+        self._admit_imports()
+        return super().step()
+
+    def _admit_imports(self) -> None:
+        """Imported requests join the running batch, oldest first, while blocks and the sequence limit allow."""
+        while self._imports and len(self.scheduler.running) < self.config.max_num_seqs:
+            seq, c_kv, k_pe = self._imports[0]
+            if seq.finished:                       # aborted while waiting
+                self._imports.pop(0)
+                continue
+            if not self.blocks.can_allocate(seq):
+                return
+            self._imports.pop(0)
+            self.blocks.allocate(seq, share=False)
+            n = c_kv.shape[1]
+            slots = torch.tensor([slot(seq.block_table, p, self.cache.block_size) for p in range(n)],
+                                 device=self.device)
+            for layer in range(c_kv.shape[0]):
+                self.cache.write(layer, slots, c_kv[layer].to(self.device), k_pe[layer].to(self.device))
+            seq.num_cached_tokens = n
+            self.blocks.mark_computed(seq)
+            seq.status = Status.RUNNING
+            self.scheduler.running.append(seq)
+
+    def abort(self, request_id: int) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None and not seq.finished and any(s is seq for s, _, _ in self._imports):
+            self._imports = [i for i in self._imports if i[0] is not seq]
+            seq.status, seq.finish_reason = Status.FINISHED, "abort"
+            self._aborted.append(seq)
+            return
+        super().abort(request_id)
+
+    def stats(self) -> dict:
+        return super().stats() | {"kv_bytes_received": self.kv_bytes_received, "waiting": len(
+            self.scheduler.waiting) + len(self._imports)}
+
+
+# ---- the worker process ----------------------------------------------------------------------------------------------
+def _command(engine: Engine, conn: Connection, cmd: tuple, to_client: dict[int, int]) -> None:
+    kind = cmd[0]
+    try:
+        if kind == "add":                                  # ("add", client id, prompt ids, params)
+            to_client[engine.add_request(cmd[2], cmd[3])] = cmd[1]
+        elif kind == "decode":                             # ("decode", client id, prompt ids, first, params, kv)
+            to_client[engine.add_prefilled(cmd[2], cmd[3], cmd[4], cmd[5])] = cmd[1]
+        elif kind == "abort":
+            for rid, cid in list(to_client.items()):
+                if cid == cmd[1]:
+                    engine.abort(rid)
+    except ValueError as e:
+        conn.send(("step", [(cmd[1], None, f"request refused by the {type(engine).__name__}: {e}")], engine.stats()))
+
+
+def _step(engine: Engine, conn: Connection, to_client: dict[int, int]) -> None:
+    items = []
+    for out in engine.step():
+        cid = to_client.get(out.request_id)
+        if cid is None:
+            continue
+        if out.finished:
+            del to_client[out.request_id]
+        handle = engine.exported.pop(out.request_id, None) if isinstance(engine, PrefillEngine) else None
+        items.append((cid, out, handle))
+    conn.send(("step", items, engine.stats()))
+
+
+def serve_worker(engine: Engine, listener: Listener) -> None:
+    """Serve routers one connection at a time, forever: a closed connection aborts its requests."""
+    while True:
+        try:
+            conn = listener.accept()
+        except (EOFError, OSError, AuthenticationError) as e:     # a probe, a wrong key: not a router
+            print(f"refused a connection: {e!r}", flush=True)
+            continue
+        to_client: dict[int, int] = {}
+        try:
+            conn.send(("hello", type(engine).__name__, engine.limits, engine.stats()))
+            while True:
+                if not engine.has_unfinished() or conn.poll(0):
+                    cmd = conn.recv()
+                    if cmd[0] == "stop":
+                        conn.close()
+                        return
+                    _command(engine, conn, cmd, to_client)
+                    continue
+                _step(engine, conn, to_client)
+        except (EOFError, OSError):
+            for rid in list(to_client):
+                engine.abort(rid)
+            while engine.has_unfinished():
+                engine.step()
+
+
+def pd_key(key: str | None) -> bytes:
+    """The key routers and workers share (`--pd-key`, else DSV3_PD_KEY, else a fixed default fit for loopback)."""
+    return (key or os.environ.get("DSV3_PD_KEY") or "dsv3-pd").encode()
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"worker address {text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def run_worker(role: str, model, tokenizer, config, address: str, key: str | None = None,
+               threads: int | None = None) -> None:
+    """`dsv3 serve --role prefill|decode`: the role's engine behind a socket at `address`, until a router says stop
+    (with `threads` torch threads)."""
+    if threads:
+        torch.set_num_threads(threads)
+    engine = (PrefillEngine if role == "prefill" else DecodeEngine)(model, tokenizer, config)
+    try:
+        listener = Listener(parse_address(address), authkey=pd_key(key))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {address}: {e}") from None
+    with listener:
+        print(f"{role} worker listening on {address}", flush=True)
+        serve_worker(engine, listener)

@@ -1,0 +1,176 @@
+"""One front end for an EP group: rank 0 takes every request and the other ranks follow (`dsv3 serve --ep N`).
+
+`EPFront` wraps rank 0's EPEngine in the Engine interface a server drives (add_request, abort, step,
+has_unfinished, stats, limits, tokenizer); the other ranks run `follow(engine)`. Each round rank 0 broadcasts one
+message on a gloo control group (CPU objects, whatever the data backend is):
+  * ("step", commands): the adds and aborts queued since the last step, each add tagged with the rank that serves
+    it (the rank with the fewest requests in flight: DP attention spreads requests, each rank keeps its own cache);
+    every rank applies its own, steps once (the EP forward is collective: idle ranks pad), and the outputs come
+    back to rank 0 (gather), renamed to the front's request ids;
+  * ("stats",): every rank's stats, gathered; the front reports the sums and each rank's part;
+  * ("stop",): the followers return.
+The front steps whenever any request it handed out is unfinished, so the group stays in lockstep without a vote.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import signal
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .config import EngineConfig, ExpertParallelConfig
+from .engine import RequestOutput
+from .ep_engine import EPEngine
+from .sampling import SamplingParams
+
+
+def _round(control: dist.ProcessGroup, message: tuple | None) -> tuple:
+    box = [message]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(control, 0), group=control)
+    return box[0]
+
+
+class _Rank:
+    """What every rank (rank 0 included) does with a round's message."""
+
+    def __init__(self, engine: EPEngine, control: dist.ProcessGroup):
+        self.engine, self.control = engine, control
+        self.rank = dist.get_rank(control)
+        self.to_front: dict[int, int] = {}        # engine request id -> front request id
+
+    def apply(self, message: tuple) -> list | dict | None:
+        if message[0] == "step":
+            for cmd in message[1]:
+                if cmd[0] == "add" and cmd[2] == self.rank:
+                    self.to_front[self.engine.add_request(cmd[3], cmd[4])] = cmd[1]
+                elif cmd[0] == "abort":
+                    for rid, fid in self.to_front.items():
+                        if fid == cmd[1]:
+                            self.engine.abort(rid)
+            outs = self.engine.step()
+            for out in outs:
+                out.request_id = self.to_front.pop(out.request_id) if out.finished else self.to_front[out.request_id]
+            return self._gather(outs)
+        if message[0] == "stats":
+            return self._gather(self.engine.stats())
+        return None
+
+    def _gather(self, value):
+        got = [None] * dist.get_world_size(self.control) if self.rank == 0 else None
+        dist.gather_object(value, got, dst=dist.get_global_rank(self.control, 0), group=self.control)
+        return got
+
+
+def follow(engine: EPEngine, control: dist.ProcessGroup) -> None:
+    """A rank > 0: apply rank 0's rounds until it says stop."""
+    me = _Rank(engine, control)
+    while True:
+        try:
+            message = _round(control, None)
+        except RuntimeError as e:      # gloo: the connection closed, rank 0 exited without a stop
+            raise RuntimeError(f"EP rank 0 is gone without releasing rank {me.rank}: {e}") from None
+        if message[0] == "stop":
+            return
+        me.apply(message)
+
+
+class EPFront:
+    def __init__(self, engine: EPEngine, control: dist.ProcessGroup):
+        self.engine, self.control = engine, control
+        self.limits, self.tokenizer = engine.limits, engine.tokenizer
+        self.me = _Rank(engine, control)
+        self._ids = itertools.count()
+        self._commands: list[tuple] = []
+        self.owner: dict[int, int] = {}                      # front request id -> rank, until finished
+        self.in_flight = [0] * dist.get_world_size(control)
+
+    def check_request(self, prompt, params: SamplingParams) -> list[int]:
+        return self.engine.check_request(prompt, params)
+
+    def add_request(self, prompt, params: SamplingParams | None = None) -> int:
+        params = params or SamplingParams()
+        ids = self.check_request(prompt, params)
+        fid, rank = next(self._ids), min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
+        self._commands.append(("add", fid, rank, ids, params))
+        self.owner[fid] = rank
+        self.in_flight[rank] += 1
+        return fid
+
+    def abort(self, request_id: int) -> None:
+        if request_id in self.owner:
+            self._commands.append(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.owner)
+
+    def step(self) -> list[RequestOutput]:
+        message = ("step", self._commands)
+        self._commands = []
+        outputs = [o for outs in self.me.apply(_round(self.control, message)) for o in outs]
+        for out in outputs:
+            if out.finished:
+                self.in_flight[self.owner.pop(out.request_id)] -= 1
+        return outputs
+
+    def stats(self) -> dict:
+        per_rank = self.me.apply(_round(self.control, ("stats",)))
+        total = {k: sum(s[k] for s in per_rank) for k in ("running", "waiting", "free_blocks", "num_blocks",
+                                                          "preemptions", "prefix_hits", "referenced_blocks")}
+        total["cache_usage"] = 1 - total["free_blocks"] / total["num_blocks"]
+        first = per_rank[0]
+        return first | total | dict(unfinished=self.has_unfinished(), ep_ranks=per_rank)
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list:
+        """Run prompts to completion over the group (offline use and tests); outputs in prompt order."""
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        final = {}
+        while self.has_unfinished():
+            final.update({o.request_id: o for o in self.step() if o.finished})
+        return [final[i] for i in ids]
+
+    def close(self) -> None:
+        """Release the followers (they return from `follow`); a follower already gone is not an error here."""
+        try:
+            _round(self.control, ("stop",))
+        except (RuntimeError, OSError) as e:
+            print(f"EP front: could not release every follower rank ({e})", flush=True)
+
+
+def init_ep_group(ep: int) -> str:
+    """Join the torchrun group (NCCL on CUDA, gloo otherwise); returns this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if world != ep:
+        raise ValueError(f"--ep {ep} runs under torchrun with {ep} processes (torchrun --nproc-per-node {ep} -m "
+                         f"dsv3.cli serve ...); WORLD_SIZE is {world or 'unset'}")
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # followers wait in a broadcast for as long as rank 0's server is idle
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=365))
+    return device
+
+
+def ep_front(load: Callable[[str], tuple], config: EngineConfig, ep_config: ExpertParallelConfig,
+             ep: int) -> EPFront | None:
+    """Rank 0: the front end to serve (its `close()` releases the others). Other ranks: follow rank 0 and return
+    None once it says stop; they ignore SIGINT/SIGTERM (torchrun forwards them to every rank), so the front drains
+    its requests and stops them. `load(device)` gives (model, tokenizer)."""
+    device = init_ep_group(ep)
+    model, tokenizer = load(device)
+    engine = EPEngine(model, tokenizer, config, ep_config=ep_config)
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+    if dist.get_rank() == 0:
+        return EPFront(engine, control)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    follow(engine, control)
+    dist.destroy_process_group()
+    return None

@@ -1,0 +1,121 @@
+"""EPEngine: the engine on one rank of an expert-parallel group with data-parallel attention (TR 3.4's decode
+layout at small scale).
+
+Every rank runs its own Engine: its own requests, scheduler, block manager and latent cache (DP attention: a
+request's attention and cache live on one rank only). The routed experts of every MoE layer are sharded over the
+group (dsv3.infer.ep_experts: physical slots placed by EPLB, the all-to-all exchange of dsv3.parallel.expert), so
+each MoE layer is a collective and the ranks must run their forwards in lockstep:
+  * `has_unfinished()` is collective: True on every rank while any rank has work, so every rank's driver loop
+    (`generate`, a server's step loop) calls `step()` the same number of times;
+  * a step runs exactly one forward on every rank; a rank with nothing scheduled runs a one-token padding row
+    written to the cache's scratch block (its routing loads are not counted);
+  * every `rebalance_interval` steps the group's expert loads of the window are all-reduced, every rank computes the
+    same new placement (dsv3.infer.eplb) and the expert weights move between steps: no request is paused or changed.
+With `two_batch_overlap` each forward runs as two overlapping micro-batches (dsv3.infer.two_batch). With one rank
+the group is trivial and the outputs are the plain Engine's. Not supported here: MTP speculation
+(drafting runs a variable number of forwards per rank) and CUDA graphs (the exchange reads split sizes on the host).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from ..model import Transformer
+from ..model.moe import moe_layers
+from ..parallel.expert import all_reduce_expert_loads
+from .config import EngineConfig, ExpertParallelConfig
+from .engine import Engine
+from .ep_experts import move_experts, place_experts
+from .eplb import Placement, identity_placement, rebalance_experts
+from .runner import Row
+from .two_batch import TwoBatchRunner
+
+
+class EPEngine(Engine):
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None,
+                 group: dist.ProcessGroup | None = None, ep_config: ExpertParallelConfig | None = None):
+        """`model` holds every expert (a loaded checkpoint); its experts are sharded in place over `group`."""
+        self.group = group or dist.group.WORLD
+        self.ep_config = ep = ep_config or ExpertParallelConfig()
+        config = replace(config or EngineConfig(), cuda_graphs=False)
+        if config.num_speculative_tokens:
+            raise ValueError("EngineConfig.num_speculative_tokens: MTP speculation is not supported with --ep")
+        self.ep_size, self.ep_rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.model_config = cfg = model.config
+        self.num_slots = cfg.n_routed_experts + ep.redundant_experts
+        if self.num_slots % self.ep_size:
+            raise ValueError(f"n_routed_experts + redundant_experts = {self.num_slots} must be a multiple of the "
+                             f"EP size {self.ep_size}")
+        layers = len(moe_layers(model))
+        self.placement = identity_placement(layers, cfg.n_routed_experts)
+        if ep.redundant_experts or ep.rebalance_interval:
+            # no loads seen yet: placed as for uniform loads (which also checks the layout now, not mid-serving)
+            self.placement = self._place(torch.ones(layers, cfg.n_routed_experts))
+        place_experts(model, self.group, self.placement)
+        super().__init__(model, tokenizer, config)
+        if ep.two_batch_overlap:      # new_group is collective over the default group: every process calls it
+            second = dist.new_group(dist.get_process_group_ranks(self.group))
+            self.runner = TwoBatchRunner(model, self.cache, self.group, second)
+        self.window_loads = torch.zeros(layers, cfg.n_routed_experts, dtype=torch.int64)
+        for _, m in moe_layers(model):      # the first window counts this engine's tokens only
+            m.tokens_per_expert.zero_()
+        self.ep_stats = {"steps": 0, "idle_steps": 0, "rebalances": 0, "moved_bytes": 0}
+
+    def _place(self, loads: torch.Tensor) -> Placement:
+        c = self.model_config
+        return rebalance_experts(loads, self.num_slots, c.n_group, self.ep_config.num_nodes, self.ep_size)
+
+    # ---- lockstep -------------------------------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        """Collective: whether any rank of the group has work (then every rank must step)."""
+        flag = torch.tensor([int(super().has_unfinished())], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def step(self):
+        outputs = super().step()
+        self.ep_stats["steps"] += 1
+        interval = self.ep_config.rebalance_interval
+        if interval and self.ep_stats["steps"] % interval == 0:
+            self.rebalance()
+        return outputs
+
+    def _idle_step(self) -> None:
+        """The padding forward of a rank with nothing scheduled: one token at position 0 in the scratch block."""
+        moes = [m for _, m in moe_layers(self.model)]
+        loads = [m.tokens_per_expert.clone() for m in moes]
+        self.runner.forward(self.runner.prepare([Row([0], 0, [self.blocks.num_blocks])], graph=False))
+        for m, load in zip(moes, loads):
+            m.tokens_per_expert.copy_(load)
+        self.ep_stats["idle_steps"] += 1
+
+    # ---- EPLB -----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rebalance(self) -> None:
+        """Collective: the window's loads summed over the group, a new placement, the expert weights moved (only
+        when the placement changed; `ep_rebalances` counts those)."""
+        all_reduce_expert_loads(self.model, self.group)
+        moes = [m for _, m in moe_layers(self.model)]
+        loads = torch.stack([m.tokens_per_expert for m in moes]).cpu()
+        for m in moes:
+            m.tokens_per_expert.zero_()
+        new = self._place(loads)
+        self.window_loads = loads
+        if torch.equal(new.phy2log, self.placement.phy2log):      # every rank sees the same: none moves anything
+            return
+        self.ep_stats["moved_bytes"] += move_experts(self.model, self.placement, new)
+        self.placement = new
+        self.ep_stats["rebalances"] += 1
+
+    def stats(self) -> dict:
+        """The Engine's stats plus this rank's EP counters, the placement (slot -> logical expert, per MoE layer)
+        and the last window's loads (tokens per logical expert, summed over the group)."""
+        tbo = {}
+        if isinstance(self.runner, TwoBatchRunner):
+            tbo = dict(ep_tbo_steps=self.runner.steps, ep_tbo_max_concurrent=self.runner.max_concurrent)
+        return super().stats() | {f"ep_{k}": v for k, v in self.ep_stats.items()} | tbo | dict(
+            ep_rank=self.ep_rank, ep_size=self.ep_size, expert_placement=self.placement.phy2log.tolist(),
+            expert_loads=self.window_loads.tolist())

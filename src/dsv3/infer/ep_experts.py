@@ -1,0 +1,110 @@
+"""Routed experts for serving with expert parallelism: physical expert slots placed by EPLB, moved between steps.
+
+Each rank of the EP group holds `slots_per_rank` physical slots, slot s of the group being rank s // slots_per_rank's
+local slot s % slots_per_rank. A placement (dsv3.infer.eplb.Placement, one row per MoE layer) says which logical
+expert each slot holds; a heavy expert may hold several slots (redundant experts, TR 3.4). The forward is
+dsv3.parallel.expert's all-to-all dispatch / grouped GEMM / combine, run over the *physical* slots:
+  1. each (token, k) pair's logical expert becomes one of its replicas: replica (pair index mod replica count), a
+     fixed rule that spreads a heavy expert's pairs over its copies (all copies hold the same weights, so which one
+     serves a pair changes no output);
+  2. counts per physical slot, then `ExpertParallelExperts.forward` with the P slots as its experts.
+`move_experts` applies a new placement: every slot's new expert comes from the rank holding that expert's first
+replica in the old placement, in one all-to-all of expert weights (no rank ever needs all experts); all ranks
+compute the same placement from the same all-reduced loads, so nothing else is exchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..model.moe import Experts, moe_layers
+from ..parallel.expert import ExpertParallelExperts
+from .eplb import Placement
+
+_STACKED = ("gate_proj", "up_proj", "down_proj")
+
+
+class PlacedExperts(ExpertParallelExperts):
+    """ExpertParallelExperts over physical slots; forward takes logical expert ids and logical counts."""
+
+    log2phy: torch.Tensor     # (E, max replicas) this layer's slots of each logical expert, -1 padded
+    logcnt: torch.Tensor      # (E,) replicas per logical expert
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        flat = idx.flatten()
+        # 1. a replica for every (token, k) pair
+        replica = torch.arange(flat.numel(), device=flat.device) % self.logcnt[flat]
+        phys = self.log2phy[flat, replica].view_as(idx)
+        # 2. the exchange over the P physical slots
+        phys_counts = torch.bincount(phys.flatten(), minlength=self.n_experts)
+        return super().forward(x, weights, phys, phys_counts)
+
+
+def _layers(model: nn.Module) -> list[Experts]:
+    return [m.experts for _, m in moe_layers(model)]
+
+
+def place_experts(model: nn.Module, group: dist.ProcessGroup, placement: Placement) -> nn.Module:
+    """Shard the full model's routed experts over `group` as `placement` says (rows: moe_layers order), in place.
+    Every rank must hold every expert's weights when this runs (a freshly loaded model)."""
+    ep, rank = dist.get_world_size(group), dist.get_rank(group)
+    layers = _layers(model)
+    P = placement.num_physical
+    if placement.phy2log.shape[0] != len(layers) or P % ep:
+        raise ValueError(f"a placement of {placement.phy2log.shape[0]} layers x {P} slots does not fit "
+                         f"{len(layers)} MoE layers on {ep} ranks")
+    S = P // ep
+    for i, m in enumerate(layers):
+        if isinstance(m, ExpertParallelExperts) or type(m) is not Experts:
+            raise TypeError(f"place_experts needs plain Experts modules, got {type(m).__name__}")
+        mine = placement.phy2log[i, rank * S:(rank + 1) * S]
+        for name in _STACKED:
+            p = getattr(m, name)
+            setattr(m, name, nn.Parameter(p.detach()[mine.to(p.device)].clone(), requires_grad=False))
+        m.__class__ = PlacedExperts
+        m.group, m.ep_size, m.n_experts, m.first_expert = group, ep, P, rank * S
+        _set_maps(m, placement, i)
+    return model
+
+
+def _set_maps(m: PlacedExperts, placement: Placement, layer: int) -> None:
+    device = m.gate_proj.device
+    m.log2phy = placement.log2phy[layer].to(device)
+    m.logcnt = placement.logcnt[layer].to(device)
+    m.placement_row = placement.phy2log[layer].clone()
+
+
+@torch.no_grad()
+def move_experts(model: nn.Module, old: Placement, new: Placement) -> int:
+    """Re-place the experts of every layer from `old` to `new` (same slot count) with one all-to-all of weights per
+    layer; returns the bytes this rank received. Collective: every rank of the group calls it with the same maps."""
+    received = 0
+    for i, m in enumerate(_layers(model)):
+        group, ep, P = m.group, m.ep_size, m.n_experts
+        rank, S = dist.get_rank(group), P // ep
+        src_slot = old.log2phy[i, new.phy2log[i], 0]                  # (P,) where each new slot's expert is now
+        src_rank = src_slot // S
+        # rows I send, by destination rank, in the order of the destination's slots
+        sends = [[int(src_slot[s]) - rank * S for s in range(d * S, (d + 1) * S) if src_rank[s] == rank]
+                 for d in range(ep)]
+        recv_counts = [int((src_rank[rank * S:(rank + 1) * S] == r).sum()) for r in range(ep)]
+        stacked = [getattr(m, name) for name in _STACKED]
+        flat = torch.cat([w.detach().flatten(1) for w in stacked], 1)              # (S, row)
+        out = flat.new_empty(S, flat.shape[1])
+        send = flat[torch.tensor([j for d in sends for j in d], dtype=torch.long, device=flat.device)]
+        dist.all_to_all_single(out, send, recv_counts, [len(d) for d in sends], group=group)
+        # arrivals come grouped by source rank; my slots read them back in slot order
+        mine = src_rank[rank * S:(rank + 1) * S].tolist()
+        order = sorted(range(S), key=lambda s: mine[s])                  # stable: slot order within a source
+        rows = torch.empty_like(out)
+        rows[torch.tensor(order, dtype=torch.long, device=out.device)] = out
+        received += out.numel() * out.element_size()
+        offset = 0
+        for name, w in zip(_STACKED, stacked):
+            n = w[0].numel()
+            w.copy_(rows[:, offset:offset + n].view_as(w))
+            offset += n
+        _set_maps(m, new, i)
+    return received

@@ -1,0 +1,109 @@
+"""The expert-parallel engine with DP attention (dsv3.infer.ep_engine) against the single-process engine.
+
+2 and 4 spawned gloo ranks each run an EPEngine on their own share of the prompts (uneven shares, one rank with
+none), the routed experts sharded over the ranks; their greedy outputs (fp32 tiny model) must equal those of one
+plain Engine serving every prompt, token for token. The same spawn checks redundant experts with a live rebalance
+every 2 steps (the placement changes, the outputs do not), and two-micro-batch overlap (each step's rows in two
+halves run concurrently over two groups; outputs unchanged). One spawn per group size runs every case.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import build, init_gloo, run_ranks, tiny_config
+
+from dsv3.infer import Engine, EngineConfig, SamplingParams
+from dsv3.infer.config import ExpertParallelConfig
+from dsv3.infer.ep_driver import EPFront, follow
+from dsv3.infer.ep_engine import EPEngine
+
+LENGTHS = [1, 5, 8, 9, 17, 30, 3]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+ENGINE = dict(block_size=4, num_blocks=48, max_num_batched_tokens=16)     # chunked prefill: ranks step unevenly
+# rank of each prompt: uneven shares, and with 4 ranks rank 1 gets none
+ASSIGN = {2: [0, 0, 0, 1, 0, 0, 1], 4: [0, 3, 2, 0, 3, 0, 2]}
+
+
+def _cfg():
+    return tiny_config(vocab_size=96)
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(2, 96, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _cases(world):
+    return {"plain": ExpertParallelConfig(),
+            "rebalance": ExpertParallelConfig(redundant_experts=world, rebalance_interval=2),
+            "overlap": ExpertParallelConfig(two_batch_overlap=True)}
+
+
+def _worker(rank, world, init_file, tmp):
+    init_gloo(rank, world, init_file)
+    prompts, mine = _prompts(), [i for i, r in enumerate(ASSIGN[world]) if r == rank]
+    result = {}
+    for name, ep_config in _cases(world).items():
+        engine = EPEngine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE), ep_config=ep_config)
+        first = engine.placement.phy2log.clone()
+        outs = engine.generate([prompts[i] for i in mine], GREEDY)
+        stats = engine.stats()
+        result[name] = dict(tokens={i: o.token_ids for i, o in zip(mine, outs)}, stats=stats,
+                            first=first, last=engine.placement.phy2log.clone(),
+                            local=engine.model.layers[1].mlp.experts.gate_proj.detach().clone(),
+                            free=engine.blocks.num_free_blocks == engine.blocks.num_blocks)
+    # one front end: rank 0 takes every request and spreads them over the ranks by load
+    engine = EPEngine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE))
+    control = dist.new_group(backend="gloo")
+    if rank == 0:
+        front = EPFront(engine, control)
+        outs = front.generate(prompts, GREEDY)
+        result["front"] = dict(tokens=[o.token_ids for o in outs], stats=front.stats())
+        front.close()
+    else:
+        follow(engine, control)
+        result["front"] = dict(served=engine.stats()["ep_steps"] - engine.stats()["ep_idle_steps"])
+    dist.destroy_process_group()
+    torch.save(result, tmp / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    engine = Engine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE))
+    return [o.token_ids for o in engine.generate(_prompts(), GREEDY)], build(_cfg(), seed=3)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_engine_equals_single_process(world, reference, tmp_path):
+    want, full = reference
+    ranks = run_ranks(_worker, world, tmp_path, "EP engine", args=(world, str(tmp_path / "init"), tmp_path))
+    full_gate = full.layers[1].mlp.experts.gate_proj.detach()
+    for name in _cases(world):      # each rank serving its own share
+        got = {}
+        for r, res in enumerate(ranks):
+            got.update(res[name]["tokens"])
+            assert res[name]["free"], f"{name}: rank {r} kept cache blocks"
+            # the rank holds exactly the experts its slots name, with the checkpoint's weights
+            slots = res[name]["last"][0].view(world, -1)[r]
+            assert torch.equal(res[name]["local"], full_gate[slots]), f"{name}: rank {r} holds wrong weights"
+        assert [got[i] for i in range(len(LENGTHS))] == want, name
+    idle = [res["plain"]["stats"]["ep_idle_steps"] for res in ranks]
+    assert all(res["plain"]["stats"]["ep_steps"] == ranks[0]["plain"]["stats"]["ep_steps"] for res in ranks)
+    assert max(idle) > 0              # some rank padded while others worked
+    if world == 4:
+        assert idle[1] == ranks[1]["plain"]["stats"]["ep_steps"]       # the rank without requests only padded
+    # live rebalancing: the placement changed during generation (and, above, no output did)
+    st = ranks[0]["rebalance"]["stats"]
+    assert st["ep_rebalances"] >= 2 and not torch.equal(ranks[0]["rebalance"]["first"], ranks[0]["rebalance"]["last"])
+    assert sum(res["rebalance"]["stats"]["ep_moved_bytes"] for res in ranks) > 0
+    assert len(st["expert_placement"][0]) == 8 + world and sum(st["expert_loads"][0]) > 0
+    # two-micro-batch overlap: every step split (outputs equal above), the halves ran at the same time
+    for res in ranks:
+        st = res["overlap"]["stats"]
+        assert st["ep_tbo_steps"] == st["ep_steps"] > 0
+    assert max(res["overlap"]["stats"]["ep_tbo_max_concurrent"] for res in ranks) == 2
+    # one front end (rank 0) for the whole group: same outputs, every rank served requests, stats summed
+    front = ranks[0]["front"]
+    assert front["tokens"] == want
+    assert all(res["front"]["served"] > 0 for res in ranks[1:])
+    assert len(front["stats"]["ep_ranks"]) == world and front["stats"]["running"] == 0

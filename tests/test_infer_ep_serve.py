@@ -1,0 +1,75 @@
+"""`dsv3 serve --ep 2` under torchrun (gloo, CPU): one HTTP front end on rank 0, requests spread over both ranks,
+experts sharded with redundant slots and rebalanced while serving. Completions equal the single-process engine's,
+/metrics carries the placement and loads, and SIGTERM to rank 0 drains the server and stops
+both ranks cleanly (status 0)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from dsv3 import save_pretrained
+from dsv3.infer import SamplingParams
+from serve_fixture import build_engine
+
+PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n"]
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` (Linux /proc)."""
+    for child in open(f"/proc/{launcher}/task/{launcher}/children").read().split():
+        env = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise AssertionError(f"no rank {rank} under {launcher}")
+
+
+def test_serve_ep_under_torchrun(tmp_path):
+    engine = build_engine()
+    save_pretrained(engine.model, tmp_path / "m")
+    engine.tokenizer.save(tmp_path / "m")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsv3.cli",
+           "serve", "--model", str(tmp_path / "m"), "--port", str(port), "--dtype", "float64", "--max-model-len", "256",
+           "--cache-gib", "0.01", "--threads", "1", "--ep", "2", "--redundant-experts", "2",
+           "--rebalance-interval", "3"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.3)
+        r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS, "max_tokens": 8,
+                                                      "temperature": 0}, timeout=60).json()
+        want = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8))
+        assert [c["text"] for c in r["choices"]] == [w.text for w in want]
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples}
+        slots = {k: v for k, v in samples.items() if k[0] == "dsv3_expert_slot_logical_expert"}
+        E = engine.model.config.n_routed_experts
+        assert len(slots) > 0 and len(slots) % (E + 2) == 0      # E + 2 slots per MoE layer
+        assert samples[("dsv3_eplb_rebalances", ())] >= 1
+        assert sum(v for k, v in samples.items() if k[0] == "dsv3_expert_window_load_tokens") > 0
+        os.kill(_rank_pid(proc.pid, 0), signal.SIGTERM)   # (torchrun itself, signalled, exits with a traceback)
+        code = proc.wait(60)
+        out = proc.stdout.read()
+        assert code == 0, out
+        assert "Traceback" not in out and "serving 'm'" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()

@@ -1,0 +1,190 @@
+"""Prefill/decode disaggregation (dsv3.infer.disagg + dsv3.serve.pd_router) through the real OpenAI client: one
+prefill worker and two decode workers in their own processes, the router's HTTP server in this one. Completions
+(streamed or not) equal the unified engine's; the latent bytes handed over are counted and equal prompt tokens x
+layers x (kv_lora_rank + rope dim) x 8 (float64); a decode worker killed mid-generation fails exactly its own
+requests with an error naming it, the others finish, and the router keeps serving new requests."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+
+from dsv3.infer import SamplingParams
+from dsv3.infer.disagg import run_worker
+from dsv3.serve import build_app
+from dsv3.serve.pd_router import PDRouter
+from serve_fixture import DEFAULT_CONFIG, build_engine
+
+PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(role: str, address: str) -> None:
+    engine = build_engine()
+    run_worker(role, engine.model, engine.tokenizer, DEFAULT_CONFIG, address, "test-key", threads=1)
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    ctx = multiprocessing.get_context("spawn")
+    roles = ["prefill", "decode", "decode"]
+    addrs = [f"127.0.0.1:{_free_port()}" for _ in roles]
+    procs = [ctx.Process(target=_worker, args=(r, a), daemon=True) for r, a in zip(roles, addrs)]
+    for p in procs:
+        p.start()
+    reference = build_engine()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            router = PDRouter(addrs[:1], addrs[1:], reference.tokenizer, key="test-key")
+            break
+        except ValueError:                   # not listening yet
+            assert time.monotonic() < deadline and all(p.is_alive() for p in procs), "workers did not start"
+            time.sleep(0.3)
+    app = build_app(router, reference.tokenizer, "dsv3-tiny")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+    yield dict(url=url, router=router, reference=reference, procs=procs,
+               client=openai.OpenAI(base_url=url, api_key="unused", max_retries=0))
+    server.should_exit = True
+    thread.join(30)
+    for p in procs:
+        p.kill()
+
+
+def test_outputs_equal_the_unified_engine_and_kv_is_counted(deployment):
+    client, ref, router = deployment["client"], deployment["reference"], deployment["router"]
+    r = client.completions.create(model="dsv3-tiny", prompt=PROMPTS, max_tokens=12, temperature=0)
+    want = ref.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12))
+    assert [c.text for c in r.choices] == [w.text for w in want]
+    assert [c.finish_reason for c in r.choices] == [w.finish_reason for w in want]
+    chunks = list(client.completions.create(model="dsv3-tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want[0].text
+    cfg = ref.model.config
+    per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 8
+    handed = [len(ref.tokenizer.encode(p)) for p, w in zip(PROMPTS, want) if len(w.token_ids) > 1] + \
+        [len(ref.tokenizer.encode(PROMPTS[0]))] * (len(want[0].token_ids) > 1)
+    assert router.stats_now()["kv_bytes"] == sum(handed) * per_token > 0
+    assert {w["in_flight"] for w in router.stats_now()["workers"]} == {0}
+    # log-probabilities (prompt's via echo, and generated tokens') come back as the unified engine computes them
+    r = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[1], max_tokens=5, temperature=0, logprobs=2,
+                                  echo=True)
+    lp = ref.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_tokens=5, logprobs=2, prompt_logprobs=2))[0]
+    got = r.choices[0].logprobs.token_logprobs
+    assert got[0] is None and got[1:] == pytest.approx([x[0] for x in lp.prompt_logprobs + lp.logprobs], abs=1e-9)
+    # a client that stops reading a stream has its request aborted wherever it is
+    stream = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[3], max_tokens=300, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 30
+    while router.requests or not router.num_aborted:
+        assert time.monotonic() < deadline, "the abandoned request was never aborted"
+        time.sleep(0.05)
+    # both decode workers got requests (routed by load)
+    assert all(w.stats["kv_bytes_received"] > 0 for w in router.workers if w.role == "decode")
+
+
+def test_killed_decode_worker_fails_its_requests_only(deployment):
+    router, procs, url = deployment["router"], deployment["procs"], deployment["url"]
+    long = dict(model="dsv3-tiny", max_tokens=400, temperature=0, extra_body={"ignore_eos": True})
+    results: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        try:
+            results[i] = openai.OpenAI(base_url=url, api_key="unused", max_retries=0).completions.create(
+                prompt=PROMPTS[i], **long).choices[0].finish_reason
+        except openai.APIError as e:
+            results[i] = e
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    victim = router.workers[1]                                   # the first decode worker (procs[1])
+    deadline = time.monotonic() + 30
+    while not (len(victim.in_flight) and len(victim.in_flight) + len(router.workers[2].in_flight) == 4):
+        assert time.monotonic() < deadline, "the requests never all reached the decode workers"
+        time.sleep(0.01)
+    doomed = set(victim.in_flight)
+    procs[1].kill()
+    for t in threads:
+        t.join(120)
+    failed = {i for i, r in results.items() if isinstance(r, Exception)}
+    assert failed and len(failed) == len(doomed) < 4, results
+    assert all("decode worker" in str(results[i]) and victim.address in str(results[i]) for i in failed)
+    assert all(results[i] == "length" for i in set(results) - failed)
+    assert not victim.alive and router.alive
+    # the router keeps serving, on the surviving decode worker
+    r = deployment["client"].completions.create(model="dsv3-tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0)
+    want = deployment["reference"].generate([PROMPTS[2]], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    assert r.choices[0].text == want.text
+
+
+def test_cli_roles_end_to_end(tmp_path):
+    """`dsv3 serve --role prefill|decode|router`: the real command lines, each its own process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from dsv3 import save_pretrained
+    engine = build_engine()
+    save_pretrained(engine.model, tmp_path / "m")
+    engine.tokenizer.save(tmp_path / "m")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DSV3_PD_KEY="cli-key")
+    cli = [sys.executable, "-c", "import sys; from dsv3.cli import main; sys.exit(main())", "serve", "--model",
+           str(tmp_path / "m"), "--dtype", "float64", "--max-model-len", "256", "--cache-gib", "0.01", "--threads", "1"]
+    pre, dec, port = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}", _free_port()
+    procs = [subprocess.Popen(cli + ["--role", "prefill", "--pd-listen", pre], env=env),
+             subprocess.Popen(cli + ["--role", "decode", "--pd-listen", dec], env=env)]
+    try:
+        deadline = time.monotonic() + 60
+        while True:          # the router needs its workers up
+            try:
+                socket.create_connection(("127.0.0.1", int(dec.split(":")[1])), timeout=1).close()
+                socket.create_connection(("127.0.0.1", int(pre.split(":")[1])), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+                time.sleep(0.3)
+        router = subprocess.Popen(cli + ["--role", "router", "--prefill", pre, "--decode", dec, "--port", str(port)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(router)
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert router.poll() is None and time.monotonic() < deadline, router.stdout.read() if router.poll() else ""
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                      "temperature": 0}, timeout=30).json()
+        want = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0]
+        assert r["choices"][0]["text"] == want.text
+        router.send_signal(signal.SIGTERM)
+        assert router.wait(30) in (0, -signal.SIGTERM)
+        assert all(p.poll() is None for p in procs[:2])      # workers outlive a router and wait for the next
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        procs[-1].stdout and procs[-1].stdout.close()
