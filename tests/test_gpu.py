@@ -92,3 +92,45 @@ def test_trainer_on_cuda_clips_inside_fused_adamw_like_clip_grad_norm(tmp_path):
         losses = [t.train_step()[0].main_loss for _ in range(12)]
         t.logger.close()
         assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.3, losses
+
+
+def test_trainer_on_cuda_clips_inside_adamw_bf16_like_a_separate_pass(tmp_path):
+    """AdamWBF16 (BF16 moments, FP32 master) with clipping folded into its one-pass Triton update (`grad_scale`)
+    gives the weights of the separate gradient scaling + update."""
+    from test_train_loop import small_run
+    from dsv3.train import Trainer
+    params = []
+    for fused_clip in (True, False):
+        t = Trainer(small_run(tmp_path, f"bf16clip{fused_clip}", train={"device": "cuda", "dtype": "bf16-params"},
+                              optim={"grad_clip": 0.05, "state_dtype": "bf16"}))
+        assert t.clip_in_optimizer       # the trainer folds clipping into AdamWBF16 on CUDA
+        t.clip_in_optimizer = fused_clip
+        for _ in range(3):
+            t.train_step()
+        params.append(torch.cat([p.detach().float().flatten() for p in t.model.parameters()]))
+        t.logger.close()
+    # bf16 weights: a grad_scale division vs a multiplication by its reciprocal may flip a last bit
+    assert _rel(params[0], params[1]) < 1e-3
+
+
+def test_compiled_trainer_keeps_expert_loads_and_routing_bias_updates(tmp_path):
+    """Issue 17: compiling the blocks must not drop the MoE's buffer mutation (`tokens_per_expert +=`), or the
+    aux-loss-free bias update silently stops. Over 5 steps from the same seed, fp32, the compiled trainer's routing
+    biases (moved by the loads summed each step) equal eager's, and they do move."""
+    from test_train_loop import small_run
+    from dsv3.model.moe import moe_layers
+    from dsv3.train import Trainer
+    torch.backends.cuda.matmul.allow_tf32 = False
+    biases = {}
+    for compile_ in (False, True):
+        t = Trainer(small_run(tmp_path, f"loads{compile_}", train={"device": "cuda", "dtype": "fp32",
+                                                                    "compile": compile_}))
+        start = [m.gate.e_score_correction_bias.clone() for _, m in moe_layers(t.model)]
+        history = []
+        for _ in range(5):
+            t.train_step()
+            history.append(torch.stack([m.gate.e_score_correction_bias.clone() for _, m in moe_layers(t.model)]))
+        t.logger.close()
+        assert not torch.equal(history[-1], torch.stack(start)), "the routing biases never moved"
+        biases[compile_] = torch.stack(history)
+    torch.testing.assert_close(biases[True], biases[False], rtol=0, atol=1e-6)

@@ -87,3 +87,11 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused_before_any_file(tmp_p
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"train.device={device!r}: this machine has no CUDA device" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["tiny.toml", "small-gpu.toml", "lite-8L.toml"])
+def test_shipped_configs_validate(name):
+    """Every config in configs/ reads and validates (a typo there would only surface on the GPU)."""
+    from dsv3.train.config import load_run_config
+    cfg = load_run_config(Path(TINY).parent / name)
+    assert cfg.train.steps > 0
