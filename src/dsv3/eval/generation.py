@@ -4,14 +4,14 @@ Task rows (jsonl or parquet): `{"question": str, "answer": str}`; GSM8K's worked
 through the same strict extraction as model outputs, so the gold answer is "72". The prompt is "Question: ...
 \\nAnswer:" after the few-shot examples (each with its full worked answer), and generation stops at the next
 "Question:". Every sample's record keeps the output, the extracted answer (None when extraction failed: counted as
-wrong, never a crash) and the verdict.
+wrong, never a crash), the verdict and the backend's error if it had one (counted as wrong too).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .backends import GenerateBackend
+from .backends import GenerateBackend, failure
 from ..verify.extract import equivalent, extract_answer, normalize
 from .multiple_choice import TaskError, task_rows
 from .stats import binomial_stderr, bootstrap_stderr, majority_answer, pass_at_k
@@ -36,27 +36,31 @@ def qa_prompt(q: dict, fewshot: list[dict] = ()) -> str:
 def score_generation(backend: GenerateBackend, tokenizer, questions: list[dict], fewshot: list[dict] = (), k: int = 1,
                      temperature: float = 0.0, max_tokens: int = 256, add_bos: bool = True, seed: int = 0,
                      flexible: bool = True) -> tuple[dict, list[dict]]:
-    """({pass@1, pass@k, maj@k with standard errors, extraction_failures, n}, one record per question)."""
+    """({pass@1, pass@k, maj@k with standard errors, extraction_failures, errors (backend), n}, one record per
+    question)."""
     bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
     prompts = [qa_prompt(q, fewshot) for q in questions]
     outs = backend.generate([bos + tokenizer.encode(p) for p in prompts], k, temperature, max_tokens,
                             ["Question:"], seed)
-    records, p1, pk, mk, failed = [], [], [], [], 0
+    records, p1, pk, mk, failed, errored = [], [], [], [], 0, 0
     for q, prompt, texts in zip(questions, prompts, outs):
-        answers = [extract_answer(t, flexible) for t in texts]
+        errors = [failure(t) for t in texts]
+        answers = [None if e else extract_answer(t, flexible) for t, e in zip(texts, errors)]
         verdicts = [equivalent(a, q["gold"]) for a in answers]
-        failed += sum(a is None for a in answers)
+        failed += sum(a is None and e is None for a, e in zip(answers, errors))
+        errored += sum(e is not None for e in errors)
         c = sum(verdicts)
         p1.append(pass_at_k(k, c, 1))
         pk.append(pass_at_k(k, c, k))
         mk.append(float(equivalent(majority_answer([None if a is None else normalize(a) for a in answers]),
                                    q["gold"])))
-        records.append(dict(prompt=prompt, gold=q["gold"], outputs=texts, extracted=answers, correct=verdicts))
+        records.append(dict(prompt=prompt, gold=q["gold"], outputs=[str(t) for t in texts], extracted=answers,
+                            correct=verdicts, **({"errors": errors} if any(errors) else {})))
     n = len(records)
     mean = lambda xs: sum(xs) / n
     metrics = {"pass@1": mean(p1), "pass@1_stderr": bootstrap_stderr(p1) if k > 1 else binomial_stderr(mean(p1), n)}
     if k > 1:
         metrics.update({f"pass@{k}": mean(pk), f"pass@{k}_stderr": binomial_stderr(mean(pk), n),
                         f"maj@{k}": mean(mk), f"maj@{k}_stderr": binomial_stderr(mean(mk), n)})
-    metrics.update(extraction_failures=failed, n=n)
+    metrics.update(extraction_failures=failed, errors=errored, n=n)
     return metrics, records

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.records import RecordError, iter_records
-from .backends import LoglikBackend
+from .backends import LoglikBackend, failure
 from .stats import binomial_stderr
 
 LETTERS = string.ascii_uppercase
@@ -110,17 +110,23 @@ def _argmax(xs: list[float]) -> int:
 
 def score_mc(backend: LoglikBackend, tokenizer, questions: list[MCQuestion], fewshot: list[MCQuestion] = (),
              add_bos: bool = True, continuation: str = "letter") -> tuple[dict, list[dict]]:
-    """({acc, acc_stderr, acc_norm, acc_norm_stderr, n}, one record per question: prompt, log-likelihoods,
-    predictions, verdicts)."""
+    """({acc, acc_stderr, acc_norm, acc_norm_stderr, errors, n}, one record per question: prompt, log-likelihoods,
+    predictions, verdicts; a question the backend failed on is wrong, its record holds the error)."""
     pairs, spans = [], []
     for q in questions:
         ctx, conts = mc_prompt(q, fewshot), continuations(q, continuation)
         spans.append((len(pairs), ctx, conts))
         pairs += [encode_pair(tokenizer, ctx, c, add_bos) for c in conts]
     lls = backend.loglikelihoods(pairs)
-    records = []
+    records, errored = [], 0
     for q, (start, ctx, conts) in zip(questions, spans):
         ll = lls[start:start + len(conts)]
+        errors = [e for e in map(failure, ll) if e]
+        if errors:                   # a choice the backend could not score: the question counts as wrong
+            errored += 1
+            records.append(dict(prompt=ctx, choices=conts, loglikelihoods=None, answer=q.answer, prediction=None,
+                                prediction_norm=None, correct=False, correct_norm=False, error=errors[0]))
+            continue
         pred, pred_norm = _argmax(ll), _argmax([x / len(c) for x, c in zip(ll, conts)])
         records.append(dict(prompt=ctx, choices=conts, loglikelihoods=ll, answer=q.answer, prediction=pred,
                             prediction_norm=pred_norm, correct=pred == q.answer, correct_norm=pred_norm == q.answer))
@@ -128,4 +134,4 @@ def score_mc(backend: LoglikBackend, tokenizer, questions: list[MCQuestion], few
     acc = sum(r["correct"] for r in records) / n
     acc_norm = sum(r["correct_norm"] for r in records) / n
     return dict(acc=acc, acc_stderr=binomial_stderr(acc, n), acc_norm=acc_norm,
-                acc_norm_stderr=binomial_stderr(acc_norm, n), n=n), records
+                acc_norm_stderr=binomial_stderr(acc_norm, n), errors=errored, n=n), records

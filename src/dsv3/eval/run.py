@@ -1,4 +1,4 @@
-"""`dsv3 eval mc | gen`: one task through a backend, its results written and printed.
+"""`dsv3 eval mc | gen | code | needle`: one task through a backend, its results written and printed.
 
 The tokenizer's BOS convention decides `add_bos` unless the caller says otherwise: a tokenizer whose
 `tokenizer_config.json` has `add_bos_token` (ours) gets BOS in front of every context, as lm-eval's `hf` backend
@@ -12,12 +12,16 @@ import random
 from pathlib import Path
 
 from .backends import GenerateBackend, LoglikBackend
+from .code import read_code, score_code
 from .generation import read_qa, score_generation
 from .multiple_choice import read_mc, score_mc
+from .needle import heat_map, needle_grid
 from .report import table, write_results
 
 PROMPT_VERSION = "mmlu-v1"       # mc_prompt's layout; bump when it changes, so results.json says what was measured
 GEN_PROMPT_VERSION = "qa-v1"     # qa_prompt's
+CODE_PROMPT_VERSION = "code-v1"  # code.py's prompts, stop sequences and output comparison
+NEEDLE_PROMPT_VERSION = "needle-v1"
 
 
 def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
@@ -61,4 +65,37 @@ def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, o
     path = write_results(out_dir, name, metrics, records, GEN_PROMPT_VERSION, config)
     print(table(name, metrics))
     print(f"results: {path}")
+    return metrics
+
+
+def evaluate_code(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, add_bos: bool = True,
+                  k: int = 1, temperature: float = 0.0, max_tokens: int = 512, limit: int = 0, seed: int = 0,
+                  workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 512) -> dict:
+    if k > 1 and temperature == 0:
+        raise ValueError("k > 1 samples need --temperature > 0 (greedy samples are all the same)")
+    problems = read_code(task)[:limit or None]
+    metrics, records = score_code(backend, tokenizer, problems, k, temperature, max_tokens, add_bos, seed, workers,
+                                  timeout_s=timeout_s, memory_mb=memory_mb)
+    name = Path(task).stem
+    config = dict(task=str(task), add_bos=add_bos, k=k, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                  timeout_s=timeout_s, memory_mb=memory_mb)
+    path = write_results(out_dir, name, metrics, records, CODE_PROMPT_VERSION, config)
+    print(table(name, metrics))
+    print(f"results: {path}")
+    return metrics
+
+
+def evaluate_needle(backend: GenerateBackend, tokenizer, filler: str | Path, out_dir: str | Path,
+                    lengths: list[int], depths: list[float], add_bos: bool = True, seed: int = 0) -> dict:
+    """The grid's mean and per-cell scores in results.json (task "needle"), one record a cell, needle.png."""
+    text = Path(filler).read_text(encoding="utf-8", errors="replace")
+    scores, records = needle_grid(backend, tokenizer, text, lengths, depths, seed=seed, add_bos=add_bos)
+    n = len(records)
+    metrics = dict(retrieval=sum(map(sum, scores)) / n, errors=sum("error" in r for r in records), n=n,
+                   grid={str(L): dict(zip(map(str, depths), row)) for L, row in zip(lengths, scores)})
+    config = dict(filler=str(filler), lengths=lengths, depths=depths, add_bos=add_bos, seed=seed)
+    path = write_results(out_dir, "needle", metrics, records, NEEDLE_PROMPT_VERSION, config)
+    heat_map(scores, lengths, depths, Path(out_dir) / "needle.png")
+    print(table("needle", metrics))
+    print(f"results: {path}; heat map: {Path(out_dir) / 'needle.png'}")
     return metrics
