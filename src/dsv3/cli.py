@@ -248,8 +248,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("pass --model (a run or HF directory) or --server URL")
         device = _device(args.device)
         tok_dir = tokenizer_dir(args.model, args.tokenizer)
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=_serving_dtype(args.dtype, device),
-                                                    device=device)
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer,
+                                                    dtype=_serving_dtype(args.dtype, device), device=device)
         backend = EngineBackend(Engine(model, tokenizer, EngineConfig(cache_memory_gib=args.cache_gib)))
     add_bos = run.tokenizer_adds_bos(tok_dir) if args.add_bos == "auto" else args.add_bos == "yes"
     if args.mode == "mc":
@@ -267,8 +267,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except SandboxUnavailable as e:          # the machine's, not a sample's: one line, no results
             raise ValueError(str(e)) from None
     else:
-        metrics = run.evaluate_needle(backend, tokenizer, args.task, args.out, _numbers(args.lengths, int, "--lengths"),
-                                      _numbers(args.depths, float, "--depths"), add_bos, args.seed)
+        metrics = run.evaluate_needle(backend, tokenizer, args.task, args.out,
+                                      _numbers(args.lengths, int, "--lengths"), _numbers(args.depths, float, "--depths"),
+                                      add_bos, args.seed)
     if metrics.get("errors") and metrics["errors"] == metrics["n"]:
         print(f"error: every sample failed ({metrics['errors']} of {metrics['n']}); see the samples file",
               file=sys.stderr)
