@@ -75,7 +75,8 @@ def test_multiple_choice_against_a_float64_forward(setup, continuation, add_bos)
             want.append(_ll64(model, ctx, cont))
         assert r["loglikelihoods"] == pytest.approx(want, abs=1e-5)   # the engine reports fp32 log-probs
         best = max(range(len(want)), key=lambda i: want[i])
-        best_norm = max(range(len(want)), key=lambda i: want[i] / len(r["choices"][i]))
+        # lm-eval's acc_norm: divided by the choice's characters, not counting the delimiter (the leading space)
+        best_norm = max(range(len(want)), key=lambda i: want[i] / len(r["choices"][i].lstrip()))
         correct += best == q.answer
         correct_norm += best_norm == q.answer
     assert res["n"] == 3 and res["acc"] == correct / 3 and res["acc_norm"] == correct_norm / 3

@@ -12,7 +12,8 @@ Scoring follows lm-eval's causal-LM conventions, so numbers are comparable with 
   tokenizer with `add_bos_token` (ours: `tokenizer_config.json` says so); a model trained on documents that start
   with BOS scores very differently without it (up to 1.4 nats per choice on the tiny model);
 - acc: the choice of highest summed log-likelihood is the answer (ties: the first); acc_norm: the same after dividing
-  each by its continuation's length in characters.
+  each by its choice's length in characters (lm-eval counts the choice without the delimiter, our leading space;
+  counting it gave a different acc_norm on 1 question in 240 in benchmarks/eval_crosscheck.py).
 
 A backend (dsv3.eval.backends) turns (context ids, continuation ids) pairs into summed log-likelihoods: a local model
 through the engine, or any OpenAI-compatible server.
@@ -20,6 +21,7 @@ through the engine, or any OpenAI-compatible server.
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from .backends import LoglikBackend, failure
 from .stats import binomial_stderr
 
 LETTERS = string.ascii_uppercase
+PROMPT_LAYOUT = "mmlu-v1"      # mc_prompt's layout; bump when it changes (results.json records it)
 
 
 class TaskError(ValueError):
@@ -85,6 +88,28 @@ def mc_prompt(q: MCQuestion, fewshot: list[MCQuestion] = ()) -> str:
     return shots + block(q)
 
 
+def lm_eval_yaml(name: str, data_file: str | Path, continuation: str = "letter", cache_dir: str | Path | None = None
+                 ) -> str:
+    """An lm-evaluation-harness task (YAML) that prompts and scores a task file exactly as `score_mc` does:
+    doc_to_text builds mc_prompt's string, the choices are `continuations`' without their leading space (lm-eval's
+    target_delimiter adds it). `answer` must be an index there. Paths are written absolute: `datasets` resolves
+    relative ones against the cwd."""
+    if continuation not in ("letter", "text"):
+        raise ValueError(f"continuation must be 'letter' or 'text', got {continuation!r}")
+    letters = "[" + ",".join(f"'{x}'" for x in LETTERS) + "]"
+    choice = "{{choices}}" if continuation == "text" else "{{ " + letters + "[:choices|length] }}"
+    cache = f"  cache_dir: {json.dumps(str(Path(cache_dir).resolve()))}\n" if cache_dir else ""
+    text = "{{question.strip()}}\\n{% for c in choices %}{{ 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[loop.index0] }}. {{c}}" \
+           "\\n{% endfor %}Answer:"
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n{cache}  data_files:\n"
+            f"    test: {json.dumps(str(Path(data_file).resolve()))}\ntest_split: test\noutput_type: multiple_choice\n"
+            f'doc_to_text: "{text}"\ntarget_delimiter: " "\ndoc_to_choice: "{choice}"\n'
+            f'doc_to_target: "{{{{answer}}}}"\nmetric_list:\n'
+            "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+            f"metadata:\n  version: 1.0\n  dsv3_prompt: {PROMPT_LAYOUT}\n")
+
+
 def continuations(q: MCQuestion, continuation: str = "letter") -> list[str]:
     if continuation not in ("letter", "text"):
         raise ValueError(f"continuation must be 'letter' or 'text', got {continuation!r}")
@@ -127,7 +152,8 @@ def score_mc(backend: LoglikBackend, tokenizer, questions: list[MCQuestion], few
             records.append(dict(prompt=ctx, choices=conts, loglikelihoods=None, answer=q.answer, prediction=None,
                                 prediction_norm=None, correct=False, correct_norm=False, error=errors[0]))
             continue
-        pred, pred_norm = _argmax(ll), _argmax([x / len(c) for x, c in zip(ll, conts)])
+        # lm-eval's acc_norm divides by the choice's length without the target delimiter (our leading space)
+        pred, pred_norm = _argmax(ll), _argmax([x / len(c[1:]) for x, c in zip(ll, conts)])
         records.append(dict(prompt=ctx, choices=conts, loglikelihoods=ll, answer=q.answer, prediction=pred,
                             prediction_norm=pred_norm, correct=pred == q.answer, correct_norm=pred_norm == q.answer))
     n = len(records)

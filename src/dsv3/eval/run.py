@@ -14,11 +14,11 @@ from pathlib import Path
 from .backends import GenerateBackend, LoglikBackend
 from .code import read_code, score_code
 from .generation import read_qa, score_generation
-from .multiple_choice import read_mc, score_mc
+from .multiple_choice import PROMPT_LAYOUT, read_mc, score_mc
 from .needle import heat_map, needle_grid
 from .report import table, write_results
 
-PROMPT_VERSION = "mmlu-v1"       # mc_prompt's layout; bump when it changes, so results.json says what was measured
+PROMPT_VERSION = PROMPT_LAYOUT   # mc_prompt's layout, so results.json says what was measured
 GEN_PROMPT_VERSION = "qa-v1"     # qa_prompt's
 CODE_PROMPT_VERSION = "code-v1"  # code.py's prompts, stop sequences and output comparison
 NEEDLE_PROMPT_VERSION = "needle-v1"
