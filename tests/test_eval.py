@@ -259,3 +259,32 @@ def test_needle_grid_places_one_needle_per_cell_within_length(setup, tmp_path):
     assert (tmp_path / "needle.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="fewer than"):
         needle_grid(reader, tok, "short. " * 5, [512], [0.5])
+
+
+def test_failed_requests_are_per_sample_errors(setup, tmp_path):
+    """An unreachable server makes every sample an error (recorded, counted, scored wrong; the run completes, and the
+    CLI exits 1 because nothing was measured); a prompt the engine refuses fails only its own question."""
+    import socket
+    from dsv3.cli import main
+    from dsv3.eval import OpenAIBackend
+    from dsv3.eval.generation import score_generation
+    tok, _, engine = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"          # closed once the block ends: nobody listens
+    m, recs = score_mc(OpenAIBackend(url, "x", batch=4), tok, QUESTIONS)
+    assert m["errors"] == 3 and m["acc"] == 0 and m["n"] == 3
+    assert all(r["error"].startswith("APIConnectionError") and r["prediction"] is None for r in recs)
+    m, recs = score_generation(OpenAIBackend(url, "x"), tok, [dict(question="1+1?", answer="2", gold="2")], k=2)
+    assert m["errors"] == 2 and m["extraction_failures"] == 0 and recs[0]["errors"][0].startswith("APIConnection")
+    too_long = MCQuestion("fox " * 600, ["dog", "cat"], 0)              # past the 512-token context
+    m, recs = score_mc(EngineBackend(engine), tok, [QUESTIONS[0], too_long, QUESTIONS[1]])
+    assert m["errors"] == 1 and recs[1]["error"].startswith("ValueError: the prompt has")
+    assert recs[0]["loglikelihoods"] and recs[2]["loglikelihoods"]
+    tok.save(tmp_path / "tok")
+    task = tmp_path / "t.jsonl"
+    task.write_text(json.dumps({"question": "q?", "choices": ["a", "b"], "answer": 0}) + "\n")
+    assert main(["eval", "mc", "--task", str(task), "--server", url, "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "o")]) == 1
+    rec = json.loads((tmp_path / "o" / "samples_t.jsonl").read_text())
+    assert rec["error"].startswith("APIConnectionError") and rec["correct"] is False
