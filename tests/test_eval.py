@@ -211,7 +211,8 @@ def test_dsv3_eval_gen_cli(tmp_path):
     save_pretrained(engine.model, tmp_path / "m")
     engine.tokenizer.save(tmp_path / "m")
     task = tmp_path / "arith.jsonl"
-    task.write_text("".join(json.dumps({"question": f"{a} + {a}?", "answer": f"#### {2 * a}"}) + "\n" for a in range(4)))
+    task.write_text("".join(json.dumps({"question": f"{a} + {a}?", "answer": f"#### {2 * a}"}) + "\n"
+                            for a in range(4)))
     args = ["eval", "gen", "--task", str(task), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o"),
             "--device", "cpu", "--dtype", "float64", "--max-tokens", "8"]
     assert main(args + ["--k", "3", "--temperature", "1.0"]) in (0, None)

@@ -1,9 +1,9 @@
 """Needle in a haystack with a real model through the engine: a tiny DeepSeek-V3 model trained in the test (fp32, at
 most 400 steps, ~20 s on one core) to copy the token at a fixed distance D back, on random token sequences (no
-needles in its training data). D is the distance from the question's final " is" to the needle's " is" when the needle sits
-at depth 0.5 of a 96-token cell. So the model retrieves the needle exactly when needle_grid put it at depth 0.5 of a
-96-token prompt, and copies haystack text (no number) at depths 0 and 1: the grid places the needle where it says,
-the engine runs the prompt at its length, and the answer is extracted and scored.
+needles in its training data). D is the distance from the question's final " is" to the needle's " is" when the
+needle sits at depth 0.5 of a 96-token cell. So the model retrieves the needle exactly when needle_grid put it at
+depth 0.5 of a 96-token prompt, and copies haystack text (no number) at depths 0 and 1: the grid places the needle
+where it says, the engine runs the prompt at its length, and the answer is extracted and scored.
 
 D is the same for every cell of a depth because the tokenizer (trained on the needle's sentences with no digits in
 them) keeps every city one token and every digit its own token; the test checks that first."""

@@ -7,5 +7,5 @@ from .backends import EngineBackend, Failure, OpenAIBackend
 from .multiple_choice import MCQuestion, TaskError, encode_pair, mc_prompt, read_mc, score_mc
 from .stats import binomial_stderr, bootstrap_stderr, majority_answer, pass_at_k
 
-__all__ = ["EngineBackend", "Failure", "MCQuestion", "OpenAIBackend", "TaskError", "binomial_stderr", "bootstrap_stderr", "encode_pair",
-           "majority_answer", "mc_prompt", "pass_at_k", "read_mc", "score_mc"]
+__all__ = ["EngineBackend", "Failure", "MCQuestion", "OpenAIBackend", "TaskError", "binomial_stderr",
+           "bootstrap_stderr", "encode_pair", "majority_answer", "mc_prompt", "pass_at_k", "read_mc", "score_mc"]

@@ -3,7 +3,8 @@
 `out_dir/results.json`: {task: {"metrics": {...}, "prompt_version": str, "config": {...}}}, merged with what an
 earlier run in the same directory wrote (one file collects a model's tasks); `out_dir/samples_<task>.jsonl`: one
 record per question (prompt, choices, log-likelihoods or output, extracted answer, verdict); `out_dir/results.png`:
-a bar chart of each task's main metric with its standard error. Each written whole (temp file + rename), with the user's umask.
+a bar chart of each task's main metric with its standard error. Each written whole (temp file + rename), with the
+user's umask.
 """
 
 from __future__ import annotations
