@@ -131,3 +131,14 @@ def test_dsv3_eval_code_cli_on_a_random_model(tmp_path):
     assert (tmp_path / "o" / "results.png").stat().st_size > 1000
     assert main(args + ["--task", str(DATA.parent / "lm_eval_mc" / "dsv3_mc.jsonl")]) == 2
     assert STDIO_STOP == ["```"]
+    from serve_fixture import start_server
+    srv = start_server()                    # the same weights served: the same greedy programs and verdicts
+    try:
+        assert main(["eval", "code", "--server", srv.url, "--served-model-name", "dsv3-tiny", "--tokenizer",
+                     str(tmp_path / "m"), "--out", str(tmp_path / "s"), "--max-tokens", "6", "--timeout", "3",
+                     "--task", str(CALL), "--limit", "3"]) == 0
+    finally:
+        srv.stop()
+    remote = [json.loads(line) for line in (tmp_path / "s" / "samples_code_call.jsonl").read_text().splitlines()]
+    assert [r["outputs"] for r in remote] == [r["outputs"] for r in recs]
+    assert [r["verdicts"] for r in remote] == [r["verdicts"] for r in recs]
