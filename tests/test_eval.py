@@ -289,3 +289,33 @@ def test_failed_requests_are_per_sample_errors(setup, tmp_path):
                  "--out", str(tmp_path / "o")]) == 1
     rec = json.loads((tmp_path / "o" / "samples_t.jsonl").read_text())
     assert rec["error"].startswith("APIConnectionError") and rec["correct"] is False
+
+
+def test_bad_task_rows_are_skipped_counted_and_named(setup, tmp_path):
+    """`dsv3 eval`: bad rows of a task file are skipped, counted (bad_rows) and named (file:line, reason) in the
+    samples file, the rest scored; --strict makes the first one the run's one-line error; no usable row is one too."""
+    from dsv3.cli import main
+    from dsv3 import save_pretrained
+    tok, model, engine = setup
+    save_pretrained(model, tmp_path / "m")
+    tok.save(tmp_path / "m")
+    task = tmp_path / "t.jsonl"
+    good = [{"question": "Which is a fox?", "choices": ["the quick brown fox", "a dog"], "answer": 0},
+            {"question": "Pick the lazy one.", "choices": ["fox", "dog"], "answer": "B"}]
+    task.write_text(json.dumps(good[0]) + "\n{not json\n" + json.dumps({"question": "q", "choices": ["a"],
+                                                                        "answer": 0}) + "\n" + json.dumps(good[1]) + "\n")
+    args = ["eval", "mc", "--task", str(task), "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "float64",
+            "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    m = json.loads((tmp_path / "o" / "results.json").read_text())["t"]["metrics"]
+    want, _ = score_mc(EngineBackend(engine), tok, [MCQuestion(g["question"], g["choices"], i) for i, g in
+                                                    zip([0, 1], good)])
+    assert m["n"] == 2 and m["bad_rows"] == 2 and m["acc"] == want["acc"]
+    recs = [json.loads(line) for line in (tmp_path / "o" / "samples_t.jsonl").read_text().splitlines()]
+    assert [r.get("bad_row", "").rsplit(":", 1)[-1] for r in recs] == ["", "", "2", "3"]
+    assert "not JSON" in recs[2]["error"] and "'choices'" in recs[3]["error"]
+    assert main(args + ["--strict"]) == 2
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    assert main(args[:2] + ["--task", str(tmp_path / "bad.jsonl")] + args[4:]) == 2
+    with pytest.raises(TaskError, match="no usable rows .1 bad; the first: .*not JSON"):
+        read_mc(tmp_path / "bad.jsonl", [])

@@ -254,16 +254,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     add_bos = run.tokenizer_adds_bos(tok_dir) if args.add_bos == "auto" else args.add_bos == "yes"
     if args.mode == "mc":
         metrics = run.evaluate_mc(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos,
-                                  args.continuation, args.limit, args.seed)
+                                  args.continuation, args.limit, args.seed, args.strict)
     elif args.mode == "gen":
         metrics = run.evaluate_generation(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot,
-                                          add_bos, args.k, args.temperature, args.max_tokens, args.limit, args.seed)
+                                          add_bos, args.k, args.temperature, args.max_tokens, args.limit, args.seed,
+                                          args.strict)
     elif args.mode == "code":
         from .verify import SandboxUnavailable
         try:
             metrics = run.evaluate_code(backend, tokenizer, args.task, args.out, add_bos, args.k, args.temperature,
                                         args.max_tokens, args.limit, args.seed, args.workers, args.timeout,
-                                        args.memory_mb)
+                                        args.memory_mb, args.strict)
         except SandboxUnavailable as e:          # the machine's, not a sample's: one line, no results
             raise ValueError(str(e)) from None
     else:
@@ -512,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--add-bos", choices=["auto", "yes", "no"], default="auto",
                    help="auto: as the tokenizer's add_bos_token says (lm-eval's hf backend does the same)")
     s.add_argument("--limit", type=int, default=0, help="first N questions (0: all)")
+    s.add_argument("--strict", action="store_true", help="a bad task row is an error (default: skipped, "
+                   "counted, named in the samples file)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="out/eval", help="results.json, samples_<task>.jsonl, results.png")
     s.add_argument("--workers", type=int, default=2, help="code: sandboxed runs at a time")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..verify.sandbox import SandboxResult, run_python, run_tests, self_check
 from .backends import GenerateBackend, failure
-from .multiple_choice import TaskError, task_rows
+from .multiple_choice import TaskError, read_rows
 from .stats import bootstrap_stderr, pass_at_k
 
 CALL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]     # Chen et al. 2021 (Codex), HumanEval
@@ -88,9 +88,9 @@ def _problem(row, where: str, index: int) -> CodeProblem:
     return CodeProblem(task_id, question.strip() + STDIO_INSTRUCTION, "stdio", io=_stdio_tests(row, where))
 
 
-def read_code(path: str | Path) -> list[CodeProblem]:
-    """All problems of a jsonl or parquet task file; a bad row is an error naming it."""
-    return [_problem(row, where, i) for i, (where, row) in enumerate(task_rows(path, "a code task"))]
+def read_code(path: str | Path, bad: list[dict] | None = None) -> list[CodeProblem]:
+    """All problems of a jsonl or parquet task file; a bad row is an error naming it, or goes to `bad` (read_mc)."""
+    return read_rows(path, "a code task", _problem, bad)
 
 
 def program(problem: CodeProblem, completion: str) -> str:

@@ -13,19 +13,21 @@ from pathlib import Path
 
 from .backends import GenerateBackend, failure
 from ..verify.extract import equivalent, extract_answer, normalize
-from .multiple_choice import TaskError, task_rows
+from .multiple_choice import TaskError, read_rows
 from .stats import binomial_stderr, bootstrap_stderr, majority_answer, pass_at_k
 
 
-def read_qa(path: str | Path) -> list[dict]:
-    out = []
-    for where, r in task_rows(path, "a question-answer task"):
-        if not (isinstance(r, dict) and isinstance(r.get("question"), str)
-                and isinstance(r.get("answer"), (str, int, float))):
-            raise TaskError(f"{where}: a row needs a string 'question' and an 'answer'")
-        gold = extract_answer(str(r["answer"]), flexible=False) or str(r["answer"]).strip()
-        out.append(dict(question=r["question"], answer=str(r["answer"]), gold=gold))
-    return out
+def _qa(r, where: str, index: int = 0) -> dict:
+    if not (isinstance(r, dict) and isinstance(r.get("question"), str)
+            and isinstance(r.get("answer"), (str, int, float))):
+        raise TaskError(f"{where}: a row needs a string 'question' and an 'answer'")
+    gold = extract_answer(str(r["answer"]), flexible=False) or str(r["answer"]).strip()
+    return dict(question=r["question"], answer=str(r["answer"]), gold=gold)
+
+
+def read_qa(path: str | Path, bad: list[dict] | None = None) -> list[dict]:
+    """All rows of a question-answer task file; a bad row is an error naming it, or goes to `bad` (read_mc)."""
+    return read_rows(path, "a question-answer task", _qa, bad)
 
 
 def qa_prompt(q: dict, fewshot: list[dict] = ()) -> str:

@@ -45,7 +45,7 @@ class MCQuestion:
     answer: int
 
 
-def _question(row, where: str) -> MCQuestion:
+def _question(row, where: str, index: int = 0) -> MCQuestion:
     if not isinstance(row, dict):
         raise TaskError(f"{where}: a row must be an object with question, choices and answer")
     q, choices, ans = row.get("question"), row.get("choices"), row.get("answer")
@@ -60,20 +60,40 @@ def _question(row, where: str) -> MCQuestion:
     return MCQuestion(q, choices, ans)
 
 
-def read_mc(path: str | Path) -> list[MCQuestion]:
-    """All questions of a jsonl or parquet task file; the first bad row is an error naming it (a task file is
-    curated data: a bad row means a wrong file, not noise to skip)."""
-    return [_question(row, where) for where, row in task_rows(path, "a multiple-choice task")]
+def read_mc(path: str | Path, bad: list[dict] | None = None) -> list[MCQuestion]:
+    """All questions of a jsonl or parquet task file. A bad row is a TaskError naming it, or, when `bad` is a list,
+    appended there ({where, error}) and skipped (what `dsv3 eval` does: counted, reported, never the end of a run)."""
+    return read_rows(path, "a multiple-choice task", _question, bad)
 
 
-def task_rows(path: str | Path, what: str) -> list[tuple[str, object]]:
-    """(where, row) of a task file; unreadable rows and files are TaskErrors."""
+def read_rows(path: str | Path, what: str, parse, bad: list[dict] | None = None) -> list:
+    """parse(row, where, row index) over a task file's rows; bad rows raise or go to `bad` (see read_mc). A file that
+    cannot be read, or has no usable row, is a TaskError either way."""
+    out = []
+    for i, (where, row) in enumerate(task_rows(path, what, lenient=bad is not None)):
+        try:
+            if isinstance(row, RecordError):
+                raise TaskError(f"{where}: {row}")
+            out.append(parse(row, where, i))
+        except TaskError as e:
+            if bad is None:
+                raise
+            bad.append(dict(where=where, error=str(e)))
+    if not out:
+        raise TaskError(f"{path} holds no usable rows" + (f" ({len(bad)} bad; the first: {bad[0]['error']})"
+                                                         if bad else ""))
+    return out
+
+
+def task_rows(path: str | Path, what: str, lenient: bool = False) -> list[tuple[str, object]]:
+    """(where, row) of a task file; an unreadable file is a TaskError, and so is a row that is not JSON unless
+    `lenient` (then it comes back as its RecordError)."""
     try:
         rows = list(iter_records(path, what))
     except RecordError as e:
         raise TaskError(str(e)) from None
     for where, row in rows:
-        if isinstance(row, RecordError):
+        if isinstance(row, RecordError) and not lenient:
             raise TaskError(f"{where}: {row}")
     if not rows:
         raise TaskError(f"{path} holds no questions")

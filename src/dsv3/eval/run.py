@@ -3,12 +3,17 @@
 The tokenizer's BOS convention decides `add_bos` unless the caller says otherwise: a tokenizer whose
 `tokenizer_config.json` has `add_bos_token` (ours) gets BOS in front of every context, as lm-eval's `hf` backend
 gives it; lm-eval's `local-completions` sends none unless `add_bos_token=True` is in its model_args (README).
+
+A bad row of the task file is skipped and counted (`bad_rows` in the metrics, its file:line and reason in the
+samples file, a line on stderr) unless `strict`, where it is the run's one-line error; scores are over the usable
+rows. Few-shot files are always read strictly.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 from .backends import GenerateBackend, LoglikBackend
@@ -31,8 +36,9 @@ def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
 
 def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
                 fewshot: int = 0, add_bos: bool = True, continuation: str = "letter", limit: int = 0,
-                seed: int = 0) -> dict:
-    questions = read_mc(task)[:limit or None]
+                seed: int = 0, strict: bool = False) -> dict:
+    bad = None if strict else []
+    questions = read_mc(task, bad)[:limit or None]
     shots = []
     if fewshot:
         if fewshot_file is None:
@@ -43,16 +49,15 @@ def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: st
     name = Path(task).stem
     config = dict(task=str(task), fewshot=len(shots), fewshot_file=str(fewshot_file) if fewshot_file else None,
                   add_bos=add_bos, continuation=continuation, seed=seed)
-    path = write_results(out_dir, name, metrics, records, PROMPT_VERSION, config)
-    print(table(name, metrics))
-    print(f"results: {path}")
-    return metrics
+    return _finish(out_dir, name, metrics, records, bad, PROMPT_VERSION, config)
 
 
 def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
                         fewshot: int = 0, add_bos: bool = True, k: int = 1, temperature: float = 0.0,
-                        max_tokens: int = 256, limit: int = 0, seed: int = 0) -> dict:
-    questions = read_qa(task)[:limit or None]
+                        max_tokens: int = 256, limit: int = 0, seed: int = 0,
+                        strict: bool = False) -> dict:
+    bad = None if strict else []
+    questions = read_qa(task, bad)[:limit or None]
     shots = random.Random(seed).sample(read_qa(fewshot_file), fewshot) if fewshot and fewshot_file else []
     if fewshot and not fewshot_file:
         raise ValueError("few-shot examples come from a dev split: pass --fewshot-file")
@@ -62,27 +67,23 @@ def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, o
     name = Path(task).stem
     config = dict(task=str(task), fewshot=len(shots), add_bos=add_bos, k=k, temperature=temperature,
                   max_tokens=max_tokens, seed=seed)
-    path = write_results(out_dir, name, metrics, records, GEN_PROMPT_VERSION, config)
-    print(table(name, metrics))
-    print(f"results: {path}")
-    return metrics
+    return _finish(out_dir, name, metrics, records, bad, GEN_PROMPT_VERSION, config)
 
 
 def evaluate_code(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, add_bos: bool = True,
                   k: int = 1, temperature: float = 0.0, max_tokens: int = 512, limit: int = 0, seed: int = 0,
-                  workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 512) -> dict:
+                  workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 512,
+                  strict: bool = False) -> dict:
     if k > 1 and temperature == 0:
         raise ValueError("k > 1 samples need --temperature > 0 (greedy samples are all the same)")
-    problems = read_code(task)[:limit or None]
+    bad = None if strict else []
+    problems = read_code(task, bad)[:limit or None]
     metrics, records = score_code(backend, tokenizer, problems, k, temperature, max_tokens, add_bos, seed, workers,
                                   timeout_s=timeout_s, memory_mb=memory_mb)
     name = Path(task).stem
     config = dict(task=str(task), add_bos=add_bos, k=k, temperature=temperature, max_tokens=max_tokens, seed=seed,
                   timeout_s=timeout_s, memory_mb=memory_mb)
-    path = write_results(out_dir, name, metrics, records, CODE_PROMPT_VERSION, config)
-    print(table(name, metrics))
-    print(f"results: {path}")
-    return metrics
+    return _finish(out_dir, name, metrics, records, bad, CODE_PROMPT_VERSION, config)
 
 
 def evaluate_needle(backend: GenerateBackend, tokenizer, filler: str | Path, out_dir: str | Path,
@@ -98,4 +99,18 @@ def evaluate_needle(backend: GenerateBackend, tokenizer, filler: str | Path, out
     heat_map(scores, lengths, depths, Path(out_dir) / "needle.png")
     print(table("needle", metrics))
     print(f"results: {path}; heat map: {Path(out_dir) / 'needle.png'}")
+    return metrics
+
+
+def _finish(out_dir, name: str, metrics: dict, records: list[dict], bad: list[dict] | None, version: str,
+            config: dict) -> dict:
+    """Bad rows counted and recorded, results written, the table printed."""
+    if bad:
+        metrics["bad_rows"] = len(bad)
+        records = records + [dict(bad_row=b["where"], error=b["error"]) for b in bad]
+        print(f"warning: {len(bad)} bad rows of {config['task']} skipped (the first: {bad[0]['error']}); "
+              f"--strict makes them an error", file=sys.stderr)
+    path = write_results(out_dir, name, metrics, records, version, config)
+    print(table(name, metrics))
+    print(f"results: {path}")
     return metrics
