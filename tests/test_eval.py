@@ -319,3 +319,34 @@ def test_bad_task_rows_are_skipped_counted_and_named(setup, tmp_path):
     assert main(args[:2] + ["--task", str(tmp_path / "bad.jsonl")] + args[4:]) == 2
     with pytest.raises(TaskError, match="no usable rows .1 bad; the first: .*not JSON"):
         read_mc(tmp_path / "bad.jsonl", [])
+
+
+def test_text_match_and_other_datasets_fields(setup, tmp_path):
+    """SimpleQA-style factual QA (English and Chinese) by normalised exact match; MATH's problem/solution, ARC's and
+    GPQA's MC fields."""
+    from dsv3.eval.generation import read_qa, score_generation, text_key
+    tok = setup[0]
+    assert text_key("The  Eiffel Tower!") == text_key("eiffel tower") == "eiffeltower"
+    assert text_key("巴黎。") == text_key(" 巴黎 ") and text_key("Paris") != text_key("Parish")
+    qs = [dict(question="Capital of France?", answer="Paris", gold="Paris"),
+          dict(question="法国的首都是哪里？", answer="巴黎", gold="巴黎")]
+    backend = Scripted([[" paris.\nMore text", " The answer is Lyon.", ""],     # 1 of 3; majority paris
+                        [" 巴黎。", " 里昂", " 巴黎"]])                          # 2 of 3; majority 巴黎
+    m, recs = score_generation(backend, tok, qs, k=3, match="text")
+    assert recs[0]["extracted"] == ["paris.", "Lyon", None] and recs[0]["correct"] == [True, False, False]
+    assert recs[1]["correct"] == [True, False, True]
+    assert m["pass@1"] == pytest.approx((1 / 3 + 2 / 3) / 2) and m["maj@3"] == 1.0
+    m, _ = score_generation(Scripted([[" paris"], [" 巴黎"]]), tok, qs, match="math")    # math mode: no number
+    assert m["pass@1"] == 0.0 and m["extraction_failures"] == 2
+    task = tmp_path / "math.jsonl"
+    task.write_text(json.dumps({"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."}) + "\n")
+    assert read_qa(task)[0]["gold"] == "\\frac{1}{2}"
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "q", "choices": {"text": ["x", "y"], "label": ["1", "2"]},
+                              "answerKey": "2"}) + "\n" +
+                  json.dumps({"Question": "g", "Correct Answer": "R", "Incorrect Answer 1": "w1",
+                              "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3"}) + "\n")
+    arc, gpqa = read_mc(mc)
+    assert arc.choices == ["x", "y"] and arc.answer == 1
+    assert sorted(gpqa.choices) == ["R", "w1", "w2", "w3"] and gpqa.choices[gpqa.answer] == "R"
+    assert read_mc(mc)[1].choices == gpqa.choices                 # the same order every run

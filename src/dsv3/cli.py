@@ -258,7 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.mode == "gen":
         metrics = run.evaluate_generation(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot,
                                           add_bos, args.k, args.temperature, args.max_tokens, args.limit, args.seed,
-                                          args.strict)
+                                          args.strict, args.match)
     elif args.mode == "code":
         from .verify import SandboxUnavailable
         try:
@@ -502,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--k", type=int, default=1, help="gen: samples per question")
     s.add_argument("--temperature", type=float, default=0.0, help="gen: 0 is greedy")
     s.add_argument("--max-tokens", type=int, default=256, help="gen: new tokens per sample")
+    s.add_argument("--match", choices=["math", "text"], default="math", help="gen: math (numeric / symbolic "
+                   "equivalence, GSM8K / MATH) or text (normalised exact match, SimpleQA-style factual QA)")
     s.add_argument("--model", default=None, help="a training run or Hugging Face directory (local engine)")
     s.add_argument("--server", default=None, help="an OpenAI-compatible server's URL instead of --model")
     s.add_argument("--served-model-name", default="default", help="--server: the model name to ask for")

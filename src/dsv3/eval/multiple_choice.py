@@ -1,7 +1,9 @@
 """Log-likelihood multiple choice (MMLU / ARC style), scored as lm-evaluation-harness scores it.
 
 Task rows (jsonl or parquet): `{"question": str, "choices": [str, ...], "answer": int | "A".."Z"}` (MMLU's fields;
-`answer` as an index or a letter). The prompt is MMLU's: the question, one "A. choice" line per choice, "Answer:";
+`answer` as an index or a letter). Also read: ARC's `{"question", "choices": {"text": [...], "label": [...]},
+"answerKey"}` and GPQA's `{"Question", "Correct Answer", "Incorrect Answer 1".."3"}` (the four put in an order
+seeded by the row's index, the same every run, as GPQA's own files leave the order to the evaluator). The prompt is MMLU's: the question, one "A. choice" line per choice, "Answer:";
 each choice is scored as the continuation " A" (`continuation="letter"`) or " <choice text>" (`"text"`, ARC /
 HellaSwag style). Few-shot examples come from a separate dev list, each shown with its answer, in the same format.
 
@@ -22,6 +24,7 @@ through the engine, or any OpenAI-compatible server.
 from __future__ import annotations
 
 import json
+import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +48,27 @@ class MCQuestion:
     answer: int
 
 
+def _fields(row: dict, where: str, index: int) -> tuple:
+    """(question, choices, answer) from MMLU's, ARC's or GPQA's field names."""
+    if "Correct Answer" in row:                                          # GPQA
+        wrong = [row.get(f"Incorrect Answer {i}") for i in (1, 2, 3)]
+        choices = [row["Correct Answer"], *wrong]
+        order = list(range(4))
+        random.Random(index).shuffle(order)
+        return row.get("Question"), [choices[i] for i in order], order.index(0)
+    choices, ans = row.get("choices"), row.get("answer", row.get("answerKey"))
+    if isinstance(choices, dict) and isinstance(choices.get("text"), list):      # ARC
+        labels = [str(x) for x in choices.get("label") or []]
+        if str(ans) not in labels:
+            raise TaskError(f"{where}: 'answerKey' {ans!r} is not one of the labels {labels}")
+        return row.get("question"), choices["text"], labels.index(str(ans))
+    return row.get("question"), choices, ans
+
+
 def _question(row, where: str, index: int = 0) -> MCQuestion:
     if not isinstance(row, dict):
         raise TaskError(f"{where}: a row must be an object with question, choices and answer")
-    q, choices, ans = row.get("question"), row.get("choices"), row.get("answer")
+    q, choices, ans = _fields(row, where, index)
     if not isinstance(q, str) or not q.strip():
         raise TaskError(f"{where}: 'question' must be a non-empty string")
     if not isinstance(choices, list) or not 2 <= len(choices) <= 26 or not all(isinstance(c, str) for c in choices):

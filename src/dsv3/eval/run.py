@@ -55,7 +55,7 @@ def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: st
 def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
                         fewshot: int = 0, add_bos: bool = True, k: int = 1, temperature: float = 0.0,
                         max_tokens: int = 256, limit: int = 0, seed: int = 0,
-                        strict: bool = False) -> dict:
+                        strict: bool = False, match: str = "math") -> dict:
     bad = None if strict else []
     questions = read_qa(task, bad)[:limit or None]
     shots = random.Random(seed).sample(read_qa(fewshot_file), fewshot) if fewshot and fewshot_file else []
@@ -63,10 +63,11 @@ def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, o
         raise ValueError("few-shot examples come from a dev split: pass --fewshot-file")
     if k > 1 and temperature == 0:
         raise ValueError("k > 1 samples need --temperature > 0 (greedy samples are all the same)")
-    metrics, records = score_generation(backend, tokenizer, questions, shots, k, temperature, max_tokens, add_bos, seed)
+    metrics, records = score_generation(backend, tokenizer, questions, shots, k, temperature, max_tokens, add_bos, seed,
+                                        match=match)
     name = Path(task).stem
     config = dict(task=str(task), fewshot=len(shots), add_bos=add_bos, k=k, temperature=temperature,
-                  max_tokens=max_tokens, seed=seed)
+                  max_tokens=max_tokens, seed=seed, match=match)
     return _finish(out_dir, name, metrics, records, bad, GEN_PROMPT_VERSION, config)
 
 
