@@ -289,6 +289,12 @@ def test_failed_requests_are_per_sample_errors(setup, tmp_path):
                  "--out", str(tmp_path / "o")]) == 1
     rec = json.loads((tmp_path / "o" / "samples_t.jsonl").read_text())
     assert rec["error"].startswith("APIConnectionError") and rec["correct"] is False
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    assert main(["eval", "gen", "--task", str(qa), "--server", url, "--tokenizer", str(tmp_path / "tok"),
+                 "--k", "2", "--temperature", "1", "--out", str(tmp_path / "o")]) == 1
+    m = json.loads((tmp_path / "o" / "results.json").read_text())["qa"]["metrics"]
+    assert m["errors"] == m["samples"] == 2 and m["n"] == 1
 
 
 def test_bad_task_rows_are_skipped_counted_and_named(setup, tmp_path):

@@ -88,6 +88,7 @@ def test_pass_at_k_from_scripted_samples():
     from dsv3.eval.stats import pass_at_k
     assert [pass_at_k(4, c, 2) for c in (1, 3)] == pytest.approx(want2)
     assert m["samples_passed"] == 4 and m["samples_failed"] == 3 and m["samples_backend-error"] == 1
+    assert m["errors"] == 1 and m["samples"] == 8
     assert records[0]["verdicts"] == ["passed", "failed", "failed", "backend-error"]
     assert records[0]["details"][3].startswith("APIConnectionError") and records[0]["outputs"][3].startswith("<error")
     # stdin/stdout problems are prompted to open a ```python block and stop at its end

@@ -271,8 +271,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics = run.evaluate_needle(backend, tokenizer, args.task, args.out,
                                       _numbers(args.lengths, int, "--lengths"), _numbers(args.depths, float, "--depths"),
                                       add_bos, args.seed)
-    if metrics.get("errors") and metrics["errors"] == metrics["n"]:
-        print(f"error: every sample failed ({metrics['errors']} of {metrics['n']}); see the samples file",
+    total = metrics.get("samples", metrics["n"])
+    if metrics.get("errors") and metrics["errors"] == total:
+        print(f"dsv3 eval: every request failed ({metrics['errors']} of {total}); see the samples file",
               file=sys.stderr)
         return 1
     return 0

@@ -135,7 +135,8 @@ def judge(problem: CodeProblem, completion: str, **limits) -> tuple[str, str]:
 def score_code(backend: GenerateBackend, tokenizer, problems: list[CodeProblem], k: int = 1,
                temperature: float = 0.0, max_tokens: int = 512, add_bos: bool = True, seed: int = 0,
                workers: int = 2, **limits) -> tuple[dict, list[dict]]:
-    """({pass@1, pass@k with standard errors, verdict counts, n}, one record per problem)."""
+    """({pass@1, pass@k with standard errors, samples_<verdict> counts, errors (backend), samples, n}, one record
+    per problem)."""
     self_check(**limits)       # a sandbox that cannot run print() is the machine's fault: one error, not n zeros
     bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
     calls = [p for p in problems if p.kind == "call"]
@@ -169,5 +170,6 @@ def score_code(backend: GenerateBackend, tokenizer, problems: list[CodeProblem],
     metrics = {"pass@1": sum(p1) / n, "pass@1_stderr": bootstrap_stderr(p1)}
     if k > 1:
         metrics.update({f"pass@{k}": sum(pk) / n, f"pass@{k}_stderr": bootstrap_stderr(pk)})
-    metrics.update({f"samples_{v}": c for v, c in sorted(counts.items())}, n=n)
+    metrics.update({f"samples_{v}": c for v, c in sorted(counts.items())}, errors=counts.get("backend-error", 0),
+                   samples=len(jobs), n=n)
     return metrics, records

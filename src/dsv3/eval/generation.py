@@ -74,8 +74,8 @@ def qa_prompt(q: dict, fewshot: list[dict] = ()) -> str:
 def score_generation(backend: GenerateBackend, tokenizer, questions: list[dict], fewshot: list[dict] = (), k: int = 1,
                      temperature: float = 0.0, max_tokens: int = 256, add_bos: bool = True, seed: int = 0,
                      flexible: bool = True, match: str = "math") -> tuple[dict, list[dict]]:
-    """({pass@1, pass@k, maj@k with standard errors, extraction_failures, errors (backend), n}, one record per
-    question)."""
+    """({pass@1, pass@k, maj@k with standard errors, extraction_failures and errors (backend) counted in samples,
+    samples, n}, one record per question)."""
     if match not in ("math", "text"):
         raise ValueError(f"match must be 'math' or 'text', got {match!r}")
     bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
@@ -102,5 +102,5 @@ def score_generation(backend: GenerateBackend, tokenizer, questions: list[dict],
     if k > 1:
         metrics.update({f"pass@{k}": mean(pk), f"pass@{k}_stderr": binomial_stderr(mean(pk), n),
                         f"maj@{k}": mean(mk), f"maj@{k}_stderr": binomial_stderr(mean(mk), n)})
-    metrics.update(extraction_failures=failed, errors=errored, n=n)
+    metrics.update(extraction_failures=failed, errors=errored, samples=n * k, n=n)
     return metrics, records
