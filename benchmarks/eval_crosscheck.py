@@ -173,8 +173,12 @@ def main() -> None:
     for k, v in table.items():
         print(f"{k:<12} {v['acc']:>7.4f} {v['acc_norm']:>9.4f} {v['max_abs_ll_diff_vs_hf']:>10.2e} "
               f"{v['mean_abs_ll_diff_vs_hf']:>10.2e} {v['predictions_differing_from_hf']:>12d}")
+    # the two scorings through the same server send the same token ids: their log-likelihoods should be identical
+    same = max(abs(a - b) for q, r in zip(runs["dsv3-server"][2], runs["lc+bos"][2]) for a, b in zip(q, r))
+    print(f"dsv3-server vs lc+bos: max |dll| = {same:.2e}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(task=str(task), n=n, runs=table), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(dict(task=str(task), n=n, runs=table,
+                                                   server_vs_lc_bos_max_abs_ll_diff=same), indent=2) + "\n")
 
 
 if __name__ == "__main__":
