@@ -26,7 +26,9 @@ def needle_prompt(tokenizer, filler: str, length: int, depth: float, city: str, 
     budget = length - len(tokenizer.encode(needle + question)) - 2
     if budget < 16:
         raise ValueError(f"a context of {length} tokens has no room for a haystack")
-    ids = tokenizer.encode(filler)
+    ids = tokenizer.encode(filler[:budget * 32])      # a book-length filler: encode only what a cell can use
+    if len(ids) < budget and len(filler) > budget * 32:
+        ids = tokenizer.encode(filler)
     if len(ids) < budget:
         raise ValueError(f"the filler text has {len(ids)} tokens, fewer than the {budget} a {length}-token cell needs")
     hay = tokenizer.decode(ids[:budget])
