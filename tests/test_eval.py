@@ -75,7 +75,8 @@ def test_multiple_choice_against_a_float64_forward(setup, continuation, add_bos)
             want.append(_ll64(model, ctx, cont))
         assert r["loglikelihoods"] == pytest.approx(want, abs=1e-5)   # the engine reports fp32 log-probs
         best = max(range(len(want)), key=lambda i: want[i])
-        best_norm = max(range(len(want)), key=lambda i: want[i] / len(r["choices"][i]))
+        # lm-eval's acc_norm: divided by the choice's characters, not counting the delimiter (the leading space)
+        best_norm = max(range(len(want)), key=lambda i: want[i] / len(r["choices"][i].lstrip()))
         correct += best == q.answer
         correct_norm += best_norm == q.answer
     assert res["n"] == 3 and res["acc"] == correct / 3 and res["acc_norm"] == correct_norm / 3
@@ -210,7 +211,8 @@ def test_dsv3_eval_gen_cli(tmp_path):
     save_pretrained(engine.model, tmp_path / "m")
     engine.tokenizer.save(tmp_path / "m")
     task = tmp_path / "arith.jsonl"
-    task.write_text("".join(json.dumps({"question": f"{a} + {a}?", "answer": f"#### {2 * a}"}) + "\n" for a in range(4)))
+    task.write_text("".join(json.dumps({"question": f"{a} + {a}?", "answer": f"#### {2 * a}"}) + "\n"
+                            for a in range(4)))
     args = ["eval", "gen", "--task", str(task), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o"),
             "--device", "cpu", "--dtype", "float64", "--max-tokens", "8"]
     assert main(args + ["--k", "3", "--temperature", "1.0"]) in (0, None)
@@ -258,3 +260,99 @@ def test_needle_grid_places_one_needle_per_cell_within_length(setup, tmp_path):
     assert (tmp_path / "needle.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="fewer than"):
         needle_grid(reader, tok, "short. " * 5, [512], [0.5])
+
+
+def test_failed_requests_are_per_sample_errors(setup, tmp_path):
+    """An unreachable server makes every sample an error (recorded, counted, scored wrong; the run completes, and the
+    CLI exits 1 because nothing was measured); a prompt the engine refuses fails only its own question."""
+    import socket
+    from dsv3.cli import main
+    from dsv3.eval import OpenAIBackend
+    from dsv3.eval.generation import score_generation
+    tok, _, engine = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"          # closed once the block ends: nobody listens
+    m, recs = score_mc(OpenAIBackend(url, "x", batch=4), tok, QUESTIONS)
+    assert m["errors"] == 3 and m["acc"] == 0 and m["n"] == 3
+    assert all(r["error"].startswith("APIConnectionError") and r["prediction"] is None for r in recs)
+    m, recs = score_generation(OpenAIBackend(url, "x"), tok, [dict(question="1+1?", answer="2", gold="2")], k=2)
+    assert m["errors"] == 2 and m["extraction_failures"] == 0 and recs[0]["errors"][0].startswith("APIConnection")
+    too_long = MCQuestion("fox " * 600, ["dog", "cat"], 0)              # past the 512-token context
+    m, recs = score_mc(EngineBackend(engine), tok, [QUESTIONS[0], too_long, QUESTIONS[1]])
+    assert m["errors"] == 1 and recs[1]["error"].startswith("ValueError: the prompt has")
+    assert recs[0]["loglikelihoods"] and recs[2]["loglikelihoods"]
+    tok.save(tmp_path / "tok")
+    task = tmp_path / "t.jsonl"
+    task.write_text(json.dumps({"question": "q?", "choices": ["a", "b"], "answer": 0}) + "\n")
+    assert main(["eval", "mc", "--task", str(task), "--server", url, "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "o")]) == 1
+    rec = json.loads((tmp_path / "o" / "samples_t.jsonl").read_text())
+    assert rec["error"].startswith("APIConnectionError") and rec["correct"] is False
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    assert main(["eval", "gen", "--task", str(qa), "--server", url, "--tokenizer", str(tmp_path / "tok"),
+                 "--k", "2", "--temperature", "1", "--out", str(tmp_path / "o")]) == 1
+    m = json.loads((tmp_path / "o" / "results.json").read_text())["qa"]["metrics"]
+    assert m["errors"] == m["samples"] == 2 and m["n"] == 1
+
+
+def test_bad_task_rows_are_skipped_counted_and_named(setup, tmp_path):
+    """`dsv3 eval`: bad rows of a task file are skipped, counted (bad_rows) and named (file:line, reason) in the
+    samples file, the rest scored; --strict makes the first one the run's one-line error; no usable row is one too."""
+    from dsv3.cli import main
+    from dsv3 import save_pretrained
+    tok, model, engine = setup
+    save_pretrained(model, tmp_path / "m")
+    tok.save(tmp_path / "m")
+    task = tmp_path / "t.jsonl"
+    good = [{"question": "Which is a fox?", "choices": ["the quick brown fox", "a dog"], "answer": 0},
+            {"question": "Pick the lazy one.", "choices": ["fox", "dog"], "answer": "B"}]
+    task.write_text(json.dumps(good[0]) + "\n{not json\n" + json.dumps({"question": "q", "choices": ["a"],
+                                                                        "answer": 0}) + "\n" + json.dumps(good[1]) + "\n")
+    args = ["eval", "mc", "--task", str(task), "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "float64",
+            "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    m = json.loads((tmp_path / "o" / "results.json").read_text())["t"]["metrics"]
+    want, _ = score_mc(EngineBackend(engine), tok, [MCQuestion(g["question"], g["choices"], i) for i, g in
+                                                    zip([0, 1], good)])
+    assert m["n"] == 2 and m["bad_rows"] == 2 and m["acc"] == want["acc"]
+    recs = [json.loads(line) for line in (tmp_path / "o" / "samples_t.jsonl").read_text().splitlines()]
+    assert [r.get("bad_row", "").rsplit(":", 1)[-1] for r in recs] == ["", "", "2", "3"]
+    assert "not JSON" in recs[2]["error"] and "'choices'" in recs[3]["error"]
+    assert main(args + ["--strict"]) == 2
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    assert main(args[:2] + ["--task", str(tmp_path / "bad.jsonl")] + args[4:]) == 2
+    with pytest.raises(TaskError, match="no usable rows .1 bad; the first: .*not JSON"):
+        read_mc(tmp_path / "bad.jsonl", [])
+
+
+def test_text_match_and_other_datasets_fields(setup, tmp_path):
+    """SimpleQA-style factual QA (English and Chinese) by normalised exact match; MATH's problem/solution, ARC's and
+    GPQA's MC fields."""
+    from dsv3.eval.generation import read_qa, score_generation, text_key
+    tok = setup[0]
+    assert text_key("The  Eiffel Tower!") == text_key("eiffel tower") == "eiffeltower"
+    assert text_key("巴黎。") == text_key(" 巴黎 ") and text_key("Paris") != text_key("Parish")
+    qs = [dict(question="Capital of France?", answer="Paris", gold="Paris"),
+          dict(question="法国的首都是哪里？", answer="巴黎", gold="巴黎")]
+    backend = Scripted([[" paris.\nMore text", " The answer is Lyon.", ""],     # 1 of 3; majority paris
+                        [" 巴黎。", " 里昂", " 巴黎"]])                          # 2 of 3; majority 巴黎
+    m, recs = score_generation(backend, tok, qs, k=3, match="text")
+    assert recs[0]["extracted"] == ["paris.", "Lyon", None] and recs[0]["correct"] == [True, False, False]
+    assert recs[1]["correct"] == [True, False, True]
+    assert m["pass@1"] == pytest.approx((1 / 3 + 2 / 3) / 2) and m["maj@3"] == 1.0
+    m, _ = score_generation(Scripted([[" paris"], [" 巴黎"]]), tok, qs, match="math")    # math mode: no number
+    assert m["pass@1"] == 0.0 and m["extraction_failures"] == 2
+    task = tmp_path / "math.jsonl"
+    task.write_text(json.dumps({"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."}) + "\n")
+    assert read_qa(task)[0]["gold"] == "\\frac{1}{2}"
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "q", "choices": {"text": ["x", "y"], "label": ["1", "2"]},
+                              "answerKey": "2"}) + "\n" +
+                  json.dumps({"Question": "g", "Correct Answer": "R", "Incorrect Answer 1": "w1",
+                              "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3"}) + "\n")
+    arc, gpqa = read_mc(mc)
+    assert arc.choices == ["x", "y"] and arc.answer == 1
+    assert sorted(gpqa.choices) == ["R", "w1", "w2", "w3"] and gpqa.choices[gpqa.answer] == "R"
+    assert read_mc(mc)[1].choices == gpqa.choices                 # the same order every run

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from dsv3.verify.sandbox import SandboxUnavailable, code_reward, namespaces_available, run_python, self_check
+from dsv3.verify.sandbox import (SandboxUnavailable, code_reward, namespaces_available, run_python, run_tests,
+                                 self_check)
 
 
 def _gone(pgid: int, wait_s: float = 5.0) -> bool:
@@ -126,3 +127,10 @@ def test_audit_hook_mode_blocks_other_programs():
 def test_self_check_turns_a_dead_sandbox_into_an_error():
     with pytest.raises(SandboxUnavailable, match="cannot run code"):
         self_check(max_file_mb=0)                # stdout is a file: its first byte is over RLIMIT_FSIZE
+
+
+def test_stdin_is_the_given_text_and_not_in_the_work_directory():
+    r = run_python("import os, sys\nprint(sys.stdin.read()[::-1], sorted(os.listdir('.')))", stdin="abc\n")
+    assert r.returncode == 0 and r.stdout == "\ncba ['main.py']\n", (r.stdout, r.stderr)
+    ok, r = run_tests("def f():\n    return input()", "assert f() == 'x'", stdin="x\n")
+    assert ok and r.returncode == 0

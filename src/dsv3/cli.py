@@ -241,10 +241,10 @@ def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtyp
     return Engine(_maybe_fp8(model, fp8), tokenizer, config)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
+def cmd_eval(args: argparse.Namespace) -> int:
     from .data import Tokenizer
     from .eval import EngineBackend, OpenAIBackend
-    from .eval.run import evaluate_generation, evaluate_mc, tokenizer_adds_bos
+    from .eval import run
     if args.server:
         if not args.tokenizer:
             raise ValueError("--server scores token ids: pass --tokenizer (the served model's tokenizer.json)")
@@ -257,16 +257,42 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ValueError("pass --model (a run or HF directory) or --server URL")
         device = _device(args.device)
         tok_dir = tokenizer_dir(args.model, args.tokenizer)
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=_serving_dtype(args.dtype, device),
-                                                    device=device)
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer,
+                                                    dtype=_serving_dtype(args.dtype, device), device=device)
         backend = EngineBackend(Engine(model, tokenizer, EngineConfig(cache_memory_gib=args.cache_gib)))
-    add_bos = tokenizer_adds_bos(tok_dir) if args.add_bos == "auto" else args.add_bos == "yes"
+    add_bos = run.tokenizer_adds_bos(tok_dir) if args.add_bos == "auto" else args.add_bos == "yes"
     if args.mode == "mc":
-        evaluate_mc(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos,
-                    args.continuation, args.limit, args.seed)
+        metrics = run.evaluate_mc(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos,
+                                  args.continuation, args.limit, args.seed, args.strict)
+    elif args.mode == "gen":
+        metrics = run.evaluate_generation(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot,
+                                          add_bos, args.k, args.temperature, args.max_tokens, args.limit, args.seed,
+                                          args.strict, args.match)
+    elif args.mode == "code":
+        from .verify import SandboxUnavailable
+        try:
+            metrics = run.evaluate_code(backend, tokenizer, args.task, args.out, add_bos, args.k, args.temperature,
+                                        args.max_tokens, args.limit, args.seed, args.workers, args.timeout,
+                                        args.memory_mb, args.strict)
+        except SandboxUnavailable as e:          # the machine's, not a sample's: one line, no results
+            raise ValueError(str(e)) from None
     else:
-        evaluate_generation(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos, args.k,
-                            args.temperature, args.max_tokens, args.limit, args.seed)
+        metrics = run.evaluate_needle(backend, tokenizer, args.task, args.out,
+                                      _numbers(args.lengths, int, "--lengths"), _numbers(args.depths, float, "--depths"),
+                                      add_bos, args.seed)
+    total = metrics.get("samples", metrics["n"])
+    if metrics.get("errors") and metrics["errors"] == total:
+        print(f"dsv3 eval: every request failed ({metrics['errors']} of {total}); see the samples file",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -500,14 +526,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--pd-key", default=None, help="the key routers and workers share (default: $DSV3_PD_KEY)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_serve)
-    s = sub.add_parser("eval", help="evaluate a model: multiple choice (lm-eval conventions) or generate-extract-match")
-    s.add_argument("mode", choices=["mc", "gen"], help="mc: log-likelihood multiple choice; gen: generate, extract, "
-                   "match (pass@k, maj@k)")
-    s.add_argument("--task", required=True, help="jsonl / parquet of {question, choices, answer} (mc) or "
-                   "{question, answer} (gen) rows")
+    s = sub.add_parser("eval", help="evaluate a model: multiple choice (lm-eval conventions), generate-extract-match, "
+                       "code with execution, needle in a haystack")
+    s.add_argument("mode", choices=["mc", "gen", "code", "needle"], help="mc: log-likelihood multiple choice; gen: "
+                   "generate, extract, match (pass@k, maj@k); code: run the programs against tests in the sandbox "
+                   "(pass@k); needle: retrieval over --lengths x --depths (heat map)")
+    s.add_argument("--task", required=True, help="jsonl / parquet of {question, choices, answer} (mc), "
+                   "{question, answer} (gen), HumanEval {prompt, test, entry_point} or {question, tests} (code) rows; "
+                   "needle: a text file, the haystack's filler")
     s.add_argument("--k", type=int, default=1, help="gen: samples per question")
     s.add_argument("--temperature", type=float, default=0.0, help="gen: 0 is greedy")
     s.add_argument("--max-tokens", type=int, default=256, help="gen: new tokens per sample")
+    s.add_argument("--match", choices=["math", "text"], default="math", help="gen: math (numeric / symbolic "
+                   "equivalence, GSM8K / MATH) or text (normalised exact match, SimpleQA-style factual QA)")
     s.add_argument("--model", default=None, help="a training run or Hugging Face directory (local engine)")
     s.add_argument("--server", default=None, help="an OpenAI-compatible server's URL instead of --model")
     s.add_argument("--served-model-name", default="default", help="--server: the model name to ask for")
@@ -519,8 +550,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--add-bos", choices=["auto", "yes", "no"], default="auto",
                    help="auto: as the tokenizer's add_bos_token says (lm-eval's hf backend does the same)")
     s.add_argument("--limit", type=int, default=0, help="first N questions (0: all)")
+    s.add_argument("--strict", action="store_true", help="a bad task row is an error (default: skipped, "
+                   "counted, named in the samples file)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="out/eval", help="results.json, samples_<task>.jsonl, results.png")
+    s.add_argument("--workers", type=int, default=2, help="code: sandboxed runs at a time")
+    s.add_argument("--timeout", type=float, default=5.0, help="code: seconds a run (one test input)")
+    s.add_argument("--memory-mb", type=int, default=512, help="code: address-space limit a run")
+    s.add_argument("--lengths", default="256,512,1024", help="needle: context lengths in tokens")
+    s.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: needle depths, 0 = start, 1 = end")
     s.add_argument("--cache-gib", type=float, default=1.0)
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None)

@@ -1,7 +1,9 @@
 """Log-likelihood multiple choice (MMLU / ARC style), scored as lm-evaluation-harness scores it.
 
 Task rows (jsonl or parquet): `{"question": str, "choices": [str, ...], "answer": int | "A".."Z"}` (MMLU's fields;
-`answer` as an index or a letter). The prompt is MMLU's: the question, one "A. choice" line per choice, "Answer:";
+`answer` as an index or a letter). Also read: ARC's `{"question", "choices": {"text": [...], "label": [...]},
+"answerKey"}` and GPQA's `{"Question", "Correct Answer", "Incorrect Answer 1".."3"}` (the four put in an order
+seeded by the row's index, the same every run, as GPQA's own files leave the order to the evaluator). The prompt is MMLU's: the question, one "A. choice" line per choice, "Answer:";
 each choice is scored as the continuation " A" (`continuation="letter"`) or " <choice text>" (`"text"`, ARC /
 HellaSwag style). Few-shot examples come from a separate dev list, each shown with its answer, in the same format.
 
@@ -12,7 +14,8 @@ Scoring follows lm-eval's causal-LM conventions, so numbers are comparable with 
   tokenizer with `add_bos_token` (ours: `tokenizer_config.json` says so); a model trained on documents that start
   with BOS scores very differently without it (up to 1.4 nats per choice on the tiny model);
 - acc: the choice of highest summed log-likelihood is the answer (ties: the first); acc_norm: the same after dividing
-  each by its continuation's length in characters.
+  each by its choice's length in characters (lm-eval counts the choice without the delimiter, our leading space;
+  counting it gave a different acc_norm on 1 question in 240 in benchmarks/eval_crosscheck.py).
 
 A backend (dsv3.eval.backends) turns (context ids, continuation ids) pairs into summed log-likelihoods: a local model
 through the engine, or any OpenAI-compatible server.
@@ -20,15 +23,18 @@ through the engine, or any OpenAI-compatible server.
 
 from __future__ import annotations
 
+import json
+import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.records import RecordError, iter_records
-from .backends import LoglikBackend
+from .backends import LoglikBackend, failure
 from .stats import binomial_stderr
 
 LETTERS = string.ascii_uppercase
+PROMPT_LAYOUT = "mmlu-v1"      # mc_prompt's layout; bump when it changes (results.json records it)
 
 
 class TaskError(ValueError):
@@ -42,10 +48,27 @@ class MCQuestion:
     answer: int
 
 
-def _question(row, where: str) -> MCQuestion:
+def _fields(row: dict, where: str, index: int) -> tuple:
+    """(question, choices, answer) from MMLU's, ARC's or GPQA's field names."""
+    if "Correct Answer" in row:                                          # GPQA
+        wrong = [row.get(f"Incorrect Answer {i}") for i in (1, 2, 3)]
+        choices = [row["Correct Answer"], *wrong]
+        order = list(range(4))
+        random.Random(index).shuffle(order)
+        return row.get("Question"), [choices[i] for i in order], order.index(0)
+    choices, ans = row.get("choices"), row.get("answer", row.get("answerKey"))
+    if isinstance(choices, dict) and isinstance(choices.get("text"), list):      # ARC
+        labels = [str(x) for x in choices.get("label") or []]
+        if str(ans) not in labels:
+            raise TaskError(f"{where}: 'answerKey' {ans!r} is not one of the labels {labels}")
+        return row.get("question"), choices["text"], labels.index(str(ans))
+    return row.get("question"), choices, ans
+
+
+def _question(row, where: str, index: int = 0) -> MCQuestion:
     if not isinstance(row, dict):
         raise TaskError(f"{where}: a row must be an object with question, choices and answer")
-    q, choices, ans = row.get("question"), row.get("choices"), row.get("answer")
+    q, choices, ans = _fields(row, where, index)
     if not isinstance(q, str) or not q.strip():
         raise TaskError(f"{where}: 'question' must be a non-empty string")
     if not isinstance(choices, list) or not 2 <= len(choices) <= 26 or not all(isinstance(c, str) for c in choices):
@@ -57,20 +80,40 @@ def _question(row, where: str) -> MCQuestion:
     return MCQuestion(q, choices, ans)
 
 
-def read_mc(path: str | Path) -> list[MCQuestion]:
-    """All questions of a jsonl or parquet task file; the first bad row is an error naming it (a task file is
-    curated data: a bad row means a wrong file, not noise to skip)."""
-    return [_question(row, where) for where, row in task_rows(path, "a multiple-choice task")]
+def read_mc(path: str | Path, bad: list[dict] | None = None) -> list[MCQuestion]:
+    """All questions of a jsonl or parquet task file. A bad row is a TaskError naming it, or, when `bad` is a list,
+    appended there ({where, error}) and skipped (what `dsv3 eval` does: counted, reported, never the end of a run)."""
+    return read_rows(path, "a multiple-choice task", _question, bad)
 
 
-def task_rows(path: str | Path, what: str) -> list[tuple[str, object]]:
-    """(where, row) of a task file; unreadable rows and files are TaskErrors."""
+def read_rows(path: str | Path, what: str, parse, bad: list[dict] | None = None) -> list:
+    """parse(row, where, row index) over a task file's rows; bad rows raise or go to `bad` (see read_mc). A file that
+    cannot be read, or has no usable row, is a TaskError either way."""
+    out = []
+    for i, (where, row) in enumerate(task_rows(path, what, lenient=bad is not None)):
+        try:
+            if isinstance(row, RecordError):
+                raise TaskError(f"{where}: {row}")
+            out.append(parse(row, where, i))
+        except TaskError as e:
+            if bad is None:
+                raise
+            bad.append(dict(where=where, error=str(e)))
+    if not out:
+        raise TaskError(f"{path} holds no usable rows" + (f" ({len(bad)} bad; the first: {bad[0]['error']})"
+                                                         if bad else ""))
+    return out
+
+
+def task_rows(path: str | Path, what: str, lenient: bool = False) -> list[tuple[str, object]]:
+    """(where, row) of a task file; an unreadable file is a TaskError, and so is a row that is not JSON unless
+    `lenient` (then it comes back as its RecordError)."""
     try:
         rows = list(iter_records(path, what))
     except RecordError as e:
         raise TaskError(str(e)) from None
     for where, row in rows:
-        if isinstance(row, RecordError):
+        if isinstance(row, RecordError) and not lenient:
             raise TaskError(f"{where}: {row}")
     if not rows:
         raise TaskError(f"{path} holds no questions")
@@ -83,6 +126,28 @@ def mc_prompt(q: MCQuestion, fewshot: list[MCQuestion] = ()) -> str:
             "Answer:"
     shots = "".join(f"{block(x)} {LETTERS[x.answer]}\n\n" for x in fewshot)
     return shots + block(q)
+
+
+def lm_eval_yaml(name: str, data_file: str | Path, continuation: str = "letter", cache_dir: str | Path | None = None
+                 ) -> str:
+    """An lm-evaluation-harness task (YAML) that prompts and scores a task file exactly as `score_mc` does:
+    doc_to_text builds mc_prompt's string, the choices are `continuations`' without their leading space (lm-eval's
+    target_delimiter adds it). `answer` must be an index there. Paths are written absolute: `datasets` resolves
+    relative ones against the cwd."""
+    if continuation not in ("letter", "text"):
+        raise ValueError(f"continuation must be 'letter' or 'text', got {continuation!r}")
+    letters = "[" + ",".join(f"'{x}'" for x in LETTERS) + "]"
+    choice = "{{choices}}" if continuation == "text" else "{{ " + letters + "[:choices|length] }}"
+    cache = f"  cache_dir: {json.dumps(str(Path(cache_dir).resolve()))}\n" if cache_dir else ""
+    text = "{{question.strip()}}\\n{% for c in choices %}{{ 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'[loop.index0] }}. {{c}}" \
+           "\\n{% endfor %}Answer:"
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n{cache}  data_files:\n"
+            f"    test: {json.dumps(str(Path(data_file).resolve()))}\ntest_split: test\noutput_type: multiple_choice\n"
+            f'doc_to_text: "{text}"\ntarget_delimiter: " "\ndoc_to_choice: "{choice}"\n'
+            f'doc_to_target: "{{{{answer}}}}"\nmetric_list:\n'
+            "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+            f"metadata:\n  version: 1.0\n  dsv3_prompt: {PROMPT_LAYOUT}\n")
 
 
 def continuations(q: MCQuestion, continuation: str = "letter") -> list[str]:
@@ -110,22 +175,29 @@ def _argmax(xs: list[float]) -> int:
 
 def score_mc(backend: LoglikBackend, tokenizer, questions: list[MCQuestion], fewshot: list[MCQuestion] = (),
              add_bos: bool = True, continuation: str = "letter") -> tuple[dict, list[dict]]:
-    """({acc, acc_stderr, acc_norm, acc_norm_stderr, n}, one record per question: prompt, log-likelihoods,
-    predictions, verdicts)."""
+    """({acc, acc_stderr, acc_norm, acc_norm_stderr, errors, n}, one record per question: prompt, log-likelihoods,
+    predictions, verdicts; a question the backend failed on is wrong, its record holds the error)."""
     pairs, spans = [], []
     for q in questions:
         ctx, conts = mc_prompt(q, fewshot), continuations(q, continuation)
         spans.append((len(pairs), ctx, conts))
         pairs += [encode_pair(tokenizer, ctx, c, add_bos) for c in conts]
     lls = backend.loglikelihoods(pairs)
-    records = []
+    records, errored = [], 0
     for q, (start, ctx, conts) in zip(questions, spans):
         ll = lls[start:start + len(conts)]
-        pred, pred_norm = _argmax(ll), _argmax([x / len(c) for x, c in zip(ll, conts)])
+        errors = [e for e in map(failure, ll) if e]
+        if errors:                   # a choice the backend could not score: the question counts as wrong
+            errored += 1
+            records.append(dict(prompt=ctx, choices=conts, loglikelihoods=None, answer=q.answer, prediction=None,
+                                prediction_norm=None, correct=False, correct_norm=False, error=errors[0]))
+            continue
+        # lm-eval's acc_norm divides by the choice's length without the target delimiter (our leading space)
+        pred, pred_norm = _argmax(ll), _argmax([x / len(c[1:]) for x, c in zip(ll, conts)])
         records.append(dict(prompt=ctx, choices=conts, loglikelihoods=ll, answer=q.answer, prediction=pred,
                             prediction_norm=pred_norm, correct=pred == q.answer, correct_norm=pred_norm == q.answer))
     n = len(records)
     acc = sum(r["correct"] for r in records) / n
     acc_norm = sum(r["correct_norm"] for r in records) / n
     return dict(acc=acc, acc_stderr=binomial_stderr(acc, n), acc_norm=acc_norm,
-                acc_norm_stderr=binomial_stderr(acc_norm, n), n=n), records
+                acc_norm_stderr=binomial_stderr(acc_norm, n), errors=errored, n=n), records

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .backends import GenerateBackend
+from .backends import GenerateBackend, failure
 from ..verify.extract import extract_answer
 
 CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Tunis", "Hanoi", "Perth",
@@ -26,7 +26,9 @@ def needle_prompt(tokenizer, filler: str, length: int, depth: float, city: str, 
     budget = length - len(tokenizer.encode(needle + question)) - 2
     if budget < 16:
         raise ValueError(f"a context of {length} tokens has no room for a haystack")
-    ids = tokenizer.encode(filler)
+    ids = tokenizer.encode(filler[:budget * 32])      # a book-length filler: encode only what a cell can use
+    if len(ids) < budget and len(filler) > budget * 32:
+        ids = tokenizer.encode(filler)
     if len(ids) < budget:
         raise ValueError(f"the filler text has {len(ids)} tokens, fewer than the {budget} a {length}-token cell needs")
     hay = tokenizer.decode(ids[:budget])
@@ -42,7 +44,8 @@ def needle_prompt(tokenizer, filler: str, length: int, depth: float, city: str, 
 
 def needle_grid(backend: GenerateBackend, tokenizer, filler: str, lengths: list[int], depths: list[float],
                 seed: int = 0, add_bos: bool = True) -> tuple[list[list[float]], list[dict]]:
-    """scores[i][j] for lengths[i] x depths[j] (greedy, 12 new tokens), and one record per cell."""
+    """scores[i][j] for lengths[i] x depths[j] (greedy, 12 new tokens), and one record per cell (a cell the backend
+    failed on scores 0, its record holds the error)."""
     rng = random.Random(seed)
     cells = [(L, d, rng.choice(CITIES), f"{rng.randrange(10**6, 10**7)}") for L in lengths for d in depths]
     prompts = [needle_prompt(tokenizer, filler, L, d, city, num) for L, d, city, num in cells]
@@ -50,10 +53,12 @@ def needle_grid(backend: GenerateBackend, tokenizer, filler: str, lengths: list[
     outs = backend.generate([bos + tokenizer.encode(p) for p in prompts], 1, 0.0, 12, ["\n"], seed)
     records, flat = [], []
     for (L, d, city, num), texts in zip(cells, outs):
-        got = extract_answer(texts[0], flexible=True)
+        err = failure(texts[0])
+        got = None if err else extract_answer(texts[0], flexible=True)
         ok = got is not None and got.replace(",", "") == num
         flat.append(float(ok))
-        records.append(dict(length=L, depth=d, city=city, needle=num, output=texts[0], extracted=got, correct=ok))
+        records.append(dict(length=L, depth=d, city=city, needle=num, output=str(texts[0]), extracted=got, correct=ok,
+                            **({"error": err} if err else {})))
     return [flat[i * len(depths):(i + 1) * len(depths)] for i in range(len(lengths))], records
 
 

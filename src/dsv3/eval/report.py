@@ -3,7 +3,8 @@
 `out_dir/results.json`: {task: {"metrics": {...}, "prompt_version": str, "config": {...}}}, merged with what an
 earlier run in the same directory wrote (one file collects a model's tasks); `out_dir/samples_<task>.jsonl`: one
 record per question (prompt, choices, log-likelihoods or output, extracted answer, verdict); `out_dir/results.png`:
-a bar chart of each task's main metric with its standard error. Each written whole (temp file + rename), with the user's umask.
+a bar chart of each task's main metric with its standard error. Each written whole (temp file + rename), with the
+user's umask.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def _chart(out: Path, results: dict) -> None:
 
 
 def table(task: str, metrics: dict) -> str:
-    """One line a metric: `task  acc  0.4125 +- 0.0318`."""
+    """One line a metric: `task  acc  0.4125 +- 0.0318`, then the counts (n, errors, ...) on one line."""
     rows = [(k, v, metrics.get(f"{k}_stderr")) for k, v in metrics.items()
             if not k.endswith("_stderr") and isinstance(v, float)]
-    return "\n".join(f"{task:<20} {k:<10} {v:.4f}" + (f" +- {e:.4f}" if e is not None else "") for k, v, e in rows)
+    lines = [f"{task:<20} {k:<12} {v:.4f}" + (f" +- {e:.4f}" if e is not None else "") for k, v, e in rows]
+    counts = [f"{k} {v}" for k, v in metrics.items() if isinstance(v, int) and not isinstance(v, bool)]
+    return "\n".join(lines + ([f"{task:<20} " + ", ".join(counts)] if counts else []))

@@ -1,23 +1,32 @@
-"""`dsv3 eval mc | gen`: one task through a backend, its results written and printed.
+"""`dsv3 eval mc | gen | code | needle`: one task through a backend, its results written and printed.
 
 The tokenizer's BOS convention decides `add_bos` unless the caller says otherwise: a tokenizer whose
 `tokenizer_config.json` has `add_bos_token` (ours) gets BOS in front of every context, as lm-eval's `hf` backend
 gives it; lm-eval's `local-completions` sends none unless `add_bos_token=True` is in its model_args (README).
+
+A bad row of the task file is skipped and counted (`bad_rows` in the metrics, its file:line and reason in the
+samples file, a line on stderr) unless `strict`, where it is the run's one-line error; scores are over the usable
+rows. Few-shot files are always read strictly.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 from .backends import GenerateBackend, LoglikBackend
+from .code import read_code, score_code
 from .generation import read_qa, score_generation
-from .multiple_choice import read_mc, score_mc
+from .multiple_choice import PROMPT_LAYOUT, read_mc, score_mc
+from .needle import heat_map, needle_grid
 from .report import table, write_results
 
-PROMPT_VERSION = "mmlu-v1"       # mc_prompt's layout; bump when it changes, so results.json says what was measured
+PROMPT_VERSION = PROMPT_LAYOUT   # mc_prompt's layout, so results.json says what was measured
 GEN_PROMPT_VERSION = "qa-v1"     # qa_prompt's
+CODE_PROMPT_VERSION = "code-v1"  # code.py's prompts, stop sequences and output comparison
+NEEDLE_PROMPT_VERSION = "needle-v1"
 
 
 def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
@@ -27,8 +36,9 @@ def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
 
 def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
                 fewshot: int = 0, add_bos: bool = True, continuation: str = "letter", limit: int = 0,
-                seed: int = 0) -> dict:
-    questions = read_mc(task)[:limit or None]
+                seed: int = 0, strict: bool = False) -> dict:
+    bad = None if strict else []
+    questions = read_mc(task, bad)[:limit or None]
     shots = []
     if fewshot:
         if fewshot_file is None:
@@ -39,26 +49,69 @@ def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: st
     name = Path(task).stem
     config = dict(task=str(task), fewshot=len(shots), fewshot_file=str(fewshot_file) if fewshot_file else None,
                   add_bos=add_bos, continuation=continuation, seed=seed)
-    path = write_results(out_dir, name, metrics, records, PROMPT_VERSION, config)
-    print(table(name, metrics))
-    print(f"results: {path}")
-    return metrics
+    return _finish(out_dir, name, metrics, records, bad, PROMPT_VERSION, config)
 
 
 def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
                         fewshot: int = 0, add_bos: bool = True, k: int = 1, temperature: float = 0.0,
-                        max_tokens: int = 256, limit: int = 0, seed: int = 0) -> dict:
-    questions = read_qa(task)[:limit or None]
+                        max_tokens: int = 256, limit: int = 0, seed: int = 0,
+                        strict: bool = False, match: str = "math") -> dict:
+    bad = None if strict else []
+    questions = read_qa(task, bad)[:limit or None]
     shots = random.Random(seed).sample(read_qa(fewshot_file), fewshot) if fewshot and fewshot_file else []
     if fewshot and not fewshot_file:
         raise ValueError("few-shot examples come from a dev split: pass --fewshot-file")
     if k > 1 and temperature == 0:
         raise ValueError("k > 1 samples need --temperature > 0 (greedy samples are all the same)")
-    metrics, records = score_generation(backend, tokenizer, questions, shots, k, temperature, max_tokens, add_bos, seed)
+    metrics, records = score_generation(backend, tokenizer, questions, shots, k, temperature, max_tokens, add_bos, seed,
+                                        match=match)
     name = Path(task).stem
     config = dict(task=str(task), fewshot=len(shots), add_bos=add_bos, k=k, temperature=temperature,
-                  max_tokens=max_tokens, seed=seed)
-    path = write_results(out_dir, name, metrics, records, GEN_PROMPT_VERSION, config)
+                  max_tokens=max_tokens, seed=seed, match=match)
+    return _finish(out_dir, name, metrics, records, bad, GEN_PROMPT_VERSION, config)
+
+
+def evaluate_code(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, add_bos: bool = True,
+                  k: int = 1, temperature: float = 0.0, max_tokens: int = 512, limit: int = 0, seed: int = 0,
+                  workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 512,
+                  strict: bool = False) -> dict:
+    if k > 1 and temperature == 0:
+        raise ValueError("k > 1 samples need --temperature > 0 (greedy samples are all the same)")
+    bad = None if strict else []
+    problems = read_code(task, bad)[:limit or None]
+    metrics, records = score_code(backend, tokenizer, problems, k, temperature, max_tokens, add_bos, seed, workers,
+                                  timeout_s=timeout_s, memory_mb=memory_mb)
+    name = Path(task).stem
+    config = dict(task=str(task), add_bos=add_bos, k=k, temperature=temperature, max_tokens=max_tokens, seed=seed,
+                  timeout_s=timeout_s, memory_mb=memory_mb)
+    return _finish(out_dir, name, metrics, records, bad, CODE_PROMPT_VERSION, config)
+
+
+def evaluate_needle(backend: GenerateBackend, tokenizer, filler: str | Path, out_dir: str | Path,
+                    lengths: list[int], depths: list[float], add_bos: bool = True, seed: int = 0) -> dict:
+    """The grid's mean and per-cell scores in results.json (task "needle"), one record a cell, needle.png."""
+    text = Path(filler).read_text(encoding="utf-8", errors="replace")
+    scores, records = needle_grid(backend, tokenizer, text, lengths, depths, seed=seed, add_bos=add_bos)
+    n = len(records)
+    metrics = dict(retrieval=sum(map(sum, scores)) / n, errors=sum("error" in r for r in records), n=n,
+                   grid={str(L): dict(zip(map(str, depths), row)) for L, row in zip(lengths, scores)})
+    config = dict(filler=str(filler), lengths=lengths, depths=depths, add_bos=add_bos, seed=seed)
+    path = write_results(out_dir, "needle", metrics, records, NEEDLE_PROMPT_VERSION, config)
+    heat_map(scores, lengths, depths, Path(out_dir) / "needle.png")
+    print(table("needle", metrics))
+    print(f"results: {path}; heat map: {Path(out_dir) / 'needle.png'}")
+    return metrics
+
+
+def _finish(out_dir, name: str, metrics: dict, records: list[dict], bad: list[dict] | None, version: str,
+            config: dict) -> dict:
+    """Bad rows counted and recorded, results written, the table printed."""
+    if bad:
+        metrics["bad_rows"] = len(bad)
+        records = records + [dict(bad_row=b["where"], error=b["error"]) for b in bad]
+        print(f"warning: {len(bad)} bad rows of {config['task']} skipped (the first: {bad[0]['error']}); "
+              f"--strict makes them an error", file=sys.stderr)
+    path = write_results(out_dir, name, metrics, records, version, config)
     print(table(name, metrics))
     print(f"results: {path}")
     return metrics

@@ -17,7 +17,8 @@ The child runs `python -I` (isolated: no site dirs, no PYTHON* variables) with:
   max_procs x memory_mb: 8 x 512 MiB = 4 GiB by default, kept small because the machine is shared;
 - when root, the child's interpreter is the system python3 (ours may not be world-readable), so code importing
   third-party packages can behave differently from a non-root run;
-- a fresh temporary working directory, removed afterwards; an empty environment; stdin from /dev/null (EOF at once);
+- a fresh temporary working directory, removed afterwards; an empty environment; stdin from /dev/null (EOF at once)
+  or, for stdin/stdout tasks, from a file holding the given text (outside the working directory);
 - no network. Preferred ("namespaces"): the child runs under `unshare --user --map-root-user --net --pid --fork
   --kill-child`: a new network namespace with only a down loopback, so no connection can leave it, and a new PID
   namespace whose end kills every process in it (even one that escaped the process group with setsid). Fallback
@@ -137,8 +138,9 @@ def _kill_group(pgid: int) -> None:
 
 def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int = 8,
                max_file_mb: int = 8, max_output_chars: int = 1 << 16, isolation: str | None = None,
-               sandbox_uid: int = 65534) -> SandboxResult:
-    """Run `code` as a script in the sandbox and return its exit status and (truncated) output."""
+               sandbox_uid: int = 65534, stdin: str | None = None) -> SandboxResult:
+    """Run `code` as a script in the sandbox and return its exit status and (truncated) output; `stdin`: the
+    text it reads from standard input (default: none, EOF at once)."""
     mode = _choose_isolation(isolation, sandbox_uid)
     root = tempfile.mkdtemp(prefix="dsv3-sandbox-")
     work = os.path.join(root, "work")                    # the child's cwd; outputs live beside it, not in it
@@ -152,8 +154,11 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, max_p
         argv = [interpreter(), "-I", "-B", "-c", _BOOTSTRAP, *map(str, limits)]
         if mode == "namespaces":
             argv = [shutil.which("unshare"), *_UNSHARE, "--"] + argv
-        with open(os.path.join(root, "stdout"), "wb") as out, open(os.path.join(root, "stderr"), "wb") as err:
-            proc = subprocess.Popen(argv, cwd=work, env={}, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+        if stdin is not None:
+            Path(root, "stdin").write_text(stdin)
+        with open(os.path.join(root, "stdout"), "wb") as out, open(os.path.join(root, "stderr"), "wb") as err, \
+                open(os.path.join(root, "stdin") if stdin is not None else os.devnull, "rb") as inp:
+            proc = subprocess.Popen(argv, cwd=work, env={}, stdin=inp, stdout=out, stderr=err,
                                     start_new_session=True, close_fds=True, **_user(sandbox_uid))
         timed_out = False
         try:
@@ -187,8 +192,8 @@ def self_check(**limits) -> None:
     _checked(tuple(sorted(limits.items())))
 
 
-def code_reward(code: str, tests: str, **limits) -> float:
-    """1.0 when `code` followed by `tests` (asserts) runs to the end within the limits, else 0.0. "The end" is a
+def run_tests(code: str, tests: str, **limits) -> tuple[bool, SandboxResult]:
+    """(whether `code` followed by `tests` (asserts) ran to the end within the limits, the run). "The end" is a
     per-call random nonce printed after the tests, required as the last line of stdout: exiting early with status
     0 (sys.exit(0), os._exit(0)) before the tests run is the known reward hack. Code that reads main.py can still
     find the nonce; this stops the exit-early hack, not a determined reader."""
@@ -196,5 +201,9 @@ def code_reward(code: str, tests: str, **limits) -> float:
     nonce = secrets.token_hex(16)
     result = run_python(f"{code}\n\n{tests}\n\nprint({nonce!r})\n", **limits)
     lines = result.stdout.splitlines()
-    ok = result.returncode == 0 and not result.timed_out and bool(lines) and lines[-1] == nonce
-    return 1.0 if ok else 0.0
+    return result.returncode == 0 and not result.timed_out and bool(lines) and lines[-1] == nonce, result
+
+
+def code_reward(code: str, tests: str, **limits) -> float:
+    """1.0 when `code` passes `tests` (run_tests), else 0.0."""
+    return 1.0 if run_tests(code, tests, **limits)[0] else 0.0
