@@ -188,3 +188,27 @@ def test_cli_roles_end_to_end(tmp_path):
             if p.poll() is None:
                 p.kill()
         procs[-1].stdout and procs[-1].stdout.close()
+
+
+def test_pd_key_is_private_per_user_and_required_beyond_loopback(tmp_path, monkeypatch):
+    """Worker messages are pickles: the default key must be one only this user can read, never a fixed string, and a
+    worker reachable from other machines must be given a key."""
+    import stat
+
+    from dsv3.infer.disagg import check_listen_address, pd_key
+    monkeypatch.delenv("DSV3_PD_KEY", raising=False)
+    f = tmp_path / "k" / "pd.key"
+    a, b = pd_key(None, f), pd_key(None, f)
+    assert a == b and len(a) == 64 and stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert pd_key(None, tmp_path / "other.key") != a            # random, not a constant
+    assert pd_key("given", f) == b"given"
+    f.chmod(0o644)
+    with pytest.raises(ValueError, match="readable by other users"):
+        pd_key(None, f)
+    check_listen_address("127.0.0.1", None)
+    with pytest.raises(ValueError, match="needs --pd-key"):
+        check_listen_address("0.0.0.0", None)
+    check_listen_address("0.0.0.0", "k")
+    monkeypatch.setenv("DSV3_PD_KEY", "env-key")
+    check_listen_address("0.0.0.0", None)
+    assert pd_key(None, f) == b"env-key"

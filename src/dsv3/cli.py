@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--pd-listen", default="127.0.0.1:7001", help="--role prefill|decode: HOST:PORT to listen on")
     s.add_argument("--prefill", default=None, help="--role router: prefill workers, HOST:PORT[,HOST:PORT]")
     s.add_argument("--decode", default=None, help="--role router: decode workers, HOST:PORT[,HOST:PORT]")
-    s.add_argument("--pd-key", default=None, help="the key routers and workers share (default: $DSV3_PD_KEY)")
+    s.add_argument("--pd-key", default=None, help="the key routers and workers share (default: $DSV3_PD_KEY, else a "
+                   "per-user key in ~/.cache/dsv3/pd.key; required to listen beyond loopback)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("eval", help="evaluate a model: multiple choice (lm-eval conventions), generate-extract-match, "

@@ -20,9 +20,11 @@ generator from the request's seed after the first token.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 
@@ -235,9 +237,31 @@ def serve_worker(engine: Engine, listener: Listener) -> None:
                 engine.step()
 
 
-def pd_key(key: str | None) -> bytes:
-    """The key routers and workers share (`--pd-key`, else DSV3_PD_KEY, else a fixed default fit for loopback)."""
-    return (key or os.environ.get("DSV3_PD_KEY") or "dsv3-pd").encode()
+def pd_key(key: str | None, key_file: str | os.PathLike | None = None) -> bytes:
+    """The key routers and workers share: `--pd-key`, else DSV3_PD_KEY, else a random key kept in a file only this
+    user can read (`~/.cache/dsv3/pd.key`, created on first use). Messages between them are pickles, which
+    authenticated peers can make execute code, so the key is never a fixed string that any local user could know."""
+    if key or os.environ.get("DSV3_PD_KEY"):
+        return (key or os.environ["DSV3_PD_KEY"]).encode()
+    path = Path(key_file) if key_file else Path.home() / ".cache" / "dsv3" / "pd.key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    except FileExistsError:
+        pass
+    if path.stat().st_mode & 0o077:
+        raise ValueError(f"{path} is readable by other users: chmod 600 it, or pass --pd-key / set DSV3_PD_KEY")
+    return path.read_text().strip().encode()
+
+
+def check_listen_address(host: str, key: str | None) -> None:
+    """A worker reachable from other machines needs a key chosen for it (the per-user key file is only shared by
+    processes of one user on one machine)."""
+    if host not in ("127.0.0.1", "localhost", "::1") and not (key or os.environ.get("DSV3_PD_KEY")):
+        raise ValueError(f"--pd-listen {host}: a worker listening beyond loopback needs --pd-key (or DSV3_PD_KEY), "
+                         f"the same on the router and every worker")
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -254,8 +278,10 @@ def run_worker(role: str, model, tokenizer, config, address: str, key: str | Non
     if threads:
         torch.set_num_threads(threads)
     engine = (PrefillEngine if role == "prefill" else DecodeEngine)(model, tokenizer, config)
+    host, port = parse_address(address)
+    check_listen_address(host, key)
     try:
-        listener = Listener(parse_address(address), authkey=pd_key(key))
+        listener = Listener((host, port), authkey=pd_key(key))
     except OSError as e:
         raise ValueError(f"cannot listen on {address}: {e}") from None
     with listener:

@@ -10,7 +10,8 @@ once, and its latent cache (a shared-memory file, KVHandle) goes with the reques
 fewest in flight, which produces the rest. The router moves only handles; `kv_bytes` counts what the workers hand
 over. A worker whose connection drops fails the requests it held with an error naming it, is skipped from then on,
 and every other request keeps going. The workers only need the socket address and the shared key
-(`--pd-key`, default the DSV3_PD_KEY environment variable): a key known to all is what lets a router in.
+(`--pd-key`, else the DSV3_PD_KEY environment variable, else a random per-user key in ~/.cache/dsv3/pd.key): the key
+is what lets a router in.
 """
 
 from __future__ import annotations
