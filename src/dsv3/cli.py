@@ -95,12 +95,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Exit status: 0 done, 2 refused (config, run directory), 3 diverged, 128 + signal when SIGINT / SIGTERM
     stopped it after saving (130 / 143)."""
-    import torch.distributed as dist
-
     from .train import Trainer, load_run_config
     from .train.config import RunConfig, apply_overrides
-    from .train.signals import StopSignals
-    from .train.trainer import TrainingInterrupted
     overrides = list(args.overrides) + ([f"run_dir={json.dumps(args.run_dir)}"] if args.run_dir else [])
     if args.resume:
         run_dir = Path(args.run_dir or load_run_config(args.config, overrides).run_dir)
@@ -111,6 +107,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_run_config(args.config, overrides)
     trainer = Trainer(cfg, resume=args.resume, progress=False if args.quiet else None, overwrite=args.overwrite)
+    return _run_trainer(trainer, "train")
+
+
+def _run_trainer(trainer, command: str) -> int:
+    """Run a built Trainer (pre-training or SFT) under the signal handlers; the exit status of `cmd_train`."""
+    import torch.distributed as dist
+
+    from .train.signals import StopSignals
+    from .train.trainer import TrainingInterrupted
+    cfg = trainer.cfg
     n = trainer.param_counts
     ranks = trainer.layout.describe()
     if trainer.layout.is_main:
@@ -123,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary = trainer.run(stop)
     except TrainingInterrupted as e:
         if trainer.layout.is_main:
-            print(f"dsv3 train: {e}", file=sys.stderr)
+            print(f"dsv3 {command}: {e}", file=sys.stderr)
         return 128 + e.signum
     finally:
         if dist.is_initialized():       # a clean exit (NCCL warns about a group left open)
@@ -131,6 +137,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.layout.is_main:          # one summary per run, not one per rank
         print(json.dumps(summary))
     return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    """Supervised fine-tuning on the pre-training Trainer (dsv3.posttrain.sft); exit statuses as `dsv3 train`."""
+    from .posttrain.sft import sft_trainer
+    if not args.config and not (args.resume and args.run_dir):
+        raise ValueError("pass --config RUN.toml (or --resume --run-dir DIR)")
+    trainer, lines = sft_trainer(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                                 progress=False if args.quiet else None, run_dir=args.run_dir)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return _run_trainer(trainer, "sft")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -412,6 +430,15 @@ def main(argv: list[str] | None = None) -> int:
                    "(its checkpoints, metrics, tensorboard, plots, tokenizer and config are deleted)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
+    s = sub.add_parser("sft", help="supervised fine-tuning on chat data: dsv3 sft --config sft.toml [section.key=value]")
+    s.add_argument("--config", default=None, help="run TOML with an [sft] table (init, train_files, ...) and the "
+                   "train sections; --resume without it reads RUN_DIR/posttrain.json")
+    s.add_argument("overrides", nargs="*", help="section.key=value, the value in TOML syntax")
+    s.add_argument("--run-dir", default=None, help="overrides run_dir")
+    s.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_sft)
     s = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face directory")
     s.add_argument("run_dir")
     s.add_argument("out_dir")
