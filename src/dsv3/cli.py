@@ -151,6 +151,16 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return _run_trainer(trainer, "sft")
 
 
+def cmd_grpo(args: argparse.Namespace) -> int:
+    """GRPO with verifiable rewards on the pre-training Trainer (dsv3.posttrain.grpo); exit statuses as `dsv3 train`."""
+    from .posttrain.grpo import grpo_trainer
+    if not args.config and not (args.resume and args.run_dir):
+        raise ValueError("pass --config RUN.toml (or --resume --run-dir DIR)")
+    trainer = grpo_trainer(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                           progress=False if args.quiet else None, run_dir=args.run_dir)
+    return _run_trainer(trainer, "grpo")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from .train import export_run
     out = export_run(args.run_dir, args.out_dir, step=args.step, ema=args.ema,
@@ -430,15 +440,18 @@ def main(argv: list[str] | None = None) -> int:
                    "(its checkpoints, metrics, tensorboard, plots, tokenizer and config are deleted)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
-    s = sub.add_parser("sft", help="supervised fine-tuning on chat data: dsv3 sft --config sft.toml [section.key=value]")
-    s.add_argument("--config", default=None, help="run TOML with an [sft] table (init, train_files, ...) and the "
-                   "train sections; --resume without it reads RUN_DIR/posttrain.json")
-    s.add_argument("overrides", nargs="*", help="section.key=value, the value in TOML syntax")
-    s.add_argument("--run-dir", default=None, help="overrides run_dir")
-    s.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
-    s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(fn=cmd_sft)
+    for name, fn, what in (("sft", cmd_sft, "supervised fine-tuning on chat data"),
+                           ("grpo", cmd_grpo, "GRPO with verifiable rewards, rollouts by the inference engine")):
+        s = sub.add_parser(name, help=f"{what}: dsv3 {name} --config {name}.toml [section.key=value ...]")
+        s.add_argument("--config", default=None, help=f"run TOML with a [{name}] table ({name}.init: the starting "
+                       f"run or HF directory) and the train sections; --resume without it reads "
+                       f"RUN_DIR/posttrain.json")
+        s.add_argument("overrides", nargs="*", help="section.key=value, the value in TOML syntax")
+        s.add_argument("--run-dir", default=None, help="overrides run_dir")
+        s.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+        s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+        s.set_defaults(fn=fn)
     s = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face directory")
     s.add_argument("run_dir")
     s.add_argument("out_dir")

@@ -382,6 +382,11 @@ class Trainer:
         stats = StepStats(total, main_v, mtp_v if len(self.model.mtp) else None, aux_v, grad_norm.item(), tokens)
         return stats, loads
 
+    def interval_metrics(self) -> dict:
+        """Extra fields of the train record a subclass adds (GRPO: rewards, KL, clip fraction, ...), since the last
+        record."""
+        return {}
+
     def _watch_for_spikes(self, total: float, grad_norm: float) -> None:
         """Flag a spike: the loss above train.spike_ratio x its running mean, or a gradient of exactly zero (a model
         that blew up saturates, e.g. uniform logits, and learns nothing more while its loss looks calm). The running
@@ -496,7 +501,7 @@ class Trainer:
                         tokens=self.tokens, tok_per_s=acc["tok"] / dt, mtp_weight=schedule.mtp_weight(step - 1, cfg),
                         bias_update_speed=schedule.bias_update_speed(step - 1, cfg), spikes=self.spikes,
                         expert_load=(interval_loads.double() / mean).cpu().tolist(),
-                        moe_layers=[name for name, _ in self.layers])
+                        moe_layers=[name for name, _ in self.layers], **self.interval_metrics())
                     interval_loads.zero_()
                     acc = dict.fromkeys(acc, 0.0)
                     acc["n"] = acc["tok"] = 0
