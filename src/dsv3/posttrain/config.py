@@ -69,6 +69,7 @@ class GRPOConfig:
     ema: bool = setting(False, Flag())
     task: str = setting("arithmetic", OneOf(("arithmetic", "countdown")))    # dsv3.posttrain.tasks
     digits: int = setting(2, Int(1, 9))                      # arithmetic operands' digits
+    ops: str = setting("+-*", OneOf(("+-*",), r"[+*-]{1,3}", "a subset of '+-*'"))    # arithmetic operators
     train_prompts: int = setting(2000, Int(1))               # drawn from the train split of the task
     prompts_per_step: int = setting(8, Int(1))
     group_size: int = setting(8, Int(2))                     # G responses per prompt

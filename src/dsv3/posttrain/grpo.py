@@ -36,7 +36,7 @@ from .rollout import PromptSource, Rollouts, sample_groups
 from .tasks import generate_tasks
 
 SAVED = "posttrain.json"
-TASK_ARGS = {"arithmetic": lambda c: {"digits": c.digits}, "countdown": lambda c: {}}
+TASK_ARGS = {"arithmetic": lambda c: {"digits": c.digits, "ops": c.ops}, "countdown": lambda c: {}}
 
 
 class GRPOTrainer(Trainer):
