@@ -84,7 +84,8 @@ def run(seed: int, root: Path, args) -> dict:
     sft = {"run_dir": str(d / "sft"), "sft": {"init": str(base), "train_files": [str(d / "sft.jsonl")],
                                                "eval_fraction": 0.02, "seed": seed},
            "optim": {"lr": args.sft_lr}, "data": {"seq_len": 128},
-           **common, "train": {**common["train"], "steps": args.sft_steps, "batch_size": 32, "micro_batch_size": 32},
+           **common, "train": {**common["train"], "steps": args.sft_steps, "batch_size": args.sft_batch,
+                     "micro_batch_size": args.sft_batch},
            "log": {**common["log"], "val_interval": args.sft_steps, "val_batches": 2}}
     (d / "sft.json").write_text(json.dumps(sft))
     trainer, _ = sft_trainer(d / "sft.json", [], overwrite=True)
@@ -158,14 +159,15 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--sft-problems", type=int, default=4000)
-    p.add_argument("--sft-steps", type=int, default=150)
+    p.add_argument("--sft-steps", type=int, default=200)
+    p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-lr", type=float, default=3e-3)
-    p.add_argument("--grpo-steps", type=int, default=30)
+    p.add_argument("--grpo-steps", type=int, default=20)
     p.add_argument("--grpo-lr", type=float, default=3e-4)
-    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=24)
-    p.add_argument("--eval-problems", type=int, default=100)
+    p.add_argument("--eval-problems", type=int, default=60)
     p.add_argument("--k", type=int, default=8)
     args = p.parse_args()
     root = Path(args.out)

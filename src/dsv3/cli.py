@@ -16,6 +16,7 @@ import torch
 from .checkpoint import CheckpointError, convert_checkpoint, load_pretrained, save_pretrained
 from .config import ConfigError, ModelConfig, load_model_config
 from .model import Transformer, generate
+from .posttrain.base import load_model_and_tokenizer, tokenizer_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "float64": torch.float64}
@@ -161,6 +162,18 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     return _run_trainer(trainer, "grpo")
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distillation from a teacher (dsv3.posttrain.distill); exit statuses as `dsv3 train`."""
+    from .posttrain.distill import distill_trainer
+    if not args.config and not (args.resume and args.run_dir):
+        raise ValueError("pass --config RUN.toml (or --resume --run-dir DIR)")
+    trainer, lines = distill_trainer(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                                     progress=False if args.quiet else None, run_dir=args.run_dir)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return _run_trainer(trainer, "distill")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from .train import export_run
     out = export_run(args.run_dir, args.out_dir, step=args.step, ema=args.ema,
@@ -172,35 +185,6 @@ def cmd_plot(args: argparse.Namespace) -> None:
     from .train.plot import plot_run
     for path in plot_run(args.run_dir, args.out):
         print(path)
-
-
-def tokenizer_dir(model_path: str, tokenizer_path: str | None = None) -> Path:
-    """Where a model's tokenizer files live: `tokenizer_path` (tokenizer.json or its directory), else a training
-    run's `tokenizer/`, else the Hugging Face directory itself."""
-    if tokenizer_path:
-        p = Path(tokenizer_path)
-        return p.parent if p.is_file() else p
-    path = Path(model_path)
-    tok_dir = path / "tokenizer" if (path / "checkpoints").is_dir() else path
-    if not (tok_dir / "tokenizer.json").exists():
-        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer")
-    return tok_dir
-
-
-def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, ema: bool = False,
-                             dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A training run (its latest checkpoint and tokenizer) or a Hugging Face directory, in `dtype` on `device`
-    (a Hugging Face checkpoint is read straight into them: a 16B model never exists in fp32 on the host)."""
-    from .data import Tokenizer
-    path = Path(model_path)
-    tokenizer = Tokenizer.load(tokenizer_path or tokenizer_dir(model_path))
-    if (path / "checkpoints").is_dir():
-        from .train import load_run_model
-        model, _ = load_run_model(path, ema=ema)
-        model.to(device=device, dtype=dtype)
-    else:
-        model = load_pretrained(path, dtype=dtype, device=device).eval()
-    return model, tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -441,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
     for name, fn, what in (("sft", cmd_sft, "supervised fine-tuning on chat data"),
-                           ("grpo", cmd_grpo, "GRPO with verifiable rewards, rollouts by the inference engine")):
+                           ("grpo", cmd_grpo, "GRPO with verifiable rewards, rollouts by the inference engine"),
+                           ("distill", cmd_distill, "distillation: teacher samples + verifier -> SFT, or top-k logit "
+                                                    "KD")):
         s = sub.add_parser(name, help=f"{what}: dsv3 {name} --config {name}.toml [section.key=value ...]")
         s.add_argument("--config", default=None, help=f"run TOML with a [{name}] table ({name}.init: the starting "
                        f"run or HF directory) and the train sections; --resume without it reads "

@@ -80,11 +80,19 @@ class ChatBatches:
 def sft_trainer(config: str | Path | None, overrides: list[str], resume: bool = False, overwrite: bool = False,
                 progress: bool | None = None, run_dir: str | None = None):
     """(Trainer, data report) for a run file; with `resume` and no file, the run directory's saved posttrain.json."""
-    from ..train import Trainer
     overrides = list(overrides) + ([f"run_dir={json.dumps(run_dir)}"] if run_dir else [])
     if config is None and resume and run_dir:
         config = Path(run_dir) / SAVED
     d = read_posttrain_dict("sft", config, overrides)
+    return build_sft(d, resume, overwrite, progress)
+
+
+def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: bool | None = None,
+              saved: dict | None = None, make_trainer=None):
+    """Steps 1-4 for a run dict with an [sft] table. `saved`: what posttrain.json keeps for --resume (default d);
+    `make_trainer(cfg, **kwargs)`: a Trainer subclass (logit distillation: dsv3.posttrain.distill)."""
+    from ..train import Trainer
+    make_trainer = make_trainer or Trainer
     # step 1-2: the [sft] table, then the base model it names
     section = section_from_table("sft", d["sft"])
     if "model" in d:
@@ -108,12 +116,12 @@ def sft_trainer(config: str | Path | None, overrides: list[str], resume: bool = 
         _, cfg = split_config("sft", d, base.model_config.to_dict(), train={"steps": steps})
     source = ChatBatches(base.tokenizer, train, val, cfg.train.micro_batch_size, cfg.log.val_batches, section.seed)
     # step 4: the pre-training Trainer on this source, from the base's weights
-    trainer = Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, source=source,
+    trainer = make_trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, source=source,
                       init_state=base.state)
     lines = [f"SFT from {section.init}: train data {report.summary()}"] + (
         [f"eval data {val_report.summary()}"] if val_report else [f"eval: {len(val)} held-out conversations"])
     if trainer.layout.is_main:
-        (trainer.run_dir / SAVED).write_text(json.dumps(d, indent=1))
+        (trainer.run_dir / SAVED).write_text(json.dumps(saved or d, indent=1))
         (trainer.run_dir / "sft_data.json").write_text(json.dumps(
             {"train": report.kept, "train_dropped": dict(report.bad), "first_bad": report.examples,
              "eval": len(val), "config": section_dict(section)}, indent=1))
