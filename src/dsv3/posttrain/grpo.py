@@ -13,6 +13,9 @@ Logged with each train record: reward, correctness, format, KL, clip fraction, e
 of zero-std groups, truncation, the engine-vs-trainer log-prob gap (temperature 1, first update of a batch), and
 rollout vs train seconds.
 
+Resume is exact when checkpoints fall on rollout boundaries (checkpoint.interval a multiple of mu): the rollout
+batch itself is not checkpointed, so a run resumed mid-batch samples a fresh one.
+
 The loss of a policy-gradient step is no quality signal (it is ~0 by construction at ratio 1), so the Trainer's spike
 watch is off here; non-finite losses and gradients still stop the run.
 """
