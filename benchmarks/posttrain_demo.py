@@ -40,16 +40,41 @@ from dsv3.posttrain.tasks import generate_tasks
 from dsv3.train.metrics import read_metrics
 
 
-def answer(task) -> str:
+def column_trace(a: int, op: str, b: int) -> str:
+    """Digit-by-digit working, units first (carries / borrows written out): the answer can then be read off it."""
+    if op == "-" and a < b:
+        return f"{b} - {a} then negate: " + column_trace(b, "-", a)
+    xs, ys, steps, c = str(a)[::-1], str(b)[::-1].ljust(len(str(a)), "0"), [], 0
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        x, y = int(x), int(y)
+        last = i == len(xs) - 1
+        if op == "+":
+            v = x + y + c
+            steps.append(f"{x}+{y}+{c}={v}" if last else f"{x}+{y}+{c}={v % 10} c{v // 10}")
+            c = v // 10
+        else:
+            v = x - y - c
+            if last:
+                steps.append(f"{x}-{y}-{c}={v}")
+            else:
+                borrow = int(v < 0)
+                steps.append(f"{x + 10 * borrow}-{y}-{c}={v + 10 * borrow} b{borrow}")
+                c = borrow
+    return ", ".join(steps)
+
+
+def answer(task, cot: bool = False) -> str:
     a, b = task.numbers
     op = task.prompt.split()[2]
+    if cot and op in "+-":
+        return f"<think>{column_trace(a, op, b)}</think><answer>{task.answer}</answer>"
     return f"<think>{a} {op} {b}</think><answer>{task.answer}</answer>"
 
 
 def make_base(out: Path, seed: int, args) -> Path:
     # digits removed from the tokenizer's corpus: no multi-digit tokens, so numbers are read and written digit by
     # digit (a 2-digit sum is then carries over digits, not a lookup in a table of 2-digit tokens)
-    texts = [re.sub(r"[0-9]", " ", t.prompt + " " + answer(t))
+    texts = [re.sub(r"[0-9]", " ", t.prompt + " " + answer(t, args.cot))
              for t in generate_tasks("arithmetic", "train", 3000, 10_000 + seed, digits=args.digits, ops=args.ops)]
     tok = train_tokenizer(texts, vocab_size=args.vocab)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
@@ -77,7 +102,7 @@ def run(seed: int, root: Path, args) -> dict:
     with (d / "sft.jsonl").open("w") as f:
         for t in train:
             f.write(json.dumps({"messages": [{"role": "user", "content": t.prompt},
-                                             {"role": "assistant", "content": answer(t)}]}) + "\n")
+                                             {"role": "assistant", "content": answer(t, args.cot)}]}) + "\n")
     common = {"train": {"device": "cpu", "dtype": "fp32", "seed": seed},
               "log": {"interval": 10, "tensorboard": False, "progress": False},
               "checkpoint": {"interval": 0, "keep": 1}}
@@ -155,6 +180,7 @@ def main() -> None:
     p.add_argument("--chart", default="docs/posttrain_demo.png")
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--ops", default="+-")
+    p.add_argument("--cot", action="store_true", help="SFT answers show column-wise working in <think>")
     p.add_argument("--vocab", type=int, default=400)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
