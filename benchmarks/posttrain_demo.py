@@ -96,6 +96,8 @@ def make_base(out: Path, seed: int, args) -> Path:
 def run(seed: int, root: Path, args) -> dict:
     d, t0, times = root / f"seed{seed}", time.perf_counter(), {}
     d.mkdir(parents=True, exist_ok=True)
+    if args.reuse_sft and (d / "sft" / "checkpoints").is_dir():     # an earlier invocation's base and SFT
+        return finish(seed, d, root, args, t0, {"sft_s": None})
     base = make_base(d / "base", seed, args)
     # step 2: SFT
     train = generate_tasks("arithmetic", "train", args.sft_problems, seed, digits=args.digits, ops=args.ops)
@@ -116,6 +118,13 @@ def run(seed: int, root: Path, args) -> dict:
     trainer, _ = sft_trainer(d / "sft.json", [], overwrite=True)
     trainer.run()
     times["sft_s"] = time.perf_counter() - t0
+    return finish(seed, d, root, args, t0, times)
+
+
+def finish(seed: int, d: Path, root: Path, args, t0: float, times: dict) -> dict:
+    common = {"train": {"device": "cpu", "dtype": "fp32", "seed": seed},
+              "log": {"interval": 10, "tensorboard": False, "progress": False},
+              "checkpoint": {"interval": 0, "keep": 1}}
     # step 3: GRPO from the SFT run
     grpo = {"run_dir": str(d / "grpo"),
             "grpo": {"init": str(d / "sft"), "task": "arithmetic", "digits": args.digits, "ops": args.ops,
@@ -180,6 +189,7 @@ def main() -> None:
     p.add_argument("--chart", default="docs/posttrain_demo.png")
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--ops", default="+-")
+    p.add_argument("--reuse-sft", action="store_true", help="keep a seed's base and SFT run from an earlier call")
     p.add_argument("--cot", action="store_true", help="SFT answers show column-wise working in <think>")
     p.add_argument("--vocab", type=int, default=400)
     p.add_argument("--hidden", type=int, default=128)

@@ -166,7 +166,10 @@ def split_config(kind: str, d: dict, model_config: dict, **train_overrides) -> t
     if "model" in d and d["model"] != model_config:
         raise ConfigError(f"invalid {kind} config: [model] comes from {kind}.init ({section.init}); remove it")
     d["model"] = model_config
-    for name, defaults in {**POSTTRAIN_DEFAULTS, "optim": KINDS[kind][1]}.items():
+    defaults_of = {**POSTTRAIN_DEFAULTS, "optim": KINDS[kind][1]}
+    if kind == "grpo":   # no bias update from rollout rows (right-padded: the pads' routing would count as load)
+        defaults_of["balance"] = {**defaults_of["balance"], "bias_update_speed": 0.0}
+    for name, defaults in defaults_of.items():
         d[name] = {**defaults, **d.get(name, {})}
     for name, keys in train_overrides.items():
         d[name] = {**d.get(name, {}), **keys}
