@@ -130,7 +130,7 @@ def finish(seed: int, d: Path, root: Path, args, t0: float, times: dict) -> dict
             "grpo": {"init": str(d / "sft"), "task": "arithmetic", "digits": args.digits, "ops": args.ops,
                      "train_prompts": 2000,
                      "prompts_per_step": args.prompts, "group_size": args.group, "max_new_tokens": args.max_new,
-                     "seed": seed + 1000, "format_weight": 0.1},
+                     "seed": seed + 1000, "format_weight": 0.1, "scale_std": not args.dr_grpo},
             "optim": {"lr": args.grpo_lr}, **common,
             "train": {**common["train"], "steps": args.grpo_steps, "micro_batch_size": args.prompts * args.group}}
     (d / "grpo.json").write_text(json.dumps(grpo))
@@ -190,6 +190,7 @@ def main() -> None:
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--ops", default="+-")
     p.add_argument("--reuse-sft", action="store_true", help="keep a seed's base and SFT run from an earlier call")
+    p.add_argument("--dr-grpo", action="store_true", help="advantages without the std scaling (Dr. GRPO)")
     p.add_argument("--cot", action="store_true", help="SFT answers show column-wise working in <think>")
     p.add_argument("--vocab", type=int, default=400)
     p.add_argument("--hidden", type=int, default=128)
