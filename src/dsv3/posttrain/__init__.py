@@ -11,11 +11,11 @@ Parts:
   rewards       correctness (dsv3.verify.extract), format, length penalty, language consistency, the reward-model
                 hook
   tasks         seeded arithmetic and Countdown tasks, disjoint train/held-out splits, ast-walking verifiers
+  distill       `dsv3 distill`: teacher samples + verifier rejection -> SFT data; top-k logit KD (LogitKDTrainer)
   evaluate      held-out pass@1 / pass@k / greedy / format compliance with the Engine
   base          the starting model: a run directory or a HF directory (weights, tokenizer, chat template)
   config        the [sft] / [grpo] tables beside the run sections, validated by the same rules
 Code rewards run in dsv3.verify.sandbox (shared with evaluation's code tasks).
-To come: `dsv3 distill` (sequence-level via teacher generation + rejection sampling, logit KD on top-k).
 """
 
 from .chat_data import ChatExample, batch_examples, encode_conversation, read_chat_rows
