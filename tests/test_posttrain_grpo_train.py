@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from dsv3.cli import main
+from dsv3.config import ConfigError
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 from dsv3.posttrain.base import load_model_and_tokenizer
 from dsv3.posttrain.grpo import grpo_trainer
@@ -122,3 +122,12 @@ def test_resume_is_exact(base, tmp_path):
     a = load_file(str(t.run_dir / "checkpoints" / "step_00000004" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "step_00000004" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override,match", [
+    ('grpo.aggregation="mean"', "grpo.aggregation='mean'"), ("grpo.group_size=1", "grpo.group_size=1"),
+    ('grpo.ops="/"', "grpo.ops='/'"), ("grpo.max_new_tokens=600", "exceed the model's context"),
+    ("train.micro_batch_size=3", "train.batch_size=8 is not a multiple of train.micro_batch_size=3")])
+def test_config_errors_name_the_key(base, tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        grpo_trainer(run_file(tmp_path, base, "bad"), [override])
