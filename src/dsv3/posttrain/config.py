@@ -180,4 +180,5 @@ def section_dict(section) -> dict:
     return dataclasses.asdict(section)
 
 
-__all__ = ["SFTConfig", "GRPOConfig", "DistillConfig", "read_posttrain_dict", "split_config", "section_dict", "FRACTION"]
+__all__ = ["SFTConfig", "GRPOConfig", "DistillConfig", "read_posttrain_dict", "section_from_table", "split_config",
+           "section_dict"]
