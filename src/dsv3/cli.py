@@ -16,6 +16,7 @@ import torch
 from .checkpoint import CheckpointError, convert_checkpoint, load_pretrained, save_pretrained
 from .config import ConfigError, ModelConfig, load_model_config
 from .model import Transformer, generate
+from .posttrain.base import load_model_and_tokenizer, tokenizer_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "float64": torch.float64}
@@ -95,12 +96,8 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Exit status: 0 done, 2 refused (config, run directory), 3 diverged, 128 + signal when SIGINT / SIGTERM
     stopped it after saving (130 / 143)."""
-    import torch.distributed as dist
-
     from .train import Trainer, load_run_config
     from .train.config import RunConfig, apply_overrides
-    from .train.signals import StopSignals
-    from .train.trainer import TrainingInterrupted
     overrides = list(args.overrides) + ([f"run_dir={json.dumps(args.run_dir)}"] if args.run_dir else [])
     if args.resume:
         run_dir = Path(args.run_dir or load_run_config(args.config, overrides).run_dir)
@@ -111,6 +108,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_run_config(args.config, overrides)
     trainer = Trainer(cfg, resume=args.resume, progress=False if args.quiet else None, overwrite=args.overwrite)
+    return _run_trainer(trainer, "train")
+
+
+def _run_trainer(trainer, command: str) -> int:
+    """Run a built Trainer (pre-training or SFT) under the signal handlers; the exit status of `cmd_train`."""
+    import torch.distributed as dist
+
+    from .train.signals import StopSignals
+    from .train.trainer import TrainingInterrupted
+    cfg = trainer.cfg
     n = trainer.param_counts
     ranks = trainer.layout.describe()
     if trainer.layout.is_main:
@@ -123,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary = trainer.run(stop)
     except TrainingInterrupted as e:
         if trainer.layout.is_main:
-            print(f"dsv3 train: {e}", file=sys.stderr)
+            print(f"dsv3 {command}: {e}", file=sys.stderr)
         return 128 + e.signum
     finally:
         if dist.is_initialized():       # a clean exit (NCCL warns about a group left open)
@@ -131,6 +138,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     if trainer.layout.is_main:          # one summary per run, not one per rank
         print(json.dumps(summary))
     return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    """Supervised fine-tuning on the pre-training Trainer (dsv3.posttrain.sft); exit statuses as `dsv3 train`."""
+    from .posttrain.sft import sft_trainer
+    if not args.config and not (args.resume and args.run_dir):
+        raise ValueError("pass --config RUN.toml (or --resume --run-dir DIR)")
+    trainer, lines = sft_trainer(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                                 progress=False if args.quiet else None, run_dir=args.run_dir)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return _run_trainer(trainer, "sft")
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    """GRPO with verifiable rewards on the pre-training Trainer (dsv3.posttrain.grpo); exit statuses as `dsv3 train`."""
+    from .posttrain.grpo import grpo_trainer
+    if not args.config and not (args.resume and args.run_dir):
+        raise ValueError("pass --config RUN.toml (or --resume --run-dir DIR)")
+    trainer = grpo_trainer(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                           progress=False if args.quiet else None, run_dir=args.run_dir)
+    return _run_trainer(trainer, "grpo")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distillation from a teacher (dsv3.posttrain.distill); exit statuses as `dsv3 train`."""
+    from .posttrain.distill import distill_trainer
+    if not args.config and not (args.resume and args.run_dir):
+        raise ValueError("pass --config RUN.toml (or --resume --run-dir DIR)")
+    trainer, lines = distill_trainer(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                                     progress=False if args.quiet else None, run_dir=args.run_dir)
+    for line in lines:
+        print(line, file=sys.stderr)
+    return _run_trainer(trainer, "distill")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -144,35 +185,6 @@ def cmd_plot(args: argparse.Namespace) -> None:
     from .train.plot import plot_run
     for path in plot_run(args.run_dir, args.out):
         print(path)
-
-
-def tokenizer_dir(model_path: str, tokenizer_path: str | None = None) -> Path:
-    """Where a model's tokenizer files live: `tokenizer_path` (tokenizer.json or its directory), else a training
-    run's `tokenizer/`, else the Hugging Face directory itself."""
-    if tokenizer_path:
-        p = Path(tokenizer_path)
-        return p.parent if p.is_file() else p
-    path = Path(model_path)
-    tok_dir = path / "tokenizer" if (path / "checkpoints").is_dir() else path
-    if not (tok_dir / "tokenizer.json").exists():
-        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer")
-    return tok_dir
-
-
-def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, ema: bool = False,
-                             dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A training run (its latest checkpoint and tokenizer) or a Hugging Face directory, in `dtype` on `device`
-    (a Hugging Face checkpoint is read straight into them: a 16B model never exists in fp32 on the host)."""
-    from .data import Tokenizer
-    path = Path(model_path)
-    tokenizer = Tokenizer.load(tokenizer_path or tokenizer_dir(model_path))
-    if (path / "checkpoints").is_dir():
-        from .train import load_run_model
-        model, _ = load_run_model(path, ema=ema)
-        model.to(device=device, dtype=dtype)
-    else:
-        model = load_pretrained(path, dtype=dtype, device=device).eval()
-    return model, tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -460,6 +472,20 @@ def main(argv: list[str] | None = None) -> int:
                    "(its checkpoints, metrics, tensorboard, plots, tokenizer and config are deleted)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
+    for name, fn, what in (("sft", cmd_sft, "supervised fine-tuning on chat data"),
+                           ("grpo", cmd_grpo, "GRPO with verifiable rewards, rollouts by the inference engine"),
+                           ("distill", cmd_distill, "distillation: teacher samples + verifier -> SFT, or top-k logit "
+                                                    "KD")):
+        s = sub.add_parser(name, help=f"{what}: dsv3 {name} --config {name}.toml [section.key=value ...]")
+        s.add_argument("--config", default=None, help=f"run TOML with a [{name}] table ({name}.init: the starting "
+                       f"run or HF directory) and the train sections; --resume without it reads "
+                       f"RUN_DIR/posttrain.json")
+        s.add_argument("overrides", nargs="*", help="section.key=value, the value in TOML syntax")
+        s.add_argument("--run-dir", default=None, help="overrides run_dir")
+        s.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+        s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+        s.set_defaults(fn=fn)
     s = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face directory")
     s.add_argument("run_dir")
     s.add_argument("out_dir")

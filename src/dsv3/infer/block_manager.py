@@ -35,6 +35,12 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free)
 
+    def forget_prefixes(self) -> None:
+        """Unregister every cached block (their latents were computed by weights that have since changed)."""
+        self.by_hash.clear()
+        self.hash_of = [None] * self.num_blocks
+        self.tokens_of = [None] * self.num_blocks
+
     def blocks_needed(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 

@@ -123,6 +123,24 @@ class Engine:
         self.runner.use_graphs(max_batch, -(-self.max_model_len // self.config.block_size), self.blocks.num_blocks,
                                capture)
 
+    @torch.no_grad()
+    def load_weights(self, source: torch.nn.Module | None = None) -> None:
+        """In-process weight sync (post-training rollouts: dsv3.posttrain.grpo): copy `source`'s parameters and
+        buffers into the engine's model (cast to its dtype and device), or nothing when the engine runs on the
+        trainer's model itself (source None or that model), and forget the prefix cache, whose latents the old
+        weights computed. Between steps only: no request may be in flight."""
+        if self.has_unfinished():
+            raise RuntimeError("load_weights with requests in flight: their cached latents mix two sets of weights")
+        if source is not None and source is not self.model:
+            own = self.model.state_dict()
+            theirs = source.state_dict()
+            if set(own) != set(theirs):
+                raise ValueError(f"load_weights: the source model's tensors differ: "
+                                 f"{sorted(set(own) ^ set(theirs))[:5]}")
+            for k, v in theirs.items():
+                own[k].copy_(v)
+        self.blocks.forget_prefixes()
+
     # ---- requests -----------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
         """Queue a request; raises ValueError (and queues nothing) for a bad one."""

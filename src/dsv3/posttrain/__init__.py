@@ -1,16 +1,21 @@
 """dsv3.posttrain: post-training (spec 7, issue 18).
 
-Exists:
+Parts:
   chat_data     SFT conversations encoded as the server encodes them, loss mask on assistant turns, bad rows counted
+  sft           `dsv3 sft`: the pre-training Trainer fed by ChatBatches (padded conversations, loss mask), from a base
   grpo_loss     GRPO advantages and clipped policy loss with the Dr. GRPO / DAPO switches, KL (k1/k3), per-token
                 log-probs and entropy of a dsv3 model
+  rollout       GRPO rollouts: the Engine on the policy's own weights, rewards, advantages, the loss mask
+  grpo          `dsv3 grpo`: GRPOTrainer, the Trainer with rollouts in place of a corpus
   distill_loss  forward KL on the teacher's top-k logits
   rewards       correctness (dsv3.verify.extract), format, length penalty, language consistency, the reward-model
                 hook
   tasks         seeded arithmetic and Countdown tasks, disjoint train/held-out splits, ast-walking verifiers
+  distill       `dsv3 distill`: teacher samples + verifier rejection -> SFT data; top-k logit KD (LogitKDTrainer)
+  evaluate      held-out pass@1 / pass@k / greedy / format compliance with the Engine
+  base          the starting model: a run directory or a HF directory (weights, tokenizer, chat template)
+  config        the [sft] / [grpo] tables beside the run sections, validated by the same rules
 Code rewards run in dsv3.verify.sandbox (shared with evaluation's code tasks).
-To come: `dsv3 sft` on the Trainer, `dsv3 grpo` (rollouts with the inference Engine, weights synced
-in-process), `dsv3 distill`, the demo.
 """
 
 from .chat_data import ChatExample, batch_examples, encode_conversation, read_chat_rows

@@ -46,10 +46,12 @@ def arithmetic_key(a: int, op: str, b: int) -> str:
     return f"arith:{x}{op}{y}"
 
 
-def arithmetic_task(rng: random.Random, digits: int = 3) -> Task:
-    """a op b with a, b of exactly `digits` digits, op in + - *."""
+def arithmetic_task(rng: random.Random, digits: int = 3, ops: str = "+-*") -> Task:
+    """a op b with a, b of exactly `digits` digits, op one of `ops` (a subset of + - *)."""
+    if not ops or set(ops) - set("+-*"):
+        raise ValueError(f"ops must be a non-empty subset of '+-*', got {ops!r}")
     lo, hi = 10 ** (digits - 1), 10 ** digits - 1
-    a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice("+-*")
+    a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(ops)
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
     return Task("arithmetic", f"Compute {a} {op} {b}. {INSTRUCTION}", str(value), (a, b), value,
                 arithmetic_key(a, op, b))

@@ -105,17 +105,24 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def lm_losses(model: Transformer, window: torch.Tensor, ce=cross_entropy) -> tuple[
-        torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+def lm_losses(model: Transformer, window: torch.Tensor, ce=cross_entropy, targets: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
     """window (B, T+1) -> main CE, MTP CE per depth, main logits (B, T, V), MTP logits (B, T-k, V) per depth.
-    MTP depth k at position i predicts token i+k+1 of the window (spec 1.8)."""
-    inputs, targets = window[:, :-1], window[:, 1:]
+    MTP depth k at position i predicts token i+k+1 of the window (spec 1.8). `targets` (B, T): window[:, 1:] with
+    -100 where a token carries no loss (SFT's mask: dsv3.posttrain.sft); the mean is then over the other tokens."""
+    inputs = window[:, :-1]
+    targets = window[:, 1:] if targets is None else targets
     hidden = model.hidden_states(inputs)
     logits = model.lm_head(hidden)
     main = ce(logits, targets)
     mtp_logits = model.mtp_logits(hidden, inputs) if len(model.mtp) else []
-    mtp = [ce(lg, window[:, k + 1:]) for k, lg in enumerate(mtp_logits, start=1)]
+    mtp = [ce(lg, targets[:, k:]) for k, lg in enumerate(mtp_logits, start=1)]
     return main, mtp, logits, mtp_logits
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch source's micro-batch: a window (pre-training), or (window, targets) with a loss mask (SFT)."""
+    return batch if isinstance(batch, tuple) else (batch, None)
 
 
 def unigram_entropy(shards: ShardSet, vocab_size: int) -> dict[str, float]:
@@ -145,9 +152,14 @@ class StepStats:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None, overwrite: bool = False):
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None, overwrite: bool = False,
+                 source=None, init_state: dict | None = None):
         """resume: continue from the newest valid checkpoint; overwrite: start afresh in a run directory that holds
-        an earlier run (deleting its outputs); neither: the directory must not hold one (dsv3.train.run_dir)."""
+        an earlier run (deleting its outputs); neither: the directory must not hold one (dsv3.train.run_dir).
+        source: a batch source in place of the pre-training corpus (SFT: dsv3.posttrain.sft.ChatBatches): its
+        `tokenizer`, `next_batch(rows)` -> window or (window, targets), `val` batches, `state_dict` /
+        `load_state_dict` (the data position, in checkpoints). init_state: the starting weights (a fine-tune's
+        base model) in place of the random initialisation; a resumed run's checkpoint replaces them."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         # everything that can refuse the run does so before a file is written
@@ -158,6 +170,9 @@ class Trainer:
             raise ConfigError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
                               "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
         check_start(self.run_dir, resume, overwrite)
+        if source is not None and cfg.parallel.pp > 1:
+            raise ConfigError("parallel.pp > 1 trains only on the pre-training corpus (a batch source with a loss "
+                              "mask does not go through DualPipeV); use parallel.pp=1")
         if cfg.parallel.pp > 1:
             from .pipeline_step import PipelineLayout
             self.layout = PipelineLayout(self.device, cfg)
@@ -170,18 +185,26 @@ class Trainer:
 
         if not self.layout.is_main:      # rank 0 builds the tokenizer and shards; the others then read its cache
             self.layout.barrier()
-        self.tokenizer, self.shards, data_dir = prepare_dataset(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size,
-                                                                progress=show and self.layout.is_main)
+        if source is None:
+            self.tokenizer, self.shards, data_dir = prepare_dataset(
+                cfg.data, cfg.data.vocab_size or cfg.model.vocab_size, progress=show and self.layout.is_main)
+        else:
+            self.tokenizer, self.shards, data_dir = source.tokenizer, None, None
         notes = self._set_up_run_dir(data_dir, resume, overwrite) if self.layout.is_main else []
         if self.layout.is_main:
             self.layout.barrier()
-        self.loader = PackedLoader(self.shards, "train", cfg.data.seq_len, seed=cfg.data.seed,
-                                   fim_rate=cfg.data.fim_rate, eos_id=self.tokenizer.eos_id,
-                                   fim_ids=self.tokenizer.fim_ids)
-        self.val = val_batches(self.shards, cfg.data.seq_len, cfg.log.val_batches, cfg.train.micro_batch_size,
-                               self.tokenizer.eos_id) if cfg.log.val_batches else []
+        if source is None:
+            self.loader = PackedLoader(self.shards, "train", cfg.data.seq_len, seed=cfg.data.seed,
+                                       fim_rate=cfg.data.fim_rate, eos_id=self.tokenizer.eos_id,
+                                       fim_ids=self.tokenizer.fim_ids)
+            self.val = val_batches(self.shards, cfg.data.seq_len, cfg.log.val_batches, cfg.train.micro_batch_size,
+                                   self.tokenizer.eos_id) if cfg.log.val_batches else []
+        else:
+            self.loader, self.val = source, source.val if cfg.log.val_batches else []
 
         self.model = build_model(cfg, self.device)
+        if init_state is not None:
+            self.model.load_state_dict(init_state, strict=True)
         self.param_counts = self.model.num_params()      # of the whole model, before experts are sharded
         if cfg.train.precision == "fp8":     # before recomputation wraps the modules
             from ..fp8.training import apply_fp8
@@ -267,7 +290,7 @@ class Trainer:
         if fresh or not (self.run_dir / "tokenizer" / "tokenizer.json").exists():
             self.tokenizer.save(self.run_dir / "tokenizer")
         baselines = self.run_dir / "baselines.json"
-        if fresh or not baselines.exists():
+        if self.shards is not None and (fresh or not baselines.exists()):
             cached = data_dir / "baselines.json"
             if not cached.exists():
                 cached.write_text(json.dumps(unigram_entropy(self.shards, self.tokenizer.vocab_size)))
@@ -285,12 +308,14 @@ class Trainer:
         loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64, device=self.device)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)   # total, main, mtp, aux
         for _ in range(n_micro):
-            window = self.layout.shard(self.loader.next_batch(cfg.train.micro_batch_size))
-            window = window.to(self.device, non_blocking=True)
+            window, targets = split_batch(self.loader.next_batch(cfg.train.micro_batch_size))
+            window = self.layout.shard(window).to(self.device, non_blocking=True)
+            if targets is not None:
+                targets = self.layout.shard(targets).to(self.device, non_blocking=True)
             for _, m in self.layers:
                 m.tokens_per_expert.zero_()
             with self.autocast():
-                main, mtp, _, _ = lm_losses(self.model, window, self.ce)
+                main, mtp, _, _ = lm_losses(self.model, window, self.ce, targets)
                 mtp_loss = torch.stack(mtp).mean() if mtp else main.new_zeros(())
                 aux = collect_balance_loss(self.layers)
                 aux = aux if aux is not None else main.new_zeros(())
@@ -359,6 +384,11 @@ class Trainer:
         stats = StepStats(total, main_v, mtp_v if len(self.model.mtp) else None, aux_v, grad_norm.item(), tokens)
         return stats, loads
 
+    def interval_metrics(self) -> dict:
+        """Extra fields of the train record a subclass adds (GRPO: rewards, KL, clip fraction, ...), since the last
+        record."""
+        return {}
+
     def _watch_for_spikes(self, total: float, grad_norm: float) -> None:
         """Flag a spike: the loss above train.spike_ratio x its running mean, or a gradient of exactly zero (a model
         that blew up saturates, e.g. uniform logits, and learns nothing more while its loss looks calm). The running
@@ -392,10 +422,13 @@ class Trainer:
         for _, m in self.layers:
             m.keep_routing = False
         main_sum, mtp_sum, hit, agree, n_mtp = 0.0, 0.0, 0, 0, 0
-        for window in self.val:
+        for batch in self.val:
+            window, targets = split_batch(batch)
             window = (self.layout.shard(window) if sharded else window).to(self.device)
+            if targets is not None:
+                targets = (self.layout.shard(targets) if sharded else targets).to(self.device)
             with self.autocast():
-                main, mtp, logits, mtp_logits = lm_losses(self.model, window, self.ce)
+                main, mtp, logits, mtp_logits = lm_losses(self.model, window, self.ce, targets)
             main_sum += main.item()
             if mtp:
                 mtp_sum += mtp[0].item()
@@ -470,7 +503,7 @@ class Trainer:
                         tokens=self.tokens, tok_per_s=acc["tok"] / dt, mtp_weight=schedule.mtp_weight(step - 1, cfg),
                         bias_update_speed=schedule.bias_update_speed(step - 1, cfg), spikes=self.spikes,
                         expert_load=(interval_loads.double() / mean).cpu().tolist(),
-                        moe_layers=[name for name, _ in self.layers])
+                        moe_layers=[name for name, _ in self.layers], **self.interval_metrics())
                     interval_loads.zero_()
                     acc = dict.fromkeys(acc, 0.0)
                     acc["n"] = acc["tok"] = 0

@@ -1,0 +1,137 @@
+"""`dsv3 distill`: distillation from a stronger dsv3 model (spec 7: R1's reasoning distilled into V3 by SFT data).
+
+1. data: the teacher (a run or HF directory) answers `distill.prompts` train-split task problems, up to
+   `distill.samples` tries each; the first try that the task's verifier accepts and that follows the format is kept
+   (rejection sampling), as a one-turn conversation (or `distill.train_files` are used as they are);
+2. sequence mode: SFT of the student on those conversations (dsv3.posttrain.sft, the pre-training Trainer);
+   logit mode: the same, with the loss (1 - w) CE + w KL(teacher || student) on the teacher's top-k logits at each
+   assistant token (dsv3.posttrain.distill_loss; the teacher runs alongside the student, so both must share the
+   tokenizer: checked).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..data.chat import ChatTemplate
+from ..infer import Engine, EngineConfig, SamplingParams
+from ..train.trainer import Trainer, lm_losses, split_batch
+from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
+from .config import read_posttrain_dict, section_from_table
+from .distill_loss import teacher_topk, topk_forward_kl
+from .rewards import format_reward
+from .sft import SAVED, build_sft
+from .tasks import generate_tasks, verify
+
+DATA = "distill_data.jsonl"
+
+
+@torch.no_grad()
+def teacher_conversations(model, tokenizer, template: ChatTemplate, tasks, samples: int, temperature: float,
+                          max_new_tokens: int, seed: int) -> tuple[list[dict], dict]:
+    """Step 1: rejection sampling. Returns the kept conversations and {problems, kept, tries}."""
+    prompts = [template.encode(tokenizer, [{"role": "user", "content": t.prompt}], True) for t in tasks]
+    rows = len(tasks) * samples
+    longest = max(map(len, prompts)) + max_new_tokens
+    batch = min(rows, 256)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=16, num_blocks=batch * -(-longest // 16) + 1,
+                                                   max_num_seqs=batch, cuda_graphs=False))
+    params = [SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed * 100_003 + r)
+              for r in range(rows)]
+    outs = engine.generate([p for p in prompts for _ in range(samples)], params)
+    kept = []
+    for i, t in enumerate(tasks):
+        for o in outs[i * samples:(i + 1) * samples]:
+            if o.finish_reason == "stop" and verify(t, o.text) and format_reward(o.text):
+                kept.append({"messages": [{"role": "user", "content": t.prompt},
+                                          {"role": "assistant", "content": o.text}]})
+                break
+    return kept, {"problems": len(tasks), "kept": len(kept), "tries": rows}
+
+
+class LogitKDTrainer(Trainer):
+    """The SFT Trainer with the logit-distillation loss added (module docstring, step 2)."""
+
+    def __init__(self, cfg, *, teacher, top_k: int, kd_weight: float, kd_temperature: float, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.top_k, self.kd_weight, self.kd_temperature = top_k, kd_weight, kd_temperature
+        self.kd_sum, self.kd_n = 0.0, 0
+
+    def interval_metrics(self) -> dict:
+        out = {"kd_loss": self.kd_sum / self.kd_n} if self.kd_n else {}
+        self.kd_sum, self.kd_n = 0.0, 0
+        return out
+
+    def _forward_backward(self, n_micro: int, lam: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, dev, w = self.cfg, self.device, self.kd_weight
+        loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64, device=dev)
+        sums = torch.zeros(4, dtype=torch.float64, device=dev)
+        for _ in range(n_micro):
+            window, targets = split_batch(self.loader.next_batch(cfg.train.micro_batch_size))
+            window, targets = window.to(dev), targets.to(dev)
+            for _, m in self.layers:
+                m.tokens_per_expert.zero_()
+                m.keep_routing = False
+            with self.autocast():
+                main, mtp, logits, _ = lm_losses(self.model, window, self.ce, targets)
+                with torch.no_grad():
+                    values, ids = teacher_topk(self.teacher(window[:, :-1]), self.top_k)
+                kd = topk_forward_kl(logits, values, ids, targets != -100, self.kd_temperature)
+                mtp_loss = torch.stack(mtp).mean() if mtp else main.new_zeros(())
+                loss = (1 - w) * main + w * kd + lam * mtp_loss
+            (loss / n_micro).backward()
+            if self.layers:
+                loads += torch.stack([m.tokens_per_expert for _, m in self.layers])
+            sums += torch.stack([loss, main, mtp_loss, kd]).detach().double() / n_micro
+            self.kd_sum, self.kd_n = self.kd_sum + kd.item(), self.kd_n + 1
+        sums[3] = 0.0                     # the aux-loss slot: no balance loss here (kd is logged as kd_loss)
+        return loads, sums
+
+
+def distill_trainer(config, overrides: list[str], resume: bool = False, overwrite: bool = False,
+                    progress: bool | None = None, run_dir: str | None = None):
+    """(Trainer, lines) for a run file with a [distill] table (module docstring)."""
+    from ..train.run_dir import check_start
+    overrides = list(overrides) + ([f"run_dir={json.dumps(run_dir)}"] if run_dir else [])
+    if config is None and resume and run_dir:
+        config = Path(run_dir) / SAVED
+    d = read_posttrain_dict("distill", config, overrides)
+    s = section_from_table("distill", d["distill"])
+    if not s.teacher:
+        raise ConfigError("invalid distill config: distill.teacher is required (a run directory or a HF directory)")
+    out = Path(d.get("run_dir", "runs/run"))
+    check_start(out, resume, overwrite)           # before the teacher spends any time
+    teacher, tok = load_model_and_tokenizer(s.teacher)
+    lines, files = [], list(s.train_files)
+    if not files:
+        files = [str(out / DATA)]
+        if not (resume and (out / DATA).exists()):
+            tasks = generate_tasks(s.task, "train", s.prompts, s.seed,
+                                   **({"digits": s.digits, "ops": s.ops} if s.task == "arithmetic" else {}))
+            kept, stats = teacher_conversations(teacher, tok, ChatTemplate(chat_template_of(tokenizer_dir(s.teacher))),
+                                                tasks, s.samples, s.temperature, s.max_new_tokens, s.seed)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / DATA).write_text("".join(json.dumps(r) + "\n" for r in kept))
+            lines.append(f"teacher {s.teacher}: kept {stats['kept']} of {stats['problems']} problems "
+                         f"({stats['tries']} tries)")
+    sft = {k: v for k, v in d.items() if k != "distill"}
+    sft["sft"] = {"init": s.init, "ema": s.ema, "train_files": files, "eval_fraction": s.eval_fraction,
+                  "epochs": s.epochs, "seed": s.seed}
+    make = None
+    if s.mode == "logit":
+        student_tok = tokenizer_dir(s.init)
+        if (student_tok / "tokenizer.json").read_text() != (tokenizer_dir(s.teacher) / "tokenizer.json").read_text():
+            raise ConfigError("distill.mode='logit' needs the teacher's tokenizer on the student (logits are compared "
+                              "id by id); use mode='sequence'")
+        make = functools.partial(LogitKDTrainer, teacher=teacher, top_k=s.top_k, kd_weight=s.kd_weight,
+                                 kd_temperature=s.kd_temperature)
+    trainer, more = build_sft(sft, resume, overwrite, progress, saved=d, make_trainer=make)
+    for line in lines:
+        trainer.logger.log_event(0, line)
+    return trainer, lines + more

@@ -1,0 +1,171 @@
+"""`dsv3 grpo`: Group Relative Policy Optimization (spec 7; DeepSeekMath arXiv 2402.03300) with the Dr. GRPO and DAPO
+switches, on the pre-training Trainer (checkpoints, exact resume, export, metrics, progress bar, signals, NaN stop):
+`GRPOTrainer` replaces only the forward/backward of a step.
+
+One optimizer step:
+1. every `grpo.updates_per_batch` steps (mu), rollouts: `grpo.prompts_per_step` prompts x G responses sampled by
+   the Engine on the policy's own weights, rewarded, group-normalised advantages, loss mask (dsv3.posttrain.rollout);
+2. per micro-batch of rows: the policy's per-token log-probs (and entropy) at the sampling temperature, the frozen
+   reference's when grpo.beta > 0 (beta = 0 builds no reference), the clipped loss (dsv3.posttrain.grpo_loss),
+   scaled so that the micro-batches sum to the whole batch's token (or sequence) mean, backward;
+3. the Trainer clips, steps AdamW, updates the routing biases from the training forwards' expert loads.
+Logged with each train record: reward, correctness, format, KL, clip fraction, entropy, response length, the share
+of zero-std groups, truncation, the engine-vs-trainer log-prob gap (temperature 1, first update of a batch), and
+rollout vs train seconds.
+
+Resume is exact when checkpoints fall on rollout boundaries (checkpoint.interval a multiple of mu): the rollout
+batch itself is not checkpointed, so a run resumed mid-batch samples a fresh one.
+
+The loss of a policy-gradient step is no quality signal (it is ~0 by construction at ratio 1), so the Trainer's spike
+watch is off here; non-finite losses and gradients still stop the run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from ..infer import Engine, EngineConfig
+from ..train.trainer import Trainer
+from .base import load_base
+from .config import read_posttrain_dict, section_from_table, split_config
+from .grpo_loss import policy_loss, sequence_logprobs
+from .rollout import PromptSource, Rollouts, sample_groups
+from .tasks import generate_tasks
+
+SAVED = "posttrain.json"
+TASK_ARGS = {"arithmetic": lambda c: {"digits": c.digits, "ops": c.ops}, "countdown": lambda c: {}}
+
+
+class GRPOTrainer(Trainer):
+    def __init__(self, cfg, section, base, resume: bool = False, overwrite: bool = False,
+                 progress: bool | None = None, reward_model=None):
+        from ..data.chat import ChatTemplate
+        self.section, self.reward_model = section, reward_model
+        tasks = generate_tasks(section.task, "train", section.train_prompts, section.seed,
+                               **TASK_ARGS[section.task](section))
+        source = PromptSource(base.tokenizer, ChatTemplate(base.template), tasks, section.seed)
+        longest = max(map(len, source.prompt_ids)) + section.max_new_tokens
+        if longest > base.model_config.max_position_embeddings:
+            raise ConfigError(f"invalid grpo config: prompts of up to {longest - section.max_new_tokens} tokens + "
+                              f"grpo.max_new_tokens={section.max_new_tokens} exceed the model's context of "
+                              f"{base.model_config.max_position_embeddings}")
+        super().__init__(cfg, resume=resume, progress=progress, overwrite=overwrite, source=source,
+                         init_state=base.state)
+        rows, block = section.prompts_per_step * section.group_size, 16
+        self.engine = Engine(self.model, base.tokenizer, EngineConfig(
+            block_size=block, num_blocks=rows * -(-longest // block) + 1, max_num_seqs=rows,
+            max_num_batched_tokens=max(2048, rows), cuda_graphs=False))
+        self.reference = None
+        if section.beta > 0:       # the frozen starting policy; beta = 0 loads none
+            self.reference = type(self.model)(cfg.model).to(self.device)
+            self.reference.load_state_dict(base.state)
+            self.reference.eval().requires_grad_(False)
+        self.rollouts: Rollouts | None = None
+        self.uses = 0
+        self.acc: dict[str, float] = defaultdict(float)            # seconds: rollout_s, train_s
+        self.acc_rollout: dict[str, float] = defaultdict(float)    # of the batch each update used (Rollouts.stats)
+        self.acc_update: dict[str, float] = defaultdict(float)     # per update (policy_loss stats)
+
+    def _watch_for_spikes(self, total: float, grad_norm: float) -> None:
+        self.spiking = False          # module docstring: no spike watch on a policy-gradient loss
+
+    def interval_metrics(self) -> dict:
+        """Statistics of the interval's updates (and of the rollouts they trained on) averaged, seconds summed."""
+        out = {}
+        for acc in (self.acc_rollout, self.acc_update):
+            n = acc.pop("n", 0)
+            out.update({k: v / n for k, v in acc.items()} if n else {})
+            acc.clear()
+        out.update({"rollout_s": 0.0, "train_s": 0.0, **self.acc})
+        self.acc.clear()
+        return out
+
+    def _rollout(self) -> Rollouts:
+        s, t0 = self.section, time.perf_counter()
+        self.model.eval()
+        for _, m in self.layers:
+            m.keep_routing = False
+        picks = self.loader.next_prompts(s.prompts_per_step)
+        ro = sample_groups(self.engine, self.loader, picks, s, self.step, self.reward_model)
+        if s.updates_per_batch > 1:        # mu > 1: the ratio is against the rollout policy, frozen here
+            with torch.no_grad(), self.autocast():
+                ro.logp_old = sequence_logprobs(self.model, ro.ids.to(self.device), ro.response.to(self.device),
+                                                s.temperature).float()
+        self.acc["rollout_s"] += time.perf_counter() - t0
+        return ro
+
+    def _forward_backward(self, n_micro: int, lam: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.section
+        if self.rollouts is None or self.uses == s.updates_per_batch:
+            self.rollouts, self.uses = self._rollout(), 0
+        for k, v in self.rollouts.stats.items():      # the batch this update trains on (mu > 1: reused)
+            self.acc_rollout[k] += v
+        self.acc_rollout["n"] += 1
+        self.uses += 1
+        ro, t0 = self.rollouts, time.perf_counter()
+        self.model.train()
+        dev, N = self.device, ro.ids.shape[0]
+        rows = N // n_micro
+        # the whole batch's normaliser: tokens (DAPO's token mean) or sequences with a loss token (GRPO's 1/G sum)
+        total = ro.mask.sum() if s.aggregation == "token" else ro.mask.any(1).sum()
+        loads = torch.zeros(len(self.layers), self.cfg.model.n_routed_experts, dtype=torch.int64, device=dev)
+        loss_sum, stats = 0.0, defaultdict(float)
+        for k in range(0, N, rows):
+            sl = slice(k, k + rows)
+            ids, resp, mask = ro.ids[sl].to(dev), ro.response[sl].to(dev), ro.mask[sl].to(dev)
+            for _, m in self.layers:
+                m.tokens_per_expert.zero_()
+            with self.autocast():
+                logp, ent = sequence_logprobs(self.model, ids, resp, s.temperature, with_entropy=True)
+                ref = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref = sequence_logprobs(self.reference, ids, resp, s.temperature)
+                old = ro.logp_old[sl].to(dev) if ro.logp_old is not None else logp.detach()
+                loss, st = policy_loss(logp, old, ro.advantages[sl].to(dev), mask, ref, eps_low=s.eps_low,
+                                       eps_high=s.eps_high, beta=s.beta, kl_estimator=s.kl_estimator,
+                                       aggregation=s.aggregation, entropy=ent)
+            part = (mask.sum() if s.aggregation == "token" else mask.any(1).sum()) / total.clamp(min=1)
+            (loss * part).backward()
+            loss_sum += (loss * part).item()
+            if self.layers:
+                loads += torch.stack([m.tokens_per_expert for _, m in self.layers])
+            for name, v in st.items():
+                stats[name] += v.item() * part.item()
+            if s.temperature == 1.0 and self.uses == 1:     # the engine sampled from the trainer's distribution
+                gap = ((logp.detach() - ro.engine_logp[sl].to(dev)).abs() * resp).max().item()
+                stats["engine_logprob_gap"] = max(stats["engine_logprob_gap"], gap)
+        for name, v in stats.items():
+            self.acc_update[name] += v
+        self.acc_update["n"] += 1
+        self.acc["train_s"] += time.perf_counter() - t0
+        sums = torch.tensor([loss_sum, loss_sum, 0.0, 0.0], dtype=torch.float64, device=dev)
+        return loads, sums
+
+
+def grpo_trainer(config, overrides: list[str], resume: bool = False, overwrite: bool = False,
+                 progress: bool | None = None, run_dir: str | None = None, reward_model=None) -> GRPOTrainer:
+    """A GRPOTrainer for a run file (a [grpo] table + run sections); with `resume` and no file, the run directory's
+    saved posttrain.json. train.batch_size is set to prompts_per_step x group_size (one step's rows)."""
+    overrides = list(overrides) + ([f"run_dir={json.dumps(run_dir)}"] if run_dir else [])
+    if config is None and resume and run_dir:
+        config = Path(run_dir) / SAVED
+    d = read_posttrain_dict("grpo", config, overrides)
+    section = section_from_table("grpo", d["grpo"])
+    if "model" in d:
+        raise ConfigError("invalid grpo config: [model] comes from grpo.init; remove it")
+    base = load_base(section.init, section.ema)
+    rows = section.prompts_per_step * section.group_size
+    micro = d.get("train", {}).get("micro_batch_size", min(rows, 8))
+    _, cfg = split_config("grpo", d, base.model_config.to_dict(),
+                          train={"batch_size": rows, "batch_size_start": 0, "micro_batch_size": micro})
+    trainer = GRPOTrainer(cfg, section, base, resume, overwrite, progress, reward_model)
+    if trainer.layout.is_main:
+        (trainer.run_dir / SAVED).write_text(json.dumps(d, indent=1))
+    return trainer

@@ -1,0 +1,137 @@
+"""`dsv3 sft`: supervised fine-tuning on chat conversations (spec 7) on the pre-training Trainer itself
+(dsv3.train.trainer: checkpoints, exact resume, export, metrics, progress bar, signals), fed by `ChatBatches`
+instead of the packed corpus and started from a base model's weights instead of a random initialisation.
+
+Steps:
+1. read the run file: the [sft] table and the run sections (dsv3.posttrain.config); the model is the base's;
+2. load the base (a run directory or a HF directory: weights, tokenizer, chat template; dsv3.posttrain.base);
+3. encode the conversations exactly as the server does, loss only on assistant turns (dsv3.posttrain.chat_data);
+   bad rows are counted, reported in the run's log and on stderr (sft.strict: the first is an error);
+4. the Trainer with this batch source: each micro-batch is `train.micro_batch_size` conversations, one a row,
+   right-padded to the longest (padding, not packing: packing without attention across conversations would need a
+   document mask inside the model's attention, which dsv3.model does not take; right padding needs none, since a
+   causal row never attends to the pads after it). The loss is the mean over the micro-batch's assistant tokens
+   (and the MTP heads' over theirs, same mask); the eval loss is the same on held-out conversations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+from .base import load_base
+from .chat_data import ChatExample, batch_examples, read_chat_rows
+from .config import read_posttrain_dict, section_dict, section_from_table, split_config
+
+SAVED = "posttrain.json"          # the run file as read (with overrides), for --resume
+
+
+class ChatBatches:
+    """The Trainer's batch source for SFT: epochs of a seeded shuffle of the conversations, `next_batch(rows)` ->
+    (window (B, T), targets (B, T-1) with -100 off the loss mask); the position (epoch, cursor) is the data state a
+    checkpoint keeps, so a resumed run sees exactly the batches the uninterrupted one would."""
+
+    def __init__(self, tokenizer, train: list[ChatExample], val: list[ChatExample], rows: int, val_batches: int,
+                 seed: int):
+        if not train:
+            raise ValueError("SFT has no training conversations (every row was dropped or the files are empty)")
+        self.tokenizer, self.examples, self.seed = tokenizer, train, seed
+        self.pad_id = tokenizer.eos_id      # never a target (targets are -100 there): any id would do
+        self.epoch, self.cursor = 0, 0
+        self.order = self._order(0)
+        self.val = [self._batch(val[i:i + rows]) for i in range(0, len(val), rows)][:val_batches]
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(f"sft:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def _batch(self, examples: list[ChatExample]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, targets = batch_examples(examples, self.pad_id)
+        return ids, targets[:, :-1]         # targets[:, t] is ids[:, t + 1]'s, i.e. aligned with window[:, 1:]
+
+    def next_batch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = []
+        while len(picked) < rows:
+            if self.cursor == len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            picked.append(self.examples[self.order[self.cursor]])
+            self.cursor += 1
+        return self._batch(picked)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": len(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n") != len(self.examples) or state.get("seed") != self.seed:
+            raise ValueError(f"the checkpoint's SFT data position is for {state.get('n')} conversations with seed "
+                             f"{state.get('seed')}, this run has {len(self.examples)} with seed {self.seed}: the "
+                             f"data files or sft.seed changed")
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.order = self._order(self.epoch)
+
+
+def sft_trainer(config: str | Path | None, overrides: list[str], resume: bool = False, overwrite: bool = False,
+                progress: bool | None = None, run_dir: str | None = None):
+    """(Trainer, data report) for a run file; with `resume` and no file, the run directory's saved posttrain.json."""
+    overrides = list(overrides) + ([f"run_dir={json.dumps(run_dir)}"] if run_dir else [])
+    if config is None and resume and run_dir:
+        config = Path(run_dir) / SAVED
+    d = read_posttrain_dict("sft", config, overrides)
+    return build_sft(d, resume, overwrite, progress)
+
+
+def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: bool | None = None,
+              saved: dict | None = None, make_trainer=None):
+    """Steps 1-4 for a run dict with an [sft] table. `saved`: what posttrain.json keeps for --resume (default d);
+    `make_trainer(cfg, **kwargs)`: a Trainer subclass (logit distillation: dsv3.posttrain.distill)."""
+    from ..train import Trainer
+    make_trainer = make_trainer or Trainer
+    # step 1-2: the [sft] table, then the base model it names
+    section = section_from_table("sft", d["sft"])
+    if "model" in d:
+        raise ConfigError("invalid sft config: [model] comes from sft.init; remove it")
+    base = load_base(section.init, section.ema)
+    _, cfg = split_config("sft", d, base.model_config.to_dict())
+    # step 3: conversations (at most data.seq_len tokens), the eval split
+    train, report = read_chat_rows(section.train_files, base.tokenizer, cfg.data.seq_len, _template(base),
+                                   section.strict)
+    if section.eval_files:
+        val, val_report = read_chat_rows(section.eval_files, base.tokenizer, cfg.data.seq_len, _template(base),
+                                         section.strict)
+    else:
+        n_val = int(len(train) * section.eval_fraction) if cfg.log.val_batches else 0
+        order = list(range(len(train)))
+        random.Random(f"sft-split:{section.seed}").shuffle(order)
+        val, train = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
+        val_report = None
+    if section.epochs:
+        steps = max(1, math.ceil(section.epochs * len(train) / cfg.train.batch_size))
+        _, cfg = split_config("sft", d, base.model_config.to_dict(), train={"steps": steps})
+    source = ChatBatches(base.tokenizer, train, val, cfg.train.micro_batch_size, cfg.log.val_batches, section.seed)
+    # step 4: the pre-training Trainer on this source, from the base's weights
+    trainer = make_trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, source=source,
+                      init_state=base.state)
+    lines = [f"SFT from {section.init}: train data {report.summary()}"] + (
+        [f"eval data {val_report.summary()}"] if val_report else [f"eval: {len(val)} held-out conversations"])
+    if trainer.layout.is_main:
+        (trainer.run_dir / SAVED).write_text(json.dumps(saved or d, indent=1))
+        (trainer.run_dir / "sft_data.json").write_text(json.dumps(
+            {"train": report.kept, "train_dropped": dict(report.bad), "first_bad": report.examples,
+             "eval": len(val), "config": section_dict(section)}, indent=1))
+        if not resume:
+            for line in lines:
+                trainer.logger.log_event(0, line)
+    return trainer, lines
+
+
+def _template(base):
+    from ..data.chat import ChatTemplate
+    return ChatTemplate(base.template)
+

@@ -1,0 +1,55 @@
+"""`dsv3 distill` (dsv3.posttrain.distill): logit distillation on the teacher's top-k lowers the student's KL to the
+teacher; a tokenizer mismatch in logit mode and a teacher whose samples all fail the verifier are clear errors."""
+
+import json
+
+import pytest
+
+from dsv3.config import ConfigError
+from dsv3.posttrain.distill import distill_trainer
+from dsv3.train.metrics import read_metrics
+from posttrain_fixture import conversation, make_base, write_chat
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    data = write_chat(tmp / "chat.jsonl", [conversation(a, b) for a in range(1, 6) for b in range(1, 6)])
+    return tmp, make_base(tmp / "teacher", seed=3), make_base(tmp / "student", seed=4), data
+
+
+def run_file(tmp, name, **distill):
+    d = {"run_dir": str(tmp / name), "distill": distill, "optim": {"lr": 3e-3}, "data": {"seq_len": 64},
+         "train": {"steps": 12, "batch_size": 4, "micro_batch_size": 4, "device": "cpu", "dtype": "fp32"},
+         "log": {"interval": 4, "val_interval": 0, "tensorboard": False, "progress": False},
+         "checkpoint": {"interval": 0}}
+    p = tmp / f"{name}.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def test_logit_kd_lowers_the_kl_to_the_teacher(bases):
+    tmp, teacher, student, data = bases
+    t, _ = distill_trainer(run_file(tmp, "kd", teacher=str(teacher), init=str(student), mode="logit",
+                                    train_files=[str(data)], kd_weight=1.0, top_k=8), [])
+    t.run()
+    kd = [r["kd_loss"] for r in read_metrics(t.run_dir, kind="train")]
+    assert kd[-1] < 0.5 * kd[0], kd
+
+
+def test_sequence_mode_with_a_teacher_that_never_passes_the_verifier(bases):
+    tmp, teacher, student, _ = bases
+    with pytest.raises(ValueError, match="no training conversations"):
+        distill_trainer(run_file(tmp, "seq", teacher=str(teacher), init=str(student), prompts=4, samples=2,
+                                 max_new_tokens=4, digits=2), [])
+    assert (tmp / "seq" / "distill_data.jsonl").read_text() == ""       # a random teacher: nothing verified
+
+
+def test_logit_mode_needs_one_tokenizer(bases, tmp_path):
+    tmp, teacher, _, data = bases
+    from dsv3.data import train_tokenizer
+    other = make_base(tmp_path / "other")
+    train_tokenizer(["a different corpus " * 50, "1 2 3 " * 50], vocab_size=300).save(other)
+    with pytest.raises(ConfigError, match="needs the teacher's tokenizer"):
+        distill_trainer(run_file(tmp_path, "x", teacher=str(teacher), init=str(other), mode="logit",
+                                 train_files=[str(data)]), [])

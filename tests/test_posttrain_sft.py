@@ -1,0 +1,139 @@
+"""`dsv3 sft` on the pre-training Trainer: the batches' targets are exactly the assistant tokens, the loss falls,
+resume is exact, bad rows are counted, the [sft] table is validated, and the run exports like a pre-training run."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from dsv3.cli import main
+from dsv3.config import ConfigError
+from dsv3.posttrain.chat_data import encode_conversation
+from dsv3.posttrain.sft import ChatBatches, sft_trainer
+from dsv3.train.metrics import read_metrics
+from posttrain_fixture import conversation, make_base, write_chat
+
+ROWS = [conversation(a, b) for a in range(1, 7) for b in range(1, 7)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft")
+    base = make_base(tmp / "base")
+    bad = ['{"messages": [{"role": "bot", "content": "x"}]}', "not json", {"messages": [{"role": "user",
+                                                                                         "content": "hi"}]}]
+    data = write_chat(tmp / "chat.jsonl", ROWS + bad)
+    return tmp, base, data
+
+
+def run_file(tmp, base, data, name, **sections):
+    d = {"run_dir": str(tmp / name), "sft": {"init": str(base), "train_files": [str(data)], "eval_fraction": 0.2},
+         "optim": {"lr": 3e-3}, "data": {"seq_len": 64},
+         "train": {"steps": 8, "batch_size": 4, "micro_batch_size": 2, "device": "cpu", "dtype": "fp32"},
+         "log": {"interval": 1, "val_interval": 4, "val_batches": 2, "tensorboard": False, "progress": False},
+         "checkpoint": {"interval": 4, "keep": 0}}
+    for k, v in sections.items():
+        d.setdefault(k, {}).update(v)
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_batch_targets_are_exactly_the_assistant_tokens(files):
+    tmp, base, _ = files
+    from dsv3.data import Tokenizer
+    tok = Tokenizer.load(base)
+    exs = [encode_conversation(tok, r["messages"]) for r in ROWS[:5]]
+    src = ChatBatches(tok, exs, [], rows=3, val_batches=0, seed=1)
+    window, targets = src.next_batch(3)
+    assert targets.shape == (3, window.shape[1] - 1)
+    order = src.order[:3]
+    for b, i in enumerate(order):
+        e = exs[i]
+        want = [e.ids[t + 1] if e.loss_mask[t + 1] else -100 for t in range(len(e.ids) - 1)]
+        want += [-100] * (targets.shape[1] - len(want))
+        assert targets[b].tolist() == want
+        # independently: the loss tokens decode to the assistant content and its EOS
+        loss_ids = [t for t in targets[b].tolist() if t != -100]
+        assert tok.decode(loss_ids) == ROWS[i]["messages"][1]["content"] + "<｜end▁of▁sentence｜>"
+        assert window[b, :len(e.ids)].tolist() == e.ids
+
+
+def test_data_position_round_trips_and_epochs_reshuffle(files):
+    tmp, base, _ = files
+    from dsv3.data import Tokenizer
+    tok = Tokenizer.load(base)
+    exs = [encode_conversation(tok, r["messages"]) for r in ROWS[:5]]
+    a = ChatBatches(tok, exs, [], 2, 0, seed=3)
+    for _ in range(4):                       # 8 rows: into the second epoch
+        a.next_batch(2)
+    b = ChatBatches(tok, exs, [], 2, 0, seed=3)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        assert all(torch.equal(x, y) for x, y in zip(a.next_batch(2), b.next_batch(2)))
+    with pytest.raises(ValueError, match="data files or sft.seed changed"):
+        ChatBatches(tok, exs[:4], [], 2, 0, seed=3).load_state_dict(a.state_dict())
+
+
+@pytest.fixture(scope="module")
+def full(files):
+    tmp, base, data = files
+    trainer, lines = sft_trainer(run_file(tmp, base, data, "full"), [])
+    trainer.run()
+    return trainer.run_dir, lines
+
+
+def test_bad_rows_counted_and_reported(full):
+    run, lines = full
+    assert "36 conversations kept, 3 dropped" in lines[0] and "unknown role" in lines[0] and "not JSON" in lines[0]
+    events = [r["message"] for r in read_metrics(run, kind="event")]
+    assert any("3 dropped" in e for e in events)
+    assert json.loads((run / "sft_data.json").read_text())["train_dropped"] == {
+        "unknown role 'bot'": 1, "not JSON": 1, "no assistant turn": 1}
+
+
+def test_sft_loss_falls_and_eval_loss_is_logged(files):
+    tmp, base, data = files
+    trainer, _ = sft_trainer(run_file(tmp, base, data, "long", train={"steps": 20}, log={"val_interval": 20},
+                                      checkpoint={"interval": 0}), [])
+    first = trainer.evaluate()["val_loss"]
+    trainer.run()
+    losses = [r["main_loss"] for r in read_metrics(trainer.run_dir, kind="train")]
+    val = read_metrics(trainer.run_dir, kind="val")[-1]["val_loss"]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    assert val < 0.7 * first, (first, val)
+
+
+def test_resume_is_exact(full, files):
+    run, _ = full
+    tmp = files[0]
+    resumed = tmp / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    assert main(["sft", "--resume", "--run-dir", str(resumed), "--quiet"]) == 0
+    losses = lambda r: {m["step"]: m["loss"] for m in read_metrics(r, kind="train")}  # noqa: E731
+    assert losses(resumed) == losses(run) and len(losses(run)) == 8
+    from safetensors.torch import load_file
+    a = load_file(str(run / "checkpoints" / "step_00000008" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step_00000008" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_and_generate_from_the_sft_run(full, files):
+    run, _ = full
+    out = files[0] / "hf"
+    assert main(["export", str(run), str(out)]) == 0
+    from dsv3.posttrain.base import load_model_and_tokenizer
+    model, tok = load_model_and_tokenizer(out)
+    assert model.config.vocab_size == tok.vocab_size or model.config.vocab_size >= tok.vocab_size
+
+
+@pytest.mark.parametrize("override,match", [
+    ("sft.epochs=-1", "sft.epochs=-1"), ("sft.bogus=1", "unknown keys \\['bogus'\\] in \\[sft\\]"),
+    ("sft.train_files=3", "sft.train_files=3"), ('sft.init=""', "sft.init"),
+    ("model.hidden_size=8", "comes from sft.init")])
+def test_config_errors_name_the_key(files, override, match):
+    tmp, base, data = files
+    with pytest.raises(ConfigError, match=match):
+        sft_trainer(run_file(tmp, base, data, "bad"), [override])
