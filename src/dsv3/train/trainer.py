@@ -48,6 +48,7 @@ from .config import RunConfig
 from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
 from .ema import CPUEma
+from .init_from import check_extension, find_source, load_source_weights
 from .metrics import MetricsLogger
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .recompute import apply_recompute
@@ -157,6 +158,10 @@ class Trainer:
             raise ConfigError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
                               "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
         check_start(self.run_dir, resume, overwrite)
+        source = None
+        if cfg.train.init_from and not resume:     # a resumed run's checkpoint holds the weights already
+            source = find_source(cfg.train.init_from)
+            check_extension(cfg.model, cfg.data.seq_len, source)
         if cfg.parallel.pp > 1:
             from .pipeline_step import PipelineLayout
             self.layout = PipelineLayout(self.device, cfg)
@@ -181,6 +186,8 @@ class Trainer:
                                self.tokenizer.eos_id) if cfg.log.val_batches else []
 
         self.model = build_model(cfg, self.device)
+        if source is not None:
+            load_source_weights(self.model, source)
         self.param_counts = self.model.num_params()      # of the whole model, before experts are sharded
         if cfg.train.precision == "fp8":     # before recomputation wraps the modules
             from ..fp8.training import apply_fp8
