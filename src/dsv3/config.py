@@ -150,6 +150,12 @@ class ModelConfig:
             if not isinstance(rs.get("original_max_position_embeddings"), int) or \
                     rs["original_max_position_embeddings"] <= 0:
                 fail("rope_scaling", "'original_max_position_embeddings' must be a positive integer")
+            num = lambda k: isinstance(rs.get(k), (int, float)) and not isinstance(rs.get(k), bool)  # noqa: E731
+            for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+                if rs.get(k) is not None and not (num(k) and rs[k] >= 0):
+                    fail("rope_scaling", f"'{k}' must be a number >= 0")
+            if not float(rs.get("beta_fast") or 32) > float(rs.get("beta_slow") or 1):
+                fail("rope_scaling", "'beta_fast' must exceed 'beta_slow' (rotations at the two ends of the ramp)")
 
     # ---- derived quantities -----------------------------------------------------------------------------------
     @property
@@ -275,13 +281,14 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
-    """A preset name (`tiny`, `lite`, `lite-8L`, `v3-671b`), a HF `config.json`, a checkpoint directory, or a TOML
-    file with a `[model]` table."""
+    """A preset name (`tiny`, `lite`, `lite-8L`, `v3-671b`), a HF `config.json`, a checkpoint directory, a training
+    run (or its checkpoint) directory, or a TOML file with a `[model]` table."""
     path = Path(name_or_path)
     if not path.exists() and (CONFIG_DIR / f"{name_or_path}.json").exists():
         path = CONFIG_DIR / f"{name_or_path}.json"
     if path.is_dir() or path.suffix == ".json":
-        return ModelConfig.from_hf(path)
+        run = _run_model_table(path)
+        return ModelConfig.from_dict(run) if run is not None else ModelConfig.from_hf(path)
     if path.suffix == ".toml":
         try:
             import tomllib
@@ -297,6 +304,17 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
         return model_config_from_table(model)
     presets = sorted(p.stem for p in CONFIG_DIR.glob("*.json")) if CONFIG_DIR.exists() else []
     raise ConfigError(f"no model config found at {name_or_path!r}; presets: {presets}")
+
+
+def _run_model_table(path: Path) -> dict | None:
+    """The `model` of a training run's config.json (a run or checkpoint directory, or the file), else None: a run
+    is a preset too, e.g. for an extension phase that starts from it (train.init_from)."""
+    f = path / "config.json" if path.is_dir() else path
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return d["model"] if isinstance(d.get("model"), dict) and isinstance(d.get("train"), dict) else None
 
 
 def model_config_from_table(table: dict) -> ModelConfig:

@@ -142,12 +142,8 @@ class ModelRunner:
             n, past = len(row.tokens), row.past
             c_kv, k_pe = self.cache.gather(layer, table, past + n)
             c_kv, k_pe = c_kv.to(q_nope.dtype), k_pe.to(q_nope.dtype)
-            mask = None
-            if n > 1:   # row token j sits at position past + j and sees positions <= its own
-                keys = torch.arange(past + n, device=q_nope.device)
-                mask = keys[None, :] <= torch.arange(past, past + n, device=q_nope.device)[:, None]
-            out[s:s + n] = attn._attend_naive(q_nope[None, s:s + n], q_pe[None, s:s + n], c_kv[None], k_pe[None],
-                                              mask)[0]
+            # row token j sits at position past + j and sees positions <= its own (causal over cache + row)
+            out[s:s + n] = attn._attend_naive(q_nope[None, s:s + n], q_pe[None, s:s + n], c_kv[None], k_pe[None])[0]
         if batch.decode:
             rows = batch.decode_rows
             w_uk, w_uv = attn.absorbed_weights()

@@ -4,7 +4,8 @@ Shapes: B batch, T new tokens, S keys (cached + new), H heads, C = kv_lora_rank,
 Dn = qk_nope_head_dim, Dv = v_head_dim, D = hidden_size.
 
 Both forms compute the same function:
-- naive (training / prefill): expand c_kv through kv_b_proj into per-head K (Dn + R) and V (Dv), then SDPA.
+- naive (training / prefill): expand c_kv through kv_b_proj into per-head K (Dn + R) and V (Dv), then causal
+  attention without an S x S score matrix (dsv3.model.attention: fused SDPA, or query blocks after a cache).
 - absorbed (decode): fold W_UK into the query and W_UV after the value sum, so attention runs directly on the
   cache of C + R values per token (576 for V3) shared by all heads:
       q_abs = q_nope @ W_UK[h]; score = (q_abs . c_kv + q_pe . k_pe) * scale; o = (p @ c_kv) @ W_UV[h]^T
@@ -13,11 +14,11 @@ The cache always holds the *normalised* c_kv and the *rotated* k_pe (spec 9.3), 
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .layers import RMSNorm, upcast
+from .attention import causal_attention
 from .rope import apply_rope
 
 
@@ -97,34 +98,29 @@ class MLA(nn.Module):
 
         # Query i sits at position start_pos + i and sees the keys at positions <= its own (causal; packed documents
         # are not masked from each other, TR 4.1). Without a cache the keys are just these T tokens.
-        S = c_kv.shape[1]
-        past = S - T
-        mask = None
-        if T > 1:
-            mask = torch.arange(S, device=x.device)[None, :] <= torch.arange(past, past + T, device=x.device)[:, None]
         attend = self._attend_absorbed if absorb else self._attend_naive
-        out = attend(q_nope, q_pe, c_kv, k_pe, mask)                    # (B, T, H, Dv)
+        out = attend(q_nope, q_pe, c_kv, k_pe)                          # (B, T, H, Dv)
         return self.o_proj(out.flatten(2))
 
-    def _attend_naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def _attend_naive(self, q_nope, q_pe, c_kv, k_pe):
+        """Queries (B, T, H, .) at the last T of the S cached positions; per-head K and V expanded from c_kv, then
+        causal attention without an S x S score matrix (dsv3.model.attention)."""
         B, S, H = c_kv.shape[0], c_kv.shape[1], self.n_heads
         kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        T = q.shape[1]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if (mask is None or T == S) else mask, is_causal=mask is not None and T == S,
-            scale=self.softmax_scale)
+        out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale)
         return out.transpose(1, 2)
 
-    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe):
+        T, S = q_nope.shape[1], c_kv.shape[1]
         w_uk, w_uv = self.absorbed_weights()                              # (H, Dn, C), (H, Dv, C)
         q_abs = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
         scores = upcast(torch.einsum("bthc,bsc->bths", q_abs, c_kv) +
                         torch.einsum("bthr,bsr->bths", q_pe, k_pe)) * self.softmax_scale
-        if mask is not None:
+        if T > 1:   # the decode form: a (T, S) mask is fine for the few tokens of a decode or verify step
+            mask = torch.arange(S, device=c_kv.device)[None, :] <= torch.arange(S - T, S, device=c_kv.device)[:, None]
             scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
         p = scores.softmax(dim=-1).to(c_kv.dtype)
         x = torch.einsum("bths,bsc->bthc", p, c_kv)

@@ -234,6 +234,10 @@ class TrainConfig:
     # CUDA: one compiled kernel set for clipping + AdamW instead of fused AdamW
     compile_optimizer: bool = setting(False, Flag())
     seed: int = setting(0, SEED)
+    # start from this model's weights (not a resume: fresh optimizer, schedule and data position): a run directory,
+    # one of its checkpoints or a Hugging Face directory; e.g. a long-context extension phase (dsv3.train.init_from)
+    init_from: str = setting("", Text("a run, checkpoint or Hugging Face directory; '' starts from random weights",
+                                      nonempty=False))
     # a step whose loss exceeds this multiple of the running loss is a spike: counted, and no checkpoint is written
     # until the loss is back under it (a blow-up is never saved as the run's latest state)
     spike_ratio: float = setting(1.5, Real(1, lo_open=True))
@@ -309,6 +313,11 @@ class RunConfig:
         if self.data.seq_len < 2 or self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"invalid run config: data.seq_len={self.data.seq_len} must be in "
                               f"[2, model.max_position_embeddings={self.model.max_position_embeddings}]")
+        y = self.model.yarn()
+        if y is not None and self.data.seq_len > y["factor"] * y["original_max_position_embeddings"]:
+            raise ConfigError(f"invalid run config: data.seq_len={self.data.seq_len} exceeds what YaRN interpolates, "
+                              f"model.rope_scaling factor x original_max_position_embeddings = "
+                              f"{y['factor'] * y['original_max_position_embeddings']:g}; raise the factor")
         if self.data.vocab_size > self.model.vocab_size:
             raise ConfigError(f"invalid run config: data.vocab_size={self.data.vocab_size} exceeds "
                               f"model.vocab_size={self.model.vocab_size}")

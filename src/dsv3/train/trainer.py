@@ -48,6 +48,7 @@ from .config import RunConfig
 from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
 from .ema import CPUEma
+from .init_from import check_extension, find_source, load_source_weights
 from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
@@ -173,6 +174,10 @@ class Trainer:
         if source is not None and cfg.parallel.pp > 1:
             raise ConfigError("parallel.pp > 1 trains only on the pre-training corpus (a batch source with a loss "
                               "mask does not go through DualPipeV); use parallel.pp=1")
+        init_source = None
+        if cfg.train.init_from and not resume:     # a resumed run's checkpoint holds the weights already
+            init_source = find_source(cfg.train.init_from)
+            check_extension(cfg.model, cfg.data.seq_len, init_source)
         if cfg.parallel.pp > 1:
             from .pipeline_step import PipelineLayout
             self.layout = PipelineLayout(self.device, cfg)
@@ -205,6 +210,8 @@ class Trainer:
         self.model = build_model(cfg, self.device)
         if init_state is not None:
             self.model.load_state_dict(init_state, strict=True)
+        elif init_source is not None:
+            load_source_weights(self.model, init_source)
         self.param_counts = self.model.num_params()      # of the whole model, before experts are sharded
         if cfg.train.precision == "fp8":     # before recomputation wraps the modules
             from ..fp8.training import apply_fp8

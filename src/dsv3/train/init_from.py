@@ -1,0 +1,98 @@
+"""`train.init_from`: a run that starts from another model's weights, e.g. a long-context extension phase
+(TR 4.3: 4K -> 32K -> 128K with YaRN) starting from the pre-training run, or phase 2 from phase 1.
+
+The source is a training run directory (its newest valid checkpoint), one of its checkpoint directories, or a
+Hugging Face directory (`dsv3 export`, a released model). Only the weights (and routing biases) are taken: the new
+run has its own optimizer state, schedule, data position and step count.
+
+What may differ from the source: the positions (`max_position_embeddings`, `rope_scaling`) and nothing else of the
+shapes or the routing rules. The YaRN rule (spec 1.5): `original_max_position_embeddings` is the *pre-training*
+length, so it must equal the source's own original length when the source is already YaRN-extended (phase 2 keeps
+phase 1's), else the source's training length (a run's `data.seq_len`; a HF model's `max_position_embeddings`).
+Every refusal names the key and happens before the run writes a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+
+# ModelConfig fields an extension phase may change (the rest must equal the source's)
+POSITION_FIELDS = ("max_position_embeddings", "rope_scaling", "rope_key", "hf_extra", "hf_absent", "torch_dtype",
+                   "init_std", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclass
+class Source:
+    path: Path
+    model: ModelConfig
+    trained_len: int          # the sequence length the source was trained at (HF: its max_position_embeddings)
+    checkpoint: Path | None   # a training checkpoint, or None for a HF directory
+
+
+def find_source(path: str | Path) -> Source:
+    """Where the weights come from and what the source's model was (reads configs only)."""
+    from .checkpoint import newest_valid_checkpoint
+    from .config import RunConfig
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"invalid run config: train.init_from={str(path)!r}: not a directory (a run, one of its "
+                          f"checkpoints, or a Hugging Face model directory)")
+    ckpt = None
+    if (p / "checkpoints").is_dir():
+        ckpt, _ = newest_valid_checkpoint(p)
+        if ckpt is None:
+            raise ConfigError(f"invalid run config: train.init_from={str(path)!r}: the run has no valid checkpoint")
+    elif (p / "state.json").exists():
+        ckpt = p
+    if ckpt is not None:
+        run = RunConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+        return Source(p, run.model, run.data.seq_len, ckpt)
+    if not (p / "config.json").exists():
+        raise ConfigError(f"invalid run config: train.init_from={str(path)!r}: neither a run, a checkpoint nor a "
+                          f"Hugging Face directory (no config.json)")
+    model = ModelConfig.from_hf(p)
+    return Source(p, model, model.max_position_embeddings, None)
+
+
+def check_extension(model: ModelConfig, seq_len: int, source: Source) -> None:
+    """The new run's model must be the source's up to its positions; YaRN's original length the pre-training one."""
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in POSITION_FIELDS:
+            continue
+        if getattr(model, f.name) != getattr(source.model, f.name):
+            raise ConfigError(f"invalid run config: model.{f.name}={getattr(model, f.name)!r} differs from "
+                              f"train.init_from's {getattr(source.model, f.name)!r} (only max_position_embeddings "
+                              f"and rope_scaling may change when starting from a model)")
+    y, src = model.yarn(), source.model.yarn()
+    if y is None:
+        return          # plain RoPE: the no-YaRN control of an extension (or a fine-tune at the same length)
+    want = src["original_max_position_embeddings"] if src is not None else source.trained_len
+    if y["original_max_position_embeddings"] != want:
+        why = ("the source is YaRN-extended from that length" if src is not None
+               else "the source was trained at that length")
+        raise ConfigError(f"invalid run config: model.rope_scaling.original_max_position_embeddings="
+                          f"{y['original_max_position_embeddings']} must be {want}: {why} (spec 1.5)")
+
+
+def load_source_weights(model: torch.nn.Module, source: Source) -> None:
+    """Copy the source's weights and buffers into `model` (strict: every tensor, every shape)."""
+    if source.checkpoint is not None:
+        from .checkpoint import load_checkpoint
+        load_checkpoint(source.checkpoint, model, restore_rng=False)
+        return
+    from ..checkpoint import load_pretrained
+    state = load_pretrained(source.path, dtype=torch.float32).state_dict()
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise ConfigError(f"invalid run config: train.init_from={str(source.path)!r} lacks {missing[:5]} (a model "
+                          f"without its MTP module? set model.num_nextn_predict_layers=0)")
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(state[k])
