@@ -15,8 +15,8 @@ Decode-sized batches (<= MOE_DECODE_MAX_TOKENS tokens) run their routed experts 
 (dsv3.kernels.moe_decode: one launch per GEMM stage, only the selected experts' weights read) when
 `EngineConfig.fused_moe` says so. With `compile_decode`, the graph buckets' forward runs each layer's work around
 the cache write and the attention kernel (norms, projections, RoPE, routing, experts, residuals) as two
-`torch.compile`d functions (static shapes, one compiled graph per bucket shape and layer kind, reused by every
-layer: the layer's modules are graph inputs); the CUDA graph then captures the compiled kernels.
+`torch.compile`d functions (fullgraph; one compiled graph per layer kind, reused by every layer: the layer's
+modules are graph inputs); the CUDA graph then captures the compiled kernels.
 """
 
 from __future__ import annotations
@@ -80,12 +80,14 @@ _EAGER = (_prologue, _pre_attention, _post_attention)
 @functools.cache
 def _compiled() -> tuple:
     """The compiled forms of _EAGER, made once per process (dynamo keys its cache on the code, not the wrapper).
-    Every graph bucket (batch size, table width) and layer kind (dense / MoE, bf16 / FP8 modules) is its own
-    static-shape graph: allow more of them than dynamo's default 8 per function."""
-    limit = 256
+    Shapes as dynamo's default: the first bucket size static, the token dimension symbolic from the second on
+    (one more graph, not one per bucket: compile time is what a benchmark run pays); each layer kind (dense / MoE,
+    bf16 / FP8 modules, fused or not) is its own graph, so allow more than dynamo's default 8 per function. The
+    compiled code reads sizes on the host only: no sync, so the graphs capture."""
+    limit = 64
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
-    return tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in _EAGER)
+    return tuple(torch.compile(f, fullgraph=True) for f in _EAGER)
 
 
 class ModelRunner:
