@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -102,7 +103,14 @@ def main() -> None:
             kw["padded"] = True       # CPU dry run: the graph buckets, run eagerly
         for B in map(int, a.batches.split(",")):
             t1 = time.time()
-            r = bench_decode(model, B, a.prompt, a.tokens, **kw)
+            try:
+                r = bench_decode(model, B, a.prompt, a.tokens, **kw)
+            except Exception as e:   # one failing mode (a compile error on a new stack) must not lose the others
+                traceback.print_exc()
+                rows.append(dict(mode=mode, batch=B, error=f"{type(e).__name__}: {str(e)[:2000]}"))
+                print(f"{mode:14s} batch {B:3d}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
+                break
             r.update(mode=mode, wall_s=time.time() - t1)
             rows.append(r)
             if a.profile and mode != "eager":
