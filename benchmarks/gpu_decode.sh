@@ -57,7 +57,8 @@ fi
 stamp "done"
 python - <<'PY'
 import json, os
-rows = json.load(open(os.path.join(os.environ["OUT"], "engine_decode.json")))
+path = os.path.join(os.environ["OUT"], "engine_decode.json")
+rows = json.load(open(path)) if os.path.exists(path) else []
 print("mode            batch    tok/s   TPOT ms  roofline")
 for r in rows:
     if "error" in r:
