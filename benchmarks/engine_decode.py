@@ -1,17 +1,25 @@
 """Decode throughput of the dsv3 inference engine on `lite` (27 layers, random bf16 weights): 128-token prompts,
-greedy, against the ANCHORS decode roofline; JSON under $OUT. Same as `dsv3 bench decode` (each measurement after
-an untimed round that compiles kernels and captures the graphs it needs), over modes:
-  eager   bf16 weights, no CUDA graphs;  graphs  bf16 weights, decode from CUDA graphs;
-  fp8     weights in the released FP8 block format (dsv3.infer.fp8_weights), CUDA graphs.
-(fp8 quantises the model in place, so it runs last.)
+greedy, against the ANCHORS decode roofline; JSON under $OUT (rewritten after every row, so a run cut short keeps
+what it measured). Same as `dsv3 bench decode` (each measurement after an untimed round that compiles kernels and
+captures the graphs it needs), over modes:
+  eager    bf16 weights, no CUDA graphs;          graphs   bf16 weights, decode from CUDA graphs (MoE module);
+  compile  graphs + torch.compile'd decode layers (EngineConfig.compile_decode);
+  fused    compile + the fused MoE decode kernel (EngineConfig.fused_moe = on);
+  fusedeager  graphs + the fused MoE kernel, no compile;
+  fp8, fp8-compile, fp8-fused, fp8-fusedeager: the same with weights in the released FP8 block format
+  (dsv3.infer.fp8_weights). fp8 quantises the model in place, so every bf16 mode runs first.
 
-GPU:  PYTHONPATH=src python benchmarks/engine_decode.py --batches 1,32,64 --tokens 64 --modes eager,graphs,fp8
-CPU dry run: PYTHONPATH=src python benchmarks/engine_decode.py --tiny --device cpu --batches 1,4 --tokens 8
+GPU:  PYTHONPATH=src python benchmarks/engine_decode.py --batches 1,32,64 --tokens 64 --modes graphs,compile,fused,fp8,fp8-compile,fp8-fused
+CPU dry run: PYTHONPATH=src python benchmarks/engine_decode.py --tiny --device cpu --batches 1,4 --tokens 8 \
+  --modes graphs,fused,fp8,fp8-fused     (on CPU the bucketed decode runs without capture; `compile` needs bf16 there:
+  add --dtype bf16, since the fake grouped GEMM of the MoE module takes only bf16)
 """
 
 import argparse
 import json
 import os
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -47,35 +55,70 @@ def profile_step(model, batch: int, prompt: int) -> dict:
     return dict(replay_ms=replay_ms, kernels=table)
 
 
+MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused_moe="off"),
+         "compile": dict(compile_decode=True, fused_moe="off"), "fused": dict(compile_decode=True, fused_moe="on"),
+         "fusedeager": dict(fused_moe="on")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--batches", default="1,32,64")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--modes", default="eager,graphs,fp8")
+    p.add_argument("--deadline-s", type=float, default=0, help="skip the modes that would start after this many "
+                   "seconds (0: none skipped)")
     p.add_argument("--spec-k", type=int, default=0, help="also time MTP speculative decoding with k drafts at "
                    "batch 1 (random weights: the cost of a speculative step, not its acceptance)")
     p.add_argument("--profile", action="store_true", help="after each graphs/fp8 mode: GPU time of one replay and "
                    "the top kernels of the same step run eagerly")
     a = p.parse_args()
+    t0 = time.time()
+    modes = a.modes.split(",")
+    for m in modes:
+        if m.removeprefix("fp8-") not in MODES and m != "fp8":
+            raise SystemExit(f"--modes: unknown mode {m!r} (one of {', '.join(MODES)}, fp8, fp8-<mode>)")
+    is_fp8 = [m.startswith("fp8") for m in modes]
+    if is_fp8 != sorted(is_fp8):
+        raise SystemExit("--modes: fp8 quantises the model in place: list every bf16 mode before the fp8 ones")
     cfg = load_model_config("tiny" if a.tiny else "lite").replace(num_nextn_predict_layers=int(a.spec_k > 0))
-    model = random_model(cfg, a.device, torch.bfloat16 if a.device == "cuda" else torch.float32)
-    rows = []
-    for mode in a.modes.split(","):
-        if mode == "fp8":
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if a.device == "cuda" else "fp32")]
+    model = random_model(cfg, a.device, dtype)
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows, quantized = [], False
+    for mode in modes:
+        if a.deadline_s and time.time() - t0 > a.deadline_s:
+            print(f"{mode}: skipped (past --deadline-s {a.deadline_s:.0f})", flush=True)
+            continue
+        if mode.startswith("fp8") and not quantized:
             from dsv3.infer.fp8_weights import quantize_weights
             quantize_weights(model)
+            quantized = True
+        kw = dict(MODES[mode.removeprefix("fp8-")] if mode != "fp8" else MODES["graphs"])
+        if a.device != "cuda" and kw.get("cuda_graphs", True):
+            kw["padded"] = True       # CPU dry run: the graph buckets, run eagerly
         for B in map(int, a.batches.split(",")):
-            r = bench_decode(model, B, a.prompt, a.tokens, cuda_graphs=mode != "eager")
-            r["mode"] = mode
+            t1 = time.time()
+            try:
+                r = bench_decode(model, B, a.prompt, a.tokens, **kw)
+            except Exception as e:   # one failing mode (a compile error on a new stack) must not lose the others
+                traceback.print_exc()
+                rows.append(dict(mode=mode, batch=B, error=f"{type(e).__name__}: {str(e)[:2000]}"))
+                print(f"{mode:14s} batch {B:3d}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
+                break
+            r.update(mode=mode, wall_s=time.time() - t1)
             rows.append(r)
             if a.profile and mode != "eager":
                 r["profile"] = profile_step(model, B, a.prompt)
-            print(f"{mode:6s} batch {B:3d}: TTFT {r['ttft_s']:.3f} s, {r['tok_per_s']:9.1f} tok/s, TPOT "
+            print(f"{mode:14s} batch {B:3d}: TTFT {r['ttft_s']:.3f} s, {r['tok_per_s']:9.1f} tok/s, TPOT "
                   f"{r['tpot_ms']:.2f} ms, roofline {r['roofline_tok_per_s']:9.1f} tok/s ({r['roofline_fraction']:.1%}, "
-                  f"{r['step_bytes'] / 1e9:.2f} GB/step)", flush=True)
+                  f"{r['step_bytes'] / 1e9:.2f} GB/step); {r['wall_s']:.0f} s with warm-up", flush=True)
+            (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
     if a.spec_k:
         for k in (0, a.spec_k):
             r = bench_decode(model, 1, a.prompt, a.tokens, spec_tokens=k)
@@ -84,8 +127,6 @@ def main() -> None:
             rows.append(r)
             print(f"speculative k={k} batch 1: {r['ms_per_step']:.2f} ms per step, {r['tok_per_s']:.1f} tok/s, "
                   f"{r['spec']}", flush=True)
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
     (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -428,7 +428,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     model = _bench_model(args.config, args.mtp, _device(args.device), args.dtype, args.fp8)
     for b in map(int, args.batches.split(",")):
         if args.what == "decode":
-            r = bench_decode(model, b, args.prompt, args.tokens, args.spec, cuda_graphs=not args.no_cuda_graphs)
+            r = bench_decode(model, b, args.prompt, args.tokens, args.spec, cuda_graphs=not args.no_cuda_graphs,
+                             compile_decode=args.compile_decode, fused_moe=args.fused_moe)
             print(f"decode  batch {b:4d}: TTFT {r['ttft_s'] * 1e3:8.1f} ms  TPOT {r['tpot_ms']:7.2f} ms  "
                   f"{r['tok_per_s']:10.1f} tok/s  ({r['roofline_fraction']:.1%} of the {r['roofline_tok_per_s']:.0f} "
                   f"tok/s roofline)")
@@ -616,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--mtp", action="store_true", help="keep the config's MTP module")
     s.add_argument("--fp8", action="store_true", help="weights in the released FP8 block format (weight-only FP8 GEMMs)")
     s.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    s.add_argument("--compile-decode", action="store_true", help="decode: torch.compile the layers of the graphed "
+                   "decode steps")
+    s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="off", help="decode: routed experts of "
+                   "decode batches in the fused MoE kernel (auto: on CUDA)")
     s.add_argument("--concurrency", type=int, default=64, help="serve: streams in flight")
     s.add_argument("--requests", type=int, default=256, help="serve: requests in all")
     s.add_argument("--url", default=None, help="serve: load an already running server instead")

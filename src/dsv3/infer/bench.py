@@ -51,13 +51,19 @@ def _sync(device: str) -> None:
 
 
 def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int = 0,
-                 seed: int = 0, cuda_graphs: bool = True, warmup: bool = True) -> dict:
+                 seed: int = 0, cuda_graphs: bool = True, warmup: bool = True, compile_decode: bool = False,
+                 fused_moe: str = "off", padded: bool = False) -> dict:
+    """`compile_decode` / `fused_moe`: EngineConfig's decode-speed switches; `padded`: run the graph buckets
+    eagerly where graphs cannot capture (CPU dry runs of the compiled decode)."""
     device = str(next(model.parameters()).device)
     cfg = model.config
     engine = Engine(model, config=EngineConfig(block_size=64, max_num_seqs=batch, cache_memory_gib=4,
                                                max_num_batched_tokens=max(2048, batch * prompt_len),
                                                num_speculative_tokens=spec_tokens, speculative_max_batch=batch,
-                                               cuda_graphs=cuda_graphs))
+                                               cuda_graphs=cuda_graphs, compile_decode=compile_decode,
+                                               fused_moe=fused_moe))
+    if padded and engine.runner.graphs is None:
+        engine.use_decode_graphs(capture=False)
 
     def run(seed: int) -> tuple[float, float, int]:
         g = torch.Generator().manual_seed(seed)

@@ -104,7 +104,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, config.block_size, num_blocks)
         self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, config)
         if config.cuda_graphs and graphs_supported(model):
             self.use_decode_graphs(capture=True)
         self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fp8 import dequantize_blocks, quantize_blocks
-from ..kernels.fp8_weight_gemm import fp8_grouped_linear, fp8_linear
+from ..kernels.decode_ops import fp8_grouped_linear, fp8_linear   # custom ops: opaque to torch.compile
 from ..model.mla import MLA
 from ..model.layers import MLP
 from ..model.moe import Experts

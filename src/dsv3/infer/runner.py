@@ -10,10 +10,18 @@ once for the whole batch. Attention depends on the row:
 The model's own modules do the math (`MLA.project`, `_attend_naive`, `absorbed_weights`, the blocks' norms and
 FFNs); the runner only routes tokens and cache slots. The MTP module runs the same way on cache layer
 `num_hidden_layers`, so its drafts attend over its own latents (spec 1.8).
+
+Decode-sized batches (<= MOE_DECODE_MAX_TOKENS tokens) run their routed experts through the fused MoE kernel
+(dsv3.kernels.moe_decode: one launch per GEMM stage, only the selected experts' weights read) when
+`EngineConfig.fused_moe` says so. With `compile_decode`, the graph buckets' forward runs each layer's work around
+the cache write and the attention kernel (norms, projections, RoPE, routing, experts, residuals) as two
+`torch.compile`d functions (fullgraph; one compiled graph per layer kind, reused by every layer: the layer's
+modules are graph inputs); the CUDA graph then captures the compiled kernels.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +30,9 @@ from ..kernels.mla_decode import mla_decode
 from ..model import Transformer
 from ..model.rope import rope_cos_sin
 from .cache import PagedLatentCache, slot
+from .config import EngineConfig
 from .graphs import DecodeGraphs
+from .moe_dispatch import fused_moe_available, moe_ffn
 
 
 @dataclass
@@ -48,19 +58,57 @@ class Batch:
     graph_key: tuple[int, int] | None = None   # set when the batch runs from a captured decode graph ...
     graphs: object = None                      # ... of this DecodeGraphs
 
+def _prologue(model: Transformer, input_ids: torch.Tensor, positions: torch.Tensor):
+    """Embeddings (1, N, D) and the RoPE cos / sin of the positions."""
+    return model.embed_tokens(input_ids)[None], *rope_cos_sin(model.config, positions)
+
+
+def _pre_attention(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A block up to attention: q_nope, rotated q_pe, normalised c_kv, rotated k_pe (MLA.project)."""
+    return layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+
+
+def _post_attention(layer, x: torch.Tensor, out: torch.Tensor, fused_moe: bool) -> torch.Tensor:
+    """A block after attention: output projection and residual, then the FFN (MoE or dense) and residual."""
+    x = x + layer.self_attn.o_proj(out.flatten(1).to(x.dtype))[None]
+    return x + moe_ffn(layer.mlp, layer.post_attention_layernorm(x), fused_moe)
+
+
+_EAGER = (_prologue, _pre_attention, _post_attention)
+
+
+@functools.cache
+def _compiled() -> tuple:
+    """The compiled forms of _EAGER, made once per process (dynamo keys its cache on the code, not the wrapper).
+    Shapes as dynamo's default: the first bucket size static, the token dimension symbolic from the second on
+    (one more graph, not one per bucket: compile time is what a benchmark run pays); each layer kind (dense / MoE,
+    bf16 / FP8 modules, fused or not) is its own graph, so allow more than dynamo's default 8 per function. The
+    compiled code reads sizes on the host only: no sync, so the graphs capture."""
+    limit = 64
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+    return tuple(torch.compile(f, fullgraph=True) for f in _EAGER)
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedLatentCache):
+    def __init__(self, model: Transformer, cache: PagedLatentCache, config: EngineConfig | None = None):
         self.model, self.cache, self.cfg = model, cache, model.config
+        self.config = config or EngineConfig()
         self.device = next(model.parameters()).device
         self.block_size = cache.block_size
         self.graphs: DecodeGraphs | None = None       # set by the engine on CUDA: the main model's decode graphs
         self.mtp_graphs: DecodeGraphs | None = None   # and the MTP module's
+        self.fused_moe = fused_moe_available(model, self.config.fused_moe)
 
     def use_graphs(self, max_batch: int, max_blocks: int, scratch_block: int, capture: bool) -> None:
-        self.graphs = DecodeGraphs(self, self.forward_eager, max_batch, max_blocks, scratch_block, capture)
+        """Decode batches from padded buckets (dsv3.infer.graphs), their forward compiled with `compile_decode`."""
+        compiled = self.config.compile_decode
+        self.graphs = DecodeGraphs(self, functools.partial(self.forward_eager, compiled=compiled), max_batch,
+                                   max_blocks, scratch_block, capture)
         if len(self.model.mtp):
-            self.mtp_graphs = DecodeGraphs(self, self.mtp_forward_eager, max_batch, max_blocks, scratch_block,
-                                           capture, extra_width=self.cfg.hidden_size, pool=self.graphs.pool)
+            self.mtp_graphs = DecodeGraphs(self, functools.partial(self.mtp_forward_eager, compiled=compiled),
+                                           max_batch, max_blocks, scratch_block, capture,
+                                           extra_width=self.cfg.hidden_size, pool=self.graphs.pool)
 
     def prepare(self, rows: list[Row], graph: bool = True, mtp: bool = False,
                 input_ids: torch.Tensor | None = None) -> Batch:
@@ -101,12 +149,14 @@ class ModelRunner:
             return batch.graphs.run(batch)
         return self.forward_eager(batch)
 
-    def forward_eager(self, batch: Batch) -> torch.Tensor:
+    def forward_eager(self, batch: Batch, compiled: bool = False) -> torch.Tensor:
+        """The forward without graphs; `compiled`: through the torch.compile'd layer functions (static shapes:
+        graph buckets only)."""
         model = self.model
-        x = model.embed_tokens(batch.input_ids)[None]                       # (1, N, D)
-        cos, sin = rope_cos_sin(self.cfg, batch.positions)
+        fns = _compiled() if compiled else _EAGER
+        x, cos, sin = fns[0](model, batch.input_ids, batch.positions)      # (1, N, D)
         for i, layer in enumerate(model.layers):
-            x = self._block(i, layer, x, cos, sin, batch)
+            x = self._block(i, layer, x, cos, sin, batch, fns)
         return model.norm(x)[0]
 
     @torch.inference_mode()
@@ -118,22 +168,22 @@ class ModelRunner:
             return batch.graphs.run(batch, hidden)
         return self.mtp_forward_eager(batch, hidden)
 
-    def mtp_forward_eager(self, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_forward_eager(self, batch: Batch, hidden: torch.Tensor, compiled: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         module = model.mtp[0]
         emb = model.embed_tokens(batch.input_ids)
         x = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(hidden.to(emb.dtype))], dim=-1))[None]
         cos, sin = rope_cos_sin(self.cfg, batch.positions)
-        x = self._block(self.cfg.num_hidden_layers, module, x, cos, sin, batch)[0]
+        fns = _compiled() if compiled else _EAGER
+        x = self._block(self.cfg.num_hidden_layers, module, x, cos, sin, batch, fns)[0]
         return self.logits(module.shared_head.norm(x)), x
 
-    def _block(self, index: int, layer, x, cos, sin, batch: Batch) -> torch.Tensor:
-        attn = layer.self_attn
-        q_nope, q_pe, c_kv, k_pe = attn.project(layer.input_layernorm(x), cos, sin)
+    def _block(self, index: int, layer, x, cos, sin, batch: Batch, fns: tuple = _EAGER) -> torch.Tensor:
+        q_nope, q_pe, c_kv, k_pe = fns[1](layer, x, cos, sin)
         self.cache.write(index, batch.slots, c_kv[0], k_pe[0])
-        out = self._attention(index, attn, q_nope[0], q_pe[0], batch)     # (N, H, Dv)
-        x = x + attn.o_proj(out.flatten(1).to(x.dtype))[None]
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        out = self._attention(index, layer.self_attn, q_nope[0], q_pe[0], batch)     # (N, H, Dv)
+        return fns[2](layer, x, out, self.fused_moe)
 
     def _attention(self, layer: int, attn, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: Batch) -> torch.Tensor:
         out = q_nope.new_empty(q_nope.shape[0], attn.n_heads, attn.v_dim)

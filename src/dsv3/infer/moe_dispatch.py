@@ -1,0 +1,55 @@
+"""Which FFN call a decode step makes: the fused MoE kernel (dsv3.kernels.moe_decode) for the routed experts of
+decode-sized batches, the model's own MoE module otherwise.
+
+The fused path is the MoE module's forward (spec 1.6) with its routed-expert part swapped: the same gate
+(`Gate.route`), the same per-expert load counts into `tokens_per_expert`, the shared experts added after. It
+applies to plain stacked experts (`Experts`) and FP8 block weights (`FP8Experts`); any other experts module
+(expert-parallel slots) and batches over MOE_DECODE_MAX_TOKENS tokens take the module's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.decode_ops import moe_decode
+from ..kernels.triton_setup import HAS_TRITON, capability
+from ..model.moe import Experts, MoE
+from .fp8_weights import FP8Experts
+
+MOE_DECODE_MAX_TOKENS = 256
+
+
+def fused_moe_available(model: nn.Module, mode: str) -> bool:
+    """`EngineConfig.fused_moe`: on (any device: the reference on CPU), off, or auto = a CUDA GPU of sm_89+ (the
+    FP8 kernels' e4m3 conversion) with triton."""
+    if mode != "auto":
+        return mode == "on"
+    w = model.embed_tokens.weight
+    return HAS_TRITON and w.is_cuda and capability(w.device) >= (8, 9)
+
+
+def expert_tensors(experts: nn.Module) -> tuple | None:
+    """(gate, up, down, gate_scale, up_scale, down_scale) of experts the fused kernel reads, else None."""
+    if type(experts) is Experts:
+        return (*experts.stacked_weights(), None, None, None)
+    if type(experts) is FP8Experts:
+        names = ("gate_proj", "up_proj", "down_proj")
+        return (*(getattr(experts, n) for n in names), *(getattr(experts, f"{n}_scale_inv") for n in names))
+    return None
+
+
+def moe_ffn(mlp: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """mlp(x) for x (B, T, D), through the fused kernel when `fused` and it applies."""
+    tensors = expert_tensors(mlp.experts) if fused and isinstance(mlp, MoE) and not mlp.keep_routing else None
+    if tensors is None or x.numel() // x.shape[-1] > MOE_DECODE_MAX_TOKENS:
+        return mlp(x)
+    flat = x.reshape(-1, x.shape[-1])
+    weights, idx, _ = mlp.gate.route(flat)
+    with torch.no_grad():
+        flat_idx = idx.flatten()
+        mlp.tokens_per_expert.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+    y = moe_decode(flat, weights, idx, *tensors)
+    if mlp.shared_experts is not None:
+        y = y + mlp.shared_experts(flat)
+    return y.view(x.shape)

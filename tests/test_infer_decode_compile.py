@@ -1,0 +1,126 @@
+"""Decode-speed paths of the engine against the plain engine: the fused MoE decode kernel (`fused_moe="on"`: the
+PyTorch reference of dsv3.kernels.moe_decode on CPU) and the torch.compile'd decode layers (`compile_decode`, inductor
+on CPU), both through the padded graph buckets run eagerly (capture=False, as test_infer_engine does)."""
+
+import pytest
+import torch
+
+from conftest import build, tiny_config
+from dsv3.infer import Engine, EngineConfig, SamplingParams
+from dsv3.infer.moe_dispatch import MOE_DECODE_MAX_TOKENS, expert_tensors, fused_moe_available
+from dsv3.model.moe import MoE
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+def greedy(model, ps, padded=True, **kw):
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64, **kw))
+    if padded:
+        engine.use_decode_graphs(capture=False)
+    return [o.token_ids for o in engine.generate(ps, PARAMS)], engine
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build(tiny_config(vocab_size=96), seed=3, dtype=torch.float32)
+
+
+def test_fused_moe_engine_equals_the_module_path(model):
+    """Every MoE layer of every step through the fused kernel's reference: the same greedy tokens and the same
+    routing loads as the MoE module's own forward (unpadded and padded batches)."""
+    ps = prompts([1, 5, 9, 17])
+    want, plain = greedy(model, ps, padded=False, fused_moe="off")
+    for padded in (False, True):
+        got, engine = greedy(model, ps, padded=padded, fused_moe="on")
+        assert engine.runner.fused_moe and got == want
+    loads = lambda m: [x.tokens_per_expert.clone() for x in m.modules() if isinstance(x, MoE)]  # noqa: E731
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.tokens_per_expert.zero_()
+    greedy(model, ps, padded=False, fused_moe="off")
+    off = loads(model)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.tokens_per_expert.zero_()
+    greedy(model, ps, padded=False, fused_moe="on")
+    assert all(torch.equal(a, b) for a, b in zip(off, loads(model))) and sum(int(a.sum()) for a in off) > 0
+
+
+def test_fused_moe_engine_with_fp8_weights():
+    from dsv3.infer.fp8_weights import FP8Experts, quantize_weights
+    lm = quantize_weights(build(tiny_config(vocab_size=96), seed=5, dtype=torch.float32))
+    assert any(expert_tensors(m) is not None for m in lm.modules() if isinstance(m, FP8Experts))
+    ps = prompts([3, 11], seed=2)
+    assert greedy(lm, ps, fused_moe="on")[0] == greedy(lm, ps, padded=False, fused_moe="off")[0]
+
+
+def test_fused_moe_switch(model):
+    assert not fused_moe_available(model, "auto")          # CPU: auto means CUDA only
+    assert fused_moe_available(model, "on") and not fused_moe_available(model, "off")
+    assert MOE_DECODE_MAX_TOKENS >= 256
+    with pytest.raises(ValueError, match="EngineConfig.fused_moe"):
+        EngineConfig(fused_moe="yes")
+
+
+def test_compiled_decode_gives_the_eager_tokens(model):
+    """Inductor (CPU) compiles the decode layers of the graph buckets: greedy tokens equal the eager engine's, and the
+    compiled functions did run (dynamo counted their frames)."""
+    from torch._dynamo.utils import counters
+    ps = prompts([1, 5, 9])
+    want, _ = greedy(model, ps, padded=False, fused_moe="off")
+    before = counters["stats"]["unique_graphs"]
+    got, engine = greedy(model, ps, compile_decode=True, fused_moe="on")
+    assert got == want
+    assert counters["stats"]["unique_graphs"] > before
+    assert engine.runner.config.compile_decode
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA: the same paths captured in CUDA graphs, bf16 and FP8 block weights
+# ---------------------------------------------------------------------------------------------------------------
+
+def _cuda_ok() -> bool:
+    from dsv3.kernels.triton_setup import HAS_TRITON
+    return torch.cuda.is_available() and HAS_TRITON and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ok(), reason="needs a CUDA GPU of sm_89+ with triton (run through the device tool)")
+@pytest.mark.parametrize("fp8,compile_decode,fused", [(False, True, "off"), (False, False, "on"), (False, True, "on"),
+                                                      (True, False, "on"), (True, True, "on")],
+                         ids=["compile", "fused", "compile-fused", "fp8-fused", "fp8-compile-fused"])
+def test_cuda_fast_decode_matches_plain_decode(fp8, compile_decode, fused):
+    """Graph replays of the compiled / fused decode step equal the eager step of the same rows (hidden states, bf16
+    tolerance) while inputs change between replays, and greedy generations agree with the plain eager engine."""
+    from dsv3.infer.runner import Row
+    model = build(tiny_config(vocab_size=96), seed=3, dtype=torch.bfloat16).cuda()
+    if fp8:
+        from dsv3.infer.fp8_weights import quantize_weights
+        quantize_weights(model)
+    config = dict(block_size=16, num_blocks=64, compile_decode=compile_decode, fused_moe=fused)
+    engine = Engine(model, config=EngineConfig(**config))
+    assert engine.runner.graphs is not None and engine.runner.fused_moe == (fused == "on")
+    ps = prompts([5, 17, 30])
+    for p in ps:
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    engine.step()                                                    # prefill
+    for _ in range(4):
+        seqs = list(engine.scheduler.running)
+        assert all(engine.blocks.ensure_capacity(s, s.num_cached_tokens + 1) for s in seqs)
+        rows = [Row([s.token_ids[-1]], s.num_cached_tokens, s.block_table) for s in seqs]
+        eager = engine.runner.forward(engine.runner.prepare(rows, graph=False))
+        replayed = engine.runner.forward(engine.runner.prepare(rows))
+        torch.testing.assert_close(replayed.float(), eager.float(), atol=3e-2, rtol=3e-2)
+        engine.step()
+    assert all(b.graph is not None for b in engine.runner.graphs.buckets.values())
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    fast = [o.token_ids for o in Engine(model, config=EngineConfig(**config)).generate(ps, params)]
+    plain = [o.token_ids for o in Engine(model, config=EngineConfig(block_size=16, num_blocks=64, cuda_graphs=False,
+                                                                    fused_moe="off")).generate(ps, params)]
+    agree = sum(a == b for x, y in zip(fast, plain) for a, b in zip(x, y)) / (24 * len(ps))
+    assert agree >= 0.9, (agree, fast, plain)

@@ -1,0 +1,207 @@
+"""The fused MoE decode kernel: the PyTorch reference against a float64 oracle and against the model's own MoE
+experts (dsv3.model.moe.Experts), the device-side pair sort against a host enumeration, the Triton kernels against
+the reference under TRITON_INTERPRET=1 (fp32, tiny shapes, in a subprocess), and on CUDA in bf16 / FP8 with a
+graph capture."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import interpreter_cases
+
+from dsv3.fp8 import dequantize_blocks, quantize_blocks
+from dsv3.kernels.moe_decode import HAS_TRITON, moe_decode, moe_decode_reference, moe_decode_triton, sort_pairs
+
+
+def make_moe(T, K, E, D, I, dtype=torch.float32, fp8=False, seed=0, device="cpu", same_expert=False):
+    """x (T, D), routed weights (T, K) fp32, distinct expert ids per token (T, K), stacked experts; with fp8 the
+    weights quantised to e4m3 blocks (whose magnitudes differ, so a misplaced scale shows) and their scales."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K).long()
+    if same_expert:             # every token on experts 0..K-1: segments longer than one row tile
+        idx = torch.arange(K).repeat(T, 1)
+    weights = torch.rand(T, K, generator=g) + 0.1
+    ws = [torch.randn(E, I, D, generator=g) * D ** -0.5, torch.randn(E, I, D, generator=g) * D ** -0.5,
+          torch.randn(E, D, I, generator=g) * I ** -0.5]
+    scales = [None] * 3
+    if fp8:
+        mags = [2.0 ** (torch.rand(E, -(-w.shape[1] // 128), -(-w.shape[2] // 128), generator=g) * 4 - 2) for w in ws]
+        ws = [w * m.repeat_interleave(128, 1)[:, :w.shape[1]].repeat_interleave(128, 2)[:, :, :w.shape[2]]
+              for w, m in zip(ws, mags)]
+        pairs = [[quantize_blocks(w[e]) for e in range(E)] for w in ws]
+        ws = [torch.stack([q for q, _ in p]) for p in pairs]
+        scales = [torch.stack([s for _, s in p]).to(device) for p in pairs]
+    else:
+        ws = [w.to(dtype) for w in ws]
+    return (x.to(device=device, dtype=dtype), weights.to(device), idx.to(device), *[w.to(device) for w in ws],
+            *scales)
+
+
+def oracle(x, weights, idx, gate, up, down, gs=None, us=None, ds=None):
+    """float64, token by token, pair by pair."""
+    deq = lambda w, s, e: w[e].double() if s is None else dequantize_blocks(w[e], s[e], torch.float64)  # noqa: E731
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        xt = x[t].double().cpu()
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            h = F.silu(deq(gate.cpu(), gs if gs is None else gs.cpu(), e) @ xt) * (deq(up.cpu(), us if us is None
+                                                                                         else us.cpu(), e) @ xt)
+            out[t] += float(weights[t, k]) * (deq(down.cpu(), ds if ds is None else ds.cpu(), e) @ h)
+    return out
+
+
+def assert_close_scaled(out, ref, tol):
+    assert out.shape == ref.shape
+    if ref.numel():
+        torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("T,K,E,D,I,fp8", [(1, 6, 64, 200, 136, False), (7, 4, 16, 64, 32, False),
+                                           (5, 2, 8, 300, 260, True), (0, 2, 4, 64, 32, False)])
+def test_reference_matches_float64(T, K, E, D, I, fp8):
+    args = make_moe(T, K, E, D, I, fp8=fp8, seed=T + E)
+    out = moe_decode_reference(*args)
+    assert out.shape == (T, D) and out.dtype == torch.float32
+    assert_close_scaled(out, oracle(*args), 1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_reference_matches_the_model_experts(dtype, tol):
+    """The model's own routed experts (sort, grouped GEMM, weighted combine) on the same weights and routing."""
+    from dsv3.config import load_model_config
+    from dsv3.model.moe import Experts
+    cfg = load_model_config("tiny")
+    x, w, idx, gate, up, down, *_ = make_moe(9, cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.hidden_size,
+                                             cfg.moe_intermediate_size, dtype=dtype, seed=4)
+    experts = Experts(cfg).to(dtype)
+    with torch.no_grad():
+        for p, v in zip((experts.gate_proj, experts.up_proj, experts.down_proj), (gate, up, down)):
+            p.copy_(v)
+        counts = torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts)
+        want = experts(x, w, idx, counts)
+    assert_close_scaled(moe_decode_reference(x, w, idx, gate, up, down), want.float(), tol)
+
+
+def test_input_checks():
+    x, w, idx, gate, up, down, *_ = make_moe(3, 2, 4, 64, 32)
+    q, s = make_moe(3, 2, 4, 64, 32, fp8=True)[3], make_moe(3, 2, 4, 64, 32, fp8=True)[6]
+    bad = {"x_1d": (x[0], w, idx, gate, up, down), "idx_float": (x, w, idx.float(), gate, up, down),
+           "weights_shape": (x, w[:, :1], idx, gate, up, down), "down_shape": (x, w, idx, gate, up, gate),
+           "d_mismatch": (x[:, :60], w, idx, gate, up, down), "fp8_without_scales": (x, w, idx, q, q, q),
+           "scales_without_fp8": (x, w, idx, gate, up, down, s, s, s)}
+    fns = [moe_decode_reference, moe_decode] + ([moe_decode_triton] if HAS_TRITON else [])
+    for name, args in bad.items():
+        for fn in fns:
+            with pytest.raises(ValueError):
+                fn(*args)
+
+
+@pytest.mark.parametrize("T,K,E,block_m", [(1, 6, 64, 16), (37, 4, 16, 16), (20, 3, 4, 16), (300, 4, 64, 32),
+                                           (5, 2, 4, 64)])
+def test_sort_pairs(T, K, E, block_m):
+    """Stable expert order, cumulative ends, and the real tiles first (every expert's segment cut in block_m rows),
+    within the shape-only bound; both the one-hot rank (small) and the sort (300 x 4 x 64) paths."""
+    idx = make_moe(T, K, E, 8, 8, seed=T)[2]
+    pairs, offs, tile_e, tile_row = sort_pairs(idx, E, block_m)
+    flat = idx.flatten().tolist()
+    want = sorted(range(T * K), key=lambda p: (flat[p], p))
+    assert pairs.tolist() == want and pairs.dtype == torch.int32
+    counts = [flat.count(e) for e in range(E)]
+    assert offs.tolist() == torch.tensor(counts).cumsum(0).tolist()
+    tiles, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        tiles += [(e, r) for r in range(start, end, block_m)]
+        start = end
+    n = -(-T * K // block_m) + min(E, T * K)
+    assert tile_e.shape == (n,) and len(tiles) <= n
+    assert [(int(a), int(b)) for a, b in zip(tile_e[:len(tiles)], tile_row[:len(tiles)])] == tiles
+    assert (tile_e[len(tiles):] == E).all()
+
+
+def test_dispatcher_on_cpu_is_reference():
+    args = make_moe(6, 3, 8, 64, 48, seed=9)
+    assert torch.equal(moe_decode(*args), moe_decode_reference(*args))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton under the interpreter (subprocess)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _rel(out, ref) -> float:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
+    if ref.numel() == 0:
+        return 0.0
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _interpreter_cases() -> dict:
+    """max |triton - reference| / max |reference| per case, fp32 activations (run under TRITON_INTERPRET=1)."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
+    patch_interpreter_for_numpy2()
+    errs = {}
+    cases = {"t1_k6_e64": ((1, 6, 64, 200, 136), {}, {}),
+             "t19_k4_e16": ((19, 4, 16, 130, 72), {}, {}),
+             "same_expert_long_segments": ((40, 2, 8, 64, 40), dict(same_expert=True), {}),
+             "bm32_bn64": ((21, 3, 8, 96, 80), {}, dict(block_m=32, block_n=64)),
+             "fp8": ((7, 2, 8, 260, 200), dict(fp8=True), {}),
+             "fp8_one_token": ((1, 4, 16, 256, 128), dict(fp8=True), dict(block_n=64)),
+             "t0": ((0, 2, 4, 64, 32), {}, {})}
+    for name, (shape, make_kw, kw) in cases.items():
+        args = make_moe(*shape, seed=sum(shape), **make_kw)
+        errs[name] = _rel(moe_decode_triton(*args, **kw), moe_decode_reference(*args))
+    return errs
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "
+                                           "(requirements-ci.txt pins triton, so CI runs it)")
+def test_triton_interpreter_matches_reference():
+    errs = interpreter_cases("test_kernels_moe_decode")
+    assert len(errs) == 7, errs
+    for name, err in errs.items():
+        assert err < 1e-5, (name, errs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAS_TRITON and torch.cuda.get_device_capability() >= (8, 9)),
+    reason="the Triton kernels compile only on a CUDA GPU of sm_89+ (e4m3 conversion; run through the device tool)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("T", [1, 7, 32, 64, 256])
+def test_triton_cuda_lite_shapes(T, fp8):
+    """lite's expert shapes (64 experts, top-6, D 2048, I 1408) at decode batch sizes, bf16 activations."""
+    args = make_moe(T, 6, 64, 2048, 1408, dtype=torch.bfloat16, fp8=fp8, seed=T, device="cuda")
+    out = moe_decode_triton(*args)
+    assert out.dtype == torch.bfloat16
+    assert_close_scaled(out, moe_decode_reference(*args).float(), 2e-2)
+    assert torch.equal(moe_decode(*args), out)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_triton_cuda_graph_capture():
+    """No host sync: the call captures in a CUDA graph and replays correctly with new routing and new inputs."""
+    x, w, idx, *rest = make_moe(16, 6, 64, 512, 256, dtype=torch.bfloat16, seed=1, device="cuda")
+    moe_decode_triton(x, w, idx, *rest)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_decode_triton(x, w, idx, *rest)
+    x2, w2, idx2, *_ = make_moe(16, 6, 64, 512, 256, dtype=torch.bfloat16, seed=2, device="cuda", same_expert=True)
+    for a, b in ((x, x2), (w, w2), (idx, idx2)):
+        a.copy_(b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_scaled(out, moe_decode_reference(x, w, idx, *rest).float(), 2e-2)
