@@ -55,6 +55,7 @@ def teacher_conversations(model, tokenizer, template: ChatTemplate, tasks, sampl
 
 
 class LogitKDTrainer(Trainer):
+    command = "distill"
     """The SFT Trainer with the logit-distillation loss added (module docstring, step 2)."""
 
     def __init__(self, cfg, *, teacher, top_k: int, kd_weight: float, kd_temperature: float, **kwargs):

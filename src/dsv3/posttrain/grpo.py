@@ -43,6 +43,7 @@ TASK_ARGS = {"arithmetic": lambda c: {"digits": c.digits, "ops": c.ops}, "countd
 
 
 class GRPOTrainer(Trainer):
+    command = "grpo"
     def __init__(self, cfg, section, base, resume: bool = False, overwrite: bool = False,
                  progress: bool | None = None, reward_model=None):
         from ..data.chat import ChatTemplate

@@ -68,31 +68,32 @@ def clear_run(run_dir: Path) -> list[str]:
     return gone
 
 
-def _launcher(world: int) -> str:
+def _launcher(world: int, command: str = "train") -> str:
     if world == 1:
-        return "dsv3 train"
+        return f"dsv3 {command}"
     nodes = "--standalone " if int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world else "<your torchrun options> "
-    return f"torchrun {nodes}--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)} -m dsv3.cli train"
+    return f"torchrun {nodes}--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)} -m dsv3.cli {command}"
 
 
-def resume_command(run_dir: Path, world: int, *overrides: str) -> str:
-    """The command that continues the run from its latest checkpoint (run_dir/config.json holds the config)."""
-    return " ".join([_launcher(world), "--resume", "--run-dir", shlex.quote(str(run_dir)),
+def resume_command(run_dir: Path, world: int, *overrides: str, command: str = "train") -> str:
+    """The command that continues the run from its latest checkpoint (run_dir/config.json holds the config);
+    `command`: the dsv3 subcommand that trains it (train, sft, grpo, distill)."""
+    return " ".join([_launcher(world, command), "--resume", "--run-dir", shlex.quote(str(run_dir)),
                      *map(shlex.quote, overrides)])
 
 
-def restart_command(run_dir: Path, world: int, *overrides: str) -> str:
+def restart_command(run_dir: Path, world: int, *overrides: str, command: str = "train") -> str:
     """The command that starts the run afresh with its own config (and `overrides`)."""
-    return " ".join([_launcher(world), "--overwrite", "--config", shlex.quote(str(run_dir / "config.json")),
+    return " ".join([_launcher(world, command), "--overwrite", "--config", shlex.quote(str(run_dir / "config.json")),
                      *map(shlex.quote, overrides)])
 
 
-def divergence_advice(run_dir: Path, world: int, lr: float) -> str:
+def divergence_advice(run_dir: Path, world: int, lr: float, command: str = "train") -> str:
     """Where a run that diverged can go back to: its last checkpoint, which precedes the blow-up (the trainer writes
     a checkpoint only once the next step vetted its weights), with a tenth of the LR; or, without one, a fresh start."""
     last, lower = latest_checkpoint(run_dir), f"optim.lr={lr / 10:g}"
     if last is None:
         return (f"No checkpoint precedes it: start afresh with a lower optim.lr (now {lr:g}) or a longer "
-                f"optim.warmup: {restart_command(run_dir, world, lower)}")
+                f"optim.warmup: {restart_command(run_dir, world, lower, command=command)}")
     return (f"Last healthy checkpoint: {last.name}. Lower optim.lr (now {lr:g}) or raise optim.warmup and resume "
-            f"from it: {resume_command(run_dir, world, lower)}")
+            f"from it: {resume_command(run_dir, world, lower, command=command)}")

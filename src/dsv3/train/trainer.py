@@ -153,6 +153,7 @@ class StepStats:
 
 
 class Trainer:
+    command = "train"    # the dsv3 subcommand that runs this trainer: its resume / restart advice names it
     def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None, overwrite: bool = False,
                  source=None, init_state: dict | None = None):
         """resume: continue from the newest valid checkpoint; overwrite: start afresh in a run directory that holds
@@ -369,7 +370,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             msg = (f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
                    f"(loss {total}, grad norm {grad_norm.item()}); stopping. "
-                   f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr)}")
+                   f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr, self.command)}")
             self.logger.log_event(step + 1, msg)
             raise TrainingDiverged(msg)
         self._watch_for_spikes(total, grad_norm.item())
@@ -549,4 +550,4 @@ class Trainer:
         name = signal.Signals(signum).name
         self.logger.log_event(self.step, f"stopped by {name}")
         raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}. Resume with: "
-                                          f"{resume_command(self.run_dir, self.layout.world)}")
+                                          f"{resume_command(self.run_dir, self.layout.world, command=self.command)}")
