@@ -117,6 +117,10 @@ class Layout:
         """What the optimizer holds: the whole model (a PipelineLayout: this rank's chunks)."""
         return model
 
+    def owned(self, model: nn.Module) -> list[nn.Module]:
+        """The modules this rank runs and materialises (the whole model; a PipelineLayout: its chunks)."""
+        return [model]
+
     def holds(self, module: nn.Module) -> bool:
         """Whether this rank runs `module` (every module here; a PipelineLayout: those of its chunks)."""
         return True

@@ -129,6 +129,9 @@ class PipelineLayout(Layout):
     def ema_source(self, model: nn.Module) -> LocalChunks:
         return self.local
 
+    def owned(self, model: nn.Module) -> list[nn.Module]:
+        return list(self.local.chunks)
+
     def holds(self, module: nn.Module) -> bool:
         return id(module) in self._held
 

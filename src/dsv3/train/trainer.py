@@ -41,6 +41,7 @@ from ..config import ConfigError
 from ..data import PackedLoader, ShardSet
 from ..data.packing import val_batches
 from ..model import Transformer
+from ..parallel.materialize import materialize
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
 from .checkpoint import checkpoint_path, load_checkpoint, remove_unfinished_saves, rng_state, save_checkpoint
@@ -86,16 +87,18 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "bf16-params": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
-    """N(0, 0.006^2) weights (TR 4.2) on `device`: fp32 master weights, or bf16 with train.dtype=bf16-params (the
-    routing bias stays fp32 either way)."""
+def build_model(cfg: RunConfig, device: torch.device | str) -> Transformer:
+    """The model of `cfg`: fp32 master weights, or bf16 with train.dtype=bf16-params (the routing bias stays fp32
+    either way). On the meta device (device="meta") it is only described, for a layout to cut before each rank
+    materialises its own part (dsv3.parallel.materialize); elsewhere it is materialised whole with the same
+    seeded N(0, init_std^2) init (TR 4.2), so a single process holds exactly the values every layout's ranks hold."""
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):
         model = Transformer(cfg.model)
     if cfg.train.dtype == "bf16-params":
         model.to(torch.bfloat16)
-    model.to_empty(device=device)
-    model.init_weights()
+    if torch.device(device).type != "meta":
+        materialize([model], device, cfg.train.seed, cfg.model.init_std)
     return model
 
 
@@ -180,12 +183,14 @@ class Trainer:
         self.val = val_batches(self.shards, cfg.data.seq_len, cfg.log.val_batches, cfg.train.micro_batch_size,
                                self.tokenizer.eos_id) if cfg.log.val_batches else []
 
-        self.model = build_model(cfg, self.device)
+        # sharded construction: the model is described on the meta device, laid out there, and each rank then
+        # allocates and initialises only its own part (its chunks, expert slices and FSDP shards)
+        self.model = build_model(cfg, "meta")
         self.param_counts = self.model.num_params()      # of the whole model, before experts are sharded
         if cfg.train.precision == "fp8":     # before recomputation wraps the modules
             from ..fp8.training import apply_fp8
             apply_fp8(self.model)
-        # ep > 1: shard the experts (every rank built the same full model); pp > 1: also keep this rank's chunks
+        # ep > 1: shard the experts; pp > 1: also cut out this rank's chunks
         self.layout.apply(self.model)
         self.layers = moe_layers(self.model)
         if cfg.train.recompute:
@@ -193,6 +198,7 @@ class Trainer:
         # fsdp: shard every parameter, after recompute wrapped its methods (see dsv3.train.data_parallel) and before
         # the optimizer allocates its state
         shard_note = self.layout.shard_parameters(self.model)
+        materialize(self.layout.owned(self.model), self.device, cfg.train.seed, cfg.model.init_std)
         self.optimizer = build_optimizer(self.layout.trainable(self.model), cfg.optim,
                                          compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
