@@ -13,6 +13,13 @@ leaves the previous checkpoint as the latest, and `.step_N.tmp-*` leftovers that
 always the single-process format (whole expert tensors; an expert-parallel run gathers them first,
 dsv3.train.data_parallel), so a run resumes at any world size and layout.
 
+At world > 1 the run writes the sharded format instead (`save_sharded`, checkpoint.format=auto): the same
+directory name and state.json / config.json / rng.pt, with the weights, optimizer state and EMA as a
+torch.distributed.checkpoint directory (`.metadata` + one `*.distcp` file per writing rank: each rank writes only
+the rows it holds, dsv3.parallel.dcp). Every rank writes into the temporary sibling; after a barrier rank 0 writes
+the small files and the manifest, last, and renames the directory into place: a half-written save is never a
+checkpoint. It loads at any world size and layout (`load_sharded`), also into one plain process.
+
 Loading verifies the manifest first: a truncated or garbled file is one error naming it (garbled bytes inside a
 tensor would otherwise load silently and surface steps later as a non-finite loss), and `--resume` takes the newest
 checkpoint that verifies (`newest_valid_checkpoint`), saying which ones it skipped and why.
@@ -28,10 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_directory
+from ..parallel import dcp as sharded
 from ..checkpoint.atomic import remove_leftovers
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -84,6 +94,8 @@ def verify_checkpoint(path: str | Path) -> None:
     before manifests existed (no manifest.json) passes unchecked."""
     path = Path(path)
     if not (path / MANIFEST).exists():
+        if is_sharded(path):            # the sharded format always had one: written last, it marks the commit
+            raise CheckpointError(f"{path} has no {MANIFEST}: its save never finished")
         return
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
@@ -191,3 +203,73 @@ def _read(path: Path, load: Callable[[Path], object]):
     except Exception as e:
         first = str(e).split("\n")[0][:200]
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {first})") from None
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether a checkpoint directory is the sharded (DCP) format."""
+    return (Path(path) / ".metadata").exists()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded(run_dir: str | Path, step: int, entries: dict[str, torch.Tensor], state: dict, config: dict,
+                 keep: int = 0, rng: dict | None = None) -> Path:
+    """The sharded checkpoint of `step`: `entries` (dsv3.parallel.dcp.owned_state of each rank) written by every
+    rank into a temporary directory, then rank 0 adds state.json, config.json, rng.pt and the manifest (last) and
+    renames it into place. A collective: every rank calls it; returns the checkpoint's path."""
+    target = checkpoint_path(run_dir, step)
+    if _rank() != 0:
+        where = [None]
+        dist.broadcast_object_list(where, src=0)
+        dcp.save(entries, checkpoint_id=where[0])
+        _barrier()                      # every rank's shards are written
+        _barrier()                      # rank 0 committed (or failed)
+        return target
+    with atomic_directory(target) as tmp:
+        if dist.is_initialized():
+            dist.broadcast_object_list([str(tmp)], src=0)
+        dcp.save(entries, checkpoint_id=str(tmp))
+        _barrier()
+        torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        write_manifest(tmp)             # the commit marker: written last, over every shard's bytes
+    if keep > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return target
+
+
+def sharded_keys(path: str | Path) -> set[str]:
+    """The entry names a sharded checkpoint holds."""
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def load_sharded(path: str | Path, entries: Callable[[bool], dict[str, torch.Tensor]], restore_rng: bool = True
+                 ) -> dict:
+    """Load a sharded checkpoint into this rank's tensors, in place, whatever layout wrote it: `entries(with_ema)`
+    gives them (dsv3.parallel.dcp.owned_state; the EMA's only when the checkpoint has one). Returns state.json with
+    `ema` None (the EMA, if any, was loaded in place). A collective when distributed."""
+    path = Path(path)
+    keys = sharded_keys(path)
+    want = entries(any(k.startswith("ema/") for k in keys))
+    missing = sorted(k for k in want if k not in keys)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}")
+    dcp.load(want, checkpoint_id=str(path))
+    if restore_rng:
+        rng = _read(path / "rng.pt", lambda f: torch.load(f, weights_only=True))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / "state.json").read_text())
+    state["ema"] = None
+    return state

@@ -249,6 +249,9 @@ class LogConfig:
 class CheckpointConfig:
     interval: int = setting(500, Int(0))           # 0: only at the end (and on SIGINT / SIGTERM)
     keep: int = setting(2, Int(0))                 # most recent checkpoints kept (0 keeps all)
+    # auto: the single-file format in one process, the sharded one (torch.distributed.checkpoint, every rank
+    # writing its own rows; dsv3.train.checkpoint.save_sharded) under torchrun; either loads in any layout
+    format: str = setting("auto", OneOf(("auto", "single", "sharded")))
 
 
 @dataclass

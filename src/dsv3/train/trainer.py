@@ -41,10 +41,20 @@ from ..config import ConfigError
 from ..data import PackedLoader, ShardSet
 from ..data.packing import val_batches
 from ..model import Transformer
+from ..parallel.dcp import init_state, owned_state
 from ..parallel.materialize import materialize
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
-from .checkpoint import checkpoint_path, load_checkpoint, remove_unfinished_saves, rng_state, save_checkpoint
+from .checkpoint import (
+    checkpoint_path,
+    is_sharded,
+    load_checkpoint,
+    load_sharded,
+    remove_unfinished_saves,
+    rng_state,
+    save_checkpoint,
+    save_sharded,
+)
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
@@ -210,9 +220,14 @@ class Trainer:
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         self.spiking = False           # the last step's loss was a spike: checkpoints wait
         self.pending: dict | None = None   # a due checkpoint's state (_snapshot), waiting for the next step to vet it
-        if resume:       # verified by rank 0 in _choose_checkpoint
+        fmt = cfg.checkpoint.format
+        self.sharded_checkpoints = fmt == "sharded" or (fmt == "auto" and self.layout.world > 1)
+        if resume and is_sharded(ckpt):     # any layout wrote it: every rank reads its own rows
+            state = load_sharded(ckpt, self._sharded_entries)
+        elif resume:       # verified by rank 0 in _choose_checkpoint
             state = load_checkpoint(ckpt, self.model, self.optimizer,
                                     local=self._local_state if self.layout.partitioned else None, verify=False)
+        if resume:
             self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
             self.loss_ema = state["loss_ema"]
             self.loader.load_state_dict(state["loader"])
@@ -250,6 +265,12 @@ class Trainer:
             self.logger.log_event(self.step, note)
         if shard_note:
             self.logger.log_event(self.step, shard_note)
+
+    def _sharded_entries(self, with_ema: bool = True) -> dict[str, torch.Tensor]:
+        """This rank's model, optimizer state and EMA as sharded-checkpoint entries (views of the live tensors)."""
+        init_state(self.optimizer)
+        ema = self.ema.state_dict() if self.ema is not None and with_ema else None
+        return owned_state(self.layout.owned(self.model), self.optimizer, ema)
 
     def _local_state(self, tensors: dict, optim_state: dict | None) -> tuple[dict, dict | None]:
         """A full checkpoint's model tensors and optimizer state cut to this rank's expert slices and FSDP shards
@@ -432,6 +453,11 @@ class Trainer:
         expert slices to it, under FSDP every rank first joins the all-gathers of its shards; every rank must call
         this); the others wait for it."""
         snap = snapshot or self._snapshot()
+        if self.sharded_checkpoints:         # every rank writes its own rows; nothing is gathered
+            path = save_sharded(self.run_dir, snap["step"], self._sharded_entries(), snap["state"],
+                                self.cfg.to_dict(), self.cfg.checkpoint.keep, rng=snap["rng"])
+            self.logger.log_event(snap["step"], f"checkpoint {path.name} (sharded)")
+            return path
         path = checkpoint_path(self.run_dir, snap["step"])
         full = self.layout.full_state(self.model, self.optimizer,
                                       self.ema.state_dict() if self.ema is not None else None)
