@@ -1,7 +1,7 @@
 """`dsv3 train` through torchrun (gloo, CPU): plain data parallelism, expert parallelism inside it (parallel.ep) and
 both FSDP-sharded (parallel.fsdp) give the same per-step losses, validation losses, final weights and EMA as one
-process on the same global batches, and write checkpoints in the single-process format that resume at any world size
-and layout."""
+process on the same global batches, and write checkpoints (the sharded format under torchrun; the single-process
+one in one process) that resume at any world size and layout."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import build, init_gloo, run_ranks, tiny_config
-from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dsv3.config import ConfigError
 from dsv3.train import Trainer, load_run_model
 from dsv3.train.adamw_bf16 import AdamWBF16
+from dsv3.train.checkpoint import read_tensors
 from dsv3.train.data_parallel import Layout, expert_slices, local_model_state, local_optimizer_state
 from dsv3.train.ema import CPUEma
 from dsv3.train.metrics import read_metrics
@@ -81,18 +81,19 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 
 
 def _assert_same_checkpoint(a: Path, b: Path, what: str) -> None:
-    """Two checkpoint directories hold the same weights, EMA and optimizer state (the same parameter indices)."""
-    _assert_same_tensors(load_file(a / "model.safetensors"), load_file(b / "model.safetensors"), f"{what} model")
-    _assert_same_tensors(load_file(a / "ema.safetensors"), load_file(b / "ema.safetensors"), f"{what} ema")
-    a_opt = torch.load(a / "optimizer.pt", weights_only=True)
-    b_opt = torch.load(b / "optimizer.pt", weights_only=True)
-    assert a_opt["param_groups"] == b_opt["param_groups"], what
-    assert a_opt["state"].keys() == b_opt["state"].keys(), what
+    """Two checkpoint directories (either format: a torchrun run writes the sharded one) hold the same weights, EMA
+    and optimizer state (by parameter name)."""
+    a, b = read_tensors(a), read_tensors(b)
+    _assert_same_tensors(a["model"], b["model"], f"{what} model")
+    _assert_same_tensors(a["ema"], b["ema"], f"{what} ema")
+    assert a["optim"].keys() == b["optim"].keys(), what
     # the moments carry the same fp32 noise as the weights, squared in exp_avg_sq (the embedding's rarely seen rows:
     # up to 1.4e-3 for EP2 and 7e-4 for plain DP2 after 8 steps); a misplaced expert slice would be off by O(1)
-    for i, st in a_opt["state"].items():
+    for n, st in a["optim"].items():
         _assert_same_tensors({k: v for k, v in st.items() if v.dim()},
-                             {k: v for k, v in b_opt["state"][i].items() if v.dim()}, f"{what} {i}", tol=1e-2)
+                             {k: v for k, v in b["optim"][n].items() if v.dim()}, f"{what} {n}", tol=1e-2)
+        assert {k: v for k, v in st.items() if not v.dim()} == \
+            {k: v for k, v in b["optim"][n].items() if not v.dim()}, (what, n)       # AdamW's step
 
 
 @pytest.fixture(scope="module")

@@ -273,3 +273,38 @@ def load_sharded(path: str | Path, entries: Callable[[bool], dict[str, torch.Ten
     state = json.loads((path / "state.json").read_text())
     state["ema"] = None
     return state
+
+
+def read_tensors(path: str | Path) -> dict:
+    """A checkpoint of either format as whole tensors in this process, named by parameter: {"model": {name:
+    tensor}, "ema": {name: tensor} or None, "optim": {name: {key: tensor}}} (for comparing checkpoints written by
+    different layouts; it holds the whole model)."""
+    path = Path(path)
+    if is_sharded(path):
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        entries = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in meta.items()}
+        dcp.load(entries, checkpoint_id=str(path), no_dist=True)
+        out: dict = {"model": {}, "ema": None, "optim": {}}
+        for k, t in entries.items():
+            kind, rest = k.split("/", 1)
+            if kind == "optim":
+                name, key = rest.rsplit("/", 1)
+                out["optim"].setdefault(name, {})[key] = t
+            elif kind == "ema":
+                out["ema"] = {**(out["ema"] or {}), rest: t}
+            else:
+                out["model"][rest] = t
+        return out
+    from ..model import Transformer
+    from .config import RunConfig
+    from .optim import param_groups
+    cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    name = {id(p): n for n, p in model.named_parameters()}
+    order = [name[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
+    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)["state"]
+    ema = path / "ema.safetensors"
+    return {"model": load_file(str(path / "model.safetensors")),
+            "ema": load_file(str(ema)) if ema.exists() else None,
+            "optim": {order[i]: st for i, st in optim.items()}}
