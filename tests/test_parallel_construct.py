@@ -117,3 +117,41 @@ def test_init_rows_any_cut_is_the_same_tensor():
         assert torch.equal(whole, cut)
         assert not torch.equal(whole, init_rows(o, 8, 0.02))                    # the seed matters
         assert abs(whole.std().item() - 0.02) < 0.003
+
+
+def _memory_worker(rank: int, init_file: str, tmp, world: int) -> None:
+    from dsv3.parallel.dcp import init_state
+    from dsv3.parallel.materialize import materialize
+    from dsv3.train.optim import build_optimizer
+    from dsv3.train.trainer import build_model
+    init_gloo(rank, world, init_file)
+    cfg = _cfg(ep=2, fsdp=True)
+    layout = _layout(cfg)
+    model = build_model(cfg, "meta")
+    layout.apply(model)
+    layout.shard_parameters(model)
+    owned = layout.owned(model)
+    materialize(owned, "cpu", cfg.train.seed, cfg.model.init_std)
+    opt = build_optimizer(model, cfg.optim)
+    init_state(opt)
+    state = sum(v.to_local().numel() * v.element_size() if hasattr(v, "to_local") else v.numel() * v.element_size()
+                for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    torch.save({"params": local_bytes(owned), "optim": state}, tmp / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_per_rank_parameters_and_optimizer_state_are_a_share_of_the_whole(tmp_path, world):
+    """dp x ep 2 with FSDP at 4 and 8 ranks, built on meta: each rank's parameters + AdamW state (measured from the
+    tensors it allocated) <= (whole / world) x 1.2 + 64 KiB (AdamW's per-tensor step scalars and FSDP's padding),
+    for a model whose whole is far above that bound."""
+    from dsv3.train.trainer import build_model
+    os.environ.pop("WORLD_SIZE", None)
+    single = build_model(_cfg(), "cpu")
+    params = sum(p.numel() * p.element_size() for p in single.parameters())
+    whole = 3 * params                                   # weights + AdamW's two fp32 moments
+    ranks = run_ranks(_memory_worker, world, tmp_path, "memory", (str(tmp_path / "init"), tmp_path, world))
+    bound = whole / world * 1.2 + 64 * 1024
+    assert whole > 2 * bound
+    for r in ranks:
+        assert r["params"] + r["optim"] <= bound, (r, bound)
+    assert sum(r["params"] for r in ranks) == params         # every element on exactly one rank

@@ -92,6 +92,25 @@ def owned_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer | Non
     return out
 
 
+@torch.no_grad()
+def fill_entries(entries: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+    """Copy this rank's rows of whole tensors `full` (same keys as `owned_state`, e.g. a single-process checkpoint
+    read whole) into `entries`, in place; a missing or mis-shaped tensor is one error naming it."""
+    missing = sorted(k for k in entries if k not in full)
+    if missing:
+        raise KeyError(f"the checkpoint lacks {missing[:5]}")
+    for k, e in entries.items():
+        src = full[k]
+        if isinstance(e, RowShard):
+            if tuple(src.shape) != tuple(e._full):
+                raise ValueError(f"{k}: the checkpoint has shape {tuple(src.shape)}, the model {tuple(e._full)}")
+            e._local.copy_(src[e._start:e._start + e._local.shape[0]])
+        else:
+            if tuple(src.shape) != tuple(e.shape):
+                raise ValueError(f"{k}: the checkpoint has shape {tuple(src.shape)}, the model {tuple(e.shape)}")
+            e.copy_(src)
+
+
 def init_state(optimizer: torch.optim.Optimizer) -> None:
     """Create an optimizer's state (one zero-gradient step at lr 0: no parameter moves) so that a checkpoint can be
     loaded into it; nothing when it has state already."""

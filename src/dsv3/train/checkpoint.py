@@ -10,8 +10,8 @@ Layout: RUN_DIR/checkpoints/step_{N:08d}/ with
   manifest.json       size and sha256 of every file above, written last
 A checkpoint directory exists only once complete (dsv3.checkpoint.atomic_directory): a run killed while saving
 leaves the previous checkpoint as the latest, and `.step_N.tmp-*` leftovers that the next start removes. It is
-always the single-process format (whole expert tensors; an expert-parallel run gathers them first,
-dsv3.train.data_parallel), so a run resumes at any world size and layout.
+the format of a single process; a torchrun run writes the sharded one below. Either resumes at any world size and
+layout (`load_whole_into` cuts a single-process checkpoint to a rank's rows).
 
 At world > 1 the run writes the sharded format instead (`save_sharded`, checkpoint.format=auto): the same
 directory name and state.json / config.json / rng.pt, with the weights, optimizer state and EMA as a
@@ -135,8 +135,8 @@ def rng_state() -> dict:
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer | dict, state: dict, config: dict, ema_state: dict | None = None,
                     keep: int = 0, rng: dict | None = None) -> Path:
-    """model / optimizer: the modules, or their (full, single-process) state dicts, as an expert-parallel run
-    gathers them (dsv3.train.data_parallel.Layout.full_state). rng: rng_state() as of `step` (default: now)."""
+    """The single-process format. model / optimizer: the modules, or their state dicts. rng: rng_state() as of
+    `step` (default: now)."""
     target = checkpoint_path(run_dir, step)
     model_state = model if isinstance(model, dict) else model.state_dict()
     optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
@@ -308,3 +308,24 @@ def read_tensors(path: str | Path) -> dict:
     return {"model": load_file(str(path / "model.safetensors")),
             "ema": load_file(str(ema)) if ema.exists() else None,
             "optim": {order[i]: st for i, st in optim.items()}}
+
+
+def load_whole_into(path: str | Path, entries: Callable[[bool], dict[str, torch.Tensor]], restore_rng: bool = True
+                    ) -> dict:
+    """A single-process checkpoint into a laid-out rank (any layout): every rank reads the whole files and keeps
+    its rows (`dsv3.parallel.dcp.fill_entries`). Returns state.json with `ema` None (loaded in place)."""
+    path = Path(path)
+    whole = read_tensors(path)
+    flat = {f"model/{k}": v for k, v in whole["model"].items()}
+    flat.update({f"ema/{k}": v for k, v in (whole["ema"] or {}).items()})
+    flat.update({f"optim/{n}/{k}": v for n, st in whole["optim"].items() for k, v in st.items()})
+    try:
+        sharded.fill_entries(entries(whole["ema"] is not None), flat)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match the model: {e}") from None
+    if restore_rng:
+        rng = _read(path / "rng.pt", lambda f: torch.load(f, weights_only=True))
+        torch.set_rng_state(rng["cpu"])
+    state = json.loads((path / "state.json").read_text())
+    state["ema"] = None
+    return state

@@ -19,7 +19,9 @@ files match their checksums (dsv3.train.checkpoint), verified once by rank 0.
 
 Under torchrun the same loop runs on every rank in the layout of `parallel` (data parallelism, expert parallelism
 inside it, optionally FSDP-sharded: dsv3.train.data_parallel; or DualPipeV pipeline parallelism with a (dp, ep)
-layout per pipeline position: dsv3.train.pipeline_step), with checkpoints in the single-process format.
+layout per pipeline position: dsv3.train.pipeline_step). The model is described on the meta device and each rank
+materialises only its part (dsv3.parallel.materialize); checkpoints are sharded, every rank writing its rows
+(dsv3.train.checkpoint.save_sharded).
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ from ..parallel.materialize import materialize
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
 from .checkpoint import (
-    checkpoint_path,
     is_sharded,
     load_checkpoint,
     load_sharded,
+    load_whole_into,
     remove_unfinished_saves,
     rng_state,
     save_checkpoint,
@@ -220,19 +222,20 @@ class Trainer:
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         self.spiking = False           # the last step's loss was a spike: checkpoints wait
         self.pending: dict | None = None   # a due checkpoint's state (_snapshot), waiting for the next step to vet it
-        fmt = cfg.checkpoint.format
-        self.sharded_checkpoints = fmt == "sharded" or (fmt == "auto" and self.layout.world > 1)
-        if resume and is_sharded(ckpt):     # any layout wrote it: every rank reads its own rows
-            state = load_sharded(ckpt, self._sharded_entries)
-        elif resume:       # verified by rank 0 in _choose_checkpoint
-            state = load_checkpoint(ckpt, self.model, self.optimizer,
-                                    local=self._local_state if self.layout.partitioned else None, verify=False)
-        if resume:
+        # under torchrun every rank writes its own rows (the sharded format); one process writes single files
+        self.sharded_checkpoints = cfg.checkpoint.format == "sharded" or self.layout.world > 1
+        if resume:        # verified by rank 0 in choose_checkpoint
+            if is_sharded(ckpt):            # any layout wrote it: every rank reads its own rows
+                state = load_sharded(ckpt, self._sharded_entries)
+            elif self.layout.world > 1:     # a single process wrote it: every rank keeps its rows of it
+                state = load_whole_into(ckpt, self._sharded_entries)
+            else:
+                state = load_checkpoint(ckpt, self.model, self.optimizer, verify=False)
             self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
             self.loss_ema = state["loss_ema"]
             self.loader.load_state_dict(state["loader"])
             if self.ema is not None and state["ema"] is not None:
-                self.ema.load_state_dict(self.layout.local_ema(self.model, state["ema"]))
+                self.ema.load_state_dict(state["ema"])
         self.ce = cross_entropy
         if cfg.train.compile:
             # regional compilation: every block is one graph (fused norms, RoPE, SwiGLU, routing glue) and the loss
@@ -271,11 +274,6 @@ class Trainer:
         init_state(self.optimizer)
         ema = self.ema.state_dict() if self.ema is not None and with_ema else None
         return owned_state(self.layout.owned(self.model), self.optimizer, ema)
-
-    def _local_state(self, tensors: dict, optim_state: dict | None) -> tuple[dict, dict | None]:
-        """A full checkpoint's model tensors and optimizer state cut to this rank's expert slices and FSDP shards
-        (every rank reads the whole checkpoint)."""
-        return self.layout.local_state(self.model, self.optimizer, tensors, optim_state)
 
     def _set_up_run_dir(self, data_dir: Path, resume: bool, overwrite: bool) -> list[str]:
         """Rank 0, once the data is ready: delete an earlier run's outputs (overwrite) and what killed saves left,
@@ -449,24 +447,18 @@ class Trainer:
 
     def save(self, snapshot: dict | None = None) -> Path:
         """Write the checkpoint of the step that `snapshot` was taken at (default: now), before the weights have
-        changed since. Rank 0 writes the single-process format (with ep > 1 the ranks of row 0 first gather their
-        expert slices to it, under FSDP every rank first joins the all-gathers of its shards; every rank must call
-        this); the others wait for it."""
+        changed since: under torchrun the sharded format, every rank writing the rows it holds (every rank must
+        call this); in one process the single-file format."""
         snap = snapshot or self._snapshot()
         if self.sharded_checkpoints:         # every rank writes its own rows; nothing is gathered
             path = save_sharded(self.run_dir, snap["step"], self._sharded_entries(), snap["state"],
                                 self.cfg.to_dict(), self.cfg.checkpoint.keep, rng=snap["rng"])
             self.logger.log_event(snap["step"], f"checkpoint {path.name} (sharded)")
             return path
-        path = checkpoint_path(self.run_dir, snap["step"])
-        full = self.layout.full_state(self.model, self.optimizer,
-                                      self.ema.state_dict() if self.ema is not None else None)
-        if full is not None:      # rank 0
-            model_state, optim_state, ema_state = full
-            path = save_checkpoint(self.run_dir, snap["step"], model_state, optim_state, snap["state"],
-                                   self.cfg.to_dict(), ema_state, self.cfg.checkpoint.keep, rng=snap["rng"])
-            self.logger.log_event(snap["step"], f"checkpoint {path.name}")
-        self.layout.barrier()
+        path = save_checkpoint(self.run_dir, snap["step"], self.model, self.optimizer, snap["state"],
+                               self.cfg.to_dict(), self.ema.state_dict() if self.ema is not None else None,
+                               self.cfg.checkpoint.keep, rng=snap["rng"])
+        self.logger.log_event(snap["step"], f"checkpoint {path.name}")
         return path
 
     # ---- the loop -----------------------------------------------------------------------------------------------
