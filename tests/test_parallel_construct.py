@@ -92,7 +92,7 @@ def test_sharded_construction_and_hf_slices_equal_one_process(tmp_path, hf_dirs,
     full = {**dict(single.named_parameters()), **dict(single.named_buffers())}
     total = sum(p.numel() * p.element_size() for p in single.parameters())
     ranks = run_ranks(_worker, WORLD, tmp_path, "construction", (str(tmp_path / "init"), tmp_path, parallel,
-                                                                 [str(d) for d in hf_dirs]))
+                                                                 [str(d) for d in hf_dirs]), timeout_s=300)
     _check(ranks, "init", {n: t.detach() for n, t in full.items()})
     # each rank allocated its part only: at most its share and the replicated remainder, never the whole
     for res in ranks:
@@ -149,7 +149,8 @@ def test_per_rank_parameters_and_optimizer_state_are_a_share_of_the_whole(tmp_pa
     single = build_model(_cfg(), "cpu")
     params = sum(p.numel() * p.element_size() for p in single.parameters())
     whole = 3 * params                                   # weights + AdamW's two fp32 moments
-    ranks = run_ranks(_memory_worker, world, tmp_path, "memory", (str(tmp_path / "init"), tmp_path, world))
+    ranks = run_ranks(_memory_worker, world, tmp_path, "memory", (str(tmp_path / "init"), tmp_path, world),
+                      timeout_s=300)
     bound = whole / world * 1.2 + 64 * 1024
     assert whole > 2 * bound
     for r in ranks:

@@ -326,6 +326,8 @@ def load_whole_into(path: str | Path, entries: Callable[[bool], dict[str, torch.
     if restore_rng:
         rng = _read(path / "rng.pt", lambda f: torch.load(f, weights_only=True))
         torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     state = json.loads((path / "state.json").read_text())
     state["ema"] = None
     return state

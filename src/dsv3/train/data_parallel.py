@@ -109,6 +109,32 @@ class Layout:
         """What the optimizer holds: the whole model (a PipelineLayout: this rank's chunks)."""
         return model
 
+    def parallelize(self, cfg, device: torch.device) -> tuple[nn.Module, str | None]:
+        """The training model of `cfg` laid out over this job's ranks, the one place the trainer builds it, in this
+        order (each step needs the one before; torchtitan's order):
+          1. describe the model on the meta device (nothing allocated; dsv3.train.trainer.build_model);
+          2. FP8 (train.precision=fp8): swap the linear / expert classes in place;
+          3. expert parallelism and the pipeline split (`apply`): expert slices, this rank's chunks;
+          4. selective recomputation (train.recompute): wraps methods inside the future FSDP units;
+          5. FSDP2 (parallel.fsdp, `shard_parameters`): DTensor shards, experts over their dp column;
+          6. materialise what this rank owns (dsv3.parallel.materialize): its chunks, slices and shards only,
+             initialised to the single-process values.
+        Compilation (train.compile, CUDA) wraps the blocks afterwards, in the trainer. Returns (model, a log line
+        on FSDP's sharding or None). Every rank must call it (FSDP's count is a collective)."""
+        from ..parallel.materialize import materialize
+        from .recompute import apply_recompute
+        from .trainer import build_model
+        model = build_model(cfg, "meta")
+        if cfg.train.precision == "fp8":
+            from ..fp8.training import apply_fp8
+            apply_fp8(model)
+        self.apply(model)
+        if cfg.train.recompute:
+            apply_recompute(model)
+        note = self.shard_parameters(model)
+        materialize(self.owned(model), device, cfg.train.seed, cfg.model.init_std)
+        return model, note
+
     def owned(self, model: nn.Module) -> list[nn.Module]:
         """The modules this rank runs and materialises (the whole model; a PipelineLayout: its chunks)."""
         return [model]

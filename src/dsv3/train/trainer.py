@@ -63,7 +63,6 @@ from .dataset import prepare_dataset
 from .ema import CPUEma
 from .metrics import MetricsLogger
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
-from .recompute import apply_recompute
 from .run_dir import check_start, choose_checkpoint, clear_run, divergence_advice, resume_command
 from .signals import StopSignals
 
@@ -195,22 +194,11 @@ class Trainer:
         self.val = val_batches(self.shards, cfg.data.seq_len, cfg.log.val_batches, cfg.train.micro_batch_size,
                                self.tokenizer.eos_id) if cfg.log.val_batches else []
 
-        # sharded construction: the model is described on the meta device, laid out there, and each rank then
+        # sharded construction and every layout step, in one documented order (Layout.parallelize): each rank
         # allocates and initialises only its own part (its chunks, expert slices and FSDP shards)
-        self.model = build_model(cfg, "meta")
-        self.param_counts = self.model.num_params()      # of the whole model, before experts are sharded
-        if cfg.train.precision == "fp8":     # before recomputation wraps the modules
-            from ..fp8.training import apply_fp8
-            apply_fp8(self.model)
-        # ep > 1: shard the experts; pp > 1: also cut out this rank's chunks
-        self.layout.apply(self.model)
+        self.model, shard_note = self.layout.parallelize(cfg, self.device)
+        self.param_counts = build_model(cfg, "meta").num_params()     # of the whole model, not this rank's part
         self.layers = moe_layers(self.model)
-        if cfg.train.recompute:
-            apply_recompute(self.model)
-        # fsdp: shard every parameter, after recompute wrapped its methods (see dsv3.train.data_parallel) and before
-        # the optimizer allocates its state
-        shard_note = self.layout.shard_parameters(self.model)
-        materialize(self.layout.owned(self.model), self.device, cfg.train.seed, cfg.model.init_std)
         self.optimizer = build_optimizer(self.layout.trainable(self.model), cfg.optim,
                                          compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
