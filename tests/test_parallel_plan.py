@@ -54,3 +54,21 @@ def test_layouts_that_do_not_fit_or_do_not_divide_are_flagged(v3):
                             (Cluster(2048), Layout(pp=16, ep=64, schedule="gpipe"))):
         with pytest.raises(ValueError):
             plan(v3, cluster, layout)
+
+
+def test_time_and_cost_reproduce_the_reports_180k_gpu_hours_per_trillion_tokens(v3):
+    """TR Table 1: 180K H800 GPU-hours per trillion tokens, 3.7 days on 2048 GPUs, $2 per GPU-hour, 2,664K hours
+    for the 14.8T-token pre-training. The report states no MFU; 40% of the H800's dense BF16 peak reproduces it."""
+    from dsv3.parallel.plan import flops_per_token, training_cost
+    f = flops_per_token(v3, 4096)
+    assert 36e9 < f["activated_matmul_params"] < 40e9          # 37B activated + MTP - embedding + head
+    assert f["total"] == pytest.approx(6 * f["activated_matmul_params"] + f["attention"])
+    c = training_cost(v3, 2048, mfu=0.40)
+    assert c["gpu_hours_per_trillion_tokens"] == pytest.approx(180e3, rel=0.03)
+    assert c["days_per_trillion_tokens"] == pytest.approx(3.7, abs=0.1)
+    assert c["cost_per_trillion_tokens"] == pytest.approx(360e3, rel=0.03)
+    assert 14.8 * c["gpu_hours_per_trillion_tokens"] == pytest.approx(2_664e3, rel=0.03)
+    # time scales inversely with MFU; a bad MFU is one error
+    assert training_cost(v3, 2048, mfu=0.20)["step_seconds"] == pytest.approx(2 * c["step_seconds"])
+    with pytest.raises(ValueError, match="mfu"):
+        training_cost(v3, 2048, mfu=0)

@@ -1,7 +1,7 @@
 """`dsv3 train` through torchrun (gloo, CPU): plain data parallelism, expert parallelism inside it (parallel.ep) and
 both FSDP-sharded (parallel.fsdp) give the same per-step losses, validation losses, final weights and EMA as one
-process on the same global batches, and write checkpoints in the single-process format that resume at any world size
-and layout."""
+process on the same global batches, and write checkpoints (the sharded format under torchrun; the single-process
+one in one process) that resume at any world size and layout."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import build, init_gloo, run_ranks, tiny_config
-from safetensors.torch import load_file
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import distribute_tensor
 
 from dsv3.config import ConfigError
 from dsv3.train import Trainer, load_run_model
 from dsv3.train.adamw_bf16 import AdamWBF16
-from dsv3.train.data_parallel import Layout, expert_slices, local_model_state, local_optimizer_state
+from dsv3.train.checkpoint import read_tensors
+from dsv3.train.data_parallel import Layout, expert_slices
 from dsv3.train.ema import CPUEma
 from dsv3.train.metrics import read_metrics
 from test_train_loop import small_run, train_losses
@@ -81,18 +81,19 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 
 
 def _assert_same_checkpoint(a: Path, b: Path, what: str) -> None:
-    """Two checkpoint directories hold the same weights, EMA and optimizer state (the same parameter indices)."""
-    _assert_same_tensors(load_file(a / "model.safetensors"), load_file(b / "model.safetensors"), f"{what} model")
-    _assert_same_tensors(load_file(a / "ema.safetensors"), load_file(b / "ema.safetensors"), f"{what} ema")
-    a_opt = torch.load(a / "optimizer.pt", weights_only=True)
-    b_opt = torch.load(b / "optimizer.pt", weights_only=True)
-    assert a_opt["param_groups"] == b_opt["param_groups"], what
-    assert a_opt["state"].keys() == b_opt["state"].keys(), what
+    """Two checkpoint directories (either format: a torchrun run writes the sharded one) hold the same weights, EMA
+    and optimizer state (by parameter name)."""
+    a, b = read_tensors(a), read_tensors(b)
+    _assert_same_tensors(a["model"], b["model"], f"{what} model")
+    _assert_same_tensors(a["ema"], b["ema"], f"{what} ema")
+    assert a["optim"].keys() == b["optim"].keys(), what
     # the moments carry the same fp32 noise as the weights, squared in exp_avg_sq (the embedding's rarely seen rows:
     # up to 1.4e-3 for EP2 and 7e-4 for plain DP2 after 8 steps); a misplaced expert slice would be off by O(1)
-    for i, st in a_opt["state"].items():
+    for n, st in a["optim"].items():
         _assert_same_tensors({k: v for k, v in st.items() if v.dim()},
-                             {k: v for k, v in b_opt["state"][i].items() if v.dim()}, f"{what} {i}", tol=1e-2)
+                             {k: v for k, v in b["optim"][n].items() if v.dim()}, f"{what} {n}", tol=1e-2)
+        assert {k: v for k, v in st.items() if not v.dim()} == \
+            {k: v for k, v in b["optim"][n].items() if not v.dim()}, (what, n)       # AdamW's step
 
 
 @pytest.fixture(scope="module")
@@ -234,40 +235,56 @@ def test_bad_parallel_layouts_are_refused(tmp_path):
         Trainer(cfg)                   # one process (no torchrun): world 1
 
 
-def _roundtrip_worker(rank, init_file, out_dir):
-    """EP2 on 2 gloo ranks, BF16 weights with AdamWBF16 (BF16 moments + FP32 master) and an EMA: gather the full
-    state on rank 0, then let every rank cut it back to its slices."""
+def _roundtrip_worker(rank, init_file, out_dir, fsdp):
+    """dp 1 x ep 2 (with FSDP: everything else sharded over both ranks) on 2 gloo ranks, BF16 weights with AdamWBF16
+    (BF16 moments + FP32 master) and an EMA: one step on known gradients, next to a plain model taking the same step.
+    The sharded state (dsv3.parallel.dcp.owned_state) is saved by both ranks; read whole it is the plain model's;
+    loaded back into zeroed tensors it is what the ranks held; the plain model's whole state cut to the ranks' rows
+    (fill_entries: a single-process checkpoint resumed at 2 ranks) is the same again."""
+    import torch.distributed.checkpoint as dcp
+
+    from dsv3.parallel.dcp import fill_entries, owned_state
     init_gloo(rank, 2, init_file)
     try:
-        layout = Layout(torch.device("cpu"), ep=2)
+        layout = Layout(torch.device("cpu"), ep=2, fsdp=fsdp)
         model = layout.apply(build(tiny_config(), dtype=torch.bfloat16).train())
-        opt = AdamWBF16(model.parameters(), lr=1e-2)
+        layout.shard_parameters(model)
+        ref = build(tiny_config(), dtype=torch.bfloat16).train()
+        opt, ref_opt = AdamWBF16(model.parameters(), lr=1e-2), AdamWBF16(ref.parameters(), lr=1e-2)
+        ema, ref_ema = CPUEma(layout.ema_source(model), 0.5), CPUEma(ref, 0.5)
         experts = expert_slices(model)
-        for i, (n, p) in enumerate(model.named_parameters()):
-            # replicated parameters the same gradient everywhere (as after the sync), expert slices their own
-            g = torch.Generator().manual_seed(i + (1000 * rank if n in experts else 0))
-            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+        for i, ((n, p), q) in enumerate(zip(model.named_parameters(), ref.parameters())):
+            q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(i)).to(q.dtype)
+            g = q.grad[experts[n][0]:experts[n][0] + experts[n][1]] if n in experts else q.grad
+            p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None) if fsdp else g.clone()
         opt.step()
-        ema = CPUEma(model, 0.5)
-        ema.update(model)
-        full = layout.full_state(model, opt, ema.state_dict())
-        if rank == 0:
-            torch.save(full, out_dir / "full.pt")
+        ref_opt.step()
+        ema.update(layout.ema_source(model))
+        ref_ema.update(ref)
+        entries = owned_state(layout.owned(model), opt, ema.state_dict())
+        held = {k: (e._local if hasattr(e, "_local") else e).clone() for k, e in entries.items()}
+        dcp.save(entries, checkpoint_id=str(out_dir / "ckpt"))
+        names = {id(p): n for n, p in ref.named_parameters()}
+        whole = {f"model/{k}": v for k, v in ref.state_dict().items()}
+        whole |= {f"ema/{k}": v for k, v in ref_ema.state_dict().items()}
+        whole |= {f"optim/{names[id(p)]}/{k}": v for p, st in ref_opt.state.items() for k, v in st.items()}
+        res = {"types": {type(p).__name__ for p in model.parameters()}, "keys": sorted(entries)}
         dist.barrier()
-        model_sd, optim_sd, ema_sd = torch.load(out_dir / "full.pt", weights_only=True)
-        own_opt = opt.state_dict()
-        local_opt = local_optimizer_state(model, opt, optim_sd)
-        fresh = AdamWBF16(model.parameters(), lr=1e-2)
-        fresh.load_state_dict(local_opt)
-        res = {"full_is_none": full is None, "slices": expert_slices(model),
-               "full_shapes": {k: tuple(v.shape) for k, v in model_sd.items()},
-               "model": _mismatches(model.state_dict(), local_model_state(model, model_sd)),
-               "ema": _mismatches(ema.state_dict(), local_model_state(model, ema_sd)),
-               "optim": [i for i, st in own_opt["state"].items() if _mismatches(st, local_opt["state"][i])],
-               "reloaded": [i for i, st in own_opt["state"].items()
-                            if _mismatches(st, fresh.state_dict()["state"][i])],
-               "master_dtype": {st["master"].dtype for st in own_opt["state"].values()},
-               "moment_dtype": {st["exp_avg"].dtype for st in own_opt["state"].values()}}
+        if rank == 0:
+            meta = dcp.FileSystemReader(str(out_dir / "ckpt")).read_metadata().state_dict_metadata
+            read = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in meta.items()}
+            dcp.load(read, checkpoint_id=str(out_dir / "ckpt"), no_dist=True)
+            res["vs_single"] = _mismatches({k: v for k, v in whole.items() if "tokens_per_expert" not in k}, read)
+        with torch.no_grad():
+            for e in entries.values():
+                (e._local if hasattr(e, "_local") else e).zero_()
+        dcp.load(entries, checkpoint_id=str(out_dir / "ckpt"))
+        res["reloaded"] = _mismatches(held, {k: e._local if hasattr(e, "_local") else e for k, e in entries.items()})
+        with torch.no_grad():
+            for e in entries.values():
+                (e._local if hasattr(e, "_local") else e).zero_()
+        fill_entries(entries, whole)
+        res["cut"] = _mismatches(held, {k: e._local if hasattr(e, "_local") else e for k, e in entries.items()})
         torch.save(res, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -282,79 +299,14 @@ def _mismatches(a: dict, b: dict) -> list[str]:
                                                                           torch.equal(v, b[k]))]
 
 
-def test_expert_parallel_state_gathers_and_scatters_exactly(tmp_path):
-    ranks = run_ranks(_roundtrip_worker, 2, tmp_path, "EP2 state round trip")
-    assert [r["full_is_none"] for r in ranks] == [False, True]      # rank 0 alone receives the whole state
-    name = "layers.1.mlp.experts.gate_proj"
-    assert ranks[0]["full_shapes"][name] == (8, 32, 64)            # whole: 8 experts, 4 on each rank
-    assert [r["slices"][name] for r in ranks] == [(0, 4, 8), (4, 4, 8)]
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ep2", "ep2-fsdp"])
+def test_sharded_state_saves_reloads_and_cuts_exactly(tmp_path, fsdp):
+    ranks = run_ranks(_roundtrip_worker, 2, tmp_path, "sharded state round trip",
+                      (str(tmp_path / "init"), tmp_path, fsdp))
+    # the same elementwise AdamW/EMA arithmetic on slices and shards as on whole tensors: read whole, the written
+    # state is bitwise the plain model's (weights, routing biases, BF16 moments, FP32 masters, steps, EMA)
+    assert ranks[0]["vs_single"] == []
+    assert any(k.endswith("/master") for k in ranks[0]["keys"]) and any(k.startswith("ema/") for k in ranks[0]["keys"])
     for r in ranks:
-        assert r["model"] == r["ema"] == r["optim"] == r["reloaded"] == []
-        assert r["master_dtype"] == {torch.float32} and r["moment_dtype"] == {torch.bfloat16}
-
-
-def _fsdp_roundtrip_worker(rank, init_file, out_dir):
-    """dp 1 x ep 2 with FSDP on 2 gloo ranks (experts sliced over EP, everything else sharded over both ranks), BF16
-    weights with AdamWBF16 (BF16 moments + FP32 master) and an EMA: one step on known gradients, next to a plain
-    model taking the same step; rank 0 gets the gathered state, then every rank cuts it back to its shards."""
-    init_gloo(rank, 2, init_file)
-    try:
-        layout = Layout(torch.device("cpu"), ep=2, fsdp=True)
-        model = layout.apply(build(tiny_config(), dtype=torch.bfloat16).train())
-        layout.shard_parameters(model)
-        ref = build(tiny_config(), dtype=torch.bfloat16).train()
-        opt, ref_opt = AdamWBF16(model.parameters(), lr=1e-2), AdamWBF16(ref.parameters(), lr=1e-2)
-        ema, ref_ema = CPUEma(layout.ema_source(model), 0.5), CPUEma(ref, 0.5)
-        experts = expert_slices(model)
-        for i, ((n, p), q) in enumerate(zip(model.named_parameters(), ref.parameters())):
-            q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(i)).to(q.dtype)
-            g = q.grad[experts[n][0]:experts[n][0] + experts[n][1]] if n in experts else q.grad
-            p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
-        opt.step()
-        ref_opt.step()
-        ema.update(layout.ema_source(model))
-        ref_ema.update(ref)
-        full = layout.full_state(model, opt, ema.state_dict())
-        res = {"full_is_none": full is None, "types": {type(p).__name__ for p in model.parameters()}}
-        if rank == 0:
-            model_sd, optim_sd, ema_sd = full
-            ref_optim = ref_opt.state_dict()
-            res["vs_single"] = {"model": _mismatches(ref.state_dict(), model_sd),
-                                "ema": _mismatches(ref_ema.state_dict(), ema_sd),
-                                "optim": [i for i, st in ref_optim["state"].items()
-                                          if _mismatches(st, optim_sd["state"][i])],
-                                "groups": ref_optim["param_groups"] == optim_sd["param_groups"]}
-            torch.save(full, out_dir / "full.pt")
-        dist.barrier()
-        model_sd, optim_sd, ema_sd = torch.load(out_dir / "full.pt", weights_only=True)
-        local_model, local_opt = layout.local_state(model, opt, model_sd, optim_sd)
-        fresh = AdamWBF16(model.parameters(), lr=1e-2)
-        fresh.load_state_dict(local_opt)
-        own_opt = _shards(opt.state_dict())
-        res.update({"model": _mismatches(_shards(model.state_dict()), _shards(local_model)),
-                    "ema": _mismatches(ema.state_dict(), layout.local_ema(model, ema_sd)),
-                    "optim": [i for i, st in own_opt["state"].items()
-                              if _mismatches(st, _shards(local_opt)["state"][i])],
-                    "reloaded": [i for i, st in own_opt["state"].items()
-                                 if _mismatches(st, _shards(fresh.state_dict())["state"][i])]})
-        torch.save(res, out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _shards(d: dict) -> dict:
-    """A state dict (or an optimizer's, one level down) with every DTensor replaced by this rank's local shard."""
-    if "state" in d:
-        return {**d, "state": {i: _shards(st) for i, st in d["state"].items()}}
-    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in d.items()}
-
-
-def test_fsdp_state_gathers_into_the_single_process_state_and_scatters_back_exactly(tmp_path):
-    ranks = run_ranks(_fsdp_roundtrip_worker, 2, tmp_path, "FSDP state round trip")
-    assert [r["full_is_none"] for r in ranks] == [False, True]      # rank 0 alone receives the whole state
-    # the same elementwise AdamW/EMA arithmetic on shards as on whole tensors: the gathered state is bitwise the
-    # plain model's (weights, BF16 moments, FP32 masters, EMA), under the plain model's parameter indices
-    assert ranks[0]["vs_single"] == {"model": [], "ema": [], "optim": [], "groups": True}
-    for r in ranks:
-        assert r["types"] == {"DTensor"}
-        assert r["model"] == r["ema"] == r["optim"] == r["reloaded"] == []
+        assert r["types"] == ({"DTensor"} if fsdp else {"Parameter"})
+        assert r["reloaded"] == r["cut"] == []

@@ -413,11 +413,13 @@ def _bench_serve(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     import json
 
-    from .parallel.plan import Cluster, Layout, format_plan, plan
+    from .parallel.plan import Cluster, Layout, format_plan, plan, training_cost
     cfg = load_model_config(args.config)
     p = plan(cfg, Cluster(args.gpus, args.gpus_per_node, args.gpu_memory, args.nvlink, args.ib),
              Layout(args.pp, args.ep, args.schedule, args.micro_batch, args.seq_len, args.micro_batches,
                     2 if args.moments == "bf16" else 4))
+    batch = args.micro_batch * args.seq_len * args.micro_batches * p["layout"]["dp"]
+    p["cost"] = training_cost(cfg, args.gpus, args.mfu, args.peak_tflops, args.seq_len, batch, args.price)
     print(json.dumps(p, indent=1) if args.json else format_plan(p))
 
 
@@ -605,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seq-len", type=int, default=4096)
     s.add_argument("--micro-batches", type=int, default=120, help="per pipeline per step (V3: 15360 / dp 128)")
     s.add_argument("--moments", default="bf16", choices=["bf16", "fp32"], help="AdamW moment precision")
+    s.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed for time and cost")
+    s.add_argument("--peak-tflops", type=float, default=989.0, help="per GPU (H800 dense BF16: 989)")
+    s.add_argument("--price", type=float, default=2.0, help="$ per GPU-hour (the report's rental price)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_plan)
     s = sub.add_parser("bench", help="engine throughput on random weights: decode (TTFT, TPOT, tok/s), prefill, or serve (the HTTP server vs the engine)")

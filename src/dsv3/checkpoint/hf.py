@@ -237,11 +237,14 @@ class ShardWriter:
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB",
-                    dtype: torch.dtype | None = None, quantize_fp8: bool = False) -> None:
+                    dtype: torch.dtype | None = None, quantize_fp8: bool = False, tensors=None) -> None:
     """Write `model` as a HF directory that `load_pretrained` and transformers load; atomic.
 
     dtype: storage dtype of the non-FP8 tensors (default: each tensor's own; the routing bias stays fp32).
     quantize_fp8: store attention/FFN/expert Linear weights as e4m3 with 128x128 `weight_scale_inv` (released format).
+    tensors: where the values come from, a mapping from our names read one at a time as the shards are written
+    (default: model.state_dict()); with it `model` may be a meta-device model that only gives names, shapes and
+    dtypes (dsv3.train.export streams a sharded checkpoint so, never holding the whole model).
     """
     limit = _parse_size(max_shard_size)
     state = model.state_dict()
@@ -264,12 +267,13 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
         shards.append(cur)
 
     writer = ShardWriter(model.config, dtype or model.embed_tokens.weight.dtype, quantize_fp8)
+    source = state if tensors is None else tensors
     with atomic_directory(path) as tmp:
         for i, shard in enumerate(shards, start=1):
             file = SINGLE_NAME if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
             for hf_name, ours, expert, fp8, out_dtype, _ in shard:
-                t = (state[ours] if expert is None else state[ours][expert]).detach().to("cpu")
+                t = (source[ours] if expert is None else source[ours][expert]).detach().to("cpu")
                 if fp8:
                     q, s = quantize_blocks(t)
                     tensors[hf_name], tensors[hf_name + "_scale_inv"] = q, s

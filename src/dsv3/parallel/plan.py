@@ -12,7 +12,12 @@ parallelism `ep` dividing dp, ZeRO-1 over dp) it computes, for the most loaded p
 - traffic per step: expert all-to-all over InfiniBand (node-limited routing: a token reaches at most topk_group
   nodes; dispatch in FP8, combine in BF16, forward and backward), pipeline sends (BF16 hidden states, both
   directions), ZeRO-1 reduce-scatter of gradients and all-gather of weights;
-- the pipeline bubble (TR Table 2) for 1F1B, ZB1P and DualPipe in units of a chunk's forward time.
+- the pipeline bubble (TR Table 2) for 1F1B, ZB1P and DualPipe in units of a chunk's forward time;
+- time and cost (`training_cost`): training FLOPs per token (6 x the activated matmul parameters, MTP included, plus
+  the causal attention core), then step time, GPU-hours and cost per trillion tokens at a stated MFU of a stated
+  peak. The report's 180K H800-hours per trillion tokens (TR Table 1; 3.7 days on 2048 GPUs, $2 per GPU-hour) is
+  what V3 gives at about 40% MFU of the H800's 989 dense BF16 TFLOPS (tests/test_parallel_plan.py): an implied
+  figure, the report states no MFU.
 
 The activation estimate is a model, not a measurement: it is written out term by term in `activation_bytes_per_token`.
 """
@@ -121,6 +126,37 @@ def bubble(pp: int, schedule: str, f: float = 1.0, b: float = 2.0, w: float = 1.
     raise ValueError(f"unknown schedule {schedule!r}; use 1f1b, zb1p, dualpipe or dualpipev")
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (forward + backward = 3 x forward): the matmuls of the activated parameters (2 per
+    multiply-add, the embedding lookup excluded, the head and the MTP modules' layers, eh_proj and second head
+    included) and the causal attention core (QK^T and PV over seq_len / 2 keys on average)."""
+    D, V, K, E = cfg.hidden_size, cfg.vocab_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    layers = list(range(cfg.num_hidden_layers)) + [cfg.num_hidden_layers - 1] * cfg.num_nextn_predict_layers
+    active = 0.0
+    for i in layers:                      # an MTP module is a MoE block like the last layer
+        rep, exp = layer_params(cfg, cfg.is_moe_layer(i))
+        active += rep + exp * K / E
+    active += D * V * (1 + cfg.num_nextn_predict_layers) + 2 * D * D * cfg.num_nextn_predict_layers
+    attn = 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) \
+        * seq_len / 2 * len(layers)
+    return {"activated_matmul_params": active, "matmul": 6 * active, "attention": 3 * attn,
+            "total": 6 * active + 3 * attn}
+
+
+def training_cost(cfg: ModelConfig, gpus: int, mfu: float, peak_tflops: float = 989.0, seq_len: int = 4096,
+                  batch_tokens: float = 15360 * 4096, price_per_gpu_hour: float = 2.0) -> dict[str, float]:
+    """Step time, GPU-hours, days and cost per trillion tokens at `mfu` of `peak_tflops` per GPU (default: the
+    H800's dense BF16 peak; the report's batch 15360 x 4096, $2 per GPU-hour)."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu={mfu} must be in (0, 1]")
+    f = flops_per_token(cfg, seq_len)["total"]
+    per_gpu = peak_tflops * 1e12 * mfu
+    hours = 1e12 * f / per_gpu / 3600
+    return {"flops_per_token": f, "mfu": mfu, "peak_tflops": peak_tflops,
+            "step_seconds": batch_tokens * f / (gpus * per_gpu), "gpu_hours_per_trillion_tokens": hours,
+            "days_per_trillion_tokens": hours / gpus / 24, "cost_per_trillion_tokens": hours * price_per_gpu_hour}
+
+
 def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
     problems = []
     pp, ep = layout.pp, layout.ep
@@ -199,5 +235,12 @@ def format_plan(p: dict) -> str:
                                               for k, v in tr.items()),
              "bubble   " + ", ".join(f"{k} {v:g} F ({p['bubble_fraction'][k]:.1%})"
                                      for k, v in p["bubble_in_F"].items()) + "  (F=1, B=2, W=1, F&B=F+B)"]
+    if "cost" in p:
+        c = p["cost"]
+        lines.append(f"cost     {c['flops_per_token'] / 1e9:.0f} GFLOPs/token; at {c['mfu']:.0%} MFU of "
+                     f"{c['peak_tflops']:g} TFLOPS: step {c['step_seconds']:.1f} s, "
+                     f"{c['gpu_hours_per_trillion_tokens'] / 1e3:.0f}K GPU-hours and "
+                     f"${c['cost_per_trillion_tokens'] / 1e3:.0f}K per trillion tokens "
+                     f"({c['days_per_trillion_tokens']:.1f} days on these GPUs)")
     lines += [f"PROBLEM  {x}" for x in p["problems"]]
     return "\n".join(lines)

@@ -10,8 +10,15 @@ Layout: RUN_DIR/checkpoints/step_{N:08d}/ with
   manifest.json       size and sha256 of every file above, written last
 A checkpoint directory exists only once complete (dsv3.checkpoint.atomic_directory): a run killed while saving
 leaves the previous checkpoint as the latest, and `.step_N.tmp-*` leftovers that the next start removes. It is
-always the single-process format (whole expert tensors; an expert-parallel run gathers them first,
-dsv3.train.data_parallel), so a run resumes at any world size and layout.
+the format of a single process; a torchrun run writes the sharded one below. Either resumes at any world size and
+layout (`load_whole_into` cuts a single-process checkpoint to a rank's rows).
+
+At world > 1 the run writes the sharded format instead (`save_sharded`, checkpoint.format=auto): the same
+directory name and state.json / config.json / rng.pt, with the weights, optimizer state and EMA as a
+torch.distributed.checkpoint directory (`.metadata` + one `*.distcp` file per writing rank: each rank writes only
+the rows it holds, dsv3.parallel.dcp). Every rank writes into the temporary sibling; after a barrier rank 0 writes
+the small files and the manifest, last, and renames the directory into place: a half-written save is never a
+checkpoint. It loads at any world size and layout (`load_sharded`), also into one plain process.
 
 Loading verifies the manifest first: a truncated or garbled file is one error naming it (garbled bytes inside a
 tensor would otherwise load silently and surface steps later as a non-finite loss), and `--resume` takes the newest
@@ -28,10 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import CheckpointError, atomic_directory
+from ..parallel import dcp as sharded
 from ..checkpoint.atomic import remove_leftovers
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -84,6 +94,8 @@ def verify_checkpoint(path: str | Path) -> None:
     before manifests existed (no manifest.json) passes unchecked."""
     path = Path(path)
     if not (path / MANIFEST).exists():
+        if is_sharded(path):            # the sharded format always had one: written last, it marks the commit
+            raise CheckpointError(f"{path} has no {MANIFEST}: its save never finished")
         return
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
@@ -123,8 +135,8 @@ def rng_state() -> dict:
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer | dict, state: dict, config: dict, ema_state: dict | None = None,
                     keep: int = 0, rng: dict | None = None) -> Path:
-    """model / optimizer: the modules, or their (full, single-process) state dicts, as an expert-parallel run
-    gathers them (dsv3.train.data_parallel.Layout.full_state). rng: rng_state() as of `step` (default: now)."""
+    """The single-process format. model / optimizer: the modules, or their state dicts. rng: rng_state() as of
+    `step` (default: now)."""
     target = checkpoint_path(run_dir, step)
     model_state = model if isinstance(model, dict) else model.state_dict()
     optim_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
@@ -191,3 +203,131 @@ def _read(path: Path, load: Callable[[Path], object]):
     except Exception as e:
         first = str(e).split("\n")[0][:200]
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {first})") from None
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether a checkpoint directory is the sharded (DCP) format."""
+    return (Path(path) / ".metadata").exists()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded(run_dir: str | Path, step: int, entries: dict[str, torch.Tensor], state: dict, config: dict,
+                 keep: int = 0, rng: dict | None = None) -> Path:
+    """The sharded checkpoint of `step`: `entries` (dsv3.parallel.dcp.owned_state of each rank) written by every
+    rank into a temporary directory, then rank 0 adds state.json, config.json, rng.pt and the manifest (last) and
+    renames it into place. A collective: every rank calls it; returns the checkpoint's path."""
+    target = checkpoint_path(run_dir, step)
+    if _rank() != 0:
+        where = [None]
+        dist.broadcast_object_list(where, src=0)
+        dcp.save(entries, checkpoint_id=where[0])
+        _barrier()                      # every rank's shards are written
+        _barrier()                      # rank 0 committed (or failed)
+        return target
+    with atomic_directory(target) as tmp:
+        if dist.is_initialized():
+            dist.broadcast_object_list([str(tmp)], src=0)
+        dcp.save(entries, checkpoint_id=str(tmp))
+        _barrier()
+        torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        write_manifest(tmp)             # the commit marker: written last, over every shard's bytes
+    if keep > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return target
+
+
+def sharded_keys(path: str | Path) -> set[str]:
+    """The entry names a sharded checkpoint holds."""
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def load_sharded(path: str | Path, entries: Callable[[bool], dict[str, torch.Tensor]], restore_rng: bool = True
+                 ) -> dict:
+    """Load a sharded checkpoint into this rank's tensors, in place, whatever layout wrote it: `entries(with_ema)`
+    gives them (dsv3.parallel.dcp.owned_state; the EMA's only when the checkpoint has one). Returns state.json with
+    `ema` None (the EMA, if any, was loaded in place). A collective when distributed."""
+    path = Path(path)
+    keys = sharded_keys(path)
+    want = entries(any(k.startswith("ema/") for k in keys))
+    missing = sorted(k for k in want if k not in keys)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}")
+    dcp.load(want, checkpoint_id=str(path))
+    if restore_rng:
+        rng = _read(path / "rng.pt", lambda f: torch.load(f, weights_only=True))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / "state.json").read_text())
+    state["ema"] = None
+    return state
+
+
+def read_tensors(path: str | Path) -> dict:
+    """A checkpoint of either format as whole tensors in this process, named by parameter: {"model": {name:
+    tensor}, "ema": {name: tensor} or None, "optim": {name: {key: tensor}}} (for comparing checkpoints written by
+    different layouts; it holds the whole model)."""
+    path = Path(path)
+    if is_sharded(path):
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        entries = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in meta.items()}
+        dcp.load(entries, checkpoint_id=str(path), no_dist=True)
+        out: dict = {"model": {}, "ema": None, "optim": {}}
+        for k, t in entries.items():
+            kind, rest = k.split("/", 1)
+            if kind == "optim":
+                name, key = rest.rsplit("/", 1)
+                out["optim"].setdefault(name, {})[key] = t
+            elif kind == "ema":
+                out["ema"] = {**(out["ema"] or {}), rest: t}
+            else:
+                out["model"][rest] = t
+        return out
+    from ..model import Transformer
+    from .config import RunConfig
+    from .optim import param_groups
+    cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    name = {id(p): n for n, p in model.named_parameters()}
+    order = [name[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
+    optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)["state"]
+    ema = path / "ema.safetensors"
+    return {"model": load_file(str(path / "model.safetensors")),
+            "ema": load_file(str(ema)) if ema.exists() else None,
+            "optim": {order[i]: st for i, st in optim.items()}}
+
+
+def load_whole_into(path: str | Path, entries: Callable[[bool], dict[str, torch.Tensor]], restore_rng: bool = True
+                    ) -> dict:
+    """A single-process checkpoint into a laid-out rank (any layout): every rank reads the whole files and keeps
+    its rows (`dsv3.parallel.dcp.fill_entries`). Returns state.json with `ema` None (loaded in place)."""
+    path = Path(path)
+    whole = read_tensors(path)
+    flat = {f"model/{k}": v for k, v in whole["model"].items()}
+    flat.update({f"ema/{k}": v for k, v in (whole["ema"] or {}).items()})
+    flat.update({f"optim/{n}/{k}": v for n, st in whole["optim"].items() for k, v in st.items()})
+    try:
+        sharded.fill_entries(entries(whole["ema"] is not None), flat)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match the model: {e}") from None
+    if restore_rng:
+        rng = _read(path / "rng.pt", lambda f: torch.load(f, weights_only=True))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    state = json.loads((path / "state.json").read_text())
+    state["ema"] = None
+    return state

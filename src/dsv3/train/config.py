@@ -256,6 +256,10 @@ class LogConfig:
 class CheckpointConfig:
     interval: int = setting(500, Int(0))           # 0: only at the end (and on SIGINT / SIGTERM)
     keep: int = setting(2, Int(0))                 # most recent checkpoints kept (0 keeps all)
+    # auto: the single-file format in one process, the sharded one (torch.distributed.checkpoint, every rank
+    # writing its own rows; dsv3.train.checkpoint.save_sharded) under torchrun; sharded: also in one process.
+    # Either loads in any layout
+    format: str = setting("auto", OneOf(("auto", "sharded")))
 
 
 @dataclass
@@ -269,7 +273,7 @@ class ParallelConfig:
     is a no-op, so a PP run's checkpoint resumes in one process with parallel.pp=1 alone.
     fsdp shards parameters, gradients and optimizer state (ZeRO-3 through FSDP2: experts over their dp column, the
     rest over all ranks), with any ep but not with pp. In one process (world 1) it is a no-op, so a FSDP run's
-    checkpoints (always the single-process format) resume in one plain process as configured. Not with
+    checkpoints resume in one plain process as configured. Not with
     train.compile_optimizer."""
     # expert-parallel degree: must divide the world size and model.n_routed_experts
     ep: int = setting(1, Int(1))

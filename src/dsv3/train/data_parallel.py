@@ -23,14 +23,11 @@ clip_grad_norm_ would see only this rank's expert shards and clip the ranks diff
 compiled clipping paths take the same global norm. Validation runs on every rank (the forward needs the row's
 all-to-alls), each on its row slice of every validation batch, the sums all-reduced; rank 0 logs.
 
-Checkpoints keep the single-process format, so a run resumes at any world size and layout: at save, the ranks of row
-0 gather their expert slices of the parameters, of every optimizer state tensor shaped like its parameter (AdamW's
-exp_avg / exp_avg_sq, AdamWBF16's master copy as well) and of the EMA into full tensors on rank 0, which writes with
-`save_checkpoint` (`full_state`). At load every rank reads the full checkpoint and keeps its slice
-(`local_model_state`, `local_optimizer_state`). The EMA lives on the ranks of row 0 (rank 0 alone when ep == 1),
-each averaging its own slice; it is gathered like the parameters, so the checkpoint's EMA is the full model's.
-Pipeline parallelism (DualPipeV, a (dp, ep) layout per pipeline position) is a trainer layout too:
-dsv3.train.pipeline_step, whose checkpoints are the same single-process format.
+Checkpoints are sharded (dsv3.train.checkpoint.save_sharded, dsv3.parallel.dcp): every rank writes the rows it
+holds, nothing is gathered, and a checkpoint resumes at any world size and layout; a single-process checkpoint is
+cut to each rank's rows at resume (`load_whole_into`). The EMA lives on the ranks of row 0 (rank 0 alone when
+ep == 1), each averaging its own slice. Pipeline parallelism (DualPipeV, a (dp, ep) layout per pipeline position)
+is a trainer layout too: dsv3.train.pipeline_step.
 
 parallel.fsdp (ZeRO-3 through FSDP2, any ep, also 1): after `parallelize` (also with ep == 1: a (dp, 1) mesh) and
 after apply_recompute, `shard_data_parallel_2d` shards every parameter (experts over their dp column, the rest over
@@ -41,11 +38,7 @@ verified on DTensor gradients; config refuses compile_optimizer). Every rank val
 parameter all-gathers are collectives. Recompute before FSDP, as torchtitan does AC before fully_shard: recompute
 wraps methods inside the FSDP units (RMSNorm/MLP forward, Experts `ffn`, MLA `_attend_naive`) while FSDP hooks
 the units' __call__, and a unit's pre-backward all-gather runs before its checkpointed regions are recomputed.
-Checkpoints: every DTensor of the model, optimizer and EMA state is made whole (`full_tensor`, one tensor at a
-time, every rank in the same order), kept on the CPU by the ranks that write (rank 0) or send it (with ep > 1,
-row 0 keeps its column's expert tensors for the usual row gather). At load every rank cuts its EP slice as above,
-then its FSDP shard (`distribute_tensor(..., src_data_rank=None)`: local, no communication). The EMA lives on every
-rank, each averaging its own local shards (1/world of the model in CPU memory per rank), and is gathered likewise.
+The EMA lives on every rank, each averaging its own local shards (1/world of the model in CPU memory per rank).
 With one process (world 1) fsdp is a no-op, so a FSDP run's checkpoint resumes in one plain process as configured.
 """
 
@@ -56,7 +49,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from ..parallel.expert import ExpertParallelExperts, all_reduce_flat
 from ..parallel.parallelize import (
@@ -91,7 +84,7 @@ class Layout:
     @property
     def first_row(self) -> bool:
         """Rank (0, e) of the (dp, ep) mesh, i.e. rank < ep (rank 0 alone when ep == 1): these ranks hold all experts
-        between them, keep the EMA of their slices and send them to rank 0 at save; the other rows hold replicas."""
+        between them and keep the EMA of their slices; the other rows hold replicas."""
         return self.rank < self.ep
 
     @property
@@ -102,8 +95,7 @@ class Layout:
     @property
     def partitioned(self) -> bool:
         """Whether a rank holds only a part of the model (expert slices, FSDP shards, pipeline chunks): the clipping
-        norm is then `grad_norm`, a collective; checkpoints are cut to this rank's part at resume; every rank takes
-        part in validation."""
+        norm is then `grad_norm`, a collective, and every rank takes part in validation."""
         return self.ep > 1 or self.fsdp
 
     def describe(self) -> str:
@@ -116,6 +108,36 @@ class Layout:
     def trainable(self, model: nn.Module):
         """What the optimizer holds: the whole model (a PipelineLayout: this rank's chunks)."""
         return model
+
+    def parallelize(self, cfg, device: torch.device) -> tuple[nn.Module, str | None]:
+        """The training model of `cfg` laid out over this job's ranks, the one place the trainer builds it, in this
+        order (each step needs the one before; torchtitan's order):
+          1. describe the model on the meta device (nothing allocated; dsv3.train.trainer.build_model);
+          2. FP8 (train.precision=fp8): swap the linear / expert classes in place;
+          3. expert parallelism and the pipeline split (`apply`): expert slices, this rank's chunks;
+          4. selective recomputation (train.recompute): wraps methods inside the future FSDP units;
+          5. FSDP2 (parallel.fsdp, `shard_parameters`): DTensor shards, experts over their dp column;
+          6. materialise what this rank owns (dsv3.parallel.materialize): its chunks, slices and shards only,
+             initialised to the single-process values.
+        Compilation (train.compile, CUDA) wraps the blocks afterwards, in the trainer. Returns (model, a log line
+        on FSDP's sharding or None). Every rank must call it (FSDP's count is a collective)."""
+        from ..parallel.materialize import materialize
+        from .recompute import apply_recompute
+        from .trainer import build_model
+        model = build_model(cfg, "meta")
+        if cfg.train.precision == "fp8":
+            from ..fp8.training import apply_fp8
+            apply_fp8(model, experts=cfg.train.fp8_experts)
+        self.apply(model)
+        if cfg.train.recompute:
+            apply_recompute(model)
+        note = self.shard_parameters(model)
+        materialize(self.owned(model), device, cfg.train.seed, cfg.model.init_std)
+        return model, note
+
+    def owned(self, model: nn.Module) -> list[nn.Module]:
+        """The modules this rank runs and materialises (the whole model; a PipelineLayout: its chunks)."""
+        return [model]
 
     def holds(self, module: nn.Module) -> bool:
         """Whether this rank runs `module` (every module here; a PipelineLayout: those of its chunks)."""
@@ -201,119 +223,6 @@ class Layout:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
-    # ---- checkpoints in the single-process format -----------------------------------------------------------------
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   ema_state: dict[str, torch.Tensor] | None) -> tuple[dict, dict, dict | None] | None:
-        """(model state dict, optimizer state dict, EMA state) with every expert tensor whole, on rank 0; None on
-        the other ranks. Every rank must call it (the ranks of row 0 send their slices; under FSDP every rank
-        joins the all-gathers of its shards)."""
-        model_sd, optim_sd = model.state_dict(), optimizer.state_dict()
-        if self.fsdp:     # whole DTensors (with ep > 1: this column's expert slices, for the row gather below)
-            model_sd, optim_sd, ema_state = self._unshard(model, optimizer, model_sd, optim_sd, ema_state)
-        if self.ep == 1:
-            return (model_sd, optim_sd, ema_state) if self.is_main else None
-        if not self.first_row:           # rows d > 0 hold replicas of row 0's slices: nothing to send
-            return None
-        params = dict(model.named_parameters())
-        index = _optimizer_index(optimizer)
-        # state_dict() hands out the optimizer's own per-parameter dicts: copy before replacing entries
-        state = optim_sd["state"] = dict(optim_sd["state"])
-        slots: list[tuple[dict, str]] = []
-        for name in expert_slices(model):
-            p = params[name]
-            slots.append((model_sd, name))
-            i = index[id(p)]
-            if i in state:
-                st = state[i] = dict(state[i])
-                slots += [(st, k) for k in sorted(st) if _per_element(st[k], p.shape)]
-            if ema_state is not None:
-                slots.append((ema_state, name))
-        full = self._gather_row0([d[k] for d, k in slots])
-        if full is None:
-            return None
-        for (d, k), t in zip(slots, full):
-            d[k] = t
-        return model_sd, optim_sd, ema_state
-
-    def _unshard(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict,
-                 ema_state: dict | None) -> tuple[dict, dict, dict | None]:
-        """FSDP: the model and optimizer state dicts and the EMA (local shards) with every DTensor made whole over
-        its mesh: one all-gather per tensor, every rank in the same order, so that only one whole tensor at a time
-        is on the device. A rank keeps (on the CPU) what it writes or sends: rank 0 everything, the other ranks of
-        row 0 their experts' tensors (ep > 1); the rest is dropped (None). Parameter ids, dtypes and the
-        non-DTensor entries (buffers, AdamW's step) are left as they are: the single-process format."""
-        experts = expert_slices(model) if self.ep > 1 else {}
-        params = dict(model.named_parameters())
-
-        def whole(t: torch.Tensor, name: str) -> torch.Tensor | None:
-            if not isinstance(t, DTensor):
-                return t
-            full = t.full_tensor()
-            return full.cpu() if self.is_main or (self.first_row and name in experts) else None
-
-        model_sd = {k: whole(v, k) for k, v in model_sd.items()}
-        index = _optimizer_index(optimizer)
-        name_of = {index[id(p)]: n for n, p in params.items()}
-        old = optim_sd["state"]
-        new = {i: {k: whole(v, name_of[i]) for k, v in old[i].items()} for i in sorted(old)}
-        optim_sd = {**optim_sd, "state": {i: new[i] for i in old}}
-        if ema_state is not None:        # the EMA holds plain local shards: made DTensors like their parameters
-            ema_state = {n: whole(DTensor.from_local(t.to(p.device), p.device_mesh, p.placements, shape=p.shape,
-                                                     stride=p.stride()), n) if isinstance(p := params[n], DTensor)
-                         else t for n, t in ema_state.items()}
-        return model_sd, optim_sd, ema_state
-
-    # ---- loading a single-process checkpoint into this rank's slices and shards ---------------------------------
-    def local_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict,
-                    optim_state: dict | None) -> tuple[dict, dict | None]:
-        """A full checkpoint's model tensors and optimizer state cut to what this rank holds: its expert slices
-        (ep > 1), then under FSDP its shards as DTensors placed like the parameters (load_checkpoint's copy_ and
-        Optimizer.load_state_dict then take them as they are). Tensors of a wrong shape are left for
-        load_checkpoint's check to report."""
-        tensors = local_model_state(model, tensors)
-        if optim_state is not None:
-            optim_state = local_optimizer_state(model, optimizer, optim_state)
-        if not self.fsdp:
-            return tensors, optim_state
-        params = dict(model.named_parameters())
-        tensors = {k: _shard_like(v, params.get(k)) for k, v in tensors.items()}
-        if optim_state is not None:
-            index = _optimizer_index(optimizer)
-            by_index = {index[id(p)]: p for p in params.values()}
-            state = {i: {k: _shard_like(v, by_index.get(i)) for k, v in st.items()}
-                     for i, st in optim_state["state"].items()}
-            optim_state = {**optim_state, "state": state}
-        return tensors, optim_state
-
-    def local_ema(self, model: nn.Module, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A full EMA state cut like the parameters; under FSDP to plain local shards (what `ema_source` shows the
-        EMA)."""
-        ema = local_model_state(model, ema)
-        if self.fsdp:
-            params = dict(model.named_parameters())
-            ema = {n: _shard_like(t, params.get(n)) for n, t in ema.items()}
-            ema = {n: t.to_local() if isinstance(t, DTensor) else t for n, t in ema.items()}
-        return ema
-
-    def _gather_row0(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """Each tensor's slices from the ep ranks of row 0 concatenated along dim 0 in rank order (= expert order),
-        on rank 0 (CPU); None on the senders. One gather per dtype (every rank's slices have the same shapes)."""
-        group = self.mesh["ep"].get_group()
-        out: list = [None] * len(tensors)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_dtype.setdefault(t.dtype, []).append(i)
-        for idx in by_dtype.values():
-            flat = torch.cat([tensors[i].detach().reshape(-1).to(self.device) for i in idx])
-            parts = [torch.empty_like(flat) for _ in range(self.ep)] if self.is_main else None
-            dist.gather(flat, parts, dst=0, group=group)
-            if self.is_main:
-                sizes = [tensors[i].numel() for i in idx]
-                pieces = [p.cpu().split(sizes) for p in parts]
-                for j, i in enumerate(idx):
-                    out[i] = torch.cat([pc[j].view(tensors[i].shape) for pc in pieces])
-        return out if self.is_main else None
-
 
 class _LocalShards:
     """A model seen through its parameters' local shards (plain tensors): what a CPUEma averages under FSDP, each
@@ -330,23 +239,6 @@ class _LocalShards:
         return (p for _, p in self.named_parameters())
 
 
-def _shard_like(t, p: torch.Tensor | None):
-    """A whole tensor as `p`'s DTensor shard (this rank's chunk, cut locally: every rank holds the whole tensor),
-    when p is a DTensor of that shape; else t unchanged (a buffer, AdamW's step, a mis-shaped entry)."""
-    if not (isinstance(p, DTensor) and isinstance(t, torch.Tensor) and t.shape == p.shape):
-        return t
-    return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None)
-
-
-def _optimizer_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
-    """id(parameter) -> its index in the optimizer's state dict (the order of the parameter groups)."""
-    return {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-
-
-def _per_element(t, shape: torch.Size) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape == shape
-
-
 def expert_slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     """{parameter name: (first expert, local experts, all experts)} of every expert-parallel parameter (dim 0 is
     the expert); empty for an unsharded model."""
@@ -356,39 +248,6 @@ def expert_slices(model: nn.Module) -> dict[str, tuple[int, int, int]]:
             for pname, p in m.named_parameters(recurse=False):
                 out[f"{mname}.{pname}"] = (m.first_expert, p.shape[0], m.n_experts)
     return out
-
-
-def local_model_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A full (single-process) model or EMA state dict cut to what `model` holds: its slice of every expert
-    tensor. Tensors not of the full shape are left for the loader's strict shape check to report."""
-    out = dict(tensors)
-    for name, (first, n, total) in expert_slices(model).items():
-        t = out.get(name)
-        if t is not None and t.shape[0] == total:
-            out[name] = t[first:first + n].clone()
-    return out
-
-
-def local_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
-    """A full optimizer state dict (parameters indexed in group order, as torch saves it) cut to `model`'s expert
-    slices: every per-element state tensor of an expert parameter (AdamW moments, AdamWBF16's master copy)."""
-    params = dict(model.named_parameters())
-    index = _optimizer_index(optimizer)
-    state = dict(state_dict["state"])
-    for name, (first, n, total) in expert_slices(model).items():
-        i = index[id(params[name])]
-        if i not in state:
-            continue
-        full = torch.Size((total, *params[name].shape[1:]))
-        st = dict(state[i])
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                if v.shape != full:
-                    raise ValueError(f"optimizer state {k!r} of {name} has shape {tuple(v.shape)}, expected the "
-                                     f"full {tuple(full)}")
-                st[k] = v[first:first + n].clone()
-        state[i] = st
-    return {**state_dict, "state": state}
 
 
 class NullLogger:

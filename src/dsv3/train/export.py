@@ -7,6 +7,11 @@ the files it wrote, so a later one recognises it and replaces exactly those. Ref
 directory containing it, a place inside its checkpoints, any other non-empty directory, and an earlier export that
 has gained files of someone else's. An existing directory is filled in place (file by file, the marker listing old
 and new files while it happens), so a shell standing in it keeps its directory.
+
+A sharded checkpoint (a torchrun run's, dsv3.train.checkpoint.save_sharded) is exported streamed: the model is only
+described on the meta device and each tensor is read from the checkpoint when its shard is written (`_Streamed`),
+so the process holds one tensor and one output shard at a time, never the whole model; the files are those a
+single-process export of the same weights writes, byte for byte.
 """
 
 from __future__ import annotations
@@ -17,10 +22,20 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 from ..checkpoint import CheckpointError, atomic_directory, save_pretrained
 from ..model import Transformer
-from .checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint, newest_valid_checkpoint
+from .checkpoint import (
+    checkpoint_dirs,
+    is_sharded,
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded,
+    newest_valid_checkpoint,
+    sharded_keys,
+    verify_checkpoint,
+)
 from .config import RunConfig
 
 MARKER = ".dsv3-export.json"
@@ -64,12 +79,59 @@ def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = Fal
     return model.eval(), ckpt
 
 
-def _load(ckpt: Path) -> tuple[dict, Transformer]:
+def _meta_model(ckpt: Path) -> Transformer:
     cfg = RunConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        return Transformer(cfg.model)
+
+
+def _load(ckpt: Path) -> tuple[dict, Transformer]:
+    model = _meta_model(ckpt)
     model.to_empty(device="cpu")
-    return load_checkpoint(ckpt, model, restore_rng=False), model
+    if not is_sharded(ckpt):
+        return load_checkpoint(ckpt, model, restore_rng=False), model
+    # the whole model in this process (its EMA, when saved, into a second copy of the parameters)
+    verify_checkpoint(ckpt)
+    has_ema = any(k.startswith("ema/") for k in sharded_keys(ckpt))
+    ema = {n: torch.empty_like(p) for n, p in model.named_parameters()} if has_ema else None
+    state = load_sharded(ckpt, lambda _: {**{f"model/{k}": v for k, v in model.state_dict().items()},
+                                          **{f"ema/{k}": v for k, v in (ema or {}).items()}}, restore_rng=False)
+    state["ema"] = ema
+    return state, model
+
+
+class _Streamed:
+    """Our tensors of a sharded checkpoint read one at a time (the model's buffers and its parameters, or their
+    EMA), in the dtype of the meta model; the last one is kept, so the rows of a stacked expert tensor are one
+    read."""
+
+    def __init__(self, ckpt: Path, model: Transformer, ema: bool):
+        self.ckpt, self.ema = ckpt, ema
+        self.meta = model.state_dict()
+        self.params = {n for n, _ in model.named_parameters()}
+        self.name, self.tensor = None, None
+        self.peak_bytes = 0                 # the largest tensor held: what the stream costs besides one shard
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name != self.name:
+            self.name, self.tensor = None, None
+            m = self.meta[name]
+            t = torch.empty(m.shape, dtype=m.dtype)
+            key = f"{'ema' if self.ema and name in self.params else 'model'}/{name}"
+            dcp.load({key: t}, checkpoint_id=str(self.ckpt), no_dist=True)
+            self.name, self.tensor = name, t
+            self.peak_bytes = max(self.peak_bytes, t.numel() * t.element_size())
+        return self.tensor
+
+
+def export_sharded(ckpt: Path, out: Path, ema: bool = False, dtype: torch.dtype | None = None,
+                   max_shard_size: int | str = "5GB") -> None:
+    """A sharded checkpoint as a HF directory at `out`, streamed (module docstring)."""
+    verify_checkpoint(ckpt)
+    if ema and not any(k.startswith("ema/") for k in sharded_keys(ckpt)):
+        raise ValueError(f"{ckpt} has no EMA weights (train.ema_decay was 0)")
+    model = _meta_model(ckpt)
+    save_pretrained(model, out, max_shard_size=max_shard_size, dtype=dtype, tensors=_Streamed(ckpt, model, ema))
 
 
 def check_destination(run_dir: Path, out: Path, overwrite: bool) -> list[str] | None:
@@ -114,11 +176,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     for where that may be)."""
     run_dir, out = Path(run_dir), Path(out_dir)
     old = check_destination(run_dir, out, overwrite)
-    model, ckpt = load_run_model(run_dir, step, ema)
+    ckpt = find_checkpoint(run_dir, step)
+    model = None if is_sharded(ckpt) else load_run_model(run_dir, step, ema)[0]
     marker = {"format": "dsv3 export", "run": str(run_dir.resolve()), "checkpoint": ckpt.name, "ema": ema}
 
     def write(tmp: Path) -> list[str]:
-        save_pretrained(model, tmp / "model", dtype=dtype)
+        if model is None:
+            export_sharded(ckpt, tmp / "model", ema, dtype)
+        else:
+            save_pretrained(model, tmp / "model", dtype=dtype)
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)
         (tmp / "model").rmdir()

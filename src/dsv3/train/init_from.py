@@ -81,18 +81,10 @@ def check_extension(model: ModelConfig, seq_len: int, source: Source) -> None:
                           f"{y['original_max_position_embeddings']} must be {want}: {why} (spec 1.5)")
 
 
-def load_source_weights(model: torch.nn.Module, source: Source) -> None:
-    """Copy the source's weights and buffers into `model` (strict: every tensor, every shape)."""
+def source_tensors(source: Source) -> dict[str, torch.Tensor]:
+    """The source's weights and buffers as whole tensors by parameter name (the trainer copies each rank's rows)."""
     if source.checkpoint is not None:
-        from .checkpoint import load_checkpoint
-        load_checkpoint(source.checkpoint, model, restore_rng=False)
-        return
+        from .checkpoint import read_tensors
+        return read_tensors(source.checkpoint)["model"]
     from ..checkpoint import load_pretrained
-    state = load_pretrained(source.path, dtype=torch.float32).state_dict()
-    missing = sorted(set(model.state_dict()) - set(state))
-    if missing:
-        raise ConfigError(f"invalid run config: train.init_from={str(source.path)!r} lacks {missing[:5]} (a model "
-                          f"without its MTP module? set model.num_nextn_predict_layers=0)")
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            v.copy_(state[k])
+    return load_pretrained(source.path, dtype=torch.float32).state_dict()

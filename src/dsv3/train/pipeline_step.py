@@ -6,10 +6,8 @@ pipeline position a (dp, ep) layout of its own.
 
 Ranks: world = pp * dp * ep, global rank = (p * dp + d) * ep + e (`pipeline_mesh`). The model is cut into 2 * pp
 chunks; rank (p, d, e) holds chunks p and 2pp-1-p (rank p = 0 the embedding and the head + MTP), with every routed
-expert of them sharded over its ep group (experts [e E/ep, (e+1) E/ep)). Every rank builds the whole model (and its
-expert slices of every layer), but only its two chunks ever run, get gradients and are in its optimizer and EMA: the
-other layers keep their initial values and are never read or written afterwards (they cost host/device memory of the
-whole model per rank: fine for the CPU tests and small runs; a large run would build only the local chunks).
+expert of them sharded over its ep group (experts [e E/ep, (e+1) E/ep)). Only its two chunks are materialised, run,
+get gradients and are in its optimizer and EMA; the rest of the model stays on the meta device.
 
 One optimizer step (`PipelineRunner.forward_backward`): every rank reads the step's micro-batches from the same data
 stream and keeps its share of each (rank (d, e) rows [j r, (j+1) r) of every micro-batch, j = d * ep + e, r =
@@ -33,11 +31,9 @@ Validation (`PipelineRunner.evaluate`): no schedule; each validation batch's sha
 with blocking p2p sends and receives along the pipeline (down the ranks, back up), every ep group running its MoE
 all-to-alls together; rank p = 0 computes the metrics of its rows, summed over the world / (dp * ep).
 
-Checkpoints in the single-process format (`full_state`): the ranks of dp row 0 send their chunks' state dicts
-(parameters and routing biases), optimizer states keyed by parameter name and EMA to rank 0 (`gather_object`, CPU
-tensors), which concatenates expert slices in ep order and keys the optimizer state by the index the plain
-single-process optimizer gives each parameter (`param_groups` of the full model). At load every rank reads the
-whole checkpoint, keeps its expert slices and maps the optimizer state back to its own optimizer (`local_state`).
+Construction and checkpoints: the model is described on the meta device and a rank materialises only its two chunks
+(`owned`; the other layers stay on meta: dsv3.parallel.materialize); checkpoints are sharded, each rank writing the
+rows of its chunks (dsv3.train.checkpoint.save_sharded), and resume in any layout.
 """
 
 from __future__ import annotations
@@ -53,8 +49,7 @@ from ..parallel.overlap import enable_overlap
 from ..parallel.pipeline import Chunk, dualpipev_schedule, pipeline_mesh, split_stages
 from .balance import collect_balance_loss
 from .config import RunConfig
-from .data_parallel import Layout, _optimizer_index, _per_element, expert_slices, local_model_state
-from .optim import param_groups
+from .data_parallel import Layout
 
 
 class LocalChunks:
@@ -74,9 +69,6 @@ class LocalChunks:
     def modules(self):
         for c in self.chunks:
             yield from c.modules()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v for c in self.chunks for k, v in c.state_dict().items()}
 
 
 class PipelineLayout(Layout):
@@ -129,6 +121,9 @@ class PipelineLayout(Layout):
     def ema_source(self, model: nn.Module) -> LocalChunks:
         return self.local
 
+    def owned(self, model: nn.Module) -> list[nn.Module]:
+        return list(self.local.chunks)
+
     def holds(self, module: nn.Module) -> bool:
         return id(module) in self._held
 
@@ -158,90 +153,6 @@ class PipelineLayout(Layout):
         total = sq[0] * float(self.share == 0) + sq[1] * float(self.first_row)
         dist.all_reduce(total)
         return total.sqrt()
-
-    # ---- checkpoints in the single-process format ---------------------------------------------------------------
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   ema_state: dict[str, torch.Tensor] | None) -> tuple[dict, dict, dict | None] | None:
-        """(model state dict, optimizer state dict, EMA) of the whole model in the single-process format on rank 0;
-        None on the others. Every rank must call it."""
-        mine = None
-        if self.first_row:
-            name = {id(p): n for n, p in self.local.named_parameters()}
-            by_index = {i: name[pid] for pid, i in _optimizer_index(optimizer).items()}
-            cpu = lambda d: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
-            mine = {"ep": self.mesh.ep_rank, "model": cpu(self.local.state_dict()),
-                    "optim": {by_index[i]: cpu(st) for i, st in optimizer.state_dict()["state"].items()},
-                    "ema": cpu(ema_state) if ema_state is not None else None}
-        parts = [None] * self.world if self.is_main else None
-        dist.gather_object(mine, parts, dst=0)
-        if not self.is_main:
-            return None
-        parts = sorted((pt for pt in parts if pt is not None), key=lambda pt: pt["ep"])   # a stable sort: by ep
-        experts = expert_slices(model)
-        params = dict(model.named_parameters())
-
-        def whole(key: str, where: str, per_element=lambda k, v: True) -> dict | torch.Tensor:
-            pieces = [pt[where][key] for pt in parts if key in pt[where]]
-            if len(pieces) != self.ep:
-                raise RuntimeError(f"{where} {key}: {len(pieces)} pieces from the pipeline ranks, expected {self.ep}")
-            if key not in experts:
-                return pieces[0]
-            if isinstance(pieces[0], torch.Tensor):
-                return torch.cat(pieces)
-            return {k: torch.cat([pc[k] for pc in pieces]) if per_element(k, v) else v for k, v in pieces[0].items()}
-
-        model_sd = {k: whole(k, "model") for k in model.state_dict()}
-        order = _single_process_order(model)
-        state = {}
-        for i, n in enumerate(order):
-            if any(n in pt["optim"] for pt in parts):
-                state[i] = whole(n, "optim", lambda k, v, n=n: _per_element(v, params[n].shape))
-        sizes = [len(g["params"]) for g in param_groups(model, 0.0)]
-        groups, start = [], 0
-        for g, size in zip(optimizer.state_dict()["param_groups"], sizes):
-            groups.append({**g, "params": list(range(start, start + size))})
-            start += size
-        ema_sd = {n: whole(n, "ema") for n in params} if ema_state is not None else None
-        return model_sd, {"state": state, "param_groups": groups}, ema_sd
-
-    def local_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict,
-                    optim_state: dict | None) -> tuple[dict, dict | None]:
-        """A full checkpoint cut to this rank: every layer's expert slices of the model tensors (the whole model is
-        loaded, the local chunks are what matters), the optimizer state of the local parameters under their index in
-        this rank's optimizer."""
-        tensors = local_model_state(model, tensors)
-        if optim_state is None:
-            return tensors, None
-        own = _optimizer_index(optimizer)
-        experts = expert_slices(model)
-        params = dict(model.named_parameters())
-        state = {}
-        for i, n in enumerate(_single_process_order(model)):
-            p = params[n]
-            if id(p) not in own or i not in optim_state["state"]:
-                continue
-            st = dict(optim_state["state"][i])
-            if n in experts:
-                first, count, total = experts[n]
-                for k, v in st.items():
-                    if isinstance(v, torch.Tensor) and v.dim() > 0:
-                        if v.shape[0] != total:
-                            raise ValueError(f"optimizer state {k!r} of {n} has shape {tuple(v.shape)}, expected "
-                                             f"{total} experts along dim 0")
-                        st[k] = v[first:first + count].clone()
-            state[own[id(p)]] = st
-        mine = optimizer.state_dict()["param_groups"]
-        groups = [{**g, "params": m["params"]} for g, m in zip(optim_state["param_groups"], mine)]
-        return tensors, {"state": state, "param_groups": groups}
-
-    def local_ema(self, model: nn.Module, ema: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return local_model_state(model, ema)        # CPUEma takes the local names it holds
-
-
-def _single_process_order(model: nn.Module) -> list[str]:
-    """Parameter names in the order the plain single-process optimizer indexes them (build_optimizer's groups)."""
-    name = {id(p): n for n, p in model.named_parameters()}
-    return [name[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
 
 
 class _StepLoss:

@@ -19,7 +19,9 @@ files match their checksums (dsv3.train.checkpoint), verified once by rank 0.
 
 Under torchrun the same loop runs on every rank in the layout of `parallel` (data parallelism, expert parallelism
 inside it, optionally FSDP-sharded: dsv3.train.data_parallel; or DualPipeV pipeline parallelism with a (dp, ep)
-layout per pipeline position: dsv3.train.pipeline_step), with checkpoints in the single-process format.
+layout per pipeline position: dsv3.train.pipeline_step). The model is described on the meta device and each rank
+materialises only its part (dsv3.parallel.materialize); checkpoints are sharded, every rank writing its rows
+(dsv3.train.checkpoint.save_sharded).
 """
 
 from __future__ import annotations
@@ -41,18 +43,28 @@ from ..config import ConfigError
 from ..data import PackedLoader, ShardSet
 from ..data.packing import val_batches
 from ..model import Transformer
+from ..parallel.dcp import fill_entries, init_state as init_optimizer_state, owned_state
+from ..parallel.materialize import materialize
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
-from .checkpoint import checkpoint_path, load_checkpoint, remove_unfinished_saves, rng_state, save_checkpoint
+from .checkpoint import (
+    is_sharded,
+    load_checkpoint,
+    load_sharded,
+    load_whole_into,
+    remove_unfinished_saves,
+    rng_state,
+    save_checkpoint,
+    save_sharded,
+)
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
 from .ema import CPUEma
-from .init_from import check_extension, find_source, load_source_weights
+from .init_from import check_extension, find_source, source_tensors
 from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
-from .recompute import apply_recompute
 from .run_dir import check_start, choose_checkpoint, clear_run, divergence_advice, resume_command
 from .signals import StopSignals
 
@@ -88,16 +100,18 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "bf16-params": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
-    """N(0, 0.006^2) weights (TR 4.2) on `device`: fp32 master weights, or bf16 with train.dtype=bf16-params (the
-    routing bias stays fp32 either way)."""
+def build_model(cfg: RunConfig, device: torch.device | str) -> Transformer:
+    """The model of `cfg`: fp32 master weights, or bf16 with train.dtype=bf16-params (the routing bias stays fp32
+    either way). On the meta device (device="meta") it is only described, for a layout to cut before each rank
+    materialises its own part (dsv3.parallel.materialize); elsewhere it is materialised whole with the same
+    seeded N(0, init_std^2) init (TR 4.2), so a single process holds exactly the values every layout's ranks hold."""
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):
         model = Transformer(cfg.model)
     if cfg.train.dtype == "bf16-params":
         model.to(torch.bfloat16)
-    model.to_empty(device=device)
-    model.init_weights()
+    if torch.device(device).type != "meta":
+        materialize([model], device, cfg.train.seed, cfg.model.init_std)
     return model
 
 
@@ -208,23 +222,20 @@ class Trainer:
         else:
             self.loader, self.val = source, source.val if cfg.log.val_batches else []
 
-        self.model = build_model(cfg, self.device)
-        if init_state is not None:
-            self.model.load_state_dict(init_state, strict=True)
-        elif init_source is not None:
-            load_source_weights(self.model, init_source)
-        self.param_counts = self.model.num_params()      # of the whole model, before experts are sharded
-        if cfg.train.precision == "fp8":     # before recomputation wraps the modules
-            from ..fp8.training import apply_fp8
-            apply_fp8(self.model, experts=cfg.train.fp8_experts)
-        # ep > 1: shard the experts (every rank built the same full model); pp > 1: also keep this rank's chunks
-        self.layout.apply(self.model)
+        # sharded construction and every layout step, in one documented order (Layout.parallelize): each rank
+        # allocates and initialises only its own part (its chunks, expert slices and FSDP shards)
+        self.model, shard_note = self.layout.parallelize(cfg, self.device)
+        self.param_counts = build_model(cfg, "meta").num_params()     # of the whole model, not this rank's part
+        if init_state is not None or init_source is not None:       # a fine-tune's base, an extension's source
+            whole = init_state if init_state is not None else source_tensors(init_source)
+            entries = {k: v for k, v in owned_state(self.layout.owned(self.model)).items() if k.startswith("model/")}
+            try:
+                fill_entries(entries, {f"model/{k}": v for k, v in whole.items()})    # this rank's rows only
+            except (KeyError, ValueError) as e:
+                where = cfg.train.init_from if init_state is None else "the base model"
+                raise ConfigError(f"invalid run config: the starting weights ({where}) do not fit the model: {e} "
+                                  f"(a model without its MTP module? set model.num_nextn_predict_layers=0)") from None
         self.layers = moe_layers(self.model)
-        if cfg.train.recompute:
-            apply_recompute(self.model)
-        # fsdp: shard every parameter, after recompute wrapped its methods (see dsv3.train.data_parallel) and before
-        # the optimizer allocates its state
-        shard_note = self.layout.shard_parameters(self.model)
         self.optimizer = build_optimizer(self.layout.trainable(self.model), cfg.optim,
                                          compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
@@ -236,14 +247,20 @@ class Trainer:
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         self.spiking = False           # the last step's loss was a spike: checkpoints wait
         self.pending: dict | None = None   # a due checkpoint's state (_snapshot), waiting for the next step to vet it
-        if resume:       # verified by rank 0 in _choose_checkpoint
-            state = load_checkpoint(ckpt, self.model, self.optimizer,
-                                    local=self._local_state if self.layout.partitioned else None, verify=False)
+        # under torchrun every rank writes its own rows (the sharded format); one process writes single files
+        self.sharded_checkpoints = cfg.checkpoint.format == "sharded" or self.layout.world > 1
+        if resume:        # verified by rank 0 in choose_checkpoint
+            if is_sharded(ckpt):            # any layout wrote it: every rank reads its own rows
+                state = load_sharded(ckpt, self._sharded_entries)
+            elif self.layout.world > 1:     # a single process wrote it: every rank keeps its rows of it
+                state = load_whole_into(ckpt, self._sharded_entries)
+            else:
+                state = load_checkpoint(ckpt, self.model, self.optimizer, verify=False)
             self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
             self.loss_ema = state["loss_ema"]
             self.loader.load_state_dict(state["loader"])
             if self.ema is not None and state["ema"] is not None:
-                self.ema.load_state_dict(self.layout.local_ema(self.model, state["ema"]))
+                self.ema.load_state_dict(state["ema"])
         self.ce = cross_entropy
         if cfg.train.compile:
             # regional compilation: every block is one graph (fused norms, RoPE, SwiGLU, routing glue) and the loss
@@ -278,10 +295,11 @@ class Trainer:
         if shard_note:
             self.logger.log_event(self.step, shard_note)
 
-    def _local_state(self, tensors: dict, optim_state: dict | None) -> tuple[dict, dict | None]:
-        """A full checkpoint's model tensors and optimizer state cut to this rank's expert slices and FSDP shards
-        (every rank reads the whole checkpoint)."""
-        return self.layout.local_state(self.model, self.optimizer, tensors, optim_state)
+    def _sharded_entries(self, with_ema: bool = True) -> dict[str, torch.Tensor]:
+        """This rank's model, optimizer state and EMA as sharded-checkpoint entries (views of the live tensors)."""
+        init_optimizer_state(self.optimizer)
+        ema = self.ema.state_dict() if self.ema is not None and with_ema else None
+        return owned_state(self.layout.owned(self.model), self.optimizer, ema)
 
     def _set_up_run_dir(self, data_dir: Path, resume: bool, overwrite: bool) -> list[str]:
         """Rank 0, once the data is ready: delete an earlier run's outputs (overwrite) and what killed saves left,
@@ -465,19 +483,18 @@ class Trainer:
 
     def save(self, snapshot: dict | None = None) -> Path:
         """Write the checkpoint of the step that `snapshot` was taken at (default: now), before the weights have
-        changed since. Rank 0 writes the single-process format (with ep > 1 the ranks of row 0 first gather their
-        expert slices to it, under FSDP every rank first joins the all-gathers of its shards; every rank must call
-        this); the others wait for it."""
+        changed since: under torchrun the sharded format, every rank writing the rows it holds (every rank must
+        call this); in one process the single-file format."""
         snap = snapshot or self._snapshot()
-        path = checkpoint_path(self.run_dir, snap["step"])
-        full = self.layout.full_state(self.model, self.optimizer,
-                                      self.ema.state_dict() if self.ema is not None else None)
-        if full is not None:      # rank 0
-            model_state, optim_state, ema_state = full
-            path = save_checkpoint(self.run_dir, snap["step"], model_state, optim_state, snap["state"],
-                                   self.cfg.to_dict(), ema_state, self.cfg.checkpoint.keep, rng=snap["rng"])
-            self.logger.log_event(snap["step"], f"checkpoint {path.name}")
-        self.layout.barrier()
+        if self.sharded_checkpoints:         # every rank writes its own rows; nothing is gathered
+            path = save_sharded(self.run_dir, snap["step"], self._sharded_entries(), snap["state"],
+                                self.cfg.to_dict(), self.cfg.checkpoint.keep, rng=snap["rng"])
+            self.logger.log_event(snap["step"], f"checkpoint {path.name} (sharded)")
+            return path
+        path = save_checkpoint(self.run_dir, snap["step"], self.model, self.optimizer, snap["state"],
+                               self.cfg.to_dict(), self.ema.state_dict() if self.ema is not None else None,
+                               self.cfg.checkpoint.keep, rng=snap["rng"])
+        self.logger.log_event(snap["step"], f"checkpoint {path.name}")
         return path
 
     # ---- the loop -----------------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""Loading a Hugging Face checkpoint (bf16/fp32 or the released FP8) into a laid-out model, each rank reading only
+the tensors and rows it owns (dsv3.parallel.materialize.owned_parameters): an expert slice reads only its experts'
+tensors, an FSDP shard only its rows (safetensors `get_slice`), a pipeline rank only its chunks' tensors. An FP8
+weight's row slice is read together with its 128-row scale blocks and dequantised block-aligned, then cut: the
+values equal `dsv3.checkpoint.load_pretrained`'s whole-tensor dequantisation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..checkpoint import CheckpointError
+from ..checkpoint.hf import CheckpointReader, hf_name_map
+from ..config import ModelConfig
+from ..fp8 import BLOCK, dequantize_blocks
+from ..model import Transformer
+from ..parallel.materialize import owned_parameters
+
+
+def hf_sources(names: dict) -> dict[str, dict[int | None, str]]:
+    """Our full-model tensor name -> {expert row (None for a whole tensor): HF tensor name}, from `hf_name_map`;
+    the MTP copies of the embedding and head are not sources (the main model's tensors are read)."""
+    out: dict[str, dict[int | None, str]] = {}
+    for hf, (ours, expert) in names.items():
+        out.setdefault(ours, {}).setdefault(expert, hf)
+    return out
+
+
+class _Slices:
+    """safetensors files opened once; rows [a, b) of a tensor, FP8 dequantised by whole scale blocks."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader, self.handles, self.bytes_read = reader, {}, 0
+
+    def _slice(self, name: str):
+        file = self.reader.weight_map[name]
+        if file not in self.handles:
+            self.handles[file] = safe_open(self.reader.path / file, framework="pt")
+        return self.handles[file].get_slice(name)
+
+    def rows(self, name: str, a: int | None, b: int | None, dtype: torch.dtype) -> torch.Tensor:
+        sl = self._slice(name)
+        whole = a is None
+        if name in self.reader.scales:                        # FP8: block-aligned rows, dequantised, then cut
+            lo, hi = (0, sl.get_shape()[0]) if whole else (a // BLOCK * BLOCK, b)
+            w = sl[lo:hi]
+            s = self._slice(self.reader.scales[name])[lo // BLOCK:-(-hi // BLOCK)]
+            self.bytes_read += w.numel() * w.element_size() + s.numel() * s.element_size()
+            t = dequantize_blocks(w, s.float(), dtype)
+            return t if whole else t[a - lo:b - lo]
+        t = sl[:] if whole else sl[a:b]
+        self.bytes_read += t.numel() * t.element_size()
+        return t.to(dtype)
+
+
+@torch.no_grad()
+def load_hf_owned(modules: Iterable[nn.Module], path: str | Path, config: ModelConfig) -> int:
+    """Fill what this rank holds of `modules` (materialised, laid out; `config` the full model's) from the HF
+    directory `path`, reading only its own tensors and rows. Returns the bytes read from the files."""
+    reader = CheckpointReader(path)
+    with torch.device("meta"):
+        names = hf_name_map(Transformer(config))      # the full model's names, without allocating it
+    reader.check_names(names)
+    sources = hf_sources(names)
+    files = _Slices(reader)
+    for o in owned_parameters(modules, buffers=True):
+        src = sources.get(o.name)
+        if src is None:                                       # a non-persistent buffer (expert counts)
+            continue
+        n = o.local.shape[0] if o.local.dim() else 0
+        if None not in src:                                   # stacked experts: one HF tensor per row
+            for i in range(n):
+                o.local[i].copy_(files.rows(src[o.start + i], None, None, o.local.dtype))
+            continue
+        t = files.rows(src[None], None, None, o.local.dtype) if o.whole else \
+            files.rows(src[None], o.start, o.start + n, o.local.dtype)
+        if tuple(t.shape) != tuple(o.local.shape):
+            raise CheckpointError(f"tensor {src[None]}: rows of shape {tuple(t.shape)}, this rank holds "
+                                  f"{tuple(o.local.shape)} of {o.name}")
+        o.local.copy_(t)
+    return files.bytes_read
+
