@@ -99,18 +99,20 @@ def test_trainer_on_cuda_clips_inside_adamw_bf16_like_a_separate_pass(tmp_path):
     gives the weights of the separate gradient scaling + update."""
     from test_train_loop import small_run
     from dsv3.train import Trainer
-    params = []
+    params, start = [], None
     for fused_clip in (True, False):
         t = Trainer(small_run(tmp_path, f"bf16clip{fused_clip}", train={"device": "cuda", "dtype": "bf16-params"},
                               optim={"grad_clip": 0.05, "state_dtype": "bf16"}))
         assert t.clip_in_optimizer       # the trainer folds clipping into AdamWBF16 on CUDA
         t.clip_in_optimizer = fused_clip
+        start = torch.cat([p.detach().float().flatten() for p in t.model.parameters()])
         for _ in range(3):
             t.train_step()
         params.append(torch.cat([p.detach().float().flatten() for p in t.model.parameters()]))
         t.logger.close()
-    # bf16 weights: a grad_scale division vs a multiplication by its reciprocal may flip a last bit
-    assert _rel(params[0], params[1]) < 1e-3
+    # the separate pass rounds the scaled bf16 gradients to bf16 (2^-9 relative), the folded one divides in fp32:
+    # the two updates agree to bf16 rounding of the gradients, relative to the size of the update itself
+    assert _rel(params[0] - start, params[1] - start) < 2e-2
 
 
 def test_compiled_trainer_keeps_expert_loads_and_routing_bias_updates(tmp_path):

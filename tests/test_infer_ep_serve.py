@@ -36,9 +36,11 @@ def test_serve_ep_under_torchrun(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # --device cpu: the gloo acceptance test, also on a GPU machine (where the default device would be CUDA)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsv3.cli",
-           "serve", "--model", str(tmp_path / "m"), "--port", str(port), "--dtype", "float64", "--max-model-len", "256",
+           "serve", "--model", str(tmp_path / "m"), "--port", str(port), "--device", "cpu", "--dtype", "float64",
+           "--max-model-len", "256",
            "--cache-gib", "0.01", "--threads", "1", "--ep", "2", "--redundant-experts", "2",
            "--rebalance-interval", "3"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
