@@ -37,8 +37,8 @@ PRE_LEN, PHASES = 512, (1024, 2048)          # pre-training length, then the two
 LENGTHS = (PRE_LEN, *PHASES)
 DEPTHS = (0.5,)
 TOKENS_PER_STEP = 4 * PRE_LEN                  # constant over the phases, as V3's
-YARN = dict(type="yarn", factor=PHASES[-1] / PRE_LEN, original_max_position_embeddings=PRE_LEN, beta_fast=32, beta_slow=1,
-            mscale=1.0, mscale_all_dim=1.0)
+YARN = dict(type="yarn", factor=PHASES[-1] / PRE_LEN, original_max_position_embeddings=PRE_LEN, beta_fast=32,
+            beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
 
 
 def filler(rng: random.Random, n_sentences: int) -> str:
