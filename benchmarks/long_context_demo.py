@@ -1,6 +1,6 @@
 """Long-context extension on the CPU (issue 21, TR 4.3 in miniature): pre-train a tiny DeepSeek-V3-architecture model
-at a short context, extend it in two phases with YaRN (`train.init_from`), and the same two phases with plain RoPE
-as the control; needle-in-a-haystack accuracy (dsv3.eval.needle) and loss by position before and after.
+at 512 tokens, extend it in two phases (1K, then 2K) with YaRN (`train.init_from`), and the same two phases with
+plain RoPE as the control; needle-in-a-haystack accuracy (dsv3.eval.needle) and loss by position before and after.
 
     PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--scale 1.0]
 
@@ -33,11 +33,12 @@ from dsv3.train.export import load_run_model
 ADJ = "old quiet green small bright cold dark warm long narrow".split()
 NOUN = "river mill road garden bridge market tower field harbor village".split()
 VERB = "passes faces crosses follows borders watches".split()
-PRE_LEN, LENGTHS = 512, (512, 1024, 2048, 4096)
-DEPTHS = (0.2, 0.5, 0.8)
-TOKENS_PER_STEP = 8 * PRE_LEN                  # constant over the phases, as V3's
-YARN = dict(type="yarn", factor=8.0, original_max_position_embeddings=PRE_LEN, beta_fast=32, beta_slow=1,
-            mscale=1.0, mscale_all_dim=1.0)
+PRE_LEN, PHASES = 512, (1024, 2048)          # pre-training length, then the two extension phases' lengths
+LENGTHS = (PRE_LEN, *PHASES)
+DEPTHS = (0.5,)
+TOKENS_PER_STEP = 4 * PRE_LEN                  # constant over the phases, as V3's
+YARN = dict(type="yarn", factor=PHASES[-1] / PRE_LEN, original_max_position_embeddings=PRE_LEN, beta_fast=32,
+            beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
 
 
 def filler(rng: random.Random, n_sentences: int) -> str:
@@ -106,15 +107,15 @@ def at_length(run_dir: Path, max_pos: int, rope: dict | None) -> torch.nn.Module
 
 def needle(model, tok: Tokenizer, seed: int) -> list[list[float]]:
     rng = random.Random(seed + 99)
-    hay = filler(rng, 2000)
-    engine = Engine(model, tok, EngineConfig(block_size=64, max_num_batched_tokens=4096))
+    hay = filler(rng, LENGTHS[-1] // 4)
+    engine = Engine(model, tok, EngineConfig(block_size=64, max_num_batched_tokens=LENGTHS[-1]))
     scores, _ = needle_grid(EngineBackend(engine), tok, hay, list(LENGTHS), list(DEPTHS), seed=seed)
     return scores
 
 
 @torch.no_grad()
-def loss_by_position(model, tok: Tokenizer, seed: int, n_docs: int = 3, bucket: int = 256) -> list[float]:
-    """Mean token loss per `bucket` positions over held-out 4K-token windows of phase-2-style documents."""
+def loss_by_position(model, tok: Tokenizer, seed: int, n_docs: int = 4, bucket: int = 128) -> list[float]:
+    """Mean token loss per `bucket` positions over held-out windows (the longest length) of phase-2-style documents."""
     rng = random.Random(seed + 7)
     ids: list[int] = []
     while len(ids) < n_docs * LENGTHS[-1] + 1:
@@ -129,8 +130,10 @@ def loss_by_position(model, tok: Tokenizer, seed: int, n_docs: int = 3, bucket: 
 
 
 def phases(out: Path, steps: tuple[int, int, int], times: dict) -> dict[str, Path]:
-    """Pre-training at 512, then 512 -> 2K -> 4K with YaRN (factor 8 over 512) and, as the control, plain RoPE."""
-    data = {n: corpus(out / f"docs-{n}.jsonl", k, n, seed=n) for n, k in ((PRE_LEN, 4000), (2048, 600), (4096, 300))}
+    """Pre-training at PRE_LEN, then the two PHASES with YaRN (factor PHASES[-1] / PRE_LEN over PRE_LEN) and, as the
+    control, with plain RoPE."""
+    data = {n: corpus(out / f"docs-{n}.jsonl", k, n, seed=n) for n, k in ((PRE_LEN, 4000), (PHASES[0], 600),
+                                                                          (PHASES[1], 300))}
     pre = train(run_config(out, "pre", PRE_LEN, steps[0], data[PRE_LEN], {**MODEL, "max_position_embeddings": PRE_LEN,
                                                                            "rope_scaling": None},
                            optim={"lr": 3e-3, "warmup": 0.05}), times, "pre")
@@ -139,7 +142,7 @@ def phases(out: Path, steps: tuple[int, int, int], times: dict) -> dict[str, Pat
     runs = {"pre": pre}
     for tag, rope in (("yarn", YARN), ("plain", None)):
         src = pre
-        for i, (seq, n) in enumerate(((2048, steps[1]), (4096, steps[2])), start=1):
+        for i, (seq, n) in enumerate(((PHASES[0], steps[1]), (PHASES[1], steps[2])), start=1):
             model = {"preset": str(src), "max_position_embeddings": LENGTHS[-1], "rope_scaling": rope}
             cfg = run_config(out, f"{tag}{i}", seq, n, data[seq], model, optim=flat,
                              data={"tokenizer": tok}, train={"init_from": str(src)})
@@ -162,17 +165,17 @@ def charts(results: dict, docs: Path) -> None:
     ax.set_ylabel(f"needle accuracy ({len(DEPTHS)} depths)")
     ax.axvline(0.5 + 0 * width, color="gray", lw=0.5)
     ax.legend(fontsize=8)
-    ax.set_title(f"needle in a haystack: pre-trained at {PRE_LEN}, extended to 2K then 4K")
+    ax.set_title(f"needle in a haystack: pre-trained at {PRE_LEN}, extended to {PHASES[0]} then {PHASES[1]}")
     fig.tight_layout()
     fig.savefig(docs / "long-context-needle.png", dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, losses in results["loss_by_position"].items():
-        ax.plot([256 * (i + 0.5) for i in range(len(losses))], losses, marker=".", label=name)
+        ax.plot([128 * (i + 0.5) for i in range(len(losses))], losses, marker=".", label=name)
     ax.axvline(PRE_LEN, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("position (tokens)")
-    ax.set_ylabel("mean token loss (256-token buckets)")
-    ax.set_title("loss by position on held-out 4K-token windows")
+    ax.set_ylabel("mean token loss (128-token buckets)")
+    ax.set_title(f"loss by position on held-out {LENGTHS[-1]}-token windows")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(docs / "long-context-loss-by-position.png", dpi=100)
@@ -182,7 +185,7 @@ def charts(results: dict, docs: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="/tmp/long-context")
-    ap.add_argument("--steps", default="250,40,40", help="pre-training, phase 1, phase 2 steps")
+    ap.add_argument("--steps", default="40,10,10", help="pre-training, phase 1, phase 2 steps")
     ap.add_argument("--docs", default=str(Path(__file__).resolve().parents[1] / "docs"))
     ap.add_argument("--threads", type=int, default=0)
     a = ap.parse_args()
@@ -195,10 +198,10 @@ def main() -> None:
     tok = Tokenizer.load(runs["pre"] / "tokenizer")
     models = {"pre-trained (plain RoPE past 512)": at_length(runs["pre"], LENGTHS[-1], None),
               "pre-trained + YaRN, no training": at_length(runs["pre"], LENGTHS[-1], YARN),
-              "YaRN phase 1 (2K)": at_length(runs["yarn1"], LENGTHS[-1], YARN),
-              "YaRN phase 2 (4K)": at_length(runs["yarn2"], LENGTHS[-1], YARN),
-              "control: plain RoPE phase 1 (2K)": at_length(runs["plain1"], LENGTHS[-1], None),
-              "control: plain RoPE phase 2 (4K)": at_length(runs["plain2"], LENGTHS[-1], None)}
+              f"YaRN phase 1 ({PHASES[0]})": at_length(runs["yarn1"], LENGTHS[-1], YARN),
+              f"YaRN phase 2 ({PHASES[1]})": at_length(runs["yarn2"], LENGTHS[-1], YARN),
+              f"control: plain RoPE phase 1 ({PHASES[0]})": at_length(runs["plain1"], LENGTHS[-1], None),
+              f"control: plain RoPE phase 2 ({PHASES[1]})": at_length(runs["plain2"], LENGTHS[-1], None)}
     results = {"steps": a.steps, "lengths": LENGTHS, "depths": DEPTHS, "needle": {}, "loss_by_position": {}}
     t_eval = time.perf_counter()
     for name, model in models.items():

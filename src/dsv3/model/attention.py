@@ -6,8 +6,8 @@ chunked prefill over a cache). MLA has Dq = 192 != Dv = 128 (spec 1.3): the fuse
 blocked flash kernel on CPU) need equal head dims, and with unequal ones SDPA falls back to the math kernel, which
 materialises (B, H, T, S) scores: 2.5 GiB for 8K tokens and 4 tiny heads. So:
 
-1. v is zero-padded to Dq (or q and k to Dv if that is wider; the padded output columns are exactly 0 and are cut off again); the extra PV work is
-   Dq / Dv = 1.5x of one of the two attention matmuls.
+1. v is zero-padded to Dq (or q and k to Dv where that is wider): the padded output columns are exactly 0 and are
+   cut off again; the extra PV work is Dq / Dv = 1.5x of one of the two attention matmuls.
 2. T == S (training, a whole prompt): one SDPA call with is_causal, served by a fused kernel on GPU and CPU:
    memory O(S).
 3. T < S (a prefill chunk after cached tokens): query blocks of `block` rows. Block [i0, i1) needs the keys
