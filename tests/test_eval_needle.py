@@ -54,7 +54,7 @@ def copier():
     model = build(cfg, seed=0, bias=False).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
-    for step in range(400):                         # converges in ~150-300 steps; stops when it has
+    for step in range(1500):                        # converges in ~300-900 steps; stops when it has
         x = alphabet[torch.randint(0, len(alphabet), (16, d + 30 + step % 40), generator=gen)]
         for i in range(d, x.size(1)):
             x[:, i] = x[:, i - d]                   # the second part repeats the first, d tokens later
@@ -65,9 +65,10 @@ def copier():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if loss.item() < 0.05:
+        if loss.item() < 0.01:                      # copies exactly (at 0.05 some copies still slip a token)
             break
-    assert loss.item() < 0.05, loss.item()
+    print(f"copy model: loss {loss.item():.3f} after {step + 1} steps")
+    assert loss.item() < 0.01, loss.item()
     model.eval()
     return tok, model, Engine(model, tok, EngineConfig(block_size=8, num_blocks=200, max_num_seqs=16))
 
