@@ -84,7 +84,7 @@ def test_apply_fp8_covers_the_reports_gemms_and_keeps_the_state_dict(experts):
 def test_fp8_loss_within_a_quarter_percent_of_bf16_on_trained_weights(tmp_path):
     """A 256-wide V3-shaped model (2 layers, 8 experts, MLA) trained 300 steps in BF16 on the standard library's email
     and json packages; then the same weights' loss on 16 further batches with FP8 GEMMs (reference path) vs BF16
-    GEMMs, bf16 autocast: within 0.25% (the report's FP8-vs-BF16 bound), above 1e-5 (FP8 really ran).
+    GEMMs, bf16 autocast: within 0.25% (the report's FP8-vs-BF16 bound); the logits differ (FP8 really ran).
 
     The training-curve comparison (two runs from one seed, last-50-step means) is `benchmarks/fp8_recipe_cpu.py`:
     with the per-block seeded initialisation its gap at 300 steps depends on when each run leaves the initial
@@ -104,10 +104,11 @@ def test_fp8_loss_within_a_quarter_percent_of_bf16_on_trained_weights(tmp_path):
             return sum(torch.nn.functional.cross_entropy(model(b[:, :-1]).float().flatten(0, 1),
                                                          b[:, 1:].flatten()).item() for b in batches) / len(batches)
 
-    bf16_loss, fp8_loss = loss(t.model), loss(fp8)
-    print(f"bf16 {bf16_loss:.5f}  fp8 {fp8_loss:.5f}  gap {abs(fp8_loss - bf16_loss) / bf16_loss:.4%}")
+    bf16_loss, fp8_loss = loss(t.model), loss(fp8)           # measured: 3.88460 vs 3.88446 (0.0036%)
     assert bf16_loss < 5.0                                   # it learned (6.9 at the start)
-    assert 1e-5 < abs(fp8_loss - bf16_loss) / bf16_loss < 0.0025, (bf16_loss, fp8_loss)
+    assert abs(fp8_loss - bf16_loss) / bf16_loss < 0.0025, (bf16_loss, fp8_loss)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):    # the FP8 GEMMs really ran
+        assert _rel(fp8(batches[0][:, :-1]), t.model(batches[0][:, :-1])) > 1e-3
 
 
 @pytest.mark.gpu
