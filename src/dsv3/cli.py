@@ -140,38 +140,20 @@ def _run_trainer(trainer, command: str) -> int:
     return 0
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
-    """Supervised fine-tuning on the pre-training Trainer (dsv3.posttrain.sft); exit statuses as `dsv3 train`."""
+def cmd_posttrain(args: argparse.Namespace) -> int:
+    """`dsv3 sft | grpo | distill` on the pre-training Trainer (dsv3.posttrain); exit statuses as `dsv3 train`."""
+    from .posttrain.distill import distill_trainer
+    from .posttrain.grpo import grpo_trainer
     from .posttrain.sft import sft_trainer
     if not args.config and not (args.resume and args.run_dir):
         raise ValueError("pass --config RUN.toml (or --resume --run-dir DIR)")
-    trainer, lines = sft_trainer(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
-                                 progress=False if args.quiet else None, run_dir=args.run_dir)
+    make = {"sft": sft_trainer, "grpo": grpo_trainer, "distill": distill_trainer}[args.posttrain]
+    made = make(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
+                progress=False if args.quiet else None, run_dir=args.run_dir)
+    trainer, lines = made if isinstance(made, tuple) else (made, [])     # grpo reports no data summary
     for line in lines:
         print(line, file=sys.stderr)
-    return _run_trainer(trainer, "sft")
-
-
-def cmd_grpo(args: argparse.Namespace) -> int:
-    """GRPO with verifiable rewards on the pre-training Trainer (dsv3.posttrain.grpo); exit statuses as `dsv3 train`."""
-    from .posttrain.grpo import grpo_trainer
-    if not args.config and not (args.resume and args.run_dir):
-        raise ValueError("pass --config RUN.toml (or --resume --run-dir DIR)")
-    trainer = grpo_trainer(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
-                           progress=False if args.quiet else None, run_dir=args.run_dir)
-    return _run_trainer(trainer, "grpo")
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    """Distillation from a teacher (dsv3.posttrain.distill); exit statuses as `dsv3 train`."""
-    from .posttrain.distill import distill_trainer
-    if not args.config and not (args.resume and args.run_dir):
-        raise ValueError("pass --config RUN.toml (or --resume --run-dir DIR)")
-    trainer, lines = distill_trainer(args.config, args.overrides, resume=args.resume, overwrite=args.overwrite,
-                                     progress=False if args.quiet else None, run_dir=args.run_dir)
-    for line in lines:
-        print(line, file=sys.stderr)
-    return _run_trainer(trainer, "distill")
+    return _run_trainer(trainer, args.posttrain)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -475,10 +457,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(its checkpoints, metrics, tensorboard, plots, tokenizer and config are deleted)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
-    for name, fn, what in (("sft", cmd_sft, "supervised fine-tuning on chat data"),
-                           ("grpo", cmd_grpo, "GRPO with verifiable rewards, rollouts by the inference engine"),
-                           ("distill", cmd_distill, "distillation: teacher samples + verifier -> SFT, or top-k logit "
-                                                    "KD")):
+    for name, what in (("sft", "supervised fine-tuning on chat data"),
+                       ("grpo", "GRPO with verifiable rewards, rollouts by the inference engine"),
+                       ("distill", "distillation: teacher samples + verifier -> SFT, or top-k logit KD")):
         s = sub.add_parser(name, help=f"{what}: dsv3 {name} --config {name}.toml [section.key=value ...]")
         s.add_argument("--config", default=None, help=f"run TOML with a [{name}] table ({name}.init: the starting "
                        f"run or HF directory) and the train sections; --resume without it reads "
@@ -488,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
         s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
-        s.set_defaults(fn=fn)
+        s.set_defaults(fn=cmd_posttrain, posttrain=name)
     s = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face directory")
     s.add_argument("run_dir")
     s.add_argument("out_dir")

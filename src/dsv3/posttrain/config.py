@@ -17,12 +17,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..train.config import (FRACTION, SEED, Flag, Int, Invalid, OneOf, Real, RunConfig, Text, apply_overrides,
-                            check_fields, setting)
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
+                            check_fields, read_config_file, setting)
 
 # spec 7 (SFT): lr 5e-6 cosine-decayed to 1e-6 over the run; as fractions of the run so any length has the shape
 SFT_OPTIM = dict(lr=5e-6, warmup=0.0, constant_until=0.0, decay_until=1.0, min_lr_ratio=0.2, final_at=1.0,
@@ -140,16 +135,7 @@ def section_from_table(kind: str, table: Any):
 
 def read_posttrain_dict(kind: str, path: str | Path | None, overrides: list[str]) -> dict:
     """The TOML file (or a saved posttrain.json) with `section.key=value` overrides applied."""
-    d: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"{kind} config {path} does not exist")
-        try:
-            d = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path} is not valid {path.suffix[1:].upper() or 'TOML'}: {e}") from None
-    d = apply_overrides(d, list(overrides))
+    d = apply_overrides(read_config_file(path, kind), list(overrides))
     if kind not in d:
         raise ConfigError(f"invalid {kind} config: no [{kind}] table (it names the starting model: {kind}.init)")
     return d

@@ -441,13 +441,17 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """A TOML run file (sections as above, `[model]` with an optional preset), or the `config.json` a run writes
     (the same dict), plus command-line overrides."""
-    d: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"run config {path} does not exist")
-        try:
-            d = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path} is not valid {path.suffix[1:].upper() or 'TOML'}: {e}") from None
-    return RunConfig.from_dict(apply_overrides(d, list(overrides)))
+    return RunConfig.from_dict(apply_overrides(read_config_file(path, "run"), list(overrides)))
+
+
+def read_config_file(path: str | Path | None, what: str) -> dict:
+    """A TOML file, or a JSON one a run wrote, as a dict ({} for None); a missing or malformed file is one line."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} config {path} does not exist")
+    try:
+        return json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not valid {path.suffix[1:].upper() or 'TOML'}: {e}") from None
