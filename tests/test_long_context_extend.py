@@ -72,7 +72,11 @@ def test_two_phases_start_from_the_source_and_export_what_transformers_reads(pre
     plain = dsv3.Transformer(ours.config.replace(rope_scaling=None)).eval()   # YaRN is what is being compared
     plain.load_state_dict(ours.state_dict())
     with torch.no_grad():
-        assert (plain(ids) - a)[:, 32:].abs().max() > 1e-3
+        effect = (plain(ids) - a)[:, 32:].abs().max()
+    # YaRN's effect must stand far above the ours-vs-transformers noise (an absolute 1e-3 was the measured size of
+    # the effect itself on the H200 image: 0.0010, a coin flip)
+    print(f"YaRN effect {effect:.3g}, ours vs transformers {(a - b).abs().max():.3g}")
+    assert effect > max(100 * (a - b).abs().max(), 1e-5)
 
 
 def test_plain_rope_control_extends_too(pretrained, tmp_path):
