@@ -29,11 +29,42 @@ from dsv3.infer import Engine, EngineConfig, SamplingParams
 from dsv3.infer.bench import bench_decode, random_model
 
 
-def profile_step(model, batch: int, prompt: int) -> dict:
-    """Replay one decode step's graph alone (GPU time, no host work) and list the kernels of its eager run."""
+_CATEGORIES = (   # kernel-name substrings -> the issue's op categories (first match wins)
+    ("attention (MLA decode)", ("mla", "flash", "attention", "sdpa")),
+    ("expert GEMMs (fused MoE)", ("moe",)),
+    ("GEMMs", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "_mm_", "scaled_mm", "fp8_weight")),
+    ("routing (sort, top-k, scatter, index)", ("sort", "topk", "scan", "cumsum", "scatter", "gather", "index",
+                                               "one_hot", "arange")),
+    ("compiled fusions (inductor)", ("triton_",)),
+    ("sampling", ("argmax", "softmax", "multinomial", "exponential")),
+    ("norms / RoPE / elementwise / casts / copies", ("",)),
+)
+
+
+def _categorise(events) -> list[tuple[str, int, float]]:
+    """(category, kernel count, GPU ms) of a profiler's kernel events."""
+    totals = {name: [0, 0.0] for name, _ in _CATEGORIES}
+    for e in events:
+        key = e.key.lower()
+        name = next(n for n, subs in _CATEGORIES if any(s in key for s in subs))
+        totals[name][0] += e.count
+        totals[name][1] += e.device_time_total / 1e3
+    return [(n, c, ms) for n, (c, ms) in totals.items() if c]
+
+
+def _kernels(prof) -> list:
+    """The GPU kernel rows of a profile (not the CPU ops whose device time is their kernels', counted twice)."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return [e for e in prof.key_averages() if e.device_time_total > 0 and getattr(e, "device_type", cuda) == cuda]
+
+
+def profile_step(model, batch: int, prompt: int, **engine_kw) -> dict:
+    """Replay one decode step's graph alone (GPU time, no host work), then the kernels of that replay (CUPTI sees the
+    graph's kernels) grouped by op category: where the step's time goes, against the replay time (the rest: gaps
+    between kernels). Falls back to the same step run eagerly where the replay shows no kernels."""
     cfg = model.config
     engine = Engine(model, config=EngineConfig(block_size=64, max_num_seqs=batch, cache_memory_gib=4,
-                                               max_num_batched_tokens=max(2048, batch * prompt)))
+                                               max_num_batched_tokens=max(2048, batch * prompt), **engine_kw))
     for _ in range(batch):
         engine.add_request(torch.randint(10, cfg.vocab_size, (prompt,)).tolist(),
                            SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
@@ -47,12 +78,27 @@ def profile_step(model, batch: int, prompt: int) -> dict:
     end.record()
     torch.cuda.synchronize()
     replay_ms = start.elapsed_time(end) / 50
-    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine.runner.forward_eager(bucket.batch)
+    source = "graph replay"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        bucket.graph.replay()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
-    print(f"  graph replay {replay_ms:.3f} ms/step (GPU only); eager kernels:\n{table}", flush=True)
-    return dict(replay_ms=replay_ms, kernels=table)
+    events = _kernels(prof)
+    if not events:
+        source = "eager step"
+        with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.runner.forward_eager(bucket.batch)
+            torch.cuda.synchronize()
+        events = _kernels(prof)
+    cats = _categorise(events)
+    busy = sum(ms for _, _, ms in cats)
+    lines = [f"  graph replay {replay_ms:.3f} ms/step (GPU only); kernels of one {source}: {sum(c for _, c, _ in cats)}"
+             f", {busy:.3f} ms busy, gaps {max(replay_ms - busy, 0):.3f} ms"]
+    lines += [f"    {n:44s} {c:5d} kernels {ms:8.3f} ms  {ms / replay_ms:6.1%}" for n, c, ms in
+              sorted(cats, key=lambda t: -t[2])]
+    top = sorted(events, key=lambda e: -e.device_time_total)[:12]
+    lines += [f"      {e.device_time_total / 1e3:8.3f} ms {e.count:5d}x  {e.key[:90]}" for e in top]
+    print("\n".join(lines), flush=True)
+    return dict(replay_ms=replay_ms, source=source, categories=cats, busy_ms=busy)
 
 
 MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused_moe="off"),
@@ -73,8 +119,8 @@ def main() -> None:
                    "seconds (0: none skipped)")
     p.add_argument("--spec-k", type=int, default=0, help="also time MTP speculative decoding with k drafts at "
                    "batch 1 (random weights: the cost of a speculative step, not its acceptance)")
-    p.add_argument("--profile", action="store_true", help="after each graphs/fp8 mode: GPU time of one replay and "
-                   "the top kernels of the same step run eagerly")
+    p.add_argument("--profile", action="store_true", help="after each mode but eager (CUDA): GPU time of one "
+                   "graph replay and its kernels by op category (attention, GEMMs, experts, routing, elementwise, gaps)")
     a = p.parse_args()
     t0 = time.time()
     modes = a.modes.split(",")
@@ -113,8 +159,8 @@ def main() -> None:
                 break
             r.update(mode=mode, wall_s=time.time() - t1)
             rows.append(r)
-            if a.profile and mode != "eager":
-                r["profile"] = profile_step(model, B, a.prompt)
+            if a.profile and mode != "eager" and a.device == "cuda":
+                r["profile"] = profile_step(model, B, a.prompt, **kw)
             print(f"{mode:14s} batch {B:3d}: TTFT {r['ttft_s']:.3f} s, {r['tok_per_s']:9.1f} tok/s, TPOT "
                   f"{r['tpot_ms']:.2f} ms, roofline {r['roofline_tok_per_s']:9.1f} tok/s ({r['roofline_fraction']:.1%}, "
                   f"{r['step_bytes'] / 1e9:.2f} GB/step); {r['wall_s']:.0f} s with warm-up", flush=True)
