@@ -31,7 +31,7 @@ from dsv3.infer.bench import bench_decode, random_model
 
 _CATEGORIES = (   # kernel-name substrings -> the op categories (first match wins)
     ("attention (MLA decode)", ("mla", "flash", "attention", "sdpa")),
-    ("expert GEMMs (fused MoE)", ("moe",)),
+    ("expert GEMMs (fused MoE)", ("moe", "_gate_up_kernel", "_down_kernel")),
     ("GEMMs", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "_mm_", "scaled_mm", "fp8_weight")),
     ("routing (sort, top-k, scatter, index)", ("sort", "topk", "scan", "cumsum", "scatter", "gather", "index",
                                                "one_hot", "arange")),
