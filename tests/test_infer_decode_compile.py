@@ -122,5 +122,14 @@ def test_cuda_fast_decode_matches_plain_decode(fp8, compile_decode, fused):
     fast = [o.token_ids for o in Engine(model, config=EngineConfig(**config)).generate(ps, params)]
     plain = [o.token_ids for o in Engine(model, config=EngineConfig(block_size=16, num_blocks=64, cuda_graphs=False,
                                                                     fused_moe="off")).generate(ps, params)]
-    agree = sum(a == b for x, y in zip(fast, plain) for a, b in zip(x, y)) / (24 * len(ps))
-    assert agree >= 0.9, (agree, fast, plain)
+    # Greedy sequences of a random-weight model part at near-ties (bf16 / FP8 rounding decides them), and after the
+    # first parting a positional comparison means nothing. So: where a sequence parts from the plain one, the plain
+    # model's logits there must be a near-tie between the two tokens chosen.
+    for p, x, y in zip(ps, fast, plain):
+        i = next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), None)
+        if i is None:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([p + y[:i]], device="cuda"))[0, -1].float()
+        gap = (logits[y[i]] - logits[x[i]]).item()
+        assert 0 <= gap <= 0.05 * logits.abs().max().item(), (i, gap, x, y)
