@@ -155,6 +155,15 @@ def _interpreter_cases() -> dict:
     for name, (shape, make_kw, kw) in cases.items():
         args = make_moe(*shape, seed=sum(shape), **make_kw)
         errs[name] = _rel(moe_decode_triton(*args, **kw), moe_decode_reference(*args))
+    # the op wrapper a compiled decode layer calls (kernels.decode_ops): its Triton path (the pair sort as plain
+    # tensor ops, the GEMM stages as one custom op, the combine) on CPU tensors through the interpreter, eager and
+    # compiled with fullgraph
+    from dsv3.kernels import decode_ops
+    decode_ops.use_triton = lambda *a, **k: True
+    args = make_moe(19, 4, 16, 130, 72, seed=5)
+    ref = moe_decode_reference(*args)
+    errs["decode_ops_split"] = _rel(decode_ops.moe_decode(*args), ref)
+    errs["decode_ops_split_compiled"] = _rel(torch.compile(decode_ops.moe_decode, fullgraph=True)(*args), ref)
     return errs
 
 
@@ -162,7 +171,7 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_moe_decode")
-    assert len(errs) == 7, errs
+    assert len(errs) == 9, errs
     for name, err in errs.items():
         assert err < 1e-5, (name, errs)
 

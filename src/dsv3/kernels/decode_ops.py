@@ -4,7 +4,8 @@ Why: `torch.compile` of the decode layers (dsv3.infer.runner, `EngineConfig.comp
 kernel as one opaque node with a known output shape: dynamo then neither traces the launch code (device queries,
 configuration dicts, environment switches) nor splits the graph there, and inductor keeps the operands as they
 are. Each op calls its dispatcher (Triton on the GPU, the PyTorch reference elsewhere); its fake implementation
-gives the output's shape and dtype.
+gives the output's shape and dtype. `moe_decode` is a function around two ops: the reference, or on the Triton path
+the GEMM stages alone, with the pair sort and the combine left to the compiler.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import Tensor
 
 from .fp8_weight_gemm import fp8_grouped_linear as _fp8_grouped_linear
 from .fp8_weight_gemm import fp8_linear as _fp8_linear
-from .moe_decode import moe_decode as _moe_decode
+from .moe_decode import launch_config, moe_decode_reference, moe_decode_sorted_triton, sort_pairs
+from .triton_setup import use_triton
 
 __all__ = ["fp8_grouped_linear", "fp8_linear", "moe_decode"]
 
@@ -41,15 +43,50 @@ def _(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op("dsv3::moe_decode", mutates_args=())
-def moe_decode(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
-               gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
-               down_scale: Tensor | None = None) -> Tensor:
-    """The fused MoE of decode-sized batches (dsv3.kernels.moe_decode) -> (T, D) in x's dtype."""
-    return _moe_decode(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale).contiguous()
+@torch.library.custom_op("dsv3::moe_decode_reference", mutates_args=())
+def _moe_decode_reference(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor,
+                          down_proj: Tensor, gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
+                          down_scale: Tensor | None = None) -> Tensor:
+    """The fused MoE's PyTorch reference (host syncs: opaque to the compiler) -> (T, D) in x's dtype."""
+    return moe_decode_reference(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale,
+                                down_scale).contiguous()
 
 
-@moe_decode.register_fake
+@_moe_decode_reference.register_fake
 def _(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
       gate_scale: Tensor | None = None, up_scale: Tensor | None = None, down_scale: Tensor | None = None) -> Tensor:
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("dsv3::moe_decode_sorted", mutates_args=())
+def _moe_decode_sorted(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row: Tensor,
+                       gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor, gate_scale: Tensor | None,
+                       up_scale: Tensor | None, down_scale: Tensor | None, block_m: int) -> Tensor:
+    """The fused MoE's two Triton GEMM stages on sorted pairs -> (T*K, D) fp32 weighted rows (kernels.moe_decode)."""
+    return moe_decode_sorted_triton(x, tw, pairs, offs, tile_e, tile_row, gate_proj, up_proj, down_proj,
+                                    gate_scale, up_scale, down_scale, block_m=block_m)
+
+
+@_moe_decode_sorted.register_fake
+def _(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row: Tensor, gate_proj: Tensor,
+      up_proj: Tensor, down_proj: Tensor, gate_scale: Tensor | None, up_scale: Tensor | None,
+      down_scale: Tensor | None, block_m: int) -> Tensor:
+    return x.new_empty(tw.numel(), x.shape[1], dtype=torch.float32)
+
+
+def moe_decode(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
+               gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
+               down_scale: Tensor | None = None) -> Tensor:
+    """The fused MoE of decode-sized batches (dsv3.kernels.moe_decode) -> (T, D) in x's dtype. On the Triton path
+    only the two GEMM stages are an opaque op: the pair sort before them and the combine after are plain tensor ops
+    (static shapes, no sync) that a compiled decode layer fuses with the router and the shared experts (the sort
+    alone was ~17 small kernels per layer when it ran inside the op: RESULTS.md, issue 16)."""
+    if not use_triton(x, "DSV3_MOE_DECODE", fp8=gate_proj.dtype == torch.float8_e4m3fn):
+        return _moe_decode_reference(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale)
+    (T, D), E, K = x.shape, gate_proj.shape[0], idx.shape[1]
+    if T * K == 0 or E == 0:
+        return x.new_zeros(T, D)
+    block_m = launch_config(T * K, E, x.dtype)["block_m"]
+    y = _moe_decode_sorted(x, weights.float().contiguous(), *sort_pairs(idx, E, block_m), gate_proj, up_proj,
+                           down_proj, gate_scale, up_scale, down_scale, block_m)
+    return y.view(T, K, D).sum(1).to(x.dtype)

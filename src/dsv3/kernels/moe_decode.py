@@ -38,7 +38,8 @@ from .fp8_quant import dequantize_blocks
 from .fp8_weight_gemm import grouped_tile_map
 from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, need_triton, tl, triton, use_triton
 
-__all__ = ["HAS_TRITON", "moe_decode", "moe_decode_reference", "moe_decode_triton", "sort_pairs"]
+__all__ = ["HAS_TRITON", "launch_config", "moe_decode", "moe_decode_reference", "moe_decode_sorted_triton",
+           "moe_decode_triton", "sort_pairs"]
 
 
 def _check(x: Tensor, weights: Tensor, idx: Tensor, gate: Tensor, up: Tensor, down: Tensor, scales) -> None:
@@ -194,7 +195,7 @@ if HAS_TRITON:
         tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _default_config(P: int, E: int, dtype: torch.dtype) -> dict:
+def launch_config(P: int, E: int, dtype: torch.dtype) -> dict:
     """Row tiles sized for the mean rows per hit expert (a shape, not the counts: no sync); narrow N tiles so that
     batch 1's six experts still spread over the SMs. Not yet swept on the GPU."""
     mean = -(-P // max(min(E, P), 1))
@@ -202,6 +203,49 @@ def _default_config(P: int, E: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:      # exactness runs: fewer stages for the wider tiles
         return dict(block_m=block_m, block_n=32, num_warps=4, num_stages=2)
     return dict(block_m=block_m, block_n=64, num_warps=4, num_stages=3)
+
+
+def _config(P: int, E: int, dtype: torch.dtype, **overrides) -> dict:
+    cfg = launch_config(P, E, dtype)
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if BLOCK % cfg["block_n"] or cfg["block_m"] < 16 or cfg["block_m"] & (cfg["block_m"] - 1):
+        raise ValueError(f"block_n must divide {BLOCK} and block_m be a power of two >= 16, got {cfg}")
+    return cfg
+
+
+def moe_decode_sorted_triton(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row: Tensor,
+                             gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor, gate_scale: Tensor | None = None,
+                             up_scale: Tensor | None = None, down_scale: Tensor | None = None, *,
+                             block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                             num_stages: int | None = None) -> Tensor:
+    """Steps 2-3 on pairs already sorted by `sort_pairs` (with the same block_m): tw (T, K) fp32 contiguous routed
+    weights -> y (T*K, D) fp32, each pair's weighted expert output at its (token, k) row. Split from step 1 so that
+    a compiled decode step fuses the sort's small ops with the router's (dsv3.kernels.decode_ops)."""
+    (T, D), (E, I, _), K = x.shape, gate_proj.shape, tw.shape[1]
+    P = T * K
+    cfg = _config(P, E, x.dtype, block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    fp8 = gate_proj.dtype == torch.float8_e4m3fn
+    scales = (gate_scale, up_scale, down_scale)
+    sg, su, sd = (s.float().contiguous() for s in scales) if fp8 else (x, x, x)     # unused pointers without FP8
+    strides_s = lambda s: (s.stride(0), s.stride(1), s.stride(2)) if fp8 else (0, 0, 0)  # noqa: E731
+    if up_proj.stride() != gate_proj.stride() or (fp8 and su.stride() != sg.stride()):
+        raise ValueError("gate_proj and up_proj (and their scales) must have the same strides")
+    common = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=BLOCK, FP8=fp8,
+                  DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    # 2. gate and up in one pass, h in sorted order
+    h = torch.empty(P, I, device=x.device, dtype=x.dtype)
+    _gate_up_kernel[(tile_e.shape[0], triton.cdiv(I, cfg["block_n"]))](
+        x, pairs, tile_e, tile_row, offs, gate_proj, up_proj, sg, su, h, P, I, D, E, K,
+        x.stride(0), x.stride(1), gate_proj.stride(0), gate_proj.stride(1), gate_proj.stride(2), *strides_s(sg),
+        h.stride(0), h.stride(1), **common)
+    # 3. down, routed weight in the epilogue, rows back at their (token, k) place
+    y = torch.empty(P, D, device=x.device, dtype=torch.float32)
+    _down_kernel[(tile_e.shape[0], triton.cdiv(D, cfg["block_n"]))](
+        h, pairs, tile_e, tile_row, offs, down_proj, sd, tw, y, P, D, I, E,
+        h.stride(0), h.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2), *strides_s(sd),
+        y.stride(0), y.stride(1), **common)
+    return y
 
 
 def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
@@ -215,39 +259,14 @@ def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor
     _check(x, weights, idx, gate_proj, up_proj, down_proj, scales)
     if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"the Triton kernels take x in {TRITON_DTYPES}, got {x.dtype} (use the reference)")
-    (T, D), (E, I, _), K = x.shape, gate_proj.shape, idx.shape[1]
-    P = T * K
-    cfg = _default_config(P, E, x.dtype)
-    cfg.update({k: v for k, v in dict(block_m=block_m, block_n=block_n, num_warps=num_warps,
-                                       num_stages=num_stages).items() if v is not None})
-    if BLOCK % cfg["block_n"] or cfg["block_m"] < 16 or cfg["block_m"] & (cfg["block_m"] - 1):
-        raise ValueError(f"block_n must divide {BLOCK} and block_m be a power of two >= 16, got {cfg}")
-    if P == 0 or E == 0:
+    (T, D), E, K = x.shape, gate_proj.shape[0], idx.shape[1]
+    cfg = _config(T * K, E, x.dtype, block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    if T * K == 0 or E == 0:
         return x.new_zeros(T, D)
-    fp8 = gate_proj.dtype == torch.float8_e4m3fn
-    sg, su, sd = (s.float().contiguous() for s in scales) if fp8 else (x, x, x)     # unused pointers without FP8
-    strides_s = lambda s: (s.stride(0), s.stride(1), s.stride(2)) if fp8 else (0, 0, 0)  # noqa: E731
-    if up_proj.stride() != gate_proj.stride() or (fp8 and su.stride() != sg.stride()):
-        raise ValueError("gate_proj and up_proj (and their scales) must have the same strides")
-    pairs, offs, tile_e, tile_row = sort_pairs(idx, E, cfg["block_m"])
-    common = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=BLOCK, FP8=fp8,
-                  DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
-    # 2. gate and up in one pass, h in sorted order
-    h = torch.empty(P, I, device=x.device, dtype=x.dtype)
-    _gate_up_kernel[(tile_e.shape[0], triton.cdiv(I, cfg["block_n"]))](
-        x, pairs, tile_e, tile_row, offs, gate_proj, up_proj, sg, su, h, P, I, D, E, K,
-        x.stride(0), x.stride(1), gate_proj.stride(0), gate_proj.stride(1), gate_proj.stride(2), *strides_s(sg),
-        h.stride(0), h.stride(1), **common)
-    # 3. down, routed weight in the epilogue, rows back at their (token, k) place
-    y = torch.empty(P, D, device=x.device, dtype=torch.float32)
-    tw = weights.float().contiguous()
-    _down_kernel[(tile_e.shape[0], triton.cdiv(D, cfg["block_n"]))](
-        h, pairs, tile_e, tile_row, offs, down_proj, sd, tw, y, P, D, I, E,
-        h.stride(0), h.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2), *strides_s(sd),
-        y.stride(0), y.stride(1), **common)
-    # 4. the combine, in a fixed order
-    return y.view(T, K, D).sum(1).to(x.dtype)
+    sorted_pairs = sort_pairs(idx, E, cfg["block_m"])                        # 1.
+    y = moe_decode_sorted_triton(x, weights.float().contiguous(), *sorted_pairs, gate_proj, up_proj, down_proj,
+                                 *scales, **cfg)                             # 2.-3.
+    return y.view(T, K, D).sum(1).to(x.dtype)                                # 4. the combine, in a fixed order
 
 
 def moe_decode(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
