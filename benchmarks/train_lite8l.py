@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tag", default=None)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="GEMM precision (train.precision)")
     p.add_argument("--fp8-experts", default="block", choices=["block", "row"], help="train.fp8_experts")
+    p.add_argument("--fp8-experts-only", action="store_true", help="train.fp8_linears = false: only the routed "
+                   "experts in FP8")
     p.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"], help="AdamW moments (optim.state_dtype)")
     return p.parse_args()
 
@@ -72,7 +74,7 @@ def main() -> None:
         model = model.replace(num_nextn_predict_layers=0)
     tag = a.tag or (f"trainer_{a.dtype}{'_compile' if a.compile else ''}{'_recompute' if a.recompute else ''}"
                     f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}{'_noaux' if a.alpha == 0 else ''}"
-                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}")
+                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not a.tag:
         tag += f"_w{world}_ep{a.ep}"
@@ -86,7 +88,7 @@ def main() -> None:
                   "device": a.device,
                   "dtype": a.dtype, "compile": a.compile, "recompute": a.recompute,
                   "compile_optimizer": a.compile_optimizer, "precision": a.precision,
-                  "fp8_experts": a.fp8_experts},
+                  "fp8_experts": a.fp8_experts, "fp8_linears": not a.fp8_experts_only},
         "optim": {"state_dtype": a.state_dtype},
         "balance": {"seq_aux_alpha": a.alpha},
         "parallel": {"ep": a.ep},

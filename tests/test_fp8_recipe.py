@@ -81,6 +81,16 @@ def test_apply_fp8_covers_the_reports_gemms_and_keeps_the_state_dict(experts):
     assert _rel(model(ids), ref(ids)) > 1e-4
 
 
+def test_apply_fp8_experts_only_leaves_the_dense_gemms():
+    """linears=False (train.fp8_linears = false): the routed experts in FP8, every nn.Linear as it was."""
+    model = build(tiny_config(), seed=0)
+    apply_fp8(model, experts="row", linears=False)
+    assert not any(isinstance(m, FP8TrainLinear) for m in model.modules())
+    assert sum(isinstance(m, FP8TrainExperts) for m in model.modules()) == 3     # MoE layers 1, 2 and the MTP's
+    ids = torch.randint(0, 128, (2, 20))
+    assert _rel(model(ids), build(tiny_config(), seed=0)(ids)) > 1e-4          # the experts' FP8 really runs
+
+
 def test_fp8_loss_within_a_quarter_percent_of_bf16_on_trained_weights(tmp_path):
     """A 256-wide V3-shaped model (2 layers, 8 experts, MLA) trained 300 steps in BF16 on the standard library's email
     and json packages; then the same weights' loss on 16 further batches with FP8 GEMMs (reference path) vs BF16

@@ -170,13 +170,18 @@ class FP8TrainExperts(Experts):
 _MLA_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 
-def apply_fp8(model: nn.Module, experts: str = "block") -> nn.Module:
+def apply_fp8(model: nn.Module, experts: str = "block", linears: bool = True) -> nn.Module:
     """Run the MLA projections, dense / shared FFNs and routed experts in FP8, in place; the embedding, head,
     router, norms and attention core keep their precision (TR 3.3.1). `experts`: "block" (the report's 1x128 /
-    128x128 scaling, all three GEMMs) or "row" (row-wise scales, `FP8RowwiseGroupedFunction`). Returns the model."""
+    128x128 scaling, all three GEMMs) or "row" (row-wise scales, `FP8RowwiseGroupedFunction`). `linears=False`
+    leaves the MLA projections and dense / shared FFNs in their precision: only the routed experts, most of an MoE
+    step's GEMM FLOPs, run in FP8 (at small widths the quantisation of a dense GEMM's operands can cost more than
+    FP8 saves; RESULTS.md, issue 15). Returns the model."""
     if experts not in ("block", "row"):
         raise ValueError(f"apply_fp8: experts must be 'block' or 'row', got {experts!r}")
     for module in model.modules():
+        if not linears and isinstance(module, (MLA, MLP)):
+            continue
         if isinstance(module, MLA):
             for name in _MLA_LINEARS:
                 child = getattr(module, name, None)

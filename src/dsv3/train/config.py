@@ -230,6 +230,9 @@ class TrainConfig:
     # with precision=fp8, the routed experts' scaling: block (the report's, as above) or row (one scale per token and
     # per weight row through torch._scaled_grouped_mm on sm_90: faster, coarser; dsv3.kernels.fp8_rowwise)
     fp8_experts: str = setting("block", OneOf(("block", "row")))
+    # with precision=fp8: the MLA projections and dense / shared FFNs in FP8 too (the report's recipe); false runs
+    # only the routed experts in FP8
+    fp8_linears: bool = setting(True, Flag())
     compile: bool = setting(False, Flag())             # torch.compile each block and the loss
     # CUDA: one compiled kernel set for clipping + AdamW instead of fused AdamW
     compile_optimizer: bool = setting(False, Flag())

@@ -127,7 +127,7 @@ class Layout:
         model = build_model(cfg, "meta")
         if cfg.train.precision == "fp8":
             from ..fp8.training import apply_fp8
-            apply_fp8(model, experts=cfg.train.fp8_experts)
+            apply_fp8(model, experts=cfg.train.fp8_experts, linears=cfg.train.fp8_linears)
         self.apply(model)
         if cfg.train.recompute:
             apply_recompute(model)
