@@ -10,9 +10,10 @@ any preset's vocabulary); a small vocabulary makes prompts ~2x longer in tokens 
 reported beside questions/s. A random model rarely stops early: gen samples run to --max-tokens (the worst case).
 
 Tasks are generated (never written into the repository): mc, MMLU-style word problems with four numeric choices,
---mc-fewshot examples (0 and 5 by default) from a generated dev split (the same shots for every question, as `dsv3 eval` draws them, so
-the engine's prefix cache shares them); gen, the held-out split of dsv3.posttrain.tasks' arithmetic, greedy, k=1.
-Each mode runs once untimed on a few questions (CUDA graph capture, kernel autotuning), then timed on all.
+0-shot and 5-shot (--mc-fewshot; the shots come from a generated dev split, the same for every question, as
+`dsv3 eval` draws them; the engine computes every prompt position of a log-likelihood request, shared prefix or
+not: dsv3.infer.scheduler); gen, the held-out split of dsv3.posttrain.tasks' arithmetic, greedy, k=1. Each mode runs
+once untimed (CUDA graph capture, kernel autotuning: mc on 8 questions, gen on all), then timed on all.
 
 GPU:  PYTHONPATH=src python benchmarks/eval_throughput.py --config lite --json $OUT/eval_throughput.json
 CPU:  PYTHONPATH=src python benchmarks/eval_throughput.py --config tiny --device cpu --mc 12 --mc-fewshot 0,1 --gen 4 \
@@ -116,10 +117,10 @@ def timed(fn, device: str) -> tuple[dict, float]:
     return out, time.perf_counter() - t0
 
 
-def measure(name: str, fn, counter: CountingEngine, n_questions: int, device: str) -> dict:
-    """1. an untimed round on a few questions (fn(limit)); 2. the timed round on all of them."""
+def measure(name: str, fn, counter: CountingEngine, n_questions: int, device: str, warm: int) -> dict:
+    """1. an untimed round on the first `warm` questions (fn(limit); 0: all); 2. the timed round on all of them."""
     counter.reset()
-    _, warm_s = timed(lambda: fn(min(8, n_questions)), device)
+    _, warm_s = timed(lambda: fn(warm), device)
     counter.reset()
     metrics, wall = timed(lambda: fn(0), device)
     row = dict(mode=name, questions=n_questions, wall_s=wall, warmup_s=warm_s, questions_per_s=n_questions / wall,
@@ -132,7 +133,7 @@ def measure(name: str, fn, counter: CountingEngine, n_questions: int, device: st
     return row
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="lite", help="preset or config.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -147,11 +148,13 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
     p.add_argument("--modes", default="mc,gen")
     p.add_argument("--tokenizer-dir", default=None, help="where the tokenizer is trained / read (default: a temp dir)")
-    p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args()
+    p.add_argument("--json", default=None, help="write the results here (rewritten after every mode)")
+    p.add_argument("--deadline-s", type=float, default=0, help="> 0: a mode that would start later is skipped")
+    return p.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="dsv3-eval-throughput-"))
-    tok_dir = args.tokenizer_dir or str(work / "tokenizer")
+
+def build(args, tok_dir: str) -> tuple[EngineBackend, CountingEngine, object, dict]:
+    """The backend cmd_eval builds for a local model, on `dsv3 bench`'s random model; what was built."""
     tokenizer = bench_tokenizer(tok_dir)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device.startswith("cuda")
                                                                            else "fp32")]
@@ -164,39 +167,61 @@ def main() -> int:
     econf = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
                          max_num_batched_tokens=args.max_num_batched_tokens)
     counter = CountingEngine(Engine(model, tokenizer, econf))
-    backend = EngineBackend(counter)
     add_bos = run.tokenizer_adds_bos(tok_dir)         # `dsv3 eval --add-bos auto`
-    print(f"[eval_throughput] {args.config}: {model.num_params()['total'] / 1e9:.2f} B params, {dtype}, "
-          f"{args.device}, built in {build_s:.1f} s; tokenizer {tokenizer.vocab_size} ids, add_bos={add_bos}; engine "
-          f"max_num_seqs={econf.max_num_seqs} max_num_batched_tokens={econf.max_num_batched_tokens} "
-          f"cache {args.cache_gib} GiB, block {econf.block_size}, cuda_graphs={econf.cuda_graphs}", flush=True)
+    info = dict(config=args.config, device=args.device, dtype=str(dtype).removeprefix("torch."),
+                params_b=model.num_params()["total"] / 1e9, build_s=build_s, tokenizer_vocab=tokenizer.vocab_size,
+                add_bos=add_bos, engine=dict(max_num_seqs=econf.max_num_seqs, cache_memory_gib=args.cache_gib,
+                                             max_num_batched_tokens=econf.max_num_batched_tokens,
+                                             block_size=econf.block_size, cuda_graphs=econf.cuda_graphs),
+                gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None)
+    print(f"[eval_throughput] {args.config}: {info['params_b']:.2f} B params, {dtype}, {args.device}, built in "
+          f"{build_s:.1f} s; tokenizer {tokenizer.vocab_size} ids, add_bos={add_bos}; engine {info['engine']}",
+          flush=True)
+    return EngineBackend(counter), counter, tokenizer, info
 
-    rows, modes = [], args.modes.split(",")
-    if "mc" in modes:
-        task = write_jsonl(work / "mc_test.jsonl", mc_rows(args.mc, seed=0))
-        dev = write_jsonl(work / "mc_dev.jsonl", mc_rows(20, seed=1))
-        for shots in map(int, args.mc_fewshot.split(",")):
-            fn = lambda limit, shots=shots: run.evaluate_mc(backend, tokenizer, task, work / "out",  # noqa: E731
-                                                            dev if shots else None, shots, add_bos, "letter", limit)
-            rows.append(measure(f"mc {shots}-shot", fn, counter, args.mc, args.device))
-    if "gen" in modes:
-        task = write_jsonl(work / "gen_test.jsonl", gen_rows(args.gen, seed=0))
-        dev = write_jsonl(work / "gen_dev.jsonl", gen_rows(max(args.gen_fewshot, 1) * 4, seed=1))
-        fn = lambda limit: run.evaluate_generation(backend, tokenizer, task, work / "out",  # noqa: E731
-                                                   dev if args.gen_fewshot else None, args.gen_fewshot, add_bos, k=1,
-                                                   temperature=0.0, max_tokens=args.max_tokens, limit=limit)
-        rows.append(measure(f"gen {args.gen_fewshot}-shot k=1 greedy {args.max_tokens} tok", fn, counter, args.gen,
-                            args.device))
-    result = dict(config=args.config, device=args.device, dtype=str(dtype).removeprefix("torch."),
-                  params_b=model.num_params()["total"] / 1e9, tokenizer_vocab=tokenizer.vocab_size, add_bos=add_bos,
-                  engine=dict(max_num_seqs=econf.max_num_seqs, max_num_batched_tokens=econf.max_num_batched_tokens,
-                              cache_memory_gib=args.cache_gib, block_size=econf.block_size,
-                              cuda_graphs=econf.cuda_graphs),
-                  gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None, rows=rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"{'mode':<34} {'questions':>9} {'wall s':>8} {'q/s':>8} {'prompt tok/s':>13} {'new tok/s':>10} {'errors':>6}")
-    for r in rows:
+
+def jobs_of(args, backend, tokenizer, add_bos: bool, work: Path) -> list[tuple]:
+    """(name, fn(limit), questions, warm-up limit) in the order they run: mc by shots, gen after mc 0-shot."""
+    mc_task = write_jsonl(work / "mc_test.jsonl", mc_rows(args.mc, seed=0))
+    mc_dev = write_jsonl(work / "mc_dev.jsonl", mc_rows(20, seed=1))
+    gen_task = write_jsonl(work / "gen_test.jsonl", gen_rows(args.gen, seed=0))
+    gen_dev = write_jsonl(work / "gen_dev.jsonl", gen_rows(max(args.gen_fewshot, 1) * 4, seed=1))
+    modes, jobs = args.modes.split(","), []
+
+    def mc(limit: int, shots: int) -> dict:
+        return run.evaluate_mc(backend, tokenizer, mc_task, work / "out", mc_dev if shots else None, shots, add_bos,
+                               "letter", limit)
+
+    def gen(limit: int) -> dict:
+        return run.evaluate_generation(backend, tokenizer, gen_task, work / "out", gen_dev if args.gen_fewshot
+                                       else None, args.gen_fewshot, add_bos, k=1, temperature=0.0,
+                                       max_tokens=args.max_tokens, limit=limit)
+
+    for shots in map(int, args.mc_fewshot.split(",") if "mc" in modes else []):
+        jobs.append((shots, f"mc {shots}-shot", functools.partial(mc, shots=shots), args.mc, min(8, args.mc)))
+    if "gen" in modes:   # warm-up on the whole set: every decode batch size it meets gets its CUDA graph captured
+        jobs.append((0.5, f"gen {args.gen_fewshot}-shot k=1 greedy {args.max_tokens} tok", gen, args.gen, 0))
+    return [j[1:] for j in sorted(jobs, key=lambda j: j[0])]
+
+
+def main() -> int:
+    start = time.perf_counter()
+    args = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="dsv3-eval-throughput-"))
+    tok_dir = args.tokenizer_dir or str(work / "tokenizer")
+    backend, counter, tokenizer, result = build(args, tok_dir)
+    result.update(rows=[], skipped=[])
+    for name, fn, n, warm in jobs_of(args, backend, tokenizer, result["add_bos"], work):
+        if args.deadline_s and time.perf_counter() - start > args.deadline_s:
+            print(f"[eval_throughput] {name}: skipped (past --deadline-s {args.deadline_s:.0f})", flush=True)
+            result["skipped"].append(name)
+        else:
+            result["rows"].append(measure(name, fn, counter, n, args.device, warm))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"{'mode':<34} {'questions':>9} {'wall s':>8} {'q/s':>8} {'prompt tok/s':>13} {'new tok/s':>10} "
+          f"{'errors':>6}")
+    for r in result["rows"]:
         print(f"{r['mode']:<34} {r['questions']:>9} {r['wall_s']:>8.2f} {r['questions_per_s']:>8.2f} "
               f"{r['prompt_tok_per_s']:>13.0f} {r['new_tok_per_s']:>10.0f} {r['errors']:>6}")
     return 0

@@ -42,7 +42,7 @@ GRPO_TOML = Path(__file__).parents[1] / "configs" / "grpo.toml"
 
 def build_trainer(args, work: Path) -> GRPOTrainer:
     """grpo_trainer's steps (dsv3.posttrain.grpo) with an in-memory random base in place of load_base."""
-    tok_dir = work / "tokenizer"
+    tok_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else work / "tokenizer"
     tokenizer = bench_tokenizer(str(tok_dir))
     model_cfg = load_model_config(args.config)
     if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -74,7 +74,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="lite-8L", help="preset or config.json of the policy")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,54 +87,75 @@ def main() -> int:
     p.add_argument("--micro", type=int, default=64, help="train.micro_batch_size (configs/grpo.toml: 64)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
+    p.add_argument("--tokenizer-dir", default=None, help="where the tokenizer is trained / read (default: temp)")
+    p.add_argument("--json", default=None, help="write the results here (rewritten after every step)")
+    p.add_argument("--deadline-s", type=float, default=0, help="> 0: no step starts later (after one timed step)")
+    return p.parse_args()
 
+
+def timed_step(trainer: GRPOTrainer, i: int, warmup: bool, device: str) -> dict:
+    """One optimizer step, the device synchronised around it; GRPOTrainer's rollout / train clocks of it."""
+    sync(device)
+    t = time.perf_counter()
+    trainer.train_step()
+    sync(device)
+    dt = time.perf_counter() - t
+    m = trainer.interval_metrics()
+    rec = dict(step=i + 1, warmup=warmup, step_s=dt, rollout_s=m["rollout_s"], train_s=m["train_s"],
+               other_s=dt - m["rollout_s"] - m["train_s"], response_length=m.get("response_length"),
+               reward=m.get("reward"), engine_logprob_gap=m.get("engine_logprob_gap"))
+    print(f"[grpo_gpu] step {i + 1}{' (warm-up)' if warmup else ''}: {dt:.2f} s = rollout {rec['rollout_s']:.2f} "
+          f"+ train {rec['train_s']:.2f} + optimizer/other {rec['other_s']:.2f}; mean response "
+          f"{rec['response_length']} tokens, engine-trainer log-prob gap {rec['engine_logprob_gap']}", flush=True)
+    return rec
+
+
+def summarise(result: dict) -> None:
+    """Means over the timed (non-warm-up) steps, steps/hour and shares, into `result`."""
+    timed = [s for s in result["steps"] if not s["warmup"]]
+    if not timed:
+        return
+    mean = {k: sum(s[k] for s in timed) / len(timed) for k in ("step_s", "rollout_s", "train_s", "other_s")}
+    resp = sum(s["response_length"] for s in timed) / len(timed)
+    result.update(timed_steps=len(timed), mean=mean, steps_per_hour=3600 / mean["step_s"],
+                  rollout_share=mean["rollout_s"] / mean["step_s"], train_share=mean["train_s"] / mean["step_s"],
+                  rollout_tok_per_s=result["rollouts_per_step"] * resp / mean["rollout_s"])
+
+
+def main() -> int:
+    start = time.perf_counter()
+    args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="dsv3-grpo-gpu-"))
-    t0 = time.perf_counter()
     trainer = build_trainer(args, work)
-    setup_s = time.perf_counter() - t0
-    n = trainer.param_counts
-    rows = args.prompts * args.group
+    setup_s = time.perf_counter() - start
+    n, rows, cuda = trainer.param_counts, args.prompts * args.group, args.device.startswith("cuda")
     print(f"[grpo_gpu] {args.config}: {n['total'] / 1e9:.2f} B params ({n['active'] / 1e9:.2f} B active), "
           f"{args.device} {trainer.dtype}, train.dtype={args.dtype} optim.state_dtype={args.state_dtype} "
           f"compile={args.compile}; {args.prompts} prompts x G={args.group} = {rows} rollouts/step, "
           f"max_new_tokens {args.max_new_tokens}, micro-batch {args.micro}; set up in {setup_s:.1f} s", flush=True)
-    steps = []
+    result = dict(config=args.config, device=args.device, gpu=torch.cuda.get_device_name() if cuda else None,
+                  params_b=n["total"] / 1e9, active_b=n["active"] / 1e9, train_dtype=args.dtype,
+                  state_dtype=args.state_dtype, compile=args.compile, prompts_per_step=args.prompts,
+                  group_size=args.group, rollouts_per_step=rows, max_new_tokens=args.max_new_tokens,
+                  micro_batch_size=args.micro, setup_s=setup_s, steps=[])
     for i in range(args.warmup + args.steps):
-        sync(args.device)
-        t = time.perf_counter()
-        trainer.train_step()
-        sync(args.device)
-        dt = time.perf_counter() - t
-        m = trainer.interval_metrics()
-        rec = dict(step=i + 1, warmup=i < args.warmup, step_s=dt, rollout_s=m["rollout_s"], train_s=m["train_s"],
-                   other_s=dt - m["rollout_s"] - m["train_s"], response_length=m.get("response_length"),
-                   reward=m.get("reward"), engine_logprob_gap=m.get("engine_logprob_gap"))
-        steps.append(rec)
-        print(f"[grpo_gpu] step {i + 1}{' (warm-up)' if rec['warmup'] else ''}: {dt:.2f} s = rollout "
-              f"{rec['rollout_s']:.2f} + train {rec['train_s']:.2f} + optimizer/other {rec['other_s']:.2f}; "
-              f"mean response {rec['response_length']} tokens, engine-trainer log-prob gap "
-              f"{rec['engine_logprob_gap']}", flush=True)
-    timed = [s for s in steps if not s["warmup"]]
-    mean = {k: sum(s[k] for s in timed) / len(timed) for k in ("step_s", "rollout_s", "train_s", "other_s")}
-    resp = sum(s["response_length"] for s in timed) / len(timed)
-    result = dict(config=args.config, device=args.device, gpu=torch.cuda.get_device_name()
-                  if args.device.startswith("cuda") else None, params_b=n["total"] / 1e9,
-                  active_b=n["active"] / 1e9, train_dtype=args.dtype, state_dtype=args.state_dtype,
-                  compile=args.compile, prompts_per_step=args.prompts, group_size=args.group, rollouts_per_step=rows,
-                  max_new_tokens=args.max_new_tokens, micro_batch_size=args.micro, setup_s=setup_s, steps=steps,
-                  mean=mean, steps_per_hour=3600 / mean["step_s"],
-                  rollout_share=mean["rollout_s"] / mean["step_s"], train_share=mean["train_s"] / mean["step_s"],
-                  rollout_tok_per_s=rows * resp / mean["rollout_s"] if mean["rollout_s"] else None,
-                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        if i > args.warmup and args.deadline_s and time.perf_counter() - start > args.deadline_s:
+            print(f"[grpo_gpu] past --deadline-s {args.deadline_s:.0f}: {i - args.warmup} timed steps", flush=True)
+            break
+        result["steps"].append(timed_step(trainer, i, i < args.warmup, args.device))
+        summarise(result)
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    if "mean" not in result:
+        print("[grpo_gpu] no timed step", flush=True)
+        return 1
+    mean = result["mean"]
     print(f"{'GRPO ' + args.config:<20} {'steps/h':>8} {'step s':>7} {'rollout s':>10} {'train s':>8} "
           f"{'other s':>8} {'rollout %':>9} {'rollout tok/s':>13}")
     print(f"{f'{rows} = {args.prompts}x{args.group}, {args.max_new_tokens} tok':<20} {result['steps_per_hour']:>8.0f} "
           f"{mean['step_s']:>7.2f} {mean['rollout_s']:>10.2f} {mean['train_s']:>8.2f} {mean['other_s']:>8.2f} "
-          f"{100 * result['rollout_share']:>8.1f}% {result['rollout_tok_per_s'] or 0:>13.0f}")
+          f"{100 * result['rollout_share']:>8.1f}% {result['rollout_tok_per_s']:>13.0f}")
     return 0
 
 
