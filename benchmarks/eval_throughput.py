@@ -10,10 +10,11 @@ any preset's vocabulary); a small vocabulary makes prompts ~2x longer in tokens 
 reported beside questions/s. A random model rarely stops early: gen samples run to --max-tokens (the worst case).
 
 Tasks are generated (never written into the repository): mc, MMLU-style word problems with four numeric choices,
-0-shot and 5-shot (--mc-fewshot; the shots come from a generated dev split, the same for every question, as
-`dsv3 eval` draws them; the engine computes every prompt position of a log-likelihood request, shared prefix or
-not: dsv3.infer.scheduler); gen, the held-out split of dsv3.posttrain.tasks' arithmetic, greedy, k=1. Each mode runs
-once untimed (CUDA graph capture, kernel autotuning: mc on 8 questions, gen on all), then timed on all.
+0-shot on all 240 and 5-shot on the first 120 (--mc-fewshot, --mc-fewshot-questions; the shots come from a
+generated dev split, the same for every question, as `dsv3 eval` draws them; the engine computes every prompt
+position of a log-likelihood request, shared prefix or not: dsv3.infer.scheduler); gen, the held-out split of
+dsv3.posttrain.tasks' arithmetic, greedy, k=1. Each mode runs once untimed (CUDA graph capture, kernel autotuning:
+mc on 8 questions, gen on all), then timed.
 
 GPU:  PYTHONPATH=src python benchmarks/eval_throughput.py --config lite --json $OUT/eval_throughput.json
 CPU:  PYTHONPATH=src python benchmarks/eval_throughput.py --config tiny --device cpu --mc 12 --mc-fewshot 0,1 --gen 4 \
@@ -140,6 +141,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--mc", type=int, default=240, help="multiple-choice questions")
     p.add_argument("--mc-fewshot", default="0,5", help="comma-separated: one timed mc run per shot count")
+    p.add_argument("--mc-fewshot-questions", type=int, default=120,
+                   help="the first N questions for the few-shot runs (their prompts are ~6x longer)")
     p.add_argument("--gen", type=int, default=64, help="generation questions")
     p.add_argument("--gen-fewshot", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=64, help="gen: new tokens per sample")
@@ -189,6 +192,8 @@ def jobs_of(args, backend, tokenizer, add_bos: bool, work: Path) -> list[tuple]:
     modes, jobs = args.modes.split(","), []
 
     def mc(limit: int, shots: int) -> dict:
+        if not limit and shots:
+            limit = min(args.mc, args.mc_fewshot_questions)
         return run.evaluate_mc(backend, tokenizer, mc_task, work / "out", mc_dev if shots else None, shots, add_bos,
                                "letter", limit)
 
@@ -198,7 +203,8 @@ def jobs_of(args, backend, tokenizer, add_bos: bool, work: Path) -> list[tuple]:
                                        max_tokens=args.max_tokens, limit=limit)
 
     for shots in map(int, args.mc_fewshot.split(",") if "mc" in modes else []):
-        jobs.append((shots, f"mc {shots}-shot", functools.partial(mc, shots=shots), args.mc, min(8, args.mc)))
+        n = min(args.mc, args.mc_fewshot_questions) if shots else args.mc
+        jobs.append((shots, f"mc {shots}-shot", functools.partial(mc, shots=shots), n, min(8, n)))
     if "gen" in modes:   # warm-up on the whole set: every decode batch size it meets gets its CUDA graph captured
         jobs.append((0.5, f"gen {args.gen_fewshot}-shot k=1 greedy {args.max_tokens} tok", gen, args.gen, 0))
     return [j[1:] for j in sorted(jobs, key=lambda j: j[0])]

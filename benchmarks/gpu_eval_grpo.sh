@@ -4,9 +4,9 @@
 # directories go to /tmp. Random bf16 weights (throughput, not accuracy); the tokenizer is a real byte-level BPE
 # (512 ids) trained offline on the standard library in stage 1 and shared by both stages.
 #   1. `dsv3 eval` throughput on `lite` (benchmarks/eval_throughput.py: run.evaluate_mc / evaluate_generation over
-#      EngineBackend, engine as `dsv3 eval` builds it): mc 0-shot and 5-shot on 240 four-way questions, gen on 64
-#      arithmetic questions (k=1 greedy, 64 new tokens); questions/s, tokens/s, wall times; a mode that would start
-#      after 95 s is skipped (the JSON is rewritten after every mode).                              ~2-3 min
+#      EngineBackend, engine as `dsv3 eval` builds it): mc 0-shot on 240 four-way questions, 5-shot on 120 of
+#      them, gen on 64 arithmetic questions (k=1 greedy, 64 new tokens); questions/s, tokens/s, wall times; a mode
+#      that would start after 95 s is skipped (the JSON is rewritten after every mode).               ~2-3 min
 #   2. GRPO on a lite-8L-shaped policy (benchmarks/grpo_gpu.py: configs/grpo.toml + overrides, GRPOTrainer.train_step):
 #      8 prompts x G=8 rollouts of 64 tokens a step, bf16-params + bf16 AdamW moments (as configs/lite-8L.toml),
 #      1 warm-up + 3 timed steps; steps/hour and the rollout / train / optimizer split.                    ~1-1.5 min
@@ -58,7 +58,8 @@ def load(name):
         print(f"{name}: missing ({e.__class__.__name__}); see the .log beside it")
 e, g = load("eval_throughput.json"), load("grpo_gpu.json")
 if e:
-    print(f"\n== issue 19: dsv3 eval on {e['config']} ({e['params_b']:.1f} B, {e['dtype']}, {e['gpu'] or e['device']}), "
+    print(f"\n== issue 19: dsv3 eval on {e['config']} ({e['params_b']:.1f} B, {e['dtype']}, "
+          f"{e['gpu'] or e['device']}), "
           f"engine max_num_seqs={e['engine']['max_num_seqs']} max_num_batched_tokens="
           f"{e['engine']['max_num_batched_tokens']}, tokenizer {e['tokenizer_vocab']} ids, add_bos={e['add_bos']}")
     print(f"{'mode':<32} {'n':>4} {'wall s':>7} {'q/s':>8} {'prompt tok/s':>12} {'new tok/s':>9} {'warm s':>7} err")
@@ -68,7 +69,8 @@ if e:
     for name in e.get("skipped", []):
         print(f"{name:<32} skipped (deadline)")
 if g:
-    print(f"\n== issue 18: GRPO on {g['config']} ({g['params_b']:.2f} B, {g['active_b']:.2f} B active; {g['gpu'] or g['device']}), "
+    print(f"\n== issue 18: GRPO on {g['config']} ({g['params_b']:.2f} B, {g['active_b']:.2f} B active; "
+          f"{g['gpu'] or g['device']}), "
           f"{g['prompts_per_step']} prompts x G={g['group_size']} = {g['rollouts_per_step']} rollouts of "
           f"{g['max_new_tokens']} tokens/step, micro-batch {g['micro_batch_size']}, train.dtype={g['train_dtype']}, "
           f"moments {g['state_dtype']}, compile={g['compile']}, setup {g['setup_s']:.0f} s, peak "
