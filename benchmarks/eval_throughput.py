@@ -213,7 +213,11 @@ def jobs_of(args, backend, tokenizer, add_bos: bool, work: Path) -> list[tuple]:
 def main() -> int:
     start = time.perf_counter()
     args = parse_args()
-    work = Path(tempfile.mkdtemp(prefix="dsv3-eval-throughput-"))
+    with tempfile.TemporaryDirectory(prefix="dsv3-eval-throughput-") as tmp:     # task files, results, samples
+        return bench(args, start, Path(tmp))
+
+
+def bench(args, start: float, work: Path) -> int:
     tok_dir = args.tokenizer_dir or str(work / "tokenizer")
     backend, counter, tokenizer, result = build(args, tok_dir)
     result.update(rows=[], skipped=[])

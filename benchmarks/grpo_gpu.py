@@ -125,7 +125,11 @@ def summarise(result: dict) -> None:
 def main() -> int:
     start = time.perf_counter()
     args = parse_args()
-    work = Path(tempfile.mkdtemp(prefix="dsv3-grpo-gpu-"))
+    with tempfile.TemporaryDirectory(prefix="dsv3-grpo-gpu-") as tmp:    # the run directory (metrics.jsonl)
+        return bench(args, start, Path(tmp))
+
+
+def bench(args, start: float, work: Path) -> int:
     trainer = build_trainer(args, work)
     setup_s = time.perf_counter() - start
     n, rows, cuda = trainer.param_counts, args.prompts * args.group, args.device.startswith("cuda")
