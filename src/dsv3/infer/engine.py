@@ -209,7 +209,9 @@ class Engine:
                 done.append(seq)
                 last.append(batch.starts[i] + n - 1)
         if done:
-            logits = self.runner.logits(hidden[torch.tensor(last, device=self.device)])
+            # a pure decode batch samples every row: no index tensor to build and copy to the device
+            rows = hidden if last == list(range(hidden.shape[0])) else hidden[torch.tensor(last, device=self.device)]
+            logits = self.runner.logits(rows)
             if all(s.params.greedy for s in done):
                 # what `sample` returns for greedy rows (the race over a one-hot), without building and sorting a
                 # (B, V) top-k / top-p distribution: one kernel instead of ~20 on the decode step's host path
