@@ -10,6 +10,9 @@ with small hidden and expert widths (op counts do not depend on widths), prefill
     device kernel;
   * `allocs`: aten::empty* calls (fresh buffers the step allocates), and host syncs (aten::item /
     aten::_local_scalar_dense).
+The paged decode attention (`attn`) and the routed experts (`experts`) are counted apart: on CPU they run the
+PyTorch references (a gather of the pages; a loop over experts with host-side counts), on the GPU one Triton kernel
+(+ combine) and grouped GEMMs. CPU counts also include scalar-wrapping copies that a GPU launch does not have.
 Runs on CPU (the count of ops, not their time) or on CUDA (`--device cuda`).
 
     PYTHONPATH=src python benchmarks/decode_step_ops.py --batch 32 [--graph-buckets] [--fused-moe] [--json out.json]
@@ -47,14 +50,25 @@ def small_lite(layers: int = 3):
         torch_dtype="float32")
 
 
-def _label(blocks: torch.nn.ModuleList) -> None:
-    """record_function ranges around each block (hooks, from outside the model)."""
-    for i, block in enumerate(blocks):
-        kind = "moe" if hasattr(block.mlp, "gate") else "dense"
-        ranges = []
-        block.register_forward_pre_hook(lambda m, a, i=i, k=kind, r=ranges: r.append(
-            record_function(f"block.{k}.{i}").__enter__()))
-        block.register_forward_hook(lambda m, a, o, r=ranges: r.pop().__exit__(None, None, None))
+def _ranged(module: torch.nn.Module, name: str) -> None:
+    ranges = []
+    module.register_forward_pre_hook(lambda m, a, r=ranges: r.append(record_function(name).__enter__()))
+    module.register_forward_hook(lambda m, a, o, r=ranges: r.pop().__exit__(None, None, None))
+
+
+def _label(engine: Engine) -> None:
+    """record_function ranges around each block, its routed experts and the paged decode attention (hooks and a
+    wrapper, from outside the model)."""
+    for i, block in enumerate(engine.model.layers):
+        _ranged(block, f"block.{'moe' if hasattr(block.mlp, 'gate') else 'dense'}.{i}")
+        if hasattr(block.mlp, "experts"):
+            _ranged(block.mlp.experts, "part.experts")
+    cache, decode = engine.cache, engine.cache.decode
+
+    def ranged_decode(*args, **kw):
+        with record_function("part.attn"):
+            return decode(*args, **kw)
+    cache.decode = ranged_decode
 
 
 def _count(events) -> dict[str, Counter]:
@@ -62,10 +76,12 @@ def _count(events) -> dict[str, Counter]:
     out: dict[str, Counter] = {}
 
     def owner(e) -> str:
-        p = e.cpu_parent
+        p, part = e.cpu_parent, None
         while p is not None:
+            if p.name.startswith("part.") and part is None:
+                part = p.name
             if p.name.startswith("block."):
-                return p.name
+                return p.name + (f".{part}" if part else "")
             p = p.cpu_parent
         return "step"
 
@@ -117,15 +133,21 @@ def profile_step(batch: int, prompt: int = 40, device: str = "cpu", graph_bucket
                            SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     engine.step()                               # prefill
     engine.step()                               # one decode step untimed (lazy inits)
-    _label(model.layers)
+    _label(engine)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         engine.step()
     counts = _count(prof.events())
-    per_kind: dict[str, dict] = {}
-    for name, c in counts.items():
-        kind = name.split(".")[1] if name != "step" else "step"
-        per_kind.setdefault(kind, dict(c))      # blocks of one kind count the same: keep the first
+    # blocks of one kind count the same: report the first of each kind, its parts apart
+    per_kind: dict[str, dict] = {"step": dict(counts.get("step", {}))}
+    for kind in ("dense", "moe"):
+        layer = min((int(n.split(".")[2]) for n in counts if n.startswith(f"block.{kind}.")), default=None)
+        if layer is None:
+            continue
+        per_kind[kind] = dict(counts.get(f"block.{kind}.{layer}", {}))
+        for part in ("attn", "experts"):
+            if f"block.{kind}.{layer}.part.{part}" in counts:
+                per_kind[f"{kind}.{part}"] = dict(counts[f"block.{kind}.{layer}.part.{part}"])
     return dict(batch=batch, graph_buckets=graph_buckets, fused_moe=fused_moe, device=device, **per_kind)
 
 
@@ -138,10 +160,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     r = profile_step(args.batch, device=args.device, graph_buckets=args.graph_buckets, fused_moe=args.fused_moe)
-    for kind in ("dense", "moe", "step"):
-        c = r[kind]
+    for kind in ("dense", "dense.attn", "moe", "moe.attn", "moe.experts", "step"):
+        c = r.get(kind, {})
         top = sorted(((v, k[2:]) for k, v in c.items() if k.startswith("k:")), reverse=True)
-        print(f"{kind:6s} calls {c.get('calls', 0):4d}  kernels {c.get('kernels', 0):4d}  allocs "
+        print(f"{kind:11s} calls {c.get('calls', 0):4d}  kernels {c.get('kernels', 0):4d}  allocs "
               f"{c.get('allocs', 0):3d}  syncs {c.get('syncs', 0):2d}   " + ", ".join(f"{k} {v}" for v, k in top))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))

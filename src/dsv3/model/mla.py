@@ -148,7 +148,8 @@ class MLA(nn.Module):
         """One query token per decode row (n, H, .) -> (n, H, Dv): q_abs = q_nope W_UK, attention on the latents,
         then W_UV (spec 1.4)."""
         w_uk, w_uv = self.absorbed_weights()                              # (H, Dn, C), (H, Dv, C)
-        q_abs = torch.einsum("nhd,hdc->nhc", q_nope, w_uk)
+        # one GEMM per head on the strided views: no copy of q_nope (a slice of the q projection) first
+        q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # (n, H, C)
         latent = ctx.cache.decode(ctx.layer, q_abs, q_pe.to(q_abs.dtype), ctx.block_tables, ctx.context_lens,
                                   self.softmax_scale)
         return torch.einsum("nhc,hdc->nhd", latent.to(w_uv.dtype), w_uv).to(q_nope.dtype)
