@@ -86,3 +86,19 @@ def test_cache_owns_geometry_and_scratch_block(model):
     assert cache.scratch_block not in taken and engine.blocks.num_free_blocks == 0
     with pytest.raises(ValueError, match="num_blocks >= 1"):
         PagedLatentCache(model.config, 1, 0, 8, torch.float32, "cpu")
+
+
+def test_decode_step_ops_counts_per_layer():
+    """benchmarks/decode_step_ops.py profiles one decode step through the blocks' own forwards: per-layer counts for
+    both layer kinds, the paged attention and the routed experts apart; a pure decode batch gathers no queries (no
+    aten::index in a block outside its attention) and the step has no host sync outside the CPU references."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from decode_step_ops import profile_step
+    r = profile_step(batch=4, prompt=6, layers=2, graph_buckets=True)
+    assert {"dense", "moe", "dense.attn", "moe.attn", "moe.experts", "step"} <= set(r)
+    assert r["dense"]["kernels"] > 10 and r["moe"]["kernels"] > r["dense"]["kernels"] - 10
+    for kind in ("dense", "moe"):
+        assert r[kind].get("k:aten::index", 0) == 0 and r[kind].get("syncs", 0) == 0, r[kind]
+        assert r[kind]["k:aten::index_copy_"] == 2 and r[f"{kind}.attn"]["calls"] > 0
