@@ -42,8 +42,7 @@ class PagedLatentCache:
 
     def slots(self, block_table: list[int], start: int, n: int) -> list[int]:
         """The slots of positions start .. start + n - 1."""
-        bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+        return [self.slot(block_table, p) for p in range(start, start + n)]
 
     @property
     def scratch_slot(self) -> int:
