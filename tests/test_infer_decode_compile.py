@@ -68,16 +68,21 @@ def test_fused_moe_switch(model):
 
 
 def test_compiled_decode_gives_the_eager_tokens(model):
-    """Inductor (CPU) compiles the decode layers of the graph buckets: greedy tokens equal the eager engine's, and the
-    compiled functions did run (dynamo counted their frames)."""
+    """Inductor (CPU) compiles the decode layers of the graph buckets: greedy tokens equal the eager engine's, the
+    compiled functions did run (dynamo counted their frames), and the only graph breaks are the paged cache's opaque
+    calls (its write and decode attention): everything else of a block is compiled."""
     from torch._dynamo.utils import counters
     ps = prompts([1, 5, 9])
     want, _ = greedy(model, ps, padded=False, fused_moe="off")
     before = counters["stats"]["unique_graphs"]
+    counters["graph_break"].clear()
     got, engine = greedy(model, ps, compile_decode=True, fused_moe="on")
     assert got == want
     assert counters["stats"]["unique_graphs"] > before
     assert engine.runner.config.compile_decode
+    breaks = list(counters["graph_break"])
+    assert breaks and all("torch.compiler.disable" in b and ("PagedLatentCache.write" in b or
+                                                              "PagedLatentCache.decode" in b) for b in breaks), breaks
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -303,8 +303,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     tok_dir = tokenizer_dir(args.model, args.tokenizer)
     tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
     device = _device(args.device)
-    config = EngineConfig(block_size=args.block_size, cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len, num_speculative_tokens=args.spec)
+    block = {} if args.block_size is None else dict(block_size=args.block_size)     # EngineConfig owns the default
+    config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len, num_speculative_tokens=args.spec, **block)
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, args.dtype, args.fp8, config)
     # the step loop in a process of its own, so HTTP work never competes with it for the GIL
     threads = engine_threads(args.threads)
@@ -374,7 +375,7 @@ def _bench_serve(args: argparse.Namespace) -> None:
         from .infer import EngineConfig
         from .serve.bench import bench_serve_vs_engine
         device = _device(args.device)
-        config = EngineConfig(block_size=64, cache_memory_gib=args.cache_gib, max_num_seqs=args.concurrency,
+        config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.concurrency,
                               max_num_batched_tokens=max(2048, args.prompt * 8),
                               cuda_graphs=not args.no_cuda_graphs)
         factory = functools.partial(bench_engine, args.config, args.mtp, device, args.dtype, args.fp8, config)
@@ -513,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                    "else the usable cores but one, which the HTTP process keeps)")
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--max-model-len", type=int, default=0, help="0: the model's max_position_embeddings")
-    s.add_argument("--block-size", type=int, default=64)
+    s.add_argument("--block-size", type=int, default=None, help="tokens per cache block (default: EngineConfig's)")
     s.add_argument("--cache-gib", type=float, default=1.0, help="latent-cache memory")
     s.add_argument("--spec", type=int, default=0, help="MTP speculative draft tokens")
     s.add_argument("--fp8", action="store_true", help="serve weights in the released FP8 block format")

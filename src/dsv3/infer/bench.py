@@ -57,7 +57,7 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
     eagerly where graphs cannot capture (CPU dry runs of the compiled decode)."""
     device = str(next(model.parameters()).device)
     cfg = model.config
-    engine = Engine(model, config=EngineConfig(block_size=64, max_num_seqs=batch, cache_memory_gib=4,
+    engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4,
                                                max_num_batched_tokens=max(2048, batch * prompt_len),
                                                num_speculative_tokens=spec_tokens, speculative_max_batch=batch,
                                                cuda_graphs=cuda_graphs, compile_decode=compile_decode,
@@ -98,7 +98,7 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
 def bench_prefill(model: Transformer, batch: int, prompt_len: int, seed: int = 0) -> dict:
     device = str(next(model.parameters()).device)
     cfg = model.config
-    engine = Engine(model, config=EngineConfig(block_size=64, max_num_seqs=batch, cache_memory_gib=4,
+    engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4,
                                                max_num_batched_tokens=batch * prompt_len, prefix_caching=False))
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(10, cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]

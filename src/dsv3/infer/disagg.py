@@ -30,7 +30,6 @@ from multiprocessing.connection import Connection, Listener
 
 import torch
 
-from .cache import slot
 from .engine import Engine, RequestOutput
 from .sampling import SamplingParams, make_generators
 from .sequence import Sequence, Status
@@ -158,8 +157,7 @@ class DecodeEngine(Engine):
             self._imports.pop(0)
             self.blocks.allocate(seq, share=False)
             n = c_kv.shape[1]
-            slots = torch.tensor([slot(seq.block_table, p, self.cache.block_size) for p in range(n)],
-                                 device=self.device)
+            slots = torch.tensor(self.cache.slots(seq.block_table, 0, n), device=self.device)
             for layer in range(c_kv.shape[0]):
                 self.cache.write(layer, slots, c_kv[layer].to(self.device), k_pe[layer].to(self.device))
             seq.num_cached_tokens = n

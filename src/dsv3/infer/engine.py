@@ -99,10 +99,10 @@ class Engine:
         self.spec_stats = {"steps": 0, "proposed": 0, "accepted": 0}
         num_blocks = config.num_blocks or max(1, int(config.cache_memory_gib * 2**30) //
                                                bytes_per_block(cfg, n_layers, config.block_size, dtype))
-        # one block more than the manager hands out: the scratch block padded decode rows write to
-        self.cache = PagedLatentCache(cfg, n_layers, num_blocks + 1, config.block_size, dtype, self.device)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
-        self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, config.block_size, num_blocks)
+        # the cache owns the geometry from here on (and one scratch block beyond num_blocks, dsv3.infer.cache)
+        self.cache = cache = PagedLatentCache(cfg, n_layers, num_blocks, config.block_size, dtype, self.device)
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, config.prefix_caching)
+        self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, cache.block_size, cache.num_blocks)
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, self.cache, config)
         if config.cuda_graphs and graphs_supported(model):
@@ -120,8 +120,7 @@ class Engine:
         max_batch = self.config.max_num_seqs
         if self.speculative:
             max_batch = max(max_batch, self.config.speculative_max_batch * (self.config.num_speculative_tokens + 1))
-        self.runner.use_graphs(max_batch, -(-self.max_model_len // self.config.block_size), self.blocks.num_blocks,
-                               capture)
+        self.runner.use_graphs(max_batch, -(-self.max_model_len // self.cache.block_size), capture)
 
     @torch.no_grad()
     def load_weights(self, source: torch.nn.Module | None = None) -> None:

@@ -30,7 +30,7 @@ from .config import EngineConfig, ExpertParallelConfig
 from .engine import Engine
 from .ep_experts import move_experts, place_experts
 from .eplb import Placement, identity_placement, rebalance_experts
-from .runner import Row
+from .batch import padding_row
 from .two_batch import TwoBatchRunner
 
 
@@ -87,7 +87,7 @@ class EPEngine(Engine):
         """The padding forward of a rank with nothing scheduled: one token at position 0 in the scratch block."""
         moes = [m for _, m in moe_layers(self.model)]
         loads = [m.tokens_per_expert.clone() for m in moes]
-        self.runner.forward(self.runner.prepare([Row([0], 0, [self.blocks.num_blocks])], graph=False))
+        self.runner.forward(self.runner.prepare([padding_row(self.cache)], graph=False))
         for m, load in zip(moes, loads):
             m.tokens_per_expert.copy_(load)
         self.ep_stats["idle_steps"] += 1

@@ -6,9 +6,9 @@ block-table width w a power of two) and the runner's own eager forward is captur
 all graphs share one memory pool (only one replays at a time). A step then copies its inputs into the bucket's
 static buffers (two host->device copies) and replays.
 
-Padding rows are harmless by construction: token 0 at position 0, written to a scratch block that no sequence owns
-(the cache has one block more than the block manager hands out), with context length 0, for which the decode
-kernel returns zeros (dsv3.kernels.mla_decode). Their MoE routing counts into `tokens_per_expert`, which only
+Padding rows are harmless by construction: token 0 at position 0, written to the cache's scratch block, which no
+sequence owns (dsv3.infer.cache), with context length 0, for which the decode kernel returns zeros
+(dsv3.kernels.mla_decode). Their MoE routing counts into `tokens_per_expert`, which only
 training reads.
 
 Everything in the captured region must be free of host synchronisation and of shapes that depend on values: the
@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import slot
+from ..model.context import AttentionContext
+from .batch import Batch, Row
+from .cache import PagedLatentCache
+
 
 def graphs_supported(model) -> bool:
     """Capture needs a sync-free forward: on CUDA, the grouped expert GEMM (bf16, sm90+); the fp32 fallback loops
@@ -41,7 +44,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 class _Bucket:
     longs: torch.Tensor              # (3, b): input ids, positions, slots
     ints: torch.Tensor               # (b, 1 + w): context length, block table
-    batch: object                    # the static Batch the graph was captured with
+    batch: Batch                     # the static Batch the graph was captured with
     extra: torch.Tensor | None       # (b, D): the body's second input (the MTP module's hidden states), if any
     outputs: tuple | None = None
     graph: torch.cuda.CUDAGraph | None = None
@@ -51,10 +54,9 @@ class DecodeGraphs:
     """Graphs of one body: `body(batch) -> tensor(s)` (the main model's forward) or, with `extra_width` D,
     `body(batch, extra (b, D)) -> tensor(s)` (the MTP module). Outputs come back as clones of their first n rows."""
 
-    def __init__(self, runner, body, max_batch: int, max_blocks: int, scratch_block: int, capture: bool = True,
+    def __init__(self, cache: PagedLatentCache, body, max_batch: int, max_blocks: int, capture: bool = True,
                  extra_width: int = 0, pool=None):
-        self.runner, self.body, self.scratch, self.capture = runner, body, scratch_block, capture
-        self.extra_width = extra_width
+        self.cache, self.body, self.capture, self.extra_width = cache, body, capture, extra_width
         self.batch_sizes = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
         self.max_blocks = max_blocks
         self.buckets: dict[tuple[int, int], _Bucket] = {}
@@ -72,15 +74,14 @@ class DecodeGraphs:
     def prepare(self, rows, input_ids: torch.Tensor | None = None):
         """The bucket's static Batch with `rows` written into its buffers (padding after them); `input_ids` (n,) on
         the device replaces the rows' tokens (chained MTP drafts, still on the device)."""
-        from .runner import Batch     # runner imports this module
         b, w = key = self.key(rows)
         bucket = self.buckets.get(key) or self._new_bucket(b, w)
-        bs, n = self.runner.block_size, len(rows)
+        cache, n = self.cache, len(rows)
         # plain lists, then one tensor per buffer: per-row tensor writes would cost a host op each, every step
         pad = b - n
         ids = [r.tokens[0] for r in rows] + [0] * pad
         pos = [r.past for r in rows] + [0] * pad
-        slots = [slot(r.block_table, r.past, bs) for r in rows] + [self.scratch * bs] * pad
+        slots = [cache.slot(r.block_table, r.past) for r in rows] + [cache.scratch_slot] * pad
         ints = [[r.past + 1] + r.block_table + [0] * (w - len(r.block_table)) for r in rows] + [[0] * (1 + w)] * pad
         bucket.longs.copy_(torch.tensor([ids, pos, slots], dtype=torch.long))
         bucket.ints.copy_(torch.tensor(ints, dtype=torch.int32))
@@ -88,9 +89,7 @@ class DecodeGraphs:
             bucket.longs[0, :n].copy_(input_ids)
         static = bucket.batch
         # the engine reads rows and starts; the tensors stay the static (padded) ones
-        batch = Batch(list(rows), static.input_ids, static.positions, static.slots, list(range(n)),
-                      list(range(n)), [], static.block_tables, static.context_lens, static.decode_rows, [])
-        batch.graph_key, batch.graphs = key, self
+        batch = Batch(list(rows), static.input_ids, static.positions, list(range(n)), static.ctx, key, self)
         return batch
 
     def run(self, batch, extra: torch.Tensor | None = None):
@@ -113,17 +112,17 @@ class DecodeGraphs:
         return out if isinstance(out, tuple) else (out,)
 
     def _new_bucket(self, b: int, w: int) -> _Bucket:
-        from .runner import Batch, Row
-        dev = self.runner.device
+        cache = self.cache
+        dev = cache.c_kv.device
         longs = torch.zeros(3, b, dtype=torch.long, device=dev)
         ints = torch.zeros(b, 1 + w, dtype=torch.int32, device=dev)
-        longs[2] = self.scratch * self.runner.block_size
-        rows = [Row([0], 1, [self.scratch])] * b
-        batch = Batch(rows, longs[0], longs[1], longs[2], list(range(b)), list(range(b)), [], ints[:, 1:],
-                      ints[:, 0], torch.arange(b, device=dev), [])
-        extra = None
-        if self.extra_width:
-            extra = torch.zeros(b, self.extra_width, dtype=self.runner.model.embed_tokens.weight.dtype, device=dev)
+        longs[2] = cache.scratch_slot
+        rows = [Row([0], 1, [cache.scratch_block])] * b
+        # every row a decode row, in order (decode_rows None): the absorbed form, no gather / scatter of queries
+        ctx = AttentionContext(cache, longs[2], (), None, ints[:, 1:], ints[:, 0])
+        batch = Batch(rows, longs[0], longs[1], list(range(b)), ctx)
+        # the MTP module's hidden states: the model's dtype, which the cache has (Engine)
+        extra = cache.c_kv.new_zeros(b, self.extra_width) if self.extra_width else None
         bucket = self.buckets[(b, w)] = _Bucket(longs, ints, batch, extra)
         return bucket
 

@@ -23,14 +23,14 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.expert import thread_groups
-from .runner import Batch, ModelRunner, Row
+from .batch import Batch, make_batch, padding_row
+from .runner import ModelRunner
 
 
 class TwoBatchRunner(ModelRunner):
     def __init__(self, model, cache, group: dist.ProcessGroup, second_group: dist.ProcessGroup):
         super().__init__(model, cache)
         self.groups = {group: second_group}
-        self.scratch = cache.c_kv.shape[1] - 1          # the block no sequence owns (Engine keeps one spare)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="dsv3-micro-batch")
         self.steps = 0
         self.max_concurrent = 0                         # micro-batches seen running at once (2: they overlapped)
@@ -41,8 +41,8 @@ class TwoBatchRunner(ModelRunner):
         # 1. two halves, each with at least one row
         rows = batch.rows
         half = (len(rows) + 1) // 2
-        first, second = rows[:half], rows[half:] or [Row([0], 0, [self.scratch])]
-        b1, b2 = self._prepare(first), self._prepare(second)
+        first, second = rows[:half], rows[half:] or [padding_row(self.cache)]
+        b1, b2 = make_batch(first, self.cache, self.device), make_batch(second, self.cache, self.device)
         # 2. the second on the worker, over the duplicate group; the first here
         threads = torch.get_num_threads()
         future = self.worker.submit(self._second, b2, threads)

@@ -11,6 +11,10 @@ Both forms compute the same function:
       q_abs = q_nope @ W_UK[h]; score = (q_abs . c_kv + q_pe . k_pe) * scale; o = (p @ c_kv) @ W_UV[h]^T
   This is the naive form by associativity; only the order of the matmuls changes.
 The cache always holds the *normalised* c_kv and the *rotated* k_pe (spec 9.3), whichever form reads it.
+
+With an `AttentionContext` (dsv3.model.context) the latents live in a paged cache instead, and each token of a
+ragged batch attends in the form the context names: naive over its row's gathered context, or absorbed on the paged
+cache itself (an inference engine's decode step).
 """
 
 import torch
@@ -19,6 +23,7 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import RMSNorm, upcast
 from .attention import causal_attention
+from .context import AttentionContext
 from .rope import apply_rope
 
 
@@ -81,11 +86,15 @@ class MLA(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0,
-                absorb: bool = False) -> torch.Tensor:
+                absorb: bool = False, ctx: AttentionContext | None = None) -> torch.Tensor:
         """x (B, T, D) at positions start_pos..start_pos+T-1; cache = one layer's (c_kv, k_pe) buffers, holding
-        positions 0..start_pos-1 already. Without a cache, start_pos only offsets the RoPE positions."""
+        positions 0..start_pos-1 already. Without a cache, start_pos only offsets the RoPE positions.
+        With `ctx`: x (1, N, D) is a ragged batch at the positions cos / sin were made for, its latents go to the
+        context's paged cache, and cache / start_pos / absorb are not used."""
         B, T, _ = x.shape
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        if ctx is not None:
+            return self.o_proj(self._attend_paged(q_nope[0], q_pe[0], c_kv[0], k_pe[0], ctx).flatten(1))[None]
 
         if cache is not None:
             cache_c_kv, cache_k_pe = cache
@@ -112,6 +121,38 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1)
         out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale)
         return out.transpose(1, 2)
+
+    def _attend_paged(self, q_nope, q_pe, c_kv, k_pe, ctx: AttentionContext) -> torch.Tensor:
+        """The N tokens of a ragged batch (N, H, .) / (N, C) / (N, R) against the context's paged cache: (N, H, Dv).
+
+        1. every token's latents go to its slot first: a row attends over its own tokens too;
+        2. naive rows: the row's context gathered contiguous, then the naive form, causal over cache + row
+           (row token j sits at position past + j and sees positions <= its own);
+        3. absorbed rows (one token with context): the same math as `_attend_absorbed`, with the attention itself
+           run by the cache on its pages."""
+        ctx.cache.write(ctx.layer, ctx.slots, c_kv, k_pe)
+        if ctx.decode_rows is None:               # a pure decode step: every token, in order
+            return self._attend_absorbed_paged(q_nope, q_pe, ctx)
+        out = q_nope.new_empty(q_nope.shape[0], self.n_heads, self.v_dim)
+        for row in ctx.prefill:
+            s, n = row.start, row.length
+            c_ctx, k_ctx = ctx.cache.gather(ctx.layer, row.block_table, row.past + n)
+            c_ctx, k_ctx = c_ctx.to(q_nope.dtype), k_ctx.to(q_nope.dtype)
+            out[s:s + n] = self._attend_naive(q_nope[None, s:s + n], q_pe[None, s:s + n], c_ctx[None], k_ctx[None])[0]
+        rows = ctx.decode_rows
+        if rows.numel():
+            out[rows] = self._attend_absorbed_paged(q_nope[rows], q_pe[rows], ctx)
+        return out
+
+    def _attend_absorbed_paged(self, q_nope, q_pe, ctx: AttentionContext) -> torch.Tensor:
+        """One query token per decode row (n, H, .) -> (n, H, Dv): q_abs = q_nope W_UK, attention on the latents,
+        then W_UV (spec 1.4)."""
+        w_uk, w_uv = self.absorbed_weights()                              # (H, Dn, C), (H, Dv, C)
+        # one GEMM per head on the strided views: no copy of q_nope (a slice of the q projection) first
+        q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # (n, H, C)
+        latent = ctx.cache.decode(ctx.layer, q_abs, q_pe.to(q_abs.dtype), ctx.block_tables, ctx.context_lens,
+                                  self.softmax_scale)
+        return torch.einsum("nhc,hdc->nhd", latent.to(w_uv.dtype), w_uv).to(q_nope.dtype)
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe):
         T, S = q_nope.shape[1], c_kv.shape[1]

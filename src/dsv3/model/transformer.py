@@ -10,16 +10,26 @@ MTP input (spec 1.8): depth 1 combines the main model's final-normed hidden stat
 with the embedding of token t_{i+1}: x = eh_proj([enorm(emb) ; hnorm(h)]) (embedding first, the checkpoint's
 order), then a full block, then shared_head.norm and the shared head; its logits at position i predict t_{i+2}.
 Depth k+1 chains the block output of depth k.
+
+Blocks and MTP modules take two optional seams for an inference engine: `ctx`, the attention context of a paged
+cache (dsv3.model.context: which cache, which slots, naive or absorbed per row), and `ffn`, how the block's FFN
+module is called (`ffn(mlp, x)`, e.g. a fused MoE kernel for decode-sized batches; None: `mlp(x)`).
 """
+
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .context import AttentionContext
 from .layers import MLP, RMSNorm
 from .mla import MLA, LatentCache
 from .moe import MoE
 from .rope import rope_cos_sin
+
+
+FFNCall = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 class Block(nn.Module):
@@ -30,9 +40,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, start_pos: int = 0, absorb: bool = False) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, absorb)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, cache=None, start_pos: int = 0, absorb: bool = False,
+                ctx: AttentionContext | None = None, ffn: FFNCall | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, absorb, ctx)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h) if ffn is None else ffn(self.mlp, h))
 
 
 class SharedHead(nn.Module):
@@ -53,9 +65,10 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h, emb, cos, sin, cache=None, start_pos: int = 0, absorb: bool = False) -> torch.Tensor:
+    def forward(self, h, emb, cos, sin, cache=None, start_pos: int = 0, absorb: bool = False,
+                ctx: AttentionContext | None = None, ffn: FFNCall | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return super().forward(x, cos, sin, cache, start_pos, absorb)
+        return super().forward(x, cos, sin, cache, start_pos, absorb, ctx, ffn)
 
 
 class Transformer(nn.Module):

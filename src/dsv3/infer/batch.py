@@ -1,0 +1,61 @@
+"""A step's batch: ragged rows of tokens flattened into one row of N tokens, and the attention context that tells
+the model's MLA where their latents go and which form each row attends in (dsv3.model.context).
+
+A row is a run of consecutive positions of one sequence (a prefill chunk, a decode token, or a token + its
+speculative drafts): one token with context is a decode row (the absorbed form on the paged cache, spec 1.4), any
+other row attends in the naive form over its gathered context (spec 1.3). Every host -> device copy of a step
+happens in `make_batch`, once per step, not once per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.context import AttentionContext, PrefillRow
+from .cache import PagedLatentCache
+
+
+@dataclass
+class Row:
+    tokens: list[int]        # input tokens of this row, at positions past .. past + len - 1
+    past: int                # positions already in the cache before this row
+    block_table: list[int]
+
+
+def padding_row(cache: PagedLatentCache) -> Row:
+    """A one-token row that only touches the scratch block (an idle rank's step, an empty micro-batch)."""
+    return Row([0], 0, [cache.scratch_block])
+
+
+@dataclass
+class Batch:
+    rows: list[Row]
+    input_ids: torch.Tensor        # (N,)
+    positions: torch.Tensor        # (N,)
+    starts: list[int]              # where each row starts in the flat token row
+    ctx: AttentionContext          # slots, naive / absorbed rows, block tables (layer 0; `ctx.at(i)` for layer i)
+    graph_key: tuple[int, int] | None = None   # set when the batch runs from a captured decode graph ...
+    graphs: object = None                      # ... of this DecodeGraphs
+
+
+def make_batch(rows: list[Row], cache: PagedLatentCache, device: torch.device) -> Batch:
+    """The device tensors of `rows` (any mix of prefill chunks and decode tokens)."""
+    ids, pos, slots, starts, decode, prefill = [], [], [], [], [], []
+    for i, row in enumerate(rows):
+        n = len(row.tokens)
+        starts.append(len(ids))
+        ids += row.tokens
+        pos += range(row.past, row.past + n)
+        slots += cache.slots(row.block_table, row.past, n)
+        (decode if n == 1 and row.past > 0 else prefill).append(i)
+    width = max((len(rows[i].block_table) for i in decode), default=1)
+    table = [rows[i].block_table + [0] * (width - len(rows[i].block_table)) for i in decode]
+    t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
+    naive = tuple(PrefillRow(starts[i], len(rows[i].tokens), rows[i].past, t(rows[i].block_table)) for i in prefill)
+    # a batch of decode rows only is every token in order: no gather / scatter of the queries
+    decode_rows = None if not prefill else t([starts[i] for i in decode])
+    ctx = AttentionContext(cache, t(slots), naive, decode_rows, t(table, torch.int32).view(len(decode), width),
+                           t([rows[i].past + 1 for i in decode], torch.int32))
+    return Batch(rows, t(ids), t(pos), starts, ctx)
