@@ -22,8 +22,11 @@ from dsv3.parallel.two_hop import TwoHopExperts, apply_two_hop, node_layout
 
 N_TOKENS, E, K = 12, 16, 4
 # group-limited routing mapped to nodes: 2 groups of 8 experts = one group per node (2 nodes), topk_group 1: every
-# token's 4 experts lie on one node; "free": no group limit, a token reaches any node
-ROUTINGS = {"node_limited": dict(n_group=2, topk_group=1), "free": dict(n_group=1, topk_group=1)}
+# token's 4 experts lie on one node; "free": no group limit, a token reaches any node; "one_node": node-limited with
+# token reaches any node; "one_node": node-limited with node 0's biases raised, so every token goes to node 0 and the
+# ranks of node 1 receive no rows (they must still run every exchange, forward and backward)
+ROUTINGS = {"node_limited": dict(n_group=2, topk_group=1), "free": dict(n_group=1, topk_group=1),
+            "one_node": dict(n_group=2, topk_group=1)}
 
 
 class Meter:
@@ -50,14 +53,16 @@ class Meter:
         dist.all_to_all_single = self._a2a
 
 
-def _moe(routing: dict) -> MoE:
-    cfg = tiny_config(n_routed_experts=E, num_experts_per_tok=K, **routing)
+def _moe(routing: str) -> MoE:
+    cfg = tiny_config(n_routed_experts=E, num_experts_per_tok=K, **ROUTINGS[routing])
     torch.manual_seed(0)
     moe = MoE(cfg).double()
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.1)
         moe.gate.e_score_correction_bias.uniform_(-0.05, 0.05)
+        if routing == "one_node":
+            moe.gate.e_score_correction_bias[:E // 2] += 10.0
     return moe
 
 
@@ -69,7 +74,7 @@ def _run(model, x, g):
 
 
 def _case(rank, world, per_node, routing):
-    ref = _moe(ROUTINGS[routing])
+    ref = _moe(routing)
     gen = torch.Generator().manual_seed(1)
     xs = torch.randn(world, N_TOKENS, ref.gate.weight.shape[1], generator=gen, dtype=torch.float64)
     gs = torch.randn(xs.shape, generator=gen, dtype=torch.float64)
@@ -78,6 +83,7 @@ def _case(rank, world, per_node, routing):
     _, idx = ref.gate(xs[rank])
     L = E // world
     out["pairs_remote"] = int((idx // L // per_node != rank // per_node).sum())
+    out["nodes_reached"] = sorted({int(n) for n in (idx // L // per_node).flatten()})
     out["tokens_nodes_remote"] = sum(len({int(n) for n in row} - {rank // per_node}) for row in idx // L // per_node)
     for name in ("flat", "two_hop"):
         moe = apply_expert_parallel(copy.deepcopy(ref), dist.group.WORLD)
@@ -129,6 +135,8 @@ def test_outputs_and_gradients_equal_flat_and_single_process(ranks, routing):
                     assert _rel(g, r["grads_ref"][pname][rank * L:(rank + 1) * L]) < 1e-12, (rank, name, pname)
                 else:
                     summed[name, pname] = summed.get((name, pname), 0) + g
+    if routing == "one_node":          # the case is what it claims: node 1 gets no rows from anyone
+        assert all(res[routing]["nodes_reached"] == [0] for res in results)
     ref = results[0][routing]["grads_ref"]
     for (name, pname), g in summed.items():
         assert _rel(g, ref[pname]) < 1e-12, (name, pname)

@@ -57,7 +57,6 @@ def test_two_hop_training_matches_one_process_and_saves_inter_node_bytes(tmp_pat
     assert all(r["two_hop_calls"] > 0 for r in two) and all(r["two_hop_calls"] == 0 for r in flat)
     sent = {name: sum(r["bytes"] for r in ranks) for name, ranks in (("two_hop", two), ("flat", flat))}
     # top-4 experts inside one node: ~1 row per (token, node) instead of ~2 per (token, remote experts)
-    print("inter-node bytes", sent)
     assert 0 < sent["two_hop"] < 0.6 * sent["flat"], sent
 
 
