@@ -103,7 +103,8 @@ class CPUEma:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
         for n, v in self.shadow.items():
             if tuple(state[n].shape) != tuple(v.shape):
-                raise ValueError(f"EMA state of {n} has shape {tuple(state[n].shape)}, this rank keeps {tuple(v.shape)}")
+                raise ValueError(f"EMA state of {n} has shape {tuple(state[n].shape)}, this rank keeps "
+                                 f"{tuple(v.shape)}")
             v.copy_(state[n])
 
     def copy_to(self, model: nn.Module) -> None:
