@@ -223,7 +223,8 @@ def test_bad_parallel_layouts_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel.fsdp does not combine with train.compile_optimizer"):
         small_run(tmp_path, parallel={"fsdp": True}, train={"compile_optimizer": True})
     cfg = small_run(tmp_path, parallel={"ep": 2}, **SECTIONS)
-    assert cfg.to_dict()["parallel"] == {"ep": 2, "fsdp": False, "pp": 1, "overlap": False}
+    assert cfg.to_dict()["parallel"] == {"ep": 2, "fsdp": False, "pp": 1, "overlap": False,
+                                          "ep_dispatch": "flat", "ranks_per_node": 0}
     assert cfg.check_world(2) == 1 and cfg.check_world(4) == 2
     with pytest.raises(ConfigError, match=r"parallel.ep=2 does not divide the world size 3"):
         cfg.check_world(3)

@@ -105,28 +105,36 @@ class ExpertParallelExperts(Experts):
     first_expert: int   # global id of local expert 0
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        K, ep, L = idx.shape[1], self.ep_size, self.n_experts // self.ep_size
+        K = idx.shape[1]
         # 1. (token, k) pairs sorted by global expert: consecutive blocks of rows for ranks 0, 1, ...
         order, inverse = expert_order(idx.flatten(), counts)
         xs = _DispatchRows.apply(x, order, inverse, K)                                    # (N*K, D)
+        y = self.exchange(xs, counts, self.group)                                          # steps 2-4
+        y = _PermuteRows.apply(y, inverse, order).unflatten(0, (-1, K))                 # (N, K, D) token order
+        return (y * weights[..., None]).sum(1).to(x.dtype)
+
+    def exchange(self, xs: torch.Tensor, counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        """Steps 2-4 over `group` (the EP group; dsv3.parallel.two_hop: the ranks of one node): rows xs (M, D)
+        sorted by expert, counts (n*L,) rows per expert of the group's n ranks (L experts each) -> the experts'
+        outputs (M, D), in the same order."""
+        L = self.n_experts // self.ep_size
+        n = counts.numel() // L
         # 2. recv[s, e]: rows source s sends to local expert e (counts split evenly: L experts per rank)
         recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts.contiguous(), group=thread_group(self.group))
-        recv = recv.view(ep, L)
-        splits = torch.cat([counts.view(ep, L).sum(1), recv.sum(1)]).tolist()        # one host sync for both
-        send_splits, recv_splits = splits[:ep], splits[ep:]
+        dist.all_to_all_single(recv, counts.contiguous(), group=thread_group(group))
+        recv = recv.view(n, L)
+        splits = torch.cat([counts.view(n, L).sum(1), recv.sum(1)]).tolist()          # one host sync for both
+        send_splits, recv_splits = splits[:n], splits[n:]
         # 3. dispatch; rows arrive by source, each source's rows by local expert: regroup by local expert
-        rows = _AllToAll.apply(xs, recv_splits, send_splits, self.group)
-        local_idx = torch.arange(L, device=counts.device).repeat(ep).repeat_interleave(recv.flatten())
+        rows = _AllToAll.apply(xs, recv_splits, send_splits, group)
+        local_idx = torch.arange(L, device=counts.device).repeat(n).repeat_interleave(recv.flatten())
         local_counts = recv.sum(0)
         order2, inverse2 = expert_order(local_idx, local_counts)
         rows = _PermuteRows.apply(rows, order2, inverse2)
         y = self.ffn(rows, local_counts) if rows.shape[0] else self._no_rows(rows)
         y = _PermuteRows.apply(y, inverse2, order2)                                     # back to arrival order
         # 4. combine: every row returns to its sender, in the sender's expert order
-        y = _AllToAll.apply(y, send_splits, recv_splits, self.group)
-        y = _PermuteRows.apply(y, inverse, order).unflatten(0, (-1, K))                 # (N, K, D) token order
-        return (y * weights[..., None]).sum(1).to(x.dtype)
+        return _AllToAll.apply(y, send_splits, recv_splits, group)
 
     def _no_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The (0, D) output of a rank that received no rows. It must stay in the autograd graph (else this rank

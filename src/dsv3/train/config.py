@@ -285,6 +285,11 @@ class ParallelConfig:
     # pipeline-parallel degree (DualPipeV): needs model.num_hidden_layers >= 2 * pp
     pp: int = setting(1, Int(1))
     overlap: bool = setting(False, Flag())         # DualPipe's forward/backward overlap (pp > 1)
+    # how EP rows travel: "flat" (one all-to-all over the EP group, a row per (token, expert)) or "two_hop" (across
+    # nodes once per (token, node), then inside the node: dsv3.parallel.two_hop); nothing to do with ep == 1
+    ep_dispatch: str = setting("flat", OneOf(("flat", "two_hop")))
+    # the ranks of one node, for ep_dispatch = "two_hop" (0: torchrun's LOCAL_WORLD_SIZE)
+    ranks_per_node: int = setting(0, Int(0))
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "mtp": MTPConfig,
@@ -345,6 +350,14 @@ class RunConfig:
         if pp > 1 and self.model.num_hidden_layers < 2 * pp:
             raise ConfigError(f"invalid run config: parallel.pp={pp} cuts the model into {2 * pp} DualPipeV chunks of "
                               f">= 1 decoder layer: model.num_hidden_layers={self.model.num_hidden_layers} is too few")
+        par = self.parallel
+        if par.ep_dispatch == "two_hop" and pp > 1 and par.overlap:
+            raise ConfigError("invalid run config: parallel.ep_dispatch=two_hop does not combine with parallel.overlap "
+                              "(the overlapped backward thread has duplicates of the EP group only)")
+        if par.ep_dispatch == "two_hop" and par.ranks_per_node and ep % par.ranks_per_node \
+                and par.ranks_per_node % ep:
+            raise ConfigError(f"invalid run config: parallel.ranks_per_node={par.ranks_per_node} and parallel.ep={ep}: "
+                              f"one must divide the other (every node holds the same number of an EP group's ranks)")
         if self.parallel.fsdp and t.compile_optimizer:
             # compiled_clip_and_step scales the gradients with torch._foreach_mul_ inside a compiled graph: not
             # verified on FSDP's DTensor gradients (CUDA-only); the eager optimizer step is used under FSDP instead

@@ -122,6 +122,7 @@ class Layout:
         Compilation (train.compile, CUDA) wraps the blocks afterwards, in the trainer. Returns (model, a log line
         on FSDP's sharding or None). Every rank must call it (FSDP's count is a collective)."""
         from ..parallel.materialize import materialize
+        from ..parallel.two_hop import apply_ep_dispatch
         from .recompute import apply_recompute
         from .trainer import build_model
         model = build_model(cfg, "meta")
@@ -129,6 +130,7 @@ class Layout:
             from ..fp8.training import apply_fp8
             apply_fp8(model, experts=cfg.train.fp8_experts, linears=cfg.train.fp8_linears)
         self.apply(model)
+        apply_ep_dispatch(model, cfg.parallel)          # 3b. parallel.ep_dispatch = "two_hop" (dsv3.parallel.two_hop)
         if cfg.train.recompute:
             apply_recompute(model)
         note = self.shard_parameters(model)

@@ -239,11 +239,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.layout.trainable(self.model), cfg.optim,
                                          compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
-        # rank 0 alone logs validation; the EMA lives on rank 0 (with ep > 1: on row 0, each rank its expert slice;
-        # under FSDP on every rank, each its own shards)
-        self.ema_source = self.layout.ema_source(self.model)
-        keep_ema = cfg.train.ema_decay > 0 and self.layout.keeps_ema
-        self.ema = CPUEma(self.ema_source, cfg.train.ema_decay) if keep_ema else None
+        # rank 0 alone logs validation; the EMA is shared out over every rank, each averaging ~1/world of the
+        # model on its CPU (dsv3.train.ema; a collective)
+        ema_group = torch.distributed.group.WORLD if self.layout.world > 1 else None
+        self.ema = CPUEma(self.layout.owned(self.model), cfg.train.ema_decay, ema_group) \
+            if cfg.train.ema_decay > 0 else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         self.spiking = False           # the last step's loss was a spike: checkpoints wait
         self.pending: dict | None = None   # a due checkpoint's state (_snapshot), waiting for the next step to vet it
@@ -298,8 +298,8 @@ class Trainer:
     def _sharded_entries(self, with_ema: bool = True) -> dict[str, torch.Tensor]:
         """This rank's model, optimizer state and EMA as sharded-checkpoint entries (views of the live tensors)."""
         init_optimizer_state(self.optimizer)
-        ema = self.ema.state_dict() if self.ema is not None and with_ema else None
-        return owned_state(self.layout.owned(self.model), self.optimizer, ema)
+        ema = self.ema.entries() if self.ema is not None and with_ema else {}
+        return owned_state(self.layout.owned(self.model), self.optimizer) | ema
 
     def _set_up_run_dir(self, data_dir: Path, resume: bool, overwrite: bool) -> list[str]:
         """Rank 0, once the data is ready: delete an earlier run's outputs (overwrite) and what killed saves left,
@@ -403,7 +403,7 @@ class Trainer:
         own = [i for i, (_, m) in enumerate(self.layers) if self.layout.holds(m)]   # pp > 1: this rank's layers
         update_bias([self.layers[i] for i in own], loads[own], schedule.bias_update_speed(step, cfg))
         if self.ema is not None:
-            self.ema.update(self.ema_source)
+            self.ema.update()
         self.step += 1
         tokens = n_micro * cfg.train.micro_batch_size * cfg.data.seq_len
         self.tokens += tokens
