@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.moe import Experts, MoE, _DispatchRows, _PermuteRows, expert_order
+from .fp8_comm import send_fp8
 
 _STACKED = ("gate_proj", "up_proj", "down_proj")
 
@@ -69,6 +70,31 @@ def _all_to_all(x, out_splits, in_splits, group):
     out = x.new_empty(sum(out_splits), *x.shape[1:])
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=thread_group(group))
     return out
+
+
+class _QuantizedAllToAll(torch.autograd.Function):
+    """`_AllToAll` with either direction in FP8 (spec 4, low-precision communication): `send` / `send_back` move
+    rows with fixed split sizes; `fp8` / `fp8_back` say which of the two carries E4M3 + 1x128 tile scales."""
+
+    @staticmethod
+    def forward(ctx, x, send, send_back, fp8, fp8_back):
+        ctx.send_back, ctx.fp8_back = send_back, fp8_back
+        return send_fp8(x, send) if fp8 else send(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        return (send_fp8(grad, ctx.send_back) if ctx.fp8_back else ctx.send_back(grad)), None, None, None, None
+
+
+def exchange_rows(x, out_splits, in_splits, group, fp8: bool = False, fp8_back: bool = False) -> torch.Tensor:
+    """Rows of x to the ranks of `group` (uneven host split sizes), the gradient back the reverse way; `fp8` /
+    `fp8_back`: that direction in E4M3 (the dispatch forward and the combine backward, TR 3.3.4)."""
+    if not (fp8 or fp8_back):
+        return _AllToAll.apply(x, out_splits, in_splits, group)
+    send = functools.partial(_all_to_all, out_splits=out_splits, in_splits=in_splits, group=group)
+    send_back = functools.partial(_all_to_all, out_splits=in_splits, in_splits=out_splits, group=group)
+    return _QuantizedAllToAll.apply(x, send, send_back, fp8, fp8_back)
 
 
 _thread = threading.local()
@@ -103,6 +129,7 @@ class ExpertParallelExperts(Experts):
     ep_size: int
     n_experts: int      # E, global
     first_expert: int   # global id of local expert 0
+    fp8_dispatch: bool = False   # dispatch (and the combine's backward) in FP8: dsv3.parallel.fp8_comm
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         K = idx.shape[1]
@@ -126,7 +153,7 @@ class ExpertParallelExperts(Experts):
         splits = torch.cat([counts.view(n, L).sum(1), recv.sum(1)]).tolist()          # one host sync for both
         send_splits, recv_splits = splits[:n], splits[n:]
         # 3. dispatch; rows arrive by source, each source's rows by local expert: regroup by local expert
-        rows = _AllToAll.apply(xs, recv_splits, send_splits, group)
+        rows = exchange_rows(xs, recv_splits, send_splits, group, fp8=self.fp8_dispatch)
         local_idx = torch.arange(L, device=counts.device).repeat(n).repeat_interleave(recv.flatten())
         local_counts = recv.sum(0)
         order2, inverse2 = expert_order(local_idx, local_counts)
@@ -134,7 +161,7 @@ class ExpertParallelExperts(Experts):
         y = self.ffn(rows, local_counts) if rows.shape[0] else self._no_rows(rows)
         y = _PermuteRows.apply(y, inverse2, order2)                                     # back to arrival order
         # 4. combine: every row returns to its sender, in the sender's expert order
-        return _AllToAll.apply(y, send_splits, recv_splits, group)
+        return exchange_rows(y, send_splits, recv_splits, group, fp8_back=self.fp8_dispatch)
 
     def _no_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The (0, D) output of a rank that received no rows. It must stay in the autograd graph (else this rank
@@ -158,8 +185,10 @@ def _ep_class(cls: type) -> type:
     return type(f"ExpertParallel{cls.__name__}", (ExpertParallelExperts, cls), {})
 
 
-def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
-    """Shard every routed-expert module of `model` (main layers and MTP) over `group`, in place. Returns model."""
+def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup, fp8_dispatch: bool = False) -> nn.Module:
+    """Shard every routed-expert module of `model` (main layers and MTP) over `group`, in place. `fp8_dispatch`:
+    rows go to the experts in E4M3 with 1x128 power-of-2 tile scales and their gradients come back the same way,
+    the combine and the dispatch's backward stay in the activations' dtype (TR 3.3.4). Returns model."""
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     modules = [m for m in model.modules() if isinstance(m, Experts) and not isinstance(m, ExpertParallelExperts)]
     for m in modules:     # check everything before changing anything
@@ -178,6 +207,7 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> nn.Modu
             setattr(m, name, nn.Parameter(p.detach()[rank * L:(rank + 1) * L].clone(), requires_grad=p.requires_grad))
         m.__class__ = _ep_class(type(m))
         m.group, m.ep_size, m.n_experts, m.first_expert = group, ep, E, rank * L
+        m.fp8_dispatch = fp8_dispatch
     return model
 
 
