@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.moe import expert_order
-from .expert import ExpertParallelExperts, _AllToAll, thread_group
+from .expert import ExpertParallelExperts, _AllToAll, exchange_rows, thread_group
 
 
 class TwoHopExperts(ExpertParallelExperts):
@@ -69,7 +69,9 @@ class TwoHopExperts(ExpertParallelExperts):
         dist.all_to_all_single(recv, send, group=thread_group(self.node_group))
         splits = torch.cat([send, recv]).tolist()
         send_splits, recv_splits = splits[:self.n_nodes], splits[self.n_nodes:]
-        rows = _AllToAll.apply(x[tok], recv_splits, send_splits, self.node_group)      # (R, D)
+        # the rows in FP8 with parallel.fp8_dispatch (their in-node hop re-quantises the same 1x128 tiles to the
+        # same values: power-of-2 scales make the round trip idempotent)
+        rows = exchange_rows(x[tok], recv_splits, send_splits, self.node_group, fp8=self.fp8_dispatch)  # (R, D)
         meta = _AllToAll.apply(meta, recv_splits, send_splits, self.node_group)
         w, ids = meta[:, :K], meta[:, K:].detach().long()
         # 3. hop 2: one pair per (row, expert on this node), sorted by expert, exchanged inside the node
@@ -82,7 +84,7 @@ class TwoHopExperts(ExpertParallelExperts):
         wy = y * w[row, k, None]
         part = wy.new_zeros(rows.shape[0], wy.shape[1]).index_add(0, row, wy).to(y.dtype)
         # 5. hop 1 reversed: one row per (token, node) back across the boundary, summed per token
-        back = _AllToAll.apply(part, send_splits, recv_splits, self.node_group)        # (S, D)
+        back = exchange_rows(part, send_splits, recv_splits, self.node_group, fp8_back=self.fp8_dispatch)  # (S, D)
         out = wy.new_zeros(N, back.shape[1]).index_add(0, tok, back.to(wy.dtype))
         return out.to(x.dtype)
 
