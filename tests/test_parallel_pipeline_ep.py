@@ -36,7 +36,7 @@ from dsv3.parallel.expert import all_reduce_expert_loads, apply_expert_parallel
 from dsv3.parallel.grads import sync_gradients
 from dsv3.parallel.mesh import ParallelMesh
 from dsv3.parallel.overlap import enable_overlap
-from dsv3.parallel.pipeline import build_dualpipev, local_chunks
+from dsv3.parallel.pipeline import build_dualpipev
 from dsv3.train.balance import moe_layers, update_bias
 from dsv3.parallel.recompute import apply_recompute
 from dsv3.train.losses import PipelineLoss, lm_losses
@@ -123,7 +123,7 @@ def _run(cfg, mesh, windows, ref, overlap: bool, recompute: bool, spy: list) -> 
         unmapped = str(e)
     handler = enable_overlap(schedule, {mesh.ep_group: mesh.ep_group_bwd}) if overlap else None
     probe = _Probe(schedule, stages, timeout=20.0 if overlap else 0.3)
-    chunks = local_chunks(stages)
+    chunks = torch.nn.ModuleList([s.submod for s in stages])       # this rank's two chunks
     local = {n for n, _ in chunks.named_parameters()}
     local = {n.split(".", 1)[1] for n in local}                  # drop the ModuleList index
     local_moe_ids = {id(m) for _, m in moe_layers(chunks)}

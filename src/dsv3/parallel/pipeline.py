@@ -27,7 +27,7 @@ here with dp = 1: global rank = pp_rank * ep + ep_rank. The ep ranks of one pipe
 routed experts sharded over them (`apply_expert_parallel(model, mesh.ep_group)`, before recomputation and before
 `build_dualpipev(..., group=mesh.pp_group)`), and each feeds its own rows of the batch through its own pipeline
 `mesh.pp_group`; the expert all-to-alls of a chunk run among the ep ranks of its pipeline position. After `step`,
-the gradients of this rank's chunks (`local_chunks(stages)`) are those of its own rows' mean loss; the gradient and
+the gradients of this rank's chunks (the stages' `submod`s) are those of its own rows' mean loss; the gradient and
 load syncs of dsv3.parallel.grads turn them into the whole batch's.
 No collective crosses pipeline positions except the pipeline's own sends and receives.
 
@@ -227,10 +227,3 @@ def dualpipev_schedule(chunks: list[Chunk], world: int, loss_fn, n_microbatches:
                                     output_args=outputs, group=group))
     schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return schedule, stages
-
-
-def local_chunks(stages: list[PipelineStage]) -> nn.ModuleList:
-    """This rank's chunks as one module, for the gradient and load syncs (dsv3.parallel.grads), `moe_layers` and
-    the like:
-    the full model would also hold the other ranks' chunks (no gradients, loads never counted here)."""
-    return nn.ModuleList([s.submod for s in stages])
