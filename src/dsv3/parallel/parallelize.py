@@ -78,7 +78,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, cfg, device: torch.
     fsdp = par.fsdp and mesh is not None
     if train.precision == "fp8":                                          # 1. FP8
         from ..fp8.training import apply_fp8
-        apply_fp8(model, experts=train.fp8_experts)
+        # train.fp8_linears (main, after this branch forked) selects whether the linears run in FP8 too
+        extra = {"linears": train.fp8_linears} if hasattr(train, "fp8_linears") else {}
+        apply_fp8(model, experts=train.fp8_experts, **extra)
     if mesh is not None and (mesh.ep > 1 or fsdp):                        # 2. EP (fsdp: the dp column's slices)
         apply_expert_parallel(model, mesh.ep_group)
     roots: list[nn.Module] = [model]
