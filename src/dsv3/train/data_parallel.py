@@ -32,7 +32,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..parallel import grads
@@ -93,16 +92,17 @@ class Layout:
             return f" x {self.world} data-parallel ranks" + (" (FSDP)" if self.fsdp else "")
         return f" x {self.world} ranks (dp {self.dp} x ep {self.ep}{', FSDP' if self.fsdp else ''})"
 
-    def fsdp_note(self, model: nn.Module) -> str | None:
-        """Under FSDP, a line for the run's log saying what is sharded (from the model itself: how many parameters
-        are DTensors, how many elements this rank and all ranks hold); None otherwise. Every rank must call it."""
+    def fsdp_note(self, local) -> str | None:
+        """Under FSDP, a line for the run's log saying what is sharded (from what this rank holds, `local`: how many
+        parameters are DTensors, how many elements this rank and all ranks hold); None otherwise. Every rank must
+        call it."""
         if not self.fsdp:
             return None
-        params = list(model.parameters())
+        params = list(local.parameters())
         n_dt = sum(isinstance(p, DTensor) for p in params)
-        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
-        total = self.sum(torch.tensor(local, dtype=torch.int64, device=self.device)).item()
-        return (f"FSDP: {n_dt} of {len(params)} parameters sharded (DTensor); rank {self.rank} holds {local} of "
+        held = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+        total = self.sum(torch.tensor(held, dtype=torch.int64, device=self.device)).item()
+        return (f"FSDP: {n_dt} of {len(params)} parameters sharded (DTensor); rank {self.rank} holds {held} of "
                 f"{total} parameter elements")
 
     def ema_source(self, local):

@@ -204,7 +204,7 @@ class Trainer:
         # FSDP2); each rank allocates and initialises only its own part (its chunks, expert slices and FSDP shards)
         self.model = build_model(cfg, "meta")
         self.local = parallelize(self.model, self.layout.mesh, cfg, self.device)
-        shard_note = self.layout.fsdp_note(self.model)
+        shard_note = self.layout.fsdp_note(self.local)
         self.param_counts = build_model(cfg, "meta").num_params()     # of the whole model, not this rank's part
         if init_state is not None or init_source is not None:       # a fine-tune's base, an extension's source
             whole = init_state if init_state is not None else source_tensors(init_source)
