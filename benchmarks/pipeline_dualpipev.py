@@ -32,7 +32,9 @@ from gpu_lite8l import build, shrink  # noqa: E402
 from dsv3.config import load_model_config  # noqa: E402
 from dsv3.parallel.expert import apply_expert_parallel  # noqa: E402
 from dsv3.parallel.overlap import enable_overlap  # noqa: E402
-from dsv3.parallel.pipeline import build_dualpipev, lm_loss_fn, pipeline_mesh  # noqa: E402
+from dsv3.parallel.mesh import ParallelMesh  # noqa: E402
+from dsv3.parallel.pipeline import build_dualpipev  # noqa: E402
+from dsv3.train.losses import PipelineLoss  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,11 +98,11 @@ def main() -> None:
     if a.batch % n_micro:
         raise SystemExit(f"--batch {a.batch} must be a multiple of the {n_micro} micro-batches")
     mb = a.batch // n_micro
-    mesh = pipeline_mesh(pp, a.ep)
+    mesh = ParallelMesh(pp, 1, a.ep, device.type, overlap=True)
     model = build(cfg, device, dtype, seed=0).train()
     if a.ep > 1:
         apply_expert_parallel(model, mesh.ep_group)
-    loss_fn = lm_loss_fn(0.3)
+    loss_fn = PipelineLoss(lam=0.3)
     result = {"pp": pp, "ep": a.ep, "n_micro": n_micro, "micro_batch": mb, "seq": a.seq, "device": str(device)}
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), device=device,
                         generator=None if a.device == "cuda" else torch.Generator().manual_seed(0))

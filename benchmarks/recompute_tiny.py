@@ -12,7 +12,7 @@ import time
 
 
 from dsv3.train import Trainer, load_run_config
-from dsv3.train.recompute import saved_activation_bytes
+from dsv3.parallel.recompute import saved_activation_bytes
 from dsv3.train.trainer import lm_losses
 
 

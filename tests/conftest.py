@@ -86,3 +86,15 @@ def run_ranks(worker, world: int, tmp: Path, what: str, args: tuple | None = Non
             p.kill()
         pytest.fail(f"{what} workers did not finish")
     return [torch.load(tmp / f"{name}{r}.pt", weights_only=False) for r in range(world)]
+
+
+def expert_slices(model) -> dict[str, tuple[int, int, int]]:
+    """{parameter name: (first expert, local experts, all experts)} of every expert-parallel parameter (dim 0 is
+    the expert); empty for an unsharded model."""
+    from dsv3.parallel.expert import ExpertParallelExperts
+    out = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, ExpertParallelExperts):
+            for pname, p in m.named_parameters(recurse=False):
+                out[f"{mname}.{pname}"] = (m.first_expert, p.shape[0], m.n_experts)
+    return out

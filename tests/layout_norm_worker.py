@@ -11,9 +11,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import expert_slices  # noqa: E402
 from test_train_loop import small_run  # noqa: E402
 
-from dsv3.train.data_parallel import Layout, expert_slices  # noqa: E402
+from dsv3.parallel.parallelize import parallelize  # noqa: E402
+from dsv3.train.data_parallel import Layout  # noqa: E402
 from dsv3.train.trainer import build_model  # noqa: E402
 
 EXPERT_SCALE = 30.0      # experts dominate the norm: counting them twice or not at all would show
@@ -28,21 +30,19 @@ def main(pp: int, ep: int, tmp: str) -> None:
     torch.set_num_threads(1)
     cfg = small_run(Path(tmp), "norm", model={"num_hidden_layers": 4},
                     train={"micro_batch_size": 8, "batch_size": 32, "batch_size_start": 16}, parallel={"pp": pp, "ep": ep})
-    if pp > 1:
-        from dsv3.train.pipeline_step import PipelineLayout
-        layout = PipelineLayout(torch.device("cpu"), cfg)
-    else:
-        layout = Layout(torch.device("cpu"), ep, False)
-    model = build_model(cfg, layout.device).double()
-    shapes = {n: p.shape for n, p in model.named_parameters()}
+    layout = Layout(torch.device("cpu"), cfg)
+    shapes = {n: p.shape for n, p in build_model(cfg, "meta").named_parameters()}
     expert_names = {n for n in shapes if ".experts." in n}
     reference = sum(full_grad(n, s, n in expert_names).square().sum() for n, s in shapes.items()).sqrt().item()
-    layout.apply(model)
+    model = build_model(cfg, "meta")
+    local = parallelize(model, layout.mesh, cfg, layout.device)       # the trainer's one entry point
+    for root in local.roots:
+        root.double()
     slices = expert_slices(model)
     replicas = layout.dp * layout.ep                  # ranks that hold a copy of a non-expert parameter
-    share = dist.get_rank() % replicas if pp == 1 else layout.share
-    params = layout.local.named_parameters() if pp > 1 else model.named_parameters()
-    for n, p in params:
+    share = layout.share
+    assert share == dist.get_rank() % replicas
+    for n, p in local.named_parameters():
         if n in slices:
             # an expert shard's local gradient already sums its EP row's rows; the sync sums it over the dp column
             # and divides by dp*ep: each dp replica holding g * dp*ep / dp syncs to the slice of g
@@ -50,8 +50,8 @@ def main(pp: int, ep: int, tmp: str) -> None:
             p.grad = full_grad(n, shapes[n], True)[first:first + count] * replicas / layout.dp
         else:                                                               # replicated: the replicas' mean is g
             p.grad = full_grad(n, shapes[n], n in expert_names) + (share - (replicas - 1) / 2) * 0.5
-    layout.sync_gradients(model)
-    norm = float(layout.grad_norm(model))
+    layout.sync_gradients(local)
+    norm = float(layout.grad_norm(local))
     if dist.get_rank() == 0:
         print(json.dumps({"norm": norm, "reference": reference}))
     dist.destroy_process_group()

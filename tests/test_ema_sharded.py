@@ -1,6 +1,6 @@
 """The sharded CPU EMA (dsv3.train.ema, TR 3.2.3) against the single-process EMA.
 
-Spawned gloo ranks (2 and 4) lay out the same tiny model as `dsv3 train` does (dsv3.train.data_parallel.Layout:
+Spawned gloo ranks (2 and 4) lay out the same tiny model as `dsv3 train` does (dsv3.parallel.parallelize's steps:
 plain data parallelism, dp x ep expert parallelism, and FSDP2 over dp x ep). A reference model in each process
 takes three deterministic parameter updates; every rank copies its rows of them into its own tensors and folds them
 into its share of the EMA, as the reference folds the whole model into a plain CPUEma. Then:
@@ -21,7 +21,9 @@ from conftest import build, init_gloo, run_ranks, tiny_config
 
 from dsv3.parallel.dcp import fill_entries
 from dsv3.parallel.materialize import owned_parameters
-from dsv3.train.data_parallel import Layout
+from dsv3.parallel.expert import apply_expert_parallel
+from dsv3.parallel.mesh import ParallelMesh
+from dsv3.parallel.parallelize import shard_data_parallel
 from dsv3.train.ema import CPUEma
 
 LAYOUTS = {2: [("dp2", 1, False), ("ep2", 2, False), ("ep2-fsdp", 2, True)],
@@ -34,18 +36,24 @@ def _local(e: torch.Tensor) -> torch.Tensor:
 
 
 def _layout_case(rank, out_dir, name, ep, fsdp):
-    layout = Layout(torch.device("cpu"), ep=ep, fsdp=fsdp)
-    model = layout.apply(build(tiny_config()).train())
-    layout.shard_parameters(model)
+    # the layouts' building blocks as dsv3.parallel.parallelize applies them (which would also materialise its own
+    # seeded init; here the model is built whole first, so every rank starts from the reference's values)
+    mesh = ParallelMesh(1, dist.get_world_size() // ep, ep)
+    model = build(tiny_config()).train()
+    if ep > 1 or fsdp:
+        apply_expert_parallel(model, mesh.ep_group)
+    if fsdp:
+        shard_data_parallel(model, mesh)
+    roots = [model]
     ref = build(tiny_config()).train()
-    ema, ref_ema = CPUEma(layout.owned(model), DECAY, dist.group.WORLD), CPUEma(ref, DECAY)
+    ema, ref_ema = CPUEma(roots, DECAY, dist.group.WORLD), CPUEma(ref, DECAY)
     full = dict(ref.named_parameters())
     for step in range(STEPS):
         with torch.no_grad():
             for n, p in full.items():
                 gen = torch.Generator().manual_seed(zlib.crc32(f"{n}/{step}".encode()))
                 p.add_(torch.randn(p.shape, generator=gen), alpha=0.1)
-            for o in owned_parameters(layout.owned(model)):      # this rank's rows of the updated model
+            for o in owned_parameters(roots):                    # this rank's rows of the updated model
                 o.local.copy_(full[o.name][o.start:o.start + o.local.shape[0]])
         ema.update()
         ref_ema.update(ref)

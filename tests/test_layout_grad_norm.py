@@ -13,7 +13,7 @@ import pytest
 WORKER = Path(__file__).with_name("layout_norm_worker.py")
 
 
-@pytest.mark.parametrize("nproc, pp, ep", [(4, 1, 2), (4, 2, 2), (4, 2, 1)])
+@pytest.mark.parametrize("nproc, pp, ep", [(4, 1, 1), (4, 1, 2), (4, 2, 2), (4, 2, 1)])
 def test_global_grad_norm_counts_every_element_once(tmp_path, nproc, pp, ep):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),

@@ -1,8 +1,10 @@
-"""Expert parallelism inside data parallelism (dsv3.parallel.parallelize, spec 5) against the single-process run.
+"""Expert parallelism inside data parallelism (the building blocks of dsv3.parallel.parallelize, spec 5) against the
+single-process run.
 
 One spawn of four gloo ranks, mesh (dp, ep) = (2, 2): each trains the tiny float64 model (two MoE layers and an MoE
-MTP module, E = 8, so 4 experts per rank) with SGD on `sync_gradients_2d` gradients and the bias update on
-`sync_expert_loads_2d` loads, rank r = d*ep + e fed batch r (all four batches differ). The ranks save what they
+MTP module, E = 8, so 4 experts per rank) with SGD on gradients synced by dsv3.parallel.grads (the one sync and norm
+of every layout) and the bias update on its summed loads, rank r = d*ep + e fed batch r (all four batches differ).
+The ranks save what they
 measured; the single-process reference on the concatenation of the four batches runs once, here in the pytest process
 (not on every rank: four copies on few cores would only cost time), and the tests compare.
 """
@@ -14,17 +16,12 @@ from torch.distributed.tensor import DTensor
 import torch.nn.functional as F
 from conftest import build, init_gloo, run_ranks, tiny_config
 
-from dsv3.parallel.expert import ExpertParallelExperts
-from dsv3.parallel.parallelize import (
-    grad_norm_2d,
-    grad_norm_sharded,
-    parallelize,
-    shard_data_parallel_2d,
-    sync_expert_loads_2d,
-    sync_gradients_2d,
-)
+from dsv3.parallel.expert import ExpertParallelExperts, apply_expert_parallel
+from dsv3.parallel.grads import grad_norm, sync_gradients, sync_loads
+from dsv3.parallel.mesh import ParallelMesh
+from dsv3.parallel.parallelize import shard_data_parallel
 from dsv3.train.balance import collect_balance_loss, moe_layers, update_bias
-from dsv3.train.trainer import lm_losses
+from dsv3.train.losses import lm_losses
 
 DP, EP, STEPS, B, T = 2, 2, 3, 2, 12
 WORLD = DP * EP
@@ -55,18 +52,15 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _step(model, opt, window, mesh=None, fsdp=False):
+def _step(model, opt, window, mesh=None):
     """One step: loss, backward, (sync), SGD, then the bias update on the (world-summed) loads. Returns the loss, the
     gradients as the optimizer saw them, the global gradient norm and the biases after the update."""
     loss = _loss(model, window)
     loss.backward()
     local = loss.item()
     if mesh is not None:
-        if fsdp:                                    # FSDP reduced the gradients in backward
-            norm = grad_norm_sharded(model).item()
-        else:
-            sync_gradients_2d(model, mesh)
-            norm = grad_norm_2d(model, mesh).item()
+        sync_gradients(model, mesh)                 # (nothing left to do under FSDP: reduced in backward)
+        norm = grad_norm(model, mesh).item()
         total = loss.detach().clone()
         dist.all_reduce(total)                      # the world-mean loss, for comparison with the reference
         loss = total / WORLD
@@ -75,9 +69,9 @@ def _step(model, opt, window, mesh=None, fsdp=False):
     grads = {n: _full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
     opt.step()
     opt.zero_grad()
-    if mesh is not None:
-        sync_expert_loads_2d(model, mesh)
     loads = torch.stack([m.tokens_per_expert for _, m in moe_layers(model)])
+    if mesh is not None:
+        sync_loads(loads)
     update_bias(moe_layers(model), loads, BIAS_SPEED)
     bias = torch.stack([m.gate.e_score_correction_bias for _, m in moe_layers(model)]).clone()
     return {"loss": loss.item(), "local_loss": local, "grads": grads, "norm": norm, "loads": loads.clone(), "bias": bias}
@@ -86,22 +80,23 @@ def _step(model, opt, window, mesh=None, fsdp=False):
 def _worker(rank, init_file, out_dir):
     init_gloo(rank, WORLD, init_file)
     try:
-        model = parallelize(build(_config(), dtype=torch.float64).train(), dist.group.WORLD, DP, EP)
-        mesh = model.parallel_mesh
+        mesh = ParallelMesh(1, DP, EP)
+        # the building blocks of dsv3.parallel.parallelize (which also materialises its own seeded init)
+        model = apply_expert_parallel(build(_config(), dtype=torch.float64).train(), mesh.ep_group)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         windows = _windows()
         res = {"steps": [_step(model, opt, windows[s, rank], mesh) for s in range(STEPS)],
-               "coord": tuple(mesh.get_coordinate()),
-               "dp_ranks": dist.get_process_group_ranks(mesh["dp"].get_group()),
-               "ep_ranks": dist.get_process_group_ranks(mesh["ep"].get_group()),
+               "coord": tuple(mesh.device_mesh.get_coordinate()[1:]),
+               "dp_ranks": dist.get_process_group_ranks(mesh.dp_group),
+               "ep_ranks": dist.get_process_group_ranks(mesh.ep_group),
                "first_expert": [m.first_expert for m in model.modules() if isinstance(m, ExpertParallelExperts)],
                "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
         # the same run with FSDP2 over the layout: experts sharded over their dp column, the rest over the world
-        model = shard_data_parallel_2d(parallelize(build(_config(), dtype=torch.float64).train(), dist.group.WORLD,
-                                                   DP, EP))
+        model = apply_expert_parallel(build(_config(), dtype=torch.float64).train(), mesh.ep_group)
+        model = shard_data_parallel(model, mesh)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         res["fsdp_sharded"] = {n: type(p).__name__ for n, p in model.named_parameters()}
-        res["fsdp_steps"] = [_step(model, opt, windows[s, rank], model.parallel_mesh, fsdp=True)
+        res["fsdp_steps"] = [_step(model, opt, windows[s, rank], mesh)
                              for s in range(STEPS)]
         res["fsdp_params"] = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
         torch.save(res, out_dir / f"rank{rank}.pt")

@@ -20,31 +20,28 @@ WORLD = 4
 MODEL = {"preset": "tiny", "num_hidden_layers": 4, "vocab_size": 384}
 
 
-def _cfg(**parallel) -> RunConfig:
+def _cfg(micro: int = 4, **parallel) -> RunConfig:
     return RunConfig.from_dict({"model": MODEL, "parallel": parallel, "train": {
-        "micro_batch_size": 4, "batch_size": 16, "batch_size_start": 16, "device": "cpu", "dtype": "fp32"}})
+        "micro_batch_size": micro, "batch_size": 16, "batch_size_start": 16, "device": "cpu", "dtype": "fp32"}})
 
 
-def _layout(cfg: RunConfig):
+def _parallelized(cfg: RunConfig):
+    """The trainer's construction: the model on meta, then the one entry point (dsv3.parallel.parallelize) lays it
+    out and materialises this rank's part. Returns (model, what this rank holds)."""
+    from dsv3.parallel.parallelize import parallelize
     from dsv3.train.data_parallel import Layout
-    from dsv3.train.pipeline_step import PipelineLayout
-    device = torch.device("cpu")
-    return PipelineLayout(device, cfg) if cfg.parallel.pp > 1 else \
-        Layout(device, cfg.parallel.ep, cfg.parallel.fsdp)
+    from dsv3.train.trainer import build_model
+    layout = Layout(torch.device("cpu"), cfg)
+    model = build_model(cfg, "meta")
+    return model, parallelize(model, layout.mesh, cfg, "cpu")
 
 
 def _worker(rank: int, init_file: str, tmp, parallel: dict, hf_dirs: list) -> None:
-    from dsv3.parallel.materialize import materialize
     from dsv3.train.hf_shards import load_hf_owned
-    from dsv3.train.trainer import build_model
     init_gloo(rank, WORLD, init_file)
     cfg = _cfg(**parallel)
-    layout = _layout(cfg)
-    model = build_model(cfg, "meta")
-    layout.apply(model)
-    layout.shard_parameters(model)
-    owned = layout.owned(model)
-    materialize(owned, "cpu", cfg.train.seed, cfg.model.init_std)
+    _, local = _parallelized(cfg)
+    owned = local.roots
     out = {"init": _rows(owned), "bytes": local_bytes(owned), "hf": [], "read": []}
     for d in hf_dirs:
         out["read"].append(load_hf_owned(owned, d, cfg.model))
@@ -121,18 +118,12 @@ def test_init_rows_any_cut_is_the_same_tensor():
 
 def _memory_worker(rank: int, init_file: str, tmp, world: int) -> None:
     from dsv3.parallel.dcp import init_state
-    from dsv3.parallel.materialize import materialize
     from dsv3.train.optim import build_optimizer
-    from dsv3.train.trainer import build_model
     init_gloo(rank, world, init_file)
-    cfg = _cfg(ep=2, fsdp=True)
-    layout = _layout(cfg)
-    model = build_model(cfg, "meta")
-    layout.apply(model)
-    layout.shard_parameters(model)
-    owned = layout.owned(model)
-    materialize(owned, "cpu", cfg.train.seed, cfg.model.init_std)
-    opt = build_optimizer(model, cfg.optim)
+    cfg = _cfg(micro=world, ep=2, fsdp=True)      # (a micro-batch splits over the world)
+    _, local = _parallelized(cfg)
+    owned = local.roots
+    opt = build_optimizer(local, cfg.optim)
     init_state(opt)
     state = sum(v.to_local().numel() * v.element_size() if hasattr(v, "to_local") else v.numel() * v.element_size()
                 for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))

@@ -1,5 +1,6 @@
-"""Data parallelism (dsv3.parallel.data: FSDP2) and resharding checkpoints (dsv3.parallel.dcp) against the
-single-process run.
+"""Data parallelism (dsv3.parallel.data: FSDP2) and the trainer's sharded checkpoints of it
+(dsv3.train.checkpoint.save_sharded / load_sharded over dsv3.parallel.dcp.owned_state) against the single-process
+run.
 
 Spawn 1, two gloo ranks: each trains the tiny float64 model (two MoE layers and an MoE MTP module) sharded over a
 2-rank mesh with AdamW, rank r fed half r of every global batch (twice: blocks resharded after forward or not), and
@@ -19,10 +20,12 @@ from conftest import build, init_gloo, run_ranks, tiny_config
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from dsv3.parallel.data import apply_data_parallel, dp_mean, sync_expert_loads
-from dsv3.parallel.dcp import load_checkpoint, save_checkpoint
+from dsv3.parallel.data import apply_data_parallel
+from dsv3.parallel.dcp import init_state, owned_state
+from dsv3.parallel.expert import all_reduce_expert_loads
+from dsv3.train.checkpoint import checkpoint_step, load_sharded, save_sharded
 from dsv3.train.balance import collect_balance_loss, moe_layers, update_bias
-from dsv3.train.trainer import lm_losses
+from dsv3.train.losses import lm_losses
 
 STEPS, GLOBAL_B, T = 3, 4, 12
 MTP_WEIGHT, ALPHA, BIAS_SPEED = 0.3, 0.01, 0.01
@@ -51,9 +54,13 @@ def _step(model, opt, window, mesh=None):
     opt.step()
     opt.zero_grad()
     if mesh is not None:
-        sync_expert_loads(model, mesh)
+        all_reduce_expert_loads(model, mesh.get_group())
     update_bias(moe_layers(model), torch.stack([m.tokens_per_expert for _, m in moe_layers(model)]), BIAS_SPEED)
-    return loss.item() if mesh is None else dp_mean(loss, mesh)
+    if mesh is None:
+        return loss.item()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total.item() / mesh.size()
 
 
 def _full_params(model):
@@ -86,9 +93,11 @@ def _train(world, ckpt):
            "dtensors": all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in model.parameters())}
     for step in range(STEPS):
         if step == STEPS - 1:
-            with torch.no_grad():           # an evaluation forward leaves the root gathered: save must cope
+            with torch.no_grad():           # an evaluation forward leaves the root gathered
                 model.hidden_states(_shard(windows[step], mesh)[:, :-1])
-            save_checkpoint(ckpt, model, opt, step)
+            model.reshard()                 # as the trainer does after validation: the sharded parameters again
+            init_state(opt)
+            save_sharded(ckpt, step, owned_state([model], opt), {}, {})
             out["sharded_state"] = len(opt.state) > 0 and all(    # AdamW's moments are shards too
                 isinstance(s[k], DTensor) for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
         out["loss"].append(_step(model, opt, _shard(windows[step], mesh), mesh))
@@ -107,7 +116,10 @@ def _resume(ckpt, mesh=None):
         opt = torch.optim.AdamW(model.parameters(), **ADAMW)
     else:
         model, opt = _sharded(mesh)
-    step = load_checkpoint(ckpt, model, opt)
+    init_state(opt)
+    path = next((ckpt / "checkpoints").glob("step_*"))
+    load_sharded(path, lambda with_ema: owned_state([model], opt), restore_rng=False)
+    step = checkpoint_step(path)
     before = _full_params(model)                 # what the checkpoint holds (the HF export is compared with it)
     window = _windows()[step]
     loss = _step(model, opt, window if mesh is None else _shard(window, mesh), mesh)
@@ -178,47 +190,8 @@ def test_checkpoint_reshards(runs, where):
 
 
 def test_checkpoint_is_written_atomically(runs):
-    tmp = runs["tmp"]
-    assert (tmp / "ckpt" / ".metadata").exists()
-    assert not (tmp / "ckpt.tmp").exists() and not (tmp / "ckpt.old").exists()
-
-
-def test_save_replaces_an_older_checkpoint(tmp_path):
-    """Without a process group: a stale `.tmp` from a crashed save is cleared, a second save replaces the first."""
-    def model_and_opt():
-        torch.manual_seed(0)
-        m = torch.nn.Linear(4, 3)
-        return m, torch.optim.AdamW(m.parameters(), **ADAMW)
-    path = tmp_path / "ckpt"
-    (tmp_path / "ckpt.tmp").mkdir()
-    (tmp_path / "ckpt.tmp" / "junk").write_text("left by a crash")
-    m, opt = model_and_opt()
-    save_checkpoint(path, m, opt, 1)
-    assert not (path / "junk").exists()
-    m(torch.ones(2, 4)).sum().backward()
-    opt.step()
-    save_checkpoint(path, m, opt, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    m2, opt2 = model_and_opt()
-    assert load_checkpoint(path, m2, opt2) == 2
-    assert torch.equal(m2.weight, m.weight) and torch.equal(opt2.state_dict()["state"][0]["exp_avg"],
-                                                            opt.state_dict()["state"][0]["exp_avg"])
-    with pytest.raises(FileNotFoundError):
-        load_checkpoint(tmp_path / "missing", m2, opt2)
-
-
-def test_checkpoint_exports_to_hugging_face(runs, tmp_path):
-    """The 2-rank FSDP checkpoint, gathered in one process into a full model and written as a HF directory, loads
-    back (dsv3.load_pretrained) with exactly the parameters the 2-rank run had when it saved."""
-    from dsv3.checkpoint import load_pretrained
-    from dsv3.parallel.dcp import export_hf
-    model = build(_config(), dtype=torch.float64)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()                       # nothing of the template may survive the load
-    assert export_hf(runs["tmp"] / "ckpt", model, tmp_path / "hf") == STEPS - 1
-    loaded = load_pretrained(tmp_path / "hf", dtype=torch.float64)
-    fresh = runs["single"]["before"]
-    got = {n: p.detach() for n, p in loaded.named_parameters()}
-    err, name = _max_diff(got, fresh)
-    assert err == 0, (name, err)
+    """One committed checkpoint directory (DCP shards plus the manifest written last), no temporary left."""
+    entries = sorted(p.name for p in (runs["tmp"] / "ckpt" / "checkpoints").iterdir())
+    assert entries == [f"step_{STEPS - 1:08d}"], entries
+    path = runs["tmp"] / "ckpt" / "checkpoints" / entries[0]
+    assert (path / ".metadata").exists() and (path / "manifest.json").exists()

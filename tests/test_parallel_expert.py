@@ -13,16 +13,12 @@ import torch.nn.functional as F
 from conftest import build, init_gloo, run_ranks, tiny_config
 
 from dsv3.model.moe import Experts
-from dsv3.parallel.expert import (
-    ExpertParallelExperts,
-    all_reduce_expert_loads,
-    apply_expert_parallel,
-    grad_norm,
-    sync_gradients,
-)
+from dsv3.parallel.expert import ExpertParallelExperts, all_reduce_expert_loads, apply_expert_parallel
+from dsv3.parallel.grads import grad_norm, sync_gradients
+from dsv3.parallel.mesh import ParallelMesh
 from dsv3.train.balance import collect_balance_loss, moe_layers, update_bias
-from dsv3.train.recompute import apply_recompute
-from dsv3.train.trainer import lm_losses
+from dsv3.parallel.recompute import apply_recompute
+from dsv3.train.losses import lm_losses
 
 WORLD, STEPS, B, T = 2, 3, 2, 12
 MTP_WEIGHT, ALPHA, LR, BIAS_SPEED = 0.3, 0.01, 0.5, 0.01
@@ -39,7 +35,9 @@ def _loss(model, window):
 
 
 def _training(rank, group):
-    """STEPS of SGD on synced gradients plus the bias update on all-reduced loads, EP vs the reference."""
+    """STEPS of SGD on synced gradients plus the bias update on all-reduced loads, EP vs the reference (the
+    layouts' one gradient sync and norm, dsv3.parallel.grads, on a (pp 1, dp 1, ep 2) mesh)."""
+    mesh = ParallelMesh(1, 1, WORLD)
     cfg = tiny_config(num_hidden_layers=3, first_k_dense_replace=1)     # MoE layers 1, 2 and the MTP module
     ref = build(cfg, dtype=torch.float64).train()
     ep = apply_expert_parallel(build(cfg, dtype=torch.float64).train(), group)
@@ -53,7 +51,7 @@ def _training(rank, group):
         ep_loss = _loss(ep, windows[step, rank])
         ref_loss.backward()
         ep_loss.backward()
-        sync_gradients(ep, group)
+        sync_gradients(ep, mesh)
         total = ep_loss.detach().clone()
         dist.all_reduce(total, group=group)
         out["loss"].append(((total / WORLD).item(), ref_loss.item()))
@@ -68,7 +66,7 @@ def _training(rank, group):
             errs[name] = ((p.grad - g_ref).abs().max() / g_ref.abs().max()).item()
         out["grad_err"].append(errs)
         out["missing"].append(missing)
-        out["norm"].append((grad_norm(ep, group).item(), torch.cat([p.grad.flatten() for p in ref.parameters()
+        out["norm"].append((grad_norm(ep, mesh).item(), torch.cat([p.grad.flatten() for p in ref.parameters()
                                                                       if p.grad is not None]).norm().item()))
         opt_ref.step(), opt_ep.step()
         opt_ref.zero_grad(), opt_ep.zero_grad()

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from conftest import build, init_gloo, run_ranks, tiny_config
 
 from dsv3.parallel.overlap import enable_overlap, missing_torch_pieces
-from dsv3.parallel.pipeline import build_dualpipev, lm_loss_fn, split_stages
-from dsv3.train.trainer import lm_losses
+from dsv3.parallel.pipeline import build_dualpipev, split_stages
+from dsv3.train.losses import PipelineLoss, lm_losses
 
 WORLD, STEPS, B, T, N_MICRO = 2, 2, 8, 12, 4
 MODES = ("sequential", "overlap")
@@ -52,7 +52,7 @@ def _reference(cfg, windows):
 
 def _train(cfg, rank, windows, ref, overlap: bool) -> dict:
     pp = build(cfg, dtype=torch.float64).train()
-    schedule, stages = build_dualpipev(pp, rank, WORLD, lm_loss_fn(MTP_WEIGHT, _ce), N_MICRO, (B // N_MICRO, T))
+    schedule, stages = build_dualpipev(pp, rank, WORLD, PipelineLoss(_ce, MTP_WEIGHT), N_MICRO, (B // N_MICRO, T))
     handler = enable_overlap(schedule) if overlap else None
     local = {name for s in stages for name, _ in s.submod.named_parameters()}
     opt = torch.optim.SGD(pp.parameters(), lr=LR)
@@ -181,4 +181,4 @@ def test_split_stages_shares_parameters_and_balances_layers():
 
 def test_too_few_microbatches_raise():
     with pytest.raises(ValueError, match="n_microbatches >= 2 \\* world = 4"):
-        build_dualpipev(build(_config()), 0, WORLD, lm_loss_fn(), 3, (2, T))
+        build_dualpipev(build(_config()), 0, WORLD, PipelineLoss(), 3, (2, T))

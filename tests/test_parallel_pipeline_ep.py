@@ -32,12 +32,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import build, init_gloo, run_ranks, tiny_config
 
-from dsv3.parallel.expert import all_reduce_expert_loads, apply_expert_parallel, sync_gradients
+from dsv3.parallel.expert import all_reduce_expert_loads, apply_expert_parallel
+from dsv3.parallel.grads import sync_gradients
+from dsv3.parallel.mesh import ParallelMesh
 from dsv3.parallel.overlap import enable_overlap
-from dsv3.parallel.pipeline import build_dualpipev, lm_loss_fn, local_chunks, pipeline_mesh
+from dsv3.parallel.pipeline import build_dualpipev
 from dsv3.train.balance import moe_layers, update_bias
-from dsv3.train.recompute import apply_recompute
-from dsv3.train.trainer import lm_losses
+from dsv3.parallel.recompute import apply_recompute
+from dsv3.train.losses import PipelineLoss, lm_losses
 
 PP, EP, STEPS, B, T, N_MICRO = 2, 2, 2, 8, 12, 4
 WORLD, ROWS = PP * EP, B // EP
@@ -112,7 +114,7 @@ def _reference(cfg, windows):
 def _run(cfg, mesh, windows, ref, overlap: bool, recompute: bool, spy: list) -> dict:
     model = apply_expert_parallel(build(cfg, dtype=torch.float64).train(), mesh.ep_group)
     n_recomputed = apply_recompute(model) if recompute else 0
-    schedule, stages = build_dualpipev(model, mesh.pp_rank, PP, lm_loss_fn(MTP_WEIGHT, _ce), N_MICRO,
+    schedule, stages = build_dualpipev(model, mesh.pp_rank, PP, PipelineLoss(_ce, MTP_WEIGHT), N_MICRO,
                                        (ROWS // N_MICRO, T), group=mesh.pp_group)
     try:                       # without a backward group for the experts' EP group the handler must refuse
         enable_overlap(schedule)
@@ -121,7 +123,7 @@ def _run(cfg, mesh, windows, ref, overlap: bool, recompute: bool, spy: list) -> 
         unmapped = str(e)
     handler = enable_overlap(schedule, {mesh.ep_group: mesh.ep_group_bwd}) if overlap else None
     probe = _Probe(schedule, stages, timeout=20.0 if overlap else 0.3)
-    chunks = local_chunks(stages)
+    chunks = torch.nn.ModuleList([s.submod for s in stages])       # this rank's two chunks
     local = {n for n, _ in chunks.named_parameters()}
     local = {n.split(".", 1)[1] for n in local}                  # drop the ModuleList index
     local_moe_ids = {id(m) for _, m in moe_layers(chunks)}
@@ -143,7 +145,7 @@ def _run(cfg, mesh, windows, ref, overlap: bool, recompute: bool, spy: list) -> 
             out["loss"].append(((loss / EP).item(), ref[step]["loss"], len(losses)))
         else:
             schedule.step()
-        sync_gradients(chunks, mesh.ep_group)
+        sync_gradients(chunks, mesh)
         errs, missing, stray, grads = {}, [], [], {}
         for name, p in model.named_parameters():
             if name not in local:
@@ -192,7 +194,7 @@ def _worker(rank, init_file, out_dir):
 
     dist.all_to_all_single = spying
     try:
-        mesh = pipeline_mesh(PP, EP)
+        mesh = ParallelMesh(PP, 1, EP, overlap=True)
         cfg = _config()
         windows = torch.randint(0, cfg.vocab_size, (STEPS, B, T + 1), generator=torch.Generator().manual_seed(1))
         ref = _reference(cfg, windows)

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import build, init_gloo, run_ranks, tiny_config
+from conftest import build, expert_slices, init_gloo, run_ranks, tiny_config
 from torch.distributed.tensor import distribute_tensor
 
 from dsv3.config import ConfigError
 from dsv3.train import Trainer, load_run_model
 from dsv3.train.adamw_bf16 import AdamWBF16
 from dsv3.train.checkpoint import read_tensors
-from dsv3.train.data_parallel import Layout, expert_slices
+from dsv3.train.data_parallel import Layout
 from dsv3.train.ema import CPUEma
 from dsv3.train.metrics import read_metrics
 from test_train_loop import small_run, train_losses
@@ -138,7 +138,7 @@ def test_torchrun_expert_parallel_matches_one_process_and_resumes_in_any_layout(
         assert _val_losses(tmp / name) == pytest.approx(_val_losses(single), rel=1e-5), name
         # the logged (clipping) norm is the global one. Only a coarse check: the norms (> 1, so every step clips)
         # carry up to 7e-4 of fp32 noise, also in plain DP, and this model's experts hold too little of the squared
-        # norm for a local norm to stand out; grad_norm_2d itself is pinned by test_parallel_compose
+        # norm for a local norm to stand out; dsv3.parallel.grads.grad_norm itself is pinned by test_layout_grad_norm
         norms = [_metric(tmp / name, "grad_norm") for name in (name, "single")]
         assert norms[0] == pytest.approx(norms[1], rel=5e-3), name
     # the step after the EP2 checkpoint, resumed in one process, is the step the EP2 run took
@@ -185,7 +185,7 @@ def test_torchrun_fsdp_matches_one_process_and_resumes_in_one_process(tmp, singl
         assert sorted(got) == list(range(1, 9)), name
         assert [got[s] for s in range(1, 9)] == pytest.approx([ref[s] for s in range(1, 9)], rel=1e-5), name
         assert _val_losses(tmp / name) == pytest.approx(_val_losses(single), rel=1e-5), name
-        # the clipping norm (grad_norm_sharded) is the global one; fp32 noise as in test_torchrun_expert_parallel_...
+        # the clipping norm (dsv3.parallel.grads.grad_norm) is the global one; fp32 noise as in test_torchrun_expert_parallel_...
         assert _metric(tmp / name, "grad_norm") == pytest.approx(_metric(single, "grad_norm"), rel=5e-3), name
     assert train_losses(tmp / "fsdp2_then_1")[5] == pytest.approx(train_losses(tmp / "fsdp2")[5], rel=1e-6)
     for step, names in ((4, ("fsdp2",)), (8, ("fsdp2", "fsdp2_then_1"))):
@@ -224,7 +224,8 @@ def test_bad_parallel_layouts_are_refused(tmp_path):
         small_run(tmp_path, parallel={"fsdp": True}, train={"compile_optimizer": True})
     cfg = small_run(tmp_path, parallel={"ep": 2}, **SECTIONS)
     assert cfg.to_dict()["parallel"] == {"ep": 2, "fsdp": False, "pp": 1, "overlap": False,
-                                          "ep_dispatch": "flat", "ranks_per_node": 0}
+                                          "ep_dispatch": "flat", "ranks_per_node": 0,
+                                          "fp8_dispatch": False}
     assert cfg.check_world(2) == 1 and cfg.check_world(4) == 2
     with pytest.raises(ConfigError, match=r"parallel.ep=2 does not divide the world size 3"):
         cfg.check_world(3)
@@ -245,11 +246,18 @@ def _roundtrip_worker(rank, init_file, out_dir, fsdp):
     import torch.distributed.checkpoint as dcp
 
     from dsv3.parallel.dcp import fill_entries, owned_state
+    from dsv3.parallel.expert import apply_expert_parallel
+    from dsv3.parallel.parallelize import shard_data_parallel
+    from dsv3.train.config import RunConfig
     init_gloo(rank, 2, init_file)
     try:
-        layout = Layout(torch.device("cpu"), ep=2, fsdp=fsdp)
-        model = layout.apply(build(tiny_config(), dtype=torch.bfloat16).train())
-        layout.shard_parameters(model)
+        cfg = RunConfig.from_dict({"model": {"preset": "tiny"}, "parallel": {"ep": 2, "fsdp": fsdp},
+                                   "train": {"micro_batch_size": 2, "batch_size": 2, "batch_size_start": 2}})
+        layout = Layout(torch.device("cpu"), cfg)
+        # the building blocks of dsv3.parallel.parallelize on a model built with the plain model's values
+        model = apply_expert_parallel(build(tiny_config(), dtype=torch.bfloat16).train(), layout.mesh.ep_group)
+        if fsdp:
+            shard_data_parallel(model, layout.mesh)
         ref = build(tiny_config(), dtype=torch.bfloat16).train()
         opt, ref_opt = AdamWBF16(model.parameters(), lr=1e-2), AdamWBF16(ref.parameters(), lr=1e-2)
         ema, ref_ema = CPUEma(layout.ema_source(model), 0.5), CPUEma(ref, 0.5)
@@ -262,7 +270,7 @@ def _roundtrip_worker(rank, init_file, out_dir, fsdp):
         ref_opt.step()
         ema.update(layout.ema_source(model))
         ref_ema.update(ref)
-        entries = owned_state(layout.owned(model), opt, ema.state_dict())
+        entries = owned_state([model], opt, ema.state_dict())
         held = {k: (e._local if hasattr(e, "_local") else e).clone() for k, e in entries.items()}
         dcp.save(entries, checkpoint_id=str(out_dir / "ckpt"))
         names = {id(p): n for n, p in ref.named_parameters()}

@@ -12,7 +12,7 @@ from dsv3.train import schedule
 from dsv3.train.balance import collect_balance_loss, moe_layers, sequence_balance_loss, update_bias
 from dsv3.train.metrics import max_violation
 from dsv3.train.config import RunConfig, load_run_config
-from dsv3.train.recompute import apply_recompute, saved_activation_bytes
+from dsv3.parallel.recompute import apply_recompute, saved_activation_bytes
 from dsv3.train.trainer import lm_losses
 
 

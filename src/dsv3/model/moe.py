@@ -152,7 +152,7 @@ class _PermuteRows(torch.autograd.Function):
 class Experts(nn.Module):
     """The routed experts, stacked: checkpoint `experts.{e}.gate_proj.weight` is row e of `gate_proj`."""
 
-    recompute_region = "forward"     # what selective recomputation re-runs (dsv3.train.recompute)
+    recompute_region = "forward"     # what selective recomputation re-runs (dsv3.parallel.recompute)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -19,28 +19,25 @@ Units, in this order (fully_shard must see children before their parent, which t
     branch's embedding and head gradients exist (tried: the backward then fails on freed parameter storage).
 
 Buffers stay plain, replicated tensors: `e_score_correction_bias` (routing bias) and `tokens_per_expert` (loads).
-Each rank counts only its own tokens' loads, so before the aux-loss-free bias update the trainer must sum the loads
-over the mesh (`sync_expert_loads`, after the forward and before reading the loads); then every rank applies the same
-update and the biases stay identical. (With gradient accumulation, summing the accumulated loads once is enough.)
+Each rank counts only its own tokens' loads, so before the aux-loss-free bias update the trainer sums the loads
+over the ranks (dsv3.parallel.grads.sync_loads); then every rank applies the same update and the biases stay
+identical.
 
 Gradient semantics: FSDP2 averages gradients over the mesh, so with every rank backpropagating the mean loss over its
 own (equally many) tokens, the result is the gradient of the mean over the whole global batch.
 
-With expert parallelism: `dsv3.parallel.parallelize.shard_data_parallel_2d` shards the experts over their dp column
-and then calls this on a world mesh for the rest. Not handled here: mixed precision policies,
-gradient clipping (torch.nn.utils.clip_grad_norm_ should take the DTensor gradients and return the global norm as
-a DTensor; not tested here). `fully_shard` is imported from torch.distributed.fsdp, its public path since
+With expert parallelism: `dsv3.parallel.parallelize.shard_data_parallel` shards the experts over their dp column
+and then calls this on the position mesh for the rest. The global gradient norm for clipping counts each DTensor
+gradient's local shard once (dsv3.parallel.grads.grad_norm). Not handled here: mixed precision policies.
+`fully_shard` is imported from torch.distributed.fsdp, its public path since
 torch 2.6 (valid on 2.11 and 2.13). After a forward under no_grad (evaluation) the root stays gathered until
 the next backward: call `model.reshard()` if memory matters (state_dict() reshards it by itself).
 """
 
-import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-from .expert import all_reduce_expert_loads
 
 
 def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
@@ -61,18 +58,3 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, reshard_after_forwar
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden_states")
     return model
-
-
-def sync_expert_loads(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Sum every MoE's `tokens_per_expert` over the data-parallel `mesh`, in place (one all-reduce), so that the
-    bias update sees the loads of the whole global batch and keeps the routing biases identical on every rank."""
-    all_reduce_expert_loads(model, mesh.get_group())
-
-
-def dp_mean(value, mesh: DeviceMesh) -> float:
-    """The mean over the mesh of a per-rank scalar (e.g. each rank's loss over its equally sized share of the batch):
-    the loss over the global batch, for logging. A collective: every rank must call it."""
-    # a copy on the mesh's device (NCCL needs a GPU tensor), never the caller's tensor itself
-    t = torch.as_tensor(value).detach().to(device=mesh.device_type, dtype=torch.float64, copy=True)
-    dist.all_reduce(t, group=mesh.get_group())     # sum, then divide: gloo has no ReduceOp.AVG
-    return (t / mesh.size()).item()

@@ -14,16 +14,8 @@ No token is dropped and there is no capacity factor (TR 2.1.2): split sizes are 
 Both row all-to-alls are autograd functions whose backward is the reverse all-to-all, so every rank must run the
 same forward and backward sequence of MoE layers (it does: the model is identical on every rank).
 
-Training with EP, the EP group doubling as the data-parallel group (each rank feeds its own batch):
-  * `all_reduce_expert_loads`: the gate is replicated, so each rank counts only its own tokens' loads; summed over
-    the group, the aux-loss-free bias update (spec 1.7) sees the step's whole batch and stays identical everywhere.
-  * `sync_gradients`: with loss = mean over all ranks' tokens = (1/ep) sum_r L_r and rank r backpropagating its own
-    L_r, a replicated parameter's local gradient is dL_r/dw, so it is averaged over the group (as in plain DP). An
-    expert lives on one rank only, and the backward all-to-alls bring it the row gradients of every rank's L_r: its
-    local gradient is already sum_r dL_r/dw. Dividing by ep makes it the gradient of the mean; no communication.
-  * `grad_norm`: the global norm for clipping; expert shards differ per rank, so a local norm would clip each rank
-    differently and let the replicas drift apart.
-(When EP is a sub-group of DP, each expert also has replicas to average over: dsv3.parallel.parallelize.)
+Training with EP: the gradient sync (an expert's local gradient already sums its EP row's rows), the global
+gradient norm and the expert-load sync are dsv3.parallel.grads's, one each for every layout.
 
 Node-limited routing (TR 2.1.2, spec 5): the gate's group-limited top-k keeps each token's experts inside
 `topk_group` of the `n_group` expert groups. With contiguous expert slices and the ranks of one node adjacent in the
@@ -211,80 +203,18 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup, fp8_dispat
     return model
 
 
-def _expert_params(model: nn.Module) -> set[int]:
-    return {id(p) for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()}
-
-
 @torch.no_grad()
 def all_reduce_expert_loads(model: nn.Module, group: dist.ProcessGroup) -> None:
-    """Sum every MoE's `tokens_per_expert` over `group`, in place (one collective): call it after the forward and
-    before the loads are read for the bias update. (A trainer accumulating several micro-batches' loads can instead
-    all-reduce its summed loads once per step.)"""
+    """Sum every MoE's `tokens_per_expert` over `group`, in place, through the one load sync
+    (dsv3.parallel.grads.sync_loads): for a module-level caller (the EP inference engine); the trainer sums its
+    step's (layers, E) table directly."""
+    from .grads import sync_loads      # grads imports this module
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     if not moes:
         return
-    loads = torch.stack([m.tokens_per_expert for m in moes])
-    dist.all_reduce(loads, group=group)
+    loads = sync_loads(torch.stack([m.tokens_per_expert for m in moes]), group)
     for m, load in zip(moes, loads):
         m.tokens_per_expert.copy_(load)
-
-
-@torch.no_grad()
-def sync_gradients(model: nn.Module, group: dist.ProcessGroup) -> None:
-    """After each rank's backward of the mean loss over its own tokens (equal token counts on every rank), make the
-    gradients those of the mean loss over all ranks' tokens: replicated ones averaged over the group, expert ones
-    divided by the group size (see the module docstring)."""
-    sync_layout_gradients(model, None, group, dist.get_world_size(group))
-
-
-@torch.no_grad()
-def sync_layout_gradients(model: nn.Module, expert_group: dist.ProcessGroup | None,
-                          replicated_group: dist.ProcessGroup, n: int) -> None:
-    """The gradient sync of every EP layout (EP alone, EP inside DP, EP inside a pipeline position), with n ranks
-    sharing each batch: replicated gradients summed over `replicated_group`, expert gradients summed over
-    `expert_group` (the replicas of the same experts; None: this rank alone), both divided by n. An expert that
-    received no rows gets zeros, as the unsharded run has, and still joins the sum."""
-    experts = _expert_params(model)
-    expert_grads, replicated = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in experts:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            expert_grads.append(p.grad)
-        elif p.grad is not None:
-            replicated.append(p.grad)
-    if expert_group is not None:
-        all_reduce_flat(expert_grads, expert_group, 1.0 / n)
-    elif expert_grads:
-        torch._foreach_mul_(expert_grads, 1.0 / n)
-    all_reduce_flat(replicated, replicated_group, 1.0 / n)
-
-
-def all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
-    """Sum `grads` over `group` and multiply by `scale`, in place: one flat collective per dtype."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for gs in by_dtype.values():
-        flat = torch.cat([g.flatten() for g in gs])
-        dist.all_reduce(flat, group=group)          # sum, then scale: gloo has no ReduceOp.AVG
-        for g, f in zip(gs, flat.mul_(scale).split([g.numel() for g in gs])):
-            g.copy_(f.view_as(g))
-
-
-@torch.no_grad()
-def grad_norm(model: nn.Module, group: dist.ProcessGroup) -> torch.Tensor:
-    """The L2 norm of the whole model's gradient after `sync_gradients`: replicated gradients counted once, the
-    expert shards of all ranks summed. The same value on every rank, for clipping."""
-    experts = _expert_params(model)
-    params = [p for p in model.parameters() if p.grad is not None]
-    sq = torch.zeros(2, dtype=torch.float64, device=params[0].device if params else None)   # replicated, expert
-    for p in params:
-        sq[int(id(p) in experts)] += p.grad.double().square().sum()
-    dist.all_reduce(sq[1:], group=group)
-    return (sq[0] + sq[1]).sqrt()
 
 
 def expert_node(expert: int | torch.Tensor, n_experts: int, ep: int, ranks_per_node: int) -> int | torch.Tensor:

@@ -10,7 +10,7 @@ receive), the other computes. torch runs the two one after the other unless a ha
     rendezvous that only two concurrent sub-actions can pass);
   * the two must not issue collectives on the same process group: their expert all-to-alls would pair up in
     different orders on different ranks (deadlock, or rows of one layer mixed with another's). The worker maps every
-    EP group to a duplicate over the same ranks (`ep_groups`, e.g. `PipelineMesh.ep_group_bwd`); the mapping is read
+    EP group to a duplicate over the same ranks (`ep_groups`, e.g. `ParallelMesh.ep_group_bwd`); the mapping is read
     when a collective is issued (`dsv3.parallel.expert.thread_group`), so the backward all-to-alls and the forward
     all-to-alls of a recomputed region (`apply_recompute`) follow the thread that runs them, not the one that built
     the graph. Each group still sees one sequence of collectives, the same on every rank of it: the calling thread's
@@ -207,10 +207,11 @@ def enable_overlap(schedule, ep_groups: dict | None = None) -> OverlapFB | None:
     """Register the concurrent OVERLAP_F_B handler on a `ScheduleDualPipeV` (or any `_PipelineScheduleRuntime`).
 
     ep_groups maps each EP process group the stages' experts use to a second group over the same ranks, for the
-    collectives of the overlapped backward (see `dsv3.parallel.pipeline.pipeline_mesh`); every EP group found in the
-    stages must be mapped. Call it on every rank of the pipeline (or on none): the ranks of an EP group must agree
-    on which thread issues which all-to-all. Returns the handler, or None (with a warning) where this torch lacks
-    the private pieces it needs: torch then runs each pair one after the other, as without it."""
+    collectives of the overlapped backward (`ParallelMesh(..., overlap=True).ep_group_bwd`, dsv3.parallel.mesh);
+    every EP group found in the stages must be mapped. Call it on every rank of the pipeline (or on none): the
+    ranks of an EP group must agree on which thread issues which all-to-all. Returns the handler, or None (with a
+    warning) where this torch lacks the private pieces it needs: torch then runs each pair one after the other, as
+    without it."""
     missing = missing_torch_pieces(schedule)
     if missing:
         warnings.warn(f"F/B overlap disabled, this torch lacks {missing}: overlapped pairs run sequentially",

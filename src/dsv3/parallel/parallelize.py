@@ -1,122 +1,109 @@
-"""Expert parallelism inside data parallelism (spec 5): a 2-D layout of world = dp * ep ranks, mesh (dp, ep) with
-dimension names ("dp", "ep"), rank = d * ep + e. Every rank feeds its own, equally sized share of the global batch.
-  * Routed experts are sharded over "ep": the ep ranks of one row d (an EP group) hold all E experts between them,
-    rank (d, e) the contiguous experts [e*E/ep, (e+1)*E/ep) (`dsv3.parallel.expert.apply_expert_parallel` on the
-    row's group); the dp ranks of one column e hold replicas of the same experts.
-  * Everything else (attention, gate, shared experts, embedding, head, norms) is replicated on all world ranks and its
-    gradients are averaged over the whole world (plain all-reduce; FSDP-sharding it over the world is not done here).
+"""The one parallel entry point of training (torchtitan's `parallelize_*`): `parallelize(model, mesh, cfg, device)`
+lays a model described on the meta device out over the job's (pp, dp, ep) DeviceMesh (dsv3.parallel.mesh) and
+materialises this rank's part, in this order (each step needs the one before):
+  1. FP8 (train.precision = "fp8"): swap the linear / expert classes (dsv3.fp8.training.apply_fp8);
+  2. EP (parallel.ep > 1, or with fsdp): the routed experts of every MoE sharded over "ep", rank (p, d, e) holding
+     experts [e E/ep, (e+1) E/ep) (dsv3.parallel.expert); the dp ranks of a column hold replicas of the same slice;
+  3. pipeline split (parallel.pp > 1): the model cut into 2 pp chunks, this rank keeping chunks p and 2pp-1-p
+     (DualPipeV's V, dsv3.parallel.pipeline); the other chunks stay on meta;
+  4. recomputation (train.recompute): wraps methods inside the future FSDP units (dsv3.parallel.recompute);
+  5. compilation (train.compile, CUDA): every block one graph (`Module.compile`, resolved at the first call);
+  6. FSDP2 (parallel.fsdp): `shard_data_parallel`;
+  7. materialisation: each rank allocates and initialises only what it holds, to exactly the values of a
+     single-process init with the same seed (dsv3.parallel.materialize).
+Everything else (attention, gate, shared experts, embedding, head, norms) is replicated on the dp * ep ranks of a
+pipeline position. The gradient sync, global norm and load sync of every layout are dsv3.parallel.grads's.
 
-Gradients (loss = mean over all world tokens = 1/(dp*ep) * sum_{d,e} L_{d,e}, L_{d,e} the mean loss over rank
-(d, e)'s own tokens, which each rank backpropagates):
-  * replicated w: rank (d, e)'s local gradient is dL_{d,e}/dw, so the sum over the world divided by dp*ep;
-  * expert w held by column e: the backward all-to-alls of row d bring rank (d, e) the row gradients of every rank in
-    its row, so its local gradient is already sum_{e'} dL_{d,e'}/dw (as in 1-D EP). The other rows d hold replicas of
-    the same experts and computed the same thing for their tokens, so the full gradient is
-    1/(dp*ep) * sum_d sum_{e'} dL_{d,e'}/dw = all-reduce over the column ("dp" group), then divide by dp*ep.
-  With dp == 1 this is `dsv3.parallel.expert.sync_gradients`; with ep == 1 it is plain data parallelism.
-
-Routing-bias loads: the gate is replicated and each rank counts only its own tokens, so the loads are summed over the
-whole world (`sync_expert_loads_2d`) before the bias update; then every rank applies the same update.
-
-Sharded variant (`shard_data_parallel_2d`, after `parallelize`): FSDP2 instead of replicas. The routed experts of
-each MoE are sharded over "dp" (their column: the replicas of the same experts), everything else over the whole
-world (a 1-D mesh over all ranks), as torchtitan does for EP + FSDP. FSDP then does the reductions above itself: it
-averages the non-expert gradients over the world (sum / (dp*ep), as above) and, with its divide factor set to
-dp*ep instead of its mesh size dp, reduce-scatters the expert ones to sum over the column / (dp*ep), exactly the
-sync above. Every parameter element then lives on exactly one rank, so the global gradient norm is one all-reduce
-of the local shards' squared sums (`grad_norm_sharded`). Optimizer state, built afterwards, is sharded too.
-
-Order in a training step: forward + backward of the local loss -> `sync_gradients_2d` -> (clip with `grad_norm_2d`)
--> optimizer step -> `sync_expert_loads_2d` -> bias update (`dsv3.train.balance.update_bias`).
-Order of application: like `apply_expert_parallel` (after FP8, before recomputation, compilation and building the
-optimizer: expert parameters are replaced by their local slices).
+FSDP2 (`shard_data_parallel`) instead of replicas: the routed experts of each MoE are sharded over "dp" (their
+column: the replicas of the same experts), everything else over the position (dp * ep ranks flattened: the world
+when pp = 1), as torchtitan does for EP + FSDP. FSDP then does the reductions of dsv3.parallel.grads.sync_gradients
+itself: it averages the non-expert gradients over the position (sum / (dp*ep)) and, with its divide factor set to
+dp*ep instead of its mesh size dp, reduce-scatters the expert ones to their sum over the column / (dp*ep). Every
+parameter element then lives on exactly one rank, which `grads.grad_norm` counts as such (DTensor gradients).
+Optimizer state, built afterwards, is sharded too. Recomputation comes before FSDP, as torchtitan applies AC before
+fully_shard: a unit's pre-backward all-gather then runs before its checkpointed regions are recomputed.
 """
+
+from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
 
-from .expert import (
-    ExpertParallelExperts,
-    all_reduce_expert_loads,
-    apply_expert_parallel,
-    grad_norm,
-    sync_layout_gradients,
-)
-
-DIMS = ("dp", "ep")
+from .data import apply_data_parallel
+from .expert import ExpertParallelExperts, apply_expert_parallel
+from .materialize import materialize
+from .mesh import ParallelMesh
+from .pipeline import Chunk, split_stages
+from .recompute import apply_recompute
+from .two_hop import apply_ep_dispatch
 
 
-def parallelize(model: nn.Module, world_group_or_mesh: DeviceMesh | dist.ProcessGroup | None, dp: int, ep: int,
-                device_type: str | None = None) -> nn.Module:
-    """Shard `model`'s routed experts over the "ep" dimension of a (dp, ep) mesh, in place, and attach the mesh as
-    `model.parallel_mesh` (what `sync_gradients_2d`, `sync_expert_loads_2d`, `grad_norm_2d` take). Returns model.
+class LocalModel:
+    """What this rank holds of the model, seen as one model with the full model's parameter names: `roots` is
+    [model] or, under a pipeline, this rank's two chunks. What the optimizer, the EMA, the gradient sync and the
+    checkpoints take."""
 
-    world_group_or_mesh: a DeviceMesh of shape (dp, ep) named ("dp", "ep"), or the world group / None, in which case
-    the mesh is built over all ranks (dp * ep must equal the world size). device_type: the mesh's device when it is
-    built here (default: "cuda" under NCCL, else "cpu")."""
-    if isinstance(world_group_or_mesh, DeviceMesh):
-        mesh = world_group_or_mesh
-        if tuple(mesh.shape) != (dp, ep) or tuple(mesh.mesh_dim_names or ()) != DIMS:
-            raise ValueError(f"expected a mesh of shape ({dp}, {ep}) named {DIMS}, "
-                             f"got {tuple(mesh.shape)} named {mesh.mesh_dim_names}")
-    else:
-        group = world_group_or_mesh
-        if group is not None and group != dist.group.WORLD:
-            # a sub-world mesh would need its own flattened group for the world-wide reductions below
-            raise ValueError("pass the world group (or None) or a DeviceMesh, not a sub-group")
-        if dp * ep != dist.get_world_size():
-            raise ValueError(f"dp * ep = {dp} * {ep} != world size {dist.get_world_size()}")
-        if device_type is None:
-            device_type = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
-        mesh = init_device_mesh(device_type, (dp, ep), mesh_dim_names=DIMS)
-    if mesh.size() != dist.get_world_size():
-        raise ValueError("the (dp, ep) mesh must span the whole world (the replicated reductions use the world group)")
-    # ep group of rank (d, e) = row d; its rank in that group is e, so apply_expert_parallel gives it slice e
-    apply_expert_parallel(model, mesh["ep"].get_group())
-    model.parallel_mesh = mesh
-    return model
+    def __init__(self, model: nn.Module, roots: list[nn.Module]):
+        self.model, self.roots = model, roots
+        self._held = {id(m) for r in roots for m in r.modules()}
 
+    @property
+    def chunks(self) -> list[Chunk] | None:
+        """This rank's pipeline chunks, None without a pipeline."""
+        return self.roots if self.roots[0] is not self.model else None
 
-def _world_group(mesh: DeviceMesh) -> dist.ProcessGroup:
-    # parallelize checked that the mesh spans the world: the world group is the flattened (dp, ep) group
-    assert mesh.size() == dist.get_world_size()
-    return dist.group.WORLD
+    def named_parameters(self):
+        for r in self.roots:
+            yield from r.named_parameters()
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+    def modules(self):
+        for r in self.roots:
+            yield from r.modules()
+
+    def holds(self, module: nn.Module) -> bool:
+        """Whether this rank runs `module` (e.g. an MoE layer: its loads and bias update)."""
+        return id(module) in self._held
 
 
-@torch.no_grad()
-def sync_gradients_2d(model: nn.Module, mesh: DeviceMesh) -> None:
-    """After every rank's backward of the mean loss over its own (equally many) tokens, make the gradients those of
-    the mean loss over all world tokens (see the module docstring): replicated ones summed over the world / (dp*ep),
-    expert ones summed over the "dp" dimension / (dp*ep). Every rank must call it (collectives)."""
-    dp, ep = mesh.shape
-    sync_layout_gradients(model, mesh["dp"].get_group(), _world_group(mesh), dp * ep)
+def parallelize(model: nn.Module, mesh: ParallelMesh | None, cfg, device: torch.device | str) -> LocalModel:
+    """Lay `model` (built on the meta device) out over `mesh` (None: one process) as `cfg` (a RunConfig: its
+    `parallel` section, train.precision / fp8_experts / recompute / compile / seed, model.init_std) says, in the
+    module docstring's order, and materialise this rank's part on `device`. Every rank must call it (FSDP and the
+    expert groups are collectives). Returns what this rank holds."""
+    par, train = cfg.parallel, cfg.train
+    fsdp = par.fsdp and mesh is not None
+    if train.precision == "fp8":                                          # 1. FP8
+        from ..fp8.training import apply_fp8
+        apply_fp8(model, experts=train.fp8_experts, linears=train.fp8_linears)
+    if mesh is not None and (mesh.ep > 1 or fsdp):                        # 2. EP (fsdp: the dp column's slices)
+        apply_expert_parallel(model, mesh.ep_group, fp8_dispatch=par.fp8_dispatch)
+        apply_ep_dispatch(model, par)                                     #    parallel.ep_dispatch = "two_hop"
+    roots: list[nn.Module] = [model]
+    if par.pp > 1:                                                        # 3. this rank's two pipeline chunks
+        chunks = split_stages(model, 2 * par.pp)
+        roots = [chunks[mesh.pp_rank], chunks[2 * par.pp - 1 - mesh.pp_rank]]
+    if train.recompute:                                                   # 4. recomputation
+        apply_recompute(model)
+    if train.compile:                                                     # 5. compilation (resolved at first call)
+        for block in list(model.layers) + list(model.mtp):
+            block.compile()
+    if fsdp:                                                              # 6. FSDP2
+        shard_data_parallel(model, mesh)
+    materialize(roots, device, train.seed, cfg.model.init_std)           # 7. this rank's part only
+    return LocalModel(model, roots)
 
 
-def sync_expert_loads_2d(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Sum every MoE's `tokens_per_expert` over the whole world, in place: after the forward, before the loads are
-    read for the bias update, so that every rank sees the global batch's loads and the biases stay identical."""
-    all_reduce_expert_loads(model, _world_group(mesh))
 
-
-def grad_norm_2d(model: nn.Module, mesh: DeviceMesh) -> torch.Tensor:
-    """The global gradient L2 norm after `sync_gradients_2d` (for clipping), the same on every rank: after the sync
-    the dp replicas of an expert hold the same gradient, so summing the expert shards over one row (the "ep" group)
-    counts every expert once; replicated gradients are counted once."""
-    return grad_norm(model, mesh["ep"].get_group())
-
-
-def shard_data_parallel_2d(model: nn.Module, reshard_after_forward: bool = True) -> nn.Module:
-    """FSDP2 on a model `parallelize` has laid out (see the module docstring): experts over "dp" with the divide
-    factor of the 2-D sync, the rest over the whole world (dsv3.parallel.data.apply_data_parallel's units and root).
-    Replaces `sync_gradients_2d` (FSDP reduces in backward) and `grad_norm_2d` (use `grad_norm_sharded`); the loads
-    are still summed with `sync_expert_loads_2d`. Apply before building the optimizer. Returns model."""
-    from .data import apply_data_parallel
-    mesh = model.parallel_mesh
-    dp, ep = mesh.shape
+def shard_data_parallel(model: nn.Module, mesh: ParallelMesh, reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2 on a model whose experts are sharded over "ep" (module docstring): experts over "dp" with the divide
+    factor of the sync, the rest over the position (dsv3.parallel.data.apply_data_parallel's units and root).
+    Apply after recomputation and before building the optimizer. Every rank must call it. Returns model."""
+    dp, ep = mesh.dp, mesh.ep
     for m in model.modules():
         if isinstance(m, ExpertParallelExperts):
             fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
@@ -126,24 +113,11 @@ def shard_data_parallel_2d(model: nn.Module, reshard_after_forward: bool = True)
             # also be told so directly
             if hasattr(m, "set_reduce_scatter_unused_params"):
                 m.set_reduce_scatter_unused_params(True, recurse=False)
-    world = init_device_mesh(mesh.device_type, (dp * ep,), mesh_dim_names=("world",))
-    apply_data_parallel(model, world, reshard_after_forward)       # the non-expert rest, averaged over the world
+    apply_data_parallel(model, mesh.position, reshard_after_forward)     # the rest, averaged over the position
     if dist.get_backend() == "gloo":
         # FSDP2 reduce-scatters fp32/bf16 gradients with AVG, or with NCCL's PREMUL_SUM where the divide factor
         # differs from the mesh size (the experts: dp*ep over dp), which gloo lacks: plain sums divided afterwards
         for m in model.modules():
             if isinstance(m, FSDPModule):
                 m.set_force_sum_reduction_for_comms(True)
-    model.parallel_mesh = mesh
     return model
-
-
-@torch.no_grad()
-def grad_norm_sharded(model: nn.Module) -> torch.Tensor:
-    """The global gradient L2 norm when every gradient element lives on exactly one rank (FSDP over the world and
-    over "dp" for the experts): one all-reduce of the local squared sums. The same on every rank."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    sq = torch.stack([g.double().pow(2).sum() for g in local]).sum() if local else torch.zeros((), dtype=torch.float64)
-    dist.all_reduce(sq)
-    return sq.sqrt()

@@ -18,17 +18,17 @@ embedding's MTP gradient flows back to chunk 0 as an ordinary activation gradien
 exactly one chunk (the schedule's `scale_grads` divides each stage's gradients once; a parameter registered in two
 stages would be divided twice, and a zero-bubble weight pass could miss it). The cost is a second (B, T, D) tensor
 per pipeline hop; a hand-written V schedule would keep it on rank 0, where chunk 0 and the last chunk both live.
-The last chunk outputs (logits, *mtp_logits), or logits alone without MTP; `lm_loss_fn` turns that and the micro-
-batch's window (B, T+1) into main CE + weight * mean MTP CE, as the trainer does.
+The last chunk outputs (logits, *mtp_logits), or logits alone without MTP; the trainer's loss_fn
+(dsv3.train.losses.PipelineLoss) turns that and the micro-batch's window (B, T+1) into main CE + weight * mean MTP
+CE, as every layout does.
 
-PP x EP (spec 5: V3 trains with PP16 x EP64): `pipeline_mesh(pp, ep)` lays the ranks out as a (pp, ep) mesh, global
-rank = pp_rank * ep + ep_rank. The ep ranks of one pipeline position hold the same chunks, with every MoE layer's
+PP x EP (spec 5: V3 trains with PP16 x EP64): the job's (pp, dp, ep) mesh (dsv3.parallel.mesh.ParallelMesh),
+here with dp = 1: global rank = pp_rank * ep + ep_rank. The ep ranks of one pipeline position hold the same chunks, with every MoE layer's
 routed experts sharded over them (`apply_expert_parallel(model, mesh.ep_group)`, before recomputation and before
 `build_dualpipev(..., group=mesh.pp_group)`), and each feeds its own rows of the batch through its own pipeline
 `mesh.pp_group`; the expert all-to-alls of a chunk run among the ep ranks of its pipeline position. After `step`,
-the gradients of this rank's chunks (`local_chunks(stages)`) are those of its own rows' mean loss; `sync_gradients`
-over the ep group turns them into the whole batch's (replicated ones averaged, expert shards divided by ep), and
-`all_reduce_expert_loads` over the ep group gives the bias update the whole batch's loads (dsv3.parallel.expert).
+the gradients of this rank's chunks (the stages' `submod`s) are those of its own rows' mean loss; the gradient and
+load syncs of dsv3.parallel.grads turn them into the whole batch's.
 No collective crosses pipeline positions except the pipeline's own sends and receives.
 
 F/B overlap (`dsv3.parallel.overlap.enable_overlap(schedule, {mesh.ep_group: mesh.ep_group_bwd})`): DualPipeV's
@@ -50,10 +50,9 @@ mean loss. The hidden state is then a view, which torch's stage backward refuses
 outputs in place): a middle chunk sends a copy. The detached values are summed in `balance_sum` for logging.
 `dsv3 train` drives all this (dsv3.train.pipeline_step, parallel.pp).
 
-PP x DP x EP: `pipeline_mesh(pp, ep, dp)` adds data parallelism: global rank = (pp_rank * dp + dp_rank) * ep +
-ep_rank; each pipeline position holds a (dp, ep) sub-layout whose replicated gradients are averaged over its dp * ep
-ranks (`position_group`) and whose expert gradients over the dp column (`dp_group`), as dsv3.parallel.parallelize
-does for the whole world.
+PP x DP x EP: with dp > 1 each pipeline position holds a (dp, ep) sub-layout whose replicated gradients are
+averaged over its dp * ep ranks (`position_group`) and whose expert gradients over the dp column (`dp_group`):
+dsv3.parallel.grads.sync_gradients, the same for every layout.
 
 Limitations:
   * Stage shapes are given statically (`microbatch_shape`), so torch runs no shape inference: it would run the MoE
@@ -65,11 +64,9 @@ Limitations:
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
@@ -166,21 +163,6 @@ def split_stages(model: Transformer, n_chunks: int) -> list[Chunk]:
             for c, layers in enumerate(stage_layers(model.config, n_chunks))]
 
 
-def lm_loss_fn(mtp_weight: float = 0.3, ce=None):
-    """loss_fn(output, window) for the last stage: main CE of the logits against window[:, 1:], plus mtp_weight times
-    the mean over depths of the MTP CE against window[:, k+1:] (as `Trainer`). ce(logits (B, T, V), targets (B, T))
-    defaults to the trainer's mean token cross-entropy (in fp32)."""
-    if ce is None:
-        ce = lambda lg, t: F.cross_entropy(lg.float().flatten(0, 1), t.flatten())
-    def loss_fn(output, window):
-        logits, *mtp = (output,) if isinstance(output, torch.Tensor) else output
-        loss = ce(logits, window[:, 1:])
-        if mtp:
-            loss = loss + mtp_weight * torch.stack([ce(lg, window[:, k + 1:]) for k, lg in enumerate(mtp, 1)]).mean()
-        return loss
-    return loss_fn
-
-
 def _example_io(chunk: Chunk, b: int, t: int, dtype: torch.dtype, logits_dtype: torch.dtype | None = None
                 ) -> tuple[tuple, tuple]:
     """Meta-device example inputs and outputs of a chunk for a (b, t) micro-batch (static stage shapes). Under
@@ -206,12 +188,12 @@ def build_dualpipev(model: Transformer, rank: int, world: int, loss_fn, n_microb
 
     `model` is the full model on every rank (only the local chunks' parameters are used and get gradients; a real
     run would build only those, e.g. on the meta device, and free the rest). `loss_fn(output, target)` runs on the
-    last stage (see `lm_loss_fn`); `microbatch_shape` = (micro-batch size, T) of the input ids. Rank 0 calls
+    last stage (e.g. dsv3.train.losses.PipelineLoss); `microbatch_shape` = (micro-batch size, T) of the input ids. Rank 0 calls
     `schedule.step(input_ids, target=windows, losses=losses)` (it holds the first and the last chunk), the others
     `schedule.step()`; input_ids must be contiguous (torch 2.11 checks each micro-batch's strides against the
     static shapes: pass `window[:, :-1].contiguous()`, not the slice). With scale_grads the gradients are averaged over micro-batches, i.e. those of the mean loss.
     rank and world are this rank's place in the pipeline process group `group` (default: the default group); with
-    expert parallelism see `pipeline_mesh` and the module docstring.
+    expert parallelism see dsv3.parallel.mesh.ParallelMesh and the module docstring.
     """
     if group is not None and dist.is_initialized() and (dist.get_rank(group), dist.get_world_size(group)) != \
             (rank, world):
@@ -245,47 +227,3 @@ def dualpipev_schedule(chunks: list[Chunk], world: int, loss_fn, n_microbatches:
                                     output_args=outputs, group=group))
     schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return schedule, stages
-
-
-def local_chunks(stages: list[PipelineStage]) -> nn.ModuleList:
-    """This rank's chunks as one module, for `sync_gradients`, `all_reduce_expert_loads`, `moe_layers` and the like:
-    the full model would also hold the other ranks' chunks (no gradients, loads never counted here)."""
-    return nn.ModuleList([s.submod for s in stages])
-
-
-@dataclass
-class PipelineMesh:
-    """This rank's place in a (pp, dp, ep) mesh and its process groups (see `pipeline_mesh`)."""
-    pp_rank: int
-    ep_rank: int
-    pp_group: dist.ProcessGroup        # the pipeline through this rank: same (dp_rank, ep_rank), every pp_rank
-    ep_group: dist.ProcessGroup        # the ep ranks of this pipeline position and dp row
-    ep_group_bwd: dist.ProcessGroup    # the same ranks again, for the overlapped backward's all-to-alls
-    dp_rank: int = 0
-    dp_group: dist.ProcessGroup | None = None         # this rank's expert replicas: same (pp, ep), every dp_rank
-    position_group: dist.ProcessGroup | None = None   # the dp * ep ranks of this pipeline position
-
-
-def pipeline_mesh(pp: int, ep: int, dp: int = 1) -> PipelineMesh:
-    """Process groups for DualPipeV over pp ranks with the routed experts sharded over ep ranks, and dp data-parallel
-    replicas of that (pp, ep) layout: global rank = (pp_rank * dp + dp_rank) * ep + ep_rank, the ep ranks of one
-    pipeline position adjacent (one node, for the all-to-all). dp_group is None when dp == 1; position_group is the
-    ep group then. Every rank of the default group must call it at the same point (new_group is collective over the
-    default group)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if pp * dp * ep != world:
-        raise ValueError(f"a ({pp}, {dp}, {ep}) mesh needs {pp * dp * ep} ranks, the default group has {world}")
-    n = dp * ep
-    pp_rank, dp_rank, ep_rank = rank // n, rank % n // ep, rank % ep
-    # every rank creates every group, in the same order; each keeps its own
-    ep_groups = [dist.new_group([p * n + d * ep + e for e in range(ep)]) for p in range(pp) for d in range(dp)]
-    pp_groups = [dist.new_group([p * n + d * ep + e for p in range(pp)]) for d in range(dp) for e in range(ep)]
-    ep_bwd = [dist.new_group([p * n + d * ep + e for e in range(ep)]) for p in range(pp) for d in range(dp)]
-    row = pp_rank * dp + dp_rank
-    mesh = PipelineMesh(pp_rank, ep_rank, pp_groups[dp_rank * ep + ep_rank], ep_groups[row], ep_bwd[row], dp_rank,
-                        position_group=ep_groups[row])
-    if dp > 1:
-        dp_groups = [dist.new_group([p * n + d * ep + e for d in range(dp)]) for p in range(pp) for e in range(ep)]
-        positions = [dist.new_group([p * n + j for j in range(n)]) for p in range(pp)]
-        mesh.dp_group, mesh.position_group = dp_groups[pp_rank * ep + ep_rank], positions[pp_rank]
-    return mesh

@@ -290,6 +290,9 @@ class ParallelConfig:
     ep_dispatch: str = setting("flat", OneOf(("flat", "two_hop")))
     # the ranks of one node, for ep_dispatch = "two_hop" (0: torchrun's LOCAL_WORLD_SIZE)
     ranks_per_node: int = setting(0, Int(0))
+    # the rows sent to the experts, and in the backward the gradients sent back to them, in FP8 (E4M3 + 1x128
+    # power-of-2 scales; the combine stays BF16: spec 4, dsv3.parallel.fp8_comm); a no-op with ep == 1
+    fp8_dispatch: bool = setting(False, Flag())
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "mtp": MTPConfig,

@@ -1,7 +1,7 @@
 """The pre-training loop on one device (TR 3-4, spec 1.7, 1.8, 3).
 
 One optimizer step = `batch_size(step)` sequences in micro-batches of `micro_batch_size`:
-    loss = CE(main) + lambda * mean_k CE(MTP depth k) + alpha * sum_layers L_Bal      (per micro-batch, / n_micro)
+    loss = CE(main) + lambda * mean_k CE(MTP depth k) + alpha * sum_layers L_Bal   (dsv3.train.losses; / n_micro)
 then clip the global gradient norm, AdamW, the aux-loss-free bias update from the expert loads summed over all
 micro-batches of the step, and the CPU EMA. A non-finite loss or gradient stops the run before the optimizer
 touches the weights. A periodic checkpoint is written one step late: the next step's forward and backward vet the
@@ -18,10 +18,11 @@ states, and the logged metrics are cut back to the checkpoint's step. It starts 
 files match their checksums (dsv3.train.checkpoint), verified once by rank 0.
 
 Under torchrun the same loop runs on every rank in the layout of `parallel` (data parallelism, expert parallelism
-inside it, optionally FSDP-sharded: dsv3.train.data_parallel; or DualPipeV pipeline parallelism with a (dp, ep)
-layout per pipeline position: dsv3.train.pipeline_step). The model is described on the meta device and each rank
-materialises only its part (dsv3.parallel.materialize); checkpoints are sharded, every rank writing its rows
-(dsv3.train.checkpoint.save_sharded).
+inside it, optionally FSDP-sharded, DualPipeV pipeline parallelism with a (dp, ep) layout per pipeline position:
+dsv3.train.data_parallel, dsv3.train.pipeline_step). The model is described on the meta device and laid out by the
+one entry point dsv3.parallel.parallelize, each rank materialising only its part; the gradient sync, global norm and
+load sync are dsv3.parallel.grads's, the objective and validation metrics dsv3.train.losses's, for every layout;
+checkpoints are sharded, every rank writing its rows (dsv3.train.checkpoint.save_sharded).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data import PackedLoader, ShardSet
@@ -45,6 +45,7 @@ from ..data.packing import val_batches
 from ..model import Transformer
 from ..parallel.dcp import fill_entries, init_state as init_optimizer_state, owned_state
 from ..parallel.materialize import materialize
+from ..parallel.parallelize import parallelize
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
 from .checkpoint import (
@@ -62,6 +63,7 @@ from .data_parallel import Layout, NullLogger
 from .dataset import prepare_dataset
 from .ema import CPUEma
 from .init_from import check_extension, find_source, source_tensors
+from .losses import ValidationSums, cross_entropy, lm_losses, mtp_mean, objective
 from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
@@ -113,26 +115,6 @@ def build_model(cfg: RunConfig, device: torch.device | str) -> Transformer:
     if torch.device(device).type != "meta":
         materialize([model], device, cfg.train.seed, cfg.model.init_std)
     return model
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy, computed in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-def lm_losses(model: Transformer, window: torch.Tensor, ce=cross_entropy, targets: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
-    """window (B, T+1) -> main CE, MTP CE per depth, main logits (B, T, V), MTP logits (B, T-k, V) per depth.
-    MTP depth k at position i predicts token i+k+1 of the window (spec 1.8). `targets` (B, T): window[:, 1:] with
-    -100 where a token carries no loss (SFT's mask: dsv3.posttrain.sft); the mean is then over the other tokens."""
-    inputs = window[:, :-1]
-    targets = window[:, 1:] if targets is None else targets
-    hidden = model.hidden_states(inputs)
-    logits = model.lm_head(hidden)
-    main = ce(logits, targets)
-    mtp_logits = model.mtp_logits(hidden, inputs) if len(model.mtp) else []
-    mtp = [ce(lg, targets[:, k:]) for k, lg in enumerate(mtp_logits, start=1)]
-    return main, mtp, logits, mtp_logits
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -193,12 +175,7 @@ class Trainer:
         if cfg.train.init_from and not resume:     # a resumed run's checkpoint holds the weights already
             init_source = find_source(cfg.train.init_from)
             check_extension(cfg.model, cfg.data.seq_len, init_source)
-        if cfg.parallel.pp > 1:
-            from .pipeline_step import PipelineLayout
-            self.layout = PipelineLayout(self.device, cfg)
-        else:
-            self.layout = Layout(self.device, cfg.parallel.ep, cfg.parallel.fsdp)
-        cfg.check_world(self.layout.world)
+        self.layout = Layout(self.device, cfg)     # the process group and the mesh; validates the layout
         ckpt, skipped = choose_checkpoint(self.run_dir, self.layout) if resume else (None, [])
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
         show = cfg.log.progress if progress is None else progress
@@ -222,13 +199,16 @@ class Trainer:
         else:
             self.loader, self.val = source, source.val if cfg.log.val_batches else []
 
-        # sharded construction and every layout step, in one documented order (Layout.parallelize): each rank
-        # allocates and initialises only its own part (its chunks, expert slices and FSDP shards)
-        self.model, shard_note = self.layout.parallelize(cfg, self.device)
+        # the one parallel entry point (dsv3.parallel.parallelize): the model described on the meta device, laid
+        # out over the mesh in one documented order (FP8 -> EP -> pipeline split -> recomputation -> compile ->
+        # FSDP2); each rank allocates and initialises only its own part (its chunks, expert slices and FSDP shards)
+        self.model = build_model(cfg, "meta")
+        self.local = parallelize(self.model, self.layout.mesh, cfg, self.device)
+        shard_note = self.layout.fsdp_note(self.local)
         self.param_counts = build_model(cfg, "meta").num_params()     # of the whole model, not this rank's part
         if init_state is not None or init_source is not None:       # a fine-tune's base, an extension's source
             whole = init_state if init_state is not None else source_tensors(init_source)
-            entries = {k: v for k, v in owned_state(self.layout.owned(self.model)).items() if k.startswith("model/")}
+            entries = {k: v for k, v in owned_state(self.local.roots).items() if k.startswith("model/")}
             try:
                 fill_entries(entries, {f"model/{k}": v for k, v in whole.items()})    # this rank's rows only
             except (KeyError, ValueError) as e:
@@ -236,14 +216,13 @@ class Trainer:
                 raise ConfigError(f"invalid run config: the starting weights ({where}) do not fit the model: {e} "
                                   f"(a model without its MTP module? set model.num_nextn_predict_layers=0)") from None
         self.layers = moe_layers(self.model)
-        self.optimizer = build_optimizer(self.layout.trainable(self.model), cfg.optim,
+        self.optimizer = build_optimizer(self.local, cfg.optim,
                                          compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
         # rank 0 alone logs validation; the EMA is shared out over every rank, each averaging ~1/world of the
         # model on its CPU (dsv3.train.ema; a collective)
         ema_group = torch.distributed.group.WORLD if self.layout.world > 1 else None
-        self.ema = CPUEma(self.layout.owned(self.model), cfg.train.ema_decay, ema_group) \
-            if cfg.train.ema_decay > 0 else None
+        self.ema = CPUEma(self.local.roots, cfg.train.ema_decay, ema_group) if cfg.train.ema_decay > 0 else None
         self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
         self.spiking = False           # the last step's loss was a spike: checkpoints wait
         self.pending: dict | None = None   # a due checkpoint's state (_snapshot), waiting for the next step to vet it
@@ -261,17 +240,13 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             if self.ema is not None and state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
-        self.ce = cross_entropy
-        if cfg.train.compile:
-            # regional compilation: every block is one graph (fused norms, RoPE, SwiGLU, routing glue) and the loss
-            # fuses the fp32 upcast into log-softmax instead of materialising fp32 logits
-            for block in list(self.model.layers) + list(self.model.mtp):
-                block.compile()
-            self.ce = torch.compile(cross_entropy)
+        # with train.compile (the blocks were compiled by parallelize) the loss fuses the fp32 upcast into
+        # log-softmax instead of materialising fp32 logits
+        self.ce = torch.compile(cross_entropy) if cfg.train.compile else cross_entropy
         self.pipeline = None
-        if self.layout.pp > 1:
+        if self.local.chunks is not None:
             from .pipeline_step import PipelineRunner
-            self.pipeline = PipelineRunner(self.layout, self.model, self.layers, cfg.data.seq_len, self.ce,
+            self.pipeline = PipelineRunner(self.layout, self.local, self.layers, cfg.data.seq_len, self.ce,
                                            self.autocast)
         # fused AdamW and AdamWBF16 divide the gradients by `grad_scale` inside their kernels: clipping there saves a pass over
         # every gradient (on CPU, train_step scales the gradients). Under expert and pipeline parallelism this path
@@ -299,7 +274,7 @@ class Trainer:
         """This rank's model, optimizer state and EMA as sharded-checkpoint entries (views of the live tensors)."""
         init_optimizer_state(self.optimizer)
         ema = self.ema.entries() if self.ema is not None and with_ema else {}
-        return owned_state(self.layout.owned(self.model), self.optimizer) | ema
+        return owned_state(self.local.roots, self.optimizer) | ema
 
     def _set_up_run_dir(self, data_dir: Path, resume: bool, overwrite: bool) -> list[str]:
         """Rank 0, once the data is ready: delete an earlier run's outputs (overwrite) and what killed saves left,
@@ -342,18 +317,16 @@ class Trainer:
                 m.tokens_per_expert.zero_()
             with self.autocast():
                 main, mtp, _, _ = lm_losses(self.model, window, self.ce, targets)
-                mtp_loss = torch.stack(mtp).mean() if mtp else main.new_zeros(())
+                mtp_loss = mtp_mean(mtp, main)
                 aux = collect_balance_loss(self.layers)
                 aux = aux if aux is not None else main.new_zeros(())
-                loss = main + lam * mtp_loss + alpha * aux
+                loss = objective(main, mtp_loss, aux, lam, alpha)
             (loss / n_micro).backward()
             if self.layers:
                 loads += torch.stack([m.tokens_per_expert for _, m in self.layers])
             sums += torch.stack([loss, main, mtp_loss, aux]).detach().double() / n_micro
-        if self.layout.world > 1:
-            self.layout.sync_gradients(self.model)
-            loads, sums = self.layout.sum(loads), self.layout.mean(sums)
-        return loads, sums
+        self.layout.sync_gradients(self.local)
+        return self.layout.sync_loads(loads), self.layout.mean(sums)
 
     # ---- one optimizer step -------------------------------------------------------------------------------------
     def train_step(self) -> tuple[StepStats, torch.Tensor]:
@@ -371,13 +344,10 @@ class Trainer:
         else:
             loads, sums = self._forward_backward(n_micro, lam, alpha)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        # the norm of the whole gradient: where ranks hold different slices or shards (ep > 1, FSDP, pp > 1) each
-        # element counted once over the world, else the local one (in the gradients' dtype, as clip_grad_norm_);
-        # then one coefficient, applied inside the fused or compiled update where there is one
-        if self.layout.partitioned:
-            grad_norm = self.layout.grad_norm(self.model).float()
-        else:
-            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # the norm of the whole gradient, each element counted once over the ranks (dsv3.parallel.grads, one
+        # function for every layout); then one coefficient, applied inside the fused or compiled update where there
+        # is one
+        grad_norm = self.layout.grad_norm(self.local).float()
         coef = (cfg.optim.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
         if self.clip_in_optimizer:               # fused AdamW divides the gradients by grad_scale in its kernel
             self.optimizer.grad_scale = (grad_norm / cfg.optim.grad_clip).clamp(min=1.0).float()
@@ -400,7 +370,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        own = [i for i, (_, m) in enumerate(self.layers) if self.layout.holds(m)]   # pp > 1: this rank's layers
+        own = [i for i, (_, m) in enumerate(self.layers) if self.local.holds(m)]   # pp > 1: this rank's layers
         update_bias([self.layers[i] for i in own], loads[own], schedule.bias_update_speed(step, cfg))
         if self.ema is not None:
             self.ema.update()
@@ -447,7 +417,7 @@ class Trainer:
         self.model.eval()
         for _, m in self.layers:
             m.keep_routing = False
-        main_sum, mtp_sum, hit, agree, n_mtp = 0.0, 0.0, 0, 0, 0
+        sums = ValidationSums(self.device)
         for batch in self.val:
             window, targets = split_batch(batch)
             window = (self.layout.shard(window) if sharded else window).to(self.device)
@@ -455,24 +425,12 @@ class Trainer:
                 targets = (self.layout.shard(targets) if sharded else targets).to(self.device)
             with self.autocast():
                 main, mtp, logits, mtp_logits = lm_losses(self.model, window, self.ce, targets)
-            main_sum += main.item()
-            if mtp:
-                mtp_sum += mtp[0].item()
-                draft = mtp_logits[0].argmax(-1)                       # (B, T-1): guesses of token i+2
-                hit += int((draft == window[:, 2:]).sum())
-                agree += int((draft == logits[:, 1:].argmax(-1)).sum())
-                n_mtp += draft.numel()
-        n = len(self.val)
-        if sharded:   # each rank's losses are means over its equal share of a batch: average them
-            tot = torch.tensor([main_sum, mtp_sum, hit, agree, n_mtp], dtype=torch.float64, device=self.device)
-            tot = self.layout.sum(tot).tolist()
-            main_sum, mtp_sum = tot[0] / self.layout.world, tot[1] / self.layout.world
-            hit, agree, n_mtp = (int(v) for v in tot[2:])
+            sums.add(window, main, mtp, logits, mtp_logits)
+        if sharded:   # each rank's losses are means over its equal share of a batch: averaged over the ranks
+            self.layout.sum(sums.tensor)
         if self.layout.fsdp:
             self.model.reshard()    # the root stays gathered after a no_grad forward (dsv3.parallel.data): free it
-        out = {"val_loss": main_sum / n, "val_mtp_loss": mtp_sum / n if n_mtp else None,
-               "val_mtp_acc": hit / n_mtp if n_mtp else None, "val_mtp_agree": agree / n_mtp if n_mtp else None}
-        return out
+        return sums.metrics(len(self.val), self.layout.world if sharded else 1)
 
     def _snapshot(self) -> dict:
         """Everything a checkpoint holds besides the weights, optimizer state and EMA, as of the end of this step
