@@ -31,11 +31,13 @@ import contextlib
 import dataclasses
 import io
 import json
+import multiprocessing
 import os
 import platform
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -119,7 +121,8 @@ def sft(d: Path, init: Path, seed: int, args, steps: int) -> Path:
                                              {"role": "assistant", "content": answer(t)}]}) + "\n")
     run = {"run_dir": str(d), "sft": {"init": str(init), "train_files": [str(d.parent / f"{d.name}.jsonl")],
                                       "eval_fraction": 0.02, "seed": seed},
-           "optim": {"lr": args.sft_lr}, "data": {"seq_len": 128}, **COMMON,
+           "optim": {"lr": args.sft_lr, "warmup": args.sft_warmup, "constant_until": args.sft_warmup},
+           "data": {"seq_len": 128}, **COMMON,
            "train": {"device": "cpu", "dtype": "fp32", "seed": seed, "steps": steps, "batch_size": args.sft_batch,
                      "micro_batch_size": args.sft_batch},
            "log": {**COMMON["log"], "val_interval": steps, "val_batches": 2}}
@@ -135,7 +138,7 @@ def grpo(d: Path, seed: int, args) -> Path:
            "grpo": {"init": str(d / "sft"), "task": "arithmetic", "digits": args.digits, "ops": args.ops,
                     "train_prompts": 2000, "prompts_per_step": args.prompts, "group_size": args.group,
                     "max_new_tokens": args.max_new, "temperature": 1.0, "seed": seed + 1000, "format_weight": 0.1,
-                    "scale_std": not args.dr_grpo, "beta": 0.0},
+                    "scale_std": not args.dr_grpo, "beta": 0.0, "updates_per_batch": args.mu},
            "optim": {"lr": args.grpo_lr}, **COMMON,
            "train": {"device": "cpu", "dtype": "fp32", "seed": seed, "steps": args.grpo_steps,
                      "micro_batch_size": args.prompts * args.group}}
@@ -152,13 +155,14 @@ def flops(cfg: ModelConfig, tokens: float, train: bool, mtp: bool = False) -> fl
     return tokens * (per_token if train else per_token / 3)
 
 
-def grpo_flops(run: Path, cfg: ModelConfig) -> float:
-    """Rollouts (a forward of every prompt and sampled token) + the policy update (forward + backward of the same
-    rows), from the run's metrics (`tokens`: real tokens of a step's rollouts, averaged over each log interval)."""
+def grpo_flops(run: Path, cfg: ModelConfig, mu: int) -> float:
+    """Per step (one policy update): forward + backward of the batch's rows; per batch of rollouts (every mu steps):
+    the rollouts (a forward of every prompt and sampled token) and, when mu > 1, the rollout policy's log-probs (one
+    more forward). From the run's metrics: `tokens_rollout` (real tokens of the batch, averaged over each interval)."""
     total, last = 0.0, 0
     for r in read_metrics(run, kind="train"):
-        steps, last = r["step"] - last, r["step"]
-        total += steps * (flops(cfg, r["tokens_rollout"], train=False) + flops(cfg, r["tokens_rollout"], train=True))
+        steps, last, n = r["step"] - last, r["step"], r["tokens_rollout"]
+        total += steps * (flops(cfg, n, train=True) + flops(cfg, n, train=False) * (1 + (mu > 1)) / mu)
     return total
 
 
@@ -214,42 +218,66 @@ def evaluate(model: Path, held: Path, out: Path, args) -> dict:
             "format": sum(map(format_reward, outputs)) / len(outputs), "problems": sampled["n"]}
 
 
-def run(seed: int, root: Path, teacher: Path, held: Path, args) -> dict:
-    d, times, out = root / f"seed{seed}", {}, {"seed": seed}
+class Laps:
+    """Seconds per named stage."""
+
+    def __init__(self, times: dict):
+        self.times, self.clock = times, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.times[name], self.clock = time.perf_counter() - self.clock, time.perf_counter()
+
+
+def run_seed(seed: int, root: Path, held: Path, args) -> dict:
+    """Steps 1-3 and 5 for one seed: base, SFT, GRPO, both evaluated."""
+    torch.set_num_threads(1)
+    d, out = root / f"seed{seed}", {"seed": seed, "times": {}, "cpu_s": time.process_time()}
     d.mkdir(parents=True, exist_ok=True)
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        times[name], clock = time.perf_counter() - clock, time.perf_counter()
-
+    lap = Laps(out["times"])
     if not (args.reuse and (d / "sft" / "checkpoints").is_dir()):
         base = make_base(d / "base", seed, args, args.hidden, args.layers)
         sft(d / "sft", base, seed, args, args.sft_steps)
     lap("sft_s")
     out["sft"] = evaluate(d / "sft", held, d / "eval_sft", args)
     lap("eval_sft_s")
-    grpo(d, seed, args)
+    if not (args.reuse and (d / "grpo" / "checkpoints").is_dir()):
+        grpo(d, seed, args)
     lap("grpo_s")
     out["grpo"] = evaluate(d / "grpo", held, d / "eval_grpo", args)
     lap("eval_grpo_s")
-    budget = grpo_flops(d / "grpo", load_model_config(d / "sft"))
-    out["compute"] = {"grpo_flops": budget}
-    if teacher is not None:
-        out["compute"]["distill"] = distill(d, seed, args, teacher, budget)
-        lap("distill_s")
-        if out["compute"]["distill"]["steps"]:
-            out["distill"] = evaluate(d / "distill", held, d / "eval_distill", args)
-        lap("eval_distill_s")
-    for stage in STAGES:
-        if stage in out:
-            print(f"seed {seed} {stage}: {out[stage]}", file=sys.stderr)
+    out["compute"] = {"grpo_flops": grpo_flops(d / "grpo", load_model_config(d / "sft"), args.mu)}
     out["grpo_curve"] = [{k: r.get(k) for k in ("step", "reward", "correct", "format", "zero_std_groups",
                                                   "response_length", "clip_fraction", "entropy", "tokens_rollout",
                                                   "engine_logprob_gap", "rollout_s", "train_s")}
                          for r in read_metrics(d / "grpo", kind="train")]
-    out["times"] = times
+    out["cpu_s"] = time.process_time() - out["cpu_s"]
     return out
+
+
+def run_distill(out: dict, root: Path, teacher: Path, held: Path, args) -> dict:
+    """Step 4 and its evaluation for one seed, at the FLOPs its GRPO run spent."""
+    torch.set_num_threads(1)
+    d, cpu, lap = root / f"seed{out['seed']}", time.process_time(), Laps(out["times"])
+    out["compute"]["distill"] = distill(d, out["seed"], args, teacher, out["compute"]["grpo_flops"])
+    lap("distill_s")
+    if out["compute"]["distill"]["steps"]:
+        out["distill"] = evaluate(d / "distill", held, d / "eval_distill", args)
+    lap("eval_distill_s")
+    out["cpu_s"] += time.process_time() - cpu
+    return out
+
+
+def train_teacher(root: Path, held: Path, args) -> tuple[Path, dict]:
+    """Step 0, once."""
+    torch.set_num_threads(1)
+    t0, cpu = time.perf_counter(), time.process_time()
+    if not (args.reuse and (root / "teacher" / "checkpoints").is_dir()):
+        base = make_base(root / "teacher_base", 100, args, args.teacher_hidden, args.teacher_layers)
+        sft(root / "teacher", base, 100, args, args.teacher_steps)
+    info = {"train_s": time.perf_counter() - t0, "params": load_model_config(root / "teacher").to_dict()}
+    info["eval"] = evaluate(root / "teacher", held, root / "eval_teacher", args)
+    info["cpu_s"] = time.process_time() - cpu
+    return root / "teacher", info
 
 
 def chart(results: list[dict], path: Path, k: int) -> None:
@@ -301,31 +329,34 @@ def summary_lines(results: list[dict], k: int) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
     p.add_argument("--out", default="out/posttrain_demo")
     p.add_argument("--chart", default="docs/posttrain_demo.png")
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--ops", default="+")
-    p.add_argument("--reuse", action="store_true", help="keep the teacher and each seed's SFT run from an earlier "
-                   "call with the same --out (to vary the later stages)")
+    p.add_argument("--reuse", action="store_true", help="keep the teacher and each seed's SFT and GRPO runs from an "
+                   "earlier call with the same --out (to add or vary the later stages)")
     p.add_argument("--dr-grpo", action="store_true", help="advantages without the std scaling (Dr. GRPO)")
     p.add_argument("--vocab", type=int, default=400)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--sft-problems", type=int, default=3000)
-    p.add_argument("--sft-steps", type=int, default=600)
+    p.add_argument("--sft-steps", type=int, default=800)
     p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-lr", type=float, default=3e-3)
-    p.add_argument("--grpo-steps", type=int, default=60)
-    p.add_argument("--grpo-lr", type=float, default=1e-3)
+    p.add_argument("--sft-warmup", type=float, default=0.05, help="share of the SFT steps")
+    p.add_argument("--grpo-steps", type=int, default=40)
+    p.add_argument("--grpo-lr", type=float, default=1e-4)
+    p.add_argument("--mu", type=int, default=4, help="policy updates per batch of rollouts (PPO-style, clipped)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new", type=int, default=48)
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--teacher-hidden", type=int, default=256, help="0: no teacher, no distillation arm")
+    p.add_argument("--teacher-hidden", type=int, default=192, help="0: no teacher, no distillation arm")
     p.add_argument("--teacher-layers", type=int, default=3)
-    p.add_argument("--teacher-steps", type=int, default=1000)
-    p.add_argument("--distill-prompts", type=int, default=500)
+    p.add_argument("--teacher-steps", type=int, default=800)
+    p.add_argument("--distill-prompts", type=int, default=1000)
     p.add_argument("--distill-samples", type=int, default=2)
     p.add_argument("--distill-lr", type=float, default=1e-3)
     args = p.parse_args()
@@ -335,16 +366,20 @@ def main() -> None:
     held = root / "heldout.jsonl"           # one held-out set for every model (dsv3 eval's question/answer rows)
     held.write_text("".join(json.dumps({"question": t.prompt, "answer": t.answer}) + "\n"
                             for t in tasks("heldout", args.eval_problems, 7, args)))
-    teacher, teacher_info = None, {}
-    if args.teacher_hidden and args.reuse and (root / "teacher" / "checkpoints").is_dir():
-        teacher = root / "teacher"
-    elif args.teacher_hidden:
-        base = make_base(root / "teacher_base", 100, args, args.teacher_hidden, args.teacher_layers)
-        teacher = sft(root / "teacher", base, 100, args, args.teacher_steps)
-        teacher_info = {"train_s": time.perf_counter() - t0,
-                        "eval": evaluate(teacher, held, root / "eval_teacher", args)}
-    results = [run(s, root, teacher, held, args) for s in args.seeds]
+    # the seeds' SFT + GRPO and the teacher's training side by side (--jobs processes), then the distillation arms
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        teacher_job = pool.submit(train_teacher, root, held, args) if args.teacher_hidden else None
+        jobs = [pool.submit(run_seed, s, root, held, args) for s in args.seeds]
+        results = [j.result() for j in jobs]
+        teacher, teacher_info = teacher_job.result() if teacher_job else (None, {})
+        if teacher is not None:
+            results = [j.result() for j in [pool.submit(run_distill, r, root, teacher, held, args) for r in results]]
+    for r in results:
+        for stage in STAGES:
+            if stage in r:
+                print(f"seed {r['seed']} {stage}: {r[stage]}", file=sys.stderr)
     summary = {"args": vars(args), "teacher": teacher_info, "results": results, "wall_s": time.perf_counter() - t0,
+               "cpu_s": sum(r["cpu_s"] for r in results) + teacher_info.get("cpu_s", 0.0),
                "loadavg_start": load0, "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(),
                "machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
     lines = summary_lines(results, args.k)
@@ -353,7 +388,8 @@ def main() -> None:
     chart(results, Path(args.chart), args.k)
     print("\n".join(lines))
     print(f"teacher {teacher_info.get('eval')}")
-    print(f"wall {summary['wall_s']:.0f} s, load average {load0} -> {summary['loadavg_end']}")
+    print(f"wall {summary['wall_s']:.0f} s, CPU {summary['cpu_s']:.0f} s (the processes' own), load average "
+          f"{load0} -> {summary['loadavg_end']}")
 
 
 if __name__ == "__main__":
