@@ -113,6 +113,11 @@ def make_base(out: Path, seed: int, args, hidden: int, layers: int) -> Path:
     return out
 
 
+def params(cfg: ModelConfig) -> dict:
+    with torch.device("meta"):
+        return Transformer(cfg).num_params()
+
+
 def sft(d: Path, init: Path, seed: int, args, steps: int) -> Path:
     """Step 2 (and the teacher's training): `dsv3 sft` on train-split problems with worked answers."""
     with (d.parent / f"{d.name}.jsonl").open("w") as f:
@@ -204,10 +209,11 @@ def evaluate(model: Path, held: Path, out: Path, args) -> dict:
     """Step 5 through `dsv3 eval gen --chat`: sampled (pass@1, pass@k, maj@k) and greedy; format from the samples."""
     common = ["eval", "gen", "--chat", "--model", str(model), "--task", str(held), "--max-tokens", str(args.max_new),
               "--max-num-seqs", "256", "--cache-gib", "0.25"]
-    with contextlib.redirect_stdout(io.StringIO()) as table:
-        assert dsv3(common + ["--k", str(args.k), "--temperature", "1", "--out", str(out / "sampled")]) == 0
-        assert dsv3(common + ["--out", str(out / "greedy")]) == 0
-    print(table.getvalue(), file=sys.stderr)
+    if not (args.reuse and (out / "sampled" / "results.json").exists() and (out / "greedy" / "results.json").exists()):
+        with contextlib.redirect_stdout(io.StringIO()) as table:
+            assert dsv3(common + ["--k", str(args.k), "--temperature", "1", "--out", str(out / "sampled")]) == 0
+            assert dsv3(common + ["--out", str(out / "greedy")]) == 0
+        print(table.getvalue(), file=sys.stderr)
     sampled = json.loads((out / "sampled" / "results.json").read_text())[held.stem]["metrics"]
     greedy = json.loads((out / "greedy" / "results.json").read_text())[held.stem]["metrics"]
     rows = [json.loads(x) for x in (out / "sampled" / f"samples_{held.stem}.jsonl").read_text().splitlines()]
@@ -274,7 +280,11 @@ def train_teacher(root: Path, held: Path, args) -> tuple[Path, dict]:
     if not (args.reuse and (root / "teacher" / "checkpoints").is_dir()):
         base = make_base(root / "teacher_base", 100, args, args.teacher_hidden, args.teacher_layers)
         sft(root / "teacher", base, 100, args, args.teacher_steps)
-    info = {"train_s": time.perf_counter() - t0, "params": load_model_config(root / "teacher").to_dict()}
+        (root / "teacher_time.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0,
+                                                            "cpu_s": time.process_time() - cpu}))
+    cfg = load_model_config(root / "teacher")
+    info = {"training": json.loads((root / "teacher_time.json").read_text()), "hidden": cfg.hidden_size,
+            "layers": cfg.num_hidden_layers, "params": params(cfg)}
     info["eval"] = evaluate(root / "teacher", held, root / "eval_teacher", args)
     info["cpu_s"] = time.process_time() - cpu
     return root / "teacher", info
