@@ -20,7 +20,7 @@ Per seed:
    and distilled models: k samples at temperature 1 (pass@1, pass@k, maj@k), greedy accuracy; format compliance of
    the samples (dsv3.posttrain.rewards.format_reward) read from its samples file.
 
-    PYTHONPATH=src python benchmarks/posttrain_demo.py --seeds 0 1 2 --out out/posttrain_demo
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/posttrain_demo.py --seeds 0 1 2 --jobs 3 --out out/posttrain_demo
 writes results.json there and the chart docs/posttrain_demo.png.
 """
 
@@ -365,8 +365,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--teacher-hidden", type=int, default=192, help="0: no teacher, no distillation arm")
     p.add_argument("--teacher-layers", type=int, default=3)
-    p.add_argument("--teacher-steps", type=int, default=800)
-    p.add_argument("--distill-prompts", type=int, default=1000)
+    p.add_argument("--teacher-steps", type=int, default=500)
+    p.add_argument("--distill-prompts", type=int, default=500)
     p.add_argument("--distill-samples", type=int, default=2)
     p.add_argument("--distill-lr", type=float, default=1e-3)
     args = p.parse_args()
