@@ -1,43 +1,62 @@
-"""The post-training demo on the CPU (issue 18): procedurally generated arithmetic -> tiny base -> SFT -> GRPO ->
-held-out pass@1 / pass@8 / format compliance, over several seeds.
+"""The post-training demo on the CPU (issue 18): procedurally generated arithmetic -> tiny base -> SFT -> GRPO, and
+sequence-level distillation from a larger teacher at the same compute, all scored by `dsv3 eval`, over seeds.
 
+Once (shared by the seeds):
+0. teacher: a larger V3-architecture model (`--teacher-hidden`, `--teacher-layers`), SFT'd from random weights on
+   train-split problems for `--teacher-steps` (its own training is not counted in either arm below: it stands for
+   a given stronger model).
 Per seed:
-1. base: a byte-level BPE tokenizer trained on task text and a randomly initialised tiny V3-architecture model
-   (MLA, 8 routed experts top-2 + 1 shared, a dense first layer, one MTP module), saved as a Hugging Face directory;
-2. `dsv3 sft` (dsv3.posttrain.sft) on train-split problems rendered as one-turn chats whose assistant turn is
-   `<think>a op b</think><answer>value</answer>`: format and a first grasp of the arithmetic;
-3. `dsv3 grpo` (dsv3.posttrain.grpo) from the SFT run directory, on other train-split problems, correctness + format
-   rewards, DAPO switches (token aggregation, clip-higher, dynamic sampling), no KL;
-4. evaluation on held-out problems (split by a hash of the problem: never seen in training): k samples at
-   temperature 1 (pass@1, pass@k), greedy accuracy, format compliance; after SFT and after GRPO.
+1. base: a byte-level BPE tokenizer trained on task text (digits removed: numbers are read digit by digit) and a
+   randomly initialised tiny V3 model (MLA, 8 routed experts top-2 + 1 shared, a dense first layer, one MTP
+   module), saved as a Hugging Face directory;
+2. `dsv3 sft` (dsv3.posttrain.sft) on train-split problems as one-turn chats whose assistant turn is
+   `<think>column-wise working</think><answer>value</answer>`;
+3. `dsv3 grpo` (dsv3.posttrain.grpo) from the SFT run: correctness + 0.1 x format reward, group-normalised
+   advantages, token aggregation, clip-higher, dynamic sampling, overlong filtering, no KL;
+4. `dsv3 distill` (dsv3.posttrain.distill, sequence mode) from the same SFT run: the teacher answers train-split
+   problems, its verified answers are SFT data; as many SFT steps as make its FLOPs (the teacher's generation
+   included) equal to GRPO's (`flops`);
+5. `dsv3 eval gen --chat` on held-out problems (split by a hash of the problem: never trained on) for the SFT, GRPO
+   and distilled models: k samples at temperature 1 (pass@1, pass@k, maj@k), greedy accuracy; format compliance of
+   the samples (dsv3.posttrain.rewards.format_reward) read from its samples file.
 
-    PYTHONPATH=src python benchmarks/posttrain_demo.py --seeds 0 1 2 --out out/posttrain_demo
-writes results.json there and docs/posttrain_demo.png.
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/posttrain_demo.py --seeds 0 1 2 --jobs 3 --out out/posttrain_demo
+writes results.json there and the chart docs/posttrain_demo.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import io
 import json
+import multiprocessing
 import os
 import platform
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from dsv3 import ModelConfig, Transformer
 from dsv3.checkpoint import save_pretrained
+from dsv3.config import load_model_config
+from dsv3.cli import main as dsv3
 from dsv3.data import train_tokenizer
-from dsv3.data.chat import ChatTemplate
-from dsv3.posttrain.base import load_model_and_tokenizer
-from dsv3.posttrain.evaluate import evaluate_tasks
+from dsv3.parallel.plan import flops_per_token
+from dsv3.posttrain.distill import distill_trainer
 from dsv3.posttrain.grpo import grpo_trainer
+from dsv3.posttrain.rewards import format_reward
 from dsv3.posttrain.sft import sft_trainer
 from dsv3.posttrain.tasks import generate_tasks
 from dsv3.train.metrics import read_metrics
+
+COMMON = {"log": {"interval": 10, "tensorboard": False, "progress": False}, "checkpoint": {"interval": 0, "keep": 1}}
+STAGES = ("sft", "grpo", "distill")
 
 
 def column_trace(a: int, op: str, b: int) -> str:
@@ -63,22 +82,23 @@ def column_trace(a: int, op: str, b: int) -> str:
     return ", ".join(steps)
 
 
-def answer(task, cot: bool = False) -> str:
+def answer(task) -> str:
     a, b = task.numbers
     op = task.prompt.split()[2]
-    if cot and op in "+-":
-        return f"<think>{column_trace(a, op, b)}</think><answer>{task.answer}</answer>"
-    return f"<think>{a} {op} {b}</think><answer>{task.answer}</answer>"
+    return f"<think>{column_trace(a, op, b)}</think><answer>{task.answer}</answer>"
 
 
-def make_base(out: Path, seed: int, args) -> Path:
+def tasks(split: str, n: int, seed: int, args) -> list:
+    return generate_tasks("arithmetic", split, n, seed, digits=args.digits, ops=args.ops)
+
+
+def make_base(out: Path, seed: int, args, hidden: int, layers: int) -> Path:
     # digits removed from the tokenizer's corpus: no multi-digit tokens, so numbers are read and written digit by
     # digit (a 2-digit sum is then carries over digits, not a lookup in a table of 2-digit tokens)
-    texts = [re.sub(r"[0-9]", " ", t.prompt + " " + answer(t, args.cot))
-             for t in generate_tasks("arithmetic", "train", 3000, 10_000 + seed, digits=args.digits, ops=args.ops)]
+    texts = [re.sub(r"[0-9]", " ", t.prompt + " " + answer(t)) for t in tasks("train", 2000, 10_000 + seed, args)]
     tok = train_tokenizer(texts, vocab_size=args.vocab)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                      moe_intermediate_size=args.hidden // 2, num_hidden_layers=args.layers, num_attention_heads=4,
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      moe_intermediate_size=hidden // 2, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
                       n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=96,
                       qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=256,
@@ -93,134 +113,293 @@ def make_base(out: Path, seed: int, args) -> Path:
     return out
 
 
-def run(seed: int, root: Path, args) -> dict:
-    d, t0, times = root / f"seed{seed}", time.perf_counter(), {}
-    d.mkdir(parents=True, exist_ok=True)
-    if args.reuse_sft and (d / "sft" / "checkpoints").is_dir():     # an earlier invocation's base and SFT
-        return finish(seed, d, root, args, t0, {"sft_s": None})
-    base = make_base(d / "base", seed, args)
-    # step 2: SFT
-    train = generate_tasks("arithmetic", "train", args.sft_problems, seed, digits=args.digits, ops=args.ops)
-    with (d / "sft.jsonl").open("w") as f:
-        for t in train:
+def params(cfg: ModelConfig) -> dict:
+    with torch.device("meta"):
+        return Transformer(cfg).num_params()
+
+
+def sft(d: Path, init: Path, seed: int, args, steps: int) -> Path:
+    """Step 2 (and the teacher's training): `dsv3 sft` on train-split problems with worked answers."""
+    with (d.parent / f"{d.name}.jsonl").open("w") as f:
+        for t in tasks("train", args.sft_problems, seed, args):
             f.write(json.dumps({"messages": [{"role": "user", "content": t.prompt},
-                                             {"role": "assistant", "content": answer(t, args.cot)}]}) + "\n")
-    common = {"train": {"device": "cpu", "dtype": "fp32", "seed": seed},
-              "log": {"interval": 10, "tensorboard": False, "progress": False},
-              "checkpoint": {"interval": 0, "keep": 1}}
-    sft = {"run_dir": str(d / "sft"), "sft": {"init": str(base), "train_files": [str(d / "sft.jsonl")],
-                                               "eval_fraction": 0.02, "seed": seed},
-           "optim": {"lr": args.sft_lr}, "data": {"seq_len": 128},
-           **common, "train": {**common["train"], "steps": args.sft_steps, "batch_size": args.sft_batch,
+                                             {"role": "assistant", "content": answer(t)}]}) + "\n")
+    run = {"run_dir": str(d), "sft": {"init": str(init), "train_files": [str(d.parent / f"{d.name}.jsonl")],
+                                      "eval_fraction": 0.02, "seed": seed},
+           "optim": {"lr": args.sft_lr, "warmup": args.sft_warmup, "constant_until": args.sft_warmup},
+           "data": {"seq_len": 128}, **COMMON,
+           "train": {"device": "cpu", "dtype": "fp32", "seed": seed, "steps": steps, "batch_size": args.sft_batch,
                      "micro_batch_size": args.sft_batch},
-           "log": {**common["log"], "val_interval": args.sft_steps, "val_batches": 2}}
-    (d / "sft.json").write_text(json.dumps(sft))
-    trainer, _ = sft_trainer(d / "sft.json", [], overwrite=True)
+           "log": {**COMMON["log"], "val_interval": steps, "val_batches": 2}}
+    (d.parent / f"{d.name}.json").write_text(json.dumps(run))
+    trainer, _ = sft_trainer(d.parent / f"{d.name}.json", [], overwrite=True)
     trainer.run()
-    times["sft_s"] = time.perf_counter() - t0
-    return finish(seed, d, root, args, t0, times)
+    return d
 
 
-def finish(seed: int, d: Path, root: Path, args, t0: float, times: dict) -> dict:
-    common = {"train": {"device": "cpu", "dtype": "fp32", "seed": seed},
-              "log": {"interval": 10, "tensorboard": False, "progress": False},
-              "checkpoint": {"interval": 0, "keep": 1}}
-    # step 3: GRPO from the SFT run
-    grpo = {"run_dir": str(d / "grpo"),
-            "grpo": {"init": str(d / "sft"), "task": "arithmetic", "digits": args.digits, "ops": args.ops,
-                     "train_prompts": 2000,
-                     "prompts_per_step": args.prompts, "group_size": args.group, "max_new_tokens": args.max_new,
-                     "seed": seed + 1000, "format_weight": 0.1, "scale_std": not args.dr_grpo},
-            "optim": {"lr": args.grpo_lr}, **common,
-            "train": {**common["train"], "steps": args.grpo_steps, "micro_batch_size": args.prompts * args.group}}
-    (d / "grpo.json").write_text(json.dumps(grpo))
-    t1 = time.perf_counter()
+def grpo(d: Path, seed: int, args) -> Path:
+    """Step 3: `dsv3 grpo` from the SFT run."""
+    run = {"run_dir": str(d / "grpo"),
+           "grpo": {"init": str(d / "sft"), "task": "arithmetic", "digits": args.digits, "ops": args.ops,
+                    "train_prompts": 2000, "prompts_per_step": args.prompts, "group_size": args.group,
+                    "max_new_tokens": args.max_new, "temperature": 1.0, "seed": seed + 1000, "format_weight": 0.1,
+                    "scale_std": not args.dr_grpo, "beta": 0.0, "updates_per_batch": args.mu},
+           "optim": {"lr": args.grpo_lr}, **COMMON,
+           "train": {"device": "cpu", "dtype": "fp32", "seed": seed, "steps": args.grpo_steps,
+                     "micro_batch_size": args.prompts * args.group}}
+    (d / "grpo.json").write_text(json.dumps(run))
     grpo_trainer(d / "grpo.json", [], overwrite=True).run()
-    times["grpo_s"] = time.perf_counter() - t1
-    # step 4: held-out evaluation of both
-    held = generate_tasks("arithmetic", "heldout", args.eval_problems, 7, digits=args.digits, ops=args.ops)
-    out = {"seed": seed}
-    t2 = time.perf_counter()
-    for name in ("sft", "grpo"):
-        model, tok = load_model_and_tokenizer(d / name)
-        out[name] = evaluate_tasks(model, tok, ChatTemplate(), held, k=args.k, max_new_tokens=args.max_new,
-                                   seed=seed)
-        print(f"seed {seed} {name}: {out[name]}", file=sys.stderr)
-    times["eval_s"] = time.perf_counter() - t2
+    return d / "grpo"
+
+
+def flops(cfg: ModelConfig, tokens: float, train: bool, mtp: bool = False) -> float:
+    """Matmul + attention FLOPs of `tokens` tokens through a model (dsv3.parallel.plan.flops_per_token: training is 3x
+    the forward), with or without its MTP module (SFT trains it; rollouts and GRPO's loss do not run it)."""
+    c = dataclasses.replace(cfg, num_nextn_predict_layers=cfg.num_nextn_predict_layers if mtp else 0)
+    per_token = flops_per_token(c, seq_len=128)["total"]
+    return tokens * (per_token if train else per_token / 3)
+
+
+def grpo_flops(run: Path, cfg: ModelConfig, mu: int) -> float:
+    """Per step (one policy update): forward + backward of the batch's rows; per batch of rollouts (every mu steps):
+    the rollouts (a forward of every prompt and sampled token) and, when mu > 1, the rollout policy's log-probs (one
+    more forward). From the run's metrics: `tokens_rollout` (real tokens of the batch, averaged over each interval)."""
+    total, last = 0.0, 0
+    for r in read_metrics(run, kind="train"):
+        steps, last, n = r["step"] - last, r["step"], r["tokens_rollout"]
+        total += steps * (flops(cfg, n, train=True) + flops(cfg, n, train=False) * (1 + (mu > 1)) / mu)
+    return total
+
+
+def distill(d: Path, seed: int, args, teacher: Path, budget: float) -> dict:
+    """Step 4, `dsv3 distill`'s two steps (dsv3.posttrain.distill): the teacher's verified answers to train-split
+    problems (rejection sampling), then SFT of the SFT model on them for as many steps as GRPO's FLOPs (`budget`)
+    leave after the teacher's generation."""
+    from dsv3.data.chat import ChatTemplate, encode_chat
+    from dsv3.posttrain.base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
+    from dsv3.posttrain.distill import teacher_conversations
+    model, tok = load_model_and_tokenizer(teacher)
+    kept, stats = teacher_conversations(model, tok, ChatTemplate(chat_template_of(tokenizer_dir(teacher))),
+                                        tasks("train", args.distill_prompts, seed + 2000, args), args.distill_samples,
+                                        1.0, args.max_new, seed + 2000)
+    (d / "distill.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    student = load_model_config(d / "sft")
+    student_tok = load_model_and_tokenizer(d / "sft")[1]
+    mean_len = sum(len(encode_chat(student_tok, r["messages"])) for r in kept) / max(1, len(kept))
+    teacher_f = flops(load_model_config(teacher), stats["tokens"], train=False)
+    per_step = flops(student, args.sft_batch * mean_len, train=True, mtp=True)
+    steps = int((budget - teacher_f) // per_step)
+    if steps < 1 or not kept:
+        return {**stats, "steps": 0, "teacher_flops": teacher_f, "note": "the teacher's generation alone spends "
+                "GRPO's FLOPs (or kept nothing)"}
+    run = {"run_dir": str(d / "distill"),
+           "distill": {"teacher": str(teacher), "init": str(d / "sft"), "mode": "sequence",
+                       "train_files": [str(d / "distill.jsonl")], "eval_fraction": 0.0, "seed": seed},
+           "optim": {"lr": args.distill_lr}, "data": {"seq_len": 128}, **COMMON,
+           "train": {"device": "cpu", "dtype": "fp32", "seed": seed, "steps": steps, "batch_size": args.sft_batch,
+                     "micro_batch_size": args.sft_batch}, "log": {**COMMON["log"], "val_interval": 0}}
+    (d / "distill.json").write_text(json.dumps(run))
+    trainer, _ = distill_trainer(d / "distill.json", [], overwrite=True)
+    trainer.run()
+    return {**stats, "steps": steps, "teacher_flops": teacher_f, "sft_flops": steps * per_step,
+            "mean_conversation_tokens": mean_len}
+
+
+def evaluate(model: Path, held: Path, out: Path, args) -> dict:
+    """Step 5 through `dsv3 eval gen --chat`: sampled (pass@1, pass@k, maj@k) and greedy; format from the samples."""
+    common = ["eval", "gen", "--chat", "--model", str(model), "--task", str(held), "--max-tokens", str(args.max_new),
+              "--max-num-seqs", "256", "--cache-gib", "0.25"]
+    if not (args.reuse and (out / "sampled" / "results.json").exists() and (out / "greedy" / "results.json").exists()):
+        with contextlib.redirect_stdout(io.StringIO()) as table:
+            assert dsv3(common + ["--k", str(args.k), "--temperature", "1", "--out", str(out / "sampled")]) == 0
+            assert dsv3(common + ["--out", str(out / "greedy")]) == 0
+        print(table.getvalue(), file=sys.stderr)
+    sampled = json.loads((out / "sampled" / "results.json").read_text())[held.stem]["metrics"]
+    greedy = json.loads((out / "greedy" / "results.json").read_text())[held.stem]["metrics"]
+    rows = [json.loads(x) for x in (out / "sampled" / f"samples_{held.stem}.jsonl").read_text().splitlines()]
+    outputs = [o for r in rows for o in r["outputs"]]
+    k = args.k
+    return {"pass@1": sampled["pass@1"], "pass@1_stderr": sampled["pass@1_stderr"], f"pass@{k}": sampled[f"pass@{k}"],
+            f"maj@{k}": sampled[f"maj@{k}"], "greedy": greedy["pass@1"],
+            "format": sum(map(format_reward, outputs)) / len(outputs), "problems": sampled["n"]}
+
+
+class Laps:
+    """Seconds per named stage."""
+
+    def __init__(self, times: dict):
+        self.times, self.clock = times, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.times[name], self.clock = time.perf_counter() - self.clock, time.perf_counter()
+
+
+def run_seed(seed: int, root: Path, held: Path, args) -> dict:
+    """Steps 1-3 and 5 for one seed: base, SFT, GRPO, both evaluated."""
+    torch.set_num_threads(1)
+    d, out = root / f"seed{seed}", {"seed": seed, "times": {}, "cpu_s": time.process_time()}
+    d.mkdir(parents=True, exist_ok=True)
+    lap = Laps(out["times"])
+    if not (args.reuse and (d / "sft" / "checkpoints").is_dir()):
+        base = make_base(d / "base", seed, args, args.hidden, args.layers)
+        sft(d / "sft", base, seed, args, args.sft_steps)
+    lap("sft_s")
+    out["sft"] = evaluate(d / "sft", held, d / "eval_sft", args)
+    lap("eval_sft_s")
+    if not (args.reuse and (d / "grpo" / "checkpoints").is_dir()):
+        grpo(d, seed, args)
+    lap("grpo_s")
+    out["grpo"] = evaluate(d / "grpo", held, d / "eval_grpo", args)
+    lap("eval_grpo_s")
+    out["compute"] = {"grpo_flops": grpo_flops(d / "grpo", load_model_config(d / "sft"), args.mu)}
     out["grpo_curve"] = [{k: r.get(k) for k in ("step", "reward", "correct", "format", "zero_std_groups",
-                                                  "response_length", "clip_fraction", "entropy",
+                                                  "response_length", "clip_fraction", "entropy", "tokens_rollout",
                                                   "engine_logprob_gap", "rollout_s", "train_s")}
                          for r in read_metrics(d / "grpo", kind="train")]
-    out["times"] = {**times, "total_s": time.perf_counter() - t0}
+    out["cpu_s"] = time.process_time() - out["cpu_s"]
     return out
+
+
+def run_distill(out: dict, root: Path, teacher: Path, held: Path, args) -> dict:
+    """Step 4 and its evaluation for one seed, at the FLOPs its GRPO run spent."""
+    torch.set_num_threads(1)
+    d, cpu, lap = root / f"seed{out['seed']}", time.process_time(), Laps(out["times"])
+    out["compute"]["distill"] = distill(d, out["seed"], args, teacher, out["compute"]["grpo_flops"])
+    lap("distill_s")
+    if out["compute"]["distill"]["steps"]:
+        out["distill"] = evaluate(d / "distill", held, d / "eval_distill", args)
+    lap("eval_distill_s")
+    out["cpu_s"] += time.process_time() - cpu
+    return out
+
+
+def train_teacher(root: Path, held: Path, args) -> tuple[Path, dict]:
+    """Step 0, once."""
+    torch.set_num_threads(1)
+    t0, cpu = time.perf_counter(), time.process_time()
+    if not (args.reuse and (root / "teacher" / "checkpoints").is_dir()):
+        base = make_base(root / "teacher_base", 100, args, args.teacher_hidden, args.teacher_layers)
+        sft(root / "teacher", base, 100, args, args.teacher_steps)
+        (root / "teacher_time.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0,
+                                                            "cpu_s": time.process_time() - cpu}))
+    cfg = load_model_config(root / "teacher")
+    info = {"training": json.loads((root / "teacher_time.json").read_text()), "hidden": cfg.hidden_size,
+            "layers": cfg.num_hidden_layers, "params": params(cfg)}
+    info["eval"] = evaluate(root / "teacher", held, root / "eval_teacher", args)
+    info["cpu_s"] = time.process_time() - cpu
+    return root / "teacher", info
 
 
 def chart(results: list[dict], path: Path, k: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     metrics = ["pass@1", f"pass@{k}", "greedy", "format"]
-    for j, stage in enumerate(("sft", "grpo")):
+    stages = [s for s in STAGES if all(s in r for r in results)]
+    w = 0.8 / len(stages)
+    for j, stage in enumerate(stages):
         vals = torch.tensor([[r[stage][m] for m in metrics] for r in results])
-        x = torch.arange(len(metrics)) + (j - 0.5) * 0.38
-        ax.bar(x, vals.mean(0), 0.38, yerr=vals.std(0) if len(results) > 1 else None, label=stage.upper(),
-               capsize=3)
+        x = torch.arange(len(metrics)) + (j - (len(stages) - 1) / 2) * w
+        ax.bar(x, vals.mean(0), w, yerr=vals.std(0) if len(results) > 1 else None, label=stage.upper(), capsize=3)
         for r in vals:
             ax.scatter(x, r, color="k", s=8, zorder=3)
     ax.set_xticks(range(len(metrics)), metrics)
     ax.set_ylim(0, 1)
-    ax.set_title(f"held-out arithmetic, {len(results)} seeds (mean, std, dots: seeds)")
+    ax.set_title(f"held-out arithmetic (dsv3 eval), {len(results)} seeds: mean, std, dots = seeds", fontsize=9)
     ax.legend()
     for r in results:
         c = r["grpo_curve"]
-        ax2.plot([p["step"] for p in c], [p["correct"] for p in c], label=f"seed {r['seed']}")
+        ax2.plot([p["step"] for p in c], [p["correct"] for p in c], label=f"seed {r['seed']}: rollouts correct")
+        ax2.plot([p["step"] for p in c], [p["zero_std_groups"] for p in c], ":", label=f"seed {r['seed']}: "
+                 "zero-std groups")
     ax2.set_xlabel("GRPO step")
-    ax2.set_ylabel("train rollouts: share correct")
-    ax2.legend()
+    ax2.set_ylim(0, 1)
+    ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def summary_lines(results: list[dict], k: int) -> list[str]:
+    lines = []
+    for stage in STAGES:
+        for m in ("pass@1", f"pass@{k}", f"maj@{k}", "greedy", "format"):
+            v = torch.tensor([r[stage][m] for r in results if stage in r])
+            if len(v):
+                lines.append(f"{stage:7s} {m:7s} mean {v.mean():.3f} std {v.std() if len(v) > 1 else 0:.3f} "
+                             f"seeds {[round(x, 3) for x in v.tolist()]}")
+    gain = torch.tensor([r["grpo"]["pass@1"] - r["sft"]["pass@1"] for r in results])
+    spread = max(torch.tensor([r[s]["pass@1"] for r in results]).std().item() if len(results) > 1 else 0.0
+                 for s in ("sft", "grpo"))
+    lines.append(f"GRPO - SFT pass@1 per seed {[round(x, 3) for x in gain.tolist()]}, mean {gain.mean():.3f}; "
+                 f"seed spread (the larger std of pass@1 over seeds, SFT or GRPO) {spread:.3f}")
+    return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
     p.add_argument("--out", default="out/posttrain_demo")
     p.add_argument("--chart", default="docs/posttrain_demo.png")
     p.add_argument("--digits", type=int, default=2)
-    p.add_argument("--ops", default="+-")
-    p.add_argument("--reuse-sft", action="store_true", help="keep a seed's base and SFT run from an earlier call")
+    p.add_argument("--ops", default="+")
+    p.add_argument("--reuse", action="store_true", help="keep the teacher and each seed's SFT and GRPO runs from an "
+                   "earlier call with the same --out (to add or vary the later stages)")
     p.add_argument("--dr-grpo", action="store_true", help="advantages without the std scaling (Dr. GRPO)")
-    p.add_argument("--cot", action="store_true", help="SFT answers show column-wise working in <think>")
     p.add_argument("--vocab", type=int, default=400)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--sft-problems", type=int, default=4000)
-    p.add_argument("--sft-steps", type=int, default=200)
+    p.add_argument("--sft-problems", type=int, default=3000)
+    p.add_argument("--sft-steps", type=int, default=800)
     p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-lr", type=float, default=3e-3)
-    p.add_argument("--grpo-steps", type=int, default=20)
-    p.add_argument("--grpo-lr", type=float, default=3e-4)
-    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--sft-warmup", type=float, default=0.05, help="share of the SFT steps")
+    p.add_argument("--grpo-steps", type=int, default=40)
+    p.add_argument("--grpo-lr", type=float, default=1e-4)
+    p.add_argument("--mu", type=int, default=4, help="policy updates per batch of rollouts (PPO-style, clipped)")
+    p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
-    p.add_argument("--max-new", type=int, default=24)
-    p.add_argument("--eval-problems", type=int, default=60)
+    p.add_argument("--max-new", type=int, default=48)
+    p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--k", type=int, default=8)
+    p.add_argument("--teacher-hidden", type=int, default=192, help="0: no teacher, no distillation arm")
+    p.add_argument("--teacher-layers", type=int, default=3)
+    p.add_argument("--teacher-steps", type=int, default=500)
+    p.add_argument("--distill-prompts", type=int, default=500)
+    p.add_argument("--distill-samples", type=int, default=2)
+    p.add_argument("--distill-lr", type=float, default=1e-3)
     args = p.parse_args()
     root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
     t0, load0 = time.perf_counter(), os.getloadavg()
-    results = [run(s, root, args) for s in args.seeds]
-    summary = {"args": vars(args), "results": results, "wall_s": time.perf_counter() - t0,
+    held = root / "heldout.jsonl"           # one held-out set for every model (dsv3 eval's question/answer rows)
+    held.write_text("".join(json.dumps({"question": t.prompt, "answer": t.answer}) + "\n"
+                            for t in tasks("heldout", args.eval_problems, 7, args)))
+    # the seeds' SFT + GRPO and the teacher's training side by side (--jobs processes), then the distillation arms
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        teacher_job = pool.submit(train_teacher, root, held, args) if args.teacher_hidden else None
+        jobs = [pool.submit(run_seed, s, root, held, args) for s in args.seeds]
+        results = [j.result() for j in jobs]
+        teacher, teacher_info = teacher_job.result() if teacher_job else (None, {})
+        if teacher is not None:
+            results = [j.result() for j in [pool.submit(run_distill, r, root, teacher, held, args) for r in results]]
+    for r in results:
+        for stage in STAGES:
+            if stage in r:
+                print(f"seed {r['seed']} {stage}: {r[stage]}", file=sys.stderr)
+    summary = {"args": vars(args), "teacher": teacher_info, "results": results, "wall_s": time.perf_counter() - t0,
+               "cpu_s": sum(r["cpu_s"] for r in results) + teacher_info.get("cpu_s", 0.0),
                "loadavg_start": load0, "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(),
                "machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
+    lines = summary_lines(results, args.k)
+    summary["summary"] = lines
     (root / "results.json").write_text(json.dumps(summary, indent=1))
     chart(results, Path(args.chart), args.k)
-    for stage in ("sft", "grpo"):
-        for m in ("pass@1", f"pass@{args.k}", "greedy", "format"):
-            v = torch.tensor([r[stage][m] for r in results])
-            print(f"{stage:5s} {m:8s} mean {v.mean():.3f} std {v.std() if len(v) > 1 else 0:.3f} seeds "
-                  f"{[round(x, 3) for x in v.tolist()]}")
-    print(f"wall {summary['wall_s']:.0f} s, load average {load0} -> {summary['loadavg_end']}")
+    print("\n".join(lines))
+    print(f"teacher {teacher_info.get('eval')}")
+    print(f"wall {summary['wall_s']:.0f} s, CPU {summary['cpu_s']:.0f} s (the processes' own), load average "
+          f"{load0} -> {summary['loadavg_end']}")
 
 
 if __name__ == "__main__":

@@ -253,15 +253,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tok_dir = tokenizer_dir(args.model, args.tokenizer)
         model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer,
                                                     dtype=_serving_dtype(args.dtype, device), device=device)
-        backend = EngineBackend(Engine(model, tokenizer, EngineConfig(cache_memory_gib=args.cache_gib)))
+        backend = EngineBackend(Engine(model, tokenizer, EngineConfig(cache_memory_gib=args.cache_gib,
+                                                                      max_num_seqs=args.max_num_seqs)))
     add_bos = run.tokenizer_adds_bos(tok_dir) if args.add_bos == "auto" else args.add_bos == "yes"
+    if args.chat and args.mode != "gen":
+        raise ValueError("--chat applies to dsv3 eval gen")
     if args.mode == "mc":
         metrics = run.evaluate_mc(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos,
                                   args.continuation, args.limit, args.seed, args.strict)
     elif args.mode == "gen":
+        chat = _chat_template(tok_dir) if args.chat else None
         metrics = run.evaluate_generation(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot,
                                           add_bos, args.k, args.temperature, args.max_tokens, args.limit, args.seed,
-                                          args.strict, args.match)
+                                          args.strict, args.match, chat=chat)
     elif args.mode == "code":
         from .verify import SandboxUnavailable
         try:
@@ -280,6 +284,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _chat_template(tok_dir):
+    from .data.chat import ChatTemplate
+    from .posttrain.base import chat_template_of
+    return ChatTemplate(chat_template_of(tok_dir))
 
 
 def _numbers(text: str, kind, flag: str) -> list:
@@ -551,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-tokens", type=int, default=256, help="gen: new tokens per sample")
     s.add_argument("--match", choices=["math", "text"], default="math", help="gen: math (numeric / symbolic "
                    "equivalence, GSM8K / MATH) or text (normalised exact match, SimpleQA-style factual QA)")
+    s.add_argument("--chat", action="store_true", help="gen: each question as a user turn in the tokenizer's chat "
+                   "template (a post-trained chat model), stopping at EOS")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="local engine: sequences decoded at once")
     s.add_argument("--model", default=None, help="a training run or Hugging Face directory (local engine)")
     s.add_argument("--server", default=None, help="an OpenAI-compatible server's URL instead of --model")
     s.add_argument("--served-model-name", default="default", help="--server: the model name to ask for")

@@ -12,7 +12,10 @@ Two ways to match (`match`):
   and whitespace (SQuAD's normalisation, with every Unicode punctuation mark, so "巴黎。" matches "巴黎"). SimpleQA
   grades with a model; this is the exact-match proxy, so it under-counts paraphrases. The prompt is "Question: ...
 \\nAnswer:" after the few-shot examples (each with its full worked answer), and generation stops at the next
-"Question:". Every sample's record keeps the output, the extracted answer (None when extraction failed: counted as
+"Question:". With a chat template (`chat`, a dsv3.data.chat.ChatTemplate: a post-trained chat model, the GRPO
+demo's policy) the question is instead one user turn rendered as the server renders it (few-shot examples as
+earlier user / assistant turns), with the template's own BOS and generation prompt, and generation stops at EOS.
+Every sample's record keeps the output, the extracted answer (None when extraction failed: counted as
 wrong, never a crash), the verdict and the backend's error if it had one (counted as wrong too).
 """
 
@@ -71,17 +74,30 @@ def qa_prompt(q: dict, fewshot: list[dict] = ()) -> str:
     return shots + f"Question: {q['question'].strip()}\nAnswer:"
 
 
+def chat_messages(q: dict, fewshot: list[dict] = ()) -> list[dict]:
+    """The question as the last user turn of a conversation whose earlier turns are the few-shot examples."""
+    shots = [m for x in fewshot for m in ({"role": "user", "content": x["question"].strip()},
+                                          {"role": "assistant", "content": x["answer"].strip()})]
+    return shots + [{"role": "user", "content": q["question"].strip()}]
+
+
 def score_generation(backend: GenerateBackend, tokenizer, questions: list[dict], fewshot: list[dict] = (), k: int = 1,
                      temperature: float = 0.0, max_tokens: int = 256, add_bos: bool = True, seed: int = 0,
-                     flexible: bool = True, match: str = "math") -> tuple[dict, list[dict]]:
+                     flexible: bool = True, match: str = "math", chat=None) -> tuple[dict, list[dict]]:
     """({pass@1, pass@k, maj@k with standard errors, extraction_failures and errors (backend) counted in samples,
-    samples, n}, one record per question)."""
+    samples, n}, one record per question). `chat`: a ChatTemplate (module docstring; `add_bos` is then the
+    template's business)."""
     if match not in ("math", "text"):
         raise ValueError(f"match must be 'math' or 'text', got {match!r}")
-    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    prompts = [qa_prompt(q, fewshot) for q in questions]
-    outs = backend.generate([bos + tokenizer.encode(p) for p in prompts], k, temperature, max_tokens,
-                            ["Question:"], seed)
+    if chat is not None:
+        convs = [chat_messages(q, fewshot) for q in questions]
+        prompts = [chat.render(c) for c in convs]
+        outs = backend.generate([chat.encode(tokenizer, c) for c in convs], k, temperature, max_tokens, [], seed)
+    else:
+        bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+        prompts = [qa_prompt(q, fewshot) for q in questions]
+        outs = backend.generate([bos + tokenizer.encode(p) for p in prompts], k, temperature, max_tokens,
+                                ["Question:"], seed)
     records, p1, pk, mk, failed, errored = [], [], [], [], 0, 0
     for q, prompt, texts in zip(questions, prompts, outs):
         errors = [failure(t) for t in texts]

@@ -25,6 +25,7 @@ from .report import table, write_results
 
 PROMPT_VERSION = PROMPT_LAYOUT   # mc_prompt's layout, so results.json says what was measured
 GEN_PROMPT_VERSION = "qa-v1"     # qa_prompt's
+CHAT_PROMPT_VERSION = "chat-v1"  # generation.chat_messages through the model's chat template
 CODE_PROMPT_VERSION = "code-v1"  # code.py's prompts, stop sequences and output comparison
 NEEDLE_PROMPT_VERSION = "needle-v1"
 
@@ -55,7 +56,8 @@ def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: st
 def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
                         fewshot: int = 0, add_bos: bool = True, k: int = 1, temperature: float = 0.0,
                         max_tokens: int = 256, limit: int = 0, seed: int = 0,
-                        strict: bool = False, match: str = "math") -> dict:
+                        strict: bool = False, match: str = "math", chat=None) -> dict:
+    """`chat`: the model's ChatTemplate, to ask a chat model in its own format (generation.py)."""
     bad = None if strict else []
     questions = read_qa(task, bad)[:limit or None]
     shots = random.Random(seed).sample(read_qa(fewshot_file), fewshot) if fewshot and fewshot_file else []
@@ -64,11 +66,12 @@ def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, o
     if k > 1 and temperature == 0:
         raise ValueError("k > 1 samples need --temperature > 0 (greedy samples are all the same)")
     metrics, records = score_generation(backend, tokenizer, questions, shots, k, temperature, max_tokens, add_bos, seed,
-                                        match=match)
+                                        match=match, chat=chat)
     name = Path(task).stem
-    config = dict(task=str(task), fewshot=len(shots), add_bos=add_bos, k=k, temperature=temperature,
-                  max_tokens=max_tokens, seed=seed, match=match)
-    return _finish(out_dir, name, metrics, records, bad, GEN_PROMPT_VERSION, config)
+    config = dict(task=str(task), fewshot=len(shots), add_bos=add_bos if chat is None else "chat template", k=k,
+                  temperature=temperature, max_tokens=max_tokens, seed=seed, match=match, chat=chat is not None)
+    version = GEN_PROMPT_VERSION if chat is None else CHAT_PROMPT_VERSION
+    return _finish(out_dir, name, metrics, records, bad, version, config)
 
 
 def evaluate_code(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, add_bos: bool = True,

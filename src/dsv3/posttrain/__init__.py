@@ -10,12 +10,13 @@ Parts:
   distill_loss  forward KL on the teacher's top-k logits
   rewards       correctness (dsv3.verify.extract), format, length penalty, language consistency, the reward-model
                 hook
-  tasks         seeded arithmetic and Countdown tasks, disjoint train/held-out splits, ast-walking verifiers
+  tasks         seeded arithmetic and Countdown tasks, disjoint train/held-out splits, ast-walking verifiers; code
+                tasks from a file, run against their tests in the sandbox
   distill       `dsv3 distill`: teacher samples + verifier rejection -> SFT data; top-k logit KD (LogitKDTrainer)
-  evaluate      held-out pass@1 / pass@k / greedy / format compliance with the Engine
   base          the starting model: a run directory or a HF directory (weights, tokenizer, chat template)
   config        the [sft] / [grpo] tables beside the run sections, validated by the same rules
-Code rewards run in dsv3.verify.sandbox (shared with evaluation's code tasks).
+Code rewards run in dsv3.verify.sandbox (shared with evaluation's code tasks). Held-out scores come from
+dsv3.eval (`dsv3 eval gen --chat`), which sits above this package.
 """
 
 from .chat_data import ChatExample, batch_examples, encode_conversation, read_chat_rows
@@ -24,11 +25,11 @@ from .grpo_loss import (dynamic_sampling_mask, group_advantages, kl_estimate, ov
                         sequence_logprobs)
 from .rewards import (RewardModel, correctness_reward, format_reward, language_consistency_reward, length_penalty,
                       score_with)
-from .tasks import Task, generate_tasks, split_of, verify, verify_countdown
+from .tasks import Task, generate_tasks, read_code_tasks, split_of, verify, verify_countdown
 
 __all__ = ["group_advantages", "policy_loss", "kl_estimate", "dynamic_sampling_mask", "overlong_filter",
            "sequence_logprobs", "teacher_topk", "topk_forward_kl",
            "correctness_reward", "format_reward",
            "length_penalty", "language_consistency_reward", "RewardModel", "score_with",
-           "Task", "generate_tasks", "split_of", "verify", "verify_countdown",
+           "Task", "generate_tasks", "read_code_tasks", "split_of", "verify", "verify_countdown",
            "ChatExample", "read_chat_rows", "encode_conversation", "batch_examples"]

@@ -62,7 +62,12 @@ class SFTConfig:
 class GRPOConfig:
     init: str = setting("", Text("a training run directory or a Hugging Face model directory"))
     ema: bool = setting(False, Flag())
-    task: str = setting("arithmetic", OneOf(("arithmetic", "countdown")))    # dsv3.posttrain.tasks
+    task: str = setting("arithmetic", OneOf(("arithmetic", "countdown", "code")))    # dsv3.posttrain.tasks
+    # code: the problems ({prompt, tests} or HumanEval rows), rewarded by running them in dsv3.verify.sandbox
+    task_file: str = setting("", Text("a .jsonl / .parquet file of code problems", nonempty=False))
+    code_timeout_s: float = setting(5.0, Real(0, 60, lo_open=True))     # wall-clock limit of one program's run
+    code_memory_mb: int = setting(512, Int(64, 16384))                 # its RLIMIT_AS
+    code_workers: int = setting(2, Int(1, 64))                         # programs run at once
     digits: int = setting(2, Int(1, 9))                      # arithmetic operands' digits
     ops: str = setting("+-*", OneOf(("+-*",), r"[+*-]{1,3}", "a subset of '+-*'"))    # arithmetic operators
     train_prompts: int = setting(2000, Int(1))               # drawn from the train split of the task
@@ -130,6 +135,10 @@ def section_from_table(kind: str, table: Any):
     check_fields(kind, section)
     if not section.init:
         raise ConfigError(f"invalid {kind} config: {kind}.init is required (a run directory or a HF directory)")
+    if kind == "grpo" and (section.task == "code") != bool(section.task_file):
+        raise ConfigError("invalid grpo config: grpo.task_file " + ("is required with grpo.task='code' (the code "
+                          "problems)" if section.task == "code" else f"applies to grpo.task='code' only (the task "
+                          f"is {section.task!r})"))
     return section
 
 

@@ -34,7 +34,8 @@ DATA = "distill_data.jsonl"
 @torch.no_grad()
 def teacher_conversations(model, tokenizer, template: ChatTemplate, tasks, samples: int, temperature: float,
                           max_new_tokens: int, seed: int) -> tuple[list[dict], dict]:
-    """Step 1: rejection sampling. Returns the kept conversations and {problems, kept, tries}."""
+    """Step 1: rejection sampling. Returns the kept conversations and {problems, kept, tries, tokens} (tokens: prompt
+    + sampled tokens of every try, what the teacher's forwards cost)."""
     prompts = [template.encode(tokenizer, [{"role": "user", "content": t.prompt}], True) for t in tasks]
     rows = len(tasks) * samples
     longest = max(map(len, prompts)) + max_new_tokens
@@ -51,7 +52,8 @@ def teacher_conversations(model, tokenizer, template: ChatTemplate, tasks, sampl
                 kept.append({"messages": [{"role": "user", "content": t.prompt},
                                           {"role": "assistant", "content": o.text}]})
                 break
-    return kept, {"problems": len(tasks), "kept": len(kept), "tries": rows}
+    tokens = sum(len(p) + len(o.token_ids) for p, o in zip((p for p in prompts for _ in range(samples)), outs))
+    return kept, {"problems": len(tasks), "kept": len(kept), "tries": rows, "tokens": tokens}
 
 
 class LogitKDTrainer(Trainer):

@@ -10,8 +10,8 @@ One optimizer step:
    scaled so that the micro-batches sum to the whole batch's token (or sequence) mean, backward;
 3. the Trainer clips, steps AdamW, updates the routing biases from the training forwards' expert loads.
 Logged with each train record: reward, correctness, format, KL, clip fraction, entropy, response length, the share
-of zero-std groups, truncation, the engine-vs-trainer log-prob gap (temperature 1, first update of a batch), and
-rollout vs train seconds.
+of zero-std groups, truncation, the engine-vs-trainer log-prob gap (temperature 1, first update of a batch),
+rollout vs train seconds, and tokens_rollout (prompt + sampled tokens of a step's rollouts: its compute).
 
 Resume is exact when checkpoints fall on rollout boundaries (checkpoint.interval a multiple of mu): the rollout
 batch itself is not checkpointed, so a run resumed mid-batch samples a fresh one.
@@ -32,11 +32,12 @@ import torch
 from ..config import ConfigError
 from ..infer import Engine, EngineConfig
 from ..train.trainer import Trainer
+from ..verify.sandbox import self_check
 from .base import load_base
 from .config import read_posttrain_dict, section_from_table, split_config
 from .grpo_loss import policy_loss, sequence_logprobs
 from .rollout import PromptSource, Rollouts, sample_groups
-from .tasks import generate_tasks
+from .tasks import generate_tasks, read_code_tasks
 
 SAVED = "posttrain.json"
 TASK_ARGS = {"arithmetic": lambda c: {"digits": c.digits, "ops": c.ops}, "countdown": lambda c: {}}
@@ -48,8 +49,12 @@ class GRPOTrainer(Trainer):
                  progress: bool | None = None, reward_model=None):
         from ..data.chat import ChatTemplate
         self.section, self.reward_model = section, reward_model
-        tasks = generate_tasks(section.task, "train", section.train_prompts, section.seed,
-                               **TASK_ARGS[section.task](section))
+        if section.task == "code":
+            tasks = read_code_tasks(section.task_file)
+            self_check(timeout_s=section.code_timeout_s, memory_mb=section.code_memory_mb)  # not 0 for every sample
+        else:
+            tasks = generate_tasks(section.task, "train", section.train_prompts, section.seed,
+                                   **TASK_ARGS[section.task](section))
         source = PromptSource(base.tokenizer, ChatTemplate(base.template), tasks, section.seed)
         longest = max(map(len, source.prompt_ids)) + section.max_new_tokens
         if longest > base.model_config.max_position_embeddings:

@@ -9,6 +9,7 @@ a function of (grpo.seed, step, row), so a resumed run draws the same rollouts a
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -62,9 +63,11 @@ class PromptSource:
 
 
 def task_reward(task: Task, prompt: str, text: str, n_tokens: int, cfg) -> dict[str, float]:
-    """The reward terms of one response (grpo.*_weight): correctness by the task's verifier, format (think/answer
-    tags), DAPO's soft length penalty, language consistency; `reward` is their weighted sum."""
-    parts = {"correct": verify(task, text), "format": format_reward(text)}
+    """The reward terms of one response (grpo.*_weight): correctness by the task's verifier (code: run in the
+    sandbox within grpo.code_timeout_s / code_memory_mb), format (think/answer tags), DAPO's soft length penalty,
+    language consistency; `reward` is their weighted sum."""
+    limits = {"timeout_s": cfg.code_timeout_s, "memory_mb": cfg.code_memory_mb} if task.kind == "code" else {}
+    parts = {"correct": verify(task, text, **limits), "format": format_reward(text)}
     parts["length"] = length_penalty(n_tokens, cfg.max_new_tokens, min(cfg.length_cache, cfg.max_new_tokens))
     parts["language"] = language_consistency_reward(prompt, text) if cfg.language_weight else 0.0
     parts["reward"] = (cfg.correct_weight * parts["correct"] + cfg.format_weight * parts["format"]
@@ -95,7 +98,9 @@ def sample_groups(engine, source: PromptSource, picks: list[int], cfg, step: int
     # step 2: rewards
     texts = [o.text for o in outs]
     tasks = [source.tasks[i] for i in picks for _ in range(G)]
-    parts = [task_reward(t, t.prompt, x, len(o.token_ids), cfg) for t, x, o in zip(tasks, texts, outs)]
+    # code rewards run programs in the sandbox (subprocesses): code_workers at a time
+    with ThreadPoolExecutor(cfg.code_workers if tasks[0].kind == "code" else 1) as pool:
+        parts = list(pool.map(lambda t, x, o: task_reward(t, t.prompt, x, len(o.token_ids), cfg), tasks, texts, outs))
     rewards = torch.tensor([p["reward"] for p in parts], dtype=torch.float64)
     if reward_model is not None:         # a model-based reward: added to the rule-based one
         rewards += torch.tensor(score_with(reward_model, [t.prompt for t in tasks], texts), dtype=torch.float64)
@@ -120,6 +125,7 @@ def sample_groups(engine, source: PromptSource, picks: list[int], cfg, step: int
         mask &= keep[:, None]
     lengths = torch.tensor([len(o.token_ids) for o in outs], dtype=torch.float64)
     stats = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if N > 1 else 0.0,
+             "tokens_rollout": float(sum(len(p) + len(o.token_ids) for p, o in zip(prompts, outs))),
              "correct": sum(p["correct"] for p in parts) / N, "format": sum(p["format"] for p in parts) / N,
              "response_length": lengths.mean().item(), "truncated": truncated.float().mean().item(),
              "zero_std_groups": 1 - keep.view(-1, G)[:, 0].float().mean().item(),

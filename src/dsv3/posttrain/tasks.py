@@ -1,4 +1,6 @@
-"""Seeded procedural tasks with verifiable answers (issue 18's demo): multi-digit arithmetic and Countdown.
+"""Tasks with verifiable answers for GRPO: seeded procedural ones (issue 18's demo: multi-digit arithmetic and
+Countdown) and code problems read from a file, judged by running the program against the problem's tests in
+dsv3.verify.sandbox (time limit, RLIMIT_AS, no network, a temporary directory, the process group killed).
 
 Countdown (as in TinyZero's RL demo): reach a target with + - * / and parentheses, each given number used at most
 once. The answer is checked by walking the expression's `ast` with exact rational arithmetic; nothing is ever
@@ -7,7 +9,14 @@ is rejected.
 
 Splits: a problem's split is a function of the problem itself (sha256 of its canonical key), not of the seed, so the
 train and held-out sets cannot share a problem whatever seeds or sizes are asked for; the seed only picks which
-problems of a split are drawn (reproducibly: random.Random seeded by a string).
+problems of a split are drawn (reproducibly: random.Random seeded by a string). A code task file is used whole
+(its rows are the user's training split).
+
+Code tasks (`read_code_tasks`): jsonl / parquet rows `{"prompt", "tests"}` (tests: asserts run after the program)
+or HumanEval's `{"prompt", "test", "entry_point"}` (then `check(entry_point)` is the test). The program is the
+response's first fenced ```python block, else its <answer> content, else the whole response; the reward is 1 when
+the program followed by the tests runs to the end (sandbox.run_tests), else 0 (a failed assert, an exception, the
+time or memory limit).
 """
 
 from __future__ import annotations
@@ -15,10 +24,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
+from ..data.records import RecordError, iter_records
 from ..verify.extract import equivalent, extract_answer, tagged_answer
+from ..verify.sandbox import run_tests
 
 HELDOUT_PER_MILLE = 100          # 10% of all problems are held out
 MAX_EXPR_CHARS = 200             # bounds the parser's work on untrusted text
@@ -27,12 +40,13 @@ INSTRUCTION = "Think inside <think></think>, then give only the final answer ins
 
 @dataclass(frozen=True)
 class Task:
-    kind: str                    # "arithmetic" | "countdown"
+    kind: str                    # "arithmetic" | "countdown" | "code"
     prompt: str
     answer: str                  # arithmetic: the value; countdown: one valid expression (any valid one is accepted)
     numbers: tuple[int, ...]
     target: int
-    key: str                     # canonical problem identity, decides the split
+    key: str                     # canonical problem identity, decides the split (code: the row's file:line)
+    tests: str = ""              # code: the asserts run after the program
 
 
 def split_of(key: str) -> str:
@@ -138,9 +152,47 @@ def verify_countdown(expr: str, numbers: tuple[int, ...], target: int) -> bool:
         return False
 
 
-def verify(task: Task, response: str) -> float:
+def _code_task(where: str, row) -> Task:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a code task row must be a JSON object")
+    prompt, tests = row.get("prompt"), row.get("tests")
+    if tests is None and isinstance(row.get("test"), str) and isinstance(row.get("entry_point"), str):
+        tests = f"{row['test']}\n\ncheck({row['entry_point']})"         # HumanEval's fields
+    if not isinstance(prompt, str) or not prompt.strip() or not isinstance(tests, str) or not tests.strip():
+        raise ValueError(f"{where}: a code task row needs a non-empty 'prompt' and 'tests' (or HumanEval's 'test' "
+                         f"and 'entry_point')")
+    return Task("code", prompt, "", (), 0, where, tests)
+
+
+def read_code_tasks(path: str | Path) -> list[Task]:
+    """Every row of a code task file (module docstring); a bad row is an error naming its file:line."""
+    out = []
+    for where, row in iter_records(path, "a code task file"):
+        if isinstance(row, RecordError):
+            raise ValueError(f"{where}: {row}")
+        out.append(_code_task(where, row))
+    if not out:
+        raise ValueError(f"{path}: no code tasks")
+    return out
+
+
+_FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def program_of(response: str) -> str:
+    """The code a response stands for: its first fenced block, else its <answer> content, else all of it."""
+    m = _FENCE.search(response)
+    if m:
+        return m.group(1)
+    tagged = tagged_answer(response)
+    return tagged if tagged is not None else response
+
+
+def verify(task: Task, response: str, timeout_s: float = 5.0, memory_mb: int = 512) -> float:
     """1.0 when the response's answer solves the task. Countdown needs an <answer> tag (a bare last number is no
-    expression); arithmetic takes extract_answer's fallbacks."""
+    expression); arithmetic takes extract_answer's fallbacks; code runs in the sandbox within the limits."""
+    if task.kind == "code":
+        return 1.0 if run_tests(program_of(response), task.tests, timeout_s=timeout_s, memory_mb=memory_mb)[0] else 0.0
     if task.kind == "countdown":
         expr = tagged_answer(response)
         return 1.0 if expr is not None and verify_countdown(expr, task.numbers, task.target) else 0.0
