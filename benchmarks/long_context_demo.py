@@ -1,27 +1,29 @@
-"""Long-context extension on the CPU (issue 21, TR 4.3 in miniature): pre-train a tiny DeepSeek-V3-architecture model
-at 256 tokens until it retrieves a needle there, extend it in two phases (1K, then 4K) with YaRN (`train.init_from`),
-and the same two phases with plain RoPE as the control; needle-in-a-haystack accuracy (dsv3.eval.needle) over
-lengths x depths and loss by position, before and after.
+"""Long-context extension (issue 21, TR 4.3 in miniature): pre-train a tiny DeepSeek-V3-architecture model at 256
+tokens, check that it retrieves a needle there (the gate: nothing downstream means anything otherwise), extend it in
+two phases (1K, then 4K) with YaRN (`train.init_from`), and the same two phases with plain RoPE as the control;
+needle-in-a-haystack accuracy (dsv3.eval.needle) over lengths x depths and loss by position, before and after.
 
-    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context
+    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 10000,300,150]
 
-Data (the passkey-retrieval recipe, in needle.py's own format): filler sentences ("The old river passes the mill.")
-with 1-4 facts "The secret number of <city> is <7 digits>." inserted at sentence boundaries exactly as
-`needle_prompt` inserts its needle, then a question about each fact ("Question: What is the secret number of
-<city>?\nAnswer: The secret number of <city> is <digits>."). Every document is exactly seq_len - 1 tokens, so with
-its EOS it fills one training window (packing cuts windows at seq_len: no question loses its fact to the previous
-window). Documents carry no BOS (the packer puts none), so the needle prompts are scored without one either.
+Data (the passkey-retrieval recipe, in needle.py's own format): filler sentences ("The old river passes the mill.",
+a random cycle of 3-6 of them repeated) with 1-3 facts "The secret number of <city> is <7 digits>." inserted at
+sentence boundaries exactly as `needle_prompt` inserts its needle, then a question about each fact ("Question: What
+is the secret number of <city>?\nAnswer: The secret number of <city> is <digits>."). Every document is exactly
+seq_len - 1 tokens, so with its EOS it fills one training window (packing cuts windows at seq_len: no question loses
+its fact to the previous window). Documents carry no BOS (the packer puts none), so the needle prompts have none.
 
 The phases keep the tokens per step constant (V3: 32K x 1920 = 128K x 480) and a constant LR, as the report's
 extension phases do. YaRN: factor 16 over the 256-token pre-training length (`original_max_position_embeddings`,
-spec 1.5) from phase 1 on, as V3 sets s=40 over 4K in both of its phases. Writes results.json and the charts
-docs/long-context-needle.png and docs/long-context-loss-by-position.png.
+spec 1.5) from phase 1 on, as V3 sets s=40 over 4K in both of its phases. A stage whose run finished is kept on a
+rerun. Writes results.json under --out and the charts long-context-needle.png and long-context-loss-by-position.png
+under --docs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -311,7 +313,7 @@ def main() -> None:
               f"extension phase can show anything; train it longer (--steps) or on a faster machine", flush=True)
     times["total"] = time.perf_counter() - t0
     results["seconds"] = times
-    results["load_average"] = list(__import__("os").getloadavg())
+    results["load_average"] = list(os.getloadavg())
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(times))
 

@@ -2,6 +2,7 @@
 training window each, facts spaced as the needle harness spaces its needle, and the GPU memory script's engine
 prefill path (dry run, tiny shapes)."""
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -37,8 +38,8 @@ def test_every_window_is_one_document_with_its_facts(tok, tmp_path):
     fact is in its own window."""
     n, rng = 256, random.Random(0)
     docs = [demo.document(tok, rng, n - 1) for _ in range(12)]
-    (tmp_path / "d.jsonl").write_text("".join(__import__("json").dumps({"text": t}) + "\n" for t in docs))
-    shards = build_shards(tok, [str(tmp_path / "d.jsonl")], tmp_path / "s", val_fraction=0.0, progress=False)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    build_shards(tok, [str(tmp_path / "d.jsonl")], tmp_path / "s", val_fraction=0.0, progress=False)
     loader = PackedLoader(ShardSet.open(tmp_path / "s"), "train", n, eos_id=tok.eos_id, seed=0)
     windows = {tuple(w[:-1].tolist()) for w in loader.next_batch(12)}
     assert windows == {tuple(tok.encode(t) + [tok.eos_id]) for t in docs}
