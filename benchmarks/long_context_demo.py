@@ -1,28 +1,36 @@
-"""Long-context extension on the CPU (issue 21, TR 4.3 in miniature): pre-train a tiny DeepSeek-V3-architecture model
-at 512 tokens, extend it in two phases (1K, then 2K) with YaRN (`train.init_from`), and the same two phases with
-plain RoPE as the control; needle-in-a-haystack accuracy (dsv3.eval.needle) and loss by position before and after.
+"""Long-context extension (issue 21, TR 4.3 in miniature): pre-train a tiny DeepSeek-V3-architecture model at 256
+tokens, check that it retrieves a needle there (the gate: nothing downstream means anything otherwise), extend it in
+two phases (1K, then 4K) with YaRN (`train.init_from`), and the same two phases with plain RoPE as the control;
+needle-in-a-haystack accuracy (dsv3.eval.needle) over lengths x depths and loss by position, before and after.
 
-    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--scale 1.0]
+    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 10000,300,150]
 
-Data: synthetic documents in needle.py's own format: filler sentences with "The secret number of <city> is
-<7 digits>." facts inside and questions about them at the end ("Question: What is the secret number of <city>?
-Answer: The secret number of <city> is <digits>."), so retrieval is what the model must learn; documents about as
-long as each phase's context. The phases keep the tokens per step constant (V3: 32K x 1920 = 128K x 480) and use
-a constant LR, as the report's extension phases do (7.3e-6 there; a tiny model here). Writes results.json and the
-charts docs/long-context-needle.png and docs/long-context-loss-by-position.png.
+Data (the passkey-retrieval recipe, in needle.py's own format): filler sentences ("The old river passes the mill.",
+a random cycle of 3-6 of them repeated) with 1-3 facts "The secret number of <city> is <7 digits>." inserted at
+sentence boundaries exactly as `needle_prompt` inserts its needle, then a question about each fact ("Question: What
+is the secret number of <city>?\nAnswer: The secret number of <city> is <digits>."). Every document is exactly
+seq_len - 1 tokens, so with its EOS it fills one training window (packing cuts windows at seq_len: no question loses
+its fact to the previous window). Documents carry no BOS (the packer puts none), so the needle prompts have none.
+
+The phases keep the tokens per step constant (V3: 32K x 1920 = 128K x 480) and a constant LR, as the report's
+extension phases do. YaRN: factor 16 over the 256-token pre-training length (`original_max_position_embeddings`,
+spec 1.5) from phase 1 on, as V3 sets s=40 over 4K in both of its phases. A stage whose run finished is kept on a
+rerun. Writes results.json under --out and the charts long-context-needle.png and long-context-loss-by-position.png
+under --docs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
 
 import torch
 
-from dsv3.data import Tokenizer
+from dsv3.data import Tokenizer, train_tokenizer
 from dsv3.eval.backends import EngineBackend
 from dsv3.eval.needle import CITIES, needle_grid
 from dsv3.infer import Engine, EngineConfig
@@ -33,61 +41,123 @@ from dsv3.train.export import load_run_model
 ADJ = "old quiet green small bright cold dark warm long narrow".split()
 NOUN = "river mill road garden bridge market tower field harbor village".split()
 VERB = "passes faces crosses follows borders watches".split()
-PRE_LEN, PHASES = 512, (1024, 2048)          # pre-training length, then the two extension phases' lengths
-LENGTHS = (PRE_LEN, *PHASES)
-DEPTHS = (0.5,)
-TOKENS_PER_STEP = 4 * PRE_LEN                  # constant over the phases, as V3's
+PRE_LEN, PHASES = 256, (1024, 4096)          # pre-training length, then the two extension phases' lengths
+LENGTHS = (256, 512, 1024, 2048, 4096)         # needle / evaluation lengths
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+FACTS = (1, 3)                                 # facts (and questions) per document
+PRE_BATCH = 8                                  # pre-training: 8 x 256 tokens per step
+PHASE_TOKENS = 4096                            # per step, constant over the two phases (4 x 1K, 1 x 4K), as V3's
 YARN = dict(type="yarn", factor=PHASES[-1] / PRE_LEN, original_max_position_embeddings=PRE_LEN, beta_fast=32,
             beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+MODEL = dict(preset="tiny", vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+             first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+             num_attention_heads=8, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=16, qk_rope_head_dim=16,
+             v_head_dim=16, num_nextn_predict_layers=0, init_std=0.02)
+COMMON = dict(log={"interval": 25, "val_interval": 0, "tensorboard": False, "progress": False},
+              checkpoint={"interval": 0, "keep": 1}, balance={"bias_update_speed": 0.0})
+
+
+def sentence(rng: random.Random, extra: int = 0) -> str:
+    """A 7-token filler sentence, 8 or 9 with `extra` more adjectives (each one token, drawn last)."""
+    adj, noun, verb, noun2 = rng.choice(ADJ), rng.choice(NOUN), rng.choice(VERB), rng.choice(NOUN)
+    more = "".join(f"{rng.choice(ADJ)} " for _ in range(extra))
+    return f"The {more}{adj} {noun} {verb} the {noun2}."
+
+
+def cycle(rng: random.Random) -> list[float]:
+    """A haystack's sentence seeds: a random cycle of 3-6 sentences, repeated. Repeated random text is what
+    induction (copy) heads are learnt from, the mechanism retrieval reuses; the period differs per haystack."""
+    return [rng.random() for _ in range(rng.randint(3, 6))]
 
 
 def filler(rng: random.Random, n_sentences: int) -> str:
-    return " ".join(f"The {rng.choice(ADJ)} {rng.choice(NOUN)} {rng.choice(VERB)} the {rng.choice(NOUN)}."
-                    for _ in range(n_sentences))
+    seeds = cycle(rng)
+    return " ".join(sentence(random.Random(seeds[i % len(seeds)])) for i in range(n_sentences))
 
 
-def document(rng: random.Random, n_sentences: int, n_facts: int) -> str:
-    """Filler with facts at random sentence boundaries, then a question about each fact (shuffled)."""
-    parts = filler(rng, n_sentences).split(". ")
-    facts = [(c, f"{rng.randrange(10**6, 10**7)}") for c in rng.sample(CITIES, n_facts)]
-    for city, num in facts:
-        parts.insert(rng.randrange(len(parts) + 1), f"The secret number of {city} is {num}")
-    rng.shuffle(facts)
-    qa = "".join(f"\nQuestion: What is the secret number of {c}?\nAnswer: The secret number of {c} is {n}."
-                 for c, n in facts)
-    return ". ".join(parts) + "." + qa + "\n"
+def _text(sentences: list[str], facts: list[tuple[str, str]], where: list[int], order: list[int]) -> str:
+    """Facts after sentence where[i] (0 = before the first), spaced as needle_prompt spaces its needle; questions."""
+    parts = []
+    for i, s in enumerate(sentences + [""]):
+        for (city, num), w in zip(facts, where):
+            if w == i:
+                parts.append(f" The secret number of {city} is {num}. ")
+        if s:
+            parts.append(("" if i == 0 else " ") + s)
+    qa = "".join(f"\nQuestion: What is the secret number of {facts[i][0]}?\nAnswer: The secret number of "
+                 f"{facts[i][0]} is {facts[i][1]}." for i in order)
+    return "".join(parts) + qa
 
 
-def corpus(path: Path, n_docs: int, tokens: int, seed: int) -> Path:
-    """~`tokens`-token documents (a sentence is ~8 tokens of this tokenizer) as JSONL."""
-    if path.exists():      # the same seed writes the same file: keep it (and the token cache keyed by its mtime)
-        return path
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n_docs):
-            f.write(json.dumps({"text": document(rng, max(4, tokens // 9), rng.randint(1, 4))}) + "\n")
+def document(tok: Tokenizer, rng: random.Random, n_tokens: int) -> str:
+    """A document of exactly `n_tokens` tokens: FACTS facts at random places in filler, then a question about each.
+    n filler sentences of 7-9 tokens (0-2 extra adjectives) cover 7n..9n tokens, so any length past the facts is
+    hit by moving the number of extra adjectives k (spread over the sentences) and, at the ends of that range, n."""
+    facts = [(c, f"{rng.randrange(10**6, 10**7)}") for c in rng.sample(CITIES, rng.randint(*FACTS))]
+    order = rng.sample(range(len(facts)), len(facts))
+    n = max(1, (n_tokens - len(tok.encode(_text([], facts, [0] * len(facts), order)))) // 8)
+    period = cycle(rng)
+    seeds = [period[i % len(period)] for i in range(n)]   # each sentence's words, fixed whatever its extra count
+    where, k = [rng.randrange(n + 1) for _ in facts], n
+    for _ in range(n_tokens):
+        n = len(seeds)
+        text = _text([sentence(random.Random(sd), k // n + (i < k % n)) for i, sd in enumerate(seeds)], facts,
+                     [min(w, n) for w in where], order)
+        diff = n_tokens - len(tok.encode(text))
+        if diff == 0:
+            return text
+        k += diff
+        if k > 2 * n:                                     # every sentence at 9 tokens: one more sentence
+            seeds.append(period[len(seeds) % len(period)])
+            k -= 7
+        elif k < 0 and n > 1:                             # every sentence at 7 tokens: one fewer
+            seeds.pop()
+            k += 7
+        k = max(0, min(k, 2 * len(seeds)))
+    raise RuntimeError(f"no synthetic document of exactly {n_tokens} tokens")
+
+
+def make_tokenizer(out: Path) -> Tokenizer:
+    path = out / "tokenizer"
+    if not (path / "tokenizer.json").exists():
+        rng = random.Random(0)
+        texts = (filler(rng, 30) + f" The secret number of {c} is {rng.randrange(10**6, 10**7)}. \nQuestion: What "
+                 f"is the secret number of {c}?\nAnswer: The secret number of {c} is" for c in CITIES * 200)
+        train_tokenizer(texts, MODEL["vocab_size"]).save(path)
+    return Tokenizer.load(path)
+
+
+def corpus(tok: Tokenizer, path: Path, n_docs: int, seq_len: int, seed: int) -> Path:
+    """n_docs documents of seq_len - 1 tokens (+ EOS = one window) as JSONL; the same seed writes the same file."""
+    if not path.exists():
+        rng = random.Random(seed)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            for _ in range(n_docs):
+                f.write(json.dumps({"text": document(tok, rng, seq_len - 1)}) + "\n")
+        tmp.rename(path)
     return path
 
 
-MODEL = dict(preset="tiny", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-             num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32,
-             qk_rope_head_dim=16, v_head_dim=32, num_nextn_predict_layers=0)
-COMMON = dict(log={"interval": 25, "val_interval": 0, "tensorboard": False, "progress": False},
-              checkpoint={"interval": 0, "keep": 1})
-
-
-def run_config(out: Path, name: str, seq_len: int, steps: int, docs: Path, model: dict, **extra) -> RunConfig:
-    batch = TOKENS_PER_STEP // seq_len
+def run_config(out: Path, name: str, seq_len: int, steps: int, docs: Path, model: dict, optim: dict,
+               **train_extra) -> RunConfig:
+    batch = PRE_BATCH if seq_len == PRE_LEN else PHASE_TOKENS // seq_len
     d = {"run_dir": str(out / name), "model": model,
          "data": {"sources": [str(docs)], "cache_dir": str(out / "data-cache"), "seq_len": seq_len,
-                  "val_fraction": 0.01, "fim_rate": 0.0, **extra.pop("data", {})},
-         "train": {"steps": steps, "batch_size": batch, "micro_batch_size": min(batch, 8), "device": "cpu",
-                   "dtype": "fp32", **extra.pop("train", {})},
-         "optim": extra.pop("optim"), "balance": {"bias_update_speed": 0.01}, **COMMON}
+                  "val_fraction": 0.002, "fim_rate": 0.0, "tokenizer": str(out / "tokenizer")},
+         "train": {"steps": steps, "batch_size": batch, "micro_batch_size": batch, "device": "cpu",
+                   "dtype": "fp32", **train_extra},
+         "optim": optim, **COMMON}
     return RunConfig.from_dict(d)
 
 
 def train(cfg: RunConfig, times: dict, name: str) -> Path:
+    """Train a stage, or keep it if its run already finished (a rerun of the demo resumes after the last stage)."""
+    from dsv3.train.checkpoint import newest_valid_checkpoint
+    done, _ = newest_valid_checkpoint(cfg.run_dir) if Path(cfg.run_dir, "checkpoints").is_dir() else (None, [])
+    if done is not None and done.name == f"step_{cfg.train.steps:08d}":
+        print(f"{name}: kept the finished run {cfg.run_dir}", flush=True)
+        return Path(cfg.run_dir)
     t0 = time.perf_counter()
     result = Trainer(cfg, overwrite=True).run()
     times[name] = time.perf_counter() - t0
@@ -95,124 +165,156 @@ def train(cfg: RunConfig, times: dict, name: str) -> Path:
     return Path(cfg.run_dir)
 
 
-def at_length(run_dir: Path, max_pos: int, rope: dict | None) -> torch.nn.Module:
+def at_length(run_dir: Path, max_pos: int, rope: dict | None, device: str = "cpu") -> torch.nn.Module:
     """A run's model with its positions set for evaluation at `max_pos` tokens (the pre-trained one: plain RoPE
     extrapolated past its training length, i.e. "before")."""
     model, _ = load_run_model(run_dir)
     from dsv3 import Transformer
     ext = Transformer(model.config.replace(max_position_embeddings=max_pos, rope_scaling=rope)).eval()
     ext.load_state_dict(model.state_dict())
-    return ext
+    return ext.to(device)
 
 
-def needle(model, tok: Tokenizer, seed: int) -> list[list[float]]:
-    rng = random.Random(seed + 99)
-    hay = filler(rng, LENGTHS[-1] // 4)
-    engine = Engine(model, tok, EngineConfig(block_size=64, max_num_batched_tokens=LENGTHS[-1]))
-    scores, _ = needle_grid(EngineBackend(engine), tok, hay, list(LENGTHS), list(DEPTHS), seed=seed)
-    return scores
+def needle(model, tok: Tokenizer, lengths: tuple, seeds: int) -> list[list[float]]:
+    """Accuracy per length x depth over `seeds` needles per cell (each its own city, number and haystack)."""
+    engine = Engine(model, tok, EngineConfig(block_size=64, max_num_batched_tokens=max(lengths)))
+    total = [[0.0] * len(DEPTHS) for _ in lengths]
+    for seed in range(seeds):
+        hay = filler(random.Random(1000 + seed), max(lengths) // 6)
+        scores, _ = needle_grid(EngineBackend(engine), tok, hay, list(lengths), list(DEPTHS), seed=seed,
+                                add_bos=False)
+        total = [[t + s / seeds for t, s in zip(tr, sr)] for tr, sr in zip(total, scores)]
+    return total
 
 
 @torch.no_grad()
-def loss_by_position(model, tok: Tokenizer, seed: int, n_docs: int = 4, bucket: int = 128) -> list[float]:
-    """Mean token loss per `bucket` positions over held-out windows (the longest length) of phase-2-style documents."""
-    rng = random.Random(seed + 7)
-    ids: list[int] = []
-    while len(ids) < n_docs * LENGTHS[-1] + 1:
-        ids += tok.encode(document(rng, LENGTHS[-1] // 9, rng.randint(1, 4)))
-    x = torch.tensor(ids[:n_docs * LENGTHS[-1] + 1])
-    total = torch.zeros(LENGTHS[-1])
-    for i in range(n_docs):
-        w = x[i * LENGTHS[-1]:(i + 1) * LENGTHS[-1] + 1]
-        logits = model(w[None, :-1])[0]
-        total += torch.nn.functional.cross_entropy(logits, w[1:], reduction="none")
-    return (total / n_docs).view(-1, bucket).mean(-1).tolist()
+def loss_by_position(model, tok: Tokenizer, n_docs: int = 4, bucket: int = 256) -> list[float]:
+    """Mean token loss per `bucket` positions over held-out documents of the longest length (phase 2's kind)."""
+    rng, n = random.Random(12345), LENGTHS[-1]
+    total = torch.zeros(n - 1, device=next(model.parameters()).device)
+    for _ in range(n_docs):
+        ids = torch.tensor(tok.encode(document(tok, rng, n - 1)) + [tok.eos_id], device=total.device)
+        logits = model(ids[None, :-1])[0]
+        total += torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+    total = torch.cat([total, total[-1:]]) / n_docs           # n - 1 targets: repeat the last to fill the buckets
+    return total.view(-1, bucket).mean(-1).cpu().tolist()
 
 
-def phases(out: Path, steps: tuple[int, int, int], times: dict) -> dict[str, Path]:
-    """Pre-training at PRE_LEN, then the two PHASES with YaRN (factor PHASES[-1] / PRE_LEN over PRE_LEN) and, as the
-    control, with plain RoPE."""
-    data = {n: corpus(out / f"docs-{n}.jsonl", k, n, seed=n) for n, k in ((PRE_LEN, 4000), (PHASES[0], 600),
-                                                                          (PHASES[1], 300))}
+def phases(out: Path, steps: tuple[int, int, int], times: dict, args) -> tuple[dict[str, Path], float]:
+    """Pre-training at PRE_LEN; the gate (needle accuracy at PRE_LEN, the model must retrieve where it was trained
+    before an extension can mean anything); then the two PHASES with YaRN (factor PHASES[-1] / PRE_LEN over
+    PRE_LEN) and, as the control, with plain RoPE. Returns the runs and the gate's accuracy."""
+    tok = make_tokenizer(out)
+    t0 = time.perf_counter()
+    data = {n: corpus(tok, out / f"docs-{n}x{k}.jsonl", k, n, seed=n)
+            for n, k in ((PRE_LEN, PRE_BATCH * steps[0]), (PHASES[0], PHASE_TOKENS // PHASES[0] * steps[1]),
+                         (PHASES[1], PHASE_TOKENS // PHASES[1] * steps[2]))}
+    times["data"] = time.perf_counter() - t0
+    dev = {"device": args.device}
     pre = train(run_config(out, "pre", PRE_LEN, steps[0], data[PRE_LEN], {**MODEL, "max_position_embeddings": PRE_LEN,
                                                                            "rope_scaling": None},
-                           optim={"lr": 3e-3, "warmup": 0.05}), times, "pre")
-    tok = str(pre / "tokenizer")
-    flat = {"lr": 3e-4, "warmup": 0.0, "constant_until": 1.0, "decay_until": 1.0, "final_at": 1.0}
+                           {"lr": args.lr, "warmup": 0.05}, **dev), times, "pre")
     runs = {"pre": pre}
+    grid = needle(at_length(pre, PRE_LEN, None, args.device), tok, (PRE_LEN,), 4)
+    gate = sum(grid[0]) / len(grid[0])
+    print(f"gate: needle accuracy {gate:.2f} at the pre-training length {PRE_LEN}", flush=True)
+    if gate < args.gate:
+        return runs, gate
+    flat = {"lr": args.phase_lr, "warmup": 0.0, "constant_until": 1.0, "decay_until": 1.0, "final_at": 1.0}
     for tag, rope in (("yarn", YARN), ("plain", None)):
         src = pre
         for i, (seq, n) in enumerate(((PHASES[0], steps[1]), (PHASES[1], steps[2])), start=1):
             model = {"preset": str(src), "max_position_embeddings": LENGTHS[-1], "rope_scaling": rope}
-            cfg = run_config(out, f"{tag}{i}", seq, n, data[seq], model, optim=flat,
-                             data={"tokenizer": tok}, train={"init_from": str(src)})
+            cfg = run_config(out, f"{tag}{i}", seq, n, data[seq], model, flat, init_from=str(src), **dev)
             src = runs[f"{tag}{i}"] = train(cfg, times, f"{tag}{i}")
-    return runs
+    return runs, gate
 
 
 def charts(results: dict, docs: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = list(results["needle"])
-    width = 0.8 / len(names)
-    for k, name in enumerate(names):
-        acc = [sum(row) / len(row) for row in results["needle"][name]]
-        ax.bar([i + k * width for i in range(len(LENGTHS))], acc, width, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(LENGTHS))], [str(n) for n in LENGTHS])
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for name, grid in results["needle"].items():
+        ax.plot(range(len(LENGTHS)), [sum(row) / len(row) for row in grid], marker="o", label=name,
+                ls="--" if "plain" in name else "-")
+    ax.set_xticks(range(len(LENGTHS)), [str(n) for n in LENGTHS])
+    ax.axvline(LENGTHS.index(PRE_LEN) + 0.5, color="gray", lw=0.8, ls=":")
+    ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel(f"needle accuracy ({len(DEPTHS)} depths)")
-    ax.axvline(0.5 + 0 * width, color="gray", lw=0.5)
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"needle accuracy ({len(DEPTHS)} depths x {results['seeds']} needles)")
+    ax.legend(fontsize=7)
     ax.set_title(f"needle in a haystack: pre-trained at {PRE_LEN}, extended to {PHASES[0]} then {PHASES[1]}")
     fig.tight_layout()
     fig.savefig(docs / "long-context-needle.png", dpi=100)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     for name, losses in results["loss_by_position"].items():
-        ax.plot([128 * (i + 0.5) for i in range(len(losses))], losses, marker=".", label=name)
-    ax.axvline(PRE_LEN, color="gray", ls="--", lw=0.8)
+        b = LENGTHS[-1] // len(losses)
+        ax.plot([b * (i + 0.5) for i in range(len(losses))], losses, marker=".", label=name,
+                ls="--" if "plain" in name else "-")
+    ax.axvline(PRE_LEN, color="gray", ls=":", lw=0.8)
+    ax.set_yscale("log")
     ax.set_xlabel("position (tokens)")
-    ax.set_ylabel("mean token loss (128-token buckets)")
-    ax.set_title(f"loss by position on held-out {LENGTHS[-1]}-token windows")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("mean token loss (nats, log scale)")
+    ax.set_title(f"loss by position on held-out {LENGTHS[-1]}-token documents")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(docs / "long-context-loss-by-position.png", dpi=100)
     plt.close(fig)
 
 
+def evaluate(runs: dict[str, Path], tok: Tokenizer, seeds: int, device: str) -> dict:
+    """Needle grid and loss by position of each model at the longest length: "before" = the pre-trained weights
+    (plain RoPE extrapolated, or YaRN switched on without training), "after" = each phase."""
+    models = {f"pre-trained at {PRE_LEN} (plain RoPE past it)": (runs["pre"], None),
+              "pre-trained + YaRN, no training": (runs["pre"], YARN),
+              f"YaRN phase 1 ({PHASES[0]})": (runs["yarn1"], YARN),
+              f"YaRN phase 2 ({PHASES[1]})": (runs["yarn2"], YARN),
+              f"control: plain RoPE phase 1 ({PHASES[0]})": (runs["plain1"], None),
+              f"control: plain RoPE phase 2 ({PHASES[1]})": (runs["plain2"], None)}
+    results: dict = {"needle": {}, "loss_by_position": {}}
+    for name, (run, rope) in models.items():
+        model = at_length(run, LENGTHS[-1], rope, device)
+        results["needle"][name] = needle(model, tok, LENGTHS, seeds)
+        results["loss_by_position"][name] = loss_by_position(model, tok)
+        print(f"{name:45s} needle " + " ".join(f"{sum(r) / len(r):.2f}" for r in results["needle"][name])
+              + "  loss " + " ".join(f"{x:.3f}" for x in results["loss_by_position"][name]), flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="/tmp/long-context")
-    ap.add_argument("--steps", default="40,10,10", help="pre-training, phase 1, phase 2 steps")
+    ap.add_argument("--steps", default="600,60,30", help="pre-training, phase 1, phase 2 steps")
+    ap.add_argument("--lr", type=float, default=3e-3, help="pre-training peak LR")
+    ap.add_argument("--phase-lr", type=float, default=3e-4, help="the extension phases' constant LR")
+    ap.add_argument("--gate", type=float, default=0.9, help="needle accuracy the pre-trained model needs at its "
+                                                            "length before the phases run")
+    ap.add_argument("--seeds", type=int, default=2, help="needles per length x depth cell")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (fp32 either way)")
     ap.add_argument("--docs", default=str(Path(__file__).resolve().parents[1] / "docs"))
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared, loaded machine)")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0, times = time.perf_counter(), {}
-    runs = phases(out, tuple(int(s) for s in a.steps.split(",")), times)
-    tok = Tokenizer.load(runs["pre"] / "tokenizer")
-    models = {"pre-trained (plain RoPE past 512)": at_length(runs["pre"], LENGTHS[-1], None),
-              "pre-trained + YaRN, no training": at_length(runs["pre"], LENGTHS[-1], YARN),
-              f"YaRN phase 1 ({PHASES[0]})": at_length(runs["yarn1"], LENGTHS[-1], YARN),
-              f"YaRN phase 2 ({PHASES[1]})": at_length(runs["yarn2"], LENGTHS[-1], YARN),
-              f"control: plain RoPE phase 1 ({PHASES[0]})": at_length(runs["plain1"], LENGTHS[-1], None),
-              f"control: plain RoPE phase 2 ({PHASES[1]})": at_length(runs["plain2"], LENGTHS[-1], None)}
-    results = {"steps": a.steps, "lengths": LENGTHS, "depths": DEPTHS, "needle": {}, "loss_by_position": {}}
-    t_eval = time.perf_counter()
-    for name, model in models.items():
-        results["needle"][name] = needle(model, tok, seed=0)
-        results["loss_by_position"][name] = loss_by_position(model, tok, seed=0)
-        print(name, [f"{sum(r) / len(r):.2f}" for r in results["needle"][name]], flush=True)
-    times["evaluation"] = time.perf_counter() - t_eval
+    runs, gate = phases(out, tuple(int(s) for s in a.steps.split(",")), times, a)
+    results = {"steps": a.steps, "lr": a.lr, "phase_lr": a.phase_lr, "lengths": LENGTHS, "depths": DEPTHS,
+               "seeds": a.seeds, "device": a.device, "gate": gate}
+    if gate >= a.gate:
+        t_eval = time.perf_counter()
+        results.update(evaluate(runs, make_tokenizer(out), a.seeds, a.device))
+        times["evaluation"] = time.perf_counter() - t_eval
+        charts(results, Path(a.docs))
+    else:
+        print(f"the pre-trained model does not retrieve at {PRE_LEN} (accuracy {gate:.2f} < --gate {a.gate}): no "
+              f"extension phase can show anything; train it longer (--steps) or on a faster machine", flush=True)
     times["total"] = time.perf_counter() - t0
     results["seconds"] = times
+    results["load_average"] = list(os.getloadavg())
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    charts(results, Path(a.docs))
     print(json.dumps(times))
 
 
