@@ -14,15 +14,7 @@ from dsv3.posttrain.base import chat_template_of
 from dsv3.posttrain.rollout import PromptSource
 from dsv3.posttrain.tasks import generate_tasks, verify
 from posttrain_fixture import make_base
-
-
-class Scripted:
-    def __init__(self, texts):
-        self.texts, self.seen = texts, []
-
-    def generate(self, prompts, k, temperature, max_tokens, stop, seed):
-        self.seen.append((prompts, k, stop))
-        return self.texts
+from test_eval import Scripted
 
 
 @pytest.fixture(scope="module")
