@@ -343,7 +343,7 @@ def main() -> None:
     p.add_argument("--out", default="out/posttrain_demo")
     p.add_argument("--chart", default="docs/posttrain_demo.png")
     p.add_argument("--digits", type=int, default=2)
-    p.add_argument("--ops", default="+")
+    p.add_argument("--ops", default="+-")
     p.add_argument("--reuse", action="store_true", help="keep the teacher and each seed's SFT and GRPO runs from an "
                    "earlier call with the same --out (to add or vary the later stages)")
     p.add_argument("--dr-grpo", action="store_true", help="advantages without the std scaling (Dr. GRPO)")
@@ -355,7 +355,7 @@ def main() -> None:
     p.add_argument("--sft-batch", type=int, default=16)
     p.add_argument("--sft-lr", type=float, default=3e-3)
     p.add_argument("--sft-warmup", type=float, default=0.05, help="share of the SFT steps")
-    p.add_argument("--grpo-steps", type=int, default=40)
+    p.add_argument("--grpo-steps", type=int, default=160)
     p.add_argument("--grpo-lr", type=float, default=1e-4)
     p.add_argument("--mu", type=int, default=4, help="policy updates per batch of rollouts (PPO-style, clipped)")
     p.add_argument("--prompts", type=int, default=16)
