@@ -260,7 +260,7 @@ def _roundtrip_worker(rank, init_file, out_dir, fsdp):
             shard_data_parallel(model, layout.mesh)
         ref = build(tiny_config(), dtype=torch.bfloat16).train()
         opt, ref_opt = AdamWBF16(model.parameters(), lr=1e-2), AdamWBF16(ref.parameters(), lr=1e-2)
-        ema, ref_ema = CPUEma(layout.ema_source(model), 0.5), CPUEma(ref, 0.5)
+        ema, ref_ema = CPUEma([model], 0.5), CPUEma(ref, 0.5)     # this rank's rows (shards under FSDP)
         experts = expert_slices(model)
         for i, ((n, p), q) in enumerate(zip(model.named_parameters(), ref.parameters())):
             q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(i)).to(q.dtype)
@@ -268,7 +268,7 @@ def _roundtrip_worker(rank, init_file, out_dir, fsdp):
             p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None) if fsdp else g.clone()
         opt.step()
         ref_opt.step()
-        ema.update(layout.ema_source(model))
+        ema.update()
         ref_ema.update(ref)
         entries = owned_state([model], opt, ema.state_dict())
         held = {k: (e._local if hasattr(e, "_local") else e).clone() for k, e in entries.items()}

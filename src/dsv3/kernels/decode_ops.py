@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .fp8_weight_gemm import fp8_grouped_linear as _fp8_grouped_linear
 from .fp8_weight_gemm import fp8_linear as _fp8_linear
-from .moe_decode import launch_config, moe_decode_reference, moe_decode_sorted_triton, sort_pairs
+from .moe_decode import moe_decode_reference, moe_decode_sorted_triton, moe_decode_triton
 from .triton_setup import use_triton
 
 __all__ = ["fp8_grouped_linear", "fp8_linear", "moe_decode"]
@@ -83,10 +83,9 @@ def moe_decode(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_pr
     alone was ~17 small kernels per layer when it ran inside the op: RESULTS.md, issue 16)."""
     if not use_triton(x, "DSV3_MOE_DECODE", fp8=gate_proj.dtype == torch.float8_e4m3fn):
         return _moe_decode_reference(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale)
-    (T, D), E, K = x.shape, gate_proj.shape[0], idx.shape[1]
-    if T * K == 0 or E == 0:
-        return x.new_zeros(T, D)
-    block_m = launch_config(T * K, E, x.dtype)["block_m"]
-    y = _moe_decode_sorted(x, weights.float().contiguous(), *sort_pairs(idx, E, block_m), gate_proj, up_proj,
-                           down_proj, gate_scale, up_scale, down_scale, block_m)
-    return y.view(T, K, D).sum(1).to(x.dtype)
+
+    def gemms(*args, block_m: int, **_default_launch) -> Tensor:    # the op derives the rest of the launch itself
+        return _moe_decode_sorted(*args, block_m)
+
+    return moe_decode_triton(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale,
+                             gemms=gemms)

@@ -38,7 +38,7 @@ from .fp8_quant import dequantize_blocks
 from .fp8_weight_gemm import grouped_tile_map
 from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, need_triton, tl, triton, use_triton
 
-__all__ = ["HAS_TRITON", "launch_config", "moe_decode", "moe_decode_reference", "moe_decode_sorted_triton",
+__all__ = ["HAS_TRITON", "moe_decode", "moe_decode_reference", "moe_decode_sorted_triton",
            "moe_decode_triton", "sort_pairs"]
 
 
@@ -195,7 +195,7 @@ if HAS_TRITON:
         tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-def launch_config(P: int, E: int, dtype: torch.dtype) -> dict:
+def _launch_config(P: int, E: int, dtype: torch.dtype) -> dict:
     """Row tiles sized for the mean rows per hit expert (a shape, not the counts: no sync); narrow N tiles so that
     batch 1's six experts still spread over the SMs. Not yet swept on the GPU."""
     mean = -(-P // max(min(E, P), 1))
@@ -206,7 +206,7 @@ def launch_config(P: int, E: int, dtype: torch.dtype) -> dict:
 
 
 def _config(P: int, E: int, dtype: torch.dtype, **overrides) -> dict:
-    cfg = launch_config(P, E, dtype)
+    cfg = _launch_config(P, E, dtype)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     if BLOCK % cfg["block_n"] or cfg["block_m"] < 16 or cfg["block_m"] & (cfg["block_m"] - 1):
         raise ValueError(f"block_n must divide {BLOCK} and block_m be a power of two >= 16, got {cfg}")
@@ -251,9 +251,10 @@ def moe_decode_sorted_triton(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor,
 def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
                       gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
                       down_scale: Tensor | None = None, *, block_m: int | None = None, block_n: int | None = None,
-                      num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
+                      num_warps: int | None = None, num_stages: int | None = None, gemms=None) -> Tensor:
     """The fused MoE through Triton (same contract as `moe_decode_reference`); graph-capturable. The keyword-only
-    arguments override the launch configuration."""
+    arguments override the launch configuration; `gemms` replaces `moe_decode_sorted_triton` for steps 2-3 (with its
+    arguments; dsv3.kernels.decode_ops passes its custom op, so that a compiled caller sees steps 1 and 4)."""
     need_triton("moe_decode_triton")
     scales = (gate_scale, up_scale, down_scale)
     _check(x, weights, idx, gate_proj, up_proj, down_proj, scales)
@@ -264,8 +265,8 @@ def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor
     if T * K == 0 or E == 0:
         return x.new_zeros(T, D)
     sorted_pairs = sort_pairs(idx, E, cfg["block_m"])                        # 1.
-    y = moe_decode_sorted_triton(x, weights.float().contiguous(), *sorted_pairs, gate_proj, up_proj, down_proj,
-                                 *scales, **cfg)                             # 2.-3.
+    y = (gemms or moe_decode_sorted_triton)(x, weights.float().contiguous(), *sorted_pairs, gate_proj, up_proj,
+                                            down_proj, *scales, **cfg)      # 2.-3.
     return y.view(T, K, D).sum(1).to(x.dtype)                                # 4. the combine, in a fixed order
 
 

@@ -184,15 +184,20 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             v.copy_(tensors[k])
     if optimizer is not None:
         optimizer.load_state_dict(optim_state)
+    state = _state_and_rng(path, restore_rng)
+    ema = path / "ema.safetensors"
+    state["ema"] = _read(ema, lambda f: load_file(str(f))) if ema.exists() else None
+    return state
+
+
+def _state_and_rng(path: Path, restore_rng: bool) -> dict:
+    """state.json of a checkpoint of either format; with restore_rng, its CPU (and CUDA) generator states set."""
     if restore_rng:
         rng = _read(path / "rng.pt", lambda f: torch.load(f, weights_only=True))
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((path / "state.json").read_text())
-    ema = path / "ema.safetensors"
-    state["ema"] = _read(ema, lambda f: load_file(str(f))) if ema.exists() else None
-    return state
+    return json.loads((path / "state.json").read_text())
 
 
 def _read(path: Path, load: Callable[[Path], object]):
@@ -265,12 +270,7 @@ def load_sharded(path: str | Path, entries: Callable[[bool], dict[str, torch.Ten
     if missing:
         raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}")
     dcp.load(want, checkpoint_id=str(path))
-    if restore_rng:
-        rng = _read(path / "rng.pt", lambda f: torch.load(f, weights_only=True))
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((path / "state.json").read_text())
+    state = _state_and_rng(path, restore_rng)
     state["ema"] = None
     return state
 
@@ -323,11 +323,6 @@ def load_whole_into(path: str | Path, entries: Callable[[bool], dict[str, torch.
         sharded.fill_entries(entries(whole["ema"] is not None), flat)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not match the model: {e}") from None
-    if restore_rng:
-        rng = _read(path / "rng.pt", lambda f: torch.load(f, weights_only=True))
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((path / "state.json").read_text())
+    state = _state_and_rng(path, restore_rng)
     state["ema"] = None
     return state

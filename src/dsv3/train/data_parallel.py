@@ -66,17 +66,6 @@ class Layout:
         return self.rank == 0
 
     @property
-    def first_row(self) -> bool:
-        """dp row 0 (of its pipeline position): these ranks hold the model (its expert slices) between them and keep
-        the EMA of their slices; the other rows hold replicas."""
-        return self.mesh is None or self.mesh.dp_rank == 0
-
-    @property
-    def keeps_ema(self) -> bool:
-        """Under FSDP every rank averages its own shards; otherwise dp row 0 does (the other rows hold replicas)."""
-        return self.fsdp or self.first_row
-
-    @property
     def partitioned(self) -> bool:
         """Whether a rank holds only a part of the model (expert slices, FSDP shards, pipeline chunks): every rank
         then takes part in validation (its forward runs collectives)."""
@@ -104,11 +93,6 @@ class Layout:
         total = self.sum(torch.tensor(held, dtype=torch.int64, device=self.device)).item()
         return (f"FSDP: {n_dt} of {len(params)} parameters sharded (DTensor); rank {self.rank} holds {held} of "
                 f"{total} parameter elements")
-
-    def ema_source(self, local):
-        """What the CPU EMA averages: what this rank holds (dsv3.parallel.parallelize.LocalModel), under FSDP its
-        local shards (`_LocalShards`)."""
-        return _LocalShards(local) if self.fsdp else local
 
     def shard(self, window: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a micro-batch read whole."""
@@ -155,21 +139,6 @@ class Layout:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
-
-
-class _LocalShards:
-    """A model seen through its parameters' local shards (plain tensors): what a CPUEma averages under FSDP, each
-    rank its own part (the EMA reads only `named_parameters` and `parameters`)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def named_parameters(self):
-        for n, p in self.model.named_parameters():
-            yield n, p.to_local() if isinstance(p, DTensor) else p
-
-    def parameters(self):
-        return (p for _, p in self.named_parameters())
 
 
 class NullLogger:
