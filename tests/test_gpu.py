@@ -139,3 +139,39 @@ def test_compiled_trainer_keeps_expert_loads_and_routing_bias_updates(tmp_path):
         assert not torch.equal(history[-1], torch.stack(start)), "the routing biases never moved"
         biases[compile_] = torch.stack(history)
     torch.testing.assert_close(biases[True], biases[False], rtol=0, atol=1e-6)
+
+
+def test_engine_logprobs_equal_trainer_within_bf16_noise():
+    """Issue 18: GRPO's engine (bf16, paged absorbed MLA) and its trainer (bf16 autocast, naive attention) score the
+    sampled tokens alike up to bf16 noise: their gap is no larger than each one's own error against a float64 copy
+    of the same weights (on the H200, lite-8L: 0.031 nats mean for all three; benchmarks/logprob_gap.py)."""
+    from dsv3 import load_model_config
+    from dsv3.infer.bench import random_model
+    from dsv3.infer.config import EngineConfig
+    from dsv3.infer.engine import Engine
+    from dsv3.infer.sampling import SamplingParams
+    from dsv3.posttrain.grpo_loss import sequence_logprobs
+    cfg = load_model_config("tiny")
+    model = random_model(cfg, "cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    rows, plen, new = 8, 32, 32
+    prompts = [torch.randint(0, cfg.vocab_size, (plen,), generator=g).tolist() for _ in range(rows)]
+    engine = Engine(model, None, EngineConfig(block_size=16, num_blocks=rows * 4 + 1, max_num_seqs=rows,
+                                              cuda_graphs=False))
+    outs = engine.generate(prompts, [SamplingParams(temperature=1.0, max_tokens=new, seed=r, logprobs=0,
+                                                    ignore_eos=True) for r in range(rows)])
+    ids = torch.tensor([q + o.token_ids for q, o in zip(prompts, outs)], device="cuda")
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, plen:] = True
+    eng = torch.tensor([[lp[0] for lp in o.logprobs] for o in outs], dtype=torch.float64)
+    ref_model = random_model(cfg, "cuda", torch.float64)
+    ref_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            train = sequence_logprobs(model, ids, resp)[:, plen:].double().cpu()
+        ref = sequence_logprobs(ref_model, ids, resp)[:, plen:].cpu()
+    noise = max((eng - ref).abs().mean().item(), (train - ref).abs().mean().item())
+    assert noise > 0, "bf16 paths equal to float64 exactly: the test compares nothing"
+    assert (eng - train).abs().mean().item() <= 1.5 * noise + 1e-4
+    assert (eng - train).abs().max().item() <= 2 * max((eng - ref).abs().max().item(),
+                                                       (train - ref).abs().max().item()) + 1e-3
