@@ -72,3 +72,16 @@ def test_time_and_cost_reproduce_the_reports_180k_gpu_hours_per_trillion_tokens(
     assert training_cost(v3, 2048, mfu=0.20)["step_seconds"] == pytest.approx(2 * c["step_seconds"])
     with pytest.raises(ValueError, match="mfu"):
         training_cost(v3, 2048, mfu=0)
+
+
+def test_one_pipeline_rank_is_no_pipeline_whatever_the_schedule():
+    """pp = 1: no mirror chunk (DualPipe's rank 0 would otherwise count its own chunk twice), no bubble, no
+    pipeline traffic; the same numbers as 1F1B, and the model's parameters held once (experts split over ep)."""
+    cfg = load_model_config("lite-8L")
+    plans = {s: plan(cfg, Cluster(2, 2, 141.0), Layout(pp=1, ep=2, schedule=s, micro_batches=2))
+             for s in ("1f1b", "dualpipe", "dualpipev")}
+    for p in plans.values():
+        assert p["params"] == plans["1f1b"]["params"] and not p["problems"]
+        assert p["traffic_gb_per_step"]["pipeline"] == 0 and all(v == 0 for v in p["bubble_in_F"].values())
+    par = plans["dualpipe"]["params"]
+    assert abs(par["replicated_on_rank"] + 2 * par["experts_on_rank"] - par["total_with_mtp"]) < 1e-6 * par["total_with_mtp"]

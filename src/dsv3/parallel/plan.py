@@ -117,6 +117,8 @@ def activation_bytes_per_token(cfg: ModelConfig, moe: bool) -> int:
 def bubble(pp: int, schedule: str, f: float = 1.0, b: float = 2.0, w: float = 1.0, fb: float | None = None) -> float:
     """Pipeline bubble (TR Table 2) in units of F; `fb`: an overlapped forward+backward chunk (default F + B)."""
     fb = f + b if fb is None else fb
+    if pp == 1 and schedule in ("1f1b", "zb1p", "dualpipe", "dualpipev"):
+        return 0.0                                        # no pipeline, no bubble
     if schedule == "1f1b":
         return (pp - 1) * (f + b)
     if schedule == "zb1p":
@@ -169,15 +171,18 @@ def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
         raise ValueError(f"ep={ep} must divide the {cfg.n_routed_experts} routed experts")
     if layout.schedule not in ("1f1b", "dualpipe", "dualpipev"):
         raise ValueError(f"unknown schedule {layout.schedule!r}; use 1f1b, dualpipe or dualpipev")
-    dual = layout.schedule in ("dualpipe", "dualpipev")
+    # one pipeline rank is no pipeline: every schedule is then one chunk, held once (a DualPipe "mirror" of
+    # rank 0 at pp 1 would be rank 0 itself, counted twice)
+    schedule = layout.schedule if pp > 1 else "1f1b"
+    dual = schedule in ("dualpipe", "dualpipev")
     if dual and (pp % 2 or layout.micro_batches < 2 * pp or
-                 (layout.schedule == "dualpipe" and layout.micro_batches % 2)):
-        problems.append(f"{layout.schedule} needs an even pp and micro_batches >= 2 pp (DualPipe: even too)")
-    chunks = 2 * pp if layout.schedule == "dualpipev" else pp
+                 (schedule == "dualpipe" and layout.micro_batches % 2)):
+        problems.append(f"{schedule} needs an even pp and micro_batches >= 2 pp (DualPipe: even too)")
+    chunks = 2 * pp if schedule == "dualpipev" else pp
     per_chunk = stage_params(cfg, chunks)
-    if layout.schedule == "1f1b":
+    if schedule == "1f1b":
         per_rank = per_chunk
-    elif layout.schedule == "dualpipe":                   # rank r holds chunk r and its mirror pp-1-r
+    elif schedule == "dualpipe":                   # rank r holds chunk r and its mirror pp-1-r
         per_rank = [tuple(a + b for a, b in zip(per_chunk[r], per_chunk[pp - 1 - r])) for r in range(pp)]
     else:                                                 # V shape: rank r holds chunks r and 2pp-1-r
         per_rank = [tuple(a + b for a, b in zip(per_chunk[r], per_chunk[chunks - 1 - r])) for r in range(pp)]
@@ -203,7 +208,7 @@ def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
     fanout = min(cfg.topk_group if cfg.n_group > 1 else cfg.num_experts_per_tok, nodes) if nodes > 1 else 0
     moe_layers = sum(cfg.is_moe_layer(i) for i in mine)
     a2a_ib = layout.micro_batches * moe_layers * tokens * fanout * cfg.hidden_size * (1 + 2) * 2
-    pp_bytes = layout.micro_batches * tokens * cfg.hidden_size * 2 * 2 * (2 if dual else 1)
+    pp_bytes = layout.micro_batches * tokens * cfg.hidden_size * 2 * 2 * (2 if dual else 1) if pp > 1 else 0
     dp_bytes = (4 + 2) * local * (dp - 1) / dp
     f, b, w = 1.0, 2.0, 1.0
     return {
