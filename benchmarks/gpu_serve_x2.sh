@@ -2,7 +2,8 @@
 # Issue 23 in ONE device call on kind nvidia-h200-x2 (2 H200s, NCCL, torch 2.11): `lite`, random bf16 weights.
 #   1a. single-GPU Engine decode (benchmarks/engine_decode.py, 128-token prompts, 64 new tokens, batch 64 and 256),
 #       two processes at once on disjoint GPUs: GPU 0 `eager` (no CUDA graphs: EPEngine's mode, the fair peer),
-#       GPU 1 `fused` (graphs + compiled layers + fused MoE: the best measured mode, issue 16)         ~1.5 min
+#       GPU 1 `fused` (graphs + compiled layers + fused MoE: the best measured mode, issue 16), then `compile`
+#       (graphs + compiled layers, close at batch 64 in issue 16) if fused took under 70 s   ~2 min
 #   1b. EP2 + DP attention (torchrun, NCCL): EPEngine, the same load split over the ranks, no overlap  ~1 min
 #   2.  PD split (real PDRouter + prefill worker on GPU 0 + decode worker on GPU 1, no HTTP) vs unified (two
 #       EngineProcess backends, one Engine per GPU): 48 requests, prompts 2K-4K, 256 output tokens, 16 concurrent
@@ -65,13 +66,13 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 RUN=($PY -m torch.distributed.run --standalone --nproc_per_node 2 benchmarks/serve_x2.py)
 
 t=$(limit 170)
-stamp "1a. single-GPU decode: eager on GPU 0, fused on GPU 1, in parallel (timeout $t s)"
+stamp "1a. single-GPU decode: eager on GPU 0, fused then compile on GPU 1, in parallel (timeout $t s)"
 OUT=$OUT/single_eager timeout --signal=INT --kill-after=10 "$t" "${GPU0[@]}" $PY benchmarks/engine_decode.py \
   "${SINGLE[@]}" --modes eager > "$OUT/single_eager.txt" 2>&1 &
 OUT=$OUT/single_best timeout --signal=INT --kill-after=10 "$t" "${GPU1[@]}" $PY benchmarks/engine_decode.py \
-  "${SINGLE[@]}" --modes fused --deadline-s $(( t - 60 )) > "$OUT/single_best.txt" 2>&1 &
+  "${SINGLE[@]}" --modes fused,compile --deadline-s $(( t - 100 )) > "$OUT/single_best.txt" 2>&1 &
 wait
-grep -v -i "warning" "$OUT/single_eager.txt" "$OUT/single_best.txt" | tail -40 >> "$LOG"
+grep -v -i "warning" "$OUT/single_eager.txt" "$OUT/single_best.txt" | tail -40 | tee -a "$LOG"
 rm -f "$OUT/single_eager.txt" "$OUT/single_best.txt"
 stamp "1a: done"
 stage "1b. EP2 decode, no overlap" 120 "${RUN[@]}" ep-decode "${EP[@]}" --tbo off

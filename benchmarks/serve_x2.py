@@ -13,10 +13,11 @@ appends its rows to a JSON under $OUT, and `report` prints every part's table fr
                  one with fewer pending (the router's rule).
       TTFT = first token delivered - submitted; TPOT = (last - first) / (tokens - 1), per request; p50/p99. -> pd.json
   eplb (torchrun, 2 ranks): EPEngine with redundant experts and rebalance_interval I under a skewed prompt mix
-      (most prompts drawn from a few token ids): one generation of 3I+1 steps, the placement rebuilt live after
-      steps I, 2I and 3I. Per window: each GPU's expert load (the window's all-reduced loads split over the
+      (most prompts drawn from a few token ids): after the prefill step, 3I decode steps of one generation, the
+      placement rebuilt live after steps I, 2I and 3I (windows of decode steps only). Per window: each GPU's expert load (the window's all-reduced loads split over the
       placement's replicas, Placement.gpu_loads) as max/mean over the GPUs, under the placement in use, the
-      initial one (never rebalanced) and the one fit to that window; tok/s over the window's decode steps.                                           -> eplb.json
+      initial one (never rebalanced) and the one fit to that window; tok/s over the window's decode steps.
+                                                                                                     -> eplb.json
   report: every part's table.
 
 CPU dry run (gloo, tiny config): see the header of benchmarks/gpu_serve_x2.sh (DRY_RUN=1).
@@ -83,7 +84,8 @@ def ep_decode(a) -> None:
     for total in map(int, a.batches.split(",")):
         per_rank = total // world
         model = _model(a, device)
-        make = lambda m, config: EPEngine(m, config=config, ep_config=ExpertParallelConfig(two_batch_overlap=tbo))  # noqa
+        ep_config = ExpertParallelConfig(two_batch_overlap=tbo)
+        make = lambda m, config: EPEngine(m, config=config, ep_config=ep_config)  # noqa: E731
         t0 = time.time()
         # each rank its own prompts (seed per rank); bench_decode's loop steps while any rank has work
         r = bench_decode(model, per_rank, a.prompt, a.tokens, seed=1000 * rank, cuda_graphs=False, make_engine=make)
@@ -154,8 +156,12 @@ async def _load(backends: list, requests: list, concurrency: int) -> list[dict]:
             backend = min(backends, key=lambda b: b.num_pending)
             handle = backend.submit(ids, params)
             final = None
-            async for out in backend.stream(handle):
-                final = out
+            try:
+                async for out in backend.stream(handle):
+                    final = out
+            except RuntimeError as e:           # a failed request is counted, not fatal to the measurement
+                rows.append(dict(prompt=len(ids), error=str(e)[:300]))
+                return
             end, n = time.perf_counter(), len(final.token_ids)
             rows.append(dict(prompt=len(ids), tokens=n, ttft_s=handle.first_token - handle.submitted,
                              tpot_ms=(end - handle.first_token) / max(n - 1, 1) * 1e3,
@@ -219,9 +225,11 @@ async def _pd_main(a) -> dict:
         kv = 0
         for b in backends:
             await b.shutdown(drain=False)
-    ttft, tpot = [r["ttft_s"] for r in rows], [r["tpot_ms"] for r in rows]
-    tokens = sum(r["tokens"] for r in rows)
-    return dict(system=a.system, requests=len(rows), concurrency=a.concurrency, prompt=[a.prompt_min, a.prompt_max],
+    ok = [r for r in rows if "error" not in r]
+    ttft, tpot = [r["ttft_s"] for r in ok], [r["tpot_ms"] for r in ok]
+    tokens = sum(r["tokens"] for r in ok)
+    return dict(system=a.system, requests=len(ok), failed=len(rows) - len(ok), concurrency=a.concurrency,
+                prompt=[a.prompt_min, a.prompt_max],
                 max_tokens=a.max_tokens, graphs=a.graphs, chunk=a.chunk, start_s=started, wall_s=wall,
                 out_tok_per_s=tokens / wall, ttft_p50_s=_pct(ttft, 0.5), ttft_p99_s=_pct(ttft, 0.99),
                 tpot_p50_ms=_pct(tpot, 0.5), tpot_p99_ms=_pct(tpot, 0.99), kv_bytes=kv, rows=rows)
@@ -230,7 +238,8 @@ async def _pd_main(a) -> dict:
 def pd(a) -> None:
     row = asyncio.run(_pd_main(a))
     _append("pd.json", row)
-    print(f"{row['system']:8s} {row['requests']} requests, concurrency {row['concurrency']}: TTFT p50 "
+    print(f"{row['system']:8s} {row['requests']} requests ({row['failed']} failed), concurrency "
+          f"{row['concurrency']}: TTFT p50 "
           f"{row['ttft_p50_s']:.3f} s p99 {row['ttft_p99_s']:.3f} s, TPOT p50 {row['tpot_p50_ms']:.2f} ms p99 "
           f"{row['tpot_p99_ms']:.2f} ms, {row['out_tok_per_s']:.1f} output tok/s, {row['wall_s']:.1f} s "
           f"(+{row['start_s']:.0f} s start), kv {row['kv_bytes'] / 1e9:.2f} GB", flush=True)
@@ -249,6 +258,13 @@ def _skewed_prompts(a, n: int, vocab: int, rank: int) -> list[list[int]]:
 def _balance(placement, loads: torch.Tensor, world: int) -> dict:
     r = balance_ratio(placement.gpu_loads(loads, world))
     return dict(mean=float(r.mean()), max=float(r.max()))
+
+
+def _restart_window(engine: EPEngine) -> None:
+    """Start the step count and the expert-load counters of EPLB's window again (what has run so far not counted)."""
+    engine.ep_stats["steps"] = 0
+    for _, m in moe_layers(engine.model):
+        m.tokens_per_expert.zero_()
 
 
 def _eplb_run(engine: EPEngine, device: str, interval: int) -> tuple[list[float], list[dict]]:
@@ -278,26 +294,26 @@ def eplb(a) -> None:
                                                  max_num_batched_tokens=max(2048, B * a.prompt), cuda_graphs=False),
                       ep_config=ep)
     prompts = _skewed_prompts(a, B, model.config.vocab_size, rank)
-    # warm-up (untimed, 3 steps < I): then the step count and the load counters start again with the timed run
+    # warm-up (untimed): a short generation; then the timed one's prefill step, so that every window counts
+    # decode steps only (a placement fit to a prefill burst would be judged on decode loads otherwise)
     engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
-    engine.ep_stats["steps"] = 0
-    for _, m in moe_layers(engine.model):
-        m.tokens_per_expert.zero_()
+    _restart_window(engine)
     for p in prompts:
-        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=a.windows * I + 1, ignore_eos=True))
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=a.windows * I + 2, ignore_eos=True))
+    engine.step()
+    _restart_window(engine)
     times, windows = _eplb_run(engine, device, I)
     if rank == 0:
         row = dict(streams=B * world, prompt=a.prompt, skew=a.skew, redundant=a.redundant, interval=I,
                    slots=engine.num_slots, rebalances=engine.ep_stats["rebalances"],
                    moved_bytes=engine.ep_stats["moved_bytes"], rebalance_step_s=[times[k * I - 1] for k in
                                                                                  range(1, len(windows) + 1)],
-                   median_step_s=statistics.median(times[1:]), windows=[])
+                   median_step_s=statistics.median(times), windows=[])
         initial = windows[0]["old"]
         for k, w in enumerate(windows):
-            # window k+1: steps kI+1 .. (k+1)I; step 1 (the prefill) and the last (it rebalances) left out
-            span = times[max(1, k * I):(k + 1) * I - 1]
+            span = times[k * I:(k + 1) * I - 1]      # window k+1's decode steps, less the last (it rebalances)
             row["windows"].append(dict(
-                window=k + 1, includes_prefill=k == 0, tok_per_s=B * world * len(span) / sum(span),
+                window=k + 1, tok_per_s=B * world * len(span) / sum(span),
                 step_ms=1e3 * statistics.median(span), balance_in_use=_balance(w["old"], w["loads"], world),
                 balance_initial=_balance(initial, w["loads"], world),
                 balance_fit=_balance(w["new"], w["loads"], world),
@@ -319,9 +335,8 @@ def _print_eplb(row: dict) -> None:
     for w in row["windows"]:
         cols = "".join(f"{b['mean']:6.3f} / {b['max']:6.3f}  " for b in (w["balance_in_use"], w["balance_initial"],
                                                                           w["balance_fit"]))
-        print(f"{w['window']:6d}{'*' if w['includes_prefill'] else ' '} {cols}{w['hottest_expert_share']:8.1%}"
-              f"{w['tok_per_s']:14.1f} {w['step_ms']:8.2f}", flush=True)
-    print("(* the window includes the prefill step's tokens)")
+        print(f"{w['window']:6d}  {cols}{w['hottest_expert_share']:8.1%}{w['tok_per_s']:14.1f} {w['step_ms']:8.2f}",
+              flush=True)
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
@@ -333,11 +348,12 @@ def _read(name: str) -> list:
 def report(a) -> None:
     single = [r for d in ("single_eager", "single_best") for r in _read(f"{d}/engine_decode.json")]
     ep = _read("ep_decode.json")
-    print("Part 1: decode, 128-token prompts, greedy (tok/s; ms/step)")
+    print("Part 1: decode, 128-token prompts, greedy. EP2 = EPEngine on 2 GPUs (eager: no CUDA graphs), 1 GPU = Engine")
     print("batch  system               tok/s    ms/step   EP2 / this (no tbo, tbo)")
-    for B in sorted({r["batch"] for r in ep} | {r["batch"] for r in single if "batch" in r}):
+    for B in sorted({r["batch"] for r in ep} | {r["batch"] for r in single}):
         eps = {r["tbo"]: r for r in ep if r["batch"] == B}
-        for r in [r for r in single if r.get("batch") == B]:
+        ok = [r for r in single if r["batch"] == B and "error" not in r]
+        for r in [r for r in single if r["batch"] == B]:
             if "error" in r:
                 print(f"{B:5d}  1 GPU {r['mode']:14s} FAILED {r['error'][:80]}")
                 continue
@@ -345,12 +361,17 @@ def report(a) -> None:
             print(f"{B:5d}  1 GPU {r['mode']:14s} {r['tok_per_s']:9.1f} {r['tpot_ms']:9.2f}   {ratios}")
         for t, r in sorted(eps.items()):
             print(f"{B:5d}  EP2 {'tbo' if t else 'no tbo':16s} {r['tok_per_s']:9.1f} {r['step_ms']:9.2f}")
+        if ok and eps:
+            best, top = max(ok, key=lambda r: r["tok_per_s"]), max(eps.values(), key=lambda r: r["tok_per_s"])
+            print(f"{B:5d}  best EP2 ({'tbo' if top['tbo'] else 'no tbo'}) / best 1 GPU ({best['mode']}): "
+                  f"{top['tok_per_s'] / best['tok_per_s']:.2f}x (target >= 1.8x)")
     print("Part 2: PD split (PDRouter + PrefillEngine on GPU 0 + DecodeEngine on GPU 1, no HTTP) vs unified (one "
           "Engine per GPU in an EngineProcess, each request to the one with fewer pending)")
     print("system    req  conc  TTFT p50 s  p99 s   TPOT p50 ms  p99 ms   out tok/s")
     for r in _read("pd.json"):
-        print(f"{r['system']:8s} {r['requests']:4d} {r['concurrency']:5d} {r['ttft_p50_s']:10.3f} {r['ttft_p99_s']:6.3f}"
-              f" {r['tpot_p50_ms']:12.2f} {r['tpot_p99_ms']:7.2f} {r['out_tok_per_s']:10.1f}")
+        print(f"{r['system']:8s} {r['requests']:4d} {r['concurrency']:5d} {r['ttft_p50_s']:10.3f} "
+              f"{r['ttft_p99_s']:6.3f} {r['tpot_p50_ms']:12.2f} {r['tpot_p99_ms']:7.2f} {r['out_tok_per_s']:10.1f}"
+              f"{'  ' + str(r['failed']) + ' FAILED' if r.get('failed') else ''}")
     print("Part 3: live EPLB")
     for r in _read("eplb.json"):
         _print_eplb(r)
