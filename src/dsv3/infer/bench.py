@@ -9,6 +9,7 @@ prefill: B prompts of P tokens, one token generated; reports prefill tokens/s.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -52,16 +53,18 @@ def _sync(device: str) -> None:
 
 def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int = 0,
                  seed: int = 0, cuda_graphs: bool = True, warmup: bool = True, compile_decode: bool = False,
-                 fused_moe: str = "off", padded: bool = False) -> dict:
+                 fused_moe: str = "off", padded: bool = False,
+                 make_engine: Callable[..., Engine] = Engine) -> dict:
     """`compile_decode` / `fused_moe`: EngineConfig's decode-speed switches; `padded`: run the graph buckets
-    eagerly where graphs cannot capture (CPU dry runs of the compiled decode)."""
+    eagerly where graphs cannot capture (CPU dry runs of the compiled decode); `make_engine(model, config=...)`: the
+    engine to time (e.g. one rank's EPEngine: its has_unfinished is collective, so every rank steps in lockstep)."""
     device = str(next(model.parameters()).device)
     cfg = model.config
-    engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4,
-                                               max_num_batched_tokens=max(2048, batch * prompt_len),
-                                               num_speculative_tokens=spec_tokens, speculative_max_batch=batch,
-                                               cuda_graphs=cuda_graphs, compile_decode=compile_decode,
-                                               fused_moe=fused_moe))
+    engine = make_engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4,
+                                                    max_num_batched_tokens=max(2048, batch * prompt_len),
+                                                    num_speculative_tokens=spec_tokens, speculative_max_batch=batch,
+                                                    cuda_graphs=cuda_graphs, compile_decode=compile_decode,
+                                                    fused_moe=fused_moe))
     if padded and engine.runner.graphs is None:
         engine.use_decode_graphs(capture=False)
 
