@@ -5,8 +5,9 @@ captures the graphs it needs), over modes:
   eager    bf16 weights, no CUDA graphs;          graphs   bf16 weights, decode from CUDA graphs (MoE module);
   compile  graphs + torch.compile'd decode layers (EngineConfig.compile_decode);
   fused    compile + the fused MoE decode kernel (EngineConfig.fused_moe = on);
+  auto     compile + fused_moe = auto (the default: the fused kernel for the buckets where it measured faster);
   fusedeager  graphs + the fused MoE kernel, no compile;
-  fp8, fp8-compile, fp8-fused, fp8-fusedeager: the same with weights in the released FP8 block format
+  fp8, fp8-compile, fp8-fused, fp8-auto, fp8-fusedeager: the same with weights in the released FP8 block format
   (dsv3.infer.fp8_weights). fp8 quantises the model in place, so every bf16 mode runs first.
 
 GPU:  PYTHONPATH=src python benchmarks/engine_decode.py --batches 1,32,64 --tokens 64 --modes graphs,compile,fused,fp8,fp8-compile,fp8-fused
@@ -103,7 +104,7 @@ def profile_step(model, batch: int, prompt: int, **engine_kw) -> dict:
 
 MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused_moe="off"),
          "compile": dict(compile_decode=True, fused_moe="off"), "fused": dict(compile_decode=True, fused_moe="on"),
-         "fusedeager": dict(fused_moe="on")}
+         "auto": dict(compile_decode=True, fused_moe="auto"), "fusedeager": dict(fused_moe="on")}
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ import torch
 
 from conftest import build, tiny_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams
-from dsv3.infer.moe_dispatch import MOE_DECODE_MAX_TOKENS, expert_tensors, fused_moe_available
+from dsv3.infer.graphs import BATCH_BUCKETS
+from dsv3.infer.moe_dispatch import (FUSED_MOE_AUTO_TOKENS, MOE_DECODE_MAX_TOKENS, expert_tensors,
+                                     fused_moe_available, fused_moe_for)
 from dsv3.model.moe import MoE
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -19,7 +21,7 @@ def prompts(lengths, seed=0):
 
 
 def greedy(model, ps, padded=True, **kw):
-    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64, **kw))
+    engine = Engine(model, config=EngineConfig(**(dict(block_size=4, num_blocks=64) | kw)))
     if padded:
         engine.use_decode_graphs(capture=False)
     return [o.token_ids for o in engine.generate(ps, PARAMS)], engine
@@ -65,6 +67,46 @@ def test_fused_moe_switch(model):
     assert MOE_DECODE_MAX_TOKENS >= 256
     with pytest.raises(ValueError, match="EngineConfig.fused_moe"):
         EngineConfig(fused_moe="yes")
+    assert EngineConfig().fused_moe == "auto"                                 # the default
+    assert [EngineConfig(fused_moe=v).fused_moe for v in (True, False, "true", "false", "on", "off")] == \
+        ["on", "off", "on", "off", "on", "off"]                               # TOML booleans spell on / off
+
+
+def test_fused_moe_auto_picks_per_bucket():
+    """auto: the fused kernel exactly for the buckets inside FUSED_MOE_AUTO_TOKENS (batch 32 yes, 1 and 64 no, as
+    measured); on: every batch up to MOE_DECODE_MAX_TOKENS; off, or auto without the kernel: none."""
+    lo, hi = FUSED_MOE_AUTO_TOKENS
+    assert 1 < lo <= 32 <= hi < 64
+    for b in BATCH_BUCKETS:
+        assert fused_moe_for("auto", True, b) == (lo <= b <= hi), b
+        assert fused_moe_for("on", True, b) == (b <= MOE_DECODE_MAX_TOKENS)
+        assert not fused_moe_for("off", False, b) and not fused_moe_for("auto", False, b)
+
+
+def test_fused_moe_auto_engine(model, monkeypatch):
+    """An engine with fused_moe = auto (made available on the CPU: the kernel's reference) sends the forwards of the
+    buckets inside the range, and only those, through the fused call, and its greedy tokens equal the module
+    path's (fp32: the reference is exact)."""
+    import dsv3.infer.runner as runner
+    seen = []
+    fused = runner.fused_moe_ffn
+
+    def recording(mlp, x):
+        seen.append(x.numel() // x.shape[-1])
+        return fused(mlp, x)
+    monkeypatch.setattr(runner, "fused_moe_available", lambda model, mode: mode != "off")
+    monkeypatch.setattr(runner, "fused_moe_ffn", recording)
+    lo, hi = FUSED_MOE_AUTO_TOKENS
+    for n in (1, 3, hi + 1):                   # decode buckets 1 (module), 4 (fused), the next past hi (module)
+        ps = prompts([1 + i % 3 for i in range(n)], seed=n)
+        seen.clear()
+        got, engine = greedy(model, ps, fused_moe="auto", num_blocks=4 * n)
+        assert engine.runner.fused_moe
+        buckets = {key[0] for key in engine.runner.graphs.buckets}
+        assert len(buckets) == 1
+        (b,) = buckets
+        assert (b in seen) == (lo <= b <= hi) and all(lo <= t <= hi for t in seen), (b, seen)
+        assert got == greedy(model, ps, padded=False, fused_moe="off")[0]
 
 
 def test_compiled_decode_gives_the_eager_tokens(model):

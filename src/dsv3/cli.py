@@ -619,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     s.add_argument("--compile-decode", action="store_true", help="decode: torch.compile the layers of the graphed "
                    "decode steps")
-    s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="off", help="decode: routed experts of "
-                   "decode batches in the fused MoE kernel (auto: on CUDA)")
+    s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="auto", help="decode: routed experts of "
+                   "decode batches in the fused MoE kernel (auto: on CUDA, for the batch sizes where it is faster)")
     s.add_argument("--concurrency", type=int, default=64, help="serve: streams in flight")
     s.add_argument("--requests", type=int, default=256, help="serve: requests in all")
     s.add_argument("--url", default=None, help="serve: load an already running server instead")

@@ -53,7 +53,7 @@ def _sync(device: str) -> None:
 
 def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int = 0,
                  seed: int = 0, cuda_graphs: bool = True, warmup: bool = True, compile_decode: bool = False,
-                 fused_moe: str = "off", padded: bool = False,
+                 fused_moe: str = "auto", padded: bool = False,
                  make_engine: Callable[..., Engine] = Engine) -> dict:
     """`compile_decode` / `fused_moe`: EngineConfig's decode-speed switches; `padded`: run the graph buckets
     eagerly where graphs cannot capture (CPU dry runs of the compiled decode); `make_engine(model, config=...)`: the

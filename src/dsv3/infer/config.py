@@ -18,10 +18,10 @@ class EngineConfig:
     speculative_max_batch: int = 8     # speculation switches off above this many running sequences
     cuda_graphs: bool = True           # on CUDA, decode steps replay captured graphs (dsv3.infer.graphs)
     compile_decode: bool = False       # torch.compile the per-layer work of graph-bucket decode steps (inductor)
-    # routed experts of decode-sized batches in one fused kernel per GEMM stage (dsv3.kernels.moe_decode): "on" /
-    # "auto" (CUDA sm_89+) once measured on the GPU; "off" until then (issue 16)
-    fused_moe: str = "off"
-                                       # (dsv3.kernels.moe_decode): auto = on CUDA, on = any device, off = never
+    # routed experts of decode-sized batches in one fused kernel per GEMM stage (dsv3.kernels.moe_decode): "on" (any
+    # device; true), "off" (false), "auto" = on a CUDA GPU of sm_89+, for the batch sizes where it measured faster
+    # (dsv3.infer.moe_dispatch.FUSED_MOE_AUTO_TOKENS)
+    fused_moe: str | bool = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -30,8 +30,11 @@ class EngineConfig:
         for name in ("num_blocks", "max_model_len", "num_speculative_tokens", "speculative_max_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.fused_moe not in ("auto", "on", "off"):
-            raise ValueError(f"EngineConfig.fused_moe must be auto, on or off, got {self.fused_moe!r}")
+        # TOML and JSON spell the switch as a boolean: true / false stand for on / off
+        mode = {True: "on", False: "off", "true": "on", "false": "off"}.get(self.fused_moe, self.fused_moe)
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"EngineConfig.fused_moe must be auto, on / true or off / false, got {self.fused_moe!r}")
+        self.fused_moe = mode
         if self.num_blocks == 0 and self.cache_memory_gib <= 0:
             raise ValueError("EngineConfig: give num_blocks or a positive cache_memory_gib")
 

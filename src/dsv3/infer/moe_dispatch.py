@@ -5,6 +5,10 @@ The fused path is the MoE module's forward (spec 1.6) with its routed-expert par
 (`Gate.route`), the same per-expert load counts into `tokens_per_expert`, the shared experts added after. It
 applies to plain stacked experts (`Experts`) and FP8 block weights (`FP8Experts`); any other experts module
 (expert-parallel slots) and batches over MOE_DECODE_MAX_TOKENS tokens take the module's forward.
+
+`EngineConfig.fused_moe = "auto"` (the default) takes the fused path only for the batch sizes where it measured
+faster (FUSED_MOE_AUTO_TOKENS): the decode graphs are captured per batch bucket, so each bucket's graph holds the
+faster of the two paths.
 """
 
 from __future__ import annotations
@@ -19,14 +23,33 @@ from .fp8_weights import FP8Experts
 
 MOE_DECODE_MAX_TOKENS = 256
 
+# `fused_moe = "auto"`: the step sizes (tokens = rows of a decode-graph bucket) whose routed experts run in the fused
+# kernel, inclusive. From the measured rows (benchmarks/RESULTS.md, issue 16: `lite`, one H200, compiled decode
+# layers, tok/s of the module path (grouped GEMM) vs the fused kernel):
+#   batch  1:   195.8 vs   162.7  -> module (6 experts either way; the fused dispatch costs more than it saves)
+#   batch 32: 1,990.0 vs 2,801.3  -> fused  (1.41x: it reads only the selected experts, at copy bandwidth)
+#   batch 64: 3,718.3 vs 3,709.1  -> module (a tie: ~6 rows per expert, the grouped GEMM at its best)
+# Between the measured sizes the bounds sit halfway in the bucket list (2 and 48); re-measure with
+# `bash benchmarks/gpu_decode.sh` (modes compile / fused / auto) before moving them.
+FUSED_MOE_AUTO_TOKENS = (2, 48)
+
 
 def fused_moe_available(model: nn.Module, mode: str) -> bool:
-    """`EngineConfig.fused_moe`: on (any device: the reference on CPU), off, or auto = a CUDA GPU of sm_89+ (the
-    FP8 kernels' e4m3 conversion) with triton."""
+    """Whether `EngineConfig.fused_moe` lets any batch take the fused kernel: on (any device: the reference on CPU),
+    off, or auto = a CUDA GPU of sm_89+ (the FP8 kernels' e4m3 conversion) with triton."""
     if mode != "auto":
         return mode == "on"
     w = model.embed_tokens.weight
     return HAS_TRITON and w.is_cuda and capability(w.device) >= (8, 9)
+
+
+def fused_moe_for(mode: str, available: bool, tokens: int) -> bool:
+    """Whether a forward of `tokens` tokens runs its routed experts in the fused kernel: `mode` is
+    `EngineConfig.fused_moe`, `available` what fused_moe_available said for the engine's model."""
+    if not available or tokens > MOE_DECODE_MAX_TOKENS:
+        return False
+    lo, hi = FUSED_MOE_AUTO_TOKENS
+    return mode == "on" or lo <= tokens <= hi
 
 
 def expert_tensors(experts: nn.Module) -> tuple | None:

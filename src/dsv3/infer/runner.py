@@ -9,7 +9,8 @@ runs the same way on cache layer `num_hidden_layers`, so its drafts attend over 
 
 Decode-sized batches (<= MOE_DECODE_MAX_TOKENS tokens) run their routed experts through the fused MoE kernel
 (dsv3.kernels.moe_decode: one launch per GEMM stage, only the selected experts' weights read) when
-`EngineConfig.fused_moe` says so: the blocks' `ffn` seam. With `compile_decode`, the graph buckets' forward runs each
+`EngineConfig.fused_moe` says so for the batch's token count (moe_dispatch.fused_moe_for: "auto" picks per decode-graph
+bucket): the blocks' `ffn` seam. With `compile_decode`, the graph buckets' forward runs each
 block through `torch.compile` (one compiled function for every layer: the layer's modules are graph inputs, one
 graph per layer kind). The cache's write and decode attention are opaque to dynamo (dsv3.infer.cache), so each block
 compiles into the graphs around them, and nothing else may break a graph (tests/test_infer_decode_compile.py checks
@@ -29,7 +30,7 @@ from .batch import Batch, Row, make_batch, padding_row
 from .cache import PagedLatentCache
 from .config import EngineConfig
 from .graphs import DecodeGraphs
-from .moe_dispatch import fused_moe_available, fused_moe_ffn
+from .moe_dispatch import fused_moe_available, fused_moe_ffn, fused_moe_for
 
 __all__ = ["Batch", "ModelRunner", "Row", "padding_row"]
 
@@ -67,8 +68,12 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.graphs: DecodeGraphs | None = None       # set by the engine on CUDA: the main model's decode graphs
         self.mtp_graphs: DecodeGraphs | None = None   # and the MTP module's
-        self.fused_moe = fused_moe_available(model, self.config.fused_moe)
-        self.ffn = fused_moe_ffn if self.fused_moe else None      # the blocks' FFN seam (None: the module's forward)
+        self.fused_moe = fused_moe_available(model, self.config.fused_moe)    # for some batch sizes at least
+
+    def ffn(self, tokens: int):
+        """The blocks' FFN seam for a forward of `tokens` tokens: the fused MoE call, or None (the module's
+        forward). A graph bucket's size is fixed, so each captured graph holds one of the two."""
+        return fused_moe_ffn if fused_moe_for(self.config.fused_moe, self.fused_moe, tokens) else None
 
     def use_graphs(self, max_batch: int, max_blocks: int, capture: bool) -> None:
         """Decode batches from padded buckets (dsv3.infer.graphs), their forward compiled with `compile_decode`."""
@@ -105,8 +110,9 @@ class ModelRunner:
         model = self.model
         prologue, layer_fn = _compiled() if compiled else _EAGER
         x, cos, sin = prologue(model, batch.input_ids, batch.positions)      # (1, N, D)
+        ffn = self.ffn(batch.input_ids.numel())
         for i, layer in enumerate(model.layers):
-            x = layer_fn(layer, (x,), cos, sin, batch.ctx.at(i), self.ffn)
+            x = layer_fn(layer, (x,), cos, sin, batch.ctx.at(i), ffn)
         return model.norm(x)[0]
 
     @torch.inference_mode()
@@ -125,7 +131,7 @@ class ModelRunner:
         prologue, layer_fn = _compiled() if compiled else _EAGER
         emb, cos, sin = prologue(model, batch.input_ids, batch.positions)    # (1, N, D)
         ctx = batch.ctx.at(self.cfg.num_hidden_layers)                        # the MTP module's own latents
-        x = layer_fn(module, (hidden[None].to(emb.dtype), emb), cos, sin, ctx, self.ffn)[0]
+        x = layer_fn(module, (hidden[None].to(emb.dtype), emb), cos, sin, ctx, self.ffn(batch.input_ids.numel()))[0]
         return self.logits(module.shared_head.norm(x)), x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
