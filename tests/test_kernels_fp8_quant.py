@@ -14,6 +14,7 @@ from conftest import interpreter_cases
 import dsv3.fp8
 from dsv3.kernels import fp8_quant
 from dsv3.kernels.fp8_quant import (HAS_TRITON, dequantize_blocks, dequantize_tiles, quantize_blocks,
+                                    quantize_blocks_both, quantize_blocks_both_reference,
                                     quantize_blocks_reference, quantize_blocks_triton, quantize_tiles,
                                     quantize_tiles_reference, quantize_tiles_transposed,
                                     quantize_tiles_transposed_reference, quantize_tiles_transposed_triton,
@@ -180,6 +181,26 @@ def test_zero_and_tiny_tiles():
     assert (q[0].float() == 0).all() and (q[1].float() != 0).any()
 
 
+def test_blocks_both_is_both_orientations():
+    """quantize_blocks_both = (quantize_blocks(w), quantize_blocks(w.T)) exactly: the transposed blocks are the
+    blocks of the transpose (square blocks)."""
+    w = make_x(300, 200, torch.bfloat16, seed=8)
+    for pow2 in (False, True):
+        q, s, q_t, s_t = quantize_blocks_both(w, pow2)
+        (a, sa), (b, sb) = quantize_blocks_reference(w, pow2), quantize_blocks_reference(w.t(), pow2)
+        assert torch.equal(bits(q), bits(a)) and torch.equal(s, sa)
+        assert torch.equal(bits(q_t), bits(b)) and torch.equal(s_t, sb) and q_t.is_contiguous()
+
+
+def test_reference_nonfinite():
+    """What the Triton kernels must reproduce: a NaN makes its tile's scale NaN and the tile NaN; an inf makes
+    the scale inf, the other elements (finite / inf) 0 and the inf itself NaN (inf / inf)."""
+    x = nonfinite_x(130, 260)
+    q, s = quantize_tiles_reference(x)
+    assert s[3, 0].isnan() and q[3, :128].float().isnan().all() and not s[4].isnan().any()
+    assert s[65, 2].isinf() and q[65, 259].float().isnan() and (q[65, 256:259].float() == 0).all()
+
+
 @pytest.mark.parametrize("M,K", [(0, 5), (5, 0), (0, 0)])
 def test_empty(M, K):
     x = torch.zeros(M, K)
@@ -262,6 +283,32 @@ def _compare(out, ref) -> dict:
             "scale_err": ((s.double() - sr.double()).abs() / sr.double()).max().item() if s.numel() else 0.0}
 
 
+def _compare_nonfinite(out, ref) -> dict:
+    """_compare for inputs holding NaN / inf: whether the NaN positions of q and of the scales agree (NaN bit
+    patterns may differ in sign), and _compare's numbers with the union of the NaN positions zeroed in both."""
+    res = {"nan_q_agree": True, "nan_s_agree": True}
+    cleaned = []
+    for a, b in zip(out, ref):
+        fa, fb = a.float(), b.float()
+        res["nan_s_agree" if a.dtype == torch.float32 else "nan_q_agree"] &= torch.equal(fa.isnan(), fb.isnan())
+        nan = fa.isnan() | fb.isnan()
+        cleaned.append(tuple(torch.where(nan, 0.0, f).to(a.dtype) for f in (fa, fb)))
+    sub: dict = {}
+    for (q, qr), (s, sr) in zip(cleaned[::2], cleaned[1::2]):
+        r = _compare((q, s), (qr, sr))
+        sub = {k: max(sub.get(k, 0), v) for k, v in r.items()}
+        res["scales_equal"] = res.get("scales_equal", True) and torch.equal(s, sr)   # inf included
+    return {**res, **sub}
+
+
+def nonfinite_x(M: int, K: int) -> torch.Tensor:
+    """make_x with a NaN, +inf and -inf in separate tiles / rows / columns."""
+    x = make_x(M, K, seed=M + K)
+    x[3, 5], x[M // 2, K - 1], x[M - 1, K // 2] = float("nan"), float("inf"), -float("inf")
+    x[M - 1, 0] = float("nan")
+    return x
+
+
 def _interpreter_cases() -> dict:
     """Run in a TRITON_INTERPRET=1 subprocess: per case, _compare's numbers."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -290,6 +337,20 @@ def _interpreter_cases() -> dict:
                      (quantize_tiles_transposed_triton, quantize_tiles_transposed_reference),
                      (quantize_blocks_triton, quantize_blocks_reference)):
         out[f"empty_{tri.__name__}"] = _compare(tri(torch.zeros(0, 5)), ref(torch.zeros(0, 5)))
+    # the launch variants (benchmarks/fp8_quant_sweep.py) and both orientations of the blocks from one read
+    x = make_x(140, 150, torch.bfloat16, seed=18)
+    for chunk in (128, 32):
+        q, s, q_t, s_t = quantize_blocks_triton(x, True, transposed=True, chunk=chunk)
+        qr, sr, qr_t, sr_t = quantize_blocks_both_reference(x, True)
+        out[f"blocks_both_chunk{chunk}"] = _compare((q, s), (qr, sr))
+        out[f"blocks_both_chunk{chunk}_t"] = _compare((q_t, s_t), (qr_t, sr_t))
+    out["tr_bk128"] = _compare(quantize_tiles_transposed_triton(x, block_k=128, num_warps=8),
+                               quantize_tiles_transposed_reference(x))
+    bad = nonfinite_x(40, 130)
+    for tri, ref in ((quantize_tiles_triton, quantize_tiles_reference),
+                     (quantize_tiles_transposed_triton, quantize_tiles_transposed_reference),
+                     (quantize_blocks_triton, quantize_blocks_reference)):
+        out[f"nonfinite_{tri.__name__}"] = _compare_nonfinite(tri(bad), ref(bad))
     return out
 
 
@@ -297,8 +358,12 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_quant")
-    assert len(res) == 21, res
+    assert len(res) == 29, res
     for name, r in res.items():
+        if name.startswith("nonfinite"):   # NaN scales where the reference has them, nothing else off (the
+            # interpreter's e4m3 conversion turns a NaN into 384, so q's NaNs are checked on the GPU only)
+            assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, (name, r)
+            continue
         assert r["scale_err"] <= 1e-6 and r["bad"] == 0 and r["nan"] == 0, (name, r)
 
 
@@ -322,10 +387,29 @@ def test_triton_cuda_exact(M, K, dtype, pow2):
     x = make_x(M, K, dtype, seed=M + K).cuda()
     for tri, ref in ((quantize_tiles_triton, quantize_tiles_reference),
                      (quantize_tiles_transposed_triton, quantize_tiles_transposed_reference),
+                     (quantize_blocks_triton, quantize_blocks_reference),
+                     (lambda t, p: quantize_tiles_transposed_triton(t, p, block_k=128, num_warps=8),
+                      quantize_tiles_transposed_reference),
+                     (lambda t, p: quantize_blocks_triton(t, p, transposed=True, chunk=32),
+                      quantize_blocks_both_reference),
+                     (lambda t, p: quantize_blocks_triton(t, p, transposed=True), quantize_blocks_both_reference)):
+        got, want = tri(x, pow2), ref(x, pow2)
+        for (q, s), (qr, sr) in zip(zip(got[::2], got[1::2]), zip(want[::2], want[1::2])):
+            assert torch.equal(s, sr), tri
+            assert torch.equal(bits(q), bits(qr)), (tri, (q.float() != qr.float()).sum().item())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_triton_cuda_nonfinite_as_reference():
+    x = nonfinite_x(300, 520).cuda()
+    for tri, ref in ((quantize_tiles_triton, quantize_tiles_reference),
+                     (quantize_tiles_transposed_triton, quantize_tiles_transposed_reference),
                      (quantize_blocks_triton, quantize_blocks_reference)):
-        (q, s), (qr, sr) = tri(x, pow2), ref(x, pow2)
-        assert torch.equal(s, sr), tri.__name__
-        assert torch.equal(bits(q), bits(qr)), (tri.__name__, (q.float() != qr.float()).sum().item())
+        (q, s), (qr, sr) = tri(x), ref(x)
+        assert torch.equal(s.isnan(), sr.isnan()) and torch.equal(s.nan_to_num(0), sr.nan_to_num(0)), tri.__name__
+        assert torch.equal(q.float().isnan(), qr.float().isnan()), tri.__name__
+        assert torch.equal(q.float().nan_to_num(0), qr.float().nan_to_num(0)), tri.__name__
 
 
 @pytest.mark.gpu

@@ -9,10 +9,11 @@ import os
 import pytest
 import torch
 from conftest import interpreter_cases
-from test_kernels_fp8_quant import _compare, make_x
+from test_kernels_fp8_quant import _compare, _compare_nonfinite, make_x
 
 from dsv3.kernels.fp8_rowwise import (HAS_TRITON, fp8_grouped_gemm_rowwise, fp8_grouped_gemm_rowwise_reference,
-                                      quantize_rows, quantize_rows_reference, quantize_rows_triton)
+                                      quantize_rows, quantize_rows_both, quantize_rows_both_reference,
+                                      quantize_rows_reference, quantize_rows_transposed_triton, quantize_rows_triton)
 
 E4M3 = torch.float8_e4m3fn
 
@@ -49,15 +50,45 @@ def _interpreter_cases() -> dict:
     cases = {"37x200": make_x(37, 200, seed=1), "6x2100_bf16": make_x(6, 2100, torch.bfloat16, seed=2),
              "strided": wide[:, 100:2300], "empty": torch.zeros(0, 16), "3d": w3,
              "3d_transposed": w3.transpose(1, 2), "2d_transposed": make_x(90, 70, seed=6).t()}
-    return {name: _compare(quantize_rows_triton(x), quantize_rows_reference(x)) for name, x in cases.items()}
+    out = {name: _compare(quantize_rows_triton(x), quantize_rows_reference(x)) for name, x in cases.items()}
+    # the transposing quantiser (rows of w^T) and both orientations from one pair of reads; several amax programs
+    # per column (rows_per_prog 32) merge through the atomic max; partial tiles on both edges
+    w2 = make_x(90, 200, torch.bfloat16, seed=7)
+    for name, w, rpp in (("t_3d", w3, 32), ("t_2d_bf16", w2, None)):
+        got = quantize_rows_transposed_triton(w, rows=True, rows_per_prog=rpp)
+        want = quantize_rows_both_reference(w)
+        out[f"{name}_rows"], out[f"{name}_cols"] = _compare(got[:2], want[:2]), _compare(got[2:], want[2:])
+        out[f"{name}_only"] = _compare(quantize_rows_transposed_triton(w, rows_per_prog=rpp), want[2:])
+    bad = make_x(40, 130, seed=8)
+    bad[3, 5], bad[20, 7], bad[39, 0] = float("nan"), float("inf"), -float("inf")
+    got, want = quantize_rows_transposed_triton(bad, rows=True), quantize_rows_both_reference(bad)
+    out["t_nonfinite"] = _compare_nonfinite(got, want)
+    out["t_empty"] = _compare(quantize_rows_transposed_triton(torch.zeros(0, 16)),
+                              quantize_rows_reference(torch.zeros(16, 0)))
+    return out
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_rowwise")
-    assert len(res) == 7
+    assert len(res) == 15
     for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
+        if name == "t_nonfinite":  # NaN scales where the reference has them (q's NaNs: GPU test)
+            assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, r
+            continue
         assert r["bad"] == 0 and r["nan"] == 0 and r["scale_err"] == 0, (name, r)
+
+
+def test_both_orientations_reference_and_dispatch():
+    """quantize_rows_both = rows of w and rows of w^T, exactly the row quantiser's; on the CPU the dispatchers
+    (including a transposed view, which takes the transposing kernel on the GPU) are the reference."""
+    w = make_x(3 * 40, 50, torch.bfloat16, seed=9).view(3, 40, 50)
+    q, s, q_t, s_t = quantize_rows_both(w)
+    for (a, sa), (b, sb) in (((q, s), quantize_rows_reference(w)),
+                             ((q_t, s_t), quantize_rows_reference(w.transpose(1, 2))),
+                             (quantize_rows(w.transpose(1, 2)), (q_t, s_t))):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and torch.equal(sa, sb)
+    assert q_t.shape == (3, 50, 40) and q_t.is_contiguous() and s_t.shape == (3, 50)
 
 
 def _grouped_case(counts, N=48, K=64, seed=0, device="cpu"):
@@ -94,6 +125,20 @@ def test_quantize_rows_bit_exact_on_cuda():
         q, s = quantize_rows(x.cuda())
         qr, sr = quantize_rows_reference(x.cuda())
         assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+    for w in (w3, make_x(8 * 1408, 2048, torch.bfloat16, seed=12).view(8, 1408, 2048), make_x(576, 2048, seed=13)):
+        w = w.cuda()
+        for rpp in (None, 64, 100_000):
+            got = quantize_rows_transposed_triton(w, rows=True, rows_per_prog=rpp)
+            want = quantize_rows_both_reference(w)
+            for a, b in zip(got, want):
+                assert torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a,
+                                   b.view(torch.uint8) if b.dtype == E4M3 else b), rpp
+    bad = make_x(300, 520, seed=14)
+    bad[3, 5], bad[200, 7], bad[299, 0] = float("nan"), float("inf"), -float("inf")
+    got, want = quantize_rows_both(bad.cuda()), quantize_rows_both_reference(bad.cuda())
+    for a, b in zip(got, want):
+        assert torch.equal(a.float().isnan(), b.float().isnan())
+        assert torch.equal(a.float().nan_to_num(0), b.float().nan_to_num(0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

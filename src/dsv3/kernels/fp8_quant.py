@@ -18,6 +18,7 @@ agree bit for bit on every device.
   quantize_tiles(x (M, K))            -> q (M, K), scale (M, ceil(K/128))              forward activations
   quantize_tiles_transposed(x (M, K)) -> q_t (K, M), scale_t (K, ceil(M/128))          = quantize_tiles(x.T)
   quantize_blocks(w (N, K))           -> q (N, K), scale (ceil(N/128), ceil(K/128))    weights
+  quantize_blocks_both(w (N, K))      -> q, scale, q.T (K, N), scale.T                  both GEMMs' weight operands
 
 The transposed variant serves the weight gradient dW = dY^T X, whose reduction runs over tokens: dY and X are
 scaled per 128 tokens of one column and stored K-major, in one pass (x.T is never materialised in high precision).
@@ -30,7 +31,10 @@ the clamp (so it does not matter whether the hardware cast saturates):
   transposed: grid (cdiv(K, 64), cdiv(M, 128)); a program loads 128 tokens x 64 columns, amax over the tokens per
               column, and stores the tile transposed (q_t rows are columns of x) with its 64 scales; column
               tiles vary fastest, so neighbouring programs read adjacent pieces of the same 128 rows.
-  blocks:     grid (cdiv(N, 128), cdiv(K, 128)); one program per 128x128 block, amax over the block.
+  blocks:     grid (cdiv(N, 128), cdiv(K, 128)); one program per 128x128 block, amax over the block (in one
+              pass, or two over row chunks), optionally also storing the transposed block (quantize_blocks_both).
+NaN and inf follow the reference: the amax reductions propagate NaN (a NaN scale, as torch's amax gives), the
+clamp keeps NaN and saturates +-inf.
 
 Dispatchers (`quantize_tiles`, ...): Triton on CUDA sm_89+ when triton imports, else the reference;
 DSV3_FP8_QUANT=reference forces the reference. `dequantize_tiles` / `dequantize_blocks` are reference helpers.
@@ -44,9 +48,9 @@ from torch import Tensor
 from .triton_setup import BLOCK, FP8_MAX, HAS_TRITON, need_triton, tl, triton, use_triton
 
 __all__ = ["BLOCK", "EPS", "FP8_MAX", "HAS_TRITON", "dequantize_blocks", "dequantize_tiles", "quantize_blocks",
-           "quantize_blocks_reference", "quantize_blocks_triton", "quantize_tiles", "quantize_tiles_reference",
-           "quantize_tiles_transposed", "quantize_tiles_transposed_reference", "quantize_tiles_transposed_triton",
-           "quantize_tiles_triton"]
+           "quantize_blocks_both", "quantize_blocks_both_reference", "quantize_blocks_reference",
+           "quantize_blocks_triton", "quantize_tiles", "quantize_tiles_reference", "quantize_tiles_transposed",
+           "quantize_tiles_transposed_reference", "quantize_tiles_transposed_triton", "quantize_tiles_triton"]
 
 TILE = BLOCK  # tile length and block side
 EPS = 1e-4  # amax floor: an all-zero tile gets a finite, tiny scale
@@ -121,6 +125,12 @@ def quantize_blocks_reference(w: Tensor, pow2: bool = False) -> tuple[Tensor, Te
     return q.view(nr * TILE, nc * TILE)[:N, :K].to(_E4M3).contiguous(), scale.contiguous()
 
 
+def quantize_blocks_both_reference(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """quantize_blocks of w and of w.T: (q, scale, q.T contiguous, scale.T contiguous) (the blocks are square)."""
+    q, scale = quantize_blocks_reference(w, pow2)
+    return q, scale, q.t().contiguous(), scale.t().contiguous()
+
+
 def _times(q: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
     compute = torch.promote_types(dtype, torch.float32)  # an e4m3 value times an fp32 scale: one rounding in fp32
     return (q.to(compute) * s.to(compute)).to(dtype)
@@ -146,8 +156,11 @@ def dequantize_blocks(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float
 # Triton
 # ----------------------------------------------------------------------------------------------------------------
 
-_BLOCK_M = 32  # rows per program in the tile kernel
-_BLOCK_K = 64  # columns per program in the transposed kernel
+# launch shapes (benchmarks/fp8_quant_sweep.py sweeps the alternatives on the GPU)
+_BLOCK_M = 32         # rows per program in the tile kernel
+_BLOCK_K = 64         # columns per program in the transposed kernel
+_TILES_T_WARPS = 4
+_BLOCKS_CHUNK = 128   # rows per pass in the block kernel (128: the block in registers at once)
 
 if HAS_TRITON:
     _EPS_C = tl.constexpr(EPS)
@@ -155,14 +168,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _scale_of(amax, POW2: tl.constexpr):
-        s = tl.math.div_rn(tl.maximum(amax, _EPS_C), _MAX_C)
+        s = tl.math.div_rn(tl.maximum(amax, _EPS_C, propagate_nan=tl.PropagateNan.ALL), _MAX_C)
         if POW2:
             s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True)
         return s
 
     @triton.jit
+    def _max_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _absmax(x, axis):
+        """max |x| along axis, NaN if any element is NaN (torch's amax; the plain tl.max would skip NaNs)."""
+        return tl.reduce(tl.abs(x), axis, _max_nan)
+
+    @triton.jit
     def _quant(x, s):
-        return tl.minimum(tl.maximum(tl.math.div_rn(x, s), -_MAX_C), _MAX_C)
+        # NaN stays NaN (torch's clamp); +-inf saturate to +-448 as the reference's clamp does
+        return tl.clamp(tl.math.div_rn(x, s), -_MAX_C, _MAX_C, propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
     def _tiles_kernel(X, Q, S, M, K, stride_xm, stride_xk, stride_qm, stride_sm,
@@ -174,7 +197,7 @@ if HAS_TRITON:
         mask = mask_m[:, None] & (offs_k < K)[None, :]
         rows, cols = offs_m.to(tl.int64), offs_k.to(tl.int64)  # strided views can pass M*K > 2^31 offsets
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        s = _scale_of(tl.max(tl.abs(x), axis=1), POW2)
+        s = _scale_of(_absmax(x, 1), POW2)
         q = _quant(x, s[:, None])
         tl.store(Q + rows[:, None] * stride_qm + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
         tl.store(S + rows * stride_sm + t, s, mask=mask_m)
@@ -190,24 +213,49 @@ if HAS_TRITON:
         rows, cols = offs_m.to(tl.int64), offs_k.to(tl.int64)
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        s = _scale_of(tl.max(tl.abs(x), axis=0), POW2)  # per column, over this tile's 128 tokens
+        s = _scale_of(_absmax(x, 0), POW2)  # per column, over this tile's 128 tokens
         q = tl.trans(_quant(x, s[None, :]))  # (BLOCK_K, TILE_M): rows of q_t are columns of x
         tl.store(QT + cols[:, None] * stride_qk + rows[None, :], q.to(QT.dtype.element_ty),
                  mask=mask_k[:, None] & mask_m[None, :])
         tl.store(ST + cols * stride_sk + t, s, mask=mask_k)
 
     @triton.jit
-    def _blocks_kernel(W, Q, S, N, K, stride_wn, stride_wk, stride_qn, stride_sn,
-                       TILE_B: tl.constexpr, POW2: tl.constexpr):
+    def _store_block_rows(Q, QT, q, rows, cols, mask, stride_qn, stride_qtk, WRITE_T: tl.constexpr):
+        q = q.to(Q.dtype.element_ty)
+        tl.store(Q + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
+        if WRITE_T:   # q.T (K, N) from the same registers, transposed through shared memory
+            tl.store(QT + cols[:, None] * stride_qtk + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+
+    @triton.jit
+    def _blocks_kernel(W, Q, S, QT, N, K, stride_wn, stride_wk, stride_qn, stride_sn, stride_qtk,
+                       TILE_B: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr, WRITE_T: tl.constexpr):
+        # CHUNK == TILE_B: the whole block in registers, one read. CHUNK < TILE_B: two passes over row chunks
+        # (amax, then the cast, whose re-read is served from L1/L2): fewer registers, more programs resident.
+        # WRITE_T: also store q.T, the weight's blocks in the orientation of the input-gradient GEMM.
         bn, bk = tl.program_id(0), tl.program_id(1)
-        offs_n = bn * TILE_B + tl.arange(0, TILE_B)
-        offs_k = bk * TILE_B + tl.arange(0, TILE_B)
-        mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-        rows, cols = offs_n.to(tl.int64), offs_k.to(tl.int64)
-        w = tl.load(W + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32)
-        s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-        q = _quant(w, s)
-        tl.store(Q + rows[:, None] * stride_qn + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+        cols = (bk * TILE_B + tl.arange(0, TILE_B)).to(tl.int64)
+        mask_k = cols < K
+        if CHUNK == TILE_B:
+            rows = (bn * TILE_B + tl.arange(0, TILE_B)).to(tl.int64)
+            mask = (rows < N)[:, None] & mask_k[None, :]
+            w = tl.load(W + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
+            w = w.to(tl.float32)
+            s = _scale_of(_absmax(_absmax(w, 1), 0), POW2)
+            _store_block_rows(Q, QT, _quant(w, s), rows, cols, mask, stride_qn, stride_qtk, WRITE_T)
+        else:
+            amax = tl.zeros((TILE_B,), dtype=tl.float32)
+            for r0 in range(0, TILE_B, CHUNK):
+                rows = (bn * TILE_B + r0 + tl.arange(0, CHUNK)).to(tl.int64)
+                mask = (rows < N)[:, None] & mask_k[None, :]
+                w = tl.load(W + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
+                amax = _max_nan(amax, _absmax(w.to(tl.float32), 0))
+            s = _scale_of(_absmax(amax, 0), POW2)
+            for r0 in range(0, TILE_B, CHUNK):
+                rows = (bn * TILE_B + r0 + tl.arange(0, CHUNK)).to(tl.int64)
+                mask = (rows < N)[:, None] & mask_k[None, :]
+                w = tl.load(W + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
+                _store_block_rows(Q, QT, _quant(w.to(tl.float32), s), rows, cols, mask, stride_qn, stride_qtk,
+                                  WRITE_T)
         tl.store(S + bn * stride_sn + bk, s)
 
 
@@ -224,30 +272,43 @@ def quantize_tiles_triton(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor
     return q, scale
 
 
-def quantize_tiles_transposed_triton(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
-    """quantize_tiles of x.T in one pass through Triton (same contract as `quantize_tiles_transposed_reference`)."""
+def quantize_tiles_transposed_triton(x: Tensor, pow2: bool = False, block_k: int | None = None,
+                                     num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+    """quantize_tiles of x.T in one pass through Triton (same contract as `quantize_tiles_transposed_reference`).
+    A program loads 128 tokens x block_k columns (each row segment contiguous), takes the per-column amax over the
+    tokens and stores the cast tile transposed (tl.trans through shared memory), so reads and writes are both
+    coalesced; block_k / num_warps override the launch shape (benchmarks/fp8_quant_sweep.py)."""
     need_triton("quantize_tiles_transposed_triton")
     M, K = _check_x(x)
     q_t = torch.empty(K, M, device=x.device, dtype=_E4M3)
     scale_t = torch.empty(K, _cdiv(M, TILE), device=x.device, dtype=torch.float32)
+    bk = block_k or _BLOCK_K
     if M and K:
-        _tiles_t_kernel[(triton.cdiv(K, _BLOCK_K), triton.cdiv(M, TILE))](
+        _tiles_t_kernel[(triton.cdiv(K, bk), triton.cdiv(M, TILE))](
             x, q_t, scale_t, M, K, x.stride(0), x.stride(1), q_t.stride(0), scale_t.stride(0),
-            BLOCK_K=_BLOCK_K, TILE_M=TILE, POW2=bool(pow2), num_warps=4)
+            BLOCK_K=bk, TILE_M=TILE, POW2=bool(pow2), num_warps=num_warps or _TILES_T_WARPS)
     return q_t, scale_t
 
 
-def quantize_blocks_triton(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
-    """128x128-block quantisation through Triton (same contract as `quantize_blocks_reference`)."""
+def quantize_blocks_triton(w: Tensor, pow2: bool = False, transposed: bool = False, chunk: int | None = None,
+                           num_warps: int | None = None) -> tuple[Tensor, ...]:
+    """128x128-block quantisation through Triton (same contract as `quantize_blocks_reference`); transposed=True
+    also returns q.T contiguous and scale.T (`quantize_blocks_both`'s contract) from the same read. chunk (rows per
+    pass, 128 = one pass) and num_warps override the launch shape (benchmarks/fp8_quant_sweep.py)."""
     need_triton("quantize_blocks_triton")
     N, K = _check_x(w, "w")
     q = torch.empty(N, K, device=w.device, dtype=_E4M3)
+    q_t = torch.empty(K, N, device=w.device, dtype=_E4M3) if transposed else q
     scale = torch.empty(_cdiv(N, TILE), _cdiv(K, TILE), device=w.device, dtype=torch.float32)
+    chunk = chunk or _BLOCKS_CHUNK
+    if chunk not in (16, 32, 64, 128):
+        raise ValueError(f"chunk must be 16, 32, 64 or 128 rows, got {chunk}")
     if N and K:
         _blocks_kernel[(triton.cdiv(N, TILE), triton.cdiv(K, TILE))](
-            w, q, scale, N, K, w.stride(0), w.stride(1), q.stride(0), scale.stride(0),
-            TILE_B=TILE, POW2=bool(pow2), num_warps=8)
-    return q, scale
+            w, q, scale, q_t, N, K, w.stride(0), w.stride(1), q.stride(0), scale.stride(0), q_t.stride(0),
+            TILE_B=TILE, CHUNK=chunk, POW2=bool(pow2), WRITE_T=bool(transposed),
+            num_warps=num_warps or (8 if chunk == TILE else 4))
+    return (q, scale, q_t, scale.t().contiguous()) if transposed else (q, scale)
 
 
 def _use_triton(x: Tensor) -> bool:
@@ -273,3 +334,11 @@ def quantize_blocks(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     if _use_triton(w):
         return quantize_blocks_triton(w, pow2)
     return quantize_blocks_reference(w, pow2)
+
+
+def quantize_blocks_both(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both orientations of the weight's blocks, (q, scale, q.T, scale.T), from one read on the GPU (the forward
+    and input-gradient GEMMs' operands); the reference elsewhere."""
+    if _use_triton(w):
+        return quantize_blocks_triton(w, pow2, transposed=True)
+    return quantize_blocks_both_reference(w, pow2)
