@@ -385,18 +385,22 @@ GPU_SHAPES = [(1, 200), (37, 257), (257, 37), (128, 128), (4096, 7168), (7168, 2
 @pytest.mark.parametrize("M,K", GPU_SHAPES)
 def test_triton_cuda_exact(M, K, dtype, pow2):
     x = make_x(M, K, dtype, seed=M + K).cuda()
-    for tri, ref in ((quantize_tiles_triton, quantize_tiles_reference),
+    for k, (tri, ref) in enumerate((
+                     (quantize_tiles_triton, quantize_tiles_reference),
                      (quantize_tiles_transposed_triton, quantize_tiles_transposed_reference),
                      (quantize_blocks_triton, quantize_blocks_reference),
                      (lambda t, p: quantize_tiles_transposed_triton(t, p, block_k=128, num_warps=8),
                       quantize_tiles_transposed_reference),
                      (lambda t, p: quantize_blocks_triton(t, p, transposed=True, chunk=32),
                       quantize_blocks_both_reference),
-                     (lambda t, p: quantize_blocks_triton(t, p, transposed=True), quantize_blocks_both_reference)):
+                     (lambda t, p: quantize_blocks_triton(t, p, transposed=True), quantize_blocks_both_reference))):
         got, want = tri(x, pow2), ref(x, pow2)
-        for (q, s), (qr, sr) in zip(zip(got[::2], got[1::2]), zip(want[::2], want[1::2])):
-            assert torch.equal(s, sr), tri
-            assert torch.equal(bits(q), bits(qr)), (tri, (q.float() != qr.float()).sum().item())
+        name = getattr(tri, "__name__", "?")
+        for i, ((q, s), (qr, sr)) in enumerate(zip(zip(got[::2], got[1::2]), zip(want[::2], want[1::2]))):
+            where = f"variant {k} ({name}), output pair {i}"
+            assert torch.equal(s, sr), where
+            bad = (bits(q) != bits(qr)).nonzero()
+            assert not len(bad), f"{where}: {len(bad)} codes differ, first at {bad[:3].tolist()}"
 
 
 @pytest.mark.gpu

@@ -221,10 +221,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _store_block_rows(Q, QT, q, rows, cols, mask, stride_qn, stride_qtk, WRITE_T: tl.constexpr):
-        q = q.to(Q.dtype.element_ty)
-        tl.store(Q + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
-        if WRITE_T:   # q.T (K, N) from the same registers, transposed through shared memory
-            tl.store(QT + cols[:, None] * stride_qtk + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+        tl.store(Q + rows[:, None] * stride_qn + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+        if WRITE_T:   # q.T (K, N) from the same registers, transposed through shared memory before the cast
+            # (on the H200 an e4m3 tl.trans of the cast values put some of them in the wrong place for fp32 inputs)
+            tl.store(QT + cols[:, None] * stride_qtk + rows[None, :], tl.trans(q).to(QT.dtype.element_ty),
+                     mask=tl.trans(mask))
 
     @triton.jit
     def _blocks_kernel(W, Q, S, QT, N, K, stride_wn, stride_wk, stride_qn, stride_sn, stride_qtk,
