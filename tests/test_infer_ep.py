@@ -53,11 +53,11 @@ def _worker(rank, world, init_file, tmp):
                             first=first, last=engine.placement.phy2log.clone(),
                             local=engine.model.layers[1].mlp.experts.gate_proj.detach().clone(),
                             free=engine.blocks.num_free_blocks == engine.blocks.num_blocks)
-    # `dsv3 bench decode`'s timing loop on one EPEngine per rank (benchmarks/serve_x2.py ep-decode): lockstep steps
-    made = []
-    bench = bench_decode(build(_cfg(), seed=3), 2, 6, 3, seed=rank, cuda_graphs=False, warmup=False,
-                         make_engine=lambda m, config: made.append(EPEngine(m, config=config)) or made[-1])
-    result["bench"] = dict(steps=bench["steps"], engine_steps=made[0].ep_stats["steps"], made=len(made))
+    if world == 2:   # `dsv3 bench decode`'s timing loop on one EPEngine per rank (serve_x2.py ep-decode)
+        made = []
+        bench = bench_decode(build(_cfg(), seed=3), 2, 6, 3, seed=rank, cuda_graphs=False, warmup=False,
+                             make_engine=lambda m, config: made.append(EPEngine(m, config=config)) or made[-1])
+        result["bench"] = dict(steps=bench["steps"], engine_steps=made[0].ep_stats["steps"], made=len(made))
     # one front end: rank 0 takes every request and spreads them over the ranks by load
     engine = EPEngine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE))
     control = dist.new_group(backend="gloo")
@@ -109,7 +109,7 @@ def test_ep_engine_equals_single_process(world, reference, tmp_path):
         assert st["ep_tbo_steps"] == st["ep_steps"] > 0
     assert max(res["overlap"]["stats"]["ep_tbo_max_concurrent"] for res in ranks) == 2
     # bench_decode timed the EPEngine it was given: prefill + 2 decode steps on every rank, in lockstep
-    assert all(res["bench"] == dict(steps=2, engine_steps=3, made=1) for res in ranks)
+    assert world != 2 or all(res["bench"] == dict(steps=2, engine_steps=3, made=1) for res in ranks)
     # one front end (rank 0) for the whole group: same outputs, every rank served requests, stats summed
     front = ranks[0]["front"]
     assert front["tokens"] == want
