@@ -42,6 +42,7 @@ import inspect
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from ..parallel.overlap import enable_overlap
 from ..parallel.parallelize import LocalModel
@@ -174,4 +175,7 @@ class PipelineRunner:
             main, mtp = output_losses(out, window, ce)
             sums.add(window, main, mtp, *split_output(out))
         dist.all_reduce(sums.tensor)
+        for c in self.local.chunks:
+            if isinstance(c, FSDPModule):
+                c.reshard()          # a chunk root stays gathered after a no_grad forward (dsv3.parallel.data)
         return sums.metrics(len(val), L.replicas)
