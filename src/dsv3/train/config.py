@@ -353,6 +353,9 @@ class RunConfig:
         if self.parallel.zero1 and self.parallel.fsdp:
             raise ConfigError("invalid run config: parallel.zero1 does not combine with parallel.fsdp (FSDP shards "
                               "the optimizer state already)")
+        if self.parallel.zero1 and t.compile_optimizer:
+            raise ConfigError("invalid run config: parallel.zero1 does not combine with train.compile_optimizer (the "
+                              "compiled step over views of the parameters is not verified)")
         if pp > 1 and self.parallel.fsdp and self.parallel.overlap:
             raise ConfigError("invalid run config: parallel.fsdp does not combine with parallel.overlap (FSDP's "
                               "hooks would run on the overlapped backward's thread)")
