@@ -27,7 +27,7 @@ SECTIONS = dict(model={"num_hidden_layers": 4}, balance={"seq_aux_alpha": 0.5},
 STEPS = [1, 2, 3]
 
 
-def _train(tmp: Path, name: str, nproc: int, *args: str, run_dir: Path | None = None) -> str:
+def _train(tmp: Path, name: str, nproc: int, *args: str) -> str:
     cfg = tmp / "run.json"
     if not cfg.exists():
         cfg.write_text(json.dumps(small_run(tmp, "x", **SECTIONS).to_dict()))

@@ -58,9 +58,11 @@ Limitations:
   * Stage shapes are given statically (`microbatch_shape`), so torch runs no shape inference: it would run the MoE
     on meta or uninitialised tensors, and the MoE reads its expert counts on the host. Every micro-batch must have
     that shape, and with EP every ep rank must feed the same number of rows (the gradient averaging assumes it).
-  * Not here: FSDP inside a stage, and the zero-bubble split of the backward inside an overlapped pair (torch's
-    DualPipeV emits full backwards there; DeepSeek splits them and also partitions SMs). The global gradient norm
-    over pp x dp x ep for clipping is dsv3.train.pipeline_step's.
+  * FSDP2 inside a stage (each chunk its own FSDP root, dsv3.parallel.data.apply_data_parallel_chunk) runs full
+    backwards only (`_full_backward`); not with the F/B overlap.
+  * Not here: the zero-bubble split of the backward inside an overlapped pair (torch's DualPipeV emits full
+    backwards there; DeepSeek splits them and also partitions SMs). The global gradient norm over pp x dp x ep for
+    clipping is dsv3.parallel.grads's.
 """
 
 from collections.abc import Callable
