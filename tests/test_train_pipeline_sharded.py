@@ -1,9 +1,9 @@
 """`dsv3 train` with DualPipeV and FSDP2 (parallel.pp with parallel.fsdp: every chunk its own FSDP root, its blocks
 units, experts sharded over their dp column, the rest over the pipeline position; dsv3.parallel.parallelize) through
-torchrun (gloo, CPU) at 4 ranks (pp 2 x dp 2) and 8 ranks (pp 2 x dp 2 x ep 2), against one process on the same
-global batches over 3 AdamW steps: per-step losses, clipping norms, validation, and the final checkpoint (weights,
-AdamW moments, EMA, by parameter name); the 8-rank run's step-2 sharded checkpoint resumes at 2 ranks (pp 2) and in
-one process with the next step's loss equal. The per-rank memory bound of these layouts is measured in
+torchrun (gloo, CPU) at 4 ranks (pp 2 x dp 2, with recomputation) and 8 ranks (pp 2 x dp 2 x ep 2), against one
+process on the same global batches over 3 AdamW steps: per-step losses, clipping norms, validation, and the final
+checkpoint (weights, AdamW moments, EMA, by parameter name); the 8-rank run's step-2 sharded checkpoint resumes at 2
+ranks (pp 2) and in one process with the next step's loss equal. The per-rank memory bound of these layouts is measured in
 tests/test_parallel_construct.py.
 
 Tolerances as in test_train_pipeline (fp32, the same batches; only summation orders differ)."""
@@ -61,8 +61,8 @@ def single(tmp):
     return tmp / "single"
 
 
-def test_pp2_dp2_fsdp_matches_one_process(tmp, single):
-    err = _train(tmp, "pp2dp2", 4, "parallel.pp=2", "parallel.fsdp=true")
+def test_pp2_dp2_fsdp_with_recompute_matches_one_process(tmp, single):
+    err = _train(tmp, "pp2dp2", 4, "parallel.pp=2", "parallel.fsdp=true", "train.recompute=true")
     assert "x 4 ranks (pp 2 x dp 2 x ep 1, DualPipeV" in err and "FSDP:" in (tmp / "pp2dp2/metrics.jsonl").read_text()
     _assert_matches_single(tmp, single, "pp2dp2")
 
