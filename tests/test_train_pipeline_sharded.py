@@ -3,8 +3,8 @@ units, experts sharded over their dp column, the rest over the pipeline position
 torchrun (gloo, CPU) at 4 ranks (pp 2 x dp 2, with recomputation) and 8 ranks (pp 2 x dp 2 x ep 2), against one
 process on the same global batches over 3 AdamW steps: per-step losses, clipping norms, validation, and the final
 checkpoint (weights, AdamW moments, EMA, by parameter name); the 8-rank run's step-2 sharded checkpoint resumes at 2
-ranks (pp 2) and in one process with the next step's loss equal. The per-rank memory bound of these layouts is measured in
-tests/test_parallel_construct.py.
+ranks (pp 2) and in one process with the next step's loss equal. The per-rank memory bound of these layouts is
+measured in tests/test_parallel_construct.py.
 
 Tolerances as in test_train_pipeline (fp32, the same batches; only summation orders differ)."""
 
