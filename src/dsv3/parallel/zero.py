@@ -14,7 +14,7 @@ the EMA shares out its rows, dsv3.train.ema; an expert slice is split by whole e
   3. `gather` all-gathers the updated rows within each group (one flat collective per group and dtype), after which
      every replica holds the same updated parameters again.
 AdamW is elementwise, so each element's update is the arithmetic one process does on it: the result equals the
-unsharded optimizer's (tests/test_train_zero1.py).
+unsharded optimizer's bit for bit (tests/test_parallel_zero.py; through `dsv3 train`: tests/test_train_zero1.py).
 
 Memory per rank: parameters as replicated (a pipeline rank's chunks, expert slices) + optimizer state / (their
 replicas), i.e. for pp x dp x ep about params / pp (non-expert) + params / (pp ep) (experts) + 2 params / world.
