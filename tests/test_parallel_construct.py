@@ -33,14 +33,14 @@ def _parallelized(cfg: RunConfig):
     from dsv3.train.trainer import build_model
     layout = Layout(torch.device("cpu"), cfg)
     model = build_model(cfg, "meta")
-    return model, parallelize(model, layout.mesh, cfg, "cpu")
+    return model, parallelize(model, layout.mesh, cfg, "cpu"), layout.mesh
 
 
 def _worker(rank: int, init_file: str, tmp, parallel: dict, hf_dirs: list) -> None:
     from dsv3.train.hf_shards import load_hf_owned
     init_gloo(rank, WORLD, init_file)
     cfg = _cfg(**parallel)
-    _, local = _parallelized(cfg)
+    _, local, _ = _parallelized(cfg)
     owned = local.roots
     out = {"init": _rows(owned), "bytes": local_bytes(owned), "hf": [], "read": []}
     for d in hf_dirs:
@@ -116,34 +116,62 @@ def test_init_rows_any_cut_is_the_same_tensor():
         assert abs(whole.std().item() - 0.02) < 0.003
 
 
-def _memory_worker(rank: int, init_file: str, tmp, world: int) -> None:
+def _memory_worker(rank: int, init_file: str, tmp, world: int, parallel: dict) -> None:
     from dsv3.parallel.dcp import init_state
     from dsv3.train.optim import build_optimizer
     init_gloo(rank, world, init_file)
-    cfg = _cfg(micro=world, ep=2, fsdp=True)      # (a micro-batch splits over the world)
-    _, local = _parallelized(cfg)
+    from dsv3.parallel.zero import ZeroOne
+    cfg = _cfg(micro=world, **parallel)      # (a micro-batch splits over the world)
+    _, local, mesh = _parallelized(cfg)
     owned = local.roots
-    opt = build_optimizer(local, cfg.optim)
+    opt = build_optimizer(ZeroOne(local, mesh) if cfg.parallel.zero1 else local, cfg.optim)
     init_state(opt)
     state = sum(v.to_local().numel() * v.element_size() if hasattr(v, "to_local") else v.numel() * v.element_size()
                 for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
     torch.save({"params": local_bytes(owned), "optim": state}, tmp / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("world", [4, 8])
-def test_per_rank_parameters_and_optimizer_state_are_a_share_of_the_whole(tmp_path, world):
-    """dp x ep 2 with FSDP at 4 and 8 ranks, built on meta: each rank's parameters + AdamW state (measured from the
-    tensors it allocated) <= (whole / world) x 1.2 + 64 KiB (AdamW's per-tensor step scalars and FSDP's padding),
-    for a model whose whole is far above that bound."""
+LAYOUTS = [(4, dict(ep=2, fsdp=True)), (8, dict(ep=2, fsdp=True)), (4, dict(pp=2, fsdp=True)),
+           (8, dict(pp=2, ep=2, fsdp=True))]
+
+
+@pytest.mark.parametrize("world,parallel", LAYOUTS, ids=["dp2xep2", "dp4xep2", "pp2xdp2", "pp2xdp2xep2"])
+def test_per_rank_parameters_and_optimizer_state_are_a_share_of_the_whole(tmp_path, world, parallel):
+    """FSDP at 4 and 8 ranks, with and without DualPipeV (dp x ep 2; pp 2 x dp 2; pp 2 x dp 2 x ep 2), built on
+    meta: each rank's parameters + AdamW state (measured from the tensors it allocated) <= (whole / world) x 1.2 +
+    64 KiB (AdamW's per-tensor step scalars and FSDP's padding), for a model whose whole is far above that bound.
+    Under pp the bound also holds the pipeline's imbalance: rank 0's chunks (embedding, head and MTP module with
+    their layers) are 1.18x the pipeline ranks' mean in this model (dsv3.parallel.plan.stage_params)."""
     from dsv3.train.trainer import build_model
     os.environ.pop("WORLD_SIZE", None)
     single = build_model(_cfg(), "cpu")
     params = sum(p.numel() * p.element_size() for p in single.parameters())
     whole = 3 * params                                   # weights + AdamW's two fp32 moments
-    ranks = run_ranks(_memory_worker, world, tmp_path, "memory", (str(tmp_path / "init"), tmp_path, world),
+    ranks = run_ranks(_memory_worker, world, tmp_path, "memory", (str(tmp_path / "init"), tmp_path, world, parallel),
                       timeout_s=300)
     bound = whole / world * 1.2 + 64 * 1024
     assert whole > 2 * bound
     for r in ranks:
         assert r["params"] + r["optim"] <= bound, (r, bound)
     assert sum(r["params"] for r in ranks) == params         # every element on exactly one rank
+
+
+@pytest.mark.parametrize("world,parallel", [(4, dict(pp=2, zero1=True)), (8, dict(pp=2, ep=2, zero1=True))],
+                         ids=["pp2xdp2", "pp2xdp2xep2"])
+def test_zero1_shards_the_optimizer_state_only(tmp_path, world, parallel):
+    """ZeRO-1 under DualPipeV at 4 and 8 ranks: each rank's AdamW state <= (the whole state / world) x 1.2 + 64 KiB,
+    its parameters those of its chunks as replicated (every expert slice and every other parameter of a pipeline
+    position on each of its dp (x ep) ranks): params + state then exceed the FSDP bound (whole / world x 1.2), which
+    ZeRO-1 cannot meet (dsv3.parallel.zero)."""
+    from dsv3.train.trainer import build_model
+    os.environ.pop("WORLD_SIZE", None)
+    single = build_model(_cfg(), "cpu")
+    params = sum(p.numel() * p.element_size() for p in single.parameters())
+    ranks = run_ranks(_memory_worker, world, tmp_path, "memory", (str(tmp_path / "init"), tmp_path, world, parallel),
+                      timeout_s=300)
+    for r in ranks:
+        assert r["optim"] <= 2 * params / world * 1.2 + 64 * 1024, (r, params)
+    # the parameters: each pipeline position holds its chunks dp x ep times over (expert slices dp times)
+    dp = world // 2 // parallel.get("ep", 1)
+    assert sum(r["params"] for r in ranks) >= params * dp
+    assert max(r["params"] + r["optim"] for r in ranks) > 3 * params / world * 1.2

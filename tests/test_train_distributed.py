@@ -223,7 +223,11 @@ def test_bad_parallel_layouts_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel.fsdp does not combine with train.compile_optimizer"):
         small_run(tmp_path, parallel={"fsdp": True}, train={"compile_optimizer": True})
     cfg = small_run(tmp_path, parallel={"ep": 2}, **SECTIONS)
-    assert cfg.to_dict()["parallel"] == {"ep": 2, "fsdp": False, "pp": 1, "overlap": False,
+    with pytest.raises(ConfigError, match=r"parallel.zero1 does not combine with parallel.fsdp"):
+        small_run(tmp_path, parallel={"fsdp": True, "zero1": True})
+    with pytest.raises(ConfigError, match=r"parallel.zero1 does not combine with train.compile_optimizer"):
+        small_run(tmp_path, parallel={"zero1": True}, train={"compile_optimizer": True})
+    assert cfg.to_dict()["parallel"] == {"ep": 2, "fsdp": False, "zero1": False, "pp": 1, "overlap": False,
                                           "ep_dispatch": "flat", "ranks_per_node": 0,
                                           "fp8_dispatch": False}
     assert cfg.check_world(2) == 1 and cfg.check_world(4) == 2

@@ -116,12 +116,13 @@ def test_bad_pipeline_layouts_are_refused(tmp_path):
     for bad, match in (({"pp": 0}, r"parallel.pp=0: must be an integer >= 1"),
                        ({"pp": True}, r"parallel.pp=True: must be an integer >= 1"),
                        ({"pp": 2, "overlap": "yes"}, r"parallel.overlap='yes': must be true or false"),
-                       ({"pp": 2, "fsdp": True}, r"parallel.pp > 1 does not combine with parallel.fsdp"),
+                       ({"pp": 2, "fsdp": True, "overlap": True},
+                        r"parallel.fsdp does not combine with parallel.overlap"),
                        ({"pp": 3}, r"parallel.pp=3 cuts the model into 6 DualPipeV chunks .*num_hidden_layers=4")):
         with pytest.raises(ConfigError, match=match):
             small_run(tmp_path, **{**SECTIONS, "parallel": bad})
     cfg = small_run(tmp_path, **{**SECTIONS, "parallel": {"pp": 2}})
-    assert cfg.to_dict()["parallel"] == {"ep": 1, "fsdp": False, "pp": 2, "overlap": False,
+    assert cfg.to_dict()["parallel"] == {"ep": 1, "fsdp": False, "zero1": False, "pp": 2, "overlap": False,
                                           "ep_dispatch": "flat", "ranks_per_node": 0,
                                           "fp8_dispatch": False}
     assert cfg.check_world(2) == 1 and cfg.check_world(4) == 2

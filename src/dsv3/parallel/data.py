@@ -58,3 +58,20 @@ def apply_data_parallel(model: nn.Module, mesh: DeviceMesh, reshard_after_forwar
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden_states")
     return model
+
+
+def apply_data_parallel_chunk(chunk: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = True) -> nn.Module:
+    """`apply_data_parallel` for one DualPipeV chunk (dsv3.parallel.pipeline.Chunk), its own FSDP2 root as torch's
+    pipelining expects (the stage calls the chunk's forward; its REDUCE_GRAD action reduce-scatters the gradients
+    the chunk accumulated unsharded over the step's micro-batches): its decoder blocks and MTP modules are units
+    (an MTP module's `shared_head.norm` one of its own, as above), the chunk the root that keeps the embedding or
+    the final norm and head. Returns chunk."""
+    if mesh.ndim != 1:
+        raise ValueError(f"apply_data_parallel_chunk expects a 1-D mesh, got {mesh.ndim} dimensions")
+    for block in chunk.layers.values():
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for module in (chunk.mtp if chunk.last else []):
+        fully_shard(module.shared_head.norm, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(chunk, mesh=mesh, reshard_after_forward=False)
+    return chunk

@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from .materialize import owned_parameters
+from .materialize import Owned, owned_parameters
 
 
 class RowShard(torch.Tensor):
@@ -61,9 +61,12 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def owned_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer | None = None,
-                ema: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                ema: dict[str, torch.Tensor] | None = None, optimized: list[Owned] | None = None
+                ) -> dict[str, torch.Tensor]:
     """The DCP entries of what this rank holds (module docstring): views of the live tensors, so `dcp.load` into
-    them restores the model, optimizer state and EMA in place. The optimizer's state must exist (`init_state`)."""
+    them restores the model, optimizer state and EMA in place. The optimizer's state must exist (`init_state`).
+    `optimized`: where the optimizer steps other tensors than the parameters (ZeRO-1's row shards,
+    dsv3.parallel.zero.ZeroOne.owned), their places in the full tensors."""
     out = {}
     by_param: dict[int, tuple] = {}
     for o in owned_parameters(modules, buffers=True):
@@ -71,6 +74,8 @@ def owned_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer | Non
             continue
         out[f"model/{o.name}"] = RowShard.wrap(o.local, o.start, o.full_shape)
         by_param[id(o.param)] = o
+    names = {o.name: o for o in by_param.values()}
+    by_param.update({id(o.param): o for o in optimized or []})
     if optimizer is not None:
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -80,7 +85,6 @@ def owned_state(modules: list[nn.Module], optimizer: torch.optim.Optimizer | Non
                         v = _local(v)
                         per_row = v.dim() > 0 and tuple(v.shape) == tuple(o.local.shape)
                         out[f"optim/{o.name}/{key}"] = RowShard.wrap(v, o.start, o.full_shape) if per_row else v
-    names = {o.name: o for o in by_param.values()}
     for name, v in (ema or {}).items():
         o = names[name]
         out[f"ema/{name}"] = RowShard.wrap(v, o.start, o.full_shape)

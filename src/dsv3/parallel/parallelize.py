@@ -8,7 +8,7 @@ materialises this rank's part, in this order (each step needs the one before):
      (DualPipeV's V, dsv3.parallel.pipeline); the other chunks stay on meta;
   4. recomputation (train.recompute): wraps methods inside the future FSDP units (dsv3.parallel.recompute);
   5. compilation (train.compile, CUDA): every block one graph (`Module.compile`, resolved at the first call);
-  6. FSDP2 (parallel.fsdp): `shard_data_parallel`;
+  6. FSDP2 (parallel.fsdp): `shard_data_parallel` (under a pipeline each local chunk is its own FSDP root);
   7. materialisation: each rank allocates and initialises only what it holds, to exactly the values of a
      single-process init with the same seed (dsv3.parallel.materialize).
 Everything else (attention, gate, shared experts, embedding, head, norms) is replicated on the dp * ep ranks of a
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from .data import apply_data_parallel
+from .data import apply_data_parallel, apply_data_parallel_chunk
 from .expert import ExpertParallelExperts, apply_expert_parallel
 from .materialize import materialize
 from .mesh import ParallelMesh
@@ -93,18 +93,21 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, cfg, device: torch.
         for block in list(model.layers) + list(model.mtp):
             block.compile()
     if fsdp:                                                              # 6. FSDP2
-        shard_data_parallel(model, mesh)
+        shard_data_parallel(model, mesh, chunks=roots if par.pp > 1 else None)
     materialize(roots, device, train.seed, cfg.model.init_std)           # 7. this rank's part only
     return LocalModel(model, roots)
 
 
 
-def shard_data_parallel(model: nn.Module, mesh: ParallelMesh, reshard_after_forward: bool = True) -> nn.Module:
+def shard_data_parallel(model: nn.Module, mesh: ParallelMesh, reshard_after_forward: bool = True,
+                        chunks: list[Chunk] | None = None) -> nn.Module:
     """FSDP2 on a model whose experts are sharded over "ep" (module docstring): experts over "dp" with the divide
-    factor of the sync, the rest over the position (dsv3.parallel.data.apply_data_parallel's units and root).
-    Apply after recomputation and before building the optimizer. Every rank must call it. Returns model."""
+    factor of the sync, the rest over the position (dsv3.parallel.data.apply_data_parallel's units and root; under a
+    pipeline, `chunks`: this rank's chunks, each its own root, apply_data_parallel_chunk). Apply after recomputation
+    and before building the optimizer. Every rank must call it. Returns model."""
     dp, ep = mesh.dp, mesh.ep
-    for m in model.modules():
+    held = [model] if chunks is None else chunks
+    for m in (m for r in held for m in r.modules()):
         if isinstance(m, ExpertParallelExperts):
             fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
             m.set_gradient_divide_factor(float(dp * ep))
@@ -113,11 +116,15 @@ def shard_data_parallel(model: nn.Module, mesh: ParallelMesh, reshard_after_forw
             # also be told so directly
             if hasattr(m, "set_reduce_scatter_unused_params"):
                 m.set_reduce_scatter_unused_params(True, recurse=False)
-    apply_data_parallel(model, mesh.position, reshard_after_forward)     # the rest, averaged over the position
+    if chunks is None:
+        apply_data_parallel(model, mesh.position, reshard_after_forward)  # the rest, averaged over the position
+    else:
+        for c in chunks:
+            apply_data_parallel_chunk(c, mesh.position, reshard_after_forward)
     if dist.get_backend() == "gloo":
         # FSDP2 reduce-scatters fp32/bf16 gradients with AVG, or with NCCL's PREMUL_SUM where the divide factor
         # differs from the mesh size (the experts: dp*ep over dp), which gloo lacks: plain sums divided afterwards
-        for m in model.modules():
+        for m in (m for r in held for m in r.modules()):
             if isinstance(m, FSDPModule):
                 m.set_force_sum_reduction_for_comms(True)
     return model

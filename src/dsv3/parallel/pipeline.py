@@ -58,9 +58,11 @@ Limitations:
   * Stage shapes are given statically (`microbatch_shape`), so torch runs no shape inference: it would run the MoE
     on meta or uninitialised tensors, and the MoE reads its expert counts on the host. Every micro-batch must have
     that shape, and with EP every ep rank must feed the same number of rows (the gradient averaging assumes it).
-  * Not here: FSDP inside a stage, and the zero-bubble split of the backward inside an overlapped pair (torch's
-    DualPipeV emits full backwards there; DeepSeek splits them and also partitions SMs). The global gradient norm
-    over pp x dp x ep for clipping is dsv3.train.pipeline_step's.
+  * FSDP2 inside a stage (each chunk its own FSDP root, dsv3.parallel.data.apply_data_parallel_chunk) runs full
+    backwards only (`_full_backward`); not with the F/B overlap.
+  * Not here: the zero-bubble split of the backward inside an overlapped pair (torch's DualPipeV emits full
+    backwards there; DeepSeek splits them and also partitions SMs). The global gradient norm over pp x dp x ep for
+    clipping is dsv3.parallel.grads's.
 """
 
 from collections.abc import Callable
@@ -68,6 +70,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage, ScheduleDualPipeV
 
 from ..model.moe import moe_layers
@@ -154,6 +157,19 @@ class Chunk(nn.Module):
         return tuple(out) if self.with_emb else out[0]
 
 
+def _full_backward(chunk: nn.Module):
+    """The stage's `dw_builder` for a chunk under FSDP2: its backward is then always a full one (inputs and weights
+    together, in the I action) and the W action a no-op. torch's split backward (`stage_backward_input` /
+    `stage_backward_weight`) finds the weights to defer through `chunk.parameters()`, which under FSDP are the
+    sharded DTensors, not the gathered tensors the graph used: their gradients would be lost or misplaced. The
+    zero-bubble split is thus given up under FSDP (the V schedule is kept); None (the split) otherwise."""
+    return (lambda: _no_weight_pass) if isinstance(chunk, FSDPModule) else None
+
+
+def _no_weight_pass() -> None:
+    """The W action of a chunk whose I action ran the full backward (_full_backward)."""
+
+
 def split_stages(model: Transformer, n_chunks: int) -> list[Chunk]:
     """n_chunks sequential chunks of `model` sharing its parameters; layers split as evenly as possible."""
     n_layers = len(model.layers)
@@ -224,6 +240,6 @@ def dualpipev_schedule(chunks: list[Chunk], world: int, loss_fn, n_microbatches:
         idx = chunk.index
         inputs, outputs = _example_io(chunk, *microbatch_shape, dtype, logits_dtype)
         stages.append(_Stage(chunk, idx, n_chunks, torch.device(device), input_args=inputs,
-                                    output_args=outputs, group=group))
+                             output_args=outputs, group=group, dw_builder=_full_backward(chunk)))
     schedule = ScheduleDualPipeV(stages, n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     return schedule, stages

@@ -275,13 +275,16 @@ class ParallelConfig:
     its own. overlap runs DualPipeV's paired forward and backward concurrently (dsv3.parallel.overlap); with pp == 1 it
     is a no-op, so a PP run's checkpoint resumes in one process with parallel.pp=1 alone.
     fsdp shards parameters, gradients and optimizer state (ZeRO-3 through FSDP2: experts over their dp column, the
-    rest over all ranks), with any ep but not with pp. In one process (world 1) it is a no-op, so a FSDP run's
-    checkpoints resume in one plain process as configured. Not with
-    train.compile_optimizer."""
+    rest over the pipeline position's ranks), with any ep and pp (not with overlap). In one process (world 1) it is
+    a no-op, so a FSDP run's checkpoints resume in one plain process as configured. Not with
+    train.compile_optimizer. zero1 shards only the optimizer state over the replicas of each parameter
+    (dsv3.parallel.zero), parameters staying replicated; not with fsdp, a no-op in one process."""
     # expert-parallel degree: must divide the world size and model.n_routed_experts
     ep: int = setting(1, Int(1))
     # shard everything with FSDP2 instead of replicating the non-expert parameters
     fsdp: bool = setting(False, Flag())
+    # ZeRO-1: shard the optimizer state of the replicated parameters over their replicas (dsv3.parallel.zero)
+    zero1: bool = setting(False, Flag())
     # pipeline-parallel degree (DualPipeV): needs model.num_hidden_layers >= 2 * pp
     pp: int = setting(1, Int(1))
     overlap: bool = setting(False, Flag())         # DualPipe's forward/backward overlap (pp > 1)
@@ -347,9 +350,15 @@ class RunConfig:
             raise ConfigError(f"invalid run config: parallel.ep={ep} must divide model.n_routed_experts="
                               f"{self.model.n_routed_experts} (every rank of an EP group holds E / ep experts)")
         pp = self.parallel.pp
-        if pp > 1 and self.parallel.fsdp:
-            raise ConfigError("invalid run config: parallel.pp > 1 does not combine with parallel.fsdp (FSDP inside "
-                              "a pipeline stage is not implemented)")
+        if self.parallel.zero1 and self.parallel.fsdp:
+            raise ConfigError("invalid run config: parallel.zero1 does not combine with parallel.fsdp (FSDP shards "
+                              "the optimizer state already)")
+        if self.parallel.zero1 and t.compile_optimizer:
+            raise ConfigError("invalid run config: parallel.zero1 does not combine with train.compile_optimizer (the "
+                              "compiled step over views of the parameters is not verified)")
+        if pp > 1 and self.parallel.fsdp and self.parallel.overlap:
+            raise ConfigError("invalid run config: parallel.fsdp does not combine with parallel.overlap (FSDP's "
+                              "hooks would run on the overlapped backward's thread)")
         if pp > 1 and self.model.num_hidden_layers < 2 * pp:
             raise ConfigError(f"invalid run config: parallel.pp={pp} cuts the model into {2 * pp} DualPipeV chunks of "
                               f">= 1 decoder layer: model.num_hidden_layers={self.model.num_hidden_layers} is too few")

@@ -55,6 +55,7 @@ class Layout:
         self.dp = cfg.check_world(self.world)
         # sharding over one process would shard nothing: a no-op, so a FSDP run resumes in one plain process
         self.fsdp = par.fsdp and self.world > 1
+        self.zero1 = par.zero1 and self.world > 1             # dsv3.parallel.zero; the config refuses it with fsdp
         self.overlap = par.overlap and self.pp > 1
         self.mesh = ParallelMesh(self.pp, self.dp, self.ep, device.type, self.overlap) if self.world > 1 else None
         self.replicas = self.dp * self.ep                     # ranks that share every micro-batch's rows
@@ -75,8 +76,11 @@ class Layout:
         if self.world == 1:
             return ""
         if self.pp > 1:
-            how = "DualPipeV" + (" with F/B overlap" if self.overlap else "")
+            how = "DualPipeV" + (" with F/B overlap" if self.overlap else "") + (", FSDP" if self.fsdp else "") + \
+                (", ZeRO-1" if self.zero1 else "")
             return f" x {self.world} ranks (pp {self.pp} x dp {self.dp} x ep {self.ep}, {how})"
+        if self.zero1:
+            return f" x {self.world} ranks (dp {self.dp} x ep {self.ep}, ZeRO-1)"
         if self.ep == 1:
             return f" x {self.world} data-parallel ranks" + (" (FSDP)" if self.fsdp else "")
         return f" x {self.world} ranks (dp {self.dp} x ep {self.ep}{', FSDP' if self.fsdp else ''})"

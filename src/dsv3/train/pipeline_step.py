@@ -8,6 +8,8 @@ Ranks: world = pp * dp * ep, global rank = (p * dp + d) * ep + e (dsv3.parallel.
 cut into 2 * pp chunks; rank (p, d, e) holds chunks p and 2pp-1-p (rank p = 0 the embedding and the head + MTP),
 with every routed expert of them sharded over its ep group (experts [e E/ep, (e+1) E/ep)). Only its two chunks are
 materialised, run, get gradients and are in its optimizer and EMA; the rest of the model stays on the meta device.
+With parallel.fsdp each chunk is sharded over the position (FSDP2, its own root; dsv3.parallel.parallelize), with
+parallel.zero1 its optimizer state over its replicas (dsv3.parallel.zero).
 
 One optimizer step (`PipelineRunner.forward_backward`): every rank reads the step's micro-batches from the same data
 stream and keeps its share of each (rank (d, e) rows [j r, (j+1) r) of every micro-batch, j = d * ep + e, r =
@@ -42,6 +44,7 @@ import inspect
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from ..parallel.overlap import enable_overlap
 from ..parallel.parallelize import LocalModel
@@ -174,4 +177,7 @@ class PipelineRunner:
             main, mtp = output_losses(out, window, ce)
             sums.add(window, main, mtp, *split_output(out))
         dist.all_reduce(sums.tensor)
+        for c in self.local.chunks:
+            if isinstance(c, FSDPModule):
+                c.reshard()          # a chunk root stays gathered after a no_grad forward (dsv3.parallel.data)
         return sums.metrics(len(val), L.replicas)

@@ -46,6 +46,7 @@ from ..model import Transformer
 from ..parallel.dcp import fill_entries, init_state as init_optimizer_state, owned_state
 from ..parallel.materialize import materialize
 from ..parallel.parallelize import parallelize
+from ..parallel.zero import ZeroOne
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
 from .checkpoint import (
@@ -216,7 +217,10 @@ class Trainer:
                 raise ConfigError(f"invalid run config: the starting weights ({where}) do not fit the model: {e} "
                                   f"(a model without its MTP module? set model.num_nextn_predict_layers=0)") from None
         self.layers = moe_layers(self.model)
-        self.optimizer = build_optimizer(self.local, cfg.optim,
+        # ZeRO-1 (parallel.zero1): the optimizer steps only this rank's rows of each replicated parameter and the
+        # replicas all-gather the updated rows (dsv3.parallel.zero)
+        self.zero = ZeroOne(self.local, self.layout.mesh) if self.layout.zero1 else None
+        self.optimizer = build_optimizer(self.zero or self.local, cfg.optim,
                                          compiled=cfg.train.compile_optimizer)
         self.compiled_step = compiled_clip_and_step(self.optimizer) if cfg.train.compile_optimizer else None
         # rank 0 alone logs validation; the EMA is shared out over every rank, each averaging ~1/world of the
@@ -274,7 +278,8 @@ class Trainer:
         """This rank's model, optimizer state and EMA as sharded-checkpoint entries (views of the live tensors)."""
         init_optimizer_state(self.optimizer)
         ema = self.ema.entries() if self.ema is not None and with_ema else {}
-        return owned_state(self.local.roots, self.optimizer) | ema
+        return owned_state(self.local.roots, self.optimizer,
+                           optimized=self.zero.owned() if self.zero is not None else None) | ema
 
     def _set_up_run_dir(self, data_dir: Path, resume: bool, overwrite: bool) -> list[str]:
         """Rank 0, once the data is ready: delete an earlier run's outputs (overwrite) and what killed saves left,
@@ -355,7 +360,7 @@ class Trainer:
             self.layout.scale_gradients(grads, coef)
         total, main_v, mtp_v, aux_v = sums.tolist()
         if not (math.isfinite(total) and math.isfinite(grad_norm.item())):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._clear_gradients()
             msg = (f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
                    f"(loss {total}, grad norm {grad_norm.item()}); stopping. "
                    f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr, self.command)}")
@@ -365,11 +370,15 @@ class Trainer:
         if self.pending is not None and not self.spiking:   # this step's loss vetted the weights it was computed on
             self.save(self.pending)
             self.pending = None
+        if self.zero is not None:
+            self.zero.attach_grads()             # the optimizer's rows of the (clipped) gradients
         if self.compiled_step is not None:
             self.compiled_step(grads, coef)
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero is not None:
+            self.zero.gather()                   # every replica gets every rank's updated rows
+        self._clear_gradients()
         own = [i for i, (_, m) in enumerate(self.layers) if self.local.holds(m)]   # pp > 1: this rank's layers
         update_bias([self.layers[i] for i in own], loads[own], schedule.bias_update_speed(step, cfg))
         if self.ema is not None:
@@ -379,6 +388,12 @@ class Trainer:
         self.tokens += tokens
         stats = StepStats(total, main_v, mtp_v if len(self.model.mtp) else None, aux_v, grad_norm.item(), tokens)
         return stats, loads
+
+    def _clear_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero is not None:                # the optimizer's are views of the parameters' gradients
+            for p in self.local.parameters():
+                p.grad = None
 
     def interval_metrics(self) -> dict:
         """Extra fields of the train record a subclass adds (GRPO: rewards, KL, clip fraction, ...), since the last
