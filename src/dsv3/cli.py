@@ -387,12 +387,16 @@ def _bench_serve(args: argparse.Namespace) -> None:
         device = _device(args.device)
         config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.concurrency,
                               max_num_batched_tokens=max(2048, args.prompt * 8),
-                              cuda_graphs=not args.no_cuda_graphs)
+                              cuda_graphs=not args.no_cuda_graphs, compile_decode=args.compile_decode,
+                              fused_moe=args.fused_moe)
         factory = functools.partial(bench_engine, args.config, args.mtp, device, args.dtype, args.fp8, config)
         r = bench_serve_vs_engine(factory, _bench_tokenizer(), prompts(args.requests), prompts(args.requests),
                                   args.tokens, args.concurrency, args.requests, process=not args.engine_thread)
         print(f"engine alone: {r['engine_output_tok_per_s']:.1f} output tok/s; through the server (engine in a "
               f"{r['engine_layout']}): {r['output_tok_per_s']:.1f} ({r['server_vs_engine']:.1%})")
+        for name, st in (("engine alone", r["engine_steps"]), ("server", r["steps"])):
+            print(f"  {name} steps: {st['steps']}, {st['decode_share']:.1%} pure decode, {st['prefill_steps']} with "
+                  f"prefill rows, {st['mean_seqs']:.1f} sequences per step")
     ms = lambda d: " ".join(f"{k} {v * 1e3:.1f}" for k, v in d.items() if v is not None)  # noqa: E731
     print(f"{r['completed']}/{r['requests']} requests at concurrency {r['concurrency']} in {r['seconds']:.2f} s: "
           f"{r['output_tok_per_s']:.1f} output tok/s, {r['requests_per_s']:.2f} req/s\n"
@@ -617,10 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--mtp", action="store_true", help="keep the config's MTP module")
     s.add_argument("--fp8", action="store_true", help="weights in the released FP8 block format (weight-only FP8 GEMMs)")
     s.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
-    s.add_argument("--compile-decode", action="store_true", help="decode: torch.compile the layers of the graphed "
-                   "decode steps")
-    s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="auto", help="decode: routed experts of "
-                   "decode batches in the fused MoE kernel (auto: on CUDA, for the batch sizes where it is faster)")
+    s.add_argument("--compile-decode", action="store_true", help="decode, serve: torch.compile the layers of the "
+                   "graphed decode steps")
+    s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="auto", help="decode, serve: routed "
+                   "experts of decode batches in the fused MoE kernel (auto: on CUDA, for the batch sizes where it is "
+                   "faster)")
     s.add_argument("--concurrency", type=int, default=64, help="serve: streams in flight")
     s.add_argument("--requests", type=int, default=256, help="serve: requests in all")
     s.add_argument("--url", default=None, help="serve: load an already running server instead")
