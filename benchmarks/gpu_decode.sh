@@ -14,7 +14,8 @@
 #      processes whose compiles overlap and whose timed sections never do.                              ~2 min
 # Expected total ~11 min (each stage has its own timeout: 150 + 330 + 240 + 170 s at most).
 # Usage (repo root): bash benchmarks/gpu_decode.sh       CPU dry run: DRY_RUN=1 bash benchmarks/gpu_decode.sh
-#   SKIP_PEER=1 skips stage 4 (the peer's numbers do not change between runs of the engine).
+#   SKIP_PEER=1 skips stage 4 (the peer's numbers do not change between runs of the engine); SERVE_DELAYS="0 4"
+#   runs stage 3 once per admission delay (EngineConfig.admission_delay: arrivals prefilled together).
 set -u
 export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -41,8 +42,10 @@ stamp "2. engine decode"
 timeout 330 python benchmarks/engine_decode.py "${BENCH[@]}" 2>&1 | grep -v "Warning" | tee "$OUT/engine_decode.txt"
 
 stamp "3. server vs engine at 64 streams"
-timeout 240 python -m dsv3.cli bench serve "${SERVE[@]}" --json "$OUT/bench_serve.json" 2>&1 | grep -v "Warning" \
-  | tail -12 | tee "$OUT/bench_serve.txt"
+for d in ${SERVE_DELAYS:-0}; do      # e.g. SERVE_DELAYS="0 4": EngineConfig.admission_delay 0 and 4 (~3 min each)
+  timeout 240 python -m dsv3.cli bench serve "${SERVE[@]}" --admission-delay "$d" --json "$OUT/bench_serve_d$d.json" \
+    2>&1 | grep -v "Warning" | tail -12 | tee "$OUT/bench_serve_d$d.txt"
+done
 
 stamp "4. HF peer"
 peer=""
