@@ -78,8 +78,8 @@ rows = json.load(open(path)) if os.path.exists(path) else []
 print("mode            batch    tok/s   TPOT ms  roofline")
 for r in rows:
     if "ttft_p50_s" in r:
-        print(f"{r['mode']:14s} {r['batch']:5d}  TTFT p50 {r['ttft_p50_s'] * 1e3:.1f} ms, p99 {r['ttft_p99_s'] * 1e3:.1f}"
-              f" ms ({r['budget']} tokens per step, {r['steps']} prefill steps)")
+        print(f"{r['mode']:14s} {r['batch']:5d}  TTFT p50 {r['ttft_p50_s'] * 1e3:.1f} ms, "
+              f"p99 {r['ttft_p99_s'] * 1e3:.1f} ms ({r['budget']} tokens per step, {r['steps']} prefill steps)")
         continue
     if "error" in r:
         print(f"{r['mode']:14s} {r['batch']:5d}  FAILED {r['error'][:100]}")
