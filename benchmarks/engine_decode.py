@@ -27,7 +27,7 @@ import torch
 
 from dsv3 import load_model_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams
-from dsv3.infer.bench import bench_decode, random_model
+from dsv3.infer.bench import bench_decode, bench_ttft, random_model
 
 
 _CATEGORIES = (   # kernel-name substrings -> the op categories (first match wins)
@@ -120,6 +120,10 @@ def main() -> None:
                    "seconds (0: none skipped)")
     p.add_argument("--spec-k", type=int, default=0, help="also time MTP speculative decoding with k drafts at "
                    "batch 1 (random weights: the cost of a speculative step, not its acceptance)")
+    p.add_argument("--ttft-batch", type=int, default=64, help="after each mode's decode rows: time to first token "
+                   "of this many prompts queued at once (0: skip)")
+    p.add_argument("--ttft-budgets", default="0,2048", help="tokens per step for the TTFT rows (0: every prompt in one "
+                   "prefill step; 2048: EngineConfig's default budget, chunked prefill)")
     p.add_argument("--profile", action="store_true", help="after each mode but eager (CUDA): GPU time of one "
                    "graph replay and its kernels by op category (attention, GEMMs, experts, routing, elementwise, gaps)")
     a = p.parse_args()
@@ -165,6 +169,16 @@ def main() -> None:
             print(f"{mode:14s} batch {B:3d}: TTFT {r['ttft_s']:.3f} s, {r['tok_per_s']:9.1f} tok/s, TPOT "
                   f"{r['tpot_ms']:.2f} ms, roofline {r['roofline_tok_per_s']:9.1f} tok/s ({r['roofline_fraction']:.1%}, "
                   f"{r['step_bytes'] / 1e9:.2f} GB/step); {r['wall_s']:.0f} s with warm-up", flush=True)
+            (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
+        if a.ttft_batch:
+            kw.pop("padded", None)
+            for budget in map(int, a.ttft_budgets.split(",")):
+                r = bench_ttft(model, a.ttft_batch, a.prompt, budget, **kw)
+                r.update(mode=f"{mode}-ttft")
+                rows.append(r)
+                print(f"{mode:14s} TTFT of {r['batch']} x {r['prompt']}-token prompts, {r['budget']} tokens per step "
+                      f"({r['steps']} steps): p50 {r['ttft_p50_s'] * 1e3:.1f} ms, p99 {r['ttft_p99_s'] * 1e3:.1f} ms, "
+                      f"max {r['ttft_max_s'] * 1e3:.1f} ms", flush=True)
             (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
     if a.spec_k:
         for k in (0, a.spec_k):

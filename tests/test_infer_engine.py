@@ -72,6 +72,36 @@ def test_padded_decode_buckets_equal_full_forward(model):
     assert engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("delay", [0, 3])
+def test_admission_delay_holds_arrivals_and_changes_no_output(model, delay):
+    """Requests arriving one per step while others decode: with admission_delay d each waits until the oldest
+    waiting one has waited d steps (or they would fill every free slot), so they are prefilled together; without,
+    each is admitted at its first step. The tokens are the reference's either way."""
+    ps = prompts([3, 4, 5, 6, 7], seed=4)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine = Engine(model, config=EngineConfig(block_size=8, num_blocks=64, max_num_seqs=8, admission_delay=delay))
+    ids, admitted, outs = [engine.add_request(ps[0], params)], {}, {}
+    step = 0
+    while engine.has_unfinished():
+        step += 1
+        for o in engine.step():
+            admitted.setdefault(o.request_id, step)
+            outs[o.request_id] = outs.get(o.request_id, []) + o.new_token_ids
+        if step < len(ps):                        # one arrival after each step, while request 0 decodes
+            ids.append(engine.add_request(ps[step], params))
+    first = [admitted[i] for i in ids]           # the step that produced each request's first token
+    if delay:
+        # arrivals after steps 1..4: the first one is due at step 1 + 3 and takes the two arrived since along;
+        # the one arriving after step 4 waits its 3 steps alone
+        assert first == [1, 4, 4, 4, 7]
+        assert engine.step_stats["prefill_steps"] == 3
+    else:
+        assert first == [1, 2, 3, 4, 5]
+        assert engine.step_stats["prefill_steps"] == 5
+    assert [outs[i] for i in ids] == [reference_greedy(model, p, 12) for p in ps]
+    assert all_blocks_free(engine)
+
+
 def test_prefix_cache_hits_change_no_output(model):
     shared = prompts([20], seed=1)[0]
     ps = [shared + tail for tail in prompts([3, 7, 1], seed=2)]

@@ -175,3 +175,31 @@ def test_chat_response(tok):
                                                                                      "content": tok.decode([9])}
     assert body["choices"][0]["logprobs"]["content"][0]["logprob"] == -1.0
     assert body["usage"]["prompt_tokens"] == len(plan.prompt_ids[0])
+
+
+def test_sse_events_coalesce_only_while_outputs_are_queued():
+    """Events are joined while a handle's outputs are already queued (a lagging stream catches up in one write) and
+    sent one by one otherwise; the bytes are the same either way."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from dsv3.serve.outputs import coalesced
+
+    async def run(queued: list[int]) -> list[str]:
+        handle = SimpleNamespace(outputs=asyncio.Queue())
+
+        async def events():
+            for i, backlog in enumerate(queued):
+                while handle.outputs.qsize() > backlog:      # the consumer took an output: backlog left behind it
+                    handle.outputs.get_nowait()
+                while handle.outputs.qsize() < backlog:
+                    handle.outputs.put_nowait(object())
+                yield f"data: {i}\n\n"
+            while not handle.outputs.empty():
+                handle.outputs.get_nowait()
+        return [w async for w in coalesced(events(), [handle])]
+
+    # nothing queued behind any event: one write each
+    assert asyncio.run(run([0, 0, 0])) == ["data: 0\n\n", "data: 1\n\n", "data: 2\n\n"]
+    # two more outputs queued behind event 0 and one behind event 1: events 0-2 go in one write
+    assert asyncio.run(run([2, 1, 0, 0])) == ["data: 0\n\ndata: 1\n\ndata: 2\n\n", "data: 3\n\n"]

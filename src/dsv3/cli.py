@@ -315,7 +315,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     device = _device(args.device)
     block = {} if args.block_size is None else dict(block_size=args.block_size)     # EngineConfig owns the default
     config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len, num_speculative_tokens=args.spec, **block)
+                          max_model_len=args.max_model_len, num_speculative_tokens=args.spec,
+                          admission_delay=args.admission_delay, **block)
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, args.dtype, args.fp8, config)
     # the step loop in a process of its own, so HTTP work never competes with it for the GIL
     threads = engine_threads(args.threads)
@@ -387,12 +388,16 @@ def _bench_serve(args: argparse.Namespace) -> None:
         device = _device(args.device)
         config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.concurrency,
                               max_num_batched_tokens=max(2048, args.prompt * 8),
-                              cuda_graphs=not args.no_cuda_graphs)
+                              cuda_graphs=not args.no_cuda_graphs, compile_decode=args.compile_decode,
+                              fused_moe=args.fused_moe, admission_delay=args.admission_delay)
         factory = functools.partial(bench_engine, args.config, args.mtp, device, args.dtype, args.fp8, config)
         r = bench_serve_vs_engine(factory, _bench_tokenizer(), prompts(args.requests), prompts(args.requests),
                                   args.tokens, args.concurrency, args.requests, process=not args.engine_thread)
         print(f"engine alone: {r['engine_output_tok_per_s']:.1f} output tok/s; through the server (engine in a "
               f"{r['engine_layout']}): {r['output_tok_per_s']:.1f} ({r['server_vs_engine']:.1%})")
+        for name, st in (("engine alone", r["engine_steps"]), ("server", r["steps"])):
+            print(f"  {name} steps: {st['steps']}, {st['decode_share']:.1%} pure decode, {st['prefill_steps']} with "
+                  f"prefill rows, {st['mean_seqs']:.1f} sequences per step")
     ms = lambda d: " ".join(f"{k} {v * 1e3:.1f}" for k, v in d.items() if v is not None)  # noqa: E731
     print(f"{r['completed']}/{r['requests']} requests at concurrency {r['concurrency']} in {r['seconds']:.2f} s: "
           f"{r['output_tok_per_s']:.1f} output tok/s, {r['requests_per_s']:.2f} req/s\n"
@@ -523,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--threads", type=int, default=None, help="the engine's torch threads (default: OMP_NUM_THREADS, "
                    "else the usable cores but one, which the HTTP process keeps)")
     s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--admission-delay", type=int, default=0, help="steps a new request may wait while others decode, "
+                   "so that several are prefilled together (EngineConfig.admission_delay; 0: at once)")
     s.add_argument("--max-model-len", type=int, default=0, help="0: the model's max_position_embeddings")
     s.add_argument("--block-size", type=int, default=None, help="tokens per cache block (default: EngineConfig's)")
     s.add_argument("--cache-gib", type=float, default=1.0, help="latent-cache memory")
@@ -617,11 +624,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--mtp", action="store_true", help="keep the config's MTP module")
     s.add_argument("--fp8", action="store_true", help="weights in the released FP8 block format (weight-only FP8 GEMMs)")
     s.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
-    s.add_argument("--compile-decode", action="store_true", help="decode: torch.compile the layers of the graphed "
-                   "decode steps")
-    s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="auto", help="decode: routed experts of "
-                   "decode batches in the fused MoE kernel (auto: on CUDA, for the batch sizes where it is faster)")
+    s.add_argument("--compile-decode", action="store_true", help="decode, serve: torch.compile the layers of the "
+                   "graphed decode steps")
+    s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="auto", help="decode, serve: routed "
+                   "experts of decode batches in the fused MoE kernel (auto: on CUDA, for the batch sizes where it is "
+                   "faster)")
     s.add_argument("--concurrency", type=int, default=64, help="serve: streams in flight")
+    s.add_argument("--admission-delay", type=int, default=0, help="serve: EngineConfig.admission_delay of the engine "
+                   "(both runs)")
     s.add_argument("--requests", type=int, default=256, help="serve: requests in all")
     s.add_argument("--url", default=None, help="serve: load an already running server instead")
     s.add_argument("--served-model-name", default="bench", help="serve --url: the model name to ask for")

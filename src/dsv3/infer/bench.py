@@ -4,6 +4,8 @@ decode: B prompts of P random tokens, greedy, T new tokens each; reports time to
 step), time per output token (per request) and decode tokens/s, beside the weight-streaming roofline
 (ANCHORS: bytes a decode step must read / 4.25e12 B/s).
 prefill: B prompts of P tokens, one token generated; reports prefill tokens/s.
+ttft: B prompts of P tokens arriving together, one token each, under a per-step token budget (chunked prefill when
+B * P exceeds it): time to first token per request, p50 / p99 / max.
 """
 
 from __future__ import annotations
@@ -111,3 +113,41 @@ def bench_prefill(model: Transformer, batch: int, prompt_len: int, seed: int = 0
     _sync(device)
     dt = time.perf_counter() - t0
     return dict(batch=batch, prompt=prompt_len, seconds=dt, tok_per_s=batch * prompt_len / dt)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def bench_ttft(model: Transformer, batch: int, prompt_len: int, budget: int = 0, seed: int = 0,
+               **engine_kw) -> dict:
+    """Time to first token of `batch` prompts queued at once: `budget` tokens per step (max_num_batched_tokens; 0:
+    every prompt in one step, else chunked prefill over ceil(B*P / budget) steps). After an untimed round (kernel
+    compilation); `engine_kw` are EngineConfig's other fields (the decode mode's)."""
+    device = str(next(model.parameters()).device)
+    cfg = model.config
+    budget = budget or batch * prompt_len
+    engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4, max_num_batched_tokens=budget,
+                                               **engine_kw))
+
+    def run(seed: int) -> tuple[list[float], int]:
+        g = torch.Generator().manual_seed(seed)
+        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+        prompts = [torch.randint(10, cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+        _sync(device)
+        t0 = time.perf_counter()
+        for p in prompts:
+            engine.add_request(p, params)
+        first, steps = [], 0
+        while engine.has_unfinished():
+            outs = engine.step()          # the step's tokens are on the host when it returns: no sync needed
+            steps += 1
+            now = time.perf_counter()
+            first += [now - t0 for o in outs if o.new_token_ids]
+        return first, steps
+
+    run(seed + 1)
+    first, steps = run(seed)
+    return dict(batch=batch, prompt=prompt_len, budget=budget, steps=steps, ttft_p50_s=_percentile(first, 0.5),
+                ttft_p99_s=_percentile(first, 0.99), ttft_max_s=max(first))

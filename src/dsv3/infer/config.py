@@ -14,6 +14,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048 # tokens per step: prefill chunks + decode tokens
     max_model_len: int = 0             # 0: the model's max_position_embeddings
     prefix_caching: bool = True
+    # hold newly arrived requests back while others decode, until this many steps have passed since the oldest
+    # arrived or they would fill every free slot: one prefill step (eager, on CUDA) for several arrivals instead of
+    # one per arrival, which keeps a server's steps pure decode (graph replays). 0: admit at once
+    admission_delay: int = 0
     num_speculative_tokens: int = 0    # MTP draft tokens per step (0: off)
     speculative_max_batch: int = 8     # speculation switches off above this many running sequences
     cuda_graphs: bool = True           # on CUDA, decode steps replay captured graphs (dsv3.infer.graphs)
@@ -27,7 +31,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_blocks", "max_model_len", "num_speculative_tokens", "speculative_max_batch"):
+        for name in ("num_blocks", "max_model_len", "num_speculative_tokens", "speculative_max_batch",
+                     "admission_delay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
         # TOML and JSON spell the switch as a boolean: true / false stand for on / off

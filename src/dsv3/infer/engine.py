@@ -97,6 +97,9 @@ class Engine:
             raise ValueError("num_speculative_tokens > 0 needs a model with an MTP module (num_nextn_predict_layers)")
         n_layers = cfg.num_hidden_layers + self.speculative     # the MTP block keeps its own latents
         self.spec_stats = {"steps": 0, "proposed": 0, "accepted": 0}
+        # steps that ran something: pure decode ones (graph buckets), ones with prefill rows (eager), and the
+        # sequences they carried (a server's batches vs the offline engine's: dsv3.serve.bench)
+        self.step_stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "seqs": 0}
         num_blocks = config.num_blocks or max(1, int(config.cache_memory_gib * 2**30) //
                                                bytes_per_block(cfg, n_layers, config.block_size, dtype))
         # the cache owns the geometry from here on (and one scratch block beyond num_blocks, dsv3.infer.cache)
@@ -178,7 +181,8 @@ class Engine:
                     unfinished=Engine.has_unfinished(self), free_blocks=b.num_free_blocks, num_blocks=b.num_blocks,
                     referenced_blocks=sum(1 for r in b.ref_count if r),
                     cache_usage=1 - b.num_free_blocks / b.num_blocks, preemptions=self.scheduler.num_preemptions,
-                    prefix_hits=b.prefix_hits, **{f"spec_{k}": v for k, v in self.spec_stats.items()})
+                    prefix_hits=b.prefix_hits, **{f"spec_{k}": v for k, v in self.spec_stats.items()},
+                    **{f"step_{k}": v for k, v in self.step_stats.items()})
 
     # ---- one step -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -191,6 +195,11 @@ class Engine:
         if not seqs:
             self._idle_step()
             return self._forget_finished(outputs)
+        st = self.step_stats
+        decode = all(n == 1 and s.num_cached_tokens > 0 for s, n in zip(seqs, counts))
+        st["steps"] += 1
+        st["decode_steps" if decode else "prefill_steps"] += 1
+        st["seqs"] += len(seqs)
         if self._can_speculate(seqs, counts):
             return self._forget_finished(outputs + self._speculative_step(seqs))
         batch = self.runner.prepare([Row(s.token_ids[s.num_cached_tokens:s.num_cached_tokens + n], s.num_cached_tokens,

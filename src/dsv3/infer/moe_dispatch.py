@@ -26,12 +26,12 @@ MOE_DECODE_MAX_TOKENS = 256
 # `fused_moe = "auto"`: the step sizes (tokens = rows of a decode-graph bucket) whose routed experts run in the fused
 # kernel, inclusive. From the measured rows (benchmarks/RESULTS.md, issue 16: `lite`, one H200, compiled decode
 # layers, tok/s of the module path (grouped GEMM) vs the fused kernel):
-#   batch  1:   195.8 vs   162.7  -> module (6 experts either way; the fused dispatch costs more than it saves)
+#   batch  1:   195.0 vs   217.5  -> fused  (the second session's run; the first one's 162.7 had a 2 ms host gap)
 #   batch 32: 1,990.0 vs 2,801.3  -> fused  (1.41x: it reads only the selected experts, at copy bandwidth)
 #   batch 64: 3,718.3 vs 3,709.1  -> module (a tie: ~6 rows per expert, the grouped GEMM at its best)
-# Between the measured sizes the bounds sit halfway in the bucket list (2 and 48); re-measure with
-# `bash benchmarks/gpu_decode.sh` (modes compile / fused / auto) before moving them.
-FUSED_MOE_AUTO_TOKENS = (2, 48)
+# The upper bound sits halfway between the measured 32 and 64, at the 48 bucket; re-measure with
+# `bash benchmarks/gpu_decode.sh` (modes compile / fused / auto) before moving it.
+FUSED_MOE_AUTO_TOKENS = (1, 48)
 
 
 def fused_moe_available(model: nn.Module, mode: str) -> bool:

@@ -5,6 +5,10 @@ needs 1 token, one still in its prompt takes the next chunk that fits (chunked p
 are admitted, oldest first, while the budget, the sequence limit and free blocks allow. When a running sequence
 needs a block and none is free, the newest running sequence is preempted: its blocks are freed and it returns to
 the front of the queue, to be recomputed from its tokens (prompt + what it has generated) when readmitted.
+
+With `admission_delay` d > 0, new requests wait while others run until the oldest of them has waited d steps or
+they fill every free slot (preempted ones are readmitted at once): a server whose requests arrive one by one then
+prefills several in one step instead of mixing a prefill into most decode steps (RESULTS.md, issue 16).
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_steps = 0
+        self.arrived: dict[int, int] = {}        # seq_id -> the step count when it was added (until admitted)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.arrived[seq.seq_id] = self.num_steps
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -44,9 +51,20 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.arrived.pop(seq.seq_id, None)
         self.blocks.free_sequence(seq)
 
+    def _admission_due(self) -> bool:
+        """Whether waiting sequences may start now (admission_delay)."""
+        delay = self.config.admission_delay
+        if not delay or not self.running:
+            return True
+        first = self.waiting[0].seq_id
+        return (first not in self.arrived or self.num_steps - self.arrived[first] >= delay
+                or len(self.waiting) >= self.config.max_num_seqs - len(self.running))
+
     def schedule(self) -> tuple[list[Sequence], list[int]]:
+        self.num_steps += 1
         budget = self.config.max_num_batched_tokens
         seqs: list[Sequence] = []
         counts: list[int] = []
@@ -65,11 +83,13 @@ class Scheduler:
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        due = bool(self.waiting) and self._admission_due()
+        while due and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):
                 break
             self.waiting.popleft()
+            self.arrived.pop(seq.seq_id, None)
             # no sharing when the prompt's own log-probabilities are wanted (every position must run), or with
             # speculation (a shared block's MTP-layer latents may be drafts' provisional ones)
             self.blocks.allocate(seq, share=seq.params.prompt_logprobs is None

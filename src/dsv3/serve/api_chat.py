@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..data import Tokenizer
-from .outputs import engine_failure, engine_failure_event, final_outputs, merged, submit_all
+from .outputs import coalesced, engine_failure, engine_failure_event, final_outputs, merged, submit_all
 from .protocol import ChatCompletionRequest
 from .responses import Head, TextStream, chat_logprobs, sse, usage
 from .state import get_state
@@ -27,7 +27,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     state.metrics.request("/v1/chat/completions", [len(plan.prompt_ids[0])])
     head = Head.new("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion", state.model_name)
     if req.stream:
-        events = chat_events(state.tokenizer, req, plan, head, merged(state.aengine, handles))
+        events = coalesced(chat_events(state.tokenizer, req, plan, head, merged(state.aengine, handles)), handles)
         return StreamingResponse(events, media_type="text/event-stream")
     outs = await final_outputs(request, state.aengine, handles)
     if outs is None:                # the client left; nobody reads this

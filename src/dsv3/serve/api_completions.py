@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..data import Tokenizer
-from .outputs import engine_failure, engine_failure_event, final_outputs, merged, submit_all
+from .outputs import coalesced, engine_failure, engine_failure_event, final_outputs, merged, submit_all
 from .protocol import CompletionRequest
 from .responses import Head, TextStream, completion_logprobs, sse, usage
 from .state import get_state
@@ -31,7 +31,7 @@ async def create_completion(req: CompletionRequest, request: Request):
     state.metrics.request("/v1/completions", [len(ids) for ids in plan.prompt_ids])
     head = Head.new("cmpl", "text_completion", state.model_name)
     if req.stream:
-        events = completion_events(state.tokenizer, req, plan, head, merged(state.aengine, handles))
+        events = coalesced(completion_events(state.tokenizer, req, plan, head, merged(state.aengine, handles)), handles)
         return StreamingResponse(events, media_type="text/event-stream")
     outs = await final_outputs(request, state.aengine, handles)
     if outs is None:                # the client left; nobody reads this

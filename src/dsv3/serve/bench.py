@@ -20,6 +20,7 @@ import threading
 import time
 
 import httpx
+import torch
 
 
 def _percentiles(xs: list[float]) -> dict:
@@ -89,16 +90,33 @@ def load_in_subprocess(**args) -> dict:
     return out
 
 
+def step_mix(before: dict, after: dict) -> dict:
+    """What the engine's steps were between two `stats()`: how many, the share of pure decode steps (the graph
+    buckets; the others carry prefill rows and run eagerly) and the mean number of sequences per step."""
+    d = {k: after[f"step_{k}"] - before[f"step_{k}"] for k in ("steps", "decode_steps", "prefill_steps", "seqs")}
+    n = max(d["steps"], 1)
+    return {"steps": d["steps"], "prefill_steps": d["prefill_steps"], "decode_share": d["decode_steps"] / n,
+            "mean_seqs": d["seqs"] / n}
+
+
 def engine_throughput(engine, prompts: list[list[int]], max_tokens: int, num_requests: int) -> dict:
-    """The same workload straight through Engine.generate (its max_num_seqs bounds the batch like the concurrency)."""
+    """The same workload straight through Engine.generate (its max_num_seqs bounds the batch like the concurrency),
+    with the torch thread count the served engine gets (`engine_threads`), so both runs get the same cores."""
     from ..infer import SamplingParams
+    from .async_engine import engine_threads
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     batch = [prompts[i % len(prompts)] for i in range(num_requests)]
-    t0 = time.perf_counter()
-    outs = engine.generate(batch, params)
-    elapsed = time.perf_counter() - t0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(engine_threads())
+    try:
+        before = engine.stats()
+        t0 = time.perf_counter()
+        outs = engine.generate(batch, params)
+        elapsed = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
     tokens = sum(len(o.token_ids) for o in outs)
-    return {"seconds": elapsed, "output_tok_per_s": tokens / elapsed}
+    return {"seconds": elapsed, "output_tok_per_s": tokens / elapsed, "steps": step_mix(before, engine.stats())}
 
 
 def bench_serve_vs_engine(factory, tokenizer, prompts: list[list[int]], other_prompts: list[list[int]],
@@ -108,7 +126,6 @@ def bench_serve_vs_engine(factory, tokenizer, prompts: list[list[int]], other_pr
     an untimed round of `concurrency` requests (kernel compilation, CUDA-graph capture)."""
     import gc
 
-    import torch
     import uvicorn
 
     from .app import build_app
@@ -130,14 +147,18 @@ def bench_serve_vs_engine(factory, tokenizer, prompts: list[list[int]], other_pr
             raise RuntimeError("the benchmark server did not start")
         time.sleep(0.05)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    aengine = app.state.async_engine
     try:
         load = dict(url=url, model="bench", prompts=other_prompts, max_tokens=max_tokens, concurrency=concurrency)
         load_in_subprocess(**load, num_requests=concurrency)
+        before = aengine.stats_future().result(60)
         served_run = load_in_subprocess(**load, num_requests=num_requests)
+        served_run["steps"] = step_mix(before, aengine.stats_future().result(60))
     finally:
         server.should_exit = True
         thread.join(60)
     served_run["engine_output_tok_per_s"] = direct["output_tok_per_s"]
+    served_run["engine_steps"] = direct["steps"]
     served_run["server_vs_engine"] = served_run["output_tok_per_s"] / direct["output_tok_per_s"]
     served_run["engine_layout"] = "process" if process else "thread"
     return served_run
