@@ -114,6 +114,11 @@ def _run_cases(fn) -> dict:
             out[f"ties_{name}"] = [True, True, 0.0]
         except AssertionError as e:
             out[f"ties_{name}"] = [False, False, str(e)[:200]]
+    # a NaN token: ids and counts stay in 0..E-1 (they index expert weights downstream)
+    logits, args = case("lite_g8", 2)
+    logits[0] = float("nan")
+    w, i, c = fn(logits, *args)
+    out["nan_ids_in_range"] = [bool(((i >= 0) & (i < 64)).all()), int(c.sum()) == i.numel(), 0.0]
     return out
 
 
@@ -126,7 +131,7 @@ def _interpreter_cases() -> dict:
 
 
 def check_results(res: dict) -> None:
-    assert len(res) == 10, res
+    assert len(res) == 11, res
     for name, (same_idx, same_counts, err) in res.items():
         assert same_idx and same_counts and err < 1e-6, (name, res)
 

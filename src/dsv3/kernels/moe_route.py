@@ -17,6 +17,7 @@ Per token t, with logits (E,) fp32, bias (E,) fp32, E = G groups of S experts (G
 Exactness: the picks are the reference's whenever no two candidates tie (torch.topk does not document its order
 among equal values; on ties the kernel still returns a valid top-k set, lowest ids first). The sigmoid may differ
 from torch's by an ulp, so choices closer than that may order differently; the weights agree to fp32 rounding.
+A token with NaN logits gets ids in range (memory-safe downstream) but no meaningful routing.
 
 `moe_route_reference`: the same contract in PyTorch (Gate.route's math on given logits; the CPU path and the
 oracle). `moe_route`: Triton for CUDA fp32 logits of up to MOE_ROUTE_MAX_TOKENS tokens and MOE_ROUTE_MAX_EXPERTS
@@ -102,7 +103,8 @@ if HAS_TRITON:
         out_w = tl.zeros([BK], dtype=tl.float32)
         for k in tl.static_range(TOPK):                                                             # 3.
             m = tl.max(tl.max(choice, axis=1), axis=0)
-            pick = tl.min(tl.min(tl.where(choice == m, e, BG * BS), axis=1), axis=0)
+            # ties to the lowest id; a NaN row matches nothing: clamp, so no id or count leaves 0..E-1
+            pick = tl.minimum(tl.min(tl.min(tl.where(choice == m, e, BG * BS), axis=1), axis=0), G * S - 1)
             w = tl.sum(tl.sum(tl.where(e == pick, score, 0.0), axis=1), axis=0)
             out_i = tl.where(ks == k, pick, out_i)
             out_w = tl.where(ks == k, w, out_w)
