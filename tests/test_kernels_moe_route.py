@@ -1,7 +1,8 @@
 """The one-launch decode router (dsv3.kernels.moe_route): the PyTorch reference against the model's Gate.route
 (bit-equal), the Triton kernel against it under TRITON_INTERPRET=1 (tiny / lite / V3 gate shapes, in a
-subprocess), a valid top-k set on tied scores, the custom op's fake, the fused MoE path through it against the MoE
-module's forward, and on CUDA the kernel against the reference with a graph capture."""
+subprocess), a valid top-k set on tied scores, the pair-order kernel against moe_decode.sort_pairs, the custom
+op's fake, the fused MoE path through it against the MoE module's forward, and on CUDA the kernels against the
+references with a graph capture."""
 
 from __future__ import annotations
 
@@ -122,23 +123,41 @@ def _run_cases(fn) -> dict:
     return out
 
 
+def _pair_cases() -> dict:
+    """pair_order_triton against moe_decode.sort_pairs (pairs, offs), on distinct ids per token and on every token
+    at the same experts (one long segment)."""
+    from dsv3.kernels.moe_decode import sort_pairs
+    from dsv3.kernels.moe_route import pair_order_triton
+    out = {}
+    for T, E, K in [(1, 64, 6), (7, 8, 2), (100, 64, 6), (256, 256, 8), (33, 256, 8)]:
+        g = torch.Generator().manual_seed(T)
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        if T == 33:
+            idx = torch.arange(K).repeat(T, 1)
+        idx = idx.to("cuda" if torch.cuda.is_available() else "cpu")
+        pairs, offs = pair_order_triton(idx, torch.bincount(idx.flatten(), minlength=E))
+        want_pairs, want_offs = sort_pairs(idx, E, 16)[:2]
+        out[f"pairs_t{T}_e{E}"] = [bool(torch.equal(pairs, want_pairs)), bool(torch.equal(offs, want_offs)), 0.0]
+    return out
+
+
 def _interpreter_cases() -> dict:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from dsv3.kernels.moe_route import moe_route_triton
     from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
     patch_interpreter_for_numpy2()
-    return _run_cases(moe_route_triton)
+    return _run_cases(moe_route_triton) | _pair_cases()
 
 
-def check_results(res: dict) -> None:
-    assert len(res) == 11, res
+def check_results(res: dict, n: int = 11) -> None:
+    assert len(res) == n, res
     for name, (same_idx, same_counts, err) in res.items():
         assert same_idx and same_counts and err < 1e-6, (name, res)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_triton_interpreter_matches_reference():
-    check_results(interpreter_cases("test_kernels_moe_route"))
+    check_results(interpreter_cases("test_kernels_moe_route"), 16)
 
 
 def test_reference_cases_and_ties():
@@ -176,6 +195,7 @@ def test_cuda_triton_matches_reference_and_captures():
         got = moe_route_triton(logits.cuda(), args[0].cuda(), *args[1:])
         return tuple(t.cpu() for t in got)
     check_results(_run_cases(on_gpu))
+    check_results(_pair_cases(), 5)
     logits, args = case("v3", 32)
     logits, bias = logits.cuda(), args[0].cuda()
     assert all(torch.equal(a.cpu(), b) for a, b in zip(moe_route(logits, bias, *args[1:]),

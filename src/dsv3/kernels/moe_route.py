@@ -32,7 +32,7 @@ from torch import Tensor
 from .triton_setup import HAS_TRITON, need_triton, tl, triton, use_triton
 
 __all__ = ["MOE_ROUTE_MAX_EXPERTS", "MOE_ROUTE_MAX_TOKENS", "moe_route", "moe_route_reference",
-           "moe_route_triton"]
+           "moe_route_triton", "pair_order_triton"]
 
 MOE_ROUTE_MAX_TOKENS = 256      # decode-sized batches (dsv3.infer.moe_dispatch.MOE_DECODE_MAX_TOKENS)
 MOE_ROUTE_MAX_EXPERTS = 256     # one token's experts fit one program's registers
@@ -115,6 +115,35 @@ if HAS_TRITON:
         tl.store(W + t * stride_w + ks, out_w * route_scale, mask=kmask)
         tl.store(IDX + t * stride_i + ks, out_i.to(tl.int64), mask=kmask)
         tl.atomic_add(COUNTS + out_i, tl.full([BK], 1, tl.int32), mask=kmask)                       # 5.
+
+
+    @triton.jit
+    def _pair_order_kernel(IDX, COUNTS, PAIRS, OFFS, P, E, BE: tl.constexpr, CH: tl.constexpr):
+        e = tl.arange(0, BE)
+        cnt = tl.load(COUNTS + e, mask=e < E, other=0)
+        ends = tl.cumsum(cnt, axis=0)
+        tl.store(OFFS + e, ends, mask=e < E)
+        nxt = ends - cnt                                    # each expert's next free sorted row
+        for c in range(0, tl.cdiv(P, CH)):                  # pairs in order, CH at a time: a stable rank
+            p = c * CH + tl.arange(0, CH)
+            ids = tl.load(IDX + p, mask=p < P, other=-1)
+            onehot = (ids[:, None] == e[None, :]).to(tl.int32)                          # (CH, BE)
+            pos = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1 + nxt[None, :]), axis=1)
+            tl.store(PAIRS + pos, p, mask=p < P)
+            nxt += tl.sum(onehot, axis=0)
+
+
+def pair_order_triton(idx: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """The (token * K + k) pairs of idx (T, K) in stable expert order (P,) int32 and the cumulative segment ends
+    (E,) int32, from the router's counts (E,): the first two outputs of dsv3.kernels.moe_decode.sort_pairs in one
+    single-program launch (P <= 256 * 8 pairs, E <= 256). Not yet wired into moe_decode_triton."""
+    need_triton("pair_order_triton")
+    P, E = idx.numel(), counts.numel()
+    pairs = torch.empty(P, dtype=torch.int32, device=idx.device)
+    offs = torch.empty(E, dtype=torch.int32, device=idx.device)
+    _pair_order_kernel[(1,)](idx.contiguous(), counts.to(torch.int32).contiguous(), pairs, offs, P, E,
+                             BE=triton.next_power_of_2(max(E, 2)), CH=32 if E > 64 else 64, num_warps=4)
+    return pairs, offs
 
 
 def moe_route_triton(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int,
