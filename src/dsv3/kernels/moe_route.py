@@ -136,7 +136,8 @@ if HAS_TRITON:
 def pair_order_triton(idx: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """The (token * K + k) pairs of idx (T, K) in stable expert order (P,) int32 and the cumulative segment ends
     (E,) int32, from the router's counts (E,): the first two outputs of dsv3.kernels.moe_decode.sort_pairs in one
-    single-program launch (P <= 256 * 8 pairs, E <= 256). Not yet wired into moe_decode_triton."""
+    single-program launch (E <= 256; the pairs go through in chunks, one after another, so it is meant for small
+    decode batches). Not yet wired into moe_decode_triton (kernels/moe_decode.py is not this module's)."""
     need_triton("pair_order_triton")
     P, E = idx.numel(), counts.numel()
     pairs = torch.empty(P, dtype=torch.int32, device=idx.device)
