@@ -2,7 +2,8 @@
 decode-sized batches, the model's own MoE module otherwise.
 
 The fused path is the MoE module's forward (spec 1.6) with its routed-expert part swapped: the same gate
-(`Gate.route`), the same per-expert load counts into `tokens_per_expert`, the shared experts added after. It
+(`Gate.route`; for noaux_tc sigmoid gates its math in one launch, dsv3.kernels.moe_route), the same per-expert load
+counts into `tokens_per_expert`, the shared experts added after. It
 applies to plain stacked experts (`Experts`) and FP8 block weights (`FP8Experts`); any other experts module
 (expert-parallel slots) and batches over MOE_DECODE_MAX_TOKENS tokens take the module's forward.
 
@@ -16,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.decode_ops import moe_decode
+from ..kernels.decode_ops import moe_decode, moe_route
 from ..kernels.triton_setup import HAS_TRITON, capability
+from ..model.layers import upcast
 from ..model.moe import Experts, MoE
 from .fp8_weights import FP8Experts
 
@@ -62,16 +64,33 @@ def expert_tensors(experts: nn.Module) -> tuple | None:
     return None
 
 
+def route(mlp: MoE, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate.route's weights and ids for flat (N, D), with the loads added to `tokens_per_expert`: noaux_tc sigmoid
+    gates through the one-launch router (dsv3.kernels.moe_route) after the same fp32 gate GEMM, others as the
+    module routes."""
+    gate = mlp.gate
+    if gate.scoring_func == "sigmoid" and gate.topk_method == "noaux_tc":
+        xf = upcast(flat)
+        with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):   # as Gate.route: the gate in fp32
+            logits = torch.nn.functional.linear(xf, gate.weight.to(xf.dtype))
+            weights, idx, counts = moe_route(logits, gate.e_score_correction_bias.to(xf.dtype), gate.top_k,
+                                             gate.n_group, gate.topk_group, gate.norm_topk_prob, gate.route_scale)
+            mlp.tokens_per_expert += counts
+        return weights, idx
+    weights, idx, _ = gate.route(flat)
+    with torch.no_grad():
+        flat_idx = idx.flatten()
+        mlp.tokens_per_expert.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+    return weights, idx
+
+
 def moe_ffn(mlp: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
     """mlp(x) for x (B, T, D), through the fused kernel when `fused` and it applies."""
     tensors = expert_tensors(mlp.experts) if fused and isinstance(mlp, MoE) and not mlp.keep_routing else None
     if tensors is None or x.numel() // x.shape[-1] > MOE_DECODE_MAX_TOKENS:
         return mlp(x)
     flat = x.reshape(-1, x.shape[-1])
-    weights, idx, _ = mlp.gate.route(flat)
-    with torch.no_grad():
-        flat_idx = idx.flatten()
-        mlp.tokens_per_expert.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
+    weights, idx = route(mlp, flat)
     y = moe_decode(flat, weights, idx, *tensors)
     if mlp.shared_experts is not None:
         y = y + mlp.shared_experts(flat)

@@ -16,9 +16,10 @@ from torch import Tensor
 from .fp8_weight_gemm import fp8_grouped_linear as _fp8_grouped_linear
 from .fp8_weight_gemm import fp8_linear as _fp8_linear
 from .moe_decode import moe_decode_reference, moe_decode_sorted_triton, moe_decode_triton
+from .moe_route import moe_route as _moe_route
 from .triton_setup import use_triton
 
-__all__ = ["fp8_grouped_linear", "fp8_linear", "moe_decode"]
+__all__ = ["fp8_grouped_linear", "fp8_linear", "moe_decode", "moe_route"]
 
 
 @torch.library.custom_op("dsv3::fp8_linear", mutates_args=())
@@ -41,6 +42,23 @@ def fp8_grouped_linear(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tenso
 @fp8_grouped_linear.register_fake
 def _(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("dsv3::moe_route", mutates_args=())
+def moe_route(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
+              route_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gate logits (T, E) -> routed weights (T, K), expert ids (T, K) int64, load counts (E,) int32
+    (dsv3.kernels.moe_route: one Triton launch on the GPU instead of ~15 small kernels)."""
+    return tuple(t.contiguous() for t in _moe_route(logits, bias, top_k, n_group, topk_group, norm_topk_prob,
+                                                     route_scale))
+
+
+@moe_route.register_fake
+def _(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
+      route_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    T, E = logits.shape
+    return (logits.new_empty(T, top_k), logits.new_empty(T, top_k, dtype=torch.int64),
+            logits.new_empty(E, dtype=torch.int32))
 
 
 @torch.library.custom_op("dsv3::moe_decode_reference", mutates_args=())
