@@ -19,7 +19,6 @@ from torch import nn
 
 from ..kernels.decode_ops import moe_decode, moe_route
 from ..kernels.triton_setup import HAS_TRITON, capability
-from ..model.layers import upcast
 from ..model.moe import Experts, MoE
 from .fp8_weights import FP8Experts
 
@@ -70,10 +69,9 @@ def route(mlp: MoE, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     module routes."""
     gate = mlp.gate
     if gate.scoring_func == "sigmoid" and gate.topk_method == "noaux_tc":
-        xf = upcast(flat)
-        with torch.no_grad(), torch.autocast(flat.device.type, enabled=False):   # as Gate.route: the gate in fp32
-            logits = torch.nn.functional.linear(xf, gate.weight.to(xf.dtype))
-            weights, idx, counts = moe_route(logits, gate.e_score_correction_bias.to(xf.dtype), gate.top_k,
+        with torch.no_grad():
+            logits = gate.logits(flat)
+            weights, idx, counts = moe_route(logits, gate.e_score_correction_bias.to(logits.dtype), gate.top_k,
                                              gate.n_group, gate.topk_group, gate.norm_topk_prob, gate.route_scale)
             mlp.tokens_per_expert += counts
         return weights, idx

@@ -48,11 +48,15 @@ class Gate(nn.Module):
         """x (N, D) -> weights (N, K) fp32, indices (N, K) int64."""
         return self.route(x)[:2]
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, D) -> weights (N, K), indices (N, K), and the unbiased affinities of all experts (N, E), fp32."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate's logits (N, E) of x (N, D), in fp32 (or x's wider dtype) even under bf16 autocast."""
         xf = upcast(x)
         with torch.autocast(x.device.type, enabled=False):   # the gate stays fp32 under bf16 autocast
-            logits = F.linear(xf, self.weight.to(xf.dtype))                          # (N, E)
+            return F.linear(xf, self.weight.to(xf.dtype))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, D) -> weights (N, K), indices (N, K), and the unbiased affinities of all experts (N, E), fp32."""
+        logits = self.logits(x)                                                      # (N, E)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         if self.topk_method == "greedy":
             idx = scores.topk(self.top_k, dim=-1).indices
