@@ -302,10 +302,15 @@ def run_seed(seed: int, root: Path, held: Path, args) -> dict:
 
 
 def run_distill(out: dict, root: Path, teacher: Path, held: Path, args) -> dict:
-    """Step 4 and its evaluation for one seed, at the FLOPs its GRPO run spent."""
+    """Step 4 and its evaluation for one seed, at the FLOPs its GRPO run spent (or `--distill-flops`, set ahead so
+    the arm can run beside GRPO; the results then carry both numbers). With --reuse, a finished arm is kept."""
     torch.set_num_threads(1)
     d, cpu, lap = root / f"seed{out['seed']}", time.process_time(), Laps(out["times"])
-    out["compute"]["distill"] = distill(d, out["seed"], args, teacher, out["compute"]["grpo_flops"])
+    done = d / "distill_compute.json"
+    if not (args.reuse and done.exists() and (d / "distill" / "checkpoints").is_dir()):
+        budget = args.distill_flops or out["compute"]["grpo_flops"]
+        done.write_text(json.dumps({**distill(d, out["seed"], args, teacher, budget), "budget_flops": budget}))
+    out["compute"]["distill"] = json.loads(done.read_text())
     lap("distill_s")
     if out["compute"]["distill"]["steps"]:
         out["distill"] = evaluate(d / "distill", held, d / "eval_distill", args)
@@ -377,6 +382,10 @@ def summary_lines(results: list[dict], k: int) -> list[str]:
     gain = torch.tensor([r["grpo"]["pass@1"] - r["sft"]["pass@1"] for r in results])
     spread = max(torch.tensor([r[s]["pass@1"] for r in results]).std().item() if len(results) > 1 else 0.0
                  for s in ("sft", "grpo"))
+    if all("distill" in r["compute"] for r in results):
+        ratio = [r["compute"]["distill"].get("sft_flops", 0) + r["compute"]["distill"]["teacher_flops"] for r in results]
+        lines.append("distillation FLOPs / GRPO FLOPs per seed " + str([round(f / r["compute"]["grpo_flops"], 3)
+                                                                       for f, r in zip(ratio, results)]))
     lines.append(f"GRPO - SFT pass@1 per seed {[round(x, 3) for x in gain.tolist()]}, mean {gain.mean():.3f}; "
                  f"seed spread (the larger std of pass@1 over seeds, SFT or GRPO) {spread:.3f}")
     return lines
@@ -423,6 +432,10 @@ def main() -> None:
     p.add_argument("--distill-prompts", type=int, default=1500)
     p.add_argument("--distill-samples", type=int, default=2)
     p.add_argument("--distill-lr", type=float, default=5e-4)
+    p.add_argument("--distill-flops", type=float, default=0.0, help="the arm's budget; 0: what each seed's GRPO "
+                   "run spent (measured)")
+    p.add_argument("--distill-only", action="store_true", help="only step 4 (with --distill-flops) on the seeds' "
+                   "SFT runs, e.g. while their GRPO runs; a later --reuse call keeps it")
     args = p.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -433,13 +446,16 @@ def main() -> None:
     # the seeds' SFT + GRPO and the teacher's training side by side (--jobs processes), then the distillation arms
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         teacher_job = pool.submit(train_teacher, held, args) if args.teacher_hidden else None
-        jobs = [pool.submit(run_seed, s, root, held, args) for s in args.seeds]
-        results = [j.result() for j in jobs]
+        if args.distill_only:     # the arm alone, beside a GRPO call still running (--distill-flops)
+            results = [{"seed": s, "times": {}, "cpu_s": 0.0, "compute": {"grpo_flops": 0.0}} for s in args.seeds]
+        else:
+            results = [j.result() for j in [pool.submit(run_seed, s, root, held, args) for s in args.seeds]]
         teacher, teacher_info = teacher_job.result() if teacher_job else (None, {})
         if teacher is not None:
             results = [j.result() for j in [pool.submit(run_distill, r, root, teacher, held, args) for r in results]]
-    if not results:
-        print(f"teacher {teacher_info}")
+    if not results or args.distill_only:
+        print(f"teacher {teacher_info}\n" + "\n".join(f"seed {r['seed']}: {r.get('distill')} {r['compute']}"
+                                                       for r in results))
         return
     for r in results:
         for stage in STAGES:
