@@ -324,15 +324,23 @@ def train_teacher(held: Path, args) -> tuple[Path, dict]:
     torch.set_num_threads(1)
     root = Path(args.teacher_dir)
     recipe = {k: getattr(args, k) for k in ("teacher_hidden", "teacher_layers", "teacher_steps", "teacher_lr",
-                                            "teacher_problems", "digits", "ops", "vocab")}
+                                            "teacher_problems", "digits", "ops", "vocab", "teacher_extra_steps")}
     t0, cpu = time.perf_counter(), time.process_time()
     done = root / "teacher_time.json"
-    if not (done.exists() and json.loads(done.read_text())["recipe"] == recipe):
-        base = make_base(root / "teacher_base", 100, args, args.teacher_hidden, args.teacher_layers)
-        sft(root / "teacher", base, 100, args, args.teacher_steps, args.teacher_lr, args.teacher_problems,
-            args.teacher_steps // 20, decay=True)
-        done.write_text(json.dumps({"recipe": recipe, "wall_s": time.perf_counter() - t0,
-                                    "cpu_s": time.process_time() - cpu, "loadavg_end": os.getloadavg()}))
+    before = json.loads(done.read_text()) if done.exists() else {"recipe": {}, "wall_s": 0.0, "cpu_s": 0.0}
+    if before["recipe"] != recipe:
+        main_phase = {**before["recipe"], "teacher_extra_steps": 0} == {**recipe, "teacher_extra_steps": 0}
+        if not main_phase or before["recipe"]["teacher_extra_steps"]:
+            before = {"wall_s": 0.0, "cpu_s": 0.0}
+            base = make_base(root / "teacher_base", 100, args, args.teacher_hidden, args.teacher_layers)
+            sft(root / "teacher", base, 100, args, args.teacher_steps, args.teacher_lr, args.teacher_problems,
+                args.teacher_steps // 20, decay=True)
+        if args.teacher_extra_steps:   # continued at the schedule's final lr (0.2 x), constant
+            sft(root / "teacher", root / "teacher_base", 100, args, args.teacher_steps + args.teacher_extra_steps,
+                0.2 * args.teacher_lr, args.teacher_problems, 0, decay=False, resume=True)
+        done.write_text(json.dumps({"recipe": recipe, "wall_s": before["wall_s"] + time.perf_counter() - t0,
+                                    "cpu_s": before["cpu_s"] + time.process_time() - cpu,
+                                    "loadavg_end": os.getloadavg()}))
     cfg = load_model_config(root / "teacher")
     info = {"training": json.loads(done.read_text()), "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
             "params": params(cfg), "dir": str(root / "teacher")}
@@ -345,7 +353,7 @@ def chart(results: list[dict], path: Path, k: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
     metrics = ["pass@1", f"pass@{k}", "greedy", "format"]
     stages = [s for s in STAGES if all(s in r for r in results)]
     w = 0.8 / len(stages)
@@ -364,6 +372,13 @@ def chart(results: list[dict], path: Path, k: int) -> None:
         ax2.plot([p["step"] for p in c], [p["correct"] for p in c], label=f"seed {r['seed']}: rollouts correct")
         ax2.plot([p["step"] for p in c], [p["zero_std_groups"] for p in c], ":", label=f"seed {r['seed']}: "
                  "zero-std groups")
+    for r in results:
+        ax3.plot([p["step"] for p in r["sft_probe"]], [p["probe"] for p in r["sft_probe"]], "o-", ms=3,
+                 label=f"seed {r['seed']}")
+    ax3.set_xlabel("SFT step (early stop at the target)")
+    ax3.set_title("SFT probe: train-split accuracy, 1 sample at T = 1", fontsize=9)
+    ax3.set_ylim(0, 1)
+    ax3.legend(fontsize=7)
     ax2.set_xlabel("GRPO step")
     ax2.set_ylim(0, 1)
     ax2.legend(fontsize=7)
@@ -427,6 +442,8 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=1000, help="5%% warm-up, cosine to 0.2 x lr")
     p.add_argument("--teacher-lr", type=float, default=3e-3)
     p.add_argument("--teacher-problems", type=int, default=8000)
+    p.add_argument("--teacher-extra-steps", type=int, default=0, help="then this many more at 0.2 x lr, "
+                   "constant (continues a cached teacher of the same recipe)")
     p.add_argument("--teacher-dir", default="runs/posttrain_teacher", help="trained once, reused while the "
                    "--teacher-* recipe is the same")
     p.add_argument("--distill-prompts", type=int, default=1500)
