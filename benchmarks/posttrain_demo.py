@@ -442,7 +442,7 @@ def main() -> None:
     p.add_argument("--teacher-steps", type=int, default=1000, help="5%% warm-up, cosine to 0.2 x lr")
     p.add_argument("--teacher-lr", type=float, default=3e-3)
     p.add_argument("--teacher-problems", type=int, default=8000)
-    p.add_argument("--teacher-extra-steps", type=int, default=0, help="then this many more at 0.2 x lr, "
+    p.add_argument("--teacher-extra-steps", type=int, default=300, help="then this many more at 0.2 x lr, "
                    "constant (continues a cached teacher of the same recipe)")
     p.add_argument("--teacher-dir", default="runs/posttrain_teacher", help="trained once, reused while the "
                    "--teacher-* recipe is the same")
