@@ -1,16 +1,21 @@
 """The post-training demo on the CPU (issue 18): procedurally generated arithmetic -> tiny base -> SFT -> GRPO, and
 sequence-level distillation from a larger teacher at the same compute, all scored by `dsv3 eval`, over seeds.
 
-Once (shared by the seeds):
-0. teacher: a larger V3-architecture model (`--teacher-hidden`, `--teacher-layers`), SFT'd from random weights on
-   train-split problems for `--teacher-steps` (its own training is not counted in either arm below: it stands for
-   a given stronger model).
+Once (shared by the seeds and by later calls):
+0. teacher: a wider V3-architecture model (`--teacher-hidden`, `--teacher-layers`), SFT'd from random weights on
+   train-split problems to convergence (`--teacher-steps`, cosine), kept in `--teacher-dir` (runs/, reused while its
+   recipe is the same; its own training is counted in neither arm below: it stands for a given stronger model).
 Per seed:
 1. base: a byte-level BPE tokenizer trained on task text (digits removed: numbers are read digit by digit) and a
    randomly initialised tiny V3 model (MLA, 8 routed experts top-2 + 1 shared, a dense first layer, one MTP
    module), saved as a Hugging Face directory;
 2. `dsv3 sft` (dsv3.posttrain.sft) on train-split problems as one-turn chats whose assistant turn is
-   `<think>column-wise working</think><answer>value</answer>`;
+   `<think>column-wise working</think><answer>value</answer>`, constant lr after a warm-up, early-stopped: from
+   `--sft-min-steps` on, every `--sft-chunk` steps (exact resume) one sample at T = 1 on `--probe-problems`
+   train-split problems apart from the SFT data (never held-out ones); SFT stops once that accuracy reaches
+   `--sft-target`. The tiny model's accuracy jumps (~18% -> ~70% within a few hundred steps, at a step that differs
+   by seed), so a fixed step count leaves the seeds far apart; stopping on the probe leaves each where GRPO's
+   groups have mixed rewards;
 3. `dsv3 grpo` (dsv3.posttrain.grpo) from the SFT run: correctness + 0.1 x format reward, group-normalised
    advantages, token aggregation, clip-higher, dynamic sampling, overlong filtering, no KL;
 4. `dsv3 distill` (dsv3.posttrain.distill, sequence mode) from the same SFT run: the teacher answers train-split
@@ -118,23 +123,58 @@ def params(cfg: ModelConfig) -> dict:
         return Transformer(cfg).num_params()
 
 
-def sft(d: Path, init: Path, seed: int, args, steps: int) -> Path:
-    """Step 2 (and the teacher's training): `dsv3 sft` on train-split problems with worked answers."""
-    with (d.parent / f"{d.name}.jsonl").open("w") as f:
-        for t in tasks("train", args.sft_problems, seed, args):
-            f.write(json.dumps({"messages": [{"role": "user", "content": t.prompt},
-                                             {"role": "assistant", "content": answer(t)}]}) + "\n")
-    run = {"run_dir": str(d), "sft": {"init": str(init), "train_files": [str(d.parent / f"{d.name}.jsonl")],
-                                      "eval_fraction": 0.02, "seed": seed},
-           "optim": {"lr": args.sft_lr, "warmup": args.sft_warmup, "constant_until": args.sft_warmup},
+def sft(d: Path, init: Path, seed: int, args, steps: int, lr: float, problems: int, warmup_steps: int,
+        decay: bool, resume: bool = False) -> Path:
+    """Step 2 (and the teacher's training): `dsv3 sft` on `problems` train-split problems with worked answers, lr
+    linear warm-up over `warmup_steps`, then constant (`decay` False) or cosine to 0.2 x lr at `steps`. `resume`:
+    continue the run to `steps` (exact resume; with the constant schedule the lr is the same as in one longer run)."""
+    data, run_file = d.parent / f"{d.name}.jsonl", d.parent / f"{d.name}.json"
+    if not resume:
+        with data.open("w") as f:
+            for t in tasks("train", problems, seed, args):
+                f.write(json.dumps({"messages": [{"role": "user", "content": t.prompt},
+                                                 {"role": "assistant", "content": answer(t)}]}) + "\n")
+    warmup = min(1.0, warmup_steps / steps)
+    run = {"run_dir": str(d), "sft": {"init": str(init), "train_files": [str(data)], "eval_fraction": 0.02,
+                                      "seed": seed},
+           "optim": {"lr": lr, "warmup": warmup, "constant_until": warmup if decay else 1.0},
            "data": {"seq_len": 128}, **COMMON,
            "train": {"device": "cpu", "dtype": "fp32", "seed": seed, "steps": steps, "batch_size": args.sft_batch,
                      "micro_batch_size": args.sft_batch},
            "log": {**COMMON["log"], "val_interval": steps, "val_batches": 2}}
-    (d.parent / f"{d.name}.json").write_text(json.dumps(run))
-    trainer, _ = sft_trainer(d.parent / f"{d.name}.json", [], overwrite=True)
+    run_file.write_text(json.dumps(run))
+    trainer, _ = sft_trainer(run_file, [], resume=resume, overwrite=not resume)
     trainer.run()
     return d
+
+
+def probe(run: Path, seed: int, args) -> float:
+    """Share of `--probe-problems` train-split problems (drawn apart from the SFT data's, never held-out ones) that
+    one sample at T = 1 answers correctly in the format: the early-stopping signal of `sft_to_target`."""
+    from dsv3.posttrain.base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
+    from dsv3.posttrain.distill import teacher_conversations
+    from dsv3.data.chat import ChatTemplate
+    seen = {t.key for t in tasks("train", args.sft_problems, seed, args)}
+    pool = [t for t in tasks("train", args.probe_problems + len(seen), seed + 3000, args) if t.key not in seen]
+    model, tok = load_model_and_tokenizer(run)
+    _, stats = teacher_conversations(model, tok, ChatTemplate(chat_template_of(tokenizer_dir(run))),
+                                     pool[:args.probe_problems], 1, 1.0, args.max_new, seed + 3000)
+    return stats["kept"] / stats["problems"]
+
+
+def sft_to_target(d: Path, init: Path, seed: int, args) -> list[dict]:
+    """Step 2 with early stopping: SFT at a constant lr (after the warm-up) to `--sft-min-steps`, then
+    `--sft-chunk` steps at a time (exact resume) until the probe's accuracy reaches `--sft-target` or
+    `--sft-max-steps`: every seed stops where GRPO's groups have mixed rewards, whenever it crosses the jump."""
+    steps, log = args.sft_min_steps, []
+    while True:
+        sft(d, init, seed, args, steps, args.sft_lr, args.sft_problems, args.sft_warmup_steps, decay=False,
+            resume=bool(log))
+        log.append({"step": steps, "probe": probe(d, seed, args)})
+        print(f"seed {seed} SFT step {steps}: probe accuracy {log[-1]['probe']:.3f}", file=sys.stderr, flush=True)
+        if log[-1]["probe"] >= args.sft_target or steps >= args.sft_max_steps:
+            return log
+        steps = min(steps + args.sft_chunk, args.sft_max_steps)
 
 
 def grpo(d: Path, seed: int, args) -> Path:
@@ -188,14 +228,14 @@ def distill(d: Path, seed: int, args, teacher: Path, budget: float) -> dict:
     mean_len = sum(len(encode_chat(student_tok, r["messages"])) for r in kept) / max(1, len(kept))
     teacher_f = flops(load_model_config(teacher), stats["tokens"], train=False)
     per_step = flops(student, args.sft_batch * mean_len, train=True, mtp=True)
-    steps = int((budget - teacher_f) // per_step)
-    if steps < 1 or not kept:
+    steps = int((budget - teacher_f) // per_step) if kept else 0
+    if steps < 1:
         return {**stats, "steps": 0, "teacher_flops": teacher_f, "note": "the teacher's generation alone spends "
                 "GRPO's FLOPs (or kept nothing)"}
     run = {"run_dir": str(d / "distill"),
            "distill": {"teacher": str(teacher), "init": str(d / "sft"), "mode": "sequence",
                        "train_files": [str(d / "distill.jsonl")], "eval_fraction": 0.0, "seed": seed},
-           "optim": {"lr": args.distill_lr}, "data": {"seq_len": 128}, **COMMON,
+           "optim": {"lr": args.distill_lr, "warmup": 0.1, "constant_until": 0.1}, "data": {"seq_len": 128}, **COMMON,
            "train": {"device": "cpu", "dtype": "fp32", "seed": seed, "steps": steps, "batch_size": args.sft_batch,
                      "micro_batch_size": args.sft_batch}, "log": {**COMMON["log"], "val_interval": 0}}
     (d / "distill.json").write_text(json.dumps(run))
@@ -242,7 +282,8 @@ def run_seed(seed: int, root: Path, held: Path, args) -> dict:
     lap = Laps(out["times"])
     if not (args.reuse and (d / "sft" / "checkpoints").is_dir()):
         base = make_base(d / "base", seed, args, args.hidden, args.layers)
-        sft(d / "sft", base, seed, args, args.sft_steps)
+        (d / "sft_probe.json").write_text(json.dumps(sft_to_target(d / "sft", base, seed, args)))
+    out["sft_probe"] = json.loads((d / "sft_probe.json").read_text())
     lap("sft_s")
     out["sft"] = evaluate(d / "sft", held, d / "eval_sft", args)
     lap("eval_sft_s")
@@ -261,10 +302,15 @@ def run_seed(seed: int, root: Path, held: Path, args) -> dict:
 
 
 def run_distill(out: dict, root: Path, teacher: Path, held: Path, args) -> dict:
-    """Step 4 and its evaluation for one seed, at the FLOPs its GRPO run spent."""
+    """Step 4 and its evaluation for one seed, at the FLOPs its GRPO run spent (or `--distill-flops`, set ahead so
+    the arm can run beside GRPO; the results then carry both numbers). With --reuse, a finished arm is kept."""
     torch.set_num_threads(1)
     d, cpu, lap = root / f"seed{out['seed']}", time.process_time(), Laps(out["times"])
-    out["compute"]["distill"] = distill(d, out["seed"], args, teacher, out["compute"]["grpo_flops"])
+    done = d / "distill_compute.json"
+    if not (args.reuse and done.exists() and (d / "distill" / "checkpoints").is_dir()):
+        budget = args.distill_flops or out["compute"]["grpo_flops"]
+        done.write_text(json.dumps({**distill(d, out["seed"], args, teacher, budget), "budget_flops": budget}))
+    out["compute"]["distill"] = json.loads(done.read_text())
     lap("distill_s")
     if out["compute"]["distill"]["steps"]:
         out["distill"] = evaluate(d / "distill", held, d / "eval_distill", args)
@@ -273,19 +319,32 @@ def run_distill(out: dict, root: Path, teacher: Path, held: Path, args) -> dict:
     return out
 
 
-def train_teacher(root: Path, held: Path, args) -> tuple[Path, dict]:
-    """Step 0, once."""
+def train_teacher(held: Path, args) -> tuple[Path, dict]:
+    """Step 0, once: trained into `--teacher-dir` unless a teacher of the same recipe is there (then reused)."""
     torch.set_num_threads(1)
+    root = Path(args.teacher_dir)
+    recipe = {k: getattr(args, k) for k in ("teacher_hidden", "teacher_layers", "teacher_steps", "teacher_lr",
+                                            "teacher_problems", "digits", "ops", "vocab", "teacher_extra_steps")}
     t0, cpu = time.perf_counter(), time.process_time()
-    if not (args.reuse and (root / "teacher" / "checkpoints").is_dir()):
-        base = make_base(root / "teacher_base", 100, args, args.teacher_hidden, args.teacher_layers)
-        sft(root / "teacher", base, 100, args, args.teacher_steps)
-        (root / "teacher_time.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0,
-                                                            "cpu_s": time.process_time() - cpu}))
+    done = root / "teacher_time.json"
+    before = json.loads(done.read_text()) if done.exists() else {"recipe": {}, "wall_s": 0.0, "cpu_s": 0.0}
+    if before["recipe"] != recipe:
+        main_phase = {**before["recipe"], "teacher_extra_steps": 0} == {**recipe, "teacher_extra_steps": 0}
+        if not main_phase or before["recipe"]["teacher_extra_steps"]:
+            before = {"wall_s": 0.0, "cpu_s": 0.0}
+            base = make_base(root / "teacher_base", 100, args, args.teacher_hidden, args.teacher_layers)
+            sft(root / "teacher", base, 100, args, args.teacher_steps, args.teacher_lr, args.teacher_problems,
+                args.teacher_steps // 20, decay=True)
+        if args.teacher_extra_steps:   # continued at the schedule's final lr (0.2 x), constant
+            sft(root / "teacher", root / "teacher_base", 100, args, args.teacher_steps + args.teacher_extra_steps,
+                0.2 * args.teacher_lr, args.teacher_problems, 0, decay=False, resume=True)
+        done.write_text(json.dumps({"recipe": recipe, "wall_s": before["wall_s"] + time.perf_counter() - t0,
+                                    "cpu_s": before["cpu_s"] + time.process_time() - cpu,
+                                    "loadavg_end": os.getloadavg()}))
     cfg = load_model_config(root / "teacher")
-    info = {"training": json.loads((root / "teacher_time.json").read_text()), "hidden": cfg.hidden_size,
-            "layers": cfg.num_hidden_layers, "params": params(cfg)}
-    info["eval"] = evaluate(root / "teacher", held, root / "eval_teacher", args)
+    info = {"training": json.loads(done.read_text()), "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+            "params": params(cfg), "dir": str(root / "teacher")}
+    info["eval"] = evaluate(root / "teacher", held, root / f"eval_teacher_{held.parent.name}", args)
     info["cpu_s"] = time.process_time() - cpu
     return root / "teacher", info
 
@@ -294,7 +353,7 @@ def chart(results: list[dict], path: Path, k: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
     metrics = ["pass@1", f"pass@{k}", "greedy", "format"]
     stages = [s for s in STAGES if all(s in r for r in results)]
     w = 0.8 / len(stages)
@@ -313,6 +372,13 @@ def chart(results: list[dict], path: Path, k: int) -> None:
         ax2.plot([p["step"] for p in c], [p["correct"] for p in c], label=f"seed {r['seed']}: rollouts correct")
         ax2.plot([p["step"] for p in c], [p["zero_std_groups"] for p in c], ":", label=f"seed {r['seed']}: "
                  "zero-std groups")
+    for r in results:
+        ax3.plot([p["step"] for p in r["sft_probe"]], [p["probe"] for p in r["sft_probe"]], "o-", ms=3,
+                 label=f"seed {r['seed']}")
+    ax3.set_xlabel("SFT step (early stop at the target)")
+    ax3.set_title("SFT probe: train-split accuracy, 1 sample at T = 1", fontsize=9)
+    ax3.set_ylim(0, 1)
+    ax3.legend(fontsize=7)
     ax2.set_xlabel("GRPO step")
     ax2.set_ylim(0, 1)
     ax2.legend(fontsize=7)
@@ -331,6 +397,10 @@ def summary_lines(results: list[dict], k: int) -> list[str]:
     gain = torch.tensor([r["grpo"]["pass@1"] - r["sft"]["pass@1"] for r in results])
     spread = max(torch.tensor([r[s]["pass@1"] for r in results]).std().item() if len(results) > 1 else 0.0
                  for s in ("sft", "grpo"))
+    if all("distill" in r["compute"] for r in results):
+        ratio = [r["compute"]["distill"].get("sft_flops", 0) + r["compute"]["distill"]["teacher_flops"] for r in results]
+        lines.append("distillation FLOPs / GRPO FLOPs per seed " + str([round(f / r["compute"]["grpo_flops"], 3)
+                                                                       for f, r in zip(ratio, results)]))
     lines.append(f"GRPO - SFT pass@1 per seed {[round(x, 3) for x in gain.tolist()]}, mean {gain.mean():.3f}; "
                  f"seed spread (the larger std of pass@1 over seeds, SFT or GRPO) {spread:.3f}")
     return lines
@@ -338,23 +408,27 @@ def summary_lines(results: list[dict], k: int) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: only the teacher")
     p.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
     p.add_argument("--out", default="out/posttrain_demo")
     p.add_argument("--chart", default="docs/posttrain_demo.png")
     p.add_argument("--digits", type=int, default=2)
     p.add_argument("--ops", default="+-")
-    p.add_argument("--reuse", action="store_true", help="keep the teacher and each seed's SFT and GRPO runs from an "
+    p.add_argument("--reuse", action="store_true", help="keep each seed's SFT and GRPO runs from an "
                    "earlier call with the same --out (to add or vary the later stages)")
     p.add_argument("--dr-grpo", action="store_true", help="advantages without the std scaling (Dr. GRPO)")
     p.add_argument("--vocab", type=int, default=400)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--sft-problems", type=int, default=3000)
-    p.add_argument("--sft-steps", type=int, default=800)
+    p.add_argument("--sft-problems", type=int, default=6000)
     p.add_argument("--sft-batch", type=int, default=16)
-    p.add_argument("--sft-lr", type=float, default=3e-3)
-    p.add_argument("--sft-warmup", type=float, default=0.05, help="share of the SFT steps")
+    p.add_argument("--sft-lr", type=float, default=3e-3, help="constant after the warm-up")
+    p.add_argument("--sft-warmup-steps", type=int, default=40)
+    p.add_argument("--sft-target", type=float, default=0.35, help="stop SFT once the probe's accuracy reaches it")
+    p.add_argument("--sft-min-steps", type=int, default=500)
+    p.add_argument("--sft-chunk", type=int, default=50, help="SFT steps between probes")
+    p.add_argument("--sft-max-steps", type=int, default=1500)
+    p.add_argument("--probe-problems", type=int, default=200, help="train-split problems apart from the SFT data")
     p.add_argument("--grpo-steps", type=int, default=160)
     p.add_argument("--grpo-lr", type=float, default=1e-4)
     p.add_argument("--mu", type=int, default=4, help="policy updates per batch of rollouts (PPO-style, clipped)")
@@ -363,12 +437,22 @@ def main() -> None:
     p.add_argument("--max-new", type=int, default=48)
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--k", type=int, default=8)
-    p.add_argument("--teacher-hidden", type=int, default=192, help="0: no teacher, no distillation arm")
-    p.add_argument("--teacher-layers", type=int, default=3)
-    p.add_argument("--teacher-steps", type=int, default=500)
-    p.add_argument("--distill-prompts", type=int, default=500)
+    p.add_argument("--teacher-hidden", type=int, default=256, help="0: no teacher, no distillation arm")
+    p.add_argument("--teacher-layers", type=int, default=2)
+    p.add_argument("--teacher-steps", type=int, default=1000, help="5%% warm-up, cosine to 0.2 x lr")
+    p.add_argument("--teacher-lr", type=float, default=3e-3)
+    p.add_argument("--teacher-problems", type=int, default=8000)
+    p.add_argument("--teacher-extra-steps", type=int, default=300, help="then this many more at 0.2 x lr, "
+                   "constant (continues a cached teacher of the same recipe)")
+    p.add_argument("--teacher-dir", default="runs/posttrain_teacher", help="trained once, reused while the "
+                   "--teacher-* recipe is the same")
+    p.add_argument("--distill-prompts", type=int, default=1500)
     p.add_argument("--distill-samples", type=int, default=2)
-    p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument("--distill-lr", type=float, default=5e-4)
+    p.add_argument("--distill-flops", type=float, default=0.0, help="the arm's budget; 0: what each seed's GRPO "
+                   "run spent (measured)")
+    p.add_argument("--distill-only", action="store_true", help="only step 4 (with --distill-flops) on the seeds' "
+                   "SFT runs, e.g. while their GRPO runs; a later --reuse call keeps it")
     args = p.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -378,12 +462,18 @@ def main() -> None:
                             for t in tasks("heldout", args.eval_problems, 7, args)))
     # the seeds' SFT + GRPO and the teacher's training side by side (--jobs processes), then the distillation arms
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        teacher_job = pool.submit(train_teacher, root, held, args) if args.teacher_hidden else None
-        jobs = [pool.submit(run_seed, s, root, held, args) for s in args.seeds]
-        results = [j.result() for j in jobs]
+        teacher_job = pool.submit(train_teacher, held, args) if args.teacher_hidden else None
+        if args.distill_only:     # the arm alone, beside a GRPO call still running (--distill-flops)
+            results = [{"seed": s, "times": {}, "cpu_s": 0.0, "compute": {"grpo_flops": 0.0}} for s in args.seeds]
+        else:
+            results = [j.result() for j in [pool.submit(run_seed, s, root, held, args) for s in args.seeds]]
         teacher, teacher_info = teacher_job.result() if teacher_job else (None, {})
         if teacher is not None:
             results = [j.result() for j in [pool.submit(run_distill, r, root, teacher, held, args) for r in results]]
+    if not results or args.distill_only:
+        print(f"teacher {teacher_info}\n" + "\n".join(f"seed {r['seed']}: {r.get('distill')} {r['compute']}"
+                                                       for r in results))
+        return
     for r in results:
         for stage in STAGES:
             if stage in r:
