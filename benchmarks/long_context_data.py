@@ -1,7 +1,7 @@
 """The long-context demo's synthetic documents (benchmarks/long_context_demo.py), each exactly one training window.
 
-Two kinds, mixed half and half, because retrieval needs in-context copying and copying is only learnt where it is
-the one way to cut the loss on many tokens (induction heads: Olsson et al. 2022; associative recall: Arora et al.
+Two kinds, one needle document to three repeat documents, because retrieval needs in-context copying and copying
+is only learnt where it is the one way to cut the loss on most tokens (induction heads: Olsson et al. 2022; associative recall: Arora et al.
 2023, "Zoology"):
 - **needle documents** (the passkey-retrieval recipe, in dsv3.eval.needle's own format): filler sentences ("The old
   river passes the mill.", a random cycle of 3-6 of them repeated, itself copyable) with 1-4 facts "The secret
@@ -9,7 +9,8 @@ the one way to cut the loss on many tokens (induction heads: Olsson et al. 2022;
   then a question about each fact ("Question: What is the secret number of <city>?\nAnswer: The secret number of
   <city> is <digits>."). Several facts make it associative recall: the city picks which number to copy.
 - **repeat documents** (pure induction): a random unit of words, cities and numbers from the same vocabulary,
-  8 tokens to half the window long, repeated to fill the window: most tokens are predictable only by copying.
+  8 tokens to a quarter of the window long, repeated to fill the window: ~85% of the tokens are predictable only by
+  copying (the induction probe, long_context_induction.py, learns copying in ~450 steps on such data alone).
 Every document is exactly seq_len - 1 tokens, so with its EOS it fills one training window (packing cuts windows at
 seq_len: no question loses its fact to the previous window). Documents carry no BOS (the packer puts none), so the
 needle prompts have none.
@@ -96,9 +97,9 @@ def document(tok: Tokenizer, rng: random.Random, n_tokens: int, n_facts: tuple[i
 
 
 def repeat_document(tok: Tokenizer, rng: random.Random, n_tokens: int) -> str:
-    """Exactly `n_tokens` tokens: a random unit of words and numbers (~8 to n_tokens / 2 tokens) repeated."""
+    """Exactly `n_tokens` tokens: a random unit of words and numbers (~8 to n_tokens / 4 tokens) repeated."""
     for _ in range(100):
-        size = rng.randint(8, max(8, n_tokens // 2))
+        size = rng.randint(8, max(8, n_tokens // 4))
         words, n = [], 0
         while n < size:                                   # a number is ' ' + 2-5 digit tokens, a word one token
             w = str(rng.randrange(10**6, 10**7)) if rng.random() < 0.2 else rng.choice(WORDS)
@@ -126,15 +127,15 @@ _TOK: Tokenizer | None = None
 
 
 def _chunk(job: tuple[str, int, int, int]) -> list[str]:
-    """Documents [start, start + count) of a corpus: even ones needle documents, odd ones repeat documents, each
-    from its own seed, so the file is the same whatever the number of worker processes."""
+    """Documents [start, start + count) of a corpus: every fourth a needle document, the others repeat documents,
+    each from its own seed, so the file is the same whatever the number of worker processes."""
     global _TOK
     tok_path, start, count, seq_len = job
     _TOK = _TOK or Tokenizer.load(tok_path)
     out = []
     for i in range(start, start + count):
         rng = random.Random(seq_len * 10**9 + i)
-        make = document if i % 2 == 0 else repeat_document
+        make = document if i % 4 == 0 else repeat_document
         out.append(make(_TOK, rng, seq_len - 1))
     return out
 

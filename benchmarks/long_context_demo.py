@@ -6,11 +6,11 @@ depths and loss by position, before and after.
 
     PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 3000,300,150]
 
-Data (long_context_data.py): half needle documents (filler, 1-4 facts "The secret number of <city> is <7 digits>."
-placed as `needle_prompt` places its needle, a question about each), half repeat documents (a random unit of words
-and numbers repeated): copying is the only way to cut the loss on most of their tokens, which is what makes the
-induction heads retrieval runs on form at all (rounds 1-2 had facts on ~3% of tokens and learnt no copying in
-8.2M tokens). Every document fills exactly one training window.
+Data (long_context_data.py): a quarter needle documents (filler, 1-4 facts "The secret number of <city> is
+<7 digits>." placed as `needle_prompt` places its needle, a question about each), the rest repeat documents (a
+random unit of words and numbers repeated): copying is the only way to cut the loss on most of their tokens, which
+is what makes the induction heads retrieval runs on form at all (rounds 1-2 had facts on ~3% of tokens and learnt
+no copying in 8.2M tokens). Every document fills exactly one training window.
 
 The phases keep the tokens per step constant (V3: 32K x 1920 = 128K x 480) and a constant LR, as the report's
 extension phases do. YaRN: factor 16 over the 256-token pre-training length (`original_max_position_embeddings`,

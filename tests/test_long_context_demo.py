@@ -35,7 +35,7 @@ def test_documents_have_exactly_the_asked_length(tok, n):
         ids = tok.encode(demo.repeat_document(tok, rng, n))
         assert len(ids) == n
         period = next(p for p in range(1, n) if ids[p:] == ids[:-p])     # the unit: repeated, at least twice
-        assert 8 <= period <= n // 2 + 9
+        assert 8 <= period <= n // 4 + 9
 
 
 def test_corpus_is_the_same_whatever_the_worker_count(tok, tmp_path):
@@ -45,7 +45,7 @@ def test_corpus_is_the_same_whatever_the_worker_count(tok, tmp_path):
     docs = [json.loads(line)["text"] for line in one.splitlines()]
     assert one == two and len(docs) == 30
     assert all(len(tok.encode(d)) == 255 for d in docs)
-    assert sum("\nQuestion:" in d for d in docs) == 15                   # half needle, half repeat documents
+    assert sum("\nQuestion:" in d for d in docs) == 8          # a quarter needle documents, the rest repeats
 
 
 def test_induction_batch_repeats_its_first_half(tok):
