@@ -4,7 +4,8 @@ downstream means anything otherwise), extend it in two phases (1K, then 4K) with
 same two phases with plain RoPE as the control; needle-in-a-haystack accuracy (dsv3.eval.needle) over lengths x
 depths and loss by position, before and after.
 
-    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 3000,300,150]
+    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 2500,300,150
+        --pre-batch 32]
 
 Data (long_context_data.py): a quarter needle documents (filler, 1-4 facts "The secret number of <city> is
 <7 digits>." placed as `needle_prompt` places its needle, a question about each), the rest repeat documents (a
@@ -45,7 +46,7 @@ from long_context_data import VOCAB, corpus, document, filler, induction_batch, 
 PRE_LEN, PHASES = 256, (1024, 4096)          # pre-training length, then the two extension phases' lengths
 LENGTHS = (256, 512, 1024, 2048, 4096)         # needle / evaluation lengths
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-PRE_BATCH = 16                                 # pre-training: 16 x 256 tokens per step
+PRE_BATCH = 16                                 # pre-training: 16 x 256 tokens per step (--pre-batch)
 PHASE_TOKENS = 4096                            # per step, constant over the two phases (4 x 1K, 1 x 4K), as V3's
 YARN = dict(type="yarn", factor=PHASES[-1] / PRE_LEN, original_max_position_embeddings=PRE_LEN, beta_fast=32,
             beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
@@ -61,8 +62,8 @@ COMMON = dict(log={"interval": 25, "val_interval": 0, "tensorboard": False, "pro
 
 
 def run_config(out: Path, name: str, seq_len: int, steps: int, docs: Path, model: dict, optim: dict,
-               **train_extra) -> RunConfig:
-    batch = PRE_BATCH if seq_len == PRE_LEN else PHASE_TOKENS // seq_len
+               batch: int = 0, **train_extra) -> RunConfig:
+    batch = batch or PHASE_TOKENS // seq_len          # the phases: PHASE_TOKENS per step
     d = {"run_dir": str(out / name), "model": model,
          "data": {"sources": [str(docs)], "cache_dir": str(out / "data-cache"), "seq_len": seq_len,
                   "val_fraction": 0.002, "fim_rate": 0.0, "tokenizer": str(out / "tokenizer")},
@@ -141,19 +142,20 @@ def phases(out: Path, steps: tuple[int, int, int], times: dict, args) -> tuple[d
     t0 = time.perf_counter()
     version = hashlib.sha256(Path(long_context_data.__file__).read_bytes()).hexdigest()[:8]   # no stale corpus
     data = {n: corpus(out / "tokenizer", out / f"docs-{n}x{k}-{version}.jsonl", k, n, args.workers)
-            for n, k in ((PRE_LEN, PRE_BATCH * steps[0]), (PHASES[0], PHASE_TOKENS // PHASES[0] * steps[1]),
+            for n, k in ((PRE_LEN, args.pre_batch * steps[0]), (PHASES[0], PHASE_TOKENS // PHASES[0] * steps[1]),
                          (PHASES[1], PHASE_TOKENS // PHASES[1] * steps[2]))}
     times["data"] = time.perf_counter() - t0
     dev = {"device": args.device}
     pre = train(run_config(out, "pre", PRE_LEN, steps[0], data[PRE_LEN], {**MODEL, "max_position_embeddings": PRE_LEN,
                                                                            "rope_scaling": None},
-                           {"lr": args.lr, "warmup": 0.05}, **dev), times, "pre")
+                           {"lr": args.lr, "warmup": 0.05}, args.pre_batch, **dev), times, "pre")
     runs = {"pre": pre}
     model = at_length(pre, PRE_LEN, None, args.device)
     grid = needle(model, tok, (PRE_LEN,), 4)
     gate = {"needle": sum(grid[0]) / len(grid[0]), "induction": induction(model, tok)}
     print(f"gate: needle accuracy {gate['needle']:.2f} at the pre-training length {PRE_LEN}; induction probe "
           f"{gate['induction']}", flush=True)
+    (out / "gate.json").write_text(json.dumps({**gate, "seconds": times}))   # kept if a later stage is cut short
     if gate["needle"] < args.gate:
         return runs, gate
     flat = {"lr": args.phase_lr, "warmup": 0.0, "constant_until": 1.0, "decay_until": 1.0, "final_at": 1.0}
@@ -224,6 +226,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/long-context")
     ap.add_argument("--steps", default="1200,60,30", help="pre-training, phase 1, phase 2 steps")
     ap.add_argument("--lr", type=float, default=1e-3, help="pre-training peak LR")
+    ap.add_argument("--pre-batch", type=int, default=PRE_BATCH, help="pre-training sequences of 256 per step")
     ap.add_argument("--phase-lr", type=float, default=3e-4, help="the extension phases' constant LR")
     ap.add_argument("--gate", type=float, default=0.9, help="needle accuracy the pre-trained model needs at its "
                                                             "length before the phases run")
@@ -238,8 +241,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0, times = time.perf_counter(), {}
     runs, gate = phases(out, tuple(int(s) for s in a.steps.split(",")), times, a)
-    results = {"steps": a.steps, "lr": a.lr, "phase_lr": a.phase_lr, "lengths": LENGTHS, "depths": DEPTHS,
-               "seeds": a.seeds, "device": a.device, "gate": gate}
+    results = {"steps": a.steps, "lr": a.lr, "pre_batch": a.pre_batch, "phase_lr": a.phase_lr, "lengths": LENGTHS,
+               "depths": DEPTHS, "seeds": a.seeds, "device": a.device, "gate": gate}
     if gate["needle"] >= a.gate:
         t_eval = time.perf_counter()
         results.update(evaluate(runs, make_tokenizer(out), a.seeds, a.device))
