@@ -4,7 +4,7 @@ downstream means anything otherwise), extend it in two phases (1K, then 4K) with
 same two phases with plain RoPE as the control; needle-in-a-haystack accuracy (dsv3.eval.needle) over lengths x
 depths and loss by position, before and after.
 
-    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 2500,300,150
+    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 3000,300,150
         --pre-batch 32]
 
 Data (long_context_data.py): a quarter needle documents (filler, 1-4 facts "The secret number of <city> is
