@@ -127,7 +127,8 @@ def loss_by_position(model, tok: Tokenizer, n_docs: int = 4, bucket: int = 256) 
 @torch.no_grad()
 def induction(model, tok: Tokenizer, period: int = 100) -> dict:
     """The induction probe: mean loss on the first and on the repeated half of random word sequences (64 of
-    2 x period tokens). Without in-context copying both are ~ln(#words); with it the second half is near 0."""
+    2 x period tokens). Without in-context copying both are ~ln(#words); with it the second half is near 0. The gate
+    reports periods 30 (inside the repeat documents' units) and 100 (copying over a longer distance)."""
     x = induction_batch(tok, 64, period, seed=7).to(next(model.parameters()).device)
     loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
     return {"first": round(loss[:, :period - 1].mean().item(), 3), "repeat": round(loss[:, period:].mean().item(), 3),
@@ -152,7 +153,7 @@ def phases(out: Path, steps: tuple[int, int, int], times: dict, args) -> tuple[d
     runs = {"pre": pre}
     model = at_length(pre, PRE_LEN, None, args.device)
     grid = needle(model, tok, (PRE_LEN,), 4)
-    gate = {"needle": sum(grid[0]) / len(grid[0]), "induction": induction(model, tok)}
+    gate = {"needle": sum(grid[0]) / len(grid[0]), "induction": {p: induction(model, tok, p) for p in (30, 100)}}
     print(f"gate: needle accuracy {gate['needle']:.2f} at the pre-training length {PRE_LEN}; induction probe "
           f"{gate['induction']}", flush=True)
     (out / "gate.json").write_text(json.dumps({**gate, "seconds": times}))   # kept if a later stage is cut short
