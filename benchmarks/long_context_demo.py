@@ -1,16 +1,17 @@
 """Long-context extension (issue 21, TR 4.3 in miniature): pre-train a tiny DeepSeek-V3-architecture model at 256
-tokens, check that it retrieves a needle there (the gate: nothing downstream means anything otherwise), extend it in
-two phases (1K, then 4K) with YaRN (`train.init_from`), and the same two phases with plain RoPE as the control;
-needle-in-a-haystack accuracy (dsv3.eval.needle) over lengths x depths and loss by position, before and after.
+tokens, check that it copies in context (an induction probe) and retrieves a needle there (the gate: nothing
+downstream means anything otherwise), extend it in two phases (1K, then 4K) with YaRN (`train.init_from`), and the
+same two phases with plain RoPE as the control; needle-in-a-haystack accuracy (dsv3.eval.needle) over lengths x
+depths and loss by position, before and after.
 
-    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 10000,300,150]
+    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 3000,300,150
+        --pre-batch 32]
 
-Data (the passkey-retrieval recipe, in needle.py's own format): filler sentences ("The old river passes the mill.",
-a random cycle of 3-6 of them repeated) with 1-3 facts "The secret number of <city> is <7 digits>." inserted at
-sentence boundaries exactly as `needle_prompt` inserts its needle, then a question about each fact ("Question: What
-is the secret number of <city>?\nAnswer: The secret number of <city> is <digits>."). Every document is exactly
-seq_len - 1 tokens, so with its EOS it fills one training window (packing cuts windows at seq_len: no question loses
-its fact to the previous window). Documents carry no BOS (the packer puts none), so the needle prompts have none.
+Data (long_context_data.py): a quarter needle documents (filler, 1-4 facts "The secret number of <city> is
+<7 digits>." placed as `needle_prompt` places its needle, a question about each), the rest repeat documents (a
+random unit of words and numbers repeated): copying is the only way to cut the loss on most of their tokens, which
+is what makes the induction heads retrieval runs on form at all (rounds 1-2 had facts on ~3% of tokens and learnt
+no copying in 8.2M tokens). Every document fills exactly one training window.
 
 The phases keep the tokens per step constant (V3: 32K x 1920 = 128K x 480) and a constant LR, as the report's
 extension phases do. YaRN: factor 16 over the 256-token pre-training length (`original_max_position_embeddings`,
@@ -22,7 +23,9 @@ under --docs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -30,118 +33,37 @@ from pathlib import Path
 
 import torch
 
-from dsv3.data import Tokenizer, train_tokenizer
+from dsv3.data import Tokenizer
 from dsv3.eval.backends import EngineBackend
-from dsv3.eval.needle import CITIES, needle_grid
+from dsv3.eval.needle import needle_grid
 from dsv3.infer import Engine, EngineConfig
 from dsv3.train import Trainer
 from dsv3.train.config import RunConfig
 from dsv3.train.export import load_run_model
+import long_context_data
+from long_context_data import VOCAB, corpus, document, filler, induction_batch, make_tokenizer, word_ids
 
-ADJ = "old quiet green small bright cold dark warm long narrow".split()
-NOUN = "river mill road garden bridge market tower field harbor village".split()
-VERB = "passes faces crosses follows borders watches".split()
 PRE_LEN, PHASES = 256, (1024, 4096)          # pre-training length, then the two extension phases' lengths
 LENGTHS = (256, 512, 1024, 2048, 4096)         # needle / evaluation lengths
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-FACTS = (1, 3)                                 # facts (and questions) per document
-PRE_BATCH = 8                                  # pre-training: 8 x 256 tokens per step
+PRE_BATCH = 16                                 # pre-training: 16 x 256 tokens per step (--pre-batch)
 PHASE_TOKENS = 4096                            # per step, constant over the two phases (4 x 1K, 1 x 4K), as V3's
 YARN = dict(type="yarn", factor=PHASES[-1] / PRE_LEN, original_max_position_embeddings=PRE_LEN, beta_fast=32,
             beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
-MODEL = dict(preset="tiny", vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+# A shape that learns induction in ~450 steps of 4K tokens (the probe in RESULTS.md): 2 dense layers, 4 heads of
+# 32 + 32 query/key dims (nope + rope) and 32 value dims, no query compression, a 128-wide kv latent. 8 heads of
+# 16 + 16 with a 96-wide query latent stayed at the in-context-unigram plateau in the same budget.
+MODEL = dict(preset="tiny", vocab_size=VOCAB, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
              first_k_dense_replace=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-             num_attention_heads=8, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=16, qk_rope_head_dim=16,
-             v_head_dim=16, num_nextn_predict_layers=0, init_std=0.02)
+             num_attention_heads=4, kv_lora_rank=128, q_lora_rank=0, qk_nope_head_dim=32, qk_rope_head_dim=32,
+             v_head_dim=32, num_nextn_predict_layers=0, init_std=0.02)
 COMMON = dict(log={"interval": 25, "val_interval": 0, "tensorboard": False, "progress": False},
               checkpoint={"interval": 0, "keep": 1}, balance={"bias_update_speed": 0.0})
 
 
-def sentence(rng: random.Random, extra: int = 0) -> str:
-    """A 7-token filler sentence, 8 or 9 with `extra` more adjectives (each one token, drawn last)."""
-    adj, noun, verb, noun2 = rng.choice(ADJ), rng.choice(NOUN), rng.choice(VERB), rng.choice(NOUN)
-    more = "".join(f"{rng.choice(ADJ)} " for _ in range(extra))
-    return f"The {more}{adj} {noun} {verb} the {noun2}."
-
-
-def cycle(rng: random.Random) -> list[float]:
-    """A haystack's sentence seeds: a random cycle of 3-6 sentences, repeated. Repeated random text is what
-    induction (copy) heads are learnt from, the mechanism retrieval reuses; the period differs per haystack."""
-    return [rng.random() for _ in range(rng.randint(3, 6))]
-
-
-def filler(rng: random.Random, n_sentences: int) -> str:
-    seeds = cycle(rng)
-    return " ".join(sentence(random.Random(seeds[i % len(seeds)])) for i in range(n_sentences))
-
-
-def _text(sentences: list[str], facts: list[tuple[str, str]], where: list[int], order: list[int]) -> str:
-    """Facts after sentence where[i] (0 = before the first), spaced as needle_prompt spaces its needle; questions."""
-    parts = []
-    for i, s in enumerate(sentences + [""]):
-        for (city, num), w in zip(facts, where):
-            if w == i:
-                parts.append(f" The secret number of {city} is {num}. ")
-        if s:
-            parts.append(("" if i == 0 else " ") + s)
-    qa = "".join(f"\nQuestion: What is the secret number of {facts[i][0]}?\nAnswer: The secret number of "
-                 f"{facts[i][0]} is {facts[i][1]}." for i in order)
-    return "".join(parts) + qa
-
-
-def document(tok: Tokenizer, rng: random.Random, n_tokens: int) -> str:
-    """A document of exactly `n_tokens` tokens: FACTS facts at random places in filler, then a question about each.
-    n filler sentences of 7-9 tokens (0-2 extra adjectives) cover 7n..9n tokens, so any length past the facts is
-    hit by moving the number of extra adjectives k (spread over the sentences) and, at the ends of that range, n."""
-    facts = [(c, f"{rng.randrange(10**6, 10**7)}") for c in rng.sample(CITIES, rng.randint(*FACTS))]
-    order = rng.sample(range(len(facts)), len(facts))
-    n = max(1, (n_tokens - len(tok.encode(_text([], facts, [0] * len(facts), order)))) // 8)
-    period = cycle(rng)
-    seeds = [period[i % len(period)] for i in range(n)]   # each sentence's words, fixed whatever its extra count
-    where, k = [rng.randrange(n + 1) for _ in facts], n
-    for _ in range(n_tokens):
-        n = len(seeds)
-        text = _text([sentence(random.Random(sd), k // n + (i < k % n)) for i, sd in enumerate(seeds)], facts,
-                     [min(w, n) for w in where], order)
-        diff = n_tokens - len(tok.encode(text))
-        if diff == 0:
-            return text
-        k += diff
-        if k > 2 * n:                                     # every sentence at 9 tokens: one more sentence
-            seeds.append(period[len(seeds) % len(period)])
-            k -= 7
-        elif k < 0 and n > 1:                             # every sentence at 7 tokens: one fewer
-            seeds.pop()
-            k += 7
-        k = max(0, min(k, 2 * len(seeds)))
-    raise RuntimeError(f"no synthetic document of exactly {n_tokens} tokens")
-
-
-def make_tokenizer(out: Path) -> Tokenizer:
-    path = out / "tokenizer"
-    if not (path / "tokenizer.json").exists():
-        rng = random.Random(0)
-        texts = (filler(rng, 30) + f" The secret number of {c} is {rng.randrange(10**6, 10**7)}. \nQuestion: What "
-                 f"is the secret number of {c}?\nAnswer: The secret number of {c} is" for c in CITIES * 200)
-        train_tokenizer(texts, MODEL["vocab_size"]).save(path)
-    return Tokenizer.load(path)
-
-
-def corpus(tok: Tokenizer, path: Path, n_docs: int, seq_len: int, seed: int) -> Path:
-    """n_docs documents of seq_len - 1 tokens (+ EOS = one window) as JSONL; the same seed writes the same file."""
-    if not path.exists():
-        rng = random.Random(seed)
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            for _ in range(n_docs):
-                f.write(json.dumps({"text": document(tok, rng, seq_len - 1)}) + "\n")
-        tmp.rename(path)
-    return path
-
-
 def run_config(out: Path, name: str, seq_len: int, steps: int, docs: Path, model: dict, optim: dict,
-               **train_extra) -> RunConfig:
-    batch = PRE_BATCH if seq_len == PRE_LEN else PHASE_TOKENS // seq_len
+               batch: int = 0, **train_extra) -> RunConfig:
+    batch = batch or PHASE_TOKENS // seq_len          # the phases: PHASE_TOKENS per step
     d = {"run_dir": str(out / name), "model": model,
          "data": {"sources": [str(docs)], "cache_dir": str(out / "data-cache"), "seq_len": seq_len,
                   "val_fraction": 0.002, "fim_rate": 0.0, "tokenizer": str(out / "tokenizer")},
@@ -152,10 +74,12 @@ def run_config(out: Path, name: str, seq_len: int, steps: int, docs: Path, model
 
 
 def train(cfg: RunConfig, times: dict, name: str) -> Path:
-    """Train a stage, or keep it if its run already finished (a rerun of the demo resumes after the last stage)."""
+    """Train a stage, or keep it if a run of this very config already finished (a rerun of the demo resumes after
+    the last stage; a run left by another version of the script is trained again)."""
     from dsv3.train.checkpoint import newest_valid_checkpoint
     done, _ = newest_valid_checkpoint(cfg.run_dir) if Path(cfg.run_dir, "checkpoints").is_dir() else (None, [])
-    if done is not None and done.name == f"step_{cfg.train.steps:08d}":
+    same = done is not None and json.loads((done / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
+    if same and done.name == f"step_{cfg.train.steps:08d}":
         print(f"{name}: kept the finished run {cfg.run_dir}", flush=True)
         return Path(cfg.run_dir)
     t0 = time.perf_counter()
@@ -177,7 +101,7 @@ def at_length(run_dir: Path, max_pos: int, rope: dict | None, device: str = "cpu
 
 def needle(model, tok: Tokenizer, lengths: tuple, seeds: int) -> list[list[float]]:
     """Accuracy per length x depth over `seeds` needles per cell (each its own city, number and haystack)."""
-    engine = Engine(model, tok, EngineConfig(block_size=64, max_num_batched_tokens=max(lengths)))
+    engine = Engine(model, tok, EngineConfig(block_size=64, max_num_batched_tokens=max(lengths), cuda_graphs=False))
     total = [[0.0] * len(DEPTHS) for _ in lengths]
     for seed in range(seeds):
         hay = filler(random.Random(1000 + seed), max(lengths) // 6)
@@ -200,25 +124,40 @@ def loss_by_position(model, tok: Tokenizer, n_docs: int = 4, bucket: int = 256) 
     return total.view(-1, bucket).mean(-1).cpu().tolist()
 
 
-def phases(out: Path, steps: tuple[int, int, int], times: dict, args) -> tuple[dict[str, Path], float]:
+@torch.no_grad()
+def induction(model, tok: Tokenizer, period: int = 100) -> dict:
+    """The induction probe: mean loss on the first and on the repeated half of random word sequences (64 of
+    2 x period tokens). Without in-context copying both are ~ln(#words); with it the second half is near 0. The gate
+    reports periods 30 (inside the repeat documents' units) and 100 (copying over a longer distance)."""
+    x = induction_batch(tok, 64, period, seed=7).to(next(model.parameters()).device)
+    loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
+    return {"first": round(loss[:, :period - 1].mean().item(), 3), "repeat": round(loss[:, period:].mean().item(), 3),
+            "chance": round(math.log(len(word_ids(tok))), 3)}
+
+
+def phases(out: Path, steps: tuple[int, int, int], times: dict, args) -> tuple[dict[str, Path], dict]:
     """Pre-training at PRE_LEN; the gate (needle accuracy at PRE_LEN, the model must retrieve where it was trained
-    before an extension can mean anything); then the two PHASES with YaRN (factor PHASES[-1] / PRE_LEN over
-    PRE_LEN) and, as the control, with plain RoPE. Returns the runs and the gate's accuracy."""
+    before an extension can mean anything; the induction probe beside it); then the two PHASES with YaRN (factor
+    PHASES[-1] / PRE_LEN over PRE_LEN) and, as the control, with plain RoPE. Returns the runs and the gate."""
     tok = make_tokenizer(out)
     t0 = time.perf_counter()
-    data = {n: corpus(tok, out / f"docs-{n}x{k}.jsonl", k, n, seed=n)
-            for n, k in ((PRE_LEN, PRE_BATCH * steps[0]), (PHASES[0], PHASE_TOKENS // PHASES[0] * steps[1]),
+    version = hashlib.sha256(Path(long_context_data.__file__).read_bytes()).hexdigest()[:8]   # no stale corpus
+    data = {n: corpus(out / "tokenizer", out / f"docs-{n}x{k}-{version}.jsonl", k, n, args.workers)
+            for n, k in ((PRE_LEN, args.pre_batch * steps[0]), (PHASES[0], PHASE_TOKENS // PHASES[0] * steps[1]),
                          (PHASES[1], PHASE_TOKENS // PHASES[1] * steps[2]))}
     times["data"] = time.perf_counter() - t0
     dev = {"device": args.device}
     pre = train(run_config(out, "pre", PRE_LEN, steps[0], data[PRE_LEN], {**MODEL, "max_position_embeddings": PRE_LEN,
                                                                            "rope_scaling": None},
-                           {"lr": args.lr, "warmup": 0.05}, **dev), times, "pre")
+                           {"lr": args.lr, "warmup": 0.05}, args.pre_batch, **dev), times, "pre")
     runs = {"pre": pre}
-    grid = needle(at_length(pre, PRE_LEN, None, args.device), tok, (PRE_LEN,), 4)
-    gate = sum(grid[0]) / len(grid[0])
-    print(f"gate: needle accuracy {gate:.2f} at the pre-training length {PRE_LEN}", flush=True)
-    if gate < args.gate:
+    model = at_length(pre, PRE_LEN, None, args.device)
+    grid = needle(model, tok, (PRE_LEN,), 4)
+    gate = {"needle": sum(grid[0]) / len(grid[0]), "induction": {p: induction(model, tok, p) for p in (30, 100)}}
+    print(f"gate: needle accuracy {gate['needle']:.2f} at the pre-training length {PRE_LEN}; induction probe "
+          f"{gate['induction']}", flush=True)
+    (out / "gate.json").write_text(json.dumps({**gate, "seconds": times}))   # kept if a later stage is cut short
+    if gate["needle"] < args.gate:
         return runs, gate
     flat = {"lr": args.phase_lr, "warmup": 0.0, "constant_until": 1.0, "decay_until": 1.0, "final_at": 1.0}
     for tag, rope in (("yarn", YARN), ("plain", None)):
@@ -286,8 +225,9 @@ def evaluate(runs: dict[str, Path], tok: Tokenizer, seeds: int, device: str) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="/tmp/long-context")
-    ap.add_argument("--steps", default="600,60,30", help="pre-training, phase 1, phase 2 steps")
-    ap.add_argument("--lr", type=float, default=3e-3, help="pre-training peak LR")
+    ap.add_argument("--steps", default="1200,60,30", help="pre-training, phase 1, phase 2 steps")
+    ap.add_argument("--lr", type=float, default=1e-3, help="pre-training peak LR")
+    ap.add_argument("--pre-batch", type=int, default=PRE_BATCH, help="pre-training sequences of 256 per step")
     ap.add_argument("--phase-lr", type=float, default=3e-4, help="the extension phases' constant LR")
     ap.add_argument("--gate", type=float, default=0.9, help="needle accuracy the pre-trained model needs at its "
                                                             "length before the phases run")
@@ -295,21 +235,22 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (fp32 either way)")
     ap.add_argument("--docs", default=str(Path(__file__).resolve().parents[1] / "docs"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared, loaded machine)")
+    ap.add_argument("--workers", type=int, default=0, help="processes making the documents (0: one per core)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0, times = time.perf_counter(), {}
     runs, gate = phases(out, tuple(int(s) for s in a.steps.split(",")), times, a)
-    results = {"steps": a.steps, "lr": a.lr, "phase_lr": a.phase_lr, "lengths": LENGTHS, "depths": DEPTHS,
-               "seeds": a.seeds, "device": a.device, "gate": gate}
-    if gate >= a.gate:
+    results = {"steps": a.steps, "lr": a.lr, "pre_batch": a.pre_batch, "phase_lr": a.phase_lr, "lengths": LENGTHS,
+               "depths": DEPTHS, "seeds": a.seeds, "device": a.device, "gate": gate}
+    if gate["needle"] >= a.gate:
         t_eval = time.perf_counter()
         results.update(evaluate(runs, make_tokenizer(out), a.seeds, a.device))
         times["evaluation"] = time.perf_counter() - t_eval
         charts(results, Path(a.docs))
     else:
-        print(f"the pre-trained model does not retrieve at {PRE_LEN} (accuracy {gate:.2f} < --gate {a.gate}): no "
+        print(f"the pre-trained model does not retrieve at {PRE_LEN} (accuracy {gate['needle']:.2f} < --gate {a.gate}): no "
               f"extension phase can show anything; train it longer (--steps) or on a faster machine", flush=True)
     times["total"] = time.perf_counter() - t0
     results["seconds"] = times

@@ -1,6 +1,7 @@
-"""The long-context demo's pieces (benchmarks/long_context_demo.py, long_context_memory.py): documents of exactly one
-training window each, facts spaced as the needle harness spaces its needle, and the GPU memory script's engine
-prefill path (dry run, tiny shapes)."""
+"""The long-context demo's pieces (benchmarks/long_context_data.py, long_context_demo.py, long_context_memory.py):
+documents of exactly one training window each (needle and repeat documents), facts spaced as the needle harness
+spaces its needle, the corpus independent of the number of worker processes, the induction probe's batch, and the
+GPU memory script's engine prefill path (dry run, tiny shapes)."""
 
 import json
 import random
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import long_context_demo as demo  # noqa: E402
+import long_context_data as demo  # noqa: E402
 import long_context_memory as memory  # noqa: E402
 
 from dsv3.data import ShardSet, build_shards  # noqa: E402
@@ -31,6 +32,26 @@ def test_documents_have_exactly_the_asked_length(tok, n):
         assert len(tok.encode(text)) == n
         facts = text.count("The secret number of") - text.count("\nQuestion:")      # facts + answers
         assert demo.FACTS[0] <= text.count("\nQuestion:") == facts <= demo.FACTS[1]
+        ids = tok.encode(demo.repeat_document(tok, rng, n))
+        assert len(ids) == n
+        period = next(p for p in range(1, n) if ids[p:] == ids[:-p])     # the unit: repeated, at least twice
+        assert 8 <= period <= n // 4 + 9
+
+
+def test_corpus_is_the_same_whatever_the_worker_count(tok, tmp_path):
+    tok.save(tmp_path / "tok")
+    one = demo.corpus(tmp_path / "tok", tmp_path / "a.jsonl", 30, 256, workers=1, per_job=7).read_text()
+    two = demo.corpus(tmp_path / "tok", tmp_path / "b.jsonl", 30, 256, workers=2, per_job=4).read_text()
+    docs = [json.loads(line)["text"] for line in one.splitlines()]
+    assert one == two and len(docs) == 30
+    assert all(len(tok.encode(d)) == 255 for d in docs)
+    assert sum("\nQuestion:" in d for d in docs) == 8          # a quarter needle documents, the rest repeats
+
+
+def test_induction_batch_repeats_its_first_half(tok):
+    x = demo.induction_batch(tok, 4, 30, seed=1)
+    assert x.shape == (4, 60) and (x[:, :30] == x[:, 30:]).all()
+    assert set(x.flatten().tolist()) <= set(demo.word_ids(tok)) and len(demo.word_ids(tok)) >= 40
 
 
 def test_every_window_is_one_document_with_its_facts(tok, tmp_path):
