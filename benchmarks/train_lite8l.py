@@ -11,6 +11,11 @@ rank, so the global batch is nproc * batch; rank 0 prints the loss per step and 
 ranks'), and MFU per GPU.
 
 GPU:  PYTHONPATH=src python benchmarks/train_lite8l.py --dtype bf16-params --compile --profile
+      issue 15's comparison in one call (BF16, FP8 block experts, FP8 row-wise experts; each in its own process,
+      same settings; a table of step time, tok/s, ratio to BF16 and peak memory, and with --profile each run's GPU
+      time by op category):
+      PYTHONPATH=src python benchmarks/train_lite8l.py --compare --compile --dtype bf16-params --state-dtype bf16 \
+          --no-mtp --steps 8 --warmup 3 --profile
       PYTHONPATH=src torchrun --standalone --nproc_per_node 8 benchmarks/train_lite8l.py --ep 8 --dtype bf16-params
 CPU dry run: PYTHONPATH=src python benchmarks/train_lite8l.py --tiny --device cpu --steps 2 --warmup 1
       PYTHONPATH=src OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/train_lite8l.py --tiny \
@@ -22,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,11 +69,95 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fp8-experts-only", action="store_true", help="train.fp8_linears = false: only the routed "
                    "experts in FP8")
     p.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"], help="AdamW moments (optim.state_dtype)")
+    p.add_argument("--compare", action="store_true", help="run BF16, FP8 block experts and FP8 row-wise experts "
+                   "with the other flags, one process each, and print the comparison")
     return p.parse_args()
+
+
+# ---- the comparison (issue 15) ------------------------------------------------------------------------------------
+
+COMPARE = (("BF16", ["--precision", "bf16"]), ("FP8 block experts", ["--precision", "fp8", "--fp8-experts", "block"]),
+           ("FP8 row-wise experts", ["--precision", "fp8", "--fp8-experts", "row"]))
+
+
+def compare(argv: list[str]) -> None:
+    """One run per configuration, each in a fresh process (no compiled code, allocator state or memory peak
+    carried over), with the remaining command-line flags; then one table."""
+    drop = {"--compare", "--precision", "--fp8-experts", "--tag"}
+    common, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in drop:
+            skip = arg != "--compare"
+        elif arg.split("=")[0] not in drop:
+            common.append(arg)
+    out = Path(os.environ.get("OUT", "out"))
+    rows = []
+    for i, (name, extra) in enumerate(COMPARE):
+        tag = f"compare{i}"
+        cmd = [sys.executable, __file__, *common, *extra, "--tag", tag]
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd)
+        path = out / f"{tag}.json"
+        rows.append((name, json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else None))
+    base = rows[0][1]
+    print(f"\n{'GEMMs':24s} {'step ms':>9s} {'tok/s':>9s} {'vs BF16':>8s} {'MFU':>6s} {'peak GiB':>9s}")
+    for name, r in rows:
+        if r is None:
+            print(f"{name:24s} failed")
+            continue
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        print(f"{name:24s} {r['median_step_s'] * 1e3:9.1f} {r['tokens_per_s']:9,.0f} {ratio:7.2f}x "
+              f"{r['mfu']:6.1%} {r['peak_memory_gib'] or 0:9.1f}")
+    (out / "compare.json").write_text(json.dumps([{"name": n, **(r or {})} for n, r in rows], indent=1))
+
+
+# ---- profile by op category ---------------------------------------------------------------------------------------
+
+# first match wins; names of CUDA kernels (GPU profile) and of operators (CPU profile)
+CATEGORIES = (
+    ("FP8 quantisers", r"_tiles_kernel|_tiles_t_kernel|_blocks_kernel|_rows_kernel|_amax_2d_kernel|_cast_t_kernel|"
+                       r"dsv3::quantize"),
+    ("FP8 GEMMs", r"_fp8_gemm_kernel|_fp8_grouped_gemm_kernel|scaled_mm|scaled_grouped|f8|e4m3|fp8_gemm|"
+                  r"fp8_grouped_gemm"),
+    ("BF16 grouped GEMMs", r"_grouped_mm|grouped_gemm|GroupProblemShape|grouped_weight_grad"),
+    ("BF16 dense GEMMs", r"gemm|nvjet|xmma|cutlass|matmul|aten::mm|aten::addmm|aten::bmm|sm90_"),
+    ("attention", r"flash|fmha|attention|sdpa|_efficient_attention"),
+    ("optimizer", r"_adamw_kernel|adamw|multi_tensor|foreach"),
+    ("communication", r"nccl|all_reduce|all_gather|reduce_scatter|alltoall|all_to_all"),
+    ("compiled fusions (inductor)", r"^triton_|triton_poi|triton_red|triton_per"),
+    ("copies, casts, fills", r"copy|memcpy|memset|fill|cat|_to_copy|aten::to\b|contiguous|index|scatter|gather"),
+)
+
+
+def categorise(name: str) -> str:
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return cat
+    return "other"
+
+
+def category_table(prof, device: bool, steps: int) -> list[dict]:
+    """Self time per category and step: the GPU's kernels (device=True), else the CPU's operators."""
+    totals: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None) if device else ev.self_cpu_time_total
+        if device and t is None:
+            t = getattr(ev, "self_cuda_time_total", 0)
+        if t:
+            cat = categorise(ev.key)
+            totals[cat] = totals.get(cat, 0.0) + t / 1e3 / steps
+    whole = sum(totals.values()) or 1.0
+    return [{"category": c, "ms_per_step": ms, "share": ms / whole}
+            for c, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
 def main() -> None:
     a = parse_args()
+    if a.compare:
+        compare(sys.argv[1:])
+        return
     model = load_model_config("lite-8L")
     if a.tiny:
         model = shrink(model)
@@ -145,6 +236,11 @@ def main() -> None:
             table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=70)
             (out / f"profile_{tag}.txt").write_text(table)
             print(table[:6000])
+            cats = category_table(prof, dev.type == "cuda", steps=2)
+            res["profile_categories"] = cats
+            print(f"[{tag}] {'GPU' if dev.type == 'cuda' else 'CPU'} time per step by op category:")
+            for c in cats:
+                print(f"  {c['category']:30s} {c['ms_per_step']:8.2f} ms  {c['share']:6.1%}")
     if main_rank:
         (out / f"{tag}.json").write_text(json.dumps(res, indent=1))
     if torch.distributed.is_initialized():

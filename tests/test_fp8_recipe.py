@@ -148,3 +148,69 @@ def test_fp8_autograd_on_cuda_matches_fp64(fn):
     y2.backward(dy[:300].to("cuda", torch.bfloat16))
     assert _rel(y2.cpu(), x[:300] @ w[0].t()) < 0.05
     assert _rel(x2.grad.cpu(), dy[:300] @ w[0]) < 0.05 and _rel(w2.grad.cpu(), dy[:300].t() @ x[:300]) < 0.05
+
+
+class _SeparateExperts(FP8TrainExperts):
+    """The experts as they were before the shared quantisation: gate and up each quantise xs."""
+
+    def ffn(self, xs, counts):
+        gate, up, down = self.stacked_weights()
+        offs = counts.cumsum(0).to(torch.int32)
+        if torch.is_autocast_enabled(xs.device.type):
+            xs = xs.to(torch.get_autocast_dtype(xs.device.type))
+        fn = FP8RowwiseGroupedFunction if self.fp8_scaling == "row" else FP8GroupedFunction
+        h = torch.nn.functional.silu(fn.apply(xs, gate, offs)) * fn.apply(xs, up, offs)
+        return fn.apply(h, down, offs)
+
+
+@pytest.mark.parametrize("experts", ["block", "row"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_shared_activation_quantisation_changes_no_bit(experts, autocast):
+    """gate/up (dense FFN, shared and routed experts) and MLA's q_a / kv_a down-projections quantise their common
+    input once (FP8TrainMLP, FP8TrainMLA, FP8TrainExperts.ffn): loss and every gradient are bit for bit those of
+    the same model calling each projection on its own (the path before), with fp32 and under bf16 autocast (fp32
+    weights: each consumer casts x, so the input gradients are summed in fp32 as before); fewer activation
+    quantisations run."""
+    import copy
+
+    from dsv3.fp8 import ops
+    from dsv3.fp8.training import FP8TrainMLA, FP8TrainMLP
+    from dsv3.model.layers import MLP
+    from dsv3.model.mla import MLA
+    fused = apply_fp8(build(tiny_config(), seed=3), experts=experts)
+    assert any(isinstance(m, FP8TrainMLP) for m in fused.modules()) and any(isinstance(m, FP8TrainMLA)
+                                                                              for m in fused.modules())
+    separate = copy.deepcopy(fused)
+    for m in separate.modules():
+        if isinstance(m, FP8TrainMLP):
+            m.__class__ = MLP
+        elif isinstance(m, FP8TrainMLA):
+            m.__class__ = MLA
+        elif isinstance(m, FP8TrainExperts):
+            m.__class__ = _SeparateExperts
+    ids = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(0))
+    calls = {"tiles": 0, "rows": 0}
+    real_tiles, real_rows = ops.quantize_tiles, ops.quantize_rows
+
+    def run(model):
+        for key in calls:
+            calls[key] = 0
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, dict(calls)
+
+    mp = pytest.MonkeyPatch()
+    import dsv3.fp8.training as tr
+    mp.setattr(tr, "quantize_tiles", lambda x: calls.__setitem__("tiles", calls["tiles"] + 1) or real_tiles(x))
+    mp.setattr(tr, "quantize_rows", lambda x: calls.__setitem__("rows", calls["rows"] + 1) or real_rows(x))
+    try:
+        (loss_a, grads_a, calls_a), (loss_b, grads_b, calls_b) = run(fused), run(separate)
+    finally:
+        mp.undo()
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+    assert sum(calls_a.values()) < sum(calls_b.values()), (calls_a, calls_b)
