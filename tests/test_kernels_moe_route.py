@@ -198,8 +198,11 @@ def test_cuda_triton_matches_reference_and_captures():
     check_results(_pair_cases(), 5)
     logits, args = case("v3", 32)
     logits, bias = logits.cuda(), args[0].cuda()
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(moe_route(logits, bias, *args[1:]),
-                                                       moe_route_reference(logits.cpu(), *args)))
+    (w, i, c), (wr, ir, cr) = moe_route(logits, bias, *args[1:]), moe_route_reference(logits.cpu(), *args)
+    # the dispatcher takes the kernel on CUDA: the same choice and counts; weights to the sigmoid's ulps (the GPU's
+    # and the CPU's sigmoid may round differently: on the H200 bit equality failed here)
+    assert torch.equal(i.cpu(), ir) and torch.equal(c.cpu(), cr)
+    torch.testing.assert_close(w.cpu(), wr, rtol=0, atol=1e-6)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

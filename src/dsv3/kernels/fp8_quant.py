@@ -222,10 +222,10 @@ if HAS_TRITON:
     @triton.jit
     def _store_block_rows(Q, QT, q, rows, cols, mask, stride_qn, stride_qtk, WRITE_T: tl.constexpr):
         tl.store(Q + rows[:, None] * stride_qn + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
-        if WRITE_T:   # q.T (K, N) from the same registers, transposed through shared memory before the cast
-            # (on the H200 an e4m3 tl.trans of the cast values put some of them in the wrong place for fp32 inputs)
-            tl.store(QT + cols[:, None] * stride_qtk + rows[None, :], tl.trans(q).to(QT.dtype.element_ty),
-                     mask=tl.trans(mask))
+        if WRITE_T:   # q.T (K, N): the same registers stored at transposed addresses (uncoalesced, but exact:
+            # on the H200 tl.trans of these tiles put values in the wrong place for fp32 inputs, before and after the
+            # cast; the interpreter did not show it)
+            tl.store(QT + cols[None, :] * stride_qtk + rows[:, None], q.to(QT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _blocks_kernel(W, Q, S, QT, N, K, stride_wn, stride_wk, stride_qn, stride_sn, stride_qtk,

@@ -116,9 +116,8 @@ if HAS_TRITON:
     @triton.jit
     def _cast_t_kernel(X, RAMAX, CAMAX, Q, S, QT, ST, N, K, stride_xe, stride_xn, stride_xk,
                        BN: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
-        # step 2: one coalesced (BN, BK) tile of w, cast with its columns' scales and stored transposed (tl.trans
-        # goes through shared memory), so q_t's rows (w's columns) are written BN contiguous bytes at a time; with
-        # ROWS the same registers also give the rows of w with their rows' scales
+        # step 2: one coalesced (BN, BK) tile of w, cast with its columns' scales and stored transposed (q_t's
+        # rows are w's columns); with ROWS the same registers also give the rows of w with their rows' scales
         e = tl.program_id(2).to(tl.int64)
         cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
         rows = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
@@ -127,8 +126,10 @@ if HAS_TRITON:
         x = tl.load(X + e * stride_xe + rows[:, None] * stride_xn + cols[None, :] * stride_xk, mask=mask,
                     other=0.0).to(tl.float32)
         sc = _scale_of(tl.load(CAMAX + e * K + cols, mask=mask_k, other=0).to(tl.float32, bitcast=True), False)
-        qt = tl.trans(_quant(x, sc[None, :]).to(QT.dtype.element_ty))
-        tl.store(QT + (e * K + cols[:, None]) * N + rows[None, :], qt, mask=mask_k[:, None] & mask_n[None, :])
+        # stored at transposed addresses, not through tl.trans: on the H200 tl.trans of such tiles misplaced values
+        # for fp32 inputs in the block quantiser (kernels.fp8_quant); uncoalesced, but exact
+        tl.store(QT + (e * K + cols[None, :]) * N + rows[:, None], _quant(x, sc[None, :]).to(QT.dtype.element_ty),
+                 mask=mask)
         if tl.program_id(1) == 0:
             tl.store(ST + e * K + cols, sc, mask=mask_k)
         if ROWS:
