@@ -62,3 +62,19 @@ def test_background_save_is_a_checkpoint_only_after_its_commit(tmp_path):
     want2 = {"w0": r0["after"]["model/w0"], "w1": r1["after"]["model/w1"], "shared": r0["after"]["model/shared"]}
     for want, got in ((want1, r0["sync1"]), (want1, r0["async1"]), (want2, r0["async2"])):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_two_rank_training_with_async_saves_writes_and_resumes_the_same(tmp_path):
+    from test_train_distributed import _assert_same_checkpoint
+    for name, flag in (("off", "false"), ("on", "true")):
+        _train(tmp_path, name, 2, f"checkpoint.async_save={flag}")
+    events = (tmp_path / "on" / "metrics.jsonl").read_text()
+    assert "step_00000002 (sharded, written in the background)" in events          # committed at the final save
+    assert "step_00000003 (sharded, written in the background)" in events
+    for step in ("step_00000002", "step_00000003"):
+        _assert_same_checkpoint(tmp_path / "off" / "checkpoints" / step, tmp_path / "on" / "checkpoints" / step, step)
+    shutil.copytree(tmp_path / "on", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000003")
+    _train(tmp_path, "on", 2, "--resume", "--run-dir", str(tmp_path / "resumed"), "checkpoint.async_save=true")
+    want, got = _losses(tmp_path / "off")[3], _losses(tmp_path / "resumed")[3]
+    assert abs(got - want) < 1e-5 * abs(want), (got, want)
