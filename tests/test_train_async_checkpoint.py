@@ -78,3 +78,12 @@ def test_two_rank_training_with_async_saves_writes_and_resumes_the_same(tmp_path
     _train(tmp_path, "on", 2, "--resume", "--run-dir", str(tmp_path / "resumed"), "checkpoint.async_save=true")
     want, got = _losses(tmp_path / "off")[3], _losses(tmp_path / "resumed")[3]
     assert abs(got - want) < 1e-5 * abs(want), (got, want)
+
+
+def test_async_save_is_a_validated_flag_off_by_default():
+    from dsv3.config import ConfigError
+    from dsv3.train.config import RunConfig
+    assert RunConfig.from_dict({}).checkpoint.async_save is False
+    assert RunConfig.from_dict({"checkpoint": {"async_save": True}}).checkpoint.async_save is True
+    with pytest.raises(ConfigError, match=r"checkpoint\.async_save='maybe': must be true or false"):
+        RunConfig.from_dict({"checkpoint": {"async_save": "maybe"}})
