@@ -87,3 +87,34 @@ def test_async_save_is_a_validated_flag_off_by_default():
     assert RunConfig.from_dict({"checkpoint": {"async_save": True}}).checkpoint.async_save is True
     with pytest.raises(ConfigError, match=r"checkpoint\.async_save='maybe': must be true or false"):
         RunConfig.from_dict({"checkpoint": {"async_save": "maybe"}})
+
+
+def test_a_signal_commits_the_save_in_flight_and_its_own(tmp_path):
+    """One process, the sharded format: SIGTERM while a periodic save may still be in flight; every checkpoint up to
+    the signal's step is committed and intact, and the printed resume continues bit-identically."""
+    import re
+    import signal
+
+    from dsv3.train.checkpoint import checkpoint_dirs, verify_checkpoint
+    from test_train_loop import small_run, train_losses
+    from test_train_signals import launch, run_resume_command, wait_for_step
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(small_run(tmp_path, "x", train={"steps": 16}, log={"val_interval": 0},
+                                        checkpoint={"interval": 2, "keep": 0, "format": "sharded",
+                                                    "async_save": True}).to_dict()))
+    full = launch(cfg, tmp_path / "full")
+    assert full.wait(timeout=300) == 0, full.communicate()[1][-3000:]
+    proc = launch(cfg, tmp_path / "cut")
+    wait_for_step(proc, tmp_path / "cut", 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    step = int(re.search(r"after step (\d+)", last).group(1))
+    dirs = checkpoint_dirs(tmp_path / "cut")
+    assert [d.name for d in dirs][-1] == f"step_{step:08d}" and len(dirs) >= step // 2
+    for d in dirs:
+        verify_checkpoint(d)
+    assert not list((tmp_path / "cut" / "checkpoints").glob(".*"))       # nothing left half-written
+    run_resume_command(last)
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
