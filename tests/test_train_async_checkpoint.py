@@ -69,8 +69,8 @@ def test_two_rank_training_with_async_saves_writes_and_resumes_the_same(tmp_path
     for name, flag in (("off", "false"), ("on", "true")):
         _train(tmp_path, name, 2, f"checkpoint.async_save={flag}")
     events = (tmp_path / "on" / "metrics.jsonl").read_text()
-    assert "step_00000002 (sharded, written in the background)" in events          # committed at the final save
-    assert "step_00000003 (sharded, written in the background)" in events
+    assert "step_00000002 (sharded, in the background)" in events          # committed at the final save
+    assert "step_00000003 (sharded, in the background)" in events
     for step in ("step_00000002", "step_00000003"):
         _assert_same_checkpoint(tmp_path / "off" / "checkpoints" / step, tmp_path / "on" / "checkpoints" / step, step)
     shutil.copytree(tmp_path / "on", tmp_path / "resumed")

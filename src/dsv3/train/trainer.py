@@ -50,6 +50,8 @@ from ..parallel.zero import ZeroOne
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
 from .checkpoint import (
+    PendingSave,
+    checkpoint_group,
     is_sharded,
     load_checkpoint,
     load_sharded,
@@ -57,8 +59,6 @@ from .checkpoint import (
     remove_unfinished_saves,
     rng_state,
     save_checkpoint,
-    PendingSave,
-    checkpoint_group,
     save_sharded,
 )
 from .config import RunConfig
@@ -491,8 +491,7 @@ class Trainer:
         if self.in_flight is not None:
             pending, self.in_flight = self.in_flight, None
             path = pending.commit()
-            self.logger.log_event(pending.state["step"], f"checkpoint {path.name} (sharded, written in the "
-                                                         f"background)")
+            self.logger.log_event(pending.state["step"], f"checkpoint {path.name} (sharded, in the background)")
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self, stop: StopSignals | None = None) -> dict:
@@ -562,7 +561,6 @@ class Trainer:
         if not signum:
             return
         path, self.pending = saved or self.save(wait=True), None
-        self.finish_checkpoint()
         name = signal.Signals(signum).name
         self.logger.log_event(self.step, f"stopped by {name}")
         raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}. Resume with: "
