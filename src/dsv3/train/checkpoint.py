@@ -19,6 +19,9 @@ torch.distributed.checkpoint directory (`.metadata` + one `*.distcp` file per wr
 the rows it holds, dsv3.parallel.dcp). Every rank writes into the temporary sibling; after a barrier rank 0 writes
 the small files and the manifest, last, and renames the directory into place: a half-written save is never a
 checkpoint. It loads at any world size and layout (`load_sharded`), also into one plain process.
+With checkpoint.async_save the shards are written in the background (torch's async_save, after a copy to CPU
+memory) and the commit (the small files, the manifest, the rename) waits for every rank's writes: it is
+`PendingSave.commit`, which the trainer calls at the next save, at the end and before a signal's save.
 
 Loading verifies the manifest first: a truncated or garbled file is one error naming it (garbled bytes inside a
 tensor would otherwise load silently and surface steps later as a non-finite loss), and `--resume` takes the newest
@@ -31,7 +34,11 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -219,38 +226,83 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def checkpoint_group() -> dist.ProcessGroup | None:
+    """A gloo group of its own for background saves (checkpoint.async_save): the writer thread's collectives then
+    never interleave with the training step's on the default group. A collective: every rank calls it; None in one
+    process."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
 
 
 def save_sharded(run_dir: str | Path, step: int, entries: dict[str, torch.Tensor], state: dict, config: dict,
-                 keep: int = 0, rng: dict | None = None) -> Path:
+                 keep: int = 0, rng: dict | None = None, background: bool = False,
+                 group: dist.ProcessGroup | None = None) -> Path | PendingSave:
     """The sharded checkpoint of `step`: `entries` (dsv3.parallel.dcp.owned_state of each rank) written by every
     rank into a temporary directory, then rank 0 adds state.json, config.json, rng.pt and the manifest (last) and
-    renames it into place. A collective: every rank calls it; returns the checkpoint's path."""
+    renames it into place. A collective: every rank calls it; returns the checkpoint's path.
+    background (checkpoint.async_save): return once `entries` are copied to CPU memory, the writes continuing in a
+    thread over `group` (checkpoint_group()); the PendingSave's commit() (a collective) finishes the save."""
     target = checkpoint_path(run_dir, step)
-    if _rank() != 0:
-        where = [None]
-        dist.broadcast_object_list(where, src=0)
-        dcp.save(entries, checkpoint_id=where[0])
-        _barrier()                      # every rank's shards are written
-        _barrier()                      # rank 0 committed (or failed)
-        return target
-    with atomic_directory(target) as tmp:
+    # 1. rank 0 makes the temporary directory (renamed into place only by commit) and tells every rank its name
+    stack = ExitStack()
+    where = [str(stack.enter_context(atomic_directory(target))) if _rank() == 0 else None]
+    try:
         if dist.is_initialized():
-            dist.broadcast_object_list([str(tmp)], src=0)
-        dcp.save(entries, checkpoint_id=str(tmp))
-        _barrier()
-        torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        write_manifest(tmp)             # the commit marker: written last, over every shard's bytes
-    if keep > 0:
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return target
+            dist.broadcast_object_list(where, src=0)
+        # 2. every rank writes its shards: now, or staged to CPU and written by torch's background thread
+        future = None
+        if background:
+            future = dcp.async_save(entries, checkpoint_id=where[0], process_group=group)
+        else:
+            dcp.save(entries, checkpoint_id=where[0])
+    except BaseException:
+        stack.__exit__(*sys.exc_info())
+        raise
+    pending = PendingSave(Path(run_dir), target, Path(where[0]), stack, future, group, keep,
+                          {**state, "step": step}, config, rng if rng is not None else rng_state())
+    return pending if background else pending.commit()
+
+
+@dataclass
+class PendingSave:
+    """A sharded save whose shards are written (or being written, `future`) into `tmp`, not yet a checkpoint."""
+    run_dir: Path
+    target: Path
+    tmp: Path
+    stack: ExitStack                  # rank 0: atomic_directory(target), entered; closing it renames tmp to target
+    future: Future | None
+    group: dist.ProcessGroup | None
+    keep: int
+    state: dict
+    config: dict
+    rng: dict
+
+    def commit(self) -> Path:
+        """Wait for this rank's writes, then for every rank's; rank 0 then adds the small files and the manifest
+        (last) and renames the directory into place, and prunes to `keep`. A collective; returns the path. Until it
+        returns there is no manifest, so a crash leaves a save that is never resumed."""
+        try:
+            if self.future is not None:
+                self.future.result()
+            _barrier(self.group)            # 3. every rank's shards are written
+            if _rank() == 0:                # 4. the commit
+                torch.save(self.rng, self.tmp / "rng.pt")
+                (self.tmp / "state.json").write_text(json.dumps(self.state, indent=1))
+                (self.tmp / "config.json").write_text(json.dumps(self.config, indent=1))
+                write_manifest(self.tmp)    # the commit marker: written last, over every shard's bytes
+        except BaseException:
+            self.stack.__exit__(*sys.exc_info())
+            raise
+        self.stack.close()
+        if _rank() == 0 and self.keep > 0:
+            for old in checkpoint_dirs(self.run_dir)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier(self.group)                # rank 0 committed
+        return self.target
 
 
 def sharded_keys(path: str | Path) -> set[str]:

@@ -263,6 +263,10 @@ class CheckpointConfig:
     # writing its own rows; dsv3.train.checkpoint.save_sharded) under torchrun; sharded: also in one process.
     # Either loads in any layout
     format: str = setting("auto", OneOf(("auto", "sharded")))
+    # sharded checkpoints only: a save returns once the tensors are copied to CPU memory, the shards written by a
+    # background thread (torch.distributed.checkpoint.async_save, over a gloo group of its own) while training goes
+    # on; committed (manifest, rename, `keep` pruning) at the next save, the final one or a signal's
+    async_save: bool = setting(False, Flag())
 
 
 @dataclass

@@ -51,6 +51,8 @@ from ..parallel.zero import ZeroOne
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
 from .checkpoint import (
+    PendingSave,
+    checkpoint_group,
     is_sharded,
     load_checkpoint,
     load_sharded,
@@ -233,6 +235,11 @@ class Trainer:
         self.pending: dict | None = None   # a due checkpoint's state (_snapshot), waiting for the next step to vet it
         # under torchrun every rank writes its own rows (the sharded format); one process writes single files
         self.sharded_checkpoints = cfg.checkpoint.format == "sharded" or self.layout.world > 1
+        # checkpoint.async_save: a sharded save's shards are written in the background, over a gloo group of their
+        # own; `in_flight` is that save until finish_checkpoint commits it
+        self.async_save = self.sharded_checkpoints and cfg.checkpoint.async_save
+        self.checkpoint_group = checkpoint_group() if self.async_save else None
+        self.in_flight: PendingSave | None = None
         if resume:        # verified by rank 0 in choose_checkpoint
             if is_sharded(ckpt):            # any layout wrote it: every rank reads its own rows
                 state = load_sharded(ckpt, self._sharded_entries)
@@ -364,6 +371,7 @@ class Trainer:
         total, main_v, mtp_v, aux_v = sums.tolist()
         if not (math.isfinite(total) and math.isfinite(grad_norm.item())):
             self._clear_gradients()
+            self.finish_checkpoint()             # the save in flight holds vetted weights: the advice names it
             msg = (f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
                    f"(loss {total}, grad norm {grad_norm.item()}); stopping. "
                    f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr, self.command)}")
@@ -457,21 +465,36 @@ class Trainer:
             "tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
             "loader": self.loader.state_dict()}}
 
-    def save(self, snapshot: dict | None = None) -> Path:
+    def save(self, snapshot: dict | None = None, wait: bool = False) -> Path:
         """Write the checkpoint of the step that `snapshot` was taken at (default: now), before the weights have
         changed since: under torchrun the sharded format, every rank writing the rows it holds (every rank must
-        call this); in one process the single-file format."""
+        call this); in one process the single-file format. With checkpoint.async_save a sharded save is committed
+        later (finish_checkpoint) unless `wait`: the path returned is a checkpoint only then."""
         snap = snapshot or self._snapshot()
         if self.sharded_checkpoints:         # every rank writes its own rows; nothing is gathered
-            path = save_sharded(self.run_dir, snap["step"], self._sharded_entries(), snap["state"],
-                                self.cfg.to_dict(), self.cfg.checkpoint.keep, rng=snap["rng"])
-            self.logger.log_event(snap["step"], f"checkpoint {path.name} (sharded)")
-            return path
+            self.finish_checkpoint()
+            pending = save_sharded(self.run_dir, snap["step"], self._sharded_entries(), snap["state"],
+                                   self.cfg.to_dict(), self.cfg.checkpoint.keep, rng=snap["rng"],
+                                   background=self.async_save, group=self.checkpoint_group)
+            if not self.async_save:
+                self.logger.log_event(snap["step"], f"checkpoint {pending.name} (sharded)")
+                return pending
+            self.in_flight = pending
+            if wait:
+                self.finish_checkpoint()
+            return pending.target
         path = save_checkpoint(self.run_dir, snap["step"], self.model, self.optimizer, snap["state"],
                                self.cfg.to_dict(), self.ema.state_dict() if self.ema is not None else None,
                                self.cfg.checkpoint.keep, rng=snap["rng"])
         self.logger.log_event(snap["step"], f"checkpoint {path.name}")
         return path
+
+    def finish_checkpoint(self) -> None:
+        """Commit the sharded save in flight, if any, once every rank's writes finished (a collective)."""
+        if self.in_flight is not None:
+            pending, self.in_flight = self.in_flight, None
+            path = pending.commit()
+            self.logger.log_event(pending.state["step"], f"checkpoint {path.name} (sharded, in the background)")
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self, stop: StopSignals | None = None) -> dict:
@@ -519,7 +542,7 @@ class Trainer:
                 # The final one and a signal's are written at once
                 saved, on_time = None, bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
                 if done:
-                    saved, self.pending = self.save(), None
+                    saved, self.pending = self.save(wait=True), None
                     t0 = time.perf_counter()
                 elif on_time or self.pending is not None:
                     if self.pending is not None:
@@ -528,6 +551,7 @@ class Trainer:
                     self.pending = self._snapshot()
                 if stop is not None and not done:
                     self._stop_if_asked(stop, saved)
+            self.finish_checkpoint()
         finally:
             if self.ema is not None:
                 self.ema.wait()
@@ -539,7 +563,7 @@ class Trainer:
         signum = self.layout.agree(stop.received)
         if not signum:
             return
-        path, self.pending = saved or self.save(), None
+        path, self.pending = saved or self.save(wait=True), None
         name = signal.Signals(signum).name
         self.logger.log_event(self.step, f"stopped by {name}")
         raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}. Resume with: "
