@@ -7,12 +7,6 @@ out the operands of the grouped GEMMs it sees (`torch._grouped_mm` with a contig
 device unless every group is a multiple of 16 bytes). A custom op is one opaque node with fixed input strides: no
 graph break, no re-layout. Each op calls the dispatcher of `dsv3.kernels` (Triton, cuBLASLt or the reference, by
 device) and has a fake (meta) implementation giving its output shapes.
-
-The `*_weight` GEMMs take the high-precision weight itself and quantise it inside the op (or fetch its FP8 copy
-from the step's `weight_cache`, dsv3.fp8.weight_cache), in the orientation the GEMM needs: `transposed=False` the
-forward's W (N, K), `transposed=True` the input gradient's W^T (K, N), made from W in one pass by the transposing
-quantisers. So backward needs only the weight (a parameter: no memory saved for it) and no FP8 weight copy is a
-value of a compiled graph.
 """
 
 from __future__ import annotations
@@ -24,7 +18,6 @@ from ..kernels import fp8_quant as _quant
 from ..kernels import fp8_rowwise as _rowwise
 from ..kernels.fp8_gemm import fp8_gemm as _fp8_gemm
 from ..kernels.fp8_gemm import fp8_grouped_gemm as _fp8_grouped_gemm
-from .weight_cache import cached, scope_open
 
 _E4M3 = torch.float8_e4m3fn
 _B = _quant.BLOCK
@@ -64,6 +57,18 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.new_empty(K, M, dtype=_E4M3), x.new_empty(K, _cdiv(M, _B), dtype=torch.float32)
 
 
+@torch.library.custom_op("dsv3::quantize_blocks", mutates_args=())
+def quantize_blocks(w: Tensor) -> tuple[Tensor, Tensor]:
+    """128x128 blocks of w (N, K): q (N, K), scale (ceil(N/128), ceil(K/128))."""
+    return _dense(*_quant.quantize_blocks(w))
+
+
+@quantize_blocks.register_fake
+def _(w: Tensor) -> tuple[Tensor, Tensor]:
+    N, K = w.shape
+    return w.new_empty(N, K, dtype=_E4M3), w.new_empty(_cdiv(N, _B), _cdiv(K, _B), dtype=torch.float32)
+
+
 @torch.library.custom_op("dsv3::quantize_rows", mutates_args=())
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """One scale per row (last dim) of x (M, K) or (E, M, K), any strides: q contiguous, scale x.shape[:-1]."""
@@ -86,6 +91,30 @@ def _(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: torch.d
     return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
 
 
+@torch.library.custom_op("dsv3::fp8_grouped_gemm", mutates_args=())
+def fp8_grouped_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, offs: Tensor,
+                     out_dtype: torch.dtype) -> Tensor:
+    """Block-scaled grouped GEMM: a (M, K) rows sorted by group, b (E, N, K): (M, N)."""
+    return _dense(_fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype))
+
+
+@fp8_grouped_gemm.register_fake
+def _(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, offs: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("dsv3::fp8_grouped_gemm_rowwise", mutates_args=())
+def fp8_grouped_gemm_rowwise(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, offs: Tensor,
+                             out_dtype: torch.dtype) -> Tensor:
+    """Row-wise scaled grouped GEMM: a (M, K), b (E, N, K), scales (M,) and (E, N): (M, N)."""
+    return _dense(_rowwise.fp8_grouped_gemm_rowwise(a, a_scale, b, b_scale, offs, out_dtype))
+
+
+@fp8_grouped_gemm_rowwise.register_fake
+def _(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, offs: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+
 @torch.library.custom_op("dsv3::grouped_weight_grad", mutates_args=())
 def grouped_weight_grad(dy: Tensor, x: Tensor, offs: Tensor) -> Tensor:
     """dW[e] = dy[rows of e]^T @ x[rows of e] for dy (M, N), x (M, K) sorted by expert: (E, N, K), one
@@ -97,84 +126,3 @@ def grouped_weight_grad(dy: Tensor, x: Tensor, offs: Tensor) -> Tensor:
 @grouped_weight_grad.register_fake
 def _(dy: Tensor, x: Tensor, offs: Tensor) -> Tensor:
     return dy.new_empty(offs.shape[0], dy.shape[1], x.shape[1])
-
-
-# ---- GEMMs that take the weight (quantised here, or from the step's cache) -------------------------------------
-
-def _blocks_of(w: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
-    """128x128 blocks of W (N, K), or of W^T as a contiguous (K, N); inside a cache scope both from one read."""
-    if transposed or scope_open():
-        both = cached("blocks", w, _quant.quantize_blocks_both)
-        return both[2:] if transposed else both[:2]
-    return _quant.quantize_blocks(w)
-
-
-def _stacked_blocks_both(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Blocks of each expert's W[e] (E, N, K) and of W[e]^T: one call on the (E*N, K) stack when N is a multiple of
-    128 (no block straddles two experts), else one per expert; the transposes as contiguous copies."""
-    E, N, K = w.shape
-    if N % _B == 0:
-        q, s = _quant.quantize_blocks(w.reshape(E * N, K))
-        q, s = q.view(E, N, K), s.view(E, N // _B, -1)
-    else:
-        pairs = [_quant.quantize_blocks(we) for we in w]
-        q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-    return q, s, q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
-
-
-def _stacked_blocks_of(w: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
-    both = cached("stacked_blocks", w, _stacked_blocks_both)
-    return both[2:] if transposed else both[:2]
-
-
-def _rows_of(w: Tensor, transposed: bool) -> tuple[Tensor, Tensor]:
-    """Row-wise scales of W (E, N, K) or of W^T (E, K, N) contiguous; inside a cache scope both from one pair of
-    reads."""
-    if scope_open():
-        both = cached("rows", w, _rowwise.quantize_rows_both)
-        return both[2:] if transposed else both[:2]
-    return _rowwise.quantize_rows(w.transpose(-1, -2) if transposed else w)
-
-
-def _out_features(w: Tensor, transposed: bool) -> int:
-    return w.shape[-1] if transposed else w.shape[-2]
-
-
-@torch.library.custom_op("dsv3::fp8_gemm_weight", mutates_args=())
-def fp8_gemm_weight(a: Tensor, a_scale: Tensor, w: Tensor, out_dtype: torch.dtype, transposed: bool) -> Tensor:
-    """a (M, K') in 1x128 tiles times W^T (forward, K' = K) or times W (transposed, K' = N), W (N, K) in 128x128
-    blocks: (M, N) or (M, K)."""
-    q, s = _blocks_of(w, transposed)
-    return _dense(_fp8_gemm(a, a_scale, q, s, out_dtype))
-
-
-@fp8_gemm_weight.register_fake
-def _(a: Tensor, a_scale: Tensor, w: Tensor, out_dtype: torch.dtype, transposed: bool) -> Tensor:
-    return a.new_empty(a.shape[0], _out_features(w, transposed), dtype=out_dtype)
-
-
-@torch.library.custom_op("dsv3::fp8_grouped_gemm_weight", mutates_args=())
-def fp8_grouped_gemm_weight(a: Tensor, a_scale: Tensor, w: Tensor, offs: Tensor, out_dtype: torch.dtype,
-                            transposed: bool) -> Tensor:
-    """The block-scaled grouped GEMM with W (E, N, K): rows of group e times W[e]^T, or times W[e] (transposed)."""
-    q, s = _stacked_blocks_of(w, transposed)
-    return _dense(_fp8_grouped_gemm(a, a_scale, q, s, offs, out_dtype))
-
-
-@fp8_grouped_gemm_weight.register_fake
-def _(a: Tensor, a_scale: Tensor, w: Tensor, offs: Tensor, out_dtype: torch.dtype, transposed: bool) -> Tensor:
-    return a.new_empty(a.shape[0], _out_features(w, transposed), dtype=out_dtype)
-
-
-@torch.library.custom_op("dsv3::fp8_grouped_gemm_rowwise_weight", mutates_args=())
-def fp8_grouped_gemm_rowwise_weight(a: Tensor, a_scale: Tensor, w: Tensor, offs: Tensor, out_dtype: torch.dtype,
-                                    transposed: bool) -> Tensor:
-    """The row-wise scaled grouped GEMM with W (E, N, K): a (M,) scales; W's rows, or W^T's (one scale per column
-    of W) for the input gradient."""
-    q, s = _rows_of(w, transposed)
-    return _dense(_rowwise.fp8_grouped_gemm_rowwise(a, a_scale, q, s, offs, out_dtype))
-
-
-@fp8_grouped_gemm_rowwise_weight.register_fake
-def _(a: Tensor, a_scale: Tensor, w: Tensor, offs: Tensor, out_dtype: torch.dtype, transposed: bool) -> Tensor:
-    return a.new_empty(a.shape[0], _out_features(w, transposed), dtype=out_dtype)

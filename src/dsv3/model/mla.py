@@ -63,23 +63,18 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attention_bias)
 
-    def down_project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two projections that read x: (q_proj(x) or q_a_proj(x), kv_a_proj_with_mqa(x)). A method of its own
-        so that FP8 training can compute both from one quantisation of x (dsv3.fp8.training.FP8TrainMLA)."""
-        first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
-        return first(x), self.kv_a_proj_with_mqa(x)
-
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (B, T, D) -> q_nope (B, T, H, Dn), rotated q_pe (B, T, H, R), normalised c_kv (B, T, C) and rotated
         k_pe (B, T, R): everything a token contributes before attention (the latent pair is what a cache keeps)."""
         B, T, _ = x.shape
-        q, kv = self.down_project(x)
-        if not hasattr(self, "q_proj"):
-            q = self.q_b_proj(self.q_a_layernorm(q))
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
-        c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)       # one key for all heads
         return q_nope, q_pe, c_kv, k_pe

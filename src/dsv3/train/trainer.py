@@ -42,7 +42,6 @@ import torch
 from ..config import ConfigError
 from ..data import PackedLoader, ShardSet
 from ..data.packing import val_batches
-from ..fp8.weight_cache import weight_cache
 from ..model import Transformer
 from ..parallel.dcp import fill_entries, init_state as init_optimizer_state, owned_state
 from ..parallel.materialize import materialize
@@ -351,13 +350,11 @@ class Trainer:
         self.model.train()
         for _, m in self.layers:
             m.keep_routing = alpha > 0
-        # FP8 weights quantised once per step, reused by its micro-batches (dsv3.fp8.weight_cache; issue 15)
-        with weight_cache(self.model, enabled=n_micro > 1 and cfg.train.precision == "fp8"):
-            if self.pipeline is not None:     # the whole step through DualPipeV; gradients synced, sums reduced
-                windows = [self.loader.next_batch(cfg.train.micro_batch_size) for _ in range(n_micro)]
-                loads, sums = self.pipeline.forward_backward(windows, lam, alpha)
-            else:
-                loads, sums = self._forward_backward(n_micro, lam, alpha)
+        if self.pipeline is not None:     # the whole step through DualPipeV; gradients synced, sums reduced
+            windows = [self.loader.next_batch(cfg.train.micro_batch_size) for _ in range(n_micro)]
+            loads, sums = self.pipeline.forward_backward(windows, lam, alpha)
+        else:
+            loads, sums = self._forward_backward(n_micro, lam, alpha)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         # the norm of the whole gradient, each element counted once over the ranks (dsv3.parallel.grads, one
         # function for every layout); then one coefficient, applied inside the fused or compiled update where there
