@@ -339,7 +339,7 @@ def _interpreter_cases() -> dict:
         out[f"empty_{tri.__name__}"] = _compare(tri(torch.zeros(0, 5)), ref(torch.zeros(0, 5)))
     # the launch variants (benchmarks/fp8_quant_sweep.py) and both orientations of the blocks from one read
     x = make_x(140, 150, torch.bfloat16, seed=18)
-    for chunk in (128, 32):
+    for chunk in (128,):        # the two-pass variant refuses transposed=True (wrong q.T on the GPU)
         q, s, q_t, s_t = quantize_blocks_triton(x, True, transposed=True, chunk=chunk)
         qr, sr, qr_t, sr_t = quantize_blocks_both_reference(x, True)
         out[f"blocks_both_chunk{chunk}"] = _compare((q, s), (qr, sr))
@@ -358,7 +358,7 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_quant")
-    assert len(res) == 29, res
+    assert len(res) == 27, res
     for name, r in res.items():
         if name.startswith("nonfinite"):   # NaN scales where the reference has them, nothing else off (the
             # interpreter's e4m3 conversion turns a NaN into 384, so q's NaNs are checked on the GPU only)
@@ -391,8 +391,6 @@ def test_triton_cuda_exact(M, K, dtype, pow2):
                      (quantize_blocks_triton, quantize_blocks_reference),
                      (lambda t, p: quantize_tiles_transposed_triton(t, p, block_k=128, num_warps=8),
                       quantize_tiles_transposed_reference),
-                     (lambda t, p: quantize_blocks_triton(t, p, transposed=True, chunk=32),
-                      quantize_blocks_both_reference),
                      (lambda t, p: quantize_blocks_triton(t, p, transposed=True), quantize_blocks_both_reference))):
         got, want = tri(x, pow2), ref(x, pow2)
         name = getattr(tri, "__name__", "?")
@@ -434,3 +432,11 @@ def test_triton_cuda_strided_and_dispatch(monkeypatch):
     monkeypatch.setenv("DSV3_FP8_QUANT", "reference")
     quantize_tiles(base)
     assert calls == [1]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_two_pass_blocks_refuse_the_transposed_output():
+    """The two-pass block kernel's q.T was wrong for fp32 inputs on the H200: the launch refuses that combination
+    instead of returning it."""
+    with pytest.raises(ValueError, match="chunk=128"):
+        quantize_blocks_triton(torch.zeros(128, 128), transposed=True, chunk=32)

@@ -81,7 +81,7 @@ def test_triton_interpreter_matches_reference():
 
 def test_both_orientations_reference_and_dispatch():
     """quantize_rows_both = rows of w and rows of w^T, exactly the row quantiser's; on the CPU the dispatchers
-    (including a transposed view, which takes the transposing kernel on the GPU) are the reference."""
+    (including a transposed view) are the reference."""
     w = make_x(3 * 40, 50, torch.bfloat16, seed=9).view(3, 40, 50)
     q, s, q_t, s_t = quantize_rows_both(w)
     for (a, sa), (b, sb) in (((q, s), quantize_rows_reference(w)),

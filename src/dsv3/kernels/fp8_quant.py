@@ -304,6 +304,8 @@ def quantize_blocks_triton(w: Tensor, pow2: bool = False, transposed: bool = Fal
     chunk = chunk or _BLOCKS_CHUNK
     if chunk not in (16, 32, 64, 128):
         raise ValueError(f"chunk must be 16, 32, 64 or 128 rows, got {chunk}")
+    if transposed and chunk != TILE:    # misplaced q.T values for fp32 inputs on the H200 (RESULTS.md, issue 15)
+        raise ValueError("transposed=True needs chunk=128 (one pass): the two-pass variant's q.T is wrong on the GPU")
     if N and K:
         _blocks_kernel[(triton.cdiv(N, TILE), triton.cdiv(K, TILE))](
             w, q, scale, q_t, N, K, w.stride(0), w.stride(1), q.stride(0), scale.stride(0), q_t.stride(0),
