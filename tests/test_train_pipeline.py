@@ -57,17 +57,17 @@ def _resume_from(tmp: Path, src: str, step: int, name: str, nproc: int, *args: s
     return _train(tmp, name, nproc, "--resume", "--run-dir", str(tmp / name), *args)
 
 
-def _assert_matches_single(tmp: Path, single: Path, name: str) -> None:
-    """Run `name` logged the single-process run's steps (a resumed run: the source's up to its checkpoint, then its
-    own), validation, and wrote its final checkpoint."""
+def _assert_matches_single(tmp: Path, single: Path, name: str, steps: list[int] = STEPS) -> None:
+    """Run `name` logged the single-process run's `steps` (a resumed run: the source's up to its checkpoint, then its
+    own), validation, and wrote the same final checkpoint (step steps[-1])."""
     got, ref = train_losses(tmp / name), train_losses(single)
-    assert sorted(got) == STEPS, name
-    assert [got[s] for s in STEPS] == pytest.approx([ref[s] for s in STEPS], rel=1e-5), name
+    assert sorted(got) == steps, name
+    assert [got[s] for s in steps] == pytest.approx([ref[s] for s in steps], rel=1e-5), name
     for key in ("main_loss", "mtp_loss", "aux_loss", "grad_norm"):
         assert _metric(tmp / name, key) == pytest.approx(_metric(single, key), rel=1e-4), (name, key)
     assert _val_losses(tmp / name) == pytest.approx(_val_losses(single), rel=1e-5), name
-    ck = "checkpoints/step_00000006"
-    _assert_same_checkpoint(single / ck, tmp / name / ck, f"{name} 6")
+    ck = f"checkpoints/step_{steps[-1]:08d}"
+    _assert_same_checkpoint(single / ck, tmp / name / ck, f"{name} {steps[-1]}")
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_distributed import _assert_same_checkpoint, _metric, _val_losses
 from test_train_loop import small_run, train_losses
-from test_train_pipeline import ENV, SINGLE
+from test_train_pipeline import ENV, SINGLE, _assert_matches_single
 
 SECTIONS = dict(model={"num_hidden_layers": 4}, balance={"seq_aux_alpha": 0.5},
                 train={"micro_batch_size": 8, "batch_size": 16, "batch_size_start": 16, "steps": 3, "ema_decay": 0.9},
@@ -39,17 +38,6 @@ def _train(tmp: Path, name: str, nproc: int, *args: str) -> str:
     return r.stderr
 
 
-def _assert_matches_single(tmp: Path, single: Path, name: str) -> None:
-    got, ref = train_losses(tmp / name), train_losses(single)
-    assert sorted(got) == STEPS, name
-    assert [got[s] for s in STEPS] == pytest.approx([ref[s] for s in STEPS], rel=1e-5), name
-    for key in ("main_loss", "mtp_loss", "aux_loss", "grad_norm"):
-        assert _metric(tmp / name, key) == pytest.approx(_metric(single, key), rel=1e-4), (name, key)
-    assert _val_losses(tmp / name) == pytest.approx(_val_losses(single), rel=1e-5), name
-    ck = "checkpoints/step_00000003"
-    _assert_same_checkpoint(single / ck, tmp / name / ck, f"{name} 3")
-
-
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("ppfsdp")
@@ -64,13 +52,13 @@ def single(tmp):
 def test_pp2_dp2_fsdp_with_recompute_matches_one_process(tmp, single):
     err = _train(tmp, "pp2dp2", 4, "parallel.pp=2", "parallel.fsdp=true", "train.recompute=true")
     assert "x 4 ranks (pp 2 x dp 2 x ep 1, DualPipeV" in err and "FSDP:" in (tmp / "pp2dp2/metrics.jsonl").read_text()
-    _assert_matches_single(tmp, single, "pp2dp2")
+    _assert_matches_single(tmp, single, "pp2dp2", STEPS)
 
 
 def test_pp2_dp2_ep2_fsdp_matches_one_process_and_resumes_at_2_ranks_and_in_one_process(tmp, single):
     err = _train(tmp, "pp2dp2ep2", 8, "parallel.pp=2", "parallel.ep=2", "parallel.fsdp=true")
     assert "x 8 ranks (pp 2 x dp 2 x ep 2, DualPipeV" in err
-    _assert_matches_single(tmp, single, "pp2dp2ep2")
+    _assert_matches_single(tmp, single, "pp2dp2ep2", STEPS)
     for name, nproc, layout in (("then_pp2", 2, ("parallel.pp=2", "parallel.ep=1", "parallel.fsdp=false")),
                                 ("then_1", 1, ("parallel.pp=1", "parallel.ep=1", "parallel.fsdp=false"))):
         shutil.copytree(tmp / "pp2dp2ep2", tmp / name)

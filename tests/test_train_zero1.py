@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 from test_train_loop import train_losses
-from test_train_pipeline_sharded import _assert_matches_single, _train
+from test_train_pipeline_sharded import STEPS, _assert_matches_single, _train
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +28,12 @@ def single(tmp):
 def test_pp2_dp2_ep2_zero1_matches_one_process_and_resumes_at_pp2_dp2(tmp, single):
     err = _train(tmp, "zero1", 8, "parallel.pp=2", "parallel.ep=2", "parallel.zero1=true")
     assert "x 8 ranks (pp 2 x dp 2 x ep 2, DualPipeV, ZeRO-1)" in err
-    _assert_matches_single(tmp, single, "zero1")
+    _assert_matches_single(tmp, single, "zero1", STEPS)
     shutil.copytree(tmp / "zero1", tmp / "then_4")
     for d in (tmp / "then_4" / "checkpoints").iterdir():
         if d.name != "step_00000002":
             shutil.rmtree(d)
     err = _train(tmp, "then_4", 4, "--resume", "parallel.pp=2", "parallel.ep=1", "parallel.zero1=true")
     assert "x 4 ranks (pp 2 x dp 2 x ep 1, DualPipeV, ZeRO-1)" in err and "from step 2" in err
-    _assert_matches_single(tmp, single, "then_4")
+    _assert_matches_single(tmp, single, "then_4", STEPS)
     assert train_losses(tmp / "then_4")[3] == pytest.approx(train_losses(tmp / "zero1")[3], rel=1e-6)
