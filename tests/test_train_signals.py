@@ -105,13 +105,14 @@ def test_a_second_sigint_aborts_at_once(cfg):
 
 def test_stop_signals_record_the_first_and_raise_on_a_later_one():
     from dsv3.train.signals import Aborted, StopSignals
+    before = signal.getsignal(signal.SIGINT)     # default_int_handler, or SIG_IGN under a background launch
     with StopSignals(announce=False) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.received == signal.SIGTERM
         with pytest.raises(Aborted) as e:
             os.kill(os.getpid(), signal.SIGINT)
         assert e.value.signum == signal.SIGINT and isinstance(e.value, KeyboardInterrupt)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before                # restored as it was
     with StopSignals(announce=False, same_press_s=60) as stop:     # torchrun: the terminal's press, forwarded
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
