@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from dsv3.kernels.fp8_quant import (quantize_blocks_both_reference, quantize_blocks_reference, quantize_blocks_triton,
-                                    quantize_tiles, quantize_tiles_transposed_reference,
+from dsv3.kernels.fp8_quant import (quantize_blocks_both, quantize_blocks_both_reference, quantize_blocks_reference,
+                                    quantize_blocks_triton, quantize_tiles, quantize_tiles_transposed_reference,
                                     quantize_tiles_transposed_triton)
 from dsv3.kernels.fp8_rowwise import (quantize_rows_both_reference, quantize_rows_reference,
                                       quantize_rows_transposed_triton, quantize_rows_triton)
@@ -84,10 +84,8 @@ def main() -> None:
     for name, t in (("blocks (tokens as a matrix)", x), ("blocks, dense weight", wd)):
         ref, ref_both = quantize_blocks_reference(t), quantize_blocks_both_reference(t)
         for chunk, nw in ((None, None), (128, 4), (128, 16), (64, 4), (32, 4), (32, 8), (16, 4)):
-            sw.run(name, t, lambda: quantize_blocks_triton(t, False, False, chunk, nw), ref, chunk=chunk, warps=nw)
-        for chunk, nw in ((None, None), (128, 4)):   # transposed=True is one pass only
-            sw.run(name + " + transpose", t, lambda: quantize_blocks_triton(t, False, True, chunk, nw), ref_both,
-                   chunk=chunk, warps=nw)
+            sw.run(name, t, lambda: quantize_blocks_triton(t, False, chunk, nw), ref, chunk=chunk, warps=nw)
+        sw.run(name + " + transpose", t, lambda: quantize_blocks_both(t), ref_both)
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "fp8_quant_sweep.json").write_text(json.dumps(sw.rows, indent=1))

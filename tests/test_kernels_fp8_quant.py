@@ -337,13 +337,11 @@ def _interpreter_cases() -> dict:
                      (quantize_tiles_transposed_triton, quantize_tiles_transposed_reference),
                      (quantize_blocks_triton, quantize_blocks_reference)):
         out[f"empty_{tri.__name__}"] = _compare(tri(torch.zeros(0, 5)), ref(torch.zeros(0, 5)))
-    # the launch variants (benchmarks/fp8_quant_sweep.py) and both orientations of the blocks from one read
+    # the launch variants (benchmarks/fp8_quant_sweep.py)
     x = make_x(140, 150, torch.bfloat16, seed=18)
-    for chunk in (128,):        # the two-pass variant refuses transposed=True (wrong q.T on the GPU)
-        q, s, q_t, s_t = quantize_blocks_triton(x, True, transposed=True, chunk=chunk)
-        qr, sr, qr_t, sr_t = quantize_blocks_both_reference(x, True)
-        out[f"blocks_both_chunk{chunk}"] = _compare((q, s), (qr, sr))
-        out[f"blocks_both_chunk{chunk}_t"] = _compare((q_t, s_t), (qr_t, sr_t))
+    for chunk in (128, 32):
+        out[f"blocks_chunk{chunk}"] = _compare(quantize_blocks_triton(x, True, chunk=chunk),
+                                               quantize_blocks_reference(x, True))
     out["tr_bk128"] = _compare(quantize_tiles_transposed_triton(x, block_k=128, num_warps=8),
                                quantize_tiles_transposed_reference(x))
     bad = nonfinite_x(40, 130)
@@ -391,7 +389,8 @@ def test_triton_cuda_exact(M, K, dtype, pow2):
                      (quantize_blocks_triton, quantize_blocks_reference),
                      (lambda t, p: quantize_tiles_transposed_triton(t, p, block_k=128, num_warps=8),
                       quantize_tiles_transposed_reference),
-                     (lambda t, p: quantize_blocks_triton(t, p, transposed=True), quantize_blocks_both_reference))):
+                     (lambda t, p: quantize_blocks_triton(t, p, chunk=32), quantize_blocks_reference),
+                     (lambda t, p: quantize_blocks_both(t, p), quantize_blocks_both_reference))):
         got, want = tri(x, pow2), ref(x, pow2)
         name = getattr(tri, "__name__", "?")
         for i, ((q, s), (qr, sr)) in enumerate(zip(zip(got[::2], got[1::2]), zip(want[::2], want[1::2]))):
@@ -432,11 +431,3 @@ def test_triton_cuda_strided_and_dispatch(monkeypatch):
     monkeypatch.setenv("DSV3_FP8_QUANT", "reference")
     quantize_tiles(base)
     assert calls == [1]
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_two_pass_blocks_refuse_the_transposed_output():
-    """The two-pass block kernel's q.T was wrong for fp32 inputs on the H200: the launch refuses that combination
-    instead of returning it."""
-    with pytest.raises(ValueError, match="chunk=128"):
-        quantize_blocks_triton(torch.zeros(128, 128), transposed=True, chunk=32)

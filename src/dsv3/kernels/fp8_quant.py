@@ -32,7 +32,7 @@ the clamp (so it does not matter whether the hardware cast saturates):
               column, and stores the tile transposed (q_t rows are columns of x) with its 64 scales; column
               tiles vary fastest, so neighbouring programs read adjacent pieces of the same 128 rows.
   blocks:     grid (cdiv(N, 128), cdiv(K, 128)); one program per 128x128 block, amax over the block (in one
-              pass, or two over row chunks), optionally also storing the transposed block (quantize_blocks_both).
+              pass, or two over row chunks); quantize_blocks_both adds q.T as an FP8 transpose of the codes.
 NaN and inf follow the reference: the amax reductions propagate NaN (a NaN scale, as torch's amax gives), the
 clamp keeps NaN and saturates +-inf.
 
@@ -220,19 +220,10 @@ if HAS_TRITON:
         tl.store(ST + cols * stride_sk + t, s, mask=mask_k)
 
     @triton.jit
-    def _store_block_rows(Q, QT, q, rows, cols, mask, stride_qn, stride_qtk, WRITE_T: tl.constexpr):
-        tl.store(Q + rows[:, None] * stride_qn + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
-        if WRITE_T:   # q.T (K, N): the same registers stored at transposed addresses (uncoalesced, but exact:
-            # on the H200 tl.trans of these tiles put values in the wrong place for fp32 inputs, before and after the
-            # cast; the interpreter did not show it)
-            tl.store(QT + cols[None, :] * stride_qtk + rows[:, None], q.to(QT.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _blocks_kernel(W, Q, S, QT, N, K, stride_wn, stride_wk, stride_qn, stride_sn, stride_qtk,
-                       TILE_B: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr, WRITE_T: tl.constexpr):
+    def _blocks_kernel(W, Q, S, N, K, stride_wn, stride_wk, stride_qn, stride_sn,
+                       TILE_B: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr):
         # CHUNK == TILE_B: the whole block in registers, one read. CHUNK < TILE_B: two passes over row chunks
         # (amax, then the cast, whose re-read is served from L1/L2): fewer registers, more programs resident.
-        # WRITE_T: also store q.T, the weight's blocks in the orientation of the input-gradient GEMM.
         bn, bk = tl.program_id(0), tl.program_id(1)
         cols = (bk * TILE_B + tl.arange(0, TILE_B)).to(tl.int64)
         mask_k = cols < K
@@ -242,7 +233,8 @@ if HAS_TRITON:
             w = tl.load(W + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
             w = w.to(tl.float32)
             s = _scale_of(_absmax(_absmax(w, 1), 0), POW2)
-            _store_block_rows(Q, QT, _quant(w, s), rows, cols, mask, stride_qn, stride_qtk, WRITE_T)
+            q = _quant(w, s)
+            tl.store(Q + rows[:, None] * stride_qn + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
         else:
             amax = tl.zeros((TILE_B,), dtype=tl.float32)
             for r0 in range(0, TILE_B, CHUNK):
@@ -255,8 +247,8 @@ if HAS_TRITON:
                 rows = (bn * TILE_B + r0 + tl.arange(0, CHUNK)).to(tl.int64)
                 mask = (rows < N)[:, None] & mask_k[None, :]
                 w = tl.load(W + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
-                _store_block_rows(Q, QT, _quant(w.to(tl.float32), s), rows, cols, mask, stride_qn, stride_qtk,
-                                  WRITE_T)
+                q = _quant(w.to(tl.float32), s)
+                tl.store(Q + rows[:, None] * stride_qn + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
         tl.store(S + bn * stride_sn + bk, s)
 
 
@@ -291,27 +283,22 @@ def quantize_tiles_transposed_triton(x: Tensor, pow2: bool = False, block_k: int
     return q_t, scale_t
 
 
-def quantize_blocks_triton(w: Tensor, pow2: bool = False, transposed: bool = False, chunk: int | None = None,
-                           num_warps: int | None = None) -> tuple[Tensor, ...]:
-    """128x128-block quantisation through Triton (same contract as `quantize_blocks_reference`); transposed=True
-    also returns q.T contiguous and scale.T (`quantize_blocks_both`'s contract) from the same read. chunk (rows per
+def quantize_blocks_triton(w: Tensor, pow2: bool = False, chunk: int | None = None,
+                           num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+    """128x128-block quantisation through Triton (same contract as `quantize_blocks_reference`). chunk (rows per
     pass, 128 = one pass) and num_warps override the launch shape (benchmarks/fp8_quant_sweep.py)."""
     need_triton("quantize_blocks_triton")
     N, K = _check_x(w, "w")
     q = torch.empty(N, K, device=w.device, dtype=_E4M3)
-    q_t = torch.empty(K, N, device=w.device, dtype=_E4M3) if transposed else q
     scale = torch.empty(_cdiv(N, TILE), _cdiv(K, TILE), device=w.device, dtype=torch.float32)
     chunk = chunk or _BLOCKS_CHUNK
     if chunk not in (16, 32, 64, 128):
         raise ValueError(f"chunk must be 16, 32, 64 or 128 rows, got {chunk}")
-    if transposed and chunk != TILE:    # misplaced q.T values for fp32 inputs on the H200 (RESULTS.md, issue 15)
-        raise ValueError("transposed=True needs chunk=128 (one pass): the two-pass variant's q.T is wrong on the GPU")
     if N and K:
         _blocks_kernel[(triton.cdiv(N, TILE), triton.cdiv(K, TILE))](
-            w, q, scale, q_t, N, K, w.stride(0), w.stride(1), q.stride(0), scale.stride(0), q_t.stride(0),
-            TILE_B=TILE, CHUNK=chunk, POW2=bool(pow2), WRITE_T=bool(transposed),
-            num_warps=num_warps or (8 if chunk == TILE else 4))
-    return (q, scale, q_t, scale.t().contiguous()) if transposed else (q, scale)
+            w, q, scale, N, K, w.stride(0), w.stride(1), q.stride(0), scale.stride(0),
+            TILE_B=TILE, CHUNK=chunk, POW2=bool(pow2), num_warps=num_warps or (8 if chunk == TILE else 4))
+    return q, scale
 
 
 def _use_triton(x: Tensor) -> bool:
@@ -340,8 +327,10 @@ def quantize_blocks(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
 
 
 def quantize_blocks_both(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Both orientations of the weight's blocks, (q, scale, q.T, scale.T), from one read on the GPU (the forward
-    and input-gradient GEMMs' operands); the reference elsewhere."""
-    if _use_triton(w):
-        return quantize_blocks_triton(w, pow2, transposed=True)
-    return quantize_blocks_both_reference(w, pow2)
+    """Both orientations of the weight's blocks, (q, scale, q.T, scale.T): the forward and input-gradient GEMMs'
+    operands."""
+    # A 128x128 block's scale does not depend on the orientation, so q.T is the transposed codes (an FP8 copy, a
+    # quarter of a bf16 read). A kernel storing both orientations from one read put q.T values in the wrong place
+    # for fp32 inputs on the H200 (RESULTS.md, issue 15); this form is exact by construction.
+    q, scale = quantize_blocks(w, pow2)
+    return q, scale, q.t().contiguous(), scale.t().contiguous()
