@@ -4,7 +4,7 @@ Dense: the FP8-stored projections of a lite layer (q_proj 3072x2048, kv_a 576x20
 gate/up 10944x2048 and down 2048x10944) at M = 1, 32, 64 rows. Grouped: the 64 routed experts (gate/up 1408x2048,
 down 2048x1408) with B = 1, 32, 64 tokens x 6 experts each, routed at random. Each case is first checked against the
 reference, then timed with `triton.testing.do_bench_cudagraph` (median; eager timing would measure the launch): the default launch config and the best of a small
-sweep (block_n, warps, stages). Bandwidth = weight bytes the call must read (fp8 + scales; for grouped, only the
+sweep (block_n, warps, stages; split-K slices for the dense ones). Bandwidth = weight bytes the call must read (fp8 + scales; for grouped, only the
 experts hit) / time, against the 4.28 TB/s copy bandwidth; the bf16 rows read twice the bytes.
 
 GPU: PYTHONPATH=src python benchmarks/fp8_weight_gemm_bench.py     (JSON in $OUT/fp8_weight_gemm.json)
@@ -30,6 +30,9 @@ DENSE = {"q_proj": (3072, 2048), "kv_a": (576, 2048), "o_proj": (2048, 2048), "f
 EXPERTS = {"expert_up": (1408, 2048), "expert_down": (2048, 1408)}
 SWEEP = [dict(block_n=bn, num_warps=w, num_stages=s) for bn, w, s in itertools.product((16, 32, 64, 128), (4, 8),
                                                                                          (3, 5))]
+# dense decode GEMMs: K slices too (split_k = 1 is the kernel without them)
+DENSE_SWEEP = [dict(block_n=bn, num_warps=4, num_stages=s, split_k=k)
+               for bn, s, k in itertools.product((16, 32, 64), (3, 5), (1, 2, 4, 8, 16))]
 
 
 def bench(fn) -> float:
@@ -37,9 +40,9 @@ def bench(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e-3
 
 
-def best(fn_of_cfg) -> tuple[float, dict]:
+def best(fn_of_cfg, sweep=SWEEP) -> tuple[float, dict]:
     out = []
-    for cfg in SWEEP:
+    for cfg in sweep:
         try:
             out.append((bench(lambda: fn_of_cfg(cfg)), cfg))
         except Exception:     # configs over the shared-memory limit
@@ -59,7 +62,7 @@ def main() -> None:
         err = ((fp8_linear_triton(x, q, s).float() - ref).norm() / ref.norm()).item()
         wb = w.to(torch.bfloat16)
         t_def = bench(lambda: fp8_linear_triton(x, q, s))
-        t_best, cfg = best(lambda c: fp8_linear_triton(x, q, s, **c))
+        t_best, cfg = best(lambda c: fp8_linear_triton(x, q, s, **c), DENSE_SWEEP)
         t_bf16 = bench(lambda: torch.nn.functional.linear(x, wb))
         nbytes = q.numel() + s.numel() * 4
         rows.append(dict(kind="dense", name=name, M=M, N=N, K=K, rel_err=err, us_default=t_def * 1e6,

@@ -217,7 +217,10 @@ def _interpreter_cases() -> dict:
     errs = {}
     for name, (M, N, K, kw) in {"m1_n200_k300": (1, 200, 300, {}), "m37_n130_k257": (37, 130, 257, {}),
                                 "m0": (0, 64, 200, {}), "m20_bn128_bm32": (20, 256, 128, dict(block_n=128,
-                                                                                              block_m=32))}.items():
+                                                                                              block_m=32)),
+                                # split-K: 3 K blocks over 2 slices (one partial), and more slices than K blocks
+                                "m3_split2": (3, 96, 300, dict(split_k=2)),
+                                "m2_split9": (2, 40, 260, dict(split_k=9))}.items():
         x, q, s = make_linear(M, N, K, seed=M + N + K)
         errs[name] = _rel(fp8_linear_triton(x, q, s, **kw), fp8_linear_reference(x, q, s))
     x, q, s = make_linear(5, 72, 300, seed=8)
@@ -239,7 +242,7 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_fp8_weight_gemm")
-    assert len(errs) == 15, errs
+    assert len(errs) == 17, errs
     for name, err in errs.items():
         assert err < 1e-5, (name, errs)
 
@@ -263,6 +266,15 @@ def test_triton_cuda_bf16(M, N, K):
     assert out.dtype == torch.bfloat16
     assert_close_scaled(out, fp8_linear_reference(x, q, s), 1.6e-2)
     assert_close_scaled(fp8_linear(x, q, s), fp8_linear_reference(x, q, s), 1.6e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("split_k", [1, 3, 56])
+def test_triton_cuda_split_k(split_k):
+    """Decode shapes pick split-K by themselves (M=1 above); here each count explicitly, fp32 for a tight bound."""
+    x, q, s = make_linear(4, 1000, 7168, seed=24, device="cuda")
+    assert_close_scaled(fp8_linear_triton(x, q, s, split_k=split_k), fp8_linear_reference(x, q, s), 1e-5)
 
 
 @pytest.mark.gpu

@@ -110,37 +110,44 @@ def fp8_grouped_linear_reference(x: Tensor, weight: Tensor, scale_inv: Tensor, o
 if HAS_TRITON:
 
     @triton.jit
-    def _fp8_tile(X, W, S, offs_m, mask_m, n0, N, K,
+    def _fp8_tile(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1,
                   stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+        # K blocks kb0 .. kb1-1 (all of K, or one split-K slice)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
+        offs_k = kb0 * BLOCK_K + tl.arange(0, BLOCK_K)
         x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
         w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
         s_ptr = S + (n0 // BLOCK_K) * stride_sn  # BLOCK_N divides BLOCK_K: one scale row per tile
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for kb in range(tl.cdiv(K, BLOCK_K)):
-            mask_k = offs_k < K - kb * BLOCK_K
+        for kb in range(kb0, kb1):
+            mask_k = offs_k < K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             s = tl.load(s_ptr + kb * stride_sk)
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC) * s
+            offs_k += BLOCK_K
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
         return acc, offs_n, mask_n
 
     @triton.jit
-    def _fp8_linear_kernel(X, W, S, Y, M, N, K,
-                           stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _fp8_linear_kernel(X, W, S, Y, M, N, K, KB_PER_SPLIT,
+                           stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ys, stride_ym,
+                           stride_yn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            DOT_PREC: tl.constexpr):
+        # split-K (program_id(2) > 0 exists only then): slice s sums K blocks [s * KB_PER_SPLIT, ...) into its own
+        # fp32 plane of Y; the planes are summed after the kernel, in a fixed order (deterministic, no atomics)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        acc, offs_n, mask_n = _fp8_tile(X, W, S, offs_m, mask_m, tl.program_id(1) * BLOCK_N, N, K,
+        kb0 = tl.program_id(2) * KB_PER_SPLIT
+        kb1 = tl.minimum(kb0 + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
+        acc, offs_n, mask_n = _fp8_tile(X, W, S, offs_m, mask_m, tl.program_id(1) * BLOCK_N, N, K, kb0, kb1,
                                         stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
                                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
-        y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        y_ptrs = Y + tl.program_id(2).to(tl.int64) * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + \
+            offs_n[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
@@ -158,7 +165,7 @@ if HAS_TRITON:
         mask_m = offs_m < row_end
         g64 = g.to(tl.int64)  # E * N * K overflows int32 for V3's stacked experts
         acc, offs_n, mask_n = _fp8_tile(X, W + g64 * stride_we, S + g64 * stride_se, offs_m, mask_m,
-                                        tl.program_id(1) * BLOCK_N, N, K,
+                                        tl.program_id(1) * BLOCK_N, N, K, 0, tl.cdiv(K, BLOCK_K),
                                         stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
                                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
         y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -209,28 +216,45 @@ def grouped_tile_map(offs: Tensor, M: int, block_m: int) -> tuple[Tensor, Tensor
     return group.to(torch.int32), row.to(torch.int32)
 
 
+def _split_k(M: int, N: int, K: int, cfg: dict, device: torch.device) -> int:
+    """K slices for a decode-sized GEMM: without them a (1, N) output has only N / block_n programs, each a long K
+    loop, too few to keep HBM busy (the sweep in RESULTS.md: 0.35-0.85x bf16 cuBLAS at M=1..64). Enough slices for
+    ~2 programs per SM, at least 2 K blocks per slice."""
+    if M > 64 or device.type != "cuda":
+        return 1
+    programs = -(-M // cfg["block_m"]) * -(-N // cfg["block_n"])
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    kblocks = -(-K // BLOCK)
+    return max(1, min(kblocks // 2, -(-2 * sms // programs)))
+
+
 def fp8_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_m: int | None = None,
                       block_n: int | None = None, num_warps: int | None = None,
-                      num_stages: int | None = None) -> Tensor:
+                      num_stages: int | None = None, split_k: int | None = None) -> Tensor:
     """Weight-only FP8 linear through Triton (same contract as `fp8_linear_reference`); the keyword-only arguments
-    override the default launch configuration."""
+    override the default launch configuration (split_k: K slices summed in fp32 after the kernel; None = by shape)."""
     need_triton("fp8_linear_triton")
     M, N, K = _check_common(x, weight, scale_inv, grouped=False)
     cfg = _config(M, x.dtype, block_m, block_n)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
+    kblocks = -(-K // BLOCK)
+    split = max(1, min(split_k if split_k is not None else _split_k(M, N, K, cfg, x.device), kblocks))
+    per = -(-kblocks // split)
+    split = -(-kblocks // per)                      # no empty slice
+    y = out.unsqueeze(0) if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
     scale_inv = scale_inv.float()
-    grid = (triton.cdiv(M, cfg["block_m"]), triton.cdiv(N, cfg["block_n"]))
+    grid = (triton.cdiv(M, cfg["block_m"]), triton.cdiv(N, cfg["block_n"]), split)
     _fp8_linear_kernel[grid](
-        x, weight, scale_inv, out, M, N, K,
+        x, weight, scale_inv, y, M, N, K, per,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), scale_inv.stride(0), scale_inv.stride(1),
-        out.stride(0), out.stride(1),
+        y.stride(0), y.stride(1), y.stride(2),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=BLOCK,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
-    return out
+    return out if split == 1 else y.sum(0).to(x.dtype)
 
 
 def fp8_grouped_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor, *,
