@@ -21,7 +21,8 @@ Before sweeping, a pool of processes compiles every launch once (Triton's disk c
 compiles what it misses).
 
 GPU (one call, <= 5 min): PYTHONPATH=src python benchmarks/moe_decode_sweep.py --deadline-s 240
-CPU dry run (interpreter, tiny shapes, fp32, 2 launches per stage): PYTHONPATH=src python benchmarks/moe_decode_sweep.py --dry-run
+CPU dry run (interpreter, tiny shapes, fp32, 2 launches per stage):
+     PYTHONPATH=src python benchmarks/moe_decode_sweep.py --dry-run
 """
 
 from __future__ import annotations
@@ -326,7 +327,8 @@ def main() -> None:
     p.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes, fp32, 2 launches "
                    "per stage: only that every path runs")
     p.add_argument("--config", default="lite")
-    p.add_argument("--tokens", default="64,128,256,32,8,1", help="T values, in the order they are swept")
+    p.add_argument("--tokens", default=None, help="T values, in the order they are swept (default "
+                   "64,128,256,32,8,1; dry run 8,1)")
     p.add_argument("--formats", default="bf16,fp8")
     p.add_argument("--sets", type=int, default=3, help="weight sets alternated per call (no L2 reuse)")
     p.add_argument("--deadline-s", type=float, default=240, help="stop sweeping after this many seconds (the JSON "
@@ -339,7 +341,7 @@ def main() -> None:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--dry-run: set TRITON_INTERPRET=1 before triton is imported")
         os.environ["TRITON_INTERPRET"] = "1"
-        a.config, a.tokens, a.sets, a.warm_s = "tiny", "8,1", 2, min(a.warm_s, 60)
+        a.config, a.tokens, a.sets, a.warm_s = "tiny", a.tokens or "8,1", 2, min(a.warm_s, 60)
     from dsv3 import load_model_config
     from dsv3.kernels.moe_decode import MoELaunch
     from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
@@ -348,7 +350,7 @@ def main() -> None:
     a.device = "cuda" if torch.cuda.is_available() and not a.dry_run else "cpu"
     a.torch_dtype = torch.float32 if a.dry_run else torch.bfloat16
     cfg = load_model_config(a.config)
-    tokens, fmts = [int(t) for t in a.tokens.split(",")], a.formats.split(",")
+    tokens, fmts = [int(t) for t in (a.tokens or "64,128,256,32,8,1").split(",")], a.formats.split(",")
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     result = dict(config=a.config, shapes=dict(E=cfg.n_routed_experts, K=cfg.num_experts_per_tok,
