@@ -161,7 +161,10 @@ def test_launch_table_lookup():
 def test_fused_token_range_follows_the_table(monkeypatch):
     """auto's fused range: the leading `faster` rows, up to halfway to the first slower row; the dispatcher's
     FUSED_MOE_AUTO_TOKENS is the bf16 rows' range."""
-    from dsv3.infer.moe_dispatch import FUSED_MOE_AUTO_TOKENS
+    from dsv3.config import load_model_config
+    from dsv3.infer.fp8_weights import quantize_weights
+    from dsv3.infer.moe_dispatch import FUSED_MOE_AUTO_TOKENS, fused_moe_for, model_has_fp8_experts
+    from dsv3.model import Transformer
     assert FUSED_MOE_AUTO_TOKENS == fused_token_range(False)
     L = MoELaunch()
     for flags, want in (((True, True, False, False), (1, 48)), ((True, True, True, True), (1, 128)),
@@ -169,6 +172,10 @@ def test_fused_token_range_follows_the_table(monkeypatch):
         rows = tuple((t, L, f) for t, f in zip((1, 32, 64, 128), flags))
         monkeypatch.setitem(md.LAUNCH_TABLE, "fp8", rows)
         assert fused_token_range(True) == want, flags
+        assert [fused_moe_for("auto", True, b, fp8=True) for b in (1, 16, 17, 48, 49, 128, 129)] == \
+            [want[0] <= b <= want[1] for b in (1, 16, 17, 48, 49, 128, 129)]
+    model = Transformer(load_model_config("tiny"))
+    assert not model_has_fp8_experts(model) and model_has_fp8_experts(quantize_weights(model))
 
 
 # ---------------------------------------------------------------------------------------------------------------

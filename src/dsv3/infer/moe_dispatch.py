@@ -43,13 +43,19 @@ def fused_moe_available(model: nn.Module, mode: str) -> bool:
     return HAS_TRITON and w.is_cuda and capability(w.device) >= (8, 9)
 
 
-def fused_moe_for(mode: str, available: bool, tokens: int) -> bool:
+def fused_moe_for(mode: str, available: bool, tokens: int, fp8: bool = False) -> bool:
     """Whether a forward of `tokens` tokens runs its routed experts in the fused kernel: `mode` is
-    `EngineConfig.fused_moe`, `available` what fused_moe_available said for the engine's model."""
+    `EngineConfig.fused_moe`, `available` what fused_moe_available said for the engine's model, `fp8` whether its
+    experts hold FP8 block weights (auto then follows the table's FP8 rows; `model_has_fp8_experts`)."""
     if not available or tokens > MOE_DECODE_MAX_TOKENS:
         return False
-    lo, hi = FUSED_MOE_AUTO_TOKENS
+    lo, hi = fused_token_range(fp8=True) if fp8 else FUSED_MOE_AUTO_TOKENS
     return mode == "on" or lo <= tokens <= hi
+
+
+def model_has_fp8_experts(model: nn.Module) -> bool:
+    """Whether the model's routed experts are FP8 block weights (dsv3.infer.fp8_weights.quantize_weights)."""
+    return any(type(m) is FP8Experts for m in model.modules())
 
 
 def expert_tensors(experts: nn.Module) -> tuple | None:
