@@ -283,6 +283,22 @@ def test_triton_cuda_lite_shapes(T, fp8):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("launch", [dict(split_k=2, down_block_n=128, down_num_warps=8, down_num_stages=4),
+                                    dict(block_m=32, block_n=128, num_warps=8, num_stages=4, split_k=4),
+                                    dict(block_m=64, block_n=32, num_stages=5, down_block_n=32)],
+                         ids=["split2_bn128", "bm32_split4", "bm64_bn32"])
+def test_triton_cuda_launches(launch, fp8):
+    """Launches the sweep may pick (per-stage tiles, 8 warps, deep pipelines, split-K) at lite's shapes: the same
+    result as the reference, and split-K bit-equal between two calls (its slices are summed in a fixed order)."""
+    args = make_moe(48, 6, 64, 2048, 1408, dtype=torch.bfloat16, fp8=fp8, seed=3, device="cuda")
+    out = moe_decode_triton(*args, **launch)
+    assert_close_scaled(out, moe_decode_reference(*args).float(), 2e-2)
+    assert torch.equal(out, moe_decode_triton(*args, **launch))
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_triton_cuda_graph_capture():
     """No host sync: the call captures in a CUDA graph and replays correctly with new routing and new inputs."""
     x, w, idx, *rest = make_moe(16, 6, 64, 512, 256, dtype=torch.bfloat16, seed=1, device="cuda")
