@@ -35,7 +35,7 @@ reference (DSV3_MOE_DECODE=reference forces it).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -244,16 +244,35 @@ LAUNCH_TABLE: dict[str, tuple[tuple[int, MoELaunch, bool], ...]] = {
 }
 
 
+_FIELDS = tuple(f.name for f in fields(MoELaunch))
+
+
+def _launch_kwargs(tokens: int, fp8: bool, dtype: torch.dtype, overrides: dict) -> dict:
+    """`launch_config` as a plain dict, built with dict and loop operations only: a compiled decode layer traces it
+    (dsv3.kernels.decode_ops), and dynamo need not know dataclasses.replace / asdict."""
+    rows = LAUNCH_TABLE["fp8" if fp8 else "bf16"]
+    launch = rows[-1][1]
+    for t, row_launch, _ in rows:
+        if t >= tokens:
+            launch = row_launch
+            break
+    cfg = {name: getattr(launch, name) for name in _FIELDS}
+    if dtype == torch.float32:
+        for name, cap in (("block_n", 32), ("down_block_n", 32), ("num_stages", 2), ("down_num_stages", 2)):
+            cfg[name] = min(cfg[name], cap)
+    for name, value in overrides.items():
+        if name not in cfg:
+            raise TypeError(f"unknown launch field {name!r} (MoELaunch: {', '.join(_FIELDS)})")
+        if value is not None:
+            cfg[name] = value
+    return cfg
+
+
 def launch_config(tokens: int, fp8: bool, dtype: torch.dtype = torch.bfloat16, **overrides) -> MoELaunch:
     """The table's launch for `tokens` (the first row whose T >= tokens, the last row past the table) with
     `overrides` (MoELaunch field -> value; None keeps the table's). fp32 activations (exactness runs, the
     interpreter) take narrower tiles and fewer stages: fp32 tiles need twice the shared memory."""
-    rows = LAUNCH_TABLE["fp8" if fp8 else "bf16"]
-    cfg = next((launch for t, launch, _ in rows if t >= tokens), rows[-1][1])
-    if dtype == torch.float32:
-        cfg = replace(cfg, block_n=min(cfg.block_n, 32), down_block_n=min(cfg.down_block_n, 32),
-                      num_stages=min(cfg.num_stages, 2), down_num_stages=min(cfg.down_num_stages, 2))
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    return MoELaunch(**_launch_kwargs(tokens, fp8, dtype, overrides))
 
 
 def fused_token_range(fp8: bool = False) -> tuple[int, int]:
@@ -339,12 +358,14 @@ def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor
     if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"the Triton kernels take x in {TRITON_DTYPES}, got {x.dtype} (use the reference)")
     (T, D), E = x.shape, gate_proj.shape[0]
-    launch = launch_config(T, gate_proj.dtype == torch.float8_e4m3fn, x.dtype, **overrides)
+    launch = _launch_kwargs(T, gate_proj.dtype == torch.float8_e4m3fn, x.dtype, overrides)
+    if overrides:
+        MoELaunch(**launch)          # validated here too (a compiled decode layer passes none)
     if T * idx.shape[1] == 0 or E == 0:
         return x.new_zeros(T, D)
-    sorted_pairs = sort_pairs(idx, E, launch.block_m)                        # 1.
+    sorted_pairs = sort_pairs(idx, E, launch["block_m"])                     # 1.
     y = (gemms or moe_decode_sorted_triton)(x, weights.float().contiguous(), *sorted_pairs, gate_proj, up_proj,
-                                            down_proj, *scales, **asdict(launch))   # 2.-3.
+                                            down_proj, *scales, **launch)   # 2.-3.
     return y.view(T, -1, D).sum(1).to(x.dtype)                               # 4. the combine, in a fixed order
 
 
