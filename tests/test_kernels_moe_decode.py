@@ -5,7 +5,11 @@ graph capture."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +17,9 @@ import torch.nn.functional as F
 from conftest import interpreter_cases
 
 from dsv3.fp8 import dequantize_blocks, quantize_blocks
-from dsv3.kernels.moe_decode import HAS_TRITON, moe_decode, moe_decode_reference, moe_decode_triton, sort_pairs
+from dsv3.kernels import moe_decode as md
+from dsv3.kernels.moe_decode import (HAS_TRITON, MoELaunch, fused_token_range, launch_config, moe_decode,
+                                     moe_decode_reference, moe_decode_triton, sort_pairs)
 
 
 def make_moe(T, K, E, D, I, dtype=torch.float32, fp8=False, seed=0, device="cpu", same_expert=False):
@@ -129,6 +135,50 @@ def test_dispatcher_on_cpu_is_reference():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The launch table
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_launch_table_lookup():
+    """Each weight format's rows ascend in T; a token count takes the first row at or above it, the last row past
+    the table; fp32 activations narrow the tiles; overrides win; bad launches are refused."""
+    for fmt, rows in md.LAUNCH_TABLE.items():
+        ts = [t for t, _, _ in rows]
+        assert ts == sorted(set(ts)) and ts[0] >= 1, (fmt, ts)
+        for i, (t, launch, _) in enumerate(rows):
+            lo = ts[i - 1] + 1 if i else 1
+            assert launch_config(lo, fmt == "fp8") == launch_config(t, fmt == "fp8") == launch
+        assert launch_config(10 * ts[-1], fmt == "fp8") == rows[-1][1]
+    wide = MoELaunch(block_m=64, block_n=128, num_stages=4, down_block_n=128, down_num_stages=5)
+    assert launch_config(1, False, torch.float32, **{k: v for k, v in vars(wide).items()}) == wide
+    fp32 = launch_config(1, False, torch.float32)
+    assert fp32.block_n <= 32 and fp32.down_block_n <= 32 and fp32.num_stages <= 2
+    assert launch_config(1, False, block_n=None, split_k=2).split_k == 2
+    for bad in (dict(block_m=24), dict(block_m=8), dict(block_n=48), dict(down_block_n=256), dict(split_k=0)):
+        with pytest.raises(ValueError):
+            MoELaunch(**bad)
+
+
+def test_fused_token_range_follows_the_table(monkeypatch):
+    """auto's fused range: the leading `faster` rows, up to halfway to the first slower row; the dispatcher's
+    FUSED_MOE_AUTO_TOKENS is the bf16 rows' range."""
+    from dsv3.config import load_model_config
+    from dsv3.infer.fp8_weights import quantize_weights
+    from dsv3.infer.moe_dispatch import FUSED_MOE_AUTO_TOKENS, fused_moe_for, model_has_fp8_experts
+    from dsv3.model import Transformer
+    assert FUSED_MOE_AUTO_TOKENS == fused_token_range(False)
+    L = MoELaunch()
+    for flags, want in (((True, True, False, False), (1, 48)), ((True, True, True, True), (1, 128)),
+                        ((False, True, True, True), (1, 0)), ((True, False, True, True), (1, 16))):
+        rows = tuple((t, L, f) for t, f in zip((1, 32, 64, 128), flags))
+        monkeypatch.setitem(md.LAUNCH_TABLE, "fp8", rows)
+        assert fused_token_range(True) == want, flags
+        assert [fused_moe_for("auto", True, b, fp8=True) for b in (1, 16, 17, 48, 49, 128, 129)] == \
+            [want[0] <= b <= want[1] for b in (1, 16, 17, 48, 49, 128, 129)]
+    model = Transformer(load_model_config("tiny"))
+    assert not model_has_fp8_experts(model) and model_has_fp8_experts(quantize_weights(model))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Triton under the interpreter (subprocess)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -151,7 +201,13 @@ def _interpreter_cases() -> dict:
              "bm32_bn64": ((21, 3, 8, 96, 80), {}, dict(block_m=32, block_n=64)),
              "fp8": ((7, 2, 8, 260, 200), dict(fp8=True), {}),
              "fp8_one_token": ((1, 4, 16, 256, 128), dict(fp8=True), dict(block_n=64)),
-             "t0": ((0, 2, 4, 64, 32), {}, {})}
+             "t0": ((0, 2, 4, 64, 32), {}, {}),
+             # per-stage tiles; split-K of the down GEMM: I = 260 is 3 K blocks (slices of 2 + 1, and 1 + 1 + 1),
+             # one block over 4 slices (3 empty slices store zeros), FP8 scales indexed by the absolute K block
+             "per_stage_tiles": ((21, 3, 8, 96, 80), {}, dict(block_m=32, block_n=16, down_block_n=64)),
+             "split_k2": ((5, 3, 8, 96, 260), {}, dict(split_k=2)),
+             "split_k_empty_slices": ((3, 2, 4, 64, 100), {}, dict(split_k=4)),
+             "split_k3_fp8": ((4, 2, 8, 130, 300), dict(fp8=True), dict(split_k=3, down_block_n=64))}
     for name, (shape, make_kw, kw) in cases.items():
         args = make_moe(*shape, seed=sum(shape), **make_kw)
         errs[name] = _rel(moe_decode_triton(*args, **kw), moe_decode_reference(*args))
@@ -171,9 +227,36 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_moe_decode")
-    assert len(errs) == 9, errs
+    assert len(errs) == 13, errs
     for name, err in errs.items():
         assert err < 1e-5, (name, errs)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="the sweep's dry run runs the kernels under the Triton interpreter")
+def test_sweep_dry_run(tmp_path):
+    """benchmarks/moe_decode_sweep.py --dry-run (CPU, interpreter, tiny shapes) runs every path the GPU run takes
+    but the graphs: module path, table launch, both stage sweeps (split-K included), best launch, and writes a JSON
+    whose launches all match the reference and a LAUNCH_TABLE block that evaluates to the source's structure."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(root / "src"), TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "moe_decode_sweep.py"), "--dry-run",
+                           "--tokens", "3", "--formats", "fp8", "--warm-s", "0"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "moe_decode_sweep.json").read_text())
+    (row,) = result["rows"]
+    assert row["fmt"] == "fp8" and row["T"] == 3 and isinstance(row["fused_faster"], bool)
+    assert max(row["module_err"], row["table_err"], row["best_err"]) < 1e-4
+    assert {(s["stage"], s.get("split_k", 1)) for s in row["stages"]} == {("gate_up", 1), ("down", 1), ("down", 2)}
+    assert all(s["ok"] for s in row["stages"]), row["stages"]
+    ns = {"MoELaunch": MoELaunch}
+    exec((tmp_path / "moe_decode_table.py").read_text(), ns)
+    table = ns["LAUNCH_TABLE"]
+    assert table.keys() == md.LAUNCH_TABLE.keys()
+    assert [t for t, _, _ in table["fp8"]] == sorted({3} | {t for t, _, _ in md.LAUNCH_TABLE["fp8"]})
+    assert table["bf16"] == md.LAUNCH_TABLE["bf16"]                    # not measured: kept as it is
+    assert dict((t, (launch, f)) for t, launch, f in table["fp8"])[3] == (MoELaunch(**row["best_launch"]),
+                                                                          row["fused_faster"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,6 +279,23 @@ def test_triton_cuda_lite_shapes(T, fp8):
     assert out.dtype == torch.bfloat16
     assert_close_scaled(out, moe_decode_reference(*args).float(), 2e-2)
     assert torch.equal(moe_decode(*args), out)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("launch", [dict(split_k=2, down_block_n=128, down_num_warps=8, down_num_stages=4),
+                                    dict(block_m=32, block_n=128, num_warps=8, num_stages=2, split_k=4),
+                                    dict(block_m=64, block_n=32, num_stages=5, down_block_n=32)],
+                         ids=["split2_bn128", "bm32_split4", "bm64_bn32"])
+def test_triton_cuda_launches(launch, fp8):
+    """Launches the sweep may pick (per-stage tiles, 8 warps, deep pipelines, split-K) at lite's shapes: the same
+    result as the reference, and split-K bit-equal between two calls (its slices are summed in a fixed order).
+    Shared memory per stage, bf16: (block_m + 2 block_n) x 128 x 2 bytes for gate-up (<= 227 KB on the H200)."""
+    args = make_moe(48, 6, 64, 2048, 1408, dtype=torch.bfloat16, fp8=fp8, seed=3, device="cuda")
+    out = moe_decode_triton(*args, **launch)
+    assert_close_scaled(out, moe_decode_reference(*args).float(), 2e-2)
+    assert torch.equal(out, moe_decode_triton(*args, **launch))
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..kernels.decode_ops import moe_decode, moe_route
+from ..kernels.moe_decode import fused_token_range
 from ..kernels.triton_setup import HAS_TRITON, capability
 from ..model.moe import Experts, MoE
 from .fp8_weights import FP8Experts
@@ -25,14 +26,12 @@ from .fp8_weights import FP8Experts
 MOE_DECODE_MAX_TOKENS = 256
 
 # `fused_moe = "auto"`: the step sizes (tokens = rows of a decode-graph bucket) whose routed experts run in the fused
-# kernel, inclusive. From the measured rows (benchmarks/RESULTS.md, issue 16: `lite`, one H200, compiled decode
-# layers, tok/s of the module path (grouped GEMM) vs the fused kernel):
-#   batch  1:   195.0 vs   217.5  -> fused  (the second session's run; the first one's 162.7 had a 2 ms host gap)
-#   batch 32: 1,990.0 vs 2,801.3  -> fused  (1.41x: it reads only the selected experts, at copy bandwidth)
-#   batch 64: 3,718.3 vs 3,709.1  -> module (a tie: ~6 rows per expert, the grouped GEMM at its best)
-# The upper bound sits halfway between the measured 32 and 64, at the 48 bucket; re-measure with
-# `bash benchmarks/gpu_decode.sh` (modes compile / fused / auto) before moving it.
-FUSED_MOE_AUTO_TOKENS = (1, 48)
+# kernel, inclusive: where the fused call measured faster than the module path (grouped GEMM), read from the `faster`
+# column of the kernel's launch table (dsv3.kernels.moe_decode.LAUNCH_TABLE, bf16 rows; filled from
+# benchmarks/moe_decode_sweep.py, checked by the engine rows of benchmarks/RESULTS.md, issue 16: `lite`, one H200,
+# e.g. batch 32: 1,990 tok/s module vs 2,801 fused; batch 64 a tie before the router kernel). The upper bound sits
+# halfway between the last faster and the first slower measured T.
+FUSED_MOE_AUTO_TOKENS = fused_token_range(fp8=False)
 
 
 def fused_moe_available(model: nn.Module, mode: str) -> bool:
@@ -44,13 +43,19 @@ def fused_moe_available(model: nn.Module, mode: str) -> bool:
     return HAS_TRITON and w.is_cuda and capability(w.device) >= (8, 9)
 
 
-def fused_moe_for(mode: str, available: bool, tokens: int) -> bool:
+def fused_moe_for(mode: str, available: bool, tokens: int, fp8: bool = False) -> bool:
     """Whether a forward of `tokens` tokens runs its routed experts in the fused kernel: `mode` is
-    `EngineConfig.fused_moe`, `available` what fused_moe_available said for the engine's model."""
+    `EngineConfig.fused_moe`, `available` what fused_moe_available said for the engine's model, `fp8` whether its
+    experts hold FP8 block weights (auto then follows the table's FP8 rows; `model_has_fp8_experts`)."""
     if not available or tokens > MOE_DECODE_MAX_TOKENS:
         return False
-    lo, hi = FUSED_MOE_AUTO_TOKENS
+    lo, hi = fused_token_range(fp8=True) if fp8 else FUSED_MOE_AUTO_TOKENS
     return mode == "on" or lo <= tokens <= hi
+
+
+def model_has_fp8_experts(model: nn.Module) -> bool:
+    """Whether the model's routed experts are FP8 block weights (dsv3.infer.fp8_weights.quantize_weights)."""
+    return any(type(m) is FP8Experts for m in model.modules())
 
 
 def expert_tensors(experts: nn.Module) -> tuple | None:

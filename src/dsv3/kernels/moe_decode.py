@@ -16,12 +16,17 @@ Algorithm (Triton):
   2. gate-up kernel, grid (tiles, I / BLOCK_N): a tile gathers its pairs' token rows of x, streams its expert's
      gate and up rows for one BLOCK_N slice in the same K loop (two accumulators, one pass over x), and writes
      h = silu(gate) * up (fp32 math, stored in x's dtype) in sorted order;
-  3. down kernel, grid (tiles, D / BLOCK_N): h (sorted rows) times the expert's down rows, multiplied in the
-     epilogue by each pair's routed weight and stored (fp32) at the pair's own (token, k) place;
+  3. down kernel, grid (tiles, D / BLOCK_N, SPLIT_K): h (sorted rows) times the expert's down rows, multiplied in
+     the epilogue by each pair's routed weight and stored (fp32) at the pair's own (token, k) place; with split-K
+     each program takes 1/SPLIT_K of the I loop and the partial rows are summed in slice order after the launch;
   4. the combine: the K weighted rows of each token summed (fp32), cast to x's dtype. A fixed-order sum, not
      atomics: the output is deterministic (bit-equal between a captured graph and an eager call).
 Programs of tiles past the real ones return at once. FP8 weights are converted to x's dtype in registers (exact)
-with the block's scale applied to each 128-long partial sum (BLOCK_K = 128, BLOCK_N divides 128).
+with the block's scale applied to each 128-long partial sum (BLOCK_K = 128, BLOCK_N divides 128). The grid's first
+axis is the tile: programs that share an expert's weight slice are launched side by side (its rows read once from
+HBM, the other tiles' reads hit L2). The launch (`MoELaunch`: tile sizes, warps, stages per stage, split-K) comes
+from `LAUNCH_TABLE` by weight format and token count, measured by benchmarks/moe_decode_sweep.py; the token count
+is not a compile-time constant (one compile serves every decode bucket).
 
 `moe_decode_reference`: the same math in PyTorch, expert by expert (host syncs; the CPU path and the oracle).
 `moe_decode`: Triton on CUDA (sm_89+ for FP8 weights, any Triton GPU otherwise) when triton imports, else the
@@ -29,6 +34,8 @@ reference (DSV3_MOE_DECODE=reference forces it).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +45,9 @@ from .fp8_quant import dequantize_blocks
 from .fp8_weight_gemm import grouped_tile_map
 from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, need_triton, tl, triton, use_triton
 
-__all__ = ["HAS_TRITON", "moe_decode", "moe_decode_reference", "moe_decode_sorted_triton",
-           "moe_decode_triton", "sort_pairs"]
+__all__ = ["HAS_TRITON", "LAUNCH_TABLE", "MoELaunch", "down_stage", "fused_token_range", "gate_up_stage",
+           "launch_config", "moe_decode", "moe_decode_reference", "moe_decode_sorted_triton", "moe_decode_triton",
+           "sort_pairs"]
 
 
 def _check(x: Tensor, weights: Tensor, idx: Tensor, gate: Tensor, up: Tensor, down: Tensor, scales) -> None:
@@ -115,7 +123,7 @@ def sort_pairs(idx: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tenso
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["P"])
     def _gate_up_kernel(X, PAIRS, TILE_E, TILE_ROW, OFFS, WG, WU, SG, SU, H, P, N, K, E, TOPK,
                         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
                         stride_hm, stride_hn,
@@ -158,12 +166,12 @@ if HAS_TRITON:
         h_ptrs = H + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
         tl.store(h_ptrs, h.to(H.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["P"])
     def _down_kernel(H, PAIRS, TILE_E, TILE_ROW, OFFS, WD, SD, TW, Y, P, N, K, E,
                      stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
-                     stride_ym, stride_yn,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     stride_ys, stride_ym, stride_yn,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     FP8: tl.constexpr, DOT_PREC: tl.constexpr):
         t = tl.program_id(0)
         e = tl.load(TILE_E + t)
         if e >= E:
@@ -174,14 +182,19 @@ if HAS_TRITON:
         n0 = tl.program_id(1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
+        # this program's slice of the K blocks (all of them without split-K)
+        n_kb = tl.cdiv(K, BLOCK_K)
+        kb_per = tl.cdiv(n_kb, SPLIT_K)
+        kb0 = tl.program_id(2) * kb_per
+        kb1 = tl.minimum(kb0 + kb_per, n_kb)
+        offs_k = kb0 * BLOCK_K + tl.arange(0, BLOCK_K)
         e64 = e.to(tl.int64)
         h_ptrs = H + rows.to(tl.int64)[:, None] * stride_hm + offs_k[None, :] * stride_hk
         w_ptrs = WD + e64 * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
         s_off = e64 * stride_se + (n0 // BLOCK_K) * stride_sn
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for kb in range(tl.cdiv(K, BLOCK_K)):
-            mask_k = offs_k < K - kb * BLOCK_K
+        for kb in range(kb0, kb1):
+            mask_k = offs_k < K - (kb - kb0) * BLOCK_K
             h = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(h.dtype)
             if FP8:
@@ -191,83 +204,169 @@ if HAS_TRITON:
             h_ptrs += BLOCK_K * stride_hk
             w_ptrs += BLOCK_K * stride_wk
         acc = acc * tl.load(TW + pair, mask=mask_m, other=0.0)[:, None]      # the routed weight, in the epilogue
-        y_ptrs = Y + pair.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        y_ptrs = (Y + tl.program_id(2).to(tl.int64) * stride_ys + pair.to(tl.int64)[:, None] * stride_ym
+                  + offs_n[None, :] * stride_yn)
         tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _launch_config(P: int, E: int, dtype: torch.dtype) -> dict:
-    """Row tiles sized for the mean rows per hit expert (a shape, not the counts: no sync); narrow N tiles so that
-    batch 1's six experts still spread over the SMs. Not yet swept on the GPU."""
-    mean = -(-P // max(min(E, P), 1))
-    block_m = 16 if mean <= 16 else 32 if mean <= 32 else 64
-    if dtype == torch.float32:      # exactness runs: fewer stages for the wider tiles
-        return dict(block_m=block_m, block_n=32, num_warps=4, num_stages=2)
-    return dict(block_m=block_m, block_n=64, num_warps=4, num_stages=3)
+@dataclass(frozen=True)
+class MoELaunch:
+    """One launch configuration of the two GEMM stages: the row tile `block_m` (shared: it cuts the sorted pairs
+    into tiles), then per stage the N tile, warps and pipeline stages; `split_k` cuts the down GEMM's K (= I) loop
+    over that many programs (fp32 partial rows summed in a fixed order after it: more programs for small batches)."""
+    block_m: int = 16
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    down_block_n: int = 64
+    down_num_warps: int = 4
+    down_num_stages: int = 3
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.block_m < 16 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"block_m must be a power of two >= 16, got {self}")
+        if BLOCK % self.block_n or BLOCK % self.down_block_n or self.split_k < 1:
+            raise ValueError(f"block_n and down_block_n must divide {BLOCK}, split_k be >= 1, got {self}")
 
 
-def _config(P: int, E: int, dtype: torch.dtype, **overrides) -> dict:
-    cfg = _launch_config(P, E, dtype)
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    if BLOCK % cfg["block_n"] or cfg["block_m"] < 16 or cfg["block_m"] & (cfg["block_m"] - 1):
-        raise ValueError(f"block_n must divide {BLOCK} and block_m be a power of two >= 16, got {cfg}")
+# The launch table, by weight format and token count T (tokens = rows of the decode step; P = 6 T pairs at lite's
+# top-6): row (T, launch, faster) serves token counts above the previous row's T up to its own; `faster` = the fused
+# call (sort + both stages + combine) measured faster than the MoE module's path (permutation + grouped GEMMs) at T
+# tokens. Fill it from `benchmarks/moe_decode_sweep.py` (it prints this block with the best launch per row: paste it
+# over this one). Rows below: the unswept defaults (block_m by mean rows per expert) and the engine rows of
+# benchmarks/RESULTS.md, issue 16 (fused faster at batch 1 and 32, a tie at 64 before the router kernel).
+LAUNCH_TABLE: dict[str, tuple[tuple[int, MoELaunch, bool], ...]] = {
+    "bf16": ((1, MoELaunch(16), True), (8, MoELaunch(16), True), (32, MoELaunch(16), True),
+             (64, MoELaunch(16), False), (128, MoELaunch(16), False), (256, MoELaunch(32), False)),
+    "fp8": ((1, MoELaunch(16), True), (8, MoELaunch(16), True), (32, MoELaunch(16), True),
+            (64, MoELaunch(16), False), (128, MoELaunch(16), False), (256, MoELaunch(32), False)),
+}
+
+
+_FIELDS = tuple(f.name for f in fields(MoELaunch))
+
+
+def _launch_kwargs(tokens: int, fp8: bool, dtype: torch.dtype, overrides: dict) -> dict:
+    """`launch_config` as a plain dict, built with dict and loop operations only: a compiled decode layer traces it
+    (dsv3.kernels.decode_ops), and dynamo need not know dataclasses.replace / asdict."""
+    rows = LAUNCH_TABLE["fp8" if fp8 else "bf16"]
+    launch = rows[-1][1]
+    for t, row_launch, _ in rows:
+        if t >= tokens:
+            launch = row_launch
+            break
+    cfg = {name: getattr(launch, name) for name in _FIELDS}
+    if dtype == torch.float32:
+        for name, cap in (("block_n", 32), ("down_block_n", 32), ("num_stages", 2), ("down_num_stages", 2)):
+            cfg[name] = min(cfg[name], cap)
+    for name, value in overrides.items():
+        if name not in cfg:
+            raise TypeError(f"unknown launch field {name!r} (MoELaunch: {', '.join(_FIELDS)})")
+        if value is not None:
+            cfg[name] = value
     return cfg
+
+
+def launch_config(tokens: int, fp8: bool, dtype: torch.dtype = torch.bfloat16, **overrides) -> MoELaunch:
+    """The table's launch for `tokens` (the first row whose T >= tokens, the last row past the table) with
+    `overrides` (MoELaunch field -> value; None keeps the table's). fp32 activations (exactness runs, the
+    interpreter) take narrower tiles and fewer stages: fp32 tiles need twice the shared memory."""
+    return MoELaunch(**_launch_kwargs(tokens, fp8, dtype, overrides))
+
+
+def fused_token_range(fp8: bool = False) -> tuple[int, int]:
+    """(1, hi): the token counts where the fused call measured faster, from the table's leading `faster` rows; hi
+    sits halfway to the first slower row's T (the decode graphs' buckets between two measured rows take the nearer
+    verdict), or is the last row's T when every row is faster; (1, 0) when the first row is slower."""
+    rows = LAUNCH_TABLE["fp8" if fp8 else "bf16"]
+    hi = 0
+    for i, (t, _, faster) in enumerate(rows):
+        if not faster:
+            return (1, (hi + t) // 2 if i else 0)
+        hi = t
+    return (1, hi)
+
+
+def _scale_args(scale: Tensor | None, like: Tensor) -> tuple:
+    """A scale pointer and its 3 strides; x itself (never read) without FP8 weights."""
+    if scale is None:
+        return (like, 0, 0, 0)
+    return (scale, scale.stride(0), scale.stride(1), scale.stride(2))
+
+
+def gate_up_stage(x: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row: Tensor, gate_proj: Tensor,
+                  up_proj: Tensor, gate_scale: Tensor | None, up_scale: Tensor | None, topk: int,
+                  launch: MoELaunch) -> Tensor:
+    """Step 2: h (P, I) = silu(x gate^T) * (x up^T) of each sorted pair, in x's dtype (scales fp32 contiguous)."""
+    P, (E, I, D) = pairs.shape[0], gate_proj.shape
+    if up_proj.stride() != gate_proj.stride() or (gate_scale is not None and up_scale.stride() != gate_scale.stride()):
+        raise ValueError("gate_proj and up_proj (and their scales) must have the same strides")
+    sg, su = _scale_args(gate_scale, x), _scale_args(up_scale, x)
+    h = torch.empty(P, I, device=x.device, dtype=x.dtype)
+    _gate_up_kernel[(tile_e.shape[0], triton.cdiv(I, launch.block_n))](
+        x, pairs, tile_e, tile_row, offs, gate_proj, up_proj, sg[0], su[0], h, P, I, D, E, topk,
+        x.stride(0), x.stride(1), *gate_proj.stride(), *sg[1:], h.stride(0), h.stride(1),
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=BLOCK, FP8=gate_scale is not None,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=launch.num_warps,
+        num_stages=launch.num_stages)
+    return h
+
+
+def down_stage(h: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row: Tensor, down_proj: Tensor,
+               down_scale: Tensor | None, tw: Tensor, launch: MoELaunch) -> Tensor:
+    """Step 3: y (P, D) fp32 = tw[pair] * (h down^T) of each sorted pair, stored at the pair's (token, k) row; with
+    split_k > 1 the K slices' partial rows are summed after the launch, in slice order (deterministic)."""
+    P, (E, D, I) = pairs.shape[0], down_proj.shape
+    sd = _scale_args(down_scale, h)
+    y = torch.empty(launch.split_k, P, D, device=h.device, dtype=torch.float32)
+    _down_kernel[(tile_e.shape[0], triton.cdiv(D, launch.down_block_n), launch.split_k)](
+        h, pairs, tile_e, tile_row, offs, down_proj, sd[0], tw, y, P, D, I, E,
+        h.stride(0), h.stride(1), *down_proj.stride(), *sd[1:], y.stride(0), y.stride(1), y.stride(2),
+        BLOCK_M=launch.block_m, BLOCK_N=launch.down_block_n, BLOCK_K=BLOCK, SPLIT_K=launch.split_k,
+        FP8=down_scale is not None, DOT_PREC="ieee" if h.dtype == torch.float32 else "tf32",
+        num_warps=launch.down_num_warps, num_stages=launch.down_num_stages)
+    return y[0] if launch.split_k == 1 else y.sum(0)
 
 
 def moe_decode_sorted_triton(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row: Tensor,
                              gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor, gate_scale: Tensor | None = None,
-                             up_scale: Tensor | None = None, down_scale: Tensor | None = None, *,
-                             block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                             num_stages: int | None = None) -> Tensor:
+                             up_scale: Tensor | None = None, down_scale: Tensor | None = None,
+                             **overrides) -> Tensor:
     """Steps 2-3 on pairs already sorted by `sort_pairs` (with the same block_m): tw (T, K) fp32 contiguous routed
-    weights -> y (T*K, D) fp32, each pair's weighted expert output at its (token, k) row. Split from step 1 so that
-    a compiled decode step fuses the sort's small ops with the router's (dsv3.kernels.decode_ops)."""
-    (T, D), (E, I, _), K = x.shape, gate_proj.shape, tw.shape[1]
-    P = T * K
-    cfg = _config(P, E, x.dtype, block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    weights -> y (T*K, D) fp32, each pair's weighted expert output at its (token, k) row. `overrides`: MoELaunch
+    fields over the table's launch for T tokens. Split from step 1 so that a compiled decode step fuses the sort's
+    small ops with the router's (dsv3.kernels.decode_ops)."""
     fp8 = gate_proj.dtype == torch.float8_e4m3fn
-    scales = (gate_scale, up_scale, down_scale)
-    sg, su, sd = (s.float().contiguous() for s in scales) if fp8 else (x, x, x)     # unused pointers without FP8
-    strides_s = lambda s: (s.stride(0), s.stride(1), s.stride(2)) if fp8 else (0, 0, 0)  # noqa: E731
-    if up_proj.stride() != gate_proj.stride() or (fp8 and su.stride() != sg.stride()):
-        raise ValueError("gate_proj and up_proj (and their scales) must have the same strides")
-    common = dict(BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=BLOCK, FP8=fp8,
-                  DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
-    # 2. gate and up in one pass, h in sorted order
-    h = torch.empty(P, I, device=x.device, dtype=x.dtype)
-    _gate_up_kernel[(tile_e.shape[0], triton.cdiv(I, cfg["block_n"]))](
-        x, pairs, tile_e, tile_row, offs, gate_proj, up_proj, sg, su, h, P, I, D, E, K,
-        x.stride(0), x.stride(1), gate_proj.stride(0), gate_proj.stride(1), gate_proj.stride(2), *strides_s(sg),
-        h.stride(0), h.stride(1), **common)
-    # 3. down, routed weight in the epilogue, rows back at their (token, k) place
-    y = torch.empty(P, D, device=x.device, dtype=torch.float32)
-    _down_kernel[(tile_e.shape[0], triton.cdiv(D, cfg["block_n"]))](
-        h, pairs, tile_e, tile_row, offs, down_proj, sd, tw, y, P, D, I, E,
-        h.stride(0), h.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2), *strides_s(sd),
-        y.stride(0), y.stride(1), **common)
-    return y
+    launch = launch_config(tw.shape[0], fp8, x.dtype, **overrides)
+    scales = [s.float().contiguous() if fp8 else None for s in (gate_scale, up_scale, down_scale)]
+    h = gate_up_stage(x, pairs, offs, tile_e, tile_row, gate_proj, up_proj, scales[0], scales[1], tw.shape[1],
+                      launch)                                                           # 2.
+    return down_stage(h, pairs, offs, tile_e, tile_row, down_proj, scales[2], tw, launch)   # 3.
 
 
 def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
                       gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
-                      down_scale: Tensor | None = None, *, block_m: int | None = None, block_n: int | None = None,
-                      num_warps: int | None = None, num_stages: int | None = None, gemms=None) -> Tensor:
-    """The fused MoE through Triton (same contract as `moe_decode_reference`); graph-capturable. The keyword-only
-    arguments override the launch configuration; `gemms` replaces `moe_decode_sorted_triton` for steps 2-3 (with its
-    arguments; dsv3.kernels.decode_ops passes its custom op, so that a compiled caller sees steps 1 and 4)."""
+                      down_scale: Tensor | None = None, *, gemms=None, **overrides) -> Tensor:
+    """The fused MoE through Triton (same contract as `moe_decode_reference`); graph-capturable. `overrides`:
+    MoELaunch fields (block_m, block_n, ..., split_k) over the table's launch for T tokens; `gemms` replaces
+    `moe_decode_sorted_triton` for steps 2-3 (with its arguments; dsv3.kernels.decode_ops passes its custom op, so
+    that a compiled caller sees steps 1 and 4)."""
     need_triton("moe_decode_triton")
     scales = (gate_scale, up_scale, down_scale)
     _check(x, weights, idx, gate_proj, up_proj, down_proj, scales)
     if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"the Triton kernels take x in {TRITON_DTYPES}, got {x.dtype} (use the reference)")
-    (T, D), E, K = x.shape, gate_proj.shape[0], idx.shape[1]
-    cfg = _config(T * K, E, x.dtype, block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
-    if T * K == 0 or E == 0:
+    (T, D), E = x.shape, gate_proj.shape[0]
+    launch = _launch_kwargs(T, gate_proj.dtype == torch.float8_e4m3fn, x.dtype, overrides)
+    if overrides:
+        MoELaunch(**launch)          # validated here too (a compiled decode layer passes none)
+    if T * idx.shape[1] == 0 or E == 0:
         return x.new_zeros(T, D)
-    sorted_pairs = sort_pairs(idx, E, cfg["block_m"])                        # 1.
+    sorted_pairs = sort_pairs(idx, E, launch["block_m"])                     # 1.
     y = (gemms or moe_decode_sorted_triton)(x, weights.float().contiguous(), *sorted_pairs, gate_proj, up_proj,
-                                            down_proj, *scales, **cfg)      # 2.-3.
-    return y.view(T, K, D).sum(1).to(x.dtype)                                # 4. the combine, in a fixed order
+                                            down_proj, *scales, **launch)   # 2.-3.
+    return y.view(T, -1, D).sum(1).to(x.dtype)                               # 4. the combine, in a fixed order
 
 
 def moe_decode(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
