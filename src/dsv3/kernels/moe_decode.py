@@ -234,13 +234,26 @@ class MoELaunch:
 # top-6): row (T, launch, faster) serves token counts above the previous row's T up to its own; `faster` = the fused
 # call (sort + both stages + combine) measured faster than the MoE module's path (permutation + grouped GEMMs) at T
 # tokens. Fill it from `benchmarks/moe_decode_sweep.py` (it prints this block with the best launch per row: paste it
-# over this one). Rows below: the unswept defaults (block_m by mean rows per expert) and the engine rows of
-# benchmarks/RESULTS.md, issue 16 (fused faster at batch 1 and 32, a tie at 64 before the router kernel).
+# over this one). Rows below: the sweep of 2026-12-04 on one H200 (`--deadline-s 210`, 3 alternating weight sets,
+# CUDA-graph replays; GB/s of the experts' weights read; the sweep's own copy figure, 2.77 TB/s, undercounts the
+# ~4.3 TB/s of RESULTS.md, so its "% of copy" is not quoted). The fused call won at every T, both formats.
 LAUNCH_TABLE: dict[str, tuple[tuple[int, MoELaunch, bool], ...]] = {
-    "bf16": ((1, MoELaunch(16), True), (8, MoELaunch(16), True), (32, MoELaunch(16), True),
-             (64, MoELaunch(16), False), (128, MoELaunch(16), False), (256, MoELaunch(32), False)),
-    "fp8": ((1, MoELaunch(16), True), (8, MoELaunch(16), True), (32, MoELaunch(16), True),
-            (64, MoELaunch(16), False), (128, MoELaunch(16), False), (256, MoELaunch(32), False)),
+    "bf16": (
+        (1, MoELaunch(block_m=16, num_stages=5, down_num_stages=4), True),  # 94 us vs module 113 us; 1.10 TB/s
+        (8, MoELaunch(block_m=16, block_n=32, num_stages=4), True),  # 217 vs 305 us; 2.82 TB/s
+        (32, MoELaunch(block_m=16, block_n=32, num_stages=5), True),  # 338 vs 461 us; 3.04 TB/s
+        (64, MoELaunch(block_m=16, block_n=32, num_stages=4), True),  # 398 vs 506 us; 2.78 TB/s
+        (128, MoELaunch(block_m=16, down_block_n=128), True),  # 486 vs 599 us; 2.28 TB/s
+        (256, MoELaunch(block_m=32), True),  # 372 vs 505 us; 2.97 TB/s
+    ),
+    "fp8": (
+        (1, MoELaunch(block_m=16, block_n=32, num_stages=4, down_block_n=32), True),  # 96 vs 222 us; 0.54 TB/s
+        (8, MoELaunch(block_m=16, block_n=32), True),  # 182 vs 275 us; 1.68 TB/s
+        (32, MoELaunch(block_m=16, block_n=32), True),  # 278 vs 364 us; 1.85 TB/s
+        (64, MoELaunch(block_m=16, block_n=32), True),  # 333 vs 420 us; 1.67 TB/s
+        (128, MoELaunch(block_m=16, block_n=32), True),  # 428 vs 522 us; 1.30 TB/s
+        (256, MoELaunch(block_m=32, num_warps=8), True),  # 358 vs 630 us; 1.55 TB/s
+    ),
 }
 
 
