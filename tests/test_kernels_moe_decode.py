@@ -108,10 +108,11 @@ def test_input_checks():
 
 
 @pytest.mark.parametrize("T,K,E,block_m", [(1, 6, 64, 16), (37, 4, 16, 16), (20, 3, 4, 16), (300, 4, 64, 32),
-                                           (5, 2, 4, 64)])
+                                           (5, 2, 4, 64), (256, 8, 8, 32), (600, 4, 64, 16)])
 def test_sort_pairs(T, K, E, block_m):
     """Stable expert order, cumulative ends, and the real tiles first (every expert's segment cut in block_m rows),
-    within the shape-only bound; both the one-hot rank (small) and the sort (300 x 4 x 64) paths."""
+    within the shape-only bound; both the compare-and-count (P <= 2048: 256 x 8 is the edge) and the radix sort
+    (600 x 4) paths."""
     idx = make_moe(T, K, E, 8, 8, seed=T)[2]
     pairs, offs, tile_e, tile_row = sort_pairs(idx, E, block_m)
     flat = idx.flatten().tolist()
