@@ -42,20 +42,29 @@ import torch
 STAGE_KNOBS = ((4, 3), (4, 4), (4, 5), (8, 3), (8, 4))       # (num_warps, num_stages) per N tile
 
 
-def gate_up_grid(dry: bool) -> list[dict]:
+def gate_up_grid(dry: bool, fmt: str) -> list[dict]:
+    f16 = fmt == "fp8"      # FP8 weights: also the fp16 MMA (MoELaunch.f16_dot)
     if dry:
-        return [dict(block_n=32, num_warps=4, num_stages=2), dict(block_n=16, num_warps=4, num_stages=2)]
-    return [dict(block_n=bn, num_warps=w, num_stages=s) for bn in (32, 64, 128) for w, s in STAGE_KNOBS]
+        return [dict(block_n=32, num_warps=4, num_stages=2), dict(block_n=16, num_warps=4, num_stages=2)] + \
+            [dict(block_n=32, num_warps=4, num_stages=2, f16_dot=True)] * f16
+    return [dict(block_n=bn, num_warps=w, num_stages=s) for bn in (32, 64, 128) for w, s in STAGE_KNOBS] + \
+        [dict(block_n=bn, num_warps=w, num_stages=s, f16_dot=True) for bn in (32, 64) for w, s in STAGE_KNOBS[:4]
+         if f16]
 
 
-def down_grid(dry: bool, tokens: int) -> list[dict]:
+def down_grid(dry: bool, tokens: int, fmt: str) -> list[dict]:
+    f16 = fmt == "fp8"
     if dry:
         return [dict(down_block_n=32, down_num_warps=4, down_num_stages=2),
-                dict(down_block_n=16, down_num_warps=4, down_num_stages=2, split_k=2)]
+                dict(down_block_n=16, down_num_warps=4, down_num_stages=2, split_k=2)] + \
+            [dict(down_block_n=32, down_num_warps=4, down_num_stages=2, down_f16_dot=True)] * f16
     grid = [dict(down_block_n=bn, down_num_warps=w, down_num_stages=s) for bn in (32, 64, 128) for w, s in STAGE_KNOBS]
     if tokens <= 8:     # few tiles: split the I loop for more programs
         grid += [dict(down_block_n=bn, down_num_warps=4, down_num_stages=4, split_k=sk) for bn in (64, 128)
                  for sk in (2, 4)]
+    if f16:
+        grid += [dict(down_block_n=bn, down_num_warps=w, down_num_stages=s, down_f16_dot=True) for bn in (32, 64, 128)
+                 for w, s in STAGE_KNOBS[:2]]
     return grid
 
 
@@ -242,7 +251,7 @@ def run_case(cfg, fmt: str, T: int, sets: list, a, deadline: float, copy_bw: flo
     # 2. each stage alone, per row tile
     best = {}
     for bm in block_ms(T * K, E, a.dry_run):
-        base = replace(table, block_m=bm)
+        base = replace(table, block_m=bm, split_k=1, f16_dot=False, down_f16_dot=False)   # knobs add these
         for d in data:
             d["pairs"] = sort_pairs(d["idx"], E, bm)
         gu = lambda d, launch: gate_up_stage(d["x"], *d["pairs"], *d["tensors"][:2], *d["scales"][:2], K,  # noqa: E731
@@ -252,7 +261,7 @@ def run_case(cfg, fmt: str, T: int, sets: list, a, deadline: float, copy_bw: flo
         check = lambda d, y: rel_err(y.view(T, K, -1).sum(1).to(dtype), d["ref"])  # noqa: E731
         for d in data:
             d["h"] = gu(d, base)
-        for stage, grid in (("gate_up", gate_up_grid(a.dry_run)), ("down", down_grid(a.dry_run, T))):
+        for stage, grid in (("gate_up", gate_up_grid(a.dry_run, fmt)), ("down", down_grid(a.dry_run, T, fmt))):
             for knobs in grid:
                 if time.time() > deadline:
                     row["cut_by_deadline"] = True
@@ -270,7 +279,9 @@ def run_case(cfg, fmt: str, T: int, sets: list, a, deadline: float, copy_bw: flo
                     r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                     row["stages"].append(r)
                     continue
-                r.update(err=err, ok=err < tol, **perf(sec, gu_bytes if stage == "gate_up" else down_bytes))
+                # fp16 operands of an fp32 dry run: fp16 rounding (the GPU's bf16 runs round coarser)
+                ok = err < (5e-3 if dtype == torch.float32 and (launch.f16_dot or launch.down_f16_dot) else tol)
+                r.update(err=err, ok=ok, **perf(sec, gu_bytes if stage == "gate_up" else down_bytes))
                 row["stages"].append(r)
                 key = (bm, stage)
                 if r["ok"] and (key not in best or sec < best[key][0]):
@@ -281,8 +292,7 @@ def run_case(cfg, fmt: str, T: int, sets: list, a, deadline: float, copy_bw: flo
             and (bm, "gate_up") in best}
     if sums:
         bm = min(sums, key=sums.get)
-        launch = MoELaunch(**{**asdict(table), "split_k": 1, "block_m": bm, **best[(bm, "gate_up")][1],
-                              **best[(bm, "down")][1]})
+        launch = MoELaunch(block_m=bm, **best[(bm, "gate_up")][1], **best[(bm, "down")][1])   # each stage whole
         row["best_launch"], row["best_err"] = asdict(launch), rel_err(fused(data[0], launch), data[0]["ref"])
         row["best"] = perf(time_per_call([functools.partial(fused, d, launch) for d in data]))
         row["best_stages"] = {st: perf(best[(bm, st)][0], gu_bytes if st == "gate_up" else down_bytes)
@@ -377,7 +387,7 @@ def main() -> None:
             for T in tokens:
                 for bm in block_ms(T * cfg.num_experts_per_tok, cfg.n_routed_experts, a.dry_run):
                     jobs += [(a.config, fmt, asdict(MoELaunch(block_m=bm, **k)), a.device, str(a.torch_dtype)[6:])
-                             for k in gate_up_grid(a.dry_run) + down_grid(a.dry_run, T)]
+                             for k in gate_up_grid(a.dry_run, fmt) + down_grid(a.dry_run, T, fmt)]
         jobs = list({json.dumps(j, sort_keys=True): j for j in jobs}.values())
         result["warm_compile"] = warm_compile(jobs, min(a.warm_s, a.deadline_s / 2), 2 if a.dry_run else 12)
         print(f"warm compile: {result['warm_compile']}", flush=True)

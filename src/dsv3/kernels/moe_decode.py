@@ -135,7 +135,7 @@ if HAS_TRITON:
                         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
                         stride_hm, stride_hn,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
-                        DOT_PREC: tl.constexpr):
+                        F16: tl.constexpr, DOT_PREC: tl.constexpr):
         t = tl.program_id(0)
         e = tl.load(TILE_E + t)
         if e >= E:
@@ -157,6 +157,8 @@ if HAS_TRITON:
         for kb in range(tl.cdiv(K, BLOCK_K)):
             mask_k = offs_k < K - kb * BLOCK_K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if F16:     # e4m3 -> fp16 is one conversion (bf16 takes more), exact; x clamped into fp16's range
+                x = tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16)
             wmask = mask_n[:, None] & mask_k[None, :]
             g = tl.load(g_ptrs, mask=wmask, other=0.0).to(x.dtype)
             u = tl.load(u_ptrs, mask=wmask, other=0.0).to(x.dtype)
@@ -178,7 +180,7 @@ if HAS_TRITON:
                      stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
                      stride_ys, stride_ym, stride_yn,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     FP8: tl.constexpr, DOT_PREC: tl.constexpr):
+                     FP8: tl.constexpr, F16: tl.constexpr, DOT_PREC: tl.constexpr):
         t = tl.program_id(0)
         e = tl.load(TILE_E + t)
         if e >= E:
@@ -203,6 +205,8 @@ if HAS_TRITON:
         for kb in range(kb0, kb1):
             mask_k = offs_k < K - (kb - kb0) * BLOCK_K
             h = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if F16:
+                h = tl.minimum(tl.maximum(h, -65504.0), 65504.0).to(tl.float16)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(h.dtype)
             if FP8:
                 acc += tl.dot(h, tl.trans(w), input_precision=DOT_PREC) * tl.load(SD + s_off + kb * stride_sk)
@@ -220,7 +224,10 @@ if HAS_TRITON:
 class MoELaunch:
     """One launch configuration of the two GEMM stages: the row tile `block_m` (shared: it cuts the sorted pairs
     into tiles), then per stage the N tile, warps and pipeline stages; `split_k` cuts the down GEMM's K (= I) loop
-    over that many programs (fp32 partial rows summed in a fixed order after it: more programs for small batches)."""
+    over that many programs (fp32 partial rows summed in a fixed order after it: more programs for small batches);
+    `f16_dot` / `down_f16_dot` (FP8 weights only): the stage's MMA in fp16 instead of x's dtype: e4m3 -> fp16 is one
+    instruction per pair (-> bf16 takes several, the FP8 stages' limit in the H200 sweep: 2-3 TB/s vs 4.1-4.3 for
+    bf16) and exact; activations are rounded to fp16 (finer than bf16) and clamped to its +-65504."""
     block_m: int = 16
     block_n: int = 64
     num_warps: int = 4
@@ -229,6 +236,8 @@ class MoELaunch:
     down_num_warps: int = 4
     down_num_stages: int = 3
     split_k: int = 1
+    f16_dot: bool = False
+    down_f16_dot: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
@@ -328,7 +337,8 @@ def gate_up_stage(x: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_r
         x, pairs, tile_e, tile_row, offs, gate_proj, up_proj, sg[0], su[0], h, P, I, D, E, topk,
         x.stride(0), x.stride(1), *gate_proj.stride(), *sg[1:], h.stride(0), h.stride(1),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=BLOCK, FP8=gate_scale is not None,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=launch.num_warps,
+        F16=launch.f16_dot and gate_scale is not None,
+        DOT_PREC="ieee" if x.dtype == torch.float32 and not launch.f16_dot else "tf32", num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     return h
 
@@ -344,7 +354,8 @@ def down_stage(h: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row:
         h, pairs, tile_e, tile_row, offs, down_proj, sd[0], tw, y, P, D, I, E,
         h.stride(0), h.stride(1), *down_proj.stride(), *sd[1:], y.stride(0), y.stride(1), y.stride(2),
         BLOCK_M=launch.block_m, BLOCK_N=launch.down_block_n, BLOCK_K=BLOCK, SPLIT_K=launch.split_k,
-        FP8=down_scale is not None, DOT_PREC="ieee" if h.dtype == torch.float32 else "tf32",
+        FP8=down_scale is not None, F16=launch.down_f16_dot and down_scale is not None,
+        DOT_PREC="ieee" if h.dtype == torch.float32 and not launch.down_f16_dot else "tf32",
         num_warps=launch.down_num_warps, num_stages=launch.down_num_stages)
     return y[0] if launch.split_k == 1 else y.sum(0)
 
