@@ -227,7 +227,8 @@ class MoELaunch:
     over that many programs (fp32 partial rows summed in a fixed order after it: more programs for small batches);
     `f16_dot` / `down_f16_dot` (FP8 weights only): the stage's MMA in fp16 instead of x's dtype: e4m3 -> fp16 is one
     instruction per pair (-> bf16 takes several, the FP8 stages' limit in the H200 sweep: 2-3 TB/s vs 4.1-4.3 for
-    bf16) and exact; activations are rounded to fp16 (finer than bf16) and clamped to its +-65504."""
+    bf16) and exact; bf16 activations convert exactly too (fp16 has more mantissa bits) except magnitudes under
+    2^-14 (fp16 subnormals: low bits lost) and over 65504 (clamped, never inf). fp32 activations are rounded."""
     block_m: int = 16
     block_n: int = 64
     num_warps: int = 4
