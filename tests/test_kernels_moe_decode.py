@@ -312,6 +312,19 @@ def test_triton_cuda_launches(launch, fp8):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_triton_cuda_f16_dot_clamps():
+    """FP8 weights with the fp16 MMA: bf16 activations past fp16's range are clamped (finite output), and inside it
+    the result matches the reference as closely as the bf16 MMA's."""
+    x, *rest = make_moe(32, 6, 64, 2048, 1408, dtype=torch.bfloat16, fp8=True, seed=7, device="cuda")
+    f16 = dict(f16_dot=True, down_f16_dot=True)
+    assert_close_scaled(moe_decode_triton(x, *rest, **f16), moe_decode_reference(x, *rest).float(), 2e-2)
+    x[0, :7] = 1e6
+    x[1, :7] = -3e38
+    assert torch.isfinite(moe_decode_triton(x, *rest, **f16)).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_triton_cuda_graph_capture():
     """No host sync: the call captures in a CUDA graph and replays correctly with new routing and new inputs."""
     x, w, idx, *rest = make_moe(16, 6, 64, 512, 256, dtype=torch.bfloat16, seed=1, device="cuda")

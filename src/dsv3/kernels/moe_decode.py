@@ -158,7 +158,7 @@ if HAS_TRITON:
             mask_k = offs_k < K - kb * BLOCK_K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             if F16:     # e4m3 -> fp16 is one conversion (bf16 takes more), exact; x clamped into fp16's range
-                x = tl.minimum(tl.maximum(x, -65504.0), 65504.0).to(tl.float16)
+                x = tl.minimum(tl.maximum(x, -65280.0), 65280.0).to(tl.float16)
             wmask = mask_n[:, None] & mask_k[None, :]
             g = tl.load(g_ptrs, mask=wmask, other=0.0).to(x.dtype)
             u = tl.load(u_ptrs, mask=wmask, other=0.0).to(x.dtype)
@@ -206,7 +206,7 @@ if HAS_TRITON:
             mask_k = offs_k < K - (kb - kb0) * BLOCK_K
             h = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             if F16:
-                h = tl.minimum(tl.maximum(h, -65504.0), 65504.0).to(tl.float16)
+                h = tl.minimum(tl.maximum(h, -65280.0), 65280.0).to(tl.float16)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(h.dtype)
             if FP8:
                 acc += tl.dot(h, tl.trans(w), input_precision=DOT_PREC) * tl.load(SD + s_off + kb * stride_sk)
@@ -228,7 +228,8 @@ class MoELaunch:
     `f16_dot` / `down_f16_dot` (FP8 weights only): the stage's MMA in fp16 instead of x's dtype: e4m3 -> fp16 is one
     instruction per pair (-> bf16 takes several, the FP8 stages' limit in the H200 sweep: 2-3 TB/s vs 4.1-4.3 for
     bf16) and exact; bf16 activations convert exactly too (fp16 has more mantissa bits) except magnitudes under
-    2^-14 (fp16 subnormals: low bits lost) and over 65504 (clamped, never inf). fp32 activations are rounded."""
+    2^-14 (fp16 subnormals: low bits lost) and over 65280 (clamped, never inf: the largest bf16 under fp16's 65504;
+    a bound of 65504 would round to 65536 in bf16 and overflow). fp32 activations are rounded."""
     block_m: int = 16
     block_n: int = 64
     num_warps: int = 4
