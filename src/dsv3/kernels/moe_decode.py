@@ -334,13 +334,13 @@ def gate_up_stage(x: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_r
     if up_proj.stride() != gate_proj.stride() or (gate_scale is not None and up_scale.stride() != gate_scale.stride()):
         raise ValueError("gate_proj and up_proj (and their scales) must have the same strides")
     sg, su = _scale_args(gate_scale, x), _scale_args(up_scale, x)
+    f16 = launch.f16_dot and gate_scale is not None             # the fp16 MMA applies to FP8 weights only
     h = torch.empty(P, I, device=x.device, dtype=x.dtype)
     _gate_up_kernel[(tile_e.shape[0], triton.cdiv(I, launch.block_n))](
         x, pairs, tile_e, tile_row, offs, gate_proj, up_proj, sg[0], su[0], h, P, I, D, E, topk,
         x.stride(0), x.stride(1), *gate_proj.stride(), *sg[1:], h.stride(0), h.stride(1),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=BLOCK, FP8=gate_scale is not None,
-        F16=launch.f16_dot and gate_scale is not None,
-        DOT_PREC="ieee" if x.dtype == torch.float32 and not launch.f16_dot else "tf32", num_warps=launch.num_warps,
+        F16=f16, DOT_PREC="ieee" if x.dtype == torch.float32 and not f16 else "tf32", num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     return h
 
@@ -351,13 +351,13 @@ def down_stage(h: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row:
     split_k > 1 the K slices' partial rows are summed after the launch, in slice order (deterministic)."""
     P, (E, D, I) = pairs.shape[0], down_proj.shape
     sd = _scale_args(down_scale, h)
+    f16 = launch.down_f16_dot and down_scale is not None
     y = torch.empty(launch.split_k, P, D, device=h.device, dtype=torch.float32)
     _down_kernel[(tile_e.shape[0], triton.cdiv(D, launch.down_block_n), launch.split_k)](
         h, pairs, tile_e, tile_row, offs, down_proj, sd[0], tw, y, P, D, I, E,
         h.stride(0), h.stride(1), *down_proj.stride(), *sd[1:], y.stride(0), y.stride(1), y.stride(2),
         BLOCK_M=launch.block_m, BLOCK_N=launch.down_block_n, BLOCK_K=BLOCK, SPLIT_K=launch.split_k,
-        FP8=down_scale is not None, F16=launch.down_f16_dot and down_scale is not None,
-        DOT_PREC="ieee" if h.dtype == torch.float32 and not launch.down_f16_dot else "tf32",
+        FP8=down_scale is not None, F16=f16, DOT_PREC="ieee" if h.dtype == torch.float32 and not f16 else "tf32",
         num_warps=launch.down_num_warps, num_stages=launch.down_num_stages)
     return y[0] if launch.split_k == 1 else y.sum(0)
 
