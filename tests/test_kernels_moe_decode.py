@@ -154,7 +154,8 @@ def test_launch_table_lookup():
     fp32 = launch_config(1, False, torch.float32)
     assert fp32.block_n <= 32 and fp32.down_block_n <= 32 and fp32.num_stages <= 2
     assert launch_config(1, False, block_n=None, split_k=2).split_k == 2
-    for bad in (dict(block_m=24), dict(block_m=8), dict(block_n=48), dict(down_block_n=256), dict(split_k=0)):
+    for bad in (dict(block_m=24), dict(block_m=8), dict(block_n=48), dict(down_block_n=256), dict(split_k=0),
+                dict(gate_up_split_k=0)):
         with pytest.raises(ValueError):
             MoELaunch(**bad)
 
@@ -212,7 +213,13 @@ def _interpreter_cases() -> dict:
              # the fp16 MMA of FP8 weights (fp32 activations rounded to fp16: a looser bound below); ignored for
              # weights in x's dtype (exact)
              "fp8_f16_dot": ((7, 2, 8, 260, 200), dict(fp8=True), dict(f16_dot=True, down_f16_dot=True)),
-             "f16_dot_without_fp8": ((5, 2, 8, 64, 40), {}, dict(f16_dot=True, down_f16_dot=True))}
+             "f16_dot_without_fp8": ((5, 2, 8, 64, 40), {}, dict(f16_dot=True, down_f16_dot=True)),
+             # split-K of the gate-up GEMM (D = 260: 3 K blocks in 2 or 3 slices; D = 100: 1 block, empty slices),
+             # its partials finished by the down kernel, with the down GEMM split too, and FP8
+             "gate_up_split2": ((5, 3, 8, 260, 96), {}, dict(gate_up_split_k=2)),
+             "gate_up_split3_down_split2": ((4, 2, 8, 260, 200), {}, dict(gate_up_split_k=3, split_k=2)),
+             "gate_up_split_empty_slices": ((3, 2, 4, 100, 64), {}, dict(gate_up_split_k=4)),
+             "gate_up_split2_fp8": ((1, 4, 16, 256, 128), dict(fp8=True), dict(gate_up_split_k=2, block_n=64))}
     for name, (shape, make_kw, kw) in cases.items():
         args = make_moe(*shape, seed=sum(shape), **make_kw)
         errs[name] = _rel(moe_decode_triton(*args, **kw), moe_decode_reference(*args))
@@ -237,7 +244,7 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_moe_decode")
-    assert len(errs) == 16, errs
+    assert len(errs) == 20, errs
     for name, err in errs.items():
         assert err < (3e-3 if name == "fp8_f16_dot" else 1e-5), (name, errs)
     assert errs["fp8_f16_dot"] > 1e-6, errs        # the fp16 path ran (fp32 activations rounded)
@@ -298,8 +305,9 @@ def test_triton_cuda_lite_shapes(T, fp8):
 @pytest.mark.parametrize("launch", [dict(split_k=2, down_block_n=128, down_num_warps=8, down_num_stages=4),
                                     dict(block_m=32, block_n=128, num_warps=8, num_stages=2, split_k=4),
                                     dict(block_m=64, block_n=32, num_stages=5, down_block_n=32),
-                                    dict(block_n=64, f16_dot=True, down_block_n=128, down_f16_dot=True)],
-                         ids=["split2_bn128", "bm32_split4", "bm64_bn32", "f16_dot"])
+                                    dict(block_n=64, f16_dot=True, down_block_n=128, down_f16_dot=True),
+                                    dict(gate_up_split_k=4, block_n=32, split_k=2, f16_dot=True)],
+                         ids=["split2_bn128", "bm32_split4", "bm64_bn32", "f16_dot", "gate_up_split4"])
 def test_triton_cuda_launches(launch, fp8):
     """Launches the sweep may pick (per-stage tiles, 8 warps, deep pipelines, split-K) at lite's shapes: the same
     result as the reference, and split-K bit-equal between two calls (its slices are summed in a fixed order).

@@ -13,9 +13,11 @@ Algorithm (Triton):
      per-expert counts and their cumulative ends `offs`, and the tile map of dsv3.kernels.fp8_weight_gemm
      (each BLOCK_M-row tile of an expert's segment -> (expert, first sorted row)); all on the device, no host sync,
      over a shape-only upper bound of cdiv(P, BLOCK_M) + min(E, P) tiles (the real ones come first);
-  2. gate-up kernel, grid (tiles, I / BLOCK_N): a tile gathers its pairs' token rows of x, streams its expert's
-     gate and up rows for one BLOCK_N slice in the same K loop (two accumulators, one pass over x), and writes
-     h = silu(gate) * up (fp32 math, stored in x's dtype) in sorted order;
+  2. gate-up kernel, grid (tiles, I / BLOCK_N, GATE_UP_SPLIT_K): a tile gathers its pairs' token rows of x, streams
+     its expert's gate and up rows for one BLOCK_N slice in the same K loop (two accumulators, one pass over x), and
+     writes h = silu(gate) * up (fp32 math, stored in x's dtype) in sorted order; with split-K (small batches: more
+     programs, shorter loops) each program writes its slice's fp32 gate and up partials instead, and the down
+     kernel sums them in slice order and applies the same epilogue as it loads h;
   3. down kernel, grid (tiles, D / BLOCK_N, SPLIT_K): h (sorted rows) times the expert's down rows, multiplied in
      the epilogue by each pair's routed weight and stored (fp32) at the pair's own (token, k) place; with split-K
      each program takes 1/SPLIT_K of the I loop and the partial rows are summed in slice order after the launch;
@@ -133,9 +135,9 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["P"])
     def _gate_up_kernel(X, PAIRS, TILE_E, TILE_ROW, OFFS, WG, WU, SG, SU, H, P, N, K, E, TOPK,
                         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
-                        stride_hm, stride_hn,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
-                        F16: tl.constexpr, DOT_PREC: tl.constexpr):
+                        stride_hm, stride_hn, stride_hs, stride_hw,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                        FP8: tl.constexpr, F16: tl.constexpr, DOT_PREC: tl.constexpr):
         t = tl.program_id(0)
         e = tl.load(TILE_E + t)
         if e >= E:
@@ -146,7 +148,11 @@ if HAS_TRITON:
         n0 = tl.program_id(1) * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
+        n_kb = tl.cdiv(K, BLOCK_K)          # this program's slice of the K blocks (all of them without split-K)
+        kb_per = tl.cdiv(n_kb, SPLIT_K)
+        kb0 = tl.program_id(2) * kb_per
+        kb1 = tl.minimum(kb0 + kb_per, n_kb)
+        offs_k = kb0 * BLOCK_K + tl.arange(0, BLOCK_K)
         e64 = e.to(tl.int64)
         x_ptrs = X + tok.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
         w_off = e64 * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
@@ -154,8 +160,8 @@ if HAS_TRITON:
         s_off = e64 * stride_se + (n0 // BLOCK_K) * stride_sn
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for kb in range(tl.cdiv(K, BLOCK_K)):
-            mask_k = offs_k < K - kb * BLOCK_K
+        for kb in range(kb0, kb1):
+            mask_k = offs_k < K - (kb - kb0) * BLOCK_K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             if F16:     # e4m3 -> fp16 is one conversion (bf16 takes more), exact; x clamped into fp16's range
                 x = tl.minimum(tl.maximum(x, -65280.0), 65280.0).to(tl.float16)
@@ -171,16 +177,23 @@ if HAS_TRITON:
             x_ptrs += BLOCK_K * stride_xk
             g_ptrs += BLOCK_K * stride_wk
             u_ptrs += BLOCK_K * stride_wk
-        h = acc_g * tl.sigmoid(acc_g) * acc_u                              # silu(gate) * up, fp32
         h_ptrs = H + rows.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
-        tl.store(h_ptrs, h.to(H.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            h = acc_g * tl.sigmoid(acc_g) * acc_u                          # silu(gate) * up, fp32
+            tl.store(h_ptrs, h.to(H.dtype.element_ty), mask=mask)
+        else:       # fp32 partial sums of gate and up: the down kernel adds them and applies silu(gate) * up
+            h_ptrs += tl.program_id(2).to(tl.int64) * stride_hs
+            tl.store(h_ptrs, acc_g, mask=mask)
+            tl.store(h_ptrs + stride_hw, acc_u, mask=mask)
 
     @triton.jit(do_not_specialize=["P"])
     def _down_kernel(H, PAIRS, TILE_E, TILE_ROW, OFFS, WD, SD, TW, Y, P, N, K, E,
                      stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
-                     stride_ys, stride_ym, stride_yn,
+                     stride_ys, stride_ym, stride_yn, stride_hs, stride_hw,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     FP8: tl.constexpr, F16: tl.constexpr, DOT_PREC: tl.constexpr):
+                     H_SPLIT: tl.constexpr, H_DTYPE: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
         t = tl.program_id(0)
         e = tl.load(TILE_E + t)
         if e >= E:
@@ -204,7 +217,16 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for kb in range(kb0, kb1):
             mask_k = offs_k < K - (kb - kb0) * BLOCK_K
-            h = tl.load(h_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            mask_h = mask_m[:, None] & mask_k[None, :]
+            if H_SPLIT == 1:
+                h = tl.load(h_ptrs, mask=mask_h, other=0.0)
+            else:   # the gate-up stage's split-K partials: summed in slice order, then its epilogue
+                g = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+                u = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+                for s in tl.static_range(H_SPLIT):
+                    g += tl.load(h_ptrs + s * stride_hs, mask=mask_h, other=0.0)
+                    u += tl.load(h_ptrs + s * stride_hs + stride_hw, mask=mask_h, other=0.0)
+                h = (g * tl.sigmoid(g) * u).to(H_DTYPE)
             if F16:
                 h = tl.minimum(tl.maximum(h, -65280.0), 65280.0).to(tl.float16)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(h.dtype)
@@ -224,7 +246,8 @@ if HAS_TRITON:
 class MoELaunch:
     """One launch configuration of the two GEMM stages: the row tile `block_m` (shared: it cuts the sorted pairs
     into tiles), then per stage the N tile, warps and pipeline stages; `split_k` cuts the down GEMM's K (= I) loop
-    over that many programs (fp32 partial rows summed in a fixed order after it: more programs for small batches);
+    over that many programs (fp32 partial rows summed in a fixed order after it: more programs for small batches),
+    `gate_up_split_k` the gate-up GEMM's K (= D) loop (its fp32 partials summed by the down kernel as it loads h);
     `f16_dot` / `down_f16_dot` (FP8 weights only): the stage's MMA in fp16 instead of x's dtype: e4m3 -> fp16 is one
     instruction per pair (-> bf16 takes several, the FP8 stages' limit in the H200 sweep: 2-3 TB/s vs 4.1-4.3 for
     bf16) and exact; bf16 activations convert exactly too (fp16 has more mantissa bits) except magnitudes under
@@ -238,14 +261,15 @@ class MoELaunch:
     down_num_warps: int = 4
     down_num_stages: int = 3
     split_k: int = 1
+    gate_up_split_k: int = 1
     f16_dot: bool = False
     down_f16_dot: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m < 16 or self.block_m & (self.block_m - 1):
             raise ValueError(f"block_m must be a power of two >= 16, got {self}")
-        if BLOCK % self.block_n or BLOCK % self.down_block_n or self.split_k < 1:
-            raise ValueError(f"block_n and down_block_n must divide {BLOCK}, split_k be >= 1, got {self}")
+        if BLOCK % self.block_n or BLOCK % self.down_block_n or min(self.split_k, self.gate_up_split_k) < 1:
+            raise ValueError(f"block_n and down_block_n must divide {BLOCK}, the split-Ks be >= 1, got {self}")
 
 
 # The launch table, by weight format and token count T (tokens = rows of the decode step; P = 6 T pairs at lite's
@@ -329,35 +353,55 @@ def _scale_args(scale: Tensor | None, like: Tensor) -> tuple:
 def gate_up_stage(x: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row: Tensor, gate_proj: Tensor,
                   up_proj: Tensor, gate_scale: Tensor | None, up_scale: Tensor | None, topk: int,
                   launch: MoELaunch) -> Tensor:
-    """Step 2: h (P, I) = silu(x gate^T) * (x up^T) of each sorted pair, in x's dtype (scales fp32 contiguous)."""
+    """Step 2: h (P, I) = silu(x gate^T) * (x up^T) of each sorted pair, in x's dtype (scales fp32 contiguous).
+    With gate_up_split_k = S > 1: the fp32 partial sums (2, S, P, I) of gate and up over S slices of D instead
+    (more programs for small batches), which `down_stage` finishes (sum, silu(gate) * up, x's dtype) as it loads."""
     P, (E, I, D) = pairs.shape[0], gate_proj.shape
     if up_proj.stride() != gate_proj.stride() or (gate_scale is not None and up_scale.stride() != gate_scale.stride()):
         raise ValueError("gate_proj and up_proj (and their scales) must have the same strides")
     sg, su = _scale_args(gate_scale, x), _scale_args(up_scale, x)
     f16 = launch.f16_dot and gate_scale is not None             # the fp16 MMA applies to FP8 weights only
-    h = torch.empty(P, I, device=x.device, dtype=x.dtype)
-    _gate_up_kernel[(tile_e.shape[0], triton.cdiv(I, launch.block_n))](
+    S = launch.gate_up_split_k
+    h = (torch.empty(P, I, device=x.device, dtype=x.dtype) if S == 1 else
+         torch.empty(2, S, P, I, device=x.device, dtype=torch.float32))
+    _gate_up_kernel[(tile_e.shape[0], triton.cdiv(I, launch.block_n), S)](
         x, pairs, tile_e, tile_row, offs, gate_proj, up_proj, sg[0], su[0], h, P, I, D, E, topk,
-        x.stride(0), x.stride(1), *gate_proj.stride(), *sg[1:], h.stride(0), h.stride(1),
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=BLOCK, FP8=gate_scale is not None,
+        x.stride(0), x.stride(1), *gate_proj.stride(), *sg[1:], *_h_strides(h),
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=BLOCK, SPLIT_K=S, FP8=gate_scale is not None,
         F16=f16, DOT_PREC="ieee" if x.dtype == torch.float32 and not f16 else "tf32", num_warps=launch.num_warps,
         num_stages=launch.num_stages)
     return h
 
 
+def _h_strides(h: Tensor) -> tuple[int, int, int, int]:
+    """(row, column, slice, gate/up) strides of h (P, I) or of the gate-up partials (2, S, P, I)."""
+    return (h.stride(0), h.stride(1), 0, 0) if h.dim() == 2 else (h.stride(2), h.stride(3), h.stride(1), h.stride(0))
+
+
+_TL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
 def down_stage(h: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row: Tensor, down_proj: Tensor,
-               down_scale: Tensor | None, tw: Tensor, launch: MoELaunch) -> Tensor:
+               down_scale: Tensor | None, tw: Tensor, launch: MoELaunch,
+               act_dtype: torch.dtype | None = None) -> Tensor:
     """Step 3: y (P, D) fp32 = tw[pair] * (h down^T) of each sorted pair, stored at the pair's (token, k) row; with
-    split_k > 1 the K slices' partial rows are summed after the launch, in slice order (deterministic)."""
+    split_k > 1 the K slices' partial rows are summed after the launch, in slice order (deterministic). `h`: the
+    gate-up stage's output; its partials (2, S, P, I) under gate_up_split_k = S > 1, with `act_dtype` (x's) the
+    dtype h is rounded to, as the unsplit stage stores it."""
     P, (E, D, I) = pairs.shape[0], down_proj.shape
+    S = launch.gate_up_split_k
+    if (h.dim() == 4) != (S > 1) or (S > 1 and (h.shape[:2] != (2, S) or act_dtype is None)):
+        raise ValueError(f"h {tuple(h.shape)} does not match gate_up_split_k={S} (partials need act_dtype)")
+    act_dtype = act_dtype or h.dtype
     sd = _scale_args(down_scale, h)
     f16 = launch.down_f16_dot and down_scale is not None
     y = torch.empty(launch.split_k, P, D, device=h.device, dtype=torch.float32)
     _down_kernel[(tile_e.shape[0], triton.cdiv(D, launch.down_block_n), launch.split_k)](
         h, pairs, tile_e, tile_row, offs, down_proj, sd[0], tw, y, P, D, I, E,
-        h.stride(0), h.stride(1), *down_proj.stride(), *sd[1:], y.stride(0), y.stride(1), y.stride(2),
-        BLOCK_M=launch.block_m, BLOCK_N=launch.down_block_n, BLOCK_K=BLOCK, SPLIT_K=launch.split_k,
-        FP8=down_scale is not None, F16=f16, DOT_PREC="ieee" if h.dtype == torch.float32 and not f16 else "tf32",
+        *_h_strides(h)[:2], *down_proj.stride(), *sd[1:], y.stride(0), y.stride(1), y.stride(2), *_h_strides(h)[2:],
+        BLOCK_M=launch.block_m, BLOCK_N=launch.down_block_n, BLOCK_K=BLOCK, SPLIT_K=launch.split_k, H_SPLIT=S,
+        H_DTYPE=getattr(tl, _TL_DTYPES[act_dtype]), FP8=down_scale is not None, F16=f16,
+        DOT_PREC="ieee" if act_dtype == torch.float32 and not f16 else "tf32",
         num_warps=launch.down_num_warps, num_stages=launch.down_num_stages)
     return y[0] if launch.split_k == 1 else y.sum(0)
 
@@ -375,7 +419,7 @@ def moe_decode_sorted_triton(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor,
     scales = [s.float().contiguous() if fp8 else None for s in (gate_scale, up_scale, down_scale)]
     h = gate_up_stage(x, pairs, offs, tile_e, tile_row, gate_proj, up_proj, scales[0], scales[1], tw.shape[1],
                       launch)                                                           # 2.
-    return down_stage(h, pairs, offs, tile_e, tile_row, down_proj, scales[2], tw, launch)   # 3.
+    return down_stage(h, pairs, offs, tile_e, tile_row, down_proj, scales[2], tw, launch, x.dtype)   # 3.
 
 
 def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
