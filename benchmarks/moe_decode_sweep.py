@@ -45,8 +45,8 @@ STAGE_KNOBS = ((4, 3), (4, 4), (4, 5), (8, 3), (8, 4))       # (num_warps, num_s
 def gate_up_grid(dry: bool, fmt: str, tokens: int) -> list[dict]:
     f16 = fmt == "fp8"      # FP8 weights: also the fp16 MMA (MoELaunch.f16_dot)
     if dry:
-        return [dict(block_n=32, num_warps=4, num_stages=2), dict(block_n=16, num_warps=4, num_stages=2),
-                dict(block_n=32, num_warps=4, num_stages=2, gate_up_split_k=2)] + \
+        return [dict(block_n=32, num_warps=4, num_stages=2), dict(block_n=16, num_warps=4, num_stages=2,
+                                                                   gate_up_split_k=2)] + \
             [dict(block_n=32, num_warps=4, num_stages=2, f16_dot=True)] * f16
     grid = [dict(block_n=bn, num_warps=w, num_stages=s) for bn in (32, 64, 128) for w, s in STAGE_KNOBS]
     if f16:
