@@ -110,3 +110,11 @@ def test_weights_write_through_and_training_sees_parameters():
     engine.load_weights(source)
     assert attn.q_a_proj.weight.data_ptr() == attn.fused_weight.data_ptr()
     torch.testing.assert_close(_forward(model, ids), _forward(source, ids), atol=1e-5, rtol=0)
+
+
+def test_step_bytes_count_fused_weights_once():
+    from dsv3.infer.bench import decode_step_bytes
+    model = build(tiny_config(), seed=6)
+    want = decode_step_bytes(model, 1)
+    fuse_projections(model)
+    assert decode_step_bytes(model, 1) == want
