@@ -58,9 +58,9 @@ def _sync(device: str) -> None:
 
 def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int = 0,
                  seed: int = 0, cuda_graphs: bool = True, warmup: bool = True, compile_decode: bool = False,
-                 fused_moe: str = "auto", padded: bool = False, fuse_projections: bool = True,
+                 fused_moe: str = "auto", padded: bool = False, fuse_projections: bool = True, dense_gemv: bool = False,
                  make_engine: Callable[..., Engine] = Engine) -> dict:
-    """`compile_decode` / `fused_moe` / `fuse_projections`: EngineConfig's decode-speed switches; `padded`: run the graph buckets
+    """`compile_decode` / `fused_moe` / `fuse_projections` / `dense_gemv`: EngineConfig's decode-speed switches; `padded`: run the graph buckets
     eagerly where graphs cannot capture (CPU dry runs of the compiled decode); `make_engine(model, config=...)`: the
     engine to time (e.g. one rank's EPEngine: its has_unfinished is collective, so every rank steps in lockstep)."""
     device = str(next(model.parameters()).device)
@@ -69,7 +69,8 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
                                                     max_num_batched_tokens=max(2048, batch * prompt_len),
                                                     num_speculative_tokens=spec_tokens, speculative_max_batch=batch,
                                                     cuda_graphs=cuda_graphs, compile_decode=compile_decode,
-                                                    fused_moe=fused_moe, fuse_projections=fuse_projections))
+                                                    fused_moe=fused_moe, fuse_projections=fuse_projections,
+                                                    dense_gemv=dense_gemv))
     if padded and engine.runner.graphs is None:
         engine.use_decode_graphs(capture=False)
 

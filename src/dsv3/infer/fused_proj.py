@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.decode_ops import fp8_linear
+from ..kernels.decode_ops import fp8_linear, gemv
+from ..kernels.gemv import GEMV_MAX_M
 from ..model.layers import MLP
 from ..model.mla import MLA
 from .fp8_weights import FP8Linear
@@ -43,6 +44,8 @@ def _fused_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ fused_weight.T -> (..., N_a + N_b): one GEMM (the weight-only FP8 op for FP8 blocks)."""
     scale = getattr(module, "fused_scale_inv", None)
     if scale is None:
+        if module.use_gemv and x.numel() // x.shape[-1] <= GEMV_MAX_M:
+            return gemv(x.reshape(-1, x.shape[-1]), module.fused_weight).view(*x.shape[:-1], -1)
         return F.linear(x, module.fused_weight)
     return fp8_linear(x.reshape(-1, x.shape[-1]), module.fused_weight, scale).view(*x.shape[:-1], -1)
 
@@ -119,8 +122,10 @@ def _fuse(module: nn.Module) -> None:
         module.register_buffer(buffer, cat, persistent=False)
 
 
-def fuse_projections(model: nn.Module, on: bool = True) -> int:
-    """Fuse (on) or unfuse every MLA / MLP of `model` in place (module docstring); returns how many are fused."""
+def fuse_projections(model: nn.Module, on: bool = True, gemv: bool = False) -> int:
+    """Fuse (on) or unfuse every MLA / MLP of `model` in place (module docstring); returns how many are fused.
+    `gemv`: BF16 pairs of decode-sized batches (<= 8 tokens) through the weight-streaming GEMV (dsv3.kernels.gemv,
+    EngineConfig.dense_gemv) instead of cuBLAS."""
     fused = 0
     for module in model.modules():
         base, cls = (MLA, FusedMLA) if isinstance(module, MLA) else (MLP, FusedMLP) if isinstance(module, MLP) \
@@ -133,5 +138,6 @@ def fuse_projections(model: nn.Module, on: bool = True) -> int:
         if type(module) is not cls or not _linked(module):
             _fuse(module)
             module.__class__ = cls
+        module.use_gemv = gemv
         fused += 1
     return fused

@@ -16,12 +16,13 @@ from torch import Tensor
 
 from .fp8_weight_gemm import fp8_grouped_linear as _fp8_grouped_linear
 from .fp8_weight_gemm import fp8_linear as _fp8_linear
+from .gemv import gemv as _gemv
 from .moe_decode import moe_decode_reference, moe_decode_sorted_triton, moe_decode_triton
 from .moe_route import MOE_ROUTE_MAX_EXPERTS, sort_pairs_triton
 from .moe_route import moe_route as _moe_route
 from .triton_setup import use_triton
 
-__all__ = ["fp8_grouped_linear", "fp8_linear", "moe_decode", "moe_route"]
+__all__ = ["fp8_grouped_linear", "fp8_linear", "gemv", "moe_decode", "moe_route"]
 
 
 @torch.library.custom_op("dsv3::fp8_linear", mutates_args=())
@@ -44,6 +45,17 @@ def fp8_grouped_linear(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tenso
 @fp8_grouped_linear.register_fake
 def _(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("dsv3::gemv", mutates_args=())
+def gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x (M, K) @ weight (N, K).T -> (M, N), the weight-streaming GEMV for M <= 8 (dsv3.kernels.gemv)."""
+    return _gemv(x, weight).contiguous()
+
+
+@gemv.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("dsv3::moe_route", mutates_args=())
