@@ -49,6 +49,7 @@ def test_dispatcher_and_op_on_cpu():
     assert torch.equal(gemv(x, w), gemv_reference(x, w))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU with triton")
 def test_cuda_matches_float64_and_captures():
     from dsv3.kernels.gemv import gemv_triton

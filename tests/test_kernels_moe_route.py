@@ -146,10 +146,14 @@ def _pair_cases() -> dict:
     gate, up, down = (torch.randn(*shape, generator=g) * 0.1 for shape in [(E, N, D), (E, N, D), (E, D, N)])
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     w = torch.rand(T, K, generator=g)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, idx, gate, up, down = (t.to(dev) for t in (x, w, idx, gate, up, down))
     got = moe_decode_triton(x, w, idx, gate, up, down, sort=sort_pairs_triton)
     own = moe_decode_triton(x, w, idx, gate, up, down)
     ref = moe_decode_reference(x, w, idx, gate, up, down)
-    out["moe_decode_sort"] = [bool(torch.equal(got, own)), True, float((got - ref).abs().max() / ref.abs().max())]
+    err = float((got - ref).abs().max() / ref.abs().max())
+    # fp32 GEMM stages: exact to rounding in the interpreter, TF32 dots on a GPU
+    out["moe_decode_sort"] = [bool(torch.equal(got, own)), err < (1e-6 if dev == "cpu" else 1e-2), 0.0]
     return out
 
 
@@ -213,6 +217,7 @@ def test_fused_moe_path_routes_as_the_module():
         assert torch.equal(moe.tokens_per_expert, want_load) and int(want_load.sum()) == 18 * moe.gate.top_k
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU with triton")
 def test_cuda_triton_matches_reference_and_captures():
     from dsv3.kernels.moe_route import moe_route_triton
@@ -221,7 +226,7 @@ def test_cuda_triton_matches_reference_and_captures():
         got = moe_route_triton(logits.cuda(), args[0].cuda(), *args[1:])
         return tuple(t.cpu() for t in got)
     check_results(_run_cases(on_gpu))
-    check_results(_pair_cases(), 5)
+    check_results(_pair_cases(), 6)
     logits, args = case("v3", 32)
     logits, bias = logits.cuda(), args[0].cuda()
     (w, i, c), (wr, ir, cr) = moe_route(logits, bias, *args[1:]), moe_route_reference(logits.cpu(), *args)
