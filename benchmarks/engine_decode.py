@@ -9,7 +9,7 @@ captures the graphs it needs), over modes:
   fusedeager  graphs + the fused MoE kernel, no compile;
   unfused  auto without the fused projection pairs (EngineConfig.fuse_projections = false: q / kv_a and gate / up
            as two GEMMs each): the before of dsv3.infer.fused_proj in the same call;
-  gemv     auto + the BF16 pairs through the weight-streaming Triton GEMV at <= 8 tokens (EngineConfig.dense_gemv);
+  gemv     auto + BF16 dense projections through the weight-streaming Triton GEMV at <= 8 tokens (dense_gemv);
   fp8, fp8-compile, fp8-fused, fp8-auto, fp8-fusedeager: the same with weights in the released FP8 block format
   (dsv3.infer.fp8_weights). fp8 quantises the model in place, so every bf16 mode runs first.
 

@@ -35,7 +35,7 @@ from ..model.layers import MLP
 from ..model.mla import MLA
 from .fp8_weights import FP8Linear
 
-__all__ = ["FusedMLA", "FusedMLP", "fuse_projections"]
+__all__ = ["FusedMLA", "FusedMLP", "GemvLinear", "fuse_projections"]
 
 FP8_BLOCK = 128     # rows of one weight_scale_inv block (spec 2.3)
 
@@ -69,6 +69,18 @@ class FusedMLP(MLP):
             return super().forward(x)
         gate, up = _fused_linear(self, x).split([self.gate_proj.out_features, self.up_proj.out_features], dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+class GemvLinear(nn.Linear):
+    """nn.Linear whose decode-sized calls (<= GEMV_MAX_M rows, no autograd) stream the weight through the Triton
+    GEMV (dsv3.kernels.gemv): every other dense projection with `EngineConfig.dense_gemv` (o_proj, down_proj, the
+    head, unfused pairs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.numel() // x.shape[-1] > GEMV_MAX_M:
+            return super().forward(x)
+        y = gemv(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
 
 
 def _pair(module: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -124,10 +136,13 @@ def _fuse(module: nn.Module) -> None:
 
 def fuse_projections(model: nn.Module, on: bool = True, gemv: bool = False) -> int:
     """Fuse (on) or unfuse every MLA / MLP of `model` in place (module docstring); returns how many are fused.
-    `gemv`: BF16 pairs of decode-sized batches (<= 8 tokens) through the weight-streaming GEMV (dsv3.kernels.gemv,
-    EngineConfig.dense_gemv) instead of cuBLAS."""
+    `gemv`: the BF16 pairs and every other plain nn.Linear, for decode-sized batches (<= 8 tokens), through the
+    weight-streaming GEMV (dsv3.kernels.gemv, EngineConfig.dense_gemv) instead of cuBLAS; off restores nn.Linear."""
     fused = 0
     for module in model.modules():
+        if type(module) in (nn.Linear, GemvLinear):
+            module.__class__ = GemvLinear if gemv else nn.Linear
+            continue
         base, cls = (MLA, FusedMLA) if isinstance(module, MLA) else (MLP, FusedMLP) if isinstance(module, MLP) \
             else (None, None)
         if base is None or type(module) not in (base, cls):      # other subclasses keep their own forward
