@@ -78,7 +78,8 @@ def test_fp8_block_pairs_fuse_when_aligned():
     want = _forward(model, ids)
     assert fuse_projections(model) == sum(_counts(model))
     attn = model.layers[0].self_attn
-    assert attn.fused_weight.dtype == torch.float8_e4m3fn and attn.fused_scale_inv.shape[0] == 1 + 1   # q: 128 rows, kv_a: 40
+    # scale rows: one block for q's 128 rows, one for kv_a's 40
+    assert attn.fused_weight.dtype == torch.float8_e4m3fn and attn.fused_scale_inv.shape[0] == 1 + 1
     got = _forward(model, ids)
     torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=0)
     # a first projection of 96 rows would split a scale block: that pair keeps the module's two GEMMs
