@@ -62,7 +62,8 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
                  make_engine: Callable[..., Engine] = Engine) -> dict:
     """`compile_decode` / `fused_moe` / `fuse_projections` / `dense_gemv`: EngineConfig's decode-speed switches;
     `padded`: run the graph buckets eagerly where graphs cannot capture (CPU dry runs of the compiled decode);
-    `make_engine(model, config=...)`: the engine to time (e.g. one rank's EPEngine: its has_unfinished is collective, so every rank steps in lockstep)."""
+    `make_engine(model, config=...)`: the engine to time (e.g. one rank's EPEngine: its has_unfinished is
+    collective, so every rank steps in lockstep)."""
     device = str(next(model.parameters()).device)
     cfg = model.config
     engine = make_engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4,
