@@ -7,6 +7,9 @@ captures the graphs it needs), over modes:
   fused    compile + the fused MoE decode kernel (EngineConfig.fused_moe = on);
   auto     compile + fused_moe = auto (the default: the fused kernel for the buckets where it measured faster);
   fusedeager  graphs + the fused MoE kernel, no compile;
+  unfused  auto without the fused projection pairs (EngineConfig.fuse_projections = false: q / kv_a and gate / up
+           as two GEMMs each): the before of dsv3.infer.fused_proj in the same call;
+  gemv     auto + BF16 dense projections through the weight-streaming Triton GEMV at <= 8 tokens (dense_gemv);
   fp8, fp8-compile, fp8-fused, fp8-auto, fp8-fusedeager: the same with weights in the released FP8 block format
   (dsv3.infer.fp8_weights). fp8 quantises the model in place, so every bf16 mode runs first.
 
@@ -104,7 +107,9 @@ def profile_step(model, batch: int, prompt: int, **engine_kw) -> dict:
 
 MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused_moe="off"),
          "compile": dict(compile_decode=True, fused_moe="off"), "fused": dict(compile_decode=True, fused_moe="on"),
-         "auto": dict(compile_decode=True, fused_moe="auto"), "fusedeager": dict(fused_moe="on")}
+         "auto": dict(compile_decode=True, fused_moe="auto"), "fusedeager": dict(fused_moe="on"),
+         "unfused": dict(compile_decode=True, fused_moe="auto", fuse_projections=False),
+         "gemv": dict(compile_decode=True, fused_moe="auto", dense_gemv=True)}
 
 
 def main() -> None:

@@ -124,21 +124,51 @@ def _run_cases(fn) -> dict:
 
 
 def _pair_cases() -> dict:
-    """pair_order_triton against moe_decode.sort_pairs (pairs, offs), on distinct ids per token and on every token
-    at the same experts (one long segment)."""
+    """sort_pairs_triton against moe_decode.sort_pairs (pairs, offs, tile map; equal), on distinct ids per token
+    and on every token at the same experts (one long segment), with row tiles of 16 and 64."""
     from dsv3.kernels.moe_decode import sort_pairs
-    from dsv3.kernels.moe_route import pair_order_triton
+    from dsv3.kernels.moe_route import sort_pairs_triton
     out = {}
-    for T, E, K in [(1, 64, 6), (7, 8, 2), (100, 64, 6), (256, 256, 8), (33, 256, 8)]:
+    for T, E, K, bm in [(1, 64, 6, 16), (7, 8, 2, 16), (100, 64, 6, 64), (256, 256, 8, 64), (33, 256, 8, 16)]:
         g = torch.Generator().manual_seed(T)
         idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
         if T == 33:
             idx = torch.arange(K).repeat(T, 1)
         idx = idx.to("cuda" if torch.cuda.is_available() else "cpu")
-        pairs, offs = pair_order_triton(idx, torch.bincount(idx.flatten(), minlength=E))
-        want_pairs, want_offs = sort_pairs(idx, E, 16)[:2]
-        out[f"pairs_t{T}_e{E}"] = [bool(torch.equal(pairs, want_pairs)), bool(torch.equal(offs, want_offs)), 0.0]
+        got, want = sort_pairs_triton(idx, E, bm), sort_pairs(idx, E, bm)
+        same = [bool(torch.equal(a, b)) for a, b in zip(got, want)]
+        out[f"pairs_t{T}_e{E}"] = [same[0] and same[1], same[2] and same[3], 0.0]
+    # the fused MoE with this sort as its step 1 (dsv3.kernels.decode_ops): bit-equal to its own, near the reference
+    from dsv3.kernels.moe_decode import moe_decode_reference, moe_decode_triton
+    g = torch.Generator().manual_seed(0)
+    T, D, E, K, N = 3, 64, 8, 2, 32
+    x = torch.randn(T, D, generator=g)
+    gate, up, down = (torch.randn(*shape, generator=g) * 0.1 for shape in [(E, N, D), (E, N, D), (E, D, N)])
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w, idx, gate, up, down = (t.to(dev) for t in (x, w, idx, gate, up, down))
+    got = moe_decode_triton(x, w, idx, gate, up, down, sort=sort_pairs_triton)
+    own = moe_decode_triton(x, w, idx, gate, up, down)
+    ref = moe_decode_reference(x, w, idx, gate, up, down)
+    err = float((got - ref).abs().max() / ref.abs().max())
+    # fp32 GEMM stages: exact to rounding in the interpreter, TF32 dots on a GPU
+    out["moe_decode_sort"] = [bool(torch.equal(got, own)), err < (1e-6 if dev == "cpu" else 1e-2), 0.0]
     return out
+
+
+def test_sort_pairs_op_fake_shapes():
+    """The custom op's fake outputs (what a compiled decode layer plans with) have sort_pairs' shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import dsv3.kernels.decode_ops  # noqa: F401  (registers the op)
+    from dsv3.kernels.moe_decode import sort_pairs
+    for T, E, K, bm in [(1, 64, 6, 16), (5, 8, 2, 64), (256, 256, 8, 64)]:
+        idx = torch.randint(0, E, (T, K))
+        want = sort_pairs(idx, E, bm)
+        with FakeTensorMode() as mode:
+            got = torch.ops.dsv3.moe_sort_pairs(mode.from_tensor(idx), E, bm)
+        assert [(g.shape, g.dtype) for g in got] == [(w.shape, w.dtype) for w in want]
 
 
 def _interpreter_cases() -> dict:
@@ -157,7 +187,7 @@ def check_results(res: dict, n: int = 11) -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_triton_interpreter_matches_reference():
-    check_results(interpreter_cases("test_kernels_moe_route"), 16)
+    check_results(interpreter_cases("test_kernels_moe_route"), 17)
 
 
 def test_reference_cases_and_ties():
@@ -187,6 +217,7 @@ def test_fused_moe_path_routes_as_the_module():
         assert torch.equal(moe.tokens_per_expert, want_load) and int(want_load.sum()) == 18 * moe.gate.top_k
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU with triton")
 def test_cuda_triton_matches_reference_and_captures():
     from dsv3.kernels.moe_route import moe_route_triton
@@ -195,7 +226,7 @@ def test_cuda_triton_matches_reference_and_captures():
         got = moe_route_triton(logits.cuda(), args[0].cuda(), *args[1:])
         return tuple(t.cpu() for t in got)
     check_results(_run_cases(on_gpu))
-    check_results(_pair_cases(), 5)
+    check_results(_pair_cases(), 6)
     logits, args = case("v3", 32)
     logits, bias = logits.cuda(), args[0].cuda()
     (w, i, c), (wr, ir, cr) = moe_route(logits, bias, *args[1:]), moe_route_reference(logits.cpu(), *args)

@@ -35,10 +35,13 @@ def random_model(cfg, device: str, dtype: torch.dtype, seed: int = 0) -> Transfo
 def decode_step_bytes(model: Transformer, batch: int) -> int:
     """Weights one decode step reads: every tensor but the routed experts, the MTP module and the embedding (which
     is gathered, not read), plus min(E, B*K) experts per MoE layer (an upper bound on the distinct experts hit).
-    Buffers count too: FP8 weights and their scales are buffers."""
+    Buffers count too: FP8 weights and their scales are buffers; the state dict's, so the fused projection pairs
+    (dsv3.infer.fused_proj: non-persistent buffers over the same storage) are not counted twice."""
     cfg = model.config
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
+    saved = model.state_dict().keys()
+    tensors = {n: t for n, t in tensors.items() if n in saved}
     skip = lambda n: ".experts." in n or n.startswith("mtp.") or n == "embed_tokens.weight"  # noqa: E731
     rest = sum(t.numel() * t.element_size() for n, t in tensors.items() if not skip(n))
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
@@ -55,18 +58,20 @@ def _sync(device: str) -> None:
 
 def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int = 0,
                  seed: int = 0, cuda_graphs: bool = True, warmup: bool = True, compile_decode: bool = False,
-                 fused_moe: str = "auto", padded: bool = False,
+                 fused_moe: str = "auto", padded: bool = False, fuse_projections: bool = True, dense_gemv: bool = False,
                  make_engine: Callable[..., Engine] = Engine) -> dict:
-    """`compile_decode` / `fused_moe`: EngineConfig's decode-speed switches; `padded`: run the graph buckets
-    eagerly where graphs cannot capture (CPU dry runs of the compiled decode); `make_engine(model, config=...)`: the
-    engine to time (e.g. one rank's EPEngine: its has_unfinished is collective, so every rank steps in lockstep)."""
+    """`compile_decode` / `fused_moe` / `fuse_projections` / `dense_gemv`: EngineConfig's decode-speed switches;
+    `padded`: run the graph buckets eagerly where graphs cannot capture (CPU dry runs of the compiled decode);
+    `make_engine(model, config=...)`: the engine to time (e.g. one rank's EPEngine: its has_unfinished is
+    collective, so every rank steps in lockstep)."""
     device = str(next(model.parameters()).device)
     cfg = model.config
     engine = make_engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4,
                                                     max_num_batched_tokens=max(2048, batch * prompt_len),
                                                     num_speculative_tokens=spec_tokens, speculative_max_batch=batch,
                                                     cuda_graphs=cuda_graphs, compile_decode=compile_decode,
-                                                    fused_moe=fused_moe))
+                                                    fused_moe=fused_moe, fuse_projections=fuse_projections,
+                                                    dense_gemv=dense_gemv))
     if padded and engine.runner.graphs is None:
         engine.use_decode_graphs(capture=False)
 

@@ -26,6 +26,12 @@ class EngineConfig:
     # device; true), "off" (false), "auto" = on a CUDA GPU of sm_89+, for the batch sizes where it measured faster
     # (dsv3.infer.moe_dispatch.FUSED_MOE_AUTO_TOKENS)
     fused_moe: str | bool = "auto"
+    # projections sharing an input run as one GEMM without autograd: MLA's q and kv_a, the MLPs' gate and up
+    # (dsv3.infer.fused_proj; the weights become views into the concatenated ones, no second copy)
+    fuse_projections: bool = True
+    # those pairs at <= 8 tokens through the weight-streaming Triton GEMV (dsv3.kernels.gemv) instead of cuBLAS:
+    # off until the GPU profile says it is faster (benchmarks/engine_decode.py mode `gemv`)
+    dense_gemv: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -20,6 +20,7 @@ from ..model import Transformer
 from .block_manager import BlockManager
 from .cache import PagedLatentCache, bytes_per_block
 from .config import EngineConfig
+from .fused_proj import fuse_projections
 from .graphs import graphs_supported
 from .runner import ModelRunner, Row
 from .sampling import (SamplingParams, SamplingTensors, compute_logprobs, draw, filtered_probs, make_generators,
@@ -107,6 +108,7 @@ class Engine:
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, config.prefix_caching)
         self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, cache.block_size, cache.num_blocks)
         self.scheduler = Scheduler(config, self.blocks)
+        fuse_projections(model, config.fuse_projections, config.dense_gemv)
         self.runner = ModelRunner(model, self.cache, config)
         if config.cuda_graphs and graphs_supported(model):
             self.use_decode_graphs(capture=True)
@@ -141,6 +143,8 @@ class Engine:
                                  f"{sorted(set(own) ^ set(theirs))[:5]}")
             for k, v in theirs.items():
                 own[k].copy_(v)
+        # re-links the fused pairs to weights something re-pointed (dsv3.infer.fused_proj)
+        fuse_projections(self.model, self.config.fuse_projections, self.config.dense_gemv)
         self.blocks.forget_prefixes()
 
     # ---- requests -----------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ kernel as one opaque node with a known output shape: dynamo then neither traces 
 configuration dicts, environment switches) nor splits the graph there, and inductor keeps the operands as they
 are. Each op calls its dispatcher (Triton on the GPU, the PyTorch reference elsewhere); its fake implementation
 gives the output's shape and dtype. `moe_decode` is a function around two ops: the reference, or on the Triton path
-the GEMM stages alone, with the pair sort and the combine left to the compiler.
+the pair sort (one Triton launch, dsv3.kernels.moe_route) and the GEMM stages, with the combine left to the
+compiler.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from torch import Tensor
 
 from .fp8_weight_gemm import fp8_grouped_linear as _fp8_grouped_linear
 from .fp8_weight_gemm import fp8_linear as _fp8_linear
+from .gemv import gemv as _gemv
 from .moe_decode import moe_decode_reference, moe_decode_sorted_triton, moe_decode_triton
+from .moe_route import MOE_ROUTE_MAX_EXPERTS, sort_pairs_triton
 from .moe_route import moe_route as _moe_route
 from .triton_setup import use_triton
 
-__all__ = ["fp8_grouped_linear", "fp8_linear", "moe_decode", "moe_route"]
+__all__ = ["fp8_grouped_linear", "fp8_linear", "gemv", "moe_decode", "moe_route"]
 
 
 @torch.library.custom_op("dsv3::fp8_linear", mutates_args=())
@@ -42,6 +45,17 @@ def fp8_grouped_linear(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tenso
 @fp8_grouped_linear.register_fake
 def _(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("dsv3::gemv", mutates_args=())
+def gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x (M, K) @ weight (N, K).T -> (M, N), the weight-streaming GEMV for M <= 8 (dsv3.kernels.gemv)."""
+    return _gemv(x, weight).contiguous()
+
+
+@gemv.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("dsv3::moe_route", mutates_args=())
@@ -92,18 +106,35 @@ def _(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_r
     return x.new_empty(tw.numel(), x.shape[1], dtype=torch.float32)
 
 
+@torch.library.custom_op("dsv3::moe_sort_pairs", mutates_args=())
+def _moe_sort_pairs(idx: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused MoE's step 1 in one Triton launch (dsv3.kernels.moe_route.sort_pairs_triton)."""
+    return sort_pairs_triton(idx, n_experts, block_m)
+
+
+@_moe_sort_pairs.register_fake
+def _(idx: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    P = idx.numel()
+    n_tiles = -(-P // block_m) + min(n_experts, P)
+    new = lambda n: idx.new_empty(n, dtype=torch.int32)     # noqa: E731
+    return new(P), new(n_experts), new(n_tiles), new(n_tiles)
+
+
 def moe_decode(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
                gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
                down_scale: Tensor | None = None) -> Tensor:
     """The fused MoE of decode-sized batches (dsv3.kernels.moe_decode) -> (T, D) in x's dtype. On the Triton path
-    only the two GEMM stages are an opaque op: the pair sort before them and the combine after are plain tensor ops
-    (static shapes, no sync) that a compiled decode layer fuses with the router and the shared experts (the sort
-    alone was ~17 small kernels per layer when it ran inside the op: RESULTS.md, issue 16)."""
+    two opaque ops: the pair sort (`dsv3::moe_sort_pairs`, one launch: as torch ops it was ~17 small kernels per
+    layer eagerly and still the bulk of the ~11 routing kernels per layer compiled, scans and scatters that inductor
+    does not fuse: RESULTS.md, issue 16) and the two GEMM stages; the combine after them is plain tensor ops that a
+    compiled decode layer fuses with the shared experts."""
     if not use_triton(x, "DSV3_MOE_DECODE", fp8=gate_proj.dtype == torch.float8_e4m3fn):
         return _moe_decode_reference(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale)
 
     def gemms(*args, block_m: int, **_default_launch) -> Tensor:    # the op derives the rest of the launch itself
         return _moe_decode_sorted(*args, block_m)
 
+    # step 1 as one launch where the experts fit one program (instead of ~10 small kernels per layer)
+    sort = _moe_sort_pairs if gate_proj.shape[0] <= MOE_ROUTE_MAX_EXPERTS else None
     return moe_decode_triton(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale,
-                             gemms=gemms)
+                             gemms=gemms, sort=sort)

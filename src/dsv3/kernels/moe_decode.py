@@ -424,11 +424,11 @@ def moe_decode_sorted_triton(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor,
 
 def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
                       gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
-                      down_scale: Tensor | None = None, *, gemms=None, **overrides) -> Tensor:
+                      down_scale: Tensor | None = None, *, gemms=None, sort=None, **overrides) -> Tensor:
     """The fused MoE through Triton (same contract as `moe_decode_reference`); graph-capturable. `overrides`:
     MoELaunch fields (block_m, block_n, ..., split_k) over the table's launch for T tokens; `gemms` replaces
     `moe_decode_sorted_triton` for steps 2-3 (with its arguments; dsv3.kernels.decode_ops passes its custom op, so
-    that a compiled caller sees steps 1 and 4)."""
+    that a compiled caller sees steps 1 and 4); `sort` replaces `sort_pairs` for step 1 (same contract)."""
     need_triton("moe_decode_triton")
     scales = (gate_scale, up_scale, down_scale)
     _check(x, weights, idx, gate_proj, up_proj, down_proj, scales)
@@ -440,7 +440,7 @@ def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor
         MoELaunch(**launch)          # validated here too (a compiled decode layer passes none)
     if T * idx.shape[1] == 0 or E == 0:
         return x.new_zeros(T, D)
-    sorted_pairs = sort_pairs(idx, E, launch["block_m"])                     # 1.
+    sorted_pairs = (sort or sort_pairs)(idx, E, launch["block_m"])          # 1.
     y = (gemms or moe_decode_sorted_triton)(x, weights.float().contiguous(), *sorted_pairs, gate_proj, up_proj,
                                             down_proj, *scales, **launch)   # 2.-3.
     return y.view(T, -1, D).sum(1).to(x.dtype)                               # 4. the combine, in a fixed order

@@ -32,7 +32,7 @@ from torch import Tensor
 from .triton_setup import HAS_TRITON, need_triton, tl, triton, use_triton
 
 __all__ = ["MOE_ROUTE_MAX_EXPERTS", "MOE_ROUTE_MAX_TOKENS", "moe_route", "moe_route_reference",
-           "moe_route_triton", "pair_order_triton"]
+           "moe_route_triton", "sort_pairs_triton"]
 
 MOE_ROUTE_MAX_TOKENS = 256      # decode-sized batches (dsv3.infer.moe_dispatch.MOE_DECODE_MAX_TOKENS)
 MOE_ROUTE_MAX_EXPERTS = 256     # one token's experts fit one program's registers
@@ -118,33 +118,57 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _pair_order_kernel(IDX, COUNTS, PAIRS, OFFS, P, E, BE: tl.constexpr, CH: tl.constexpr):
+    def _sort_pairs_kernel(IDX, PAIRS, OFFS, TILE_E, TILE_ROW, P, E, NT, BLOCK_M: tl.constexpr, BE: tl.constexpr,
+                           CH: tl.constexpr):
         e = tl.arange(0, BE)
-        cnt = tl.load(COUNTS + e, mask=e < E, other=0)
-        ends = tl.cumsum(cnt, axis=0)
+        cnt = tl.zeros([BE], dtype=tl.int32)
+        for c in range(0, tl.cdiv(P, CH)):                  # 1. counts per expert
+            p = c * CH + tl.arange(0, CH)
+            ids = tl.load(IDX + p, mask=p < P, other=-1)
+            cnt += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+        ends = tl.cumsum(cnt, axis=0)                       # 2. segment ends
         tl.store(OFFS + e, ends, mask=e < E)
-        nxt = ends - cnt                                    # each expert's next free sorted row
-        for c in range(0, tl.cdiv(P, CH)):                  # pairs in order, CH at a time: a stable rank
+        starts = ends - cnt
+        nxt = starts                                        # each expert's next free sorted row
+        for c in range(0, tl.cdiv(P, CH)):                  # 3. pairs in order, CH at a time: a stable rank
             p = c * CH + tl.arange(0, CH)
             ids = tl.load(IDX + p, mask=p < P, other=-1)
             onehot = (ids[:, None] == e[None, :]).to(tl.int32)                          # (CH, BE)
             pos = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1 + nxt[None, :]), axis=1)
             tl.store(PAIRS + pos, p, mask=p < P)
             nxt += tl.sum(onehot, axis=0)
+        tiles = (cnt + BLOCK_M - 1) // BLOCK_M              # 4. the tile map (grouped_tile_map's formula)
+        cum = tl.cumsum(tiles, axis=0)
+        real = e[None, :] < E
+        for c in range(0, tl.cdiv(NT, CH)):
+            t = c * CH + tl.arange(0, CH)
+            group = tl.sum(((cum[None, :] <= t[:, None]) & real).to(tl.int32), axis=1)   # searchsorted, right
+            sel = e[None, :] == tl.minimum(group, E - 1)[:, None]
+            first = tl.sum(tl.where(sel, starts[None, :], 0), axis=1)
+            before = tl.sum(tl.where(sel, cum[None, :] - tiles[None, :], 0), axis=1)
+            tl.store(TILE_E + t, group, mask=t < NT)
+            tl.store(TILE_ROW + t, first + (t - before) * BLOCK_M, mask=t < NT)
 
 
-def pair_order_triton(idx: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """The (token * K + k) pairs of idx (T, K) in stable expert order (P,) int32 and the cumulative segment ends
-    (E,) int32, from the router's counts (E,): the first two outputs of dsv3.kernels.moe_decode.sort_pairs in one
-    single-program launch (E <= 256; the pairs go through in chunks, one after another, so it is meant for small
-    decode batches). Not yet wired into moe_decode_triton (kernels/moe_decode.py is not this module's)."""
-    need_triton("pair_order_triton")
-    P, E = idx.numel(), counts.numel()
+def sort_pairs_triton(idx: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dsv3.kernels.moe_decode.sort_pairs in one single-program launch (same contract and values): the (token * K
+    + k) pairs of idx (T, K) in stable expert order (P,) int32, the cumulative segment ends (E,) int32 and the tile
+    map (expert, first sorted row), (cdiv(P, block_m) + min(E, P),) int32 each. Why: the torch form is ~10 small
+    kernels per MoE layer (scatter-add counts, scans, a scatter, searchsorted: the routing share of the batch-1
+    profile, RESULTS.md issue 16). E <= MOE_ROUTE_MAX_EXPERTS, and the pairs go through in chunks one after
+    another, so it is meant for decode batches (P <= MOE_ROUTE_MAX_TOKENS * K)."""
+    need_triton("sort_pairs_triton")
+    P, E = idx.numel(), n_experts
+    if not 1 <= E <= MOE_ROUTE_MAX_EXPERTS:
+        raise ValueError(f"sort_pairs_triton takes 1..{MOE_ROUTE_MAX_EXPERTS} experts, got {E}")
+    n_tiles = -(-P // block_m) + min(E, P)
     pairs = torch.empty(P, dtype=torch.int32, device=idx.device)
     offs = torch.empty(E, dtype=torch.int32, device=idx.device)
-    _pair_order_kernel[(1,)](idx.contiguous(), counts.to(torch.int32).contiguous(), pairs, offs, P, E,
+    tile_e = torch.empty(n_tiles, dtype=torch.int32, device=idx.device)
+    tile_row = torch.empty(n_tiles, dtype=torch.int32, device=idx.device)
+    _sort_pairs_kernel[(1,)](idx.contiguous(), pairs, offs, tile_e, tile_row, P, E, n_tiles, BLOCK_M=block_m,
                              BE=triton.next_power_of_2(max(E, 2)), CH=32 if E > 64 else 64, num_warps=4)
-    return pairs, offs
+    return pairs, offs, tile_e, tile_row
 
 
 def moe_route_triton(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int,

@@ -67,17 +67,22 @@ class MLA(nn.Module):
         """x (B, T, D) -> q_nope (B, T, H, Dn), rotated q_pe (B, T, H, R), normalised c_kv (B, T, C) and rotated
         k_pe (B, T, R): everything a token contributes before attention (the latent pair is what a cache keeps)."""
         B, T, _ = x.shape
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q, kv = self.project_inputs(x)
+        if not hasattr(self, "q_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)       # one key for all heads
         return q_nope, q_pe, c_kv, k_pe
+
+    def project_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two projections of the block's normed input: q's (q_a's with a q LoRA) and kv_a's (c_kv | k_pe).
+        They share x, so a decode engine may run them as one GEMM (dsv3.infer.fused_proj overrides this)."""
+        first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+        return first(x), self.kv_a_proj_with_mqa(x)
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK (H, Dn, C) and W_UV (H, Dv, C): kv_b_proj split per head, for the absorbed form (spec 1.4)."""
