@@ -30,7 +30,7 @@ from .batch import Batch, Row, make_batch, padding_row
 from .cache import PagedLatentCache
 from .config import EngineConfig
 from .graphs import DecodeGraphs
-from .moe_dispatch import fused_moe_available, fused_moe_ffn, fused_moe_for
+from .moe_dispatch import fused_moe_available, fused_moe_ffn, fused_moe_for, model_has_fp8_experts
 
 __all__ = ["Batch", "ModelRunner", "Row", "padding_row"]
 
@@ -69,11 +69,12 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None       # set by the engine on CUDA: the main model's decode graphs
         self.mtp_graphs: DecodeGraphs | None = None   # and the MTP module's
         self.fused_moe = fused_moe_available(model, self.config.fused_moe)    # for some batch sizes at least
+        self.fp8_experts = model_has_fp8_experts(model)     # auto follows the launch table's FP8 rows then
 
     def ffn(self, tokens: int):
         """The blocks' FFN seam for a forward of `tokens` tokens: the fused MoE call, or None (the module's
         forward). A graph bucket's size is fixed, so each captured graph holds one of the two."""
-        return fused_moe_ffn if fused_moe_for(self.config.fused_moe, self.fused_moe, tokens) else None
+        return fused_moe_ffn if fused_moe_for(self.config.fused_moe, self.fused_moe, tokens, self.fp8_experts) else None
 
     def use_graphs(self, max_batch: int, max_blocks: int, capture: bool) -> None:
         """Decode batches from padded buckets (dsv3.infer.graphs), their forward compiled with `compile_decode`."""
