@@ -11,11 +11,12 @@ rank, so the global batch is nproc * batch; rank 0 prints the loss per step and 
 ranks'), and MFU per GPU.
 
 GPU:  PYTHONPATH=src python benchmarks/train_lite8l.py --dtype bf16-params --compile --profile
-      issue 15's comparison in one call (BF16, FP8 block experts, FP8 row-wise experts; each in its own process,
-      same settings; a table of step time, tok/s, ratio to BF16 and peak memory, and with --profile each run's GPU
-      time by op category):
-      PYTHONPATH=src python benchmarks/train_lite8l.py --compare --compile --dtype bf16-params --state-dtype bf16 \
-          --no-mtp --steps 8 --warmup 3 --profile
+      issue 15's comparison in one call (--arms: BF16, FP8 block experts, FP8 row-wise experts, FP8 row-wise
+      experts only (dense GEMMs BF16); each in its own process at each --micro-batches count (gradient accumulation,
+      global batch N x --batch), same settings; a table of step time, tok/s, ratio to BF16 at the same N and peak
+      memory, and with --profile each run's GPU time by op category):
+      PYTHONPATH=src python benchmarks/train_lite8l.py --compare --micro-batches 1 4 --compile --dtype bf16-params \
+          --state-dtype bf16 --no-mtp --steps 6 --warmup 3
       PYTHONPATH=src torchrun --standalone --nproc_per_node 8 benchmarks/train_lite8l.py --ep 8 --dtype bf16-params
 CPU dry run: PYTHONPATH=src python benchmarks/train_lite8l.py --tiny --device cpu --steps 2 --warmup 1
       PYTHONPATH=src OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/train_lite8l.py --tiny \
@@ -49,7 +50,10 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--batch", type=int, default=4, help="sequences per rank and step")
+    p.add_argument("--batch", type=int, default=4, help="sequences per rank and micro-batch")
+    p.add_argument("--micro-batches", type=int, nargs="+", default=[1], help="micro-batches per optimizer step "
+                   "(gradient accumulation: train.batch_size = N x train.micro_batch_size); several values with "
+                   "--compare: each arm at each N")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel degree under torchrun (dp = nproc / ep)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--dtype", default="bf16-params", choices=["bf16", "bf16-params", "fp32"])
@@ -69,48 +73,71 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fp8-experts-only", action="store_true", help="train.fp8_linears = false: only the routed "
                    "experts in FP8")
     p.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"], help="AdamW moments (optim.state_dtype)")
-    p.add_argument("--compare", action="store_true", help="run BF16, FP8 block experts and FP8 row-wise experts "
-                   "with the other flags, one process each, and print the comparison")
+    p.add_argument("--compare", action="store_true", help="run the --arms with the other flags, one process each "
+                   "(per --micro-batches value), and print the comparison")
+    p.add_argument("--arms", default="bf16,block,row,row-exponly", help=f"with --compare, a comma list of {', '.join(COMPARE)}")
     return p.parse_args()
 
 
 # ---- the comparison (issue 15) ------------------------------------------------------------------------------------
 
-COMPARE = (("BF16", ["--precision", "bf16"]), ("FP8 block experts", ["--precision", "fp8", "--fp8-experts", "block"]),
-           ("FP8 row-wise experts", ["--precision", "fp8", "--fp8-experts", "row"]))
+# arm: (table name, flags); the FP8 arms' weights are quantised once per optimizer step (dsv3.fp8.weight_cache)
+# when a step has several micro-batches, as `dsv3 train` does
+COMPARE = {"bf16": ("BF16", ["--precision", "bf16"]),
+           "block": ("FP8 block experts", ["--precision", "fp8", "--fp8-experts", "block"]),
+           "row": ("FP8 row-wise experts", ["--precision", "fp8", "--fp8-experts", "row"]),
+           "row-exponly": ("FP8 row experts only", ["--precision", "fp8", "--fp8-experts", "row",
+                                                    "--fp8-experts-only"]),
+           "block-exponly": ("FP8 block experts only", ["--precision", "fp8", "--fp8-experts", "block",
+                                                        "--fp8-experts-only"])}
 
 
-def compare(argv: list[str]) -> None:
-    """One run per configuration, each in a fresh process (no compiled code, allocator state or memory peak
-    carried over), with the remaining command-line flags; then one table."""
-    drop = {"--compare", "--precision", "--fp8-experts", "--tag"}
-    common, skip = [], False
+def _common_flags(argv: list[str]) -> list[str]:
+    """argv without the flags compare sets per run (and their values)."""
+    drop = {"--compare", "--precision", "--fp8-experts", "--fp8-experts-only", "--tag", "--arms", "--micro-batches"}
+    common, skipping = [], False
     for arg in argv:
-        if skip:
-            skip = False
-        elif arg in drop:
-            skip = arg != "--compare"
-        elif arg.split("=")[0] not in drop:
+        if arg.split("=")[0] in drop:
+            skipping = "=" not in arg and arg not in ("--compare", "--fp8-experts-only")
+        elif skipping and not arg.startswith("--"):
+            continue                             # a dropped flag's value (--micro-batches takes several)
+        else:
+            skipping = False
             common.append(arg)
+    return common
+
+
+def compare(argv: list[str], arms: list[str], micro_batches: list[int]) -> None:
+    """One run per arm and micro-batch count, each in a fresh process (no compiled code, allocator state or memory
+    peak carried over), with the remaining command-line flags; then one table (ratios against BF16 at the same
+    global batch: the same tokens per step)."""
+    unknown = [a for a in arms if a not in COMPARE]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {unknown}; choose from {', '.join(COMPARE)}")
+    common = _common_flags(argv)
     out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (name, extra) in enumerate(COMPARE):
-        tag = f"compare{i}"
-        cmd = [sys.executable, __file__, *common, *extra, "--tag", tag]
-        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
-        proc = subprocess.run(cmd)
-        path = out / f"{tag}.json"
-        rows.append((name, json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else None))
-    base = rows[0][1]
-    print(f"\n{'GEMMs':24s} {'step ms':>9s} {'tok/s':>9s} {'vs BF16':>8s} {'MFU':>6s} {'peak GiB':>9s}")
-    for name, r in rows:
+    for n in micro_batches:
+        for arm in arms:
+            name, extra = COMPARE[arm]
+            tag = f"compare_{arm}_mb{n}"
+            cmd = [sys.executable, __file__, *common, *extra, "--micro-batches", str(n), "--tag", tag]
+            print(f"== {name}, {n} micro-batches: {' '.join(cmd[1:])}", flush=True)
+            proc = subprocess.run(cmd)
+            path = out / f"{tag}.json"
+            rows.append((name, n, json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else None))
+    print(f"\n{'GEMMs':24s} {'micro':>5s} {'step ms':>9s} {'tok/s':>9s} {'vs BF16':>8s} {'MFU':>6s} {'peak GiB':>9s}")
+    for name, n, r in rows:
         if r is None:
-            print(f"{name:24s} failed")
+            print(f"{name:24s} {n:5d} failed")
             continue
+        base = next((b for m, k, b in rows if m == "BF16" and k == n and b), None)
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        print(f"{name:24s} {r['median_step_s'] * 1e3:9.1f} {r['tokens_per_s']:9,.0f} {ratio:7.2f}x "
+        print(f"{name:24s} {n:5d} {r['median_step_s'] * 1e3:9.1f} {r['tokens_per_s']:9,.0f} {ratio:7.2f}x "
               f"{r['mfu']:6.1%} {r['peak_memory_gib'] or 0:9.1f}")
-    (out / "compare.json").write_text(json.dumps([{"name": n, **(r or {})} for n, r in rows], indent=1))
+    (out / "compare.json").write_text(json.dumps([{"name": m, "micro_batches": k, **(r or {})} for m, k, r in rows],
+                                                 indent=1))
 
 
 # ---- profile by op category ---------------------------------------------------------------------------------------
@@ -156,8 +183,11 @@ def category_table(prof, device: bool, steps: int) -> list[dict]:
 def main() -> None:
     a = parse_args()
     if a.compare:
-        compare(sys.argv[1:])
+        compare(sys.argv[1:], a.arms.split(","), a.micro_batches)
         return
+    if len(a.micro_batches) != 1:
+        raise SystemExit("--micro-batches takes several values only with --compare")
+    n_micro = a.micro_batches[0]
     model = load_model_config("lite-8L")
     if a.tiny:
         model = shrink(model)
@@ -165,7 +195,8 @@ def main() -> None:
         model = model.replace(num_nextn_predict_layers=0)
     tag = a.tag or (f"trainer_{a.dtype}{'_compile' if a.compile else ''}{'_recompute' if a.recompute else ''}"
                     f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}{'_noaux' if a.alpha == 0 else ''}"
-                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}")
+                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}"
+                    f"{f'_mb{n_micro}' if n_micro > 1 else ''}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not a.tag:
         tag += f"_w{world}_ep{a.ep}"
@@ -175,7 +206,7 @@ def main() -> None:
         "model": model.to_dict(), "run_dir": tempfile.mkdtemp(prefix="dsv3-bench-"),
         "data": {"sources": ["stdlib"], "vocab_size": 8192 if not a.tiny else 1024, "cache_dir": a.data_cache,
                  "seq_len": a.seq},
-        "train": {"steps": 100_000, "batch_size": a.batch * world, "micro_batch_size": a.batch * world,
+        "train": {"steps": 100_000, "batch_size": n_micro * a.batch * world, "micro_batch_size": a.batch * world,
                   "device": a.device,
                   "dtype": a.dtype, "compile": a.compile, "recompute": a.recompute,
                   "compile_optimizer": a.compile_optimizer, "precision": a.precision,
@@ -208,19 +239,19 @@ def main() -> None:
         if main_rank and world > 1:
             print(f"[{tag}] step {i + 1}: loss {stats.loss:.4f}  {times[-1] * 1e3:.1f} ms", flush=True)
     sec = statistics.median(times)
-    tokens = a.batch * a.seq                     # this rank's tokens per step
+    tokens = n_micro * a.batch * a.seq           # this rank's tokens per step
     # global tokens/s: the sum of the ranks' own rates
     tok_s = layout.sum(torch.tensor(tokens / sec, dtype=torch.float64, device=dev)).item()
     with torch.device("meta"):                   # FLOPs of the whole model (a rank holds only its experts with ep > 1)
         fl = flops_per_token(Transformer(trainer.model.config), a.seq)
     res = dict(tag=tag, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-               torch=torch.__version__, batch=a.batch, seq=a.seq, dtype=a.dtype, compile=a.compile,
+               torch=torch.__version__, batch=a.batch, micro_batches=n_micro, seq=a.seq, dtype=a.dtype, compile=a.compile,
                recompute=a.recompute, mtp=not a.no_mtp, alpha=a.alpha, build_s=build_s, warmup_s=warm_s,
                step_seconds=times, median_step_s=sec, tokens_per_s=tok_s,
                mfu=fl["flops_per_token"] * tok_s / world / a.peak, losses=losses,
                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None, **fl)
     if world > 1:
-        res.update(world=world, ep=a.ep, dp=layout.dp, global_batch=a.batch * world)
+        res.update(world=world, ep=a.ep, dp=layout.dp, global_batch=n_micro * a.batch * world)
     if main_rank:
         print(f"[{tag}] step {sec * 1e3:.1f} ms  {tok_s:,.0f} tok/s  MFU {res['mfu']:.1%}  "
               f"peak {res['peak_memory_gib'] or 0:.1f} GiB  (build {build_s:.0f}s, warm-up {warm_s:.0f}s)", flush=True)

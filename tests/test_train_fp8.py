@@ -97,3 +97,16 @@ def test_fp8_bf16_state_run_resumes_exactly(tmp_path, dtype):
     state = opt.state[next(straight.model.parameters())]
     assert state["exp_avg"].dtype == torch.bfloat16
     assert ("master" in state) == (dtype == "bf16-params")
+
+
+def test_lite8l_compare_runs_each_arm_at_each_micro_batch_count_with_the_shared_flags():
+    """benchmarks/train_lite8l.py --compare: the flags it sets per run (arm, micro-batches, tag) are taken out of
+    the command line, values included, and every other flag is passed on unchanged."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from train_lite8l import COMPARE, _common_flags
+    argv = ["--compare", "--micro-batches", "1", "4", "--arms", "bf16,row-exponly", "--compile", "--steps", "5",
+            "--precision=fp8", "--fp8-experts", "row", "--fp8-experts-only", "--alpha", "0", "--tag", "x"]
+    assert _common_flags(argv) == ["--compile", "--steps", "5", "--alpha", "0"]
+    assert COMPARE["row-exponly"][1][-1] == "--fp8-experts-only" and "--fp8-experts-only" not in COMPARE["row"][1]

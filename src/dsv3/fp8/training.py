@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fp8_quant import dequantize_tiles
+from ..kernels.fp8_quant import dequantize_tiles, quantize_blocks_both
 from .ops import (fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_rowwise, grouped_weight_grad, quantize_blocks,
                   quantize_rows, quantize_tiles, quantize_tiles_transposed)
 from ..model.layers import MLP
 from ..model.mla import MLA
 from ..model.moe import Experts
+from .weight_cache import check_fresh
 
 
 def _no_autocast(fn):
@@ -51,28 +52,32 @@ def _no_autocast(fn):
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     @_no_autocast
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, *cached: torch.Tensor) -> torch.Tensor:
+        """cached: W's (q, scale, q.T, scale.T) from dsv3.fp8.weight_cache, or nothing (quantised here)."""
         shape, dtype = x.shape, x.dtype
         x2 = x.reshape(-1, shape[-1])
         xq, xs = quantize_tiles(x2)
-        wq, ws = quantize_blocks(weight)
+        wq, ws = cached[:2] if cached else quantize_blocks(weight)
         y = fp8_gemm(xq, xs, wq, ws, out_dtype=dtype)
         xq_t, xs_t = quantize_tiles_transposed(x2)
-        ctx.save_for_backward(xq_t, xs_t, wq, ws)
-        ctx.shape, ctx.weight_dtype = shape, weight.dtype
+        ctx.save_for_backward(xq_t, xs_t, *(cached[2:] if cached else (wq, ws)))
+        ctx.shape, ctx.weight_dtype, ctx.n_cached = shape, weight.dtype, len(cached)
         return y.view(*shape[:-1], -1)
 
     @staticmethod
     @_no_autocast
     def backward(ctx, dy: torch.Tensor):
         xq_t, xs_t, wq, ws = ctx.saved_tensors
+        if ctx.n_cached:        # saved: the cached W^T blocks
+            wq_t, ws_t = wq, ws
+        else:                   # W^T (K, N) in 128x128 blocks is W's blocks transposed (as quantize_blocks_both)
+            wq_t, ws_t = wq.t().contiguous(), ws.t().contiguous()
         dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
         gq, gs = quantize_tiles(dy2)
-        # W^T (K, N) in 128x128 blocks is W's blocks transposed
-        dx = fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), out_dtype=dy.dtype)
+        dx = fp8_gemm(gq, gs, wq_t, ws_t, out_dtype=dy.dtype)
         gq_t, gs_t = quantize_tiles_transposed(dy2)
         dw = fp8_gemm(gq_t, gs_t, xq_t, xs_t, out_dtype=torch.float32)
-        return dx.view(ctx.shape), dw.to(ctx.weight_dtype)
+        return (dx.view(ctx.shape), dw.to(ctx.weight_dtype)) + (None,) * ctx.n_cached
 
 
 class FP8GroupedFunction(torch.autograd.Function):
@@ -80,22 +85,27 @@ class FP8GroupedFunction(torch.autograd.Function):
 
     @staticmethod
     @_no_autocast
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, *cached: torch.Tensor
+                ) -> torch.Tensor:
+        """cached: `_quantize_stacked_both(weight)` (dsv3.fp8.weight_cache), or nothing (quantised here)."""
         xq, xs = quantize_tiles(x)
-        wq, ws = _quantize_stacked(weight)
+        wq, ws = cached[:2] if cached else _quantize_stacked(weight)
         y = fp8_grouped_gemm(xq, xs, wq, ws, offs, out_dtype=x.dtype)
-        ctx.save_for_backward(xq, xs, wq, ws, offs)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(xq, xs, *(cached[2:] if cached else (wq, ws)), offs)
+        ctx.weight_dtype, ctx.n_cached = weight.dtype, len(cached)
         return y
 
     @staticmethod
     @_no_autocast
     def backward(ctx, dy: torch.Tensor):
         xq, xs, wq, ws, offs = ctx.saved_tensors
+        if ctx.n_cached:        # saved: the cached W^T blocks
+            wq_t, ws_t = wq, ws
+        else:
+            wq_t, ws_t = wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous()
         dy = dy.contiguous()
         gq, gs = quantize_tiles(dy)
-        dx = fp8_grouped_gemm(gq, gs, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(), offs,
-                              out_dtype=dy.dtype)
+        dx = fp8_grouped_gemm(gq, gs, wq_t, ws_t, offs, out_dtype=dy.dtype)
         # weight gradient of every expert from the FP8 copies (see the module docstring): one grouped GEMM whose
         # groups split the reduction (token) dimension, no host synchronisation; bf16 operands on CUDA (what
         # _grouped_mm takes there), fp32 elsewhere
@@ -103,7 +113,7 @@ class FP8GroupedFunction(torch.autograd.Function):
         x = dequantize_tiles(xq, xs).to(dtype)
         g = dequantize_tiles(gq, gs).to(dtype)
         dw = grouped_weight_grad(g, x, offs)
-        return dx, dw.to(ctx.weight_dtype), None
+        return (dx, dw.to(ctx.weight_dtype), None) + (None,) * ctx.n_cached
 
 
 class FP8RowwiseGroupedFunction(torch.autograd.Function):
@@ -113,24 +123,27 @@ class FP8RowwiseGroupedFunction(torch.autograd.Function):
 
     @staticmethod
     @_no_autocast
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, *cached: torch.Tensor
+                ) -> torch.Tensor:
+        """cached: `_quantize_rows_both(weight)` (dsv3.fp8.weight_cache), or nothing (quantised here)."""
         xq, xs = quantize_rows(x)
-        wq, ws = quantize_rows(weight)                                # (E, N, K), (E, N)
+        wq, ws = cached[:2] if cached else quantize_rows(weight)     # (E, N, K), (E, N)
         y = fp8_grouped_gemm_rowwise(xq, xs, wq, ws, offs, out_dtype=x.dtype)
-        ctx.save_for_backward(x, weight, offs)
+        ctx.save_for_backward(x, weight, offs, *cached[2:])
+        ctx.n_cached = len(cached)
         return y
 
     @staticmethod
     @_no_autocast
     def backward(ctx, dy: torch.Tensor):
-        x, weight, offs = ctx.saved_tensors
+        x, weight, offs, *cached_t = ctx.saved_tensors
         dy = dy.contiguous()
         gq, gs = quantize_rows(dy)
-        wtq, wts = quantize_rows(weight.transpose(1, 2))   # W^T (E, K, N): one scale per input column, read in place
+        wtq, wts = cached_t if cached_t else _quantize_rows_t(weight)
         dx = fp8_grouped_gemm_rowwise(gq, gs, wtq, wts, offs, out_dtype=dy.dtype)
         dtype = torch.bfloat16 if dy.is_cuda else torch.float32
         dw = grouped_weight_grad(dy.to(dtype), x.to(dtype), offs)
-        return dx, dw.to(weight.dtype), None
+        return (dx, dw.to(weight.dtype), None) + (None,) * ctx.n_cached
 
 
 def _quantize_stacked(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,27 +157,73 @@ def _quantize_stacked(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
 
 
+def _quantize_stacked_both(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The block experts' cached operands: W's stacked blocks and W^T's (the transposed codes, as backward makes)."""
+    wq, ws = _quantize_stacked(weight)
+    return wq, ws, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous()
+
+
+def _quantize_rows_t(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W^T (E, K, N) in rows: one scale per input column of W, read in place."""
+    return quantize_rows(weight.transpose(1, 2))
+
+
+def _quantize_rows_both(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The row-wise experts' cached operands, by the same calls as the uncached path (bit-identical)."""
+    return (*quantize_rows(weight), *_quantize_rows_t(weight))
+
+
+def _cached_args(module: nn.Module, weights: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The module's cached FP8 operands per weight (dsv3.fp8.weight_cache), checked fresh in eager; or empties."""
+    cache = module.fp8_cache
+    if cache is None:
+        return ((),) * len(weights)
+    if not torch.compiler.is_compiling():      # an int compare per weight; compiled graphs do not guard on it
+        check_fresh(module, weights)
+    return cache
+
+
 class FP8TrainLinear(nn.Linear):
     """An nn.Linear whose matmul runs in FP8 in forward and backward (same parameters; no bias in V3)."""
+
+    fp8_cache = None          # W's FP8 operands, set by dsv3.fp8.weight_cache.refresh_fp8_weights
+
+    def fp8_weights(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,)
+
+    def fp8_quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(w.device.type, enabled=False):
+            return quantize_blocks_both(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):     # activations in the autocast dtype, as a bf16 linear's
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        y = FP8LinearFunction.apply(x, self.weight)
+        (cached,) = _cached_args(self, (self.weight,))
+        y = FP8LinearFunction.apply(x, self.weight, *cached)
         return y if self.bias is None else y + self.bias
 
 
 class FP8TrainExperts(Experts):
     fp8_scaling = "block"     # or "row": set by apply_fp8
+    fp8_cache = None          # gate, up, down's FP8 operands, set by dsv3.fp8.weight_cache.refresh_fp8_weights
+
+    def fp8_weights(self) -> tuple[torch.Tensor, ...] | None:
+        weights = self.stacked_weights()        # cached only where they are the parameters themselves
+        return weights if all(isinstance(w, nn.Parameter) for w in weights) else None
+
+    def fp8_quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(w.device.type, enabled=False):
+            return _quantize_rows_both(w) if self.fp8_scaling == "row" else _quantize_stacked_both(w)
 
     def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        gate, up, down = self.stacked_weights()
+        gate, up, down = weights = self.stacked_weights()
+        c_gate, c_up, c_down = _cached_args(self, weights)
         offs = counts.cumsum(0).to(torch.int32)
         if torch.is_autocast_enabled(xs.device.type):
             xs = xs.to(torch.get_autocast_dtype(xs.device.type))
         fn = FP8RowwiseGroupedFunction if self.fp8_scaling == "row" else FP8GroupedFunction
-        h = F.silu(fn.apply(xs, gate, offs)) * fn.apply(xs, up, offs)
-        return fn.apply(h, down, offs)
+        h = F.silu(fn.apply(xs, gate, offs, *c_gate)) * fn.apply(xs, up, offs, *c_up)
+        return fn.apply(h, down, offs, *c_down)
 
 
 _MLA_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")

@@ -42,6 +42,7 @@ import torch
 from ..config import ConfigError
 from ..data import PackedLoader, ShardSet
 from ..data.packing import val_batches
+from ..fp8.weight_cache import refresh_fp8_weights
 from ..model import Transformer
 from ..parallel.dcp import fill_entries, init_state as init_optimizer_state, owned_state
 from ..parallel.materialize import materialize
@@ -254,6 +255,11 @@ class Trainer:
         # with train.compile (the blocks were compiled by parallelize) the loss fuses the fp32 upcast into
         # log-softmax instead of materialising fp32 logits
         self.ce = torch.compile(cross_entropy) if cfg.train.compile else cross_entropy
+        # FP8 weights quantised once per optimizer step for all its micro-batches (dsv3.fp8.weight_cache): made
+        # here (after any load), refreshed right after every optimizer step; with one micro-batch nothing to reuse
+        self.fp8_cache = cfg.train.precision == "fp8" and cfg.train.batch_size > cfg.train.micro_batch_size
+        if self.fp8_cache:
+            refresh_fp8_weights(self.model)
         self.pipeline = None
         if self.local.chunks is not None:
             from .pipeline_step import PipelineRunner
@@ -386,6 +392,8 @@ class Trainer:
             self.optimizer.step()
         if self.zero is not None:
             self.zero.gather()                   # every replica gets every rank's updated rows
+        if self.fp8_cache:
+            refresh_fp8_weights(self.model)      # the next step's FP8 weight operands, from the updated weights
         self._clear_gradients()
         own = [i for i, (_, m) in enumerate(self.layers) if self.local.holds(m)]   # pp > 1: this rank's layers
         update_bias([self.layers[i] for i in own], loads[own], schedule.bias_update_speed(step, cfg))
