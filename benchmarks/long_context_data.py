@@ -34,6 +34,8 @@ NOUN = "river mill road garden bridge market tower field harbor village".split()
 VERB = "passes faces crosses follows borders watches".split()
 WORDS = ADJ + NOUN + VERB + CITIES + "The the secret number of is What Question Answer".split()
 FACTS = (1, 4)                                 # facts (and questions) per needle document
+SPAN = (4, 24)                                 # copy documents: copied spans and fresh stretches, in words
+MIX = ("needle", "copy", "needle", "repeat")   # document i is of kind MIX[i % 4]
 VOCAB = 512
 
 
@@ -113,6 +115,33 @@ def repeat_document(tok: Tokenizer, rng: random.Random, n_tokens: int) -> str:
     raise RuntimeError(f"no repeat document of exactly {n_tokens} tokens")
 
 
+def copy_layout(rng: random.Random, n: int, draw, span: tuple[int, int] = SPAN) -> list:
+    """n items: a fresh stretch of `span` items, then, alternately, a span copied from a random earlier place
+    (its distance uniform over everything already written, so copies reach back across the whole window, not only
+    a repeat unit's length) and a fresh stretch drawn by `draw()`: about half the items are predictable only by
+    copying, from any distance up to the window."""
+    items = [draw() for _ in range(rng.randint(*span))]
+    while len(items) < n:
+        size = rng.randint(*span)
+        start = rng.randrange(0, max(1, len(items) - size))          # any earlier place, the window's start included
+        items += items[start:start + size]
+        items += [draw() for _ in range(rng.randint(*span))]
+    return items[:n]
+
+
+def copy_document(tok: Tokenizer, rng: random.Random, n_tokens: int) -> str:
+    """Exactly `n_tokens` tokens of random words and 7-digit numbers laid out by `copy_layout`: spans of them
+    recur at every distance up to the window (the needle's question is up to a window after its fact)."""
+    def draw() -> str:
+        return " " + (str(rng.randrange(10**6, 10**7)) if rng.random() < 0.1 else rng.choice(WORDS))
+    for _ in range(100):
+        ids = tok.encode("".join(copy_layout(rng, n_tokens, draw)))[:n_tokens]
+        text = tok.decode(ids)
+        if len(ids) == n_tokens and tok.encode(text) == ids:   # a cut number can re-tokenize: draw again
+            return text
+    raise RuntimeError(f"no copy document of exactly {n_tokens} tokens")
+
+
 def make_tokenizer(out: Path) -> Tokenizer:
     path = out / "tokenizer"
     if not (path / "tokenizer.json").exists():
@@ -127,7 +156,7 @@ _TOK: Tokenizer | None = None
 
 
 def _chunk(job: tuple[str, int, int, int]) -> list[str]:
-    """Documents [start, start + count) of a corpus: every fourth a needle document, the others repeat documents,
+    """Documents [start, start + count) of a corpus, of the kinds in MIX (half needle, a quarter copy, a quarter repeat),
     each from its own seed, so the file is the same whatever the number of worker processes."""
     global _TOK
     tok_path, start, count, seq_len = job
@@ -135,7 +164,7 @@ def _chunk(job: tuple[str, int, int, int]) -> list[str]:
     out = []
     for i in range(start, start + count):
         rng = random.Random(seq_len * 10**9 + i)
-        make = document if i % 4 == 0 else repeat_document
+        make = {"needle": document, "copy": copy_document, "repeat": repeat_document}[MIX[i % len(MIX)]]
         out.append(make(_TOK, rng, seq_len - 1))
     return out
 
@@ -169,10 +198,11 @@ def word_ids(tok: Tokenizer) -> list[int]:
     return sorted({ids[0] for w in WORDS if len(ids := tok.encode(" " + w)) == 1})
 
 
-def induction_batch(tok: Tokenizer, n: int, period: int, seed: int = 0) -> torch.Tensor:
-    """(n, 2 * period) token ids: a random sequence over `word_ids`, then the same again. The loss on the second
-    half is ~ln(len(word_ids)) without in-context copying and ~0 with it (an induction probe)."""
+def induction_batch(tok: Tokenizer, n: int, period: int, seed: int = 0, length: int = 0) -> torch.Tensor:
+    """(n, length or 2 * period) token ids: a random sequence over `word_ids`, then the same again (cut at `length`:
+    a period past half the window still fits, with a shorter repeat). The loss on the repeat is
+    ~ln(len(word_ids)) without in-context copying over `period` tokens and ~0 with it (an induction probe)."""
     alphabet = word_ids(tok)
     g = torch.Generator().manual_seed(seed)
     first = torch.tensor(alphabet)[torch.randint(0, len(alphabet), (n, period), generator=g)]
-    return torch.cat([first, first], dim=1)
+    return torch.cat([first, first], dim=1)[:, :length or 2 * period]
