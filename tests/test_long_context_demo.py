@@ -45,13 +45,50 @@ def test_corpus_is_the_same_whatever_the_worker_count(tok, tmp_path):
     docs = [json.loads(line)["text"] for line in one.splitlines()]
     assert one == two and len(docs) == 30
     assert all(len(tok.encode(d)) == 255 for d in docs)
-    assert sum("\nQuestion:" in d for d in docs) == 8          # a quarter needle documents, the rest repeats
+    assert sum("\nQuestion:" in d for d in docs) == 15         # half needle documents (MIX), the rest copy/repeat
+
+
+def copy_distance(ids: list[int]) -> int:
+    """The longest distance from an 8-gram back to its previous occurrence (random words: a recurring 8-gram is a
+    copy), i.e. how far back copying has to look."""
+    last, far = {}, 0
+    for t in range(len(ids) - 8):
+        g = tuple(ids[t:t + 8])
+        far = max(far, t - last.get(g, t))
+        last[g] = t
+    return far
+
+
+def test_copy_documents_recur_at_every_distance_up_to_the_window(tok):
+    """Copy documents have the asked length, and the distance from a copied span back to its source covers the
+    window (the needle's question sits up to a window after its fact), not just a repeat unit's length."""
+    rng, far = random.Random(2), []
+    for _ in range(20):
+        ids = tok.encode(demo.copy_document(tok, rng, 255))
+        assert len(ids) == 255
+        far.append(copy_distance(ids))
+    assert max(far) > 150 and sum(d > 100 for d in far) >= 5
+    assert max(copy_distance(tok.encode(demo.repeat_document(tok, rng, 255))) for _ in range(20)) <= 64 + 9
+    layout = demo.copy_layout(random.Random(0), 300, random.Random(1).random)
+    assert len(layout) == 300 and len(set(layout)) < 200          # about half the items are copies
+
+
+def test_needle_cells_leave_room_for_the_answer(tok):
+    """A needle cell of length L asks with a prompt of L - ANSWER tokens, so the 12 generated tokens fit in a model
+    of L positions (at the full L the engine stopped the answer after 1-3 tokens: the gate could never pass)."""
+    import long_context_demo as lc
+    for n in (256, 1024):
+        prompt = needle_prompt(tok, lc.haystack(0, (n,)), n - lc.ANSWER, 0.5, "Osaka", "7654321")
+        assert len(tok.encode(prompt)) + lc.ANSWER <= n
+        assert len(tok.encode(prompt + " 7654321.")) <= n
 
 
 def test_induction_batch_repeats_its_first_half(tok):
     x = demo.induction_batch(tok, 4, 30, seed=1)
     assert x.shape == (4, 60) and (x[:, :30] == x[:, 30:]).all()
     assert set(x.flatten().tolist()) <= set(demo.word_ids(tok)) and len(demo.word_ids(tok)) >= 40
+    long = demo.induction_batch(tok, 2, 200, seed=1, length=256)     # a period past half the window: cut repeat
+    assert long.shape == (2, 256) and (long[:, 200:] == long[:, :56]).all()
 
 
 def test_every_window_is_one_document_with_its_facts(tok, tmp_path):
