@@ -1,16 +1,20 @@
 """The long-context demo's synthetic documents (benchmarks/long_context_demo.py), each exactly one training window.
 
-Two kinds, one needle document to three repeat documents, because retrieval needs in-context copying and copying
-is only learnt where it is the one way to cut the loss on most tokens (induction heads: Olsson et al. 2022; associative recall: Arora et al.
-2023, "Zoology"):
+Three kinds (MIX: half needle, a quarter copy, a quarter repeat documents), because retrieval needs in-context
+copying over the fact-to-question distance, and copying is only learnt where it is the one way to cut the loss on
+many tokens (induction heads: Olsson et al. 2022; associative recall: Arora et al. 2023, "Zoology"):
 - **needle documents** (the passkey-retrieval recipe, in dsv3.eval.needle's own format): filler sentences ("The old
   river passes the mill.", a random cycle of 3-6 of them repeated, itself copyable) with 1-4 facts "The secret
   number of <city> is <7 digits>." inserted at sentence boundaries exactly as `needle_prompt` inserts its needle,
   then a question about each fact ("Question: What is the secret number of <city>?\nAnswer: The secret number of
   <city> is <digits>."). Several facts make it associative recall: the city picks which number to copy.
+- **copy documents** (`copy_layout`): random words and numbers in which spans of 4-24 words recur at a distance
+  drawn uniformly over everything before them, so copying is needed at every distance up to the window (round 3,
+  with repeat documents only, copied over 30 tokens and not over 100: their previous occurrence is never further
+  back than a unit, at most a quarter window).
 - **repeat documents** (pure induction): a random unit of words, cities and numbers from the same vocabulary,
   8 tokens to a quarter of the window long, repeated to fill the window: ~85% of the tokens are predictable only by
-  copying (the induction probe, long_context_induction.py, learns copying in ~450 steps on such data alone).
+  copying (induction heads form fastest on such data).
 Every document is exactly seq_len - 1 tokens, so with its EOS it fills one training window (packing cuts windows at
 seq_len: no question loses its fact to the previous window). Documents carry no BOS (the packer puts none), so the
 needle prompts have none.

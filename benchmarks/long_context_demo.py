@@ -4,14 +4,17 @@ downstream means anything otherwise), extend it in two phases (1K, then 4K) with
 same two phases with plain RoPE as the control; needle-in-a-haystack accuracy (dsv3.eval.needle) over lengths x
 depths and loss by position, before and after.
 
-    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 3000,300,150
-        --pre-batch 32]
+    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 20000,300,150
+        --pre-batch 32 --gate 0.5 --workers 14]
 
-Data (long_context_data.py): a quarter needle documents (filler, 1-4 facts "The secret number of <city> is
-<7 digits>." placed as `needle_prompt` places its needle, a question about each), the rest repeat documents (a
-random unit of words and numbers repeated): copying is the only way to cut the loss on most of their tokens, which
-is what makes the induction heads retrieval runs on form at all (rounds 1-2 had facts on ~3% of tokens and learnt
-no copying in 8.2M tokens). Every document fills exactly one training window.
+Data (long_context_data.py): half needle documents (filler, 1-4 facts "The secret number of <city> is
+<7 digits>." placed as `needle_prompt` places its needle, a question about each), a quarter copy documents (random
+words and numbers whose spans recur at any distance up to the window: the needle's question is up to a window after
+its fact, and round 3's repeat units, at most a quarter window, taught copying over 64 tokens and not over 100), a
+quarter repeat documents (a unit repeated: induction heads form fastest on these). Every document fills exactly one
+training window. A needle cell of length L asks with L - ANSWER prompt tokens, so the answer fits in the model's
+L positions. The gate prints a few needles' prompt tails, greedy answers and loss on the digits, and the induction
+probe at copy distances 30 / 64 / 100 / 200 (gate.json).
 
 The phases keep the tokens per step constant (V3: 32K x 1920 = 128K x 480) and a constant LR, as the report's
 extension phases do. YaRN: factor 16 over the 256-token pre-training length (`original_max_position_embeddings`,
