@@ -73,8 +73,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=64)
-    ap.add_argument("--data", choices=("repeat", "copy"), default="repeat",
-                    help="repeat: units of 8-40 repeated; copy: spans recurring at any distance (copy_layout)")
+    ap.add_argument("--data", choices=("repeat", "copy", "mix"), default="repeat",
+                    help="repeat: units of 8-40 repeated; copy: spans recurring at any distance (copy_layout); mix: "
+                         "the two on alternate steps (the demo's corpus has both)")
     ap.add_argument("--periods", default="30,64,100,200", help="probe distances, every 100 steps")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -88,8 +89,8 @@ def main() -> None:
     for step in range(1, a.steps + 1):
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, step / 50)          # 50 steps of linear warm-up
-        x, copies = (batch(gen, a.batch, a.seq, a.vocab, (8, 40)) if a.data == "repeat"
-                     else copy_batch(rng, a.batch, a.seq, a.vocab))
+        repeat = a.data == "repeat" or (a.data == "mix" and step % 2 == 0)
+        x, copies = batch(gen, a.batch, a.seq, a.vocab, (8, 40)) if repeat else copy_batch(rng, a.batch, a.seq, a.vocab)
         losses = torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
         opt.zero_grad()
         losses.mean().backward()
