@@ -127,3 +127,27 @@ def test_gpu_memory_script_engine_prefill_runs_on_the_cpu():
     assert point("1024", "fused", "prefill", "tiny") >= 0
     long = memory.model_config("tiny", 100_000)        # tiny is YaRN over 512 already: that stays the original
     assert long.max_position_embeddings == 100_000 and long.yarn()["original_max_position_embeddings"] == 512
+
+
+def test_gate_diagnostics_look_at_the_answer(tok):
+    """The gate's looked-at needles on a random-init model of the demo's shape at the pre-training length: the answer
+    is generated past its first token (not cut by the context), and the loss on the digits equals cross-entropy computed
+    here from the model's logits on prompt + answer."""
+    import torch
+    import long_context_demo as lc
+    from dsv3 import Transformer
+    from dsv3.config import ModelConfig
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{k: v for k, v in lc.MODEL.items() if k != "preset"},
+                                    max_position_embeddings=lc.PRE_LEN)).eval()
+    _, records = lc.needle(model, tok, (lc.PRE_LEN,), 1)
+    r = records[0]
+    assert len(tok.encode(r["output"])) > 3 or "\n" in r["output"]     # 12 tokens (byte pieces re-encode fewer)
+    look = lc.answer_loss(model, tok, r, (lc.PRE_LEN,))
+    prompt = needle_prompt(tok, lc.haystack(0, (lc.PRE_LEN,)), r["length"], r["depth"], r["city"], r["needle"])
+    ids, answer = tok.encode(prompt), tok.encode(prompt + " " + r["needle"])[len(tok.encode(prompt)):]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + answer[:-1]]))[0, len(ids) - 1:]
+    ref = torch.nn.functional.cross_entropy(logits.double(), torch.tensor(answer)).item()
+    assert look["answer_tokens"] == len(answer) and abs(look["answer_loss"] - ref) < 2e-3
+    assert 0 < look["distance"] < lc.PRE_LEN and look["tail"].endswith(f"{r['city']} is")
