@@ -1,16 +1,20 @@
 """The long-context demo's synthetic documents (benchmarks/long_context_demo.py), each exactly one training window.
 
-Two kinds, one needle document to three repeat documents, because retrieval needs in-context copying and copying
-is only learnt where it is the one way to cut the loss on most tokens (induction heads: Olsson et al. 2022; associative recall: Arora et al.
-2023, "Zoology"):
+Three kinds (MIX: half needle, a quarter copy, a quarter repeat documents), because retrieval needs in-context
+copying over the fact-to-question distance, and copying is only learnt where it is the one way to cut the loss on
+many tokens (induction heads: Olsson et al. 2022; associative recall: Arora et al. 2023, "Zoology"):
 - **needle documents** (the passkey-retrieval recipe, in dsv3.eval.needle's own format): filler sentences ("The old
   river passes the mill.", a random cycle of 3-6 of them repeated, itself copyable) with 1-4 facts "The secret
   number of <city> is <7 digits>." inserted at sentence boundaries exactly as `needle_prompt` inserts its needle,
   then a question about each fact ("Question: What is the secret number of <city>?\nAnswer: The secret number of
   <city> is <digits>."). Several facts make it associative recall: the city picks which number to copy.
+- **copy documents** (`copy_layout`): random words and numbers in which spans of 4-24 words recur at a distance
+  drawn uniformly over everything before them, so copying is needed at every distance up to the window (round 3,
+  with repeat documents only, copied over 30 tokens and not over 100: their previous occurrence is never further
+  back than a unit, at most a quarter window).
 - **repeat documents** (pure induction): a random unit of words, cities and numbers from the same vocabulary,
   8 tokens to a quarter of the window long, repeated to fill the window: ~85% of the tokens are predictable only by
-  copying (the induction probe, long_context_induction.py, learns copying in ~450 steps on such data alone).
+  copying (induction heads form fastest on such data).
 Every document is exactly seq_len - 1 tokens, so with its EOS it fills one training window (packing cuts windows at
 seq_len: no question loses its fact to the previous window). Documents carry no BOS (the packer puts none), so the
 needle prompts have none.
@@ -34,6 +38,8 @@ NOUN = "river mill road garden bridge market tower field harbor village".split()
 VERB = "passes faces crosses follows borders watches".split()
 WORDS = ADJ + NOUN + VERB + CITIES + "The the secret number of is What Question Answer".split()
 FACTS = (1, 4)                                 # facts (and questions) per needle document
+SPAN = (4, 24)                                 # copy documents: copied spans and fresh stretches, in words
+MIX = ("needle", "copy", "needle", "repeat")   # document i is of kind MIX[i % 4]
 VOCAB = 512
 
 
@@ -113,6 +119,33 @@ def repeat_document(tok: Tokenizer, rng: random.Random, n_tokens: int) -> str:
     raise RuntimeError(f"no repeat document of exactly {n_tokens} tokens")
 
 
+def copy_layout(rng: random.Random, n: int, draw, span: tuple[int, int] = SPAN) -> list:
+    """n items: a fresh stretch of `span` items, then, alternately, a span copied from a random earlier place
+    (its distance uniform over everything already written, so copies reach back across the whole window, not only
+    a repeat unit's length) and a fresh stretch drawn by `draw()`: about half the items are predictable only by
+    copying, from any distance up to the window."""
+    items = [draw() for _ in range(rng.randint(*span))]
+    while len(items) < n:
+        size = rng.randint(*span)
+        start = rng.randrange(0, max(1, len(items) - size))          # any earlier place, the window's start included
+        items += items[start:start + size]
+        items += [draw() for _ in range(rng.randint(*span))]
+    return items[:n]
+
+
+def copy_document(tok: Tokenizer, rng: random.Random, n_tokens: int) -> str:
+    """Exactly `n_tokens` tokens of random words and 7-digit numbers laid out by `copy_layout`: spans of them
+    recur at every distance up to the window (the needle's question is up to a window after its fact)."""
+    def draw() -> str:
+        return " " + (str(rng.randrange(10**6, 10**7)) if rng.random() < 0.1 else rng.choice(WORDS))
+    for _ in range(100):
+        ids = tok.encode("".join(copy_layout(rng, n_tokens, draw)))[:n_tokens]
+        text = tok.decode(ids)
+        if len(ids) == n_tokens and tok.encode(text) == ids:   # a cut number can re-tokenize: draw again
+            return text
+    raise RuntimeError(f"no copy document of exactly {n_tokens} tokens")
+
+
 def make_tokenizer(out: Path) -> Tokenizer:
     path = out / "tokenizer"
     if not (path / "tokenizer.json").exists():
@@ -127,7 +160,7 @@ _TOK: Tokenizer | None = None
 
 
 def _chunk(job: tuple[str, int, int, int]) -> list[str]:
-    """Documents [start, start + count) of a corpus: every fourth a needle document, the others repeat documents,
+    """Documents [start, start + count) of a corpus, of the kinds in MIX (half needle, a quarter copy, a quarter repeat),
     each from its own seed, so the file is the same whatever the number of worker processes."""
     global _TOK
     tok_path, start, count, seq_len = job
@@ -135,7 +168,7 @@ def _chunk(job: tuple[str, int, int, int]) -> list[str]:
     out = []
     for i in range(start, start + count):
         rng = random.Random(seq_len * 10**9 + i)
-        make = document if i % 4 == 0 else repeat_document
+        make = {"needle": document, "copy": copy_document, "repeat": repeat_document}[MIX[i % len(MIX)]]
         out.append(make(_TOK, rng, seq_len - 1))
     return out
 
@@ -169,10 +202,11 @@ def word_ids(tok: Tokenizer) -> list[int]:
     return sorted({ids[0] for w in WORDS if len(ids := tok.encode(" " + w)) == 1})
 
 
-def induction_batch(tok: Tokenizer, n: int, period: int, seed: int = 0) -> torch.Tensor:
-    """(n, 2 * period) token ids: a random sequence over `word_ids`, then the same again. The loss on the second
-    half is ~ln(len(word_ids)) without in-context copying and ~0 with it (an induction probe)."""
+def induction_batch(tok: Tokenizer, n: int, period: int, seed: int = 0, length: int = 0) -> torch.Tensor:
+    """(n, length or 2 * period) token ids: a random sequence over `word_ids`, then the same again (cut at `length`:
+    a period past half the window still fits, with a shorter repeat). The loss on the repeat is
+    ~ln(len(word_ids)) without in-context copying over `period` tokens and ~0 with it (an induction probe)."""
     alphabet = word_ids(tok)
     g = torch.Generator().manual_seed(seed)
     first = torch.tensor(alphabet)[torch.randint(0, len(alphabet), (n, period), generator=g)]
-    return torch.cat([first, first], dim=1)
+    return torch.cat([first, first], dim=1)[:, :length or 2 * period]

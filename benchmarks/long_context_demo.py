@@ -4,14 +4,17 @@ downstream means anything otherwise), extend it in two phases (1K, then 4K) with
 same two phases with plain RoPE as the control; needle-in-a-haystack accuracy (dsv3.eval.needle) over lengths x
 depths and loss by position, before and after.
 
-    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 3000,300,150
-        --pre-batch 32]
+    PYTHONPATH=src python benchmarks/long_context_demo.py --out /tmp/long-context [--device cuda --steps 20000,300,150
+        --pre-batch 32 --gate 0.5 --workers 14]
 
-Data (long_context_data.py): a quarter needle documents (filler, 1-4 facts "The secret number of <city> is
-<7 digits>." placed as `needle_prompt` places its needle, a question about each), the rest repeat documents (a
-random unit of words and numbers repeated): copying is the only way to cut the loss on most of their tokens, which
-is what makes the induction heads retrieval runs on form at all (rounds 1-2 had facts on ~3% of tokens and learnt
-no copying in 8.2M tokens). Every document fills exactly one training window.
+Data (long_context_data.py): half needle documents (filler, 1-4 facts "The secret number of <city> is
+<7 digits>." placed as `needle_prompt` places its needle, a question about each), a quarter copy documents (random
+words and numbers whose spans recur at any distance up to the window: the needle's question is up to a window after
+its fact, and round 3's repeat units, at most a quarter window, taught copying over 64 tokens and not over 100), a
+quarter repeat documents (a unit repeated: induction heads form fastest on these). Every document fills exactly one
+training window. A needle cell of length L asks with L - ANSWER prompt tokens, so the answer fits in the model's
+L positions. The gate prints a few needles' prompt tails, greedy answers and loss on the digits, and the induction
+probe at copy distances 30 / 64 / 100 / 200 (gate.json).
 
 The phases keep the tokens per step constant (V3: 32K x 1920 = 128K x 480) and a constant LR, as the report's
 extension phases do. YaRN: factor 16 over the 256-token pre-training length (`original_max_position_embeddings`,
@@ -35,7 +38,7 @@ import torch
 
 from dsv3.data import Tokenizer
 from dsv3.eval.backends import EngineBackend
-from dsv3.eval.needle import needle_grid
+from dsv3.eval.needle import needle_grid, needle_prompt
 from dsv3.infer import Engine, EngineConfig
 from dsv3.train import Trainer
 from dsv3.train.config import RunConfig
@@ -46,6 +49,7 @@ from long_context_data import VOCAB, corpus, document, filler, induction_batch, 
 PRE_LEN, PHASES = 256, (1024, 4096)          # pre-training length, then the two extension phases' lengths
 LENGTHS = (256, 512, 1024, 2048, 4096)         # needle / evaluation lengths
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+ANSWER = 12                                    # positions a needle cell keeps for the answer (needle_grid's max)
 PRE_BATCH = 16                                 # pre-training: 16 x 256 tokens per step (--pre-batch)
 PHASE_TOKENS = 4096                            # per step, constant over the two phases (4 x 1K, 1 x 4K), as V3's
 YARN = dict(type="yarn", factor=PHASES[-1] / PRE_LEN, original_max_position_embeddings=PRE_LEN, beta_fast=32,
@@ -99,16 +103,39 @@ def at_length(run_dir: Path, max_pos: int, rope: dict | None, device: str = "cpu
     return ext.to(device)
 
 
-def needle(model, tok: Tokenizer, lengths: tuple, seeds: int) -> list[list[float]]:
-    """Accuracy per length x depth over `seeds` needles per cell (each its own city, number and haystack)."""
+def haystack(seed: int, lengths: tuple) -> str:
+    return filler(random.Random(1000 + seed), max(lengths) // 6)
+
+
+def needle(model, tok: Tokenizer, lengths: tuple, seeds: int) -> tuple[list[list[float]], list[dict]]:
+    """Accuracy per length x depth over `seeds` needles per cell (each its own city, number and haystack), and the
+    cells' records (what the model answered; `seed` names the haystack). A cell of length L has a prompt of
+    L - ANSWER tokens, so prompt and answer fit in L positions: rounds 1-3 asked at the full L, and the engine stops
+    at the model's max_position_embeddings, so at the pre-training length the answer was cut after 1-3 tokens and
+    the gate could not pass whatever the model knew."""
     engine = Engine(model, tok, EngineConfig(block_size=64, max_num_batched_tokens=max(lengths), cuda_graphs=False))
-    total = [[0.0] * len(DEPTHS) for _ in lengths]
+    total, records = [[0.0] * len(DEPTHS) for _ in lengths], []
     for seed in range(seeds):
-        hay = filler(random.Random(1000 + seed), max(lengths) // 6)
-        scores, _ = needle_grid(EngineBackend(engine), tok, hay, list(lengths), list(DEPTHS), seed=seed,
-                                add_bos=False)
+        scores, recs = needle_grid(EngineBackend(engine), tok, haystack(seed, lengths), [n - ANSWER for n in lengths],
+                                   list(DEPTHS), seed=seed, add_bos=False)
         total = [[t + s / seeds for t, s in zip(tr, sr)] for tr, sr in zip(total, scores)]
-    return total
+        records += [{**r, "seed": seed} for r in recs]
+    return total, records
+
+
+@torch.no_grad()
+def answer_loss(model, tok: Tokenizer, record: dict, lengths: tuple) -> dict:
+    """One needle cell looked at: the prompt's tail, how far back the fact sits (tokens from the fact's first token
+    to the end of the prompt), the greedy answer, and the mean loss (nats per token) on the answer " <7 digits>"
+    given the prompt: ~ln(10) per digit for a model that guesses, ~0 for one that copies the fact."""
+    city, num = record["city"], record["needle"]
+    prompt = needle_prompt(tok, haystack(record["seed"], lengths), record["length"], record["depth"], city, num)
+    ids, full = tok.encode(prompt), tok.encode(prompt + f" {num}")
+    fact = len(tok.encode(prompt[:prompt.index(f" The secret number of {city} is")]))
+    x = torch.tensor(full, device=next(model.parameters()).device)
+    loss = torch.nn.functional.cross_entropy(model(x[None, :-1])[0, len(ids) - 1:], x[len(ids):])
+    return {"depth": record["depth"], "distance": len(ids) - fact, "tail": prompt[-110:], "needle": num,
+            "answer": record["output"], "answer_loss": round(loss.item(), 3), "answer_tokens": len(full) - len(ids)}
 
 
 @torch.no_grad()
@@ -126,13 +153,28 @@ def loss_by_position(model, tok: Tokenizer, n_docs: int = 4, bucket: int = 256) 
 
 @torch.no_grad()
 def induction(model, tok: Tokenizer, period: int = 100) -> dict:
-    """The induction probe: mean loss on the first and on the repeated half of random word sequences (64 of
-    2 x period tokens). Without in-context copying both are ~ln(#words); with it the second half is near 0. The gate
-    reports periods 30 (inside the repeat documents' units) and 100 (copying over a longer distance)."""
-    x = induction_batch(tok, 64, period, seed=7).to(next(model.parameters()).device)
+    """The induction probe: mean loss on the first occurrence and on the repeat of random word sequences (64 of
+    `period` tokens, repeated up to PRE_LEN tokens). Without in-context copying over `period` tokens both are
+    ~ln(#words); with it the repeat is near 0."""
+    x = induction_batch(tok, 64, period, seed=7, length=min(2 * period, PRE_LEN)).to(next(model.parameters()).device)
     loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
     return {"first": round(loss[:, :period - 1].mean().item(), 3), "repeat": round(loss[:, period:].mean().item(), 3),
             "chance": round(math.log(len(word_ids(tok))), 3)}
+
+
+def check_gate(model, tok: Tokenizer, seeds: int = 4) -> dict:
+    """The gate: needle accuracy at PRE_LEN (the model must retrieve where it was trained before an extension can
+    mean anything), with diagnostics: a few needles looked at (`answer_loss`: fact distance, greedy answer, loss on
+    the digits) and the induction probe by copy distance (periods 30 / 64 / 100 / 200)."""
+    grid, records = needle(model, tok, (PRE_LEN,), seeds)
+    looked = [answer_loss(model, tok, r, (PRE_LEN,)) for r in records[:len(DEPTHS)]]   # seed 0: every depth
+    gate = {"needle": sum(grid[0]) / len(grid[0]), "by_depth": dict(zip(map(str, DEPTHS), grid[0])),
+            "needles": looked, "induction": {p: induction(model, tok, p) for p in (30, 64, 100, 200)}}
+    for r in looked:
+        print(f"gate needle at depth {r['depth']} ({r['distance']} tokens back): ...{r['tail'][-60:]!r} -> "
+              f"{r['answer']!r} (needle {r['needle']}, loss {r['answer_loss']:.2f} nats/token on the answer)",
+              flush=True)
+    return gate
 
 
 def phases(out: Path, steps: tuple[int, int, int], times: dict, args) -> tuple[dict[str, Path], dict]:
@@ -151,9 +193,9 @@ def phases(out: Path, steps: tuple[int, int, int], times: dict, args) -> tuple[d
                                                                            "rope_scaling": None},
                            {"lr": args.lr, "warmup": 0.05}, args.pre_batch, **dev), times, "pre")
     runs = {"pre": pre}
-    model = at_length(pre, PRE_LEN, None, args.device)
-    grid = needle(model, tok, (PRE_LEN,), 4)
-    gate = {"needle": sum(grid[0]) / len(grid[0]), "induction": {p: induction(model, tok, p) for p in (30, 100)}}
+    t_gate = time.perf_counter()
+    gate = check_gate(at_length(pre, PRE_LEN, None, args.device), tok)
+    times["gate"] = time.perf_counter() - t_gate
     print(f"gate: needle accuracy {gate['needle']:.2f} at the pre-training length {PRE_LEN}; induction probe "
           f"{gate['induction']}", flush=True)
     (out / "gate.json").write_text(json.dumps({**gate, "seconds": times}))   # kept if a later stage is cut short
@@ -203,7 +245,7 @@ def charts(results: dict, docs: Path) -> None:
     plt.close(fig)
 
 
-def evaluate(runs: dict[str, Path], tok: Tokenizer, seeds: int, device: str) -> dict:
+def evaluate(runs: dict[str, Path], tok: Tokenizer, seeds: int, device: str, save=lambda results: None) -> dict:
     """Needle grid and loss by position of each model at the longest length: "before" = the pre-trained weights
     (plain RoPE extrapolated, or YaRN switched on without training), "after" = each phase."""
     models = {f"pre-trained at {PRE_LEN} (plain RoPE past it)": (runs["pre"], None),
@@ -215,10 +257,11 @@ def evaluate(runs: dict[str, Path], tok: Tokenizer, seeds: int, device: str) -> 
     results: dict = {"needle": {}, "loss_by_position": {}}
     for name, (run, rope) in models.items():
         model = at_length(run, LENGTHS[-1], rope, device)
-        results["needle"][name] = needle(model, tok, LENGTHS, seeds)
+        results["needle"][name] = needle(model, tok, LENGTHS, seeds)[0]
         results["loss_by_position"][name] = loss_by_position(model, tok)
         print(f"{name:45s} needle " + " ".join(f"{sum(r) / len(r):.2f}" for r in results["needle"][name])
               + "  loss " + " ".join(f"{x:.3f}" for x in results["loss_by_position"][name]), flush=True)
+        save(results)                                  # a call cut short keeps the models evaluated so far
     return results
 
 
@@ -246,7 +289,11 @@ def main() -> None:
                "depths": DEPTHS, "seeds": a.seeds, "device": a.device, "gate": gate}
     if gate["needle"] >= a.gate:
         t_eval = time.perf_counter()
-        results.update(evaluate(runs, make_tokenizer(out), a.seeds, a.device))
+
+        def save(partial: dict) -> None:
+            (out / "results.json").write_text(json.dumps({**results, **partial, "seconds": times}, indent=1))
+            charts({**results, **partial}, Path(a.docs))
+        results.update(evaluate(runs, make_tokenizer(out), a.seeds, a.device, save))
         times["evaluation"] = time.perf_counter() - t_eval
         charts(results, Path(a.docs))
     else:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import time
 
 import torch
 
 from dsv3 import Transformer
 from dsv3.config import ModelConfig
+from long_context_data import copy_layout
 from long_context_demo import MODEL, PRE_LEN
 
 ROUND2 = dict(num_attention_heads=8, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=16, qk_rope_head_dim=16,
@@ -38,6 +40,31 @@ def batch(gen: torch.Generator, b: int, seq: int, vocab: int, periods: tuple[int
     return x, copies
 
 
+def copy_batch(rng: random.Random, b: int, seq: int, vocab: int):
+    """(b, seq) sequences laid out as the copy documents are (`copy_layout`: spans recur at any distance up to the
+    window), and the mask of the targets inside copied spans (the tokens only copying predicts), approximately:
+    a target equal to the token after an earlier occurrence of the same bigram."""
+    x = torch.tensor([copy_layout(rng, seq, lambda: rng.randrange(8, 8 + vocab)) for _ in range(b)])
+    copies = torch.zeros(b, seq - 1)
+    for i, row in enumerate(x.tolist()):
+        seen = set()
+        for t in range(1, seq):
+            copies[i, t - 1] = float((row[t - 1], row[t]) in seen) if t > 1 and (row[t - 2], row[t - 1]) in seen else 0
+            seen.add((row[t - 1], row[t]))
+    return x, copies
+
+
+@torch.no_grad()
+def probe(model, vocab: int, period: int, seq: int) -> float:
+    """Loss on the repeat of a random sequence of `period` tokens, repeated up to `seq` tokens (the copy distance is
+    `period`): ~ln(vocab) without copying at that distance, ~0 with it."""
+    g = torch.Generator().manual_seed(7)
+    first = torch.randint(8, 8 + vocab, (64, period), generator=g)
+    x = torch.cat([first, first], 1)[:, :min(2 * period, seq)]
+    loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
+    return loss[:, period:].mean().item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=("demo", "round2"), default="demo")
@@ -46,6 +73,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=64)
+    ap.add_argument("--data", choices=("repeat", "copy", "mix"), default="repeat",
+                    help="repeat: units of 8-40 repeated; copy: spans recurring at any distance (copy_layout); mix: "
+                         "the two on alternate steps (the demo's corpus has both)")
+    ap.add_argument("--periods", default="30,64,100,200", help="probe distances, every 100 steps")
     a = ap.parse_args()
     torch.set_num_threads(1)
     shape = {k: v for k, v in MODEL.items() if k != "preset"}
@@ -54,11 +85,12 @@ def main() -> None:
     model = Transformer(cfg)
     model.init_weights(cfg.init_std)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    gen, t0 = torch.Generator().manual_seed(1), time.perf_counter()
+    gen, rng, t0 = torch.Generator().manual_seed(1), random.Random(1), time.perf_counter()
     for step in range(1, a.steps + 1):
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, step / 50)          # 50 steps of linear warm-up
-        x, copies = batch(gen, a.batch, a.seq, a.vocab, (8, 40))
+        repeat = a.data == "repeat" or (a.data == "mix" and step % 2 == 0)
+        x, copies = batch(gen, a.batch, a.seq, a.vocab, (8, 40)) if repeat else copy_batch(rng, a.batch, a.seq, a.vocab)
         losses = torch.nn.functional.cross_entropy(model(x[:, :-1]).transpose(1, 2), x[:, 1:], reduction="none")
         opt.zero_grad()
         losses.mean().backward()
@@ -68,6 +100,9 @@ def main() -> None:
             repeat = (losses * copies).sum() / copies.sum()
             print(f"{a.shape} step {step} loss {losses.mean().item():.3f} on the repeats {repeat.item():.3f} "
                   f"(no copying: {math.log(a.vocab):.2f}) {time.perf_counter() - t0:.0f} s", flush=True)
+        if step % 100 == 0:
+            print(f"{a.data} step {step} probe, loss on the repeat at distance " + " ".join(
+                f"{p}: {probe(model, a.vocab, p, a.seq):.2f}" for p in map(int, a.periods.split(","))), flush=True)
 
 
 if __name__ == "__main__":

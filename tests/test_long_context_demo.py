@@ -45,13 +45,50 @@ def test_corpus_is_the_same_whatever_the_worker_count(tok, tmp_path):
     docs = [json.loads(line)["text"] for line in one.splitlines()]
     assert one == two and len(docs) == 30
     assert all(len(tok.encode(d)) == 255 for d in docs)
-    assert sum("\nQuestion:" in d for d in docs) == 8          # a quarter needle documents, the rest repeats
+    assert sum("\nQuestion:" in d for d in docs) == 15         # half needle documents (MIX), the rest copy/repeat
+
+
+def copy_distance(ids: list[int]) -> int:
+    """The longest distance from an 8-gram back to its previous occurrence (random words: a recurring 8-gram is a
+    copy), i.e. how far back copying has to look."""
+    last, far = {}, 0
+    for t in range(len(ids) - 8):
+        g = tuple(ids[t:t + 8])
+        far = max(far, t - last.get(g, t))
+        last[g] = t
+    return far
+
+
+def test_copy_documents_recur_at_every_distance_up_to_the_window(tok):
+    """Copy documents have the asked length, and the distance from a copied span back to its source covers the
+    window (the needle's question sits up to a window after its fact), not just a repeat unit's length."""
+    rng, far = random.Random(2), []
+    for _ in range(20):
+        ids = tok.encode(demo.copy_document(tok, rng, 255))
+        assert len(ids) == 255
+        far.append(copy_distance(ids))
+    assert max(far) > 150 and sum(d > 100 for d in far) >= 5
+    assert max(copy_distance(tok.encode(demo.repeat_document(tok, rng, 255))) for _ in range(20)) <= 64 + 9
+    layout = demo.copy_layout(random.Random(0), 300, random.Random(1).random)
+    assert len(layout) == 300 and len(set(layout)) < 200          # about half the items are copies
+
+
+def test_needle_cells_leave_room_for_the_answer(tok):
+    """A needle cell of length L asks with a prompt of L - ANSWER tokens, so the 12 generated tokens fit in a model
+    of L positions (at the full L the engine stopped the answer after 1-3 tokens: the gate could never pass)."""
+    import long_context_demo as lc
+    for n in (256, 1024):
+        prompt = needle_prompt(tok, lc.haystack(0, (n,)), n - lc.ANSWER, 0.5, "Osaka", "7654321")
+        assert len(tok.encode(prompt)) + lc.ANSWER <= n
+        assert len(tok.encode(prompt + " 7654321.")) <= n
 
 
 def test_induction_batch_repeats_its_first_half(tok):
     x = demo.induction_batch(tok, 4, 30, seed=1)
     assert x.shape == (4, 60) and (x[:, :30] == x[:, 30:]).all()
     assert set(x.flatten().tolist()) <= set(demo.word_ids(tok)) and len(demo.word_ids(tok)) >= 40
+    long = demo.induction_batch(tok, 2, 200, seed=1, length=256)     # a period past half the window: cut repeat
+    assert long.shape == (2, 256) and (long[:, 200:] == long[:, :56]).all()
 
 
 def test_every_window_is_one_document_with_its_facts(tok, tmp_path):
@@ -90,3 +127,27 @@ def test_gpu_memory_script_engine_prefill_runs_on_the_cpu():
     assert point("1024", "fused", "prefill", "tiny") >= 0
     long = memory.model_config("tiny", 100_000)        # tiny is YaRN over 512 already: that stays the original
     assert long.max_position_embeddings == 100_000 and long.yarn()["original_max_position_embeddings"] == 512
+
+
+def test_gate_diagnostics_look_at_the_answer(tok):
+    """The gate's looked-at needles on a random-init model of the demo's shape at the pre-training length: the answer
+    is generated past its first token (not cut by the context), and the loss on the digits equals cross-entropy computed
+    here from the model's logits on prompt + answer."""
+    import torch
+    import long_context_demo as lc
+    from dsv3 import Transformer
+    from dsv3.config import ModelConfig
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{k: v for k, v in lc.MODEL.items() if k != "preset"},
+                                    max_position_embeddings=lc.PRE_LEN)).eval()
+    _, records = lc.needle(model, tok, (lc.PRE_LEN,), 1)
+    r = records[0]
+    assert len(tok.encode(r["output"])) > 3 or "\n" in r["output"]     # 12 tokens (byte pieces re-encode fewer)
+    look = lc.answer_loss(model, tok, r, (lc.PRE_LEN,))
+    prompt = needle_prompt(tok, lc.haystack(0, (lc.PRE_LEN,)), r["length"], r["depth"], r["city"], r["needle"])
+    ids, answer = tok.encode(prompt), tok.encode(prompt + " " + r["needle"])[len(tok.encode(prompt)):]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + answer[:-1]]))[0, len(ids) - 1:]
+    ref = torch.nn.functional.cross_entropy(logits.double(), torch.tensor(answer)).item()
+    assert look["answer_tokens"] == len(answer) and abs(look["answer_loss"] - ref) < 2e-3
+    assert 0 < look["distance"] < lc.PRE_LEN and look["tail"].endswith(f"{r['city']} is")
