@@ -30,7 +30,8 @@ def _interpreter_cases() -> dict:
     return out
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "
+                                           "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_float64():
     res = interpreter_cases("test_kernels_gemv")
     assert len(res) == 6
@@ -50,7 +51,8 @@ def test_dispatcher_and_op_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU with triton")
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()),
+                    reason="GPU-only: needs a CUDA GPU with triton (benchmarks/gpu_suite.sh gpu on the device)")
 def test_cuda_matches_float64_and_captures():
     from dsv3.kernels.gemv import gemv_triton
     for M, N, K in [(1, 3648, 2048), (1, 2048, 2816), (4, 5632, 2048), (8, 21888, 2048)]:

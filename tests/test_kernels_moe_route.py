@@ -185,7 +185,8 @@ def check_results(res: dict, n: int = 11) -> None:
         assert same_idx and same_counts and err < 1e-6, (name, res)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "
+                                           "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     check_results(interpreter_cases("test_kernels_moe_route"), 17)
 
@@ -218,7 +219,8 @@ def test_fused_moe_path_routes_as_the_module():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU with triton")
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()),
+                    reason="GPU-only: needs a CUDA GPU with triton (benchmarks/gpu_suite.sh gpu on the device)")
 def test_cuda_triton_matches_reference_and_captures():
     from dsv3.kernels.moe_route import moe_route_triton
 
