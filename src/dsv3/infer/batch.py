@@ -15,6 +15,7 @@ import torch
 
 from ..model.context import AttentionContext, PrefillRow
 from .cache import PagedLatentCache
+from .overlap import to_device
 
 
 @dataclass
@@ -52,7 +53,7 @@ def make_batch(rows: list[Row], cache: PagedLatentCache, device: torch.device) -
         (decode if n == 1 and row.past > 0 else prefill).append(i)
     width = max((len(rows[i].block_table) for i in decode), default=1)
     table = [rows[i].block_table + [0] * (width - len(rows[i].block_table)) for i in decode]
-    t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype, device=device)  # noqa: E731
+    t = lambda x, dtype=torch.long: to_device(x, dtype, device)  # noqa: E731   (no stream sync: dsv3.infer.overlap)
     naive = tuple(PrefillRow(starts[i], len(rows[i].tokens), rows[i].past, t(rows[i].block_table)) for i in prefill)
     # a batch of decode rows only is every token in order: no gather / scatter of the queries
     decode_rows = None if not prefill else t([starts[i] for i in decode])

@@ -144,13 +144,14 @@ def bench_ttft(model: Transformer, batch: int, prompt_len: int, budget: int = 0,
         t0 = time.perf_counter()
         for p in prompts:
             engine.add_request(p, params)
-        first, steps = [], 0
+        first, steps = [], engine.step_stats["steps"]
         while engine.has_unfinished():
-            outs = engine.step()          # the step's tokens are on the host when it returns: no sync needed
-            steps += 1
+            # the tokens step() returns are on the host: no sync needed (with the overlap schedule they are the
+            # previous step's, returned once this call has launched its own batch or found nothing to run)
+            outs = engine.step()
             now = time.perf_counter()
             first += [now - t0 for o in outs if o.new_token_ids]
-        return first, steps
+        return first, engine.step_stats["steps"] - steps
 
     run(seed + 1)
     first, steps = run(seed)

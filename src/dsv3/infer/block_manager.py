@@ -103,7 +103,8 @@ class BlockManager:
         """Register every full block whose tokens are now all in the cache (after a step wrote them)."""
         if not self.prefix_caching:
             return
-        done = min(seq.num_cached_tokens, len(seq)) // self.block_size
+        # only tokens the host knows: a placeholder of the overlap schedule (dsv3.infer.overlap) is no block's content
+        done = min(seq.num_cached_tokens, len(seq) - seq.num_pending) // self.block_size
         prefix = seq.block_hashes[-1] if seq.block_hashes else -1
         for i in range(len(seq.block_hashes), done):
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]

@@ -32,6 +32,10 @@ class EngineConfig:
     # those pairs at <= 8 tokens through the weight-streaming Triton GEMV (dsv3.kernels.gemv) instead of cuBLAS:
     # off until the GPU profile says it is faster (benchmarks/engine_decode.py mode `gemv`)
     dense_gemv: bool = False
+    # the host schedules and launches decode step t+1 before it reads step t's sampled tokens, which then stream one
+    # step late (dsv3.infer.overlap): "auto" = on when decode steps replay captured CUDA graphs, "on" (any device;
+    # true), "off" (false). MTP speculation keeps synchronous steps (its next rows depend on accepted counts)
+    overlap_schedule: str | bool = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -42,10 +46,15 @@ class EngineConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
         # TOML and JSON spell the switch as a boolean: true / false stand for on / off
-        mode = {True: "on", False: "off", "true": "on", "false": "off"}.get(self.fused_moe, self.fused_moe)
-        if mode not in ("auto", "on", "off"):
-            raise ValueError(f"EngineConfig.fused_moe must be auto, on / true or off / false, got {self.fused_moe!r}")
-        self.fused_moe = mode
+        for name in ("fused_moe", "overlap_schedule"):
+            value = getattr(self, name)
+            mode = {True: "on", False: "off", "true": "on", "false": "off"}.get(value, value)
+            if mode not in ("auto", "on", "off"):
+                raise ValueError(f"EngineConfig.{name} must be auto, on / true or off / false, got {value!r}")
+            setattr(self, name, mode)
+        if self.overlap_schedule == "on" and self.num_speculative_tokens:
+            raise ValueError("EngineConfig.overlap_schedule = on: MTP speculation (num_speculative_tokens > 0) runs "
+                             "synchronous steps; use auto or off")
         if self.num_blocks == 0 and self.cache_memory_gib <= 0:
             raise ValueError("EngineConfig: give num_blocks or a positive cache_memory_gib")
 

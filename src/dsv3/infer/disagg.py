@@ -87,6 +87,12 @@ class PrefillEngine(Engine):
         self.exported: dict[int, KVHandle] = {}
         self.kv_bytes_sent = 0
 
+    @property
+    def overlap(self) -> bool:
+        """Synchronous steps: every request ends at its first token, so a chained step (dsv3.infer.overlap) would
+        only compute tokens to discard."""
+        return False
+
     def _append(self, seq: Sequence, token: int) -> None:
         super()._append(seq, token)
         if not seq.finished:

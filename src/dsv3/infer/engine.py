@@ -7,6 +7,10 @@
 Requests are validated when added (a bad one raises ValueError and nothing is queued, so the engine keeps
 serving the others). Finish reasons: "stop" (EOS, a stop token or a stop string), "length" (max_tokens or the
 context), "abort".
+
+With the overlap schedule (EngineConfig.overlap_schedule; on by default where decode replays CUDA graphs) a step's
+sampled tokens are applied, and returned, by the next `step()`, after it has launched its own batch
+(dsv3.infer.overlap); every caller sees the same outputs, each request's in the same order, one call later.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .cache import PagedLatentCache, bytes_per_block
 from .config import EngineConfig
 from .fused_proj import fuse_projections
 from .graphs import graphs_supported
+from .overlap import PENDING, InFlight, to_device
 from .runner import ModelRunner, Row
 from .sampling import (SamplingParams, SamplingTensors, compute_logprobs, draw, filtered_probs, make_generators,
                        rejection_sample, sample)
@@ -99,8 +104,9 @@ class Engine:
         n_layers = cfg.num_hidden_layers + self.speculative     # the MTP block keeps its own latents
         self.spec_stats = {"steps": 0, "proposed": 0, "accepted": 0}
         # steps that ran something: pure decode ones (graph buckets), ones with prefill rows (eager), and the
-        # sequences they carried (a server's batches vs the offline engine's: dsv3.serve.bench)
-        self.step_stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "seqs": 0}
+        # sequences they carried (a server's batches vs the offline engine's: dsv3.serve.bench); chained ones were
+        # launched before the previous step's tokens were read (dsv3.infer.overlap)
+        self.step_stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "seqs": 0, "chained_steps": 0}
         num_blocks = config.num_blocks or max(1, int(config.cache_memory_gib * 2**30) //
                                                bytes_per_block(cfg, n_layers, config.block_size, dtype))
         # the cache owns the geometry from here on (and one scratch block beyond num_blocks, dsv3.infer.cache)
@@ -117,6 +123,14 @@ class Engine:
         self.seqs: dict[int, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
         self._aborted: list[Sequence] = []
+        self._in_flight: InFlight | None = None     # the last step's sampled tokens, not applied yet (overlap)
+
+    @property
+    def overlap(self) -> bool:
+        """Whether steps chain (dsv3.infer.overlap): EngineConfig.overlap_schedule, "auto" = with captured decode
+        graphs; never with MTP speculation (its next rows depend on how many drafts were accepted)."""
+        mode, graphs = self.config.overlap_schedule, self.runner.graphs
+        return not self.speculative and (mode == "on" or mode == "auto" and graphs is not None and graphs.capture)
 
     def use_decode_graphs(self, capture: bool = True) -> None:
         """Run decode batches from padded buckets, replayed from CUDA graphs (capture=False: the same padded
@@ -172,11 +186,15 @@ class Engine:
         seq = self.seqs.get(request_id)
         if seq is None or seq.finished:
             return
+        # a token still in flight was never returned: the caller has seen what a synchronous engine would have
+        # returned by now, and the abort's output holds exactly that (the in-flight row is skipped when applied)
+        del seq.token_ids[len(seq.token_ids) - seq.num_pending:]
+        seq.num_pending = 0
         self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
         """Work left, or aborted requests whose final output the next step still has to return."""
-        return self.scheduler.has_work() or bool(self._aborted)
+        return self.scheduler.has_work() or bool(self._aborted) or self._in_flight is not None
 
     def stats(self) -> dict:
         """Queue lengths, cache use, preemptions and speculation counts (for a server's /metrics)."""
@@ -192,10 +210,17 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one batch; return an output for every request that produced tokens or finished (aborted ones
-        included)."""
+        included). With the overlap schedule the tokens are those of the previous step (dsv3.infer.overlap)."""
         outputs = [self._output(s, []) for s in self._aborted]
         self._aborted = []
         seqs, counts = self.scheduler.schedule()
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None and not self._chains(seqs, counts):
+            # as the synchronous engine: the pending tokens first (some may end their sequences), then the batch
+            outputs += self._apply(prev)
+            prev = None
+            kept = [(s, n) for s, n in zip(seqs, counts) if not s.finished]
+            seqs, counts = [s for s, _ in kept], [n for _, n in kept]
         if not seqs:
             self._idle_step()
             return self._forget_finished(outputs)
@@ -206,8 +231,32 @@ class Engine:
         st["seqs"] += len(seqs)
         if self._can_speculate(seqs, counts):
             return self._forget_finished(outputs + self._speculative_step(seqs))
-        batch = self.runner.prepare([Row(s.token_ids[s.num_cached_tokens:s.num_cached_tokens + n], s.num_cached_tokens,
-                                         s.block_table) for s, n in zip(seqs, counts)])
+        if prev is not None:
+            # chained: every row's input is its token sampled by the previous step, still on the device
+            st["chained_steps"] += 1
+            rows = [Row([0], s.num_cached_tokens, s.block_table) for s in seqs]
+            self._in_flight = self._run(seqs, counts, rows, prev.input_ids(seqs))
+            outputs += self._apply(prev)           # the host waits here, while the device runs the new step
+        else:
+            rows = [Row(s.token_ids[s.num_cached_tokens:s.num_cached_tokens + n], s.num_cached_tokens, s.block_table)
+                    for s, n in zip(seqs, counts)]
+            self._in_flight = self._run(seqs, counts, rows)
+        if self._in_flight is not None and not self.overlap:
+            outputs += self._apply(self._in_flight)
+            self._in_flight = None
+        return self._forget_finished(outputs)
+
+    def _chains(self, seqs: list[Sequence], counts: list[int]) -> bool:
+        """Whether this batch can run before the pending step is applied: decode rows whose input tokens are all
+        pending (sampled by that step)."""
+        return self.overlap and bool(seqs) and all(n == 1 and s.num_pending == 1 and s.num_cached_tokens > 0
+                                                   for s, n in zip(seqs, counts))
+
+    def _run(self, seqs: list[Sequence], counts: list[int], rows: list[Row],
+             input_ids: torch.Tensor | None = None) -> InFlight | None:
+        """Forward the rows (`input_ids` on the device replace their tokens), sample the next token of every
+        sequence whose rows reached its end; those tokens stay pending (placeholders) until `_apply`."""
+        batch = self.runner.prepare(rows, input_ids=input_ids)
         hidden = self.runner.forward(batch)
         done, last = [], []
         for i, (seq, n) in enumerate(zip(seqs, counts)):
@@ -220,26 +269,53 @@ class Engine:
             if seq.num_uncomputed == 0:            # the chunk reached the sequence's end: sample its next token
                 done.append(seq)
                 last.append(batch.starts[i] + n - 1)
-        if done:
-            # a pure decode batch samples every row: no index tensor to build and copy to the device
-            rows = hidden if last == list(range(hidden.shape[0])) else hidden[torch.tensor(last, device=self.device)]
-            logits = self.runner.logits(rows)
-            if all(s.params.greedy for s in done):
-                # what `sample` returns for greedy rows (the race over a one-hot), without building and sorting a
-                # (B, V) top-k / top-p distribution: one kernel instead of ~20 on the decode step's host path
-                tokens = logits.argmax(-1)
-            else:
-                temps, top_ks, top_ps = SamplingTensors.from_params([s.params for s in done], self.device)
-                tokens = sample(logits, temps, top_ks, top_ps, [self._generators.get(s.seq_id) for s in done])
-            want = max((s.params.logprobs for s in done if s.params.logprobs is not None), default=None)
-            lp = compute_logprobs(logits, tokens, want) if want is not None else None
-            for j, (seq, tok) in enumerate(zip(done, tokens.tolist())):
-                if seq.params.logprobs is not None:
-                    n_top = seq.params.logprobs
-                    seq.logprobs.append((lp[0][j].item(), lp[1][j, :n_top].tolist(), lp[2][j, :n_top].tolist()))
-                self._append(seq, tok)
-                outputs.append(self._output(seq, [tok]))
-        return self._forget_finished(outputs)
+        if not done:
+            return None
+        # a pure decode batch samples every row: no index tensor to build and copy to the device
+        rows_h = hidden if last == list(range(hidden.shape[0])) else hidden[to_device(last, torch.long, self.device)]
+        logits = self.runner.logits(rows_h)
+        if all(s.params.greedy for s in done):
+            # what `sample` returns for greedy rows (the race over a one-hot), without building and sorting a
+            # (B, V) top-k / top-p distribution: one kernel instead of ~20 on the decode step's host path
+            tokens = logits.argmax(-1)
+        else:
+            temps, top_ks, top_ps = SamplingTensors.from_params([s.params for s in done], self.device)
+            tokens = sample(logits, temps, top_ks, top_ps, [self._generators.get(s.seq_id) for s in done])
+        want = max((s.params.logprobs for s in done if s.params.logprobs is not None), default=None)
+        lp = compute_logprobs(logits, tokens, want) if want is not None else ()
+        for seq in done:
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+            # a token that ends the sequence whatever its value: no step for it after this one
+            seq.stopping = len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len
+        return InFlight.start(done, tokens, tuple(lp))
+
+    def _apply(self, pending: InFlight) -> list[RequestOutput]:
+        """A step's sampled tokens, read on the host: log-probabilities, stop conditions, outputs. A sequence the
+        next step has already run (chained) keeps that step's token pending, or, if this token ended it, loses it
+        (never emitted; its blocks go back with the rest)."""
+        tokens, *lp = pending.wait()
+        outputs = []
+        for j, (seq, tok) in enumerate(zip(pending.seqs, tokens)):
+            if seq.finished:                       # its previous token ended it: this one is the discarded extra
+                continue
+            ahead = seq.num_pending - 1            # 1: the chained step ran this sequence too
+            del seq.token_ids[len(seq.token_ids) - seq.num_pending:]
+            seq.num_pending = 0
+            seq.num_cached_tokens -= ahead         # as before the chained step (what a prefill worker exports)
+            if seq.params.logprobs is not None:
+                n_top = seq.params.logprobs
+                seq.logprobs.append((lp[0][j], lp[1][j][:n_top], lp[2][j][:n_top]))
+            self._append(seq, tok)
+            outputs.append(self._output(seq, [tok]))
+            if not seq.finished:
+                if ahead:
+                    seq.token_ids.append(PENDING)
+                    seq.num_pending = 1
+                    seq.num_cached_tokens += 1
+                self.blocks.mark_computed(seq)     # the blocks this token completes (chained: their latents are
+                                                   # being written on the stream, ahead of any reader)
+        return outputs
 
     def _idle_step(self) -> None:
         """A step that scheduled nothing: nothing to run here (an expert-parallel engine still joins its group's

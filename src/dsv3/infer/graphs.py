@@ -4,7 +4,7 @@ Eager decode is launch-bound (NOTES-env: 20-40 us of host time per op, ~1,100 op
 batch (every row one token with context) is padded to a bucket (batch size b in BATCH_BUCKETS up to max_num_seqs,
 block-table width w a power of two) and the runner's own eager forward is captured once per bucket into a graph;
 all graphs share one memory pool (only one replays at a time). A step then copies its inputs into the bucket's
-static buffers (two host->device copies) and replays.
+static buffers (two host->device copies, neither a sync) and replays.
 
 Padding rows are harmless by construction: token 0 at position 0, written to the cache's scratch block, which no
 sequence owns (dsv3.infer.cache), with context length 0, for which the decode kernel returns zeros
@@ -28,6 +28,7 @@ import torch
 from ..model.context import AttentionContext
 from .batch import Batch, Row
 from .cache import PagedLatentCache
+from .overlap import staged
 
 
 def graphs_supported(model) -> bool:
@@ -83,8 +84,11 @@ class DecodeGraphs:
         pos = [r.past for r in rows] + [0] * pad
         slots = [cache.slot(r.block_table, r.past) for r in rows] + [cache.scratch_slot] * pad
         ints = [[r.past + 1] + r.block_table + [0] * (w - len(r.block_table)) for r in rows] + [[0] * (1 + w)] * pad
-        bucket.longs.copy_(torch.tensor([ids, pos, slots], dtype=torch.long))
-        bucket.ints.copy_(torch.tensor(ints, dtype=torch.int32))
+        # through pinned memory, without a stream sync: the previous step may still be running (dsv3.infer.overlap);
+        # the copies are ordered after its replay, which reads these buffers
+        dev = bucket.longs.device
+        bucket.longs.copy_(staged([ids, pos, slots], torch.long, dev), non_blocking=True)
+        bucket.ints.copy_(staged(ints, torch.int32, dev), non_blocking=True)
         if input_ids is not None:
             bucket.longs[0, :n].copy_(input_ids)
         static = bucket.batch

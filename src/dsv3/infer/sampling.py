@@ -16,6 +16,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from .overlap import to_device
+
 MAX_LOGPROBS = 20     # OpenAI's limit; keeps the per-token top-n small
 GREEDY_EPS = 1e-5     # temperatures below this are greedy: logits / T would overflow and the result is argmax anyway
 
@@ -93,11 +95,11 @@ class SamplingTensors(NamedTuple):
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], device: torch.device | str) -> SamplingTensors:
-        """Host-side, once per batch composition (the engine caches it while the batch is unchanged)."""
-        return cls(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-                   torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+        """Host-side, once per sampled batch; copied without a stream sync (dsv3.infer.overlap)."""
+        return cls(to_device([p.temperature for p in params], torch.float32, device),
+                   to_device([p.top_k for p in params], torch.int64, device),
                    # a top_p below float32's smallest normal would round to 0 and mask every token
-                   torch.tensor([max(p.top_p, 1.2e-38) for p in params], dtype=torch.float32, device=device))
+                   to_device([max(p.top_p, 1.2e-38) for p in params], torch.float32, device))
 
 
 def make_generators(params: list[SamplingParams], device: torch.device | str) -> list[torch.Generator | None]:

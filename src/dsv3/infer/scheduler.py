@@ -71,7 +71,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING:      # preempted earlier in this loop
+            # preempted earlier in this loop, or ended by its pending token (dsv3.infer.overlap): nothing to run
+            if seq.status is not Status.RUNNING or seq.stopping:
                 continue
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.ensure_capacity(seq, seq.num_cached_tokens + n):

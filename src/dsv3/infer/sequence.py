@@ -34,6 +34,11 @@ class Sequence:
     # of positions mtp_cached .. num_cached_tokens - 1 wait in pending_hidden to be fed to it
     mtp_cached: int = 0
     pending_hidden: list = field(default_factory=list)
+    # the overlap schedule (dsv3.infer.overlap): the last num_pending entries of token_ids are placeholders for tokens
+    # sampled on the device and not read yet (at most 2: the step being applied and the one launched after it);
+    # `stopping`: the pending token ends the sequence whatever it is (max_tokens, the context), so it is not scheduled
+    num_pending: int = 0
+    stopping: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:
