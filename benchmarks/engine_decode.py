@@ -10,12 +10,16 @@ captures the graphs it needs), over modes:
   unfused  auto without the fused projection pairs (EngineConfig.fuse_projections = false: q / kv_a and gate / up
            as two GEMMs each): the before of dsv3.infer.fused_proj in the same call;
   gemv     auto + BF16 dense projections through the weight-streaming Triton GEMV at <= 8 tokens (dense_gemv);
+  sync, overlap: auto with EngineConfig.overlap_schedule off / on (the A/B of dsv3.infer.overlap: whether decode
+           step t+1 is launched before the host reads step t's tokens; auto = on with captured graphs);
   fp8, fp8-compile, fp8-fused, fp8-auto, fp8-fusedeager: the same with weights in the released FP8 block format
   (dsv3.infer.fp8_weights). fp8 quantises the model in place, so every bf16 mode runs first.
 
 GPU:  PYTHONPATH=src python benchmarks/engine_decode.py --batches 1,32,64 --tokens 64 --modes graphs,compile,fused,fp8,fp8-compile,fp8-fused
+      the overlap A/B: ... --batches 1,32,64 --tokens 64 --modes sync,overlap --profile --ttft-batch 0 (the profile's
+      replay time against the TPOT: the host gap per token that remains)
 CPU dry run: PYTHONPATH=src python benchmarks/engine_decode.py --tiny --device cpu --batches 1,4 --tokens 8 \
-  --modes graphs,fused,fp8,fp8-fused     (on CPU the bucketed decode runs without capture; `compile` needs bf16 there:
+  --modes graphs,fused,fp8,fp8-fused     (`--modes sync,overlap --host-ms --dtype bf16`: the host work per step; on CPU the bucketed decode runs without capture; `compile` needs bf16 there:
   add --dtype bf16, since the fake grouped GEMM of the MoE module takes only bf16)
 """
 
@@ -109,7 +113,50 @@ MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused
          "compile": dict(compile_decode=True, fused_moe="off"), "fused": dict(compile_decode=True, fused_moe="on"),
          "auto": dict(compile_decode=True, fused_moe="auto"), "fusedeager": dict(fused_moe="on"),
          "unfused": dict(compile_decode=True, fused_moe="auto", fuse_projections=False),
-         "gemv": dict(compile_decode=True, fused_moe="auto", dense_gemv=True)}
+         "gemv": dict(compile_decode=True, fused_moe="auto", dense_gemv=True),
+         "sync": dict(compile_decode=True, fused_moe="auto", overlap_schedule="off"),
+         "overlap": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on")}
+
+
+def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, **engine_kw) -> dict:
+    """The engine's own host work per decode step: Engine.step() minus the model's forward and head (timed with a
+    device sync around each, so on CUDA this is not the overlapped run). What the overlap schedule hides behind the
+    device on the GPU; measurable on the CPU (`--host-ms`, with the padded buckets)."""
+    cfg = model.config
+    engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=1,
+                                               max_num_batched_tokens=max(2048, batch * prompt),
+                                               **{k: v for k, v in engine_kw.items() if k != "padded"}))
+    if engine_kw.get("padded") and engine.runner.graphs is None:
+        engine.use_decode_graphs(capture=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(batch):
+        engine.add_request(torch.randint(10, cfg.vocab_size, (prompt,), generator=g).tolist(),
+                           SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
+    for _ in range(4):     # prefill, graph capture
+        engine.step()
+    runner, model_s = engine.runner, [0.0]
+
+    def timed(fn):
+        def call(*args, **kwargs):
+            _sync(model)
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync(model)
+            model_s[0] += time.perf_counter() - t
+            return out
+        return call
+    runner.forward, runner.logits = timed(runner.forward), timed(runner.logits)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = time.perf_counter() - t0
+    del runner.forward, runner.logits
+    return dict(host_ms=(wall - model_s[0]) / steps * 1e3, model_ms=model_s[0] / steps * 1e3)
+
+
+def _sync(model) -> None:
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -129,6 +176,8 @@ def main() -> None:
                    "of this many prompts queued at once (0: skip)")
     p.add_argument("--ttft-budgets", default="0,2048", help="tokens per step for the TTFT rows (0: every prompt in one "
                    "prefill step; 2048: EngineConfig's default budget, chunked prefill)")
+    p.add_argument("--host-ms", action="store_true", help="after each mode's rows: the engine's host work per "
+                   "decode step (step() minus forward and head, timed apart; CPU dry runs: what overlap hides)")
     p.add_argument("--profile", action="store_true", help="after each mode but eager (CUDA): GPU time of one "
                    "graph replay and its kernels by op category (attention, GEMMs, experts, routing, elementwise, gaps)")
     a = p.parse_args()
@@ -171,9 +220,15 @@ def main() -> None:
             rows.append(r)
             if a.profile and mode != "eager" and a.device == "cuda":
                 r["profile"] = profile_step(model, B, a.prompt, **kw)
+            if a.host_ms:
+                r["host"] = host_ms_per_step(model, B, a.prompt, **kw)
+            gap = f", TPOT - replay {r['tpot_ms'] - r['profile']['replay_ms']:.3f} ms" if "profile" in r else ""
+            host = (f", host {r['host']['host_ms']:.3f} ms + model {r['host']['model_ms']:.3f} ms per step"
+                    if "host" in r else "")
             print(f"{mode:14s} batch {B:3d}: TTFT {r['ttft_s']:.3f} s, {r['tok_per_s']:9.1f} tok/s, TPOT "
                   f"{r['tpot_ms']:.2f} ms, roofline {r['roofline_tok_per_s']:9.1f} tok/s ({r['roofline_fraction']:.1%}, "
-                  f"{r['step_bytes'] / 1e9:.2f} GB/step); {r['wall_s']:.0f} s with warm-up", flush=True)
+                  f"{r['step_bytes'] / 1e9:.2f} GB/step), {r['chained_steps']} chained steps{gap}{host}; "
+                  f"{r['wall_s']:.0f} s with warm-up", flush=True)
             (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
         if a.ttft_batch:
             kw.pop("padded", None)

@@ -72,14 +72,18 @@ def test_padded_decode_buckets_equal_full_forward(model):
     assert engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("overlap", ["off", "on"])
 @pytest.mark.parametrize("delay", [0, 3])
-def test_admission_delay_holds_arrivals_and_changes_no_output(model, delay):
+def test_admission_delay_holds_arrivals_and_changes_no_output(model, delay, overlap):
     """Requests arriving one per step while others decode: with admission_delay d each waits until the oldest
     waiting one has waited d steps (or they would fill every free slot), so they are prefilled together; without,
-    each is admitted at its first step. The tokens are the reference's either way."""
+    each is admitted at its first step. The tokens are the reference's either way. With the overlap schedule the
+    same steps run, and each first token comes back from the step() call after the one that sampled it."""
     ps = prompts([3, 4, 5, 6, 7], seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    engine = Engine(model, config=EngineConfig(block_size=8, num_blocks=64, max_num_seqs=8, admission_delay=delay))
+    engine = Engine(model, config=EngineConfig(block_size=8, num_blocks=64, max_num_seqs=8, admission_delay=delay,
+                                               overlap_schedule=overlap))
+    late = int(overlap == "on")
     ids, admitted, outs = [engine.add_request(ps[0], params)], {}, {}
     step = 0
     while engine.has_unfinished():
@@ -93,10 +97,10 @@ def test_admission_delay_holds_arrivals_and_changes_no_output(model, delay):
     if delay:
         # arrivals after steps 1..4: the first one is due at step 1 + 3 and takes the two arrived since along;
         # the one arriving after step 4 waits its 3 steps alone
-        assert first == [1, 4, 4, 4, 7]
+        assert first == [i + late for i in (1, 4, 4, 4, 7)]
         assert engine.step_stats["prefill_steps"] == 3
     else:
-        assert first == [1, 2, 3, 4, 5]
+        assert first == [i + late for i in (1, 2, 3, 4, 5)]
         assert engine.step_stats["prefill_steps"] == 5
     assert [outs[i] for i in ids] == [reference_greedy(model, p, 12) for p in ps]
     assert all_blocks_free(engine)
@@ -284,7 +288,8 @@ def test_cuda_graph_decode_matches_eager_decode(fp8):
     if fp8:
         from dsv3.infer.fp8_weights import quantize_weights
         quantize_weights(model)
-    engine = Engine(model, config=EngineConfig(block_size=16, num_blocks=64))
+    # synchronous steps here: the rows below read each sequence's last token on the host after step()
+    engine = Engine(model, config=EngineConfig(block_size=16, num_blocks=64, overlap_schedule="off"))
     assert engine.runner.graphs is not None and engine.runner.graphs.capture
     ps = prompts([5, 17, 30])
     for p in ps:

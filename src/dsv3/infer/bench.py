@@ -59,8 +59,9 @@ def _sync(device: str) -> None:
 def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int = 0,
                  seed: int = 0, cuda_graphs: bool = True, warmup: bool = True, compile_decode: bool = False,
                  fused_moe: str = "auto", padded: bool = False, fuse_projections: bool = True, dense_gemv: bool = False,
-                 make_engine: Callable[..., Engine] = Engine) -> dict:
-    """`compile_decode` / `fused_moe` / `fuse_projections` / `dense_gemv`: EngineConfig's decode-speed switches;
+                 overlap_schedule: str = "auto", make_engine: Callable[..., Engine] = Engine) -> dict:
+    """`compile_decode` / `fused_moe` / `fuse_projections` / `dense_gemv` / `overlap_schedule`: EngineConfig's
+    decode-speed switches;
     `padded`: run the graph buckets eagerly where graphs cannot capture (CPU dry runs of the compiled decode);
     `make_engine(model, config=...)`: the engine to time (e.g. one rank's EPEngine: its has_unfinished is
     collective, so every rank steps in lockstep)."""
@@ -71,7 +72,7 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
                                                     num_speculative_tokens=spec_tokens, speculative_max_batch=batch,
                                                     cuda_graphs=cuda_graphs, compile_decode=compile_decode,
                                                     fused_moe=fused_moe, fuse_projections=fuse_projections,
-                                                    dense_gemv=dense_gemv))
+                                                    dense_gemv=dense_gemv, overlap_schedule=overlap_schedule))
     if padded and engine.runner.graphs is None:
         engine.use_decode_graphs(capture=False)
 
@@ -95,6 +96,7 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
     if warmup:   # an untimed round with other prompts: Triton compilation, graph capture of the buckets used
         run(seed + 1)
         engine.spec_stats.update(steps=0, proposed=0, accepted=0)
+        engine.step_stats.update(chained_steps=0)
     ttft, decode_s, steps = run(seed)
     decoded = batch * (new_tokens - 1)
     nbytes = decode_step_bytes(model, batch)
@@ -102,7 +104,7 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
     return dict(batch=batch, prompt=prompt_len, new_tokens=new_tokens, ttft_s=ttft, steps=steps,
                 tpot_ms=decode_s / max(new_tokens - 1, 1) * 1e3, tok_per_s=decoded / decode_s,
                 step_bytes=nbytes, roofline_tok_per_s=roof, roofline_fraction=decoded / decode_s / roof,
-                spec=dict(engine.spec_stats))
+                spec=dict(engine.spec_stats), chained_steps=engine.step_stats["chained_steps"])
 
 
 def bench_prefill(model: Transformer, batch: int, prompt_len: int, seed: int = 0) -> dict:

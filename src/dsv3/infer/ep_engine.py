@@ -40,7 +40,9 @@ class EPEngine(Engine):
         """`model` holds every expert (a loaded checkpoint); its experts are sharded in place over `group`."""
         self.group = group or dist.group.WORLD
         self.ep_config = ep = ep_config or ExpertParallelConfig()
-        config = replace(config or EngineConfig(), cuda_graphs=False)
+        # no graphs and no overlap schedule: the exchange reads split sizes on the host in every MoE layer, so a step
+        # syncs anyway (and every rank must run its forward in the same step() call)
+        config = replace(config or EngineConfig(), cuda_graphs=False, overlap_schedule="off")
         if config.num_speculative_tokens:
             raise ValueError("EngineConfig.num_speculative_tokens: MTP speculation is not supported with --ep")
         self.ep_size, self.ep_rank = dist.get_world_size(self.group), dist.get_rank(self.group)
