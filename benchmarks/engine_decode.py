@@ -19,8 +19,9 @@ GPU:  PYTHONPATH=src python benchmarks/engine_decode.py --batches 1,32,64 --toke
       the overlap A/B: ... --batches 1,32,64 --tokens 64 --modes sync,overlap --profile --ttft-batch 0 (the profile's
       replay time against the TPOT: the host gap per token that remains)
 CPU dry run: PYTHONPATH=src python benchmarks/engine_decode.py --tiny --device cpu --batches 1,4 --tokens 8 \
-  --modes graphs,fused,fp8,fp8-fused     (`--modes sync,overlap --host-ms --dtype bf16`: the host work per step; on CPU the bucketed decode runs without capture; `compile` needs bf16 there:
-  add --dtype bf16, since the fake grouped GEMM of the MoE module takes only bf16)
+  --modes graphs,fused,fp8,fp8-fused     (on CPU the bucketed decode runs without capture; `compile` needs bf16 there:
+  add --dtype bf16, since the fake grouped GEMM of the MoE module takes only bf16; `--modes sync,overlap --host-ms
+  --dtype bf16`: the engine's host work per step)
 """
 
 import argparse
