@@ -5,8 +5,8 @@ at lite-8L's B4 the expert-weight quantisers cost as much GPU time as the FP8 GE
 `refresh_fp8_weights(model)` computes, for every FP8 module (`dsv3.fp8.training`), the operands of both GEMMs that
 read its weight: the forward's (W) and the input gradient's (W^T):
     dense linears     quantize_blocks_both(W)              128x128 blocks; W^T = the transposed codes (exact)
-    block experts     the stacked blocks of W, transposed  as FP8GroupedFunction's uncached path
-    row-wise experts  quantize_rows(W), quantize_rows(W^T) as FP8RowwiseGroupedFunction's uncached path
+    block experts     the stacked blocks of W, transposed  dsv3.fp8.experts.quantize_expert_weight(_t), as the
+    row-wise experts  quantize_rows(W), quantize_rows(W^T) uncached FP8ExpertsFunction computes them
 and stores them on the module (`fp8_cache`), where the autograd functions take them as inputs: the same values the
 uncached path computes, so losses and gradients are bit-identical. Under torch.compile the cached tensors are
 module attributes read in the traced forward, i.e. graph inputs (never constants), refreshed in place so the
