@@ -65,14 +65,20 @@ class FP8LinearFunction(torch.autograd.Function):
         return (dx.view(ctx.shape), dw.to(ctx.weight_dtype)) + (None,) * ctx.n_cached
 
 
+_N_CACHED = {"both": 4, "backward": 2}     # tensors cached per weight, by dsv3.fp8.weight_cache's orientations
+
+
 def _cached_args(module: nn.Module, weights: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """The module's cached FP8 operands per weight (dsv3.fp8.weight_cache), checked fresh in eager; or empties."""
+    """The module's FP8 operands per weight for the autograd functions, (q, scale, q_t, scale_t): from its cache
+    (dsv3.fp8.weight_cache; checked fresh in eager), the forward pair quantised now where only W^T is cached; or
+    empties (no cache: the functions quantise)."""
     cache = module.fp8_cache
     if cache is None:
         return ((),) * len(weights)
     if not torch.compiler.is_compiling():      # an int compare per weight; compiled graphs do not guard on it
         check_fresh(module, weights)
-    return cache
+    # (detached: the functions take the operands as inputs without a gradient; the weight's comes from their backward)
+    return tuple(c if len(c) == 4 else (*module.fp8_quantize_forward(w.detach()), *c) for w, c in zip(weights, cache))
 
 
 class FP8TrainLinear(nn.Linear):
@@ -83,9 +89,14 @@ class FP8TrainLinear(nn.Linear):
     def fp8_weights(self) -> tuple[torch.Tensor, ...]:
         return (self.weight,)
 
-    def fp8_quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def fp8_quantize(self, w: torch.Tensor, orientations: str = "both") -> tuple[torch.Tensor, ...]:
+        """The cached operands (dsv3.fp8.weight_cache): W's blocks and W^T's, or W^T's only ("backward")."""
         with torch.autocast(w.device.type, enabled=False):
-            return quantize_blocks_both(w)
+            return quantize_blocks_both(w)[4 - _N_CACHED[orientations]:]
+
+    def fp8_quantize_forward(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(w.device.type, enabled=False):
+            return quantize_blocks(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):     # activations in the autocast dtype, as a bf16 linear's
@@ -103,9 +114,15 @@ class FP8TrainExperts(Experts):
         weights = self.stacked_weights()        # cached only where they are the parameters themselves
         return weights if all(isinstance(w, nn.Parameter) for w in weights) else None
 
-    def fp8_quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def fp8_quantize(self, w: torch.Tensor, orientations: str = "both") -> tuple[torch.Tensor, ...]:
+        """The cached operands (dsv3.fp8.weight_cache): W's and W^T's, or W^T's only ("backward")."""
         with torch.autocast(w.device.type, enabled=False):
-            return (*quantize_expert_weight(w, self.fp8_scaling), *quantize_expert_weight_t(w, self.fp8_scaling))
+            fwd = quantize_expert_weight(w, self.fp8_scaling) if orientations == "both" else ()
+            return (*fwd, *quantize_expert_weight_t(w, self.fp8_scaling))
+
+    def fp8_quantize_forward(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(w.device.type, enabled=False):
+            return quantize_expert_weight(w, self.fp8_scaling)
 
     def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gate, up, down = weights = self.stacked_weights()
