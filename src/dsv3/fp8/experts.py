@@ -140,7 +140,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
         silu = g * sig
         dy = dy.contiguous()
         dyq, dys = _quantize_act(dy, scaling)                                            # step 2
-        dh = _gemm(dyq, dys, w_t[2], offs, scaling, torch.float32)
+        dh = _gemm(dyq, dys, w_t[2], offs, scaling, dtype).float()    # in dtype, as a BF16 step's (less memory)
         d_down = grouped_weight_grad(wgrad_operand(dy, dyq, dys), (silu * u).to(wdtype), offs)
         du = (dh * silu).to(dtype)                                                       # step 3
         dg = (dh * u * sig * (1 + g * (1 - sig))).to(dtype)
