@@ -182,3 +182,21 @@ def test_fp8_autograd_on_cuda_matches_fp64(scaling):
     y2.backward(dy2.to("cuda", torch.bfloat16))
     assert _rel(y2.cpu(), x[:300] @ w.t()) < 0.05
     assert _rel(x2.grad.cpu(), dy2 @ w) < 0.05 and _rel(w2.grad.cpu(), dy2.t() @ x[:300]) < 0.05
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_fp8_moe_layer_saves_less_for_backward_than_bf16(scaling):
+    """benchmarks/fp8_saved_bytes.py's count on the tiny model: with the routed experts in FP8 (weights from the
+    cache, as the Trainer runs several micro-batches) an MoE layer keeps fewer bytes for backward than in BF16, the
+    dense layer the same (its GEMMs stay BF16 with linears=False)."""
+    import copy
+
+    from fp8_saved_bytes import saved_bytes_per_layer
+    from dsv3.fp8.weight_cache import refresh_fp8_weights
+    base = build(tiny_config(num_nextn_predict_layers=0), seed=0, dtype=torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 64))
+    fp8 = apply_fp8(copy.deepcopy(base), experts=scaling, linears=False)
+    refresh_fp8_weights(fp8, "backward")
+    bf16_bytes, fp8_bytes = saved_bytes_per_layer(base, ids), saved_bytes_per_layer(fp8, ids)
+    assert fp8_bytes["layer0"] == bf16_bytes["layer0"]
+    assert fp8_bytes["layer1"] < 0.9 * bf16_bytes["layer1"], (fp8_bytes, bf16_bytes)
