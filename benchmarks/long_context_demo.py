@@ -12,8 +12,8 @@ Data (long_context_data.py): half needle documents (filler, 1-4 facts "The secre
 words and numbers whose spans recur at any distance up to the window: the needle's question is up to a window after
 its fact, and round 3's repeat units, at most a quarter window, taught copying over 64 tokens and not over 100), a
 quarter repeat documents (a unit repeated: induction heads form fastest on these). Every document fills exactly one
-training window. A needle cell of length L asks with L - ANSWER prompt tokens, so the answer fits in the model's
-L positions. The gate prints a few needles' prompt tails, greedy answers and loss on the digits, and the induction
+training window. A needle cell of length L asks with L - ANSWER_TOKENS prompt tokens (dsv3.eval.needle), so the
+answer fits in the model's L positions. The gate prints a few needles' prompt tails, greedy answers and loss on the digits, and the induction
 probe at copy distances 30 / 64 / 100 / 200 (gate.json).
 
 The phases keep the tokens per step constant (V3: 32K x 1920 = 128K x 480) and a constant LR, as the report's
@@ -38,7 +38,7 @@ import torch
 
 from dsv3.data import Tokenizer
 from dsv3.eval.backends import EngineBackend
-from dsv3.eval.needle import needle_grid, needle_prompt
+from dsv3.eval.needle import ANSWER_TOKENS, needle_grid, needle_prompt
 from dsv3.infer import Engine, EngineConfig
 from dsv3.train import Trainer
 from dsv3.train.config import RunConfig
@@ -49,7 +49,6 @@ from long_context_data import VOCAB, corpus, document, filler, induction_batch, 
 PRE_LEN, PHASES = 256, (1024, 4096)          # pre-training length, then the two extension phases' lengths
 LENGTHS = (256, 512, 1024, 2048, 4096)         # needle / evaluation lengths
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-ANSWER = 12                                    # positions a needle cell keeps for the answer (needle_grid's max)
 PRE_BATCH = 16                                 # pre-training: 16 x 256 tokens per step (--pre-batch)
 PHASE_TOKENS = 4096                            # per step, constant over the two phases (4 x 1K, 1 x 4K), as V3's
 YARN = dict(type="yarn", factor=PHASES[-1] / PRE_LEN, original_max_position_embeddings=PRE_LEN, beta_fast=32,
@@ -110,13 +109,13 @@ def haystack(seed: int, lengths: tuple) -> str:
 def needle(model, tok: Tokenizer, lengths: tuple, seeds: int) -> tuple[list[list[float]], list[dict]]:
     """Accuracy per length x depth over `seeds` needles per cell (each its own city, number and haystack), and the
     cells' records (what the model answered; `seed` names the haystack). A cell of length L has a prompt of
-    L - ANSWER tokens, so prompt and answer fit in L positions: rounds 1-3 asked at the full L, and the engine stops
-    at the model's max_position_embeddings, so at the pre-training length the answer was cut after 1-3 tokens and
-    the gate could not pass whatever the model knew."""
+    L - ANSWER_TOKENS tokens (the harness reserves them), so prompt and answer fit in L positions: rounds 1-3 asked
+    at the full L, and the engine stops at the model's max_position_embeddings, so at the pre-training length the
+    answer was cut after 1-3 tokens and the gate could not pass whatever the model knew."""
     engine = Engine(model, tok, EngineConfig(block_size=64, max_num_batched_tokens=max(lengths), cuda_graphs=False))
     total, records = [[0.0] * len(DEPTHS) for _ in lengths], []
     for seed in range(seeds):
-        scores, recs = needle_grid(EngineBackend(engine), tok, haystack(seed, lengths), [n - ANSWER for n in lengths],
+        scores, recs = needle_grid(EngineBackend(engine), tok, haystack(seed, lengths), list(lengths),
                                    list(DEPTHS), seed=seed, add_bos=False)
         total = [[t + s / seeds for t, s in zip(tr, sr)] for tr, sr in zip(total, scores)]
         records += [{**r, "seed": seed} for r in recs]
@@ -129,7 +128,8 @@ def answer_loss(model, tok: Tokenizer, record: dict, lengths: tuple) -> dict:
     to the end of the prompt), the greedy answer, and the mean loss (nats per token) on the answer " <7 digits>"
     given the prompt: ~ln(10) per digit for a model that guesses, ~0 for one that copies the fact."""
     city, num = record["city"], record["needle"]
-    prompt = needle_prompt(tok, haystack(record["seed"], lengths), record["length"], record["depth"], city, num)
+    prompt = needle_prompt(tok, haystack(record["seed"], lengths), record["length"] - ANSWER_TOKENS, record["depth"],
+                           city, num)                        # the prompt needle_grid asked (no BOS in the demo)
     ids, full = tok.encode(prompt), tok.encode(prompt + f" {num}")
     fact = len(tok.encode(prompt[:prompt.index(f" The secret number of {city} is")]))
     x = torch.tensor(full, device=next(model.parameters()).device)

@@ -245,15 +245,16 @@ class Reader:
 
 
 def test_needle_grid_places_one_needle_per_cell_within_length(setup, tmp_path):
-    from dsv3.eval.needle import heat_map, needle_grid
+    from dsv3.eval.needle import ANSWER_TOKENS, heat_map, needle_grid
     tok = setup[0]
     filler = "The quick brown fox jumps over the lazy dog. " * 300
-    lengths, depths = [128, 256, 512], [0.0, 0.5, 1.0]
+    lengths, depths = [192, 256, 512], [0.0, 0.5, 1.0]
     reader = Reader(tok)
     scores, records = needle_grid(reader, tok, filler, lengths, depths)
     assert scores == [[1.0] * 3] * 3 and len({r["needle"] for r in records}) == 9
     for L, n in zip([L for L in lengths for _ in depths], reader.lengths):
-        assert L - 24 <= n <= L + 1                 # BOS + the prompt's tokens, within the cell's length
+        # BOS + the prompt's tokens: with the answer's ANSWER_TOKENS, within the cell's length
+        assert L - ANSWER_TOKENS - 24 <= n <= L - ANSWER_TOKENS
     pos = [reader.positions[i * 3:(i + 1) * 3] for i in range(3)]
     assert all(p[0] < 0.05 and 0.3 < p[1] < 0.7 and p[2] > 0.8 for p in pos), pos
     heat_map(scores, lengths, depths, tmp_path / "needle.png")

@@ -17,7 +17,7 @@ import torch
 from conftest import build, tiny_config
 from dsv3.data import train_tokenizer
 from dsv3.eval import EngineBackend
-from dsv3.eval.needle import CITIES, needle_grid, needle_prompt
+from dsv3.eval.needle import ANSWER_TOKENS, CITIES, needle_grid, needle_prompt
 from dsv3.infer import Engine, EngineConfig
 
 FILL = "The quick brown fox jumps over the lazy dog. " * 40
@@ -41,7 +41,8 @@ def copier():
     tok = train_tokenizer(corpus, vocab_size=600)
     assert all(len(tok.encode(" " + c)) == 1 for c in CITIES)
     assert len(tok.encode(" 2978347.")) == 9                        # " ", 7 digits, "."
-    ds = {distance(tok, needle_prompt(tok, FILL, LENGTH, DEPTH, c, str(rng.randrange(10**6, 10**7))))
+    prompt_len = LENGTH - (tok.bos_id is not None) - ANSWER_TOKENS     # what needle_grid asks a LENGTH cell with
+    ds = {distance(tok, needle_prompt(tok, FILL, prompt_len, DEPTH, c, str(rng.randrange(10**6, 10**7))))
           for c in CITIES}
     assert len(ds) == 1
     d = ds.pop()

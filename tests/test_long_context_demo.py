@@ -74,13 +74,24 @@ def test_copy_documents_recur_at_every_distance_up_to_the_window(tok):
 
 
 def test_needle_cells_leave_room_for_the_answer(tok):
-    """A needle cell of length L asks with a prompt of L - ANSWER tokens, so the 12 generated tokens fit in a model
-    of L positions (at the full L the engine stopped the answer after 1-3 tokens: the gate could never pass)."""
+    """A needle cell of length L (the demo's haystacks, through the harness the demo calls) asks with a prompt short
+    enough that the answer's ANSWER_TOKENS fit in a model of L positions (at the full L the engine stopped the answer
+    after 1-3 tokens: the gate could never pass)."""
     import long_context_demo as lc
+    from dsv3.eval.needle import ANSWER_TOKENS, needle_grid
+
+    class Lengths:                                  # records the prompts the demo's model would be asked
+        def __init__(self):
+            self.seen = []
+
+        def generate(self, prompts, k, temperature, max_tokens, stop, seed):
+            self.seen += [(len(p), max_tokens) for p in prompts]
+            return [[" 0."] for _ in prompts]
+
     for n in (256, 1024):
-        prompt = needle_prompt(tok, lc.haystack(0, (n,)), n - lc.ANSWER, 0.5, "Osaka", "7654321")
-        assert len(tok.encode(prompt)) + lc.ANSWER <= n
-        assert len(tok.encode(prompt + " 7654321.")) <= n
+        backend = Lengths()
+        needle_grid(backend, tok, lc.haystack(0, (n,)), [n], [0.1, 0.9], add_bos=False)
+        assert backend.seen and all(p + m <= n and m == ANSWER_TOKENS for p, m in backend.seen), backend.seen
 
 
 def test_induction_batch_repeats_its_first_half(tok):
@@ -144,7 +155,8 @@ def test_gate_diagnostics_look_at_the_answer(tok):
     r = records[0]
     assert len(tok.encode(r["output"])) > 3 or "\n" in r["output"]     # 12 tokens (byte pieces re-encode fewer)
     look = lc.answer_loss(model, tok, r, (lc.PRE_LEN,))
-    prompt = needle_prompt(tok, lc.haystack(0, (lc.PRE_LEN,)), r["length"], r["depth"], r["city"], r["needle"])
+    prompt = needle_prompt(tok, lc.haystack(0, (lc.PRE_LEN,)), r["length"] - lc.ANSWER_TOKENS, r["depth"], r["city"],
+                           r["needle"])
     ids, answer = tok.encode(prompt), tok.encode(prompt + " " + r["needle"])[len(tok.encode(prompt)):]
     with torch.no_grad():
         logits = model(torch.tensor([ids + answer[:-1]]))[0, len(ids) - 1:]

@@ -4,7 +4,10 @@ A haystack is filler text (the caller's: any long document, e.g. a book from a f
 needle "The secret number of <city> is <7 digits>." goes in at a depth (0 = the start, 1 = the end), at the nearest
 sentence boundary, and the question asks for it. A cell scores 1 when the extracted number equals the needle's.
 Each cell uses its own city and number (seeded), so no cell can be answered from another's prompt or from the
-model's prior. Token lengths are the tokenizer's, measured on the whole prompt, so a cell never exceeds its length.
+model's prior. Token lengths are the tokenizer's, measured on the whole prompt. A cell of length L is the whole
+context the model sees: BOS, prompt and the answer's ANSWER_TOKENS new tokens fit in L positions, so a cell as long
+as the model's context still leaves room for the answer (an engine stops a sequence at `max_position_embeddings`; a
+prompt filling it would be cut after one generated token and score 0 whatever the model knows).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from .backends import GenerateBackend, failure
 from ..verify.extract import extract_answer
 
+ANSWER_TOKENS = 12          # greedy new tokens per cell: " 1234567." is at most ~9 tokens in the tokenizers here
 CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Tunis", "Hanoi", "Perth",
           "Bilbao", "Kazan", "Accra", "Galway", "Mysore"]
 
@@ -44,13 +48,15 @@ def needle_prompt(tokenizer, filler: str, length: int, depth: float, city: str, 
 
 def needle_grid(backend: GenerateBackend, tokenizer, filler: str, lengths: list[int], depths: list[float],
                 seed: int = 0, add_bos: bool = True) -> tuple[list[list[float]], list[dict]]:
-    """scores[i][j] for lengths[i] x depths[j] (greedy, 12 new tokens), and one record per cell (a cell the backend
-    failed on scores 0, its record holds the error)."""
+    """scores[i][j] for lengths[i] x depths[j] (greedy, ANSWER_TOKENS new tokens), and one record per cell (a cell the
+    backend failed on scores 0, its record holds the error). A cell of length L asks with a prompt of at most
+    L - len(BOS) - ANSWER_TOKENS tokens, so prompt and answer fit in L positions (module docstring)."""
     rng = random.Random(seed)
     cells = [(L, d, rng.choice(CITIES), f"{rng.randrange(10**6, 10**7)}") for L in lengths for d in depths]
-    prompts = [needle_prompt(tokenizer, filler, L, d, city, num) for L, d, city, num in cells]
     bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    outs = backend.generate([bos + tokenizer.encode(p) for p in prompts], 1, 0.0, 12, ["\n"], seed)
+    prompts = [needle_prompt(tokenizer, filler, L - len(bos) - ANSWER_TOKENS, d, city, num)
+               for L, d, city, num in cells]
+    outs = backend.generate([bos + tokenizer.encode(p) for p in prompts], 1, 0.0, ANSWER_TOKENS, ["\n"], seed)
     records, flat = [], []
     for (L, d, city, num), texts in zip(cells, outs):
         err = failure(texts[0])
