@@ -35,7 +35,7 @@ import torch
 
 from dsv3 import load_model_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams
-from dsv3.infer.bench import bench_decode, bench_ttft, random_model
+from dsv3.infer.bench import _sync, bench_decode, bench_ttft, random_model
 
 
 _CATEGORIES = (   # kernel-name substrings -> the op categories (first match wins)
@@ -135,14 +135,14 @@ def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, **engine_k
                            SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
     for _ in range(4):     # prefill, graph capture
         engine.step()
-    runner, model_s = engine.runner, [0.0]
+    runner, model_s, device = engine.runner, [0.0], str(next(model.parameters()).device)
 
     def timed(fn):
         def call(*args, **kwargs):
-            _sync(model)
+            _sync(device)
             t = time.perf_counter()
             out = fn(*args, **kwargs)
-            _sync(model)
+            _sync(device)
             model_s[0] += time.perf_counter() - t
             return out
         return call
@@ -153,11 +153,6 @@ def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, **engine_k
     wall = time.perf_counter() - t0
     del runner.forward, runner.logits
     return dict(host_ms=(wall - model_s[0]) / steps * 1e3, model_ms=model_s[0] / steps * 1e3)
-
-
-def _sync(model) -> None:
-    if next(model.parameters()).is_cuda:
-        torch.cuda.synchronize()
 
 
 def main() -> None:

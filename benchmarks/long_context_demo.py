@@ -13,8 +13,8 @@ words and numbers whose spans recur at any distance up to the window: the needle
 its fact, and round 3's repeat units, at most a quarter window, taught copying over 64 tokens and not over 100), a
 quarter repeat documents (a unit repeated: induction heads form fastest on these). Every document fills exactly one
 training window. A needle cell of length L asks with L - ANSWER_TOKENS prompt tokens (dsv3.eval.needle), so the
-answer fits in the model's L positions. The gate prints a few needles' prompt tails, greedy answers and loss on the digits, and the induction
-probe at copy distances 30 / 64 / 100 / 200 (gate.json).
+answer fits in the model's L positions. The gate prints a few needles' prompt tails, greedy answers and loss on
+the digits, and the induction probe at copy distances 30 / 64 / 100 / 200 (gate.json).
 
 The phases keep the tokens per step constant (V3: 32K x 1920 = 128K x 480) and a constant LR, as the report's
 extension phases do. YaRN: factor 16 over the 256-token pre-training length (`original_max_position_embeddings`,
