@@ -2,16 +2,21 @@
 variant with its reference (issue 15: >= 80% of copy bandwidth, bit-equal). Bytes = read + written (values and
 scales; the two-pass kernels' second read is not counted: the number is the useful traffic).
 
-Kernels: rows (tokens, weights), rows of W^T (the in-place strided read of before, and the transposing quantiser:
-a column-amax pass + a cast stored transposed), both orientations of W's rows from one pair of reads, 1x128 tiles,
+Kernels: rows (tokens, weights), rows of W^T (the in-place strided read of before, and the one-pass transposing
+quantiser: per column strip its amax, then the cast re-read from L2 and stored through tl.trans), both orientations
+of W's rows (the row kernel + the transposing one), 1x128 tiles,
 1x128 tiles of x^T, 128x128 blocks (one pass or two over row chunks), and blocks with their transpose.
 
 GPU: PYTHONPATH=src python benchmarks/fp8_quant_sweep.py        (JSON in $OUT/fp8_quant_sweep.json)
+CPU dry run (shapes / 64, default launch shapes, the Triton interpreter: that each variant runs; its e4m3
+conversion is not faithful, so exact=False there says nothing, tests/test_kernels_fp8_quant.py's _compare):
+     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/fp8_quant_sweep.py
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +29,14 @@ from dsv3.kernels.fp8_rowwise import (quantize_rows_both_reference, quantize_row
                                       quantize_rows_transposed_triton, quantize_rows_triton)
 
 
+DRY = os.environ.get("TRITON_INTERPRET") == "1"     # CPU dry run: tiny shapes through the interpreter
+
+
 def bench(fn) -> float:
+    if DRY:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
     return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e-3
 
 
@@ -43,6 +55,8 @@ class Sweep:
         self.copy_gbs = 0.0
 
     def run(self, name: str, x: torch.Tensor, fn, ref, **launch) -> None:
+        if DRY and any(v is not None for v in launch.values()):
+            return      # the dry run checks that each kernel runs, at its default launch shape only
         try:
             got = fn()
             exact = _exact(got, ref)
@@ -55,10 +69,13 @@ class Sweep:
 
 
 def main() -> None:
-    dev, sw = "cuda", Sweep()
-    x = torch.randn(49152, 2048, device=dev, dtype=torch.bfloat16)          # lite experts' sorted tokens
-    w = torch.randn(64, 1408, 2048, device=dev, dtype=torch.bfloat16)       # lite gate_proj, (E, I, D)
-    wd = torch.randn(7168, 2048, device=dev, dtype=torch.bfloat16)          # a dense weight (N, K)
+    if DRY:
+        from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
+        patch_interpreter_for_numpy2()
+    (dev, f), sw = ("cpu", 64) if DRY else ("cuda", 1), Sweep()
+    x = torch.randn(49152 // f, 2048 // f, device=dev, dtype=torch.bfloat16)      # lite experts' sorted tokens
+    w = torch.randn(64 // f or 2, 1408 // f, 2048 // f, device=dev, dtype=torch.bfloat16)  # lite gate_proj (E, I, D)
+    wd = torch.randn(7168 // f, 2048 // f, device=dev, dtype=torch.bfloat16)      # a dense weight (N, K)
     sw.copy_gbs = 2 * x.numel() * 2 / bench(lambda: x.clone()) / 1e9
     sw.rows.append({"name": "copy bf16", "GBps": sw.copy_gbs})
     print(f"copy: {sw.copy_gbs:.0f} GB/s", flush=True)
@@ -66,16 +83,18 @@ def main() -> None:
         ref = quantize_rows_reference(t)
         for r, c, nw in ((None, None, 4), (1, 2048, 4), (2, 2048, 8), (64, 64, 4), (64, 128, 8), (32, 64, 4)):
             sw.run(name, t, lambda: quantize_rows_triton(t, r, c, nw), ref, rows=r, chunk=c, warps=nw)
-    for name, t in (("W^T rows, transposing", w), ("dense W^T rows, transposing", wd)):
+    # the transposing quantiser (one pass: a column strip's amax, then its cast re-read from L2 and stored through
+    # tl.trans), at lite's gate/up (E, 1408, 2048) and down (E, 2048, 1408) weights and a dense one
+    wdown = w.transpose(1, 2).contiguous()
+    for name, t in (("W^T rows, transposing", w), ("down W^T rows, transposing", wdown),
+                    ("dense W^T rows, transposing", wd)):
         ref = quantize_rows_reference(t.transpose(-1, -2))
-        for bn, bk, nw, rpp in ((None, None, None, None), (64, 128, 4, 256), (128, 64, 4, 256), (128, 128, 8, 256),
-                                (32, 128, 4, 256), (64, 128, 8, 128), (64, 128, 4, 1024), (64, 64, 4, 256)):
-            sw.run(name, t, lambda: quantize_rows_transposed_triton(t, False, bn, bk, nw, rpp), ref,
-                   block_n=bn, block_k=bk, warps=nw, rows_per_prog=rpp)
+        for bn, bk, nw in ((None, None, None), (128, 32, 4), (64, 64, 4), (128, 64, 8), (64, 32, 4), (256, 32, 8),
+                           (128, 16, 4), (256, 16, 4), (64, 128, 8)):
+            sw.run(name, t, lambda: quantize_rows_transposed_triton(t, False, bn, bk, nw), ref,
+                   block_n=bn, block_k=bk, warps=nw)
     ref = quantize_rows_both_reference(w)
-    for bn, bk, nw in ((None, None, None), (128, 64, 4), (128, 128, 8), (32, 128, 4)):
-        sw.run("W rows + W^T rows", w, lambda: quantize_rows_transposed_triton(w, True, bn, bk, nw), ref,
-               block_n=bn, block_k=bk, warps=nw)
+    sw.run("W rows + W^T rows", w, lambda: quantize_rows_transposed_triton(w, True), ref)
     sw.run("tiles", x, lambda: quantize_tiles(x), quantize_tiles(x))
     ref = quantize_tiles_transposed_reference(x)
     for bk, nw in ((None, None), (32, 4), (64, 8), (128, 4), (128, 8), (256, 8)):

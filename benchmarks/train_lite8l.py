@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fp8-experts", default="block", choices=["block", "row"], help="train.fp8_experts")
     p.add_argument("--fp8-experts-only", action="store_true", help="train.fp8_linears = false: only the routed "
                    "experts in FP8")
+    p.add_argument("--fp8-weight-cache", default="both", choices=["both", "backward"],
+                   help="train.fp8_weight_cache (with several micro-batches): W and W^T, or W^T only")
     p.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"], help="AdamW moments (optim.state_dtype)")
     p.add_argument("--compare", action="store_true", help="run the --arms with the other flags, one process each "
                    "(per --micro-batches value), and print the comparison")
@@ -89,12 +91,18 @@ COMPARE = {"bf16": ("BF16", ["--precision", "bf16"]),
            "row-exponly": ("FP8 row experts only", ["--precision", "fp8", "--fp8-experts", "row",
                                                     "--fp8-experts-only"]),
            "block-exponly": ("FP8 block experts only", ["--precision", "fp8", "--fp8-experts", "block",
-                                                        "--fp8-experts-only"])}
+                                                        "--fp8-experts-only"]),
+           # W^T cached only (train.fp8_weight_cache = backward): half the cache, W quantised in every forward
+           "row-exponly-wt": ("FP8 row experts only, W^T cache", ["--precision", "fp8", "--fp8-experts", "row",
+                                                                  "--fp8-experts-only", "--fp8-weight-cache", "backward"]),
+           "row-wt": ("FP8 row-wise experts, W^T cache", ["--precision", "fp8", "--fp8-experts", "row",
+                                                          "--fp8-weight-cache", "backward"])}
 
 
 def _common_flags(argv: list[str]) -> list[str]:
     """argv without the flags compare sets per run (and their values)."""
-    drop = {"--compare", "--precision", "--fp8-experts", "--fp8-experts-only", "--tag", "--arms", "--micro-batches"}
+    drop = {"--compare", "--precision", "--fp8-experts", "--fp8-experts-only", "--tag", "--arms", "--micro-batches",
+            "--fp8-weight-cache"}
     common, skipping = [], False
     for arg in argv:
         if arg.split("=")[0] in drop:
@@ -195,7 +203,7 @@ def main() -> None:
         model = model.replace(num_nextn_predict_layers=0)
     tag = a.tag or (f"trainer_{a.dtype}{'_compile' if a.compile else ''}{'_recompute' if a.recompute else ''}"
                     f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}{'_noaux' if a.alpha == 0 else ''}"
-                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}"
+                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_wtcache' if a.fp8_weight_cache == 'backward' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}"
                     f"{f'_mb{n_micro}' if n_micro > 1 else ''}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not a.tag:
@@ -210,7 +218,8 @@ def main() -> None:
                   "device": a.device,
                   "dtype": a.dtype, "compile": a.compile, "recompute": a.recompute,
                   "compile_optimizer": a.compile_optimizer, "precision": a.precision,
-                  "fp8_experts": a.fp8_experts, "fp8_linears": not a.fp8_experts_only},
+                  "fp8_experts": a.fp8_experts, "fp8_linears": not a.fp8_experts_only,
+                  "fp8_weight_cache": a.fp8_weight_cache},
         "optim": {"state_dtype": a.state_dtype},
         "balance": {"seq_aux_alpha": a.alpha},
         "parallel": {"ep": a.ep},

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from conftest import build, tiny_config
-from dsv3.fp8.training import (FP8GroupedFunction, FP8LinearFunction, FP8RowwiseGroupedFunction, FP8TrainExperts,
-                               FP8TrainLinear, apply_fp8)
+import torch.nn.functional as F
 
-GROUPED = [FP8GroupedFunction, FP8RowwiseGroupedFunction]   # the report's block scaling; row-wise scales
+from dsv3.fp8.experts import FP8ExpertsFunction
+from dsv3.fp8.training import FP8LinearFunction, FP8TrainExperts, FP8TrainLinear, apply_fp8
+
+SCALINGS = ["block", "row"]   # the report's block scaling; row-wise scales
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -42,25 +44,59 @@ def test_fp8_linear_forward_and_gradients_within_e4m3_error(shape):
     assert wf.grad.dtype == torch.float32 and xf.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("fn", GROUPED)
-def test_fp8_grouped_forward_and_gradients(fn):
-    g = torch.Generator().manual_seed(0)
-    counts = torch.tensor([5, 0, 140, 19])
-    offs = counts.cumsum(0).to(torch.int32)
-    x = torch.randn(int(counts.sum()), 256, generator=g, dtype=torch.float64)
-    w = torch.randn(4, 192, 256, generator=g, dtype=torch.float64) * 0.05
-    dy = torch.randn(x.shape[0], 192, generator=g, dtype=torch.float64)
-    xf, wf = x.float().requires_grad_(), w.float().requires_grad_()
-    fn.apply(xf, wf, offs).backward(dy.float())
+def _experts_problem(counts: list[int], D: int, I: int, seed: int = 0):
+    """x (M, D), gate / up (E, I, D), down (E, D, I), dy (M, D) in fp64, offs, and the fp64 SwiGLU experts."""
+    g = torch.Generator().manual_seed(seed)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    M, E = sum(counts), len(counts)
+    x = torch.randn(M, D, generator=g, dtype=torch.float64)
+    ws = [torch.randn(E, I, D, generator=g, dtype=torch.float64) * 0.05,
+          torch.randn(E, I, D, generator=g, dtype=torch.float64) * 0.05,
+          torch.randn(E, D, I, generator=g, dtype=torch.float64) * 0.05]
+    dy = torch.randn(M, D, generator=g, dtype=torch.float64)
     bounds = [0] + offs.tolist()
-    want_y = torch.cat([x[a:b] @ w[e].t() for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
-    want_dx = torch.cat([dy[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
-    want_dw = torch.stack([dy[a:b].t() @ x[a:b] for a, b in zip(bounds, bounds[1:])])
-    assert _rel(xf.grad, want_dx) < 0.05 and _rel(wf.grad[[0, 2, 3]], want_dw[[0, 2, 3]]) < 0.05
-    assert wf.grad[1].abs().max() == 0                       # an expert without tokens gets no gradient
+
+    def reference(x, gate, up, down):
+        return torch.cat([F.linear(F.silu(F.linear(x[a:b], gate[e])) * F.linear(x[a:b], up[e]), down[e])
+                          for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+    return x, ws, dy, offs, reference
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_fp8_experts_forward_and_gradients_against_fp64(scaling):
+    """The experts' SwiGLU FFN with every GEMM in FP8 and its activations stored in FP8 (dsv3.fp8.experts) against
+    fp64 autograd on the unquantised operands: within 10% relative (measured 6.3% forward, 6.7-7.1% gradients:
+    E4M3's 2^-4 rounding of x, h, dy, dh and of the stored SwiGLU inputs, compounded); an expert without tokens
+    gets a zero gradient."""
+    x, ws, dy, offs, reference = _experts_problem([5, 0, 140, 19], 256, 384)
+    x64, w64 = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
+    reference(x64, *w64).backward(dy)
+    xf, wf = x.float().requires_grad_(), [w.float().requires_grad_() for w in ws]
+    y = FP8ExpertsFunction.apply(xf, *wf, offs, scaling)
+    y.backward(dy.float())
     with torch.no_grad():
-        y = fn.apply(xf, wf, offs)
-        assert _rel(y, want_y) < 0.05 and _rel(y, want_y) > 1e-3          # quantised, so close, not equal
+        want_y = reference(x, *ws)
+    assert 1e-3 < _rel(y, want_y) < 0.1                     # quantised, so close, not equal
+    assert _rel(xf.grad, x64.grad) < 0.1
+    for got, want in zip(wf, w64):
+        assert got.grad.dtype == torch.float32
+        assert _rel(got.grad[[0, 2, 3]], want.grad[[0, 2, 3]]) < 0.1
+        assert got.grad[1].abs().max() == 0
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_fp8_experts_save_only_fp8_activations(scaling):
+    """What backward keeps (TR 3.3.4): the input's and the SwiGLU inputs' E4M3 codes with fp32 scales, the group
+    ends and the weights (parameters: no copy); no tensor in the activations' precision."""
+    x, ws, _, offs, _ = _experts_problem([50, 0, 140, 66], 256, 384)
+    xb, wb = x.to(torch.bfloat16).requires_grad_(), [w.float().requires_grad_() for w in ws]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        FP8ExpertsFunction.apply(xb, *wb, offs, scaling)
+    params = {w.data_ptr() for w in wb}
+    acts = [t for t in saved if t.data_ptr() not in params and t is not offs]
+    assert {t.dtype for t in acts} == {torch.float8_e4m3fn, torch.float32}
+    assert sum(t.numel() for t in acts if t.dtype == torch.float8_e4m3fn) == x.numel() + 2 * 256 * 384
 
 
 @pytest.mark.parametrize("experts", ["block", "row"])
@@ -123,28 +159,44 @@ def test_fp8_loss_within_a_quarter_percent_of_bf16_on_trained_weights(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
-@pytest.mark.parametrize("fn", GROUPED)
-def test_fp8_autograd_on_cuda_matches_fp64(fn):
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_fp8_autograd_on_cuda_matches_fp64(scaling):
     """The Triton quantisers and GEMMs (torch._scaled_grouped_mm for row-wise scales) inside the autograd functions
     (bf16 activations), forward and backward."""
-    g = torch.Generator().manual_seed(0)
-    counts = torch.tensor([130, 0, 300, 7])
-    offs = counts.cumsum(0).to(torch.int32).cuda()
-    x = torch.randn(int(counts.sum()), 512, generator=g, dtype=torch.float64)
-    w = torch.randn(4, 384, 512, generator=g, dtype=torch.float64) * 0.05
-    dy = torch.randn(x.shape[0], 384, generator=g, dtype=torch.float64)
+    x, ws, dy, offs, reference = _experts_problem([130, 0, 300, 7], 512, 384)
+    x64, w64 = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
+    reference(x64, *w64).backward(dy)
     xb = x.to("cuda", torch.bfloat16).requires_grad_()
-    wb = w.float().cuda().requires_grad_()
-    y = fn.apply(xb, wb, offs)
+    wb = [w.float().cuda().requires_grad_() for w in ws]
+    y = FP8ExpertsFunction.apply(xb, *wb, offs.cuda(), scaling)
     y.backward(dy.to("cuda", torch.bfloat16))
-    bounds = [0] + counts.cumsum(0).tolist()
-    segs = list(zip(bounds, bounds[1:]))
-    assert _rel(y.cpu(), torch.cat([x[a:b] @ w[e].t() for e, (a, b) in enumerate(segs)])) < 0.05
-    assert _rel(xb.grad.cpu(), torch.cat([dy[a:b] @ w[e] for e, (a, b) in enumerate(segs)])) < 0.05
-    assert _rel(wb.grad.cpu()[[0, 2, 3]], torch.stack([dy[a:b].t() @ x[a:b] for a, b in segs])[[0, 2, 3]]) < 0.05
-    x2 = x[:300, :].to("cuda", torch.bfloat16).requires_grad_()
-    w2 = w[0].float().cuda().requires_grad_()
+    with torch.no_grad():
+        assert _rel(y.cpu(), reference(x, *ws)) < 0.1
+    assert _rel(xb.grad.cpu(), x64.grad) < 0.1
+    for got, want in zip(wb, w64):
+        assert _rel(got.grad.cpu()[[0, 2, 3]], want.grad[[0, 2, 3]]) < 0.1
+    w, dy2 = ws[0][0], dy[:300, :384]          # (384, 512) and (300, 384)
+    x2 = x[:300].to("cuda", torch.bfloat16).requires_grad_()
+    w2 = w.float().cuda().requires_grad_()
     y2 = FP8LinearFunction.apply(x2, w2)
-    y2.backward(dy[:300].to("cuda", torch.bfloat16))
-    assert _rel(y2.cpu(), x[:300] @ w[0].t()) < 0.05
-    assert _rel(x2.grad.cpu(), dy[:300] @ w[0]) < 0.05 and _rel(w2.grad.cpu(), dy[:300].t() @ x[:300]) < 0.05
+    y2.backward(dy2.to("cuda", torch.bfloat16))
+    assert _rel(y2.cpu(), x[:300] @ w.t()) < 0.05
+    assert _rel(x2.grad.cpu(), dy2 @ w) < 0.05 and _rel(w2.grad.cpu(), dy2.t() @ x[:300]) < 0.05
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_fp8_moe_layer_saves_less_for_backward_than_bf16(scaling):
+    """benchmarks/fp8_saved_bytes.py's count on the tiny model: with the routed experts in FP8 (weights from the
+    cache, as the Trainer runs several micro-batches) an MoE layer keeps fewer bytes for backward than in BF16, the
+    dense layer the same (its GEMMs stay BF16 with linears=False)."""
+    import copy
+
+    from fp8_saved_bytes import saved_bytes_per_layer
+    from dsv3.fp8.weight_cache import refresh_fp8_weights
+    base = build(tiny_config(num_nextn_predict_layers=0), seed=0, dtype=torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 64))
+    fp8 = apply_fp8(copy.deepcopy(base), experts=scaling, linears=False)
+    refresh_fp8_weights(fp8, "backward")
+    bf16_bytes, fp8_bytes = saved_bytes_per_layer(base, ids), saved_bytes_per_layer(fp8, ids)
+    assert fp8_bytes["layer0"] == bf16_bytes["layer0"]
+    assert fp8_bytes["layer1"] < 0.9 * bf16_bytes["layer1"], (fp8_bytes, bf16_bytes)

@@ -51,14 +51,15 @@ def _interpreter_cases() -> dict:
              "strided": wide[:, 100:2300], "empty": torch.zeros(0, 16), "3d": w3,
              "3d_transposed": w3.transpose(1, 2), "2d_transposed": make_x(90, 70, seed=6).t()}
     out = {name: _compare(quantize_rows_triton(x), quantize_rows_reference(x)) for name, x in cases.items()}
-    # the transposing quantiser (rows of w^T) and both orientations from one pair of reads; several amax programs
-    # per column (rows_per_prog 32) merge through the atomic max; partial tiles on both edges
+    # the transposing quantiser (rows of w^T), with both orientations: several (BN, BK) tiles per column strip
+    # (the reverse-order cast pass), partial tiles on both edges, bf16 / fp16 / fp32
     w2 = make_x(90, 200, torch.bfloat16, seed=7)
-    for name, w, rpp in (("t_3d", w3, 32), ("t_2d_bf16", w2, None)):
-        got = quantize_rows_transposed_triton(w, rows=True, rows_per_prog=rpp)
-        want = quantize_rows_both_reference(w)
-        out[f"{name}_rows"], out[f"{name}_cols"] = _compare(got[:2], want[:2]), _compare(got[2:], want[2:])
-        out[f"{name}_only"] = _compare(quantize_rows_transposed_triton(w, rows_per_prog=rpp), want[2:])
+    w16 = make_x(2 * 150, 70, torch.float16, seed=9).view(2, 150, 70)
+    for name, w, bn, bk in (("t_3d", w3, 32, 16), ("t_2d_bf16", w2, None, None), ("t_3d_fp16", w16, 64, 32)):
+        want = quantize_rows_reference(w.transpose(-1, -2))
+        out[f"{name}_cols"] = _compare(quantize_rows_transposed_triton(w, block_n=bn, block_k=bk), want)
+    got, want = quantize_rows_transposed_triton(w2, rows=True), quantize_rows_both_reference(w2)   # + the row kernel
+    out["t_both_rows"], out["t_both_cols"] = _compare(got[:2], want[:2]), _compare(got[2:], want[2:])
     bad = make_x(40, 130, seed=8)
     bad[3, 5], bad[20, 7], bad[39, 0] = float("nan"), float("inf"), -float("inf")
     got, want = quantize_rows_transposed_triton(bad, rows=True), quantize_rows_both_reference(bad)
@@ -71,7 +72,7 @@ def _interpreter_cases() -> dict:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_rowwise")
-    assert len(res) == 15
+    assert len(res) == 14
     for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
         if name == "t_nonfinite":  # NaN scales where the reference has them (q's NaNs: GPU test)
             assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, r
@@ -125,14 +126,15 @@ def test_quantize_rows_bit_exact_on_cuda():
         q, s = quantize_rows(x.cuda())
         qr, sr = quantize_rows_reference(x.cuda())
         assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
-    for w in (w3, make_x(8 * 1408, 2048, torch.bfloat16, seed=12).view(8, 1408, 2048), make_x(576, 2048, seed=13)):
+    for w in (w3, make_x(8 * 1408, 2048, torch.bfloat16, seed=12).view(8, 1408, 2048), make_x(576, 2048, seed=13),
+              make_x(4 * 2048, 1408, seed=15).view(4, 2048, 1408), make_x(3 * 1408, 2048, torch.float16, seed=16)):
         w = w.cuda()
-        for rpp in (None, 64, 100_000):
-            got = quantize_rows_transposed_triton(w, rows=True, rows_per_prog=rpp)
+        for bn, bk, nw in ((None, None, None), (64, 64, 4), (128, 64, 8), (256, 32, 8), (128, 16, 4)):
+            got = quantize_rows_transposed_triton(w, rows=True, block_n=bn, block_k=bk, num_warps=nw)
             want = quantize_rows_both_reference(w)
             for a, b in zip(got, want):
                 assert torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a,
-                                   b.view(torch.uint8) if b.dtype == E4M3 else b), rpp
+                                   b.view(torch.uint8) if b.dtype == E4M3 else b), (w.dtype, bn, bk, nw)
     bad = make_x(300, 520, seed=14)
     bad[3, 5], bad[200, 7], bad[299, 0] = float("nan"), float("inf"), -float("inf")
     got, want = quantize_rows_both(bad.cuda()), quantize_rows_both_reference(bad.cuda())

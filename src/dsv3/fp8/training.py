@@ -10,16 +10,11 @@ The forward quantises x twice in one pass: along K for its own GEMM and along th
 activations in FP8), plus the FP8 weight. Everything outside these GEMMs stays in the model's precision: the
 embedding, the output head, the router, norms and attention (TR 3.3.1).
 
-Routed experts use the grouped form over the expert-sorted rows (offsets as torch._grouped_mm). Their weight
-gradient is a GEMM over each expert's own tokens, whose 128-token tiles would straddle experts; it is computed
-from the FP8 values of the activations and gradients (dequantised), by one `torch._grouped_mm` whose groups split
-the token dimension: the same operands a grouped FP8 weight-gradient kernel with per-expert 128-aligned segments
-would multiply, up to the tile scales at segment edges, accumulated in high precision. That kernel (DeepGEMM's
-"contiguous" layout) is future work.
-
-`apply_fp8(model, experts="row")` gives the experts row-wise scales instead (`FP8RowwiseGroupedFunction`,
-dsv3.kernels.fp8_rowwise): on Hopper the only fast FP8 grouped GEMM, at the cost of coarser scaling, FP8 MMA
-accumulation and a bf16 weight gradient (the trade-off and its measured loss cost: RESULTS.md, issue 15).
+Routed experts run as one function over the SwiGLU FFN (`dsv3.fp8.experts.FP8ExpertsFunction`): the expert-sorted
+rows quantised once for the gate and up GEMMs, the SwiGLU inputs stored in FP8 and its output recomputed in backward
+(TR 3.3.4), with the report's block scaling or, by `apply_fp8(model, experts="row")`, row-wise scales
+(dsv3.kernels.fp8_rowwise: on Hopper the only fast FP8 grouped GEMM, at the cost of coarser scaling, FP8 MMA
+accumulation and a bf16 weight gradient; the trade-off and its measured cost: RESULTS.md, issue 15).
 
 `apply_fp8` changes classes in place (`nn.Linear` -> `FP8TrainLinear`, `Experts` -> `FP8TrainExperts`): the
 parameters, their names and the state dict stay the same, so optimisers, checkpoints and export are unaffected.
@@ -28,30 +23,20 @@ parameters, their names and the state dict stay the same, so optimisers, checkpo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fp8_quant import dequantize_tiles, quantize_blocks_both
-from .ops import (fp8_gemm, fp8_grouped_gemm, fp8_grouped_gemm_rowwise, grouped_weight_grad, quantize_blocks,
-                  quantize_rows, quantize_tiles, quantize_tiles_transposed)
+from ..kernels.fp8_quant import quantize_blocks_both
+from .experts import FP8ExpertsFunction, no_autocast, quantize_expert_weight, quantize_expert_weight_t
+from .ops import fp8_gemm, quantize_blocks, quantize_tiles, quantize_tiles_transposed
 from ..model.layers import MLP
 from ..model.mla import MLA
 from ..model.moe import Experts
 from .weight_cache import check_fresh
 
 
-def _no_autocast(fn):
-    """The quantised GEMMs choose their own dtypes; autocast cannot handle fp8 tensors (torch.stack of e4m3 fails
-    in its dtype promotion), so it is off inside them."""
-    def wrapper(ctx, *args):
-        with torch.autocast(args[0].device.type, enabled=False):
-            return fn(ctx, *args)
-    return wrapper
-
-
 class FP8LinearFunction(torch.autograd.Function):
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, *cached: torch.Tensor) -> torch.Tensor:
         """cached: W's (q, scale, q.T, scale.T) from dsv3.fp8.weight_cache, or nothing (quantised here)."""
         shape, dtype = x.shape, x.dtype
@@ -65,7 +50,7 @@ class FP8LinearFunction(torch.autograd.Function):
         return y.view(*shape[:-1], -1)
 
     @staticmethod
-    @_no_autocast
+    @no_autocast
     def backward(ctx, dy: torch.Tensor):
         xq_t, xs_t, wq, ws = ctx.saved_tensors
         if ctx.n_cached:        # saved: the cached W^T blocks
@@ -80,107 +65,20 @@ class FP8LinearFunction(torch.autograd.Function):
         return (dx.view(ctx.shape), dw.to(ctx.weight_dtype)) + (None,) * ctx.n_cached
 
 
-class FP8GroupedFunction(torch.autograd.Function):
-    """y[rows of expert e] = x[rows of e] @ W[e]^T for x (M, K) sorted by expert, W (E, N, K), offs (E,)."""
-
-    @staticmethod
-    @_no_autocast
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, *cached: torch.Tensor
-                ) -> torch.Tensor:
-        """cached: `_quantize_stacked_both(weight)` (dsv3.fp8.weight_cache), or nothing (quantised here)."""
-        xq, xs = quantize_tiles(x)
-        wq, ws = cached[:2] if cached else _quantize_stacked(weight)
-        y = fp8_grouped_gemm(xq, xs, wq, ws, offs, out_dtype=x.dtype)
-        ctx.save_for_backward(xq, xs, *(cached[2:] if cached else (wq, ws)), offs)
-        ctx.weight_dtype, ctx.n_cached = weight.dtype, len(cached)
-        return y
-
-    @staticmethod
-    @_no_autocast
-    def backward(ctx, dy: torch.Tensor):
-        xq, xs, wq, ws, offs = ctx.saved_tensors
-        if ctx.n_cached:        # saved: the cached W^T blocks
-            wq_t, ws_t = wq, ws
-        else:
-            wq_t, ws_t = wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous()
-        dy = dy.contiguous()
-        gq, gs = quantize_tiles(dy)
-        dx = fp8_grouped_gemm(gq, gs, wq_t, ws_t, offs, out_dtype=dy.dtype)
-        # weight gradient of every expert from the FP8 copies (see the module docstring): one grouped GEMM whose
-        # groups split the reduction (token) dimension, no host synchronisation; bf16 operands on CUDA (what
-        # _grouped_mm takes there), fp32 elsewhere
-        dtype = torch.bfloat16 if dy.is_cuda else torch.float32
-        x = dequantize_tiles(xq, xs).to(dtype)
-        g = dequantize_tiles(gq, gs).to(dtype)
-        dw = grouped_weight_grad(g, x, offs)
-        return (dx, dw.to(ctx.weight_dtype), None) + (None,) * ctx.n_cached
-
-
-class FP8RowwiseGroupedFunction(torch.autograd.Function):
-    """The experts' grouped GEMM with row-wise scales (`kernels.fp8_rowwise`, `apply_fp8(experts="row")`): forward
-    and input gradient in FP8 through torch._scaled_grouped_mm; the weight gradient, whose reduction runs over each
-    expert's own tokens where row-wise scales cannot be factored out, in bf16 from the saved activation."""
-
-    @staticmethod
-    @_no_autocast
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, *cached: torch.Tensor
-                ) -> torch.Tensor:
-        """cached: `_quantize_rows_both(weight)` (dsv3.fp8.weight_cache), or nothing (quantised here)."""
-        xq, xs = quantize_rows(x)
-        wq, ws = cached[:2] if cached else quantize_rows(weight)     # (E, N, K), (E, N)
-        y = fp8_grouped_gemm_rowwise(xq, xs, wq, ws, offs, out_dtype=x.dtype)
-        ctx.save_for_backward(x, weight, offs, *cached[2:])
-        ctx.n_cached = len(cached)
-        return y
-
-    @staticmethod
-    @_no_autocast
-    def backward(ctx, dy: torch.Tensor):
-        x, weight, offs, *cached_t = ctx.saved_tensors
-        dy = dy.contiguous()
-        gq, gs = quantize_rows(dy)
-        wtq, wts = cached_t if cached_t else _quantize_rows_t(weight)
-        dx = fp8_grouped_gemm_rowwise(gq, gs, wtq, wts, offs, out_dtype=dy.dtype)
-        dtype = torch.bfloat16 if dy.is_cuda else torch.float32
-        dw = grouped_weight_grad(dy.to(dtype), x.to(dtype), offs)
-        return (dx, dw.to(weight.dtype), None) + (None,) * ctx.n_cached
-
-
-def _quantize_stacked(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """128x128 blocks of each expert's (N, K) matrix: one call on the (E*N, K) stack when N is a multiple of 128
-    (no block straddles two experts), else one per expert."""
-    E, N, K = weight.shape
-    if N % 128 == 0:
-        q, s = quantize_blocks(weight.reshape(E * N, K))
-        return q.view(E, N, K), s.view(E, N // 128, -1)
-    pairs = [quantize_blocks(w) for w in weight]
-    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
-
-
-def _quantize_stacked_both(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The block experts' cached operands: W's stacked blocks and W^T's (the transposed codes, as backward makes)."""
-    wq, ws = _quantize_stacked(weight)
-    return wq, ws, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous()
-
-
-def _quantize_rows_t(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W^T (E, K, N) in rows: one scale per input column of W, read in place."""
-    return quantize_rows(weight.transpose(1, 2))
-
-
-def _quantize_rows_both(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The row-wise experts' cached operands, by the same calls as the uncached path (bit-identical)."""
-    return (*quantize_rows(weight), *_quantize_rows_t(weight))
+_N_CACHED = {"both": 4, "backward": 2}     # tensors cached per weight, by dsv3.fp8.weight_cache's orientations
 
 
 def _cached_args(module: nn.Module, weights: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """The module's cached FP8 operands per weight (dsv3.fp8.weight_cache), checked fresh in eager; or empties."""
+    """The module's FP8 operands per weight for the autograd functions, (q, scale, q_t, scale_t): from its cache
+    (dsv3.fp8.weight_cache; checked fresh in eager), the forward pair quantised now where only W^T is cached; or
+    empties (no cache: the functions quantise)."""
     cache = module.fp8_cache
     if cache is None:
         return ((),) * len(weights)
     if not torch.compiler.is_compiling():      # an int compare per weight; compiled graphs do not guard on it
         check_fresh(module, weights)
-    return cache
+    # (detached: the functions take the operands as inputs without a gradient; the weight's comes from their backward)
+    return tuple(c if len(c) == 4 else (*module.fp8_quantize_forward(w.detach()), *c) for w, c in zip(weights, cache))
 
 
 class FP8TrainLinear(nn.Linear):
@@ -191,9 +89,14 @@ class FP8TrainLinear(nn.Linear):
     def fp8_weights(self) -> tuple[torch.Tensor, ...]:
         return (self.weight,)
 
-    def fp8_quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def fp8_quantize(self, w: torch.Tensor, orientations: str = "both") -> tuple[torch.Tensor, ...]:
+        """The cached operands (dsv3.fp8.weight_cache): W's blocks and W^T's, or W^T's only ("backward")."""
         with torch.autocast(w.device.type, enabled=False):
-            return quantize_blocks_both(w)
+            return quantize_blocks_both(w)[4 - _N_CACHED[orientations]:]
+
+    def fp8_quantize_forward(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(w.device.type, enabled=False):
+            return quantize_blocks(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):     # activations in the autocast dtype, as a bf16 linear's
@@ -211,9 +114,15 @@ class FP8TrainExperts(Experts):
         weights = self.stacked_weights()        # cached only where they are the parameters themselves
         return weights if all(isinstance(w, nn.Parameter) for w in weights) else None
 
-    def fp8_quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def fp8_quantize(self, w: torch.Tensor, orientations: str = "both") -> tuple[torch.Tensor, ...]:
+        """The cached operands (dsv3.fp8.weight_cache): W's and W^T's, or W^T's only ("backward")."""
         with torch.autocast(w.device.type, enabled=False):
-            return _quantize_rows_both(w) if self.fp8_scaling == "row" else _quantize_stacked_both(w)
+            fwd = quantize_expert_weight(w, self.fp8_scaling) if orientations == "both" else ()
+            return (*fwd, *quantize_expert_weight_t(w, self.fp8_scaling))
+
+    def fp8_quantize_forward(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(w.device.type, enabled=False):
+            return quantize_expert_weight(w, self.fp8_scaling)
 
     def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         gate, up, down = weights = self.stacked_weights()
@@ -221,9 +130,7 @@ class FP8TrainExperts(Experts):
         offs = counts.cumsum(0).to(torch.int32)
         if torch.is_autocast_enabled(xs.device.type):
             xs = xs.to(torch.get_autocast_dtype(xs.device.type))
-        fn = FP8RowwiseGroupedFunction if self.fp8_scaling == "row" else FP8GroupedFunction
-        h = F.silu(fn.apply(xs, gate, offs, *c_gate)) * fn.apply(xs, up, offs, *c_up)
-        return fn.apply(h, down, offs, *c_down)
+        return FP8ExpertsFunction.apply(xs, gate, up, down, offs, self.fp8_scaling, *c_gate, *c_up, *c_down)
 
 
 _MLA_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -232,7 +139,7 @@ _MLA_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_pr
 def apply_fp8(model: nn.Module, experts: str = "block", linears: bool = True) -> nn.Module:
     """Run the MLA projections, dense / shared FFNs and routed experts in FP8, in place; the embedding, head,
     router, norms and attention core keep their precision (TR 3.3.1). `experts`: "block" (the report's 1x128 /
-    128x128 scaling, all three GEMMs) or "row" (row-wise scales, `FP8RowwiseGroupedFunction`). `linears=False`
+    128x128 scaling, all three GEMMs) or "row" (row-wise scales; dsv3.fp8.experts). `linears=False`
     leaves the MLA projections and dense / shared FFNs in their precision: only the routed experts, most of an MoE
     step's GEMM FLOPs, run in FP8 (at small widths the quantisation of a dense GEMM's operands can cost more than
     FP8 saves; RESULTS.md, issue 15). Returns the model."""

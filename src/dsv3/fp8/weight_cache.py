@@ -5,8 +5,8 @@ at lite-8L's B4 the expert-weight quantisers cost as much GPU time as the FP8 GE
 `refresh_fp8_weights(model)` computes, for every FP8 module (`dsv3.fp8.training`), the operands of both GEMMs that
 read its weight: the forward's (W) and the input gradient's (W^T):
     dense linears     quantize_blocks_both(W)              128x128 blocks; W^T = the transposed codes (exact)
-    block experts     the stacked blocks of W, transposed  as FP8GroupedFunction's uncached path
-    row-wise experts  quantize_rows(W), quantize_rows(W^T) as FP8RowwiseGroupedFunction's uncached path
+    block experts     the stacked blocks of W, transposed  dsv3.fp8.experts.quantize_expert_weight(_t), as the
+    row-wise experts  quantize_rows(W), quantize_rows(W^T) uncached FP8ExpertsFunction computes them
 and stores them on the module (`fp8_cache`), where the autograd functions take them as inputs: the same values the
 uncached path computes, so losses and gradients are bit-identical. Under torch.compile the cached tensors are
 module attributes read in the traced forward, i.e. graph inputs (never constants), refreshed in place so the
@@ -18,7 +18,12 @@ in-place update, `load_state_dict`) raises instead of using old codes. The check
 skipped inside compiled code; a write that does not move `_version` (a Triton kernel, `p.data.copy_`) is not seen,
 which is why the refresh is explicit.
 
-Memory held: 2 bytes per cached parameter (1 per orientation) plus the scales (fp32: 2 per 128x128 block; for
+Orientations: "both" (above) or "backward", W^T's operands only, at half the memory: each forward quantises W again
+(the fast orientation: the row kernel / the blocks, >= 80% of copy bandwidth), once per micro-batch. With the
+activations saved in FP8 (dsv3.fp8.experts) this is what brings FP8's peak to about BF16's at lite-8L
+(benchmarks/fp8_saved_bytes.py; RESULTS.md, issue 15).
+
+Memory held ("both"): 2 bytes per cached parameter (1 per orientation) plus the scales (fp32: 2 per 128x128 block; for
 row-wise experts one per row of W and one per column), for the whole step. Without the cache, a block weight's
 forward codes were already saved for backward (1 byte per parameter per micro-batch in flight) and row-wise experts
 held none; so the trainer caches only when a step has several micro-batches (with one there is nothing to reuse).
@@ -31,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["cache_bytes", "check_fresh", "drop_fp8_weights", "refresh_fp8_weights"]
+__all__ = ["ORIENTATIONS", "cache_bytes", "check_fresh", "drop_fp8_weights", "refresh_fp8_weights"]
 
 
 def _cacheable(w: Tensor) -> bool:
@@ -54,11 +59,17 @@ def _store(old: tuple[Tensor, ...] | None, new: tuple[Tensor, ...]) -> tuple[Ten
     return old
 
 
+ORIENTATIONS = ("both", "backward")
+
+
 @torch.no_grad()
-def refresh_fp8_weights(model: nn.Module) -> int:
-    """Quantise every FP8 module's weights now (both GEMM orientations) and record their versions; returns the
-    number of modules cached. Call after each optimizer step and once before the first forward (module docstring)."""
+def refresh_fp8_weights(model: nn.Module, orientations: str = "both") -> int:
+    """Quantise every FP8 module's weights now and record their versions; returns the number of modules cached.
+    orientations: "both" GEMM operands, or "backward" (W^T only: each forward quantises W again; module docstring).
+    Call after each optimizer step and once before the first forward."""
     from .training import FP8TrainExperts, FP8TrainLinear
+    if orientations not in ORIENTATIONS:
+        raise ValueError(f"orientations must be one of {ORIENTATIONS}, got {orientations!r}")
     n = 0
     for module in model.modules():
         if isinstance(module, (FP8TrainLinear, FP8TrainExperts)):
@@ -66,7 +77,7 @@ def refresh_fp8_weights(model: nn.Module) -> int:
             if weights is None or not all(_cacheable(w) for w in weights):
                 module.fp8_cache = None
                 continue
-            module.fp8_cache = tuple(_store(old, module.fp8_quantize(w)) for old, w in
+            module.fp8_cache = tuple(_store(old, module.fp8_quantize(w, orientations)) for old, w in
                                      zip(module.fp8_cache or (None,) * len(weights), weights))
             module.fp8_versions = tuple(w._version for w in weights)
             n += 1

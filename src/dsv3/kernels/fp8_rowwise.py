@@ -14,9 +14,10 @@ without the report's promotion every 128 products (`use_fast_accum`: 3x faster h
     quantize_rows_both(w (E, N, K)) -> q, scale, q_t (E, K, N), scale_t (E, K): rows of w and of w^T (the forward
                                     and input-gradient operands of a weight)
 
-W^T's rows (the input gradient's operand, one scale per column of w) come from two Triton kernels over coalesced
-2-D tiles of w as stored: a column-amax pass, then a cast stored transposed (`quantize_rows_transposed_triton`; the
-dispatcher takes it for any transposed view); with rows=True the same two reads also give w's own rows.
+W^T's rows (the input gradient's operand, one scale per column of w) come from one Triton kernel over coalesced
+2-D tiles of w as stored: per column strip, its amax, then the cast stored transposed through shared memory, the
+strip's second read served from L2 (`quantize_rows_transposed_triton`; the dispatcher takes it for any transposed
+view).
     fp8_grouped_gemm_rowwise(a (M, K), a_scale (M,), b (E, N, K), b_scale (E, N), offs (E,))
         -> c (M, N):  c[rows of group e] = (a_scale[:, None] * a) @ (b_scale[e][:, None] * b[e]).T
 
@@ -91,53 +92,33 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _amax_2d_kernel(X, RAMAX, CAMAX, N, K, stride_xe, stride_xn, stride_xk, ROWS_PER_PROG,
-                        BN: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
-        # step 1 of the transposing quantiser: the max-abs of every column of w (and, with ROWS, of every row) over
-        # this program's ROWS_PER_PROG rows, read in coalesced (BN, BK) tiles; merged across programs by an integer
-        # atomic max on the fp32 bits (order-free, so deterministic; non-negative floats, NaN above inf, order as
-        # their bits do)
-        e = tl.program_id(2).to(tl.int64)
+    def _rows_t_kernel(X, QT, ST, N, K, stride_xe, stride_xn, stride_xk, BN: tl.constexpr, BK: tl.constexpr):
+        # rows of w^T for w (E, N, K), one pass over HBM: a program owns BK columns of one expert's w, (N, BK)
+        # read as coalesced (BN, BK) tiles along K. 1. the columns' max-abs over all N rows; 2. the cast, the tiles
+        # re-read in reverse order (the strip is N x BK x 2 bytes: the last tiles read are still in L2), each
+        # transposed through tl.trans (shared memory; as _tiles_t_kernel, on the fp32 values before the e4m3 cast) so
+        # that the (BK, BN) stores into q_t's rows are coalesced too
+        e = tl.program_id(1).to(tl.int64)
         cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
         mask_k = cols < K
-        n0 = tl.program_id(1) * ROWS_PER_PROG
-        n_end = tl.minimum(n0 + ROWS_PER_PROG, N)
-        camax = tl.zeros((BK,), dtype=tl.float32)
-        for n in range(n0, n_end, BN):
-            rows = (n + tl.arange(0, BN)).to(tl.int64)
-            mask = (rows < n_end)[:, None] & mask_k[None, :]
-            x = tl.load(X + e * stride_xe + rows[:, None] * stride_xn + cols[None, :] * stride_xk, mask=mask,
-                        other=0.0).to(tl.float32)
-            camax = _max_nan(camax, _absmax(x, 0))
-            if ROWS:
-                tl.atomic_max(RAMAX + e * N + rows, _absmax(x, 1).to(tl.int32, bitcast=True), mask=rows < n_end)
-        tl.atomic_max(CAMAX + e * K + cols, camax.to(tl.int32, bitcast=True), mask=mask_k)
-
-    @triton.jit
-    def _cast_t_kernel(X, RAMAX, CAMAX, Q, S, QT, ST, N, K, stride_xe, stride_xn, stride_xk,
-                       BN: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr):
-        # step 2: one coalesced (BN, BK) tile of w, cast with its columns' scales and stored transposed (q_t's
-        # rows are w's columns); with ROWS the same registers also give the rows of w with their rows' scales
-        e = tl.program_id(2).to(tl.int64)
-        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
-        rows = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
-        mask_k, mask_n = cols < K, rows < N
-        mask = mask_n[:, None] & mask_k[None, :]
-        x = tl.load(X + e * stride_xe + rows[:, None] * stride_xn + cols[None, :] * stride_xk, mask=mask,
-                    other=0.0).to(tl.float32)
-        sc = _scale_of(tl.load(CAMAX + e * K + cols, mask=mask_k, other=0).to(tl.float32, bitcast=True), False)
-        # stored at transposed addresses, not through tl.trans: on the H200 tl.trans of such tiles misplaced values
-        # for fp32 inputs in the block quantiser (kernels.fp8_quant); uncoalesced, but exact
-        tl.store(QT + (e * K + cols[None, :]) * N + rows[:, None], _quant(x, sc[None, :]).to(QT.dtype.element_ty),
-                 mask=mask)
-        if tl.program_id(1) == 0:
-            tl.store(ST + e * K + cols, sc, mask=mask_k)
-        if ROWS:
-            sr = _scale_of(tl.load(RAMAX + e * N + rows, mask=mask_n, other=0).to(tl.float32, bitcast=True), False)
-            tl.store(Q + (e * N + rows[:, None]) * K + cols[None, :], _quant(x, sr[:, None]).to(Q.dtype.element_ty),
-                     mask=mask)
-            if tl.program_id(0) == 0:
-                tl.store(S + e * N + rows, sr, mask=mask_n)
+        X += e * stride_xe
+        amax = tl.zeros((BK,), dtype=tl.float32)
+        for n0 in range(0, N, BN):
+            rows = (n0 + tl.arange(0, BN)).to(tl.int64)
+            mask = (rows < N)[:, None] & mask_k[None, :]
+            x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xk, mask=mask, other=0.0)
+            amax = _max_nan(amax, _absmax(x.to(tl.float32), 0))
+        s = _scale_of(amax, False)
+        n_tiles = tl.cdiv(N, BN)
+        for i in range(0, n_tiles):
+            rows = ((n_tiles - 1 - i) * BN + tl.arange(0, BN)).to(tl.int64)
+            mask_n = rows < N
+            x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            q = tl.trans(_quant(x.to(tl.float32), s[None, :]))       # (BK, BN): rows of q_t are columns of w
+            tl.store(QT + (e * K + cols[:, None]) * N + rows[None, :], q.to(QT.dtype.element_ty),
+                     mask=mask_k[:, None] & mask_n[None, :])
+        tl.store(ST + e * K + cols, s, mask=mask_k)
 
 
 def quantize_rows_triton(x: Tensor, rows: int | None = None, chunk: int | None = None,
@@ -162,17 +143,16 @@ def quantize_rows_triton(x: Tensor, rows: int | None = None, chunk: int | None =
     return (q, scale) if x.dim() == 3 else (q[0], scale[0])
 
 
-# launch shape of the transposing quantiser: (BN, BK) tiles, amax programs over ROWS_PER_PROG rows each
-_T_BLOCK_N, _T_BLOCK_K, _T_WARPS, _T_ROWS_PER_PROG = 64, 128, 4, 256
+# launch shape of the transposing quantiser: (BN, BK) tiles (benchmarks/fp8_quant_sweep.py sweeps the alternatives)
+_T_BLOCK_N, _T_BLOCK_K, _T_WARPS = 128, 32, 4
 
 
 def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int | None = None,
-                                    block_k: int | None = None, num_warps: int | None = None,
-                                    rows_per_prog: int | None = None) -> tuple[Tensor, ...]:
+                                    block_k: int | None = None, num_warps: int | None = None) -> tuple[Tensor, ...]:
     """Rows of w^T through Triton: quantize_rows_reference(w.transpose(-1, -2)) for w (N, K) or (E, N, K), bit for
-    bit, as (q_t (..., K, N) contiguous, scale_t (..., K)); rows=True also returns the rows of w first
-    (`quantize_rows_both_reference`'s contract) from the same reads. Two kernels: a column-amax pass and a
-    transposing cast (issue 15: the in-place strided read of w^T reached 38% of copy bandwidth)."""
+    bit, as (q_t (..., K, N) contiguous, scale_t (..., K)), from one kernel that reads w once from HBM (its second
+    read of each column strip is served from L2) and writes q_t coalesced (`_rows_t_kernel`); rows=True also
+    returns the rows of w first (`quantize_rows_both_reference`'s contract; the row kernel, a second read)."""
     need_triton("quantize_rows_transposed_triton")
     _check_x(w)
     if not w.numel():     # nothing to read: the reference gives the shapes (and EPS / 448 for empty rows)
@@ -182,36 +162,29 @@ def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int 
     if w3.stride(2) != 1 and w3.shape[2] > 1:
         w3 = w3.contiguous()    # the tiles are read along K
     E, N, K = w3.shape
-    dev = w.device
-    q_t = torch.empty(E, K, N, device=dev, dtype=_E4M3)
-    s_t = torch.empty(E, K, device=dev, dtype=torch.float32)
-    q = torch.empty(E, N, K, device=dev, dtype=_E4M3) if rows else q_t
-    s = torch.empty(E, N, device=dev, dtype=torch.float32) if rows else s_t
-    camax = torch.zeros(E, K, device=dev, dtype=torch.int32)     # fp32 bits of the amax; 0 is +0.0
-    ramax = torch.zeros(E, N, device=dev, dtype=torch.int32) if rows else camax
+    q_t = torch.empty(E, K, N, device=w.device, dtype=_E4M3)
+    s_t = torch.empty(E, K, device=w.device, dtype=torch.float32)
     bn, bk = block_n or _T_BLOCK_N, block_k or _T_BLOCK_K
-    rpp = rows_per_prog or _T_ROWS_PER_PROG
-    strides = (w3.stride(0), w3.stride(1), w3.stride(2))
-    _amax_2d_kernel[(triton.cdiv(K, bk), triton.cdiv(N, rpp), E)](
-        w3, ramax, camax, N, K, *strides, rpp, BN=bn, BK=bk, ROWS=rows, num_warps=num_warps or _T_WARPS)
-    _cast_t_kernel[(triton.cdiv(K, bk), triton.cdiv(N, bn), E)](
-        w3, ramax, camax, q, s, q_t, s_t, N, K, *strides, BN=bn, BK=bk, ROWS=rows, num_warps=num_warps or _T_WARPS)
-    out = (q, s, q_t, s_t) if rows else (q_t, s_t)
-    return out if w.dim() == 3 else tuple(t[0] for t in out)
+    _rows_t_kernel[(triton.cdiv(K, bk), E)](w3, q_t, s_t, N, K, w3.stride(0), w3.stride(1), w3.stride(2),
+                                             BN=bn, BK=bk, num_warps=num_warps or _T_WARPS)
+    out = (q_t, s_t) if w.dim() == 3 else (q_t[0], s_t[0])
+    return (*quantize_rows_triton(w), *out) if rows else out
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Dispatcher: Triton for CUDA tensors on sm_89+ (DSV3_FP8_QUANT=reference forces the reference)."""
     if use_triton(x, "DSV3_FP8_QUANT", fp8=True):
-        # W^T views are read in place (strided) by the row kernel: the transposing quantiser is not yet verified on
-        # the GPU for fp32 inputs (benchmarks/RESULTS.md, issue 15), so the dispatcher does not send them there
+        if x.dim() >= 2 and x.stride(-2) == 1 and x.stride(-1) != 1 and x.shape[-2] > 1:
+            # a transposed view, W^T (the input gradient's operand): the transposing quantiser reads W as stored
+            # (the row kernel's strided read of the view reached 38% of copy bandwidth; issue 15)
+            return quantize_rows_transposed_triton(x.transpose(-1, -2))
         return quantize_rows_triton(x)
     return quantize_rows_reference(x)
 
 
 def quantize_rows_both(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rows of w and of w^T, (q, scale, q_t, scale_t): both operands a weight gives the row-wise GEMMs (forward and
-    input gradient), from one pair of reads on the GPU (`quantize_rows_transposed_triton(rows=True)`)."""
+    input gradient); on the GPU the row kernel and the transposing one (`quantize_rows_transposed_triton`)."""
     if use_triton(w, "DSV3_FP8_QUANT", fp8=True):
         return quantize_rows_transposed_triton(w, rows=True)
     return quantize_rows_both_reference(w)

@@ -233,6 +233,10 @@ class TrainConfig:
     # with precision=fp8: the MLA projections and dense / shared FFNs in FP8 too (the report's recipe); false runs
     # only the routed experts in FP8
     fp8_linears: bool = setting(True, Flag())
+    # with precision=fp8 and several micro-batches per step: the weights' FP8 operands cached once per step for
+    # both GEMMs that read them, or for the input gradient only ("backward": half the memory, each forward
+    # quantises W again; dsv3.fp8.weight_cache)
+    fp8_weight_cache: str = setting("both", OneOf(("both", "backward")))
     compile: bool = setting(False, Flag())             # torch.compile each block and the loss
     # CUDA: one compiled kernel set for clipping + AdamW instead of fused AdamW
     compile_optimizer: bool = setting(False, Flag())

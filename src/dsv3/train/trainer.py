@@ -259,7 +259,7 @@ class Trainer:
         # here (after any load), refreshed right after every optimizer step; with one micro-batch nothing to reuse
         self.fp8_cache = cfg.train.precision == "fp8" and cfg.train.batch_size > cfg.train.micro_batch_size
         if self.fp8_cache:
-            refresh_fp8_weights(self.model)
+            refresh_fp8_weights(self.model, cfg.train.fp8_weight_cache)
         self.pipeline = None
         if self.local.chunks is not None:
             from .pipeline_step import PipelineRunner
@@ -393,7 +393,8 @@ class Trainer:
         if self.zero is not None:
             self.zero.gather()                   # every replica gets every rank's updated rows
         if self.fp8_cache:
-            refresh_fp8_weights(self.model)      # the next step's FP8 weight operands, from the updated weights
+            # the next step's FP8 weight operands, from the updated weights
+            refresh_fp8_weights(self.model, cfg.train.fp8_weight_cache)
         self._clear_gradients()
         own = [i for i, (_, m) in enumerate(self.layers) if self.local.holds(m)]   # pp > 1: this rank's layers
         update_bias([self.layers[i] for i in own], loads[own], schedule.bias_update_speed(step, cfg))
