@@ -194,7 +194,9 @@ def test_fp8_moe_layer_saves_less_for_backward_than_bf16(scaling):
     from fp8_saved_bytes import saved_bytes_per_layer
     from dsv3.fp8.weight_cache import refresh_fp8_weights
     base = build(tiny_config(num_nextn_predict_layers=0), seed=0, dtype=torch.bfloat16)
-    ids = torch.randint(0, 128, (2, 64))
+    # seeded: the ratio depends on the routing and sits near the bound (block: 0.87-0.89 over 12 seeds); ids from
+    # the global RNG made the result depend on the tests run before (it failed once in a run of the five files)
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
     fp8 = apply_fp8(copy.deepcopy(base), experts=scaling, linears=False)
     refresh_fp8_weights(fp8, "backward")
     bf16_bytes, fp8_bytes = saved_bytes_per_layer(base, ids), saved_bytes_per_layer(fp8, ids)

@@ -116,7 +116,8 @@ class FP8ExpertsFunction(torch.autograd.Function):
         y = _gemm(hq, hs, w_fwd[2], offs, scaling, dtype)
         w_bwd = [t for i in range(3) for t in cached[4 * i + 2:4 * i + 4]] if cached else list(weights)
         ctx.save_for_backward(xq, xs, *quantize_tiles(g), *quantize_tiles(u), offs, *w_bwd)     # step 4
-        ctx.scaling, ctx.cached = scaling, bool(cached)
+        # len(), not bool(cached): torch 2.11's dynamo cannot trace bool() of a tuple (a graph break per MoE layer)
+        ctx.scaling, ctx.cached = scaling, len(cached) > 0
         ctx.weight_dtypes = tuple(w.dtype for w in weights)
         return y
 
