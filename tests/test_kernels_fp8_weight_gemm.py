@@ -278,7 +278,7 @@ def _gemv_cases() -> dict:
     return errs
 
 
-def test_gemv_dispatch_and_launch_table():
+def test_gemv_dispatch_and_launch_table(monkeypatch):
     x, q, _ = make_linear(GEMV_MAX_M, 64, 64, seed=11)
     assert _take_gemv(None, GEMV_MAX_M, x, q, None, None)
     assert not _take_gemv(None, GEMV_MAX_M + 1, x, q, None, None)
@@ -286,6 +286,8 @@ def test_gemv_dispatch_and_launch_table():
     assert not _take_gemv(None, 1, x.T, q, None, None)         # K not unit-stride: tiled kernel
     with pytest.raises(ValueError, match="gemv=True"):
         _take_gemv(True, GEMV_MAX_M + 1, x, q, None, None)
+    monkeypatch.setenv("DSV3_FP8_GEMV", "0")                   # the A/B switch
+    assert not _take_gemv(None, 1, x, q, None, None) and _take_gemv(True, 1, x, q, None, None)
     # lite decode shapes on 132 SMs: enough programs to cover the GPU, each slice >= 2 K blocks
     for N, K in [(3072, 2048), (576, 2048), (2048, 2048), (10944, 2048), (2048, 10944), (1408, 2048)]:
         cfg = gemv_launch(1, N, K, 132)

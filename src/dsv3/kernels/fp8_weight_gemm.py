@@ -27,13 +27,15 @@ graph. The e4m3 -> bf16 conversion needs sm_89+ in Triton; the dispatchers fall 
 Decode-sized calls (M <= GEMV_MAX_M = 16 rows, unit K strides) go to the weight-streaming GEMV of fp8_gemv.py
 instead (`gemv=None`: by that bound; True/False force it; the keywords then set the GEMV's launch: block_n,
 num_warps, split_k = its K slices, ku = K blocks per loop step; block_m or num_stages, which only the tiled kernel
-has, select it). One entry point either way.
+has, select it; DSV3_FP8_GEMV=0 in the environment turns the GEMV off for an A/B). One entry point either way.
 
 `fp8_linear`, `fp8_grouped_linear`: Triton on CUDA when triton imports, else the reference
 (DSV3_FP8_GEMM=reference forces the reference).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -303,8 +305,9 @@ def fp8_grouped_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, offs
 
 def _take_gemv(gemv: bool | None, M: int, x: Tensor, weight: Tensor, block_m: int | None,
                num_stages: int | None) -> bool:
-    """gemv=None: the GEMV where it fits, unless a tiled-kernel-only keyword (block_m, num_stages) asks for that."""
-    if gemv is None and (block_m is not None or num_stages is not None):
+    """gemv=None: the GEMV where it fits, unless a tiled-kernel-only keyword (block_m, num_stages) or
+    DSV3_FP8_GEMV=0 asks for the tiled kernel."""
+    if gemv is None and (block_m is not None or num_stages is not None or os.environ.get("DSV3_FP8_GEMV") == "0"):
         return False
     fits = M <= GEMV_MAX_M and x.stride(1) == 1 and weight.stride(-1) == 1 and x.dtype in TRITON_DTYPES
     if gemv and not fits:
