@@ -43,7 +43,7 @@ SWEEP = [dict(block_n=bn, num_warps=w, num_stages=s) for bn, w, s in itertools.p
 DENSE_SWEEP = [dict(block_n=bn, num_warps=4, num_stages=s, split_k=k)
                for bn, s, k in itertools.product((16, 32, 64), (3, 5), (1, 2, 4, 8, 16))]
 GEMV_SWEEP = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=w)
-              for bn, ku, k, w in itertools.product((16, 32, 64), (1, 2, 4), (1, 2, 4, 8), (4,))]
+              for bn, ku, k, w in itertools.product((8, 16, 32, 64), (1, 2, 4, 8), (1, 2, 4, 8), (4,))]
 GEMV_M = (1, 4, 16)
 DRY = False     # --dry-run: CPU interpreter, tiny shapes, wall-clock of one call
 

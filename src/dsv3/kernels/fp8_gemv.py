@@ -17,12 +17,13 @@ Steps, one program per (BLOCK_N strip of W, K slice) [grouped: per (row, strip, 
      b. load that block's one scale, scale_inv[n0 // 128, kb];
      c. partial (BM, BLOCK_N) = x . W^T in fp32: broadcast multiply-add for BM <= 4 (CUDA cores: M is tiny, tensor
         cores would idle 3/4 of an MMA), tl.dot with bf16/fp16 operands for BM >= 8 (16 FMAs per weight byte would
-        bind the CUDA cores); acc += partial * scale;
+        bind the CUDA cores); acc += partial * scale. BM == 1 keeps the scaled products per lane (BLOCK_N, 128) and
+        reduces across lanes once after the loop, not once per block;
   2. one K slice: store acc in x's dtype. Several (too few strips to fill the GPU): each slice stores its fp32
-     plane of a (split, M, N) buffer and the planes are summed after the kernel in a fixed order: deterministic,
-     no atomics (the same second pass as fp8_weight_gemm's split-K).
+     plane of a (split, M, N) buffer and one small kernel sums the planes in a fixed order and casts: deterministic,
+     no atomics, one extra launch (graph node) per call.
 
-Launch table (`gemv_launch`), autotune-free: BLOCK_N, KU, split, warps by shape, default below; every entry can be
+Launch table (`gemv_launch`), autotune-free: BLOCK_N (8..128; 8 only for M <= 4), KU, split, warps by shape; each can be
 overridden per call (the bench sweeps them: benchmarks/fp8_weight_gemm_bench.py). Nothing depends on values on
 the host (grouped: the row -> expert map is built on the device), so calls capture in a CUDA graph.
 """
@@ -52,6 +53,7 @@ if HAS_TRITON:
         x_base = X + offs_m.to(tl.int64)[:, None] * stride_xm + cols[None, :]
         s_base = S + (n0 // 128) * stride_sn                 # BLOCK_N divides 128: one scale row per strip
         acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)   # BM == 1: products kept per lane, reduced once
         for kb in range(kb0, kb1, KU):
             for j in tl.static_range(KU):                    # 1. KU blocks' loads in flight together
                 k0 = (kb + j) * 128
@@ -66,9 +68,14 @@ if HAS_TRITON:
                     s = tl.load(s_base + kb + j, mask=kb + j < kb1, other=0.0)
                 if USE_DOT:                                  # 1c.
                     part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC)
+                    acc += part * s
+                elif BM == 1:
+                    acc3 += w.to(tl.float32) * (x.to(tl.float32) * s)
                 else:
                     part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-                acc += part * s
+                    acc += part * s
+        if not USE_DOT and BM == 1:
+            acc = tl.sum(acc3, axis=1)[None, :]
         return acc, offs_n
 
     @triton.jit
@@ -105,15 +112,29 @@ if HAS_TRITON:
             tl.store(y, acc.to(Y.dtype.element_ty), mask=offs_n[None, :] < N)
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _sum_planes_kernel(P, Y, NUMEL, SPLIT, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < NUMEL
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(SPLIT):                               # fixed order: deterministic
+            acc += tl.load(P + i * NUMEL + offs, mask=mask, other=0.0)
+        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
 def gemv_launch(M: int, N: int, K: int, sms: int, programs_per_row: int = 1) -> dict:
-    """The launch table: dict(block_n, ku, split, num_warps). Default (to be swept on the GPU, RESULTS.md issue
-    16): 32-row strips (16 when that leaves under ~4 strips per SM), 2 K blocks per loop step, and K slices until
-    ~4 programs per SM with at least 2 K blocks each. `programs_per_row`: the grouped form's rows x strips."""
+    """The launch table: dict(block_n, ku, split, num_warps). Default, until the GPU sweep replaces it (RESULTS.md
+    issue 16): 16-row strips (32 when that still gives >= 8 strips per SM), 4 K blocks per loop step (8 KB of a
+    16-row strip in flight per program), and K slices (each >= one step) until ~4 programs per SM.
+    `programs_per_row`: the grouped form's rows."""
     nkb = -(-K // BLOCK)
-    block_n = 32 if -(-N // 32) * programs_per_row >= 4 * sms else 16
+    ku = 4
+    block_n = 32 if -(-N // 32) * programs_per_row >= 8 * sms else 16
     strips = max(1, -(-N // block_n) * programs_per_row)
-    split = max(1, min(nkb // 2, -(-4 * sms // strips)))
-    return dict(block_n=block_n, ku=2, split=split, num_warps=4)
+    split = max(1, min(nkb // ku, -(-4 * sms // strips)))
+    return dict(block_n=block_n, ku=ku, split=split, num_warps=4)
 
 
 def _sms(device: torch.device) -> int:
@@ -124,8 +145,10 @@ def _resolve(M: int, N: int, K: int, device: torch.device, rows: int, over: dict
     """(launch config, K blocks per slice, slices, EVEN_K) for K >= 1."""
     cfg = gemv_launch(M, N, K, _sms(device), rows)
     cfg.update({k: v for k, v in over.items() if v is not None})
-    if cfg["block_n"] not in (16, 32, 64, 128) or cfg["ku"] < 1 or cfg["split"] < 1:
-        raise ValueError(f"fp8 GEMV launch: block_n in 16..128 dividing {BLOCK}, ku >= 1, split >= 1; got {cfg}")
+    if cfg["block_n"] not in (8, 16, 32, 64, 128) or (cfg["block_n"] < 16 and M > 4) or cfg["ku"] < 1 or \
+            cfg["split"] < 1:
+        raise ValueError(f"fp8 GEMV launch: block_n in 8..128 dividing {BLOCK} (8 only for M <= 4: tl.dot needs "
+                         f"16), ku >= 1, split >= 1; got {cfg}")
     nkb = -(-K // BLOCK)
     per = -(-nkb // min(cfg["split"], nkb))
     per = -(-per // cfg["ku"]) * cfg["ku"]                   # whole KU steps per slice
@@ -160,7 +183,7 @@ def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_n: int | Non
         x, weight, scale_inv, y, M, N, K, per, -(-K // BLOCK), x.stride(0), weight.stride(0), scale_inv.stride(0),
         y.stride(0), y.stride(1), BM=bm, BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=even, USE_DOT=use_dot,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"])
-    return y[0] if split == 1 else y.sum(0).to(x.dtype)
+    return _sum_planes(y, x.dtype)
 
 
 def fp8_grouped_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor, *, block_n: int | None = None,
@@ -186,4 +209,15 @@ def fp8_grouped_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor,
         x.stride(0), weight.stride(0), weight.stride(1), scale_inv.stride(0), scale_inv.stride(1),
         y.stride(0), y.stride(1), BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=even,
         num_warps=cfg["num_warps"])
-    return y[0] if split == 1 else y.sum(0).to(x.dtype)
+    return _sum_planes(y, x.dtype)
+
+
+def _sum_planes(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Step 2's second pass: the split planes summed in order and cast, in one launch (sum + cast would be two
+    graph nodes per GEMV, ~160 GEMVs per `lite` decode step)."""
+    if y.shape[0] == 1:
+        return y[0]
+    out = torch.empty(y.shape[1:], device=y.device, dtype=dtype)
+    n = out.numel()
+    _sum_planes_kernel[(triton.cdiv(n, 1024),)](y, out, n, y.shape[0], BLOCK=1024, num_warps=4)
+    return out
