@@ -137,7 +137,9 @@ def main() -> None:
         DRY, dev, dtype = True, "cpu", torch.float32   # the interpreter's bf16 tl.dot is not faithful
         DENSE = {"dense_odd": (200, 300), "dense_even": (128, 256)}
         EXPERTS = {"expert_odd": (136, 200)}
-        GEMV_SWEEP, DENSE_SWEEP, SWEEP = GEMV_SWEEP[:1], DENSE_SWEEP[:1], SWEEP[:1]
+        GEMV_SWEEP = [dict(gemv=True, block_n=16, ku=2, split_k=2, num_warps=4),   # block_n 8 fails at M=16
+                      dict(gemv=True, block_n=8, ku=1, split_k=1, num_warps=4)]
+        DENSE_SWEEP, SWEEP = DENSE_SWEEP[:1], SWEEP[:1]
     torch.manual_seed(0)
     rows = gemv_rows(dev, dtype)
     if args.only == "all" and not DRY:
