@@ -260,7 +260,7 @@ def _gemv_cases() -> dict:
                                 "gemv_m3_n48_k1024_split3_bn16": (3, 48, 1024, dict(split_k=3, block_n=16)),
                                 "gemv_m2_n40_k260_split9": (2, 40, 260, dict(split_k=9)),
                                 "gemv_m8_n130_k256_bn128": (8, 130, 256, dict(block_n=128, num_warps=8)),
-                                "gemv_m4_n50_k640_bn8_ku4_split2": (4, 50, 640, dict(block_n=8, ku=4, split_k=2))}.items():
+                                "gemv_m4_n50_k640_bn8_split2": (4, 50, 640, dict(block_n=8, ku=4, split_k=2))}.items():
         x, q, s = make_linear(M, N, K, seed=M + N + K + 1)
         errs[name] = _rel64(fp8_linear_triton(x, q, s, **kw), oracle_linear(x, q, s))
     x, q, s = make_linear(3, 72, 300, seed=8)
@@ -332,10 +332,13 @@ def test_triton_cuda_bf16(M, N, K):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("split_k", [1, 3, 56])
-def test_triton_cuda_split_k(split_k):
-    """Decode shapes pick split-K by themselves (M=1 above); here each count explicitly, fp32 for a tight bound."""
+@pytest.mark.parametrize("gemv", [False, True])
+def test_triton_cuda_split_k(split_k, gemv):
+    """Decode shapes pick split-K by themselves (M=1 above); here each count explicitly, for the tiled kernel and
+    the GEMV (M = 4 would take the GEMV by default), fp32 for a tight bound."""
     x, q, s = make_linear(4, 1000, 7168, seed=24, device="cuda")
-    assert_close_scaled(fp8_linear_triton(x, q, s, split_k=split_k), fp8_linear_reference(x, q, s), 1e-5)
+    out = fp8_linear_triton(x, q, s, split_k=split_k, gemv=gemv)
+    assert_close_scaled(out, fp8_linear_reference(x, q, s), 1e-5)
 
 
 @pytest.mark.gpu
