@@ -42,7 +42,7 @@ GEMV_MAX_M = 16
 if HAS_TRITON:
 
     @triton.jit
-    def _strip(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1, NKB,
+    def _strip(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1,
                stride_xm, stride_wn, stride_sn,
                BM: tl.constexpr, BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr,
                USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -87,7 +87,7 @@ if HAS_TRITON:
         mask_m = offs_m < M
         kb0 = tl.program_id(1) * KB_PER_SPLIT
         kb1 = tl.minimum(kb0 + KB_PER_SPLIT, NKB)
-        acc, offs_n = _strip(X, W, S, offs_m, mask_m, tl.program_id(0) * BLOCK_N, N, K, kb0, kb1, NKB,
+        acc, offs_n = _strip(X, W, S, offs_m, mask_m, tl.program_id(0) * BLOCK_N, N, K, kb0, kb1,
                              stride_xm, stride_wn, stride_sn, BM, BLOCK_N, KU, EVEN_K, USE_DOT, DOT_PREC)
         y = Y + tl.program_id(1).to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))    # 2.
@@ -108,7 +108,7 @@ if HAS_TRITON:
             g64 = g.to(tl.int64)                             # E * N * K overflows int32 for V3's experts
             acc, offs_n = _strip(X + r.to(tl.int64) * stride_xm, W + g64 * stride_we, S + g64 * stride_se,
                                  tl.arange(0, 1), tl.arange(0, 1) < 1, tl.program_id(1) * BLOCK_N, N, K, kb0, kb1,
-                                 NKB, 0, stride_wn, stride_sn, 1, BLOCK_N, KU, EVEN_K, False, "ieee")
+                                 0, stride_wn, stride_sn, 1, BLOCK_N, KU, EVEN_K, False, "ieee")
             tl.store(y, acc.to(Y.dtype.element_ty), mask=offs_n[None, :] < N)
 
 
