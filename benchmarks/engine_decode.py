@@ -41,7 +41,8 @@ from dsv3.infer.bench import _sync, bench_decode, bench_ttft, random_model
 _CATEGORIES = (   # kernel-name substrings -> the op categories (first match wins)
     ("attention (MLA decode)", ("mla", "flash", "attention", "sdpa")),
     ("expert GEMMs (fused MoE)", ("moe", "_gate_up_kernel", "_down_kernel")),
-    ("GEMMs", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "_mm_", "scaled_mm", "fp8_weight")),
+    ("GEMMs", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "matmul", "_mm_", "scaled_mm", "fp8_weight",
+                "gemv", "fp8_linear", "fp8_grouped")),
     ("routing (sort, top-k, scatter, index)", ("sort", "topk", "scan", "cumsum", "scatter", "gather", "index",
                                                "one_hot", "arange")),
     ("compiled fusions (inductor)", ("triton_",)),

@@ -21,6 +21,8 @@ from dsv3.kernels.fp8_weight_gemm import (
     fp8_linear_triton,
     grouped_tile_map,
 )
+from dsv3.kernels.fp8_gemv import GEMV_MAX_M, gemv_launch
+from dsv3.kernels.fp8_weight_gemm import _take_gemv
 
 
 def make_weight(N, K, g):
@@ -222,27 +224,86 @@ def _interpreter_cases() -> dict:
                                 "m3_split2": (3, 96, 300, dict(split_k=2)),
                                 "m2_split9": (2, 40, 260, dict(split_k=9))}.items():
         x, q, s = make_linear(M, N, K, seed=M + N + K)
-        errs[name] = _rel(fp8_linear_triton(x, q, s, **kw), fp8_linear_reference(x, q, s))
+        # M <= 16 would take the GEMV: gemv=False keeps the tiled kernel's decode-sized paths covered
+        errs[name] = _rel(fp8_linear_triton(x, q, s, gemv=False, **kw), fp8_linear_reference(x, q, s))
     x, q, s = make_linear(5, 72, 300, seed=8)
     wide = torch.randn(5, 320)
     wide[:, 10:310] = x  # x as a strided view (row stride 320)
-    errs["strided_x"] = _rel(fp8_linear_triton(wide[:, 10:310], q, s), fp8_linear_reference(x, q, s))
+    errs["strided_x"] = _rel(fp8_linear_triton(wide[:, 10:310], q, s, gemv=False), fp8_linear_reference(x, q, s))
+    errs.update(_gemv_cases())
     for name, (counts, M, kw) in {"mixed": ([3, 0, 1, 17, 0, 2], 27, {}),
                                   "mixed_bm32_bn128": ([3, 0, 1, 17, 0, 2], 27, dict(block_m=32, block_n=128)),
                                   "one_group": ([20], 20, {}), "all_empty": ([0, 0, 0], 5, {}),
                                   "m0": ([0, 0], 0, {})}.items():
         x, q, s, offs = make_grouped(counts, M, 136, 200, seed=9)
-        out = fp8_grouped_linear_triton(x, q, s, offs, **kw)
+        out = fp8_grouped_linear_triton(x, q, s, offs, gemv=False, **kw)
         errs["grouped_" + name] = _rel(out, fp8_grouped_linear_reference(x, q, s, offs))
         errs["grouped_" + name + "_tail"] = out[sum(counts):].abs().max().item() if M > sum(counts) else 0.0
     return errs
+
+
+def _rel64(out, ref64) -> float:
+    """max |out - float64 oracle| / max |oracle|."""
+    assert out.shape == ref64.shape, (out.shape, ref64.shape)
+    return ((out.double() - ref64).abs().max() / ref64.abs().max().clamp_min(1e-30)).item()
+
+
+def _gemv_cases() -> dict:
+    """The weight-streaming GEMV (through the one entry point, default dispatch and forced launches) against the
+    float64 oracle: M = 1, 3, 16 (16: the tl.dot path; <= 4: the broadcast path), N and K off the 128 grid,
+    K slices (several, one partial, more asked than K blocks), KU steps, even-K (no masks) and strided x."""
+    errs = {}
+    for name, (M, N, K, kw) in {"gemv_m1_n200_k300": (1, 200, 300, {}), "gemv_m3_n130_k257": (3, 130, 257, {}),
+                                "gemv_m16_n72_k384_ku3": (16, 72, 384, dict(ku=3)),
+                                "gemv_m16_n200_k300_split2": (16, 200, 300, dict(split_k=2)),
+                                "gemv_m1_n64_k512_split2_ku1": (1, 64, 512, dict(split_k=2, ku=1)),
+                                "gemv_m3_n48_k1024_split3_bn16": (3, 48, 1024, dict(split_k=3, block_n=16)),
+                                "gemv_m2_n40_k260_split9": (2, 40, 260, dict(split_k=9)),
+                                "gemv_m8_n130_k256_bn128": (8, 130, 256, dict(block_n=128, num_warps=8)),
+                                "gemv_m4_n50_k640_bn8_split2": (4, 50, 640, dict(block_n=8, ku=4, split_k=2))}.items():
+        x, q, s = make_linear(M, N, K, seed=M + N + K + 1)
+        errs[name] = _rel64(fp8_linear_triton(x, q, s, **kw), oracle_linear(x, q, s))
+    x, q, s = make_linear(3, 72, 300, seed=8)
+    wide = torch.randn(3, 320)
+    wide[:, 10:310] = x
+    errs["gemv_strided_x"] = _rel64(fp8_linear_triton(wide[:, 10:310], q, s, gemv=True), oracle_linear(x, q, s))
+    # grouped: a token's 6 experts of 8 (one row each: batch 1), shared experts + a row of no group, 16 rows split
+    for name, (counts, M, kw) in {"ggemv_batch1": ([1, 0, 1, 1, 1, 0, 1, 1], 6, {}),
+                                  "ggemv_mixed_tail": ([1, 0, 2, 3, 0], 7, dict(split_k=2)),
+                                  "ggemv_m16_ku1": ([4, 4, 8], 16, dict(ku=1, split_k=3)),
+                                  "ggemv_all_empty": ([0, 0], 3, {})}.items():
+        x, q, s, offs = make_grouped(counts, M, 136, 200, seed=10)
+        out = fp8_grouped_linear_triton(x, q, s, offs, **kw)
+        errs[name] = _rel64(out, oracle_grouped(x, q, s, offs)) if sum(counts) else 0.0
+        errs[name + "_tail"] = out[sum(counts):].abs().max().item() if M > sum(counts) else 0.0
+    return errs
+
+
+def test_gemv_dispatch_and_launch_table(monkeypatch):
+    x, q, _ = make_linear(GEMV_MAX_M, 64, 64, seed=11)
+    assert _take_gemv(None, GEMV_MAX_M, x, q, None, None)
+    assert not _take_gemv(None, GEMV_MAX_M + 1, x, q, None, None)
+    assert not _take_gemv(None, 1, x, q, 16, None) and not _take_gemv(None, 1, x, q, None, 3)  # tiled-only knobs
+    assert not _take_gemv(None, 1, x.T, q, None, None)         # K not unit-stride: tiled kernel
+    with pytest.raises(ValueError, match="block_n"):             # tl.dot needs 16 columns
+        fp8_linear_triton(x, q, torch.ones(1, 1), gemv=True, block_n=8)
+    with pytest.raises(ValueError, match="gemv=True"):
+        _take_gemv(True, GEMV_MAX_M + 1, x, q, None, None)
+    monkeypatch.setenv("DSV3_FP8_GEMV", "0")                   # the A/B switch
+    assert not _take_gemv(None, 1, x, q, None, None) and _take_gemv(True, 1, x, q, None, None)
+    # lite decode shapes on 132 SMs: ~4 programs per SM unless K runs out of slices
+    for N, K in [(3072, 2048), (576, 2048), (2048, 2048), (10944, 2048), (2048, 10944), (1408, 2048)]:
+        cfg = gemv_launch(1, N, K, 132)
+        most = max(1, -(-K // 128) // cfg["ku"])                  # each slice >= one KU step
+        assert -(-N // cfg["block_n"]) * cfg["split"] >= 4 * 132 or cfg["split"] == most, (N, K, cfg)
+        assert 1 <= cfg["split"] <= most and 128 % cfg["block_n"] == 0
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_fp8_weight_gemm")
-    assert len(errs) == 17, errs
+    assert len(errs) == 17 + 18, errs
     for name, err in errs.items():
         assert err < 1e-5, (name, errs)
 
@@ -271,10 +332,13 @@ def test_triton_cuda_bf16(M, N, K):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("split_k", [1, 3, 56])
-def test_triton_cuda_split_k(split_k):
-    """Decode shapes pick split-K by themselves (M=1 above); here each count explicitly, fp32 for a tight bound."""
+@pytest.mark.parametrize("gemv", [False, True])
+def test_triton_cuda_split_k(split_k, gemv):
+    """Decode shapes pick split-K by themselves (M=1 above); here each count explicitly, for the tiled kernel and
+    the GEMV (M = 4 would take the GEMV by default), fp32 for a tight bound."""
     x, q, s = make_linear(4, 1000, 7168, seed=24, device="cuda")
-    assert_close_scaled(fp8_linear_triton(x, q, s, split_k=split_k), fp8_linear_reference(x, q, s), 1e-5)
+    out = fp8_linear_triton(x, q, s, split_k=split_k, gemv=gemv)
+    assert_close_scaled(out, fp8_linear_reference(x, q, s), 1e-5)
 
 
 @pytest.mark.gpu
@@ -308,3 +372,31 @@ def test_triton_cuda_grouped_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert_close_scaled(out, fp8_grouped_linear_reference(x, q, s, offs), 1.6e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("N,K", [(3072, 2048), (576, 2048), (2048, 10944), (200, 300)])
+def test_gemv_cuda_bf16(M, N, K):
+    """The weight-streaming GEMV at `lite` decode shapes (the default dispatch for M <= 16) vs float64."""
+    x, q, s = make_linear(M, N, K, dtype=torch.bfloat16, seed=25, device="cuda")
+    assert_close_scaled(fp8_linear_triton(x, q, s), oracle_linear(x, q, s), 1.6e-2)
+    assert_close_scaled(fp8_linear_triton(x.float(), q, s), oracle_linear(x, q, s), 1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_grouped_gemv_cuda_graph_capture():
+    """A token's 6 experts in one GEMV launch, captured in a CUDA graph and replayed with other experts."""
+    x, q, s, offs = make_grouped([1, 0, 1, 1, 0, 1, 1, 1], 6, 1408, 2048, dtype=torch.bfloat16, seed=26,
+                                 device="cuda")
+    fp8_grouped_linear_triton(x, q, s, offs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_grouped_linear_triton(x, q, s, offs)
+    offs.copy_(torch.tensor([0, 1, 2, 2, 3, 4, 5, 6], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_scaled(out, oracle_grouped(x, q, s, offs), 1.6e-2)

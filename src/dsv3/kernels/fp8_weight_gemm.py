@@ -24,15 +24,23 @@ device (per-group tile counts, cumsum, searchsorted) over an upper bound of cdiv
 past the real tile count return at once. Nothing depends on offs' values on the host, so it captures in a CUDA
 graph. The e4m3 -> bf16 conversion needs sm_89+ in Triton; the dispatchers fall back to the reference below that.
 
+Decode-sized calls (M <= GEMV_MAX_M = 16 rows, unit K strides) go to the weight-streaming GEMV of fp8_gemv.py
+instead (`gemv=None`: by that bound; True/False force it; the keywords then set the GEMV's launch: block_n,
+num_warps, split_k = its K slices, ku = K blocks per loop step; block_m or num_stages, which only the tiled kernel
+has, select it; DSV3_FP8_GEMV=0 in the environment turns the GEMV off for an A/B). One entry point either way.
+
 `fp8_linear`, `fp8_grouped_linear`: Triton on CUDA when triton imports, else the reference
 (DSV3_FP8_GEMM=reference forces the reference).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
+from .fp8_gemv import GEMV_MAX_M, fp8_gemv, fp8_grouped_gemv
 from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, need_triton, tl, triton, use_triton
 
 __all__ = ["HAS_TRITON", "fp8_linear", "fp8_linear_reference", "fp8_linear_triton", "fp8_grouped_linear",
@@ -230,11 +238,15 @@ def _split_k(M: int, N: int, K: int, cfg: dict, device: torch.device) -> int:
 
 def fp8_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_m: int | None = None,
                       block_n: int | None = None, num_warps: int | None = None,
-                      num_stages: int | None = None, split_k: int | None = None) -> Tensor:
+                      num_stages: int | None = None, split_k: int | None = None, gemv: bool | None = None,
+                      ku: int | None = None) -> Tensor:
     """Weight-only FP8 linear through Triton (same contract as `fp8_linear_reference`); the keyword-only arguments
-    override the default launch configuration (split_k: K slices summed in fp32 after the kernel; None = by shape)."""
+    override the default launch configuration (split_k: K slices summed in fp32 after the kernel; None = by shape;
+    gemv: module docstring)."""
     need_triton("fp8_linear_triton")
     M, N, K = _check_common(x, weight, scale_inv, grouped=False)
+    if _take_gemv(gemv, M, x, weight, block_m, num_stages):
+        return fp8_gemv(x, weight, scale_inv, block_n=block_n, ku=ku, split=split_k, num_warps=num_warps)
     cfg = _config(M, x.dtype, block_m, block_n)
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
@@ -259,13 +271,18 @@ def fp8_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_m: 
 
 def fp8_grouped_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor, *,
                               block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                              num_stages: int | None = None) -> Tensor:
+                              num_stages: int | None = None, split_k: int | None = None, gemv: bool | None = None,
+                              ku: int | None = None) -> Tensor:
     """Grouped weight-only FP8 linear through Triton (same contract as `fp8_grouped_linear_reference`, except that
-    offs is not validated: that would need its values on the host). Graph-capturable."""
+    offs is not validated: that would need its values on the host). Graph-capturable. split_k and ku apply to the
+    GEMV only (module docstring)."""
     need_triton("fp8_grouped_linear_triton")
     M, N, K = _check_common(x, weight, scale_inv, grouped=True)
     E = weight.shape[0]
     _check_offs(offs, E, x)
+    if _take_gemv(gemv, M, x, weight, block_m, num_stages):
+        return fp8_grouped_gemv(x, weight, scale_inv, offs, block_n=block_n, ku=ku, split=split_k,
+                                num_warps=num_warps)
     # row tiles never span two groups: size them for the mean group (a shape, not offs' values: no sync)
     cfg = _config(-(-M // max(E, 1)), x.dtype, block_m, block_n, grouped=True)
     # rows past offs[-1] are never written by a tile
@@ -284,6 +301,19 @@ def fp8_grouped_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, offs
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out
+
+
+def _take_gemv(gemv: bool | None, M: int, x: Tensor, weight: Tensor, block_m: int | None,
+               num_stages: int | None) -> bool:
+    """gemv=None: the GEMV where it fits, unless a tiled-kernel-only keyword (block_m, num_stages) or
+    DSV3_FP8_GEMV=0 asks for the tiled kernel."""
+    if gemv is None and (block_m is not None or num_stages is not None or os.environ.get("DSV3_FP8_GEMV") == "0"):
+        return False
+    fits = M <= GEMV_MAX_M and x.stride(1) == 1 and weight.stride(-1) == 1 and x.dtype in TRITON_DTYPES
+    if gemv and not fits:
+        raise ValueError(f"gemv=True needs M <= {GEMV_MAX_M} rows and unit K strides, got x {tuple(x.shape)} "
+                         f"stride {x.stride()}, weight stride {weight.stride()}")
+    return fits if gemv is None else gemv
 
 
 def _use_triton(x: Tensor) -> bool:

@@ -1,0 +1,223 @@
+"""Weight-streaming FP8 GEMV for decode (M <= GEMV_MAX_M rows): y (M, N) = x (M, K) @ dequant(W (N, K) e4m3).T.
+
+Why: at batch 1 a projection is bound by reading W once. The tiled GEMM in fp8_weight_gemm.py (tiles sized for
+M >= 16) read 0.19-1.93 TB/s at M = 1 on `lite`'s shapes, below bf16 cuBLAS (benchmarks/RESULTS.md, issue 16).
+As in gpt-fast's int8/int4 and vLLM's/SGLang's weight-only decode GEMVs, the whole job is to keep enough weight
+bytes in flight: many programs, each streaming a narrow strip of W with wide contiguous loads and no masks on K.
+
+Same weight format and contract as `fp8_linear_reference` (one fp32 multiplier per 128x128 block, spec "FP8
+block weights"); the scale is constant over each 128-long K slice of a BLOCK_N strip (BLOCK_N divides 128), so
+
+    y[m, n] = sum_kb scale_inv[n // 128, kb] * sum_{k in kb} x[m, k] * float(W[n, k])
+
+Steps, one program per (BLOCK_N strip of W, K slice) [grouped: per (row, strip, K slice), W = the row's expert]:
+  1. for each group of KU consecutive 128-column blocks of its K slice (KU loads issued together):
+     a. load the strip's e4m3 codes W[n0:n0+BLOCK_N, 128 columns] (rows past N re-read row n % N: no mask;
+        K masked only when K or the slice is ragged: EVEN_K), and the same 128 columns of x's M rows;
+     b. load that block's one scale, scale_inv[n0 // 128, kb];
+     c. partial (BM, BLOCK_N) = x . W^T in fp32: broadcast multiply-add for BM <= 4 (CUDA cores: M is tiny, tensor
+        cores would idle 3/4 of an MMA), tl.dot with bf16/fp16 operands for BM >= 8 (16 FMAs per weight byte would
+        bind the CUDA cores); acc += partial * scale. BM == 1 keeps the scaled products per lane (BLOCK_N, 128) and
+        reduces across lanes once after the loop, not once per block;
+  2. one K slice: store acc in x's dtype. Several (too few strips to fill the GPU): each slice stores its fp32
+     plane of a (split, M, N) buffer and one small kernel sums the planes in a fixed order and casts: deterministic,
+     no atomics, one extra launch (graph node) per call.
+
+Launch table (`gemv_launch`), autotune-free: BLOCK_N (8..128; 8 only for M <= 4), KU, split, warps by shape; each can be
+overridden per call (the bench sweeps them: benchmarks/fp8_weight_gemm_bench.py). Nothing depends on values on
+the host (grouped: the row -> expert map is built on the device), so calls capture in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, tl, triton
+
+__all__ = ["GEMV_MAX_M", "fp8_gemv", "fp8_grouped_gemv", "gemv_launch"]
+
+GEMV_MAX_M = 16
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _strip(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1,
+               stride_xm, stride_wn, stride_sn,
+               BM: tl.constexpr, BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr,
+               USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        rows = offs_n % N                                    # 1a. past-N rows re-read a real row, never stored
+        cols = tl.arange(0, 128)
+        w_base = W + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+        x_base = X + offs_m.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+        s_base = S + (n0 // 128) * stride_sn                 # BLOCK_N divides 128: one scale row per strip
+        acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)   # BM == 1: products kept per lane, reduced once
+        for kb in range(kb0, kb1, KU):
+            for j in tl.static_range(KU):                    # 1. KU blocks' loads in flight together
+                k0 = (kb + j) * 128
+                if EVEN_K:
+                    w = tl.load(w_base + k0)
+                    x = tl.load(x_base + k0, mask=mask_m[:, None], other=0.0)
+                    s = tl.load(s_base + kb + j)             # 1b.
+                else:
+                    kmask = (k0 + cols < K) & (kb + j < kb1)
+                    w = tl.load(w_base + k0, mask=kmask[None, :], other=0.0)
+                    x = tl.load(x_base + k0, mask=mask_m[:, None] & kmask[None, :], other=0.0)
+                    s = tl.load(s_base + kb + j, mask=kb + j < kb1, other=0.0)
+                if USE_DOT:                                  # 1c.
+                    part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC)
+                    acc += part * s
+                elif BM == 1:
+                    acc3 += w.to(tl.float32) * (x.to(tl.float32) * s)
+                else:
+                    part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                    acc += part * s
+        if not USE_DOT and BM == 1:
+            acc = tl.sum(acc3, axis=1)[None, :]
+        return acc, offs_n
+
+    @triton.jit
+    def _fp8_gemv_kernel(X, W, S, Y, M, N, K, KB_PER_SPLIT, NKB,
+                         stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
+                         BM: tl.constexpr, BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr,
+                         USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+        offs_m = tl.arange(0, BM)
+        mask_m = offs_m < M
+        kb0 = tl.program_id(1) * KB_PER_SPLIT
+        kb1 = tl.minimum(kb0 + KB_PER_SPLIT, NKB)
+        acc, offs_n = _strip(X, W, S, offs_m, mask_m, tl.program_id(0) * BLOCK_N, N, K, kb0, kb1,
+                             stride_xm, stride_wn, stride_sn, BM, BLOCK_N, KU, EVEN_K, USE_DOT, DOT_PREC)
+        y = Y + tl.program_id(1).to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))    # 2.
+
+    @triton.jit
+    def _fp8_grouped_gemv_kernel(X, W, S, Y, ROW_GROUP, M, N, K, E, KB_PER_SPLIT, NKB,
+                                 stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ys, stride_ym,
+                                 BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr):
+        r = tl.program_id(0)
+        g = tl.load(ROW_GROUP + r)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        y = Y + tl.program_id(2).to(tl.int64) * stride_ys + r.to(tl.int64) * stride_ym + offs_n[None, :]
+        if g >= E:                                           # a row of no group: zeros
+            tl.store(y, tl.zeros([1, BLOCK_N], dtype=Y.dtype.element_ty), mask=offs_n[None, :] < N)
+        else:
+            kb0 = tl.program_id(2) * KB_PER_SPLIT
+            kb1 = tl.minimum(kb0 + KB_PER_SPLIT, NKB)
+            g64 = g.to(tl.int64)                             # E * N * K overflows int32 for V3's experts
+            acc, offs_n = _strip(X + r.to(tl.int64) * stride_xm, W + g64 * stride_we, S + g64 * stride_se,
+                                 tl.arange(0, 1), tl.arange(0, 1) < 1, tl.program_id(1) * BLOCK_N, N, K, kb0, kb1,
+                                 0, stride_wn, stride_sn, 1, BLOCK_N, KU, EVEN_K, False, "ieee")
+            tl.store(y, acc.to(Y.dtype.element_ty), mask=offs_n[None, :] < N)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sum_planes_kernel(P, Y, NUMEL, SPLIT, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < NUMEL
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(SPLIT):                               # fixed order: deterministic
+            acc += tl.load(P + i * NUMEL + offs, mask=mask, other=0.0)
+        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+def gemv_launch(M: int, N: int, K: int, sms: int, programs_per_row: int = 1) -> dict:
+    """The launch table: dict(block_n, ku, split, num_warps). Default, until the GPU sweep replaces it (RESULTS.md
+    issue 16): 16-row strips (32 when that still gives >= 8 strips per SM), 4 K blocks per loop step (8 KB of a
+    16-row strip in flight per program), and K slices (each >= one step) until ~4 programs per SM.
+    `programs_per_row`: the grouped form's rows."""
+    nkb = -(-K // BLOCK)
+    ku = 4
+    block_n = 32 if -(-N // 32) * programs_per_row >= 8 * sms else 16
+    strips = max(1, -(-N // block_n) * programs_per_row)
+    split = max(1, min(nkb // ku, -(-4 * sms // strips)))
+    return dict(block_n=block_n, ku=ku, split=split, num_warps=4)
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _resolve(M: int, N: int, K: int, device: torch.device, rows: int, over: dict) -> tuple[dict, int, int, bool]:
+    """(launch config, K blocks per slice, slices, EVEN_K) for K >= 1."""
+    cfg = gemv_launch(M, N, K, _sms(device), rows)
+    cfg.update({k: v for k, v in over.items() if v is not None})
+    if cfg["block_n"] not in (8, 16, 32, 64, 128) or (cfg["block_n"] < 16 and M > 4) or cfg["ku"] < 1 or \
+            cfg["split"] < 1:
+        raise ValueError(f"fp8 GEMV launch: block_n in 8..128 dividing {BLOCK} (8 only for M <= 4: tl.dot needs "
+                         f"16), ku >= 1, split >= 1; got {cfg}")
+    nkb = -(-K // BLOCK)
+    per = -(-nkb // min(cfg["split"], nkb))
+    per = -(-per // cfg["ku"]) * cfg["ku"]                   # whole KU steps per slice
+    split = -(-nkb // per)                                   # no empty slice
+    even = K % BLOCK == 0 and nkb % per == 0
+    return cfg, per, split, even
+
+
+def _out(split: int, M: int, N: int, x: Tensor) -> Tensor:
+    return torch.empty(split, M, N, device=x.device, dtype=x.dtype if split == 1 else torch.float32)
+
+
+def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_n: int | None = None, ku: int | None = None,
+             split: int | None = None, num_warps: int | None = None) -> Tensor:
+    """x (M <= GEMV_MAX_M, K) @ dequant(weight (N, K), scale_inv).T -> (M, N) in x's dtype; inputs as
+    fp8_weight_gemm's `_check_common` validated them. Keywords override the launch table."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if M > GEMV_MAX_M or x.dtype not in TRITON_DTYPES or weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"fp8_gemv takes M <= {GEMV_MAX_M} rows in {TRITON_DTYPES} with unit K stride, got "
+                         f"x {tuple(x.shape)} {x.dtype} stride {x.stride()}, weight stride {weight.stride()}")
+    if M == 0 or N == 0 or K == 0:
+        return torch.zeros(M, N, device=x.device, dtype=x.dtype)
+    cfg, per, split, even = _resolve(M, N, K, x.device, 1, dict(block_n=block_n, ku=ku, split=split,
+                                                                num_warps=num_warps))
+    y = _out(split, M, N, x)
+    bm = max(triton.next_power_of_2(M), 1)
+    use_dot = bm >= 8
+    bm = 16 if use_dot else bm                               # tl.dot's smallest M
+    scale_inv = scale_inv.float()
+    _fp8_gemv_kernel[(triton.cdiv(N, cfg["block_n"]), split)](
+        x, weight, scale_inv, y, M, N, K, per, -(-K // BLOCK), x.stride(0), weight.stride(0), scale_inv.stride(0),
+        y.stride(0), y.stride(1), BM=bm, BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=even, USE_DOT=use_dot,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"])
+    return _sum_planes(y, x.dtype)
+
+
+def fp8_grouped_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor, *, block_n: int | None = None,
+                     ku: int | None = None, split: int | None = None, num_warps: int | None = None) -> Tensor:
+    """Grouped form (MoE decode: the 6 selected experts of a token in one launch): row r of x (M <= GEMV_MAX_M)
+    times dequant(weight[e]).T for the group e that owns it per `offs` (cumulative row ends); rows of no group are
+    zeros. One program per (row, strip, K slice): rows of one expert re-read its strip through L2."""
+    M, K = x.shape
+    E, N, _ = weight.shape
+    if M > GEMV_MAX_M or x.dtype not in TRITON_DTYPES or weight.stride(2) != 1 or x.stride(1) != 1:
+        raise ValueError(f"fp8_grouped_gemv takes M <= {GEMV_MAX_M} rows in {TRITON_DTYPES} with unit K stride, "
+                         f"got x {tuple(x.shape)} {x.dtype} stride {x.stride()}, weight stride {weight.stride()}")
+    if M == 0 or N == 0 or K == 0 or E == 0:
+        return torch.zeros(M, N, device=x.device, dtype=x.dtype)
+    cfg, per, split, even = _resolve(M, N, K, x.device, M, dict(block_n=block_n, ku=ku, split=split,
+                                                                num_warps=num_warps))
+    y = _out(split, M, N, x)
+    # row -> group on the device (no host sync): the first e with offs[e] > r; E past the last group
+    row_group = torch.searchsorted(offs.to(torch.int64), torch.arange(M, device=x.device), right=True)
+    scale_inv = scale_inv.float()
+    _fp8_grouped_gemv_kernel[(M, triton.cdiv(N, cfg["block_n"]), split)](
+        x, weight, scale_inv, y, row_group.to(torch.int32), M, N, K, E, per, -(-K // BLOCK),
+        x.stride(0), weight.stride(0), weight.stride(1), scale_inv.stride(0), scale_inv.stride(1),
+        y.stride(0), y.stride(1), BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=even,
+        num_warps=cfg["num_warps"])
+    return _sum_planes(y, x.dtype)
+
+
+def _sum_planes(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Step 2's second pass: the split planes summed in order and cast, in one launch (sum + cast would be two
+    graph nodes per GEMV, ~160 GEMVs per `lite` decode step)."""
+    if y.shape[0] == 1:
+        return y[0]
+    out = torch.empty(y.shape[1:], device=y.device, dtype=dtype)
+    n = out.numel()
+    _sum_planes_kernel[(triton.cdiv(n, 1024),)](y, out, n, y.shape[0], BLOCK=1024, num_warps=4)
+    return out
