@@ -44,6 +44,10 @@ def saved_bytes_per_layer(model: Transformer, ids: torch.Tensor) -> dict[str, in
     params |= {t.untyped_storage().data_ptr() for m in model.modules() if getattr(m, "fp8_cache", None) is not None
                for group in m.fp8_cache for t in group}
     seen: set[int] = set()
+    # held until the count is done: a storage freed during the forward (a saved tensor of a subgraph that is dropped,
+    # e.g. under the router's topk) would otherwise hand its address to a later one, which then went uncounted, and
+    # the count depended on the allocator's history (the test of this count failed after other test files)
+    held: list[torch.Tensor] = []
     per_layer: dict[str, int] = {}
     where = ["embed"]
 
@@ -51,6 +55,7 @@ def saved_bytes_per_layer(model: Transformer, ids: torch.Tensor) -> dict[str, in
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params and ptr not in seen:
             seen.add(ptr)
+            held.append(t)
             per_layer[where[0]] = per_layer.get(where[0], 0) + t.untyped_storage().nbytes()
         return t
 
