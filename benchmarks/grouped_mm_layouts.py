@@ -24,7 +24,9 @@ import triton.testing
 
 def offsets(M: int, E: int, skew: float, gen: torch.Generator) -> torch.Tensor:
     w = torch.rand(E, generator=gen) ** skew          # skew 0: uniform; 3: a few hot experts
-    counts = (w / w.sum() * M).floor().long()
+    # multiples of 16 rows: a contiguous copy of dy.t() / x.t() puts the groups on the 16-byte-aligned dimension
+    # (CUTLASS asserts otherwise, and the assert poisons the CUDA context for every later variant)
+    counts = (w / w.sum() * M / 16).floor().long() * 16
     counts[0] += M - counts.sum()
     return counts.cumsum(0).to(torch.int32).cuda()
 
