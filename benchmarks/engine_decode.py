@@ -120,12 +120,15 @@ MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused
          "overlap": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on")}
 
 
-def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, **engine_kw) -> dict:
+def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, count: int = 6, **engine_kw) -> dict:
     """The engine's own host work per decode step: Engine.step() minus the model's forward and head (timed with a
     device sync around each, so on CUDA this is not the overlapped run). What the overlap schedule hides behind the
-    device on the GPU; measurable on the CPU (`--host-ms`, with the padded buckets)."""
+    device on the GPU; measurable on the CPU (`--host-ms`, with the padded buckets). With num_speculative_tokens in
+    engine_kw, per speculative step (the MTP module and the fused step's body count as model time). Then
+    `count_step_work` over `count` more steps (ops outside the graph bodies, replays, device -> host reads)."""
     cfg = model.config
-    engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=1,
+    k = engine_kw.get("num_speculative_tokens", 0)
+    engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=1, speculative_max_batch=batch,
                                                max_num_batched_tokens=max(2048, batch * prompt),
                                                **{k: v for k, v in engine_kw.items() if k != "padded"}))
     if engine_kw.get("padded") and engine.runner.graphs is None:
@@ -133,7 +136,7 @@ def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, **engine_k
     g = torch.Generator().manual_seed(0)
     for _ in range(batch):
         engine.add_request(torch.randint(10, cfg.vocab_size, (prompt,), generator=g).tolist(),
-                           SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
+                           SamplingParams(temperature=0.0, max_tokens=(steps + count + 8) * (k + 1), ignore_eos=True))
     for _ in range(4):     # prefill, graph capture
         engine.step()
     runner, model_s, device = engine.runner, [0.0], str(next(model.parameters()).device)
@@ -147,13 +150,70 @@ def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, **engine_k
             model_s[0] += time.perf_counter() - t
             return out
         return call
-    runner.forward, runner.logits = timed(runner.forward), timed(runner.logits)
+    names = [n for n in ("forward", "logits", "mtp_forward", "spec_step") if hasattr(runner, n)]
+    for n in names:
+        setattr(runner, n, timed(getattr(runner, n)))
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     wall = time.perf_counter() - t0
-    del runner.forward, runner.logits
-    return dict(host_ms=(wall - model_s[0]) / steps * 1e3, model_ms=model_s[0] / steps * 1e3)
+    for n in names:
+        delattr(runner, n)
+    work = count_step_work(engine, count)
+    return dict(host_ms=(wall - model_s[0]) / steps * 1e3, model_ms=model_s[0] / steps * 1e3, **work)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """ATen ops dispatched while `on` (the engine's own, outside the graph bodies)."""
+    def __init__(self):
+        super().__init__()
+        self.on, self.ops = True, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += self.on
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_work(engine, steps: int) -> dict:
+    """Per `engine.step()` (the engine warmed up, requests decoding): ATen ops run outside the decode graphs' bodies
+    (on the GPU each is a kernel launch or host op of its own, besides the replays), runs of graph bodies (replays on
+    the GPU), and device -> host reads (`.tolist()` / `.item()` / `.cpu()`: each a stream sync on the GPU; a
+    `torch.tensor(..., device=cuda)` from pageable memory is one more, not seen here: none is left on the step's
+    path). On the CPU with padded buckets (capture=False) this is what the GPU step launches around its replays."""
+    counter, reads, replays = _OpCounter(), [0], [0]
+    runner = engine.runner
+    bodies = [g for g in (runner.graphs, runner.mtp_graphs, getattr(runner, "spec_graphs", None)) if g is not None]
+
+    def quiet(fn):
+        def call(*args, **kwargs):
+            replays[0] += 1
+            counter.on = False
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.on = True
+        return call
+
+    def reading(fn):
+        def call(self, *args, **kwargs):
+            reads[0] += counter.on
+            return fn(self, *args, **kwargs)
+        return call
+    originals = {n: getattr(torch.Tensor, n) for n in ("tolist", "item", "cpu")}
+    for g in bodies:
+        g._body = quiet(g._body)
+    for n, f in originals.items():
+        setattr(torch.Tensor, n, reading(f))
+    try:
+        with counter:
+            for _ in range(steps):
+                engine.step()
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+        for g in bodies:
+            del g._body
+    return dict(ops=counter.ops / steps, replays=replays[0] / steps, reads=reads[0] / steps)
 
 
 def main() -> None:
