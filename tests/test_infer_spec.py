@@ -35,23 +35,22 @@ def prompts(lengths, vocab, seed=0):
     return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def run(model, ps, params, fused: bool, padded: bool, arrivals: bool = False, **cfg) -> tuple[list, list]:
-    """Outputs and the per-step (steps, accepted) trace; with `arrivals`, request i > 0 is added after step i."""
+def run(model, ps, params, fused: bool, padded: bool, arrive: list[int] | None = None, **cfg) -> tuple[list, list]:
+    """Outputs and the per-step (steps, accepted) trace; with `arrive`, request i is added after step arrive[i]."""
     config = dict(block_size=4, num_blocks=64, max_num_seqs=8, speculative_max_batch=8) | cfg
     engine = Engine(model, config=EngineConfig(speculative_fused=fused, **config))
     if padded:
         engine.use_decode_graphs(capture=False)
     params = params if isinstance(params, list) else [params] * len(ps)
-    ids = [engine.add_request(p, sp) for p, sp in zip(ps[:1 if arrivals else len(ps)], params)]
-    final, trace, step = {}, [], 0
-    while engine.has_unfinished():
+    arrive = arrive or [0] * len(ps)
+    ids, final, trace, step = [], {}, [], 0
+    while engine.has_unfinished() or len(ids) < len(ps):
+        ids += [engine.add_request(ps[i], params[i]) for i in range(len(ps)) if arrive[i] == step]
         step += 1
         for o in engine.step():
             if o.finished:
                 final[o.request_id] = o
         trace.append((engine.spec_stats["steps"], engine.spec_stats["accepted"]))
-        if arrivals and step < len(ps):
-            ids.append(engine.add_request(ps[step], params[step]))
     b = engine.blocks
     assert b.num_free_blocks == b.num_blocks and not any(b.ref_count)
     return [final[i] for i in ids], trace, engine
@@ -73,32 +72,55 @@ def test_fused_step_equals_the_synchronous_path_and_plain_greedy(easy, k, padded
         assert 4 * (k + 1) in {b for b, _ in engine.runner.spec_graphs.buckets}
 
 
-def test_mixed_batches_arrivals_preemption_stop_ids_and_a_sampled_request(model, easy):
-    """Requests arriving one per step (their prefill steps make the others' drafts stale: drafted again), a cache too
-    small for all (preemption), a stop id; then a seeded sampled request in a greedy batch (the batch takes the
-    synchronous path, which re-runs the MTP module's last position from the fused step's hidden state). Fused and
-    synchronous engines agree token for token and step for step; greedy tokens are the reference's."""
-    ps = prompts([3, 7, 4, 11, 6], 8, seed=2)
+def test_mixed_batches_arrivals_preemption_stop_ids_and_a_sampled_request(model):
+    """Requests arriving while others decode (their prefill steps make the others' drafts stale: drafted again,
+    re-running the MTP module's last position from the fused step's hidden state), a cache too small for all
+    (preemption), a stop id; then a seeded sampled request joining a greedy batch after fused steps (the batch takes
+    the synchronous path). Fused and synchronous engines agree token for token and step for step; greedy tokens are
+    the reference's."""
+    ps = prompts([3, 7, 4, 11, 6], 96, seed=2)
     greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    arrive = [0, 1, 4, 6, 7]
     for cfg in (dict(), dict(num_blocks=12, max_num_seqs=4)):
         for k in (1, 2):
-            a, trace_a, _ = run(easy, ps, greedy, fused=True, padded=True, arrivals=True, num_speculative_tokens=k,
+            a, trace_a, _ = run(model, ps, greedy, fused=True, padded=True, arrive=arrive, num_speculative_tokens=k,
                                 **cfg)
-            b, trace_b, engine = run(easy, ps, greedy, fused=False, padded=True, arrivals=True,
+            b, trace_b, engine = run(model, ps, greedy, fused=False, padded=True, arrive=arrive,
                                      num_speculative_tokens=k, **cfg)
-            assert [o.token_ids for o in a] == [o.token_ids for o in b] == [reference_greedy(easy, p, 16) for p in ps]
+            assert [o.token_ids for o in a] == [o.token_ids for o in b] == [reference_greedy(model, p, 16) for p in ps]
             assert trace_a == trace_b and trace_a[-1][1] > 0
     assert engine.scheduler.num_preemptions > 0
-    want = reference_greedy(easy, ps[1], 16)
+    want = reference_greedy(model, ps[1], 16)
     stop = SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[want[5]], ignore_eos=True)
     sampled = SamplingParams(temperature=0.8, top_k=5, max_tokens=10, seed=7, ignore_eos=True)
     mix = [greedy, stop, greedy, sampled, greedy]
-    a, trace_a, _ = run(easy, ps, mix, fused=True, padded=False, arrivals=True, num_speculative_tokens=2)
-    b, trace_b, _ = run(easy, ps, mix, fused=False, padded=False, arrivals=True, num_speculative_tokens=2)
+    a, trace_a, _ = run(model, ps, mix, fused=True, padded=False, arrive=arrive, num_speculative_tokens=2)
+    b, trace_b, _ = run(model, ps, mix, fused=False, padded=False, arrive=arrive, num_speculative_tokens=2)
     assert [o.token_ids for o in a] == [o.token_ids for o in b] and trace_a == trace_b
     assert a[1].finish_reason == "stop" and a[1].token_ids == want[:want.index(want[5]) + 1]
     for i in (0, 2, 4):
-        assert a[i].token_ids == reference_greedy(easy, ps[i], 16)
+        assert a[i].token_ids == reference_greedy(model, ps[i], 16)
+
+
+def test_drafting_again_after_a_plain_step_rewrites_the_mtp_latents_unchanged(model):
+    """After a fused step the MTP module's last accepted position L'-1 is handed to the synchronous catch-up with the
+    main model's hidden state there (the fused step's second output): a plain step in between (a new request's
+    prefill) and the catch-up that follows rewrite that position's MTP latents with the same values."""
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64, num_speculative_tokens=1))
+    engine.add_request(prompts([6], 96)[0], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    (seq,) = engine.scheduler.running
+    assert seq.spec_next is not None and seq.spec_next[2] == seq.num_cached_tokens    # a fused step drafted
+    cache, layer = engine.cache, model.config.num_hidden_layers
+    slot = cache.slot(seq.block_table, seq.num_cached_tokens - 1)
+    saved = cache.c_kv[layer].flatten(0, 1)[slot].clone()
+    engine.add_request(prompts([5], 96, seed=1)[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    steps = engine.spec_stats["steps"]
+    engine.step()                                   # prefill + seq's plain decode row
+    engine.step()                                   # catch-up over L'-1 and L', then the fused step
+    assert engine.spec_stats["steps"] == steps + 1
+    torch.testing.assert_close(cache.c_kv[layer].flatten(0, 1)[slot], saved, rtol=1e-12, atol=1e-12)
 
 
 def test_a_step_writes_only_its_sequences_next_positions_and_the_scratch_block(easy):
