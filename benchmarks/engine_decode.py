@@ -216,6 +216,33 @@ def count_step_work(engine, steps: int) -> dict:
     return dict(ops=counter.ops / steps, replays=replays[0] / steps, reads=reads[0] / steps)
 
 
+def spec_rows(model, a, rows: list, out: Path) -> None:
+    """MTP speculation at batch 1 with the engine settings of `--spec-mode`: a plain step, the fused speculative step
+    (dsv3.infer.spec_step) and the synchronous one (draft, verify, accept apart), each as ms per engine step and the
+    ratio to the plain step (random weights: acceptance ~0, so this is the cost of a step, not its yield; with
+    acceptance a the speed-up is (1 + k a) / ratio for independent drafts, (1 + a) / ratio at k = 1)."""
+    kw = dict(MODES[a.spec_mode])
+    if a.device != "cuda":
+        kw["padded"] = True
+    plain_ms = None
+    for name, k, extra in (("plain", 0, {}), ("fused", a.spec_k, {}),
+                           ("sync", a.spec_k, dict(speculative_fused=False))):
+        r = bench_decode(model, 1, a.prompt, a.tokens, spec_tokens=k, **kw, **extra)
+        ms = r["tpot_ms"] * (a.tokens - 1) / max(r["steps"], 1)
+        plain_ms = plain_ms or ms
+        r.update(mode=f"spec-{name}{k}", spec_mode=a.spec_mode, ms_per_step=ms, step_ratio=ms / plain_ms)
+        host = ""
+        if a.host_ms:
+            r["host"] = host_ms_per_step(model, 1, a.prompt, num_speculative_tokens=k, **kw, **extra)
+            h = r["host"]
+            host = (f"; host {h['host_ms']:.3f} ms + model {h['model_ms']:.3f} ms per step, {h['ops']:.0f} ops outside "
+                    f"graph bodies, {h['replays']:.0f} graph bodies, {h['reads']:.0f} host reads")
+        rows.append(r)
+        print(f"speculative {name:5s} k={k} batch 1 ({a.spec_mode}): {ms:.2f} ms per step = {ms / plain_ms:.3f} plain "
+              f"steps, {r['tok_per_s']:.1f} tok/s, {r['spec']}{host}", flush=True)
+        (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -228,7 +255,10 @@ def main() -> None:
     p.add_argument("--deadline-s", type=float, default=0, help="skip the modes that would start after this many "
                    "seconds (0: none skipped)")
     p.add_argument("--spec-k", type=int, default=0, help="also time MTP speculative decoding with k drafts at "
-                   "batch 1 (random weights: the cost of a speculative step, not its acceptance)")
+                   "batch 1, fused and synchronous, against a plain step (random weights: the cost of a speculative "
+                   "step, not its acceptance); --modes '' for these rows alone")
+    p.add_argument("--spec-mode", default="graphs", choices=list(MODES), help="the engine settings of the --spec-k "
+                   "rows (e.g. auto: compiled decode layers + fused MoE)")
     p.add_argument("--ttft-batch", type=int, default=64, help="after each mode's decode rows: time to first token "
                    "of this many prompts queued at once (0: skip)")
     p.add_argument("--ttft-budgets", default="0,2048", help="tokens per step for the TTFT rows (0: every prompt in one "
@@ -239,7 +269,7 @@ def main() -> None:
                    "graph replay and its kernels by op category (attention, GEMMs, experts, routing, elementwise, gaps)")
     a = p.parse_args()
     t0 = time.time()
-    modes = a.modes.split(",")
+    modes = [m for m in a.modes.split(",") if m]
     for m in modes:
         if m.removeprefix("fp8-") not in MODES and m != "fp8":
             raise SystemExit(f"--modes: unknown mode {m!r} (one of {', '.join(MODES)}, fp8, fp8-<mode>)")
@@ -298,13 +328,7 @@ def main() -> None:
                       f"max {r['ttft_max_s'] * 1e3:.1f} ms", flush=True)
             (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
     if a.spec_k:
-        for k in (0, a.spec_k):
-            r = bench_decode(model, 1, a.prompt, a.tokens, spec_tokens=k)
-            steps = r["spec"]["steps"] if k else r["steps"]
-            r.update(mode=f"spec{k}", ms_per_step=r["tpot_ms"] * (a.tokens - 1) / max(steps, 1))
-            rows.append(r)
-            print(f"speculative k={k} batch 1: {r['ms_per_step']:.2f} ms per step, {r['tok_per_s']:.1f} tok/s, "
-                  f"{r['spec']}", flush=True)
+        spec_rows(model, a, rows, out)
     (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
 
 
