@@ -216,31 +216,40 @@ def count_step_work(engine, steps: int) -> dict:
     return dict(ops=counter.ops / steps, replays=replays[0] / steps, reads=reads[0] / steps)
 
 
-def spec_rows(model, a, rows: list, out: Path) -> None:
-    """MTP speculation at batch 1 with the engine settings of `--spec-mode`: a plain step, the fused speculative step
-    (dsv3.infer.spec_step) and the synchronous one (draft, verify, accept apart), each as ms per engine step and the
-    ratio to the plain step (random weights: acceptance ~0, so this is the cost of a step, not its yield; with
-    acceptance a the speed-up is (1 + k a) / ratio for independent drafts, (1 + a) / ratio at k = 1)."""
-    kw = dict(MODES[a.spec_mode])
-    if a.device != "cuda":
-        kw["padded"] = True
-    plain_ms = None
-    for name, k, extra in (("plain", 0, {}), ("fused", a.spec_k, {}),
-                           ("sync", a.spec_k, dict(speculative_fused=False))):
-        r = bench_decode(model, 1, a.prompt, a.tokens, spec_tokens=k, **kw, **extra)
-        ms = r["tpot_ms"] * (a.tokens - 1) / max(r["steps"], 1)
-        plain_ms = plain_ms or ms
-        r.update(mode=f"spec-{name}{k}", spec_mode=a.spec_mode, ms_per_step=ms, step_ratio=ms / plain_ms)
-        host = ""
-        if a.host_ms:
-            r["host"] = host_ms_per_step(model, 1, a.prompt, num_speculative_tokens=k, **kw, **extra)
-            h = r["host"]
-            host = (f"; host {h['host_ms']:.3f} ms + model {h['model_ms']:.3f} ms per step, {h['ops']:.0f} ops outside "
-                    f"graph bodies, {h['replays']:.0f} graph bodies, {h['reads']:.0f} host reads")
-        rows.append(r)
-        print(f"speculative {name:5s} k={k} batch 1 ({a.spec_mode}): {ms:.2f} ms per step = {ms / plain_ms:.3f} plain "
-              f"steps, {r['tok_per_s']:.1f} tok/s, {r['spec']}{host}", flush=True)
-        (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
+def spec_rows(model, a, rows: list, out: Path, t0: float) -> None:
+    """MTP speculation at batch 1 with the engine settings of each `--spec-mode`: a plain step, the fused speculative
+    step (dsv3.infer.spec_step) and the synchronous one (draft, verify, accept apart), each as ms per engine step and
+    the ratio to the plain step (random weights: acceptance ~0, so this is the cost of a step, not its yield; with
+    acceptance a the speed-up is (1 + a) / ratio at k = 1)."""
+    for mode in a.spec_mode.split(","):
+        kw = dict(MODES[mode])
+        if a.device != "cuda":
+            kw["padded"] = True
+        plain_ms = None
+        for name, k, extra in (("plain", 0, {}), ("fused", a.spec_k, {}),
+                               ("sync", a.spec_k, dict(speculative_fused=False))):
+            if a.deadline_s and time.time() - t0 > a.deadline_s:
+                print(f"speculative {name} ({mode}): skipped (past --deadline-s {a.deadline_s:.0f})", flush=True)
+                continue
+            try:
+                r = bench_decode(model, 1, a.prompt, a.tokens, spec_tokens=k, **kw, **extra)
+            except Exception as e:   # a failing row must not lose the others
+                traceback.print_exc()
+                rows.append(dict(mode=f"spec-{name}{k}", spec_mode=mode, error=f"{type(e).__name__}: {str(e)[:2000]}"))
+                print(f"speculative {name} k={k} ({mode}): FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            ms = r["tpot_ms"] * (a.tokens - 1) / max(r["steps"], 1)
+            plain_ms = plain_ms or ms
+            r.update(mode=f"spec-{name}{k}", spec_mode=mode, ms_per_step=ms, step_ratio=ms / plain_ms)
+            host = ""
+            if a.host_ms:
+                r["host"] = h = host_ms_per_step(model, 1, a.prompt, num_speculative_tokens=k, **kw, **extra)
+                host = (f"; host {h['host_ms']:.3f} ms + model {h['model_ms']:.3f} ms per step, {h['ops']:.0f} ops "
+                        f"outside graph bodies, {h['replays']:.0f} graph bodies, {h['reads']:.0f} host reads")
+            rows.append(r)
+            print(f"speculative {name:5s} k={k} batch 1 ({mode}): {ms:.2f} ms per step = {ms / plain_ms:.3f} plain "
+                  f"steps, {r['tok_per_s']:.1f} tok/s, {r['spec']}{host}", flush=True)
+            (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
 
 
 def main() -> None:
@@ -257,8 +266,8 @@ def main() -> None:
     p.add_argument("--spec-k", type=int, default=0, help="also time MTP speculative decoding with k drafts at "
                    "batch 1, fused and synchronous, against a plain step (random weights: the cost of a speculative "
                    "step, not its acceptance); --modes '' for these rows alone")
-    p.add_argument("--spec-mode", default="graphs", choices=list(MODES), help="the engine settings of the --spec-k "
-                   "rows (e.g. auto: compiled decode layers + fused MoE)")
+    p.add_argument("--spec-mode", default="graphs", help="the engine settings of the --spec-k rows, one or more "
+                   "modes (e.g. graphs,auto: auto = compiled decode layers + fused MoE)")
     p.add_argument("--ttft-batch", type=int, default=64, help="after each mode's decode rows: time to first token "
                    "of this many prompts queued at once (0: skip)")
     p.add_argument("--ttft-budgets", default="0,2048", help="tokens per step for the TTFT rows (0: every prompt in one "
@@ -273,6 +282,8 @@ def main() -> None:
     for m in modes:
         if m.removeprefix("fp8-") not in MODES and m != "fp8":
             raise SystemExit(f"--modes: unknown mode {m!r} (one of {', '.join(MODES)}, fp8, fp8-<mode>)")
+    if a.spec_k and any(m not in MODES for m in a.spec_mode.split(",")):
+        raise SystemExit(f"--spec-mode: one or more of {', '.join(MODES)}, got {a.spec_mode!r}")
     is_fp8 = [m.startswith("fp8") for m in modes]
     if is_fp8 != sorted(is_fp8):
         raise SystemExit("--modes: fp8 quantises the model in place: list every bf16 mode before the fp8 ones")
@@ -328,7 +339,7 @@ def main() -> None:
                       f"max {r['ttft_max_s'] * 1e3:.1f} ms", flush=True)
             (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
     if a.spec_k:
-        spec_rows(model, a, rows, out)
+        spec_rows(model, a, rows, out, t0)
     (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
 
 
