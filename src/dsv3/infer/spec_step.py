@@ -1,8 +1,9 @@
 """The greedy MTP speculative step as one body: verify, accept and draft the next step's tokens on the device, with
 no host round trip inside, so a decode-graph bucket captures all of it as one CUDA graph (issue 16). The shape of
-SGLang's EAGLE worker and vLLM's MTP proposer under CUDA graphs (target verify, acceptance on the device, then the
-draft model's extend over the accepted positions from their hidden states); written anew for this engine's MTP
-module and paged latent cache.
+SGLang's EAGLE worker and vLLM's EAGLE / MTP proposer under CUDA graphs: target verify, acceptance on the device, then
+the draft model over all k+1 verified positions with the accepted one selected on the device (vLLM's "padded drafter
+batch", which avoids the host sync that trimming the batch to the accepted positions would need); written anew for
+this engine's MTP module and paged latent cache.
 
 State between steps, per sequence at L: the main model's latents hold positions < L, the MTP module's (cache layer
 num_hidden_layers) too, t_L is known (emitted by the last step), and drafts d_1..d_k guess t_{L+1}..t_{L+k}. A step:
@@ -22,12 +23,12 @@ num_hidden_layers) too, t_L is known (emitted by the last step), and drafts d_1.
      previous draft as the token; their slots and context lengths come from L' on the device (padding rows of a
      bucket: the scratch slot, context 0);
   5. out (B, 2k + 3) int64: the emitted tokens (k+1, -1 after g_a), a, then the next step's inputs [g_a, d'_1..d'_k];
-     and h_{L'-1} (B, D), which lets the synchronous path redo the MTP module's last position when a sampled
-     request joins the batch (it drafts from the catch-up's last hidden state).
+     and h_{L'-1} (B, D): when the drafts go stale (a plain step in between) the catch-up of dsv3.infer.speculation
+     starts at L'-1 again, as its drafting needs at least one position to run.
 The host reads `out` once per step (the only device -> host sync), then does the bookkeeping that depends on a: the
 sequence's cached count, its stop conditions, the next step's positions and slots. (Reading it one step late, as the
 overlap schedule does for plain steps, needs those positions and slots on the device and a discarded step after a
-stop: not done, see RESULTS.md.)
+stop, as vLLM's async scheduling with speculative decoding does, vllm-project/vllm#24799: not done, see RESULTS.md.)
 """
 
 from __future__ import annotations
