@@ -23,8 +23,8 @@ num_hidden_layers) too, t_L is known (emitted by the last step), and drafts d_1.
      previous draft as the token; their slots and context lengths come from L' on the device (padding rows of a
      bucket: the scratch slot, context 0);
   5. out (B, 2k + 3) int64: the emitted tokens (k+1, -1 after g_a), a, then the next step's inputs [g_a, d'_1..d'_k];
-     and h_{L'-1} (B, D): when the drafts go stale (a plain step in between) the catch-up of dsv3.infer.speculation
-     starts at L'-1 again, as its drafting needs at least one position to run.
+     and h_{L'-1} (B, D): the synchronous drafting of dsv3.infer.speculation drafts from the last position it
+     catches up over, so the sequence hands it L'-1 again (rewritten with the same latents), whatever step follows.
 The host reads `out` once per step (the only device -> host sync), then does the bookkeeping that depends on a: the
 sequence's cached count, its stop conditions, the next step's positions and slots. (Reading it one step late, as the
 overlap schedule does for plain steps, needs those positions and slots on the device and a discarded step after a
