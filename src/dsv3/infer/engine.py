@@ -30,8 +30,8 @@ from .overlap import PENDING, InFlight, to_device
 from .runner import ModelRunner, Row
 from .sampling import SamplingParams, SamplingTensors, compute_logprobs, make_generators, sample
 from .scheduler import Scheduler
-from .speculation import Speculation
 from .sequence import Sequence, Status
+from .speculation import Speculation
 
 
 @dataclass(frozen=True)
