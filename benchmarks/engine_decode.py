@@ -120,12 +120,15 @@ MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused
          "overlap": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on")}
 
 
-def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, **engine_kw) -> dict:
+def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, count: int = 6, **engine_kw) -> dict:
     """The engine's own host work per decode step: Engine.step() minus the model's forward and head (timed with a
     device sync around each, so on CUDA this is not the overlapped run). What the overlap schedule hides behind the
-    device on the GPU; measurable on the CPU (`--host-ms`, with the padded buckets)."""
+    device on the GPU; measurable on the CPU (`--host-ms`, with the padded buckets). With num_speculative_tokens in
+    engine_kw, per speculative step (the MTP module and the fused step's body count as model time). Then
+    `count_step_work` over `count` more steps (ops outside the graph bodies, replays, device -> host reads)."""
     cfg = model.config
-    engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=1,
+    k = engine_kw.get("num_speculative_tokens", 0)
+    engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=1, speculative_max_batch=batch,
                                                max_num_batched_tokens=max(2048, batch * prompt),
                                                **{k: v for k, v in engine_kw.items() if k != "padded"}))
     if engine_kw.get("padded") and engine.runner.graphs is None:
@@ -133,7 +136,7 @@ def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, **engine_k
     g = torch.Generator().manual_seed(0)
     for _ in range(batch):
         engine.add_request(torch.randint(10, cfg.vocab_size, (prompt,), generator=g).tolist(),
-                           SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
+                           SamplingParams(temperature=0.0, max_tokens=(steps + count + 8) * (k + 1), ignore_eos=True))
     for _ in range(4):     # prefill, graph capture
         engine.step()
     runner, model_s, device = engine.runner, [0.0], str(next(model.parameters()).device)
@@ -147,13 +150,106 @@ def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, **engine_k
             model_s[0] += time.perf_counter() - t
             return out
         return call
-    runner.forward, runner.logits = timed(runner.forward), timed(runner.logits)
+    names = [n for n in ("forward", "logits", "mtp_forward", "spec_step") if hasattr(runner, n)]
+    for n in names:
+        setattr(runner, n, timed(getattr(runner, n)))
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     wall = time.perf_counter() - t0
-    del runner.forward, runner.logits
-    return dict(host_ms=(wall - model_s[0]) / steps * 1e3, model_ms=model_s[0] / steps * 1e3)
+    for n in names:
+        delattr(runner, n)
+    work = count_step_work(engine, count)
+    return dict(host_ms=(wall - model_s[0]) / steps * 1e3, model_ms=model_s[0] / steps * 1e3, **work)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """ATen ops dispatched while `on` (the engine's own, outside the graph bodies)."""
+    def __init__(self):
+        super().__init__()
+        self.on, self.ops = True, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += self.on
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_work(engine, steps: int) -> dict:
+    """Per `engine.step()` (the engine warmed up, requests decoding): ATen ops run outside the decode graphs' bodies
+    (on the GPU each is a kernel launch or host op of its own, besides the replays), runs of graph bodies (replays on
+    the GPU), and device -> host reads (`.tolist()` / `.item()` / `.cpu()`: each a stream sync on the GPU; a
+    `torch.tensor(..., device=cuda)` from pageable memory is one more, not seen here: none is left on the step's
+    path). On the CPU with padded buckets (capture=False) this is what the GPU step launches around its replays."""
+    counter, reads, replays = _OpCounter(), [0], [0]
+    runner = engine.runner
+    bodies = [g for g in (runner.graphs, runner.mtp_graphs, getattr(runner, "spec_graphs", None)) if g is not None]
+
+    def quiet(fn):
+        def call(*args, **kwargs):
+            replays[0] += 1
+            counter.on = False
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.on = True
+        return call
+
+    def reading(fn):
+        def call(self, *args, **kwargs):
+            reads[0] += counter.on
+            return fn(self, *args, **kwargs)
+        return call
+    originals = {n: getattr(torch.Tensor, n) for n in ("tolist", "item", "cpu")}
+    for g in bodies:
+        g._body = quiet(g._body)
+    for n, f in originals.items():
+        setattr(torch.Tensor, n, reading(f))
+    try:
+        with counter:
+            for _ in range(steps):
+                engine.step()
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+        for g in bodies:
+            del g._body
+    return dict(ops=counter.ops / steps, replays=replays[0] / steps, reads=reads[0] / steps)
+
+
+def spec_rows(model, a, rows: list, out: Path, t0: float) -> None:
+    """MTP speculation at batch 1 with the engine settings of each `--spec-mode`: a plain step, the fused speculative
+    step (dsv3.infer.spec_step) and the synchronous one (draft, verify, accept apart), each as ms per engine step and
+    the ratio to the plain step (random weights: acceptance ~0, so this is the cost of a step, not its yield; with
+    acceptance a the speed-up is (1 + a) / ratio at k = 1)."""
+    for mode in a.spec_mode.split(","):
+        kw = dict(MODES[mode])
+        if a.device != "cuda":
+            kw["padded"] = True
+        plain_ms = None
+        for name, k, extra in (("plain", 0, {}), ("fused", a.spec_k, {}),
+                               ("sync", a.spec_k, dict(speculative_fused=False))):
+            if a.deadline_s and time.time() - t0 > a.deadline_s:
+                print(f"speculative {name} ({mode}): skipped (past --deadline-s {a.deadline_s:.0f})", flush=True)
+                continue
+            try:
+                r = bench_decode(model, 1, a.prompt, a.tokens, spec_tokens=k, **kw, **extra)
+            except Exception as e:   # a failing row must not lose the others
+                traceback.print_exc()
+                rows.append(dict(mode=f"spec-{name}{k}", spec_mode=mode, error=f"{type(e).__name__}: {str(e)[:2000]}"))
+                print(f"speculative {name} k={k} ({mode}): FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            ms = r["tpot_ms"] * (a.tokens - 1) / max(r["steps"], 1)
+            plain_ms = plain_ms or ms
+            r.update(mode=f"spec-{name}{k}", spec_mode=mode, ms_per_step=ms, step_ratio=ms / plain_ms)
+            host = ""
+            if a.host_ms:
+                r["host"] = h = host_ms_per_step(model, 1, a.prompt, num_speculative_tokens=k, **kw, **extra)
+                host = (f"; host {h['host_ms']:.3f} ms + model {h['model_ms']:.3f} ms per step, {h['ops']:.0f} ops "
+                        f"outside graph bodies, {h['replays']:.0f} graph bodies, {h['reads']:.0f} host reads")
+            rows.append(r)
+            print(f"speculative {name:5s} k={k} batch 1 ({mode}): {ms:.2f} ms per step = {ms / plain_ms:.3f} plain "
+                  f"steps, {r['tok_per_s']:.1f} tok/s, {r['spec']}{host}", flush=True)
+            (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
 
 
 def main() -> None:
@@ -168,7 +264,10 @@ def main() -> None:
     p.add_argument("--deadline-s", type=float, default=0, help="skip the modes that would start after this many "
                    "seconds (0: none skipped)")
     p.add_argument("--spec-k", type=int, default=0, help="also time MTP speculative decoding with k drafts at "
-                   "batch 1 (random weights: the cost of a speculative step, not its acceptance)")
+                   "batch 1, fused and synchronous, against a plain step (random weights: the cost of a speculative "
+                   "step, not its acceptance); --modes '' for these rows alone")
+    p.add_argument("--spec-mode", default="graphs", help="the engine settings of the --spec-k rows, one or more "
+                   "modes (e.g. graphs,auto: auto = compiled decode layers + fused MoE)")
     p.add_argument("--ttft-batch", type=int, default=64, help="after each mode's decode rows: time to first token "
                    "of this many prompts queued at once (0: skip)")
     p.add_argument("--ttft-budgets", default="0,2048", help="tokens per step for the TTFT rows (0: every prompt in one "
@@ -179,10 +278,12 @@ def main() -> None:
                    "graph replay and its kernels by op category (attention, GEMMs, experts, routing, elementwise, gaps)")
     a = p.parse_args()
     t0 = time.time()
-    modes = a.modes.split(",")
+    modes = [m for m in a.modes.split(",") if m]
     for m in modes:
         if m.removeprefix("fp8-") not in MODES and m != "fp8":
             raise SystemExit(f"--modes: unknown mode {m!r} (one of {', '.join(MODES)}, fp8, fp8-<mode>)")
+    if a.spec_k and any(m not in MODES for m in a.spec_mode.split(",")):
+        raise SystemExit(f"--spec-mode: one or more of {', '.join(MODES)}, got {a.spec_mode!r}")
     is_fp8 = [m.startswith("fp8") for m in modes]
     if is_fp8 != sorted(is_fp8):
         raise SystemExit("--modes: fp8 quantises the model in place: list every bf16 mode before the fp8 ones")
@@ -238,13 +339,7 @@ def main() -> None:
                       f"max {r['ttft_max_s'] * 1e3:.1f} ms", flush=True)
             (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
     if a.spec_k:
-        for k in (0, a.spec_k):
-            r = bench_decode(model, 1, a.prompt, a.tokens, spec_tokens=k)
-            steps = r["spec"]["steps"] if k else r["steps"]
-            r.update(mode=f"spec{k}", ms_per_step=r["tpot_ms"] * (a.tokens - 1) / max(steps, 1))
-            rows.append(r)
-            print(f"speculative k={k} batch 1: {r['ms_per_step']:.2f} ms per step, {r['tok_per_s']:.1f} tok/s, "
-                  f"{r['spec']}", flush=True)
+        spec_rows(model, a, rows, out, t0)
     (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
 
 

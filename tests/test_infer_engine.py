@@ -176,13 +176,16 @@ def test_bad_requests_fail_alone_and_the_engine_keeps_serving(model):
     assert engine.generate([good], GREEDY)[0].token_ids == reference_greedy(model, good, GREEDY.max_tokens)
 
 
-@pytest.mark.parametrize("k,padded", [(1, False), (2, False), (3, False), (2, True)])
-def test_mtp_speculative_greedy_equals_plain_greedy(model, k, padded):
+@pytest.mark.parametrize("k,padded,fused", [(1, False, True), (2, False, True), (3, False, True), (2, True, True),
+                                            (1, False, False), (2, True, False)])
+def test_mtp_speculative_greedy_equals_plain_greedy(model, k, padded, fused):
+    """Both speculative paths: the fused greedy step (dsv3.infer.spec_step) and draft / verify / accept as separate
+    steps (tests/test_infer_spec.py compares the two step by step)."""
     ps = prompts([3, 9, 16], seed=5)
     params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
     want = [reference_greedy(model, p, 7) for p in ps]
     engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64, num_speculative_tokens=k,
-                                               max_num_batched_tokens=10))
+                                               max_num_batched_tokens=10, speculative_fused=fused))
     if padded:    # the verify rows (3 x 3 one-token rows) run through the padded graph buckets
         engine.use_decode_graphs(capture=False)
     outs = engine.generate(ps, params)
@@ -190,7 +193,9 @@ def test_mtp_speculative_greedy_equals_plain_greedy(model, k, padded):
     stats = engine.spec_stats
     assert stats["steps"] > 0 and stats["proposed"] >= stats["accepted"] >= 0
     assert all_blocks_free(engine)
-    if padded:    # verify rows and steady-state MTP catch-up rows both went through buckets
+    if padded and fused:     # 3 sequences x 3 rows: the bucket of 4 sequences (12 rows), then fewer as they end
+        assert 12 in {b for b, _ in engine.runner.spec_graphs.buckets}
+    elif padded:             # verify rows and steady-state MTP catch-up rows both went through buckets
         assert any(b == 16 for b, _ in engine.runner.graphs.buckets) and engine.runner.mtp_graphs.buckets
 
 
@@ -318,8 +323,9 @@ def test_cuda_graph_decode_matches_eager_decode(fp8):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 def test_cuda_graph_speculative_decoding_matches_plain_decoding():
-    """bf16 on the GPU, k=2: the MTP module and the verify forward replay from graphs; greedy outputs agree with
-    plain graph decoding (bf16: padding changes GEMM shapes, so near-ties may flip; exactness is the fp64 CPU test)."""
+    """bf16 on the GPU, k=2: the fused speculative step replays from graphs; greedy outputs agree with plain graph
+    decoding (bf16: padding changes GEMM shapes, so near-ties may flip; exactness is the fp64 CPU test). The
+    synchronous path's graphs: tests/test_infer_spec.py."""
     model = build(tiny_config(vocab_size=96), seed=3, dtype=torch.bfloat16).cuda()
     ps = prompts([5, 17, 30])
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -329,6 +335,5 @@ def test_cuda_graph_speculative_decoding_matches_plain_decoding():
     agree = sum(a == b for x, y in zip(spec, plain) for a, b in zip(x, y)) / (24 * len(ps))
     assert agree >= 0.9, (agree, spec, plain)
     graphs = engine.runner
-    assert any(b.graph is not None for b in graphs.graphs.buckets.values())
-    assert any(b.graph is not None for b in graphs.mtp_graphs.buckets.values())
+    assert any(b.graph is not None for b in graphs.spec_graphs.buckets.values())
     assert engine.spec_stats["steps"] > 0 and all_blocks_free(engine)

@@ -20,6 +20,10 @@ class EngineConfig:
     admission_delay: int = 0
     num_speculative_tokens: int = 0    # MTP draft tokens per step (0: off)
     speculative_max_batch: int = 8     # speculation switches off above this many running sequences
+    # greedy speculative steps as one body: verify, acceptance and the next drafts on the device, one host read per
+    # step, one CUDA graph per bucket (dsv3.infer.spec_step); false: draft, verify and accept as separate steps with
+    # host reads between them (the path sampled requests always take)
+    speculative_fused: bool = True
     cuda_graphs: bool = True           # on CUDA, decode steps replay captured graphs (dsv3.infer.graphs)
     compile_decode: bool = False       # torch.compile the per-layer work of graph-bucket decode steps (inductor)
     # routed experts of decode-sized batches in one fused kernel per GEMM stage (dsv3.kernels.moe_decode): "on" (any

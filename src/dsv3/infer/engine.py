@@ -28,10 +28,10 @@ from .fused_proj import fuse_projections
 from .graphs import graphs_supported
 from .overlap import PENDING, InFlight, to_device
 from .runner import ModelRunner, Row
-from .sampling import (SamplingParams, SamplingTensors, compute_logprobs, draw, filtered_probs, make_generators,
-                       rejection_sample, sample)
+from .sampling import SamplingParams, SamplingTensors, compute_logprobs, make_generators, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
+from .speculation import Speculation
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ class Engine:
         self.scheduler = Scheduler(config, self.blocks)
         fuse_projections(model, config.fuse_projections, config.dense_gemv)
         self.runner = ModelRunner(model, self.cache, config)
+        self.speculation = Speculation(self) if self.speculative else None
         if config.cuda_graphs and graphs_supported(model):
             self.use_decode_graphs(capture=True)
         self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
@@ -229,8 +230,8 @@ class Engine:
         st["steps"] += 1
         st["decode_steps" if decode else "prefill_steps"] += 1
         st["seqs"] += len(seqs)
-        if self._can_speculate(seqs, counts):
-            return self._forget_finished(outputs + self._speculative_step(seqs))
+        if self.speculation is not None and self.speculation.applies(seqs, counts):
+            return self._forget_finished(outputs + self.speculation.step(seqs))
         if prev is not None:
             # chained: every row's input is its token sampled by the previous step, still on the device
             st["chained_steps"] += 1
@@ -325,75 +326,6 @@ class Engine:
         for out in outputs:
             if out.finished:
                 self.seqs.pop(out.request_id, None)
-        return outputs
-
-    # ---- MTP speculative decoding ------------------------------------------------------------------------------
-    def _can_speculate(self, seqs: list[Sequence], counts: list[int]) -> bool:
-        """Speculate when every scheduled sequence is decoding, the batch is small enough for drafting to pay, no
-        log-probabilities are asked for, and each can get blocks for k more tokens (they are taken here)."""
-        k = self.config.num_speculative_tokens
-        if not self.speculative or len(seqs) > self.config.speculative_max_batch or len(seqs) != len(
-                self.scheduler.running):
-            return False
-        if any(n != 1 or s.num_cached_tokens == 0 or s.params.logprobs is not None for s, n in zip(seqs, counts)):
-            return False
-        return all(self.blocks.ensure_capacity(s, s.num_cached_tokens + k + 1) for s in seqs)
-
-    def _speculative_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """Draft k tokens per sequence with the MTP module (chained for k > 1), verify them with one forward of the
-        main model over [last token, drafts], keep the accepted prefix plus one token of the target's own
-        (rejection sampling: the output distribution is the target's; greedy requests keep exact matches)."""
-        k, dev = self.config.num_speculative_tokens, self.device
-        temps, top_ks, top_ps = SamplingTensors.from_params([s.params for s in seqs], dev)
-        gens = [self._generators.get(s.seq_id) for s in seqs]
-        # MTP position i pairs h_i with token i+1: catch up over every position the main model has finished
-        rows = [Row(s.token_ids[s.mtp_cached + 1:s.num_cached_tokens + 1], s.mtp_cached, s.block_table) for s in seqs]
-        if all(r.past > 0 and len(r.tokens) <= k + 1 for r in rows):
-            # steady state: the a + 1 positions of the last step as one-token rows (absorbed decode, graphs)
-            rows = [Row([t], r.past + j, r.block_table) for r in rows for j, t in enumerate(r.tokens)]
-        lengths = [s.num_cached_tokens - s.mtp_cached for s in seqs]
-        batch = self.runner.prepare(rows, mtp=True)
-        logits, h = self.runner.mtp_forward(batch, torch.cat([torch.cat(s.pending_hidden) for s in seqs]))
-        last = torch.tensor(list(itertools.accumulate(lengths)), device=dev) - 1
-        logits, h = logits[last], h[last]
-        drafts, draft_probs = [], []
-        for j in range(k):
-            q = filtered_probs(logits, temps, top_ks, top_ps)
-            d = draw(q, gens)
-            drafts.append(d)
-            draft_probs.append(q)
-            if j + 1 < k:      # chain: the block's output stands in for the main model's next hidden state
-                pos = [s.num_cached_tokens + j for s in seqs]
-                batch = self.runner.prepare([Row([0], p, s.block_table) for s, p in zip(seqs, pos)], mtp=True,
-                                            input_ids=d)
-                logits, h = self.runner.mtp_forward(batch, h)
-        drafts_t = torch.stack(drafts, 1)                                    # (B, k)
-        draft_list = drafts_t.tolist()
-        for s in seqs:
-            s.mtp_cached, s.pending_hidden = s.num_cached_tokens, []
-        # verify as B*(k+1) one-token rows: token j of a sequence attends over the cache up to its own position
-        # (all k+1 latents are written before attention), so the absorbed decode path, and its CUDA graphs, serve
-        verify = self.runner.prepare([Row([tok], s.num_cached_tokens + j, s.block_table)
-                                      for s, dl in zip(seqs, draft_list)
-                                      for j, tok in enumerate([s.token_ids[s.num_cached_tokens]] + dl)])
-        hidden = self.runner.forward(verify)
-        target = filtered_probs(self.runner.logits(hidden).view(len(seqs), k + 1, -1), temps, top_ks, top_ps)
-        tokens, accepted = rejection_sample(drafts_t, torch.stack(draft_probs, 1), target, gens)
-        outputs = []
-        self.spec_stats["steps"] += 1
-        for b, (seq, toks, a) in enumerate(zip(seqs, tokens.tolist(), accepted.tolist())):
-            self.spec_stats["proposed"] += k
-            self.spec_stats["accepted"] += a
-            seq.pending_hidden = [hidden[b * (k + 1):b * (k + 1) + a + 1]]
-            seq.num_cached_tokens += a + 1
-            self.blocks.mark_computed(seq)
-            new = []
-            for tok in toks[:a + 1]:
-                self._append(seq, tok)
-                new.append(tok)
-                if seq.finished:
-                    break
-            outputs.append(self._output(seq, new))
         return outputs
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:

@@ -53,12 +53,14 @@ class _Bucket:
 
 class DecodeGraphs:
     """Graphs of one body: `body(batch) -> tensor(s)` (the main model's forward) or, with `extra_width` D,
-    `body(batch, extra (b, D)) -> tensor(s)` (the MTP module). Outputs come back as clones of their first n rows."""
+    `body(batch, extra (b, D)) -> tensor(s)` (the MTP module). Outputs come back as clones of their first n rows.
+    With `group` g, every sequence has g consecutive rows (the speculative step's verify rows, dsv3.infer.spec_step):
+    buckets hold b sequences (g * b rows, max_batch sequences at most) and outputs have one row per sequence."""
 
     def __init__(self, cache: PagedLatentCache, body, max_batch: int, max_blocks: int, capture: bool = True,
-                 extra_width: int = 0, pool=None):
-        self.cache, self.body, self.capture, self.extra_width = cache, body, capture, extra_width
-        self.batch_sizes = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+                 extra_width: int = 0, pool=None, group: int = 1):
+        self.cache, self.body, self.capture, self.extra_width, self.group = cache, body, capture, extra_width, group
+        self.batch_sizes = [b * group for b in BATCH_BUCKETS if b < max_batch] + [max_batch * group]
         self.max_blocks = max_blocks
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self.pool = pool if pool is not None or not capture else torch.cuda.graph_pool_handle()
@@ -98,7 +100,7 @@ class DecodeGraphs:
 
     def run(self, batch, extra: torch.Tensor | None = None):
         bucket = self.buckets[batch.graph_key]
-        n = len(batch.rows)
+        n = len(batch.rows) // self.group
         if extra is not None:
             bucket.extra[:n].copy_(extra)
         if bucket.graph is None and self.capture:

@@ -31,6 +31,7 @@ from .cache import PagedLatentCache
 from .config import EngineConfig
 from .graphs import DecodeGraphs
 from .moe_dispatch import fused_moe_available, fused_moe_ffn, fused_moe_for, model_has_fp8_experts
+from .spec_step import greedy_spec_step
 
 __all__ = ["Batch", "ModelRunner", "Row", "padding_row"]
 
@@ -68,6 +69,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.graphs: DecodeGraphs | None = None       # set by the engine on CUDA: the main model's decode graphs
         self.mtp_graphs: DecodeGraphs | None = None   # and the MTP module's
+        self.spec_graphs: DecodeGraphs | None = None  # and the fused greedy speculative step's (dsv3.infer.spec_step)
         self.fused_moe = fused_moe_available(model, self.config.fused_moe)    # for some batch sizes at least
         self.fp8_experts = model_has_fp8_experts(model)     # auto follows the launch table's FP8 rows then
 
@@ -77,21 +79,28 @@ class ModelRunner:
         return fused_moe_ffn if fused_moe_for(self.config.fused_moe, self.fused_moe, tokens, self.fp8_experts) else None
 
     def use_graphs(self, max_batch: int, max_blocks: int, capture: bool) -> None:
-        """Decode batches from padded buckets (dsv3.infer.graphs), their forward compiled with `compile_decode`."""
-        compiled = self.config.compile_decode
+        """Decode batches from padded buckets (dsv3.infer.graphs), their forward compiled with `compile_decode`;
+        with speculation, the fused greedy step's buckets too (k+1 rows per sequence, speculative_max_batch
+        sequences at most)."""
+        compiled, k = self.config.compile_decode, self.config.num_speculative_tokens
         self.graphs = DecodeGraphs(self.cache, functools.partial(self.forward_eager, compiled=compiled), max_batch,
                                    max_blocks, capture)
         if len(self.model.mtp):
             self.mtp_graphs = DecodeGraphs(self.cache, functools.partial(self.mtp_forward_eager, compiled=compiled),
                                            max_batch, max_blocks, capture, extra_width=self.cfg.hidden_size,
                                            pool=self.graphs.pool)
+        if k and self.config.speculative_fused and len(self.model.mtp):
+            self.spec_graphs = DecodeGraphs(self.cache, functools.partial(self.spec_step_eager, compiled=compiled),
+                                            max(self.config.speculative_max_batch, 1), max_blocks, capture,
+                                            pool=self.graphs.pool, group=k + 1)
 
     def prepare(self, rows: list[Row], graph: bool = True, mtp: bool = False,
-                input_ids: torch.Tensor | None = None) -> Batch:
-        """The batch's device tensors, for `forward` (or `mtp_forward` with mtp); `input_ids` (N,) on the device
-        replaces the rows' tokens. A pure decode batch goes to a padded graph bucket when graphs are on (its tensors
-        are then the bucket's static, padded ones: only forward / mtp_forward may use them)."""
-        graphs = self.mtp_graphs if mtp else self.graphs
+                input_ids: torch.Tensor | None = None, spec: bool = False) -> Batch:
+        """The batch's device tensors, for `forward` (or `mtp_forward` with mtp, `spec_step` with spec); `input_ids`
+        (N,) on the device replaces the rows' tokens. A pure decode batch goes to a padded graph bucket when graphs
+        are on (its tensors are then the bucket's static, padded ones: only forward / mtp_forward / spec_step may use
+        them)."""
+        graphs = self.spec_graphs if spec else self.mtp_graphs if mtp else self.graphs
         if graph and graphs is not None and graphs.fits(rows):
             return graphs.prepare(rows, input_ids)
         batch = make_batch(rows, self.cache, self.device)
@@ -134,6 +143,18 @@ class ModelRunner:
         ctx = batch.ctx.at(self.cfg.num_hidden_layers)                        # the MTP module's own latents
         x = layer_fn(module, (hidden[None].to(emb.dtype), emb), cos, sin, ctx, self.ffn(batch.input_ids.numel()))[0]
         return self.logits(module.shared_head.norm(x)), x
+
+    @torch.inference_mode()
+    def spec_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused greedy speculative step (dsv3.infer.spec_step) over B sequences' k+1 verify rows each (input ids
+        [t_L, drafts]): out (B, 2k + 3) int64 (emitted tokens, accepted count, the next step's input ids) and the
+        main model's hidden state at each sequence's last accepted position (B, D)."""
+        if batch.graph_key is not None:
+            return batch.graphs.run(batch)
+        return self.spec_step_eager(batch)
+
+    def spec_step_eager(self, batch: Batch, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return greedy_spec_step(self, self.config.num_speculative_tokens, batch, compiled)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()

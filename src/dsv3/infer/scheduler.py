@@ -39,7 +39,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
-        seq.mtp_cached, seq.pending_hidden = 0, []
+        seq.mtp_cached, seq.pending_hidden, seq.spec_next = 0, [], None
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -34,6 +34,10 @@ class Sequence:
     # of positions mtp_cached .. num_cached_tokens - 1 wait in pending_hidden to be fed to it
     mtp_cached: int = 0
     pending_hidden: list = field(default_factory=list)
+    # the fused speculative step (dsv3.infer.spec_step): (tensor on the device, row, L, column) from the step that
+    # drafted this sequence's next k tokens: its inputs [t_L, drafts] are tensor[row, column:], valid while
+    # num_cached_tokens == L (a plain step in between makes them stale: the drafts are then made again)
+    spec_next: tuple | None = None
     # the overlap schedule (dsv3.infer.overlap): the last num_pending entries of token_ids are placeholders for tokens
     # sampled on the device and not read yet (at most 2: the step being applied and the one launched after it);
     # `stopping`: the pending token ends the sequence whatever it is (max_tokens, the context), so it is not scheduled

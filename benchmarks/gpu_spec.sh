@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Issue 16, MTP speculative decoding on one H200 (<= 9 min; logs under $OUT):   bash benchmarks/gpu_spec.sh
+#  1. the GPU tests of speculation: the fused step replayed from its graphs vs the synchronous path and plain decoding
+#  2. `lite` (27 layers, random weights, batch 1, k=1): ms per step of a plain step, the fused speculative step and the
+#     synchronous one (the compiled auto mode, today's best plain decode; then graphs mode, the earlier 9.07 / 11.74 ms
+#     rows, while the deadline allows): the step-cost ratio
+#  3. `configs/small-gpu.toml` trained (~3.5 min), then acceptance, tokens per step and tok/s vs plain at k = 1, 2, 3,
+#     fused and synchronous, greedy outputs checked identical to plain
+export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 OUT=${OUT:-out}
+mkdir -p "$OUT"
+timeout 60 python -m pytest -q -p no:cacheprovider -m gpu tests/test_infer_spec.py \
+  tests/test_infer_engine.py::test_cuda_graph_speculative_decoding_matches_plain_decoding -rs 2>&1 | tail -5 \
+  | tee "$OUT/pytest.txt"
+timeout 170 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes '' --spec-k 1 --spec-mode auto,graphs \
+  --ttft-batch 0 --deadline-s 110 2>&1 | grep -v Warning | tee "$OUT/engine_spec.txt"
+timeout 235 python -m dsv3.cli train --config configs/small-gpu.toml log.progress=false 2>&1 | tail -6 \
+  | tee "$OUT/train.txt"
+cp runs/small-gpu/metrics.jsonl "$OUT/small-gpu-metrics.jsonl" 2>/dev/null
+timeout 75 python benchmarks/spec_decode_tiny.py runs/small-gpu --device cuda --dtype bf16 --prompts 8 \
+  --prompt-len 64 --tokens 96 --k 1,2,3 --sync 2>&1 | grep -v Warning | tee "$OUT/spec.txt"

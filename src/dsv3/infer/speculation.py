@@ -1,0 +1,152 @@
+"""MTP speculative decoding in the engine (spec 1.8 at inference): which steps speculate, and the two ways a step
+does it.
+
+- Greedy batches (`EngineConfig.speculative_fused`, default): one fused step (dsv3.infer.spec_step) verifies the
+  drafts, accepts them and drafts the next ones on the device; its output, read once per step, carries the next
+  step's input ids, which stay on the device. A sequence whose drafts are stale (after prefill, or after a plain step)
+  is drafted first here.
+- Otherwise (sampled requests in the batch): draft with the MTP module, verify with one forward of the main model,
+  rejection-sample on the device, each a separate step with host reads between them; the output distribution is the
+  target's (Leviathan et al. 2023).
+Both keep the sequence's MTP catch-up state (Sequence.mtp_cached / pending_hidden) so either may follow the other.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .batch import Row
+from .overlap import to_device
+from .sampling import SamplingTensors, draw, filtered_probs, rejection_sample
+from .sequence import Sequence
+
+
+class Speculation:
+    """The engine's speculative steps; counts in `engine.spec_stats`."""
+
+    def __init__(self, engine):
+        self.engine, self.k = engine, engine.config.num_speculative_tokens
+        self.runner, self.blocks, self.stats = engine.runner, engine.blocks, engine.spec_stats
+
+    def applies(self, seqs: list[Sequence], counts: list[int]) -> bool:
+        """Speculate when every scheduled sequence is decoding, the batch is small enough for drafting to pay, no
+        log-probabilities are asked for, and each can get blocks for 2k more tokens (they are taken here: the k+1
+        verified positions, and the fused step's chained drafts up to position L + 2k - 1)."""
+        e = self.engine
+        if len(seqs) > e.config.speculative_max_batch or len(seqs) != len(e.scheduler.running):
+            return False
+        if any(n != 1 or s.num_cached_tokens == 0 or s.params.logprobs is not None for s, n in zip(seqs, counts)):
+            return False
+        return all(self.blocks.ensure_capacity(s, s.num_cached_tokens + max(self.k + 1, 2 * self.k)) for s in seqs)
+
+    def step(self, seqs: list[Sequence]) -> list:
+        """Greedy batches: the fused step (dsv3.infer.spec_step), after drafting for the sequences whose drafts are
+        not ready; otherwise draft, verify and rejection-sample as separate steps."""
+        if self.engine.config.speculative_fused and all(s.params.greedy for s in seqs):
+            return self.fused_step(seqs)
+        return self.verify_step(seqs, *self.draft(seqs, greedy=False))
+
+    def draft(self, seqs: list[Sequence], greedy: bool) -> tuple:
+        """Draft k tokens per sequence with the MTP module (chained for k > 1) after catching it up over every
+        position the main model has finished. Returns (drafts (B, k), their draft distributions (B, k, V) or None
+        when greedy, and the sampling tensors and generators of the batch, or None when greedy)."""
+        k, dev, runner = self.k, self.engine.device, self.runner
+        sampling = None if greedy else (SamplingTensors.from_params([s.params for s in seqs], dev),
+                                        [self.engine._generators.get(s.seq_id) for s in seqs])
+        # MTP position i pairs h_i with token i+1: catch up over every position the main model has finished
+        rows = [Row(s.token_ids[s.mtp_cached + 1:s.num_cached_tokens + 1], s.mtp_cached, s.block_table) for s in seqs]
+        if all(r.past > 0 and len(r.tokens) <= k + 1 for r in rows):
+            # steady state: the a + 1 positions of the last step as one-token rows (absorbed decode, graphs)
+            rows = [Row([t], r.past + j, r.block_table) for r in rows for j, t in enumerate(r.tokens)]
+        lengths = [s.num_cached_tokens - s.mtp_cached for s in seqs]
+        batch = runner.prepare(rows, mtp=True)
+        logits, h = runner.mtp_forward(batch, torch.cat([torch.cat(s.pending_hidden) for s in seqs]))
+        last = to_device([n - 1 for n in itertools.accumulate(lengths)], torch.long, dev)
+        logits, h = logits[last], h[last]
+        drafts, draft_probs = [], []
+        for j in range(k):
+            if greedy:
+                d = logits.argmax(-1)
+            else:
+                q = filtered_probs(logits, *sampling[0])
+                d = draw(q, sampling[1])
+                draft_probs.append(q)
+            drafts.append(d)
+            if j + 1 < k:      # chain: the block's output stands in for the main model's next hidden state
+                pos = [s.num_cached_tokens + j for s in seqs]
+                batch = runner.prepare([Row([0], p, s.block_table) for s, p in zip(seqs, pos)], mtp=True, input_ids=d)
+                logits, h = runner.mtp_forward(batch, h)
+        for s in seqs:
+            s.mtp_cached, s.pending_hidden = s.num_cached_tokens, []
+        return torch.stack(drafts, 1), None if greedy else torch.stack(draft_probs, 1), sampling
+
+    def verify_step(self, seqs: list[Sequence], drafts: torch.Tensor, draft_probs: torch.Tensor,
+                    sampling: tuple) -> list:
+        """Verify the drafts with one forward of the main model over [last token, drafts], keep the accepted prefix
+        plus one token of the target's own (rejection sampling: the output distribution is the target's; greedy
+        requests keep exact matches)."""
+        k, runner = self.k, self.runner
+        (temps, top_ks, top_ps), gens = sampling
+        draft_list = drafts.tolist()
+        # verify as B*(k+1) one-token rows: token j of a sequence attends over the cache up to its own position
+        # (all k+1 latents are written before attention), so the absorbed decode path, and its CUDA graphs, serve
+        verify = runner.prepare([Row([tok], s.num_cached_tokens + j, s.block_table)
+                                 for s, dl in zip(seqs, draft_list)
+                                 for j, tok in enumerate([s.token_ids[s.num_cached_tokens]] + dl)])
+        hidden = runner.forward(verify)
+        target = filtered_probs(runner.logits(hidden).view(len(seqs), k + 1, -1), temps, top_ks, top_ps)
+        tokens, accepted = rejection_sample(drafts, draft_probs, target, gens)
+        self.stats["steps"] += 1
+        outputs = []
+        for b, (seq, toks, a) in enumerate(zip(seqs, tokens.tolist(), accepted.tolist())):
+            seq.pending_hidden = [hidden[b * (k + 1):b * (k + 1) + a + 1]]
+            outputs.append(self.accept(seq, toks[:a + 1]))
+        return outputs
+
+    def fused_step(self, seqs: list[Sequence]) -> list:
+        """One fused step (dsv3.infer.spec_step) for greedy sequences: its inputs [t_L, drafts] are the last fused
+        step's output where that is current, else drafted here first (after prefill, or after a plain step); the host
+        reads the step's output once."""
+        k = self.k
+        stale = [s for s in seqs if s.spec_next is None or s.spec_next[2] != s.num_cached_tokens]
+        if stale:
+            drafts = self.draft(stale, greedy=True)[0]
+            last = to_device([[s.token_ids[s.num_cached_tokens]] for s in stale], torch.long, self.engine.device)
+            made = torch.cat([last, drafts], 1)
+            for i, s in enumerate(stale):       # the layout of a fused step's output, for the gather below
+                s.spec_next = (made, i, s.num_cached_tokens, 0)
+        sources = [s.spec_next for s in seqs]
+        first = sources[0][0]
+        if all(src[0] is first and src[1] == i for i, src in enumerate(sources)) and first.shape[0] == len(seqs):
+            inputs = first[:, sources[0][3]:]                       # the same batch as the last step: no gather
+        else:
+            inputs = torch.stack([src[0][src[1], src[3]:] for src in sources])
+        rows = [Row([0], s.num_cached_tokens + j, s.block_table) for s in seqs for j in range(k + 1)]
+        out, last_hidden = self.runner.spec_step(self.runner.prepare(rows, spec=True, input_ids=inputs.flatten()))
+        host = out[:, :k + 2].tolist()            # the step's one device -> host read
+        self.stats["steps"] += 1
+        outputs = []
+        for b, (seq, row) in enumerate(zip(seqs, host)):
+            outputs.append(self.accept(seq, row[:row[k + 1] + 1]))
+            # the MTP module caught up over the accepted positions; its last one stays re-runnable for the
+            # synchronous path (which drafts from the catch-up's last output)
+            seq.mtp_cached, seq.pending_hidden = seq.num_cached_tokens - 1, [last_hidden[b:b + 1]]
+            seq.spec_next = (out, b, seq.num_cached_tokens, k + 2)
+        return outputs
+
+    def accept(self, seq: Sequence, new: list[int]):
+        """A speculative step's tokens for seq, the accepted drafts and the target's token after them (k+1 at most),
+        through the engine's stop checks; the positions before the last are in the cache now. Its RequestOutput."""
+        self.stats["proposed"] += self.k
+        self.stats["accepted"] += len(new) - 1
+        seq.num_cached_tokens += len(new)
+        self.blocks.mark_computed(seq)
+        emitted = []
+        for tok in new:
+            self.engine._append(seq, tok)
+            emitted.append(tok)
+            if seq.finished:
+                break
+        return self.engine._output(seq, emitted)

@@ -1,0 +1,218 @@
+"""The fused greedy speculative step (dsv3.infer.spec_step) against the synchronous path (draft, verify, accept as
+separate steps) and the cache-free forward, float64 `tiny`: identical tokens, identical acceptance counts step by
+step (so the drafts, which verification would hide, are the same too), one host read and one graph-body run per
+step; and mixed batches (arrivals, preemption, stop ids, a sampled request joining) keep all of it."""
+
+import pytest
+import torch
+
+from conftest import build, tiny_config
+from dsv3.infer import Engine, EngineConfig, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build(tiny_config(vocab_size=96), seed=3, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def easy():
+    """A model whose MTP head often agrees with it (vocabulary 8): most drafts accepted, so the chained drafts of
+    k > 1 and the multi-token steps are exercised, not only rejections."""
+    return build(tiny_config(vocab_size=8), seed=0, dtype=torch.float64)
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def prompts(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run(model, ps, params, fused: bool, padded: bool, arrive: list[int] | None = None, **cfg) -> tuple[list, list]:
+    """Outputs and the per-step (steps, accepted) trace; with `arrive`, request i is added after step arrive[i]."""
+    config = dict(block_size=4, num_blocks=64, max_num_seqs=8, speculative_max_batch=8) | cfg
+    engine = Engine(model, config=EngineConfig(speculative_fused=fused, **config))
+    if padded:
+        engine.use_decode_graphs(capture=False)
+    params = params if isinstance(params, list) else [params] * len(ps)
+    arrive = arrive or [0] * len(ps)
+    ids, final, trace, step = [], {}, [], 0
+    while engine.has_unfinished() or len(ids) < len(ps):
+        ids += [engine.add_request(ps[i], params[i]) for i in range(len(ps)) if arrive[i] == step]
+        step += 1
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+        trace.append((engine.spec_stats["steps"], engine.spec_stats["accepted"]))
+    b = engine.blocks
+    assert b.num_free_blocks == b.num_blocks and not any(b.ref_count)
+    return [final[i] for i in ids], trace, engine
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "buckets"])
+def test_fused_step_equals_the_synchronous_path_and_plain_greedy(easy, k, padded):
+    ps = prompts([2, 5, 9], 8, seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    fused, trace, engine = run(easy, ps, params, fused=True, padded=padded, num_speculative_tokens=k)
+    sync, sync_trace, _ = run(easy, ps, params, fused=False, padded=padded, num_speculative_tokens=k)
+    assert [o.token_ids for o in fused] == [reference_greedy(easy, p, 14) for p in ps]
+    assert [o.token_ids for o in sync] == [o.token_ids for o in fused]
+    assert trace == sync_trace               # the same drafts accepted in the same steps
+    steps, accepted = trace[-1]
+    assert 0 < accepted < steps * k          # both outcomes occur
+    if padded:                               # 3 sequences x (k+1) rows: the bucket of 4 sequences, padding included
+        assert 4 * (k + 1) in {b for b, _ in engine.runner.spec_graphs.buckets}
+
+
+def test_mixed_batches_arrivals_preemption_stop_ids_and_a_sampled_request(model):
+    """Requests arriving while others decode (their prefill steps make the others' drafts stale: drafted again,
+    re-running the MTP module's last position from the fused step's hidden state), a cache too small for all
+    (preemption), a stop id; then a seeded sampled request joining a greedy batch after fused steps (the batch takes
+    the synchronous path). Fused and synchronous engines agree token for token and step for step; greedy tokens are
+    the reference's."""
+    ps = prompts([3, 7, 4, 11, 6], 96, seed=2)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    arrive = [0, 1, 4, 6, 7]
+    for cfg in (dict(), dict(num_blocks=12, max_num_seqs=4)):
+        for k in (1, 2):
+            a, trace_a, _ = run(model, ps, greedy, fused=True, padded=True, arrive=arrive, num_speculative_tokens=k,
+                                **cfg)
+            b, trace_b, engine = run(model, ps, greedy, fused=False, padded=True, arrive=arrive,
+                                     num_speculative_tokens=k, **cfg)
+            assert [o.token_ids for o in a] == [o.token_ids for o in b] == [reference_greedy(model, p, 16) for p in ps]
+            assert trace_a == trace_b and trace_a[-1][1] > 0
+    assert engine.scheduler.num_preemptions > 0
+    want = reference_greedy(model, ps[1], 16)
+    stop = SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[want[5]], ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_k=5, max_tokens=10, seed=7, ignore_eos=True)
+    mix = [greedy, stop, greedy, sampled, greedy]
+    a, trace_a, _ = run(model, ps, mix, fused=True, padded=False, arrive=arrive, num_speculative_tokens=2)
+    b, trace_b, _ = run(model, ps, mix, fused=False, padded=False, arrive=arrive, num_speculative_tokens=2)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b] and trace_a == trace_b
+    assert a[1].finish_reason == "stop" and a[1].token_ids == want[:want.index(want[5]) + 1]
+    for i in (0, 2, 4):
+        assert a[i].token_ids == reference_greedy(model, ps[i], 16)
+
+
+def test_drafting_again_after_a_plain_step_rewrites_the_mtp_latents_unchanged(model):
+    """After a fused step the MTP module's last accepted position L'-1 is handed to the synchronous catch-up with the
+    main model's hidden state there (the fused step's second output): a plain step in between (a new request's
+    prefill) and the catch-up that follows rewrite that position's MTP latents with the same values."""
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64, num_speculative_tokens=1))
+    engine.add_request(prompts([6], 96)[0], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    (seq,) = engine.scheduler.running
+    assert seq.spec_next is not None and seq.spec_next[2] == seq.num_cached_tokens    # a fused step drafted
+    cache, layer = engine.cache, model.config.num_hidden_layers
+    slot = cache.slot(seq.block_table, seq.num_cached_tokens - 1)
+    saved = cache.c_kv[layer].flatten(0, 1)[slot].clone()
+    engine.add_request(prompts([5], 96, seed=1)[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    steps = engine.spec_stats["steps"]
+    engine.step()                                   # prefill + seq's plain decode row
+    engine.step()                                   # catch-up over L'-1 and L', then the fused step
+    assert engine.spec_stats["steps"] == steps + 1
+    torch.testing.assert_close(cache.c_kv[layer].flatten(0, 1)[slot], saved, rtol=1e-12, atol=1e-12)
+
+
+def test_a_step_writes_only_its_sequences_next_positions_and_the_scratch_block(easy):
+    """Padding rows of a bucket (3 sequences in the bucket of 4) and the chained drafts' slots, computed on the
+    device: one fused step (k=3) writes latents only at each sequence's positions L .. L + 2k - 1 (verify rows, MTP
+    rows, chained drafts) and in the scratch block, in every cache layer."""
+    k = 3
+    engine = Engine(easy, config=EngineConfig(block_size=4, num_blocks=64, num_speculative_tokens=k))
+    engine.use_decode_graphs(capture=False)
+    for p in prompts([6, 9, 13], 8, seed=3):
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    cache, seqs = engine.cache, list(engine.scheduler.running)
+    for s in seqs:                 # the step below takes the blocks it needs first
+        engine.blocks.ensure_capacity(s, s.num_cached_tokens + 2 * k)
+    allowed = {cache.slot(s.block_table, p) for s in seqs for p in range(s.num_cached_tokens, s.num_cached_tokens
+                                                                         + 2 * k)}
+    # every slot gets a sentinel, so that each write shows, also where an earlier step wrote the same values (the
+    # step's tokens are then nonsense: only where it writes is checked)
+    cache.c_kv.fill_(1e4)
+    before = cache.c_kv.clone()
+    steps = engine.spec_stats["steps"]
+    engine.step()
+    assert engine.spec_stats["steps"] == steps + 1 and 4 * (k + 1) in {b for b, _ in engine.runner.spec_graphs.buckets}
+    changed = (cache.c_kv != before).any(-1).flatten(1)          # (layers, slots)
+    scratch = set(range(cache.scratch_slot, cache.scratch_slot + cache.block_size))
+    for layer in range(changed.shape[0]):
+        slots = set(changed[layer].nonzero().flatten().tolist())
+        assert slots - scratch <= allowed, (layer, sorted(slots - scratch - allowed))
+    assert set(changed[-1].nonzero().flatten().tolist()) & scratch       # the padding rows wrote there
+
+
+def test_one_host_read_and_one_body_per_step(model, monkeypatch):
+    """A steady-state fused step of 2 sequences: exactly one device -> host read (the step's output), one run of the
+    fused body (one graph replay on the GPU) and no other graph body; the synchronous path needs three reads and two
+    bodies (MTP catch-up, verify)."""
+    from dsv3.infer.graphs import DecodeGraphs
+    counts = {"reads": 0, "bodies": 0, "inside": False}
+    body = DecodeGraphs._body
+
+    def counting_body(self, bucket):       # inside, the CPU's reference decode attention reads lengths: not the GPU's
+        counts["bodies"] += 1
+        counts["inside"] = True
+        try:
+            return body(self, bucket)
+        finally:
+            counts["inside"] = False
+    tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        counts["reads"] += not counts["inside"]
+        return tolist(self)
+    per_step = {}
+    for fused in (True, False):
+        engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64, num_speculative_tokens=1,
+                                                   speculative_fused=fused))
+        engine.use_decode_graphs(capture=False)
+        for p in prompts([5, 8], 96):
+            engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+        for _ in range(3):
+            engine.step()
+        with monkeypatch.context() as m:
+            m.setattr(DecodeGraphs, "_body", counting_body)
+            m.setattr(torch.Tensor, "tolist", counting_tolist)
+            m.setattr(torch.Tensor, "cpu", lambda self: pytest.fail("a .cpu() read on the step's path"))
+            counts.update(reads=0, bodies=0)
+            steps = engine.spec_stats["steps"]
+            for _ in range(5):
+                engine.step()
+            assert engine.spec_stats["steps"] == steps + 5
+        per_step[fused] = (counts["reads"] / 5, counts["bodies"] / 5)
+    assert per_step == {True: (1, 1), False: (3, 2)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+@pytest.mark.parametrize("k", [1, 3])
+def test_cuda_graph_fused_step_matches_the_synchronous_path(k):
+    """bf16 on the GPU: the fused step replayed from its captured graphs vs the synchronous path (its own graphs)
+    and plain graph decoding; near-ties may flip in bf16 (padding changes GEMM shapes), so agreement >= 90%."""
+    model = build(tiny_config(vocab_size=96), seed=3, dtype=torch.bfloat16).cuda()
+    ps = prompts([5, 17, 30], 96)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = {}
+    for name, kw in (("fused", dict(num_speculative_tokens=k)),
+                     ("sync", dict(num_speculative_tokens=k, speculative_fused=False)), ("plain", dict())):
+        engine = Engine(model, config=EngineConfig(block_size=16, num_blocks=64, **kw))
+        outs[name] = [o.token_ids for o in engine.generate(ps, params)]
+        if name == "fused":
+            assert any(b.graph is not None for b in engine.runner.spec_graphs.buckets.values())
+            assert engine.spec_stats["steps"] > 0
+    for other in ("sync", "plain"):
+        agree = sum(a == b for x, y in zip(outs["fused"], outs[other]) for a, b in zip(x, y)) / (24 * len(ps))
+        assert agree >= 0.9, (other, agree, outs)
