@@ -53,7 +53,8 @@ def parse_args() -> argparse.Namespace:
                    "config.json) with its train/optim/model settings as `dsv3 train --config` runs them; only the run "
                    "directory, validation, checkpoints and the batch ramp are set for timing (--set: more overrides). "
                    "The model/precision/batch flags below then do not apply")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="with --config: overrides")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+                   help="with --config: overrides (the flag may repeat)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--batch", type=int, default=4, help="sequences per rank and micro-batch")
