@@ -52,12 +52,16 @@ prepare_dataset(DataConfig(sources=['stdlib'], cache_dir=sys.argv[1]), int(sys.a
   "${DATA[@]}" > "$OUT/data.log" 2>&1 &
 DATA_PID=$!
 if fits 90 "1. CUDA tests"; then
-  timeout 90 python -m pytest -q -p no:cacheprovider -rs \
+  timeout 90 python -m pytest -q -p no:cacheprovider -rfEs \
     tests/test_train_compiled_loads.py::test_compiled_trainer_keeps_expert_loads_and_bias_updates_on_cuda \
     tests/test_kernels_grad_norm.py::test_triton_matches_float64_on_cuda \
     tests/test_kernels_adamw.py::test_triton_matches_reference_on_cuda \
     tests/test_gpu.py::test_trainer_on_cuda_clips_inside_adamw_bf16_like_a_separate_pass \
     2>&1 | tail -15 | tee "$OUT/pytest.txt"
+  if grep -q "^\(FAILED\|ERROR\) tests/test_kernels_grad_norm.py" "$OUT/pytest.txt"; then
+    export DSV3_GRAD_NORM=reference      # the measurements below still run, on the _foreach_norm reference
+    stamp "the one-pass gradient norm failed its CUDA test: stages 2-5 use DSV3_GRAD_NORM=reference"
+  fi
 fi
 
 wait $DATA_PID || stamp "data preparation failed: $(tail -1 "$OUT/data.log")"

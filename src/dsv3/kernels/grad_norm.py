@@ -42,13 +42,13 @@ def sum_of_squares_reference(tensors: list[Tensor]) -> Tensor:
 
 if HAS_TRITON:
     @triton.jit
-    def _sumsq_kernel(PTRS, NUMELS, CHUNK_TENSOR, CHUNK_START, OUT, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                      CHUNK: tl.constexpr):
+    def _sumsq_kernel(PTRS, NUMELS, CHUNK_TENSOR, CHUNK_START, OUT, REF, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+        # REF: any tensor of the group's dtype; its pointer type is what the table's addresses are cast to
         c = tl.program_id(0)
         t = tl.load(CHUNK_TENSOR + c)
         start = tl.load(CHUNK_START + c)
         n = tl.load(NUMELS + t)
-        base = tl.load(PTRS + t).to(tl.pointer_type(DTYPE))
+        base = tl.load(PTRS + t).to(REF.dtype)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(0, CHUNK, BLOCK):
             offs = start + i + tl.arange(0, BLOCK)
@@ -90,14 +90,10 @@ def sum_of_squares_triton(tensors: list[Tensor], block: int = _BLOCK, chunk: int
         if device.type == "cuda":       # no host sync: a pinned staging copy, ordered on the stream
             ptrs = ptrs.pin_memory().to(device, non_blocking=True)
         partial = torch.empty(owner.numel(), dtype=torch.float32, device=device)
-        _sumsq_kernel[(owner.numel(),)](ptrs, numels, owner, first, partial, DTYPE=_tl_dtype(dtype), BLOCK=block,
+        _sumsq_kernel[(owner.numel(),)](ptrs, numels, owner, first, partial, group[0], BLOCK=block,
                                         CHUNK=chunk, num_warps=8)
         total += partial.double().sum()           # step 3
     return total
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
 def sum_of_squares(tensors: list[Tensor]) -> Tensor:
