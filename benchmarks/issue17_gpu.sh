@@ -32,7 +32,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then     # CPU: the same commands on tiny shapes, ea
         model.intermediate_size=256 model.moe_intermediate_size=64 model.kv_lora_rank=32 model.qk_nope_head_dim=16
         model.qk_rope_head_dim=16 model.v_head_dim=16 model.num_attention_heads=4 model.num_key_value_heads=4
         model.vocab_size=1024 data.vocab_size=1024 data.seq_len=128 --data-cache /tmp/issue17-data)
-  PEER=(--small --steps 2 --warmup 1)
+  PEER=(--small --batch 1 --seq 128 --steps 2 --warmup 1)
   DATA=(/tmp/issue17-data 1024)
 else
   nvidia-smi --query-gpu=name,memory.used,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
