@@ -107,3 +107,7 @@ def test_triton_matches_float64_on_cuda():
     _assert_close(_run_cases("cuda", block=256, chunk=1024))
     ts = _tensors((torch.bfloat16,), seed=5, device="cuda", n=220)       # lite-8L's count of gradient tensors
     assert abs(sum_of_squares(ts).item() - _exact(ts)) / _exact(ts) < 1e-6
+    # a non-contiguous tensor and an fp64 one go through the reference beside the kernel's pass
+    ts += [torch.randn(64, 48, device="cuda").t(), torch.randn(100, device="cuda", dtype=torch.float64)]
+    got = sum_of_squares(ts)
+    assert got.device.type == "cuda" and abs(got.item() - _exact(ts)) / _exact(ts) < 1e-6

@@ -12,8 +12,8 @@ H200's ~4.1 TB/s is ~2.2 ms. Here one Triton launch per dtype covers every tenso
        and stores one FP32 partial sum;
     3. the partials are summed in FP64 (one FP32 accumulation covers at most CHUNK elements: relative error ~1e-7).
 
-`sum_of_squares` dispatches: Triton for contiguous CUDA tensors when triton imports (DSV3_GRAD_NORM=reference forces
-the reference), else the reference. Both return a float64 scalar on the tensors' device.
+`sum_of_squares` dispatches: Triton for the contiguous CUDA tensors when triton imports (DSV3_GRAD_NORM=reference
+forces the reference), the reference for any others. Both return a float64 scalar on the tensors' device.
 """
 
 from __future__ import annotations
@@ -97,7 +97,13 @@ def sum_of_squares_triton(tensors: list[Tensor], block: int = _BLOCK, chunk: int
 
 
 def sum_of_squares(tensors: list[Tensor]) -> Tensor:
-    """Dispatcher: the Triton pass when every tensor is a contiguous CUDA tensor Triton takes, else the reference."""
-    fast = bool(tensors) and all(use_triton(t, "DSV3_GRAD_NORM") and t.is_contiguous() for t in tensors) \
-        and len({t.device for t in tensors}) == 1
-    return (sum_of_squares_triton if fast else sum_of_squares_reference)(tensors)
+    """Dispatcher: the Triton pass over the contiguous CUDA tensors of a dtype Triton takes (on the first one's
+    device), the reference over any others; the two sums added in FP64."""
+    device = next((t.device for t in tensors if t.is_cuda), None)
+    fast = [t for t in tensors if t.device == device and use_triton(t, "DSV3_GRAD_NORM") and t.is_contiguous()]
+    if not fast:
+        return sum_of_squares_reference(tensors)
+    ids = {id(t) for t in fast}
+    rest = [t for t in tensors if id(t) not in ids]
+    total = sum_of_squares_triton(fast)
+    return total + sum_of_squares_reference(rest).to(total.device) if rest else total
