@@ -76,10 +76,10 @@ def sum_of_squares_triton(tensors: list[Tensor], block: int = _BLOCK, chunk: int
     need_triton("sum_of_squares_triton")
     if chunk % block:
         raise ValueError(f"sum_of_squares_triton: chunk {chunk} is not a multiple of block {block}")
+    device = tensors[0].device if tensors else None
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
-        return torch.zeros((), dtype=torch.float64)
-    device = tensors[0].device
+        return torch.zeros((), dtype=torch.float64, device=device)
     if any(t.device != device or not t.is_contiguous() or t.dtype not in _DTYPES for t in tensors):
         raise ValueError("sum_of_squares_triton: contiguous bf16/fp16/fp32 tensors on one device")
     total = torch.zeros((), dtype=torch.float64, device=device)
