@@ -4,7 +4,9 @@ What is timed is `Trainer.train_step()` itself, on real data (the standard-libra
 inside the model's 102,400): forward with the MTP module and the sequence-wise balance loss, backward, gradient
 clipping, AdamW, the aux-loss-free bias update, and the per-step loss read-back. MFU uses the ANCHORS formula
     F = 6 * N_active + 3 * L * H * (d_qk + d_v) * S      (main model; the MTP module's work is extra, uncounted)
-so the number is comparable with the HF peer (which has no MTP) and with gpu_lite8l.py.
+so the number is comparable with the HF peer (which has no MTP) and with gpu_lite8l.py; the MTP module's FLOPs are
+reported in their own column (`mfu_mtp_module`, and `mfu_with_mtp` for both: issue 17). `--config FILE` times the
+run a `dsv3 train` config describes (e.g. configs/lite.toml, 27 layers with recomputation) instead of the flags.
 
 Under torchrun every rank runs the trainer's step in the layout dp x ep (dp = nproc / ep): `--batch` sequences per
 rank, so the global batch is nproc * batch; rank 0 prints the loss per step and the global tokens/s (the sum of the
@@ -18,6 +20,7 @@ GPU:  PYTHONPATH=src python benchmarks/train_lite8l.py --dtype bf16-params --com
       PYTHONPATH=src python benchmarks/train_lite8l.py --compare --micro-batches 1 4 --compile --dtype bf16-params \
           --state-dtype bf16 --no-mtp --steps 6 --warmup 3
       PYTHONPATH=src torchrun --standalone --nproc_per_node 8 benchmarks/train_lite8l.py --ep 8 --dtype bf16-params
+      PYTHONPATH=src python benchmarks/train_lite8l.py --config configs/lite.toml --steps 4 --warmup 2
 CPU dry run: PYTHONPATH=src python benchmarks/train_lite8l.py --tiny --device cpu --steps 2 --warmup 1
       PYTHONPATH=src OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/train_lite8l.py --tiny \
           --device cpu --steps 2 --warmup 1 --seq 256 --ep 2
