@@ -4,7 +4,9 @@ What is timed is `Trainer.train_step()` itself, on real data (the standard-libra
 inside the model's 102,400): forward with the MTP module and the sequence-wise balance loss, backward, gradient
 clipping, AdamW, the aux-loss-free bias update, and the per-step loss read-back. MFU uses the ANCHORS formula
     F = 6 * N_active + 3 * L * H * (d_qk + d_v) * S      (main model; the MTP module's work is extra, uncounted)
-so the number is comparable with the HF peer (which has no MTP) and with gpu_lite8l.py.
+so the number is comparable with the HF peer (which has no MTP) and with gpu_lite8l.py; the MTP module's FLOPs are
+reported in their own column (`mfu_mtp_module`, and `mfu_with_mtp` for both: issue 17). `--config FILE` times the
+run a `dsv3 train` config describes (e.g. configs/lite.toml, 27 layers with recomputation) instead of the flags.
 
 Under torchrun every rank runs the trainer's step in the layout dp x ep (dp = nproc / ep): `--batch` sequences per
 rank, so the global batch is nproc * batch; rank 0 prints the loss per step and the global tokens/s (the sum of the
@@ -18,6 +20,7 @@ GPU:  PYTHONPATH=src python benchmarks/train_lite8l.py --dtype bf16-params --com
       PYTHONPATH=src python benchmarks/train_lite8l.py --compare --micro-batches 1 4 --compile --dtype bf16-params \
           --state-dtype bf16 --no-mtp --steps 6 --warmup 3
       PYTHONPATH=src torchrun --standalone --nproc_per_node 8 benchmarks/train_lite8l.py --ep 8 --dtype bf16-params
+      PYTHONPATH=src python benchmarks/train_lite8l.py --config configs/lite.toml --steps 4 --warmup 2
 CPU dry run: PYTHONPATH=src python benchmarks/train_lite8l.py --tiny --device cpu --steps 2 --warmup 1
       PYTHONPATH=src OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/train_lite8l.py --tiny \
           --device cpu --steps 2 --warmup 1 --seq 256 --ep 2
@@ -44,10 +47,17 @@ from gpu_lite8l import flops_per_token, shrink  # noqa: E402
 from dsv3.config import load_model_config  # noqa: E402
 from dsv3.model import Transformer  # noqa: E402
 from dsv3.train import RunConfig, Trainer  # noqa: E402
+from dsv3.train.config import load_run_config  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="time the steps of this `dsv3 train` run config (TOML or a run's "
+                   "config.json) with its train/optim/model settings as `dsv3 train --config` runs them; only the run "
+                   "directory, validation, checkpoints and the batch ramp are set for timing (--set: more overrides). "
+                   "The model/precision/batch flags below then do not apply")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+                   help="with --config: overrides (the flag may repeat)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--batch", type=int, default=4, help="sequences per rank and micro-batch")
@@ -188,13 +198,34 @@ def category_table(prof, device: bool, steps: int) -> list[dict]:
             for c, ms in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
-def main() -> None:
-    a = parse_args()
-    if a.compare:
-        compare(sys.argv[1:], a.arms.split(","), a.micro_batches)
-        return
-    if len(a.micro_batches) != 1:
-        raise SystemExit("--micro-batches takes several values only with --compare")
+def mtp_flops_per_token(model: Transformer, seq: int) -> float:
+    """FLOPs per token of the MTP module(s) (TR 2.2), in their own column: 6 x their matmul parameters active per
+    token, counting the shared output head again (each depth runs it on its own hidden states; the embedding is a
+    lookup), plus one attention layer per depth. 0 without MTP."""
+    cfg = model.config
+    if not cfg.num_nextn_predict_layers:
+        return 0.0
+    counts = model.num_params()
+    norms = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 1 and n.startswith("mtp."))
+    matmul = counts["mtp_active"] - model.embed_tokens.weight.numel() - norms
+    attn = 3 * cfg.num_nextn_predict_layers * cfg.num_attention_heads * (
+        cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * seq
+    return 6.0 * matmul + attn
+
+
+def config_file_run(a: argparse.Namespace, world: int) -> tuple[RunConfig, str]:
+    """--config: the run config `dsv3 train --config` would train with, set up for timing (a fresh temporary run
+    directory, no validation or checkpoints, no batch ramp: every timed step has the full batch)."""
+    timing = [f"run_dir={json.dumps(tempfile.mkdtemp(prefix='dsv3-bench-'))}", "train.steps=100000",
+              "train.batch_size_start=0", "log.val_batches=0", "log.val_interval=0", "log.tensorboard=false",
+              "log.progress=false", "checkpoint.interval=0", f"data.cache_dir={json.dumps(a.data_cache)}"]
+    cfg = load_run_config(a.config, [*a.set, *timing])
+    tag = a.tag or f"config_{Path(a.config).stem}" + (f"_w{world}" if world > 1 else "")
+    return cfg, tag
+
+
+def flag_run(a: argparse.Namespace, world: int) -> tuple[RunConfig, str]:
+    """The run config of the command-line flags (lite-8L, or the tiny shrink of it with --tiny)."""
     n_micro = a.micro_batches[0]
     model = load_model_config("lite-8L")
     if a.tiny:
@@ -205,11 +236,8 @@ def main() -> None:
                     f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}{'_noaux' if a.alpha == 0 else ''}"
                     f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_wtcache' if a.fp8_weight_cache == 'backward' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}"
                     f"{f'_mb{n_micro}' if n_micro > 1 else ''}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not a.tag:
         tag += f"_w{world}_ep{a.ep}"
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig.from_dict({
         "model": model.to_dict(), "run_dir": tempfile.mkdtemp(prefix="dsv3-bench-"),
         "data": {"sources": ["stdlib"], "vocab_size": 8192 if not a.tiny else 1024, "cache_dir": a.data_cache,
@@ -225,6 +253,22 @@ def main() -> None:
         "parallel": {"ep": a.ep},
         "log": {"val_batches": 0, "tensorboard": False, "progress": False},
     })
+    return cfg, tag
+
+
+def main() -> None:
+    a = parse_args()
+    if a.compare:
+        compare(sys.argv[1:], a.arms.split(","), a.micro_batches)
+        return
+    if len(a.micro_batches) != 1:
+        raise SystemExit("--micro-batches takes several values only with --compare")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, tag = config_file_run(a, world) if a.config else flag_run(a, world)
+    n_micro = cfg.train.batch_size // cfg.train.micro_batch_size
+    seq, rows = cfg.data.seq_len, cfg.train.micro_batch_size // world      # this rank's rows per micro-batch
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, progress=False)
     build_s = time.perf_counter() - t0
@@ -248,21 +292,31 @@ def main() -> None:
         if main_rank and world > 1:
             print(f"[{tag}] step {i + 1}: loss {stats.loss:.4f}  {times[-1] * 1e3:.1f} ms", flush=True)
     sec = statistics.median(times)
-    tokens = n_micro * a.batch * a.seq           # this rank's tokens per step
+    tokens = n_micro * rows * seq                # this rank's tokens per step
     # global tokens/s: the sum of the ranks' own rates
     tok_s = layout.sum(torch.tensor(tokens / sec, dtype=torch.float64, device=dev)).item()
     with torch.device("meta"):                   # FLOPs of the whole model (a rank holds only its experts with ep > 1)
-        fl = flops_per_token(Transformer(trainer.model.config), a.seq)
-    res = dict(tag=tag, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-               torch=torch.__version__, batch=a.batch, micro_batches=n_micro, seq=a.seq, dtype=a.dtype, compile=a.compile,
-               recompute=a.recompute, mtp=not a.no_mtp, alpha=a.alpha, build_s=build_s, warmup_s=warm_s,
+        whole = Transformer(trainer.model.config)
+        fl = flops_per_token(whole, seq)
+        fl["mtp_flops_per_token"] = mtp_flops_per_token(whole, seq)
+    t = cfg.train
+    res = dict(tag=tag, config=a.config, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+               torch=torch.__version__, batch=rows, micro_batches=n_micro, seq=seq, dtype=t.dtype, compile=t.compile,
+               recompute=t.recompute, mtp=cfg.model.num_nextn_predict_layers > 0, alpha=cfg.balance.seq_aux_alpha,
+               layers=cfg.model.num_hidden_layers, build_s=build_s, warmup_s=warm_s,
                step_seconds=times, median_step_s=sec, tokens_per_s=tok_s,
-               mfu=fl["flops_per_token"] * tok_s / world / a.peak, losses=losses,
+               mfu=fl["flops_per_token"] * tok_s / world / a.peak,
+               # the MTP module's work on its own (TR 2.2), and main + MTP: issue 17 reports both beside `mfu`
+               mfu_mtp_module=fl["mtp_flops_per_token"] * tok_s / world / a.peak,
+               mfu_with_mtp=(fl["flops_per_token"] + fl["mtp_flops_per_token"]) * tok_s / world / a.peak,
+               losses=losses,
                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None, **fl)
     if world > 1:
-        res.update(world=world, ep=a.ep, dp=layout.dp, global_batch=n_micro * a.batch * world)
+        res.update(world=world, ep=cfg.parallel.ep, dp=layout.dp, global_batch=n_micro * rows * world)
     if main_rank:
-        print(f"[{tag}] step {sec * 1e3:.1f} ms  {tok_s:,.0f} tok/s  MFU {res['mfu']:.1%}  "
+        mtp_part = (f" (+ MTP module {res['mfu_mtp_module']:.1%}, all {res['mfu_with_mtp']:.1%})"
+                    if res["mtp"] else "")
+        print(f"[{tag}] step {sec * 1e3:.1f} ms  {tok_s:,.0f} tok/s  MFU {res['mfu']:.1%}{mtp_part}  "
               f"peak {res['peak_memory_gib'] or 0:.1f} GiB  (build {build_s:.0f}s, warm-up {warm_s:.0f}s)", flush=True)
     if a.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -89,7 +89,7 @@ def test_a_cuda_device_on_a_machine_without_one_is_refused_before_any_file(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["tiny.toml", "small-gpu.toml", "lite-8L.toml"])
+@pytest.mark.parametrize("name", ["tiny.toml", "small-gpu.toml", "lite-8L.toml", "lite.toml"])
 def test_shipped_configs_validate(name):
     """Every config in configs/ reads and validates (a typo there would only surface on the GPU)."""
     from dsv3.train.config import load_run_config

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..kernels.grad_norm import sum_of_squares
 from .expert import ExpertParallelExperts
 from .mesh import ParallelMesh
 
@@ -93,9 +94,8 @@ def grad_norm(model, mesh: ParallelMesh | None) -> torch.Tensor:
     device = next(iter(model.parameters())).device if mesh is None else _device(mesh)
     sq = torch.zeros((), dtype=torch.float64, device=device)
     if counted:
-        # per-tensor norms accumulated in fp64 (no fp64 copy of a gradient), their squares summed in fp64
-        norms = torch._foreach_norm(counted, 2, dtype=torch.float64)
-        sq = sq + torch.stack(norms).square().sum().to(device)
+        # one pass over every gradient on CUDA (dsv3.kernels.grad_norm), per-tensor fp64 norms elsewhere
+        sq = sq + sum_of_squares(counted).to(device)
     if mesh is not None:
         dist.all_reduce(sq)
     return sq.sqrt()

@@ -1,0 +1,71 @@
+"""Issue 17: compiling the blocks must not drop the MoE's buffer mutation (`tokens_per_expert += counts`, inside
+every compiled block), or the aux-loss-free bias update (spec 1.7) silently stops while the loss still falls. Over 5
+steps from the same seed, fp32, the compiled trainer's per-expert loads (what train_step returns, summed over the
+micro-batches) equal eager's exactly, and so do the routing biases they move; and the biases do move.
+
+- CPU: the blocks compiled as parallelize compiles them (`block.compile()` on every main and MTP block), with the
+  aot_eager backend: dynamo and AOT autograd's functionalisation of the buffer mutation, as on the GPU, without
+  inductor's codegen (the Trainer refuses train.compile on the CPU: inductor cannot compile the fp32 grouped GEMM);
+- CUDA: train.compile=true, what `dsv3 train` runs (inductor)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3.model.moe import moe_layers
+from dsv3.train import Trainer
+
+from test_train_loop import small_run
+
+
+def _history(trainer: Trainer, steps: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loads, biases) after each step: (steps, MoE layers, E) each."""
+    loads, biases = [], []
+    for _ in range(steps):
+        _, step_loads = trainer.train_step()
+        loads.append(step_loads.clone())
+        biases.append(torch.stack([m.gate.e_score_correction_bias.detach().clone()
+                                   for _, m in moe_layers(trainer.model)]))
+    trainer.logger.close()
+    return torch.stack(loads).cpu(), torch.stack(biases).cpu()
+
+
+def _check(eager: tuple[torch.Tensor, torch.Tensor], compiled: tuple[torch.Tensor, torch.Tensor]) -> None:
+    (loads_e, bias_e), (loads_c, bias_c) = eager, compiled
+    assert loads_e.sum() > 0 and not torch.equal(bias_e[-1], torch.zeros_like(bias_e[-1])), "nothing was counted"
+    assert len(bias_e) == 5 and not torch.equal(bias_e[0], bias_e[-1]), "the routing biases never moved"
+    assert loads_c.sum() == loads_e.sum(), "the compiled blocks lost expert counts"
+    assert torch.equal(loads_c, loads_e)
+    torch.testing.assert_close(bias_c, bias_e, rtol=0, atol=1e-6)
+
+
+def test_compiled_blocks_keep_expert_loads_and_bias_updates_on_cpu(tmp_path):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    runs = {}
+    for compiled in (False, True):
+        # bf16 weights: dynamo traces `_grouped_mm` only in bf16 (its meta function refuses fp32)
+        t = Trainer(small_run(tmp_path, f"loads{compiled}", train={"batch_size_start": 0, "dtype": "bf16-params"},
+                              log={"val_batches": 0}), progress=False)
+        counter = CompileCounterWithBackend("aot_eager")
+        if compiled:
+            for block in list(t.model.layers) + list(t.model.mtp):
+                block.compile(backend=counter)
+        runs[compiled] = _history(t)
+        if compiled:
+            assert counter.frame_count >= 2       # the blocks did run compiled
+    torch._dynamo.reset()
+    _check(runs[False], runs[True])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_compiled_trainer_keeps_expert_loads_and_bias_updates_on_cuda(tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    runs = {}
+    for compiled in (False, True):
+        t = Trainer(small_run(tmp_path, f"loads{compiled}", train={"device": "cuda", "dtype": "fp32",
+                                                                    "compile": compiled, "batch_size_start": 0},
+                              log={"val_batches": 0}), progress=False)
+        runs[compiled] = _history(t)
+    _check(runs[False], runs[True])
