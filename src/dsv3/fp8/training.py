@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..kernels.fp8_quant import quantize_blocks_both
-from .experts import FP8ExpertsFunction, no_autocast, quantize_expert_weight, quantize_expert_weight_t
+from .experts import RECIPES, FP8ExpertsFunction, no_autocast, quantize_expert_weight, quantize_expert_weight_t
 from .ops import fp8_gemm, quantize_blocks, quantize_tiles, quantize_tiles_transposed
 from ..model.layers import MLP
 from ..model.mla import MLA
@@ -107,7 +107,8 @@ class FP8TrainLinear(nn.Linear):
 
 
 class FP8TrainExperts(Experts):
-    fp8_scaling = "block"     # or "row": set by apply_fp8
+    fp8_scaling = "block"     # or "row": set by apply_fp8 (the forward / input-gradient operands, the cache's)
+    fp8_recipe = "block"      # a key of dsv3.fp8.experts.RECIPES: the scaling, and the weight gradients in FP8 or not
     fp8_cache = None          # gate, up, down's FP8 operands, set by dsv3.fp8.weight_cache.refresh_fp8_weights
 
     def fp8_weights(self) -> tuple[torch.Tensor, ...] | None:
@@ -130,7 +131,7 @@ class FP8TrainExperts(Experts):
         offs = counts.cumsum(0).to(torch.int32)
         if torch.is_autocast_enabled(xs.device.type):
             xs = xs.to(torch.get_autocast_dtype(xs.device.type))
-        return FP8ExpertsFunction.apply(xs, gate, up, down, offs, self.fp8_scaling, *c_gate, *c_up, *c_down)
+        return FP8ExpertsFunction.apply(xs, gate, up, down, offs, self.fp8_recipe, *c_gate, *c_up, *c_down)
 
 
 _MLA_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -139,12 +140,13 @@ _MLA_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_pr
 def apply_fp8(model: nn.Module, experts: str = "block", linears: bool = True) -> nn.Module:
     """Run the MLA projections, dense / shared FFNs and routed experts in FP8, in place; the embedding, head,
     router, norms and attention core keep their precision (TR 3.3.1). `experts`: "block" (the report's 1x128 /
-    128x128 scaling, all three GEMMs) or "row" (row-wise scales; dsv3.fp8.experts). `linears=False`
+    128x128 scaling, all three GEMMs), "row" (row-wise scales, bf16 weight gradients) or "row-fp8-wgrad" (row, the
+    weight gradients in FP8 too; dsv3.fp8.experts.RECIPES). `linears=False`
     leaves the MLA projections and dense / shared FFNs in their precision: only the routed experts, most of an MoE
     step's GEMM FLOPs, run in FP8 (at small widths the quantisation of a dense GEMM's operands can cost more than
     FP8 saves; RESULTS.md, issue 15). Returns the model."""
-    if experts not in ("block", "row"):
-        raise ValueError(f"apply_fp8: experts must be 'block' or 'row', got {experts!r}")
+    if experts not in RECIPES:
+        raise ValueError(f"apply_fp8: experts must be one of {', '.join(RECIPES)}, got {experts!r}")
     for module in model.modules():
         if not linears and isinstance(module, (MLA, MLP)):
             continue
@@ -159,5 +161,5 @@ def apply_fp8(model: nn.Module, experts: str = "block", linears: bool = True) ->
                     child.__class__ = FP8TrainLinear
         elif type(module) is Experts:
             module.__class__ = FP8TrainExperts
-            module.fp8_scaling = experts
+            module.fp8_scaling, module.fp8_recipe = RECIPES[experts][0], experts
     return model
