@@ -14,8 +14,9 @@ scale_b (E*K,), offs)` with offsets along M (the tokens) computes exactly that: 
         1. each group's columns: amax over its rows, scale = max(amax, EPS) / 448 (as every quantiser here)
         2. q_t[k, p_start(e) + i] = x[start(e) + i, k] / scale[e, k]: the transpose, each group's tokens starting
            at a multiple of 16 (CUTLASS reads the token dim contiguously and wants every group 16-byte aligned),
-           zeros in the padding (they add nothing to the sum); the last group runs to M_pad = round16(M + 15 E), a
-           static size, so nothing here syncs with the host
+           zeros in the padding (they add nothing to the sum; an empty group gets 16 zero columns, so its dW is
+           exactly 0); the last group runs to M_pad = round16(M + 16 E), a static size: nothing here syncs with the
+           host
     fp8_grouped_wgrad_rowwise(dy_t, dy_scale, x_t, x_scale, offs) -> dW (E, N, K)
         3. one `_scaled_grouped_mm` over the padded group ends (fast FP8 accumulation, bf16 out: its only dtype)
 
@@ -41,9 +42,9 @@ ALIGN = 16       # tokens: a group's start along the contiguous token dim is 16-
 
 
 def padded_tokens(M: int, E: int) -> int:
-    """M_pad: room for M tokens in E groups each starting at a multiple of 16, itself a multiple of 16 (the row
-    stride of q_t, which CUTLASS wants 16-byte aligned)."""
-    return -(-(M + (ALIGN - 1) * E) // ALIGN) * ALIGN
+    """M_pad: room for M tokens in E groups each starting at a multiple of 16 and at least 16 wide, itself a
+    multiple of 16 (the row stride of q_t, which CUTLASS wants 16-byte aligned)."""
+    return -(-(M + ALIGN * E) // ALIGN) * ALIGN
 
 
 def padded_groups(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -52,7 +53,9 @@ def padded_groups(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tensor]:
     GEMM's group e spans [p_starts[e], p_ends[e]); the last group ends at m_pad (= padded_tokens(M, E))."""
     ends = offs.long()
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    padded = (ends - starts + ALIGN - 1) // ALIGN * ALIGN
+    # an expert without tokens gets 16 zero columns: a zero-length group would leave its output to the GEMM
+    # (CUTLASS need not write a group with no K), 16 zeros make it exactly 0
+    padded = ((ends - starts + ALIGN - 1) // ALIGN).clamp_min(1) * ALIGN
     p_ends = padded.cumsum(0)
     p_starts = p_ends - padded
     p_ends[-1:] = m_pad
