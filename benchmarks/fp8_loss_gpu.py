@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,12 +63,13 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--data-cache", default="out/data")
-    p.add_argument("--work", default=None, help="run directories (default: $OUT/fp8-loss-runs)")
+    p.add_argument("--work", default=None, help="run directories (default: a new temporary directory, so that "
+                   "nothing but the chart and the JSON lands in $OUT)")
     p.add_argument("--out", default=None, help="chart path (default: $OUT/fp8-vs-bf16-loss-gpu.png)")
     a = p.parse_args()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(a.work or out / "fp8-loss-runs")
+    work = Path(a.work or tempfile.mkdtemp(prefix="dsv3-fp8-loss-"))
     losses, seconds = {}, {}
     for arm in a.arms.split(","):
         cfg = arm_config(a, arm, work / arm)
