@@ -90,11 +90,20 @@ def per_gemm(D: int, I: int, counts: torch.Tensor, dev: str) -> list[dict]:
             r["fp8_tflops"] = flops / bench(fp8, dev) / 1e12
             r["speedup"] = r["fp8_tflops"] / r["bf16_tflops"]
             rows.append(r)
+        copy_gbps = M * K * 4 / bench(lambda: x.clone(), dev) / 1e9
         for qname, fn, nbytes in (("quantize rows of X", lambda: quantize_rows(x), M * K * 3 + M * 4),
                                   ("quantize group columns of X", lambda: quantize_cols_grouped(x, offs),
                                    M * K * 3 + E * K * 4)):
             t = bench(fn, dev)
-            rows.append({"gemm": f"{name} {qname}", "M": M, "K": K, "ms": t * 1e3, "GBps": nbytes / t / 1e9})
+            rows.append({"gemm": f"{name} {qname}", "M": M, "K": K, "ms": t * 1e3, "GBps": nbytes / t / 1e9,
+                         "of_copy": nbytes / t / 1e9 / copy_gbps})
+        if dev == "cuda":       # launch shapes of the group-column quantiser (kernels/fp8_grouped_wgrad.py)
+            from dsv3.kernels.fp8_grouped_wgrad import quantize_cols_grouped_triton
+            for bm, bk, nw in ((64, 64, 4), (32, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (64, 128, 8)):
+                t = bench(lambda: quantize_cols_grouped_triton(x, offs, bm, bk, nw), dev)
+                gbps = (M * K * 3 + E * K * 4) / t / 1e9
+                rows.append({"gemm": f"{name} group columns sweep", "block_m": bm, "block_k": bk, "warps": nw,
+                             "GBps": gbps, "of_copy": gbps / copy_gbps})
     return rows
 
 

@@ -151,7 +151,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
         dh = _gemm(dyq, dys, w_t[2], offs, scaling, dtype).float()    # in dtype, as a BF16 step's (less memory)
         if ctx.fp8_wgrad:
             d_down = fp8_grouped_wgrad_rowwise(*quantize_cols_grouped(dy, offs),
-                                               *quantize_cols_grouped((silu * u).to(wdtype), offs), offs, wdtype)
+                                               *quantize_cols_grouped(silu * u, offs), offs, wdtype)  # from fp32
         else:
             d_down = grouped_weight_grad(wgrad_operand(dy, dyq, dys), (silu * u).to(wdtype), offs)
         du = (dh * silu).to(dtype)                                                       # step 3
