@@ -11,7 +11,7 @@ weight gradient), and the whole SwiGLU expert FFN forward + backward against bf1
 2. The SwiGLU FFN (gate, up, down) forward + backward, the same routed tokens (counts rounded up to 16, which
    torchao's grouped MM asks for): bf16 (the model's `_grouped_mm` path), dsv3 `FP8ExpertsFunction` with recipe row
    and row-fp8-wgrad (weights quantised inside: no cache), torchao `_to_fp8_rowwise_then_scaled_grouped_mm` per GEMM
-   (if torchao imports: `pip install --no-deps .whl/torchao-0.18.0-*.whl`).
+   (if torchao imports: issue15_gpu.sh installs .whl/peers/torchao-0.18.0-*.whl).
 
 GPU:  PYTHONPATH=src python benchmarks/fp8_grouped_bench.py          (JSON in $OUT/fp8_grouped_bench.json)
 CPU dry run (tiny shapes, the references, wall-clock timing: that every path runs):

@@ -16,21 +16,22 @@
 #   loss     (170) benchmarks/fp8_loss_gpu.py: lite-8L 300 steps B2 x 2048, eager, bf16 vs row-fp8-wgrad (dense GEMMs
 #                  in FP8 too: every FP8 GEMM we have), last-50 mean gap (< 0.25% asked), chart in $OUT
 #   dense     (60) fp8_gemm_bench.py --training: dense FP8 GEMMs fwd / dgrad / wgrad and M = 1..16 vs bf16
-# The torchao 0.18 wheel (3.4 MB, cp310-abi3) is expected in .whl/ (downloaded on the CPU machine with
+# The torchao 0.18 wheel (3.4 MB, cp310-abi3) is expected in .whl/peers/ (not .whl/: gpu_suite.sh installs every
+# .whl/*.whl for the test gate, and the peer has no place there), downloaded on the CPU machine with
 # `pip download torchao==0.18.* --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
-# -d .whl`); it is installed with --no-deps into a scratch directory, nothing else changes on the machine.
+# -d .whl/peers`; it is installed with --no-deps into a scratch directory, nothing else changes on the machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OUT=${OUT:-out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET=${BUDGET:-535}
 DRY=${DRY_RUN:-0}
 PP=src
 if [[ $DRY != 1 ]]; then
-  whl=$(ls .whl/torchao-0.18*.whl 2>/dev/null | head -1)
-  if [[ -n $whl ]] && $PY -m pip install -q --no-deps --target /tmp/issue15-torchao "$whl" >"$OUT/torchao-install.log" 2>&1
-  then PP=src:/tmp/issue15-torchao; else echo "torchao: no wheel in .whl/ or install failed" >>"$OUT/summary.txt"; fi
+  whl=$(ls .whl/peers/torchao-0.18*.whl 2>/dev/null | head -1)
+  if [[ -n $whl ]] && $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/issue15-torchao "$whl" >"$OUT/torchao-install.log" 2>&1
+  then PP=src:/tmp/issue15-torchao; else echo "torchao: no wheel in .whl/peers/ or install failed" >>"$OUT/summary.txt"; fi
 fi
 export PYTHONPATH=$PP
 
