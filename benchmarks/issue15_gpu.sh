@@ -7,8 +7,10 @@
 #   DRY_RUN=1 bash benchmarks/issue15_gpu.sh    on the CPU: every step at tiny sizes (that the commands run)
 #
 # Steps (limit, s):
-#   tests    (100) the new FP8 weight-gradient kernels and the FP8 experts on CUDA: bit-equal quantiser,
-#                  _scaled_grouped_mm 2-D x 2-D vs the reference, autograd vs fp64 for block / row / row-fp8-wgrad
+#   tests    (120) the new FP8 weight-gradient kernels and the FP8 experts on CUDA: bit-equal quantiser,
+#                  _scaled_grouped_mm 2-D x 2-D vs the reference, autograd vs fp64 for block / row / row-fp8-wgrad;
+#                  and under this torch's dynamo: compiled blocks with row-fp8-wgrad experts and the shared-input
+#                  dense FP8 linears keep one graph per block kind (no graph break)
 #   grouped  (110) benchmarks/fp8_grouped_bench.py: fwd / dgrad / wgrad FP8 vs bf16 _grouped_mm (>= 1.3x asked), lite
 #                  and V3 widths, uniform and skewed; the SwiGLU FFN fwd+bwd vs bf16 and torchao (if its wheel is here)
 #   step     (220) train_lite8l --compare, B4 x 2048 x 4 micro-batches, compiled, BF16 moments: bf16 vs FP8 row experts
@@ -62,8 +64,9 @@ fi
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >"$OUT/gpu.txt" 2>&1
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/summary.txt"
-step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_grouped_wgrad.py \
-  tests/test_kernels_fp8_rowwise.py tests/test_fp8_recipe.py -k "cuda"
+step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_grouped_wgrad.py \
+  tests/test_kernels_fp8_rowwise.py tests/test_fp8_recipe.py tests/test_fp8_weight_cache.py \
+  -k "cuda or (compiled and wgrad)"
 step grouped 110 $PY benchmarks/fp8_grouped_bench.py
 step step 220 $PY benchmarks/train_lite8l.py --compare --micro-batches 4 --arms bf16,row-exponly,row-exponly-w8 \
   --compile --dtype bf16-params --state-dtype bf16 --no-mtp --steps 4 --warmup 2

@@ -113,7 +113,8 @@ class FP8ExpertsFunction(torch.autograd.Function):
                 *cached: Tensor) -> Tensor:
         """recipe: a key of RECIPES. cached: for gate, up and down in turn, (q, scale, q_t, scale_t) from
         dsv3.fp8.weight_cache (12 tensors), or nothing (quantised here and, for W^T, in backward)."""
-        (scaling, ctx.fp8_wgrad), weights, dtype = RECIPES[recipe], (gate, up, down), x.dtype
+        scaling, fp8_wgrad = RECIPES[recipe]
+        weights, dtype = (gate, up, down), x.dtype
         w_fwd = [tuple(cached[4 * i:4 * i + 2]) if cached else quantize_expert_weight(w, scaling)
                  for i, w in enumerate(weights)]
         xq, xs = _quantize_act(x, scaling)                               # step 1
@@ -124,7 +125,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
         w_bwd = [t for i in range(3) for t in cached[4 * i + 2:4 * i + 4]] if cached else list(weights)
         ctx.save_for_backward(xq, xs, *quantize_tiles(g), *quantize_tiles(u), offs, *w_bwd)     # step 4
         # len(), not bool(cached): torch 2.11's dynamo cannot trace bool() of a tuple (a graph break per MoE layer)
-        ctx.scaling, ctx.cached = scaling, len(cached) > 0
+        ctx.scaling, ctx.cached, ctx.fp8_wgrad = scaling, len(cached) > 0, fp8_wgrad
         ctx.weight_dtypes = tuple(w.dtype for w in weights)
         return y
 
