@@ -56,6 +56,19 @@ def test_reference_scales_per_group_and_column_layout_and_padding(dtype):
     assert q_t[:, ~used].float().abs().max() == 0
 
 
+def test_reference_from_row_wise_codes_equals_quantising_their_fp32_values():
+    """row_scale: x given as quantize_rows' E4M3 codes and scales (a saved FP8 activation) gives exactly what the
+    dequantised fp32 values give; bad shapes are refused."""
+    from dsv3.kernels.fp8_rowwise import quantize_rows_reference
+    counts = [7, 0, 33, 17]
+    q, s = quantize_rows_reference(make_x(57, 70, seed=2))
+    got = quantize_cols_grouped(q, _offs(counts), s)
+    want = quantize_cols_grouped_reference(q.float() * s[:, None], _offs(counts))
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="row_scale"):
+        quantize_cols_grouped(q, _offs(counts), s[:5])
+
+
 def _grouped_wgrad_case(counts, N=48, K=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     M = sum(counts)
@@ -105,6 +118,10 @@ def _interpreter_cases() -> dict:
         bm, bk, nw = launch or (None, None, None)
         got = quantize_cols_grouped_triton(x, _offs(counts), block_m=bm, block_k=bk, num_warps=nw)
         out[name] = _compare(got, quantize_cols_grouped_reference(x, _offs(counts)))
+    from dsv3.kernels.fp8_rowwise import quantize_rows_reference
+    q, rs = quantize_rows_reference(make_x(150, 96, torch.bfloat16, seed=6))
+    out["row_scaled_codes"] = _compare(quantize_cols_grouped_triton(q, _offs([60, 0, 90]), row_scale=rs),
+                                       quantize_cols_grouped_reference(q, _offs([60, 0, 90]), rs))
     bad = make_x(40, 130, seed=8)
     bad[3, 5], bad[20, 7], bad[39, 0] = float("nan"), float("inf"), -float("inf")
     out["nonfinite"] = _compare_nonfinite(quantize_cols_grouped_triton(bad, _offs([10, 30])),
@@ -115,7 +132,7 @@ def _interpreter_cases() -> dict:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_grouped_wgrad")
-    assert len(res) == 6
+    assert len(res) == 7
     for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
         if name == "nonfinite":
             assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, r
@@ -140,6 +157,11 @@ def test_quantize_cols_grouped_bit_exact_on_cuda():
             q, s = quantize_cols_grouped_triton(x.cuda(), offs, *launch)
             qr, sr = quantize_cols_grouped_reference(x.cuda(), offs)
             assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (counts[:4], launch)
+        from dsv3.kernels.fp8_rowwise import quantize_rows
+        xq, xs = quantize_rows(x.cuda())                     # the saved FP8 activation, requantised per column
+        q, s = quantize_cols_grouped(xq, offs, xs)
+        qr, sr = quantize_cols_grouped_reference(xq, offs, xs)
+        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), counts[:4]
 
 
 @pytest.mark.gpu

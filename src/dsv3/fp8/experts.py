@@ -157,15 +157,15 @@ class FP8ExpertsFunction(torch.autograd.Function):
             d_down = grouped_weight_grad(wgrad_operand(dy, dyq, dys), (silu * u).to(wdtype), offs)
         du = (dh * silu).to(dtype)                                                       # step 3
         dg = (dh * u * sig * (1 + g * (1 - sig))).to(dtype)
-        x = _dequantize(xq, xs, wdtype)                                                  # step 4
-        dgq, dgs = _quantize_act(dg, scaling)
+        dgq, dgs = _quantize_act(dg, scaling)                                            # step 4
         duq, dus = _quantize_act(du, scaling)
         dx = _gemm(dgq, dgs, w_t[0], offs, scaling, dtype) + _gemm(duq, dus, w_t[1], offs, scaling, dtype)
-        if ctx.fp8_wgrad:       # every dW = dY^T X in FP8; x' quantised once for gate and up
-            xc = quantize_cols_grouped(x, offs)
+        if ctx.fp8_wgrad:       # every dW = dY^T X in FP8; x' quantised once for gate and up, from its saved codes
+            xc = quantize_cols_grouped(xq, offs, xs)
             d_gate, d_up = (fp8_grouped_wgrad_rowwise(*quantize_cols_grouped(d, offs), *xc, offs, wdtype)
                             for d in (dg, du))
             return _grads(ctx, dx, d_gate, d_up, d_down)
+        x = _dequantize(xq, xs, wdtype)
         d_gate = grouped_weight_grad(wgrad_operand(dg, dgq, dgs), x, offs)
         d_up = grouped_weight_grad(wgrad_operand(du, duq, dus), x, offs)
         return _grads(ctx, dx, d_gate, d_up, d_down)

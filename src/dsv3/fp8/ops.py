@@ -11,6 +11,8 @@ device) and has a fake (meta) implementation giving its output shapes.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -82,14 +84,14 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("dsv3::quantize_cols_grouped", mutates_args=())
-def quantize_cols_grouped(x: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
-    """Per expert group and column of x (M, K), transposed into the padded token layout: q_t (K, M_pad),
-    scale (E, K) (kernels.fp8_grouped_wgrad)."""
-    return _dense(*_wgrad.quantize_cols_grouped(x, offs))
+def quantize_cols_grouped(x: Tensor, offs: Tensor, row_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Per expert group and column of x (M, K) (or of E4M3 codes times their row_scale), transposed into the padded
+    token layout: q_t (K, M_pad), scale (E, K) (kernels.fp8_grouped_wgrad)."""
+    return _dense(*_wgrad.quantize_cols_grouped(x, offs, row_scale))
 
 
 @quantize_cols_grouped.register_fake
-def _(x: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, offs: Tensor, row_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     (M, K), E = x.shape, offs.shape[0]
     return (x.new_empty(K, _wgrad.padded_tokens(M, E), dtype=_E4M3), x.new_empty(E, K, dtype=torch.float32))
 

@@ -62,23 +62,29 @@ def padded_groups(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tensor]:
     return starts.to(torch.int32), p_starts.to(torch.int32), p_ends.to(torch.int32)
 
 
-def _check(x: Tensor, offs: Tensor) -> tuple[int, int, int]:
-    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+def _check(x: Tensor, offs: Tensor, row_scale: Tensor | None = None) -> tuple[int, int, int]:
+    if row_scale is not None:      # x: E4M3 codes with one scale per row (quantize_rows' output)
+        if x.dim() != 2 or x.dtype != _E4M3 or tuple(row_scale.shape) != (x.shape[0],):
+            raise ValueError(f"with row_scale, x must be (M, K) float8_e4m3fn and row_scale (M,), got "
+                             f"{tuple(x.shape)} {x.dtype}, {tuple(row_scale.shape)}")
+    elif x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         raise ValueError(f"x must be a 2-D floating tensor (tokens, columns), got {tuple(x.shape)} {x.dtype}")
     if offs.dim() != 1 or offs.shape[0] == 0:
         raise ValueError(f"offs must hold the groups' cumulative token ends, (E,) with E >= 1, got {tuple(offs.shape)}")
     return x.shape[0], x.shape[1], offs.shape[0]
 
 
-def quantize_cols_grouped_reference(x: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_cols_grouped_reference(x: Tensor, offs: Tensor, row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per group and column e4m3 codes of x (M, K) sorted by group (offs[-1] = M), transposed into the padded token
-    layout (module docstring): q_t (K, padded_tokens(M, E)) float8_e4m3fn, scale (E, K) fp32."""
-    M, K, E = _check(x, offs)
+    layout (module docstring): q_t (K, padded_tokens(M, E)) float8_e4m3fn, scale (E, K) fp32. With row_scale (M,),
+    x is row-wise E4M3 codes and the values quantised are float(x) * row_scale in fp32 (requantising a saved FP8
+    activation without a dequantised copy)."""
+    M, K, E = _check(x, offs, row_scale)
     m_pad = padded_tokens(M, E)
     starts, p_starts, _ = (t.tolist() for t in padded_groups(offs.cpu(), m_pad))
     q_t = torch.zeros(K, m_pad, device=x.device, dtype=_E4M3)
     scale = torch.empty(E, K, device=x.device, dtype=torch.float32)
-    xf = x.float()
+    xf = x.float() if row_scale is None else x.float() * row_scale[:, None]
     for e, (a, b, p) in enumerate(zip(starts, offs.tolist(), p_starts)):
         xe = xf[a:b]
         amax = xe.abs().amax(0) if b > a else xf.new_zeros(K)
@@ -91,8 +97,8 @@ if HAS_TRITON:
     from .fp8_quant import _absmax, _max_nan, _quant, _scale_of
 
     @triton.jit
-    def _cols_grouped_kernel(X, QT, S, STARTS, ENDS, PSTARTS, PENDS, K, M_PAD, stride_xm, stride_xk,
-                             BM: tl.constexpr, BK: tl.constexpr):
+    def _cols_grouped_kernel(X, RS, QT, S, STARTS, ENDS, PSTARTS, PENDS, K, M_PAD, stride_xm, stride_xk,
+                             HAS_RS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
         # one program: BK columns of one group; 1. the columns' amax over the group's rows in (BM, BK) tiles read
         # along K (coalesced); 2. the cast, each tile transposed (tl.trans, on the fp32 values) and stored along the
         # tokens, the padding up to the next group's start written as zeros
@@ -105,16 +111,20 @@ if HAS_TRITON:
         for r0 in range(start, end, BM):
             rows = (r0 + tl.arange(0, BM)).to(tl.int64)
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                        mask=(rows < end)[:, None] & mask_k[None, :], other=0.0)
-            amax = _max_nan(amax, _absmax(x.to(tl.float32), 0))
+                        mask=(rows < end)[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            if HAS_RS:
+                x = x * tl.load(RS + rows, mask=rows < end, other=0.0)[:, None]
+            amax = _max_nan(amax, _absmax(x, 0))
         s = _scale_of(amax, False)
         for i0 in range(0, p_end - p_start, BM):
             i = (i0 + tl.arange(0, BM)).to(tl.int64)
             rows = start + i
             valid = (rows < end)[:, None] & mask_k[None, :]
-            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=valid, other=0.0)
+            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=valid, other=0.0).to(tl.float32)
+            if HAS_RS:
+                x = x * tl.load(RS + rows, mask=rows < end, other=0.0)[:, None]
             # padding stays 0 where the column's scale is NaN or inf too (0 / NaN would store NaN)
-            q = tl.trans(tl.where(valid, _quant(x.to(tl.float32), s[None, :]), 0.0))    # (BK, BM)
+            q = tl.trans(tl.where(valid, _quant(x, s[None, :]), 0.0))    # (BK, BM)
             tl.store(QT + cols[:, None] * M_PAD + (p_start + i)[None, :], q.to(QT.dtype.element_ty),
                      mask=mask_k[:, None] & (i < p_end - p_start)[None, :])
         tl.store(S + e * K + cols, s, mask=mask_k)
@@ -125,10 +135,10 @@ _BLOCK_M, _BLOCK_K, _WARPS = 64, 64, 4
 
 
 def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = None, block_k: int | None = None,
-                                 num_warps: int | None = None) -> tuple[Tensor, Tensor]:
+                                 num_warps: int | None = None, row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`quantize_cols_grouped_reference` in one Triton kernel (bit-equal to it on the GPU), no host sync."""
     need_triton("quantize_cols_grouped_triton")
-    M, K, E = _check(x, offs)
+    M, K, E = _check(x, offs, row_scale)
     m_pad = padded_tokens(M, E)
     q_t = torch.empty(K, m_pad, device=x.device, dtype=_E4M3)
     scale = torch.empty(E, K, device=x.device, dtype=torch.float32)
@@ -136,16 +146,17 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
     if K:
         bk = block_k or _BLOCK_K
         _cols_grouped_kernel[(triton.cdiv(K, bk), E)](
-            x, q_t, scale, starts, offs.to(torch.int32), p_starts, p_ends, K, m_pad, x.stride(0), x.stride(1),
-            BM=block_m or _BLOCK_M, BK=bk, num_warps=num_warps or _WARPS)
+            x, x if row_scale is None else row_scale, q_t, scale, starts, offs.to(torch.int32), p_starts, p_ends, K,
+            m_pad, x.stride(0), x.stride(1), HAS_RS=row_scale is not None, BM=block_m or _BLOCK_M, BK=bk,
+            num_warps=num_warps or _WARPS)
     return q_t, scale
 
 
-def quantize_cols_grouped(x: Tensor, offs: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_cols_grouped(x: Tensor, offs: Tensor, row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Dispatcher: Triton for CUDA tensors on sm_89+ (DSV3_FP8_QUANT=reference forces the reference)."""
-    if use_triton(x, "DSV3_FP8_QUANT", fp8=True):
-        return quantize_cols_grouped_triton(x, offs)
-    return quantize_cols_grouped_reference(x, offs)
+    if use_triton(x if row_scale is None else row_scale, "DSV3_FP8_QUANT", fp8=True):
+        return quantize_cols_grouped_triton(x, offs, row_scale=row_scale)
+    return quantize_cols_grouped_reference(x, offs, row_scale)
 
 
 def _check_gemm(a_t: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor, offs: Tensor) -> tuple[int, int, int]:
