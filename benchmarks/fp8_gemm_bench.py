@@ -6,18 +6,27 @@ timed with `triton.testing.do_bench` (median). FLOPs = 2 M N K. Targets (ANCHORS
 8192^3 and never slower than scaled_mm blockwise; grouped >= 1.4x bf16.
 
 GPU: PYTHONPATH=src python benchmarks/fp8_gemm_bench.py            (JSON in $OUT/fp8_gemm_bench.json)
+
+--training (issue 15: dense FP8 GEMMs never slower than `torch._scaled_mm` blockwise, >= 1.5x bf16, M = 1..16
+handled): the three GEMMs of each lite / V3 projection as training runs them through the dispatcher `fp8_gemm`
+(cuBLASLt blockwise on sm_90, operands padded where K or N is not a multiple of 128, M to 16), against bf16 cuBLAS:
+forward (M tokens, N, K), input gradient (M, K, N), weight gradient (N, K, M tokens: both operands 1x128 tiles along
+the tokens), and the forward at M = 1, 2, 4, 8, 16; each checked against the fp32 reference first.
+      PYTHONPATH=src python benchmarks/fp8_gemm_bench.py --training   (JSON in $OUT/fp8_gemm_training.json)
+      PYTHONPATH=src python benchmarks/fp8_gemm_bench.py --training --dry-run    (CPU, the reference, tiny shapes)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
-import triton.testing
 
-from dsv3.kernels.fp8_gemm import (fp8_gemm_reference, fp8_gemm_scaled_mm, fp8_gemm_triton,
+from dsv3.kernels.fp8_gemm import (fp8_gemm, fp8_gemm_reference, fp8_gemm_scaled_mm, fp8_gemm_triton,
                                    fp8_grouped_gemm_reference, fp8_grouped_gemm_triton)
 from dsv3.kernels.fp8_quant import (quantize_blocks, quantize_blocks_reference, quantize_tiles,
                                     quantize_tiles_reference, quantize_tiles_transposed,
@@ -36,11 +45,62 @@ def rel(a, b) -> float:
 
 
 def bench(fn) -> float:
+    if not torch.cuda.is_available():        # --dry-run: wall clock, that the path runs
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    import triton.testing
     return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e-3
 
 
+# (name, N, K) of the projections whose GEMMs training runs in FP8 (lite: hidden 2048; V3: hidden 7168)
+TRAIN_LAYERS = [("lite q_proj", 3072, 2048), ("lite kv_a", 576, 2048), ("lite o_proj", 2048, 2048),
+                ("lite ffn up", 10944, 2048), ("lite ffn down", 2048, 10944), ("v3 q_a", 1536, 7168),
+                ("v3 q_b", 24576, 1536), ("v3 ffn up", 18432, 7168), ("v3 ffn down", 7168, 18432)]
+
+
+def training_gemms(dry_run: bool) -> list[dict]:
+    """--training: fp8_gemm (what FP8TrainLinear calls) vs bf16 for forward, dgrad, wgrad and small M."""
+    dev, tokens = ("cpu", 256) if dry_run else ("cuda", 8192)
+    layers = [("tiny", 320, 256)] if dry_run else TRAIN_LAYERS
+    rows = []
+    for name, N, K in layers:
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
+        wq, ws = quantize_blocks(w)
+        wq_t, ws_t = wq.t().contiguous(), ws.t().contiguous()       # W^T's blocks (the input gradient's)
+        cases = []
+        for m in (tokens, 1, 2, 4, 8, 16):
+            cases.append((f"fwd M={m}", torch.randn(m, K, device=dev, dtype=torch.bfloat16), (wq, ws), w))
+        cases.append(("dgrad", torch.randn(tokens, N, device=dev, dtype=torch.bfloat16), (wq_t, ws_t), w.t()))
+        x = torch.randn(tokens, K, device=dev, dtype=torch.bfloat16)
+        dy_t = torch.randn(N, tokens, device=dev, dtype=torch.bfloat16)
+        cases.append(("wgrad", dy_t, quantize_tiles_transposed(x), x.t()))     # dW = dy^T x: (N, M) @ (M, K)
+        for gemm, a, (bq, bs), b_hp in cases:
+            aq, as_ = quantize_tiles(a)
+            Mg, Ng, Kg = a.shape[0], bq.shape[0], a.shape[1]
+            flops = 2 * Mg * Ng * Kg
+            b_lin = b_hp if gemm != "wgrad" else b_hp.contiguous()   # bf16 peer: a @ b_lin^T, b_lin (Ng, Kg)
+            r = {"layer": name, "gemm": gemm, "M": Mg, "N": Ng, "K": Kg,
+                 "err": rel(fp8_gemm(aq, as_, bq, bs), fp8_gemm_reference(aq, as_, bq, bs)),
+                 "fp8_tflops": flops / bench(lambda: fp8_gemm(aq, as_, bq, bs)) / 1e12,
+                 "bf16_tflops": flops / bench(lambda: torch.nn.functional.linear(a, b_lin)) / 1e12}
+            r["speedup"] = r["fp8_tflops"] / r["bf16_tflops"]
+            rows.append(r)
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+    return rows
+
+
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--training", action="store_true", help="only the training GEMM shapes (module docstring)")
+    p.add_argument("--dry-run", action="store_true", help="with --training: CPU, tiny shapes")
+    a = p.parse_args()
     torch.manual_seed(0)
+    if a.training:
+        out = Path(os.environ.get("OUT", "out"))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fp8_gemm_training.json").write_text(json.dumps(training_gemms(a.dry_run), indent=1))
+        return
     dev = "cuda"
     rows = []
     for name, M, N, K in SHAPES:

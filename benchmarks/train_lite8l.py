@@ -79,7 +79,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peak", type=float, default=989e12)
     p.add_argument("--tag", default=None)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8"], help="GEMM precision (train.precision)")
-    p.add_argument("--fp8-experts", default="block", choices=["block", "row"], help="train.fp8_experts")
+    p.add_argument("--fp8-experts", default="block", choices=["block", "row", "row-fp8-wgrad"],
+                   help="train.fp8_experts")
     p.add_argument("--fp8-experts-only", action="store_true", help="train.fp8_linears = false: only the routed "
                    "experts in FP8")
     p.add_argument("--fp8-weight-cache", default="both", choices=["both", "backward"],
@@ -105,6 +106,9 @@ COMPARE = {"bf16": ("BF16", ["--precision", "bf16"]),
            # W^T cached only (train.fp8_weight_cache = backward): half the cache, W quantised in every forward
            "row-exponly-wt": ("FP8 row experts only, W^T cache", ["--precision", "fp8", "--fp8-experts", "row",
                                                                   "--fp8-experts-only", "--fp8-weight-cache", "backward"]),
+           # the experts' weight gradients in FP8 too (train.fp8_experts = row-fp8-wgrad): A/B against row-exponly
+           "row-exponly-w8": ("FP8 row experts only, FP8 wgrad", ["--precision", "fp8", "--fp8-experts",
+                                                                 "row-fp8-wgrad", "--fp8-experts-only"]),
            "row-wt": ("FP8 row-wise experts, W^T cache", ["--precision", "fp8", "--fp8-experts", "row",
                                                           "--fp8-weight-cache", "backward"])}
 
@@ -234,7 +238,7 @@ def flag_run(a: argparse.Namespace, world: int) -> tuple[RunConfig, str]:
         model = model.replace(num_nextn_predict_layers=0)
     tag = a.tag or (f"trainer_{a.dtype}{'_compile' if a.compile else ''}{'_recompute' if a.recompute else ''}"
                     f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}{'_noaux' if a.alpha == 0 else ''}"
-                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_wtcache' if a.fp8_weight_cache == 'backward' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}"
+                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else '_rowexp_w8' if a.fp8_experts == 'row-fp8-wgrad' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_wtcache' if a.fp8_weight_cache == 'backward' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}"
                     f"{f'_mb{n_micro}' if n_micro > 1 else ''}")
     if world > 1 and not a.tag:
         tag += f"_w{world}_ep{a.ep}"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from dsv3.fp8.experts import FP8ExpertsFunction
 from dsv3.fp8.training import FP8LinearFunction, FP8TrainExperts, FP8TrainLinear, apply_fp8
 
-SCALINGS = ["block", "row"]   # the report's block scaling; row-wise scales
+SCALINGS = ["block", "row", "row-fp8-wgrad"]   # the report's block scaling; row-wise scales (+ FP8 weight gradients)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -82,6 +82,25 @@ def test_fp8_experts_forward_and_gradients_against_fp64(scaling):
         assert got.grad.dtype == torch.float32
         assert _rel(got.grad[[0, 2, 3]], want.grad[[0, 2, 3]]) < 0.1
         assert got.grad[1].abs().max() == 0
+
+
+def test_fp8_weight_gradients_switch_changes_only_the_weight_gradients():
+    """row vs row-fp8-wgrad (one flag, dsv3.fp8.experts.RECIPES): the same output and input gradient bit for bit,
+    weight gradients that differ (the FP8 GEMM really runs) by E4M3's rounding of the wgrad operands, and both
+    within E4M3's error of each other's fp64 target (the bound above)."""
+    x, ws, dy, offs, _ = _experts_problem([50, 0, 140, 66], 256, 384, seed=3)
+    out = {}
+    for recipe in ("row", "row-fp8-wgrad"):
+        xf, wf = x.float().requires_grad_(), [w.float().requires_grad_() for w in ws]
+        y = FP8ExpertsFunction.apply(xf, *wf, offs, recipe)
+        y.backward(dy.float())
+        out[recipe] = (y.detach(), xf.grad, [w.grad for w in wf])
+    (y0, dx0, g0), (y1, dx1, g1) = out["row"], out["row-fp8-wgrad"]
+    assert y0.equal(y1) and dx0.equal(dx1)
+    for a, b in zip(g0, g1):
+        assert 1e-3 < _rel(b[[0, 2, 3]], a[[0, 2, 3]]) < 0.1 and b[1].abs().max() == 0
+    with pytest.raises(ValueError, match="row-fp8-wgrad"):
+        apply_fp8(torch.nn.Linear(2, 2), experts="rows")
 
 
 @pytest.mark.parametrize("scaling", SCALINGS)

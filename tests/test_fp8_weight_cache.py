@@ -114,7 +114,8 @@ def test_a_forward_after_an_unrefreshed_weight_change_raises(experts):
         linear(torch.randn(3, linear.in_features))
 
 
-@pytest.mark.parametrize("experts,orientations", [("block", "both"), ("row", "both"), ("row", "backward")])
+@pytest.mark.parametrize("experts,orientations", [("block", "both"), ("row", "both"), ("row", "backward"),
+                                                 ("row-fp8-wgrad", "both")])
 def test_compiled_blocks_take_the_cache_as_inputs_without_graph_breaks_or_recompiles(experts, orientations):
     """Every block compiled (as parallelize does with train.compile; aot_eager on the CPU: dynamo and AOT autograd
     as on the GPU, without inductor's codegen): one graph per distinct block (the dense first layer, the MoE

@@ -18,11 +18,15 @@ this one x, g, u in E4M3 (1 byte) plus fp32 scales. The weight gradients are one
 token-split groups, in bf16 on CUDA (fp32 on the CPU), from the FP8 values of the activations (their dequantised
 codes: the operands an FP8 weight-gradient GEMM would read) and the output gradient.
 
-Two scalings (`apply_fp8(experts=...)`):
-    block  the report's: activations in 1x128 tiles, weights in 128x128 blocks (`kernels.fp8_gemm`'s grouped GEMM);
-           the weight gradients read the dequantised 1x128 tiles of the gradients too
-    row    one scale per token and per weight row through torch._scaled_grouped_mm (`kernels.fp8_rowwise`): faster on
-           Hopper, coarser, FP8 MMA accumulation; the weight gradients read the output gradients in bf16
+Three recipes (`apply_fp8(experts=...)`, `train.fp8_experts`):
+    block          the report's: activations in 1x128 tiles, weights in 128x128 blocks (`kernels.fp8_gemm`'s grouped
+                   GEMM); the weight gradients read the dequantised 1x128 tiles of the gradients too
+    row            one scale per token and per weight row through torch._scaled_grouped_mm (`kernels.fp8_rowwise`):
+                   faster on Hopper, coarser, FP8 MMA accumulation; the weight gradients in bf16 from the output
+                   gradients in bf16
+    row-fp8-wgrad  row, and the weight gradients in FP8 too (`kernels.fp8_grouped_wgrad`, torchao's scaling: one
+                   scale per expert and column of each operand, the 2-D x 2-D _scaled_grouped_mm over the tokens);
+                   backward step 4's x' quantised once for both dWg and dWu
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.fp8_quant import BLOCK
-from .ops import fp8_grouped_gemm, fp8_grouped_gemm_rowwise, grouped_weight_grad, quantize_blocks, quantize_rows, \
-    quantize_tiles
+from .ops import fp8_grouped_gemm, fp8_grouped_gemm_rowwise, fp8_grouped_wgrad_rowwise, grouped_weight_grad, \
+    quantize_blocks, quantize_cols_grouped, quantize_rows, quantize_tiles
 
-__all__ = ["FP8ExpertsFunction", "no_autocast", "quantize_expert_weight", "quantize_expert_weight_t"]
+__all__ = ["RECIPES", "FP8ExpertsFunction", "no_autocast", "quantize_expert_weight", "quantize_expert_weight_t"]
+
+# recipe: (scaling of the forward and input-gradient GEMMs, weight gradients in FP8)
+RECIPES = {"block": ("block", False), "row": ("row", False), "row-fp8-wgrad": ("row", True)}
 
 
 def no_autocast(fn):
@@ -102,10 +109,11 @@ class FP8ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     @no_autocast
-    def forward(ctx, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, offs: Tensor, scaling: str,
+    def forward(ctx, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, offs: Tensor, recipe: str,
                 *cached: Tensor) -> Tensor:
-        """cached: for gate, up and down in turn, (q, scale, q_t, scale_t) from dsv3.fp8.weight_cache (12 tensors),
-        or nothing (quantised here and, for W^T, in backward)."""
+        """recipe: a key of RECIPES. cached: for gate, up and down in turn, (q, scale, q_t, scale_t) from
+        dsv3.fp8.weight_cache (12 tensors), or nothing (quantised here and, for W^T, in backward)."""
+        scaling, fp8_wgrad = RECIPES[recipe]
         weights, dtype = (gate, up, down), x.dtype
         w_fwd = [tuple(cached[4 * i:4 * i + 2]) if cached else quantize_expert_weight(w, scaling)
                  for i, w in enumerate(weights)]
@@ -117,7 +125,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
         w_bwd = [t for i in range(3) for t in cached[4 * i + 2:4 * i + 4]] if cached else list(weights)
         ctx.save_for_backward(xq, xs, *quantize_tiles(g), *quantize_tiles(u), offs, *w_bwd)     # step 4
         # len(), not bool(cached): torch 2.11's dynamo cannot trace bool() of a tuple (a graph break per MoE layer)
-        ctx.scaling, ctx.cached = scaling, len(cached) > 0
+        ctx.scaling, ctx.cached, ctx.fp8_wgrad = scaling, len(cached) > 0, fp8_wgrad
         ctx.weight_dtypes = tuple(w.dtype for w in weights)
         return y
 
@@ -142,14 +150,28 @@ class FP8ExpertsFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dyq, dys = _quantize_act(dy, scaling)                                            # step 2
         dh = _gemm(dyq, dys, w_t[2], offs, scaling, dtype).float()    # in dtype, as a BF16 step's (less memory)
-        d_down = grouped_weight_grad(wgrad_operand(dy, dyq, dys), (silu * u).to(wdtype), offs)
+        if ctx.fp8_wgrad:
+            d_down = fp8_grouped_wgrad_rowwise(*quantize_cols_grouped(dy, offs),
+                                               *quantize_cols_grouped(silu * u, offs), offs, wdtype)  # from fp32
+        else:
+            d_down = grouped_weight_grad(wgrad_operand(dy, dyq, dys), (silu * u).to(wdtype), offs)
         du = (dh * silu).to(dtype)                                                       # step 3
         dg = (dh * u * sig * (1 + g * (1 - sig))).to(dtype)
-        x = _dequantize(xq, xs, wdtype)                                                  # step 4
-        dgq, dgs = _quantize_act(dg, scaling)
+        dgq, dgs = _quantize_act(dg, scaling)                                            # step 4
         duq, dus = _quantize_act(du, scaling)
         dx = _gemm(dgq, dgs, w_t[0], offs, scaling, dtype) + _gemm(duq, dus, w_t[1], offs, scaling, dtype)
+        if ctx.fp8_wgrad:       # every dW = dY^T X in FP8; x' quantised once for gate and up, from its saved codes
+            xc = quantize_cols_grouped(xq, offs, xs)
+            d_gate, d_up = (fp8_grouped_wgrad_rowwise(*quantize_cols_grouped(d, offs), *xc, offs, wdtype)
+                            for d in (dg, du))
+            return _grads(ctx, dx, d_gate, d_up, d_down)
+        x = _dequantize(xq, xs, wdtype)
         d_gate = grouped_weight_grad(wgrad_operand(dg, dgq, dgs), x, offs)
         d_up = grouped_weight_grad(wgrad_operand(du, duq, dus), x, offs)
-        grads = tuple(d.to(t) for d, t in zip((d_gate, d_up, d_down), ctx.weight_dtypes))
-        return (dx, *grads, None, None) + (None,) * (12 if ctx.cached else 0)
+        return _grads(ctx, dx, d_gate, d_up, d_down)
+
+
+def _grads(ctx, dx: Tensor, *weight_grads: Tensor) -> tuple:
+    """backward's return: dx, the weights' gradients in their dtypes, None for offs, recipe and the cache."""
+    grads = tuple(d.to(t) for d, t in zip(weight_grads, ctx.weight_dtypes))
+    return (dx, *grads, None, None) + (None,) * (12 if ctx.cached else 0)

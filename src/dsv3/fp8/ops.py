@@ -11,9 +11,12 @@ device) and has a fake (meta) implementation giving its output shapes.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from ..kernels import fp8_grouped_wgrad as _wgrad
 from ..kernels import fp8_quant as _quant
 from ..kernels import fp8_rowwise as _rowwise
 from ..kernels.fp8_gemm import fp8_gemm as _fp8_gemm
@@ -78,6 +81,31 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 @quantize_rows.register_fake
 def _(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.new_empty(x.shape, dtype=_E4M3), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv3::quantize_cols_grouped", mutates_args=())
+def quantize_cols_grouped(x: Tensor, offs: Tensor, row_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Per expert group and column of x (M, K) (or of E4M3 codes times their row_scale), transposed into the padded
+    token layout: q_t (K, M_pad), scale (E, K) (kernels.fp8_grouped_wgrad)."""
+    return _dense(*_wgrad.quantize_cols_grouped(x, offs, row_scale))
+
+
+@quantize_cols_grouped.register_fake
+def _(x: Tensor, offs: Tensor, row_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    (M, K), E = x.shape, offs.shape[0]
+    return (x.new_empty(K, _wgrad.padded_tokens(M, E), dtype=_E4M3), x.new_empty(E, K, dtype=torch.float32))
+
+
+@torch.library.custom_op("dsv3::fp8_grouped_wgrad_rowwise", mutates_args=())
+def fp8_grouped_wgrad_rowwise(a_t: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor, offs: Tensor,
+                              out_dtype: torch.dtype) -> Tensor:
+    """dW[e] = dY_e^T X_e from quantize_cols_grouped of dY (a) and X (b): (E, N, K)."""
+    return _dense(_wgrad.fp8_grouped_wgrad_rowwise(a_t, a_scale, b_t, b_scale, offs, out_dtype))
+
+
+@fp8_grouped_wgrad_rowwise.register_fake
+def _(a_t: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor, offs: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return a_t.new_empty(offs.shape[0], a_t.shape[0], b_t.shape[0], dtype=out_dtype)
 
 
 @torch.library.custom_op("dsv3::fp8_gemm", mutates_args=())

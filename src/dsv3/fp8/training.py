@@ -16,18 +16,24 @@ rows quantised once for the gate and up GEMMs, the SwiGLU inputs stored in FP8 a
 (dsv3.kernels.fp8_rowwise: on Hopper the only fast FP8 grouped GEMM, at the cost of coarser scaling, FP8 MMA
 accumulation and a bf16 weight gradient; the trade-off and its measured cost: RESULTS.md, issue 15).
 
-`apply_fp8` changes classes in place (`nn.Linear` -> `FP8TrainLinear`, `Experts` -> `FP8TrainExperts`): the
+Projections that read one input quantise it once (`FP8TrainMLA`: q / q_a and kv_a; `FP8TrainMLP`: gate and up;
+dsv3.fp8.shared_input), bit-identical to separate FP8 linears.
+
+`apply_fp8` changes classes in place (`nn.Linear` -> `FP8TrainLinear`, `MLA` / `MLP` -> `FP8TrainMLA` / `FP8TrainMLP`,
+`Experts` -> `FP8TrainExperts`): the
 parameters, their names and the state dict stay the same, so optimisers, checkpoints and export are unaffected.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.fp8_quant import quantize_blocks_both
-from .experts import FP8ExpertsFunction, no_autocast, quantize_expert_weight, quantize_expert_weight_t
+from .experts import RECIPES, FP8ExpertsFunction, no_autocast, quantize_expert_weight, quantize_expert_weight_t
 from .ops import fp8_gemm, quantize_blocks, quantize_tiles, quantize_tiles_transposed
+from .shared_input import FP8SharedInputFunction
 from ..model.layers import MLP
 from ..model.mla import MLA
 from ..model.moe import Experts
@@ -107,7 +113,8 @@ class FP8TrainLinear(nn.Linear):
 
 
 class FP8TrainExperts(Experts):
-    fp8_scaling = "block"     # or "row": set by apply_fp8
+    fp8_scaling = "block"     # or "row": set by apply_fp8 (the forward / input-gradient operands, the cache's)
+    fp8_recipe = "block"      # a key of dsv3.fp8.experts.RECIPES: the scaling, and the weight gradients in FP8 or not
     fp8_cache = None          # gate, up, down's FP8 operands, set by dsv3.fp8.weight_cache.refresh_fp8_weights
 
     def fp8_weights(self) -> tuple[torch.Tensor, ...] | None:
@@ -130,7 +137,37 @@ class FP8TrainExperts(Experts):
         offs = counts.cumsum(0).to(torch.int32)
         if torch.is_autocast_enabled(xs.device.type):
             xs = xs.to(torch.get_autocast_dtype(xs.device.type))
-        return FP8ExpertsFunction.apply(xs, gate, up, down, offs, self.fp8_scaling, *c_gate, *c_up, *c_down)
+        return FP8ExpertsFunction.apply(xs, gate, up, down, offs, self.fp8_recipe, *c_gate, *c_up, *c_down)
+
+
+def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+    """The linears' outputs for one input x: FP8SharedInputFunction (x quantised once) where every one of them is an
+    FP8TrainLinear, else each linear on its own (one left in its precision, e.g. by apply_fp8(linears=False))."""
+    if not all(type(m) is FP8TrainLinear for m in linears):
+        return tuple(m(x) for m in linears)
+    if torch.is_autocast_enabled(x.device.type):          # as FP8TrainLinear.forward
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    cached = [c for m in linears for c in _cached_args(m, (m.weight,))]
+    n_cached = len(cached[0])
+    outs = FP8SharedInputFunction.apply(x, len(linears), n_cached, *(m.weight for m in linears),
+                                        *(t for c in cached for t in c))
+    return tuple(y if m.bias is None else y + m.bias for y, m in zip(outs, linears))
+
+
+class FP8TrainMLA(MLA):
+    """MLA whose q (or q_a) and kv_a projections, both reading the block's normed input, quantise it once."""
+
+    def project_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.q_proj if hasattr(self, "q_proj") else self.q_a_proj
+        return shared_input_linears(x, (first, self.kv_a_proj_with_mqa))
+
+
+class FP8TrainMLP(MLP):
+    """SwiGLU MLP (dense FFN, shared experts) whose gate and up projections quantise their input once."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = shared_input_linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(g) * u)
 
 
 _MLA_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -139,12 +176,13 @@ _MLA_LINEARS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_pr
 def apply_fp8(model: nn.Module, experts: str = "block", linears: bool = True) -> nn.Module:
     """Run the MLA projections, dense / shared FFNs and routed experts in FP8, in place; the embedding, head,
     router, norms and attention core keep their precision (TR 3.3.1). `experts`: "block" (the report's 1x128 /
-    128x128 scaling, all three GEMMs) or "row" (row-wise scales; dsv3.fp8.experts). `linears=False`
+    128x128 scaling, all three GEMMs), "row" (row-wise scales, bf16 weight gradients) or "row-fp8-wgrad" (row, the
+    weight gradients in FP8 too; dsv3.fp8.experts.RECIPES). `linears=False`
     leaves the MLA projections and dense / shared FFNs in their precision: only the routed experts, most of an MoE
     step's GEMM FLOPs, run in FP8 (at small widths the quantisation of a dense GEMM's operands can cost more than
     FP8 saves; RESULTS.md, issue 15). Returns the model."""
-    if experts not in ("block", "row"):
-        raise ValueError(f"apply_fp8: experts must be 'block' or 'row', got {experts!r}")
+    if experts not in RECIPES:
+        raise ValueError(f"apply_fp8: experts must be one of {', '.join(RECIPES)}, got {experts!r}")
     for module in model.modules():
         if not linears and isinstance(module, (MLA, MLP)):
             continue
@@ -153,11 +191,15 @@ def apply_fp8(model: nn.Module, experts: str = "block", linears: bool = True) ->
                 child = getattr(module, name, None)
                 if type(child) is nn.Linear:
                     child.__class__ = FP8TrainLinear
+            if type(module) is MLA:          # one quantisation of the shared input (other subclasses keep theirs)
+                module.__class__ = FP8TrainMLA
         elif isinstance(module, MLP):
             for child in (module.gate_proj, module.up_proj, module.down_proj):
                 if type(child) is nn.Linear:
                     child.__class__ = FP8TrainLinear
+            if type(module) is MLP:
+                module.__class__ = FP8TrainMLP
         elif type(module) is Experts:
             module.__class__ = FP8TrainExperts
-            module.fp8_scaling = experts
+            module.fp8_scaling, module.fp8_recipe = RECIPES[experts][0], experts
     return model

@@ -228,8 +228,9 @@ class TrainConfig:
     # tiles, 128x128 weight blocks, FP32 accumulation: TR 3.3, dsv3.fp8.training)
     precision: str = setting("bf16", OneOf(("bf16", "fp8")))
     # with precision=fp8, the routed experts' scaling: block (the report's, as above) or row (one scale per token and
-    # per weight row through torch._scaled_grouped_mm on sm_90: faster, coarser; dsv3.kernels.fp8_rowwise)
-    fp8_experts: str = setting("block", OneOf(("block", "row")))
+    # per weight row through torch._scaled_grouped_mm on sm_90: faster, coarser; dsv3.kernels.fp8_rowwise) or
+    # row-fp8-wgrad (row, and the experts' weight gradients in FP8 too: dsv3.kernels.fp8_grouped_wgrad)
+    fp8_experts: str = setting("block", OneOf(("block", "row", "row-fp8-wgrad")))
     # with precision=fp8: the MLA projections and dense / shared FFNs in FP8 too (the report's recipe); false runs
     # only the routed experts in FP8
     fp8_linears: bool = setting(True, Flag())
