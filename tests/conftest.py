@@ -42,6 +42,15 @@ def build(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, std: float = 0.0
     return model.eval()
 
 
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after prompt from full forwards without any cache: the engines' reference."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids], device=model.embed_tokens.weight.device))[0, -1].argmax()))
+    return ids[len(prompt):]
+
 @pytest.fixture
 def tmp_ckpt(tmp_path):
     return tmp_path / "ckpt"

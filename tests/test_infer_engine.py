@@ -4,7 +4,7 @@ chunked prefill, preemption and prefix caching; every block comes back; bad requ
 import pytest
 import torch
 
-from conftest import build, tiny_config
+from conftest import build, reference_greedy, tiny_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 
 
@@ -12,14 +12,6 @@ from dsv3.infer import Engine, EngineConfig, SamplingParams
 def model():
     # float64: the engine's absorbed decode and the reference's naive form then agree far below any logit gap
     return build(tiny_config(vocab_size=96), seed=3, dtype=torch.float64)
-
-
-def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def prompts(lengths, seed=0):

@@ -7,7 +7,7 @@ flip a greedy token, so equality is exact."""
 import pytest
 import torch
 
-from conftest import build, tiny_config
+from conftest import build, reference_greedy, tiny_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 
 V = 96
@@ -16,14 +16,6 @@ V = 96
 @pytest.fixture(scope="module")
 def model():
     return build(tiny_config(vocab_size=V), seed=3, dtype=torch.float64)
-
-
-def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids], device=model.embed_tokens.weight.device))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def prompts(lengths, seed=0):

@@ -6,7 +6,7 @@ step; and mixed batches (arrivals, preemption, stop ids, a sampled request joini
 import pytest
 import torch
 
-from conftest import build, tiny_config
+from conftest import build, reference_greedy, tiny_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 
 
@@ -20,14 +20,6 @@ def easy():
     """A model whose MTP head often agrees with it (vocabulary 8): most drafts accepted, so the chained drafts of
     k > 1 and the multi-token steps are exercised, not only rejections."""
     return build(tiny_config(vocab_size=8), seed=0, dtype=torch.float64)
-
-
-def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def prompts(lengths, vocab, seed=0):
