@@ -12,7 +12,8 @@ fp8_linear_triton dispatches to for M <= 16) at M = 1, 4, 16 on the dense shapes
 (grouped, M = 6), against bf16 cuBLAS / `_grouped_mm` and against the tiled kernel (`gemv=False`): its launch-table
 default and the best of GEMV_SWEEP (block_n, ku, split, warps). `--only gemv` runs just these.
 
-GPU: PYTHONPATH=src python benchmarks/fp8_weight_gemm_bench.py [--only gemv]   (JSON in $OUT/fp8_weight_gemm.json)
+GPU: PYTHONPATH=src python benchmarks/fp8_weight_gemm_bench.py [--only gemv] [--gemv-sweep none|small|full]   (JSON in
+     $OUT/fp8_weight_gemm.json; each GEMV row printed as measured)
 CPU dry run (tiny shapes, TRITON_INTERPRET=1, one config per sweep, wall-clock "timing", numbers meaningless):
      TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/fp8_weight_gemm_bench.py --dry-run
 """
@@ -44,6 +45,10 @@ DENSE_SWEEP = [dict(block_n=bn, num_warps=4, num_stages=s, split_k=k)
                for bn, s, k in itertools.product((16, 32, 64), (3, 5), (1, 2, 4, 8, 16))]
 GEMV_SWEEP = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=w)
               for bn, ku, k, w in itertools.product((8, 16, 32, 64), (1, 2, 4, 8), (1, 2, 4, 8), (4,))]
+# --gemv-sweep small (default): 12 of GEMV_SWEEP's 64 launches; the full sweep compiles and times 64 x 17 cases,
+# which ran out of a 90 s limit on the H200 before printing anything (sixth session)
+GEMV_SWEEP_SMALL = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=4)
+                    for bn, ku, k in itertools.product((8, 16, 32), (2, 4), (1, 4))]
 GEMV_M = (1, 4, 16)
 DRY = False     # --dry-run: CPU interpreter, tiny shapes, wall-clock of one call
 
@@ -77,6 +82,14 @@ def expert_weights(E: int, N: int, K: int, dev: str):
     return w, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
+def _print_gemv(r: dict) -> None:
+    print(f"GEMV {r['name']:11s} M={r['M']:<3d} err {r['rel_err']:.1e}  default {r['us_default']:7.1f} us "
+          f"({r['bw_default'] / 1e12:.2f} TB/s)  best {r['us_best']:7.1f} us ({r['bw_best'] / 1e12:.2f} TB/s) "
+          f"{r['best']}  tiled {r['us_tiled']:7.1f} us  bf16 {r['us_bf16']:7.1f} us ({r['bw_bf16'] / 1e12:.2f} "
+          f"TB/s)  vs bf16 {r['us_bf16'] / r['us_default']:.2f}x default, {r['us_bf16'] / r['us_best']:.2f}x "
+          f"best; vs tiled {r['us_tiled'] / r['us_default']:.2f}x", flush=True)
+
+
 def gemv_rows(dev: str, dtype: torch.dtype) -> list[dict]:
     """The GEMV vs bf16 and vs the tiled kernel: dense at GEMV_M rows, grouped for one token's 6 of 64 experts."""
     rows = []
@@ -95,6 +108,7 @@ def gemv_rows(dev: str, dtype: torch.dtype) -> list[dict]:
                          us_best=t_best * 1e6, best=cfg, us_tiled=t_tiled * 1e6, us_bf16=t_bf16 * 1e6,
                          bw_default=(q.numel() + s.numel() * 4) / t_def, bw_best=(q.numel() + s.numel() * 4) / t_best,
                          bw_bf16=2 * N * K / t_bf16))
+        _print_gemv(rows[-1])
     for name, (N, K) in EXPERTS.items():
         E = 64 if not DRY else 8
         w, q, s = expert_weights(E, N, K, dev)
@@ -113,12 +127,7 @@ def gemv_rows(dev: str, dtype: torch.dtype) -> list[dict]:
                          us_default=t_def * 1e6, us_best=t_best * 1e6, best=cfg, us_tiled=t_tiled * 1e6,
                          us_bf16=t_bf16 * 1e6, bw_default=nbytes / t_def, bw_best=nbytes / t_best,
                          bw_bf16=2 * 6 * N * K / t_bf16))
-    for r in rows:
-        print(f"GEMV {r['name']:11s} M={r['M']:<3d} err {r['rel_err']:.1e}  default {r['us_default']:7.1f} us "
-              f"({r['bw_default'] / 1e12:.2f} TB/s)  best {r['us_best']:7.1f} us ({r['bw_best'] / 1e12:.2f} TB/s) "
-              f"{r['best']}  tiled {r['us_tiled']:7.1f} us  bf16 {r['us_bf16']:7.1f} us ({r['bw_bf16'] / 1e12:.2f} "
-              f"TB/s)  vs bf16 {r['us_bf16'] / r['us_default']:.2f}x default, {r['us_bf16'] / r['us_best']:.2f}x "
-              f"best; vs tiled {r['us_tiled'] / r['us_default']:.2f}x", flush=True)
+        _print_gemv(rows[-1])
     return rows
 
 
@@ -127,7 +136,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=("all", "gemv"), default="all")
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
+    ap.add_argument("--gemv-sweep", choices=("none", "small", "full"), default="small",
+                    help="GEMV launches timed beside the table's default: none, 12, or all 64")
     args = ap.parse_args()
+    GEMV_SWEEP = {"none": [dict(gemv=True)], "small": GEMV_SWEEP_SMALL, "full": GEMV_SWEEP}[args.gemv_sweep]
     dev, dtype = "cuda", torch.bfloat16
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":
