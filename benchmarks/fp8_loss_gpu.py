@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -63,17 +62,16 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--data-cache", default="out/data")
-    p.add_argument("--work", default=None, help="run directories (default: a new temporary directory, so that "
-                   "nothing but the chart and the JSON lands in $OUT)")
+    p.add_argument("--work", default=None, help="where the run directories go: a new directory is made inside it "
+                   "(default: inside the system's temporary directory), so nothing there is overwritten or deleted")
     p.add_argument("--out", default=None, help="chart path (default: $OUT/fp8-vs-bf16-loss-gpu.png)")
     a = p.parse_args()
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(a.work or tempfile.mkdtemp(prefix="dsv3-fp8-loss-"))
+    work = Path(tempfile.mkdtemp(prefix="dsv3-fp8-loss-", dir=a.work))     # fresh: one run directory per arm
     losses, seconds = {}, {}
     for arm in a.arms.split(","):
         cfg = arm_config(a, arm, work / arm)
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)         # fresh runs, always (only what this script wrote)
         t = time.perf_counter()
         trainer = Trainer(cfg, progress=False)
         # train_step in a loop (as train_lite8l.py): Trainer.run() would also write a final checkpoint (tens of GB
