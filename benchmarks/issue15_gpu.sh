@@ -18,6 +18,8 @@
 #   loss     (170) benchmarks/fp8_loss_gpu.py: lite-8L 300 steps B2 x 2048, eager, bf16 vs row-fp8-wgrad (dense GEMMs
 #                  in FP8 too: every FP8 GEMM we have), last-50 mean gap (< 0.25% asked), chart in $OUT
 #   dense     (60) fp8_gemm_bench.py --training: dense FP8 GEMMs fwd / dgrad / wgrad and M = 1..16 vs bf16
+#   wtq       (50) fp8_wt_candidates.py: W^T row quantiser candidates (amax + cast split per expert group, the
+#                  library kernel with num_stages) vs copy, each bit-checked first (>= 80% of copy asked)
 # The torchao 0.18 wheel (3.4 MB, cp310-abi3) is expected in .whl/peers/ (not .whl/: gpu_suite.sh installs every
 # .whl/*.whl for the test gate, and the peer has no place there), downloaded on the CPU machine with
 # `pip download torchao==0.18.* --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
@@ -59,6 +61,7 @@ if [[ $DRY == 1 ]]; then
   step loss 300 $PY benchmarks/fp8_loss_gpu.py --tiny --device cpu --steps 4 --seq 128 --batch 2 \
     --data-cache /tmp/issue15-data
   step dense 120 $PY benchmarks/fp8_gemm_bench.py --training --dry-run
+  TRITON_INTERPRET=1 step wtq 300 $PY benchmarks/fp8_wt_candidates.py
   exit 0
 fi
 
@@ -72,4 +75,5 @@ step step 220 $PY benchmarks/train_lite8l.py --compare --micro-batches 4 --arms 
   --compile --dtype bf16-params --state-dtype bf16 --no-mtp --steps 4 --warmup 2
 step loss 170 $PY benchmarks/fp8_loss_gpu.py --steps 300 --batch 2 --arms bf16,row-fp8-wgrad
 step dense 60 $PY benchmarks/fp8_gemm_bench.py --training
+step wtq 50 $PY benchmarks/fp8_wt_candidates.py
 echo "total ${SECONDS}s" | tee -a "$OUT/summary.txt"
