@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
 from dsv3.kernels.fp8_quant import _absmax, _quant, _scale_of
 from dsv3.kernels.fp8_rowwise import _rows_t_kernel, quantize_rows_reference, quantize_rows_transposed_triton
+from fp8_quant_sweep import DRY, bench     # benchmarks/ is on sys.path when this file runs as a script
 
-DRY = os.environ.get("TRITON_INTERPRET") == "1"
 E4M3 = torch.float8_e4m3fn
 
 
@@ -95,14 +93,6 @@ def staged(w: torch.Tensor, stages: int, bn: int = 128, bk: int = 32, warps: int
     _rows_t_kernel[(triton.cdiv(K, bk), E)](w, q_t, s_t, N, K, w.stride(0), w.stride(1), w.stride(2),
                                              BN=bn, BK=bk, num_warps=warps, num_stages=stages)
     return q_t, s_t
-
-
-def bench(fn) -> float:
-    if DRY:
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e-3
 
 
 def check(got, want) -> tuple[bool, bool]:
