@@ -33,7 +33,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     if outs is None:                # the client left; nobody reads this
         return Response(status_code=499)
     engine_failure(outs)
-    return chat_response(state.tokenizer, req, plan, head, outs)
+    return await state.respond(chat_response, state.tokenizer, req, plan, head, outs)
 
 
 def chat_response(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Plan, head: Head, outs: list) -> dict:

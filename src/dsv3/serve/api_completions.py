@@ -31,13 +31,14 @@ async def create_completion(req: CompletionRequest, request: Request):
     state.metrics.request("/v1/completions", [len(ids) for ids in plan.prompt_ids])
     head = Head.new("cmpl", "text_completion", state.model_name)
     if req.stream:
-        events = coalesced(completion_events(state.tokenizer, req, plan, head, merged(state.aengine, handles)), handles)
+        events = coalesced(completion_events(state.tokenizer, req, plan, head, merged(state.aengine, handles),
+                                             state.run), handles)
         return StreamingResponse(events, media_type="text/event-stream")
     outs = await final_outputs(request, state.aengine, handles)
     if outs is None:                # the client left; nobody reads this
         return Response(status_code=499)
     engine_failure(outs)
-    return completion_response(state.tokenizer, req, plan, head, outs)
+    return await state.respond(completion_response, state.tokenizer, req, plan, head, outs)
 
 
 def choice_logprobs(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, k: int, prompt_entries: list | None,
@@ -67,7 +68,9 @@ def completion_response(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan
 
 
 async def completion_events(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, head: Head,
-                            outputs: AsyncIterator) -> AsyncIterator[str]:
+                            outputs: AsyncIterator, run) -> AsyncIterator[str]:
+    """The SSE events; `run(fn, *args)` runs fn on a worker thread (ServerState.run): an echoed prompt's logprobs
+    are thousands of entries, built there and not on the event loop."""
     score_only = req.max_tokens == 0
     n = len(plan.jobs)
     texts = [TextStream(tokenizer, req.stop_list()) for _ in range(n)]
@@ -81,15 +84,21 @@ async def completion_events(tokenizer: Tokenizer, req: CompletionRequest, plan: 
         n_out[k] += len(new)
         text = texts[k].delta(out, drop_last=score_only)
         first = req.echo and not started[k]
-        lp = choice_logprobs(tokenizer, req, plan, k, out.prompt_logprobs if first else None, new, entries)
         if first:
             text = plan.echo[k // req.n] + text
         started[k] = True
-        # a chunk for every step that produced tokens, even when their text is not final yet (held back UTF-8 or
-        # stop-string prefix): clients and benchmarks time tokens by chunks
-        if text or out.finished or lp or new:
-            yield sse(head.body([{"index": k, "text": text, "logprobs": lp,
-                                  "finish_reason": out.finish_reason if out.finished else None}]))
+
+        def event(k=k, text=text, first=first, out=out, new=new, entries=entries) -> str | None:
+            lp = choice_logprobs(tokenizer, req, plan, k, out.prompt_logprobs if first else None, new, entries)
+            # a chunk for every step that produced tokens, even when their text is not final yet (held back UTF-8
+            # or stop-string prefix): clients and benchmarks time tokens by chunks
+            if text or out.finished or lp or new:
+                return sse(head.body([{"index": k, "text": text, "logprobs": lp,
+                                       "finish_reason": out.finish_reason if out.finished else None}]))
+            return None
+        chunk = await run(event) if first and req.logprobs is not None else event()
+        if chunk is not None:
+            yield chunk
     if req.stream_options and req.stream_options.include_usage:
         yield sse(head.body([], usage=usage(sum(map(len, plan.prompt_ids)), sum(n_out))))
     yield sse("[DONE]")

@@ -1,0 +1,120 @@
+"""`dsv3 serve` audited as a hostile and a demanding user (the serve-audit brief), against a live server on loopback
+with the real `openai` client and raw HTTP. One test per defect the existing fuzz / hardening tests missed, each
+failing before its fix:
+
+1. per-request CPU work that grows with the input ran on the event loop: building a large response (n choices x
+   thousands of logprob entries, 2-3 s of /health stall measured) and parsing / validating a large body (4M token ids:
+   1.3 s);
+2. OpenAI's `bytes` of a logprob entry was the UTF-8 of the token's decoded text, U+FFFD for a token that ends inside
+   a character, so clients could not join a character split over tokens;
+3. fields the server cannot honour were ignored instead of refused (`best_of`, `response_format`, `functions`,
+   `function_call`, `tool_choice`), and JSON of the wrong type was coerced (`true` as token id 1, "2" as 2);
+4. headers: the Bearer scheme is case-insensitive (RFC 7235), a body that is not JSON says so, HEAD /health.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from dsv3.data.tokenizer import SPECIAL_TOKENS
+from dsv3.infer import EngineConfig, SamplingParams
+from serve_fixture import all_blocks_free, start_server
+
+# room for 64 echoed prompts of 400 tokens at once
+AUDIT_ENGINE = EngineConfig(block_size=8, num_blocks=3400, max_num_seqs=64, max_num_batched_tokens=4096)
+STALL = 0.3          # seconds: /health slower than this means the event loop was held (the same bound as issue 14's)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = start_server(AUDIT_ENGINE)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def assert_openai_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and "\n" not in err["message"], err
+    return err
+
+
+def health_while(server, send) -> tuple[httpx.Response, list[float]]:
+    """`send()` on a thread, /health timed on this one until it returns: how long the event loop was held."""
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", send()))
+    t.start()
+    latencies = []
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        while t.is_alive():
+            start = time.perf_counter()
+            assert http.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.01)
+    t.join()
+    return out["r"], latencies
+
+
+# ---- 1. the event loop ------------------------------------------------------------------------------------------
+
+def test_1_a_large_response_is_built_off_the_event_loop(server):
+    """lm-eval's scoring call at batch size 32 with 20 top logprobs: 32 x 400 x 21 entries, 6 MB of JSON (before:
+    built and serialised on the event loop, /health stalled ~1 s); and chat's n=16 with 20 top logprobs."""
+    ids = server.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 60)[:400]
+    body = {"prompt": [ids] * 32, "max_tokens": 0, "echo": True, "logprobs": 20}
+    r, lat = health_while(server, lambda: httpx.post(server.url + "/v1/completions", json=body, timeout=120))
+    assert r.status_code == 200 and len(r.content) > 5e6, (r.status_code, r.text[:300])
+    choices = r.json()["choices"]
+    assert len(choices) == 32 and all(len(c["logprobs"]["tokens"]) == 400 for c in choices)
+    want = server.reference.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=20))[0].prompt_logprobs
+    got = choices[5]["logprobs"]
+    assert got["token_logprobs"][1:] == pytest.approx([e[0] for e in want], abs=1e-6)
+    assert len(lat) >= 5 and max(lat) < STALL, lat
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "n": 16, "logprobs": True,
+            "top_logprobs": 20, "ignore_eos": True}
+    r, lat = health_while(server, lambda: httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=120))
+    assert r.status_code == 200 and all(len(c["logprobs"]["content"]) == 200 for c in r.json()["choices"])
+    assert len(lat) >= 5 and max(lat) < STALL, lat
+    assert all_blocks_free(server.engine)
+
+
+def test_1_an_echoed_stream_builds_its_prompt_logprobs_off_the_event_loop(server):
+    ids = server.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 60)[:400]
+    body = {"prompt": [ids] * 64, "max_tokens": 1, "echo": True, "logprobs": 20, "stream": True}
+    r, lat = health_while(server, lambda: httpx.post(server.url + "/v1/completions", json=body, timeout=120))
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") and r.text.count('"text_offset"') == 64
+    print(f"/health max {max(lat) * 1000:.0f} ms")
+    assert len(lat) >= 5 and max(lat) < STALL, lat
+
+
+# ---- 2. logprob bytes ---------------------------------------------------------------------------------------------
+
+def test_2_logprob_bytes_are_the_tokens_own_bytes(server, client):
+    """Joined, the `bytes` of a choice's tokens are its text's UTF-8, split characters included (the tiny model
+    emits many: its tokens are mostly single bytes)."""
+    r = client.chat.completions.create(model="dsv3-tiny", messages=[{"role": "user", "content": "héllo wörld ☃"}],
+                                       max_tokens=60, temperature=1.0, seed=3, logprobs=True, top_logprobs=3,
+                                       n=4, extra_body={"ignore_eos": True})
+    split = 0
+    for c in r.choices:
+        entries = c.logprobs.content
+        # the message's text leaves special tokens out (the random model emits some)
+        raw = b"".join(bytes(e.bytes) for e in entries if e.token not in SPECIAL_TOKENS.values())
+        assert raw.decode("utf-8", "replace") == c.message.content
+        split += sum("\ufffd" in e.token for e in entries)
+        for e in entries:
+            tid = server.tokenizer.backend.token_to_id(e.token) if "\ufffd" not in e.token else None
+            assert tid is None or bytes(e.bytes) == e.token.encode()
+            assert all(bytes(t.bytes).decode("utf-8", "replace") == t.token for t in e.top_logprobs)
+    assert split > 0, "no output token ended inside a character: the test proves nothing"
