@@ -118,3 +118,91 @@ def test_2_logprob_bytes_are_the_tokens_own_bytes(server, client):
             assert tid is None or bytes(e.bytes) == e.token.encode()
             assert all(bytes(t.bytes).decode("utf-8", "replace") == t.token for t in e.top_logprobs)
     assert split > 0, "no output token ended inside a character: the test proves nothing"
+
+
+def test_1_a_large_body_is_parsed_off_the_event_loop(server):
+    """3M token ids (6 MB, under the 8 MiB limit): FastAPI's json.loads + smart-union validation held the loop ~1 s;
+    one pydantic-core call on a worker thread takes ~0.2 s (it holds the GIL: the rest of the stall)."""
+    raw = b'{"prompt": [' + b",".join([b"1"] * 3_000_000) + b'], "max_tokens": 1}'
+    r, lat = health_while(server, lambda: httpx.post(server.url + "/v1/completions", content=raw, timeout=120,
+                                                     headers={"content-type": "application/json"}))
+    assert assert_openai_error(r, 400)["code"] == "context_length_exceeded"
+    print(f"/health max {max(lat) * 1000:.0f} ms")
+    assert max(lat) < 0.5, lat
+
+
+# ---- 3. what cannot be honoured is refused; types are strict --------------------------------------------------------
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize("route, extra, word", [
+    ("/v1/completions", {"best_of": 3}, "best_of"),
+    ("/v1/completions", {"best_of": 1, "n": 2}, "best_of"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ("/v1/chat/completions", {"functions": [{"name": "f", "parameters": {}}]}, "tools"),
+    ("/v1/chat/completions", {"function_call": {"name": "f"}}, "function_call"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+])
+def test_3_what_cannot_be_honoured_is_refused(server, route, extra, word):
+    base = {"prompt": "hi", "max_tokens": 2} if route == "/v1/completions" else CHAT
+    err = assert_openai_error(httpx.post(server.url + route, json=base | extra), 400)
+    assert word in err["message"] and "not supported" in err["message"], err
+
+
+@pytest.mark.parametrize("route, extra", [
+    ("/v1/completions", {"best_of": 2, "n": 2}), ("/v1/completions", {"best_of": None}),
+    ("/v1/chat/completions", {"response_format": {"type": "text"}}),
+    ("/v1/chat/completions", {"tool_choice": "none", "function_call": "auto"}),
+])
+def test_3_what_the_server_does_anyway_is_accepted(server, route, extra):
+    base = {"prompt": "hi", "max_tokens": 2} if route == "/v1/completions" else CHAT
+    r = httpx.post(server.url + route, json=base | extra)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("route, body, field", [
+    ("/v1/completions", {"prompt": [True, 5], "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": [[5], [False]], "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": [5, "a"], "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": 5, "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "2"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stop_token_ids": [True]}, "stop_token_ids"),
+    ("/v1/chat/completions", CHAT | {"logprobs": 1}, "logprobs"),
+    ("/detokenize", {"tokens": [True]}, "tokens"),
+])
+def test_3_json_of_the_wrong_type_is_refused_not_coerced(server, route, body, field):
+    err = assert_openai_error(httpx.post(server.url + route, json=body), 400)
+    assert field in err["message"], err
+
+
+def test_3_every_prompt_form_still_reads(server, client):
+    ids = server.tokenizer.encode("import os")
+    want = server.reference.generate([ids], SamplingParams(temperature=0.0, max_tokens=3))[0].text
+    for prompt, n in (("import os", 1), (["import os", "import os"], 2), (ids, 1), ([ids, ids, ids], 3)):
+        r = client.completions.create(model="dsv3-tiny", prompt=prompt, max_tokens=3, temperature=0)
+        assert [c.text for c in r.choices] == [want] * n
+
+
+# ---- 4. headers and bodies -----------------------------------------------------------------------------------------
+
+def test_4_a_body_that_is_not_json_says_so(server):
+    body = b'{"prompt": "hi", "max_tokens": 2}'
+    for ct in ("text/plain", "application/x-www-form-urlencoded"):         # curl -d without -H sends the latter
+        err = assert_openai_error(httpx.post(server.url + "/v1/completions", content=body,
+                                             headers={"content-type": ct}), 415)
+        assert "JSON" in err["message"] and ct in err["message"]
+    for ct in ("application/json", "application/json; charset=utf-8", "APPLICATION/JSON", None):
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": ct} if ct else {})
+        assert r.status_code == 200, (ct, r.text)
+    assert "JSON body" in assert_openai_error(httpx.post(server.url + "/v1/completions", content=b"",
+                                                         headers={"content-type": "application/json"}), 400)["message"]
+    for raw in (b'{"prompt": "h\xffi"}', b"[" * 100_000, b'{"prompt": "a",}', b'{"messages": [{"role": "user", '
+                                                                               b'"content": "\\ud800"}]}'):
+        err = assert_openai_error(httpx.post(server.url + "/v1/chat/completions", content=raw,
+                                             headers={"content-type": "application/json"}), 400)
+        assert "JSON" in err["message"] or "surrogate" in err["message"] or "messages" in err["message"], err

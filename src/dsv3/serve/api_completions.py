@@ -13,13 +13,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..data import Tokenizer
+from .body import WorkerBodyRoute
 from .outputs import coalesced, engine_failure, engine_failure_event, final_outputs, merged, submit_all
 from .protocol import CompletionRequest
 from .responses import Head, TextStream, completion_logprobs, sse, usage
 from .state import get_state
 from .validation import Plan, check_model, plan_completion
 
-router = APIRouter()
+router = APIRouter(route_class=WorkerBodyRoute)
 
 
 @router.post("/v1/completions")
