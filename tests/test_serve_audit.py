@@ -14,6 +14,7 @@ failing before its fix:
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -206,3 +207,58 @@ def test_4_a_body_that_is_not_json_says_so(server):
         err = assert_openai_error(httpx.post(server.url + "/v1/chat/completions", content=raw,
                                              headers={"content-type": "application/json"}), 400)
         assert "JSON" in err["message"] or "surrogate" in err["message"] or "messages" in err["message"], err
+
+
+def test_4_bearer_scheme_is_case_insensitive_and_health_answers_head():
+    s = start_server(api_key="sekret-ключ")
+    try:
+        for value in ("Bearer sekret-ключ", "bearer sekret-ключ", "BEARER  sekret-ключ"):
+            r = httpx.get(s.url + "/v1/models", headers={"Authorization": value.encode()})
+            assert r.status_code == 200, (value, r.text)
+        for value in ("Bearer sekret", "Basic sekret-ключ", "sekret-ключ", "Bearer", "Bearer sekret-ключx", ""):
+            r = httpx.get(s.url + "/v1/models", headers={"Authorization": value.encode()})
+            assert assert_openai_error(r, 401)["type"] == "authentication_error", value
+            assert "sekret" not in r.text
+        r = httpx.head(s.url + "/health")
+        assert r.status_code == 200 and r.content == b""
+    finally:
+        s.stop()
+
+
+# ---- 5. lifecycle -------------------------------------------------------------------------------------------------
+
+def test_5_shutdown_ends_open_requests_cleanly():
+    """Requests still open when the server's graceful-shutdown time runs out (uvicorn then cancels them) end as
+    OpenAI clients understand: a stream with an error event and [DONE] (before: a cut chunked body), a non-streaming
+    request with a 503 in the error shape (before: a plain-text 500); their sequences are aborted."""
+    s = start_server()
+    s.server.config.timeout_graceful_shutdown = 0.3
+    long = {"prompt": "import os", "max_tokens": 480, "ignore_eos": True, "n": 8}
+    out, started = {}, threading.Event()
+
+    def stream():
+        with httpx.stream("POST", s.url + "/v1/completions", json=long | {"stream": True}, timeout=60) as r:
+            out["status"], out["lines"] = r.status_code, []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out["lines"].append(line)
+                    started.set()
+
+    def blocking():
+        out["plain"] = httpx.post(s.url + "/v1/completions", json=long, timeout=60)
+    threads = [threading.Thread(target=stream), threading.Thread(target=blocking)]
+    try:
+        for t in threads:
+            t.start()
+        assert started.wait(30)
+        s.server.should_exit = True
+        for t in threads:
+            t.join(60)
+        assert out["status"] == 200 and out["lines"][-1] == "data: [DONE]", out["lines"][-3:]
+        last = json.loads(out["lines"][-2].removeprefix("data: "))
+        assert last["error"]["type"] == "service_unavailable" and "shutting down" in last["error"]["message"]
+        err = assert_openai_error(out["plain"], 503)
+        assert err["type"] == "service_unavailable" and "shutting down" in err["message"]
+        assert all_blocks_free(s.engine)
+    finally:
+        s.stop()

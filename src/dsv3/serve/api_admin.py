@@ -38,6 +38,9 @@ async def health(request: Request):
     return {"status": "ok"}
 
 
+router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)    # load balancers probe with it
+
+
 @router.get("/metrics")
 async def metrics(request: Request):
     state = get_state(request)
