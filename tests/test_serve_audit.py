@@ -15,6 +15,8 @@ failing before its fix:
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -262,3 +264,27 @@ def test_5_shutdown_ends_open_requests_cleanly():
         assert all_blocks_free(s.engine)
     finally:
         s.stop()
+
+
+def test_5_a_dead_engine_process_gets_503s_not_500s():
+    """The engine process killed (OOM killer, a crash): its open stream fails with an error event, /health says
+    unhealthy, and every later request, /metrics included, gets a 503 in the error shape (before: uvicorn's
+    plain-text 500 from a BrokenPipeError, and a server that failed its own shutdown)."""
+    s = start_server(process=True, threads=1)
+    try:
+        aengine = s.app.state.async_engine
+        assert httpx.get(s.url + "/metrics").status_code == 200
+        os.kill(aengine._process.pid, signal.SIGKILL)
+        aengine._process.join(30)
+        r = httpx.get(s.url + "/health")
+        assert r.status_code == 503 and r.json()["status"] == "unhealthy"
+        for route, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                            ("/v1/completions", {"prompt": ["hi", "ho"], "max_tokens": 2, "stream": True}),
+                            ("/v1/chat/completions", CHAT)):
+            err = assert_openai_error(httpx.post(s.url + route, json=body), 503)
+            assert err["type"] == "service_unavailable" and "engine" in err["message"]
+        assert assert_openai_error(httpx.get(s.url + "/metrics"), 503)["type"] == "service_unavailable"
+        assert aengine.num_pending == 0
+    finally:
+        s.stop()
+    assert not s.thread.is_alive()
