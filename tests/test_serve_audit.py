@@ -288,3 +288,37 @@ def test_5_a_dead_engine_process_gets_503s_not_500s():
     finally:
         s.stop()
     assert not s.thread.is_alive()
+
+
+# ---- 6. streamed text -------------------------------------------------------------------------------------------
+
+def test_6_a_stream_of_invalid_utf8_is_released_as_it_comes(server):
+    """Tokens whose bytes never form UTF-8 (every continuation byte alone): the text was held back to the end and the
+    window decoded each step grew with the output (quadratic, on the event loop). Now it is released with a bounded
+    window, and random mixes of such tokens, multi-byte pieces and specials still add up to the final decode."""
+    import random
+
+    from dsv3.infer.engine import RequestOutput
+    from dsv3.serve.responses import TextStream
+    tok = server.tokenizer
+    lone = [i for i in range(tok.vocab_size) if tok.decode([i]) == "\ufffd"]
+    assert len(lone) > 50
+    stream, got, widest = TextStream(tok, []), "", 0
+    for k in range(2000):
+        got += stream.delta(RequestOutput(0, [], [], new_token_ids=[lone[k % len(lone)]]))
+        widest = max(widest, len(stream.ids) - stream.prefix)
+    final = tok.decode(stream.ids, skip_special_tokens=True)
+    assert len(got) >= len(final) - 8 and widest <= 16, (len(got), len(final), widest)
+    specials = [tok.bos_id, tok.eos_id, tok.user_id, tok.assistant_id]
+    rng = random.Random(0)
+    for trial in range(300):
+        pool = rng.choice([lone, range(tok.vocab_size), specials + lone])
+        ids = [rng.choice(pool) if rng.random() < 0.7 else rng.randrange(tok.vocab_size)
+               for _ in range(rng.randint(1, 80))]
+        stream, got = TextStream(tok, ["xyz"] if trial % 2 else []), ""
+        for i in range(len(ids)):
+            got += stream.delta(RequestOutput(0, [], [], new_token_ids=ids[i:i + 1]))
+            assert tok.decode(ids, skip_special_tokens=True).startswith(got), (trial, i, ids)
+        final = tok.decode(ids, skip_special_tokens=True)
+        got += stream.delta(RequestOutput(0, [], ids, text=final, finished=True))
+        assert got == final, (trial, ids)

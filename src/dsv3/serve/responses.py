@@ -61,8 +61,25 @@ class TextStream:
         old = dec(ids[self.prefix:self.read])
         new = dec(ids[self.prefix:])
         if len(new) > len(old) and not new.endswith("\ufffd"):
-            self.text += new[len(old):]
-            self.prefix, self.read = max(self.read - 4, 0), len(ids)
+            self._commit(new[len(old):], len(ids))
+            return
+        # Text that keeps ending in U+FFFD is bytes that are not UTF-8 (a random model's, or what a hostile prompt
+        # asks for): waiting for it to complete, nothing was released until the end, and the window decoded every
+        # step grew with the output (4000 such tokens: 1.7 s of decoding on the event loop for one stream). A
+        # character is at most 4 bytes, so the text of all but the last 3 tokens is final where the whole window's
+        # text continues it with something more: release that.
+        for cut in range(len(ids) - 3, self.read, -1):
+            mid = dec(ids[self.prefix:cut])
+            if len(mid) <= len(old):
+                return
+            if len(new) > len(mid) and new.startswith(mid):
+                self._commit(mid[len(old):], cut)
+                return
+
+    def _commit(self, text: str, read: int) -> None:
+        """`text` is final: it is what ids[self.read:read] add."""
+        self.text += text
+        self.prefix, self.read = max(self.read - 4, 0), read
 
     def delta(self, out: RequestOutput, drop_last: bool = False) -> str:
         if out.finished:
