@@ -322,3 +322,38 @@ def test_6_a_stream_of_invalid_utf8_is_released_as_it_comes(server):
         final = tok.decode(ids, skip_special_tokens=True)
         got += stream.delta(RequestOutput(0, [], ids, text=final, finished=True))
         assert got == final, (trial, ids)
+
+
+def test_6_text_offsets_index_the_text(server, client):
+    """`text_offset` points at each token's text in the choice's text, across characters split over tokens (it
+    summed each piece's U+FFFD and drifted past every such character), and a stream's offsets count from the start
+    of the text in every chunk (they restarted at 0 in each)."""
+    prompt = "héllo wörld ☃ 日本"
+    kw = dict(model="dsv3-tiny", prompt=prompt, max_tokens=30, temperature=1.0, seed=5, logprobs=1, echo=True,
+              extra_body={"ignore_eos": True})
+    c = client.completions.create(**kw).choices[0]
+    text, lp = c.text, c.logprobs
+    assert text.startswith(prompt) and lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    whole = [(t, o) for t, o in zip(lp.tokens, lp.text_offset) if "\ufffd" not in t]
+    assert all(text[o:o + len(t)] == t for t, o in whole), list(zip(lp.tokens, lp.text_offset))
+    assert len(whole) < len(lp.tokens), "no token split a character: the test proves nothing"
+    chunks = [ch.choices[0] for ch in client.completions.create(stream=True, **kw) if ch.choices]
+    assert "".join(ch.text for ch in chunks) == text
+    assert [o for ch in chunks if ch.logprobs for o in ch.logprobs.text_offset] == lp.text_offset
+
+
+def test_6_text_offsets_of_random_tokens(server):
+    """The same property over random ids (split and invalid UTF-8, generated specials that the text leaves out):
+    every whole token's text is at its offset in the decoded text."""
+    import random
+
+    from dsv3.serve.responses import TextOffsets, TokenTable
+    tok, rng = server.tokenizer, random.Random(1)
+    table = TokenTable.of(tok)
+    for trial in range(500):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(1, 40))]
+        text, at = tok.decode(ids, skip_special_tokens=True), TextOffsets(tok)(ids, generated=True)
+        assert at == sorted(at) and at[-1] <= len(text), (trial, ids)
+        for tid, o in zip(ids, at):
+            t = table.texts[tid]
+            assert tid in table.special or "\ufffd" in t or text[o:o + len(t)] == t, (trial, ids, tid, o)

@@ -16,7 +16,7 @@ from ..data import Tokenizer
 from .body import WorkerBodyRoute
 from .outputs import coalesced, engine_failure, engine_failure_event, final_outputs, merged, submit_all
 from .protocol import CompletionRequest
-from .responses import Head, TextStream, completion_logprobs, sse, usage
+from .responses import Head, TextOffsets, TextStream, completion_logprobs, sse, usage
 from .state import get_state
 from .validation import Plan, check_model, plan_completion
 
@@ -43,15 +43,16 @@ async def create_completion(req: CompletionRequest, request: Request):
 
 
 def choice_logprobs(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, k: int, prompt_entries: list | None,
-                    new_ids: list[int], new_entries: list) -> dict | None:
+                    new_ids: list[int], new_entries: list, offsets: TextOffsets) -> dict | None:
     """Choice k's `logprobs` object for its new tokens, preceded by the prompt's (echo) when `prompt_entries` are
-    given (the first prompt token has none)."""
+    given (the first prompt token has none); `offsets` is the choice's TextOffsets."""
     if req.logprobs is None:
         return None
     ids, entries = [], []
     if prompt_entries is not None:
         ids, entries = list(plan.prompt_ids[k // req.n]), [None] + list(prompt_entries)
-    return completion_logprobs(tokenizer, ids + list(new_ids), entries + list(new_entries), 0)
+    at = offsets(ids, generated=False) + offsets(list(new_ids), generated=True)
+    return completion_logprobs(tokenizer, ids + list(new_ids), entries + list(new_entries), at)
 
 
 def completion_response(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, head: Head, outs: list) -> dict:
@@ -62,7 +63,7 @@ def completion_response(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan
         n_completion += len(new)
         text = (plan.echo[k // req.n] if req.echo else "") + ("" if score_only else out.text)
         lp = choice_logprobs(tokenizer, req, plan, k, out.prompt_logprobs if req.echo else None, new,
-                             [] if score_only or req.logprobs is None else out.logprobs)
+                             [] if score_only or req.logprobs is None else out.logprobs, TextOffsets(tokenizer))
         choices.append({"index": k, "text": text, "logprobs": lp,
                         "finish_reason": "length" if score_only else out.finish_reason})
     return head.body(choices, usage=usage(sum(map(len, plan.prompt_ids)), n_completion))
@@ -75,7 +76,7 @@ async def completion_events(tokenizer: Tokenizer, req: CompletionRequest, plan: 
     score_only = req.max_tokens == 0
     n = len(plan.jobs)
     texts = [TextStream(tokenizer, req.stop_list()) for _ in range(n)]
-    started, n_out = [False] * n, [0] * n
+    started, n_out, offsets = [False] * n, [0] * n, [TextOffsets(tokenizer) for _ in range(n)]
     async for k, out in outputs:
         if isinstance(out, Exception):
             yield sse(engine_failure_event(out))
@@ -90,7 +91,8 @@ async def completion_events(tokenizer: Tokenizer, req: CompletionRequest, plan: 
         started[k] = True
 
         def event(k=k, text=text, first=first, out=out, new=new, entries=entries) -> str | None:
-            lp = choice_logprobs(tokenizer, req, plan, k, out.prompt_logprobs if first else None, new, entries)
+            lp = choice_logprobs(tokenizer, req, plan, k, out.prompt_logprobs if first else None, new, entries,
+                                 offsets[k])
             # a chunk for every step that produced tokens, even when their text is not final yet (held back UTF-8
             # or stop-string prefix): clients and benchmarks time tokens by chunks
             if text or out.finished or lp or new:

@@ -3,6 +3,7 @@ every body and chunk of a response repeats, SSE framing."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
@@ -122,7 +123,8 @@ class TokenTable:
     def __init__(self, tokenizer: Tokenizer):
         backend, n = tokenizer.backend, tokenizer.vocab_size
         self.texts = tokenizer.decode_batch([[i] for i in range(n)])
-        added = set(backend.get_added_tokens_decoder())
+        added = backend.get_added_tokens_decoder()
+        self.special = {i for i, t in added.items() if t.special}      # what skip_special_tokens leaves out
         byte_of = _byte_decoder()
         self.bytes: list[bytes] = []
         for i, text in enumerate(self.texts):
@@ -142,16 +144,40 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return TokenTable.of(tokenizer).texts[token_id]
 
 
-def completion_logprobs(tokenizer: Tokenizer, ids: list[int], entries: list, offset: int) -> dict:
+class TextOffsets:
+    """The completions API's `text_offset`: where each token's text starts in the choice's text, counted in
+    characters completed by the bytes before it (a character split over tokens starts at its first token; summing
+    each token's decoded length counted one U+FFFD per piece and drifted past every such character). Generated
+    special tokens take no room: the generated text leaves them out (an echoed prompt keeps them). One per choice,
+    carried across a stream's chunks, so offsets count from the start of the choice's text in every chunk."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.table, self.n = TokenTable.of(tokenizer), 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def __call__(self, ids: list[int], generated: bool) -> list[int]:
+        out = []
+        for tid in ids:
+            if generated and tid in self.table.special:
+                out.append(self.n)
+                continue
+            pending = self.decoder.getstate()[0]       # the start of a character the tokens before began
+            text = self.decoder.decode(self.table.bytes[tid])
+            # those bytes turn out not to start a character: their U+FFFD comes before this token's text
+            lead = len(pending.decode("utf-8", "replace")) if pending and text.startswith("\ufffd") else 0
+            out.append(self.n + lead)
+            self.n += len(text)
+        return out
+
+
+def completion_logprobs(tokenizer: Tokenizer, ids: list[int], entries: list, offsets: list[int]) -> dict:
     """The legacy completions `logprobs` object for tokens `ids` whose entries are (logprob, top ids, top logprobs)
-    or None (the first prompt token has no logprob); text offsets count from `offset`."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    or None (the first prompt token has no logprob), at text offsets `offsets` (TextOffsets)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": list(offsets)}
     texts = TokenTable.of(tokenizer).texts
     for tid, entry in zip(ids, entries):
         text = texts[tid]
         out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(text)
         if entry is None:
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
