@@ -217,7 +217,8 @@ def test_4_bearer_scheme_is_case_insensitive_and_health_answers_head():
         for value in ("Bearer sekret-ключ", "bearer sekret-ключ", "BEARER  sekret-ключ"):
             r = httpx.get(s.url + "/v1/models", headers={"Authorization": value.encode()})
             assert r.status_code == 200, (value, r.text)
-        for value in ("Bearer sekret", "Basic sekret-ключ", "sekret-ключ", "Bearer", "Bearer sekret-ключx", ""):
+        for value in ("Bearer sekret", "Basic sekret-ключ", "sekret-ключ", "Bearer", "Bearer sekret-ключx",
+                      ""):
             r = httpx.get(s.url + "/v1/models", headers={"Authorization": value.encode()})
             assert assert_openai_error(r, 401)["type"] == "authentication_error", value
             assert "sekret" not in r.text
