@@ -26,7 +26,7 @@ import pytest
 
 from dsv3.data.tokenizer import SPECIAL_TOKENS
 from dsv3.infer import EngineConfig, SamplingParams
-from serve_fixture import all_blocks_free, start_server
+from serve_fixture import all_blocks_free, start_server, wait_until
 
 # room for 64 echoed prompts of 400 tokens at once
 AUDIT_ENGINE = EngineConfig(block_size=8, num_blocks=3400, max_num_seqs=64, max_num_batched_tokens=4096)
@@ -358,3 +358,19 @@ def test_6_text_offsets_of_random_tokens(server):
         for tid, o in zip(ids, at):
             t = table.texts[tid]
             assert tid in table.special or "\ufffd" in t or text[o:o + len(t)] == t, (trial, ids, tid, o)
+
+
+def test_5_a_client_that_leaves_during_prefill_frees_its_sequences(server):
+    """No defect found, kept as a guard: 8 prompts of 400 tokens, the client gone before the first token (streaming
+    and not): every sequence is aborted and every block comes back."""
+    ids = server.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 60)[:400]
+    aengine = server.app.state.async_engine
+    aborted = aengine.num_aborted
+    body = {"prompt": [ids] * 8, "max_tokens": 100, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.05)
+    with httpx.Client(timeout=30) as http, http.stream("POST", server.url + "/v1/completions",
+                                                       json=body | {"stream": True}) as r:
+        assert r.status_code == 200
+    assert all_blocks_free(server.engine)
+    assert wait_until(lambda: aengine.num_aborted - aborted == 16 and aengine.num_pending == 0)
