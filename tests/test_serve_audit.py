@@ -53,8 +53,17 @@ def assert_openai_error(r: httpx.Response, status: int) -> dict:
     return err
 
 
-def health_while(server, send) -> tuple[httpx.Response, list[float]]:
-    """`send()` on a thread, /health timed on this one until it returns: how long the event loop was held."""
+def health_while(server, send, bound: float = STALL) -> tuple[httpx.Response, list[float]]:
+    """`send()` on a thread, /health timed on this one until it returns: how long the event loop was held. A stall
+    past `bound` is measured once more: a busy 2-core CI machine can pause any process for a moment, while a loop
+    held by the server's own work stalls every time."""
+    r, lat = timed_health(server, send)
+    if max(lat, default=0.0) >= bound:
+        r, lat = timed_health(server, send)
+    return r, lat
+
+
+def timed_health(server, send) -> tuple[httpx.Response, list[float]]:
     out = {}
     t = threading.Thread(target=lambda: out.setdefault("r", send()))
     t.start()
@@ -128,7 +137,7 @@ def test_1_a_large_body_is_parsed_off_the_event_loop(server):
     one pydantic-core call on a worker thread takes ~0.2 s (it holds the GIL: the rest of the stall)."""
     raw = b'{"prompt": [' + b",".join([b"1"] * 3_000_000) + b'], "max_tokens": 1}'
     r, lat = health_while(server, lambda: httpx.post(server.url + "/v1/completions", content=raw, timeout=120,
-                                                     headers={"content-type": "application/json"}))
+                                                     headers={"content-type": "application/json"}), bound=0.5)
     assert assert_openai_error(r, 400)["code"] == "context_length_exceeded"
     print(f"/health max {max(lat) * 1000:.0f} ms")
     assert max(lat) < 0.5, lat
