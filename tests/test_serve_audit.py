@@ -383,3 +383,50 @@ def test_5_a_client_that_leaves_during_prefill_frees_its_sequences(server):
         assert r.status_code == 200
     assert all_blocks_free(server.engine)
     assert wait_until(lambda: aengine.num_aborted - aborted == 16 and aengine.num_pending == 0)
+
+
+# ---- 7. stop strings in the engine --------------------------------------------------------------------------------
+
+def test_7_stop_strings_are_found_from_the_tail_exactly():
+    """The engine decoded the whole output after every token to look for stop strings (quadratic: 23 ms a token at
+    32K tokens). The tail check finds the first occurrence at exactly the token the whole decode does, over random
+    ids full of split and invalid UTF-8 and specials, with stops cut from the text (U+FFFD and all)."""
+    import random
+
+    from dsv3.data import train_tokenizer
+    from dsv3.infer.stop_strings import is_byte_level, stop_may_end_here
+    tok = train_tokenizer(["héllo wörld ünïcode 日本語のテキスト 🎉🎉 " * 20, "def f(x):\n    return x * 2\n" * 20],
+                          vocab_size=400)
+    assert is_byte_level(tok)
+    special = {i for i, t in tok.backend.get_added_tokens_decoder().items() if t.special}
+    rng, found = random.Random(0), 0
+    for trial in range(400):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randint(2, 120))]
+        text = tok.decode(ids, skip_special_tokens=True)
+        if not text:
+            continue
+        stops = []
+        for _ in range(rng.randint(1, 3)):
+            a = rng.randrange(len(text))
+            stops.append(text[a:a + rng.randint(1, 6)])
+        if trial % 5 == 0:
+            stops.append("never-there")
+        want = next((t for t in range(1, len(ids) + 1)
+                     if any(s in tok.decode(ids[:t], skip_special_tokens=True) for s in stops)), None)
+        got = next((t for t in range(1, len(ids) + 1) if stop_may_end_here(tok, ids[:t], stops, special)), None)
+        assert got == want, (trial, ids, stops)
+        found += want is not None
+    assert found > 300
+
+
+def test_7_the_engine_stops_where_it_did(server):
+    """Through the engine and the server: stop strings end the text where the whole-output search ended it."""
+    full = server.reference.generate(["import os"], SamplingParams(temperature=1.0, seed=11, max_tokens=120,
+                                                                   ignore_eos=True))[0].text
+    for stop in (full[90:93], full[40:41], "\ufffd", full[-2:]):
+        if not stop:
+            continue
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "import os", "max_tokens": 120, "seed": 11,
+                                                             "temperature": 1.0, "ignore_eos": True, "stop": stop})
+        c = r.json()["choices"][0]
+        assert c["text"] == full[:full.index(stop)] and c["finish_reason"] == "stop", (stop, c["text"][-20:])
