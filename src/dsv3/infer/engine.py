@@ -32,6 +32,7 @@ from .sampling import SamplingParams, SamplingTensors, compute_logprobs, make_ge
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .speculation import Speculation
+from .stop_strings import is_byte_level, stop_may_end_here
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,9 @@ class Engine:
         if config.cuda_graphs and graphs_supported(model):
             self.use_decode_graphs(capture=True)
         self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        # stop strings looked for in the output's tail (byte-level tokenizers; infer/stop_strings.py)
+        self._skipped = ({i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+                         if tokenizer is not None and is_byte_level(tokenizer) else None)
         self._ids = itertools.count()
         self.seqs: dict[int, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
@@ -344,7 +348,8 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int) -> None:
         """Add a generated token and check the stop conditions. The text is decoded only when something needs it:
-        stop strings (every token) or the finished output."""
+        a stop string that may have appeared (only the output's tail is decoded to tell: stop_strings.py) or the
+        finished output."""
         seq.token_ids.append(token)
         p = seq.params
         reason = None
@@ -352,7 +357,11 @@ class Engine:
             reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
-        if self.tokenizer is not None and (p.stop or reason):
+        if self.tokenizer is not None and p.stop and not reason and self._skipped is not None:
+            may_stop = stop_may_end_here(self.tokenizer, seq.output_ids, p.stop, self._skipped)
+        else:
+            may_stop = bool(p.stop)
+        if self.tokenizer is not None and (may_stop or reason):
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
             at = min((i for i in (seq.text.find(stop) for stop in p.stop) if i >= 0), default=-1)
             if at >= 0:

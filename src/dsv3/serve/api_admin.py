@@ -6,6 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from .async_engine import EngineStopped
+from .protocol import APIError
 from .state import ServerState, get_state
 from .validation import check_model
 
@@ -38,7 +40,14 @@ async def health(request: Request):
     return {"status": "ok"}
 
 
+router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)    # load balancers probe with it
+
+
 @router.get("/metrics")
 async def metrics(request: Request):
     state = get_state(request)
-    return PlainTextResponse(state.metrics.render(await state.aengine.stats()), media_type="text/plain; version=0.0.4")
+    try:
+        stats = await state.aengine.stats()
+    except EngineStopped as e:        # a scrape of a server whose engine is gone: the target is down
+        raise APIError(str(e), 503, "service_unavailable") from None
+    return PlainTextResponse(state.metrics.render(stats), media_type="text/plain; version=0.0.4")

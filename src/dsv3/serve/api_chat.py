@@ -9,13 +9,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..data import Tokenizer
+from .body import WorkerBodyRoute
 from .outputs import coalesced, engine_failure, engine_failure_event, final_outputs, merged, submit_all
 from .protocol import ChatCompletionRequest
 from .responses import Head, TextStream, chat_logprobs, sse, usage
 from .state import get_state
 from .validation import Plan, check_model, plan_chat
 
-router = APIRouter()
+router = APIRouter(route_class=WorkerBodyRoute)
 
 
 @router.post("/v1/chat/completions")
@@ -33,7 +34,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     if outs is None:                # the client left; nobody reads this
         return Response(status_code=499)
     engine_failure(outs)
-    return chat_response(state.tokenizer, req, plan, head, outs)
+    return await state.respond(chat_response, state.tokenizer, req, plan, head, outs)
 
 
 def chat_response(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Plan, head: Head, outs: list) -> dict:

@@ -13,13 +13,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..data import Tokenizer
+from .body import WorkerBodyRoute
 from .outputs import coalesced, engine_failure, engine_failure_event, final_outputs, merged, submit_all
 from .protocol import CompletionRequest
-from .responses import Head, TextStream, completion_logprobs, sse, usage
+from .responses import Head, TextOffsets, TextStream, completion_logprobs, sse, usage
 from .state import get_state
 from .validation import Plan, check_model, plan_completion
 
-router = APIRouter()
+router = APIRouter(route_class=WorkerBodyRoute)
 
 
 @router.post("/v1/completions")
@@ -31,25 +32,27 @@ async def create_completion(req: CompletionRequest, request: Request):
     state.metrics.request("/v1/completions", [len(ids) for ids in plan.prompt_ids])
     head = Head.new("cmpl", "text_completion", state.model_name)
     if req.stream:
-        events = coalesced(completion_events(state.tokenizer, req, plan, head, merged(state.aengine, handles)), handles)
+        events = coalesced(completion_events(state.tokenizer, req, plan, head, merged(state.aengine, handles),
+                                             state.run), handles)
         return StreamingResponse(events, media_type="text/event-stream")
     outs = await final_outputs(request, state.aengine, handles)
     if outs is None:                # the client left; nobody reads this
         return Response(status_code=499)
     engine_failure(outs)
-    return completion_response(state.tokenizer, req, plan, head, outs)
+    return await state.respond(completion_response, state.tokenizer, req, plan, head, outs)
 
 
 def choice_logprobs(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, k: int, prompt_entries: list | None,
-                    new_ids: list[int], new_entries: list) -> dict | None:
+                    new_ids: list[int], new_entries: list, offsets: TextOffsets) -> dict | None:
     """Choice k's `logprobs` object for its new tokens, preceded by the prompt's (echo) when `prompt_entries` are
-    given (the first prompt token has none)."""
+    given (the first prompt token has none); `offsets` is the choice's TextOffsets."""
     if req.logprobs is None:
         return None
     ids, entries = [], []
     if prompt_entries is not None:
         ids, entries = list(plan.prompt_ids[k // req.n]), [None] + list(prompt_entries)
-    return completion_logprobs(tokenizer, ids + list(new_ids), entries + list(new_entries), 0)
+    at = offsets(ids, generated=False) + offsets(list(new_ids), generated=True)
+    return completion_logprobs(tokenizer, ids + list(new_ids), entries + list(new_entries), at)
 
 
 def completion_response(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, head: Head, outs: list) -> dict:
@@ -60,18 +63,20 @@ def completion_response(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan
         n_completion += len(new)
         text = (plan.echo[k // req.n] if req.echo else "") + ("" if score_only else out.text)
         lp = choice_logprobs(tokenizer, req, plan, k, out.prompt_logprobs if req.echo else None, new,
-                             [] if score_only or req.logprobs is None else out.logprobs)
+                             [] if score_only or req.logprobs is None else out.logprobs, TextOffsets(tokenizer))
         choices.append({"index": k, "text": text, "logprobs": lp,
                         "finish_reason": "length" if score_only else out.finish_reason})
     return head.body(choices, usage=usage(sum(map(len, plan.prompt_ids)), n_completion))
 
 
 async def completion_events(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, head: Head,
-                            outputs: AsyncIterator) -> AsyncIterator[str]:
+                            outputs: AsyncIterator, run) -> AsyncIterator[str]:
+    """The SSE events; `run(fn, *args)` runs fn on a worker thread (ServerState.run): an echoed prompt's logprobs
+    are thousands of entries, built there and not on the event loop."""
     score_only = req.max_tokens == 0
     n = len(plan.jobs)
     texts = [TextStream(tokenizer, req.stop_list()) for _ in range(n)]
-    started, n_out = [False] * n, [0] * n
+    started, n_out, offsets = [False] * n, [0] * n, [TextOffsets(tokenizer) for _ in range(n)]
     async for k, out in outputs:
         if isinstance(out, Exception):
             yield sse(engine_failure_event(out))
@@ -81,15 +86,22 @@ async def completion_events(tokenizer: Tokenizer, req: CompletionRequest, plan: 
         n_out[k] += len(new)
         text = texts[k].delta(out, drop_last=score_only)
         first = req.echo and not started[k]
-        lp = choice_logprobs(tokenizer, req, plan, k, out.prompt_logprobs if first else None, new, entries)
         if first:
             text = plan.echo[k // req.n] + text
         started[k] = True
-        # a chunk for every step that produced tokens, even when their text is not final yet (held back UTF-8 or
-        # stop-string prefix): clients and benchmarks time tokens by chunks
-        if text or out.finished or lp or new:
-            yield sse(head.body([{"index": k, "text": text, "logprobs": lp,
-                                  "finish_reason": out.finish_reason if out.finished else None}]))
+
+        def event(k=k, text=text, first=first, out=out, new=new, entries=entries) -> str | None:
+            lp = choice_logprobs(tokenizer, req, plan, k, out.prompt_logprobs if first else None, new, entries,
+                                 offsets[k])
+            # a chunk for every step that produced tokens, even when their text is not final yet (held back UTF-8
+            # or stop-string prefix): clients and benchmarks time tokens by chunks
+            if text or out.finished or lp or new:
+                return sse(head.body([{"index": k, "text": text, "logprobs": lp,
+                                       "finish_reason": out.finish_reason if out.finished else None}]))
+            return None
+        chunk = await run(event) if first and req.logprobs is not None else event()
+        if chunk is not None:
+            yield chunk
     if req.stream_options and req.stream_options.include_usage:
         yield sse(head.body([], usage=usage(sum(map(len, plan.prompt_ids)), sum(n_out))))
     yield sse("[DONE]")

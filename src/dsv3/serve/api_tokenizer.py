@@ -10,11 +10,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..data.tokenizer import SPECIAL_TOKENS
+from .body import WorkerBodyRoute
 from .protocol import DetokenizeRequest, TokenizeRequest
 from .state import get_state
 from .validation import check_model, check_token_ids, tokenize_ids
 
-router = APIRouter()
+router = APIRouter(route_class=WorkerBodyRoute)
 
 
 @router.post("/tokenize")
@@ -42,7 +43,7 @@ async def detokenize(req: DetokenizeRequest, request: Request):
     def answer() -> dict:
         check_token_ids(req.tokens, state.limits.vocab_size)
         return {"prompt": state.tokenizer.decode_batch([req.tokens])[0]}
-    return await state.run(answer)
+    return await state.respond(answer)
 
 
 @router.get("/tokenizer_info")

@@ -4,6 +4,8 @@
 
 - state.py          ServerState: the engine, tokenizer, chat template, metrics, options and worker threads
 - guard.py          Host allow-list, API key and body-size limit, before any route
+- stopping.py       requests cancelled by the server's shutdown end as a 503 or a stream's error event + [DONE]
+- body.py           JSON bodies parsed and validated on the worker threads
 - api_completions   /v1/completions                    api_chat       /v1/chat/completions
 - api_tokenizer     /tokenize, /detokenize, /tokenizer_info
 - api_admin         /v1/models, /v1/models/{id}, /health, /metrics
@@ -13,8 +15,9 @@
 Every refusal is an OpenAI-style `{"error": {...}}` with a 4xx status: malformed JSON, wrong types or ranges and
 missing chat content (400, from the pydantic models), a prompt the engine refuses (400: empty, too long for the
 context or the cache, unknown token ids), a batch larger than the queue (400), an unknown model or path (404), a
-missing or wrong API key (401), a body past the limit (413), a foreign Host (400), a full queue (429), shutdown
-(503). A client that disconnects has its requests aborted, which returns their cache blocks.
+missing or wrong API key (401), a body past the limit (413), a body that is not JSON (415), a foreign Host (400), a
+full queue (429), shutdown or a dead engine (503; also requests still running when the graceful shutdown time is
+up). A client that disconnects has its requests aborted, which returns their cache blocks.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .guard import Guard
 from .metrics import route_label
 from .protocol import APIError
 from .state import ServeOptions, ServerState
+from .stopping import EndOnStop
 
 
 def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name: str, **options) -> FastAPI:
@@ -54,6 +58,7 @@ def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name
         app.include_router(api.router)
     add_error_handlers(app)
     app.add_middleware(Guard, options=state.options, metrics=state.metrics)
+    app.add_middleware(EndOnStop)           # outermost: whatever the server stops ends cleanly
     return app
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -56,6 +57,10 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The server is draining and takes no new requests."""
+
+
+class EngineStopped(Exception):
+    """The engine's thread or process is gone (killed, or failed): nothing can be queued or asked of it."""
 
 
 @dataclass(eq=False)
@@ -96,13 +101,33 @@ class AsyncEngineBase:
     # ---- shared by the backends ---------------------------------------------------------------------------------
     def _send(self, command: tuple) -> None:
         self._loop = asyncio.get_running_loop()
-        self._put(command)
+        self._put_checked(command)
+
+    def _put_checked(self, command: tuple) -> None:
+        """`_put`, or EngineStopped if nothing takes commands any more (a dead process's pipe is broken; a dead
+        thread's queue would take them and never answer)."""
+        if not self.alive:
+            raise EngineStopped("the engine is not running (see /health)")
+        try:
+            self._put(command)
+        except (OSError, EOFError, ValueError) as e:       # BrokenPipeError; a closed Connection raises OSError
+            raise EngineStopped(f"the engine is not running: {e!r}") from None
 
     def stats_future(self) -> concurrent.futures.Future:
         fut = concurrent.futures.Future()
         self._futures[id(fut)] = fut
-        self._put(("stats", id(fut)))
+        try:
+            self._put_checked(("stats", id(fut)))
+        except EngineStopped as e:
+            self._futures.pop(id(fut)).set_exception(e)
         return fut
+
+    def _fail_futures(self, error: Exception) -> None:
+        """Stats requests the engine will never answer (it is gone) fail instead of waiting forever."""
+        for key in list(self._futures):
+            fut = self._futures.pop(key, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(error)
 
     def _reply(self, key: int, value) -> None:
         """From the engine side: the answer to a stats request."""
@@ -133,16 +158,18 @@ class AsyncEngineBase:
             raise ShuttingDown("the server is shutting down")
         if self._pending >= self.max_pending:
             raise QueueFull(f"{self._pending} requests are pending (limit {self.max_pending}); retry later")
-        self._pending += 1
         handle = RequestHandle(next(self._ids))
+        self._send(("add", handle.request_id, ids, params))       # EngineStopped: nothing was queued
+        self._pending += 1
         self._handles[handle.request_id] = handle
-        self._send(("add", handle.request_id, ids, params))
         return handle
 
     def abort(self, handle: RequestHandle) -> None:
-        """Stop a request (a client went away); its blocks return to the pool at the engine's next step."""
+        """Stop a request (a client went away); its blocks return to the pool at the engine's next step. A stopped
+        engine has nothing to abort (its requests have failed)."""
         if not handle.finished:
-            self._send(("abort", handle.request_id))
+            with contextlib.suppress(EngineStopped):
+                self._send(("abort", handle.request_id))
 
     async def stream(self, handle: RequestHandle) -> AsyncIterator[RequestOutput]:
         """The request's outputs as the engine produces them (deltas, see RequestOutput), the last one finished and
@@ -345,12 +372,14 @@ class EngineProcess(AsyncEngineBase):
             elif msg[0] == "stats":
                 self._reply(msg[1], msg[2])
         # the child is gone: fail whatever still waits
+        self._fail_futures(EngineStopped("the engine process exited"))
         if self._loop is not None and not self._loop.is_closed():
             items = [(rid, "the engine process exited") for rid in list(self._handles)]
             self._loop.call_soon_threadsafe(self._deliver_all, items)
 
     def _stop_backend(self) -> None:
-        self._put(("stop",))
+        with contextlib.suppress(OSError, EOFError, ValueError):      # a process that died has nothing to stop
+            self._put(("stop",))
         self._process.join(30)
         if self._process.is_alive():
             self._process.kill()

@@ -77,7 +77,7 @@ def default_allowed_hosts(bind_host: str, allowed: list[str] | None) -> tuple[st
 class Guard:
     def __init__(self, app: ASGIApp, options: ServeOptions, metrics: ServerMetrics):
         self.app, self.options, self.metrics = app, options, metrics
-        self._key = None if options.api_key is None else f"Bearer {options.api_key}".encode()
+        self._key = None if options.api_key is None else options.api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,12 +98,19 @@ class Guard:
         path = scope["path"]
         if self._key is not None and path not in OPEN_PATHS and not (self.options.metrics_public
                                                                      and path == "/metrics"):
-            if not hmac.compare_digest(headers.get("authorization", "").encode(), self._key):
+            if not self.authorized(headers.get("authorization", "")):
                 return APIError("invalid or missing API key", 401, "authentication_error")
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.options.max_body_bytes:
             return APIError(str(BodyTooLarge(self.options.max_body_bytes).detail), 413, code="request_too_large")
         return None
+
+    def authorized(self, authorization: str) -> bool:
+        """`Bearer KEY`, the scheme in any case (RFC 7235: `bearer KEY` is the same credential); the key compared in
+        constant time."""
+        scheme, _, token = authorization.strip().partition(" ")
+        ok = hmac.compare_digest(token.strip().encode("latin-1"), self._key)     # the header's own bytes
+        return ok and scheme.lower() == "bearer"
 
     def limited(self, receive: Receive) -> Receive:
         """`receive` that counts the body as it arrives (a chunked upload has no Content-Length to check)."""

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from ..infer import SamplingParams
-from .async_engine import AsyncEngineBase, QueueFull, RequestHandle, ShuttingDown
+from .async_engine import AsyncEngineBase, EngineStopped, QueueFull, RequestHandle, ShuttingDown
 from .protocol import APIError
 
 
@@ -19,12 +19,17 @@ def submit_all(aengine: AsyncEngineBase, jobs: list[tuple[list[int], SamplingPar
     if aengine.num_pending + len(jobs) > aengine.max_pending:
         raise APIError(f"the server is at its limit of {aengine.max_pending} pending requests; retry later",
                        429, "rate_limit_error", code="queue_full")
+    handles = []
     try:
-        return [aengine.submit(ids, params) for ids, params in jobs]
-    except ShuttingDown as e:
+        for ids, params in jobs:
+            handles.append(aengine.submit(ids, params))
+        return handles
+    except (ShuttingDown, EngineStopped, QueueFull) as e:
+        for h in handles:            # all or none
+            aengine.abort(h)
+        if isinstance(e, QueueFull):
+            raise APIError(str(e), 429, "rate_limit_error", code="queue_full") from None
         raise APIError(str(e), 503, "service_unavailable") from None
-    except QueueFull as e:
-        raise APIError(str(e), 429, "rate_limit_error", code="queue_full") from None
 
 
 async def final_outputs(request: Request, aengine: AsyncEngineBase, handles: list[RequestHandle]) -> list | None:

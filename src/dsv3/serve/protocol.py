@@ -4,17 +4,38 @@ Field ranges follow the OpenAI reference where it has one (temperature [0, 2], t
 completions, top_logprobs <= 20 for chat); `top_k`, `ignore_eos`, `stop_token_ids` are the common extensions
 (vLLM's names), `split_special_tokens` is Hugging Face's (a raw prompt's special-token strings as text). Unknown
 fields are ignored, as clients send many (`user`, `logit_bias` of {} ...); fields whose non-default values we cannot
-honour (penalties, logit_bias, tools) are rejected with a 400 that names them. A chat message needs its content
+honour (penalties, logit_bias, best_of other than n, tools / functions and a tool_choice / function_call that needs
+them, a response_format other than text) are rejected with a 400 that names them. Types are strict: JSON of the wrong
+type is a 400, never coerced (`true` is not token id 1). A chat message needs its content
 (OpenAI's rule; the exception, an assistant message with tool calls, is refused as tools are).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, field_validator, model_validator
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+# Strict: JSON of the wrong type is refused, not coerced (`true` was token id 1, "2" was 2, "no" was false).
+REQUEST = ConfigDict(extra="ignore", strict=True)
+TokenIds = list[StrictInt]
+
+
+def _prompt_form(value: Any) -> str | None:
+    """Which form a prompt has, read from its first element, so that one validator runs: pydantic's smart union
+    tried every form over a 4M-id prompt, collecting millions of errors (1 s on the event loop)."""
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else 0
+    return "texts" if isinstance(first, str) else "batch" if isinstance(first, list) else "ids"
+
+
+Prompt = Annotated[Annotated[str, Tag("text")] | Annotated[list[str], Tag("texts")] | Annotated[TokenIds, Tag("ids")]
+                   | Annotated[list[TokenIds], Tag("batch")],
+                   Discriminator(_prompt_form, custom_error_type="prompt_type", custom_error_message=(
+                       "prompt must be a string, a list of strings, a list of token ids or a list of lists of them"))]
 MAX_N = 16
 MAX_TOP_K = 2**63 - 1      # the engine carries top_k in an int64 tensor; anything >= the vocabulary means "off" anyway
 
@@ -22,6 +43,8 @@ MAX_TOP_K = 2**63 - 1      # the engine carries top_k in an int64 tensor; anythi
 def _unicode(value, name: str):
     """JSON's \\uXXXX escapes can carry lone surrogates, which Python strings hold but no tokenizer (nor UTF-8)
     can: reject them here, not as a TypeError from the tokenizer."""
+    if isinstance(value, list) and value and not isinstance(value[0], str):
+        return value        # token ids (a list holds one type: the prompt's discriminator, or list[str])
     for s in value if isinstance(value, list) else [value]:
         if isinstance(s, str):
             try:
@@ -44,11 +67,12 @@ class APIError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = REQUEST
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     model: str | None = None
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = 1.0
@@ -56,7 +80,7 @@ class _Sampling(BaseModel):
     seed: Annotated[int, Field(ge=-2**63, lt=2**64)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -90,6 +114,7 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None
+    best_of: int | None = None              # = n: every choice generated is returned
     split_special_tokens: bool = False      # a text prompt's special-token strings as text, not control tokens
 
     @field_validator("prompt")
@@ -103,6 +128,9 @@ class CompletionRequest(_Sampling):
     def _checks(self):
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
+        if self.best_of not in (None, self.n):
+            raise ValueError(f"best_of={self.best_of} is not supported by this server: it returns every choice it "
+                             f"generates (best_of may only equal n={self.n})")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be >= 1 (0 is allowed only with echo, to score the prompt)")
         return self
@@ -112,12 +140,13 @@ class CompletionRequest(_Sampling):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if all(isinstance(x, int) for x in p):
+        if isinstance(p[0], int):             # one form per list (_prompt_form)
             return [list(p)]
         return list(p)
 
 
 class TextPart(BaseModel):
+    model_config = REQUEST
     type: Literal["text"]
     text: str
 
@@ -128,7 +157,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     tool_calls: list | None = None
@@ -161,18 +190,29 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
     tools: list | None = None
+    # refused unless they ask for what the server does anyway: free text, no tool or function call
+    response_format: dict | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
 
     @model_validator(mode="after")
     def _checks(self):
-        if self.tools:
+        if self.tools or self.functions:
             raise ValueError("tools are not supported by this server")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by this server (no tools)")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported by this server "
+                             f"(only 'text': no JSON mode or schema-constrained decoding)")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -193,6 +233,6 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds

@@ -3,9 +3,11 @@ every body and chunk of a response repeats, SSE framing."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 
 from ..data import Tokenizer
@@ -60,8 +62,25 @@ class TextStream:
         old = dec(ids[self.prefix:self.read])
         new = dec(ids[self.prefix:])
         if len(new) > len(old) and not new.endswith("\ufffd"):
-            self.text += new[len(old):]
-            self.prefix, self.read = max(self.read - 4, 0), len(ids)
+            self._commit(new[len(old):], len(ids))
+            return
+        # Text that keeps ending in U+FFFD is bytes that are not UTF-8 (a random model's, or what a hostile prompt
+        # asks for): waiting for it to complete, nothing was released until the end, and the window decoded every
+        # step grew with the output (4000 such tokens: 1.7 s of decoding on the event loop for one stream). A
+        # character is at most 4 bytes, so the text of all but the last 3 tokens is final where the whole window's
+        # text continues it with something more: release that.
+        for cut in range(len(ids) - 3, self.read, -1):
+            mid = dec(ids[self.prefix:cut])
+            if len(mid) <= len(old):
+                return
+            if len(new) > len(mid) and new.startswith(mid):
+                self._commit(mid[len(old):], cut)
+                return
+
+    def _commit(self, text: str, read: int) -> None:
+        """`text` is final: it is what ids[self.read:read] add."""
+        self.text += text
+        self.prefix, self.read = max(self.read - 4, 0), read
 
     def delta(self, out: RequestOutput, drop_last: bool = False) -> str:
         if out.finished:
@@ -76,26 +95,96 @@ class TextStream:
         return new
 
 
+def json_body(body: dict) -> bytes:
+    """`body` as JSON, its `choices` one at a time: a response of n x thousands of logprob entries is megabytes, and
+    one json.dumps call would hold the GIL (and so the event loop) for all of it."""
+    def dumps(key: str, value) -> str:
+        if key == "choices":
+            return "[" + ", ".join(json.dumps(c, ensure_ascii=False) for c in value) + "]"
+        return json.dumps(value, ensure_ascii=False)
+    return ("{" + ", ".join(f"{json.dumps(k)}: {dumps(k, v)}" for k, v in body.items()) + "}").encode()
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's bytes_to_unicode, which tokenizers' ByteLevel uses): char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(rest)}
+
+
+class TokenTable:
+    """Every token id's text (decode([id]), as a lone token reads: one that ends inside a UTF-8 character gives
+    U+FFFD) and raw bytes, computed once per tokenizer. The bytes are what OpenAI's logprob `bytes` field carries:
+    the token's own bytes, so that a client joins a character split over tokens (the text's U+FFFD cannot). Looking
+    entries up here instead of decoding each (~2 us) keeps a response of 100k logprob entries to milliseconds."""
+
+    _tables: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, tokenizer: Tokenizer):
+        backend, n = tokenizer.backend, tokenizer.vocab_size
+        self.texts = tokenizer.decode_batch([[i] for i in range(n)])
+        added = backend.get_added_tokens_decoder()
+        self.special = {i for i, t in added.items() if t.special}      # what skip_special_tokens leaves out
+        byte_of = _byte_decoder()
+        self.bytes: list[bytes] = []
+        for i, text in enumerate(self.texts):
+            piece = None if i in added else backend.id_to_token(i)
+            raw = None if piece is None else [byte_of.get(ch) for ch in piece]
+            self.bytes.append(bytes(raw) if raw and None not in raw else text.encode())
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> TokenTable:
+        table = cls._tables.get(tokenizer)
+        if table is None:
+            table = cls._tables[tokenizer] = cls(tokenizer)
+        return table
+
+
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
+    return TokenTable.of(tokenizer).texts[token_id]
 
 
-def completion_logprobs(tokenizer: Tokenizer, ids: list[int], entries: list, offset: int) -> dict:
+class TextOffsets:
+    """The completions API's `text_offset`: where each token's text starts in the choice's text, counted in
+    characters completed by the bytes before it (a character split over tokens starts at its first token; summing
+    each token's decoded length counted one U+FFFD per piece and drifted past every such character). Generated
+    special tokens take no room: the generated text leaves them out (an echoed prompt keeps them). One per choice,
+    carried across a stream's chunks, so offsets count from the start of the choice's text in every chunk."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.table, self.n = TokenTable.of(tokenizer), 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def __call__(self, ids: list[int], generated: bool) -> list[int]:
+        out = []
+        for tid in ids:
+            if generated and tid in self.table.special:
+                out.append(self.n)
+                continue
+            pending = self.decoder.getstate()[0]       # the start of a character the tokens before began
+            text = self.decoder.decode(self.table.bytes[tid])
+            # those bytes turn out not to start a character: their U+FFFD comes before this token's text
+            lead = len(pending.decode("utf-8", "replace")) if pending and text.startswith("\ufffd") else 0
+            out.append(self.n + lead)
+            self.n += len(text)
+        return out
+
+
+def completion_logprobs(tokenizer: Tokenizer, ids: list[int], entries: list, offsets: list[int]) -> dict:
     """The legacy completions `logprobs` object for tokens `ids` whose entries are (logprob, top ids, top logprobs)
-    or None (the first prompt token has no logprob); text offsets count from `offset`."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    or None (the first prompt token has no logprob), at text offsets `offsets` (TextOffsets)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": list(offsets)}
+    texts = TokenTable.of(tokenizer).texts
     for tid, entry in zip(ids, entries):
-        text = token_text(tokenizer, tid)
+        text = texts[tid]
         out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(text)
         if entry is None:
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
             continue
         lp, top_ids, top_lps = entry
         out["token_logprobs"].append(lp)
-        top = {token_text(tokenizer, t): v for t, v in zip(top_ids, top_lps)}
+        top = {texts[t]: v for t, v in zip(top_ids, top_lps)}
         top.setdefault(text, lp)      # the sampled token is always listed, as OpenAI does
         out["top_logprobs"].append(top)
     return out
@@ -103,12 +192,11 @@ def completion_logprobs(tokenizer: Tokenizer, ids: list[int], entries: list, off
 
 def chat_logprobs(tokenizer: Tokenizer, ids: list[int], entries: list) -> dict:
     """The chat completions `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
-    content = []
+    table, content = TokenTable.of(tokenizer), []
     for tid, (lp, top_ids, top_lps) in zip(ids, entries):
-        text = token_text(tokenizer, tid)
-        content.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": (t := token_text(tokenizer, i)), "logprob": v,
-                                          "bytes": list(t.encode())} for i, v in zip(top_ids, top_lps)]})
+        content.append({"token": table.texts[tid], "logprob": lp, "bytes": list(table.bytes[tid]),
+                        "top_logprobs": [{"token": table.texts[i], "logprob": v, "bytes": list(table.bytes[i])}
+                                         for i, v in zip(top_ids, top_lps)]})
     return {"content": content}
 
 
