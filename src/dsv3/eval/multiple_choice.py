@@ -108,6 +108,10 @@ def read_rows(path: str | Path, what: str, parse, bad: list[dict] | None = None)
 def task_rows(path: str | Path, what: str, lenient: bool = False) -> list[tuple[str, object]]:
     """(where, row) of a task file; an unreadable file is a TaskError, and so is a row that is not JSON unless
     `lenient` (then it comes back as its RecordError)."""
+    if not Path(path).exists() and not Path(path).suffix:       # `--task mmlu`: a benchmark's name, not a file
+        raise TaskError(f"{path} is not a file: dsv3 eval reads task files (.jsonl / .parquet); to run "
+                        f"lm-evaluation-harness's {Path(path).name!r} by name, serve the model (dsv3 serve) and run "
+                        f"lm_eval --model local-completions against it (README, Evaluate)")
     try:
         rows = list(iter_records(path, what))
     except RecordError as e:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .backends import GenerateBackend, failure
 from ..verify.extract import extract_answer
+from .report import save_figure
 
 ANSWER_TOKENS = 12          # greedy new tokens per cell: " 1234567." is at most ~9 tokens in the tokenizers here
 CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Tunis", "Hanoi", "Perth",
@@ -81,5 +82,5 @@ def heat_map(scores: list[list[float]], lengths: list[int], depths: list[float],
     ax.set_ylabel("needle depth")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, Path(path))
     plt.close(fig)
