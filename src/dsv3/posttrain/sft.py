@@ -26,7 +26,7 @@ import torch
 from ..config import ConfigError
 from .base import load_base
 from .chat_data import ChatExample, batch_examples, read_chat_rows
-from .config import read_posttrain_dict, section_dict, section_from_table, split_config
+from .config import check_paths, read_posttrain_dict, section_dict, section_from_table, split_config
 
 SAVED = "posttrain.json"          # the run file as read (with overrides), for --resume
 
@@ -95,6 +95,7 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
     make_trainer = make_trainer or Trainer
     # step 1-2: the [sft] table, then the base model it names
     section = section_from_table("sft", d["sft"])
+    check_paths("sft", section)
     if "model" in d:
         raise ConfigError("invalid sft config: [model] comes from sft.init; remove it")
     base = load_base(section.init, section.ema)
