@@ -165,3 +165,11 @@ def test_distill_logit_pairs_are_checked_before_the_teacher_runs(base, tmp_path)
     assert not (tmp_path / "kd").exists()             # no teacher samples were drawn, nothing written
     with pytest.raises(ConfigError, match="distill.teacher: /nonexistent is not a directory"):
         distill_trainer(tmp_path / "kd.json", ['distill.teacher="/nonexistent"'])
+
+
+@pytest.mark.parametrize("kind", ["sft", "grpo", "distill"])
+def test_shipped_configs_validate(kind):
+    from dsv3.posttrain.config import read_posttrain_dict, section_from_table
+    d = read_posttrain_dict(kind, Path(__file__).parent.parent / "configs" / f"{kind}.toml", [])
+    section = section_from_table(kind, d[kind])
+    assert section.init

@@ -101,7 +101,7 @@ def test_output_flood_is_bounded_and_fails(isolation):
     "```python\nimport os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n```",
     "```python\nx = bytearray(8 << 30)\n```",
     "```python\nimport socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1)\n```",
-    "```python\nprint(open('/etc/hostname').read() + open(__import__('os').path.expanduser('~/.ssh/id_rsa')).read())\n```",
+    "```python\nimport os\nprint(open(os.path.expanduser('~/.ssh/id_rsa')).read())\n```",
     "```python\nimport sys\nsys.stdout.write('y' * (100 << 20))\n```",
 ])
 def test_hostile_grpo_responses_score_zero(response):

@@ -127,6 +127,10 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
             _write_whole(out / DATA, "".join(json.dumps(r) + "\n" for r in kept))   # resume reads it as done
             lines.append(f"teacher {s.teacher}: kept {stats['kept']} of {stats['problems']} problems "
                          f"({stats['tries']} tries)")
+            if not kept:
+                raise ValueError(f"{lines[-1]}: no training conversations (no answer was verified and "
+                                 f"well-formatted, <think>...</think><answer>...</answer>); use a stronger "
+                                 f"teacher, more distill.samples, or distill.train_files")
     sft = {k: v for k, v in d.items() if k != "distill"}
     sft["sft"] = {"init": s.init, "ema": s.ema, "train_files": files, "eval_fraction": s.eval_fraction,
                   "epochs": s.epochs, "seed": s.seed}

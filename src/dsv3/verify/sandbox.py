@@ -109,7 +109,8 @@ _hdr, _data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()     
 _sys(_libc.syscall(_CAPSET, _hdr, _data), "capset")                                        # SYS_capset (x86_64)
 """
 
-# argv: as_bytes nproc fsize_bytes cpu_s audit(0/1) json({ro: readable roots} + _JAIL's keys in namespaces mode). The code runs in fresh globals, as __main__.
+# argv: as_bytes nproc fsize_bytes cpu_s audit(0/1) json({ro: readable roots} + _JAIL's keys in namespaces mode).
+# The code runs in fresh globals, as __main__.
 _BOOTSTRAP = """
 import os, resource, sys
 _as, _nproc, _fsize, _cpu, _audit = map(int, sys.argv[1:6])
