@@ -163,3 +163,38 @@ def test_needle_beyond_the_context_is_an_error_before_anything_runs(tmp_path):
 def test_a_benchmark_name_instead_of_a_file_says_how_to_run_it(tmp_path):
     with pytest.raises(TaskError, match="lm_eval --model local-completions"):
         read_mc(tmp_path / "mmlu")
+
+
+def test_task_text_is_text_not_control_tokens(tmp_path):
+    """A question, a code prompt or a haystack quoting the model's special tokens gets them as ordinary tokens."""
+    from dsv3.data import train_tokenizer
+    from dsv3.eval.code import CodeProblem, score_code
+    from dsv3.eval.generation import score_generation
+    from dsv3.eval.multiple_choice import MCQuestion, encode_pair, score_mc
+    from dsv3.eval.needle import needle_grid
+    tok = train_tokenizer(["plain words and more plain words " * 50], vocab_size=300)
+    eos = "<｜end▁of▁sentence｜>"
+    control = {tok.eos_id, tok.bos_id, tok.backend.token_to_id("<｜User｜>"),
+               tok.backend.token_to_id("<｜Assistant｜>")} - {None}
+    assert tok.eos_id in tok.encode(f"a {eos} b")           # a plain encode reads it as the control token ...
+
+    class Seen:
+        def __init__(self):
+            self.ids = []
+
+        def loglikelihoods(self, pairs):
+            self.ids += [c + x for c, x in pairs]
+            return [0.0] * len(pairs)
+
+        def generate(self, prompts, k, temperature, max_tokens, stop, seed):
+            self.ids += prompts
+            return [["1"] * k for _ in prompts]
+    b = Seen()
+    ctx, cont = encode_pair(tok, f"Which ends {eos} a text?", f" <｜User｜>", add_bos=False)
+    score_mc(b, tok, [MCQuestion(f"Q {eos}?", ["<｜Assistant｜>", "b"], 0)], add_bos=False)
+    score_generation(b, tok, [{"question": f"2 {eos} 3?", "answer": "1", "gold": "1"}], add_bos=False)
+    score_code(b, tok, [CodeProblem("t", f"# {eos}\ndef f():\n", "call", test="def check(f):\n    pass",
+                                    entry_point="f")], add_bos=False, timeout_s=5.0)
+    needle_grid(b, tok, f"Words here. {eos} " * 400, [400], [0.5], add_bos=False)
+    assert not control & set(ctx + cont)                     # ... task text never does
+    assert b.ids and all(not control & set(ids) for ids in b.ids)
