@@ -190,7 +190,7 @@ def test_task_text_is_text_not_control_tokens(tmp_path):
             self.ids += prompts
             return [["1"] * k for _ in prompts]
     b = Seen()
-    ctx, cont = encode_pair(tok, f"Which ends {eos} a text?", f" <｜User｜>", add_bos=False)
+    ctx, cont = encode_pair(tok, f"Which ends {eos} a text?", " <｜User｜>", add_bos=False)
     score_mc(b, tok, [MCQuestion(f"Q {eos}?", ["<｜Assistant｜>", "b"], 0)], add_bos=False)
     score_generation(b, tok, [{"question": f"2 {eos} 3?", "answer": "1", "gold": "1"}], add_bos=False)
     score_code(b, tok, [CodeProblem("t", f"# {eos}\ndef f():\n", "call", test="def check(f):\n    pass",

@@ -144,8 +144,8 @@ def score_code(backend: GenerateBackend, tokenizer, problems: list[CodeProblem],
     outs = {}
     for group, stop in ((calls, CALL_STOP), (stdio, STDIO_STOP)):
         if group:
-            texts = backend.generate([bos + encode_text(tokenizer, p.prompt) for p in group], k, temperature, max_tokens,
-                                     stop, seed)
+            texts = backend.generate([bos + encode_text(tokenizer, p.prompt) for p in group], k, temperature,
+                                     max_tokens, stop, seed)
             outs.update({id(p): t for p, t in zip(group, texts)})
     jobs = [(p, t) for p in problems for t in outs[id(p)]]
 
