@@ -198,3 +198,21 @@ def test_task_text_is_text_not_control_tokens(tmp_path):
     needle_grid(b, tok, f"Words here. {eos} " * 400, [400], [0.5], add_bos=False)
     assert not control & set(ctx + cont)                     # ... task text never does
     assert b.ids and all(not control & set(ids) for ids in b.ids)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(limit=-1), "--limit must be an integer >= 0"), (dict(fewshot=-1), "--fewshot must be"),
+    (dict(k=0), "--k must be an integer >= 1"), (dict(temperature=-1.0), "--temperature must be"),
+    (dict(timeout_s=0.0), "--timeout must be"), (dict(workers=0), "--workers must be"),
+    (dict(depths=[0.5, 2.0]), "--depths must be fractions"), (dict(lengths=[-5]), "--lengths must be positive"),
+])
+def test_option_ranges_are_checked_first(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run.check_options(**kwargs)
+
+
+def test_a_bad_option_stops_before_the_backend_is_asked(tmp_path):
+    b = Counting()
+    with pytest.raises(ValueError, match="--limit"):
+        run.evaluate_mc(b, CharTokenizer(), _task(tmp_path / "t.jsonl", 3), tmp_path / "o", limit=-1)
+    assert b.calls == 0 and not (tmp_path / "o").exists()

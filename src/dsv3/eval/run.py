@@ -33,6 +33,26 @@ CODE_PROMPT_VERSION = "code-v1"  # code.py's prompts, stop sequences and output 
 NEEDLE_PROMPT_VERSION = "needle-v1"
 
 
+def check_options(**options) -> None:
+    """Range checks of a run's options before anything is read or asked, one line naming the flag (`--limit -1`
+    would silently drop the last question, `--k 0` would fail only after generating)."""
+    rules = {"limit": (0, "an integer >= 0 (0: all)"), "fewshot": (0, "an integer >= 0"),
+             "k": (1, "an integer >= 1"), "max_tokens": (1, "an integer >= 1"), "workers": (1, "an integer >= 1"),
+             "memory_mb": (16, "an integer >= 16")}
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if name in rules and (not isinstance(value, int) or value < rules[name][0]):
+            raise ValueError(f"{flag} must be {rules[name][1]}, got {value!r}")
+        if name == "temperature" and not 0 <= value < float("inf"):
+            raise ValueError(f"{flag} must be a number >= 0 (0: greedy), got {value!r}")
+        if name == "timeout_s" and not 0 < value <= 3600:
+            raise ValueError(f"--timeout must be a number of seconds in (0, 3600], got {value!r}")
+        if name == "lengths" and (not value or any(not isinstance(L, int) or L < 1 for L in value)):
+            raise ValueError(f"--lengths must be positive token counts, got {value!r}")
+        if name == "depths" and (not value or any(not 0 <= d <= 1 for d in value)):
+            raise ValueError(f"--depths must be fractions in [0, 1] (0: the start, 1: the end), got {value!r}")
+
+
 def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
     cfg = Path(tokenizer_dir or "") / "tokenizer_config.json"
     return bool(json.loads(cfg.read_text()).get("add_bos_token", False)) if cfg.is_file() else False
@@ -41,6 +61,7 @@ def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
 def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
                 fewshot: int = 0, add_bos: bool = True, continuation: str = "letter", limit: int = 0,
                 seed: int = 0, strict: bool = False, overwrite: bool = False) -> dict:
+    check_options(fewshot=fewshot, limit=limit)
     check_out(out_dir, Path(task).stem, overwrite)
     bad = None if strict else []
     questions = read_mc(task, bad)[:limit or None]
@@ -62,6 +83,7 @@ def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, o
                         max_tokens: int = 256, limit: int = 0, seed: int = 0,
                         strict: bool = False, match: str = "math", chat=None, overwrite: bool = False) -> dict:
     """`chat`: the model's ChatTemplate, to ask a chat model in its own format (generation.py)."""
+    check_options(fewshot=fewshot, k=k, temperature=temperature, max_tokens=max_tokens, limit=limit)
     check_out(out_dir, Path(task).stem, overwrite)
     bad = None if strict else []
     questions = read_qa(task, bad)[:limit or None]
@@ -85,6 +107,8 @@ def evaluate_code(backend: GenerateBackend, tokenizer, task: str | Path, out_dir
                   strict: bool = False, overwrite: bool = False) -> dict:
     if k > 1 and temperature == 0:
         raise ValueError("k > 1 samples need --temperature > 0 (greedy samples are all the same)")
+    check_options(k=k, temperature=temperature, max_tokens=max_tokens, limit=limit, workers=workers,
+                  timeout_s=timeout_s, memory_mb=memory_mb)
     check_out(out_dir, Path(task).stem, overwrite)
     bad = None if strict else []
     problems = read_code(task, bad)[:limit or None]
@@ -100,6 +124,7 @@ def evaluate_needle(backend: GenerateBackend, tokenizer, filler: str | Path, out
                     lengths: list[int], depths: list[float], add_bos: bool = True, seed: int = 0,
                     overwrite: bool = False) -> dict:
     """The grid's mean and per-cell scores in results.json (task "needle"), one record a cell, needle.png."""
+    check_options(lengths=lengths, depths=depths)
     check_out(out_dir, "needle", overwrite)
     context = getattr(backend, "context_length", lambda: None)()
     too_long = [L for L in lengths if context is not None and L > context]
