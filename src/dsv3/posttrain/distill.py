@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from ..config import ConfigError
 from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..train.trainer import Trainer, lm_losses, split_batch
-from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
+from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir, write_whole
 from .config import check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl
 from .rewards import format_reward
@@ -124,7 +123,7 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
             kept, stats = teacher_conversations(teacher, tok, ChatTemplate(chat_template_of(tokenizer_dir(s.teacher))),
                                                 tasks, s.samples, s.temperature, s.max_new_tokens, s.seed)
             out.mkdir(parents=True, exist_ok=True)
-            _write_whole(out / DATA, "".join(json.dumps(r) + "\n" for r in kept))   # resume reads it as done
+            write_whole(out / DATA, "".join(json.dumps(r) + "\n" for r in kept))   # resume reads it as done
             lines.append(f"teacher {s.teacher}: kept {stats['kept']} of {stats['problems']} problems "
                          f"({stats['tries']} tries)")
             if not kept:
@@ -166,12 +165,3 @@ def _check_logit_pair(s, teacher_vocab: int) -> None:
         raise ConfigError(f"distill.mode='logit': the teacher's vocab_size {teacher_vocab} != the student's "
                           f"{student_vocab} (distill.teacher / distill.init); use mode='sequence'")
 
-
-def _write_whole(path: Path, text: str) -> None:
-    """Written whole or not at all (temp file, fsync, rename): a run stopped while writing leaves no partial file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

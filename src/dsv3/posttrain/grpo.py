@@ -34,7 +34,7 @@ from ..config import ConfigError
 from ..infer import Engine, EngineConfig
 from ..train.trainer import Trainer
 from ..verify.sandbox import self_check
-from .base import load_base
+from .base import load_base, write_whole
 from .config import check_paths, read_posttrain_dict, section_from_table, split_config
 from .grpo_loss import policy_loss, sequence_logprobs
 from .rollout import PromptSource, Rollouts, batch_from_state, batch_state, sample_groups
@@ -190,5 +190,5 @@ def grpo_trainer(config, overrides: list[str], resume: bool = False, overwrite: 
                           train={"batch_size": rows, "batch_size_start": 0, "micro_batch_size": micro})
     trainer = GRPOTrainer(cfg, section, base, resume, overwrite, progress, reward_model)
     if trainer.layout.is_main:
-        (trainer.run_dir / SAVED).write_text(json.dumps(d, indent=1))
+        write_whole(trainer.run_dir / SAVED, json.dumps(d, indent=1))
     return trainer
