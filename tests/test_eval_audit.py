@@ -216,3 +216,12 @@ def test_a_bad_option_stops_before_the_backend_is_asked(tmp_path):
     with pytest.raises(ValueError, match="--limit"):
         run.evaluate_mc(b, CharTokenizer(), _task(tmp_path / "t.jsonl", 3), tmp_path / "o", limit=-1)
     assert b.calls == 0 and not (tmp_path / "o").exists()
+
+
+def test_runs_finishing_into_one_directory_keep_every_task(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dsv3.eval.report import write_results
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: write_results(tmp_path, f"task{i}", {"acc": 0.5}, [{"i": i}], "v", {}), range(12)))
+    assert set(json.loads((tmp_path / "results.json").read_text())) == {f"task{i}" for i in range(12)}

@@ -6,12 +6,14 @@ record per question (prompt, choices, log-likelihoods or output, extracted answe
 a bar chart of each task's main metric with its standard error. Each written whole (temp file, fsync, rename), with
 the user's umask. A standard error that does not exist (one question) is written as null, never as NaN (not JSON).
 
-A task already in results.json is not replaced unless asked (`overwrite`): `check_out` says so before any question is
+Concurrent runs into one directory update results.json under a lock (`.results.lock`). A task already in
+results.json is not replaced unless asked (`overwrite`): `check_out` says so before any question is
 asked, and also refuses a results.json that cannot be read (it would otherwise fail only after the whole run).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -70,12 +72,16 @@ def write_results(out_dir: str | Path, task: str, metrics: dict, records: list[d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
-    results = _read_results(results_file)
-    results[task] = _json_safe(dict(metrics=metrics, prompt_version=prompt_version, config=config))
-    _write(results_file, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    _write(out / f"samples_{task}.jsonl", "".join(json.dumps(_json_safe(r), ensure_ascii=False, allow_nan=False)
-                                                  + "\n" for r in records))
-    _chart(out, results)
+    # two runs finishing into one directory (mc and gen side by side): the read-modify-write of results.json under
+    # a lock, so neither task's entry is lost
+    with open(out / ".results.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = _read_results(results_file)
+        results[task] = _json_safe(dict(metrics=metrics, prompt_version=prompt_version, config=config))
+        _write(results_file, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        _write(out / f"samples_{task}.jsonl", "".join(json.dumps(_json_safe(r), ensure_ascii=False,
+                                                                 allow_nan=False) + "\n" for r in records))
+        _chart(out, results)
     return results_file
 
 
