@@ -173,3 +173,33 @@ def test_shipped_configs_validate(kind):
     d = read_posttrain_dict(kind, Path(__file__).parent.parent / "configs" / f"{kind}.toml", [])
     section = section_from_table(kind, d[kind])
     assert section.init
+
+
+def test_sft_sigint_resumes_exactly(base, tmp_path):
+    write_chat(tmp_path / "chat.jsonl", [conversation(a, b) for a in range(6) for b in range(3)])
+    over = ["train.steps=4", "optim.lr=3e-3"]
+    full, _ = sft_trainer(sft_file(tmp_path, base, "full", eval_fraction=0.0), over)
+    full.run()
+    cut, _ = sft_trainer(sft_file(tmp_path, base, "cut", eval_fraction=0.0), over)
+    batches, calls = cut.loader.next_batch, []
+
+    def next_batch(rows):                      # Ctrl-C while step 2's batch is read
+        calls.append(rows)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return batches(rows)
+    cut.loader.next_batch = next_batch
+    with pytest.raises(TrainingInterrupted), StopSignals(announce=False) as stop:
+        cut.run(stop)
+    assert cut.step == 2
+    resumed, _ = sft_trainer(None, [], resume=True, run_dir=str(tmp_path / "cut"))
+    assert resumed.step == 2
+    resumed.run()
+    assert _losses_sft(tmp_path / "cut") == _losses_sft(full.run_dir)
+    a = load_file(str(full.run_dir / "checkpoints" / "step_00000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _losses_sft(run):
+    return {m["step"]: m["loss"] for m in read_metrics(run, kind="train")}
