@@ -12,7 +12,8 @@ else, for a numeric reference, equal numbers (int, decimal, fraction a/b, LaTeX 
 an expression is no value); else symbolic: both sides parsed by
 sympy and their difference simplifies to 0. Model output is untrusted and sympy's parser evaluates Python, so only
 a whitelisted arithmetic alphabet (digits, + - * / ^ ( ), single-letter symbols, sqrt, pi) of at most 64 characters,
-with no exponent above 3 digits, ever reaches it.
+with no exponent above 3 digits, ever reaches it; and it is read unevaluated first, so that no power tower
+(9^9^9^9 fits in 64 characters and hangs evaluation) and no high-degree nesting is ever evaluated (`_degree`).
 """
 
 from __future__ import annotations
