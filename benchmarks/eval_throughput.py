@@ -195,12 +195,12 @@ def jobs_of(args, backend, tokenizer, add_bos: bool, work: Path) -> list[tuple]:
         if not limit and shots:
             limit = min(args.mc, args.mc_fewshot_questions)
         return run.evaluate_mc(backend, tokenizer, mc_task, work / "out", mc_dev if shots else None, shots, add_bos,
-                               "letter", limit)
+                               "letter", limit, overwrite=True)      # each job re-measures into one directory
 
     def gen(limit: int) -> dict:
         return run.evaluate_generation(backend, tokenizer, gen_task, work / "out", gen_dev if args.gen_fewshot
                                        else None, args.gen_fewshot, add_bos, k=1, temperature=0.0,
-                                       max_tokens=args.max_tokens, limit=limit)
+                                       max_tokens=args.max_tokens, limit=limit, overwrite=True)
 
     for shots in map(int, args.mc_fewshot.split(",") if "mc" in modes else []):
         n = min(args.mc, args.mc_fewshot_questions) if shots else args.mc

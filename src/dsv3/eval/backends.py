@@ -53,6 +53,10 @@ class EngineBackend:
     def __init__(self, engine):
         self.engine = engine
 
+    def context_length(self) -> int:
+        """Tokens a sequence may hold (prompt + generated), as the engine enforces it."""
+        return self.engine.max_model_len
+
     def _run(self, prompts: list[list[int]], params: list) -> list:
         """The engine's outputs, with a Failure for each request it refuses (checked first: the rest still run)."""
         errors = {}
@@ -84,39 +88,91 @@ class EngineBackend:
 
 
 class OpenAIBackend:
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, batch: int = 16, timeout: float = 600):
+    """Retries are bounded twice over: the `openai` client retries one request `max_retries` times (connection
+    errors, 408/429/5xx), and after `give_up_after` requests in a row fail with a connection error, a timeout or a
+    5xx, the server is taken for down: the remaining samples fail at once with that reason instead of each waiting
+    out its own timeouts (a hung server would otherwise cost timeout x attempts x requests). A 4xx for one request
+    (a prompt too long) is that sample's error and does not count. An answer that is not a well-formed completion
+    (missing choices or log-probabilities) is that request's samples' error, never the run's end."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, batch: int = 16, timeout: float = 600,
+                 max_retries: int = 2, give_up_after: int = 3):
+        import httpx
         import openai           # the serving extra; a local evaluation does not need it
-        self.client = openai.OpenAI(base_url=base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/v1")
-                                                                      else "/v1"),
-                                    api_key=api_key or "none", timeout=timeout, max_retries=2)
-        self.model, self.batch = model, batch
+        # a long read timeout (a long generation on a busy server) but a short connect one: an address that drops
+        # packets costs give_up_after x (max_retries + 1) x 10 s, not x timeout
+        url = base_url.rstrip("/")
+        self.client = openai.OpenAI(base_url=url if url.endswith("/v1") else url + "/v1", api_key=api_key or "none",
+                                    timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                                    max_retries=max_retries)
+        self.model, self.batch, self.give_up_after = model, batch, give_up_after
+        self.down: str | None = None          # why the server was given up on
+        self.failed_in_a_row = 0
+
+    def _create(self, **kwargs):
+        """The completion, or a Failure (the server given up on after `give_up_after` such failures in a row)."""
+        import openai
+        if self.down:
+            return Failure(self.down)
+        try:
+            r = self.client.completions.create(model=self.model, **kwargs)
+        except (openai.APIConnectionError, openai.InternalServerError) as e:     # timeouts are connection errors
+            self.failed_in_a_row += 1
+            if self.failed_in_a_row >= self.give_up_after:
+                self.down = (f"server given up after {self.failed_in_a_row} failed requests in a row (the last: "
+                             f"{_one_line(e)}); the rest were not sent")
+            return Failure(_one_line(e))
+        except openai.OpenAIError as e:          # refused (4xx): this request's samples fail, not the run
+            return Failure(_one_line(e))
+        self.failed_in_a_row = 0
+        return r
+
+    def context_length(self) -> int | None:
+        """The served model's context (`max_model_len` of /v1/models/{model}, as our server and vLLM report it), or
+        None when the server does not say (then nothing is checked up front)."""
+        import openai
+        try:
+            n = getattr(self.client.with_options(max_retries=0).models.retrieve(self.model), "max_model_len", None)
+        except openai.OpenAIError:
+            return None
+        return n if isinstance(n, int) and n > 0 else None
+
+    @staticmethod
+    def _choices(r, n: int):
+        """The response's n choices in order, or a Failure when it is not a well-formed completion."""
+        choices = getattr(r, "choices", None)
+        if not isinstance(choices, list) or len(choices) != n:
+            return Failure(f"malformed response: {len(choices) if isinstance(choices, list) else 'no'} choices for "
+                           f"{n} prompts/samples")
+        return sorted(choices, key=lambda c: c.index if isinstance(getattr(c, "index", None), int) else 0)
 
     def loglikelihoods(self, pairs: Pairs) -> list[float | Failure]:
-        import openai
         out = []
         for i in range(0, len(pairs), self.batch):
             chunk = pairs[i:i + self.batch]
-            try:
-                r = self.client.completions.create(model=self.model, prompt=[c + x for c, x in chunk], echo=True,
-                                                   logprobs=0, max_tokens=0, temperature=0.0)
-            except openai.OpenAIError as e:          # unreachable, refused, timed out: these samples fail, not the run
-                out += [Failure(_one_line(e))] * len(chunk)
+            r = self._create(prompt=[c + x for c, x in chunk], echo=True, logprobs=0, max_tokens=0, temperature=0.0)
+            choices = r if isinstance(r, Failure) else self._choices(r, len(chunk))
+            if isinstance(choices, Failure):
+                out += [choices] * len(chunk)
                 continue
-            for (ctx, cont), choice in zip(chunk, sorted(r.choices, key=lambda c: c.index)):
-                lps = choice.logprobs.token_logprobs
-                out.append(sum(lps[len(ctx):len(ctx) + len(cont)]))
+            for (ctx, cont), choice in zip(chunk, choices):
+                lps = getattr(getattr(choice, "logprobs", None), "token_logprobs", None)
+                span = lps[len(ctx):len(ctx) + len(cont)] if isinstance(lps, list) else []
+                ok = len(span) == len(cont) and all(isinstance(x, (int, float)) for x in span)
+                out.append(sum(span) if ok else Failure(f"malformed response: no log-probabilities for the "
+                                                        f"{len(cont)} continuation tokens"))
         return out
 
     def generate(self, prompts: list[list[int]], k: int, temperature: float, max_tokens: int, stop: list[str],
                  seed: int) -> list[list[str | Failure]]:
-        import openai
         out = []
         for p in prompts:
-            try:
-                r = self.client.completions.create(model=self.model, prompt=[p], n=k, temperature=temperature,
-                                                   max_tokens=max_tokens, stop=stop or None, seed=seed)
-            except openai.OpenAIError as e:
-                out.append([Failure(_one_line(e))] * k)
+            r = self._create(prompt=[p], n=k, temperature=temperature, max_tokens=max_tokens, stop=stop or None,
+                             seed=seed)
+            choices = r if isinstance(r, Failure) else self._choices(r, k)
+            if isinstance(choices, Failure):
+                out.append([choices] * k)
                 continue
-            out.append([c.text for c in sorted(r.choices, key=lambda c: c.index)])
+            out.append([c.text if isinstance(getattr(c, "text", None), str)
+                         else Failure("malformed response: a choice without text") for c in choices])
         return out

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..verify.sandbox import SandboxResult, run_python, run_tests, self_check
 from .backends import GenerateBackend, failure
-from .multiple_choice import TaskError, read_rows
+from .multiple_choice import TaskError, encode_text, read_rows
 from .stats import bootstrap_stderr, pass_at_k
 
 CALL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]     # Chen et al. 2021 (Codex), HumanEval
@@ -144,8 +144,8 @@ def score_code(backend: GenerateBackend, tokenizer, problems: list[CodeProblem],
     outs = {}
     for group, stop in ((calls, CALL_STOP), (stdio, STDIO_STOP)):
         if group:
-            texts = backend.generate([bos + tokenizer.encode(p.prompt) for p in group], k, temperature, max_tokens,
-                                     stop, seed)
+            texts = backend.generate([bos + encode_text(tokenizer, p.prompt) for p in group], k, temperature,
+                                     max_tokens, stop, seed)
             outs.update({id(p): t for p, t in zip(group, texts)})
     jobs = [(p, t) for p in problems for t in outs[id(p)]]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .backends import GenerateBackend, failure
 from ..verify.extract import equivalent, extract_answer, normalize
-from .multiple_choice import TaskError, read_rows
+from .multiple_choice import TaskError, encode_text, read_rows
 from .stats import binomial_stderr, bootstrap_stderr, majority_answer, pass_at_k
 
 
@@ -96,7 +96,7 @@ def score_generation(backend: GenerateBackend, tokenizer, questions: list[dict],
     else:
         bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
         prompts = [qa_prompt(q, fewshot) for q in questions]
-        outs = backend.generate([bos + tokenizer.encode(p) for p in prompts], k, temperature, max_tokens,
+        outs = backend.generate([bos + encode_text(tokenizer, p) for p in prompts], k, temperature, max_tokens,
                                 ["Question:"], seed)
     records, p1, pk, mk, failed, errored = [], [], [], [], 0, 0
     for q, prompt, texts in zip(questions, prompts, outs):

@@ -23,6 +23,7 @@ through the engine, or any OpenAI-compatible server.
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import string
@@ -108,6 +109,10 @@ def read_rows(path: str | Path, what: str, parse, bad: list[dict] | None = None)
 def task_rows(path: str | Path, what: str, lenient: bool = False) -> list[tuple[str, object]]:
     """(where, row) of a task file; an unreadable file is a TaskError, and so is a row that is not JSON unless
     `lenient` (then it comes back as its RecordError)."""
+    if not Path(path).exists() and not Path(path).suffix:       # `--task mmlu`: a benchmark's name, not a file
+        raise TaskError(f"{path} is not a file: dsv3 eval reads task files (.jsonl / .parquet); to run "
+                        f"lm-evaluation-harness's {Path(path).name!r} by name, serve the model (dsv3 serve) and run "
+                        f"lm_eval --model local-completions against it (README, Evaluate)")
     try:
         rows = list(iter_records(path, what))
     except RecordError as e:
@@ -156,11 +161,21 @@ def continuations(q: MCQuestion, continuation: str = "letter") -> list[str]:
     return [" " + (LETTERS[i] if continuation == "letter" else c) for i, c in enumerate(q.choices)]
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Task text as text: a special-token string in a question, a choice, a code prompt or a haystack becomes
+    ordinary tokens, never a control token (a question quoting `<｜end▁of▁sentence｜>` does not end the document;
+    lm-eval's `hf` backend would read it as the control token, the one place the two can differ). A tokenizer without
+    the switch (a test's stand-in) encodes as it does."""
+    if "split_special_tokens" in inspect.signature(tokenizer.encode).parameters:
+        return tokenizer.encode(text, split_special_tokens=True)
+    return tokenizer.encode(text)
+
+
 def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    whole, ctx = encode_text(tokenizer, context + continuation), encode_text(tokenizer, context)
     cont = whole[len(ctx):]
     if not cont:
         raise TaskError(f"continuation {continuation!r} adds no token after its context")

@@ -16,7 +16,9 @@ import random
 from pathlib import Path
 
 from .backends import GenerateBackend, failure
+from .multiple_choice import encode_text
 from ..verify.extract import extract_answer
+from .report import save_figure
 
 ANSWER_TOKENS = 12          # greedy new tokens per cell: " 1234567." is at most ~9 tokens in the tokenizers here
 CITIES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Cusco", "Bergen", "Tunis", "Hanoi", "Perth",
@@ -27,12 +29,12 @@ def needle_prompt(tokenizer, filler: str, length: int, depth: float, city: str, 
     """A prompt of at most `length` tokens with the needle at `depth` of the haystack."""
     needle = f" The secret number of {city} is {number}. "
     question = f"\nQuestion: What is the secret number of {city}?\nAnswer: The secret number of {city} is"
-    budget = length - len(tokenizer.encode(needle + question)) - 2
+    budget = length - len(encode_text(tokenizer, needle + question)) - 2
     if budget < 16:
         raise ValueError(f"a context of {length} tokens has no room for a haystack")
-    ids = tokenizer.encode(filler[:budget * 32])      # a book-length filler: encode only what a cell can use
+    ids = encode_text(tokenizer, filler[:budget * 32])      # a book-length filler: encode only what a cell can use
     if len(ids) < budget and len(filler) > budget * 32:
-        ids = tokenizer.encode(filler)
+        ids = encode_text(tokenizer, filler)
     if len(ids) < budget:
         raise ValueError(f"the filler text has {len(ids)} tokens, fewer than the {budget} a {length}-token cell needs")
     hay = tokenizer.decode(ids[:budget])
@@ -40,7 +42,7 @@ def needle_prompt(tokenizer, filler: str, length: int, depth: float, city: str, 
     dot = hay.rfind(". ", 0, cut)            # a sentence boundary before the depth, if there is one
     cut = dot + 1 if dot > 0 and depth < 1 else cut
     prompt = hay[:cut] + needle + hay[cut:] + question
-    while len(tokenizer.encode(prompt)) > length:     # the join can merge tokens differently: trim the haystack
+    while len(encode_text(tokenizer, prompt)) > length:     # the join can merge tokens differently: trim the haystack
         hay = hay[:-16]
         prompt = hay[:min(cut, len(hay))] + needle + hay[min(cut, len(hay)):] + question
     return prompt
@@ -56,7 +58,7 @@ def needle_grid(backend: GenerateBackend, tokenizer, filler: str, lengths: list[
     bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
     prompts = [needle_prompt(tokenizer, filler, L - len(bos) - ANSWER_TOKENS, d, city, num)
                for L, d, city, num in cells]
-    outs = backend.generate([bos + tokenizer.encode(p) for p in prompts], 1, 0.0, ANSWER_TOKENS, ["\n"], seed)
+    outs = backend.generate([bos + encode_text(tokenizer, p) for p in prompts], 1, 0.0, ANSWER_TOKENS, ["\n"], seed)
     records, flat = [], []
     for (L, d, city, num), texts in zip(cells, outs):
         err = failure(texts[0])
@@ -81,5 +83,5 @@ def heat_map(scores: list[list[float]], lengths: list[int], depths: list[float],
     ax.set_ylabel("needle depth")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, Path(path))
     plt.close(fig)

@@ -3,22 +3,68 @@
 `out_dir/results.json`: {task: {"metrics": {...}, "prompt_version": str, "config": {...}}}, merged with what an
 earlier run in the same directory wrote (one file collects a model's tasks); `out_dir/samples_<task>.jsonl`: one
 record per question (prompt, choices, log-likelihoods or output, extracted answer, verdict); `out_dir/results.png`:
-a bar chart of each task's main metric with its standard error. Each written whole (temp file + rename), with the
-user's umask.
+a bar chart of each task's main metric with its standard error. Each written whole (temp file, fsync, rename), with
+the user's umask. A standard error that does not exist (one question) is written as null, never as NaN (not JSON).
+
+Concurrent runs into one directory update results.json under a lock (`.results.lock`). A task already in
+results.json is not replaced unless asked (`overwrite`): `check_out` says so before any question is
+asked, and also refuses a results.json that cannot be read (it would otherwise fail only after the whole run).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
 from pathlib import Path
+
+
+class ResultsExist(ValueError):
+    """The output directory already holds this task's results (or an unreadable results.json)."""
 
 
 def _write(path: Path, text: str) -> None:
     """Written whole or not at all; a new file, so it gets the user's umask."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _json_safe(x):
+    """NaN / inf (a standard error of one question) as null: results.json stays strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _read_results(results_file: Path) -> dict:
+    if not results_file.exists():
+        return {}
+    try:
+        results = json.loads(results_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultsExist(f"{results_file} is not a results file ({e}); move it away or choose another output "
+                           f"directory") from None
+    if not isinstance(results, dict):
+        raise ResultsExist(f"{results_file} is not a results file (not an object keyed by task)")
+    return results
+
+
+def check_out(out_dir: str | Path, task: str, overwrite: bool = False) -> None:
+    """Before a run: refuse to replace `task`'s earlier results in `out_dir` unless `overwrite`."""
+    results_file = Path(out_dir) / "results.json"
+    results = _read_results(results_file)
+    if task in results and not overwrite:
+        raise ResultsExist(f"{results_file} already holds results for task {task!r}; choose another output "
+                           f"directory (--out) or ask to replace them (overwrite)")
 
 
 def write_results(out_dir: str | Path, task: str, metrics: dict, records: list[dict], prompt_version: str,
@@ -26,12 +72,24 @@ def write_results(out_dir: str | Path, task: str, metrics: dict, records: list[d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    results[task] = dict(metrics=metrics, prompt_version=prompt_version, config=config)
-    _write(results_file, json.dumps(results, indent=2, sort_keys=True) + "\n")
-    _write(out / f"samples_{task}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _chart(out, results)
+    # two runs finishing into one directory (mc and gen side by side): the read-modify-write of results.json under
+    # a lock, so neither task's entry is lost
+    with open(out / ".results.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = _read_results(results_file)
+        results[task] = _json_safe(dict(metrics=metrics, prompt_version=prompt_version, config=config))
+        _write(results_file, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        _write(out / f"samples_{task}.jsonl", "".join(json.dumps(_json_safe(r), ensure_ascii=False,
+                                                                 allow_nan=False) + "\n" for r in records))
+        _chart(out, results)
     return results_file
+
+
+def save_figure(fig, path: Path) -> None:
+    """A PNG written whole (temp file + rename), like the results."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)
 
 
 def _chart(out: Path, results: dict) -> None:
@@ -44,12 +102,12 @@ def _chart(out: Path, results: dict) -> None:
     names = sorted(results)
     main = [next(iter(results[n]["metrics"])) for n in names]
     vals = [results[n]["metrics"][m] for n, m in zip(names, main)]
-    errs = [results[n]["metrics"].get(f"{m}_stderr", 0.0) for n, m in zip(names, main)]
+    errs = [results[n]["metrics"].get(f"{m}_stderr") or 0.0 for n, m in zip(names, main)]
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3))
     ax.bar([f"{n}\n{m}" for n, m in zip(names, main)], vals, yerr=errs, capsize=4)
     ax.set_ylim(0, 1)
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=100)
+    save_figure(fig, out / "results.png")
     plt.close(fig)
 
 
@@ -57,6 +115,7 @@ def table(task: str, metrics: dict) -> str:
     """One line a metric: `task  acc  0.4125 +- 0.0318`, then the counts (n, errors, ...) on one line."""
     rows = [(k, v, metrics.get(f"{k}_stderr")) for k, v in metrics.items()
             if not k.endswith("_stderr") and isinstance(v, float)]
-    lines = [f"{task:<20} {k:<12} {v:.4f}" + (f" +- {e:.4f}" if e is not None else "") for k, v, e in rows]
+    lines = [f"{task:<20} {k:<12} {v:.4f}" + (f" +- {e:.4f}" if isinstance(e, float) and math.isfinite(e) else "")
+             for k, v, e in rows]
     counts = [f"{k} {v}" for k, v in metrics.items() if isinstance(v, int) and not isinstance(v, bool)]
     return "\n".join(lines + ([f"{task:<20} " + ", ".join(counts)] if counts else []))

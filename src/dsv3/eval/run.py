@@ -7,6 +7,9 @@ gives it; lm-eval's `local-completions` sends none unless `add_bos_token=True` i
 A bad row of the task file is skipped and counted (`bad_rows` in the metrics, its file:line and reason in the
 samples file, a line on stderr) unless `strict`, where it is the run's one-line error; scores are over the usable
 rows. Few-shot files are always read strictly.
+
+A task whose results are already in `out_dir` is refused before any question is asked unless `overwrite`
+(dsv3.eval.report.check_out): a re-run never replaces an earlier report without being asked.
 """
 
 from __future__ import annotations
@@ -21,13 +24,33 @@ from .code import read_code, score_code
 from .generation import read_qa, score_generation
 from .multiple_choice import PROMPT_LAYOUT, read_mc, score_mc
 from .needle import heat_map, needle_grid
-from .report import table, write_results
+from .report import check_out, table, write_results
 
 PROMPT_VERSION = PROMPT_LAYOUT   # mc_prompt's layout, so results.json says what was measured
 GEN_PROMPT_VERSION = "qa-v1"     # qa_prompt's
 CHAT_PROMPT_VERSION = "chat-v1"  # generation.chat_messages through the model's chat template
 CODE_PROMPT_VERSION = "code-v1"  # code.py's prompts, stop sequences and output comparison
 NEEDLE_PROMPT_VERSION = "needle-v1"
+
+
+def check_options(**options) -> None:
+    """Range checks of a run's options before anything is read or asked, one line naming the flag (`--limit -1`
+    would silently drop the last question, `--k 0` would fail only after generating)."""
+    rules = {"limit": (0, "an integer >= 0 (0: all)"), "fewshot": (0, "an integer >= 0"),
+             "k": (1, "an integer >= 1"), "max_tokens": (1, "an integer >= 1"), "workers": (1, "an integer >= 1"),
+             "memory_mb": (16, "an integer >= 16")}
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if name in rules and (not isinstance(value, int) or value < rules[name][0]):
+            raise ValueError(f"{flag} must be {rules[name][1]}, got {value!r}")
+        if name == "temperature" and not 0 <= value < float("inf"):
+            raise ValueError(f"{flag} must be a number >= 0 (0: greedy), got {value!r}")
+        if name == "timeout_s" and not 0 < value <= 3600:
+            raise ValueError(f"--timeout must be a number of seconds in (0, 3600], got {value!r}")
+        if name == "lengths" and (not value or any(not isinstance(L, int) or L < 1 for L in value)):
+            raise ValueError(f"--lengths must be positive token counts, got {value!r}")
+        if name == "depths" and (not value or any(not 0 <= d <= 1 for d in value)):
+            raise ValueError(f"--depths must be fractions in [0, 1] (0: the start, 1: the end), got {value!r}")
 
 
 def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
@@ -37,7 +60,9 @@ def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
 
 def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
                 fewshot: int = 0, add_bos: bool = True, continuation: str = "letter", limit: int = 0,
-                seed: int = 0, strict: bool = False) -> dict:
+                seed: int = 0, strict: bool = False, overwrite: bool = False) -> dict:
+    check_options(fewshot=fewshot, limit=limit)
+    check_out(out_dir, Path(task).stem, overwrite)
     bad = None if strict else []
     questions = read_mc(task, bad)[:limit or None]
     shots = []
@@ -56,8 +81,10 @@ def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: st
 def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,
                         fewshot: int = 0, add_bos: bool = True, k: int = 1, temperature: float = 0.0,
                         max_tokens: int = 256, limit: int = 0, seed: int = 0,
-                        strict: bool = False, match: str = "math", chat=None) -> dict:
+                        strict: bool = False, match: str = "math", chat=None, overwrite: bool = False) -> dict:
     """`chat`: the model's ChatTemplate, to ask a chat model in its own format (generation.py)."""
+    check_options(fewshot=fewshot, k=k, temperature=temperature, max_tokens=max_tokens, limit=limit)
+    check_out(out_dir, Path(task).stem, overwrite)
     bad = None if strict else []
     questions = read_qa(task, bad)[:limit or None]
     shots = random.Random(seed).sample(read_qa(fewshot_file), fewshot) if fewshot and fewshot_file else []
@@ -77,9 +104,12 @@ def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, o
 def evaluate_code(backend: GenerateBackend, tokenizer, task: str | Path, out_dir: str | Path, add_bos: bool = True,
                   k: int = 1, temperature: float = 0.0, max_tokens: int = 512, limit: int = 0, seed: int = 0,
                   workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 512,
-                  strict: bool = False) -> dict:
+                  strict: bool = False, overwrite: bool = False) -> dict:
     if k > 1 and temperature == 0:
         raise ValueError("k > 1 samples need --temperature > 0 (greedy samples are all the same)")
+    check_options(k=k, temperature=temperature, max_tokens=max_tokens, limit=limit, workers=workers,
+                  timeout_s=timeout_s, memory_mb=memory_mb)
+    check_out(out_dir, Path(task).stem, overwrite)
     bad = None if strict else []
     problems = read_code(task, bad)[:limit or None]
     metrics, records = score_code(backend, tokenizer, problems, k, temperature, max_tokens, add_bos, seed, workers,
@@ -91,8 +121,16 @@ def evaluate_code(backend: GenerateBackend, tokenizer, task: str | Path, out_dir
 
 
 def evaluate_needle(backend: GenerateBackend, tokenizer, filler: str | Path, out_dir: str | Path,
-                    lengths: list[int], depths: list[float], add_bos: bool = True, seed: int = 0) -> dict:
+                    lengths: list[int], depths: list[float], add_bos: bool = True, seed: int = 0,
+                    overwrite: bool = False) -> dict:
     """The grid's mean and per-cell scores in results.json (task "needle"), one record a cell, needle.png."""
+    check_options(lengths=lengths, depths=depths)
+    check_out(out_dir, "needle", overwrite)
+    context = getattr(backend, "context_length", lambda: None)()
+    too_long = [L for L in lengths if context is not None and L > context]
+    if too_long:        # every such cell would fail in the engine and score 0: an error, not a misleading grid
+        raise ValueError(f"needle lengths {too_long} exceed the model's context of {context} tokens (a needle cell "
+                         f"of length L is the whole context: prompt + answer); drop them, or extend the model first")
     text = Path(filler).read_text(encoding="utf-8", errors="replace")
     scores, records = needle_grid(backend, tokenizer, text, lengths, depths, seed=seed, add_bos=add_bos)
     n = len(records)

@@ -142,6 +142,25 @@ def section_from_table(kind: str, table: Any):
     return section
 
 
+def check_paths(kind: str, section) -> None:
+    """The models and files a table names exist and are what they must be (one line naming `kind.key`), so a typo
+    is found when the file is read, not after a base model was loaded or a run directory made."""
+    for key in ("init", "teacher"):
+        path = getattr(section, key, "")
+        if path and not Path(path).is_dir():
+            raise ConfigError(f"invalid {kind} config: {kind}.{key}: {path} is not a directory (a training run or a "
+                              f"Hugging Face model directory)")
+    for key in ("train_files", "eval_files", "task_file"):
+        value = getattr(section, key, None)
+        for f in [value] if isinstance(value, str) else value or []:
+            if not f:
+                continue
+            if Path(f).suffix not in (".jsonl", ".parquet"):
+                raise ConfigError(f"invalid {kind} config: {kind}.{key}: {f} is not a .jsonl or .parquet file")
+            if not Path(f).is_file():
+                raise ConfigError(f"invalid {kind} config: {kind}.{key}: {f} does not exist")
+
+
 def read_posttrain_dict(kind: str, path: str | Path | None, overrides: list[str]) -> dict:
     """The TOML file (or a saved posttrain.json) with `section.key=value` overrides applied."""
     d = apply_overrides(read_config_file(path, kind), list(overrides))
@@ -176,4 +195,4 @@ def section_dict(section) -> dict:
 
 
 __all__ = ["SFTConfig", "GRPOConfig", "DistillConfig", "read_posttrain_dict", "section_from_table", "split_config",
-           "section_dict"]
+           "section_dict", "check_paths"]

@@ -21,8 +21,8 @@ from ..config import ConfigError
 from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..train.trainer import Trainer, lm_losses, split_batch
-from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
-from .config import read_posttrain_dict, section_from_table
+from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir, write_whole
+from .config import check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl
 from .rewards import format_reward
 from .sft import SAVED, build_sft
@@ -106,11 +106,14 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
         config = Path(run_dir) / SAVED
     d = read_posttrain_dict("distill", config, overrides)
     s = section_from_table("distill", d["distill"])
+    check_paths("distill", s)
     if not s.teacher:
         raise ConfigError("invalid distill config: distill.teacher is required (a run directory or a HF directory)")
     out = Path(d.get("run_dir", "runs/run"))
     check_start(out, resume, overwrite)           # before the teacher spends any time
     teacher, tok = load_model_and_tokenizer(s.teacher)
+    if s.mode == "logit":         # before the teacher spends any time: logits are compared id by id
+        _check_logit_pair(s, teacher.config.vocab_size)
     lines, files = [], list(s.train_files)
     if not files:
         files = [str(out / DATA)]
@@ -120,21 +123,45 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
             kept, stats = teacher_conversations(teacher, tok, ChatTemplate(chat_template_of(tokenizer_dir(s.teacher))),
                                                 tasks, s.samples, s.temperature, s.max_new_tokens, s.seed)
             out.mkdir(parents=True, exist_ok=True)
-            (out / DATA).write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_whole(out / DATA, "".join(json.dumps(r) + "\n" for r in kept))   # resume reads it as done
             lines.append(f"teacher {s.teacher}: kept {stats['kept']} of {stats['problems']} problems "
                          f"({stats['tries']} tries)")
+            if not kept:
+                raise ValueError(f"{lines[-1]}: no training conversations (no answer was verified and "
+                                 f"well-formatted, <think>...</think><answer>...</answer>); use a stronger "
+                                 f"teacher, more distill.samples, or distill.train_files")
     sft = {k: v for k, v in d.items() if k != "distill"}
     sft["sft"] = {"init": s.init, "ema": s.ema, "train_files": files, "eval_fraction": s.eval_fraction,
                   "epochs": s.epochs, "seed": s.seed}
     make = None
     if s.mode == "logit":
-        student_tok = tokenizer_dir(s.init)
-        if (student_tok / "tokenizer.json").read_text() != (tokenizer_dir(s.teacher) / "tokenizer.json").read_text():
-            raise ConfigError("distill.mode='logit' needs the teacher's tokenizer on the student (logits are compared "
-                              "id by id); use mode='sequence'")
         make = functools.partial(LogitKDTrainer, teacher=teacher, top_k=s.top_k, kd_weight=s.kd_weight,
                                  kd_temperature=s.kd_temperature)
     trainer, more = build_sft(sft, resume, overwrite, progress, saved=d, make_trainer=make)
     for line in lines:
         trainer.logger.log_event(0, line)
     return trainer, lines + more
+
+
+def _model_vocab(path: str | Path) -> int | None:
+    """vocab_size from a HF directory's config.json or a run directory's (its [model] table); None if unknown."""
+    f = Path(path) / "config.json"
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    d = d["model"] if isinstance(d.get("model"), dict) else d
+    return d.get("vocab_size") if isinstance(d.get("vocab_size"), int) else None
+
+
+def _check_logit_pair(s, teacher_vocab: int) -> None:
+    """Logit mode compares the teacher's and the student's logits id by id: one tokenizer, one vocabulary size."""
+    if (tokenizer_dir(s.init) / "tokenizer.json").read_text() != \
+            (tokenizer_dir(s.teacher) / "tokenizer.json").read_text():
+        raise ConfigError("distill.mode='logit' needs the teacher's tokenizer on the student (logits are compared "
+                          "id by id); use mode='sequence'")
+    student_vocab = _model_vocab(s.init)
+    if student_vocab is not None and student_vocab != teacher_vocab:
+        raise ConfigError(f"distill.mode='logit': the teacher's vocab_size {teacher_vocab} != the student's "
+                          f"{student_vocab} (distill.teacher / distill.init); use mode='sequence'")
+

@@ -13,8 +13,9 @@ Logged with each train record: reward, correctness, format, KL, clip fraction, e
 of zero-std groups, truncation, the engine-vs-trainer log-prob gap (temperature 1, first update of a batch),
 rollout vs train seconds, and tokens_rollout (prompt + sampled tokens of a step's rollouts: its compute).
 
-Resume is exact when checkpoints fall on rollout boundaries (checkpoint.interval a multiple of mu): the rollout
-batch itself is not checkpointed, so a run resumed mid-batch samples a fresh one.
+Resume is exact wherever the run stopped: a checkpoint taken in the middle of a batch of rollouts (mu > 1, a
+checkpoint.interval that is not a multiple of mu, or SIGINT) holds that batch and how many updates used it, so the
+resumed run trains its remaining updates on the same rollouts (`rollout.batch_state`).
 
 The loss of a policy-gradient step is no quality signal (it is ~0 by construction at ratio 1), so the Trainer's spike
 watch is off here; non-finite losses and gradients still stop the run.
@@ -33,10 +34,10 @@ from ..config import ConfigError
 from ..infer import Engine, EngineConfig
 from ..train.trainer import Trainer
 from ..verify.sandbox import self_check
-from .base import load_base
-from .config import read_posttrain_dict, section_from_table, split_config
+from .base import load_base, write_whole
+from .config import check_paths, read_posttrain_dict, section_from_table, split_config
 from .grpo_loss import policy_loss, sequence_logprobs
-from .rollout import PromptSource, Rollouts, sample_groups
+from .rollout import PromptSource, Rollouts, batch_from_state, batch_state, sample_groups
 from .tasks import generate_tasks, read_code_tasks
 
 SAVED = "posttrain.json"
@@ -74,9 +75,18 @@ class GRPOTrainer(Trainer):
             self.reference.eval().requires_grad_(False)
         self.rollouts: Rollouts | None = None
         self.uses = 0
+        if self.loader.resumed_batch is not None:         # stopped mid-batch: its remaining updates use it
+            self.rollouts, self.uses = batch_from_state(self.loader.resumed_batch)
         self.acc: dict[str, float] = defaultdict(float)            # seconds: rollout_s, train_s
         self.acc_rollout: dict[str, float] = defaultdict(float)    # of the batch each update used (Rollouts.stats)
         self.acc_update: dict[str, float] = defaultdict(float)     # per update (policy_loss stats)
+
+    def _snapshot(self) -> dict:
+        """The Trainer's checkpoint state, plus the batch of rollouts while updates remain on it (module docstring)."""
+        snap = super()._snapshot()
+        if self.rollouts is not None and self.uses < self.section.updates_per_batch:
+            snap["state"]["loader"] = {**snap["state"]["loader"], "batch": batch_state(self.rollouts, self.uses)}
+        return snap
 
     def _watch_for_spikes(self, total: float, grad_norm: float) -> None:
         self.spiking = False          # module docstring: no spike watch on a policy-gradient loss
@@ -158,20 +168,27 @@ class GRPOTrainer(Trainer):
 def grpo_trainer(config, overrides: list[str], resume: bool = False, overwrite: bool = False,
                  progress: bool | None = None, run_dir: str | None = None, reward_model=None) -> GRPOTrainer:
     """A GRPOTrainer for a run file (a [grpo] table + run sections); with `resume` and no file, the run directory's
-    saved posttrain.json. train.batch_size is set to prompts_per_step x group_size (one step's rows)."""
+    saved posttrain.json. train.batch_size is prompts_per_step x group_size (one step's rows; another value is an
+    error)."""
     overrides = list(overrides) + ([f"run_dir={json.dumps(run_dir)}"] if run_dir else [])
     if config is None and resume and run_dir:
         config = Path(run_dir) / SAVED
     d = read_posttrain_dict("grpo", config, overrides)
     section = section_from_table("grpo", d["grpo"])
+    check_paths("grpo", section)
     if "model" in d:
         raise ConfigError("invalid grpo config: [model] comes from grpo.init; remove it")
     base = load_base(section.init, section.ema)
     rows = section.prompts_per_step * section.group_size
-    micro = d.get("train", {}).get("micro_batch_size", min(rows, 8))
+    given = d.get("train", {}).get("batch_size")
+    if given is not None and given != rows:          # set from the [grpo] table: a different value would be ignored
+        raise ConfigError(f"invalid grpo config: train.batch_size={given!r}: a GRPO step's batch is "
+                          f"grpo.prompts_per_step x grpo.group_size = {rows} rollouts; remove train.batch_size")
+    # default: the largest divisor of the step's rows up to 8 (a batch of 9 rows is 3 micro-batches of 3)
+    micro = d.get("train", {}).get("micro_batch_size", max(m for m in range(1, min(rows, 8) + 1) if rows % m == 0))
     _, cfg = split_config("grpo", d, base.model_config.to_dict(),
                           train={"batch_size": rows, "batch_size_start": 0, "micro_batch_size": micro})
     trainer = GRPOTrainer(cfg, section, base, resume, overwrite, progress, reward_model)
     if trainer.layout.is_main:
-        (trainer.run_dir / SAVED).write_text(json.dumps(d, indent=1))
+        write_whole(trainer.run_dir / SAVED, json.dumps(d, indent=1))
     return trainer

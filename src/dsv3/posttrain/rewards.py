@@ -80,7 +80,10 @@ def score_with(model: RewardModel, prompts: Sequence[str], responses: Sequence[s
     poison every advantage of its group)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    scores = [float(s) for s in model(prompts, responses)]
+    try:
+        scores = [float(s) for s in model(prompts, responses)]
+    except Exception as e:       # the user's callable: its failure named as such, not a trace deep in a GRPO step
+        raise ValueError(f"reward model raised {type(e).__name__}: {e}") from e
     if len(scores) != len(prompts):
         raise ValueError(f"reward model returned {len(scores)} scores for {len(prompts)} pairs")
     bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]

@@ -8,6 +8,7 @@ a function of (grpo.seed, step, row), so a resumed run draws the same rollouts a
 
 from __future__ import annotations
 
+import base64
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class PromptSource:
         self.tokenizer, self.tasks, self.seed = tokenizer, tasks, seed
         self.prompt_ids = [template.encode(tokenizer, [{"role": "user", "content": t.prompt}], True) for t in tasks]
         self.val: list = []
+        self.resumed_batch: dict | None = None      # a checkpoint's rollouts still in use (GRPOTrainer)
         self.epoch, self.cursor = 0, 0
         self.order = self._order(0)
 
@@ -60,6 +62,7 @@ class PromptSource:
                              "seed changed)")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order(self.epoch)
+        self.resumed_batch = state.get("batch")
 
 
 def task_reward(task: Task, prompt: str, text: str, n_tokens: int, cfg) -> dict[str, float]:
@@ -131,3 +134,31 @@ def sample_groups(engine, source: PromptSource, picks: list[int], cfg, step: int
              "zero_std_groups": 1 - keep.view(-1, G)[:, 0].float().mean().item(),
              "loss_rows": mask.any(1).float().mean().item()}
     return Rollouts(ids, response, mask, adv, engine_logp, stats=stats)
+
+
+_TENSORS = ("ids", "response", "mask", "advantages", "engine_logp", "logp_old")
+
+
+def _tensor_state(t: torch.Tensor) -> dict:
+    """A tensor as JSON, bit-exact (its raw bytes in base64)."""
+    t = t.detach().cpu().contiguous()
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "data": base64.b64encode(t.numpy().tobytes()).decode()}
+
+
+def _tensor_from_state(d: dict) -> torch.Tensor:
+    dtype = getattr(torch, d["dtype"])
+    flat = torch.frombuffer(bytearray(base64.b64decode(d["data"])), dtype=dtype) if d["shape"] and \
+        all(d["shape"]) else torch.empty(0, dtype=dtype)
+    return flat.reshape(d["shape"]).clone()
+
+
+def batch_state(ro: Rollouts, uses: int) -> dict:
+    """A batch of rollouts and the updates that used it so far, for a checkpoint's state.json (exact resume)."""
+    return {"uses": uses, "stats": ro.stats,
+            **{k: _tensor_state(getattr(ro, k)) for k in _TENSORS if getattr(ro, k) is not None}}
+
+
+def batch_from_state(state: dict) -> tuple[Rollouts, int]:
+    tensors = {k: _tensor_from_state(state[k]) if k in state else None for k in _TENSORS}
+    return Rollouts(**tensors, stats=dict(state["stats"])), int(state["uses"])

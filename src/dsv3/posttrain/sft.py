@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from .base import load_base
+from .base import load_base, write_whole
 from .chat_data import ChatExample, batch_examples, read_chat_rows
-from .config import read_posttrain_dict, section_dict, section_from_table, split_config
+from .config import check_paths, read_posttrain_dict, section_dict, section_from_table, split_config
 
 SAVED = "posttrain.json"          # the run file as read (with overrides), for --resume
 
@@ -95,6 +95,7 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
     make_trainer = make_trainer or Trainer
     # step 1-2: the [sft] table, then the base model it names
     section = section_from_table("sft", d["sft"])
+    check_paths("sft", section)
     if "model" in d:
         raise ConfigError("invalid sft config: [model] comes from sft.init; remove it")
     base = load_base(section.init, section.ema)
@@ -123,8 +124,8 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
     lines = [f"SFT from {section.init}: train data {report.summary()}"] + (
         [f"eval data {val_report.summary()}"] if val_report else [f"eval: {len(val)} held-out conversations"])
     if trainer.layout.is_main:
-        (trainer.run_dir / SAVED).write_text(json.dumps(saved or d, indent=1))
-        (trainer.run_dir / "sft_data.json").write_text(json.dumps(
+        write_whole(trainer.run_dir / SAVED, json.dumps(saved or d, indent=1))
+        write_whole(trainer.run_dir / "sft_data.json", json.dumps(
             {"train": report.kept, "train_dropped": dict(report.bad), "first_bad": report.examples,
              "eval": len(val), "config": section_dict(section)}, indent=1))
         if not resume:

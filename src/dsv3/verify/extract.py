@@ -12,7 +12,8 @@ else, for a numeric reference, equal numbers (int, decimal, fraction a/b, LaTeX 
 an expression is no value); else symbolic: both sides parsed by
 sympy and their difference simplifies to 0. Model output is untrusted and sympy's parser evaluates Python, so only
 a whitelisted arithmetic alphabet (digits, + - * / ^ ( ), single-letter symbols, sqrt, pi) of at most 64 characters,
-with no exponent above 3 digits, ever reaches it.
+with no exponent above 3 digits, ever reaches it; and it is read unevaluated first, so that no power tower
+(9^9^9^9 fits in 64 characters and hangs evaluation) and no high-degree nesting is ever evaluated (`_degree`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,31 @@ def _latex_to_expr(s: str) -> str:
 _SAFE = re.compile(r"(?:\d+\.?\d*|sqrt|pi|(?<![a-z])[a-z](?![a-z])|[+\-*/^()\s])+")
 
 
+MAX_DEGREE = 16        # nested powers of a non-number multiply up to at most this: (x + y + z)^16 simplifies fast
+MAX_NUMBER_EXPONENT = 999    # a number to a number: 2^999 is cheap; 10^(10^7) (9 s) and 9^9^9^9 (hangs) are not
+
+
+def _bounded_powers(expr) -> bool:
+    """No power reaches evaluation that would take long (model text is untrusted; a hung verifier hangs a GRPO step
+    or an evaluation): no exponent holds a power (a tower), a number's exponent is at most MAX_NUMBER_EXPONENT, and
+    along nested powers of anything else the numeric exponents multiply to at most MAX_DEGREE."""
+    return _degree(expr) <= MAX_DEGREE
+
+
+def _degree(e) -> float:
+    import sympy
+    inner = max((_degree(a) for a in e.args), default=1.0)
+    if not isinstance(e, sympy.Pow):
+        return inner
+    x = e.exp
+    if x.has(sympy.Pow):
+        return math.inf
+    k = abs(float(x.evalf())) if not x.free_symbols else 1.0     # a symbolic exponent expands nothing
+    if e.base.is_Number:
+        return 1.0 if k <= MAX_NUMBER_EXPONENT else math.inf
+    return inner * max(k, 1.0)
+
+
 def _symbolic_equal(a: str, b: str) -> bool:
     exprs = []
     for s in (a, b):
@@ -113,6 +139,9 @@ def _symbolic_equal(a: str, b: str) -> bool:
         from sympy.parsing.sympy_parser import (implicit_multiplication_application, parse_expr,
                                                 standard_transformations)
         tr = standard_transformations + (implicit_multiplication_application,)
+        # read unevaluated first: a power tower (9^9^9^9, 64 characters) would hang evaluation itself
+        if not all(_bounded_powers(parse_expr(e, transformations=tr, evaluate=False)) for e in exprs):
+            return False
         x, y = (parse_expr(e, transformations=tr, evaluate=True) for e in exprs)
         return bool(sympy.simplify(x - y) == 0)
     except Exception:            # anything sympy cannot read or decide is not shown equal

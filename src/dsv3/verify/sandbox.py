@@ -19,18 +19,24 @@ The child runs `python -I` (isolated: no site dirs, no PYTHON* variables) with:
   third-party packages can behave differently from a non-root run;
 - a fresh temporary working directory, removed afterwards; an empty environment; stdin from /dev/null (EOF at once)
   or, for stdin/stdout tasks, from a file holding the given text (outside the working directory);
-- no network. Preferred ("namespaces"): the child runs under `unshare --user --map-root-user --net --pid --fork
-  --kill-child`: a new network namespace with only a down loopback, so no connection can leave it, and a new PID
-  namespace whose end kills every process in it (even one that escaped the process group with setsid). Fallback
-  ("audit-hook", when that cannot run as the sandbox user): a PEP 578 audit hook, installed before the code runs,
-  raises on socket connect/bind/sendto/getaddrinfo and on starting other programs (os.system, exec, spawn,
-  subprocess) or loading native code with ctypes; weaker (an audit hook is no security boundary), so the result
-  says which one ran.
+- no network and no view of the user's files. Preferred ("namespaces"): the child runs under `unshare --user
+  --map-root-user --net --pid --mount --fork --kill-child`: a new network namespace with only a down loopback, so
+  no connection can leave it; a new PID namespace whose end kills every process in it (even one that escaped the
+  process group with setsid); a new mount namespace whose root (`_JAIL`) holds only the system and interpreter
+  directories read-only, a few device nodes, its own /proc, and size-limited tmpfs for the cwd and /tmp: the home
+  directory, the repository, the host's /tmp and /dev/shm and other processes' command lines are not there, and
+  nothing written survives the run. All capabilities are dropped before the code runs, so it cannot undo a mount.
+  Fallback ("audit-hook", when that cannot run as the sandbox user): a PEP 578 audit hook, installed before the
+  code runs, raises on socket connect/bind/sendto/getaddrinfo, on starting other programs (os.system, exec, spawn,
+  subprocess), on loading native code with ctypes, on writing, renaming or removing files outside the working
+  directory and on reading or listing paths outside it and the interpreter's directories; weaker (an audit hook is
+  no security boundary, and the working directory is on the host's disk), so the result says which one ran.
 Killed members of the group are reaped by init, not by us: they may show as zombies for a moment after return.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -43,9 +49,70 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-# argv: as_bytes nproc fsize_bytes cpu_s audit(0/1). The code runs in fresh globals, as __main__.
+# Namespaces mode, run first (as the user namespace's root, before the limits): a private root on a small tmpfs that
+# holds read-only binds of the system and interpreter directories (`ro`, the same paths as outside), a few device
+# nodes, a fresh /proc for the new PID namespace (when the kernel lets it be mounted), and two size-limited tmpfs,
+# /sandbox (the cwd, main.py copied in) and /tmp; pivot_root, then the old root is detached, so no path leads to
+# the user's files (home, the repository, the host's /tmp) or to other processes' /proc. Then every capability is
+# dropped (bounding set included, no_new_privs): the code cannot undo a mount or read past file permissions.
+_JAIL = r"""
+import ctypes, json, os, sys
+_cfg = json.loads(sys.argv[6])
+_PIVOT, _CAPSET = {"x86_64": (155, 126), "aarch64": (41, 91)}[os.uname().machine]      # syscall numbers
+_libc = ctypes.CDLL(None, use_errno=True)
+def _sys(rc, what):
+    if rc != 0:
+        _e = ctypes.get_errno()
+        raise OSError(_e, "sandbox setup: " + what + ": " + os.strerror(_e))
+def _mount(src, dst, fstype, flags, data=None):
+    _sys(_libc.mount(src and src.encode(), dst.encode(), fstype and fstype.encode(), ctypes.c_ulong(flags),
+                     data and data.encode()), "mount " + dst)
+_BIND, _REC, _RDONLY, _NOSUID, _NODEV, _REMOUNT = 4096, 16384, 1, 2, 4, 32
+_new = _cfg["jail"]
+_code = open("main.py", "rb").read()
+_mount("tmpfs", _new, "tmpfs", _NOSUID | _NODEV, "size=1m,mode=755")
+for _p in _cfg["ro"]:
+    _dst = _new + _p
+    if os.path.islink(_p) and os.path.dirname(_p) == "/":        # /bin -> usr/bin on a merged-/usr system
+        os.symlink(os.readlink(_p), _dst)
+        continue
+    if not os.path.exists(_dst):
+        os.makedirs(_dst) if os.path.isdir(_p) else (os.makedirs(os.path.dirname(_dst), exist_ok=True),
+                                                      open(_dst, "w").close())
+    _mount(_p, _dst, None, _BIND | _REC)
+    _mount(None, _dst, None, _BIND | _REMOUNT | _RDONLY | _NOSUID | _NODEV)
+for _p in ("/sandbox", "/tmp"):
+    os.mkdir(_new + _p)
+    _mount("tmpfs", _new + _p, "tmpfs", _NOSUID | _NODEV, "size=%dm,mode=1777" % _cfg["scratch_mb"])
+open(_new + "/sandbox/main.py", "wb").write(_code)
+os.mkdir(_new + "/dev")
+for _d in ("null", "zero", "full", "random", "urandom"):
+    open(_new + "/dev/" + _d, "w").close()
+    _mount("/dev/" + _d, _new + "/dev/" + _d, None, _BIND)
+os.mkdir(_new + "/proc")
+try:
+    _mount("proc", _new + "/proc", "proc", _NOSUID | _NODEV | 8)
+except OSError:                       # a container may forbid it: then there is no /proc at all
+    pass
+os.mkdir(_new + "/.old")
+_sys(_libc.syscall(_PIVOT, _new.encode(), (_new + "/.old").encode()), "pivot_root")      # SYS_pivot_root (x86_64)
+os.chdir("/")
+_sys(_libc.umount2(b"/.old", 2), "umount /.old")                                       # MNT_DETACH
+os.rmdir("/.old")
+_mount(None, "/", None, _REMOUNT | _RDONLY | _NOSUID | _NODEV)
+os.chdir("/sandbox")
+_sys(_libc.prctl(38, 1, 0, 0, 0), "no_new_privs")                                      # PR_SET_NO_NEW_PRIVS
+for _c in range(64):
+    _libc.prctl(24, _c, 0, 0, 0)                                                       # PR_CAPBSET_DROP
+_libc.prctl(47, 4, 0, 0, 0)                                                            # PR_CAP_AMBIENT_CLEAR_ALL
+_hdr, _data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()            # capset v3, all zero
+_sys(_libc.syscall(_CAPSET, _hdr, _data), "capset")                                        # SYS_capset (x86_64)
+"""
+
+# argv: as_bytes nproc fsize_bytes cpu_s audit(0/1) json({ro: readable roots} + _JAIL's keys in namespaces mode).
+# The code runs in fresh globals, as __main__.
 _BOOTSTRAP = """
-import resource, sys
+import os, resource, sys
 _as, _nproc, _fsize, _cpu, _audit = map(int, sys.argv[1:6])
 for _r, _v in ((resource.RLIMIT_AS, _as), (resource.RLIMIT_NPROC, _nproc), (resource.RLIMIT_FSIZE, _fsize),
                (resource.RLIMIT_CPU, _cpu), (resource.RLIMIT_CORE, 0)):
@@ -53,10 +120,30 @@ for _r, _v in ((resource.RLIMIT_AS, _as), (resource.RLIMIT_NPROC, _nproc), (reso
 _BLOCKED = ("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo",
             "socket.gethostbyname", "socket.gethostbyaddr", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
             "subprocess.Popen", "ctypes.dlopen", "ctypes.dlsym")
+def _under(path, roots):
+    if isinstance(path, int):        # an open descriptor: what it names was checked when it was opened
+        return True
+    _p = os.path.realpath(os.fsdecode(path))
+    return any(_p == _r or _p.startswith(_r.rstrip("/") + "/") for _r in roots)
+_WRITES = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1), "os.link": (0, 1),
+           "os.symlink": (1,), "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,),
+           "os.mkfifo": (0,), "os.mknod": (0,), "shutil.rmtree": (0,), "shutil.move": (0, 1), "shutil.copyfile": (1,)}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 def _hook(event, args):
     if event in _BLOCKED:
         raise PermissionError("blocked in the sandbox: " + event)
+    if event == "open" and args[0] is not None:
+        writes = bool(set(args[1] or "") & set("wax+")) or bool((args[2] or 0) & _WRITE_FLAGS)
+        if not _under(args[0], _HOME if writes else _READABLE):
+            raise PermissionError("blocked in the sandbox: " + ("writing " if writes else "reading ") + str(args[0]))
+    elif event in ("os.listdir", "os.scandir") and args[0] is not None and not _under(args[0], _READABLE):
+        raise PermissionError("blocked in the sandbox: listing " + str(args[0]))
+    elif event in _WRITES and not all(_under(args[i], _HOME) for i in _WRITES[event]):
+        raise PermissionError("blocked in the sandbox: " + event + " outside the working directory")
 if _audit:
+    import json, os
+    _HOME = [os.getcwd()]
+    _READABLE = _HOME + json.loads(sys.argv[6])["ro"] + ["/dev/null", "/dev/urandom", "/proc/self"]
     sys.addaudithook(_hook)
 sys.argv = ["main.py"]
 _code = compile(open("main.py").read(), "main.py", "exec")
@@ -65,7 +152,7 @@ exec(_code, {"__name__": "__main__", "__builtins__": __builtins__})
 
 # new user, network and PID namespaces; the code runs as the PID namespace's init, so when it dies (or unshare dies:
 # --kill-child) the kernel kills everything in the namespace, also processes that left our process group by setsid
-_UNSHARE = ["--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child"]
+_UNSHARE = ["--user", "--map-root-user", "--net", "--pid", "--mount", "--fork", "--kill-child"]
 
 
 class SandboxUnavailable(RuntimeError):
@@ -90,17 +177,22 @@ def _user(sandbox_uid: int) -> dict:
 
 @lru_cache(maxsize=4)
 def namespaces_available(sandbox_uid: int = 65534) -> bool:
-    """Whether `unshare` gives user + net + PID namespaces to the user the child really runs as (an unprivileged
-    one when we are root; some hosts allow root but not unprivileged users). Probed once per uid."""
+    """Whether `unshare` gives user + net + PID + mount namespaces to the user the child really runs as (an
+    unprivileged one when we are root; some hosts allow root but not unprivileged users) and the private root
+    (`_JAIL`) can be set up in them: a jailed `print` is run. Probed once per uid."""
     exe = shutil.which("unshare")
     if exe is None:
         return False
     try:
         probe = subprocess.run([exe, *_UNSHARE, "true"], stdin=subprocess.DEVNULL, capture_output=True,
                                timeout=10, env={}, cwd="/", **_user(sandbox_uid))
-    except (OSError, subprocess.SubprocessError):
+        if probe.returncode != 0:
+            return False
+        r = _run("print('jail ok')", "namespaces", timeout_s=10.0, memory_mb=512, max_procs=8, max_file_mb=8,
+                 max_output_chars=1 << 10, sandbox_uid=sandbox_uid, stdin=None)
+    except (OSError, subprocess.SubprocessError, SandboxUnavailable):
         return False
-    return probe.returncode == 0
+    return r.returncode == 0 and r.stdout == "jail ok\n"
 
 
 def _choose_isolation(isolation: str | None, sandbox_uid: int) -> str:
@@ -136,22 +228,51 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
+def _ro_paths(exe: str) -> list[str]:
+    """What the jail shows, read-only at the same paths: the system directories and the interpreter's prefixes
+    (a virtual environment and the Python it was made from), nothing else of the host."""
+    paths = [p for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc") if os.path.lexists(p)]
+    prefixes = {os.path.dirname(os.path.dirname(os.path.realpath(exe))), os.path.dirname(os.path.dirname(exe))}
+    if exe == sys.executable:
+        prefixes |= {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    for p in sorted(map(os.path.realpath, prefixes)):
+        if p != "/" and not any(p == q or p.startswith(q.rstrip("/") + "/") for q in paths):
+            paths.append(p)
+    return paths
+
+
 def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 512, max_procs: int = 8,
                max_file_mb: int = 8, max_output_chars: int = 1 << 16, isolation: str | None = None,
                sandbox_uid: int = 65534, stdin: str | None = None) -> SandboxResult:
     """Run `code` as a script in the sandbox and return its exit status and (truncated) output; `stdin`: the
     text it reads from standard input (default: none, EOF at once)."""
-    mode = _choose_isolation(isolation, sandbox_uid)
+    return _run(code, _choose_isolation(isolation, sandbox_uid), timeout_s=timeout_s, memory_mb=memory_mb,
+                max_procs=max_procs, max_file_mb=max_file_mb, max_output_chars=max_output_chars,
+                sandbox_uid=sandbox_uid, stdin=stdin)
+
+
+def _run(code: str, mode: str, *, timeout_s: float, memory_mb: int, max_procs: int, max_file_mb: int,
+         max_output_chars: int, sandbox_uid: int, stdin: str | None) -> SandboxResult:
     root = tempfile.mkdtemp(prefix="dsv3-sandbox-")
     work = os.path.join(root, "work")                    # the child's cwd; outputs live beside it, not in it
     try:
         os.mkdir(work)
         Path(work, "main.py").write_text(code)
-        if os.geteuid() == 0:
-            for d in (root, work):
-                os.chown(d, sandbox_uid, sandbox_uid)
+        exe = interpreter()
         limits = [memory_mb << 20, max_procs, max_file_mb << 20, int(timeout_s) + 1, int(mode == "audit-hook")]
-        argv = [interpreter(), "-I", "-B", "-c", _BOOTSTRAP, *map(str, limits)]
+        # what the code may read: the jail's read-only binds, or the audit hook's allow-list (with the cwd)
+        jail = dict(ro=_ro_paths(exe))
+        source = "import sys\n" + _BOOTSTRAP
+        if mode == "namespaces":
+            os.mkdir(os.path.join(root, "jail"))
+            # scratch space (the cwd and /tmp): tmpfs pages, bounded like the files the code may write
+            jail.update(jail=os.path.join(root, "jail"), scratch_mb=max(1, 4 * max_file_mb))
+            source = "import sys\n" + _JAIL + _BOOTSTRAP
+        limits.append(json.dumps(jail))
+        if os.geteuid() == 0:
+            for d in (root, work, *([os.path.join(root, "jail")] if mode == "namespaces" else [])):
+                os.chown(d, sandbox_uid, sandbox_uid)
+        argv = [exe, "-I", "-B", "-c", source, *map(str, limits)]
         if mode == "namespaces":
             argv = [shutil.which("unshare"), *_UNSHARE, "--"] + argv
         if stdin is not None:
