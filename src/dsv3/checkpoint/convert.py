@@ -17,12 +17,27 @@ from .atomic import atomic_directory
 from .hf import FP8_WEIGHT, CheckpointReader, ShardWriter, hf_name_map
 
 
+def check_destination(src: Path, dst: Path) -> None:
+    """The output goes to a new (or empty) directory beside the source: it is renamed into place over `dst`, so an
+    existing one's files, or a source at or inside it, would be deleted (no command deletes what it did not
+    write); an output inside the source would become part of the source."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s.is_relative_to(d):
+        raise FileExistsError(f"{dst} is or contains the source {src}; convert into a new directory")
+    if d.is_relative_to(s):
+        raise FileExistsError(f"{dst} is inside the source {src}; convert into a directory outside it")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not an empty directory; convert into a new or empty one "
+                              f"(nothing there is replaced)")
+
+
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype: torch.dtype = torch.bfloat16) -> None:
     """to="bf16": dequantise every FP8 weight into `dtype` and drop the scales; to="fp8": quantise the attention and
     FFN/expert Linear weights to e4m3 with 128x128 `weight_scale_inv`. Other tensors are cast to `dtype`, except
     the fp32 routing bias."""
     if to not in ("bf16", "fp8"):
         raise ValueError(f"convert to 'bf16' or 'fp8', not {to!r}")
+    check_destination(Path(src), Path(dst))
     ckpt = CheckpointReader(src)
     with torch.device("meta"):
         model = Transformer(ckpt.config)
