@@ -157,10 +157,20 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         write_manifest(tmp)
-    if keep > 0:
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, target, keep)
     return target
+
+
+def prune_checkpoints(run_dir: str | Path, newest: Path, keep: int) -> list[Path]:
+    """checkpoint.keep > 0: delete the checkpoints older than the `keep` most recent up to `newest`, the one just
+    written. Any newer than it (a damaged one a resume went back past) is neither counted nor deleted: counting it
+    would delete the checkpoint just written and leave only the damaged one. Returns those deleted."""
+    if keep <= 0:
+        return []
+    gone = [d for d in checkpoint_dirs(run_dir) if d.name <= newest.name][:-keep]
+    for old in gone:
+        shutil.rmtree(old, ignore_errors=True)
+    return gone
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -298,9 +308,8 @@ class PendingSave:
             self.stack.__exit__(*sys.exc_info())
             raise
         self.stack.close()
-        if _rank() == 0 and self.keep > 0:
-            for old in checkpoint_dirs(self.run_dir)[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        if _rank() == 0:
+            prune_checkpoints(self.run_dir, self.target, self.keep)
         _barrier(self.group)                # rank 0 committed
         return self.target
 

@@ -10,6 +10,7 @@ a resume's checkpoint is verified by rank 0 and its choice shared (choose_checkp
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -22,6 +23,26 @@ from .metrics import METRICS_FILE
 RUN_FILES = ("checkpoints", METRICS_FILE, "tensorboard", "plots", "baselines.json", "config.json", "tokenizer")
 
 
+def is_run_config(path: Path) -> bool:
+    """Whether `path` is the config.json a run writes (a RunConfig's dict: `model` and `train` tables), not, say, a
+    Hugging Face model's."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("model"), dict) and isinstance(d.get("train"), dict)
+
+
+def foreign_run_files(run_dir: Path) -> list[str]:
+    """The RUN_FILES names in run_dir that no run wrote: every one present when the directory is not a run's (its
+    config.json is not a run config and it has no checkpoint), e.g. a model directory's config.json and tokenizer/.
+    A start would overwrite them, --overwrite delete them."""
+    present = [n for n in RUN_FILES if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    if not present or is_run_config(run_dir / "config.json") or latest_checkpoint(run_dir) is not None:
+        return []
+    return present
+
+
 def check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Raise (FileExistsError / FileNotFoundError / ValueError) when a start of this kind must not use run_dir."""
     if resume and overwrite:
@@ -31,6 +52,10 @@ def check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if ckpt is None:
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
         return
+    if foreign := foreign_run_files(run_dir):
+        raise FileExistsError(f"{run_dir} is not a run directory but holds {', '.join(foreign)}, which a run "
+                              f"{'--overwrite would delete' if overwrite else 'would overwrite'}; choose another "
+                              f"run_dir")
     if overwrite:
         return
     if ckpt is not None:
@@ -55,6 +80,8 @@ def choose_checkpoint(run_dir: Path, layout) -> tuple[Path, list[str]]:
 
 def clear_run(run_dir: Path) -> list[str]:
     """--overwrite: delete what an earlier run wrote into run_dir (RUN_FILES only); returns the names deleted."""
+    if foreign := foreign_run_files(run_dir):
+        raise FileExistsError(f"{run_dir} is not a run directory; not deleting {', '.join(foreign)}")
     gone = []
     for name in RUN_FILES:
         p = run_dir / name
