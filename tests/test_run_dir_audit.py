@@ -139,3 +139,34 @@ def test_sigkill_between_files_leaves_the_previous_checkpoint_and_only_our_lefto
     assert newest_valid_checkpoint(run) == (ck.checkpoint_path(run, 1), [])
     assert ck.remove_unfinished_saves(run) == [names[1]]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".not-ours.tmp-1", "step_00000001"]
+
+
+def fake_run(tmp_path: Path) -> Path:
+    """A run directory as a run leaves it for --resume: its config.json and a checkpoint."""
+    run = tmp_path / "run"
+    save(run, 4)
+    (run / "config.json").write_text(json.dumps(small_run(tmp_path).to_dict()))
+    return run
+
+
+@pytest.mark.parametrize("override,says", [
+    ("model.hidden_size=128", "model.hidden_size=64 -> 128"),
+    ('data.sources=["stdlib"]', "data.sources="),
+    ("data.seq_len=64", "data.seq_len=32 -> 64"),
+    ("data.seed=3", "data.seed=0 -> 3")])
+def test_resume_refuses_a_change_to_the_model_or_the_data_in_one_line(tmp_path, capsys, override, says):
+    run = fake_run(tmp_path)
+    before = snapshot(run)
+    assert main(["train", "--resume", "--run-dir", str(run), override, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume cannot change {says}" in err and "train.init_from" in err, err
+    assert snapshot(run) == before
+
+
+def test_resume_accepts_what_may_change(tmp_path):
+    run = fake_run(tmp_path)
+    from dsv3.train.config import RunConfig, apply_overrides
+    saved = json.loads((run / "config.json").read_text())
+    cfg = RunConfig.from_dict(apply_overrides(saved, ["train.steps=50", "optim.lr=1e-4", "log.interval=5",
+                                                      "checkpoint.keep=1", 'data.cache_dir="elsewhere"']))
+    check_start(run, resume=True, overwrite=False, cfg=cfg)

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
+from ..config import ConfigError
 from .checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint, newest_valid_checkpoint
 from .metrics import METRICS_FILE
 
@@ -43,14 +44,39 @@ def foreign_run_files(run_dir: Path) -> list[str]:
     return present
 
 
-def check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Raise (FileExistsError / FileNotFoundError / ValueError) when a start of this kind must not use run_dir."""
+# what a resume may not change: the checkpoint's weights are of this model, its data position counts this token
+# stream; everything else (steps, LR and schedule, logging, checkpointing, device, layout) may be overridden
+KEPT_ON_RESUME = ("model", "data")
+MAY_CHANGE_ON_RESUME = {"data": ("cache_dir",)}
+
+
+def check_resume_config(run_dir: Path, cfg) -> None:
+    """--resume with a RunConfig `cfg`: raise ConfigError naming every key of KEPT_ON_RESUME that differs from the
+    run's config.json (keys an older run's file lacks are not compared)."""
+    saved_file = run_dir / "config.json"
+    if not is_run_config(saved_file):
+        return
+    saved, new = json.loads(saved_file.read_text()), json.loads(json.dumps(cfg.to_dict()))
+    changed = [f"{sec}.{k}={saved[sec][k]!r} -> {v!r}" for sec in KEPT_ON_RESUME if isinstance(saved.get(sec), dict)
+               for k, v in new[sec].items() if k in saved[sec] and saved[sec][k] != v
+               and k not in MAY_CHANGE_ON_RESUME.get(sec, ())]
+    if changed:
+        raise ConfigError(f"--resume cannot change {', '.join(changed)}: the checkpoint's weights and data position "
+                          f"are of the run's model.* and data.* (only data.cache_dir may move); start a new run "
+                          f"instead (train.init_from={str(run_dir)!r} starts from its weights)")
+
+
+def check_start(run_dir: Path, resume: bool, overwrite: bool, cfg=None) -> None:
+    """Raise (FileExistsError / FileNotFoundError / ValueError) when a start of this kind must not use run_dir;
+    with a resume's `cfg`, also when it changes what a resume keeps (check_resume_config)."""
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it afresh: pass one of them")
     ckpt = latest_checkpoint(run_dir)
     if resume:
         if ckpt is None:
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
+        if cfg is not None:
+            check_resume_config(run_dir, cfg)
         return
     if foreign := foreign_run_files(run_dir):
         raise FileExistsError(f"{run_dir} is not a run directory but holds {', '.join(foreign)}, which a run "
