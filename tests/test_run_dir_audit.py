@@ -170,3 +170,20 @@ def test_resume_accepts_what_may_change(tmp_path):
     cfg = RunConfig.from_dict(apply_overrides(saved, ["train.steps=50", "optim.lr=1e-4", "log.interval=5",
                                                       "checkpoint.keep=1", 'data.cache_dir="elsewhere"']))
     check_start(run, resume=True, overwrite=False, cfg=cfg)
+
+
+def test_an_edited_manifest_is_caught_and_resume_falls_back_to_the_previous_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    save(run, 1)
+    newest = save(run, 2)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    del manifest["files"]["optimizer.pt"]                 # a hand edit that hides a damaged file from the check
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    (newest / "optimizer.pt").write_bytes(b"garbage")
+    good, skipped = newest_valid_checkpoint(run)
+    assert good == ck.checkpoint_path(run, 1)
+    assert len(skipped) == 1 and "does not list optimizer.pt (edited" in skipped[0]
+    (newest / "optimizer.pt").unlink()                   # removed as well as unlisted: a missing file then
+    manifest["files"]["optimizer.pt"] = {"bytes": 1, "sha256": "0"}
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    assert "optimizer.pt is missing" in newest_valid_checkpoint(run)[1][0]

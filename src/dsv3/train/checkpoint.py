@@ -53,6 +53,8 @@ from ..checkpoint.atomic import remove_leftovers
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
+# what a save writes besides the manifest (the sharded format: these but the first two and ema, plus its shards)
+SAVED_FILES = ("model.safetensors", "optimizer.pt", "ema.safetensors", "rng.pt", "state.json", "config.json")
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -108,6 +110,12 @@ def verify_checkpoint(path: str | Path) -> None:
         files = json.loads((path / MANIFEST).read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / MANIFEST} is unreadable ({e})") from None
+    # a file the save writes that the manifest does not list was never checked: the manifest was edited or is of
+    # another save, so nothing it says about this directory can be trusted
+    unlisted = sorted(f.name for f in path.iterdir() if f.is_file() and f.name not in files and
+                      (f.name in SAVED_FILES or f.name == ".metadata" or f.suffix == ".distcp"))
+    if unlisted:
+        raise CheckpointError(f"{path / MANIFEST} does not list {', '.join(unlisted)} (edited, or of another save?)")
     for name, want in files.items():
         f = path / name
         if not f.is_file():
