@@ -187,3 +187,26 @@ def test_an_edited_manifest_is_caught_and_resume_falls_back_to_the_previous_chec
     manifest["files"]["optimizer.pt"] = {"bytes": 1, "sha256": "0"}
     (newest / "manifest.json").write_text(json.dumps(manifest))
     assert "optimizer.pt is missing" in newest_valid_checkpoint(run)[1][0]
+
+
+def test_init_from_inside_the_run_that_overwrite_clears_is_refused(tmp_path, capsys):
+    run = fake_run(tmp_path)
+    before = snapshot(run)
+    src = ck.checkpoint_path(run, 4)
+    for flag in ([], ["--overwrite"]):
+        assert main(["train", "--config", str(run / "config.json"), f"train.init_from={json.dumps(str(src))}",
+                     "--quiet", *flag]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert ("--overwrite deletes before the weights are read" if flag else "already has checkpoints") in err
+    assert snapshot(run) == before
+
+
+def test_init_from_a_damaged_checkpoint_names_the_file(tmp_path):
+    from dsv3.config import ConfigError
+    from dsv3.train.init_from import find_source
+    run = fake_run(tmp_path)
+    f = ck.checkpoint_path(run, 4) / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:40])
+    with pytest.raises(ConfigError, match=rf"train.init_from=.*{f}.*truncated"):
+        find_source(ck.checkpoint_path(run, 4))

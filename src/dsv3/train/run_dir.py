@@ -78,6 +78,11 @@ def check_start(run_dir: Path, resume: bool, overwrite: bool, cfg=None) -> None:
         if cfg is not None:
             check_resume_config(run_dir, cfg)
         return
+    init = cfg.train.init_from if cfg is not None else ""
+    if overwrite and init and Path(init).resolve().is_relative_to(run_dir.resolve()):
+        raise ConfigError(f"invalid run config: train.init_from={init!r} is in the run directory {run_dir}, whose "
+                          f"checkpoints --overwrite deletes before the weights are read; copy them elsewhere first, or "
+                          f"choose another run_dir")
     if foreign := foreign_run_files(run_dir):
         raise FileExistsError(f"{run_dir} is not a run directory but holds {', '.join(foreign)}, which a run "
                               f"{'--overwrite would delete' if overwrite else 'would overwrite'}; choose another "
