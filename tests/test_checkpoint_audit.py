@@ -88,3 +88,27 @@ def test_an_fp8_weight_without_its_scales_is_named(tmp_path):
         convert_checkpoint(fp8, tmp_path / "bf16")
     assert not (tmp_path / "bf16").exists()
     assert torch.float8_e4m3fn == tensors[name].dtype
+
+
+def test_the_sliced_reader_names_a_truncated_shard_and_an_fp8_weight_without_scales(tmp_path, src):
+    """dsv3.train.hf_shards (each rank reading its rows) refuses what load_pretrained refuses, naming the file."""
+    from dsv3.train.hf_shards import load_hf_owned
+    cfg = tiny_config()
+    model = build(cfg)
+    assert load_hf_owned([model], src, cfg) > 0                           # intact: reads
+    shard = sorted(src.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=rf"cannot read tensor .* from {shard}"):
+        load_hf_owned([model], src, cfg)
+    fp8 = tmp_path / "fp8"
+    dsv3.save_pretrained(model, fp8, quantize_fp8=True)
+    f, name = fp8 / "model.safetensors", "model.layers.0.self_attn.o_proj.weight"
+    tensors = load_file(str(f))
+    del tensors[name + "_scale_inv"]
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    index = fp8 / "model.safetensors.index.json"
+    idx = json.loads(index.read_text())
+    idx["weight_map"].pop(name + "_scale_inv")
+    index.write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=rf"{name} in .* is float8_e4m3fn but {name}_scale_inv is missing"):
+        load_hf_owned([model], fp8, cfg)
