@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -39,8 +40,7 @@ class ConfigError(ValueError):
 
 
 def did_you_mean(unknown: list[str], known) -> str:
-    """" (did you mean 'steps'?)" for the unknown names close to a known one (a typo), else ""."""
-    import difflib
+    """" (did you mean 'steps' for 'stpes'?)" for the unknown names close to a known one (a typo), else ""."""
     close = [f"{m[0]!r} for {u!r}" for u in unknown if (m := difflib.get_close_matches(u, list(known), 1, 0.7))]
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
