@@ -112,3 +112,33 @@ def test_the_sliced_reader_names_a_truncated_shard_and_an_fp8_weight_without_sca
     index.write_text(json.dumps(idx))
     with pytest.raises(CheckpointError, match=rf"{name} in .* is float8_e4m3fn but {name}_scale_inv is missing"):
         load_hf_owned([model], fp8, cfg)
+
+
+KILLED_CONVERT = """
+import os, signal, sys
+from dsv3.checkpoint import convert_checkpoint, hf
+real = hf.save_file
+def save_then_die(tensors, path, *a, **k):
+    real(tensors, path, *a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)          # killed after the first output shard
+hf.save_file = save_then_die
+convert_checkpoint(sys.argv[1], sys.argv[2], to="fp8")
+"""
+
+
+def test_a_killed_convert_leaves_no_output_and_the_next_one_removes_only_its_leftover(tmp_path, src):
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "fp8"
+    r = subprocess.run([sys.executable, "-c", KILLED_CONVERT, str(src), str(out)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode < 0
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".fp8.tmp-")]
+    assert len(left) == 1 and not out.exists()              # nothing that looks like a finished conversion
+    alive = tmp_path / f".fp8.tmp-{os.getpid()}-0000"       # a conversion still running (this process)
+    alive.mkdir()
+    other = tmp_path / ".other.tmp-1-0000"                  # someone else's
+    other.mkdir()
+    assert main(["convert", str(src), str(out), "--to", "fp8"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, "fp8", "model"])

@@ -8,6 +8,8 @@ atomically. Our on-disk format *is* the HF format, so there is no other directio
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,6 +17,29 @@ from ..fp8 import quantize_blocks
 from ..model import Transformer
 from .atomic import atomic_directory
 from .hf import FP8_WEIGHT, CheckpointReader, ShardWriter, hf_name_map
+
+
+def remove_dead_leftovers(dst: Path) -> list[str]:
+    """What a killed conversion to `dst` left (its `.DST.tmp-PID-*` sibling: atomic_directory's, a whole model's
+    worth of shards), removed when that process is gone; a live one's, or any other name, is left alone."""
+    gone = []
+    for p in dst.absolute().parent.glob(f".{dst.name}.tmp-*"):
+        pid = p.name[len(dst.name) + 6:].split("-")[0]
+        if not (p.is_dir() and not p.is_symlink() and pid.isdigit()) or _alive(int(pid)):
+            continue
+        shutil.rmtree(p)
+        gone.append(p.name)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # another user's process
+        return True
+    return True
 
 
 def check_destination(src: Path, dst: Path) -> None:
@@ -38,6 +63,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype
     if to not in ("bf16", "fp8"):
         raise ValueError(f"convert to 'bf16' or 'fp8', not {to!r}")
     check_destination(Path(src), Path(dst))
+    remove_dead_leftovers(Path(dst))
     ckpt = CheckpointReader(src)
     with torch.device("meta"):
         model = Transformer(ckpt.config)
