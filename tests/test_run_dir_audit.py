@@ -210,3 +210,15 @@ def test_init_from_a_damaged_checkpoint_names_the_file(tmp_path):
     f.write_bytes(f.read_bytes()[:40])
     with pytest.raises(ConfigError, match=rf"train.init_from=.*{f}.*truncated"):
         find_source(ck.checkpoint_path(run, 4))
+
+
+def test_an_emptied_checkpoint_without_manifest_is_skipped_not_resumed(tmp_path):
+    run = tmp_path / "run"
+    save(run, 1)
+    newest = save(run, 2)
+    for f in newest.iterdir():                 # `rm checkpoints/step_2/*`, or a directory made by hand
+        f.unlink()
+    good, skipped = newest_valid_checkpoint(run)
+    assert good == ck.checkpoint_path(run, 1)
+    assert "has no manifest.json and lacks model.safetensors, optimizer.pt, rng.pt, state.json, config.json" \
+        in skipped[0]

@@ -105,6 +105,9 @@ def verify_checkpoint(path: str | Path) -> None:
     if not (path / MANIFEST).exists():
         if is_sharded(path):            # the sharded format always had one: written last, it marks the commit
             raise CheckpointError(f"{path} has no {MANIFEST}: its save never finished")
+        lacking = [f for f in SAVED_FILES if f != "ema.safetensors" and not (path / f).is_file()]
+        if lacking:                     # emptied by hand, or not a checkpoint at all: never a resume's choice
+            raise CheckpointError(f"{path} has no {MANIFEST} and lacks {', '.join(lacking)}")
         return
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
