@@ -51,8 +51,8 @@ def test_every_field_refuses_a_wrong_type_and_an_out_of_range_value_in_one_line(
     assert len(all_cases) >= 2 * 40
     for key, rule, value in all_cases:
         override = f"{key}={json.dumps(value)}"
-        rc = main(["train", "--config", TINY, f"run_dir={json.dumps(str(run))}",
-                   f"data.cache_dir={json.dumps(str(cache))}", override, "--quiet"])
+        base = [f"{k}={json.dumps(str(v))}" for k, v in (("run_dir", run), ("data.cache_dir", cache)) if k != key]
+        rc = main(["train", "--config", TINY, *base, override, "--quiet"])     # each key given once
         err = capsys.readouterr().err
         assert rc == 2, (override, err)
         assert err.count("\n") == 1 and "Traceback" not in err, (override, err)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -36,6 +37,12 @@ _DERIVED_KEYS = ("qk_head_dim", "head_dim")
 
 class ConfigError(ValueError):
     """A model configuration is invalid; the message names the field and the reason."""
+
+
+def did_you_mean(unknown: list[str], known) -> str:
+    """" (did you mean 'steps' for 'stpes'?)" for the unknown names close to a known one (a typo), else ""."""
+    close = [f"{m[0]!r} for {u!r}" for u in unknown if (m := difflib.get_close_matches(u, list(known), 1, 0.7))]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 @dataclass
@@ -123,14 +130,20 @@ class ModelConfig:
             fail("hidden_act", "only 'silu' (SwiGLU) is supported")
         if self.first_k_dense_replace > self.num_hidden_layers:
             fail("first_k_dense_replace", f"cannot exceed num_hidden_layers={self.num_hidden_layers}")
-        if not (self.rms_norm_eps > 0):
-            fail("rms_norm_eps", "must be > 0")
-        if not (self.rope_theta > 0):
-            fail("rope_theta", "must be > 0")
-        if not (self.init_std > 0):
-            fail("init_std", "must be > 0")
-        if self.routed_scaling_factor <= 0:
-            fail("routed_scaling_factor", "must be > 0")
+        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        for name in ("rms_norm_eps", "rope_theta", "init_std", "routed_scaling_factor"):
+            if not (real(getattr(self, name)) and getattr(self, name) > 0):
+                fail(name, "must be a number > 0")
+        for name in ("norm_topk_prob", "attention_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
+        token_id = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (token_id(v) or (name == "eos_token_id" and isinstance(v, list) and v
+                                                      and all(map(token_id, v)))):
+                fail(name, "must be a token id (an integer >= 0)" + (", a list of them" if name == "eos_token_id"
+                                                                      else "") + " or null")
         if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
             fail("torch_dtype", "must be a dtype name such as 'bfloat16', or null")
         if self.rope_key not in ("rope_scaling", "rope_parameters"):
@@ -265,7 +278,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"invalid model config: unknown keys {unknown}")
+            raise ConfigError(f"invalid model config: unknown keys {unknown}{did_you_mean(unknown, names)}")
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -321,6 +334,9 @@ def model_config_from_table(table: dict) -> ModelConfig:
     """A TOML-style `[model]` table: an optional `preset` (name or path) plus field overrides."""
     table = dict(table)
     if "preset" in table:
-        base = load_model_config(table.pop("preset"))
+        preset = table.pop("preset")
+        if not isinstance(preset, str) or not preset:
+            raise ConfigError(f"invalid model config: preset={preset!r}: must be a preset name or a path")
+        base = load_model_config(preset)
         return ModelConfig.from_dict({**base.to_dict(), **table})
     return ModelConfig.from_dict(table)

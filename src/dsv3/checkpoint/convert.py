@@ -8,6 +8,8 @@ atomically. Our on-disk format *is* the HF format, so there is no other directio
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,12 +19,51 @@ from .atomic import atomic_directory
 from .hf import FP8_WEIGHT, CheckpointReader, ShardWriter, hf_name_map
 
 
+def remove_dead_leftovers(dst: Path) -> list[str]:
+    """What a killed conversion to `dst` left (its `.DST.tmp-PID-*` sibling: atomic_directory's, a whole model's
+    worth of shards), removed when that process is gone; a live one's, or any other name, is left alone."""
+    gone = []
+    for p in dst.absolute().parent.glob(f".{dst.name}.tmp-*"):
+        pid = p.name[len(dst.name) + 6:].split("-")[0]
+        if not (p.is_dir() and not p.is_symlink() and pid.isdigit()) or _alive(int(pid)):
+            continue
+        shutil.rmtree(p)
+        gone.append(p.name)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # another user's process
+        return True
+    return True
+
+
+def check_destination(src: Path, dst: Path) -> None:
+    """The output goes to a new (or empty) directory beside the source: it is renamed into place over `dst`, so an
+    existing one's files, or a source at or inside it, would be deleted (no command deletes what it did not
+    write); an output inside the source would become part of the source."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s.is_relative_to(d):
+        raise FileExistsError(f"{dst} is or contains the source {src}; convert into a new directory")
+    if d.is_relative_to(s):
+        raise FileExistsError(f"{dst} is inside the source {src}; convert into a directory outside it")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not an empty directory; convert into a new or empty one "
+                              f"(nothing there is replaced)")
+
+
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype: torch.dtype = torch.bfloat16) -> None:
     """to="bf16": dequantise every FP8 weight into `dtype` and drop the scales; to="fp8": quantise the attention and
     FFN/expert Linear weights to e4m3 with 128x128 `weight_scale_inv`. Other tensors are cast to `dtype`, except
     the fp32 routing bias."""
     if to not in ("bf16", "fp8"):
         raise ValueError(f"convert to 'bf16' or 'fp8', not {to!r}")
+    check_destination(Path(src), Path(dst))
+    remove_dead_leftovers(Path(dst))
     ckpt = CheckpointReader(src)
     with torch.device("meta"):
         model = Transformer(ckpt.config)

@@ -132,6 +132,10 @@ class CheckpointReader:
             raise CheckpointError(f"cannot read tensor {name} from {self.path / file}: {e}") from None
         if name in self.scales:
             t = _dequantize(name, t, self.read(self.scales[name]), dtype or torch.float32)
+        elif t.dtype.itemsize == 1 and t.dtype.is_floating_point:
+            # an FP8 weight means nothing without its block scales: cast as is, it would be silently wrong
+            raise CheckpointError(f"tensor {name} in {self.path / file} is {str(t.dtype).removeprefix('torch.')} "
+                                  f"but {name}_scale_inv is missing")
         return t
 
     def by_file(self) -> dict[str, list[str]]:

@@ -111,7 +111,8 @@ def iter_documents(sources: list[str]) -> Iterator[Document]:
     for files in resolved:
         if files is None:
             root = stdlib_root()
-            docs = (Document(_read(f), f"stdlib:{f.relative_to(root).as_posix()}", True) for f in stdlib_files())
+            docs = (Document(_read(f, text_only=False), f"stdlib:{f.relative_to(root).as_posix()}", True)
+                    for f in stdlib_files())
         else:
             docs = (d for f in files for d in _file_documents(f))
         yield from (d for d in docs if d.text.strip())
@@ -125,9 +126,15 @@ def _walk(root: Path) -> list[Path]:
     return sorted(out)
 
 
-def _read(path: Path) -> str:
-    # Undecodable bytes become U+FFFD: one odd file must not kill a multi-hour build.
-    return path.read_bytes().decode("utf-8", errors="replace")
+def _read(path: Path, text_only: bool = True) -> str:
+    # Undecodable bytes become U+FFFD: one odd file must not kill a multi-hour build. A NUL byte, which UTF-8 text
+    # does not hold, marks a binary file (an image or archive saved as .txt) or UTF-16: training on its bytes is
+    # never meant, so it is named (the standard library's own test fixtures are taken as they are)
+    data = path.read_bytes()
+    if text_only and b"\0" in data[:8192]:
+        raise ValueError(f"{path} holds NUL bytes: a binary file or UTF-16 text, not UTF-8; remove it from the data "
+                         f"sources (or convert it to UTF-8)")
+    return data.decode("utf-8", errors="replace")
 
 
 def _valid_utf8(text: str) -> str:
@@ -193,7 +200,11 @@ def _parquet_documents(path: Path, batch_rows: int = 1024) -> Iterator[Document]
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
-    pf = pq.ParquetFile(path)
+    import pyarrow as pa
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path} is not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
     names = pf.schema_arrow.names
     col = next((k for k in _TEXT_KEYS if k in names), None)
     if col is None:

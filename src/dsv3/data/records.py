@@ -18,12 +18,22 @@ def iter_records(path: str | Path, what: str = "records") -> Iterator[tuple[str,
     if not path.is_file() or path.suffix not in (".jsonl", ".parquet"):
         raise RecordError(f"{what} must be a .jsonl or .parquet file, got {path}")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        for k, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise RecordError(f"{path} is not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+        for k, row in enumerate(rows, start=1):
             yield f"{path}:{k}", row
         return
-    with path.open(encoding="utf-8") as f:
-        for k, line in enumerate(f, start=1):
+    with path.open("rb") as f:             # bytes: a line that is not UTF-8 is that row's error, not the file's
+        for k, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{k}", RecordError(f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+                continue
             if line.strip():
                 try:
                     yield f"{path}:{k}", json.loads(line)

@@ -53,6 +53,8 @@ from ..checkpoint.atomic import remove_leftovers
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
+# what a save writes besides the manifest (the sharded format: these but the first two and ema, plus its shards)
+SAVED_FILES = ("model.safetensors", "optimizer.pt", "ema.safetensors", "rng.pt", "state.json", "config.json")
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -103,11 +105,20 @@ def verify_checkpoint(path: str | Path) -> None:
     if not (path / MANIFEST).exists():
         if is_sharded(path):            # the sharded format always had one: written last, it marks the commit
             raise CheckpointError(f"{path} has no {MANIFEST}: its save never finished")
+        lacking = [f for f in SAVED_FILES if f != "ema.safetensors" and not (path / f).is_file()]
+        if lacking:                     # emptied by hand, or not a checkpoint at all: never a resume's choice
+            raise CheckpointError(f"{path} has no {MANIFEST} and lacks {', '.join(lacking)}")
         return
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / MANIFEST} is unreadable ({e})") from None
+    # a file the save writes that the manifest does not list was never checked: the manifest was edited or is of
+    # another save, so nothing it says about this directory can be trusted
+    unlisted = sorted(f.name for f in path.iterdir() if f.is_file() and f.name not in files and
+                      (f.name in SAVED_FILES or f.name == ".metadata" or f.suffix == ".distcp"))
+    if unlisted:
+        raise CheckpointError(f"{path / MANIFEST} does not list {', '.join(unlisted)} (edited, or of another save?)")
     for name, want in files.items():
         f = path / name
         if not f.is_file():
@@ -157,10 +168,20 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         write_manifest(tmp)
-    if keep > 0:
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, target, keep)
     return target
+
+
+def prune_checkpoints(run_dir: str | Path, newest: Path, keep: int) -> list[Path]:
+    """checkpoint.keep > 0: delete the checkpoints older than the `keep` most recent up to `newest`, the one just
+    written. Any newer than it (a damaged one a resume went back past) is neither counted nor deleted: counting it
+    would delete the checkpoint just written and leave only the damaged one. Returns those deleted."""
+    if keep <= 0:
+        return []
+    gone = [d for d in checkpoint_dirs(run_dir) if d.name <= newest.name][:-keep]
+    for old in gone:
+        shutil.rmtree(old, ignore_errors=True)
+    return gone
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -298,9 +319,8 @@ class PendingSave:
             self.stack.__exit__(*sys.exc_info())
             raise
         self.stack.close()
-        if _rank() == 0 and self.keep > 0:
-            for old in checkpoint_dirs(self.run_dir)[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        if _rank() == 0:
+            prune_checkpoints(self.run_dir, self.target, self.keep)
         _barrier(self.group)                # rank 0 committed
         return self.target
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, ModelConfig, model_config_from_table
+from ..config import ConfigError, ModelConfig, did_you_mean, model_config_from_table
 
 try:
     import tomllib
@@ -431,7 +431,9 @@ class RunConfig:
     def from_dict(cls, d: dict) -> "RunConfig":
         unknown = sorted(set(d) - set(SECTIONS) - {"model", "run_dir"})
         if unknown:
-            raise ConfigError(f"invalid run config: unknown sections {unknown}; known: {sorted(SECTIONS)} + model")
+            raise ConfigError(f"invalid run config: unknown sections {unknown}"
+                              f"{did_you_mean(unknown, [*SECTIONS, 'model', 'run_dir'])}; known: {sorted(SECTIONS)} + "
+                              f"model")
         kwargs: dict[str, Any] = {}
         for name, section in SECTIONS.items():
             table = d.get(name, {})
@@ -440,9 +442,12 @@ class RunConfig:
             fields = {f.name for f in dataclasses.fields(section)}
             bad = sorted(set(table) - fields)
             if bad:
-                raise ConfigError(f"invalid run config: unknown keys {bad} in [{name}]; known: {sorted(fields)}")
+                raise ConfigError(f"invalid run config: unknown keys {bad} in [{name}]{did_you_mean(bad, fields)}; "
+                                  f"known: {sorted(fields)}")
             kwargs[name] = section(**table)
         if "model" in d:
+            if not isinstance(d["model"], dict):
+                raise ConfigError("invalid run config: [model] must be a table")
             kwargs["model"] = model_config_from_table(d["model"])
         if "run_dir" in d:
             kwargs["run_dir"] = d["run_dir"]
@@ -465,9 +470,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """`d` with the overrides set; one key given twice with different values is an error (which was meant?)."""
     d = json.loads(json.dumps(d))
+    seen: dict[str, Any] = {}
     for item in overrides:
         path, value = parse_override(item)
+        key = ".".join(path)
+        if key in seen and seen[key] != value:
+            raise ConfigError(f"override {key} is given twice, as {seen[key]!r} and {value!r}: pass it once")
+        seen[key] = value
         if path == ["run_dir"]:
             d["run_dir"] = value
         else:

@@ -27,8 +27,10 @@ def dataset_key(cfg: DataConfig, vocab_size: int) -> str:
 
 def prepare_dataset(cfg: DataConfig, vocab_size: int, progress: bool = True) -> tuple[Tokenizer, ShardSet, Path]:
     """Tokenizer and shards for `cfg`, built on first use. The tokenizer's vocabulary must fit the model's."""
-    if cfg.tokenizer and not Path(cfg.tokenizer).exists():
-        raise FileNotFoundError(f"data.tokenizer={cfg.tokenizer!r} does not exist")
+    tok = Path(cfg.tokenizer)
+    if cfg.tokenizer and not (tok.is_file() or (tok / "tokenizer.json").is_file()):
+        raise FileNotFoundError(f"data.tokenizer={cfg.tokenizer!r} is neither a tokenizer.json nor a directory "
+                                f"holding one")
     root = Path(cfg.cache_dir) / dataset_key(cfg, vocab_size)
     tok_dir = root / "tokenizer"
     if cfg.tokenizer:

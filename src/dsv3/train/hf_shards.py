@@ -38,9 +38,12 @@ class _Slices:
 
     def _slice(self, name: str):
         file = self.reader.weight_map[name]
-        if file not in self.handles:
-            self.handles[file] = safe_open(self.reader.path / file, framework="pt")
-        return self.handles[file].get_slice(name)
+        try:
+            if file not in self.handles:
+                self.handles[file] = safe_open(self.reader.path / file, framework="pt")
+            return self.handles[file].get_slice(name)
+        except Exception as e:      # safetensors' own error types: a truncated or corrupt shard, a name not in it
+            raise CheckpointError(f"cannot read tensor {name} from {self.reader.path / file}: {e}") from None
 
     def rows(self, name: str, a: int | None, b: int | None, dtype: torch.dtype) -> torch.Tensor:
         sl = self._slice(name)
@@ -53,6 +56,9 @@ class _Slices:
             t = dequantize_blocks(w, s.float(), dtype)
             return t if whole else t[a - lo:b - lo]
         t = sl[:] if whole else sl[a:b]
+        if t.dtype.itemsize == 1 and t.dtype.is_floating_point:     # FP8 without its block scales: never cast
+            raise CheckpointError(f"tensor {name} in {self.reader.path / self.reader.weight_map[name]} is "
+                                  f"{str(t.dtype).removeprefix('torch.')} but {name}_scale_inv is missing")
         self.bytes_read += t.numel() * t.element_size()
         return t.to(dtype)
 

@@ -50,6 +50,12 @@ def find_source(path: str | Path) -> Source:
         if ckpt is None:
             raise ConfigError(f"invalid run config: train.init_from={str(path)!r}: the run has no valid checkpoint")
     elif (p / "state.json").exists():
+        from ..checkpoint import CheckpointError
+        from .checkpoint import verify_checkpoint
+        try:
+            verify_checkpoint(p)
+        except CheckpointError as e:
+            raise ConfigError(f"invalid run config: train.init_from={str(path)!r}: {e}") from None
         ckpt = p
     if ckpt is not None:
         run = RunConfig.from_dict(json.loads((ckpt / "config.json").read_text()))

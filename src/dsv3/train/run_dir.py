@@ -10,27 +10,83 @@ a resume's checkpoint is verified by rank 0 and its choice shared (choose_checkp
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
+from ..config import ConfigError
 from .checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint, newest_valid_checkpoint
 from .metrics import METRICS_FILE
 
 RUN_FILES = ("checkpoints", METRICS_FILE, "tensorboard", "plots", "baselines.json", "config.json", "tokenizer")
 
 
-def check_start(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Raise (FileExistsError / FileNotFoundError / ValueError) when a start of this kind must not use run_dir."""
+def is_run_config(path: Path) -> bool:
+    """Whether `path` is the config.json a run writes (a RunConfig's dict: `model` and `train` tables), not, say, a
+    Hugging Face model's."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("model"), dict) and isinstance(d.get("train"), dict)
+
+
+def foreign_run_files(run_dir: Path) -> list[str]:
+    """The RUN_FILES names in run_dir that no run wrote: every one present when the directory is not a run's (its
+    config.json is not a run config and it has no checkpoint), e.g. a model directory's config.json and tokenizer/.
+    A start would overwrite them, --overwrite delete them."""
+    present = [n for n in RUN_FILES if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    if not present or is_run_config(run_dir / "config.json") or latest_checkpoint(run_dir) is not None:
+        return []
+    return present
+
+
+# what a resume may not change: the checkpoint's weights are of this model, its data position counts this token
+# stream; everything else (steps, LR and schedule, logging, checkpointing, device, layout) may be overridden
+KEPT_ON_RESUME = ("model", "data")
+MAY_CHANGE_ON_RESUME = {"data": ("cache_dir",)}
+
+
+def check_resume_config(run_dir: Path, cfg) -> None:
+    """--resume with a RunConfig `cfg`: raise ConfigError naming every key of KEPT_ON_RESUME that differs from the
+    run's config.json (keys an older run's file lacks are not compared)."""
+    saved_file = run_dir / "config.json"
+    if not is_run_config(saved_file):
+        return
+    saved, new = json.loads(saved_file.read_text()), json.loads(json.dumps(cfg.to_dict()))
+    changed = [f"{sec}.{k}={saved[sec][k]!r} -> {v!r}" for sec in KEPT_ON_RESUME if isinstance(saved.get(sec), dict)
+               for k, v in new[sec].items() if k in saved[sec] and saved[sec][k] != v
+               and k not in MAY_CHANGE_ON_RESUME.get(sec, ())]
+    if changed:
+        raise ConfigError(f"--resume cannot change {', '.join(changed)}: the checkpoint's weights and data position "
+                          f"are of the run's model.* and data.* (only data.cache_dir may move); start a new run "
+                          f"instead (train.init_from={str(run_dir)!r} starts from its weights)")
+
+
+def check_start(run_dir: Path, resume: bool, overwrite: bool, cfg=None) -> None:
+    """Raise (FileExistsError / FileNotFoundError / ValueError) when a start of this kind must not use run_dir;
+    with a resume's `cfg`, also when it changes what a resume keeps (check_resume_config)."""
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it afresh: pass one of them")
     ckpt = latest_checkpoint(run_dir)
     if resume:
         if ckpt is None:
             raise FileNotFoundError(f"--resume: {run_dir} has no checkpoint to resume from")
+        if cfg is not None:
+            check_resume_config(run_dir, cfg)
         return
+    init = cfg.train.init_from if cfg is not None else ""
+    if overwrite and init and Path(init).resolve().is_relative_to(run_dir.resolve()):
+        raise ConfigError(f"invalid run config: train.init_from={init!r} is in the run directory {run_dir}, whose "
+                          f"checkpoints --overwrite deletes before the weights are read; copy them elsewhere first, or "
+                          f"choose another run_dir")
+    if foreign := foreign_run_files(run_dir):
+        raise FileExistsError(f"{run_dir} is not a run directory but holds {', '.join(foreign)}, which a run "
+                              f"{'--overwrite would delete' if overwrite else 'would overwrite'}; choose another "
+                              f"run_dir")
     if overwrite:
         return
     if ckpt is not None:
@@ -55,6 +111,8 @@ def choose_checkpoint(run_dir: Path, layout) -> tuple[Path, list[str]]:
 
 def clear_run(run_dir: Path) -> list[str]:
     """--overwrite: delete what an earlier run wrote into run_dir (RUN_FILES only); returns the names deleted."""
+    if foreign := foreign_run_files(run_dir):
+        raise FileExistsError(f"{run_dir} is not a run directory; not deleting {', '.join(foreign)}")
     gone = []
     for name in RUN_FILES:
         p = run_dir / name

@@ -171,7 +171,7 @@ class Trainer:
         if (cfg.train.compile or cfg.train.compile_optimizer) and self.device.type != "cuda":
             raise ConfigError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
                               "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
-        check_start(self.run_dir, resume, overwrite)
+        check_start(self.run_dir, resume, overwrite, cfg)
         if source is not None and cfg.parallel.pp > 1:
             raise ConfigError("parallel.pp > 1 trains only on the pre-training corpus (a batch source with a loss "
                               "mask does not go through DualPipeV); use parallel.pp=1")

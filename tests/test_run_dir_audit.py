@@ -1,0 +1,224 @@
+"""A run directory as a user who points `dsv3 train` at the wrong place, and a machine that fails mid-save: a
+directory holding someone's model (its config.json, tokenizer/) is refused by a fresh start (which overwrote them)
+and by --overwrite (which deleted them and their checkpoints/); `checkpoint.keep` never deletes the checkpoint just
+written because a damaged newer one (skipped by --resume) still sorts last; a disk full or a kill while saving
+leaves the previous checkpoint the valid latest, and no leftovers but ours are touched."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3.cli import main
+from dsv3.train import checkpoint as ck
+from dsv3.train.checkpoint import (checkpoint_dirs, load_checkpoint, newest_valid_checkpoint, save_checkpoint,
+                                   verify_checkpoint)
+from dsv3.train.run_dir import check_start, clear_run
+from test_train_loop import small_run
+
+
+def snapshot(path: Path) -> list:
+    return sorted((str(p.relative_to(path)), p.read_bytes() if p.is_file() else None) for p in path.rglob("*"))
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """Someone's Hugging Face model directory, with a checkpoints/ folder of their own."""
+    d = tmp_path / "my-model"
+    (d / "tokenizer").mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "hidden_size": 64}))
+    (d / "tokenizer" / "tokenizer.json").write_text("{}")
+    (d / "checkpoints").mkdir()
+    (d / "checkpoints" / "notes.txt").write_text("mine")
+    (d / "README.md").write_text("mine")
+    return d
+
+
+@pytest.mark.parametrize("flag", [[], ["--overwrite"]])
+def test_a_directory_that_is_not_a_run_is_refused_and_left_as_it_was(tmp_path, model_dir, capsys, flag):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(small_run(tmp_path, "my-model").to_dict()))
+    before = snapshot(model_dir)
+    assert main(["train", "--config", str(cfg), "--quiet", *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a run directory but holds checkpoints, config.json, tokenizer" in err
+    assert ("--overwrite would delete" if flag else "would overwrite") in err
+    assert snapshot(model_dir) == before
+    with pytest.raises(FileExistsError, match="not deleting"):
+        clear_run(model_dir)
+    assert snapshot(model_dir) == before
+
+
+def test_a_run_directory_with_user_files_still_starts_and_overwrites(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.md").write_text("mine")          # files that are not RUN_FILES never stop a start
+    check_start(run, resume=False, overwrite=False)
+    (run / "config.json").write_text(json.dumps(small_run(tmp_path).to_dict()))
+    (run / "tokenizer").mkdir()
+    check_start(run, resume=False, overwrite=True)   # a run's own config.json: its directory
+    assert clear_run(run) == ["config.json", "tokenizer"] and (run / "notes.md").exists()
+
+
+def tiny_state(value: float) -> dict:
+    return {"w": torch.full((4, 4), value)}
+
+
+def save(run: Path, step: int, keep: int = 0) -> Path:
+    return save_checkpoint(run, step, tiny_state(step), {"state": {}, "param_groups": []}, {"tokens": step},
+                           {"run": "x"}, keep=keep)
+
+
+def test_keep_never_deletes_the_checkpoint_just_written_for_a_damaged_newer_one(tmp_path):
+    run = tmp_path / "run"
+    for step in (100, 200, 300):
+        save(run, step)
+    damaged = ck.checkpoint_path(run, 300) / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:50])                # resume skips it and goes back to 200
+    assert newest_valid_checkpoint(run)[0].name == "step_00000200"
+    save(run, 250, keep=1)                                        # the resumed run's next save, keep 1
+    assert [d.name for d in checkpoint_dirs(run)] == ["step_00000250", "step_00000300"]
+    assert newest_valid_checkpoint(run)[0].name == "step_00000250"
+    save(run, 260, keep=2)
+    assert [d.name for d in checkpoint_dirs(run)] == ["step_00000250", "step_00000260", "step_00000300"]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError(5, "Input/output error"),
+                                   KeyboardInterrupt()])
+def test_a_failed_save_leaves_the_previous_checkpoint_the_valid_latest(tmp_path, monkeypatch, error):
+    run = tmp_path / "run"
+    save(run, 1)
+    real = torch.save
+
+    def failing(obj, f, *a, **k):                  # the disk fills (or a signal lands) at optimizer.pt
+        raise error
+    monkeypatch.setattr(ck.torch, "save", failing)
+    with pytest.raises(type(error)):
+        save(run, 2, keep=1)
+    monkeypatch.setattr(ck.torch, "save", real)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]    # no leftover either
+    verify_checkpoint(ck.checkpoint_path(run, 1))
+    holder = _Holder()
+    assert load_checkpoint(ck.checkpoint_path(run, 1), holder, restore_rng=False)["step"] == 1
+    assert torch.equal(holder.w, torch.ones(4, 4))
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.zeros(4, 4))
+
+
+KILLED_SAVE = """
+import os, signal, sys, torch
+from dsv3.train import checkpoint as ck
+run = sys.argv[1]
+ck.save_checkpoint(run, 1, {"w": torch.ones(4)}, {}, {}, {})
+real = ck.save_file
+def save_then_die(tensors, path, *a, **k):
+    real(tensors, path, *a, **k)
+    os.kill(os.getpid(), signal.SIGKILL)          # killed between two files of the save
+ck.save_file = save_then_die
+ck.save_checkpoint(run, 2, {"w": torch.ones(4)}, {}, {}, {})
+"""
+
+
+def test_sigkill_between_files_leaves_the_previous_checkpoint_and_only_our_leftover(tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(run)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == -signal.SIGKILL
+    (run / "checkpoints" / ".not-ours.tmp-1").write_text("someone's file, not a directory")
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names[0] == ".not-ours.tmp-1" and names[1].startswith(".step_00000002.tmp-") and names[2:] == \
+        ["step_00000001"]
+    assert newest_valid_checkpoint(run) == (ck.checkpoint_path(run, 1), [])
+    assert ck.remove_unfinished_saves(run) == [names[1]]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".not-ours.tmp-1", "step_00000001"]
+
+
+def fake_run(tmp_path: Path) -> Path:
+    """A run directory as a run leaves it for --resume: its config.json and a checkpoint."""
+    run = tmp_path / "run"
+    save(run, 4)
+    (run / "config.json").write_text(json.dumps(small_run(tmp_path).to_dict()))
+    return run
+
+
+@pytest.mark.parametrize("override,says", [
+    ("model.hidden_size=128", "model.hidden_size=64 -> 128"),
+    ('data.sources=["stdlib"]', "data.sources="),
+    ("data.seq_len=64", "data.seq_len=32 -> 64"),
+    ("data.seed=3", "data.seed=0 -> 3")])
+def test_resume_refuses_a_change_to_the_model_or_the_data_in_one_line(tmp_path, capsys, override, says):
+    run = fake_run(tmp_path)
+    before = snapshot(run)
+    assert main(["train", "--resume", "--run-dir", str(run), override, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume cannot change {says}" in err and "train.init_from" in err, err
+    assert snapshot(run) == before
+
+
+def test_resume_accepts_what_may_change(tmp_path):
+    run = fake_run(tmp_path)
+    from dsv3.train.config import RunConfig, apply_overrides
+    saved = json.loads((run / "config.json").read_text())
+    cfg = RunConfig.from_dict(apply_overrides(saved, ["train.steps=50", "optim.lr=1e-4", "log.interval=5",
+                                                      "checkpoint.keep=1", 'data.cache_dir="elsewhere"']))
+    check_start(run, resume=True, overwrite=False, cfg=cfg)
+
+
+def test_an_edited_manifest_is_caught_and_resume_falls_back_to_the_previous_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    save(run, 1)
+    newest = save(run, 2)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    del manifest["files"]["optimizer.pt"]                 # a hand edit that hides a damaged file from the check
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    (newest / "optimizer.pt").write_bytes(b"garbage")
+    good, skipped = newest_valid_checkpoint(run)
+    assert good == ck.checkpoint_path(run, 1)
+    assert len(skipped) == 1 and "does not list optimizer.pt (edited" in skipped[0]
+    (newest / "optimizer.pt").unlink()                   # removed as well as unlisted: a missing file then
+    manifest["files"]["optimizer.pt"] = {"bytes": 1, "sha256": "0"}
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    assert "optimizer.pt is missing" in newest_valid_checkpoint(run)[1][0]
+
+
+def test_init_from_inside_the_run_that_overwrite_clears_is_refused(tmp_path, capsys):
+    run = fake_run(tmp_path)
+    before = snapshot(run)
+    src = ck.checkpoint_path(run, 4)
+    for flag in ([], ["--overwrite"]):
+        assert main(["train", "--config", str(run / "config.json"), f"train.init_from={json.dumps(str(src))}",
+                     "--quiet", *flag]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert ("--overwrite deletes before the weights are read" if flag else "already has checkpoints") in err
+    assert snapshot(run) == before
+
+
+def test_init_from_a_damaged_checkpoint_names_the_file(tmp_path):
+    from dsv3.config import ConfigError
+    from dsv3.train.init_from import find_source
+    run = fake_run(tmp_path)
+    f = ck.checkpoint_path(run, 4) / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:40])
+    with pytest.raises(ConfigError, match=rf"train.init_from=.*{f}.*truncated"):
+        find_source(ck.checkpoint_path(run, 4))
+
+
+def test_an_emptied_checkpoint_without_manifest_is_skipped_not_resumed(tmp_path):
+    run = tmp_path / "run"
+    save(run, 1)
+    newest = save(run, 2)
+    for f in newest.iterdir():                 # `rm checkpoints/step_2/*`, or a directory made by hand
+        f.unlink()
+    good, skipped = newest_valid_checkpoint(run)
+    assert good == ck.checkpoint_path(run, 1)
+    assert "has no manifest.json and lacks model.safetensors, optimizer.pt, rng.pt, state.json, config.json" \
+        in skipped[0]
