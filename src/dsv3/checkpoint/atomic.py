@@ -1,4 +1,4 @@
-"""Atomic directory writes: build everything under a temporary sibling, fsync it, then rename into place.
+"""Atomic writes: build a directory (or a file) under a temporary sibling, fsync it, then rename into place.
 
 A save killed at any point leaves either the previous directory or no directory at the target path, never a
 half-written one that loads as valid; leftovers are `.NAME.tmp-*` siblings that no loader looks at (and
@@ -85,3 +85,25 @@ def remove_leftovers(parent: str | Path) -> list[str]:
             shutil.rmtree(p)
         done.append(p.name)
     return done
+
+
+@contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path for the caller to write; on normal exit that file is fsynced and renamed over
+    `target` (a new file: the user's umask), else removed. Readers see the old file or the new one, never a part."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, target)
+        fsync_path(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_whole(path: str | Path, text: str) -> None:
+    """`text` written to `path` whole or not at all (atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

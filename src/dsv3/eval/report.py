@@ -16,22 +16,13 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
 from pathlib import Path
+
+from ..checkpoint.atomic import atomic_file, write_whole
 
 
 class ResultsExist(ValueError):
     """The output directory already holds this task's results (or an unreadable results.json)."""
-
-
-def _write(path: Path, text: str) -> None:
-    """Written whole or not at all; a new file, so it gets the user's umask."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _json_safe(x):
@@ -78,8 +69,8 @@ def write_results(out_dir: str | Path, task: str, metrics: dict, records: list[d
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = _read_results(results_file)
         results[task] = _json_safe(dict(metrics=metrics, prompt_version=prompt_version, config=config))
-        _write(results_file, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        _write(out / f"samples_{task}.jsonl", "".join(json.dumps(_json_safe(r), ensure_ascii=False,
+        write_whole(results_file, json.dumps(results, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        write_whole(out / f"samples_{task}.jsonl", "".join(json.dumps(_json_safe(r), ensure_ascii=False,
                                                                  allow_nan=False) + "\n" for r in records))
         _chart(out, results)
     return results_file
@@ -87,9 +78,8 @@ def write_results(out_dir: str | Path, task: str, metrics: dict, records: list[d
 
 def save_figure(fig, path: Path) -> None:
     """A PNG written whole (temp file + rename), like the results."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def _chart(out: Path, results: dict) -> None:

@@ -5,25 +5,12 @@ the tokenizer carries (tokenizer_config.json's `chat_template`, the one the serv
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
-
-
-def write_whole(path: str | Path, text: str) -> None:
-    """Written whole or not at all (temp file, fsync, rename): a run stopped while writing leaves the old file or the
-    new one, never a partial one that --resume would read."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
 from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..train.trainer import Trainer, lm_losses, split_batch
-from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir, write_whole
+from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
 from .config import check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl
 from .rewards import format_reward

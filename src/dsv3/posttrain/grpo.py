@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
 from ..infer import Engine, EngineConfig
 from ..train.trainer import Trainer
 from ..verify.sandbox import self_check
-from .base import load_base, write_whole
+from .base import load_base
 from .config import check_paths, read_posttrain_dict, section_from_table, split_config
 from .grpo_loss import policy_loss, sequence_logprobs
 from .rollout import PromptSource, Rollouts, batch_from_state, batch_state, sample_groups

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
-from .base import load_base, write_whole
+from .base import load_base
 from .chat_data import ChatExample, batch_examples, read_chat_rows
 from .config import check_paths, read_posttrain_dict, section_dict, section_from_table, split_config
 

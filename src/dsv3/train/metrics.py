@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..checkpoint.atomic import atomic_file
+
 METRICS_FILE = "metrics.jsonl"
 
 # record key -> TensorBoard tag; max_vio per layer is added separately as balance/max_vio/<layer>
@@ -148,9 +150,8 @@ class MetricsLogger:
             self._f = None
         if not self.path.exists():
             return 0
-        tmp = self.path.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
         kept = 0
-        with open(self.path) as src, open(tmp, "w") as dst:
+        with atomic_file(self.path) as tmp, open(self.path) as src, open(tmp, "w") as dst:
             for line in src:
                 try:
                     rec = json.loads(line)
@@ -159,14 +160,6 @@ class MetricsLogger:
                 if isinstance(rec, dict) and rec.get("step", 0) <= step:
                     dst.write(json.dumps(rec) + "\n")
                     kept += 1
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.run_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
         return kept
 
     # ---- public logging API ----
