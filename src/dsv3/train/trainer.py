@@ -51,7 +51,7 @@ from .checkpointing import Checkpointing
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger
 from .ema import CPUEma
-from .init_from import check_extension, find_source, source_tensors
+from .init_from import Source, check_extension, find_source, source_tensors
 from .losses import ValidationSums, cross_entropy, lm_losses, mtp_mean, objective
 from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
@@ -143,21 +143,21 @@ class Trainer(Checkpointing):
         clipping); 7. the log."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        init_source = self._check_start(resume, overwrite, source)                         # 1
-        self.layout = Layout(self.device, cfg)     # the process group and the mesh; validates the layout  # 2
+        init_source = self._validate_start(resume, overwrite, source)                      # 1.
+        self.layout = Layout(self.device, cfg)     # 2. the process group and the mesh; validates the layout
         ckpt, skipped = choose_checkpoint(self.run_dir, self.layout) if resume else (None, [])
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
         show = cfg.log.progress if progress is None else progress
-        data = prepare_run_data(cfg, self.layout, source, resume, overwrite, progress=show)  # 3
+        data = prepare_run_data(cfg, self.layout, source, resume, overwrite, progress=show)  # 3.
         self.tokenizer, self.shards, self.loader, self.val = data.tokenizer, data.shards, data.loader, data.val
-        shard_note = self._build_model(init_state, init_source)                              # 4
-        self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None                  # 5
+        shard_note = self._build_model(init_state, init_source)                              # 4.
+        self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None                  # 5.
         self._init_checkpointing()
         if resume:
             self._resume_from(ckpt)
-        self._prepare_steps()                                                                # 6
+        self._prepare_steps()                                                                # 6.
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
-                                    start_step=self.step) if self.layout.is_main else NullLogger()   # 7
+                                    start_step=self.step) if self.layout.is_main else NullLogger()   # 7.
         if resume:
             self.logger.truncate_after(self.step)
             for note in skipped:
@@ -167,7 +167,7 @@ class Trainer(Checkpointing):
         for note in data.notes + ([shard_note] if shard_note else []):
             self.logger.log_event(self.step, note)
 
-    def _check_start(self, resume: bool, overwrite: bool, source) -> Path | None:
+    def _validate_start(self, resume: bool, overwrite: bool, source) -> Source | None:
         """Everything that can refuse the run, before a file is written; sets the device. Returns train.init_from's
         source (a fresh start's), checked to fit the model."""
         cfg = self.cfg
@@ -187,7 +187,7 @@ class Trainer(Checkpointing):
             check_extension(cfg.model, cfg.data.seq_len, init_source)
         return init_source
 
-    def _build_model(self, init_state: dict | None, init_source) -> str | None:
+    def _build_model(self, init_state: dict | None, init_source: Source | None) -> str | None:
         """The model laid out over the mesh with its starting weights, the MoE layers, optimizer and EMA. Returns the
         layout's FSDP note for the log (or None)."""
         cfg = self.cfg
