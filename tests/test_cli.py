@@ -32,3 +32,20 @@ def test_demo_runs_as_a_console_script(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "reload max|diff| 0.00e+00" in r.stdout and (tmp_path / "ck" / "config.json").exists()
+
+
+def test_every_subcommand_the_parser_accepts_has_a_runner():
+    """dsv3.cli_args parses, dsv3.cli.COMMANDS runs: a parser without a runner (or the reverse) is a dead end."""
+    import argparse
+
+    from dsv3.cli import COMMANDS
+    from dsv3.cli_args import build_parser
+
+    def leaves(parser: argparse.ArgumentParser, prefix: str = "") -> set[str]:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return {prefix}
+        return {leaf for name, p in subs[0].choices.items() for leaf in leaves(p, f"{prefix} {name}".strip())}
+    commands = leaves(build_parser())
+    assert len(commands) == 15 and "tokenizer train" in commands
+    assert commands == set(COMMANDS)

@@ -113,9 +113,14 @@ class FP8TrainLinear(nn.Linear):
 
 
 class FP8TrainExperts(Experts):
-    fp8_scaling = "block"     # or "row": set by apply_fp8 (the forward / input-gradient operands, the cache's)
-    fp8_recipe = "block"      # a key of dsv3.fp8.experts.RECIPES: the scaling, and the weight gradients in FP8 or not
+    fp8_recipe = "block"      # a key of dsv3.fp8.experts.RECIPES, set by apply_fp8: the scaling, FP8 weight gradients
     fp8_cache = None          # gate, up, down's FP8 operands, set by dsv3.fp8.weight_cache.refresh_fp8_weights
+
+    @property
+    def fp8_scaling(self) -> str:
+        """"block" or "row": the scaling of the forward and input-gradient operands (and so of the cached ones), the
+        recipe's (one source of truth: read, never set)."""
+        return RECIPES[self.fp8_recipe][0]
 
     def fp8_weights(self) -> tuple[torch.Tensor, ...] | None:
         weights = self.stacked_weights()        # cached only where they are the parameters themselves
@@ -201,5 +206,5 @@ def apply_fp8(model: nn.Module, experts: str = "block", linears: bool = True) ->
                 module.__class__ = FP8TrainMLP
         elif type(module) is Experts:
             module.__class__ = FP8TrainExperts
-            module.fp8_scaling, module.fp8_recipe = RECIPES[experts][0], experts
+            module.fp8_recipe = experts
     return model

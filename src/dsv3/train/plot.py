@@ -87,7 +87,23 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     name = path.parent.name
     written: list[Path] = []
 
-    # loss: main loss is the quantity to read; total (with MTP and aux terms) is drawn faintly for reference
+    _plot_loss(plt, train, val, _load_baselines(path.parent, baselines), name, out_dir / "loss.png", written)
+    _plot_schedule(plt, train, name, out_dir / "lr.png", written)
+    _plot_mtp(plt, train, val, name, out_dir / "mtp.png", written)
+
+    vio = [(r["step"], r["max_vio"], r.get("moe_layers")) for r in train if r.get("max_vio")]
+    if vio:
+        _plot_maxvio(plt, vio, name, out_dir / "maxvio.png", written)
+
+    load = [(r["step"], r["expert_load"], r.get("moe_layers")) for r in train if r.get("expert_load")]
+    if load:
+        _plot_expert_load(plt, load, name, out_dir / "expert_load.png", written)
+    return written
+
+
+def _plot_loss(plt, train: list, val: list, baselines: dict[str, float], name: str, path: Path,
+               written: list[Path]) -> None:
+    """Main loss is the quantity to read; total (with MTP and aux terms) is drawn faintly for reference."""
     fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
     s, v = _series(train, "main_loss")
     if len(s):
@@ -98,56 +114,55 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     s, v = _series(val, "val_loss")
     if len(s):
         ax.plot(s, v, "o-", color="C3", ms=4, lw=1.5, label="val loss")
-    for i, (label, y) in enumerate(_load_baselines(path.parent, baselines).items()):
+    for i, (label, y) in enumerate(baselines.items()):
         ax.axhline(y, ls="--", lw=1, color=f"C{(i + 4) % 10}", label=f"{label} ({y:.3g})")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"Loss — {name}")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(plt, fig, out_dir / "loss.png", written)
+    _save(plt, fig, path, written)
 
+
+def _plot_schedule(plt, train: list, name: str, path: Path, written: list[Path]) -> None:
+    """The learning rate and, on a twin axis, the batch size (its ramp), where the records have them."""
     s, v = _series(train, "lr")
-    if len(s):
-        fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
-        ax.plot(s, v, color="C0", label="learning rate")
-        ax.set(xlabel="step", ylabel="learning rate", title=f"Schedule — {name}")
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        ax.grid(alpha=0.3)
-        handles = ax.get_lines()
-        bs, bv = _series(train, "batch_size")
-        if len(bs):
-            ax2 = ax.twinx()
-            handles += ax2.plot(bs, bv, color="C1", drawstyle="steps-post", label="batch size (sequences)")
-            ax2.set_ylabel("batch size (sequences)")
-        # the legend goes on the topmost (twin) axes, or that axes' lines would be drawn over it
-        fig.axes[-1].legend(handles=handles, labels=[h.get_label() for h in handles], loc="best")
-        _save(plt, fig, out_dir / "lr.png", written)
+    if not len(s):
+        return
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    ax.plot(s, v, color="C0", label="learning rate")
+    ax.set(xlabel="step", ylabel="learning rate", title=f"Schedule — {name}")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax.grid(alpha=0.3)
+    handles = ax.get_lines()
+    bs, bv = _series(train, "batch_size")
+    if len(bs):
+        ax2 = ax.twinx()
+        handles += ax2.plot(bs, bv, color="C1", drawstyle="steps-post", label="batch size (sequences)")
+        ax2.set_ylabel("batch size (sequences)")
+    # the legend goes on the topmost (twin) axes, or that axes' lines would be drawn over it
+    fig.axes[-1].legend(handles=handles, labels=[h.get_label() for h in handles], loc="best")
+    _save(plt, fig, path, written)
 
+
+def _plot_mtp(plt, train: list, val: list, name: str, path: Path, written: list[Path]) -> None:
+    """Train and val MTP loss and, on a twin axis, the val MTP head's next-next-token accuracy, where logged."""
     mtp = [_series(train, "mtp_loss"), _series(val, "val_mtp_loss"), _series(val, "val_mtp_acc")]
-    if any(len(s) for s, _ in mtp):
-        fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-        handles = []
-        if len(mtp[0][0]):
-            handles += ax.plot(*mtp[0], color="C0", lw=1, label="train MTP loss")
-        if len(mtp[1][0]):
-            handles += ax.plot(*mtp[1], "o-", color="C3", ms=4, label="val MTP loss")
-        ax.set(xlabel="step", ylabel="MTP loss (nats/token)", title=f"Multi-token prediction — {name}")
-        ax.grid(alpha=0.3)
-        if len(mtp[2][0]):
-            ax2 = ax.twinx()
-            handles += ax2.plot(*mtp[2], "s--", color="C2", ms=4, label="val MTP top-1 acc")
-            ax2.set_ylabel("val MTP next-next-token accuracy")
-        # the legend goes on the topmost (twin) axes, or that axes' lines would be drawn over it
-        fig.axes[-1].legend(handles=handles, labels=[h.get_label() for h in handles], loc="best")
-        _save(plt, fig, out_dir / "mtp.png", written)
-
-    vio = [(r["step"], r["max_vio"], r.get("moe_layers")) for r in train if r.get("max_vio")]
-    if vio:
-        _plot_maxvio(plt, vio, name, out_dir / "maxvio.png", written)
-
-    load = [(r["step"], r["expert_load"], r.get("moe_layers")) for r in train if r.get("expert_load")]
-    if load:
-        _plot_expert_load(plt, load, name, out_dir / "expert_load.png", written)
-    return written
+    if not any(len(s) for s, _ in mtp):
+        return
+    fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+    handles = []
+    if len(mtp[0][0]):
+        handles += ax.plot(*mtp[0], color="C0", lw=1, label="train MTP loss")
+    if len(mtp[1][0]):
+        handles += ax.plot(*mtp[1], "o-", color="C3", ms=4, label="val MTP loss")
+    ax.set(xlabel="step", ylabel="MTP loss (nats/token)", title=f"Multi-token prediction — {name}")
+    ax.grid(alpha=0.3)
+    if len(mtp[2][0]):
+        ax2 = ax.twinx()
+        handles += ax2.plot(*mtp[2], "s--", color="C2", ms=4, label="val MTP top-1 acc")
+        ax2.set_ylabel("val MTP next-next-token accuracy")
+    # the legend goes on the topmost (twin) axes, or that axes' lines would be drawn over it
+    fig.axes[-1].legend(handles=handles, labels=[h.get_label() for h in handles], loc="best")
+    _save(plt, fig, path, written)
 
 
 def _layer_names(rows: list, n: int) -> list[str]:

@@ -15,7 +15,9 @@ saves a checkpoint and raises TrainingInterrupted, whose message is the command 
 
 Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, the EMA, the data position and the RNG
 states, and the logged metrics are cut back to the checkpoint's step. It starts from the newest checkpoint whose
-files match their checksums (dsv3.train.checkpoint), verified once by rank 0.
+files match their checksums (dsv3.train.checkpoint), verified once by rank 0. How the Trainer writes and reads its
+checkpoints is dsv3.train.checkpointing's (its base class); its data and the run directory's first files are
+dsv3.train.run_data's.
 
 Under torchrun the same loop runs on every rank in the layout of `parallel` (data parallelism, expert parallelism
 inside it, optionally FSDP-sharded, DualPipeV pipeline parallelism with a (dp, ep) layout per pipeline position:
@@ -27,52 +29,39 @@ checkpoints are sharded, every rank writing its rows (dsv3.train.checkpoint.save
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..data import PackedLoader, ShardSet
-from ..data.packing import val_batches
 from ..fp8.weight_cache import refresh_fp8_weights
 from ..model import Transformer
-from ..parallel.dcp import fill_entries, init_state as init_optimizer_state, owned_state
+from ..parallel.dcp import fill_entries, owned_state
 from ..parallel.materialize import materialize
 from ..parallel.parallelize import parallelize
 from ..parallel.zero import ZeroOne
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
-from .checkpoint import (
-    PendingSave,
-    checkpoint_group,
-    is_sharded,
-    load_checkpoint,
-    load_sharded,
-    load_whole_into,
-    remove_unfinished_saves,
-    rng_state,
-    save_checkpoint,
-    save_sharded,
-)
+from .checkpointing import Checkpointing
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger
-from .dataset import prepare_dataset
 from .ema import CPUEma
-from .init_from import check_extension, find_source, source_tensors
+from .init_from import Source, check_extension, find_source, source_tensors
 from .losses import ValidationSums, cross_entropy, lm_losses, mtp_mean, objective
 from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
-from .run_dir import check_start, choose_checkpoint, clear_run, divergence_advice, resume_command
+from .run_data import prepare_run_data
+from .run_dir import check_start, choose_checkpoint, divergence_advice, resume_command
 from .signals import StopSignals
+
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "StepStats", "build_model", "compute_dtype",
+           "resolve_device", "split_batch", "cross_entropy", "lm_losses"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -126,22 +115,6 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return batch if isinstance(batch, tuple) else (batch, None)
 
 
-def unigram_entropy(shards: ShardSet, vocab_size: int) -> dict[str, float]:
-    """Entropy (nats/token) of the training split's unigram distribution, and the cross-entropy of that distribution
-    (add-one smoothed) on the validation split: the loss of a model that ignores context."""
-    def counts(split: str) -> np.ndarray:
-        c = np.zeros(vocab_size, dtype=np.int64)
-        for i in range(shards.n_docs(split)):
-            c += np.bincount(shards.doc(split, i), minlength=vocab_size)[:vocab_size]
-        return c
-    train, val = counts("train"), counts("val")
-    p = train / train.sum()
-    q = (train + 1) / (train.sum() + vocab_size)
-    nz = p > 0
-    return {"unigram entropy": float(-(p[nz] * np.log(p[nz])).sum()),
-            "unigram val cross-entropy": float(-(val * np.log(q)).sum() / max(val.sum(), 1))}
-
-
 @dataclass
 class StepStats:
     loss: float
@@ -152,7 +125,7 @@ class StepStats:
     tokens: int
 
 
-class Trainer:
+class Trainer(Checkpointing):
     command = "train"    # the dsv3 subcommand that runs this trainer: its resume / restart advice names it
     def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None, overwrite: bool = False,
                  source=None, init_state: dict | None = None):
@@ -161,10 +134,43 @@ class Trainer:
         source: a batch source in place of the pre-training corpus (SFT: dsv3.posttrain.sft.ChatBatches): its
         `tokenizer`, `next_batch(rows)` -> window or (window, targets), `val` batches, `state_dict` /
         `load_state_dict` (the data position, in checkpoints). init_state: the starting weights (a fine-tune's
-        base model) in place of the random initialisation; a resumed run's checkpoint replaces them."""
+        base model) in place of the random initialisation; a resumed run's checkpoint replaces them.
+
+        Built in this order: 1. every check that can refuse the run, before a file is written; 2. the process
+        group and mesh; 3. the data (and, on rank 0, the run directory's first files: dsv3.train.run_data);
+        4. the model laid out over the mesh, its starting weights, optimizer and EMA; 5. the checkpoint side and a
+        resume's state (dsv3.train.checkpointing); 6. what each step uses (loss, FP8 weight cache, pipeline,
+        clipping); 7. the log."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        # everything that can refuse the run does so before a file is written
+        init_source = self._validate_start(resume, overwrite, source)                      # 1.
+        self.layout = Layout(self.device, cfg)     # 2. the process group and the mesh; validates the layout
+        ckpt, skipped = choose_checkpoint(self.run_dir, self.layout) if resume else (None, [])
+        self.dtype = compute_dtype(cfg.train.dtype, self.device)
+        show = cfg.log.progress if progress is None else progress
+        data = prepare_run_data(cfg, self.layout, source, resume, overwrite, progress=show)  # 3.
+        self.tokenizer, self.shards, self.loader, self.val = data.tokenizer, data.shards, data.loader, data.val
+        shard_note = self._build_model(init_state, init_source)                              # 4.
+        self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None                  # 5.
+        self._init_checkpointing()
+        if resume:
+            self._resume_from(ckpt)
+        self._prepare_steps()                                                                # 6.
+        self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
+                                    start_step=self.step) if self.layout.is_main else NullLogger()   # 7.
+        if resume:
+            self.logger.truncate_after(self.step)
+            for note in skipped:
+                self.logger.log_event(self.step, note)
+            self.logger.log_event(self.step, f"resumed from {ckpt}" + (" (the newest valid checkpoint)" if skipped
+                                                                       else ""))
+        for note in data.notes + ([shard_note] if shard_note else []):
+            self.logger.log_event(self.step, note)
+
+    def _validate_start(self, resume: bool, overwrite: bool, source) -> Source | None:
+        """Everything that can refuse the run, before a file is written; sets the device. Returns train.init_from's
+        source (a fresh start's), checked to fit the model."""
+        cfg = self.cfg
         if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
         self.device = resolve_device(cfg.train.device)
@@ -179,30 +185,12 @@ class Trainer:
         if cfg.train.init_from and not resume:     # a resumed run's checkpoint holds the weights already
             init_source = find_source(cfg.train.init_from)
             check_extension(cfg.model, cfg.data.seq_len, init_source)
-        self.layout = Layout(self.device, cfg)     # the process group and the mesh; validates the layout
-        ckpt, skipped = choose_checkpoint(self.run_dir, self.layout) if resume else (None, [])
-        self.dtype = compute_dtype(cfg.train.dtype, self.device)
-        show = cfg.log.progress if progress is None else progress
+        return init_source
 
-        if not self.layout.is_main:      # rank 0 builds the tokenizer and shards; the others then read its cache
-            self.layout.barrier()
-        if source is None:
-            self.tokenizer, self.shards, data_dir = prepare_dataset(
-                cfg.data, cfg.data.vocab_size or cfg.model.vocab_size, progress=show and self.layout.is_main)
-        else:
-            self.tokenizer, self.shards, data_dir = source.tokenizer, None, None
-        notes = self._set_up_run_dir(data_dir, resume, overwrite) if self.layout.is_main else []
-        if self.layout.is_main:
-            self.layout.barrier()
-        if source is None:
-            self.loader = PackedLoader(self.shards, "train", cfg.data.seq_len, seed=cfg.data.seed,
-                                       fim_rate=cfg.data.fim_rate, eos_id=self.tokenizer.eos_id,
-                                       fim_ids=self.tokenizer.fim_ids)
-            self.val = val_batches(self.shards, cfg.data.seq_len, cfg.log.val_batches, cfg.train.micro_batch_size,
-                                   self.tokenizer.eos_id) if cfg.log.val_batches else []
-        else:
-            self.loader, self.val = source, source.val if cfg.log.val_batches else []
-
+    def _build_model(self, init_state: dict | None, init_source: Source | None) -> str | None:
+        """The model laid out over the mesh with its starting weights, the MoE layers, optimizer and EMA. Returns the
+        layout's FSDP note for the log (or None)."""
+        cfg = self.cfg
         # the one parallel entry point (dsv3.parallel.parallelize): the model described on the meta device, laid
         # out over the mesh in one documented order (FP8 -> EP -> pipeline split -> recomputation -> compile ->
         # FSDP2); each rank allocates and initialises only its own part (its chunks, expert slices and FSDP shards)
@@ -211,14 +199,8 @@ class Trainer:
         shard_note = self.layout.fsdp_note(self.local)
         self.param_counts = build_model(cfg, "meta").num_params()     # of the whole model, not this rank's part
         if init_state is not None or init_source is not None:       # a fine-tune's base, an extension's source
-            whole = init_state if init_state is not None else source_tensors(init_source)
-            entries = {k: v for k, v in owned_state(self.local.roots).items() if k.startswith("model/")}
-            try:
-                fill_entries(entries, {f"model/{k}": v for k, v in whole.items()})    # this rank's rows only
-            except (KeyError, ValueError) as e:
-                where = cfg.train.init_from if init_state is None else "the base model"
-                raise ConfigError(f"invalid run config: the starting weights ({where}) do not fit the model: {e} "
-                                  f"(a model without its MTP module? set model.num_nextn_predict_layers=0)") from None
+            self._load_starting_weights(init_state if init_state is not None else source_tensors(init_source),
+                                        cfg.train.init_from if init_state is None else "the base model")
         self.layers = moe_layers(self.model)
         # ZeRO-1 (parallel.zero1): the optimizer steps only this rank's rows of each replicated parameter and the
         # replicas all-gather the updated rows (dsv3.parallel.zero)
@@ -230,28 +212,21 @@ class Trainer:
         # model on its CPU (dsv3.train.ema; a collective)
         ema_group = torch.distributed.group.WORLD if self.layout.world > 1 else None
         self.ema = CPUEma(self.local.roots, cfg.train.ema_decay, ema_group) if cfg.train.ema_decay > 0 else None
-        self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None
-        self.spiking = False           # the last step's loss was a spike: checkpoints wait
-        self.pending: dict | None = None   # a due checkpoint's state (_snapshot), waiting for the next step to vet it
-        # under torchrun every rank writes its own rows (the sharded format); one process writes single files
-        self.sharded_checkpoints = cfg.checkpoint.format == "sharded" or self.layout.world > 1
-        # checkpoint.async_save: a sharded save's shards are written in the background, over a gloo group of their
-        # own; `in_flight` is that save until finish_checkpoint commits it
-        self.async_save = self.sharded_checkpoints and cfg.checkpoint.async_save
-        self.checkpoint_group = checkpoint_group() if self.async_save else None
-        self.in_flight: PendingSave | None = None
-        if resume:        # verified by rank 0 in choose_checkpoint
-            if is_sharded(ckpt):            # any layout wrote it: every rank reads its own rows
-                state = load_sharded(ckpt, self._sharded_entries)
-            elif self.layout.world > 1:     # a single process wrote it: every rank keeps its rows of it
-                state = load_whole_into(ckpt, self._sharded_entries)
-            else:
-                state = load_checkpoint(ckpt, self.model, self.optimizer, verify=False)
-            self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
-            self.loss_ema = state["loss_ema"]
-            self.loader.load_state_dict(state["loader"])
-            if self.ema is not None and state["ema"] is not None:
-                self.ema.load_state_dict(state["ema"])
+        return shard_note
+
+    def _load_starting_weights(self, whole: dict[str, torch.Tensor], where: str) -> None:
+        """This rank's rows of the starting weights (a fine-tune's base model, train.init_from's source)."""
+        entries = {k: v for k, v in owned_state(self.local.roots).items() if k.startswith("model/")}
+        try:
+            fill_entries(entries, {f"model/{k}": v for k, v in whole.items()})    # this rank's rows only
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"invalid run config: the starting weights ({where}) do not fit the model: {e} "
+                              f"(a model without its MTP module? set model.num_nextn_predict_layers=0)") from None
+
+    def _prepare_steps(self) -> None:
+        """What every step uses, made once the weights are final (after any load): the loss, the FP8 weight cache,
+        the pipeline runner and where the clipping happens."""
+        cfg = self.cfg
         # with train.compile (the blocks were compiled by parallelize) the loss fuses the fp32 upcast into
         # log-softmax instead of materialising fp32 logits
         self.ce = torch.compile(cross_entropy) if cfg.train.compile else cross_entropy
@@ -265,56 +240,15 @@ class Trainer:
             from .pipeline_step import PipelineRunner
             self.pipeline = PipelineRunner(self.layout, self.local, self.layers, cfg.data.seq_len, self.ce,
                                            self.autocast)
-        # fused AdamW and AdamWBF16 divide the gradients by `grad_scale` inside their kernels: clipping there saves a pass over
-        # every gradient (on CPU, train_step scales the gradients). Under expert and pipeline parallelism this path
-        # and compiled_step stay enabled: both take the global gradient norm that train_step computes. Under FSDP
-        # both are off (compile_optimizer is refused by the config): they are CUDA-only and unverified with DTensor
-        # gradients, and the clipping is then train_step's scaling of the local shards
+        # fused AdamW and AdamWBF16 divide the gradients by `grad_scale` inside their kernels: clipping there saves a
+        # pass over every gradient (on CPU, train_step scales the gradients). Under expert and pipeline parallelism
+        # this path and compiled_step stay enabled: both take the global gradient norm that train_step computes.
+        # Under FSDP both are off (compile_optimizer is refused by the config): they are CUDA-only and unverified
+        # with DTensor gradients, and the clipping is then train_step's scaling of the local shards
         self.clip_in_optimizer = (self.device.type == "cuda" and self.compiled_step is None and not self.layout.fsdp
                                   and (isinstance(self.optimizer, AdamWBF16)
                                        or (isinstance(self.optimizer, torch.optim.AdamW)
                                            and bool(self.optimizer.defaults.get("fused")))))
-        self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
-                                    start_step=self.step) if self.layout.is_main else NullLogger()
-        if resume:
-            self.logger.truncate_after(self.step)
-            for note in skipped:
-                self.logger.log_event(self.step, note)
-            self.logger.log_event(self.step, f"resumed from {ckpt}" + (" (the newest valid checkpoint)" if skipped
-                                                                       else ""))
-        for note in notes:
-            self.logger.log_event(self.step, note)
-        if shard_note:
-            self.logger.log_event(self.step, shard_note)
-
-    def _sharded_entries(self, with_ema: bool = True) -> dict[str, torch.Tensor]:
-        """This rank's model, optimizer state and EMA as sharded-checkpoint entries (views of the live tensors)."""
-        init_optimizer_state(self.optimizer)
-        ema = self.ema.entries() if self.ema is not None and with_ema else {}
-        return owned_state(self.local.roots, self.optimizer,
-                           optimized=self.zero.owned() if self.zero is not None else None) | ema
-
-    def _set_up_run_dir(self, data_dir: Path, resume: bool, overwrite: bool) -> list[str]:
-        """Rank 0, once the data is ready: delete an earlier run's outputs (overwrite) and what killed saves left,
-        then write config.json (always: a resume may override keys), the tokenizer and the baselines (for a fresh
-        start, or where a resumed run lacks them). Returns lines for the run's log."""
-        notes = []
-        if overwrite and (gone := clear_run(self.run_dir)):
-            notes.append(f"--overwrite: deleted the earlier run's {', '.join(gone)}")
-        if left := remove_unfinished_saves(self.run_dir):
-            notes.append(f"removed {len(left)} unfinished checkpoint saves ({', '.join(left)})")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fresh = not resume
-        (self.run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        if fresh or not (self.run_dir / "tokenizer" / "tokenizer.json").exists():
-            self.tokenizer.save(self.run_dir / "tokenizer")
-        baselines = self.run_dir / "baselines.json"
-        if self.shards is not None and (fresh or not baselines.exists()):
-            cached = data_dir / "baselines.json"
-            if not cached.exists():
-                cached.write_text(json.dumps(unigram_entropy(self.shards, self.tokenizer.vocab_size)))
-            shutil.copy(cached, baselines)
-        return notes
 
     def autocast(self):
         enabled = self.dtype != torch.float32 and self.cfg.train.dtype != "bf16-params"
@@ -463,44 +397,6 @@ class Trainer:
         if self.layout.fsdp:
             self.model.reshard()    # the root stays gathered after a no_grad forward (dsv3.parallel.data): free it
         return sums.metrics(len(self.val), self.layout.world if sharded else 1)
-
-    def _snapshot(self) -> dict:
-        """Everything a checkpoint holds besides the weights, optimizer state and EMA, as of the end of this step
-        (the weights and optimizer state stay as they are until the next step's update)."""
-        return {"step": self.step, "rng": rng_state(), "state": {
-            "tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
-            "loader": self.loader.state_dict()}}
-
-    def save(self, snapshot: dict | None = None, wait: bool = False) -> Path:
-        """Write the checkpoint of the step that `snapshot` was taken at (default: now), before the weights have
-        changed since: under torchrun the sharded format, every rank writing the rows it holds (every rank must
-        call this); in one process the single-file format. With checkpoint.async_save a sharded save is committed
-        later (finish_checkpoint) unless `wait`: the path returned is a checkpoint only then."""
-        snap = snapshot or self._snapshot()
-        if self.sharded_checkpoints:         # every rank writes its own rows; nothing is gathered
-            self.finish_checkpoint()
-            pending = save_sharded(self.run_dir, snap["step"], self._sharded_entries(), snap["state"],
-                                   self.cfg.to_dict(), self.cfg.checkpoint.keep, rng=snap["rng"],
-                                   background=self.async_save, group=self.checkpoint_group)
-            if not self.async_save:
-                self.logger.log_event(snap["step"], f"checkpoint {pending.name} (sharded)")
-                return pending
-            self.in_flight = pending
-            if wait:
-                self.finish_checkpoint()
-            return pending.target
-        path = save_checkpoint(self.run_dir, snap["step"], self.model, self.optimizer, snap["state"],
-                               self.cfg.to_dict(), self.ema.state_dict() if self.ema is not None else None,
-                               self.cfg.checkpoint.keep, rng=snap["rng"])
-        self.logger.log_event(snap["step"], f"checkpoint {path.name}")
-        return path
-
-    def finish_checkpoint(self) -> None:
-        """Commit the sharded save in flight, if any, once every rank's writes finished (a collective)."""
-        if self.in_flight is not None:
-            pending, self.in_flight = self.in_flight, None
-            path = pending.commit()
-            self.logger.log_event(pending.state["step"], f"checkpoint {path.name} (sharded, in the background)")
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def run(self, stop: StopSignals | None = None) -> dict:

@@ -1,0 +1,112 @@
+"""The Trainer's checkpoint side (a base class of dsv3.train.trainer.Trainer): what a run checkpoint holds, how the
+Trainer writes it and how a resumed run reads it back. The file formats are dsv3.train.checkpoint's; when a save
+happens (one step late, once the next step vetted the weights) is the training loop's.
+
+A checkpoint holds the weights (routing biases included), the AdamW moments, the EMA, the RNG states and the state of
+the run (step, tokens, spikes, the loss's running mean, the data position): resume is exact.
+    one process   the single-file format (model.safetensors, optimizer.pt, ...), unless checkpoint.format="sharded"
+    torchrun      the sharded format: every rank writes the rows it holds (DCP entries: dsv3.parallel.dcp), nothing
+                  gathered; with checkpoint.async_save written in the background over a gloo group of its own and
+                  committed by finish_checkpoint once every rank's writes finished
+On resume a sharded checkpoint (any layout wrote it) is read by every rank for its own rows; a single-file one
+under torchrun likewise (load_whole_into); in one process whole.
+
+Reads from the Trainer: cfg, run_dir, layout, model, local, optimizer, zero, ema, loader, logger and the counters
+step, tokens, spikes, loss_ema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..parallel.dcp import init_state as init_optimizer_state, owned_state
+from .checkpoint import (
+    PendingSave,
+    checkpoint_group,
+    is_sharded,
+    load_checkpoint,
+    load_sharded,
+    load_whole_into,
+    rng_state,
+    save_checkpoint,
+    save_sharded,
+)
+
+
+class Checkpointing:
+    """save / finish_checkpoint / the resume of a Trainer (module docstring)."""
+
+    def _init_checkpointing(self) -> None:
+        """How the run's checkpoints are written, none pending (before any resume reads one)."""
+        cfg = self.cfg
+        self.spiking = False           # the last step's loss was a spike: checkpoints wait
+        self.pending: dict | None = None   # a due checkpoint's state (_snapshot), waiting for the next step to vet it
+        # under torchrun every rank writes its own rows (the sharded format); one process writes single files
+        self.sharded_checkpoints = cfg.checkpoint.format == "sharded" or self.layout.world > 1
+        # checkpoint.async_save: a sharded save's shards are written in the background, over a gloo group of their
+        # own; `in_flight` is that save until finish_checkpoint commits it
+        self.async_save = self.sharded_checkpoints and cfg.checkpoint.async_save
+        self.checkpoint_group = checkpoint_group() if self.async_save else None
+        self.in_flight: PendingSave | None = None
+
+    def _resume_from(self, ckpt: Path) -> None:
+        """Weights, optimizer state, EMA, data position and counters from `ckpt` (verified by rank 0 in
+        choose_checkpoint)."""
+        if is_sharded(ckpt):            # any layout wrote it: every rank reads its own rows
+            state = load_sharded(ckpt, self._sharded_entries)
+        elif self.layout.world > 1:     # a single process wrote it: every rank keeps its rows of it
+            state = load_whole_into(ckpt, self._sharded_entries)
+        else:
+            state = load_checkpoint(ckpt, self.model, self.optimizer, verify=False)
+        self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
+        self.loss_ema = state["loss_ema"]
+        self.loader.load_state_dict(state["loader"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def _sharded_entries(self, with_ema: bool = True) -> dict[str, torch.Tensor]:
+        """This rank's model, optimizer state and EMA as sharded-checkpoint entries (views of the live tensors)."""
+        init_optimizer_state(self.optimizer)
+        ema = self.ema.entries() if self.ema is not None and with_ema else {}
+        return owned_state(self.local.roots, self.optimizer,
+                           optimized=self.zero.owned() if self.zero is not None else None) | ema
+
+    def _snapshot(self) -> dict:
+        """Everything a checkpoint holds besides the weights, optimizer state and EMA, as of the end of this step
+        (the weights and optimizer state stay as they are until the next step's update)."""
+        return {"step": self.step, "rng": rng_state(), "state": {
+            "tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
+            "loader": self.loader.state_dict()}}
+
+    def save(self, snapshot: dict | None = None, wait: bool = False) -> Path:
+        """Write the checkpoint of the step that `snapshot` was taken at (default: now), before the weights have
+        changed since: under torchrun the sharded format, every rank writing the rows it holds (every rank must
+        call this); in one process the single-file format. With checkpoint.async_save a sharded save is committed
+        later (finish_checkpoint) unless `wait`: the path returned is a checkpoint only then."""
+        snap = snapshot or self._snapshot()
+        if self.sharded_checkpoints:         # every rank writes its own rows; nothing is gathered
+            self.finish_checkpoint()
+            pending = save_sharded(self.run_dir, snap["step"], self._sharded_entries(), snap["state"],
+                                   self.cfg.to_dict(), self.cfg.checkpoint.keep, rng=snap["rng"],
+                                   background=self.async_save, group=self.checkpoint_group)
+            if not self.async_save:
+                self.logger.log_event(snap["step"], f"checkpoint {pending.name} (sharded)")
+                return pending
+            self.in_flight = pending
+            if wait:
+                self.finish_checkpoint()
+            return pending.target
+        path = save_checkpoint(self.run_dir, snap["step"], self.model, self.optimizer, snap["state"],
+                               self.cfg.to_dict(), self.ema.state_dict() if self.ema is not None else None,
+                               self.cfg.checkpoint.keep, rng=snap["rng"])
+        self.logger.log_event(snap["step"], f"checkpoint {path.name}")
+        return path
+
+    def finish_checkpoint(self) -> None:
+        """Commit the sharded save in flight, if any, once every rank's writes finished (a collective)."""
+        if self.in_flight is not None:
+            pending, self.in_flight = self.in_flight, None
+            path = pending.commit()
+            self.logger.log_event(pending.state["step"], f"checkpoint {path.name} (sharded, in the background)")
