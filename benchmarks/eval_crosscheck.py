@@ -85,7 +85,7 @@ def lm_eval_run(model: str, model_args: str, task_dir: Path, name: str) -> tuple
 
 
 def dsv3_eval(args: list[str], out: Path, name: str) -> tuple[float, float, list[list[float]]]:
-    dsv3("eval", "mc", "--continuation", "text", "--out", str(out), *args, stdout=subprocess.DEVNULL)
+    dsv3("eval", "mc", "--continuation", "text", "--overwrite", "--out", str(out), *args, stdout=subprocess.DEVNULL)
     res = json.loads((out / "results.json").read_text())[name]["metrics"]
     recs = [json.loads(line) for line in (out / f"samples_{name}.jsonl").read_text().splitlines()]
     return res["acc"], res["acc_norm"], [r["loglikelihoods"] for r in recs]

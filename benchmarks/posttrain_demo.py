@@ -248,7 +248,7 @@ def distill(d: Path, seed: int, args, teacher: Path, budget: float) -> dict:
 def evaluate(model: Path, held: Path, out: Path, args) -> dict:
     """Step 5 through `dsv3 eval gen --chat`: sampled (pass@1, pass@k, maj@k) and greedy; format from the samples."""
     common = ["eval", "gen", "--chat", "--model", str(model), "--task", str(held), "--max-tokens", str(args.max_new),
-              "--max-num-seqs", "256", "--cache-gib", "0.25"]
+              "--max-num-seqs", "256", "--cache-gib", "0.25", "--overwrite"]     # recomputed unless --reuse
     if not (args.reuse and (out / "sampled" / "results.json").exists() and (out / "greedy" / "results.json").exists()):
         with contextlib.redirect_stdout(io.StringIO()) as table:
             assert dsv3(common + ["--k", str(args.k), "--temperature", "1", "--out", str(out / "sampled")]) == 0

@@ -158,6 +158,7 @@ def test_needle_beyond_the_context_is_an_error_before_anything_runs(tmp_path):
     assert main(args + ["--lengths", "256"]) in (0, None)
     assert json.loads((out / "results.json").read_text())["needle"]["metrics"]["errors"] == 0
     assert main(args + ["--lengths", "256"]) == 2                   # and the re-run is refused
+    assert main(args + ["--lengths", "256", "--overwrite"]) in (0, None)       # unless asked
 
 
 def test_a_benchmark_name_instead_of_a_file_says_how_to_run_it(tmp_path):

@@ -222,3 +222,21 @@ def test_an_emptied_checkpoint_without_manifest_is_skipped_not_resumed(tmp_path)
     assert good == ck.checkpoint_path(run, 1)
     assert "has no manifest.json and lacks model.safetensors, optimizer.pt, rng.pt, state.json, config.json" \
         in skipped[0]
+
+
+def test_resume_with_an_edited_config_file_says_what_it_does_not_apply(tmp_path):
+    """`dsv3 train --config X.toml --resume` continues the run's config.json (plus the command line's overrides);
+    X.toml only finds the run. Edits made to X.toml since the start are named, not applied silently."""
+    from dsv3.train.run_dir import resume_config
+    run = fake_run(tmp_path)
+    saved = json.loads((run / "config.json").read_text())
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({**saved, "train": {**saved["train"], "steps": saved["train"]["steps"] + 7}}))
+    cfg, ignored = resume_config(edited, None, ["log.interval=3"])
+    assert cfg.train.steps == saved["train"]["steps"] and cfg.log.interval == 3
+    assert ignored == [f"train.steps={saved['train']['steps'] + 7!r} (run: {saved['train']['steps']!r})"]
+    cfg, ignored = resume_config(edited, None, [f"train.steps={saved['train']['steps'] + 7}"])
+    assert cfg.train.steps == saved["train"]["steps"] + 7 and ignored == []       # given on the command line: applied
+    assert resume_config(None, run, [])[1] == []
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        resume_config(None, tmp_path / "nowhere", [])

@@ -96,14 +96,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Exit status: 0 done, 2 refused (config, run directory), 3 diverged, 128 + signal when SIGINT / SIGTERM
     stopped it after saving (130 / 143)."""
     from .train import Trainer, load_run_config
-    from .train.config import RunConfig, apply_overrides
+    from .train.run_dir import resume_config
     overrides = list(args.overrides) + ([f"run_dir={json.dumps(args.run_dir)}"] if args.run_dir else [])
     if args.resume:
-        run_dir = Path(args.run_dir or load_run_config(args.config, overrides).run_dir)
-        saved = run_dir / "config.json"
-        if not saved.exists():
-            raise FileNotFoundError(f"--resume: {saved} does not exist")
-        cfg = RunConfig.from_dict(apply_overrides(json.loads(saved.read_text()), overrides))
+        cfg, ignored = resume_config(args.config, args.run_dir, overrides)
+        if ignored:
+            print(f"dsv3 train: note: --resume continues {cfg.run_dir}/config.json (with the command line's "
+                  f"overrides); not applied from {args.config}: {', '.join(ignored)} (pass section.key=value to "
+                  f"change them)", file=sys.stderr)
     else:
         cfg = load_run_config(args.config, overrides)
     trainer = Trainer(cfg, resume=args.resume, progress=False if args.quiet else None, overwrite=args.overwrite)
@@ -259,24 +259,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("--chat applies to dsv3 eval gen")
     if args.mode == "mc":
         metrics = run.evaluate_mc(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos,
-                                  args.continuation, args.limit, args.seed, args.strict)
+                                  args.continuation, args.limit, args.seed, args.strict, overwrite=args.overwrite)
     elif args.mode == "gen":
         chat = _chat_template(tok_dir) if args.chat else None
         metrics = run.evaluate_generation(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot,
                                           add_bos, args.k, args.temperature, args.max_tokens, args.limit, args.seed,
-                                          args.strict, args.match, chat=chat)
+                                          args.strict, args.match, chat=chat, overwrite=args.overwrite)
     elif args.mode == "code":
         from .verify import SandboxUnavailable
         try:
             metrics = run.evaluate_code(backend, tokenizer, args.task, args.out, add_bos, args.k, args.temperature,
                                         args.max_tokens, args.limit, args.seed, args.workers, args.timeout,
-                                        args.memory_mb, args.strict)
+                                        args.memory_mb, args.strict, overwrite=args.overwrite)
         except SandboxUnavailable as e:          # the machine's, not a sample's: one line, no results
             raise ValueError(str(e)) from None
     else:
         metrics = run.evaluate_needle(backend, tokenizer, args.task, args.out,
                                       _numbers(args.lengths, int, "--lengths"), _numbers(args.depths, float, "--depths"),
-                                      add_bos, args.seed)
+                                      add_bos, args.seed, overwrite=args.overwrite)
     total = metrics.get("samples", metrics["n"])
     if metrics.get("errors") and metrics["errors"] == total:
         print(f"dsv3 eval: every request failed ({metrics['errors']} of {total}); see the samples file",
@@ -453,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:                # the machine's (a full disk, permissions): one line; writes are atomic
+        print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         if type(e).__name__ != "TrainingDiverged":
             raise

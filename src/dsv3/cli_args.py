@@ -4,6 +4,7 @@ in the order `dsv3 --help` lists them. Parsing only: dsv3.cli runs the command a
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -113,7 +114,8 @@ def _serve(sub) -> None:
     s.add_argument("--allowed-hosts", type=lambda v: [h for h in v.split(",") if h], default=None,
                    metavar="NAME[,NAME]", help="Host header names answered besides loopback ones (`*.example.com`, "
                    "`*`: any); default: loopback names only when bound to loopback, any name otherwise")
-    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    s.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"), help="require `Authorization: Bearer KEY` "
+                   "on every route but /health (default: $DSV3_API_KEY; the environment keeps the key out of `ps`)")
     s.add_argument("--metrics-public", action="store_true", help="with --api-key: /metrics open without the key")
     s.add_argument("--max-body-bytes", type=int, default=None, help="larger request bodies get 413 (default 8 MiB)")
     s.add_argument("--max-pending", type=int, default=256, help="requests queued or running before 429")
@@ -168,7 +170,10 @@ def _eval(sub) -> None:
     s.add_argument("--model", default=None, help="a training run or Hugging Face directory (local engine)")
     s.add_argument("--server", default=None, help="an OpenAI-compatible server's URL instead of --model")
     s.add_argument("--served-model-name", default="default", help="--server: the model name to ask for")
-    s.add_argument("--api-key", default=None, help="--server: bearer key")
+    s.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"), help="--server: bearer key (default: "
+                   "$DSV3_API_KEY; the environment keeps it out of the process list)")
+    s.add_argument("--overwrite", action="store_true", help="replace this task's earlier results in --out (kept "
+                   "otherwise: a re-run is refused before any question is asked)")
     s.add_argument("--tokenizer", default=None, help="tokenizer.json or its directory (default: the model's)")
     s.add_argument("--fewshot", type=int, default=0)
     s.add_argument("--fewshot-file", default=None, help="the dev split few-shot examples are drawn from")
@@ -235,7 +240,8 @@ def _bench(sub) -> None:
     s.add_argument("--requests", type=int, default=256, help="serve: requests in all")
     s.add_argument("--url", default=None, help="serve: load an already running server instead")
     s.add_argument("--served-model-name", default="bench", help="serve --url: the model name to ask for")
-    s.add_argument("--api-key", default=None, help="serve --url: bearer key")
+    s.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"), help="serve --url: bearer key (default: "
+                   "$DSV3_API_KEY)")
     s.add_argument("--vocab-size", type=int, default=1000, help="serve --url: prompt ids are drawn below this")
     s.add_argument("--cache-gib", type=float, default=4.0, help="serve: latent-cache memory")
     s.add_argument("--json", default=None, help="serve: write the results here")

@@ -66,6 +66,29 @@ def check_resume_config(run_dir: Path, cfg) -> None:
                           f"instead (train.init_from={str(run_dir)!r} starts from its weights)")
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_config(config_file: str | Path | None, run_dir: str | Path | None, overrides: list[str]):
+    """--resume's RunConfig: the run's config.json plus `overrides` (what the run was, with what the command line
+    changes), and the keys where `config_file` (given to find the run) differs from that, which are not applied:
+    a resume never reads a TOML edited since the start, so the caller says so rather than ignore it silently."""
+    from .config import RunConfig, apply_overrides, load_run_config
+    from_file = load_run_config(config_file, overrides) if config_file else None
+    saved = Path(run_dir or from_file.run_dir) / "config.json"
+    if not saved.exists():
+        raise FileNotFoundError(f"--resume: {saved} does not exist")
+    cfg = RunConfig.from_dict(apply_overrides(json.loads(saved.read_text()), overrides))
+    if from_file is None:
+        return cfg, []
+    a, b = _flat(json.loads(json.dumps(from_file.to_dict()))), _flat(json.loads(json.dumps(cfg.to_dict())))
+    return cfg, [f"{k}={a[k]!r} (run: {b.get(k)!r})" for k in sorted(a) if a[k] != b.get(k)]
+
+
 def check_start(run_dir: Path, resume: bool, overwrite: bool, cfg=None) -> None:
     """Raise (FileExistsError / FileNotFoundError / ValueError) when a start of this kind must not use run_dir;
     with a resume's `cfg`, also when it changes what a resume keeps (check_resume_config)."""
