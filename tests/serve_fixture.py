@@ -78,6 +78,53 @@ def start_server(engine_config: EngineConfig | None = None, api_key: str | None 
     return LiveServer(f"http://127.0.0.1:{port}", engine, reference, tok, app, server, thread)
 
 
+class ThreadRecorder:
+    """Which threads ran the wrapped functions: the structural check that a request's CPU work stays off the event
+    loop (LiveServer.thread runs it), instead of timing /health, which a loaded CI machine slows for reasons of its
+    own. `watch(monkeypatch, module, name, when)` wraps module.name (looked up at call time by the server's code);
+    `when(*args, **kwargs)` picks the calls that count (the heavy ones)."""
+
+    def __init__(self, server: LiveServer):
+        self.server = server
+        self.calls: dict[str, list[threading.Thread]] = {}
+
+    def watch(self, monkeypatch, module, name: str, when=None) -> None:
+        fn, calls = getattr(module, name), self.calls.setdefault(name, [])
+
+        @functools.wraps(fn)
+        def recorded(*args, **kwargs):
+            if when is None or when(*args, **kwargs):
+                calls.append(threading.current_thread())
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, recorded)
+
+    def assert_off_loop(self) -> None:
+        """Every watched function ran (else the check proves nothing), none of its counted calls on the loop."""
+        for name, threads in self.calls.items():
+            assert threads, f"{name} never ran: the check proves nothing"
+            on_loop = sum(t is self.server.thread for t in threads)
+            assert not on_loop, f"{name} ran on the event loop's thread ({on_loop} of {len(threads)} calls)"
+        for threads in self.calls.values():
+            threads.clear()
+
+
+def timed_health(server: LiveServer, send) -> tuple[object, list[float]]:
+    """`send()` on a thread, /health timed on this one until it returns: printed by the tests as information (a
+    timing is never asserted in a unit test: the thread checks above are the assertion)."""
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("r", send()))
+    t.start()
+    latencies = []
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        while t.is_alive():
+            start = time.perf_counter()
+            assert http.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.01)
+    t.join()
+    return out["r"], latencies
+
+
 def wait_until(predicate, timeout: float = 10.0) -> bool:
     """Poll `predicate` until it holds. Outputs reach the event loop through call_soon_threadsafe, after the engine
     has already freed the request's blocks, so counters kept on the event loop lag block accounting slightly."""
