@@ -97,13 +97,13 @@ class OpenAIBackend:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, batch: int = 16, timeout: float = 600,
                  max_retries: int = 2, give_up_after: int = 3):
-        import httpx
         import openai           # the serving extra; a local evaluation does not need it
         # a long read timeout (a long generation on a busy server) but a short connect one: an address that drops
         # packets costs give_up_after x (max_retries + 1) x 10 s, not x timeout
         url = base_url.rstrip("/")
         self.client = openai.OpenAI(base_url=url if url.endswith("/v1") else url + "/v1", api_key=api_key or "none",
-                                    timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                                    # openai's own Timeout: its HTTP library (httpx2 >= 2.17) refuses httpx's
+                                    timeout=openai.Timeout(timeout, connect=min(timeout, 10.0)),
                                     max_retries=max_retries)
         self.model, self.batch, self.give_up_after = model, batch, give_up_after
         self.down: str | None = None          # why the server was given up on
