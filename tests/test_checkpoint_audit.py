@@ -4,6 +4,7 @@ every file of a non-empty output directory, was deleted by the atomic rename), a
 missing is an error naming it (before, it was cast as is: weights off by their block scales, silently)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,19 @@ def test_convert_refuses_an_output_that_would_delete_or_change_what_it_did_not_w
     assert snapshot(src) == before and snapshot(tmp_path) == mine
 
 
+def drop_scale(fp8: Path, name: str) -> dict:
+    """Remove FP8 weight `name`'s _scale_inv from a one-shard checkpoint (file and index); returns the tensors left."""
+    f = fp8 / "model.safetensors"
+    tensors = load_file(str(f))
+    del tensors[name + "_scale_inv"]
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    index = fp8 / "model.safetensors.index.json"
+    idx = json.loads(index.read_text())
+    idx["weight_map"].pop(name + "_scale_inv")
+    index.write_text(json.dumps(idx))
+    return tensors
+
+
 def test_convert_into_a_new_or_empty_directory_and_a_failed_one_leaves_nothing(tmp_path, src, monkeypatch):
     (tmp_path / "empty").mkdir()
     assert main(["convert", str(src), str(tmp_path / "empty"), "--to", "fp8"]) == 0
@@ -73,15 +87,8 @@ def test_a_truncated_or_missing_source_shard_is_named(tmp_path, src, capsys):
 def test_an_fp8_weight_without_its_scales_is_named(tmp_path):
     fp8 = tmp_path / "fp8"
     dsv3.save_pretrained(build(tiny_config()), fp8, quantize_fp8=True)
-    f = fp8 / "model.safetensors"
-    tensors = load_file(str(f))
     name = "model.layers.0.self_attn.o_proj.weight"
-    del tensors[name + "_scale_inv"]
-    save_file(tensors, str(f), metadata={"format": "pt"})
-    index = fp8 / "model.safetensors.index.json"
-    idx = json.loads(index.read_text())
-    idx["weight_map"].pop(name + "_scale_inv")
-    index.write_text(json.dumps(idx))
+    tensors = drop_scale(fp8, name)
     with pytest.raises(CheckpointError, match=rf"{name} in .* is float8_e4m3fn but {name}_scale_inv is missing"):
         dsv3.load_pretrained(fp8)
     with pytest.raises(CheckpointError, match=rf"{name}_scale_inv is missing"):
@@ -102,14 +109,8 @@ def test_the_sliced_reader_names_a_truncated_shard_and_an_fp8_weight_without_sca
         load_hf_owned([model], src, cfg)
     fp8 = tmp_path / "fp8"
     dsv3.save_pretrained(model, fp8, quantize_fp8=True)
-    f, name = fp8 / "model.safetensors", "model.layers.0.self_attn.o_proj.weight"
-    tensors = load_file(str(f))
-    del tensors[name + "_scale_inv"]
-    save_file(tensors, str(f), metadata={"format": "pt"})
-    index = fp8 / "model.safetensors.index.json"
-    idx = json.loads(index.read_text())
-    idx["weight_map"].pop(name + "_scale_inv")
-    index.write_text(json.dumps(idx))
+    name = "model.layers.0.self_attn.o_proj.weight"
+    drop_scale(fp8, name)
     with pytest.raises(CheckpointError, match=rf"{name} in .* is float8_e4m3fn but {name}_scale_inv is missing"):
         load_hf_owned([model], fp8, cfg)
 

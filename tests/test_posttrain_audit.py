@@ -62,6 +62,12 @@ def _losses(run):
     return {m["step"]: (m["loss"], m["reward"]) for m in read_metrics(run, kind="train")}
 
 
+def same_weights(run_a, run_b, step: int) -> bool:
+    """The two runs' checkpoints of `step` hold bit-identical weights."""
+    a, b = (load_file(str(r / "checkpoints" / f"step_{step:08d}" / "model.safetensors")) for r in (run_a, run_b))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_grpo_sigint_mid_batch_resumes_exactly(base, tmp_path):
     full = grpo_trainer(grpo_file(tmp_path, base, "full"), [], reward_model=LengthMod3())
     full.run()
@@ -74,9 +80,7 @@ def test_grpo_sigint_mid_batch_resumes_exactly(base, tmp_path):
     assert resumed.step == 1
     resumed.run()
     assert _losses(tmp_path / "cut") == _losses(full.run_dir)
-    a = load_file(str(full.run_dir / "checkpoints" / "step_00000004" / "model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "checkpoints" / "step_00000004" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(full.run_dir, tmp_path / "cut", step=4)
 
 
 @pytest.mark.parametrize("grpo,sections,match", [
@@ -196,9 +200,7 @@ def test_sft_sigint_resumes_exactly(base, tmp_path):
     assert resumed.step == 2
     resumed.run()
     assert _losses_sft(tmp_path / "cut") == _losses_sft(full.run_dir)
-    a = load_file(str(full.run_dir / "checkpoints" / "step_00000004" / "model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "checkpoints" / "step_00000004" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(full.run_dir, tmp_path / "cut", step=4)
 
 
 def _losses_sft(run):
