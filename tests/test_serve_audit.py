@@ -264,6 +264,8 @@ def test_5_shutdown_ends_open_requests_cleanly():
         for t in threads:
             t.start()
         assert started.wait(30)
+        # both requests in the engine (n=8 each) before the shutdown: else the second may not be connected yet
+        assert wait_until(lambda: len(s.engine.seqs) >= 16, timeout=30), len(s.engine.seqs)
         s.server.should_exit = True
         for t in threads:
             t.join(60)
