@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -443,6 +444,13 @@ COMMANDS = {"info": cmd_info, "demo": cmd_demo, "convert": cmd_convert, "tokeniz
             "plan": cmd_plan, "bench": cmd_bench}     # a parse's command (and tokenizer_command) -> what runs it
 
 
+def _rank_tag() -> str:
+    """Under torchrun, which rank an error is from ("rank 3 of 8: "): it may be that rank's alone (its data, its
+    disk), and the other ranks' lines are then only the collective they were left in."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ.get('RANK', '0')} of {world}: " if world > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse (dsv3.cli_args), run the command; its errors are one line and an exit status: 2 refused (bad input,
     config, checkpoint), 3 a training run diverged, 128 + the signal's number when SIGINT / SIGTERM stopped it."""
@@ -450,11 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(filter(None, (args.command, getattr(args, "tokenizer_command", None))))
     try:
         return COMMANDS[command](args) or 0
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
+    except ConfigError as e:            # the same on every rank: said once (rank 0), every rank exits 2
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"dsv3 {args.command}: {_rank_tag()}error: {e}", file=sys.stderr)
         return 2
     except OSError as e:                # the machine's (a full disk, permissions): one line; writes are atomic
-        print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
+        print(f"dsv3 {args.command}: {_rank_tag()}error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         if type(e).__name__ != "TrainingDiverged":
