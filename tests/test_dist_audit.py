@@ -63,11 +63,14 @@ def _error_lines(stderr: str) -> list[str]:
     ("parallel.ep=4", "parallel.ep=4 does not divide the world size 2"),
     ("train.batch_size=6", "train.batch_size=6 is not a multiple of train.micro_batch_size=4"),
     ("train.micro_batch_size=1", "must be a multiple of the 2 ranks"),
+    ("parallel.pp=2", "parallel.pp=2 cuts the model into 4 DualPipeV chunks"),
+    ("parallel.pp=2 model.num_hidden_layers=4 train.micro_batch_size=1 train.batch_size=2 train.batch_size_start=2",
+     "DualPipeV needs >= 4 micro-batches per step"),
 ])
 def test_a_bad_layout_is_one_line_every_rank_exits_and_nothing_is_written(cfg, override, says):
     run_dir = cfg.parent / f"bad_{override.split('=')[0]}"
     # timeout: no rank may be left waiting in a collective (gloo's default would be 30 minutes)
-    r = _torchrun(cfg, "--config", str(cfg), f"run_dir={run_dir}", override, timeout=60)
+    r = _torchrun(cfg, "--config", str(cfg), f"run_dir={run_dir}", *override.split(), timeout=60)
     assert r.returncode != 0
     lines = _error_lines(r.stderr)
     assert len(lines) == 1 and says in lines[0], r.stderr[-3000:]      # once, not once per rank
