@@ -108,6 +108,21 @@ def test_a_truncated_shard_makes_every_rank_resume_the_previous_checkpoint(cfg):
     verify_checkpoint(run_dir / "checkpoints" / "step_00000008")   # the bad save was replaced by a whole one
 
 
+def test_a_run_whose_only_checkpoint_lacks_a_shard_is_refused_once_naming_the_file(cfg, tmp_path):
+    run_dir = cfg.parent / "no_shard"
+    r = _torchrun(cfg, "--config", str(cfg), f"run_dir={run_dir}", "train.steps=4", timeout=90)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shard = run_dir / "checkpoints" / "step_00000004" / "__1_0.distcp"
+    shard.unlink()
+    kept = sorted(p.name for p in shard.parent.iterdir())
+    r = _torchrun(cfg, "--resume", "--run-dir", str(run_dir), timeout=60)
+    assert r.returncode != 0
+    lines = _error_lines(r.stderr)
+    assert len(lines) == 1 and "no checkpoint of" in lines[0] and "__1_0.distcp is missing" in lines[0], \
+        r.stderr[-3000:]
+    assert sorted(p.name for p in shard.parent.iterdir()) == kept          # nothing deleted
+
+
 def test_sigterm_to_the_launcher_saves_every_rank_shard_of_one_step_and_says_how_to_resume(cfg):
     run_dir = cfg.parent / "sigterm"
     p = subprocess.Popen(TORCHRUN + ["-m", "dsv3.cli", "train", "--quiet", "--config", str(cfg),

@@ -463,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dsv3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"dsv3 {args.command}: {_rank_tag()}error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or not getattr(e, "said_by_rank_0", False):   # a shared decision
+            print(f"dsv3 {args.command}: {_rank_tag()}error: {e}", file=sys.stderr)
         return 2
     except OSError as e:                # the machine's (a full disk, permissions): one line; writes are atomic
         print(f"dsv3 {args.command}: {_rank_tag()}error: {e}", file=sys.stderr)

@@ -127,8 +127,10 @@ def choose_checkpoint(run_dir: Path, layout) -> tuple[Path, list[str]]:
     rank that failed alone)."""
     ckpt, skipped = newest_valid_checkpoint(run_dir) if layout.is_main else (None, [])
     step = layout.agree(checkpoint_step(ckpt) if ckpt is not None else -1)
-    if step < 0:
-        raise CheckpointError(f"--resume: no checkpoint of {run_dir} is intact: " + "; ".join(skipped))
+    if step < 0:                        # every rank stops; rank 0, which verified them, says why (dsv3.cli)
+        err = CheckpointError(f"--resume: no checkpoint of {run_dir} is intact: " + "; ".join(skipped))
+        err.said_by_rank_0 = True
+        raise err
     return checkpoint_path(run_dir, step), skipped
 
 
