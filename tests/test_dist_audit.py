@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_distributed import ENV, SECTIONS
+from test_train_distributed import ENV, SECTIONS, _assert_same_tensors
 from test_train_loop import small_run, train_losses
 
-from dsv3.train.checkpoint import verify_checkpoint
+from dsv3.train.checkpoint import read_tensors, verify_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV_SRC = dict(ENV, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1] / "src"),
@@ -93,6 +93,7 @@ def test_a_truncated_shard_makes_every_rank_resume_the_previous_checkpoint(cfg):
     r = _torchrun(cfg, "--config", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     first = train_losses(run_dir)
+    whole = read_tensors(run_dir / "checkpoints" / "step_00000008")        # the uninterrupted run's final state
     shard = run_dir / "checkpoints" / "step_00000008" / "__1_0.distcp"      # rank 1's shard of the newest
     with open(shard, "r+b") as f:
         f.truncate(100)
@@ -106,6 +107,12 @@ def test_a_truncated_shard_makes_every_rank_resume_the_previous_checkpoint(cfg):
     for step in range(5, 9):
         assert again[step] == pytest.approx(first[step], rel=1e-5, abs=1e-6), step
     verify_checkpoint(run_dir / "checkpoints" / "step_00000008")   # the bad save was replaced by a whole one
+    # and the resumed run ends where the uninterrupted one did: weights, EMA, AdamW moments (fp32, the same order)
+    again_whole = read_tensors(run_dir / "checkpoints" / "step_00000008")
+    _assert_same_tensors(whole["model"], again_whole["model"], "model", tol=1e-5)
+    _assert_same_tensors(whole["ema"], again_whole["ema"], "ema", tol=1e-5)
+    for name, st in whole["optim"].items():
+        _assert_same_tensors(st, again_whole["optim"][name], name, tol=1e-4)
 
 
 def test_a_run_whose_only_checkpoint_lacks_a_shard_is_refused_once_naming_the_file(cfg, tmp_path):
