@@ -36,12 +36,16 @@ sys.exit(main())
 """
 
 
-@pytest.fixture(scope="module")
-def cfg(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("dist_audit")
+def write_config(tmp: Path) -> Path:
+    """The shared run config (tests/test_train_distributed.py's: checkpoints at steps 4 and 8), run_dir tmp/run."""
     path = tmp / "run.json"
     path.write_text(json.dumps(dict(small_run(tmp, "x", **SECTIONS).to_dict(), run_dir=str(tmp / "run"))))
     return path
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("dist_audit"))
 
 
 def _torchrun(cfg: Path, *args: str, script: list[str] | None = None, timeout: float = 120

@@ -11,12 +11,16 @@ import subprocess
 import time
 
 import pytest
-from test_dist_audit import ENV_SRC, TORCHRUN, _error_lines, _torchrun, cfg  # noqa: F401 (cfg: a fixture)
+from test_dist_audit import ENV_SRC, TORCHRUN, _error_lines, _torchrun, write_config
 from test_train_distributed import _assert_same_tensors
 from test_train_loop import train_losses
 
 from dsv3.train.checkpoint import read_tensors, verify_checkpoint
 
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("dist_audit_resume"))
 
 def test_a_truncated_shard_makes_every_rank_resume_the_previous_checkpoint(cfg):
     run_dir = cfg.parent / "run"
