@@ -252,3 +252,11 @@ def test_generate_ctrl_c_exits_with_one_line(capsys, base, monkeypatch):
     monkeypatch.setattr(Engine, "generate", interrupted)
     rc, out, err = generate(capsys, "--model", str(base), "--prompt", "x", "--max-tokens", "2")
     assert rc == 130 and out == "" and err.strip() == "dsv3 generate: aborted by SIGINT"
+
+
+def test_max_model_len_beyond_the_models_positions_is_refused(model):
+    # before: silently clamped to max_position_embeddings (a server asked for 10^6 tokens served 16384)
+    n = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"EngineConfig.max_model_len = {n + 1}.*{n}"):
+        Engine(model, config=EngineConfig(block_size=8, num_blocks=8, max_model_len=n + 1))
+    assert Engine(model, config=EngineConfig(block_size=8, num_blocks=8, max_model_len=n)).max_model_len == n

@@ -142,7 +142,10 @@ class Engine:
         self.config = config = config or EngineConfig()
         cfg = model.config
         self.device = next(model.parameters()).device
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if config.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"EngineConfig.max_model_len = {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         dtype = model.embed_tokens.weight.dtype
         self.speculative = config.num_speculative_tokens > 0
         if self.speculative and not len(model.mtp):
