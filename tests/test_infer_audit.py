@@ -260,3 +260,17 @@ def test_max_model_len_beyond_the_models_positions_is_refused(model):
     with pytest.raises(ValueError, match=f"EngineConfig.max_model_len = {n + 1}.*{n}"):
         Engine(model, config=EngineConfig(block_size=8, num_blocks=8, max_model_len=n + 1))
     assert Engine(model, config=EngineConfig(block_size=8, num_blocks=8, max_model_len=n)).max_model_len == n
+
+
+def test_params_changed_after_queueing_do_not_reach_the_queued_request(model):
+    # before: the engine kept the caller's object, so reusing it for the next request (a loop setting max_tokens)
+    # rewrote the one in flight, unvalidated (a NaN temperature was sampled with)
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=32))
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    rid = engine.add_request([3, 4, 5], params)
+    params.max_tokens, params.temperature, params.stop_token_ids = 2, float("nan"), [0]
+    params.stop_token_ids.append(1)
+    done = {}
+    while engine.has_unfinished():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert done[rid].token_ids == reference_greedy(model, [3, 4, 5], 6)

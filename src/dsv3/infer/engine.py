@@ -16,6 +16,7 @@ sampled tokens are applied, and returned, by the next `step()`, after it has lau
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import numbers
 import os
@@ -229,6 +230,9 @@ class Engine:
 
     def _queue(self, ids: list[int], params: SamplingParams) -> int:
         rid = next(self._ids)
+        # the request's own copy (lists included, by __post_init__): a caller reusing its object for the next
+        # request must not rewrite this one in flight
+        params = dataclasses.replace(params)
         seq = Sequence(rid, ids, params)
         self.seqs[rid] = seq
         generator = make_generators([params], self.device)[0]
