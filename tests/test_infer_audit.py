@@ -274,3 +274,16 @@ def test_params_changed_after_queueing_do_not_reach_the_queued_request(model):
     while engine.has_unfinished():
         done.update((o.request_id, o) for o in engine.step() if o.finished)
     assert done[rid].token_ids == reference_greedy(model, [3, 4, 5], 6)
+
+
+def test_a_list_of_eos_ids_in_the_config_stops_at_any_of_them(model):
+    # HF configs may give eos_token_id as a list (the config accepts it); before, without a tokenizer, a token was
+    # compared with the list itself and generation never stopped at EOS
+    ps = prompts([5])
+    want = reference_greedy(model, ps[0], 6)
+    lm = build(tiny_config(vocab_size=96, eos_token_id=[95, want[2]]), seed=3, dtype=torch.float64)
+    engine = Engine(lm, config=EngineConfig(block_size=4, num_blocks=16))
+    out = engine.generate(ps, SamplingParams(temperature=0.0, max_tokens=6))[0]
+    assert (out.token_ids, out.finish_reason) == (want[:want.index(want[2]) + 1], "stop")
+    out = engine.generate(ps, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
+    assert (out.token_ids, out.finish_reason) == (want, "length")

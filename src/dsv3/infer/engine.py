@@ -171,7 +171,9 @@ class Engine:
         self.speculation = Speculation(self) if self.speculative else None
         if config.cuda_graphs and graphs_supported(model):
             self.use_decode_graphs(capture=True)
-        self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        # the tokenizer's EOS, else the config's: an id, a list of ids (HF allows one; any of them stops) or None
+        eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         # stop strings looked for in the output's tail (byte-level tokenizers; infer/stop_strings.py)
         self._skipped = ({i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
                          if tokenizer is not None and is_byte_level(tokenizer) else None)
@@ -407,7 +409,7 @@ class Engine:
         seq.token_ids.append(token)
         p = seq.params
         reason = None
-        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
