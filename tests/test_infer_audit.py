@@ -38,6 +38,9 @@ def all_blocks_free(engine: Engine) -> bool:
     (dict(block_size=8.5), "block_size"), (dict(block_size="8"), "block_size"), (dict(max_num_seqs=True), "max_num_seqs"),
     (dict(num_blocks=2.0), "num_blocks"), (dict(max_model_len=None), "max_model_len"),
     (dict(cache_memory_gib=float("nan")), "cache_memory_gib"), (dict(cache_memory_gib="1"), "cache_memory_gib"),
+    # a string is truthy: "false" switched CUDA graphs / prefix caching on
+    (dict(cuda_graphs="false"), "cuda_graphs"), (dict(prefix_caching="no"), "prefix_caching"),
+    (dict(compile_decode=1), "compile_decode"),
 ])
 def test_engine_config_refuses_wrong_types_naming_the_field(kw, field):
     # before: 8.5, True and nan passed the range checks and failed (or silently worked) deep in the engine

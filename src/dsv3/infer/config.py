@@ -51,6 +51,11 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ValueError(f"EngineConfig.{name} must be an integer, got {value!r}")
+        # a string is truthy: "false" would switch the feature on
+        for name in ("prefix_caching", "speculative_fused", "cuda_graphs", "compile_decode", "fuse_projections",
+                     "dense_gemv"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EngineConfig.{name} must be true or false, got {getattr(self, name)!r}")
         gib = self.cache_memory_gib
         if not isinstance(gib, numbers.Real) or isinstance(gib, bool) or not math.isfinite(gib):
             raise ValueError(f"EngineConfig.cache_memory_gib must be a finite number, got {gib!r}")
