@@ -35,7 +35,8 @@ def all_blocks_free(engine: Engine) -> bool:
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, field", [
-    (dict(block_size=8.5), "block_size"), (dict(block_size="8"), "block_size"), (dict(max_num_seqs=True), "max_num_seqs"),
+    (dict(block_size=8.5), "block_size"), (dict(block_size="8"), "block_size"),
+    (dict(max_num_seqs=True), "max_num_seqs"),
     (dict(num_blocks=2.0), "num_blocks"), (dict(max_model_len=None), "max_model_len"),
     (dict(cache_memory_gib=float("nan")), "cache_memory_gib"), (dict(cache_memory_gib="1"), "cache_memory_gib"),
     # a string is truthy: "false" switched CUDA graphs / prefix caching on
@@ -75,7 +76,8 @@ def test_request_checks_probed_and_holding(model):
     engine = Engine(model, config=EngineConfig(block_size=8, num_blocks=8))
     bad = [([], SamplingParams(), "empty"), ([-1], SamplingParams(), "vocabulary"), ([96], SamplingParams(),
            "vocabulary"), ([1], SamplingParams(stop_token_ids=[96]), "stop_token_ids"),
-           ([1] * 60, SamplingParams(max_tokens=10**9), "cache capacity"), ([1] * engine.max_model_len, SamplingParams(), "context")]
+           ([1] * 60, SamplingParams(max_tokens=10**9), "cache capacity"),
+           ([1] * engine.max_model_len, SamplingParams(), "context")]
     for prompt, params, what in bad:
         with pytest.raises(ValueError, match=what):
             engine.add_request(prompt, params)
@@ -174,7 +176,7 @@ def test_stop_strings_first_token_spanning_overlapping_and_at_max_tokens(tok_mod
     assert all_blocks_free(engine)
 
 
-# ---- dsv3 generate ----------------------------------------------------------------------------------------------------
+# ---- dsv3 generate ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     from posttrain_fixture import make_base
