@@ -170,23 +170,30 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from .infer import Engine, EngineConfig, SamplingParams
+    # bad flags are refused before the model is read (minutes for a large checkpoint)
+    if args.samples < 1 or args.spec < 0:
+        raise ValueError(f"--samples must be >= 1 and --spec >= 0, got {args.samples} and {args.spec}")
+    params = [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             max_tokens=args.max_tokens, seed=args.seed + i) for i in range(args.samples)]
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema)
-    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    # unicode_escape reads bytes as Latin-1: the prompt's other characters go in as escapes themselves, so "é\\n"
+    # stays "é" + newline (its UTF-8 bytes would come back as "Ã©")
+    prompt = (args.prompt.encode("latin-1", "backslashreplace").decode("unicode_escape") if args.escapes
+              else args.prompt)
     # pre-training packs documents as `doc EOS doc EOS ...` (dsv3.data.packing): an EOS in front makes the prompt
-    # the start of a document, as the model saw documents start
-    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    # the start of a document, as the model saw documents start. Special-token text in the prompt ("<｜User｜>")
+    # stays text unless --special-tokens: a prompt is data, not control tokens
+    ids = [tokenizer.eos_id] + tokenizer.encode(prompt, split_special_tokens=not args.special_tokens)
     if len(ids) + args.max_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({args.max_tokens}) exceed the model's context "
                          f"of {model.config.max_position_embeddings}")
-    from .infer import Engine, EngineConfig, SamplingParams
     block = 16
     if args.spec and not len(model.mtp):
         raise ValueError("--spec needs a model with an MTP module")
     engine = Engine(model, tokenizer, EngineConfig(block_size=block, max_num_seqs=args.samples, num_blocks=args.samples
                                                    * -(-(len(ids) + args.max_tokens + args.spec) // block),
                                                    num_speculative_tokens=args.spec))
-    params = [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             max_tokens=args.max_tokens, seed=args.seed + i) for i in range(args.samples)]
     for i, out in enumerate(engine.generate([ids] * args.samples, params)):
         if i:
             print("-" * 40)

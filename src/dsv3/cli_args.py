@@ -102,6 +102,8 @@ def _generate(sub) -> None:
     s.add_argument("--ema", action="store_true", help="a run directory's EMA weights")
     s.add_argument("--spec", type=int, default=0, help="MTP speculative decoding with this many draft tokens")
     s.add_argument("--escapes", action="store_true", help="interpret backslash escapes (\\n) in the prompt")
+    s.add_argument("--special-tokens", action="store_true", help="read special-token text in the prompt "
+                   "(<｜User｜>, <｜end▁of▁sentence｜>) as those tokens; default: as plain text")
 
 
 def _serve(sub) -> None:

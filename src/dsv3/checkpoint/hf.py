@@ -92,12 +92,27 @@ def _default_dtype(cfg: ModelConfig) -> torch.dtype:
     return dt if isinstance(dt, torch.dtype) and dt.is_floating_point and dt.itemsize >= 2 else torch.bfloat16
 
 
+def check_quantization(qc, path: Path) -> None:
+    """Refuse a `quantization_config` the reader cannot honour, naming the field: only the released FP8 scheme
+    (e4m3 weights with one fp32 scale per 128x128 block, activations quantised dynamically: FP8_QUANT_CONFIG) is
+    read; any other (AWQ, GPTQ, another block size, static activation scales) would be loaded wrong or half-used."""
+    if qc is None:
+        return
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{path}: config.json quantization_config must be an object, got {qc!r}")
+    for key, want in FP8_QUANT_CONFIG.items():
+        if key in qc and qc[key] != want or key == "quant_method" and key not in qc:
+            raise CheckpointError(f"{path}: config.json quantization_config.{key}={qc.get(key)!r} is not supported "
+                                  f"(only {key}={want!r}: DeepSeek-V3's released block-wise FP8)")
+
+
 class CheckpointReader:
     """A HF directory opened for streaming: its config, where each tensor lives, and tensor-at-a-time reads."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config = ModelConfig.from_hf(self.path)
+        check_quantization(self.config.hf_extra.get("quantization_config"), self.path)
         self.weight_map = _weight_map(self.path)
         missing_files = sorted({f for f in self.weight_map.values() if not (self.path / f).exists()})
         if missing_files:

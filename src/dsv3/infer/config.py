@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -42,6 +44,21 @@ class EngineConfig:
     overlap_schedule: str | bool = "auto"
 
     def __post_init__(self) -> None:
+        # a float, string or bool here would pass the range checks below (8.5 >= 1, True >= 1) and fail deep in
+        # the cache's allocation or the scheduler's arithmetic: refuse it naming the field
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                     "admission_delay", "num_speculative_tokens", "speculative_max_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"EngineConfig.{name} must be an integer, got {value!r}")
+        # a string is truthy: "false" would switch the feature on
+        for name in ("prefix_caching", "speculative_fused", "cuda_graphs", "compile_decode", "fuse_projections",
+                     "dense_gemv"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EngineConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        gib = self.cache_memory_gib
+        if not isinstance(gib, numbers.Real) or isinstance(gib, bool) or not math.isfinite(gib):
+            raise ValueError(f"EngineConfig.cache_memory_gib must be a finite number, got {gib!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")

@@ -6,7 +6,8 @@
 
 Requests are validated when added (a bad one raises ValueError and nothing is queued, so the engine keeps
 serving the others). Finish reasons: "stop" (EOS, a stop token or a stop string), "length" (max_tokens or the
-context), "abort".
+context), "abort". The text leaves out what stopped it (a stop string, a stop token's own text); `token_ids` keep a
+stop token.
 
 With the overlap schedule (EngineConfig.overlap_schedule; on by default where decode replays CUDA graphs) a step's
 sampled tokens are applied, and returned, by the next `step()`, after it has launched its own batch
@@ -15,7 +16,10 @@ sampled tokens are applied, and returned, by the next `step()`, after it has lau
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import numbers
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +39,31 @@ from .speculation import Speculation
 from .stop_strings import is_byte_level, stop_may_end_here
 
 
+def device_memory_free(device: torch.device) -> int | None:
+    """Bytes a new allocation on `device` can have: CUDA's free memory plus what PyTorch's caching allocator holds
+    unused; on the CPU the machine's physical memory (an upper bound); None where unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def check_cache_fits(config: EngineConfig, nbytes: int, device: torch.device) -> None:
+    """Refuse a cache the device cannot hold, naming the setting, before allocating it: the allocation would
+    otherwise fail deep inside torch (or, on an overcommitting host, get the process killed)."""
+    free = device_memory_free(device)
+    if free is not None and nbytes > free:
+        name = (f"num_blocks = {config.num_blocks}" if config.num_blocks
+                else f"cache_memory_gib = {config.cache_memory_gib}")
+        raise ValueError(f"EngineConfig.{name} needs {nbytes / 2**30:.3g} GiB of latent cache; the {device.type} "
+                         f"device has {free / 2**30:.3g} GiB")
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """What a request is checked against; fixed for an engine's life (a server process can hold a copy)."""
@@ -48,6 +77,23 @@ class RequestLimits:
         return self.block_size * self.num_blocks
 
 
+def prompt_token_ids(prompt) -> list[int]:
+    """A token-id prompt as a list of ints; ValueError for anything else (1.5 or True would otherwise become a
+    token silently, a nested list a TypeError from deep inside)."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise ValueError(f"a tensor prompt must be 1-D token ids (an integer dtype), got {prompt.dtype} "
+                             f"of shape {tuple(prompt.shape)}")
+        prompt = prompt.tolist()
+    if isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__"):
+        raise ValueError(f"the prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    ids = list(prompt)
+    bad = [t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+    if bad:
+        raise ValueError(f"prompt token ids must be ints, got {bad[0]!r}")
+    return [int(t) for t in ids]
+
+
 def check_request(prompt: str | list[int], params: SamplingParams, limits: RequestLimits, tokenizer=None) -> list[int]:
     """The prompt's token ids, or ValueError naming what is wrong with the request."""
     vocab = limits.vocab_size
@@ -57,7 +103,7 @@ def check_request(prompt: str | list[int], params: SamplingParams, limits: Reque
             raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine one")
         ids = tokenizer.encode(prompt)
     else:
-        ids = [int(t) for t in prompt]
+        ids = prompt_token_ids(prompt)
     if not ids:
         raise ValueError("the prompt is empty")
     bad = [t for t in ids if not 0 <= t < vocab]
@@ -97,7 +143,10 @@ class Engine:
         self.config = config = config or EngineConfig()
         cfg = model.config
         self.device = next(model.parameters()).device
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if config.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"EngineConfig.max_model_len = {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         dtype = model.embed_tokens.weight.dtype
         self.speculative = config.num_speculative_tokens > 0
         if self.speculative and not len(model.mtp):
@@ -110,6 +159,8 @@ class Engine:
         self.step_stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "seqs": 0, "chained_steps": 0}
         num_blocks = config.num_blocks or max(1, int(config.cache_memory_gib * 2**30) //
                                                bytes_per_block(cfg, n_layers, config.block_size, dtype))
+        check_cache_fits(config, (num_blocks + 1) * bytes_per_block(cfg, n_layers, config.block_size, dtype),
+                         self.device)
         # the cache owns the geometry from here on (and one scratch block beyond num_blocks, dsv3.infer.cache)
         self.cache = cache = PagedLatentCache(cfg, n_layers, num_blocks, config.block_size, dtype, self.device)
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, config.prefix_caching)
@@ -120,7 +171,9 @@ class Engine:
         self.speculation = Speculation(self) if self.speculative else None
         if config.cuda_graphs and graphs_supported(model):
             self.use_decode_graphs(capture=True)
-        self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        # the tokenizer's EOS, else the config's: an id, a list of ids (HF allows one; any of them stops) or None
+        eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         # stop strings looked for in the output's tail (byte-level tokenizers; infer/stop_strings.py)
         self._skipped = ({i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
                          if tokenizer is not None and is_byte_level(tokenizer) else None)
@@ -179,6 +232,9 @@ class Engine:
 
     def _queue(self, ids: list[int], params: SamplingParams) -> int:
         rid = next(self._ids)
+        # the request's own copy (lists included, by __post_init__): a caller reusing its object for the next
+        # request must not rewrite this one in flight
+        params = dataclasses.replace(params)
         seq = Sequence(rid, ids, params)
         self.seqs[rid] = seq
         generator = make_generators([params], self.device)[0]
@@ -353,7 +409,7 @@ class Engine:
         seq.token_ids.append(token)
         p = seq.params
         reason = None
-        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
@@ -362,7 +418,10 @@ class Engine:
         else:
             may_stop = bool(p.stop)
         if self.tokenizer is not None and (may_stop or reason):
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            # a stop token's text is left out of the text, as a stop string's is (OpenAI's `stop`, vLLM's default):
+            # the token ids keep it
+            ids = seq.output_ids[:-1] if reason == "stop" else seq.output_ids
+            seq.text = self.tokenizer.decode(ids, skip_special_tokens=True)
             at = min((i for i in (seq.text.find(stop) for stop in p.stop) if i >= 0), default=-1)
             if at >= 0:
                 seq.text, reason = seq.text[:at], "stop"
