@@ -101,7 +101,7 @@ def check_quantization(qc, path: Path) -> None:
     if not isinstance(qc, dict):
         raise CheckpointError(f"{path}: config.json quantization_config must be an object, got {qc!r}")
     for key, want in FP8_QUANT_CONFIG.items():
-        if key in qc and qc[key] != want or key == "quant_method" and key not in qc:
+        if (key in qc and qc[key] != want) or (key == "quant_method" and key not in qc):
             raise CheckpointError(f"{path}: config.json quantization_config.{key}={qc.get(key)!r} is not supported "
                                   f"(only {key}={want!r}: DeepSeek-V3's released block-wise FP8)")
 

@@ -157,10 +157,9 @@ class Engine:
         # sequences they carried (a server's batches vs the offline engine's: dsv3.serve.bench); chained ones were
         # launched before the previous step's tokens were read (dsv3.infer.overlap)
         self.step_stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "seqs": 0, "chained_steps": 0}
-        num_blocks = config.num_blocks or max(1, int(config.cache_memory_gib * 2**30) //
-                                               bytes_per_block(cfg, n_layers, config.block_size, dtype))
-        check_cache_fits(config, (num_blocks + 1) * bytes_per_block(cfg, n_layers, config.block_size, dtype),
-                         self.device)
+        block_bytes = bytes_per_block(cfg, n_layers, config.block_size, dtype)
+        num_blocks = config.num_blocks or max(1, int(config.cache_memory_gib * 2**30) // block_bytes)
+        check_cache_fits(config, (num_blocks + 1) * block_bytes, self.device)
         # the cache owns the geometry from here on (and one scratch block beyond num_blocks, dsv3.infer.cache)
         self.cache = cache = PagedLatentCache(cfg, n_layers, num_blocks, config.block_size, dtype, self.device)
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, config.prefix_caching)
