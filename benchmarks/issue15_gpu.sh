@@ -13,8 +13,10 @@
 #                  dense FP8 linears keep one graph per block kind (no graph break)
 #   grouped  (110) benchmarks/fp8_grouped_bench.py: fwd / dgrad / wgrad FP8 vs bf16 _grouped_mm (>= 1.3x asked), lite
 #                  and V3 widths, uniform and skewed; the SwiGLU FFN fwd+bwd vs bf16 and torchao (if its wheel is here)
-#   step     (220) train_lite8l --compare, B4 x 2048 x 4 micro-batches, compiled, BF16 moments: bf16 vs FP8 row experts
-#                  only (bf16 wgrad) vs the same with FP8 weight gradients: tok/s and peak GiB, the A/B of one flag
+#   step     (330) train_lite8l --compare, B4 x 2048 x 4 micro-batches, compiled, BF16 moments: bf16 vs FP8 row experts
+#                  only (bf16 wgrad) vs the torchao peer on the same model and Trainer (its row-wise experts only; its
+#                  blockwise linears + row-wise experts: benchmarks/torchao_peer.py) vs dsv3 with FP8 weight
+#                  gradients: tok/s, peak GiB and mean loss (each arm's JSON stays in $OUT should the step time out)
 #   loss     (170) benchmarks/fp8_loss_gpu.py: lite-8L 300 steps B2 x 2048, eager, bf16 vs row-fp8-wgrad (dense GEMMs
 #                  in FP8 too: every FP8 GEMM we have), last-50 mean gap (< 0.25% asked), chart in $OUT
 #   dense     (60) fp8_gemm_bench.py --training: dense FP8 GEMMs fwd / dgrad / wgrad and M = 1..16 vs bf16
@@ -71,7 +73,8 @@ step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_group
   tests/test_kernels_fp8_rowwise.py tests/test_fp8_recipe.py tests/test_fp8_weight_cache.py \
   -k "cuda or (compiled and wgrad)"
 step grouped 110 $PY benchmarks/fp8_grouped_bench.py
-step step 220 $PY benchmarks/train_lite8l.py --compare --micro-batches 4 --arms bf16,row-exponly,row-exponly-w8 \
+step step 330 $PY benchmarks/train_lite8l.py --compare --micro-batches 4 \
+  --arms bf16,row-exponly,torchao-exponly,torchao,row-exponly-w8 \
   --compile --dtype bf16-params --state-dtype bf16 --no-mtp --steps 4 --warmup 2
 step loss 170 $PY benchmarks/fp8_loss_gpu.py --steps 300 --batch 2 --arms bf16,row-fp8-wgrad
 step dense 60 $PY benchmarks/fp8_gemm_bench.py --training

@@ -85,6 +85,9 @@ def parse_args() -> argparse.Namespace:
                    "experts in FP8")
     p.add_argument("--fp8-weight-cache", default="both", choices=["both", "backward"],
                    help="train.fp8_weight_cache (with several micro-batches): W and W^T, or W^T only")
+    p.add_argument("--torchao", default="off", choices=["off", "all", "experts"], help="the issue-15 peer: torchao's "
+                   "FP8 training swapped into the same model after the Trainer is built (benchmarks/torchao_peer.py; "
+                   "use with --precision bf16): blockwise linears and row-wise experts, or the experts only")
     p.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"], help="AdamW moments (optim.state_dtype)")
     p.add_argument("--compare", action="store_true", help="run the --arms with the other flags, one process each "
                    "(per --micro-batches value), and print the comparison")
@@ -110,13 +113,16 @@ COMPARE = {"bf16": ("BF16", ["--precision", "bf16"]),
            "row-exponly-w8": ("FP8 row experts only, FP8 wgrad", ["--precision", "fp8", "--fp8-experts",
                                                                  "row-fp8-wgrad", "--fp8-experts-only"]),
            "row-wt": ("FP8 row-wise experts, W^T cache", ["--precision", "fp8", "--fp8-experts", "row",
-                                                          "--fp8-weight-cache", "backward"])}
+                                                          "--fp8-weight-cache", "backward"]),
+           # the peer (torchao 0.18 prototypes on the same model and Trainer): beside `row` and `row-exponly`
+           "torchao": ("torchao FP8 block+row", ["--precision", "bf16", "--torchao", "all"]),
+           "torchao-exponly": ("torchao FP8 row experts", ["--precision", "bf16", "--torchao", "experts"])}
 
 
 def _common_flags(argv: list[str]) -> list[str]:
     """argv without the flags compare sets per run (and their values)."""
     drop = {"--compare", "--precision", "--fp8-experts", "--fp8-experts-only", "--tag", "--arms", "--micro-batches",
-            "--fp8-weight-cache"}
+            "--fp8-weight-cache", "--torchao"}
     common, skipping = [], False
     for arg in argv:
         if arg.split("=")[0] in drop:
@@ -149,7 +155,9 @@ def compare(argv: list[str], arms: list[str], micro_batches: list[int]) -> None:
             proc = subprocess.run(cmd)
             path = out / f"{tag}.json"
             rows.append((name, n, json.loads(path.read_text()) if proc.returncode == 0 and path.exists() else None))
-    print(f"\n{'GEMMs':24s} {'micro':>5s} {'step ms':>9s} {'tok/s':>9s} {'vs BF16':>8s} {'MFU':>6s} {'peak GiB':>9s}")
+    # loss: the mean over the timed steps (same seed, same data in every arm: "at equal or better loss")
+    print(f"\n{'GEMMs':24s} {'micro':>5s} {'step ms':>9s} {'tok/s':>9s} {'vs BF16':>8s} {'MFU':>6s} {'peak GiB':>9s} "
+          f"{'loss':>7s}")
     for name, n, r in rows:
         if r is None:
             print(f"{name:24s} {n:5d} failed")
@@ -157,7 +165,7 @@ def compare(argv: list[str], arms: list[str], micro_batches: list[int]) -> None:
         base = next((b for m, k, b in rows if m == "BF16" and k == n and b), None)
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         print(f"{name:24s} {n:5d} {r['median_step_s'] * 1e3:9.1f} {r['tokens_per_s']:9,.0f} {ratio:7.2f}x "
-              f"{r['mfu']:6.1%} {r['peak_memory_gib'] or 0:9.1f}")
+              f"{r['mfu']:6.1%} {r['peak_memory_gib'] or 0:9.1f} {statistics.mean(r['losses']):7.4f}")
     (out / "compare.json").write_text(json.dumps([{"name": m, "micro_batches": k, **(r or {})} for m, k, r in rows],
                                                  indent=1))
 
@@ -238,7 +246,7 @@ def flag_run(a: argparse.Namespace, world: int) -> tuple[RunConfig, str]:
         model = model.replace(num_nextn_predict_layers=0)
     tag = a.tag or (f"trainer_{a.dtype}{'_compile' if a.compile else ''}{'_recompute' if a.recompute else ''}"
                     f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}{'_noaux' if a.alpha == 0 else ''}"
-                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else '_rowexp_w8' if a.fp8_experts == 'row-fp8-wgrad' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_wtcache' if a.fp8_weight_cache == 'backward' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}"
+                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else '_rowexp_w8' if a.fp8_experts == 'row-fp8-wgrad' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_wtcache' if a.fp8_weight_cache == 'backward' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}{'' if a.torchao == 'off' else '_torchao_' + a.torchao}"
                     f"{f'_mb{n_micro}' if n_micro > 1 else ''}")
     if world > 1 and not a.tag:
         tag += f"_w{world}_ep{a.ep}"
@@ -276,6 +284,11 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, progress=False)
     build_s = time.perf_counter() - t0
+    swapped = None
+    if a.torchao != "off":                       # the peer: torchao's FP8 modules, the Trainer's parameters kept
+        from torchao_peer import apply_torchao
+        swapped = apply_torchao(trainer.model, linears=a.torchao == "all")
+        print(f"[{tag}] torchao: {swapped}", flush=True)
     dev, layout = trainer.device, trainer.layout
     main_rank = layout.is_main
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -313,7 +326,7 @@ def main() -> None:
                # the MTP module's work on its own (TR 2.2), and main + MTP: issue 17 reports both beside `mfu`
                mfu_mtp_module=fl["mtp_flops_per_token"] * tok_s / world / a.peak,
                mfu_with_mtp=(fl["flops_per_token"] + fl["mtp_flops_per_token"]) * tok_s / world / a.peak,
-               losses=losses,
+               losses=losses, torchao=swapped,
                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None, **fl)
     if world > 1:
         res.update(world=world, ep=cfg.parallel.ep, dp=layout.dp, global_batch=n_micro * rows * world)
