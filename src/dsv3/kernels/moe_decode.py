@@ -110,7 +110,7 @@ def sort_pairs(idx: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tenso
     """Step 1: `pairs` (P,) the (token * K + k) pair indices in stable expert order, `offs` (E,) int32 cumulative
     segment ends, and the tile map (expert, first sorted row) over cdiv(P, block_m) + min(E, P) tiles. Device ops
     only (no host sync)."""
-    flat = idx.flatten()
+    flat = idx.flatten().long()     # scatter_add_ and the keys need int64 (the router's ids are; int32 ones too)
     P, E = flat.numel(), n_experts
     counts = torch.zeros(E, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0)
