@@ -51,6 +51,42 @@ def _nan_x() -> torch.Tensor:
     return x
 
 
+def _mla_inputs() -> tuple:
+    """Paged MLA decode inputs: 3 sequences of 20, 17 and 0 tokens over 16-token blocks."""
+    g = torch.Generator().manual_seed(4)
+    B, H, C, R, bs = 3, 5, 64, 16, 16
+    return (torch.randn(B, H, C, generator=g), torch.randn(B, H, R, generator=g), torch.randn(10, bs, C, generator=g),
+            torch.randn(10, bs, R, generator=g), torch.tensor([[1, 2, 3], [4, 5, 0], [6, 7, 8]], dtype=torch.int32),
+            torch.tensor([20, 17, 0], dtype=torch.int32))
+
+
+def _mla_stale(args: tuple) -> tuple:
+    """NaN / inf in cache slots past the sequences' ends (a freed block's stale values): slot 10 of block 2 (seq 0
+    ends at its slot 3), slot 3 of block 5 (seq 1 ends at its slot 0), and block 3, which seq 0 does not reach."""
+    q, qp, ckv, kpe, bt, sl = args
+    ckv, kpe = ckv.clone(), kpe.clone()
+    ckv[2, 10], ckv[5, 3], kpe[2, 12], ckv[3, 0] = float("nan"), float("inf"), float("nan"), float("nan")
+    return q, qp, ckv, kpe, bt, sl
+
+
+def _mla_nan_query(args: tuple) -> tuple:
+    q = args[0].clone()
+    q[0, 2, 7] = float("nan")           # sequence 0, head 2
+    return (q, *args[1:])
+
+
+def _mla_oracle(q, qp, ckv, kpe, bt, sl, scale) -> torch.Tensor:
+    """float64, per sequence over its own tokens only; zeros for an empty one."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b, n in enumerate(sl.tolist()):
+        if n:
+            kv = ckv[bt[b].long()].flatten(0, 1)[:n].double()
+            pe = kpe[bt[b].long()].flatten(0, 1)[:n].double()
+            p = ((q[b].double() @ kv.T + qp[b].double() @ pe.T) * scale).softmax(-1)
+            out[b] = p @ kv
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton under the interpreter (one subprocess)
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,12 +164,19 @@ def _moe_cases(res: dict) -> None:
     _try(res, "moe_int32_idx", lambda: _rel64(moe_decode_triton(x, w, idx.to(torch.int32), gate, up, down), ref))
 
 
+def _mla_cases(res: dict) -> None:
+    from dsv3.kernels.mla_decode import mla_decode_triton
+    args = _mla_inputs()
+    _try(res, "mla_stale_nan_slots", lambda: _rel64(mla_decode_triton(*_mla_stale(args), 0.1), _mla_oracle(*args, 0.1)))
+    _try(res, "mla_nan_query_heads", lambda: mla_decode_triton(*_mla_nan_query(args), 0.1).isnan().any(-1).tolist())
+
+
 def _interpreter_cases() -> dict:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
     patch_interpreter_for_numpy2()
     res: dict = {}
-    for cases in (_gemv_cases, _quant_cases, _grad_norm_cases, _moe_cases):
+    for cases in (_gemv_cases, _quant_cases, _grad_norm_cases, _moe_cases, _mla_cases):
         cases(res)
     return res
 
@@ -178,6 +221,15 @@ def test_moe_decode_takes_int32_ids(interp):
     assert isinstance(interp["moe_int32_idx"], float) and interp["moe_int32_idx"] < 1e-6, interp["moe_int32_idx"]
 
 
+_NAN_HEAD = [[False, False, True, False, False], [False] * 5, [False] * 5]
+
+
+@needs_triton
+def test_mla_decode_triton_nan_handling(interp):
+    assert interp["mla_stale_nan_slots"] < 1e-6, interp["mla_stale_nan_slots"]
+    assert interp["mla_nan_query_heads"] == _NAN_HEAD
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # References and dispatch code (CPU)
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,3 +272,18 @@ def test_zero_token_batches(kind):
             assert fuse_projections(mlp, gemv=kind == "fused_gemv") == 1
             y = mlp(x)
     assert y.shape == (1, 0, 128 if kind in ("fp8_linear", "gemv_linear") else 256)
+
+
+def test_mla_decode_reference_nan_handling():
+    # stale NaN / inf past a sequence's end leaked through p (= 0) @ kv (0 * NaN); a NaN in a live input was
+    # turned into zeros by the nan_to_num meant for empty rows. Now: the former ignored, the latter propagated
+    # (as the Triton kernel does); empty rows still zeros
+    from dsv3.kernels.mla_decode import mla_decode_reference
+    args = _mla_inputs()
+    clean = mla_decode_reference(*args, 0.1)
+    assert _rel64(clean, _mla_oracle(*args, 0.1)) < 1e-6
+    stale = mla_decode_reference(*_mla_stale(args), 0.1)
+    assert _rel64(stale, _mla_oracle(*args, 0.1)) < 1e-6
+    nan_q = mla_decode_reference(*_mla_nan_query(args), 0.1)
+    assert nan_q.isnan().any(-1).tolist() == _NAN_HEAD
+    assert (nan_q[2] == 0).all()
