@@ -287,3 +287,27 @@ def test_mla_decode_reference_nan_handling():
     nan_q = mla_decode_reference(*_mla_nan_query(args), 0.1)
     assert nan_q.isnan().any(-1).tolist() == _NAN_HEAD
     assert (nan_q[2] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="compiled Triton on a CUDA GPU of sm_89+ (the interpreter's min/max propagate NaN)")
+@pytest.mark.parametrize("launch", [{"f16_dot": True}, {"down_f16_dot": True}], ids=["gate_up", "down"])
+def test_moe_decode_f16_dot_keeps_nan_on_cuda(launch):
+    # the fp16 MMA's clamp into fp16's range used tl.minimum / tl.maximum, which on the GPU return the non-NaN
+    # operand: a NaN activation became -65280 and its token's output finite (the reference's is NaN)
+    from dsv3.kernels.moe_decode import moe_decode_reference, moe_decode_triton
+    g = torch.Generator().manual_seed(5)
+    E, I, D, T = 4, 256, 256, 5
+    def codes(*shape):
+        return (torch.randn(*shape, generator=g) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+    w8 = [codes(E, I, D), codes(E, I, D), codes(E, D, I)]
+    scales = [torch.full((E, -(-w.shape[1] // 128), -(-w.shape[2] // 128)), 1e-3) for w in w8]
+    x, wts = torch.randn(T, D, generator=g), torch.rand(T, 2, generator=g)
+    x[2, 7] = float("nan")
+    idx = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [1, 3]])
+    args = [t.cuda() for t in (x.bfloat16(), wts, idx, *w8, *scales)]
+    ref = moe_decode_reference(*args)
+    out = moe_decode_triton(*args, **launch)
+    assert ref.isnan().any(1).tolist() == [False, False, True, False, False]
+    assert out.isnan().any(1).tolist() == ref.isnan().any(1).tolist()

@@ -164,7 +164,8 @@ if HAS_TRITON:
             mask_k = offs_k < K - (kb - kb0) * BLOCK_K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             if F16:     # e4m3 -> fp16 is one conversion (bf16 takes more), exact; x clamped into fp16's range
-                x = tl.minimum(tl.maximum(x, -65280.0), 65280.0).to(tl.float16)
+                # (NaN kept: the GPU's min/max return the other operand, which would make a NaN -65280)
+                x = tl.where(x == x, tl.minimum(tl.maximum(x, -65280.0), 65280.0), x).to(tl.float16)  # noqa: PLR0124
             wmask = mask_n[:, None] & mask_k[None, :]
             g = tl.load(g_ptrs, mask=wmask, other=0.0).to(x.dtype)
             u = tl.load(u_ptrs, mask=wmask, other=0.0).to(x.dtype)
@@ -227,8 +228,8 @@ if HAS_TRITON:
                     g += tl.load(h_ptrs + s * stride_hs, mask=mask_h, other=0.0)
                     u += tl.load(h_ptrs + s * stride_hs + stride_hw, mask=mask_h, other=0.0)
                 h = (g * tl.sigmoid(g) * u).to(H_DTYPE)
-            if F16:
-                h = tl.minimum(tl.maximum(h, -65280.0), 65280.0).to(tl.float16)
+            if F16:     # as in the gate-up stage: NaN kept
+                h = tl.where(h == h, tl.minimum(tl.maximum(h, -65280.0), 65280.0), h).to(tl.float16)  # noqa: PLR0124
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(h.dtype)
             if FP8:
                 acc += tl.dot(h, tl.trans(w), input_precision=DOT_PREC) * tl.load(SD + s_off + kb * stride_sk)
