@@ -171,12 +171,99 @@ def _mla_cases(res: dict) -> None:
     _try(res, "mla_nan_query_heads", lambda: mla_decode_triton(*_mla_nan_query(args), 0.1).isnan().any(-1).tolist())
 
 
+def _quant_agree(out: tuple, ref: tuple) -> float:
+    """The scales' relative error (a wrong stride reads other elements: other amaxes), or 1.0 if over 5% of the
+    codes differ (the interpreter's e4m3 cast is not faithful, tests/test_kernels_fp8_quant.py: a few differ)."""
+    worst = 0.0
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape, (a.shape, b.shape)
+        if a.dtype != torch.float8_e4m3fn:
+            worst = max(worst, _rel64(a, b))
+        elif a.numel() and (a.float() != b.float()).float().mean().item() > 0.05:
+            return 1.0
+    return worst
+
+
+def _coverage_cases(res: dict) -> None:
+    """Inputs the kernels handle (no defect found), kept so that they stay handled: strided and expanded views,
+    N = 1, K < 128 and odd, all rows to one expert, empty experts, a rowless tail. Values: relative errors."""
+    from dsv3.kernels.fp8_gemm import (
+        fp8_gemm_reference,
+        fp8_gemm_triton,
+        fp8_grouped_gemm_reference,
+        fp8_grouped_gemm_triton,
+    )
+    from dsv3.kernels.fp8_grouped_wgrad import (
+        quantize_cols_grouped_reference,
+        quantize_cols_grouped_triton,
+    )
+    from dsv3.kernels.fp8_rowwise import quantize_rows_reference, quantize_rows_triton
+    from dsv3.kernels.fp8_weight_gemm import fp8_linear_reference, fp8_linear_triton
+    from dsv3.kernels.mla_decode import mla_decode_triton
+    from dsv3.kernels.moe_decode import moe_decode_reference, moe_decode_triton
+    from dsv3.kernels.moe_route import moe_route_reference, moe_route_triton
+    g = torch.Generator().manual_seed(6)
+    for M, N, K in ((1, 1, 1), (2, 1, 5), (17, 1, 130), (3, 130, 127)):
+        x, (q, s) = torch.randn(M, K, generator=g), quantize_blocks(torch.randn(N, K, generator=g))
+        for gemv in (None, False):
+            _try(res, f"linear_{M}x{N}x{K}_gemv={gemv}",
+                 lambda x=x, q=q, s=s, gemv=gemv: _rel64(fp8_linear_triton(x, q, s, gemv=gemv),
+                                                         fp8_linear_reference(x, q, s)))
+    x, (q, s) = torch.randn(1, 200, generator=g).expand(4, 200), quantize_blocks(torch.randn(50, 200, generator=g))
+    for gemv in (None, False):
+        _try(res, f"linear_expanded_x_gemv={gemv}",
+             lambda gemv=gemv: _rel64(fp8_linear_triton(x, q, s, gemv=gemv), fp8_linear_reference(x, q, s)))
+    a, b = quantize_tiles_reference(torch.randn(3, 200, generator=g)), torch.randn(200, 10, generator=g)
+    b_view = quantize_blocks(b)[0].t()                                     # (10, 200), strides (1, 10)
+    b_scale = quantize_blocks(b.t().contiguous())[1]
+    _try(res, "gemm_b_transposed_view", lambda: _rel64(fp8_gemm_triton(*a, b_view, b_scale, torch.float32),
+                                                       fp8_gemm_reference(*a, b_view, b_scale, torch.float32)))
+    b1 = quantize_blocks(torch.randn(1, 200, generator=g))
+    a_cm = (a[0], a[1].t().contiguous().t())
+    _try(res, "gemm_n1_colmajor_ascale", lambda: _rel64(fp8_gemm_triton(*a_cm, *b1, torch.float32),
+                                                        fp8_gemm_reference(*a, *b1, torch.float32)))
+    A = quantize_tiles_reference(torch.randn(20, 130, generator=g))
+    B = [quantize_blocks(m) for m in torch.randn(3, 40, 130, generator=g)]
+    Bq, Bs = torch.stack([t[0] for t in B]), torch.stack([t[1] for t in B])
+    for offs in ([0, 20, 20], [0, 0, 17], [20, 20, 20]):
+        o = torch.tensor(offs, dtype=torch.int32)
+        _try(res, f"grouped_gemm_offs={offs}", lambda o=o: _rel64(
+            fp8_grouped_gemm_triton(*A, Bq, Bs, o, torch.float32), fp8_grouped_gemm_reference(*A, Bq, Bs, o,
+                                                                                              torch.float32)))
+    xr = torch.randn(300, 7, generator=g)
+    for name, v in {"transposed": xr.t(), "expanded": xr[:1].expand(4, 7), "k0": torch.zeros(3, 0)}.items():
+        _try(res, f"rows_{name}", lambda v=v: _quant_agree(quantize_rows_triton(v), quantize_rows_reference(v)))
+    xc = torch.randn(40, 70, generator=g)
+    for offs in ([0, 40, 40], [0, 0, 0], [3, 3, 37]):
+        o = torch.tensor(offs, dtype=torch.int32)
+        _try(res, f"cols_grouped_offs={offs}", lambda o=o: _quant_agree(quantize_cols_grouped_triton(xc, o),
+                                                                        quantize_cols_grouped_reference(xc, o)))
+    E, I, D = 4, 64, 160
+    ws = [torch.randn(E, I, D, generator=g) * 0.1, torch.randn(E, I, D, generator=g) * 0.1,
+          torch.randn(E, D, I, generator=g) * 0.1]
+    moe = {"all_to_one_expert": (torch.randn(5, D, generator=g), torch.full((5, 2), 3)),
+           "x_transposed_view": (torch.randn(D, 3, generator=g).t(), torch.tensor([[0, 1], [1, 2], [3, 0]]))}
+    for name, (x, idx) in moe.items():
+        w = torch.rand(idx.shape, generator=g)
+        _try(res, f"moe_{name}", lambda x=x, idx=idx, w=w: _rel64(moe_decode_triton(x, w, idx, *ws),
+                                                                   moe_decode_reference(x, w, idx, *ws)))
+    logits, bias = torch.randn(16, 5, generator=g).t(), torch.randn(16, generator=g) * 0.1
+    _try(res, "route_transposed_logits", lambda: max(_rel64(a, b) for a, b in zip(
+        moe_route_triton(logits, bias, 4, 4, 2, True, 2.5), moe_route_reference(logits, bias, 4, 4, 2, True, 2.5))))
+    q, qp, ckv, kpe, bt, sl = _mla_inputs()
+    q_view = q.transpose(0, 1).contiguous().transpose(0, 1)               # head-major storage
+    joint = torch.cat([ckv, kpe], -1)                                      # one (.., C + R) buffer, sliced
+    C = ckv.shape[-1]
+    _try(res, "mla_views", lambda: _rel64(mla_decode_triton(q_view, qp, joint[..., :C], joint[..., C:], bt.long(),
+                                                             sl.long(), 0.1), _mla_oracle(q, qp, ckv, kpe, bt, sl, 0.1)))
+
+
 def _interpreter_cases() -> dict:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
     patch_interpreter_for_numpy2()
     res: dict = {}
-    for cases in (_gemv_cases, _quant_cases, _grad_norm_cases, _moe_cases, _mla_cases):
+    for cases in (_gemv_cases, _quant_cases, _grad_norm_cases, _moe_cases, _mla_cases, _coverage_cases):
         cases(res)
     return res
 
@@ -228,6 +315,19 @@ _NAN_HEAD = [[False, False, True, False, False], [False] * 5, [False] * 5]
 def test_mla_decode_triton_nan_handling(interp):
     assert interp["mla_stale_nan_slots"] < 1e-6, interp["mla_stale_nan_slots"]
     assert interp["mla_nan_query_heads"] == _NAN_HEAD
+
+
+_COVERAGE = 25      # cases of _coverage_cases
+
+
+@needs_triton
+def test_kernels_take_views_odd_sizes_and_skewed_routing(interp):
+    cases = {k: v for k, v in interp.items() if k.split("_")[0] in ("linear", "gemm", "grouped", "rows", "cols",
+                                                                      "moe", "route", "mla") and
+             k not in ("moe_int32_idx", "mla_stale_nan_slots", "mla_nan_query_heads")}
+    assert len(cases) == _COVERAGE, sorted(cases)
+    bad = {k: v for k, v in cases.items() if not (isinstance(v, float) and v < 1e-5)}
+    assert not bad, bad
 
 
 # ---------------------------------------------------------------------------------------------------------------
