@@ -411,3 +411,43 @@ def test_moe_decode_f16_dot_keeps_nan_on_cuda(launch):
     out = moe_decode_triton(*args, **launch)
     assert ref.isnan().any(1).tolist() == [False, False, True, False, False]
     assert out.isnan().any(1).tolist() == ref.isnan().any(1).tolist()
+
+
+def _adamw_dtensor_worker(rank: int, init_file: str, tmp) -> None:
+    """One gloo rank: AdamWBF16's update on FSDP2-style DTensors (param, grad, moments, master all Shard(0)),
+    with the dispatcher told CUDA/Triton is usable and the Triton entry point replaced by a recorder that runs the
+    reference. Saves the operand types the fast path was given and the result against the plain-tensor update."""
+    from conftest import init_gloo
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dsv3.kernels import adamw
+    init_gloo(rank, 1, init_file)
+    mesh = init_device_mesh("cpu", (1,))
+    g = torch.Generator().manual_seed(7)
+    plain = [torch.randn(6, 4, generator=g).bfloat16(), torch.randn(6, 4, generator=g).bfloat16(),
+             torch.randn(6, 4, generator=g).bfloat16() * 0.1, torch.rand(6, 4, generator=g).bfloat16() * 0.01]
+    plain.append(plain[0].float() + 1e-3)                                    # the fp32 master
+    dt = [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in plain]
+    seen = []
+
+    def recorder(*args, **kwargs):
+        seen.extend(type(a).__name__ for a in args[:5])
+        return adamw.adamw_update_reference(*args, **kwargs)
+    adamw.use_triton, adamw.adamw_update_triton = (lambda *a, **k: True), recorder
+    hp = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "step": 2,
+          "grad_scale": torch.tensor(2.0)}
+    adamw.adamw_update(*dt, **hp)
+    adamw.adamw_update_reference(*plain, **hp)
+    err = max((d.full_tensor().float() - p.float()).abs().max().item() for d, p in zip(dt, plain))
+    torch.save({"seen": seen, "err": err}, tmp / f"rank{rank}.pt")
+
+
+def test_adamw_dispatch_gives_the_kernel_local_shards_of_dtensors(tmp_path):
+    # FSDP2 with optim.state_dtype=bf16 hands AdamWBF16 DTensors; use_triton saw a CUDA bf16 tensor and sent them
+    # to the Triton launcher (which needs storage pointers: a DTensor has none). The update is elementwise and the
+    # operands are sharded alike, so the kernel now gets the local shards
+    from conftest import run_ranks
+    (res,) = run_ranks(_adamw_dtensor_worker, 1, tmp_path, "adamw on DTensors")
+    assert res["seen"] == ["Tensor"] * 5, res["seen"]
+    assert res["err"] == 0.0
