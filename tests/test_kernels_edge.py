@@ -445,7 +445,7 @@ def _adamw_dtensor_worker(rank: int, init_file: str, tmp) -> None:
 
 def test_adamw_dispatch_gives_the_kernel_local_shards_of_dtensors(tmp_path):
     # FSDP2 with optim.state_dtype=bf16 hands AdamWBF16 DTensors; use_triton saw a CUDA bf16 tensor and sent them
-    # to the Triton launcher (which needs storage pointers: a DTensor has none). The update is elementwise and the
+    # to the Triton launcher (a DTensor wrapper's data_ptr() is 0). The update is elementwise and the
     # operands are sharded alike, so the kernel now gets the local shards
     from conftest import run_ranks
     (res,) = run_ranks(_adamw_dtensor_worker, 1, tmp_path, "adamw on DTensors")

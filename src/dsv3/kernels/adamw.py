@@ -126,7 +126,7 @@ def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                  grad_scale: Tensor | None = None) -> None:
     """Dispatcher: the Triton kernel for contiguous CUDA tensors, else the reference (module docstring). DTensors
-    placed alike are updated through their local shards (the launcher needs real storage; a DTensor has none);
+    placed alike are updated through their local shards (the launcher reads data_ptr(), 0 for a DTensor);
     others take the reference."""
     operands = (param, grad, exp_avg, exp_avg_sq) + ((master,) if master is not None else ())
     local = _local_shards(operands)
