@@ -56,7 +56,7 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK], dtype=tl.float64)
         for i in range(0, CHUNK, BLOCK):
             offs = start + i + tl.arange(0, BLOCK)
-            x = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float64)
+            x = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32).to(tl.float64)
             acc += x * x
         tl.store(OUT + c, tl.sum(acc, axis=0))
 

@@ -81,10 +81,10 @@ def mla_decode_reference(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_c
     blocks = torch.where(used, block_tables[:, :nb].to(device=dev, dtype=torch.long), 0)  # padding never indexed
     T = nb * bs
     valid = torch.arange(T, device=dev) < seq_lens[:, None]                                # (B, T)
-    # slots past a sequence's end never count, whatever a reused block holds (p = 0 times a stale NaN is NaN):
-    # zeroed, as the kernel's masked loads do (the gather made a copy: in place is safe)
+    # latents past a sequence's end never count, whatever a reused block holds (p = 0 times a stale NaN is NaN):
+    # zeroed, as the kernel's masked loads do (the gather made a copy: in place is safe). Their scores are -inf below
     kv = c_kv_cache[blocks].reshape(B, T, C).float().masked_fill_(~valid[..., None], 0.0)   # (B, T, C)
-    pe = k_pe_cache[blocks].reshape(B, T, R).float().masked_fill_(~valid[..., None], 0.0)
+    pe = k_pe_cache[blocks].reshape(B, T, R).float()
     score = torch.baddbmm(torch.bmm(q_pe.float(), pe.transpose(1, 2)), q_abs.float(), kv.transpose(1, 2))
     score.mul_(scale)                                                                      # (B, H, T)
     score.masked_fill_(~valid[:, None, :], float("-inf"))
