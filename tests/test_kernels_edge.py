@@ -8,7 +8,13 @@ shapes) against a float64 oracle or the PyTorch reference; the CPU cases go thro
     the GEMV dispatcher, FP8Linear, GemvLinear and the fused projections;
   * pow2 scales of a tile holding NaN (the EP dispatch's quantiser): the scale must stay NaN, not become -0.0;
   * the gradient norm's sum of squares for gradients beyond 2^64 (finite in bf16, their squares not in fp32);
-  * int32 expert ids in the fused MoE (the reference takes any integer ids).
+  * int32 expert ids in the fused MoE (the reference takes any integer ids);
+  * NaN in paged MLA decode: stale values in cache slots past a sequence's end must not count, a NaN query must
+    give NaN (the reference zeroed it), in the reference and the kernel alike;
+  * the fused MoE's fp16-MMA clamp must keep NaN (GPU only: the interpreter's min/max propagate NaN anyway);
+  * AdamW on FSDP2's DTensors: the dispatcher must hand the kernel local shards (a DTensor's data_ptr() is 0);
+  * and, as coverage, inputs the kernels already handle: views, expanded tensors, N = 1, odd K < 128, all rows on
+    one expert, empty experts.
 """
 
 from __future__ import annotations
