@@ -31,7 +31,8 @@ class FP8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale_inv).view(*x.shape[:-1], -1)
+        y = fp8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale_inv)
+        y = y.view(*x.shape[:-1], self.out_features)     # not -1: a 0-token batch's view would be ambiguous
         return y if self.bias is None else y + self.bias
 
 

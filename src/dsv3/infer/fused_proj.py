@@ -43,11 +43,12 @@ FP8_BLOCK = 128     # rows of one weight_scale_inv block (spec 2.3)
 def _fused_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x (..., K) @ fused_weight.T -> (..., N_a + N_b): one GEMM (the weight-only FP8 op for FP8 blocks)."""
     scale = getattr(module, "fused_scale_inv", None)
+    lead, n = x.shape[:-1], module.fused_weight.shape[0]   # n, not -1: a 0-token batch's view would be ambiguous
     if scale is None:
         if module.use_gemv and x.numel() // x.shape[-1] <= GEMV_MAX_M:
-            return gemv(x.reshape(-1, x.shape[-1]), module.fused_weight).view(*x.shape[:-1], -1)
+            return gemv(x.reshape(-1, x.shape[-1]), module.fused_weight).view(*lead, n)
         return F.linear(x, module.fused_weight)
-    return fp8_linear(x.reshape(-1, x.shape[-1]), module.fused_weight, scale).view(*x.shape[:-1], -1)
+    return fp8_linear(x.reshape(-1, x.shape[-1]), module.fused_weight, scale).view(*lead, n)
 
 
 class FusedMLA(MLA):
@@ -79,7 +80,7 @@ class GemvLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.numel() // x.shape[-1] > GEMV_MAX_M:
             return super().forward(x)
-        y = gemv(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+        y = gemv(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 

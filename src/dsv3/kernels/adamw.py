@@ -23,6 +23,9 @@ from torch import Tensor
 
 from .triton_setup import HAS_TRITON, need_triton, tl, triton, use_triton
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+
 __all__ = ["adamw_update", "adamw_update_reference", "adamw_update_triton"]
 
 
@@ -106,11 +109,33 @@ def adamw_update_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq
         HAS_MASTER=master is not None, HAS_SCALE=grad_scale is not None, BLOCK=_BLOCK, num_warps=8)
 
 
+def _local_shards(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+    """The local shards of DTensor operands (FSDP2's parameters, their gradients and the state made from them) when
+    every operand is a DTensor placed like the first: the update is elementwise, so updating each shard in place
+    is updating the whole. None when there is no DTensor; the operands themselves when they are placed unalike."""
+    if not (torch.distributed.is_available() and any(isinstance(t, DTensor) for t in tensors)):
+        return None
+    head = tensors[0]
+    if all(isinstance(t, DTensor) and t.device_mesh == head.device_mesh and t.placements == head.placements
+           for t in tensors):
+        return tuple(t.to_local() for t in tensors)
+    return tensors
+
+
 def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None,
                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                  grad_scale: Tensor | None = None) -> None:
-    """Dispatcher: the Triton kernel for contiguous CUDA tensors, else the reference (module docstring)."""
-    fast = use_triton(param, "DSV3_ADAMW") and all(
-        t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq) + ((master,) if master is not None else ()))
+    """Dispatcher: the Triton kernel for contiguous CUDA tensors, else the reference (module docstring). DTensors
+    placed alike are updated through their local shards (the launcher reads data_ptr(), 0 for a DTensor);
+    others take the reference."""
+    operands = (param, grad, exp_avg, exp_avg_sq) + ((master,) if master is not None else ())
+    local = _local_shards(operands)
+    if local is not None:
+        if local is operands:          # DTensors placed unalike, or mixed with plain tensors: the reference
+            return adamw_update_reference(param, grad, exp_avg, exp_avg_sq, master, lr, beta1, beta2, eps,
+                                          weight_decay, step, grad_scale)
+        return adamw_update(*local[:4], local[4] if master is not None else None, lr, beta1, beta2, eps,
+                            weight_decay, step, grad_scale)
+    fast = use_triton(param, "DSV3_ADAMW") and all(t.is_contiguous() for t in operands)
     (adamw_update_triton if fast else adamw_update_reference)(
         param, grad, exp_avg, exp_avg_sq, master, lr, beta1, beta2, eps, weight_decay, step, grad_scale)

@@ -178,7 +178,7 @@ def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_n: int | Non
     bm = max(triton.next_power_of_2(M), 1)
     use_dot = bm >= 8
     bm = 16 if use_dot else bm                               # tl.dot's smallest M
-    scale_inv = scale_inv.float()
+    scale_inv = scale_inv.float().contiguous()               # the kernel steps along a scale row with stride 1
     _fp8_gemv_kernel[(triton.cdiv(N, cfg["block_n"]), split)](
         x, weight, scale_inv, y, M, N, K, per, -(-K // BLOCK), x.stride(0), weight.stride(0), scale_inv.stride(0),
         y.stride(0), y.stride(1), BM=bm, BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=even, USE_DOT=use_dot,
@@ -203,7 +203,7 @@ def fp8_grouped_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor,
     y = _out(split, M, N, x)
     # row -> group on the device (no host sync): the first e with offs[e] > r; E past the last group
     row_group = torch.searchsorted(offs.to(torch.int64), torch.arange(M, device=x.device), right=True)
-    scale_inv = scale_inv.float()
+    scale_inv = scale_inv.float().contiguous()               # as in fp8_gemv: unit stride along a scale row
     _fp8_grouped_gemv_kernel[(M, triton.cdiv(N, cfg["block_n"]), split)](
         x, weight, scale_inv, y, row_group.to(torch.int32), M, N, K, E, per, -(-K // BLOCK),
         x.stride(0), weight.stride(0), weight.stride(1), scale_inv.stride(0), scale_inv.stride(1),

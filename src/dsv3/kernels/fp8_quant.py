@@ -33,8 +33,8 @@ the clamp (so it does not matter whether the hardware cast saturates):
               tiles vary fastest, so neighbouring programs read adjacent pieces of the same 128 rows.
   blocks:     grid (cdiv(N, 128), cdiv(K, 128)); one program per 128x128 block, amax over the block (in one
               pass, or two over row chunks); quantize_blocks_both adds q.T as an FP8 transpose of the codes.
-NaN and inf follow the reference: the amax reductions propagate NaN (a NaN scale, as torch's amax gives), the
-clamp keeps NaN and saturates +-inf.
+NaN and inf follow the reference: the amax reductions propagate NaN (a NaN scale, as torch's amax gives; with pow2
+too: the bit rounding would turn NaN into -0.0, so NaN is kept), the clamp keeps NaN and saturates +-inf.
 
 Dispatchers (`quantize_tiles`, ...): Triton on CUDA sm_89+ when triton imports, else the reference;
 DSV3_FP8_QUANT=reference forces the reference. `dequantize_tiles` / `dequantize_blocks` are reference helpers.
@@ -93,8 +93,8 @@ def _scales(amax: Tensor, pow2: bool) -> Tensor:
     # Divide by a tensor, not the Python float: on CUDA torch computes `t / scalar` as t * (1 / scalar), which is
     # off by one ulp for some amax; tensor / tensor is the correctly rounded division (Triton's div_rn) everywhere.
     s = amax.clamp_min(EPS) / torch.full((), FP8_MAX, dtype=amax.dtype, device=amax.device)
-    if pow2:
-        s = ((s.view(torch.int32) + 0x7FFFFF) & -0x800000).view(torch.float32)
+    if pow2:  # a NaN scale stays NaN: its bits + 0x7FFFFF wrap past the sign bit and the clear would give -0.0
+        s = torch.where(s.isnan(), s, ((s.view(torch.int32) + 0x7FFFFF) & -0x800000).view(torch.float32))
     return s
 
 
@@ -169,8 +169,9 @@ if HAS_TRITON:
     @triton.jit
     def _scale_of(amax, POW2: tl.constexpr):
         s = tl.math.div_rn(tl.maximum(amax, _EPS_C, propagate_nan=tl.PropagateNan.ALL), _MAX_C)
-        if POW2:
-            s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True)
+        if POW2:  # NaN stays NaN (as in `_scales`: its rounded bits would be -0.0)
+            s = tl.where(s != s, s,  # noqa: PLR0124 - the NaN test
+                         ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & -0x800000).to(tl.float32, bitcast=True))
         return s
 
     @triton.jit

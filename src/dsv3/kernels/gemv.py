@@ -73,6 +73,8 @@ def gemv_triton(x: Tensor, weight: Tensor, *, splits: int | None = None) -> Tens
     if M > GEMV_MAX_M or weight.shape[1] != K or weight.dtype != x.dtype:
         raise ValueError(f"gemv_triton: x (M<={GEMV_MAX_M}, K) and weight (N, K) of one dtype, got "
                          f"{tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} {weight.dtype}")
+    if M == 0 or N == 0:    # nothing to launch (a 0-row batch would make BM = 0: tl.arange(0, 0))
+        return x.new_zeros(M, N)
     x, weight = x.contiguous(), weight.contiguous()
     block_n, block_k, split, warps = _launch(M, N, K, x.device)
     split = splits or split
@@ -90,5 +92,5 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
     """Dispatcher (module docstring): x (..., K) @ weight.T."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] <= GEMV_MAX_M and use_triton(x, "DSV3_GEMV") and x.dtype == weight.dtype:
-        return gemv_triton(flat, weight).view(*x.shape[:-1], -1)
+        return gemv_triton(flat, weight).view(*x.shape[:-1], weight.shape[0])  # N, not -1: 0 rows are ambiguous
     return gemv_reference(x, weight)

@@ -8,9 +8,11 @@ H200's ~4.1 TB/s is ~2.2 ms. Here one Triton launch per dtype covers every tenso
     1. the tensors are cut into chunks of CHUNK elements; a table (cached per list of sizes) maps each chunk to its
        tensor and its offset, and a pointer table (one small host-to-device copy per call) holds the tensors'
        addresses;
-    2. program c loads chunk c in BLOCK-element tiles from its tensor's address, squares in FP32 and accumulates,
-       and stores one FP32 partial sum;
-    3. the partials are summed in FP64 (one FP32 accumulation covers at most CHUNK elements: relative error ~1e-7).
+    2. program c loads chunk c in BLOCK-element tiles from its tensor's address, squares in FP64 and accumulates,
+       and stores one FP64 partial sum (FP64 because squares of bf16 values overflow or underflow FP32: a finite
+       gradient of 2^64 made the norm inf, the reference's not; FP64 FMA and conversion rates on H100/H200 exceed
+       the element rate at HBM bandwidth, so it should stay read-bound: not yet timed on the GPU);
+    3. the partials are summed in FP64.
 
 `sum_of_squares` dispatches: Triton for the contiguous CUDA tensors when triton imports (DSV3_GRAD_NORM=reference
 forces the reference), the reference for any others. Both return a float64 scalar on the tensors' device.
@@ -49,10 +51,12 @@ if HAS_TRITON:
         start = tl.load(CHUNK_START + c)
         n = tl.load(NUMELS + t)
         base = tl.load(PTRS + t).to(REF.dtype)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        # FP64: the squares of bf16/fp32 values span 2^-298..2^256, FP32 only 2^-149..2^128 (a gradient of 2^64
+        # squared was inf, the norm inf, the step "diverged"; one of 1e-25 squared was 0)
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
         for i in range(0, CHUNK, BLOCK):
             offs = start + i + tl.arange(0, BLOCK)
-            x = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32)
+            x = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32).to(tl.float64)
             acc += x * x
         tl.store(OUT + c, tl.sum(acc, axis=0))
 
@@ -89,10 +93,10 @@ def sum_of_squares_triton(tensors: list[Tensor], block: int = _BLOCK, chunk: int
         ptrs = torch.tensor([t.data_ptr() for t in group], dtype=torch.int64)
         if device.type == "cuda":       # no host sync: a pinned staging copy, ordered on the stream
             ptrs = ptrs.pin_memory().to(device, non_blocking=True)
-        partial = torch.empty(owner.numel(), dtype=torch.float32, device=device)
+        partial = torch.empty(owner.numel(), dtype=torch.float64, device=device)
         _sumsq_kernel[(owner.numel(),)](ptrs, numels, owner, first, partial, group[0], BLOCK=block,
                                         CHUNK=chunk, num_warps=8)
-        total += partial.double().sum()           # step 3
+        total += partial.sum()                    # step 3
     return total
 
 

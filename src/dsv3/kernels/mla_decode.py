@@ -80,14 +80,16 @@ def mla_decode_reference(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_c
     used = torch.arange(nb, device=dev) * bs < seq_lens[:, None]                         # (B, nb)
     blocks = torch.where(used, block_tables[:, :nb].to(device=dev, dtype=torch.long), 0)  # padding never indexed
     T = nb * bs
-    kv = c_kv_cache[blocks].reshape(B, T, C).float()                                       # (B, T, C)
+    valid = torch.arange(T, device=dev) < seq_lens[:, None]                                # (B, T)
+    # latents past a sequence's end never count, whatever a reused block holds (p = 0 times a stale NaN is NaN):
+    # zeroed, as the kernel's masked loads do (the gather made a copy: in place is safe). Their scores are -inf below
+    kv = c_kv_cache[blocks].reshape(B, T, C).float().masked_fill_(~valid[..., None], 0.0)   # (B, T, C)
     pe = k_pe_cache[blocks].reshape(B, T, R).float()
     score = torch.baddbmm(torch.bmm(q_pe.float(), pe.transpose(1, 2)), q_abs.float(), kv.transpose(1, 2))
     score.mul_(scale)                                                                      # (B, H, T)
-    valid = torch.arange(T, device=dev) < seq_lens[:, None]                                # (B, T)
     score.masked_fill_(~valid[:, None, :], float("-inf"))
     p = torch.softmax(score, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)                                                       # empty rows -> 0
+    p = p.masked_fill((seq_lens == 0)[:, None, None], 0.0)   # empty rows (all -inf: NaN) -> 0; a NaN input stays
     return torch.bmm(p, kv).to(q_abs.dtype)
 
 

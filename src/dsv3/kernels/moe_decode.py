@@ -110,7 +110,7 @@ def sort_pairs(idx: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tenso
     """Step 1: `pairs` (P,) the (token * K + k) pair indices in stable expert order, `offs` (E,) int32 cumulative
     segment ends, and the tile map (expert, first sorted row) over cdiv(P, block_m) + min(E, P) tiles. Device ops
     only (no host sync)."""
-    flat = idx.flatten()
+    flat = idx.flatten().long()     # scatter_add_ and the keys need int64 (the router's ids are; int32 ones too)
     P, E = flat.numel(), n_experts
     counts = torch.zeros(E, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0)
@@ -164,7 +164,8 @@ if HAS_TRITON:
             mask_k = offs_k < K - (kb - kb0) * BLOCK_K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             if F16:     # e4m3 -> fp16 is one conversion (bf16 takes more), exact; x clamped into fp16's range
-                x = tl.minimum(tl.maximum(x, -65280.0), 65280.0).to(tl.float16)
+                # (NaN kept: the GPU's min/max return the other operand, which would make a NaN -65280)
+                x = tl.where(x == x, tl.minimum(tl.maximum(x, -65280.0), 65280.0), x).to(tl.float16)  # noqa: PLR0124
             wmask = mask_n[:, None] & mask_k[None, :]
             g = tl.load(g_ptrs, mask=wmask, other=0.0).to(x.dtype)
             u = tl.load(u_ptrs, mask=wmask, other=0.0).to(x.dtype)
@@ -227,8 +228,8 @@ if HAS_TRITON:
                     g += tl.load(h_ptrs + s * stride_hs, mask=mask_h, other=0.0)
                     u += tl.load(h_ptrs + s * stride_hs + stride_hw, mask=mask_h, other=0.0)
                 h = (g * tl.sigmoid(g) * u).to(H_DTYPE)
-            if F16:
-                h = tl.minimum(tl.maximum(h, -65280.0), 65280.0).to(tl.float16)
+            if F16:     # as in the gate-up stage: NaN kept
+                h = tl.where(h == h, tl.minimum(tl.maximum(h, -65280.0), 65280.0), h).to(tl.float16)  # noqa: PLR0124
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(h.dtype)
             if FP8:
                 acc += tl.dot(h, tl.trans(w), input_precision=DOT_PREC) * tl.load(SD + s_off + kb * stride_sk)
