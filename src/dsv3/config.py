@@ -31,6 +31,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _ROPE_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
               "mscale", "mscale_all_dim", "attention_factor", "truncate"}
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+# model_type -> the architecture it names: Moonshot's Kimi-K2 releases write their own type for DeepseekV3ForCausalLM
+MODEL_TYPES = {"deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
+               "deepseek_v2": "DeepseekV2ForCausalLM"}
 # Keys HF writes that are derived from ours: checked for consistency, then carried verbatim.
 _DERIVED_KEYS = ("qk_head_dim", "head_dim")
 
@@ -126,6 +129,8 @@ class ModelConfig:
             fail("n_group", "noaux_tc scores a group by its top-2 experts: each group needs >= 2 experts")
         if self.scoring_func not in ("sigmoid", "softmax"):
             fail("scoring_func", "must be 'sigmoid' or 'softmax'")
+        if self.model_type not in MODEL_TYPES:
+            fail("model_type", f"expected one of {sorted(MODEL_TYPES)} (DeepSeek-V3 / V2 architectures)")
         if self.hidden_act != "silu":
             fail("hidden_act", "only 'silu' (SwiGLU) is supported")
         if self.first_k_dense_replace > self.num_hidden_layers:
@@ -167,8 +172,9 @@ class ModelConfig:
             for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
                 if rs.get(k) is not None and not (num(k) and rs[k] >= 0):
                     fail("rope_scaling", f"'{k}' must be a number >= 0")
-            if not float(rs.get("beta_fast") or 32) > float(rs.get("beta_slow") or 1):
-                fail("rope_scaling", "'beta_fast' must exceed 'beta_slow' (rotations at the two ends of the ramp)")
+            # equal betas (Kimi-K2: 1.0 and 1.0) make the ramp a step, as transformers and DeepSeek compute it
+            if not float(rs.get("beta_fast") or 32) >= float(rs.get("beta_slow") or 1):
+                fail("rope_scaling", "'beta_fast' must be >= 'beta_slow' (rotations at the two ends of the ramp)")
 
     # ---- derived quantities -----------------------------------------------------------------------------------
     @property
@@ -202,7 +208,7 @@ class ModelConfig:
     # ---- Hugging Face config.json -----------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, source: dict | str | Path) -> "ModelConfig":
-        """Read a HF `config.json` (a dict, the file, or its directory); deepseek_v3 and deepseek_v2 types."""
+        """Read a HF `config.json` (a dict, the file, or its directory); the model types of MODEL_TYPES."""
         if not isinstance(source, dict):
             path = Path(source)
             if path.is_dir():
@@ -214,9 +220,6 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from None
         d = copy.deepcopy(dict(source))
-        mt = d.get("model_type", "deepseek_v3")
-        if mt not in ("deepseek_v3", "deepseek_v2"):
-            raise ConfigError(f"invalid model config: model_type={mt!r}: expected 'deepseek_v3' or 'deepseek_v2'")
         names = {f.name for f in dataclasses.fields(cls)} - {"init_std", "rope_key", "hf_extra", "hf_absent"}
         kw: dict[str, Any] = {}
         if "rope_parameters" in d:

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ModelConfig
+from ..config import MODEL_TYPES, ModelConfig
 from ..fp8 import BLOCK, dequantize_blocks, quantize_blocks
 from ..model import Transformer
 from .atomic import atomic_directory
@@ -245,8 +245,7 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
         cfg = self.config.to_hf()
-        cfg.setdefault("architectures", ["DeepseekV3ForCausalLM" if self.config.model_type == "deepseek_v3"
-                                         else "DeepseekV2ForCausalLM"])
+        cfg.setdefault("architectures", [MODEL_TYPES[self.config.model_type]])
         cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
         if self.fp8:
             cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)

@@ -1,0 +1,141 @@
+"""Real DeepSeek-V3-family checkpoints, shrunk: each release's config.json with exactly its keys and value types (sizes
+cut down), weights laid out as the release has them (FP8 + `weight_scale_inv`, the MTP layer `model.layers.N.*`),
+then: the config round-trips exactly, the directory loads (FP8 and bf16), and the logits equal transformers'
+DeepseekV3ForCausalLM on the same weights (fp32). Keys that change the math and that dsv3 does not implement are
+refused with one line naming the key.
+
+Sources of the configs: DeepSeek-V3 / V3-0324 / R1 (configs/v3-671b.json, spec 2.1: the three ship the same keys),
+V3.1 (the same plus `quantization_config.scale_fmt: "ue8m0"`), moonshotai/Moonlight-16B-A3B-Instruct and
+moonshotai/Kimi-K2-Instruct (their config.json as published), and what transformers 5 writes itself
+(`DeepseekV3Config(...).to_json_string()`: `rope_parameters`, `head_dim`, `qk_head_dim`, `rope_interleave`).
+"""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+import dsv3
+from dsv3 import CheckpointError, ConfigError, ModelConfig
+from dsv3.checkpoint import convert_checkpoint
+from dsv3.config import CONFIG_DIR
+
+from conftest import build
+
+transformers = pytest.importorskip("transformers")
+
+_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+             "AutoModel": "modeling_deepseek.DeepseekV3Model",
+             "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+_FP8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+V3 = json.loads((CONFIG_DIR / "v3-671b.json").read_text())
+V3_1 = {**V3, "quantization_config": {**_FP8, "scale_fmt": "ue8m0"}, "transformers_version": "4.44.2"}
+MOONLIGHT = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": _AUTO_MAP, "aux_loss_alpha": 0.001, "bos_token_id": 163584, "eos_token_id": 163586, "ep_size": 1,
+    "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 11264, "kv_lora_rank": 512, "max_position_embeddings": 8192, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+    "norm_topk_prob": True, "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+    "num_key_value_heads": 16, "num_nextn_predict_layers": 0, "pretraining_tp": 1, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-05, "rope_theta": 50000.0,
+    "routed_scaling_factor": 2.446, "scoring_func": "sigmoid", "seq_aux": True, "tie_word_embeddings": False,
+    "topk_group": 1, "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "transformers_version": "4.46.3",
+    "use_cache": True, "v_head_dim": 128, "vocab_size": 163840}
+KIMI_K2 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": _AUTO_MAP, "aux_loss_alpha": 0.001, "bos_token_id": 163584, "eos_token_id": 163585,
+    "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02,
+    "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 131072, "model_type": "kimi_k2",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 384, "n_shared_experts": 1,
+    "norm_topk_prob": True, "num_attention_heads": 64, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+    "num_key_value_heads": 64, "num_nextn_predict_layers": 0, "pretraining_tp": 1, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "quantization_config": _FP8, "rms_norm_eps": 1e-06,
+    "rope_theta": 50000.0, "routed_scaling_factor": 2.827,
+    "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "scoring_func": "sigmoid", "seq_aux": True, "tie_word_embeddings": False, "topk_group": 1,
+    "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "transformers_version": "4.48.3", "use_cache": True,
+    "v_head_dim": 128, "vocab_size": 163840}
+
+# Tiny shapes, the release's value types; vocabularies divisible by nothing useful (509 is prime, 515 = 5 x 103)
+_SHAPES = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+               v_head_dim=16)
+SHRINK = {
+    "v3": dict(_SHAPES, q_lora_rank=48, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+               first_k_dense_replace=1, vocab_size=509),
+    "moonlight": dict(_SHAPES, n_routed_experts=8, num_experts_per_tok=3, first_k_dense_replace=1, vocab_size=515,
+                      bos_token_id=512, eos_token_id=514),
+    "kimi_k2": dict(_SHAPES, q_lora_rank=48, n_routed_experts=12, num_experts_per_tok=3, first_k_dense_replace=1,
+                    vocab_size=515, bos_token_id=512, eos_token_id=513),
+}
+FAMILIES = {"DeepSeek-V3": (V3, "v3"), "DeepSeek-V3-0324": (V3, "v3"), "DeepSeek-R1": (V3, "v3"),
+            "DeepSeek-V3.1": (V3_1, "v3"), "Moonlight-16B-A3B": (MOONLIGHT, "moonlight"),
+            "Kimi-K2": (KIMI_K2, "kimi_k2")}
+
+
+def shrunk(name: str) -> dict:
+    raw, shape = FAMILIES[name]
+    return {**copy.deepcopy(raw), **SHRINK[shape]}
+
+
+def transformers5(**kw) -> dict:
+    """The config.json transformers 5 itself writes for a DeepSeek-V3 model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return json.loads(transformers.DeepseekV3Config(**kw).to_json_string())
+
+
+def write_release(raw: dict, path, seed: int = 0):
+    """A checkpoint directory laid out as the release is (FP8 where it says so, the MTP layer where it has one), with
+    `raw` verbatim as its config.json. Returns the model whose weights were written."""
+    cfg = ModelConfig.from_hf(raw)
+    model = build(cfg, seed=seed, std=0.05)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.8, 1.2)
+    dsv3.save_pretrained(model, path, quantize_fp8="quantization_config" in raw, dtype=torch.bfloat16,
+                         max_shard_size="200KB")
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    return model
+
+
+def hf_logits(path, raw: dict, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' DeepseekV3ForCausalLM on a bf16/fp32 directory, computing in fp32 (model_type kimi_k2 is a
+    DeepseekV3 architecture too: its config is passed as a DeepseekV3Config)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in copy.deepcopy(raw).items() if k != "model_type"})
+        m = transformers.DeepseekV3ForCausalLM.from_pretrained(path, config=hf_cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(ids).logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json: read, round trip
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_release_config_round_trips_exactly(name):
+    raw = FAMILIES[name][0]
+    cfg = ModelConfig.from_hf(copy.deepcopy(raw))
+    assert cfg.to_hf() == raw
+    assert json.dumps(cfg.to_hf(), sort_keys=True) == json.dumps(raw, sort_keys=True)     # types too (1.0 vs 1)
+    assert (cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id) == (raw["vocab_size"], raw["eos_token_id"],
+                                                                     raw["bos_token_id"])
+    assert cfg.num_nextn_predict_layers == raw["num_nextn_predict_layers"]
+
+
+def test_transformers5_config_round_trips_and_reads_as_transformers_does():
+    raw = transformers5(vocab_size=515, hidden_size=64, num_hidden_layers=2, first_k_dense_replace=1, rope_theta=50000.0, dtype="bfloat16",
+                        rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                                      "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+    assert "rope_parameters" in raw and "rope_scaling" not in raw and raw["rope_interleave"] is True
+    cfg = ModelConfig.from_hf(raw)
+    assert cfg.to_hf() == raw
+    assert cfg.rope_theta == 50000.0 and cfg.yarn()["factor"] == 32.0 and cfg.yarn()["beta_fast"] == 1.0
