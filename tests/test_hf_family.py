@@ -100,7 +100,7 @@ def write_release(raw: dict, path, seed: int = 0):
             if n.endswith("norm.weight"):
                 p.uniform_(0.8, 1.2)
     dsv3.save_pretrained(model, path, quantize_fp8="quantization_config" in raw, dtype=torch.bfloat16,
-                         max_shard_size="200KB")
+                         max_shard_size="100KB")
     (path / "config.json").write_text(json.dumps(raw, indent=2))
     return model
 
@@ -111,7 +111,8 @@ def hf_logits(path, raw: dict, ids: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in copy.deepcopy(raw).items() if k != "model_type"})
-        m = transformers.DeepseekV3ForCausalLM.from_pretrained(path, config=hf_cfg, dtype=torch.float32).eval()
+        m = transformers.DeepseekV3ForCausalLM.from_pretrained(path, config=hf_cfg, dtype=torch.float32)
+    m = m.float().eval()    # transformers 5 keeps its fused experts in the file's dtype whatever `dtype` says
     with torch.no_grad():
         return m(ids).logits
 
@@ -139,3 +140,113 @@ def test_transformers5_config_round_trips_and_reads_as_transformers_does():
     cfg = ModelConfig.from_hf(raw)
     assert cfg.to_hf() == raw
     assert cfg.rope_theta == 50000.0 and cfg.yarn()["factor"] == 32.0 and cfg.yarn()["beta_fast"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the release's directory loads (FP8 and bf16) and gives transformers' logits
+# ---------------------------------------------------------------------------------------------------------------
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_release_checkpoint_loads_and_matches_transformers(name, tmp_path):
+    raw = shrunk(name)
+    src = tmp_path / "release"
+    write_release(raw, src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2                                       # sharded, as the releases are
+    n = raw["num_hidden_layers"]
+    assert any(k.startswith(f"model.layers.{n}.") for k in index) == (raw["num_nextn_predict_layers"] > 0)
+    if raw["num_nextn_predict_layers"]:
+        for part in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens"):
+            assert f"model.layers.{n}.{part}.weight" in index
+    fp8 = "quantization_config" in raw
+    assert any(k.endswith("weight_scale_inv") for k in index) == fp8
+    ours = dsv3.load_pretrained(src, dtype=torch.float32).eval()
+    assert len(ours.mtp) == raw["num_nextn_predict_layers"]
+    assert ours.config.to_hf() == raw
+    # the same weights dequantised exactly into an fp32 directory: what transformers reads
+    full = tmp_path / "fp32"
+    convert_checkpoint(src, full, to="bf16", dtype=torch.float32)
+    again = dsv3.load_pretrained(full, dtype=torch.float32)
+    for (k, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    ids = torch.randint(0, raw["vocab_size"], (2, 24))
+    ids[0, :3] = torch.tensor([raw["vocab_size"] - 1, raw["bos_token_id"], raw["eos_token_id"]])
+    with torch.no_grad():
+        logits = ours(ids)
+        assert (ours(ids, absorb=True) - logits).abs().max() < TOL
+    ref = hf_logits(full, raw, ids)
+    assert ref.abs().max() > 0.1 and (logits - ref).abs().max() < TOL
+    # bf16 (dsv3 convert --to bf16): dsv3 and transformers read the same bf16 directory alike
+    bf16 = tmp_path / "bf16"
+    convert_checkpoint(src, bf16, to="bf16")
+    assert json.loads((bf16 / "config.json").read_text()) == {k: v for k, v in raw.items()
+                                                              if k != "quantization_config"}
+    mine = dsv3.load_pretrained(bf16, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (mine(ids) - hf_logits(bf16, raw, ids)).abs().max() < TOL
+    assert dsv3.load_pretrained(bf16).embed_tokens.weight.dtype == torch.bfloat16     # torch_dtype honoured
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keys that change the math and that dsv3 does not implement: refused, one line, naming the key
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, key", [
+    # every release unties the head; dsv3's lm_head is its own matrix (spec 1.1), so a tied file would be read wrong
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+    # transformers 5's switch to NeoX half-split RoPE; DeepSeek's (and dsv3's) pairs are interleaved
+    ({"rope_interleave": False}, "rope_interleave"),
+    # transformers 5 reads `dtype` over `torch_dtype`, transformers 4 the other way: two answers, no guess
+    ({"dtype": "float32"}, "dtype"),
+])
+def test_unimplemented_math_is_refused_naming_the_key(change, key, tmp_path):
+    raw = {**shrunk("DeepSeek-V3"), **change}
+    with pytest.raises(ConfigError, match=key) as e:
+        ModelConfig.from_hf(raw)
+    assert "\n" not in str(e.value)
+    # and by every command that reads a directory (load, convert), before any tensor is read
+    write_release(shrunk("DeepSeek-V3"), tmp_path / "src")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=key):
+        dsv3.load_pretrained(tmp_path / "src")
+    with pytest.raises(ConfigError, match=key):
+        convert_checkpoint(tmp_path / "src", tmp_path / "out", to="bf16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tied_head_is_refused_in_every_config_path(tmp_path):
+    """A tied config was accepted and its head silently left untied: the logits came from a head transformers never
+    uses (or, with lm_head.weight absent, from a 'missing tensor' error that blames the checkpoint)."""
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        ModelConfig(tie_word_embeddings=True)
+    (tmp_path / "m.toml").write_text('[model]\npreset = "tiny"\ntie_word_embeddings = true\n')
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        dsv3.load_model_config(tmp_path / "m.toml")
+    assert ModelConfig.from_hf(shrunk("DeepSeek-V3")).tie_word_embeddings is False
+
+
+def test_transformers5_directory_converts_with_one_dtype_answer(tmp_path):
+    """A directory transformers 5 saved states its dtype as `dtype`: dsv3 convert / export must rewrite that key, not
+    add a `torch_dtype` beside a stale `dtype` (transformers 5 would read the stale one; dsv3 refuses the pair)."""
+    raw = transformers5(vocab_size=509, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+                        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, kv_lora_rank=32,
+                        q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, dtype="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**copy.deepcopy(raw))).float()
+        hf.save_pretrained(tmp_path / "t5")
+    written = json.loads((tmp_path / "t5" / "config.json").read_text())
+    assert written["dtype"] == "float32" and "torch_dtype" not in written
+    ours = dsv3.load_pretrained(tmp_path / "t5")
+    assert ours.embed_tokens.weight.dtype == torch.float32
+    for to in ("bf16", "fp8"):
+        convert_checkpoint(tmp_path / "t5", tmp_path / to, to=to)
+        out = json.loads((tmp_path / to / "config.json").read_text())
+        assert out["dtype"] == "bfloat16" and "torch_dtype" not in out, out
+        assert dsv3.load_pretrained(tmp_path / to).embed_tokens.weight.dtype == torch.bfloat16
+        assert ModelConfig.from_hf(out).to_hf() == out

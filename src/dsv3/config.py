@@ -142,6 +142,12 @@ class ModelConfig:
         for name in ("norm_topk_prob", "attention_bias", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
+        if self.tie_word_embeddings:
+            # refused, not honoured: every DeepSeek-V3-family release has its own head matrix, and a tied one would
+            # need sharing through loading, conversion, FP8, pipeline stages, sharded checkpoints and EMA
+            fail("tie_word_embeddings", "a head tied to the embedding is not supported (lm_head is its own matrix, "
+                                        "as in every DeepSeek-V3-family release); untie it: copy "
+                                        "model.embed_tokens.weight to lm_head.weight and set false")
         token_id = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
         for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
             v = getattr(self, name)
@@ -245,6 +251,7 @@ class ModelConfig:
         if "head_dim" in d and "qk_rope_head_dim" in kw and d["head_dim"] != kw["qk_rope_head_dim"]:
             raise ConfigError(f"invalid model config: head_dim={d['head_dim']}: kv dims inconsistent, transformers "
                               f"sets head_dim = qk_rope_head_dim ({kw['qk_rope_head_dim']})")
+        _check_hf_only_keys(d, kw)
         present = set(source) | ({"rope_scaling", "rope_theta"} if "rope_parameters" in source else set())
         absent = tuple(sorted(n for n in names if n not in present))
         try:
@@ -289,6 +296,17 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_hf_only_keys(extra: dict, kw: dict) -> None:
+    """Keys that only HF files carry (kept verbatim in hf_extra) and that would change the math if dsv3 ignored them."""
+    if extra.get("rope_interleave", True) is not True:
+        raise ConfigError(f"invalid model config: rope_interleave={extra['rope_interleave']!r}: only interleaved RoPE "
+                          f"(true, DeepSeek's pairs (2j, 2j+1)) is supported")
+    if "dtype" in extra and kw.get("torch_dtype") is not None and extra["dtype"] != kw["torch_dtype"]:
+        # transformers 5 reads `dtype` first, transformers 4 `torch_dtype`: the file has two answers
+        raise ConfigError(f"invalid model config: dtype={extra['dtype']!r} contradicts torch_dtype="
+                          f"{kw['torch_dtype']!r}; keep one of them")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -66,7 +66,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype
     remove_dead_leftovers(Path(dst))
     ckpt = CheckpointReader(src)
     with torch.device("meta"):
-        model = Transformer(ckpt.config)
+        model = Transformer(ckpt.model_config())     # the tensors' model: without MTP where none is stored
     ckpt.check_names(hf_name_map(model))
     writer = ShardWriter(ckpt.config, dtype, fp8=to == "fp8")
     with atomic_directory(dst) as tmp:

@@ -121,6 +121,17 @@ class CheckpointReader:
         self.scales = {k[: -len("_scale_inv")]: k for k in self.weight_map if k.endswith(".weight_scale_inv")}
         self._handles: dict[str, object] = {}
 
+    def model_config(self) -> ModelConfig:
+        """The config of the model the tensors describe: the file's, less the MTP module when the checkpoint has no
+        MTP tensor at all (what transformers writes; a warning says so). A partial MTP layer stays an error."""
+        cfg = self.config
+        mtp_prefixes = tuple(f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers))
+        if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in self.weight_map):
+            warnings.warn(f"{self.path} has no MTP tensors ({mtp_prefixes[0]}*): loading without the MTP module "
+                          f"(num_nextn_predict_layers 0)", stacklevel=3)
+            return cfg.replace(num_nextn_predict_layers=0)
+        return cfg
+
     def check_names(self, expected: dict) -> None:
         """Raise naming every missing, unexpected or orphaned tensor, before anything is read."""
         wm = self.weight_map
@@ -167,12 +178,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> Transformer:
     """Load a HF-format DeepSeek-V3/V2 directory (bf16/fp32 or released FP8) into a `Transformer`."""
     ckpt = CheckpointReader(path)
-    cfg = ckpt.config
+    cfg = ckpt.model_config()
     mtp_prefixes = tuple(f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers))
-    if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in ckpt.weight_map):
-        warnings.warn(f"{ckpt.path} has no MTP tensors ({mtp_prefixes[0]}*): loading without the MTP module "
-                      f"(num_nextn_predict_layers 0)", stacklevel=2)
-        cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to(dtype or _default_dtype(cfg)).to_empty(device=torch.device(device or "cpu"))
@@ -246,7 +253,10 @@ class ShardWriter:
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
         cfg = self.config.to_hf()
         cfg.setdefault("architectures", [MODEL_TYPES[self.config.model_type]])
-        cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        # under the key(s) the source used: transformers 5 writes `dtype`, and a stale one beside a new torch_dtype
+        # would be what transformers 5 reads
+        for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
+            cfg[key] = str(self.dtype).removeprefix("torch.")
         if self.fp8:
             cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
         else:
