@@ -321,3 +321,36 @@ def test_a_missing_or_wrong_shard_of_the_index_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=f"{name}.*{shards[1]}"):
         dsv3.load_pretrained(tmp_path / "src")
     assert not (tmp_path / "out").exists()
+
+
+def test_kimi_k2_rotary_inv_freq_buffers_are_not_weights(tmp_path):
+    """Kimi-K2-Instruct's shards hold `model.layers.N.self_attn.rotary_emb.inv_freq` for its 61 layers (139,644
+    tensors = the model's 139,583 + 61): a buffer older transformers saved, recomputed from the config by every
+    reader (the remote code, transformers, vLLM). dsv3 refused the checkpoint for them."""
+    from safetensors.torch import load_file, save_file
+    raw = shrunk("Kimi-K2")
+    write_release(raw, tmp_path / "src")
+    want = dsv3.load_pretrained(tmp_path / "src", dtype=torch.float32)
+    index_file = tmp_path / "src" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    tensors = load_file(str(tmp_path / "src" / shard))
+    for i in range(raw["num_hidden_layers"]):
+        name = f"model.layers.{i}.self_attn.rotary_emb.inv_freq"
+        tensors[name] = torch.rand(56).to(torch.bfloat16)        # the shape and dtype the release lists
+        index["weight_map"][name] = shard
+    save_file(tensors, str(tmp_path / "src" / shard), metadata={"format": "pt"})
+    index_file.write_text(json.dumps(index))
+    got = dsv3.load_pretrained(tmp_path / "src", dtype=torch.float32)
+    for (k, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), k
+    convert_checkpoint(tmp_path / "src", tmp_path / "bf16", to="bf16")     # carried through as the source has it
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" in json.loads(
+        (tmp_path / "bf16" / "model.safetensors.index.json").read_text())["weight_map"]
+    # any other stray tensor is still named
+    tensors["model.layers.0.self_attn.rotary_emb.cos_cached"] = torch.zeros(4)
+    save_file(tensors, str(tmp_path / "src" / shard), metadata={"format": "pt"})
+    index["weight_map"]["model.layers.0.self_attn.rotary_emb.cos_cached"] = shard
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="unexpected tensors: model.layers.0.self_attn.rotary_emb.cos_cached"):
+        dsv3.load_pretrained(tmp_path / "src")

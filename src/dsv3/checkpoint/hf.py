@@ -9,7 +9,8 @@ Choices:
   model plus one tensor); released FP8 weights are dequantised block by block as they arrive.
 - Nothing is ignored silently: the whole name set is checked against the model before any tensor is read, and
   missing, unexpected or mis-shaped tensors raise `CheckpointError` naming them. One exception, with a warning:
-  a checkpoint with *no* MTP tensors at all (what transformers writes) loads without the MTP module.
+  a checkpoint with *no* MTP tensors at all (what transformers writes) loads without the MTP module. Saved RoPE
+  buffers (`rotary_emb.inv_freq`, NOT_WEIGHTS) are not weights: skipped, as every reader skips them.
 - Saving writes per-expert names, the MTP layer with its embedding/head copies, an index, and `config.json`,
   atomically; `quantize_fp8=True` writes the released e4m3 + `weight_scale_inv` format.
 """
@@ -36,6 +37,9 @@ EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
 # Every Linear of attention and FFN/experts is FP8 in the release; gate, eh_proj, norms, embeddings, head are not.
 FP8_WEIGHT = re.compile(r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)|"
                         r"mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$")
+# Buffers some releases saved that are not weights: RoPE's inverse frequencies (Kimi-K2-Instruct has one per layer),
+# recomputed from the config by every reader (the released modeling code, transformers, vLLM); skipped, not loaded.
+NOT_WEIGHTS = re.compile(r"\.self_attn\.rotary_emb\.inv_freq$")
 FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                     "weight_block_size": [128, 128]}
 
@@ -137,7 +141,8 @@ class CheckpointReader:
         wm = self.weight_map
         orphans = [s for w, s in self.scales.items() if w not in wm]
         missing = [k for k in expected if k not in wm]
-        unexpected = [k for k in wm if k not in expected and not k.endswith(".weight_scale_inv")]
+        unexpected = [k for k in wm if k not in expected and not k.endswith(".weight_scale_inv")
+                      and not NOT_WEIGHTS.search(k)]
         if missing or unexpected or orphans:
             parts = [f"{what}: {_names(v)}" for what, v in
                      (("missing tensors", missing), ("unexpected tensors", unexpected),
