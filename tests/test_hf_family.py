@@ -354,3 +354,46 @@ def test_kimi_k2_rotary_inv_freq_buffers_are_not_weights(tmp_path):
     index_file.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="unexpected tensors: model.layers.0.self_attn.rotary_emb.cos_cached"):
         dsv3.load_pretrained(tmp_path / "src")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the commands on a release directory: dsv3 generate, and a run's train.init_from source
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, spec", [("DeepSeek-V3", "1"), ("Kimi-K2", "0")])
+def test_generate_runs_on_a_release_directory(name, spec, tmp_path, capsys):
+    """`dsv3 generate --model DIR` on the FP8 release layout, with the MTP layer speculating where there is one; the
+    greedy text is the reference's (full forwards, no cache) from the same directory."""
+    from dsv3.cli import main
+    from dsv3.data import Tokenizer, train_tokenizer
+    from posttrain_fixture import TEXTS
+    from conftest import reference_greedy
+    raw = shrunk(name)
+    write_release(raw, tmp_path)
+    train_tokenizer(TEXTS, vocab_size=300).save(tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "the quick", "--max-tokens", "6",
+                 "--temperature", "0", "--spec", spec]) == 0
+    out = capsys.readouterr().out
+    tok = Tokenizer.load(tmp_path)
+    model = dsv3.load_pretrained(tmp_path, dtype=torch.float32).eval()
+    want = reference_greedy(model, [tok.eos_id] + tok.encode("the quick"), 6)
+    assert out == "the quick" + tok.decode(want) + "\n"
+
+
+def test_a_release_directory_is_a_train_init_from_source(tmp_path):
+    """train.init_from / model.preset pointing at a release directory (Kimi-K2: FP8, model_type kimi_k2, no MTP):
+    the run's model is the directory's and its weights are the dequantised checkpoint."""
+    from dsv3.config import load_model_config
+    from dsv3.train.init_from import check_extension, find_source, source_tensors
+    raw = shrunk("Kimi-K2")
+    write_release(raw, tmp_path)
+    model = load_model_config(tmp_path)
+    assert model.to_hf() == raw
+    source = find_source(tmp_path)
+    check_extension(model, 64, source)
+    weights = source_tensors(source)
+    with torch.device("meta"):
+        want = dsv3.Transformer(model).state_dict()
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in want.items()}
+    assert torch.equal(weights["layers.1.mlp.experts.gate_proj"],
+                       dsv3.load_pretrained(tmp_path, dtype=torch.float32).layers[1].mlp.experts.gate_proj)
