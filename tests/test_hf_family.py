@@ -397,3 +397,24 @@ def test_a_release_directory_is_a_train_init_from_source(tmp_path):
     assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(v.shape) for k, v in want.items()}
     assert torch.equal(weights["layers.1.mlp.experts.gate_proj"],
                        dsv3.load_pretrained(tmp_path, dtype=torch.float32).layers[1].mlp.experts.gate_proj)
+
+
+def test_transformers5_rope_parameters_beside_a_top_level_rope_theta():
+    """What transformers 5.7 wrote re-saving Kimi-K2 (a public dump of its DeepseekV3Config): `rope_parameters` with
+    rope_theta inside, and rope_theta at the top level too. Both are kept (exact round trip); two different values
+    are refused (transformers 5 reads the one inside)."""
+    raw = {k: v for k, v in shrunk("Kimi-K2").items() if k not in ("rope_scaling", "model_type")}
+    raw.update(model_type="deepseek_v3", dtype="bfloat16", rope_theta=50000.0, transformers_version="5.7.0",
+               rope_parameters={"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0,
+                                "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                "rope_theta": 50000.0, "rope_type": "yarn", "type": "yarn"})
+    del raw["torch_dtype"]
+    cfg = ModelConfig.from_hf(raw)
+    assert cfg.to_hf() == raw and cfg.rope_theta == 50000.0 and cfg.yarn()["factor"] == 32.0
+    with pytest.raises(ConfigError, match="rope_theta"):
+        ModelConfig.from_hf({**raw, "rope_theta": 10000.0})
+    # a rope_scaling kept beside rope_parameters: kept too, and refused when it says something else
+    both = {**raw, "rope_scaling": {k: v for k, v in raw["rope_parameters"].items() if k != "rope_theta"}}
+    assert ModelConfig.from_hf(both).to_hf() == both
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        ModelConfig.from_hf({**both, "rope_scaling": {**both["rope_scaling"], "factor": 40.0}})

@@ -228,18 +228,11 @@ class ModelConfig:
         d = copy.deepcopy(dict(source))
         names = {f.name for f in dataclasses.fields(cls)} - {"init_std", "rope_key", "hf_extra", "hf_absent"}
         kw: dict[str, Any] = {}
-        if "rope_parameters" in d:
-            rp = dict(d.pop("rope_parameters") or {})
-            kw["rope_key"] = "rope_parameters"
-            if "rope_theta" in rp:
-                kw["rope_theta"] = rp.pop("rope_theta")
-            kind = rp.get("rope_type", rp.get("type", "default"))
-            kw["rope_scaling"] = None if kind == "default" and set(rp) <= {"rope_type", "type"} else rp
-            if "rope_scaling" in d:  # transformers 5 may keep both; rope_parameters is what it reads
-                d.pop("rope_scaling")
+        beside = _read_rope_parameters(d, kw) if "rope_parameters" in d else {}
         for k in list(d):
             if k in names:
                 kw[k] = d.pop(k)
+        d.update(beside)  # kept verbatim (hf_extra) for the round trip; to_hf keeps them in step
         for k in ("n_group", "topk_group"):  # V2 configs write null for "no grouping"
             if k in kw and kw[k] is None:
                 kw[k] = 1
@@ -271,14 +264,20 @@ class ModelConfig:
             if (f.name in self.hf_absent and v == getattr(defaults, f.name)) or (f.name == "torch_dtype" and v is None):
                 continue
             out[f.name] = v
+        extra = dict(self.hf_extra)
         if self.rope_key == "rope_parameters":
             rp = dict(self.rope_scaling) if self.rope_scaling is not None else {"rope_type": "default"}
             out["rope_parameters"] = {**rp, "rope_theta": self.rope_theta}
+            # the copies a transformers 5 file had beside it: as read while they still say the same, else ours
+            if "rope_theta" in extra:
+                extra["rope_theta"] = self.rope_theta
+            if "rope_scaling" in extra and not _rope_agrees(extra["rope_scaling"], self.rope_scaling):
+                extra["rope_scaling"] = copy.deepcopy(self.rope_scaling)
         else:
             for k in ("rope_scaling", "rope_theta"):
                 if not (k in self.hf_absent and getattr(self, k) == getattr(defaults, k)):
                     out[k] = getattr(self, k)
-        out.update(self.hf_extra)
+        out.update(extra)
         return copy.deepcopy(out)  # callers (transformers' config classes) mutate what they are given
 
     # ---- our own files (TOML [model] sections, presets) ---------------------------------------------------------
@@ -296,6 +295,36 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _read_rope_parameters(d: dict, kw: dict) -> dict:
+    """transformers 5's `rope_parameters` (rope_theta inside) into kw. Returns what some transformers 5 versions write
+    beside it (a top-level rope_theta, a rope_scaling), to keep verbatim; they must say the same (transformers 5
+    reads rope_parameters, older readers the others)."""
+    rp = dict(d.pop("rope_parameters") or {})
+    kw["rope_key"] = "rope_parameters"
+    if "rope_theta" in rp:
+        kw["rope_theta"] = rp.pop("rope_theta")
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    kw["rope_scaling"] = None if kind == "default" and set(rp) <= {"rope_type", "type"} else rp
+    # a top-level rope_theta is the only one when rope_parameters lacks it: then it is read as such
+    beside = {k: d.pop(k) for k in ("rope_theta", "rope_scaling") if k in d and (k != "rope_theta" or k in kw)}
+    if "rope_theta" in beside and beside["rope_theta"] != kw["rope_theta"]:
+        raise ConfigError(f"invalid model config: rope_theta={beside['rope_theta']!r} contradicts "
+                          f"rope_parameters.rope_theta={kw['rope_theta']!r}; keep one of them")
+    if "rope_scaling" in beside and not _rope_agrees(beside["rope_scaling"], kw["rope_scaling"]):
+        raise ConfigError(f"invalid model config: rope_scaling={beside['rope_scaling']!r} contradicts "
+                          f"rope_parameters={kw['rope_scaling']!r}; keep one of them")
+    return beside
+
+
+def _rope_agrees(rope_scaling: dict | None, ours: dict | None) -> bool:
+    """A rope_scaling kept beside rope_parameters says nothing else: every key both have is equal (null says
+    nothing)."""
+    if rope_scaling is None:
+        return True
+    return isinstance(rope_scaling, dict) and ours is not None and \
+        all(ours[k] == v for k, v in rope_scaling.items() if k in ours)
 
 
 def _check_hf_only_keys(extra: dict, kw: dict) -> None:
