@@ -418,3 +418,37 @@ def test_transformers5_rope_parameters_beside_a_top_level_rope_theta():
     assert ModelConfig.from_hf(both).to_hf() == both
     with pytest.raises(ConfigError, match="rope_scaling"):
         ModelConfig.from_hf({**both, "rope_scaling": {**both["rope_scaling"], "factor": 40.0}})
+
+
+def test_moonlight_without_num_nextn_predict_layers_loads_without_mtp(tmp_path):
+    """A config that leaves num_nextn_predict_layers out reads it as transformers does (1); a checkpoint with no MTP
+    tensor at all then loads, converts and round-trips without one (a warning says so), as transformers reads it."""
+    raw = shrunk("Moonlight-16B-A3B")
+    write_release(raw, tmp_path / "src")
+    del raw["num_nextn_predict_layers"]
+    (tmp_path / "src" / "config.json").write_text(json.dumps(raw))
+    with pytest.warns(UserWarning, match="no MTP tensors"):
+        ours = dsv3.load_pretrained(tmp_path / "src", dtype=torch.float32).eval()
+    assert len(ours.mtp) == 0
+    with pytest.warns(UserWarning, match="no MTP tensors"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "fp8", to="fp8")
+    assert json.loads((tmp_path / "fp8" / "config.json").read_text()) == {**raw, "quantization_config": _FP8}
+    ids = torch.randint(0, raw["vocab_size"], (2, 16))
+    with torch.no_grad():
+        assert (ours(ids) - hf_logits(tmp_path / "src", raw, ids)).abs().max() < TOL
+
+
+def test_refusals_are_one_line_from_the_commands(tmp_path, capsys):
+    from dsv3.cli import main
+    from dsv3.data import train_tokenizer
+    from posttrain_fixture import TEXTS
+    raw = {**shrunk("DeepSeek-V3"), "rope_interleave": False}
+    write_release(shrunk("DeepSeek-V3"), tmp_path / "src")
+    train_tokenizer(TEXTS, vocab_size=300).save(tmp_path / "src")
+    (tmp_path / "src" / "config.json").write_text(json.dumps(raw))
+    for argv in (["convert", str(tmp_path / "src"), str(tmp_path / "out")],
+                 ["generate", "--model", str(tmp_path / "src"), "--prompt", "x"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "rope_interleave" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
