@@ -14,6 +14,10 @@ map. Choices:
   released `rope_scaling` key or the `rope_parameters` key that transformers 5 writes, so a round trip is exact.
 - Keys we do not use (`aux_loss_alpha`, `quantization_config`, `auto_map`, ...) live in `hf_extra` verbatim;
   `hf_absent` lists our keys the source file did not have, so they are not invented on the way back out.
+- `model_type` names the architecture (MODEL_TYPES): Moonshot's Kimi-K2 releases write `kimi_k2` for the DeepseekV3
+  one. What would change the math if it were ignored is refused naming the key: `tie_word_embeddings: true` (no
+  family release ties its head), `rope_interleave: false`, a `dtype` contradicting `torch_dtype`, a top-level
+  `rope_theta` / `rope_scaling` contradicting `rope_parameters`.
 """
 
 from __future__ import annotations
