@@ -452,3 +452,46 @@ def test_refusals_are_one_line_from_the_commands(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "rope_interleave" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSeek-V3.1's power-of-two (ue8m0) block scales survive re-quantisation
+# ---------------------------------------------------------------------------------------------------------------
+
+def _ue8m0_release(tmp_path):
+    """V3.1's layout: every FP8 weight's block scale a power of two (quantization_config.scale_fmt "ue8m0"),
+    re-quantised here by the test itself so the checkpoint does not depend on the code under test."""
+    from safetensors.torch import load_file, save_file
+    from dsv3.fp8 import dequantize_blocks, quantize_blocks
+    raw = shrunk("DeepSeek-V3.1")
+    write_release(raw, tmp_path)
+    for f in tmp_path.glob("model-*.safetensors"):
+        t = load_file(str(f))
+        for k in [k for k in t if k.endswith("_scale_inv")]:
+            w = k[: -len("_scale_inv")]
+            t[w], t[k] = quantize_blocks(dequantize_blocks(t[w], t[k]), pow2=True)
+            assert torch.equal(t[k], torch.exp2(torch.log2(t[k]).round()))
+        save_file(t, str(f), metadata={"format": "pt"})
+    return raw
+
+
+def test_ue8m0_scales_survive_convert_to_fp8_and_serving_in_fp8(tmp_path):
+    """Re-quantising V3.1's weights with amax/448 scales moved ~85% of them to other e4m3 codes (up to 28%
+    relative): `dsv3 convert --to fp8` and `serve --fp8` served other weights than the release. With scale_fmt ue8m0
+    the scales are rounded up to powers of two, which gives back the released codes exactly."""
+    from dsv3.infer.fp8_weights import quantize_weights
+    raw = _ue8m0_release(tmp_path / "src")
+    release = dsv3.load_pretrained(tmp_path / "src", dtype=torch.float32)
+    convert_checkpoint(tmp_path / "src", tmp_path / "again", to="fp8")
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == raw           # scale_fmt kept
+    again = dsv3.load_pretrained(tmp_path / "again", dtype=torch.float32)
+    for (k, a), b in zip(release.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    served = quantize_weights(dsv3.load_pretrained(tmp_path / "src", dtype=torch.bfloat16))
+    for mod, ref in ((served.layers[0].self_attn.q_a_proj, release.layers[0].self_attn.q_a_proj.weight),
+                     (served.layers[0].mlp.down_proj, release.layers[0].mlp.down_proj.weight)):
+        from dsv3.fp8 import dequantize_blocks
+        assert torch.equal(dequantize_blocks(mod.weight, mod.weight_scale_inv, torch.float32), ref)
+    experts = served.layers[1].mlp.experts
+    assert torch.equal(dequantize_blocks(experts.up_proj[3], experts.up_proj_scale_inv[3], torch.float32),
+                       release.layers[1].mlp.experts.up_proj[3])

@@ -206,6 +206,13 @@ class ModelConfig:
                     attention_factor=rs.get("attention_factor"), truncate=rs.get("truncate", True))
 
     @property
+    def ue8m0_scales(self) -> bool:
+        """FP8 block scales are powers of two (DeepSeek-V3.1: quantization_config.scale_fmt "ue8m0"): re-quantising
+        such weights rounds its scales the same way, which gives back the released codes exactly."""
+        qc = self.hf_extra.get("quantization_config")
+        return isinstance(qc, dict) and qc.get("scale_fmt") == "ue8m0"
+
+    @property
     def softmax_scale(self) -> float:
         """1/sqrt(d_qk), times mscale(s, mscale_all_dim)^2 under YaRN (spec 1.3, 1.5)."""
         scale = self.qk_head_dim ** -0.5

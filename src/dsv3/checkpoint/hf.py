@@ -104,6 +104,9 @@ def check_quantization(qc, path: Path) -> None:
         return
     if not isinstance(qc, dict):
         raise CheckpointError(f"{path}: config.json quantization_config must be an object, got {qc!r}")
+    if qc.get("scale_fmt", "ue8m0") != "ue8m0":     # V3.1's power-of-two scales (fp32 on disk) read like any other
+        raise CheckpointError(f"{path}: config.json quantization_config.scale_fmt={qc['scale_fmt']!r} is not supported "
+                              f"(only 'ue8m0', DeepSeek-V3.1's power-of-two block scales)")
     for key, want in FP8_QUANT_CONFIG.items():
         if (key in qc and qc[key] != want) or (key == "quant_method" and key not in qc):
             raise CheckpointError(f"{path}: config.json quantization_config.{key}={qc.get(key)!r} is not supported "
@@ -263,7 +266,8 @@ class ShardWriter:
         for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
             cfg[key] = str(self.dtype).removeprefix("torch.")
         if self.fp8:
-            cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
+            cfg["quantization_config"] = dict(FP8_QUANT_CONFIG, **({"scale_fmt": "ue8m0"} if self.config.ue8m0_scales
+                                                                   else {}))
         else:
             cfg.pop("quantization_config", None)
         (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -308,7 +312,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
             for hf_name, ours, expert, fp8, out_dtype, _ in shard:
                 t = (source[ours] if expert is None else source[ours][expert]).detach().to("cpu")
                 if fp8:
-                    q, s = quantize_blocks(t)
+                    q, s = quantize_blocks(t, pow2=model.config.ue8m0_scales)
                     tensors[hf_name], tensors[hf_name + "_scale_inv"] = q, s
                 else:
                     tensors[hf_name] = t.to(out_dtype).clone().contiguous()  # clone: tied copies must not alias
