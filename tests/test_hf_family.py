@@ -495,3 +495,8 @@ def test_ue8m0_scales_survive_convert_to_fp8_and_serving_in_fp8(tmp_path):
     experts = served.layers[1].mlp.experts
     assert torch.equal(dequantize_blocks(experts.up_proj[3], experts.up_proj_scale_inv[3], torch.float32),
                        release.layers[1].mlp.experts.up_proj[3])
+    # another scale format is refused naming the key, not read as if it were one of these
+    bad = {**raw, "quantization_config": {**raw["quantization_config"], "scale_fmt": "e5m2"}}
+    (tmp_path / "src" / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="quantization_config.scale_fmt='e5m2'"):
+        dsv3.load_pretrained(tmp_path / "src")
