@@ -201,6 +201,8 @@ def test_release_checkpoint_loads_and_matches_transformers(name, tmp_path):
     ({"rope_interleave": False}, "rope_interleave"),
     # transformers 5 reads `dtype` over `torch_dtype`, transformers 4 the other way: two answers, no guess
     ({"dtype": "float32"}, "dtype"),
+    # dropout on the attention probabilities changes fine-tuning; dsv3's attention has none
+    ({"attention_dropout": 0.1}, "attention_dropout"),
 ])
 def test_unimplemented_math_is_refused_naming_the_key(change, key, tmp_path):
     raw = {**shrunk("DeepSeek-V3"), **change}
@@ -270,6 +272,7 @@ VARIANTS = {
     # the latent norms (q_a / kv_a_layernorm) keep eps 1e-6 whatever rms_norm_eps says: transformers, DeepSeek's and
     # Moonshot's released modeling code; Moonlight's 1e-5 showed it, a large eps shows it plainly
     "rms_norm_eps 1e-2, q_lora": dict(rms_norm_eps=1e-2, q_lora_rank=48),
+    "attention_bias, q_lora": dict(attention_bias=True, q_lora_rank=48),
 }
 
 

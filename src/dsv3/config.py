@@ -16,8 +16,8 @@ map. Choices:
   `hf_absent` lists our keys the source file did not have, so they are not invented on the way back out.
 - `model_type` names the architecture (MODEL_TYPES): Moonshot's Kimi-K2 releases write `kimi_k2` for the DeepseekV3
   one. What would change the math if it were ignored is refused naming the key: `tie_word_embeddings: true` (no
-  family release ties its head), `rope_interleave: false`, a `dtype` contradicting `torch_dtype`, a top-level
-  `rope_theta` / `rope_scaling` contradicting `rope_parameters`.
+  family release ties its head), `rope_interleave: false`, `attention_dropout` > 0, a `dtype` contradicting
+  `torch_dtype`, a top-level `rope_theta` / `rope_scaling` contradicting `rope_parameters`.
 """
 
 from __future__ import annotations
@@ -343,6 +343,9 @@ def _check_hf_only_keys(extra: dict, kw: dict) -> None:
     if extra.get("rope_interleave", True) is not True:
         raise ConfigError(f"invalid model config: rope_interleave={extra['rope_interleave']!r}: only interleaved RoPE "
                           f"(true, DeepSeek's pairs (2j, 2j+1)) is supported")
+    if extra.get("attention_dropout", 0) != 0:     # every release has 0.0; dsv3's attention has no dropout
+        raise ConfigError(f"invalid model config: attention_dropout={extra['attention_dropout']!r}: only 0 is "
+                          f"supported (no dropout on the attention probabilities)")
     if "dtype" in extra and kw.get("torch_dtype") is not None and extra["dtype"] != kw["torch_dtype"]:
         # transformers 5 reads `dtype` first, transformers 4 `torch_dtype`: the file has two answers
         raise ConfigError(f"invalid model config: dtype={extra['dtype']!r} contradicts torch_dtype="
