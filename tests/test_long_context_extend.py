@@ -88,7 +88,7 @@ def test_plain_rope_control_extends_too(pretrained, tmp_path):
     (dict(rope=yarn(4.0, 64)), "original_max_position_embeddings=64 must be 32: the source was trained"),
     (dict(model=dict(hidden_size=96)), "model.hidden_size=96 differs from train.init_from's 64"),
     (dict(seq_len=256, rope=yarn(4.0, 32), max_pos=512), "data.seq_len=256 exceeds what YaRN interpolates"),
-    (dict(rope=yarn(4.0, 32, beta_fast=0.5)), "'beta_fast' must exceed 'beta_slow'"),
+    (dict(rope=yarn(4.0, 32, beta_fast=0.5)), "'beta_fast' must be >= 'beta_slow'"),
 ])
 def test_bad_extension_configs_are_one_line_errors_before_any_file(pretrained, tmp_path, change, says):
     args = dict(seq_len=64, rope=yarn(4.0, 32), max_pos=256, model={}) | change

@@ -14,6 +14,10 @@ map. Choices:
   released `rope_scaling` key or the `rope_parameters` key that transformers 5 writes, so a round trip is exact.
 - Keys we do not use (`aux_loss_alpha`, `quantization_config`, `auto_map`, ...) live in `hf_extra` verbatim;
   `hf_absent` lists our keys the source file did not have, so they are not invented on the way back out.
+- `model_type` names the architecture (MODEL_TYPES): Moonshot's Kimi-K2 releases write `kimi_k2` for the DeepseekV3
+  one. What would change the math if it were ignored is refused naming the key: `tie_word_embeddings: true` (no
+  family release ties its head), `rope_interleave: false`, `attention_dropout` > 0, a `dtype` contradicting
+  `torch_dtype`, a top-level `rope_theta` / `rope_scaling` contradicting `rope_parameters`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 _ROPE_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
               "mscale", "mscale_all_dim", "attention_factor", "truncate"}
 _TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+# model_type -> the architecture it names: Moonshot's Kimi-K2 releases write their own type for DeepseekV3ForCausalLM
+MODEL_TYPES = {"deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
+               "deepseek_v2": "DeepseekV2ForCausalLM"}
 # Keys HF writes that are derived from ours: checked for consistency, then carried verbatim.
 _DERIVED_KEYS = ("qk_head_dim", "head_dim")
 
@@ -126,6 +133,8 @@ class ModelConfig:
             fail("n_group", "noaux_tc scores a group by its top-2 experts: each group needs >= 2 experts")
         if self.scoring_func not in ("sigmoid", "softmax"):
             fail("scoring_func", "must be 'sigmoid' or 'softmax'")
+        if self.model_type not in MODEL_TYPES:
+            fail("model_type", f"expected one of {sorted(MODEL_TYPES)} (DeepSeek-V3 / V2 architectures)")
         if self.hidden_act != "silu":
             fail("hidden_act", "only 'silu' (SwiGLU) is supported")
         if self.first_k_dense_replace > self.num_hidden_layers:
@@ -137,6 +146,12 @@ class ModelConfig:
         for name in ("norm_topk_prob", "attention_bias", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
+        if self.tie_word_embeddings:
+            # refused, not honoured: every DeepSeek-V3-family release has its own head matrix, and a tied one would
+            # need sharing through loading, conversion, FP8, pipeline stages, sharded checkpoints and EMA
+            fail("tie_word_embeddings", "a head tied to the embedding is not supported (lm_head is its own matrix, "
+                                        "as in every DeepSeek-V3-family release); untie it: copy "
+                                        "model.embed_tokens.weight to lm_head.weight and set false")
         token_id = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
         for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
             v = getattr(self, name)
@@ -167,8 +182,9 @@ class ModelConfig:
             for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
                 if rs.get(k) is not None and not (num(k) and rs[k] >= 0):
                     fail("rope_scaling", f"'{k}' must be a number >= 0")
-            if not float(rs.get("beta_fast") or 32) > float(rs.get("beta_slow") or 1):
-                fail("rope_scaling", "'beta_fast' must exceed 'beta_slow' (rotations at the two ends of the ramp)")
+            # equal betas (Kimi-K2: 1.0 and 1.0) make the ramp a step, as transformers and DeepSeek compute it
+            if not float(rs.get("beta_fast") or 32) >= float(rs.get("beta_slow") or 1):
+                fail("rope_scaling", "'beta_fast' must be >= 'beta_slow' (rotations at the two ends of the ramp)")
 
     # ---- derived quantities -----------------------------------------------------------------------------------
     @property
@@ -190,6 +206,13 @@ class ModelConfig:
                     attention_factor=rs.get("attention_factor"), truncate=rs.get("truncate", True))
 
     @property
+    def ue8m0_scales(self) -> bool:
+        """FP8 block scales are powers of two (DeepSeek-V3.1: quantization_config.scale_fmt "ue8m0"): re-quantising
+        such weights rounds its scales the same way, which gives back the released codes exactly."""
+        qc = self.hf_extra.get("quantization_config")
+        return isinstance(qc, dict) and qc.get("scale_fmt") == "ue8m0"
+
+    @property
     def softmax_scale(self) -> float:
         """1/sqrt(d_qk), times mscale(s, mscale_all_dim)^2 under YaRN (spec 1.3, 1.5)."""
         scale = self.qk_head_dim ** -0.5
@@ -202,7 +225,7 @@ class ModelConfig:
     # ---- Hugging Face config.json -----------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, source: dict | str | Path) -> "ModelConfig":
-        """Read a HF `config.json` (a dict, the file, or its directory); deepseek_v3 and deepseek_v2 types."""
+        """Read a HF `config.json` (a dict, the file, or its directory); the model types of MODEL_TYPES."""
         if not isinstance(source, dict):
             path = Path(source)
             if path.is_dir():
@@ -214,23 +237,13 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from None
         d = copy.deepcopy(dict(source))
-        mt = d.get("model_type", "deepseek_v3")
-        if mt not in ("deepseek_v3", "deepseek_v2"):
-            raise ConfigError(f"invalid model config: model_type={mt!r}: expected 'deepseek_v3' or 'deepseek_v2'")
         names = {f.name for f in dataclasses.fields(cls)} - {"init_std", "rope_key", "hf_extra", "hf_absent"}
         kw: dict[str, Any] = {}
-        if "rope_parameters" in d:
-            rp = dict(d.pop("rope_parameters") or {})
-            kw["rope_key"] = "rope_parameters"
-            if "rope_theta" in rp:
-                kw["rope_theta"] = rp.pop("rope_theta")
-            kind = rp.get("rope_type", rp.get("type", "default"))
-            kw["rope_scaling"] = None if kind == "default" and set(rp) <= {"rope_type", "type"} else rp
-            if "rope_scaling" in d:  # transformers 5 may keep both; rope_parameters is what it reads
-                d.pop("rope_scaling")
+        beside = _read_rope_parameters(d, kw) if "rope_parameters" in d else {}
         for k in list(d):
             if k in names:
                 kw[k] = d.pop(k)
+        d.update(beside)  # kept verbatim (hf_extra) for the round trip; to_hf keeps them in step
         for k in ("n_group", "topk_group"):  # V2 configs write null for "no grouping"
             if k in kw and kw[k] is None:
                 kw[k] = 1
@@ -242,6 +255,7 @@ class ModelConfig:
         if "head_dim" in d and "qk_rope_head_dim" in kw and d["head_dim"] != kw["qk_rope_head_dim"]:
             raise ConfigError(f"invalid model config: head_dim={d['head_dim']}: kv dims inconsistent, transformers "
                               f"sets head_dim = qk_rope_head_dim ({kw['qk_rope_head_dim']})")
+        _check_hf_only_keys(d, kw)
         present = set(source) | ({"rope_scaling", "rope_theta"} if "rope_parameters" in source else set())
         absent = tuple(sorted(n for n in names if n not in present))
         try:
@@ -261,14 +275,20 @@ class ModelConfig:
             if (f.name in self.hf_absent and v == getattr(defaults, f.name)) or (f.name == "torch_dtype" and v is None):
                 continue
             out[f.name] = v
+        extra = dict(self.hf_extra)
         if self.rope_key == "rope_parameters":
             rp = dict(self.rope_scaling) if self.rope_scaling is not None else {"rope_type": "default"}
             out["rope_parameters"] = {**rp, "rope_theta": self.rope_theta}
+            # the copies a transformers 5 file had beside it: as read while they still say the same, else ours
+            if "rope_theta" in extra:
+                extra["rope_theta"] = self.rope_theta
+            if "rope_scaling" in extra and not _rope_agrees(extra["rope_scaling"], self.rope_scaling):
+                extra["rope_scaling"] = copy.deepcopy(self.rope_scaling)
         else:
             for k in ("rope_scaling", "rope_theta"):
                 if not (k in self.hf_absent and getattr(self, k) == getattr(defaults, k)):
                     out[k] = getattr(self, k)
-        out.update(self.hf_extra)
+        out.update(extra)
         return copy.deepcopy(out)  # callers (transformers' config classes) mutate what they are given
 
     # ---- our own files (TOML [model] sections, presets) ---------------------------------------------------------
@@ -286,6 +306,50 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _read_rope_parameters(d: dict, kw: dict) -> dict:
+    """transformers 5's `rope_parameters` (rope_theta inside) into kw. Returns what some transformers 5 versions write
+    beside it (a top-level rope_theta, a rope_scaling), to keep verbatim; they must say the same (transformers 5
+    reads rope_parameters, older readers the others)."""
+    rp = dict(d.pop("rope_parameters") or {})
+    kw["rope_key"] = "rope_parameters"
+    if "rope_theta" in rp:
+        kw["rope_theta"] = rp.pop("rope_theta")
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    kw["rope_scaling"] = None if kind == "default" and set(rp) <= {"rope_type", "type"} else rp
+    # a top-level rope_theta is the only one when rope_parameters lacks it: then it is read as such
+    beside = {k: d.pop(k) for k in ("rope_theta", "rope_scaling") if k in d and (k != "rope_theta" or k in kw)}
+    if "rope_theta" in beside and beside["rope_theta"] != kw["rope_theta"]:
+        raise ConfigError(f"invalid model config: rope_theta={beside['rope_theta']!r} contradicts "
+                          f"rope_parameters.rope_theta={kw['rope_theta']!r}; keep one of them")
+    if "rope_scaling" in beside and not _rope_agrees(beside["rope_scaling"], kw["rope_scaling"]):
+        raise ConfigError(f"invalid model config: rope_scaling={beside['rope_scaling']!r} contradicts "
+                          f"rope_parameters={kw['rope_scaling']!r}; keep one of them")
+    return beside
+
+
+def _rope_agrees(rope_scaling: dict | None, ours: dict | None) -> bool:
+    """A rope_scaling kept beside rope_parameters says nothing else: every key both have is equal (null says
+    nothing)."""
+    if rope_scaling is None:
+        return True
+    return isinstance(rope_scaling, dict) and ours is not None and \
+        all(ours[k] == v for k, v in rope_scaling.items() if k in ours)
+
+
+def _check_hf_only_keys(extra: dict, kw: dict) -> None:
+    """Keys that only HF files carry (kept verbatim in hf_extra) and that would change the math if dsv3 ignored them."""
+    if extra.get("rope_interleave", True) is not True:
+        raise ConfigError(f"invalid model config: rope_interleave={extra['rope_interleave']!r}: only interleaved RoPE "
+                          f"(true, DeepSeek's pairs (2j, 2j+1)) is supported")
+    if extra.get("attention_dropout", 0) != 0:     # every release has 0.0; dsv3's attention has no dropout
+        raise ConfigError(f"invalid model config: attention_dropout={extra['attention_dropout']!r}: only 0 is "
+                          f"supported (no dropout on the attention probabilities)")
+    if "dtype" in extra and kw.get("torch_dtype") is not None and extra["dtype"] != kw["torch_dtype"]:
+        # transformers 5 reads `dtype` first, transformers 4 `torch_dtype`: the file has two answers
+        raise ConfigError(f"invalid model config: dtype={extra['dtype']!r} contradicts torch_dtype="
+                          f"{kw['torch_dtype']!r}; keep one of them")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

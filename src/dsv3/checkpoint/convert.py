@@ -66,7 +66,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype
     remove_dead_leftovers(Path(dst))
     ckpt = CheckpointReader(src)
     with torch.device("meta"):
-        model = Transformer(ckpt.config)
+        model = Transformer(ckpt.model_config())     # the tensors' model: without MTP where none is stored
     ckpt.check_names(hf_name_map(model))
     writer = ShardWriter(ckpt.config, dtype, fp8=to == "fp8")
     with atomic_directory(dst) as tmp:
@@ -77,7 +77,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype
                     continue  # consumed with its weight
                 t = ckpt.read(name, torch.float32 if to == "fp8" else dtype)
                 if to == "fp8" and FP8_WEIGHT.search(name):
-                    out[name], out[name + "_scale_inv"] = quantize_blocks(t)
+                    out[name], out[name + "_scale_inv"] = quantize_blocks(t, pow2=ckpt.config.ue8m0_scales)
                 elif name.endswith("e_score_correction_bias"):
                     out[name] = t.float().contiguous()
                 else:

@@ -9,7 +9,8 @@ Choices:
   model plus one tensor); released FP8 weights are dequantised block by block as they arrive.
 - Nothing is ignored silently: the whole name set is checked against the model before any tensor is read, and
   missing, unexpected or mis-shaped tensors raise `CheckpointError` naming them. One exception, with a warning:
-  a checkpoint with *no* MTP tensors at all (what transformers writes) loads without the MTP module.
+  a checkpoint with *no* MTP tensors at all (what transformers writes) loads without the MTP module. Saved RoPE
+  buffers (`rotary_emb.inv_freq`, NOT_WEIGHTS) are not weights: skipped, as every reader skips them.
 - Saving writes per-expert names, the MTP layer with its embedding/head copies, an index, and `config.json`,
   atomically; `quantize_fp8=True` writes the released e4m3 + `weight_scale_inv` format.
 """
@@ -25,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ModelConfig
+from ..config import MODEL_TYPES, ModelConfig
 from ..fp8 import BLOCK, dequantize_blocks, quantize_blocks
 from ..model import Transformer
 from .atomic import atomic_directory
@@ -36,6 +37,9 @@ EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
 # Every Linear of attention and FFN/experts is FP8 in the release; gate, eh_proj, norms, embeddings, head are not.
 FP8_WEIGHT = re.compile(r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)|"
                         r"mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$")
+# Buffers some releases saved that are not weights: RoPE's inverse frequencies (Kimi-K2-Instruct has one per layer),
+# recomputed from the config by every reader (the released modeling code, transformers, vLLM); skipped, not loaded.
+NOT_WEIGHTS = re.compile(r"\.self_attn\.rotary_emb\.inv_freq$")
 FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                     "weight_block_size": [128, 128]}
 
@@ -100,6 +104,9 @@ def check_quantization(qc, path: Path) -> None:
         return
     if not isinstance(qc, dict):
         raise CheckpointError(f"{path}: config.json quantization_config must be an object, got {qc!r}")
+    if qc.get("scale_fmt", "ue8m0") != "ue8m0":     # V3.1's power-of-two scales (fp32 on disk) read like any other
+        raise CheckpointError(f"{path}: config.json quantization_config.scale_fmt={qc['scale_fmt']!r} is not supported "
+                              f"(only 'ue8m0', DeepSeek-V3.1's power-of-two block scales)")
     for key, want in FP8_QUANT_CONFIG.items():
         if (key in qc and qc[key] != want) or (key == "quant_method" and key not in qc):
             raise CheckpointError(f"{path}: config.json quantization_config.{key}={qc.get(key)!r} is not supported "
@@ -121,12 +128,24 @@ class CheckpointReader:
         self.scales = {k[: -len("_scale_inv")]: k for k in self.weight_map if k.endswith(".weight_scale_inv")}
         self._handles: dict[str, object] = {}
 
+    def model_config(self) -> ModelConfig:
+        """The config of the model the tensors describe: the file's, less the MTP module when the checkpoint has no
+        MTP tensor at all (what transformers writes; a warning says so). A partial MTP layer stays an error."""
+        cfg = self.config
+        mtp_prefixes = tuple(f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers))
+        if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in self.weight_map):
+            warnings.warn(f"{self.path} has no MTP tensors ({mtp_prefixes[0]}*): loading without the MTP module "
+                          f"(num_nextn_predict_layers 0)", stacklevel=3)
+            return cfg.replace(num_nextn_predict_layers=0)
+        return cfg
+
     def check_names(self, expected: dict) -> None:
         """Raise naming every missing, unexpected or orphaned tensor, before anything is read."""
         wm = self.weight_map
         orphans = [s for w, s in self.scales.items() if w not in wm]
         missing = [k for k in expected if k not in wm]
-        unexpected = [k for k in wm if k not in expected and not k.endswith(".weight_scale_inv")]
+        unexpected = [k for k in wm if k not in expected and not k.endswith(".weight_scale_inv")
+                      and not NOT_WEIGHTS.search(k)]
         if missing or unexpected or orphans:
             parts = [f"{what}: {_names(v)}" for what, v in
                      (("missing tensors", missing), ("unexpected tensors", unexpected),
@@ -167,12 +186,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> Transformer:
     """Load a HF-format DeepSeek-V3/V2 directory (bf16/fp32 or released FP8) into a `Transformer`."""
     ckpt = CheckpointReader(path)
-    cfg = ckpt.config
+    cfg = ckpt.model_config()
     mtp_prefixes = tuple(f"model.layers.{cfg.num_hidden_layers + k}." for k in range(cfg.num_nextn_predict_layers))
-    if mtp_prefixes and not any(k.startswith(mtp_prefixes) for k in ckpt.weight_map):
-        warnings.warn(f"{ckpt.path} has no MTP tensors ({mtp_prefixes[0]}*): loading without the MTP module "
-                      f"(num_nextn_predict_layers 0)", stacklevel=2)
-        cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to(dtype or _default_dtype(cfg)).to_empty(device=torch.device(device or "cpu"))
@@ -245,11 +260,14 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
         cfg = self.config.to_hf()
-        cfg.setdefault("architectures", ["DeepseekV3ForCausalLM" if self.config.model_type == "deepseek_v3"
-                                         else "DeepseekV2ForCausalLM"])
-        cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        cfg.setdefault("architectures", [MODEL_TYPES[self.config.model_type]])
+        # under the key(s) the source used: transformers 5 writes `dtype`, and a stale one beside a new torch_dtype
+        # would be what transformers 5 reads
+        for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
+            cfg[key] = str(self.dtype).removeprefix("torch.")
         if self.fp8:
-            cfg["quantization_config"] = dict(FP8_QUANT_CONFIG)
+            cfg["quantization_config"] = dict(FP8_QUANT_CONFIG, **({"scale_fmt": "ue8m0"} if self.config.ue8m0_scales
+                                                                   else {}))
         else:
             cfg.pop("quantization_config", None)
         (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -294,7 +312,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
             for hf_name, ours, expert, fp8, out_dtype, _ in shard:
                 t = (source[ours] if expert is None else source[ours][expert]).detach().to("cpu")
                 if fp8:
-                    q, s = quantize_blocks(t)
+                    q, s = quantize_blocks(t, pow2=model.config.ue8m0_scales)
                     tensors[hf_name], tensors[hf_name + "_scale_inv"] = q, s
                 else:
                     tensors[hf_name] = t.to(out_dtype).clone().contiguous()  # clone: tied copies must not alias

@@ -22,9 +22,9 @@ from ..model.moe import Experts
 
 
 class FP8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, pow2: bool = False):
         super().__init__()
-        q, s = quantize_blocks(linear.weight.detach())
+        q, s = quantize_blocks(linear.weight.detach(), pow2)
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale_inv", s)
         self.bias = linear.bias
@@ -36,19 +36,19 @@ class FP8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _quantize_stacked(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [quantize_blocks(m) for m in w.detach()]
+def _quantize_stacked(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [quantize_blocks(m, pow2) for m in w.detach()]
     return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
 
 
 class FP8Experts(Experts):
     """Stacked experts, each expert's matrices block-quantised like the checkpoint's per-expert tensors."""
 
-    def __init__(self, experts: Experts):
+    def __init__(self, experts: Experts, pow2: bool = False):
         nn.Module.__init__(self)
         self._dtype = experts.gate_proj.dtype
         for name in ("gate_proj", "up_proj", "down_proj"):
-            q, s = _quantize_stacked(getattr(experts, name))
+            q, s = _quantize_stacked(getattr(experts, name), pow2)
             self.register_buffer(name, q)
             self.register_buffer(f"{name}_scale_inv", s)
 
@@ -71,16 +71,18 @@ _ATTN = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o
 def quantize_weights(model: nn.Module) -> nn.Module:
     """Store every projection the released checkpoints keep in FP8 (attention, dense/shared FFN, experts) as FP8, in
     place. Embeddings, norms, the router and the head stay in their dtype, as in the release. The absorbed MLA form
-    reads kv_b_proj's weight directly, so that one stays dequantised (it is 2% of a layer)."""
+    reads kv_b_proj's weight directly, so that one stays dequantised (it is 2% of a layer). A model whose checkpoint
+    has power-of-two scales (V3.1's ue8m0) gets them again: its released codes exactly, not a second rounding."""
+    pow2 = model.config.ue8m0_scales if hasattr(model, "config") else False
     for module in list(model.modules()):
         if isinstance(module, MLA):
             for name in _ATTN:
                 if hasattr(module, name) and name != "kv_b_proj":
-                    setattr(module, name, FP8Linear(getattr(module, name)))
+                    setattr(module, name, FP8Linear(getattr(module, name), pow2))
         elif isinstance(module, MLP):
             for name in ("gate_proj", "up_proj", "down_proj"):
-                setattr(module, name, FP8Linear(getattr(module, name)))
+                setattr(module, name, FP8Linear(getattr(module, name), pow2))
         for name, child in list(module.named_children()):
             if type(child) is Experts:
-                setattr(module, name, FP8Experts(child))
+                setattr(module, name, FP8Experts(child, pow2))
     return model

@@ -26,6 +26,8 @@ from .attention import causal_attention
 from .context import AttentionContext
 from .rope import apply_rope
 
+LATENT_NORM_EPS = 1e-6     # q_a_layernorm / kv_a_layernorm (see MLA.__init__)
+
 
 class LatentCache:
     """Per-layer contiguous latent cache for the reference generate(): c_kv (L, B, S_max, C), k_pe (L, B, S_max, R).
@@ -52,14 +54,16 @@ class MLA(nn.Module):
         self.kv_lora_rank = cfg.kv_lora_rank
         self.softmax_scale = cfg.softmax_scale
         qk_dim = cfg.qk_head_dim
+        # the latent norms keep RMSNorm's default eps whatever rms_norm_eps says, as DeepSeek's reference, the released
+        # modeling_deepseek.py (DeepSeek's, Moonshot's) and transformers build them (Moonlight: rms_norm_eps 1e-5)
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=cfg.attention_bias)
 
