@@ -367,7 +367,7 @@ def test_kimi_k2_rotary_inv_freq_buffers_are_not_weights(tmp_path):
 @pytest.mark.parametrize("name, spec", [("DeepSeek-V3", "1"), ("Kimi-K2", "0")])
 def test_generate_runs_on_a_release_directory(name, spec, tmp_path, capsys):
     """`dsv3 generate --model DIR` on the FP8 release layout, with the MTP layer speculating where there is one; the
-    greedy text is the reference's (full forwards, no cache) from the same directory."""
+    greedy text is the reference's (full forwards, no cache) from the same directory, the prompt after BOS."""
     from dsv3.cli import main
     from dsv3.data import Tokenizer, train_tokenizer
     from posttrain_fixture import TEXTS
@@ -380,7 +380,8 @@ def test_generate_runs_on_a_release_directory(name, spec, tmp_path, capsys):
     out = capsys.readouterr().out
     tok = Tokenizer.load(tmp_path)
     model = dsv3.load_pretrained(tmp_path, dtype=torch.float32).eval()
-    want = reference_greedy(model, [tok.eos_id] + tok.encode("the quick"), 6)
+    # a release's tokenizer_config.json says add_bos_token: its documents start with BOS (dsv3 generate --prefix auto)
+    want = reference_greedy(model, [tok.bos_id] + tok.encode("the quick"), 6)
     assert out == "the quick" + tok.decode(want) + "\n"
 
 

@@ -235,8 +235,9 @@ def test_generate_special_token_text_is_text_unless_asked(capsys, base):
     from dsv3.posttrain.base import load_model_and_tokenizer
     lm, tok = load_model_and_tokenizer(base)
     prompt = "<｜User｜>héllo"
-    as_text = [tok.eos_id] + tok.encode(prompt, split_special_tokens=True)
-    as_control = [tok.eos_id] + tok.encode(prompt)
+    # `base` is a Hugging Face directory whose tokenizer_config.json has add_bos_token: the prompt follows BOS
+    as_text = [tok.bos_id] + tok.encode(prompt, split_special_tokens=True)
+    as_control = [tok.bos_id] + tok.encode(prompt)
     assert as_text != as_control and 6 in as_control and 6 not in as_text
 
     def engine_text(ids):
@@ -292,3 +293,33 @@ def test_a_list_of_eos_ids_in_the_config_stops_at_any_of_them(model):
     assert (out.token_ids, out.finish_reason) == (want[:want.index(want[2]) + 1], "stop")
     out = engine.generate(ps, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))[0]
     assert (out.token_ids, out.finish_reason) == (want, "length")
+
+
+def test_generate_prefix_follows_the_model_directory(tmp_path):
+    """The token in front of a `generate` prompt: EOS for a dsv3 run directory (its documents are packed doc EOS doc
+    EOS), BOS for a Hugging Face directory whose tokenizer_config.json has add_bos_token (the released V3 / R1: before,
+    they got EOS too), EOS for one without it; --prefix overrides, and bos without a BOS token is refused."""
+    import argparse
+    import json
+
+    from dsv3.cli import prompt_prefix
+
+    class Tok:
+        bos_id, eos_id = 0, 1
+    run, hf, plain = tmp_path / "run", tmp_path / "hf", tmp_path / "plain"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "tokenizer").mkdir()
+    for d in (run / "tokenizer", hf, plain):
+        d.mkdir(exist_ok=True)
+        (d / "tokenizer.json").write_text("{}")
+    for d in (run / "tokenizer", hf):
+        (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    (plain / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    args = lambda model, prefix="auto": argparse.Namespace(model=str(model), tokenizer=None, prefix=prefix)  # noqa: E731
+    assert prompt_prefix(args(run), Tok) == [1]
+    assert prompt_prefix(args(hf), Tok) == [0]
+    assert prompt_prefix(args(plain), Tok) == [1]
+    assert prompt_prefix(args(hf, "eos"), Tok) == [1] and prompt_prefix(args(run, "none"), Tok) == []
+    Tok.bos_id = None
+    with pytest.raises(ValueError, match="no BOS"):
+        prompt_prefix(args(run, "bos"), Tok)

@@ -169,6 +169,21 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(path)
 
 
+def prompt_prefix(args: argparse.Namespace, tokenizer) -> list[int]:
+    """The token in front of a `generate` prompt, so that it starts a document as the model saw documents start:
+    dsv3's pre-training packs `doc EOS doc EOS ...` (dsv3.data.packing), DeepSeek's released models start documents
+    with BOS (their tokenizer_config.json: add_bos_token)."""
+    from .eval.run import tokenizer_adds_bos
+    from .posttrain.base import is_run_dir, tokenizer_dir
+    choice = args.prefix
+    if choice == "auto":
+        hf_bos = not is_run_dir(args.model) and tokenizer_adds_bos(tokenizer_dir(args.model, args.tokenizer))
+        choice = "bos" if hf_bos else "eos"
+    if choice == "bos" and tokenizer.bos_id is None:
+        raise ValueError("--prefix bos: the tokenizer has no BOS token")
+    return {"bos": [tokenizer.bos_id], "eos": [tokenizer.eos_id], "none": []}[choice]
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .infer import Engine, EngineConfig, SamplingParams
     # bad flags are refused before the model is read (minutes for a large checkpoint)
@@ -181,10 +196,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     # stays "é" + newline (its UTF-8 bytes would come back as "Ã©")
     prompt = (args.prompt.encode("latin-1", "backslashreplace").decode("unicode_escape") if args.escapes
               else args.prompt)
-    # pre-training packs documents as `doc EOS doc EOS ...` (dsv3.data.packing): an EOS in front makes the prompt
-    # the start of a document, as the model saw documents start. Special-token text in the prompt ("<｜User｜>")
-    # stays text unless --special-tokens: a prompt is data, not control tokens
-    ids = [tokenizer.eos_id] + tokenizer.encode(prompt, split_special_tokens=not args.special_tokens)
+    # Special-token text in the prompt ("<｜User｜>") stays text unless --special-tokens: a prompt is data, not
+    # control tokens
+    ids = prompt_prefix(args, tokenizer) + tokenizer.encode(prompt, split_special_tokens=not args.special_tokens)
     if len(ids) + args.max_tokens > model.config.max_position_embeddings:
         raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({args.max_tokens}) exceed the model's context "
                          f"of {model.config.max_position_embeddings}")

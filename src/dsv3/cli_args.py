@@ -104,6 +104,10 @@ def _generate(sub) -> None:
     s.add_argument("--escapes", action="store_true", help="interpret backslash escapes (\\n) in the prompt")
     s.add_argument("--special-tokens", action="store_true", help="read special-token text in the prompt "
                    "(<｜User｜>, <｜end▁of▁sentence｜>) as those tokens; default: as plain text")
+    s.add_argument("--prefix", choices=["auto", "bos", "eos", "none"], default="auto",
+                   help="the token in front of the prompt. auto: EOS for a training run directory (dsv3 packs "
+                   "documents as doc EOS doc EOS), for a Hugging Face directory BOS where its tokenizer_config.json "
+                   "has add_bos_token (the released V3 / R1), else EOS")
 
 
 def _serve(sub) -> None:
