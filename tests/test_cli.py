@@ -80,7 +80,7 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch):
             shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
             flag = action.option_strings[-1]
             # the option's block of the help: from its flag to the next option's
-            block = re.search(rf"\n  {re.escape(flag)}\b(.*?)(?=\n  -|\Z)", text, re.S).group(1)
+            block = re.search(rf"\n  {re.escape(flag)}\b(.*?)(?=\n  -|\Z)", text, re.DOTALL).group(1)
             block = " ".join(block.split())
             assert f"(default: {shown})" in block or "default" in action.help, \
                 f"{name} {flag}: default {shown!r} not shown: {block!r}"
