@@ -190,9 +190,18 @@ def split_config(kind: str, d: dict, model_config: dict, **train_overrides) -> t
     return section, RunConfig.from_dict(d)
 
 
+def check_length(kind: str, d: dict, epochs: float) -> None:
+    """`{kind}.epochs` > 0 sets train.steps: refuse a run dict that sets train.steps too (the file or an override),
+    which would otherwise be replaced without a word."""
+    steps = d.get("train", {}).get("steps")
+    if epochs and steps is not None:
+        raise ConfigError(f"invalid {kind} config: train.steps={steps} and {kind}.epochs={epochs:g} both set the "
+                          f"run's length; pass {kind}.epochs=0 to count train.steps, or drop train.steps")
+
+
 def section_dict(section) -> dict:
     return dataclasses.asdict(section)
 
 
 __all__ = ["SFTConfig", "GRPOConfig", "DistillConfig", "read_posttrain_dict", "section_from_table", "split_config",
-           "section_dict", "check_paths"]
+           "section_dict", "check_paths", "check_length"]
