@@ -1,0 +1,134 @@
+"""The user-facing docs name only what exists: every repository path, `dsv3.x.y` name, `section.key` config key and
+`--flag` in backticks in README.md and docs/*.md, every `dsv3 ...` command in their code blocks (it parses), and
+docs/ARCHITECTURE.md's file map (each file it lists exists, each module of src/dsv3 is listed). Text only: no model
+is built, nothing runs."""
+
+import argparse
+import dataclasses
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from dsv3.cli_args import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ["README.md", "docs/ARCHITECTURE.md", "docs/distributed.md", "docs/parallel-plan.md"]
+
+
+def backticked(name: str) -> list[str]:
+    return re.findall(r"`([^`\n]+)`", (ROOT / name).read_text())
+
+
+def config_sections() -> dict[str, set[str]]:
+    """section -> its keys, for the run sections and the post-training tables."""
+    from dsv3.posttrain.config import DistillConfig, GRPOConfig, SFTConfig
+    from dsv3.train.config import RunConfig
+    sections = {f.name: {g.name for g in dataclasses.fields(getattr(RunConfig(), f.name))}
+                for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), f.name))}
+    sections.update({name: {f.name for f in dataclasses.fields(cls)}
+                     for name, cls in (("sft", SFTConfig), ("grpo", GRPOConfig), ("distill", DistillConfig))})
+    return sections
+
+
+def resolves(dotted: str) -> bool:
+    """dsv3.a.b.C.d: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_backticked_paths_names_and_keys_exist(doc):
+    sections, missing = config_sections(), []
+    for tok in backticked(doc):
+        if m := re.match(r"((?:src|configs|benchmarks|tests|docs)/[\w./*-]+)", tok):
+            path = m.group(1).rstrip(".")
+            if not (list(ROOT.glob(path)) if "*" in path else (ROOT / path).exists()):
+                missing.append(path)
+        elif m := re.match(r"(dsv3(?:\.\w+)+)", tok):
+            if not resolves(m.group(1)):
+                missing.append(m.group(1))
+        elif (m := re.match(r"([a-z]+)\.([a-z_0-9]+)\b(?!\.)", tok)) and m.group(1) in sections:
+            # `checkpoint.keep`, `grpo.task = "code"`; not file names (`model.safetensors`), module paths or the
+            # `parallel.key=value` pattern
+            if m.group(2) not in sections[m.group(1)] | {"key"} and not tok.endswith((".safetensors", ".json")):
+                missing.append(tok)
+    assert not missing, f"{doc} names what does not exist: {missing}"
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    out = set()
+    for a in parser._actions:
+        out.update(a.option_strings)
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                out |= _options(sub)
+    return out
+
+
+TORCHRUN = {"--standalone", "--nproc-per-node", "--nproc_per_node", "--nnodes"}
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_backticked_flags_are_dsv3_options(doc):
+    known = _options(build_parser()) | TORCHRUN
+    unknown = [f for tok in backticked(doc) if "benchmarks/" not in tok
+               for f in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", tok) if f not in known]
+    assert not unknown, f"{doc}: {unknown}"
+
+
+def commands(doc: str) -> list[list[str]]:
+    """argv of every `dsv3 ...` / `-m dsv3.cli ...` in the code blocks (fenced or indented), optional-argument
+    brackets, `...` and trailing comments removed."""
+    text = (ROOT / doc).read_text()
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S) + re.findall(r"^    (\S.*)$", text, re.M)
+    out = []
+    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
+        line = re.split(r"\s#", line)[0]
+        for seg in re.split(r"&&|&\s*$", line):
+            m = re.search(r"(?:^|\s)(?:\S*/)?dsv3(?:\.cli)?\s+(.*)$", seg.strip())
+            if m and "import" not in seg:
+                argv = shlex.split(re.sub(r"[\[\]]|\.\.\.", "", m.group(1)))
+                out.append([a for a in argv if a != "&"])
+    return out
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/distributed.md", "docs/parallel-plan.md"])
+def test_every_documented_command_parses(doc):
+    argvs = commands(doc)
+    assert argvs
+    for argv in argvs:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{doc}: `dsv3 {' '.join(argv)}` does not parse")
+
+
+def test_architecture_map_lists_every_module_and_only_existing_ones():
+    text = (ROOT / "docs/ARCHITECTURE.md").read_text()
+    tree = text.split("```")[1]
+    listed, package = set(), ""
+    for line in tree.splitlines():
+        if m := re.match(r"^  ([\w/]+\.py)\b", line):                # a top-level file, or package/file.py
+            listed.add(m.group(1))
+            package = m.group(1).split("/")[0] if "/" in m.group(1) else ""
+        elif m := re.match(r"^  (\w+)/", line):                     # a package: its files follow, indented
+            package = m.group(1)
+        elif m := re.match(r"^    ([\w]+\.py)(?: / ([\w]+\.py))?\s", line):
+            listed.update(f"{package}/{name}" for name in m.groups() if name)
+    src = ROOT / "src/dsv3"
+    modules = {p.relative_to(src).as_posix() for p in src.rglob("*.py") if p.name != "__init__.py"}
+    assert not (listed - modules - {"fp8/__init__.py"}), f"listed, not in src/dsv3: {listed - modules}"
+    assert not (modules - listed), f"in src/dsv3, not in docs/ARCHITECTURE.md: {sorted(modules - listed)}"
