@@ -57,9 +57,8 @@ def test_backticked_paths_names_and_keys_exist(doc):
             path = m.group(1).rstrip(".")
             if not (list(ROOT.glob(path)) if "*" in path else (ROOT / path).exists()):
                 missing.append(path)
-        elif m := re.match(r"(dsv3(?:\.\w+)+)", tok):
-            if not resolves(m.group(1)):
-                missing.append(m.group(1))
+        elif (m := re.match(r"(dsv3(?:\.\w+)+)", tok)) and not resolves(m.group(1)):
+            missing.append(m.group(1))
         elif (m := re.match(r"([a-z]+)\.([a-z_0-9]+)\b(?!\.)", tok)) and m.group(1) in sections:
             # `checkpoint.keep`, `grpo.task = "code"`; not file names (`model.safetensors`), module paths or the
             # `parallel.key=value` pattern
@@ -93,7 +92,7 @@ def commands(doc: str) -> list[list[str]]:
     """argv of every `dsv3 ...` / `-m dsv3.cli ...` in the code blocks (fenced or indented), optional-argument
     brackets, `...` and trailing comments removed."""
     text = (ROOT / doc).read_text()
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S) + re.findall(r"^    (\S.*)$", text, re.M)
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL) + re.findall(r"^    (\S.*)$", text, re.MULTILINE)
     out = []
     for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
         line = re.split(r"\s#", line)[0]
