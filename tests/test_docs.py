@@ -59,11 +59,11 @@ def test_backticked_paths_names_and_keys_exist(doc):
                 missing.append(path)
         elif (m := re.match(r"(dsv3(?:\.\w+)+)", tok)) and not resolves(m.group(1)):
             missing.append(m.group(1))
-        elif (m := re.match(r"([a-z]+)\.([a-z_0-9]+)\b(?!\.)", tok)) and m.group(1) in sections:
+        elif ((m := re.match(r"([a-z]+)\.([a-z_0-9]+)\b(?!\.)", tok)) and m.group(1) in sections
+              and m.group(2) not in sections[m.group(1)] | {"key"} and not tok.endswith((".safetensors", ".json"))):
             # `checkpoint.keep`, `grpo.task = "code"`; not file names (`model.safetensors`), module paths or the
             # `parallel.key=value` pattern
-            if m.group(2) not in sections[m.group(1)] | {"key"} and not tok.endswith((".safetensors", ".json")):
-                missing.append(tok)
+            missing.append(tok)
     assert not missing, f"{doc} names what does not exist: {missing}"
 
 
