@@ -30,6 +30,7 @@ def config_sections() -> dict[str, set[str]]:
                 for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), f.name))}
     sections.update({name: {f.name for f in dataclasses.fields(cls)}
                      for name, cls in (("sft", SFTConfig), ("grpo", GRPOConfig), ("distill", DistillConfig))})
+    sections["model"].add("preset")          # [model] preset = "tiny": the base the other keys change
     return sections
 
 
@@ -106,13 +107,17 @@ def commands(doc: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/distributed.md", "docs/parallel-plan.md"])
 def test_every_documented_command_parses(doc):
-    argvs = commands(doc)
+    """... and its `section.key=value` overrides name existing keys."""
+    argvs, sections = commands(doc), config_sections()
     assert argvs
     for argv in argvs:
         try:
-            build_parser().parse_args(argv)
+            args = build_parser().parse_args(argv)
         except SystemExit:
             pytest.fail(f"{doc}: `dsv3 {' '.join(argv)}` does not parse")
+        for override in getattr(args, "overrides", []):
+            section, _, key = override.partition("=")[0].partition(".")
+            assert key == "key" or key in sections.get(section, {key}), f"{doc}: {override} in `dsv3 {argv[0]}`"
 
 
 def test_architecture_map_lists_every_module_and_only_existing_ones():
