@@ -136,3 +136,30 @@ def test_architecture_map_lists_every_module_and_only_existing_ones():
     modules = {p.relative_to(src).as_posix() for p in src.rglob("*.py") if p.name != "__init__.py"}
     assert not (listed - modules - {"fp8/__init__.py"}), f"listed, not in src/dsv3: {listed - modules}"
     assert not (modules - listed), f"in src/dsv3, not in docs/ARCHITECTURE.md: {sorted(modules - listed)}"
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "configs").iterdir()))
+def test_every_shipped_config_validates_and_its_comments_name_existing_keys(path):
+    """configs/: model presets load, run files validate (post-training ones with their table and a base model's
+    shape, as `dsv3 sft` would build them), and a `section.key` named in a comment exists."""
+    from dsv3.config import load_model_config
+    from dsv3.posttrain.config import KINDS, read_posttrain_dict, split_config
+    from dsv3.train import load_run_config
+    file = ROOT / "configs" / path
+    if file.suffix == ".json":
+        load_model_config(file)
+        return
+    kind = file.stem if file.stem in KINDS else None
+    if kind:
+        d = read_posttrain_dict(kind, file, [])
+        table = {**dataclasses.asdict(KINDS[kind][0]()), **d[kind]}
+        # GRPO sets train.batch_size to a step's rollouts (dsv3.posttrain.grpo), as `dsv3 grpo` does
+        rows = ({"batch_size": table["prompts_per_step"] * table["group_size"], "batch_size_start": 0}
+                if kind == "grpo" else {})
+        split_config(kind, d, load_model_config("tiny").to_dict(), train=rows)
+    else:
+        load_run_config(file, [])
+    sections = config_sections()
+    comments = " ".join(line.split("#", 1)[1] for line in file.read_text().splitlines() if "#" in line)
+    named = re.findall(r"\b([a-z]+)\.([a-z_0-9]+)\b(?!\.)", comments.replace(f"{file.stem}.toml", ""))
+    assert not [f"{s}.{k}" for s, k in named if s in sections and k not in sections[s]]

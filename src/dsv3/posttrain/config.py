@@ -22,7 +22,7 @@ from ..train.config import (FRACTION, SEED, Flag, Int, Invalid, OneOf, Real, Run
 # spec 7 (SFT): lr 5e-6 cosine-decayed to 1e-6 over the run; as fractions of the run so any length has the shape
 SFT_OPTIM = dict(lr=5e-6, warmup=0.0, constant_until=0.0, decay_until=1.0, min_lr_ratio=0.2, final_at=1.0,
                  final_lr_ratio=0.2, weight_decay=0.0)
-# RL: a constant small learning rate after a short warm-up (the GRPO paper: 1e-6 constant)
+# RL: a constant small learning rate, no warm-up (the GRPO paper: 1e-6 constant)
 GRPO_OPTIM = dict(lr=1e-6, warmup=0.0, constant_until=1.0, decay_until=1.0, final_at=1.0, weight_decay=0.0)
 
 
