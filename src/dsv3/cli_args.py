@@ -66,7 +66,7 @@ def _train(sub) -> None:
     s.add_argument("--resume", action="store_true", help="continue the run in run_dir from its newest intact "
                    "checkpoint")
     s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run "
-                   "(its checkpoints, metrics, tensorboard, plots, tokenizer and config are deleted)")
+                   "(its checkpoints, metrics, tensorboard, plots, baselines, tokenizer and config are deleted)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
