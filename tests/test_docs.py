@@ -163,3 +163,43 @@ def test_every_shipped_config_validates_and_its_comments_name_existing_keys(path
     comments = " ".join(line.split("#", 1)[1] for line in file.read_text().splitlines() if "#" in line)
     named = re.findall(r"\b([a-z]+)\.([a-z_0-9]+)\b(?!\.)", comments.replace(f"{file.stem}.toml", ""))
     assert not [f"{s}.{k}" for s, k in named if s in sections and k not in sections[s]]
+
+
+def _dsv3_imports(path: Path, package: list[str]) -> set[str]:
+    """The dsv3 sub-packages (or top-level modules) a file imports, relative imports resolved."""
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            names = [".".join(base + [node.module])] if node.module else [".".join(base + [a.name]) for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out |= {n.split(".")[1] for n in names if n.startswith("dsv3.") and n.count(".") >= 1}
+    return out
+
+
+def test_import_direction_is_the_one_architecture_draws():
+    """docs/ARCHITECTURE.md's chain `config <- kernels <- ... <- cli`: a package imports only from its left (or its
+    own level), and `verify` only into the packages its line names."""
+    text = (ROOT / "docs/ARCHITECTURE.md").read_text().split("## Import direction")[1].split("```")[1]
+    chain, verify = text.strip().splitlines()[:2]
+    rank = {name.strip(): i for i, level in enumerate(chain.split("<-")) for name in level.split("/")}
+    rank["cli_args"] = rank["cli"]
+    verify_users = {name.strip() for name in verify.split("<-")[1].split("/")} | {"verify"}
+    src, wrong = ROOT / "src/dsv3", []
+    for path in src.rglob("*.py"):
+        parts = path.relative_to(src).with_suffix("").parts
+        me = parts[0]
+        if me == "__init__":
+            continue
+        for other in _dsv3_imports(path, ["dsv3", *parts[:-1]]) - {me}:
+            if other == "verify" and me not in verify_users:
+                wrong.append(f"{path.relative_to(src)} -> verify")
+            elif other in rank and me in rank and rank[other] > rank[me]:
+                wrong.append(f"{path.relative_to(src)} -> {other}")
+    assert set(rank) - {"cli_args"} >= {p.name for p in src.iterdir() if p.is_dir() and p.name != "__pycache__"} - {
+        "verify"}, "a package missing from the chain"
+    assert not wrong, wrong
