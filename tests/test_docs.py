@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dsv3.cli_args import build_parser
+from test_cli import _subparsers
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "docs/ARCHITECTURE.md", "docs/distributed.md", "docs/parallel-plan.md"]
@@ -203,3 +204,13 @@ def test_import_direction_is_the_one_architecture_draws():
     assert set(rank) - {"cli_args"} >= {p.name for p in src.iterdir() if p.is_dir() and p.name != "__pycache__"} - {
         "verify"}, "a package missing from the chain"
     assert not wrong, wrong
+
+
+def test_the_run_sections_named_in_the_readme_and_the_help_are_runconfigs():
+    sections = [s for s in config_sections() if s not in ("sft", "grpo", "distill")]
+    readme = re.search(r"# sections: ([a-z ]+)", (ROOT / "README.md").read_text()).group(1).split()
+    train = next(p for name, p in _subparsers(build_parser()) if name == "dsv3 train")
+    text = " ".join(next(a.help for a in train._actions if "--config" in a.option_strings).split())
+    helped = re.search(r"sections ([a-z, ]+)\)", text).group(1).replace(",", " ").split()
+    assert readme == helped == sections
+
