@@ -11,9 +11,9 @@ import shlex
 from pathlib import Path
 
 import pytest
+from test_cli import _subparsers
 
 from dsv3.cli_args import build_parser
-from test_cli import _subparsers
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "docs/ARCHITECTURE.md", "docs/distributed.md", "docs/parallel-plan.md"]
