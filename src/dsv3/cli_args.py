@@ -201,7 +201,7 @@ def _eval(sub) -> None:
     s.add_argument("--limit", type=int, default=0, help="first N questions (0: all)")
     s.add_argument("--strict", action="store_true", help="a bad task row is an error (default: skipped, "
                    "counted, named in the samples file)")
-    s.add_argument("--seed", type=int, default=0, help="sampling and few-shot draws")
+    s.add_argument("--seed", type=int, default=0, help="few-shot draws, sampling, needle placement")
     s.add_argument("--out", default="out/eval", help="results.json, samples_<task>.jsonl, results.png")
     s.add_argument("--workers", type=int, default=2, help="code: sandboxed runs at a time")
     s.add_argument("--timeout", type=float, default=5.0, help="code: seconds a run (one test input)")
