@@ -49,3 +49,38 @@ def test_every_subcommand_the_parser_accepts_has_a_runner():
     commands = leaves(build_parser())
     assert len(commands) == 15 and "tokenizer train" in commands
     assert commands == set(COMMANDS)
+
+
+def _subparsers(parser, prefix: str = "dsv3"):
+    """(name, parser) of every leaf subcommand."""
+    import argparse
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield prefix, parser
+    for name, p in (subs[0].choices.items() if subs else ()):
+        yield from _subparsers(p, f"{prefix} {name}")
+
+
+def test_every_option_has_help_and_shows_its_default(monkeypatch):
+    """`dsv3 X --help` documents each option, and each non-empty default is in its help line as the parser holds it
+    (a help text's own "default: ..." counts); a key taken from the environment is never printed."""
+    import re
+
+    from dsv3.cli_args import build_parser
+    monkeypatch.setenv("DSV3_API_KEY", "sekrit-key-in-env")
+    for name, sub in _subparsers(build_parser()):
+        text = sub.format_help()
+        assert "sekrit-key-in-env" not in text, name
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings[-1]} has no help"
+            if action.default is None or action.default is False or "key" in action.dest:
+                continue
+            shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else str(action.default)
+            flag = action.option_strings[-1]
+            # the option's block of the help: from its flag to the next option's
+            block = re.search(rf"\n  {re.escape(flag)}\b(.*?)(?=\n  -|\Z)", text, re.DOTALL).group(1)
+            block = " ".join(block.split())
+            assert f"(default: {shown})" in block or "default" in action.help, \
+                f"{name} {flag}: default {shown!r} not shown: {block!r}"

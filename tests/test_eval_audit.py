@@ -52,7 +52,7 @@ def test_rerun_is_refused_before_any_question_unless_asked(tmp_path):
     b = Counting()
     run.evaluate_mc(b, CharTokenizer(), task, out)
     first = (out / "results.json").read_text(), (out / "samples_t.jsonl").read_text()
-    with pytest.raises(ResultsExist, match="already holds results for task 't'"):
+    with pytest.raises(ResultsExist, match="already holds results for task 't'.*--overwrite"):
         run.evaluate_mc(b, CharTokenizer(), task, out)
     assert b.calls == 1                                    # refused before asking the backend anything
     assert ((out / "results.json").read_text(), (out / "samples_t.jsonl").read_text()) == first

@@ -53,3 +53,11 @@ def test_logit_mode_needs_one_tokenizer(bases, tmp_path):
     with pytest.raises(ConfigError, match="needs the teacher's tokenizer"):
         distill_trainer(run_file(tmp_path, "x", teacher=str(teacher), init=str(other), mode="logit",
                                  train_files=[str(data)]), [])
+
+
+def test_epochs_and_train_steps_both_set_is_refused_before_the_teacher_runs(bases):
+    """distill.epochs sets train.steps: with train.steps in the file too, one would silently replace the other."""
+    tmp, teacher, student, _ = bases
+    with pytest.raises(ConfigError, match="train.steps=12 and distill.epochs=1"):
+        distill_trainer(run_file(tmp, "both", teacher=str(teacher), init=str(student), prompts=4, epochs=1), [])
+    assert not (tmp / "both").exists()          # refused before the teacher sampled (or wrote) anything

@@ -132,7 +132,9 @@ def test_export_and_generate_from_the_sft_run(full, files):
 @pytest.mark.parametrize("override,match", [
     ("sft.epochs=-1", "sft.epochs=-1"), ("sft.bogus=1", "unknown keys \\['bogus'\\] in \\[sft\\]"),
     ("sft.train_files=3", "sft.train_files=3"), ('sft.init=""', "sft.init"),
-    ("model.hidden_size=8", "comes from sft.init")])
+    ("model.hidden_size=8", "comes from sft.init"),
+    # the run file sets train.steps=8: sft.epochs would replace it without a word
+    ("sft.epochs=1", "train.steps=8 and sft.epochs=1")])
 def test_config_errors_name_the_key(files, override, match):
     tmp, base, data = files
     with pytest.raises(ConfigError, match=match):

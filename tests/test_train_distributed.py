@@ -115,7 +115,7 @@ def test_torchrun_data_parallel_matches_one_process(tmp, single):
     # the same global batches; only the all-reduce's summation order differs (fp32)
     assert [dp[s] for s in sorted(dp)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-5)
     a, _ = load_run_model(single)
-    b, _ = load_run_model(tmp / "dp2")        # rank 0 wrote the usual single-process checkpoint
+    b, _ = load_run_model(tmp / "dp2")        # the sharded checkpoint (checkpoint.format auto), read whole
     _assert_same_tensors(a.state_dict(), b.state_dict(), "dp2")
 
 

@@ -55,7 +55,7 @@ def check_out(out_dir: str | Path, task: str, overwrite: bool = False) -> None:
     results = _read_results(results_file)
     if task in results and not overwrite:
         raise ResultsExist(f"{results_file} already holds results for task {task!r}; choose another output "
-                           f"directory (--out) or ask to replace them (overwrite)")
+                           f"directory (--out) or replace them (--overwrite)")
 
 
 def write_results(out_dir: str | Path, task: str, metrics: dict, records: list[dict], prompt_version: str,

@@ -22,7 +22,7 @@ from ..train.config import (FRACTION, SEED, Flag, Int, Invalid, OneOf, Real, Run
 # spec 7 (SFT): lr 5e-6 cosine-decayed to 1e-6 over the run; as fractions of the run so any length has the shape
 SFT_OPTIM = dict(lr=5e-6, warmup=0.0, constant_until=0.0, decay_until=1.0, min_lr_ratio=0.2, final_at=1.0,
                  final_lr_ratio=0.2, weight_decay=0.0)
-# RL: a constant small learning rate after a short warm-up (the GRPO paper: 1e-6 constant)
+# RL: a constant small learning rate, no warm-up (the GRPO paper: 1e-6 constant)
 GRPO_OPTIM = dict(lr=1e-6, warmup=0.0, constant_until=1.0, decay_until=1.0, final_at=1.0, weight_decay=0.0)
 
 
@@ -190,9 +190,18 @@ def split_config(kind: str, d: dict, model_config: dict, **train_overrides) -> t
     return section, RunConfig.from_dict(d)
 
 
+def check_length(kind: str, d: dict, epochs: float) -> None:
+    """`{kind}.epochs` > 0 sets train.steps: refuse a run dict that sets train.steps too (the file or an override),
+    which would otherwise be replaced without a word."""
+    steps = d.get("train", {}).get("steps")
+    if epochs and steps is not None:
+        raise ConfigError(f"invalid {kind} config: train.steps={steps} and {kind}.epochs={epochs:g} both set the "
+                          f"run's length; pass {kind}.epochs=0 to count train.steps, or drop train.steps")
+
+
 def section_dict(section) -> dict:
     return dataclasses.asdict(section)
 
 
 __all__ = ["SFTConfig", "GRPOConfig", "DistillConfig", "read_posttrain_dict", "section_from_table", "split_config",
-           "section_dict", "check_paths"]
+           "section_dict", "check_paths", "check_length"]

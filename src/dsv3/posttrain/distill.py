@@ -23,7 +23,7 @@ from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..train.trainer import Trainer, lm_losses, split_batch
 from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
-from .config import check_paths, read_posttrain_dict, section_from_table
+from .config import check_length, check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl
 from .rewards import format_reward
 from .sft import SAVED, build_sft
@@ -108,6 +108,7 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
     d = read_posttrain_dict("distill", config, overrides)
     s = section_from_table("distill", d["distill"])
     check_paths("distill", s)
+    check_length("distill", d, s.epochs)
     if not s.teacher:
         raise ConfigError("invalid distill config: distill.teacher is required (a run directory or a HF directory)")
     out = Path(d.get("run_dir", "runs/run"))

@@ -27,7 +27,7 @@ from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
 from .base import load_base
 from .chat_data import ChatExample, batch_examples, read_chat_rows
-from .config import check_paths, read_posttrain_dict, section_dict, section_from_table, split_config
+from .config import check_length, check_paths, read_posttrain_dict, section_dict, section_from_table, split_config
 
 SAVED = "posttrain.json"          # the run file as read (with overrides), for --resume
 
@@ -97,6 +97,8 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
     # step 1-2: the [sft] table, then the base model it names
     section = section_from_table("sft", d["sft"])
     check_paths("sft", section)
+    if saved is None:            # distill checks its own table's epochs (it builds this one)
+        check_length("sft", d, section.epochs)
     if "model" in d:
         raise ConfigError("invalid sft config: [model] comes from sft.init; remove it")
     base = load_base(section.init, section.ema)
