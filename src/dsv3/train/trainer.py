@@ -156,6 +156,7 @@ class Trainer(Checkpointing):
         if resume:
             self._resume_from(ckpt)
         self._prepare_steps()                                                                # 6.
+        self.layout.apply_timeout()         # parallel.timeout_minutes on the groups made since the mesh
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
                                     start_step=self.step) if self.layout.is_main else NullLogger()   # 7.
         if resume:
