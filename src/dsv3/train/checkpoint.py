@@ -57,6 +57,11 @@ MANIFEST = "manifest.json"
 SAVED_FILES = ("model.safetensors", "optimizer.pt", "ema.safetensors", "rng.pt", "state.json", "config.json")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, an I/O error, lost permissions); nothing of it was left and
+    the checkpoints already there are intact. The message is one line saying what to do."""
+
+
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"

@@ -180,3 +180,39 @@ def divergence_advice(run_dir: Path, world: int, lr: float, command: str = "trai
                 f"optim.warmup: {restart_command(run_dir, world, lower, command=command)}")
     return (f"Last healthy checkpoint: {last.name}. Lower optim.lr (now {lr:g}) or raise optim.warmup and resume "
             f"from it: {resume_command(run_dir, world, lower, command=command)}")
+
+
+def _free_space(path: Path) -> str:
+    """The free space of the file system holding `path` (its nearest existing parent), e.g. "1.2 GB"."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    return f"{free / 1e9:.1f} GB" if free >= 1e8 else f"{free / 1e6:.1f} MB"
+
+
+def _first_line(e: BaseException) -> str:
+    """What went wrong, in a line: DCP's CheckpointException wraps each failing rank's exception (the first one)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, failure = next(iter(failures.items()))
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {_first_line(cause)}"
+    text = str(e).strip().split("\n")[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def write_failure(target: Path, e: BaseException, world: int, command: str = "train") -> str:
+    """The one line for a checkpoint save that failed: the checkpoint, the cause, the free space there, and what
+    to do (the earlier checkpoints are intact: the save is atomic)."""
+    run_dir = target.parent.parent
+    last = latest_checkpoint(run_dir)
+    head = (f"cannot write checkpoint {target} ({_first_line(e)}; {_free_space(target)} free there); nothing of it "
+            f"was kept")
+    if last is None:
+        return (f"{head} and the run has no earlier checkpoint: free space (or restore write permission) and start "
+                f"again: {restart_command(run_dir, world, command=command)}")
+    return (f"{head}, the earlier checkpoints are intact (newest {last.name}): free space (or restore write "
+            f"permission) and resume: {resume_command(run_dir, world, command=command)}")

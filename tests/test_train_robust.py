@@ -1,0 +1,100 @@
+"""`dsv3 train` for a run that lasts days, as the machine fails under it: a checkpoint save that hits a full disk, an
+I/O error or lost permissions is one line naming the checkpoint and what to do, leaves nothing of itself and the
+previous checkpoint resumable; a metrics line that cannot be written does not stop the run; two runs on one directory
+at once are refused; `checkpoint.keep` never deletes a file the run did not write. (Timeouts under torchrun:
+test_dist_timeout.py; a failed save at the file level: test_run_dir_audit.py.)"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from safetensors import SafetensorError
+from test_train_loop import small_run, train_losses
+
+from dsv3.cli import main
+from dsv3.train import checkpoint as ck
+from dsv3.train import metrics
+from dsv3.train.checkpoint import checkpoint_dirs, verify_checkpoint
+
+# what a full disk looks like from each writer of a save (torch.save's is its zip writer's, not an OSError)
+DISK_FULL = {
+    "torch.save": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+    "save_file": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    "permission": PermissionError(13, "Permission denied"),
+}
+
+
+def config(tmp_path, **sections) -> str:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(small_run(tmp_path, train={"steps": 8}, **sections).to_dict()))
+    return str(path)
+
+
+@pytest.mark.parametrize("what", list(DISK_FULL))
+def test_a_save_that_cannot_write_is_one_line_and_the_previous_checkpoint_resumes(tmp_path, monkeypatch, capsys,
+                                                                                  what):
+    cfg, run = config(tmp_path), tmp_path / "run"
+    name, error = ("save_file", DISK_FULL[what]) if what == "save_file" else ("torch", DISK_FULL[what])
+
+    def fails_at_step_8(real):
+        def write(obj, f, *a, **k):
+            if "step_00000008" in str(f):
+                raise error
+            return real(obj, f, *a, **k)
+        return write
+    if name == "save_file":
+        monkeypatch.setattr(ck, "save_file", fails_at_step_8(ck.save_file))
+    else:
+        monkeypatch.setattr(ck.torch, "save", fails_at_step_8(ck.torch.save))
+    assert main(["train", "--config", cfg, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("dsv3 train:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"cannot write checkpoint {run / 'checkpoints' / 'step_00000008'}" in lines[0]
+    assert str(error).split(":")[0] in lines[0] and "free there" in lines[0]
+    assert f"newest step_00000004): free space (or restore write permission) and resume: dsv3 train --resume " \
+           f"--run-dir {run}" in lines[0]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000004"]     # no leftover of the save
+    verify_checkpoint(run / "checkpoints" / "step_00000004")
+    if what != "torch.save":
+        return
+    monkeypatch.undo()                     # the disk has room again: the advice works
+    assert main(["train", "--resume", "--run-dir", str(run), "--quiet"]) == 0
+    assert [d.name for d in checkpoint_dirs(run)] == ["step_00000004", "step_00000008"]
+    assert sorted(train_losses(run)) == list(range(1, 9))
+
+
+class _FillsUp:
+    """metrics.jsonl's file on a disk that is full while steps 5 and 6 are logged: a part of the line lands, then
+    ENOSPC (what a full disk does to a buffered write)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, text: str) -> int:
+        if '"step": 5,' in text or '"step": 6,' in text:
+            self.f.write(text[:7])
+            raise OSError(28, "No space left on device")
+        return self.f.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_metrics_line_that_cannot_be_written_does_not_stop_the_run(tmp_path, monkeypatch, capsys):
+    cfg, run = config(tmp_path), tmp_path / "run"
+    def appends(path, mode="r", *a, **k):             # the log's appends fill up; its other opens work
+        f = open(path, mode, *a, **k)  # noqa: SIM115 (returned to the logger, which closes it)
+        return _FillsUp(f) if mode == "a" else f
+    monkeypatch.setattr(metrics, "open", appends, raising=False)
+    assert main(["train", "--config", cfg, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: cannot write {run / 'metrics.jsonl'} ([Errno 28] No space left on device)") == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # read_metrics warns of a garbled line that is not the last
+        assert sorted(train_losses(run)) == [1, 2, 3, 4, 7, 8]    # every line whole: the partial ones were cut
+        events = [r["message"] for r in metrics.read_metrics(run, "event")]
+    assert "2 metrics records before this one were lost to write errors" in events, events
+    assert [d.name for d in checkpoint_dirs(run)] == ["step_00000004", "step_00000008"]
