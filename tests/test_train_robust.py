@@ -7,16 +7,24 @@ test_dist_timeout.py; a failed save at the file level: test_run_dir_audit.py.)""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 from safetensors import SafetensorError
-from test_train_loop import small_run, train_losses
+from test_train_loop import dsv3_cli, small_run, train_losses
 
 from dsv3.cli import main
 from dsv3.train import checkpoint as ck
 from dsv3.train import metrics
 from dsv3.train.checkpoint import checkpoint_dirs, verify_checkpoint
+
+SRC = str(Path(__file__).parents[1] / "src")
 
 # what a full disk looks like from each writer of a save (torch.save's is its zip writer's, not an OSError)
 DISK_FULL = {
@@ -28,7 +36,7 @@ DISK_FULL = {
 
 def config(tmp_path, **sections) -> str:
     path = tmp_path / "run.json"
-    path.write_text(json.dumps(small_run(tmp_path, train={"steps": 8}, **sections).to_dict()))
+    path.write_text(json.dumps(small_run(tmp_path, **{"train": {"steps": 8}, **sections}).to_dict()))
     return str(path)
 
 
@@ -98,3 +106,29 @@ def test_a_metrics_line_that_cannot_be_written_does_not_stop_the_run(tmp_path, m
         events = [r["message"] for r in metrics.read_metrics(run, "event")]
     assert "2 metrics records before this one were lost to write errors" in events, events
     assert [d.name for d in checkpoint_dirs(run)] == ["step_00000004", "step_00000008"]
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused_and_deletes_nothing(tmp_path, capsys):
+    cfg, run = config(tmp_path, train={"steps": 10000}, checkpoint={"interval": 2}), tmp_path / "run"
+    first = subprocess.Popen(dsv3_cli("train", "--config", cfg, "--quiet"), stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC})
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "step_00000002").exists():       # the first run is under way
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+            time.sleep(0.1)
+        for flag in ("--overwrite", "--resume"):     # without the lock: its files deleted, or its saves interleaved
+            assert main(["train", "--config", cfg, "--quiet", flag]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"{run} is in use by another run (pid {first.pid} on " in err, err
+            assert "wait for it to end (or stop it), or choose another run_dir" in err
+            assert (run / "checkpoints" / "step_00000002").is_dir() and (run / "metrics.jsonl").stat().st_size
+        first.send_signal(signal.SIGTERM)                 # it stops as it would alone: saved, resumable
+        assert first.wait(timeout=60) == 128 + signal.SIGTERM, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    # the lock went with the process: another one takes it at once
+    lock = f"import fcntl; fcntl.lockf(open({str(run / '.dsv3-run.lock')!r}, 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    subprocess.run([sys.executable, "-c", lock], check=True)

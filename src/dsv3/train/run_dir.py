@@ -10,11 +10,15 @@ a resume's checkpoint is verified by rank 0 and its choice shared (choose_checkp
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
 import shutil
+import socket
+import time
 from pathlib import Path
+from typing import IO
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
@@ -119,6 +123,49 @@ def check_start(run_dir: Path, resume: bool, overwrite: bool, cfg=None) -> None:
     if metrics.exists() and metrics.stat().st_size:
         raise FileExistsError(f"{run_dir} holds the {METRICS_FILE} of an earlier start that wrote no checkpoint; "
                               f"pass --overwrite to start afresh (deleting it) or choose another run_dir")
+
+
+LOCK_FILE = ".dsv3-run.lock"
+
+
+def lock_run_dir(run_dir: Path, layout, resume: bool, overwrite: bool, cfg) -> IO | None:
+    """Claim run_dir for this run (rank 0; every rank must call it): two runs in one directory at once would
+    overwrite each other's checkpoints and metrics, and the second's start deletes the first's save in progress
+    (its leftovers) or, with --overwrite, everything. A POSIX lock on LOCK_FILE, held while the process lives: the
+    kernel (and NFS's lock manager) releases it when the process dies, so a killed run leaves no stale lock; being
+    the process's, a second Trainer of the same process is not refused. check_start runs again under the lock (the
+    other run may have written since the first check). Returns the open lock file (None on other ranks); refused:
+    FileExistsError, said by rank 0, every rank stopping."""
+    held, error = None, None
+    if layout.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            held = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held for the run: the lock lives with it)
+            try:
+                fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                held.seek(0)
+                holder = held.read().strip() or "unknown"
+                held.close()
+                held = None
+                raise FileExistsError(f"{run_dir} is in use by another run ({holder}); two runs in one directory "
+                                      f"would overwrite each other's checkpoints and metrics: wait for it to end "
+                                      f"(or stop it), or choose another run_dir") from None
+            held.truncate(0)
+            held.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+            held.flush()
+            check_start(run_dir, resume, overwrite, cfg)
+        except (OSError, ValueError) as e:
+            error = e
+            if held is not None:
+                held.close()
+    if layout.agree(int(error is not None)):
+        if error is None:                   # rank 0 refused: it says why (dsv3.cli)
+            error = FileExistsError(f"{run_dir}: refused by rank 0")
+            error.said_by_rank_0 = True
+        raise error
+    return held
 
 
 def choose_checkpoint(run_dir: Path, layout) -> tuple[Path, list[str]]:
