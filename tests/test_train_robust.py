@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +17,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import SafetensorError
 from test_train_loop import dsv3_cli, small_run, train_losses
 
+from dsv3.checkpoint import CheckpointError
 from dsv3.cli import main
 from dsv3.train import checkpoint as ck
 from dsv3.train import metrics
@@ -132,3 +135,57 @@ def test_a_second_run_on_a_directory_in_use_is_refused_and_deletes_nothing(tmp_p
     # the lock went with the process: another one takes it at once
     lock = f"import fcntl; fcntl.lockf(open({str(run / '.dsv3-run.lock')!r}, 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
     subprocess.run([sys.executable, "-c", lock], check=True)
+
+
+def _save(run: Path, step: int, keep: int = 0) -> Path:
+    """A small checkpoint with an EMA: every file a single-process save writes."""
+    w = {"w": torch.full((4, 4), float(step))}
+    return ck.save_checkpoint(run, step, w, {"state": {}, "param_groups": []}, {"tokens": step}, {"run": "x"},
+                              ema_state=w, keep=keep)
+
+
+def test_keep_deletes_only_what_the_run_wrote_and_a_crash_before_pruning_is_caught_up(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 1)
+    (run / "checkpoints" / "step_00000001" / "notes.txt").write_text("loss looked fine here")   # the user's
+    _save(run, 2)                                  # a run killed between this save's rename and its pruning
+    _save(run, 3, keep=1)                          # the next save prunes both older ones
+    assert [d.name for d in checkpoint_dirs(run)] == ["step_00000001", "step_00000003"]
+    assert [f.name for f in (run / "checkpoints" / "step_00000001").iterdir()] == ["notes.txt"]   # only the user's
+    assert ck.newest_valid_checkpoint(run) == (ck.checkpoint_path(run, 3), [])
+    _save(run, 4, keep=1)                          # the user's directory does not count against `keep`
+    assert [d.name for d in checkpoint_dirs(run)] == ["step_00000001", "step_00000004"]
+
+
+def _dies_after(k: int, unlink):
+    """os.unlink that deletes k files, then is killed (KeyboardInterrupt, which no cleanup swallows)."""
+    calls = []
+
+    def unlink_or_die(path, *a, **kw):
+        if len(calls) == k:
+            raise KeyboardInterrupt
+        calls.append(path)
+        return unlink(path, *a, **kw)
+    return unlink_or_die
+
+
+def test_a_prune_killed_midway_never_leaves_a_checkpoint_that_verifies(tmp_path, monkeypatch):
+    """A kill lands after any number of the pruned checkpoint's files are deleted: what is left is refused by
+    verify_checkpoint (resume skips it), never taken as a checkpoint that lacks a file (its EMA, say). (shutil.rmtree
+    deleted in directory order, which the file system decides: where manifest.json came early, a kill could leave a
+    manifest-less directory that verify_checkpoint reads as a pre-manifest checkpoint.)"""
+    run = tmp_path / "run"
+    n = len(list(_save(run, 1).iterdir()))
+    real = os.unlink
+    for k in range(1, n):
+        shutil.rmtree(run, ignore_errors=True)
+        _save(run, 1)
+        monkeypatch.setattr(os, "unlink", _dies_after(k, real))
+        with pytest.raises(KeyboardInterrupt):
+            _save(run, 2, keep=1)
+        monkeypatch.setattr(os, "unlink", real)
+        pruned = ck.checkpoint_path(run, 1)
+        if pruned.exists():
+            with pytest.raises(CheckpointError):
+                verify_checkpoint(pruned)
+        verify_checkpoint(ck.checkpoint_path(run, 2))

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -180,13 +179,42 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
 def prune_checkpoints(run_dir: str | Path, newest: Path, keep: int) -> list[Path]:
     """checkpoint.keep > 0: delete the checkpoints older than the `keep` most recent up to `newest`, the one just
     written. Any newer than it (a damaged one a resume went back past) is neither counted nor deleted: counting it
-    would delete the checkpoint just written and leave only the damaged one. Returns those deleted."""
+    would delete the checkpoint just written and leave only the damaged one. A step directory holding only files
+    the user put there (an earlier prune kept them) is not a checkpoint and not counted. Returns those deleted."""
     if keep <= 0:
         return []
-    gone = [d for d in checkpoint_dirs(run_dir) if d.name <= newest.name][:-keep]
+    ours = [d for d in checkpoint_dirs(run_dir) if d.name <= newest.name and _holds_a_save(d)]
+    gone = ours[:-keep]
     for old in gone:
-        shutil.rmtree(old, ignore_errors=True)
+        delete_checkpoint(old)
     return gone
+
+
+def _holds_a_save(path: Path) -> bool:
+    """Whether a step directory still holds a save's files (not only what a user put there, once pruned)."""
+    return any(f.name in (MANIFEST, ".metadata", *SAVED_FILES) for f in path.iterdir())
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Delete the files a save wrote into `path` (those its manifest lists, or the names a save writes), the
+    manifest last, then the directory if nothing else is left. A prune killed midway so leaves a manifest naming
+    a missing file, which verify_checkpoint refuses, never a manifest-less directory that passes for a pre-manifest
+    checkpoint lacking its EMA; a file the user put there stays, in its directory. A failure (permissions) leaves
+    the rest in place: pruning is housekeeping, the run goes on."""
+    try:
+        listed = set(json.loads((path / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    try:
+        for f in sorted(path.iterdir()):
+            if f.name != MANIFEST and f.is_file() and (f.name in listed or f.name in SAVED_FILES or
+                                                       f.name == ".metadata" or f.suffix == ".distcp"):
+                f.unlink()
+        (path / MANIFEST).unlink(missing_ok=True)
+        if not any(path.iterdir()):
+            path.rmdir()
+    except OSError:
+        pass
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
