@@ -96,9 +96,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
-             for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
+def file_entries(files: list[Path]) -> dict[str, dict]:
+    """The manifest's entries of `files`: name -> size and sha256."""
+    return {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
+
+
+def write_manifest(directory: Path, known: dict[str, dict] | None = None) -> None:
+    """The manifest of every file in `directory`; `known`: entries already computed (the sharded format's shards,
+    each hashed by the rank that wrote it)."""
+    known = known or {}
+    rest = [f for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST and f.name not in known]
+    files = dict(sorted({**known, **file_entries(rest)}.items()))
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -343,11 +351,12 @@ class PendingSave:
             if self.future is not None:
                 self.future.result()
             _barrier(self.group)            # 3. every rank's shards are written
+            shards = self._hash_shards()
             if _rank() == 0:                # 4. the commit
                 torch.save(self.rng, self.tmp / "rng.pt")
                 (self.tmp / "state.json").write_text(json.dumps(self.state, indent=1))
                 (self.tmp / "config.json").write_text(json.dumps(self.config, indent=1))
-                write_manifest(self.tmp)    # the commit marker: written last, over every shard's bytes
+                write_manifest(self.tmp, shards)    # the commit marker: written last, over every shard's bytes
         except BaseException:
             self.stack.__exit__(*sys.exc_info())
             raise
@@ -356,6 +365,19 @@ class PendingSave:
             prune_checkpoints(self.run_dir, self.target, self.keep)
         _barrier(self.group)                # rank 0 committed
         return self.target
+
+
+    def _hash_shards(self) -> dict[str, dict]:
+        """Every rank hashes the shards it wrote (DCP names them `__RANK_N.distcp`), all at once, and rank 0 gets
+        the entries (a collective): rank 0 alone reading every rank's shards would take hours for a 671B
+        checkpoint (terabytes at ~1 GB/s) while the others wait, past any sane parallel.timeout_minutes. Returns
+        every rank's entries on rank 0 ({} elsewhere)."""
+        own = file_entries(sorted(self.tmp.glob(f"__{_rank()}_*.distcp")))
+        if not dist.is_initialized():
+            return own
+        gathered = [None] * dist.get_world_size(self.group) if _rank() == 0 else None
+        dist.gather_object(own, gathered, dst=0, group=self.group)
+        return {k: v for part in gathered for k, v in part.items()} if _rank() == 0 else {}
 
 
 def sharded_keys(path: str | Path) -> set[str]:

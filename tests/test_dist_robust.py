@@ -1,7 +1,8 @@
 """`parallel.timeout_minutes` under torchrun (2 gloo ranks, tiny fp32): a bad value is refused naming the key; a
 rank that stalls (a test-only hook: rank 1 waits on a file the test controls while it builds the trainer) makes the
 other give up within the timeout with one line naming the setting, and the job exits non-zero instead of hanging
-(gloo's default would wait 30 minutes)."""
+(gloo's default would wait 30 minutes). A sharded save's shards are hashed for the manifest by the ranks that wrote
+them, not all by rank 0 while the others wait."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from test_dist_audit import ENV_SRC, TORCHRUN, _error_lines, write_config
 from test_train_loop import small_run
 
 from dsv3.config import ConfigError
+from dsv3.train.checkpoint import verify_checkpoint
 
 # rank 1 stalls, once its groups are made and before the signal handlers are installed (so the launcher's SIGTERM
 # ends it at once), until STOP exists (the test creates it when done, so nothing outlives it)
@@ -26,6 +28,21 @@ def stalling(self):
         time.sleep(0.05)
     return prepare(self)
 Trainer._prepare_steps = stalling
+sys.exit(main())
+"""
+
+# every rank notes the files it hashes for a manifest
+NOTE_HASHES = """
+import os, sys
+from pathlib import Path
+from dsv3.train import checkpoint
+from dsv3.cli import main
+sha = checkpoint.file_sha256
+def noting(path):
+    with open(os.environ["NOTES"] + "." + os.environ["RANK"], "a") as f:
+        f.write(Path(path).name + "\\n")
+    return sha(path)
+checkpoint.file_sha256 = noting
 sys.exit(main())
 """
 
@@ -55,3 +72,18 @@ def test_a_stalled_rank_makes_the_other_stop_within_the_timeout_naming_the_setti
         r.stderr[-3000:]
     assert "Traceback" not in r.stderr.split("elastic")[0], r.stderr[-3000:]   # the worker's: one line, no trace
     assert "exitcode  : 1" in r.stderr, r.stderr[-3000:]
+
+
+def test_each_rank_hashes_the_shards_it_wrote_and_the_manifest_lists_them_all(tmp_path):
+    cfg = write_config(tmp_path)
+    script = tmp_path / "note_hashes.py"
+    script.write_text(NOTE_HASHES)
+    notes = tmp_path / "hashed"
+    r = subprocess.run(TORCHRUN + [str(script), "train", "--quiet", "--config", str(cfg), "train.steps=4"],
+                       check=False, env=dict(ENV_SRC, NOTES=str(notes)), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hashed = {rank: (tmp_path / f"hashed.{rank}").read_text().split() for rank in (0, 1)}
+    assert "__1_0.distcp" in hashed[1] and "__1_0.distcp" not in hashed[0], hashed      # each its own, at once
+    assert "__0_0.distcp" in hashed[0] and "state.json" in hashed[0], hashed
+    verify_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004")     # the manifest covers both shards
