@@ -6,7 +6,9 @@ them, not all by rank 0 while the others wait."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from test_dist_audit import ENV_SRC, TORCHRUN, _error_lines, write_config
@@ -40,7 +42,7 @@ from dsv3.cli import main
 sha = checkpoint.file_sha256
 def noting(path):
     with open(os.environ["NOTES"] + "." + os.environ["RANK"], "a") as f:
-        f.write(Path(path).name + "\\n")
+        f.write(Path(path).parent.name + "/" + Path(path).name + "\\n")
     return sha(path)
 checkpoint.file_sha256 = noting
 sys.exit(main())
@@ -74,16 +76,23 @@ def test_a_stalled_rank_makes_the_other_stop_within_the_timeout_naming_the_setti
     assert "exitcode  : 1" in r.stderr, r.stderr[-3000:]
 
 
-def test_each_rank_hashes_the_shards_it_wrote_and_the_manifest_lists_them_all(tmp_path):
+def test_each_rank_hashes_its_share_of_a_checkpoint_when_saving_and_resuming(tmp_path):
     cfg = write_config(tmp_path)
     script = tmp_path / "note_hashes.py"
     script.write_text(NOTE_HASHES)
-    notes = tmp_path / "hashed"
-    r = subprocess.run(TORCHRUN + [str(script), "train", "--quiet", "--config", str(cfg), "train.steps=4"],
-                       check=False, env=dict(ENV_SRC, NOTES=str(notes)), cwd=tmp_path, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    hashed = {rank: (tmp_path / f"hashed.{rank}").read_text().split() for rank in (0, 1)}
-    assert "__1_0.distcp" in hashed[1] and "__1_0.distcp" not in hashed[0], hashed      # each its own, at once
-    assert "__0_0.distcp" in hashed[0] and "state.json" in hashed[0], hashed
-    verify_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004")     # the manifest covers both shards
+
+    def hashed(*args: str) -> dict[int, list[str]]:
+        notes = tmp_path / f"hashed-{len(list(tmp_path.glob('hashed-*')))}"
+        r = subprocess.run(TORCHRUN + [str(script), "train", "--quiet", *args], check=False,
+                           env=dict(ENV_SRC, NOTES=str(notes)), cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return {rank: [ln.split("/")[1] for ln in Path(f"{notes}.{rank}").read_text().split()] for rank in (0, 1)}
+    saved = hashed("--config", str(cfg), "train.steps=4")
+    assert "__1_0.distcp" in saved[1] and "__1_0.distcp" not in saved[0], saved      # each its own, at once
+    assert "__0_0.distcp" in saved[0] and "state.json" in saved[0], saved
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
+    verify_checkpoint(ckpt)                                               # the manifest covers both shards
+    resumed = hashed("--resume", "--run-dir", str(tmp_path / "run"))     # nothing left to train: only the check
+    listed = set(json.loads((ckpt / "manifest.json").read_text())["files"])
+    assert set(resumed[0]) | set(resumed[1]) == listed and resumed[1] and not set(resumed[0]) & set(resumed[1])

@@ -159,6 +159,23 @@ class Layout:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def from_rank_0(self, obj):
+        """Rank 0's `obj` (any picklable value) on every rank (every rank must call it)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def first_error(self, message: str) -> str:
+        """The lowest rank's non-empty `message` ("" when none has one), on every rank (every rank must call it):
+        one decision, and one reason rank 0 can give, for a check that the ranks share out."""
+        if self.world == 1:
+            return message
+        every = [None] * self.world
+        dist.all_gather_object(every, message)
+        return next((m for m in every if m), "")
+
 
 def is_collective_timeout(e: BaseException) -> bool:
     """Whether `e` is a collective that gave up waiting for another rank (gloo: "Timed out waiting 60000ms for recv

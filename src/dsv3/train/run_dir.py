@@ -5,7 +5,7 @@ A run directory holds what `dsv3 train` writes (RUN_FILES) and nothing of a run 
 a fresh start refuses a directory holding checkpoints (continue it with --resume) or an earlier start's metrics
 (its steps would interleave with the new ones); --overwrite starts afresh, deleting exactly RUN_FILES and nothing
 else the directory holds. check_start reads files only, so every rank of a torchrun job reaches the same answer;
-a resume's checkpoint is verified by rank 0 and its choice shared (choose_checkpoint).
+a resume's checkpoint is verified by every rank, each its share of the checksums (choose_checkpoint).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import IO
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from .checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint, newest_valid_checkpoint
+from .checkpoint import checkpoint_dirs, checkpoint_path, checkpoint_step, latest_checkpoint, verify_checkpoint
 from .metrics import METRICS_FILE
 
 RUN_FILES = ("checkpoints", METRICS_FILE, "tensorboard", "plots", "baselines.json", "config.json", "tokenizer")
@@ -170,15 +170,25 @@ def lock_run_dir(run_dir: Path, layout, resume: bool, overwrite: bool, cfg) -> I
 
 def choose_checkpoint(run_dir: Path, layout) -> tuple[Path, list[str]]:
     """--resume: the newest checkpoint whose files match their manifest, and a line for each newer one skipped.
-    Rank 0 reads and verifies them; every rank takes its choice (Layout.agree, an all-reduce, so no rank waits on a
-    rank that failed alone)."""
-    ckpt, skipped = newest_valid_checkpoint(run_dir) if layout.is_main else (None, [])
-    step = layout.agree(checkpoint_step(ckpt) if ckpt is not None else -1)
-    if step < 0:                        # every rank stops; rank 0, which verified them, says why (dsv3.cli)
-        err = CheckpointError(f"--resume: no checkpoint of {run_dir} is intact: " + "; ".join(skipped))
-        err.said_by_rank_0 = True
-        raise err
-    return checkpoint_path(run_dir, step), skipped
+    Every rank checks its share of the checksums (verify_checkpoint's share: rank 0 alone would read the whole
+    checkpoint, terabytes for 671B, while the others wait), of rank 0's list of checkpoints; the lowest rank's
+    error, if any, is every rank's (Layout.first_error, a collective, so no rank waits on a rank that failed)."""
+    skipped = []
+    for step in layout.from_rank_0([checkpoint_step(d) for d in checkpoint_dirs(run_dir)] if layout.is_main
+                                   else None)[::-1]:
+        d, error = checkpoint_path(run_dir, step), ""
+        try:
+            verify_checkpoint(d, (layout.rank, layout.world))
+        except CheckpointError as e:
+            error = str(e)
+        error = layout.first_error(error)
+        if not error:
+            return d, skipped
+        skipped.append(f"skipping checkpoint {d.name}: {error}")
+    # every rank stops; rank 0 says why (dsv3.cli)
+    err = CheckpointError(f"--resume: no checkpoint of {run_dir} is intact: " + "; ".join(skipped))
+    err.said_by_rank_0 = True
+    raise err
 
 
 def clear_run(run_dir: Path) -> list[str]:
