@@ -229,7 +229,7 @@ def test_bad_parallel_layouts_are_refused(tmp_path):
         small_run(tmp_path, parallel={"zero1": True}, train={"compile_optimizer": True})
     assert cfg.to_dict()["parallel"] == {"ep": 2, "fsdp": False, "zero1": False, "pp": 1, "overlap": False,
                                           "ep_dispatch": "flat", "ranks_per_node": 0,
-                                          "fp8_dispatch": False}
+                                          "fp8_dispatch": False, "timeout_minutes": 30.0}
     assert cfg.check_world(2) == 1 and cfg.check_world(4) == 2
     with pytest.raises(ConfigError, match=r"parallel.ep=2 does not divide the world size 3"):
         cfg.check_world(3)

@@ -124,7 +124,7 @@ def test_bad_pipeline_layouts_are_refused(tmp_path):
     cfg = small_run(tmp_path, **{**SECTIONS, "parallel": {"pp": 2}})
     assert cfg.to_dict()["parallel"] == {"ep": 1, "fsdp": False, "zero1": False, "pp": 2, "overlap": False,
                                           "ep_dispatch": "flat", "ranks_per_node": 0,
-                                          "fp8_dispatch": False}
+                                          "fp8_dispatch": False, "timeout_minutes": 30.0}
     assert cfg.check_world(2) == 1 and cfg.check_world(4) == 2
     # rows per pipeline micro-batch: the smallest step (2 micro-batches) must give >= 4 micro-batches per pipeline
     assert cfg.pipeline_microbatch(1) == 2 and cfg.pipeline_microbatch(2) == 1

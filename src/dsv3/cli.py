@@ -491,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsv3 {args.command}: {_rank_tag()}error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
+        from .train.data_parallel import is_collective_timeout, timeout_message
+        if is_collective_timeout(e) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            print(f"dsv3 {args.command}: {_rank_tag()}error: {timeout_message(e)}", file=sys.stderr)
+            if torch.distributed.is_initialized():    # else the gloo group's teardown at exit aborts the process
+                torch.distributed.destroy_process_group()
+            return 1
         if type(e).__name__ != "TrainingDiverged":
             raise
         print(f"dsv3 {args.command}: stopped: {e}", file=sys.stderr)

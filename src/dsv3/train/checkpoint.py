@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -55,6 +54,11 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
 # what a save writes besides the manifest (the sharded format: these but the first two and ema, plus its shards)
 SAVED_FILES = ("model.safetensors", "optimizer.pt", "ema.safetensors", "rng.pt", "state.json", "config.json")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, an I/O error, lost permissions); nothing of it was left and
+    the checkpoints already there are intact. The message is one line saying what to do."""
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -92,15 +96,25 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
-             for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST}
+def file_entries(files: list[Path]) -> dict[str, dict]:
+    """The manifest's entries of `files`: name -> size and sha256."""
+    return {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files}
+
+
+def write_manifest(directory: Path, known: dict[str, dict] | None = None) -> None:
+    """The manifest of every file in `directory`; `known`: entries already computed (the sharded format's shards,
+    each hashed by the rank that wrote it)."""
+    known = known or {}
+    rest = [f for f in sorted(directory.iterdir()) if f.is_file() and f.name != MANIFEST and f.name not in known]
+    files = dict(sorted({**known, **file_entries(rest)}.items()))
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
-def verify_checkpoint(path: str | Path) -> None:
+def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> None:
     """Raise CheckpointError naming the first file that is missing, truncated or garbled. A checkpoint written
-    before manifests existed (no manifest.json) passes unchecked."""
+    before manifests existed (no manifest.json) passes unchecked. share = (i, n): of the sha256 checks (the slow
+    part: the whole checkpoint is read) only every n-th file from the i-th, the ranks of a job each taking theirs
+    (dsv3.train.run_dir.choose_checkpoint); everything else is checked whole."""
     path = Path(path)
     if not (path / MANIFEST).exists():
         if is_sharded(path):            # the sharded format always had one: written last, it marks the commit
@@ -126,8 +140,9 @@ def verify_checkpoint(path: str | Path) -> None:
         size = f.stat().st_size
         if size != want["bytes"]:
             raise CheckpointError(f"{f} has {size} bytes, the manifest says {want['bytes']} (truncated?)")
-        if file_sha256(f) != want["sha256"]:
-            raise CheckpointError(f"{f} does not match its sha256 in the manifest (corrupted)")
+    for name, want in list(files.items())[share[0]::share[1]]:
+        if file_sha256(path / name) != want["sha256"]:
+            raise CheckpointError(f"{path / name} does not match its sha256 in the manifest (corrupted)")
 
 
 def newest_valid_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
@@ -175,13 +190,42 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module | dict[str,
 def prune_checkpoints(run_dir: str | Path, newest: Path, keep: int) -> list[Path]:
     """checkpoint.keep > 0: delete the checkpoints older than the `keep` most recent up to `newest`, the one just
     written. Any newer than it (a damaged one a resume went back past) is neither counted nor deleted: counting it
-    would delete the checkpoint just written and leave only the damaged one. Returns those deleted."""
+    would delete the checkpoint just written and leave only the damaged one. A step directory holding only files
+    the user put there (an earlier prune kept them) is not a checkpoint and not counted. Returns those deleted."""
     if keep <= 0:
         return []
-    gone = [d for d in checkpoint_dirs(run_dir) if d.name <= newest.name][:-keep]
+    ours = [d for d in checkpoint_dirs(run_dir) if d.name <= newest.name and _holds_a_save(d)]
+    gone = ours[:-keep]
     for old in gone:
-        shutil.rmtree(old, ignore_errors=True)
+        delete_checkpoint(old)
     return gone
+
+
+def _holds_a_save(path: Path) -> bool:
+    """Whether a step directory still holds a save's files (not only what a user put there, once pruned)."""
+    return any(f.name in (MANIFEST, ".metadata", *SAVED_FILES) for f in path.iterdir())
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Delete the files a save wrote into `path` (those its manifest lists, or the names a save writes), the
+    manifest last, then the directory if nothing else is left. A prune killed midway so leaves a manifest naming
+    a missing file, which verify_checkpoint refuses, never a manifest-less directory that passes for a pre-manifest
+    checkpoint lacking its EMA; a file the user put there stays, in its directory. A failure (permissions) leaves
+    the rest in place: pruning is housekeeping, the run goes on."""
+    try:
+        listed = set(json.loads((path / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    try:
+        for f in sorted(path.iterdir()):
+            if f.name != MANIFEST and f.is_file() and (f.name in listed or f.name in SAVED_FILES or
+                                                       f.name == ".metadata" or f.suffix == ".distcp"):
+                f.unlink()
+        (path / MANIFEST).unlink(missing_ok=True)
+        if not any(path.iterdir()):
+            path.rmdir()
+    except OSError:
+        pass
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -310,11 +354,12 @@ class PendingSave:
             if self.future is not None:
                 self.future.result()
             _barrier(self.group)            # 3. every rank's shards are written
+            shards = self._hash_shards()
             if _rank() == 0:                # 4. the commit
                 torch.save(self.rng, self.tmp / "rng.pt")
                 (self.tmp / "state.json").write_text(json.dumps(self.state, indent=1))
                 (self.tmp / "config.json").write_text(json.dumps(self.config, indent=1))
-                write_manifest(self.tmp)    # the commit marker: written last, over every shard's bytes
+                write_manifest(self.tmp, shards)    # the commit marker: written last, over every shard's bytes
         except BaseException:
             self.stack.__exit__(*sys.exc_info())
             raise
@@ -323,6 +368,19 @@ class PendingSave:
             prune_checkpoints(self.run_dir, self.target, self.keep)
         _barrier(self.group)                # rank 0 committed
         return self.target
+
+
+    def _hash_shards(self) -> dict[str, dict]:
+        """Every rank hashes the shards it wrote (DCP names them `__RANK_N.distcp`), all at once, and rank 0 gets
+        the entries (a collective): rank 0 alone reading every rank's shards would take hours for a 671B
+        checkpoint (terabytes at ~1 GB/s) while the others wait, past any sane parallel.timeout_minutes. Returns
+        every rank's entries on rank 0 ({} elsewhere)."""
+        own = file_entries(sorted(self.tmp.glob(f"__{_rank()}_*.distcp")))
+        if not dist.is_initialized():
+            return own
+        gathered = [None] * dist.get_world_size(self.group) if _rank() == 0 else None
+        dist.gather_object(own, gathered, dst=0, group=self.group)
+        return {k: v for part in gathered for k, v in part.items()} if _rank() == 0 else {}
 
 
 def sharded_keys(path: str | Path) -> set[str]:

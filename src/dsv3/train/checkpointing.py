@@ -17,14 +17,19 @@ step, tokens, spikes, loss_ema.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from torch.distributed.checkpoint import CheckpointException
 
 from ..parallel.dcp import init_state as init_optimizer_state, owned_state
 from .checkpoint import (
+    CheckpointWriteError,
     PendingSave,
     checkpoint_group,
+    checkpoint_path,
     is_sharded,
     load_checkpoint,
     load_sharded,
@@ -33,6 +38,8 @@ from .checkpoint import (
     save_checkpoint,
     save_sharded,
 )
+from .data_parallel import is_collective_timeout
+from .run_dir import write_failure
 
 
 class Checkpointing:
@@ -84,8 +91,26 @@ class Checkpointing:
         """Write the checkpoint of the step that `snapshot` was taken at (default: now), before the weights have
         changed since: under torchrun the sharded format, every rank writing the rows it holds (every rank must
         call this); in one process the single-file format. With checkpoint.async_save a sharded save is committed
-        later (finish_checkpoint) unless `wait`: the path returned is a checkpoint only then."""
+        later (finish_checkpoint) unless `wait`: the path returned is a checkpoint only then. A write that fails (a
+        full disk, an I/O error, lost permissions) raises CheckpointWriteError, one line; the save left nothing."""
         snap = snapshot or self._snapshot()
+        with self._naming_write_errors(checkpoint_path(self.run_dir, snap["step"])):
+            return self._save(snap, wait)
+
+    @contextmanager
+    def _naming_write_errors(self, target: Path):
+        """A failed write as one line naming the checkpoint, the cause and what to do (write_failure). Torch and
+        safetensors report a full disk in their own words (RuntimeError "unexpected pos", SafetensorError) and DCP
+        as a CheckpointException, a BaseException that would escape every handler; a collective timeout stays
+        itself (dsv3.cli names parallel.timeout_minutes for it)."""
+        try:
+            yield
+        except (OSError, RuntimeError, SafetensorError, CheckpointException) as e:
+            if is_collective_timeout(e):
+                raise
+            raise CheckpointWriteError(write_failure(target, e, self.layout.world, self.command)) from e
+
+    def _save(self, snap: dict, wait: bool) -> Path:
         if self.sharded_checkpoints:         # every rank writes its own rows; nothing is gathered
             self.finish_checkpoint()
             pending = save_sharded(self.run_dir, snap["step"], self._sharded_entries(), snap["state"],
@@ -108,5 +133,6 @@ class Checkpointing:
         """Commit the sharded save in flight, if any, once every rank's writes finished (a collective)."""
         if self.in_flight is not None:
             pending, self.in_flight = self.in_flight, None
-            path = pending.commit()
+            with self._naming_write_errors(pending.target):
+                path = pending.commit()
             self.logger.log_event(pending.state["step"], f"checkpoint {path.name} (sharded, in the background)")

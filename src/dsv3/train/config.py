@@ -305,6 +305,13 @@ class ParallelConfig:
     # the rows sent to the experts, and in the backward the gradients sent back to them, in FP8 (E4M3 + 1x128
     # power-of-2 scales; the combine stays BF16: spec 4, dsv3.parallel.fp8_comm); a no-op with ep == 1
     fp8_dispatch: bool = setting(False, Flag())
+    # how long a collective waits for the other ranks before this rank gives up with an error naming this key
+    # (init_process_group's timeout, set on every process group of the job). A rank that hung or died then stops
+    # the job within this time instead of leaving the others waiting (gloo's default is 30 min, NCCL's 10). 30, not
+    # torchtitan's 5 min (init) / 100 s (steps): here the other ranks wait while rank 0 alone builds the token cache,
+    # verifies the checkpoint a --resume takes (sha256 of every file) and commits each save; raise it for a corpus
+    # or checkpoint whose rank-0 phase takes longer (a fraction of a minute is allowed, for tests)
+    timeout_minutes: float = setting(30.0, Real(0, lo_open=True))
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "mtp": MTPConfig,

@@ -29,6 +29,7 @@ one plain process as configured. The fused-AdamW clip-in-optimizer and compiled-
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,8 +47,9 @@ class Layout:
         """cfg: the RunConfig; its layout is validated against the world (RunConfig.check_world) before any group
         is built."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.timeout = timedelta(minutes=cfg.parallel.timeout_minutes)
         if world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=self.timeout)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         par = cfg.parallel
@@ -61,6 +63,19 @@ class Layout:
         self.replicas = self.dp * self.ep                     # ranks that share every micro-batch's rows
         self.share = self.mesh.share if self.mesh is not None else 0
         self.rows = cfg.pipeline_microbatch(self.dp) if self.pp > 1 else None   # rows of a DualPipeV micro-batch
+        self.apply_timeout()
+
+    def apply_timeout(self) -> None:
+        """parallel.timeout_minutes on every process group of this rank. init_process_group's timeout is the
+        default group's only: the mesh's groups, the checkpoint writer's and DualPipe's take torch's defaults (30 min
+        gloo, 10 min NCCL) when made, so the Trainer calls this again once it has made them all. torchtitan sets its
+        step timeout the same way (through the same private setter)."""
+        if not dist.is_initialized():
+            return
+        c10d = dist.distributed_c10d
+        for group in list(c10d._world.pg_map):
+            if not c10d._rank_not_in_group(group):
+                c10d._set_pg_timeout(self.timeout, group)
 
     @property
     def is_main(self) -> bool:
@@ -143,6 +158,38 @@ class Layout:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
+
+    def from_rank_0(self, obj):
+        """Rank 0's `obj` (any picklable value) on every rank (every rank must call it)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def first_error(self, message: str) -> str:
+        """The lowest rank's non-empty `message` ("" when none has one), on every rank (every rank must call it):
+        one decision, and one reason rank 0 can give, for a check that the ranks share out."""
+        if self.world == 1:
+            return message
+        every = [None] * self.world
+        dist.all_gather_object(every, message)
+        return next((m for m in every if m), "")
+
+
+def is_collective_timeout(e: BaseException) -> bool:
+    """Whether `e` is a collective that gave up waiting for another rank (gloo: "Timed out waiting 60000ms for recv
+    operation"; NCCL's watchdog: "... collective operation timeout ..."; the store: "... timed out ...")."""
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("timed out" in text or "operation timeout" in text)
+
+
+def timeout_message(e: BaseException) -> str:
+    """The one line for a collective timeout: what it means, the setting that bounds it, what to do."""
+    first = str(e).strip().split("\n")[0][:200]
+    return (f"a collective waited longer than parallel.timeout_minutes for another rank, which hung, died (see its "
+            f"own error) or was still busy (rank 0 alone building the token cache, verifying or committing a large "
+            f"checkpoint); if it was only slow, raise parallel.timeout_minutes and resume ({first})")
 
 
 class NullLogger:

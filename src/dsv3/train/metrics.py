@@ -114,6 +114,7 @@ class MetricsLogger:
         self.path = self.run_dir / METRICS_FILE
         self.total_steps, self.start_step = total_steps, start_step
         self._f = None  # opened on first write, so truncate_after can rewrite the file before any append
+        self._lost, self._write_failed = 0, False      # records a failed write dropped; said once
         self._tb = self._open_tensorboard() if tensorboard else None
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                          file=sys.stderr) if progress else None
@@ -134,12 +135,35 @@ class MetricsLogger:
     # ---- the JSONL file ----
 
     def _write(self, record: dict) -> dict:
-        if self._f is None:
-            if self.path.exists():
-                _drop_partial_tail(self.path)
-            self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 (held until close())
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        """Append one record. A write that fails (a full disk, an I/O error) drops the record, not the run: a
+        multi-day run must not die on its log when its checkpoints may still have room (a save that has none stops
+        it, in one line). The first failure is said on stderr; the file is reopened at the next record (its partial
+        line cut) and an event then counts the records lost."""
+        try:
+            if self._f is None:
+                if self.path.exists():
+                    _drop_partial_tail(self.path)
+                self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 (held until close())
+            if self._lost:
+                self._f.write(json.dumps({"kind": "event", "step": record["step"], "time": time.time(),
+                                          "message": f"{self._lost} metrics records before this one were lost to "
+                                                     f"write errors"}) + "\n")
+                self._f.flush()
+                self._lost = 0
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as e:
+            self._lost += 1
+            if not self._write_failed:
+                tqdm.write(f"warning: cannot write {self.path} ({e}); its records are dropped until it can be "
+                           f"written, training goes on", file=sys.stderr)
+                self._write_failed = True
+            if self._f is not None:
+                try:
+                    self._f.close()
+                except OSError:          # the close flushes what the failed write left buffered: lost too
+                    pass
+                self._f = None
         return record
 
     def truncate_after(self, step: int) -> int:

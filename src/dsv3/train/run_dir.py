@@ -5,20 +5,24 @@ A run directory holds what `dsv3 train` writes (RUN_FILES) and nothing of a run 
 a fresh start refuses a directory holding checkpoints (continue it with --resume) or an earlier start's metrics
 (its steps would interleave with the new ones); --overwrite starts afresh, deleting exactly RUN_FILES and nothing
 else the directory holds. check_start reads files only, so every rank of a torchrun job reaches the same answer;
-a resume's checkpoint is verified by rank 0 and its choice shared (choose_checkpoint).
+a resume's checkpoint is verified by every rank, each its share of the checksums (choose_checkpoint).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
 import shutil
+import socket
+import time
 from pathlib import Path
+from typing import IO
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from .checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint, newest_valid_checkpoint
+from .checkpoint import checkpoint_dirs, checkpoint_path, checkpoint_step, latest_checkpoint, verify_checkpoint
 from .metrics import METRICS_FILE
 
 RUN_FILES = ("checkpoints", METRICS_FILE, "tensorboard", "plots", "baselines.json", "config.json", "tokenizer")
@@ -121,17 +125,70 @@ def check_start(run_dir: Path, resume: bool, overwrite: bool, cfg=None) -> None:
                               f"pass --overwrite to start afresh (deleting it) or choose another run_dir")
 
 
+LOCK_FILE = ".dsv3-run.lock"
+
+
+def lock_run_dir(run_dir: Path, layout, resume: bool, overwrite: bool, cfg) -> IO | None:
+    """Claim run_dir for this run (rank 0; every rank must call it): two runs in one directory at once would
+    overwrite each other's checkpoints and metrics, and the second's start deletes the first's save in progress
+    (its leftovers) or, with --overwrite, everything. A POSIX lock on LOCK_FILE, held while the process lives: the
+    kernel (and NFS's lock manager) releases it when the process dies, so a killed run leaves no stale lock; being
+    the process's, a second Trainer of the same process is not refused. check_start runs again under the lock (the
+    other run may have written since the first check). Returns the open lock file (None on other ranks); refused:
+    FileExistsError, said by rank 0, every rank stopping."""
+    held, error = None, None
+    if layout.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            held = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held for the run: the lock lives with it)
+            try:
+                fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                held.seek(0)
+                holder = held.read().strip() or "unknown"
+                held.close()
+                held = None
+                raise FileExistsError(f"{run_dir} is in use by another run ({holder}); two runs in one directory "
+                                      f"would overwrite each other's checkpoints and metrics: wait for it to end "
+                                      f"(or stop it), or choose another run_dir") from None
+            held.truncate(0)
+            held.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+            held.flush()
+            check_start(run_dir, resume, overwrite, cfg)
+        except (OSError, ValueError) as e:
+            error = e
+            if held is not None:
+                held.close()
+    if layout.agree(int(error is not None)):
+        if error is None:                   # rank 0 refused: it says why (dsv3.cli)
+            error = FileExistsError(f"{run_dir}: refused by rank 0")
+            error.said_by_rank_0 = True
+        raise error
+    return held
+
+
 def choose_checkpoint(run_dir: Path, layout) -> tuple[Path, list[str]]:
     """--resume: the newest checkpoint whose files match their manifest, and a line for each newer one skipped.
-    Rank 0 reads and verifies them; every rank takes its choice (Layout.agree, an all-reduce, so no rank waits on a
-    rank that failed alone)."""
-    ckpt, skipped = newest_valid_checkpoint(run_dir) if layout.is_main else (None, [])
-    step = layout.agree(checkpoint_step(ckpt) if ckpt is not None else -1)
-    if step < 0:                        # every rank stops; rank 0, which verified them, says why (dsv3.cli)
-        err = CheckpointError(f"--resume: no checkpoint of {run_dir} is intact: " + "; ".join(skipped))
-        err.said_by_rank_0 = True
-        raise err
-    return checkpoint_path(run_dir, step), skipped
+    Every rank checks its share of the checksums (verify_checkpoint's share: rank 0 alone would read the whole
+    checkpoint, terabytes for 671B, while the others wait), of rank 0's list of checkpoints; the lowest rank's
+    error, if any, is every rank's (Layout.first_error, a collective, so no rank waits on a rank that failed)."""
+    skipped = []
+    for step in layout.from_rank_0([checkpoint_step(d) for d in checkpoint_dirs(run_dir)] if layout.is_main
+                                   else None)[::-1]:
+        d, error = checkpoint_path(run_dir, step), ""
+        try:
+            verify_checkpoint(d, (layout.rank, layout.world))
+        except CheckpointError as e:
+            error = str(e)
+        error = layout.first_error(error)
+        if not error:
+            return d, skipped
+        skipped.append(f"skipping checkpoint {d.name}: {error}")
+    # every rank stops; rank 0 says why (dsv3.cli)
+    err = CheckpointError(f"--resume: no checkpoint of {run_dir} is intact: " + "; ".join(skipped))
+    err.said_by_rank_0 = True
+    raise err
 
 
 def clear_run(run_dir: Path) -> list[str]:
@@ -180,3 +237,39 @@ def divergence_advice(run_dir: Path, world: int, lr: float, command: str = "trai
                 f"optim.warmup: {restart_command(run_dir, world, lower, command=command)}")
     return (f"Last healthy checkpoint: {last.name}. Lower optim.lr (now {lr:g}) or raise optim.warmup and resume "
             f"from it: {resume_command(run_dir, world, lower, command=command)}")
+
+
+def _free_space(path: Path) -> str:
+    """The free space of the file system holding `path` (its nearest existing parent), e.g. "1.2 GB"."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    return f"{free / 1e9:.1f} GB" if free >= 1e8 else f"{free / 1e6:.1f} MB"
+
+
+def _first_line(e: BaseException) -> str:
+    """What went wrong, in a line: DCP's CheckpointException wraps each failing rank's exception (the first one)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, failure = next(iter(failures.items()))
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {_first_line(cause)}"
+    text = str(e).strip().split("\n")[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def write_failure(target: Path, e: BaseException, world: int, command: str = "train") -> str:
+    """The one line for a checkpoint save that failed: the checkpoint, the cause, the free space there, and what
+    to do (the earlier checkpoints are intact: the save is atomic)."""
+    run_dir = target.parent.parent
+    last = latest_checkpoint(run_dir)
+    head = (f"cannot write checkpoint {target} ({_first_line(e)}; {_free_space(target)} free there); nothing of it "
+            f"was kept")
+    if last is None:
+        return (f"{head} and the run has no earlier checkpoint: free space (or restore write permission) and start "
+                f"again: {restart_command(run_dir, world, command=command)}")
+    return (f"{head}, the earlier checkpoints are intact (newest {last.name}): free space (or restore write "
+            f"permission) and resume: {resume_command(run_dir, world, command=command)}")

@@ -57,7 +57,7 @@ from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .run_data import prepare_run_data
-from .run_dir import check_start, choose_checkpoint, divergence_advice, resume_command
+from .run_dir import check_start, choose_checkpoint, divergence_advice, lock_run_dir, resume_command
 from .signals import StopSignals
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "StepStats", "build_model", "compute_dtype",
@@ -145,6 +145,8 @@ class Trainer(Checkpointing):
         self.run_dir = Path(cfg.run_dir)
         init_source = self._validate_start(resume, overwrite, source)                      # 1.
         self.layout = Layout(self.device, cfg)     # 2. the process group and the mesh; validates the layout
+        # rank 0 claims the run directory before anything is written there: a second run at once is refused
+        self.run_lock = lock_run_dir(self.run_dir, self.layout, resume, overwrite, cfg)
         ckpt, skipped = choose_checkpoint(self.run_dir, self.layout) if resume else (None, [])
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
         show = cfg.log.progress if progress is None else progress
@@ -156,6 +158,7 @@ class Trainer(Checkpointing):
         if resume:
             self._resume_from(ckpt)
         self._prepare_steps()                                                                # 6.
+        self.layout.apply_timeout()         # parallel.timeout_minutes on the groups made since the mesh
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
                                     start_step=self.step) if self.layout.is_main else NullLogger()   # 7.
         if resume:
