@@ -375,6 +375,10 @@ def test_generate_runs_on_a_release_directory(name, spec, tmp_path, capsys):
     raw = shrunk(name)
     write_release(raw, tmp_path)
     train_tokenizer(TEXTS, vocab_size=300).save(tmp_path)
+    cfg_path = tmp_path / "tokenizer_config.json"          # a release's tokenizer_config.json: add_bos_token only
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["dsv3_document_start"]
+    cfg_path.write_text(json.dumps(cfg))
     assert main(["generate", "--model", str(tmp_path), "--prompt", "the quick", "--max-tokens", "6",
                  "--temperature", "0", "--spec", spec]) == 0
     out = capsys.readouterr().out

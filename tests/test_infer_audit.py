@@ -235,9 +235,9 @@ def test_generate_special_token_text_is_text_unless_asked(capsys, base):
     from dsv3.posttrain.base import load_model_and_tokenizer
     lm, tok = load_model_and_tokenizer(base)
     prompt = "<｜User｜>héllo"
-    # `base` is a Hugging Face directory whose tokenizer_config.json has add_bos_token: the prompt follows BOS
-    as_text = [tok.bos_id] + tok.encode(prompt, split_special_tokens=True)
-    as_control = [tok.bos_id] + tok.encode(prompt)
+    # `base` is a dsv3 export (its tokenizer says documents start after EOS): the prompt follows EOS
+    as_text = [tok.eos_id] + tok.encode(prompt, split_special_tokens=True)
+    as_control = [tok.eos_id] + tok.encode(prompt)
     assert as_text != as_control and 6 in as_control and 6 not in as_text
 
     def engine_text(ids):
@@ -296,17 +296,19 @@ def test_a_list_of_eos_ids_in_the_config_stops_at_any_of_them(model):
 
 
 def test_generate_prefix_follows_the_model_directory(tmp_path):
-    """The token in front of a `generate` prompt: EOS for a dsv3 run directory (its documents are packed doc EOS doc
-    EOS), BOS for a Hugging Face directory whose tokenizer_config.json has add_bos_token (the released V3 / R1: before,
-    they got EOS too), EOS for one without it; --prefix overrides, and bos without a BOS token is refused."""
+    """The token in front of a `generate` prompt: EOS for a dsv3 run directory or a directory whose tokenizer dsv3
+    wrote (documents packed doc EOS doc EOS), BOS for a Hugging Face directory whose tokenizer_config.json has
+    add_bos_token (the released V3 / R1: before, they got EOS too), EOS for one without it; --prefix overrides, and
+    bos without a BOS token is refused."""
     import argparse
-    import json
 
     from dsv3.cli import prompt_prefix
 
     class Tok:
         bos_id, eos_id = 0, 1
-    run, hf, plain = tmp_path / "run", tmp_path / "hf", tmp_path / "plain"
+    from dsv3.data import train_tokenizer
+    run, hf, plain, export = tmp_path / "run", tmp_path / "hf", tmp_path / "plain", tmp_path / "export"
+    train_tokenizer(["a b c d e f"] * 20, vocab_size=300).save(export)       # as `dsv3 export` writes it
     (run / "checkpoints").mkdir(parents=True)
     (run / "tokenizer").mkdir()
     for d in (run / "tokenizer", hf, plain):
@@ -319,6 +321,8 @@ def test_generate_prefix_follows_the_model_directory(tmp_path):
     assert prompt_prefix(args(run), Tok) == [1]
     assert prompt_prefix(args(hf), Tok) == [0]
     assert prompt_prefix(args(plain), Tok) == [1]
+    assert json.loads((export / "tokenizer_config.json").read_text())["add_bos_token"] is True
+    assert prompt_prefix(args(export), Tok) == [1]
     assert prompt_prefix(args(hf, "eos"), Tok) == [1] and prompt_prefix(args(run, "none"), Tok) == []
     Tok.bos_id = None
     with pytest.raises(ValueError, match="no BOS"):

@@ -171,14 +171,17 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def prompt_prefix(args: argparse.Namespace, tokenizer) -> list[int]:
     """The token in front of a `generate` prompt, so that it starts a document as the model saw documents start:
-    dsv3's pre-training packs `doc EOS doc EOS ...` (dsv3.data.packing), DeepSeek's released models start documents
-    with BOS (their tokenizer_config.json: add_bos_token)."""
-    from .eval.run import tokenizer_adds_bos
+    dsv3's pre-training packs `doc EOS doc EOS ...` (dsv3.data.packing; the tokenizers dsv3 writes say so in
+    tokenizer_config.json, and a run directory is dsv3's), DeepSeek's released models start documents with BOS
+    (their tokenizer_config.json: add_bos_token)."""
+    from .data.tokenizer import DOCUMENT_START_KEY
     from .posttrain.base import is_run_dir, tokenizer_dir
     choice = args.prefix
     if choice == "auto":
-        hf_bos = not is_run_dir(args.model) and tokenizer_adds_bos(tokenizer_dir(args.model, args.tokenizer))
-        choice = "bos" if hf_bos else "eos"
+        cfg_path = tokenizer_dir(args.model, args.tokenizer) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        released_bos = cfg.get("add_bos_token") is True and DOCUMENT_START_KEY not in cfg
+        choice = "bos" if released_bos and not is_run_dir(args.model) else "eos"
     if choice == "bos" and tokenizer.bos_id is None:
         raise ValueError("--prefix bos: the tokenizer has no BOS token")
     return {"bos": [tokenizer.bos_id], "eos": [tokenizer.eos_id], "none": []}[choice]

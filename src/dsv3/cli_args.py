@@ -105,7 +105,7 @@ def _plot(sub) -> None:
 def _generate(sub) -> None:
     s = _add(sub, "generate", help="sample a completion from a trained model")
     s.add_argument("--model", required=True, help="a HF directory (dsv3 export) or a training run directory")
-    s.add_argument("--prompt", required=True, help="the text to continue (after an EOS, as documents start)")
+    s.add_argument("--prompt", required=True, help="the text to continue (after the --prefix token)")
     s.add_argument("--tokenizer", default=None, help="default: the model directory's")
     s.add_argument("--max-tokens", type=int, default=128, help="new tokens per sample")
     s.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -119,9 +119,9 @@ def _generate(sub) -> None:
     s.add_argument("--special-tokens", action="store_true", help="read special-token text in the prompt "
                    "(<｜User｜>, <｜end▁of▁sentence｜>) as those tokens; default: as plain text")
     s.add_argument("--prefix", choices=["auto", "bos", "eos", "none"], default="auto",
-                   help="the token in front of the prompt. auto: EOS for a training run directory (dsv3 packs "
-                   "documents as doc EOS doc EOS), for a Hugging Face directory BOS where its tokenizer_config.json "
-                   "has add_bos_token (the released V3 / R1), else EOS")
+                   help="the token in front of the prompt. auto: EOS for a model dsv3 pre-trained (a run directory, or "
+                   "a tokenizer dsv3 wrote: documents packed as doc EOS doc EOS), BOS for a Hugging Face directory "
+                   "whose tokenizer_config.json has add_bos_token (the released V3 / R1), else EOS")
 
 
 def _serve(sub) -> None:

@@ -55,6 +55,9 @@ CHAT_TEMPLATE = (
 )
 
 
+DOCUMENT_START_KEY = "dsv3_document_start"    # tokenizer_config.json: "eos" for the tokenizers dsv3 writes
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of the special tokens (None where the vocabulary lacks one)."""
 
@@ -169,6 +172,9 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,  # anything else breaks the exact byte-level round trip
             "model_max_length": 1 << 30,
             "chat_template": CHAT_TEMPLATE,
+            # what a document starts after in dsv3's pre-training (doc EOS doc EOS: dsv3.data.packing), whatever
+            # add_bos_token says; `dsv3 generate --prefix auto` reads it (transformers ignores the key)
+            DOCUMENT_START_KEY: "eos",
         }
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return out
