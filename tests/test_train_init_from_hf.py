@@ -1,7 +1,9 @@
 """train.init_from pointing at a Hugging Face directory (bf16, or the released FP8 layout with weight_scale_inv): each
 rank reads only the tensors and rows it holds (dsv3.train.hf_shards.load_hf_owned), never the whole model in fp32
-(`load_pretrained` / `source_tensors`, the old path: 64 GB per rank for a 16B model). The run's starting weights
-equal the whole-model load's bit for bit, in one process and over 2 gloo ranks (ep 2; dp 2 with FSDP)."""
+(`load_pretrained` / `source_tensors`, the old path: 64 GB per rank for a 16B model); a sharded checkpoint likewise
+(torch.distributed.checkpoint, the model entries only; the old path read the model, EMA and optimizer state whole).
+The run's starting weights equal the whole-model load's bit for bit, in one process and over 2 gloo ranks (ep 2; dp 2
+with FSDP)."""
 
 from __future__ import annotations
 
@@ -25,13 +27,14 @@ from dsv3.train.init_from import find_source, source_tensors
 # each rank's Trainer from train.init_from: its rows of every tensor and the bytes it read from the files
 RANK_SCRIPT = """
 import os, sys, torch
-import dsv3.checkpoint, dsv3.train.init_from, dsv3.train.trainer as tr
+import dsv3.checkpoint, dsv3.train.checkpoint, dsv3.train.trainer as tr
 from dsv3.parallel.materialize import owned_parameters
 from dsv3.train.config import RunConfig
 def refuse(*a, **k):
     raise AssertionError("the whole model was loaded")
 dsv3.checkpoint.load_pretrained = refuse
 tr.source_tensors = refuse
+dsv3.train.checkpoint.read_tensors = refuse
 read, load = [], tr.load_hf_owned
 tr.load_hf_owned = lambda *a: read.append(load(*a)) or read[-1]
 t = tr.Trainer(RunConfig.from_dict(__import__("json").load(open(sys.argv[1]))))
@@ -61,6 +64,17 @@ def _refuse_whole_model_loads(monkeypatch) -> None:
         raise AssertionError("the whole model was loaded")
     monkeypatch.setattr(dsv3.checkpoint, "load_pretrained", refuse)
     monkeypatch.setattr("dsv3.train.trainer.source_tensors", refuse)
+    monkeypatch.setattr("dsv3.train.checkpoint.read_tensors", refuse)
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    """A one-process run that wrote the sharded format (checkpoint.format), EMA on: its step-2 checkpoint."""
+    from dsv3.train import Trainer
+    t = Trainer(small_run(tmp_path_factory.mktemp("sharded_src"), "src", train={"steps": 2, "ema_decay": 0.9},
+                          checkpoint={"interval": 2, "format": "sharded"}, log={"val_interval": 0}))
+    t.run()
+    return t.run_dir
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fp8"])
@@ -73,6 +87,19 @@ def test_one_process_starts_from_the_whole_model_loads_values_without_loading_it
     assert got.keys() == want.keys()
     for k, v in got.items():
         assert v.dtype == want[k].dtype and torch.equal(v, want[k]), k
+
+
+def test_one_process_starts_from_a_sharded_checkpoints_model_entries_only(tmp_path, sharded_run, monkeypatch):
+    from dsv3.train import Trainer
+    from dsv3.train.checkpoint import read_tensors
+    source = find_source(sharded_run)
+    want = read_tensors(source.checkpoint)["model"]           # the old path: model, EMA and optimizer state whole
+    _refuse_whole_model_loads(monkeypatch)                     # fails on the old code
+    run = small_run(tmp_path, "run", model={"preset": str(sharded_run)}, log={"val_interval": 0},
+                    train={"init_from": str(sharded_run), "steps": 2})
+    got = Trainer(run).model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in got.items())
 
 
 def test_a_damaged_hf_source_is_one_line_naming_the_key_and_the_file(tmp_path, hf_dirs):
@@ -125,18 +152,35 @@ def test_sft_from_a_hf_base_reads_it_rank_by_rank(tmp_path, monkeypatch):
     assert all(torch.equal(v, want.state_dict()[k]) for k, v in got.items())
 
 
-@pytest.mark.parametrize("kind, parallel", [("fp8", {"ep": 2}), ("bf16", {"fsdp": True})], ids=["ep2", "dp2-fsdp"])
-def test_two_ranks_hold_the_whole_loads_rows_and_each_reads_a_part(tmp_path, hf_dirs, kind, parallel):
-    cfg = _run(tmp_path, hf_dirs[kind], parallel, micro_batch_size=4, batch_size=8, batch_size_start=8)
+def _two_ranks(tmp_path, cfg) -> list[dict]:
+    """Each rank's Trainer under torchrun (2 gloo ranks): its rows of every tensor, the bytes it read of a HF source."""
     (tmp_path / "run.json").write_text(json.dumps(cfg.to_dict()))
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(tmp_path / "rank.py"), str(tmp_path / "run.json"), str(tmp_path)], env=ENV_SRC,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2)]
+    return [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2)]
+
+
+BATCH = {"micro_batch_size": 4, "batch_size": 8, "batch_size_start": 8}
+
+
+@pytest.mark.parametrize("kind, parallel", [("fp8", {"ep": 2}), ("bf16", {"fsdp": True})], ids=["ep2", "dp2-fsdp"])
+def test_two_ranks_hold_the_whole_loads_rows_and_each_reads_a_part(tmp_path, hf_dirs, kind, parallel):
+    ranks = _two_ranks(tmp_path, _run(tmp_path, hf_dirs[kind], parallel, **BATCH))
     ref = dsv3.checkpoint.load_pretrained(hf_dirs[kind], dtype=torch.float32)     # the single-process load
     _check(ranks, "hf", {**{n: p.detach() for n, p in ref.named_parameters()}, **dict(ref.named_buffers())})
     files = sum(f.stat().st_size for f in hf_dirs[kind].glob("*.safetensors"))
     assert all(len(res["read"]) == 1 and res["read"][0] < 0.7 * files for res in ranks), \
         ([res["read"] for res in ranks], files)
+
+
+def test_two_ranks_start_from_a_sharded_checkpoints_rows(tmp_path, sharded_run):
+    from dsv3.train.checkpoint import read_tensors
+    cfg = small_run(tmp_path, "run", model={"preset": str(sharded_run)}, log={"val_interval": 0},
+                    parallel={"ep": 2}, train={"init_from": str(sharded_run), "steps": 2, **BATCH})
+    ranks = _two_ranks(tmp_path, cfg)
+    want = read_tensors(find_source(sharded_run).checkpoint)["model"]
+    _check(ranks, "hf", want)
+    assert all(res["read"] == [] for res in ranks)

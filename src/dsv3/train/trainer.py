@@ -48,6 +48,7 @@ from ..parallel.parallelize import parallelize
 from ..parallel.zero import ZeroOne
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
+from .checkpoint import is_sharded, load_sharded
 from .checkpointing import Checkpointing
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger
@@ -212,8 +213,10 @@ class Trainer(Checkpointing):
             self._load_starting_weights(init_state, "the base model")
         elif init_source is not None and init_source.checkpoint is None:
             self._load_hf_starting_weights(init_source.path, f"train.init_from={str(init_source.path)!r}")
-        elif init_source is not None:                                # a dsv3 run's checkpoint
-            self._load_starting_weights(source_tensors(init_source), cfg.train.init_from)
+        elif init_source is not None:           # a dsv3 run's checkpoint: a sharded one read rank by rank
+            ckpt = init_source.checkpoint
+            self._load_starting_weights(ckpt if is_sharded(ckpt) else source_tensors(init_source),
+                                        cfg.train.init_from)
         self.layers = moe_layers(self.model)
         # ZeRO-1 (parallel.zero1): the optimizer steps only this rank's rows of each replicated parameter and the
         # replicas all-gather the updated rows (dsv3.parallel.zero)
@@ -227,12 +230,17 @@ class Trainer(Checkpointing):
         self.ema = CPUEma(self.local.roots, cfg.train.ema_decay, ema_group) if cfg.train.ema_decay > 0 else None
         return shard_note
 
-    def _load_starting_weights(self, whole: dict[str, torch.Tensor], where: str) -> None:
-        """This rank's rows of the starting weights (a fine-tune's base model, train.init_from's source)."""
+    def _load_starting_weights(self, whole: dict[str, torch.Tensor] | Path, where: str) -> None:
+        """This rank's rows of the starting weights (a fine-tune's base model, train.init_from's source): whole
+        tensors, or a sharded checkpoint read rank by rank whatever layout wrote it (torch.distributed.checkpoint; a
+        collective), its model entries only, neither the optimizer state nor the EMA."""
         entries = {k: v for k, v in owned_state(self.local.roots).items() if k.startswith("model/")}
         try:
-            fill_entries(entries, {f"model/{k}": v for k, v in whole.items()})    # this rank's rows only
-        except (KeyError, ValueError) as e:
+            if isinstance(whole, Path):
+                load_sharded(whole, lambda _: entries, restore_rng=False)
+            else:
+                fill_entries(entries, {f"model/{k}": v for k, v in whole.items()})    # this rank's rows only
+        except (KeyError, ValueError) as e:        # (a CheckpointError is a ValueError)
             raise ConfigError(f"invalid run config: the starting weights ({where}) do not fit the model: {e} "
                               f"(a model without its MTP module? set model.num_nextn_predict_layers=0)") from None
 
