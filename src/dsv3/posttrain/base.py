@@ -60,15 +60,41 @@ def load_model_and_tokenizer(model_path: str | Path, tokenizer_path: str | None 
 
 @dataclass
 class Base:
-    """A starting point: its model config, fp32 CPU weights, tokenizer and chat template source."""
+    """A starting point: its model config, weights, tokenizer and chat template source. `state`: a training run's
+    fp32 CPU weights; None for a Hugging Face directory, which the Trainer reads rank by rank, each rank only the
+    rows it holds (dsv3.train.hf_shards): a 16B base never exists whole in fp32 on every rank's host."""
     path: Path
     model_config: ModelConfig
-    state: dict
+    state: dict | None
     tokenizer: object
     template: str | None
 
+    @property
+    def weights(self) -> dict | Path:
+        """The Trainer's `init_state`: the weights, or the Hugging Face directory to read them from."""
+        return self.path if self.state is None else self.state
+
+    def whole_state(self) -> dict:
+        """Every weight in fp32 on the host (GRPO's frozen reference model is a whole model)."""
+        if self.state is not None:
+            return self.state
+        from ..checkpoint import load_pretrained
+        return load_pretrained(self.path, dtype=torch.float32).state_dict()
+
 
 def load_base(path: str | Path, ema: bool = False) -> Base:
+    path = Path(path)
+    if path.is_dir() and not is_run_dir(path):       # a Hugging Face directory: its config and tokenizer only
+        from ..checkpoint.hf import CheckpointReader
+        from ..data import Tokenizer
+        from ..train.hf_shards import check_hf_names
+        if ema:
+            raise ValueError(f"{path} is a Hugging Face directory: it has no EMA weights (ema applies to run "
+                             f"directories)")
+        tokenizer = Tokenizer.load(tokenizer_dir(path))
+        config = CheckpointReader(path).model_config()      # load_pretrained's: less an MTP module it lacks
+        check_hf_names(path, config)                        # refused before the run writes a file, as before
+        return Base(path, config, None, tokenizer, chat_template_of(path))
     model, tokenizer = load_model_and_tokenizer(path, ema=ema)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Base(Path(path), model.config, state, tokenizer, chat_template_of(tokenizer_dir(path)))
+    return Base(path, model.config, state, tokenizer, chat_template_of(tokenizer_dir(path)))

@@ -64,7 +64,7 @@ class GRPOTrainer(Trainer):
                               f"grpo.max_new_tokens={section.max_new_tokens} exceed the model's context of "
                               f"{base.model_config.max_position_embeddings}")
         super().__init__(cfg, resume=resume, progress=progress, overwrite=overwrite, source=source,
-                         init_state=base.state)
+                         init_state=base.weights)
         rows, block = section.prompts_per_step * section.group_size, 16
         self.engine = Engine(self.model, base.tokenizer, EngineConfig(
             block_size=block, num_blocks=rows * -(-longest // block) + 1, max_num_seqs=rows,
@@ -72,7 +72,7 @@ class GRPOTrainer(Trainer):
         self.reference = None
         if section.beta > 0:       # the frozen starting policy; beta = 0 loads none
             self.reference = type(self.model)(cfg.model).to(self.device)
-            self.reference.load_state_dict(base.state)
+            self.reference.load_state_dict(base.whole_state())
             self.reference.eval().requires_grad_(False)
         self.rollouts: Rollouts | None = None
         self.uses = 0

@@ -121,7 +121,7 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
     source = ChatBatches(base.tokenizer, train, val, cfg.train.micro_batch_size, cfg.log.val_batches, section.seed)
     # step 4: the pre-training Trainer on this source, from the base's weights
     trainer = make_trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, source=source,
-                           init_state=base.state)
+                           init_state=base.weights)
     if type(trainer) is Trainer:
         trainer.command = "sft"
     lines = [f"SFT from {section.init}: train data {report.summary()}"] + (

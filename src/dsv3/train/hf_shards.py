@@ -30,6 +30,24 @@ def hf_sources(names: dict) -> dict[str, dict[int | None, str]]:
     return out
 
 
+def check_hf_names(path: str | Path, config: ModelConfig) -> tuple[CheckpointReader, dict]:
+    """The directory's reader and the full model's HF names, refused (CheckpointError) unless its tensors are
+    exactly the model's; reads the index only, so a run checks its source before writing a file."""
+    reader = CheckpointReader(path)
+    with torch.device("meta"):
+        names = hf_name_map(Transformer(config))      # the full model's names, without allocating it
+    reader.check_names(names)
+    return reader, names
+
+
+def hf_source_error(where: str, e: CheckpointError) -> str:
+    """The run config's one line for a Hugging Face starting point that does not load (`where`: the key, or the
+    base model)."""
+    hint = " (a model without its MTP module? set model.num_nextn_predict_layers=0)" \
+        if "missing tensors" in str(e) else ""
+    return f"invalid run config: {where}: {e}{hint}"
+
+
 class _Slices:
     """safetensors files opened once; rows [a, b) of a tensor, FP8 dequantised by whole scale blocks."""
 
@@ -67,10 +85,7 @@ class _Slices:
 def load_hf_owned(modules: Iterable[nn.Module], path: str | Path, config: ModelConfig) -> int:
     """Fill what this rank holds of `modules` (materialised, laid out; `config` the full model's) from the HF
     directory `path`, reading only its own tensors and rows. Returns the bytes read from the files."""
-    reader = CheckpointReader(path)
-    with torch.device("meta"):
-        names = hf_name_map(Transformer(config))      # the full model's names, without allocating it
-    reader.check_names(names)
+    reader, names = check_hf_names(path, config)
     sources = hf_sources(names)
     files = _Slices(reader)
     for o in owned_parameters(modules, buffers=True):

@@ -88,7 +88,8 @@ def check_extension(model: ModelConfig, seq_len: int, source: Source) -> None:
 
 
 def source_tensors(source: Source) -> dict[str, torch.Tensor]:
-    """The source's weights and buffers as whole tensors by parameter name (the trainer copies each rank's rows)."""
+    """The source's weights and buffers as whole tensors by parameter name (the trainer copies each rank's rows).
+    The Trainer uses it for a dsv3 checkpoint only: a HF directory is read rank by rank (dsv3.train.hf_shards)."""
     if source.checkpoint is not None:
         from .checkpoint import read_tensors
         return read_tensors(source.checkpoint)["model"]
