@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/issue15_gpu.sh              on the GPU (from the repo root; carry .whl for the torchao peer)
 #   DRY_RUN=1 bash benchmarks/issue15_gpu.sh    on the CPU: every step at tiny sizes (that the commands run)
-#   SKIP="tests grouped" BUDGET=400 bash ...     leave steps out (names below) when device time is short
+#   SKIP="tests grouped" BUDGET=400 bash ...     leave steps out (names below) when device time is short;
+#                                                ARMS=... replaces the step arms
 #
 # Steps (limit, s):
 #   tests    (120) the new FP8 weight-gradient kernels and the FP8 experts on CUDA: bit-equal quantiser,
@@ -76,7 +77,7 @@ step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_fp8_group
   -k "cuda or (compiled and wgrad)"
 step grouped 110 $PY benchmarks/fp8_grouped_bench.py
 step step 330 $PY benchmarks/train_lite8l.py --compare --micro-batches 4 \
-  --arms bf16,row-exponly,torchao-exponly,torchao,row-exponly-w8 \
+  --arms ${ARMS:-bf16,row-exponly,torchao-exponly,torchao,row-exponly-w8} \
   --compile --dtype bf16-params --state-dtype bf16 --no-mtp --steps 4 --warmup 2
 step loss 170 $PY benchmarks/fp8_loss_gpu.py --steps 300 --batch 2 --arms bf16,row-fp8-wgrad
 step dense 60 $PY benchmarks/fp8_gemm_bench.py --training
