@@ -108,6 +108,24 @@ def test_beta_builds_a_frozen_reference_and_logs_kl(base, tmp_path):
     assert recs[-1]["kl"] > 0          # after updates the policy left the reference
 
 
+def test_the_reference_has_the_policys_dtype_and_values(base, tmp_path):
+    """bf16-params: the reference is built as the policy is (bf16, the routing bias fp32) and equals it before any
+    update, so the KL starts at 0 (an fp32 reference beside a bf16 policy did not, at twice the memory)."""
+    path = run_file(tmp_path, base, "bf16", beta=0.1)
+    d = json.loads(path.read_text())
+    d["train"]["dtype"] = "bf16-params"
+    path.write_text(json.dumps(d))
+    t = grpo_trainer(path, [], reward_model=LengthMod3())
+    ref, pol = dict(t.reference.named_parameters()), dict(t.model.named_parameters())
+    assert ref.keys() == pol.keys()
+    for k, p in pol.items():
+        assert ref[k].dtype == p.dtype and torch.equal(ref[k], p), k
+    assert {p.dtype for p in ref.values()} == {torch.bfloat16}
+    biases = [b for k, b in t.reference.named_buffers() if k.endswith("correction_bias")]
+    assert biases and all(b.dtype == torch.float32 for b in biases)
+    t.logger.close()
+
+
 def test_resume_is_exact(base, tmp_path):
     t = grpo_trainer(run_file(tmp_path, base, "full"), [], reward_model=LengthMod3())
     t.run()

@@ -33,7 +33,7 @@ import torch
 from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
 from ..infer import Engine, EngineConfig
-from ..train.trainer import Trainer
+from ..train.trainer import Trainer, build_model
 from ..verify.sandbox import self_check
 from .base import load_base
 from .config import check_paths, read_posttrain_dict, section_from_table, split_config
@@ -71,7 +71,9 @@ class GRPOTrainer(Trainer):
             max_num_batched_tokens=max(2048, rows), cuda_graphs=False))
         self.reference = None
         if section.beta > 0:       # the frozen starting policy; beta = 0 loads none
-            self.reference = type(self.model)(cfg.model).to(self.device)
+            # built as the policy is (build_model): its parameter dtype (bf16 with train.dtype=bf16-params, so the
+            # KL starts at 0 and the copy takes half the memory) and initialised on the device, not on the host
+            self.reference = build_model(cfg, self.device)
             self.reference.load_state_dict(base.whole_state())
             self.reference.eval().requires_grad_(False)
         self.rollouts: Rollouts | None = None
