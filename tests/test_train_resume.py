@@ -162,8 +162,10 @@ def test_the_issues_lr_1e4_run_leaves_no_dead_checkpoint_and_its_advice_works(tm
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps(small_run(tmp_path, "lr", **{**SECTIONS, "checkpoint": {"interval": 1}}).to_dict()))
     assert main(["train", "--config", str(cfg), "optim.lr=1e4", "--quiet"]) == 3
-    line = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()
+    line = err[-1]
     assert "non-finite" in line and checkpoint_dirs(tmp_path / "lr") == []
+    assert sum("non-finite" in e for e in err) == 1, err      # said once (the event record keeps it too)
     cmd = line.split("start afresh with a lower optim.lr (now 10000) or a longer optim.warmup: ", 1)[1].split()
     assert cmd[:3] == ["dsv3", "train", "--overwrite"] and cmd[-1] == "optim.lr=1000"
     assert main([*cmd[1:-1], "optim.lr=3e-3", "--quiet"]) == 0           # a sane LR, as the advice says

@@ -213,10 +213,12 @@ class MetricsLogger:
         self._scalars("val", rec)
         return rec
 
-    def log_event(self, step: int, message: str) -> dict:
-        """Log an "event" record (spike, NaN stop, checkpoint, resume) and print it above the progress bar."""
+    def log_event(self, step: int, message: str, echo: bool = True) -> dict:
+        """Log an "event" record (spike, NaN stop, checkpoint, resume) and print it above the progress bar (not with
+        `echo=False`: a message that an exception carries to the one line the CLI prints)."""
         rec = self._write({"kind": "event", "step": int(step), "time": time.time(), "message": str(message)})
-        tqdm.write(f"[step {step}] {message}", file=sys.stderr)
+        if echo:
+            tqdm.write(f"[step {step}] {message}", file=sys.stderr)
         if self._tb is not None:
             self._tb.add_text("events", str(message), step)
         return rec
