@@ -108,19 +108,22 @@ def test_beta_builds_a_frozen_reference_and_logs_kl(base, tmp_path):
     assert recs[-1]["kl"] > 0          # after updates the policy left the reference
 
 
-def test_the_reference_has_the_policys_dtype_and_values(base, tmp_path):
-    """bf16-params: the reference is built as the policy is (bf16, the routing bias fp32) and equals it before any
-    update, so the KL starts at 0 (an fp32 reference beside a bf16 policy did not, at twice the memory)."""
-    path = run_file(tmp_path, base, "bf16", beta=0.1)
+@pytest.mark.parametrize("dtype", ["bf16-params", "fp32"])
+def test_the_reference_has_the_policys_dtype_and_values(base, tmp_path, monkeypatch, dtype):
+    """The reference is built as the policy is (bf16 with bf16-params, the routing bias fp32) and equals it before
+    any update, so the KL starts at 0 (an fp32 reference beside a bf16 policy did not, at twice the memory); from a
+    Hugging Face base it is read tensor by tensor, never loaded whole in fp32 on the host."""
+    path = run_file(tmp_path, base, "ref", beta=0.1)
     d = json.loads(path.read_text())
-    d["train"]["dtype"] = "bf16-params"
+    d["train"]["dtype"] = dtype
     path.write_text(json.dumps(d))
+    monkeypatch.setattr("dsv3.checkpoint.load_pretrained", lambda *a, **k: pytest.fail("loaded whole"))
     t = grpo_trainer(path, [], reward_model=LengthMod3())
     ref, pol = dict(t.reference.named_parameters()), dict(t.model.named_parameters())
     assert ref.keys() == pol.keys()
     for k, p in pol.items():
         assert ref[k].dtype == p.dtype and torch.equal(ref[k], p), k
-    assert {p.dtype for p in ref.values()} == {torch.bfloat16}
+    assert {p.dtype for p in ref.values()} == {torch.bfloat16 if dtype == "bf16-params" else torch.float32}
     biases = [b for k, b in t.reference.named_buffers() if k.endswith("correction_bias")]
     assert biases and all(b.dtype == torch.float32 for b in biases)
     t.logger.close()

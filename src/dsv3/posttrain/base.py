@@ -74,13 +74,6 @@ class Base:
         """The Trainer's `init_state`: the weights, or the Hugging Face directory to read them from."""
         return self.path if self.state is None else self.state
 
-    def whole_state(self) -> dict:
-        """Every weight in fp32 on the host (GRPO's frozen reference model is a whole model)."""
-        if self.state is not None:
-            return self.state
-        from ..checkpoint import load_pretrained
-        return load_pretrained(self.path, dtype=torch.float32).state_dict()
-
 
 def load_base(path: str | Path, ema: bool = False) -> Base:
     path = Path(path)

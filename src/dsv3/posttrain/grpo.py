@@ -33,6 +33,7 @@ import torch
 from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
 from ..infer import Engine, EngineConfig
+from ..train.hf_shards import load_hf_owned
 from ..train.trainer import Trainer, build_model
 from ..verify.sandbox import self_check
 from .base import load_base
@@ -72,9 +73,13 @@ class GRPOTrainer(Trainer):
         self.reference = None
         if section.beta > 0:       # the frozen starting policy; beta = 0 loads none
             # built as the policy is (build_model): its parameter dtype (bf16 with train.dtype=bf16-params, so the
-            # KL starts at 0 and the copy takes half the memory) and initialised on the device, not on the host
+            # KL starts at 0 and the copy takes half the memory), on the device; a Hugging Face base is read from
+            # its files tensor by tensor (hf_shards), never whole in fp32 on the host (64 GB for a 16B model)
             self.reference = build_model(cfg, self.device)
-            self.reference.load_state_dict(base.whole_state())
+            if base.state is None:
+                load_hf_owned([self.reference], base.path, cfg.model)
+            else:
+                self.reference.load_state_dict(base.state)
             self.reference.eval().requires_grad_(False)
         self.rollouts: Rollouts | None = None
         self.uses = 0
