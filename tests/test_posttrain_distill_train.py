@@ -4,6 +4,7 @@ teacher; a tokenizer mismatch in logit mode and a teacher whose samples all fail
 import json
 
 import pytest
+import torch
 
 from dsv3.config import ConfigError
 from dsv3.posttrain.distill import distill_trainer
@@ -61,3 +62,30 @@ def test_epochs_and_train_steps_both_set_is_refused_before_the_teacher_runs(base
     with pytest.raises(ConfigError, match="train.steps=12 and distill.epochs=1"):
         distill_trainer(run_file(tmp, "both", teacher=str(teacher), init=str(student), prompts=4, epochs=1), [])
     assert not (tmp / "both").exists()          # refused before the teacher sampled (or wrote) anything
+
+
+def test_the_teacher_lives_on_the_students_device_in_its_compute_dtype(monkeypatch):
+    """The teacher answers (rejection sampling) and scores on train.device, in the step's compute dtype: it was
+    loaded in fp32 on the host whatever the run said, so a GPU run sampled its distillation data on the CPU."""
+    from dsv3.posttrain.distill import teacher_placement
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert teacher_placement({"train": {"device": "cpu"}}) == (torch.device("cpu"), torch.float32)
+    assert teacher_placement({"train": {"device": "cpu", "dtype": "bf16"}}) == (torch.device("cpu"), torch.bfloat16)
+    auto = teacher_placement({})
+    assert auto[0].type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert auto[1] == (torch.bfloat16 if auto[0].type == "cuda" else torch.float32)
+    with pytest.raises(ConfigError, match="train.device"):
+        teacher_placement({"train": {"device": "gpu"}})
+
+
+def test_a_bf16_run_scores_with_a_bf16_teacher(bases):
+    tmp, teacher, student, data = bases
+    path = run_file(tmp, "kd16", teacher=str(teacher), init=str(student), mode="logit", train_files=[str(data)],
+                    kd_weight=1.0, top_k=8)
+    d = json.loads(path.read_text())
+    d["train"].update(dtype="bf16", steps=2)
+    path.write_text(json.dumps(d))
+    t, _ = distill_trainer(path, [])
+    assert {p.dtype for p in t.teacher.parameters()} == {torch.bfloat16}
+    t.run()
+    assert all(r["kd_loss"] == r["kd_loss"] for r in read_metrics(t.run_dir, kind="train"))   # finite, not NaN

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
 from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
-from ..train.trainer import Trainer, lm_losses, split_batch
+from ..train.config import RunConfig
+from ..train.trainer import Trainer, compute_dtype, lm_losses, resolve_device, split_batch
 from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
 from .config import check_length, check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl
@@ -113,7 +115,8 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
         raise ConfigError("invalid distill config: distill.teacher is required (a run directory or a HF directory)")
     out = Path(d.get("run_dir", "runs/run"))
     check_start(out, resume, overwrite)           # before the teacher spends any time
-    teacher, tok = load_model_and_tokenizer(s.teacher)
+    device, dtype = teacher_placement(d)
+    teacher, tok = load_model_and_tokenizer(s.teacher, dtype=dtype, device=device)
     if s.mode == "logit":         # before the teacher spends any time: logits are compared id by id
         _check_logit_pair(s, teacher.config.vocab_size)
     lines, files = [], list(s.train_files)
@@ -143,6 +146,18 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
     for line in lines:
         trainer.logger.log_event(0, line)
     return trainer, lines + more
+
+
+def teacher_placement(d: dict) -> tuple[torch.device, torch.dtype]:
+    """Where the frozen teacher lives: the student's device (train.device; under torchrun this rank's GPU), so that
+    the rejection sampling runs there and not on the host, in the step's compute dtype (bf16 on CUDA: half the
+    memory of fp32, and what autocast computes in anyway)."""
+    train = RunConfig.from_dict({"train": d.get("train", {})}).train       # validated: one line naming the key
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and train.device in ("auto", "cuda"):
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    else:
+        device = resolve_device(train.device)
+    return device, compute_dtype(train.dtype, device)
 
 
 def _model_vocab(path: str | Path) -> int | None:
