@@ -333,7 +333,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import EngineProcess, build_app
     from .serve.async_engine import engine_threads
     from .serve.guard import default_allowed_hosts
+    from .serve.sampling_defaults import read_sampling_defaults
     path = Path(args.model)
+    defaults = read_sampling_defaults(path) if args.generation_config == "auto" else {}   # before any loading
     tok_dir = tokenizer_dir(args.model, args.tokenizer)
     tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
     device = _device(args.device)
@@ -371,11 +373,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     name = args.served_model_name or path.resolve().name
     limit = {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
     app = build_app(engine, tokenizer, name, api_key=args.api_key, max_pending=args.max_pending,
-                    chat_template=template, metrics_public=args.metrics_public,
+                    chat_template=template, metrics_public=args.metrics_public, sampling_defaults=defaults,
                     allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts), **limit)
     limits = app.state.async_engine.limits
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {threads} torch threads; context "
           f"{limits.max_model_len}, cache {limits.capacity} tokens)", flush=True)
+    if defaults:
+        print("sampling defaults from generation_config.json: " + ", ".join(f"{k} {v}" for k, v in defaults.items())
+              + " (--generation-config none: OpenAI's)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
 
 

@@ -150,6 +150,9 @@ def _serve(sub) -> None:
     s.add_argument("--spec", type=int, default=0, help="MTP speculative draft tokens")
     s.add_argument("--fp8", action="store_true", help="serve weights in the released FP8 block format")
     s.add_argument("--chat-template", default=None, help="a Jinja file (default: tokenizer_config.json's)")
+    s.add_argument("--generation-config", choices=["auto", "none"], default="auto", help="auto: the temperature, "
+                   "top_p and top_k of the model's generation_config.json are the defaults of a request that leaves "
+                   "them out (DeepSeek-V3 / R1: 0.6, 0.95); none: OpenAI's (1.0, 1.0, off)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on "
                    "the CPU")

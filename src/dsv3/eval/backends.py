@@ -167,8 +167,10 @@ class OpenAIBackend:
                  seed: int) -> list[list[str | Failure]]:
         out = []
         for p in prompts:
-            r = self._create(prompt=[p], n=k, temperature=temperature, max_tokens=max_tokens, stop=stop or None,
-                             seed=seed)
+            # top_p 1 said, not left to the server: a server's own defaults (dsv3 serve's are the model's
+            # generation_config.json) would sample otherwise than the local engine's backend does
+            r = self._create(prompt=[p], n=k, temperature=temperature, top_p=1.0, max_tokens=max_tokens,
+                             stop=stop or None, seed=seed)
             choices = r if isinstance(r, Failure) else self._choices(r, k)
             if isinstance(choices, Failure):
                 out.append([choices] * k)

@@ -23,7 +23,8 @@ router = APIRouter(route_class=WorkerBodyRoute)
 async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     state = get_state(request)
     check_model(req.model, state.model_name)
-    plan = await state.run(plan_chat, req, state.limits, state.tokenizer, state.template, state.aengine.max_pending)
+    plan = await state.run(plan_chat, req, state.limits, state.tokenizer, state.template, state.aengine.max_pending,
+                           state.options.sampling_defaults)
     handles = submit_all(state.aengine, plan.jobs)
     state.metrics.request("/v1/chat/completions", [len(plan.prompt_ids[0])])
     head = Head.new("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion", state.model_name)

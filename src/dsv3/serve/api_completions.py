@@ -27,7 +27,8 @@ router = APIRouter(route_class=WorkerBodyRoute)
 async def create_completion(req: CompletionRequest, request: Request):
     state = get_state(request)
     check_model(req.model, state.model_name)
-    plan = await state.run(plan_completion, req, state.limits, state.tokenizer, state.aengine.max_pending)
+    plan = await state.run(plan_completion, req, state.limits, state.tokenizer, state.aengine.max_pending,
+                           state.options.sampling_defaults)
     handles = submit_all(state.aengine, plan.jobs)
     state.metrics.request("/v1/completions", [len(ids) for ids in plan.prompt_ids])
     head = Head.new("cmpl", "text_completion", state.model_name)

@@ -74,9 +74,10 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = REQUEST
     model: str | None = None
-    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = 1.0
-    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = 0     # -1 or 0: off
+    # None (left out): the server's defaults, the model's generation_config.json or else 1.0 / 1.0 / off
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None     # -1 or 0: off
     seed: Annotated[int, Field(ge=-2**63, lt=2**64)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None

@@ -13,6 +13,7 @@ Chat content is rendered with data/chat.py: its special-token strings are text, 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import jinja2
@@ -22,6 +23,7 @@ from ..data.chat import encode_pieces
 from ..infer import SamplingParams
 from ..infer.engine import RequestLimits, check_request
 from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
+from .sampling_defaults import OPENAI_DEFAULTS
 
 
 @dataclass
@@ -46,12 +48,16 @@ def check_batch(n_jobs: int, max_pending: int) -> None:
 
 
 def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, defaults: Mapping | None = None) -> SamplingParams:
+    """The engine job of a request; what it leaves out comes from `defaults` (the model's generation_config.json,
+    serve/sampling_defaults.py), else OpenAI's."""
+    d = {**OPENAI_DEFAULTS, **(defaults or {})}
+    top_k = d["top_k"] if req.top_k is None else req.top_k
     try:
         return SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if req.top_k in (None, -1) else req.top_k, max_tokens=max_tokens,
+            temperature=d["temperature"] if req.temperature is None else req.temperature,
+            top_p=d["top_p"] if req.top_p is None else req.top_p,
+            top_k=0 if top_k == -1 else top_k, max_tokens=max_tokens,
             seed=None if req.seed is None else (req.seed + seed_offset) % 2**63, stop=req.stop_list(),
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs)
@@ -101,7 +107,8 @@ def render_chat(render, messages: list[ChatMessage], *args):
         raise APIError(f"the chat template cannot render these messages: {e}", param="messages") from None
 
 
-def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, max_pending: int) -> Plan:
+def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, max_pending: int,
+                    defaults: Mapping | None = None) -> Plan:
     prompts = req.prompts()
     check_batch(len(prompts) * req.n, max_pending)
     score_only = req.max_tokens == 0           # echo with no completion: generate one token, drop it
@@ -116,16 +123,17 @@ def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: To
         max_tokens = 1 if score_only else (req.max_tokens or default_max_tokens(limits, len(ids)))
         fits_context(limits, len(ids), max_tokens)
         # the choices differ only in their seed: the prompt and max_tokens are checked once
-        check_prompt(ids, sampling_params(req, max_tokens, 0, req.logprobs, prompt_lp), limits, tokenizer)
+        check_prompt(ids, sampling_params(req, max_tokens, 0, req.logprobs, prompt_lp, defaults), limits, tokenizer)
         plan.prompt_ids.append(ids)
-        plan.jobs += [(ids, sampling_params(req, max_tokens, j, req.logprobs, prompt_lp)) for j in range(req.n)]
+        plan.jobs += [(ids, sampling_params(req, max_tokens, j, req.logprobs, prompt_lp, defaults))
+                      for j in range(req.n)]
         if req.echo:
             plan.echo.append(p if isinstance(p, str) else tokenizer.decode(ids))
     return plan
 
 
 def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, template: ChatTemplate,
-              max_pending: int) -> Plan:
+              max_pending: int, defaults: Mapping | None = None) -> Plan:
     check_batch(req.n, max_pending)
     asked = req.max_completion_tokens or req.max_tokens
     n_chars = len(render_chat(template.render, req.messages, req.add_generation_prompt))     # milliseconds for MBs
@@ -135,8 +143,8 @@ def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Toke
     max_tokens = asked or default_max_tokens(limits, len(ids))
     fits_context(limits, len(ids), max_tokens)
     n_top = (req.top_logprobs or 0) if req.logprobs else None
-    check_prompt(ids, sampling_params(req, max_tokens, 0, n_top), limits, tokenizer)
-    return Plan([ids], [(ids, sampling_params(req, max_tokens, j, n_top)) for j in range(req.n)])
+    check_prompt(ids, sampling_params(req, max_tokens, 0, n_top, defaults=defaults), limits, tokenizer)
+    return Plan([ids], [(ids, sampling_params(req, max_tokens, j, n_top, defaults=defaults)) for j in range(req.n)])
 
 
 def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:

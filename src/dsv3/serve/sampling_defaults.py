@@ -1,0 +1,52 @@
+"""The model's own sampling defaults: what a request that leaves temperature / top_p / top_k out samples with.
+
+A release's `generation_config.json` says how its authors sample it (DeepSeek-V3 and R1: temperature 0.6, top_p
+0.95); OpenAI's defaults (1.0, 1.0) would sample such a model hotter than intended whenever a client omits them, as
+the `openai` client does unless told. As vLLM's `--generation-config auto`: the keys present there become the
+server's defaults, a request's own values still win, and `do_sample` is not read (a release that sets a
+temperature means it). Values are checked against the request ranges when the server starts, one line naming the
+file and key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+FILE = "generation_config.json"
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+def _check(key: str, v) -> bool:
+    if isinstance(v, bool):
+        return False
+    if key == "top_k":
+        return isinstance(v, int) and v >= -1
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return False
+    return 0 <= v <= 2 if key == "temperature" else 0 < v <= 1
+
+
+def read_sampling_defaults(model_dir: str | Path) -> dict:
+    """{temperature, top_p, top_k} from `model_dir`'s generation_config.json, only the keys it sets ({} without
+    the file). A value outside the request ranges is a ValueError naming the file and key."""
+    path = Path(model_dir) / FILE
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON object ({e}); pass --generation-config none to ignore it") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not a JSON object; pass --generation-config none to ignore it")
+    out = {}
+    for key in OPENAI_DEFAULTS:
+        if d.get(key) is None:
+            continue
+        if not _check(key, d[key]):
+            ranges = {"temperature": "a number in [0, 2]", "top_p": "a number in (0, 1]", "top_k": "an integer >= -1"}
+            raise ValueError(f"{path}: {key}={d[key]!r} must be {ranges[key]}; pass --generation-config none to "
+                             f"ignore the file")
+        out[key] = 0 if key == "top_k" and d[key] == -1 else d[key]
+    return out
