@@ -252,6 +252,47 @@ def test_generate_special_token_text_is_text_unless_asked(capsys, base):
     assert rc == 0 and out.startswith("héllo\n")
 
 
+def test_generate_samples_as_the_models_generation_config_says_unless_told(capsys, base, tmp_path):
+    """The flags left out come from generation_config.json (a release's own temperature / top_p), else 0.8 / 50 /
+    0.95: a file that says temperature 0 makes every seed's sample the greedy one; --temperature still wins."""
+    import argparse
+
+    from dsv3.cli import generate_sampling
+    d = tmp_path / "g"
+    shutil.copytree(base, d)
+    ns = lambda **kw: argparse.Namespace(model=str(d), **{"temperature": None, "top_k": None, "top_p": None, **kw})  # noqa: E731
+    assert generate_sampling(ns()) == {"temperature": 0.8, "top_k": 50, "top_p": 0.95}       # no file
+    (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    assert generate_sampling(ns()) == {"temperature": 0.6, "top_k": 50, "top_p": 0.9}
+    assert generate_sampling(ns(temperature=0.0, top_p=1.0)) == {"temperature": 0.0, "top_k": 50, "top_p": 1.0}
+    (d / "generation_config.json").write_text(json.dumps({"temperature": 0}))
+    flags = ["--model", str(d), "--prompt", "def f(x):", "--max-tokens", "8"]
+    greedy = generate(capsys, *flags, "--temperature", "0")
+    assert greedy[0] == 0
+    assert {generate(capsys, *flags, "--seed", str(k))[1] for k in range(3)} == {greedy[1]}
+    assert len({generate(capsys, *flags, "--seed", str(k), "--temperature", "1.5")[1] for k in range(4)}) > 1
+    (d / "generation_config.json").write_text(json.dumps({"temperature": 9}))
+    rc, _, err = generate(capsys, *flags)
+    assert rc == 2 and "generation_config.json: temperature=9" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_runs_on_the_device_and_dtype_asked(capsys, base, monkeypatch):
+    """--device / --dtype (default: cuda in bf16 where there is one): generate always ran on the CPU in fp32."""
+    import dsv3.cli
+    seen = {}
+    real = dsv3.cli.load_model_and_tokenizer
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+    monkeypatch.setattr(dsv3.cli, "load_model_and_tokenizer", spy)
+    rc, out, _ = generate(capsys, "--model", str(base), "--prompt", "x", "--max-tokens", "3", "--device", "cpu",
+                          "--dtype", "bf16")
+    assert rc == 0 and seen["device"] == "cpu" and seen["dtype"] == torch.bfloat16
+    rc, out, _ = generate(capsys, "--model", str(base), "--prompt", "x", "--max-tokens", "3")
+    assert rc == 0 and seen["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_generate_ctrl_c_exits_with_one_line(capsys, base, monkeypatch):
     def interrupted(self, *a, **k):
         raise KeyboardInterrupt

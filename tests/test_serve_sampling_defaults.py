@@ -1,4 +1,4 @@
-"""The model's generation_config.json as the server's sampling defaults (serve/sampling_defaults.py): a request that
+"""The model's generation_config.json as the server's sampling defaults (checkpoint/generation_config.py): a request that
 leaves temperature / top_p / top_k out samples as the release says (DeepSeek-V3 / R1: 0.6, 0.95), its own values
 win, a bad file is one line at start-up; through the real `openai` client, which sends none of them unless told."""
 
@@ -15,7 +15,7 @@ from dsv3.data import ChatTemplate, train_tokenizer
 from dsv3.infer import SamplingParams
 from dsv3.infer.engine import RequestLimits
 from dsv3.serve.protocol import ChatCompletionRequest, CompletionRequest
-from dsv3.serve.sampling_defaults import read_sampling_defaults
+from dsv3.checkpoint.generation_config import read_sampling_defaults
 from dsv3.serve.validation import plan_chat, plan_completion
 from serve_fixture import TEXTS, start_server
 

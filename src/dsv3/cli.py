@@ -187,14 +187,26 @@ def prompt_prefix(args: argparse.Namespace, tokenizer) -> list[int]:
     return {"bos": [tokenizer.bos_id], "eos": [tokenizer.eos_id], "none": []}[choice]
 
 
+def generate_sampling(args: argparse.Namespace) -> dict:
+    """`dsv3 generate`'s temperature / top_k / top_p: the flags given, else the model directory's
+    generation_config.json (as its authors sample it), else 0.8 / 50 / 0.95."""
+    from .checkpoint.generation_config import read_sampling_defaults
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    model = read_sampling_defaults(args.model) if None in given.values() else {}
+    fallback = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+    return {k: v if v is not None else model.get(k, fallback[k]) for k, v in given.items()}
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .infer import Engine, EngineConfig, SamplingParams
     # bad flags are refused before the model is read (minutes for a large checkpoint)
     if args.samples < 1 or args.spec < 0:
         raise ValueError(f"--samples must be >= 1 and --spec >= 0, got {args.samples} and {args.spec}")
-    params = [SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             max_tokens=args.max_tokens, seed=args.seed + i) for i in range(args.samples)]
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema)
+    params = [SamplingParams(**generate_sampling(args), max_tokens=args.max_tokens, seed=args.seed + i)
+              for i in range(args.samples)]
+    device = _device(args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema,
+                                                dtype=_serving_dtype(args.dtype, device), device=device)
     # unicode_escape reads bytes as Latin-1: the prompt's other characters go in as escapes themselves, so "é\\n"
     # stays "é" + newline (its UTF-8 bytes would come back as "Ã©")
     prompt = (args.prompt.encode("latin-1", "backslashreplace").decode("unicode_escape") if args.escapes
@@ -333,7 +345,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .serve import EngineProcess, build_app
     from .serve.async_engine import engine_threads
     from .serve.guard import default_allowed_hosts
-    from .serve.sampling_defaults import read_sampling_defaults
+    from .checkpoint.generation_config import read_sampling_defaults
     path = Path(args.model)
     defaults = read_sampling_defaults(path) if args.generation_config == "auto" else {}   # before any loading
     tok_dir = tokenizer_dir(args.model, args.tokenizer)

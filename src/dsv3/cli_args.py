@@ -108,10 +108,14 @@ def _generate(sub) -> None:
     s.add_argument("--prompt", required=True, help="the text to continue (after the --prefix token)")
     s.add_argument("--tokenizer", default=None, help="default: the model directory's")
     s.add_argument("--max-tokens", type=int, default=128, help="new tokens per sample")
-    s.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    s.add_argument("--top-k", type=int, default=50, help="0: off")
-    s.add_argument("--top-p", type=float, default=0.95, help="1: off")
+    s.add_argument("--temperature", type=float, default=None, help="0: greedy (default: the model's "
+                   "generation_config.json, else 0.8)")
+    s.add_argument("--top-k", type=int, default=None, help="0: off (default: generation_config.json's, else 50)")
+    s.add_argument("--top-p", type=float, default=None, help="1: off (default: generation_config.json's, else 0.95)")
     s.add_argument("--samples", type=int, default=1, help="completions of the prompt")
+    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on "
+                   "the CPU")
     s.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     s.add_argument("--ema", action="store_true", help="a run directory's EMA weights")
     s.add_argument("--spec", type=int, default=0, help="MTP speculative decoding with this many draft tokens")

@@ -36,7 +36,7 @@ class ServeOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES   # larger request bodies get 413
     max_pending: int = 256                   # when given an Engine: queued or running requests before 429
     chat_template: str | None = None         # Jinja source (default: DeepSeek-V3's layout)
-    sampling_defaults: dict | None = None    # temperature / top_p / top_k a request leaves out (serve/sampling_defaults)
+    sampling_defaults: dict | None = None    # temperature / top_p / top_k a request leaves out (generation_config)
 
     def __post_init__(self):
         if self.allowed_hosts is not None:

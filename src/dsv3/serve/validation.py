@@ -23,7 +23,9 @@ from ..data.chat import encode_pieces
 from ..infer import SamplingParams
 from ..infer.engine import RequestLimits, check_request
 from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
-from .sampling_defaults import OPENAI_DEFAULTS
+
+
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}    # a request's, without the model's own
 
 
 @dataclass
@@ -50,7 +52,7 @@ def check_batch(n_jobs: int, max_pending: int) -> None:
 def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | None = None,
                     prompt_logprobs: int | None = None, defaults: Mapping | None = None) -> SamplingParams:
     """The engine job of a request; what it leaves out comes from `defaults` (the model's generation_config.json,
-    serve/sampling_defaults.py), else OpenAI's."""
+    checkpoint/generation_config.py), else OpenAI's."""
     d = {**OPENAI_DEFAULTS, **(defaults or {})}
     top_k = d["top_k"] if req.top_k is None else req.top_k
     try:

@@ -1,4 +1,5 @@
-"""The model's own sampling defaults: what a request that leaves temperature / top_p / top_k out samples with.
+"""A model directory's own sampling defaults (generation_config.json): what `dsv3 serve` requests and `dsv3 generate`
+runs that leave temperature / top_p / top_k out sample with.
 
 A release's `generation_config.json` says how its authors sample it (DeepSeek-V3 and R1: temperature 0.6, top_p
 0.95); OpenAI's defaults (1.0, 1.0) would sample such a model hotter than intended whenever a client omits them, as
@@ -15,7 +16,7 @@ import math
 from pathlib import Path
 
 FILE = "generation_config.json"
-OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+KEYS = ("temperature", "top_p", "top_k")
 
 
 def _check(key: str, v) -> bool:
@@ -41,7 +42,7 @@ def read_sampling_defaults(model_dir: str | Path) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: not a JSON object; pass --generation-config none to ignore it")
     out = {}
-    for key in OPENAI_DEFAULTS:
+    for key in KEYS:
         if d.get(key) is None:
             continue
         if not _check(key, d[key]):
