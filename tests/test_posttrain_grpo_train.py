@@ -117,12 +117,14 @@ def test_the_reference_has_the_policys_dtype_and_values(base, tmp_path, monkeypa
     d = json.loads(path.read_text())
     d["train"]["dtype"] = dtype
     path.write_text(json.dumps(d))
+    want = dict(load_model_and_tokenizer(base)[0].named_parameters())       # independent: the whole fp32 load
     monkeypatch.setattr("dsv3.checkpoint.load_pretrained", lambda *a, **k: pytest.fail("loaded whole"))
     t = grpo_trainer(path, [], reward_model=LengthMod3())
     ref, pol = dict(t.reference.named_parameters()), dict(t.model.named_parameters())
-    assert ref.keys() == pol.keys()
+    assert ref.keys() == pol.keys() == want.keys()
     for k, p in pol.items():
         assert ref[k].dtype == p.dtype and torch.equal(ref[k], p), k
+        assert torch.equal(ref[k], want[k].to(ref[k].dtype)), k
     assert {p.dtype for p in ref.values()} == {torch.bfloat16 if dtype == "bf16-params" else torch.float32}
     biases = [b for k, b in t.reference.named_buffers() if k.endswith("correction_bias")]
     assert biases and all(b.dtype == torch.float32 for b in biases)

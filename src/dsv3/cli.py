@@ -342,10 +342,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .data import Tokenizer
     from .infer import EngineConfig
+    from .checkpoint.generation_config import read_sampling_defaults
     from .serve import EngineProcess, build_app
     from .serve.async_engine import engine_threads
     from .serve.guard import default_allowed_hosts
-    from .checkpoint.generation_config import read_sampling_defaults
     path = Path(args.model)
     defaults = read_sampling_defaults(path) if args.generation_config == "auto" else {}   # before any loading
     tok_dir = tokenizer_dir(args.model, args.tokenizer)

@@ -16,17 +16,11 @@ import math
 from pathlib import Path
 
 FILE = "generation_config.json"
-KEYS = ("temperature", "top_p", "top_k")
-
-
-def _check(key: str, v) -> bool:
-    if isinstance(v, bool):
-        return False
-    if key == "top_k":
-        return isinstance(v, int) and v >= -1
-    if not isinstance(v, (int, float)) or not math.isfinite(v):
-        return False
-    return 0 <= v <= 2 if key == "temperature" else 0 < v <= 1
+_real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+# key -> (accepted?, what is): the ranges of a request's fields (serve/protocol.py)
+RULES = {"temperature": (lambda v: _real(v) and 0 <= v <= 2, "a number in [0, 2]"),
+         "top_p": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
+         "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1, "an integer >= -1")}
 
 
 def read_sampling_defaults(model_dir: str | Path) -> dict:
@@ -42,12 +36,11 @@ def read_sampling_defaults(model_dir: str | Path) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: not a JSON object; pass --generation-config none to ignore it")
     out = {}
-    for key in KEYS:
+    for key, (ok, what) in RULES.items():
         if d.get(key) is None:
             continue
-        if not _check(key, d[key]):
-            ranges = {"temperature": "a number in [0, 2]", "top_p": "a number in (0, 1]", "top_k": "an integer >= -1"}
-            raise ValueError(f"{path}: {key}={d[key]!r} must be {ranges[key]}; pass --generation-config none to "
-                             f"ignore the file")
+        if not ok(d[key]):
+            raise ValueError(f"{path}: {key}={d[key]!r} must be {what}; pass --generation-config none to ignore "
+                             f"the file")
         out[key] = 0 if key == "top_k" and d[key] == -1 else d[key]
     return out

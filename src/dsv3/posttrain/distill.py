@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -153,10 +152,7 @@ def teacher_placement(d: dict) -> tuple[torch.device, torch.dtype]:
     the rejection sampling runs there and not on the host, in the step's compute dtype (bf16 on CUDA: half the
     memory of fp32, and what autocast computes in anyway)."""
     train = RunConfig.from_dict({"train": d.get("train", {})}).train       # validated: one line naming the key
-    if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and train.device in ("auto", "cuda"):
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    else:
-        device = resolve_device(train.device)
+    device = resolve_device(train.device)                                  # the Trainer's, this rank's GPU
     return device, compute_dtype(train.dtype, device)
 
 

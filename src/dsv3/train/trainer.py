@@ -80,7 +80,10 @@ class TrainingInterrupted(Exception):
 
 
 def resolve_device(name: str) -> torch.device:
-    """train.device as a torch device that exists here (a config names CUDA on a machine without it: one line)."""
+    """train.device as a torch device that exists here (a config names CUDA on a machine without it: one line).
+    Under torchrun, "auto" / "cuda" are this process's GPU (LOCAL_RANK), made the current device."""
+    if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and name in ("auto", "cuda"):
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -178,8 +181,6 @@ class Trainer(Checkpointing):
         """Everything that can refuse the run, before a file is written; sets the device. Returns train.init_from's
         source (a fresh start's), checked to fit the model."""
         cfg = self.cfg
-        if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
         self.device = resolve_device(cfg.train.device)
         if (cfg.train.compile or cfg.train.compile_optimizer) and self.device.type != "cuda":
             raise ConfigError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
