@@ -380,7 +380,7 @@ def test_generate_runs_on_a_release_directory(name, spec, tmp_path, capsys):
     del cfg["dsv3_document_start"]
     cfg_path.write_text(json.dumps(cfg))
     assert main(["generate", "--model", str(tmp_path), "--prompt", "the quick", "--max-tokens", "6",
-                 "--temperature", "0", "--spec", spec]) == 0
+                 "--temperature", "0", "--spec", spec, "--device", "cpu"]) == 0   # the fp32 CPU reference's
     out = capsys.readouterr().out
     tok = Tokenizer.load(tmp_path)
     model = dsv3.load_pretrained(tmp_path, dtype=torch.float32).eval()
