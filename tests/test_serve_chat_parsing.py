@@ -114,7 +114,7 @@ def test_tool_calls_non_streamed_and_streamed(served):
     assert r.usage.completion_tokens == len(engine.tokenizer.encode(text)) + 1
     # the tool definitions reached the prompt
     assert '"description": "Weather of a city"' in engine.tokenizer.decode(engine.prompts[-1])
-    reasoning, content, calls, finish = joined(generate(engine, client, text, True, tools=TOOLS))
+    _, content, calls, finish = joined(generate(engine, client, text, True, tools=TOOLS))
     assert (content, finish) == ("Checking.", "tool_calls")
     assert [c[0] for c in calls] == [0] and calls[0][1].startswith("call_") and calls[0][2:] == \
         ("get_weather", '{"city": "Paris"}')

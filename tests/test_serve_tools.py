@@ -12,21 +12,20 @@ import pytest
 from tokenizers import AddedToken
 
 from dsv3.data import ChatTemplate, Tokenizer, train_tokenizer
+from dsv3.infer.engine import RequestLimits
 from dsv3.serve.chat_output import ChatOutput, ChatParsing, chat_message
 from dsv3.serve.protocol import APIError, ChatCompletionRequest
 from dsv3.serve.reasoning import ReasoningSplitter, reasoning_enabled, reasoning_start
 from dsv3.serve.tool_calls import MARKERS, OUTPUT_MARKERS, ToolCallParser, parse_call
 from dsv3.serve.validation import plan_chat
-from dsv3.infer.engine import RequestLimits
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 R1 = (TEMPLATES / "deepseek_r1.jinja").read_text()
 V31 = (TEMPLATES / "deepseek_v31.jinja").read_text()
 B, E = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-CB, CE, C1, C2, SEP = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", \
-    "<｜tool▁sep｜>"
+CB, CE = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+C1, C2, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 NAMES = frozenset({"get_weather", "add"})
-LIMITS = RequestLimits(vocab_size=0, max_model_len=4096, block_size=8, num_blocks=1000)
 
 
 def deepseek_like_tokenizer(special_tools: bool = True) -> Tokenizer:
@@ -174,7 +173,7 @@ def test_r1_release_template_renders_tool_history():
     want = (f"{B}Be brief.<｜User｜>Weather in Paris?<｜Assistant｜>{CB}{C1}function{SEP}get_weather\n```json\n"
             f"{{\"city\": \"Paris\"}}\n```{C2}{CE}{E}<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>22C"
             f"<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")
-    plan = plan_chat(req, LIMITS.__class__(tok.vocab_size, 4096, 8, 1000), tok, ChatTemplate(R1), 64)
+    plan = plan_chat(req, RequestLimits(tok.vocab_size, 4096, 8, 1000), tok, ChatTemplate(R1), 64)
     assert tok.decode(plan.prompt_ids[0]) == want
     assert plan.prompt_ids[0] == tok.encode(want)      # every marker a control token: the template's own
 
@@ -209,7 +208,8 @@ def test_plan_chat_tool_rules():
         with pytest.raises(APIError) as e:
             plan_chat(req, RequestLimits(t.vocab_size, 4096, 8, 1000), t, template, 64)
         return e.value
-    assert "does not lay out tool" in refused(ChatCompletionRequest(messages=user, tools=tools), ChatTemplate(R1)).message
+    with_tools = ChatCompletionRequest(messages=user, tools=tools)
+    assert "does not lay out tool" in refused(with_tools, ChatTemplate(R1)).message
     assert "vocabulary lacks" in refused(ChatCompletionRequest(messages=user, tools=tools), ChatTemplate(V31),
                                          plain).message
     assert "tool_calls" in refused(ChatCompletionRequest(messages=HISTORY), ChatTemplate()).message

@@ -69,9 +69,9 @@ class ChatTemplate:
         clash = RESERVED & variables.keys()
         if clash:
             raise ValueError(f"template variables {sorted(clash)} are set by the server")
-        return self._template.render(variables | dict(
-            messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
-            bos_token=SPECIAL_TOKENS["bos"], eos_token=SPECIAL_TOKENS["eos"]))
+        return self._template.render(variables | {
+            "messages": messages, "tools": tools or None, "add_generation_prompt": add_generation_prompt,
+            "bos_token": SPECIAL_TOKENS["bos"], "eos_token": SPECIAL_TOKENS["eos"]})
 
     def pieces(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                tools: list[dict] | None = None, **variables) -> list[Piece]:

@@ -2,9 +2,11 @@
 
 The formats (the release chat templates render past calls in them, and the models write them):
 
-    V3, V3-0324, R1:  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>
-                      (more calls follow after "\\n") <｜tool▁calls▁end｜>
-    V3.1:             <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜> (chained) <｜tool▁calls▁end｜>
+    V3, V3-0324, R1:  <｜tool▁calls▁begin｜>
+                        <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>
+                        (more calls after "\\n") <｜tool▁calls▁end｜>
+    V3.1:             <｜tool▁calls▁begin｜>
+                        <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜> (chained) <｜tool▁calls▁end｜>
 
 Both are read, call by call (`parse_call`): a body of the form `function<sep>NAME\\n```json ...```` is V3's, any other
 `NAME<sep>ARGS` is V3.1's (so a V3.1 tool named "function" still reads). A call counts only if its arguments are a
@@ -33,8 +35,9 @@ from .reasoning import held
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END, SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 MARKERS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)
-OUTPUT_MARKERS = ("<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>")
-_V3_BODY = re.compile(r"function" + re.escape(SEP) + r"([^\n]*)\n```json\n(.*)\n```", re.S)
+OUTPUT_MARKERS = ("<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+                  "<｜tool▁output▁end｜>")     # rendered by the templates, never parsed
+_V3_BODY = re.compile(r"function" + re.escape(SEP) + r"([^\n]*)\n```json\n(.*)\n```", re.DOTALL)
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ def render_chat(render, req: ChatCompletionRequest | TokenizeRequest, add_genera
     try:
         return render(chat_messages(req.messages), add_generation_prompt,
                       [t.model_dump(exclude_none=True) for t in tools] or None, **(req.chat_template_kwargs or {}))
-    except Exception as e:
+    except Exception as e:      # noqa: BLE001 (whatever the template raises is the template's failure)
         raise APIError(f"the chat template cannot render these messages: {type(e).__name__}: {e}"[:500],
                        param="messages") from None
 
