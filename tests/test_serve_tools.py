@@ -250,3 +250,20 @@ def test_plan_chat_tool_rules():
 def test_tool_request_shapes_are_checked(extra, word):
     with pytest.raises(ValueError, match=word):
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]} | extra)
+
+
+def test_an_assistant_turn_keeps_its_reasoning_tags_as_tokens():
+    """R1-style SFT data and reasoning histories: the assistant's own <think> / </think> (added tokens not flagged
+    special) stay the single tokens the model generates; the flagged ones (EOS) are text there as everywhere; a user's
+    </think> is text."""
+    from dsv3.data import encode_chat
+    tok = deepseek_like_tokenizer()
+    think, end_think = tok.backend.token_to_id("<think>"), tok.backend.token_to_id("</think>")
+    messages = [{"role": "user", "content": "why </think>"},
+                {"role": "assistant", "content": f"<think>because</think>so{E}"}]
+    ids = encode_chat(tok, messages, add_generation_prompt=False)
+    assert ids.count(think) == 1 and ids.count(end_think) == 1       # the assistant's; the user's is text
+    assert ids.index(think) > ids.index(tok.assistant_id)
+    eos_text = tok.encode(E, split_special_tokens=True)
+    assert any(ids[i:i + len(eos_text)] == eos_text for i in range(len(ids)))   # the EOS written in content: text
+    assert ids.count(tok.eos_id) == 1                                           # the template's own

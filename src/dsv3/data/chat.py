@@ -77,22 +77,33 @@ class ChatTemplate:
                tools: list[dict] | None = None, **variables) -> list[Piece]:
         """The rendered conversation as pieces whose texts join to `render`'s; the special-token strings found in
         any string of the messages or tools come out as pieces of their own, marked as user text."""
+        # An assistant turn's own text keeps its unflagged added tokens (<think>, </think>) as the tokens the model
+        # generated (R1's SFT data, a reasoning history): only the flagged ones (EOS, turn markers) are escaped there.
+        # Everywhere else (user, system and tool text, call arguments, tool definitions) every added token is text.
+        own = [m["content"] for m in messages if m.get("role") == "assistant" and isinstance(m.get("content"), str)]
         strings: list[str] = []
         _collect((messages, tools), strings)
         spans = dict(zip(strings, tokenizer.special_spans(strings)))
+        own_spans = dict(zip(own, tokenizer.special_spans(own, flagged_only=True)))
         if not any(spans.values()):
             return [(self.render(messages, add_generation_prompt, tools, **variables), False)]
         mark = f"\ue000{secrets.randbelow(10**16):016d}:"
         found: list[str] = []                                   # sentinel k stands for found[k]
 
-        def escape(text: str) -> str:
-            out, end = [], 0
-            for a, b in spans[text]:
-                out += [text[end:a], f"{mark}{len(found)}{MARK_END}"]
-                found.append(text[a:b])
-                end = b
-            return "".join(out) + text[end:]
-        escaped_messages, escaped_tools = _map_strings((messages, tools), escape)
+        def escaper(table: dict[str, list[tuple[int, int]]]):
+            def escape(text: str) -> str:
+                out, end = [], 0
+                for a, b in table[text]:
+                    out += [text[end:a], f"{mark}{len(found)}{MARK_END}"]
+                    found.append(text[a:b])
+                    end = b
+                return "".join(out) + text[end:]
+            return escape
+        escape, escape_own = escaper(spans), escaper(own_spans)
+        escaped_messages = [
+            {k: escape_own(v) if k == "content" and m.get("role") == "assistant" and isinstance(v, str)
+             else _map_strings(v, escape) for k, v in m.items()} for m in messages]
+        escaped_tools = _map_strings(tools, escape)
         rendered = self.render(escaped_messages, add_generation_prompt, escaped_tools, **variables)
         parts = re.split(re.escape(mark) + r"(\d+)" + MARK_END, rendered)
         # text, sentinel index, text, ..., text

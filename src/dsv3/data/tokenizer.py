@@ -8,7 +8,8 @@ configs), DeepSeek's sit at 0, 1, 2 and 128800+. `save` also writes a `tokenizer
 A special-token string inside a text is its control token by default (raw prompts, documents); with
 `split_special_tokens` it is ordinary text (what people wrote: chat content, see data/chat.py). "Special" there
 means every added token, flagged special or not: DeepSeek's vocabulary adds `<think>` and the tool-call markers as
-tokens that a decode keeps, and a user who writes "</think>" must not close the model's reasoning either. Encoding goes through
+tokens that a decode keeps, and a user who writes "</think>" must not close the model's reasoning either (an
+assistant turn's own `<think>` stays the token: data/chat.py). Encoding goes through
 `tokenizers`' encode_batch, which releases the GIL, so a long text tokenised on a worker thread leaves the other
 threads (a server's event loop) running.
 """
@@ -131,11 +132,19 @@ class Tokenizer:
         tok.encode_special_tokens = True
         return tok
 
-    def special_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+    def special_spans(self, texts: Sequence[str], flagged_only: bool = False) -> list[list[tuple[int, int]]]:
         """The (start, end) character offsets of the added-token strings in each text, found as `encode` finds
-        them (tokenizers' added-token matcher: leftmost-longest), in linear time and without the GIL."""
+        them (tokenizers' added-token matcher: leftmost-longest), in linear time and without the GIL.
+        `flagged_only`: only the tokens flagged special (not `<think>`: what an assistant turn holds as a token)."""
         encodings = self._special_finder.encode_batch(list(texts), add_special_tokens=False)
-        return [[span for i, span in zip(e.ids, e.offsets) if i != 0] for e in encodings]
+        keep = self._flagged_finder_ids if flagged_only else None
+        return [[span for i, span in zip(e.ids, e.offsets) if i != 0 and (keep is None or i in keep)]
+                for e in encodings]
+
+    @functools.cached_property
+    def _flagged_finder_ids(self) -> frozenset[int]:
+        added = self._tok.get_added_tokens_decoder().values()
+        return frozenset(self._special_finder.token_to_id(t.content) for t in added if t.special)
 
     @functools.cached_property
     def _special_finder(self) -> _HFTokenizer:
