@@ -95,7 +95,7 @@ def test_plan_chat_and_tokenize(tok):
     long = ChatCompletionRequest(messages=[{"role": "user", "content": "x" * 5000}])
     assert refused(plan_chat, long, LIMITS, tok, ChatTemplate(), 64).code == "context_length_exceeded"
     strict = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}x")
-    e = refused(render_chat, strict.render, ChatCompletionRequest(messages=messages).messages, True)
+    e = refused(render_chat, strict.render, ChatCompletionRequest(messages=messages), True, [])
     assert e.status == 400 and "user first" in e.message
 
 
@@ -103,7 +103,7 @@ def test_plan_chat_and_tokenize(tok):
                                      {"role": "assistant", "content": []},
                                      {"role": "assistant", "tool_calls": [{"id": "1"}]}])
 def test_chat_content_rules(message):
-    with pytest.raises(ValueError, match="content|tool calls"):
+    with pytest.raises(ValueError, match="content|tool_calls"):
         ChatCompletionRequest(messages=[message])
     ChatCompletionRequest(messages=[{"role": "assistant", "content": "", "tool_calls": []}])
 

@@ -386,10 +386,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limit = {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
     app = build_app(engine, tokenizer, name, api_key=args.api_key, max_pending=args.max_pending,
                     chat_template=template, metrics_public=args.metrics_public, sampling_defaults=defaults,
+                    reasoning_parser=args.reasoning_parser,
                     allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts), **limit)
     limits = app.state.async_engine.limits
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {threads} torch threads; context "
           f"{limits.max_model_len}, cache {limits.capacity} tokens)", flush=True)
+    if app.state.server.reasoning:
+        print("chat completions split reasoning_content at </think> (--reasoning-parser none: off)", flush=True)
     if defaults:
         print("sampling defaults from generation_config.json: " + ", ".join(f"{k} {v}" for k, v in defaults.items())
               + " (--generation-config none: OpenAI's)", flush=True)

@@ -153,7 +153,11 @@ def _serve(sub) -> None:
     s.add_argument("--cache-gib", type=float, default=1.0, help="latent-cache memory")
     s.add_argument("--spec", type=int, default=0, help="MTP speculative draft tokens")
     s.add_argument("--fp8", action="store_true", help="serve weights in the released FP8 block format")
-    s.add_argument("--chat-template", default=None, help="a Jinja file (default: tokenizer_config.json's)")
+    s.add_argument("--chat-template", default=None, help="a Jinja file (default: tokenizer_config.json's); tools "
+                   "need one that renders `tools` (V3.1's does, V3's and R1's release templates do not)")
+    s.add_argument("--reasoning-parser", choices=["auto", "deepseek_r1", "none"], default="auto", help="chat: the "
+                   "text before </think> as message.reasoning_content; auto: on when the chat template mentions "
+                   "</think> (R1, V3.1)")
     s.add_argument("--generation-config", choices=["auto", "none"], default="auto", help="auto: the temperature, "
                    "top_p and top_k of the model's generation_config.json are the defaults of a request that leaves "
                    "them out (DeepSeek-V3 / R1: 0.6, 0.95); none: OpenAI's (1.0, 1.0, off)")

@@ -9,60 +9,140 @@ encoded piece by piece: the text between sentinels with special tokens recognise
 there), each sentinel as its special string split into ordinary tokens. Content without special-token strings thus
 encodes exactly like the plain rendered text.
 
+Every string a request carries is user text, not only `content`: a past tool call's name and arguments, a tool's
+output, the tool definitions (names, descriptions, JSON-schema keys and values) are escaped the same way. The
+sentinel is made of characters that `tojson` writes unchanged (a private-use character and digits), since
+templates render tool definitions and arguments as JSON. `tojson` itself is Hugging Face's (json.dumps with
+ensure_ascii=False), not Jinja's HTML-safe one: a release template renders what its model was trained on only with
+the filter it was written for.
+
+Templates receive what Hugging Face's apply_chat_template passes: `messages`, `tools` (None without them),
+`add_generation_prompt`, `bos_token`, `eos_token`, plus the caller's extra variables (V3.1's `thinking`).
+
 The server's chat completions and /tokenize use this, and post-training data must too (`encode_chat`), so that a
 model is trained on the ids it is served.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 
 from .tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 Piece = tuple[str, bool]        # (text, is user text: its special-token strings are split into ordinary tokens)
+MARK_END = "\ue000"             # ends a sentinel; a private-use character: JSON, upper() and trim leave it alone
+RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception"})
 
 
 class ChatTemplate:
-    """A compiled template. `messages` are dicts with "role" and "content" (a string)."""
+    """A compiled template. `messages` are dicts with "role" and "content" (a string, or None beside tool_calls),
+    and where present "tool_calls" (OpenAI's shape, arguments a JSON string) and "tool_call_id"; `tools` is the
+    request's list of tool definitions (OpenAI's {"type": "function", "function": {...}})."""
 
     def __init__(self, source: str | None = None):
+        import jinja2.meta
         import jinja2.sandbox          # the serve / post-training dependency, not needed to tokenise documents
 
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise       # what Hugging Face templates call on a bad conversation
+        env.filters["tojson"] = _tojson
         self.source = source or CHAT_TEMPLATE
         self._template = env.from_string(self.source)
+        self.variables = frozenset(jinja2.meta.find_undeclared_variables(env.parse(self.source)))
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as one text (for display: in it, content's special-token strings look like markers)."""
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=SPECIAL_TOKENS["bos"], eos_token=SPECIAL_TOKENS["eos"])
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template lays out tool definitions (V3.1's does; V3's and R1's release templates do not)."""
+        return "tools" in self.variables
 
-    def pieces(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[Piece]:
+    @property
+    def renders_tool_calls(self) -> bool:
+        """Whether the template lays out past tool calls and tool outputs (every DeepSeek release template does)."""
+        return "tool_calls" in self.source
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               **variables) -> str:
+        """The conversation as one text (for display: in it, user text's special-token strings look like markers).
+        `variables` are the template's own switches (V3.1's `thinking`); they may not replace the standard ones."""
+        clash = RESERVED & variables.keys()
+        if clash:
+            raise ValueError(f"template variables {sorted(clash)} are set by the server")
+        return self._template.render(variables | {
+            "messages": messages, "tools": tools or None, "add_generation_prompt": add_generation_prompt,
+            "bos_token": SPECIAL_TOKENS["bos"], "eos_token": SPECIAL_TOKENS["eos"]})
+
+    def pieces(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None, **variables) -> list[Piece]:
         """The rendered conversation as pieces whose texts join to `render`'s; the special-token strings found in
-        content come out as pieces of their own, marked as user text."""
-        texts = [m.get("content") if isinstance(m.get("content"), str) else "" for m in messages]
-        spans = tokenizer.special_spans(texts)
-        if not any(spans):
-            return [(self.render(messages, add_generation_prompt), False)]
-        mark = f"\x00{secrets.randbelow(10**16):016d}:"           # digits and NUL: unchanged by upper() / trim
+        any string of the messages or tools come out as pieces of their own, marked as user text."""
+        # An assistant turn's own text keeps its unflagged added tokens (<think>, </think>) as the tokens the model
+        # generated (R1's SFT data, a reasoning history): only the flagged ones (EOS, turn markers) are escaped there.
+        # Everywhere else (user, system and tool text, call arguments, tool definitions) every added token is text.
+        own = [m["content"] for m in messages if m.get("role") == "assistant" and isinstance(m.get("content"), str)]
+        strings: list[str] = []
+        _collect((messages, tools), strings)
+        spans = dict(zip(strings, tokenizer.special_spans(strings)))
+        own_spans = dict(zip(own, tokenizer.special_spans(own, flagged_only=True)))
+        if not any(spans.values()):
+            return [(self.render(messages, add_generation_prompt, tools, **variables), False)]
+        mark = f"\ue000{secrets.randbelow(10**16):016d}:"
         found: list[str] = []                                   # sentinel k stands for found[k]
-        escaped = []
-        for m, text, where in zip(messages, texts, spans):
-            out, end = [], 0
-            for a, b in where:
-                out += [text[end:a], f"{mark}{len(found)}\x00"]
-                found.append(text[a:b])
-                end = b
-            escaped.append(dict(m, content="".join(out) + text[end:]) if where else m)
-        parts = re.split(re.escape(mark) + r"(\d+)\x00", self.render(escaped, add_generation_prompt))
+
+        def escaper(table: dict[str, list[tuple[int, int]]]):
+            def escape(text: str) -> str:
+                out, end = [], 0
+                for a, b in table[text]:
+                    out += [text[end:a], f"{mark}{len(found)}{MARK_END}"]
+                    found.append(text[a:b])
+                    end = b
+                return "".join(out) + text[end:]
+            return escape
+        escape, escape_own = escaper(spans), escaper(own_spans)
+        escaped_messages = [
+            {k: escape_own(v) if k == "content" and m.get("role") == "assistant" and isinstance(v, str)
+             else _map_strings(v, escape) for k, v in m.items()} for m in messages]
+        escaped_tools = _map_strings(tools, escape)
+        rendered = self.render(escaped_messages, add_generation_prompt, escaped_tools, **variables)
+        parts = re.split(re.escape(mark) + r"(\d+)" + MARK_END, rendered)
         # text, sentinel index, text, ..., text
         return [p for p in ((found[int(part)], True) if k % 2 else (part, False) for k, part in enumerate(parts))
                 if p[0]]
 
-    def encode(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return encode_pieces(tokenizer, self.pieces(tokenizer, messages, add_generation_prompt))
+    def encode(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None, **variables) -> list[int]:
+        return encode_pieces(tokenizer, self.pieces(tokenizer, messages, add_generation_prompt, tools, **variables))
+
+
+def _collect(value, into: list[str]) -> None:
+    """Every string in a JSON-like value, dict keys included."""
+    if isinstance(value, str):
+        into.append(value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _collect(k, into)
+            _collect(v, into)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _collect(v, into)
+
+
+def _map_strings(value, fn):
+    """`value` with fn applied to every string in it, dict keys included."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {fn(k) if isinstance(k, str) else k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_strings(v, fn) for v in value)
+    return value
+
+
+def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    """Hugging Face's `tojson` (transformers' chat template environment): plain json.dumps, no HTML escaping."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def encode_pieces(tokenizer, pieces: list[Piece]) -> list[int]:

@@ -6,7 +6,10 @@ configs), DeepSeek's sit at 0, 1, 2 and 128800+. `save` also writes a `tokenizer
 `transformers.AutoTokenizer.from_pretrained` loads the directory and gives the same ids.
 
 A special-token string inside a text is its control token by default (raw prompts, documents); with
-`split_special_tokens` it is ordinary text (what people wrote: chat content, see data/chat.py). Encoding goes through
+`split_special_tokens` it is ordinary text (what people wrote: chat content, see data/chat.py). "Special" there
+means every added token, flagged special or not: DeepSeek's vocabulary adds `<think>` and the tool-call markers as
+tokens that a decode keeps, and a user who writes "</think>" must not close the model's reasoning either (an
+assistant turn's own `<think>` stays the token: data/chat.py). Encoding goes through
 `tokenizers`' encode_batch, which releases the GIL, so a long text tokenised on a worker thread leaves the other
 threads (a server's event loop) running.
 """
@@ -119,24 +122,36 @@ class Tokenizer:
 
     @functools.cached_property
     def _text_tok(self) -> _HFTokenizer:
-        """A copy that reads special-token strings as text (a copy: the switch is state, and encoding may run on
-        several threads at once)."""
-        tok = _HFTokenizer.from_str(self._tok.to_str())
+        """A copy that reads added-token strings as text (a copy: the switch is state, and encoding may run on
+        several threads at once). `encode_special_tokens` splits only the tokens flagged special, so the copy flags
+        them all."""
+        definition = json.loads(self._tok.to_str())
+        for t in definition.get("added_tokens", []):
+            t["special"] = True
+        tok = _HFTokenizer.from_str(json.dumps(definition))
         tok.encode_special_tokens = True
         return tok
 
-    def special_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
-        """The (start, end) character offsets of the special-token strings in each text, found as `encode` finds
-        them (tokenizers' added-token matcher: leftmost-longest), in linear time and without the GIL."""
+    def special_spans(self, texts: Sequence[str], flagged_only: bool = False) -> list[list[tuple[int, int]]]:
+        """The (start, end) character offsets of the added-token strings in each text, found as `encode` finds
+        them (tokenizers' added-token matcher: leftmost-longest), in linear time and without the GIL.
+        `flagged_only`: only the tokens flagged special (not `<think>`: what an assistant turn holds as a token)."""
         encodings = self._special_finder.encode_batch(list(texts), add_special_tokens=False)
-        return [[span for i, span in zip(e.ids, e.offsets) if i != 0] for e in encodings]
+        keep = self._flagged_finder_ids if flagged_only else None
+        return [[span for i, span in zip(e.ids, e.offsets) if i != 0 and (keep is None or i in keep)]
+                for e in encodings]
+
+    @functools.cached_property
+    def _flagged_finder_ids(self) -> frozenset[int]:
+        added = self._tok.get_added_tokens_decoder().values()
+        return frozenset(self._special_finder.token_to_id(t.content) for t in added if t.special)
 
     @functools.cached_property
     def _special_finder(self) -> _HFTokenizer:
         """A tokenizer holding only the special tokens (everything between them is one unknown word): it finds them
         without tokenising the text around them."""
         finder = _HFTokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
-        finder.add_special_tokens([t for t in self._tok.get_added_tokens_decoder().values() if t.special])
+        finder.add_special_tokens(list(self._tok.get_added_tokens_decoder().values()))     # flagged special or not
         return finder
 
     @functools.cached_property

@@ -1,5 +1,6 @@
 """POST /v1/chat/completions: messages through the model's chat template (data/chat.py: what people wrote is encoded
-as text, so a message cannot forge a turn), n choices, streamed (SSE) or not, with logprobs."""
+as text, so a message cannot forge a turn), n choices, streamed (SSE) or not, with logprobs; the output read for
+reasoning and tool calls where the request and the server ask for it (chat_output.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from fastapi.responses import Response, StreamingResponse
 
 from ..data import Tokenizer
 from .body import WorkerBodyRoute
+from .chat_output import ChatOutput, chat_message
 from .outputs import coalesced, engine_failure, engine_failure_event, final_outputs, merged, submit_all
 from .protocol import ChatCompletionRequest
-from .responses import Head, TextStream, chat_logprobs, sse, usage
+from .responses import Head, TextStream, chat_logprobs, marked_text, sse, usage
 from .state import get_state
 from .validation import Plan, check_model, plan_chat
 
@@ -24,7 +26,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     state = get_state(request)
     check_model(req.model, state.model_name)
     plan = await state.run(plan_chat, req, state.limits, state.tokenizer, state.template, state.aengine.max_pending,
-                           state.options.sampling_defaults)
+                           state.options.sampling_defaults, state.reasoning)
     handles = submit_all(state.aengine, plan.jobs)
     state.metrics.request("/v1/chat/completions", [len(plan.prompt_ids[0])])
     head = Head.new("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion", state.model_name)
@@ -39,16 +41,26 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
 
 
 def chat_response(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Plan, head: Head, outs: list) -> dict:
-    choices = [{"index": k, "message": {"role": "assistant", "content": out.text},
-                "logprobs": chat_logprobs(tokenizer, out.token_ids, out.logprobs) if req.logprobs else None,
-                "finish_reason": out.finish_reason} for k, out in enumerate(outs)]
+    choices = []
+    for k, out in enumerate(outs):
+        message, reason = {"role": "assistant", "content": out.text}, out.finish_reason
+        if plan.parsing.active:
+            message, reason = chat_message(plan.parsing, marked_text(tokenizer, out, plan.keep), reason)
+        choices.append({"index": k, "message": message, "finish_reason": reason,
+                        "logprobs": chat_logprobs(tokenizer, out.token_ids, out.logprobs) if req.logprobs else None})
     return head.body(choices, usage=usage(len(plan.prompt_ids[0]), sum(len(o.token_ids) for o in outs)))
+
+
+def merge(a: dict, b: dict) -> dict:
+    """Two deltas as one: their texts and tool calls joined."""
+    return a | {k: a[k] + v if k in a else v for k, v in b.items()}
 
 
 async def chat_events(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Plan, head: Head,
                       outputs: AsyncIterator) -> AsyncIterator[str]:
     n = len(plan.jobs)
-    texts = [TextStream(tokenizer, req.stop_list()) for _ in range(n)]
+    texts = [TextStream(tokenizer, req.stop_list(), plan.keep) for _ in range(n)]
+    parsers = [ChatOutput(plan.parsing) for _ in range(n)] if plan.parsing.active else None
     n_out = [0] * n
 
     def chunk(k: int, delta: dict, finish: str | None = None, lp: dict | None = None) -> str:
@@ -61,13 +73,22 @@ async def chat_events(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Pl
             yield sse(engine_failure_event(out))
             break
         n_out[k] += len(out.new_token_ids)
-        delta = texts[k].delta(out)
+        text = texts[k].delta(out)
+        reason = out.finish_reason
+        if parsers is None:
+            delta = {"content": text}
+        else:
+            delta = parsers[k].feed(text)
+            if out.finished:
+                delta, reason = merge(delta, parsers[k].finish()), parsers[k].finish_reason(reason)
         lp = chat_logprobs(tokenizer, out.new_token_ids, out.new_logprobs) if req.logprobs and out.new_token_ids \
             else None
-        if delta or lp or out.new_token_ids:
-            yield chunk(k, {"content": delta}, lp=lp)
+        # a chunk for every step that produced tokens, even when their text is held back (clients time tokens by
+        # chunks)
+        if text or lp or out.new_token_ids or (parsers and delta):
+            yield chunk(k, delta or {"content": ""}, lp=lp)
         if out.finished:
-            yield chunk(k, {}, out.finish_reason)
+            yield chunk(k, {}, reason)
     if req.stream_options and req.stream_options.include_usage:
         yield sse(head.body([], usage=usage(len(plan.prompt_ids[0]), sum(n_out))))
     yield sse("[DONE]")

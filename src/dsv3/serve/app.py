@@ -7,6 +7,7 @@
 - stopping.py       requests cancelled by the server's shutdown end as a 503 or a stream's error event + [DONE]
 - body.py           JSON bodies parsed and validated on the worker threads
 - api_completions   /v1/completions                    api_chat       /v1/chat/completions
+- chat_output.py    a chat output -> message or deltas: reasoning.py (reasoning_content), tool_calls.py (tool calls)
 - api_tokenizer     /tokenize, /detokenize, /tokenizer_info
 - api_admin         /v1/models, /v1/models/{id}, /health, /metrics
 - validation.py     request -> engine jobs or an APIError; outputs.py: submitting jobs, awaiting / merging outputs
@@ -43,7 +44,7 @@ from .stopping import EndOnStop
 def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name: str, **options) -> FastAPI:
     """An Engine is stepped by a thread of this process (AsyncEngine); pass an EngineProcess to keep the step loop
     in a process of its own. `options` are ServeOptions' fields (api_key, metrics_public, allowed_hosts,
-    max_body_bytes, max_pending, chat_template)."""
+    max_body_bytes, max_pending, chat_template, reasoning_parser, sampling_defaults)."""
     state = ServerState.create(engine, tokenizer, model_name, ServeOptions(**options))
 
     @contextlib.asynccontextmanager

@@ -2,19 +2,28 @@
 
 Field ranges follow the OpenAI reference where it has one (temperature [0, 2], top_p (0, 1], logprobs <= 20 for
 completions, top_logprobs <= 20 for chat); `top_k`, `ignore_eos`, `stop_token_ids` are the common extensions
-(vLLM's names), `split_special_tokens` is Hugging Face's (a raw prompt's special-token strings as text). Unknown
-fields are ignored, as clients send many (`user`, `logit_bias` of {} ...); fields whose non-default values we cannot
-honour (penalties, logit_bias, best_of other than n, tools / functions and a tool_choice / function_call that needs
-them, a response_format other than text) are rejected with a 400 that names them. Types are strict: JSON of the wrong
-type is a 400, never coerced (`true` is not token id 1). A chat message needs its content
-(OpenAI's rule; the exception, an assistant message with tool calls, is refused as tools are).
+(vLLM's names), `split_special_tokens` is Hugging Face's (a raw prompt's special-token strings as text),
+`chat_template_kwargs` vLLM's (a template's own switches, such as V3.1's `thinking`; booleans only: a string there
+would reach the prompt without being escaped as user text). Unknown fields are ignored, as clients send many
+(`user`, `logit_bias` of {} ...); fields whose non-default values we cannot honour (penalties, logit_bias, best_of
+other than n, the legacy `functions`, a tool_choice that forces a call, a tool with `strict`, a response_format other
+than text: all need constrained decoding) are rejected with a 400 that names them. Types are strict: JSON of the
+wrong type is a 400, never coerced (`true` is not token id 1). A chat message needs its content (OpenAI's rule; the
+exception, an assistant message with tool calls); a tool message needs the `tool_call_id` it answers.
+
+Tools are OpenAI's `{"type": "function", "function": {"name", "description", "parameters"}}`: a name of OpenAI's
+form (letters, digits, _ and -, at most 64), unique; parameters a JSON-schema object (a dict whose `type`, where
+given, is "object", `properties` a dict, `required` a list of names).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, field_validator,
+                      model_validator)
+
+from ..data.chat import RESERVED
 
 # Strict: JSON of the wrong type is refused, not coerced (`true` was token id 1, "2" was 2, "no" was false).
 REQUEST = ConfigDict(extra="ignore", strict=True)
@@ -157,30 +166,129 @@ class TextPart(BaseModel):
         return _unicode(v, "text")
 
 
+class FunctionCall(BaseModel):
+    model_config = REQUEST
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str                              # a JSON object as text, as the model wrote it
+
+    @field_validator("name", "arguments")
+    @classmethod
+    def _call_unicode(cls, v):
+        return _unicode(v, "tool call")
+
+
+class ToolCall(BaseModel):
+    """A past tool call in an assistant message."""
+    model_config = REQUEST
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def template_dict(self) -> dict:
+        return {"id": self.id, "type": self.type, "function": self.function.model_dump()}
+
+
 class ChatMessage(BaseModel):
     model_config = REQUEST
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    tool_calls: list | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
-    @field_validator("content")
+    @field_validator("content", "tool_call_id")
     @classmethod
     def _content_unicode(cls, v):
         return _unicode(v, "content")
 
     @model_validator(mode="after")
     def _content_required(self):
-        if self.tool_calls:
-            raise ValueError("tool calls are not supported by this server")
-        if self.content is None:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"tool_calls belong in an assistant message, not a {self.role} message")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.content is None and not self.tool_calls:
             raise ValueError(f"content is required in a {self.role} message (only an assistant message with "
                              f"tool_calls may leave it out)")
         if isinstance(self.content, list) and not self.content:
             raise ValueError("content must not be an empty list of parts")
         return self
 
-    def text(self) -> str:
+    def text(self) -> str | None:
+        if self.content is None:
+            return None
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def template_dict(self) -> dict:
+        """The message as templates read it: developer is OpenAI's new name for system; text parts are joined;
+        the tool keys only where they are given (R1's template tests `'tool_calls' in message`)."""
+        m = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            m["tool_calls"] = [c.template_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        return m
+
+
+class FunctionDefinition(BaseModel):
+    model_config = REQUEST
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("description")
+    @classmethod
+    def _description_unicode(cls, v):
+        return _unicode(v, "description")
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.strict:
+            raise ValueError("strict is not supported by this server (it needs schema-constrained decoding)")
+        p = self.parameters
+        if p is None:
+            return self
+        if p.get("type", "object") != "object":
+            raise ValueError(f"parameters must be a JSON schema of type 'object', not {p.get('type')!r}")
+        if not isinstance(p.get("properties", {}), dict):
+            raise ValueError("parameters.properties must be an object")
+        required = p.get("required", [])
+        if not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
+            raise ValueError("parameters.required must be a list of property names")
+        _unicode(_strings(p), "parameters")
+        return self
+
+
+def _strings(value) -> list[str]:
+    """Every string in a JSON value, keys included (to check them for lone surrogates)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _strings(k) + _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+class Tool(BaseModel):
+    model_config = REQUEST
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+def _template_kwargs(kwargs: dict | None) -> dict | None:
+    clash = sorted(RESERVED & (kwargs or {}).keys())
+    if clash:
+        raise ValueError(f"chat_template_kwargs may not set {clash}: the server sets them")
+    return kwargs
+
+
+def _unique_names(tools: list[Tool] | None) -> list[Tool] | None:
+    names = [t.function.name for t in tools or []]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"tools: the function names {dup} are given more than once")
+    return tools
 
 
 class ChatCompletionRequest(_Sampling):
@@ -190,20 +298,25 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     add_generation_prompt: bool = True
-    tools: list | None = None
-    # refused unless they ask for what the server does anyway: free text, no tool or function call
-    response_format: dict | None = None
+    chat_template_kwargs: dict[str, StrictBool] | None = None
+    tools: list[Tool] | None = None
+    # refused unless they ask for what the server does: free text, and a call only where the model chooses one
     tool_choice: str | dict | None = None
+    response_format: dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
 
+    _tools = field_validator("tools")(_unique_names)
+    _kwargs = field_validator("chat_template_kwargs")(_template_kwargs)
+
     @model_validator(mode="after")
     def _checks(self):
-        if self.tools or self.functions:
-            raise ValueError("tools are not supported by this server")
+        if self.functions:
+            raise ValueError("functions (deprecated by OpenAI) are not supported by this server: use tools")
         for name in ("tool_choice", "function_call"):
             if getattr(self, name) not in (None, "none", "auto"):
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by this server (no tools)")
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by this server (only 'auto' and "
+                                 f"'none': forcing a call needs constrained decoding)")
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported by this server "
                              f"(only 'text': no JSON mode or schema-constrained decoding)")
@@ -211,12 +324,20 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs needs logprobs=true")
         return self
 
+    def active_tools(self) -> list[Tool]:
+        """The tools the model may call: none when tool_choice is 'none'."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
+
 
 class TokenizeRequest(BaseModel):
     model_config = REQUEST
+    _tools = field_validator("tools")(_unique_names)
+    _kwargs = field_validator("chat_template_kwargs")(_template_kwargs)
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None             # with messages: laid out as the chat API lays them out
+    chat_template_kwargs: dict[str, StrictBool] | None = None
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
     split_special_tokens: bool = False      # for `prompt`; message content is always text

@@ -49,16 +49,22 @@ class TextStream:
     that window minus the text of its old part is what they add (vLLM's incremental detokenisation). Text that ends
     in an incomplete character (U+FFFD) waits for the next token. With stop strings the last len(longest stop) - 1
     characters are held back: they might still turn out to start a stop string, which the engine removes from the
-    final text."""
+    final text. Special tokens are left out, but for those in `keep` (the markers a chat parser reads)."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.tokenizer, self.sent, self.text = tokenizer, "", ""
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], keep: frozenset[int] = frozenset()):
+        self.tokenizer, self.sent, self.text, self.keep = tokenizer, "", "", keep
         self.ids: list[int] = []             # the output so far (outputs mid-stream carry only their new tokens)
         self.prefix = self.read = 0          # window start; tokens already in self.text
         self.holdback = max((len(s) for s in stop), default=1) - 1
 
+    def _decode(self, ids: list[int]) -> str:
+        if not self.keep:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        special = TokenTable.of(self.tokenizer).special
+        return self.tokenizer.decode([i for i in ids if i in self.keep or i not in special])
+
     def _advance(self, ids: list[int]) -> None:
-        dec = lambda xs: self.tokenizer.decode(xs, skip_special_tokens=True)  # noqa: E731
+        dec = self._decode
         old = dec(ids[self.prefix:self.read])
         new = dec(ids[self.prefix:])
         if len(new) > len(old) and not new.endswith("\ufffd"):
@@ -84,7 +90,7 @@ class TextStream:
 
     def delta(self, out: RequestOutput, drop_last: bool = False) -> str:
         if out.finished:
-            full = out.text if not drop_last else ""
+            full = "" if drop_last else marked_text(self.tokenizer, out, self.keep)
         else:
             self.ids += out.new_token_ids
             self._advance(self.ids)
@@ -93,6 +99,26 @@ class TextStream:
             return ""
         new, self.sent = full[len(self.sent):], full
         return new
+
+
+def marked_text(tokenizer: Tokenizer, out: RequestOutput, keep: frozenset[int]) -> str:
+    """The finished output's text with the kept markers put back where they were generated: at the length of the
+    text before them (the engine's text has already lost any tail a stop string cut off; a marker past its end goes
+    too, and so does a last token that stopped the output, as the engine leaves its text out)."""
+    ids, text = out.token_ids, out.text
+    if not keep:
+        return text
+    at = [k for k, t in enumerate(ids) if t in keep and not (k == len(ids) - 1 and out.finish_reason == "stop")]
+    if not at:
+        return text
+    ends = [len(s) for s in tokenizer.decode_batch([ids[:k] for k in at], skip_special_tokens=True)]
+    parts, start = [], 0
+    for k, end in zip(at, ends):
+        if end > len(text):
+            break
+        parts += [text[start:end], TokenTable.of(tokenizer).texts[ids[k]]]
+        start = end
+    return "".join(parts) + text[start:]
 
 
 def json_body(body: dict) -> bytes:

@@ -21,6 +21,7 @@ from ..infer import Engine
 from ..infer.engine import RequestLimits
 from .async_engine import AsyncEngine, AsyncEngineBase
 from .metrics import ServerMetrics
+from .reasoning import PARSERS, reasoning_enabled
 from .responses import TokenTable, json_body
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20      # a 128K-token context is ~0.5 MB of text, ~1 MB of token ids as JSON
@@ -36,11 +37,14 @@ class ServeOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES   # larger request bodies get 413
     max_pending: int = 256                   # when given an Engine: queued or running requests before 429
     chat_template: str | None = None         # Jinja source (default: DeepSeek-V3's layout)
+    reasoning_parser: str = "auto"           # chat's reasoning_content: auto | deepseek_r1 | none (reasoning.py)
     sampling_defaults: dict | None = None    # temperature / top_p / top_k a request leaves out (generation_config)
 
     def __post_init__(self):
         if self.allowed_hosts is not None:
             object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
+        if self.reasoning_parser not in PARSERS:
+            raise ValueError(f"reasoning_parser={self.reasoning_parser!r} is not one of {', '.join(PARSERS)}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes={self.max_body_bytes} must be >= 1")
 
@@ -54,6 +58,7 @@ class ServerState:
     template: ChatTemplate
     metrics: ServerMetrics
     executor: ThreadPoolExecutor
+    reasoning: bool = False                  # chat completions split reasoning_content (options.reasoning_parser)
 
     @classmethod
     def create(cls, engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name: str,
@@ -63,8 +68,10 @@ class ServerState:
         # the tokenizer's derived parts are built now, not inside the first request that needs them
         tokenizer.max_token_bytes, tokenizer.special_spans([""]), tokenizer.encode("", split_special_tokens=True)
         TokenTable.of(tokenizer)
-        return cls(aengine, tokenizer, model_name, options, ChatTemplate(options.chat_template),
-                   ServerMetrics(aengine), ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="dsv3-tokenize"))
+        template = ChatTemplate(options.chat_template)
+        return cls(aengine, tokenizer, model_name, options, template, ServerMetrics(aengine),
+                   ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="dsv3-tokenize"),
+                   reasoning_enabled(options.reasoning_parser, template.source))
 
     @property
     def limits(self) -> RequestLimits:

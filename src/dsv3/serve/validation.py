@@ -7,7 +7,13 @@ n / max_token_bytes tokens, so a prompt that certainly cannot fit is refused wit
 tokens themselves against the context, the cache and the vocabulary (infer.engine.check_request, the engine's own
 checks).
 
-Chat content is rendered with data/chat.py: its special-token strings are text, never turn markers.
+Chat content is rendered with data/chat.py: its special-token strings are text, never turn markers. A chat plan also
+says how its output is read (chat_output.ChatParsing): reasoning split or not and where it starts (reasoning.py), and
+which tools may be called. Tools reach the model only through a template that lays them out: a template that ignores
+`tools` (DeepSeek-V3's and R1's release templates do) gets a 400 naming the fix (`dsv3 serve --chat-template` with one
+that renders them), not a prompt format of the server's invention the model was never trained on; past tool calls
+and tool outputs likewise need a template that renders `tool_calls`. Tool calling also needs the tool-call tokens in
+the vocabulary (DeepSeek's has them; a tokenizer dsv3 trained has not).
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import jinja2
-
 from ..data import ChatTemplate, Tokenizer
 from ..data.chat import encode_pieces
 from ..infer import SamplingParams
 from ..infer.engine import RequestLimits, check_request
-from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest
+from .chat_output import ChatParsing, marker_ids
+from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest, Tool
+from .reasoning import reasoning_start
+from .tool_calls import MARKERS as TOOL_MARKERS
 
 
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}    # a request's, without the model's own
@@ -34,6 +41,8 @@ class Plan:
     prompt_ids: list[list[int]]
     jobs: list[tuple[list[int], SamplingParams]] = field(default_factory=list)
     echo: list[str] = field(default_factory=list)          # with echo: each prompt's text
+    parsing: ChatParsing = field(default_factory=ChatParsing)      # chat: how the output is read
+    keep: frozenset[int] = frozenset()                     # chat: the marker tokens its decoding keeps
 
 
 def check_model(name: str | None, served: str) -> None:
@@ -97,16 +106,46 @@ def check_prompt(ids: list[int], params: SamplingParams, limits: RequestLimits, 
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
-    """The template's input: developer is OpenAI's new name for system; text parts are joined."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    """The template's input (ChatMessage.template_dict)."""
+    return [m.template_dict() for m in messages]
 
 
-def render_chat(render, messages: list[ChatMessage], *args):
-    """`render(chat_messages(messages), *args)` with a template's failures as 400s."""
+def check_tool_support(template: ChatTemplate, tokenizer: Tokenizer, messages: list[ChatMessage],
+                       tools: list[Tool]) -> None:
+    """What a conversation with tools needs of the template and the vocabulary (the module docstring says why)."""
+    if tools and not template.renders_tools:
+        raise APIError("tools are not supported with this model's chat template: it does not lay out tool "
+                       "definitions (DeepSeek-V3's and R1's release templates do not), so the model would never see "
+                       "them; serve with --chat-template FILE, a template that renders `tools`", param="tools")
+    missing = [m for m in TOOL_MARKERS if tokenizer.backend.token_to_id(m) is None]
+    if tools and missing:
+        raise APIError(f"tools are not supported by this model: its vocabulary lacks the tool-call tokens "
+                       f"{missing[:2]}...", param="tools")
+    if any(m.role == "tool" or m.tool_calls for m in messages) and not template.renders_tool_calls:
+        raise APIError("tool calls and tool messages are not supported with this model's chat template: it does "
+                       "not render `tool_calls`", param="messages")
+
+
+def render_chat(render, req: ChatCompletionRequest | TokenizeRequest, add_generation_prompt: bool,
+                tools: list[Tool]):
+    """`render(messages, add_generation_prompt, tools, **chat_template_kwargs)` with a template's failures as 400s:
+    a template is a program of the model's authors, and one that cannot take a conversation (raise_exception, a
+    message shape it does not expect) must not fail the server."""
     try:
-        return render(chat_messages(messages), *args)
-    except jinja2.TemplateError as e:         # a custom template's raise_exception, or one that does not fit
-        raise APIError(f"the chat template cannot render these messages: {e}", param="messages") from None
+        return render(chat_messages(req.messages), add_generation_prompt,
+                      [t.model_dump(exclude_none=True) for t in tools] or None, **(req.chat_template_kwargs or {}))
+    except Exception as e:      # noqa: BLE001 (whatever the template raises is the template's failure)
+        raise APIError(f"the chat template cannot render these messages: {type(e).__name__}: {e}"[:500],
+                       param="messages") from None
+
+
+def chat_parsing(pieces: list, reasoning: bool, tools: list[Tool]) -> ChatParsing:
+    """How the output is read: where it starts is told by the end of the template's own text (reasoning.py)."""
+    start = None
+    if reasoning:
+        text, is_user = pieces[-1] if pieces else ("", False)
+        start = reasoning_start(None if is_user else text)
+    return ChatParsing(start, frozenset(t.function.name for t in tools) if tools else None)
 
 
 def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, max_pending: int,
@@ -135,18 +174,23 @@ def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: To
 
 
 def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, template: ChatTemplate,
-              max_pending: int, defaults: Mapping | None = None) -> Plan:
+              max_pending: int, defaults: Mapping | None = None, reasoning: bool = False) -> Plan:
+    """`reasoning`: the server splits reasoning_content (reasoning.reasoning_enabled)."""
     check_batch(req.n, max_pending)
+    tools = req.active_tools()
+    check_tool_support(template, tokenizer, req.messages, tools)
     asked = req.max_completion_tokens or req.max_tokens
-    n_chars = len(render_chat(template.render, req.messages, req.add_generation_prompt))     # milliseconds for MBs
+    n_chars = len(render_chat(template.render, req, req.add_generation_prompt, tools))     # milliseconds for MBs
     refuse_certain_overflow(limits, n_chars, tokenizer.max_token_bytes, asked or 1)
-    ids = encode_pieces(tokenizer, render_chat(functools.partial(template.pieces, tokenizer), req.messages,
-                                               req.add_generation_prompt))
+    pieces = render_chat(functools.partial(template.pieces, tokenizer), req, req.add_generation_prompt, tools)
+    ids = encode_pieces(tokenizer, pieces)
     max_tokens = asked or default_max_tokens(limits, len(ids))
     fits_context(limits, len(ids), max_tokens)
     n_top = (req.top_logprobs or 0) if req.logprobs else None
     check_prompt(ids, sampling_params(req, max_tokens, 0, n_top, defaults=defaults), limits, tokenizer)
-    return Plan([ids], [(ids, sampling_params(req, max_tokens, j, n_top, defaults=defaults)) for j in range(req.n)])
+    parsing = chat_parsing(pieces, reasoning, tools)
+    return Plan([ids], [(ids, sampling_params(req, max_tokens, j, n_top, defaults=defaults)) for j in range(req.n)],
+                parsing=parsing, keep=marker_ids(tokenizer, parsing.markers))
 
 
 def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
@@ -154,7 +198,9 @@ def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer, template: ChatTempl
     if req.prompt is not None:
         ids = tokenizer.encode(req.prompt, req.split_special_tokens)
     else:
-        ids = render_chat(functools.partial(template.encode, tokenizer), req.messages, req.add_generation_prompt)
+        tools = list(req.tools or [])
+        check_tool_support(template, tokenizer, req.messages, tools)
+        ids = render_chat(functools.partial(template.encode, tokenizer), req, req.add_generation_prompt, tools)
     if req.add_special_tokens and tokenizer.bos_id is not None:
         ids = [tokenizer.bos_id] + ids
     return ids
