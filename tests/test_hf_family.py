@@ -110,7 +110,10 @@ def hf_logits(path, raw: dict, ids: torch.Tensor) -> torch.Tensor:
     DeepseekV3 architecture too: its config is passed as a DeepseekV3Config)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in copy.deepcopy(raw).items() if k != "model_type"})
+        # the directory is dequantised: without the release's quantization_config (on a GPU, transformers would
+        # otherwise build FP8 layers for it and refuse the fp32 cast below)
+        hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in copy.deepcopy(raw).items()
+                                                  if k not in ("model_type", "quantization_config")})
         m = transformers.DeepseekV3ForCausalLM.from_pretrained(path, config=hf_cfg, dtype=torch.float32)
     m = m.float().eval()    # transformers 5 keeps its fused experts in the file's dtype whatever `dtype` says
     with torch.no_grad():
