@@ -6,7 +6,8 @@ The same modules that `dsv3.fp8.training.apply_fp8` runs in FP8, swapped to torc
   the issue's table). It takes only widths that are multiples of 128; the others (lite's kv_a 576, the dense FFN's
   10944) stay BF16, where dsv3 pads them: counted in what `apply_torchao` returns;
 - routed experts: torchao's row-wise FP8 grouped GEMM (`_to_fp8_rowwise_then_scaled_grouped_mm`, what its
-  `MoETrainingConfig` runs: `torch._scaled_grouped_mm`, the token groups padded to 16 by torchao itself) for the
+  `MoETrainingConfig` runs: `torch._scaled_grouped_mm`; the token groups padded to 16 rows here, as torchtitan does: torchao 0.18's own padding
+  asserts) for the
   three GEMMs of each expert's SwiGLU, forward and backward.
 Both keep the module's own weight Parameters (`Float8BlockwiseLinear.from_float` reuses the weight; the experts get
 a new `ffn` only), so the Trainer's optimizer, built before, still holds every parameter: nothing else changes.
@@ -33,10 +34,20 @@ class TorchaoExperts(Experts):
         )
 
         gate, up, down = (w.to(xs.dtype) for w in self.stacked_weights())
-        offs = counts.cumsum(0).to(torch.int32)
+        # torchao 0.18 asserts pad_token_groups_for_grouped_mm=False (its own padding "is not yet supported") and
+        # `_scaled_grouped_mm` wants groups of a multiple of 16 rows: pad them here, as torchtitan's permute does
+        # (static sizes, no host sync: M + 15 E rows, each row moved to its group's padded start)
+        E, M = counts.numel(), xs.shape[0]
+        padded = (counts + 15) // 16 * 16
+        start, start_pad = counts.cumsum(0) - counts, padded.cumsum(0) - padded
+        group = torch.repeat_interleave(torch.arange(E, device=xs.device), counts, output_size=M)
+        dest = torch.arange(M, device=xs.device) - start[group] + start_pad[group]
+        xp = xs.new_zeros(M + 15 * E, xs.shape[1]).index_copy(0, dest, xs)
+        offs = padded.cumsum(0).to(torch.int32)
         # B_t (E, K, N) column-major per group: the (E, N, K) weight's transposed view, as torchao asks
-        h = F.silu(mm(xs, gate.transpose(-2, -1), offs)) * mm(xs, up.transpose(-2, -1), offs)
-        return mm(h, down.transpose(-2, -1), offs)
+        h = F.silu(mm(xp, gate.transpose(-2, -1), offs, pad_token_groups_for_grouped_mm=False)) \
+            * mm(xp, up.transpose(-2, -1), offs, pad_token_groups_for_grouped_mm=False)
+        return mm(h, down.transpose(-2, -1), offs, pad_token_groups_for_grouped_mm=False)[dest]
 
 
 def apply_torchao(model: nn.Module, linears: bool = True, experts: bool = True) -> dict[str, int]:
