@@ -210,7 +210,7 @@ def filtered_probs(logits: Tensor, temperatures: Tensor, top_ks: Tensor, top_ps:
 def compute_logprobs(logits: Tensor, tokens: Tensor, top_n: int) -> tuple[Tensor, Tensor, Tensor]:
     """(logprob of tokens (B,), top-n ids (B, top_n), their logprobs (B, top_n)) under log_softmax of the RAW logits:
     the model's own distribution, before penalties / logit_bias / temperature / top-k / top-p, as vLLM reports it by
-    default (and OpenAI reports temperature's); the engine passes the model's logits, never the adjusted ones."""
+    default; the engine passes the model's logits, never the adjusted ones."""
     logprobs = logits.float().log_softmax(-1)
     token_lp = logprobs.gather(-1, tokens.long()[:, None]).squeeze(-1)
     top_lp, top_ids = logprobs.topk(top_n, dim=-1)
