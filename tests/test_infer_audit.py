@@ -194,7 +194,8 @@ def test_generate_bad_flags_refused_before_reading_the_model(capsys, tmp_path):
     # before: --max-tokens 0 was refused only after the checkpoint (minutes for a large one) had been read
     for flags, what in ((["--max-tokens", "0"], "max_tokens"), (["--max-tokens", "-3"], "max_tokens"),
                         (["--temperature", "nan"], "temperature"), (["--top-p", "2"], "top_p"),
-                        (["--samples", "0"], "--samples"), (["--spec", "-1"], "--spec")):
+                        (["--samples", "0"], "--samples"), (["--spec", "-1"], "--spec"),
+                        (["--repetition-penalty", "0"], "repetition_penalty")):
         rc, out, err = generate(capsys, "--model", str(tmp_path / "absent"), "--prompt", "x", *flags)
         assert rc == 2 and what in err and "absent" not in err and len(err.strip().splitlines()) == 1
 
@@ -274,6 +275,20 @@ def test_generate_samples_as_the_models_generation_config_says_unless_told(capsy
     (d / "generation_config.json").write_text(json.dumps({"temperature": 9}))
     rc, _, err = generate(capsys, *flags)
     assert rc == 2 and "generation_config.json: temperature=9" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_repetition_penalty_reaches_the_engine(capsys, base, monkeypatch):
+    from dsv3.infer import Engine
+    seen, real = [], Engine.generate
+
+    def spy(self, prompts, params):
+        seen.extend(params)
+        return real(self, prompts, params)
+    monkeypatch.setattr(Engine, "generate", spy)
+    flags = ["--model", str(base), "--prompt", "x", "--max-tokens", "3", "--device", "cpu", "--samples", "2"]
+    assert generate(capsys, *flags, "--repetition-penalty", "1.4")[0] == 0
+    assert [p.repetition_penalty for p in seen] == [1.4, 1.4]
+    assert generate(capsys, *flags)[0] == 0 and seen[-1].repetition_penalty == 1.0
 
 
 def test_generate_runs_on_the_device_and_dtype_asked(capsys, base, monkeypatch):

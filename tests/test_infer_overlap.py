@@ -1,5 +1,6 @@
 """The overlap schedule (dsv3.infer.overlap) against the synchronous engine: the same outputs, delta by delta, for
-mixed batches (prompt lengths, max_tokens, stop ids and strings, sampling with seeds, log-probabilities, arrivals
+mixed batches (prompt lengths, max_tokens, stop ids and strings, sampling with seeds, log-probabilities, penalties
+and logit_bias (whose counts a chained step updates from tokens the host has not read), arrivals
 while others decode, aborts, chunked prefill, preemption, padded graph buckets), every block returned, and no
 extra forward for length-limited batches. float64, as tests/test_infer_engine.py: batch composition then cannot
 flip a greedy token, so equality is exact."""
@@ -25,8 +26,8 @@ def prompts(lengths, seed=0):
 
 def mixed_requests(model) -> list[tuple[list[int], SamplingParams]]:
     """Request 0 decodes long (the others arrive while it does); a stop id that ends request 1 early; sampled ones
-    with seeds; log-probabilities of outputs and of the prompt; max_tokens from 1 to 16."""
-    ps = prompts([6, 5, 8, 17, 30, 9, 1, 12], seed=1)
+    with seeds; log-probabilities of outputs and of the prompt; max_tokens from 1 to 16; penalties and logit_bias."""
+    ps = prompts([6, 5, 8, 17, 30, 9, 1, 12, 7], seed=1)
     stop = reference_greedy(model, ps[1], 9)[3]
     g = dict(temperature=0.0, ignore_eos=True)
     params = [SamplingParams(max_tokens=16, **g),
@@ -36,7 +37,9 @@ def mixed_requests(model) -> list[tuple[list[int], SamplingParams]]:
               SamplingParams(max_tokens=12, logprobs=2, **g),
               SamplingParams(max_tokens=5, prompt_logprobs=1, **g),
               SamplingParams(max_tokens=1, **g),
-              SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True, logprobs=0)]
+              SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True, logprobs=0),
+              SamplingParams(temperature=0.7, seed=5, max_tokens=10, ignore_eos=True, logprobs=1,
+                             frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.2, logit_bias={7: 2.0})]
     return list(zip(ps, params))
 
 

@@ -123,6 +123,36 @@ def test_n_seeds_and_stop_strings(server, client):
         assert text == full[:full.index(stop)] and reason == "stop", (text, full, stop)
 
 
+def test_penalties_and_logit_bias_reach_the_engine(server, client):
+    """OpenAI's presence / frequency penalties and logit_bias (token ids as strings), and vLLM's repetition_penalty
+    as an extra field: the server's tokens are the reference engine's with the same parameters, and they act
+    (greedy repeats itself here, the penalised output does not; a +100 bias forces its token). Values out of range
+    are 400s that name the field."""
+    p, tok = PROMPTS[2], server.tokenizer
+    plain = greedy(server, p, 24, ignore_eos=True)
+    assert len(set(plain.token_ids)) < len(plain.token_ids)
+    for named, extra in (({"frequency_penalty": 2.0}, {}), ({"presence_penalty": 1.5}, {}),
+                         ({}, {"repetition_penalty": 2.0})):
+        r = client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=24, temperature=0,
+                                      extra_body={"ignore_eos": True, **extra}, **named)
+        want = greedy(server, p, 24, ignore_eos=True, **named, **extra)
+        assert r.choices[0].text == want.text != plain.text, (named, extra)
+    forced = tok.encode(" os")[0]
+    messages = [{"role": "user", "content": "import"}]
+    c = client.chat.completions.create(model="dsv3-tiny", messages=messages, max_tokens=5, temperature=0,
+                                       logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
+    assert c.choices[0].message.content == tok.decode([forced] * 5)
+    for kw, field in [({"frequency_penalty": 2.5}, "frequency_penalty"), ({"presence_penalty": -3}, "presence_penalty"),
+                      ({"logit_bias": {"-1": 5}}, "logit_bias"), ({"logit_bias": {"a": 5}}, "logit_bias"), ({"logit_bias": {str(10**6): 5}}, "logit_bias"),
+                      ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+                      ({"logit_bias": {"5": 101}}, "logit_bias"),
+                      ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty")]:
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=2, **kw)
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.chat.completions.create(model="dsv3-tiny", messages=messages, max_tokens=2, **kw)
+
+
 def test_disconnect_mid_stream_frees_blocks(server):
     body = {"model": "dsv3-tiny", "prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "stream": True,
             "ignore_eos": True}

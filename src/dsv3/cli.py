@@ -202,8 +202,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     # bad flags are refused before the model is read (minutes for a large checkpoint)
     if args.samples < 1 or args.spec < 0:
         raise ValueError(f"--samples must be >= 1 and --spec >= 0, got {args.samples} and {args.spec}")
-    params = [SamplingParams(**generate_sampling(args), max_tokens=args.max_tokens, seed=args.seed + i)
-              for i in range(args.samples)]
+    params = [SamplingParams(**generate_sampling(args), max_tokens=args.max_tokens, seed=args.seed + i,
+                             repetition_penalty=args.repetition_penalty) for i in range(args.samples)]
     device = _device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema,
                                                 dtype=_serving_dtype(args.dtype, device), device=device)

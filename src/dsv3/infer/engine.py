@@ -31,6 +31,7 @@ from .config import EngineConfig
 from .fused_proj import fuse_projections
 from .graphs import graphs_supported
 from .overlap import PENDING, InFlight, to_device
+from .penalties import PenaltyState
 from .runner import ModelRunner, Row
 from .sampling import SamplingParams, SamplingTensors, compute_logprobs, make_generators, sample
 from .scheduler import Scheduler
@@ -179,6 +180,7 @@ class Engine:
         self._ids = itertools.count()
         self.seqs: dict[int, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
+        self.penalties = PenaltyState(cfg.vocab_size, self.device)   # empty until a request adjusts its logits
         self._aborted: list[Sequence] = []
         self._in_flight: InFlight | None = None     # the last step's sampled tokens, not applied yet (overlap)
 
@@ -334,13 +336,18 @@ class Engine:
         # a pure decode batch samples every row: no index tensor to build and copy to the device
         rows_h = hidden if last == list(range(hidden.shape[0])) else hidden[to_device(last, torch.long, self.device)]
         logits = self.runner.logits(rows_h)
+        # penalties and logit_bias (dsv3.infer.penalties): `scores` is `logits` itself unless a request uses them
+        scores, adjusted = self.penalties.apply(done, logits)
         if all(s.params.greedy for s in done):
             # what `sample` returns for greedy rows (the race over a one-hot), without building and sorting a
             # (B, V) top-k / top-p distribution: one kernel instead of ~20 on the decode step's host path
-            tokens = logits.argmax(-1)
+            tokens = scores.argmax(-1)
         else:
             temps, top_ks, top_ps = SamplingTensors.from_params([s.params for s in done], self.device)
-            tokens = sample(logits, temps, top_ks, top_ps, [self._generators.get(s.seq_id) for s in done])
+            tokens = sample(scores, temps, top_ks, top_ps, [self._generators.get(s.seq_id) for s in done])
+        if adjusted is not None:
+            self.penalties.record(adjusted, tokens)
+        # log-probabilities of the model's own distribution, never of the adjusted one (vLLM's default)
         want = max((s.params.logprobs for s in done if s.params.logprobs is not None), default=None)
         lp = compute_logprobs(logits, tokens, want) if want is not None else ()
         for seq in done:
@@ -431,6 +438,7 @@ class Engine:
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.scheduler.remove(seq)
         self._generators.pop(seq.seq_id, None)
+        self.penalties.release(seq.seq_id)
         if reason == "abort":
             self._aborted.append(seq)
 

@@ -1,5 +1,8 @@
 """Sampling parameters, batched token sampling, logprobs and speculative-decoding acceptance.
 
+Repetition penalties and logit_bias (the `presence_penalty` / `frequency_penalty` / `repetition_penalty` /
+`logit_bias` fields) adjust the logits before any of this: dsv3.infer.penalties, whose state lives on the device too.
+
 Everything after `SamplingTensors.from_params` runs on the device with no host synchronisation (no `.item()`,
 `.tolist()`, `.cpu()`, no Python branching on tensor values), so a decode step can overlap with the host and be
 captured in a CUDA graph. Per-request reproducibility comes from per-row `torch.Generator`s: a row's random draws come
@@ -19,6 +22,7 @@ from torch import Tensor
 from .overlap import to_device
 
 MAX_LOGPROBS = 20     # OpenAI's limit; keeps the per-token top-n small
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 GREEDY_EPS = 1e-5     # temperatures below this are greedy: logits / T would overflow and the result is argmax anyway
 
 
@@ -42,16 +46,30 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None        # None: none; 0: the sampled token's; n > 0: also the top n alternatives
     prompt_logprobs: int | None = None  # the same for prompt tokens (echo / log-likelihood evaluation)
+    # logit adjustments before temperature (dsv3.infer.penalties): OpenAI's over the generated tokens, HF's over the
+    # prompt and generated tokens, and OpenAI's per-token bias
+    presence_penalty: float = 0.0      # [-2, 2]: minus this from every token generated at least once
+    frequency_penalty: float = 0.0     # [-2, 2]: minus this times how often the token was generated
+    repetition_penalty: float = 1.0    # (0, 2]: a seen token's logit / this if > 0, * this if < 0; 1 = off
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> [-100, 100] added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):   # a lone string is one stop string, not a list of characters
             self.stop = [self.stop]
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)   # own copies, callers may reuse
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = dict(self.logit_bias)
         self._check()
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
+
+    @property
+    def modifies_logits(self) -> bool:
+        """Whether a penalty or a bias applies: only batches with such a request pay for them."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias)
 
     def _check(self) -> None:
         t = self.temperature
@@ -75,6 +93,24 @@ class SamplingParams:
             n = getattr(self, name)
             if n is not None and not (_is_int(n) and 0 <= n <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {n!r}")
+        self._check_penalties()
+
+    def _check_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            x = getattr(self, name)
+            if not _is_real(x) or not -2 <= x <= 2:          # also rejects nan
+                raise ValueError(f"{name} must be a number in [-2, 2], got {x!r}")
+        r = self.repetition_penalty
+        if not _is_real(r) or not 0 < r <= 2:
+            raise ValueError(f"repetition_penalty must be a number in (0, 2] (1 = off), got {r!r}")
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must be a dict of at most {MAX_LOGIT_BIAS} token ids -> numbers, got "
+                             f"{type(bias).__name__} of {len(bias) if isinstance(bias, dict) else '?'} entries")
+        bad = [(k, v) for k, v in bias.items() if not _is_int(k) or not _is_real(v) or not -100 <= v <= 100]
+        if bad:
+            raise ValueError(f"logit_bias maps token ids (ints) to numbers in [-100, 100], got {bad[0][0]!r}: "
+                             f"{bad[0][1]!r}")
 
     def validate(self, vocab_size: int) -> None:
         """Full check against the model's vocabulary; raises ValueError naming the offending field."""
@@ -82,6 +118,9 @@ class SamplingParams:
         bad = [i for i in self.stop_token_ids if not 0 <= i < vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+        bad = [i for i in self.logit_bias if not 0 <= i < vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(self, name)
             if n is not None and n > vocab_size:
@@ -170,7 +209,8 @@ def filtered_probs(logits: Tensor, temperatures: Tensor, top_ks: Tensor, top_ps:
 
 def compute_logprobs(logits: Tensor, tokens: Tensor, top_n: int) -> tuple[Tensor, Tensor, Tensor]:
     """(logprob of tokens (B,), top-n ids (B, top_n), their logprobs (B, top_n)) under log_softmax of the RAW logits:
-    the model's own distribution, before temperature / top-k / top-p, as vLLM and OpenAI report it."""
+    the model's own distribution, before penalties / logit_bias / temperature / top-k / top-p, as vLLM reports it by
+    default; the engine passes the model's logits, never the adjusted ones."""
     logprobs = logits.float().log_softmax(-1)
     token_lp = logprobs.gather(-1, tokens.long()[:, None]).squeeze(-1)
     top_lp, top_ids = logprobs.topk(top_n, dim=-1)

@@ -8,6 +8,9 @@ does it.
 - Otherwise (sampled requests in the batch): draft with the MTP module, verify with one forward of the main model,
   rejection-sample on the device, each a separate step with host reads between them; the output distribution is the
   target's (Leviathan et al. 2023).
+A batch with a request asking for log-probabilities, penalties or logit_bias does not speculate (`applies`): it runs
+plain steps, which apply them (dsv3.infer.penalties); drafts verified against penalised distributions would need the
+counts to advance draft by draft inside the verify step, which is not built.
 Both keep the sequence's MTP catch-up state (Sequence.mtp_cached / pending_hidden) so either may follow the other.
 """
 
@@ -32,12 +35,14 @@ class Speculation:
 
     def applies(self, seqs: list[Sequence], counts: list[int]) -> bool:
         """Speculate when every scheduled sequence is decoding, the batch is small enough for drafting to pay, no
-        log-probabilities are asked for, and each can get blocks for 2k more tokens (they are taken here: the k+1
+        log-probabilities, penalties or logit_bias are asked for (a batch with them runs plain steps, which apply
+        them: dsv3.infer.penalties), and each can get blocks for 2k more tokens (they are taken here: the k+1
         verified positions, and the fused step's chained drafts up to position L + 2k - 1)."""
         e = self.engine
         if len(seqs) > e.config.speculative_max_batch or len(seqs) != len(e.scheduler.running):
             return False
-        if any(n != 1 or s.num_cached_tokens == 0 or s.params.logprobs is not None for s, n in zip(seqs, counts)):
+        if any(n != 1 or s.num_cached_tokens == 0 or s.params.logprobs is not None
+               or s.params.modifies_logits for s, n in zip(seqs, counts)):
             return False
         return all(self.blocks.ensure_capacity(s, s.num_cached_tokens + max(self.k + 1, 2 * self.k)) for s in seqs)
 

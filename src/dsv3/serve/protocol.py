@@ -1,15 +1,16 @@
 """The OpenAI API's request bodies as pydantic models, and OpenAI-style errors.
 
-Field ranges follow the OpenAI reference where it has one (temperature [0, 2], top_p (0, 1], logprobs <= 20 for
-completions, top_logprobs <= 20 for chat); `top_k`, `ignore_eos`, `stop_token_ids` are the common extensions
-(vLLM's names), `split_special_tokens` is Hugging Face's (a raw prompt's special-token strings as text),
-`chat_template_kwargs` vLLM's (a template's own switches, such as V3.1's `thinking`; booleans only: a string there
-would reach the prompt without being escaped as user text). Unknown fields are ignored, as clients send many
-(`user`, `logit_bias` of {} ...); fields whose non-default values we cannot honour (penalties, logit_bias, best_of
-other than n, the legacy `functions`, a tool_choice that forces a call, a tool with `strict`, a response_format other
-than text: all need constrained decoding) are rejected with a 400 that names them. Types are strict: JSON of the
-wrong type is a 400, never coerced (`true` is not token id 1). A chat message needs its content (OpenAI's rule; the
-exception, an assistant message with tool calls); a tool message needs the `tool_call_id` it answers.
+Field ranges follow the OpenAI reference where it has one (temperature [0, 2], top_p (0, 1], presence_penalty and
+frequency_penalty [-2, 2], logit_bias at most 300 token ids -> [-100, 100], logprobs <= 20 for completions,
+top_logprobs <= 20 for chat); `top_k`, `ignore_eos`, `stop_token_ids`, `repetition_penalty` ((0, 2] here) are the
+common extensions (vLLM's names), `split_special_tokens` is Hugging Face's (a raw prompt's special-token strings as
+text), `chat_template_kwargs` vLLM's (a template's own switches, such as V3.1's `thinking`; booleans only: a string
+there would reach the prompt without being escaped as user text). Unknown fields are ignored, as clients send many
+(`user` ...); fields whose non-default values we cannot honour (best_of other than n, the legacy `functions`, a
+tool_choice that forces a call, a tool with `strict`, a response_format other than text: all need constrained
+decoding) are rejected with a 400 that names them. Types are strict: JSON of the wrong type is a 400, never coerced
+(`true` is not token id 1). A chat message needs its content (OpenAI's rule; the exception, an assistant message with
+tool calls); a tool message needs the `tool_call_id` it answers.
 
 Tools are OpenAI's `{"type": "function", "function": {"name", "description", "parameters"}}`: a name of OpenAI's
 form (letters, digits, _ and -, at most 64), unique; parameters a JSON-schema object (a dict whose `type`, where
@@ -46,6 +47,7 @@ Prompt = Annotated[Annotated[str, Tag("text")] | Annotated[list[str], Tag("texts
                    Discriminator(_prompt_form, custom_error_type="prompt_type", custom_error_message=(
                        "prompt must be a string, a list of strings, a list of token ids or a list of lists of them"))]
 MAX_N = 16
+MAX_LOGIT_BIAS = 300      # OpenAI's limit
 MAX_TOP_K = 2**63 - 1      # the engine carries top_k in an int64 tensor; anything >= the vocabulary means "off" anyway
 
 
@@ -94,22 +96,33 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict | None = None
+    # penalties and logit_bias (dsv3.infer.penalties); None: off
+    presence_penalty: Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)] | None = None
+    # JSON object keys are strings: token ids written out ("50256": -100), as OpenAI's clients send them
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
 
     @field_validator("stop")
     @classmethod
     def _stop_unicode(cls, v):
         return _unicode(v, "stop")
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_ids(cls, v):
+        if v is not None and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(v)}")
+        bad = [k for k in v or {} if not (k.isascii() and k.isdigit() and len(k) <= 18)]
+        if bad:
+            raise ValueError(f"keys must be token ids (non-negative integers as strings), got {bad[0][:20]!r}")
+        return v
+
+    def token_bias(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+
     @model_validator(mode="after")
-    def _unsupported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise ValueError(f"{name} is not supported by this server (only 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+    def _empty_stop(self):
         if isinstance(self.stop, str) and not self.stop:
             self.stop = None
         return self

@@ -71,7 +71,10 @@ def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | 
             top_k=0 if top_k == -1 else top_k, max_tokens=max_tokens,
             seed=None if req.seed is None else (req.seed + seed_offset) % 2**63, stop=req.stop_list(),
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs)
+            prompt_logprobs=prompt_logprobs, presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logit_bias=req.token_bias())
     except ValueError as e:
         raise APIError(str(e)) from None
 
@@ -152,6 +155,7 @@ def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: To
                     defaults: Mapping | None = None) -> Plan:
     prompts = req.prompts()
     check_batch(len(prompts) * req.n, max_pending)
+    check_token_ids(list(req.token_bias()), limits.vocab_size, "logit_bias")
     score_only = req.max_tokens == 0           # echo with no completion: generate one token, drop it
     texts = [p for p in prompts if isinstance(p, str)]
     for p in texts:
@@ -179,6 +183,7 @@ def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Toke
     check_batch(req.n, max_pending)
     tools = req.active_tools()
     check_tool_support(template, tokenizer, req.messages, tools)
+    check_token_ids(list(req.token_bias()), limits.vocab_size, "logit_bias")
     asked = req.max_completion_tokens or req.max_tokens
     n_chars = len(render_chat(template.render, req, req.add_generation_prompt, tools))     # milliseconds for MBs
     refuse_certain_overflow(limits, n_chars, tokenizer.max_token_bytes, asked or 1)
@@ -206,7 +211,7 @@ def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer, template: ChatTempl
     return ids
 
 
-def check_token_ids(ids: list[int], vocab_size: int) -> None:
+def check_token_ids(ids: list[int], vocab_size: int, param: str = "tokens") -> None:
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        raise APIError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", param="tokens")
+        raise APIError(f"{param}: token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", param=param)
