@@ -252,6 +252,17 @@ def test_tool_request_shapes_are_checked(extra, word):
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]} | extra)
 
 
+def test_deeply_nested_tool_parameters_are_a_400_not_a_crash():
+    """A body pydantic's JSON parser finds too deep is read by json.loads (body.parse_body), which takes ~1000 levels:
+    the schema checks walked it recursively and raised RecursionError, which no handler turns into a 400 (a 500)."""
+    deep: object = 1
+    for _ in range(900):
+        deep = [deep]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "x": deep}}}]
+    with pytest.raises(ValueError, match="parameters nest deeper than"):
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "tools": tools})
+
+
 def test_an_assistant_turn_keeps_its_reasoning_tags_as_tokens():
     """R1-style SFT data and reasoning histories: the assistant's own <think> / </think> (added tokens not flagged
     special) stay the single tokens the model generates; the flagged ones (EOS) are text there as everywhere; a user's
