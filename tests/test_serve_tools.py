@@ -246,6 +246,10 @@ def test_plan_chat_tool_rules():
     ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "tool_calls"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]}, "arguments"),
+    # a lone surrogate reached the tokenizer: a 400 blaming the template with tokenizers' TypeError
+    ({"messages": [{"role": "assistant",
+                    "tool_calls": [{"id": "\ud800", "function": {"name": "f", "arguments": "{}"}}]}]},
+     "tool call id is not valid Unicode"),
 ])
 def test_tool_request_shapes_are_checked(extra, word):
     with pytest.raises(ValueError, match=word):

@@ -198,6 +198,11 @@ class ToolCall(BaseModel):
     type: Literal["function"] = "function"
     function: FunctionCall
 
+    @field_validator("id")
+    @classmethod
+    def _id_unicode(cls, v):
+        return _unicode(v, "tool call id")
+
     def template_dict(self) -> dict:
         return {"id": self.id, "type": self.type, "function": self.function.model_dump()}
 
