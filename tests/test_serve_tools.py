@@ -243,6 +243,9 @@ def test_plan_chat_tool_rules():
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"chat_template_kwargs": {"thinking": "yes"}}, "chat_template_kwargs"),
     ({"chat_template_kwargs": {"tools": True}}, "the server sets them"),
+    # the names of ChatTemplate's own parameters: a TypeError from the render call, a 400 blaming the messages
+    ({"chat_template_kwargs": {"self": True}}, "chat_template_kwargs may not set"),
+    ({"chat_template_kwargs": {"tokenizer": True}}, "chat_template_kwargs may not set"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "tool_calls"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]}, "arguments"),

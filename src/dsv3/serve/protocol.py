@@ -304,7 +304,8 @@ class Tool(BaseModel):
 
 
 def _template_kwargs(kwargs: dict | None) -> dict | None:
-    clash = sorted(RESERVED & (kwargs or {}).keys())
+    # the server's variables, and the names of ChatTemplate's parameters that the kwargs are passed beside
+    clash = sorted((RESERVED | {"self", "tokenizer"}) & (kwargs or {}).keys())
     if clash:
         raise ValueError(f"chat_template_kwargs may not set {clash}: the server sets them")
     return kwargs
