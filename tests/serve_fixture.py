@@ -43,17 +43,20 @@ class LiveServer:
 DEFAULT_CONFIG = EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32, max_num_batched_tokens=512)
 
 
-def build_engine(seed: int = 0, engine_config: EngineConfig | None = None) -> Engine:
-    """Deterministic: the same tokenizer and weights in every process (EngineProcess builds its own copy)."""
+def build_engine(seed: int = 0, engine_config: EngineConfig | None = None, extra_rows: int = 0) -> Engine:
+    """Deterministic: the same tokenizer and weights in every process (EngineProcess builds its own copy).
+    `extra_rows`: embedding rows past the tokenizer's last id, as released models pad their vocabulary."""
     torch.set_num_threads(1)
     tok = train_tokenizer(TEXTS, vocab_size=320)
     # float64: the served engine batches requests differently from the reference, and greedy outputs must match
-    model = build(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512), seed=seed, dtype=torch.float64)
+    model = build(tiny_config(vocab_size=tok.vocab_size + extra_rows, max_position_embeddings=512), seed=seed,
+                  dtype=torch.float64)
     return Engine(model, tok, engine_config or DEFAULT_CONFIG)
 
 
 def start_server(engine_config: EngineConfig | None = None, api_key: str | None = None, max_pending: int = 64,
-                 seed: int = 0, process: bool = False, threads: int | None = None, **options) -> LiveServer:
+                 seed: int = 0, process: bool = False, threads: int | None = None, extra_rows: int = 0,
+                 **options) -> LiveServer:
     """With `process`, the served engine runs in a child process (EngineProcess, with `threads` torch threads);
     `.engine` is then None and block accounting comes from its stats. `options` go to build_app (metrics_public, allowed_hosts, max_body_bytes)."""
     reference = build_engine(seed, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32))
@@ -63,7 +66,7 @@ def start_server(engine_config: EngineConfig | None = None, api_key: str | None 
         served = EngineProcess(functools.partial(build_engine, seed, engine_config), tok, max_pending,
                                threads=threads)
     else:
-        engine = served = build_engine(seed, engine_config)
+        engine = served = build_engine(seed, engine_config, extra_rows)
     app = build_app(served, tok, "dsv3-tiny", api_key=api_key, max_pending=max_pending, **options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=10))

@@ -123,6 +123,33 @@ def test_n_seeds_and_stop_strings(server, client):
         assert text == full[:full.index(stop)] and reason == "stop", (text, full, stop)
 
 
+def test_ids_past_the_tokenizer_are_refused():
+    """A model may have embedding rows past the tokenizer's last id (DeepSeek-V3's 129,280 rows hold fewer tokens).
+    Ids there were checked against the model's rows only: a logit_bias of +100 on one made the model generate a
+    token with no text, and its logprob entry was a 500 (a stream died mid-way); a prompt of such ids with echo and
+    logprobs too. They are not token ids of the vocabulary: a 400 naming the field."""
+    s = start_server(extra_rows=8)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        pad = s.tokenizer.vocab_size + 3
+        calls = {"logit_bias": [
+            lambda: client.completions.create(model="dsv3-tiny", prompt="x", max_tokens=3, logprobs=1,
+                                              logit_bias={str(pad): 100}),
+            lambda: client.chat.completions.create(model="dsv3-tiny", messages=[{"role": "user", "content": "x"}],
+                                                   max_tokens=3, logprobs=True, logit_bias={str(pad): 100})],
+            "prompt": [lambda: client.completions.create(model="dsv3-tiny", prompt=[5, pad], max_tokens=1, echo=True,
+                                                         logprobs=1)]}
+        for field, requests in calls.items():
+            for request in requests:
+                with pytest.raises(openai.BadRequestError, match=field):
+                    request()
+        ok = client.completions.create(model="dsv3-tiny", prompt="x", max_tokens=3, logprobs=1,
+                                       logit_bias={str(s.tokenizer.vocab_size - 1): 100})
+        assert ok.choices[0].logprobs.tokens
+    finally:
+        s.stop()
+
+
 def test_penalties_and_logit_bias_reach_the_engine(server, client):
     """OpenAI's presence / frequency penalties and logit_bias (token ids as strings), and vLLM's repetition_penalty
     as an extra field: the server's tokens are the reference engine's with the same parameters, and they act

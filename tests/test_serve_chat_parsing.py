@@ -29,11 +29,13 @@ USER = [{"role": "user", "content": "Weather in Paris?"}]
 @dataclass
 class ScriptedEngine:
     """A mock Engine for AsyncEngine: each request generates the next scripted ids, one token per step, then stops
-    with EOS. Its final text is decoded as the Engine decodes it (special tokens skipped, the stop token left out)."""
+    with EOS. Its final text is decoded as the Engine decodes it (special tokens skipped, the stop token left out,
+    cut where a stop string starts: Engine._append)."""
     tokenizer: object
     script: list[list[int]] = field(default_factory=list)
     running: dict = field(default_factory=dict)     # request id -> (prompt, ids to emit, emitted)
     prompts: list = field(default_factory=list)
+    stops: dict = field(default_factory=dict)       # request id -> its stop strings
 
     @property
     def limits(self) -> RequestLimits:
@@ -43,6 +45,7 @@ class ScriptedEngine:
         rid = len(self.prompts)
         self.prompts.append(ids)
         self.running[rid] = (ids, self.script.pop(0) + [self.tokenizer.eos_id], [])
+        self.stops[rid] = params.stop
         return rid
 
     def abort(self, rid) -> None:
@@ -58,12 +61,15 @@ class ScriptedEngine:
         outs = []
         for rid, (prompt, todo, done) in list(self.running.items()):
             done.append(todo[len(done)])
-            if len(done) < len(todo):
+            eos = len(done) == len(todo)
+            text = self.tokenizer.decode(done[:-1] if eos else done, skip_special_tokens=True)
+            at = min((i for i in (text.find(s) for s in self.stops[rid]) if i >= 0), default=-1)
+            if not eos and at < 0:
                 outs.append(RequestOutput(rid, [], [], "", False, None, [done[-1]]))
                 continue
             del self.running[rid]
-            text = self.tokenizer.decode(done[:-1], skip_special_tokens=True)
-            outs.append(RequestOutput(rid, prompt, list(done), text, True, "stop", [done[-1]]))
+            outs.append(RequestOutput(rid, prompt, list(done), text[:at] if at >= 0 else text, True, "stop",
+                                      [done[-1]]))
         time.sleep(0.001)
         return outs
 
@@ -174,3 +180,21 @@ def test_tool_history_and_completions_unaffected(served):
     engine.script.append(engine.tokenizer.encode("a</think>b"))
     c = client.completions.create(model="scripted", prompt="x", max_tokens=50)
     assert c.choices[0].text == "a</think>b"
+
+
+def test_a_stop_string_across_a_kept_marker_streams_what_the_message_holds(served):
+    """The engine finds stop strings in its text without special tokens, where a kept marker takes no room; the
+    stream held back len(stop) - 1 characters of the text WITH the markers. A stop string across a marker ("```\n"
+    around V3's <｜tool▁call▁end｜>) then streamed the stop string and half the marker as content, text the message
+    never holds."""
+    engine, client = served
+    tools = TOOLS + [{"type": "function", "function": {"name": "add"}}]
+    stop = "```\n"
+    cut = V3_CALLS[:V3_CALLS.index(f"```{C2}")]             # where the engine's text (markers left out) stops
+    for stops in ([stop], ["Paris", stop], ["}\n```"]):
+        r = generate(engine, client, V3_CALLS, False, tools=tools, stop=stops)
+        message = r.choices[0].message
+        _, content, calls, finish = joined(generate(engine, client, V3_CALLS, True, tools=tools, stop=stops))
+        assert (content, calls, finish) == (message.content, [], r.choices[0].finish_reason), stops
+        if stops == [stop]:
+            assert message.content == cut and message.tool_calls is None

@@ -33,6 +33,7 @@ from .tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 Piece = tuple[str, bool]        # (text, is user text: its special-token strings are split into ordinary tokens)
 MARK_END = "\ue000"             # ends a sentinel; a private-use character: JSON, upper() and trim leave it alone
+REASONING_TAGS = ("<think>", "</think>")     # the only added tokens an assistant turn's text keeps as tokens
 RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception"})
 
 
@@ -77,14 +78,18 @@ class ChatTemplate:
                tools: list[dict] | None = None, **variables) -> list[Piece]:
         """The rendered conversation as pieces whose texts join to `render`'s; the special-token strings found in
         any string of the messages or tools come out as pieces of their own, marked as user text."""
-        # An assistant turn's own text keeps its unflagged added tokens (<think>, </think>) as the tokens the model
-        # generated (R1's SFT data, a reasoning history): only the flagged ones (EOS, turn markers) are escaped there.
-        # Everywhere else (user, system and tool text, call arguments, tool definitions) every added token is text.
+        # An assistant turn's own text keeps its reasoning tags (<think>, </think>, added tokens not flagged special)
+        # as the tokens the model generated (R1's SFT data, a reasoning history). Every other added token is text
+        # there too, flagged or not: DeepSeek's release leaves the tool-call markers unflagged as well, and kept as
+        # tokens they forged a call. Everywhere else (user, system and tool text, call arguments, tool definitions)
+        # every added token is text.
         own = [m["content"] for m in messages if m.get("role") == "assistant" and isinstance(m.get("content"), str)]
         strings: list[str] = []
         _collect((messages, tools), strings)
         spans = dict(zip(strings, tokenizer.special_spans(strings)))
-        own_spans = dict(zip(own, tokenizer.special_spans(own, flagged_only=True)))
+        tags = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values()
+                if t.content in REASONING_TAGS and not t.special}
+        own_spans = {text: [(a, b) for a, b in spans[text] if text[a:b] not in tags] for text in own}
         if not any(spans.values()):
             return [(self.render(messages, add_generation_prompt, tools, **variables), False)]
         mark = f"\ue000{secrets.randbelow(10**16):016d}:"

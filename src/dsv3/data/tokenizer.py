@@ -132,19 +132,11 @@ class Tokenizer:
         tok.encode_special_tokens = True
         return tok
 
-    def special_spans(self, texts: Sequence[str], flagged_only: bool = False) -> list[list[tuple[int, int]]]:
+    def special_spans(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
         """The (start, end) character offsets of the added-token strings in each text, found as `encode` finds
-        them (tokenizers' added-token matcher: leftmost-longest), in linear time and without the GIL.
-        `flagged_only`: only the tokens flagged special (not `<think>`: what an assistant turn holds as a token)."""
+        them (tokenizers' added-token matcher: leftmost-longest), in linear time and without the GIL."""
         encodings = self._special_finder.encode_batch(list(texts), add_special_tokens=False)
-        keep = self._flagged_finder_ids if flagged_only else None
-        return [[span for i, span in zip(e.ids, e.offsets) if i != 0 and (keep is None or i in keep)]
-                for e in encodings]
-
-    @functools.cached_property
-    def _flagged_finder_ids(self) -> frozenset[int]:
-        added = self._tok.get_added_tokens_decoder().values()
-        return frozenset(self._special_finder.token_to_id(t.content) for t in added if t.special)
+        return [[span for i, span in zip(e.ids, e.offsets) if i != 0] for e in encodings]
 
     @functools.cached_property
     def _special_finder(self) -> _HFTokenizer:

@@ -14,7 +14,7 @@ tool calls); a tool message needs the `tool_call_id` it answers.
 
 Tools are OpenAI's `{"type": "function", "function": {"name", "description", "parameters"}}`: a name of OpenAI's
 form (letters, digits, _ and -, at most 64), unique; parameters a JSON-schema object (a dict whose `type`, where
-given, is "object", `properties` a dict, `required` a list of names).
+given, is "object", `properties` a dict, `required` a list of names, nested at most 64 levels).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ Prompt = Annotated[Annotated[str, Tag("text")] | Annotated[list[str], Tag("texts
 MAX_N = 16
 MAX_LOGIT_BIAS = 300      # OpenAI's limit
 MAX_TOP_K = 2**63 - 1      # the engine carries top_k in an int64 tensor; anything >= the vocabulary means "off" anyway
+MAX_SCHEMA_DEPTH = 64      # a tool's parameters: real schemas nest a few levels
 
 
 def _unicode(value, name: str):
@@ -197,6 +198,11 @@ class ToolCall(BaseModel):
     type: Literal["function"] = "function"
     function: FunctionCall
 
+    @field_validator("id")
+    @classmethod
+    def _id_unicode(cls, v):
+        return _unicode(v, "tool call id")
+
     def template_dict(self) -> dict:
         return {"id": self.id, "type": self.type, "function": self.function.model_dump()}
 
@@ -273,14 +279,22 @@ class FunctionDefinition(BaseModel):
 
 
 def _strings(value) -> list[str]:
-    """Every string in a JSON value, keys included (to check them for lone surrogates)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for k, v in value.items() for s in _strings(k) + _strings(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return []
+    """Every string in a JSON value, keys included (to check them for lone surrogates). Iterative, and a schema
+    nested deeper than MAX_SCHEMA_DEPTH is refused: json.loads reads ~1000 levels (body.parse_body's fallback), which
+    overflowed the stack of a recursive walk here (a RecursionError, a 500) and would in every later reader (the
+    template's tojson, data/chat.py)."""
+    out, todo = [], [(value, 0)]
+    while todo:
+        v, depth = todo.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"parameters nest deeper than {MAX_SCHEMA_DEPTH} levels")
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, dict):
+            todo += [(x, depth + 1) for item in v.items() for x in item]
+        elif isinstance(v, list):
+            todo += [(x, depth + 1) for x in v]
+    return out
 
 
 class Tool(BaseModel):
@@ -290,7 +304,8 @@ class Tool(BaseModel):
 
 
 def _template_kwargs(kwargs: dict | None) -> dict | None:
-    clash = sorted(RESERVED & (kwargs or {}).keys())
+    # the server's variables, and the names of ChatTemplate's parameters that the kwargs are passed beside
+    clash = sorted((RESERVED | {"self", "tokenizer"}) & (kwargs or {}).keys())
     if clash:
         raise ValueError(f"chat_template_kwargs may not set {clash}: the server sets them")
     return kwargs

@@ -49,13 +49,15 @@ class TextStream:
     that window minus the text of its old part is what they add (vLLM's incremental detokenisation). Text that ends
     in an incomplete character (U+FFFD) waits for the next token. With stop strings the last len(longest stop) - 1
     characters are held back: they might still turn out to start a stop string, which the engine removes from the
-    final text. Special tokens are left out, but for those in `keep` (the markers a chat parser reads)."""
+    final text. Special tokens are left out, but for those in `keep` (the markers a chat parser reads): the engine
+    finds stop strings in its text without them, so a kept marker is no part of the characters held back."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str], keep: frozenset[int] = frozenset()):
         self.tokenizer, self.sent, self.text, self.keep = tokenizer, "", "", keep
         self.ids: list[int] = []             # the output so far (outputs mid-stream carry only their new tokens)
         self.prefix = self.read = 0          # window start; tokens already in self.text
         self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.markers = [TokenTable.of(tokenizer).texts[i] for i in keep] if stop else []
 
     def _decode(self, ids: list[int]) -> str:
         if not self.keep:
@@ -88,13 +90,22 @@ class TextStream:
         self.text += text
         self.prefix, self.read = max(self.read - 4, 0), read
 
+    def _final(self) -> int:
+        """The length of self.text that no stop string can still cut: all but its last `holdback` characters that
+        are not kept markers (a marker before them stays in the text wherever a stop string starts after it)."""
+        end, n = len(self.text), self.holdback
+        while n > 0 and end > 0:
+            marker = next((m for m in self.markers if self.text.endswith(m, 0, end)), None)
+            end, n = (end - len(marker), n) if marker else (end - 1, n - 1)
+        return end
+
     def delta(self, out: RequestOutput, drop_last: bool = False) -> str:
         if out.finished:
             full = "" if drop_last else marked_text(self.tokenizer, out, self.keep)
         else:
             self.ids += out.new_token_ids
             self._advance(self.ids)
-            full = self.text[:max(len(self.text) - self.holdback, 0)]
+            full = self.text[:self._final()]
         if len(full) <= len(self.sent):
             return ""
         new, self.sent = full[len(self.sent):], full

@@ -18,6 +18,7 @@ the vocabulary (DeepSeek's has them; a tokenizer dsv3 trained has not).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,12 @@ class Plan:
     echo: list[str] = field(default_factory=list)          # with echo: each prompt's text
     parsing: ChatParsing = field(default_factory=ChatParsing)      # chat: how the output is read
     keep: frozenset[int] = frozenset()                     # chat: the marker tokens its decoding keeps
+
+
+def token_limits(limits: RequestLimits, tokenizer: Tokenizer) -> RequestLimits:
+    """The engine's limits with the vocabulary cut to the tokenizer's ids: a model may have embedding rows past the
+    last token (DeepSeek-V3's 129,280), ids with no text to return (a logprob entry for one was a 500)."""
+    return dataclasses.replace(limits, vocab_size=min(limits.vocab_size, tokenizer.vocab_size))
 
 
 def check_model(name: str | None, served: str) -> None:
@@ -153,7 +160,7 @@ def chat_parsing(pieces: list, reasoning: bool, tools: list[Tool]) -> ChatParsin
 
 def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, max_pending: int,
                     defaults: Mapping | None = None) -> Plan:
-    prompts = req.prompts()
+    prompts, limits = req.prompts(), token_limits(limits, tokenizer)
     check_batch(len(prompts) * req.n, max_pending)
     check_token_ids(list(req.token_bias()), limits.vocab_size, "logit_bias")
     score_only = req.max_tokens == 0           # echo with no completion: generate one token, drop it
@@ -181,6 +188,7 @@ def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Toke
               max_pending: int, defaults: Mapping | None = None, reasoning: bool = False) -> Plan:
     """`reasoning`: the server splits reasoning_content (reasoning.reasoning_enabled)."""
     check_batch(req.n, max_pending)
+    limits = token_limits(limits, tokenizer)
     tools = req.active_tools()
     check_tool_support(template, tokenizer, req.messages, tools)
     check_token_ids(list(req.token_bias()), limits.vocab_size, "logit_bias")
