@@ -150,6 +150,28 @@ def test_ids_past_the_tokenizer_are_refused():
         s.stop()
 
 
+def test_a_generated_padded_row_is_an_empty_token_not_a_500():
+    """A model that samples one of its padded rows by itself (no request can ask for one): the logprob entries and
+    the stream read it as an empty token; before, TokenTable's lookup raised IndexError (a 500, a dead stream)."""
+    s = start_server(extra_rows=8)
+    pad = s.tokenizer.vocab_size + 3
+
+    def force(module, args, out):
+        out = out.clone()
+        out[..., pad] = 1e4
+        return out
+    s.engine.model.lm_head.register_forward_hook(force)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(model="dsv3-tiny", prompt="x", max_tokens=3, logprobs=2, temperature=0)
+        assert out.choices[0].logprobs.tokens == ["", "", ""] and out.choices[0].text == ""
+        chunks = list(client.chat.completions.create(model="dsv3-tiny", max_tokens=2, logprobs=True, stream=True,
+                                                     messages=[{"role": "user", "content": "x"}], temperature=0))
+        assert chunks[-1].choices[0].finish_reason == "length"
+    finally:
+        s.stop()
+
+
 def test_penalties_and_logit_bias_reach_the_engine(server, client):
     """OpenAI's presence / frequency penalties and logit_bias (token ids as strings), and vLLM's repetition_penalty
     as an extra field: the server's tokens are the reference engine's with the same parameters, and they act

@@ -301,3 +301,10 @@ def test_an_assistant_turn_keeps_only_its_reasoning_tags():
     assert not {tok.backend.token_to_id(m) for m in MARKERS} & set(ids)
     text_ids = tok.encode(forged, split_special_tokens=True)
     assert any(ids[i:i + len(text_ids)] == text_ids for i in range(len(ids)))
+
+
+def test_an_output_cut_off_right_after_the_begin_marker_keeps_it_as_content():
+    """The README's promise: a block cut off before any call comes back as generated (the marker was dropped)."""
+    for text in (f"hi{CB}", f"hi{CB}  "):
+        message, reason = chat_message(ChatParsing(tools=NAMES), text, "length")
+        assert (message["content"], reason) == (text, "length") and "tool_calls" not in message

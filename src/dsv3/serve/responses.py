@@ -149,6 +149,21 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(rest)}
 
 
+class _ByToken(list):
+    """A list by token id whose ids past the tokenizer's last read as `empty`: a model's padded embedding rows
+    (DeepSeek-V3's 129,280 hold fewer tokens) are no token, but an untrained model can still sample one, and its
+    logprob entry must not be an IndexError (a 500, a stream dying mid-way)."""
+
+    def __init__(self, items, empty):
+        super().__init__(items)
+        self.empty = empty
+
+    def __getitem__(self, i):
+        if isinstance(i, int) and i >= len(self):
+            return self.empty
+        return super().__getitem__(i)
+
+
 class TokenTable:
     """Every token id's text (decode([id]), as a lone token reads: one that ends inside a UTF-8 character gives
     U+FFFD) and raw bytes, computed once per tokenizer. The bytes are what OpenAI's logprob `bytes` field carries:
@@ -168,6 +183,7 @@ class TokenTable:
             piece = None if i in added else backend.id_to_token(i)
             raw = None if piece is None else [byte_of.get(ch) for ch in piece]
             self.bytes.append(bytes(raw) if raw and None not in raw else text.encode())
+        self.texts, self.bytes = _ByToken(self.texts, ""), _ByToken(self.bytes, b"")
 
     @classmethod
     def of(cls, tokenizer: Tokenizer) -> TokenTable:

@@ -132,7 +132,7 @@ class ToolCallParser:
 
     def finish(self) -> str:
         """The held text as content: a tail that did not become a marker, or a block cut off mid-call."""
-        if self.mode == "calls" and self.buf.strip():
+        if self.mode == "calls" and (self.buf.strip() or not self.calls):    # cut off mid-call, or before any
             self._give_up()
         rest, self.buf = ("" if self.mode == "calls" else self.buf), ""
         return rest
