@@ -83,15 +83,14 @@ class ChatTemplate:
         # there too, flagged or not: DeepSeek's release leaves the tool-call markers unflagged as well, and kept as
         # tokens they forged a call. Everywhere else (user, system and tool text, call arguments, tool definitions)
         # every added token is text.
-        own = [m["content"] for m in messages if m.get("role") == "assistant" and isinstance(m.get("content"), str)]
-        strings: list[str] = []
-        _collect((messages, tools), strings)
+        strings = json_strings((messages, tools))
         spans = dict(zip(strings, tokenizer.special_spans(strings)))
-        tags = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values()
-                if t.content in REASONING_TAGS and not t.special}
-        own_spans = {text: [(a, b) for a, b in spans[text] if text[a:b] not in tags] for text in own}
         if not any(spans.values()):
             return [(self.render(messages, add_generation_prompt, tools, **variables), False)]
+        own = [m["content"] for m in messages if m.get("role") == "assistant" and isinstance(m.get("content"), str)]
+        added = tokenizer.backend.get_added_tokens_decoder().values() if own else ()
+        tags = {t.content for t in added if t.content in REASONING_TAGS and not t.special}
+        own_spans = {text: [(a, b) for a, b in spans[text] if text[a:b] not in tags] for text in own}
         mark = f"\ue000{secrets.randbelow(10**16):016d}:"
         found: list[str] = []                                   # sentinel k stands for found[k]
 
@@ -120,17 +119,21 @@ class ChatTemplate:
         return encode_pieces(tokenizer, self.pieces(tokenizer, messages, add_generation_prompt, tools, **variables))
 
 
-def _collect(value, into: list[str]) -> None:
-    """Every string in a JSON-like value, dict keys included."""
-    if isinstance(value, str):
-        into.append(value)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _collect(k, into)
-            _collect(v, into)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _collect(v, into)
+def json_strings(value, max_depth: int | None = None) -> list[str]:
+    """Every string in a JSON-like value, dict keys included. Iterative: a request body nested ~1000 levels (what
+    json.loads reads) must not overflow the stack; deeper than `max_depth`, a ValueError."""
+    out, todo = [], [(value, 0)]
+    while todo:
+        v, depth = todo.pop()
+        if max_depth is not None and depth > max_depth:
+            raise ValueError(f"nested deeper than {max_depth} levels")
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, dict):
+            todo += [(x, depth + 1) for item in v.items() for x in item]
+        elif isinstance(v, (list, tuple)):
+            todo += [(x, depth + 1) for x in v]
+    return out
 
 
 def _map_strings(value, fn):

@@ -24,7 +24,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, field_validator,
                       model_validator)
 
-from ..data.chat import RESERVED
+from ..data.chat import RESERVED, json_strings
+from ..infer.sampling import MAX_LOGIT_BIAS
 
 # Strict: JSON of the wrong type is refused, not coerced (`true` was token id 1, "2" was 2, "no" was false).
 REQUEST = ConfigDict(extra="ignore", strict=True)
@@ -47,7 +48,6 @@ Prompt = Annotated[Annotated[str, Tag("text")] | Annotated[list[str], Tag("texts
                    Discriminator(_prompt_form, custom_error_type="prompt_type", custom_error_message=(
                        "prompt must be a string, a list of strings, a list of token ids or a list of lists of them"))]
 MAX_N = 16
-MAX_LOGIT_BIAS = 300      # OpenAI's limit
 MAX_TOP_K = 2**63 - 1      # the engine carries top_k in an int64 tensor; anything >= the vocabulary means "off" anyway
 MAX_SCHEMA_DEPTH = 64      # a tool's parameters: real schemas nest a few levels
 
@@ -274,27 +274,14 @@ class FunctionDefinition(BaseModel):
         required = p.get("required", [])
         if not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
             raise ValueError("parameters.required must be a list of property names")
-        _unicode(_strings(p), "parameters")
+        try:
+            # json.loads reads ~1000 levels (body.parse_body's fallback); every later reader (the template's tojson,
+            # data/chat.py) walks it again, so a real schema's few levels are the limit
+            strings = json_strings(p, MAX_SCHEMA_DEPTH)
+        except ValueError:
+            raise ValueError(f"parameters nest deeper than {MAX_SCHEMA_DEPTH} levels") from None
+        _unicode(strings, "parameters")
         return self
-
-
-def _strings(value) -> list[str]:
-    """Every string in a JSON value, keys included (to check them for lone surrogates). Iterative, and a schema
-    nested deeper than MAX_SCHEMA_DEPTH is refused: json.loads reads ~1000 levels (body.parse_body's fallback), which
-    overflowed the stack of a recursive walk here (a RecursionError, a 500) and would in every later reader (the
-    template's tojson, data/chat.py)."""
-    out, todo = [], [(value, 0)]
-    while todo:
-        v, depth = todo.pop()
-        if depth > MAX_SCHEMA_DEPTH:
-            raise ValueError(f"parameters nest deeper than {MAX_SCHEMA_DEPTH} levels")
-        if isinstance(v, str):
-            out.append(v)
-        elif isinstance(v, dict):
-            todo += [(x, depth + 1) for item in v.items() for x in item]
-        elif isinstance(v, list):
-            todo += [(x, depth + 1) for x in v]
-    return out
 
 
 class Tool(BaseModel):
