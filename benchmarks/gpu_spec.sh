@@ -17,4 +17,4 @@ timeout 235 python -m dsv3.cli train --config configs/small-gpu.toml log.progres
   | tee "$OUT/train.txt"
 cp runs/small-gpu/metrics.jsonl "$OUT/small-gpu-metrics.jsonl" 2>/dev/null
 timeout 75 python benchmarks/spec_decode_tiny.py runs/small-gpu --device cuda --dtype bf16 --prompts 8 \
-  --prompt-len 64 --tokens 96 --k 1,2,3 --sync 2>&1 | grep -v Warning | tee "$OUT/spec.txt"
+  --prompt-len 64 --tokens 96 --k 1,2,3 --sync --unchained 2>&1 | grep -v Warning | tee "$OUT/spec.txt"

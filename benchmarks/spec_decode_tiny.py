@@ -1,8 +1,9 @@
 """MTP speculative decoding on a trained tiny model (issues 4, 16): acceptance rate and speed-up at batch 1, greedy,
 with the output checked identical to plain decoding. Prompts are the starts of validation documents. Each row also
 gives ms per engine step and its ratio to a plain step (prefill steps included in both: one per prompt): the
-speed-up is tokens per step / that ratio. Speculative rows take the fused step (dsv3.infer.spec_step); `--sync` adds
-the synchronous path (draft, verify, accept as separate steps) at each k, the before of the fused step.
+speed-up is tokens per step / that ratio. Speculative rows take the fused step (dsv3.infer.spec_step), chained under
+the overlap schedule where decode graphs are captured (a discarded step after each prompt's end counts as a step);
+`--unchained` adds it with the schedule off, `--sync` the synchronous path (draft, verify, accept as separate steps).
 
     HF_HUB_OFFLINE=1 python benchmarks/spec_decode_tiny.py runs/tiny --prompts 8 --tokens 64 --k 1,2 --sync
 GPU (bf16, decode and speculative steps from CUDA graphs; each engine first runs one untimed prompt that captures
@@ -33,6 +34,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--sync", action="store_true", help="also the synchronous speculative path at each k")
+    p.add_argument("--unchained", action="store_true",
+                   help="also the fused step with the overlap schedule off (each step read before the next launches)")
     p.add_argument("--compile", action="store_true", help="EngineConfig.compile_decode for every engine")
     a = p.parse_args()
     if a.device == "cpu":
@@ -49,11 +52,13 @@ def main() -> None:
                for i in range(a.prompts + 1)]
     warm, prompts = prompts[-1], prompts[:-1]
     params = SamplingParams(temperature=0.0, max_tokens=a.tokens, ignore_eos=True)
-    runs = [(0, True)] + [(int(x), f) for x in a.k.split(",") for f in ((True, False) if a.sync else (True,))]
+    paths = ["fused"] + ["unchained"] * a.unchained + ["sync"] * a.sync
+    runs = [(0, "plain")] + [(int(x), path) for x in a.k.split(",") for path in paths]
     results = {}
-    for k, fused in runs:
+    for k, path in runs:
         engine = Engine(model, tok, EngineConfig(block_size=16, num_blocks=64, num_speculative_tokens=k,
-                                                 speculative_fused=fused, compile_decode=a.compile))
+                                                 speculative_fused=path != "sync", compile_decode=a.compile,
+                                                 overlap_schedule="off" if path == "unchained" else "auto"))
         engine.generate([warm], params)
         engine.spec_stats.update(steps=0, proposed=0, accepted=0)
         steps0 = engine.step_stats["steps"]
@@ -61,16 +66,15 @@ def main() -> None:
         outs = [engine.generate([pr], params)[0].token_ids for pr in prompts]      # batch 1, one after another
         dt = time.perf_counter() - t0
         s = engine.spec_stats
-        results[k, fused] = dict(seconds=dt, tok_per_s=a.prompts * a.tokens / dt, outputs=outs,
+        results[k, path] = dict(seconds=dt, tok_per_s=a.prompts * a.tokens / dt, outputs=outs,
                                  ms_per_step=dt / (engine.step_stats["steps"] - steps0) * 1e3,
                                  acceptance=s["accepted"] / s["proposed"] if s["proposed"] else None,
                                  tokens_per_step=(s["steps"] + s["accepted"]) / s["steps"] if s["steps"] else 1.0)
-    base = results[0, True]
-    for (k, fused), r in results.items():
+    base = results[0, "plain"]
+    for (k, path), r in results.items():
         same = r["outputs"] == base["outputs"]
         acc = f"{r['acceptance']:.1%}" if r["acceptance"] is not None else "-"
-        path = "" if not k else " fused" if fused else " sync"
-        print(f"k={k}{path}: {r['tok_per_s']:.1f} tok/s ({r['tok_per_s'] / base['tok_per_s']:.2f}x), acceptance {acc}, "
+        print(f"k={k}{f' {path}' if k else ''}: {r['tok_per_s']:.1f} tok/s ({r['tok_per_s'] / base['tok_per_s']:.2f}x), acceptance {acc}, "
               f"{r['tokens_per_step']:.2f} tokens per verify step, {r['ms_per_step']:.2f} ms per step = "
               f"{r['ms_per_step'] / base['ms_per_step']:.3f} plain steps, output identical to plain: {same}",
               flush=True)

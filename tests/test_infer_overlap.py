@@ -167,12 +167,14 @@ def test_overlap_schedule_is_validated_and_stays_off_where_it_cannot_run(model):
     assert EngineConfig(overlap_schedule="false").overlap_schedule == "off"
     with pytest.raises(ValueError, match="EngineConfig.overlap_schedule"):
         EngineConfig(overlap_schedule="sometimes")
-    with pytest.raises(ValueError, match="EngineConfig.overlap_schedule = on: MTP speculation"):
-        EngineConfig(overlap_schedule="on", num_speculative_tokens=1)
-    # auto: on only where decode steps replay captured graphs (never on the CPU); never with speculation
+    # auto: on only where decode steps replay captured graphs (never on the CPU); with speculation only the fused
+    # speculative steps chain (test_infer_spec.py), never the plain ones
     assert not Engine(model, config=EngineConfig(block_size=8, num_blocks=16)).overlap
     spec = Engine(model, config=EngineConfig(block_size=8, num_blocks=16, num_speculative_tokens=1))
-    assert not spec.overlap
+    assert not spec.overlap and not spec.spec_overlap
+    spec = Engine(model, config=EngineConfig(block_size=8, num_blocks=16, num_speculative_tokens=1,
+                                             overlap_schedule="on"))
+    assert not spec.overlap and spec.spec_overlap
 
 
 @pytest.mark.gpu

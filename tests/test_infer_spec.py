@@ -94,6 +94,68 @@ def test_mixed_batches_arrivals_preemption_stop_ids_and_a_sampled_request(model)
         assert a[i].token_ids == reference_greedy(model, ps[i], 16)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "buckets"])
+def test_chained_fused_steps_equal_the_synchronous_ones_and_plain_greedy(easy, k, padded):
+    """The overlap schedule for fused steps (dsv3.infer.speculation.can_chain): step t+1 launches before step t's
+    accepted counts are read, its rows at the host's stale positions moved on by a + 1 on the device
+    (Batch.advance). The tokens are plain greedy decoding's and the accepted drafts the unchained engine's; chained
+    steps are taken; every block comes back (in `run`)."""
+    ps = prompts([2, 5, 9], 8, seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    chained, trace, engine = run(easy, ps, params, fused=True, padded=padded, num_speculative_tokens=k,
+                                 overlap_schedule="on")
+    plain, plain_trace, _ = run(easy, ps, params, fused=True, padded=padded, num_speculative_tokens=k)
+    assert [o.token_ids for o in chained] == [o.token_ids for o in plain] == [reference_greedy(easy, p, 14)
+                                                                              for p in ps]
+    assert engine.step_stats["chained_steps"] > 0
+    assert trace[-1][1] == plain_trace[-1][1] > 0    # the same drafts accepted (a discarded step accepts none)
+
+
+def test_chained_fused_steps_with_arrivals_preemption_stops_aborts_and_a_sampled_request(model):
+    """What breaks a chain: arrivals (their prefill), a cache too small for all (no chain where blocks for both
+    steps' worst case are not free, preemption then as unchained), stop ids and max_tokens met inside a step's
+    accepted run (the step launched after it is discarded for that sequence), an abort while a step is in flight,
+    a sampled request joining (synchronous speculation). Token for token the unchained engine's."""
+    ps = prompts([3, 7, 4, 11, 6], 96, seed=2)
+    want = reference_greedy(model, ps[1], 16)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    stop = SamplingParams(temperature=0.0, max_tokens=16, stop_token_ids=[want[5]], ignore_eos=True)
+    short = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_k=5, max_tokens=10, seed=7, ignore_eos=True)
+    arrive = [0, 1, 4, 6, 7]
+    for mix in ([greedy, stop, short, greedy, greedy], [greedy, stop, greedy, sampled, short]):
+        for cfg in (dict(), dict(num_blocks=12, max_num_seqs=4)):
+            for k in (1, 2):
+                a, _, engine = run(model, ps, mix, fused=True, padded=True, arrive=arrive, num_speculative_tokens=k,
+                                   overlap_schedule="on", **cfg)
+                b, _, _ = run(model, ps, mix, fused=True, padded=True, arrive=arrive, num_speculative_tokens=k,
+                              **cfg)
+                assert [o.token_ids for o in a] == [o.token_ids for o in b]
+                assert [o.finish_reason for o in a] == [o.finish_reason for o in b]
+                assert engine.step_stats["chained_steps"] > 0
+    assert a[1].finish_reason == "stop" and a[1].token_ids == want[:want.index(want[5]) + 1]
+    assert len(a[4].token_ids) == 5
+    # an abort while a chained step is in flight: the caller gets what was read, nothing after; every block back
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64, num_speculative_tokens=2,
+                                               overlap_schedule="on"))
+    ids = [engine.add_request(p, greedy) for p in ps[:2]]
+    final = {}
+    for step in range(40):
+        if step == 6:
+            assert engine._in_flight is not None
+            engine.abort(ids[0])
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+        if not engine.has_unfinished():
+            break
+    assert final[ids[0]].finish_reason == "abort" and 0 < len(final[ids[0]].token_ids) < 16
+    assert final[ids[0]].token_ids == reference_greedy(model, ps[0], 16)[:len(final[ids[0]].token_ids)]
+    assert final[ids[1]].token_ids == reference_greedy(model, ps[1], 16)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
 def test_drafting_again_after_a_plain_step_rewrites_the_mtp_latents_unchanged(model):
     """After a fused step the MTP module's last accepted position L'-1 is handed to the synchronous catch-up with the
     main model's hidden state there (the fused step's second output): a plain step in between (a new request's

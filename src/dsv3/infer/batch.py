@@ -39,6 +39,9 @@ class Batch:
     ctx: AttentionContext          # slots, naive / absorbed rows, block tables (layer 0; `ctx.at(i)` for layer i)
     graph_key: tuple[int, int] | None = None   # set when the batch runs from a captured decode graph ...
     graphs: object = None                      # ... of this DecodeGraphs
+    # (N,) int64 on the device, or None: how far each row's position lies past `positions` (a speculative step
+    # launched before the host knows the last step's accepted counts, dsv3.infer.spec_step; 0 otherwise)
+    advance: torch.Tensor | None = None
 
 
 def make_batch(rows: list[Row], cache: PagedLatentCache, device: torch.device) -> Batch:

@@ -40,7 +40,8 @@ class EngineConfig:
     dense_gemv: bool = False
     # the host schedules and launches decode step t+1 before it reads step t's sampled tokens, which then stream one
     # step late (dsv3.infer.overlap): "auto" = on when decode steps replay captured CUDA graphs, "on" (any device;
-    # true), "off" (false). MTP speculation keeps synchronous steps (its next rows depend on accepted counts)
+    # true), "off" (false). With MTP speculation the fused greedy steps chain so (dsv3.infer.speculation), the
+    # other steps of such an engine run synchronously
     overlap_schedule: str | bool = "auto"
 
     def __post_init__(self) -> None:
@@ -73,9 +74,6 @@ class EngineConfig:
             if mode not in ("auto", "on", "off"):
                 raise ValueError(f"EngineConfig.{name} must be auto, on / true or off / false, got {value!r}")
             setattr(self, name, mode)
-        if self.overlap_schedule == "on" and self.num_speculative_tokens:
-            raise ValueError("EngineConfig.overlap_schedule = on: MTP speculation (num_speculative_tokens > 0) runs "
-                             "synchronous steps; use auto or off")
         if self.num_blocks == 0 and self.cache_memory_gib <= 0:
             raise ValueError("EngineConfig: give num_blocks or a positive cache_memory_gib")
 

@@ -36,7 +36,7 @@ from .runner import ModelRunner, Row
 from .sampling import SamplingParams, SamplingTensors, compute_logprobs, make_generators, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
-from .speculation import Speculation
+from .speculation import SpecInFlight, Speculation
 from .stop_strings import is_byte_level, stop_may_end_here
 
 
@@ -186,10 +186,19 @@ class Engine:
 
     @property
     def overlap(self) -> bool:
-        """Whether steps chain (dsv3.infer.overlap): EngineConfig.overlap_schedule, "auto" = with captured decode
-        graphs; never with MTP speculation (its next rows depend on how many drafts were accepted)."""
+        """Whether plain steps chain (dsv3.infer.overlap): EngineConfig.overlap_schedule, "auto" = with captured
+        decode graphs; not in an engine with MTP speculation, whose fused steps chain instead (`spec_overlap`)."""
+        return not self.speculative and self._overlap_on()
+
+    @property
+    def spec_overlap(self) -> bool:
+        """Whether fused speculative steps chain: launched before the last one's accepted counts are read
+        (dsv3.infer.speculation.can_chain), under the same switch as plain steps."""
+        return self.speculative and self.config.speculative_fused and self._overlap_on()
+
+    def _overlap_on(self) -> bool:
         mode, graphs = self.config.overlap_schedule, self.runner.graphs
-        return not self.speculative and (mode == "on" or mode == "auto" and graphs is not None and graphs.capture)
+        return mode == "on" or mode == "auto" and graphs is not None and graphs.capture
 
     def use_decode_graphs(self, capture: bool = True) -> None:
         """Run decode batches from padded buckets, replayed from CUDA graphs (capture=False: the same padded
@@ -275,9 +284,13 @@ class Engine:
         included). With the overlap schedule the tokens are those of the previous step (dsv3.infer.overlap)."""
         outputs = [self._output(s, []) for s in self._aborted]
         self._aborted = []
-        seqs, counts = self.scheduler.schedule()
         prev, self._in_flight = self._in_flight, None
-        if prev is not None and not self._chains(seqs, counts):
+        if isinstance(prev, SpecInFlight) and not self.speculation.can_chain(prev):
+            # read before scheduling, as a synchronous engine: its tokens may end sequences or need blocks
+            outputs += self._apply(prev)
+            prev = None
+        seqs, counts = self.scheduler.schedule()
+        if prev is not None and not self._chains(seqs, counts, prev):
             # as the synchronous engine: the pending tokens first (some may end their sequences), then the batch
             outputs += self._apply(prev)
             prev = None
@@ -292,7 +305,14 @@ class Engine:
         st["decode_steps" if decode else "prefill_steps"] += 1
         st["seqs"] += len(seqs)
         if self.speculation is not None and self.speculation.applies(seqs, counts):
-            return self._forget_finished(outputs + self.speculation.step(seqs))
+            st["chained_steps"] += prev is not None
+            done, flight = self.speculation.step(seqs, prev)
+            outputs += done
+            if flight is not None and self.spec_overlap:
+                self._in_flight = flight
+            elif flight is not None:
+                outputs += self._apply(flight)
+            return self._forget_finished(outputs)
         if prev is not None:
             # chained: every row's input is its token sampled by the previous step, still on the device
             st["chained_steps"] += 1
@@ -308,9 +328,11 @@ class Engine:
             self._in_flight = None
         return self._forget_finished(outputs)
 
-    def _chains(self, seqs: list[Sequence], counts: list[int]) -> bool:
+    def _chains(self, seqs: list[Sequence], counts: list[int], prev: InFlight | SpecInFlight) -> bool:
         """Whether this batch can run before the pending step is applied: decode rows whose input tokens are all
-        pending (sampled by that step)."""
+        pending (sampled by that step); after a fused speculative step, the same sequences speculating again."""
+        if isinstance(prev, SpecInFlight):
+            return seqs == prev.seqs and self.speculation.applies(seqs, counts)
         return self.overlap and bool(seqs) and all(n == 1 and s.num_pending == 1 and s.num_cached_tokens > 0
                                                    for s, n in zip(seqs, counts))
 
@@ -357,10 +379,12 @@ class Engine:
             seq.stopping = len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len
         return InFlight.start(done, tokens, tuple(lp))
 
-    def _apply(self, pending: InFlight) -> list[RequestOutput]:
+    def _apply(self, pending: InFlight | SpecInFlight) -> list[RequestOutput]:
         """A step's sampled tokens, read on the host: log-probabilities, stop conditions, outputs. A sequence the
         next step has already run (chained) keeps that step's token pending, or, if this token ended it, loses it
         (never emitted; its blocks go back with the rest)."""
+        if isinstance(pending, SpecInFlight):
+            return self.speculation.apply(pending)
         tokens, *lp = pending.wait()
         outputs = []
         for j, (seq, tok) in enumerate(zip(pending.seqs, tokens)):

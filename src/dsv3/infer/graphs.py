@@ -43,7 +43,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 @dataclass
 class _Bucket:
-    longs: torch.Tensor              # (3, b): input ids, positions, slots
+    longs: torch.Tensor              # (4, b): input ids, positions, slots, advance (Batch.advance)
     ints: torch.Tensor               # (b, 1 + w): context length, block table
     batch: Batch                     # the static Batch the graph was captured with
     extra: torch.Tensor | None       # (b, D): the body's second input (the MTP module's hidden states), if any
@@ -74,9 +74,10 @@ class DecodeGraphs:
         need = max(len(r.block_table) for r in rows)
         return b, min(1 << (need - 1).bit_length(), self.max_blocks)
 
-    def prepare(self, rows, input_ids: torch.Tensor | None = None):
+    def prepare(self, rows, input_ids: torch.Tensor | None = None, advance: torch.Tensor | None = None):
         """The bucket's static Batch with `rows` written into its buffers (padding after them); `input_ids` (n,) on
-        the device replaces the rows' tokens (chained MTP drafts, still on the device)."""
+        the device replaces the rows' tokens (chained MTP drafts, still on the device); `advance` (n,) on the device
+        moves the rows' positions on (Batch.advance; 0 without it)."""
         b, w = key = self.key(rows)
         bucket = self.buckets.get(key) or self._new_bucket(b, w)
         cache, n = self.cache, len(rows)
@@ -89,13 +90,16 @@ class DecodeGraphs:
         # through pinned memory, without a stream sync: the previous step may still be running (dsv3.infer.overlap);
         # the copies are ordered after its replay, which reads these buffers
         dev = bucket.longs.device
-        bucket.longs.copy_(staged([ids, pos, slots], torch.long, dev), non_blocking=True)
+        bucket.longs.copy_(staged([ids, pos, slots, [0] * b], torch.long, dev), non_blocking=True)
         bucket.ints.copy_(staged(ints, torch.int32, dev), non_blocking=True)
         if input_ids is not None:
             bucket.longs[0, :n].copy_(input_ids)
+        if advance is not None:
+            bucket.longs[3, :n].copy_(advance)
         static = bucket.batch
         # the engine reads rows and starts; the tensors stay the static (padded) ones
-        batch = Batch(list(rows), static.input_ids, static.positions, list(range(n)), static.ctx, key, self)
+        batch = Batch(list(rows), static.input_ids, static.positions, list(range(n)), static.ctx, key, self,
+                      static.advance)
         return batch
 
     def run(self, batch, extra: torch.Tensor | None = None):
@@ -120,13 +124,13 @@ class DecodeGraphs:
     def _new_bucket(self, b: int, w: int) -> _Bucket:
         cache = self.cache
         dev = cache.c_kv.device
-        longs = torch.zeros(3, b, dtype=torch.long, device=dev)
+        longs = torch.zeros(4, b, dtype=torch.long, device=dev)
         ints = torch.zeros(b, 1 + w, dtype=torch.int32, device=dev)
         longs[2] = cache.scratch_slot
         rows = [Row([0], 1, [cache.scratch_block])] * b
         # every row a decode row, in order (decode_rows None): the absorbed form, no gather / scatter of queries
         ctx = AttentionContext(cache, longs[2], (), None, ints[:, 1:], ints[:, 0])
-        batch = Batch(rows, longs[0], longs[1], list(range(b)), ctx)
+        batch = Batch(rows, longs[0], longs[1], list(range(b)), ctx, advance=longs[3])
         # the MTP module's hidden states: the model's dtype, which the cache has (Engine)
         extra = cache.c_kv.new_zeros(b, self.extra_width) if self.extra_width else None
         bucket = self.buckets[(b, w)] = _Bucket(longs, ints, batch, extra)

@@ -61,7 +61,7 @@ class InFlight:
             event = torch.cuda.Event()
             event.record()
         else:
-            host, event = tuple(t.cpu() for t in tensors), None
+            host, event = tuple(t if t.device.type == "cpu" else t.cpu() for t in tensors), None
         return cls(list(seqs), tokens, host, event, {s.seq_id: i for i, s in enumerate(seqs)})
 
     def input_ids(self, seqs: list) -> torch.Tensor:

@@ -95,17 +95,19 @@ class ModelRunner:
                                             pool=self.graphs.pool, group=k + 1)
 
     def prepare(self, rows: list[Row], graph: bool = True, mtp: bool = False,
-                input_ids: torch.Tensor | None = None, spec: bool = False) -> Batch:
+                input_ids: torch.Tensor | None = None, spec: bool = False,
+                advance: torch.Tensor | None = None) -> Batch:
         """The batch's device tensors, for `forward` (or `mtp_forward` with mtp, `spec_step` with spec); `input_ids`
-        (N,) on the device replaces the rows' tokens. A pure decode batch goes to a padded graph bucket when graphs
-        are on (its tensors are then the bucket's static, padded ones: only forward / mtp_forward / spec_step may use
-        them)."""
+        (N,) on the device replaces the rows' tokens; `advance` (N,) on the device: Batch.advance (spec_step only).
+        A pure decode batch goes to a padded graph bucket when graphs are on (its tensors are then the bucket's
+        static, padded ones: only forward / mtp_forward / spec_step may use them)."""
         graphs = self.spec_graphs if spec else self.mtp_graphs if mtp else self.graphs
         if graph and graphs is not None and graphs.fits(rows):
-            return graphs.prepare(rows, input_ids)
+            return graphs.prepare(rows, input_ids, advance)
         batch = make_batch(rows, self.cache, self.device)
         if input_ids is not None:
             batch.input_ids = input_ids
+        batch.advance = advance
         return batch
 
     @torch.inference_mode()

@@ -26,9 +26,11 @@ num_hidden_layers) too, t_L is known (emitted by the last step), and drafts d_1.
      and h_{L'-1} (B, D): the synchronous drafting of dsv3.infer.speculation drafts from the last position it
      catches up over, so the sequence hands it L'-1 again (rewritten with the same latents), whatever step follows.
 The host reads `out` once per step (the only device -> host sync), then does the bookkeeping that depends on a: the
-sequence's cached count, its stop conditions, the next step's positions and slots. (Reading it one step late, as the
-overlap schedule does for plain steps, needs those positions and slots on the device and a discarded step after a
-stop, as vLLM's async scheduling with speculative decoding does, vllm-project/vllm#24799: not done, see RESULTS.md.)
+sequence's cached count, its stop conditions. Under the overlap schedule it reads it one step late (as vLLM's async
+scheduling with speculative decoding, vllm-project/vllm#24799): step t+1 is launched first, its rows at the host's
+stale positions L + j and `Batch.advance` = a + 1 from step t's output, from which step 0 below recomputes the
+positions, slots and context lengths on the device (`_advanced`; advance 0 gives the host's own back, so a graph
+bucket always runs it); a sequence that step t ended has its row of step t+1 discarded (dsv3.infer.speculation).
 """
 
 from __future__ import annotations
@@ -46,23 +48,41 @@ def _prefix_len(ok: torch.Tensor) -> torch.Tensor:
     return ((~ok).cumsum(-1) == 0).sum(-1)
 
 
-def _chain_context(batch: Batch, k1: int, pos: torch.Tensor, scratch_slot: int, block_size: int) -> AttentionContext:
-    """The attention context of one draft row per sequence at positions pos (B,): slots and context lengths from the
-    sequence's block table (its first verify row's), computed on the device; a padding row (context length 0 in the
-    verify batch) writes to the scratch slot and reads nothing."""
+def _context_at(cache, tables: torch.Tensor, real: torch.Tensor, pos: torch.Tensor) -> AttentionContext:
+    """The attention context of one-token rows at positions pos (n,) with block tables (n, w): slots and context
+    lengths computed on the device; a padding row (real False) writes to the scratch slot and reads nothing."""
+    bs = cache.block_size
+    block = tables.gather(1, (pos // bs).clamp(max=tables.shape[1] - 1)[:, None])[:, 0].long()
+    slots = torch.where(real, block * bs + pos % bs, cache.scratch_slot)
+    lens = torch.where(real, pos + 1, 0).to(torch.int32)
+    return AttentionContext(cache, slots, (), None, tables, lens)
+
+
+def _chain_context(batch: Batch, k1: int, pos: torch.Tensor, cache) -> AttentionContext:
+    """The context of one draft row per sequence at positions pos (B,), from the sequence's block table (its first
+    verify row's)."""
     ctx = batch.ctx
     tables = ctx.block_tables.view(-1, k1, ctx.block_tables.shape[-1])[:, 0]           # (B, w) int32
-    real = ctx.context_lens.view(-1, k1)[:, 0] > 0
-    block = tables.gather(1, (pos // block_size).clamp(max=tables.shape[1] - 1)[:, None])[:, 0].long()
-    slots = torch.where(real, block * block_size + pos % block_size, scratch_slot)
-    lens = torch.where(real, pos + 1, 0).to(torch.int32)
-    return AttentionContext(ctx.cache, slots, (), None, tables, lens)
+    return _context_at(cache, tables, ctx.context_lens.view(-1, k1)[:, 0] > 0, pos)
+
+
+def _advanced(batch: Batch, cache) -> Batch:
+    """The verify rows moved on by Batch.advance: a step launched before the host read the last one's accepted
+    counts has its rows at the host's stale positions L + j, and the device adds a + 1 (the engine's overlap of
+    speculative steps, dsv3.infer.speculation). Advance 0 gives the host's own slots and lengths back."""
+    ctx = batch.ctx
+    real = ctx.context_lens > 0
+    pos = torch.where(real, batch.positions + batch.advance, batch.positions)
+    return replace(batch, positions=pos, ctx=_context_at(cache, ctx.block_tables, real, pos), advance=None)
 
 
 def greedy_spec_step(runner, k: int, batch: Batch, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One speculative step of B sequences (module docstring) over `batch`: B * (k+1) one-token decode rows, sequence
     b's at rows b*(k+1) .. b*(k+1) + k, input ids [t_L, d_1..d_k]. Returns (out (B, 2k + 3) int64, h_{L'-1} (B, D))."""
     k1 = k + 1
+    cache = runner.cache
+    if batch.advance is not None:
+        batch = _advanced(batch, cache)
     ids = batch.input_ids.view(-1, k1)
     B = ids.shape[0]
     # 1. verify
@@ -79,10 +99,9 @@ def greedy_spec_step(runner, k: int, batch: Batch, compiled: bool = False) -> tu
     drafts = [mtp_logits[pick].argmax(-1)]
     h, last_hidden = x[pick], hidden[pick]
     start = batch.positions.view(B, k1)[:, 0] + a + 1                                  # L'
-    cache = runner.cache
     for step in range(1, k):
         pos = start + step - 1
-        ctx = _chain_context(batch, k1, pos, cache.scratch_slot, cache.block_size)
+        ctx = _chain_context(batch, k1, pos, cache)
         chain = Batch([], drafts[-1], pos, list(range(B)), ctx)
         logits, h = runner.mtp_forward_eager(chain, h, compiled)
         drafts.append(logits.argmax(-1))

@@ -12,18 +12,31 @@ A batch with a request asking for log-probabilities, penalties or logit_bias doe
 plain steps, which apply them (dsv3.infer.penalties); drafts verified against penalised distributions would need the
 counts to advance draft by draft inside the verify step, which is not built.
 Both keep the sequence's MTP catch-up state (Sequence.mtp_cached / pending_hidden) so either may follow the other.
+Under the overlap schedule (EngineConfig.overlap_schedule) fused steps of an unchanged batch chain: the next one is
+launched before the last one's output is read (`can_chain`, `Batch.advance`), so the host's share of a step and the
+read's latency hide behind the device, as for plain steps (dsv3.infer.overlap).
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
 from .batch import Row
-from .overlap import to_device
+from .overlap import InFlight, to_device
 from .sampling import SamplingTensors, draw, filtered_probs, rejection_sample
 from .sequence import Sequence
+
+
+@dataclass
+class SpecInFlight:
+    """A fused speculative step launched and not read yet (the engine's overlap schedule)."""
+    seqs: list[Sequence]
+    out: torch.Tensor              # (B, 2k + 3) on the device (dsv3.infer.spec_step)
+    last_hidden: torch.Tensor      # (B, D)
+    host: InFlight                 # out[:, :k + 2] on its way to the host
 
 
 class Speculation:
@@ -46,12 +59,13 @@ class Speculation:
             return False
         return all(self.blocks.ensure_capacity(s, s.num_cached_tokens + max(self.k + 1, 2 * self.k)) for s in seqs)
 
-    def step(self, seqs: list[Sequence]) -> list:
+    def step(self, seqs: list[Sequence], prev: SpecInFlight | None = None) -> tuple[list, SpecInFlight | None]:
         """Greedy batches: the fused step (dsv3.infer.spec_step), after drafting for the sequences whose drafts are
-        not ready; otherwise draft, verify and rejection-sample as separate steps."""
+        not ready, or chained after `prev`; otherwise draft, verify and rejection-sample as separate steps. Returns
+        the outputs read in this step and the fused step in flight (None: nothing left to read)."""
         if self.engine.config.speculative_fused and all(s.params.greedy for s in seqs):
-            return self.fused_step(seqs)
-        return self.verify_step(seqs, *self.draft(seqs, greedy=False))
+            return self.fused_step(seqs, prev)
+        return self.verify_step(seqs, *self.draft(seqs, greedy=False)), None
 
     def draft(self, seqs: list[Sequence], greedy: bool) -> tuple:
         """Draft k tokens per sequence with the MTP module (chained for k > 1) after catching it up over every
@@ -110,35 +124,71 @@ class Speculation:
             outputs.append(self.accept(seq, toks[:a + 1]))
         return outputs
 
-    def fused_step(self, seqs: list[Sequence]) -> list:
+    def can_chain(self, prev: SpecInFlight) -> bool:
+        """Whether the next step may launch before `prev` (a fused step in flight) is read: the same sequences
+        running, in the same order, nothing waiting to be admitted (a prefill row would change the batch), none
+        certain to end with prev's tokens (max_tokens), and each can get blocks now for both steps' worst case
+        (k+1 positions accepted by prev, then 2k written by the next: L + k + 1 + max(k + 1, 2k)), so that the
+        scheduler, which runs next, neither preempts nor admits. The blocks are taken here."""
+        e, k = self.engine, self.k
+        seqs = prev.seqs
+        if e.scheduler.waiting or e.scheduler.running != seqs or e._aborted:
+            return False
+        ahead = k + 1 + max(k + 1, 2 * k)
+        if any(s.finished or len(s.output_ids) + 1 >= s.params.max_tokens
+               or s.num_cached_tokens + ahead > e.max_model_len for s in seqs):
+            return False
+        need = sum(max(0, self.blocks.blocks_needed(s.num_cached_tokens + ahead) - len(s.block_table)) for s in seqs)
+        if need > self.blocks.num_free_blocks:
+            return False
+        return all(self.blocks.ensure_capacity(s, s.num_cached_tokens + ahead) for s in seqs)
+
+    def fused_step(self, seqs: list[Sequence], prev: SpecInFlight | None = None) -> tuple[list, SpecInFlight]:
         """One fused step (dsv3.infer.spec_step) for greedy sequences: its inputs [t_L, drafts] are the last fused
-        step's output where that is current, else drafted here first (after prefill, or after a plain step); the host
-        reads the step's output once."""
+        step's output where that is current, else drafted here first (after prefill, or after a plain step).
+        Chained after `prev` (a fused step of the same sequences, not read yet: `can_chain`), the inputs are prev's
+        output on the device and the rows' positions move on by prev's a + 1 there (Batch.advance); prev is read
+        only once this step is launched. Returns the outputs of what was read (prev's) and this step in flight."""
         k = self.k
-        stale = [s for s in seqs if s.spec_next is None or s.spec_next[2] != s.num_cached_tokens]
-        if stale:
-            drafts = self.draft(stale, greedy=True)[0]
-            last = to_device([[s.token_ids[s.num_cached_tokens]] for s in stale], torch.long, self.engine.device)
-            made = torch.cat([last, drafts], 1)
-            for i, s in enumerate(stale):       # the layout of a fused step's output, for the gather below
-                s.spec_next = (made, i, s.num_cached_tokens, 0)
-        sources = [s.spec_next for s in seqs]
-        first = sources[0][0]
-        if all(src[0] is first and src[1] == i for i, src in enumerate(sources)) and first.shape[0] == len(seqs):
-            inputs = first[:, sources[0][3]:]                       # the same batch as the last step: no gather
+        advance = None
+        if prev is not None:
+            inputs = prev.out[:, k + 2:]
+            advance = (prev.out[:, k + 1:k + 2] + 1).expand(-1, k + 1).reshape(-1)   # a + 1 on each row
         else:
-            inputs = torch.stack([src[0][src[1], src[3]:] for src in sources])
+            stale = [s for s in seqs if s.spec_next is None or s.spec_next[2] != s.num_cached_tokens]
+            if stale:
+                drafts = self.draft(stale, greedy=True)[0]
+                last = to_device([[s.token_ids[s.num_cached_tokens]] for s in stale], torch.long, self.engine.device)
+                made = torch.cat([last, drafts], 1)
+                for i, s in enumerate(stale):       # the layout of a fused step's output, for the gather below
+                    s.spec_next = (made, i, s.num_cached_tokens, 0)
+            sources = [s.spec_next for s in seqs]
+            first = sources[0][0]
+            if all(src[0] is first and src[1] == i for i, src in enumerate(sources)) and first.shape[0] == len(seqs):
+                inputs = first[:, sources[0][3]:]                       # the same batch as the last step: no gather
+            else:
+                inputs = torch.stack([src[0][src[1], src[3]:] for src in sources])
         rows = [Row([0], s.num_cached_tokens + j, s.block_table) for s in seqs for j in range(k + 1)]
-        out, last_hidden = self.runner.spec_step(self.runner.prepare(rows, spec=True, input_ids=inputs.flatten()))
-        host = out[:, :k + 2].tolist()            # the step's one device -> host read
+        batch = self.runner.prepare(rows, spec=True, input_ids=inputs.flatten(), advance=advance)
+        out, last_hidden = self.runner.spec_step(batch)
         self.stats["steps"] += 1
+        flight = SpecInFlight(list(seqs), out, last_hidden, InFlight.start(seqs, out[:, :k + 2]))
+        return (self.apply(prev) if prev is not None else []), flight
+
+    def apply(self, flight: SpecInFlight) -> list:
+        """A fused step's output read on the host (the step's one device -> host sync): each sequence's tokens
+        through the stop checks. A sequence that the step before it ended ran in it too (chained): its row is
+        discarded, never emitted (its latents went to its own freed blocks, at positions past its end)."""
+        k = self.k
         outputs = []
-        for b, (seq, row) in enumerate(zip(seqs, host)):
+        for b, (seq, row) in enumerate(zip(flight.seqs, flight.host.wait()[0])):
+            if seq.finished:
+                continue
             outputs.append(self.accept(seq, row[:row[k + 1] + 1]))
             # the MTP module caught up over the accepted positions; its last one stays re-runnable for the
             # synchronous path (which drafts from the catch-up's last output)
-            seq.mtp_cached, seq.pending_hidden = seq.num_cached_tokens - 1, [last_hidden[b:b + 1]]
-            seq.spec_next = (out, b, seq.num_cached_tokens, k + 2)
+            seq.mtp_cached, seq.pending_hidden = seq.num_cached_tokens - 1, [flight.last_hidden[b:b + 1]]
+            seq.spec_next = (flight.out, b, seq.num_cached_tokens, k + 2)
         return outputs
 
     def accept(self, seq: Sequence, new: list[int]):
