@@ -82,6 +82,9 @@ fi
 
 stamp "4. full recipe, eager, reference optimizer and norm: the losses of 3 against these"
 if fits 100 "4. full recipe eager"; then
+  # eager keeps every activation of the step at once: 72.5 GiB allocated + a 3.1 GiB logits cast ran out of an H100's
+  # 80 GB (twelfth session, 4.2 GiB reserved but fragmented); expandable segments give the fragments back
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
   DSV3_ADAMW=reference DSV3_GRAD_NORM=reference timeout 100 python $B "${SHAPE[@]}" "${RECIPE[@]}" "${STEPS[@]}" \
     --tag full_eager_reference > "$OUT/full_eager_reference.log" 2>&1
   grep "^\[full_eager_reference\]" "$OUT/full_eager_reference.log" | tee -a "$OUT/stages.txt"
