@@ -292,6 +292,23 @@ def test_scaled_mm_operands_layout(M, K, b_rows):
                         _meta(scale_b), recipe_b, output_dtype=torch.bfloat16)
 
 
+@pytest.mark.skipif(not _V2, reason="this torch has no F.scaled_mm / ScalingType")
+def test_scaled_mm_operands_need_no_copy_when_aligned():
+    """M a multiple of 16, K of 512 (K/128 a multiple of 4), N of 128: the operands go to cuBLASLt as they are (the
+    same storage), a K-block-major scale_a too; a row-major one costs one transposing copy, no zero-fill."""
+    a, sa, b, sb = make_dense(32, 256, 512, seed=21)
+    sa_k = sa.T.contiguous().T                     # what a quantiser writing K-block-major scales would hand over
+    mat_a, mat_b, scale_a, scale_b = _scaled_mm_operands(a, sa_k, b, sb, 128, v2=True)
+    assert mat_a.data_ptr() == a.data_ptr() and mat_b.data_ptr() == b.data_ptr()
+    assert scale_a.data_ptr() == sa_k.data_ptr() and scale_b.data_ptr() == sb.data_ptr()
+    assert scale_a.stride() == (1, 32) and scale_b.stride() == (1, 4) and torch.equal(scale_b.T, sb)
+    scale_a = _scaled_mm_operands(a, sa, b, sb, 128, v2=True)[2]
+    assert torch.equal(scale_a, sa) and scale_a.stride() == (1, 32)
+    a, sa, b, sb = make_dense(32, 256, 512, b_rows=1, seed=21)
+    scale_b = _scaled_mm_operands(a, sa, b, sb, 1, v2=True)[3]
+    assert torch.equal(scale_b, sb) and scale_b.stride() == (1, 256)
+
+
 def test_scaled_mm_v1_operands():
     """Without F.scaled_mm: torch._scaled_mm infers the recipe from shapes/strides; 128x128 scales are unpadded
     there, so (K/128) % 4 != 0 is refused rather than computed wrong."""

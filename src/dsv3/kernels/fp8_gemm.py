@@ -309,26 +309,42 @@ def _pad_fp8(x: Tensor, rows: int, cols: int) -> Tensor:
     return pad.view(FP8)
 
 
+def _k_major(scale: Tensor, rows: int) -> Tensor:
+    """scale (r, kb) fp32 as (rows, kb) with strides (1, rows), zero rows appended: the K-block-major layout of 1x128
+    scales. No copy when it is laid out so already and r == rows; one when only the layout differs (a host launch
+    and a kernel per operand and GEMM otherwise: at lite's widths these small GEMMs are bound by such overheads)."""
+    r, kb = scale.shape
+    if r == rows and scale.stride() == (1, rows):
+        return scale
+    out = torch.empty_strided((rows, kb), (1, rows), dtype=torch.float32, device=scale.device)
+    if r == rows:
+        return out.copy_(scale)
+    out[r:] = 0
+    out[:r] = scale
+    return out
+
+
 def _scaled_mm_operands(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, rows: int,
                         v2: bool = _V2) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(mat_a, mat_b, scale_a, scale_b) laid out as cuBLASLt wants them (module docstring): M padded to 16, K to 128
-    and N to 128 (blocks) or 16 (tiles) with zeros; the scales already have one entry per partial tile or block."""
+    and N to 128 (blocks) or 16 (tiles) with zeros; the scales already have one entry per partial tile or block.
+    Operands already so are used as they are (no copy)."""
     M, K = a.shape
     N, kb = b.shape[0], _cdiv(K, BLOCK)
     Mp, Kp, Np = _cdiv(max(M, 1), 16) * 16, kb * BLOCK, _cdiv(N, BLOCK if rows > 1 else 16) * (BLOCK if rows > 1 else 16)
     mat_a, mat_b = _pad_fp8(a, Mp, Kp), _pad_fp8(b, Np, Kp)
-    scale_a = torch.zeros(kb, Mp, dtype=torch.float32, device=a.device)  # K-block-major storage
-    scale_a[:, :M] = a_scale.T
-    scale_a = scale_a.T  # (Mp, kb), strides (1, Mp)
+    scale_a = _k_major(a_scale, Mp)                 # (Mp, kb), strides (1, Mp)
     if rows == 1:
-        scale_b = torch.zeros(kb, Np, dtype=torch.float32, device=a.device)   # N-major storage
-        scale_b[:, :N] = b_scale.T
-        scale_b = scale_b.T if v2 else scale_b  # v2: (Np, kb) strides (1, Np); v1 takes the (kb, Np) view itself
+        scale_b = _k_major(b_scale, Np)             # (Np, kb), strides (1, Np)
+        scale_b = scale_b if v2 else scale_b.T      # v1 takes the (kb, Np) view itself
     elif v2:
         L4 = _cdiv(kb, 4) * 4
-        scale_b = torch.zeros(b_scale.shape[0], L4, dtype=torch.float32, device=a.device)
-        scale_b[:, :kb] = b_scale
-        scale_b = scale_b.T  # (L4, N/128), strides (1, L4)
+        if L4 == kb:
+            scale_b = b_scale.contiguous().T        # (kb, N/128), strides (1, kb)
+        else:
+            scale_b = torch.zeros(b_scale.shape[0], L4, dtype=torch.float32, device=a.device)
+            scale_b[:, :kb] = b_scale
+            scale_b = scale_b.T  # (L4, N/128), strides (1, L4)
     else:
         if kb % 4:
             raise ValueError(f"this torch has no F.scaled_mm; torch._scaled_mm with 128x128 scales needs "
