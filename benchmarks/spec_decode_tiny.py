@@ -74,7 +74,8 @@ def main() -> None:
     for (k, path), r in results.items():
         same = r["outputs"] == base["outputs"]
         acc = f"{r['acceptance']:.1%}" if r["acceptance"] is not None else "-"
-        print(f"k={k}{f' {path}' if k else ''}: {r['tok_per_s']:.1f} tok/s ({r['tok_per_s'] / base['tok_per_s']:.2f}x), acceptance {acc}, "
+        name = f"k={k} {path}" if k else "k=0"
+        print(f"{name}: {r['tok_per_s']:.1f} tok/s ({r['tok_per_s'] / base['tok_per_s']:.2f}x), acceptance {acc}, "
               f"{r['tokens_per_step']:.2f} tokens per verify step, {r['ms_per_step']:.2f} ms per step = "
               f"{r['ms_per_step'] / base['ms_per_step']:.3f} plain steps, output identical to plain: {same}",
               flush=True)

@@ -182,7 +182,7 @@ class Engine:
         self._generators: dict[int, torch.Generator] = {}
         self.penalties = PenaltyState(cfg.vocab_size, self.device)   # empty until a request adjusts its logits
         self._aborted: list[Sequence] = []
-        self._in_flight: InFlight | None = None     # the last step's sampled tokens, not applied yet (overlap)
+        self._in_flight: InFlight | SpecInFlight | None = None   # the last step, not read yet (overlap)
 
     @property
     def overlap(self) -> bool:
