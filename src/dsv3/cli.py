@@ -220,8 +220,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     block = 16
     if args.spec and not len(model.mtp):
         raise ValueError("--spec needs a model with an MTP module")
+    # speculation takes blocks ahead of the tokens: up to 3k + 1 positions when fused steps chain (infer/speculation)
+    ahead = 3 * args.spec + 1 if args.spec else 0
     engine = Engine(model, tokenizer, EngineConfig(block_size=block, max_num_seqs=args.samples, num_blocks=args.samples
-                                                   * -(-(len(ids) + args.max_tokens + args.spec) // block),
+                                                   * -(-(len(ids) + args.max_tokens + ahead) // block),
                                                    num_speculative_tokens=args.spec))
     for i, out in enumerate(engine.generate([ids] * args.samples, params)):
         if i:
