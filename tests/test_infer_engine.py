@@ -329,3 +329,47 @@ def test_cuda_graph_speculative_decoding_matches_plain_decoding():
     graphs = engine.runner
     assert any(b.graph is not None for b in graphs.spec_graphs.buckets.values())
     assert engine.spec_stats["steps"] > 0 and all_blocks_free(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+@pytest.mark.parametrize("k", [1, 2])
+def test_cuda_graph_chained_speculative_steps_equal_unchained_ones(k):
+    """bf16 on the GPU: fused speculative steps chained (the default with captured graphs: each launched before the
+    last one's accepted counts are read, its positions moved on by Batch.advance inside the replayed body) vs the
+    same engine's graphs with the overlap schedule off: the same captured bodies on the same values, so the same
+    tokens, exactly; a stop id ends one request inside a step. A chained steady-state step makes no synchronising
+    CUDA call (its only wait is the event of the step before it)."""
+    model = build(tiny_config(vocab_size=96), seed=3, dtype=torch.bfloat16).cuda()
+    ps = prompts([5, 17, 30])
+    greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    engine = Engine(model, config=EngineConfig(block_size=16, num_blocks=64, num_speculative_tokens=k))
+    assert engine.spec_overlap
+    tenth = engine.generate([ps[1]], greedy)[0].token_ids[9]          # also captures the graphs
+    params = [greedy, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop_token_ids=[tenth]),
+              greedy]
+    chained = [o.token_ids for o in engine.generate(ps, params)]
+    assert engine.step_stats["chained_steps"] > 0 and all_blocks_free(engine)
+    engine.config.overlap_schedule = "off"
+    assert not engine.spec_overlap
+    unchained = [o.token_ids for o in engine.generate(ps, params)]
+    assert chained == unchained and all_blocks_free(engine)
+    assert chained[1][-1] == tenth and len(chained[1]) <= 10
+    # steady state, two sequences chaining: once a chained step is in flight, the steps make no synchronising call
+    engine.config.overlap_schedule = "auto"
+    for p in ps[:2]:
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    chained_before = engine.step_stats["chained_steps"]
+    while engine.step_stats["chained_steps"] < chained_before + 2:
+        engine.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert engine.step_stats["chained_steps"] == chained_before + 5
+    while engine.has_unfinished():
+        engine.step()
+    assert all_blocks_free(engine)
