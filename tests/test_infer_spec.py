@@ -270,3 +270,14 @@ def test_cuda_graph_fused_step_matches_the_synchronous_path(k):
     for other in ("sync", "plain"):
         agree = sum(a == b for x, y in zip(outs["fused"], outs[other]) for a, b in zip(x, y)) / (24 * len(ps))
         assert agree >= 0.9, (other, agree, outs)
+
+
+def test_a_disaggregated_decode_worker_refuses_speculation_when_built(model):
+    """A decode worker imports the prefill worker's latents, which have no MTP layer (a prefill worker does not
+    speculate): a speculating DecodeEngine refused every imported request ("latents of shape ... do not fit this
+    model / prompt"), so a `dsv3 serve --role decode --spec` worker failed each request a router sent it. It is
+    refused when built, naming the setting, as a speculating prefill worker is."""
+    from dsv3.infer.disagg import DecodeEngine
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        DecodeEngine(model, config=EngineConfig(block_size=4, num_blocks=32, num_speculative_tokens=2))
+    DecodeEngine(model, config=EngineConfig(block_size=4, num_blocks=32))

@@ -117,6 +117,10 @@ class DecodeEngine(Engine):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.speculative:
+            # its cache would have an MTP layer that imported latents lack (the prefill worker does not speculate):
+            # every imported request would be refused
+            raise ValueError("a decode worker does not speculate (EngineConfig.num_speculative_tokens must be 0)")
         self.kv_bytes_received = 0
         self._imports: list[tuple[Sequence, torch.Tensor, torch.Tensor]] = []
 
