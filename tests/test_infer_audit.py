@@ -277,6 +277,41 @@ def test_generate_samples_as_the_models_generation_config_says_unless_told(capsy
     assert rc == 2 and "generation_config.json: temperature=9" in err and len(err.strip().splitlines()) == 1
 
 
+def test_generation_config_eos_ids_end_generations_unless_ignore_eos(capsys, base, tmp_path, monkeypatch):
+    """A release's generation_config.json eos_token_id ends a generation besides the tokenizer's EOS (Kimi-K2's
+    turns end with <|im_end|>, not [EOS]; transformers' generate and vLLM stop there): `dsv3 generate` stops at it;
+    the engine too (EngineConfig.eos_token_ids), but not for ignore_eos; ids past the vocabulary are refused."""
+    from dsv3.infer import Engine, EngineConfig, SamplingParams
+    seen, real = [], Engine.generate
+
+    def spy(self, prompts, params):
+        outs = real(self, prompts, params)
+        seen.append((self, prompts[0], [o.token_ids for o in outs][0], outs[0].finish_reason))
+        return outs
+    monkeypatch.setattr(Engine, "generate", spy)
+    d = tmp_path / "g"
+    shutil.copytree(base, d)
+    flags = ["--model", str(d), "--prompt", "def f(x):", "--max-tokens", "12", "--temperature", "0", "--device",
+             "cpu"]
+    assert generate(capsys, *flags)[0] == 0
+    engine, ids, free, _ = seen[-1]
+    stop = free[3]
+    eos = engine.tokenizer.eos_id
+    assert stop != eos and len(free) == 12
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, stop]}))
+    assert generate(capsys, *flags)[0] == 0
+    engine, _, cut, reason = seen[-1]
+    assert cut == free[:free.index(stop) + 1] and reason == "stop" and engine.eos_ids == {eos, stop}
+    kept = real(engine, [ids], [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)])[0]
+    assert kept.token_ids == free                                           # ignore_eos: not a stop
+    model = engine.model
+    with pytest.raises(ValueError, match="eos_token_ids"):
+        Engine(model, engine.tokenizer, EngineConfig(block_size=16, num_blocks=8,
+                                                     eos_token_ids=[model.config.vocab_size]))
+    with pytest.raises(ValueError, match="EngineConfig.eos_token_ids"):
+        EngineConfig(eos_token_ids=[-1])
+
+
 def test_generate_repetition_penalty_reaches_the_engine(capsys, base, monkeypatch):
     from dsv3.infer import Engine
     seen, real = [], Engine.generate

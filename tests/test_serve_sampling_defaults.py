@@ -12,10 +12,10 @@ import openai
 import pytest
 
 from dsv3.data import ChatTemplate, train_tokenizer
-from dsv3.infer import SamplingParams
+from dsv3.infer import EngineConfig, SamplingParams
 from dsv3.infer.engine import RequestLimits
 from dsv3.serve.protocol import ChatCompletionRequest, CompletionRequest
-from dsv3.checkpoint.generation_config import read_sampling_defaults
+from dsv3.checkpoint.generation_config import read_eos_ids, read_sampling_defaults
 from dsv3.serve.validation import plan_chat, plan_completion
 from serve_fixture import TEXTS, start_server
 
@@ -44,6 +44,21 @@ def test_read_sampling_defaults(tmp_path):
     (tmp_path / "generation_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="generation_config.json: not a JSON object"):
         read_sampling_defaults(tmp_path)
+
+
+def test_read_eos_ids(tmp_path):
+    """generation_config.json's eos_token_id, an id or a list (Kimi-K2: 163586, <|im_end|>); none: []."""
+    assert read_eos_ids(tmp_path) == []
+    (tmp_path / "generation_config.json").write_text(json.dumps(V3))
+    assert read_eos_ids(tmp_path) == [1]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [163586, 163585]}))
+    assert read_eos_ids(tmp_path) == [163586, 163585]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))
+    assert read_eos_ids(tmp_path) == []
+    for bad in (-1, "1", [1, None], True, 2.0):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(ValueError, match="generation_config.json: eos_token_id="):
+            read_eos_ids(tmp_path)
 
 
 def test_a_request_leaving_them_out_gets_the_defaults_and_its_own_values_win(tok):
@@ -77,10 +92,34 @@ def test_the_openai_client_without_a_temperature_samples_as_the_model_says():
         s.stop()
 
 
-def test_serve_refuses_a_bad_generation_config_in_one_line_before_loading(tmp_path):
-    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 5}))
+@pytest.mark.parametrize("bad,what", [({"temperature": 5}, "temperature=5"), ({"eos_token_id": "x"}, "eos_token_id=")])
+def test_serve_refuses_a_bad_generation_config_in_one_line_before_loading(tmp_path, bad, what):
+    (tmp_path / "generation_config.json").write_text(json.dumps(bad))
     r = subprocess.run([sys.executable, "-c", "import sys; from dsv3.cli import main; sys.exit(main())", "serve",
                         "--model", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and "generation_config.json: temperature=5" in err[0], r.stderr
+    assert len(err) == 1 and f"generation_config.json: {what}" in err[0], r.stderr
+
+
+def test_the_served_engine_stops_at_the_generation_configs_eos_ids():
+    """EngineConfig.eos_token_ids (what `dsv3 serve` reads from generation_config.json's eos_token_id) end a
+    completion with finish_reason stop, through the `openai` client; ignore_eos (vLLM's extra field) still runs on."""
+    prompt = "def read_file(path):"
+    s = start_server()
+    try:
+        free = s.reference.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    finally:
+        s.stop()
+    stop = free.token_ids[4]
+    s = start_server(EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32, eos_token_ids=[stop]))
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="dsv3-tiny", prompt=prompt, max_tokens=12, temperature=0)
+        cut = free.token_ids[:free.token_ids.index(stop) + 1]
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == len(cut)
+        r = client.completions.create(model="dsv3-tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].finish_reason == "length" and r.choices[0].text == free.text
+    finally:
+        s.stop()

@@ -204,6 +204,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError(f"--samples must be >= 1 and --spec >= 0, got {args.samples} and {args.spec}")
     params = [SamplingParams(**generate_sampling(args), max_tokens=args.max_tokens, seed=args.seed + i,
                              repetition_penalty=args.repetition_penalty) for i in range(args.samples)]
+    from .checkpoint.generation_config import read_eos_ids
+    eos = read_eos_ids(args.model)
     device = _device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema,
                                                 dtype=_serving_dtype(args.dtype, device), device=device)
@@ -224,7 +226,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ahead = 3 * args.spec + 1 if args.spec else 0
     engine = Engine(model, tokenizer, EngineConfig(block_size=block, max_num_seqs=args.samples, num_blocks=args.samples
                                                    * -(-(len(ids) + args.max_tokens + ahead) // block),
-                                                   num_speculative_tokens=args.spec))
+                                                   num_speculative_tokens=args.spec, eos_token_ids=eos))
     for i, out in enumerate(engine.generate([ids] * args.samples, params)):
         if i:
             print("-" * 40)
@@ -344,19 +346,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .data import Tokenizer
     from .infer import EngineConfig
-    from .checkpoint.generation_config import read_sampling_defaults
+    from .checkpoint.generation_config import read_eos_ids, read_sampling_defaults
     from .serve import EngineProcess, build_app
     from .serve.async_engine import engine_threads
     from .serve.guard import default_allowed_hosts
     path = Path(args.model)
     defaults = read_sampling_defaults(path) if args.generation_config == "auto" else {}   # before any loading
+    eos = read_eos_ids(path) if args.generation_config == "auto" else []
     tok_dir = tokenizer_dir(args.model, args.tokenizer)
     tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
     device = _device(args.device)
     block = {} if args.block_size is None else dict(block_size=args.block_size)     # EngineConfig owns the default
     config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, num_speculative_tokens=args.spec,
-                          admission_delay=args.admission_delay, **block)
+                          admission_delay=args.admission_delay, eos_token_ids=eos, **block)
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, args.dtype, args.fp8, config)
     # the step loop in a process of its own, so HTTP work never competes with it for the GIL
     threads = engine_threads(args.threads)
@@ -398,6 +401,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if defaults:
         print("sampling defaults from generation_config.json: " + ", ".join(f"{k} {v}" for k, v in defaults.items())
               + " (--generation-config none: OpenAI's)", flush=True)
+    if set(eos) - {tokenizer.eos_id}:
+        print(f"generations end at token ids {sorted(set(eos) | {tokenizer.eos_id})} (the tokenizer's EOS and "
+              f"generation_config.json's eos_token_id)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
 
 

@@ -162,7 +162,8 @@ def _serve(sub) -> None:
                    "</think> (R1, V3.1)")
     s.add_argument("--generation-config", choices=["auto", "none"], default="auto", help="auto: the temperature, "
                    "top_p and top_k of the model's generation_config.json are the defaults of a request that leaves "
-                   "them out (DeepSeek-V3 / R1: 0.6, 0.95); none: OpenAI's (1.0, 1.0, off)")
+                   "them out (DeepSeek-V3 / R1: 0.6, 0.95), and its eos_token_id ends generations besides the "
+                   "tokenizer's EOS; none: OpenAI's (1.0, 1.0, off), the tokenizer's EOS only")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on "
                    "the CPU")

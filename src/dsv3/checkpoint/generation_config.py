@@ -1,5 +1,6 @@
 """A model directory's own sampling defaults (generation_config.json): what `dsv3 serve` requests and `dsv3 generate`
-runs that leave temperature / top_p / top_k out sample with.
+runs that leave temperature / top_p / top_k out sample with, and the ids that end a generation besides the
+tokenizer's EOS (`eos_token_id`).
 
 A release's `generation_config.json` says how its authors sample it (DeepSeek-V3 and R1: temperature 0.6, top_p
 0.95); OpenAI's defaults (1.0, 1.0) would sample such a model hotter than intended whenever a client omits them, as
@@ -23,18 +24,37 @@ RULES = {"temperature": (lambda v: _real(v) and 0 <= v <= 2, "a number in [0, 2]
          "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1, "an integer >= -1")}
 
 
-def read_sampling_defaults(model_dir: str | Path) -> dict:
-    """{temperature, top_p, top_k} from `model_dir`'s generation_config.json, only the keys it sets ({} without
-    the file). A value outside the request ranges is a ValueError naming the file and key."""
+def _read(model_dir: str | Path) -> tuple[Path, dict]:
+    """The file's path and its object ({} without the file); a file that is not a JSON object is a ValueError."""
     path = Path(model_dir) / FILE
     if not path.is_file():
-        return {}
+        return path, {}
     try:
         d = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a JSON object ({e}); pass --generation-config none to ignore it") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: not a JSON object; pass --generation-config none to ignore it")
+    return path, d
+
+
+def read_eos_ids(model_dir: str | Path) -> list[int]:
+    """The ids generation_config.json's `eos_token_id` (an id or a list) says end a generation ([] without them):
+    besides the tokenizer's EOS, as transformers' generate and vLLM stop (Kimi-K2 ends its turns with <|im_end|>,
+    163586, while its tokenizer's EOS is [EOS]). A value that is not a token id is a ValueError naming the key."""
+    path, d = _read(model_dir)
+    ids = d.get("eos_token_id")
+    ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id={d['eos_token_id']!r} must be a token id or a list of them; pass "
+                         f"--generation-config none to ignore the file")
+    return ids
+
+
+def read_sampling_defaults(model_dir: str | Path) -> dict:
+    """{temperature, top_p, top_k} from `model_dir`'s generation_config.json, only the keys it sets ({} without
+    the file). A value outside the request ranges is a ValueError naming the file and key."""
+    path, d = _read(model_dir)
     out = {}
     for key, (ok, what) in RULES.items():
         if d.get(key) is None:

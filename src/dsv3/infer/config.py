@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -15,6 +15,9 @@ class EngineConfig:
     max_num_seqs: int = 64             # running sequences at once
     max_num_batched_tokens: int = 2048 # tokens per step: prefill chunks + decode tokens
     max_model_len: int = 0             # 0: the model's max_position_embeddings
+    # ids that end a sequence besides the tokenizer's EOS, unless a request sets ignore_eos: a release's
+    # generation_config.json `eos_token_id` (Kimi-K2's turns end with <|im_end|>, not its tokenizer's [EOS])
+    eos_token_ids: list[int] = field(default_factory=list)
     prefix_caching: bool = True
     # hold newly arrived requests back while others decode, until this many steps have passed since the oldest
     # arrived or they would fill every free slot: one prefill step (eager, on CUDA) for several arrivals instead of
@@ -57,6 +60,11 @@ class EngineConfig:
                      "dense_gemv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        ids = self.eos_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                                         and i >= 0 for i in ids):
+            raise ValueError(f"EngineConfig.eos_token_ids must be a list of token ids (integers >= 0), got {ids!r}")
+        self.eos_token_ids = [int(i) for i in ids]
         gib = self.cache_memory_gib
         if not isinstance(gib, numbers.Real) or isinstance(gib, bool) or not math.isfinite(gib):
             raise ValueError(f"EngineConfig.cache_memory_gib must be a finite number, got {gib!r}")

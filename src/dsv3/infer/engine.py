@@ -147,6 +147,9 @@ class Engine:
         if config.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"EngineConfig.max_model_len = {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings {cfg.max_position_embeddings}")
+        if any(i >= cfg.vocab_size for i in config.eos_token_ids):
+            raise ValueError(f"EngineConfig.eos_token_ids {config.eos_token_ids} reach past the model's vocabulary "
+                             f"of {cfg.vocab_size}")
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         dtype = model.embed_tokens.weight.dtype
         self.speculative = config.num_speculative_tokens > 0
@@ -171,9 +174,11 @@ class Engine:
         self.speculation = Speculation(self) if self.speculative else None
         if config.cuda_graphs and graphs_supported(model):
             self.use_decode_graphs(capture=True)
-        # the tokenizer's EOS, else the config's: an id, a list of ids (HF allows one; any of them stops) or None
+        # the tokenizer's EOS, else the config's: an id, a list of ids (HF allows one; any of them stops) or None;
+        # and EngineConfig.eos_token_ids
         eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
-        self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos]) | set(
+            config.eos_token_ids)
         # stop strings looked for in the output's tail (byte-level tokenizers; infer/stop_strings.py)
         self._skipped = ({i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
                          if tokenizer is not None and is_byte_level(tokenizer) else None)
