@@ -16,7 +16,8 @@ import openai
 import pytest
 import uvicorn
 
-from dsv3.infer.engine import RequestLimits, RequestOutput
+from dsv3.infer.engine import RequestOutput
+from dsv3.infer.requests import RequestLimits
 from dsv3.serve import build_app
 from test_serve_tools import CB, C1, C2, CE, SEP, V31, V3_CALLS, deepseek_like_tokenizer
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from dsv3.data import ChatTemplate, train_tokenizer
 from dsv3.data.tokenizer import SPECIAL_TOKENS
-from dsv3.infer.engine import RequestLimits, RequestOutput
+from dsv3.infer.engine import RequestOutput
+from dsv3.infer.requests import RequestLimits
 from dsv3.serve.api_chat import chat_response
 from dsv3.serve.api_completions import completion_response
 from dsv3.serve.async_engine import engine_threads

@@ -13,7 +13,7 @@ import pytest
 
 from dsv3.data import ChatTemplate, train_tokenizer
 from dsv3.infer import EngineConfig, SamplingParams
-from dsv3.infer.engine import RequestLimits
+from dsv3.infer.requests import RequestLimits
 from dsv3.serve.protocol import ChatCompletionRequest, CompletionRequest
 from dsv3.checkpoint.generation_config import read_eos_ids, read_sampling_defaults
 from dsv3.serve.validation import plan_chat, plan_completion

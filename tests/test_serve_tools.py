@@ -12,7 +12,7 @@ import pytest
 from tokenizers import AddedToken
 
 from dsv3.data import ChatTemplate, Tokenizer, train_tokenizer
-from dsv3.infer.engine import RequestLimits
+from dsv3.infer.requests import RequestLimits
 from dsv3.serve.chat_output import ChatOutput, ChatParsing, chat_message
 from dsv3.serve.protocol import APIError, ChatCompletionRequest
 from dsv3.serve.reasoning import ReasoningSplitter, reasoning_enabled, reasoning_start

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -37,6 +36,7 @@ from .sampling import SamplingParams, SamplingTensors, compute_logprobs, make_ge
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .speculation import SpecInFlight, Speculation
+from .requests import RequestLimits, check_request
 from .stop_strings import is_byte_level, stop_may_end_here
 
 
@@ -63,62 +63,6 @@ def check_cache_fits(config: EngineConfig, nbytes: int, device: torch.device) ->
                 else f"cache_memory_gib = {config.cache_memory_gib}")
         raise ValueError(f"EngineConfig.{name} needs {nbytes / 2**30:.3g} GiB of latent cache; the {device.type} "
                          f"device has {free / 2**30:.3g} GiB")
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """What a request is checked against; fixed for an engine's life (a server process can hold a copy)."""
-    vocab_size: int
-    max_model_len: int
-    block_size: int
-    num_blocks: int
-
-    @property
-    def capacity(self) -> int:
-        return self.block_size * self.num_blocks
-
-
-def prompt_token_ids(prompt) -> list[int]:
-    """A token-id prompt as a list of ints; ValueError for anything else (1.5 or True would otherwise become a
-    token silently, a nested list a TypeError from deep inside)."""
-    if isinstance(prompt, torch.Tensor):
-        if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
-            raise ValueError(f"a tensor prompt must be 1-D token ids (an integer dtype), got {prompt.dtype} "
-                             f"of shape {tuple(prompt.shape)}")
-        prompt = prompt.tolist()
-    if isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__"):
-        raise ValueError(f"the prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-    ids = list(prompt)
-    bad = [t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
-    if bad:
-        raise ValueError(f"prompt token ids must be ints, got {bad[0]!r}")
-    return [int(t) for t in ids]
-
-
-def check_request(prompt: str | list[int], params: SamplingParams, limits: RequestLimits, tokenizer=None) -> list[int]:
-    """The prompt's token ids, or ValueError naming what is wrong with the request."""
-    vocab = limits.vocab_size
-    params.validate(vocab)
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine one")
-        ids = tokenizer.encode(prompt)
-    else:
-        ids = prompt_token_ids(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty")
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    if params.stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer")
-    if len(ids) >= limits.max_model_len:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {limits.max_model_len} "
-                         f"(prompt + at least one generated token)")
-    limit = min(len(ids) + params.max_tokens, limits.max_model_len)
-    if -(-limit // limits.block_size) > limits.num_blocks:
-        raise ValueError(f"prompt + max_tokens = {limit} tokens exceed the cache capacity of {limits.capacity} tokens")
-    return ids
 
 
 @dataclass

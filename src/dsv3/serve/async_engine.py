@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..infer import Engine, SamplingParams
-from ..infer.engine import RequestLimits, RequestOutput, check_request
+from ..infer.engine import RequestOutput
+from ..infer.requests import RequestLimits, check_request
 
 
 def engine_threads(requested: int | None = None) -> int:

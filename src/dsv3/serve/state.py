@@ -18,7 +18,7 @@ from fastapi.responses import Response
 
 from ..data import ChatTemplate, Tokenizer
 from ..infer import Engine
-from ..infer.engine import RequestLimits
+from ..infer.requests import RequestLimits
 from .async_engine import AsyncEngine, AsyncEngineBase
 from .metrics import ServerMetrics
 from .reasoning import PARSERS, reasoning_enabled

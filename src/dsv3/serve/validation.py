@@ -4,7 +4,7 @@ Plain functions of (request, limits, tokenizer): no event loop and no I/O, so th
 threads (they tokenise, and tokenising a long prompt takes seconds) and the tests call them directly. The order of
 the checks is the cost order: the batch size, then the prompt's character count (n characters are at least
 n / max_token_bytes tokens, so a prompt that certainly cannot fit is refused without tokenising it), then the
-tokens themselves against the context, the cache and the vocabulary (infer.engine.check_request, the engine's own
+tokens themselves against the context, the cache and the vocabulary (infer.requests.check_request, the engine's own
 checks).
 
 Chat content is rendered with data/chat.py: its special-token strings are text, never turn markers. A chat plan also
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from ..data import ChatTemplate, Tokenizer
 from ..data.chat import encode_pieces
 from ..infer import SamplingParams
-from ..infer.engine import RequestLimits, check_request
+from ..infer.requests import RequestLimits, check_request
 from .chat_output import ChatParsing, marker_ids
 from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest, Tool
 from .reasoning import reasoning_start
