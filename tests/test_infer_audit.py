@@ -261,11 +261,16 @@ def test_generate_samples_as_the_models_generation_config_says_unless_told(capsy
     from dsv3.cli import generate_sampling
     d = tmp_path / "g"
     shutil.copytree(base, d)
-    ns = lambda **kw: argparse.Namespace(model=str(d), **{"temperature": None, "top_k": None, "top_p": None, **kw})  # noqa: E731
-    assert generate_sampling(ns()) == {"temperature": 0.8, "top_k": 50, "top_p": 0.95}       # no file
+    ns = lambda **kw: argparse.Namespace(model=str(d), **{"temperature": None, "top_k": None, "top_p": None,  # noqa: E731
+                                                          "repetition_penalty": None, **kw})
+    off = {"repetition_penalty": 1.0}
+    assert generate_sampling(ns()) == {"temperature": 0.8, "top_k": 50, "top_p": 0.95, **off}    # no file
     (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
-    assert generate_sampling(ns()) == {"temperature": 0.6, "top_k": 50, "top_p": 0.9}
-    assert generate_sampling(ns(temperature=0.0, top_p=1.0)) == {"temperature": 0.0, "top_k": 50, "top_p": 1.0}
+    assert generate_sampling(ns()) == {"temperature": 0.6, "top_k": 50, "top_p": 0.9, **off}
+    assert generate_sampling(ns(temperature=0.0, top_p=1.0)) == {"temperature": 0.0, "top_k": 50, "top_p": 1.0, **off}
+    (d / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1}))       # as vLLM reads it too
+    assert generate_sampling(ns())["repetition_penalty"] == 1.1
+    assert generate_sampling(ns(repetition_penalty=1.0))["repetition_penalty"] == 1.0
     (d / "generation_config.json").write_text(json.dumps({"temperature": 0}))
     flags = ["--model", str(d), "--prompt", "def f(x):", "--max-tokens", "8"]
     greedy = generate(capsys, *flags, "--temperature", "0")
@@ -323,7 +328,7 @@ def test_generate_repetition_penalty_reaches_the_engine(capsys, base, monkeypatc
     flags = ["--model", str(base), "--prompt", "x", "--max-tokens", "3", "--device", "cpu", "--samples", "2"]
     assert generate(capsys, *flags, "--repetition-penalty", "1.4")[0] == 0
     assert [p.repetition_penalty for p in seen] == [1.4, 1.4]
-    assert generate(capsys, *flags)[0] == 0 and seen[-1].repetition_penalty == 1.0
+    assert generate(capsys, *flags)[0] == 0 and seen[-1].repetition_penalty == 1.0          # no file: off
 
 
 def test_generate_runs_on_the_device_and_dtype_asked(capsys, base, monkeypatch):

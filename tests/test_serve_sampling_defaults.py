@@ -36,8 +36,11 @@ def test_read_sampling_defaults(tmp_path):
     assert read_sampling_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95}
     (tmp_path / "generation_config.json").write_text(json.dumps({"top_k": -1, "temperature": 0}))
     assert read_sampling_defaults(tmp_path) == {"temperature": 0, "top_k": 0}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.05}))
+    assert read_sampling_defaults(tmp_path) == {"repetition_penalty": 1.05}
     for bad, key in (({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 2.5}, "top_k"),
-                     ({"temperature": True}, "temperature"), ({"top_p": "0.9"}, "top_p")):
+                     ({"temperature": True}, "temperature"), ({"top_p": "0.9"}, "top_p"),
+                     ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": 3}, "repetition_penalty")):
         (tmp_path / "generation_config.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=f"generation_config.json: {key}="):
             read_sampling_defaults(tmp_path)
@@ -69,7 +72,11 @@ def test_a_request_leaving_them_out_gets_the_defaults_and_its_own_values_win(tok
     p = got(CompletionRequest(prompt="def f(x):", max_tokens=2, temperature=0, top_p=1, top_k=-1), defaults=d)
     assert (p.temperature, p.top_p, p.top_k) == (0, 1, 0)                  # 0 and -1 are values, not "left out"
     p = got(CompletionRequest(prompt="def f(x):", max_tokens=2))
-    assert (p.temperature, p.top_p, p.top_k) == (1.0, 1.0, 0)              # no defaults: OpenAI's
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (1.0, 1.0, 0, 1.0)   # no defaults: OpenAI's
+    p = got(CompletionRequest(prompt="def f(x):", max_tokens=2), defaults={"repetition_penalty": 1.1})
+    assert p.repetition_penalty == 1.1
+    p = got(CompletionRequest(prompt="def f(x):", max_tokens=2, repetition_penalty=1.0), defaults={"repetition_penalty": 1.1})
+    assert p.repetition_penalty == 1.0
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     p = plan_chat(chat, LIMITS, tok, ChatTemplate(None), 64, d).jobs[0][1]
     assert (p.temperature, p.top_p, p.top_k) == (0.6, 0.95, 20)

@@ -188,12 +188,13 @@ def prompt_prefix(args: argparse.Namespace, tokenizer) -> list[int]:
 
 
 def generate_sampling(args: argparse.Namespace) -> dict:
-    """`dsv3 generate`'s temperature / top_k / top_p: the flags given, else the model directory's
-    generation_config.json (as its authors sample it), else 0.8 / 50 / 0.95."""
+    """`dsv3 generate`'s temperature / top_k / top_p / repetition_penalty: the flags given, else the model
+    directory's generation_config.json (as its authors sample it), else 0.8 / 50 / 0.95 / 1 (off)."""
     from .checkpoint.generation_config import read_sampling_defaults
-    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+             "repetition_penalty": args.repetition_penalty}
     model = read_sampling_defaults(args.model) if None in given.values() else {}
-    fallback = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+    fallback = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
     return {k: v if v is not None else model.get(k, fallback[k]) for k, v in given.items()}
 
 
@@ -202,8 +203,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     # bad flags are refused before the model is read (minutes for a large checkpoint)
     if args.samples < 1 or args.spec < 0:
         raise ValueError(f"--samples must be >= 1 and --spec >= 0, got {args.samples} and {args.spec}")
-    params = [SamplingParams(**generate_sampling(args), max_tokens=args.max_tokens, seed=args.seed + i,
-                             repetition_penalty=args.repetition_penalty) for i in range(args.samples)]
+    params = [SamplingParams(**generate_sampling(args), max_tokens=args.max_tokens, seed=args.seed + i)
+              for i in range(args.samples)]
     from .checkpoint.generation_config import read_eos_ids
     eos = read_eos_ids(args.model)
     device = _device(args.device)

@@ -1,5 +1,5 @@
 """A model directory's own sampling defaults (generation_config.json): what `dsv3 serve` requests and `dsv3 generate`
-runs that leave temperature / top_p / top_k out sample with, and the ids that end a generation besides the
+runs that leave temperature / top_p / top_k / repetition_penalty out sample with, and the ids that end a generation besides the
 tokenizer's EOS (`eos_token_id`).
 
 A release's `generation_config.json` says how its authors sample it (DeepSeek-V3 and R1: temperature 0.6, top_p
@@ -21,7 +21,8 @@ _real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and ma
 # key -> (accepted?, what is): the ranges of a request's fields (serve/protocol.py)
 RULES = {"temperature": (lambda v: _real(v) and 0 <= v <= 2, "a number in [0, 2]"),
          "top_p": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
-         "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1, "an integer >= -1")}
+         "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1, "an integer >= -1"),
+         "repetition_penalty": (lambda v: _real(v) and 0 < v <= 2, "a number in (0, 2]")}
 
 
 def _read(model_dir: str | Path) -> tuple[Path, dict]:
@@ -52,8 +53,8 @@ def read_eos_ids(model_dir: str | Path) -> list[int]:
 
 
 def read_sampling_defaults(model_dir: str | Path) -> dict:
-    """{temperature, top_p, top_k} from `model_dir`'s generation_config.json, only the keys it sets ({} without
-    the file). A value outside the request ranges is a ValueError naming the file and key."""
+    """{temperature, top_p, top_k, repetition_penalty} from `model_dir`'s generation_config.json, only the keys it
+    sets ({} without the file). A value outside the request ranges is a ValueError naming the file and key."""
     path, d = _read(model_dir)
     out = {}
     for key, (ok, what) in RULES.items():

@@ -33,7 +33,8 @@ from .reasoning import reasoning_start
 from .tool_calls import MARKERS as TOOL_MARKERS
 
 
-OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}    # a request's, without the model's own
+# a request's, without the model's own (repetition_penalty is vLLM's extra field: 1 is off)
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
 @dataclass
@@ -80,7 +81,7 @@ def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | 
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=d["repetition_penalty"] if req.repetition_penalty is None else req.repetition_penalty,
             logit_bias=req.token_bias())
     except ValueError as e:
         raise APIError(str(e)) from None
