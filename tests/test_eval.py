@@ -221,6 +221,19 @@ def test_dsv3_eval_gen_cli(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "o" / "samples_arith.jsonl").read_text().splitlines()]
     assert [r["gold"] for r in recs] == ["0", "2", "4", "6"] and all(len(r["outputs"]) == 3 for r in recs)
     assert main(args + ["--k", "3"]) == 2          # greedy samples are all the same
+    # generation_config.json's eos_token_id ends the local engine's generations as it ends `dsv3 serve`'s (the
+    # engine's stop at EngineConfig.eos_token_ids: tests/test_infer_audit.py)
+    from dsv3.infer import Engine
+    seen, init = [], Engine.__init__
+
+    def spy(self, model, tokenizer=None, config=None):
+        seen.append(config.eos_token_ids)
+        init(self, model, tokenizer, config)
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Engine, "__init__", spy)
+        assert main(args + ["--k", "1", "--temperature", "0", "--overwrite"]) in (0, None)
+    assert seen == [[1, 5]]
 
 
 class Reader:

@@ -294,8 +294,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tok_dir = tokenizer_dir(args.model, args.tokenizer)
         model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer,
                                                     dtype=_serving_dtype(args.dtype, device), device=device)
+        from .checkpoint.generation_config import read_eos_ids
+        # generations end where `dsv3 serve` ends them: the tokenizer's EOS and generation_config.json's
         backend = EngineBackend(Engine(model, tokenizer, EngineConfig(cache_memory_gib=args.cache_gib,
-                                                                      max_num_seqs=args.max_num_seqs)))
+                                                                      max_num_seqs=args.max_num_seqs,
+                                                                      eos_token_ids=read_eos_ids(args.model))))
     add_bos = run.tokenizer_adds_bos(tok_dir) if args.add_bos == "auto" else args.add_bos == "yes"
     if args.chat and args.mode != "gen":
         raise ValueError("--chat applies to dsv3 eval gen")
