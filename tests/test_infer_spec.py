@@ -3,6 +3,8 @@ separate steps) and the cache-free forward, float64 `tiny`: identical tokens, id
 step (so the drafts, which verification would hide, are the same too), one host read and one graph-body run per
 step; and mixed batches (arrivals, preemption, stop ids, a sampled request joining) keep all of it."""
 
+import random
+
 import pytest
 import torch
 
@@ -154,6 +156,82 @@ def test_chained_fused_steps_with_arrivals_preemption_stops_aborts_and_a_sampled
     assert final[ids[0]].token_ids == reference_greedy(model, ps[0], 16)[:len(final[ids[0]].token_ids)]
     assert final[ids[1]].token_ids == reference_greedy(model, ps[1], 16)
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def _drive(model, requests, config: dict, padded: bool, aborts: list) -> list:
+    """(token_ids, finish_reason) per request; request i = (prompt, params, arrival step), aborts (i, step). Checks
+    on the way: no output after a request's final one, the streamed deltas add up to the final tokens, every block
+    back, no hang."""
+    engine = Engine(model, config=EngineConfig(**config))
+    if padded:
+        engine.use_decode_graphs(capture=False)
+    ids, final, streams, step = {}, {}, {}, 0
+    while engine.has_unfinished() or len(ids) < len(requests):
+        ids.update({i: engine.add_request(p, sp) for i, (p, sp, at) in enumerate(requests) if at == step})
+        for i, at in aborts:
+            if at == step and i in ids:
+                engine.abort(ids[i])
+        step += 1
+        assert step < 500, "no progress"
+        for o in engine.step():
+            assert o.request_id not in final
+            streams.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                final[o.request_id] = o
+    b = engine.blocks
+    assert b.num_free_blocks == b.num_blocks and not any(b.ref_count)
+    assert all(streams.get(ids[i], []) == final[ids[i]].token_ids for i in range(len(requests)))
+    return [(final[ids[i]].token_ids, final[ids[i]].finish_reason) for i in range(len(requests))]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chained_and_unchained_engines_agree_on_random_workloads(model, easy, seed):
+    """Random workloads (the audit's differential fuzz, 40 seeds of it): k = 0..3, buckets or not, small caches
+    (preemption, no chain), short contexts, token budgets, arrivals, aborts, max_tokens 1..30, stop ids, EOS, seeded
+    sampled requests, logprobs and penalties (no speculation for those). The overlap schedule on (chained steps)
+    and off give the same tokens and finish reasons; an abort may land one step later when chained, so an aborted
+    output need only be a prefix of the other's. Greedy requests are `reference_greedy`'s."""
+    r = random.Random(seed)
+    m, V = (easy, 8) if r.random() < 0.6 else (model, 96)
+    bs = r.choice([2, 4, 8])
+    cfg = dict(block_size=bs, num_blocks=r.choice([64, 200]), max_num_seqs=r.choice([2, 4, 8]),
+               speculative_max_batch=r.choice([1, 2, 8]), num_speculative_tokens=r.choice([0, 1, 2, 3]))
+    if r.random() < 0.3:
+        cfg["num_blocks"] = r.choice([10, 14, 20])
+    if r.random() < 0.3:
+        cfg["max_model_len"] = r.choice([12, 16, 20, 24])
+    if r.random() < 0.2:
+        cfg["max_num_batched_tokens"] = r.choice([4, 8, 16])
+    context = cfg.get("max_model_len", m.config.max_position_embeddings)
+    requests = []
+    for _ in range(r.randint(1, 5)):
+        prompt = [r.randrange(2, V) for _ in range(r.randint(1, min(10, context - 1)))]
+        kw = dict(temperature=0.0, max_tokens=r.choice([1, 2, 3, 5, 8, 16, 30]), ignore_eos=r.random() < 0.6)
+        if r.random() < 0.3:
+            kw["stop_token_ids"] = [r.randrange(0, V)]
+        if r.random() < 0.15:
+            kw.update(temperature=0.8, top_k=5, seed=r.randrange(100))
+        if r.random() < 0.08:
+            kw["logprobs"] = 2
+        if r.random() < 0.05:
+            kw["repetition_penalty"] = 1.3
+        params = SamplingParams(**kw)
+        if -(-min(len(prompt) + params.max_tokens, context) // bs) <= cfg["num_blocks"]:
+            requests.append((prompt, params, r.choice([0, 0, 0, 1, 2, 3, 5])))
+    if not requests:
+        return
+    aborts = [(r.randrange(len(requests)), r.randint(1, 12)) for _ in range(r.choice([0, 0, 1, 2]))]
+    padded = r.random() < 0.5
+    off = _drive(m, requests, dict(cfg, overlap_schedule="off"), padded, aborts)
+    on = _drive(m, requests, dict(cfg, overlap_schedule="on"), padded, aborts)
+    for (prompt, params, _), (a, why_a), (b, why_b) in zip(requests, on, off):
+        if "abort" in (why_a, why_b):
+            n = min(len(a), len(b))
+            assert a[:n] == b[:n]
+            continue
+        assert (a, why_a) == (b, why_b)
+        if params.greedy and not params.modifies_logits:
+            assert b == reference_greedy(m, prompt, len(b))
 
 
 def test_drafting_again_after_a_plain_step_rewrites_the_mtp_latents_unchanged(model):
