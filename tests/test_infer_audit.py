@@ -283,8 +283,8 @@ def test_generate_samples_as_the_models_generation_config_says_unless_told(capsy
 
 
 def test_generation_config_eos_ids_end_generations_unless_ignore_eos(capsys, base, tmp_path, monkeypatch):
-    """A release's generation_config.json eos_token_id ends a generation besides the tokenizer's EOS (Kimi-K2's
-    turns end with <|im_end|>, not [EOS]; transformers' generate and vLLM stop there): `dsv3 generate` stops at it;
+    """A release's generation_config.json eos_token_id ends a generation besides the tokenizer's EOS (a turn-end
+    token other than the tokenizer's EOS; transformers' generate and vLLM stop there): `dsv3 generate` stops at it;
     the engine too (EngineConfig.eos_token_ids), but not for ignore_eos; ids past the vocabulary are refused."""
     from dsv3.infer import Engine, EngineConfig, SamplingParams
     seen, real = [], Engine.generate

@@ -50,7 +50,7 @@ def test_read_sampling_defaults(tmp_path):
 
 
 def test_read_eos_ids(tmp_path):
-    """generation_config.json's eos_token_id, an id or a list (Kimi-K2: 163586, <|im_end|>); none: []."""
+    """generation_config.json's eos_token_id, an id or a list; none: []."""
     assert read_eos_ids(tmp_path) == []
     (tmp_path / "generation_config.json").write_text(json.dumps(V3))
     assert read_eos_ids(tmp_path) == [1]

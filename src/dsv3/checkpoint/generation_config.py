@@ -41,8 +41,9 @@ def _read(model_dir: str | Path) -> tuple[Path, dict]:
 
 def read_eos_ids(model_dir: str | Path) -> list[int]:
     """The ids generation_config.json's `eos_token_id` (an id or a list) says end a generation ([] without them):
-    besides the tokenizer's EOS, as transformers' generate and vLLM stop (Kimi-K2 ends its turns with <|im_end|>,
-    163586, while its tokenizer's EOS is [EOS]). A value that is not a token id is a ValueError naming the key."""
+    besides the tokenizer's EOS, as transformers' generate and vLLM stop (a chat model may end its turns with a token
+    other than its tokenizer's EOS, e.g. an <|im_end|>). A value that is not a token id is a ValueError naming the
+    key."""
     path, d = _read(model_dir)
     ids = d.get("eos_token_id")
     ids = [] if ids is None else ids if isinstance(ids, list) else [ids]

@@ -16,7 +16,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048 # tokens per step: prefill chunks + decode tokens
     max_model_len: int = 0             # 0: the model's max_position_embeddings
     # ids that end a sequence besides the tokenizer's EOS, unless a request sets ignore_eos: a release's
-    # generation_config.json `eos_token_id` (Kimi-K2's turns end with <|im_end|>, not its tokenizer's [EOS])
+    # generation_config.json `eos_token_id` (a chat model whose turns end with a token other than its tokenizer's
+    # EOS, e.g. an <|im_end|>, ran on to max_tokens)
     eos_token_ids: list[int] = field(default_factory=list)
     prefix_caching: bool = True
     # hold newly arrived requests back while others decode, until this many steps have passed since the oldest
