@@ -43,6 +43,12 @@ def build(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, std: float = 0.0
 
 
 
+def random_prompts(lengths, vocab: int = 96, seed: int = 0) -> list[list[int]]:
+    """Prompts of the given lengths, token ids uniform in [2, vocab) (0 and 1 stay clear of BOS / EOS), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens after prompt from full forwards without any cache: the engines' reference."""
     ids = list(prompt)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import build, reference_greedy, tiny_config
+from conftest import build, random_prompts, reference_greedy, tiny_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 
 
@@ -24,8 +24,7 @@ def tok_model():
 
 
 def prompts(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 96, (n,), generator=g).tolist() for n in lengths]
+    return random_prompts(lengths, seed=seed)
 
 
 def all_blocks_free(engine: Engine) -> bool:

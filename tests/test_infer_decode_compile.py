@@ -5,7 +5,7 @@ on CPU), both through the padded graph buckets run eagerly (capture=False, as te
 import pytest
 import torch
 
-from conftest import build, tiny_config
+from conftest import build, random_prompts, tiny_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams, moe_dispatch
 from dsv3.infer.graphs import BATCH_BUCKETS
 from dsv3.infer.moe_dispatch import (FUSED_MOE_AUTO_TOKENS, MOE_DECODE_MAX_TOKENS, expert_tensors,
@@ -15,9 +15,7 @@ from dsv3.model.moe import MoE
 PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 96, (n,), generator=g).tolist() for n in lengths]
+prompts = random_prompts
 
 
 def greedy(model, ps, padded=True, **kw):

@@ -4,7 +4,7 @@ chunked prefill, preemption and prefix caching; every block comes back; bad requ
 import pytest
 import torch
 
-from conftest import build, reference_greedy, tiny_config
+from conftest import build, random_prompts, reference_greedy, tiny_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 
 
@@ -14,9 +14,7 @@ def model():
     return build(tiny_config(vocab_size=96), seed=3, dtype=torch.float64)
 
 
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 96, (n,), generator=g).tolist() for n in lengths]
+prompts = random_prompts
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -8,7 +8,7 @@ flip a greedy token, so equality is exact."""
 import pytest
 import torch
 
-from conftest import build, reference_greedy, tiny_config
+from conftest import build, random_prompts, reference_greedy, tiny_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 
 V = 96
@@ -19,9 +19,7 @@ def model():
     return build(tiny_config(vocab_size=V), seed=3, dtype=torch.float64)
 
 
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, V, (n,), generator=g).tolist() for n in lengths]
+prompts = random_prompts
 
 
 def mixed_requests(model) -> list[tuple[list[int], SamplingParams]]:

@@ -6,7 +6,7 @@ schedule; rows without penalties untouched; logprobs of the raw model; no specul
 import pytest
 import torch
 
-from conftest import build, reference_greedy, tiny_config
+from conftest import build, random_prompts, reference_greedy, tiny_config
 from test_infer_sampling import NoSync
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 from dsv3.infer.penalties import PenaltyState
@@ -22,9 +22,7 @@ def model():
     return build(tiny_config(vocab_size=V), seed=3, dtype=torch.float64)
 
 
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, V, (n,), generator=g).tolist() for n in lengths]
+prompts = random_prompts
 
 
 def reference_adjust(logits: list[float], prompt: list[int], output: list[int], p: SamplingParams) -> list[float]:

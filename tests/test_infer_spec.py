@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from conftest import build, reference_greedy, tiny_config
+from conftest import build, random_prompts, reference_greedy, tiny_config
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 
 
@@ -24,9 +24,7 @@ def easy():
     return build(tiny_config(vocab_size=8), seed=0, dtype=torch.float64)
 
 
-def prompts(lengths, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+prompts = random_prompts
 
 
 def run(model, ps, params, fused: bool, padded: bool, arrive: list[int] | None = None, **cfg) -> tuple[list, list]:
@@ -355,7 +353,11 @@ def test_a_disaggregated_decode_worker_refuses_speculation_when_built(model):
     speculate): a speculating DecodeEngine refused every imported request ("latents of shape ... do not fit this
     model / prompt"), so a `dsv3 serve --role decode --spec` worker failed each request a router sent it. It is
     refused when built, naming the setting, as a speculating prefill worker is."""
-    from dsv3.infer.disagg import DecodeEngine
+    from dsv3.infer.disagg import DecodeEngine, PrefillEngine
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         DecodeEngine(model, config=EngineConfig(block_size=4, num_blocks=32, num_speculative_tokens=2))
     DecodeEngine(model, config=EngineConfig(block_size=4, num_blocks=32))
+    # refused before the cache is sized: a cache no machine holds is not what the error names
+    for worker in (DecodeEngine, PrefillEngine):
+        with pytest.raises(ValueError, match="worker does not speculate"):
+            worker(model, config=EngineConfig(block_size=4, num_blocks=2**40, num_speculative_tokens=1))

@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection, Listener
 
 import torch
 
+from .config import EngineConfig
 from .engine import Engine, RequestOutput
 from .sampling import SamplingParams, make_generators
 from .sequence import Sequence, Status
@@ -77,13 +78,20 @@ def discard_kv(handle: KVHandle) -> None:
         pass
 
 
+def _refuse_speculation(role: str, config: EngineConfig | None) -> None:
+    """Before the cache is allocated: neither worker speculates. A prefill worker's requests end at their first
+    token; a decode worker's cache would have an MTP layer that the imported latents lack (every imported request
+    refused)."""
+    if config is not None and config.num_speculative_tokens:
+        raise ValueError(f"a {role} worker does not speculate (EngineConfig.num_speculative_tokens must be 0)")
+
+
 class PrefillEngine(Engine):
     """Each request ends after its first token; a "prefilled" one leaves its latents in `exported[request_id]`."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.speculative:
-            raise ValueError("a prefill worker does not speculate (EngineConfig.num_speculative_tokens must be 0)")
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        _refuse_speculation("prefill", config)
+        super().__init__(model, tokenizer, config)
         self.exported: dict[int, KVHandle] = {}
         self.kv_bytes_sent = 0
 
@@ -115,12 +123,9 @@ class PrefillEngine(Engine):
 class DecodeEngine(Engine):
     """Imports prefilled requests (`add_prefilled`) and decodes them; plain requests work as in any Engine."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.speculative:
-            # its cache would have an MTP layer that imported latents lack (the prefill worker does not speculate):
-            # every imported request would be refused
-            raise ValueError("a decode worker does not speculate (EngineConfig.num_speculative_tokens must be 0)")
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        _refuse_speculation("decode", config)
+        super().__init__(model, tokenizer, config)
         self.kv_bytes_received = 0
         self._imports: list[tuple[Sequence, torch.Tensor, torch.Tensor]] = []
 

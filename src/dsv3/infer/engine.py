@@ -31,12 +31,12 @@ from .fused_proj import fuse_projections
 from .graphs import graphs_supported
 from .overlap import PENDING, InFlight, to_device
 from .penalties import PenaltyState
+from .requests import RequestLimits, check_request
 from .runner import ModelRunner, Row
 from .sampling import SamplingParams, SamplingTensors, compute_logprobs, make_generators, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .speculation import SpecInFlight, Speculation
-from .requests import RequestLimits, check_request
 from .stop_strings import is_byte_level, stop_may_end_here
 
 
