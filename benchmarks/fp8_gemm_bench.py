@@ -85,6 +85,10 @@ def training_gemms(dry_run: bool) -> list[dict]:
                  "fp8_tflops": flops / bench(lambda: fp8_gemm(aq, as_, bq, bs)) / 1e12,
                  "bf16_tflops": flops / bench(lambda: torch.nn.functional.linear(a, b_lin)) / 1e12}
             r["speedup"] = r["fp8_tflops"] / r["bf16_tflops"]
+            # the Triton kernel beside the dispatcher's choice: where it wins, a shape rule for the dispatcher
+            if dev == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+                r["triton_tflops"] = flops / bench(lambda: fp8_gemm_triton(aq, as_, bq, bs)) / 1e12
+                r["triton_speedup"] = r["triton_tflops"] / r["bf16_tflops"]
             rows.append(r)
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
     return rows
