@@ -1,8 +1,9 @@
 """Throughput of `dsv3 eval` with a local model (issue 19's GPU point): questions/s and tokens/s of log-likelihood
 multiple choice (mc) and generate-extract-match (gen) on random weights, through the code `dsv3 eval` runs:
-dsv3.eval.run.evaluate_mc / evaluate_generation over an EngineBackend on an Engine built as cmd_eval builds it
-(EngineConfig(cache_memory_gib=--cache-gib), the tokenizer's BOS convention); only the model's loading is replaced
-by `dsv3 bench`'s random model (dsv3.infer.bench.random_model, bf16 on CUDA, MTP dropped as `bench` does).
+dsv3.eval.run.evaluate_mc / evaluate_generation over an EngineBackend on an Engine built as
+dsv3.launch.evaluate.run_eval builds it (EngineConfig(cache_memory_gib=--cache-gib), the tokenizer's BOS convention);
+only the model's loading is replaced by `dsv3 bench`'s random model (dsv3.infer.bench.random_model, bf16 on CUDA,
+MTP dropped as `bench` does).
 
 Throughput, not accuracy: the weights are random. The tokenizer is a real byte-level BPE trained here, offline, by
 dsv3.data.train_tokenizer on the standard library (as `dsv3 bench` trains its own; 512 ids, so every id is below
@@ -157,7 +158,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def build(args, tok_dir: str) -> tuple[EngineBackend, CountingEngine, object, dict]:
-    """The backend cmd_eval builds for a local model, on `dsv3 bench`'s random model; what was built."""
+    """The backend run_eval builds for a local model, on `dsv3 bench`'s random model; what was built."""
     tokenizer = bench_tokenizer(tok_dir)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device.startswith("cuda")
                                                                            else "fp32")]

@@ -257,7 +257,7 @@ def test_generate_samples_as_the_models_generation_config_says_unless_told(capsy
     0.95: a file that says temperature 0 makes every seed's sample the greedy one; --temperature still wins."""
     import argparse
 
-    from dsv3.cli import generate_sampling
+    from dsv3.launch.generate import generate_sampling
     d = tmp_path / "g"
     shutil.copytree(base, d)
     ns = lambda **kw: argparse.Namespace(model=str(d), **{"temperature": None, "top_k": None, "top_p": None,  # noqa: E731
@@ -332,14 +332,14 @@ def test_generate_repetition_penalty_reaches_the_engine(capsys, base, monkeypatc
 
 def test_generate_runs_on_the_device_and_dtype_asked(capsys, base, monkeypatch):
     """--device / --dtype (default: cuda in bf16 where there is one): generate always ran on the CPU in fp32."""
-    import dsv3.cli
+    import dsv3.launch.generate
     seen = {}
-    real = dsv3.cli.load_model_and_tokenizer
+    real = dsv3.launch.generate.load_model_and_tokenizer
 
     def spy(*a, **k):
         seen.update(k)
         return real(*a, **k)
-    monkeypatch.setattr(dsv3.cli, "load_model_and_tokenizer", spy)
+    monkeypatch.setattr(dsv3.launch.generate, "load_model_and_tokenizer", spy)
     rc, out, _ = generate(capsys, "--model", str(base), "--prompt", "x", "--max-tokens", "3", "--device", "cpu",
                           "--dtype", "bf16")
     assert rc == 0 and seen["device"] == "cpu" and seen["dtype"] == torch.bfloat16
@@ -397,7 +397,7 @@ def test_generate_prefix_follows_the_model_directory(tmp_path):
     bos without a BOS token is refused."""
     import argparse
 
-    from dsv3.cli import prompt_prefix
+    from dsv3.launch.generate import prompt_prefix
 
     class Tok:
         bos_id, eos_id = 0, 1

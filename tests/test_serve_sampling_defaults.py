@@ -15,7 +15,8 @@ from dsv3.data import ChatTemplate, train_tokenizer
 from dsv3.infer import EngineConfig, SamplingParams
 from dsv3.infer.requests import RequestLimits
 from dsv3.serve.protocol import ChatCompletionRequest, CompletionRequest
-from dsv3.checkpoint.generation_config import read_eos_ids, read_sampling_defaults
+from dsv3.checkpoint import generation_config
+from dsv3.checkpoint.generation_config import read_eos_ids, read_generation_config, read_sampling_defaults
 from dsv3.serve.validation import plan_chat, plan_completion
 from serve_fixture import TEXTS, start_server
 
@@ -62,6 +63,19 @@ def test_read_eos_ids(tmp_path):
         (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
         with pytest.raises(ValueError, match="generation_config.json: eos_token_id="):
             read_eos_ids(tmp_path)
+
+
+def test_serve_reads_the_file_once_for_both(tmp_path, monkeypatch):
+    """`dsv3 serve`'s start-up: read_generation_config gives both from one read (before: the file was read and parsed
+    twice); a file wrong in both is refused for its sampling key, as read_sampling_defaults then read_eos_ids were."""
+    assert read_generation_config(tmp_path) == ({}, [])
+    (tmp_path / "generation_config.json").write_text(json.dumps({**V3, "eos_token_id": [1, 7]}))
+    reads, real = [], generation_config._read
+    monkeypatch.setattr(generation_config, "_read", lambda d: reads.append(d) or real(d))
+    assert read_generation_config(tmp_path) == ({"temperature": 0.6, "top_p": 0.95}, [1, 7]) and len(reads) == 1
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 3, "eos_token_id": "x"}))
+    with pytest.raises(ValueError, match="generation_config.json: temperature=3"):
+        read_generation_config(tmp_path)
 
 
 def test_a_request_leaving_them_out_gets_the_defaults_and_its_own_values_win(tok):

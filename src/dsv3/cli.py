@@ -1,10 +1,10 @@
-"""The `dsv3` command line: one subcommand per job, each a thin wrapper over the library. The arguments each
-subcommand takes are dsv3.cli_args's; `main` parses and runs the command."""
+"""The `dsv3` command line: one subcommand per job, each a thin wrapper over the library (`generate`, `serve`, `eval`
+and `bench` over dsv3.launch). The arguments each subcommand takes are dsv3.cli_args's; `main` parses and runs the
+command."""
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import signal
@@ -19,11 +19,16 @@ from .checkpoint import CheckpointError, convert_checkpoint, load_pretrained, sa
 from .cli_args import DTYPES, build_parser
 from .config import ConfigError, ModelConfig, load_model_config
 from .model import Transformer, generate
-from .posttrain.base import load_model_and_tokenizer, tokenizer_dir
 
 
 def _fmt(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """The `--dtype` asked; None: the command's default (`dsv3 export`: as trained; a model-running command:
+    dsv3.launch.loading.serving_dtype)."""
+    return DTYPES[args.dtype] if args.dtype else None
 
 
 def _meta_model(cfg: ModelConfig) -> Transformer:
@@ -159,7 +164,7 @@ def cmd_posttrain(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> None:
     from .train import export_run
     out = export_run(args.run_dir, args.out_dir, step=args.step, ema=args.ema,
-                     dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
+                     dtype=_dtype(args), overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -169,299 +174,22 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(path)
 
 
-def prompt_prefix(args: argparse.Namespace, tokenizer) -> list[int]:
-    """The token in front of a `generate` prompt, so that it starts a document as the model saw documents start:
-    dsv3's pre-training packs `doc EOS doc EOS ...` (dsv3.data.packing; the tokenizers dsv3 writes say so in
-    tokenizer_config.json, and a run directory is dsv3's), DeepSeek's released models start documents with BOS
-    (their tokenizer_config.json: add_bos_token)."""
-    from .data.tokenizer import DOCUMENT_START_KEY
-    from .posttrain.base import is_run_dir, tokenizer_dir
-    choice = args.prefix
-    if choice == "auto":
-        cfg_path = tokenizer_dir(args.model, args.tokenizer) / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        released_bos = cfg.get("add_bos_token") is True and DOCUMENT_START_KEY not in cfg
-        choice = "bos" if released_bos and not is_run_dir(args.model) else "eos"
-    if choice == "bos" and tokenizer.bos_id is None:
-        raise ValueError("--prefix bos: the tokenizer has no BOS token")
-    return {"bos": [tokenizer.bos_id], "eos": [tokenizer.eos_id], "none": []}[choice]
-
-
-def generate_sampling(args: argparse.Namespace) -> dict:
-    """`dsv3 generate`'s temperature / top_k / top_p / repetition_penalty: the flags given, else the model
-    directory's generation_config.json (as its authors sample it), else 0.8 / 50 / 0.95 / 1 (off)."""
-    from .checkpoint.generation_config import read_sampling_defaults
-    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-             "repetition_penalty": args.repetition_penalty}
-    model = read_sampling_defaults(args.model) if None in given.values() else {}
-    fallback = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
-    return {k: v if v is not None else model.get(k, fallback[k]) for k, v in given.items()}
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .infer import Engine, EngineConfig, SamplingParams
     # bad flags are refused before the model is read (minutes for a large checkpoint)
     if args.samples < 1 or args.spec < 0:
         raise ValueError(f"--samples must be >= 1 and --spec >= 0, got {args.samples} and {args.spec}")
-    params = [SamplingParams(**generate_sampling(args), max_tokens=args.max_tokens, seed=args.seed + i)
-              for i in range(args.samples)]
-    from .checkpoint.generation_config import read_eos_ids
-    eos = read_eos_ids(args.model)
-    device = _device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema,
-                                                dtype=_serving_dtype(args.dtype, device), device=device)
-    # unicode_escape reads bytes as Latin-1: the prompt's other characters go in as escapes themselves, so "é\\n"
-    # stays "é" + newline (its UTF-8 bytes would come back as "Ã©")
-    prompt = (args.prompt.encode("latin-1", "backslashreplace").decode("unicode_escape") if args.escapes
-              else args.prompt)
-    # Special-token text in the prompt ("<｜User｜>") stays text unless --special-tokens: a prompt is data, not
-    # control tokens
-    ids = prompt_prefix(args, tokenizer) + tokenizer.encode(prompt, split_special_tokens=not args.special_tokens)
-    if len(ids) + args.max_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({args.max_tokens}) exceed the model's context "
-                         f"of {model.config.max_position_embeddings}")
-    block = 16
-    if args.spec and not len(model.mtp):
-        raise ValueError("--spec needs a model with an MTP module")
-    # speculation takes blocks ahead of the tokens: up to 3k + 1 positions when fused steps chain (infer/speculation)
-    ahead = 3 * args.spec + 1 if args.spec else 0
-    engine = Engine(model, tokenizer, EngineConfig(block_size=block, max_num_seqs=args.samples, num_blocks=args.samples
-                                                   * -(-(len(ids) + args.max_tokens + ahead) // block),
-                                                   num_speculative_tokens=args.spec, eos_token_ids=eos))
-    for i, out in enumerate(engine.generate([ids] * args.samples, params)):
-        if i:
-            print("-" * 40)
-        print(prompt + out.text)
-
-
-def _device(name: str | None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _serving_dtype(name: str | None, device: str) -> torch.dtype:
-    return DTYPES[name] if name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-
-
-def _bench_model(config_name: str, mtp: bool, device: str, dtype_name: str | None, fp8: bool) -> Transformer:
-    """The random-weight model of `dsv3 bench`, optionally with FP8 block weights."""
-    from .infer.bench import random_model
-    cfg = load_model_config(config_name)
-    if not mtp:
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-    return _maybe_fp8(random_model(cfg, device, _serving_dtype(dtype_name, device)), fp8)
-
-
-def _maybe_fp8(model: Transformer, fp8: bool) -> Transformer:
-    if fp8:
-        from .infer.fp8_weights import quantize_weights
-        quantize_weights(model)
-    return model
-
-
-def _load_for_serving(args: argparse.Namespace, device: str):
-    """(model, tokenizer) for `dsv3 serve --ep` / `--role` processes."""
-    if args.fp8 and args.ep:
-        raise ValueError("--fp8 with --ep is not supported yet (expert slots are placed from plain expert weights)")
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=_serving_dtype(args.dtype, device),
-                                                device=device)
-    return _maybe_fp8(model, args.fp8), tokenizer
-
-
-def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtype_name: str | None, fp8: bool,
-                  config):
-    """The engine `dsv3 serve` runs (built in the engine process)."""
-    from .infer import Engine
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=_serving_dtype(dtype_name, device),
-                                                device=device)
-    return Engine(_maybe_fp8(model, fp8), tokenizer, config)
+    from .launch.generate import run_generate
+    run_generate(args, _dtype(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import Tokenizer
-    from .eval import EngineBackend, OpenAIBackend
-    from .eval import run
-    if args.server:
-        if not args.tokenizer:
-            raise ValueError("--server scores token ids: pass --tokenizer (the served model's tokenizer.json)")
-        tok_dir = tokenizer_dir("", args.tokenizer)
-        tokenizer = Tokenizer.load(tok_dir)
-        backend = OpenAIBackend(args.server, args.served_model_name, args.api_key)
-    else:
-        from .infer import Engine, EngineConfig
-        if not args.model:
-            raise ValueError("pass --model (a run or HF directory) or --server URL")
-        device = _device(args.device)
-        tok_dir = tokenizer_dir(args.model, args.tokenizer)
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer,
-                                                    dtype=_serving_dtype(args.dtype, device), device=device)
-        from .checkpoint.generation_config import read_eos_ids
-        # generations end where `dsv3 serve` ends them: the tokenizer's EOS and generation_config.json's
-        backend = EngineBackend(Engine(model, tokenizer, EngineConfig(cache_memory_gib=args.cache_gib,
-                                                                      max_num_seqs=args.max_num_seqs,
-                                                                      eos_token_ids=read_eos_ids(args.model))))
-    add_bos = run.tokenizer_adds_bos(tok_dir) if args.add_bos == "auto" else args.add_bos == "yes"
-    if args.chat and args.mode != "gen":
-        raise ValueError("--chat applies to dsv3 eval gen")
-    if args.mode == "mc":
-        metrics = run.evaluate_mc(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos,
-                                  args.continuation, args.limit, args.seed, args.strict, overwrite=args.overwrite)
-    elif args.mode == "gen":
-        chat = _chat_template(tok_dir) if args.chat else None
-        metrics = run.evaluate_generation(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot,
-                                          add_bos, args.k, args.temperature, args.max_tokens, args.limit, args.seed,
-                                          args.strict, args.match, chat=chat, overwrite=args.overwrite)
-    elif args.mode == "code":
-        from .verify import SandboxUnavailable
-        try:
-            metrics = run.evaluate_code(backend, tokenizer, args.task, args.out, add_bos, args.k, args.temperature,
-                                        args.max_tokens, args.limit, args.seed, args.workers, args.timeout,
-                                        args.memory_mb, args.strict, overwrite=args.overwrite)
-        except SandboxUnavailable as e:          # the machine's, not a sample's: one line, no results
-            raise ValueError(str(e)) from None
-    else:
-        metrics = run.evaluate_needle(backend, tokenizer, args.task, args.out,
-                                      _numbers(args.lengths, int, "--lengths"), _numbers(args.depths, float, "--depths"),
-                                      add_bos, args.seed, overwrite=args.overwrite)
-    total = metrics.get("samples", metrics["n"])
-    if metrics.get("errors") and metrics["errors"] == total:
-        print(f"dsv3 eval: every request failed ({metrics['errors']} of {total}); see the samples file",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-def _chat_template(tok_dir):
-    from .data.chat import ChatTemplate
-    from .posttrain.base import chat_template_of
-    return ChatTemplate(chat_template_of(tok_dir))
-
-
-def _numbers(text: str, kind, flag: str) -> list:
-    try:
-        return [kind(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    from .launch.evaluate import run_eval
+    return run_eval(args, _dtype(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import json
-
-    import uvicorn
-
-    from .data import Tokenizer
-    from .infer import EngineConfig
-    from .checkpoint.generation_config import read_eos_ids, read_sampling_defaults
-    from .serve import EngineProcess, build_app
-    from .serve.async_engine import engine_threads
-    from .serve.guard import default_allowed_hosts
-    path = Path(args.model)
-    defaults = read_sampling_defaults(path) if args.generation_config == "auto" else {}   # before any loading
-    eos = read_eos_ids(path) if args.generation_config == "auto" else []
-    tok_dir = tokenizer_dir(args.model, args.tokenizer)
-    tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
-    device = _device(args.device)
-    block = {} if args.block_size is None else dict(block_size=args.block_size)     # EngineConfig owns the default
-    config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len, num_speculative_tokens=args.spec,
-                          admission_delay=args.admission_delay, eos_token_ids=eos, **block)
-    factory = functools.partial(served_engine, args.model, args.tokenizer, device, args.dtype, args.fp8, config)
-    # the step loop in a process of its own, so HTTP work never competes with it for the GIL
-    threads = engine_threads(args.threads)
-    if args.ep and args.role:
-        raise ValueError("--ep and --role do not combine (yet): an EP group serves unified prefill and decode")
-    if args.role in ("prefill", "decode"):
-        from .infer.disagg import run_worker
-        return run_worker(args.role, *_load_for_serving(args, device), config, args.pd_listen, args.pd_key, threads)
-    if args.role == "router":
-        from .serve.pd_router import pd_router_from_args
-        engine = pd_router_from_args(args, tokenizer)
-    elif args.ep:
-        from .serve.ep import ep_serving_front
-        engine = ep_serving_front(args, config, functools.partial(_load_for_serving, args), threads)
-        if engine is None:           # a follower rank: rank 0 has stopped
-            return
-    elif args.engine_thread:
-        import torch
-        torch.set_num_threads(threads)
-        engine = factory()
-    else:
-        engine = EngineProcess(factory, tokenizer, args.max_pending, threads=threads)
-    template = None
-    if args.chat_template:
-        template = Path(args.chat_template).read_text()
-    elif (tok_dir / "tokenizer_config.json").exists():
-        template = json.loads((tok_dir / "tokenizer_config.json").read_text()).get("chat_template")
-    name = args.served_model_name or path.resolve().name
-    limit = {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
-    app = build_app(engine, tokenizer, name, api_key=args.api_key, max_pending=args.max_pending,
-                    chat_template=template, metrics_public=args.metrics_public, sampling_defaults=defaults,
-                    reasoning_parser=args.reasoning_parser,
-                    allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts), **limit)
-    limits = app.state.async_engine.limits
-    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {threads} torch threads; context "
-          f"{limits.max_model_len}, cache {limits.capacity} tokens)", flush=True)
-    if app.state.server.reasoning:
-        print("chat completions split reasoning_content at </think> (--reasoning-parser none: off)", flush=True)
-    if defaults:
-        print("sampling defaults from generation_config.json: " + ", ".join(f"{k} {v}" for k, v in defaults.items())
-              + " (--generation-config none: OpenAI's)", flush=True)
-    if set(eos) - {tokenizer.eos_id}:
-        print(f"generations end at token ids {sorted(set(eos) | {tokenizer.eos_id})} (the tokenizer's EOS and "
-              f"generation_config.json's eos_token_id)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
-
-
-@functools.cache
-def _bench_tokenizer():
-    """Random-weight benchmarks decode text only for the HTTP layer: a small tokenizer (ids past it decode to '');
-    trained once per process."""
-    from .data import stdlib_files, train_tokenizer
-    return train_tokenizer([f.read_text(errors="ignore") for f in stdlib_files()[:50]], vocab_size=512)
-
-
-def bench_engine(config_name: str, mtp: bool, device: str, dtype_name: str | None, fp8: bool, config):
-    """A random-weight engine for `dsv3 bench serve` (built again in the engine process: a picklable recipe)."""
-    from .infer import Engine
-    return Engine(_bench_model(config_name, mtp, device, dtype_name, fp8), _bench_tokenizer(), config)
-
-
-def _bench_serve(args: argparse.Namespace) -> None:
-    import asyncio
-    import functools
-    import json
-    g = torch.Generator().manual_seed(0)
-    vocab = load_model_config(args.config).vocab_size if not args.url else args.vocab_size
-
-    def prompts(n: int) -> list[list[int]]:
-        return [torch.randint(10, vocab, (args.prompt,), generator=g).tolist() for _ in range(n)]
-    if args.url:
-        from .serve.bench import run_load
-        r = asyncio.run(run_load(args.url, args.served_model_name, prompts(args.requests), args.tokens,
-                                 args.concurrency, args.requests, args.api_key))
-    else:
-        from .infer import EngineConfig
-        from .serve.bench import bench_serve_vs_engine
-        device = _device(args.device)
-        config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.concurrency,
-                              max_num_batched_tokens=max(2048, args.prompt * 8),
-                              cuda_graphs=not args.no_cuda_graphs, compile_decode=args.compile_decode,
-                              fused_moe=args.fused_moe, admission_delay=args.admission_delay)
-        factory = functools.partial(bench_engine, args.config, args.mtp, device, args.dtype, args.fp8, config)
-        r = bench_serve_vs_engine(factory, _bench_tokenizer(), prompts(args.requests), prompts(args.requests),
-                                  args.tokens, args.concurrency, args.requests, process=not args.engine_thread)
-        print(f"engine alone: {r['engine_output_tok_per_s']:.1f} output tok/s; through the server (engine in a "
-              f"{r['engine_layout']}): {r['output_tok_per_s']:.1f} ({r['server_vs_engine']:.1%})")
-        for name, st in (("engine alone", r["engine_steps"]), ("server", r["steps"])):
-            print(f"  {name} steps: {st['steps']}, {st['decode_share']:.1%} pure decode, {st['prefill_steps']} with "
-                  f"prefill rows, {st['mean_seqs']:.1f} sequences per step")
-    ms = lambda d: " ".join(f"{k} {v * 1e3:.1f}" for k, v in d.items() if v is not None)  # noqa: E731
-    print(f"{r['completed']}/{r['requests']} requests at concurrency {r['concurrency']} in {r['seconds']:.2f} s: "
-          f"{r['output_tok_per_s']:.1f} output tok/s, {r['requests_per_s']:.2f} req/s\n"
-          f"  TTFT ms: {ms(r['ttft_s'])}\n  TPOT ms: {ms(r['tpot_s'])}\n  ITL ms:  {ms(r['itl_s'])}")
-    if r["errors"]:
-        print("errors:", r["errors"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1))
+    from .launch.serve import run_serve
+    return run_serve(args, _dtype(args))
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -478,20 +206,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .infer.bench import bench_decode, bench_prefill
-    if args.what == "serve":
-        return _bench_serve(args)
-    model = _bench_model(args.config, args.mtp, _device(args.device), args.dtype, args.fp8)
-    for b in map(int, args.batches.split(",")):
-        if args.what == "decode":
-            r = bench_decode(model, b, args.prompt, args.tokens, args.spec, cuda_graphs=not args.no_cuda_graphs,
-                             compile_decode=args.compile_decode, fused_moe=args.fused_moe)
-            print(f"decode  batch {b:4d}: TTFT {r['ttft_s'] * 1e3:8.1f} ms  TPOT {r['tpot_ms']:7.2f} ms  "
-                  f"{r['tok_per_s']:10.1f} tok/s  ({r['roofline_fraction']:.1%} of the {r['roofline_tok_per_s']:.0f} "
-                  f"tok/s roofline)")
-        else:
-            r = bench_prefill(model, b, args.prompt)
-            print(f"prefill batch {b:4d} x {args.prompt}: {r['seconds'] * 1e3:8.1f} ms  {r['tok_per_s']:10.1f} tok/s")
+    from .launch.bench import run_bench
+    return run_bench(args, _dtype(args))
 
 
 COMMANDS = {"info": cmd_info, "demo": cmd_demo, "convert": cmd_convert, "tokenizer train": cmd_tokenizer_train,

@@ -39,12 +39,28 @@ def _read(model_dir: str | Path) -> tuple[Path, dict]:
     return path, d
 
 
+def read_generation_config(model_dir: str | Path) -> tuple[dict, list[int]]:
+    """`read_sampling_defaults` and `read_eos_ids` from one read of the file (`dsv3 serve`'s start-up): the sampling
+    defaults are checked first, so a file wrong in both is refused for the same key as by the two in turn."""
+    path, d = _read(model_dir)
+    return _sampling_defaults(path, d), _eos_ids(path, d)
+
+
 def read_eos_ids(model_dir: str | Path) -> list[int]:
     """The ids generation_config.json's `eos_token_id` (an id or a list) says end a generation ([] without them):
     besides the tokenizer's EOS, as transformers' generate and vLLM stop (a chat model may end its turns with a token
     other than its tokenizer's EOS, e.g. an <|im_end|>). A value that is not a token id is a ValueError naming the
     key."""
-    path, d = _read(model_dir)
+    return _eos_ids(*_read(model_dir))
+
+
+def read_sampling_defaults(model_dir: str | Path) -> dict:
+    """{temperature, top_p, top_k, repetition_penalty} from `model_dir`'s generation_config.json, only the keys it
+    sets ({} without the file). A value outside the request ranges is a ValueError naming the file and key."""
+    return _sampling_defaults(*_read(model_dir))
+
+
+def _eos_ids(path: Path, d: dict) -> list[int]:
     ids = d.get("eos_token_id")
     ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
@@ -53,10 +69,7 @@ def read_eos_ids(model_dir: str | Path) -> list[int]:
     return ids
 
 
-def read_sampling_defaults(model_dir: str | Path) -> dict:
-    """{temperature, top_p, top_k, repetition_penalty} from `model_dir`'s generation_config.json, only the keys it
-    sets ({} without the file). A value outside the request ranges is a ValueError naming the file and key."""
-    path, d = _read(model_dir)
+def _sampling_defaults(path: Path, d: dict) -> dict:
     out = {}
     for key, (ok, what) in RULES.items():
         if d.get(key) is None:

@@ -1,0 +1,73 @@
+"""The models and engines the model-running commands build: the device and dtype they default to, a model directory
+(a training run or a Hugging Face directory, dsv3.posttrain.base) or `dsv3 bench`'s random weights, optionally in FP8
+block weights. `served_engine` and `bench_engine` are built again in the engine process (functools.partial over
+them is the picklable recipe dsv3.serve.EngineProcess sends): top-level functions of this module."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+
+from ..config import load_model_config
+from ..data import Tokenizer
+from ..infer import Engine, EngineConfig
+from ..model import Transformer
+from ..posttrain.base import load_model_and_tokenizer
+
+
+def default_device(name: str | None) -> str:
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def serving_dtype(dtype: torch.dtype | None, device: str) -> torch.dtype:
+    """`--dtype`, else bfloat16 on CUDA and float32 on the CPU."""
+    return dtype if dtype is not None else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+
+def maybe_fp8(model: Transformer, fp8: bool) -> Transformer:
+    if fp8:
+        from ..infer.fp8_weights import quantize_weights
+        quantize_weights(model)
+    return model
+
+
+def bench_model(config_name: str, mtp: bool, device: str, dtype: torch.dtype | None, fp8: bool) -> Transformer:
+    """The random-weight model of `dsv3 bench`, optionally with FP8 block weights."""
+    from ..infer.bench import random_model
+    cfg = load_model_config(config_name)
+    if not mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    return maybe_fp8(random_model(cfg, device, serving_dtype(dtype, device)), fp8)
+
+
+def load_for_serving(args: argparse.Namespace, dtype: torch.dtype | None, device: str) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) for `dsv3 serve --ep` / `--role` processes."""
+    if args.fp8 and args.ep:
+        raise ValueError("--fp8 with --ep is not supported yet (expert slots are placed from plain expert weights)")
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=serving_dtype(dtype, device),
+                                                device=device)
+    return maybe_fp8(model, args.fp8), tokenizer
+
+
+def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtype: torch.dtype | None, fp8: bool,
+                  config: EngineConfig) -> Engine:
+    """The engine `dsv3 serve` runs (built in the engine process)."""
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=serving_dtype(dtype, device),
+                                                device=device)
+    return Engine(maybe_fp8(model, fp8), tokenizer, config)
+
+
+@functools.cache
+def bench_tokenizer() -> Tokenizer:
+    """Random-weight benchmarks decode text only for the HTTP layer: a small tokenizer (ids past it decode to '');
+    trained once per process."""
+    from ..data import stdlib_files, train_tokenizer
+    return train_tokenizer([f.read_text(errors="ignore") for f in stdlib_files()[:50]], vocab_size=512)
+
+
+def bench_engine(config_name: str, mtp: bool, device: str, dtype: torch.dtype | None, fp8: bool,
+                 config: EngineConfig) -> Engine:
+    """A random-weight engine for `dsv3 bench serve` (built again in the engine process: a picklable recipe)."""
+    return Engine(bench_model(config_name, mtp, device, dtype, fp8), bench_tokenizer(), config)

@@ -1,0 +1,80 @@
+"""`dsv3 serve`: the OpenAI-compatible server (dsv3.serve) over the engine its flags ask for: in a process of its own
+(default), on a thread, an EP group's front (`--ep`), a PD router or a prefill / decode worker (`--role`)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from ..checkpoint.generation_config import read_generation_config
+from ..data import Tokenizer
+from ..infer import EngineConfig
+from ..posttrain.base import tokenizer_dir
+from ..serve import EngineProcess, build_app
+from ..serve.async_engine import engine_threads
+from ..serve.guard import default_allowed_hosts
+from .loading import default_device, load_for_serving, served_engine
+
+
+def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
+    """Serve until stopped (a PD worker: work until stopped); `dtype` the `--dtype` asked."""
+    path = Path(args.model)
+    # before any loading: generation_config.json read once for both
+    defaults, eos = read_generation_config(path) if args.generation_config == "auto" else ({}, [])
+    tok_dir = tokenizer_dir(args.model, args.tokenizer)
+    tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
+    device = default_device(args.device)
+    block = {} if args.block_size is None else dict(block_size=args.block_size)     # EngineConfig owns the default
+    config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
+                          max_model_len=args.max_model_len, num_speculative_tokens=args.spec,
+                          admission_delay=args.admission_delay, eos_token_ids=eos, **block)
+    factory = functools.partial(served_engine, args.model, args.tokenizer, device, dtype, args.fp8, config)
+    # the step loop in a process of its own, so HTTP work never competes with it for the GIL
+    threads = engine_threads(args.threads)
+    if args.ep and args.role:
+        raise ValueError("--ep and --role do not combine (yet): an EP group serves unified prefill and decode")
+    if args.role in ("prefill", "decode"):
+        from ..infer.disagg import run_worker
+        return run_worker(args.role, *load_for_serving(args, dtype, device), config, args.pd_listen, args.pd_key,
+                          threads)
+    if args.role == "router":
+        from ..serve.pd_router import pd_router_from_args
+        engine = pd_router_from_args(args, tokenizer)
+    elif args.ep:
+        from ..serve.ep import ep_serving_front
+        engine = ep_serving_front(args, config, functools.partial(load_for_serving, args, dtype), threads)
+        if engine is None:           # a follower rank: rank 0 has stopped
+            return
+    elif args.engine_thread:
+        torch.set_num_threads(threads)
+        engine = factory()
+    else:
+        engine = EngineProcess(factory, tokenizer, args.max_pending, threads=threads)
+    template = None
+    if args.chat_template:
+        template = Path(args.chat_template).read_text()
+    elif (tok_dir / "tokenizer_config.json").exists():
+        template = json.loads((tok_dir / "tokenizer_config.json").read_text()).get("chat_template")
+    name = args.served_model_name or path.resolve().name
+    limit = {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
+    app = build_app(engine, tokenizer, name, api_key=args.api_key, max_pending=args.max_pending,
+                    chat_template=template, metrics_public=args.metrics_public, sampling_defaults=defaults,
+                    reasoning_parser=args.reasoning_parser,
+                    allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts), **limit)
+    limits = app.state.async_engine.limits
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {threads} torch threads; context "
+          f"{limits.max_model_len}, cache {limits.capacity} tokens)", flush=True)
+    if app.state.server.reasoning:
+        print("chat completions split reasoning_content at </think> (--reasoning-parser none: off)", flush=True)
+    if defaults:
+        print("sampling defaults from generation_config.json: " + ", ".join(f"{k} {v}" for k, v in defaults.items())
+              + " (--generation-config none: OpenAI's)", flush=True)
+    if set(eos) - {tokenizer.eos_id}:
+        print(f"generations end at token ids {sorted(set(eos) | {tokenizer.eos_id})} (the tokenizer's EOS and "
+              f"generation_config.json's eos_token_id)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
