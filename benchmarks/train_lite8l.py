@@ -89,6 +89,9 @@ def parse_args() -> argparse.Namespace:
                    "FP8 training swapped into the same model after the Trainer is built (benchmarks/torchao_peer.py; "
                    "use with --precision bf16): blockwise linears and row-wise experts, or the experts only")
     p.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16"], help="AdamW moments (optim.state_dtype)")
+    p.add_argument("--master", default="fp32", choices=["fp32", "split"], help="with --state-dtype bf16 and "
+                   "--dtype bf16-params: the FP32 masters whole or split into the BF16 weight + an int16 low half "
+                   "(optim.master)")
     p.add_argument("--compare", action="store_true", help="run the --arms with the other flags, one process each "
                    "(per --micro-batches value), and print the comparison")
     p.add_argument("--arms", default="bf16,block,row,row-exponly", help=f"with --compare, a comma list of {', '.join(COMPARE)}")
@@ -251,7 +254,7 @@ def flag_run(a: argparse.Namespace, world: int) -> tuple[RunConfig, str]:
         model = model.replace(num_nextn_predict_layers=0)
     tag = a.tag or (f"trainer_{a.dtype}{'_compile' if a.compile else ''}{'_recompute' if a.recompute else ''}"
                     f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}{'_noaux' if a.alpha == 0 else ''}"
-                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else '_rowexp_w8' if a.fp8_experts == 'row-fp8-wgrad' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_wtcache' if a.fp8_weight_cache == 'backward' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}{'' if a.torchao == 'off' else '_torchao_' + a.torchao}"
+                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else '_rowexp_w8' if a.fp8_experts == 'row-fp8-wgrad' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_wtcache' if a.fp8_weight_cache == 'backward' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}{'_split' if a.master == 'split' else ''}{'' if a.torchao == 'off' else '_torchao_' + a.torchao}"
                     f"{f'_mb{n_micro}' if n_micro > 1 else ''}")
     if world > 1 and not a.tag:
         tag += f"_w{world}_ep{a.ep}"
@@ -265,7 +268,7 @@ def flag_run(a: argparse.Namespace, world: int) -> tuple[RunConfig, str]:
                   "compile_optimizer": a.compile_optimizer, "precision": a.precision,
                   "fp8_experts": a.fp8_experts, "fp8_linears": not a.fp8_experts_only,
                   "fp8_weight_cache": a.fp8_weight_cache},
-        "optim": {"state_dtype": a.state_dtype},
+        "optim": {"state_dtype": a.state_dtype, "master": a.master},
         "balance": {"seq_aux_alpha": a.alpha},
         "parallel": {"ep": a.ep},
         "log": {"val_batches": 0, "tensorboard": False, "progress": False},

@@ -36,6 +36,8 @@ def refused(tmp_path: Path, capsys, *args: str) -> str:
     ("train.stpes=5", "unknown keys ['stpes'] in [train] (did you mean 'steps' for 'stpes'?)"),
     ("trian.steps=5", "unknown sections ['trian'] (did you mean 'train' for 'trian'?)"),
     ("model.hidden_sise=64", "unknown keys ['hidden_sise'] (did you mean 'hidden_size' for 'hidden_sise'?)"),
+    ('optim.master="half"', "optim.master='half'"),
+    ('optim.master="split"', "optim.master=split needs optim.state_dtype=bf16"),
 ])
 def test_a_bad_model_value_or_a_typo_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys, override, says):
     monkeypatch.chdir(tmp_path)

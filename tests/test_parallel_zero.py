@@ -22,10 +22,12 @@ STEPS = 3
 
 
 def _cfg(state_dtype: str, dtype: str) -> RunConfig:
+    """state_dtype "bf16-split": BF16 moments with split masters (optim.master = split)."""
+    optim = {"state_dtype": "bf16", "master": "split"} if state_dtype == "bf16-split" else {"state_dtype": state_dtype}
     return RunConfig.from_dict({
         "model": {"preset": "tiny", "num_hidden_layers": 2, "vocab_size": 384, "n_routed_experts": 2,
                   "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1},
-        "parallel": {"ep": 2, "zero1": True}, "optim": {"state_dtype": state_dtype},
+        "parallel": {"ep": 2, "zero1": True}, "optim": optim,
         "train": {"micro_batch_size": 4, "batch_size": 4, "batch_size_start": 4, "device": "cpu", "dtype": dtype}})
 
 
@@ -76,10 +78,12 @@ def _worker(rank: int, init_file: str, tmp, state_dtype: str, dtype: str) -> Non
                and v.dim()}
     torch.save({"rows": {n: (o.start, o.local.detach().clone()) for n, o in owned.items()},
                 "state": state, "held": sum(o.local.numel() for o in owned.values()),
+                "keys": sorted({k for st in opt.state.values() for k in st}),
                 "entries": entries}, tmp / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("state_dtype,dtype", [("fp32", "fp32"), ("bf16", "bf16-params")], ids=["adamw", "adamw_bf16"])
+@pytest.mark.parametrize("state_dtype,dtype", [("fp32", "fp32"), ("bf16", "bf16-params"), ("bf16-split", "bf16-params")],
+                         ids=["adamw", "adamw_bf16", "adamw_bf16_split_master"])
 def test_zero1_equals_the_whole_optimizer(tmp_path, state_dtype, dtype):
     from dsv3.train.optim import build_optimizer
     from dsv3.train.trainer import build_model
@@ -96,7 +100,10 @@ def test_zero1_equals_the_whole_optimizer(tmp_path, state_dtype, dtype):
         for name, (start, rows) in res["rows"].items():
             assert torch.equal(rows, full[name].detach()[start:start + rows.shape[0]]), (r, name)
     # the state: every element of every parameter once over the ranks (experts: one dp column per ep slice)
-    per_param = 2 if state_dtype == "fp32" else 3          # moments (+ the master copy of bf16 parameters)
+    keys = {"fp32": ["exp_avg", "exp_avg_sq", "step"], "bf16": ["exp_avg", "exp_avg_sq", "master", "step"],
+            "bf16-split": ["exp_avg", "exp_avg_sq", "master_lo", "step"]}[state_dtype]
+    assert all(res["keys"] == keys for res in ranks)
+    per_param = 2 if state_dtype == "fp32" else 3          # moments (+ the master copy or low half of bf16 ones)
     whole = sum(p.numel() for p in model.parameters())
     assert sum(res["state"] for res in ranks) == per_param * whole
     assert all(res["state"] < per_param * res["held"] / 1.9 for res in ranks)    # ~1/R of what the rank holds

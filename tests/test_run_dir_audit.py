@@ -163,6 +163,26 @@ def test_resume_refuses_a_change_to_the_model_or_the_data_in_one_line(tmp_path, 
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("saved_optim,saved_dtype,override,says", [
+    ({}, "fp32", 'optim.state_dtype="bf16"', "optim.state_dtype='fp32' -> 'bf16'"),
+    ({"state_dtype": "bf16"}, "bf16-params", 'optim.master="split"', "optim.master='fp32' -> 'split'"),
+    ({"state_dtype": "bf16", "master": "split"}, "bf16-params", 'optim.master="fp32"', "optim.master='split' -> 'fp32'"),
+    ({"state_dtype": "bf16"}, "bf16-params", 'train.dtype="fp32"', "train.dtype='bf16-params' -> 'fp32'")])
+def test_resume_refuses_a_change_to_the_optimizer_state_layout(tmp_path, capsys, saved_optim, saved_dtype, override,
+                                                               says):
+    """The checkpoint's optimizer state has the run's layout (BF16 moments and masters whole or split, or torch's
+    AdamW; BF16 weights with a master or FP32 ones): a resume that changes it is refused before anything is read."""
+    run = tmp_path / "run"
+    save(run, 4)
+    cfg = small_run(tmp_path, optim=saved_optim, train={"dtype": saved_dtype})
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    before = snapshot(run)
+    assert main(["train", "--resume", "--run-dir", str(run), override, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume cannot change {says}" in err and "optimizer state" in err, err
+    assert snapshot(run) == before
+
+
 def test_resume_accepts_what_may_change(tmp_path):
     run = fake_run(tmp_path)
     from dsv3.train.config import RunConfig, apply_overrides

@@ -73,15 +73,19 @@ def test_state_dict_round_trip_resumes_exactly():
     assert _run(model, opt, 3, seed=5) == _run(twin, opt2, 3, seed=5)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "bf16-params"])     # bf16-params: BF16 weights, FP32 masters in AdamW
+@pytest.mark.parametrize("dtype", ["bf16", "bf16-params", "bf16-params-split"])
 def test_fp8_bf16_state_run_resumes_exactly(tmp_path, dtype):
     """train.precision=fp8 with optim.state_dtype=bf16 through the Trainer: a run stopped after its step-4
     checkpoint and resumed gives the same losses for steps 5-8 as an uninterrupted run (exact floats): the FP8
-    path is deterministic and the BF16 moments / FP32 masters come back from the checkpoint as saved."""
+    path is deterministic and the BF16 moments / FP32 masters come back from the checkpoint as saved.
+    bf16-params: BF16 weights with FP32 masters in AdamW; -split: the masters split (optim.master = split)."""
     from dsv3.train import Trainer
     from test_train_loop import small_run, train_losses
+    split = dtype.endswith("-split")
+    dtype = dtype.removesuffix("-split")
     extra = dict(train={"precision": "fp8", "steps": 8, "batch_size_start": 4, "dtype": dtype},
-                 optim={"state_dtype": "bf16"}, checkpoint={"interval": 4, "keep": 0})
+                 optim={"state_dtype": "bf16", "master": "split" if split else "fp32"},
+                 checkpoint={"interval": 4, "keep": 0})
     straight = Trainer(small_run(tmp_path, "straight", **extra), progress=False)
     straight.run()
     first = Trainer(small_run(tmp_path, "resumed", **extra), progress=False)
@@ -96,7 +100,8 @@ def test_fp8_bf16_state_run_resumes_exactly(tmp_path, dtype):
     assert type(opt).__name__ == "AdamWBF16"
     state = opt.state[next(straight.model.parameters())]
     assert state["exp_avg"].dtype == torch.bfloat16
-    assert ("master" in state) == (dtype == "bf16-params")
+    assert ("master" in state) == (dtype == "bf16-params" and not split)
+    assert ("master_lo" in state) == split
 
 
 def test_lite8l_compare_runs_each_arm_at_each_micro_batch_count_with_the_shared_flags():

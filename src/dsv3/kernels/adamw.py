@@ -12,6 +12,12 @@ profile). The Triton kernel reads grad, m, v and the master once and writes m, v
     param = w                                                    rounded to the parameter's dtype
 
 The m and v of the update are the FP32 values before rounding to the stored dtype, in both implementations.
+
+The FP32 master of a BF16 parameter is either a tensor of its own (4 bytes per parameter) or split: the parameter
+holds the master's high 16 bits, rounded half away from zero, and an int16 tensor the signed remainder, so that
+`join_master(param, lo)` is the FP32 master bit for bit (2 bytes per parameter; 18 instead of 20 bytes moved per
+update). The update's arithmetic is the same on the same FP32 value; the parameter differs from round-to-nearest-even
+only where the master's low 16 bits are exactly 0x8000 (a tie, rounded away from zero instead of to even).
 `adamw_update` dispatches: Triton for CUDA tensors when triton imports (DSV3_ADAMW=reference forces the reference),
 else the reference. The two agree to FP32 rounding (FMA contraction), not bit for bit.
 """
@@ -26,15 +32,41 @@ from .triton_setup import HAS_TRITON, need_triton, tl, triton, use_triton
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor
 
-__all__ = ["adamw_update", "adamw_update_reference", "adamw_update_triton"]
+__all__ = ["adamw_update", "adamw_update_reference", "adamw_update_triton", "join_master", "split_master"]
+
+
+def split_master(w: Tensor) -> tuple[Tensor, Tensor]:
+    """FP32 `w` as (hi bfloat16, lo int16) with join_master(hi, lo) == w bit for bit (module docstring): hi = w's
+    bit pattern + 0x8000, its top 16 bits (rounding half away from zero; a NaN stays a NaN), lo = the remainder
+    w - hi in units of w's last bit, in [-2^15, 2^15). Reference of the Triton kernel's store."""
+    bits = w.float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    nan = w.isnan()
+    hi = torch.where(nan, 0x7FC0, (bits + 0x8000) >> 16)
+    lo = torch.where(nan, 0, bits - (hi << 16))
+    return _as_int16(hi).view(torch.bfloat16), lo.to(torch.int16)
+
+
+def join_master(hi: Tensor, lo: Tensor) -> Tensor:
+    """The FP32 master that split_master(hi, lo) came from (exact)."""
+    bits = (((hi.contiguous().view(torch.int16).long() & 0xFFFF) << 16) + lo.long()) & 0xFFFFFFFF
+    return torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32).view(torch.float32)
+
+
+def _as_int16(u16: Tensor) -> Tensor:
+    return torch.where(u16 >= 2 ** 15, u16 - 2 ** 16, u16).to(torch.int16)
 
 
 def _check(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None) -> None:
     shapes = {t.shape for t in (param, grad, exp_avg, exp_avg_sq) + ((master,) if master is not None else ())}
     if len(shapes) != 1:
         raise ValueError(f"adamw_update: param, grad, moments and master must have one shape, got {shapes}")
-    if master is not None and master.dtype != torch.float32:
-        raise ValueError(f"adamw_update: the master weight must be float32, got {master.dtype}")
+    if master is not None and master.dtype == torch.int16:
+        if param.dtype != torch.bfloat16:
+            raise ValueError(f"adamw_update: a split master (int16 low half) needs a bfloat16 parameter, got "
+                             f"{param.dtype}")
+    elif master is not None and master.dtype != torch.float32:
+        raise ValueError(f"adamw_update: the master weight must be float32 (or the int16 low half of a split one), "
+                         f"got {master.dtype}")
     if master is None and param.dtype != torch.float32:
         raise ValueError(f"adamw_update: a {param.dtype} parameter needs an FP32 master weight")
 
@@ -43,9 +75,11 @@ def _check(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, mas
 def adamw_update_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master: Tensor | None,
                            lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                            grad_scale: Tensor | None = None) -> None:
-    """In place: exp_avg, exp_avg_sq, master (or param itself when master is None, an FP32 parameter), param."""
+    """In place: exp_avg, exp_avg_sq, master (or param itself when master is None, an FP32 parameter; an int16
+    master is the low half of a split one, module docstring), param."""
     _check(param, grad, exp_avg, exp_avg_sq, master)
-    w = param if master is None else master
+    split = master is not None and master.dtype == torch.int16
+    w = join_master(param, master) if split else param if master is None else master
     g = grad.float()
     if grad_scale is not None:
         g = g / grad_scale
@@ -57,7 +91,11 @@ def adamw_update_reference(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg
         w.mul_(1 - lr * weight_decay)
     denom = (v / (1 - beta2 ** step)).sqrt_().add_(eps)
     w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
-    if w is not param:
+    if split:
+        hi, lo = split_master(w)
+        param.copy_(hi)
+        master.copy_(lo)
+    elif w is not param:
         param.copy_(w)
 
 
@@ -66,7 +104,8 @@ _BLOCK = 2048
 if HAS_TRITON:
     @triton.jit
     def _adamw_kernel(P, G, M, V, W, SCALE, n, lr, b1, b2, eps, decay, bc1, bc2,
-                      HAS_MASTER: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                      HAS_MASTER: tl.constexpr, SPLIT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        # SPLIT: W is the int16 low half of the master, P (bf16) its high half (split_master / join_master)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
@@ -74,7 +113,11 @@ if HAS_TRITON:
             g = g / tl.load(SCALE)
         m = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_MASTER:
+        if SPLIT:
+            hi = tl.load(P + offs, mask=mask, other=0.0).to(tl.uint16, bitcast=True).to(tl.uint32)
+            lo = tl.load(W + offs, mask=mask, other=0).to(tl.int32).to(tl.uint32, bitcast=True)
+            w = ((hi << 16) + lo).to(tl.float32, bitcast=True)          # mod 2^32, as join_master
+        elif HAS_MASTER:
             w = tl.load(W + offs, mask=mask, other=0.0)
         else:
             w = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
@@ -84,9 +127,17 @@ if HAS_TRITON:
         w = w - (lr / bc1) * m / (tl.sqrt(v / bc2) + eps)
         tl.store(M + offs, m.to(M.dtype.element_ty), mask=mask)
         tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
-        if HAS_MASTER:
-            tl.store(W + offs, w, mask=mask)
-        tl.store(P + offs, w.to(P.dtype.element_ty), mask=mask)
+        if SPLIT:
+            bits = w.to(tl.uint32, bitcast=True)
+            nan = w != w
+            top = tl.where(nan, 0x7FC0, (bits + 0x8000) >> 16)
+            rest = tl.where(nan, 0, bits - (top << 16)).to(tl.int32, bitcast=True)
+            tl.store(W + offs, rest.to(tl.int16), mask=mask)
+            tl.store(P + offs, top.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            if HAS_MASTER:
+                tl.store(W + offs, w, mask=mask)
+            tl.store(P + offs, w.to(P.dtype.element_ty), mask=mask)
 
 
 @torch.no_grad()
@@ -106,7 +157,8 @@ def adamw_update_triton(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq
         param, grad, exp_avg, exp_avg_sq, master if master is not None else param,
         grad_scale if grad_scale is not None else param, n, float(lr), float(beta1), float(beta2), float(eps),
         1.0 - float(lr) * float(weight_decay), 1.0 - float(beta1) ** step, 1.0 - float(beta2) ** step,
-        HAS_MASTER=master is not None, HAS_SCALE=grad_scale is not None, BLOCK=_BLOCK, num_warps=8)
+        HAS_MASTER=master is not None, SPLIT=master is not None and master.dtype == torch.int16,
+        HAS_SCALE=grad_scale is not None, BLOCK=_BLOCK, num_warps=8)
 
 
 def _local_shards(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:

@@ -192,6 +192,9 @@ class OptimConfig:
     final_lr_ratio: float = setting(0.0332, FRACTION)   # 7.3e-6 / 2.2e-4
     # AdamW moments: fp32, or bf16 as DeepSeek-V3 (TR 3.3.3; with BF16 weights it keeps FP32 master weights too)
     state_dtype: str = setting("fp32", OneOf(("fp32", "bf16")))
+    # the FP32 master of BF16 weights under state_dtype = bf16: a copy of its own (fp32, 4 B per parameter) or split,
+    # the weight its high half and 2 B per parameter its low half (the same value; dsv3.train.adamw_bf16)
+    master: str = setting("fp32", OneOf(("fp32", "split")))
 
 
 @dataclass
@@ -358,6 +361,9 @@ class RunConfig:
         o = self.optim
         if o.state_dtype == "bf16" and t.compile_optimizer:
             raise ConfigError("invalid run config: optim.state_dtype=bf16 does not combine with train.compile_optimizer")
+        if o.master == "split" and o.state_dtype != "bf16":
+            raise ConfigError("invalid run config: optim.master=split needs optim.state_dtype=bf16 (the optimizer "
+                              "that keeps master weights)")
         if not 0 <= o.warmup <= o.constant_until <= o.decay_until <= o.final_at <= 1:
             raise ConfigError(f"invalid run config: need optim.warmup={o.warmup} <= constant_until={o.constant_until}"
                               f" <= decay_until={o.decay_until} <= final_at={o.final_at}")

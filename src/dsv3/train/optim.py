@@ -27,7 +27,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, compiled: bool = False) 
     if cfg.state_dtype == "bf16":
         if compiled:
             raise ValueError("optim.state_dtype=bf16 does not combine with train.compile_optimizer")
-        return AdamWBF16(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return AdamWBF16(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                         master=cfg.master)
     lr: float | torch.Tensor = cfg.lr
     if compiled:
         kwargs, lr = {"foreach": True, "capturable": True}, torch.tensor(cfg.lr, device=device)

@@ -68,6 +68,16 @@ def check_resume_config(run_dir: Path, cfg) -> None:
         raise ConfigError(f"--resume cannot change {', '.join(changed)}: the checkpoint's weights and data position "
                           f"are of the run's model.* and data.* (only data.cache_dir may move); start a new run "
                           f"instead (train.init_from={str(run_dir)!r} starts from its weights)")
+    # the optimizer state's layout: BF16 moments with FP32 masters (whole or split) or torch's AdamW, and whether
+    # the weights are BF16 (with a master) or FP32 (their own)
+    fixed = [("optim", "state_dtype"), ("optim", "master")] + (
+        [("train", "dtype")] if saved.get("optim", {}).get("state_dtype") == "bf16" else [])
+    changed = [f"{sec}.{k}={saved[sec][k]!r} -> {new[sec][k]!r}" for sec, k in fixed
+               if k in saved.get(sec, {}) and saved[sec][k] != new[sec][k]]
+    if changed:
+        raise ConfigError(f"--resume cannot change {', '.join(changed)}: the checkpoint's optimizer state is stored "
+                          f"in the run's layout; start a new run instead (train.init_from={str(run_dir)!r} starts "
+                          f"from its weights)")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
