@@ -16,13 +16,18 @@
 #   6. if time is left: the HF transformers + compile peer on the peer-equivalent work (issue 3's 34.4-35.0%).
 # Usage (repo root): bash benchmarks/issue17_gpu.sh          CPU dry run: DRY_RUN=1 bash benchmarks/issue17_gpu.sh
 #   MASTER=split bash benchmarks/issue17_gpu.sh: the same stages with split FP32 masters (optim.master = split)
+#   STAGES="2 3" bash benchmarks/issue17_gpu.sh: only the stages named (default: all six)
 set -u
 export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 OUT=${OUT:-out}
 mkdir -p "$OUT"
 start=$(date +%s)
 LIMIT=${LIMIT:-530}          # seconds: a stage starts only if its timeout ends before this
 stamp() { echo "[issue17 $(( $(date +%s) - start )) s] $*" | tee -a "$OUT/stages.txt"; }
-fits() { if [ $(( $(date +%s) - start + $1 )) -le "$LIMIT" ]; then return 0; fi; stamp "SKIPPED (no time): $2"; return 1; }
+STAGES=" ${STAGES:-1 2 3 4 5 6} "   # e.g. STAGES="2 3": only those stages
+fits() {
+  local n=${2%%.*}; n=${n%b}
+  if [[ $STAGES != *" $n "* ]]; then stamp "not asked (STAGES=$STAGES): $2"; return 1; fi
+  if [ $(( $(date +%s) - start + $1 )) -le "$LIMIT" ]; then return 0; fi; stamp "SKIPPED (no time): $2"; return 1; }
 B=benchmarks/train_lite8l.py
 if [ "${DRY_RUN:-0}" = 1 ]; then     # CPU: the same commands on tiny shapes, eager, GPU tests skipped
   SHAPE=(--tiny --device cpu --seq 128 --batch 2 --data-cache /tmp/issue17-data)

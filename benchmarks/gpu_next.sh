@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The open GPU measurements of issues 15, 16 and 17 as three device calls of <= 9.5 minutes each, in the order they
+# matter (benchmarks/RESULTS.md, thirteenth session). Logs under $OUT; each step under its own `timeout`, so a call
+# that runs long still returns what finished.
+#   bash benchmarks/gpu_next.sh a   the GPU gate (carry .whl; copy ../shared to shared/ first) + the FP8 quantiser
+#                                   sweep (rows at K = 1408) + the dense FP8 training GEMMs (cuBLASLt and Triton
+#                                   beside bf16) + the AdamW update with FP32 vs split masters
+#   bash benchmarks/gpu_next.sh b   MTP speculation on a trained small-gpu, chained vs unchained (issue 16's 1.6x)
+#   bash benchmarks/gpu_next.sh c   issue 17 stages 2-3 with split masters (step, MFU, peak memory), then the FP8
+#                                   weight GEMV's bandwidth (issue 16, FP8 at batch 1)
+set -u
+PART=${1:-}
+export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 OUT=${OUT:-out}
+mkdir -p "$OUT"
+case $PART in
+  a)
+    bash benchmarks/gpu_suite.sh gpu
+    rm -f "$OUT/junit-gpu.xml"
+    timeout 100 python benchmarks/fp8_quant_sweep.py > "$OUT/quant_sweep.txt" 2>&1; tail -30 "$OUT/quant_sweep.txt"
+    timeout 130 python benchmarks/fp8_gemm_bench.py --training > "$OUT/dense.txt" 2>&1; grep -c "'layer'" "$OUT/dense.txt"
+    timeout 60 python benchmarks/adamw_bench.py 2>&1 | tee "$OUT/adamw.txt" ;;
+  b)
+    bash benchmarks/gpu_spec.sh ;;
+  c)
+    MASTER=split STAGES="2 3" LIMIT=330 bash benchmarks/issue17_gpu.sh
+    timeout 200 python benchmarks/fp8_weight_gemm_bench.py --only gemv 2>&1 | grep -v Warning | tee "$OUT/gemv.txt" ;;
+  *) echo "usage: $0 a|b|c"; exit 2 ;;
+esac
