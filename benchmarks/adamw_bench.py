@@ -9,22 +9,13 @@ master's high half, an int16 tensor its low half; `dsv3.kernels.adamw`), BF16 mo
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from dsv3.kernels.adamw import adamw_update, split_master
+from grad_norm_bench import bench, shapes   # lite-8L's parameter shapes (benchmarks/: the script's directory)
 
 HP = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-
-
-def shapes(scale: float) -> list[tuple[int, ...]]:
-    """lite-8L-like: embeddings and head, then 8 layers x 64 experts x 3 matrices of 1408 x 2048 + dense ones."""
-    s = lambda n: max(1, int(n * scale))  # noqa: E731
-    out = [(s(102400), 2048), (s(102400), 2048)]
-    for _ in range(8):
-        out += [(s(1408), 2048)] * (64 * 3) + [(s(2048), 2048)] * 6 + [(s(2048),)] * 4
-    return out
 
 
 def state(shape: tuple[int, ...], dev: torch.device, split: bool) -> tuple[torch.Tensor, ...]:
@@ -37,27 +28,17 @@ def state(shape: tuple[int, ...], dev: torch.device, split: bool) -> tuple[torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--scale", type=float, default=1.0, help="of lite-8L's parameter count")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=5, help="timed updates per arm")
     a = ap.parse_args()
     dev = torch.device(a.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for split, per_param in ((False, 20), (True, 18)):
         torch.manual_seed(0)
         tensors = [state(sh, dev, split) for sh in shapes(a.scale)]
         n = sum(t[0].numel() for t in tensors)
-
-        def step(k: int) -> None:
-            for t in tensors:
-                adamw_update(*t, step=k, **HP)
-        step(1)
-        sync()
-        t0 = time.perf_counter()
-        for k in range(a.iters):
-            step(k + 2)
-        sync()
-        dt = (time.perf_counter() - t0) / a.iters
+        dt = bench(lambda ts: [adamw_update(*t, step=2, **HP) for t in ts], tensors, a.iters,
+                   torch.cuda.synchronize if dev.type == "cuda" else (lambda: None))
         name = "split master (bf16 + int16)" if split else "FP32 master"
         peak = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if dev.type == "cuda" else ""
         print(f"{name:28s} {n / 1e9:.2f}B params: {dt * 1e3:8.2f} ms/step  {n * per_param / dt / 1e12:5.2f} TB/s "
