@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import random
 import string
 from dataclasses import dataclass
@@ -207,8 +208,10 @@ def score_mc(backend: LoglikBackend, tokenizer, questions: list[MCQuestion], few
             records.append(dict(prompt=ctx, choices=conts, loglikelihoods=None, answer=q.answer, prediction=None,
                                 prediction_norm=None, correct=False, correct_norm=False, error=errors[0]))
             continue
-        # lm-eval's acc_norm divides by the choice's length without the target delimiter (our leading space)
-        pred, pred_norm = _argmax(ll), _argmax([x / len(c[1:]) for x, c in zip(ll, conts)])
+        # lm-eval's acc_norm divides by the choice's length without the target delimiter (our leading space); an
+        # empty choice ("" scored as text) is -inf there (numpy's x / 0), never the answer, not a ZeroDivisionError
+        pred = _argmax(ll)
+        pred_norm = _argmax([x / len(c[1:]) if c[1:] else -math.inf for x, c in zip(ll, conts)])
         records.append(dict(prompt=ctx, choices=conts, loglikelihoods=ll, answer=q.answer, prediction=pred,
                             prediction_norm=pred_norm, correct=pred == q.answer, correct_norm=pred_norm == q.answer))
     n = len(records)

@@ -82,6 +82,14 @@ def save_figure(fig, path: Path) -> None:
         fig.savefig(tmp, dpi=100, format="png")
 
 
+def main_metric(metrics: dict) -> str:
+    """The metric a task is charted by: acc (mc), pass@1 (gen, code) or retrieval (needle). Not the first key:
+    results.json is written with sorted keys, so a task read back from it would begin with "errors"."""
+    named = [k for k in ("acc", "pass@1", "retrieval") if k in metrics]
+    return named[0] if named else next(k for k, v in metrics.items() if not k.endswith("_stderr")
+                                       and isinstance(v, float))
+
+
 def _chart(out: Path, results: dict) -> None:
     try:
         import matplotlib
@@ -90,7 +98,7 @@ def _chart(out: Path, results: dict) -> None:
     except ImportError:          # the chart is a convenience: results.json holds the numbers
         return
     names = sorted(results)
-    main = [next(iter(results[n]["metrics"])) for n in names]
+    main = [main_metric(results[n]["metrics"]) for n in names]
     vals = [results[n]["metrics"][m] for n, m in zip(names, main)]
     errs = [results[n]["metrics"].get(f"{m}_stderr") or 0.0 for n, m in zip(names, main)]
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3))

@@ -87,9 +87,12 @@ def evaluate_generation(backend: GenerateBackend, tokenizer, task: str | Path, o
     check_out(out_dir, Path(task).stem, overwrite)
     bad = None if strict else []
     questions = read_qa(task, bad)[:limit or None]
-    shots = random.Random(seed).sample(read_qa(fewshot_file), fewshot) if fewshot and fewshot_file else []
     if fewshot and not fewshot_file:
         raise ValueError("few-shot examples come from a dev split: pass --fewshot-file")
+    shots = []
+    if fewshot:          # as evaluate_mc: at most what the file holds (results.json's config says how many)
+        pool = read_qa(fewshot_file)
+        shots = random.Random(seed).sample(pool, min(fewshot, len(pool)))
     if k > 1 and temperature == 0:
         raise ValueError("k > 1 samples need --temperature > 0 (greedy samples are all the same)")
     metrics, records = score_generation(backend, tokenizer, questions, shots, k, temperature, max_tokens, add_bos, seed,

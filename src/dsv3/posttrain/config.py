@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from ..train.config import (FRACTION, SEED, Flag, Int, Invalid, OneOf, Real, RunConfig, Text, apply_overrides,
-                            check_fields, read_config_file, setting)
+from ..train.config import (FRACTION, SEED, SECTIONS, Flag, Int, Invalid, OneOf, Real, RunConfig, Text,
+                            apply_overrides, check_fields, read_config_file, setting)
 
 # spec 7 (SFT): lr 5e-6 cosine-decayed to 1e-6 over the run; as fractions of the run so any length has the shape
 SFT_OPTIM = dict(lr=5e-6, warmup=0.0, constant_until=0.0, decay_until=1.0, min_lr_ratio=0.2, final_at=1.0,
@@ -166,6 +166,9 @@ def read_posttrain_dict(kind: str, path: str | Path | None, overrides: list[str]
     d = apply_overrides(read_config_file(path, kind), list(overrides))
     if kind not in d:
         raise ConfigError(f"invalid {kind} config: no [{kind}] table (it names the starting model: {kind}.init)")
+    for name in SECTIONS:     # RunConfig's rule, said before the commands read d[name] as a table (train = 5)
+        if not isinstance(d.get(name, {}), dict):
+            raise ConfigError(f"invalid {kind} config: [{name}] must be a table")
     return d
 
 

@@ -112,7 +112,8 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
     check_length("distill", d, s.epochs)
     if not s.teacher:
         raise ConfigError("invalid distill config: distill.teacher is required (a run directory or a HF directory)")
-    out = Path(d.get("run_dir", "runs/run"))
+    # validated (one line naming run_dir) before the teacher samples into it: run_dir="" would be the cwd
+    out = Path(RunConfig.from_dict({k: d[k] for k in ("run_dir",) if k in d}).run_dir)
     check_start(out, resume, overwrite)           # before the teacher spends any time
     device, dtype = teacher_placement(d)
     teacher, tok = load_model_and_tokenizer(s.teacher, dtype=dtype, device=device)
