@@ -89,3 +89,15 @@ def test_a_bf16_run_scores_with_a_bf16_teacher(bases):
     assert {p.dtype for p in t.teacher.parameters()} == {torch.bfloat16}
     t.run()
     assert all(r["kd_loss"] == r["kd_loss"] for r in read_metrics(t.run_dir, kind="train"))   # finite, not NaN
+
+
+def test_logit_mode_under_torchrun_is_refused_before_the_teacher_loads(bases, monkeypatch):
+    """Logit distillation's step is not split over ranks (no batch shard, no gradient sync): under torchrun it is
+    refused in one line before the teacher is read (minutes for a large one)."""
+    tmp, teacher, student, data = bases
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    import dsv3.posttrain.distill as distill
+    monkeypatch.setattr(distill, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    with pytest.raises(ConfigError, match="dsv3 distill runs in one process"):
+        distill_trainer(run_file(tmp, "ranks", teacher=str(teacher), init=str(student), mode="logit",
+                                 train_files=[str(data)]), [])

@@ -154,3 +154,14 @@ def test_resume_is_exact(base, tmp_path):
 def test_config_errors_name_the_key(base, tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         grpo_trainer(run_file(tmp_path, base, "bad"), [override])
+
+
+def test_torchrun_is_refused_before_anything_is_written(base, tmp_path, monkeypatch):
+    """GRPO's step is not split over ranks (no batch shard, no gradient sync): under torchrun every rank would train
+    on the whole batch, expert-parallel ranks counting each token's expert gradient once per rank. Refused in one
+    line naming the command, before the run directory is written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = run_file(tmp_path, base, "ranks")
+    with pytest.raises(ConfigError, match="dsv3 grpo runs in one process"):
+        grpo_trainer(path, [])
+    assert not (tmp_path / "ranks").exists()

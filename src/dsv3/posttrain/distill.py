@@ -22,7 +22,7 @@ from ..config import ConfigError
 from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..train.config import RunConfig
-from ..train.trainer import Trainer, compute_dtype, lm_losses, resolve_device, split_batch
+from ..train.trainer import Trainer, compute_dtype, lm_losses, refuse_ranks, resolve_device, split_batch
 from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
 from .config import check_length, check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl
@@ -115,6 +115,8 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
     # validated (one line naming run_dir) before the teacher samples into it: run_dir="" would be the cwd
     out = Path(RunConfig.from_dict({k: d[k] for k in ("run_dir",) if k in d}).run_dir)
     check_start(out, resume, overwrite)           # before the teacher spends any time
+    if s.mode == "logit":
+        refuse_ranks("distill")                   # LogitKDTrainer's step: one process (before the teacher loads)
     device, dtype = teacher_placement(d)
     teacher, tok = load_model_and_tokenizer(s.teacher, dtype=dtype, device=device)
     if s.mode == "logit":         # before the teacher spends any time: logits are compared id by id

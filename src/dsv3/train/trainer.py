@@ -131,6 +131,15 @@ class StepStats:
     tokens: int
 
 
+def refuse_ranks(command: str) -> None:
+    """For a trainer whose step replaces `Trainer._forward_backward` (GRPO, logit distillation): that step neither
+    splits its batch over the ranks nor syncs gradients, so under torchrun every rank would train on the whole batch
+    and an expert-parallel rank would receive each token's expert gradient once per rank. Refused in one line."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError(f"dsv3 {command} runs in one process (its step is not split over ranks): run it without "
+                          f"torchrun")
+
+
 class Trainer(Checkpointing):
     command = "train"    # the dsv3 subcommand that runs this trainer: its resume / restart advice names it
     def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None, overwrite: bool = False,
@@ -189,6 +198,8 @@ class Trainer(Checkpointing):
         if source is not None and cfg.parallel.pp > 1:
             raise ConfigError("parallel.pp > 1 trains only on the pre-training corpus (a batch source with a loss "
                               "mask does not go through DualPipeV); use parallel.pp=1")
+        if type(self)._forward_backward is not Trainer._forward_backward:
+            refuse_ranks(self.command)
         init_source = None
         if cfg.train.init_from and not resume:     # a resumed run's checkpoint holds the weights already
             init_source = find_source(cfg.train.init_from)
