@@ -105,3 +105,23 @@ def test_dsv3_eval_needle_cli(copier, tmp_path):
     assert len((tmp_path / "o" / "samples_needle.jsonl").read_text().splitlines()) == 3
     assert main(["eval", "needle", "--task", str(tmp_path / "hay.txt"), "--model", str(tmp_path / "m"),
                  "--depths", "0,x"]) == 2
+
+
+class _Chars:
+    """A stand-in tokenizer: one id per character."""
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(map(chr, ids))
+
+
+def test_the_needle_goes_at_the_sentence_boundary_nearest_its_depth():
+    """The boundary nearest the depth, not the last one before it: with one sentence end far before the depth and
+    one just after it, the needle goes after the second (a filler with few sentences kept its depth wrong)."""
+    filler = "a" * 300 + ". " + "b" * 260 + ". " + "c" * 2000
+    prompt = needle_prompt(_Chars(), filler, 800, 0.8, "Lisbon", "1234567")
+    hay_end = prompt.index("\nQuestion:")
+    at = prompt.index(" The secret number")
+    assert prompt[at - 1] == "." and prompt[:at].count(".") == 2, prompt[:at][-20:]
+    assert abs(at / (hay_end - len(" The secret number of Lisbon is 1234567. ")) - 0.8) < 0.05

@@ -39,8 +39,10 @@ def needle_prompt(tokenizer, filler: str, length: int, depth: float, city: str, 
         raise ValueError(f"the filler text has {len(ids)} tokens, fewer than the {budget} a {length}-token cell needs")
     hay = tokenizer.decode(ids[:budget])
     cut = int(len(hay) * depth)
-    dot = hay.rfind(". ", 0, cut)            # a sentence boundary before the depth, if there is one
-    cut = dot + 1 if dot > 0 and depth < 1 else cut
+    if 0 < depth < 1:    # the sentence boundary nearest the depth (after its ". "), if there is one
+        before, after = hay.rfind(". ", 0, cut), hay.find(". ", cut)
+        ends = [i + 1 for i in (before, after) if i > 0]
+        cut = min(ends, key=lambda e: abs(e - cut)) if ends else cut
     prompt = hay[:cut] + needle + hay[cut:] + question
     while len(encode_text(tokenizer, prompt)) > length:     # the join can merge tokens differently: trim the haystack
         hay = hay[:-16]
