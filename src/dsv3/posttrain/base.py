@@ -26,7 +26,8 @@ def tokenizer_dir(model_path: str | Path, tokenizer_path: str | None = None) -> 
     path = Path(model_path)
     tok_dir = path / "tokenizer" if is_run_dir(path) else path
     if not (tok_dir / "tokenizer.json").exists():
-        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}; pass --tokenizer")
+        raise FileNotFoundError(f"no tokenizer.json in {tok_dir}: a model directory needs its tokenizer (generate, "
+                                f"serve and eval take --tokenizer for one kept elsewhere)")
     return tok_dir
 
 
