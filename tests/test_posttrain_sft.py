@@ -139,3 +139,17 @@ def test_config_errors_name_the_key(files, override, match):
     tmp, base, data = files
     with pytest.raises(ConfigError, match=match):
         sft_trainer(run_file(tmp, base, data, "bad"), [override])
+
+
+def test_tokens_count_the_positions_trained_on(files):
+    """An SFT step's tokens are its batches' positions (rows x (padded length - 1)), not micro-batches x
+    data.seq_len: short conversations padded to their batch's longest made tokens and tok/s several times too high."""
+    tmp, base, data = files
+    trainer, _ = sft_trainer(run_file(tmp, base, data, "count", train={"steps": 3}, checkpoint={"interval": 0}), [])
+    seen, read = [], trainer.loader.next_batch
+    trainer.loader.next_batch = lambda rows: seen.append(read(rows)) or seen[-1]
+    trainer.run()
+    want = sum(ids.shape[0] * (ids.shape[1] - 1) for ids, _ in seen)
+    cfg = trainer.cfg
+    assert trainer.tokens == want < 3 * cfg.train.batch_size * cfg.data.seq_len
+    assert read_metrics(trainer.run_dir, kind="train")[-1]["tokens"] == want

@@ -22,7 +22,8 @@ from ..config import ConfigError
 from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..train.config import RunConfig
-from ..train.trainer import Trainer, compute_dtype, lm_losses, refuse_ranks, resolve_device, split_batch
+from ..train.trainer import (Trainer, compute_dtype, lm_losses, positions, refuse_ranks, resolve_device,
+                             split_batch)
 from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
 from .config import check_length, check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl
@@ -79,6 +80,7 @@ class LogitKDTrainer(Trainer):
         sums = torch.zeros(4, dtype=torch.float64, device=dev)
         for _ in range(n_micro):
             window, targets = split_batch(self.loader.next_batch(cfg.train.micro_batch_size))
+            self.step_tokens += positions(window)
             window, targets = window.to(dev), targets.to(dev)
             for _, m in self.layers:
                 m.tokens_per_expert.zero_()

@@ -34,7 +34,7 @@ from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
 from ..infer import Engine, EngineConfig
 from ..train.hf_shards import load_hf_owned
-from ..train.trainer import Trainer, build_model
+from ..train.trainer import Trainer, build_model, positions
 from ..verify.sandbox import self_check
 from .base import load_base
 from .config import check_paths, read_posttrain_dict, section_from_table, split_config
@@ -135,6 +135,7 @@ class GRPOTrainer(Trainer):
         ro, t0 = self.rollouts, time.perf_counter()
         self.model.train()
         dev, N = self.device, ro.ids.shape[0]
+        self.step_tokens += positions(ro.ids)        # the rollouts' prompt + response positions (padded)
         rows = N // n_micro
         # the whole batch's normaliser: tokens (DAPO's token mean) or sequences with a loss token (GRPO's 1/G sum)
         total = ro.mask.sum() if s.aggregation == "token" else ro.mask.any(1).sum()

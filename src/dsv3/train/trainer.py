@@ -131,6 +131,12 @@ class StepStats:
     tokens: int
 
 
+def positions(window: torch.Tensor) -> int:
+    """Token positions a batch of the whole step (all ranks') trains on: each row's tokens but its last, the next
+    tokens being the targets (pre-training: micro_batch_size x seq_len; SFT: its rows' padded length - 1)."""
+    return window.shape[0] * (window.shape[1] - 1)
+
+
 def refuse_ranks(command: str) -> None:
     """For a trainer whose step replaces `Trainer._forward_backward` (GRPO, logit distillation): that step neither
     splits its batch over the ranks nor syncs gradients, so under torchrun every rank would train on the whole batch
@@ -306,6 +312,7 @@ class Trainer(Checkpointing):
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)   # total, main, mtp, aux
         for _ in range(n_micro):
             window, targets = split_batch(self.loader.next_batch(cfg.train.micro_batch_size))
+            self.step_tokens += positions(window)
             window = self.layout.shard(window).to(self.device, non_blocking=True)
             if targets is not None:
                 targets = self.layout.shard(targets).to(self.device, non_blocking=True)
@@ -334,8 +341,10 @@ class Trainer(Checkpointing):
         self.model.train()
         for _, m in self.layers:
             m.keep_routing = alpha > 0
+        self.step_tokens = 0              # positions the step trains on, counted by _forward_backward
         if self.pipeline is not None:     # the whole step through DualPipeV; gradients synced, sums reduced
             windows = [self.loader.next_batch(cfg.train.micro_batch_size) for _ in range(n_micro)]
+            self.step_tokens = sum(map(positions, windows))
             loads, sums = self.pipeline.forward_backward(windows, lam, alpha)
         else:
             loads, sums = self._forward_backward(n_micro, lam, alpha)
@@ -379,7 +388,7 @@ class Trainer(Checkpointing):
         if self.ema is not None:
             self.ema.update()
         self.step += 1
-        tokens = n_micro * cfg.train.micro_batch_size * cfg.data.seq_len
+        tokens = self.step_tokens
         self.tokens += tokens
         stats = StepStats(total, main_v, mtp_v if len(self.model.mtp) else None, aux_v, grad_norm.item(), tokens)
         return stats, loads
