@@ -153,3 +153,24 @@ def test_tokens_count_the_positions_trained_on(files):
     cfg = trainer.cfg
     assert trainer.tokens == want < 3 * cfg.train.batch_size * cfg.data.seq_len
     assert read_metrics(trainer.run_dir, kind="train")[-1]["tokens"] == want
+
+
+@pytest.mark.parametrize("mbs", [1, 2])
+def test_micro_batching_does_not_change_the_step(files, mbs):
+    """The step's loss is the mean CE over all its loss tokens (and each MTP depth's over its own), however the
+    batch is split into micro-batches: a batch of 4 rows as 4 / mbs micro-batches gives the losses and gradients of
+    one micro-batch of 4 (train.micro_batch_size is a memory setting). Rows carry different numbers of loss tokens,
+    so a mean of micro-batch means (the old step) differs."""
+    tmp, base, data = files
+    out = {}
+    for m in (4, mbs):
+        trainer, _ = sft_trainer(run_file(tmp, base, data, f"mb{m}_{mbs}", train={"micro_batch_size": m}), [])
+        assert len(trainer.model.mtp) and trainer.cfg.train.batch_size == 4
+        trainer.step_tokens = 0
+        _, sums = trainer._forward_backward(4 // m, 0.3, trainer.cfg.balance.seq_aux_alpha)
+        out[m] = sums, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    (s_whole, g_whole), (s_split, g_split) = out[4], out[mbs]
+    torch.testing.assert_close(s_split[:3], s_whole[:3], rtol=2e-6, atol=1e-7)     # total, main, MTP
+    assert g_whole.keys() == g_split.keys()
+    for name, g in g_whole.items():
+        torch.testing.assert_close(g_split[name], g, rtol=1e-4, atol=1e-6, msg=name)

@@ -22,6 +22,7 @@ from ..config import ConfigError
 from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..train.config import RunConfig
+from ..train.losses import mtp_mean
 from ..train.trainer import (Trainer, compute_dtype, lm_losses, positions, refuse_ranks, resolve_device,
                              split_batch)
 from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
@@ -78,8 +79,8 @@ class LogitKDTrainer(Trainer):
         cfg, dev, w = self.cfg, self.device, self.kd_weight
         loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64, device=dev)
         sums = torch.zeros(4, dtype=torch.float64, device=dev)
-        for _ in range(n_micro):
-            window, targets = split_batch(self.loader.next_batch(cfg.train.micro_batch_size))
+        batches = [split_batch(self.loader.next_batch(cfg.train.micro_batch_size)) for _ in range(n_micro)]
+        for (window, targets), weight in zip(batches, self._token_weights(batches)):   # the step's token mean
             self.step_tokens += positions(window)
             window, targets = window.to(dev), targets.to(dev)
             for _, m in self.layers:
@@ -90,13 +91,15 @@ class LogitKDTrainer(Trainer):
                 with torch.no_grad():
                     values, ids = teacher_topk(self.teacher(window[:, :-1]), self.top_k)
                 kd = topk_forward_kl(logits, values, ids, targets != -100, self.kd_temperature)
-                mtp_loss = torch.stack(mtp).mean() if mtp else main.new_zeros(())
+                w_main, w_mtp = weight          # each term at its step-wide token mean (Trainer._token_weights)
+                main, kd = main * w_main, kd * w_main
+                mtp_loss = mtp_mean([ce * wk for ce, wk in zip(mtp, w_mtp)], main)
                 loss = (1 - w) * main + w * kd + lam * mtp_loss
-            (loss / n_micro).backward()
+            loss.backward()
             if self.layers:
                 loads += torch.stack([m.tokens_per_expert for _, m in self.layers])
-            sums += torch.stack([loss, main, mtp_loss, kd]).detach().double() / n_micro
-            self.kd_sum, self.kd_n = self.kd_sum + kd.item(), self.kd_n + 1
+            sums += torch.stack([loss, main, mtp_loss, kd]).detach().double()
+        self.kd_sum, self.kd_n = self.kd_sum + sums[3].item(), self.kd_n + 1     # the step's token mean, per step
         sums[3] = 0.0                     # the aux-loss slot: no balance loss here (kd is logged as kd_loss)
         return loads, sums
 

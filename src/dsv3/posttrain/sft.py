@@ -10,8 +10,9 @@ Steps:
 4. the Trainer with this batch source: each micro-batch is `train.micro_batch_size` conversations, one a row,
    right-padded to the longest (padding, not packing: packing without attention across conversations would need a
    document mask inside the model's attention, which dsv3.model does not take; right padding needs none, since a
-   causal row never attends to the pads after it). The loss is the mean over the micro-batch's assistant tokens
-   (and the MTP heads' over theirs, same mask); the eval loss is the same on held-out conversations.
+   causal row never attends to the pads after it). The loss is the mean over the step's assistant tokens, all its
+   micro-batches and ranks together (and the MTP heads' over theirs, same mask; Trainer._token_weights), so
+   train.micro_batch_size changes memory, not the gradient; the eval loss is the same on held-out conversations.
 """
 
 from __future__ import annotations

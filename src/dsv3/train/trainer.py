@@ -310,8 +310,8 @@ class Trainer(Checkpointing):
         cfg = self.cfg
         loads = torch.zeros(len(self.layers), cfg.model.n_routed_experts, dtype=torch.int64, device=self.device)
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)   # total, main, mtp, aux
-        for _ in range(n_micro):
-            window, targets = split_batch(self.loader.next_batch(cfg.train.micro_batch_size))
+        batches = [split_batch(self.loader.next_batch(cfg.train.micro_batch_size)) for _ in range(n_micro)]
+        for (window, targets), weight in zip(batches, self._token_weights(batches)):
             self.step_tokens += positions(window)
             window = self.layout.shard(window).to(self.device, non_blocking=True)
             if targets is not None:
@@ -320,16 +320,43 @@ class Trainer(Checkpointing):
                 m.tokens_per_expert.zero_()
             with self.autocast():
                 main, mtp, _, _ = lm_losses(self.model, window, self.ce, targets)
-                mtp_loss = mtp_mean(mtp, main)
                 aux = collect_balance_loss(self.layers)
                 aux = aux if aux is not None else main.new_zeros(())
-                loss = objective(main, mtp_loss, aux, lam, alpha)
-            (loss / n_micro).backward()
+                if weight is None:      # pre-training: equal micro-batches, the mean of their means
+                    mtp_loss = mtp_mean(mtp, main)
+                    loss = objective(main, mtp_loss, aux, lam, alpha)
+                    parts = torch.stack([loss, main, mtp_loss, aux]) / n_micro
+                    loss = loss / n_micro
+                else:                   # a loss mask (SFT): each CE weighted to its step-wide token mean
+                    w_main, w_mtp = weight
+                    terms = (main * w_main, mtp_mean([ce * w for ce, w in zip(mtp, w_mtp)], main), aux / n_micro)
+                    loss = objective(*terms, lam, alpha)
+                    parts = torch.stack([loss, *terms])
+            loss.backward()
             if self.layers:
                 loads += torch.stack([m.tokens_per_expert for _, m in self.layers])
-            sums += torch.stack([loss, main, mtp_loss, aux]).detach().double() / n_micro
+            sums += parts.detach().double()
         self.layout.sync_gradients(self.local)
         return self.layout.sync_loads(loads), self.layout.mean(sums)
+
+    def _token_weights(self, batches: list[tuple[torch.Tensor, torch.Tensor | None]]
+                       ) -> list[tuple[float, list[float]] | None]:
+        """Per micro-batch, what this rank's mean CEs are multiplied by so that the step's gradient is that of each
+        CE's mean over all its loss tokens in the step (every micro-batch, every rank), as one batch would give:
+        c R / C for c loss tokens in the rank's rows, C in the whole step (every rank reads every micro-batch whole,
+        so C needs no collective) and R replicas (sync_gradients averages over them); for the main CE and each MTP
+        depth k (its targets start k tokens later). Without it a micro-batch of few loss tokens counted as much as a
+        full one and train.micro_batch_size, a memory setting, changed the gradient. None for windows without a loss
+        mask (pre-training: equal counts, 1 / n_micro as before)."""
+        if any(t is None for _, t in batches):
+            return [None] * len(batches)
+        R = self.layout.replicas
+
+        def counts(t: torch.Tensor) -> list[int]:       # loss tokens of the main CE, then of each MTP depth
+            return [int((t[:, k:] != -100).sum()) for k in range(len(self.model.mtp) + 1)]
+        mine = [counts(self.layout.shard(t)) for _, t in batches]
+        total = [max(sum(c), 1) for c in zip(*(counts(t) for _, t in batches))]
+        return [(c[0] * R / total[0], [n * R / tot for n, tot in zip(c[1:], total[1:])]) for c in mine]
 
     # ---- one optimizer step -------------------------------------------------------------------------------------
     def train_step(self) -> tuple[StepStats, torch.Tensor]:
