@@ -236,6 +236,8 @@ class ModelConfig:
                 raise ConfigError(f"no config.json at {path}") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(source, dict):    # a list or a number would be a TypeError from dict() below
+                raise ConfigError(f"{path} is not a JSON object of config keys (got {type(source).__name__})")
         d = copy.deepcopy(dict(source))
         names = {f.name for f in dataclasses.fields(cls)} - {"init_std", "rope_key", "hf_extra", "hf_absent"}
         kw: dict[str, Any] = {}
@@ -312,7 +314,11 @@ def _read_rope_parameters(d: dict, kw: dict) -> dict:
     """transformers 5's `rope_parameters` (rope_theta inside) into kw. Returns what some transformers 5 versions write
     beside it (a top-level rope_theta, a rope_scaling), to keep verbatim; they must say the same (transformers 5
     reads rope_parameters, older readers the others)."""
-    rp = dict(d.pop("rope_parameters") or {})
+    rp = d.pop("rope_parameters") or {}
+    if not isinstance(rp, dict):
+        raise ConfigError(f"invalid model config: rope_parameters={rp!r}: must be an object (rope_type, rope_theta, "
+                          f"YaRN keys) or null")
+    rp = dict(rp)
     kw["rope_key"] = "rope_parameters"
     if "rope_theta" in rp:
         kw["rope_theta"] = rp.pop("rope_theta")

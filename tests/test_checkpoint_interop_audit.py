@@ -1,0 +1,126 @@
+"""Hugging Face checkpoints as a hostile user meets them: `save_pretrained` (and `dsv3 demo --out`) into a directory
+holding someone's files, a released directory whose index / config / single shard is damaged, and a stacked expert
+tensor of the wrong shape read rank by rank (train.init_from). Before: every file of the directory was deleted by the
+atomic rename; the damaged files were tracebacks (TypeError, AttributeError, SafetensorError) instead of one line
+naming the file; the mis-shaped expert row was broadcast into the model silently."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dsv3
+from dsv3 import CheckpointError, ConfigError
+from dsv3.cli import main
+
+from conftest import build, tiny_config
+
+
+def snapshot(path):
+    return sorted((str(p.relative_to(path)), p.read_bytes()) for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("interop") / "model"
+    dsv3.save_pretrained(build(tiny_config()), path)
+    return path
+
+
+def test_save_pretrained_never_deletes_files_it_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user data")
+    (mine / "tokenizer.json").write_text("{}")
+    before = snapshot(mine)
+    with pytest.raises(FileExistsError, match=r"mine holds files save_pretrained did not write \(notes\.txt, "
+                                              r"tokenizer\.json\)"):
+        dsv3.save_pretrained(build(tiny_config()), mine)
+    assert snapshot(mine) == before
+    assert main(["demo", "--out", str(mine)]) == 2          # `dsv3 demo --out .` in one's home directory
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not write" in err
+    assert snapshot(mine) == before and [p.name for p in tmp_path.iterdir()] == ["mine"]
+    (tmp_path / "a file").write_text("user data")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        dsv3.save_pretrained(build(tiny_config()), tmp_path / "a file")
+    assert (tmp_path / "a file").read_text() == "user data"
+    # a new directory, an empty one, and an earlier save_pretrained's output (sharded otherwise) are written
+    model = build(tiny_config(), seed=1)
+    for out in (tmp_path / "new", tmp_path / "mine" / "empty"):
+        out.parent.mkdir(exist_ok=True)
+        (tmp_path / "mine" / "empty").mkdir(exist_ok=True)
+        dsv3.save_pretrained(model, out, max_shard_size="40KB")
+        dsv3.save_pretrained(model, out)
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors",
+                                                         "model.safetensors.index.json"]
+        assert torch.equal(dsv3.load_pretrained(out).lm_head.weight, model.lm_head.weight)
+
+
+def _damaged(saved, tmp_path, fn):
+    d = tmp_path / "damaged"
+    shutil.copytree(saved, d)
+    fn(d)
+    return d
+
+
+def _index(text):
+    return lambda d: (d / "model.safetensors.index.json").write_text(text)
+
+
+def _single_truncated(d):
+    (d / "model.safetensors.index.json").unlink()
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100])
+
+
+def _config(text):
+    return lambda d: (d / "config.json").write_text(text)
+
+
+@pytest.mark.parametrize("damage, error, says", [
+    (_index("[]"), CheckpointError, r"model\.safetensors\.index\.json is not a valid safetensors index"),
+    (_index('{"weight_map": []}'), CheckpointError, r"index\.json is not a valid safetensors index: weight_map"),
+    (_index('{"weight_map": null}'), CheckpointError, r"index\.json is not a valid safetensors index: weight_map"),
+    (_index('{"weight_map": {"model.norm.weight": 3}}'), CheckpointError,
+     r"index\.json is not a valid safetensors index: weight_map\['model\.norm\.weight'\]"),
+    (_single_truncated, CheckpointError, r"cannot read shard .*damaged/model\.safetensors"),
+    (_config("[1, 2]"), ConfigError, r"damaged/config\.json is not a JSON object"),
+    (_config('"abc"'), ConfigError, r"damaged/config\.json is not a JSON object"),
+    (_config("5"), ConfigError, r"damaged/config\.json is not a JSON object"),
+    (lambda d: _config(json.dumps({**json.loads((d / "config.json").read_text()), "rope_parameters": "x"}))(d),
+     ConfigError, r"rope_parameters='x': must be an object"),
+], ids=["index list", "weight_map list", "weight_map null", "weight_map file int", "single shard truncated",
+        "config list", "config string", "config number", "rope_parameters string"])
+def test_a_damaged_directory_is_one_error_naming_the_file(saved, tmp_path, capsys, damage, error, says):
+    d = _damaged(saved, tmp_path, damage)
+    with pytest.raises(error, match=says):
+        dsv3.load_pretrained(d)
+    assert main(["convert", str(d), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error" in err and not (tmp_path / "out").exists()
+
+
+def test_a_misshaped_expert_tensor_is_named_when_read_rank_by_rank(saved, tmp_path):
+    """dsv3.train.hf_shards (train.init_from / sft from a Hugging Face directory): a routed expert's tensor of the
+    wrong shape, or more rows than the model's in any tensor, is refused as load_pretrained refuses it (before: the
+    expert's (1, D) row was broadcast over its (I, D) slot; the extra rows read as if they were not there)."""
+    from dsv3.train.hf_shards import load_hf_owned
+    cfg = tiny_config()
+    for name, cut in [("model.layers.1.mlp.experts.2.up_proj.weight", lambda t: t[:1]),
+                      ("model.layers.1.self_attn.o_proj.weight", lambda t: torch.cat([t, t]))]:
+        d = tmp_path / name
+        shutil.copytree(saved, d)
+        tensors = load_file(str(d / "model.safetensors"))
+        tensors[name] = cut(tensors[name]).contiguous()
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=rf"tensor {name} has shape"):
+            dsv3.load_pretrained(d)
+        with torch.device("meta"):
+            model = dsv3.Transformer(cfg)
+        model.to_empty(device="cpu")
+        with pytest.raises(CheckpointError, match=re.escape(f"tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                                            f"the config expects")):
+            load_hf_owned([model], d, cfg)
