@@ -124,3 +124,25 @@ def test_a_misshaped_expert_tensor_is_named_when_read_rank_by_rank(saved, tmp_pa
         with pytest.raises(CheckpointError, match=re.escape(f"tensor {name} has shape {tuple(tensors[name].shape)}, "
                                                             f"the config expects")):
             load_hf_owned([model], d, cfg)
+
+
+def test_convert_keeps_the_files_that_go_with_the_weights(saved, tmp_path):
+    """A release directory is more than its shards: tokenizer files (with the chat template), generation_config.json
+    (the sampling defaults and EOS ids `dsv3 serve` reads from the model directory), the remote code its auto_map
+    names. Before, `dsv3 convert` wrote the shards, index and config.json only: `dsv3 serve --model DST` had no
+    tokenizer, and with --tokenizer SRC it sampled with OpenAI's defaults instead of the release's."""
+    src = tmp_path / "release"
+    shutil.copytree(saved, src)
+    extra = {"tokenizer.json": "{}", "tokenizer_config.json": '{"chat_template": "x"}',
+             "generation_config.json": '{"temperature": 0.6, "top_p": 0.95}', "modeling_deepseek.py": "# code",
+             "README.md": "# model card"}
+    for name, text in extra.items():
+        (src / name).write_text(text)
+    (src / "pytorch_model.bin").write_bytes(b"stale weights in another format")
+    for to in ("fp8", "bf16"):
+        assert main(["convert", str(src), str(tmp_path / to), "--to", to]) == 0
+        out = tmp_path / to
+        assert {n: (out / n).read_text() for n in extra} == extra
+        assert not (out / "pytorch_model.bin").exists()
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+        dsv3.load_pretrained(out)
