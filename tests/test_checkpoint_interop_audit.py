@@ -146,3 +146,26 @@ def test_convert_keeps_the_files_that_go_with_the_weights(saved, tmp_path):
         assert not (out / "pytorch_model.bin").exists()
         assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
         dsv3.load_pretrained(out)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_a_damaged_tokenizer_config_is_one_line_naming_it(saved, tmp_path, capsys, text):
+    """tokenizer_config.json (chat template, add_bos_token) damaged: `dsv3 serve` said "Expecting value: line 1
+    column 1 (char 0)" naming no file, or an AttributeError traceback, and only after the model had been loaded
+    (minutes for a large one; now it is read first); `dsv3 generate` the same."""
+    import subprocess
+    import sys
+    from dsv3.data import train_tokenizer
+    d = tmp_path / "m"
+    shutil.copytree(saved, d)
+    train_tokenizer(["the quick brown fox jumps over the lazy dog " * 20], vocab_size=300, out_dir=d)
+    (d / "tokenizer_config.json").write_text(text)
+    assert main(["generate", "--model", str(d), "--prompt", "the", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{d / 'tokenizer_config.json'}: not a JSON object" in err, err
+    r = subprocess.run([sys.executable, "-c", "import sys; from dsv3.cli import main; sys.exit(main())", "serve",
+                        "--model", str(d), "--port", "1", "--device", "cpu"], capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and f"{d / 'tokenizer_config.json'}: not a JSON object" in lines[0], \
+        r.stderr
