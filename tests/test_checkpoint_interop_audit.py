@@ -169,3 +169,23 @@ def test_a_damaged_tokenizer_config_is_one_line_naming_it(saved, tmp_path, capsy
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and f"{d / 'tokenizer_config.json'}: not a JSON object" in lines[0], \
         r.stderr
+
+
+def test_an_fp8_weight_not_in_e4m3_is_named_when_read_rank_by_rank(tmp_path):
+    """A `weight_scale_inv` beside a weight that is not e4m3 (here e5m2): load_pretrained names the tensor; the
+    rank-by-rank reader (train.init_from) raised dequantize_blocks' ValueError naming neither tensor nor file."""
+    from dsv3.train.hf_shards import load_hf_owned
+    cfg = tiny_config(hidden_size=128, q_lora_rank=128)
+    d = tmp_path / "fp8"
+    dsv3.save_pretrained(build(cfg), d, quantize_fp8=True)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors[name] = tensors[name].float().to(torch.float8_e5m2)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"tensor {name}: .*float8_e4m3fn"):
+        dsv3.load_pretrained(d)
+    with torch.device("meta"):
+        model = dsv3.Transformer(cfg)
+    model.to_empty(device="cpu")
+    with pytest.raises(CheckpointError, match=rf"tensor {name}: .*float8_e4m3fn"):
+        load_hf_owned([model], d, cfg)

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..checkpoint.hf import CheckpointReader, hf_name_map
+from ..checkpoint.hf import CheckpointReader, _dequantize, hf_name_map
 from ..config import ModelConfig
-from ..fp8 import BLOCK, dequantize_blocks
+from ..fp8 import BLOCK
 from ..model import Transformer
 from ..parallel.materialize import owned_parameters
 
@@ -76,7 +76,7 @@ class _Slices:
             w = sl[lo:hi]
             s = self._slice(self.reader.scales[name])[lo // BLOCK:-(-hi // BLOCK)]
             self.bytes_read += w.numel() * w.element_size() + s.numel() * s.element_size()
-            t = dequantize_blocks(w, s.float(), dtype)
+            t = _dequantize(name, w, s, dtype)      # load_pretrained's: a wrong dtype or scale shape names the tensor
             return t if whole else t[a - lo:b - lo]
         t = sl[:] if whole else sl[a:b]
         if t.dtype.itemsize == 1 and t.dtype.is_floating_point:     # FP8 without its block scales: never cast
