@@ -112,3 +112,29 @@ def test_deepseek_v2_family_matches_hf(method, tmp_path):
         v3 = dsv3.Transformer(cfg.replace(model_type="deepseek_v3", scoring_func="sigmoid", topk_method="noaux_tc")).eval()
         v3.load_state_dict(ours.state_dict(), strict=False)
         assert (v3(ids) - ref).abs().max() > 1e-3
+
+
+def test_a_deepseek_v2_file_without_scoring_func_reads_as_transformers_reads_it(tmp_path):
+    """transformers' DeepseekV2Config has no `scoring_func` (its router is always softmax), so the config.json it
+    writes has none: the absent key must read as softmax for a deepseek_v2 file, not V3's sigmoid (before: sigmoid
+    routing weights, logits off by ~0.7). The file still round-trips exactly."""
+    import json
+    cfg = tiny_config(model_type="deepseek_v2", topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
+                      routed_scaling_factor=1.0, num_nextn_predict_layers=0, n_group=1, topk_group=1, rope_scaling=None)
+    raw = {k: v for k, v in cfg.to_hf().items() if k not in ("scoring_func", "num_nextn_predict_layers")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**raw)).float().eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.normal_(0, 0.3)
+        hf.save_pretrained(tmp_path)
+        written = json.loads((tmp_path / "config.json").read_text())
+        assert "scoring_func" not in written
+        ours = dsv3.load_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert ours.config.scoring_func == "softmax"
+    assert dsv3.ModelConfig.from_hf(written).to_hf() == written
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() < TOL

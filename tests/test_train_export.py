@@ -69,3 +69,30 @@ def test_export_to_an_empty_directory_then_overwrite_only_its_own_files(run, tmp
         os.umask(old_umask)
     torch.testing.assert_close(load_pretrained(fresh).lm_head.weight, load_pretrained(out).lm_head.weight.float(),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_a_killed_overwrite_never_leaves_a_directory_that_loads_old_and_new_files_as_one(run, tmp_path, monkeypatch,
+                                                                                          capsys):
+    """--overwrite moves the new files in one by one: killed between two of them, the directory held the new
+    config.json beside the old weights, and loaded as a complete model (the earlier export's weights under the new
+    one's config and marker). config.json now leaves first and comes back last."""
+    import dsv3.train.export as export
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out), "--dtype", "bfloat16"]) == 0
+    real = os.replace
+
+    def killed(src, dst):
+        if Path(src).parent.name == ".dsv3-export.new" and Path(src).name == "model.safetensors":
+            raise KeyboardInterrupt("killed between two files")
+        real(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_run(run, out, overwrite=True)
+    with pytest.raises(ValueError, match="config.json"):         # not a model: ConfigError, no config.json
+        load_pretrained(out)
+    monkeypatch.setattr(export.os, "replace", real)
+    assert main(["export", str(run), str(out), "--overwrite"]) == 0   # the marker lets --overwrite finish it
+    assert main(["export", str(run), str(tmp_path / "fresh")]) == 0
+    assert tree(out) == tree(tmp_path / "fresh")
+    assert load_pretrained(out).lm_head.weight.dtype == torch.float32

@@ -5,7 +5,8 @@ map. Choices:
 - Defaults are transformers' `DeepseekV3Config` defaults, so a key absent from a `config.json` reads as transformers
   (and DeepSeek's own inference code) read it: the 671B shapes, but `max_position_embeddings` 4096, plain RoPE (no
   YaRN) and no `torch_dtype`. The presets in configs/ spell out every value they need (v3-671b: YaRN, 163840).
-  Keys transformers does not have take V3's values (`topk_method` noaux_tc, `scoring_func` sigmoid).
+  Keys transformers does not have take V3's values (`topk_method` noaux_tc, `scoring_func` sigmoid); in a
+  `deepseek_v2` file, the values transformers' DeepseekV2 computes with (softmax, greedy).
 - Validation happens in `__post_init__`: every way of building a config (presets, HF files, TOML, `replace`)
   goes through it, and an error names the field and the reason.
 - `init_std` is ours (0.006, TR 4.2). The Hub's `initializer_range` (0.02) was not what DeepSeek used, so it
@@ -40,6 +41,10 @@ MODEL_TYPES = {"deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3For
                "deepseek_v2": "DeepseekV2ForCausalLM"}
 # Keys HF writes that are derived from ours: checked for consistency, then carried verbatim.
 _DERIVED_KEYS = ("qk_head_dim", "head_dim")
+# What a key absent from a deepseek_v2 file means, where it is not V3's: transformers' DeepseekV2 routes by softmax
+# with no `scoring_func` key at all (its config.json never has one), and its DeepseekV2Config defaults topk_method to
+# greedy (V2 has no selection bias)
+_V2_ABSENT = {"scoring_func": "softmax", "topk_method": "greedy"}
 
 
 class ConfigError(ValueError):
@@ -236,6 +241,8 @@ class ModelConfig:
                 raise ConfigError(f"no config.json at {path}") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(source, dict):    # a list or a number would be a TypeError from dict() below
+                raise ConfigError(f"{path} is not a JSON object of config keys (got {type(source).__name__})")
         d = copy.deepcopy(dict(source))
         names = {f.name for f in dataclasses.fields(cls)} - {"init_std", "rope_key", "hf_extra", "hf_absent"}
         kw: dict[str, Any] = {}
@@ -258,6 +265,8 @@ class ModelConfig:
         _check_hf_only_keys(d, kw)
         present = set(source) | ({"rope_scaling", "rope_theta"} if "rope_parameters" in source else set())
         absent = tuple(sorted(n for n in names if n not in present))
+        if kw.get("model_type") == "deepseek_v2":
+            kw.update({k: v for k, v in _V2_ABSENT.items() if k in absent})
         try:
             return cls(**kw, hf_extra=d, hf_absent=absent)
         except TypeError as e:
@@ -266,13 +275,16 @@ class ModelConfig:
     def to_hf(self) -> dict:
         """The HF `config.json` dict; `from_hf(d).to_hf() == d` for files we read."""
         defaults = ModelConfig()
+        absent_means = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(self)}
+        if self.model_type == "deepseek_v2":
+            absent_means.update(_V2_ABSENT)
         out: dict[str, Any] = {}
         skip = {"init_std", "rope_key", "hf_extra", "hf_absent", "rope_scaling", "rope_theta"}
         for f in dataclasses.fields(self):
             if f.name in skip:
                 continue
             v = getattr(self, f.name)
-            if (f.name in self.hf_absent and v == getattr(defaults, f.name)) or (f.name == "torch_dtype" and v is None):
+            if (f.name in self.hf_absent and v == absent_means[f.name]) or (f.name == "torch_dtype" and v is None):
                 continue
             out[f.name] = v
         extra = dict(self.hf_extra)
@@ -312,7 +324,11 @@ def _read_rope_parameters(d: dict, kw: dict) -> dict:
     """transformers 5's `rope_parameters` (rope_theta inside) into kw. Returns what some transformers 5 versions write
     beside it (a top-level rope_theta, a rope_scaling), to keep verbatim; they must say the same (transformers 5
     reads rope_parameters, older readers the others)."""
-    rp = dict(d.pop("rope_parameters") or {})
+    rp = d.pop("rope_parameters") or {}
+    if not isinstance(rp, dict):
+        raise ConfigError(f"invalid model config: rope_parameters={rp!r}: must be an object (rope_type, rope_theta, "
+                          f"YaRN keys) or null")
+    rp = dict(rp)
     kw["rope_key"] = "rope_parameters"
     if "rope_theta" in rp:
         kw["rope_theta"] = rp.pop("rope_theta")

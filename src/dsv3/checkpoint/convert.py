@@ -2,13 +2,15 @@
 
 Peak host memory is one source shard plus its converted copy, so the 671B checkpoint converts on an ordinary
 host (what DeepSeek's `fp8_cast_bf16.py` does, with our checks). The tensor set is checked against the model
-of the config first; the output keeps the source's shard layout, file names and tensor names, and is written
-atomically. Our on-disk format *is* the HF format, so there is no other direction to convert.
+of the config first; the output keeps the source's shard layout, file names and tensor names, and the files that
+go with the weights (tokenizer, generation_config.json, the remote code of its auto_map, the model card) are copied
+as they are; it is written atomically. Our on-disk format *is* the HF format, so there is no other direction to convert.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +18,11 @@ import torch
 from ..fp8 import quantize_blocks
 from ..model import Transformer
 from .atomic import atomic_directory
-from .hf import FP8_WEIGHT, CheckpointReader, ShardWriter, hf_name_map
+from .hf import FP8_WEIGHT, INDEX_NAME, CheckpointReader, ShardWriter, hf_name_map
+
+# weights in any format: the converted shards replace them (a stale copy in another format would be loaded instead by
+# a reader that prefers it)
+WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|gguf|msgpack|h5)$")
 
 
 def remove_dead_leftovers(dst: Path) -> list[str]:
@@ -69,6 +75,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype
         model = Transformer(ckpt.model_config())     # the tensors' model: without MTP where none is stored
     ckpt.check_names(hf_name_map(model))
     writer = ShardWriter(ckpt.config, dtype, fp8=to == "fp8")
+    written = {"config.json", INDEX_NAME, *ckpt.weight_map.values()}
     with atomic_directory(dst) as tmp:
         for file, names in ckpt.by_file().items():
             out = {}
@@ -84,5 +91,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16", dtype
                     out[name] = t.to(dtype).contiguous()
             writer.write_shard(tmp / file, out)
             del out
+        for f in sorted(Path(src).iterdir()):
+            if f.is_file() and f.name not in written and not WEIGHT_FILE.search(f.name):
+                shutil.copy2(f, tmp / f.name)     # a Hub cache's symlink: its content
         writer.finish(tmp)
     ckpt.close()

@@ -33,6 +33,8 @@ from .atomic import atomic_directory
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# every file save_pretrained writes: what an earlier save into the same directory may have left there
+SAVED_FILE = re.compile(r"config\.json|model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors")
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
 # Every Linear of attention and FFN/experts is FP8 in the release; gate, eh_proj, norms, embeddings, head are not.
 FP8_WEIGHT = re.compile(r"\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)|"
@@ -80,13 +82,26 @@ def _weight_map(path: Path) -> dict[str, str]:
     index = path / INDEX_NAME
     if index.exists():
         try:
-            return json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            data = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        # the names and files are used as strings and paths below: a wrong type would be a traceback there
+        wm = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wm, dict):
+            raise CheckpointError(f"{index} is not a valid safetensors index: weight_map is missing or not an object "
+                                  f"of tensor name -> shard file")
+        bad = next(((k, f) for k, f in wm.items() if not isinstance(f, str)), None)
+        if bad is not None:
+            raise CheckpointError(f"{index} is not a valid safetensors index: weight_map[{bad[0]!r}]={bad[1]!r} is "
+                                  f"not a shard file name")
+        return wm
     single = path / SINGLE_NAME
     if single.exists():
-        with safe_open(single, framework="pt") as f:
-            return {k: SINGLE_NAME for k in f.keys()}
+        try:
+            with safe_open(single, framework="pt") as f:
+                return {k: SINGLE_NAME for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for a truncated or corrupt header
+            raise CheckpointError(f"cannot read shard {single}: {e}") from None
     raise CheckpointError(f"{path} has neither {INDEX_NAME} nor {SINGLE_NAME}")
 
 
@@ -273,9 +288,25 @@ class ShardWriter:
         (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def check_save_destination(path: Path) -> None:
+    """save_pretrained goes to a new directory, an empty one, or an earlier save_pretrained's output: the atomic
+    rename replaces the whole directory, so anything else there (a tokenizer, the user's files, a home directory
+    given as ".") would be deleted. FileExistsError naming what is in the way."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    foreign = sorted(p.name for p in path.iterdir() if not (p.is_file() and SAVED_FILE.fullmatch(p.name)))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(f"{path} holds files save_pretrained did not write ({shown}); save into a new or "
+                              f"empty directory (the save replaces the whole directory)")
+
+
 def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None, quantize_fp8: bool = False, tensors=None) -> None:
-    """Write `model` as a HF directory that `load_pretrained` and transformers load; atomic.
+    """Write `model` as a HF directory that `load_pretrained` and transformers load; atomic. `path`: a new or empty
+    directory, or an earlier save_pretrained's output (replaced whole); anything else is refused (never deleted).
 
     dtype: storage dtype of the non-FP8 tensors (default: each tensor's own; the routing bias stays fp32).
     quantize_fp8: store attention/FFN/expert Linear weights as e4m3 with 128x128 `weight_scale_inv` (released format).
@@ -284,6 +315,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
     dtypes (dsv3.train.export streams a sharded checkpoint so, never holding the whole model).
     """
     limit = _parse_size(max_shard_size)
+    check_save_destination(Path(path))
     state = model.state_dict()
     # plan: (hf name, ours, expert, nbytes) in checkpoint order; tensors are materialised one shard at a time
     plan = []

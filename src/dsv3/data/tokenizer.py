@@ -187,6 +187,22 @@ class Tokenizer:
         return out
 
 
+def read_tokenizer_config(tok_dir: str | Path) -> dict:
+    """`tok_dir`'s tokenizer_config.json ({} without one: the chat template and BOS convention then default). A file
+    that is not a JSON object is a ValueError naming it: json's own message names no file, and a list would fail
+    later as an AttributeError."""
+    path = Path(tok_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON object ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: not a JSON object (got {type(cfg).__name__})")
+    return cfg
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None,
                     min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE tokenizer; `vocab_size` counts the specials and the 256 byte tokens.

@@ -4,12 +4,11 @@ the model directory says (generation_config.json) unless the flags say otherwise
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from ..checkpoint.generation_config import read_eos_ids, read_sampling_defaults
-from ..data import Tokenizer
+from ..data import Tokenizer, read_tokenizer_config
 from ..data.tokenizer import DOCUMENT_START_KEY
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..posttrain.base import is_run_dir, load_model_and_tokenizer, tokenizer_dir
@@ -23,8 +22,7 @@ def prompt_prefix(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:
     (their tokenizer_config.json: add_bos_token)."""
     choice = args.prefix
     if choice == "auto":
-        cfg_path = tokenizer_dir(args.model, args.tokenizer) / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        cfg = read_tokenizer_config(tokenizer_dir(args.model, args.tokenizer))
         released_bos = cfg.get("add_bos_token") is True and DOCUMENT_START_KEY not in cfg
         choice = "bos" if released_bos and not is_run_dir(args.model) else "eos"
     if choice == "bos" and tokenizer.bos_id is None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 from pathlib import Path
 
 import torch
 import uvicorn
 
 from ..checkpoint.generation_config import read_generation_config
-from ..data import Tokenizer
+from ..data import Tokenizer, read_tokenizer_config
 from ..infer import EngineConfig
 from ..posttrain.base import tokenizer_dir
 from ..serve import EngineProcess, build_app
@@ -28,6 +27,9 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     defaults, eos = read_generation_config(path) if args.generation_config == "auto" else ({}, [])
     tok_dir = tokenizer_dir(args.model, args.tokenizer)
     tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
+    # the chat template too, so that a damaged file is refused before the model is loaded
+    template = Path(args.chat_template).read_text() if args.chat_template else \
+        read_tokenizer_config(tok_dir).get("chat_template")
     device = default_device(args.device)
     block = {} if args.block_size is None else dict(block_size=args.block_size)     # EngineConfig owns the default
     config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
@@ -55,11 +57,6 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
         engine = factory()
     else:
         engine = EngineProcess(factory, tokenizer, args.max_pending, threads=threads)
-    template = None
-    if args.chat_template:
-        template = Path(args.chat_template).read_text()
-    elif (tok_dir / "tokenizer_config.json").exists():
-        template = json.loads((tok_dir / "tokenizer_config.json").read_text()).get("chat_template")
     name = args.served_model_name or path.resolve().name
     limit = {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
     app = build_app(engine, tokenizer, name, api_key=args.api_key, max_pending=args.max_pending,

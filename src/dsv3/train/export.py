@@ -6,7 +6,8 @@ empty one, or, with `overwrite`, over an earlier export; every export holds a ma
 the files it wrote, so a later one recognises it and replaces exactly those. Refused: the run directory itself, a
 directory containing it, a place inside its checkpoints, any other non-empty directory, and an earlier export that
 has gained files of someone else's. An existing directory is filled in place (file by file, the marker listing old
-and new files while it happens), so a shell standing in it keeps its directory.
+and new files while it happens, config.json removed first and written last so that a half-replaced directory never
+loads), so a shell standing in it keeps its directory.
 
 A sharded checkpoint (a torchrun run's, dsv3.train.checkpoint.save_sharded) is exported streamed: the model is only
 described on the meta device and each tensor is read from the checkpoint when its shard is written (`_Streamed`),
@@ -205,10 +206,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
         new = write(tmp)
     # while files move, the marker lists old and new, so a kill here leaves a directory --overwrite can replace
     _write_marker(out, {**marker, "files": sorted(set(old) | set(new))})
+    # config.json is what makes the directory a model to every loader: it leaves first and comes back last, so a
+    # kill between two files leaves no directory that loads the old export's weights with the new one's files
+    (out / "config.json").unlink(missing_ok=True)
     for name in new:
-        os.replace(stage / name, out / name)
+        if name != "config.json":
+            os.replace(stage / name, out / name)
     for name in set(old) - set(new):
         (out / name).unlink(missing_ok=True)
+    os.replace(stage / "config.json", out / "config.json")
     _write_marker(out, {**marker, "files": new})
     stage.rmdir()
     return out

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..checkpoint.hf import CheckpointReader, hf_name_map
+from ..checkpoint.hf import CheckpointReader, _dequantize, hf_name_map
 from ..config import ModelConfig
-from ..fp8 import BLOCK, dequantize_blocks
+from ..fp8 import BLOCK
 from ..model import Transformer
 from ..parallel.materialize import owned_parameters
 
@@ -63,15 +63,20 @@ class _Slices:
         except Exception as e:      # safetensors' own error types: a truncated or corrupt shard, a name not in it
             raise CheckpointError(f"cannot read tensor {name} from {self.reader.path / file}: {e}") from None
 
-    def rows(self, name: str, a: int | None, b: int | None, dtype: torch.dtype) -> torch.Tensor:
+    def rows(self, name: str, a: int | None, b: int | None, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        """Rows [a, b) (all with a None) of tensor `name`, whose full shape must be `shape` (from the file's header:
+        a slice of a tensor with extra rows, or a row broadcast into a stacked expert, would otherwise pass)."""
         sl = self._slice(name)
+        if tuple(sl.get_shape()) != tuple(shape):
+            raise CheckpointError(f"tensor {name} has shape {tuple(sl.get_shape())}, the config expects "
+                                  f"{tuple(shape)}")
         whole = a is None
         if name in self.reader.scales:                        # FP8: block-aligned rows, dequantised, then cut
             lo, hi = (0, sl.get_shape()[0]) if whole else (a // BLOCK * BLOCK, b)
             w = sl[lo:hi]
             s = self._slice(self.reader.scales[name])[lo // BLOCK:-(-hi // BLOCK)]
             self.bytes_read += w.numel() * w.element_size() + s.numel() * s.element_size()
-            t = dequantize_blocks(w, s.float(), dtype)
+            t = _dequantize(name, w, s, dtype)      # load_pretrained's: a wrong dtype or scale shape names the tensor
             return t if whole else t[a - lo:b - lo]
         t = sl[:] if whole else sl[a:b]
         if t.dtype.itemsize == 1 and t.dtype.is_floating_point:     # FP8 without its block scales: never cast
@@ -95,10 +100,10 @@ def load_hf_owned(modules: Iterable[nn.Module], path: str | Path, config: ModelC
         n = o.local.shape[0] if o.local.dim() else 0
         if None not in src:                                   # stacked experts: one HF tensor per row
             for i in range(n):
-                o.local[i].copy_(files.rows(src[o.start + i], None, None, o.local.dtype))
+                o.local[i].copy_(files.rows(src[o.start + i], None, None, o.local.dtype, o.full_shape[1:]))
             continue
-        t = files.rows(src[None], None, None, o.local.dtype) if o.whole else \
-            files.rows(src[None], o.start, o.start + n, o.local.dtype)
+        t = files.rows(src[None], None, None, o.local.dtype, o.full_shape) if o.whole else \
+            files.rows(src[None], o.start, o.start + n, o.local.dtype, o.full_shape)
         if tuple(t.shape) != tuple(o.local.shape):
             raise CheckpointError(f"tensor {src[None]}: rows of shape {tuple(t.shape)}, this rank holds "
                                   f"{tuple(o.local.shape)} of {o.name}")
