@@ -14,11 +14,11 @@ A task whose results are already in `out_dir` is refused before any question is 
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
 
+from ..data import read_tokenizer_config
 from .backends import GenerateBackend, LoglikBackend
 from .code import read_code, score_code
 from .generation import read_qa, score_generation
@@ -54,8 +54,7 @@ def check_options(**options) -> None:
 
 
 def tokenizer_adds_bos(tokenizer_dir: str | Path | None) -> bool:
-    cfg = Path(tokenizer_dir or "") / "tokenizer_config.json"
-    return bool(json.loads(cfg.read_text()).get("add_bos_token", False)) if cfg.is_file() else False
+    return bool(read_tokenizer_config(tokenizer_dir or "").get("add_bos_token", False))
 
 
 def evaluate_mc(backend: LoglikBackend, tokenizer, task: str | Path, out_dir: str | Path, fewshot_file=None,

@@ -4,7 +4,6 @@ the tokenizer carries (tokenizer_config.json's `chat_template`, the one the serv
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +32,8 @@ def tokenizer_dir(model_path: str | Path, tokenizer_path: str | None = None) -> 
 
 def chat_template_of(tok_dir: str | Path) -> str | None:
     """The tokenizer's chat template (None: the built-in DeepSeek one, dsv3.data.tokenizer.CHAT_TEMPLATE)."""
-    f = Path(tok_dir) / "tokenizer_config.json"
-    return json.loads(f.read_text()).get("chat_template") if f.exists() else None
+    from ..data import read_tokenizer_config
+    return read_tokenizer_config(tok_dir).get("chat_template")
 
 
 def load_model_and_tokenizer(model_path: str | Path, tokenizer_path: str | None = None, ema: bool = False,
