@@ -3,6 +3,7 @@ resume is exact, bad rows are counted, the [sft] table is validated, and the run
 
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -174,3 +175,25 @@ def test_micro_batching_does_not_change_the_step(files, mbs):
     assert g_whole.keys() == g_split.keys()
     for name, g in g_whole.items():
         torch.testing.assert_close(g_split[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_expert_parallel_ranks_take_the_single_process_steps(files):
+    """`torchrun` SFT on 2 ranks (dp 1 x ep 2): each rank's rows hold a different number of assistant tokens, and
+    the step is still the single process's (the CE over all the step's loss tokens; the old step averaged the two
+    ranks' means, 3e-3 off after two steps)."""
+    from test_train_distributed import ENV, SINGLE, _torchrun
+    tmp, base, data = files
+    runs = {}
+    for name, launcher, extra in (("one", SINGLE, []), ("ep2", _torchrun(2), ["parallel.ep=2"])):
+        r = subprocess.run(launcher + ["sft", "--config", str(run_file(tmp, base, data, f"ranks_{name}",
+                                                                          train={"steps": 3},
+                                                                          checkpoint={"interval": 0})),
+                                       "--quiet", *extra], env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = {m["step"]: m for m in read_metrics(tmp / f"ranks_{name}", kind="train")}
+    assert "dp 1 x ep 2" in r.stderr
+    for step, want in runs["one"].items():
+        got = runs["ep2"][step]
+        assert got["tokens"] == want["tokens"]
+        for key in ("loss", "main_loss", "mtp_loss"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (step, key)
