@@ -113,17 +113,26 @@ def test_a_misshaped_expert_tensor_is_named_when_read_rank_by_rank(saved, tmp_pa
                       ("model.layers.1.self_attn.o_proj.weight", lambda t: torch.cat([t, t]))]:
         d = tmp_path / name
         shutil.copytree(saved, d)
-        tensors = load_file(str(d / "model.safetensors"))
-        tensors[name] = cut(tensors[name]).contiguous()
-        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        shape = _rewrite(d, name, lambda t: cut(t).contiguous())
         with pytest.raises(CheckpointError, match=rf"tensor {name} has shape"):
             dsv3.load_pretrained(d)
-        with torch.device("meta"):
-            model = dsv3.Transformer(cfg)
-        model.to_empty(device="cpu")
-        with pytest.raises(CheckpointError, match=re.escape(f"tensor {name} has shape {tuple(tensors[name].shape)}, "
-                                                            f"the config expects")):
-            load_hf_owned([model], d, cfg)
+        with pytest.raises(CheckpointError, match=re.escape(f"tensor {name} has shape {shape}, the config expects")):
+            load_hf_owned([_empty(cfg)], d, cfg)
+
+
+def _rewrite(d, name: str, change) -> tuple:
+    """Replace tensor `name` of d/model.safetensors by change(it); its new shape."""
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return tuple(tensors[name].shape)
+
+
+def _empty(cfg):
+    """A model of `cfg` with uninitialised CPU storage (what load_hf_owned fills)."""
+    with torch.device("meta"):
+        model = dsv3.Transformer(cfg)
+    return model.to_empty(device="cpu")
 
 
 def test_convert_keeps_the_files_that_go_with_the_weights(saved, tmp_path):
@@ -179,13 +188,8 @@ def test_an_fp8_weight_not_in_e4m3_is_named_when_read_rank_by_rank(tmp_path):
     d = tmp_path / "fp8"
     dsv3.save_pretrained(build(cfg), d, quantize_fp8=True)
     name = "model.layers.1.self_attn.o_proj.weight"
-    tensors = load_file(str(d / "model.safetensors"))
-    tensors[name] = tensors[name].float().to(torch.float8_e5m2)
-    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    _rewrite(d, name, lambda t: t.float().to(torch.float8_e5m2))
     with pytest.raises(CheckpointError, match=rf"tensor {name}: .*float8_e4m3fn"):
         dsv3.load_pretrained(d)
-    with torch.device("meta"):
-        model = dsv3.Transformer(cfg)
-    model.to_empty(device="cpu")
     with pytest.raises(CheckpointError, match=rf"tensor {name}: .*float8_e4m3fn"):
-        load_hf_owned([model], d, cfg)
+        load_hf_owned([_empty(cfg)], d, cfg)
