@@ -7,11 +7,14 @@ parallelism `ep` dividing dp, ZeRO-1 over dp) it computes, for the most loaded p
   chunks of a model cut into 2 pp chunks (so 1x of a pp-way split);
 - memory: BF16 weights, FP32 gradients, ZeRO-1 optimizer state (FP32 master + two moments, BF16 or FP32) sharded
   over dp (replicated parameters) or dp / ep (experts), and activations of the micro-batches in flight (1F1B: pp,
-  DualPipe(V): pp + 1; TR Table 2) from a per-token estimate that assumes the report's choices (FP8 caching of
-  the inputs of linears, recomputation of RMSNorm and the MLA up-projections);
+  DualPipe: pp + 1, DualPipeV: 2 pp + 1 of its half-size chunks; TR Table 2) of the rank's larger chunk (an upper
+  bound), from a per-token estimate that assumes the report's choices (FP8 caching of the inputs of linears,
+  recomputation of RMSNorm and the MLA up-projections), the MTP block counted on the last chunk;
 - traffic per step: expert all-to-all over InfiniBand (node-limited routing: a token reaches at most topk_group
-  nodes; dispatch in FP8, combine in BF16, forward and backward), pipeline sends (BF16 hidden states, both
-  directions), ZeRO-1 reduce-scatter of gradients and all-gather of weights;
+  nodes while a group fits in a node; dispatch in FP8 with its 1x128 scales, combine in BF16, forward and
+  backward), pipeline sends (BF16 hidden states, both directions), ZeRO-1 reduce-scatter of gradients and
+  all-gather of weights. DualPipe sends half the micro-batches from each end, so each crosses one of a rank's two
+  chunks; DualPipeV's V crosses both;
 - the pipeline bubble (TR Table 2) for 1F1B, ZB1P and DualPipe in units of a chunk's forward time;
 - time and cost (`training_cost`): training FLOPs per token (6 x the activated matmul parameters, MTP included, plus
   the causal attention core), then step time, GPU-hours and cost per trillion tokens at a stated MFU of a stated
@@ -49,6 +52,14 @@ class Layout:
     seq_len: int = 4096
     micro_batches: int = 8          # per pipeline per step
     moment_bytes: int = 2           # BF16 AdamW moments (TR 3.3.3); 4 for FP32
+
+
+def _positive(values: dict[str, float]) -> None:
+    """Refuse, naming the flag, a value that must be > 0: a zero divides by zero further on, a negative one gives a
+    negative cost or memory limit."""
+    for flag, v in values.items():
+        if not v > 0:
+            raise ValueError(f"{flag} must be > 0, got {v}")
 
 
 def layer_params(cfg: ModelConfig, moe: bool) -> tuple[int, int]:
@@ -151,6 +162,9 @@ def training_cost(cfg: ModelConfig, gpus: int, mfu: float, peak_tflops: float = 
     H800's dense BF16 peak; the report's batch 15360 x 4096, $2 per GPU-hour)."""
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu={mfu} must be in (0, 1]")
+    _positive({"--gpus": gpus, "--peak-tflops": peak_tflops, "--seq-len": seq_len, "batch_tokens": batch_tokens})
+    if not price_per_gpu_hour >= 0:
+        raise ValueError(f"--price must be >= 0, got {price_per_gpu_hour}")
     f = flops_per_token(cfg, seq_len)["total"]
     per_gpu = peak_tflops * 1e12 * mfu
     hours = 1e12 * f / per_gpu / 3600
@@ -162,6 +176,10 @@ def training_cost(cfg: ModelConfig, gpus: int, mfu: float, peak_tflops: float = 
 def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
     problems = []
     pp, ep = layout.pp, layout.ep
+    _positive({"--gpus": cluster.gpus, "--gpus-per-node": cluster.gpus_per_node, "--gpu-memory": cluster.memory_gib,
+               "--nvlink": cluster.nvlink_gbps, "--ib": cluster.ib_gbps, "--pp": pp, "--ep": ep,
+               "--micro-batch": layout.micro_batch, "--seq-len": layout.seq_len,
+               "--micro-batches": layout.micro_batches})
     if cluster.gpus % pp:
         raise ValueError(f"{cluster.gpus} GPUs do not split into {pp} pipeline ranks")
     dp = cluster.gpus // pp
@@ -175,10 +193,16 @@ def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
     # rank 0 at pp 1 would be rank 0 itself, counted twice)
     schedule = layout.schedule if pp > 1 else "1f1b"
     dual = schedule in ("dualpipe", "dualpipev")
-    if dual and (pp % 2 or layout.micro_batches < 2 * pp or
-                 (schedule == "dualpipe" and layout.micro_batches % 2)):
-        problems.append(f"{schedule} needs an even pp and micro_batches >= 2 pp (DualPipe: even too)")
+    # DualPipe's code asserts an even number of ranks and of micro-batches and micro-batches >= 2 ranks; DualPipeV's
+    # only the last (spec 5)
+    if dual and (layout.micro_batches < 2 * pp or
+                 (schedule == "dualpipe" and (pp % 2 or layout.micro_batches % 2))):
+        problems.append(f"{schedule} needs micro_batches >= 2 pp" + (" and an even pp and micro_batches"
+                                                                      if schedule == "dualpipe" else ""))
     chunks = 2 * pp if schedule == "dualpipev" else pp
+    if chunks > cfg.num_hidden_layers:
+        raise ValueError(f"--pp {pp} cuts the {cfg.num_hidden_layers} decoder layers into {chunks} "
+                         f"{schedule} chunks: some would hold no layer")
     per_chunk = stage_params(cfg, chunks)
     if schedule == "1f1b":
         per_rank = per_chunk
@@ -193,26 +217,47 @@ def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
     optim = (4 + 2 * layout.moment_bytes) * (rep / dp + exp / ep / (dp // ep))
     tokens = layout.micro_batch * layout.seq_len
     layers = stage_layers(cfg, chunks)
-    mine = layers[rank] + (layers[chunks - 1 - rank] if dual else [])
-    # TR Table 2 counts activations in micro-batches of one chunk: pp (1F1B) or pp + 1 (DualPipe) of them per rank
-    act_chunk = max(tokens * sum(activation_bytes_per_token(cfg, cfg.is_moe_layer(i)) for i in c)
-                    for c in ([layers[rank], layers[chunks - 1 - rank]] if dual else [layers[rank]]))
-    act_mb = act_chunk
-    in_flight = pp + 1 if dual else pp
+    mine = [rank, chunks - 1 - rank] if dual else [rank]       # the chunks this rank holds
+    # the last chunk also runs the MTP modules (stage_params puts their parameters there): a MoE block each, plus
+    # eh_proj's BF16 inputs (embedding and hidden state; its norms recomputed as a layer's are)
+    mtp = cfg.num_nextn_predict_layers
+
+    def chunk_act(c: int) -> int:
+        per_token = sum(activation_bytes_per_token(cfg, cfg.is_moe_layer(i)) for i in layers[c])
+        if c == chunks - 1:
+            per_token += mtp * (activation_bytes_per_token(cfg, True) + 2 * 2 * cfg.hidden_size)
+        return tokens * per_token
+    act_mb = max(chunk_act(c) for c in mine)
+    # TR Table 2 / DualPipe's README count activations in micro-batches of one stage: PP (1F1B) or PP + 1
+    # (DualPipe, DualPipeV) per device, PP the number of stages; DualPipeV runs PP = 2 pp stages on pp devices
+    in_flight = 2 * pp + 1 if schedule == "dualpipev" else pp + 1 if dual else pp
     acts = act_mb * in_flight
     total = weights + grads + optim + acts
     if total > cluster.memory_gib * GiB:
         problems.append(f"does not fit: {total / GiB:.1f} GiB per GPU > {cluster.memory_gib} GiB")
     # traffic per step per GPU
-    nodes = max(1, ep // cluster.gpus_per_node)
-    fanout = min(cfg.topk_group if cfg.n_group > 1 else cfg.num_experts_per_tok, nodes) if nodes > 1 else 0
-    moe_layers = sum(cfg.is_moe_layer(i) for i in mine)
-    a2a_ib = layout.micro_batches * moe_layers * tokens * fanout * cfg.hidden_size * (1 + 2) * 2
-    pp_bytes = layout.micro_batches * tokens * cfg.hidden_size * 2 * 2 * (2 if dual else 1) if pp > 1 else 0
-    dp_bytes = (4 + 2) * local * (dp - 1) / dp
+    nodes = -(-ep // cluster.gpus_per_node)                  # an EP group of 12 on 8-GPU nodes spans 2 of them
+    # node-limited routing (spec 1.6): a token's experts lie in topk_group of the n_group groups; with the groups
+    # spread evenly over the EP nodes, a group spans ceil(nodes / n_group) nodes (1 while it fits in a node, as in
+    # V3's 8 groups on 8 nodes: "at most 4 nodes"), and a token never reaches more nodes than it has experts
+    fanout = min(nodes, cfg.num_experts_per_tok, cfg.topk_group * -(-nodes // cfg.n_group)) if nodes > 1 else 0
+    moe_in = [sum(cfg.is_moe_layer(i) for i in layers[c]) + (mtp if c == chunks - 1 else 0) for c in mine]
+    # chunk passes per micro-batch on this rank: DualPipe feeds half the micro-batches from each end (its step
+    # splits num_chunks into two directions), so each micro-batch crosses one of the rank's two chunks; DualPipeV's
+    # V crosses both, 1F1B the one
+    passes = 1 if schedule != "dualpipev" else 2
+    moe_layers = sum(moe_in) / len(mine) * passes
+    # dispatch: E4M3 + one FP32 power-of-2 scale per 1x128 tile (TR 3.3.4; parallel.fp8_comm); combine: BF16;
+    # the backward sends the same bytes the other way (gradients to the experts in FP8, back in BF16)
+    a2a_ib = layout.micro_batches * moe_layers * tokens * fanout * cfg.hidden_size * (1 + 4 / 128 + 2) * 2
+    pp_bytes = layout.micro_batches * tokens * cfg.hidden_size * 2 * 2 * passes if pp > 1 else 0
+    # ZeRO-1: reduce-scatter FP32 gradients, all-gather BF16 weights, a replicated parameter over the dp ranks, an
+    # expert slice over its dp / ep replicas (the group its optimizer state is sharded over)
+    col = dp // ep
+    dp_bytes = (4 + 2) * (rep * (dp - 1) / dp + exp / ep * (col - 1) / col)
     f, b, w = 1.0, 2.0, 1.0
     return {
-        "layout": {**asdict(layout), "dp": dp, "nodes": cluster.gpus // cluster.gpus_per_node,
+        "layout": {**asdict(layout), "dp": dp, "nodes": -(-cluster.gpus // cluster.gpus_per_node),
                    "ep_nodes": nodes, "busiest_pipeline_rank": rank},
         "params": {"total_with_mtp": sum(stage_params(cfg, 1)[0]), "replicated_on_rank": rep,
                    "experts_on_rank": exp / ep, "on_gpu": local},
