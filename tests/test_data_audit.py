@@ -1,4 +1,5 @@
-"""Data sources as a user gets them wrong: a binary file among the text (trained on as replacement characters
+"""Data sources as a user gets them wrong (and, below, a corpus of one document, two runs sharing a cache, a killed
+baselines write): a binary file among the text (trained on as replacement characters
 before), an unreadable parquet file (a pyarrow traceback before), a record file with a line that is not UTF-8 (the
 whole file failed with a UnicodeDecodeError naming neither file nor line), a tokenizer directory without its
 tokenizer.json; and what stays accepted: Latin-1 text (bytes replaced), empty files (skipped)."""
@@ -50,3 +51,94 @@ def test_a_tokenizer_directory_without_tokenizer_json_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.tokenizer=.*tok' is neither a tokenizer.json nor"):
         prepare_dataset(cfg, 300, progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+def test_nul_bytes_past_the_first_8k_are_named(tmp_path):
+    # a text header followed by binary data: the README says a file holding NUL bytes is not trained on
+    (tmp_path / "dump.txt").write_bytes(b"a plain text header\n" * 500 + b"\0\0\x01\x02 binary tail")
+    with pytest.raises(ValueError, match=r"dump\.txt holds NUL bytes"):
+        list(iter_documents([str(tmp_path)]))
+
+
+def test_a_corpus_of_one_document_is_trained_on(tmp_path):
+    from dsv3.data import build_shards, train_tokenizer
+    from dsv3.data.shards import val_score
+    # a text the hash sends to validation: before, the only document went there and training had nothing
+    text = next(f"one long book {k} " * 40 for k in range(1000) if val_score(f"one long book {k} " * 40, 0) < 0.5)
+    (tmp_path / "book.txt").write_text(text)
+    tok = train_tokenizer([text], 300)
+    ss = build_shards(tok, [str(tmp_path / "book.txt")], tmp_path / "shards", val_fraction=0.5, progress=False)
+    assert (ss.n_docs("train"), ss.n_docs("val")) == (1, 0)
+
+
+def test_an_empty_validation_split_names_the_keys_before_writing_the_run(tmp_path):
+    import torch
+
+    from dsv3.train.config import RunConfig
+    from dsv3.train.data_parallel import Layout
+    from dsv3.train.run_data import prepare_run_data
+    (tmp_path / "book.txt").write_text("one long book " * 200)
+    cfg = RunConfig.from_dict({"run_dir": str(tmp_path / "run"), "model": {"preset": "tiny", "vocab_size": 384},
+                               "data": {"sources": [str(tmp_path / "book.txt")], "cache_dir": str(tmp_path / "c"),
+                                        "seq_len": 32, "val_fraction": 0.01},
+                               "train": {"device": "cpu", "dtype": "fp32"}, "log": {"val_batches": 2}})
+    with pytest.raises(ValueError, match=r"log\.val_batches=2 needs validation documents.*data\.val_fraction=0\.01"):
+        prepare_run_data(cfg, Layout(torch.device("cpu"), cfg))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("racing", ["tokenizer", "shards"])
+def test_two_runs_building_the_same_cache_at_once_both_go_on(tmp_path, monkeypatch, racing):
+    # two runs sharing data.cache_dir: the other renames the same tokenizer and shards into place just before this
+    # one does; before, this one's rename over the non-empty directory failed the run ("Directory not empty")
+    import os
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("alpha beta gamma " * 50)
+    (tmp_path / "src" / "b.txt").write_text("delta epsilon " * 50)
+    cfg = DataConfig(sources=[str(tmp_path / "src")], cache_dir=str(tmp_path / "cache"), val_fraction=0.0)
+    real_rename, raced = os.rename, []
+
+    def rename(src, dst):
+        name = os.path.basename(dst)
+        if name == racing and not raced and ".tmp-" in os.path.basename(src):
+            raced.append(name)
+            monkeypatch.setattr(os, "rename", real_rename)
+            prepare_dataset(cfg, 300, progress=False)      # the other run, start to finish
+            monkeypatch.setattr(os, "rename", rename)
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", rename)
+    tok, ss, root = prepare_dataset(cfg, 300, progress=False)
+    assert raced == [racing]
+    assert ss.n_docs("train") == 2 and tok.fingerprint() == ss.meta["tokenizer"]
+    assert sorted(p.name for p in root.iterdir()) == ["shards", "tokenizer"]      # no temporaries left
+
+
+def test_a_killed_baselines_write_leaves_no_cache(tmp_path, monkeypatch):
+    import pathlib
+
+    from dsv3.data import ShardSet
+    from dsv3.train.config import RunConfig
+    from dsv3.train.run_data import set_up_run_dir
+    (tmp_path / "a.txt").write_text("alpha beta gamma " * 50)
+    (tmp_path / "b.txt").write_text("delta epsilon " * 50)
+    cfg = RunConfig.from_dict({"run_dir": str(tmp_path / "run"), "model": {"preset": "tiny", "vocab_size": 384},
+                               "data": {"sources": [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+                                        "cache_dir": str(tmp_path / "c"), "seq_len": 32, "val_fraction": 0.3}})
+    tok, ss, data_dir = prepare_dataset(cfg.data, 384, progress=False)
+    assert isinstance(ss, ShardSet)
+    real = pathlib.Path.write_text
+
+    def killed(self, text, *a, **kw):
+        if self.name.endswith("baselines.json") or "baselines.json.tmp" in self.name:
+            real(self, text[:5], *a, **kw)
+            raise KeyboardInterrupt
+        return real(self, text, *a, **kw)
+    monkeypatch.setattr(pathlib.Path, "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        set_up_run_dir(cfg, tok, ss, data_dir, resume=False, overwrite=False)
+    monkeypatch.setattr(pathlib.Path, "write_text", real)
+    assert not (data_dir / "baselines.json").exists()      # before: a truncated cache every later run copied
+    set_up_run_dir(cfg, tok, ss, data_dir, resume=False, overwrite=False)
+    import json
+    assert set(json.loads((tmp_path / "run" / "baselines.json").read_text())) == {
+        "unigram entropy", "unigram val cross-entropy"}

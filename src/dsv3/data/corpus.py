@@ -129,9 +129,10 @@ def _walk(root: Path) -> list[Path]:
 def _read(path: Path, text_only: bool = True) -> str:
     # Undecodable bytes become U+FFFD: one odd file must not kill a multi-hour build. A NUL byte, which UTF-8 text
     # does not hold, marks a binary file (an image or archive saved as .txt) or UTF-16: training on its bytes is
-    # never meant, so it is named (the standard library's own test fixtures are taken as they are)
+    # never meant, so it is named (the standard library's own test fixtures are taken as they are). The whole file
+    # is searched (memchr: cheap beside decoding it): a text header followed by binary data is still binary
     data = path.read_bytes()
-    if text_only and b"\0" in data[:8192]:
+    if text_only and b"\0" in data:
         raise ValueError(f"{path} holds NUL bytes: a binary file or UTF-16 text, not UTF-8; remove it from the data "
                          f"sources (or convert it to UTF-8)")
     return data.decode("utf-8", errors="replace")

@@ -110,7 +110,7 @@ def build_shards(tokenizer: Tokenizer, sources: list[str], out_dir: str | Path, 
     val_fraction, it is returned as is; "the same sources" means the same names holding the same files (paths,
     sizes, modification times: corpus.sources_fingerprint), so an edited corpus is rebuilt. Sources without any
     document are an error naming them. When val_fraction > 0 and there are at least two documents, each split gets
-    at least one.
+    at least one; a single document is trained on.
     """
     if isinstance(sources, (str, Path)):
         raise TypeError(f"sources must be a list of strings, got the single string {sources!r}")
@@ -123,16 +123,35 @@ def build_shards(tokenizer: Tokenizer, sources: list[str], out_dir: str | Path, 
            "tokenizer": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size, "seed": seed,
            "val_fraction": val_fraction}
     if (out / "meta.json").is_file():
-        try:
-            meta = json.loads((out / "meta.json").read_text())
-            if meta.get("complete") is True and all(meta.get(k) == v for k, v in key.items()):
-                return ShardSet.open(out)
-        except (ValueError, OSError):
-            pass  # unreadable or damaged: rebuild it
+        if (done := _same_build(out, key)) is not None:
+            return done
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not a shard directory (no meta.json); refusing to replace it")
 
     dtype = token_dtype(tokenizer.vocab_size)
+    try:
+        return _build(tokenizer, out, key, dtype, val_fraction, seed, max_tokens_per_shard, progress)
+    except OSError:
+        # another run sharing data.cache_dir renamed the same build into place first (ours then cannot replace
+        # the non-empty directory): the content is the same, so use it rather than fail the run
+        if (done := _same_build(out, key)) is None:
+            raise
+        return done
+
+
+def _same_build(out: Path, key: dict) -> ShardSet | None:
+    """The complete build of `key` at `out`, or None (absent, another build, unreadable or damaged)."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        if meta.get("complete") is True and all(meta.get(k) == v for k, v in key.items()):
+            return ShardSet.open(out)
+    except (ValueError, OSError):
+        pass
+    return None
+
+
+def _build(tokenizer: Tokenizer, out: Path, key: dict, dtype: np.dtype, val_fraction: float, seed: int,
+           max_tokens_per_shard: int, progress: bool) -> ShardSet:
     with atomic_directory(out) as tmp:
         writers = {s: _SplitWriter(tmp, s, dtype, max_tokens_per_shard) for s in SPLITS}
         try:
@@ -170,10 +189,11 @@ def _tokenise(tokenizer: Tokenizer, docs: Iterator[Document], writers: dict[str,
             bar.close()
     if pending is not None:
         split = pending[0]
-        if val_fraction > 0 and writers["val"].n_docs == 0 and writers["train"].n_docs > 0:
-            split = "val"
-        elif writers["train"].n_docs == 0 and writers["val"].n_docs > 0:
+        # training comes first: a corpus of one document (one big file) trains on it rather than validating on it
+        if writers["train"].n_docs == 0:
             split = "train"
+        elif val_fraction > 0 and writers["val"].n_docs == 0:
+            split = "val"
         writers[split].add(pending[1], pending[2])
 
 

@@ -40,8 +40,15 @@ def prepare_dataset(cfg: DataConfig, vocab_size: int, progress: bool = True) -> 
     else:
         texts = (doc.text for doc in iter_documents(list(cfg.sources)))
         tokenizer = train_tokenizer(texts, vocab_size)
-        with atomic_directory(tok_dir) as tmp:
-            tokenizer.save(tmp)
+        try:
+            with atomic_directory(tok_dir) as tmp:
+                tokenizer.save(tmp)
+        except OSError:
+            # another run sharing data.cache_dir saved its tokenizer first (ours cannot replace the non-empty
+            # directory): train on that one, the tokenizer every later run of these sources loads
+            if not (tok_dir / "tokenizer.json").is_file():
+                raise
+            tokenizer = Tokenizer.load(tok_dir)
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the {vocab_size} allowed "
                          f"(data.vocab_size, or model.vocab_size)")

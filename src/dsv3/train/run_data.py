@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint.atomic import write_whole
 from ..data import PackedLoader, ShardSet
 from ..data.packing import val_batches
 from .checkpoint import remove_unfinished_saves
@@ -62,6 +63,11 @@ def prepare_run_data(cfg: RunConfig, layout: Layout, source=None, resume: bool =
     if source is None:
         tokenizer, shards, data_dir = prepare_dataset(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size,
                                                       progress=progress and layout.is_main)
+        if cfg.log.val_batches and shards.n_docs("val") == 0:    # before anything is written to the run directory
+            raise ValueError(f"log.val_batches={cfg.log.val_batches} needs validation documents, but "
+                             f"data.val_fraction={cfg.data.val_fraction} sent none of the sources' "
+                             f"{shards.n_docs('train')} documents to validation (a document is never split); "
+                             f"set log.val_batches=0, raise data.val_fraction or add documents")
     else:
         tokenizer, shards, data_dir = source.tokenizer, None, None
     notes = set_up_run_dir(cfg, tokenizer, shards, data_dir, resume, overwrite) if layout.is_main else []
@@ -94,7 +100,7 @@ def set_up_run_dir(cfg: RunConfig, tokenizer, shards: ShardSet | None, data_dir:
     baselines = run_dir / "baselines.json"
     if shards is not None and (fresh or not baselines.exists()):
         cached = data_dir / "baselines.json"
-        if not cached.exists():
-            cached.write_text(json.dumps(unigram_entropy(shards, tokenizer.vocab_size)))
+        if not cached.exists():     # whole or not at all: a kill mid-write must not leave a cache later copied
+            write_whole(cached, json.dumps(unigram_entropy(shards, tokenizer.vocab_size)))
         shutil.copy(cached, baselines)
     return notes
