@@ -22,9 +22,9 @@ from ..config import ConfigError
 from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..train.config import RunConfig
-from ..train.losses import mtp_mean
-from ..train.trainer import (Trainer, compute_dtype, lm_losses, positions, refuse_ranks, resolve_device,
-                             split_batch)
+from ..train.data_parallel import refuse_ranks
+from ..train.losses import mtp_mean, positions
+from ..train.trainer import Trainer, compute_dtype, lm_losses, resolve_device, split_batch
 from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
 from .config import check_length, check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl
@@ -91,7 +91,7 @@ class LogitKDTrainer(Trainer):
                 with torch.no_grad():
                     values, ids = teacher_topk(self.teacher(window[:, :-1]), self.top_k)
                 kd = topk_forward_kl(logits, values, ids, targets != -100, self.kd_temperature)
-                w_main, w_mtp = weight          # each term at its step-wide token mean (Trainer._token_weights)
+                w_main, w_mtp = weight          # each term at its step-wide token mean (losses.token_weights)
                 main, kd = main * w_main, kd * w_main
                 mtp_loss = mtp_mean([ce * wk for ce, wk in zip(mtp, w_mtp)], main)
                 loss = (1 - w) * main + w * kd + lam * mtp_loss

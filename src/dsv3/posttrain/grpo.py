@@ -34,7 +34,8 @@ from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
 from ..infer import Engine, EngineConfig
 from ..train.hf_shards import load_hf_owned
-from ..train.trainer import Trainer, build_model, positions
+from ..train.losses import positions
+from ..train.trainer import Trainer, build_model
 from ..verify.sandbox import self_check
 from .base import load_base
 from .config import check_paths, read_posttrain_dict, section_from_table, split_config

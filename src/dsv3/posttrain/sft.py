@@ -11,7 +11,7 @@ Steps:
    right-padded to the longest (padding, not packing: packing without attention across conversations would need a
    document mask inside the model's attention, which dsv3.model does not take; right padding needs none, since a
    causal row never attends to the pads after it). The loss is the mean over the step's assistant tokens, all its
-   micro-batches and ranks together (and the MTP heads' over theirs, same mask; Trainer._token_weights), so
+   micro-batches and ranks together (and the MTP heads' over theirs, same mask; losses.token_weights), so
    train.micro_batch_size changes memory, not the gradient; the eval loss is the same on held-out conversations.
 """
 

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..config import ConfigError
 from ..parallel import grads
 from ..parallel.mesh import ParallelMesh
 
@@ -197,3 +198,12 @@ class NullLogger:
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: {}
+
+
+def refuse_ranks(command: str) -> None:
+    """For a trainer whose step replaces `Trainer._forward_backward` (GRPO, logit distillation): that step neither
+    splits its batch over the ranks nor syncs gradients, so under torchrun every rank would train on the whole batch
+    and an expert-parallel rank would receive each token's expert gradient once per rank. Refused in one line."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError(f"dsv3 {command} runs in one process (its step is not split over ranks): run it without "
+                          f"torchrun")

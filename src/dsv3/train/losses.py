@@ -7,6 +7,8 @@ last stage of a DualPipeV pipeline): TR 2.2 / 4.2, spec 1.7-1.8.
   * `output_losses`: the same CEs from a pipeline's last-stage output (logits, *mtp logits);
   * `objective`: the weighted sum (the balance term is the sequence-wise loss of the layers the caller holds:
     dsv3.train.balance.collect_balance_loss, or each pipeline chunk's own through BalanceLossGrad);
+  * `token_weights`: what each micro-batch's CEs are multiplied by so that a step with a loss mask (SFT) takes every
+    CE's mean over all its loss tokens, whatever the micro-batches and ranks; `positions`: a batch's trained positions;
   * `PipelineLoss`: the last stage's loss_fn for torch's pipeline schedules;
   * `ValidationSums`: main / MTP loss and the MTP head's next-next-token accuracy (against the data and against the
     main model's own greedy choice: the acceptance rate of greedy speculative decoding with the MTP head as the
@@ -49,6 +51,31 @@ def output_losses(output, window: torch.Tensor, ce=cross_entropy) -> tuple[torch
     """`lm_losses`'s CEs from a last-stage output and its window: main CE, MTP CE per depth."""
     logits, mtp_logits = split_output(output)
     return ce(logits, window[:, 1:]), [ce(lg, window[:, k + 1:]) for k, lg in enumerate(mtp_logits, 1)]
+
+
+def positions(window: torch.Tensor) -> int:
+    """Token positions a batch of the whole step (all ranks') trains on: each row's tokens but its last, the next
+    tokens being the targets (pre-training: micro_batch_size x seq_len; SFT: its rows' padded length - 1)."""
+    return window.shape[0] * (window.shape[1] - 1)
+
+
+def token_weights(targets: list[torch.Tensor | None], shard, replicas: int, mtp_depths: int
+                  ) -> list[tuple[float, list[float]] | None]:
+    """Per micro-batch (its whole `targets`, -100 off the loss mask), what this rank's mean CEs are multiplied by so
+    that the step's gradient is that of each CE's mean over all its loss tokens in the step (every micro-batch, every
+    rank), as one batch would give: c R / C for c loss tokens in the rank's rows (`shard`), C in the whole step
+    (every rank reads every micro-batch whole, so C needs no collective) and R `replicas` (the gradient sync
+    averages over them); for the main CE and each MTP depth k (its targets start k tokens later). Without it a
+    micro-batch of few loss tokens counted as much as a full one and train.micro_batch_size, a memory setting,
+    changed the gradient. None for windows without a loss mask (pre-training: equal counts, 1 / n_micro)."""
+    if any(t is None for t in targets):
+        return [None] * len(targets)
+
+    def counts(t: torch.Tensor) -> list[int]:       # loss tokens of the main CE, then of each MTP depth
+        return [int((t[:, k:] != -100).sum()) for k in range(mtp_depths + 1)]
+    mine = [counts(shard(t)) for t in targets]
+    total = [max(sum(c), 1) for c in zip(*(counts(t) for t in targets))]
+    return [(c[0] * replicas / total[0], [n * replicas / tot for n, tot in zip(c[1:], total[1:])]) for c in mine]
 
 
 def mtp_mean(mtp: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -51,11 +51,11 @@ from .balance import collect_balance_loss, moe_layers, update_bias
 from .checkpoint import is_sharded, load_sharded
 from .checkpointing import Checkpointing
 from .config import RunConfig
-from .data_parallel import Layout, NullLogger
+from .data_parallel import Layout, NullLogger, refuse_ranks
 from .ema import CPUEma
 from .hf_shards import check_hf_names, hf_source_error, load_hf_owned
 from .init_from import Source, check_extension, find_source, source_tensors
-from .losses import ValidationSums, cross_entropy, lm_losses, mtp_mean, objective
+from .losses import ValidationSums, cross_entropy, lm_losses, mtp_mean, objective, positions, token_weights
 from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
@@ -129,21 +129,6 @@ class StepStats:
     aux_loss: float
     grad_norm: float
     tokens: int
-
-
-def positions(window: torch.Tensor) -> int:
-    """Token positions a batch of the whole step (all ranks') trains on: each row's tokens but its last, the next
-    tokens being the targets (pre-training: micro_batch_size x seq_len; SFT: its rows' padded length - 1)."""
-    return window.shape[0] * (window.shape[1] - 1)
-
-
-def refuse_ranks(command: str) -> None:
-    """For a trainer whose step replaces `Trainer._forward_backward` (GRPO, logit distillation): that step neither
-    splits its batch over the ranks nor syncs gradients, so under torchrun every rank would train on the whole batch
-    and an expert-parallel rank would receive each token's expert gradient once per rank. Refused in one line."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ConfigError(f"dsv3 {command} runs in one process (its step is not split over ranks): run it without "
-                          f"torchrun")
 
 
 class Trainer(Checkpointing):
@@ -341,22 +326,8 @@ class Trainer(Checkpointing):
 
     def _token_weights(self, batches: list[tuple[torch.Tensor, torch.Tensor | None]]
                        ) -> list[tuple[float, list[float]] | None]:
-        """Per micro-batch, what this rank's mean CEs are multiplied by so that the step's gradient is that of each
-        CE's mean over all its loss tokens in the step (every micro-batch, every rank), as one batch would give:
-        c R / C for c loss tokens in the rank's rows, C in the whole step (every rank reads every micro-batch whole,
-        so C needs no collective) and R replicas (sync_gradients averages over them); for the main CE and each MTP
-        depth k (its targets start k tokens later). Without it a micro-batch of few loss tokens counted as much as a
-        full one and train.micro_batch_size, a memory setting, changed the gradient. None for windows without a loss
-        mask (pre-training: equal counts, 1 / n_micro as before)."""
-        if any(t is None for _, t in batches):
-            return [None] * len(batches)
-        R = self.layout.replicas
-
-        def counts(t: torch.Tensor) -> list[int]:       # loss tokens of the main CE, then of each MTP depth
-            return [int((t[:, k:] != -100).sum()) for k in range(len(self.model.mtp) + 1)]
-        mine = [counts(self.layout.shard(t)) for _, t in batches]
-        total = [max(sum(c), 1) for c in zip(*(counts(t) for _, t in batches))]
-        return [(c[0] * R / total[0], [n * R / tot for n, tot in zip(c[1:], total[1:])]) for c in mine]
+        """dsv3.train.losses.token_weights for this rank's rows of the step's micro-batches."""
+        return token_weights([t for _, t in batches], self.layout.shard, self.layout.replicas, len(self.model.mtp))
 
     # ---- one optimizer step -------------------------------------------------------------------------------------
     def train_step(self) -> tuple[StepStats, torch.Tensor]:
