@@ -113,8 +113,8 @@ def _generate(sub) -> None:
     s.add_argument("--top-k", type=int, default=None, help="0: off (default: generation_config.json's, else 50)")
     s.add_argument("--top-p", type=float, default=None, help="1: off (default: generation_config.json's, else 0.95)")
     s.add_argument("--repetition-penalty", type=float, default=None, help="HF's, over the prompt and the output: "
-                   "a seen token's logit / this if > 0, * this if < 0; 1: off, (0, 2] (default: generation_config.json's, "
-                   "else 1)")
+                   "a seen token's logit / this if > 0, * this if < 0; 1: off, (0, 2] (default: "
+                   "generation_config.json's, else 1)")
     s.add_argument("--samples", type=int, default=1, help="completions of the prompt")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on "

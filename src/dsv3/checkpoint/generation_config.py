@@ -1,6 +1,6 @@
 """A model directory's own sampling defaults (generation_config.json): what `dsv3 serve` requests and `dsv3 generate`
-runs that leave temperature / top_p / top_k / repetition_penalty out sample with, and the ids that end a generation besides the
-tokenizer's EOS (`eos_token_id`).
+runs that leave temperature / top_p / top_k / repetition_penalty out sample with, and the ids that end a generation
+besides the tokenizer's EOS (`eos_token_id`).
 
 A release's `generation_config.json` says how its authors sample it (DeepSeek-V3 and R1: temperature 0.6, top_p
 0.95); OpenAI's defaults (1.0, 1.0) would sample such a model hotter than intended whenever a client omits them, as

@@ -6,5 +6,5 @@ from .packing import PackedLoader, val_batches
 from .shards import ShardSet, build_shards
 from .tokenizer import SPECIAL_TOKENS, Tokenizer, read_tokenizer_config, train_tokenizer
 
-__all__ = ["Tokenizer", "SPECIAL_TOKENS", "train_tokenizer", "read_tokenizer_config", "ChatTemplate", "encode_chat", "stdlib_files",
-           "iter_documents", "Document", "build_shards", "ShardSet", "PackedLoader", "val_batches"]
+__all__ = ["Tokenizer", "SPECIAL_TOKENS", "train_tokenizer", "read_tokenizer_config", "ChatTemplate", "encode_chat",
+           "stdlib_files", "iter_documents", "Document", "build_shards", "ShardSet", "PackedLoader", "val_batches"]

@@ -257,10 +257,11 @@ class Engine:
             st["chained_steps"] += prev is not None
             done, flight = self.speculation.step(seqs, prev)
             outputs += done
-            if flight is not None and self.spec_overlap:
-                self._in_flight = flight
-            elif flight is not None:
-                outputs += self._apply(flight)
+            if flight is not None:     # chained: read after the next step is launched; else now
+                if self.spec_overlap:
+                    self._in_flight = flight
+                else:
+                    outputs += self._apply(flight)
             return self._forget_finished(outputs)
         if prev is not None:
             # chained: every row's input is its token sampled by the previous step, still on the device

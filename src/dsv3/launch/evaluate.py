@@ -15,9 +15,9 @@ from ..data import Tokenizer
 from ..data.chat import ChatTemplate
 from ..eval import EngineBackend, OpenAIBackend, run
 from ..infer import Engine, EngineConfig
-from ..posttrain.base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
+from ..posttrain.base import chat_template_of, tokenizer_dir
 from ..verify import SandboxUnavailable
-from .loading import default_device, serving_dtype
+from .loading import default_device, load_model
 
 
 def run_eval(args: argparse.Namespace, dtype: torch.dtype | None) -> int:
@@ -33,8 +33,7 @@ def run_eval(args: argparse.Namespace, dtype: torch.dtype | None) -> int:
             raise ValueError("pass --model (a run or HF directory) or --server URL")
         device = default_device(args.device)
         tok_dir = tokenizer_dir(args.model, args.tokenizer)
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer,
-                                                    dtype=serving_dtype(dtype, device), device=device)
+        model, tokenizer = load_model(args.model, args.tokenizer, device, dtype, fp8=False)
         # generations end where `dsv3 serve` ends them: the tokenizer's EOS and generation_config.json's
         backend = EngineBackend(Engine(model, tokenizer, EngineConfig(cache_memory_gib=args.cache_gib,
                                                                       max_num_seqs=args.max_num_seqs,

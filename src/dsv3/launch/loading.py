@@ -42,21 +42,25 @@ def bench_model(config_name: str, mtp: bool, device: str, dtype: torch.dtype | N
     return maybe_fp8(random_model(cfg, device, serving_dtype(dtype, device)), fp8)
 
 
+def load_model(model_path: str, tokenizer_path: str | None, device: str, dtype: torch.dtype | None, fp8: bool
+               ) -> tuple[Transformer, Tokenizer]:
+    """(model, tokenizer) of a model directory in the serving dtype, optionally with FP8 block weights."""
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=serving_dtype(dtype, device),
+                                                device=device)
+    return maybe_fp8(model, fp8), tokenizer
+
+
 def load_for_serving(args: argparse.Namespace, dtype: torch.dtype | None, device: str) -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) for `dsv3 serve --ep` / `--role` processes."""
     if args.fp8 and args.ep:
         raise ValueError("--fp8 with --ep is not supported yet (expert slots are placed from plain expert weights)")
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, dtype=serving_dtype(dtype, device),
-                                                device=device)
-    return maybe_fp8(model, args.fp8), tokenizer
+    return load_model(args.model, args.tokenizer, device, dtype, args.fp8)
 
 
 def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtype: torch.dtype | None, fp8: bool,
                   config: EngineConfig) -> Engine:
     """The engine `dsv3 serve` runs (built in the engine process)."""
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=serving_dtype(dtype, device),
-                                                device=device)
-    return Engine(maybe_fp8(model, fp8), tokenizer, config)
+    return Engine(*load_model(model_path, tokenizer_path, device, dtype, fp8), config)
 
 
 @functools.cache

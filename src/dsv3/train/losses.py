@@ -60,16 +60,16 @@ def positions(window: torch.Tensor) -> int:
 
 
 def token_weights(targets: list[torch.Tensor | None], shard, replicas: int, mtp_depths: int
-                  ) -> list[tuple[float, list[float]] | None]:
+                  ) -> list[tuple[float, list[float]]]:
     """Per micro-batch (its whole `targets`, -100 off the loss mask), what this rank's mean CEs are multiplied by so
     that the step's gradient is that of each CE's mean over all its loss tokens in the step (every micro-batch, every
     rank), as one batch would give: c R / C for c loss tokens in the rank's rows (`shard`), C in the whole step
     (every rank reads every micro-batch whole, so C needs no collective) and R `replicas` (the gradient sync
     averages over them); for the main CE and each MTP depth k (its targets start k tokens later). Without it a
     micro-batch of few loss tokens counted as much as a full one and train.micro_batch_size, a memory setting,
-    changed the gradient. None for windows without a loss mask (pre-training: equal counts, 1 / n_micro)."""
+    changed the gradient. Windows without a loss mask (pre-training) have equal counts: 1 / n_micro each."""
     if any(t is None for t in targets):
-        return [None] * len(targets)
+        return [(1 / len(targets), [1 / len(targets)] * mtp_depths)] * len(targets)
 
     def counts(t: torch.Tensor) -> list[int]:       # loss tokens of the main CE, then of each MTP depth
         return [int((t[:, k:] != -100).sum()) for k in range(mtp_depths + 1)]

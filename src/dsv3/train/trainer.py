@@ -307,25 +307,18 @@ class Trainer(Checkpointing):
                 main, mtp, _, _ = lm_losses(self.model, window, self.ce, targets)
                 aux = collect_balance_loss(self.layers)
                 aux = aux if aux is not None else main.new_zeros(())
-                if weight is None:      # pre-training: equal micro-batches, the mean of their means
-                    mtp_loss = mtp_mean(mtp, main)
-                    loss = objective(main, mtp_loss, aux, lam, alpha)
-                    parts = torch.stack([loss, main, mtp_loss, aux]) / n_micro
-                    loss = loss / n_micro
-                else:                   # a loss mask (SFT): each CE weighted to its step-wide token mean
-                    w_main, w_mtp = weight
-                    terms = (main * w_main, mtp_mean([ce * w for ce, w in zip(mtp, w_mtp)], main), aux / n_micro)
-                    loss = objective(*terms, lam, alpha)
-                    parts = torch.stack([loss, *terms])
+                w_main, w_mtp = weight          # each CE at its step-wide token mean (losses.token_weights)
+                terms = (main * w_main, mtp_mean([ce * w for ce, w in zip(mtp, w_mtp)], main), aux / n_micro)
+                loss = objective(*terms, lam, alpha)
             loss.backward()
             if self.layers:
                 loads += torch.stack([m.tokens_per_expert for _, m in self.layers])
-            sums += parts.detach().double()
+            sums += torch.stack([loss, *terms]).detach().double()
         self.layout.sync_gradients(self.local)
         return self.layout.sync_loads(loads), self.layout.mean(sums)
 
     def _token_weights(self, batches: list[tuple[torch.Tensor, torch.Tensor | None]]
-                       ) -> list[tuple[float, list[float]] | None]:
+                       ) -> list[tuple[float, list[float]]]:
         """dsv3.train.losses.token_weights for this rank's rows of the step's micro-batches."""
         return token_weights([t for _, t in batches], self.layout.shard, self.layout.replicas, len(self.model.mtp))
 
