@@ -2,7 +2,7 @@
 parameter: grad, m, v, master read; m, v, master, param written) against split ones (18: the BF16 parameter is the
 master's high half, an int16 tensor its low half; `dsv3.kernels.adamw`), BF16 moments, time and effective bandwidth.
 
-    python benchmarks/adamw_bench.py                  # on the GPU: 4.59B parameters, ~55 GB of state per arm
+    python benchmarks/adamw_bench.py                  # on the GPU: 5.05B parameters, ~60 GB of state per arm
     python benchmarks/adamw_bench.py --scale 0.0005 --device cpu     # dry run (the reference)
 """
 
@@ -47,6 +47,16 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+    if dev.type == "cuda":      # the peer: torch's fused AdamW, BF16 parameters and state, no master (14 B/param)
+        params = [torch.nn.Parameter((torch.randn(sh, device=dev) * 0.02).to(torch.bfloat16)) for sh in shapes(a.scale)]
+        for p in params:
+            p.grad = (torch.randn_like(p, dtype=torch.float32) * 1e-3).to(torch.bfloat16)
+        opt = torch.optim.AdamW(params, fused=True, lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"],
+                                weight_decay=HP["weight_decay"])
+        n = sum(p.numel() for p in params)
+        dt = bench(lambda _: opt.step(), None, a.iters, torch.cuda.synchronize)
+        print(f"{'torch fused AdamW (peer)':28s} {n / 1e9:.2f}B params: {dt * 1e3:8.2f} ms/step  "
+              f"{n * 14 / dt / 1e12:5.2f} TB/s (14 B/param, bf16 state, no master)", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,11 +45,11 @@ DENSE_SWEEP = [dict(block_n=bn, num_warps=4, num_stages=s, split_k=k)
                for bn, s, k in itertools.product((16, 32, 64), (3, 5), (1, 2, 4, 8, 16))]
 GEMV_SWEEP = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=w)
               for bn, ku, k, w in itertools.product((8, 16, 32, 64), (1, 2, 4, 8), (1, 2, 4, 8), (4,))]
-# --gemv-sweep small (default): 12 of GEMV_SWEEP's 64 launches; the full sweep compiles and times 64 x 17 cases,
+# --gemv-sweep small (default): 16 of GEMV_SWEEP's 64 launches; the full sweep compiles and times 64 x 17 cases,
 # which ran out of a 90 s limit on the H200 before printing anything (sixth session)
 GEMV_SWEEP_SMALL = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=4)
-                    for bn, ku, k in itertools.product((8, 16, 32), (2, 4), (1, 4))]
-GEMV_M = (1, 4, 16)
+                    for bn, ku, k in itertools.product((8, 16, 32, 64), (2, 4), (1, 4))]
+GEMV_M = (1, 2, 4, 16)   # 2: batch-1 verify of one draft token
 DRY = False     # --dry-run: CPU interpreter, tiny shapes, wall-clock of one call
 
 

@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_next.sh b   MTP speculation on a trained small-gpu, chained vs unchained (issue 16's 1.6x)
 #   bash benchmarks/gpu_next.sh c   issue 17 stages 2-3 with split masters (step, MFU, peak memory), then the FP8
 #                                   weight GEMV's bandwidth (issue 16, FP8 at batch 1)
+#   bash benchmarks/gpu_next.sh d   the gate again, the GEMV (M = 1, 2, 4, 16), AdamW with the trainer's stacked
+#                                   expert shapes + torch's fused AdamW, and BF16 vs FP8 decode at batch 1 profiled
 set -u
 PART=${1:-}
 export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 OUT=${OUT:-out}
@@ -24,5 +26,12 @@ case $PART in
   c)
     MASTER=split STAGES="2 3" LIMIT=330 bash benchmarks/issue17_gpu.sh
     timeout 200 python benchmarks/fp8_weight_gemm_bench.py --only gemv 2>&1 | grep -v Warning | tee "$OUT/gemv.txt" ;;
-  *) echo "usage: $0 a|b|c"; exit 2 ;;
+  d)    # fourteenth session: the gate after the GEMV / dispatch / quantiser changes, then their measurements
+    bash benchmarks/gpu_suite.sh gpu
+    rm -f "$OUT/junit-gpu.xml"
+    timeout 120 python benchmarks/fp8_weight_gemm_bench.py --only gemv 2>&1 | grep -v Warning | tee "$OUT/gemv.txt"
+    timeout 60 python benchmarks/adamw_bench.py 2>&1 | tee "$OUT/adamw.txt"
+    timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-auto --ttft-batch 0 \
+      --profile > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | tail -40 ;;
+  *) echo "usage: $0 a|b|c|d"; exit 2 ;;
 esac

@@ -451,8 +451,8 @@ def test_scaled_mm_cuda_bf16(M, N, K, b_rows):
 @needs_sm90
 @needs_triton_gpu
 def test_dispatcher_prefers_cublas_where_it_fits(monkeypatch):
-    """On sm_90, fp8_gemm takes cuBLASLt's block-scaled GEMM for every shape (padding K and N where needed), and
-    Triton when forced."""
+    """On sm_90, fp8_gemm takes cuBLASLt's block-scaled GEMM above 16 rows for every N and K (padding them where
+    needed), Triton at M <= 16 (where cuBLASLt's padded kernel loses) and when forced."""
     import importlib
     m = importlib.import_module("dsv3.kernels.fp8_gemm")  # the package's fp8_gemm attribute is the function
     calls = []
@@ -460,7 +460,8 @@ def test_dispatcher_prefers_cublas_where_it_fits(monkeypatch):
     monkeypatch.setattr(m, "fp8_gemm_scaled_mm", lambda *a, **k: calls.append("scaled_mm") or real_s(*a, **k))
     monkeypatch.setattr(m, "fp8_gemm_triton", lambda *a, **k: calls.append("triton") or real_t(*a, **k))
     cases = [((64, 256, 512, 128), "scaled_mm"), ((64, 576, 512, 128), "scaled_mm"),   # N = 576: padded
-             ((64, 208, 512, 1), "scaled_mm"), ((64, 256, 200, 128), "scaled_mm")]     # K = 200: padded
+             ((64, 208, 512, 1), "scaled_mm"), ((64, 256, 200, 128), "scaled_mm"),     # K = 200: padded
+             ((16, 256, 512, 128), "triton"), ((1, 576, 512, 128), "triton"), ((17, 256, 512, 128), "scaled_mm")]
     for (M, N, K, rows), _ in cases:
         args = make_dense(M, N, K, rows, seed=30 + N, device="cuda")
         assert_close_scaled(m.fp8_gemm(*args), fp8_gemm_reference(*args), 1.6e-2)

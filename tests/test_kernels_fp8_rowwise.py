@@ -49,7 +49,8 @@ def _interpreter_cases() -> dict:
     w3 = make_x(3 * 70, 130, seed=4).view(3, 70, 130)
     cases = {"37x200": make_x(37, 200, seed=1), "6x2100_bf16": make_x(6, 2100, torch.bfloat16, seed=2),
              "strided": wide[:, 100:2300], "empty": torch.zeros(0, 16), "3d": w3,
-             "3d_transposed": w3.transpose(1, 2), "2d_transposed": make_x(90, 70, seed=6).t()}
+             "3d_transposed": w3.transpose(1, 2), "2d_transposed": make_x(90, 70, seed=6).t(),
+             "5x4096_wide": make_x(5, 4096, seed=3)}     # K % 2048 == 0: one row x 2048 columns per step
     out = {name: _compare(quantize_rows_triton(x), quantize_rows_reference(x)) for name, x in cases.items()}
     # the transposing quantiser (rows of w^T), with both orientations: several (BN, BK) tiles per column strip
     # (the reverse-order cast pass), partial tiles on both edges, bf16 / fp16 / fp32
@@ -72,7 +73,7 @@ def _interpreter_cases() -> dict:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_rowwise")
-    assert len(res) == 14
+    assert len(res) == 15
     for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
         if name == "t_nonfinite":  # NaN scales where the reference has them (q's NaNs: GPU test)
             assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, r

@@ -250,7 +250,7 @@ def _rel64(out, ref64) -> float:
 
 def _gemv_cases() -> dict:
     """The weight-streaming GEMV (through the one entry point, default dispatch and forced launches) against the
-    float64 oracle: M = 1, 3, 16 (16: the tl.dot path; <= 4: the broadcast path), N and K off the 128 grid,
+    float64 oracle: M = 1 (the per-lane path), 2, 3, 8, 16 (tl.dot, rows past M masked), N and K off the 128 grid,
     K slices (several, one partial, more asked than K blocks), KU steps, even-K (no masks) and strided x."""
     errs = {}
     for name, (M, N, K, kw) in {"gemv_m1_n200_k300": (1, 200, 300, {}), "gemv_m3_n130_k257": (3, 130, 257, {}),
@@ -260,7 +260,7 @@ def _gemv_cases() -> dict:
                                 "gemv_m3_n48_k1024_split3_bn16": (3, 48, 1024, dict(split_k=3, block_n=16)),
                                 "gemv_m2_n40_k260_split9": (2, 40, 260, dict(split_k=9)),
                                 "gemv_m8_n130_k256_bn128": (8, 130, 256, dict(block_n=128, num_warps=8)),
-                                "gemv_m4_n50_k640_bn8_split2": (4, 50, 640, dict(block_n=8, ku=4, split_k=2))}.items():
+                                "gemv_m1_n50_k640_bn8_split2": (1, 50, 640, dict(block_n=8, ku=4, split_k=2))}.items():
         x, q, s = make_linear(M, N, K, seed=M + N + K + 1)
         errs[name] = _rel64(fp8_linear_triton(x, q, s, **kw), oracle_linear(x, q, s))
     x, q, s = make_linear(3, 72, 300, seed=8)
@@ -291,12 +291,22 @@ def test_gemv_dispatch_and_launch_table(monkeypatch):
         _take_gemv(True, GEMV_MAX_M + 1, x, q, None, None)
     monkeypatch.setenv("DSV3_FP8_GEMV", "0")                   # the A/B switch
     assert not _take_gemv(None, 1, x, q, None, None) and _take_gemv(True, 1, x, q, None, None)
-    # lite decode shapes on 132 SMs: ~4 programs per SM unless K runs out of slices
+    with pytest.raises(ValueError, match="block_n"):             # M = 2..16 takes tl.dot: 8 columns too few
+        fp8_linear_triton(x[:4], q, torch.ones(1, 1), gemv=True, block_n=8)
+    # lite decode shapes on 132 SMs (the H100 sweep's best launches, RESULTS.md fourteenth session)
     for N, K in [(3072, 2048), (576, 2048), (2048, 2048), (10944, 2048), (2048, 10944), (1408, 2048)]:
+        most = max(1, -(-K // 128) // 4)                          # each slice >= one KU step
         cfg = gemv_launch(1, N, K, 132)
-        most = max(1, -(-K // 128) // cfg["ku"])                  # each slice >= one KU step
-        assert -(-N // cfg["block_n"]) * cfg["split"] >= 4 * 132 or cfg["split"] == most, (N, K, cfg)
-        assert 1 <= cfg["split"] <= most and 128 % cfg["block_n"] == 0
+        strips = -(-N // cfg["block_n"])
+        assert cfg["block_n"] == (8 if N <= 4096 and K <= 4096 else 16) and cfg["ku"] == 4, (N, K, cfg)
+        # the strips alone fill the SMs: no K slices (their sum is one more launch); else ~4 programs per SM
+        assert cfg["split"] == 1 if strips >= 132 else strips * cfg["split"] >= 4 * 132 or cfg["split"] == most
+        for M in (2, 4, 16):
+            cfg = gemv_launch(M, N, K, 132)
+            want = 1 if -(-N // 32) >= 66 else min(4, -(-K // 128) // 2)
+            assert cfg == dict(block_n=32, ku=2, split=want, num_warps=4), (M, N, K, cfg)
+    assert gemv_launch(6, 1408, 2048, 132, programs_per_row=6)["block_n"] == 16   # grouped rows: one-row strips
+    assert gemv_launch(1, 576, 2048, 132)["split"] == 4                          # 72 strips: K slices
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "

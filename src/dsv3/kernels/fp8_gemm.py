@@ -41,9 +41,10 @@ inferred from scale shapes/strides; it has no L4 padding, so block-scaled b then
 M is padded to a multiple of 16 (M = 1 is reported to fail in cuBLASLt; not verified here), K and N as above, and
 the result sliced.
 
-`fp8_gemm` (auto): on sm_90, cuBLASLt through `fp8_gemm_scaled_mm` for every shape (1.1-1.7x the Triton kernel at
+`fp8_gemm` (auto): on sm_90, cuBLASLt through `fp8_gemm_scaled_mm` above 16 rows (1.1-1.7x the Triton kernel at
 V3 shapes, issue 15's measurements; padded where K or N is not a multiple of 128, e.g. lite's 10944-wide FFN and
-576-wide kv_a_proj), else Triton on CUDA sm_89+ when triton imports, else the reference. `fp8_grouped_gemm`: Triton, else the reference.
+576-wide kv_a_proj), else (and at M <= 16, where cuBLASLt's padded kernel loses) Triton on CUDA sm_89+ when triton
+imports, else the reference. `fp8_grouped_gemm`: Triton, else the reference.
 DSV3_FP8_GEMM=reference | scaled_mm (dense only) | triton forces a path (unset or auto: the default); other values
 raise.
 """
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fp8_quant import dequantize_blocks, dequantize_tiles
+from .fp8_gemv import GEMV_MAX_M
 from .fp8_weight_gemm import grouped_tile_map
 
 from .triton_setup import BLOCK, HAS_TRITON, capability, need_triton, tl, triton
@@ -398,8 +400,10 @@ def _triton_usable(a: Tensor) -> bool:
 
 
 def _scaled_mm_fits(a: Tensor, M: int, N: int, K: int, rows: int) -> bool:
-    """cuBLASLt's block-scaled FP8 GEMM runs these operands (sm_90; any K and N, padded)."""
-    return a.is_cuda and capability(a.device)[0] == 9 and M > 0
+    """cuBLASLt's block-scaled FP8 GEMM runs these operands (sm_90; any K and N, padded) and is the faster path:
+    above GEMV_MAX_M rows. At M <= 16 (padded to 16 for cuBLASLt) the Triton kernel was 0.8-7.8x cuBLASLt on an
+    H100 at lite and V3 widths, faster in 39 of 45 cases, within 2% in 4 more (RESULTS.md, fourteenth session)."""
+    return a.is_cuda and capability(a.device)[0] == 9 and M > GEMV_MAX_M
 
 
 def fp8_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor,

@@ -15,16 +15,17 @@ Steps, one program per (BLOCK_N strip of W, K slice) [grouped: per (row, strip, 
      a. load the strip's e4m3 codes W[n0:n0+BLOCK_N, 128 columns] (rows past N re-read row n % N: no mask;
         K masked only when K or the slice is ragged: EVEN_K), and the same 128 columns of x's M rows;
      b. load that block's one scale, scale_inv[n0 // 128, kb];
-     c. partial (BM, BLOCK_N) = x . W^T in fp32: broadcast multiply-add for BM <= 4 (CUDA cores: M is tiny, tensor
-        cores would idle 3/4 of an MMA), tl.dot with bf16/fp16 operands for BM >= 8 (16 FMAs per weight byte would
-        bind the CUDA cores); acc += partial * scale. BM == 1 keeps the scaled products per lane (BLOCK_N, 128) and
-        reduces across lanes once after the loop, not once per block;
+     c. one row (M = 1, and each row of the grouped form): the scaled products kept per lane (BLOCK_N, 128) on the
+        CUDA cores and reduced across lanes once after the loop, not once per block. M >= 2: partial (16, BLOCK_N) =
+        x . W^T by tl.dot with bf16/fp16 operands (rows past M masked), acc += partial * scale. A broadcast
+        multiply-add summed across lanes every block, which M = 2..4 used before, read 0.09-0.2 TB/s on an H100
+        (a cross-lane reduction per 128 columns; RESULTS.md, fourteenth session): the idle rows of an MMA cost less;
   2. one K slice: store acc in x's dtype. Several (too few strips to fill the GPU): each slice stores its fp32
      plane of a (split, M, N) buffer and one small kernel sums the planes in a fixed order and casts: deterministic,
      no atomics, one extra launch (graph node) per call.
 
-Launch table (`gemv_launch`), autotune-free: BLOCK_N (8..128; 8 only for M <= 4), KU, split, warps by shape; each can be
-overridden per call (the bench sweeps them: benchmarks/fp8_weight_gemm_bench.py). Nothing depends on values on
+Launch table (`gemv_launch`), autotune-free: BLOCK_N (8..128; 8 only for one row: tl.dot needs 16), KU, split,
+warps by shape, from the sweep of benchmarks/fp8_weight_gemm_bench.py on an H100; each can be overridden per call. Nothing depends on values on
 the host (grouped: the row -> expert map is built on the device), so calls capture in a CUDA graph.
 """
 
@@ -69,12 +70,9 @@ if HAS_TRITON:
                 if USE_DOT:                                  # 1c.
                     part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC)
                     acc += part * s
-                elif BM == 1:
-                    acc3 += w.to(tl.float32) * (x.to(tl.float32) * s)
                 else:
-                    part = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-                    acc += part * s
-        if not USE_DOT and BM == 1:
+                    acc3 += w.to(tl.float32) * (x.to(tl.float32) * s)
+        if not USE_DOT:
             acc = tl.sum(acc3, axis=1)[None, :]
         return acc, offs_n
 
@@ -125,15 +123,23 @@ if HAS_TRITON:
 
 
 def gemv_launch(M: int, N: int, K: int, sms: int, programs_per_row: int = 1) -> dict:
-    """The launch table: dict(block_n, ku, split, num_warps). Default, until the GPU sweep replaces it (RESULTS.md
-    issue 16): 16-row strips (32 when that still gives >= 8 strips per SM), 4 K blocks per loop step (8 KB of a
-    16-row strip in flight per program), and K slices (each >= one step) until ~4 programs per SM.
-    `programs_per_row`: the grouped form's rows."""
+    """The launch table: dict(block_n, ku, split, num_warps), each rule the best of the H100 sweep at lite's shapes
+    (RESULTS.md, fourteenth session). `programs_per_row`: the grouped form's rows (each a one-row strip program).
+    - M >= 2 (tl.dot): 32-row strips, 2 K blocks per step; K slices (4) only when the strips fill < half the SMs.
+    - one row: 8-row strips for matrices up to 4096 x 4096 (more strips in flight: q / o / kv_a 1.2x faster than
+      16), else 16 (32 when that still gives >= 8 strips per SM); 4 K blocks per step; K slices until ~4 programs
+      per SM when the strips alone are fewer than the SMs (the slices' sum is one more launch)."""
     nkb = -(-K // BLOCK)
+    if M >= 2 and programs_per_row == 1:
+        strips = -(-N // 32)
+        return dict(block_n=32, ku=2, split=1 if strips >= sms // 2 else max(1, min(nkb // 2, 4)), num_warps=4)
     ku = 4
-    block_n = 32 if -(-N // 32) * programs_per_row >= 8 * sms else 16
+    if programs_per_row == 1 and N <= 4096 and K <= 4096:
+        block_n = 8
+    else:
+        block_n = 32 if -(-N // 32) * programs_per_row >= 8 * sms else 16
     strips = max(1, -(-N // block_n) * programs_per_row)
-    split = max(1, min(nkb // ku, -(-4 * sms // strips)))
+    split = 1 if strips >= sms else max(1, min(nkb // ku, -(-4 * sms // strips)))
     return dict(block_n=block_n, ku=ku, split=split, num_warps=4)
 
 
@@ -145,9 +151,9 @@ def _resolve(M: int, N: int, K: int, device: torch.device, rows: int, over: dict
     """(launch config, K blocks per slice, slices, EVEN_K) for K >= 1."""
     cfg = gemv_launch(M, N, K, _sms(device), rows)
     cfg.update({k: v for k, v in over.items() if v is not None})
-    if cfg["block_n"] not in (8, 16, 32, 64, 128) or (cfg["block_n"] < 16 and M > 4) or cfg["ku"] < 1 or \
-            cfg["split"] < 1:
-        raise ValueError(f"fp8 GEMV launch: block_n in 8..128 dividing {BLOCK} (8 only for M <= 4: tl.dot needs "
+    if cfg["block_n"] not in (8, 16, 32, 64, 128) or (cfg["block_n"] < 16 and M > 1 and rows == 1) or \
+            cfg["ku"] < 1 or cfg["split"] < 1:
+        raise ValueError(f"fp8 GEMV launch: block_n in 8..128 dividing {BLOCK} (8 only for one row: tl.dot needs "
                          f"16), ku >= 1, split >= 1; got {cfg}")
     nkb = -(-K // BLOCK)
     per = -(-nkb // min(cfg["split"], nkb))
@@ -175,9 +181,8 @@ def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_n: int | Non
     cfg, per, split, even = _resolve(M, N, K, x.device, 1, dict(block_n=block_n, ku=ku, split=split,
                                                                 num_warps=num_warps))
     y = _out(split, M, N, x)
-    bm = max(triton.next_power_of_2(M), 1)
-    use_dot = bm >= 8
-    bm = 16 if use_dot else bm                               # tl.dot's smallest M
+    use_dot = M >= 2
+    bm = 16 if use_dot else 1                                # tl.dot's smallest M; rows past M masked
     scale_inv = scale_inv.float().contiguous()               # the kernel steps along a scale row with stride 1
     _fp8_gemv_kernel[(triton.cdiv(N, cfg["block_n"]), split)](
         x, weight, scale_inv, y, M, N, K, per, -(-K // BLOCK), x.stride(0), weight.stride(0), scale_inv.stride(0),

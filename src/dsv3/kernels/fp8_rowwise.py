@@ -134,9 +134,13 @@ def quantize_rows_triton(x: Tensor, rows: int | None = None, chunk: int | None =
     q = torch.empty(B, M, K, device=x.device, dtype=_E4M3)
     scale = torch.empty(B, M, device=x.device, dtype=torch.float32)
     along = x3.stride(2) == 1 or K == 1
-    # launch shape: the best of benchmarks/fp8_quant_sweep.py on an H200 (81-84% of copy bandwidth along rows,
-    # 38% across them, where each program's 64 columns share a 128-byte line per row)
-    rows, chunk = rows or (1 if along else 64), chunk or (2048 if along else 64)
+    # launch shape: the best of benchmarks/fp8_quant_sweep.py (H200: 81-84% of copy bandwidth along rows, 38%
+    # across them, where each program's 64 columns share a 128-byte line per row). Along rows, one 2048-wide chunk
+    # per step where K fills it (K = 2048, 7168: 97% on an H100); at K = 1408 (lite's expert FFN output) it masked
+    # 640 of 2048 lanes twice (51%), 4 rows x 256 columns reach 76% (H100, fourteenth session)
+    wide = K % 2048 == 0 or K >= 4096
+    rows = rows or (64 if not along else 1 if wide else 4)
+    chunk = chunk or (64 if not along else 2048 if wide else 256)
     if B and M:
         _rows_kernel[(triton.cdiv(M, rows), B)](x3, q, scale, M, K, x3.stride(0), x3.stride(1), x3.stride(2),
                                                  ROWS=rows, CHUNK=chunk, num_warps=num_warps)
