@@ -37,6 +37,9 @@ def main() -> None:
     p.add_argument("--unchained", action="store_true",
                    help="also the fused step with the overlap schedule off (each step read before the next launches)")
     p.add_argument("--compile", action="store_true", help="EngineConfig.compile_decode for every engine")
+    p.add_argument("--profile", action="store_true", help="CUDA: after each row, the kernels of one more prompt "
+                   "per engine step (GPU busy time and count by op category, the top kernels) against the step's wall "
+                   "time: whether the speculative step is bound by the GPU's work or by gaps and the host")
     a = p.parse_args()
     if a.device == "cpu":
         torch.set_num_threads(2)
@@ -70,6 +73,8 @@ def main() -> None:
                                  ms_per_step=dt / (engine.step_stats["steps"] - steps0) * 1e3,
                                  acceptance=s["accepted"] / s["proposed"] if s["proposed"] else None,
                                  tokens_per_step=(s["steps"] + s["accepted"]) / s["steps"] if s["steps"] else 1.0)
+        if a.profile and a.device != "cpu":
+            profile_row(engine, prompts[0], params, f"k={k} {path}" if k else "k=0")
     base = results[0, "plain"]
     for (k, path), r in results.items():
         same = r["outputs"] == base["outputs"]
@@ -79,6 +84,30 @@ def main() -> None:
               f"{r['tokens_per_step']:.2f} tokens per verify step, {r['ms_per_step']:.2f} ms per step = "
               f"{r['ms_per_step'] / base['ms_per_step']:.3f} plain steps, output identical to plain: {same}",
               flush=True)
+
+
+def profile_row(engine: Engine, prompt: list[int], params: SamplingParams, name: str) -> None:
+    """One more prompt under the profiler (engine_decode's kernel rows and categories): per engine step, the GPU's
+    busy time and kernel count against the wall time."""
+    from engine_decode import _categorise, _kernels          # benchmarks/: the script's directory
+    steps0, stats0 = engine.step_stats["steps"], dict(engine.spec_stats)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        engine.generate([prompt], params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    n = max(engine.step_stats["steps"] - steps0, 1)
+    events = _kernels(prof)
+    cats = _categorise(events)
+    busy = sum(ms for _, _, ms in cats)
+    print(f"[profile {name}] {n} steps: wall {wall * 1e3 / n:.3f} ms/step, GPU busy {busy / n:.3f} ms/step, "
+          f"{sum(c for _, c, _ in cats) / n:.0f} kernels/step", flush=True)
+    for cat, c, ms in sorted(cats, key=lambda t: -t[2]):
+        print(f"    {cat:44s} {c / n:6.1f} kernels {ms / n:7.3f} ms/step", flush=True)
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:10]:
+        print(f"      {e.device_time_total / 1e3 / n:7.3f} ms/step {e.count / n:5.1f}x  {e.key[:90]}", flush=True)
+    engine.spec_stats.update(stats0)
 
 
 if __name__ == "__main__":
