@@ -7,7 +7,9 @@ curves go to a chart and JSON.
 GPU:  PYTHONPATH=src python benchmarks/fp8_loss_gpu.py --steps 300 --out $OUT/fp8-vs-bf16-loss-gpu.png
           [--arms bf16,row-fp8-wgrad] [--experts-only] [--compile]
       arms: bf16, or an FP8 experts recipe (block, row, row-fp8-wgrad; the dense GEMMs in FP8 too unless
-      --experts-only); the first arm is the baseline
+      --experts-only); the first arm is the baseline. `arm@seed` runs an arm from another seed (default 0):
+      `--arms bf16,row-fp8-wgrad,bf16@1` puts the FP8 gap beside BF16's own seed-to-seed gap, the noise floor of
+      the comparison at this length (twelfth session: FP8 0.97% lower, per-window swings of 1.5-3%)
 CPU dry run: PYTHONPATH=src python benchmarks/fp8_loss_gpu.py --tiny --device cpu --steps 4 --seq 128 --batch 2
 """
 
@@ -33,6 +35,7 @@ from dsv3.train import RunConfig, Trainer  # noqa: E402
 
 
 def arm_config(a: argparse.Namespace, arm: str, run_dir: Path) -> RunConfig:
+    arm, _, seed = arm.partition("@")
     model = load_model_config("lite-8L").replace(num_nextn_predict_layers=0)
     if a.tiny:
         model = shrink(model).replace(num_nextn_predict_layers=0)
@@ -43,7 +46,7 @@ def arm_config(a: argparse.Namespace, arm: str, run_dir: Path) -> RunConfig:
                  "seq_len": a.seq},
         "optim": {"lr": a.lr, "warmup": 0.05, "state_dtype": "bf16"},
         "train": {"steps": a.steps, "batch_size": a.batch, "micro_batch_size": a.batch, "device": a.device,
-                  "dtype": "bf16-params", "compile": a.compile, "seed": 0,
+                  "dtype": "bf16-params", "compile": a.compile, "seed": int(seed or 0),
                   "precision": "fp8" if fp8 else "bf16", **({"fp8_experts": arm, "fp8_linears": not a.experts_only}
                                                            if fp8 else {})},
         "log": {"val_batches": 0, "tensorboard": False, "progress": False},
