@@ -10,6 +10,8 @@
 #                                   weight GEMV's bandwidth (issue 16, FP8 at batch 1)
 #   bash benchmarks/gpu_next.sh d   the gate again, the GEMV (M = 1, 2, 4, 16), AdamW with the trainer's stacked
 #                                   expert shapes + torch's fused AdamW, and BF16 vs FP8 decode at batch 1 profiled
+#   bash benchmarks/gpu_next.sh e   the server at 64 streams vs the engine (TTFT p99), then FP8 vs BF16 loss over 300
+#                                   steps beside BF16 from another seed (the comparison's noise floor)
 set -u
 PART=${1:-}
 export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 OUT=${OUT:-out}
@@ -33,5 +35,11 @@ case $PART in
     timeout 60 python benchmarks/adamw_bench.py 2>&1 | tee "$OUT/adamw.txt"
     timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-auto --ttft-batch 0 \
       --profile > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | tail -40 ;;
-  *) echo "usage: $0 a|b|c|d"; exit 2 ;;
+  e)    # issue 16's server row (never measured in the engine-process layout) and issue 15's loss with its noise floor
+    timeout 240 python -m dsv3.cli bench serve --config lite --concurrency 64 --requests 256 --prompt 128 --tokens 128 \
+      --compile-decode --fused-moe auto --json "$OUT/bench_serve.json" 2>&1 | grep -v Warning | tail -14 \
+      | tee "$OUT/bench_serve.txt"
+    timeout 330 python benchmarks/fp8_loss_gpu.py --steps 300 --batch 2 --arms bf16,row-fp8-wgrad,bf16@1 \
+      2>&1 | grep -v Warning | tail -30 | tee "$OUT/fp8_loss.txt" ;;
+  *) echo "usage: $0 a|b|c|d|e"; exit 2 ;;
 esac
