@@ -27,7 +27,7 @@ from dsv3.train.init_from import find_source, source_tensors
 # each rank's Trainer from train.init_from: its rows of every tensor and the bytes it read from the files
 RANK_SCRIPT = """
 import os, sys, torch
-import dsv3.checkpoint, dsv3.train.checkpoint, dsv3.train.trainer as tr
+import dsv3.checkpoint, dsv3.train.checkpoint, dsv3.train.init_from as fi, dsv3.train.trainer as tr
 from dsv3.parallel.materialize import owned_parameters
 from dsv3.train.config import RunConfig
 def refuse(*a, **k):
@@ -35,8 +35,8 @@ def refuse(*a, **k):
 dsv3.checkpoint.load_pretrained = refuse
 tr.source_tensors = refuse
 dsv3.train.checkpoint.read_tensors = refuse
-read, load = [], tr.load_hf_owned
-tr.load_hf_owned = lambda *a: read.append(load(*a)) or read[-1]
+read, load = [], fi.load_hf_owned
+fi.load_hf_owned = lambda *a: read.append(load(*a)) or read[-1]
 t = tr.Trainer(RunConfig.from_dict(__import__("json").load(open(sys.argv[1]))))
 rows = {o.name: (o.start, o.local.detach().clone()) for o in owned_parameters(t.local.roots, buffers=True)
         if not o.local.is_meta}

@@ -21,7 +21,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import CheckpointError
 from ..config import ConfigError, ModelConfig
+from ..parallel.dcp import fill_entries, owned_state
+from .checkpoint import load_sharded, verify_checkpoint
+from .hf_shards import hf_source_error, load_hf_owned
 
 # ModelConfig fields an extension phase may change (the rest must equal the source's)
 POSITION_FIELDS = ("max_position_embeddings", "rope_scaling", "rope_key", "hf_extra", "hf_absent", "torch_dtype",
@@ -50,8 +54,6 @@ def find_source(path: str | Path) -> Source:
         if ckpt is None:
             raise ConfigError(f"invalid run config: train.init_from={str(path)!r}: the run has no valid checkpoint")
     elif (p / "state.json").exists():
-        from ..checkpoint import CheckpointError
-        from .checkpoint import verify_checkpoint
         try:
             verify_checkpoint(p)
         except CheckpointError as e:
@@ -91,7 +93,32 @@ def source_tensors(source: Source) -> dict[str, torch.Tensor]:
     """The source's weights and buffers as whole tensors by parameter name (the trainer copies each rank's rows).
     The Trainer uses it for a dsv3 checkpoint only: a HF directory is read rank by rank (dsv3.train.hf_shards)."""
     if source.checkpoint is not None:
-        from .checkpoint import read_tensors
+        from .checkpoint import read_tensors       # looked up at call time (the rank tests refuse it there)
         return read_tensors(source.checkpoint)["model"]
     from ..checkpoint import load_pretrained
     return load_pretrained(source.path, dtype=torch.float32).state_dict()
+
+
+def load_starting_weights(roots, whole: dict[str, torch.Tensor] | Path, where: str) -> None:
+    """This rank's rows of the starting weights (a fine-tune's base model, train.init_from's source) into the
+    modules `roots` (the trainer's laid-out model): whole tensors, or a sharded checkpoint read rank by rank whatever
+    layout wrote it (torch.distributed.checkpoint; a collective), its model entries only, neither the optimizer state
+    nor the EMA."""
+    entries = {k: v for k, v in owned_state(roots).items() if k.startswith("model/")}
+    try:
+        if isinstance(whole, Path):
+            load_sharded(whole, lambda _: entries, restore_rng=False)
+        else:
+            fill_entries(entries, {f"model/{k}": v for k, v in whole.items()})    # this rank's rows only
+    except (KeyError, ValueError) as e:        # (a CheckpointError is a ValueError)
+        raise ConfigError(f"invalid run config: the starting weights ({where}) do not fit the model: {e} "
+                          f"(a model without its MTP module? set model.num_nextn_predict_layers=0)") from None
+
+
+def load_hf_starting_weights(roots, path: Path, model: ModelConfig, where: str) -> None:
+    """This rank's rows of a Hugging Face directory's weights (bf16, or the released FP8 dequantised block by
+    block), read straight from its files (dsv3.train.hf_shards): the whole model never exists on one rank."""
+    try:
+        load_hf_owned(roots, path, model)
+    except CheckpointError as e:      # a damaged shard, an FP8 weight without scales, tensors the model lacks
+        raise ConfigError(hf_source_error(where, e)) from None

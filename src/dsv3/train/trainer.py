@@ -42,19 +42,19 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..fp8.weight_cache import refresh_fp8_weights
 from ..model import Transformer
-from ..parallel.dcp import fill_entries, owned_state
 from ..parallel.materialize import materialize
 from ..parallel.parallelize import parallelize
 from ..parallel.zero import ZeroOne
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
-from .checkpoint import is_sharded, load_sharded
+from .checkpoint import is_sharded
 from .checkpointing import Checkpointing
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger, refuse_ranks
 from .ema import CPUEma
-from .hf_shards import check_hf_names, hf_source_error, load_hf_owned
-from .init_from import Source, check_extension, find_source, source_tensors
+from .hf_shards import check_hf_names, hf_source_error
+from .init_from import (Source, check_extension, find_source, load_hf_starting_weights, load_starting_weights,
+                        source_tensors)
 from .losses import ValidationSums, cross_entropy, lm_losses, mtp_mean, objective, positions, token_weights
 from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
@@ -213,16 +213,17 @@ class Trainer(Checkpointing):
         self.local = parallelize(self.model, self.layout.mesh, cfg, self.device)
         shard_note = self.layout.fsdp_note(self.local)
         self.param_counts = build_model(cfg, "meta").num_params()     # of the whole model, not this rank's part
+        roots = self.local.roots
         if isinstance(init_state, Path):                             # a fine-tune's base: a Hugging Face directory
-            self._load_hf_starting_weights(init_state, f"the base model {init_state}")
+            load_hf_starting_weights(roots, init_state, cfg.model, f"the base model {init_state}")
         elif init_state is not None:                                 # a fine-tune's base: a run's weights
-            self._load_starting_weights(init_state, "the base model")
+            load_starting_weights(roots, init_state, "the base model")
         elif init_source is not None and init_source.checkpoint is None:
-            self._load_hf_starting_weights(init_source.path, f"train.init_from={str(init_source.path)!r}")
+            load_hf_starting_weights(roots, init_source.path, cfg.model, f"train.init_from={str(init_source.path)!r}")
         elif init_source is not None:           # a dsv3 run's checkpoint: a sharded one read rank by rank
             ckpt = init_source.checkpoint
-            self._load_starting_weights(ckpt if is_sharded(ckpt) else source_tensors(init_source),
-                                        cfg.train.init_from)
+            load_starting_weights(roots, ckpt if is_sharded(ckpt) else source_tensors(init_source),
+                                  cfg.train.init_from)
         self.layers = moe_layers(self.model)
         # ZeRO-1 (parallel.zero1): the optimizer steps only this rank's rows of each replicated parameter and the
         # replicas all-gather the updated rows (dsv3.parallel.zero)
@@ -235,28 +236,6 @@ class Trainer(Checkpointing):
         ema_group = torch.distributed.group.WORLD if self.layout.world > 1 else None
         self.ema = CPUEma(self.local.roots, cfg.train.ema_decay, ema_group) if cfg.train.ema_decay > 0 else None
         return shard_note
-
-    def _load_starting_weights(self, whole: dict[str, torch.Tensor] | Path, where: str) -> None:
-        """This rank's rows of the starting weights (a fine-tune's base model, train.init_from's source): whole
-        tensors, or a sharded checkpoint read rank by rank whatever layout wrote it (torch.distributed.checkpoint; a
-        collective), its model entries only, neither the optimizer state nor the EMA."""
-        entries = {k: v for k, v in owned_state(self.local.roots).items() if k.startswith("model/")}
-        try:
-            if isinstance(whole, Path):
-                load_sharded(whole, lambda _: entries, restore_rng=False)
-            else:
-                fill_entries(entries, {f"model/{k}": v for k, v in whole.items()})    # this rank's rows only
-        except (KeyError, ValueError) as e:        # (a CheckpointError is a ValueError)
-            raise ConfigError(f"invalid run config: the starting weights ({where}) do not fit the model: {e} "
-                              f"(a model without its MTP module? set model.num_nextn_predict_layers=0)") from None
-
-    def _load_hf_starting_weights(self, path: Path, where: str) -> None:
-        """This rank's rows of a Hugging Face directory's weights (bf16, or the released FP8 dequantised block by
-        block), read straight from its files (dsv3.train.hf_shards): the whole model never exists on one rank."""
-        try:
-            load_hf_owned(self.local.roots, path, self.cfg.model)
-        except CheckpointError as e:      # a damaged shard, an FP8 weight without scales, tensors the model lacks
-            raise ConfigError(hf_source_error(where, e)) from None
 
     def _prepare_steps(self) -> None:
         """What every step uses, made once the weights are final (after any load): the loss, the FP8 weight cache,
