@@ -10,6 +10,7 @@
 #                                   weight GEMV's bandwidth (issue 16, FP8 at batch 1)
 #   bash benchmarks/gpu_next.sh d   the gate again, the GEMV (M = 1, 2, 4, 16), AdamW with the trainer's stacked
 #                                   expert shapes + torch's fused AdamW, and BF16 vs FP8 decode at batch 1 profiled
+#   bash benchmarks/gpu_next.sh f   d's measurements with only the CUDA tests of the files its kernels reach (~5 min)
 #   bash benchmarks/gpu_next.sh e   the server at 64 streams vs the engine (TTFT p99), then FP8 vs BF16 loss over 300
 #                                   steps beside BF16 from another seed (the comparison's noise floor)
 set -u
@@ -41,5 +42,14 @@ case $PART in
       | tee "$OUT/bench_serve.txt"
     timeout 330 python benchmarks/fp8_loss_gpu.py --steps 300 --batch 2 --arms bf16,row-fp8-wgrad,bf16@1 \
       2>&1 | grep -v Warning | tail -30 | tee "$OUT/fp8_loss.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e"; exit 2 ;;
+  f)    # d in less device time: the CUDA tests of the files this session's kernels reach, then the GEMV and AdamW
+    compgen -G ".whl/*.whl" > /dev/null && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    timeout 170 python -m pytest -q -n 14 -p no:cacheprovider -rfEs tests/test_kernels_fp8_weight_gemm.py \
+      tests/test_kernels_fp8_gemm.py tests/test_kernels_fp8_rowwise.py tests/test_kernels_edge.py \
+      tests/test_fp8_recipe.py tests/test_infer_fused_proj.py tests/test_fp8_weight_cache.py \
+      tests/test_kernels_fp8_grouped_wgrad.py tests/test_fp8_shared_input.py 2>&1 | tail -15 | tee "$OUT/gate.txt"
+    timeout 110 python benchmarks/fp8_weight_gemm_bench.py --only gemv 2>&1 | grep -v Warning | tee "$OUT/gemv.txt"
+    timeout 50 python benchmarks/adamw_bench.py 2>&1 | tee "$OUT/adamw.txt" ;;
+  *) echo "usage: $0 a|b|c|d|e|f"; exit 2 ;;
 esac
