@@ -1,6 +1,7 @@
 """The inference engine and `dsv3 generate` as a demanding user drives them: bad configs, prompts and flags get one
 clear error naming the field before any work; cache pressure, seeds and stop conditions behave as documented."""
 
+import dataclasses
 import json
 import shutil
 
@@ -422,3 +423,78 @@ def test_generate_prefix_follows_the_model_directory(tmp_path):
     Tok.bos_id = None
     with pytest.raises(ValueError, match="no BOS"):
         prompt_prefix(args(run, "bos"), Tok)
+
+
+# ---- a step that raises -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where, arrival, cfg", [
+    # the forward of a chained decode step (overlap schedule): the step in flight was dropped with it, its
+    # sequences kept their PENDING placeholders as input tokens, and every later step raised an IndexError
+    ("forward", False, dict(overlap_schedule="on")),
+    # a step that read the last one's tokens (a prefill row joining: no chaining), then raised: those outputs
+    # were lost (a stream missed tokens, `generate` never saw the request finish)
+    ("forward", True, dict(overlap_schedule="on")),
+    # the head after the forward: the cached counts had moved on with no token sampled, so the sequences had
+    # nothing left to run (empty rows: every later step raised)
+    ("logits", False, dict(overlap_schedule="off")),
+    ("logits", False, dict(overlap_schedule="on")),
+    # the prompt's log-probabilities (their logits: prompt tokens x vocabulary, the likeliest to run out of memory)
+    ("prompt_logprobs", False, dict(overlap_schedule="off")),
+    # the verify forward of a draft-verify speculative step: the drafting had already dropped the MTP module's
+    # pending hidden states, so every later draft raised (torch.cat of nothing)
+    ("forward", False, dict(num_speculative_tokens=2, speculative_fused=False)),
+])
+def test_a_step_that_raises_leaves_every_request_able_to_run_on(model, where, arrival, cfg):
+    """A step that fails (a forward or a head running out of memory) raises, and the engine carries on as if it had
+    not run: each request streams the cache-free forward's tokens, none lost or repeated, and finishes once, for
+    the requests it held and for new ones; every block comes back. (A server aborts the requests instead,
+    dsv3.serve.async_engine; an offline caller may go on.)"""
+    ps = prompts([3, 7, 12, 6])
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=32, **cfg))
+    streams, finished = {}, {}
+
+    def step():
+        for o in engine.step():
+            streams.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                assert o.request_id not in finished
+                finished[o.request_id] = o
+    rids = [engine.add_request(p, greedy) for p in ps[:2]]
+    if where == "prompt_logprobs":
+        # the first call of the first step is request 2's prompt log-probabilities, after requests 0 and 1 went
+        # through the loop that moves their counts on
+        rids.append(engine.add_request(ps[2], dataclasses.replace(greedy, prompt_logprobs=1)))
+        target = engine.runner, "logits"
+    else:
+        target = engine.runner, where
+        for _ in range(3):                   # into decoding (and, with the overlap schedule, chaining)
+            step()
+    if arrival:
+        rids.append(engine.add_request(ps[3], greedy))
+    real = getattr(*target)
+    calls = []
+
+    def failing(*args, **kw):
+        calls.append(1)
+        raise RuntimeError("out of memory")
+    setattr(*target, failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.step()
+    assert calls
+    setattr(*target, real)
+    step()                                   # the held requests alone first
+    rids.append(engine.add_request(ps[2][:5], greedy))
+    while engine.has_unfinished():
+        step()
+    want = [reference_greedy(model, ps[i], 6) for i in (0, 1)]
+    want += [reference_greedy(model, ps[2], 6)] * (where == "prompt_logprobs") + [reference_greedy(model, ps[3], 6)
+                                                                                   ] * arrival
+    want += [reference_greedy(model, ps[2][:5], 6)]
+    assert [finished[r].token_ids for r in rids] == want
+    assert [streams[r] for r in rids] == want
+    if where == "prompt_logprobs":
+        with torch.no_grad():
+            lp = model(torch.tensor([ps[2]]))[0].float().log_softmax(-1)
+        got = [x[0] for x in finished[rids[2]].prompt_logprobs]
+        assert got == pytest.approx([float(lp[i, ps[2][i + 1]]) for i in range(len(ps[2]) - 1)], abs=1e-9)
+    assert all_blocks_free(engine) and not engine.seqs

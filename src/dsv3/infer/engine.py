@@ -132,6 +132,7 @@ class Engine:
         self.penalties = PenaltyState(cfg.vocab_size, self.device)   # empty until a request adjusts its logits
         self._aborted: list[Sequence] = []
         self._in_flight: InFlight | SpecInFlight | None = None   # the last step, not read yet (overlap)
+        self._unreturned: list[RequestOutput] = []     # read by a step that then raised: the next step returns them
 
     @property
     def overlap(self) -> bool:
@@ -213,8 +214,9 @@ class Engine:
         self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        """Work left, or aborted requests whose final output the next step still has to return."""
-        return self.scheduler.has_work() or bool(self._aborted) or self._in_flight is not None
+        """Work left, or outputs the next step still has to return (aborted requests', a failed step's)."""
+        return (self.scheduler.has_work() or bool(self._aborted) or self._in_flight is not None
+                or bool(self._unreturned))
 
     def stats(self) -> dict:
         """Queue lengths, cache use, preemptions and speculation counts (for a server's /metrics)."""
@@ -231,23 +233,37 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return an output for every request that produced tokens or finished (aborted ones
         included). With the overlap schedule the tokens are those of the previous step (dsv3.infer.overlap)."""
-        outputs = [self._output(s, []) for s in self._aborted]
-        self._aborted = []
-        prev, self._in_flight = self._in_flight, None
+        outputs = self._unreturned + [self._output(s, []) for s in self._aborted]
+        self._unreturned, self._aborted = [], []
+        try:
+            self._step(outputs)
+        except BaseException:
+            # a step that raises (a forward out of memory) returns nothing: what it had read before (the last step's
+            # tokens, finished and aborted requests) goes out with the next step instead of being lost
+            self._unreturned = outputs
+            raise
+        return self._forget_finished(outputs)
+
+    def _step(self, outputs: list[RequestOutput]) -> None:
+        """step()'s body; adds its outputs to `outputs` as it reads them."""
+        # the last step stays in flight until it is read or a launched step has taken its tokens: a step that raises
+        # before that (a forward out of memory) leaves it to the next step, instead of dropping the tokens whose
+        # placeholders (PENDING) its sequences hold
+        prev = self._in_flight
         if isinstance(prev, SpecInFlight) and not self.speculation.can_chain(prev):
             # read before scheduling, as a synchronous engine: its tokens may end sequences or need blocks
-            outputs += self._apply(prev)
+            outputs += self._read_in_flight()
             prev = None
         seqs, counts = self.scheduler.schedule()
         if prev is not None and not self._chains(seqs, counts, prev):
             # as the synchronous engine: the pending tokens first (some may end their sequences), then the batch
-            outputs += self._apply(prev)
+            outputs += self._read_in_flight()
             prev = None
             kept = [(s, n) for s, n in zip(seqs, counts) if not s.finished]
             seqs, counts = [s for s, _ in kept], [n for _, n in kept]
         if not seqs:
             self._idle_step()
-            return self._forget_finished(outputs)
+            return
         st = self.step_stats
         decode = all(n == 1 and s.num_cached_tokens > 0 for s, n in zip(seqs, counts))
         st["steps"] += 1
@@ -256,13 +272,14 @@ class Engine:
         if self.speculation is not None and self.speculation.applies(seqs, counts):
             st["chained_steps"] += prev is not None
             done, flight = self.speculation.step(seqs, prev)
+            self._in_flight = None                 # prev, if any, was read in there (`done`)
             outputs += done
             if flight is not None:     # chained: read after the next step is launched; else now
                 if self.spec_overlap:
                     self._in_flight = flight
                 else:
                     outputs += self._apply(flight)
-            return self._forget_finished(outputs)
+            return
         if prev is not None:
             # chained: every row's input is its token sampled by the previous step, still on the device
             st["chained_steps"] += 1
@@ -274,9 +291,12 @@ class Engine:
                     for s, n in zip(seqs, counts)]
             self._in_flight = self._run(seqs, counts, rows)
         if self._in_flight is not None and not self.overlap:
-            outputs += self._apply(self._in_flight)
-            self._in_flight = None
-        return self._forget_finished(outputs)
+            outputs += self._read_in_flight()
+
+    def _read_in_flight(self) -> list[RequestOutput]:
+        """Apply the step in flight; it is no longer in flight from the start (never applied twice)."""
+        flight, self._in_flight = self._in_flight, None
+        return self._apply(flight)
 
     def _chains(self, seqs: list[Sequence], counts: list[int], prev: InFlight | SpecInFlight) -> bool:
         """Whether this batch can run before the pending step is applied: decode rows whose input tokens are all
@@ -294,17 +314,31 @@ class Engine:
         hidden = self.runner.forward(batch)
         done, last = [], []
         for i, (seq, n) in enumerate(zip(seqs, counts)):
-            if seq.params.prompt_logprobs is not None:
+            if seq.params.prompt_logprobs is not None:     # (a step run again skips the positions it has)
                 self._prompt_logprobs(seq, hidden[batch.starts[i]:batch.starts[i] + n])
+            if seq.num_uncomputed == n:            # the chunk reaches the sequence's end: sample its next token
+                done.append(seq)
+                last.append(batch.starts[i] + n - 1)
+        sampled = self._sample(done, hidden, last) if done else None
+        # the sequences move on only now: a step that raised before this point (a forward or a head out of memory)
+        # left each as it was, to run again; moved on, one would have had nothing left to run
+        for i, (seq, n) in enumerate(zip(seqs, counts)):
             if self.speculative:
                 seq.pending_hidden.append(hidden[batch.starts[i]:batch.starts[i] + n])
             seq.num_cached_tokens += n
             self.blocks.mark_computed(seq)
-            if seq.num_uncomputed == 0:            # the chunk reached the sequence's end: sample its next token
-                done.append(seq)
-                last.append(batch.starts[i] + n - 1)
         if not done:
             return None
+        for seq in done:
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+            # a token that ends the sequence whatever its value: no step for it after this one
+            seq.stopping = len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len
+        return InFlight.start(done, *sampled)
+
+    def _sample(self, done: list[Sequence], hidden: torch.Tensor, last: list[int]) -> tuple:
+        """The next token of each sequence in `done` from its row `last` of `hidden`, and the log-probability
+        tensors asked for: (tokens, (logprob tensors))."""
         # a pure decode batch samples every row: no index tensor to build and copy to the device
         rows_h = hidden if last == list(range(hidden.shape[0])) else hidden[to_device(last, torch.long, self.device)]
         logits = self.runner.logits(rows_h)
@@ -317,17 +351,12 @@ class Engine:
         else:
             temps, top_ks, top_ps = SamplingTensors.from_params([s.params for s in done], self.device)
             tokens = sample(scores, temps, top_ks, top_ps, [self._generators.get(s.seq_id) for s in done])
-        if adjusted is not None:
-            self.penalties.record(adjusted, tokens)
         # log-probabilities of the model's own distribution, never of the adjusted one (vLLM's default)
         want = max((s.params.logprobs for s in done if s.params.logprobs is not None), default=None)
         lp = compute_logprobs(logits, tokens, want) if want is not None else ()
-        for seq in done:
-            seq.token_ids.append(PENDING)
-            seq.num_pending += 1
-            # a token that ends the sequence whatever its value: no step for it after this one
-            seq.stopping = len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len
-        return InFlight.start(done, tokens, tuple(lp))
+        if adjusted is not None:                   # last: a step that raised must not have counted its tokens
+            self.penalties.record(adjusted, tokens)
+        return tokens, tuple(lp)
 
     def _apply(self, pending: InFlight | SpecInFlight) -> list[RequestOutput]:
         """A step's sampled tokens, read on the host: log-probabilities, stop conditions, outputs. A sequence the

@@ -97,8 +97,8 @@ class Speculation:
                 pos = [s.num_cached_tokens + j for s in seqs]
                 batch = runner.prepare([Row([0], p, s.block_table) for s, p in zip(seqs, pos)], mtp=True, input_ids=d)
                 logits, h = runner.mtp_forward(batch, h)
-        for s in seqs:
-            s.mtp_cached, s.pending_hidden = s.num_cached_tokens, []
+        # the catch-up state (mtp_cached, pending_hidden) moves on with the step that follows, once it has run
+        # (verify_step, apply): if that step raises, the next one catches up again from here
         return torch.stack(drafts, 1), None if greedy else torch.stack(draft_probs, 1), sampling
 
     def verify_step(self, seqs: list[Sequence], drafts: torch.Tensor, draft_probs: torch.Tensor,
@@ -120,7 +120,7 @@ class Speculation:
         self.stats["steps"] += 1
         outputs = []
         for b, (seq, toks, a) in enumerate(zip(seqs, tokens.tolist(), accepted.tolist())):
-            seq.pending_hidden = [hidden[b * (k + 1):b * (k + 1) + a + 1]]
+            seq.mtp_cached, seq.pending_hidden = seq.num_cached_tokens, [hidden[b * (k + 1):b * (k + 1) + a + 1]]
             outputs.append(self.accept(seq, toks[:a + 1]))
         return outputs
 
