@@ -6,7 +6,11 @@ Repetition penalties and logit_bias (the `presence_penalty` / `frequency_penalty
 Everything after `SamplingTensors.from_params` runs on the device with no host synchronisation (no `.item()`,
 `.tolist()`, `.cpu()`, no Python branching on tensor values), so a decode step can overlap with the host and be
 captured in a CUDA graph. Per-request reproducibility comes from per-row `torch.Generator`s: a row's random draws come
-only from its own generator, so a seed gives the same tokens whatever else shares the batch.
+only from its own generator, so a seed gives the same tokens whatever else shares the batch. Not under speculative
+decoding (EngineConfig.num_speculative_tokens > 0): a step that speculates draws drafts and acceptances from the
+generator, a plain step one token, and whether a step speculates depends on the batch (its size against
+speculative_max_batch, a neighbour asking for logprobs or penalties: dsv3.infer.speculation.applies). The tokens
+are then a correct sample of the same distribution, reproducible for the same workload, but not batch-independent.
 """
 
 from __future__ import annotations
