@@ -498,3 +498,23 @@ def test_a_step_that_raises_leaves_every_request_able_to_run_on(model, where, ar
         got = [x[0] for x in finished[rids[2]].prompt_logprobs]
         assert got == pytest.approx([float(lp[i, ps[2][i + 1]]) for i in range(len(ps[2]) - 1)], abs=1e-9)
     assert all_blocks_free(engine) and not engine.seqs
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_an_aborted_output_carries_the_text_of_its_tokens(tok_model, overlap):
+    """The final output of an aborted request: its text is its tokens' decoded (it was "", since text was decoded
+    only on a stop or the length), with and without a step in flight at the abort."""
+    tok, m = tok_model
+    engine = Engine(m, tok, EngineConfig(block_size=4, num_blocks=64, overlap_schedule=overlap))
+    rid = engine.add_request(tok.encode("def f(x):"), SamplingParams(max_tokens=30, ignore_eos=True))
+    final = None
+    for step in range(40):
+        if step == 5:
+            engine.abort(rid)
+        for o in engine.step():
+            if o.finished:
+                final = o
+        if not engine.has_unfinished():
+            break
+    assert final.finish_reason == "abort" and final.token_ids
+    assert final.text == tok.decode(final.token_ids, skip_special_tokens=True) != ""

@@ -439,6 +439,10 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
+        if reason == "abort" and self.tokenizer is not None:
+            # _append decodes only for a stop or the length: an aborted output's text is its tokens' (no stop
+            # string was in them, or it would have stopped)
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         self.scheduler.remove(seq)
         self._generators.pop(seq.seq_id, None)
         self.penalties.release(seq.seq_id)
