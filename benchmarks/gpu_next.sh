@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_next.sh d   the gate again, the GEMV (M = 1, 2, 4, 16), AdamW with the trainer's stacked
 #                                   expert shapes + torch's fused AdamW, and BF16 vs FP8 decode at batch 1 profiled
 #   bash benchmarks/gpu_next.sh f   d's measurements with only the CUDA tests of the files its kernels reach (~5 min)
+#   bash benchmarks/gpu_next.sh g   f without AdamW, the gate only the changed kernels' own test files (~3.5 min)
 #   bash benchmarks/gpu_next.sh e   the server at 64 streams vs the engine (TTFT p99), then FP8 vs BF16 loss over 300
 #                                   steps beside BF16 from another seed (the comparison's noise floor)
 set -u
@@ -51,5 +52,10 @@ case $PART in
       tests/test_kernels_fp8_grouped_wgrad.py tests/test_fp8_shared_input.py 2>&1 | tail -15 | tee "$OUT/gate.txt"
     timeout 110 python benchmarks/fp8_weight_gemm_bench.py --only gemv 2>&1 | grep -v Warning | tee "$OUT/gemv.txt"
     timeout 50 python benchmarks/adamw_bench.py 2>&1 | tee "$OUT/adamw.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e|f"; exit 2 ;;
+  g)    # f in ~3.5 minutes: the CUDA tests of the changed kernels' own files, then the GEMV
+    timeout 100 python -m pytest -q -n 14 -p no:cacheprovider -rfEs tests/test_kernels_fp8_weight_gemm.py \
+      tests/test_kernels_fp8_gemm.py tests/test_kernels_fp8_rowwise.py tests/test_kernels_edge.py 2>&1 | tail -8 \
+      | tee "$OUT/gate.txt"
+    timeout 100 python benchmarks/fp8_weight_gemm_bench.py --only gemv 2>&1 | grep -v Warning | tee "$OUT/gemv.txt" ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g"; exit 2 ;;
 esac
