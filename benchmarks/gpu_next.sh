@@ -12,6 +12,7 @@
 #                                   expert shapes + torch's fused AdamW, and BF16 vs FP8 decode at batch 1 profiled
 #   bash benchmarks/gpu_next.sh f   d's measurements with only the CUDA tests of the files its kernels reach (~5 min)
 #   bash benchmarks/gpu_next.sh g   f without AdamW, the gate only the changed kernels' own test files (~3.5 min)
+#   bash benchmarks/gpu_next.sh h   g in ~2 minutes (the FP8 kernel files, the GEMV at its default launches)
 #   bash benchmarks/gpu_next.sh e   the server at 64 streams vs the engine (TTFT p99), then FP8 vs BF16 loss over 300
 #                                   steps beside BF16 from another seed (the comparison's noise floor)
 set -u
@@ -57,5 +58,10 @@ case $PART in
       tests/test_kernels_fp8_gemm.py tests/test_kernels_fp8_rowwise.py tests/test_kernels_edge.py 2>&1 | tail -8 \
       | tee "$OUT/gate.txt"
     timeout 100 python benchmarks/fp8_weight_gemm_bench.py --only gemv 2>&1 | grep -v Warning | tee "$OUT/gemv.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g"; exit 2 ;;
+  h)    # g in ~2 minutes: the three changed kernels' test files, then the GEMV at its default launches only
+    timeout 75 python -m pytest -q -n 14 -p no:cacheprovider -rfEs tests/test_kernels_fp8_weight_gemm.py \
+      tests/test_kernels_fp8_gemm.py tests/test_kernels_fp8_rowwise.py 2>&1 | tail -6 | tee "$OUT/gate.txt"
+    timeout 45 python benchmarks/fp8_weight_gemm_bench.py --only gemv --gemv-sweep none 2>&1 | grep -v Warning \
+      | tee "$OUT/gemv.txt" ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h"; exit 2 ;;
 esac
