@@ -361,3 +361,117 @@ def test_a_disaggregated_decode_worker_refuses_speculation_when_built(model):
     for worker in (DecodeEngine, PrefillEngine):
         with pytest.raises(ValueError, match="worker does not speculate"):
             worker(model, config=EngineConfig(block_size=4, num_blocks=2**40, num_speculative_tokens=1))
+
+
+def _pending(seq) -> int:
+    return sum(h.shape[0] for h in seq.pending_hidden)
+
+
+def _run_stepwise(model, ps, params: list, padded: bool, check=None, **cfg) -> tuple[list, object]:
+    """Outputs of the requests, all added at once; `check(engine)` after every step."""
+    engine = Engine(model, config=EngineConfig(**(dict(block_size=4, num_blocks=96, max_num_seqs=8) | cfg)))
+    if padded:
+        engine.use_decode_graphs(capture=False)
+    ids = [engine.add_request(p, sp) for p, sp in zip(ps, params)]
+    final = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                final[o.request_id] = o
+        if check is not None:
+            check(engine)
+    b = engine.blocks
+    assert b.num_free_blocks == b.num_blocks and not any(b.ref_count)
+    return [final[i] for i in ids], engine
+
+
+def _blocked(blocker: str, n: int) -> tuple[list, list, dict]:
+    """Three requests of which the third keeps speculation off while it runs (max_tokens 20): by the batch size
+    (speculative_max_batch 2) or by asking for logprobs. Prompts longer than a block and a token budget that chunks
+    them (prefill rows beside decode rows); the first two run on to n tokens."""
+    ps = prompts([3, 9, 14], 8, seed=4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    third = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True,
+                           logprobs=2 if blocker == "logprobs" else None)
+    cfg = dict(max_num_batched_tokens=8, speculative_max_batch=2 if blocker == "batch" else 8)
+    return ps, [greedy, greedy, third], cfg
+
+
+@pytest.mark.parametrize("blocker", ["batch", "logprobs"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_pending_hidden_states_stay_bounded_while_speculation_is_off(easy, k, blocker):
+    """While speculation does not apply (more sequences than speculative_max_batch, or a logprobs request), every
+    plain step kept each sequence's hidden states for the MTP module's next catch-up, one more per step, each a view
+    of the step's whole hidden tensor: memory grew with the live tokens, beyond the cache's sizing. A plain step
+    now catches the MTP module up on a sequence once `max_pending` positions wait (Speculation.settle), so after
+    every decode step each sequence holds at most that many, none of them a view of a larger tensor, and the
+    catch-up state stays consistent (pending rows = num_cached_tokens - mtp_cached)."""
+    ps, params, cfg = _blocked(blocker, 40)
+    cap, seen = max(4, 2 * (k + 1)), {"settled": 0}     # max_pending: a block (4), at least 2 (k + 1)
+
+    def check(engine):
+        for s in engine.scheduler.running:
+            assert _pending(s) == s.num_cached_tokens - s.mtp_cached
+            if s.num_cached_tokens > s.num_prompt_tokens:         # past its prefill
+                assert _pending(s) <= cap, (s.seq_id, _pending(s), cap)
+            seen["settled"] += s.mtp_cached > 0
+            if engine.spec_stats["steps"] == 0:
+                # what a kept row holds alive while plain steps run: its own rows, or a decode step's (one a
+                # sequence), never a prefill chunk that ran beside it
+                for h in s.pending_hidden:
+                    rows = h.untyped_storage().nbytes() // (h.shape[1] * h.element_size())
+                    assert rows <= max(h.shape[0], len(ps)), (s.seq_id, rows, h.shape)
+    outs, engine = _run_stepwise(easy, ps, params, padded=False, check=check, num_speculative_tokens=k, **cfg)
+    assert engine.speculation.max_pending == cap and seen["settled"] > 0 and engine.spec_stats["steps"] > 0
+    assert [o.token_ids for o in outs] == [reference_greedy(easy, p, sp.max_tokens) for p, sp in zip(ps, params)]
+
+
+@pytest.mark.parametrize("blocker", ["batch", "logprobs"])
+@pytest.mark.parametrize("overlap", ["off", "on"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "buckets"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculation_resuming_after_a_long_plain_stretch_keeps_greedy_outputs(easy, k, padded, overlap, blocker):
+    """Speculation resumes once the third request ends (its ~20 plain steps each settled the MTP module's catch-up
+    on the others): the tokens are plain greedy decoding's and the engine's without speculation, with and without
+    the overlap schedule, with and without the padded decode buckets; drafts are accepted after resuming."""
+    ps, params, cfg = _blocked(blocker, 36)
+    outs, engine = _run_stepwise(easy, ps, params, padded, num_speculative_tokens=k, overlap_schedule=overlap, **cfg)
+    plain, _ = _run_stepwise(easy, ps, params, padded, overlap_schedule=overlap, **cfg)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain] == [
+        reference_greedy(easy, p, sp.max_tokens) for p, sp in zip(ps, params)]
+    assert engine.spec_stats["steps"] > 0 and engine.spec_stats["accepted"] > 0
+
+
+def test_settled_mtp_latents_equal_one_catch_up_and_acceptance_holds(easy):
+    """The MTP module caught up in pieces over a plain stretch (settle) writes, at every position, the latents of
+    the original single catch-up when drafting resumes (max_pending out of reach: the code before settle), and the
+    drafts after resuming are accepted as often as in a run that never stopped speculating (the same sequences
+    without the third request)."""
+    k = 2
+    ps, params, cfg = _blocked("batch", 40)
+    engines = []
+    for max_pending in (None, 10**9):
+        engine = Engine(easy, config=EngineConfig(block_size=4, num_blocks=96, num_speculative_tokens=k, **cfg))
+        if max_pending is not None:
+            engine.speculation.max_pending = max_pending
+        for p, sp in zip(ps, params):
+            engine.add_request(p, sp)
+        engines.append(engine)
+    layer, compared = easy.config.num_hidden_layers, 0
+    while engines[0].has_unfinished():
+        for e in engines:
+            e.step()
+        assert engines[0].spec_stats == engines[1].spec_stats
+        for a, b in zip(*(e.scheduler.running for e in engines)):
+            for p in range(min(a.mtp_cached, b.mtp_cached)):
+                sa, sb = engines[0].cache.slot(a.block_table, p), engines[1].cache.slot(b.block_table, p)
+                for name in ("c_kv", "k_pe"):
+                    ta, tb = (getattr(e.cache, name)[layer].flatten(0, 1) for e in engines)
+                    torch.testing.assert_close(ta[sa], tb[sb], rtol=1e-10, atol=1e-10)
+                compared += 1
+    assert compared > 0 and not engines[1].has_unfinished()
+    resumed = engines[0].spec_stats
+    _, never = _run_stepwise(easy, ps[:2], params[:2], padded=False, num_speculative_tokens=k,
+                             **(cfg | dict(speculative_max_batch=8)))
+    after, always = (st["accepted"] / st["proposed"] for st in (resumed, never.spec_stats))
+    assert resumed["accepted"] > 0 and after >= 0.8 * always, (resumed, never.spec_stats)

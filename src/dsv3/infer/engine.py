@@ -280,6 +280,9 @@ class Engine:
                 else:
                     outputs += self._apply(flight)
             return
+        if self.speculation is not None:
+            # a plain step: pending hidden states the MTP module has not seen stay bounded (Speculation.settle)
+            self.speculation.settle(seqs)
         if prev is not None:
             # chained: every row's input is its token sampled by the previous step, still on the device
             st["chained_steps"] += 1
@@ -320,11 +323,15 @@ class Engine:
                 done.append(seq)
                 last.append(batch.starts[i] + n - 1)
         sampled = self._sample(done, hidden, last) if done else None
+        # a sequence's rows are kept for its MTP catch-up (Speculation.settle, draft): copied where the step ran
+        # prefill rows besides them, which a view would keep alive until every sequence of the step has caught up
+        mixed = len(seqs) < hidden.shape[0]
         # the sequences move on only now: a step that raised before this point (a forward or a head out of memory)
         # left each as it was, to run again; moved on, one would have had nothing left to run
         for i, (seq, n) in enumerate(zip(seqs, counts)):
             if self.speculative:
-                seq.pending_hidden.append(hidden[batch.starts[i]:batch.starts[i] + n])
+                rows = hidden[batch.starts[i]:batch.starts[i] + n]
+                seq.pending_hidden.append(rows.clone() if mixed and n < hidden.shape[0] else rows)
             seq.num_cached_tokens += n
             self.blocks.mark_computed(seq)
         if not done:

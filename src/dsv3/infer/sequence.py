@@ -31,7 +31,8 @@ class Sequence:
     text: str = ""
     num_preemptions: int = 0
     # speculative decoding: the MTP layer's cache holds positions < mtp_cached; the main model's final hidden states
-    # of positions mtp_cached .. num_cached_tokens - 1 wait in pending_hidden to be fed to it
+    # of positions mtp_cached .. num_cached_tokens - 1 wait in pending_hidden to be fed to it (a plain step catches it
+    # up on a sequence with many of them first: Speculation.settle)
     mtp_cached: int = 0
     pending_hidden: list = field(default_factory=list)
     # the fused speculative step (dsv3.infer.spec_step): (tensor on the device, row, L, column) from the step that

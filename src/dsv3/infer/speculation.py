@@ -11,7 +11,8 @@ does it.
 A batch with a request asking for log-probabilities, penalties or logit_bias does not speculate (`applies`): it runs
 plain steps, which apply them (dsv3.infer.penalties); drafts verified against penalised distributions would need the
 counts to advance draft by draft inside the verify step, which is not built.
-Both keep the sequence's MTP catch-up state (Sequence.mtp_cached / pending_hidden) so either may follow the other.
+Both keep the sequence's MTP catch-up state (Sequence.mtp_cached / pending_hidden) so either may follow the other;
+plain steps add their hidden states to it, and catch the MTP module up on the way (`settle`) so that it stays bounded.
 Under the overlap schedule (EngineConfig.overlap_schedule) fused steps of an unchanged batch chain: the next one is
 launched before the last one's output is read (`can_chain`, `Batch.advance`), so the host's share of a step and the
 read's latency hide behind the device, as for plain steps (dsv3.infer.overlap).
@@ -45,6 +46,9 @@ class Speculation:
     def __init__(self, engine):
         self.engine, self.k = engine, engine.config.num_speculative_tokens
         self.runner, self.blocks, self.stats = engine.runner, engine.blocks, engine.spec_stats
+        # pending positions a sequence may gather over plain steps before `settle` catches the MTP module up on them:
+        # a block's worth (one eager MTP forward per block of plain steps), and more than one step's k + 1
+        self.max_pending = max(engine.cache.block_size, 2 * (self.k + 1))
 
     def applies(self, seqs: list[Sequence], counts: list[int]) -> bool:
         """Speculate when every scheduled sequence is decoding, the batch is small enough for drafting to pay, no
@@ -74,16 +78,8 @@ class Speculation:
         k, dev, runner = self.k, self.engine.device, self.runner
         sampling = None if greedy else (SamplingTensors.from_params([s.params for s in seqs], dev),
                                         [self.engine._generators.get(s.seq_id) for s in seqs])
-        # MTP position i pairs h_i with token i+1: catch up over every position the main model has finished
-        rows = [Row(s.token_ids[s.mtp_cached + 1:s.num_cached_tokens + 1], s.mtp_cached, s.block_table) for s in seqs]
-        if all(r.past > 0 and len(r.tokens) <= k + 1 for r in rows):
-            # steady state: the a + 1 positions of the last step as one-token rows (absorbed decode, graphs)
-            rows = [Row([t], r.past + j, r.block_table) for r in rows for j, t in enumerate(r.tokens)]
-        lengths = [s.num_cached_tokens - s.mtp_cached for s in seqs]
-        batch = runner.prepare(rows, mtp=True)
-        logits, h = runner.mtp_forward(batch, torch.cat([torch.cat(s.pending_hidden) for s in seqs]))
-        last = to_device([n - 1 for n in itertools.accumulate(lengths)], torch.long, dev)
-        logits, h = logits[last], h[last]
+        # first catch up over every position the main model has finished
+        logits, h = self.catch_up(seqs, [s.num_cached_tokens for s in seqs])
         drafts, draft_probs = [], []
         for j in range(k):
             if greedy:
@@ -100,6 +96,37 @@ class Speculation:
         # the catch-up state (mtp_cached, pending_hidden) moves on with the step that follows, once it has run
         # (verify_step, apply): if that step raises, the next one catches up again from here
         return torch.stack(drafts, 1), None if greedy else torch.stack(draft_probs, 1), sampling
+
+    def catch_up(self, seqs: list[Sequence], ends: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the MTP module over positions mtp_cached .. end - 1 of each sequence (writing their MTP latents):
+        position i pairs the main model's h_i, waiting in pending_hidden, with token i+1, known on the host.
+        Returns the logits (B, V) and block output (B, D) at each sequence's last such position. The catch-up state
+        (mtp_cached, pending_hidden) is the caller's to move on, once what follows has run."""
+        rows = [Row(s.token_ids[s.mtp_cached + 1:e + 1], s.mtp_cached, s.block_table) for s, e in zip(seqs, ends)]
+        if all(r.past > 0 and len(r.tokens) <= self.k + 1 for r in rows):
+            # steady state: the a + 1 positions of the last step as one-token rows (absorbed decode, graphs)
+            rows = [Row([t], r.past + j, r.block_table) for r in rows for j, t in enumerate(r.tokens)]
+        lengths = [e - s.mtp_cached for s, e in zip(seqs, ends)]
+        hidden = torch.cat([torch.cat(s.pending_hidden)[:n] for s, n in zip(seqs, lengths)])
+        logits, h = self.runner.mtp_forward(self.runner.prepare(rows, mtp=True), hidden)
+        last = to_device([n - 1 for n in itertools.accumulate(lengths)], torch.long, self.engine.device)
+        return logits[last], h[last]
+
+    def settle(self, seqs: list[Sequence]) -> None:
+        """Before a plain step: catch the MTP module up on each sequence holding `max_pending` or more pending
+        positions, so that the hidden states kept for it stay bounded however long speculation stays off (a large
+        batch, logprobs, penalties). Each keeps its last cached position pending, re-runnable by `draft`, which
+        drafts from the catch-up's last output (as after a fused step); only positions whose next token is on the
+        host are caught up."""
+        due = [(s, min(s.num_cached_tokens, len(s) - s.num_pending) - 1) for s in seqs
+               if s.num_cached_tokens - s.mtp_cached >= self.max_pending]
+        due = [(s, e) for s, e in due if e > s.mtp_cached]
+        if not due:
+            return
+        self.catch_up([s for s, _ in due], [e for _, e in due])
+        for s, e in due:   # a copy of the rows kept: a view would keep the whole concatenation alive
+            s.pending_hidden = [torch.cat(s.pending_hidden)[e - s.mtp_cached:].clone()]
+            s.mtp_cached = e
 
     def verify_step(self, seqs: list[Sequence], drafts: torch.Tensor, draft_probs: torch.Tensor,
                     sampling: tuple) -> list:
