@@ -137,7 +137,8 @@ class AsyncEngineBase:
     def _on_step(self, items: list, error: str | None = None) -> None:
         """From the engine side, once per step: hand the outputs to the event loop. A failed step marks the engine
         unhealthy (/health 503 with the error); a later step that produced outputs shows it working again (a
-        transient failure, e.g. one oversized batch running out of memory, fails only the requests of that step)."""
+        transient failure, e.g. one oversized batch running out of memory, fails the requests the engine held at
+        that moment, which _EngineLoop.step aborts so that the same batch does not fail again; later ones run)."""
         if error is not None:
             self.step_error = error
         elif items:
