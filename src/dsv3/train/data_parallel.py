@@ -119,6 +119,13 @@ class Layout:
         rows = window.shape[0] // self.replicas
         return window[self.share * rows:(self.share + 1) * rows]
 
+    def shard_any(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a batch of any size (a validation batch of a batch source, e.g. SFT's last, shorter
+        one): rows [j n / R, (j + 1) n / R) of its n rows for share j of R, none for some ranks when n < R; the
+        rows of `shard` when R divides n. No row is dropped."""
+        n = batch.shape[0]
+        return batch[self.share * n // self.replicas:(self.share + 1) * n // self.replicas]
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
