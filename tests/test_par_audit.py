@@ -32,7 +32,7 @@ def _sft_file(tmp, base, data, eval_data, name) -> str:
 
 
 def test_sft_validation_under_expert_parallelism_is_the_single_process_one(tmp_path):
-    """`dsv3 sft` validation at dp 1 x ep 2 (every rank validates its rows of every batch): the eval loss is the
+    """`dsv3 sft` validation at dp 1 x ep 2 and under FSDP (every rank validates its rows of every batch): the eval loss is the
     single process's, the mean over each batch's loss tokens. Before: each rank's mean over its own loss tokens was
     averaged (rows with more loss tokens counted less), and a batch of fewer rows than ranks gave a rank no rows."""
     from test_train_distributed import ENV, SINGLE, _torchrun
@@ -40,15 +40,18 @@ def test_sft_validation_under_expert_parallelism_is_the_single_process_one(tmp_p
     data = write_chat(tmp_path / "chat.jsonl", [conversation(a, b) for a in range(1, 5) for b in range(1, 5)])
     eval_data = write_chat(tmp_path / "eval.jsonl", [conversation(1, 2), LONG, conversation(30, 40)])
     val = {}
-    for name, launcher, extra in (("one", SINGLE, []), ("ep2", _torchrun(2), ["parallel.ep=2"])):
+    runs = (("one", SINGLE, [], ""), ("ep2", _torchrun(2), ["parallel.ep=2"], "dp 1 x ep 2"),
+            ("fsdp2", _torchrun(2), ["parallel.fsdp=true"], "(FSDP)"))
+    for name, launcher, extra, layout in runs:
         r = subprocess.run(launcher + ["sft", "--config", _sft_file(tmp_path, base, data, eval_data, name),
                                        "--quiet", *extra], env=ENV, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
+        assert layout in r.stderr
         val[name] = read_metrics(tmp_path / name, kind="val")
-    assert "dp 1 x ep 2" in r.stderr
-    assert len(val["one"]) == len(val["ep2"]) == 1
-    for key in ("val_loss", "val_mtp_loss"):
-        assert val["ep2"][0][key] == pytest.approx(val["one"][0][key], rel=1e-5), key
+    for name in ("ep2", "fsdp2"):
+        assert len(val[name]) == len(val["one"]) == 1
+        for key in ("val_loss", "val_mtp_loss", "val_mtp_acc", "val_mtp_agree"):
+            assert val[name][0][key] == pytest.approx(val["one"][0][key], rel=1e-5), (name, key)
 
 
 def _fp8_dispatch_worker(rank: int, init_file: str, tmp) -> None:
