@@ -75,3 +75,22 @@ def test_fp8_dispatch_is_a_no_op_without_expert_parallelism_under_fsdp(tmp_path)
     from conftest import run_ranks
     for rank, out in enumerate(run_ranks(_fp8_dispatch_worker, 2, tmp_path, "fp8_dispatch")):
         assert torch.equal(out[True], out[False]), rank
+
+
+@pytest.mark.parametrize("fmt", ["auto", "sharded"])
+def test_an_ema_turned_on_at_resume_starts_from_the_resumed_weights(tmp_path, fmt):
+    """A run saved without an EMA (train.ema_decay = 0) and resumed with one (a resume may change train.*): the EMA
+    must start from the weights the checkpoint holds. Before, it kept the random initialisation the Trainer was
+    built with (the checkpoint had no EMA to load over it), so the exported average mixed in untrained weights."""
+    from dsv3.train import Trainer
+    from test_train_loop import small_run
+    sections = dict(checkpoint={"interval": 2, "keep": 0, "format": fmt}, log={"val_interval": 0})
+    Trainer(small_run(tmp_path, "run", train={"steps": 2, "ema_decay": 0.0}, **sections)).run()
+    t = Trainer(small_run(tmp_path, "run", train={"steps": 4, "ema_decay": 0.9}, **sections), resume=True)
+    t.logger.close()
+    assert t.step == 2
+    ema = t.ema.state_dict()
+    weights = dict(t.model.named_parameters())
+    assert ema.keys() == weights.keys()
+    for name, w in weights.items():
+        assert torch.equal(ema[name], w.detach().float()), name
