@@ -81,7 +81,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, cfg, device: torch.
         from ..fp8.training import apply_fp8
         apply_fp8(model, experts=train.fp8_experts, linears=train.fp8_linears)
     if mesh is not None and (mesh.ep > 1 or fsdp):                        # 2. EP (fsdp: the dp column's slices)
-        apply_expert_parallel(model, mesh.ep_group, fp8_dispatch=par.fp8_dispatch)
+        # fp8_dispatch only where rows travel (ep > 1: "a no-op with ep == 1", ParallelConfig): under FSDP with
+        # ep == 1 the experts are ExpertParallelExperts over a group of one, and FP8 would only quantise their inputs
+        apply_expert_parallel(model, mesh.ep_group, fp8_dispatch=par.fp8_dispatch and mesh.ep > 1)
         apply_ep_dispatch(model, par)                                     #    parallel.ep_dispatch = "two_hop"
     roots: list[nn.Module] = [model]
     if par.pp > 1:                                                        # 3. this rank's two pipeline chunks

@@ -61,10 +61,15 @@ class Checkpointing:
     def _resume_from(self, ckpt: Path) -> None:
         """Weights, optimizer state, EMA, data position and counters from `ckpt` (verified by rank 0 in
         choose_checkpoint)."""
+        ema_read = []                   # whether the sharded readers found an EMA to load in place
+
+        def entries(with_ema: bool = True) -> dict[str, torch.Tensor]:
+            ema_read.append(with_ema)
+            return self._sharded_entries(with_ema)
         if is_sharded(ckpt):            # any layout wrote it: every rank reads its own rows
-            state = load_sharded(ckpt, self._sharded_entries)
+            state = load_sharded(ckpt, entries)
         elif self.layout.world > 1:     # a single process wrote it: every rank keeps its rows of it
-            state = load_whole_into(ckpt, self._sharded_entries)
+            state = load_whole_into(ckpt, entries)
         else:
             state = load_checkpoint(ckpt, self.model, self.optimizer, verify=False)
         self.step, self.tokens, self.spikes = state["step"], state["tokens"], state["spikes"]
@@ -72,6 +77,10 @@ class Checkpointing:
         self.loader.load_state_dict(state["loader"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None and not any(ema_read):
+            # a checkpoint without an EMA (train.ema_decay was 0; a resume may change train.*): the average starts
+            # at the resumed weights, not at the initialisation the EMA was built from
+            self.ema.reset()
 
     def _sharded_entries(self, with_ema: bool = True) -> dict[str, torch.Tensor]:
         """This rank's model, optimizer state and EMA as sharded-checkpoint entries (views of the live tensors)."""

@@ -19,9 +19,8 @@ writes the run directory (config, tokenizer, metrics, checkpoints); the others w
 
 Checkpoints are sharded (dsv3.train.checkpoint.save_sharded, dsv3.parallel.dcp): every rank writes the rows it
 holds, nothing is gathered, and a checkpoint resumes at any world size and layout; a single-process checkpoint is
-cut to each rank's rows at resume (`load_whole_into`). The EMA lives on the ranks of dp row 0 (rank 0 alone in plain
-data parallelism), each averaging its own slice, or under FSDP on every rank, each its own shards (1/world of the
-model in CPU memory per rank). With one process (world 1) fsdp is a no-op, so a FSDP run's checkpoint resumes in
+cut to each rank's rows at resume (`load_whole_into`). The EMA is shared out over every rank, each averaging ~1/world
+of the model (its share of the rows it holds; under FSDP its own shards) in CPU memory (dsv3.train.ema). With one process (world 1) fsdp is a no-op, so a FSDP run's checkpoint resumes in
 one plain process as configured. The fused-AdamW clip-in-optimizer and compiled-optimizer paths are off under FSDP
 (CUDA-only and not verified on DTensor gradients; the config refuses compile_optimizer with fsdp).
 """
@@ -118,6 +117,13 @@ class Layout:
         """This rank's rows of a micro-batch read whole."""
         rows = window.shape[0] // self.replicas
         return window[self.share * rows:(self.share + 1) * rows]
+
+    def shard_any(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a batch of any size (a validation batch of a batch source, e.g. SFT's last, shorter
+        one): rows [j n / R, (j + 1) n / R) of its n rows for share j of R, none for some ranks when n < R; the
+        rows of `shard` when R divides n. No row is dropped."""
+        n = batch.shape[0]
+        return batch[self.share * n // self.replicas:(self.share + 1) * n // self.replicas]
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -84,6 +84,14 @@ class CPUEma:
             self._pending.result()
             self._pending = None
 
+    def reset(self) -> None:
+        """Restart the average at the parameters as they are now (this rank's rows; e.g. a resumed run whose
+        checkpoint holds no EMA)."""
+        self.wait()
+        local = _local_parameters(self.source)
+        for p in self.parts:
+            self.shadow[p.name].copy_(local[p.name][p.lo:p.hi].detach())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{name: this rank's rows}: whole tensors in one process (the single-file checkpoint's ema.safetensors)."""
         self.wait()

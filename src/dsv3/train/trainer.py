@@ -397,7 +397,10 @@ class Trainer(Checkpointing):
         Rank 0 alone validates, on whole batches, unless the experts are sharded (ep > 1: the MoE forward then
         all-to-alls within the EP row) or the parameters are (fsdp: the forward all-gathers them): every rank then
         validates its rows of every batch (as in training) and the sums are all-reduced; every rank returns the
-        same numbers."""
+        same numbers. The sharded losses are then the single process's: each rank's CEs weighted by its share of the
+        batch's loss tokens (losses.token_weights: with a loss mask, SFT, the ranks' rows hold different numbers),
+        and a batch whose rows do not divide over the ranks (a batch source's last one) split unevenly, no row
+        dropped (Layout.shard_any)."""
         if self.pipeline is not None and self.val:      # every rank: the forward runs through the pipeline
             return self.pipeline.evaluate(self.val, self.ce)
         sharded = self.layout.partitioned
@@ -409,13 +412,24 @@ class Trainer(Checkpointing):
         sums = ValidationSums(self.device)
         for batch in self.val:
             window, targets = split_batch(batch)
-            window = (self.layout.shard(window) if sharded else window).to(self.device)
+            if sharded:
+                # this rank's CEs are means over its own loss tokens: weighted by c R / C (c of the batch's C loss
+                # tokens here, R ranks), their sum over the ranks / R is the whole batch's token mean. Unweighted,
+                # rows with more loss tokens counted less, and a rank without rows added a NaN mean
+                whole = window[:, 1:] if targets is None else targets
+                w_main, w_mtp = token_weights([whole], self.layout.shard_any, self.layout.replicas,
+                                              len(self.model.mtp))[0]
+                window, targets = self.layout.shard_any(window), self.layout.shard_any(whole)
+            window = window.to(self.device)
             if targets is not None:
-                targets = (self.layout.shard(targets) if sharded else targets).to(self.device)
+                targets = targets.to(self.device)
             with self.autocast():
                 main, mtp, logits, mtp_logits = lm_losses(self.model, window, self.ce, targets)
+            if sharded:       # (a weight of 0: no loss token here, the CE is 0/0)
+                main = main * w_main if w_main else main.new_zeros(())
+                mtp = [ce * w if w else ce.new_zeros(()) for ce, w in zip(mtp, w_mtp)]
             sums.add(window, main, mtp, logits, mtp_logits)
-        if sharded:   # each rank's losses are means over its equal share of a batch: averaged over the ranks
+        if sharded:   # the weighted losses and the counts summed over the ranks
             self.layout.sum(sums.tensor)
         if self.layout.fsdp:
             self.model.reshard()    # the root stays gathered after a no_grad forward (dsv3.parallel.data): free it
