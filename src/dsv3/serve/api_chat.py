@@ -31,13 +31,17 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     state.metrics.request("/v1/chat/completions", [len(plan.prompt_ids[0])])
     head = Head.new("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion", state.model_name)
     if req.stream:
+        state.metrics.answered("/v1/chat/completions")          # the 200 goes out with the first byte
         events = coalesced(chat_events(state.tokenizer, req, plan, head, merged(state.aengine, handles)), handles)
         return StreamingResponse(events, media_type="text/event-stream")
     outs = await final_outputs(request, state.aengine, handles)
     if outs is None:                # the client left; nobody reads this
+        state.metrics.answered("/v1/chat/completions", 499)
         return Response(status_code=499)
-    engine_failure(outs)
-    return await state.respond(chat_response, state.tokenizer, req, plan, head, outs)
+    engine_failure(outs)                # a 500, counted by the error handler
+    response = await state.respond(chat_response, state.tokenizer, req, plan, head, outs)
+    state.metrics.answered("/v1/chat/completions")
+    return response
 
 
 def chat_response(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Plan, head: Head, outs: list) -> dict:

@@ -1,0 +1,104 @@
+"""`dsv3 serve` reviewed again as a hostile user (the serve-audit brief, second pass): one test per defect found,
+each failing before its fix, against a live server on loopback.
+
+1. /metrics counted a non-streamed request as answered (200) once the engine accepted it: one that then failed was
+   counted twice (200 and 500), one whose client left (499) as a 200;
+2. stop_token_ids outside the vocabulary got an error that listed every bad id (a 400 KB message for 100k of them)
+   under param "prompt";
+3. /detokenize took ids of the model's padded embedding rows (past the tokenizer's last id) and decoded them to
+   nothing, where the completions API refuses them.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve_fixture import start_server, wait_until
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = start_server(extra_rows=8)          # a padded vocabulary, as DeepSeek-V3's 129,280 rows
+    yield s
+    s.stop()
+
+
+def request_series(url: str) -> dict[tuple[str, str], float]:
+    text = httpx.get(url + "/metrics").text
+    return {(s.labels["endpoint"], s.labels["status"]): s.value for f in text_string_to_metric_families(text)
+            if f.name == "dsv3_requests" for s in f.samples if s.name == "dsv3_requests_total"}
+
+
+def counted(before: dict, after: dict, endpoint: str, status: str) -> float:
+    return after.get((endpoint, status), 0) - before.get((endpoint, status), 0)
+
+
+def assert_openai_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "\n" not in err["message"], err
+    return err
+
+
+# ---- 1. metrics -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": "hi", "max_tokens": 3}),
+                                         ("/v1/chat/completions",
+                                          {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})])
+def test_1_a_failed_request_is_counted_once_as_its_status(server, monkeypatch, route, body):
+    """An engine step that fails (injected once) fails the request with a 500: counted as that, not also as a 200."""
+    step, failed = server.engine.step, []
+
+    def failing_step():
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("injected step failure")
+        return step()
+    monkeypatch.setattr(server.engine, "step", failing_step)
+    before = request_series(server.url)
+    assert_openai_error(httpx.post(server.url + route, json=body, timeout=30), 500)
+    after = request_series(server.url)
+    assert failed and counted(before, after, route, "500") == 1
+    assert counted(before, after, route, "200") == 0, "a 500 was also counted as a 200"
+    monkeypatch.undo()
+    assert httpx.post(server.url + route, json=body, timeout=30).status_code == 200     # still serving
+    assert counted(after, request_series(server.url), route, "200") == 1
+
+
+def test_1_a_request_whose_client_left_is_not_counted_as_answered(server):
+    aengine = server.app.state.async_engine
+    before = request_series(server.url)
+    with pytest.raises(httpx.ReadTimeout):          # the client gives up long before 400 tokens are generated
+        httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 400, "ignore_eos": True},
+                   timeout=0.3)
+    assert wait_until(lambda: aengine.num_pending == 0, 30)
+    assert wait_until(lambda: counted(before, request_series(server.url), "/v1/completions", "499") == 1)
+    assert counted(before, request_series(server.url), "/v1/completions", "200") == 0
+
+
+# ---- 2. stop_token_ids ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": "hi"}),
+                                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})])
+def test_2_stop_token_ids_outside_the_vocabulary_get_a_short_error_naming_them(server, route, body):
+    r = httpx.post(server.url + route, json=body | {"max_tokens": 2, "stop_token_ids": [-1] * 100_000}, timeout=30)
+    err = assert_openai_error(r, 400)
+    assert err["param"] == "stop_token_ids" and "stop_token_ids" in err["message"]
+    assert len(err["message"]) < 300, f"a {len(err['message'])}-character error message"
+    # an id of the model's padded rows is no token either (as for logit_bias and prompt ids)
+    r = httpx.post(server.url + route, json=body | {"max_tokens": 2, "stop_token_ids": [server.tokenizer.vocab_size]})
+    assert assert_openai_error(r, 400)["param"] == "stop_token_ids"
+    assert httpx.post(server.url + route, json=body | {"max_tokens": 2, "stop_token_ids": [5]}).status_code == 200
+
+
+# ---- 3. /detokenize ---------------------------------------------------------------------------------------------
+
+def test_3_detokenize_refuses_ids_past_the_tokenizer_as_the_completions_api_does(server):
+    n = server.tokenizer.vocab_size
+    assert server.app.state.async_engine.limits.vocab_size > n         # the padded rows this is about
+    for route, body in (("/detokenize", {"tokens": [1, n, 2]}), ("/v1/completions", {"prompt": [1, n, 2]})):
+        err = assert_openai_error(httpx.post(server.url + route, json=body), 400)
+        assert str(n) in err["message"] and f"[0, {n})" in err["message"], (route, err)
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [1, n - 1, 2]}).status_code == 200
