@@ -6,7 +6,9 @@ each failing before its fix, against a live server on loopback.
 2. stop_token_ids outside the vocabulary got an error that listed every bad id (a 400 KB message for 100k of them)
    under param "prompt";
 3. /detokenize took ids of the model's padded embedding rows (past the tokenizer's last id) and decoded them to
-   nothing, where the completions API refuses them.
+   nothing, where the completions API refuses them;
+4. a second tool-call block that does not read lost its begin marker from the content (the parser counted the
+   first block's calls as its own), so the text was not returned as generated.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dsv3.serve.chat_output import ChatOutput, ChatParsing, chat_message
+from dsv3.serve.tool_calls import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
 from serve_fixture import start_server, wait_until
 
 
@@ -102,3 +106,25 @@ def test_3_detokenize_refuses_ids_past_the_tokenizer_as_the_completions_api_does
         err = assert_openai_error(httpx.post(server.url + route, json=body), 400)
         assert str(n) in err["message"] and f"[0, {n})" in err["message"], (route, err)
     assert httpx.post(server.url + "/detokenize", json={"tokens": [1, n - 1, 2]}).status_code == 200
+
+
+# ---- 4. tool calls ----------------------------------------------------------------------------------------------
+
+CALL = f"{CALL_BEGIN}f{SEP}{{\"a\": 1}}{CALL_END}"
+
+
+@pytest.mark.parametrize("tail", [f"{CALLS_BEGIN}garbage", f"{CALLS_BEGIN}{CALL_BEGIN}nope{CALL_END}", CALLS_BEGIN,
+                                  f"{CALLS_BEGIN}  "])
+def test_4_a_second_block_that_does_not_read_is_content_as_generated(tail):
+    """The first block's call stands; what follows it, the second block's begin marker included, is the content,
+    whole and streamed (cut at every place)."""
+    text = f"A{CALLS_BEGIN}{CALL}{CALLS_END}B{tail}"
+    parsing = ChatParsing(tools=frozenset({"f"}))
+    message, reason = chat_message(parsing, text, "stop")
+    assert message["content"] == "AB" + tail, message
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["f"] and reason == "tool_calls"
+    for cut in range(1, len(text)):
+        out = ChatOutput(parsing)
+        deltas = [out.feed(text[:cut]), out.feed(text[cut:]), out.finish()]
+        assert "".join(d.get("content", "") for d in deltas) == "AB" + tail, cut
+        assert sum(len(d.get("tool_calls", [])) for d in deltas) == 1, cut
