@@ -8,7 +8,9 @@ each failing before its fix, against a live server on loopback.
 3. /detokenize took ids of the model's padded embedding rows (past the tokenizer's last id) and decoded them to
    nothing, where the completions API refuses them;
 4. a second tool-call block that does not read lost its begin marker from the content (the parser counted the
-   first block's calls as its own), so the text was not returned as generated.
+   first block's calls as its own), so the text was not returned as generated;
+5. error messages quoted the client's value whole (a model name, tool_choice, response_format, a schema type, a
+   number): a 200 KB message for a 200 KB value, up to the body limit.
 """
 
 from __future__ import annotations
@@ -128,3 +130,25 @@ def test_4_a_second_block_that_does_not_read_is_content_as_generated(tail):
         deltas = [out.feed(text[:cut]), out.feed(text[cut:]), out.finish()]
         assert "".join(d.get("content", "") for d in deltas) == "AB" + tail, cut
         assert sum(len(d.get("tool_calls", [])) for d in deltas) == 1, cut
+
+
+# ---- 5. error messages ------------------------------------------------------------------------------------------
+
+BIG = "x" * 200_000
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("route, body, word", [
+    ("/v1/chat/completions", {"messages": MESSAGES, "tool_choice": {"type": BIG}}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": BIG}}, "response_format"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "model": BIG}, "model"),
+    ("/v1/completions", {"prompt": "hi", "model": BIG}, "model"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": BIG}}}]}, "parameters"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**4000}, "max_tokens"),
+])
+def test_5_an_error_quoting_a_huge_value_stays_short(server, route, body, word):
+    """The error message quoted the client's value whole: a 200 KB message (8 MB for a body at the limit)."""
+    r = httpx.post(server.url + route, json=body)
+    err = assert_openai_error(r, 404 if word == "model" else 400)
+    assert word in err["message"] and len(err["message"]) <= 1100, (len(err["message"]), err["message"][:200])
