@@ -15,6 +15,8 @@ each failing before its fix, against a live server on loopback.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -152,3 +154,53 @@ def test_5_an_error_quoting_a_huge_value_stays_short(server, route, body, word):
     r = httpx.post(server.url + route, json=body)
     err = assert_openai_error(r, 404 if word == "model" else 400)
     assert word in err["message"] and len(err["message"]) <= 1100, (len(err["message"]), err["message"][:200])
+
+
+# ---- 6. the event loop ------------------------------------------------------------------------------------------
+
+def test_6_a_streamed_chat_puts_its_kept_markers_back_off_the_event_loop(monkeypatch):
+    """A tokenizer that flags the tool-call markers special (the server keeps them for the parser), tools in the
+    request and a logit_bias that makes every token a marker: the stream's last output had its markers put back
+    (marked_text: a decode of the output's prefix at every marker, 2 s for 8000 tokens, quadratic) on the event
+    loop, holding up every other client. Checked by the thread that runs it, as test_serve_audit does."""
+    import threading
+    import time
+
+    import torch
+    import uvicorn
+
+    import dsv3.serve.responses as responses
+    from conftest import build, tiny_config
+    from dsv3.infer import Engine, EngineConfig
+    from dsv3.serve import build_app
+    from serve_fixture import LiveServer, ThreadRecorder
+    from test_serve_chat_parsing import TOOLS, USER
+    from test_serve_tools import V31, deepseek_like_tokenizer
+
+    torch.set_num_threads(1)
+    tok = deepseek_like_tokenizer()
+    model = build(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=1024), seed=0,
+                  dtype=torch.float32)
+    engine = Engine(model, tok, EngineConfig(block_size=8, num_blocks=128, max_num_seqs=4))
+    app = build_app(engine, tok, "t", chat_template=V31)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    live = LiveServer(url, engine, None, tok, app, server, thread)
+    try:
+        marker = tok.backend.token_to_id(CALL_BEGIN)
+        rec = ThreadRecorder(live)
+        rec.watch(monkeypatch, responses, "marked_text", when=lambda _tok, out, keep: bool(keep))
+        body = {"messages": USER, "tools": TOOLS, "max_tokens": 64, "stream": True, "ignore_eos": True,
+                "logit_bias": {str(marker): 100}}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text[-300:]
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+        assert content.count(CALL_BEGIN) > 8, content[:200]      # the markers, as content (no call reads)
+        rec.assert_off_loop()
+    finally:
+        live.stop()
