@@ -10,7 +10,10 @@ each failing before its fix, against a live server on loopback.
 4. a second tool-call block that does not read lost its begin marker from the content (the parser counted the
    first block's calls as its own), so the text was not returned as generated;
 5. error messages quoted the client's value whole (a model name, tool_choice, response_format, a schema type, a
-   number): a 200 KB message for a 200 KB value, up to the body limit.
+   number): a 200 KB message for a 200 KB value, up to the body limit;
+6. a streamed chat put its kept markers back (a decode per marker, quadratic) on the event loop;
+7. a web page of another site could drive a loopback server from a visitor's browser: a POST whose body is a Blob
+   has no Content-Type (read as JSON) and needs no CORS preflight; its Origin header was not looked at.
 """
 
 from __future__ import annotations
@@ -204,3 +207,29 @@ def test_6_a_streamed_chat_puts_its_kept_markers_back_off_the_event_loop(monkeyp
         rec.assert_off_loop()
     finally:
         live.stop()
+
+
+# ---- 7. cross-site pages ----------------------------------------------------------------------------------------
+
+def test_7_a_page_of_another_site_cannot_drive_a_loopback_server(server):
+    """What `fetch("http://127.0.0.1:8000/v1/completions", {method: "POST", body: new Blob([json])})` sends from
+    https://evil.example: no Content-Type, the page's Origin, a loopback Host."""
+    body = b'{"prompt": "hi", "max_tokens": 2}'
+    for origin in ("https://evil.example", "null", "http://127.0.0.1.evil.example"):
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={"Origin": origin})
+        err = assert_openai_error(r, 403)
+        assert err["param"] == "origin" and "Origin" in err["message"], err
+    for origin in ("http://127.0.0.1:8000", "http://localhost:3000", "http://[::1]:8080"):    # local pages, /docs
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={"Origin": origin})
+        assert r.status_code == 200, (origin, r.text[:200])
+    assert httpx.post(server.url + "/v1/completions", content=body).status_code == 200      # API clients send none
+
+
+def test_7_a_server_open_to_any_host_takes_any_origin():
+    s = start_server(allowed_hosts=["*"])
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                       headers={"Origin": "https://ui.example"})
+        assert r.status_code == 200, r.text[:200]
+    finally:
+        s.stop()
