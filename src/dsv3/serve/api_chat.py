@@ -31,13 +31,18 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     state.metrics.request("/v1/chat/completions", [len(plan.prompt_ids[0])])
     head = Head.new("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion", state.model_name)
     if req.stream:
-        events = coalesced(chat_events(state.tokenizer, req, plan, head, merged(state.aengine, handles)), handles)
+        state.metrics.answered("/v1/chat/completions")          # the 200 goes out with the first byte
+        events = coalesced(chat_events(state.tokenizer, req, plan, head, merged(state.aengine, handles), state.run),
+                           handles)
         return StreamingResponse(events, media_type="text/event-stream")
     outs = await final_outputs(request, state.aengine, handles)
     if outs is None:                # the client left; nobody reads this
+        state.metrics.answered("/v1/chat/completions", 499)
         return Response(status_code=499)
-    engine_failure(outs)
-    return await state.respond(chat_response, state.tokenizer, req, plan, head, outs)
+    engine_failure(outs)                # a 500, counted by the error handler
+    response = await state.respond(chat_response, state.tokenizer, req, plan, head, outs)
+    state.metrics.answered("/v1/chat/completions")
+    return response
 
 
 def chat_response(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Plan, head: Head, outs: list) -> dict:
@@ -57,7 +62,10 @@ def merge(a: dict, b: dict) -> dict:
 
 
 async def chat_events(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Plan, head: Head,
-                      outputs: AsyncIterator) -> AsyncIterator[str]:
+                      outputs: AsyncIterator, run) -> AsyncIterator[str]:
+    """The SSE events; `run(fn, *args)` runs fn on a worker thread (ServerState.run): a finished output's text with
+    its kept markers put back (marked_text) decodes the output's prefix at every marker, seconds for thousands of
+    them (a client's logit_bias asks for that), done there and not on the event loop."""
     n = len(plan.jobs)
     texts = [TextStream(tokenizer, req.stop_list(), plan.keep) for _ in range(n)]
     parsers = [ChatOutput(plan.parsing) for _ in range(n)] if plan.parsing.active else None
@@ -73,7 +81,7 @@ async def chat_events(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Pl
             yield sse(engine_failure_event(out))
             break
         n_out[k] += len(out.new_token_ids)
-        text = texts[k].delta(out)
+        text = await run(texts[k].delta, out) if out.finished and plan.keep else texts[k].delta(out)
         reason = out.finish_reason
         if parsers is None:
             delta = {"content": text}

@@ -33,14 +33,18 @@ async def create_completion(req: CompletionRequest, request: Request):
     state.metrics.request("/v1/completions", [len(ids) for ids in plan.prompt_ids])
     head = Head.new("cmpl", "text_completion", state.model_name)
     if req.stream:
+        state.metrics.answered("/v1/completions")          # the 200 goes out with the first byte
         events = coalesced(completion_events(state.tokenizer, req, plan, head, merged(state.aengine, handles),
                                              state.run), handles)
         return StreamingResponse(events, media_type="text/event-stream")
     outs = await final_outputs(request, state.aengine, handles)
     if outs is None:                # the client left; nobody reads this
+        state.metrics.answered("/v1/completions", 499)
         return Response(status_code=499)
-    engine_failure(outs)
-    return await state.respond(completion_response, state.tokenizer, req, plan, head, outs)
+    engine_failure(outs)                # a 500, counted by the error handler
+    response = await state.respond(completion_response, state.tokenizer, req, plan, head, outs)
+    state.metrics.answered("/v1/completions")
+    return response
 
 
 def choice_logprobs(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, k: int, prompt_entries: list | None,

@@ -13,7 +13,7 @@ from ..data.tokenizer import SPECIAL_TOKENS
 from .body import WorkerBodyRoute
 from .protocol import DetokenizeRequest, TokenizeRequest
 from .state import get_state
-from .validation import check_model, check_token_ids, tokenize_ids
+from .validation import check_model, check_token_ids, token_limits, tokenize_ids
 
 router = APIRouter(route_class=WorkerBodyRoute)
 
@@ -41,7 +41,9 @@ async def detokenize(req: DetokenizeRequest, request: Request):
     check_model(req.model, state.model_name)
 
     def answer() -> dict:
-        check_token_ids(req.tokens, state.limits.vocab_size)
+        # the tokenizer's ids, not the model's padded embedding rows past them: the tokenizer decodes those to
+        # nothing, and the completions API refuses them as prompt ids
+        check_token_ids(req.tokens, token_limits(state.limits, state.tokenizer).vocab_size)
         return {"prompt": state.tokenizer.decode_batch([req.tokens])[0]}
     return await state.respond(answer)
 

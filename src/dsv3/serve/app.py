@@ -16,9 +16,9 @@
 Every refusal is an OpenAI-style `{"error": {...}}` with a 4xx status: malformed JSON, wrong types or ranges and
 missing chat content (400, from the pydantic models), a prompt the engine refuses (400: empty, too long for the
 context or the cache, unknown token ids), a batch larger than the queue (400), an unknown model or path (404), a
-missing or wrong API key (401), a body past the limit (413), a body that is not JSON (415), a foreign Host (400), a
-full queue (429), shutdown or a dead engine (503; also requests still running when the graceful shutdown time is
-up). A client that disconnects has its requests aborted, which returns their cache blocks.
+missing or wrong API key (401), a body past the limit (413), a body that is not JSON (415), a foreign Host (400) or
+Origin (403), a full queue (429), shutdown or a dead engine (503; also requests still running when the graceful
+shutdown time is up). A client that disconnects has its requests aborted, which returns their cache blocks.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from . import api_admin, api_chat, api_completions, api_tokenizer
 from .async_engine import AsyncEngineBase
 from .guard import Guard
 from .metrics import route_label
-from .protocol import APIError
+from .protocol import APIError, shorten
 from .state import ServeOptions, ServerState
 from .stopping import EndOnStop
 
@@ -66,8 +66,10 @@ def build_app(engine: Engine | AsyncEngineBase, tokenizer: Tokenizer, model_name
 def validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else err.get("msg", "invalid"))
+        # each error its share of the message: a location (a dict key) or a message may quote a huge value
+        loc = shorten(".".join(str(x) for x in err.get("loc", ()) if x != "body"), 100)
+        msg = shorten(err.get("msg", "invalid"), 300)
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "invalid request: " + "; ".join(parts)
 
 

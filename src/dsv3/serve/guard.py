@@ -2,7 +2,10 @@
 
 1. Host. A server on loopback answers only loopback Host names (localhost, 127.0.0.0/8, ::1) and those of an
    allow-list: a DNS-rebinding page (evil.example re-resolved to 127.0.0.1) cannot drive it from a browser, key or
-   not. A server bound elsewhere accepts any Host unless it is given a list (`default_allowed_hosts`).
+   not. A server bound elsewhere accepts any Host unless it is given a list (`default_allowed_hosts`). The Origin a
+   browser sends is held to the same list: a page of another site that posts to http://127.0.0.1:8000 directly (a
+   Blob or byte body has no Content-Type, so the browser sends it without a CORS preflight) names its own site
+   there, and was served (a generation per page view, the response unread but the engine's time spent).
 2. The API key. With one set, everything but /health needs it: the API, the tokenizer routes, the OpenAPI schema and
    docs pages, and /metrics unless `metrics_public`.
 3. The body size. Past `max_body_bytes`: 413, from the Content-Length header before anything is read, or as the body
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from urllib.parse import urlsplit
 
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
@@ -45,6 +49,15 @@ def host_name(host: str) -> str:
     if host.count(":") == 1:
         host = host.split(":")[0]
     return host.rstrip(".")
+
+
+def origin_name(origin: str) -> str:
+    """An Origin header's host name: 'http://Example.com:8000' -> 'example.com'; '' for "null" (a sandboxed or
+    file:// page) and anything that is not a URL, which no allow-list holds but `*`."""
+    try:
+        return (urlsplit(origin.strip()).hostname or "").rstrip(".")
+    except ValueError:
+        return ""
 
 
 def is_loopback(name: str) -> bool:
@@ -95,6 +108,11 @@ class Guard:
         if host is not None and not host_allowed(host_name(host), self.options.allowed_hosts):
             return APIError(f"the Host header {host!r} is not one this server answers to (loopback names, or "
                             f"--allowed-hosts)", 400, param="host", code="invalid_host")
+        origin = headers.get("origin")
+        if origin is not None and not host_allowed(origin_name(origin), self.options.allowed_hosts):
+            return APIError(f"the Origin {origin!r} is not one this server answers to (loopback origins, or "
+                            f"--allowed-hosts): a web page of another site cannot use it", 403,
+                            "permission_error", param="origin", code="invalid_origin")
         path = scope["path"]
         if self._key is not None and path not in OPEN_PATHS and not (self.options.metrics_public
                                                                      and path == "/metrics"):

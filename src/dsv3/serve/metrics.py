@@ -54,8 +54,13 @@ class ServerMetrics:
         aengine.on_output = self.output
 
     def request(self, endpoint: str, prompt_lengths: list[int]) -> None:
-        self.requests.labels(endpoint, "200").inc()
+        """A request accepted by the engine: its prompt tokens. Its status is counted once it is known (`answered`,
+        or `error` for a refusal or a failure): counted here as 200, a request that then failed counted twice (200
+        and 500), and one whose client left counted as answered."""
         self.prompt_tokens.inc(sum(prompt_lengths))
+
+    def answered(self, endpoint: str, status: int = 200) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
 
     def error(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()

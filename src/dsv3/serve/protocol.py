@@ -66,11 +66,22 @@ def _unicode(value, name: str):
     return value
 
 
+MAX_ERROR_CHARS = 1000
+
+
+def shorten(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how many were left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class APIError(Exception):
-    """An error the server answers with `{"error": {...}}` and an HTTP status."""
+    """An error the server answers with `{"error": {...}}` and an HTTP status. The message is cut to
+    MAX_ERROR_CHARS: many quote what the client sent (a model name, a tool_choice, a number), and a body of megabytes
+    came back as a message of megabytes."""
 
     def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
+        message = shorten(message)
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
 

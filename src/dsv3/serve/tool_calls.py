@@ -81,6 +81,7 @@ class ToolCallParser:
     def __init__(self, names: frozenset[str]):
         self.names, self.mode, self.buf = names, "content", ""
         self.calls: list[ToolCall] = []
+        self.block_calls = 0        # calls read in the block now open (a later block's marker is its own)
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         self.buf += text
@@ -95,12 +96,14 @@ class ToolCallParser:
                     content, self.buf = content + self.buf[:cut], self.buf[cut:]
                     break
                 content, self.buf, self.mode = content + self.buf[:at], self.buf[at + len(CALLS_BEGIN):], "calls"
+                self.block_calls = 0
             else:
                 step = self._call()
                 if step is None:
                     break                   # the next call is not complete yet
                 calls += step
                 self.calls += step
+                self.block_calls += len(step)
         return content, calls
 
     def _call(self) -> list[ToolCall] | None:
@@ -125,14 +128,15 @@ class ToolCallParser:
         return []
 
     def _give_up(self) -> None:
-        """From here on, the text as generated; the block's begin marker too when no call of it was read."""
+        """From here on, the text as generated; the block's begin marker too when no call of it was read (calls of
+        an earlier block do not take it: counting those, a second block's marker was lost)."""
         self.mode = "raw"
-        if not self.calls:
+        if not self.block_calls:
             self.buf = CALLS_BEGIN + self.buf
 
     def finish(self) -> str:
         """The held text as content: a tail that did not become a marker, or a block cut off mid-call."""
-        if self.mode == "calls" and (self.buf.strip() or not self.calls):    # cut off mid-call, or before any
+        if self.mode == "calls" and (self.buf.strip() or not self.block_calls):     # cut off mid-call, or before any
             self._give_up()
         rest, self.buf = ("" if self.mode == "calls" else self.buf), ""
         return rest

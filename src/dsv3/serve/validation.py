@@ -164,6 +164,9 @@ def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: To
     prompts, limits = req.prompts(), token_limits(limits, tokenizer)
     check_batch(len(prompts) * req.n, max_pending)
     check_token_ids(list(req.token_bias()), limits.vocab_size, "logit_bias")
+    # here, not by SamplingParams' own check: that one lists every bad id (a 4 MB message for a million of them)
+    # and came back under param "prompt"
+    check_token_ids(list(req.stop_token_ids or []), limits.vocab_size, "stop_token_ids")
     score_only = req.max_tokens == 0           # echo with no completion: generate one token, drop it
     texts = [p for p in prompts if isinstance(p, str)]
     for p in texts:
@@ -193,6 +196,7 @@ def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Toke
     tools = req.active_tools()
     check_tool_support(template, tokenizer, req.messages, tools)
     check_token_ids(list(req.token_bias()), limits.vocab_size, "logit_bias")
+    check_token_ids(list(req.stop_token_ids or []), limits.vocab_size, "stop_token_ids")     # plan_completion's
     asked = req.max_completion_tokens or req.max_tokens
     n_chars = len(render_chat(template.render, req, req.add_generation_prompt, tools))     # milliseconds for MBs
     refuse_certain_overflow(limits, n_chars, tokenizer.max_token_bytes, asked or 1)
