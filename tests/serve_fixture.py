@@ -68,6 +68,12 @@ def start_server(engine_config: EngineConfig | None = None, api_key: str | None 
     else:
         engine = served = build_engine(seed, engine_config, extra_rows)
     app = build_app(served, tok, "dsv3-tiny", api_key=api_key, max_pending=max_pending, **options)
+    server, thread, url = serve_app(app)
+    return LiveServer(url, engine, reference, tok, app, server, thread)
+
+
+def serve_app(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """`app` served by uvicorn on a free loopback port in a daemon thread: (server, thread, base URL), once up."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -77,8 +83,7 @@ def start_server(engine_config: EngineConfig | None = None, api_key: str | None 
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return LiveServer(f"http://127.0.0.1:{port}", engine, reference, tok, app, server, thread)
+    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
 
 
 class ThreadRecorder:

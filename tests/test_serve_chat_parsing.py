@@ -8,17 +8,16 @@ the markers kept, parsing, deltas, finish reasons); the parsers themselves are t
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
 import openai
 import pytest
-import uvicorn
 
 from dsv3.infer.engine import RequestOutput
 from dsv3.infer.requests import RequestLimits
 from dsv3.serve import build_app
+from serve_fixture import serve_app
 from test_serve_tools import CB, C1, C2, CE, SEP, V31, V3_CALLS, deepseek_like_tokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -80,13 +79,8 @@ def served():
     tok = deepseek_like_tokenizer()
     engine = ScriptedEngine(tok)
     app = build_app(engine, tok, "scripted", chat_template=V31)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    server, thread, url = serve_app(app)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     yield engine, client
     server.should_exit = True
     thread.join(10)

@@ -13,13 +13,12 @@ import time
 
 import openai
 import pytest
-import uvicorn
 
 from dsv3.infer import SamplingParams
 from dsv3.infer.disagg import run_worker
 from dsv3.serve import build_app
 from dsv3.serve.pd_router import PDRouter
-from serve_fixture import DEFAULT_CONFIG, build_engine
+from serve_fixture import DEFAULT_CONFIG, build_engine, serve_app
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n"]
 
@@ -53,12 +52,8 @@ def deployment():
             assert time.monotonic() < deadline and all(p.is_alive() for p in procs), "workers did not start"
             time.sleep(0.3)
     app = build_app(router, reference.tokenizer, "dsv3-tiny")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+    server, thread, url = serve_app(app)
+    url += "/v1"
     yield dict(url=url, router=router, reference=reference, procs=procs,
                client=openai.OpenAI(base_url=url, api_key="unused", max_retries=0))
     server.should_exit = True

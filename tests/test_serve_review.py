@@ -167,17 +167,14 @@ def test_6_a_streamed_chat_puts_its_kept_markers_back_off_the_event_loop(monkeyp
     request and a logit_bias that makes every token a marker: the stream's last output had its markers put back
     (marked_text: a decode of the output's prefix at every marker, 2 s for 8000 tokens, quadratic) on the event
     loop, holding up every other client. Checked by the thread that runs it, as test_serve_audit does."""
-    import threading
-    import time
 
     import torch
-    import uvicorn
 
     import dsv3.serve.responses as responses
     from conftest import build, tiny_config
     from dsv3.infer import Engine, EngineConfig
     from dsv3.serve import build_app
-    from serve_fixture import LiveServer, ThreadRecorder
+    from serve_fixture import LiveServer, ThreadRecorder, serve_app
     from test_serve_chat_parsing import TOOLS, USER
     from test_serve_tools import V31, deepseek_like_tokenizer
 
@@ -187,12 +184,7 @@ def test_6_a_streamed_chat_puts_its_kept_markers_back_off_the_event_loop(monkeyp
                   dtype=torch.float32)
     engine = Engine(model, tok, EngineConfig(block_size=8, num_blocks=128, max_num_seqs=4))
     app = build_app(engine, tok, "t", chat_template=V31)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server, thread, url = serve_app(app)
     live = LiveServer(url, engine, None, tok, app, server, thread)
     try:
         marker = tok.backend.token_to_id(CALL_BEGIN)
