@@ -60,10 +60,10 @@ class ServerMetrics:
         self.prompt_tokens.inc(sum(prompt_lengths))
 
     def answered(self, endpoint: str, status: int = 200) -> None:
+        """A request's status, counted once: 200, 499 (the client left) or, as `error`, a refusal or failure."""
         self.requests.labels(endpoint, str(status)).inc()
 
-    def error(self, endpoint: str, status: int) -> None:
-        self.requests.labels(endpoint, str(status)).inc()
+    error = answered
 
     def output(self, handle, out: RequestOutput) -> None:
         self.generation_tokens.inc(len(out.new_token_ids))
