@@ -19,6 +19,10 @@ set -u
 PART=${1:-}
 export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 OUT=${OUT:-out}
 mkdir -p "$OUT"
+install_wheels() {   # the carried .whl (the device image has no network)
+  compgen -G ".whl/*.whl" > /dev/null && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+}
 case $PART in
   a)
     bash benchmarks/gpu_suite.sh gpu
@@ -39,14 +43,14 @@ case $PART in
     timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-auto --ttft-batch 0 \
       --profile > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | tail -40 ;;
   e)    # issue 16's server row (never measured in the engine-process layout) and issue 15's loss with its noise floor
+    install_wheels      # fastapi, uvicorn, openai: the server's
     timeout 240 python -m dsv3.cli bench serve --config lite --concurrency 64 --requests 256 --prompt 128 --tokens 128 \
       --compile-decode --fused-moe auto --json "$OUT/bench_serve.json" 2>&1 | grep -v Warning | tail -14 \
       | tee "$OUT/bench_serve.txt"
     timeout 330 python benchmarks/fp8_loss_gpu.py --steps 300 --batch 2 --arms bf16,row-fp8-wgrad,bf16@1 \
       2>&1 | grep -v Warning | tail -30 | tee "$OUT/fp8_loss.txt" ;;
   f)    # d in less device time: the CUDA tests of the files this session's kernels reach, then the GEMV and AdamW
-    compgen -G ".whl/*.whl" > /dev/null && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    install_wheels
     timeout 170 python -m pytest -q -n 14 -p no:cacheprovider -rfEs tests/test_kernels_fp8_weight_gemm.py \
       tests/test_kernels_fp8_gemm.py tests/test_kernels_fp8_rowwise.py tests/test_kernels_edge.py \
       tests/test_fp8_recipe.py tests/test_infer_fused_proj.py tests/test_fp8_weight_cache.py \

@@ -16,3 +16,20 @@ def test_ttft_counts_prefill_steps_and_first_tokens():
     chunked = bench_ttft(model, 4, 8, budget=24, cuda_graphs=False)
     assert chunked["steps"] == 2 and chunked["budget"] == 24
     assert 0 < chunked["ttft_p50_s"] < chunked["ttft_max_s"]
+
+
+def test_bench_serve_runs_every_request_through_the_server(tmp_path):
+    """`dsv3 bench serve` end to end on the CPU (configs/tiny.toml, engine in a thread): every request completes, none refused.
+    Its prompts once drew ids from the model's vocabulary, past the bench tokenizer's 512, and the server refused
+    all of them (0 tok/s, found on the GPU)."""
+    import json
+
+    from pathlib import Path
+
+    from dsv3.cli import main
+    out, config = tmp_path / "serve.json", Path(__file__).parents[1] / "configs" / "tiny.toml"   # vocabulary 2048
+    assert main(["bench", "serve", "--config", str(config), "--device", "cpu", "--engine-thread", "--concurrency", "2",
+                 "--requests", "4", "--prompt", "16", "--tokens", "4", "--cache-gib", "0.05", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["errors"] == [] and r["completed"] == r["requests"] == 4
+    assert r["output_tok_per_s"] > 0 and r["engine_output_tok_per_s"] > 0

@@ -37,7 +37,9 @@ def run_bench(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
 
 def _bench_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     g = torch.Generator().manual_seed(0)
-    vocab = load_model_config(args.config).vocab_size if not args.url else args.vocab_size
+    # a local server refuses ids past its tokenizer's (serve/validation.token_limits): the bench tokenizer has 512
+    vocab = args.vocab_size if args.url else min(load_model_config(args.config).vocab_size,
+                                                 bench_tokenizer().vocab_size)
 
     def prompts(n: int) -> list[list[int]]:
         return [torch.randint(10, vocab, (args.prompt,), generator=g).tolist() for _ in range(n)]
