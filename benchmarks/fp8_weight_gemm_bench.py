@@ -10,7 +10,11 @@ experts hit) / time, against the 4.28 TB/s copy bandwidth; the bf16 rows read tw
 GEMV rows (issue 16: FP8 >= 1.6x BF16 at batch 1): the weight-streaming GEMV (kernels/fp8_gemv.py, what
 fp8_linear_triton dispatches to for M <= 16) at M = 1, 4, 16 on the dense shapes and for one token's 6 experts
 (grouped, M = 6), against bf16 cuBLAS / `_grouped_mm` and against the tiled kernel (`gemv=False`): its launch-table
-default and the best of GEMV_SWEEP (block_n, ku, split, warps). `--only gemv` runs just these.
+default and the best of GEMV_SWEEP (block_n, ku, split, warps). `--only gemv` runs just these. They are timed cold:
+each call of the captured sequence reads the next of enough copies of the weights (COLD_BYTES, 4x the H100's and 5x
+the H200's L2) that none is still in L2, as in a decode step (a lite step reads 2.7-4.9 GB). Timed warm (`--warm`,
+what the fourteenth session's rows were), a 6 MB FP8 q_proj read at 1.18 TB/s while in the engine's step the FP8
+GEMVs averaged 0.66 TB/s (RESULTS.md, fifteenth session).
 
 GPU: PYTHONPATH=src python benchmarks/fp8_weight_gemm_bench.py [--only gemv] [--gemv-sweep none|small|full]   (JSON in
      $OUT/fp8_weight_gemm.json; each GEMV row printed as measured)
@@ -45,12 +49,20 @@ DENSE_SWEEP = [dict(block_n=bn, num_warps=4, num_stages=s, split_k=k)
                for bn, s, k in itertools.product((16, 32, 64), (3, 5), (1, 2, 4, 8, 16))]
 GEMV_SWEEP = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=w)
               for bn, ku, k, w in itertools.product((8, 16, 32, 64), (1, 2, 4, 8), (1, 2, 4, 8), (4,))]
-# --gemv-sweep small (default): 16 of GEMV_SWEEP's 64 launches; the full sweep compiles and times 64 x 17 cases,
+# --gemv-sweep small (default): 24 of GEMV_SWEEP's 64 launches; the full sweep compiles and times 64 x 17 cases,
 # which ran out of a 90 s limit on the H200 before printing anything (sixth session)
 GEMV_SWEEP_SMALL = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=4)
-                    for bn, ku, k in itertools.product((8, 16, 32, 64), (2, 4), (1, 4))]
+                    for bn, ku, k in itertools.product((8, 16, 32, 64), (2, 4, 8), (1, 4))]
 GEMV_M = (1, 2, 4, 16)   # 2: batch-1 verify of one draft token
 DRY = False     # --dry-run: CPU interpreter, tiny shapes, wall-clock of one call
+COLD_BYTES = 256 << 20   # the weight copies a cold GEMV row cycles through (--warm: one)
+
+
+def copies(make, nbytes: int):
+    """`make()` called into a list of copies of >= COLD_BYTES in all (one when warm or dry), and a function that
+    returns the next copy on each call: a captured sequence of calls never re-reads one that may still be in L2."""
+    n = 1 if DRY or COLD_BYTES == 0 else max(1, -(-COLD_BYTES // nbytes))
+    return itertools.cycle([make() for _ in range(n)]).__next__
 
 
 def bench(fn) -> float:
@@ -99,11 +111,12 @@ def gemv_rows(dev: str, dtype: torch.dtype) -> list[dict]:
         x = torch.randn(M, K, device=dev, dtype=dtype)
         ref = fp8_linear_reference(x, q, s)
         err = rel_err(fp8_linear_triton(x, q, s, gemv=True), ref)
-        wb = w.to(dtype)
-        t_def = bench(lambda: fp8_linear_triton(x, q, s, gemv=True))
-        t_best, cfg = best(lambda c: fp8_linear_triton(x, q, s, **c), GEMV_SWEEP)
-        t_tiled = bench(lambda: fp8_linear_triton(x, q, s, gemv=False))
-        t_bf16 = bench(lambda: torch.nn.functional.linear(x, wb))
+        nq = copies(lambda: (q.clone(), s.clone()), q.numel())
+        nb = copies(lambda: w.to(dtype), 2 * q.numel())
+        t_def = bench(lambda: fp8_linear_triton(x, *nq(), gemv=True))
+        t_best, cfg = best(lambda c: fp8_linear_triton(x, *nq(), **c), GEMV_SWEEP)
+        t_tiled = bench(lambda: fp8_linear_triton(x, *nq(), gemv=False))
+        t_bf16 = bench(lambda: torch.nn.functional.linear(x, nb()))
         rows.append(dict(kind="gemv", name=name, M=M, N=N, K=K, rel_err=err, us_default=t_def * 1e6,
                          us_best=t_best * 1e6, best=cfg, us_tiled=t_tiled * 1e6, us_bf16=t_bf16 * 1e6,
                          bw_default=(q.numel() + s.numel() * 4) / t_def, bw_best=(q.numel() + s.numel() * 4) / t_best,
@@ -117,11 +130,12 @@ def gemv_rows(dev: str, dtype: torch.dtype) -> list[dict]:
         x = torch.randn(6, K, device=dev, dtype=dtype)
         ref = fp8_grouped_linear_reference(x, q, s, offs)
         err = rel_err(fp8_grouped_linear_triton(x, q, s, offs, gemv=True), ref)
-        wb = w.to(dtype).transpose(-2, -1)
-        t_def = bench(lambda: fp8_grouped_linear_triton(x, q, s, offs, gemv=True))
-        t_best, cfg = best(lambda c: fp8_grouped_linear_triton(x, q, s, offs, **c), GEMV_SWEEP)
-        t_tiled = bench(lambda: fp8_grouped_linear_triton(x, q, s, offs, gemv=False))
-        t_bf16 = bench(lambda: torch._grouped_mm(x, wb, offs=offs)) if not DRY else float("nan")
+        nq = copies(lambda: (q.clone(), s.clone()), 6 * N * K)         # the 6 experts hit are what is read
+        nb = copies(lambda: w.to(dtype).transpose(-2, -1), 12 * N * K)
+        t_def = bench(lambda: fp8_grouped_linear_triton(x, *nq(), offs, gemv=True))
+        t_best, cfg = best(lambda c: fp8_grouped_linear_triton(x, *nq(), offs, **c), GEMV_SWEEP)
+        t_tiled = bench(lambda: fp8_grouped_linear_triton(x, *nq(), offs, gemv=False))
+        t_bf16 = bench(lambda: torch._grouped_mm(x, nb(), offs=offs)) if not DRY else float("nan")
         nbytes = 6 * (N * K + s[0].numel() * 4)
         rows.append(dict(kind="grouped_gemv", name=name, B=1, M=6, N=N, K=K, experts_hit=6, rel_err=err,
                          us_default=t_def * 1e6, us_best=t_best * 1e6, best=cfg, us_tiled=t_tiled * 1e6,
@@ -132,13 +146,16 @@ def gemv_rows(dev: str, dtype: torch.dtype) -> list[dict]:
 
 
 def main() -> None:
-    global DENSE, EXPERTS, GEMV_SWEEP, DENSE_SWEEP, SWEEP, DRY
+    global DENSE, EXPERTS, GEMV_SWEEP, DENSE_SWEEP, SWEEP, DRY, COLD_BYTES
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=("all", "gemv"), default="all")
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
     ap.add_argument("--gemv-sweep", choices=("none", "small", "full"), default="small",
-                    help="GEMV launches timed beside the table's default: none, 12, or all 64")
+                    help="GEMV launches timed beside the table's default: none, 24, or all 64")
+    ap.add_argument("--warm", action="store_true", help="GEMV rows re-read one copy of the weights (L2-resident "
+                    "where they fit: not what a decode step sees)")
     args = ap.parse_args()
+    COLD_BYTES = 0 if args.warm else COLD_BYTES
     GEMV_SWEEP = {"none": [dict(gemv=True)], "small": GEMV_SWEEP_SMALL, "full": GEMV_SWEEP}[args.gemv_sweep]
     dev, dtype = "cuda", torch.bfloat16
     if args.dry_run:
