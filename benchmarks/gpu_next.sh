@@ -48,7 +48,7 @@ case $PART in
     timeout 240 python -m dsv3.cli bench serve --config lite --concurrency 64 --requests 256 --prompt 128 --tokens 128 \
       --compile-decode --fused-moe auto --json "$OUT/bench_serve.json" 2>&1 | grep -v Warning | tail -14 \
       | tee "$OUT/bench_serve.txt"
-    timeout 330 python benchmarks/fp8_loss_gpu.py --steps 300 --batch 2 --arms bf16,row-fp8-wgrad,bf16@1 \
+    timeout 330 python benchmarks/fp8_loss_gpu.py --steps 300 --batch 2 --arms bf16,block,row-fp8-wgrad,bf16@1 \
       2>&1 | grep -v Warning | tail -30 | tee "$OUT/fp8_loss.txt" ;;
   f)    # d in less device time: the CUDA tests of the files this session's kernels reach, then the GEMV and AdamW
     install_wheels
