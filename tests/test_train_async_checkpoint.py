@@ -118,3 +118,16 @@ def test_a_signal_commits_the_save_in_flight_and_its_own(tmp_path):
     assert not list((tmp_path / "cut" / "checkpoints").glob(".*"))       # nothing left half-written
     run_resume_command(last)
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
+
+
+def test_async_save_with_the_single_file_format_is_refused_not_silently_synchronous():
+    from dsv3.config import ConfigError
+    from dsv3.train.config import RunConfig
+    cfg = RunConfig.from_dict({"checkpoint": {"async_save": True}})        # format auto: single files in one process
+    with pytest.raises(ConfigError, match=r"checkpoint\.async_save=true in one process needs checkpoint\.format="
+                                          r"sharded") as e:
+        cfg.check_world(1)
+    assert "\n" not in str(e.value)
+    assert cfg.check_world(2) == 2                                          # torchrun: auto is the sharded format
+    assert RunConfig.from_dict({"checkpoint": {"async_save": True, "format": "sharded"}}).check_world(1) == 1
+    assert RunConfig.from_dict({}).check_world(1) == 1
