@@ -230,3 +230,25 @@ def test_absent_keys_load_to_transformers_defaults(tmp_path):
     assert {"max_position_embeddings", "rope_scaling", "torch_dtype", "attention_bias", "norm_topk_prob",
             "routed_scaling_factor", "rms_norm_eps", "tie_word_embeddings"} <= set(compared), compared
     assert len(checked) >= 25, checked
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "default"}, {"type": "default"}])
+def test_default_rope_scaling_is_plain_rope_both_ways(rope):
+    # transformers' name for no scaling: read as plain RoPE (None), written back as the file had it
+    raw = json.loads((CONFIG_DIR / "tiny.json").read_text())
+    raw["rope_scaling"] = dict(rope)
+    cfg = ModelConfig.from_hf(raw)
+    assert cfg.rope_scaling is None and cfg.yarn() is None
+    assert cfg.to_hf() == raw
+    assert ModelConfig.from_hf(cfg.to_hf()).rope_scaling is None
+    # a YaRN set later replaces it on the way out; unscaled again, null
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    assert cfg.replace(rope_scaling=yarn).to_hf()["rope_scaling"] == yarn
+    # beside transformers 5's rope_parameters it agrees with no scaling, and contradicts YaRN
+    t5 = {k: v for k, v in raw.items() if k not in ("rope_scaling", "rope_theta")}
+    t5["rope_parameters"], t5["rope_scaling"] = {"rope_type": "default", "rope_theta": 10000.0}, dict(rope)
+    back = ModelConfig.from_hf(t5)
+    assert back.rope_scaling is None and back.to_hf() == t5
+    t5["rope_parameters"] = {**yarn, "rope_theta": 10000.0}
+    with pytest.raises(ConfigError, match="contradicts"):
+        ModelConfig.from_hf(t5)

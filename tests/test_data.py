@@ -313,13 +313,31 @@ def test_build_shards_partitions_documents_exactly(bpe, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary directory left behind
 
 
+def test_special_token_strings_in_documents_are_text_not_control_tokens(bpe, tmp_path):
+    """A document that holds a special token's string (an EOS, a turn marker) is trained on as the text it is: the
+    packer's EOS and the chat template's markers stay the only control tokens, user data cannot inject them."""
+    tok, _ = bpe
+    texts = [f"end here {SPECIAL_TOKENS['eos']} and go on", f"{SPECIAL_TOKENS['user']}hi{SPECIAL_TOKENS['assistant']}",
+             "".join(SPECIAL_TOKENS.values()), "plain text only"]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ss = build_shards(tok, [str(tmp_path / "docs.jsonl")], tmp_path / "shards", val_fraction=0.0, progress=False)
+    got = [ss.doc("train", i).tolist() for i in range(ss.n_docs("train"))]
+    assert len(got) == len(texts)
+    specials = set(range(len(SPECIAL_TOKENS)))
+    for text, ids in zip(texts, got):
+        assert not specials & set(ids), (text, ids)
+        assert tok.decode(ids) == text
+        # the same ids as the chat path's user text (data/chat.py)
+        assert ids == tok.encode(text, split_special_tokens=True)
+
+
 def test_build_shards_cache_and_rebuild(tmp_path, monkeypatch):
     tok = word_tokenizer()
     docs = random_docs(20)
     ss = make_shards(tmp_path, docs, tok=tok, val_fraction=0.2)
     meta = tmp_path / "shards" / "meta.json"
     before = meta.stat().st_mtime_ns
-    monkeypatch.setattr(tok, "encode_batch", lambda texts: pytest.fail("cached build was re-tokenised"))
+    monkeypatch.setattr(tok, "encode_batch", lambda *a, **k: pytest.fail("cached build was re-tokenised"))
     again = build_shards(tok, [str(tmp_path / "docs.jsonl")], tmp_path / "shards", val_fraction=0.2, progress=False)
     assert meta.stat().st_mtime_ns == before and again.meta == ss.meta
     monkeypatch.undo()
@@ -356,7 +374,7 @@ def test_killed_build_leaves_previous_dataset(tmp_path, monkeypatch):
     ss = make_shards(tmp_path, random_docs(5), tok=tok)
     calls = []
 
-    def boom(texts):
+    def boom(texts, split_special_tokens=False):
         calls.append(1)
         raise KeyboardInterrupt
 

@@ -264,13 +264,14 @@ def test_generate_samples_as_the_models_generation_config_says_unless_told(capsy
     ns = lambda **kw: argparse.Namespace(model=str(d), **{"temperature": None, "top_k": None, "top_p": None,  # noqa: E731
                                                           "repetition_penalty": None, **kw})
     off = {"repetition_penalty": 1.0}
-    assert generate_sampling(ns()) == {"temperature": 0.8, "top_k": 50, "top_p": 0.95, **off}    # no file
+    assert generate_sampling(ns())[0] == {"temperature": 0.8, "top_k": 50, "top_p": 0.95, **off}    # no file
     (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
-    assert generate_sampling(ns()) == {"temperature": 0.6, "top_k": 50, "top_p": 0.9, **off}
-    assert generate_sampling(ns(temperature=0.0, top_p=1.0)) == {"temperature": 0.0, "top_k": 50, "top_p": 1.0, **off}
+    assert generate_sampling(ns())[0] == {"temperature": 0.6, "top_k": 50, "top_p": 0.9, **off}
+    assert generate_sampling(ns(temperature=0.0, top_p=1.0))[0] == {"temperature": 0.0, "top_k": 50, "top_p": 1.0,
+                                                                    **off}
     (d / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.1}))       # as vLLM reads it too
-    assert generate_sampling(ns())["repetition_penalty"] == 1.1
-    assert generate_sampling(ns(repetition_penalty=1.0))["repetition_penalty"] == 1.0
+    assert generate_sampling(ns())[0]["repetition_penalty"] == 1.1
+    assert generate_sampling(ns(repetition_penalty=1.0))[0]["repetition_penalty"] == 1.0
     (d / "generation_config.json").write_text(json.dumps({"temperature": 0}))
     flags = ["--model", str(d), "--prompt", "def f(x):", "--max-tokens", "8"]
     greedy = generate(capsys, *flags, "--temperature", "0")
@@ -280,6 +281,18 @@ def test_generate_samples_as_the_models_generation_config_says_unless_told(capsy
     (d / "generation_config.json").write_text(json.dumps({"temperature": 9}))
     rc, _, err = generate(capsys, *flags)
     assert rc == 2 and "generation_config.json: temperature=9" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_reads_generation_config_once(capsys, base, tmp_path, monkeypatch):
+    """The sampling defaults and the eos ids come from one read of generation_config.json (one owner)."""
+    import dsv3.checkpoint.generation_config as gc
+    d = tmp_path / "g"
+    shutil.copytree(base, d)
+    (d / "generation_config.json").write_text(json.dumps({"temperature": 0, "eos_token_id": [1]}))
+    reads, real = [], gc._read
+    monkeypatch.setattr(gc, "_read", lambda model_dir: reads.append(model_dir) or real(model_dir))
+    assert generate(capsys, "--model", str(d), "--prompt", "def f(x):", "--max-tokens", "2")[0] == 0
+    assert len(reads) == 1, reads
 
 
 def test_generation_config_eos_ids_end_generations_unless_ignore_eos(capsys, base, tmp_path, monkeypatch):

@@ -118,3 +118,57 @@ def test_a_signal_commits_the_save_in_flight_and_its_own(tmp_path):
     assert not list((tmp_path / "cut" / "checkpoints").glob(".*"))       # nothing left half-written
     run_resume_command(last)
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")
+
+
+def test_async_save_with_the_single_file_format_is_refused_not_silently_synchronous():
+    from dsv3.config import ConfigError
+    from dsv3.train.config import RunConfig
+    cfg = RunConfig.from_dict({"checkpoint": {"async_save": True}})        # format auto: single files in one process
+    with pytest.raises(ConfigError, match=r"checkpoint\.async_save=true in one process needs checkpoint\.format="
+                                          r"sharded") as e:
+        cfg.check_world(1)
+    assert "\n" not in str(e.value)
+    assert cfg.check_world(2) == 2                                          # torchrun: auto is the sharded format
+    assert RunConfig.from_dict({"checkpoint": {"async_save": True, "format": "sharded"}}).check_world(1) == 1
+    assert RunConfig.from_dict({}).check_world(1) == 1
+
+
+def _failing_commit_worker(rank: int, init_file: str, tmp: Path) -> None:
+    """Rank 0 cannot write the manifest (a full disk): the commit must fail on every rank at once, not leave the
+    other rank waiting out the process group's timeout (60 s in init_gloo) in a barrier rank 0 never reaches."""
+    import time
+
+    import dsv3.train.checkpoint as ckpt
+    init_gloo(rank, 2, init_file)
+    import torch.distributed as dist
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    if rank == 0:
+        ckpt.write_manifest = full_disk
+    group = ckpt.checkpoint_group()
+    entries = {f"model/w{rank}": torch.arange(8.0) + rank}
+    out = {}
+    for name, background in (("sync", False), ("async", True)):
+        start = time.monotonic()
+        try:
+            saved = ckpt.save_sharded(tmp / name, 1, entries, {"tokens": 1}, {}, background=background, group=group)
+            if background:
+                saved.commit()
+            out[name] = ("saved", time.monotonic() - start)
+        except BaseException as e:      # noqa: BLE001  (what each rank got, and how soon)
+            out[name] = (f"{type(e).__name__}: {e}", time.monotonic() - start)
+        out[name + "_left"] = sorted(p.name for p in (tmp / name / "checkpoints").iterdir()) \
+            if (tmp / name / "checkpoints").exists() else []
+    torch.save(out, tmp / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_failed_manifest_write_fails_every_rank_at_once(tmp_path):
+    r0, r1 = run_ranks(_failing_commit_worker, 2, tmp_path, "failing commit")
+    for name in ("sync", "async"):
+        (e0, t0), (e1, t1) = r0[name], r1[name]
+        assert "No space left on device" in e0, e0
+        assert e1.startswith("CheckpointWriteError: rank 0 failed") and "No space left on device" in e1, e1
+        assert t0 < 30 and t1 < 30, (t0, t1)                          # not the 60 s timeout
+        assert r0[name + "_left"] == [], r0[name + "_left"]          # nothing of the save kept

@@ -11,7 +11,8 @@ map. Choices:
   goes through it, and an error names the field and the reason.
 - `init_std` is ours (0.006, TR 4.2). The Hub's `initializer_range` (0.02) was not what DeepSeek used, so it
   is carried through untouched in `hf_extra` and never read (spec 9.8).
-- `rope_scaling` is kept as the HF dict (YaRN keys, spec 1.5); `rope_key` remembers whether the file used the
+- `rope_scaling` is kept as the HF dict (YaRN keys, spec 1.5; `{"rope_type": "default"}` reads as None, plain RoPE,
+  and is written back as read); `rope_key` remembers whether the file used the
   released `rope_scaling` key or the `rope_parameters` key that transformers 5 writes, so a round trip is exact.
 - Keys we do not use (`aux_loss_alpha`, `quantization_config`, `auto_map`, ...) live in `hf_extra` verbatim;
   `hf_absent` lists our keys the source file did not have, so they are not invented on the way back out.
@@ -250,6 +251,8 @@ class ModelConfig:
         for k in list(d):
             if k in names:
                 kw[k] = d.pop(k)
+        if _no_scaling(kw.get("rope_scaling")):   # {"rope_type": "default"}: plain RoPE; the dict kept for to_hf
+            d["rope_scaling"] = kw.pop("rope_scaling")
         d.update(beside)  # kept verbatim (hf_extra) for the round trip; to_hf keeps them in step
         for k in ("n_group", "topk_group"):  # V2 configs write null for "no grouping"
             if k in kw and kw[k] is None:
@@ -294,12 +297,13 @@ class ModelConfig:
             # the copies a transformers 5 file had beside it: as read while they still say the same, else ours
             if "rope_theta" in extra:
                 extra["rope_theta"] = self.rope_theta
-            if "rope_scaling" in extra and not _rope_agrees(extra["rope_scaling"], self.rope_scaling):
-                extra["rope_scaling"] = copy.deepcopy(self.rope_scaling)
         else:
             for k in ("rope_scaling", "rope_theta"):
                 if not (k in self.hf_absent and getattr(self, k) == getattr(defaults, k)):
                     out[k] = getattr(self, k)
+        # a rope_scaling kept as read (beside rope_parameters, or {"rope_type": "default"}): while it says the same
+        if "rope_scaling" in extra and not _rope_agrees(extra["rope_scaling"], self.rope_scaling):
+            extra["rope_scaling"] = copy.deepcopy(self.rope_scaling)
         out.update(extra)
         return copy.deepcopy(out)  # callers (transformers' config classes) mutate what they are given
 
@@ -332,8 +336,7 @@ def _read_rope_parameters(d: dict, kw: dict) -> dict:
     kw["rope_key"] = "rope_parameters"
     if "rope_theta" in rp:
         kw["rope_theta"] = rp.pop("rope_theta")
-    kind = rp.get("rope_type", rp.get("type", "default"))
-    kw["rope_scaling"] = None if kind == "default" and set(rp) <= {"rope_type", "type"} else rp
+    kw["rope_scaling"] = None if _no_scaling(rp) else rp
     # a top-level rope_theta is the only one when rope_parameters lacks it: then it is read as such
     beside = {k: d.pop(k) for k in ("rope_theta", "rope_scaling") if k in d and (k != "rope_theta" or k in kw)}
     if "rope_theta" in beside and beside["rope_theta"] != kw["rope_theta"]:
@@ -345,11 +348,19 @@ def _read_rope_parameters(d: dict, kw: dict) -> dict:
     return beside
 
 
+def _no_scaling(rope: Any) -> bool:
+    """Whether a RoPE dict says plain RoPE: only its type, "default" (transformers' name for no scaling), or nothing."""
+    return isinstance(rope, dict) and set(rope) <= {"rope_type", "type"} and \
+        all(v == "default" for v in rope.values())
+
+
 def _rope_agrees(rope_scaling: dict | None, ours: dict | None) -> bool:
     """A rope_scaling kept beside rope_parameters says nothing else: every key both have is equal (null says
-    nothing)."""
+    nothing; {"rope_type": "default"} says no scaling)."""
     if rope_scaling is None:
         return True
+    if _no_scaling(rope_scaling):
+        return ours is None
     return isinstance(rope_scaling, dict) and ours is not None and \
         all(ours[k] == v for k, v in rope_scaling.items() if k in ours)
 

@@ -39,11 +39,12 @@ def _read(model_dir: str | Path) -> tuple[Path, dict]:
     return path, d
 
 
-def read_generation_config(model_dir: str | Path) -> tuple[dict, list[int]]:
-    """`read_sampling_defaults` and `read_eos_ids` from one read of the file (`dsv3 serve`'s start-up): the sampling
-    defaults are checked first, so a file wrong in both is refused for the same key as by the two in turn."""
+def read_generation_config(model_dir: str | Path, sampling: bool = True) -> tuple[dict, list[int]]:
+    """`read_sampling_defaults` and `read_eos_ids` from one read of the file (`dsv3 serve`'s and `dsv3 generate`'s
+    start-up): the sampling defaults are checked first, so a file wrong in both is refused for the same key as by
+    the two in turn. sampling=False: none wanted ({}, their keys not checked)."""
     path, d = _read(model_dir)
-    return _sampling_defaults(path, d), _eos_ids(path, d)
+    return _sampling_defaults(path, d) if sampling else {}, _eos_ids(path, d)
 
 
 def read_eos_ids(model_dir: str | Path) -> list[int]:

@@ -121,7 +121,7 @@ def build_shards(tokenizer: Tokenizer, sources: list[str], out_dir: str | Path, 
     out = Path(out_dir)
     key = {"sources": [str(s) for s in sources], "sources_fingerprint": sources_fingerprint([str(s) for s in sources]),
            "tokenizer": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size, "seed": seed,
-           "val_fraction": val_fraction}
+           "val_fraction": val_fraction, "special_tokens": "text"}     # builds that encoded them as tokens: rebuilt
     if (out / "meta.json").is_file():
         if (done := _same_build(out, key)) is not None:
             return done
@@ -174,7 +174,9 @@ def _tokenise(tokenizer: Tokenizer, docs: Iterator[Document], writers: dict[str,
     pending: tuple[str, np.ndarray, bool] | None = None
     try:
         for chunk in _chunks(docs):
-            for doc, ids in zip(chunk, tokenizer.encode_batch([d.text for d in chunk])):
+            # documents are text: a special-token string in one ("<｜end▁of▁sentence｜>", "<｜User｜>") is its
+            # characters, never the control token (the chat path's user text: data/chat.py's encode_pieces)
+            for doc, ids in zip(chunk, tokenizer.encode_batch([d.text for d in chunk], split_special_tokens=True)):
                 if not ids:
                     continue
                 if pending is not None:

@@ -5,8 +5,9 @@ alike. Specials are found by name, never by position: ours get ids 0..7 (bos=0, 
 configs), DeepSeek's sit at 0, 1, 2 and 128800+. `save` also writes a `tokenizer_config.json`, so
 `transformers.AutoTokenizer.from_pretrained` loads the directory and gives the same ids.
 
-A special-token string inside a text is its control token by default (raw prompts, documents); with
-`split_special_tokens` it is ordinary text (what people wrote: chat content, see data/chat.py). "Special" there
+A special-token string inside a text is its control token by default (raw prompts asked for as such); with
+`split_special_tokens` it is ordinary text (what people wrote: chat content, see data/chat.py, and the training
+documents, data/shards.py). "Special" there
 means every added token, flagged special or not: DeepSeek's vocabulary adds `<think>` and the tool-call markers as
 tokens that a decode keeps, and a user who writes "</think>" must not close the model's reasoning either (an
 assistant turn's own `<think>` stays the token: data/chat.py). Encoding goes through

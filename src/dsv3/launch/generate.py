@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from ..checkpoint.generation_config import read_eos_ids, read_sampling_defaults
+from ..checkpoint.generation_config import read_generation_config
 from ..data import Tokenizer, read_tokenizer_config
 from ..data.tokenizer import DOCUMENT_START_KEY
 from ..infer import Engine, EngineConfig, SamplingParams
@@ -30,23 +30,23 @@ def prompt_prefix(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:
     return {"bos": [tokenizer.bos_id], "eos": [tokenizer.eos_id], "none": []}[choice]
 
 
-def generate_sampling(args: argparse.Namespace) -> dict:
+def generate_sampling(args: argparse.Namespace) -> tuple[dict, list[int]]:
     """`dsv3 generate`'s temperature / top_k / top_p / repetition_penalty: the flags given, else the model
-    directory's generation_config.json (as its authors sample it), else 0.8 / 50 / 0.95 / 1 (off)."""
+    directory's generation_config.json (as its authors sample it), else 0.8 / 50 / 0.95 / 1 (off); and the eos ids
+    the file adds. The file is read once, for both (its sampling keys checked only when a flag is left out)."""
     given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "repetition_penalty": args.repetition_penalty}
-    model = read_sampling_defaults(args.model) if None in given.values() else {}
+    model, eos = read_generation_config(args.model, sampling=None in given.values())
     fallback = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
-    return {k: v if v is not None else model.get(k, fallback[k]) for k, v in given.items()}
+    return {k: v if v is not None else model.get(k, fallback[k]) for k, v in given.items()}, eos
 
 
 def run_generate(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     """Print `--samples` continuations of `--prompt` (the prompt in front of each), `dtype` the `--dtype` asked."""
     # the sampling flags are refused before the model is read (minutes for a large checkpoint), as dsv3.cli refuses
     # --samples and --spec
-    params = [SamplingParams(**generate_sampling(args), max_tokens=args.max_tokens, seed=args.seed + i)
-              for i in range(args.samples)]
-    eos = read_eos_ids(args.model)
+    sampling, eos = generate_sampling(args)
+    params = [SamplingParams(**sampling, max_tokens=args.max_tokens, seed=args.seed + i) for i in range(args.samples)]
     device = default_device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema,
                                                 dtype=serving_dtype(dtype, device), device=device)

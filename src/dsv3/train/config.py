@@ -273,7 +273,8 @@ class CheckpointConfig:
     format: str = setting("auto", OneOf(("auto", "sharded")))
     # sharded checkpoints only: a save returns once the tensors are copied to CPU memory, the shards written by a
     # background thread (torch.distributed.checkpoint.async_save, over a gloo group of its own) while training goes
-    # on; committed (manifest, rename, `keep` pruning) at the next save, the final one or a signal's
+    # on; committed (manifest, rename, `keep` pruning) at the next save, the final one or a signal's. In one process
+    # it needs format = "sharded" (refused with "auto", whose single files are written synchronously)
     async_save: bool = setting(False, Flag())
 
 
@@ -409,6 +410,12 @@ class RunConfig:
             raise ConfigError(f"invalid run config: parallel.pp={pp} x parallel.ep={ep} = {pp * ep} ranks does not "
                               f"divide the world size {world}{hint}")
         dp = world // (pp * ep)
+        c = self.checkpoint
+        if world == 1 and c.async_save and c.format == "auto":
+            # auto writes single files in one process, and those only synchronously: never a silent synchronous save
+            raise ConfigError("invalid run config: checkpoint.async_save=true in one process needs "
+                              "checkpoint.format=sharded (auto writes the single-file format there, synchronously); "
+                              "add checkpoint.format=sharded, or checkpoint.async_save=false")
         if pp == 1 and micro % world:
             raise ConfigError(f"invalid run config: train.micro_batch_size={micro} must be a multiple of the "
                               f"{world} ranks (each rank takes micro_batch_size / world rows of every micro-batch)")
