@@ -281,6 +281,7 @@ def test_generate_samples_as_the_models_generation_config_says_unless_told(capsy
     (d / "generation_config.json").write_text(json.dumps({"temperature": 9}))
     rc, _, err = generate(capsys, *flags)
     assert rc == 2 and "generation_config.json: temperature=9" in err and len(err.strip().splitlines()) == 1
+    assert "--generation-config none" in err and generate(capsys, *flags, "--generation-config", "none")[0] == 0
 
 
 def test_generate_reads_generation_config_once(capsys, base, tmp_path, monkeypatch):

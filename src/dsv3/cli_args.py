@@ -115,6 +115,9 @@ def _generate(sub) -> None:
     s.add_argument("--repetition-penalty", type=float, default=None, help="HF's, over the prompt and the output: "
                    "a seen token's logit / this if > 0, * this if < 0; 1: off, (0, 2] (default: "
                    "generation_config.json's, else 1)")
+    s.add_argument("--generation-config", choices=["auto", "none"], default="auto", help="auto: the model's "
+                   "generation_config.json gives the sampling flags left out and eos ids besides the tokenizer's; "
+                   "none: the file is not read")
     s.add_argument("--samples", type=int, default=1, help="completions of the prompt")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on "

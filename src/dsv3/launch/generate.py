@@ -33,10 +33,13 @@ def prompt_prefix(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:
 def generate_sampling(args: argparse.Namespace) -> tuple[dict, list[int]]:
     """`dsv3 generate`'s temperature / top_k / top_p / repetition_penalty: the flags given, else the model
     directory's generation_config.json (as its authors sample it), else 0.8 / 50 / 0.95 / 1 (off); and the eos ids
-    the file adds. The file is read once, for both (its sampling keys checked only when a flag is left out)."""
+    the file adds. The file is read once, for both (its sampling keys checked only when a flag is left out), and not
+    at all with --generation-config none."""
     given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "repetition_penalty": args.repetition_penalty}
-    model, eos = read_generation_config(args.model, sampling=None in given.values())
+    # the file's errors advise --generation-config none: then it is not read
+    read = getattr(args, "generation_config", "auto") != "none"
+    model, eos = read_generation_config(args.model, sampling=None in given.values()) if read else ({}, [])
     fallback = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
     return {k: v if v is not None else model.get(k, fallback[k]) for k, v in given.items()}, eos
 
