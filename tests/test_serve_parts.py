@@ -64,6 +64,29 @@ def test_batch_and_overflow_errors():
     assert refused(refuse_certain_overflow, LIMITS, 63 * 4, 4, 1) is None          # 63 tokens may fit: tokenise
 
 
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_stop_conditions_are_bounded(model):
+    """Stop conditions are checked after every token: a million stop_token_ids (or stop strings of megabytes) were
+    accepted and made every step slow. Past the bounds: a 400 (RequestValidationError) naming the field."""
+    import json
+
+    from fastapi.exceptions import RequestValidationError
+
+    from dsv3.serve.app import validation_message
+    from dsv3.serve.body import parse_body
+    from dsv3.serve.protocol import MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, MAX_STOPS
+    base = {"prompt": "x"} if model is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]}
+    ok = {"stop": ["a" * MAX_STOP_CHARS] * MAX_STOPS, "stop_token_ids": [1] * MAX_STOP_TOKEN_IDS}
+    parse_body(model, json.dumps(base | ok).encode(), None)
+    for bad, field in [({"stop_token_ids": list(range(10**6))}, "stop_token_ids"),
+                       ({"stop": "a" * (MAX_STOP_CHARS + 1)}, "stop"), ({"stop": ["a", "b" * 10**6]}, "stop"),
+                       ({"stop": ["a"] * (MAX_STOPS + 1)}, "stop")]:
+        with pytest.raises(RequestValidationError) as e:
+            parse_body(model, json.dumps(base | bad).encode(), None)
+        message = validation_message(e.value)
+        assert message.startswith(f"invalid request: {field}") and "at most" in message and len(message) < 500, message
+
+
 def test_plan_completion(tok):
     req = CompletionRequest(prompt=["def f(x):", "import os"], n=2, max_tokens=4, seed=3, echo=True, logprobs=1)
     plan = plan_completion(req, LIMITS, tok, 64)
