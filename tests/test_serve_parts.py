@@ -148,6 +148,25 @@ def test_host_rules():
     assert default_allowed_hosts("0.0.0.0", ["a.b"]) == ("a.b",)
 
 
+def test_aborted_requests_are_a_counter():
+    """dsv3_num_requests_aborted was a Gauge set to a count that only grows: a Counter (`_total`), per Prometheus."""
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dsv3.serve.metrics import ServerMetrics
+    metrics = ServerMetrics(SimpleNamespace(num_pending=0, num_aborted=0))
+    handle = SimpleNamespace(first_token=None, submitted=0.0)
+    for reason in ("abort", "stop", "abort", None):
+        metrics.output(handle, RequestOutput(0, [1], [2], "", reason is not None, reason, [2]))
+    stats = dict(running=0, waiting=0, cache_usage=0.0, preemptions=0, spec_proposed=0, spec_accepted=0,
+                 torch_threads=1)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render(stats).decode())}
+    family = families["dsv3_num_requests_aborted"]
+    assert family.type == "counter" and [(s.name, s.value) for s in family.samples] == [
+        ("dsv3_num_requests_aborted_total", 2.0)]
+
+
 def test_route_labels_are_templates():
     app = FastAPI()
     app.get("/v1/models/{model_id:path}")(lambda model_id: None)
