@@ -148,6 +148,31 @@ def test_host_rules():
     assert default_allowed_hosts("0.0.0.0", ["a.b"]) == ("a.b",)
 
 
+def test_allowed_hosts_with_ports():
+    """`--allowed-hosts example.com:8000` matched nothing: the Host header was compared without its port. An entry
+    with a port matches that name on that port (IPv6 in brackets too); one without matches any port."""
+    from dsv3.serve.guard import Guard
+    from dsv3.serve.state import ServeOptions
+    allowed = ("example.com:8000", "[2001:db8::1]:8000", "*.corp.net:9000", "plain.org", "2001:db8::2")
+
+    def refused_host(headers: dict) -> int | None:
+        guard = Guard(None, ServeOptions(allowed_hosts=allowed), None)
+        scope = {"type": "http", "path": "/v1/models",
+                 "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+        error = guard.refusal(scope)
+        return None if error is None else error.status
+    for host in ("example.com:8000", "EXAMPLE.com.:8000", "[2001:db8::1]:8000", "a.corp.net:9000", "plain.org",
+                 "plain.org:1234", "[2001:db8::2]:80", "[2001:db8::2]", "localhost:1"):
+        assert refused_host({"host": host}) is None, host
+    for host in ("example.com", "example.com:8001", "[2001:db8::1]", "[2001:db8::1]:80", "a.corp.net:8000",
+                 "other.org:8000", "[2001:db8::3]:8000"):
+        assert refused_host({"host": host}) == 400, host
+    assert refused_host({"host": "example.com:8000", "origin": "http://example.com:8000"}) is None
+    assert refused_host({"host": "example.com:8000", "origin": "http://[2001:db8::1]:8000"}) is None
+    assert refused_host({"host": "example.com:8000", "origin": "http://example.com"}) == 403
+    assert refused_host({"host": "example.com:8000", "origin": "http://example.com:99999"}) == 403
+
+
 def test_aborted_requests_are_a_counter():
     """dsv3_num_requests_aborted was a Gauge set to a count that only grows: a Counter (`_total`), per Prometheus."""
     from types import SimpleNamespace
