@@ -72,7 +72,7 @@ def test_stop_conditions_are_bounded(model):
 
     from fastapi.exceptions import RequestValidationError
 
-    from dsv3.serve.app import validation_message
+    from dsv3.serve.app import validation_message, validation_param
     from dsv3.serve.body import parse_body
     from dsv3.serve.protocol import MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, MAX_STOPS
     base = {"prompt": "x"} if model is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]}
@@ -83,6 +83,7 @@ def test_stop_conditions_are_bounded(model):
                        ({"stop": ["a"] * (MAX_STOPS + 1)}, "stop")]:
         with pytest.raises(RequestValidationError) as e:
             parse_body(model, json.dumps(base | bad).encode(), None)
+        assert validation_param(e.value) == field
         message = validation_message(e.value)
         assert message.startswith(f"invalid request: {field}") and "at most" in message and len(message) < 500, message
 
