@@ -133,6 +133,9 @@ class Engine:
         self._aborted: list[Sequence] = []
         self._in_flight: InFlight | SpecInFlight | None = None   # the last step, not read yet (overlap)
         self._unreturned: list[RequestOutput] = []     # read by a step that then raised: the next step returns them
+        # the requests the last step ran (scheduled, or pending in the step it read): those a step that raised failed,
+        # and all a server fails (the others wait, as they were, for the next step)
+        self.step_request_ids: list[int] = []
 
     @property
     def overlap(self) -> bool:
@@ -235,6 +238,7 @@ class Engine:
         included). With the overlap schedule the tokens are those of the previous step (dsv3.infer.overlap)."""
         outputs = self._unreturned + [self._output(s, []) for s in self._aborted]
         self._unreturned, self._aborted = [], []
+        self.step_request_ids = []
         try:
             self._step(outputs)
         except BaseException:
@@ -250,11 +254,13 @@ class Engine:
         # before that (a forward out of memory) leaves it to the next step, instead of dropping the tokens whose
         # placeholders (PENDING) its sequences hold
         prev = self._in_flight
+        ran = self.step_request_ids = [s.seq_id for s in prev.seqs if not s.finished] if prev is not None else []
         if isinstance(prev, SpecInFlight) and not self.speculation.can_chain(prev):
             # read before scheduling, as a synchronous engine: its tokens may end sequences or need blocks
             outputs += self._read_in_flight()
             prev = None
         seqs, counts = self.scheduler.schedule()
+        ran += [s.seq_id for s in seqs]          # (twice where chained)
         if prev is not None and not self._chains(seqs, counts, prev):
             # as the synchronous engine: the pending tokens first (some may end their sequences), then the batch
             outputs += self._read_in_flight()
