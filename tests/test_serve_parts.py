@@ -133,6 +133,41 @@ def test_chat_content_rules(message):
     ChatCompletionRequest(messages=[{"role": "assistant", "content": "", "tool_calls": []}])
 
 
+def test_the_stop_string_holdback_walks_from_marker_to_marker(tok):
+    """TextStream._final walked back the longest stop string's length a character at a time, in Python, for every
+    output of every stream (on the event loop): now from one kept marker to the next, with the same answer."""
+    import random
+
+    from dsv3.serve.responses import TextStream
+
+    class Counted(list):                 # counts the walk's passes over the markers
+        passes = 0
+
+        def __iter__(self):
+            Counted.passes += 1
+            return super().__iter__()
+
+    def walked(text, markers, n):        # the character-by-character walk, as it was
+        end = len(text)
+        while n > 0 and end > 0:
+            marker = next((m for m in markers if text.endswith(m, 0, end)), None)
+            end, n = (end - len(marker), n) if marker else (end - 1, n - 1)
+        return end
+    stream = TextStream(tok, ["x" * 1024])
+    rng = random.Random(0)
+    for _ in range(3000):
+        markers = rng.sample(["<A>", "<AB>", "B>", "<call>", "ll>"], rng.randint(0, 3))
+        pieces = markers + list("ab<>lc ")
+        stream.text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        stream.markers, stream.holdback = Counted(markers), rng.randint(0, 30)
+        Counted.passes = 0
+        assert stream._final() == walked(stream.text, markers, stream.holdback), (stream.text, markers)
+        assert Counted.passes <= 1 + sum(stream.text.count(m) for m in markers)
+    stream.text, stream.markers, stream.holdback = "y" * 5000 + "<call>" + "z" * 100, Counted(["<call>"]), 1023
+    Counted.passes = 0
+    assert stream._final() == 5000 - 923 == walked(stream.text, ["<call>"], 1023) and Counted.passes == 2   # was 1024
+
+
 # ---- guard, metrics, threads ------------------------------------------------------------------------------------
 
 def test_host_rules():
