@@ -346,7 +346,7 @@ class Engine:
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
             # a token that ends the sequence whatever its value: no step for it after this one
-            seq.stopping = len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len
+            seq.stopping = seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len
         return InFlight.start(done, *sampled)
 
     def _sample(self, done: list[Sequence], hidden: torch.Tensor, last: list[int]) -> tuple:
@@ -433,10 +433,10 @@ class Engine:
         reason = None
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
         if self.tokenizer is not None and p.stop and not reason and self._skipped is not None:
-            may_stop = stop_may_end_here(self.tokenizer, seq.output_ids, p.stop, self._skipped)
+            may_stop = stop_may_end_here(self.tokenizer, seq.token_ids, p.stop, self._skipped, seq.num_prompt_tokens)
         else:
             may_stop = bool(p.stop)
         if self.tokenizer is not None and (may_stop or reason):
@@ -465,7 +465,7 @@ class Engine:
     def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
         new_lp = seq.logprobs[len(seq.logprobs) - len(new):] if new and seq.logprobs else []
         if not seq.finished:
-            first = len(seq.output_ids) == len(new)          # the prompt log-probabilities go with the first output
+            first = seq.num_output_tokens == len(new)          # the prompt log-probabilities go with the first output
             return RequestOutput(seq.seq_id, [], [], "", False, None, new, [],
                                  list(seq.prompt_logprobs) if first else [], new_lp)
         return RequestOutput(seq.seq_id, seq.prompt_ids, seq.output_ids, seq.text, True, seq.finish_reason, new,
