@@ -532,3 +532,34 @@ def test_an_aborted_output_carries_the_text_of_its_tokens(tok_model, overlap):
             break
     assert final.finish_reason == "abort" and final.token_ids
     assert final.text == tok.decode(final.token_ids, skip_special_tokens=True) != ""
+
+
+def test_stop_strings_cost_the_tail_not_the_output(tok_model, monkeypatch):
+    """A long generation with a stop string: each token's check reads the output's tail (the longest stop string plus
+    the token), not the whole output. The engine copied the whole output (Sequence.output_ids) for the check and for
+    its length every token: quadratic in the output. Counted here: ids copied and ids decoded."""
+    from dsv3.infer.sequence import Sequence
+    tok, lm = tok_model
+    copied, decoded = [0], [0]
+    output_ids = Sequence.output_ids.fget
+
+    def counted_output_ids(seq):
+        ids = output_ids(seq)
+        copied[0] += len(ids)
+        return ids
+    monkeypatch.setattr(Sequence, "output_ids", property(counted_output_ids))
+    decode = tok.decode
+
+    def counted_decode(ids, skip_special_tokens=False):
+        ids = list(ids)
+        decoded[0] += len(ids)
+        return decode(ids, skip_special_tokens)
+    monkeypatch.setattr(tok, "decode", counted_decode)
+    engine = Engine(lm, tok, EngineConfig(block_size=8, num_blocks=64))
+    n, stop = 400, "never-there " * 8
+    out = engine.generate(["def f(x):"], SamplingParams(temperature=1.0, seed=3, max_tokens=n, ignore_eos=True,
+                                                        stop=[stop]))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == n
+    piece = max(len(tok.backend.id_to_token(i) or "") for i in set(out.token_ids))
+    assert copied[0] <= 4 * n, copied[0]                                # the final output's, not one per token
+    assert decoded[0] <= n * 8 * (len(stop) + piece + 4) + 2 * n, decoded[0]

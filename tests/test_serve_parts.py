@@ -64,6 +64,30 @@ def test_batch_and_overflow_errors():
     assert refused(refuse_certain_overflow, LIMITS, 63 * 4, 4, 1) is None          # 63 tokens may fit: tokenise
 
 
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_stop_conditions_are_bounded(model):
+    """Stop conditions are checked after every token: a million stop_token_ids (or stop strings of megabytes) were
+    accepted and made every step slow. Past the bounds: a 400 (RequestValidationError) naming the field."""
+    import json
+
+    from fastapi.exceptions import RequestValidationError
+
+    from dsv3.serve.app import validation_message, validation_param
+    from dsv3.serve.body import parse_body
+    from dsv3.serve.protocol import MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, MAX_STOPS
+    base = {"prompt": "x"} if model is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]}
+    ok = {"stop": ["a" * MAX_STOP_CHARS] * MAX_STOPS, "stop_token_ids": [1] * MAX_STOP_TOKEN_IDS}
+    parse_body(model, json.dumps(base | ok).encode(), None)
+    for bad, field in [({"stop_token_ids": list(range(10**6))}, "stop_token_ids"),
+                       ({"stop": "a" * (MAX_STOP_CHARS + 1)}, "stop"), ({"stop": ["a", "b" * 10**6]}, "stop"),
+                       ({"stop": ["a"] * (MAX_STOPS + 1)}, "stop")]:
+        with pytest.raises(RequestValidationError) as e:
+            parse_body(model, json.dumps(base | bad).encode(), None)
+        assert validation_param(e.value) == field
+        message = validation_message(e.value)
+        assert message.startswith(f"invalid request: {field}") and "at most" in message and len(message) < 500, message
+
+
 def test_plan_completion(tok):
     req = CompletionRequest(prompt=["def f(x):", "import os"], n=2, max_tokens=4, seed=3, echo=True, logprobs=1)
     plan = plan_completion(req, LIMITS, tok, 64)
@@ -109,6 +133,41 @@ def test_chat_content_rules(message):
     ChatCompletionRequest(messages=[{"role": "assistant", "content": "", "tool_calls": []}])
 
 
+def test_the_stop_string_holdback_walks_from_marker_to_marker(tok):
+    """TextStream._final walked back the longest stop string's length a character at a time, in Python, for every
+    output of every stream (on the event loop): now from one kept marker to the next, with the same answer."""
+    import random
+
+    from dsv3.serve.responses import TextStream
+
+    class Counted(list):                 # counts the walk's passes over the markers
+        passes = 0
+
+        def __iter__(self):
+            Counted.passes += 1
+            return super().__iter__()
+
+    def walked(text, markers, n):        # the character-by-character walk, as it was
+        end = len(text)
+        while n > 0 and end > 0:
+            marker = next((m for m in markers if text.endswith(m, 0, end)), None)
+            end, n = (end - len(marker), n) if marker else (end - 1, n - 1)
+        return end
+    stream = TextStream(tok, ["x" * 1024])
+    rng = random.Random(0)
+    for _ in range(3000):
+        markers = rng.sample(["<A>", "<AB>", "B>", "<call>", "ll>"], rng.randint(0, 3))
+        pieces = markers + list("ab<>lc ")
+        stream.text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        stream.markers, stream.holdback = Counted(markers), rng.randint(0, 30)
+        Counted.passes = 0
+        assert stream._final() == walked(stream.text, markers, stream.holdback), (stream.text, markers)
+        assert Counted.passes <= 1 + sum(stream.text.count(m) for m in markers)
+    stream.text, stream.markers, stream.holdback = "y" * 5000 + "<call>" + "z" * 100, Counted(["<call>"]), 1023
+    Counted.passes = 0
+    assert stream._final() == 5000 - 923 == walked(stream.text, ["<call>"], 1023) and Counted.passes == 2   # was 1024
+
+
 # ---- guard, metrics, threads ------------------------------------------------------------------------------------
 
 def test_host_rules():
@@ -123,6 +182,50 @@ def test_host_rules():
     assert default_allowed_hosts("127.0.0.1", None) is None and default_allowed_hosts("::1", None) is None
     assert default_allowed_hosts("0.0.0.0", None) == ("*",) and default_allowed_hosts("::", None) == ("*",)
     assert default_allowed_hosts("0.0.0.0", ["a.b"]) == ("a.b",)
+
+
+def test_allowed_hosts_with_ports():
+    """`--allowed-hosts example.com:8000` matched nothing: the Host header was compared without its port. An entry
+    with a port matches that name on that port (IPv6 in brackets too); one without matches any port."""
+    from dsv3.serve.guard import Guard
+    from dsv3.serve.state import ServeOptions
+    allowed = ("example.com:8000", "[2001:db8::1]:8000", "*.corp.net:9000", "plain.org", "2001:db8::2")
+
+    def refused_host(headers: dict) -> int | None:
+        guard = Guard(None, ServeOptions(allowed_hosts=allowed), None)
+        scope = {"type": "http", "path": "/v1/models",
+                 "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+        error = guard.refusal(scope)
+        return None if error is None else error.status
+    for host in ("example.com:8000", "EXAMPLE.com.:8000", "[2001:db8::1]:8000", "a.corp.net:9000", "plain.org",
+                 "plain.org:1234", "[2001:db8::2]:80", "[2001:db8::2]", "localhost:1"):
+        assert refused_host({"host": host}) is None, host
+    for host in ("example.com", "example.com:8001", "[2001:db8::1]", "[2001:db8::1]:80", "a.corp.net:8000",
+                 "other.org:8000", "[2001:db8::3]:8000"):
+        assert refused_host({"host": host}) == 400, host
+    assert refused_host({"host": "example.com:8000", "origin": "http://example.com:8000"}) is None
+    assert refused_host({"host": "example.com:8000", "origin": "http://[2001:db8::1]:8000"}) is None
+    assert refused_host({"host": "example.com:8000", "origin": "http://example.com"}) == 403
+    assert refused_host({"host": "example.com:8000", "origin": "http://example.com:99999"}) == 403
+
+
+def test_aborted_requests_are_a_counter():
+    """dsv3_num_requests_aborted was a Gauge set to a count that only grows: a Counter (`_total`), per Prometheus."""
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dsv3.serve.metrics import ServerMetrics
+    metrics = ServerMetrics(SimpleNamespace(num_pending=0, num_aborted=0))
+    handle = SimpleNamespace(first_token=None, submitted=0.0)
+    for reason in ("abort", "stop", "abort", None):
+        metrics.output(handle, RequestOutput(0, [1], [2], "", reason is not None, reason, [2]))
+    stats = dict(running=0, waiting=0, cache_usage=0.0, preemptions=0, spec_proposed=0, spec_accepted=0,
+                 torch_threads=1)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render(stats).decode())}
+    family = families["dsv3_num_requests_aborted"]
+    assert family.type == "counter" and [(s.name, s.value) for s in family.samples] == [
+        ("dsv3_num_requests_aborted_total", 2.0)]
 
 
 def test_route_labels_are_templates():

@@ -143,7 +143,8 @@ def _serve(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="HTTP port")
     s.add_argument("--allowed-hosts", type=lambda v: [h for h in v.split(",") if h], default=None,
                    metavar="NAME[,NAME]", help="Host header names answered besides loopback ones (`*.example.com`, "
-                   "`*`: any); default: loopback names only when bound to loopback, any name otherwise")
+                   "`*`: any; `NAME:PORT` or `[IPv6]:PORT`: on that port only); default: loopback names only when "
+                   "bound to loopback, any name otherwise")
     s.add_argument("--api-key", default=os.environ.get("DSV3_API_KEY"), help="require `Authorization: Bearer KEY` "
                    "on every route but /health (default: $DSV3_API_KEY; the environment keeps the key out of `ps`)")
     s.add_argument("--metrics-public", action="store_true", help="with --api-key: /metrics open without the key")

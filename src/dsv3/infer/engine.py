@@ -133,6 +133,9 @@ class Engine:
         self._aborted: list[Sequence] = []
         self._in_flight: InFlight | SpecInFlight | None = None   # the last step, not read yet (overlap)
         self._unreturned: list[RequestOutput] = []     # read by a step that then raised: the next step returns them
+        # the requests the last step ran (scheduled, or pending in the step it read): those a step that raised failed,
+        # and all a server fails (the others wait, as they were, for the next step)
+        self.step_request_ids: list[int] = []
 
     @property
     def overlap(self) -> bool:
@@ -235,6 +238,7 @@ class Engine:
         included). With the overlap schedule the tokens are those of the previous step (dsv3.infer.overlap)."""
         outputs = self._unreturned + [self._output(s, []) for s in self._aborted]
         self._unreturned, self._aborted = [], []
+        self.step_request_ids = []
         try:
             self._step(outputs)
         except BaseException:
@@ -250,11 +254,13 @@ class Engine:
         # before that (a forward out of memory) leaves it to the next step, instead of dropping the tokens whose
         # placeholders (PENDING) its sequences hold
         prev = self._in_flight
+        ran = self.step_request_ids = [s.seq_id for s in prev.seqs if not s.finished] if prev is not None else []
         if isinstance(prev, SpecInFlight) and not self.speculation.can_chain(prev):
             # read before scheduling, as a synchronous engine: its tokens may end sequences or need blocks
             outputs += self._read_in_flight()
             prev = None
         seqs, counts = self.scheduler.schedule()
+        ran += [s.seq_id for s in seqs]          # (twice where chained)
         if prev is not None and not self._chains(seqs, counts, prev):
             # as the synchronous engine: the pending tokens first (some may end their sequences), then the batch
             outputs += self._read_in_flight()
@@ -340,7 +346,7 @@ class Engine:
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
             # a token that ends the sequence whatever its value: no step for it after this one
-            seq.stopping = len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len
+            seq.stopping = seq.num_output_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len
         return InFlight.start(done, *sampled)
 
     def _sample(self, done: list[Sequence], hidden: torch.Tensor, last: list[int]) -> tuple:
@@ -427,10 +433,10 @@ class Engine:
         reason = None
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
         if self.tokenizer is not None and p.stop and not reason and self._skipped is not None:
-            may_stop = stop_may_end_here(self.tokenizer, seq.output_ids, p.stop, self._skipped)
+            may_stop = stop_may_end_here(self.tokenizer, seq.token_ids, p.stop, self._skipped, seq.num_prompt_tokens)
         else:
             may_stop = bool(p.stop)
         if self.tokenizer is not None and (may_stop or reason):
@@ -459,7 +465,7 @@ class Engine:
     def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
         new_lp = seq.logprobs[len(seq.logprobs) - len(new):] if new and seq.logprobs else []
         if not seq.finished:
-            first = len(seq.output_ids) == len(new)          # the prompt log-probabilities go with the first output
+            first = seq.num_output_tokens == len(new)          # the prompt log-probabilities go with the first output
             return RequestOutput(seq.seq_id, [], [], "", False, None, new, [],
                                  list(seq.prompt_logprobs) if first else [], new_lp)
         return RequestOutput(seq.seq_id, seq.prompt_ids, seq.output_ids, seq.text, True, seq.finish_reason, new,

@@ -61,6 +61,11 @@ class Sequence:
         return self.token_ids[len(self.prompt_ids):]
 
     @property
+    def num_output_tokens(self) -> int:
+        """len(output_ids) without copying the output (read every token: a copy was quadratic in the output)."""
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
     def num_uncomputed(self) -> int:
         """Tokens to run through the model before the next one can be sampled (1 while decoding)."""
         return len(self.token_ids) - self.num_cached_tokens

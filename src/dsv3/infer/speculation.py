@@ -162,7 +162,7 @@ class Speculation:
         if e.scheduler.waiting or e.scheduler.running != seqs or e._aborted:
             return False
         ahead = k + 1 + max(k + 1, 2 * k)
-        if any(s.finished or len(s.output_ids) + 1 >= s.params.max_tokens
+        if any(s.finished or s.num_output_tokens + 1 >= s.params.max_tokens
                or s.num_cached_tokens + ahead > e.max_model_len for s in seqs):
             return False
         need = sum(max(0, self.blocks.blocks_needed(s.num_cached_tokens + ahead) - len(s.block_table)) for s in seqs)

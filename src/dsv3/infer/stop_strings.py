@@ -20,17 +20,18 @@ def is_byte_level(tokenizer) -> bool:
     return isinstance(getattr(tokenizer.backend, "decoder", None), decoders.ByteLevel)
 
 
-def stop_may_end_here(tokenizer, ids: list[int], stops: list[str], special: set[int]) -> bool:
-    """True if the decoded `ids` (special tokens `special` skipped) contain a stop string that the decode of
-    ids[:-1] did not."""
-    if not ids or ids[-1] in special:
+def stop_may_end_here(tokenizer, ids: list[int], stops: list[str], special: set[int], start: int = 0) -> bool:
+    """True if the decoded output ids[start:] (special tokens `special` skipped) contains a stop string that the
+    decode of ids[start:-1] did not. `start`, not a slice of the output: copying the whole output every token was
+    quadratic in it again (a sequence's token_ids are its prompt, then its output)."""
+    if len(ids) <= start or ids[-1] in special:
         return False                        # a skipped token adds no text
     piece = tokenizer.backend.id_to_token(ids[-1]) or ""       # one character per byte (or an added token's text)
     need = max(map(len, stops)) + len(piece)
     width = need + 4
     while True:
-        text = tokenizer.decode(ids[-width:], skip_special_tokens=True)
-        if width >= len(ids):
+        text = tokenizer.decode(ids[max(start, len(ids) - width):], skip_special_tokens=True)
+        if width >= len(ids) - start:
             return any(s in text for s in stops)
         if len(text) >= need + 3:
             agreed = text[3:]

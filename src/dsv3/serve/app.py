@@ -73,6 +73,13 @@ def validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def validation_param(exc: RequestValidationError) -> str | None:
+    """OpenAI's `param`: the request field of the first error (`messages` for `messages.0.content`), as the checks
+    of validation.py name theirs; None for the body as a whole."""
+    loc = [x for x in (exc.errors()[:1] or [{}])[0].get("loc", ()) if x != "body"]
+    return shorten(str(loc[0]), 100) if loc else None
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Every error as OpenAI's JSON shape, counted under its route's template."""
     async def api_error(request: Request, exc: APIError):
@@ -80,7 +87,7 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(exc.body(), status_code=exc.status)
 
     async def invalid(request: Request, exc: RequestValidationError):
-        return await api_error(request, APIError(validation_message(exc)))
+        return await api_error(request, APIError(validation_message(exc), param=validation_param(exc)))
 
     async def http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"

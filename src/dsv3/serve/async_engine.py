@@ -137,8 +137,8 @@ class AsyncEngineBase:
     def _on_step(self, items: list, error: str | None = None) -> None:
         """From the engine side, once per step: hand the outputs to the event loop. A failed step marks the engine
         unhealthy (/health 503 with the error); a later step that produced outputs shows it working again (a
-        transient failure, e.g. one oversized batch running out of memory, fails the requests the engine held at
-        that moment, which _EngineLoop.step aborts so that the same batch does not fail again; later ones run)."""
+        transient failure, e.g. one oversized batch running out of memory, fails the requests of that step, which
+        _EngineLoop.step aborts so that the same batch does not fail again; the others and later ones run)."""
         if error is not None:
             self.step_error = error
         elif items:
@@ -254,12 +254,15 @@ class _EngineLoop:
         try:
             outputs = self.engine.step()
         except Exception as e:       # a step that fails fails its requests, not the server
+            # only the requests the step ran: it leaves the engine as it was (infer/engine.py Engine.step), so the
+            # others run on (they all failed here, queued ones too); every request where the engine cannot tell
+            ran = [rid for rid in getattr(self.engine, "step_request_ids", ()) if rid in self.by_engine]
             items = []
-            for cid, rid in list(self.by_client.items()):
-                self.engine.abort(rid)   # their blocks return at the next step that gets that far
+            for rid in dict.fromkeys(ran or list(self.by_engine)):       # (a chained step lists a request twice)
+                cid = self.by_engine.pop(rid)
+                del self.by_client[cid]
+                self.engine.abort(rid)   # so that the same batch does not fail again; its blocks return next step
                 items.append((cid, f"engine step failed: {e!r}"))
-            self.by_client.clear()
-            self.by_engine.clear()
             self.emit(items, error=repr(e))
             time.sleep(0.05)             # an engine that keeps failing must not spin a core
             return

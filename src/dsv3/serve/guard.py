@@ -41,23 +41,33 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"the request body exceeds this server's limit of {limit} bytes")
 
 
+def split_host(host: str) -> tuple[str, str | None]:
+    """A Host header's (or an --allowed-hosts entry's) name and port: 'Example.COM:8000' -> ('example.com', '8000'),
+    '[::1]:8000' -> ('::1', '8000'), '::1' (a bare IPv6 address) -> ('::1', None)."""
+    host, port = host.strip().lower(), None
+    if host.startswith("["):
+        end = host.find("]")
+        if end >= 0:
+            host, port = host[1:end], host[end + 2:] if host[end + 1:end + 2] == ":" else None
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    return host.rstrip("."), port or None
+
+
 def host_name(host: str) -> str:
     """A Host header's name: 'Example.COM:8000' -> 'example.com', '[::1]:8000' -> '::1'."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else host
-    if host.count(":") == 1:
-        host = host.split(":")[0]
-    return host.rstrip(".")
+    return split_host(host)[0]
 
 
-def origin_name(origin: str) -> str:
-    """An Origin header's host name: 'http://Example.com:8000' -> 'example.com'; '' for "null" (a sandboxed or
-    file:// page) and anything that is not a URL, which no allow-list holds but `*`."""
+def origin_host(origin: str) -> tuple[str, str | None]:
+    """An Origin header's host name and port: 'http://Example.com:8000' -> ('example.com', '8000'); '' for "null" (a
+    sandboxed or file:// page) and anything that is not a URL, which no allow-list holds but `*`."""
     try:
-        return (urlsplit(origin.strip()).hostname or "").rstrip(".")
+        url = urlsplit(origin.strip())
+        port = url.port
     except ValueError:
-        return ""
+        return "", None
+    return (url.hostname or "").rstrip("."), None if port is None else str(port)
 
 
 def is_loopback(name: str) -> bool:
@@ -69,11 +79,16 @@ def is_loopback(name: str) -> bool:
         return False
 
 
-def host_allowed(name: str, allowed: tuple[str, ...] | None) -> bool:
-    """Loopback names always; then the allow-list's names, `*.example.com` patterns, or `*` (anything)."""
+def host_allowed(name: str, allowed: tuple[str, ...] | None, port: str | None = None) -> bool:
+    """Loopback names always; then the allow-list's names, `*.example.com` patterns, or `*` (anything). An entry with
+    a port (`example.com:8000`, `[2001:db8::1]:8000`) matches only a Host naming that port (browsers leave out :80 and
+    :443); the Host's port was stripped before the comparison, so such an entry matched nothing."""
     if is_loopback(name):
         return True
-    for pattern in allowed or ():
+    for entry in allowed or ():
+        pattern, want = split_host(entry)
+        if want is not None and want != port:
+            continue
         if pattern == "*" or name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:])):
             return True
     return False
@@ -104,12 +119,12 @@ class Guard:
 
     def refusal(self, scope: Scope) -> APIError | None:
         headers = Headers(scope=scope)
-        host = headers.get("host")
-        if host is not None and not host_allowed(host_name(host), self.options.allowed_hosts):
+        host, allowed = headers.get("host"), self.options.allowed_hosts
+        if host is not None and not host_allowed(split_host(host)[0], allowed, split_host(host)[1]):
             return APIError(f"the Host header {host!r} is not one this server answers to (loopback names, or "
                             f"--allowed-hosts)", 400, param="host", code="invalid_host")
         origin = headers.get("origin")
-        if origin is not None and not host_allowed(origin_name(origin), self.options.allowed_hosts):
+        if origin is not None and not host_allowed(origin_host(origin)[0], allowed, origin_host(origin)[1]):
             return APIError(f"the Origin {origin!r} is not one this server answers to (loopback origins, or "
                             f"--allowed-hosts): a web page of another site cannot use it", 403,
                             "permission_error", param="origin", code="invalid_origin")

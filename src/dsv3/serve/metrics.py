@@ -1,6 +1,7 @@
 """/metrics in the Prometheus text format (prometheus_client, one registry per server).
 
-Counters: requests by endpoint and status, prompt and generated tokens, speculative drafts proposed / accepted.
+Counters: requests by endpoint and status, prompt and generated tokens, aborted requests
+(`dsv3_num_requests_aborted_total`).
 Gauges (read at scrape time): running and waiting sequences, pending requests, KV-cache usage, speculative acceptance,
 the engine's torch threads; with expert parallelism, the expert placement (slot -> logical expert per MoE layer),
 the last window's expert loads and the rebalance count. Histograms: time to first token, time per output token (a
@@ -39,7 +40,8 @@ class ServerMetrics:
         self.waiting = Gauge("dsv3_num_requests_waiting", "sequences waiting for the engine", registry=r)
         self.pending = Gauge("dsv3_num_requests_pending", "requests accepted and not finished", registry=r)
         self.cache = Gauge("dsv3_kv_cache_usage_ratio", "fraction of latent-cache blocks in use", registry=r)
-        self.aborted = Gauge("dsv3_num_requests_aborted", "requests aborted (client disconnected)", registry=r)
+        # a Counter (`_total` appended), not a Gauge: it only counts up, and rate() over a gauge misreads a restart
+        self.aborted = Counter("dsv3_num_requests_aborted", "requests aborted (client disconnected)", registry=r)
         self.preemptions = Gauge("dsv3_num_preemptions", "sequences preempted so far", registry=r)
         self.spec_proposed = Gauge("dsv3_spec_decode_draft_tokens", "MTP draft tokens proposed", registry=r)
         self.spec_accepted = Gauge("dsv3_spec_decode_accepted_tokens", "MTP draft tokens accepted", registry=r)
@@ -67,6 +69,8 @@ class ServerMetrics:
 
     def output(self, handle, out: RequestOutput) -> None:
         self.generation_tokens.inc(len(out.new_token_ids))
+        if out.finished and out.finish_reason == "abort":
+            self.aborted.inc()
         if out.finished and handle.first_token is not None and out.finish_reason != "abort":
             self.ttft.observe(handle.first_token - handle.submitted)
             if len(out.token_ids) > 1:
@@ -79,7 +83,6 @@ class ServerMetrics:
         self.pending.set(self.aengine.num_pending)
         self.cache.set(s["cache_usage"])
         self.preemptions.set(s["preemptions"])
-        self.aborted.set(self.aengine.num_aborted)
         self.spec_proposed.set(s["spec_proposed"])
         self.spec_accepted.set(s["spec_accepted"])
         self.spec_rate.set(s["spec_accepted"] / s["spec_proposed"] if s["spec_proposed"] else 0.0)

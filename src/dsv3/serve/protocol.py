@@ -2,7 +2,8 @@
 
 Field ranges follow the OpenAI reference where it has one (temperature [0, 2], top_p (0, 1], presence_penalty and
 frequency_penalty [-2, 2], logit_bias at most 300 token ids -> [-100, 100], logprobs <= 20 for completions,
-top_logprobs <= 20 for chat); `top_k`, `ignore_eos`, `stop_token_ids`, `repetition_penalty` ((0, 2] here) are the
+top_logprobs <= 20 for chat); at most 16 `stop` strings of at most 1024 characters and 1024 `stop_token_ids` (both
+are checked after every token); `top_k`, `ignore_eos`, `stop_token_ids`, `repetition_penalty` ((0, 2] here) are the
 common extensions (vLLM's names), `split_special_tokens` is Hugging Face's (a raw prompt's special-token strings as
 text), `chat_template_kwargs` vLLM's (a template's own switches, such as V3.1's `thinking`; booleans only: a string
 there would reach the prompt without being escaped as user text). Unknown fields are ignored, as clients send many
@@ -50,6 +51,11 @@ Prompt = Annotated[Annotated[str, Tag("text")] | Annotated[list[str], Tag("texts
 MAX_N = 16
 MAX_TOP_K = 2**63 - 1      # the engine carries top_k in an int64 tensor; anything >= the vocabulary means "off" anyway
 MAX_SCHEMA_DEPTH = 64      # a tool's parameters: real schemas nest a few levels
+# Stop conditions are checked after every token: unbounded, one request made every step slow (a million stop_token_ids
+# searched per token; a stop string's length is the engine's tail window, infer/stop_strings.py). Generous bounds:
+MAX_STOPS = 16             # stop strings
+MAX_STOP_CHARS = 1024      # characters of one stop string
+MAX_STOP_TOKEN_IDS = 1024
 
 
 def _unicode(value, name: str):
@@ -103,8 +109,8 @@ class _Sampling(BaseModel):
     top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None     # -1 or 0: off
     seed: Annotated[int, Field(ge=-2**63, lt=2**64)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
-    stop_token_ids: TokenIds | None = None
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOPS)] | None = None
+    stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -118,6 +124,10 @@ class _Sampling(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_unicode(cls, v):
+        # here, not as a Field bound: the union's error then named both forms ("stop.constrained-str: ...")
+        longest = max(map(len, [v] if isinstance(v, str) else v or []), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters, got {longest}")
         return _unicode(v, "stop")
 
     @field_validator("logit_bias")
