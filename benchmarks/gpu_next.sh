@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_next.sh g   f without AdamW, the gate only the changed kernels' own test files (~3.5 min)
 #   bash benchmarks/gpu_next.sh h   g in ~2 minutes (the FP8 kernel files, the GEMV at its default launches)
 #   bash benchmarks/gpu_next.sh i   the GEMV timed cold, the server at 64 streams, small-gpu's MTP speculation compiled
+#   bash benchmarks/gpu_next.sh j   i's first two (~5 min)
 #   bash benchmarks/gpu_next.sh e   the server at 64 streams vs the engine (TTFT p99), then FP8 vs BF16 loss over 300
 #                                   steps beside BF16 from another seed (the comparison's noise floor)
 set -u
@@ -78,5 +79,10 @@ case $PART in
       | tail -2 | tee "$OUT/train.txt"
     timeout 100 python benchmarks/spec_decode_tiny.py runs/small-gpu --device cuda --dtype bf16 --prompts 8 --compile \
       --prompt-len 64 --tokens 96 --k 1,2 2>&1 | grep -v Warning | tail -4 | tee "$OUT/spec.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i"; exit 2 ;;
+  j)    # i without the small-gpu training (~5 min): the GEMV timed cold, then the server row
+    install_wheels
+    timeout 150 python benchmarks/fp8_weight_gemm_bench.py --only gemv 2>&1 | grep -v Warning | tee "$OUT/gemv.txt"
+    timeout 140 python -m dsv3.cli bench serve --config lite --concurrency 64 --requests 256 --prompt 128 --tokens 128 \
+      --compile-decode --fused-moe auto --json "$OUT/bench_serve.json" 2>&1 | grep -v Warn | tail -9 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j"; exit 2 ;;
 esac
