@@ -228,6 +228,28 @@ def test_aborted_requests_are_a_counter():
         ("dsv3_num_requests_aborted_total", 2.0)]
 
 
+def test_running_totals_are_counters_advanced_per_scrape():
+    """Preemptions, draft tokens proposed / accepted: the engine's running totals, exposed as Counters advanced by
+    what they grew since the last scrape (a new engine's totals, lower than the last, count from 0)."""
+    from types import SimpleNamespace
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dsv3.serve.metrics import ServerMetrics
+    metrics = ServerMetrics(SimpleNamespace(num_pending=0, num_aborted=0))
+
+    def scrape(pre: int, prop: int, acc: int) -> dict:
+        stats = dict(running=0, waiting=0, cache_usage=0.0, preemptions=pre, spec_proposed=prop, spec_accepted=acc,
+                     torch_threads=1)
+        fams = text_string_to_metric_families(metrics.render(stats).decode())
+        return {s.name: s.value for f in fams if f.type == "counter" for s in f.samples}
+    names = ("dsv3_num_preemptions_total", "dsv3_spec_decode_draft_tokens_total",
+             "dsv3_spec_decode_accepted_tokens_total")
+    assert [scrape(2, 10, 7)[n] for n in names] == [2, 10, 7]
+    assert [scrape(2, 16, 9)[n] for n in names] == [2, 16, 9]
+    assert [scrape(1, 4, 4)[n] for n in names] == [3, 20, 13]          # a restarted engine: its totals add
+
+
 def test_route_labels_are_templates():
     app = FastAPI()
     app.get("/v1/models/{model_id:path}")(lambda model_id: None)

@@ -1,10 +1,12 @@
 """/metrics in the Prometheus text format (prometheus_client, one registry per server).
 
 Counters: requests by endpoint and status, prompt and generated tokens, aborted requests
-(`dsv3_num_requests_aborted_total`).
-Gauges (read at scrape time): running and waiting sequences, pending requests, KV-cache usage, speculative acceptance,
-the engine's torch threads; with expert parallelism, the expert placement (slot -> logical expert per MoE layer),
-the last window's expert loads and the rebalance count. Histograms: time to first token, time per output token (a
+(`dsv3_num_requests_aborted_total`); advanced at scrape time by what the engine's running totals grew since the last
+one: preemptions, MTP draft tokens proposed and accepted, expert rebalances (`..._total`; they only count up, and
+rate() reads a gauge that a restart resets as a huge negative rate).
+Gauges (read at scrape time): running and waiting sequences, pending requests, KV-cache usage, speculative acceptance
+ratio, the engine's torch threads; with expert parallelism, the expert placement (slot -> logical expert per MoE
+layer) and the last window's expert loads. Histograms: time to first token, time per output token (a
 request's decode time / (tokens - 1)).
 
 The endpoint label is a route's template (`/v1/models/{model_id:path}`), and "unmatched" for every path no route
@@ -42,9 +44,10 @@ class ServerMetrics:
         self.cache = Gauge("dsv3_kv_cache_usage_ratio", "fraction of latent-cache blocks in use", registry=r)
         # a Counter (`_total` appended), not a Gauge: it only counts up, and rate() over a gauge misreads a restart
         self.aborted = Counter("dsv3_num_requests_aborted", "requests aborted (client disconnected)", registry=r)
-        self.preemptions = Gauge("dsv3_num_preemptions", "sequences preempted so far", registry=r)
-        self.spec_proposed = Gauge("dsv3_spec_decode_draft_tokens", "MTP draft tokens proposed", registry=r)
-        self.spec_accepted = Gauge("dsv3_spec_decode_accepted_tokens", "MTP draft tokens accepted", registry=r)
+        self.preemptions = Counter("dsv3_num_preemptions", "sequences preempted", registry=r)
+        self.spec_proposed = Counter("dsv3_spec_decode_draft_tokens", "MTP draft tokens proposed", registry=r)
+        self.spec_accepted = Counter("dsv3_spec_decode_accepted_tokens", "MTP draft tokens accepted", registry=r)
+        self._totals: dict[str, int] = {}      # the engine's running totals at the last scrape
         self.spec_rate = Gauge("dsv3_spec_decode_acceptance_ratio", "accepted / proposed draft tokens", registry=r)
         self.threads = Gauge("dsv3_engine_torch_threads", "torch intra-op threads of the engine", registry=r)
         # expert parallelism (dsv3 serve --ep): the EPLB placement and the loads it was computed from
@@ -52,7 +55,7 @@ class ServerMetrics:
                                  ["layer", "slot"], registry=r)
         self.expert_load = Gauge("dsv3_expert_window_load_tokens", "routed tokens per logical expert in the last "
                                  "rebalance window, summed over the EP group", ["layer", "expert"], registry=r)
-        self.rebalances = Gauge("dsv3_eplb_rebalances", "expert placements applied while serving", registry=r)
+        self.rebalances = Counter("dsv3_eplb_rebalances", "expert placements applied while serving", registry=r)
         aengine.on_output = self.output
 
     def request(self, endpoint: str, prompt_lengths: list[int]) -> None:
@@ -82,9 +85,9 @@ class ServerMetrics:
         self.waiting.set(s["waiting"])
         self.pending.set(self.aengine.num_pending)
         self.cache.set(s["cache_usage"])
-        self.preemptions.set(s["preemptions"])
-        self.spec_proposed.set(s["spec_proposed"])
-        self.spec_accepted.set(s["spec_accepted"])
+        self._advance(self.preemptions, "preemptions", s["preemptions"])
+        self._advance(self.spec_proposed, "spec_proposed", s["spec_proposed"])
+        self._advance(self.spec_accepted, "spec_accepted", s["spec_accepted"])
         self.spec_rate.set(s["spec_accepted"] / s["spec_proposed"] if s["spec_proposed"] else 0.0)
         self.threads.set(s["torch_threads"])
         if "expert_placement" in s:
@@ -98,7 +101,16 @@ class ServerMetrics:
         for layer, row in enumerate(s["expert_loads"]):
             for expert, load in enumerate(row):
                 self.expert_load.labels(str(layer), str(expert)).set(load)
-        self.rebalances.set(s["ep_rebalances"])
+        self._advance(self.rebalances, "ep_rebalances", s["ep_rebalances"])
+
+    def _advance(self, counter: Counter, key: str, total: int) -> None:
+        """`counter` advanced by what the engine's running `total` grew since the last scrape (all of it when the
+        total went down: a new engine counting from 0)."""
+        last = self._totals.get(key, 0)
+        grown = total - last if total >= last else total
+        if grown:
+            counter.inc(grown)
+        self._totals[key] = total
 
 
 def route_label(scope: Scope) -> str:
