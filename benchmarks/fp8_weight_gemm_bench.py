@@ -41,6 +41,9 @@ from dsv3.kernels.fp8_weight_gemm import (fp8_grouped_linear_reference, fp8_grou
 COPY_BW = 4.28e12
 DENSE = {"q_proj": (3072, 2048), "kv_a": (576, 2048), "o_proj": (2048, 2048), "ffn_up": (10944, 2048),
          "ffn_down": (2048, 10944)}
+# what a lite decode step runs (dsv3.infer.fused_proj): q + kv_a fused, the shared experts' gate + up fused, their
+# down, o; 26 MoE layers (`--gemv-shapes engine`)
+ENGINE = {"q_kv_a": (3648, 2048), "o_proj": (2048, 2048), "shared_up": (5632, 2048), "shared_down": (2048, 2816)}
 EXPERTS = {"expert_up": (1408, 2048), "expert_down": (2048, 1408)}
 SWEEP = [dict(block_n=bn, num_warps=w, num_stages=s) for bn, w, s in itertools.product((16, 32, 64, 128), (4, 8),
                                                                                          (3, 5))]
@@ -53,6 +56,8 @@ GEMV_SWEEP = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=w)
 # which ran out of a 90 s limit on the H200 before printing anything (sixth session)
 GEMV_SWEEP_SMALL = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=4)
                     for bn, ku, k in itertools.product((8, 16, 32, 64), (2, 4, 8), (1, 4))]
+GEMV_SWEEP_SPLIT = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=4)
+                    for bn, ku, k in itertools.product((8, 16, 32), (2, 4, 8), (1, 2, 4, 8))]
 GEMV_M = (1, 2, 4, 16)   # 2: batch-1 verify of one draft token
 DRY = False     # --dry-run: CPU interpreter, tiny shapes, wall-clock of one call
 COLD_BYTES = 256 << 20   # the weight copies a cold GEMV row cycles through (--warm: one)
@@ -146,17 +151,24 @@ def gemv_rows(dev: str, dtype: torch.dtype) -> list[dict]:
 
 
 def main() -> None:
-    global DENSE, EXPERTS, GEMV_SWEEP, DENSE_SWEEP, SWEEP, DRY, COLD_BYTES
+    global DENSE, EXPERTS, GEMV_SWEEP, DENSE_SWEEP, SWEEP, DRY, COLD_BYTES, GEMV_M
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=("all", "gemv"), default="all")
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
-    ap.add_argument("--gemv-sweep", choices=("none", "small", "full"), default="small",
-                    help="GEMV launches timed beside the table's default: none, 24, or all 64")
+    ap.add_argument("--gemv-sweep", choices=("none", "small", "full", "split"), default="small",
+                    help="GEMV launches timed beside the table's default: none, 24, all 64, or split: 36 with K "
+                    "slices 1..8 (more programs in flight: what a cold read may want)")
     ap.add_argument("--warm", action="store_true", help="GEMV rows re-read one copy of the weights (L2-resident "
                     "where they fit: not what a decode step sees)")
+    ap.add_argument("--gemv-m", default=",".join(map(str, GEMV_M)), help="the dense GEMV rows' M values")
+    ap.add_argument("--gemv-shapes", choices=("layer", "engine"), default="layer", help="layer: a lite layer's "
+                    "projections one by one; engine: the fused ones a lite decode step runs")
     args = ap.parse_args()
+    DENSE = ENGINE if args.gemv_shapes == "engine" else DENSE
     COLD_BYTES = 0 if args.warm else COLD_BYTES
-    GEMV_SWEEP = {"none": [dict(gemv=True)], "small": GEMV_SWEEP_SMALL, "full": GEMV_SWEEP}[args.gemv_sweep]
+    GEMV_M = tuple(int(m) for m in args.gemv_m.split(","))
+    GEMV_SWEEP = {"none": [dict(gemv=True)], "small": GEMV_SWEEP_SMALL, "full": GEMV_SWEEP,
+                  "split": GEMV_SWEEP_SPLIT}[args.gemv_sweep]
     dev, dtype = "cuda", torch.bfloat16
     if args.dry_run:
         if os.environ.get("TRITON_INTERPRET") != "1":

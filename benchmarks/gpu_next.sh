@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_next.sh h   g in ~2 minutes (the FP8 kernel files, the GEMV at its default launches)
 #   bash benchmarks/gpu_next.sh i   the GEMV timed cold, the server at 64 streams, small-gpu's MTP speculation compiled
 #   bash benchmarks/gpu_next.sh j   i's first two (~5 min)
+#   bash benchmarks/gpu_next.sh k   the cold GEMV at M = 1, engine shapes, K-slice sweep (~2.5 min)
 #   bash benchmarks/gpu_next.sh e   the server at 64 streams vs the engine (TTFT p99), then FP8 vs BF16 loss over 300
 #                                   steps beside BF16 from another seed (the comparison's noise floor)
 set -u
@@ -84,5 +85,8 @@ case $PART in
     timeout 150 python benchmarks/fp8_weight_gemm_bench.py --only gemv 2>&1 | grep -v Warning | tee "$OUT/gemv.txt"
     timeout 140 python -m dsv3.cli bench serve --config lite --concurrency 64 --requests 256 --prompt 128 --tokens 128 \
       --compile-decode --fused-moe auto --json "$OUT/bench_serve.json" 2>&1 | grep -v Warn | tail -9 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j"; exit 2 ;;
+  k)    # the cold GEMV alone at M = 1 on the fused shapes a lite step runs, K slices 1..8 (~2.5 min)
+    timeout 170 python benchmarks/fp8_weight_gemm_bench.py --only gemv --gemv-m 1 --gemv-shapes engine \
+      --gemv-sweep split 2>&1 | grep -v Warning | tee "$OUT/gemv.txt" ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k"; exit 2 ;;
 esac
