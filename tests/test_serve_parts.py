@@ -209,6 +209,19 @@ def test_allowed_hosts_with_ports():
     assert refused_host({"host": "example.com:8000", "origin": "http://example.com:99999"}) == 403
 
 
+def test_allowed_hosts_entries_no_host_can_match_are_refused_at_start(tmp_path, capsys):
+    """`--allowed-hosts example.com:abc` was accepted and matched nothing: `dsv3 serve` refuses it in one line
+    before it reads the model (here a directory that does not exist)."""
+    from dsv3.cli import main
+    from dsv3.serve.guard import default_allowed_hosts
+    assert default_allowed_hosts("0.0.0.0", ["a.org:8000", "[::1]:1", "*.b.org", "c.org."]) == \
+        ("a.org:8000", "[::1]:1", "*.b.org", "c.org.")
+    for bad in ("example.com:abc", "example.com:0", "example.com:65536", ":8000", "[::1]:x"):
+        assert main(["serve", "--model", str(tmp_path / "absent"), "--allowed-hosts", f"ok.org,{bad}"]) == 2
+        err = capsys.readouterr().err
+        assert f"--allowed-hosts: {bad!r}" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_aborted_requests_are_a_counter():
     """dsv3_num_requests_aborted was a Gauge set to a count that only grows: a Counter (`_total`), per Prometheus."""
     from types import SimpleNamespace

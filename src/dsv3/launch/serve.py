@@ -23,6 +23,7 @@ from .loading import default_device, load_for_serving, served_engine
 def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     """Serve until stopped (a PD worker: work until stopped); `dtype` the `--dtype` asked."""
     path = Path(args.model)
+    allowed_hosts = default_allowed_hosts(args.host, args.allowed_hosts)      # a bad entry: refused before loading
     # before any loading: generation_config.json read once for both
     defaults, eos = read_generation_config(path) if args.generation_config == "auto" else ({}, [])
     tok_dir = tokenizer_dir(args.model, args.tokenizer)
@@ -62,7 +63,7 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     app = build_app(engine, tokenizer, name, api_key=args.api_key, max_pending=args.max_pending,
                     chat_template=template, metrics_public=args.metrics_public, sampling_defaults=defaults,
                     reasoning_parser=args.reasoning_parser,
-                    allowed_hosts=default_allowed_hosts(args.host, args.allowed_hosts), **limit)
+                    allowed_hosts=allowed_hosts, **limit)
     limits = app.state.async_engine.limits
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {threads} torch threads; context "
           f"{limits.max_model_len}, cache {limits.capacity} tokens)", flush=True)

@@ -95,8 +95,13 @@ def host_allowed(name: str, allowed: tuple[str, ...] | None, port: str | None = 
 
 
 def default_allowed_hosts(bind_host: str, allowed: list[str] | None) -> tuple[str, ...] | None:
-    """`dsv3 serve --host H [--allowed-hosts ...]`: the list if given; else loopback only for a loopback bind, any
-    Host for a server bound elsewhere (it is reached by whatever name its network gives it)."""
+    """`dsv3 serve --host H [--allowed-hosts ...]`: the list if given (ValueError naming an entry no Host can match:
+    a port that is not 1..65535, no name); else loopback only for a loopback bind, any Host for a server bound
+    elsewhere (it is reached by whatever name its network gives it)."""
+    for entry in allowed or ():
+        name, port = split_host(entry)
+        if not name or (port is not None and not (port.isdigit() and 0 < int(port) < 65536)):
+            raise ValueError(f"--allowed-hosts: {entry!r} is not NAME, NAME:PORT or [IPv6]:PORT (port 1-65535)")
     if allowed:
         return tuple(allowed)
     return None if is_loopback(host_name(bind_host)) else ("*",)
