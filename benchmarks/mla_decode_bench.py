@@ -182,9 +182,9 @@ def main():
                 flops = 2 * B * ctx * H * (2 * C + R)
                 gbs = nbytes / (ms * 1e-3) / 1e9
                 from dsv3.kernels.mla_decode import _default_config, _sm_count, mla_decode_num_splits
-                cfg = {**_default_config(H, C, dtype), **best[H]}
+                cfg = {**_default_config(H, C, dtype, B), **best[H]}
                 splits = mla_decode_num_splits(B, H, kv[2].shape[1] * bs, cfg["block_h"], cfg["block_n"],
-                                               _sm_count(q_abs.device))[0]
+                                               _sm_count(q_abs.device), cfg.get("min_tokens_per_split", 256))[0]
                 row = dict(H=H, B=B, ctx=ctx, splits=splits, config=cfg, ms=ms, bytes=nbytes, GBps=gbs,
                            frac_copy_bw=gbs * 1e9 / COPY_BW, TFLOPs=flops / (ms * 1e-3) / 1e12)
                 rows.append(row)

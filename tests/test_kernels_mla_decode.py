@@ -113,6 +113,13 @@ def test_bytes_and_splits():
     assert mla_decode_num_splits(B=128, H=128, max_tokens=32768, block_h=16, block_n=32, sm_count=132)[0] == 1
     # short contexts are not cut below min_tokens_per_split
     assert mla_decode_num_splits(B=1, H=16, max_tokens=300, block_h=16, block_n=32, sm_count=132)[0] <= 2
+    # a small grid (lite at batch <= 8) takes 64-token tiles and splits: a 192-token sequence in a graph bucket's
+    # 4096-token block table is read by 3 programs, not one (the others return at once, the combine skips them)
+    from dsv3.kernels.mla_decode import _default_config
+    small = _default_config(16, 512, torch.bfloat16, B=1)
+    assert small["block_n"] == 64 and small["min_tokens_per_split"] == 64
+    assert "min_tokens_per_split" not in _default_config(16, 512, torch.bfloat16, B=64)
+    assert mla_decode_num_splits(1, 16, 4096, 16, 64, 132, small["min_tokens_per_split"]) == (64, 64)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,6 +148,12 @@ def _interpreter_cases() -> dict:
                               - mla_decode_reference(*wide)).abs().max().item()
     zero = make_case([0, 0], seed=13)
     errs["all_empty"] = mla_decode_triton(*zero, num_splits=2).abs().max().item()
+    # many splits over a wide table (a graph bucket's): short sequences reach a few; the combine reads only those
+    wide_table = list(make_case([3, 17, 0, 9], bs=8, pad=12, seed=14))
+    bt = wide_table[4]
+    wide_table[4] = torch.cat([bt, torch.full((bt.shape[0], 12), 12, dtype=bt.dtype)], 1)   # 16 blocks: 8 splits
+    errs["live_splits"] = (mla_decode_triton(*wide_table, num_splits=12, block_n=8)
+                           - mla_decode_reference(*wide_table)).abs().max().item()
     return errs
 
 
@@ -148,7 +161,7 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_mla_decode")
-    assert set(errs) == {"default", "splits4", "splits2_bn32", "h20_cross_page", "all_empty"}
+    assert set(errs) == {"default", "splits4", "splits2_bn32", "h20_cross_page", "all_empty", "live_splits"}
     for name, err in errs.items():
         assert err < 1e-5, (name, errs)
 

@@ -22,7 +22,7 @@ sequence, mask, fp32 softmax); the CPU path of the inference engine.
 (head groups, KV splits, batch), head groups fastest so that the programs sharing one KV range run together and
 hit L2; each program holds BLOCK_H heads' queries and streams BLOCK_N-token tiles of c_kv/k_pe, each tile used by
 all BLOCK_H heads for both products (`tl.dot`, fp32 accumulation), online softmax in base 2. With more than one
-split a small combine kernel merges the partial outputs through their log-sum-exps. The number of splits depends
+split a small combine kernel merges the partial outputs of the splits a sequence reached through their log-sum-exps. The number of splits depends
 only on shapes (B, H, block_tables.shape[1]) and the SM count, never on seq_lens' values: no host sync, so the
 call can be captured in a CUDA graph. Keep block_tables no wider than the longest sequence needs (the splits
 cover block_tables.shape[1] * block_size tokens; splits past a sequence's end return at once).
@@ -176,18 +176,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _mla_decode_combine_kernel(
-        OP, LSE, O,
+        OP, LSE, O, SL,
         stride_op_b, stride_op_h, stride_op_s,
         stride_lse_b, stride_lse_h,
         stride_o_b, stride_o_h,
-        S,
+        S, tokens_per_split,
         C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         h = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
+        # only the splits that held tokens of this sequence: a short sequence in a wide block table (a CUDA graph's
+        # bucket) reads its few partial rows, not S planes of (C,) fp32 zeros
+        live = tl.minimum(S, tl.cdiv(tl.load(SL + b), tokens_per_split))
         offs_s = tl.arange(0, BLOCK_S)
         lse_row = LSE + b * stride_lse_b + h * stride_lse_h
-        lse = tl.load(lse_row + offs_s, mask=offs_s < S, other=float("-inf"))
+        lse = tl.load(lse_row + offs_s, mask=offs_s < live, other=float("-inf"))
         m = tl.max(lse, 0)
         m = tl.where(m == float("-inf"), 0.0, m)
         denom = tl.sum(tl.exp2(lse - m), 0)
@@ -195,7 +198,7 @@ if HAS_TRITON:
         mask_c = offs_c < C
         acc = tl.zeros([BLOCK_C], dtype=tl.float32)
         op_row = OP + b * stride_op_b + h * stride_op_h
-        for s in range(S):
+        for s in range(live):
             w = tl.exp2(tl.load(lse_row + s) - m)
             o = tl.load(op_row + s * stride_op_s + offs_c, mask=mask_c, other=0.0)
             acc += w * o
@@ -219,13 +222,19 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _default_config(H: int, C: int, dtype: torch.dtype) -> dict:
+def _default_config(H: int, C: int, dtype: torch.dtype, B: int = 64) -> dict:
     """Block shapes and launch parameters, from sweeps on one H200 (C=512, R=64, bf16, B=64, ctx 16K, triton 3.6:
     benchmarks/mla_decode_bench.py --sweep). H=16: 2.8 TB/s with (16, 128, 4 warps, 3 stages) vs 2.0 TB/s for
     (16, 32, 4, 2). H=128: 0.93 TB/s (~225 TFLOP/s, compute-bound) with (64, 64, 8 warps, 2 stages) vs 0.32 TB/s
-    for (32, 32, 8, 2): a 64-row head block lets Triton use Hopper's wgmma."""
+    for (32, 32, 8, 2): a 64-row head block lets Triton use Hopper's wgmma.
+    A small grid (H <= 16, B <= 8: the batch-1 decode of `lite`) takes 64-token tiles and splits of 64 tokens
+    (`min_tokens_per_split`): with 256-token splits one program read a whole short sequence alone, ~17 us per layer
+    at batch 1 and 128-192 tokens on an H100 (12% of the step, RESULTS.md fifteenth session): an SM alone does not
+    pull a 221 KB sequence fast; 64-token splits spread it over several (not yet measured: the next sweep's)."""
     if dtype == torch.float32:  # twice the bytes per tile: smaller tiles (exactness tests, not speed)
         return dict(block_h=16, block_n=16, num_warps=4, num_stages=2)
+    if H <= 16 and B <= 8:
+        return dict(block_h=16, block_n=64, num_warps=4, num_stages=2, min_tokens_per_split=64)
     if H <= 16:
         return dict(block_h=16, block_n=128, num_warps=4, num_stages=3)
     if H < 64:
@@ -270,7 +279,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     if not (q_abs.dtype == q_pe.dtype == c_kv_cache.dtype == k_pe_cache.dtype):
         raise ValueError(f"dtypes differ: {q_abs.dtype}, {q_pe.dtype}, {c_kv_cache.dtype}, {k_pe_cache.dtype}")
 
-    cfg = _default_config(H, C, q_abs.dtype)
+    cfg = _default_config(H, C, q_abs.dtype, B)
     for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages)):
         if v is not None:
             cfg[k] = v
@@ -280,7 +289,8 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     if B == 0 or H == 0:
         return out
     if num_splits is None:
-        S, tps = mla_decode_num_splits(B, H, max_tokens, cfg["block_h"], cfg["block_n"], _sm_count(q_abs.device))
+        S, tps = mla_decode_num_splits(B, H, max_tokens, cfg["block_h"], cfg["block_n"], _sm_count(q_abs.device),
+                                       cfg.get("min_tokens_per_split", 256))
     else:
         n_tiles = max(1, -(-max_tokens // cfg["block_n"]))
         tps = -(-n_tiles // max(1, num_splits)) * cfg["block_n"]
@@ -313,11 +323,11 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     )
     if S > 1:
         _mla_decode_combine_kernel[(H, B)](
-            op, lse, out,
+            op, lse, out, seq_lens,
             op.stride(0), op.stride(1), op.stride(2),
             lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            S,
+            S, tps,
             C=C, BLOCK_C=_next_pow2(C), BLOCK_S=_next_pow2(S),
             num_warps=4,
         )
