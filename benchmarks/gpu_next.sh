@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_next.sh i   the GEMV timed cold, the server at 64 streams, small-gpu's MTP speculation compiled
 #   bash benchmarks/gpu_next.sh j   i's first two (~5 min)
 #   bash benchmarks/gpu_next.sh k   the cold GEMV at M = 1, engine shapes, K-slice sweep (~2.5 min)
+#   bash benchmarks/gpu_next.sh l   the MLA small-grid change: its CUDA tests, the kernel at B = 1 / 8 / 64, lite batch 1
 #   bash benchmarks/gpu_next.sh e   the server at 64 streams vs the engine (TTFT p99), then FP8 vs BF16 loss over 300
 #                                   steps beside BF16 from another seed (the comparison's noise floor)
 set -u
@@ -88,5 +89,13 @@ case $PART in
   k)    # the cold GEMV alone at M = 1 on the fused shapes a lite step runs, K slices 1..8 (~2.5 min)
     timeout 170 python benchmarks/fp8_weight_gemm_bench.py --only gemv --gemv-m 1 --gemv-shapes engine \
       --gemv-sweep split 2>&1 | grep -v Warning | tee "$OUT/gemv.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k"; exit 2 ;;
+  l)    # fifteenth session's MLA change (small grids: 64-token tiles and splits, the combine over live splits): its
+        # CUDA tests, the kernel at batch 1 / 8 (short and long contexts, the regression check), lite decode at batch 1
+    timeout 90 python -m pytest -q -p no:cacheprovider -rfEs tests/test_kernels_mla_decode.py tests/test_mla.py \
+      tests/test_infer_engine.py 2>&1 | tail -4 | tee "$OUT/gate.txt"
+    timeout 150 python benchmarks/mla_decode_bench.py --graph-timing --heads 16 --batches 1 8 64 \
+      --contexts 192 8192 32768 2>&1 | grep -v Warn | tail -12
+    timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-auto --ttft-batch 0 \
+      --profile > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | grep -A7 "graph replay" | head -20 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l"; exit 2 ;;
 esac
