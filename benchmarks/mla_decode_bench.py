@@ -57,7 +57,7 @@ from dsv3.kernels import mla_decode_bytes, mla_decode_reference, mla_decode_trit
 
 
 def _patch_interpreter_for_numpy2():
-    from dsv3.kernels.interpret import patch_interpreter_for_numpy2
+    from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
     patch_interpreter_for_numpy2()
 
 
