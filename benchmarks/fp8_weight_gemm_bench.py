@@ -56,8 +56,10 @@ GEMV_SWEEP = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=w)
 # which ran out of a 90 s limit on the H200 before printing anything (sixth session)
 GEMV_SWEEP_SMALL = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=4)
                     for bn, ku, k in itertools.product((8, 16, 32, 64), (2, 4, 8), (1, 4))]
+# cold reads want bytes in flight: more programs (K slices, one more launch to sum them) or more K blocks loaded
+# together per program (ku 16: a 2048-wide row's 16 blocks at once, no slices)
 GEMV_SWEEP_SPLIT = [dict(gemv=True, block_n=bn, ku=ku, split_k=k, num_warps=4)
-                    for bn, ku, k in itertools.product((8, 16, 32), (2, 4, 8), (1, 2, 4, 8))]
+                    for bn, ku, k in itertools.product((8, 16, 32), (4, 8, 16), (1, 2, 4, 8))]
 GEMV_M = (1, 2, 4, 16)   # 2: batch-1 verify of one draft token
 DRY = False     # --dry-run: CPU interpreter, tiny shapes, wall-clock of one call
 COLD_BYTES = 256 << 20   # the weight copies a cold GEMV row cycles through (--warm: one)
@@ -157,7 +159,7 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes")
     ap.add_argument("--gemv-sweep", choices=("none", "small", "full", "split"), default="small",
                     help="GEMV launches timed beside the table's default: none, 24, all 64, or split: 36 with K "
-                    "slices 1..8 (more programs in flight: what a cold read may want)")
+                    "slices 1..8 and up to 16 K blocks per step (more bytes in flight: what a cold read may want)")
     ap.add_argument("--warm", action="store_true", help="GEMV rows re-read one copy of the weights (L2-resident "
                     "where they fit: not what a decode step sees)")
     ap.add_argument("--gemv-m", default=",".join(map(str, GEMV_M)), help="the dense GEMV rows' M values")

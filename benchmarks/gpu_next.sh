@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_next.sh j   i's first two (~5 min)
 #   bash benchmarks/gpu_next.sh k   the cold GEMV at M = 1, engine shapes, K-slice sweep (~2.5 min)
 #   bash benchmarks/gpu_next.sh l   the MLA small-grid change: its CUDA tests, the kernel at B = 1 / 8 / 64, lite batch 1
+#   bash benchmarks/gpu_next.sh n   l then k: the next session's first call
 #   bash benchmarks/gpu_next.sh e   the server at 64 streams vs the engine (TTFT p99), then FP8 vs BF16 loss over 300
 #                                   steps beside BF16 from another seed (the comparison's noise floor)
 set -u
@@ -97,5 +98,8 @@ case $PART in
       --contexts 192 8192 32768 2>&1 | grep -v Warn | tail -12
     timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-auto --ttft-batch 0 \
       --profile > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | grep -A7 "graph replay" | head -20 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l"; exit 2 ;;
+  n)    # the sixteenth session's first call (~9 min): l (the MLA change's tests and rows, lite batch 1 profiled), then k
+    bash "$0" l
+    bash "$0" k ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n"; exit 2 ;;
 esac
