@@ -142,3 +142,13 @@ def test_a_killed_baselines_write_leaves_no_cache(tmp_path, monkeypatch):
     import json
     assert set(json.loads((tmp_path / "run" / "baselines.json").read_text())) == {
         "unigram entropy", "unigram val cross-entropy"}
+
+
+def test_a_recursive_glob_takes_each_file_once(tmp_path):
+    # "corpus/**" matches the directory, its subdirectories and their files: each directory was walked and each
+    # file taken again as a match, so a file two levels down was trained on three times
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    (tmp_path / "corpus" / "a.txt").write_text("alpha")
+    (tmp_path / "corpus" / "sub" / "b.txt").write_text("beta")
+    docs = [d.source for d in iter_documents([str(tmp_path / "corpus" / "**")])]
+    assert docs == [str(tmp_path / "corpus" / "a.txt"), str(tmp_path / "corpus" / "sub" / "b.txt")]

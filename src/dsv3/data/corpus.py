@@ -79,7 +79,8 @@ def source_files(source: str) -> list[Path]:
             p = Path(m)
             found += _walk(p) if p.is_dir() else [p] if p.suffix.lower() in SUPPORTED_EXTS else []
         if found:
-            return found
+            # "dir/**" matches a directory and the files under it too: each file once, where it first came
+            return list(dict.fromkeys(found))
         raise FileNotFoundError(f"data source {source!r}: the glob matches no supported files")
     raise FileNotFoundError(f"data source {source!r} does not exist (expected 'stdlib', a file, a directory "
                             f"or a glob)")
