@@ -152,3 +152,14 @@ def test_a_recursive_glob_takes_each_file_once(tmp_path):
     (tmp_path / "corpus" / "sub" / "b.txt").write_text("beta")
     docs = [d.source for d in iter_documents([str(tmp_path / "corpus" / "**")])]
     assert docs == [str(tmp_path / "corpus" / "a.txt"), str(tmp_path / "corpus" / "sub" / "b.txt")]
+
+
+def test_a_json_list_of_objects_without_text_is_a_code_file(tmp_path):
+    # a code tree's fixtures ([{"id": 1}, ...]) are JSON code, as the reader's docstring says; the whole build
+    # failed on them before. A list of records where some have text is still a data set, its bad rows named
+    (tmp_path / "fixtures.json").write_text('[{"id": 1, "name": "a"}, {"id": 2}]')
+    docs = list(iter_documents([str(tmp_path / "fixtures.json")]))
+    assert [(d.text, d.is_code) for d in docs] == [('[{"id": 1, "name": "a"}, {"id": 2}]', True)]
+    (tmp_path / "rows.json").write_text('[{"text": "one"}, {"id": 2}]')
+    with pytest.raises(ValueError, match=r"rows\.json:1: expected a string or an object"):
+        list(iter_documents([str(tmp_path / "rows.json")]))

@@ -189,7 +189,10 @@ def _json_documents(path: Path) -> Iterator[Document]:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from None
-    if isinstance(data, list) and data and all(isinstance(r, (str, dict)) for r in data):
+    # a list is a data set when any of its records has text (then a record without is an error naming it); a list
+    # of objects none of which has text (a code tree's fixtures) is code
+    if (isinstance(data, list) and data and all(isinstance(r, (str, dict)) for r in data)
+            and any(isinstance(r, str) or any(isinstance(r.get(k), str) for k in _TEXT_KEYS) for r in data)):
         yield from (_record(r, f"{path}:{i}") for i, r in enumerate(data))
     elif isinstance(data, dict) and any(isinstance(data.get(k), str) for k in _TEXT_KEYS):
         yield _record(data, str(path))
