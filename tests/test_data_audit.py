@@ -6,7 +6,7 @@ tokenizer.json; and what stays accepted: Latin-1 text (bytes replaced), empty fi
 
 import pytest
 
-from dsv3.data import iter_documents
+from dsv3.data import Tokenizer, iter_documents
 from dsv3.data.records import RecordError, iter_records
 from dsv3.train.config import DataConfig
 from dsv3.train.dataset import prepare_dataset
@@ -163,3 +163,24 @@ def test_a_json_list_of_objects_without_text_is_a_code_file(tmp_path):
     (tmp_path / "rows.json").write_text('[{"text": "one"}, {"id": 2}]')
     with pytest.raises(ValueError, match=r"rows\.json:1: expected a string or an object"):
         list(iter_documents([str(tmp_path / "rows.json")]))
+
+
+def test_training_a_tokenizer_into_a_directory_never_replaces_one_it_did_not_write(tmp_path):
+    # `dsv3 tokenizer train --out models/DeepSeek-V3` replaced the release's tokenizer.json and tokenizer_config.json
+    # (its chat template) without a word; a directory a tokenizer training wrote is still retrained into
+    from dsv3.data import train_tokenizer
+    texts = ["words and more words " * 20, "other text here " * 20]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_text('{"theirs": 1}')
+    (model / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=rf"{model} already holds tokenizer.json"):
+        train_tokenizer(texts, 300, model)
+    assert (model / "tokenizer.json").read_text() == '{"theirs": 1}'
+    ours = tmp_path / "tok"
+    train_tokenizer(texts, 300, ours)
+    train_tokenizer(texts, 290, ours)
+    assert Tokenizer.load(ours).vocab_size <= 290
+    (ours / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        train_tokenizer(texts, 300, ours)

@@ -216,6 +216,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
                          f"{len(SPECIAL_TOKENS)} specials, so at least {256 + len(SPECIAL_TOKENS)}")
     if min_frequency < 1:
         raise ValueError(f"min_frequency={min_frequency} must be >= 1")
+    if out_dir is not None:     # before training: the refusal must not come after an hour of it
+        _check_out_dir(Path(out_dir))
     tok = _HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in _SPLITS]
@@ -232,3 +234,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path |
     if out_dir is not None:
         out.save(out_dir)
     return out
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse to write a trained tokenizer over one it did not write: `out` may hold only what an earlier training
+    wrote there (its two files, the config carrying DOCUMENT_START_KEY). A model directory's tokenizer (a release's
+    chat template) or anything else there is the user's."""
+    if not out.is_dir():
+        if out.exists():
+            raise FileExistsError(f"{out} exists and is not a directory")
+        return
+    names = {p.name for p in out.iterdir()}
+    if not names & {"tokenizer.json", "tokenizer_config.json"}:
+        return
+    others = sorted(names - {"tokenizer.json", "tokenizer_config.json"})
+    try:
+        ours = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8")).get(DOCUMENT_START_KEY)
+    except (OSError, ValueError, AttributeError):
+        ours = None
+    if others or ours is None:
+        raise FileExistsError(f"{out} already holds tokenizer.json / tokenizer_config.json"
+                              + (f" beside {', '.join(others[:5])}" if others else "")
+                              + " that a tokenizer training did not write; choose another output directory")
