@@ -184,3 +184,14 @@ def test_training_a_tokenizer_into_a_directory_never_replaces_one_it_did_not_wri
     (ours / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="notes.txt"):
         train_tokenizer(texts, 300, ours)
+
+
+def test_a_loader_position_past_its_document_is_named(tmp_path):
+    # a resume whose shards were rebuilt (a corpus file edited: same document count, a shorter document) failed in
+    # the first batch with numpy's "could not broadcast input array"; the position is checked when loaded now
+    from test_data import EOS, make_shards, random_docs
+    from dsv3.data import PackedLoader
+    loader = PackedLoader(make_shards(tmp_path, random_docs(5, code=None)), "train", 7, eos_id=EOS, seed=1)
+    state = loader.state_dict() | {"offset": 10_000}
+    with pytest.raises(ValueError, match=r"offset=10000 is past the end of document \d+ \(\d+ tokens with its EOS"):
+        loader.load_state_dict(state)

@@ -126,6 +126,12 @@ class PackedLoader:
         epoch, pos, offset = (int(state[k]) for k in ("epoch", "pos", "offset"))
         if epoch < 0 or not 0 <= pos < self.n_docs or offset < 0:
             raise ValueError(f"loader state position epoch={epoch} pos={pos} offset={offset} is out of range")
+        # shards rebuilt since the state was saved (an edited corpus: as many documents, one shorter) would fail the
+        # next batch with numpy's broadcast error; said here, naming the cause
+        doc = int(self.order(epoch)[pos])
+        if offset >= (n := len(self.emitted(epoch, doc))):
+            raise ValueError(f"loader state offset={offset} is past the end of document {doc} ({n} tokens with its "
+                             f"EOS): the shards are not the ones the state was saved with")
         self.epoch, self.pos, self.offset = epoch, pos, offset
         self.last = None if state["last"] is None else int(state["last"])
         self._current = None
