@@ -195,3 +195,18 @@ def test_a_loader_position_past_its_document_is_named(tmp_path):
     state = loader.state_dict() | {"offset": 10_000}
     with pytest.raises(ValueError, match=r"offset=10000 is past the end of document \d+ \(\d+ tokens with its EOS"):
         loader.load_state_dict(state)
+
+
+def test_a_parquet_text_column_that_is_not_strings_is_named(tmp_path):
+    # a text column of bytes (UTF-8 stored as binary) or numbers gave no documents and no word: the file's rows
+    # were each skipped as a null would be, so a build over several sources silently lost the whole file
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": pa.array([b"hello", b"world"], pa.binary())}), tmp_path / "bytes.parquet")
+    with pytest.raises(ValueError, match=r"bytes\.parquet: column 'text' holds binary, not strings"):
+        list(iter_documents([str(tmp_path / "bytes.parquet")]))
+    pq.write_table(pa.table({"text": ["x", "y"], "is_code": [1, 0]}), tmp_path / "flags.parquet")
+    with pytest.raises(ValueError, match=r"flags\.parquet: column 'is_code' holds int64, not booleans"):
+        list(iter_documents([str(tmp_path / "flags.parquet")]))
+    pq.write_table(pa.table({"text": pa.array(["a", None], pa.large_string())}), tmp_path / "large.parquet")
+    assert [d.text for d in iter_documents([str(tmp_path / "large.parquet")])] == ["a"]

@@ -200,6 +200,11 @@ def _json_documents(path: Path) -> Iterator[Document]:
         yield Document(raw, str(path), True)
 
 
+def _is_string_type(t) -> bool:
+    import pyarrow as pa
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
+
+
 def _parquet_documents(path: Path, batch_rows: int = 1024) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
@@ -215,6 +220,11 @@ def _parquet_documents(path: Path, batch_rows: int = 1024) -> Iterator[Document]
     if col is None:
         raise ValueError(f"{path}: no 'text' or 'content' column (columns: {', '.join(names)})")
     cols = [col] + (["is_code"] if "is_code" in names else [])
+    # a column of another type (UTF-8 stored as binary, numbers) would give no document and no word: every row
+    # skipped as a null is, the whole file lost from the corpus; an integer is_code would silently turn FIM off
+    for name, ok, what in ((col, _is_string_type, "strings"), ("is_code", pa.types.is_boolean, "booleans")):
+        if name in cols and not ok(typ := pf.schema_arrow.field(name).type):
+            raise ValueError(f"{path}: column {name!r} holds {typ}, not {what}")
     row = 0
     for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
         texts = batch.column(0).to_pylist()
