@@ -202,7 +202,8 @@ def _json_documents(path: Path) -> Iterator[Document]:
 
 def _is_string_type(t) -> bool:
     import pyarrow as pa
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
+    view = getattr(pa.types, "is_string_view", lambda _: False)     # pyarrow >= 16
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or view(t)
 
 
 def _parquet_documents(path: Path, batch_rows: int = 1024) -> Iterator[Document]:
