@@ -210,3 +210,21 @@ def test_a_parquet_text_column_that_is_not_strings_is_named(tmp_path):
         list(iter_documents([str(tmp_path / "flags.parquet")]))
     pq.write_table(pa.table({"text": pa.array(["a", None], pa.large_string())}), tmp_path / "large.parquet")
     assert [d.text for d in iter_documents([str(tmp_path / "large.parquet")])] == ["a"]
+
+
+def test_build_shards_never_replaces_a_directory_that_is_not_a_shard_set(tmp_path):
+    # a directory holding some other meta.json was taken for an earlier build and replaced whole (the user's files
+    # beside it deleted); only a directory of build_shards' own files is rebuilt in place
+    from test_data import word_tokenizer
+    from dsv3.data import build_shards
+    (tmp_path / "a.txt").write_text("w1 w2 w3")
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "meta.json").write_text('{"name": "my project"}')
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"project holds files build_shards did not write \(notes\.txt\)"):
+        build_shards(word_tokenizer(), [str(tmp_path / "a.txt")], out, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    build_shards(word_tokenizer(), [str(tmp_path / "a.txt")], tmp_path / "shards", progress=False)
+    ss = build_shards(word_tokenizer(10), [str(tmp_path / "a.txt")], tmp_path / "shards", progress=False)
+    assert ss.n_docs("train") == 1 and ss.doc("train", 0).tolist() == [9, 10, 11]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from .tokenizer import Tokenizer
 
 FORMAT = 1
 SPLITS = ("train", "val")
+_OWN_FILE = re.compile(r"meta\.json|(train|val)_\d{4,}\.(bin|idx\.npy|code\.npy)")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -125,6 +127,11 @@ def build_shards(tokenizer: Tokenizer, sources: list[str], out_dir: str | Path, 
     if (out / "meta.json").is_file():
         if (done := _same_build(out, key)) is not None:
             return done
+        # rebuilding replaces the whole directory: only one holding nothing but a build's own files (some other
+        # meta.json beside the user's files is not an earlier build)
+        if foreign := sorted(p.name for p in out.iterdir() if not _OWN_FILE.fullmatch(p.name)):
+            raise ValueError(f"{out} holds files build_shards did not write ({', '.join(foreign[:5])}); refusing to "
+                             f"replace it")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not a shard directory (no meta.json); refusing to replace it")
 
