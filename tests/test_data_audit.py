@@ -228,3 +228,22 @@ def test_build_shards_never_replaces_a_directory_that_is_not_a_shard_set(tmp_pat
     build_shards(word_tokenizer(), [str(tmp_path / "a.txt")], tmp_path / "shards", progress=False)
     ss = build_shards(word_tokenizer(10), [str(tmp_path / "a.txt")], tmp_path / "shards", progress=False)
     assert ss.n_docs("train") == 1 and ss.doc("train", 0).tolist() == [9, 10, 11]
+
+
+def test_a_directory_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    # os.walk skips a directory it cannot list (no read permission) without a word: its files were left out of
+    # the corpus silently (simulated: the tests may run as root, whom permissions do not stop)
+    import os
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "a.txt").write_text("alpha")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "b.txt").write_text("beta")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(PermissionError, match=r"cannot list .*locked \(Permission denied\): its files would be left"):
+        list(iter_documents([str(tmp_path)]))

@@ -119,9 +119,14 @@ def iter_documents(sources: list[str]) -> Iterator[Document]:
         yield from (d for d in docs if d.text.strip())
 
 
+def _walk_error(e: OSError) -> None:
+    # os.walk's default skips a directory it cannot list without a word: its files would silently be missing
+    raise type(e)(e.errno, f"cannot list {e.filename} ({e.strerror}): its files would be left out of the corpus")
+
+
 def _walk(root: Path) -> list[Path]:
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_error):
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
         out += [Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in SUPPORTED_EXTS]
     return sorted(out)
