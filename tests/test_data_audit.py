@@ -247,3 +247,14 @@ def test_a_directory_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", refusing)
     with pytest.raises(PermissionError, match=r"cannot list .*locked \(Permission denied\): its files would be left"):
         list(iter_documents([str(tmp_path)]))
+
+
+def test_a_jsonl_is_code_flag_that_is_not_a_boolean_is_named(tmp_path):
+    # `"is_code": 1` silently meant prose (no FIM), as an integer Parquet is_code column did
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "def f(): pass", "is_code": true}\n{"text": "prose"}\n')
+    assert [d.is_code for d in iter_documents([str(good)])] == [True, False]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "def f(): pass", "is_code": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl.*'is_code' must be true or false, got 1"):
+        list(iter_documents([str(bad)]))

@@ -171,7 +171,10 @@ def _record(rec: Any, where: str) -> Document:
     if isinstance(rec, dict):
         for key in _TEXT_KEYS:
             if isinstance(rec.get(key), str):
-                return Document(_valid_utf8(rec[key]), where, rec.get("is_code") is True)
+                flag = rec.get("is_code", False)
+                if not isinstance(flag, bool):     # 1 / "true" would silently mean prose (no FIM), as Parquet's check
+                    raise ValueError(f"{where}: 'is_code' must be true or false, got {flag!r}")
+                return Document(_valid_utf8(rec[key]), where, flag)
     raise ValueError(f"{where}: expected a string or an object with a string 'text' or 'content' field")
 
 
