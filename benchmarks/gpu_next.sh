@@ -92,7 +92,7 @@ case $PART in
       --gemv-sweep split 2>&1 | grep -v Warning | tee "$OUT/gemv.txt" ;;
   l)    # fifteenth session's MLA change (small grids: 64-token tiles and splits, the combine over live splits): its
         # CUDA tests, the kernel at batch 1 / 8 (short and long contexts, the regression check), lite decode at batch 1
-    timeout 90 python -m pytest -q -p no:cacheprovider -rfEs tests/test_kernels_mla_decode.py tests/test_mla.py \
+    timeout 90 python -m pytest -q -n 8 -p no:cacheprovider -rfEs tests/test_kernels_mla_decode.py tests/test_mla.py \
       tests/test_infer_engine.py 2>&1 | tail -4 | tee "$OUT/gate.txt"
     timeout 150 python benchmarks/mla_decode_bench.py --graph-timing --heads 16 --batches 1 8 64 \
       --contexts 192 8192 32768 2>&1 | grep -v Warn | tail -12
