@@ -18,8 +18,8 @@
 #   bash benchmarks/gpu_next.sh k   the cold GEMV at M = 1, engine shapes, K-slice sweep (~2.5 min)
 #   bash benchmarks/gpu_next.sh l   the MLA small-grid change: its CUDA tests, the kernel at B = 1 / 8 / 64, lite batch 1
 #   bash benchmarks/gpu_next.sh n   l then k: the next session's first call
-#   bash benchmarks/gpu_next.sh e   the server at 64 streams vs the engine (TTFT p99), then FP8 vs BF16 loss over 300
-#                                   steps beside BF16 from another seed (the comparison's noise floor)
+#   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
+#                                   seeds (the comparison's noise floor); the server row is in j
 set -u
 PART=${1:-}
 export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 OUT=${OUT:-out}
@@ -47,13 +47,11 @@ case $PART in
     timeout 60 python benchmarks/adamw_bench.py 2>&1 | tee "$OUT/adamw.txt"
     timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-auto --ttft-batch 0 \
       --profile > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | tail -40 ;;
-  e)    # issue 16's server row (never measured in the engine-process layout) and issue 15's loss with its noise floor
-    install_wheels      # fastapi, uvicorn, openai: the server's
-    timeout 240 python -m dsv3.cli bench serve --config lite --concurrency 64 --requests 256 --prompt 128 --tokens 128 \
-      --compile-decode --fused-moe auto --json "$OUT/bench_serve.json" 2>&1 | grep -v Warning | tail -14 \
-      | tee "$OUT/bench_serve.txt"
-    timeout 330 python benchmarks/fp8_loss_gpu.py --steps 300 --batch 2 --arms bf16,block,row-fp8-wgrad,bf16@1 \
-      2>&1 | grep -v Warning | tail -30 | tee "$OUT/fp8_loss.txt" ;;
+  e)    # issue 15's loss: the report's block recipe and row-fp8-wgrad beside BF16 from three seeds (the noise floor;
+        # fifteenth session: +1.5% paired for row-fp8-wgrad, -0.1% for one reseed; on the CPU every recipe sat in
+        # the seeds' noise, so what is left is the GPU's fast FP8 accumulation of the row recipes, or noise)
+    timeout 560 python benchmarks/fp8_loss_gpu.py --steps 300 --batch 2 --arms bf16,block,row-fp8-wgrad,bf16@1,bf16@2 \
+      2>&1 | grep -v Warning | tail -40 | tee "$OUT/fp8_loss.txt" ;;
   f)    # d in less device time: the CUDA tests of the files this session's kernels reach, then the GEMV and AdamW
     install_wheels
     timeout 170 python -m pytest -q -n 14 -p no:cacheprovider -rfEs tests/test_kernels_fp8_weight_gemm.py \
