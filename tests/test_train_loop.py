@@ -185,3 +185,48 @@ def test_cli_train_errors_are_clear(tmp_path):
     r = subprocess.run(dsv3_cli("train", "--resume", "--run-dir", str(tmp_path / "none")), capture_output=True,
                        text=True)
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_a_resume_on_an_edited_corpus_is_refused_before_training(tmp_path):
+    # an edited corpus builds new shards (the cache keys on the sources' files); the checkpoint's loader position
+    # (document, offset) was applied to them and, where it still fit, training went on over other data without a word
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [" ".join(f"w{(i * 7 + j) % 50}" for j in range(150)) for i in range(6)]
+    for i, t in enumerate(texts):
+        (corpus / f"d{i}.txt").write_text(t)
+    cfg = small_run(tmp_path, data={"sources": [str(corpus)], "val_fraction": 0.0, "fim_rate": 0.0},
+                    train={"steps": 4}, log={"val_batches": 0}, checkpoint={"interval": 2}).to_dict()
+    (tmp_path / "run.json").write_text(jsonlib.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    train = dsv3_cli("train", "--config", str(tmp_path / "run.json"), "--quiet", "train.steps=2")
+    subprocess.run(train, check=True, env=env, capture_output=True)
+    run_dir = Path(cfg["run_dir"])
+    resume = dsv3_cli("train", "--resume", "--run-dir", str(run_dir), "--quiet", "train.steps=4")
+    (corpus / "d3.txt").write_text(texts[3].replace("w1 ", "w2 "))    # as many documents, none shorter
+    r = subprocess.run(resume, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "loader state was saved on other 'train' shards" in r.stderr, r.stderr
+    assert "restore the corpus" in r.stderr and "train.init_from" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and sorted(train_losses(run_dir)) == [1, 2]  # no step ran
+    # the corpus as it was (its content, whatever the files' times): the run goes on
+    (corpus / "d3.txt").write_text(texts[3])
+    subprocess.run(resume, check=True, env=env, capture_output=True)
+    assert sorted(train_losses(run_dir)) == [1, 2, 3, 4]
+
+
+def test_a_loader_state_without_the_shards_identity_loads_as_before(tmp_path):
+    from test_data import EOS, make_shards, random_docs
+    from dsv3.data import PackedLoader
+    ss = make_shards(tmp_path, random_docs(5, code=None))
+    loader = PackedLoader(ss, "train", 7, eos_id=EOS, seed=1)
+    for _ in range(3):
+        loader.next_batch(2)
+    state = loader.state_dict()
+    old = {k: v for k, v in state.items() if k != "shards"}   # a checkpoint from before the identity was recorded
+    expect = loader.next_batch(2)
+    for s in (state, old):
+        fresh = PackedLoader(ss, "train", 7, eos_id=EOS, seed=1)
+        fresh.load_state_dict(s)
+        assert torch.equal(fresh.next_batch(2), expect)
+    with pytest.raises(ValueError, match="loader state was saved on other 'train' shards"):
+        fresh.load_state_dict(state | {"shards": "0123456789abcdef"})

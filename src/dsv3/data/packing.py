@@ -112,11 +112,19 @@ class PackedLoader:
 
     def state_dict(self) -> dict:
         """JSON-serialisable position in the stream; the order and FIM choices are recomputed from the seed."""
-        return {"version": STATE_VERSION, "split": self.split, "n_docs": self.n_docs, "seed": self.seed,
+        return {"version": STATE_VERSION, "split": self.split, "shards": self.shards.identity(self.split),
+                "n_docs": self.n_docs, "seed": self.seed,
                 "fim_rate": self.fim_rate, "shuffle": self.shuffle, "epoch": self.epoch, "pos": self.pos,
                 "offset": self.offset, "last": self.last}
 
     def load_state_dict(self, state: dict) -> None:
+        # the position means a place in one token stream: on shards rebuilt since (an edited corpus, another
+        # tokenizer) it is a place in other data, even where it still fits. States from before the identity: as before
+        if "shards" in state and state["shards"] != (mine := self.shards.identity(self.split)):
+            raise ValueError(f"loader state was saved on other {self.split!r} shards ({state['shards']}, now {mine} "
+                             f"in {self.shards.root}): the corpus (or tokenizer) changed since, so resuming would "
+                             f"continue on other data; restore the corpus as it was, or start a new run from the "
+                             f"checkpoint's weights (train.init_from=CHECKPOINT)")
         # seq_len may change between runs (the position is in tokens); anything that changes the stream may not.
         for k in ("version", "split", "n_docs", "seed", "fim_rate", "shuffle"):
             mine = STATE_VERSION if k == "version" else getattr(self, k)

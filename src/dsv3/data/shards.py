@@ -54,6 +54,9 @@ class _SplitWriter:
         self._file = None
         self._offsets: list[int] = [0]
         self._code: list[int] = []
+        # the split's content (every document's tokens, length and code flag, in order): what a loader position
+        # means. Not the sources' fingerprint (paths, sizes, mtimes): a corpus copied or moved is the same stream
+        self._digest = hashlib.blake2b(digest_size=8)
 
     def add(self, ids: np.ndarray, is_code: bool) -> None:
         if self._file is not None and self._offsets[-1] + len(ids) > self.max_tokens:
@@ -61,7 +64,9 @@ class _SplitWriter:
         if self._file is None:
             self._name = f"{self.split}_{len(self.shards):04d}"
             self._file = open(self.out / f"{self._name}.bin", "wb")  # noqa: SIM115 (open across add() calls)
-        self._file.write(ids.astype(self.dtype, copy=False).tobytes())
+        data = ids.astype(self.dtype, copy=False).tobytes()
+        self._file.write(data)
+        self._digest.update(len(ids).to_bytes(8, "little") + bytes([int(is_code)]) + data)
         self._offsets.append(self._offsets[-1] + len(ids))
         self._code.append(int(is_code))
         self.n_docs += 1
@@ -78,7 +83,8 @@ class _SplitWriter:
     def close(self) -> dict:
         if self._file is not None:
             self._close_shard()
-        return {"n_docs": self.n_docs, "n_tokens": self.n_tokens, "n_code_docs": self.n_code, "shards": self.shards}
+        return {"n_docs": self.n_docs, "n_tokens": self.n_tokens, "n_code_docs": self.n_code, "shards": self.shards,
+                "digest": self._digest.hexdigest()}
 
 
 def _chunks(docs: Iterator[Document], max_docs: int = 512, max_chars: int = 8 << 20) -> Iterator[list[Document]]:
@@ -275,6 +281,17 @@ class ShardSet:
 
     def n_docs(self, split: str) -> int:
         return self._split(split).n_docs
+
+    def identity(self, split: str) -> str:
+        """A short hash of the split's token stream, recorded in loader states: a resume on other shards (an edited
+        corpus, another tokenizer) is refused rather than silently continued on other data."""
+        self._split(split)                  # an unknown split named
+        if digest := self.meta["splits"][split].get("digest"):
+            return digest
+        # a build from before the digests: the build's key (the sources' files, tokenizer, seed, val_fraction)
+        key = [self.meta.get(k) for k in ("sources_fingerprint", "tokenizer", "vocab_size", "seed", "val_fraction",
+                                          "special_tokens")]
+        return "build-" + hashlib.blake2b(json.dumps(key).encode(), digest_size=8).hexdigest()
 
     def n_tokens(self, split: str) -> int:
         return self._split(split).n_tokens
