@@ -43,7 +43,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -292,30 +291,9 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _on_every_rank(fn: Callable[[], object] | None, group: dist.ProcessGroup | None = None) -> list:
-    """fn() on this rank (None: nothing to do here), then every rank's outcome on every rank, in place of a barrier
-    (a collective): when a rank's part failed (a full disk, a manifest that could not be written), that rank raises
-    its error and every other rank a CheckpointWriteError naming it, at once, rather than waiting out
-    parallel.timeout_minutes in a barrier the failed rank never reaches. Returns every rank's result, in rank order."""
-    result, error = None, None
-    try:
-        if fn is not None:
-            result = fn()
-    except (Exception, CheckpointException) as e:      # DCP's CheckpointException is a BaseException
-        error = e
-    if not dist.is_initialized():
-        if error is not None:
-            raise error
-        return [result]
-    every = [None] * dist.get_world_size(group)
-    said = "" if error is None else f"{type(error).__name__}: {str(error).strip()}".split("\n")[0][:300]
-    dist.all_gather_object(every, (result, said), group=group)
-    if error is not None:
-        raise error
-    failed = next(((r, why) for r, (_, why) in enumerate(every) if why), None)
-    if failed is not None:
-        raise CheckpointWriteError(f"rank {failed[0]} failed its part of the save ({failed[1]})")
-    return [r for r, _ in every]
+def _barrier(group: dist.ProcessGroup | None = None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
 
 
 def checkpoint_group() -> dist.ProcessGroup | None:
@@ -334,11 +312,12 @@ def save_sharded(run_dir: str | Path, step: int, entries: dict[str, torch.Tensor
     background (checkpoint.async_save): return once `entries` are copied to CPU memory, the writes continuing in a
     thread over `group` (checkpoint_group()); the PendingSave's commit() (a collective) finishes the save."""
     target = checkpoint_path(run_dir, step)
-    # 1. rank 0 makes the temporary directory (renamed into place only by commit) and tells every rank its name (or
-    # that it could not)
+    # 1. rank 0 makes the temporary directory (renamed into place only by commit) and tells every rank its name
     stack = ExitStack()
-    where = _on_every_rank((lambda: str(stack.enter_context(atomic_directory(target)))) if _rank() == 0 else None)
+    where = [str(stack.enter_context(atomic_directory(target))) if _rank() == 0 else None]
     try:
+        if dist.is_initialized():
+            dist.broadcast_object_list(where, src=0)
         # 2. every rank writes its shards: now, or staged to CPU and written by torch's background thread
         future = None
         if background:
@@ -371,34 +350,37 @@ class PendingSave:
         """Wait for this rank's writes, then for every rank's; rank 0 then adds the small files and the manifest
         (last) and renames the directory into place, and prunes to `keep`. A collective; returns the path. Until it
         returns there is no manifest, so a crash leaves a save that is never resumed."""
-        # a rank's failure at any step fails every rank at once (_on_every_rank): none waits for it until the timeout
         try:
-            _on_every_rank(self.future.result if self.future is not None else None, self.group)   # 3. all written
-            shards = {k: v for part in _on_every_rank(self._hash_shards, self.group) for k, v in part.items()}
-        except BaseException:
-            self.stack.__exit__(*sys.exc_info())
-            raise
-        _on_every_rank((lambda: self._commit(shards)) if _rank() == 0 else None, self.group)    # 4. rank 0's
-        return self.target
-
-    def _commit(self, shards: dict[str, dict]) -> None:
-        """Rank 0: the small files, the manifest (last), the rename into place; then `keep` pruning."""
-        try:
-            torch.save(self.rng, self.tmp / "rng.pt")
-            (self.tmp / "state.json").write_text(json.dumps(self.state, indent=1))
-            (self.tmp / "config.json").write_text(json.dumps(self.config, indent=1))
-            write_manifest(self.tmp, shards)    # the commit marker: written last, over every shard's bytes
+            if self.future is not None:
+                self.future.result()
+            _barrier(self.group)            # 3. every rank's shards are written
+            shards = self._hash_shards()
+            if _rank() == 0:                # 4. the commit
+                torch.save(self.rng, self.tmp / "rng.pt")
+                (self.tmp / "state.json").write_text(json.dumps(self.state, indent=1))
+                (self.tmp / "config.json").write_text(json.dumps(self.config, indent=1))
+                write_manifest(self.tmp, shards)    # the commit marker: written last, over every shard's bytes
         except BaseException:
             self.stack.__exit__(*sys.exc_info())
             raise
         self.stack.close()
-        prune_checkpoints(self.run_dir, self.target, self.keep)
+        if _rank() == 0:
+            prune_checkpoints(self.run_dir, self.target, self.keep)
+        _barrier(self.group)                # rank 0 committed
+        return self.target
+
 
     def _hash_shards(self) -> dict[str, dict]:
-        """The entries of the shards this rank wrote (DCP names them `__RANK_N.distcp`): every rank hashes its own,
-        all at once, since rank 0 alone reading every rank's shards would take hours for a 671B checkpoint
-        (terabytes at ~1 GB/s) while the others wait, past any sane parallel.timeout_minutes."""
-        return file_entries(sorted(self.tmp.glob(f"__{_rank()}_*.distcp")))
+        """Every rank hashes the shards it wrote (DCP names them `__RANK_N.distcp`), all at once, and rank 0 gets
+        the entries (a collective): rank 0 alone reading every rank's shards would take hours for a 671B
+        checkpoint (terabytes at ~1 GB/s) while the others wait, past any sane parallel.timeout_minutes. Returns
+        every rank's entries on rank 0 ({} elsewhere)."""
+        own = file_entries(sorted(self.tmp.glob(f"__{_rank()}_*.distcp")))
+        if not dist.is_initialized():
+            return own
+        gathered = [None] * dist.get_world_size(self.group) if _rank() == 0 else None
+        dist.gather_object(own, gathered, dst=0, group=self.group)
+        return {k: v for part in gathered for k, v in part.items()} if _rank() == 0 else {}
 
 
 def sharded_keys(path: str | Path) -> set[str]:
