@@ -262,7 +262,8 @@ def test_generate_samples_as_the_models_generation_config_says_unless_told(capsy
     d = tmp_path / "g"
     shutil.copytree(base, d)
     ns = lambda **kw: argparse.Namespace(model=str(d), **{"temperature": None, "top_k": None, "top_p": None,  # noqa: E731
-                                                          "repetition_penalty": None, **kw})
+                                                          "repetition_penalty": None,
+                                                          "generation_config": "auto", **kw})
     off = {"repetition_penalty": 1.0}
     assert generate_sampling(ns())[0] == {"temperature": 0.8, "top_k": 50, "top_p": 0.95, **off}    # no file
     (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))

@@ -37,9 +37,8 @@ def generate_sampling(args: argparse.Namespace) -> tuple[dict, list[int]]:
     at all with --generation-config none."""
     given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
              "repetition_penalty": args.repetition_penalty}
-    # the file's errors advise --generation-config none: then it is not read
-    read = getattr(args, "generation_config", "auto") != "none"
-    model, eos = read_generation_config(args.model, sampling=None in given.values()) if read else ({}, [])
+    model, eos = read_generation_config(args.model, sampling=None in given.values()) \
+        if args.generation_config == "auto" else ({}, [])
     fallback = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
     return {k: v if v is not None else model.get(k, fallback[k]) for k, v in given.items()}, eos
 
