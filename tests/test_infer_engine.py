@@ -62,6 +62,38 @@ def test_padded_decode_buckets_equal_full_forward(model):
     assert engine.scheduler.num_preemptions > 0
 
 
+def test_capture_all_covers_every_bucket_a_generation_meets(model, monkeypatch):
+    """EngineConfig.capture_graphs_at_start: DecodeGraphs.capture_all captures every (batch size, table width)
+    bucket once, so no step of any later batch meets a bucket without its graph (a server stalled on such captures
+    mid-traffic). The keys a real generation of ragged prompts met (padded buckets, capture off) and every key
+    `key()` can give are among the captured ones; a second call captures nothing; with capture off it is a no-op."""
+    from dsv3.infer.graphs import DecodeGraphs
+    from dsv3.infer.runner import Row
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64, max_num_seqs=6))
+    engine.use_decode_graphs(capture=False)
+    assert engine.runner.graphs.capture_all() == 0 and not engine.runner.graphs.buckets
+    ps = prompts([1, 5, 8, 9, 17, 30])
+    for n in (6, 3, 1):
+        engine.generate(ps[:n], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    met = set(engine.runner.graphs.buckets)
+    assert len({b for b, _ in met}) >= 2 and len({w for _, w in met}) >= 2, met
+
+    def fake_capture(self, bucket):                  # what a capture leaves behind, without CUDA
+        bucket.graph = object()
+        self.captures += 1
+    monkeypatch.setattr(DecodeGraphs, "_capture", fake_capture)
+    g = engine.runner.graphs
+    fresh = DecodeGraphs(engine.cache, None, 6, g.max_blocks, capture=True, pool=object())
+    n = fresh.capture_all()
+    assert n == len(fresh.batch_sizes) * len(fresh.widths()) == len(fresh.buckets) == fresh.captures
+    assert met <= set(fresh.buckets)
+    for rows in range(1, 7):
+        for need in range(1, g.max_blocks + 1):
+            key = fresh.key([Row([0], 1, [0] * need)] * rows)
+            assert fresh.buckets[key].graph is not None, (rows, need, key)
+    assert fresh.capture_all() == 0
+
+
 @pytest.mark.parametrize("overlap", ["off", "on"])
 @pytest.mark.parametrize("delay", [0, 3])
 def test_admission_delay_holds_arrivals_and_changes_no_output(model, delay, overlap):
@@ -308,6 +340,28 @@ def test_cuda_graph_decode_matches_eager_decode(fp8):
                                            ).generate(ps, params)]
     agree = sum(a == b for x, y in zip(with_graphs, without) for a, b in zip(x, y)) / (24 * len(ps))
     assert agree >= 0.9, (agree, with_graphs, without)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_graphs_captured_at_start_leave_no_capture_to_the_steps():
+    """capture_graphs_at_start on the GPU: every bucket captured when the engine is built; a generation whose batch
+    shrinks as ragged requests end (new batch sizes and table widths) captures nothing more, and its greedy tokens
+    are the lazily capturing engine's."""
+    model = build(tiny_config(vocab_size=96), seed=3, dtype=torch.bfloat16).cuda()
+    config = EngineConfig(block_size=16, num_blocks=64, max_num_seqs=4, max_model_len=256)
+    early = Engine(model, config=EngineConfig(**{**config.__dict__, "capture_graphs_at_start": True}))
+    start = early.stats()["graph_captures"]
+    g = early.runner.graphs
+    assert start == len(g.batch_sizes) * len(g.widths()) > 0
+    ps = prompts([5, 17, 30, 60])
+    outs = early.generate(ps, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    assert early.stats()["graph_captures"] == start
+    lazy = Engine(model, config=config)
+    want = lazy.generate(ps, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    assert lazy.stats()["graph_captures"] > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in want]
+    assert all_blocks_free(early)
 
 
 @pytest.mark.gpu

@@ -157,6 +157,12 @@ def _serve(sub) -> None:
                    "so that several are prefilled together (EngineConfig.admission_delay; 0: at once)")
     s.add_argument("--max-model-len", type=int, default=0, help="0: the model's max_position_embeddings")
     s.add_argument("--block-size", type=int, default=None, help="tokens per cache block (default: EngineConfig's)")
+    s.add_argument("--compile-decode", action="store_true", help="torch.compile the layers of the graphed decode "
+                   "steps (slower start, faster steps: benchmarks/RESULTS.md)")
+    s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="auto", help="routed experts of decode "
+                   "batches in the fused MoE kernel (auto: on CUDA, for the batch sizes where it is faster)")
+    s.add_argument("--lazy-graphs", action="store_true", help="capture each decode CUDA graph at its first step "
+                   "instead of all at start (a faster start; the first steps of each new batch size then stall)")
     s.add_argument("--cache-gib", type=float, default=1.0, help="latent-cache memory")
     s.add_argument("--spec", type=int, default=0, help="MTP speculative draft tokens")
     s.add_argument("--fp8", action="store_true", help="serve weights in the released FP8 block format")
@@ -290,6 +296,8 @@ def _bench(sub) -> None:
     s.add_argument("--json", default=None, help="serve: write the results here")
     s.add_argument("--engine-thread", action="store_true", help="serve: step the engine in a thread of the server "
                    "process instead of a process of its own")
+    s.add_argument("--lazy-graphs", action="store_true", help="serve: capture each decode CUDA graph at its first "
+                   "step instead of all at the engines' start (as `dsv3 serve --lazy-graphs`)")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on "
                    "the CPU")

@@ -31,6 +31,10 @@ class EngineConfig:
     # host reads between them (the path sampled requests always take)
     speculative_fused: bool = True
     cuda_graphs: bool = True           # on CUDA, decode steps replay captured graphs (dsv3.infer.graphs)
+    # every decode graph bucket (batch size x table width) captured when the engine is built, instead of at its first
+    # step: a server's batches change size as requests come and go, and a capture (with compile_decode, a recompile)
+    # mid-traffic stalls every stream; `dsv3 serve` and `bench serve` turn it on
+    capture_graphs_at_start: bool = False
     compile_decode: bool = False       # torch.compile the per-layer work of graph-bucket decode steps (inductor)
     # routed experts of decode-sized batches in one fused kernel per GEMM stage (dsv3.kernels.moe_decode): "on" (any
     # device; true), "off" (false), "auto" = on a CUDA GPU of sm_89+, for the batch sizes where it measured faster
@@ -57,8 +61,8 @@ class EngineConfig:
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ValueError(f"EngineConfig.{name} must be an integer, got {value!r}")
         # a string is truthy: "false" would switch the feature on
-        for name in ("prefix_caching", "speculative_fused", "cuda_graphs", "compile_decode", "fuse_projections",
-                     "dense_gemv"):
+        for name in ("prefix_caching", "speculative_fused", "cuda_graphs", "capture_graphs_at_start",
+                     "compile_decode", "fuse_projections", "dense_gemv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be true or false, got {getattr(self, name)!r}")
         ids = self.eos_token_ids

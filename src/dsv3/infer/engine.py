@@ -118,6 +118,9 @@ class Engine:
         self.speculation = Speculation(self) if self.speculative else None
         if config.cuda_graphs and graphs_supported(model):
             self.use_decode_graphs(capture=True)
+            if config.capture_graphs_at_start:
+                for graphs in self.runner.all_graphs():
+                    graphs.capture_all()
         # the tokenizer's EOS, else the config's: an id, a list of ids (HF allows one; any of them stops) or None;
         # and EngineConfig.eos_token_ids
         eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
@@ -228,7 +231,9 @@ class Engine:
                     unfinished=Engine.has_unfinished(self), free_blocks=b.num_free_blocks, num_blocks=b.num_blocks,
                     referenced_blocks=sum(1 for r in b.ref_count if r),
                     cache_usage=1 - b.num_free_blocks / b.num_blocks, preemptions=self.scheduler.num_preemptions,
-                    prefix_hits=b.prefix_hits, **{f"spec_{k}": v for k, v in self.spec_stats.items()},
+                    prefix_hits=b.prefix_hits, graph_captures=sum(g.captures for g in self.runner.all_graphs()),
+                    graph_capture_seconds=sum(g.capture_seconds for g in self.runner.all_graphs()),
+                    **{f"spec_{k}": v for k, v in self.spec_stats.items()},
                     **{f"step_{k}": v for k, v in self.step_stats.items()})
 
     # ---- one step -----------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ bucketing against the unpadded engine.
 from __future__ import annotations
 
 import gc
+import itertools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,25 @@ class DecodeGraphs:
         self.max_blocks = max_blocks
         self.buckets: dict[tuple[int, int], _Bucket] = {}
         self.pool = pool if pool is not None or not capture else torch.cuda.graph_pool_handle()
+        self.captures, self.capture_seconds = 0, 0.0     # graphs captured so far, and the time that took
+
+    def widths(self) -> list[int]:
+        """Every block-table width `key` can give: the powers of two below max_blocks, and max_blocks."""
+        return sorted({min(1 << i, self.max_blocks) for i in range(self.max_blocks.bit_length() + 1)})
+
+    def capture_all(self) -> int:
+        """Capture every bucket now (each batch size x each table width) and return how many were new. A lazily
+        captured bucket costs its first step a capture (and, with compile_decode, maybe a recompile): a server whose
+        batches shrink and grow as requests come and go met new buckets mid-traffic, stalling every stream for
+        seconds (bench serve at 64 streams, RESULTS.md, sixteenth session). Nothing with capture off."""
+        if not self.capture:
+            return 0
+        before = self.captures
+        for b, w in itertools.product(self.batch_sizes, self.widths()):
+            bucket = self.buckets.get((b, w)) or self._new_bucket(b, w)
+            if bucket.graph is None:
+                self._capture(bucket)
+        return self.captures - before
 
     def fits(self, rows) -> bool:
         return (len(rows) <= self.batch_sizes[-1] and all(len(r.tokens) == 1 and r.past > 0 for r in rows)
@@ -137,6 +158,7 @@ class DecodeGraphs:
         return bucket
 
     def _capture(self, bucket: _Bucket) -> None:
+        t0 = time.perf_counter()
         # warm up outside the graph (Triton compilation, cuBLAS workspaces), on a side stream as capture requires;
         # it runs this step's real inputs, so it writes the same latents the replay writes
         side = torch.cuda.Stream()
@@ -155,3 +177,5 @@ class DecodeGraphs:
         finally:
             gc.enable()
         bucket.graph = graph
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - t0

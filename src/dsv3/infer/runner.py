@@ -94,6 +94,9 @@ class ModelRunner:
                                             max(self.config.speculative_max_batch, 1), max_blocks, capture,
                                             pool=self.graphs.pool, group=k + 1)
 
+    def all_graphs(self) -> list[DecodeGraphs]:
+        return [g for g in (self.graphs, self.mtp_graphs, self.spec_graphs) if g is not None]
+
     def prepare(self, rows: list[Row], graph: bool = True, mtp: bool = False,
                 input_ids: torch.Tensor | None = None, spec: bool = False,
                 advance: torch.Tensor | None = None) -> Batch:

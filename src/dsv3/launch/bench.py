@@ -51,7 +51,8 @@ def _bench_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
         config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.concurrency,
                               max_num_batched_tokens=max(2048, args.prompt * 8),
                               cuda_graphs=not args.no_cuda_graphs, compile_decode=args.compile_decode,
-                              fused_moe=args.fused_moe, admission_delay=args.admission_delay)
+                              fused_moe=args.fused_moe, admission_delay=args.admission_delay,
+                              capture_graphs_at_start=not args.lazy_graphs)
         factory = functools.partial(bench_engine, args.config, args.mtp, device, dtype, args.fp8, config)
         r = bench_serve_vs_engine(factory, bench_tokenizer(), prompts(args.requests), prompts(args.requests),
                                   args.tokens, args.concurrency, args.requests, process=not args.engine_thread)
@@ -59,7 +60,8 @@ def _bench_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
               f"{r['engine_layout']}): {r['output_tok_per_s']:.1f} ({r['server_vs_engine']:.1%})")
         for name, st in (("engine alone", r["engine_steps"]), ("server", r["steps"])):
             print(f"  {name} steps: {st['steps']}, {st['decode_share']:.1%} pure decode, {st['prefill_steps']} with "
-                  f"prefill rows, {st['mean_seqs']:.1f} sequences per step")
+                  f"prefill rows, {st['mean_seqs']:.1f} sequences per step, {st['graph_captures']} graph captures "
+                  f"({st['graph_capture_seconds']:.1f} s)")
     ms = lambda d: " ".join(f"{k} {v * 1e3:.1f}" for k, v in d.items() if v is not None)  # noqa: E731
     print(f"{r['completed']}/{r['requests']} requests at concurrency {r['concurrency']} in {r['seconds']:.2f} s: "
           f"{r['output_tok_per_s']:.1f} output tok/s, {r['requests_per_s']:.2f} req/s\n"

@@ -35,7 +35,8 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     block = {} if args.block_size is None else dict(block_size=args.block_size)     # EngineConfig owns the default
     config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
                           max_model_len=args.max_model_len, num_speculative_tokens=args.spec,
-                          admission_delay=args.admission_delay, eos_token_ids=eos, **block)
+                          admission_delay=args.admission_delay, eos_token_ids=eos, compile_decode=args.compile_decode,
+                          fused_moe=args.fused_moe, capture_graphs_at_start=not args.lazy_graphs, **block)
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, dtype, args.fp8, config)
     # the step loop in a process of its own, so HTTP work never competes with it for the GIL
     threads = engine_threads(args.threads)

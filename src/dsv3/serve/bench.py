@@ -92,11 +92,14 @@ def load_in_subprocess(**args) -> dict:
 
 def step_mix(before: dict, after: dict) -> dict:
     """What the engine's steps were between two `stats()`: how many, the share of pure decode steps (the graph
-    buckets; the others carry prefill rows and run eagerly) and the mean number of sequences per step."""
+    buckets; the others carry prefill rows and run eagerly), the mean number of sequences per step and the graphs
+    captured meanwhile."""
     d = {k: after[f"step_{k}"] - before[f"step_{k}"] for k in ("steps", "decode_steps", "prefill_steps", "seqs")}
     n = max(d["steps"], 1)
+    # graphs captured during the run: each stalled every stream (EngineConfig.capture_graphs_at_start)
     return {"steps": d["steps"], "prefill_steps": d["prefill_steps"], "decode_share": d["decode_steps"] / n,
-            "mean_seqs": d["seqs"] / n}
+            "mean_seqs": d["seqs"] / n, "graph_captures": after["graph_captures"] - before["graph_captures"],
+            "graph_capture_seconds": after["graph_capture_seconds"] - before["graph_capture_seconds"]}
 
 
 def engine_throughput(engine, prompts: list[list[int]], max_tokens: int, num_requests: int) -> dict:
