@@ -18,6 +18,9 @@
 #   bash benchmarks/gpu_next.sh k   the cold GEMV at M = 1, engine shapes, K-slice sweep (~2.5 min)
 #   bash benchmarks/gpu_next.sh l   the MLA small-grid change: its CUDA tests, the kernel at B = 1 / 8 / 64, lite batch 1
 #   bash benchmarks/gpu_next.sh n   l then k: the next session's first call
+#   bash benchmarks/gpu_next.sh o   the gate of the graphs captured at start (infer tests), the GEMV probe timed cold
+#   bash benchmarks/gpu_next.sh p   the server at 64 streams, graphs captured at start
+#   bash benchmarks/gpu_next.sh q   the GEMV probe under ncu (where a cold FP8 GEMV's time goes)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -99,5 +102,20 @@ case $PART in
   n)    # the sixteenth session's first call (~9 min): l (the MLA change's tests and rows, lite batch 1 profiled), then k
     bash "$0" l
     bash "$0" k ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n"; exit 2 ;;
+  o)    # sixteenth session: the gate for the graphs captured at start (infer/), then the GEMV probe timed cold
+    install_wheels
+    timeout 150 python -m pytest -q -n 14 -p no:cacheprovider -rfEs tests/test_infer_engine.py \
+      tests/test_infer_spec.py tests/test_infer_overlap.py tests/test_infer_decode_compile.py 2>&1 | tail -6 \
+      | tee "$OUT/gate.txt"
+    timeout 120 python benchmarks/gemv_probe.py 2>&1 | grep -v Warn | tee "$OUT/gemv_probe.txt" ;;
+  p)    # the server at 64 streams with every graph captured at start (the lazy captures stalled it: 66%)
+    install_wheels
+    timeout 280 python -m dsv3.cli bench serve --config lite --concurrency 64 --requests 256 --prompt 128 --tokens 128 \
+      --compile-decode --fused-moe auto --json "$OUT/bench_serve.json" 2>&1 | grep -v Warn | tail -11 ;;
+  q)    # the GEMV probe under ncu: one cold call per variant, counters of latency / occupancy / issue
+    timeout 300 ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats -k regex:"_fp8_gemv_kernel|_wide_kernel|gemv|nvjet" --csv --page details \
+      python benchmarks/gemv_probe.py --ncu > "$OUT/gemv_ncu.csv" 2> "$OUT/gemv_ncu.err"; tail -3 "$OUT/gemv_ncu.err"
+    grep -A40 "ncu order" "$OUT/gemv_ncu.csv" | head -40 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q"; exit 2 ;;
 esac
