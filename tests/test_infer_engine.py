@@ -78,12 +78,13 @@ def test_capture_all_covers_every_bucket_a_generation_meets(model, monkeypatch):
     met = set(engine.runner.graphs.buckets)
     assert len({b for b, _ in met}) >= 2 and len({w for _, w in met}) >= 2, met
 
-    def fake_capture(self, bucket):                  # what a capture leaves behind, without CUDA
+    def fake_capture(self, bucket):                  # a capture's eager warm-up run, and what it leaves behind
+        self._body(bucket)
         bucket.graph = object()
         self.captures += 1
     monkeypatch.setattr(DecodeGraphs, "_capture", fake_capture)
     g = engine.runner.graphs
-    fresh = DecodeGraphs(engine.cache, None, 6, g.max_blocks, capture=True, pool=object())
+    fresh = DecodeGraphs(engine.cache, g.body, 6, g.max_blocks, capture=True, pool=object())
     n = fresh.capture_all()
     assert n == len(fresh.batch_sizes) * len(fresh.widths()) == len(fresh.buckets) == fresh.captures
     assert met <= set(fresh.buckets)
@@ -92,6 +93,16 @@ def test_capture_all_covers_every_bucket_a_generation_meets(model, monkeypatch):
             key = fresh.key([Row([0], 1, [0] * need)] * rows)
             assert fresh.buckets[key].graph is not None, (rows, need, key)
     assert fresh.capture_all() == 0
+    # the engine's own: the MTP module's graphs too only where it speculates (without, its latents have no layer)
+    for k in (0, 1):
+        engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=64, max_num_seqs=3,
+                                                   num_speculative_tokens=k, max_model_len=32))
+        engine.use_decode_graphs(capture=False)
+        for g in engine.runner.all_graphs():
+            g.capture = True
+        n = engine.capture_all_graphs()
+        want = sum(len(g.batch_sizes) * len(g.widths()) for g in engine.runner.all_graphs()[:1 if not k else None])
+        assert n == want == engine.stats()["graph_captures"] > 0, (k, n, want)
 
 
 @pytest.mark.parametrize("overlap", ["off", "on"])

@@ -119,8 +119,7 @@ class Engine:
         if config.cuda_graphs and graphs_supported(model):
             self.use_decode_graphs(capture=True)
             if config.capture_graphs_at_start:
-                for graphs in self.runner.all_graphs():
-                    graphs.capture_all()
+                self.capture_all_graphs()
         # the tokenizer's EOS, else the config's: an id, a list of ids (HF allows one; any of them stops) or None;
         # and EngineConfig.eos_token_ids
         eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
@@ -164,6 +163,14 @@ class Engine:
         if self.speculative:
             max_batch = max(max_batch, self.config.speculative_max_batch * (self.config.num_speculative_tokens + 1))
         self.runner.use_graphs(max_batch, -(-self.max_model_len // self.cache.block_size), capture)
+
+    def capture_all_graphs(self) -> int:
+        """Every bucket of the decode graphs this engine steps through captured now (EngineConfig.
+        capture_graphs_at_start); the MTP module's and the fused speculative step's only with speculation: without
+        it the cache holds no latents for the MTP block. Returns how many graphs were new."""
+        r = self.runner
+        graphs = [r.graphs] + ([g for g in (r.mtp_graphs, r.spec_graphs) if g is not None] if self.speculative else [])
+        return sum(g.capture_all() for g in graphs if g is not None)
 
     @torch.no_grad()
     def load_weights(self, source: torch.nn.Module | None = None) -> None:
