@@ -293,20 +293,22 @@ def test_gemv_dispatch_and_launch_table(monkeypatch):
     assert not _take_gemv(None, 1, x, q, None, None) and _take_gemv(True, 1, x, q, None, None)
     with pytest.raises(ValueError, match="block_n"):             # M = 2..16 takes tl.dot: 8 columns too few
         fp8_linear_triton(x[:4], q, torch.ones(1, 1), gemv=True, block_n=8)
-    # lite decode shapes on 132 SMs (the H100 sweep's best launches, RESULTS.md fourteenth session)
-    for N, K in [(3072, 2048), (576, 2048), (2048, 2048), (10944, 2048), (2048, 10944), (1408, 2048)]:
-        most = max(1, -(-K // 128) // 4)                          # each slice >= one KU step
+    # lite decode shapes on 132 SMs (the H100 sweeps' best launches, RESULTS.md fourteenth and sixteenth sessions)
+    for N, K in [(3072, 2048), (576, 2048), (2048, 2048), (10944, 2048), (2048, 10944), (1408, 2048), (3648, 2048)]:
         cfg = gemv_launch(1, N, K, 132)
-        strips = -(-N // cfg["block_n"])
-        assert cfg["block_n"] == (8 if N <= 4096 and K <= 4096 else 16) and cfg["ku"] == 4, (N, K, cfg)
-        # the strips alone fill the SMs: no K slices (their sum is one more launch); else ~4 programs per SM
-        assert cfg["split"] == 1 if strips >= 132 else strips * cfg["split"] >= 4 * 132 or cfg["split"] == most
+        strips = -(-N // 4)
+        assert cfg["block_n"] == 4 and cfg["ku"] == 8 and cfg["num_warps"] == 4, (N, K, cfg)
+        # the strips alone fill the SMs: no K slices (their sum is one more launch); else ~2 programs per SM
+        assert cfg["split"] == 1 if strips >= 132 else strips * cfg["split"] >= 2 * 132, (N, K, cfg)
         for M in (2, 4, 16):
             cfg = gemv_launch(M, N, K, 132)
             want = 1 if -(-N // 32) >= 66 else min(4, -(-K // 128) // 2)
             assert cfg == dict(block_n=32, ku=2, split=want, num_warps=4), (M, N, K, cfg)
-    assert gemv_launch(6, 1408, 2048, 132, programs_per_row=6)["block_n"] == 16   # grouped rows: one-row strips
-    assert gemv_launch(1, 576, 2048, 132)["split"] == 4                          # 72 strips: K slices
+    assert gemv_launch(1, 256, 384, 132)["ku"] == 4                             # 3 K blocks: one load of 4
+    assert gemv_launch(6, 1408, 2048, 132, programs_per_row=6)["block_n"] == 4    # grouped rows: one-row strips
+    assert gemv_launch(1, 256, 2048, 132)["split"] == 2                          # 64 strips: K slices
+    with pytest.raises(ValueError, match="power of two"):       # one row loads ku * 128 columns at once
+        fp8_linear_triton(x[:1], q, torch.ones(1, 1), gemv=True, ku=3)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "

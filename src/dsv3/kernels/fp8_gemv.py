@@ -11,22 +11,24 @@ block weights"); the scale is constant over each 128-long K slice of a BLOCK_N s
     y[m, n] = sum_kb scale_inv[n // 128, kb] * sum_{k in kb} x[m, k] * float(W[n, k])
 
 Steps, one program per (BLOCK_N strip of W, K slice) [grouped: per (row, strip, K slice), W = the row's expert]:
-  1. for each group of KU consecutive 128-column blocks of its K slice (KU loads issued together):
-     a. load the strip's e4m3 codes W[n0:n0+BLOCK_N, 128 columns] (rows past N re-read row n % N: no mask;
-        K masked only when K or the slice is ragged: EVEN_K), and the same 128 columns of x's M rows;
-     b. load that block's one scale, scale_inv[n0 // 128, kb];
-     c. one row (M = 1, and each row of the grouped form): the scaled products kept per lane (BLOCK_N, 128) on the
-        CUDA cores and reduced across lanes once after the loop, not once per block. M >= 2: partial (16, BLOCK_N) =
-        x . W^T by tl.dot with bf16/fp16 operands (rows past M masked), acc += partial * scale. A broadcast
-        multiply-add summed across lanes every block, which M = 2..4 used before, read 0.09-0.2 TB/s on an H100
-        (a cross-lane reduction per 128 columns; RESULTS.md, fourteenth session): the idle rows of an MMA cost less;
+  1. one row (M = 1, and each row of the grouped form), `_row_strip`: for each KU * 128 columns of its K slice,
+     a. one wide load of the strip's e4m3 codes W[n0:n0+BLOCK_N, KU * 128 columns] (16-byte vectors; rows past N
+        re-read row n % N: no mask; K masked only when K or the slice is ragged: EVEN_K) and of x's columns;
+     b. each column's block scale scale_inv[n0 // 128, k // 128] gathered beside x (L1-resident) and folded into it;
+     c. the products kept per lane (BLOCK_N, KU * 128) on the CUDA cores, reduced across lanes once after the loop.
+     Loading KU blocks of 128 columns as KU separate (BLOCK_N, 128) loads instead read cold weights at 0.4-1.0
+     TB/s on an H100, one wide load 0.9-1.8 (RESULTS.md, sixteenth session);
+     M >= 2, `_dot_strip`: partial (16, BLOCK_N) = x . W^T per 128-column block by tl.dot with bf16/fp16 operands
+     (rows past M masked), acc += partial * scale, KU blocks' loads issued together. A broadcast multiply-add summed
+     across lanes every block, which M = 2..4 used before, read 0.09-0.2 TB/s (fourteenth session);
   2. one K slice: store acc in x's dtype. Several (too few strips to fill the GPU): each slice stores its fp32
      plane of a (split, M, N) buffer and one small kernel sums the planes in a fixed order and casts: deterministic,
      no atomics, one extra launch (graph node) per call.
 
-Launch table (`gemv_launch`), autotune-free: BLOCK_N (8..128; 8 only for one row: tl.dot needs 16), KU, split,
-warps by shape, from the sweep of benchmarks/fp8_weight_gemm_bench.py on an H100; each can be overridden per call. Nothing depends on values on
-the host (grouped: the row -> expert map is built on the device), so calls capture in a CUDA graph.
+Launch table (`gemv_launch`), autotune-free: BLOCK_N (4..128; 4 and 8 only for one row: tl.dot needs 16), KU,
+split, warps by shape, from H100 sweeps (benchmarks/fp8_weight_gemm_bench.py, benchmarks/gemv_probe.py); each can be
+overridden per call. Nothing depends on values on the host (grouped: the row -> expert map is built on the device),
+so calls capture in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -43,37 +45,56 @@ GEMV_MAX_M = 16
 if HAS_TRITON:
 
     @triton.jit
-    def _strip(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1,
-               stride_xm, stride_wn, stride_sn,
-               BM: tl.constexpr, BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr,
-               USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    def _row_strip(X, W, S, n0, N, K, kb0, kb1, stride_wn, stride_sn,
+                   BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr):
+        """One row of x times a BLOCK_N strip of W over K blocks [kb0, kb1): each step loads the strip's next
+        KU * 128 columns in one wide load (16-byte vectors), the block scale of each column gathered beside x, and
+        keeps the products per lane; one cross-lane sum at the end. Returns acc (BLOCK_N,) fp32 and the rows."""
+        KW: tl.constexpr = KU * 128
         offs_n = n0 + tl.arange(0, BLOCK_N)
         rows = offs_n % N                                    # 1a. past-N rows re-read a real row, never stored
+        cols = tl.arange(0, KW)
+        w_base = W + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+        s_base = S + (n0 // 128) * stride_sn + cols // 128  # BLOCK_N divides 128: one scale row per strip
+        acc = tl.zeros([BLOCK_N, KW], dtype=tl.float32)
+        for k0 in range(kb0 * 128, kb1 * 128, KW):          # 1. one wide load per step
+            if EVEN_K:
+                w = tl.load(w_base + k0)
+                xs = tl.load(X + k0 + cols).to(tl.float32) * tl.load(s_base + k0 // 128)         # 1b.
+            else:
+                kmask = k0 + cols < tl.minimum(kb1 * 128, K)
+                w = tl.load(w_base + k0, mask=kmask[None, :], other=0.0)
+                xs = tl.load(X + k0 + cols, mask=kmask, other=0.0).to(tl.float32) * \
+                    tl.load(s_base + k0 // 128, mask=kmask, other=0.0)
+            acc += w.to(tl.float32) * xs[None, :]            # 1c.
+        return tl.sum(acc, axis=1), offs_n
+
+    @triton.jit
+    def _dot_strip(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1, stride_xm, stride_wn, stride_sn,
+                   BM: tl.constexpr, BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
+        """M >= 2 rows: partial (BM, BLOCK_N) = x . W^T per 128-column block by tl.dot, scaled, KU blocks' loads
+        issued together."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        rows = offs_n % N
         cols = tl.arange(0, 128)
         w_base = W + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
         x_base = X + offs_m.to(tl.int64)[:, None] * stride_xm + cols[None, :]
-        s_base = S + (n0 // 128) * stride_sn                 # BLOCK_N divides 128: one scale row per strip
+        s_base = S + (n0 // 128) * stride_sn
         acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)   # BM == 1: products kept per lane, reduced once
         for kb in range(kb0, kb1, KU):
-            for j in tl.static_range(KU):                    # 1. KU blocks' loads in flight together
+            for j in tl.static_range(KU):
                 k0 = (kb + j) * 128
                 if EVEN_K:
                     w = tl.load(w_base + k0)
                     x = tl.load(x_base + k0, mask=mask_m[:, None], other=0.0)
-                    s = tl.load(s_base + kb + j)             # 1b.
+                    s = tl.load(s_base + kb + j)
                 else:
                     kmask = (k0 + cols < K) & (kb + j < kb1)
                     w = tl.load(w_base + k0, mask=kmask[None, :], other=0.0)
                     x = tl.load(x_base + k0, mask=mask_m[:, None] & kmask[None, :], other=0.0)
                     s = tl.load(s_base + kb + j, mask=kb + j < kb1, other=0.0)
-                if USE_DOT:                                  # 1c.
-                    part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC)
-                    acc += part * s
-                else:
-                    acc3 += w.to(tl.float32) * (x.to(tl.float32) * s)
-        if not USE_DOT:
-            acc = tl.sum(acc3, axis=1)[None, :]
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC) * s
         return acc, offs_n
 
     @triton.jit
@@ -85,8 +106,13 @@ if HAS_TRITON:
         mask_m = offs_m < M
         kb0 = tl.program_id(1) * KB_PER_SPLIT
         kb1 = tl.minimum(kb0 + KB_PER_SPLIT, NKB)
-        acc, offs_n = _strip(X, W, S, offs_m, mask_m, tl.program_id(0) * BLOCK_N, N, K, kb0, kb1,
-                             stride_xm, stride_wn, stride_sn, BM, BLOCK_N, KU, EVEN_K, USE_DOT, DOT_PREC)
+        n0 = tl.program_id(0) * BLOCK_N
+        if USE_DOT:
+            acc, offs_n = _dot_strip(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1, stride_xm, stride_wn, stride_sn,
+                                     BM, BLOCK_N, KU, EVEN_K, DOT_PREC)
+        else:
+            row, offs_n = _row_strip(X, W, S, n0, N, K, kb0, kb1, stride_wn, stride_sn, BLOCK_N, KU, EVEN_K)
+            acc = row[None, :]
         y = Y + tl.program_id(1).to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))    # 2.
 
@@ -97,17 +123,17 @@ if HAS_TRITON:
         r = tl.program_id(0)
         g = tl.load(ROW_GROUP + r)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        y = Y + tl.program_id(2).to(tl.int64) * stride_ys + r.to(tl.int64) * stride_ym + offs_n[None, :]
+        y = Y + tl.program_id(2).to(tl.int64) * stride_ys + r.to(tl.int64) * stride_ym + offs_n
         if g >= E:                                           # a row of no group: zeros
-            tl.store(y, tl.zeros([1, BLOCK_N], dtype=Y.dtype.element_ty), mask=offs_n[None, :] < N)
+            tl.store(y, tl.zeros([BLOCK_N], dtype=Y.dtype.element_ty), mask=offs_n < N)
         else:
             kb0 = tl.program_id(2) * KB_PER_SPLIT
             kb1 = tl.minimum(kb0 + KB_PER_SPLIT, NKB)
             g64 = g.to(tl.int64)                             # E * N * K overflows int32 for V3's experts
-            acc, offs_n = _strip(X + r.to(tl.int64) * stride_xm, W + g64 * stride_we, S + g64 * stride_se,
-                                 tl.arange(0, 1), tl.arange(0, 1) < 1, tl.program_id(1) * BLOCK_N, N, K, kb0, kb1,
-                                 0, stride_wn, stride_sn, 1, BLOCK_N, KU, EVEN_K, False, "ieee")
-            tl.store(y, acc.to(Y.dtype.element_ty), mask=offs_n[None, :] < N)
+            acc, offs_n = _row_strip(X + r.to(tl.int64) * stride_xm, W + g64 * stride_we, S + g64 * stride_se,
+                                     tl.program_id(1) * BLOCK_N, N, K, kb0, kb1, stride_wn, stride_sn,
+                                     BLOCK_N, KU, EVEN_K)
+            tl.store(y, acc.to(Y.dtype.element_ty), mask=offs_n < N)
 
 
 if HAS_TRITON:
@@ -123,24 +149,22 @@ if HAS_TRITON:
 
 
 def gemv_launch(M: int, N: int, K: int, sms: int, programs_per_row: int = 1) -> dict:
-    """The launch table: dict(block_n, ku, split, num_warps), each rule the best of the H100 sweep at lite's shapes
-    (RESULTS.md, fourteenth session). `programs_per_row`: the grouped form's rows (each a one-row strip program).
-    - M >= 2 (tl.dot): 32-row strips, 2 K blocks per step; K slices (4) only when the strips fill < half the SMs.
-    - one row: 8-row strips for matrices up to 4096 x 4096 (more strips in flight: q / o / kv_a 1.2x faster than
-      16), else 16 (32 when that still gives >= 8 strips per SM); 4 K blocks per step; K slices until ~4 programs
-      per SM when the strips alone are fewer than the SMs (the slices' sum is one more launch)."""
+    """The launch table: dict(block_n, ku, split, num_warps), from cold H100 sweeps at lite's shapes (RESULTS.md).
+    `programs_per_row`: the grouped form's rows (each a one-row strip program).
+    - M >= 2 (tl.dot): 32-row strips, 2 K blocks per step; K slices (4) only when the strips fill < half the SMs
+      (fourteenth session).
+    - one row: 4-row strips, 8 K blocks (1024 columns) per wide load, 4 warps: the best or within 4% of the best of
+      the sixteenth session's cold probe on every fused lite shape (q+kv_a 4.7 us, o 3.8, shared gate+up 6.7:
+      1.5-1.7x bf16 cuBLAS; the per-128-column loads before read 0.4-1.0 TB/s); fewer K blocks where K has fewer;
+      K slices until ~2 programs per SM when the strips alone are fewer than the SMs."""
     nkb = -(-K // BLOCK)
     if M >= 2 and programs_per_row == 1:
         strips = -(-N // 32)
         return dict(block_n=32, ku=2, split=1 if strips >= sms // 2 else max(1, min(nkb // 2, 4)), num_warps=4)
-    ku = 4
-    if programs_per_row == 1 and N <= 4096 and K <= 4096:
-        block_n = 8
-    else:
-        block_n = 32 if -(-N // 32) * programs_per_row >= 8 * sms else 16
-    strips = max(1, -(-N // block_n) * programs_per_row)
-    split = 1 if strips >= sms else max(1, min(nkb // ku, -(-4 * sms // strips)))
-    return dict(block_n=block_n, ku=ku, split=split, num_warps=4)
+    ku = min(8, 1 << (nkb - 1).bit_length())
+    strips = max(1, -(-N // 4) * programs_per_row)
+    split = 1 if strips >= sms else max(1, min(-(-nkb // ku), -(-2 * sms // strips)))
+    return dict(block_n=4, ku=ku, split=split, num_warps=4)
 
 
 def _sms(device: torch.device) -> int:
@@ -151,10 +175,12 @@ def _resolve(M: int, N: int, K: int, device: torch.device, rows: int, over: dict
     """(launch config, K blocks per slice, slices, EVEN_K) for K >= 1."""
     cfg = gemv_launch(M, N, K, _sms(device), rows)
     cfg.update({k: v for k, v in over.items() if v is not None})
-    if cfg["block_n"] not in (8, 16, 32, 64, 128) or (cfg["block_n"] < 16 and M > 1 and rows == 1) or \
-            cfg["ku"] < 1 or cfg["split"] < 1:
-        raise ValueError(f"fp8 GEMV launch: block_n in 8..128 dividing {BLOCK} (8 only for one row: tl.dot needs "
-                         f"16), ku >= 1, split >= 1; got {cfg}")
+    one_row = M == 1 or rows > 1
+    if cfg["block_n"] not in (4, 8, 16, 32, 64, 128) or (cfg["block_n"] < 16 and not one_row) or \
+            cfg["ku"] < 1 or (one_row and cfg["ku"] & (cfg["ku"] - 1)) or cfg["split"] < 1:
+        raise ValueError(f"fp8 GEMV launch: block_n in 4..128 dividing {BLOCK} (4 or 8 only for one row: tl.dot "
+                         f"needs 16), ku >= 1 (a power of two for one row: one load of ku * 128 columns), "
+                         f"split >= 1; got {cfg}")
     nkb = -(-K // BLOCK)
     per = -(-nkb // min(cfg["split"], nkb))
     per = -(-per // cfg["ku"]) * cfg["ku"]                   # whole KU steps per slice
