@@ -193,3 +193,29 @@ def test_an_fp8_weight_not_in_e4m3_is_named_when_read_rank_by_rank(tmp_path):
         dsv3.load_pretrained(d)
     with pytest.raises(CheckpointError, match=rf"tensor {name}: .*float8_e4m3fn"):
         load_hf_owned([_empty(cfg)], d, cfg)
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent", "subdirectory"])
+def test_an_index_naming_a_shard_outside_the_directory_is_refused(saved, tmp_path, where):
+    """The index's weight_map names each tensor's shard file; `dsv3 convert` writes its output shard under the same
+    name in the new directory. Before: a name with a path in it was joined as is, so an absolute one (or "../x")
+    made convert overwrite that file outside the output (here a file of the user's beside it) with shard bytes, and
+    the output's index pointed there too. Now such an index is one CheckpointError naming the entry; nothing is
+    written."""
+    src = tmp_path / "src"
+    shutil.copytree(saved, src)
+    victim = tmp_path / "victim.safetensors"
+    (src / "model.safetensors").rename(victim)
+    name = {"absolute": str(victim), "parent": "../victim.safetensors", "subdirectory": "sub/model.safetensors"}[where]
+    if where == "subdirectory":
+        (src / "sub").mkdir()
+        shutil.copy(victim, src / "sub" / "model.safetensors")
+    keys = load_file(victim).keys()
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in keys}}))
+    before = victim.read_bytes()
+    says = re.escape(f"weight_map[") + r".*is not a shard file name in the directory"
+    with pytest.raises(CheckpointError, match=says):
+        dsv3.load_pretrained(src)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--dtype", "float32"]) == 2
+    assert victim.read_bytes() == before and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "victim.safetensors"]
