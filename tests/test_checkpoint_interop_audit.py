@@ -193,3 +193,50 @@ def test_an_fp8_weight_not_in_e4m3_is_named_when_read_rank_by_rank(tmp_path):
         dsv3.load_pretrained(d)
     with pytest.raises(CheckpointError, match=rf"tensor {name}: .*float8_e4m3fn"):
         load_hf_owned([_empty(cfg)], d, cfg)
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent", "subdirectory"])
+def test_an_index_naming_a_shard_outside_the_directory_is_refused(saved, tmp_path, where):
+    """The index's weight_map names each tensor's shard file; `dsv3 convert` writes its output shard under the same
+    name in the new directory. Before: a name with a path in it was joined as is, so an absolute one (or "../x")
+    made convert overwrite that file outside the output (here a file of the user's beside it) with shard bytes, and
+    the output's index pointed there too. Now such an index is one CheckpointError naming the entry; nothing is
+    written."""
+    src = tmp_path / "src"
+    shutil.copytree(saved, src)
+    victim = tmp_path / "victim.safetensors"
+    (src / "model.safetensors").rename(victim)
+    name = {"absolute": str(victim), "parent": "../victim.safetensors", "subdirectory": "sub/model.safetensors"}[where]
+    if where == "subdirectory":
+        (src / "sub").mkdir()
+        shutil.copy(victim, src / "sub" / "model.safetensors")
+    keys = load_file(victim).keys()
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in keys}}))
+    before = victim.read_bytes()
+    says = re.escape(f"weight_map[") + r".*is not a shard file name in the directory"
+    with pytest.raises(CheckpointError, match=says):
+        dsv3.load_pretrained(src)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--dtype", "float32"]) == 2
+    assert victim.read_bytes() == before and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "victim.safetensors"]
+
+
+def test_saving_and_converting_through_a_symlinked_directory_keeps_the_link(tmp_path, capsys):
+    """A model directory reached through a symlink (kept on another disk). Before: the atomic rename moved the link
+    itself aside, put a real directory in its place, then failed in rmtree (which refuses links): save_pretrained
+    raised OSError after writing, the link was gone, the directory it pointed at still held the old weights, and a
+    `.link.old-*` link was left behind. Now what the link points at is replaced and the link kept."""
+    real, link = tmp_path / "disk" / "model", tmp_path / "model"
+    real.parent.mkdir()
+    dsv3.save_pretrained(build(tiny_config()), real)
+    link.symlink_to(real)
+    new = build(tiny_config(), seed=1)
+    dsv3.save_pretrained(new, link)
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["disk", "model"]
+    assert [p.name for p in real.parent.iterdir()] == ["model"]
+    assert torch.equal(dsv3.load_pretrained(real).lm_head.weight, new.lm_head.weight)
+    (tmp_path / "disk" / "out").mkdir()                              # convert into an empty directory's link
+    (tmp_path / "out").symlink_to(tmp_path / "disk" / "out")
+    assert main(["convert", str(link), str(tmp_path / "out"), "--dtype", "float32"]) in (0, None)
+    assert (tmp_path / "out").is_symlink() and (tmp_path / "disk" / "out" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "model", "out"]

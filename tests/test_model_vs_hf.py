@@ -138,3 +138,33 @@ def test_a_deepseek_v2_file_without_scoring_func_reads_as_transformers_reads_it(
     ids = torch.randint(0, cfg.vocab_size, (2, 20))
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max() < TOL
+
+
+def test_a_minimal_deepseek_v2_file_reads_with_transformers_v2_defaults(tmp_path):
+    """A deepseek_v2 config.json that leaves out routed_scaling_factor, first_k_dense_replace, n_shared_experts and
+    num_nextn_predict_layers: transformers reads them as DeepseekV2Config's defaults (1.0, 0, 2, no MTP). Before:
+    V3's (2.5, 3, 1, 1) were read, so the file was refused for missing dense-layer tensors, and once those keys were
+    present the logits were off by ~2.5 (the routed experts' output scaled 2.5x), silently."""
+    import json
+    raw = dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], vocab_size=128, hidden_size=64,
+               intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=None,
+               qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, torch_dtype="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**raw)).float().eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.normal_(0, 0.3)
+        hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 20))
+    for keys in (raw, {**raw, "first_k_dense_replace": 0, "n_shared_experts": 2}):
+        (tmp_path / "config.json").write_text(json.dumps(keys))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")          # no "has no MTP tensors" warning: V2 has no MTP module
+            ours = dsv3.load_pretrained(tmp_path, dtype=torch.float32).eval()
+        assert ours.config.routed_scaling_factor == 1.0 and ours.config.num_nextn_predict_layers == 0
+        assert dsv3.ModelConfig.from_hf(keys).to_hf() == keys
+        with torch.no_grad():
+            assert (ours(ids) - hf(ids).logits).abs().max() < TOL

@@ -43,9 +43,16 @@ MODEL_TYPES = {"deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3For
 # Keys HF writes that are derived from ours: checked for consistency, then carried verbatim.
 _DERIVED_KEYS = ("qk_head_dim", "head_dim")
 # What a key absent from a deepseek_v2 file means, where it is not V3's: transformers' DeepseekV2 routes by softmax
-# with no `scoring_func` key at all (its config.json never has one), and its DeepseekV2Config defaults topk_method to
-# greedy (V2 has no selection bias)
-_V2_ABSENT = {"scoring_func": "softmax", "topk_method": "greedy"}
+# with no `scoring_func` key at all (its config.json never has one), and the rest are DeepseekV2Config's defaults
+# (greedy routing with no selection bias, weights scaled by 1.0 and not renormalised, every layer MoE, no MTP
+# module; n_group / topk_group null, i.e. 1). V3's values here would load a V2 file that leaves routed_scaling_factor
+# out with its expert outputs scaled 2.5x: other logits than transformers', silently.
+_V2_ABSENT = {"scoring_func": "softmax", "topk_method": "greedy", "routed_scaling_factor": 1.0,
+              "norm_topk_prob": False, "first_k_dense_replace": 0, "n_shared_experts": 2, "n_routed_experts": 64,
+              "n_group": 1, "topk_group": 1, "num_nextn_predict_layers": 0, "vocab_size": 102400, "hidden_size": 4096,
+              "intermediate_size": 11008, "moe_intermediate_size": 1407, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 2048,
+              "bos_token_id": 1, "eos_token_id": 2}
 
 
 class ConfigError(ValueError):

@@ -47,6 +47,11 @@ def _apply_umask(tmp: Path) -> None:
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory; on normal exit it replaces `target` atomically."""
     target = Path(target).absolute()
+    if target.is_symlink():
+        # a link to the directory (a model dir kept on another disk): what it points at is replaced and the link
+        # kept; renaming the link itself aside would put a real directory in its place and then fail in rmtree
+        # (which refuses links), leaving the old weights where the link pointed and a `.NAME.old-*` link behind
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _make_tmp(target)
     try:

@@ -90,10 +90,13 @@ def _weight_map(path: Path) -> dict[str, str]:
         if not isinstance(wm, dict):
             raise CheckpointError(f"{index} is not a valid safetensors index: weight_map is missing or not an object "
                                   f"of tensor name -> shard file")
-        bad = next(((k, f) for k, f in wm.items() if not isinstance(f, str)), None)
+        # a plain name in this directory: `dsv3 convert` writes each shard under its name in the output, so an
+        # absolute path or a "../" one would overwrite a file outside it (and reading would leave the directory)
+        bad = next(((k, f) for k, f in wm.items() if not isinstance(f, str) or f != Path(f).name
+                    or f in ("", ".", "..") or "\\" in f), None)
         if bad is not None:
             raise CheckpointError(f"{index} is not a valid safetensors index: weight_map[{bad[0]!r}]={bad[1]!r} is "
-                                  f"not a shard file name")
+                                  f"not a shard file name in the directory")
         return wm
     single = path / SINGLE_NAME
     if single.exists():
