@@ -26,11 +26,12 @@ import torch
 
 from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
+from ..train.run_dir import POSTTRAIN_CONFIG
 from .base import load_base
 from .chat_data import ChatExample, batch_examples, read_chat_rows
 from .config import check_length, check_paths, read_posttrain_dict, section_dict, section_from_table, split_config
 
-SAVED = "posttrain.json"          # the run file as read (with overrides), for --resume
+SAVED = POSTTRAIN_CONFIG          # the run file as read (with overrides), for --resume
 
 
 class ChatBatches:
