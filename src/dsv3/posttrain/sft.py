@@ -47,6 +47,7 @@ class ChatBatches:
         self.pad_id = tokenizer.eos_id      # never a target (targets are -100 there): any id would do
         self.epoch, self.cursor = 0, 0
         self.order = self._order(0)
+        self.digest = examples_digest(train)
         self.val = [self._batch(val[i:i + rows]) for i in range(0, len(val), rows)][:val_batches]
 
     def _order(self, epoch: int) -> list[int]:
@@ -69,15 +70,33 @@ class ChatBatches:
         return self._batch(picked)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": len(self.examples)}
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": len(self.examples),
+                "digest": self.digest}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("n") != len(self.examples) or state.get("seed") != self.seed:
             raise ValueError(f"the checkpoint's SFT data position is for {state.get('n')} conversations with seed "
                              f"{state.get('seed')}, this run has {len(self.examples)} with seed {self.seed}: the "
                              f"data files or sft.seed changed")
+        # as many conversations, other ones (an edited file, another tokenizer or chat template): the position would
+        # be a place in other data. States from before the digest load as before
+        if "digest" in state and state["digest"] != self.digest:
+            raise ValueError(f"the checkpoint's SFT data position is for other conversations (digest "
+                             f"{state['digest']}, now {self.digest}): sft.train_files' content, sft.eval_fraction, "
+                             f"or the tokenizer or chat template changed since; restore them, or start a new run "
+                             f"from the checkpoint's weights (sft.init=RUN_DIR)")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order(self.epoch)
+
+
+def examples_digest(examples: list[ChatExample]) -> str:
+    """What the data position indexes: every conversation's ids and loss mask, in order (dsv3.data's StreamDigest)."""
+    from ..data.shards import StreamDigest
+    digest = StreamDigest()
+    for e in examples:
+        digest.add_ids(e.ids)
+        digest.add(bytes(e.loss_mask), len(e.loss_mask), 1)
+    return digest.hexdigest()
 
 
 def sft_trainer(config: str | Path | None, overrides: list[str], resume: bool = False, overwrite: bool = False,
