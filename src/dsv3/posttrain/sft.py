@@ -131,7 +131,7 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
         val, val_report = read_chat_rows(section.eval_files, base.tokenizer, cfg.data.seq_len, _template(base),
                                          section.strict)
     else:
-        n_val = int(len(train) * section.eval_fraction) if cfg.log.val_batches else 0
+        n_val = held_out(cfg, section.eval_fraction, len(train), resume)
         order = list(range(len(train)))
         random.Random(f"sft-split:{section.seed}").shuffle(order)
         val, train = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
@@ -156,6 +156,23 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
             for line in lines:
                 trainer.logger.log_event(0, line)
     return trainer, lines
+
+
+def held_out(cfg, eval_fraction: float, n: int, resume: bool) -> int:
+    """How many training conversations the eval loss takes (sft.eval_fraction of them): none when no eval runs
+    (log.val_interval or log.val_batches 0; the post-training default interval is 0), as those would be neither
+    trained on nor scored. A resume keeps its run's split (sft_data.json's count: runs split by the earlier rule
+    resume as they were)."""
+    if resume:
+        try:
+            recorded = json.loads((Path(cfg.run_dir) / "sft_data.json").read_text())["eval"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if isinstance(recorded, int) and 0 <= recorded < n:
+            return recorded
+    if not (cfg.log.val_interval and cfg.log.val_batches):
+        return 0
+    return int(n * eval_fraction)
 
 
 def _template(base):
