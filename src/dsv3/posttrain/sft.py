@@ -127,6 +127,8 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
     # step 3: conversations (at most data.seq_len tokens), the eval split
     train, report = read_chat_rows(section.train_files, base.tokenizer, cfg.data.seq_len, _template(base),
                                    section.strict)
+    if not train:                # said with why each row was dropped (ChatBatches' own error cannot say it)
+        raise ValueError(f"sft.train_files: no conversation to train on: {report.summary()}")
     if section.eval_files:
         val, val_report = read_chat_rows(section.eval_files, base.tokenizer, cfg.data.seq_len, _template(base),
                                          section.strict)
