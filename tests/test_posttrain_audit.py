@@ -205,3 +205,35 @@ def test_sft_sigint_resumes_exactly(base, tmp_path):
 
 def _losses_sft(run):
     return {m["step"]: m["loss"] for m in read_metrics(run, kind="train")}
+
+
+def test_grpo_resume_on_other_prompts_is_refused(base, tmp_path):
+    """grpo.digits (or task, ops, the task file's rows, the tokenizer) changed on --resume: as many prompts with the
+    same seed passed the position's check, and the run went on over other prompts from the old position."""
+    run = tmp_path / "run"
+    grpo_trainer(grpo_file(tmp_path, base, "run", train={"steps": 1}, checkpoint={"interval": 1}), []).run()
+    with pytest.raises(ValueError, match=r"prompt position is for other prompts .*grpo.task, digits"):
+        grpo_trainer(None, ["grpo.digits=3"], resume=True, run_dir=str(run))
+    assert grpo_trainer(None, [], resume=True, run_dir=str(run)).step == 1      # as it was: resumes
+
+
+def test_sft_resume_on_other_conversations_is_refused(base, tmp_path):
+    """The chat file edited between a stop and --resume (as many rows, other content): the position (epoch, cursor)
+    was taken on the new conversations without a word."""
+    data = write_chat(tmp_path / "chat.jsonl", [conversation(a, 1) for a in range(6)])
+    sft_trainer(sft_file(tmp_path, base, "run", eval_fraction=0.0), ["train.steps=1", "checkpoint.interval=1"])[0].run()
+    write_chat(data, [conversation(a, 2) for a in range(6)])
+    with pytest.raises(ValueError, match=r"SFT data position is for other conversations .*sft.train_files' content"):
+        sft_trainer(None, [], resume=True, run_dir=str(tmp_path / "run"))
+    write_chat(data, [conversation(a, 1) for a in range(6)])
+    assert sft_trainer(None, [], resume=True, run_dir=str(tmp_path / "run"))[0].step == 1
+
+
+def test_sft_with_every_row_dropped_says_why(base, tmp_path):
+    """Every conversation dropped (here: each longer than data.seq_len): the error said only 'every row was dropped
+    or the files are empty', not which rows or why."""
+    data = write_chat(tmp_path / "chat.jsonl", [conversation(10 ** 30, b) for b in range(3)])
+    with pytest.raises(ValueError, match=rf"sft.train_files: no conversation to train on: 0 conversations kept, 3 "
+                                         rf"dropped \(3 longer than 16 tokens\); first: {data}:1: longer"):
+        sft_trainer(sft_file(tmp_path, base, "run"), ["data.seq_len=16"])
+    assert not (tmp_path / "run").exists()

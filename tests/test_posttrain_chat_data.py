@@ -90,3 +90,41 @@ def test_parquet_rows(tok, tmp_path):
     assert report.kept == 2 and not report.bad
     assert exs[1].ids == encode_conversation(tok, CONV).ids
     assert torch.tensor(exs[1].loss_mask).any()
+
+
+# A Hugging Face-style template (as Llama-2's and Mistral's ship): it refuses a conversation whose roles do not
+# alternate with raise_exception, and reads an optional field (`name`) with `+`, which fails on a row without it
+ALTERNATING = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['name'] + ': ' + m['content'] }}"
+    "{% else %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
+
+
+def test_rows_the_template_refuses_are_counted_with_file_and_line(tok, tmp_path):
+    good = {"messages": [{"role": "user", "name": "ann", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    twice = {"messages": [{"role": "user", "name": "ann", "content": "hi"}, {"role": "user", "name": "ann",
+                                                                           "content": "again"},
+                          {"role": "assistant", "content": "yo"}]}
+    unnamed = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (good, twice, unnamed, good)))
+    template = ChatTemplate(ALTERNATING)
+    exs, report = read_chat_rows([path], tok, max_len=256, template=template)
+    assert report.kept == len(exs) == 2 and report.bad == {"the chat template refused it": 2}
+    assert "chat.jsonl:2: the chat template refused it (TemplateError: Conversation roles must alternate" \
+        in report.summary()
+    assert "chat.jsonl:3: the chat template refused it (UndefinedError" in report.summary()
+    with pytest.raises(ChatDataError, match=r"chat.jsonl:2: the chat template refused it"):
+        read_chat_rows([path], tok, max_len=256, template=template, strict=True)
+
+
+def test_a_template_that_cannot_mask_names_the_row(tok, tmp_path):
+    from pathlib import Path
+    r1 = ChatTemplate((Path(__file__).parent / "data" / "chat_templates" / "deepseek_r1.jinja").read_text())
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CONV[1:3]}) + "\n")
+    with pytest.raises(ChatDataError, match=r"chat.jsonl:1: the chat template does not encode assistant turn 1"):
+        read_chat_rows([path], tok, max_len=256, template=r1)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dsv3.cli import main
-from posttrain_fixture import make_base
+from posttrain_fixture import conversation, make_base
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,30 @@ def test_a_run_section_that_is_not_a_table_is_one_line(base, tmp_path, capsys, c
 
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("command", ["sft", "distill"])
+def test_the_advised_restart_of_a_posttrain_run_runs(base, tmp_path, command):
+    """A post-training run that diverged (or could not write its checkpoint) with no checkpoint to go back to is told
+    to restart with `dsv3 COMMAND --overwrite --config RUN/config.json`: that file is the RunConfig alone, without the
+    [sft] / [distill] table, so the advised command was refused ('no [sft] table'). It names posttrain.json now."""
+    import shlex
+
+    from dsv3.posttrain.distill import distill_trainer
+    from dsv3.posttrain.sft import sft_trainer
+    from dsv3.train.run_dir import divergence_advice
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(conversation(a, 1)) + "\n" for a in range(4)))
+    table = {"init": str(base), "train_files": [str(tmp_path / "c.jsonl")], "eval_fraction": 0.0}
+    if command == "distill":
+        table["teacher"] = str(base)
+    run = {"run_dir": str(tmp_path / "run"), command: table, "data": {"seq_len": 64},
+           "train": {"steps": 1, "batch_size": 2, "micro_batch_size": 2, "device": "cpu"},
+           "log": {"progress": False, "tensorboard": False, "val_interval": 0}}
+    (tmp_path / "r.json").write_text(json.dumps(run))
+    trainer, _ = {"sft": sft_trainer, "distill": distill_trainer}[command](str(tmp_path / "r.json"), [])
+    advice = divergence_advice(trainer.run_dir, 1, 1e-3, command)
+    trainer.run_lock.close()                   # the start stops here (as a diverged run does), releasing its lock
+    del trainer
+    argv = shlex.split(advice.split("start afresh with a lower optim.lr (now 0.001) or a longer optim.warmup: ")[1])
+    assert argv[:3] == ["dsv3", command, "--overwrite"]
+    assert main(argv[1:]) == 0

@@ -101,3 +101,26 @@ def test_logit_mode_under_torchrun_is_refused_before_the_teacher_loads(bases, mo
     with pytest.raises(ConfigError, match="dsv3 distill runs in one process"):
         distill_trainer(run_file(tmp, "ranks", teacher=str(teacher), init=str(student), mode="logit",
                                  train_files=[str(data)]), [])
+
+
+def test_resume_on_the_teachers_data_refuses_a_change_of_what_made_it(bases):
+    """--resume reuses the run's distill_data.jsonl (the teacher's verified samples): distill.prompts (samples,
+    temperature, task, ...) changed on the command line was ignored, the run went on over the old data, and
+    posttrain.json, rewritten, recorded the new value as if it had applied."""
+    import shutil
+    tmp, teacher, student, data = bases
+    t, _ = distill_trainer(run_file(tmp, "gen", teacher=str(teacher), init=str(student), train_files=[str(data)],
+                                    prompts=8), ["train.steps=1", "checkpoint.interval=1"])
+    t.run()
+    run = t.run_dir
+    t.run_lock.close()
+    # the run as one whose teacher wrote its data leaves it: the conversations in distill_data.jsonl, the file
+    # saved with distill.train_files empty (a random tiny teacher verifies no answer, so it cannot write them)
+    shutil.copy(data, run / "distill_data.jsonl")
+    saved = json.loads((run / "posttrain.json").read_text())
+    saved["distill"]["train_files"] = []
+    (run / "posttrain.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"--resume cannot change distill.prompts=8 -> 50: the run trains on"):
+        distill_trainer(None, ["distill.prompts=50"], resume=True, run_dir=str(run))
+    assert json.loads((run / "posttrain.json").read_text())["distill"]["prompts"] == 8
+    assert distill_trainer(None, [], resume=True, run_dir=str(run))[0].step == 1

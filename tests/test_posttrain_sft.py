@@ -197,3 +197,17 @@ def test_two_expert_parallel_ranks_take_the_single_process_steps(files):
         assert got["tokens"] == want["tokens"]
         for key in ("loss", "main_loss", "mtp_loss"):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (step, key)
+
+
+@pytest.mark.parametrize("log,held", [({"val_interval": 0}, 0), ({"val_interval": 4, "val_batches": 1}, 18)])
+def test_no_conversation_is_held_out_for_an_eval_that_never_runs(files, log, held):
+    """sft.eval_fraction held out its share of the training conversations even where no eval ran (log.val_interval
+    = 0, the post-training default: 18 of 36 here): neither trained on nor scored, dropped without a word."""
+    tmp, base, data = files
+    name = f"held{held}"
+    trainer, lines = sft_trainer(run_file(tmp, base, data, name, sft={"eval_fraction": 0.5}, log=log), [])
+    assert len(trainer.loader.examples) == len(ROWS) - held and len(trainer.loader.val) == (1 if held else 0)
+    assert f"eval: {held} held-out conversations" in lines
+    trainer.run()
+    resumed, _ = sft_trainer(None, ["train.steps=9"], resume=True, run_dir=str(tmp / name))   # the run's split
+    assert len(resumed.loader.examples) == len(ROWS) - held

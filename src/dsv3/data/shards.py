@@ -46,6 +46,25 @@ def val_score(text: str, seed: int) -> float:
     return int.from_bytes(h.digest(), "little") / 2**64
 
 
+class StreamDigest:
+    """A short hash of a token stream: every sequence's length, flag and bytes, in order. What a loader position
+    means: a loader state records it, and a resume on another stream (an edited corpus, another tokenizer, other
+    chat data or prompts) is refused rather than continued silently on other data."""
+
+    def __init__(self):
+        self._h = hashlib.blake2b(digest_size=8)
+
+    def add(self, data: bytes, n: int, flag: int = 0) -> None:
+        """One sequence: its `n` tokens as `data` (their bytes), `flag` a byte of what kind it is."""
+        self._h.update(n.to_bytes(8, "little") + bytes([flag]) + data)
+
+    def add_ids(self, ids, flag: int = 0) -> None:
+        self.add(np.asarray(ids, dtype=np.int64).tobytes(), len(ids), flag)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 class _SplitWriter:
     def __init__(self, out: Path, split: str, dtype: np.dtype, max_tokens: int):
         self.out, self.split, self.dtype, self.max_tokens = out, split, dtype, max_tokens
@@ -56,7 +75,7 @@ class _SplitWriter:
         self._code: list[int] = []
         # the split's content (every document's tokens, length and code flag, in order): what a loader position
         # means. Not the sources' fingerprint (paths, sizes, mtimes): a corpus copied or moved is the same stream
-        self._digest = hashlib.blake2b(digest_size=8)
+        self._digest = StreamDigest()
 
     def add(self, ids: np.ndarray, is_code: bool) -> None:
         if self._file is not None and self._offsets[-1] + len(ids) > self.max_tokens:
@@ -66,7 +85,7 @@ class _SplitWriter:
             self._file = open(self.out / f"{self._name}.bin", "wb")  # noqa: SIM115 (open across add() calls)
         data = ids.astype(self.dtype, copy=False).tobytes()
         self._file.write(data)
-        self._digest.update(len(ids).to_bytes(8, "little") + bytes([int(is_code)]) + data)
+        self._digest.add(data, len(ids), int(is_code))
         self._offsets.append(self._offsets[-1] + len(ids))
         self._code.append(int(is_code))
         self.n_docs += 1

@@ -100,9 +100,9 @@ def read_chat_rows(paths: Iterable[str | Path], tokenizer, max_len: int, templat
                 else conversation_problem(row["messages"]))
             example = None
             if why is None:
-                example = encode_conversation(tokenizer, row["messages"], template)
-                if len(example.ids) > max_len:
-                    why = f"longer than {max_len} tokens"
+                example, why = _encode_row(where, tokenizer, row["messages"], template)
+            if example is not None and len(example.ids) > max_len:
+                why = f"longer than {max_len} tokens"
             if why is not None:
                 if strict:
                     raise ChatDataError(f"{where}: {why}")
@@ -113,6 +113,20 @@ def read_chat_rows(paths: Iterable[str | Path], tokenizer, max_len: int, templat
             out.append(example)
             report.kept += 1
     return out, report
+
+
+def _encode_row(where: str, tokenizer, messages: list[dict], template: ChatTemplate):
+    """(example, None), or (None, why) for a row the template refuses: its raise_exception (HF templates check
+    that roles alternate, that a system turn comes first) or a field it reads that the row lacks is that row's
+    problem, counted like the others. A turn the template cannot mask is the template's problem, an error, said
+    with the row it was found on."""
+    import jinja2
+    try:
+        return encode_conversation(tokenizer, messages, template), None
+    except jinja2.TemplateError as e:
+        return None, f"the chat template refused it ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    except ChatDataError as e:
+        raise ChatDataError(f"{where}: {e}") from None
 
 
 def batch_examples(examples: list[ChatExample], pad_id: int):

@@ -120,6 +120,8 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
     # validated (one line naming run_dir) before the teacher samples into it: run_dir="" would be the cwd
     out = Path(RunConfig.from_dict({k: d[k] for k in ("run_dir",) if k in d}).run_dir)
     check_start(out, resume, overwrite)           # before the teacher spends any time
+    if resume and not s.train_files and (out / DATA).exists():
+        _check_data_keys(out, s)
     if s.mode == "logit":
         refuse_ranks("distill")                   # LogitKDTrainer's step: one process (before the teacher loads)
     device, dtype = teacher_placement(d)
@@ -153,6 +155,25 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
     for line in lines:
         trainer.logger.log_event(0, line)
     return trainer, lines + more
+
+
+# what the teacher's conversations were made with: a resume reuses them (distill_data.jsonl), so a change of one
+# of these would be ignored, while posttrain.json, rewritten, would say it applied
+DATA_KEYS = ("task", "digits", "ops", "prompts", "samples", "temperature", "max_new_tokens", "seed")
+
+
+def _check_data_keys(out: Path, s) -> None:
+    """--resume on the run's own distill_data.jsonl: refuse (one line, before the teacher loads) a change of what
+    made it. A posttrain.json that cannot be read (an older or hand-edited run) is not compared."""
+    try:
+        was = section_from_table("distill", json.loads((out / SAVED).read_text())["distill"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    changed = [f"distill.{k}={getattr(was, k)!r} -> {getattr(s, k)!r}" for k in DATA_KEYS
+               if getattr(was, k) != getattr(s, k)]
+    if changed:
+        raise ConfigError(f"--resume cannot change {', '.join(changed)}: the run trains on {out / DATA}, the "
+                          f"teacher's conversations made with the run's values; start a new run for new data")
 
 
 def teacher_placement(d: dict) -> tuple[torch.device, torch.dtype]:

@@ -34,6 +34,7 @@ from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
 from ..infer import Engine, EngineConfig
 from ..train.hf_shards import load_hf_owned
+from ..train.run_dir import POSTTRAIN_CONFIG
 from ..train.losses import positions
 from ..train.trainer import Trainer, build_model
 from ..verify.sandbox import self_check
@@ -43,7 +44,7 @@ from .grpo_loss import policy_loss, sequence_logprobs
 from .rollout import PromptSource, Rollouts, batch_from_state, batch_state, sample_groups
 from .tasks import generate_tasks, read_code_tasks
 
-SAVED = "posttrain.json"
+SAVED = POSTTRAIN_CONFIG
 TASK_ARGS = {"arithmetic": lambda c: {"digits": c.digits, "ops": c.ops}, "countdown": lambda c: {}}
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.shards import StreamDigest
 from ..infer import SamplingParams
 from .grpo_loss import dynamic_sampling_mask, group_advantages, overlong_filter
 from .rewards import format_reward, language_consistency_reward, length_penalty, score_with
@@ -34,6 +35,10 @@ class PromptSource:
         self.resumed_batch: dict | None = None      # a checkpoint's rollouts still in use (GRPOTrainer)
         self.epoch, self.cursor = 0, 0
         self.order = self._order(0)
+        digest = StreamDigest()
+        for ids in self.prompt_ids:
+            digest.add_ids(ids)
+        self.digest = digest.hexdigest()
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.tasks)))
@@ -54,12 +59,20 @@ class PromptSource:
         raise RuntimeError("GRPO batches are rollouts (GRPOTrainer._forward_backward), not read from a source")
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": len(self.tasks)}
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": len(self.tasks),
+                "digest": self.digest}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("n") != len(self.tasks) or state.get("seed") != self.seed:
             raise ValueError("the checkpoint's prompt position is for another task set (grpo.task / train_prompts / "
                              "seed changed)")
+        # as many prompts, other ones (grpo.task, digits, ops, an edited task_file, another tokenizer or template):
+        # the position would be a place in other prompts. States from before the digest load as before
+        if "digest" in state and state["digest"] != self.digest:
+            raise ValueError(f"the checkpoint's prompt position is for other prompts (digest {state['digest']}, now "
+                             f"{self.digest}): grpo.task, digits, ops, task_file's content, or the tokenizer or "
+                             f"chat template changed since; restore them, or start a new run from the checkpoint's "
+                             f"weights (grpo.init=RUN_DIR)")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order(self.epoch)
         self.resumed_batch = state.get("batch")

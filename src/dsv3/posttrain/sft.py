@@ -26,11 +26,12 @@ import torch
 
 from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
+from ..train.run_dir import POSTTRAIN_CONFIG
 from .base import load_base
 from .chat_data import ChatExample, batch_examples, read_chat_rows
 from .config import check_length, check_paths, read_posttrain_dict, section_dict, section_from_table, split_config
 
-SAVED = "posttrain.json"          # the run file as read (with overrides), for --resume
+SAVED = POSTTRAIN_CONFIG          # the run file as read (with overrides), for --resume
 
 
 class ChatBatches:
@@ -46,6 +47,7 @@ class ChatBatches:
         self.pad_id = tokenizer.eos_id      # never a target (targets are -100 there): any id would do
         self.epoch, self.cursor = 0, 0
         self.order = self._order(0)
+        self.digest = examples_digest(train)
         self.val = [self._batch(val[i:i + rows]) for i in range(0, len(val), rows)][:val_batches]
 
     def _order(self, epoch: int) -> list[int]:
@@ -68,15 +70,33 @@ class ChatBatches:
         return self._batch(picked)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": len(self.examples)}
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "n": len(self.examples),
+                "digest": self.digest}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("n") != len(self.examples) or state.get("seed") != self.seed:
             raise ValueError(f"the checkpoint's SFT data position is for {state.get('n')} conversations with seed "
                              f"{state.get('seed')}, this run has {len(self.examples)} with seed {self.seed}: the "
                              f"data files or sft.seed changed")
+        # as many conversations, other ones (an edited file, another tokenizer or chat template): the position would
+        # be a place in other data. States from before the digest load as before
+        if "digest" in state and state["digest"] != self.digest:
+            raise ValueError(f"the checkpoint's SFT data position is for other conversations (digest "
+                             f"{state['digest']}, now {self.digest}): sft.train_files' content, sft.eval_fraction, "
+                             f"or the tokenizer or chat template changed since; restore them, or start a new run "
+                             f"from the checkpoint's weights (sft.init=RUN_DIR)")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order(self.epoch)
+
+
+def examples_digest(examples: list[ChatExample]) -> str:
+    """What the data position indexes: every conversation's ids and loss mask, in order (dsv3.data's StreamDigest)."""
+    from ..data.shards import StreamDigest
+    digest = StreamDigest()
+    for e in examples:
+        digest.add_ids(e.ids)
+        digest.add(bytes(e.loss_mask), len(e.loss_mask), 1)
+    return digest.hexdigest()
 
 
 def sft_trainer(config: str | Path | None, overrides: list[str], resume: bool = False, overwrite: bool = False,
@@ -107,11 +127,13 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
     # step 3: conversations (at most data.seq_len tokens), the eval split
     train, report = read_chat_rows(section.train_files, base.tokenizer, cfg.data.seq_len, _template(base),
                                    section.strict)
+    if not train:                # said with why each row was dropped (ChatBatches' own error cannot say it)
+        raise ValueError(f"sft.train_files: no conversation to train on: {report.summary()}")
     if section.eval_files:
         val, val_report = read_chat_rows(section.eval_files, base.tokenizer, cfg.data.seq_len, _template(base),
                                          section.strict)
     else:
-        n_val = int(len(train) * section.eval_fraction) if cfg.log.val_batches else 0
+        n_val = held_out(cfg, section.eval_fraction, len(train), resume)
         order = list(range(len(train)))
         random.Random(f"sft-split:{section.seed}").shuffle(order)
         val, train = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
@@ -136,6 +158,23 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
             for line in lines:
                 trainer.logger.log_event(0, line)
     return trainer, lines
+
+
+def held_out(cfg, eval_fraction: float, n: int, resume: bool) -> int:
+    """How many training conversations the eval loss takes (sft.eval_fraction of them): none when no eval runs
+    (log.val_interval or log.val_batches 0; the post-training default interval is 0), as those would be neither
+    trained on nor scored. A resume keeps its run's split (sft_data.json's count: runs split by the earlier rule
+    resume as they were)."""
+    if resume:
+        try:
+            recorded = json.loads((Path(cfg.run_dir) / "sft_data.json").read_text())["eval"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if isinstance(recorded, int) and 0 <= recorded < n:
+            return recorded
+    if not (cfg.log.val_interval and cfg.log.val_batches):
+        return 0
+    return int(n * eval_fraction)
 
 
 def _template(base):

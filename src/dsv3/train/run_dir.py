@@ -232,9 +232,16 @@ def resume_command(run_dir: Path, world: int, *overrides: str, command: str = "t
                      *map(shlex.quote, overrides)])
 
 
+# the file a command's --config reads back: `dsv3 train` its RunConfig; sft / grpo / distill the run file with their
+# [sft] / [grpo] / [distill] table (dsv3.posttrain), which config.json (the RunConfig alone) lacks
+RESTART_CONFIG = {"train": "config.json"}
+POSTTRAIN_CONFIG = "posttrain.json"
+
+
 def restart_command(run_dir: Path, world: int, *overrides: str, command: str = "train") -> str:
     """The command that starts the run afresh with its own config (and `overrides`)."""
-    return " ".join([_launcher(world, command), "--overwrite", "--config", shlex.quote(str(run_dir / "config.json")),
+    config = run_dir / RESTART_CONFIG.get(command, POSTTRAIN_CONFIG)
+    return " ".join([_launcher(world, command), "--overwrite", "--config", shlex.quote(str(config)),
                      *map(shlex.quote, overrides)])
 
 
