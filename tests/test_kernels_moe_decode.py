@@ -220,9 +220,18 @@ def _interpreter_cases() -> dict:
              "gate_up_split3_down_split2": ((4, 2, 8, 260, 200), {}, dict(gate_up_split_k=3, split_k=2)),
              "gate_up_split_empty_slices": ((3, 2, 4, 100, 64), {}, dict(gate_up_split_k=4)),
              "gate_up_split2_fp8": ((1, 4, 16, 256, 128), dict(fp8=True), dict(gate_up_split_k=2, block_n=64))}
+    # T <= ROWS_MAX_TOKENS take the GEMV form (kernels.moe_rows) unless a tiled launch is asked for: both forms at
+    # T = 1 and 2, bf16-like and FP8 weights, D and I off the 1024-column load (masked tails) and on it
+    cases |= {"rows_t1": ((1, 6, 64, 200, 136), {}, {}), "rows_t2_fp8": ((2, 4, 16, 260, 200), dict(fp8=True), {}),
+              "rows_t2_fp8_even": ((2, 2, 8, 1024, 1024), dict(fp8=True), {}),
+              "rows_same_expert": ((2, 2, 8, 64, 40), dict(same_expert=True), {}),
+              "tiled_t1": ((1, 6, 64, 200, 136), {}, dict(max_tokens=0)),
+              "tiled_t2_fp8": ((2, 4, 16, 260, 200), dict(fp8=True), dict(max_tokens=0))}
     for name, (shape, make_kw, kw) in cases.items():
         args = make_moe(*shape, seed=sum(shape), **make_kw)
         errs[name] = _rel(moe_decode_triton(*args, **kw), moe_decode_reference(*args))
+    args = make_moe(2, 4, 16, 260, 200, fp8=True, seed=3)
+    errs["rows_vs_tiled"] = _rel(moe_decode_triton(*args), moe_decode_triton(*args, max_tokens=0))
     # activations past fp16's range are clamped, never inf / NaN
     x, *rest = make_moe(3, 2, 8, 128, 128, fp8=True, seed=1)
     x[0, :7] = 1e6
@@ -237,6 +246,10 @@ def _interpreter_cases() -> dict:
     ref = moe_decode_reference(*args)
     errs["decode_ops_split"] = _rel(decode_ops.moe_decode(*args), ref)
     errs["decode_ops_split_compiled"] = _rel(torch.compile(decode_ops.moe_decode, fullgraph=True)(*args), ref)
+    args = make_moe(1, 4, 16, 130, 72, seed=6)                   # batch 1: the GEMV form's op
+    ref = moe_decode_reference(*args)
+    errs["decode_ops_rows"] = _rel(decode_ops.moe_decode(*args), ref)
+    errs["decode_ops_rows_compiled"] = _rel(torch.compile(decode_ops.moe_decode, fullgraph=True)(*args), ref)
     return errs
 
 
@@ -244,7 +257,7 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_moe_decode")
-    assert len(errs) == 20, errs
+    assert len(errs) == 29, errs
     for name, err in errs.items():
         assert err < (3e-3 if name == "fp8_f16_dot" else 1e-5), (name, errs)
     assert errs["fp8_f16_dot"] > 1e-6, errs        # the fp16 path ran (fp32 activations rounded)
@@ -291,7 +304,7 @@ needs_cuda = pytest.mark.skipif(
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("T", [1, 7, 32, 64, 256])
+@pytest.mark.parametrize("T", [1, 2, 7, 32, 64, 256])
 def test_triton_cuda_lite_shapes(T, fp8):
     """lite's expert shapes (64 experts, top-6, D 2048, I 1408) at decode batch sizes, bf16 activations."""
     args = make_moe(T, 6, 64, 2048, 1408, dtype=torch.bfloat16, fp8=fp8, seed=T, device="cuda")
@@ -335,15 +348,17 @@ def test_triton_cuda_f16_dot_clamps():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_triton_cuda_graph_capture():
-    """No host sync: the call captures in a CUDA graph and replays correctly with new routing and new inputs."""
-    x, w, idx, *rest = make_moe(16, 6, 64, 512, 256, dtype=torch.bfloat16, seed=1, device="cuda")
+@pytest.mark.parametrize("T", [16, 1], ids=["tiled", "rows"])
+def test_triton_cuda_graph_capture(T):
+    """No host sync: the call captures in a CUDA graph and replays correctly with new routing and new inputs (both
+    forms: batch 1 takes the GEMV one)."""
+    x, w, idx, *rest = make_moe(T, 6, 64, 512, 256, dtype=torch.bfloat16, seed=1, device="cuda")
     moe_decode_triton(x, w, idx, *rest)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = moe_decode_triton(x, w, idx, *rest)
-    x2, w2, idx2, *_ = make_moe(16, 6, 64, 512, 256, dtype=torch.bfloat16, seed=2, device="cuda", same_expert=True)
+    x2, w2, idx2, *_ = make_moe(T, 6, 64, 512, 256, dtype=torch.bfloat16, seed=2, device="cuda", same_expert=True)
     for a, b in ((x, x2), (w, w2), (idx, idx2)):
         a.copy_(b)
     graph.replay()

@@ -18,6 +18,7 @@ from .fp8_weight_gemm import fp8_grouped_linear as _fp8_grouped_linear
 from .fp8_weight_gemm import fp8_linear as _fp8_linear
 from .gemv import gemv as _gemv
 from .moe_decode import moe_decode_reference, moe_decode_sorted_triton, moe_decode_triton
+from .moe_rows import moe_decode_rows_triton
 from .moe_route import MOE_ROUTE_MAX_EXPERTS, sort_pairs_triton
 from .moe_route import moe_route as _moe_route
 from .triton_setup import use_triton
@@ -106,6 +107,19 @@ def _(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_r
     return x.new_empty(tw.numel(), x.shape[1], dtype=torch.float32)
 
 
+@torch.library.custom_op("dsv3::moe_decode_rows", mutates_args=())
+def _moe_decode_rows(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
+                     gate_scale: Tensor | None, up_scale: Tensor | None, down_scale: Tensor | None) -> Tensor:
+    """The fused MoE's GEMV form of its two stages at batch 1 -> (T*K, D) fp32 weighted rows (kernels.moe_rows)."""
+    return moe_decode_rows_triton(x, tw, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale)
+
+
+@_moe_decode_rows.register_fake
+def _(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
+      gate_scale: Tensor | None, up_scale: Tensor | None, down_scale: Tensor | None) -> Tensor:
+    return x.new_empty(tw.numel(), x.shape[1], dtype=torch.float32)
+
+
 @torch.library.custom_op("dsv3::moe_sort_pairs", mutates_args=())
 def _moe_sort_pairs(idx: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused MoE's step 1 in one Triton launch (dsv3.kernels.moe_route.sort_pairs_triton)."""
@@ -126,8 +140,9 @@ def moe_decode(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_pr
     """The fused MoE of decode-sized batches (dsv3.kernels.moe_decode) -> (T, D) in x's dtype. On the Triton path
     two opaque ops: the pair sort (`dsv3::moe_sort_pairs`, one launch: as torch ops it was ~17 small kernels per
     layer eagerly and still the bulk of the ~11 routing kernels per layer compiled, scans and scatters that inductor
-    does not fuse: RESULTS.md, issue 16) and the two GEMM stages; the combine after them is plain tensor ops that a
-    compiled decode layer fuses with the shared experts."""
+    does not fuse: RESULTS.md, issue 16) and the two GEMM stages; at batch 1 one, their GEMV form
+    (`dsv3::moe_decode_rows`, no sort). The combine after them is plain tensor ops that a compiled decode layer
+    fuses with the shared experts."""
     if not use_triton(x, "DSV3_MOE_DECODE", fp8=gate_proj.dtype == torch.float8_e4m3fn):
         return _moe_decode_reference(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale)
 
@@ -137,4 +152,4 @@ def moe_decode(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_pr
     # step 1 as one launch where the experts fit one program (instead of ~10 small kernels per layer)
     sort = _moe_sort_pairs if gate_proj.shape[0] <= MOE_ROUTE_MAX_EXPERTS else None
     return moe_decode_triton(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale,
-                             gemms=gemms, sort=sort)
+                             gemms=gemms, sort=sort, rows=_moe_decode_rows)

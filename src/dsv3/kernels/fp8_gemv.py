@@ -46,10 +46,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_strip(X, W, S, n0, N, K, kb0, kb1, stride_wn, stride_sn,
-                   BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr, SCALED: tl.constexpr):
         """One row of x times a BLOCK_N strip of W over K blocks [kb0, kb1): each step loads the strip's next
         KU * 128 columns in one wide load (16-byte vectors), the block scale of each column gathered beside x, and
-        keeps the products per lane; one cross-lane sum at the end. Returns acc (BLOCK_N,) fp32 and the rows."""
+        keeps the products per lane; one cross-lane sum at the end. Returns acc (BLOCK_N,) fp32 and the rows.
+        SCALED=False: W in a float dtype, no scales (S unused; the fused MoE's GEMV form, kernels.moe_decode)."""
         KW: tl.constexpr = KU * 128
         offs_n = n0 + tl.arange(0, BLOCK_N)
         rows = offs_n % N                                    # 1a. past-N rows re-read a real row, never stored
@@ -60,12 +61,15 @@ if HAS_TRITON:
         for k0 in range(kb0 * 128, kb1 * 128, KW):          # 1. one wide load per step
             if EVEN_K:
                 w = tl.load(w_base + k0)
-                xs = tl.load(X + k0 + cols).to(tl.float32) * tl.load(s_base + k0 // 128)         # 1b.
+                xs = tl.load(X + k0 + cols).to(tl.float32)
+                if SCALED:
+                    xs *= tl.load(s_base + k0 // 128)                                           # 1b.
             else:
                 kmask = k0 + cols < tl.minimum(kb1 * 128, K)
                 w = tl.load(w_base + k0, mask=kmask[None, :], other=0.0)
-                xs = tl.load(X + k0 + cols, mask=kmask, other=0.0).to(tl.float32) * \
-                    tl.load(s_base + k0 // 128, mask=kmask, other=0.0)
+                xs = tl.load(X + k0 + cols, mask=kmask, other=0.0).to(tl.float32)
+                if SCALED:
+                    xs *= tl.load(s_base + k0 // 128, mask=kmask, other=0.0)
             acc += w.to(tl.float32) * xs[None, :]            # 1c.
         return tl.sum(acc, axis=1), offs_n
 
@@ -111,7 +115,7 @@ if HAS_TRITON:
             acc, offs_n = _dot_strip(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1, stride_xm, stride_wn, stride_sn,
                                      BM, BLOCK_N, KU, EVEN_K, DOT_PREC)
         else:
-            row, offs_n = _row_strip(X, W, S, n0, N, K, kb0, kb1, stride_wn, stride_sn, BLOCK_N, KU, EVEN_K)
+            row, offs_n = _row_strip(X, W, S, n0, N, K, kb0, kb1, stride_wn, stride_sn, BLOCK_N, KU, EVEN_K, True)
             acc = row[None, :]
         y = Y + tl.program_id(1).to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))    # 2.
@@ -132,7 +136,7 @@ if HAS_TRITON:
             g64 = g.to(tl.int64)                             # E * N * K overflows int32 for V3's experts
             acc, offs_n = _row_strip(X + r.to(tl.int64) * stride_xm, W + g64 * stride_we, S + g64 * stride_se,
                                      tl.program_id(1) * BLOCK_N, N, K, kb0, kb1, stride_wn, stride_sn,
-                                     BLOCK_N, KU, EVEN_K)
+                                     BLOCK_N, KU, EVEN_K, True)
             tl.store(y, acc.to(Y.dtype.element_ty), mask=offs_n < N)
 
 

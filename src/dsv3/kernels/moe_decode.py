@@ -23,10 +23,11 @@ Algorithm (Triton):
      each program takes 1/SPLIT_K of the I loop and the partial rows are summed in slice order after the launch;
   4. the combine: the K weighted rows of each token summed (fp32), cast to x's dtype. A fixed-order sum, not
      atomics: the output is deterministic (bit-equal between a captured graph and an eager call).
-Programs of tiles past the real ones return at once. FP8 weights are converted to x's dtype in registers (exact)
-with the block's scale applied to each 128-long partial sum (BLOCK_K = 128, BLOCK_N divides 128). The grid's first
-axis is the tile: programs that share an expert's weight slice are launched side by side (its rows read once from
-HBM, the other tiles' reads hit L2). The launch (`MoELaunch`: tile sizes, warps, stages per stage, split-K) comes
+At most ROWS_MAX_TOKENS tokens (batch-1 decode) take the GEMV form of steps 2-3 instead (dsv3.kernels.moe_rows: no
+sort, one program per (pair, strip), fp8_gemv's wide loads). Programs of tiles past the real ones return at once.
+FP8 weights are converted to x's dtype in registers (exact) with the block's scale applied to each 128-long partial
+sum (BLOCK_K = 128, BLOCK_N divides 128). The grid's first axis is the tile: programs that share an expert's weight
+slice are launched side by side (its rows read once from HBM, the other tiles' reads hit L2). The launch (`MoELaunch`: tile sizes, warps, stages per stage, split-K) comes
 from `LAUNCH_TABLE` by weight format and token count, measured by benchmarks/moe_decode_sweep.py; the token count
 is not a compile-time constant (one compile serves every decode bucket).
 
@@ -45,11 +46,12 @@ from torch import Tensor
 
 from .fp8_quant import dequantize_blocks
 from .fp8_weight_gemm import grouped_tile_map
+from .moe_rows import moe_decode_rows_triton, rows_form
 from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, need_triton, tl, triton, use_triton
 
-__all__ = ["HAS_TRITON", "LAUNCH_TABLE", "MoELaunch", "down_stage", "fused_token_range", "gate_up_stage",
-           "launch_config", "moe_decode", "moe_decode_reference", "moe_decode_sorted_triton", "moe_decode_triton",
-           "sort_pairs"]
+__all__ = ["HAS_TRITON", "LAUNCH_TABLE", "ROWS_MAX_TOKENS", "MoELaunch", "down_stage", "fused_token_range",
+           "gate_up_stage", "launch_config", "moe_decode", "moe_decode_reference", "moe_decode_rows_triton",
+           "moe_decode_sorted_triton", "moe_decode_triton", "rows_form", "sort_pairs"]
 
 
 def _check(x: Tensor, weights: Tensor, idx: Tensor, gate: Tensor, up: Tensor, down: Tensor, scales) -> None:
@@ -425,11 +427,14 @@ def moe_decode_sorted_triton(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor,
 
 def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
                       gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
-                      down_scale: Tensor | None = None, *, gemms=None, sort=None, **overrides) -> Tensor:
+                      down_scale: Tensor | None = None, *, gemms=None, sort=None, rows=None,
+                      max_tokens: int | None = None, **overrides) -> Tensor:
     """The fused MoE through Triton (same contract as `moe_decode_reference`); graph-capturable. `overrides`:
     MoELaunch fields (block_m, block_n, ..., split_k) over the table's launch for T tokens; `gemms` replaces
     `moe_decode_sorted_triton` for steps 2-3 (with its arguments; dsv3.kernels.decode_ops passes its custom op, so
-    that a compiled caller sees steps 1 and 4); `sort` replaces `sort_pairs` for step 1 (same contract)."""
+    that a compiled caller sees steps 1 and 4); `sort` replaces `sort_pairs` for step 1 (same contract); `rows`
+    replaces `moe_decode_rows_triton`, the GEMV form of steps 2-3 that T <= `max_tokens` tokens take
+    (ROWS_MAX_TOKENS; 0: never) unless `overrides` ask for a tiled launch."""
     need_triton("moe_decode_triton")
     scales = (gate_scale, up_scale, down_scale)
     _check(x, weights, idx, gate_proj, up_proj, down_proj, scales)
@@ -441,6 +446,11 @@ def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor
         MoELaunch(**launch)          # validated here too (a compiled decode layer passes none)
     if T * idx.shape[1] == 0 or E == 0:
         return x.new_zeros(T, D)
+    # 2.-3. in the GEMV form, no sort (not when a tiled launch is asked for: `overrides` name its fields)
+    if not overrides and rows_form(x, gate_proj, up_proj, down_proj, max_tokens):
+        y = (rows or moe_decode_rows_triton)(x, weights.float().contiguous(), idx, gate_proj, up_proj, down_proj,
+                                             *scales)
+        return y.view(T, -1, D).sum(1).to(x.dtype)
     sorted_pairs = (sort or sort_pairs)(idx, E, launch["block_m"])          # 1.
     y = (gemms or moe_decode_sorted_triton)(x, weights.float().contiguous(), *sorted_pairs, gate_proj, up_proj,
                                             down_proj, *scales, **launch)   # 2.-3.

@@ -1,0 +1,104 @@
+"""The fused MoE's GEMV form for batch-1 decode: steps 2-3 of dsv3.kernels.moe_decode with one program per (pair,
+BLOCK_N rows) instead of sorted row tiles.
+
+Why: at one token the tiled stages pad each pair to a 16-row MMA tile and stream 128-column blocks; on an H100 they
+read FP8 experts at ~1.5 TB/s and bf16 ones at ~2.6 (RESULTS.md, fifteenth session), and the pair sort before them is
+one more launch per layer. A token's 6 pairs are 6 GEMVs: each program streams a 4-row strip of its pair's expert
+with fp8_gemv's wide loads (`_row_strip`: KU * 128 columns per load, block scales gathered per column; the cold
+GEMV probe's 1.5-1.7x bf16 cuBLAS, sixteenth session), no sort at all.
+
+    h[p] = silu(x[t] . gate_e^T) * (x[t] . up_e^T)       (x's dtype, as the tiled stage stores it)
+    y[p] = tw[p] * (h[p] . down_e^T)                     (fp32; t = p // top_k, e = idx[p])
+
+then the caller's fixed-order combine over k. Pairs that share an expert read its rows once each (the tiled form
+reads them once per tile): fine at batch 1, where 6 of 64 experts rarely repeat, not at larger batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .fp8_gemv import gemv_launch
+from .triton_setup import BLOCK, HAS_TRITON, tl, triton
+
+if HAS_TRITON:
+    from .fp8_gemv import _row_strip
+
+__all__ = ["ROWS_MAX_TOKENS", "moe_decode_rows_triton", "rows_form"]
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gate_up_rows_kernel(X, IDX, WG, WU, SG, SU, H, N, K, NKB, TOPK, stride_xm, stride_we, stride_wn,
+                             stride_se, stride_sn, stride_hm,
+                             BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr):
+        """The GEMV form of step 2, one program per (pair, BLOCK_N rows of I): h[p] = silu(x[t] g_e^T) * x[t] u_e^T
+        for the pair's token t = p // TOPK and expert e = idx[p], each weight strip read with fp8_gemv's wide loads."""
+        p = tl.program_id(0)
+        e = tl.load(IDX + p).to(tl.int64)
+        x = X + (p // TOPK).to(tl.int64) * stride_xm
+        n0 = tl.program_id(1) * BLOCK_N
+        g, offs_n = _row_strip(x, WG + e * stride_we, SG + e * stride_se, n0, N, K, 0, NKB, stride_wn, stride_sn,
+                               BLOCK_N, KU, EVEN_K, FP8)
+        u, _ = _row_strip(x, WU + e * stride_we, SU + e * stride_se, n0, N, K, 0, NKB, stride_wn, stride_sn,
+                          BLOCK_N, KU, EVEN_K, FP8)
+        h = g * tl.sigmoid(g) * u                                          # silu(gate) * up, fp32
+        tl.store(H + p.to(tl.int64) * stride_hm + offs_n, h.to(H.dtype.element_ty), mask=offs_n < N)
+
+    @triton.jit
+    def _down_rows_kernel(H, IDX, WD, SD, TW, Y, N, K, NKB, stride_hm, stride_we, stride_wn, stride_se, stride_sn,
+                          stride_ym, BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr,
+                          FP8: tl.constexpr):
+        """The GEMV form of step 3: y[p] = tw[p] * h[p] d_e^T (fp32), one program per (pair, BLOCK_N rows of D)."""
+        p = tl.program_id(0)
+        e = tl.load(IDX + p).to(tl.int64)
+        acc, offs_n = _row_strip(H + p.to(tl.int64) * stride_hm, WD + e * stride_we, SD + e * stride_se,
+                                 tl.program_id(1) * BLOCK_N, N, K, 0, NKB, stride_wn, stride_sn, BLOCK_N, KU,
+                                 EVEN_K, FP8)
+        tl.store(Y + p.to(tl.int64) * stride_ym + offs_n, acc * tl.load(TW + p), mask=offs_n < N)
+
+
+# Steps 2-3 in the GEMV form (no sort, one program per (pair, 4-row strip)) for decode steps of at most this many
+# tokens: each pair's expert rows streamed with fp8_gemv's wide loads. At batch 1 the tiled stages read FP8 experts at
+# ~1.5 TB/s and bf16 at ~2.6 on an H100 (RESULTS.md, fifteenth session) and the sort is one more launch per layer;
+# pairs of one expert read its rows twice (through L2 when adjacent), which the tiled form avoids at larger batches.
+ROWS_MAX_TOKENS = 2
+
+
+def rows_form(x: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor, max_tokens: int | None = None
+              ) -> bool:
+    """Whether `moe_decode_triton` takes the GEMV form: few tokens, weights with unit stride along K."""
+    limit = ROWS_MAX_TOKENS if max_tokens is None else max_tokens
+    return x.shape[0] <= limit and all(w.stride(2) == 1 for w in (gate_proj, up_proj, down_proj))
+
+
+def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor,
+                           down_proj: Tensor, gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
+                           down_scale: Tensor | None = None) -> Tensor:
+    """Steps 2-3 in the GEMV form: tw (T, K) fp32 routed weights, idx (T, K) -> y (T*K, D) fp32, each pair's weighted
+    expert output at its (token, k) row (as `moe_decode_sorted_triton`, without the sort). Launch: fp8_gemv's
+    one-row rules (`gemv_launch`), no K slices."""
+    D, I = x.shape[1], gate_proj.shape[1]
+    P, topk = idx.numel(), idx.shape[1]
+    fp8 = gate_scale is not None
+    x = x.contiguous()
+    flat = idx.reshape(-1).to(torch.int32)
+    scales = [s.float().contiguous() if fp8 else x for s in (gate_scale, up_scale, down_scale)]
+    h = torch.empty(P, I, device=x.device, dtype=x.dtype)
+    cfg = gemv_launch(1, I, D, 1 << 30)
+    nkb = -(-D // BLOCK)
+    _gate_up_rows_kernel[(P, triton.cdiv(I, cfg["block_n"]))](
+        x, flat, gate_proj, up_proj, scales[0], scales[1], h, I, D, nkb, topk, x.stride(0), gate_proj.stride(0),
+        gate_proj.stride(1), scales[0].stride(0) if fp8 else 0, scales[0].stride(1) if fp8 else 0, h.stride(0),
+        BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=D % (cfg["ku"] * BLOCK) == 0, FP8=fp8,
+        num_warps=cfg["num_warps"])
+    y = torch.empty(P, D, device=x.device, dtype=torch.float32)
+    cfg = gemv_launch(1, D, I, 1 << 30)
+    nkb = -(-I // BLOCK)
+    _down_rows_kernel[(P, triton.cdiv(D, cfg["block_n"]))](
+        h, flat, down_proj, scales[2], tw.reshape(-1), y, D, I, nkb, h.stride(0), down_proj.stride(0),
+        down_proj.stride(1), scales[2].stride(0) if fp8 else 0, scales[2].stride(1) if fp8 else 0, y.stride(0),
+        BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=I % (cfg["ku"] * BLOCK) == 0, FP8=fp8,
+        num_warps=cfg["num_warps"])
+    return y
