@@ -21,6 +21,9 @@
 #   bash benchmarks/gpu_next.sh o   the gate of the graphs captured at start (infer tests), the GEMV probe timed cold
 #   bash benchmarks/gpu_next.sh p   the server at 64 streams, graphs captured at start
 #   bash benchmarks/gpu_next.sh q   the GEMV probe under ncu (where a cold FP8 GEMV's time goes)
+#   bash benchmarks/gpu_next.sh r   the next session's first call: the gate of this session's kernels and infer changes,
+#                                   the GEMV probe, lite batch 1 BF16 vs FP8 profiled
+#   bash benchmarks/gpu_next.sh s   the fused MoE at T = 1, 2: its GEMV form vs the tiled stages' best launch
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -117,5 +120,19 @@ case $PART in
       --section WarpStateStats -k regex:"_fp8_gemv_kernel|_wide_kernel|gemv|nvjet" --csv --page details \
       python benchmarks/gemv_probe.py --ncu > "$OUT/gemv_ncu.csv" 2> "$OUT/gemv_ncu.err"; tail -3 "$OUT/gemv_ncu.err"
     grep -A40 "ncu order" "$OUT/gemv_ncu.csv" | head -40 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q"; exit 2 ;;
+  r)    # the seventeenth session's first call (~8 min): the gate of the sixteenth session's kernels (fp8_gemv's wide
+        # loads, the fused MoE's GEMV form at batch 1) and infer changes (graphs captured at start), then the GEMV
+        # probe (the library's default is now the wide form) and lite batch 1, BF16 vs FP8, profiled
+    install_wheels
+    timeout 220 python -m pytest -q -n 14 -p no:cacheprovider -rfEs tests/test_kernels_fp8_weight_gemm.py \
+      tests/test_kernels_moe_decode.py tests/test_kernels_edge.py tests/test_infer_engine.py \
+      tests/test_infer_decode_compile.py tests/test_infer_fused_proj.py 2>&1 | tail -6 | tee "$OUT/gate.txt"
+    timeout 90 python benchmarks/gemv_probe.py 2>&1 | grep -v Warn | grep -E "lib|bf16" | tee "$OUT/gemv_probe.txt"
+    timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-auto --ttft-batch 0 \
+      --profile > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | grep -E "tok/s|graph replay|ms .*x " \
+      | head -30 ;;
+  s)    # the fused MoE at T = 1, 2: the GEMV form (the table row) against the tiled stages' best launch
+    timeout 200 python benchmarks/moe_decode_sweep.py --tokens 1,2 --deadline-s 150 --warm-s 40 2>&1 \
+      | grep -v Warn | tail -20 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s"; exit 2 ;;
 esac
