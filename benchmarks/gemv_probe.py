@@ -4,7 +4,8 @@
 At M = 1 on the fused shapes a `lite` step runs (fp8_weight_gemm_bench.ENGINE) it times, cold (each call of a captured
 sequence reads the next of 256 MB of weight copies), the library GEMV (kernels/fp8_gemv.py) at its default launch and
 at two others, a probe kernel that loads each strip's KW contiguous columns in one wide load (16-byte vectors, the
-block scales gathered per column) at a few (rows per program, KW, warps), and bf16 cuBLAS. Each variant is first
+block scales gathered per column) at a few (rows per program, KW, warps), and bf16 weights through kernels.gemv's
+one-row path (the same wide loads, unscaled) and through cuBLAS. Each variant is first
 checked against fp8_linear_reference. `--ncu`: one cold call of each instead (run under
 `ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats`),
 the order of the calls printed at the end (two launches each: the check's, the cold call's), so that the counters say which of latency, occupancy or issue limits it.
@@ -26,6 +27,7 @@ import triton.testing
 from dsv3.fp8 import quantize_blocks
 from dsv3.kernels.fp8_gemv import fp8_gemv
 from dsv3.kernels.fp8_weight_gemm import fp8_linear_reference
+from dsv3.kernels.gemv import gemv_triton
 
 ENGINE = {"q_kv_a": (3648, 2048), "o_proj": (2048, 2048), "shared_up": (5632, 2048), "shared_down": (2048, 2816)}
 LIB = {"default": {}, "ku16": dict(block_n=8, ku=16, split=1), "bn16_ku8": dict(block_n=16, ku=8, split=1)}
@@ -89,22 +91,24 @@ def main() -> None:
         n = 1 if args.dry_run else max(1, COLD_BYTES // q.numel())
         qs = [(q.clone(), s.clone()) for _ in range(n)]
         wb = [w.to(x.dtype) for _ in range(max(1, n // 2))] if not args.dry_run else [w]
-        for vname, fn in variants(K, args.ncu) + [("bf16 cuBLAS", None)]:
-            err = float("nan")
-            if fn is not None:
-                err = ((fn(x, q, s).float() - ref).norm() / ref.norm()).item()
-                assert err < 2e-2, (name, vname, err)
+        bf16_ref = torch.nn.functional.linear(x, wb[0]).float()
+        # (name, fn, the copies it cycles, its reference, bytes read): FP8 variants, then bf16 ones
+        runs = [(vname, fn, qs, ref, q.numel()) for vname, fn in variants(K, args.ncu)] + [
+            ("bf16 wide (gemv M=1)", gemv_triton, [(c,) for c in wb], bf16_ref, 2 * q.numel()),
+            ("bf16 cuBLAS", torch.nn.functional.linear, [(c,) for c in wb], bf16_ref, 2 * q.numel())]
+        for vname, fn, copies, want, nbytes in runs:
+            err = ((fn(x, *copies[0]).float() - want).norm() / want.norm()).item()
+            assert err < 2e-2, (name, vname, err)
             if args.dry_run:
                 print(f"{name} {vname}: err {err:.1e}")
                 continue
-            it = itertools.cycle(qs if fn is not None else wb)
-            call = (lambda: fn(x, *next(it))) if fn is not None else (lambda: torch.nn.functional.linear(x, next(it)))
+            it = itertools.cycle(copies)
+            call = lambda fn=fn, it=it: fn(x, *next(it))      # noqa: E731
             if args.ncu:                                 # the check's launch, then this cold one
                 call()
                 order.append(f"{name} {vname} (check, then cold)")
                 continue
             us = triton.testing.do_bench_cudagraph(call, rep=20, return_mode="median") * 1e3
-            nbytes = q.numel() * (2 if fn is None else 1)
             print(f"{name:11s} {vname:22s} {us:7.2f} us  {nbytes / us / 1e6:5.2f} TB/s", flush=True)
         del qs, wb
         torch.cuda.empty_cache() if not args.dry_run else None

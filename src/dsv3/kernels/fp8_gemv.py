@@ -105,7 +105,7 @@ if HAS_TRITON:
     def _fp8_gemv_kernel(X, W, S, Y, M, N, K, KB_PER_SPLIT, NKB,
                          stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
                          BM: tl.constexpr, BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr,
-                         USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+                         USE_DOT: tl.constexpr, SCALED: tl.constexpr, DOT_PREC: tl.constexpr):
         offs_m = tl.arange(0, BM)
         mask_m = offs_m < M
         kb0 = tl.program_id(1) * KB_PER_SPLIT
@@ -115,7 +115,7 @@ if HAS_TRITON:
             acc, offs_n = _dot_strip(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1, stride_xm, stride_wn, stride_sn,
                                      BM, BLOCK_N, KU, EVEN_K, DOT_PREC)
         else:
-            row, offs_n = _row_strip(X, W, S, n0, N, K, kb0, kb1, stride_wn, stride_sn, BLOCK_N, KU, EVEN_K, True)
+            row, offs_n = _row_strip(X, W, S, n0, N, K, kb0, kb1, stride_wn, stride_sn, BLOCK_N, KU, EVEN_K, SCALED)
             acc = row[None, :]
         y = Y + tl.program_id(1).to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & (offs_n[None, :] < N))    # 2.
@@ -197,15 +197,18 @@ def _out(split: int, M: int, N: int, x: Tensor) -> Tensor:
     return torch.empty(split, M, N, device=x.device, dtype=x.dtype if split == 1 else torch.float32)
 
 
-def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_n: int | None = None, ku: int | None = None,
-             split: int | None = None, num_warps: int | None = None) -> Tensor:
+def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor | None, *, block_n: int | None = None,
+             ku: int | None = None, split: int | None = None, num_warps: int | None = None) -> Tensor:
     """x (M <= GEMV_MAX_M, K) @ dequant(weight (N, K), scale_inv).T -> (M, N) in x's dtype; inputs as
-    fp8_weight_gemm's `_check_common` validated them. Keywords override the launch table."""
+    fp8_weight_gemm's `_check_common` validated them. Keywords override the launch table. scale_inv None: one row
+    (M = 1) times a weight in a float dtype, unscaled (the same wide-load strips: kernels.gemv's one-row path)."""
     M, K = x.shape
     N = weight.shape[0]
-    if M > GEMV_MAX_M or x.dtype not in TRITON_DTYPES or weight.stride(1) != 1 or x.stride(1) != 1:
-        raise ValueError(f"fp8_gemv takes M <= {GEMV_MAX_M} rows in {TRITON_DTYPES} with unit K stride, got "
-                         f"x {tuple(x.shape)} {x.dtype} stride {x.stride()}, weight stride {weight.stride()}")
+    if M > GEMV_MAX_M or x.dtype not in TRITON_DTYPES or weight.stride(1) != 1 or x.stride(1) != 1 or \
+            (scale_inv is None and (M > 1 or weight.dtype == torch.float8_e4m3fn)):
+        raise ValueError(f"fp8_gemv takes M <= {GEMV_MAX_M} rows in {TRITON_DTYPES} with unit K stride (without "
+                         f"scales: one row and a float weight), got x {tuple(x.shape)} {x.dtype} stride "
+                         f"{x.stride()}, weight {weight.dtype} stride {weight.stride()}")
     if M == 0 or N == 0 or K == 0:
         return torch.zeros(M, N, device=x.device, dtype=x.dtype)
     cfg, per, split, even = _resolve(M, N, K, x.device, 1, dict(block_n=block_n, ku=ku, split=split,
@@ -213,11 +216,13 @@ def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_n: int | Non
     y = _out(split, M, N, x)
     use_dot = M >= 2
     bm = 16 if use_dot else 1                                # tl.dot's smallest M; rows past M masked
-    scale_inv = scale_inv.float().contiguous()               # the kernel steps along a scale row with stride 1
+    scaled = scale_inv is not None
+    # the kernel steps along a scale row with stride 1; unscaled, a placeholder it never reads
+    scale_inv = scale_inv.float().contiguous() if scaled else weight
     _fp8_gemv_kernel[(triton.cdiv(N, cfg["block_n"]), split)](
         x, weight, scale_inv, y, M, N, K, per, -(-K // BLOCK), x.stride(0), weight.stride(0), scale_inv.stride(0),
         y.stride(0), y.stride(1), BM=bm, BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=even, USE_DOT=use_dot,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"])
+        SCALED=scaled, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"])
     return _sum_planes(y, x.dtype)
 
 

@@ -4,7 +4,10 @@ Why: at batch 1 a dense projection is bound by reading W once; cuBLAS's M=1 kern
 of copy bandwidth on `lite`'s shapes (benchmarks/RESULTS.md, issue 16). The whole job is to keep enough loads in
 flight: as gpt-fast's and vLLM's decode GEMVs, many programs each stream a narrow slab of W's rows.
 
-Steps (one program per (N tile, K slice)):
+One row (M = 1) takes fp8_gemv's one-row path without scales: each 4-row strip of W loaded 1024 columns at a time
+in one wide load, products kept per lane (the FP8 form read cold weights 1.5-1.7x faster than bf16 cuBLAS on an
+H100, RESULTS.md sixteenth session; this bf16 form is timed by benchmarks/gemv_probe.py). M >= 2, one program per
+(N tile, K slice):
   1. the program's BLOCK_N rows of W over its K slice, BLOCK_K columns at a time, and the same columns of x;
   2. acc (BM, BLOCK_N) += sum over k of x[m, k] * W[n, k], in fp32 (a broadcast product, no tensor cores: M is tiny);
   3. one K slice: store acc in x's dtype; several (too few N tiles to fill the GPU): fp32 atomic adds into a zeroed
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fp8_gemv import fp8_gemv
 from .triton_setup import need_triton, tl, triton, use_triton
 
 __all__ = ["GEMV_MAX_M", "gemv", "gemv_reference", "gemv_triton"]
@@ -76,6 +80,8 @@ def gemv_triton(x: Tensor, weight: Tensor, *, splits: int | None = None) -> Tens
     if M == 0 or N == 0:    # nothing to launch (a 0-row batch would make BM = 0: tl.arange(0, 0))
         return x.new_zeros(M, N)
     x, weight = x.contiguous(), weight.contiguous()
+    if M == 1 and splits is None:   # one row: fp8_gemv's wide-load strips, unscaled (benchmarks/gemv_probe.py)
+        return fp8_gemv(x, weight, None)
     block_n, block_k, split, warps = _launch(M, N, K, x.device)
     split = splits or split
     k_per = -(-K // (split * block_k)) * block_k
