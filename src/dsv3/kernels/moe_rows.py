@@ -83,7 +83,7 @@ def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor
     P, topk = idx.numel(), idx.shape[1]
     fp8 = gate_scale is not None
     x = x.contiguous()
-    flat = idx.reshape(-1)                      # the router's ids as they are: a cast would be one more kernel per layer
+    flat = idx.reshape(-1)          # the router's ids as they are: a cast would be one more kernel per layer
     scales = [s.float().contiguous() if fp8 else x for s in (gate_scale, up_scale, down_scale)]
     h = torch.empty(P, I, device=x.device, dtype=x.dtype)
     cfg = gemv_launch(1, I, D, 1 << 30)
