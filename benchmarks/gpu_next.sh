@@ -124,8 +124,8 @@ case $PART in
         # loads, the fused MoE's GEMV form at batch 1) and infer changes (graphs captured at start), then the GEMV
         # probe (the library's default is now the wide form) and lite batch 1, BF16 vs FP8, profiled
     install_wheels
-    timeout 220 python -m pytest -q -n 14 -p no:cacheprovider -rfEs tests/test_kernels_fp8_weight_gemm.py tests/test_kernels_gemv.py \
-      tests/test_kernels_moe_decode.py tests/test_kernels_edge.py tests/test_infer_engine.py \
+    timeout 220 python -m pytest -q -n 14 -p no:cacheprovider -rfEs tests/test_kernels_fp8_weight_gemm.py \
+      tests/test_kernels_gemv.py tests/test_kernels_moe_decode.py tests/test_kernels_edge.py tests/test_infer_engine.py \
       tests/test_infer_decode_compile.py tests/test_infer_fused_proj.py 2>&1 | tail -6 | tee "$OUT/gate.txt"
     timeout 90 python benchmarks/gemv_probe.py 2>&1 | grep -v Warn | grep -E "lib|bf16" | tee "$OUT/gemv_probe.txt"
     timeout 190 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,gemv,fp8-auto --ttft-batch 0 \
