@@ -1,5 +1,10 @@
 """The engine benchmarks' bookkeeping on CPU (tiny model): what they count, not how fast it is."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from conftest import build, tiny_config
@@ -33,3 +38,17 @@ def test_bench_serve_runs_every_request_through_the_server(tmp_path):
     r = json.loads(out.read_text())
     assert r["errors"] == [] and r["completed"] == r["requests"] == 4
     assert r["output_tok_per_s"] > 0 and r["engine_output_tok_per_s"] > 0
+
+
+def test_bench_decode_runs_without_the_serve_extra():
+    """`dsv3 bench decode` on an install without the `serve` extra (fastapi, uvicorn): the server's modules are
+    imported by `bench serve` only (they were imported at the top of dsv3.launch.bench, so bench decode failed with
+    ModuleNotFoundError: fastapi, as it did on the GPU image without the extra's wheels)."""
+    code = ("import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
+            "from dsv3.cli import main\n"
+            "main(['bench', 'decode', '--config', 'tiny', '--batches', '1', '--tokens', '2', '--prompt', '4', "
+            "'--device', 'cpu'])\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(root / "src")),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "decode  batch    1" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

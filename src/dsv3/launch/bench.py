@@ -14,7 +14,6 @@ import torch
 from ..config import load_model_config
 from ..infer import EngineConfig
 from ..infer.bench import bench_decode, bench_prefill
-from ..serve.bench import bench_serve_vs_engine, run_load
 from .loading import bench_engine, bench_model, bench_tokenizer, default_device
 
 
@@ -36,6 +35,8 @@ def run_bench(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
 
 
 def _bench_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
+    # here, not at the top: dsv3.serve needs the `serve` extra (fastapi), which bench decode / prefill do not
+    from ..serve.bench import bench_serve_vs_engine, run_load
     g = torch.Generator().manual_seed(0)
     # a local server refuses ids past its tokenizer's (serve/validation.token_limits): the bench tokenizer has 512
     vocab = args.vocab_size if args.url else min(load_model_config(args.config).vocab_size,
