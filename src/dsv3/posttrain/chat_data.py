@@ -14,7 +14,10 @@ generation prompt) stops being reproduced by `through`:
   `<｜Assistant｜>` marker;
 - R1's release template: its generation prompt is `<｜Assistant｜><think>\n`, but a rendered assistant turn is
   `<｜Assistant｜>` + the answer (reasoning stripped), so `before` is not a prefix of `through`. What the model
-  generates in the training text starts at the first token where the two differ: right after `<｜Assistant｜>`. The
+  generates in the training text starts at the first token where the two differ: right after `<｜Assistant｜>`.
+  Why there: what the two share is prompt (the server sends it, the model never writes it), and what follows it in
+  the training text is the turn's answer and EOS, which the model writes. (The training text thus lacks the
+  `<think>\n` that the served prompt ends in: it is R1's template that lays out a turn without it.) The
   comparison skips whitespace-only tokens (a template's indentation: the V3.1 tool template of vLLM lays out the
   generation prompt and the same turn with different runs of spaces, which are not content), and when the
   generation prompt is not reproduced whole, the shared part is cut back to just after its last marker (an added
