@@ -211,3 +211,27 @@ def test_no_conversation_is_held_out_for_an_eval_that_never_runs(files, log, hel
     trainer.run()
     resumed, _ = sft_trainer(None, ["train.steps=9"], resume=True, run_dir=str(tmp / name))   # the run's split
     assert len(resumed.loader.examples) == len(ROWS) - held
+
+
+def test_a_conversation_of_seq_len_plus_one_tokens_is_kept(tmp_path):
+    """A conversation of n tokens feeds the model n - 1 (the last is only a target), as pre-training's windows of
+    seq_len + 1 do: one of data.seq_len + 1 tokens trains and evaluates, at data.seq_len = max_position_embeddings
+    (the tightest the config allows); one token more is dropped."""
+    from dsv3.data import Tokenizer
+    tok = Tokenizer.load(make_base(tmp_path / "probe"))
+    fits, longer = conversation(12, 30), conversation(12, 30)
+    longer["messages"][0]["content"] += " Think."
+    n = len(encode_conversation(tok, fits["messages"]).ids)
+    assert len(encode_conversation(tok, longer["messages"]).ids) > n
+    base = make_base(tmp_path / "base", max_positions=n - 1)
+    data = write_chat(tmp_path / "chat.jsonl", [fits, longer])
+    trainer, lines = sft_trainer(run_file(tmp_path, base, data, "fit", sft={"eval_files": [str(data)]},
+                                          train={"steps": 1, "batch_size": 1, "micro_batch_size": 1},
+                                          log={"val_interval": 1, "val_batches": 1}, checkpoint={"interval": 0}),
+                                 [f"data.seq_len={n - 1}"])
+    assert f"1 conversations kept, 1 dropped (1 longer than {n} tokens)" in lines[0]
+    window, targets = trainer.loader.next_batch(1)
+    assert window.shape == (1, n) and targets.shape == (1, n - 1)      # the model reads seq_len = n - 1 tokens
+    trainer.run()
+    assert read_metrics(trainer.run_dir, kind="train")[-1]["tokens"] == n - 1
+    assert read_metrics(trainer.run_dir, kind="val")[-1]["val_loss"] > 0

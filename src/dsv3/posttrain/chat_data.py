@@ -6,10 +6,35 @@ files. A conversation is encoded exactly as the server encodes it (`dsv3.data.ch
 text, so a model is trained on the ids it is served) and the loss covers each assistant turn's content and its
 closing EOS, nothing else: not the system prompt, the user turns or the `<｜Assistant｜>` marker.
 
-The mask comes from prefixes: the turn of assistant message i spans from the end of the conversation up to i with a
-generation prompt (it ends in the `<｜Assistant｜>` marker) to the end of the conversation up to and including i
-(it ends in EOS). Both ends are special tokens, where the tokenizer splits, so each prefix's ids are a prefix of
-the whole conversation's; that is checked, and a template for which it fails is an error, not a silent mis-mask.
+The mask comes from prefixes. Assistant message i's turn ends where the conversation up to and including i ends
+(`through`: EOS, a special token where the tokenizer splits, so its ids are a prefix of the whole conversation's;
+checked). It starts where the prompt the server would send for it (`before`: the conversation up to i with the
+generation prompt) stops being reproduced by `through`:
+- V3's layout (and any whose generation prompt is a prefix of the turn): right after `before`, the
+  `<｜Assistant｜>` marker;
+- R1's release template: its generation prompt is `<｜Assistant｜><think>\n`, but a rendered assistant turn is
+  `<｜Assistant｜>` + the answer (reasoning stripped), so `before` is not a prefix of `through`. What the model
+  generates in the training text starts at the first token where the two differ: right after `<｜Assistant｜>`.
+  Why there: what the two share is prompt (the server sends it, the model never writes it), and what follows it in
+  the training text is the turn's answer and EOS, which the model writes. (The training text thus lacks the
+  `<think>\n` that the served prompt ends in: it is R1's template that lays out a turn without it.) The
+  comparison skips whitespace-only tokens (a template's indentation: the V3.1 tool template of vLLM lays out the
+  generation prompt and the same turn with different runs of spaces, which are not content), and when the
+  generation prompt is not reproduced whole, the shared part is cut back to just after its last marker (an added
+  token: `<｜Assistant｜>`, `</think>`) or whitespace token: with a tokenizer that has no `<think>` token, R1's
+  `<think>` and an answer's `<answer>` both begin with the text token `<`, a shared token that belongs to the
+  answer. The loss may not start inside the conversation before turn i (its rendering without the generation
+  prompt): a template that renders earlier turns differently when a reply follows is an error, not a silent
+  mis-mask.
+
+Reasoning: what is trained is what the template renders. An assistant message's reasoning (`<think>...</think>`
+at the start of its content, or a `reasoning_content` field) is trained only where the template writes it into the
+turn: V3's layout (dsv3's default) writes content as it is, so `<think>...</think>` is trained (as the `<think>` /
+`</think>` tokens where the tokenizer has them); R1's and V3.1's release templates strip everything up to
+`</think>` from every assistant turn, the last included, and no DeepSeek template reads `reasoning_content`, so with
+them only the answer and EOS are trained. Such turns are counted (`ChatDataReport.reasoning_dropped`, in the
+summary the run logs), never dropped silently. To train R1-style reasoning, use a template that renders it (V3's
+layout with the reasoning in the content).
 
 Bad rows (not a list of messages, an unknown role, content that is not a non-empty string, no assistant turn, too
 long) are never kept silently: `read_chat_rows` counts each reason and `ChatDataReport` says how many and where the
@@ -37,6 +62,7 @@ class ChatDataError(ValueError):
 class ChatExample:
     ids: list[int]
     loss_mask: list[bool]        # True where the token is predicted with loss (assistant content and its EOS)
+    reasoning_dropped: int = 0   # assistant turns whose reasoning the template did not render (not trained)
 
 
 @dataclass
@@ -44,13 +70,16 @@ class ChatDataReport:
     kept: int = 0
     bad: Counter = field(default_factory=Counter)              # reason -> rows
     examples: list[str] = field(default_factory=list)          # "file:line: reason" of the first few bad rows
+    reasoning_dropped: int = 0     # kept conversations' assistant turns whose reasoning the template does not render
 
     def summary(self) -> str:
+        note = (f"; the reasoning of {self.reasoning_dropped} assistant turns is not rendered by the chat template, "
+                f"so not trained (module docstring)" if self.reasoning_dropped else "")
         if not self.bad:
-            return f"{self.kept} conversations"
+            return f"{self.kept} conversations" + note
         reasons = ", ".join(f"{n} {why}" for why, n in self.bad.most_common())
         return f"{self.kept} conversations kept, {sum(self.bad.values())} dropped ({reasons}); first: " + \
-            "; ".join(self.examples)
+            "; ".join(self.examples) + note
 
 
 def conversation_problem(messages) -> str | None:
@@ -72,16 +101,83 @@ def encode_conversation(tokenizer, messages: list[dict], template: ChatTemplate 
     template = template or ChatTemplate()
     ids = template.encode(tokenizer, messages, add_generation_prompt=False)
     mask = [False] * len(ids)
+    dropped = 0
+    kinds = _TokenKinds(tokenizer)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         before = template.encode(tokenizer, messages[:i], add_generation_prompt=True)
         through = template.encode(tokenizer, messages[:i + 1], add_generation_prompt=False)
-        if ids[:len(before)] != before or ids[:len(through)] != through or len(through) <= len(before):
+        if ids[:len(through)] != through:
             raise ChatDataError(f"the chat template does not encode assistant turn {i} as a prefix of the whole "
                                 f"conversation: cannot mask its loss")
-        mask[len(before):len(through)] = [True] * (len(through) - len(before))
-    return ChatExample(ids, mask)
+        if through[:len(before)] == before:
+            start = len(before)             # the generation prompt is reproduced: V3's layout, as always
+        else:
+            history = template.encode(tokenizer, messages[:i], add_generation_prompt=False)
+            start = _turn_start(before, through, kinds)
+            if through[:len(history)] != history or start < len(history):
+                raise ChatDataError(f"the chat template renders the conversation before assistant turn {i} "
+                                    f"differently when the turn follows: cannot mask its loss")
+        if len(through) <= start:
+            raise ChatDataError(f"the chat template leaves nothing of assistant turn {i} after its prompt: cannot "
+                                f"mask its loss")
+        mask[start:len(through)] = [True] * (len(through) - start)
+        reasoning = _reasoning(m)
+        if reasoning and reasoning not in tokenizer.decode(through[start:]):
+            dropped += 1
+    return ChatExample(ids, mask, dropped)
+
+
+class _TokenKinds:
+    """Which ids are markers (added tokens: the template's control tokens, <think>) and which decode to whitespace
+    alone; decoded once per id."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.markers = frozenset(tokenizer.backend.get_added_tokens_decoder())
+        self._space: dict[int, bool] = {}
+
+    def space(self, i: int) -> bool:
+        if i not in self._space:
+            text = self.tokenizer.decode([i])
+            self._space[i] = i not in self.markers and bool(text) and not text.strip()
+        return self._space[i]
+
+
+def _turn_start(before: list[int], through: list[int], kinds: _TokenKinds) -> int:
+    """Where the turn's loss starts in `through` when `before` (its prompt with the generation prompt) is not a
+    prefix of it: right after the last token of `through` that the two share, compared token by token with
+    whitespace-only tokens skipped on either side; if the generation prompt is not reproduced whole (R1's
+    `<think>\n`), cut back to just after the shared part's last marker or whitespace token (module docstring)."""
+    b = t = end = 0
+    while b < len(before) and t < len(through):
+        if before[b] == through[t]:
+            b, t = b + 1, t + 1
+            end = t
+        elif kinds.space(before[b]) or kinds.space(through[t]):     # indentation laid out differently
+            b += kinds.space(before[b])
+            t += kinds.space(through[t])
+        else:
+            break
+    if all(kinds.space(x) for x in before[b:]):
+        return end
+    while end and through[end - 1] not in kinds.markers and not kinds.space(through[end - 1]):
+        end -= 1
+    return end
+
+
+def _reasoning(message: dict) -> str:
+    """An assistant message's reasoning (its `reasoning_content`, or what its content has before `</think>`),
+    stripped; "" if none."""
+    r = message.get("reasoning_content")
+    if isinstance(r, str) and r.strip():
+        return r.strip()
+    content = message["content"]
+    if "</think>" not in content:
+        return ""
+    r = content.split("</think>")[0].strip()
+    return r.removeprefix("<think>").strip()
 
 
 def read_chat_rows(paths: Iterable[str | Path], tokenizer, max_len: int, template: ChatTemplate | None = None,
@@ -112,6 +208,7 @@ def read_chat_rows(paths: Iterable[str | Path], tokenizer, max_len: int, templat
                 continue
             out.append(example)
             report.kept += 1
+            report.reasoning_dropped += example.reasoning_dropped
     return out, report
 
 

@@ -124,13 +124,15 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
         raise ConfigError("invalid sft config: [model] comes from sft.init; remove it")
     base = load_base(section.init, section.ema)
     _, cfg = split_config("sft", d, base.model_config.to_dict())
-    # step 3: conversations (at most data.seq_len tokens), the eval split
-    train, report = read_chat_rows(section.train_files, base.tokenizer, cfg.data.seq_len, _template(base),
-                                   section.strict)
+    # step 3: conversations (at most data.seq_len + 1 tokens), the eval split. A row of n tokens is a window of n:
+    # the model reads its first n - 1 (the last is only a target; losses.lm_losses), as pre-training's seq_len + 1
+    # windows give seq_len inputs, so seq_len + 1 tokens fit data.seq_len (<= max_position_embeddings: config)
+    max_len = cfg.data.seq_len + 1
+    train, report = read_chat_rows(section.train_files, base.tokenizer, max_len, _template(base), section.strict)
     if not train:                # said with why each row was dropped (ChatBatches' own error cannot say it)
         raise ValueError(f"sft.train_files: no conversation to train on: {report.summary()}")
     if section.eval_files:
-        val, val_report = read_chat_rows(section.eval_files, base.tokenizer, cfg.data.seq_len, _template(base),
+        val, val_report = read_chat_rows(section.eval_files, base.tokenizer, max_len, _template(base),
                                          section.strict)
     else:
         n_val = held_out(cfg, section.eval_fraction, len(train), resume)
@@ -153,6 +155,7 @@ def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: 
         write_whole(trainer.run_dir / SAVED, json.dumps(saved or d, indent=1))
         write_whole(trainer.run_dir / "sft_data.json", json.dumps(
             {"train": report.kept, "train_dropped": dict(report.bad), "first_bad": report.examples,
+             "reasoning_not_trained": report.reasoning_dropped,
              "eval": len(val), "config": section_dict(section)}, indent=1))
         if not resume:
             for line in lines:
