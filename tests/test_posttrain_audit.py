@@ -230,10 +230,10 @@ def test_sft_resume_on_other_conversations_is_refused(base, tmp_path):
 
 
 def test_sft_with_every_row_dropped_says_why(base, tmp_path):
-    """Every conversation dropped (here: each longer than data.seq_len): the error said only 'every row was dropped
-    or the files are empty', not which rows or why."""
+    """Every conversation dropped (here: each longer than data.seq_len + 1, what a row of seq_len inputs holds): the
+    error said only 'every row was dropped or the files are empty', not which rows or why."""
     data = write_chat(tmp_path / "chat.jsonl", [conversation(10 ** 30, b) for b in range(3)])
     with pytest.raises(ValueError, match=rf"sft.train_files: no conversation to train on: 0 conversations kept, 3 "
-                                         rf"dropped \(3 longer than 16 tokens\); first: {data}:1: longer"):
+                                         rf"dropped \(3 longer than 17 tokens\); first: {data}:1: longer"):
         sft_trainer(sft_file(tmp_path, base, "run"), ["data.seq_len=16"])
     assert not (tmp_path / "run").exists()
