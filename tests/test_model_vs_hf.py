@@ -114,6 +114,20 @@ def test_deepseek_v2_family_matches_hf(method, tmp_path):
         assert (v3(ids) - ref).abs().max() > 1e-3
 
 
+def _saved_v2(raw: dict, path):
+    """transformers' DeepseekV2 built from the config.json keys `raw` (its own defaults for the rest), weights
+    N(0, 0.3), saved to `path`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**raw)).float().eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.normal_(0, 0.3)
+        hf.save_pretrained(path)
+    return hf
+
+
 def test_a_deepseek_v2_file_without_scoring_func_reads_as_transformers_reads_it(tmp_path):
     """transformers' DeepseekV2Config has no `scoring_func` (its router is always softmax), so the config.json it
     writes has none: the absent key must read as softmax for a deepseek_v2 file, not V3's sigmoid (before: sigmoid
@@ -122,16 +136,11 @@ def test_a_deepseek_v2_file_without_scoring_func_reads_as_transformers_reads_it(
     cfg = tiny_config(model_type="deepseek_v2", topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
                       routed_scaling_factor=1.0, num_nextn_predict_layers=0, n_group=1, topk_group=1, rope_scaling=None)
     raw = {k: v for k, v in cfg.to_hf().items() if k not in ("scoring_func", "num_nextn_predict_layers")}
+    hf = _saved_v2(raw, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "scoring_func" not in written
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**raw)).float().eval()
-        with torch.no_grad():
-            for p in hf.parameters():
-                p.normal_(0, 0.3)
-        hf.save_pretrained(tmp_path)
-        written = json.loads((tmp_path / "config.json").read_text())
-        assert "scoring_func" not in written
         ours = dsv3.load_pretrained(tmp_path, dtype=torch.float32).eval()
     assert ours.config.scoring_func == "softmax"
     assert dsv3.ModelConfig.from_hf(written).to_hf() == written
@@ -150,14 +159,7 @@ def test_a_minimal_deepseek_v2_file_reads_with_transformers_v2_defaults(tmp_path
                intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=None,
                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, torch_dtype="float32")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        hf = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**raw)).float().eval()
-        with torch.no_grad():
-            for p in hf.parameters():
-                p.normal_(0, 0.3)
-        hf.save_pretrained(tmp_path)
+    hf = _saved_v2(raw, tmp_path)
     ids = torch.randint(0, 128, (2, 20))
     for keys in (raw, {**raw, "first_k_dense_replace": 0, "n_shared_experts": 2}):
         (tmp_path / "config.json").write_text(json.dumps(keys))
