@@ -16,9 +16,10 @@ layout (`load_whole_into` cuts a single-process checkpoint to a rank's rows).
 At world > 1 the run writes the sharded format instead (`save_sharded`, checkpoint.format=auto): the same
 directory name and state.json / config.json / rng.pt, with the weights, optimizer state and EMA as a
 torch.distributed.checkpoint directory (`.metadata` + one `*.distcp` file per writing rank: each rank writes only
-the rows it holds, dsv3.parallel.dcp). Every rank writes into the temporary sibling; after a barrier rank 0 writes
-the small files and the manifest, last, and renames the directory into place: a half-written save is never a
-checkpoint. It loads at any world size and layout (`load_sharded`), also into one plain process.
+the rows it holds, dsv3.parallel.dcp). Every rank writes into the temporary sibling; once every rank's writes went
+well rank 0 writes the small files and the manifest, last, and renames the directory into place: a half-written
+save is never a checkpoint. A rank whose part failed fails every rank at once (_on_every_rank), none waiting out
+parallel.timeout_minutes for it. It loads at any world size and layout (`load_sharded`), also into one plain process.
 With checkpoint.async_save the shards are written in the background (torch's async_save, after a copy to CPU
 memory) and the commit (the small files, the manifest, the rename) waits for every rank's writes: it is
 `PendingSave.commit`, which the trainer calls at the next save, at the end and before a signal's save.
@@ -31,6 +32,7 @@ checkpoint that verifies (`newest_valid_checkpoint`), saying which ones it skipp
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import sys
@@ -43,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -291,9 +294,54 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier(group: dist.ProcessGroup | None = None) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
+# the outcome exchanges made by this process (_on_every_rank): every rank makes the same ones, in the same order
+_exchanges = itertools.count()
+
+
+def _on_every_rank(fn: Callable[[], object] | None) -> object:
+    """fn() on this rank (None: nothing to do here), then every rank's outcome on every rank, in place of a barrier
+    (every rank calls it): when a rank's part failed (a full disk, a manifest that could not be written), that rank
+    raises its error and every other rank a CheckpointWriteError naming it, at once, rather than waiting out
+    parallel.timeout_minutes in a barrier the failed rank never reaches. Returns fn's result on this rank."""
+    result, error = None, None
+    try:
+        if fn is not None:
+            result = fn()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001  (DCP's CheckpointException: a BaseException)
+        error = e
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return result
+    said = "" if error is None else f"{type(error).__name__}: {str(error).strip()}".split("\n")[0][:300]
+    failed = _exchange_outcomes(said)
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise CheckpointWriteError(f"rank {failed[0]} failed its part of the save ({failed[1]})")
+    return result
+
+
+def _exchange_outcomes(said: str) -> tuple[int, str] | None:
+    """Every rank's `said` ("" when its part went well) through the job's store; the first rank that failed and its
+    error, or None. Not a gloo collective: gloo's worker thread drops a finished collective's tensors only after the
+    caller's wait returned, and where that collective is the process's last (the final save, then exit) the drop
+    can fall in interpreter shutdown, where its taking the GIL ends the thread inside the work's destructor:
+    std::terminate, SIGABRT "terminate called without an active exception" (the 2-rank SFT under EP of
+    test_par_audit). A store request runs in the calling thread and holds no tensor; a save's last step is this."""
+    store = dist.PrefixStore("dsv3/checkpoint/", dist.distributed_c10d._get_default_store())
+    seq, rank, world = next(_exchanges), dist.get_rank(), dist.get_world_size()
+    keys = [f"{seq}/{r}" for r in range(world)]
+    store.set(keys[rank], said)
+    try:
+        every = [v.decode() for v in store.multi_get(keys)]    # waits for every key, up to the store's timeout
+    except RuntimeError as e:           # a rank hung or died: a timeout, as a barrier's would be (cli names it)
+        silent = [r for r, k in enumerate(keys) if not store.check([k])]
+        raise RuntimeError(f"checkpoint: timed out waiting for rank(s) {silent} to finish their part of the save "
+                           f"({str(e).strip().splitlines()[0][:200]})") from e
+    if seq > 0:     # every rank read the previous exchange's keys before it set its key of this one
+        store.delete_key(f"{seq - 1}/{rank}")
+    return next(((r, why) for r, why in enumerate(every) if why), None)
 
 
 def checkpoint_group() -> dist.ProcessGroup | None:
@@ -312,9 +360,10 @@ def save_sharded(run_dir: str | Path, step: int, entries: dict[str, torch.Tensor
     background (checkpoint.async_save): return once `entries` are copied to CPU memory, the writes continuing in a
     thread over `group` (checkpoint_group()); the PendingSave's commit() (a collective) finishes the save."""
     target = checkpoint_path(run_dir, step)
-    # 1. rank 0 makes the temporary directory (renamed into place only by commit) and tells every rank its name
+    # 1. rank 0 makes the temporary directory (renamed into place only by commit) and tells every rank its name (or
+    # that it could not)
     stack = ExitStack()
-    where = [str(stack.enter_context(atomic_directory(target))) if _rank() == 0 else None]
+    where = [_on_every_rank((lambda: str(stack.enter_context(atomic_directory(target)))) if _rank() == 0 else None)]
     try:
         if dist.is_initialized():
             dist.broadcast_object_list(where, src=0)
@@ -350,32 +399,37 @@ class PendingSave:
         """Wait for this rank's writes, then for every rank's; rank 0 then adds the small files and the manifest
         (last) and renames the directory into place, and prunes to `keep`. A collective; returns the path. Until it
         returns there is no manifest, so a crash leaves a save that is never resumed."""
+        # a rank's failure at any step fails every rank at once (_on_every_rank): none waits for it until the timeout
         try:
-            if self.future is not None:
-                self.future.result()
-            _barrier(self.group)            # 3. every rank's shards are written
-            shards = self._hash_shards()
-            if _rank() == 0:                # 4. the commit
-                torch.save(self.rng, self.tmp / "rng.pt")
-                (self.tmp / "state.json").write_text(json.dumps(self.state, indent=1))
-                (self.tmp / "config.json").write_text(json.dumps(self.config, indent=1))
-                write_manifest(self.tmp, shards)    # the commit marker: written last, over every shard's bytes
+            _on_every_rank(self.future.result if self.future is not None else None)   # 3. every rank's written
+            shards = self._gather_entries(_on_every_rank(self._hash_shards))
+        except BaseException:
+            self.stack.__exit__(*sys.exc_info())
+            raise
+        _on_every_rank((lambda: self._commit(shards)) if _rank() == 0 else None)    # 4. rank 0's commit
+        return self.target
+
+    def _commit(self, shards: dict[str, dict]) -> None:
+        """Rank 0: the small files, the manifest (last), the rename into place; then `keep` pruning."""
+        try:
+            torch.save(self.rng, self.tmp / "rng.pt")
+            (self.tmp / "state.json").write_text(json.dumps(self.state, indent=1))
+            (self.tmp / "config.json").write_text(json.dumps(self.config, indent=1))
+            write_manifest(self.tmp, shards)    # the commit marker: written last, over every shard's bytes
         except BaseException:
             self.stack.__exit__(*sys.exc_info())
             raise
         self.stack.close()
-        if _rank() == 0:
-            prune_checkpoints(self.run_dir, self.target, self.keep)
-        _barrier(self.group)                # rank 0 committed
-        return self.target
-
+        prune_checkpoints(self.run_dir, self.target, self.keep)
 
     def _hash_shards(self) -> dict[str, dict]:
-        """Every rank hashes the shards it wrote (DCP names them `__RANK_N.distcp`), all at once, and rank 0 gets
-        the entries (a collective): rank 0 alone reading every rank's shards would take hours for a 671B
-        checkpoint (terabytes at ~1 GB/s) while the others wait, past any sane parallel.timeout_minutes. Returns
-        every rank's entries on rank 0 ({} elsewhere)."""
-        own = file_entries(sorted(self.tmp.glob(f"__{_rank()}_*.distcp")))
+        """The entries of the shards this rank wrote (DCP names them `__RANK_N.distcp`): every rank hashes its own,
+        all at once, since rank 0 alone reading every rank's shards would take hours for a 671B checkpoint
+        (terabytes at ~1 GB/s) while the others wait, past any sane parallel.timeout_minutes."""
+        return file_entries(sorted(self.tmp.glob(f"__{_rank()}_*.distcp")))
+
+    def _gather_entries(self, own: dict[str, dict]) -> dict[str, dict]:
+        """Every rank's shard entries on rank 0 ({} elsewhere), a collective: only rank 0 writes the manifest."""
         if not dist.is_initialized():
             return own
         gathered = [None] * dist.get_world_size(self.group) if _rank() == 0 else None
