@@ -9,7 +9,8 @@ n = dp * ep ranks of a pipeline position (the ranks that split its batch): L = 1
     every rank of the row, sum_{e'} dL_{d,e'}/dw, and the dp rows hold replicas of the same slice that computed the
     same for their tokens: the sum over its "dp" column / n;
   * a DTensor (FSDP2) gradient was reduce-scattered in the backward with these divide factors
-    (dsv3.parallel.parallelize): nothing is left to do.
+    (dsv3.parallel.parallelize): nothing is left to do, except for an expert slice sharded over a dp column of one
+    rank (dp = 1), which FSDP leaves undivided (its local sum over the ep row): divided by n here.
 After the sync a gradient element lives on several ranks (the replicas) or, under FSDP, on exactly one. The global
 norm counts each element once: a DTensor's local shard on its rank, an expert slice on dp row 0 of its column, a
 replicated parameter on the position's share 0; the counted squares are summed over the world (the pipeline
@@ -49,9 +50,14 @@ def sync_gradients(model, mesh: ParallelMesh | None) -> None:
     if n == 1:
         return
     experts = expert_parameters(model)
-    expert_grads, replicated = [], []
+    expert_grads, replicated, lone_columns = [], [], []
     for p in model.parameters():
-        if not p.requires_grad or isinstance(p, DTensor):
+        if not p.requires_grad:
+            continue
+        if isinstance(p, DTensor):
+            # FSDP2 reduced it; an expert slice's column of one rank was left undivided (parallelize)
+            if id(p) in experts and p.device_mesh.size() == 1 and p.grad is not None:
+                lone_columns.append(p.grad.to_local())
             continue
         if id(p) in experts:
             if p.grad is None:     # an expert that received no rows: zeros, as the unsharded run has; still summed
@@ -61,6 +67,8 @@ def sync_gradients(model, mesh: ParallelMesh | None) -> None:
             replicated.append(p.grad)
     all_reduce_flat(expert_grads, mesh.dp_group, 1.0 / n)
     all_reduce_flat(replicated, mesh.position_group, 1.0 / n)
+    if lone_columns:
+        torch._foreach_mul_(lone_columns, 1.0 / n)
 
 
 def all_reduce_flat(grads: list[torch.Tensor], group, scale: float) -> None:

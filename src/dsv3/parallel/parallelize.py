@@ -18,7 +18,8 @@ FSDP2 (`shard_data_parallel`) instead of replicas: the routed experts of each Mo
 column: the replicas of the same experts), everything else over the position (dp * ep ranks flattened: the world
 when pp = 1), as torchtitan does for EP + FSDP. FSDP then does the reductions of dsv3.parallel.grads.sync_gradients
 itself: it averages the non-expert gradients over the position (sum / (dp*ep)) and, with its divide factor set to
-dp*ep instead of its mesh size dp, reduce-scatters the expert ones to their sum over the column / (dp*ep). Every
+dp*ep instead of its mesh size dp, reduce-scatters the expert ones to their sum over the column / (dp*ep) (with
+dp = 1 the factor stays unset and sync_gradients divides: `shard_data_parallel`). Every
 parameter element then lives on exactly one rank, which `grads.grad_norm` counts as such (DTensor gradients).
 Optimizer state, built afterwards, is sharded too. Recomputation comes before FSDP, as torchtitan applies AC before
 fully_shard: a unit's pre-backward all-gather then runs before its checkpointed regions are recomputed.
@@ -112,7 +113,12 @@ def shard_data_parallel(model: nn.Module, mesh: ParallelMesh, reshard_after_forw
     for m in (m for r in held for m in r.modules()):
         if isinstance(m, ExpertParallelExperts):
             fully_shard(m, mesh=mesh["dp"], reshard_after_forward=reshard_after_forward)
-            m.set_gradient_divide_factor(float(dp * ep))
+            if dp > 1:
+                m.set_gradient_divide_factor(float(dp * ep))
+            # dp == 1: a column of one rank, whose "reduce-scatter" is a local copy that torch divides by a set
+            # factor inconsistently across versions (2.13 with the sum reduction forced below, i.e. on gloo: twice,
+            # so dp 1 x ep 2 got half the expert gradients; some older versions not at all). Unset, no version
+            # divides, and dsv3.parallel.grads.sync_gradients applies the 1 / (dp*ep) itself
             # a rank whose EP row sent these experts no rows must still join the column's reduce-scatter: its
             # experts get zero gradients (ExpertParallelExperts._no_rows keeps them in the graph); newer torch can
             # also be told so directly
