@@ -109,19 +109,23 @@ def ranks(tmp_path_factory):
     return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("dp_ep"), "dp x ep")
 
 
-@pytest.fixture(scope="module")
-def reference():
+def single_process_run(windows: torch.Tensor) -> dict:
+    """One process on every rank's batch of each step concatenated: the steps' records and the final parameters."""
     model = build(_config(), dtype=torch.float64).train()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    windows = _windows()
     steps = [_step(model, opt, windows[s].flatten(0, 1)) for s in range(STEPS)]    # batches 0..3 concatenated
     return {"steps": steps, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-def _local(name, tensor, e):
+@pytest.fixture(scope="module")
+def reference():
+    return single_process_run(_windows())
+
+
+def _local(name, tensor, e, ep=EP):
     """The reference tensor as rank (d, e) holds it: the expert slice of column e, everything else whole."""
     if name.endswith(EXPERT_SUFFIXES):
-        L = tensor.shape[0] // EP
+        L = tensor.shape[0] // ep
         return tensor[e * L:(e + 1) * L]
     return tensor
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import build, init_gloo, run_ranks
-from test_parallel_compose import EXPERT_SUFFIXES, LR, STEPS, _config, _full, _rel, _step
+from test_parallel_compose import LR, STEPS, _config, _full, _local, _rel, _step, single_process_run
 
 from dsv3.parallel.expert import apply_expert_parallel
 from dsv3.parallel.mesh import ParallelMesh
@@ -46,19 +46,12 @@ def ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    model = build(_config(), dtype=torch.float64).train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    windows = _windows()
-    steps = [_step(model, opt, windows[s].flatten(0, 1)) for s in range(STEPS)]
-    return {"steps": steps, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return single_process_run(_windows())
 
 
 def _mine(name, tensor, e):
     """The reference tensor as rank e holds it: its expert slice, everything else whole (FSDP's full_tensor)."""
-    if name.endswith(EXPERT_SUFFIXES):
-        L = tensor.shape[0] // EP
-        return tensor[e * L:(e + 1) * L]
-    return tensor
+    return _local(name, tensor, e, EP)
 
 
 def test_dp1_ep2_fsdp_gradients_norm_and_weights_are_the_single_process_ones(ranks, reference):
