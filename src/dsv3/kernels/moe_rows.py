@@ -64,13 +64,17 @@ if HAS_TRITON:
 # ~1.5 TB/s and bf16 at ~2.6 on an H100 (RESULTS.md, fifteenth session) and the sort is one more launch per layer;
 # pairs of one expert read its rows twice (through L2 when adjacent), which the tiled form avoids at larger batches.
 ROWS_MAX_TOKENS = 2
+NO_SLICES = 1 << 30     # the SM count given to gemv_launch: its strips always "fill the GPU", so no K slices (these
+                        # kernels have none; a pair's strips already make P x N / 4 programs)
 
 
 def rows_form(x: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor, max_tokens: int | None = None
               ) -> bool:
-    """Whether `moe_decode_triton` takes the GEMV form: few tokens, weights with unit stride along K."""
+    """Whether `moe_decode_triton` takes the GEMV form: few tokens, weights with unit stride along K, gate and up
+    with the same strides (the gate-up kernel steps through both with gate's)."""
     limit = ROWS_MAX_TOKENS if max_tokens is None else max_tokens
-    return x.shape[0] <= limit and all(w.stride(2) == 1 for w in (gate_proj, up_proj, down_proj))
+    return (x.shape[0] <= limit and up_proj.stride() == gate_proj.stride()
+            and all(w.stride(2) == 1 for w in (gate_proj, up_proj, down_proj)))
 
 
 def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor,
@@ -86,7 +90,7 @@ def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor
     flat = idx.reshape(-1)          # the router's ids as they are: a cast would be one more kernel per layer
     scales = [s.float().contiguous() if fp8 else x for s in (gate_scale, up_scale, down_scale)]
     h = torch.empty(P, I, device=x.device, dtype=x.dtype)
-    cfg = gemv_launch(1, I, D, 1 << 30)
+    cfg = gemv_launch(1, I, D, NO_SLICES)
     nkb = -(-D // BLOCK)
     _gate_up_rows_kernel[(P, triton.cdiv(I, cfg["block_n"]))](
         x, flat, gate_proj, up_proj, scales[0], scales[1], h, I, D, nkb, topk, x.stride(0), gate_proj.stride(0),
@@ -94,7 +98,7 @@ def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor
         BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=D % (cfg["ku"] * BLOCK) == 0, FP8=fp8,
         num_warps=cfg["num_warps"])
     y = torch.empty(P, D, device=x.device, dtype=torch.float32)
-    cfg = gemv_launch(1, D, I, 1 << 30)
+    cfg = gemv_launch(1, D, I, NO_SLICES)
     nkb = -(-I // BLOCK)
     _down_rows_kernel[(P, triton.cdiv(D, cfg["block_n"]))](
         h, flat, down_proj, scales[2], tw.reshape(-1), y, D, I, nkb, h.stride(0), down_proj.stride(0),
