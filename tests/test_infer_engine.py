@@ -79,6 +79,8 @@ def test_capture_all_covers_every_bucket_a_generation_meets(model, monkeypatch):
     assert len({b for b, _ in met}) >= 2 and len({w for _, w in met}) >= 2, met
 
     def fake_capture(self, bucket):                  # a capture's eager warm-up run, and what it leaves behind
+        # as inside a step: compiled layers must not trace a backward (custom ops without one fail so)
+        assert torch.is_inference_mode_enabled()
         self._body(bucket)
         bucket.graph = object()
         self.captures += 1

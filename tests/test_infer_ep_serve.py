@@ -11,6 +11,7 @@ import sys
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dsv3 import save_pretrained
@@ -75,3 +76,20 @@ def test_serve_ep_under_torchrun(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.stdout.close()
+
+
+def test_ep_on_cuda_needs_a_gpu_per_rank_and_cpu_never_touches_cuda(monkeypatch):
+    """`--device cpu` serves over gloo even where CUDA is present (it took cuda:LOCAL_RANK and failed on a one-GPU
+    machine with 'invalid device ordinal'); on CUDA, too few GPUs is a one-line error naming --device cpu."""
+    import torch
+
+    from dsv3.infer import ep_driver
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d})"))
+    with pytest.raises(ValueError, match="needs one GPU per process.*has 1 .*--device cpu"):
+        ep_driver.init_ep_group(2, "cuda")
+    monkeypatch.setattr(ep_driver.dist, "is_initialized", lambda: True)     # the group itself: the test above
+    assert ep_driver.init_ep_group(2, "cpu") == "cpu"

@@ -142,16 +142,23 @@ class EPFront:
             print(f"EP front: could not release every follower rank ({e})", flush=True)
 
 
-def init_ep_group(ep: int) -> str:
-    """Join the torchrun group (NCCL on CUDA, gloo otherwise); returns this rank's device."""
+def init_ep_group(ep: int, device: str = "cuda") -> str:
+    """Join the torchrun group: NCCL with one GPU per rank where `device` (`--device`) is CUDA, gloo on the CPU;
+    returns this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "0"))
     if world != ep:
         raise ValueError(f"--ep {ep} runs under torchrun with {ep} processes (torchrun --nproc-per-node {ep} -m "
                          f"dsv3.cli serve ...); WORLD_SIZE is {world or 'unset'}")
-    cuda = torch.cuda.is_available()
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
     if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"--ep {ep} on CUDA needs one GPU per process on each node; this one has "
+                             f"{torch.cuda.device_count()} (--device cpu serves over gloo)")
+        device = f"cuda:{local}"
         torch.cuda.set_device(device)
+    else:
+        device = "cpu"
     if not dist.is_initialized():
         # followers wait in a broadcast for as long as rank 0's server is idle
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=365))
@@ -159,11 +166,11 @@ def init_ep_group(ep: int) -> str:
 
 
 def ep_front(load: Callable[[str], tuple], config: EngineConfig, ep_config: ExpertParallelConfig,
-             ep: int) -> EPFront | None:
+             ep: int, device: str = "cuda") -> EPFront | None:
     """Rank 0: the front end to serve (its `close()` releases the others). Other ranks: follow rank 0 and return
     None once it says stop; they ignore SIGINT/SIGTERM (torchrun forwards them to every rank), so the front drains
-    its requests and stops them. `load(device)` gives (model, tokenizer)."""
-    device = init_ep_group(ep)
+    its requests and stops them. `load(device)` gives (model, tokenizer); `device` as in init_ep_group."""
+    device = init_ep_group(ep, device)
     model, tokenizer = load(device)
     engine = EPEngine(model, tokenizer, config, ep_config=ep_config)
     control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))

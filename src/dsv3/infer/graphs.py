@@ -72,11 +72,14 @@ class DecodeGraphs:
         """Every block-table width `key` can give: the powers of two below max_blocks, and max_blocks."""
         return sorted({min(1 << i, self.max_blocks) for i in range(self.max_blocks.bit_length() + 1)})
 
+    @torch.inference_mode()
     def capture_all(self) -> int:
         """Capture every bucket now (each batch size x each table width) and return how many were new. A lazily
         captured bucket costs its first step a capture (and, with compile_decode, maybe a recompile): a server whose
         batches shrink and grow as requests come and go met new buckets mid-traffic, stalling every stream for
-        seconds (bench serve at 64 streams, RESULTS.md, sixteenth session). Nothing with capture off."""
+        seconds (bench serve at 64 streams, RESULTS.md, sixteenth session). Nothing with capture off. Under inference
+        mode as a step is: called from outside one (the engine's start), compiled layers would otherwise trace the
+        backward of ops that have none (dsv3::moe_decode_rows; `bench serve --compile-decode` failed so on the H100)."""
         if not self.capture:
             return 0
         before = self.captures

@@ -51,7 +51,7 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
         engine = pd_router_from_args(args, tokenizer)
     elif args.ep:
         from ..serve.ep import ep_serving_front
-        engine = ep_serving_front(args, config, functools.partial(load_for_serving, args, dtype), threads)
+        engine = ep_serving_front(args, config, functools.partial(load_for_serving, args, dtype), threads, device)
         if engine is None:           # a follower rank: rank 0 has stopped
             return
     elif args.engine_thread:

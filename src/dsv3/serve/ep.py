@@ -30,15 +30,15 @@ class EPAsyncEngine(AsyncEngine):
         self.engine.close()
 
 
-def ep_serving_front(args, config: EngineConfig, load: Callable[[str], tuple],
-                     threads: int) -> EPAsyncEngine | None:
-    """`dsv3 serve --ep N`'s engine from its flags (see ep_front), stepped with `threads` torch threads; None on a
-    follower rank once rank 0 has stopped."""
+def ep_serving_front(args, config: EngineConfig, load: Callable[[str], tuple], threads: int,
+                     device: str) -> EPAsyncEngine | None:
+    """`dsv3 serve --ep N`'s engine from its flags (see ep_front) on `device` ("cpu" or "cuda": one GPU per rank),
+    stepped with `threads` torch threads; None on a follower rank once rank 0 has stopped."""
     torch.set_num_threads(threads)
     ep_config = ExpertParallelConfig(redundant_experts=args.redundant_experts,
                                      rebalance_interval=args.rebalance_interval, num_nodes=args.ep_nodes,
                                      two_batch_overlap=args.two_batch_overlap)
-    front = ep_front(load, config, ep_config, args.ep)
+    front = ep_front(load, config, ep_config, args.ep, device)
     if front is None:
         return None
     # torchrun forwards SIGTERM to every rank: uvicorn drains, the lifespan end releases the followers, and the
