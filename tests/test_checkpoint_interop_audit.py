@@ -213,7 +213,7 @@ def test_an_index_naming_a_shard_outside_the_directory_is_refused(saved, tmp_pat
     keys = load_file(victim).keys()
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: name for k in keys}}))
     before = victim.read_bytes()
-    says = re.escape(f"weight_map[") + r".*is not a shard file name in the directory"
+    says = re.escape("weight_map[") + r".*is not a shard file name in the directory"
     with pytest.raises(CheckpointError, match=says):
         dsv3.load_pretrained(src)
     assert main(["convert", str(src), str(tmp_path / "out"), "--dtype", "float32"]) == 2

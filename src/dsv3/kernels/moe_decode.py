@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .fp8_quant import dequantize_blocks
 from .fp8_weight_gemm import grouped_tile_map
-from .moe_rows import moe_decode_rows_triton, rows_form
+from .moe_rows import ROWS_MAX_TOKENS, moe_decode_rows_triton, rows_form
 from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, need_triton, tl, triton, use_triton
 
 __all__ = ["HAS_TRITON", "LAUNCH_TABLE", "ROWS_MAX_TOKENS", "MoELaunch", "down_stage", "fused_token_range",
