@@ -61,6 +61,34 @@ def dense_oracle(q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale):
     return out
 
 
+def make_append_case(lens, bs=16, **kw):
+    """make_case plus a decode step's `append`: each sequence's new latents at the slot of its last position
+    (lens include the new token), a length-0 row's at the scratch block's first slot, as the engine's padding."""
+    case = make_case(lens, bs=bs, extra_blocks=3, **kw)
+    q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale = case
+    owned = {int(bt[b, i]) for b, n in enumerate(lens) for i in range(-(-n // bs))}
+    scratch = min(set(range(c_kv.shape[0])) - owned)          # a block no sequence owns (the extra ones)
+    slots = [int(bt[b, (n - 1) // bs]) * bs + (n - 1) % bs if n else scratch * bs for b, n in enumerate(lens)]
+    g = torch.Generator().manual_seed(99)
+    new_c = torch.randn(len(lens), c_kv.shape[2], generator=g).to(c_kv)
+    new_k = torch.randn(len(lens), k_pe.shape[2], generator=g).to(k_pe)
+    return case, (torch.tensor(slots, device=c_kv.device), new_c, new_k)
+
+
+def test_reference_append_stores_then_attends():
+    """The reference's `append` is the cache write then the attention: every slot holds its new latents (the old
+    values were different) and the output is the plain call's on the written cache."""
+    (q_abs, q_pe, c_kv, k_pe, bt, lens, scale), (slots, new_c, new_k) = make_append_case([1, 16, 17, 0, 40], seed=5)
+    before = c_kv.clone()
+    out = mla_decode_reference(q_abs, q_pe, c_kv, k_pe, bt, lens, scale, append=(slots, new_c, new_k))
+    flat_c, flat_k = c_kv.view(-1, c_kv.shape[2]), k_pe.view(-1, k_pe.shape[2])
+    assert torch.equal(flat_c[slots], new_c) and torch.equal(flat_k[slots], new_k)
+    assert not torch.equal(before.view(-1, c_kv.shape[2])[slots], new_c)
+    torch.testing.assert_close(out, mla_decode_reference(q_abs, q_pe, c_kv, k_pe, bt, lens, scale))
+    with pytest.raises(ValueError, match="append: latents in the cache's dtype"):
+        mla_decode_reference(q_abs, q_pe, c_kv, k_pe, bt, lens, scale, append=(slots, new_c.double(), new_k))
+
+
 LENS = [1, 16, 17, 48, 33, 5, 64]  # 1, exact multiples of the block size, one past, partial blocks
 
 
@@ -99,8 +127,8 @@ def test_dispatcher_routes_cpu_tensors_to_the_reference(monkeypatch):
     import importlib
     mod = importlib.import_module("dsv3.kernels.mla_decode")   # the package re-exports a function of that name
     calls = []
-    monkeypatch.setattr(mod, "mla_decode_reference", lambda *a: calls.append("reference") or "ref")
-    monkeypatch.setattr(mod, "mla_decode_triton", lambda *a: calls.append("triton") or "triton")
+    monkeypatch.setattr(mod, "mla_decode_reference", lambda *a, **k: calls.append("reference") or "ref")
+    monkeypatch.setattr(mod, "mla_decode_triton", lambda *a, **k: calls.append("triton") or "triton")
     assert mod.mla_decode(*make_case(LENS, seed=5)) == "ref" and calls == ["reference"]
 
 
@@ -154,6 +182,17 @@ def _interpreter_cases() -> dict:
     wide_table[4] = torch.cat([bt, torch.full((bt.shape[0], 12), 12, dtype=bt.dtype)], 1)   # 16 blocks: 8 splits
     errs["live_splits"] = (mla_decode_triton(*wide_table, num_splits=12, block_n=8)
                            - mla_decode_reference(*wide_table)).abs().max().item()
+    # the step's latents stored and attended in the kernel's launch, against the reference's store then attention:
+    # outputs and both caches, over several splits and head groups, a padding row (length 0) at a scratch slot
+    for name, kw in {"append": dict(num_splits=3, block_n=8), "append_one_split": {}}.items():
+        case = make_append_case([9, 30, 0, 17], H=20, bs=8, seed=15)
+        (q_abs, q_pe, c_kv, k_pe, bt, lens, scale), append = case
+        want = mla_decode_reference(q_abs, q_pe, c_kv.clone(), k_pe.clone(), bt, lens, scale, append=append)
+        c_ref, k_ref = c_kv.clone(), k_pe.clone()
+        mla_decode_reference(q_abs, q_pe, c_ref, k_ref, bt, lens, scale, append=append)
+        got = mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, lens, scale, append=append, **kw)
+        errs[name] = max((got - want).abs().max().item(), (c_kv - c_ref).abs().max().item(),
+                         (k_pe - k_ref).abs().max().item())
     return errs
 
 
@@ -161,7 +200,8 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_mla_decode")
-    assert set(errs) == {"default", "splits4", "splits2_bn32", "h20_cross_page", "all_empty", "live_splits"}
+    assert set(errs) == {"default", "splits4", "splits2_bn32", "h20_cross_page", "all_empty", "live_splits",
+                         "append", "append_one_split"}
     for name, err in errs.items():
         assert err < 1e-5, (name, errs)
 
@@ -186,6 +226,19 @@ def test_triton_cuda_bf16_lite_shapes(H, num_splits):
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(mla_decode(*case).float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_triton_cuda_append_equals_store_then_attend(num_splits):
+    (q_abs, q_pe, c_kv, k_pe, bt, lens, scale), append = make_append_case(
+        [1, 64, 65, 1000, 0, 129], H=16, C=512, R=64, bs=64, dtype=torch.bfloat16, seed=24, device="cuda")
+    c_ref, k_ref = c_kv.clone(), k_pe.clone()
+    want = mla_decode_reference(q_abs, q_pe, c_ref, k_ref, bt, lens, scale, append=append)
+    got = mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, lens, scale, append=append, num_splits=num_splits)
+    assert torch.equal(c_kv, c_ref) and torch.equal(k_pe, k_ref)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

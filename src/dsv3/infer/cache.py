@@ -65,8 +65,13 @@ class PagedLatentCache:
 
     @torch.compiler.disable
     def decode(self, i: int, q_abs: torch.Tensor, q_pe: torch.Tensor, block_tables: torch.Tensor,
-               context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+               context_lens: torch.Tensor, scale: float,
+               append: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Absorbed paged attention of one query per row over layer i (dsv3.kernels.mla_decode: Triton on the
-        GPU, the PyTorch reference elsewhere): (n, H, C)."""
+        GPU, the PyTorch reference elsewhere): (n, H, C). `append` (slots, c_kv, k_pe): the rows' own latents,
+        written as `write` does, in the attention's launch where the kernel can."""
         c_kv, k_pe = self.layer(i)
-        return mla_decode(q_abs, q_pe, c_kv, k_pe, block_tables, context_lens, scale)
+        if append is not None:
+            slots, new_c, new_k = append
+            append = (slots, new_c.to(c_kv.dtype), new_k.to(k_pe.dtype))
+        return mla_decode(q_abs, q_pe, c_kv, k_pe, block_tables, context_lens, scale, append=append)

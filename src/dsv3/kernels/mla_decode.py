@@ -27,6 +27,14 @@ only on shapes (B, H, block_tables.shape[1]) and the SM count, never on seq_lens
 call can be captured in a CUDA graph. Keep block_tables no wider than the longest sequence needs (the splits
 cover block_tables.shape[1] * block_size tokens; splits past a sequence's end return at once).
 
+`append` (every function): this step's latents (slots (B,), c_kv (B, C), k_pe (B, R), the cache's dtype) are
+stored at their flat slots (block * block_size + offset) before attending, as a decode step's cache write then
+attention do. The kernel does both in its one launch: wherever a sequence's tiles reach its own new slot (in a
+decode step: its last position) the latents are taken from the inputs rather than the cache, so no program waits
+for another's store, and one program per sequence stores them. This saves the two index_copy launches per layer of a decode step (~2 us each, 54 per `lite` step on
+an H100: RESULTS.md seventeenth session). A padding row (seq_lens 0) stores at its slot (the scratch block's) and
+attends to nothing.
+
 `mla_decode`: Triton on CUDA when triton imports, else the reference.
 """
 
@@ -63,11 +71,26 @@ def _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens):
 # Reference
 # ----------------------------------------------------------------------------------------------------------------
 
+def _check_append(append, B: int, c_kv_cache: Tensor, k_pe_cache: Tensor) -> None:
+    slots, c_kv, k_pe = append
+    if slots.shape != (B,) or c_kv.shape != (B, c_kv_cache.shape[2]) or k_pe.shape != (B, k_pe_cache.shape[2]):
+        raise ValueError(f"append: slots (B,), c_kv (B, C), k_pe (B, R) expected for B={B}, got "
+                         f"{tuple(slots.shape)}, {tuple(c_kv.shape)}, {tuple(k_pe.shape)}")
+    if c_kv.dtype != c_kv_cache.dtype or k_pe.dtype != k_pe_cache.dtype:
+        raise ValueError(f"append: latents in the cache's dtype expected, got {c_kv.dtype}, {k_pe.dtype}")
+
+
 def mla_decode_reference(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
-                         seq_lens: Tensor, scale: float) -> Tensor:
+                         seq_lens: Tensor, scale: float, *,
+                         append: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Paged absorbed-MLA decode in plain PyTorch (fp32 math), vectorised over the batch. Returns (B, H, C) in
-    q_abs' dtype; rows with seq_lens == 0 are zeros."""
+    q_abs' dtype; rows with seq_lens == 0 are zeros. `append`: stored first (module docstring)."""
     B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
+    if append is not None:
+        _check_append(append, B, c_kv_cache, k_pe_cache)
+        slots, c_kv, k_pe = append
+        c_kv_cache.view(-1, C).index_copy_(0, slots.long(), c_kv)
+        k_pe_cache.view(-1, R).index_copy_(0, slots.long(), k_pe)
     bs = c_kv_cache.shape[1]
     dev = q_abs.device
     seq_lens = seq_lens.to(device=dev, dtype=torch.long)
@@ -108,7 +131,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _mla_decode_split_kernel(
-        Q, QPE, CKV, KPE, BT, SL, OP, LSE,
+        Q, QPE, CKV, KPE, BT, SL, OP, LSE, NEWC, NEWK, SLOT,
         sm_scale_log2,
         stride_q_b, stride_q_h, stride_pe_b, stride_pe_h,
         stride_c_blk, stride_c_tok, stride_k_blk, stride_k_tok,
@@ -118,7 +141,7 @@ if HAS_TRITON:
         H, tokens_per_split,
         C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr,
+        DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr, APPEND: tl.constexpr,
     ):
         hg = tl.program_id(0)
         sp = tl.program_id(1)
@@ -144,16 +167,31 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
         bt_row = BT + b * stride_bt_b
+        if APPEND:   # this step's latents: read from here wherever the sequence's tiles reach their slot
+            new_c = tl.load(NEWC + b * C + offs_c, mask=mask_c, other=0.0)
+            new_k = tl.load(NEWK + b * R + offs_r, mask=mask_r, other=0.0)
+            slot_new = tl.load(SLOT + b)
+            if (hg == 0) & (sp == 0):            # and stored by one program
+                blk_new, pos_new = slot_new // PAGE, slot_new % PAGE
+                tl.store(CKV + blk_new * stride_c_blk + pos_new * stride_c_tok + offs_c, new_c, mask=mask_c)
+                tl.store(KPE + blk_new * stride_k_blk + pos_new * stride_k_tok + offs_r, new_k, mask=mask_r)
 
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
             blk = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
             slot = offs_n % PAGE
+            cached = mask_n
+            if APPEND:   # the flat slot compared, not the position: the same as a store before the attention
+                is_new = mask_n & (blk * PAGE + slot == slot_new)
+                cached = mask_n & ~is_new
             kv = tl.load(CKV + blk[:, None] * stride_c_blk + slot[:, None] * stride_c_tok + offs_c[None, :],
-                         mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+                         mask=cached[:, None] & mask_c[None, :], other=0.0)
             kpe = tl.load(KPE + blk[:, None] * stride_k_blk + slot[:, None] * stride_k_tok + offs_r[None, :],
-                          mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+                          mask=cached[:, None] & mask_r[None, :], other=0.0)
+            if APPEND:
+                kv = tl.where(is_new[:, None], new_c[None, :], kv)
+                kpe = tl.where(is_new[:, None], new_k[None, :], kpe)
             s = tl.dot(q, tl.trans(kv), input_precision=DOT_PREC)
             s = tl.dot(qpe, tl.trans(kpe), acc=s, input_precision=DOT_PREC)
             s = s * sm_scale_log2
@@ -260,12 +298,18 @@ def mla_decode_num_splits(B: int, H: int, max_tokens: int, block_h: int, block_n
 
 def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
                       seq_lens: Tensor, scale: float, *, num_splits: int | None = None, block_h: int | None = None,
-                      block_n: int | None = None, num_warps: int | None = None,
-                      num_stages: int | None = None) -> Tensor:
-    """Paged absorbed-MLA decode through Triton (same contract as `mla_decode_reference`). The keyword-only
-    arguments override the tuned defaults (benchmark sweeps); `num_splits` fixes the KV split count."""
+                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                      append: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """Paged absorbed-MLA decode through Triton (same contract as `mla_decode_reference`, `append` included). The
+    other keyword-only arguments override the tuned defaults (benchmark sweeps); `num_splits` fixes the KV split
+    count."""
     need_triton("mla_decode_triton")
     B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
+    if append is not None:
+        _check_append(append, B, c_kv_cache, k_pe_cache)
+        slots, new_c, new_k = append
+        slots = slots.to(torch.int64).contiguous()        # int64: a flat slot times a stride may pass 2**31
+        new_c, new_k = new_c.contiguous(), new_k.contiguous()
     if q_abs.stride(-1) != 1:
         q_abs = q_abs.contiguous()
     if q_pe.stride(-1) != 1:
@@ -287,6 +331,8 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     max_tokens = block_tables.shape[1] * page
     out = torch.empty(B, H, C, device=q_abs.device, dtype=q_abs.dtype)
     if B == 0 or H == 0:
+        if append is not None and B:      # no heads to attend, the store still owed
+            mla_decode_reference(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale, append=append)
         return out
     if num_splits is None:
         S, tps = mla_decode_num_splits(B, H, max_tokens, cfg["block_h"], cfg["block_n"], _sm_count(q_abs.device),
@@ -310,6 +356,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     grid = (triton.cdiv(H, cfg["block_h"]), S, B)
     _mla_decode_split_kernel[grid](
         q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse,
+        *((new_c, new_k, slots) if append is not None else (q_abs, q_abs, seq_lens)),   # unread without APPEND
         float(scale) * math.log2(math.e),
         q_abs.stride(0), q_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
         c_kv_cache.stride(0), c_kv_cache.stride(1), k_pe_cache.stride(0), k_pe_cache.stride(1),
@@ -318,7 +365,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
         H, tps,
         C=C, R=R, PAGE=page,
         BLOCK_C=_next_pow2(C), BLOCK_R=max(16, _next_pow2(R)), BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
-        DOT_PREC=dot_prec, WRITE_LSE=S > 1,
+        DOT_PREC=dot_prec, WRITE_LSE=S > 1, APPEND=append is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if S > 1:
@@ -335,9 +382,9 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
 
 
 def mla_decode(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
-               seq_lens: Tensor, scale: float) -> Tensor:
+               seq_lens: Tensor, scale: float, *, append: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Dispatcher: the Triton kernel for CUDA bf16/fp16/fp32 tensors when triton imports, else the PyTorch
     reference (DSV3_MLA_DECODE=reference forces it)."""
     if use_triton(q_abs, "DSV3_MLA_DECODE"):  # fp64 (tl.dot has none on the GPU) takes the reference
-        return mla_decode_triton(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale)
-    return mla_decode_reference(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale)
+        return mla_decode_triton(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale, append=append)
+    return mla_decode_reference(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale, append=append)

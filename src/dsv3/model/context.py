@@ -33,8 +33,11 @@ class PagedLatents(Protocol):
         """The first `length` latents of one sequence, contiguous: (length, C), (length, R)."""
 
     def decode(self, layer: int, q_abs: torch.Tensor, q_pe: torch.Tensor, block_tables: torch.Tensor,
-               context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        """Absorbed attention of one query token per sequence over its cached latents: (n, H, C) latent outputs."""
+               context_lens: torch.Tensor, scale: float,
+               append: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Absorbed attention of one query token per sequence over its cached latents: (n, H, C) latent outputs.
+        `append` (slots (n,), c_kv (n, C), k_pe (n, R)): the queries' own latents, stored as `write` would before
+        attending (one launch for both where the cache can)."""
 
 
 @dataclass(frozen=True)

@@ -139,9 +139,9 @@ class MLA(nn.Module):
            (row token j sits at position past + j and sees positions <= its own);
         3. absorbed rows (one token with context): the same math as `_attend_absorbed`, with the attention itself
            run by the cache on its pages."""
+        if ctx.decode_rows is None:   # a pure decode step: every token, in order; step 1 runs inside the cache's
+            return self._attend_absorbed_paged(q_nope, q_pe, ctx, append=(ctx.slots, c_kv, k_pe))  # decode (3)
         ctx.cache.write(ctx.layer, ctx.slots, c_kv, k_pe)
-        if ctx.decode_rows is None:               # a pure decode step: every token, in order
-            return self._attend_absorbed_paged(q_nope, q_pe, ctx)
         out = q_nope.new_empty(q_nope.shape[0], self.n_heads, self.v_dim)
         for row in ctx.prefill:
             s, n = row.start, row.length
@@ -153,14 +153,14 @@ class MLA(nn.Module):
             out[rows] = self._attend_absorbed_paged(q_nope[rows], q_pe[rows], ctx)
         return out
 
-    def _attend_absorbed_paged(self, q_nope, q_pe, ctx: AttentionContext) -> torch.Tensor:
+    def _attend_absorbed_paged(self, q_nope, q_pe, ctx: AttentionContext, append=None) -> torch.Tensor:
         """One query token per decode row (n, H, .) -> (n, H, Dv): q_abs = q_nope W_UK, attention on the latents,
-        then W_UV (spec 1.4)."""
+        then W_UV (spec 1.4); `append` as the cache's decode takes it."""
         w_uk, w_uv = self.absorbed_weights()                              # (H, Dn, C), (H, Dv, C)
         # one GEMM per head on the strided views: no copy of q_nope (a slice of the q projection) first
         q_abs = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # (n, H, C)
         latent = ctx.cache.decode(ctx.layer, q_abs, q_pe.to(q_abs.dtype), ctx.block_tables, ctx.context_lens,
-                                  self.softmax_scale)
+                                  self.softmax_scale, append=append)
         return torch.einsum("nhc,hdc->nhd", latent.to(w_uv.dtype), w_uv).to(q_nope.dtype)
 
     def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe):
