@@ -24,6 +24,7 @@
 #   bash benchmarks/gpu_next.sh r   the next session's first call: the gate of this session's kernels and infer changes,
 #                                   the GEMV probe, lite batch 1 BF16 vs FP8 profiled
 #   bash benchmarks/gpu_next.sh s   the fused MoE at T = 1, 2: its GEMV form vs the tiled stages' best launch
+#   bash benchmarks/gpu_next.sh t   the MLA decode's fused cache store: its CUDA tests, lite batch 1 BF16 / GEMV / FP8
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -134,5 +135,11 @@ case $PART in
   s)    # the fused MoE at T = 1, 2: the GEMV form (the table row) against the tiled stages' best launch
     timeout 200 python benchmarks/moe_decode_sweep.py --tokens 1,2 --deadline-s 150 --warm-s 40 2>&1 \
       | grep -v Warn | tail -20 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s"; exit 2 ;;
+  t)    # seventeenth session: the MLA decode's fused cache store (append): its CUDA tests and the engine's graph
+        # tests, then lite batch 1 BF16 / dense GEMV / FP8 (the 54 index_copy launches gone: ~0.1 ms of 2.6-3.3)
+    timeout 120 python -m pytest -q -n 8 -p no:cacheprovider -rfEs tests/test_kernels_mla_decode.py \
+      tests/test_infer_engine.py tests/test_infer_overlap.py -k "cuda" 2>&1 | tail -4 | tee "$OUT/gate.txt"
+    timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,gemv,fp8-auto \
+      --ttft-batch 0 > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | grep -E "tok/s" ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t"; exit 2 ;;
 esac
