@@ -24,7 +24,7 @@
 #   bash benchmarks/gpu_next.sh r   the next session's first call: the gate of this session's kernels and infer changes,
 #                                   the GEMV probe, lite batch 1 BF16 vs FP8 profiled
 #   bash benchmarks/gpu_next.sh s   the fused MoE at T = 1, 2: its GEMV form vs the tiled stages' best launch
-#   bash benchmarks/gpu_next.sh t   the MLA decode's fused cache store: its CUDA tests, lite batch 1 BF16 / GEMV / FP8
+#   bash benchmarks/gpu_next.sh t   the MLA decode's fused cache store: its CUDA tests, lite batch 1 A/B (BF16, FP8)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -135,11 +135,30 @@ case $PART in
   s)    # the fused MoE at T = 1, 2: the GEMV form (the table row) against the tiled stages' best launch
     timeout 200 python benchmarks/moe_decode_sweep.py --tokens 1,2 --deadline-s 150 --warm-s 40 2>&1 \
       | grep -v Warn | tail -20 ;;
-  t)    # seventeenth session: the MLA decode's fused cache store (append): its CUDA tests and the engine's graph
-        # tests, then lite batch 1 BF16 / dense GEMV / FP8 (the 54 index_copy launches gone: ~0.1 ms of 2.6-3.3)
+  t)    # seventeenth session: the MLA decode's fused cache store (append, second form: the tiles' loads feed tl.dot
+        # directly; the first form's select cost ~11 us per layer). Its CUDA tests and the engine's graph tests, then
+        # lite batch 1 A/B in one call: main (cache write, then decode) vs the model passing `append` (54 index_copy
+        # launches fewer per step). If faster, the model's pure-decode branch passes append (src/dsv3/model/mla.py)
     timeout 120 python -m pytest -q -n 8 -p no:cacheprovider -rfEs tests/test_kernels_mla_decode.py \
       tests/test_infer_engine.py tests/test_infer_overlap.py -k "cuda" 2>&1 | tail -4 | tee "$OUT/gate.txt"
-    timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,gemv,fp8-auto \
-      --ttft-batch 0 > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | grep -E "tok/s" ;;
+    timeout 100 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-auto --ttft-batch 0 \
+      2>&1 | grep -E "tok/s" | sed 's/^/write+decode  /'
+    cp src/dsv3/model/mla.py /tmp/mla_main.py
+    python - <<'PY'
+p = "src/dsv3/model/mla.py"; s = open(p).read()
+a = ("        ctx.cache.write(ctx.layer, ctx.slots, c_kv, k_pe)\n        if ctx.decode_rows is None:"
+     "               # a pure decode step: every token, in order\n"
+     "            return self._attend_absorbed_paged(q_nope, q_pe, ctx)\n")
+b = ("        if ctx.decode_rows is None:\n"
+     "            return self._attend_absorbed_paged(q_nope, q_pe, ctx, append=(ctx.slots, c_kv, k_pe))\n"
+     "        ctx.cache.write(ctx.layer, ctx.slots, c_kv, k_pe)\n")
+assert a in s, "mla.py changed: update gpu_next.sh t"
+open(p, "w").write(s.replace(a, b))
+PY
+    timeout 60 python -m pytest -q -n 8 -p no:cacheprovider tests/test_infer_engine.py tests/test_infer_overlap.py \
+      -k "cuda" 2>&1 | tail -1 | sed 's/^/append engine tests: /'
+    timeout 100 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-auto --ttft-batch 0 \
+      2>&1 | grep -E "tok/s" | sed 's/^/append        /'
+    cp /tmp/mla_main.py src/dsv3/model/mla.py ;;
   *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t"; exit 2 ;;
 esac

@@ -101,5 +101,4 @@ def test_decode_step_ops_counts_per_layer():
     assert r["dense"]["kernels"] > 10 and r["moe"]["kernels"] > r["dense"]["kernels"] - 10
     for kind in ("dense", "moe"):
         assert r[kind].get("k:aten::index", 0) == 0 and r[kind].get("syncs", 0) == 0, r[kind]
-        # the two cache writes run inside the paged attention (its `append`: one launch with the kernel on CUDA)
-        assert r[kind].get("k:aten::index_copy_", 0) == 0 and r[f"{kind}.attn"]["k:aten::index_copy_"] == 2
+        assert r[kind]["k:aten::index_copy_"] == 2 and r[f"{kind}.attn"]["calls"] > 0

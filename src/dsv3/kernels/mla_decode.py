@@ -29,9 +29,10 @@ cover block_tables.shape[1] * block_size tokens; splits past a sequence's end re
 
 `append` (every function): this step's latents (slots (B,), c_kv (B, C), k_pe (B, R), the cache's dtype) are
 stored at their flat slots (block * block_size + offset) before attending, as a decode step's cache write then
-attention do. The kernel does both in its one launch: wherever a sequence's tiles reach its own new slot (in a
-decode step: its last position) the latents are taken from the inputs rather than the cache, so no program waits
-for another's store, and one program per sequence stores them. This saves the two index_copy launches per layer of a decode step (~2 us each, 54 per `lite` step on
+attention do; each row's slot must be that of its last position (seq_lens[b] - 1), as in a decode step. The
+kernel does both in its one launch: the split holding that position takes the new latents from the inputs as one
+more key of its online softmax, its tiles stop before it (no program reads what another stores), and one program
+per sequence stores them. This saves the two index_copy launches per layer of a decode step (~2 us each, 54 per `lite` step on
 an H100: RESULTS.md seventeenth session). A padding row (seq_lens 0) stores at its slot (the scratch block's) and
 attends to nothing.
 
@@ -149,7 +150,8 @@ if HAS_TRITON:
 
         seq_len = tl.load(SL + b)
         start = sp * tokens_per_split
-        end = tl.minimum(start + tokens_per_split, seq_len)
+        # with APPEND the last position is this step's token, taken from the inputs below: the tiles stop before it
+        end = tl.minimum(start + tokens_per_split, seq_len - 1 if APPEND else seq_len)
 
         offs_h = hg * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
@@ -167,31 +169,32 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
         bt_row = BT + b * stride_bt_b
-        if APPEND:   # this step's latents: read from here wherever the sequence's tiles reach their slot
+        if APPEND:   # this step's latents: stored by one program, attended by the split holding the position
             new_c = tl.load(NEWC + b * C + offs_c, mask=mask_c, other=0.0)
             new_k = tl.load(NEWK + b * R + offs_r, mask=mask_r, other=0.0)
-            slot_new = tl.load(SLOT + b)
-            if (hg == 0) & (sp == 0):            # and stored by one program
+            if (hg == 0) & (sp == 0):
+                slot_new = tl.load(SLOT + b)
                 blk_new, pos_new = slot_new // PAGE, slot_new % PAGE
                 tl.store(CKV + blk_new * stride_c_blk + pos_new * stride_c_tok + offs_c, new_c, mask=mask_c)
                 tl.store(KPE + blk_new * stride_k_blk + pos_new * stride_k_tok + offs_r, new_k, mask=mask_r)
+            if (seq_len > 0) & (sp == (seq_len - 1) // tokens_per_split):
+                # one more key in the online softmax, before the tiles: a broadcast product, no tile to pad
+                m_i = (tl.sum(q.to(tl.float32) * new_c.to(tl.float32)[None, :], 1)
+                       + tl.sum(qpe.to(tl.float32) * new_k.to(tl.float32)[None, :], 1)) * sm_scale_log2
+                l_i += 1.0
+                acc += new_c.to(tl.float32)[None, :]
 
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
             blk = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
             slot = offs_n % PAGE
-            cached = mask_n
-            if APPEND:   # the flat slot compared, not the position: the same as a store before the attention
-                is_new = mask_n & (blk * PAGE + slot == slot_new)
-                cached = mask_n & ~is_new
+            # loads straight into tl.dot: a select between them (the first form of APPEND) cost the H100 ~11 us
+            # per layer at batch 1 (RESULTS.md seventeenth session)
             kv = tl.load(CKV + blk[:, None] * stride_c_blk + slot[:, None] * stride_c_tok + offs_c[None, :],
-                         mask=cached[:, None] & mask_c[None, :], other=0.0)
+                         mask=mask_n[:, None] & mask_c[None, :], other=0.0)
             kpe = tl.load(KPE + blk[:, None] * stride_k_blk + slot[:, None] * stride_k_tok + offs_r[None, :],
-                          mask=cached[:, None] & mask_r[None, :], other=0.0)
-            if APPEND:
-                kv = tl.where(is_new[:, None], new_c[None, :], kv)
-                kpe = tl.where(is_new[:, None], new_k[None, :], kpe)
+                          mask=mask_n[:, None] & mask_r[None, :], other=0.0)
             s = tl.dot(q, tl.trans(kv), input_precision=DOT_PREC)
             s = tl.dot(qpe, tl.trans(kpe), acc=s, input_precision=DOT_PREC)
             s = s * sm_scale_log2

@@ -139,9 +139,9 @@ class MLA(nn.Module):
            (row token j sits at position past + j and sees positions <= its own);
         3. absorbed rows (one token with context): the same math as `_attend_absorbed`, with the attention itself
            run by the cache on its pages."""
-        if ctx.decode_rows is None:   # a pure decode step: every token, in order; step 1 runs inside the cache's
-            return self._attend_absorbed_paged(q_nope, q_pe, ctx, append=(ctx.slots, c_kv, k_pe))  # decode (3)
         ctx.cache.write(ctx.layer, ctx.slots, c_kv, k_pe)
+        if ctx.decode_rows is None:               # a pure decode step: every token, in order
+            return self._attend_absorbed_paged(q_nope, q_pe, ctx)
         out = q_nope.new_empty(q_nope.shape[0], self.n_heads, self.v_dim)
         for row in ctx.prefill:
             s, n = row.start, row.length
