@@ -96,6 +96,11 @@ def resume_config(config_file: str | Path | None, run_dir: str | Path | None, ov
     saved = Path(run_dir or from_file.run_dir) / "config.json"
     if not saved.exists():
         raise FileNotFoundError(f"--resume: {saved} does not exist")
+    if not is_run_config(saved):        # damaged: each checkpoint keeps a copy of the run's config
+        last = latest_checkpoint(saved.parent)
+        copy = f"; its newest checkpoint holds a copy: cp {shlex.quote(str(last / 'config.json'))} " \
+            f"{shlex.quote(str(saved))}" if last else ""
+        raise ConfigError(f"--resume: {saved} is not a run's config (unreadable or damaged){copy}")
     cfg = RunConfig.from_dict(apply_overrides(json.loads(saved.read_text()), overrides))
     if from_file is None:
         return cfg, []
