@@ -289,3 +289,14 @@ def test_a_corpus_that_holds_the_run_or_its_token_cache_is_refused_before_anythi
     assert not reads_under(str(proj / "src" / "a.py"), proj / "src")
     assert not reads_under(str(proj), proj / ".runs" / "run") and not reads_under(str(proj), proj / "node_modules")
     assert not reads_under(f"{proj}/src/*.py", proj / "src" / "run") and not reads_under("stdlib", tmp_path)
+
+
+def test_a_run_dir_that_is_a_file_is_named_and_kept(tmp_path, capsys):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(small_run(tmp_path, "notes.txt").to_dict()))
+    (tmp_path / "notes.txt").write_text("mine")
+    for flag in ([], ["--overwrite"]):
+        assert main(["train", "--config", str(cfg), "--quiet", *flag]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a file, not a directory; choose another run_dir" in err, err
+        assert (tmp_path / "notes.txt").read_text() == "mine"

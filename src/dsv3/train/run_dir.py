@@ -113,6 +113,8 @@ def check_start(run_dir: Path, resume: bool, overwrite: bool, cfg=None) -> None:
     with a resume's `cfg`, also when it changes what a resume keeps (check_resume_config)."""
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it afresh: pass one of them")
+    if run_dir.exists() and not run_dir.is_dir():     # else mkdir's bare "[Errno 17] File exists" at the lock
+        raise FileExistsError(f"run_dir {str(run_dir)!r} is a file, not a directory; choose another run_dir")
     ckpt = latest_checkpoint(run_dir)
     if resume:
         if ckpt is None:
