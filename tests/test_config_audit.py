@@ -38,6 +38,15 @@ def refused(tmp_path: Path, capsys, *args: str) -> str:
     ("model.hidden_sise=64", "unknown keys ['hidden_sise'] (did you mean 'hidden_size' for 'hidden_sise'?)"),
     ('optim.master="half"', "optim.master='half'"),
     ('optim.master="split"', "optim.master=split needs optim.state_dtype=bf16"),
+    # a bool is no integer, NaN / inf no number: accepted before, they trained a rank-1 q_lora or to a NaN loss
+    ("model.q_lora_rank=true", "q_lora_rank=True: must be a positive integer or null"),
+    ("model.rope_scaling={type='yarn',factor=nan,original_max_position_embeddings=4096}", "'factor' must be a number"),
+    ("model.rope_scaling={type='yarn',factor=inf,original_max_position_embeddings=4096}", "'factor' must be a number"),
+    ("model.rope_scaling={type='yarn',factor=512,original_max_position_embeddings=true}",
+     "'original_max_position_embeddings' must be a positive integer"),
+    ("model.rope_scaling={type='yarn',factor=2,original_max_position_embeddings=4096,mscale=inf}",
+     "'mscale' must be a number >= 0"),
+    ("parallel.timeout_minutes=1e300", "parallel.timeout_minutes=1e+300: must be a number in (0, 1e+06]"),
 ])
 def test_a_bad_model_value_or_a_typo_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys, override, says):
     monkeypatch.chdir(tmp_path)

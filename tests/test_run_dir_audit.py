@@ -260,3 +260,43 @@ def test_resume_with_an_edited_config_file_says_what_it_does_not_apply(tmp_path)
     assert resume_config(None, run, [])[1] == []
     with pytest.raises(FileNotFoundError, match="config.json does not exist"):
         resume_config(None, tmp_path / "nowhere", [])
+
+
+def test_a_corpus_that_holds_the_run_or_its_token_cache_is_refused_before_anything_is_written(tmp_path, capsys):
+    """data.sources = ["."] around run_dir (or data.cache_dir): the run trained on its own config.json and cache, and
+    its --resume then read metrics.jsonl as a malformed JSONL source (or found other shards): never resumable."""
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "src" / "a.py").write_text("x = 1\n" * 50)
+    d = small_run(tmp_path, "proj/runs/run").to_dict()
+    for sources, says in ([str(proj)], f"holds run_dir={str(proj / 'runs' / 'run')!r}"), \
+                         ([str(proj / "src"), f"{proj}/**"], f"{proj}/**' holds run_dir="):
+        cfg = tmp_path / "run.json"
+        cfg.write_text(json.dumps({**d, "data": {**d["data"], "sources": sources}}))
+        assert main(["train", "--config", str(cfg), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"invalid run config: data.sources entry '{sources[-1]}" in err \
+            and says in err, err
+        assert sorted(p.name for p in proj.iterdir()) == ["src"]               # nothing written
+    from dsv3.data.corpus import reads_under
+    cache = proj / "out" / "data"
+    assert reads_under(str(proj), cache) and reads_under(f"{proj}/*", cache)   # a matched directory is walked
+    (cache / "k").mkdir(parents=True)
+    (cache / "k" / "tokenizer.json").write_text("{}")
+    assert reads_under(f"{proj}/out/*/*/*.json", cache)                       # a matched file inside it
+    # what the corpus never reads: a sibling directory, a file, a directory the walk skips, the standard library
+    assert not reads_under(str(proj / "src"), proj / "runs" / "run")
+    assert not reads_under(str(proj / "src" / "a.py"), proj / "src")
+    assert not reads_under(str(proj), proj / ".runs" / "run") and not reads_under(str(proj), proj / "node_modules")
+    assert not reads_under(f"{proj}/src/*.py", proj / "src" / "run") and not reads_under("stdlib", tmp_path)
+
+
+def test_a_run_dir_that_is_a_file_is_named_and_kept(tmp_path, capsys):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(small_run(tmp_path, "notes.txt").to_dict()))
+    (tmp_path / "notes.txt").write_text("mine")
+    for flag in ([], ["--overwrite"]):
+        assert main(["train", "--config", str(cfg), "--quiet", *flag]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a file, not a directory; choose another run_dir" in err, err
+        assert (tmp_path / "notes.txt").read_text() == "mine"

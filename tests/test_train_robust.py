@@ -111,6 +111,32 @@ def test_a_metrics_line_that_cannot_be_written_does_not_stop_the_run(tmp_path, m
     assert [d.name for d in checkpoint_dirs(run)] == ["step_00000004", "step_00000008"]
 
 
+def test_a_resume_on_a_full_disk_keeps_the_runs_config_and_a_damaged_one_is_named(tmp_path, monkeypatch, capsys):
+    cfg, run = config(tmp_path, train={"steps": 4}), tmp_path / "run"
+    assert main(["train", "--config", cfg, "--quiet"]) == 0
+    before = (run / "config.json").read_text()
+    real = Path.write_text
+
+    def full_disk(path, *a, **k):           # a write into the run's directory: opened (truncated), then ENOSPC
+        if path.parent == run and "config.json" in path.name:
+            path.open("w").close()
+            raise OSError(28, "No space left on device")
+        return real(path, *a, **k)
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    assert main(["train", "--resume", "--run-dir", str(run), "--quiet", "train.steps=6"]) == 1
+    monkeypatch.undo()
+    assert (run / "config.json").read_text() == before and not list(run.glob(".config.json*"))
+    capsys.readouterr()
+    assert main(["train", "--resume", "--run-dir", str(run), "--quiet", "train.steps=6"]) == 0   # the advice works
+    assert sorted(train_losses(run)) == list(range(1, 7))
+    capsys.readouterr()
+    (run / "config.json").write_text("")    # damaged by hand: named, with the checkpoint's copy
+    assert main(["train", "--resume", "--run-dir", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume: {run / 'config.json'} is not a run's config" in err
+    assert f"cp {run / 'checkpoints' / 'step_00000006' / 'config.json'} {run / 'config.json'}" in err
+
+
 def test_a_second_run_on_a_directory_in_use_is_refused_and_deletes_nothing(tmp_path, capsys):
     cfg, run = config(tmp_path, train={"steps": 10000}, checkpoint={"interval": 2}), tmp_path / "run"
     first = subprocess.Popen(dsv3_cli("train", "--config", cfg, "--quiet"), stderr=subprocess.PIPE, text=True,

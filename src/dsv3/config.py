@@ -127,7 +127,8 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 fail(name, "must be a non-negative integer")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
+        q = self.q_lora_rank
+        if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q < 0):    # true is no rank of 1
             fail("q_lora_rank", "must be a positive integer or null")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)")
@@ -186,14 +187,14 @@ class ModelConfig:
             kind = rs.get("rope_type", rs.get("type"))
             if kind != "yarn":
                 fail("rope_scaling", f"only YaRN scaling is supported, got type {kind!r}")
-            if not isinstance(rs.get("factor"), (int, float)) or rs["factor"] < 1:
+            # finite: a NaN factor passed `< 1` and every length check, and NaN / inf rotations train to a NaN loss
+            if not (real(rs.get("factor")) and rs["factor"] >= 1):
                 fail("rope_scaling", "'factor' must be a number >= 1")
-            if not isinstance(rs.get("original_max_position_embeddings"), int) or \
-                    rs["original_max_position_embeddings"] <= 0:
+            orig = rs.get("original_max_position_embeddings")
+            if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
                 fail("rope_scaling", "'original_max_position_embeddings' must be a positive integer")
-            num = lambda k: isinstance(rs.get(k), (int, float)) and not isinstance(rs.get(k), bool)  # noqa: E731
             for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
-                if rs.get(k) is not None and not (num(k) and rs[k] >= 0):
+                if rs.get(k) is not None and not (real(rs[k]) and rs[k] >= 0):
                     fail("rope_scaling", f"'{k}' must be a number >= 0")
             # equal betas (Kimi-K2: 1.0 and 1.0) make the ramp a step, as transformers and DeepSeek compute it
             if not float(rs.get("beta_fast") or 32) >= float(rs.get("beta_slow") or 1):

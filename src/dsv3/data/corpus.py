@@ -6,6 +6,7 @@ Everything is yielded in a deterministic order, so the same sources always give 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import json
@@ -84,6 +85,48 @@ def source_files(source: str) -> list[Path]:
         raise FileNotFoundError(f"data source {source!r}: the glob matches no supported files")
     raise FileNotFoundError(f"data source {source!r} does not exist (expected 'stdlib', a file, a directory "
                             f"or a glob)")
+
+
+def reads_under(source: str, directory: str | Path) -> bool:
+    """Whether `source` (source_files' rules) reads files under `directory`, now or once files appear there: a
+    directory the source is or a glob matches (one not there yet included) that the walk descends into `directory`
+    from (no dot or _SKIP_DIRS name on the way), or a supported file the glob matches inside it now."""
+    if source == "stdlib":
+        return False
+    inner = Path(directory).expanduser().resolve()
+    path = Path(source).expanduser()
+    if path.exists() or not any(c in source for c in "*?["):
+        return path.is_dir() and _walks_into(path.resolve(), inner)
+    pattern = Path(os.path.abspath(os.path.expanduser(source))).parts
+    if any(_walks_into(Path(*inner.parts[:n]), inner) for n in _glob_depths(pattern, inner.parts)):
+        return True
+    return any(inner in f.resolve().parents and f.suffix.lower() in SUPPORTED_EXTS
+               for f in map(Path, glob.glob(os.path.expanduser(source), recursive=True)))
+
+
+def _walks_into(root: Path, inner: Path) -> bool:
+    """Whether walking the directory `root` (_walk) reaches `inner`."""
+    return (root == inner or root in inner.parents) and \
+        not any(p.startswith(".") or p in _SKIP_DIRS for p in inner.relative_to(root).parts)
+
+
+def _glob_depths(pattern: tuple[str, ...], parts: tuple[str, ...], i: int = 0) -> set[int]:
+    """The n for which glob's `pattern` components match parts[:n] (a directory the glob would name): "**" any
+    number of names, and no wildcard a leading dot (glob's rules)."""
+    if not pattern:
+        return {i}
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        out = _glob_depths(rest, parts, i)
+        for j in range(i, len(parts)):
+            if parts[j].startswith("."):
+                break
+            out |= _glob_depths(rest, parts, j + 1)
+        return out
+    if i < len(parts) and fnmatch.fnmatchcase(parts[i], head) and \
+            (not parts[i].startswith(".") or head.startswith(".")):
+        return _glob_depths(rest, parts, i + 1)
+    return set()
 
 
 def sources_fingerprint(sources: list[str]) -> str:

@@ -186,7 +186,8 @@ class ParallelConfig:
     # torchtitan's 5 min (init) / 100 s (steps): here the other ranks wait while rank 0 alone builds the token cache,
     # verifies the checkpoint a --resume takes (sha256 of every file) and commits each save; raise it for a corpus
     # or checkpoint whose rank-0 phase takes longer (a fraction of a minute is allowed, for tests)
-    timeout_minutes: float = setting(30.0, Real(0, lo_open=True))
+    # (at most ~2 years: timedelta overflows past ~1e12 minutes, a traceback before any check)
+    timeout_minutes: float = setting(30.0, Real(0, 1e6, lo_open=True))
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "mtp": MTPConfig,

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from ..checkpoint import atomic_directory
-from ..data.corpus import sources_fingerprint
+from ..config import ConfigError
+from ..data.corpus import reads_under, sources_fingerprint
 from ..data import ShardSet, Tokenizer, build_shards, iter_documents, train_tokenizer
 from .config import DataConfig
 
@@ -23,6 +24,18 @@ def dataset_key(cfg: DataConfig, vocab_size: int) -> str:
     blob = json.dumps([sources_fingerprint(list(cfg.sources)), tok_id, cfg.seed, cfg.val_fraction])
     name = "-".join(s if s == "stdlib" else Path(s).stem for s in cfg.sources)[:40] or "data"
     return f"{name}-v{vocab_size}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def check_corpus_apart(cfg: DataConfig, run_dir: str) -> None:
+    """Refuse sources that read the run's own directory or the token cache (data.sources = ["."] around both): their
+    files (config.json, metrics.jsonl, tokenizer.json) would be trained on, and as they change the corpus would, so a
+    --resume finds other data and is refused, or stops on metrics.jsonl as a malformed JSONL source."""
+    for key, where in (("run_dir", run_dir), ("data.cache_dir", cfg.cache_dir)):
+        for source in cfg.sources:
+            if reads_under(source, where):
+                raise ConfigError(f"invalid run config: data.sources entry {source!r} holds {key}={where!r}, whose "
+                                  f"files the run writes and would then train on; move {key} out of it, or list the "
+                                  f"corpus's own files or directories instead")
 
 
 def prepare_dataset(cfg: DataConfig, vocab_size: int, progress: bool = True) -> tuple[Tokenizer, ShardSet, Path]:

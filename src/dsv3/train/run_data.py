@@ -94,7 +94,9 @@ def set_up_run_dir(cfg: RunConfig, tokenizer, shards: ShardSet | None, data_dir:
         notes.append(f"removed {len(left)} unfinished checkpoint saves ({', '.join(left)})")
     run_dir.mkdir(parents=True, exist_ok=True)
     fresh = not resume
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    # whole or not at all: a resume replaces the run's config.json, which every later --resume reads (a full disk
+    # mid-write would leave it empty, and the printed resume command failing)
+    write_whole(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
     if fresh or not (run_dir / "tokenizer" / "tokenizer.json").exists():
         tokenizer.save(run_dir / "tokenizer")
     baselines = run_dir / "baselines.json"

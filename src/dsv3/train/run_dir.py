@@ -96,6 +96,11 @@ def resume_config(config_file: str | Path | None, run_dir: str | Path | None, ov
     saved = Path(run_dir or from_file.run_dir) / "config.json"
     if not saved.exists():
         raise FileNotFoundError(f"--resume: {saved} does not exist")
+    if not is_run_config(saved):        # damaged: each checkpoint keeps a copy of the run's config
+        last = latest_checkpoint(saved.parent)
+        copy = f"; its newest checkpoint holds a copy: cp {shlex.quote(str(last / 'config.json'))} " \
+            f"{shlex.quote(str(saved))}" if last else ""
+        raise ConfigError(f"--resume: {saved} is not a run's config (unreadable or damaged){copy}")
     cfg = RunConfig.from_dict(apply_overrides(json.loads(saved.read_text()), overrides))
     if from_file is None:
         return cfg, []
@@ -108,6 +113,8 @@ def check_start(run_dir: Path, resume: bool, overwrite: bool, cfg=None) -> None:
     with a resume's `cfg`, also when it changes what a resume keeps (check_resume_config)."""
     if resume and overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it afresh: pass one of them")
+    if run_dir.exists() and not run_dir.is_dir():     # else mkdir's bare "[Errno 17] File exists" at the lock
+        raise FileExistsError(f"run_dir {str(run_dir)!r} is a file, not a directory; choose another run_dir")
     ckpt = latest_checkpoint(run_dir)
     if resume:
         if ckpt is None:
