@@ -63,8 +63,10 @@ def wide_gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block_n: int, k
     return y
 
 
-def variants(K: int, ncu: bool) -> list[tuple[str, object]]:
+def variants(K: int, ncu: bool, m: int = 1) -> list[tuple[str, object]]:
     out = [(f"lib {name}", lambda x, q, s, c=cfg: fp8_gemv(x, q, s, **c)) for name, cfg in LIB.items()]
+    if m > 1:                     # the probe's wide kernel is one row only; the library default alone
+        return out[:1]
     out += [(f"wide bn{c['block_n']} kw{c['kw']} w{c['num_warps']}", lambda x, q, s, c=c: wide_gemv(x, q, s, **c))
             for c in (WIDE_NCU if ncu else WIDE) if K % c["kw"] == 0]
     return out
@@ -74,7 +76,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ncu", action="store_true", help="one cold call per variant (for ncu), no timing")
     ap.add_argument("--dry-run", action="store_true", help="CPU interpreter: correctness on tiny shapes")
+    ap.add_argument("--m", default="1", help="rows of x, comma-separated (M > 1: the library's FP8 default and the "
+                    "bf16 GEMV beside cuBLAS, e.g. an MTP verify step's 2 at batch 1; EngineConfig.dense_gemv)")
     args = ap.parse_args()
+    ms = [int(v) for v in args.m.split(",")]
     if args.dry_run:
         from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
         patch_interpreter_for_numpy2()
@@ -82,25 +87,25 @@ def main() -> None:
     shapes = {"tiny": (256, 1024)} if args.dry_run else ENGINE
     torch.manual_seed(0)
     order = []
-    for name, (N, K) in shapes.items():
+    for (name, (N, K)), m in itertools.product(shapes.items(), ms):
         w = torch.randn(N, K, device=dev) * 0.02
         q, s = quantize_blocks(w)
         s = s.float().contiguous()
-        x = torch.randn(1, K, device=dev, dtype=torch.bfloat16 if not args.dry_run else torch.float32)
+        x = torch.randn(m, K, device=dev, dtype=torch.bfloat16 if not args.dry_run else torch.float32)
         ref = fp8_linear_reference(x, q, s).float()
         n = 1 if args.dry_run else max(1, COLD_BYTES // q.numel())
         qs = [(q.clone(), s.clone()) for _ in range(n)]
         wb = [w.to(x.dtype) for _ in range(max(1, n // 2))] if not args.dry_run else [w]
         bf16_ref = torch.nn.functional.linear(x, wb[0]).float()
         # (name, fn, the copies it cycles, its reference, bytes read): FP8 variants, then bf16 ones
-        runs = [(vname, fn, qs, ref, q.numel()) for vname, fn in variants(K, args.ncu)] + [
-            ("bf16 wide (gemv M=1)", gemv_triton, [(c,) for c in wb], bf16_ref, 2 * q.numel()),
+        runs = [(vname, fn, qs, ref, q.numel()) for vname, fn in variants(K, args.ncu, m)] + [
+            (f"bf16 gemv M={m}", gemv_triton, [(c,) for c in wb], bf16_ref, 2 * q.numel()),
             ("bf16 cuBLAS", torch.nn.functional.linear, [(c,) for c in wb], bf16_ref, 2 * q.numel())]
         for vname, fn, copies, want, nbytes in runs:
             err = ((fn(x, *copies[0]).float() - want).norm() / want.norm()).item()
             assert err < 2e-2, (name, vname, err)
             if args.dry_run:
-                print(f"{name} {vname}: err {err:.1e}")
+                print(f"{name} M={m} {vname}: err {err:.1e}")
                 continue
             it = itertools.cycle(copies)
             call = lambda fn=fn, it=it: fn(x, *next(it))      # noqa: E731
@@ -109,7 +114,7 @@ def main() -> None:
                 order.append(f"{name} {vname} (check, then cold)")
                 continue
             us = triton.testing.do_bench_cudagraph(call, rep=20, return_mode="median") * 1e3
-            print(f"{name:11s} {vname:22s} {us:7.2f} us  {nbytes / us / 1e6:5.2f} TB/s", flush=True)
+            print(f"{name:11s} M={m} {vname:22s} {us:7.2f} us  {nbytes / us / 1e6:5.2f} TB/s", flush=True)
         del qs, wb
         torch.cuda.empty_cache() if not args.dry_run else None
     if args.ncu:

@@ -25,6 +25,7 @@
 #                                   the GEMV probe, lite batch 1 BF16 vs FP8 profiled
 #   bash benchmarks/gpu_next.sh s   the fused MoE at T = 1, 2: its GEMV form vs the tiled stages' best launch
 #   bash benchmarks/gpu_next.sh t   the MLA decode's fused cache store: its CUDA tests, lite batch 1 A/B (BF16, FP8)
+#   bash benchmarks/gpu_next.sh u   the bf16 GEMV at M = 1, 2, 4, 8 vs cuBLAS (before dense_gemv becomes the default)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -160,5 +161,9 @@ PY
     timeout 100 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-auto --ttft-batch 0 \
       2>&1 | grep -E "tok/s" | sed 's/^/append        /'
     cp /tmp/mla_main.py src/dsv3/model/mla.py ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t"; exit 2 ;;
+  u)    # before EngineConfig.dense_gemv is made the default: the bf16 GEMV at M = 1, 2, 4, 8 beside cuBLAS (M = 2 is
+        # an MTP verify step at batch 1), cold, engine shapes (~2 min)
+    timeout 150 python benchmarks/gemv_probe.py --m 1,2,4,8 2>&1 | grep -v Warn | grep -E "lib default|bf16" \
+      | tee "$OUT/gemv_probe_m.txt" ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u"; exit 2 ;;
 esac
