@@ -23,7 +23,7 @@
 #   bash benchmarks/gpu_next.sh q   the GEMV probe under ncu (where a cold FP8 GEMV's time goes)
 #   bash benchmarks/gpu_next.sh r   the next session's first call: the gate of this session's kernels and infer changes,
 #                                   the GEMV probe, lite batch 1 BF16 vs FP8 profiled
-#   bash benchmarks/gpu_next.sh s   the fused MoE at T = 1, 2: its GEMV form vs the tiled stages' best launch
+#   bash benchmarks/gpu_next.sh s   the fused MoE at T = 1, 2: tiled launches, the GEMV form and its launch grid
 #   bash benchmarks/gpu_next.sh t   the MLA decode's fused cache store: its CUDA tests, lite batch 1 A/B (BF16, FP8)
 #   bash benchmarks/gpu_next.sh u   the bf16 GEMV at M = 1, 2, 4, 8 vs cuBLAS (before dense_gemv becomes the default)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
@@ -133,9 +133,10 @@ case $PART in
     timeout 190 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,gemv,fp8-auto --ttft-batch 0 \
       --profile > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | grep -E "tok/s|graph replay|ms .*x " \
       | head -30 ;;
-  s)    # the fused MoE at T = 1, 2: the GEMV form (the table row) against the tiled stages' best launch
-    timeout 200 python benchmarks/moe_decode_sweep.py --tokens 1,2 --deadline-s 150 --warm-s 40 2>&1 \
-      | grep -v Warn | tail -20 ;;
+  s)    # the fused MoE at T = 1, 2: the tiled stages (the table's launch, the best of their grid) and the GEMV form the
+        # engine takes there (whole call, then its steps 2-3 over rows_launch's grid: strips, loads, gate-up paired)
+    timeout 230 python benchmarks/moe_decode_sweep.py --tokens 1,2 --deadline-s 190 --warm-s 40 2>&1 \
+      | grep -v Warn | grep -E "T= *[0-9]+ hit|GEMV form|  best " ;;
   t)    # seventeenth session: the MLA decode's fused cache store (append, second form: the tiles' loads feed tl.dot
         # directly; the first form's select cost ~11 us per layer). Its CUDA tests and the engine's graph tests, then
         # lite batch 1 A/B in one call: main (cache write, then decode) vs the model passing `append` (54 index_copy

@@ -8,7 +8,11 @@ Per (weights, T), in this order (the most informative first, so that a run cut b
   2. each stage alone over a grid of launches per row tile block_m: gate-up (block_n, num_warps, num_stages), down
      (the same, and split-K for small T); every launch's full output checked against `moe_decode_reference`
      (max |err| / max |ref|, bf16: < 2e-2), failing ones never picked;
-  3. the fused call with the best passing launch (block_m minimising the two stages' sum).
+  3. the fused call with the best passing launch (block_m minimising the two stages' sum);
+  4. at T <= ROWS_MAX_TOKENS, the GEMV form `moe_decode_triton` takes there without launch arguments (whole call,
+     "rows"), then its steps 2-3 alone (`moe_decode_rows_triton`) over a grid of `rows_launch` fields: per stage
+     block_n, ku (KU * 128 columns per wide load), num_warps, and gate-up's `pair` (gate's and up's loads in the
+     same steps). The default launch is the grid's first entry; the best passing one is reported beside it.
 Every time is a CUDA-graph replay (the engine replays graphs) of calls that alternate between --sets independent
 weight sets with their own routing, so that one call's experts are not in L2 for the next (the 27 layers of a step
 do not share weights). GB/s = bytes of the weights of the experts hit (+ FP8 scales) / time; `%copy` against a
@@ -71,6 +75,21 @@ def down_grid(dry: bool, tokens: int, fmt: str) -> list[dict]:
     if f16:
         grid += [dict(down_block_n=bn, down_num_warps=w, down_num_stages=s, down_f16_dot=True) for bn in (32, 64, 128)
                  for w, s in STAGE_KNOBS[:2]]
+    return grid
+
+
+def rows_grid(dry: bool) -> list[dict]:
+    """`moe_decode_rows_triton` launch arguments: the default first, then one stage's fields varied at a time."""
+    if dry:
+        return [{}, dict(pair=True, gate_up=dict(block_n=8, ku=1)), dict(down=dict(block_n=2, ku=2))]
+    grid = [{}]
+    for bn in (4, 8, 16):
+        for ku in (4, 8, 16):
+            grid += [dict(gate_up=dict(block_n=bn, ku=ku), pair=pair) for pair in (False, True)]
+            if ku < 16:
+                grid.append(dict(down=dict(block_n=bn, ku=ku // 2)))
+    grid += [dict(gate_up=dict(num_warps=8), pair=True), dict(down=dict(num_warps=8)),
+             dict(gate_up=dict(num_warps=2), pair=True), dict(down=dict(num_warps=2))]
     return grid
 
 
@@ -318,7 +337,34 @@ def run_case(cfg, fmt: str, T: int, sets: list, a, deadline: float, copy_bw: flo
             row["best_launch"], row["best_err"], row["best"] = row["table_launch"], row["table_err"], row["table"]
         row["fused_faster"] = row["best"]["us"] < row["module"]["us"]
         row["speedup_vs_module"] = row["module"]["us"] / row["best"]["us"]
+    from dsv3.kernels.moe_rows import ROWS_MAX_TOKENS
+    if T <= ROWS_MAX_TOKENS:
+        rows_form_sweep(row, data, T, K, dtype, tol, deadline, perf, nbytes)
     return row
+
+
+def rows_form_sweep(row: dict, data: list, T: int, K: int, dtype, tol: float, deadline: float, perf,
+                    nbytes: float) -> None:
+    """Step 4 (module docstring): the GEMV form whole, then its steps 2-3 over `rows_grid`."""
+    from dsv3.kernels.moe_decode import moe_decode_triton
+    from dsv3.kernels.moe_rows import moe_decode_rows_triton
+    whole = lambda d: moe_decode_triton(d["x"], d["w"], d["idx"], *d["tensors"])  # noqa: E731
+    row["rows_err"] = rel_err(whole(data[0]), data[0]["ref"])
+    row["rows"] = perf(time_per_call([functools.partial(whole, d) for d in data]))
+    row["rows_launches"] = []
+    for launch in rows_grid(dtype == torch.float32):
+        if time.time() > deadline:
+            row["cut_by_deadline"] = True
+            break
+        call = lambda d, kw=launch: moe_decode_rows_triton(d["x"], d["tw"], d["idx"], *d["tensors"][:3],  # noqa: E731
+                                                          *d["scales"], **kw)
+        r = dict(launch=launch, err=rel_err(call(data[0]).view(T, K, -1).sum(1).to(dtype), data[0]["ref"]))
+        r.update(ok=r["err"] < tol, **perf(time_per_call([functools.partial(call, d) for d in data]), nbytes))
+        row["rows_launches"].append(r)
+    ok = [r for r in row["rows_launches"] if r["ok"]]
+    if ok:
+        row["rows_default_stages"] = row["rows_launches"][0]
+        row["rows_best_stages"] = min(ok, key=lambda r: r["us"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,6 +402,10 @@ def print_row(r: dict) -> None:
           f"{f(r.get('best'))} | fused faster: "
           f"{r.get('fused_faster')} | errs module {r['module_err']:.1e} table {r['table_err']:.1e} best "
           f"{r.get('best_err', float('nan')):.1e}", flush=True)
+    if "rows" in r:
+        d, b = r.get("rows_default_stages"), r.get("rows_best_stages")
+        print(f"          GEMV form: whole {f(r['rows'])} (err {r['rows_err']:.1e}); steps 2-3 default "
+              f"{f(d) if d else '-'}, best {f(b) if b else '-'} {b['launch'] if b else ''}", flush=True)
     if "best_launch" in r:
         bs = r["best_stages"]
         print(f"          best {r['best_launch']}  gate_up {bs['gate_up']['us']:.1f} us "

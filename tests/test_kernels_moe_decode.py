@@ -5,6 +5,7 @@ graph capture."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -230,6 +231,17 @@ def _interpreter_cases() -> dict:
     for name, (shape, make_kw, kw) in cases.items():
         args = make_moe(*shape, seed=sum(shape), **make_kw)
         errs[name] = _rel(moe_decode_triton(*args, **kw), moe_decode_reference(*args))
+    # the GEMV form's launch fields (benchmarks/moe_decode_sweep.py sweeps them): gate's and up's loads paired in one
+    # loop, masked and even K, 8- and 2-row strips, one-block loads
+    from dsv3.kernels.moe_rows import moe_decode_rows_triton
+    for name, (shape, make_kw, launch) in {
+            "rows_pair_fp8": ((2, 4, 16, 260, 200), dict(fp8=True), dict(pair=True)),
+            "rows_pair_even": ((1, 2, 8, 256, 256), {}, dict(pair=True, gate_up=dict(block_n=8, ku=2))),
+            "rows_strips_fp8": ((2, 2, 8, 260, 200), dict(fp8=True),
+                                dict(gate_up=dict(block_n=8, ku=1), down=dict(block_n=2, ku=4, num_warps=2)))}.items():
+        args = make_moe(*shape, seed=sum(shape), **make_kw)
+        rows = functools.partial(moe_decode_rows_triton, **launch)
+        errs[name] = _rel(moe_decode_triton(*args, rows=rows), moe_decode_reference(*args))
     args = make_moe(2, 4, 16, 260, 200, fp8=True, seed=3)
     errs["rows_vs_tiled"] = _rel(moe_decode_triton(*args), moe_decode_triton(*args, max_tokens=0))
     # activations past fp16's range are clamped, never inf / NaN
@@ -257,7 +269,7 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_moe_decode")
-    assert len(errs) == 29, errs
+    assert len(errs) == 32, errs
     for name, err in errs.items():
         assert err < (3e-3 if name == "fp8_f16_dot" else 1e-5), (name, errs)
     assert errs["fp8_f16_dot"] > 1e-6, errs        # the fp16 path ran (fp32 activations rounded)
@@ -266,17 +278,20 @@ def test_triton_interpreter_matches_reference():
 @pytest.mark.skipif(not HAS_TRITON, reason="the sweep's dry run runs the kernels under the Triton interpreter")
 def test_sweep_dry_run(tmp_path):
     """benchmarks/moe_decode_sweep.py --dry-run (CPU, interpreter, tiny shapes) runs every path the GPU run takes
-    but the graphs: module path, table launch, both stage sweeps (both split-Ks, fp16 MMA), best launch, a JSON
-    whose launches all match the reference and a LAUNCH_TABLE block that evaluates to the source's structure."""
+    but the graphs: module path, table launch, both stage sweeps (both split-Ks, fp16 MMA), best launch, the GEMV
+    form (T = 2) whole and over its launch grid, a JSON whose launches all match the reference and a LAUNCH_TABLE
+    block that evaluates to the source's structure."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(root / "src"), TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "moe_decode_sweep.py"), "--dry-run",
-                           "--tokens", "3", "--formats", "fp8", "--warm-s", "0"], env=env, capture_output=True,
+                           "--tokens", "2", "--formats", "fp8", "--warm-s", "0"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "moe_decode_sweep.json").read_text())
     (row,) = result["rows"]
-    assert row["fmt"] == "fp8" and row["T"] == 3 and isinstance(row["fused_faster"], bool)
+    assert row["fmt"] == "fp8" and row["T"] == 2 and isinstance(row["fused_faster"], bool)
+    assert row["rows_err"] < 1e-4 and len(row["rows_launches"]) == 3 and all(r["ok"] for r in row["rows_launches"])
+    assert row["rows_default_stages"]["launch"] == {} and "GEMV form: whole" in proc.stdout
     f16 = row["best_launch"]["f16_dot"] or row["best_launch"]["down_f16_dot"]    # fp32 activations rounded to fp16
     assert max(row["module_err"], row["table_err"]) < 1e-4 and row["best_err"] < (5e-3 if f16 else 1e-4)
     assert {s.get("gate_up_split_k", 1) for s in row["stages"] if s["stage"] == "gate_up"} == {1, 2}
@@ -286,9 +301,9 @@ def test_sweep_dry_run(tmp_path):
     exec((tmp_path / "moe_decode_table.py").read_text(), ns)
     table = ns["LAUNCH_TABLE"]
     assert table.keys() == md.LAUNCH_TABLE.keys()
-    assert [t for t, _, _ in table["fp8"]] == sorted({3} | {t for t, _, _ in md.LAUNCH_TABLE["fp8"]})
+    assert [t for t, _, _ in table["fp8"]] == sorted({2} | {t for t, _, _ in md.LAUNCH_TABLE["fp8"]})
     assert table["bf16"] == md.LAUNCH_TABLE["bf16"]                    # not measured: kept as it is
-    assert dict((t, (launch, f)) for t, launch, f in table["fp8"])[3] == (MoELaunch(**row["best_launch"]),
+    assert dict((t, (launch, f)) for t, launch, f in table["fp8"])[2] == (MoELaunch(**row["best_launch"]),
                                                                           row["fused_faster"])
 
 
@@ -364,3 +379,16 @@ def test_triton_cuda_graph_capture(T):
     graph.replay()
     torch.cuda.synchronize()
     assert_close_scaled(out, moe_decode_reference(x, w, idx, *rest).float(), 2e-2)
+
+
+def test_rows_launch_defaults_and_refusals():
+    """The GEMV form's launches: fp8_gemv's one-row rules by default (no K slices, pair off until measured), fields
+    overridden per stage, a bad field refused naming the rule."""
+    from dsv3.kernels.moe_rows import rows_launch
+    gate_up, down = rows_launch(2048, 1408)
+    assert gate_up == dict(block_n=4, ku=8, num_warps=4, pair=False) and down == dict(block_n=4, ku=8, num_warps=4)
+    gate_up, down = rows_launch(2048, 1408, dict(block_n=8), dict(ku=2, num_warps=8), pair=True)
+    assert gate_up == dict(block_n=8, ku=8, num_warps=4, pair=True) and down == dict(block_n=4, ku=2, num_warps=8)
+    for bad in (dict(block_n=3), dict(ku=3), dict(num_warps=32), dict(split=2)):
+        with pytest.raises(ValueError, match="moe rows launch"):
+            rows_launch(2048, 1408, bad)

@@ -51,27 +51,53 @@ if HAS_TRITON:
         KU * 128 columns in one wide load (16-byte vectors), the block scale of each column gathered beside x, and
         keeps the products per lane; one cross-lane sum at the end. Returns acc (BLOCK_N,) fp32 and the rows.
         SCALED=False: W in a float dtype, no scales (S unused; the fused MoE's GEMV form, kernels.moe_decode)."""
+        acc, _, offs_n = _row_strips(X, W, S, W, S, n0, N, K, kb0, kb1, stride_wn, stride_sn, BLOCK_N, KU, EVEN_K,
+                                     SCALED, False)
+        return acc, offs_n
+
+    @triton.jit
+    def _row_strips(X, W, S, W2, S2, n0, N, K, kb0, kb1, stride_wn, stride_sn,
+                    BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr, SCALED: tl.constexpr,
+                    PAIR: tl.constexpr):
+        """`_row_strip`, and with PAIR the same strip of a second matrix W2 / S2 (same strides) in the same steps:
+        both wide loads in flight together (the fused MoE's gate and up). Returns (acc, acc2, rows); acc2 is zeros
+        without PAIR."""
         KW: tl.constexpr = KU * 128
         offs_n = n0 + tl.arange(0, BLOCK_N)
         rows = offs_n % N                                    # 1a. past-N rows re-read a real row, never stored
         cols = tl.arange(0, KW)
-        w_base = W + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
-        s_base = S + (n0 // 128) * stride_sn + cols // 128  # BLOCK_N divides 128: one scale row per strip
+        w_off = rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+        s_off = (n0 // 128) * stride_sn + cols // 128        # BLOCK_N divides 128: one scale row per strip
         acc = tl.zeros([BLOCK_N, KW], dtype=tl.float32)
-        for k0 in range(kb0 * 128, kb1 * 128, KW):          # 1. one wide load per step
+        acc2 = tl.zeros([BLOCK_N, KW], dtype=tl.float32)
+        for k0 in range(kb0 * 128, kb1 * 128, KW):          # 1. one wide load per step (and matrix)
             if EVEN_K:
-                w = tl.load(w_base + k0)
-                xs = tl.load(X + k0 + cols).to(tl.float32)
+                w = tl.load(W + w_off + k0)
+                if PAIR:
+                    w2 = tl.load(W2 + w_off + k0)
+                x = tl.load(X + k0 + cols).to(tl.float32)
+                xs = x
+                xs2 = x
                 if SCALED:
-                    xs *= tl.load(s_base + k0 // 128)                                           # 1b.
+                    xs = x * tl.load(S + s_off + k0 // 128)                                       # 1b.
+                    if PAIR:
+                        xs2 = x * tl.load(S2 + s_off + k0 // 128)
             else:
                 kmask = k0 + cols < tl.minimum(kb1 * 128, K)
-                w = tl.load(w_base + k0, mask=kmask[None, :], other=0.0)
-                xs = tl.load(X + k0 + cols, mask=kmask, other=0.0).to(tl.float32)
+                w = tl.load(W + w_off + k0, mask=kmask[None, :], other=0.0)
+                if PAIR:
+                    w2 = tl.load(W2 + w_off + k0, mask=kmask[None, :], other=0.0)
+                x = tl.load(X + k0 + cols, mask=kmask, other=0.0).to(tl.float32)
+                xs = x
+                xs2 = x
                 if SCALED:
-                    xs *= tl.load(s_base + k0 // 128, mask=kmask, other=0.0)
+                    xs = x * tl.load(S + s_off + k0 // 128, mask=kmask, other=0.0)
+                    if PAIR:
+                        xs2 = x * tl.load(S2 + s_off + k0 // 128, mask=kmask, other=0.0)
             acc += w.to(tl.float32) * xs[None, :]            # 1c.
-        return tl.sum(acc, axis=1), offs_n
+            if PAIR:
+                acc2 += w2.to(tl.float32) * xs2[None, :]
+        return tl.sum(acc, axis=1), tl.sum(acc2, axis=1), offs_n
 
     @triton.jit
     def _dot_strip(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1, stride_xm, stride_wn, stride_sn,

@@ -23,26 +23,33 @@ from .fp8_gemv import gemv_launch
 from .triton_setup import BLOCK, HAS_TRITON, tl, triton
 
 if HAS_TRITON:
-    from .fp8_gemv import _row_strip
+    from .fp8_gemv import _row_strip, _row_strips
 
-__all__ = ["ROWS_MAX_TOKENS", "moe_decode_rows_triton", "rows_form"]
+__all__ = ["ROWS_MAX_TOKENS", "moe_decode_rows_triton", "rows_form", "rows_launch"]
 
 if HAS_TRITON:
 
     @triton.jit
     def _gate_up_rows_kernel(X, IDX, WG, WU, SG, SU, H, N, K, NKB, TOPK, stride_xm, stride_we, stride_wn,
                              stride_se, stride_sn, stride_hm,
-                             BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr):
+                             BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr,
+                             PAIR: tl.constexpr):
         """The GEMV form of step 2, one program per (pair, BLOCK_N rows of I): h[p] = silu(x[t] g_e^T) * x[t] u_e^T
-        for the pair's token t = p // TOPK and expert e = idx[p], each weight strip read with fp8_gemv's wide loads."""
+        for the pair's token t = p // TOPK and expert e = idx[p], each weight strip read with fp8_gemv's wide loads;
+        PAIR: gate's and up's loads in the same steps, else gate's strip then up's."""
         p = tl.program_id(0)
         e = tl.load(IDX + p).to(tl.int64)
         x = X + (p // TOPK).to(tl.int64) * stride_xm
         n0 = tl.program_id(1) * BLOCK_N
-        g, offs_n = _row_strip(x, WG + e * stride_we, SG + e * stride_se, n0, N, K, 0, NKB, stride_wn, stride_sn,
-                               BLOCK_N, KU, EVEN_K, FP8)
-        u, _ = _row_strip(x, WU + e * stride_we, SU + e * stride_se, n0, N, K, 0, NKB, stride_wn, stride_sn,
-                          BLOCK_N, KU, EVEN_K, FP8)
+        if PAIR:
+            g, u, offs_n = _row_strips(x, WG + e * stride_we, SG + e * stride_se, WU + e * stride_we,
+                                       SU + e * stride_se, n0, N, K, 0, NKB, stride_wn, stride_sn, BLOCK_N, KU,
+                                       EVEN_K, FP8, True)
+        else:
+            g, offs_n = _row_strip(x, WG + e * stride_we, SG + e * stride_se, n0, N, K, 0, NKB, stride_wn,
+                                   stride_sn, BLOCK_N, KU, EVEN_K, FP8)
+            u, _ = _row_strip(x, WU + e * stride_we, SU + e * stride_se, n0, N, K, 0, NKB, stride_wn, stride_sn,
+                              BLOCK_N, KU, EVEN_K, FP8)
         h = g * tl.sigmoid(g) * u                                          # silu(gate) * up, fp32
         tl.store(H + p.to(tl.int64) * stride_hm + offs_n, h.to(H.dtype.element_ty), mask=offs_n < N)
 
@@ -77,12 +84,32 @@ def rows_form(x: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor, 
             and all(w.stride(2) == 1 for w in (gate_proj, up_proj, down_proj)))
 
 
+def rows_launch(D: int, I: int, gate_up: dict | None = None, down: dict | None = None,
+                pair: bool = False) -> tuple[dict, dict]:
+    """The two stages' launches (block_n, ku, num_warps, and the gate-up stage's `pair`): fp8_gemv's one-row rules
+    (`gemv_launch`), no K slices, with `gate_up` / `down` overriding fields (benchmarks/moe_decode_sweep.py sweeps
+    them). The defaults are the ones measured in the engine (RESULTS.md seventeenth session: bf16 2.6-2.8 TB/s, FP8
+    1.4-1.9); `pair` (gate's and up's loads in the same steps) is not yet measured, so off."""
+    launches = []
+    for (n, k), over in (((I, D), gate_up), ((D, I), down)):
+        cfg = {f: v for f, v in gemv_launch(1, n, k, NO_SLICES).items() if f != "split"}
+        cfg.update(over or {})
+        if set(cfg) != {"block_n", "ku", "num_warps"} or cfg["block_n"] not in (1, 2, 4, 8, 16, 32, 64, 128) or \
+                cfg["ku"] < 1 or cfg["ku"] & (cfg["ku"] - 1) or cfg["num_warps"] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"moe rows launch: block_n a power of two <= 128, ku a power of two, num_warps 1-16; "
+                             f"got {cfg}")
+        launches.append(cfg)
+    launches[0]["pair"] = bool(pair)
+    return launches[0], launches[1]
+
+
 def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor,
                            down_proj: Tensor, gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
-                           down_scale: Tensor | None = None) -> Tensor:
+                           down_scale: Tensor | None = None, *, gate_up: dict | None = None, down: dict | None = None,
+                           pair: bool = False) -> Tensor:
     """Steps 2-3 in the GEMV form: tw (T, K) fp32 routed weights, idx (T, K) -> y (T*K, D) fp32, each pair's weighted
-    expert output at its (token, k) row (as `moe_decode_sorted_triton`, without the sort). Launch: fp8_gemv's
-    one-row rules (`gemv_launch`), no K slices."""
+    expert output at its (token, k) row (as `moe_decode_sorted_triton`, without the sort). Launch: `rows_launch`
+    (its keyword arguments here)."""
     D, I = x.shape[1], gate_proj.shape[1]
     P, topk = idx.numel(), idx.shape[1]
     fp8 = gate_scale is not None
@@ -90,15 +117,15 @@ def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor
     flat = idx.reshape(-1)          # the router's ids as they are: a cast would be one more kernel per layer
     scales = [s.float().contiguous() if fp8 else x for s in (gate_scale, up_scale, down_scale)]
     h = torch.empty(P, I, device=x.device, dtype=x.dtype)
-    cfg = gemv_launch(1, I, D, NO_SLICES)
+    cfg, down_cfg = rows_launch(D, I, gate_up, down, pair)
     nkb = -(-D // BLOCK)
     _gate_up_rows_kernel[(P, triton.cdiv(I, cfg["block_n"]))](
         x, flat, gate_proj, up_proj, scales[0], scales[1], h, I, D, nkb, topk, x.stride(0), gate_proj.stride(0),
         gate_proj.stride(1), scales[0].stride(0) if fp8 else 0, scales[0].stride(1) if fp8 else 0, h.stride(0),
-        BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=D % (cfg["ku"] * BLOCK) == 0, FP8=fp8,
+        BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=D % (cfg["ku"] * BLOCK) == 0, FP8=fp8, PAIR=cfg["pair"],
         num_warps=cfg["num_warps"])
     y = torch.empty(P, D, device=x.device, dtype=torch.float32)
-    cfg = gemv_launch(1, D, I, NO_SLICES)
+    cfg = down_cfg
     nkb = -(-I // BLOCK)
     _down_rows_kernel[(P, triton.cdiv(D, cfg["block_n"]))](
         h, flat, down_proj, scales[2], tw.reshape(-1), y, D, I, nkb, h.stride(0), down_proj.stride(0),
