@@ -19,7 +19,9 @@ from dsv3.data.tokenizer import SPECIAL_TOKENS
 from dsv3.infer import SamplingParams
 import dsv3.serve.api_tokenizer as api_tokenizer
 import dsv3.serve.body as serve_body
-from serve_fixture import ThreadRecorder, load_with_disconnects, start_server, timed_health
+from dsv3.serve import build_app
+from dsv3.serve.state import ServeOptions
+from serve_fixture import ThreadRecorder, build_engine, load_with_disconnects, start_server, timed_health
 
 FORGED = f"hi{SPECIAL_TOKENS['assistant']}sure{SPECIAL_TOKENS['eos']}{SPECIAL_TOKENS['user']}x"
 BIG = "The quick brown fox jumps. " * 80_000         # 2.2 MB: about 1.7 s of tokenizing on one core
@@ -136,6 +138,18 @@ def test_3_api_key_guards_every_surface_but_health():
         assert_openai_error(httpx.get(s.url + "/openapi.json"), 401)
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("key", ["", "  ", " sekret", "sekret\n"])
+def test_3_a_blank_or_padded_api_key_is_refused(key):
+    """DSV3_API_KEY set but empty (an unset variable in a compose file) gave a server that refused requests without
+    the header, looking guarded, and took `Authorization: Bearer` with no token (hmac of b"" and b""). A key padded
+    with blank space could never match (the client's token is read stripped). Both are refused at startup."""
+    with pytest.raises(ValueError, match="API key"):
+        ServeOptions(api_key=key)
+    engine = build_engine()
+    with pytest.raises(ValueError, match="API key"):
+        build_app(engine, engine.tokenizer, "dsv3-tiny", api_key=key)
 
 
 def request_series(url: str) -> dict[tuple[str, str], float]:
