@@ -178,15 +178,16 @@ def test_4_body_size_limit():
     try:
         big = {"prompt": "x" * 100_000, "max_tokens": 1}
         err = assert_openai_error(httpx.post(s.url + "/v1/completions", json=big), 413)
-        assert "65536" in err["message"]
-        # no Content-Length (chunked): counted as it arrives
+        assert "65536" in err["message"] and err["code"] == "request_too_large"
+        # no Content-Length (chunked): counted as it arrives, and refused alike (its `code` was null)
         body = httpx.Request("POST", "/", json=big).content
 
         def chunks():
             for i in range(0, len(body), 8192):
                 yield body[i:i + 8192]
-        assert_openai_error(httpx.post(s.url + "/tokenize", content=chunks(),
-                                       headers={"content-type": "application/json"}), 413)
+        err = assert_openai_error(httpx.post(s.url + "/tokenize", content=chunks(),
+                                             headers={"content-type": "application/json"}), 413)
+        assert "65536" in err["message"] and err["code"] == "request_too_large", err
         assert httpx.post(s.url + "/tokenize", json={"prompt": "x" * 50_000}).status_code == 200
         assert httpx.get(s.url + "/health").json() == {"status": "ok"}
     finally:
