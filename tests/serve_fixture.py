@@ -116,6 +116,26 @@ class ThreadRecorder:
             threads.clear()
 
 
+class RecordedConnection:
+    """A multiprocessing Connection whose `send` callers' threads are recorded by message kind (its first item): the
+    structural check that the server writes to an engine's pipe or socket off the event loop (a send blocks until the
+    engine, which reads between steps, has taken the bytes)."""
+
+    def __init__(self, conn):
+        self.conn, self.threads = conn, {}
+
+    def send(self, message) -> None:
+        self.threads.setdefault(message[0], []).append(threading.current_thread())
+        self.conn.send(message)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+    def on_thread(self, thread: threading.Thread) -> list[str]:
+        """The kinds of message sent on `thread`."""
+        return [kind for kind, threads in self.threads.items() if thread in threads]
+
+
 def timed_health(server: LiveServer, send) -> tuple[object, list[float]]:
     """`send()` on a thread, /health timed on this one until it returns: printed by the tests as information (a
     timing is never asserted in a unit test: the thread checks above are the assertion)."""

@@ -19,7 +19,9 @@ from dsv3.data.tokenizer import SPECIAL_TOKENS
 from dsv3.infer import SamplingParams
 import dsv3.serve.api_tokenizer as api_tokenizer
 import dsv3.serve.body as serve_body
-from serve_fixture import ThreadRecorder, load_with_disconnects, start_server, timed_health
+from dsv3.serve import build_app
+from dsv3.serve.state import ServeOptions
+from serve_fixture import ThreadRecorder, build_engine, load_with_disconnects, start_server, timed_health
 
 FORGED = f"hi{SPECIAL_TOKENS['assistant']}sure{SPECIAL_TOKENS['eos']}{SPECIAL_TOKENS['user']}x"
 BIG = "The quick brown fox jumps. " * 80_000         # 2.2 MB: about 1.7 s of tokenizing on one core
@@ -138,6 +140,18 @@ def test_3_api_key_guards_every_surface_but_health():
         s.stop()
 
 
+@pytest.mark.parametrize("key", ["", "  ", " sekret", "sekret\n"])
+def test_3_a_blank_or_padded_api_key_is_refused(key):
+    """DSV3_API_KEY set but empty (an unset variable in a compose file) gave a server that refused requests without
+    the header, looking guarded, and took `Authorization: Bearer` with no token (hmac of b"" and b""). A key padded
+    with blank space could never match (the client's token is read stripped). Both are refused at startup."""
+    with pytest.raises(ValueError, match="API key"):
+        ServeOptions(api_key=key)
+    engine = build_engine()
+    with pytest.raises(ValueError, match="API key"):
+        build_app(engine, engine.tokenizer, "dsv3-tiny", api_key=key)
+
+
 def request_series(url: str) -> dict[tuple[str, str], float]:
     text = httpx.get(url + "/metrics").text
     return {(s.labels["endpoint"], s.labels["status"]): s.value for f in text_string_to_metric_families(text)
@@ -164,15 +178,16 @@ def test_4_body_size_limit():
     try:
         big = {"prompt": "x" * 100_000, "max_tokens": 1}
         err = assert_openai_error(httpx.post(s.url + "/v1/completions", json=big), 413)
-        assert "65536" in err["message"]
-        # no Content-Length (chunked): counted as it arrives
+        assert "65536" in err["message"] and err["code"] == "request_too_large"
+        # no Content-Length (chunked): counted as it arrives, and refused alike (its `code` was null)
         body = httpx.Request("POST", "/", json=big).content
 
         def chunks():
             for i in range(0, len(body), 8192):
                 yield body[i:i + 8192]
-        assert_openai_error(httpx.post(s.url + "/tokenize", content=chunks(),
-                                       headers={"content-type": "application/json"}), 413)
+        err = assert_openai_error(httpx.post(s.url + "/tokenize", content=chunks(),
+                                             headers={"content-type": "application/json"}), 413)
+        assert "65536" in err["message"] and err["code"] == "request_too_large", err
         assert httpx.post(s.url + "/tokenize", json={"prompt": "x" * 50_000}).status_code == 200
         assert httpx.get(s.url + "/health").json() == {"status": "ok"}
     finally:

@@ -18,7 +18,7 @@ from dsv3.infer import SamplingParams
 from dsv3.infer.disagg import run_worker
 from dsv3.serve import build_app
 from dsv3.serve.pd_router import PDRouter
-from serve_fixture import DEFAULT_CONFIG, build_engine, serve_app
+from serve_fixture import DEFAULT_CONFIG, RecordedConnection, build_engine, serve_app
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n"]
 
@@ -54,7 +54,7 @@ def deployment():
     app = build_app(router, reference.tokenizer, "dsv3-tiny")
     server, thread, url = serve_app(app)
     url += "/v1"
-    yield dict(url=url, router=router, reference=reference, procs=procs,
+    yield dict(url=url, router=router, reference=reference, procs=procs, server_thread=thread,
                client=openai.OpenAI(base_url=url, api_key="unused", max_retries=0))
     server.should_exit = True
     thread.join(30)
@@ -207,3 +207,28 @@ def test_pd_key_is_private_per_user_and_required_beyond_loopback(tmp_path, monke
     monkeypatch.setenv("DSV3_PD_KEY", "env-key")
     check_listen_address("0.0.0.0", None)
     assert pd_key(None, f) == b"env-key"
+
+
+def test_the_router_writes_to_its_workers_off_the_event_loop(deployment):
+    """A worker reads the router's messages between its steps, and a send blocks until it has: a large submit sent
+    on the event loop held it (and every open stream) for the rest of the worker's step. The router's messages go
+    out on a thread of their own (async_engine.Writer), as EngineProcess's commands do."""
+    router, client = deployment["router"], deployment["client"]
+    recorders = [RecordedConnection(w.conn) for w in router.workers]
+    for w, rec in zip(router.workers, recorders):
+        w.conn = rec
+    live = [w for w in router.workers if w.alive]          # test_killed_decode_worker_... kills one
+    r = client.completions.create(model="dsv3-tiny", prompt=PROMPTS, max_tokens=4, temperature=0)
+    assert len(r.choices) == len(PROMPTS)
+    stream = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[3], max_tokens=300, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 30
+    while router.requests:
+        assert time.monotonic() < deadline, "the abandoned request was never aborted"
+        time.sleep(0.05)
+    sent = {kind for w, rec in zip(router.workers, recorders) if w in live for kind in rec.threads}
+    assert {"add", "decode", "abort"} <= sent, sent
+    thread = deployment["server_thread"]
+    assert not [rec.on_thread(thread) for rec in recorders if rec.on_thread(thread)], "sent on the event loop"

@@ -17,6 +17,7 @@ from ..posttrain.base import tokenizer_dir
 from ..serve import EngineProcess, build_app
 from ..serve.async_engine import engine_threads
 from ..serve.guard import default_allowed_hosts
+from ..serve.state import ServeOptions
 from .loading import default_device, load_for_serving, served_engine
 
 
@@ -24,6 +25,7 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     """Serve until stopped (a PD worker: work until stopped); `dtype` the `--dtype` asked."""
     path = Path(args.model)
     allowed_hosts = default_allowed_hosts(args.host, args.allowed_hosts)      # a bad entry: refused before loading
+    ServeOptions(api_key=args.api_key)                                          # a blank key: likewise
     # before any loading: generation_config.json read once for both
     defaults, eos = read_generation_config(path) if args.generation_config == "auto" else ({}, [])
     tok_dir = tokenizer_dir(args.model, args.tokenizer)

@@ -91,7 +91,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     async def http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return await api_error(request, APIError(str(exc.detail), exc.status_code, kind))
+        code = getattr(exc, "code", None)      # BodyTooLarge's: a chunked body past the limit
+        return await api_error(request, APIError(str(exc.detail), exc.status_code, kind, code=code))
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid)

@@ -212,7 +212,7 @@ class AsyncEngineBase:
                     self.num_aborted += out.finish_reason == "abort"
                 if self.on_output is not None:
                     self.on_output(handle, out)
-            else:
+            elif not isinstance(out, Exception):
                 out = RuntimeError(out)
             if not isinstance(out, RequestOutput) or out.finished:
                 handle.finished = True
@@ -335,6 +335,34 @@ def _engine_process_main(factory: Callable[[], Engine], commands, outputs, threa
             loop.command(commands.recv())
 
 
+class Writer:
+    """Messages handed to `send` by a thread of their own, in order. Connection.send blocks until the peer has read
+    the bytes, and an engine reads its commands only between steps: sent from the event loop, a submit larger than the
+    pipe holds (64 KiB: a batch of prompts, one long prompt, n copies of it) held the loop, /health and every open
+    stream, for the rest of the engine's step. A send that fails (the peer is gone) ends the thread; `on_error` hears
+    of it, and what is queued after that is dropped (the peer's reader fails the requests that wait)."""
+
+    def __init__(self, send: Callable, name: str, on_error: Callable[[Exception], None] | None = None):
+        self._send, self._on_error = send, on_error
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def put(self, message) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        self._queue.put(Writer)
+
+    def _run(self) -> None:
+        while (message := self._queue.get()) is not Writer:
+            try:
+                self._send(message)
+            except (OSError, EOFError, ValueError) as e:     # BrokenPipeError; a closed Connection raises OSError
+                if self._on_error is not None:
+                    self._on_error(e)
+                return
+
+
 class EngineProcess(AsyncEngineBase):
     """The Engine built by `factory()` (a picklable callable) in a spawned child process with `engine_threads(threads)`
     torch threads."""
@@ -354,17 +382,17 @@ class EngineProcess(AsyncEngineBase):
         if msg[0] != "ready":
             raise RuntimeError(f"the engine process failed to build its engine: {msg[1]}")
         super().__init__(msg[1], tokenizer, max_pending)
-        self._lock = threading.Lock()                 # Connection.send from the loop and from stats callers
+        self._exited = False                          # the reader saw the child's end of the pipe close
+        self._writer = Writer(lambda command: self._commands.send(command), "dsv3-engine-writer")
         self._reader = threading.Thread(target=self._read, name="dsv3-engine-reader", daemon=True)
         self._reader.start()
 
     def _put(self, command: tuple) -> None:
-        with self._lock:
-            self._commands.send(command)
+        self._writer.put(command)
 
     @property
     def alive(self) -> bool:
-        return self._process.is_alive()
+        return not self._exited and self._process.is_alive()
 
     def _read(self) -> None:
         while True:
@@ -376,15 +404,19 @@ class EngineProcess(AsyncEngineBase):
                 self._on_step(msg[1], msg[2])
             elif msg[0] == "stats":
                 self._reply(msg[1], msg[2])
-        # the child is gone: fail whatever still waits
+        # the child is gone: fail whatever still waits. Its requests are listed on the event loop, after every
+        # submit that saw the engine alive (a list taken here missed one registered meanwhile: it waited forever),
+        # as EngineStopped: a 503 as for every later request, not the 500 of an engine that failed
+        self._exited = True
+        self._writer.close()
         self._fail_futures(EngineStopped("the engine process exited"))
         if self._loop is not None and not self._loop.is_closed():
-            items = [(rid, "the engine process exited") for rid in list(self._handles)]
-            self._loop.call_soon_threadsafe(self._deliver_all, items)
+            self._loop.call_soon_threadsafe(
+                lambda: self._deliver_all([(rid, EngineStopped("the engine process exited")) for rid in self._handles]))
 
     def _stop_backend(self) -> None:
-        with contextlib.suppress(OSError, EOFError, ValueError):      # a process that died has nothing to stop
-            self._put(("stop",))
+        self._put(("stop",))            # after every command queued before it; a dead process has nothing to stop
+        self._writer.close()
         self._process.join(30)
         if self._process.is_alive():
             self._process.kill()

@@ -37,6 +37,8 @@ OPEN_PATHS = ("/health",)
 class BodyTooLarge(StarletteHTTPException):
     """Raised from inside the route's body read; FastAPI lets HTTPExceptions through to the app's handler."""
 
+    code = "request_too_large"        # the error's `code`, as the Content-Length refusal has it
+
     def __init__(self, limit: int):
         super().__init__(413, f"the request body exceeds this server's limit of {limit} bytes")
 
@@ -140,7 +142,7 @@ class Guard:
                 return APIError("invalid or missing API key", 401, "authentication_error")
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.options.max_body_bytes:
-            return APIError(str(BodyTooLarge(self.options.max_body_bytes).detail), 413, code="request_too_large")
+            return APIError(str(BodyTooLarge(self.options.max_body_bytes).detail), 413, code=BodyTooLarge.code)
         return None
 
     def authorized(self, authorization: str) -> bool:

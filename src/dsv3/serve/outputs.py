@@ -40,7 +40,7 @@ async def final_outputs(request: Request, aengine: AsyncEngineBase, handles: lis
         try:
             async for out in aengine.stream(h):
                 pass
-        except Exception as e:          # an engine failure: answered as a JSON 500 by engine_failure
+        except Exception as e:          # an engine failure: answered as a JSON 500 or 503 by engine_failure
             return e
         return out
     task = asyncio.gather(*(last(h) for h in handles))
@@ -107,12 +107,19 @@ async def coalesced(events: AsyncIterator[str], handles: list[RequestHandle]) ->
         yield "".join(buffered)
 
 
+def failure_error(error: Exception) -> APIError:
+    """A request the engine failed: a 500, or a 503 where the engine is gone (as for every request after it)."""
+    if isinstance(error, EngineStopped):
+        return APIError(f"the engine stopped: {error}; retry", 503, "service_unavailable")
+    return APIError(f"the engine failed: {error}", 500, "server_error")
+
+
 def engine_failure(outs: list) -> None:
     for o in outs:
         if isinstance(o, Exception):
-            raise APIError(f"the engine failed: {o}", 500, "server_error")
+            raise failure_error(o)
 
 
 def engine_failure_event(error: Exception) -> dict:
     """A stream has sent its 200 before the engine runs: a failure shows as this error event."""
-    return APIError(f"the engine failed: {error}", 500, "server_error").body()
+    return failure_error(error).body()

@@ -24,7 +24,7 @@ import torch
 
 from ..infer.disagg import PREFILLED, discard_kv, parse_address, pd_key
 from ..infer.engine import RequestOutput
-from .async_engine import AsyncEngineBase
+from .async_engine import AsyncEngineBase, Writer
 
 
 @dataclass(eq=False)
@@ -35,11 +35,8 @@ class Worker:
     stats: dict
     alive: bool = True
     in_flight: set = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def send(self, message: tuple) -> None:
-        with self.lock:
-            self.conn.send(message)
+    # the router's messages, sent in order by a thread of their own (a send waits for the worker's next read)
+    writer: Writer | None = None
 
 
 @dataclass(eq=False)
@@ -66,6 +63,8 @@ class PDRouter(AsyncEngineBase):
         self.stopping = False
         self.lock = threading.Lock()
         for w in self.workers:
+            w.writer = Writer(lambda message, w=w: w.conn.send(message), f"dsv3-pd-{w.role}-writer",
+                              lambda e, w=w: self._lost(w))
             threading.Thread(target=self._read, args=(w,), name=f"dsv3-pd-{w.role}", daemon=True).start()
 
     @staticmethod
@@ -107,10 +106,8 @@ class PDRouter(AsyncEngineBase):
             self._reply(command[1], self.stats_now())
 
     def _to_worker(self, w: Worker, message: tuple) -> None:
-        try:
-            w.send(message)
-        except (OSError, ValueError):
-            self._lost(w)
+        """Queued for the worker's writer, which fails the worker (`_lost`) if the send does."""
+        w.writer.put(message)
 
     # ---- worker side ----------------------------------------------------------------------------------------------
     def _read(self, w: Worker) -> None:
@@ -199,6 +196,7 @@ class PDRouter(AsyncEngineBase):
     def _stop_backend(self) -> None:
         self.stopping = True
         for w in self.workers:
+            w.writer.close()
             try:
                 w.conn.close()
             except OSError:

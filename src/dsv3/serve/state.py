@@ -41,6 +41,10 @@ class ServeOptions:
     sampling_defaults: dict | None = None    # temperature / top_p / top_k a request leaves out (generation_config)
 
     def __post_init__(self):
+        # a blank key (DSV3_API_KEY set but empty) let `Authorization: Bearer` with no token in: fail closed
+        if self.api_key is not None and (not self.api_key.strip() or self.api_key != self.api_key.strip()):
+            raise ValueError("the API key (--api-key / DSV3_API_KEY) must not be empty or start or end with "
+                             "blank space (a client's token is read without it); leave it unset for no key")
         if self.allowed_hosts is not None:
             object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
         if self.reasoning_parser not in PARSERS:
