@@ -208,6 +208,8 @@ def test_a_resume_on_an_edited_corpus_is_refused_before_training(tmp_path):
     assert r.returncode == 2 and "loader state was saved on other 'train' shards" in r.stderr, r.stderr
     assert "restore the corpus" in r.stderr and "train.init_from" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and sorted(train_losses(run_dir)) == [1, 2]  # no step ran
+    # nor did the refused resume leave its overrides in the run's config.json for the next plain --resume
+    assert jsonlib.loads((run_dir / "config.json").read_text())["train"]["steps"] == 2
     # the corpus as it was (its content, whatever the files' times): the run goes on
     (corpus / "d3.txt").write_text(texts[3])
     subprocess.run(resume, check=True, env=env, capture_output=True)

@@ -82,11 +82,19 @@ def prepare_run_data(cfg: RunConfig, layout: Layout, source=None, resume: bool =
     return RunData(tokenizer, shards, loader, val, notes)
 
 
+def write_run_config(cfg: RunConfig) -> None:
+    """The run's config.json, which every later --resume reads: whole or not at all (a full disk mid-write would
+    leave it empty, and the printed resume command failing). A resume writes its own (its overrides) only once its
+    checkpoint has loaded: a resume refused there (an edited corpus) must not leave its overrides for the next."""
+    write_whole(Path(cfg.run_dir) / "config.json", json.dumps(cfg.to_dict(), indent=1))
+
+
 def set_up_run_dir(cfg: RunConfig, tokenizer, shards: ShardSet | None, data_dir: Path | None, resume: bool,
                    overwrite: bool) -> list[str]:
     """Rank 0, once the data is ready: delete an earlier run's outputs (overwrite) and what killed saves left,
-    then write config.json (always: a resume may override keys), the tokenizer and the baselines (for a fresh
-    start, or where a resumed run lacks them). Returns lines for the run's log."""
+    then write config.json (a fresh start; a resume's, which may override keys, once its checkpoint has loaded:
+    `write_run_config`), the tokenizer and the baselines (for a fresh start, or where a resumed run lacks them).
+    Returns lines for the run's log."""
     run_dir, notes = Path(cfg.run_dir), []
     if overwrite and (gone := clear_run(run_dir)):
         notes.append(f"--overwrite: deleted the earlier run's {', '.join(gone)}")
@@ -94,9 +102,8 @@ def set_up_run_dir(cfg: RunConfig, tokenizer, shards: ShardSet | None, data_dir:
         notes.append(f"removed {len(left)} unfinished checkpoint saves ({', '.join(left)})")
     run_dir.mkdir(parents=True, exist_ok=True)
     fresh = not resume
-    # whole or not at all: a resume replaces the run's config.json, which every later --resume reads (a full disk
-    # mid-write would leave it empty, and the printed resume command failing)
-    write_whole(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1))
+    if fresh:
+        write_run_config(cfg)
     if fresh or not (run_dir / "tokenizer" / "tokenizer.json").exists():
         tokenizer.save(run_dir / "tokenizer")
     baselines = run_dir / "baselines.json"

@@ -60,7 +60,7 @@ from .losses import ValidationSums, cross_entropy, lm_losses, mtp_mean, objectiv
 from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
-from .run_data import prepare_run_data
+from .run_data import prepare_run_data, write_run_config
 from .run_dir import check_start, choose_checkpoint, divergence_advice, lock_run_dir, resume_command
 from .signals import StopSignals
 
@@ -165,6 +165,8 @@ class Trainer(Checkpointing):
         self._init_checkpointing()
         if resume:
             self._resume_from(ckpt)
+            if self.layout.is_main:
+                write_run_config(cfg)      # the resume's overrides, now that its checkpoint has loaded
         self._prepare_steps()                                                                # 6.
         self.layout.apply_timeout()         # parallel.timeout_minutes on the groups made since the mesh
         self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
