@@ -291,6 +291,19 @@ def test_a_corpus_that_holds_the_run_or_its_token_cache_is_refused_before_anythi
     assert not reads_under(f"{proj}/src/*.py", proj / "src" / "run") and not reads_under("stdlib", tmp_path)
 
 
+def test_a_source_naming_no_files_is_refused_before_the_run_dir_is_made(tmp_path, capsys):
+    """A mistyped path or a glob matching nothing: one line, and no run directory left behind holding a lock file
+    (the error came from the data step, after the run had claimed its directory)."""
+    d = small_run(tmp_path, "runs/run").to_dict()
+    for source, says in ((str(tmp_path / "nowhere"), "does not exist"), (f"{tmp_path}/*.nothing", "matches no")):
+        cfg = tmp_path / "run.json"
+        cfg.write_text(json.dumps({**d, "data": {**d["data"], "sources": [source]}}))
+        assert main(["train", "--config", str(cfg), "--quiet"]) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+        assert not (tmp_path / "runs").exists()
+
+
 def test_a_run_dir_that_is_a_file_is_named_and_kept(tmp_path, capsys):
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps(small_run(tmp_path, "notes.txt").to_dict()))

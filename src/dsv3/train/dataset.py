@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..checkpoint import atomic_directory
 from ..config import ConfigError
-from ..data.corpus import reads_under, sources_fingerprint
+from ..data.corpus import reads_under, source_files, sources_fingerprint
 from ..data import ShardSet, Tokenizer, build_shards, iter_documents, train_tokenizer
 from .config import DataConfig
 
@@ -26,10 +26,15 @@ def dataset_key(cfg: DataConfig, vocab_size: int) -> str:
     return f"{name}-v{vocab_size}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def check_corpus_apart(cfg: DataConfig, run_dir: str) -> None:
-    """Refuse sources that read the run's own directory or the token cache (data.sources = ["."] around both): their
-    files (config.json, metrics.jsonl, tokenizer.json) would be trained on, and as they change the corpus would, so a
-    --resume finds other data and is refused, or stops on metrics.jsonl as a malformed JSONL source."""
+def check_corpus(cfg: DataConfig, run_dir: str) -> None:
+    """Before anything is written: every source names files (a mistyped path or a glob matching nothing raised only
+    once the run had claimed its directory, leaving it behind), and none reads the run's own directory or the token
+    cache (data.sources = ["."] around both): their files (config.json, metrics.jsonl, tokenizer.json) would be
+    trained on, and as they change the corpus would, so a --resume finds other data and is refused, or stops on
+    metrics.jsonl as a malformed JSONL source."""
+    for source in cfg.sources:
+        if source != "stdlib":
+            source_files(source)
     for key, where in (("run_dir", run_dir), ("data.cache_dir", cfg.cache_dir)):
         for source in cfg.sources:
             if reads_under(source, where):

@@ -51,7 +51,7 @@ from .checkpoint import is_sharded
 from .checkpointing import Checkpointing
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger, refuse_ranks
-from .dataset import check_corpus_apart
+from .dataset import check_corpus
 from .ema import CPUEma
 from .hf_shards import check_hf_names, hf_source_error
 from .init_from import (Source, check_extension, find_source, load_hf_starting_weights, load_starting_weights,
@@ -190,7 +190,7 @@ class Trainer(Checkpointing):
                               "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
         check_start(self.run_dir, resume, overwrite, cfg)
         if source is None:
-            check_corpus_apart(cfg.data, cfg.run_dir)
+            check_corpus(cfg.data, cfg.run_dir)
         if source is not None and cfg.parallel.pp > 1:
             raise ConfigError("parallel.pp > 1 trains only on the pre-training corpus (a batch source with a loss "
                               "mask does not go through DualPipeV); use parallel.pp=1")
