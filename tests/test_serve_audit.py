@@ -159,6 +159,8 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     ("/v1/chat/completions", {"function_call": {"name": "f"}}, "function_call"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
     ("/v1/chat/completions", {"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ("/v1/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/chat/completions", {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_3_what_cannot_be_honoured_is_refused(server, route, extra, word):
     base = {"prompt": "hi", "max_tokens": 2} if route == "/v1/completions" else CHAT

@@ -149,6 +149,13 @@ class _Sampling(BaseModel):
             self.stop = None
         return self
 
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self):
+        # OpenAI's API and vLLM refuse it: a client asking for a usage chunk must not silently get none
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options without stream: true is not supported (it configures a stream)")
+        return self
+
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
