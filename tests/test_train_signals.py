@@ -99,7 +99,8 @@ def test_a_second_sigint_aborts_at_once(cfg):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == "dsv3 train: aborted by SIGINT"
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == \
+        "dsv3 train: aborted by SIGINT; no checkpoint was written yet: nothing to resume"
     assert "SIGINT: stopping after this step" in err and latest_checkpoint(run) is None
 
 
@@ -136,3 +137,19 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step_and_resumes(
     ref = launch(cfg, cfg.parent / "full-dp2", 2)
     assert ref.wait(timeout=300) == 0, ref.communicate()[1][-3000:]
     assert train_losses(run) == train_losses(cfg.parent / "full-dp2")
+
+
+def test_an_abort_names_the_checkpoint_that_stands_and_the_resume_command(tmp_path):
+    """A second signal aborts mid-step without saving: the line names the newest checkpoint and how to resume."""
+    from types import SimpleNamespace
+
+    from dsv3.train.trainer import Trainer
+    run = tmp_path / "run"
+    fake = SimpleNamespace(run_dir=run, layout=SimpleNamespace(world=2), command="sft")
+    assert Trainer.abort_note(fake) == "no checkpoint was written yet: nothing to resume"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    (run / "checkpoints" / ".step_00000006.tmp-1").mkdir()          # a save the abort cut: not a checkpoint
+    note = Trainer.abort_note(fake)
+    assert note.startswith(f"the last checkpoint is {run / 'checkpoints' / 'step_00000004'}. Resume with: ")
+    assert note.endswith(f"sft --resume --run-dir {run}") and "torchrun" in note and "2" in note

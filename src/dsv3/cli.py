@@ -120,7 +120,7 @@ def _run_trainer(trainer, command: str) -> int:
     """Run a built Trainer (pre-training or SFT) under the signal handlers; the exit status of `cmd_train`."""
     import torch.distributed as dist
 
-    from .train.signals import StopSignals
+    from .train.signals import Aborted, StopSignals
     from .train.trainer import TrainingInterrupted
     cfg = trainer.cfg
     n = trainer.param_counts
@@ -136,6 +136,11 @@ def _run_trainer(trainer, command: str) -> int:
     except TrainingInterrupted as e:
         if trainer.layout.is_main:
             print(f"dsv3 {command}: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except Aborted as e:                # a second signal: stopped mid-step, unsaved; say what stands
+        if trainer.layout.is_main:
+            print(f"dsv3 {command}: aborted by {signal.Signals(e.signum).name}; {trainer.abort_note()}",
+                  file=sys.stderr)
         return 128 + e.signum
     finally:
         if dist.is_initialized():       # a clean exit (NCCL warns about a group left open)

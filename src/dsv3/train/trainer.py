@@ -47,7 +47,7 @@ from ..parallel.parallelize import parallelize
 from ..parallel.zero import ZeroOne
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
-from .checkpoint import is_sharded
+from .checkpoint import is_sharded, latest_checkpoint
 from .checkpointing import Checkpointing
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger, refuse_ranks
@@ -512,3 +512,11 @@ class Trainer(Checkpointing):
         self.logger.log_event(self.step, f"stopped by {name}")
         raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}. Resume with: "
                                           f"{resume_command(self.run_dir, self.layout.world, command=self.command)}")
+
+    def abort_note(self) -> str:
+        """After a second signal's abort (no save): the checkpoint that stands, and how to resume from it."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return "no checkpoint was written yet: nothing to resume"
+        return (f"the last checkpoint is {ckpt}. Resume with: "
+                f"{resume_command(self.run_dir, self.layout.world, command=self.command)}")
