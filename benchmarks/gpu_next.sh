@@ -26,6 +26,8 @@
 #   bash benchmarks/gpu_next.sh s   the fused MoE at T = 1, 2: tiled launches, the GEMV form and its launch grid
 #   bash benchmarks/gpu_next.sh t   the MLA decode's fused cache store: its CUDA tests, lite batch 1 A/B (BF16, FP8)
 #   bash benchmarks/gpu_next.sh u   the bf16 GEMV at M = 1, 2, 4, 8 vs cuBLAS (before dense_gemv becomes the default)
+#   bash benchmarks/gpu_next.sh v   the next session's first call: the GPU gate (gpu_suite.sh gpu), then t
+#   bash benchmarks/gpu_next.sh w   its second: u, then s
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -166,5 +168,12 @@ PY
         # an MTP verify step at batch 1), cold, engine shapes (~2 min)
     timeout 150 python benchmarks/gemv_probe.py --m 1,2,4,8 2>&1 | grep -v Warn | grep -E "lib default|bf16" \
       | tee "$OUT/gemv_probe_m.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u"; exit 2 ;;
+  v)    # the eighteenth session's first call (~8 min): the GPU gate of the seventeenth session's kernel changes
+        # (fp8_gemv's _row_strips, moe_rows' paired loads and launch fields, mla_decode's append), then t's A/B
+    timeout 300 bash benchmarks/gpu_suite.sh gpu > /dev/null 2>&1; tail -3 "$OUT/suite-gpu.log"
+    bash "$0" t ;;
+  w)    # its second call (~6 min): u (the bf16 GEMV at M = 1..8), then s (the fused MoE's GEMV form and its grid)
+    bash "$0" u
+    bash "$0" s ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w"; exit 2 ;;
 esac
