@@ -32,9 +32,9 @@ stored at their flat slots (block * block_size + offset) before attending, as a 
 attention do; each row's slot must be that of its last position (seq_lens[b] - 1), as in a decode step. The
 kernel does both in its one launch: the split holding that position takes the new latents from the inputs as one
 more key of its online softmax, its tiles stop before it (no program reads what another stores), and one program
-per sequence stores them. This saves the two index_copy launches per layer of a decode step (~2 us each, 54 per `lite` step on
-an H100: RESULTS.md seventeenth session). A padding row (seq_lens 0) stores at its slot (the scratch block's) and
-attends to nothing.
+per sequence stores them. This saves the two index_copy launches per layer of a decode step (~2 us each, 54 per
+`lite` step on an H100: RESULTS.md seventeenth session). A padding row (seq_lens 0) stores at its slot (the scratch
+block's) and attends to nothing.
 
 `mla_decode`: Triton on CUDA when triton imports, else the reference.
 """
