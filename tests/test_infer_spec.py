@@ -94,6 +94,19 @@ def test_mixed_batches_arrivals_preemption_stop_ids_and_a_sampled_request(model)
         assert a[i].token_ids == reference_greedy(model, ps[i], 16)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "sync"])
+def test_one_token_prompt_chunks_do_not_speculate(model, fused):
+    """A token budget that leaves a prompt a one-token chunk (here max_num_batched_tokens 1; on a server, the
+    budget's leftover at the end of a step) schedules a row of n = 1 with num_cached_tokens > 0 that is not the
+    sequence's last: a speculative step there took the next prompt token for the last emitted one and emitted
+    tokens mid-prompt. The tokens are the reference's."""
+    ps = prompts([5, 9], 96, seed=4)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outs, _, _ = run(model, ps, params, fused=fused, padded=False, arrive=[0, 2], num_speculative_tokens=2,
+                     max_num_batched_tokens=1)
+    assert [o.token_ids for o in outs] == [reference_greedy(model, p, 8) for p in ps]
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "buckets"])
 def test_chained_fused_steps_equal_the_synchronous_ones_and_plain_greedy(easy, k, padded):

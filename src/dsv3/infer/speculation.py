@@ -58,7 +58,9 @@ class Speculation:
         e = self.engine
         if len(seqs) > e.config.speculative_max_batch or len(seqs) != len(e.scheduler.running):
             return False
-        if any(n != 1 or s.num_cached_tokens == 0 or s.params.logprobs is not None
+        # decoding: the one token is the sequence's last (a 1-token chunk of a prompt, which a small budget or its
+        # leftover at the end of a step gives, has num_cached_tokens > 0 too, and must not emit drafts mid-prompt)
+        if any(n != 1 or s.num_uncomputed != 1 or s.num_cached_tokens == 0 or s.params.logprobs is not None
                or s.params.modifies_logits for s, n in zip(seqs, counts)):
             return False
         return all(self.blocks.ensure_capacity(s, s.num_cached_tokens + max(self.k + 1, 2 * self.k)) for s in seqs)
