@@ -9,7 +9,8 @@ captures the graphs it needs), over modes:
   fusedeager  graphs + the fused MoE kernel, no compile;
   unfused  auto without the fused projection pairs (EngineConfig.fuse_projections = false: q / kv_a and gate / up
            as two GEMMs each): the before of dsv3.infer.fused_proj in the same call;
-  gemv     auto + BF16 dense projections through the weight-streaming Triton GEMV at <= 8 tokens (dense_gemv);
+  nogemv   overlap with the one-token steps' BF16 dense projections on cuBLAS (dense_gemv off; every other mode
+           has it on, the engine's default);
   sync, overlap: auto with EngineConfig.overlap_schedule off / on (the A/B of dsv3.infer.overlap: whether decode
            step t+1 is launched before the host reads step t's tokens; auto = on with captured graphs);
   fp8, fp8-compile, fp8-fused, fp8-auto, fp8-fusedeager: the same with weights in the released FP8 block format
@@ -115,7 +116,7 @@ MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused
          "compile": dict(compile_decode=True, fused_moe="off"), "fused": dict(compile_decode=True, fused_moe="on"),
          "auto": dict(compile_decode=True, fused_moe="auto"), "fusedeager": dict(fused_moe="on"),
          "unfused": dict(compile_decode=True, fused_moe="auto", fuse_projections=False),
-         "gemv": dict(compile_decode=True, fused_moe="auto", dense_gemv=True),
+         "nogemv": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", dense_gemv=False),
          "sync": dict(compile_decode=True, fused_moe="auto", overlap_schedule="off"),
          "overlap": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on")}
 

@@ -132,7 +132,7 @@ case $PART in
       tests/test_kernels_gemv.py tests/test_kernels_moe_decode.py tests/test_kernels_edge.py tests/test_infer_engine.py \
       tests/test_infer_decode_compile.py tests/test_infer_fused_proj.py 2>&1 | tail -6 | tee "$OUT/gate.txt"
     timeout 90 python benchmarks/gemv_probe.py 2>&1 | grep -v Warn | grep -E "lib|bf16" | tee "$OUT/gemv_probe.txt"
-    timeout 190 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,gemv,fp8-auto --ttft-batch 0 \
+    timeout 190 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,nogemv,fp8-auto --ttft-batch 0 \
       --profile > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" | grep -E "tok/s|graph replay|ms .*x " \
       | head -30 ;;
   s)    # the fused MoE at T = 1, 2: the tiled stages (the table's launch, the best of their grid) and the GEMV form the

@@ -1,5 +1,6 @@
-"""The weight-streaming GEMV (dsv3.kernels.gemv) against a float64 matmul under TRITON_INTERPRET=1 (one and several
-K slices, ragged N / K, M 1..8), its dispatcher and custom op on CPU, and the engine with it switched on."""
+"""The weight-streaming GEMV (dsv3.kernels.gemv) against a float64 matmul under TRITON_INTERPRET=1 (one row, ragged
+N / K, K past one wide load), its refusal of two rows, its dispatcher and custom op on CPU, and the engine with it
+switched on and off."""
 
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ def _interpreter_cases() -> dict:
     patch_interpreter_for_numpy2()
     g = torch.Generator().manual_seed(0)
     out = {}
-    for M, N, K, splits in [(1, 40, 300, None), (1, 24, 2048, None), (1, 16, 1100, 3), (3, 33, 1000, 3),
-                            (8, 64, 128, None),
-                            (2, 17, 700, 2), (5, 48, 520, 1)]:
+    for M, N, K in [(1, 40, 300), (1, 24, 2048), (1, 17, 1100), (1, 64, 128)]:
         x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
         want = x.double() @ w.double().T
-        y = gemv_triton(x, w, splits=splits)
-        out[f"m{M}_n{N}_k{K}_s{splits}"] = [list(y.shape), y.dtype == x.dtype,
-                                            float((y.double() - want).abs().max() / want.abs().max())]
+        y = gemv_triton(x, w)
+        out[f"m{M}_n{N}_k{K}"] = [list(y.shape), y.dtype == x.dtype,
+                                  float((y.double() - want).abs().max() / want.abs().max())]
+    try:
+        gemv_triton(torch.randn(2, 64), torch.randn(8, 64))
+    except ValueError as e:
+        out["two_rows_refused"] = str(e)
     return out
 
 
@@ -35,7 +38,7 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_float64():
     res = interpreter_cases("test_kernels_gemv")
-    assert len(res) == 7
+    assert "M<=1" in res.pop("two_rows_refused") and len(res) == 4
     for name, (shape, same_dtype, err) in res.items():
         m, n = int(name.split("_")[0][1:]), int(name.split("_")[1][1:])
         assert shape == [m, n] and same_dtype and err < 1e-6, (name, res)
@@ -46,7 +49,7 @@ def test_dispatcher_and_op_on_cpu():
     x, w = torch.randn(2, 3, 64), torch.randn(24, 64)
     assert torch.equal(gemv(x, w), gemv_reference(x, w))
     assert torch.equal(op(x[0], w), gemv_reference(x[0], w))
-    # more than GEMV_MAX_M rows: the dispatcher's reference on any device
+    # more than GEMV_MAX_M rows (cuBLAS was faster there): the dispatcher's reference on any device
     x = torch.randn(GEMV_MAX_M + 1, 64)
     assert torch.equal(gemv(x, w), gemv_reference(x, w))
 
@@ -56,7 +59,7 @@ def test_dispatcher_and_op_on_cpu():
                     reason="GPU-only: needs a CUDA GPU with triton (benchmarks/gpu_suite.sh gpu on the device)")
 def test_cuda_matches_float64_and_captures():
     from dsv3.kernels.gemv import gemv_triton
-    for M, N, K in [(1, 3648, 2048), (1, 2048, 2816), (4, 5632, 2048), (8, 21888, 2048)]:
+    for M, N, K in [(1, 3648, 2048), (1, 2048, 2816), (1, 5632, 2048), (1, 21888, 2048)]:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
         want = x.double() @ w.double().T
@@ -76,6 +79,7 @@ def test_engine_with_dense_gemv_same_tokens():
     model = build(tiny_config(vocab_size=96), seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     outs = []
+    assert EngineConfig().dense_gemv          # the default since measured (RESULTS.md eighteenth session)
     for gemv_on in (False, True):
         engine = Engine(model, config=EngineConfig(block_size=8, num_blocks=32, dense_gemv=gemv_on))
         assert model.layers[0].self_attn.use_gemv == gemv_on

@@ -235,7 +235,8 @@ def _interpreter_cases() -> dict:
     # loop, masked and even K, 8- and 2-row strips, one-block loads
     from dsv3.kernels.moe_rows import moe_decode_rows_triton
     for name, (shape, make_kw, launch) in {
-            "rows_pair_fp8": ((2, 4, 16, 260, 200), dict(fp8=True), dict(pair=True)),
+            "rows_pair_bf16": ((2, 4, 16, 260, 200), {}, dict(pair=True)),
+            "rows_unpaired_fp8": ((2, 4, 16, 260, 200), dict(fp8=True), dict(pair=False)),
             "rows_pair_even": ((1, 2, 8, 256, 256), {}, dict(pair=True, gate_up=dict(block_n=8, ku=2))),
             "rows_strips_fp8": ((2, 2, 8, 260, 200), dict(fp8=True),
                                 dict(gate_up=dict(block_n=8, ku=1), down=dict(block_n=2, ku=4, num_warps=2)))}.items():
@@ -269,7 +270,7 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_moe_decode")
-    assert len(errs) == 32, errs
+    assert len(errs) == 33, errs
     for name, err in errs.items():
         assert err < (3e-3 if name == "fp8_f16_dot" else 1e-5), (name, errs)
     assert errs["fp8_f16_dot"] > 1e-6, errs        # the fp16 path ran (fp32 activations rounded)
@@ -382,13 +383,17 @@ def test_triton_cuda_graph_capture(T):
 
 
 def test_rows_launch_defaults_and_refusals():
-    """The GEMV form's launches: fp8_gemv's one-row rules by default (no K slices, pair off until measured), fields
-    overridden per stage, a bad field refused naming the rule."""
+    """The GEMV form's launches: fp8_gemv's one-row rules (no K slices), then the measured defaults (down's 16-row
+    strips for both formats, FP8 gate-up's 8-row paired strips), fields overridden per stage, a bad field refused
+    naming the rule."""
     from dsv3.kernels.moe_rows import rows_launch
     gate_up, down = rows_launch(2048, 1408)
-    assert gate_up == dict(block_n=4, ku=8, num_warps=4, pair=False) and down == dict(block_n=4, ku=8, num_warps=4)
+    assert gate_up == dict(block_n=4, ku=8, num_warps=4, pair=False) and down == dict(block_n=16, ku=2, num_warps=4)
+    gate_up, down = rows_launch(2048, 1408, fp8=True)
+    assert gate_up == dict(block_n=8, ku=4, num_warps=4, pair=True) and down == dict(block_n=16, ku=2, num_warps=4)
     gate_up, down = rows_launch(2048, 1408, dict(block_n=8), dict(ku=2, num_warps=8), pair=True)
-    assert gate_up == dict(block_n=8, ku=8, num_warps=4, pair=True) and down == dict(block_n=4, ku=2, num_warps=8)
+    assert gate_up == dict(block_n=8, ku=8, num_warps=4, pair=True) and down == dict(block_n=16, ku=2, num_warps=8)
+    assert rows_launch(2048, 1408, pair=False, fp8=True)[0]["pair"] is False
     for bad in (dict(block_n=3), dict(ku=3), dict(num_warps=32), dict(split=2)):
         with pytest.raises(ValueError, match="moe rows launch"):
             rows_launch(2048, 1408, bad)

@@ -58,7 +58,7 @@ def _sync(device: str) -> None:
 
 def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int = 0,
                  seed: int = 0, cuda_graphs: bool = True, warmup: bool = True, compile_decode: bool = False,
-                 fused_moe: str = "auto", padded: bool = False, fuse_projections: bool = True, dense_gemv: bool = False,
+                 fused_moe: str = "auto", padded: bool = False, fuse_projections: bool = True, dense_gemv: bool = True,
                  overlap_schedule: str = "auto", speculative_fused: bool = True,
                  make_engine: Callable[..., Engine] = Engine) -> dict:
     """`compile_decode` / `fused_moe` / `fuse_projections` / `dense_gemv` / `overlap_schedule` /

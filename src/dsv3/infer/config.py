@@ -43,9 +43,10 @@ class EngineConfig:
     # projections sharing an input run as one GEMM without autograd: MLA's q and kv_a, the MLPs' gate and up
     # (dsv3.infer.fused_proj; the weights become views into the concatenated ones, no second copy)
     fuse_projections: bool = True
-    # those pairs at <= 8 tokens through the weight-streaming Triton GEMV (dsv3.kernels.gemv) instead of cuBLAS:
-    # off until the GPU profile says it is faster (benchmarks/engine_decode.py mode `gemv`)
-    dense_gemv: bool = False
+    # the bf16 projections (those pairs, o_proj, the MLPs' down, lm_head) of a one-token step through the
+    # weight-streaming Triton GEMV (dsv3.kernels.gemv) instead of cuBLAS: 1.08-1.50x cuBLAS per projection and +4%
+    # tokens/s at lite batch 1 on an H100 (RESULTS.md seventeenth / eighteenth sessions); wider steps keep cuBLAS
+    dense_gemv: bool = True
     # the host schedules and launches decode step t+1 before it reads step t's sampled tokens, which then stream one
     # step late (dsv3.infer.overlap): "auto" = on when decode steps replay captured CUDA graphs, "on" (any device;
     # true), "off" (false). With MTP speculation the fused greedy steps chain so (dsv3.infer.speculation), the

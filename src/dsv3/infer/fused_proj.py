@@ -109,7 +109,10 @@ def _linked(module: nn.Module) -> bool:
 
 
 def _fusable(a: nn.Module, b: nn.Module) -> bool:
-    if type(a) is not type(b) or type(a) not in (nn.Linear, FP8Linear) or a.in_features != b.in_features:
+    # a pair made GemvLinear by an earlier call with `gemv` (fuse_projections visits the parent first) is still a
+    # plain pair: refusing it would unfuse every pair on the engine's re-link (load_weights)
+    kind = {nn.Linear: nn.Linear, GemvLinear: nn.Linear, FP8Linear: FP8Linear}
+    if kind.get(type(a)) is None or kind.get(type(a)) is not kind.get(type(b)) or a.in_features != b.in_features:
         return False
     if a.bias is not None or b.bias is not None:
         return False
@@ -137,7 +140,7 @@ def _fuse(module: nn.Module) -> None:
 
 def fuse_projections(model: nn.Module, on: bool = True, gemv: bool = False) -> int:
     """Fuse (on) or unfuse every MLA / MLP of `model` in place (module docstring); returns how many are fused.
-    `gemv`: the BF16 pairs and every other plain nn.Linear, for decode-sized batches (<= 8 tokens), through the
+    `gemv`: the BF16 pairs and every other plain nn.Linear, for one-token calls (GEMV_MAX_M), through the
     weight-streaming GEMV (dsv3.kernels.gemv, EngineConfig.dense_gemv) instead of cuBLAS; off restores nn.Linear."""
     fused = 0
     for module in model.modules():

@@ -66,7 +66,7 @@ if HAS_TRITON:
         tl.store(Y + p.to(tl.int64) * stride_ym + offs_n, acc * tl.load(TW + p), mask=offs_n < N)
 
 
-# Steps 2-3 in the GEMV form (no sort, one program per (pair, 4-row strip)) for decode steps of at most this many
+# Steps 2-3 in the GEMV form (no sort, one program per (pair, strip of rows)) for decode steps of at most this many
 # tokens: each pair's expert rows streamed with fp8_gemv's wide loads. At batch 1 the tiled stages read FP8 experts at
 # ~1.5 TB/s and bf16 at ~2.6 on an H100 (RESULTS.md, fifteenth session) and the sort is one more launch per layer;
 # pairs of one expert read its rows twice (through L2 when adjacent), which the tiled form avoids at larger batches.
@@ -84,29 +84,40 @@ def rows_form(x: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor, 
             and all(w.stride(2) == 1 for w in (gate_proj, up_proj, down_proj)))
 
 
+# Measured defaults over fp8_gemv's one-row rules (benchmarks/moe_decode_sweep.py step 4 at lite widths, T = 1 and 2,
+# H100, RESULTS.md eighteenth session): down's 16-row strips of 2 wide loads were the best of the grid in all four
+# cases (FP8 T = 1: 30.2 -> 27.2 us); FP8 gate-up's 8-row strips with gate's and up's loads paired next (30.2 -> 27.9;
+# bf16's gate-up gained nothing from either, so it keeps the rules).
+ROWS_DOWN = dict(block_n=16, ku=2)
+ROWS_GATE_UP_FP8 = dict(block_n=8, ku=4, pair=True)
+
+
 def rows_launch(D: int, I: int, gate_up: dict | None = None, down: dict | None = None,
-                pair: bool = False) -> tuple[dict, dict]:
+                pair: bool | None = None, fp8: bool = False) -> tuple[dict, dict]:
     """The two stages' launches (block_n, ku, num_warps, and the gate-up stage's `pair`): fp8_gemv's one-row rules
-    (`gemv_launch`), no K slices, with `gate_up` / `down` overriding fields (benchmarks/moe_decode_sweep.py sweeps
-    them). The defaults are the ones measured in the engine (RESULTS.md seventeenth session: bf16 2.6-2.8 TB/s, FP8
-    1.4-1.9); `pair` (gate's and up's loads in the same steps) is not yet measured, so off."""
+    (`gemv_launch`), no K slices, then the measured defaults above (`fp8`: the experts' weights are FP8), then
+    `gate_up` / `down` / `pair` overriding fields (benchmarks/moe_decode_sweep.py sweeps them)."""
+    base = {"gate_up": dict(ROWS_GATE_UP_FP8) if fp8 else {"pair": False}, "down": dict(ROWS_DOWN)}
     launches = []
-    for (n, k), over in (((I, D), gate_up), ((D, I), down)):
+    for stage, (n, k), over in (("gate_up", (I, D), gate_up), ("down", (D, I), down)):
         cfg = {f: v for f, v in gemv_launch(1, n, k, NO_SLICES).items() if f != "split"}
+        cfg.update(base[stage])
         cfg.update(over or {})
-        if set(cfg) != {"block_n", "ku", "num_warps"} or cfg["block_n"] not in (1, 2, 4, 8, 16, 32, 64, 128) or \
+        if stage == "gate_up" and pair is not None:
+            cfg["pair"] = bool(pair)
+        fields = {"block_n", "ku", "num_warps"} | ({"pair"} if stage == "gate_up" else set())
+        if set(cfg) != fields or cfg["block_n"] not in (1, 2, 4, 8, 16, 32, 64, 128) or \
                 cfg["ku"] < 1 or cfg["ku"] & (cfg["ku"] - 1) or cfg["num_warps"] not in (1, 2, 4, 8, 16):
             raise ValueError(f"moe rows launch: block_n a power of two <= 128, ku a power of two, num_warps 1-16; "
                              f"got {cfg}")
         launches.append(cfg)
-    launches[0]["pair"] = bool(pair)
     return launches[0], launches[1]
 
 
 def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor,
                            down_proj: Tensor, gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
                            down_scale: Tensor | None = None, *, gate_up: dict | None = None, down: dict | None = None,
-                           pair: bool = False) -> Tensor:
+                           pair: bool | None = None) -> Tensor:
     """Steps 2-3 in the GEMV form: tw (T, K) fp32 routed weights, idx (T, K) -> y (T*K, D) fp32, each pair's weighted
     expert output at its (token, k) row (as `moe_decode_sorted_triton`, without the sort). Launch: `rows_launch`
     (its keyword arguments here)."""
@@ -117,7 +128,7 @@ def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor
     flat = idx.reshape(-1)          # the router's ids as they are: a cast would be one more kernel per layer
     scales = [s.float().contiguous() if fp8 else x for s in (gate_scale, up_scale, down_scale)]
     h = torch.empty(P, I, device=x.device, dtype=x.dtype)
-    cfg, down_cfg = rows_launch(D, I, gate_up, down, pair)
+    cfg, down_cfg = rows_launch(D, I, gate_up, down, pair, fp8)
     nkb = -(-D // BLOCK)
     _gate_up_rows_kernel[(P, triton.cdiv(I, cfg["block_n"]))](
         x, flat, gate_proj, up_proj, scales[0], scales[1], h, I, D, nkb, topk, x.stride(0), gate_proj.stride(0),
