@@ -28,6 +28,8 @@
 #   bash benchmarks/gpu_next.sh u   the bf16 GEMV at M = 1, 2, 4, 8 vs cuBLAS (before dense_gemv becomes the default)
 #   bash benchmarks/gpu_next.sh v   the next session's first call: the GPU gate (gpu_suite.sh gpu), then t
 #   bash benchmarks/gpu_next.sh w   its second: u, then s
+#   bash benchmarks/gpu_next.sh x   eighteenth session: the gate of its decode changes (MLA append taken, dense GEMV at
+#                                   one row by default, rows_launch defaults), lite batch 1 profiled, the HF peer
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -175,5 +177,17 @@ PY
   w)    # its second call (~6 min): u (the bf16 GEMV at M = 1..8), then s (the fused MoE's GEMV form and its grid)
     bash "$0" u
     bash "$0" s ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w"; exit 2 ;;
+  x)    # eighteenth session (~9 min): the CUDA tests of the files its decode changes reach, lite batch 1 (overlap =
+        # the new defaults, nogemv = cuBLAS projections, FP8) profiled, then the strongest HF setup at batch 1
+    install_wheels
+    timeout 330 python -m pytest -q -n 14 -p no:cacheprovider -rfEs tests/test_kernels_gemv.py \
+      tests/test_kernels_moe_decode.py tests/test_kernels_mla_decode.py tests/test_kernels_edge.py \
+      tests/test_infer_fused_proj.py tests/test_infer_engine.py tests/test_infer_overlap.py tests/test_infer_spec.py \
+      tests/test_infer_decode_compile.py 2>&1 | tail -6 | tee "$OUT/gate.txt"
+    timeout 190 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,nogemv,fp8-auto \
+      --ttft-batch 0 --profile > "$OUT/engine.txt" 2>&1; grep -v Warn "$OUT/engine.txt" \
+      | grep -E "tok/s|graph replay|kernels .* ms" | head -40
+    timeout 200 python shared/bench/peers/hf_static.py --batch 1 --phases grouped_kept > "$OUT/hf.txt" 2>&1
+    grep -v Warn "$OUT/hf.txt" | tail -6 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x"; exit 2 ;;
 esac

@@ -30,15 +30,6 @@ from pathlib import Path
 COPY_BW = 4.28e12  # H200 device-to-device copy bandwidth, bytes/s: the interpreter's stand-in (GPU: measured)
 
 
-def copy_bandwidth() -> float:
-    """Read + write bytes / time of a 1 GiB device-to-device copy (median of triton's do_bench)."""
-    import triton.testing
-    src = torch.zeros(2 ** 29, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    sec = triton.testing.do_bench(lambda: dst.copy_(src), rep=200, return_mode="median") * 1e-3
-    return 2 * src.numel() * src.element_size() / sec
-
-
 def _parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--interpret", action="store_true", help="TRITON_INTERPRET=1 on CPU (fp32)")
@@ -64,6 +55,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from dsv3.kernels import mla_decode_bytes, mla_decode_reference, mla_decode_triton  # noqa: E402
+from dsv3.infer.bench import copy_bandwidth  # noqa: E402
 
 
 def _patch_interpreter_for_numpy2():
@@ -121,7 +113,7 @@ def main():
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (triton interpreter)",
                   dtype=str(dtype), C=C, R=R, block_size=bs, interpret=interpret, tiny=tiny)
-    copy_bw = result["copy_bw"] = COPY_BW if interpret else copy_bandwidth()
+    copy_bw = result["copy_bw"] = COPY_BW if interpret else copy_bandwidth("cuda")
     print(f"copy bandwidth: {copy_bw / 1e12:.2f} TB/s{' (stand-in)' if interpret else ''}")
     import triton
     result["triton"], result["torch"] = triton.__version__, torch.__version__

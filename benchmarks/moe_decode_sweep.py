@@ -132,16 +132,6 @@ def time_per_call(fns: list, reps: int = 8, replays: int = 5) -> float:
     return start.elapsed_time(end) * 1e-3 / (replays * reps * len(fns))
 
 
-def copy_bandwidth(device: str, gib: float) -> float:
-    """Read + write bytes / time of a device copy, the better of a memcpy and an elementwise kernel (captured in
-    a graph the memcpy may run on a copy engine: 2.77 TB/s in the first H200 sweep vs the 4.28 of ANCHORS.md)."""
-    src = torch.zeros(int(gib * 2 ** 29), dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    nbytes = 2 * src.numel() * src.element_size()
-    return max(nbytes / time_per_call([fn], reps=4, replays=3)
-               for fn in (lambda: dst.copy_(src), lambda: torch.neg(src, out=dst)))
-
-
 def make_experts(cfg, fmt: str, device: str, dtype: torch.dtype, seed: int):
     """An `Experts` (bf16 / fp32) or `FP8Experts` module of cfg's shapes, random N(0, 1/fan_in) weights."""
     from dsv3.infer.fp8_weights import FP8Experts
@@ -458,7 +448,8 @@ def main() -> None:
         jobs = list({json.dumps(j, sort_keys=True): j for j in jobs}.values())
         result["warm_compile"] = warm_compile(jobs, min(a.warm_s, a.deadline_s / 2), 2 if a.dry_run else 12)
         print(f"warm compile: {result['warm_compile']}", flush=True)
-    result["copy_bw"] = copy_bandwidth(a.device, 1.0 if a.device == "cuda" else 0.01)
+    from dsv3.infer.bench import copy_bandwidth
+    result["copy_bw"] = copy_bandwidth(a.device)      # the H200's figure off the GPU (dry runs)
     print(f"{result['device']}: copy bandwidth {result['copy_bw'] / 1e12:.2f} TB/s; {a.config} E={cfg.n_routed_experts}"
           f" K={cfg.num_experts_per_tok} D={cfg.hidden_size} I={cfg.moe_intermediate_size}", flush=True)
     deadline = t0 + a.deadline_s

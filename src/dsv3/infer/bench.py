@@ -1,8 +1,9 @@
 """`dsv3 bench decode | prefill`: engine throughput on random weights of any config (no checkpoint needed).
 
 decode: B prompts of P random tokens, greedy, T new tokens each; reports time to first token (the batch's prefill
-step), time per output token (per request) and decode tokens/s, beside the weight-streaming roofline
-(ANCHORS: bytes a decode step must read / 4.25e12 B/s).
+step), time per output token (per request) and decode tokens/s, beside the weight-streaming roofline (ANCHORS: bytes
+a decode step must read / the GPU's copy bandwidth, measured in the same process: 4.25e12 B/s on the H200, ~3.0e12
+on an H100; elsewhere the H200's figure stands in).
 prefill: B prompts of P tokens, one token generated; reports prefill tokens/s.
 ttft: B prompts of P tokens arriving together, one token each, under a per-step token budget (chunked prefill when
 B * P exceeds it): time to first token per request, p50 / p99 / max.
@@ -20,7 +21,32 @@ from .config import EngineConfig
 from .engine import Engine
 from .sampling import SamplingParams
 
-COPY_BANDWIDTH = 4.25e12      # bytes/s, measured on the H200 (ANCHORS)
+COPY_BANDWIDTH = 4.25e12      # bytes/s, measured on the H200 (ANCHORS): the stand-in off the GPU
+
+
+def copy_bandwidth(device: str | torch.device, gib: float = 1.0) -> float:
+    """Read + write bytes / s of a `gib` GiB device copy on a CUDA device: the better of a memcpy and an elementwise
+    kernel (a memcpy may run on a copy engine, slower than the SMs' loads), median of 10 after one warm-up. Off CUDA,
+    COPY_BANDWIDTH. The roofline's denominator: a ratio against the H200's bandwidth on another GPU says nothing
+    (an H100's is ~3.0 TB/s, RESULTS.md eighteenth session)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return COPY_BANDWIDTH
+    src = torch.zeros(int(gib * 2 ** 29), dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for fn in (lambda: dst.copy_(src), lambda: torch.neg(src, out=dst)):
+        fn()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        best = max(best, 2 * src.numel() * src.element_size() / sorted(times)[len(times) // 2])
+    return best
 
 
 def random_model(cfg, device: str, dtype: torch.dtype, seed: int = 0) -> Transformer:
@@ -102,8 +128,9 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
     ttft, decode_s, steps = run(seed)
     decoded = batch * (new_tokens - 1)
     nbytes = decode_step_bytes(model, batch)
-    roof = COPY_BANDWIDTH / nbytes * batch
-    return dict(batch=batch, prompt=prompt_len, new_tokens=new_tokens, ttft_s=ttft, steps=steps,
+    copy_bw = copy_bandwidth(device)
+    roof = copy_bw / nbytes * batch
+    return dict(batch=batch, copy_bw=copy_bw, prompt=prompt_len, new_tokens=new_tokens, ttft_s=ttft, steps=steps,
                 tpot_ms=decode_s / max(new_tokens - 1, 1) * 1e3, tok_per_s=decoded / decode_s,
                 step_bytes=nbytes, roofline_tok_per_s=roof, roofline_fraction=decoded / decode_s / roof,
                 spec=dict(engine.spec_stats), chained_steps=engine.step_stats["chained_steps"])
