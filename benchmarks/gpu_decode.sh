@@ -3,9 +3,9 @@
 #   1. CUDA tests of the decode-speed paths (pytest -n 8, -m gpu): the fused MoE kernel (bf16 / FP8, lite shapes,
 #      graph capture), compiled / fused decode under graph capture vs the eager step and the plain engine, and the
 #      existing graph-decode tests of the engine.                                                     ~1.5 min
-#   2. engine decode on `lite` at batch 1/32/64, 64 new tokens after 128-token prompts, modes compile (MoE module),
-#      fused (compile + fused MoE everywhere), auto (compile + fused_moe = auto, the default: per bucket), fp8-fused;
-#      after each mode the TTFT of 64 queued 128-token prompts, whole (one prefill step) and chunked (2048 tokens per
+#   2. engine decode on `lite` at batch 1/32/64, 64 new tokens after 128-token prompts, modes overlap (the engine's
+#      defaults: compiled layers, fused MoE auto, the overlap schedule, dense GEMV at one token) and fp8-auto (the
+#      same with FP8 block weights); after each mode the TTFT of 64 queued 128-token prompts, whole (one prefill step) and chunked (2048 tokens per
 #      step). Modes that would start after 260 s are skipped (engine_decode.json is rewritten after every row). ~5 min
 #   3. the server row: `dsv3 bench serve` at 64 streams (256 requests, 128-token prompts, 128 new tokens, compiled
 #      decode, fused_moe auto): the engine alone and through the server in one call, TTFT p50/p99, and both runs'
@@ -14,7 +14,7 @@
 #      processes whose compiles overlap and whose timed sections never do.                              ~2 min
 # Expected total ~11 min (each stage has its own timeout: 150 + 330 + 240 + 170 s at most).
 # Usage (repo root): bash benchmarks/gpu_decode.sh       CPU dry run: DRY_RUN=1 bash benchmarks/gpu_decode.sh
-#   SKIP_PEER=1 skips stage 4 (the peer's numbers do not change between runs of the engine); SERVE_DELAYS="0 4"
+#   SKIP_SERVE=1 skips stage 3, SKIP_PEER=1 stage 4 (the peer's numbers do not change between runs of the engine); SERVE_DELAYS="0 4"
 #   runs stage 3 once per admission delay (EngineConfig.admission_delay: arrivals prefilled together).
 set -u
 export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 OUT=${OUT:-out}
@@ -28,7 +28,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then     # CPU: the same commands on the tiny config
   PEERS_B="1"
 else
   nvidia-smi --query-gpu=name,memory.used,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-  BENCH=(--batches 1,32,64 --tokens 64 --modes compile,fused,auto,fp8-fused --deadline-s 260)
+  BENCH=(--batches 1,32,64 --tokens 64 --modes overlap,fp8-auto --deadline-s 260)
   SERVE=(--config lite --concurrency 64 --requests 256 --prompt 128 --tokens 128 --compile-decode --fused-moe auto)
   PEER=(--layers 27 --new 64 --phases grouped_kept)
   PEERS_B="1 32"
@@ -42,7 +42,9 @@ stamp "2. engine decode"
 timeout 330 python benchmarks/engine_decode.py "${BENCH[@]}" 2>&1 | grep -v "Warning" | tee "$OUT/engine_decode.txt"
 
 stamp "3. server vs engine at 64 streams"
-for d in ${SERVE_DELAYS:-0}; do      # e.g. SERVE_DELAYS="0 4": EngineConfig.admission_delay 0 and 4 (~3 min each)
+[ "${SKIP_SERVE:-0}" = 1 ] && SERVE_DELAYS=none
+for d in ${SERVE_DELAYS:-0}; do
+  [ "$d" = none ] && { stamp "server skipped (SKIP_SERVE=1)"; break; }      # e.g. SERVE_DELAYS="0 4": EngineConfig.admission_delay 0 and 4 (~3 min each)
   timeout 240 python -m dsv3.cli bench serve "${SERVE[@]}" --admission-delay "$d" --json "$OUT/bench_serve_d$d.json" \
     2>&1 | grep -v "Warning" | tail -12 | tee "$OUT/bench_serve_d$d.txt"
 done

@@ -30,6 +30,9 @@
 #   bash benchmarks/gpu_next.sh w   its second: u, then s
 #   bash benchmarks/gpu_next.sh x   eighteenth session: the gate of its decode changes (MLA append taken, dense GEMV at
 #                                   one row by default, rows_launch defaults), lite batch 1 profiled, the HF peer
+#   bash benchmarks/gpu_next.sh y   on an H200 (kind nvidia-h200): issue 16's absolute targets, benchmarks/gpu_decode.sh
+#                                   (decode at 1 / 32 / 64 BF16 and FP8 with TTFT, the server at 64 streams, the HF
+#                                   peer at 1 and 32), ~11 min: its stages have their own timeouts
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -189,5 +192,9 @@ PY
       | grep -E "tok/s|graph replay|kernels .* ms" | head -40
     timeout 200 python shared/bench/peers/hf_static.py --batch 1 --phases grouped_kept > "$OUT/hf.txt" 2>&1
     grep -v Warn "$OUT/hf.txt" | tail -6 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x"; exit 2 ;;
+  y)    # issue 16's targets are tok/s on an H200 (3,070 / 6,140 at 32 / 64, 2x HF at 1 and 1.8x at 32): the H100
+        # rows give shares of its own roofline only. Stage 3 (server) skipped to fit one call: measured on the H100
+    install_wheels
+    SKIP_SERVE=1 bash benchmarks/gpu_decode.sh ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y"; exit 2 ;;
 esac
