@@ -101,4 +101,7 @@ def test_decode_step_ops_counts_per_layer():
     assert r["dense"]["kernels"] > 10 and r["moe"]["kernels"] > r["dense"]["kernels"] - 10
     for kind in ("dense", "moe"):
         assert r[kind].get("k:aten::index", 0) == 0 and r[kind].get("syncs", 0) == 0, r[kind]
-        assert r[kind]["k:aten::index_copy_"] == 2 and r[f"{kind}.attn"]["calls"] > 0
+        # the step's latents are stored by the paged attention itself (`append`: in its own launch on the GPU; the
+        # CPU reference's two index_copy_), not by a cache write before it
+        assert r[kind].get("k:aten::index_copy_", 0) == 0 and r[f"{kind}.attn"]["k:aten::index_copy_"] == 2
+        assert r[f"{kind}.attn"]["calls"] > 0
