@@ -43,7 +43,7 @@ def _parse():
     p.add_argument("--sweep-warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--sweep-block-h", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--sweep-block-n", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for mla_decode_bench.json")
+    p.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for mla_decode_bench.json")
     return p.parse_args()
 
 
