@@ -1,0 +1,101 @@
+"""HF checkpoint conversion and loading against a release directory as it is downloaded: the model card's `figures/`,
+the release's `inference/` code, `.cache/huggingface/` (what `hf download --local-dir` writes), a git clone's `.git/`;
+and tensors damaged in ways only their header shows. Before: `dsv3 convert` copied only the top level (the README's
+figures and the inference code vanished without a word); a tensor of the wrong shape was converted as it was (the
+error came at the next load, naming no file); an integer tensor was cast into a float weight silently by load,
+convert and the rank-by-rank reader."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dsv3
+from dsv3 import CheckpointError
+from dsv3.cli import main
+
+from conftest import build, tiny_config
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """An FP8 release, sharded with its index, with the files around the weights that real releases ship."""
+    path = tmp_path_factory.mktemp("release") / "DeepSeek-V3"
+    dsv3.save_pretrained(build(tiny_config()), path, quantize_fp8=True, dtype=torch.bfloat16, max_shard_size="100KB")
+    files = {"README.md": "![](figures/benchmark.png)", "LICENSE-MODEL": "license", ".gitattributes": "*.st lfs",
+             "tokenizer.json": "{}", "tokenizer_config.json": "{}", "generation_config.json": '{"temperature": 0.6}',
+             "figures/benchmark.png": "png", "inference/model.py": "# code", "inference/requirements.txt": "torch",
+             "inference/configs/config_671B.json": '{"dim": 7168}',
+             # left out: tools' state, and weights the index does not list
+             ".cache/huggingface/download/model-00001-of-00004.safetensors.metadata": "etag",
+             ".git/lfs/objects/ab/cd/abcd": "the weights again", "pytorch_model.bin": "stale",
+             "original/consolidated.00.pth": "stale"}
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    return path
+
+
+def files_of(path) -> dict:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_convert_copies_the_release_subdirectories_and_names_what_it_leaves_out(release, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert main(["convert", str(release), str(out), "--to", "bf16"]) == 0
+    src, dst = files_of(release), files_of(out)
+    index = json.loads((release / "model.safetensors.index.json").read_text())["weight_map"]
+    left_out = {n for n in src if n.startswith((".cache/", ".git/")) or n.endswith((".bin", ".pth"))}
+    weights = {"config.json", "model.safetensors.index.json", *index.values()}
+    assert {n: b for n, b in src.items() if n not in left_out | weights} == \
+        {n: b for n, b in dst.items() if n not in weights}
+    assert not left_out & dst.keys()
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.endswith(": .cache/, .git/, original/consolidated.00.pth, pytorch_model.bin"), said
+    dsv3.load_pretrained(out)
+
+
+def _damage(src, dst, name, change):
+    """A copy of `src` with tensor `name` replaced by change(it), in its own shard; that shard's path."""
+    shutil.copytree(src, dst)
+    file = dst / json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(str(file))
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    return file
+
+
+@pytest.fixture(scope="module")
+def bf16(release, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bf16") / "model"
+    dsv3.checkpoint.convert_checkpoint(release, out, to="bf16")
+    return out
+
+
+@pytest.mark.parametrize("name, change, says", [
+    ("model.layers.1.mlp.experts.3.down_proj.weight", lambda t: t[:, :-1].contiguous(),
+     "has shape (64, 31), the config expects (64, 32)"),
+    ("model.layers.0.input_layernorm.weight", lambda t: t[:-1].contiguous(),
+     "has shape (63,), the config expects (64,)"),
+    ("model.norm.weight", lambda t: t.to(torch.int32), "is int32, not a floating-point weight"),
+    ("model.layers.1.mlp.gate.e_score_correction_bias", lambda t: t.to(torch.int64),
+     "is int64, not a floating-point weight"),
+])
+def test_a_misshaped_or_integer_tensor_is_one_line_naming_tensor_and_file(bf16, tmp_path, capsys, name, change, says):
+    file = _damage(bf16, tmp_path / "src", name, change)
+    for to in ("fp8", "bf16"):
+        assert main(["convert", str(tmp_path / "src"), str(tmp_path / to), "--to", to]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and name in err and str(file) in err and says in err, err
+        assert not (tmp_path / to).exists()
+    from dsv3.train.hf_shards import load_hf_owned
+    with torch.device("meta"):
+        model = dsv3.Transformer(tiny_config())
+    for load in (lambda: dsv3.load_pretrained(tmp_path / "src"),           # and train.init_from's reader, rank by rank
+                 lambda: load_hf_owned([model.to_empty(device="cpu")], tmp_path / "src", tiny_config())):
+        with pytest.raises(CheckpointError) as e:
+            load()
+        assert name in str(e.value) and str(file) in str(e.value) and says in str(e.value), e.value
+
