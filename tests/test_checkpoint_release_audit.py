@@ -99,3 +99,37 @@ def test_a_misshaped_or_integer_tensor_is_one_line_naming_tensor_and_file(bf16, 
             load()
         assert name in str(e.value) and str(file) in str(e.value) and says in str(e.value), e.value
 
+
+TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_a_chat_template_saved_as_its_own_file_is_the_models(bf16, tmp_path):
+    """transformers' save_pretrained writes the chat template to chat_template.jinja and leaves it out of
+    tokenizer_config.json (a fine-tuned DeepSeek-V3 saved with it is such a directory), and reads it from there
+    first. Before: serve, generate --chat, eval --chat and post-training read tokenizer_config.json only, so such a
+    model was prompted in the built-in DeepSeek template, silently."""
+    transformers = pytest.importorskip("transformers")
+    from dsv3.data import ChatTemplate, train_tokenizer
+    from dsv3.posttrain.base import chat_template_of, load_base     # what serve / generate / eval / sft read
+    d = tmp_path / "finetuned"
+    shutil.copytree(bf16, d)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).unlink()
+    train_tokenizer(["the quick brown fox jumps over the lazy dog " * 20], vocab_size=300, out_dir=tmp_path / "tok")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(d)
+    assert (d / "chat_template.jinja").is_file()
+    assert "chat_template" not in json.loads((d / "tokenizer_config.json").read_text())
+    assert chat_template_of(d) == TEMPLATE and load_base(d).template == TEMPLATE
+    messages = [{"role": "user", "content": "the fox"}, {"role": "assistant", "content": "jumps"},
+                {"role": "user", "content": "the dog"}]
+    assert ChatTemplate(chat_template_of(d)).render(messages) == \
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # named templates in tokenizer_config.json (the older form of several): the default one, as transformers takes it
+    (d / "chat_template.jinja").unlink()
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": TEMPLATE}]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert chat_template_of(d) == TEMPLATE
