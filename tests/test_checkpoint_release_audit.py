@@ -133,3 +133,68 @@ def test_a_chat_template_saved_as_its_own_file_is_the_models(bf16, tmp_path):
     cfg["chat_template"] = [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": TEMPLATE}]
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert chat_template_of(d) == TEMPLATE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSeek-V2-Lite and V2.5 as released: their config.json keys, checked against transformers' DeepseekV2
+# ---------------------------------------------------------------------------------------------------------------
+
+_V2_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV2Config",
+                "AutoModel": "modeling_deepseek.DeepseekV2Model",
+                "AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM"}
+_V2_YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 4096, "type": "yarn"}
+# deepseek-ai/DeepSeek-V2-Lite's config.json (no num_nextn_predict_layers: V2 has no MTP), shapes cut down below
+V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": _V2_AUTO_MAP, "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001,
+    "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+    "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+    "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06, "rope_scaling": _V2_YARN, "rope_theta": 10000,
+    "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True, "tie_word_embeddings": False,
+    "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16", "transformers_version": "4.33.1",
+    "use_cache": True, "v_head_dim": 128, "vocab_size": 102400}
+# deepseek-ai/DeepSeek-V2.5: group-limited routing over 8 groups, q_lora, routed outputs scaled by 16
+V2_5 = {**V2_LITE, "hidden_size": 5120, "intermediate_size": 12288, "moe_intermediate_size": 1536, "n_group": 8,
+        "n_routed_experts": 160, "num_attention_heads": 128, "num_hidden_layers": 60, "num_key_value_heads": 128,
+        "q_lora_rank": 1536, "routed_scaling_factor": 16.0, "topk_group": 3, "topk_method": "group_limited_greedy",
+        "transformers_version": "4.39.3"}
+V2_SHRINK = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+                 qk_rope_head_dim=8, v_head_dim=16, vocab_size=509, bos_token_id=507, eos_token_id=508)
+V2_RELEASES = {"DeepSeek-V2-Lite": dict(V2_LITE, **V2_SHRINK, n_routed_experts=8, num_experts_per_tok=3),
+               "DeepSeek-V2.5": dict(V2_5, **V2_SHRINK, q_lora_rank=48, n_routed_experts=8, num_experts_per_tok=2,
+                                     n_group=4, topk_group=2, routed_scaling_factor=4.0)}
+
+
+@pytest.mark.parametrize("name", V2_RELEASES)
+def test_v2_release_config_round_trips_and_loads_with_transformers_logits(name, tmp_path):
+    """The V2 family's files as released (V3's test covers V3 / V3.1 / Moonlight / Kimi-K2): the config round-trips
+    exactly through dsv3 convert both ways, and the logits equal transformers' DeepseekV2ForCausalLM's (fp32)."""
+    transformers = pytest.importorskip("transformers")
+    import warnings
+    from dsv3 import ModelConfig
+    from test_hf_family import TOL, write_release
+    raw = json.loads(json.dumps(V2_RELEASES[name]))      # a copy: transformers' config adds keys to rope_scaling
+    assert ModelConfig.from_hf(json.loads(json.dumps(raw))).to_hf() == raw
+    write_release(raw, tmp_path / "release")
+    for to in ("fp8", "bf16"):
+        dsv3.checkpoint.convert_checkpoint(tmp_path / ("release" if to == "fp8" else "fp8"), tmp_path / to, to=to,
+                                           dtype=torch.float32)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text()) == {**raw, "torch_dtype": "float32"}
+    ours = dsv3.load_pretrained(tmp_path / "release", dtype=torch.float32).eval()
+    assert len(ours.mtp) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_cfg = transformers.DeepseekV2Config(**{k: v for k, v in json.loads(json.dumps(raw)).items()
+                                                  if k != "model_type"})
+        hf = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path / "release", config=hf_cfg,
+                                                                 dtype=torch.float32).float().eval()
+    ids = torch.randint(0, raw["vocab_size"], (2, 24))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert ref.abs().max() > 0.1 and (ours(ids) - ref).abs().max() < TOL
+        assert (ours(ids, absorb=True) - ref).abs().max() < TOL
