@@ -198,3 +198,38 @@ def test_v2_release_config_round_trips_and_loads_with_transformers_logits(name, 
         ref = hf(ids).logits
         assert ref.abs().max() > 0.1 and (ours(ids) - ref).abs().max() < TOL
         assert (ours(ids, absorb=True) - ref).abs().max() < TOL
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_an_fp8_release_round_trips_bit_for_bit(tmp_path, ue8m0):
+    """Released FP8 -> dsv3 convert --to fp8, and (fp32 scales) released FP8 -> dsv3 (fp32) -> FP8 again: every stored
+    tensor equal bit for bit (e4m3 codes, scales, the fp32 routing bias, the MTP layer). Power-of-two scales (V3.1)
+    through dsv3's fp32 weights come back as the same weights, not always the same bytes: a block whose largest code
+    rounded down to 224 re-quantises with half the scale and doubled codes. Before, convert re-quantised too."""
+    cfg = tiny_config(hidden_size=192, moe_intermediate_size=160, intermediate_size=288)     # partial edge blocks
+    if ue8m0:
+        cfg = dsv3.ModelConfig.from_hf({**cfg.to_hf(), "quantization_config": {
+            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+            "scale_fmt": "ue8m0"}})
+    src = tmp_path / "release"
+    dsv3.save_pretrained(build(cfg, std=0.05), src, quantize_fp8=True, dtype=torch.bfloat16, max_shard_size="200KB")
+    dsv3.save_pretrained(dsv3.load_pretrained(src, dtype=torch.float32), tmp_path / "resaved", quantize_fp8=True,
+                         dtype=torch.bfloat16, max_shard_size="200KB")
+    dsv3.checkpoint.convert_checkpoint(src, tmp_path / "converted", to="fp8")
+
+    def tensors(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+    want = tensors(src)
+    assert any(t.dtype == torch.float8_e4m3fn for t in want.values())
+    assert want["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    for d in ("converted",) if ue8m0 else ("converted", "resaved"):
+        got = tensors(tmp_path / d)
+        assert got.keys() == want.keys(), d
+        for k, t in want.items():
+            assert got[k].dtype == t.dtype and torch.equal(got[k].view(torch.uint8), t.view(torch.uint8)), (d, k)
+        assert json.loads((tmp_path / d / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    a, b = (dsv3.load_pretrained(tmp_path / d, dtype=torch.float32).state_dict() for d in ("release", "resaved"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -90,7 +90,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "bf16",
                 if name.endswith(".weight_scale_inv"):
                     continue  # consumed with its weight
                 t = ckpt.read(name, torch.float32 if to == "fp8" else dtype, shape=shapes.get(name))
-                if to == "fp8" and FP8_WEIGHT.search(name):
+                if to == "fp8" and name in ckpt.scales:
+                    # already in the block format (and checked by the read): kept as stored. Re-quantising its values
+                    # gives them back, but a power-of-two scale may come out halved with its codes doubled (a block
+                    # whose largest code rounded down to 224): the same weights in other bytes
+                    out[name], out[name + "_scale_inv"] = ckpt.read_stored(name), ckpt.read_stored(ckpt.scales[name])
+                elif to == "fp8" and FP8_WEIGHT.search(name):
                     out[name], out[name + "_scale_inv"] = quantize_blocks(t, pow2=ckpt.config.ue8m0_scales)
                 elif name.endswith("e_score_correction_bias"):
                     out[name] = t.float().contiguous()

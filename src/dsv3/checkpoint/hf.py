@@ -174,15 +174,7 @@ class CheckpointReader:
         """One tensor; an FP8 weight is dequantised into `dtype` (default fp32) when its scale exists. `shape`: the
         model's, checked against the stored tensor (check_stored)."""
         file = self.weight_map[name]
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(self.path / file, framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"cannot read shard {self.path / file}: {e}") from None
-        try:
-            t = self._handles[file].get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {self.path / file}: {e}") from None
+        t = self.read_stored(name)
         check_stored(name, self.path / file, t.dtype, tuple(t.shape), shape)
         if name in self.scales:
             t = _dequantize(name, t, self.read(self.scales[name]), dtype or torch.float32)
@@ -191,6 +183,19 @@ class CheckpointReader:
             raise CheckpointError(f"tensor {name} in {self.path / file} is {str(t.dtype).removeprefix('torch.')} "
                                   f"but {name}_scale_inv is missing")
         return t
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """One tensor as the file stores it, unchecked."""
+        file = self.weight_map[name]
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(self.path / file, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot read shard {self.path / file}: {e}") from None
+        try:
+            return self._handles[file].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.path / file}: {e}") from None
 
     def by_file(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
