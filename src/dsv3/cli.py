@@ -87,8 +87,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     """Re-write a HF directory shard by shard: FP8 -> bf16 (dequantise), or bf16 -> released FP8 block format."""
-    convert_checkpoint(args.src, args.dst, to=args.to, dtype=DTYPES[args.dtype])
+    left_out = convert_checkpoint(args.src, args.dst, to=args.to, dtype=DTYPES[args.dtype])
     print(f"wrote {args.dst} ({args.to})")
+    if left_out:        # said, so that nothing the user may look for in the output is missing without a word
+        print(f"not copied (weight files the index does not list, hidden or linked directories): "
+              f"{', '.join(left_out)}")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:

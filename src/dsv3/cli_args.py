@@ -166,7 +166,8 @@ def _serve(sub) -> None:
     s.add_argument("--cache-gib", type=float, default=1.0, help="latent-cache memory")
     s.add_argument("--spec", type=int, default=0, help="MTP speculative draft tokens")
     s.add_argument("--fp8", action="store_true", help="serve weights in the released FP8 block format")
-    s.add_argument("--chat-template", default=None, help="a Jinja file (default: tokenizer_config.json's); tools "
+    s.add_argument("--chat-template", default=None, help="a Jinja file (default: the model's chat_template.jinja, else "
+                   "tokenizer_config.json's); tools "
                    "need one that renders `tools` (V3.1's does, V3's and R1's release templates do not)")
     s.add_argument("--reasoning-parser", choices=["auto", "deepseek_r1", "none"], default="auto", help="chat: the "
                    "text before </think> as message.reasoning_content; auto: on when the chat template mentions "

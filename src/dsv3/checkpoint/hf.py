@@ -170,18 +170,12 @@ class CheckpointReader:
                       ("scales without a weight", orphans)) if v]
             raise CheckpointError(f"{self.path} does not match the model of its config.json; " + "; ".join(parts))
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor; an FP8 weight is dequantised into `dtype` (default fp32) when its scale exists."""
+    def read(self, name: str, dtype: torch.dtype | None = None, shape: tuple | None = None) -> torch.Tensor:
+        """One tensor; an FP8 weight is dequantised into `dtype` (default fp32) when its scale exists. `shape`: the
+        model's, checked against the stored tensor (check_stored)."""
         file = self.weight_map[name]
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(self.path / file, framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"cannot read shard {self.path / file}: {e}") from None
-        try:
-            t = self._handles[file].get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {self.path / file}: {e}") from None
+        t = self.read_stored(name)
+        check_stored(name, self.path / file, t.dtype, tuple(t.shape), shape)
         if name in self.scales:
             t = _dequantize(name, t, self.read(self.scales[name]), dtype or torch.float32)
         elif t.dtype.itemsize == 1 and t.dtype.is_floating_point:
@@ -189,6 +183,19 @@ class CheckpointReader:
             raise CheckpointError(f"tensor {name} in {self.path / file} is {str(t.dtype).removeprefix('torch.')} "
                                   f"but {name}_scale_inv is missing")
         return t
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """One tensor as the file stores it, unchecked."""
+        file = self.weight_map[name]
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(self.path / file, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"cannot read shard {self.path / file}: {e}") from None
+        try:
+            return self._handles[file].get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.path / file}: {e}") from None
 
     def by_file(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -225,17 +232,33 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                 tied.append((hf_name, ours))  # compared once the main copy is in
                 continue
             target = state[ours] if expert is None else state[ours][expert]
-            t = ckpt.read(hf_name, target.dtype)
-            if tuple(t.shape) != tuple(target.shape):
-                raise CheckpointError(f"tensor {hf_name} has shape {tuple(t.shape)}, the config expects "
-                                      f"{tuple(target.shape)}")
-            target.copy_(t)
+            target.copy_(ckpt.read(hf_name, target.dtype, shape=tuple(target.shape)))
     for hf_name, ours in tied:
-        if not torch.equal(ckpt.read(hf_name).to(state[ours].dtype), state[ours].cpu()):
+        if not torch.equal(ckpt.read(hf_name, shape=tuple(state[ours].shape)).to(state[ours].dtype), state[ours].cpu()):
             warnings.warn(f"{hf_name} differs from the main model's {ours}; dsv3 shares one tensor "
                           f"(spec 1.8) and uses the main model's", stacklevel=2)
     ckpt.close()
     return model
+
+
+def check_stored(name: str, file: Path, dtype: torch.dtype | None, shape: tuple, expected: tuple | None) -> None:
+    """Refuse a stored tensor that cannot be this model's, in one line naming tensor and file: an integer or bool
+    tensor (a quantiser's packed words, a damaged file) would be cast to float silently by `copy_`, and a wrong shape
+    would be written out as it is by `dsv3 convert` (its error then coming only at the next load)."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise CheckpointError(f"tensor {name} in {file} is {str(dtype).removeprefix('torch.')}, not a "
+                              f"floating-point weight")
+    if expected is not None and tuple(shape) != tuple(expected):
+        raise CheckpointError(f"tensor {name} has shape {tuple(shape)}, the config expects {tuple(expected)} "
+                              f"(in {file})")
+
+
+def expected_shapes(model: Transformer, name_map: dict) -> dict[str, tuple]:
+    """HF tensor name -> the shape `model` (a meta-device one will do) gives it: a stacked expert's row for a
+    per-expert name."""
+    state = model.state_dict()
+    return {hf: tuple(state[ours].shape[1:] if expert is not None else state[ours].shape)
+            for hf, (ours, expert) in name_map.items()}
 
 
 def _dequantize(name: str, w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -356,4 +379,5 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_size: int | 
         writer.finish(tmp)
 
 
-__all__ = ["load_pretrained", "save_pretrained", "hf_name_map", "CheckpointReader", "ShardWriter", "CheckpointError"]
+__all__ = ["load_pretrained", "save_pretrained", "hf_name_map", "expected_shapes", "check_stored", "CheckpointReader",
+           "ShardWriter", "CheckpointError"]

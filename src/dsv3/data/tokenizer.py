@@ -204,6 +204,27 @@ def read_tokenizer_config(tok_dir: str | Path) -> dict:
     return cfg
 
 
+def read_chat_template(tok_dir: str | Path) -> str | None:
+    """`tok_dir`'s chat template as transformers reads it: `chat_template.jinja` first (what its save_pretrained
+    writes now, leaving tokenizer_config.json without one: ignoring the file would serve the built-in DeepSeek
+    template instead of the model's), else tokenizer_config.json's `chat_template`, of named templates the
+    "default" one. None: the directory gives none."""
+    cfg = read_tokenizer_config(tok_dir)            # read either way: a damaged file is refused, not skipped
+    jinja = Path(tok_dir) / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):                  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise ValueError(f"{Path(tok_dir) / 'tokenizer_config.json'}: chat_template names {sorted(named)}, "
+                             f"none of them 'default' (give one with --chat-template)")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{Path(tok_dir) / 'tokenizer_config.json'}: chat_template is not a string")
+    return template
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None,
                     min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE tokenizer; `vocab_size` counts the specials and the 256 byte tokens.

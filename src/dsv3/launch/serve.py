@@ -11,7 +11,7 @@ import torch
 import uvicorn
 
 from ..checkpoint.generation_config import read_generation_config
-from ..data import Tokenizer, read_tokenizer_config
+from ..data import Tokenizer, read_chat_template
 from ..infer import EngineConfig
 from ..posttrain.base import tokenizer_dir
 from ..serve import EngineProcess, build_app
@@ -32,7 +32,7 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     tokenizer = Tokenizer.load(args.tokenizer or tok_dir)
     # the chat template too, so that a damaged file is refused before the model is loaded
     template = Path(args.chat_template).read_text() if args.chat_template else \
-        read_tokenizer_config(tok_dir).get("chat_template")
+        read_chat_template(tok_dir)
     device = default_device(args.device)
     block = {} if args.block_size is None else dict(block_size=args.block_size)     # EngineConfig owns the default
     config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,

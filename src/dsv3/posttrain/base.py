@@ -32,8 +32,8 @@ def tokenizer_dir(model_path: str | Path, tokenizer_path: str | None = None) -> 
 
 def chat_template_of(tok_dir: str | Path) -> str | None:
     """The tokenizer's chat template (None: the built-in DeepSeek one, dsv3.data.tokenizer.CHAT_TEMPLATE)."""
-    from ..data import read_tokenizer_config
-    return read_tokenizer_config(tok_dir).get("chat_template")
+    from ..data import read_chat_template
+    return read_chat_template(tok_dir)
 
 
 def load_model_and_tokenizer(model_path: str | Path, tokenizer_path: str | None = None, ema: bool = False,

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..checkpoint.hf import CheckpointReader, _dequantize, hf_name_map
+from ..checkpoint.hf import CheckpointReader, _dequantize, check_stored, hf_name_map
 from ..config import ModelConfig
 from ..fp8 import BLOCK
 from ..model import Transformer
@@ -67,9 +67,8 @@ class _Slices:
         """Rows [a, b) (all with a None) of tensor `name`, whose full shape must be `shape` (from the file's header:
         a slice of a tensor with extra rows, or a row broadcast into a stacked expert, would otherwise pass)."""
         sl = self._slice(name)
-        if tuple(sl.get_shape()) != tuple(shape):
-            raise CheckpointError(f"tensor {name} has shape {tuple(sl.get_shape())}, the config expects "
-                                  f"{tuple(shape)}")
+        file = self.reader.path / self.reader.weight_map[name]
+        check_stored(name, file, None, tuple(sl.get_shape()), shape)      # from the header, before any row is read
         whole = a is None
         if name in self.reader.scales:                        # FP8: block-aligned rows, dequantised, then cut
             lo, hi = (0, sl.get_shape()[0]) if whole else (a // BLOCK * BLOCK, b)
@@ -79,9 +78,10 @@ class _Slices:
             t = _dequantize(name, w, s, dtype)      # load_pretrained's: a wrong dtype or scale shape names the tensor
             return t if whole else t[a - lo:b - lo]
         t = sl[:] if whole else sl[a:b]
+        check_stored(name, file, t.dtype, tuple(sl.get_shape()), None)    # an integer tensor: never cast
         if t.dtype.itemsize == 1 and t.dtype.is_floating_point:     # FP8 without its block scales: never cast
-            raise CheckpointError(f"tensor {name} in {self.reader.path / self.reader.weight_map[name]} is "
-                                  f"{str(t.dtype).removeprefix('torch.')} but {name}_scale_inv is missing")
+            raise CheckpointError(f"tensor {name} in {file} is {str(t.dtype).removeprefix('torch.')} but "
+                                  f"{name}_scale_inv is missing")
         self.bytes_read += t.numel() * t.element_size()
         return t.to(dtype)
 
