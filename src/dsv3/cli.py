@@ -47,7 +47,8 @@ def cmd_info(args: argparse.Namespace) -> None:
           f"kv_lora {cfg.kv_lora_rank}, qk {cfg.qk_nope_head_dim}+{cfg.qk_rope_head_dim}, v {cfg.v_head_dim})")
     print(f"experts           {cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}, {cfg.n_group} groups, "
           f"top-{cfg.topk_group} groups) + {cfg.n_shared_experts} shared, width {cfg.moe_intermediate_size}")
-    print(f"latent cache      {(cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2:,} bytes/token (bf16)")
+    latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2
+    print(f"latent cache      {latent:,} bytes/token (bf16)")
     print(f"total params      {n['total']:,} ({_fmt(n['total'])})  main model")
     print(f"active params     {n['active']:,} ({_fmt(n['active'])})  per token, embedding and head included")
     print(f"                  {n['active_without_embedding']:,} ({_fmt(n['active_without_embedding'])})  "
@@ -80,7 +81,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"model       {args.config}: {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts, "
           f"{_fmt(n['total'])} params ({_fmt(n['active'])} active) + {_fmt(n['mtp'])} MTP")
     print(f"checkpoint  {out} ({size / 1e6:.1f} MB, HF format)")
-    print(f"forward     logits {tuple(logits.shape)}, reload max|diff| {diff:.2e}, absorbed-MLA max|diff| {absorbed:.2e}")
+    print(f"forward     logits {tuple(logits.shape)}, reload max|diff| {diff:.2e}, "
+          f"absorbed-MLA max|diff| {absorbed:.2e}")
     print(f"generate    {ids[0].tolist()[:6]}... -> {new}")
     print(f"done in {time.perf_counter() - t0:.1f}s")
 
