@@ -221,3 +221,34 @@ def test_a_signal_save_during_a_spike_keeps_the_last_healthy_checkpoint_and_says
         r.model.lm_head.weight.div_(200)      # undo the blow-up: the resumed run is healthy
     r.run()
     assert [d.name for d in checkpoint_dirs(r.run_dir)] == ["step_00000012"]
+
+
+def test_a_resume_keeps_the_record_of_why_the_earlier_run_stopped(tmp_path):
+    """Update 4 blows the weights up, a NaN at step 9 stops the run; the resume goes back to step 2 (the last healthy
+    checkpoint) and cuts the train records after it, which it logs again, but the NaN stop, the spikes and the
+    checkpoints that waited are the past: they stay, marked rewound (before, the resume erased them, and nothing in
+    the log said why the run had stopped)."""
+    t = Trainer(small_run(tmp_path, "nan", train={"steps": 12}, checkpoint={"interval": 2, "keep": 0},
+                          log={"val_interval": 0}))
+    blow_up_after(t, 4)
+    step = t.train_step
+
+    def nan_at_9():
+        if t.step == 8:
+            with torch.no_grad():
+                t.model.lm_head.weight[0, 0] = float("nan")
+        return step()
+    t.train_step = nan_at_9
+    with pytest.raises(TrainingDiverged):
+        t.run()
+    before = [r for r in read_metrics(t.run_dir, kind="event") if r["step"] > 2]
+    assert any("non-finite" in r["message"] for r in before)
+    r = Trainer(small_run(tmp_path, "nan", train={"steps": 12}, checkpoint={"interval": 2, "keep": 0},
+                          log={"val_interval": 0}), resume=True)
+    r.logger.close()
+    assert r.step == 2
+    after = read_metrics(r.run_dir)
+    kept = [x for x in after if x.get("rewound")]
+    assert [x["message"] for x in kept] == [x["message"] for x in before]
+    assert all(x["kind"] == "event" for x in kept)
+    assert max(x["step"] for x in after if x["kind"] == "train") == 2

@@ -16,8 +16,8 @@ final one are of the state as it is; during a spike they are marked suspect, and
 checkpoint besides them (dsv3.train.checkpoint.prune_checkpoints).
 
 Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, the EMA, the data position and the RNG
-states, and the logged metrics are cut back to the checkpoint's step. It starts from the newest checkpoint whose
-files match their checksums (dsv3.train.checkpoint), verified once by rank 0. How the Trainer writes and reads its
+states, and the logged train and val metrics are cut back to the checkpoint's step (the events stay). It starts from
+the newest checkpoint whose files match their checksums (dsv3.train.checkpoint), verified once by rank 0. How the Trainer writes and reads its
 checkpoints is dsv3.train.checkpointing's (its base class); its data and the run directory's first files are
 dsv3.train.run_data's.
 
