@@ -252,3 +252,19 @@ def test_a_resume_keeps_the_record_of_why_the_earlier_run_stopped(tmp_path):
     assert [x["message"] for x in kept] == [x["message"] for x in before]
     assert all(x["kind"] == "event" for x in kept)
     assert max(x["step"] for x in after if x["kind"] == "train") == 2
+
+
+def test_a_resume_refuses_to_round_fp32_master_weights_to_bf16(full, tmp_path, capsys):
+    """train.dtype=bf16-params keeps the weights themselves in bf16: a resume of an fp32 run with it rounded the
+    checkpoint's master weights and AdamW moments to bf16 without a word (a resume may change train.*)."""
+    run = tmp_path / "dtype"
+    shutil.copytree(full, run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert main(["train", "--resume", "--run-dir", str(run), 'train.dtype="bf16-params"', "train.steps=10",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.dtype='fp32' -> 'bf16-params'" in err, err
+    assert "fp32 master weights" in err and "train.init_from=" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    # the other way loses nothing and autocast choices stay free
+    assert main(["train", "--resume", "--run-dir", str(run), 'train.dtype="auto"', "train.steps=9", "--quiet"]) == 0
