@@ -47,6 +47,17 @@ def refused(tmp_path: Path, capsys, *args: str) -> str:
     ("model.rope_scaling={type='yarn',factor=2,original_max_position_embeddings=4096,mscale=inf}",
      "'mscale' must be a number >= 0"),
     ("parallel.timeout_minutes=1e300", "parallel.timeout_minutes=1e+300: must be a number in (0, 1e+06]"),
+    # accepted before: a dtype no reader knows, ids past the vocabulary (tiny: 2048), an hf_extra that is no object
+    # (a traceback) or that overrides a field when exported (a config.json contradicting the weights)
+    ('model.torch_dtype="float33"', "torch_dtype='float33': must be one of 'float32', 'bfloat16'"),
+    ("model.bos_token_id=2048", "bos_token_id=2048: must be a token id (an integer in [0, vocab_size=2048))"),
+    ("model.pad_token_id=99999", "pad_token_id=99999: must be a token id"),
+    ("model.eos_token_id=[1, 4096]", "eos_token_id=[1, 4096]: must be a token id"),
+    ('model.hf_extra="abc"', "hf_extra='abc': must be an object of config.json keys"),
+    ("model.hf_extra=[1]", "hf_extra=[1]: must be an object of config.json keys"),
+    ("model.hf_extra={vocab_size=5}", "hf_extra holds ['vocab_size'], fields of the model config"),
+    ("model.hf_extra={rope_interleave=false}", "rope_interleave=False: only interleaved RoPE"),
+    ('model.hf_extra={dtype="float9"}', "dtype='float9': must be one of"),
 ])
 def test_a_bad_model_value_or_a_typo_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys, override, says):
     monkeypatch.chdir(tmp_path)

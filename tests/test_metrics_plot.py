@@ -92,14 +92,16 @@ def test_truncate_after_and_resume(tmp_path):
     text = (tmp_path / "metrics.jsonl").read_text()
     assert text.endswith("\n") and '"step": 999' not in text
     records = [json.loads(line) for line in text.splitlines()]  # every line is whole JSON again
-    assert kept == len(records) == 25 + 2  # 25 train + val at 10 and 20
-    assert max(r["step"] for r in records) == 25
+    assert kept == len(records) == 25 + 2 + 1  # 25 train + val at 10 and 20 + the event past the step
+    assert max(r["step"] for r in records if r["kind"] != "event") == 25
+    assert [r for r in records if r["step"] > 25] == [{**records[-1], "kind": "event", "rewound": True}]
     # resume: the appended steps continue exactly where the checkpoint was
     write_run(tmp_path, steps=40, start=25, seed=1)
     records = read_metrics(tmp_path)
     assert steps_of(records) == list(range(1, 41))
     assert steps_of(records, "val") == [10, 20, 30, 40]
-    assert [r["message"] for r in records if r["kind"] == "event"] == ["resumed from step 25", "checkpoint saved"]
+    assert [(r["message"], r.get("rewound", False)) for r in records if r["kind"] == "event"] == [
+        ("checkpoint saved", True), ("resumed from step 25", False), ("checkpoint saved", False)]
 
 
 def test_append_after_kill_without_truncate_starts_fresh_line(tmp_path):

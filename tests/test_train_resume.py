@@ -170,3 +170,101 @@ def test_the_issues_lr_1e4_run_leaves_no_dead_checkpoint_and_its_advice_works(tm
     assert cmd[:3] == ["dsv3", "train", "--overwrite"] and cmd[-1] == "optim.lr=1000"
     assert main([*cmd[1:-1], "optim.lr=3e-3", "--quiet"]) == 0           # a sane LR, as the advice says
     assert [d.name for d in checkpoint_dirs(tmp_path / "lr")][-1] == "step_00000008"
+
+
+def blow_up_after(t: Trainer, update: int, then=None) -> None:
+    """Update `update` blows the weights up (the next step's loss spikes); `then()` runs at that moment too."""
+    step = t.train_step
+
+    def sabotaged():
+        if t.step == update:
+            with torch.no_grad():
+                t.model.lm_head.weight.mul_(200)
+            if then is not None:
+                then()
+        return step()
+    t.train_step = sabotaged
+
+
+def test_a_final_save_during_a_spike_keeps_the_last_healthy_checkpoint_besides_keep_1(tmp_path):
+    """The final save is of the state as it is: during a spike it is no healthy one, and with checkpoint.keep=1 its
+    pruning deleted the last healthy checkpoint (step 4), leaving only the spike's state to resume from."""
+    t = Trainer(small_run(tmp_path, "final", train={"steps": 6}, checkpoint={"interval": 2, "keep": 1},
+                          log={"val_interval": 0}))
+    blow_up_after(t, 5)                       # step 6, the last, spikes
+    t.run()
+    assert [d.name for d in checkpoint_dirs(t.run_dir)] == ["step_00000004", "step_00000006"]
+    state = json.loads((t.run_dir / "checkpoints" / "step_00000006" / "state.json").read_text())
+    assert state["suspect"] is True
+    events = [r["message"] for r in read_metrics(t.run_dir, kind="event")]
+    assert any("step_00000006 was saved during a loss spike; the last healthy checkpoint step_00000004 is kept"
+               in m for m in events), events
+
+
+def test_a_signal_save_during_a_spike_keeps_the_last_healthy_checkpoint_and_says_so(tmp_path):
+    import signal
+    from dsv3.train.trainer import TrainingInterrupted
+    from dsv3.train.signals import StopSignals
+    t = Trainer(small_run(tmp_path, "sig", train={"steps": 12}, checkpoint={"interval": 2, "keep": 1},
+                          log={"val_interval": 0}))
+    stop = StopSignals(announce=False)          # not installed: the received signal is set as its handler would
+    blow_up_after(t, 5, then=lambda: setattr(stop, "received", signal.SIGINT))
+    with pytest.raises(TrainingInterrupted, match="step_00000006 was saved during a loss spike; the last healthy "
+                                                  "checkpoint step_00000004 is kept besides it") as e:
+        t.run(stop)
+    assert "\n" not in str(e.value)
+    assert [d.name for d in checkpoint_dirs(t.run_dir)] == ["step_00000004", "step_00000006"]
+    # a later healthy save prunes both as keep=1 says
+    r = Trainer(small_run(tmp_path, "sig", train={"steps": 12}, checkpoint={"interval": 2, "keep": 1},
+                          log={"val_interval": 0}), resume=True)
+    with torch.no_grad():
+        r.model.lm_head.weight.div_(200)      # undo the blow-up: the resumed run is healthy
+    r.run()
+    assert [d.name for d in checkpoint_dirs(r.run_dir)] == ["step_00000012"]
+
+
+def test_a_resume_keeps_the_record_of_why_the_earlier_run_stopped(tmp_path):
+    """Update 4 blows the weights up, a NaN at step 9 stops the run; the resume goes back to step 2 (the last healthy
+    checkpoint) and cuts the train records after it, which it logs again, but the NaN stop, the spikes and the
+    checkpoints that waited are the past: they stay, marked rewound (before, the resume erased them, and nothing in
+    the log said why the run had stopped)."""
+    t = Trainer(small_run(tmp_path, "nan", train={"steps": 12}, checkpoint={"interval": 2, "keep": 0},
+                          log={"val_interval": 0}))
+    blow_up_after(t, 4)
+    step = t.train_step
+
+    def nan_at_9():
+        if t.step == 8:
+            with torch.no_grad():
+                t.model.lm_head.weight[0, 0] = float("nan")
+        return step()
+    t.train_step = nan_at_9
+    with pytest.raises(TrainingDiverged):
+        t.run()
+    before = [r for r in read_metrics(t.run_dir, kind="event") if r["step"] > 2]
+    assert any("non-finite" in r["message"] for r in before)
+    r = Trainer(small_run(tmp_path, "nan", train={"steps": 12}, checkpoint={"interval": 2, "keep": 0},
+                          log={"val_interval": 0}), resume=True)
+    r.logger.close()
+    assert r.step == 2
+    after = read_metrics(r.run_dir)
+    kept = [x for x in after if x.get("rewound")]
+    assert [x["message"] for x in kept] == [x["message"] for x in before]
+    assert all(x["kind"] == "event" for x in kept)
+    assert max(x["step"] for x in after if x["kind"] == "train") == 2
+
+
+def test_a_resume_refuses_to_round_fp32_master_weights_to_bf16(full, tmp_path, capsys):
+    """train.dtype=bf16-params keeps the weights themselves in bf16: a resume of an fp32 run with it rounded the
+    checkpoint's master weights and AdamW moments to bf16 without a word (a resume may change train.*)."""
+    run = tmp_path / "dtype"
+    shutil.copytree(full, run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert main(["train", "--resume", "--run-dir", str(run), 'train.dtype="bf16-params"', "train.steps=10",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.dtype='fp32' -> 'bf16-params'" in err, err
+    assert "fp32 master weights" in err and "train.init_from=" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    # the other way loses nothing and autocast choices stay free
+    assert main(["train", "--resume", "--run-dir", str(run), 'train.dtype="auto"', "train.steps=9", "--quiet"]) == 0

@@ -166,15 +166,17 @@ class ModelConfig:
             fail("tie_word_embeddings", "a head tied to the embedding is not supported (lm_head is its own matrix, "
                                         "as in every DeepSeek-V3-family release); untie it: copy "
                                         "model.embed_tokens.weight to lm_head.weight and set false")
-        token_id = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+        # an id past the vocabulary is no token: a BOS prepended so fails in the embedding, an EOS never ends a reply
+        token_id = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < self.vocab_size  # noqa: E731
         for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
             v = getattr(self, name)
             if v is not None and not (token_id(v) or (name == "eos_token_id" and isinstance(v, list) and v
                                                       and all(map(token_id, v)))):
-                fail(name, "must be a token id (an integer >= 0)" + (", a list of them" if name == "eos_token_id"
-                                                                      else "") + " or null")
-        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
-            fail("torch_dtype", "must be a dtype name such as 'bfloat16', or null")
+                fail(name, f"must be a token id (an integer in [0, vocab_size={self.vocab_size}))" +
+                     (", a list of them" if name == "eos_token_id" else "") + " or null")
+        if self.torch_dtype is not None and self.torch_dtype not in TORCH_DTYPES:
+            fail("torch_dtype", f"must be one of {', '.join(map(repr, TORCH_DTYPES))} or null")
+        _check_hf_extra(self)
         if self.rope_key not in ("rope_scaling", "rope_parameters"):
             fail("rope_key", "must be 'rope_scaling' or 'rope_parameters'")
         if self.rope_scaling is not None:
@@ -253,7 +255,7 @@ class ModelConfig:
             if not isinstance(source, dict):    # a list or a number would be a TypeError from dict() below
                 raise ConfigError(f"{path} is not a JSON object of config keys (got {type(source).__name__})")
         d = copy.deepcopy(dict(source))
-        names = {f.name for f in dataclasses.fields(cls)} - {"init_std", "rope_key", "hf_extra", "hf_absent"}
+        names = _HF_FIELDS
         kw: dict[str, Any] = {}
         beside = _read_rope_parameters(d, kw) if "rope_parameters" in d else {}
         for k in list(d):
@@ -265,15 +267,6 @@ class ModelConfig:
         for k in ("n_group", "topk_group"):  # V2 configs write null for "no grouping"
             if k in kw and kw[k] is None:
                 kw[k] = 1
-        if "qk_head_dim" in d and "qk_nope_head_dim" in kw and "qk_rope_head_dim" in kw and \
-                d["qk_head_dim"] != kw["qk_nope_head_dim"] + kw["qk_rope_head_dim"]:
-            raise ConfigError(f"invalid model config: qk_head_dim={d['qk_head_dim']}: kv dims inconsistent, "
-                              f"expected qk_nope_head_dim + qk_rope_head_dim = "
-                              f"{kw['qk_nope_head_dim'] + kw['qk_rope_head_dim']}")
-        if "head_dim" in d and "qk_rope_head_dim" in kw and d["head_dim"] != kw["qk_rope_head_dim"]:
-            raise ConfigError(f"invalid model config: head_dim={d['head_dim']}: kv dims inconsistent, transformers "
-                              f"sets head_dim = qk_rope_head_dim ({kw['qk_rope_head_dim']})")
-        _check_hf_only_keys(d, kw)
         present = set(source) | ({"rope_scaling", "rope_theta"} if "rope_parameters" in source else set())
         absent = tuple(sorted(n for n in names if n not in present))
         if kw.get("model_type") == "deepseek_v2":
@@ -332,6 +325,11 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+# our fields that are config.json keys (from_hf reads them; the rest are dsv3's own)
+_HF_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig)) - {"init_std", "rope_key", "hf_extra",
+                                                                          "hf_absent"}
+
+
 def _read_rope_parameters(d: dict, kw: dict) -> dict:
     """transformers 5's `rope_parameters` (rope_theta inside) into kw. Returns what some transformers 5 versions write
     beside it (a top-level rope_theta, a rope_scaling), to keep verbatim; they must say the same (transformers 5
@@ -373,7 +371,34 @@ def _rope_agrees(rope_scaling: dict | None, ours: dict | None) -> bool:
         all(ours[k] == v for k, v in rope_scaling.items() if k in ours)
 
 
-def _check_hf_only_keys(extra: dict, kw: dict) -> None:
+# the names a config.json writes for the weights' dtype (torch's floating dtypes; to_hf writes them back as read)
+TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn", "float8_e5m2")
+# hf_extra keys from_hf may keep beside our own fields: a RoPE copy in transformers 5's layout (_read_rope_parameters)
+_EXTRA_COPIES = ("rope_scaling", "rope_theta")
+
+
+def _check_hf_extra(cfg: ModelConfig) -> None:
+    """hf_extra (a file's keys dsv3 does not use, written back verbatim by to_hf, so checked whatever built the
+    config: a HF file or a TOML [model] table): an object of string keys, none that is a field of ours (to_hf would
+    write it over the field: a config.json contradicting the weights), the derived keys consistent, and the HF-only
+    keys that would change the math."""
+    extra = cfg.hf_extra
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise ConfigError(f"invalid model config: hf_extra={extra!r}: must be an object of config.json keys")
+    ours = sorted(k for k in extra if k in _HF_FIELDS and k not in _EXTRA_COPIES)
+    if ours:
+        raise ConfigError(f"invalid model config: hf_extra holds {ours}, fields of the model config: set them "
+                          f"directly (model.{ours[0]}), not in hf_extra")
+    if "qk_head_dim" in extra and extra["qk_head_dim"] != cfg.qk_head_dim:
+        raise ConfigError(f"invalid model config: qk_head_dim={extra['qk_head_dim']}: kv dims inconsistent, "
+                          f"expected qk_nope_head_dim + qk_rope_head_dim = {cfg.qk_head_dim}")
+    if "head_dim" in extra and extra["head_dim"] != cfg.qk_rope_head_dim:
+        raise ConfigError(f"invalid model config: head_dim={extra['head_dim']}: kv dims inconsistent, transformers "
+                          f"sets head_dim = qk_rope_head_dim ({cfg.qk_rope_head_dim})")
+    _check_hf_only_keys(extra, cfg.torch_dtype)
+
+
+def _check_hf_only_keys(extra: dict, torch_dtype: str | None) -> None:
     """Keys that only HF files carry (kept verbatim in hf_extra) and that would change the math if dsv3 ignored them."""
     if extra.get("rope_interleave", True) is not True:
         raise ConfigError(f"invalid model config: rope_interleave={extra['rope_interleave']!r}: only interleaved RoPE "
@@ -381,10 +406,13 @@ def _check_hf_only_keys(extra: dict, kw: dict) -> None:
     if extra.get("attention_dropout", 0) != 0:     # every release has 0.0; dsv3's attention has no dropout
         raise ConfigError(f"invalid model config: attention_dropout={extra['attention_dropout']!r}: only 0 is "
                           f"supported (no dropout on the attention probabilities)")
-    if "dtype" in extra and kw.get("torch_dtype") is not None and extra["dtype"] != kw["torch_dtype"]:
+    if "dtype" in extra and extra["dtype"] not in TORCH_DTYPES:
+        raise ConfigError(f"invalid model config: dtype={extra['dtype']!r}: must be one of "
+                          f"{', '.join(map(repr, TORCH_DTYPES))}")
+    if "dtype" in extra and torch_dtype is not None and extra["dtype"] != torch_dtype:
         # transformers 5 reads `dtype` first, transformers 4 `torch_dtype`: the file has two answers
         raise ConfigError(f"invalid model config: dtype={extra['dtype']!r} contradicts torch_dtype="
-                          f"{kw['torch_dtype']!r}; keep one of them")
+                          f"{torch_dtype!r}; keep one of them")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

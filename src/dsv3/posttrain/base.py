@@ -68,6 +68,7 @@ class Base:
     state: dict | None
     tokenizer: object
     template: str | None
+    checkpoint: Path | None = None      # a training run's: the checkpoint the weights are (not "the latest")
 
     @property
     def weights(self) -> dict | Path:
@@ -75,7 +76,8 @@ class Base:
         return self.path if self.state is None else self.state
 
 
-def load_base(path: str | Path, ema: bool = False) -> Base:
+def load_base(path: str | Path, ema: bool = False, step: int | None = None) -> Base:
+    """step: a training run's checkpoint of that step (default: its latest)."""
     path = Path(path)
     if path.is_dir() and not is_run_dir(path):       # a Hugging Face directory: its config and tokenizer only
         from ..checkpoint.hf import CheckpointReader
@@ -88,6 +90,11 @@ def load_base(path: str | Path, ema: bool = False) -> Base:
         config = CheckpointReader(path).model_config()      # load_pretrained's: less an MTP module it lacks
         check_hf_names(path, config)                        # refused before the run writes a file, as before
         return Base(path, config, None, tokenizer, chat_template_of(path))
-    model, tokenizer = load_model_and_tokenizer(path, ema=ema)
+    from ..data import Tokenizer
+    from ..train import load_run_model
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory (a training run or a Hugging Face model directory)")
+    tokenizer = Tokenizer.load(tokenizer_dir(path))
+    model, ckpt = load_run_model(path, step=step, ema=ema)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Base(path, model.config, state, tokenizer, chat_template_of(tokenizer_dir(path)))
+    return Base(path, model.config, state, tokenizer, chat_template_of(tokenizer_dir(path)), ckpt)

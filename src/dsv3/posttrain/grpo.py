@@ -73,6 +73,9 @@ class GRPOTrainer(Trainer):
             block_size=block, num_blocks=rows * -(-longest // block) + 1, max_num_seqs=rows,
             max_num_batched_tokens=max(2048, rows), cuda_graphs=False))
         self.reference = None
+        if section.beta > 0 and resume:
+            base = self._pinned_base(base)
+        self.base_checkpoint = base.checkpoint
         if section.beta > 0:       # the frozen starting policy; beta = 0 loads none
             # built as the policy is (build_model): its parameter dtype (bf16 with train.dtype=bf16-params, so the
             # KL starts at 0 and the copy takes half the memory), on the device; a Hugging Face base is read from
@@ -91,9 +94,29 @@ class GRPOTrainer(Trainer):
         self.acc_rollout: dict[str, float] = defaultdict(float)    # of the batch each update used (Rollouts.stats)
         self.acc_update: dict[str, float] = defaultdict(float)     # per update (policy_loss stats)
 
+    def _pinned_base(self, base):
+        """A resume's KL reference: the checkpoint of grpo.init the run started from (its checkpoints name it), not
+        that run's latest, which may have moved on since (the base trained further): the KL term would then pull
+        towards another policy than the uninterrupted run's."""
+        try:
+            pinned = json.loads((self.resumed_from / "state.json").read_text()).get("reference")
+        except (OSError, ValueError, AttributeError):
+            pinned = None
+        if not pinned or base.checkpoint is None or pinned["checkpoint"] == base.checkpoint.name:
+            return base
+        try:
+            return load_base(self.section.init, self.section.ema, step=int(pinned["checkpoint"][len("step_"):]))
+        except FileNotFoundError:
+            raise ConfigError(f"invalid grpo config: grpo.init={self.section.init!r}: its checkpoint "
+                              f"{pinned['checkpoint']}, the run's KL reference (the starting policy), is gone; "
+                              f"restore it or start a new run") from None
+
     def _snapshot(self) -> dict:
-        """The Trainer's checkpoint state, plus the batch of rollouts while updates remain on it (module docstring)."""
+        """The Trainer's checkpoint state, plus the batch of rollouts while updates remain on it (module docstring),
+        and which checkpoint of a run directory's grpo.init the KL reference is (_pinned_base)."""
         snap = super()._snapshot()
+        if self.reference is not None and self.base_checkpoint is not None:
+            snap["state"]["reference"] = {"init": self.section.init, "checkpoint": self.base_checkpoint.name}
         if self.rollouts is not None and self.uses < self.section.updates_per_batch:
             snap["state"]["loader"] = {**snap["state"]["loader"], "batch": batch_state(self.rollouts, self.uses)}
         return snap
@@ -189,6 +212,8 @@ def grpo_trainer(config, overrides: list[str], resume: bool = False, overwrite: 
     check_paths("grpo", section)
     if "model" in d:
         raise ConfigError("invalid grpo config: [model] comes from grpo.init; remove it")
+    if resume:
+        _check_reference_keys(Path(d.get("run_dir", "runs/run")), section)
     base = load_base(section.init, section.ema)
     rows = section.prompts_per_step * section.group_size
     given = d.get("train", {}).get("batch_size")
@@ -203,3 +228,19 @@ def grpo_trainer(config, overrides: list[str], resume: bool = False, overwrite: 
     if trainer.layout.is_main:
         write_whole(trainer.run_dir / SAVED, json.dumps(d, indent=1))
     return trainer
+
+
+def _check_reference_keys(run_dir: Path, section) -> None:
+    """--resume: refuse (one line, before a model loads) a change of grpo.init or grpo.ema, the KL reference (and the
+    tokenizer) the run started from. A posttrain.json that cannot be read (an older or hand-edited run) is not
+    compared."""
+    try:
+        was = section_from_table("grpo", json.loads((run_dir / SAVED).read_text())["grpo"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    same_init = Path(was.init).resolve() == Path(section.init).resolve()
+    changed = [f"grpo.{k}={getattr(was, k)!r} -> {getattr(section, k)!r}" for k, same in
+               (("init", same_init), ("ema", was.ema == section.ema)) if not same]
+    if changed:
+        raise ConfigError(f"--resume cannot change {', '.join(changed)}: the run's KL reference is the policy it "
+                          f"started from; start a new run to start from another")

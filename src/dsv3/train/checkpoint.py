@@ -194,14 +194,32 @@ def prune_checkpoints(run_dir: str | Path, newest: Path, keep: int) -> list[Path
     """checkpoint.keep > 0: delete the checkpoints older than the `keep` most recent up to `newest`, the one just
     written. Any newer than it (a damaged one a resume went back past) is neither counted nor deleted: counting it
     would delete the checkpoint just written and leave only the damaged one. A step directory holding only files
-    the user put there (an earlier prune kept them) is not a checkpoint and not counted. Returns those deleted."""
+    the user put there (an earlier prune kept them) is not a checkpoint and not counted. While every kept one is
+    suspect (saved during a loss spike: a signal's or the final save), the newest healthy one stays besides them:
+    a spike's state must never be all that is left to resume from. Returns those deleted."""
     if keep <= 0:
         return []
     ours = [d for d in checkpoint_dirs(run_dir) if d.name <= newest.name and _holds_a_save(d)]
     gone = ours[:-keep]
+    if all(is_suspect(d) for d in ours[-keep:]):
+        gone = [d for d in gone if d != last_healthy(gone)]
     for old in gone:
         delete_checkpoint(old)
     return gone
+
+
+def is_suspect(path: Path) -> bool:
+    """Whether a checkpoint was saved during a loss spike (state.json "suspect", written by the trainer's signal or
+    final save then); an unreadable state.json counts as healthy here (verify_checkpoint names it)."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("suspect") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def last_healthy(dirs: list[Path]) -> Path | None:
+    """The newest of `dirs` (oldest first) not saved during a loss spike."""
+    return next((d for d in reversed(dirs) if not is_suspect(d)), None)
 
 
 def _holds_a_save(path: Path) -> bool:

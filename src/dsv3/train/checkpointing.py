@@ -28,9 +28,11 @@ from ..parallel.dcp import init_state as init_optimizer_state, owned_state
 from .checkpoint import (
     CheckpointWriteError,
     PendingSave,
+    checkpoint_dirs,
     checkpoint_group,
     checkpoint_path,
     is_sharded,
+    last_healthy,
     load_checkpoint,
     load_sharded,
     load_whole_into,
@@ -61,6 +63,7 @@ class Checkpointing:
     def _resume_from(self, ckpt: Path) -> None:
         """Weights, optimizer state, EMA, data position and counters from `ckpt` (verified by rank 0 in
         choose_checkpoint)."""
+        self.resumed_from = ckpt        # a subclass reads what it saved in state.json there (GRPO: its reference)
         ema_read = []                   # whether the sharded readers found an EMA to load in place
 
         def entries(with_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -96,13 +99,17 @@ class Checkpointing:
             "tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
             "loader": self.loader.state_dict()}}
 
-    def save(self, snapshot: dict | None = None, wait: bool = False) -> Path:
+    def save(self, snapshot: dict | None = None, wait: bool = False, suspect: bool = False) -> Path:
         """Write the checkpoint of the step that `snapshot` was taken at (default: now), before the weights have
         changed since: under torchrun the sharded format, every rank writing the rows it holds (every rank must
         call this); in one process the single-file format. With checkpoint.async_save a sharded save is committed
         later (finish_checkpoint) unless `wait`: the path returned is a checkpoint only then. A write that fails (a
-        full disk, an I/O error, lost permissions) raises CheckpointWriteError, one line; the save left nothing."""
+        full disk, an I/O error, lost permissions) raises CheckpointWriteError, one line; the save left nothing.
+        suspect: the state of a loss spike (a signal's or the final save while the run spikes), marked so in
+        state.json: keep pruning then leaves the last healthy checkpoint besides it (prune_checkpoints)."""
         snap = snapshot or self._snapshot()
+        if suspect:
+            snap["state"]["suspect"] = True
         with self._naming_write_errors(checkpoint_path(self.run_dir, snap["step"])):
             return self._save(snap, wait)
 
@@ -137,6 +144,13 @@ class Checkpointing:
                                self.cfg.checkpoint.keep, rng=snap["rng"])
         self.logger.log_event(snap["step"], f"checkpoint {path.name}")
         return path
+
+    def suspect_note(self, path: Path) -> str:
+        """For a save made during a loss spike: which healthy checkpoint stands besides it."""
+        healthy = last_healthy([d for d in checkpoint_dirs(self.run_dir) if d.name < path.name])
+        return (f"{path.name} was saved during a loss spike; the last healthy checkpoint "
+                f"{healthy.name if healthy else '(none)'} is kept besides it (checkpoint.keep="
+                f"{self.cfg.checkpoint.keep})")
 
     def finish_checkpoint(self) -> None:
         """Commit the sharded save in flight, if any, once every rank's writes finished (a collective)."""

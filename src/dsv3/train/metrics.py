@@ -1,7 +1,9 @@
 """Training observability: a JSONL metrics log (the source of truth), TensorBoard scalars and a tqdm progress bar.
 
 metrics.jsonl holds one JSON object per line, each with "kind" ("train", "val" or "event"), "step" (the 1-based
-optimizer step just completed) and "time" (unix seconds); readers must tolerate extra keys. Lines are flushed as
+optimizer step just completed) and "time" (unix seconds); readers must tolerate extra keys. A resume cuts the train
+and val records past its checkpoint (the resumed run logs those steps again) but keeps the events, marked
+`"rewound": true` (the stop, spike and NaN records that explain why the earlier run ended). Lines are flushed as
 they are written, so a killed run loses at most the line being written, and readers skip such a partial line.
 Non-finite floats are written as NaN/Infinity (Python's json reads them back; strict JSON tools do not).
 
@@ -168,7 +170,8 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> int:
         """Atomically rewrite metrics.jsonl keeping records with step <= `step` (and dropping unreadable lines);
-        returns how many were kept."""
+        returns how many were kept. Events past `step` stay, marked `"rewound": true`: they are no replayed data
+        but the past (why the earlier run stopped: a signal, a NaN, a spike), which a resume must not erase."""
         if self._f is not None:
             self._f.close()
             self._f = None
@@ -181,9 +184,13 @@ class MetricsLogger:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(rec, dict) and rec.get("step", 0) <= step:
-                    dst.write(json.dumps(rec) + "\n")
-                    kept += 1
+                if not isinstance(rec, dict):
+                    continue
+                past = rec.get("step", 0) > step
+                if past and rec.get("kind") != "event":
+                    continue
+                dst.write(json.dumps({**rec, "rewound": True} if past else rec) + "\n")
+                kept += 1
         return kept
 
     # ---- public logging API ----

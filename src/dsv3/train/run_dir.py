@@ -78,6 +78,14 @@ def check_resume_config(run_dir: Path, cfg) -> None:
         raise ConfigError(f"--resume cannot change {', '.join(changed)}: the checkpoint's optimizer state is stored "
                           f"in the run's layout; start a new run instead (train.init_from={str(run_dir)!r} starts "
                           f"from its weights)")
+    # train.dtype=bf16-params holds the weights themselves in bf16: an fp32-weight run resumed so would round its
+    # master weights (and torch AdamW's moments, cast to the parameters' dtype on load) to bf16, silently. The other
+    # way (bf16 -> fp32) loses nothing; between auto, fp32 and bf16 only the autocast changes
+    was, now = saved.get("train", {}).get("dtype"), new["train"]["dtype"]
+    if was is not None and was != "bf16-params" and now == "bf16-params":
+        raise ConfigError(f"--resume cannot change train.dtype={was!r} -> {now!r}: the checkpoint's fp32 master "
+                          f"weights and AdamW moments would be rounded to bf16; resume with train.dtype={was!r}, or "
+                          f"start a new run from its weights in bf16 (train.init_from={str(run_dir)!r})")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -11,11 +11,13 @@ NaN is never the last checkpoint (even one that a single update caused), and the
 checkpoint with the command that resumes from it.
 
 SIGINT / SIGTERM (dsv3.train.signals) stop the loop after the step in progress, all ranks after the same step: it
-saves a checkpoint and raises TrainingInterrupted, whose message is the command that resumes.
+saves a checkpoint and raises TrainingInterrupted, whose message is the command that resumes. That save and the
+final one are of the state as it is; during a spike they are marked suspect, and keep pruning leaves the last healthy
+checkpoint besides them (dsv3.train.checkpoint.prune_checkpoints).
 
 Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, the EMA, the data position and the RNG
-states, and the logged metrics are cut back to the checkpoint's step. It starts from the newest checkpoint whose
-files match their checksums (dsv3.train.checkpoint), verified once by rank 0. How the Trainer writes and reads its
+states, and the logged train and val metrics are cut back to the checkpoint's step (the events stay). It starts from
+the newest checkpoint whose files match their checksums (dsv3.train.checkpoint), verified once by rank 0. How the Trainer writes and reads its
 checkpoints is dsv3.train.checkpointing's (its base class); its data and the run directory's first files are
 dsv3.train.run_data's.
 
@@ -486,7 +488,7 @@ class Trainer(Checkpointing):
                 # The final one and a signal's are written at once
                 saved, on_time = None, bool(cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0)
                 if done:
-                    saved, self.pending = self.save(wait=True), None
+                    saved, self.pending = self._save_now(), None
                     t0 = time.perf_counter()
                 elif on_time or self.pending is not None:
                     if self.pending is not None:
@@ -507,11 +509,21 @@ class Trainer(Checkpointing):
         signum = self.layout.agree(stop.received)
         if not signum:
             return
-        path, self.pending = saved or self.save(wait=True), None
+        path, self.pending = saved or self._save_now(), None
         name = signal.Signals(signum).name
         self.logger.log_event(self.step, f"stopped by {name}")
-        raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}. Resume with: "
-                                          f"{resume_command(self.run_dir, self.layout.world, command=self.command)}")
+        spike = f" ({self.suspect_note(path)})" if self.spiking else ""
+        resume = resume_command(self.run_dir, self.layout.world, command=self.command)
+        raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}{spike}. Resume "
+                                          f"with: {resume}")
+
+    def _save_now(self) -> Path:
+        """The final or a signal's save: of the state as it is, marked suspect while the run spikes (no later step
+        vets it), so that keep pruning leaves the last healthy checkpoint beside it."""
+        path = self.save(wait=True, suspect=self.spiking)
+        if self.spiking:
+            self.logger.log_event(self.step, self.suspect_note(path))
+        return path
 
     def abort_note(self) -> str:
         """After a second signal's abort (no save): the checkpoint that stands, and how to resume from it."""
