@@ -99,6 +99,17 @@ class BlockManager:
             seq.block_table.append(self._take())
         return True
 
+    def trim(self, seq: Sequence, n_tokens: int) -> None:
+        """Return seq's blocks past those holding its first n_tokens positions (taken ahead for speculative
+        positions that were not accepted). Such a block holds no computed full block, so no prefix registered: it
+        goes to the front of the free list, to be reused before blocks whose cached prefixes may still be hit."""
+        keep = self.blocks_needed(n_tokens)
+        while len(seq.block_table) > keep:
+            bid = seq.block_table.pop()
+            self.ref_count[bid] -= 1
+            assert self.ref_count[bid] == 0 and self.hash_of[bid] is None, "trimmed a shared or registered block"
+            self.free.appendleft(bid)
+
     def mark_computed(self, seq: Sequence) -> None:
         """Register every full block whose tokens are now all in the cache (after a step wrote them)."""
         if not self.prefix_caching:
