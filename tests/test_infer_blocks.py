@@ -128,3 +128,19 @@ def test_speculative_steps_leave_room_for_an_arrival(easy, fused):
     assert engine.spec_stats["steps"] > 0
     if fused:
         assert outputs[0] == outputs[3] == reference_greedy(easy, first, 12)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3])
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_decode_steps_count_only_steps_of_generated_tokens(model, budget, overlap):
+    """One request, a prompt of 7 chunked by the token budget: ceil(7 / budget) prefill steps, then one decode step
+    per generated token after the first. A one-token chunk of the prompt (budget 1, or 7's leftover of budget 2 and
+    3) has num_cached_tokens > 0 and was counted as a decode step."""
+    prompt = random_prompts([7], seed=2)[0]
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=32, max_num_batched_tokens=budget,
+                                               overlap_schedule=overlap))
+    (out,) = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    assert out.token_ids == reference_greedy(model, prompt, 5)
+    st = engine.step_stats
+    assert (st["prefill_steps"], st["decode_steps"]) == (-(-7 // budget), 4)
+    assert st["steps"] == st["prefill_steps"] + st["decode_steps"]
