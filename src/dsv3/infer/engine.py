@@ -74,13 +74,15 @@ def is_decode_row(seq: Sequence, n: int) -> bool:
 
 @dataclass
 class RequestOutput:
-    """One request's progress after a step. The finished output is complete; an unfinished one carries only the
-    step's delta (`new_token_ids`, `new_logprobs`, and `prompt_logprobs` in the first): copying the whole output
-    every step would be quadratic in its length."""
+    """One request's progress after a step. The finished output is complete (`token_ids`, `text`, `logprobs`: the
+    whole output, not the last step's part); an unfinished one carries only the step's delta (`new_token_ids`,
+    `new_logprobs`, and `prompt_logprobs` in the first) and leaves the whole-output fields empty, `text` included:
+    copying the whole output every step would be quadratic in its length. A stream's text is its caller's to decode
+    from the deltas (dsv3.serve.responses.TextStream); the finished `text` is final, a stop string cut off."""
     request_id: int
     prompt_token_ids: list[int]
     token_ids: list[int]
-    text: str = ""                    # decoded output: once finished, or every step when stop strings are given
+    text: str = ""                    # the whole output's text, in the finished output only ("" before)
     finished: bool = False
     finish_reason: str | None = None
     new_token_ids: list[int] = field(default_factory=list)
