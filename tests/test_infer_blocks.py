@@ -144,3 +144,26 @@ def test_decode_steps_count_only_steps_of_generated_tokens(model, budget, overla
     st = engine.step_stats
     assert (st["prefill_steps"], st["decode_steps"]) == (-(-7 // budget), 4)
     assert st["steps"] == st["prefill_steps"] + st["decode_steps"]
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_prompt_sharing_a_running_prefix_is_admitted_on_the_blocks_it_adds(model, overlap):
+    """A cache of 10 blocks of 4, a running request whose 24-token prompt fills 6 of them (7 with its next tokens),
+    and an arrival with the same 24 tokens and one more: it shares the 6 computed blocks and takes 1 from the free
+    list. Admission asked for all 7 free, so it waited for the first to finish; now it runs at once, with the
+    reference's tokens, and the books hold (`check_blocks`)."""
+    stem = random_prompts([24], seed=2)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    engine = Engine(model, config=EngineConfig(block_size=4, num_blocks=10, overlap_schedule=overlap))
+    a = engine.add_request(stem + [5], params)
+    engine.step(), engine.step()
+    b = engine.add_request(stem + [7], params)
+    engine.step()
+    check_blocks(engine)
+    assert engine.seqs[b].status.value == "running" and engine.blocks.prefix_hits == 6
+    final = {}
+    while engine.has_unfinished():
+        final.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        check_blocks(engine)
+    assert final[a] == reference_greedy(model, stem + [5], 8) and final[b] == reference_greedy(model, stem + [7], 8)
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
