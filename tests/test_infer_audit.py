@@ -535,6 +535,33 @@ def test_an_aborted_output_carries_the_text_of_its_tokens(tok_model, overlap):
     assert final.text == tok.decode(final.token_ids, skip_special_tokens=True) != ""
 
 
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_request_output_text_is_the_whole_text_in_the_final_output_only(tok_model, overlap):
+    """What RequestOutput holds, as the server reads it (dsv3.serve.responses: deltas from `new_token_ids`, the
+    final `text` whole): an unfinished output has `text` "" and no `token_ids`, stop strings given or not (its
+    comment said the text came every step with stop strings); the finished one has the whole output's text (not
+    the last step's part), cut where a stop string starts."""
+    tok, m = tok_model
+    engine = Engine(m, tok, EngineConfig(block_size=4, num_blocks=64, overlap_schedule=overlap))
+    greedy = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
+    full = engine.generate(["def f(x):"], SamplingParams(**greedy))[0]
+    for stop in ([], ["never-there"], [full.text[4:7]]):
+        rid = engine.add_request("def f(x):", SamplingParams(**greedy, stop=stop))
+        streamed, final = [], None
+        while engine.has_unfinished():
+            for o in engine.step():
+                assert o.request_id == rid
+                streamed += o.new_token_ids
+                if o.finished:
+                    final = o
+                else:
+                    assert (o.text, o.token_ids) == ("", [])
+        assert streamed == final.token_ids
+        cut = full.text.find(stop[0]) if stop and stop[0] in full.text else len(full.text)
+        assert final.text == tok.decode(final.token_ids, skip_special_tokens=True)[:cut] == full.text[:cut]
+        assert final.finish_reason == ("stop" if cut < len(full.text) else "length")
+
+
 def test_stop_strings_cost_the_tail_not_the_output(tok_model, monkeypatch):
     """A long generation with a stop string: each token's check reads the output's tail (the longest stop string plus
     the token), not the whole output. The engine copied the whole output (Sequence.output_ids) for the check and for

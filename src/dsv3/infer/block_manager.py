@@ -65,30 +65,35 @@ class BlockManager:
             bid = None
         return bid, h
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        return self.blocks_needed(len(seq)) <= self.num_free_blocks
+    def _prefix_hits(self, seq: Sequence) -> list[tuple[int, int]]:
+        """(block, chained hash) of each registered block holding seq's leading full blocks, up to the first miss;
+        only full blocks strictly before the block of the last token count (it must be computed: its logits)."""
+        hits, prefix = [], -1
+        for i in range((len(seq) - 1) // self.block_size):
+            bid, prefix = self._cached_block(seq, i, prefix)
+            if bid is None:
+                break
+            hits.append((bid, prefix))
+        return hits
+
+    def can_allocate(self, seq: Sequence, share: bool) -> bool:
+        """Whether `allocate(seq, share)` finds the blocks it takes from the free list: all of seq's but the prefix
+        blocks it shares with running sequences (a hit on a freed block takes that block from the free list)."""
+        need = self.blocks_needed(len(seq))
+        if need <= self.num_free_blocks or not share or not self.prefix_caching:
+            return need <= self.num_free_blocks
+        return need - sum(1 for bid, _ in self._prefix_hits(seq) if self.ref_count[bid]) <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, share: bool = True) -> None:
         """Give a waiting sequence blocks for all its tokens, sharing computed prefix blocks where they exist
         (`share=False`: compute every token, e.g. when the prompt's own log-probabilities are wanted)."""
         assert not seq.block_table, "allocate() on a sequence that holds blocks"
-        n_blocks = self.blocks_needed(len(seq))
-        # only full blocks strictly before the block of the last token may be shared
-        shareable = (len(seq) - 1) // self.block_size
-        prefix, hit = -1, True
-        seq.block_hashes, seq.num_cached_tokens = [], 0
-        for i in range(n_blocks):
-            bid = None
-            if share and hit and i < shareable:
-                bid, h = self._cached_block(seq, i, prefix)
-                if bid is not None:
-                    seq.block_hashes.append(h)
-                    seq.num_cached_tokens += self.block_size
-                    self.prefix_hits += 1
-                    prefix = h
-            if bid is None:
-                hit = False
-            seq.block_table.append(self._take(bid))
+        hits = self._prefix_hits(seq) if share and self.prefix_caching else []
+        seq.block_hashes = [h for _, h in hits]
+        seq.num_cached_tokens = len(hits) * self.block_size
+        self.prefix_hits += len(hits)
+        seq.block_table = [self._take(bid) for bid, _ in hits]
+        seq.block_table += [self._take() for _ in range(self.blocks_needed(len(seq)) - len(hits))]
 
     def ensure_capacity(self, seq: Sequence, n_tokens: int) -> bool:
         """Blocks for the first n_tokens positions of seq; False (and nothing taken) if there are not enough."""
@@ -98,6 +103,17 @@ class BlockManager:
         for _ in range(max(0, need)):
             seq.block_table.append(self._take())
         return True
+
+    def trim(self, seq: Sequence, n_tokens: int) -> None:
+        """Return seq's blocks past those holding its first n_tokens positions (taken ahead for speculative
+        positions that were not accepted). Such a block holds no computed full block, so no prefix registered: it
+        goes to the front of the free list, to be reused before blocks whose cached prefixes may still be hit."""
+        keep = self.blocks_needed(n_tokens)
+        while len(seq.block_table) > keep:
+            bid = seq.block_table.pop()
+            self.ref_count[bid] -= 1
+            assert self.ref_count[bid] == 0 and self.hash_of[bid] is None, "trimmed a shared or registered block"
+            self.free.appendleft(bid)
 
     def mark_computed(self, seq: Sequence) -> None:
         """Register every full block whose tokens are now all in the cache (after a step wrote them)."""

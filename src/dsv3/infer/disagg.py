@@ -167,7 +167,7 @@ class DecodeEngine(Engine):
             if seq.finished:                       # aborted while waiting
                 self._imports.pop(0)
                 continue
-            if not self.blocks.can_allocate(seq):
+            if not self.blocks.can_allocate(seq, share=False):
                 return
             self._imports.pop(0)
             self.blocks.allocate(seq, share=False)

@@ -65,15 +65,24 @@ def check_cache_fits(config: EngineConfig, nbytes: int, device: torch.device) ->
                          f"device has {free / 2**30:.3g} GiB")
 
 
+def is_decode_row(seq: Sequence, n: int) -> bool:
+    """Whether a step's n tokens of seq are a decode row: its last token, a generated one. A one-token chunk of a
+    prompt (a small token budget's, or its leftover at the end of a step) has num_cached_tokens > 0 too, but is
+    prefill; so is a recomputation (after preemption) that has not reached the last token."""
+    return n == 1 and seq.num_uncomputed == 1 and seq.num_cached_tokens >= seq.num_prompt_tokens
+
+
 @dataclass
 class RequestOutput:
-    """One request's progress after a step. The finished output is complete; an unfinished one carries only the
-    step's delta (`new_token_ids`, `new_logprobs`, and `prompt_logprobs` in the first): copying the whole output
-    every step would be quadratic in its length."""
+    """One request's progress after a step. The finished output is complete (`token_ids`, `text`, `logprobs`: the
+    whole output, not the last step's part); an unfinished one carries only the step's delta (`new_token_ids`,
+    `new_logprobs`, and `prompt_logprobs` in the first) and leaves the whole-output fields empty, `text` included:
+    copying the whole output every step would be quadratic in its length. A stream's text is its caller's to decode
+    from the deltas (dsv3.serve.responses.TextStream); the finished `text` is final, a stop string cut off."""
     request_id: int
     prompt_token_ids: list[int]
     token_ids: list[int]
-    text: str = ""                    # decoded output: once finished, or every step when stop strings are given
+    text: str = ""                    # the whole output's text, in the finished output only ("" before)
     finished: bool = False
     finish_reason: str | None = None
     new_token_ids: list[int] = field(default_factory=list)
@@ -101,9 +110,10 @@ class Engine:
             raise ValueError("num_speculative_tokens > 0 needs a model with an MTP module (num_nextn_predict_layers)")
         n_layers = cfg.num_hidden_layers + self.speculative     # the MTP block keeps its own latents
         self.spec_stats = {"steps": 0, "proposed": 0, "accepted": 0}
-        # steps that ran something: pure decode ones (graph buckets), ones with prefill rows (eager), and the
-        # sequences they carried (a server's batches vs the offline engine's: dsv3.serve.bench); chained ones were
-        # launched before the previous step's tokens were read (dsv3.infer.overlap)
+        # steps that ran something: pure decode ones (every row a generated token, the sequence's last: graph
+        # buckets), ones with prefill rows (eager, but for a budget's one-token chunks), and the sequences they
+        # carried (a server's batches vs the offline engine's: dsv3.serve.bench); chained ones were launched before
+        # the previous step's tokens were read (dsv3.infer.overlap)
         self.step_stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "seqs": 0, "chained_steps": 0}
         block_bytes = bytes_per_block(cfg, n_layers, config.block_size, dtype)
         num_blocks = config.num_blocks or max(1, int(config.cache_memory_gib * 2**30) // block_bytes)
@@ -283,7 +293,7 @@ class Engine:
             self._idle_step()
             return
         st = self.step_stats
-        decode = all(n == 1 and s.num_cached_tokens > 0 for s, n in zip(seqs, counts))
+        decode = all(is_decode_row(s, n) for s, n in zip(seqs, counts))
         st["steps"] += 1
         st["decode_steps" if decode else "prefill_steps"] += 1
         st["seqs"] += len(seqs)

@@ -87,14 +87,14 @@ class Scheduler:
         due = bool(self.waiting) and self._admission_due()
         while due and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            # no sharing when the prompt's own log-probabilities are wanted (every position must run), or with
+            # speculation (a shared block's MTP-layer latents may be drafts' provisional ones)
+            share = seq.params.prompt_logprobs is None and self.config.num_speculative_tokens == 0
+            if not self.blocks.can_allocate(seq, share):
                 break
             self.waiting.popleft()
             self.arrived.pop(seq.seq_id, None)
-            # no sharing when the prompt's own log-probabilities are wanted (every position must run), or with
-            # speculation (a shared block's MTP-layer latents may be drafts' provisional ones)
-            self.blocks.allocate(seq, share=seq.params.prompt_logprobs is None
-                                 and self.config.num_speculative_tokens == 0)
+            self.blocks.allocate(seq, share)
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed, budget)

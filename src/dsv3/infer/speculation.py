@@ -63,7 +63,16 @@ class Speculation:
         if any(n != 1 or s.num_uncomputed != 1 or s.num_cached_tokens == 0 or s.params.logprobs is not None
                or s.params.modifies_logits for s, n in zip(seqs, counts)):
             return False
-        return all(self.blocks.ensure_capacity(s, s.num_cached_tokens + max(self.k + 1, 2 * self.k)) for s in seqs)
+        return self.reserve(seqs, max(self.k + 1, 2 * self.k))
+
+    def reserve(self, seqs: list[Sequence], ahead: int) -> bool:
+        """Blocks for positions up to num_cached_tokens + ahead of every sequence, or, where there are not enough
+        for all of them, none taken: blocks taken for some before the batch is refused would sit unused."""
+        b = self.blocks
+        need = sum(max(0, b.blocks_needed(s.num_cached_tokens + ahead) - len(s.block_table)) for s in seqs)
+        if need > b.num_free_blocks:
+            return False
+        return all(b.ensure_capacity(s, s.num_cached_tokens + ahead) for s in seqs)
 
     def step(self, seqs: list[Sequence], prev: SpecInFlight | None = None) -> tuple[list, SpecInFlight | None]:
         """Greedy batches: the fused step (dsv3.infer.spec_step), after drafting for the sequences whose drafts are
@@ -167,10 +176,7 @@ class Speculation:
         if any(s.finished or s.num_output_tokens + 1 >= s.params.max_tokens
                or s.num_cached_tokens + ahead > e.max_model_len for s in seqs):
             return False
-        need = sum(max(0, self.blocks.blocks_needed(s.num_cached_tokens + ahead) - len(s.block_table)) for s in seqs)
-        if need > self.blocks.num_free_blocks:
-            return False
-        return all(self.blocks.ensure_capacity(s, s.num_cached_tokens + ahead) for s in seqs)
+        return self.reserve(seqs, ahead)
 
     def fused_step(self, seqs: list[Sequence], prev: SpecInFlight | None = None) -> tuple[list, SpecInFlight]:
         """One fused step (dsv3.infer.spec_step) for greedy sequences: its inputs [t_L, drafts] are the last fused
@@ -202,27 +208,32 @@ class Speculation:
         out, last_hidden = self.runner.spec_step(batch)
         self.stats["steps"] += 1
         flight = SpecInFlight(list(seqs), out, last_hidden, InFlight.start(seqs, out[:, :k + 2]))
-        return (self.apply(prev) if prev is not None else []), flight
+        return (self.apply(prev, chained=True) if prev is not None else []), flight
 
-    def apply(self, flight: SpecInFlight) -> list:
+    def apply(self, flight: SpecInFlight, chained: bool = False) -> list:
         """A fused step's output read on the host (the step's one device -> host sync): each sequence's tokens
         through the stop checks. A sequence that the step before it ended ran in it too (chained): its row is
-        discarded, never emitted (its latents went to its own freed blocks, at positions past its end)."""
+        discarded, never emitted (its latents went to its own freed blocks, at positions past its end). `chained`:
+        a step launched after this one is running on the same sequences (it keeps the blocks taken for it)."""
         k = self.k
         outputs = []
         for b, (seq, row) in enumerate(zip(flight.seqs, flight.host.wait()[0])):
             if seq.finished:
                 continue
-            outputs.append(self.accept(seq, row[:row[k + 1] + 1]))
+            outputs.append(self.accept(seq, row[:row[k + 1] + 1], release=not chained))
             # the MTP module caught up over the accepted positions; its last one stays re-runnable for the
             # synchronous path (which drafts from the catch-up's last output)
             seq.mtp_cached, seq.pending_hidden = seq.num_cached_tokens - 1, [flight.last_hidden[b:b + 1]]
             seq.spec_next = (flight.out, b, seq.num_cached_tokens, k + 2)
         return outputs
 
-    def accept(self, seq: Sequence, new: list[int]):
+    def accept(self, seq: Sequence, new: list[int], release: bool = True):
         """A speculative step's tokens for seq, the accepted drafts and the target's token after them (k+1 at most),
-        through the engine's stop checks; the positions before the last are in the cache now. Its RequestOutput."""
+        through the engine's stop checks; the positions before the last are in the cache now. Its RequestOutput.
+        `release`: the blocks taken for the step's positions past the accepted ones go back (their latents are
+        rewritten before being read, wherever they live), so that between steps a sequence holds no more blocks
+        than its tokens need: admission and preemption count on the free ones. Not while a later step that
+        wrote into them is still to be read (chained)."""
         self.stats["proposed"] += self.k
         self.stats["accepted"] += len(new) - 1
         seq.num_cached_tokens += len(new)
@@ -231,6 +242,8 @@ class Speculation:
         for tok in new:
             self.engine._append(seq, tok)
             emitted.append(tok)
-            if seq.finished:
+            if seq.finished:                 # (its blocks are freed)
                 break
+        if release and not seq.finished:
+            self.blocks.trim(seq, len(seq))
         return self.engine._output(seq, emitted)

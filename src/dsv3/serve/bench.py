@@ -91,9 +91,9 @@ def load_in_subprocess(**args) -> dict:
 
 
 def step_mix(before: dict, after: dict) -> dict:
-    """What the engine's steps were between two `stats()`: how many, the share of pure decode steps (the graph
-    buckets; the others carry prefill rows and run eagerly), the mean number of sequences per step and the graphs
-    captured meanwhile."""
+    """What the engine's steps were between two `stats()`: how many, the share of pure decode steps (every row a
+    generated token: the graph buckets; the others carry prefill rows), the mean number of sequences per step and
+    the graphs captured meanwhile."""
     d = {k: after[f"step_{k}"] - before[f"step_{k}"] for k in ("steps", "decode_steps", "prefill_steps", "seqs")}
     n = max(d["steps"], 1)
     # graphs captured during the run: each stalled every stream (EngineConfig.capture_graphs_at_start)
