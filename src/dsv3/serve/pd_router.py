@@ -8,8 +8,10 @@ prefill and decode workers (dsv3.infer.disagg), as an engine backend of the ordi
 A request goes to the prefill worker with the fewest requests in flight; its first token streams to the client at
 once, and its latent cache (a shared-memory file, KVHandle) goes with the request to the decode worker with the
 fewest in flight, which produces the rest. The router moves only handles; `kv_bytes` counts what the workers hand
-over. A worker whose connection drops fails the requests it held with an error naming it, is skipped from then on,
-and every other request keeps going. The workers only need the socket address and the shared key
+over. A worker whose connection drops fails the requests it held with an error naming it (a 503, as a dead engine
+process's), is skipped from then on, and every other request keeps going; a step that fails in a worker fails the
+requests it ran (as the unified engine's). With no live worker left for a role, /health is 503 and so is every
+request. The workers only need the socket address and the shared key
 (`--pd-key`, else the DSV3_PD_KEY environment variable, else a random per-user key in ~/.cache/dsv3/pd.key): the key
 is what lets a router in.
 """
@@ -24,7 +26,7 @@ import torch
 
 from ..infer.disagg import PREFILLED, discard_kv, parse_address, pd_key
 from ..infer.engine import RequestOutput
-from .async_engine import AsyncEngineBase, Writer
+from .async_engine import AsyncEngineBase, EngineStopped, Writer
 
 
 @dataclass(eq=False)
@@ -95,7 +97,7 @@ class PDRouter(AsyncEngineBase):
                     self.requests[cid] = _Request(ids, params, w)
                     w.in_flight.add(cid)
             if w is None:
-                self._on_step([(cid, "no prefill worker is alive")])
+                self._on_step([(cid, EngineStopped("no prefill worker is alive"))])
                 return
             self._to_worker(w, ("add", cid, ids, params))
         elif kind == "abort":
@@ -143,7 +145,7 @@ class PDRouter(AsyncEngineBase):
             if d is None:
                 discard_kv(handle)
                 self._done(cid, None)
-                return [(cid, "no decode worker is alive")]
+                return [(cid, EngineStopped("no decode worker is alive"))]
             self._to_worker(d, ("decode", cid, req.ids, out, req.params, handle))
             # the first token goes to the client now (a delta), the rest comes from the decode worker
             return [(cid, RequestOutput(cid, [], [], "", False, None, out.new_token_ids, [], out.prompt_logprobs,
@@ -170,9 +172,10 @@ class PDRouter(AsyncEngineBase):
         for _, req in lost:
             if req.handle is not None:
                 discard_kv(req.handle)
-        # /health turns unhealthy only when a role has no live worker left
-        self._on_step([(cid, f"the {w.role} worker at {w.address} failed (connection lost); this request was "
-                        f"lost with it") for cid, _ in lost],
+        # EngineStopped, as for the requests of an engine process that exits: a 503 (retry), not the 500 of a failed
+        # step; /health turns unhealthy only when a role has no live worker left
+        self._on_step([(cid, EngineStopped(f"the {w.role} worker at {w.address} failed (connection lost); this "
+                                           f"request was lost with it")) for cid, _ in lost],
                       error=None if self.alive else f"no live {w.role} worker (last lost: {w.address})")
 
     # ---- AsyncEngineBase ------------------------------------------------------------------------------------------
