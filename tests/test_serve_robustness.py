@@ -4,6 +4,9 @@ before its fix, against a live server on loopback with the real `openai` client 
 1. `--engine-thread` (the engine stepped by a thread of the server process, AsyncEngine): a thread that died (an
    exception outside a step: a failed step is caught and fails only its requests) was not watched: the requests
    waiting on it waited forever. They now end as an engine process's do when it exits: 503 `service_unavailable`.
+2. A context overflow named the wrong request field as `param`: `max_tokens` for a prompt of token ids that alone
+   overflows (also when the request set no max_tokens), `prompt` for chat messages (a chat request has no `prompt`),
+   `max_tokens` for a chat request that set `max_completion_tokens`, `prompt` for a chat `n` past the queue.
 """
 
 from __future__ import annotations
@@ -16,6 +19,20 @@ import openai
 import pytest
 
 from serve_fixture import start_server, wait_until
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = start_server(max_pending=8)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 from test_serve_audit import assert_openai_error
 
 
@@ -63,3 +80,28 @@ def test_1_requests_waiting_on_a_dead_engine_thread_get_503():
         assert e.value.status_code == 503 and "not running" in e.value.message, e.value
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("chat, body, param", [
+    (False, {"prompt": [1] * 600}, "prompt"),                       # token ids past the context, no max_tokens
+    (False, {"prompt": [1] * 600, "max_tokens": 5}, "prompt"),
+    (False, {"prompt": [[1, 2], [1] * 600], "max_tokens": 5}, "prompt"),
+    (False, {"prompt": [1] * 500, "max_tokens": 50}, "max_tokens"),     # the prompt fits; with max_tokens it does not
+    (False, {"prompt": "x" * 5000}, "prompt"),                      # certain from its characters alone
+    (False, {"prompt": "x" * 1500, "max_tokens": 500}, "max_tokens"),
+    (True, {"messages": [{"role": "user", "content": "x" * 5000}]}, "messages"),
+    (True, {"messages": [{"role": "user", "content": "x y " * 400}]}, "messages"),      # known once tokenised
+    (True, {"messages": [{"role": "user", "content": "x y " * 400}], "max_tokens": 5}, "messages"),
+    (True, {"messages": MESSAGES, "max_tokens": 510}, "max_tokens"),
+    (True, {"messages": MESSAGES, "max_completion_tokens": 510}, "max_completion_tokens"),
+    (True, {"messages": MESSAGES, "n": 12}, "n"),                     # more than the server's 8 at once
+])
+def test_2_an_overflow_names_the_request_field_that_overflows(server, client, chat, body, param):
+    limits = server.app.state.async_engine.limits
+    assert limits.max_model_len == 512 and limits.capacity >= 600      # what the bodies above are sized for
+    create = client.chat.completions.create if chat else client.completions.create
+    with pytest.raises(openai.BadRequestError) as e:
+        create(model="dsv3-tiny", **body)
+    assert e.value.param == param, (e.value.param, e.value.message)
+    if param.startswith("max_"):             # the message names the field the client set, as `param` does
+        assert f"{param} asks for" in e.value.message, e.value.message
