@@ -3,7 +3,8 @@ prefill worker and two decode workers in their own processes, the router's HTTP 
 (streamed or not) equal the unified engine's; the latent bytes handed over are counted and equal prompt tokens x
 layers x (kv_lora_rank + rope dim) x 8 (float64); a decode worker killed mid-generation fails exactly its own
 requests with a 503 naming it, the others finish, and the router keeps serving new requests; a step that fails in a
-worker fails only its requests; a role with no live worker left makes the router unhealthy and its requests 503s."""
+worker fails only its requests; a client gone during its prefill step is not decoded; a role with no live worker
+left makes the router unhealthy and its requests 503s."""
 
 from __future__ import annotations
 
@@ -32,17 +33,25 @@ def _free_port() -> int:
 
 
 FAILING = 77          # max_tokens of the requests whose steps fail in a worker of `_worker(..., fail=True)`
+HELD = 333            # ... and of those whose steps wait for `hold/release` (having written `hold/running`)
 
 
-def _worker(role: str, address: str, fail: bool = False) -> None:
+def _worker(role: str, address: str, fail: bool = False, hold: str | None = None) -> None:
     engine = build_engine()
     if fail:             # a step that runs a request asking for FAILING tokens raises, as a forward out of memory
+        from pathlib import Path
+
         from dsv3.infer.engine import Engine
         run = Engine._run          # (this process's own class: the worker builds its engine from it)
 
         def failing_run(self, seqs, *args, **kwargs):
             if any(s.params.max_tokens == FAILING for s in seqs):
                 raise RuntimeError("injected step failure")
+            if hold and any(s.params.max_tokens == HELD for s in seqs):     # a long step, as long as a test needs
+                (Path(hold) / "running").touch()
+                deadline = time.monotonic() + 60
+                while not (Path(hold) / "release").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
             return run(self, seqs, *args, **kwargs)
         Engine._run = failing_run
     run_worker(role, engine.model, engine.tokenizer, DEFAULT_CONFIG, address, "test-key", threads=1)
@@ -53,10 +62,10 @@ def deployment():
     yield from _deployment(["prefill", "decode", "decode"])
 
 
-def _deployment(roles: list[str], fail: bool = False):
+def _deployment(roles: list[str], fail: bool = False, hold: str | None = None):
     ctx = multiprocessing.get_context("spawn")
     addrs = [f"127.0.0.1:{_free_port()}" for _ in roles]
-    procs = [ctx.Process(target=_worker, args=(r, a, fail), daemon=True) for r, a in zip(roles, addrs)]
+    procs = [ctx.Process(target=_worker, args=(r, a, fail, hold), daemon=True) for r, a in zip(roles, addrs)]
     for p in procs:
         p.start()
     reference = build_engine()
@@ -254,10 +263,11 @@ def test_the_router_writes_to_its_workers_off_the_event_loop(deployment):
 
 
 @pytest.fixture(scope="module")
-def failing_deployment():
-    """One prefill and one decode worker whose steps fail on requests asking for FAILING tokens (the test that kills
-    the decode worker comes last)."""
-    yield from _deployment(["prefill", "decode"], fail=True)
+def failing_deployment(tmp_path_factory):
+    """One prefill and one decode worker whose steps fail on requests asking for FAILING tokens and wait on those
+    asking for HELD (the test that kills the decode worker comes last)."""
+    hold = tmp_path_factory.mktemp("hold")
+    yield from (d | {"hold": hold} for d in _deployment(["prefill", "decode"], fail=True, hold=str(hold)))
 
 
 def test_a_failed_worker_step_fails_its_requests_and_the_worker_serves_on(failing_deployment):
@@ -277,6 +287,39 @@ def test_a_failed_worker_step_fails_its_requests_and_the_worker_serves_on(failin
     want = d["reference"].generate([PROMPTS[2]], SamplingParams(temperature=0.0, max_tokens=8))[0]
     assert r.choices[0].text == want.text
     assert not router.requests and {w["in_flight"] for w in router.stats_now()["workers"]} == {0}
+
+
+def test_a_client_gone_during_its_prefill_step_is_not_decoded(failing_deployment):
+    """A stream whose client leaves while the prefill worker runs its request's step: the abort reaches the worker
+    after the step that finished the request there. Before, the router then handed the request to a decode worker,
+    which decoded all its max_tokens for nobody (holding a queue place and cache blocks); it now ends at the router."""
+    d = failing_deployment
+    router, hold = d["router"], d["hold"]
+    recorders = [RecordedConnection(w.conn) for w in router.workers]
+    for w, rec in zip(router.workers, recorders):
+        w.conn = rec
+    aborted = router.num_aborted
+    body = {"model": "dsv3-tiny", "prompt": PROMPTS[0], "max_tokens": HELD, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", d["url"] + "/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        deadline = time.monotonic() + 30
+        while not (hold / "running").exists():                  # the prefill worker is in the request's step
+            assert time.monotonic() < deadline, "the held step never ran"
+            time.sleep(0.01)
+    # the client has gone: the abort is on its way to the prefill worker, which reads it after the step
+    deadline = time.monotonic() + 30
+    while "abort" not in recorders[0].threads:
+        assert time.monotonic() < deadline, "the router never sent the abort"
+        time.sleep(0.01)
+    (hold / "release").touch()
+    deadline = time.monotonic() + 30
+    while router.requests or router.num_pending:
+        assert time.monotonic() < deadline, "the abandoned request still runs"
+        time.sleep(0.01)
+    assert "decode" not in recorders[1].threads, "the abandoned request was handed to the decode worker"
+    assert router.num_aborted == aborted + 1
+    assert {w["in_flight"] for w in router.stats_now()["workers"]} == {0}
 
 
 def test_losing_the_last_decode_worker_is_a_503_and_unhealthy(failing_deployment):

@@ -18,6 +18,7 @@ is what lets a router in.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Connection
@@ -47,6 +48,7 @@ class _Request:
     params: object
     worker: Worker
     handle: object = None        # the KV handed to the decode worker, until it answers
+    aborted: bool = False        # its client went away
 
 
 class PDRouter(AsyncEngineBase):
@@ -101,9 +103,11 @@ class PDRouter(AsyncEngineBase):
                 return
             self._to_worker(w, ("add", cid, ids, params))
         elif kind == "abort":
-            req = self.requests.get(command[1])
-            if req is not None:
-                self._to_worker(req.worker, ("abort", command[1]))
+            with self.lock:          # with _route's hand-off: the abort goes where the request is, after it
+                req = self.requests.get(command[1])
+                if req is not None:
+                    req.aborted = True
+                    self._to_worker(req.worker, ("abort", command[1]))
         elif kind == "stats":
             self._reply(command[1], self.stats_now())
 
@@ -136,17 +140,20 @@ class PDRouter(AsyncEngineBase):
         out.request_id = cid
         if w.role == "prefill" and out.finish_reason == PREFILLED:
             with self.lock:
-                d = self._pick("decode")
+                # an abort the prefill worker read after the step that prefilled the request found nothing to stop
+                # there: the request ends here (before, it was decoded to the end for a client that had left)
+                d = None if req.aborted else self._pick("decode")
                 w.in_flight.discard(cid)
                 if d is not None:
                     req.worker, req.handle = d, handle
                     d.in_flight.add(cid)
                     self.kv_bytes += handle.nbytes
+                    self._to_worker(d, ("decode", cid, req.ids, out, req.params, handle))
             if d is None:
                 discard_kv(handle)
                 self._done(cid, None)
-                return [(cid, EngineStopped("no decode worker is alive"))]
-            self._to_worker(d, ("decode", cid, req.ids, out, req.params, handle))
+                return [(cid, dataclasses.replace(out, finish_reason="abort") if req.aborted
+                         else EngineStopped("no decode worker is alive"))]
             # the first token goes to the client now (a delta), the rest comes from the decode worker
             return [(cid, RequestOutput(cid, [], [], "", False, None, out.new_token_ids, [], out.prompt_logprobs,
                                         out.new_logprobs))]
