@@ -17,7 +17,7 @@ from dsv3.data import ChatTemplate, Tokenizer, train_tokenizer
 from dsv3.infer.requests import RequestLimits
 from dsv3.serve.chat_output import ChatOutput, ChatParsing, chat_message
 from dsv3.serve.protocol import APIError, ChatCompletionRequest
-from dsv3.serve.reasoning import ReasoningSplitter, reasoning_enabled, reasoning_start
+from dsv3.serve.reasoning import THINK_END, ReasoningSplitter, reasoning_enabled, reasoning_start
 from dsv3.serve.tool_calls import MARKERS, OUTPUT_MARKERS, ToolCallParser, parse_call
 from dsv3.serve.validation import plan_chat
 
@@ -82,6 +82,24 @@ def test_reasoning_split_whole_and_streamed_at_every_cut(start, text, reasoning,
         joined, _ = streamed(parsing, pieces)
         assert (joined.get("reasoning_content") or None, joined.get("content") or None) == (reasoning, content), \
             pieces
+
+
+@pytest.mark.parametrize("start, text", [("undecided", "\n" * 4000 + "Paris."),
+                                         ("undecided", " " * 4000 + "<think>a</think>b"),
+                                         ("thinking", "x" * 4000 + "</think>" + "y" * 4000)])
+def test_reasoning_split_is_incremental(start, text):
+    """Streamed a character at a time, the text the splitter holds from one piece to the next (and searches again)
+    stays within a tag's length, and the result is the whole text's. Before, an undecided output's opening blank
+    space was all held and stripped again with every piece: quadratic in its length."""
+    splitter, reasoning, content = ReasoningSplitter(start), [], []
+    for ch in text:
+        r, c = splitter.feed(ch)
+        reasoning.append(r)
+        content.append(c)
+        assert max(len(v) for v in vars(splitter).values() if isinstance(v, str)) <= len(THINK_END), len(content)
+    r, c = splitter.finish()
+    whole = ReasoningSplitter(start)
+    assert ("".join(reasoning) + r, "".join(content) + c) == tuple(map("".join, zip(whole.feed(text), whole.finish())))
 
 
 def test_reasoning_switch_and_start():
