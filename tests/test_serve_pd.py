@@ -262,6 +262,39 @@ def test_the_router_writes_to_its_workers_off_the_event_loop(deployment):
     assert not [rec.on_thread(thread) for rec in recorders if rec.on_thread(thread)], "sent on the event loop"
 
 
+def test_a_message_the_router_cannot_read_fails_that_worker_cleanly(deployment):
+    """The router cannot read a worker's message (a worker of another dsv3 version: unpickling fails). Before, the
+    thread reading that worker died and its requests waited forever; now the worker is lost as if its connection
+    dropped: its requests get a 503 that says why, and /health says so once no decode worker is left (run after the
+    killed-worker test, this is the last one)."""
+    router, client = deployment["router"], deployment["client"]
+    victim = router.workers[2]
+    router.workers[1].in_flight.add(-1)           # (if still alive: the load picks the victim)
+
+    class Unreadable:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def recv(self):
+            self.conn.recv()
+            raise TypeError("injected: a message of another version")
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+    victim.conn = Unreadable(victim.conn)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.with_options(timeout=30).completions.create(model="dsv3-tiny", prompt=PROMPTS[0], max_tokens=50,
+                                                           temperature=0, extra_body={"ignore_eos": True})
+    assert e.value.status_code == 503 and "cannot read" in e.value.message and victim.address in e.value.message
+    router.workers[1].in_flight.discard(-1)
+    assert not victim.alive and not router.requests
+    health = httpx.get(deployment["base"] + "/health")
+    if router.workers[1].alive:
+        assert health.status_code == 200, health.text
+    else:
+        assert health.status_code == 503 and "decode" in health.json()["error"], health.text
+
+
 @pytest.fixture(scope="module")
 def failing_deployment(tmp_path_factory):
     """One prefill and one decode worker whose steps fail on requests asking for FAILING tokens and wait on those

@@ -18,6 +18,7 @@ is what lets a router in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from dataclasses import dataclass, field
@@ -123,10 +124,24 @@ class PDRouter(AsyncEngineBase):
             except (EOFError, OSError):
                 self._lost(w)
                 return
+            except Exception as e:          # unpickling
+                return self._unreadable(w, e)
             if self.stopping:
                 return
-            w.stats = msg[2]
-            self._on_step([item for cid, out, handle in msg[1] for item in self._route(w, cid, out, handle)])
+            try:
+                w.stats = msg[2]
+                items = [item for cid, out, handle in msg[1] for item in self._route(w, cid, out, handle)]
+            except Exception as e:
+                return self._unreadable(w, e)
+            self._on_step(items)
+
+    def _unreadable(self, w: Worker, error: Exception) -> None:
+        """A message this router cannot read (from a worker of another dsv3 version): the worker is lost, as if its
+        connection dropped, and the connection closed (the worker aborts what it holds). Before, this thread died
+        and the worker's requests waited forever."""
+        self._lost(w, f"sent a message the router cannot read: {error!r}")
+        with contextlib.suppress(OSError):
+            w.conn.close()
 
     def _route(self, w: Worker, cid: int, out: RequestOutput | None, handle) -> list:
         """What a worker's output means for the client: [(client id, output or error)]."""
@@ -168,7 +183,7 @@ class PDRouter(AsyncEngineBase):
             if w is not None:
                 w.in_flight.discard(cid)
 
-    def _lost(self, w: Worker) -> None:
+    def _lost(self, w: Worker, why: str = "connection lost") -> None:
         """A worker's connection dropped: fail its requests (naming it), never route to it again."""
         with self.lock:
             if not w.alive or self.stopping:
@@ -181,8 +196,8 @@ class PDRouter(AsyncEngineBase):
                 discard_kv(req.handle)
         # EngineStopped, as for the requests of an engine process that exits: a 503 (retry), not the 500 of a failed
         # step; /health turns unhealthy only when a role has no live worker left
-        self._on_step([(cid, EngineStopped(f"the {w.role} worker at {w.address} failed (connection lost); this "
-                                           f"request was lost with it")) for cid, _ in lost],
+        self._on_step([(cid, EngineStopped(f"the {w.role} worker at {w.address} failed ({why}); this request was "
+                                           f"lost with it")) for cid, _ in lost],
                       error=None if self.alive else f"no live {w.role} worker (last lost: {w.address})")
 
     # ---- AsyncEngineBase ------------------------------------------------------------------------------------------
