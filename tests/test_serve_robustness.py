@@ -7,6 +7,9 @@ before its fix, against a live server on loopback with the real `openai` client 
 2. A context overflow named the wrong request field as `param`: `max_tokens` for a prompt of token ids that alone
    overflows (also when the request set no max_tokens), `prompt` for chat messages (a chat request has no `prompt`),
    `max_tokens` for a chat request that set `max_completion_tokens`, `prompt` for a chat `n` past the queue.
+3. A stream's text (responses.TextStream, on the event loop) copied all of the output's text twice per step (the
+   releasable part and what was sent): quadratic in the output's length. It keeps only the tail its stop-string
+   holdback can still look at.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import httpx
 import openai
 import pytest
 
+from dsv3.infer.engine import RequestOutput
+from dsv3.serve.responses import TextStream
 from serve_fixture import start_server, wait_until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -105,3 +110,19 @@ def test_2_an_overflow_names_the_request_field_that_overflows(server, client, ch
     assert e.value.param == param, (e.value.param, e.value.message)
     if param.startswith("max_"):             # the message names the field the client set, as `param` does
         assert f"{param} asks for" in e.value.message, e.value.message
+
+
+@pytest.mark.parametrize("stop", [[], ["xyz"], ["a" * 64]])
+def test_3_a_streamed_texts_work_per_step_does_not_grow_with_it(server, stop):
+    """Token by token over a long output: the text a stream keeps (and copies per step) stays within a bound set by
+    the longest stop string, and what it releases adds up to the whole text."""
+    tok = server.tokenizer
+    ids = tok.encode("The quick brown fox jumps over the lazy dog. import os\n" * 200)
+    final = tok.decode(ids, skip_special_tokens=True)
+    stream, got, bound = TextStream(tok, stop), [], 4 * (max(map(len, stop), default=0) + 32)
+    for i in range(len(ids)):
+        got.append(stream.delta(RequestOutput(0, [], [], new_token_ids=ids[i:i + 1])))
+        assert len(stream.text) <= bound, (i, len(stream.text))
+    assert final.startswith("".join(got)) and len(final) - len("".join(got)) <= bound
+    got.append(stream.delta(RequestOutput(0, [], ids, text=final, finished=True)))
+    assert "".join(got) == final and len(ids) > 2000
