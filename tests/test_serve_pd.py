@@ -2,7 +2,9 @@
 prefill worker and two decode workers in their own processes, the router's HTTP server in this one. Completions
 (streamed or not) equal the unified engine's; the latent bytes handed over are counted and equal prompt tokens x
 layers x (kv_lora_rank + rope dim) x 8 (float64); a decode worker killed mid-generation fails exactly its own
-requests with an error naming it, the others finish, and the router keeps serving new requests."""
+requests with a 503 naming it, the others finish, and the router keeps serving new requests; a step that fails in a
+worker fails only its requests; a client gone during its prefill step is not decoded; a role with no live worker
+left makes the router unhealthy and its requests 503s."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import socket
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -29,17 +32,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(role: str, address: str) -> None:
+FAILING = 77          # max_tokens of the requests whose steps fail in a worker of `_worker(..., fail=True)`
+HELD = 333            # ... and of those whose steps wait for `hold/release` (having written `hold/running`)
+
+
+def _worker(role: str, address: str, fail: bool = False, hold: str | None = None) -> None:
     engine = build_engine()
+    if fail:             # a step that runs a request asking for FAILING tokens raises, as a forward out of memory
+        from pathlib import Path
+
+        from dsv3.infer.engine import Engine
+        run = Engine._run          # (this process's own class: the worker builds its engine from it)
+
+        def failing_run(self, seqs, *args, **kwargs):
+            if any(s.params.max_tokens == FAILING for s in seqs):
+                raise RuntimeError("injected step failure")
+            if hold and any(s.params.max_tokens == HELD for s in seqs):     # a long step, as long as a test needs
+                (Path(hold) / "running").touch()
+                deadline = time.monotonic() + 60
+                while not (Path(hold) / "release").exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            return run(self, seqs, *args, **kwargs)
+        Engine._run = failing_run
     run_worker(role, engine.model, engine.tokenizer, DEFAULT_CONFIG, address, "test-key", threads=1)
 
 
 @pytest.fixture(scope="module")
 def deployment():
+    yield from _deployment(["prefill", "decode", "decode"])
+
+
+def _deployment(roles: list[str], fail: bool = False, hold: str | None = None):
     ctx = multiprocessing.get_context("spawn")
-    roles = ["prefill", "decode", "decode"]
     addrs = [f"127.0.0.1:{_free_port()}" for _ in roles]
-    procs = [ctx.Process(target=_worker, args=(r, a), daemon=True) for r, a in zip(roles, addrs)]
+    procs = [ctx.Process(target=_worker, args=(r, a, fail, hold), daemon=True) for r, a in zip(roles, addrs)]
     for p in procs:
         p.start()
     reference = build_engine()
@@ -55,7 +81,7 @@ def deployment():
     server, thread, url = serve_app(app)
     url += "/v1"
     yield dict(url=url, router=router, reference=reference, procs=procs, server_thread=thread,
-               client=openai.OpenAI(base_url=url, api_key="unused", max_retries=0))
+               client=openai.OpenAI(base_url=url, api_key="unused", max_retries=0), base=url.removesuffix("/v1"))
     server.should_exit = True
     thread.join(30)
     for p in procs:
@@ -122,6 +148,8 @@ def test_killed_decode_worker_fails_its_requests_only(deployment):
     failed = {i for i, r in results.items() if isinstance(r, Exception)}
     assert failed and len(failed) == len(doomed) < 4, results
     assert all("decode worker" in str(results[i]) and victim.address in str(results[i]) for i in failed)
+    # as a request of an engine process that died: 503 (retry), not a 500
+    assert all(results[i].status_code == 503 and results[i].type == "service_unavailable" for i in failed), results
     assert all(results[i] == "length" for i in set(results) - failed)
     assert not victim.alive and router.alive
     # the router keeps serving, on the surviving decode worker
@@ -232,3 +260,122 @@ def test_the_router_writes_to_its_workers_off_the_event_loop(deployment):
     assert {"add", "decode", "abort"} <= sent, sent
     thread = deployment["server_thread"]
     assert not [rec.on_thread(thread) for rec in recorders if rec.on_thread(thread)], "sent on the event loop"
+
+
+def test_a_message_the_router_cannot_read_fails_that_worker_cleanly(deployment):
+    """The router cannot read a worker's message (a worker of another dsv3 version: unpickling fails). Before, the
+    thread reading that worker died and its requests waited forever; now the worker is lost as if its connection
+    dropped: its requests get a 503 that says why, and /health says so once no decode worker is left (run after the
+    killed-worker test, this is the last one)."""
+    router, client = deployment["router"], deployment["client"]
+    victim = router.workers[2]
+    router.workers[1].in_flight.add(-1)           # (if still alive: the load picks the victim)
+
+    class Unreadable:
+        def __init__(self, conn):
+            self.conn = conn
+
+        def recv(self):
+            self.conn.recv()
+            raise TypeError("injected: a message of another version")
+
+        def __getattr__(self, name):
+            return getattr(self.conn, name)
+    victim.conn = Unreadable(victim.conn)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.with_options(timeout=30).completions.create(model="dsv3-tiny", prompt=PROMPTS[0], max_tokens=50,
+                                                           temperature=0, extra_body={"ignore_eos": True})
+    assert e.value.status_code == 503 and "cannot read" in e.value.message and victim.address in e.value.message
+    router.workers[1].in_flight.discard(-1)
+    assert not victim.alive and not router.requests
+    health = httpx.get(deployment["base"] + "/health")
+    if router.workers[1].alive:
+        assert health.status_code == 200, health.text
+    else:
+        assert health.status_code == 503 and "decode" in health.json()["error"], health.text
+
+
+@pytest.fixture(scope="module")
+def failing_deployment(tmp_path_factory):
+    """One prefill and one decode worker whose steps fail on requests asking for FAILING tokens and wait on those
+    asking for HELD (the test that kills the decode worker comes last)."""
+    hold = tmp_path_factory.mktemp("hold")
+    yield from (d | {"hold": hold} for d in _deployment(["prefill", "decode"], fail=True, hold=str(hold)))
+
+
+def test_a_failed_worker_step_fails_its_requests_and_the_worker_serves_on(failing_deployment):
+    """A step that raises in a worker (a forward out of memory) fails the requests it ran, with its error, as the
+    unified engine's failed step does (test_serve_step_failure: a JSON 500, `server_error`); the worker lives on.
+    Before, the exception ended the worker process: its requests failed as a lost connection and the router had no
+    prefill worker left (every later request a 503)."""
+    d = failing_deployment
+    client, router = d["client"], d["router"]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="dsv3-tiny", prompt=PROMPTS[0], max_tokens=FAILING, temperature=0)
+    assert e.value.status_code == 500 and e.value.type == "server_error", e.value
+    assert "injected step failure" in e.value.message, e.value.message
+    assert all(w.alive for w in router.workers) and all(p.is_alive() for p in d["procs"])
+    assert httpx.get(d["base"] + "/health").status_code == 200
+    r = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0)
+    want = d["reference"].generate([PROMPTS[2]], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    assert r.choices[0].text == want.text
+    assert not router.requests and {w["in_flight"] for w in router.stats_now()["workers"]} == {0}
+
+
+def test_a_client_gone_during_its_prefill_step_is_not_decoded(failing_deployment):
+    """A stream whose client leaves while the prefill worker runs its request's step: the abort reaches the worker
+    after the step that finished the request there. Before, the router then handed the request to a decode worker,
+    which decoded all its max_tokens for nobody (holding a queue place and cache blocks); it now ends at the router."""
+    d = failing_deployment
+    router, hold = d["router"], d["hold"]
+    recorders = [RecordedConnection(w.conn) for w in router.workers]
+    for w, rec in zip(router.workers, recorders):
+        w.conn = rec
+    aborted = router.num_aborted
+    body = {"model": "dsv3-tiny", "prompt": PROMPTS[0], "max_tokens": HELD, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", d["url"] + "/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        deadline = time.monotonic() + 30
+        while not (hold / "running").exists():                  # the prefill worker is in the request's step
+            assert time.monotonic() < deadline, "the held step never ran"
+            time.sleep(0.01)
+    # the client has gone: the abort is on its way to the prefill worker, which reads it after the step
+    deadline = time.monotonic() + 30
+    while "abort" not in recorders[0].threads:
+        assert time.monotonic() < deadline, "the router never sent the abort"
+        time.sleep(0.01)
+    (hold / "release").touch()
+    deadline = time.monotonic() + 30
+    while router.requests or router.num_pending:
+        assert time.monotonic() < deadline, "the abandoned request still runs"
+        time.sleep(0.01)
+    assert "decode" not in recorders[1].threads, "the abandoned request was handed to the decode worker"
+    assert router.num_aborted == aborted + 1
+    assert {w["in_flight"] for w in router.stats_now()["workers"]} == {0}
+
+
+def test_losing_the_last_decode_worker_is_a_503_and_unhealthy(failing_deployment):
+    """The decode role's last worker dies mid-stream: the stream ends with a `service_unavailable` error event (an
+    engine process that dies gives the same), /health says which role is gone, later requests get a 503 that says
+    the engine is not running. Before, the stream's error was a `server_error` (a 500's type)."""
+    d = failing_deployment
+    client, router = d["client"], d["router"]
+    stream = iter(client.completions.create(model="dsv3-tiny", prompt=PROMPTS[1], max_tokens=400, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    next(stream)
+    decode = router.workers[1]
+    deadline = time.monotonic() + 30
+    while not decode.in_flight:
+        assert time.monotonic() < deadline, "the request never reached the decode worker"
+        time.sleep(0.01)
+    d["procs"][1].kill()
+    with pytest.raises(openai.APIError) as e:
+        for _ in stream:
+            pass
+    assert e.value.body["type"] == "service_unavailable" and decode.address in e.value.message, e.value.body
+    health = httpx.get(d["base"] + "/health")
+    assert health.status_code == 503 and "decode" in health.json()["error"], health.text
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="dsv3-tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0)
+    assert e.value.status_code == 503 and "not running" in e.value.message, e.value

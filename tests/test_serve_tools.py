@@ -9,13 +9,15 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import AddedToken
 
 from dsv3.data import ChatTemplate, Tokenizer, train_tokenizer
 from dsv3.infer.requests import RequestLimits
 from dsv3.serve.chat_output import ChatOutput, ChatParsing, chat_message
 from dsv3.serve.protocol import APIError, ChatCompletionRequest
-from dsv3.serve.reasoning import ReasoningSplitter, reasoning_enabled, reasoning_start
+from dsv3.serve.reasoning import THINK_END, ReasoningSplitter, reasoning_enabled, reasoning_start
 from dsv3.serve.tool_calls import MARKERS, OUTPUT_MARKERS, ToolCallParser, parse_call
 from dsv3.serve.validation import plan_chat
 
@@ -82,6 +84,24 @@ def test_reasoning_split_whole_and_streamed_at_every_cut(start, text, reasoning,
             pieces
 
 
+@pytest.mark.parametrize("start, text", [("undecided", "\n" * 4000 + "Paris."),
+                                         ("undecided", " " * 4000 + "<think>a</think>b"),
+                                         ("thinking", "x" * 4000 + "</think>" + "y" * 4000)])
+def test_reasoning_split_is_incremental(start, text):
+    """Streamed a character at a time, the text the splitter holds from one piece to the next (and searches again)
+    stays within a tag's length, and the result is the whole text's. Before, an undecided output's opening blank
+    space was all held and stripped again with every piece: quadratic in its length."""
+    splitter, reasoning, content = ReasoningSplitter(start), [], []
+    for ch in text:
+        r, c = splitter.feed(ch)
+        reasoning.append(r)
+        content.append(c)
+        assert max(len(v) for v in vars(splitter).values() if isinstance(v, str)) <= len(THINK_END), len(content)
+    r, c = splitter.finish()
+    whole = ReasoningSplitter(start)
+    assert ("".join(reasoning) + r, "".join(content) + c) == tuple(map("".join, zip(whole.feed(text), whole.finish())))
+
+
 def test_reasoning_switch_and_start():
     assert reasoning_enabled("auto", R1) and reasoning_enabled("auto", V31)
     assert not reasoning_enabled("auto", ChatTemplate().source) and reasoning_enabled("deepseek_r1", "")
@@ -134,6 +154,57 @@ def test_calls_that_do_not_read_come_back_as_the_text_generated(text, n_calls):
     for pieces in cuts(text):
         joined, _ = streamed(parsing, pieces)
         assert joined.get("content") == raw and len(joined.get("tool_calls", [])) == n_calls, pieces
+
+
+_MARKS = [CB, CE, C1, C2, SEP]
+_FRAGMENTS = _MARKS + [m[:k] for m in _MARKS for k in (1, 3, 8)] + [m[-k:] for m in _MARKS for k in (1, 3, 8)] + [
+    " ", "\n", "  \n ", "add", "get_weather", "function", "\n```json\n", "\n```", '{"a": 1}', "{", "}", "x", "é",
+    "[1]", "😀"]
+
+
+def _parsed(pieces: list[str]) -> tuple[str, list[tuple[str, str]]]:
+    parser = ToolCallParser(NAMES | {"function"})
+    content, calls = [], []
+    for piece in pieces:
+        c, k = parser.feed(piece)
+        content.append(c)
+        calls += [(call.name, call.arguments) for call in k]
+    return "".join(content) + parser.finish(), calls
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True, database=None)
+@given(parts=st.lists(st.sampled_from(_FRAGMENTS) | st.text(max_size=4), max_size=16), opens=st.booleans(),
+       data=st.data())
+def test_tool_calls_streamed_in_any_pieces_equal_the_whole_text(parts, opens, data):
+    """Adversarial text (markers whole, cut and out of order, blank space, JSON and not, names known and not) cut
+    anywhere into pieces: the pieces parse to the content and calls of the whole text at once."""
+    text = ("A" + CB if opens else "") + "".join(parts)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=6)))
+    pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)]) if a < b]
+    assert "".join(pieces) == text
+    assert _parsed(pieces) == _parsed([text]), pieces
+
+
+@pytest.mark.parametrize("text", [
+    f"{CB}{C1}add{SEP}{{\"a\": \"{'x' * 4000}\"}}{C2}{CE}",              # a call's long arguments
+    f"{CB}{C1}add{SEP}{{\"a\": 1}}{C2}{' ' * 4000}{C1}add{SEP}{{}}{C2}{CE}",   # blank space between calls
+    f"{'x' * 4000}{CB}{C1}add{SEP}{{\"a\": 1}}{C2}{CE}{'y' * 4000}",         # content around the block
+    f"{CB}{C1}add{SEP}{{\"a\": 1}}{C2}no call here{'z' * 4000}",             # given up: all is content
+])
+def test_tool_call_parsing_is_incremental(text):
+    """Streamed a character at a time, the text the parser carries from one piece to the next (and searches again)
+    stays within two markers' length: the work per piece does not grow with the output. Before, the parser searched all
+    of a call (or the blank space after one) again with every piece: quadratic in the output's length."""
+    parser, longest = ToolCallParser(NAMES), max(map(len, _MARKS))
+    whole = _parsed([text])
+    content, calls = [], []
+    for ch in text:
+        c, k = parser.feed(ch)
+        content.append(c)
+        calls += [(call.name, call.arguments) for call in k]
+        held = [len(v) for v in vars(parser).values() if isinstance(v, str)]
+        assert max(held) <= 2 * longest, (len(content), held)
+    assert ("".join(content) + parser.finish(), calls) == whole and whole[1]
 
 
 def test_parse_call_reads_v3_and_v31_bodies():

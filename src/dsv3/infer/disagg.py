@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,13 +207,29 @@ def _command(engine: Engine, conn: Connection, cmd: tuple, to_client: dict[int, 
             for rid, cid in list(to_client.items()):
                 if cid == cmd[1]:
                     engine.abort(rid)
-    except ValueError as e:
+    except Exception as e:          # a refused request (ValueError), an unreadable hand-off: that request fails
         conn.send(("step", [(cmd[1], None, f"request refused by the {type(engine).__name__}: {e}")], engine.stats()))
 
 
 def _step(engine: Engine, conn: Connection, to_client: dict[int, int]) -> None:
+    try:
+        outputs = engine.step()
+    except Exception as e:
+        # as the server's own engine loop (serve/async_engine.py _EngineLoop.step): a step that fails fails the
+        # requests it ran, aborted so that the same batch does not fail again; the worker and its other requests
+        # go on. (Uncaught, it ended the worker process and every request it held.)
+        ran = [rid for rid in engine.step_request_ids if rid in to_client]
+        items = []
+        for rid in dict.fromkeys(ran or list(to_client)):      # (a chained step lists a request twice)
+            engine.abort(rid)
+            if isinstance(engine, PrefillEngine) and rid in engine.exported:     # its latents go nowhere now
+                discard_kv(engine.exported.pop(rid))
+            items.append((to_client.pop(rid), None, f"the {type(engine).__name__}'s step failed: {e!r}"))
+        conn.send(("step", items, engine.stats()))
+        time.sleep(0.05)             # an engine that keeps failing must not spin a core
+        return
     items = []
-    for out in engine.step():
+    for out in outputs:
         cid = to_client.get(out.request_id)
         if cid is None:
             continue
@@ -243,11 +260,15 @@ def serve_worker(engine: Engine, listener: Listener) -> None:
                     _command(engine, conn, cmd, to_client)
                     continue
                 _step(engine, conn, to_client)
-        except (EOFError, OSError):
+        except (EOFError, OSError):      # the router went away (engine failures are caught by _command / _step)
             for rid in list(to_client):
                 engine.abort(rid)
             while engine.has_unfinished():
-                engine.step()
+                try:
+                    engine.step()
+                except Exception as e:      # every request was aborted above: nothing is left to fail but this step
+                    print(f"a step failed while ending a router's requests: {e!r}", flush=True)
+                    time.sleep(0.05)
 
 
 def pd_key(key: str | None, key_file: str | os.PathLike | None = None) -> bytes:

@@ -86,6 +86,7 @@ class AsyncEngineBase:
         self.step_error: str | None = None
         self._futures: dict[int, concurrent.futures.Future] = {}    # stats requests in flight
         self._loop: asyncio.AbstractEventLoop | None = None         # the event loop outputs are delivered to
+        self._exited = False                                # the engine's thread or process has ended (_gone)
 
     # ---- to implement -------------------------------------------------------------------------------------------
     def _put(self, command: tuple) -> None:
@@ -129,6 +130,18 @@ class AsyncEngineBase:
             fut = self._futures.pop(key, None)
             if fut is not None and not fut.done():
                 fut.set_exception(error)
+
+    def _gone(self, reason: str) -> None:
+        """From the engine side, once its thread or process has ended: fail whatever still waits. Its requests are
+        listed on the event loop, after every submit that saw the engine alive (a list taken here missed one
+        registered meanwhile: it waited forever), as EngineStopped: a 503 as for every later request, not the 500
+        of an engine that failed."""
+        self._exited = True
+        error = EngineStopped(reason)
+        self._fail_futures(error)
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):         # the loop closed (the server stopped): none waits
+                self._loop.call_soon_threadsafe(lambda: self._deliver_all([(rid, error) for rid in self._handles]))
 
     def _reply(self, key: int, value) -> None:
         """From the engine side: the answer to a stats request."""
@@ -293,13 +306,25 @@ class AsyncEngine(AsyncEngineBase):
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return not self._exited and self._thread.is_alive()
 
     def _stop_backend(self) -> None:
         self._commands.put(("stop",))
         self._thread.join(10.0)
 
     def _run(self) -> None:
+        """The loop; when it ends, by a stop or by an exception that escaped it (a failed step does not), whatever
+        still waits fails as it does when an engine process exits (unwatched, it waited forever)."""
+        reason = "the engine stopped"
+        try:
+            self._loop_commands_and_steps()
+        except BaseException as e:
+            reason = self.step_error = f"the engine thread died: {e!r}"
+            raise
+        finally:
+            self._gone(reason)
+
+    def _loop_commands_and_steps(self) -> None:
         loop = _EngineLoop(self.engine, self._on_step, self._reply)
         while not loop.stopped:
             block = not self.engine.has_unfinished()
@@ -382,7 +407,6 @@ class EngineProcess(AsyncEngineBase):
         if msg[0] != "ready":
             raise RuntimeError(f"the engine process failed to build its engine: {msg[1]}")
         super().__init__(msg[1], tokenizer, max_pending)
-        self._exited = False                          # the reader saw the child's end of the pipe close
         self._writer = Writer(lambda command: self._commands.send(command), "dsv3-engine-writer")
         self._reader = threading.Thread(target=self._read, name="dsv3-engine-reader", daemon=True)
         self._reader.start()
@@ -404,15 +428,8 @@ class EngineProcess(AsyncEngineBase):
                 self._on_step(msg[1], msg[2])
             elif msg[0] == "stats":
                 self._reply(msg[1], msg[2])
-        # the child is gone: fail whatever still waits. Its requests are listed on the event loop, after every
-        # submit that saw the engine alive (a list taken here missed one registered meanwhile: it waited forever),
-        # as EngineStopped: a 503 as for every later request, not the 500 of an engine that failed
-        self._exited = True
+        self._gone("the engine process exited")           # the child is gone
         self._writer.close()
-        self._fail_futures(EngineStopped("the engine process exited"))
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(
-                lambda: self._deliver_all([(rid, EngineStopped("the engine process exited")) for rid in self._handles]))
 
     def _stop_backend(self) -> None:
         self._put(("stop",))            # after every command queued before it; a dead process has nothing to stop

@@ -8,14 +8,18 @@ prefill and decode workers (dsv3.infer.disagg), as an engine backend of the ordi
 A request goes to the prefill worker with the fewest requests in flight; its first token streams to the client at
 once, and its latent cache (a shared-memory file, KVHandle) goes with the request to the decode worker with the
 fewest in flight, which produces the rest. The router moves only handles; `kv_bytes` counts what the workers hand
-over. A worker whose connection drops fails the requests it held with an error naming it, is skipped from then on,
-and every other request keeps going. The workers only need the socket address and the shared key
+over. A worker whose connection drops fails the requests it held with an error naming it (a 503, as a dead engine
+process's), is skipped from then on, and every other request keeps going; a step that fails in a worker fails the
+requests it ran (as the unified engine's). With no live worker left for a role, /health is 503 and so is every
+request. The workers only need the socket address and the shared key
 (`--pd-key`, else the DSV3_PD_KEY environment variable, else a random per-user key in ~/.cache/dsv3/pd.key): the key
 is what lets a router in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Connection
@@ -24,7 +28,7 @@ import torch
 
 from ..infer.disagg import PREFILLED, discard_kv, parse_address, pd_key
 from ..infer.engine import RequestOutput
-from .async_engine import AsyncEngineBase, Writer
+from .async_engine import AsyncEngineBase, EngineStopped, Writer
 
 
 @dataclass(eq=False)
@@ -45,6 +49,7 @@ class _Request:
     params: object
     worker: Worker
     handle: object = None        # the KV handed to the decode worker, until it answers
+    aborted: bool = False        # its client went away
 
 
 class PDRouter(AsyncEngineBase):
@@ -95,13 +100,15 @@ class PDRouter(AsyncEngineBase):
                     self.requests[cid] = _Request(ids, params, w)
                     w.in_flight.add(cid)
             if w is None:
-                self._on_step([(cid, "no prefill worker is alive")])
+                self._on_step([(cid, EngineStopped("no prefill worker is alive"))])
                 return
             self._to_worker(w, ("add", cid, ids, params))
         elif kind == "abort":
-            req = self.requests.get(command[1])
-            if req is not None:
-                self._to_worker(req.worker, ("abort", command[1]))
+            with self.lock:          # with _route's hand-off: the abort goes where the request is, after it
+                req = self.requests.get(command[1])
+                if req is not None:
+                    req.aborted = True
+                    self._to_worker(req.worker, ("abort", command[1]))
         elif kind == "stats":
             self._reply(command[1], self.stats_now())
 
@@ -117,10 +124,24 @@ class PDRouter(AsyncEngineBase):
             except (EOFError, OSError):
                 self._lost(w)
                 return
+            except Exception as e:          # unpickling
+                return self._unreadable(w, e)
             if self.stopping:
                 return
-            w.stats = msg[2]
-            self._on_step([item for cid, out, handle in msg[1] for item in self._route(w, cid, out, handle)])
+            try:
+                w.stats = msg[2]
+                items = [item for cid, out, handle in msg[1] for item in self._route(w, cid, out, handle)]
+            except Exception as e:
+                return self._unreadable(w, e)
+            self._on_step(items)
+
+    def _unreadable(self, w: Worker, error: Exception) -> None:
+        """A message this router cannot read (from a worker of another dsv3 version): the worker is lost, as if its
+        connection dropped, and the connection closed (the worker aborts what it holds). Before, this thread died
+        and the worker's requests waited forever."""
+        self._lost(w, f"sent a message the router cannot read: {error!r}")
+        with contextlib.suppress(OSError):
+            w.conn.close()
 
     def _route(self, w: Worker, cid: int, out: RequestOutput | None, handle) -> list:
         """What a worker's output means for the client: [(client id, output or error)]."""
@@ -134,17 +155,20 @@ class PDRouter(AsyncEngineBase):
         out.request_id = cid
         if w.role == "prefill" and out.finish_reason == PREFILLED:
             with self.lock:
-                d = self._pick("decode")
+                # an abort the prefill worker read after the step that prefilled the request found nothing to stop
+                # there: the request ends here (before, it was decoded to the end for a client that had left)
+                d = None if req.aborted else self._pick("decode")
                 w.in_flight.discard(cid)
                 if d is not None:
                     req.worker, req.handle = d, handle
                     d.in_flight.add(cid)
                     self.kv_bytes += handle.nbytes
+                    self._to_worker(d, ("decode", cid, req.ids, out, req.params, handle))
             if d is None:
                 discard_kv(handle)
                 self._done(cid, None)
-                return [(cid, "no decode worker is alive")]
-            self._to_worker(d, ("decode", cid, req.ids, out, req.params, handle))
+                return [(cid, dataclasses.replace(out, finish_reason="abort") if req.aborted
+                         else EngineStopped("no decode worker is alive"))]
             # the first token goes to the client now (a delta), the rest comes from the decode worker
             return [(cid, RequestOutput(cid, [], [], "", False, None, out.new_token_ids, [], out.prompt_logprobs,
                                         out.new_logprobs))]
@@ -159,7 +183,7 @@ class PDRouter(AsyncEngineBase):
             if w is not None:
                 w.in_flight.discard(cid)
 
-    def _lost(self, w: Worker) -> None:
+    def _lost(self, w: Worker, why: str = "connection lost") -> None:
         """A worker's connection dropped: fail its requests (naming it), never route to it again."""
         with self.lock:
             if not w.alive or self.stopping:
@@ -170,9 +194,10 @@ class PDRouter(AsyncEngineBase):
         for _, req in lost:
             if req.handle is not None:
                 discard_kv(req.handle)
-        # /health turns unhealthy only when a role has no live worker left
-        self._on_step([(cid, f"the {w.role} worker at {w.address} failed (connection lost); this request was "
-                        f"lost with it") for cid, _ in lost],
+        # EngineStopped, as for the requests of an engine process that exits: a 503 (retry), not the 500 of a failed
+        # step; /health turns unhealthy only when a role has no live worker left
+        self._on_step([(cid, EngineStopped(f"the {w.role} worker at {w.address} failed ({why}); this request was "
+                                           f"lost with it")) for cid, _ in lost],
                       error=None if self.alive else f"no live {w.role} worker (last lost: {w.address})")
 
     # ---- AsyncEngineBase ------------------------------------------------------------------------------------------

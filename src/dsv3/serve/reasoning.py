@@ -51,25 +51,34 @@ def held(text: str, tag: str) -> int:
 
 
 class ReasoningSplitter:
-    """One choice's text in, (reasoning, content) out, as each piece arrives; `finish` releases what was held."""
+    """One choice's text in, (reasoning, content) out, as each piece arrives; `finish` releases what was held. Each
+    piece is searched once: what is held between pieces is a tag's length at most, and the blank space an undecided
+    output opens with is kept as pieces (searched again with each piece, a long run of it was quadratic)."""
 
     def __init__(self, start: str):
         self.thinking = start != "answering"
         self.at_start = start != "answering"       # an opening tag may still come first
         self.decides = start == "undecided"        # ... and must, to make the output reasoning
         self.buf = ""
+        self.blank: list[str] = []                 # undecided, at the start: the blank space before anything else
 
     def feed(self, text: str) -> tuple[str, str]:
-        self.buf += text
         if self.at_start:
-            head = self.buf.lstrip() if self.decides else self.buf
+            if self.decides and not self.buf:
+                head = text.lstrip()
+                self.blank.append(text[:len(text) - len(head)])
+                text = head
+            head = self.buf + text
             if len(head) < len(THINK_START) and THINK_START.startswith(head):
+                self.buf = head
                 return "", ""          # may still be the opening tag
             if head.startswith(THINK_START):
-                self.buf = head[len(THINK_START):]
+                head = head[len(THINK_START):]
             elif self.decides:
                 self.thinking = False
-            self.at_start = False
+                head = "".join(self.blank) + head
+            self.buf, self.blank, self.at_start, text = "", [], False, head
+        self.buf += text
         reasoning = ""
         if self.thinking:
             at = self.buf.find(THINK_END)
@@ -84,5 +93,6 @@ class ReasoningSplitter:
     def finish(self) -> tuple[str, str]:
         """The held tail: it did not become a tag."""
         thinking = self.thinking and not (self.at_start and self.decides)     # an undecided output that ended
-        rest, self.buf, self.at_start = self.buf, "", False                     # before deciding is content
+        rest = "".join(self.blank) + self.buf                                   # before deciding is content
+        self.buf, self.blank, self.at_start = "", [], False
         return (rest, "") if thinking else ("", rest)

@@ -51,14 +51,21 @@ class TextStream:
     in an incomplete character (U+FFFD) waits for the next token. With stop strings the last len(longest stop) - 1
     characters are held back: they might still turn out to start a stop string, which the engine removes from the
     final text. Special tokens are left out, but for those in `keep` (the markers a chat parser reads): the engine
-    finds stop strings in its text without them, so a kept marker is no part of the characters held back."""
+    finds stop strings in its text without them, so a kept marker is no part of the characters held back.
+
+    The work per step does not grow with the output: `text` keeps only the tail that the holdback can still look at
+    (its first character is the output's `base`-th), and what was sent is a count (copying the whole text and what
+    was sent of it at every step was quadratic in the output's length, on the event loop)."""
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str], keep: frozenset[int] = frozenset()):
-        self.tokenizer, self.sent, self.text, self.keep = tokenizer, "", "", keep
+        self.tokenizer, self.text, self.keep = tokenizer, "", keep
+        self.base = self.n_sent = 0          # characters of the output before self.text; sent to the client
         self.ids: list[int] = []             # the output so far (outputs mid-stream carry only their new tokens)
         self.prefix = self.read = 0          # window start; tokens already in self.text
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.markers = [TokenTable.of(tokenizer).texts[i] for i in keep] if stop else []
+        # how far before the sent text _final may still look: past it, its answer is sent text anyway
+        self.lookback = self.holdback + max(map(len, self.markers), default=0)
 
     def _decode(self, ids: list[int]) -> str:
         if not self.keep:
@@ -112,13 +119,19 @@ class TextStream:
     def delta(self, out: RequestOutput, drop_last: bool = False) -> str:
         if out.finished:
             full = "" if drop_last else marked_text(self.tokenizer, out, self.keep)
-        else:
-            self.ids += out.new_token_ids
-            self._advance(self.ids)
-            full = self.text[:self._final()]
-        if len(full) <= len(self.sent):
+            new = full[self.n_sent:]
+            self.n_sent = max(self.n_sent, len(full))
+            return new
+        self.ids += out.new_token_ids
+        self._advance(self.ids)
+        end = self.base + self._final()
+        if end <= self.n_sent:
             return ""
-        new, self.sent = full[len(self.sent):], full
+        new, self.n_sent = self.text[self.n_sent - self.base:end - self.base], end
+        # the text _final can no longer need goes, once it is the larger part (each character copied O(1) times)
+        cut = self.n_sent - self.lookback - self.base
+        if cut > len(self.text) // 2:
+            self.text, self.base = self.text[cut:], self.base + cut
         return new
 
 

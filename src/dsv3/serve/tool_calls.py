@@ -76,67 +76,87 @@ def parse_call(body: str, names: frozenset[str]) -> ToolCall | None:
 class ToolCallParser:
     """A choice's content text in, (content, complete calls) out, as each piece arrives; `finish` releases what was
     held. Modes: "content" (looking for the calls' begin marker), "calls" (inside the block), "raw" (gave up: all
-    is content)."""
+    is content).
+
+    Incremental: each piece is searched once, with at most a marker's length held from the pieces before it, so a
+    stream's parsing is linear in its length (searching the whole held text again per piece was quadratic: a call's
+    arguments of thousands of tokens, or blank space between calls). What a call holds until its end marker comes is
+    kept as a list of pieces, joined once."""
 
     def __init__(self, names: frozenset[str]):
-        self.names, self.mode, self.buf = names, "content", ""
+        self.names, self.mode = names, "content"
+        self.buf = ""               # held unsearched text: at most a marker's length (see _block for "calls")
+        self.raw: list[str] = []    # "calls": the text as generated since the block's begin marker or the last call
+        self.body: list[str] | None = None     # "calls", inside a call: its text so far (less `buf`, its tail)
         self.calls: list[ToolCall] = []
         self.block_calls = 0        # calls read in the block now open (a later block's marker is its own)
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        self.buf += text
-        content, calls = "", []
-        while self.buf:
+        content, calls = [], []
+        while text:
             if self.mode == "raw":
-                content, self.buf = content + self.buf, ""
-            elif self.mode == "content":
-                at = self.buf.find(CALLS_BEGIN)
+                content.append(text)
+                break
+            if self.mode == "content":
+                text, self.buf = self.buf + text, ""
+                at = text.find(CALLS_BEGIN)
                 if at < 0:
-                    cut = len(self.buf) - held(self.buf, CALLS_BEGIN)
-                    content, self.buf = content + self.buf[:cut], self.buf[cut:]
+                    cut = len(text) - held(text, CALLS_BEGIN)
+                    content.append(text[:cut])
+                    self.buf = text[cut:]
                     break
-                content, self.buf, self.mode = content + self.buf[:at], self.buf[at + len(CALLS_BEGIN):], "calls"
-                self.block_calls = 0
+                content.append(text[:at])
+                text, self.mode, self.raw, self.block_calls = text[at + len(CALLS_BEGIN):], "calls", [], 0
             else:
-                step = self._call()
-                if step is None:
-                    break                   # the next call is not complete yet
-                calls += step
-                self.calls += step
-                self.block_calls += len(step)
-        return content, calls
+                self.raw.append(text)
+                text = self._block(text, calls)
+        self.calls += calls
+        return "".join(content), calls
 
-    def _call(self) -> list[ToolCall] | None:
-        """In the block: read one call (or the block's end); [] when nothing was read, None to wait for more."""
-        text = self.buf.lstrip()
-        if text.startswith(CALL_BEGIN):
-            end = text.find(CALL_END)
-            if end < 0:
-                return None
-            call = parse_call(text[len(CALL_BEGIN):end], self.names)
-            if call is None:
-                self._give_up()
-                return []
-            self.buf = text[end + len(CALL_END):]
-            return [call]
-        if text.startswith(CALLS_END):
-            self.buf, self.mode = text[len(CALLS_END):], "content"
-            return []
-        if not text or CALL_BEGIN.startswith(text) or CALLS_END.startswith(text):
-            return None
-        self._give_up()
-        return []
+    def _block(self, text: str, calls: list[ToolCall]) -> str:
+        """In the block, the next piece (already in `raw`): a call read into `calls`, the block's end, or giving up;
+        returns the text after what was read ("" while waiting for more). Between calls `buf` holds the start of a
+        marker (blank space before it is skipped); inside a call, the call's last len(CALL_END) - 1 characters, where
+        an end marker cut between pieces begins."""
+        if self.body is None:
+            head, self.buf = (self.buf + text).lstrip(), ""
+            if head.startswith(CALLS_END):
+                self.mode = "content"
+                return head[len(CALLS_END):]
+            if not head.startswith(CALL_BEGIN):
+                if CALL_BEGIN.startswith(head) or CALLS_END.startswith(head):
+                    self.buf = head              # a marker's start, or only blank space so far
+                    return ""
+                return self._give_up()
+            self.body, text = [], head[len(CALL_BEGIN):]
+        text, self.buf = self.buf + text, ""
+        end = text.find(CALL_END)
+        if end < 0:
+            cut = max(0, len(text) - len(CALL_END) + 1)
+            self.body.append(text[:cut])
+            self.buf = text[cut:]
+            return ""
+        call = parse_call("".join(self.body) + text[:end], self.names)
+        self.body = None
+        if call is None:
+            return self._give_up()
+        calls.append(call)
+        self.block_calls += 1
+        self.raw = []
+        return text[end + len(CALL_END):]
 
-    def _give_up(self) -> None:
-        """From here on, the text as generated; the block's begin marker too when no call of it was read (calls of
-        an earlier block do not take it: counting those, a second block's marker was lost)."""
-        self.mode = "raw"
-        if not self.block_calls:
-            self.buf = CALLS_BEGIN + self.buf
+    def _give_up(self) -> str:
+        """From here on, the text as generated (returned, to go out as content): all since the last call read, the
+        block's begin marker too when no call of it was read (calls of an earlier block do not take it: counting
+        those, a second block's marker was lost)."""
+        text = (CALLS_BEGIN if not self.block_calls else "") + "".join(self.raw)
+        self.mode, self.raw, self.body, self.buf = "raw", [], None, ""
+        return text
 
     def finish(self) -> str:
         """The held text as content: a tail that did not become a marker, or a block cut off mid-call."""
-        if self.mode == "calls" and (self.buf.strip() or not self.block_calls):     # cut off mid-call, or before any
-            self._give_up()
-        rest, self.buf = ("" if self.mode == "calls" else self.buf), ""
+        if self.mode == "calls":
+            # cut off mid-call or mid-marker, or before any call: as generated; else only blank space is left
+            return self._give_up() if self.body is not None or self.buf or not self.block_calls else ""
+        rest, self.buf = self.buf, ""
         return rest

@@ -59,11 +59,12 @@ def check_model(name: str | None, served: str) -> None:
                        "model", "model_not_found")
 
 
-def check_batch(n_jobs: int, max_pending: int) -> None:
+def check_batch(n_jobs: int, max_pending: int, param: str = "prompt") -> None:
     """A request that could never be queued whole is a bad request, not a busy server (429 says retry)."""
     if n_jobs > max_pending:
-        raise APIError(f"the request asks for {n_jobs} generations (prompts x n); this server holds at most "
-                       f"{max_pending} at once", param="prompt", code="batch_too_large")
+        what = "prompts x n" if param == "prompt" else "n"
+        raise APIError(f"the request asks for {n_jobs} generations ({what}); this server holds at most "
+                       f"{max_pending} at once", param=param, code="batch_too_large")
 
 
 def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | None = None,
@@ -91,29 +92,47 @@ def default_max_tokens(limits: RequestLimits, n_prompt: int) -> int:
     return max(1, min(limits.max_model_len, limits.capacity) - n_prompt)
 
 
-def refuse_certain_overflow(limits: RequestLimits, n_chars: int, max_token_bytes: int, max_tokens: int) -> None:
+@dataclass(frozen=True)
+class Fields:
+    """The request fields an error about the prompt or its length names (OpenAI's `param`): the completions API's
+    `prompt` and `max_tokens`; the chat API's `messages` and whichever of max_tokens / max_completion_tokens it set."""
+    prompt: str = "prompt"
+    max_tokens: str = "max_tokens"
+
+
+def overflow_param(limits: RequestLimits, n_prompt: int, fields: Fields) -> str:
+    """Whose fault an overflow is: the prompt's where it leaves no room for one generated token (then no max_tokens
+    helps, and the client may have set none), else the max_tokens field's."""
+    return fields.prompt if n_prompt + 1 > min(limits.max_model_len, limits.capacity) else fields.max_tokens
+
+
+def refuse_certain_overflow(limits: RequestLimits, n_chars: int, max_token_bytes: int, max_tokens: int,
+                            fields: Fields = Fields()) -> None:
     """Refuse, before tokenising, a text of `n_chars` characters that cannot fit whatever its tokens are."""
     least = -(-n_chars // max_token_bytes)
     if least + max_tokens > limits.max_model_len:
         raise APIError(f"this model's context holds {limits.max_model_len} tokens; the prompt has {n_chars} "
-                       f"characters, so at least {least} tokens, and max_tokens asks for {max_tokens} more",
-                       param="prompt", code="context_length_exceeded")
+                       f"characters, so at least {least} tokens, and {fields.max_tokens} asks for {max_tokens} more",
+                       param=overflow_param(limits, least, fields), code="context_length_exceeded")
     if least + max_tokens > limits.capacity:
-        raise APIError(f"the prompt has at least {least} tokens ({n_chars} characters): with max_tokens it exceeds "
-                       f"the cache capacity of {limits.capacity} tokens", param="prompt")
+        raise APIError(f"the prompt has at least {least} tokens ({n_chars} characters): with {fields.max_tokens} it "
+                       f"exceeds the cache capacity of {limits.capacity} tokens",
+                       param=overflow_param(limits, least, fields))
 
 
-def fits_context(limits: RequestLimits, n_prompt: int, max_tokens: int) -> None:
+def fits_context(limits: RequestLimits, n_prompt: int, max_tokens: int, fields: Fields = Fields()) -> None:
     if n_prompt + max_tokens > limits.max_model_len:
         raise APIError(f"this model's context holds {limits.max_model_len} tokens; the prompt has {n_prompt} and "
-                       f"max_tokens asks for {max_tokens} more", param="max_tokens", code="context_length_exceeded")
+                       f"{fields.max_tokens} asks for {max_tokens} more",
+                       param=overflow_param(limits, n_prompt, fields), code="context_length_exceeded")
 
 
-def check_prompt(ids: list[int], params: SamplingParams, limits: RequestLimits, tokenizer: Tokenizer) -> list[int]:
+def check_prompt(ids: list[int], params: SamplingParams, limits: RequestLimits, tokenizer: Tokenizer,
+                 fields: Fields = Fields()) -> list[int]:
     try:
         return check_request(ids, params, limits, tokenizer)
     except (ValueError, TypeError) as e:
-        raise APIError(str(e), param="prompt") from None
+        raise APIError(str(e), param=fields.prompt) from None
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -191,21 +210,22 @@ def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: To
 def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, template: ChatTemplate,
               max_pending: int, defaults: Mapping | None = None, reasoning: bool = False) -> Plan:
     """`reasoning`: the server splits reasoning_content (reasoning.reasoning_enabled)."""
-    check_batch(req.n, max_pending)
+    check_batch(req.n, max_pending, "n")
     limits = token_limits(limits, tokenizer)
     tools = req.active_tools()
     check_tool_support(template, tokenizer, req.messages, tools)
     check_token_ids(list(req.token_bias()), limits.vocab_size, "logit_bias")
     check_token_ids(list(req.stop_token_ids or []), limits.vocab_size, "stop_token_ids")     # plan_completion's
     asked = req.max_completion_tokens or req.max_tokens
+    fields = Fields("messages", "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
     n_chars = len(render_chat(template.render, req, req.add_generation_prompt, tools))     # milliseconds for MBs
-    refuse_certain_overflow(limits, n_chars, tokenizer.max_token_bytes, asked or 1)
+    refuse_certain_overflow(limits, n_chars, tokenizer.max_token_bytes, asked or 1, fields)
     pieces = render_chat(functools.partial(template.pieces, tokenizer), req, req.add_generation_prompt, tools)
     ids = encode_pieces(tokenizer, pieces)
     max_tokens = asked or default_max_tokens(limits, len(ids))
-    fits_context(limits, len(ids), max_tokens)
+    fits_context(limits, len(ids), max_tokens, fields)
     n_top = (req.top_logprobs or 0) if req.logprobs else None
-    check_prompt(ids, sampling_params(req, max_tokens, 0, n_top, defaults=defaults), limits, tokenizer)
+    check_prompt(ids, sampling_params(req, max_tokens, 0, n_top, defaults=defaults), limits, tokenizer, fields)
     parsing = chat_parsing(pieces, reasoning, tools)
     return Plan([ids], [(ids, sampling_params(req, max_tokens, j, n_top, defaults=defaults)) for j in range(req.n)],
                 parsing=parsing, keep=marker_ids(tokenizer, parsing.markers))
