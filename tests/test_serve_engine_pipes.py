@@ -29,6 +29,17 @@ def server():
     s.stop()
 
 
+def assert_waiters_got_503(out: dict, aengine, reason: str) -> None:
+    """A plain request (out["plain"]) and a stream (out["lines"]) that waited on an engine which went away: a 503
+    whose message holds `reason`, a stream ended by a service_unavailable event and [DONE], nothing left pending."""
+    err = assert_openai_error(out["plain"], 503)
+    assert err["type"] == "service_unavailable" and reason in err["message"], err
+    assert out["lines"][-1] == "data: [DONE]", out["lines"][-3:]
+    event = json.loads(out["lines"][-2].removeprefix("data: "))
+    assert event["error"]["type"] == "service_unavailable", event
+    assert wait_until(lambda: aengine.num_pending == 0)
+
+
 def test_1_commands_reach_the_engine_process_off_the_event_loop(server):
     aengine = server.app.state.async_engine
     recorder = aengine._commands = RecordedConnection(aengine._commands)
@@ -65,11 +76,6 @@ def test_2_requests_in_flight_when_the_engine_process_dies_get_503():
         os.kill(aengine._process.pid, signal.SIGKILL)
         for t in threads:
             t.join(60)
-        err = assert_openai_error(out["plain"], 503)
-        assert err["type"] == "service_unavailable" and "engine" in err["message"], err
-        assert out["lines"][-1] == "data: [DONE]", out["lines"][-3:]
-        event = json.loads(out["lines"][-2].removeprefix("data: "))
-        assert event["error"]["type"] == "service_unavailable", event
-        assert wait_until(lambda: aengine.num_pending == 0)
+        assert_waiters_got_503(out, aengine, "engine")
     finally:
         s.stop()

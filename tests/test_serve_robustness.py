@@ -14,7 +14,6 @@ before its fix, against a live server on loopback with the real `openai` client 
 
 from __future__ import annotations
 
-import json
 import threading
 
 import httpx
@@ -38,7 +37,7 @@ def server():
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-from test_serve_audit import assert_openai_error
+from test_serve_engine_pipes import assert_waiters_got_503
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")      # the thread that dies
@@ -71,12 +70,7 @@ def test_1_requests_waiting_on_a_dead_engine_thread_get_503():
         engine.has_unfinished = broken       # read by the engine's loop outside the step: its thread dies
         for t in threads:
             t.join(60)
-        err = assert_openai_error(out["plain"], 503)
-        assert err["type"] == "service_unavailable" and "injected engine loop failure" in err["message"], err
-        assert out["lines"][-1] == "data: [DONE]", out["lines"][-3:]
-        event = json.loads(out["lines"][-2].removeprefix("data: "))
-        assert event["error"]["type"] == "service_unavailable", event
-        assert wait_until(lambda: aengine.num_pending == 0)
+        assert_waiters_got_503(out, aengine, "injected engine loop failure")
         health = httpx.get(s.url + "/health")
         assert health.status_code == 503 and "injected engine loop failure" in health.json()["error"], health.text
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
