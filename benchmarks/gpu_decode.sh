@@ -14,7 +14,7 @@
 #      processes whose compiles overlap and whose timed sections never do.                              ~2 min
 # Expected total ~11 min (each stage has its own timeout: 150 + 330 + 240 + 170 s at most).
 # Usage (repo root): bash benchmarks/gpu_decode.sh       CPU dry run: DRY_RUN=1 bash benchmarks/gpu_decode.sh
-#   SKIP_SERVE=1 skips stage 3, SKIP_PEER=1 stage 4 (the peer's numbers do not change between runs of the engine); SERVE_DELAYS="0 4"
+#   SKIP_TESTS=1 skips stage 1, SKIP_SERVE=1 stage 3, SKIP_PEER=1 stage 4 (the peer's numbers do not change between runs of the engine); SERVE_DELAYS="0 4"
 #   runs stage 3 once per admission delay (EngineConfig.admission_delay: arrivals prefilled together).
 set -u
 export PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 OUT=${OUT:-out}
@@ -35,6 +35,7 @@ else
 fi
 
 stamp "1. CUDA tests"
+[ "${SKIP_TESTS:-0}" = 1 ] && stamp "tests skipped (SKIP_TESTS=1: the gate ran them)" || \
 timeout 150 python -m pytest -q -p no:cacheprovider -n 8 -m gpu -rs tests/test_kernels_moe_decode.py \
   tests/test_infer_decode_compile.py tests/test_infer_engine.py 2>&1 | tail -25 | tee "$OUT/pytest.txt"
 
