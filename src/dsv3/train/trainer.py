@@ -63,7 +63,7 @@ from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .run_data import prepare_run_data, write_run_config
-from .run_dir import check_start, choose_checkpoint, divergence_advice, lock_run_dir, resume_command
+from .run_dir import check_start, choose_checkpoint, divergence_advice, lock_run_dir, resume_advice
 from .signals import StopSignals
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "StepStats", "build_model", "compute_dtype",
@@ -136,9 +136,10 @@ class StepStats:
 
 class Trainer(Checkpointing):
     command = "train"    # the dsv3 subcommand that runs this trainer: its resume / restart advice names it
-    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None, overwrite: bool = False,
-                 source=None, init_state: dict | Path | None = None):
-        """resume: continue from the newest valid checkpoint; overwrite: start afresh in a run directory that holds
+    def __init__(self, cfg: RunConfig, resume: bool | str = False, progress: bool | None = None,
+                 overwrite: bool = False, source=None, init_state: dict | Path | None = None):
+        """resume: continue from the newest healthy valid checkpoint, or from the one named (a str: --resume-from's
+        step, step directory or path; dsv3.train.run_dir.choose_checkpoint); overwrite: start afresh in a run directory that holds
         an earlier run (deleting its outputs); neither: the directory must not hold one (dsv3.train.run_dir).
         source: a batch source in place of the pre-training corpus (SFT: dsv3.posttrain.sft.ChatBatches): its
         `tokenizer`, `next_batch(rows)` -> window or (window, targets), `val` batches, `state_dict` /
@@ -157,7 +158,8 @@ class Trainer(Checkpointing):
         self.layout = Layout(self.device, cfg)     # 2. the process group and the mesh; validates the layout
         # rank 0 claims the run directory before anything is written there: a second run at once is refused
         self.run_lock = lock_run_dir(self.run_dir, self.layout, resume, overwrite, cfg)
-        ckpt, skipped = choose_checkpoint(self.run_dir, self.layout) if resume else (None, [])
+        ckpt, skipped = choose_checkpoint(self.run_dir, self.layout, resume if isinstance(resume, str) else None,
+                                          self.command) if resume else (None, [])
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
         show = cfg.log.progress if progress is None else progress
         data = prepare_run_data(cfg, self.layout, source, resume, overwrite, progress=show)  # 3.
@@ -177,8 +179,8 @@ class Trainer(Checkpointing):
             self.logger.truncate_after(self.step)
             for note in skipped:
                 self.logger.log_event(self.step, note)
-            self.logger.log_event(self.step, f"resumed from {ckpt}" + (" (the newest valid checkpoint)" if skipped
-                                                                       else ""))
+            self.logger.log_event(self.step, f"resumed from {ckpt}" + (
+                " (the newest valid checkpoint)" if skipped and not isinstance(resume, str) else ""))
         for note in data.notes + ([shard_note] if shard_note else []):
             self.logger.log_event(self.step, note)
 
@@ -341,7 +343,7 @@ class Trainer(Checkpointing):
             self.finish_checkpoint()             # the save in flight holds vetted weights: the advice names it
             msg = (f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
                    f"(loss {total}, grad norm {grad_norm.item()}); stopping. "
-                   f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr, self.command)}")
+                   f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr, self.command, step)}")
             self.logger.log_event(step + 1, msg, echo=False)     # the CLI's "stopped:" line says it once
             raise TrainingDiverged(msg)
         self._watch_for_spikes(total, grad_norm.item())
@@ -513,9 +515,8 @@ class Trainer(Checkpointing):
         name = signal.Signals(signum).name
         self.logger.log_event(self.step, f"stopped by {name}")
         spike = f" ({self.suspect_note(path)})" if self.spiking else ""
-        resume = resume_command(self.run_dir, self.layout.world, command=self.command)
-        raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}{spike}. Resume "
-                                          f"with: {resume}")
+        raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}{spike}. "
+                                          f"{resume_advice(self.run_dir, path, self.layout.world, self.command)}")
 
     def _save_now(self) -> Path:
         """The final or a signal's save: of the state as it is, marked suspect while the run spikes (no later step
@@ -530,5 +531,4 @@ class Trainer(Checkpointing):
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             return "no checkpoint was written yet: nothing to resume"
-        return (f"the last checkpoint is {ckpt}. Resume with: "
-                f"{resume_command(self.run_dir, self.layout.world, command=self.command)}")
+        return f"the last checkpoint is {ckpt}. {resume_advice(self.run_dir, ckpt, self.layout.world, self.command)}"
