@@ -97,7 +97,7 @@ def test_logit_mode_under_torchrun_is_refused_before_the_teacher_loads(bases, mo
     tmp, teacher, student, data = bases
     monkeypatch.setenv("WORLD_SIZE", "2")
     import dsv3.posttrain.distill as distill
-    monkeypatch.setattr(distill, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(distill, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
     with pytest.raises(ConfigError, match="dsv3 distill runs in one process"):
         distill_trainer(run_file(tmp, "ranks", teacher=str(teacher), init=str(student), mode="logit",
                                  train_files=[str(data)]), [])
@@ -124,3 +124,62 @@ def test_resume_on_the_teachers_data_refuses_a_change_of_what_made_it(bases):
         distill_trainer(None, ["distill.prompts=50"], resume=True, run_dir=str(run))
     assert json.loads((run / "posttrain.json").read_text())["distill"]["prompts"] == 8
     assert distill_trainer(None, [], resume=True, run_dir=str(run))[0].step == 1
+
+
+def kd_run(tmp, name, teacher, student, data, **over):
+    return run_file(tmp, name, teacher=str(teacher), init=str(student), mode="logit", train_files=[str(data)],
+                    kd_weight=0.5, top_k=8)
+
+
+def test_a_logit_resume_keeps_the_teacher_checkpoint_of_the_start_when_the_teacher_run_moved_on(bases, tmp_path):
+    """distill.teacher a training run: a resume read the teacher run's latest checkpoint again, so once that run
+    had trained on, the resumed student learnt from another teacher than the uninterrupted one (as GRPO's grpo.init
+    did). The checkpoints pin it; a resume reads it, refuses it gone, and refuses distill.teacher changed."""
+    import shutil
+    from dsv3.train import Trainer
+    from test_train_loop import small_run
+    data = bases[3]
+    sections = dict(train={"steps": 2}, checkpoint={"interval": 2, "keep": 0}, log={"val_interval": 0})
+    Trainer(small_run(tmp_path, "teacher", **sections)).run()
+    teacher = tmp_path / "teacher"
+    over = ["train.steps=4", "checkpoint.interval=2", "log.interval=1"]
+    t, _ = distill_trainer(kd_run(tmp_path, "full", teacher, teacher, data), over)
+    t.run()
+    t.run_lock.close()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(t.run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    Trainer(small_run(tmp_path, "teacher", **{**sections, "train": {"steps": 4}}), resume=True).run()  # moves on
+    r, _ = distill_trainer(None, [], resume=True, run_dir=str(resumed))
+    r.run()
+    r.run_lock.close()
+    kd = lambda run: {m["step"]: (m["loss"], m["kd_loss"]) for m in read_metrics(run, kind="train")}  # noqa: E731
+    assert kd(resumed) == kd(t.run_dir)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    other = tmp_path / "other"
+    shutil.copytree(teacher, other)
+    with pytest.raises(ConfigError, match=f"--resume cannot change distill.teacher='{teacher}' -> '{other}'"):
+        distill_trainer(None, [f'distill.teacher="{other}"'], resume=True, run_dir=str(resumed))
+    shutil.rmtree(teacher / "checkpoints" / "step_00000002")
+    with pytest.raises(ConfigError, match="distill.teacher=.*its checkpoint step_00000002, the run's teacher, is "
+                                          "gone"):
+        distill_trainer(None, [], resume=True, run_dir=str(resumed))
+
+
+def test_a_logit_resume_refuses_a_hugging_face_teacher_rewritten_in_place(bases, tmp_path):
+    """A Hugging Face directory as distill.teacher, rewritten in place (another model saved there) between the
+    start and the resume: the resume trained against the new model without a word."""
+    import shutil
+    _, hf_teacher, student, data = bases
+    teacher = tmp_path / "teacher"
+    shutil.copytree(hf_teacher, teacher)
+    t, _ = distill_trainer(kd_run(tmp_path, "hf", teacher, student, data), ["train.steps=1", "checkpoint.interval=1"])
+    t.run()
+    t.run_lock.close()
+    r, _ = distill_trainer(None, ["train.steps=2"], resume=True, run_dir=str(t.run_dir))   # unchanged: resumes
+    assert r.step == 1
+    r.run_lock.close()
+    shutil.rmtree(teacher)                   # another model saved there, the same way
+    make_base(teacher, seed=5)
+    with pytest.raises(ConfigError, match=f"distill.teacher='{teacher}' changed since the run started"):
+        distill_trainer(None, ["train.steps=2"], resume=True, run_dir=str(t.run_dir))

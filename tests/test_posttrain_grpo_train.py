@@ -188,3 +188,17 @@ def test_a_resume_keeps_the_kl_reference_of_the_start_when_the_base_run_moved_on
     r.run()
     kl = lambda run: {m["step"]: (m["loss"], m["kl"]) for m in read_metrics(run, kind="train")}  # noqa: E731
     assert kl(resumed) == kl(t.run_dir)
+
+
+def test_a_resume_refuses_a_hugging_face_grpo_init_rewritten_in_place(base, tmp_path):
+    """grpo.init a Hugging Face directory, rewritten in place (another model saved there) between the start and the
+    resume: the resumed run's KL reference was the new model, without a word."""
+    init = tmp_path / "init"
+    shutil.copytree(base, init)
+    t = grpo_trainer(run_file(tmp_path, init, "hf", beta=0.5), ["train.steps=2"], reward_model=LengthMod3())
+    t.run()
+    t.run_lock.close()
+    shutil.rmtree(init)                      # another model saved there, the same way
+    make_base(init, seed=7)
+    with pytest.raises(ConfigError, match=f"grpo.init='{init}' changed since the run started"):
+        grpo_trainer(None, [], resume=True, run_dir=str(t.run_dir), reward_model=LengthMod3())

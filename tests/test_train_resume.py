@@ -214,13 +214,85 @@ def test_a_signal_save_during_a_spike_keeps_the_last_healthy_checkpoint_and_says
         t.run(stop)
     assert "\n" not in str(e.value)
     assert [d.name for d in checkpoint_dirs(t.run_dir)] == ["step_00000004", "step_00000006"]
-    # a later healthy save prunes both as keep=1 says
+    # a later healthy save prunes both as keep=1 says (the resume takes the healthy step 4, not the spike's state)
     r = Trainer(small_run(tmp_path, "sig", train={"steps": 12}, checkpoint={"interval": 2, "keep": 1},
                           log={"val_interval": 0}), resume=True)
-    with torch.no_grad():
-        r.model.lm_head.weight.div_(200)      # undo the blow-up: the resumed run is healthy
+    assert r.step == 4
     r.run()
     assert [d.name for d in checkpoint_dirs(r.run_dir)] == ["step_00000012"]
+
+
+def spiked_run(tmp_path, name: str = "spiked", **train):
+    """A run stopped by a signal during a spike: step_00000004 healthy, step_00000006 suspect (the spike's state)."""
+    import signal
+    from dsv3.train.signals import StopSignals
+    from dsv3.train.trainer import TrainingInterrupted
+    cfg = small_run(tmp_path, name, train={"steps": 12, **train}, checkpoint={"interval": 2, "keep": 2},
+                    log={"val_interval": 0})
+    t = Trainer(cfg)
+    stop = StopSignals(announce=False)
+    blow_up_after(t, 5, then=lambda: setattr(stop, "received", signal.SIGINT))
+    with pytest.raises(TrainingInterrupted) as e:
+        t.run(stop)
+    assert [d.name for d in checkpoint_dirs(t.run_dir)] == ["step_00000004", "step_00000006"]
+    return cfg, str(e.value)
+
+
+def test_resume_passes_over_a_suspect_checkpoint_for_the_newest_healthy_one(tmp_path, capsys):
+    """--resume took the newest checkpoint even when it was the state of a loss spike (a signal's save, marked
+    suspect): the resumed run trained on from blown-up weights. It takes the newest healthy one and says, in one
+    line, which it skipped and how to resume from it (--resume-from), which still reaches the suspect one."""
+    cfg, stopped = spiked_run(tmp_path)
+    run = Path(cfg.run_dir)
+    # the signal's message says that a plain --resume takes the healthy one, and how to take this one
+    assert "from the last healthy checkpoint step_00000004" in stopped and "--resume-from step_00000006" in stopped
+    capsys.readouterr()
+    r = Trainer(cfg, resume=True)
+    r.logger.close()
+    assert r.step == 4
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "step_00000006" in ln]
+    assert len(err) == 1 and "saved during a loss spike (suspect)" in err[0] and "step_00000004" in err[0], err
+    assert f"dsv3 train --resume-from step_00000006 --run-dir {run}" in err[0], err
+    explicit = Trainer(cfg, resume="step_00000006")      # dsv3 train --resume-from step_00000006
+    explicit.logger.close()
+    assert explicit.step == 6
+    for name in ("6", str(run / "checkpoints" / "step_00000006")):
+        assert main(["train", "--resume-from", name, "--run-dir", str(run), "train.steps=6", "--quiet"]) == 0
+    assert [d.name for d in checkpoint_dirs(run)] == ["step_00000004", "step_00000006"]
+    with pytest.raises(CheckpointError, match="has no checkpoint step_00000005 .its checkpoints: step_00000004, "
+                                              "step_00000006"):
+        Trainer(cfg, resume="5")
+
+
+def test_resume_with_only_suspect_checkpoints_is_refused_naming_them_and_the_explicit_way(tmp_path, capsys):
+    cfg, _ = spiked_run(tmp_path)
+    run = Path(cfg.run_dir)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--run-dir", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no healthy intact checkpoint, only step_00000006" in err, err
+    assert f"--resume-from step_00000006 --run-dir {run}" in err
+    assert main(["train", "--resume-from", "step_00000006", "--run-dir", str(run), "train.steps=7", "--quiet"]) == 0
+
+
+def test_a_nan_after_a_resume_past_a_suspect_checkpoint_names_the_checkpoint_resumed_from(tmp_path):
+    """Resumed from step 4 past the suspect step 6, a NaN at step 5 named step 6 as the "last healthy checkpoint"
+    (the newest by name): the spike's state, and not this run's past."""
+    cfg, _ = spiked_run(tmp_path)
+    r = Trainer(cfg, resume=True)
+    assert r.step == 4
+    step = r.train_step
+
+    def nan_at_5():
+        with torch.no_grad():
+            r.model.lm_head.weight[0, 0] = float("nan")
+        return step()
+    r.train_step = nan_at_5
+    with pytest.raises(TrainingDiverged) as e:
+        r.run()
+    assert "Last healthy checkpoint: step_00000004" in str(e.value), e.value
+    assert f"dsv3 train --resume --run-dir {r.run_dir} optim.lr=" in str(e.value)
 
 
 def test_a_resume_keeps_the_record_of_why_the_earlier_run_stopped(tmp_path):

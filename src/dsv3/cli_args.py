@@ -57,6 +57,10 @@ def _tokenizer(sub) -> None:
     t.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
 
 
+RESUME_FROM = ("--resume from this checkpoint of the run (a step, step_N or its path), also one saved during a loss "
+               "spike (suspect)")
+
+
 def _train(sub) -> None:
     s = _add(sub, "train", help="pre-train a model: dsv3 train --config configs/tiny.toml [section.key=value ...]")
     s.add_argument("--config", default=None, help="run TOML (sections model, data, optim, balance, mtp, train, "
@@ -64,7 +68,8 @@ def _train(sub) -> None:
     s.add_argument("overrides", nargs="*", help="section.key=value, the value in TOML syntax")
     s.add_argument("--run-dir", default=None, help="overrides run_dir")
     s.add_argument("--resume", action="store_true", help="continue the run in run_dir from its newest intact "
-                   "checkpoint")
+                   "healthy checkpoint (not one saved during a loss spike)")
+    s.add_argument("--resume-from", default=None, metavar="CHECKPOINT", help=RESUME_FROM)
     s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run "
                    "(its checkpoints, metrics, tensorboard, plots, baselines, tokenizer and config are deleted)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -80,7 +85,8 @@ def _posttrain(sub) -> None:
                        f"RUN_DIR/posttrain.json")
         s.add_argument("overrides", nargs="*", help="section.key=value, the value in TOML syntax")
         s.add_argument("--run-dir", default=None, help="overrides run_dir")
-        s.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+        s.add_argument("--resume", action="store_true", help="continue from the newest intact healthy checkpoint")
+        s.add_argument("--resume-from", default=None, metavar="CHECKPOINT", help=RESUME_FROM)
         s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
         s.set_defaults(posttrain=name)

@@ -40,22 +40,28 @@ def load_model_and_tokenizer(model_path: str | Path, tokenizer_path: str | None 
                              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A training run (its latest checkpoint and tokenizer) or a Hugging Face directory, in `dtype` on `device`
     (a Hugging Face checkpoint is read straight into them: a 16B model never exists in fp32 on the host)."""
-    from ..checkpoint import load_pretrained
     from ..data import Tokenizer
     path = Path(model_path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory (a training run or a Hugging Face model directory)")
     tokenizer = Tokenizer.load(tokenizer_dir(path, tokenizer_path))
+    return load_model(path, ema, dtype, device)[0], tokenizer
+
+
+def load_model(path: str | Path, ema: bool = False, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", step: int | None = None) -> tuple[torch.nn.Module, Path | None]:
+    """load_model_and_tokenizer's model, and the run checkpoint it is (None: a Hugging Face directory's); `step`:
+    a training run's checkpoint of that step (default: its latest)."""
+    from ..checkpoint import load_pretrained
+    path = Path(path)
     if is_run_dir(path):
         from ..train import load_run_model
-        model, _ = load_run_model(path, ema=ema)
-        model.to(device=device, dtype=dtype)
-    else:
-        if ema:
-            raise ValueError(f"{path} is a Hugging Face directory: it has no EMA weights (ema applies to run "
-                             f"directories)")
-        model = load_pretrained(path, dtype=dtype, device=device).eval()
-    return model, tokenizer
+        model, ckpt = load_run_model(path, step=step, ema=ema)
+        return model.to(device=device, dtype=dtype), ckpt
+    if ema:
+        raise ValueError(f"{path} is a Hugging Face directory: it has no EMA weights (ema applies to run "
+                         f"directories)")
+    return load_pretrained(path, dtype=dtype, device=device).eval(), None
 
 
 @dataclass

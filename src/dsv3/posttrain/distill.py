@@ -19,15 +19,17 @@ import torch
 
 from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
+from ..data import Tokenizer
 from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..train.config import RunConfig
 from ..train.data_parallel import refuse_ranks
 from ..train.losses import mtp_mean, positions
 from ..train.trainer import Trainer, compute_dtype, lm_losses, resolve_device, split_batch
-from .base import chat_template_of, load_model_and_tokenizer, tokenizer_dir
+from .base import chat_template_of, load_model, tokenizer_dir
 from .config import check_length, check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl
+from .pinned import gone, pin, pinned_step, read_pin
 from .rewards import format_reward
 from .sft import SAVED, build_sft
 from .tasks import generate_tasks, verify
@@ -64,11 +66,36 @@ class LogitKDTrainer(Trainer):
     command = "distill"
     """The SFT Trainer with the logit-distillation loss added (module docstring, step 2)."""
 
-    def __init__(self, cfg, *, teacher, top_k: int, kd_weight: float, kd_temperature: float, **kwargs):
+    def __init__(self, cfg, *, teacher, teacher_path: str, teacher_checkpoint: Path | None, top_k: int,
+                 kd_weight: float, kd_temperature: float, **kwargs):
         super().__init__(cfg, **kwargs)
+        if kwargs.get("resume"):
+            teacher, teacher_checkpoint = self._pinned_teacher(teacher, teacher_path, teacher_checkpoint)
+        self.teacher_pin = pin(teacher_path, teacher_checkpoint)     # in every checkpoint (_snapshot)
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.top_k, self.kd_weight, self.kd_temperature = top_k, kd_weight, kd_temperature
         self.kd_sum, self.kd_n = 0.0, 0
+
+    def _pinned_teacher(self, teacher, path: str, checkpoint: Path | None):
+        """A resume's teacher: the one the run started with, pinned in its checkpoints (dsv3.posttrain.pinned): a
+        run directory's checkpoint of then, not its latest (the teacher's run may have trained on), and a Hugging
+        Face directory as it was (refused if rewritten since)."""
+        pinned = read_pin(self.resumed_from, "teacher")
+        step = pinned_step(pinned, "distill.teacher", path, checkpoint)
+        if step is None:
+            return teacher, checkpoint
+        p = next(teacher.parameters())
+        try:
+            teacher, checkpoint = load_model(path, dtype=p.dtype, device=p.device, step=step)
+        except FileNotFoundError:
+            raise gone("distill.teacher", path, pinned, "teacher") from None
+        pinned_step(pinned, "distill.teacher", path, checkpoint)       # the pinned one: saved again?
+        return teacher, checkpoint
+
+    def _snapshot(self) -> dict:
+        snap = super()._snapshot()
+        snap["state"]["teacher"] = self.teacher_pin
+        return snap
 
     def interval_metrics(self) -> dict:
         out = {"kd_loss": self.kd_sum / self.kd_n} if self.kd_n else {}
@@ -104,7 +131,7 @@ class LogitKDTrainer(Trainer):
         return loads, sums
 
 
-def distill_trainer(config, overrides: list[str], resume: bool = False, overwrite: bool = False,
+def distill_trainer(config, overrides: list[str], resume: bool | str = False, overwrite: bool = False,
                     progress: bool | None = None, run_dir: str | None = None):
     """(Trainer, lines) for a run file with a [distill] table (module docstring)."""
     from ..train.run_dir import check_start
@@ -125,13 +152,16 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
     if s.mode == "logit":
         refuse_ranks("distill")                   # LogitKDTrainer's step: one process (before the teacher loads)
     device, dtype = teacher_placement(d)
-    teacher, tok = load_model_and_tokenizer(s.teacher, dtype=dtype, device=device)
+    make_data = not s.train_files and not (resume and (out / DATA).exists())
+    if s.mode == "logit" or make_data:           # else the teacher's work is done (or none): not read at all
+        teacher, teacher_checkpoint = load_model(s.teacher, dtype=dtype, device=device)
     if s.mode == "logit":         # before the teacher spends any time: logits are compared id by id
         _check_logit_pair(s, teacher.config.vocab_size)
     lines, files = [], list(s.train_files)
     if not files:
         files = [str(out / DATA)]
-        if not (resume and (out / DATA).exists()):
+        if make_data:
+            tok = Tokenizer.load(tokenizer_dir(s.teacher))
             tasks = generate_tasks(s.task, "train", s.prompts, s.seed,
                                    **({"digits": s.digits, "ops": s.ops} if s.task == "arithmetic" else {}))
             kept, stats = teacher_conversations(teacher, tok, ChatTemplate(chat_template_of(tokenizer_dir(s.teacher))),
@@ -149,7 +179,8 @@ def distill_trainer(config, overrides: list[str], resume: bool = False, overwrit
                   "epochs": s.epochs, "seed": s.seed}
     make = None
     if s.mode == "logit":
-        make = functools.partial(LogitKDTrainer, teacher=teacher, top_k=s.top_k, kd_weight=s.kd_weight,
+        make = functools.partial(LogitKDTrainer, teacher=teacher, teacher_path=s.teacher,
+                                 teacher_checkpoint=teacher_checkpoint, top_k=s.top_k, kd_weight=s.kd_weight,
                                  kd_temperature=s.kd_temperature)
     trainer, more = build_sft(sft, resume, overwrite, progress, saved=d, make_trainer=make)
     for line in lines:

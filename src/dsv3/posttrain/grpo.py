@@ -41,6 +41,7 @@ from ..verify.sandbox import self_check
 from .base import load_base
 from .config import check_paths, read_posttrain_dict, section_from_table, split_config
 from .grpo_loss import policy_loss, sequence_logprobs
+from .pinned import gone, pin, pinned_step, read_pin
 from .rollout import PromptSource, Rollouts, batch_from_state, batch_state, sample_groups
 from .tasks import generate_tasks, read_code_tasks
 
@@ -50,7 +51,7 @@ TASK_ARGS = {"arithmetic": lambda c: {"digits": c.digits, "ops": c.ops}, "countd
 
 class GRPOTrainer(Trainer):
     command = "grpo"
-    def __init__(self, cfg, section, base, resume: bool = False, overwrite: bool = False,
+    def __init__(self, cfg, section, base, resume: bool | str = False, overwrite: bool = False,
                  progress: bool | None = None, reward_model=None):
         from ..data.chat import ChatTemplate
         self.section, self.reward_model = section, reward_model
@@ -77,6 +78,7 @@ class GRPOTrainer(Trainer):
             base = self._pinned_base(base)
         self.base_checkpoint = base.checkpoint
         if section.beta > 0:       # the frozen starting policy; beta = 0 loads none
+            self.reference_pin = pin(section.init, base.checkpoint)     # before it is read: what it was then
             # built as the policy is (build_model): its parameter dtype (bf16 with train.dtype=bf16-params, so the
             # KL starts at 0 and the copy takes half the memory), on the device; a Hugging Face base is read from
             # its files tensor by tensor (hf_shards), never whole in fp32 on the host (64 GB for a 16B model)
@@ -95,28 +97,27 @@ class GRPOTrainer(Trainer):
         self.acc_update: dict[str, float] = defaultdict(float)     # per update (policy_loss stats)
 
     def _pinned_base(self, base):
-        """A resume's KL reference: the checkpoint of grpo.init the run started from (its checkpoints name it), not
-        that run's latest, which may have moved on since (the base trained further): the KL term would then pull
+        """A resume's KL reference: the checkpoint of grpo.init the run started from (its checkpoints pin it,
+        dsv3.posttrain.pinned), not that run's latest, which may have moved on since (the base trained further),
+        and a Hugging Face grpo.init as it was (refused if rewritten since): the KL term would otherwise pull
         towards another policy than the uninterrupted run's."""
-        try:
-            pinned = json.loads((self.resumed_from / "state.json").read_text()).get("reference")
-        except (OSError, ValueError, AttributeError):
-            pinned = None
-        if not pinned or base.checkpoint is None or pinned["checkpoint"] == base.checkpoint.name:
+        pinned = read_pin(self.resumed_from, "reference")
+        step = pinned_step(pinned, "grpo.init", self.section.init, base.checkpoint)
+        if step is None:
             return base
         try:
-            return load_base(self.section.init, self.section.ema, step=int(pinned["checkpoint"][len("step_"):]))
+            base = load_base(self.section.init, self.section.ema, step=step)
         except FileNotFoundError:
-            raise ConfigError(f"invalid grpo config: grpo.init={self.section.init!r}: its checkpoint "
-                              f"{pinned['checkpoint']}, the run's KL reference (the starting policy), is gone; "
-                              f"restore it or start a new run") from None
+            raise gone("grpo.init", self.section.init, pinned, "KL reference (the starting policy)") from None
+        pinned_step(pinned, "grpo.init", self.section.init, base.checkpoint)     # the pinned one: saved again?
+        return base
 
     def _snapshot(self) -> dict:
         """The Trainer's checkpoint state, plus the batch of rollouts while updates remain on it (module docstring),
-        and which checkpoint of a run directory's grpo.init the KL reference is (_pinned_base)."""
+        and which model the KL reference is (_pinned_base)."""
         snap = super()._snapshot()
-        if self.reference is not None and self.base_checkpoint is not None:
-            snap["state"]["reference"] = {"init": self.section.init, "checkpoint": self.base_checkpoint.name}
+        if self.reference is not None:
+            snap["state"]["reference"] = self.reference_pin
         if self.rollouts is not None and self.uses < self.section.updates_per_batch:
             snap["state"]["loader"] = {**snap["state"]["loader"], "batch": batch_state(self.rollouts, self.uses)}
         return snap
@@ -199,7 +200,7 @@ class GRPOTrainer(Trainer):
         return loads, sums
 
 
-def grpo_trainer(config, overrides: list[str], resume: bool = False, overwrite: bool = False,
+def grpo_trainer(config, overrides: list[str], resume: bool | str = False, overwrite: bool = False,
                  progress: bool | None = None, run_dir: str | None = None, reward_model=None) -> GRPOTrainer:
     """A GRPOTrainer for a run file (a [grpo] table + run sections); with `resume` and no file, the run directory's
     saved posttrain.json. train.batch_size is prompts_per_step x group_size (one step's rows; another value is an

@@ -99,7 +99,7 @@ def examples_digest(examples: list[ChatExample]) -> str:
     return digest.hexdigest()
 
 
-def sft_trainer(config: str | Path | None, overrides: list[str], resume: bool = False, overwrite: bool = False,
+def sft_trainer(config: str | Path | None, overrides: list[str], resume: bool | str = False, overwrite: bool = False,
                 progress: bool | None = None, run_dir: str | None = None):
     """(Trainer, data report) for a run file; with `resume` and no file, the run directory's saved posttrain.json."""
     overrides = list(overrides) + ([f"run_dir={json.dumps(run_dir)}"] if run_dir else [])
@@ -109,7 +109,7 @@ def sft_trainer(config: str | Path | None, overrides: list[str], resume: bool = 
     return build_sft(d, resume, overwrite, progress)
 
 
-def build_sft(d: dict, resume: bool = False, overwrite: bool = False, progress: bool | None = None,
+def build_sft(d: dict, resume: bool | str = False, overwrite: bool = False, progress: bool | None = None,
               saved: dict | None = None, make_trainer=None):
     """Steps 1-4 for a run dict with an [sft] table. `saved`: what posttrain.json keeps for --resume (default d);
     `make_trainer(cfg, **kwargs)`: a Trainer subclass (logit distillation: dsv3.posttrain.distill)."""

@@ -9,14 +9,16 @@ the run (step, tokens, spikes, the loss's running mean, the data position): resu
                   gathered; with checkpoint.async_save written in the background over a gloo group of its own and
                   committed by finish_checkpoint once every rank's writes finished
 On resume a sharded checkpoint (any layout wrote it) is read by every rank for its own rows; a single-file one
-under torchrun likewise (load_whole_into); in one process whole.
+under torchrun likewise (load_whole_into); in one process whole. The final save and a signal's (_save_now,
+_stop_if_asked) are of the state as it is, marked suspect during a spike; what stands after an abort: abort_note.
 
 Reads from the Trainer: cfg, run_dir, layout, model, local, optimizer, zero, ema, loader, logger and the counters
-step, tokens, spikes, loss_ema.
+step, tokens, spikes, loss_ema, spiking, command.
 """
 
 from __future__ import annotations
 
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from .checkpoint import (
     checkpoint_path,
     is_sharded,
     last_healthy,
+    latest_checkpoint,
     load_checkpoint,
     load_sharded,
     load_whole_into,
@@ -41,7 +44,8 @@ from .checkpoint import (
     save_sharded,
 )
 from .data_parallel import is_collective_timeout
-from .run_dir import write_failure
+from .run_dir import resume_advice, write_failure
+from .signals import StopSignals, TrainingInterrupted
 
 
 class Checkpointing:
@@ -159,3 +163,30 @@ class Checkpointing:
             with self._naming_write_errors(pending.target):
                 path = pending.commit()
             self.logger.log_event(pending.state["step"], f"checkpoint {path.name} (sharded, in the background)")
+
+    def _stop_if_asked(self, stop: StopSignals, saved: Path | None) -> None:
+        """After a step: if any rank got SIGINT / SIGTERM, every rank saves (unless this step just did) and stops."""
+        signum = self.layout.agree(stop.received)
+        if not signum:
+            return
+        path, self.pending = saved or self._save_now(), None
+        name = signal.Signals(signum).name
+        self.logger.log_event(self.step, f"stopped by {name}")
+        spike = f" ({self.suspect_note(path)})" if self.spiking else ""
+        raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}{spike}. "
+                                          f"{resume_advice(self.run_dir, path, self.layout.world, self.command)}")
+
+    def _save_now(self) -> Path:
+        """The final or a signal's save: of the state as it is, marked suspect while the run spikes (no later step
+        vets it), so that keep pruning leaves the last healthy checkpoint beside it."""
+        path = self.save(wait=True, suspect=self.spiking)
+        if self.spiking:
+            self.logger.log_event(self.step, self.suspect_note(path))
+        return path
+
+    def abort_note(self) -> str:
+        """After a second signal's abort (no save): the checkpoint that stands, and how to resume from it."""
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return "no checkpoint was written yet: nothing to resume"
+        return f"the last checkpoint is {ckpt}. {resume_advice(self.run_dir, ckpt, self.layout.world, self.command)}"

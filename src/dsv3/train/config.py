@@ -233,7 +233,8 @@ class RunConfig:
                               f"model.vocab_size={self.model.vocab_size}")
         o = self.optim
         if o.state_dtype == "bf16" and t.compile_optimizer:
-            raise ConfigError("invalid run config: optim.state_dtype=bf16 does not combine with train.compile_optimizer")
+            raise ConfigError("invalid run config: optim.state_dtype=bf16 does not combine with "
+                              "train.compile_optimizer")
         if o.master == "split" and o.state_dtype != "bf16":
             raise ConfigError("invalid run config: optim.master=split needs optim.state_dtype=bf16 (the optimizer "
                               "that keeps master weights)")

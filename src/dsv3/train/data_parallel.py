@@ -21,8 +21,9 @@ Checkpoints are sharded (dsv3.train.checkpoint.save_sharded, dsv3.parallel.dcp):
 holds, nothing is gathered, and a checkpoint resumes at any world size and layout; a single-process checkpoint is
 cut to each rank's rows at resume (`load_whole_into`). The EMA is shared out over every rank, each averaging ~1/world
 of the model (its share of the rows it holds; under FSDP its own shards) in CPU memory (dsv3.train.ema). With one
-process (world 1) fsdp is a no-op, so a FSDP run's checkpoint resumes in one plain process as configured. The fused-AdamW clip-in-optimizer and compiled-optimizer paths are off under FSDP
-(CUDA-only and not verified on DTensor gradients; the config refuses compile_optimizer with fsdp).
+process (world 1) fsdp is a no-op, so a FSDP run's checkpoint resumes in one plain process as configured. The
+fused-AdamW clip-in-optimizer and compiled-optimizer paths are off under FSDP (CUDA-only and not verified on DTensor
+gradients; the config refuses compile_optimizer with fsdp).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from typing import IO
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from .checkpoint import checkpoint_dirs, checkpoint_path, checkpoint_step, latest_checkpoint, verify_checkpoint
+from .checkpoint import (checkpoint_dirs, checkpoint_path, checkpoint_step, is_suspect, last_healthy, latest_checkpoint,
+                         verify_checkpoint)
 from .metrics import METRICS_FILE
 
 RUN_FILES = ("checkpoints", METRICS_FILE, "tensorboard", "plots", "baselines.json", "config.json", "tokenizer")
@@ -193,27 +194,89 @@ def lock_run_dir(run_dir: Path, layout, resume: bool, overwrite: bool, cfg) -> I
     return held
 
 
-def choose_checkpoint(run_dir: Path, layout) -> tuple[Path, list[str]]:
-    """--resume: the newest checkpoint whose files match their manifest, and a line for each newer one skipped.
+def choose_checkpoint(run_dir: Path, layout, explicit: str | None = None, command: str = "train"
+                      ) -> tuple[Path, list[str]]:
+    """--resume: the newest healthy checkpoint whose files match their manifest, and the lines to log about the newer
+    ones it passed over (damaged: one line each; suspect, saved during a loss spike: one line for all, with the
+    command that resumes from one of them). `explicit` (--resume-from): that checkpoint of the run, suspect or not,
+    refused if damaged. Only suspect checkpoints intact: refused, naming them and the explicit way.
     Every rank checks its share of the checksums (verify_checkpoint's share: rank 0 alone would read the whole
-    checkpoint, terabytes for 671B, while the others wait), of rank 0's list of checkpoints; the lowest rank's
-    error, if any, is every rank's (Layout.first_error, a collective, so no rank waits on a rank that failed)."""
-    skipped = []
-    for step in layout.from_rank_0([checkpoint_step(d) for d in checkpoint_dirs(run_dir)] if layout.is_main
-                                   else None)[::-1]:
-        d, error = checkpoint_path(run_dir, step), ""
+    checkpoint, terabytes for 671B, while the others wait), of rank 0's list of checkpoints and their marks; the
+    lowest rank's error, if any, is every rank's (Layout.first_error, a collective, so no rank waits on a rank that
+    failed)."""
+    def verified(d: Path) -> str:
+        error = ""
         try:
             verify_checkpoint(d, (layout.rank, layout.world))
         except CheckpointError as e:
             error = str(e)
-        error = layout.first_error(error)
-        if not error:
+        return layout.first_error(error)
+
+    if explicit is not None:
+        d = layout.from_rank_0(explicit_checkpoint(run_dir, explicit) if layout.is_main else None)
+        if isinstance(d, str):              # rank 0's refusal, every rank's
+            err = CheckpointError(d)
+        elif error := verified(d):
+            err = CheckpointError(f"--resume-from {explicit}: checkpoint {d.name} is damaged: {error}")
+        else:
+            return d, [f"resuming from {d.name}, saved during a loss spike (suspect), as --resume-from asked"] \
+                if layout.from_rank_0(is_suspect(d) if layout.is_main else None) else []
+        err.said_by_rank_0 = True
+        raise err
+    skipped, suspect = [], []
+    for step, marked in layout.from_rank_0([(checkpoint_step(d), is_suspect(d)) for d in checkpoint_dirs(run_dir)]
+                                           if layout.is_main else None)[::-1]:
+        d = checkpoint_path(run_dir, step)
+        if marked:              # the state of a loss spike: taken only when asked for by name
+            suspect.append(d.name)
+            continue
+        if not (error := verified(d)):
+            if suspect:
+                skipped.append(f"skipped the newer checkpoint{'s' * (len(suspect) > 1)} {', '.join(suspect)}, "
+                               f"saved during a loss spike (suspect), for the last healthy one {d.name}; to resume "
+                               f"from {'one of them' if len(suspect) > 1 else 'it'}: "
+                               f"{resume_command(run_dir, layout.world, command=command, checkpoint=suspect[0])}")
             return d, skipped
         skipped.append(f"skipping checkpoint {d.name}: {error}")
     # every rank stops; rank 0 says why (dsv3.cli)
-    err = CheckpointError(f"--resume: no checkpoint of {run_dir} is intact: " + "; ".join(skipped))
+    if suspect:
+        err = CheckpointError(
+            f"--resume: {run_dir} has no healthy intact checkpoint, only {', '.join(suspect)}, saved during a loss "
+            f"spike (suspect){': ' if skipped else ''}{'; '.join(skipped)}; to resume from a suspect one anyway: "
+            f"{resume_command(run_dir, layout.world, command=command, checkpoint=suspect[0])}")
+    else:
+        err = CheckpointError(f"--resume: no checkpoint of {run_dir} is intact: " + "; ".join(skipped))
     err.said_by_rank_0 = True
     raise err
+
+
+def explicit_checkpoint(run_dir: Path, name: str) -> Path | str:
+    """--resume-from's checkpoint of run_dir: a step number, a step directory's name (step_00000006) or its path
+    (it must be one of this run's: another run's weights are train.init_from's). A str: why it is refused."""
+    dirs = checkpoint_dirs(run_dir)
+    have = f"its checkpoints: {', '.join(d.name for d in dirs)}" if dirs else "it has no checkpoint"
+    if name.isdigit():
+        d = checkpoint_path(run_dir, int(name))
+    elif "/" not in name and name.startswith("step_"):
+        d = run_dir / "checkpoints" / name
+    else:
+        d = Path(name)
+        if d.resolve().parent != (run_dir / "checkpoints").resolve():
+            return (f"--resume-from {name}: not a checkpoint of the run {run_dir} ({have}); another run's weights "
+                    f"are a new run's start: train.init_from")
+        d = run_dir / "checkpoints" / d.name
+    if d not in dirs:
+        return f"--resume-from {name}: {run_dir} has no checkpoint {d.name} ({have})"
+    return d
+
+
+def healthy_to_resume(run_dir: Path, step: int | None = None) -> tuple[Path | None, str | None]:
+    """The last healthy checkpoint (at or before `step`, if given: later ones are an earlier start's, which a resume
+    went back past), and the --resume-from name that reaches it when a plain --resume would take another (a newer
+    healthy one; None: plain --resume takes it). Unverified: what a stopping run advises, not a resume's check."""
+    dirs = checkpoint_dirs(run_dir)
+    last = last_healthy([d for d in dirs if step is None or checkpoint_step(d) <= step])
+    return last, (last.name if last is not None and last != last_healthy(dirs) else None)
 
 
 def clear_run(run_dir: Path) -> list[str]:
@@ -240,11 +303,28 @@ def _launcher(world: int, command: str = "train") -> str:
     return f"torchrun {nodes}--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)} -m dsv3.cli {command}"
 
 
-def resume_command(run_dir: Path, world: int, *overrides: str, command: str = "train") -> str:
-    """The command that continues the run from its latest checkpoint (run_dir/config.json holds the config);
-    `command`: the dsv3 subcommand that trains it (train, sft, grpo, distill)."""
-    return " ".join([_launcher(world, command), "--resume", "--run-dir", shlex.quote(str(run_dir)),
+def resume_command(run_dir: Path, world: int, *overrides: str, command: str = "train",
+                   checkpoint: str | None = None) -> str:
+    """The command that continues the run from its newest healthy checkpoint, or from `checkpoint` (a step
+    directory's name: --resume-from) (run_dir/config.json holds the config); `command`: the dsv3 subcommand that
+    trains it (train, sft, grpo, distill)."""
+    how = ["--resume-from", checkpoint] if checkpoint else ["--resume"]
+    return " ".join([_launcher(world, command), *how, "--run-dir", shlex.quote(str(run_dir)),
                      *map(shlex.quote, overrides)])
+
+
+def resume_advice(run_dir: Path, newest: Path, world: int, command: str = "train") -> str:
+    """"Resume with: ..." for a run whose newest checkpoint is `newest`: a plain --resume, unless `newest` is suspect
+    (saved during a loss spike), which a plain --resume passes over for the last healthy one: then both ways, or
+    only the explicit one where no healthy checkpoint precedes it."""
+    plain = resume_command(run_dir, world, command=command)
+    if not is_suspect(newest):
+        return f"Resume with: {plain}"
+    explicit = resume_command(run_dir, world, command=command, checkpoint=newest.name)
+    healthy = last_healthy([d for d in checkpoint_dirs(run_dir) if d.name < newest.name])
+    if healthy is None:
+        return f"No healthy checkpoint precedes it: resume from it with: {explicit}"
+    return f"Resume with: {plain} (from the last healthy checkpoint {healthy.name}), or from {newest.name}: {explicit}"
 
 
 # the file a command's --config reads back: `dsv3 train` its RunConfig; sft / grpo / distill the run file with their
@@ -260,15 +340,23 @@ def restart_command(run_dir: Path, world: int, *overrides: str, command: str = "
                      *map(shlex.quote, overrides)])
 
 
-def divergence_advice(run_dir: Path, world: int, lr: float, command: str = "train") -> str:
-    """Where a run that diverged can go back to: its last checkpoint, which precedes the blow-up (the trainer writes
-    a checkpoint only once the next step vetted its weights), with a tenth of the LR; or, without one, a fresh start."""
-    last, lower = latest_checkpoint(run_dir), f"optim.lr={lr / 10:g}"
+def divergence_advice(run_dir: Path, world: int, lr: float, command: str = "train", step: int | None = None) -> str:
+    """Where a run that diverged at `step` can go back to: its last healthy checkpoint, which precedes the blow-up
+    (the trainer writes a periodic checkpoint only once the next step vetted its weights; a signal's or final save
+    during a spike is marked suspect), with a tenth of the LR; or, without one, a fresh start. Checkpoints after
+    `step` (an earlier start's, which a resume went back past) are not this run's past."""
+    (last, name), lower = healthy_to_resume(run_dir, step), f"optim.lr={lr / 10:g}"
     if last is None:
+        suspect = [d.name for d in checkpoint_dirs(run_dir) if step is None or checkpoint_step(d) <= step]
+        if suspect:             # only saves of a loss spike: --overwrite would delete them, so name both ways
+            return (f"No healthy checkpoint precedes it, only {', '.join(suspect)}, saved during a loss spike "
+                    f"(suspect): resume from one with a lower optim.lr (now {lr:g}): "
+                    f"{resume_command(run_dir, world, lower, command=command, checkpoint=suspect[-1])}, or start "
+                    f"afresh (deleting them): {restart_command(run_dir, world, lower, command=command)}")
         return (f"No checkpoint precedes it: start afresh with a lower optim.lr (now {lr:g}) or a longer "
                 f"optim.warmup: {restart_command(run_dir, world, lower, command=command)}")
     return (f"Last healthy checkpoint: {last.name}. Lower optim.lr (now {lr:g}) or raise optim.warmup and resume "
-            f"from it: {resume_command(run_dir, world, lower, command=command)}")
+            f"from it: {resume_command(run_dir, world, lower, command=command, checkpoint=name)}")
 
 
 def _free_space(path: Path) -> str:

@@ -14,6 +14,14 @@ import signal
 import time
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: the run stopped after a step and saved it; the message says how to resume."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
 class Aborted(KeyboardInterrupt):
     """A second SIGINT / SIGTERM: the run stops where it is (its last checkpoint stands)."""
 

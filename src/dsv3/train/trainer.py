@@ -17,9 +17,10 @@ checkpoint besides them (dsv3.train.checkpoint.prune_checkpoints).
 
 Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, the EMA, the data position and the RNG
 states, and the logged train and val metrics are cut back to the checkpoint's step (the events stay). It starts from
-the newest checkpoint whose files match their checksums (dsv3.train.checkpoint), verified once by rank 0. How the Trainer writes and reads its
-checkpoints is dsv3.train.checkpointing's (its base class); its data and the run directory's first files are
-dsv3.train.run_data's.
+the newest healthy checkpoint (not one saved during a spike) whose files match their checksums (dsv3.train.checkpoint),
+every rank verifying its share, or from the one --resume-from names (dsv3.train.run_dir.choose_checkpoint). How the
+Trainer writes and reads its checkpoints is dsv3.train.checkpointing's (its base class); its data and the run
+directory's first files are dsv3.train.run_data's.
 
 Under torchrun the same loop runs on every rank in the layout of `parallel` (data parallelism, expert parallelism
 inside it, optionally FSDP-sharded, DualPipeV pipeline parallelism with a (dp, ep) layout per pipeline position:
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +49,7 @@ from ..parallel.parallelize import parallelize
 from ..parallel.zero import ZeroOne
 from . import schedule
 from .balance import collect_balance_loss, moe_layers, update_bias
-from .checkpoint import is_sharded, latest_checkpoint
+from .checkpoint import is_sharded
 from .checkpointing import Checkpointing
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger, refuse_ranks
@@ -63,8 +63,8 @@ from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .run_data import prepare_run_data, write_run_config
-from .run_dir import check_start, choose_checkpoint, divergence_advice, lock_run_dir, resume_command
-from .signals import StopSignals
+from .run_dir import check_start, choose_checkpoint, divergence_advice, lock_run_dir
+from .signals import StopSignals, TrainingInterrupted
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "StepStats", "build_model", "compute_dtype",
            "resolve_device", "split_batch", "cross_entropy", "lm_losses"]
@@ -72,14 +72,6 @@ __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "StepStats", "b
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the run stopped and its last checkpoint is intact."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT / SIGTERM: the run stopped after a step and saved it; the message says how to resume."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,10 +128,12 @@ class StepStats:
 
 class Trainer(Checkpointing):
     command = "train"    # the dsv3 subcommand that runs this trainer: its resume / restart advice names it
-    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool | None = None, overwrite: bool = False,
-                 source=None, init_state: dict | Path | None = None):
-        """resume: continue from the newest valid checkpoint; overwrite: start afresh in a run directory that holds
-        an earlier run (deleting its outputs); neither: the directory must not hold one (dsv3.train.run_dir).
+    def __init__(self, cfg: RunConfig, resume: bool | str = False, progress: bool | None = None,
+                 overwrite: bool = False, source=None, init_state: dict | Path | None = None):
+        """resume: continue from the newest healthy valid checkpoint, or from the one named (a str: --resume-from's
+        step, step directory or path; dsv3.train.run_dir.choose_checkpoint); overwrite: start afresh in a run
+        directory that holds an earlier run (deleting its outputs); neither: the directory must not hold one
+        (dsv3.train.run_dir).
         source: a batch source in place of the pre-training corpus (SFT: dsv3.posttrain.sft.ChatBatches): its
         `tokenizer`, `next_batch(rows)` -> window or (window, targets), `val` batches, `state_dict` /
         `load_state_dict` (the data position, in checkpoints). init_state: the starting weights (a fine-tune's
@@ -157,7 +151,8 @@ class Trainer(Checkpointing):
         self.layout = Layout(self.device, cfg)     # 2. the process group and the mesh; validates the layout
         # rank 0 claims the run directory before anything is written there: a second run at once is refused
         self.run_lock = lock_run_dir(self.run_dir, self.layout, resume, overwrite, cfg)
-        ckpt, skipped = choose_checkpoint(self.run_dir, self.layout) if resume else (None, [])
+        ckpt, skipped = choose_checkpoint(self.run_dir, self.layout, resume if isinstance(resume, str) else None,
+                                          self.command) if resume else (None, [])
         self.dtype = compute_dtype(cfg.train.dtype, self.device)
         show = cfg.log.progress if progress is None else progress
         data = prepare_run_data(cfg, self.layout, source, resume, overwrite, progress=show)  # 3.
@@ -177,8 +172,8 @@ class Trainer(Checkpointing):
             self.logger.truncate_after(self.step)
             for note in skipped:
                 self.logger.log_event(self.step, note)
-            self.logger.log_event(self.step, f"resumed from {ckpt}" + (" (the newest valid checkpoint)" if skipped
-                                                                       else ""))
+            self.logger.log_event(self.step, f"resumed from {ckpt}" + (
+                " (the newest valid checkpoint)" if skipped and not isinstance(resume, str) else ""))
         for note in data.notes + ([shard_note] if shard_note else []):
             self.logger.log_event(self.step, note)
 
@@ -341,7 +336,7 @@ class Trainer(Checkpointing):
             self.finish_checkpoint()             # the save in flight holds vetted weights: the advice names it
             msg = (f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
                    f"(loss {total}, grad norm {grad_norm.item()}); stopping. "
-                   f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr, self.command)}")
+                   f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr, self.command, step)}")
             self.logger.log_event(step + 1, msg, echo=False)     # the CLI's "stopped:" line says it once
             raise TrainingDiverged(msg)
         self._watch_for_spikes(total, grad_norm.item())
@@ -503,32 +498,3 @@ class Trainer(Checkpointing):
                 self.ema.wait()
             self.logger.close()
         return {"step": self.step, "tokens": self.tokens, "spikes": self.spikes, **last_val}
-
-    def _stop_if_asked(self, stop: StopSignals, saved: Path | None) -> None:
-        """After a step: if any rank got SIGINT / SIGTERM, every rank saves (unless this step just did) and stops."""
-        signum = self.layout.agree(stop.received)
-        if not signum:
-            return
-        path, self.pending = saved or self._save_now(), None
-        name = signal.Signals(signum).name
-        self.logger.log_event(self.step, f"stopped by {name}")
-        spike = f" ({self.suspect_note(path)})" if self.spiking else ""
-        resume = resume_command(self.run_dir, self.layout.world, command=self.command)
-        raise TrainingInterrupted(signum, f"stopped by {name} after step {self.step}; saved {path}{spike}. Resume "
-                                          f"with: {resume}")
-
-    def _save_now(self) -> Path:
-        """The final or a signal's save: of the state as it is, marked suspect while the run spikes (no later step
-        vets it), so that keep pruning leaves the last healthy checkpoint beside it."""
-        path = self.save(wait=True, suspect=self.spiking)
-        if self.spiking:
-            self.logger.log_event(self.step, self.suspect_note(path))
-        return path
-
-    def abort_note(self) -> str:
-        """After a second signal's abort (no save): the checkpoint that stands, and how to resume from it."""
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return "no checkpoint was written yet: nothing to resume"
-        return (f"the last checkpoint is {ckpt}. Resume with: "
-                f"{resume_command(self.run_dir, self.layout.world, command=self.command)}")
