@@ -112,6 +112,38 @@ def profile_step(model, batch: int, prompt: int, **engine_kw) -> dict:
     return dict(replay_ms=replay_ms, source=source, categories=cats, busy_ms=busy)
 
 
+def profile_prefill(model, batch: int, prompt: int, **engine_kw) -> dict:
+    """One prefill step of `batch` queued prompts (every prompt in the step), after an untimed round: its wall time
+    against its kernels' GPU time by op category and their count (a host-bound step launches many short kernels)."""
+    cfg = model.config
+    engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4,
+                                               max_num_batched_tokens=batch * prompt, **engine_kw))
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+    def queue():
+        for _ in range(batch):
+            engine.add_request(torch.randint(10, cfg.vocab_size, (prompt,)).tolist(), params)
+    queue()
+    while engine.has_unfinished():
+        engine.step()
+    queue()
+    _sync("cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        engine.step()
+        _sync("cuda")
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    while engine.has_unfinished():
+        engine.step()
+    cats = _categorise(_kernels(prof))
+    busy = sum(ms for _, _, ms in cats)
+    lines = [f"  prefill step of {batch} x {prompt} tokens: {wall_ms:.1f} ms wall (profiled), kernels "
+             f"{sum(c for _, c, _ in cats)}, {busy:.1f} ms GPU busy ({busy / wall_ms:.0%})"]
+    lines += [f"    {n:44s} {c:5d} kernels {ms:8.3f} ms" for n, c, ms in sorted(cats, key=lambda t: -t[2])]
+    print("\n".join(lines), flush=True)
+    return dict(wall_ms=wall_ms, busy_ms=busy, categories=cats)
+
+
 MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused_moe="off"),
          "compile": dict(compile_decode=True, fused_moe="off"), "fused": dict(compile_decode=True, fused_moe="on"),
          "auto": dict(compile_decode=True, fused_moe="auto"), "fusedeager": dict(fused_moe="on"),
@@ -273,6 +305,8 @@ def main() -> None:
                    "of this many prompts queued at once (0: skip)")
     p.add_argument("--ttft-budgets", default="0,2048", help="tokens per step for the TTFT rows (0: every prompt in one "
                    "prefill step; 2048: EngineConfig's default budget, chunked prefill)")
+    p.add_argument("--ttft-profile", action="store_true", help="after the TTFT rows (CUDA): one prefill step of "
+                   "--ttft-batch prompts profiled, its wall time against its kernels' GPU time by category")
     p.add_argument("--host-ms", action="store_true", help="after each mode's rows: the engine's host work per "
                    "decode step (step() minus forward and head, timed apart; CPU dry runs: what overlap hides)")
     p.add_argument("--profile", action="store_true", help="after each mode but eager (CUDA): GPU time of one "
@@ -338,6 +372,8 @@ def main() -> None:
                 print(f"{mode:14s} TTFT of {r['batch']} x {r['prompt']}-token prompts, {r['budget']} tokens per step "
                       f"({r['steps']} steps): p50 {r['ttft_p50_s'] * 1e3:.1f} ms, p99 {r['ttft_p99_s'] * 1e3:.1f} ms, "
                       f"max {r['ttft_max_s'] * 1e3:.1f} ms", flush=True)
+            if a.ttft_profile and a.device == "cuda":
+                rows[-1]["prefill_profile"] = profile_prefill(model, a.ttft_batch, a.prompt, **kw)
             (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
     if a.spec_k:
         spec_rows(model, a, rows, out, t0)

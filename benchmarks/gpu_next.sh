@@ -34,6 +34,7 @@
 #                                   (decode at 1 / 32 / 64 BF16 and FP8 with TTFT, the server at 64 streams, the HF
 #                                   peer at 1 and 32), ~11 min: its stages have their own timeouts
 #   bash benchmarks/gpu_next.sh z   y without its CUDA tests (the gate ran them), ~8.5 min: one call
+#   bash benchmarks/gpu_next.sh A   fresh prefill rows in groups: CUDA engine tests, TTFT at 64 after / before, profiled
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -199,5 +200,19 @@ PY
     SKIP_SERVE=1 SKIP_TESTS=${SKIP_TESTS:-0} bash benchmarks/gpu_decode.sh ;;
   z)    # nineteenth session, second call (~8.5 min): y after the gate (gpu_suite.sh gpu ran the CUDA tests)
     SKIP_TESTS=1 bash "$0" y ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z"; exit 2 ;;
+  A)    # nineteenth session: fresh prefill rows attended in groups (dsv3.model.context.PrefillGroup; the per-row loop
+        # was ~15 launches per row and layer). The CUDA tests of the engine files, then TTFT of 64 x 128-token prompts
+        # after / before (carry out/prefill.patch: the change, reversed onto a copy of src for the before), profiled
+    install_wheels
+    timeout 200 python -m pytest -q -n 14 -p no:cacheprovider -m gpu -rfEs tests/test_infer_engine.py \
+      tests/test_infer_context.py tests/test_infer_spec.py tests/test_infer_decode_compile.py 2>&1 | tail -5 \
+      | tee "$OUT/gate.txt"
+    TT=(--batches 1 --tokens 8 --modes overlap,fp8-auto --ttft-batch 64 --ttft-profile)
+    timeout 150 python benchmarks/engine_decode.py "${TT[@]}" > "$OUT/ttft_after.txt" 2>&1
+    grep -E "TTFT of|prefill step|kernels .* ms$" "$OUT/ttft_after.txt" | sed 's/^/after  /'
+    rm -rf /tmp/old && mkdir -p /tmp/old && cp -r src /tmp/old/ && patch -s -d /tmp/old -p1 -R < out/prefill.patch \
+      && OUT=$OUT/before PYTHONPATH=/tmp/old/src:${PYTHONPATH#*:} timeout 150 python benchmarks/engine_decode.py \
+      "${TT[@]}" > "$OUT/ttft_before.txt" 2>&1
+    grep -E "TTFT of|prefill step|kernels .* ms$" "$OUT/ttft_before.txt" | sed 's/^/before /' ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A"; exit 2 ;;
 esac

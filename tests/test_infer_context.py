@@ -43,7 +43,8 @@ def test_paged_mla_equals_the_contiguous_cache(model):
         rows.append(Row([0] * (T - past), past, table))
         xs.append(x[0, past:])
     batch = make_batch(rows, cache, "cpu")
-    assert [r.start for r in batch.ctx.prefill] == [0, 3] and batch.ctx.decode_rows.tolist() == [7]
+    assert [r.start for r in batch.ctx.prefill] == [0] and batch.ctx.decode_rows.tolist() == [7]
+    assert [(g.rows, g.length, g.start, g.index) for g in batch.ctx.groups] == [(1, 4, 3, None)]   # the first chunk
     cos, sin = rope_cos_sin(cfg, batch.positions)
     got = attn(torch.cat(xs)[None], cos, sin, ctx=batch.ctx)[0]
     want = torch.cat(want)
@@ -54,6 +55,45 @@ def test_paged_mla_equals_the_contiguous_cache(model):
     assert decode_only.ctx.decode_rows is None and decode_only.ctx.prefill == ()
     torch.testing.assert_close(attn(xs[2][None], cos[7:8], sin[7:8], ctx=decode_only.ctx)[0], got[7:8],
                                rtol=1e-10, atol=1e-12)
+
+
+def test_fresh_rows_attend_in_groups_equal_to_their_own_forwards(model):
+    """Fresh rows (no cached context) of lengths 5, 5, 3, 9, 1, 2, 5 between a chunk after cached tokens and a decode
+    row: grouped by length (within 2x of the group's longest, padded to it; consecutive equal rows as a view), each
+    token's MLA output equals its own sequence's contiguous-cache forward (fp64), and every latent is in its slot."""
+    cfg = model.config
+    torch.manual_seed(1)
+    attn = model.layers[1].self_attn
+    cache = PagedLatentCache(cfg, 1, 64, 4, torch.float64, "cpu")
+    lengths, rows, xs, want, tables = [5, 5, 3, 9, 1, 2, 5], [], [], [], iter(range(64))
+    for n in lengths:
+        x = torch.randn(1, n, cfg.hidden_size, dtype=torch.float64)
+        cos, sin = rope_cos_sin(cfg, torch.arange(n))
+        want.append(attn(x, cos, sin, LatentCache(cfg, 1, 16, n_layers=1, dtype=torch.float64).layer(0), 0)[0])
+        rows.append(Row([0] * n, 0, [next(tables) for _ in range(-(-n // 4))]))
+        xs.append(x[0])
+    x = torch.randn(1, 7, cfg.hidden_size, dtype=torch.float64)      # 6 cached tokens + 1 decode, then 4 + 3 new
+    cos, sin = rope_cos_sin(cfg, torch.arange(7))
+    want_dec = attn(x, cos, sin, LatentCache(cfg, 1, 16, n_layers=1, dtype=torch.float64).layer(0), 0)[0, 6:]
+    dec_table = [next(tables), next(tables)]
+    attn(x[:, :6], cos[:6], sin[:6], ctx=make_batch([Row([0] * 6, 0, dec_table)], cache, "cpu").ctx)
+    y = torch.randn(1, 7, cfg.hidden_size, dtype=torch.float64)
+    cos, sin = rope_cos_sin(cfg, torch.arange(7))
+    want_chunk = attn(y, cos, sin, LatentCache(cfg, 1, 16, n_layers=1, dtype=torch.float64).layer(0), 0)[0, 4:]
+    chunk_table = [next(tables), next(tables)]
+    attn(y[:, :4], cos[:4], sin[:4], ctx=make_batch([Row([0] * 4, 0, chunk_table)], cache, "cpu").ctx)
+    batch = make_batch([Row([0] * 3, 4, chunk_table)] + rows + [Row([0], 6, dec_table)], cache, "cpu")
+    groups = {(g.rows, g.length, g.index is None) for g in batch.ctx.groups}
+    assert groups == {(4, 9, False), (2, 3, False), (1, 1, True)}, groups     # 9 5 5 5 | 3 2 | 1, padded
+    assert [r.start for r in batch.ctx.prefill] == [0]
+    cos, sin = rope_cos_sin(cfg, batch.positions)
+    got = attn(torch.cat([y[0, 4:]] + xs + [x[0, 6:]])[None], cos, sin, ctx=batch.ctx)[0]
+    torch.testing.assert_close(got[3:-1], torch.cat(want), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[:3], want_chunk, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[-1:], want_dec, rtol=1e-4, atol=1e-7)
+    # two consecutive rows of one length are one group without an index (a view of the flat batch)
+    two = make_batch([Row([0] * 3, 0, [60]), Row([0] * 3, 0, [61])], cache, "cpu").ctx.groups
+    assert [(g.rows, g.length, g.start, g.index) for g in two] == [(2, 3, 0, None)]
 
 
 def test_engine_runs_the_models_own_blocks(model):

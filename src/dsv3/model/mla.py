@@ -23,7 +23,7 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import RMSNorm, upcast
 from .attention import causal_attention
-from .context import AttentionContext
+from .context import AttentionContext, PrefillGroup
 from .rope import apply_rope
 
 LATENT_NORM_EPS = 1e-6     # q_a_layernorm / kv_a_layernorm (see MLA.__init__)
@@ -137,14 +137,17 @@ class MLA(nn.Module):
         1. every token's latents go to its slot first: a row attends over its own tokens too (a pure decode step
            hands them to the cache's decode instead, which stores them in the attention's own launch: 2 x layers
            fewer launches a step, +4% / +8% BF16 / FP8 tokens/s at lite batch 1, RESULTS.md eighteenth session);
-        2. naive rows: the row's context gathered contiguous, then the naive form, causal over cache + row
-           (row token j sits at position past + j and sees positions <= its own);
+        2. naive rows: fresh ones (no cached context) a group of similar lengths at a time over their own latents
+           (dsv3.model.context.PrefillGroup); the others one by one, the row's context gathered contiguous, causal
+           over cache + row (row token j sits at position past + j and sees positions <= its own);
         3. absorbed rows (one token with context): the same math as `_attend_absorbed`, with the attention itself
            run by the cache on its pages."""
         if ctx.decode_rows is None:               # a pure decode step: every token, in order
             return self._attend_absorbed_paged(q_nope, q_pe, ctx, append=(ctx.slots, c_kv, k_pe))
         ctx.cache.write(ctx.layer, ctx.slots, c_kv, k_pe)
         out = q_nope.new_empty(q_nope.shape[0], self.n_heads, self.v_dim)
+        for g in ctx.groups:                     # fresh rows: their context is their own latents, no gather
+            self._attend_group(g, (q_nope, q_pe, c_kv, k_pe), out)
         for row in ctx.prefill:
             s, n = row.start, row.length
             c_ctx, k_ctx = ctx.cache.gather(ctx.layer, row.block_table, row.past + n)
@@ -154,6 +157,14 @@ class MLA(nn.Module):
         if rows.numel():
             out[rows] = self._attend_absorbed_paged(q_nope[rows], q_pe[rows], ctx)
         return out
+
+    def _attend_group(self, g: PrefillGroup, inputs: tuple, out: torch.Tensor) -> None:
+        """Fresh rows (N, .) inputs as one (rows, length) batch in the naive form, written to their places of out."""
+        if g.index is None:
+            span = slice(g.start, g.start + g.rows * g.length)
+            out[span] = self._attend_naive(*(t[span].unflatten(0, (g.rows, g.length)) for t in inputs)).flatten(0, 1)
+        else:
+            out[g.dst] = self._attend_naive(*(t[g.index] for t in inputs)).flatten(0, 1)[g.keep]
 
     def _attend_absorbed_paged(self, q_nope, q_pe, ctx: AttentionContext, append=None) -> torch.Tensor:
         """One query token per decode row (n, H, .) -> (n, H, Dv): q_abs = q_nope W_UK, attention on the latents,
