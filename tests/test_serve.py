@@ -6,6 +6,8 @@ test_serve_hardening."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import threading
 import time
 
@@ -324,9 +326,12 @@ def test_incremental_text_equals_the_final_decode():
         assert got == final, trial
 
 
-def test_a_failed_engine_step_fails_its_requests_and_the_server_recovers():
-    """An exception inside Engine.step: the requests of that step get an OpenAI-style 500 (streaming: an error event),
-    /health turns 503 naming the error, the blocks come back, and the next request is served (and /health is ok)."""
+def test_a_failed_engine_step_fails_its_requests_and_the_server_recovers(caplog):
+    """An exception inside Engine.step: the requests of that step get an OpenAI-style 503 (`service_unavailable`:
+    retry; streaming: an error event, then [DONE]) that says the step failed and holds none of the exception's text
+    (that goes to the server's log, traceback included), /health turns 503 naming the error, the blocks come back, and
+    the next request is served (and /health is ok). Before, the requests got a 500 `server_error` quoting the
+    exception."""
     s = start_server()
     try:
         real_step, failures = s.engine.step, [1]
@@ -339,15 +344,21 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_recovers():
 
         s.engine.step = flaky_step
         body = {"model": "dsv3-tiny", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
-        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
-        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
-        assert "injected failure" in r.json()["error"]["message"]
+        with caplog.at_level(logging.ERROR):
+            r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+        assert "step failed" in r.json()["error"]["message"] and "injected" not in r.text, r.text
+        logged = [rec for rec in caplog.records if rec.exc_info and "injected failure" in str(rec.exc_info[1])]
+        assert logged, "the failed step's traceback was not logged"
         health = httpx.get(s.url + "/health")
         assert health.status_code == 503 and "injected failure" in health.json()["error"]
         failures[0] = 3             # the steps that would return the aborted request's blocks fail too
         with httpx.stream("POST", s.url + "/v1/completions", json=dict(body, stream=True), timeout=30) as r:
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert any("injected failure" in e for e in events), events
+        assert events[-1] == "data: [DONE]", events
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "service_unavailable" and "step failed" in error["message"], events
+        assert not any("injected" in e for e in events), events
         assert all_blocks_free(s.engine)
         want = s.reference.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0].text
         assert httpx.post(s.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"] == want

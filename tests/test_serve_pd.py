@@ -34,6 +34,7 @@ def _free_port() -> int:
 
 FAILING = 77          # max_tokens of the requests whose steps fail in a worker of `_worker(..., fail=True)`
 HELD = 333            # ... and of those whose steps wait for `hold/release` (having written `hold/running`)
+REFUSED = 55          # ... and of those the worker's engine refuses (its own check, past the router's)
 
 
 def _worker(role: str, address: str, fail: bool = False, hold: str | None = None) -> None:
@@ -54,6 +55,13 @@ def _worker(role: str, address: str, fail: bool = False, hold: str | None = None
                     time.sleep(0.01)
             return run(self, seqs, *args, **kwargs)
         Engine._run = failing_run
+        check = Engine.check_request
+
+        def refusing_check(self, prompt, params):
+            if params.max_tokens == REFUSED:
+                raise ValueError("injected refusal")
+            return check(self, prompt, params)
+        Engine.check_request = refusing_check
     run_worker(role, engine.model, engine.tokenizer, DEFAULT_CONFIG, address, "test-key", threads=1)
 
 
@@ -305,20 +313,45 @@ def failing_deployment(tmp_path_factory):
 
 def test_a_failed_worker_step_fails_its_requests_and_the_worker_serves_on(failing_deployment):
     """A step that raises in a worker (a forward out of memory) fails the requests it ran, with its error, as the
-    unified engine's failed step does (test_serve_step_failure: a JSON 500, `server_error`); the worker lives on.
-    Before, the exception ended the worker process: its requests failed as a lost connection and the router had no
-    prefill worker left (every later request a 503)."""
+    unified engine's failed step does (test_serve_step_failure: a JSON 503, `service_unavailable`, saying the step
+    failed, without the exception's text); the worker lives on. Before, the exception ended the worker process: its
+    requests failed as a lost connection and the router had no prefill worker left (every later request a 503); then
+    the requests got a 500 `server_error` quoting the exception."""
     d = failing_deployment
     client, router = d["client"], d["router"]
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model="dsv3-tiny", prompt=PROMPTS[0], max_tokens=FAILING, temperature=0)
-    assert e.value.status_code == 500 and e.value.type == "server_error", e.value
-    assert "injected step failure" in e.value.message, e.value.message
+    assert e.value.status_code == 503 and e.value.type == "service_unavailable", e.value
+    assert "step failed" in e.value.message and "injected" not in e.value.message, e.value.message
+    with httpx.stream("POST", d["url"] + "/completions", json={"prompt": PROMPTS[0], "max_tokens": FAILING,
+                                                                "stream": True}, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]", lines
+    assert '"service_unavailable"' in lines[-2] and "injected" not in lines[-2], lines
     assert all(w.alive for w in router.workers) and all(p.is_alive() for p in d["procs"])
     assert httpx.get(d["base"] + "/health").status_code == 200
     r = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0)
     want = d["reference"].generate([PROMPTS[2]], SamplingParams(temperature=0.0, max_tokens=8))[0]
     assert r.choices[0].text == want.text
+    assert not router.requests and {w["in_flight"] for w in router.stats_now()["workers"]} == {0}
+
+
+def test_a_request_a_worker_refuses_is_a_400(failing_deployment):
+    """A request the prefill worker's engine refuses (its ValueError, past the router's own checks) is the client's
+    error: a 400 with the engine's message, a stream's error event of that type; the workers serve on. Before, it was
+    a 500 `server_error`."""
+    d = failing_deployment
+    client, router = d["client"], d["router"]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="dsv3-tiny", prompt=PROMPTS[0], max_tokens=REFUSED, temperature=0)
+    assert e.value.status_code == 400 and e.value.type == "invalid_request_error", e.value
+    assert "injected refusal" in e.value.message, e.value.message
+    with httpx.stream("POST", d["url"] + "/completions", json={"prompt": PROMPTS[0], "max_tokens": REFUSED,
+                                                                "stream": True}, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]", lines
+    assert '"invalid_request_error"' in lines[-2] and "injected refusal" in lines[-2], lines
+    assert all(w.alive for w in router.workers) and httpx.get(d["base"] + "/health").status_code == 200
     assert not router.requests and {w["in_flight"] for w in router.stats_now()["workers"]} == {0}
 
 

@@ -19,6 +19,7 @@ generator from the request's seed after the first token.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import tempfile
@@ -33,8 +34,11 @@ import torch
 
 from .config import EngineConfig
 from .engine import Engine, RequestOutput
+from .requests import RequestRefused, StepFailed
 from .sampling import SamplingParams, make_generators
 from .sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
 
 PREFILLED = "prefilled"
 
@@ -208,13 +212,18 @@ def _command(engine: Engine, conn: Connection, cmd: tuple, to_client: dict[int, 
                 if cid == cmd[1]:
                     engine.abort(rid)
     except Exception as e:          # a refused request (ValueError), an unreadable hand-off: that request fails
-        conn.send(("step", [(cmd[1], None, f"request refused by the {type(engine).__name__}: {e}")], engine.stats()))
+        if isinstance(e, ValueError):       # the request's fault: the router's client gets a 400 with this message
+            error = RequestRefused(f"the {type(engine).__name__} refused the request: {e}")
+        else:                               # the worker's: logged here, a 503 there
+            log.error("the %s failed to take request %s", type(engine).__name__, cmd[1], exc_info=e)
+            error = StepFailed(f"the {type(engine).__name__} failed to take the request; retry the request")
+        conn.send(("step", [(cmd[1], None, error)], engine.stats()))
 
 
 def _step(engine: Engine, conn: Connection, to_client: dict[int, int]) -> None:
     try:
         outputs = engine.step()
-    except Exception as e:
+    except Exception:
         # as the server's own engine loop (serve/async_engine.py _EngineLoop.step): a step that fails fails the
         # requests it ran, aborted so that the same batch does not fail again; the worker and its other requests
         # go on. (Uncaught, it ended the worker process and every request it held.)
@@ -224,7 +233,10 @@ def _step(engine: Engine, conn: Connection, to_client: dict[int, int]) -> None:
             engine.abort(rid)
             if isinstance(engine, PrefillEngine) and rid in engine.exported:     # its latents go nowhere now
                 discard_kv(engine.exported.pop(rid))
-            items.append((to_client.pop(rid), None, f"the {type(engine).__name__}'s step failed: {e!r}"))
+            # the cause is this process's log's (traceback included), not the client's answer
+            items.append((to_client.pop(rid), None, StepFailed(f"the {type(engine).__name__}'s step failed: the step "
+                                                               f"that ran this request did not complete; retry it")))
+        log.exception("the %s's step failed; its %d requests fail with it", type(engine).__name__, len(items))
         conn.send(("step", items, engine.stats()))
         time.sleep(0.05)             # an engine that keeps failing must not spin a core
         return

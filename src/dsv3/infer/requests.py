@@ -11,6 +11,16 @@ import torch
 from .sampling import SamplingParams
 
 
+class RequestRefused(ValueError):
+    """An engine refused a request when it was added (what is wrong with it): the client's to fix, a server's 400.
+    What a server's engine loop or a disaggregated worker hands back for the request, across a pipe if need be."""
+
+
+class StepFailed(RuntimeError):
+    """The engine step that ran a request failed (a forward out of memory, a kernel error): nothing the client did;
+    a server's 503, to retry. The message says only that: the cause, with its traceback, is logged where it ran."""
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """What a request is checked against; fixed for an engine's life (a server process can hold a copy)."""

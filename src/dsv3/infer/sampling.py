@@ -56,6 +56,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0     # [-2, 2]: minus this times how often the token was generated
     repetition_penalty: float = 1.0    # (0, 2]: a seen token's logit / this if > 0, * this if < 0; 1 = off
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> [-100, 100] added to its logit
+    # vLLM's: until the output has this many tokens, EOS (unless ignored) and stop_token_ids cannot be sampled (their
+    # logits are -inf; logprobs stay the model's) and a stop string starting inside those tokens does not end it
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):   # a lone string is one stop string, not a list of characters
@@ -85,6 +88,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an int in [0, 2**63) (0 = off), got {self.top_k!r}")
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be an int > 0, got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**64):  # torch's seed range
             raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):

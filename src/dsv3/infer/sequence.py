@@ -44,6 +44,9 @@ class Sequence:
     # `stopping`: the pending token ends the sequence whatever it is (max_tokens, the context), so it is not scheduled
     num_pending: int = 0
     stopping: bool = False
+    # min_tokens: the output's characters before which no stop string may start (the text of its first min_tokens
+    # tokens), once known
+    stop_from: int | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -39,7 +39,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     if outs is None:                # the client left; nobody reads this
         state.metrics.answered("/v1/chat/completions", 499)
         return Response(status_code=499)
-    engine_failure(outs)                # a 500 or 503, counted by the error handler
+    engine_failure(outs)                # a 400 or 503, counted by the error handler
     response = await state.respond(chat_response, state.tokenizer, req, plan, head, outs)
     state.metrics.answered("/v1/chat/completions")
     return response

@@ -41,7 +41,7 @@ async def create_completion(req: CompletionRequest, request: Request):
     if outs is None:                # the client left; nobody reads this
         state.metrics.answered("/v1/completions", 499)
         return Response(status_code=499)
-    engine_failure(outs)                # a 500 or 503, counted by the error handler
+    engine_failure(outs)                # a 400 or 503, counted by the error handler
     response = await state.respond(completion_response, state.tokenizer, req, plan, head, outs)
     state.metrics.answered("/v1/completions")
     return response

@@ -13,12 +13,15 @@
 - validation.py     request -> engine jobs or an APIError; outputs.py: submitting jobs, awaiting / merging outputs
 - responses.py      engine outputs -> response bodies, chunks and logprobs
 
-Every refusal is an OpenAI-style `{"error": {...}}` with a 4xx status: malformed JSON, wrong types or ranges and
-missing chat content (400, from the pydantic models), a prompt the engine refuses (400: empty, too long for the
-context or the cache, unknown token ids), a batch larger than the queue (400), an unknown model or path (404), a
-missing or wrong API key (401), a body past the limit (413), a body that is not JSON (415), a foreign Host (400) or
-Origin (403), a full queue (429), shutdown or a dead engine (503; also requests still running when the graceful
-shutdown time is up). A client that disconnects has its requests aborted, which returns their cache blocks.
+Every refusal is an OpenAI-style `{"error": {...}}` with a 4xx status: malformed JSON, wrong types or ranges and missing
+chat content (400, from the pydantic models), a prompt the engine refuses (400: empty, too long for the context or the
+cache, unknown token ids), a batch larger than the queue (400), an unknown model or path (404), a missing or wrong API
+key (401), a body past the limit (413), a body that is not JSON (415), a foreign Host (400) or Origin (403), a full
+queue (429), shutdown or a dead engine (503; also requests still running when the graceful shutdown time is up). What
+the engine itself does with a request it was handed is never a 500 either: a request it refuses (a check of its own,
+past these) is a 400 with its message, one whose engine step failed a 503 (retry) that says so, the cause and its
+traceback logged by the server, not sent to the client. A client that disconnects has its requests aborted, which
+returns their cache blocks.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
+import logging
 import multiprocessing
 import os
 import queue
@@ -37,7 +38,9 @@ import torch
 
 from ..infer import Engine, SamplingParams
 from ..infer.engine import RequestOutput
-from ..infer.requests import RequestLimits, check_request
+from ..infer.requests import RequestLimits, RequestRefused, StepFailed, check_request
+
+log = logging.getLogger(__name__)
 
 
 def engine_threads(requested: int | None = None) -> int:
@@ -134,8 +137,7 @@ class AsyncEngineBase:
     def _gone(self, reason: str) -> None:
         """From the engine side, once its thread or process has ended: fail whatever still waits. Its requests are
         listed on the event loop, after every submit that saw the engine alive (a list taken here missed one
-        registered meanwhile: it waited forever), as EngineStopped: a 503 as for every later request, not the 500
-        of an engine that failed."""
+        registered meanwhile: it waited forever), as EngineStopped: a 503 as for every later request."""
         self._exited = True
         error = EngineStopped(reason)
         self._fail_futures(error)
@@ -225,13 +227,28 @@ class AsyncEngineBase:
                     self.num_aborted += out.finish_reason == "abort"
                 if self.on_output is not None:
                     self.on_output(handle, out)
-            elif not isinstance(out, Exception):
-                out = RuntimeError(out)
+            elif not isinstance(out, Exception):       # (an error as text: nothing of it is the client's to see)
+                out = StepFailed("the engine step failed: this request did not complete; retry it")
             if not isinstance(out, RequestOutput) or out.finished:
                 handle.finished = True
                 self._pending -= 1
                 del self._handles[rid]
             handle.outputs.put_nowait(out)
+
+
+# what the client of a request whose step failed is told: the cause is the server's log's (log.exception), its text
+# (a CUDA error, paths, sizes) nothing for the client
+# (an instance per request: one raised in many tasks would gather all their tracebacks)
+STEP_FAILED = "the engine step failed: the step that ran this request did not complete; retry the request"
+
+
+def refusal(error: Exception, engine: str) -> Exception:
+    """What the client of a request `engine` would not add is told: its ValueError is the request's fault (a 400
+    with the engine's message); anything else is the engine's (logged, a 503 that says no more)."""
+    if isinstance(error, ValueError):
+        return RequestRefused(f"{engine} refused the request: {error}")
+    log.error("%s failed to add a request", engine, exc_info=error)
+    return StepFailed(f"{engine} failed to take the request; retry the request")
 
 
 class _EngineLoop:
@@ -250,8 +267,8 @@ class _EngineLoop:
             _, cid, ids, params = cmd
             try:
                 rid = self.engine.add_request(ids, params)
-            except Exception as e:          # checked before submit; kept for safety
-                self.emit([(cid, f"request refused: {e}")])
+            except Exception as e:          # checked before submit; an engine may check more
+                self.emit([(cid, refusal(e, "the engine"))])
                 return
             self.by_client[cid], self.by_engine[rid] = rid, cid
         elif kind == "abort":
@@ -275,7 +292,8 @@ class _EngineLoop:
                 cid = self.by_engine.pop(rid)
                 del self.by_client[cid]
                 self.engine.abort(rid)   # so that the same batch does not fail again; its blocks return next step
-                items.append((cid, f"engine step failed: {e!r}"))
+                items.append((cid, StepFailed(STEP_FAILED)))
+            log.exception("an engine step failed; its %d requests fail with it (503)", len(items))
             self.emit(items, error=repr(e))
             time.sleep(0.05)             # an engine that keeps failing must not spin a core
             return

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import Request
 
 from ..infer import SamplingParams
+from ..infer.requests import RequestRefused, StepFailed
 from .async_engine import AsyncEngineBase, EngineStopped, QueueFull, RequestHandle, ShuttingDown
 from .protocol import APIError
+
+log = logging.getLogger(__name__)
 
 
 def submit_all(aengine: AsyncEngineBase, jobs: list[tuple[list[int], SamplingParams]]) -> list[RequestHandle]:
@@ -40,7 +44,7 @@ async def final_outputs(request: Request, aengine: AsyncEngineBase, handles: lis
         try:
             async for out in aengine.stream(h):
                 pass
-        except Exception as e:          # an engine failure: answered as a JSON 500 or 503 by engine_failure
+        except Exception as e:          # an engine failure: answered as a JSON 400 or 503 by engine_failure
             return e
         return out
     task = asyncio.gather(*(last(h) for h in handles))
@@ -108,10 +112,17 @@ async def coalesced(events: AsyncIterator[str], handles: list[RequestHandle]) ->
 
 
 def failure_error(error: Exception) -> APIError:
-    """A request the engine failed: a 500, or a 503 where the engine is gone (as for every request after it)."""
+    """A request the engine did not finish: a 400 where the engine refused it (RequestRefused: the engine's message
+    says why), else a 503 (retry): the engine is gone (as for every request after it), or the step that ran the
+    request failed (StepFailed: its cause is in the server's log, not the client's answer). Never a 500."""
+    if isinstance(error, RequestRefused):
+        return APIError(str(error))
     if isinstance(error, EngineStopped):
         return APIError(f"the engine stopped: {error}; retry", 503, "service_unavailable")
-    return APIError(f"the engine failed: {error}", 500, "server_error")
+    if not isinstance(error, StepFailed):         # (no backend gives another: its text is not the client's)
+        log.error("a request failed", exc_info=error)
+        error = StepFailed("the engine step failed: this request did not complete; retry it")
+    return APIError(str(error), 503, "service_unavailable", code="engine_step_failed")
 
 
 def engine_failure(outs: list) -> None:

@@ -28,7 +28,8 @@ import torch
 
 from ..infer.disagg import PREFILLED, discard_kv, parse_address, pd_key
 from ..infer.engine import RequestOutput
-from .async_engine import AsyncEngineBase, EngineStopped, Writer
+from ..infer.requests import StepFailed
+from .async_engine import STEP_FAILED, AsyncEngineBase, EngineStopped, Writer
 
 
 @dataclass(eq=False)
@@ -149,9 +150,9 @@ class PDRouter(AsyncEngineBase):
             req = self.requests.get(cid)
         if req is None:
             return []
-        if out is None:                                          # refused by the worker
+        if out is None:                 # refused by the worker (RequestRefused), or its step failed (StepFailed)
             self._done(cid, w)
-            return [(cid, handle)]
+            return [(cid, handle if isinstance(handle, Exception) else StepFailed(STEP_FAILED))]
         out.request_id = cid
         if w.role == "prefill" and out.finish_reason == PREFILLED:
             with self.lock:
@@ -194,8 +195,8 @@ class PDRouter(AsyncEngineBase):
         for _, req in lost:
             if req.handle is not None:
                 discard_kv(req.handle)
-        # EngineStopped, as for the requests of an engine process that exits: a 503 (retry), not the 500 of a failed
-        # step; /health turns unhealthy only when a role has no live worker left
+        # EngineStopped, as for the requests of an engine process that exits: a 503 (retry); /health turns unhealthy
+        # only when a role has no live worker left
         self._on_step([(cid, EngineStopped(f"the {w.role} worker at {w.address} failed ({why}); this request was "
                                            f"lost with it")) for cid, _ in lost],
                       error=None if self.alive else f"no live {w.role} worker (last lost: {w.address})")

@@ -1,17 +1,17 @@
 """The OpenAI API's request bodies as pydantic models, and OpenAI-style errors.
 
 Field ranges follow the OpenAI reference where it has one (temperature [0, 2], top_p (0, 1], presence_penalty and
-frequency_penalty [-2, 2], logit_bias at most 300 token ids -> [-100, 100], logprobs <= 20 for completions,
-top_logprobs <= 20 for chat); at most 16 `stop` strings of at most 1024 characters and 1024 `stop_token_ids` (both
-are checked after every token); `top_k`, `ignore_eos`, `stop_token_ids`, `repetition_penalty` ((0, 2] here) are the
-common extensions (vLLM's names), `split_special_tokens` is Hugging Face's (a raw prompt's special-token strings as
-text), `chat_template_kwargs` vLLM's (a template's own switches, such as V3.1's `thinking`; booleans only: a string
-there would reach the prompt without being escaped as user text). Unknown fields are ignored, as clients send many
-(`user` ...); fields whose non-default values we cannot honour (best_of other than n, the legacy `functions`, a
-tool_choice that forces a call, a tool with `strict`, a response_format other than text: all need constrained
-decoding) are rejected with a 400 that names them. Types are strict: JSON of the wrong type is a 400, never coerced
-(`true` is not token id 1). A chat message needs its content (OpenAI's rule; the exception, an assistant message with
-tool calls); a tool message needs the `tool_call_id` it answers.
+frequency_penalty [-2, 2], logit_bias at most 300 token ids -> [-100, 100], logprobs <= 20 for completions, top_logprobs
+<= 20 for chat); at most 16 `stop` strings of at most 1024 characters and 1024 `stop_token_ids` (both are checked after
+every token); `top_k`, `ignore_eos`, `stop_token_ids`, `repetition_penalty` ((0, 2] here), `min_tokens` ([0,
+max_tokens]) are the common extensions (vLLM's names), `split_special_tokens` is Hugging Face's (a raw prompt's
+special-token strings as text), `chat_template_kwargs` vLLM's (a template's own switches, such as V3.1's `thinking`;
+booleans only: a string there would reach the prompt without being escaped as user text). Unknown fields are ignored, as
+clients send many (`user` ...); fields whose non-default values we cannot honour (best_of other than n, the legacy
+`functions`, a tool_choice that forces a call, a tool with `strict`, a response_format other than text: all need
+constrained decoding) are rejected with a 400 that names them. Types are strict: JSON of the wrong type is a 400, never
+coerced (`true` is not token id 1). A chat message needs its content (OpenAI's rule; the exception, an assistant message
+with tool calls); a tool message needs the `tool_call_id` it answers.
 
 Tools are OpenAI's `{"type": "function", "function": {"name", "description", "parameters"}}`: a name of OpenAI's
 form (letters, digits, _ and -, at most 64), unique; parameters a JSON-schema object (a dict whose `type`, where
@@ -112,6 +112,9 @@ class _Sampling(BaseModel):
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOPS)] | None = None
     stop_token_ids: Annotated[TokenIds, Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: bool = False
+    # vLLM's: no EOS, stop token or stop string ends a choice before it has this many tokens (<= max_tokens: checked
+    # with the request's max_tokens, validation.check_min_tokens)
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
     # penalties and logit_bias (dsv3.infer.penalties); None: off

@@ -83,7 +83,7 @@ def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | 
             prompt_logprobs=prompt_logprobs, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=d["repetition_penalty"] if req.repetition_penalty is None else req.repetition_penalty,
-            logit_bias=req.token_bias())
+            logit_bias=req.token_bias(), min_tokens=req.min_tokens)
     except ValueError as e:
         raise APIError(str(e)) from None
 
@@ -98,6 +98,13 @@ class Fields:
     `prompt` and `max_tokens`; the chat API's `messages` and whichever of max_tokens / max_completion_tokens it set."""
     prompt: str = "prompt"
     max_tokens: str = "max_tokens"
+
+
+def check_min_tokens(min_tokens: int, max_tokens: int, fields: Fields) -> None:
+    """min_tokens within the choice's max_tokens (the request's, or the room its prompt leaves where it set none)."""
+    if min_tokens > max_tokens:
+        raise APIError(f"min_tokens ({min_tokens}) must be at most {fields.max_tokens} ({max_tokens}): a choice "
+                       f"cannot have more tokens than it may generate", param="min_tokens")
 
 
 def overflow_param(limits: RequestLimits, n_prompt: int, fields: Fields) -> str:
@@ -196,6 +203,7 @@ def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: To
     for p in prompts:
         ids = next(encoded) if isinstance(p, str) else list(p)
         max_tokens = 1 if score_only else (req.max_tokens or default_max_tokens(limits, len(ids)))
+        check_min_tokens(req.min_tokens, 0 if score_only else max_tokens, Fields())
         fits_context(limits, len(ids), max_tokens)
         # the choices differ only in their seed: the prompt and max_tokens are checked once
         check_prompt(ids, sampling_params(req, max_tokens, 0, req.logprobs, prompt_lp, defaults), limits, tokenizer)
@@ -223,6 +231,7 @@ def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Toke
     pieces = render_chat(functools.partial(template.pieces, tokenizer), req, req.add_generation_prompt, tools)
     ids = encode_pieces(tokenizer, pieces)
     max_tokens = asked or default_max_tokens(limits, len(ids))
+    check_min_tokens(req.min_tokens, max_tokens, fields)
     fits_context(limits, len(ids), max_tokens, fields)
     n_top = (req.top_logprobs or 0) if req.logprobs else None
     check_prompt(ids, sampling_params(req, max_tokens, 0, n_top, defaults=defaults), limits, tokenizer, fields)
