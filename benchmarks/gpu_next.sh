@@ -205,7 +205,7 @@ PY
         # after / before (carry out/prefill.patch: the change, reversed onto a copy of src for the before), profiled
     install_wheels
     timeout 200 python -m pytest -q -n 14 -p no:cacheprovider -m gpu -rfEs tests/test_infer_engine.py \
-      tests/test_infer_context.py tests/test_infer_spec.py tests/test_infer_decode_compile.py 2>&1 | tail -5 \
+      tests/test_infer_sampling.py tests/test_infer_context.py tests/test_infer_spec.py tests/test_infer_decode_compile.py 2>&1 | tail -5 \
       | tee "$OUT/gate.txt"
     TT=(--batches 1 --tokens 8 --modes overlap,fp8-auto --ttft-batch 64 --ttft-profile)
     timeout 150 python benchmarks/engine_decode.py "${TT[@]}" > "$OUT/ttft_after.txt" 2>&1
