@@ -135,11 +135,14 @@ def profile_prefill(model, batch: int, prompt: int, **engine_kw) -> dict:
         wall_ms = (time.perf_counter() - t0) * 1e3
     while engine.has_unfinished():
         engine.step()
-    cats = _categorise(_kernels(prof))
+    events = _kernels(prof)
+    cats = _categorise(events)
     busy = sum(ms for _, _, ms in cats)
     lines = [f"  prefill step of {batch} x {prompt} tokens: {wall_ms:.1f} ms wall (profiled), kernels "
              f"{sum(c for _, c, _ in cats)}, {busy:.1f} ms GPU busy ({busy / wall_ms:.0%})"]
     lines += [f"    {n:44s} {c:5d} kernels {ms:8.3f} ms" for n, c, ms in sorted(cats, key=lambda t: -t[2])]
+    lines += [f"      {e.device_time_total / 1e3:8.3f} ms {e.count:5d}x  {e.key[:90]}"
+              for e in sorted(events, key=lambda e: -e.device_time_total)[:15]]
     print("\n".join(lines), flush=True)
     return dict(wall_ms=wall_ms, busy_ms=busy, categories=cats)
 
