@@ -60,8 +60,9 @@ def make_shared(D, I_s, dtype=torch.float32, fp8=False, seed=0, device="cpu", fu
         gu = gu.to(device=device, dtype=dtype)
         gate, up = (gu[:I_s], gu[I_s:]) if fused else (gu[:I_s].clone(), gu[I_s:].clone())
         return gate, up, down.to(device=device, dtype=dtype), None, None, None
-    blocky = lambda w: w * (2.0 ** (torch.rand(-(-w.shape[0] // 128), -(-w.shape[1] // 128), generator=g) * 4 - 2)  # noqa: E731
-                            ).repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
+    def blocky(w):                  # each 128x128 block scaled by 2^[-2, 2): a misplaced scale shows
+        mag = 2.0 ** (torch.rand(-(-w.shape[0] // 128), -(-w.shape[1] // 128), generator=g) * 4 - 2)
+        return w * mag.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
     gu, down = blocky(gu), blocky(down)
     dq, ds = quantize_blocks(down)
     if fused:
@@ -76,7 +77,8 @@ def make_shared(D, I_s, dtype=torch.float32, fp8=False, seed=0, device="cpu", fu
 
 def oracle_shared(x, gate, up, down, gs=None, us=None, ds=None):
     """float64: the shared experts' SwiGLU of every token, (T, D)."""
-    deq = lambda w, s: w.double().cpu() if s is None else dequantize_blocks(w.cpu(), s.cpu(), torch.float64)  # noqa: E731
+    def deq(w, s):
+        return w.double().cpu() if s is None else dequantize_blocks(w.cpu(), s.cpu(), torch.float64)
     xd = x.double().cpu()
     return (F.silu(xd @ deq(gate, gs).T) * (xd @ deq(up, us).T)) @ deq(down, ds).T
 
