@@ -11,6 +11,8 @@ captures the graphs it needs), over modes:
            as two GEMMs each): the before of dsv3.infer.fused_proj in the same call;
   nogemv   overlap with the one-token steps' BF16 dense projections on cuBLAS (dense_gemv off; every other mode
            has it on, the engine's default);
+  noshared overlap with the shared experts of batch-1 steps run apart after the fused MoE kernel (shared_pair off;
+           every other mode folds them into its GEMV form as one more pair per token, the engine's default);
   sync, overlap: auto with EngineConfig.overlap_schedule off / on (the A/B of dsv3.infer.overlap: whether decode
            step t+1 is launched before the host reads step t's tokens; auto = on with captured graphs);
   fp8, fp8-compile, fp8-fused, fp8-auto, fp8-fusedeager: the same with weights in the released FP8 block format
@@ -19,6 +21,8 @@ captures the graphs it needs), over modes:
 GPU:  PYTHONPATH=src python benchmarks/engine_decode.py --batches 1,32,64 --tokens 64 --modes graphs,compile,fused,fp8,fp8-compile,fp8-fused
       the overlap A/B: ... --batches 1,32,64 --tokens 64 --modes sync,overlap --profile --ttft-batch 0 (the profile's
       replay time against the TPOT: the host gap per token that remains)
+      the shared-pair A/B: ... --batches 1 --tokens 64 --modes overlap,noshared,fp8-overlap,fp8-noshared --profile
+      --ttft-batch 0 (the profile's kernels per replay: the folded step has 3 fewer per MoE layer, 78 on lite)
 CPU dry run: PYTHONPATH=src python benchmarks/engine_decode.py --tiny --device cpu --batches 1,4 --tokens 8 \
   --modes graphs,fused,fp8,fp8-fused     (on CPU the bucketed decode runs without capture; `compile` needs bf16 there:
   add --dtype bf16, since the fake grouped GEMM of the MoE module takes only bf16; `--modes sync,overlap --host-ms
@@ -152,6 +156,7 @@ MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused
          "auto": dict(compile_decode=True, fused_moe="auto"), "fusedeager": dict(fused_moe="on"),
          "unfused": dict(compile_decode=True, fused_moe="auto", fuse_projections=False),
          "nogemv": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", dense_gemv=False),
+         "noshared": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", shared_pair=False),
          "sync": dict(compile_decode=True, fused_moe="auto", overlap_schedule="off"),
          "overlap": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on")}
 

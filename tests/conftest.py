@@ -62,13 +62,13 @@ def tmp_ckpt(tmp_path):
     return tmp_path / "ckpt"
 
 
-def interpreter_cases(module: str) -> dict:
-    """Errors from `tests/<module>.py`'s `_interpreter_cases()`, run in a subprocess under TRITON_INTERPRET=1 (it must
-    be set before the @triton.jit decorators run, i.e. before dsv3.kernels is imported)."""
+def interpreter_cases(module: str, fn: str = "_interpreter_cases") -> dict:
+    """Errors from `tests/<module>.py`'s `fn()` (`_interpreter_cases`), run in a subprocess under TRITON_INTERPRET=1 (it
+    must be set before the @triton.jit decorators run, i.e. before dsv3.kernels is imported)."""
     here = Path(__file__).resolve().parent
     env = dict(os.environ, TRITON_INTERPRET="1",
                PYTHONPATH=os.pathsep.join([str(here.parent / "src"), str(here), os.environ.get("PYTHONPATH", "")]))
-    code = f"import json, {module} as t; print('RESULT ' + json.dumps(t._interpreter_cases()))"
+    code = f"import json, {module} as t; print('RESULT ' + json.dumps(t.{fn}()))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]

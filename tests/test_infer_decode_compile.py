@@ -59,6 +59,104 @@ def test_fused_moe_engine_with_fp8_weights():
     assert greedy(lm, ps, fused_moe="on")[0] == greedy(lm, ps, padded=False, fused_moe="off")[0]
 
 
+def _fp8_aligned_config(**kw):
+    # 128-wide FFN and hidden size: FP8 blocks whole (I = I_s = 128; the shared MLP's gate / up fuse)
+    shape = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=8, qk_nope_head_dim=8,
+                 qk_rope_head_dim=8, v_head_dim=8, intermediate_size=128, moe_intermediate_size=128, q_lora_rank=None)
+    return tiny_config(**{**shape, **kw, "vocab_size": 96})
+
+
+def _moe_layer(kind):
+    """An MoE layer (the model's second block) whose shared MLP is of `kind`, and whether it may fold."""
+    from dsv3.infer.fp8_weights import quantize_weights
+    from dsv3.infer.fused_proj import fuse_projections
+    fp8 = kind.startswith("fp8")
+    cfg = (_fp8_aligned_config(n_shared_experts=2) if kind != "fp8_ragged" else
+           _fp8_aligned_config(moe_intermediate_size=96)) if fp8 else tiny_config(vocab_size=96, n_shared_experts=2)
+    dtype = torch.bfloat16 if kind in ("bf16_fused", "fp8_fused", "fp8_ragged") else torch.float32
+    m = build(cfg, seed=7, dtype=dtype)
+    if fp8:
+        quantize_weights(m)
+    if kind != "fp32_plain":
+        fuse_projections(m, gemv=kind == "fp32_fused")   # GemvLinear down_proj too: still a plain linear weight
+    mlp = m.layers[1].mlp
+    assert isinstance(mlp, MoE)
+    return mlp, kind != "fp8_ragged", dtype
+
+
+@pytest.mark.parametrize("kind", ["fp32_plain", "fp32_fused", "bf16_fused", "fp8_fused", "fp8_ragged"])
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_shared_pair_layer_equals_the_unfolded_layer(kind, tokens):
+    """moe_ffn with the shared experts folded into the fused call (<= ROWS_MAX_TOKENS tokens; the CPU runs the
+    kernel's reference) equals the fused call plus the shared MLP apart, and does not call the shared MLP; at 3
+    tokens, or FP8 blocks that a 96-wide I would split, the shared MLP runs apart. Tolerance: fp32 sums in another
+    order (1e-5 of the largest output); bf16 and FP8 (bf16 activations): the unfolded path rounds the shared MLP's
+    gate / up, h and output and the routed sum to bf16 before adding, the fold rounds once after the fp32 sum of
+    K + 1 rows (and h once), so they part by a few bf16 ulps (2^-8 each) of the largest term: 2e-2 of the output's
+    largest magnitude."""
+    from dsv3.infer.moe_dispatch import moe_ffn, shared_tensors
+    mlp, foldable, dtype = _moe_layer(kind)
+    calls = []
+    mlp.shared_experts.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(1, tokens, mlp.gate.weight.shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    with torch.inference_mode():
+        apart = moe_ffn(mlp, x, True, shared_pair=False).float()
+        assert len(calls) == 1
+        folded = moe_ffn(mlp, x, True).float()
+        fold = foldable and tokens <= 2
+        assert len(calls) == 1 + (not fold)
+        assert (shared_tensors(mlp, expert_tensors(mlp.experts)) is not None) == foldable
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(folded, apart, atol=tol * apart.abs().max().item(), rtol=0)
+    if fold and kind == "fp32_fused":       # the fold reads the fused gate-up buffer's views: no copy of a weight
+        shared = shared_tensors(mlp, expert_tensors(mlp.experts))
+        assert shared[0].data_ptr() == mlp.shared_experts.fused_weight.data_ptr()
+        assert shared[1].data_ptr() == mlp.shared_experts.fused_weight[shared[0].shape[0]:].data_ptr()
+
+
+def test_shared_pair_refuses_other_shared_mlps():
+    """A biased linear, or weights in another dtype than the experts', keep the shared MLP apart."""
+    from dsv3.infer.moe_dispatch import shared_tensors
+    mlp, _, _ = _moe_layer("fp32_plain")
+    tensors = expert_tensors(mlp.experts)
+    assert shared_tensors(mlp, tensors) is not None
+    mlp.shared_experts.down_proj.bias = torch.nn.Parameter(torch.zeros(mlp.shared_experts.down_proj.out_features))
+    assert shared_tensors(mlp, tensors) is None
+    mlp.shared_experts.down_proj.bias = None
+    mlp.shared_experts.to(torch.bfloat16)
+    assert shared_tensors(mlp, tensors) is None
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+def test_shared_pair_engine_greedy_identical(fp8, monkeypatch):
+    """The engine (fused_moe on: the kernel's reference on CPU) with shared_pair on and off: the same greedy tokens
+    at decode batches 1 and 2 (the fold) and 3 (apart), eager and through the padded buckets; the fold did run."""
+    from dsv3.infer.fp8_weights import quantize_weights
+    from dsv3.infer.moe_dispatch import fused_moe_ffn, fused_moe_ffn_shared_apart
+    base = build(_fp8_aligned_config() if fp8 else tiny_config(vocab_size=96, n_shared_experts=2), seed=5,
+                 dtype=torch.float32)
+    if fp8:
+        quantize_weights(base)
+    folds = []
+    real = moe_dispatch.moe_decode
+
+    def recording(*args):
+        folds.append(len(args) > 9 and args[9] is not None)
+        return real(*args)
+    monkeypatch.setattr(moe_dispatch, "moe_decode", recording)
+    for n in (1, 2, 3):
+        ps = prompts([1 + 4 * i for i in range(n)], seed=n)
+        outs = {}
+        for on in (True, False):
+            for padded in (False, True):
+                folds.clear()
+                got, engine = greedy(base, ps, padded=padded, fused_moe="on", shared_pair=on)
+                assert engine.runner.ffn(1) is (fused_moe_ffn if on else fused_moe_ffn_shared_apart)
+                assert any(folds) == (on and n <= 2), (on, n, padded)
+                outs[on, padded] = got
+        assert len({str(o) for o in outs.values()}) == 1, (n, outs)
+
+
 def test_fused_moe_switch(model):
     assert not fused_moe_available(model, "auto")          # CPU: auto means CUDA only
     assert fused_moe_available(model, "on") and not fused_moe_available(model, "off")
@@ -68,6 +166,9 @@ def test_fused_moe_switch(model):
     assert EngineConfig().fused_moe == "auto"                                 # the default
     assert [EngineConfig(fused_moe=v).fused_moe for v in (True, False, "true", "false", "on", "off")] == \
         ["on", "off", "on", "off", "on", "off"]                               # TOML booleans spell on / off
+    assert EngineConfig().shared_pair                                         # the default: folded at batch 1
+    with pytest.raises(ValueError, match="EngineConfig.shared_pair"):
+        EngineConfig(shared_pair="false")
 
 
 def test_fused_moe_auto_picks_per_bucket():
@@ -126,6 +227,23 @@ def test_compiled_decode_gives_the_eager_tokens(model):
     breaks = list(counters["graph_break"])
     assert breaks and all("torch.compiler.disable" in b and ("PagedLatentCache.write" in b or
                                                               "PagedLatentCache.decode" in b) for b in breaks), breaks
+
+
+def test_compiled_decode_with_the_shared_pair_gives_the_eager_tokens(model):
+    """Batch-1 decode compiled (inductor, CPU) with the shared experts folded into the fused call (its reference op,
+    the optional tensors traced through the op's fake implementation): the eager engine's tokens with the fold off,
+    no graph break but the paged cache's."""
+    from torch._dynamo.utils import counters
+    ps = prompts([6])
+    want, _ = greedy(model, ps, padded=False, fused_moe="on", shared_pair=False)
+    counters["graph_break"].clear()
+    got, engine = greedy(model, ps, compile_decode=True, fused_moe="on")
+    assert got == want and engine.runner.config.shared_pair
+    from dsv3.infer.moe_dispatch import shared_tensors
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert moes and all(shared_tensors(m, expert_tensors(m.experts)) is not None for m in moes)    # it did fold
+    breaks = list(counters["graph_break"])
+    assert all("PagedLatentCache.write" in b or "PagedLatentCache.decode" in b for b in breaks), breaks
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -48,8 +48,41 @@ def make_moe(T, K, E, D, I, dtype=torch.float32, fp8=False, seed=0, device="cpu"
             *scales)
 
 
-def oracle(x, weights, idx, gate, up, down, gs=None, us=None, ds=None):
-    """float64, token by token, pair by pair."""
+def make_shared(D, I_s, dtype=torch.float32, fp8=False, seed=0, device="cpu", fused=True):
+    """The shared experts' six tensors (gate, up, down, and their scales with fp8): gate / up (I_s, D) as views of one
+    (2 I_s, D) buffer, as dsv3.infer.fused_proj leaves them (`fused`; else two tensors), down (D, I_s); with fp8,
+    e4m3 blocks of differing magnitudes, gate's and up's scales views of one fused scale buffer (fused FP8 needs
+    I_s a multiple of 128: the engine fuses only then)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    gu = torch.randn(2 * I_s, D, generator=g) * D ** -0.5
+    down = torch.randn(D, I_s, generator=g) * I_s ** -0.5
+    if not fp8:
+        gu = gu.to(device=device, dtype=dtype)
+        gate, up = (gu[:I_s], gu[I_s:]) if fused else (gu[:I_s].clone(), gu[I_s:].clone())
+        return gate, up, down.to(device=device, dtype=dtype), None, None, None
+    def blocky(w):                  # each 128x128 block scaled by 2^[-2, 2): a misplaced scale shows
+        mag = 2.0 ** (torch.rand(-(-w.shape[0] // 128), -(-w.shape[1] // 128), generator=g) * 4 - 2)
+        return w * mag.repeat_interleave(128, 0)[:w.shape[0]].repeat_interleave(128, 1)[:, :w.shape[1]]
+    gu, down = blocky(gu), blocky(down)
+    dq, ds = (t.to(device) for t in quantize_blocks(down))
+    if fused:
+        assert I_s % 128 == 0
+        q, s = (t.to(device) for t in quantize_blocks(gu))
+        return q[:I_s], q[I_s:], dq, s[:I_s // 128], s[I_s // 128:], ds
+    (gq, gs), (uq, us) = ((t.to(device) for t in quantize_blocks(w)) for w in (gu[:I_s], gu[I_s:]))
+    return gq, uq, dq, gs, us, ds
+
+
+def oracle_shared(x, gate, up, down, gs=None, us=None, ds=None):
+    """float64: the shared experts' SwiGLU of every token, (T, D)."""
+    def deq(w, s):
+        return w.double().cpu() if s is None else dequantize_blocks(w.cpu(), s.cpu(), torch.float64)
+    xd = x.double().cpu()
+    return (F.silu(xd @ deq(gate, gs).T) * (xd @ deq(up, us).T)) @ deq(down, ds).T
+
+
+def oracle(x, weights, idx, gate, up, down, gs=None, us=None, ds=None, *shared):
+    """float64, token by token, pair by pair; plus the shared experts' SwiGLU when their tensors are given."""
     deq = lambda w, s, e: w[e].double() if s is None else dequantize_blocks(w[e], s[e], torch.float64)  # noqa: E731
     out = torch.zeros(x.shape, dtype=torch.float64)
     for t in range(x.shape[0]):
@@ -59,7 +92,7 @@ def oracle(x, weights, idx, gate, up, down, gs=None, us=None, ds=None):
             h = F.silu(deq(gate.cpu(), gs if gs is None else gs.cpu(), e) @ xt) * (deq(up.cpu(), us if us is None
                                                                                          else us.cpu(), e) @ xt)
             out[t] += float(weights[t, k]) * (deq(down.cpu(), ds if ds is None else ds.cpu(), e) @ h)
-    return out
+    return out + oracle_shared(x, *shared) if shared and shared[0] is not None else out
 
 
 def assert_close_scaled(out, ref, tol):
@@ -75,6 +108,21 @@ def test_reference_matches_float64(T, K, E, D, I, fp8):
     out = moe_decode_reference(*args)
     assert out.shape == (T, D) and out.dtype == torch.float32
     assert_close_scaled(out, oracle(*args), 1e-5)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+@pytest.mark.parametrize("T,widen", [(1, 1), (2, 1), (1, 2), (2, 2), (5, 2)], ids=lambda v: str(v))
+def test_reference_with_shared_experts_matches_float64(T, widen, fp8):
+    """The shared experts' tensors add their SwiGLU to each token's sum (weight 1): I_s = I and I_s = 2 I (lite's
+    two shared experts), gate / up views of one fused buffer, at the GEMV form's T = 1, 2 and a tiled T."""
+    D, I = (260, 128) if fp8 else (200, 136)
+    args = make_moe(T, 4, 16, D, I, fp8=fp8, seed=T + widen)
+    shared = make_shared(D, widen * I, fp8=fp8, seed=T)
+    out = moe_decode_reference(*args, *shared)
+    assert out.shape == (T, D) and out.dtype == torch.float32
+    want = oracle(*args, *shared)
+    assert_close_scaled(out, want, 1e-5)
+    assert (want - oracle(*args)).abs().max() > 0.02 * want.abs().max()     # the shared part is not negligible
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -101,6 +149,17 @@ def test_input_checks():
            "weights_shape": (x, w[:, :1], idx, gate, up, down), "down_shape": (x, w, idx, gate, up, gate),
            "d_mismatch": (x[:, :60], w, idx, gate, up, down), "fp8_without_scales": (x, w, idx, q, q, q),
            "scales_without_fp8": (x, w, idx, gate, up, down, s, s, s)}
+    # the shared experts' tensors: all three weights, (I_s, D) / (D, I_s), the experts' dtype, scales iff FP8
+    sg, su, sd, *_ = make_shared(64, 48)
+    fq = make_moe(3, 2, 4, 64, 32, fp8=True)
+    fs = make_shared(64, 128, fp8=True)
+    bad |= {"shared_without_down": (x, w, idx, gate, up, down, None, None, None, sg, su, None),
+            "shared_down_shape": (x, w, idx, gate, up, down, None, None, None, sg, su, sd.T),
+            "shared_d_mismatch": (x, w, idx, gate, up, down, None, None, None, sg[:, :60], su[:, :60], sd[:60]),
+            "shared_dtype": (x, w, idx, gate, up, down, None, None, None, sg.double(), su.double(), sd.double()),
+            "shared_scales_without_fp8": (x, w, idx, gate, up, down, None, None, None, sg, su, sd, s[0], s[0], s[0]),
+            "fp8_shared_without_scales": (*fq, *fs[:3]),
+            "fp8_shared_scale_shape": (*fq, *fs[:5], fs[5].repeat(1, 2))}
     fns = [moe_decode_reference, moe_decode] + ([moe_decode_triton] if HAS_TRITON else [])
     for name, args in bad.items():
         for fn in fns:
@@ -134,6 +193,27 @@ def test_sort_pairs(T, K, E, block_m):
 def test_dispatcher_on_cpu_is_reference():
     args = make_moe(6, 3, 8, 64, 48, seed=9)
     assert torch.equal(moe_decode(*args), moe_decode_reference(*args))
+    shared = make_shared(64, 96, seed=9)
+    assert torch.equal(moe_decode(*args, *shared), moe_decode_reference(*args, *shared))
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+def test_decode_op_with_shared_experts_compiles(fp8):
+    """The decode layers' op (dsv3.kernels.decode_ops.moe_decode; on CPU its reference op) with the shared experts'
+    optional tensors: opcheck's schema and fake-tensor checks, and under torch.compile (fullgraph, aot_eager: the
+    fake implementation traced) the eager result, bit for bit."""
+    from dsv3.kernels import decode_ops
+    D, I = (256, 128) if fp8 else (64, 48)
+    args = make_moe(2, 3, 8, D, I, fp8=fp8, seed=11)
+    shared = make_shared(D, 2 * I, fp8=fp8, seed=11)
+    eager = decode_ops.moe_decode(*args, *shared)
+    assert_close_scaled(eager, oracle(*args, *shared), 1e-5)
+    # (test_schema's mode has no CPU multiply of e4m3 tensors: the schema is the same for both formats)
+    torch.library.opcheck(decode_ops._moe_decode_reference, (*args, *shared),
+                          test_utils=("test_faketensor",) if fp8 else ("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_ops.moe_decode, backend="aot_eager", fullgraph=True)(*args, *shared)
+    assert torch.equal(compiled, eager)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,6 +346,70 @@ def _interpreter_cases() -> dict:
     return errs
 
 
+def _interpreter_shared_cases() -> dict:
+    """The shared experts as one more pair per token of the GEMV form (kernels.moe_rows), its own subprocess under
+    TRITON_INTERPRET=1 (as `_interpreter_cases`): max |triton - reference| / max |reference| per case, and against
+    float64."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
+    patch_interpreter_for_numpy2()
+    from dsv3.kernels import decode_ops
+    from dsv3.kernels.moe_rows import moe_decode_rows_triton
+    errs = {}
+    # the shared experts as one more pair per token (kernels.moe_rows): against the reference and a float64
+    # computation of routed + shared; I_s = 2 I (lite), I_s = I, I_s < I; gate / up views of one fused buffer (FP8:
+    # and their scales), and two tensors with ragged FP8 blocks (I_s = 200); even K in both stages; launch fields
+    for name, (shape, I_s, make_kw, kw) in {
+            "shared_t1": ((1, 6, 64, 200, 136), 272, {}, {}),
+            "shared_t2_same_width": ((2, 4, 16, 200, 136), 136, {}, {}),
+            "shared_t2_narrower": ((2, 2, 8, 130, 200), 72, {}, {}),
+            "shared_t1_fp8": ((1, 4, 16, 260, 128), 256, dict(fp8=True), {}),
+            "shared_t2_fp8_same_width": ((2, 4, 16, 260, 256), 256, dict(fp8=True), {}),
+            "shared_t2_fp8_ragged": ((2, 2, 8, 260, 200), 400, dict(fp8=True, fused=False), {}),
+            "shared_even_k": ((1, 2, 8, 256, 256), 512, {}, {}),
+            "shared_pair_bf16_launch": ((2, 4, 16, 260, 200), 400, {}, dict(pair=True, gate_up=dict(block_n=8))),
+            "shared_fp8_strips": ((2, 2, 8, 260, 128), 256, dict(fp8=True),
+                                  dict(gate_up=dict(block_n=16, ku=1), down=dict(block_n=2, ku=4, num_warps=2))),
+            "shared_tiled_fallback": ((2, 2, 8, 200, 136), 272, dict(fp8=True, fused=False), dict(max_tokens=0))
+            }.items():
+        D = shape[3]
+        fp8 = make_kw.get("fp8", False)
+        args = make_moe(*shape, seed=sum(shape), fp8=fp8)
+        shared = make_shared(D, I_s, seed=sum(shape), **make_kw)
+        launch = {k: v for k, v in kw.items() if k != "max_tokens"}
+        rows = functools.partial(moe_decode_rows_triton, **launch) if launch else None
+        out = moe_decode_triton(*args, *shared, rows=rows, max_tokens=kw.get("max_tokens"))
+        errs[name] = _rel(out, moe_decode_reference(*args, *shared))
+        errs[name + "_float64"] = _rel(out.double(), oracle(*args, *shared))
+    # the GEMV form's rows: T*(K+1), each token's shared row last; the fold equals the routed call plus the shared
+    # SwiGLU; two calls bit-equal (a fixed-order combine)
+    args = make_moe(2, 4, 16, 200, 136, seed=7)
+    shared = make_shared(200, 272, seed=7)
+    y = moe_decode_rows_triton(*args, *shared)
+    errs["shared_rows_shape"] = 0.0 if y.shape == (2 * 5, 200) else 1.0
+    from dsv3.kernels.moe_decode import _shared_rows
+    errs["shared_row_is_the_mlp"] = _rel(y.view(2, 5, 200)[:, 4], _shared_rows(args[0], *shared))
+    folded = moe_decode_triton(*args, *shared)
+    errs["shared_fold_vs_apart"] = _rel(folded, moe_decode_triton(*args) + _shared_rows(args[0], *shared))
+    errs["shared_repeat_bitwise"] = 0.0 if torch.equal(folded, moe_decode_triton(*args, *shared)) else 1.0
+    decode_ops.use_triton = lambda *a, **k: True
+    # the GEMV form's op with the shared experts (fused FP8 views): eager and compiled (aot_eager: the op's fake
+    # implementation traced; inductor's side of it is the combine, which the cases above compile) against the
+    # reference and each other, and its fake implementation's shape (opcheck)
+    args = make_moe(1, 4, 16, 256, 128, fp8=True, seed=8)
+    shared = make_shared(256, 256, fp8=True, seed=8)
+    ref = moe_decode_reference(*args, *shared)
+    eager = decode_ops.moe_decode(*args, *shared)
+    compiled = torch.compile(decode_ops.moe_decode, backend="aot_eager", fullgraph=True)(*args, *shared)
+    errs["decode_ops_rows_shared"] = _rel(eager, ref)
+    errs["decode_ops_rows_shared_compiled"] = _rel(compiled, ref)
+    errs["decode_ops_rows_shared_compiled_vs_eager"] = _rel(compiled, eager)
+    tw = args[1].float().contiguous()
+    torch.library.opcheck(decode_ops._moe_decode_rows, (args[0], tw, *args[2:], *shared),
+                          test_utils=("test_faketensor",))
+    return errs
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_reference():
@@ -274,6 +418,14 @@ def test_triton_interpreter_matches_reference():
     for name, err in errs.items():
         assert err < (3e-3 if name == "fp8_f16_dot" else 1e-5), (name, errs)
     assert errs["fp8_f16_dot"] > 1e-6, errs        # the fp16 path ran (fp32 activations rounded)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the interpreter test needs it "
+                                           "(requirements-ci.txt pins triton, so CI runs it)")
+def test_triton_interpreter_shared_pair_matches_reference_and_float64():
+    errs = interpreter_cases("test_kernels_moe_decode", "_interpreter_shared_cases")
+    assert len(errs) == 20 + 4 + 3, errs
+    assert all(err < 1e-5 for err in errs.values()), errs
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="the sweep's dry run runs the kernels under the Triton interpreter")
@@ -380,6 +532,27 @@ def test_triton_cuda_graph_capture(T):
     graph.replay()
     torch.cuda.synchronize()
     assert_close_scaled(out, moe_decode_reference(x, w, idx, *rest).float(), 2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("T", [1, 2])
+def test_triton_cuda_shared_pair_lite_shapes(T, fp8):
+    """lite's shapes with its two shared experts (I_s = 2816, gate / up views of one fused buffer) folded into the
+    GEMV form: the reference's result, and bit-equal between an eager call and a CUDA graph's replay."""
+    args = make_moe(T, 6, 64, 2048, 1408, dtype=torch.bfloat16, fp8=fp8, seed=T, device="cuda")
+    shared = make_shared(2048, 2816, dtype=torch.bfloat16, fp8=fp8, seed=T, device="cuda")
+    out = moe_decode_triton(*args, *shared)
+    assert out.dtype == torch.bfloat16
+    assert_close_scaled(out, moe_decode_reference(*args, *shared).float(), 2e-2)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = moe_decode_triton(*args, *shared)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, out)
 
 
 def test_rows_launch_defaults_and_refusals():

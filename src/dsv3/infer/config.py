@@ -47,6 +47,10 @@ class EngineConfig:
     # weight-streaming Triton GEMV (dsv3.kernels.gemv) instead of cuBLAS: 1.08-1.50x cuBLAS per projection and +4%
     # tokens/s at lite batch 1 on an H100 (RESULTS.md seventeenth / eighteenth sessions); wider steps keep cuBLAS
     dense_gemv: bool = True
+    # the shared experts of a fused-MoE step of <= 2 tokens (batch-1 decode) as one more pair per token inside the
+    # fused kernel's GEMV form, their weights read where they are (dsv3.infer.moe_dispatch): 3-4 fewer launches per
+    # MoE layer; off: the shared MLP runs after the routed experts and is added (the A/B's before)
+    shared_pair: bool = True
     # the host schedules and launches decode step t+1 before it reads step t's sampled tokens, which then stream one
     # step late (dsv3.infer.overlap): "auto" = on when decode steps replay captured CUDA graphs, "on" (any device;
     # true), "off" (false). With MTP speculation the fused greedy steps chain so (dsv3.infer.speculation), the
@@ -63,7 +67,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be an integer, got {value!r}")
         # a string is truthy: "false" would switch the feature on
         for name in ("prefix_caching", "speculative_fused", "cuda_graphs", "capture_graphs_at_start",
-                     "compile_decode", "fuse_projections", "dense_gemv"):
+                     "compile_decode", "fuse_projections", "dense_gemv", "shared_pair"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be true or false, got {getattr(self, name)!r}")
         ids = self.eos_token_ids

@@ -10,6 +10,14 @@ applies to plain stacked experts (`Experts`) and FP8 block weights (`FP8Experts`
 `EngineConfig.fused_moe = "auto"` (the default) takes the fused path only for the batch sizes where it measured
 faster (FUSED_MOE_AUTO_TOKENS): the decode graphs are captured per batch bucket, so each bucket's graph holds the
 faster of the two paths.
+
+The shared experts fold into the kernel at batch 1 (`EngineConfig.shared_pair`, on by default): batches of at most
+ROWS_MAX_TOKENS tokens take the kernel's GEMV form, which then runs the shared SwiGLU as one more (token, k) pair per
+token, weight 1, reading the shared MLP's own weights (their views into dsv3.infer.fused_proj's fused gate-up buffer:
+no copy). That saves the shared MLP's 3-4 launches and the add per MoE layer (~100 of a `lite` step's ~625).
+`shared_tensors` says which shared MLPs fold: bias-free linears in the experts' dtype (nn.Linear / GemvLinear, whose
+weights FusedMLP's fusion turns into views), or FP8Linear over FP8 experts with I and I_s multiples of the 128-row
+scale block; any other keeps `mlp.shared_experts(x)` and the add, as wider batches do.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ import torch
 from torch import nn
 
 from ..kernels.decode_ops import moe_decode, moe_route
-from ..kernels.moe_decode import fused_token_range
-from ..kernels.triton_setup import HAS_TRITON, capability
+from ..kernels.moe_decode import ROWS_MAX_TOKENS, fused_token_range
+from ..kernels.triton_setup import BLOCK, HAS_TRITON, capability
+from ..model.layers import MLP
 from ..model.moe import Experts, MoE
-from .fp8_weights import FP8Experts
+from .fp8_weights import FP8Experts, FP8Linear
+from .fused_proj import FusedMLP, GemvLinear
 
 MOE_DECODE_MAX_TOKENS = 256
 
@@ -87,15 +97,42 @@ def route(mlp: MoE, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return weights, idx
 
 
-def moe_ffn(mlp: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """mlp(x) for x (B, T, D), through the fused kernel when `fused` and it applies."""
+def shared_tensors(mlp: MoE, experts: tuple) -> tuple | None:
+    """(gate, up, down, gate_scale, up_scale, down_scale) of the MoE's shared experts for the fused kernel's extra
+    pair (`experts`: what expert_tensors gave), else None: the shared MLP then runs apart. Folded: a plain or fused
+    SwiGLU (MLP / FusedMLP) of bias-free linears, either nn.Linear / GemvLinear weights in the experts' dtype or,
+    over FP8 experts, FP8Linear blocks with both I (the experts') and I_s (the shared) multiples of 128, so that
+    every 128-row scale block sits whole in one matrix (gate's and up's scale rows, views into fused_scale_inv, then
+    start on a block row); the kernel itself takes ragged blocks, this stays on the tested layouts."""
+    shared = mlp.shared_experts
+    if type(shared) not in (MLP, FusedMLP):
+        return None
+    linears = (shared.gate_proj, shared.up_proj, shared.down_proj)
+    if any(lin.bias is not None for lin in linears):
+        return None
+    weights = tuple(lin.weight for lin in linears)
+    if any(w.dtype != experts[0].dtype or w.device != experts[0].device for w in weights) or \
+            weights[0].stride() != weights[1].stride() or any(w.stride(1) != 1 for w in weights):
+        return None
+    if experts[3] is None:
+        return (*weights, None, None, None) if all(type(lin) in (nn.Linear, GemvLinear) for lin in linears) else None
+    I, I_s = experts[0].shape[1], weights[0].shape[0]
+    if any(type(lin) is not FP8Linear for lin in linears) or I % BLOCK or I_s % BLOCK:
+        return None
+    return (*weights, *(lin.weight_scale_inv for lin in linears))
+
+
+def moe_ffn(mlp: nn.Module, x: torch.Tensor, fused: bool, shared_pair: bool = True) -> torch.Tensor:
+    """mlp(x) for x (B, T, D), through the fused kernel when `fused` and it applies; with `shared_pair`, the shared
+    experts inside it where they fold (module docstring), else added after."""
     tensors = expert_tensors(mlp.experts) if fused and isinstance(mlp, MoE) and not mlp.keep_routing else None
     if tensors is None or x.numel() // x.shape[-1] > MOE_DECODE_MAX_TOKENS:
         return mlp(x)
     flat = x.reshape(-1, x.shape[-1])
     weights, idx = route(mlp, flat)
-    y = moe_decode(flat, weights, idx, *tensors)
-    if mlp.shared_experts is not None:
+    shared = shared_tensors(mlp, tensors) if shared_pair and flat.shape[0] <= ROWS_MAX_TOKENS else None
+    y = moe_decode(flat, weights, idx, *tensors, *(shared or ()))
+    if mlp.shared_experts is not None and shared is None:
         y = y + mlp.shared_experts(flat)
     return y.view(x.shape)
 
@@ -103,3 +140,8 @@ def moe_ffn(mlp: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
 def fused_moe_ffn(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The blocks' `ffn` seam with the fused kernel on (dsv3.model.transformer)."""
     return moe_ffn(mlp, x, True)
+
+
+def fused_moe_ffn_shared_apart(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`fused_moe_ffn` with the shared experts always run apart (EngineConfig.shared_pair off: the A/B's before)."""
+    return moe_ffn(mlp, x, True, shared_pair=False)

@@ -30,7 +30,8 @@ from .batch import Batch, Row, make_batch, padding_row
 from .cache import PagedLatentCache
 from .config import EngineConfig
 from .graphs import DecodeGraphs
-from .moe_dispatch import fused_moe_available, fused_moe_ffn, fused_moe_for, model_has_fp8_experts
+from .moe_dispatch import (fused_moe_available, fused_moe_ffn, fused_moe_ffn_shared_apart, fused_moe_for,
+                           model_has_fp8_experts)
 from .spec_step import greedy_spec_step
 
 __all__ = ["Batch", "ModelRunner", "Row", "padding_row"]
@@ -74,9 +75,12 @@ class ModelRunner:
         self.fp8_experts = model_has_fp8_experts(model)     # auto follows the launch table's FP8 rows then
 
     def ffn(self, tokens: int):
-        """The blocks' FFN seam for a forward of `tokens` tokens: the fused MoE call, or None (the module's
-        forward). A graph bucket's size is fixed, so each captured graph holds one of the two."""
-        return fused_moe_ffn if fused_moe_for(self.config.fused_moe, self.fused_moe, tokens, self.fp8_experts) else None
+        """The blocks' FFN seam for a forward of `tokens` tokens: the fused MoE call (with the shared experts inside
+        it at batch 1 unless `EngineConfig.shared_pair` is off), or None (the module's forward). A graph bucket's
+        size is fixed, so each captured graph holds one of the two."""
+        if not fused_moe_for(self.config.fused_moe, self.fused_moe, tokens, self.fp8_experts):
+            return None
+        return fused_moe_ffn if self.config.shared_pair else fused_moe_ffn_shared_apart
 
     def use_graphs(self, max_batch: int, max_blocks: int, capture: bool) -> None:
         """Decode batches from padded buckets (dsv3.infer.graphs), their forward compiled with `compile_decode`;

@@ -79,15 +79,23 @@ def _(logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int, n
 @torch.library.custom_op("dsv3::moe_decode_reference", mutates_args=())
 def _moe_decode_reference(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor,
                           down_proj: Tensor, gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
-                          down_scale: Tensor | None = None) -> Tensor:
-    """The fused MoE's PyTorch reference (host syncs: opaque to the compiler) -> (T, D) in x's dtype."""
-    return moe_decode_reference(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale,
-                                down_scale).contiguous()
+                          down_scale: Tensor | None = None, shared_gate: Tensor | None = None,
+                          shared_up: Tensor | None = None, shared_down: Tensor | None = None,
+                          shared_gate_scale: Tensor | None = None, shared_up_scale: Tensor | None = None,
+                          shared_down_scale: Tensor | None = None) -> Tensor:
+    """The fused MoE's PyTorch reference (host syncs: opaque to the compiler) -> (T, D) in x's dtype; the shared
+    experts included when their tensors are given."""
+    return moe_decode_reference(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale,
+                                shared_gate, shared_up, shared_down, shared_gate_scale, shared_up_scale,
+                                shared_down_scale).contiguous()
 
 
 @_moe_decode_reference.register_fake
 def _(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
-      gate_scale: Tensor | None = None, up_scale: Tensor | None = None, down_scale: Tensor | None = None) -> Tensor:
+      gate_scale: Tensor | None = None, up_scale: Tensor | None = None, down_scale: Tensor | None = None,
+      shared_gate: Tensor | None = None, shared_up: Tensor | None = None, shared_down: Tensor | None = None,
+      shared_gate_scale: Tensor | None = None, shared_up_scale: Tensor | None = None,
+      shared_down_scale: Tensor | None = None) -> Tensor:
     return x.new_empty(x.shape)
 
 
@@ -109,15 +117,25 @@ def _(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_r
 
 @torch.library.custom_op("dsv3::moe_decode_rows", mutates_args=())
 def _moe_decode_rows(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
-                     gate_scale: Tensor | None, up_scale: Tensor | None, down_scale: Tensor | None) -> Tensor:
-    """The fused MoE's GEMV form of its two stages at batch 1 -> (T*K, D) fp32 weighted rows (kernels.moe_rows)."""
-    return moe_decode_rows_triton(x, tw, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale)
+                     gate_scale: Tensor | None, up_scale: Tensor | None, down_scale: Tensor | None,
+                     shared_gate: Tensor | None = None, shared_up: Tensor | None = None,
+                     shared_down: Tensor | None = None, shared_gate_scale: Tensor | None = None,
+                     shared_up_scale: Tensor | None = None, shared_down_scale: Tensor | None = None) -> Tensor:
+    """The fused MoE's GEMV form of its two stages at batch 1 -> (T*K, D) fp32 weighted rows (kernels.moe_rows);
+    with the shared experts' tensors (T*(K+1), D): each token's shared row after its K routed ones."""
+    return moe_decode_rows_triton(x, tw, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale,
+                                  shared_gate, shared_up, shared_down, shared_gate_scale, shared_up_scale,
+                                  shared_down_scale)
 
 
 @_moe_decode_rows.register_fake
 def _(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
-      gate_scale: Tensor | None, up_scale: Tensor | None, down_scale: Tensor | None) -> Tensor:
-    return x.new_empty(tw.numel(), x.shape[1], dtype=torch.float32)
+      gate_scale: Tensor | None, up_scale: Tensor | None, down_scale: Tensor | None,
+      shared_gate: Tensor | None = None, shared_up: Tensor | None = None, shared_down: Tensor | None = None,
+      shared_gate_scale: Tensor | None = None, shared_up_scale: Tensor | None = None,
+      shared_down_scale: Tensor | None = None) -> Tensor:
+    pairs = tw.numel() + (tw.shape[0] if shared_gate is not None else 0)
+    return x.new_empty(pairs, x.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("dsv3::moe_sort_pairs", mutates_args=())
@@ -136,20 +154,25 @@ def _(idx: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor
 
 def moe_decode(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
                gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
-               down_scale: Tensor | None = None) -> Tensor:
+               down_scale: Tensor | None = None, shared_gate: Tensor | None = None,
+               shared_up: Tensor | None = None, shared_down: Tensor | None = None,
+               shared_gate_scale: Tensor | None = None, shared_up_scale: Tensor | None = None,
+               shared_down_scale: Tensor | None = None) -> Tensor:
     """The fused MoE of decode-sized batches (dsv3.kernels.moe_decode) -> (T, D) in x's dtype. On the Triton path
     two opaque ops: the pair sort (`dsv3::moe_sort_pairs`, one launch: as torch ops it was ~17 small kernels per
     layer eagerly and still the bulk of the ~11 routing kernels per layer compiled, scans and scatters that inductor
     does not fuse: RESULTS.md, issue 16) and the two GEMM stages; at batch 1 one, their GEMV form
-    (`dsv3::moe_decode_rows`, no sort). The combine after them is plain tensor ops that a compiled decode layer
-    fuses with the shared experts."""
+    (`dsv3::moe_decode_rows`, no sort), which also runs the shared experts when their tensors are given (one more
+    pair per token). The combine after them is plain tensor ops that a compiled decode layer fuses with what
+    follows (the shared experts' add, where they run apart)."""
+    args = (x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale, shared_gate, shared_up,
+            shared_down, shared_gate_scale, shared_up_scale, shared_down_scale)
     if not use_triton(x, "DSV3_MOE_DECODE", fp8=gate_proj.dtype == torch.float8_e4m3fn):
-        return _moe_decode_reference(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale)
+        return _moe_decode_reference(*args)
 
     def gemms(*args, block_m: int, **_default_launch) -> Tensor:    # the op derives the rest of the launch itself
         return _moe_decode_sorted(*args, block_m)
 
     # step 1 as one launch where the experts fit one program (instead of ~10 small kernels per layer)
     sort = _moe_sort_pairs if gate_proj.shape[0] <= MOE_ROUTE_MAX_EXPERTS else None
-    return moe_decode_triton(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale,
-                             gemms=gemms, sort=sort, rows=_moe_decode_rows)
+    return moe_decode_triton(*args, gemms=gemms, sort=sort, rows=_moe_decode_rows)

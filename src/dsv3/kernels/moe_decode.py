@@ -7,6 +7,13 @@ format (e4m3 + one fp32 `scale_inv` per 128x128 block, shapes (E, ceil(N/128), c
 dsv3.kernels.fp8_weight_gemm). Output (T, D) in x's dtype:
 
     y[t] = sum_k weights[t, k] * down_{e}( silu(gate_{e}(x[t])) * up_{e}(x[t]) ),   e = idx[t, k]
+           (+ down_s( silu(gate_s(x[t])) * up_s(x[t]) )   with the shared experts' tensors)
+
+Optionally the shared experts too: gate_s / up_s (I_s, D), down_s (D, I_s) (I_s = n_shared * moe_intermediate_size),
+2-D scale_inv for FP8 weights. Batches of the GEMV form (below) run them as one more (token, k) pair per token,
+inside the same two launches: at batch 1 the shared MLP beside the kernel costs 3-4 launches per MoE layer
+(dsv3.kernels.moe_rows says why that matters). The tiled form adds them apart (torch ops; the engine's dispatch,
+dsv3.infer.moe_dispatch, keeps the module's shared MLP for those batches).
 
 Algorithm (Triton):
   1. sort the P = T*K (token, k) pairs by expert (a stable one-hot rank for small P*E, a stable sort otherwise),
@@ -24,7 +31,8 @@ Algorithm (Triton):
   4. the combine: the K weighted rows of each token summed (fp32), cast to x's dtype. A fixed-order sum, not
      atomics: the output is deterministic (bit-equal between a captured graph and an eager call).
 At most ROWS_MAX_TOKENS tokens (batch-1 decode) take the GEMV form of steps 2-3 instead (dsv3.kernels.moe_rows: no
-sort, one program per (pair, strip), fp8_gemv's wide loads). Programs of tiles past the real ones return at once.
+sort, one program per (pair, strip), fp8_gemv's wide loads; with the shared experts, K + 1 pairs per token whose
+K + 1 rows step 4 sums, the shared row last). Programs of tiles past the real ones return at once.
 FP8 weights are converted to x's dtype in registers (exact) with the block's scale applied to each 128-long partial
 sum (BLOCK_K = 128, BLOCK_N divides 128). The grid's first axis is the tile: programs that share an expert's weight
 slice are launched side by side (its rows read once from HBM, the other tiles' reads hit L2). The launch (`MoELaunch`: tile sizes, warps, stages per stage, split-K) comes
@@ -54,7 +62,8 @@ __all__ = ["HAS_TRITON", "LAUNCH_TABLE", "ROWS_MAX_TOKENS", "MoELaunch", "down_s
            "moe_decode_sorted_triton", "moe_decode_triton", "rows_form", "sort_pairs"]
 
 
-def _check(x: Tensor, weights: Tensor, idx: Tensor, gate: Tensor, up: Tensor, down: Tensor, scales) -> None:
+def _check(x: Tensor, weights: Tensor, idx: Tensor, gate: Tensor, up: Tensor, down: Tensor, scales,
+           shared: tuple = (None,) * 6) -> None:
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a 2-D float tensor (T, D), got shape {tuple(x.shape)} dtype {x.dtype}")
     T, D = x.shape
@@ -74,6 +83,21 @@ def _check(x: Tensor, weights: Tensor, idx: Tensor, gate: Tensor, up: Tensor, do
             if w.dtype != torch.float8_e4m3fn or tuple(s.shape) != want:
                 raise ValueError(f"FP8 weight {tuple(w.shape)} {w.dtype} needs an e4m3 weight and scale_inv of "
                                  f"shape {want}, got {tuple(s.shape)}")
+    ws, ss = shared[:3], shared[3:]
+    if all(w is None for w in shared):
+        return
+    if any(w is None for w in ws) or ws[0].dim() != 2 or ws[0].shape != ws[1].shape or ws[0].shape[1] != D or \
+            ws[2].shape != (D, ws[0].shape[0]) or any(w.dtype != gate.dtype for w in ws):
+        raise ValueError(f"shared gate/up (I_s, D={D}) and down (D, I_s) in the experts' dtype {gate.dtype} expected, "
+                         f"got {[None if w is None else (tuple(w.shape), w.dtype) for w in ws]}")
+    if any((s is None) == fp8 for s in ss):
+        raise ValueError("FP8 shared weights need all three scale_inv tensors, other weights none")
+    if fp8:
+        for w, s in zip(ws, ss):
+            want = (-(-w.shape[0] // BLOCK), -(-w.shape[1] // BLOCK))
+            if tuple(s.shape) != want:
+                raise ValueError(f"FP8 shared weight {tuple(w.shape)} needs a scale_inv of shape {want}, got "
+                                 f"{tuple(s.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,20 +108,37 @@ def _expert(w: Tensor, s: Tensor | None, e: int) -> Tensor:
     return w[e].float() if s is None else dequantize_blocks(w[e], s[e], torch.float32)
 
 
+def _shared_rows(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, gate_scale: Tensor | None,
+                 up_scale: Tensor | None, down_scale: Tensor | None) -> Tensor:
+    """The shared experts' SwiGLU as the GEMV form's extra pair computes it: fp32 GEMMs, h rounded to x's dtype,
+    fp32 out (T, D)."""
+    deq = lambda w, s: w.float() if s is None else dequantize_blocks(w, s, torch.float32)     # noqa: E731
+    xf = x.float()
+    h = (F.silu(xf @ deq(gate, gate_scale).T) * (xf @ deq(up, up_scale).T)).to(x.dtype)
+    return h.float() @ deq(down, down_scale).T
+
+
 def moe_decode_reference(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor,
                          down_proj: Tensor, gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
-                         down_scale: Tensor | None = None) -> Tensor:
+                         down_scale: Tensor | None = None, shared_gate: Tensor | None = None,
+                         shared_up: Tensor | None = None, shared_down: Tensor | None = None,
+                         shared_gate_scale: Tensor | None = None, shared_up_scale: Tensor | None = None,
+                         shared_down_scale: Tensor | None = None) -> Tensor:
     """The fused MoE's math, expert by expert: fp32 GEMMs, h rounded to x's dtype (as the kernel stores it), fp32
-    weighted sum over k. Returns (T, D) in x's dtype."""
+    weighted sum over k. With the shared experts' tensors (module docstring), their output is one more row of each
+    token's sum, with weight 1, after its K routed ones (the GEMV form's order). Returns (T, D) in x's dtype."""
     scales = (gate_scale, up_scale, down_scale)
-    _check(x, weights, idx, gate_proj, up_proj, down_proj, scales)
+    shared = (shared_gate, shared_up, shared_down, shared_gate_scale, shared_up_scale, shared_down_scale)
+    _check(x, weights, idx, gate_proj, up_proj, down_proj, scales, shared)
     T, K = idx.shape
-    out = torch.zeros(T, K, x.shape[1], dtype=torch.float32, device=x.device)
+    out = torch.zeros(T, K + (shared_gate is not None), x.shape[1], dtype=torch.float32, device=x.device)
     for e in idx.unique().tolist():
         t, k = (idx == e).nonzero(as_tuple=True)
         xe = x[t].float()
         h = (F.silu(xe @ _expert(gate_proj, gate_scale, e).T) * (xe @ _expert(up_proj, up_scale, e).T)).to(x.dtype)
         out[t, k] = (h.float() @ _expert(down_proj, down_scale, e).T) * weights[t, k].float()[:, None]
+    if shared_gate is not None:
+        out[:, K] = _shared_rows(x, *shared)
     return out.sum(1).to(x.dtype)
 
 
@@ -427,17 +468,24 @@ def moe_decode_sorted_triton(x: Tensor, tw: Tensor, pairs: Tensor, offs: Tensor,
 
 def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
                       gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
-                      down_scale: Tensor | None = None, *, gemms=None, sort=None, rows=None,
+                      down_scale: Tensor | None = None, shared_gate: Tensor | None = None,
+                      shared_up: Tensor | None = None, shared_down: Tensor | None = None,
+                      shared_gate_scale: Tensor | None = None, shared_up_scale: Tensor | None = None,
+                      shared_down_scale: Tensor | None = None, *, gemms=None, sort=None, rows=None,
                       max_tokens: int | None = None, **overrides) -> Tensor:
     """The fused MoE through Triton (same contract as `moe_decode_reference`); graph-capturable. `overrides`:
     MoELaunch fields (block_m, block_n, ..., split_k) over the table's launch for T tokens; `gemms` replaces
     `moe_decode_sorted_triton` for steps 2-3 (with its arguments; dsv3.kernels.decode_ops passes its custom op, so
     that a compiled caller sees steps 1 and 4); `sort` replaces `sort_pairs` for step 1 (same contract); `rows`
     replaces `moe_decode_rows_triton`, the GEMV form of steps 2-3 that T <= `max_tokens` tokens take
-    (ROWS_MAX_TOKENS; 0: never) unless `overrides` ask for a tiled launch."""
+    (ROWS_MAX_TOKENS; 0: never) unless `overrides` ask for a tiled launch. The shared experts' tensors fold into
+    the GEMV form as one more pair per token; the tiled form takes them apart, as `_shared_rows` in torch ops (for
+    completeness: dsv3.infer.moe_dispatch passes them only to batches the GEMV form takes)."""
     need_triton("moe_decode_triton")
     scales = (gate_scale, up_scale, down_scale)
-    _check(x, weights, idx, gate_proj, up_proj, down_proj, scales)
+    shared = (shared_gate, shared_up, shared_down, shared_gate_scale, shared_up_scale, shared_down_scale)
+    has_shared = shared_gate is not None
+    _check(x, weights, idx, gate_proj, up_proj, down_proj, scales, shared)
     if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"the Triton kernels take x in {TRITON_DTYPES}, got {x.dtype} (use the reference)")
     (T, D), E = x.shape, gate_proj.shape[0]
@@ -445,23 +493,26 @@ def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor
     if overrides:
         MoELaunch(**launch)          # validated here too (a compiled decode layer passes none)
     if T * idx.shape[1] == 0 or E == 0:
-        return x.new_zeros(T, D)
+        return _shared_rows(x, *shared).to(x.dtype) if has_shared else x.new_zeros(T, D)
     # 2.-3. in the GEMV form, no sort (not when a tiled launch is asked for: `overrides` name its fields)
-    if not overrides and rows_form(x, gate_proj, up_proj, down_proj, max_tokens):
+    if not overrides and rows_form(x, gate_proj, up_proj, down_proj, max_tokens, shared if has_shared else None):
         y = (rows or moe_decode_rows_triton)(x, weights.float().contiguous(), idx, gate_proj, up_proj, down_proj,
-                                             *scales)
-        return y.view(T, -1, D).sum(1).to(x.dtype)
+                                             *scales, *(shared if has_shared else ()))
+        return y.view(T, -1, D).sum(1).to(x.dtype)          # 4. K (+ 1 shared) rows per token, in a fixed order
     sorted_pairs = (sort or sort_pairs)(idx, E, launch["block_m"])          # 1.
     y = (gemms or moe_decode_sorted_triton)(x, weights.float().contiguous(), *sorted_pairs, gate_proj, up_proj,
                                             down_proj, *scales, **launch)   # 2.-3.
+    if has_shared:
+        y = torch.cat([y.view(T, -1, D), _shared_rows(x, *shared)[:, None]], 1)
     return y.view(T, -1, D).sum(1).to(x.dtype)                               # 4. the combine, in a fixed order
 
 
 def moe_decode(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
                gate_scale: Tensor | None = None, up_scale: Tensor | None = None,
-               down_scale: Tensor | None = None) -> Tensor:
+               down_scale: Tensor | None = None, *shared: Tensor | None) -> Tensor:
     """Dispatcher: the Triton kernels for CUDA tensors when triton imports (sm_89+ for FP8 weights), else the
-    reference."""
+    reference. `shared`: the shared experts' six optional tensors, as `moe_decode_reference` takes them."""
+    args = (x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale, *shared)
     if use_triton(x, "DSV3_MOE_DECODE", fp8=gate_proj.dtype == torch.float8_e4m3fn):
-        return moe_decode_triton(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale)
-    return moe_decode_reference(x, weights, idx, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale)
+        return moe_decode_triton(*args)
+    return moe_decode_reference(*args)
