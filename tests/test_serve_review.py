@@ -60,7 +60,8 @@ def assert_openai_error(r: httpx.Response, status: int) -> dict:
                                          ("/v1/chat/completions",
                                           {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})])
 def test_1_a_failed_request_is_counted_once_as_its_status(server, monkeypatch, route, body):
-    """An engine step that fails (injected once) fails the request with a 500: counted as that, not also as a 200."""
+    """An engine step that fails (injected once) fails the request with a 503 (engine_step_failed: retry): counted
+    as that, not also as a 200."""
     step, failed = server.engine.step, []
 
     def failing_step():
@@ -70,10 +71,10 @@ def test_1_a_failed_request_is_counted_once_as_its_status(server, monkeypatch, r
         return step()
     monkeypatch.setattr(server.engine, "step", failing_step)
     before = request_series(server.url)
-    assert_openai_error(httpx.post(server.url + route, json=body, timeout=30), 500)
+    assert_openai_error(httpx.post(server.url + route, json=body, timeout=30), 503)
     after = request_series(server.url)
-    assert failed and counted(before, after, route, "500") == 1
-    assert counted(before, after, route, "200") == 0, "a 500 was also counted as a 200"
+    assert failed and counted(before, after, route, "503") == 1
+    assert counted(before, after, route, "200") == 0, "a 503 was also counted as a 200"
     monkeypatch.undo()
     assert httpx.post(server.url + route, json=body, timeout=30).status_code == 200     # still serving
     assert counted(after, request_series(server.url), route, "200") == 1
