@@ -15,6 +15,8 @@ captures the graphs it needs), over modes:
            every other mode folds them into its GEMV form as one more pair per token, the engine's default);
   sync, overlap: auto with EngineConfig.overlap_schedule off / on (the A/B of dsv3.infer.overlap: whether decode
            step t+1 is launched before the host reads step t's tokens; auto = on with captured graphs);
+  cprefill overlap with the blocks of prefill steps compiled too (EngineConfig.compile_prefill; the A/B of its TTFT
+           against overlap, whose prefill steps run eagerly: 2,736 small kernels, 64 of 148 ms at 64 x 128 tokens);
   fp8, fp8-compile, fp8-fused, fp8-auto, fp8-fusedeager: the same with weights in the released FP8 block format
   (dsv3.infer.fp8_weights). fp8 quantises the model in place, so every bf16 mode runs first.
 
@@ -23,6 +25,8 @@ GPU:  PYTHONPATH=src python benchmarks/engine_decode.py --batches 1,32,64 --toke
       replay time against the TPOT: the host gap per token that remains)
       the shared-pair A/B: ... --batches 1 --tokens 64 --modes overlap,noshared,fp8-overlap,fp8-noshared --profile
       --ttft-batch 0 (the profile's kernels per replay: the folded step has 3 fewer per MoE layer, 78 on lite)
+      the compiled-prefill A/B: ... --batches 1 --tokens 8 --modes overlap,cprefill --ttft-batch 64 --ttft-profile
+      (the TTFT rows and one profiled prefill step of 64 x 128 tokens each: its kernel count and GPU time by category)
 CPU dry run: PYTHONPATH=src python benchmarks/engine_decode.py --tiny --device cpu --batches 1,4 --tokens 8 \
   --modes graphs,fused,fp8,fp8-fused     (on CPU the bucketed decode runs without capture; `compile` needs bf16 there:
   add --dtype bf16, since the fake grouped GEMM of the MoE module takes only bf16; `--modes sync,overlap --host-ms
@@ -158,7 +162,8 @@ MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused
          "nogemv": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", dense_gemv=False),
          "noshared": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", shared_pair=False),
          "sync": dict(compile_decode=True, fused_moe="auto", overlap_schedule="off"),
-         "overlap": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on")}
+         "overlap": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on"),
+         "cprefill": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", compile_prefill=True)}
 
 
 def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, count: int = 6, **engine_kw) -> dict:

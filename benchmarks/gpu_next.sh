@@ -35,6 +35,7 @@
 #                                   peer at 1 and 32), ~11 min: its stages have their own timeouts
 #   bash benchmarks/gpu_next.sh z   y without its CUDA tests (the gate ran them), ~8.5 min: one call
 #   bash benchmarks/gpu_next.sh A   fresh prefill rows in groups: CUDA engine tests, TTFT at 64 after / before, profiled
+#   bash benchmarks/gpu_next.sh B   compiled prefill: its CUDA tests, TTFT at 64 x 128 tokens with / without, profiled
 #   bash benchmarks/gpu_next.sh C   the shared pair: its CUDA tests, lite batch 1 on / off profiled, the prefill's top kernels
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
@@ -215,6 +216,15 @@ PY
       && OUT=$OUT/before PYTHONPATH=/tmp/old/src:${PYTHONPATH#*:} timeout 150 python benchmarks/engine_decode.py \
       "${TT[@]}" > "$OUT/ttft_before.txt" 2>&1
     grep -E "TTFT of|prefill step|kernels .* ms$" "$OUT/ttft_before.txt" | sed 's/^/before /' ;;
+  B)    # twentieth session: the blocks of prefill steps through torch.compile (EngineConfig.compile_prefill; eager,
+        # 2,736 small kernels were 64 of a prefill step's 148 ms at 64 x 128 tokens). Its CUDA tests and the compiled
+        # decode's, then TTFT at 64 prompts and one profiled prefill step, overlap (eager prefill) vs cprefill
+    install_wheels
+    timeout 200 python -m pytest -q -n 14 -p no:cacheprovider -m gpu -rfEs tests/test_infer_prefill_compile.py \
+      tests/test_infer_decode_compile.py tests/test_infer_engine.py 2>&1 | tail -4 | tee "$OUT/gate.txt"
+    timeout 330 python benchmarks/engine_decode.py --batches 1 --tokens 8 --modes overlap,cprefill --ttft-batch 64 \
+      --ttft-profile > "$OUT/ttft.txt" 2>&1
+    grep -v Warn "$OUT/ttft.txt" | grep -E "TTFT|prefill step|kernels .* ms$|FAILED" | head -40 ;;
   C)    # nineteenth session: the shared experts as one more pair of the fused MoE's GEMV form (EngineConfig.shared_pair).
         # The CUDA tests of the files it reaches, lite batch 1 A/B profiled (overlap = on, noshared = off; BF16 and
         # FP8), then one prefill step of 64 x 128 tokens profiled with its top kernels
@@ -227,5 +237,5 @@ PY
     grep -v Warn "$OUT/engine.txt" | grep -E "tok/s|graph replay|kernels .* ms" | head -40
     OUT=$OUT/ttft timeout 100 python benchmarks/engine_decode.py --batches 1 --tokens 8 --modes overlap --ttft-batch 64 \
       --ttft-budgets 0 --ttft-profile > "$OUT/ttft.txt" 2>&1; grep -A30 "prefill step" "$OUT/ttft.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|C"; exit 2 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C"; exit 2 ;;
 esac

@@ -36,6 +36,11 @@ class EngineConfig:
     # mid-traffic stalls every stream; `dsv3 serve` and `bench serve` turn it on
     capture_graphs_at_start: bool = False
     compile_decode: bool = False       # torch.compile the per-layer work of graph-bucket decode steps (inductor)
+    # torch.compile the blocks of steps with prefill rows too (the token count symbolic: no recompile per step):
+    # inductor fuses the norms' fp32 upcasts, RoPE, the router's math, the MoE combine, SwiGLU and the residual adds
+    # around the GEMMs; attention over the step's rows stays eager (dsv3.infer.runner). Eager, they were 2,736 small
+    # kernels and 64 ms of a 148 ms prefill step of 64 x 128-token prompts on lite (H100, issue 16)
+    compile_prefill: bool = False
     # routed experts of decode-sized batches in one fused kernel per GEMM stage (dsv3.kernels.moe_decode): "on" (any
     # device; true), "off" (false), "auto" = on a CUDA GPU of sm_89+, for the batch sizes where it measured faster
     # (dsv3.infer.moe_dispatch.FUSED_MOE_AUTO_TOKENS)
@@ -67,7 +72,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be an integer, got {value!r}")
         # a string is truthy: "false" would switch the feature on
         for name in ("prefix_caching", "speculative_fused", "cuda_graphs", "capture_graphs_at_start",
-                     "compile_decode", "fuse_projections", "dense_gemv", "shared_pair"):
+                     "compile_decode", "compile_prefill", "fuse_projections", "dense_gemv", "shared_pair"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be true or false, got {getattr(self, name)!r}")
         ids = self.eos_token_ids

@@ -15,6 +15,14 @@ block through `torch.compile` (one compiled function for every layer: the layer'
 graph per layer kind). The cache's write and decode attention are opaque to dynamo (dsv3.infer.cache), so each block
 compiles into the graphs around them, and nothing else may break a graph (tests/test_infer_decode_compile.py checks
 the break reasons); the CUDA graph then captures the compiled kernels.
+
+With `compile_prefill`, steps with prefill rows (no graph: N changes every step) run through the same compiled
+functions, the token dimension marked dynamic, so a new prompt length is no new compile. Why: eager, a prefill step
+of 64 x 128-token prompts on lite took 148 ms on an H100, GPU-bound, 64 ms of it in 2,736 small elementwise / cast /
+copy kernels (RMSNorm's fp32 upcasts, RoPE, the router's math, the MoE combine in fp32, SwiGLU, residual adds: ~100
+per layer) beside 59 ms of GEMMs (issue 16); compiled, inductor fuses them into the kernels around the GEMMs. The
+attention of such a step (loops over the step's row groups and rows, dsv3.model.mla `_attend_rows`) is opaque to
+dynamo like the cache's methods: each block breaks its graphs there once and compiles the rest.
 """
 
 from __future__ import annotations
@@ -48,6 +56,16 @@ def _layer(layer, inputs: tuple, cos: torch.Tensor, sin: torch.Tensor, ctx: Atte
 
 
 _EAGER = (_prologue, _layer)
+
+
+def _dynamic_tokens(on: bool, *tensors: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, ...]:
+    """The tensors, their token dimension `dim` marked dynamic for dynamo when `on` (a prefill step): the first
+    compile of a frame is then for any N, not N's value (dynamo's default: static first, symbolic from the second
+    size on). `maybe_`: a frame whose code fixes N anyway (N = 1) specialises instead of failing."""
+    if on:
+        for t in tensors:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+    return tensors
 
 
 @functools.cache
@@ -124,14 +142,21 @@ class ModelRunner:
             return batch.graphs.run(batch)
         return self.forward_eager(batch)
 
+    def compiles_prefill(self, batch: Batch) -> bool:
+        """Whether this batch runs through the compiled functions as a step with prefill rows (`compile_prefill`)."""
+        return self.config.compile_prefill and batch.ctx.decode_rows is not None
+
     def forward_eager(self, batch: Batch, compiled: bool = False) -> torch.Tensor:
-        """The forward without graphs; `compiled`: through the torch.compile'd functions (graph buckets only)."""
+        """The forward without graphs; `compiled`: through the torch.compile'd functions (graph buckets), as a step
+        with prefill rows is with `compile_prefill` (its token dimension dynamic)."""
         model = self.model
-        prologue, layer_fn = _compiled() if compiled else _EAGER
-        x, cos, sin = prologue(model, batch.input_ids, batch.positions)      # (1, N, D)
+        prefill = self.compiles_prefill(batch)
+        prologue, layer_fn = _compiled() if compiled or prefill else _EAGER
+        x, cos, sin = prologue(model, *_dynamic_tokens(prefill, batch.input_ids, batch.positions))  # (1, N, D)
         ffn = self.ffn(batch.input_ids.numel())
         for i, layer in enumerate(model.layers):
-            x = layer_fn(layer, (x,), cos, sin, batch.ctx.at(i), ffn)
+            x = layer_fn(layer, _dynamic_tokens(prefill, x, dim=1), *_dynamic_tokens(prefill, cos, sin),
+                         batch.ctx.at(i), ffn)
         return model.norm(x)[0]
 
     @torch.inference_mode()
@@ -147,10 +172,12 @@ class ModelRunner:
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         module = model.mtp[0]
-        prologue, layer_fn = _compiled() if compiled else _EAGER
-        emb, cos, sin = prologue(model, batch.input_ids, batch.positions)    # (1, N, D)
+        prefill = self.compiles_prefill(batch)
+        prologue, layer_fn = _compiled() if compiled or prefill else _EAGER
+        emb, cos, sin = prologue(model, *_dynamic_tokens(prefill, batch.input_ids, batch.positions))  # (1, N, D)
         ctx = batch.ctx.at(self.cfg.num_hidden_layers)                        # the MTP module's own latents
-        x = layer_fn(module, (hidden[None].to(emb.dtype), emb), cos, sin, ctx, self.ffn(batch.input_ids.numel()))[0]
+        inputs = _dynamic_tokens(prefill, hidden[None].to(emb.dtype), emb, dim=1)
+        x = layer_fn(module, inputs, *_dynamic_tokens(prefill, cos, sin), ctx, self.ffn(batch.input_ids.numel()))[0]
         return self.logits(module.shared_head.norm(x)), x
 
     @torch.inference_mode()

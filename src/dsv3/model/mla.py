@@ -144,6 +144,14 @@ class MLA(nn.Module):
            run by the cache on its pages."""
         if ctx.decode_rows is None:               # a pure decode step: every token, in order
             return self._attend_absorbed_paged(q_nope, q_pe, ctx, append=(ctx.slots, c_kv, k_pe))
+        return self._attend_rows(q_nope, q_pe, c_kv, k_pe, ctx)
+
+    @torch.compiler.disable
+    def _attend_rows(self, q_nope, q_pe, c_kv, k_pe, ctx: AttentionContext) -> torch.Tensor:
+        """Steps 1-3 of `_attend_paged` for a step with naive rows. Opaque to dynamo, as the cache's methods are: a
+        compiled block (an engine's compiled prefill) breaks its graph here once, around attention, instead of
+        unrolling the loops over the step's groups and rows, whose count, lengths and index tensors change every
+        step (a recompile per step); the norms, RoPE and projections before and the FFN after stay compiled."""
         ctx.cache.write(ctx.layer, ctx.slots, c_kv, k_pe)
         out = q_nope.new_empty(q_nope.shape[0], self.n_heads, self.v_dim)
         for g in ctx.groups:                     # fresh rows: their context is their own latents, no gather
