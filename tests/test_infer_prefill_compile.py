@@ -72,6 +72,24 @@ def test_compiled_prefill_gives_the_eager_tokens(model):
     assert breaks and all("MLA._attend_rows" in b for b in breaks), breaks
 
 
+def test_compiled_prefill_with_mtp_speculation(model):
+    """MTP speculation (k = 1): the MTP module's forward over prefill rows compiles too (`mtp_forward_eager`); the
+    eager engine's greedy tokens, hidden states as in the first test."""
+    from dsv3.infer.runner import ModelRunner
+    kw = dict(fused_moe="on", num_speculative_tokens=1)
+    want, eager = run(model, waves(), **kw)
+    compiled, real = [], ModelRunner.mtp_forward_eager
+
+    def mtp_forward_eager(runner, batch, *args, **kwargs):
+        compiled.append(runner.compiles_prefill(batch))
+        return real(runner, batch, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ModelRunner, "mtp_forward_eager", mtp_forward_eager)
+        got, steps = run(model, waves(), compile_prefill=True, **kw)
+    assert got == want and any(compiled)
+    assert_same_steps(steps, eager, 1e-4)
+
+
 def test_compiled_prefill_compiles_once_per_shape_kind(model):
     """Steps of five prompt lengths: after the first two, no frame compiles again (dynamo's default would compile
     one graph per new N until its limit); the first two compile each frame at most twice (the frames resumed after
