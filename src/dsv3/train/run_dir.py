@@ -431,7 +431,8 @@ def _first_line(e: BaseException) -> str:
 
 def write_failure(target: Path, e: BaseException, world: int, command: str = "train") -> str:
     """The one line for a checkpoint save that failed: the checkpoint, the cause, the free space there, and what
-    to do (the earlier checkpoints are intact: the save is atomic)."""
+    to do (the earlier checkpoints are intact: the save is atomic): resume_advice's way back, which for a newest
+    checkpoint saved during a loss spike names both the last healthy one and --resume-from."""
     run_dir = target.parent.parent
     last = latest_checkpoint(run_dir)
     head = (f"cannot write checkpoint {target} ({_first_line(e)}; {_free_space(target)} free there); nothing of it "
@@ -439,5 +440,6 @@ def write_failure(target: Path, e: BaseException, world: int, command: str = "tr
     if last is None:
         return (f"{head} and the run has no earlier checkpoint: free space (or restore write permission) and start "
                 f"again: {restart_command(run_dir, world, command=command)}")
-    return (f"{head}, the earlier checkpoints are intact (newest {last.name}): free space (or restore write "
-            f"permission) and resume: {resume_command(run_dir, world, command=command)}")
+    spike = ", saved during a loss spike (suspect)" if is_suspect(last) else ""
+    return (f"{head}, the earlier checkpoints are intact (newest {last.name}{spike}): free space (or restore write "
+            f"permission). {resume_advice(run_dir, last, world, command)}")
