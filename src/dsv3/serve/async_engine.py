@@ -86,7 +86,7 @@ class AsyncEngineBase:
         self._handles: dict[int, RequestHandle] = {}        # request id -> handle, until finished
         self.num_aborted = 0                                # requests that ended by abort (client gone)
         self.on_output = None      # optional callback(handle, output) on the event loop (metrics)
-        self.step_error: str | None = None
+        self.step_error: str | None = None                  # the failed step's exception (the log's, not a client's)
         self._futures: dict[int, concurrent.futures.Future] = {}    # stats requests in flight
         self._loop: asyncio.AbstractEventLoop | None = None         # the event loop outputs are delivered to
         self._exited = False                                # the engine's thread or process has ended (_gone)
@@ -103,6 +103,10 @@ class AsyncEngineBase:
     def _stop_backend(self) -> None:
         raise NotImplementedError
 
+    def _stopped_reason(self) -> str:
+        """Why the engine is not alive, in generic words (health_reason)."""
+        return "engine stopped"
+
     # ---- shared by the backends ---------------------------------------------------------------------------------
     def _send(self, command: tuple) -> None:
         self._loop = asyncio.get_running_loop()
@@ -116,7 +120,8 @@ class AsyncEngineBase:
         try:
             self._put(command)
         except (OSError, EOFError, ValueError) as e:       # BrokenPipeError; a closed Connection raises OSError
-            raise EngineStopped(f"the engine is not running: {e!r}") from None
+            log.warning("a command could not reach the engine: %r", e)
+            raise EngineStopped("the engine is not running (see /health)") from None
 
     def stats_future(self) -> concurrent.futures.Future:
         fut = concurrent.futures.Future()
@@ -162,6 +167,14 @@ class AsyncEngineBase:
             self._loop.call_soon_threadsafe(self._deliver_all, items)
 
     # ---- event-loop side ------------------------------------------------------------------------------------------
+    def health_reason(self) -> str | None:
+        """None while the engine works; else why not, in generic words ("engine step failed", "engine process exited
+        with code -9"): /health is open without the API key, and an exception's text (paths, sizes, a prompt's
+        words, a key) is the server log's, logged where it was raised, never a response's."""
+        if not self.alive:
+            return self._stopped_reason()
+        return "engine step failed" if self.step_error is not None else None
+
     @property
     def num_pending(self) -> int:
         return self._pending
@@ -316,6 +329,7 @@ class AsyncEngine(AsyncEngineBase):
         super().__init__(engine.limits, engine.tokenizer, max_pending)
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._died = False                                  # the loop ended by an exception, not a stop
         self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
         self._thread.start()
 
@@ -330,6 +344,9 @@ class AsyncEngine(AsyncEngineBase):
         self._commands.put(("stop",))
         self._thread.join(10.0)
 
+    def _stopped_reason(self) -> str:
+        return "engine thread died" if self._died else "engine stopped"
+
     def _run(self) -> None:
         """The loop; when it ends, by a stop or by an exception that escaped it (a failed step does not), whatever
         still waits fails as it does when an engine process exits (unwatched, it waited forever)."""
@@ -337,7 +354,9 @@ class AsyncEngine(AsyncEngineBase):
         try:
             self._loop_commands_and_steps()
         except BaseException as e:
-            reason = self.step_error = f"the engine thread died: {e!r}"
+            self._died, reason = True, "the engine thread died"     # its exception: the log's (not a client's)
+            self.step_error = repr(e)
+            log.critical("the engine thread died; every request fails with 503 from now on", exc_info=e)
             raise
         finally:
             self._gone(reason)
@@ -436,6 +455,10 @@ class EngineProcess(AsyncEngineBase):
     def alive(self) -> bool:
         return not self._exited and self._process.is_alive()
 
+    def _stopped_reason(self) -> str:
+        code = self._process.exitcode
+        return "engine process exited" if code is None else f"engine process exited with code {code}"
+
     def _read(self) -> None:
         while True:
             try:
@@ -443,9 +466,14 @@ class EngineProcess(AsyncEngineBase):
             except (EOFError, OSError):
                 break
             if msg[0] == "out":
+                if msg[2] is not None:      # (the child's log, traceback included, goes to its stderr)
+                    log.error("an engine step failed in the engine process: %s", msg[2])
                 self._on_step(msg[1], msg[2])
             elif msg[0] == "stats":
                 self._reply(msg[1], msg[2])
+        self._process.join(5)           # its exit code, for the log and /health
+        log.critical("the engine process exited (exit code %s); every request fails with 503 from now on",
+                     self._process.exitcode)
         self._gone("the engine process exited")           # the child is gone
         self._writer.close()
 
