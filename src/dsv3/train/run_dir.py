@@ -306,10 +306,10 @@ def set_aside_newer(run_dir: Path, ckpt: Path, layout) -> str | None:
             done = f" (moved so far: {', '.join(moved)})" if moved else ""
             return None, (f"cannot set aside the checkpoints newer than {ckpt.name}, which resuming from it would "
                           f"overwrite, into {aside}: {e}{done}; nothing was deleted")
-        return (f"set aside the checkpoint{'s' * (len(newer) > 1)} newer than {ckpt.name}, of the history this "
-                f"resume goes back past (its saves of those steps would overwrite them, checkpoint.keep prune "
-                f"them): {', '.join(moved)}; kept, never pruned; to resume from one, move it back to "
-                f"{run_dir / 'checkpoints'}/<its step_N name>"), ""
+        return (f"set aside {len(newer)} checkpoint{'s' * (len(newer) > 1)} newer than {ckpt.name}, which this "
+                f"resume goes back to, so that this run's saves of the same steps do not overwrite them nor "
+                f"checkpoint.keep prune them: {', '.join(moved)}; nothing resumes from, prunes or deletes "
+                f"{aside.name}/ (to resume from one, move it back to {run_dir / 'checkpoints'}/step_N)"), ""
     note, error = layout.from_rank_0(move() if layout.is_main else None)
     if error:
         err = CheckpointError(error)
