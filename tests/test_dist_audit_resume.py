@@ -41,6 +41,10 @@ def test_a_truncated_shard_makes_every_rank_resume_the_previous_checkpoint(cfg):
     for step in range(5, 9):
         assert again[step] == pytest.approx(first[step], rel=1e-5, abs=1e-6), step
     verify_checkpoint(run_dir / "checkpoints" / "step_00000008")   # the bad save was replaced by a whole one
+    # ... which rank 0 set aside first (the other rank waiting on its word), not overwrote: the damaged shard kept
+    [aside] = (run_dir / "checkpoints" / "rewound").iterdir()
+    assert aside.name.startswith("step_00000008-") and (aside / "__1_0.distcp").stat().st_size == 100
+    assert r.stderr.count(f"step_00000008 -> {aside}") == 1, r.stderr[-3000:]
     # and the resumed run ends where the uninterrupted one did: weights, EMA, AdamW moments (fp32, the same order)
     again_whole = read_tensors(run_dir / "checkpoints" / "step_00000008")
     _assert_same_tensors(whole["model"], again_whole["model"], "model", tol=1e-5)

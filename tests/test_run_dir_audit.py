@@ -313,3 +313,28 @@ def test_a_run_dir_that_is_a_file_is_named_and_kept(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "is a file, not a directory; choose another run_dir" in err, err
         assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _step(run: Path, step: int, suspect: bool) -> None:
+    d = run / "checkpoints" / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    (d / "state.json").write_text(json.dumps({"step": step, **({"suspect": True} if suspect else {})}))
+
+
+@pytest.mark.parametrize("healthy_before", [True, False])
+def test_a_failed_save_after_a_suspect_one_names_the_way_to_resume_that_works(tmp_path, healthy_before):
+    """A save that failed after a signal's save during a spike (suspect) advised a plain --resume "from the newest
+    step_00000006": that takes the last healthy step 4 (or, with none, is refused), not the checkpoint named."""
+    from dsv3.train.run_dir import write_failure
+    run = tmp_path / "run"
+    if healthy_before:
+        _step(run, 4, suspect=False)
+    _step(run, 6, suspect=True)
+    line = write_failure(run / "checkpoints" / "step_00000008", OSError(28, "No space left on device"), 1)
+    assert "\n" not in line and "newest step_00000006, saved during a loss spike (suspect)" in line, line
+    assert f"dsv3 train --resume-from step_00000006 --run-dir {run}" in line, line
+    if healthy_before:
+        assert f"Resume with: dsv3 train --resume --run-dir {run} (from the last healthy checkpoint step_00000004)" \
+            in line, line
+    else:
+        assert "No healthy checkpoint precedes it" in line and "--resume --run-dir" not in line, line

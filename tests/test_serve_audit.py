@@ -292,7 +292,8 @@ def test_5_a_dead_engine_process_gets_503s_not_500s():
         os.kill(aengine._process.pid, signal.SIGKILL)
         aengine._process.join(30)
         r = httpx.get(s.url + "/health")
-        assert r.status_code == 503 and r.json()["status"] == "unhealthy"
+        assert r.status_code == 503 and r.json() == {"status": "unhealthy",
+                                                     "error": "engine process exited with code -9"}, r.text
         for route, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
                             ("/v1/completions", {"prompt": ["hi", "ho"], "max_tokens": 2, "stream": True}),
                             ("/v1/chat/completions", CHAT)):

@@ -8,6 +8,7 @@ the engine's message (a stream: that error event, then [DONE]). Before, it was a
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import httpx
@@ -102,3 +103,54 @@ def test_a_request_the_engine_refuses_is_a_400(process):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+SECRET = "sk-live-7f3a9c2e51b84d06a1c4e8f2b9d70a35"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")      # the thread that dies
+def test_an_engine_exceptions_text_never_reaches_a_response_body(caplog):
+    """An engine's exception text may hold paths, sizes, a prompt's words or a key: /health (open without the API
+    key) showed it, as did the 503 of every request after the engine thread died. It goes to the server log; every
+    body (/health, a completion, a stream, a chat, after a failed step and after a dead thread) says only what
+    state the server is in."""
+    s = start_server(api_key="the-key")
+    auth = {"Authorization": "Bearer the-key"}
+    engine, bodies = s.engine, []
+
+    def requests() -> None:
+        plain = {"model": "dsv3-tiny", "prompt": "hi", "max_tokens": 4}
+        with httpx.Client(base_url=s.url, timeout=30) as http:
+            for route, body in (("/v1/completions", plain), ("/v1/completions", plain | {"stream": True, "n": 2}),
+                                ("/v1/chat/completions", {"model": "dsv3-tiny", "max_tokens": 4, "stream": True,
+                                                          "messages": [{"role": "user", "content": "hi"}]})):
+                with http.stream("POST", route, json=body, headers=auth) as r:
+                    bodies.append((route, r.status_code, r.read().decode()))
+            for http_get in (http.get, http.head):
+                bodies.append(("/health", (r := http_get("/health")).status_code, r.text))
+            bodies.append(("/metrics", (r := http.get("/metrics", headers=auth)).status_code, r.text))
+    try:
+        real_step = engine.step
+
+        def failing_step():
+            raise RuntimeError(f"step failed at /srv/keys/prod.env with OPENAI_API_KEY={SECRET}")
+        engine.step = failing_step
+        with caplog.at_level(logging.ERROR):
+            requests()
+            assert httpx.get(s.url + "/health").json() == {"status": "unhealthy", "error": "engine step failed"}
+            engine.step = real_step
+
+            def broken():
+                raise RuntimeError(f"engine loop broke: token {SECRET}")
+            engine.has_unfinished = broken        # read by the engine's loop outside the step: its thread dies
+            requests()
+            assert httpx.get(s.url + "/health").json() == {"status": "unhealthy", "error": "engine thread died"}
+        # a failed step: its requests' 503 (a stream's error event after its 200); a dead engine: 503s at submit
+        assert [status for route, status, _ in bodies if route != "/metrics"] == [503, 200, 200, 503, 503] + \
+            [503] * 5, bodies
+        leaked = [(route, body) for route, _, body in bodies if SECRET in body or "prod.env" in body]
+        assert not leaked, leaked
+        logged = [rec for rec in caplog.records if rec.exc_info and SECRET in str(rec.exc_info[1])]
+        assert len({str(rec.exc_info[1]) for rec in logged}) == 2, "the server log lacks an exception"
+    finally:
+        s.stop()

@@ -340,3 +340,54 @@ def test_a_resume_refuses_to_round_fp32_master_weights_to_bf16(full, tmp_path, c
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     # the other way loses nothing and autocast choices stay free
     assert main(["train", "--resume", "--run-dir", str(run), 'train.dtype="auto"', "train.steps=9", "--quiet"]) == 0
+
+
+def files_of(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir()) if f.is_file()}
+
+
+def test_a_resume_past_a_suspect_checkpoint_sets_it_aside_rather_than_overwrite_or_prune_it(tmp_path, capsys):
+    """Resumed from step 4 past the suspect step 6, the run's save of step 6 replaced the spike's state (atomically,
+    deleting it) and checkpoint.keep pruned what was left: a checkpoint the user may still have wanted (--resume
+    had named it as the way to take it) was gone. The resume now moves every newer step directory to
+    checkpoints/rewound/, byte for byte, in one logged line; nothing prunes it and no --resume takes it."""
+    cfg, _ = spiked_run(tmp_path)
+    run = Path(cfg.run_dir)
+    old = files_of(run / "checkpoints" / "step_00000006")
+    capsys.readouterr()
+    resumed = Trainer(small_run(tmp_path, "spiked", train={"steps": 8}, checkpoint={"interval": 2, "keep": 2},
+                                log={"val_interval": 0}), resume=True)
+    assert resumed.step == 4
+    resumed.run()
+    said = [ln for ln in capsys.readouterr().err.splitlines() if "set aside" in ln]
+    assert len(said) == 1 and "step_00000006 -> " in said[0] and "newer than step_00000004" in said[0], said
+    aside = list((run / "checkpoints" / "rewound").iterdir())
+    assert [d.name.split("-")[0] for d in aside] == ["step_00000006"] and str(aside[0]) in said[0]
+    assert files_of(aside[0]) == old                               # the spike's state, byte-identical
+    assert [d.name for d in checkpoint_dirs(run)] == ["step_00000006", "step_00000008"]
+    new = run / "checkpoints" / "step_00000006"                     # this run's own step 6: healthy, other weights
+    assert "suspect" not in json.loads((new / "state.json").read_text())
+    assert files_of(new)["model.safetensors"] != old["model.safetensors"]
+    # a later --resume takes this run's newest healthy checkpoint; keep=1 prunes this run's, not the set-aside one
+    again = Trainer(small_run(tmp_path, "spiked", train={"steps": 10}, checkpoint={"interval": 2, "keep": 1},
+                              log={"val_interval": 0}), resume=True)
+    assert again.step == 8
+    again.run()
+    assert [d.name for d in checkpoint_dirs(run)] == ["step_00000010"]
+    assert list((run / "checkpoints" / "rewound").iterdir()) == aside and files_of(aside[0]) == old
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_healthy_ones_aside(full, tmp_path, capsys):
+    """--resume-from 4 in a run whose newest is step 8 wrote its own step 8 over the first one."""
+    run = tmp_path / "older"
+    shutil.copytree(full, run)
+    old = files_of(run / "checkpoints" / "step_00000008")
+    capsys.readouterr()
+    assert main(["train", "--resume-from", "4", "--run-dir", str(run), "optim.lr=1e-3", "--quiet"]) == 0
+    said = [ln for ln in capsys.readouterr().err.splitlines() if "set aside" in ln]
+    assert len(said) == 1 and "step_00000008 -> " in said[0], said
+    [aside] = (run / "checkpoints" / "rewound").iterdir()
+    assert files_of(aside) == old
+    assert files_of(run / "checkpoints" / "step_00000008")["model.safetensors"] != old["model.safetensors"]
+    with pytest.raises(CheckpointError, match="set aside by an earlier resume.*move it back to .*step_00000008 "):
+        Trainer(small_run(tmp_path, "older"), resume=str(aside))

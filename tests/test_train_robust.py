@@ -65,7 +65,7 @@ def test_a_save_that_cannot_write_is_one_line_and_the_previous_checkpoint_resume
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"cannot write checkpoint {run / 'checkpoints' / 'step_00000008'}" in lines[0]
     assert str(error).split(":")[0] in lines[0] and "free there" in lines[0]
-    assert f"newest step_00000004): free space (or restore write permission) and resume: dsv3 train --resume " \
+    assert f"newest step_00000004): free space (or restore write permission). Resume with: dsv3 train --resume " \
            f"--run-dir {run}" in lines[0]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000004"]     # no leftover of the save
     verify_checkpoint(run / "checkpoints" / "step_00000004")

@@ -33,10 +33,10 @@ async def retrieve_model(model_id: str, request: Request):
 
 @router.get("/health")
 async def health(request: Request):
-    aengine = get_state(request).aengine
-    if aengine.step_error is not None or not aengine.alive:
-        return JSONResponse({"status": "unhealthy", "error": aengine.step_error or "the engine stopped"},
-                            status_code=503)
+    """Open without the API key (probes): the state and a generic reason only; what failed is the server log's."""
+    reason = get_state(request).aengine.health_reason()
+    if reason is not None:
+        return JSONResponse({"status": "unhealthy", "error": reason}, status_code=503)
     return {"status": "ok"}
 
 

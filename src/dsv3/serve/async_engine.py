@@ -67,11 +67,48 @@ class EngineStopped(Exception):
     """The engine's thread or process is gone (killed, or failed): nothing can be queued or asked of it."""
 
 
+class Backlog:
+    """How many outputs wait unread in the queues of one client request's handles (its n choices, up to
+    max_pending): a stream asks after every event it sends (outputs.coalesced), in O(1), where summing the queues'
+    sizes was O(choices) each time, on the event loop."""
+    __slots__ = ("queued",)
+
+    def __init__(self, queued: int = 0):
+        self.queued = queued
+
+
+class OutputQueue(asyncio.Queue):
+    """A handle's outputs; each put and get also counts in `backlog`, its own until join_backlog shares one among a
+    request's handles. (_put / _get: the hooks every put and get of asyncio.Queue goes through, as LifoQueue's.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.backlog = Backlog()
+
+    def _put(self, item) -> None:
+        super()._put(item)
+        self.backlog.queued += 1
+
+    def _get(self):
+        item = super()._get()
+        self.backlog.queued -= 1
+        return item
+
+
+def join_backlog(handles: list[RequestHandle]) -> Backlog:
+    """One Backlog for the output queues of `handles`, counting what they hold already (on the event loop, where
+    every put and get happens: nothing changes meanwhile)."""
+    backlog = Backlog(sum(h.outputs.qsize() for h in handles))
+    for h in handles:
+        h.outputs.backlog = backlog
+    return backlog
+
+
 @dataclass(eq=False)
 class RequestHandle:
     """One submitted request as the event loop sees it."""
     request_id: int
-    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+    outputs: OutputQueue = field(default_factory=OutputQueue)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: bool = False
@@ -86,7 +123,7 @@ class AsyncEngineBase:
         self._handles: dict[int, RequestHandle] = {}        # request id -> handle, until finished
         self.num_aborted = 0                                # requests that ended by abort (client gone)
         self.on_output = None      # optional callback(handle, output) on the event loop (metrics)
-        self.step_error: str | None = None
+        self.step_error: str | None = None                  # the failed step's exception (the log's, not a client's)
         self._futures: dict[int, concurrent.futures.Future] = {}    # stats requests in flight
         self._loop: asyncio.AbstractEventLoop | None = None         # the event loop outputs are delivered to
         self._exited = False                                # the engine's thread or process has ended (_gone)
@@ -103,6 +140,10 @@ class AsyncEngineBase:
     def _stop_backend(self) -> None:
         raise NotImplementedError
 
+    def _stopped_reason(self) -> str:
+        """Why the engine is not alive, in generic words (health_reason)."""
+        return "engine stopped"
+
     # ---- shared by the backends ---------------------------------------------------------------------------------
     def _send(self, command: tuple) -> None:
         self._loop = asyncio.get_running_loop()
@@ -116,7 +157,8 @@ class AsyncEngineBase:
         try:
             self._put(command)
         except (OSError, EOFError, ValueError) as e:       # BrokenPipeError; a closed Connection raises OSError
-            raise EngineStopped(f"the engine is not running: {e!r}") from None
+            log.warning("a command could not reach the engine: %r", e)
+            raise EngineStopped("the engine is not running (see /health)") from None
 
     def stats_future(self) -> concurrent.futures.Future:
         fut = concurrent.futures.Future()
@@ -162,6 +204,14 @@ class AsyncEngineBase:
             self._loop.call_soon_threadsafe(self._deliver_all, items)
 
     # ---- event-loop side ------------------------------------------------------------------------------------------
+    def health_reason(self) -> str | None:
+        """None while the engine works; else why not, in generic words ("engine step failed", "engine process exited
+        with code -9"): /health is open without the API key, and an exception's text (paths, sizes, a prompt's
+        words, a key) is the server log's, logged where it was raised, never a response's."""
+        if not self.alive:
+            return self._stopped_reason()
+        return "engine step failed" if self.step_error is not None else None
+
     @property
     def num_pending(self) -> int:
         return self._pending
@@ -316,6 +366,7 @@ class AsyncEngine(AsyncEngineBase):
         super().__init__(engine.limits, engine.tokenizer, max_pending)
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._died = False                                  # the loop ended by an exception, not a stop
         self._thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
         self._thread.start()
 
@@ -330,6 +381,9 @@ class AsyncEngine(AsyncEngineBase):
         self._commands.put(("stop",))
         self._thread.join(10.0)
 
+    def _stopped_reason(self) -> str:
+        return "engine thread died" if self._died else "engine stopped"
+
     def _run(self) -> None:
         """The loop; when it ends, by a stop or by an exception that escaped it (a failed step does not), whatever
         still waits fails as it does when an engine process exits (unwatched, it waited forever)."""
@@ -337,7 +391,9 @@ class AsyncEngine(AsyncEngineBase):
         try:
             self._loop_commands_and_steps()
         except BaseException as e:
-            reason = self.step_error = f"the engine thread died: {e!r}"
+            self._died, reason = True, "the engine thread died"     # its exception: the log's (not a client's)
+            self.step_error = repr(e)
+            log.critical("the engine thread died; every request fails with 503 from now on", exc_info=e)
             raise
         finally:
             self._gone(reason)
@@ -436,6 +492,10 @@ class EngineProcess(AsyncEngineBase):
     def alive(self) -> bool:
         return not self._exited and self._process.is_alive()
 
+    def _stopped_reason(self) -> str:
+        code = self._process.exitcode
+        return "engine process exited" if code is None else f"engine process exited with code {code}"
+
     def _read(self) -> None:
         while True:
             try:
@@ -443,9 +503,14 @@ class EngineProcess(AsyncEngineBase):
             except (EOFError, OSError):
                 break
             if msg[0] == "out":
+                if msg[2] is not None:      # (the child's log, traceback included, goes to its stderr)
+                    log.error("an engine step failed in the engine process: %s", msg[2])
                 self._on_step(msg[1], msg[2])
             elif msg[0] == "stats":
                 self._reply(msg[1], msg[2])
+        self._process.join(5)           # its exit code, for the log and /health
+        log.critical("the engine process exited (exit code %s); every request fails with 503 from now on",
+                     self._process.exitcode)
         self._gone("the engine process exited")           # the child is gone
         self._writer.close()
 

@@ -207,6 +207,10 @@ class PDRouter(AsyncEngineBase):
         return any(w.alive for w in self.workers if w.role == "prefill") and \
             any(w.alive for w in self.workers if w.role == "decode")
 
+    def _stopped_reason(self) -> str:
+        gone = [r for r in ("prefill", "decode") if not any(w.alive for w in self.workers if w.role == r)]
+        return f"no live {' or '.join(gone)} worker" if gone else "engine stopped"
+
     def stats_now(self) -> dict:
         live = [w for w in self.workers if w.alive]
         decode = [w.stats for w in live if w.role == "decode"]

@@ -44,7 +44,7 @@ from .checkpoint import (
     save_sharded,
 )
 from .data_parallel import is_collective_timeout
-from .run_dir import resume_advice, write_failure
+from .run_dir import resume_advice, set_aside_newer, write_failure
 from .signals import StopSignals, TrainingInterrupted
 
 
@@ -63,11 +63,13 @@ class Checkpointing:
         self.async_save = self.sharded_checkpoints and cfg.checkpoint.async_save
         self.checkpoint_group = checkpoint_group() if self.async_save else None
         self.in_flight: PendingSave | None = None
+        self.went_back_to: Path | None = None   # a resume's checkpoint, until run() sets the newer ones aside
 
     def _resume_from(self, ckpt: Path) -> None:
         """Weights, optimizer state, EMA, data position and counters from `ckpt` (verified by rank 0 in
         choose_checkpoint)."""
         self.resumed_from = ckpt        # a subclass reads what it saved in state.json there (GRPO: its reference)
+        self.went_back_to = ckpt
         ema_read = []                   # whether the sharded readers found an EMA to load in place
 
         def entries(with_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -88,6 +90,15 @@ class Checkpointing:
             # a checkpoint without an EMA (train.ema_decay was 0; a resume may change train.*): the average starts
             # at the resumed weights, not at the initialisation the EMA was built from
             self.ema.reset()
+
+    def _set_aside_newer(self) -> None:
+        """Before a resumed run trains: the checkpoints newer than the one it resumed from are another history of
+        the steps it is about to save, set aside into checkpoints/rewound/ (dsv3.train.run_dir.set_aside_newer),
+        never overwritten or pruned. Here, not at the resume: a Trainer built and never run moves nothing."""
+        if self.went_back_to is not None:
+            note, self.went_back_to = set_aside_newer(self.run_dir, self.went_back_to, self.layout), None
+            if note:
+                self.logger.log_event(self.step, note)
 
     def _sharded_entries(self, with_ema: bool = True) -> dict[str, torch.Tensor]:
         """This rank's model, optimizer state and EMA as sharded-checkpoint entries (views of the live tensors)."""

@@ -1,5 +1,6 @@
 """Starting a run in its directory: what a fresh start, `--overwrite` and `--resume` each find acceptable there, which
-checkpoint a resume takes, and the commands that continue a run (printed when it stops).
+checkpoint a resume takes (and the newer ones it sets aside, never overwritten: set_aside_newer), and the commands
+that continue a run (printed when it stops).
 
 A run directory holds what `dsv3 train` writes (RUN_FILES) and nothing of a run may be mixed with an earlier one:
 a fresh start refuses a directory holding checkpoints (continue it with --resume) or an earlier start's metrics
@@ -22,6 +23,7 @@ from typing import IO
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
+from ..checkpoint.atomic import fsync_path
 from .checkpoint import (checkpoint_dirs, checkpoint_path, checkpoint_step, is_suspect, last_healthy, latest_checkpoint,
                          verify_checkpoint)
 from .metrics import METRICS_FILE
@@ -261,6 +263,10 @@ def explicit_checkpoint(run_dir: Path, name: str) -> Path | str:
         d = run_dir / "checkpoints" / name
     else:
         d = Path(name)
+        if d.resolve().parent == (run_dir / "checkpoints" / REWOUND).resolve():
+            return (f"--resume-from {name}: set aside by an earlier resume that went back past it; to resume from "
+                    f"it, move it back to {run_dir / 'checkpoints' / d.name.split('-')[0]} first (moving aside the "
+                    f"checkpoint of that name, if the run has one)")
         if d.resolve().parent != (run_dir / "checkpoints").resolve():
             return (f"--resume-from {name}: not a checkpoint of the run {run_dir} ({have}); another run's weights "
                     f"are a new run's start: train.init_from")
@@ -268,6 +274,48 @@ def explicit_checkpoint(run_dir: Path, name: str) -> Path | str:
     if d not in dirs:
         return f"--resume-from {name}: {run_dir} has no checkpoint {d.name} ({have})"
     return d
+
+
+REWOUND = "rewound"      # checkpoints/rewound/: the checkpoints a resume went back past, set aside (never deleted)
+
+
+def set_aside_newer(run_dir: Path, ckpt: Path, layout) -> str | None:
+    """A resume from `ckpt` trains on past its step: every step directory newer than it (suspect or damaged ones a
+    plain --resume passed over, any that --resume-from went back past) is another history of those steps, which
+    this run's saves would replace (atomic_directory) and its pruning delete, and which a later --resume would take
+    over this run's own. Rank 0 renames each, atomically, to checkpoints/rewound/<name>-<unix time> (outside
+    checkpoint_dirs: nothing resumes from, counts or prunes it; moving it back makes it a checkpoint again); every
+    rank calls this (rank 0's outcome is every rank's: Layout.from_rank_0). Returns the line to log (None: nothing
+    newer); a rename that fails stops the run before it trains (CheckpointError, said by rank 0)."""
+    def move() -> tuple[str | None, str]:
+        newer = [d for d in checkpoint_dirs(run_dir) if d.name > ckpt.name]
+        if not newer:
+            return None, ""
+        aside, now, moved = run_dir / "checkpoints" / REWOUND, int(time.time()), []
+        try:
+            aside.mkdir(exist_ok=True)
+            for d in newer:
+                dest, i = aside / f"{d.name}-{now}", 1
+                while dest.exists():            # set aside before, in the same second: never renamed over
+                    dest, i = aside / f"{d.name}-{now}-{i}", i + 1
+                os.rename(d, dest)
+                moved.append(f"{d.name} -> {dest}")
+            fsync_path(aside)
+            fsync_path(aside.parent)
+        except OSError as e:
+            done = f" (moved so far: {', '.join(moved)})" if moved else ""
+            return None, (f"cannot set aside the checkpoints newer than {ckpt.name}, which resuming from it would "
+                          f"overwrite, into {aside}: {e}{done}; nothing was deleted")
+        return (f"set aside {len(newer)} checkpoint{'s' * (len(newer) > 1)} newer than {ckpt.name}, which this "
+                f"resume goes back to, so that this run's saves of the same steps do not overwrite them nor "
+                f"checkpoint.keep prune them: {', '.join(moved)}; nothing resumes from, prunes or deletes "
+                f"{aside.name}/ (to resume from one, move it back to {run_dir / 'checkpoints'}/step_N)"), ""
+    note, error = layout.from_rank_0(move() if layout.is_main else None)
+    if error:
+        err = CheckpointError(error)
+        err.said_by_rank_0 = True
+        raise err
+    return note
 
 
 def healthy_to_resume(run_dir: Path, step: int | None = None) -> tuple[Path | None, str | None]:
@@ -383,7 +431,8 @@ def _first_line(e: BaseException) -> str:
 
 def write_failure(target: Path, e: BaseException, world: int, command: str = "train") -> str:
     """The one line for a checkpoint save that failed: the checkpoint, the cause, the free space there, and what
-    to do (the earlier checkpoints are intact: the save is atomic)."""
+    to do (the earlier checkpoints are intact: the save is atomic): resume_advice's way back, which for a newest
+    checkpoint saved during a loss spike names both the last healthy one and --resume-from."""
     run_dir = target.parent.parent
     last = latest_checkpoint(run_dir)
     head = (f"cannot write checkpoint {target} ({_first_line(e)}; {_free_space(target)} free there); nothing of it "
@@ -391,5 +440,6 @@ def write_failure(target: Path, e: BaseException, world: int, command: str = "tr
     if last is None:
         return (f"{head} and the run has no earlier checkpoint: free space (or restore write permission) and start "
                 f"again: {restart_command(run_dir, world, command=command)}")
-    return (f"{head}, the earlier checkpoints are intact (newest {last.name}): free space (or restore write "
-            f"permission) and resume: {resume_command(run_dir, world, command=command)}")
+    spike = ", saved during a loss spike (suspect)" if is_suspect(last) else ""
+    return (f"{head}, the earlier checkpoints are intact (newest {last.name}{spike}): free space (or restore write "
+            f"permission). {resume_advice(run_dir, last, world, command)}")

@@ -447,6 +447,7 @@ class Trainer(Checkpointing):
         acc = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0, "grad_norm": 0.0, "n": 0, "tok": 0}
         t0, last_val = time.perf_counter(), {}
         try:
+            self._set_aside_newer()
             while self.step < cfg.train.steps:
                 stats, loads = self.train_step()
                 interval_loads += loads
