@@ -387,10 +387,10 @@ def _interpreter_shared_cases() -> dict:
     shared = make_shared(200, 272, seed=7)
     y = moe_decode_rows_triton(*args, *shared)
     errs["shared_rows_shape"] = 0.0 if y.shape == (2 * 5, 200) else 1.0
-    from dsv3.kernels.moe_decode import _shared_rows
-    errs["shared_row_is_the_mlp"] = _rel(y.view(2, 5, 200)[:, 4], _shared_rows(args[0], *shared))
+    from dsv3.kernels.moe_decode import _swiglu
+    errs["shared_row_is_the_mlp"] = _rel(y.view(2, 5, 200)[:, 4], _swiglu(args[0], *shared))
     folded = moe_decode_triton(*args, *shared)
-    errs["shared_fold_vs_apart"] = _rel(folded, moe_decode_triton(*args) + _shared_rows(args[0], *shared))
+    errs["shared_fold_vs_apart"] = _rel(folded, moe_decode_triton(*args) + _swiglu(args[0], *shared))
     errs["shared_repeat_bitwise"] = 0.0 if torch.equal(folded, moe_decode_triton(*args, *shared)) else 1.0
     decode_ops.use_triton = lambda *a, **k: True
     # the GEMV form's op with the shared experts (fused FP8 views): eager and compiled (aot_eager: the op's fake

@@ -104,18 +104,18 @@ def _check(x: Tensor, weights: Tensor, idx: Tensor, gate: Tensor, up: Tensor, do
 # Reference
 # ----------------------------------------------------------------------------------------------------------------
 
-def _expert(w: Tensor, s: Tensor | None, e: int) -> Tensor:
-    return w[e].float() if s is None else dequantize_blocks(w[e], s[e], torch.float32)
+def _weight(w: Tensor, s: Tensor | None) -> Tensor:
+    """One matrix in fp32: as it is, or dequantised from its 128x128 blocks."""
+    return w.float() if s is None else dequantize_blocks(w, s, torch.float32)
 
 
-def _shared_rows(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, gate_scale: Tensor | None,
-                 up_scale: Tensor | None, down_scale: Tensor | None) -> Tensor:
-    """The shared experts' SwiGLU as the GEMV form's extra pair computes it: fp32 GEMMs, h rounded to x's dtype,
-    fp32 out (T, D)."""
-    deq = lambda w, s: w.float() if s is None else dequantize_blocks(w, s, torch.float32)     # noqa: E731
+def _swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, gate_scale: Tensor | None = None,
+            up_scale: Tensor | None = None, down_scale: Tensor | None = None) -> Tensor:
+    """One expert's (or the shared experts') SwiGLU on rows x as the kernels compute it: fp32 GEMMs, h rounded to
+    x's dtype (as the kernels store it), fp32 out."""
     xf = x.float()
-    h = (F.silu(xf @ deq(gate, gate_scale).T) * (xf @ deq(up, up_scale).T)).to(x.dtype)
-    return h.float() @ deq(down, down_scale).T
+    h = (F.silu(xf @ _weight(gate, gate_scale).T) * (xf @ _weight(up, up_scale).T)).to(x.dtype)
+    return h.float() @ _weight(down, down_scale).T
 
 
 def moe_decode_reference(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor, up_proj: Tensor,
@@ -134,11 +134,11 @@ def moe_decode_reference(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Ten
     out = torch.zeros(T, K + (shared_gate is not None), x.shape[1], dtype=torch.float32, device=x.device)
     for e in idx.unique().tolist():
         t, k = (idx == e).nonzero(as_tuple=True)
-        xe = x[t].float()
-        h = (F.silu(xe @ _expert(gate_proj, gate_scale, e).T) * (xe @ _expert(up_proj, up_scale, e).T)).to(x.dtype)
-        out[t, k] = (h.float() @ _expert(down_proj, down_scale, e).T) * weights[t, k].float()[:, None]
+        pick = lambda s: None if s is None else s[e]  # noqa: E731
+        y = _swiglu(x[t], gate_proj[e], up_proj[e], down_proj[e], *(pick(s) for s in scales))
+        out[t, k] = y * weights[t, k].float()[:, None]
     if shared_gate is not None:
-        out[:, K] = _shared_rows(x, *shared)
+        out[:, K] = _swiglu(x, *shared)
     return out.sum(1).to(x.dtype)
 
 
@@ -479,7 +479,7 @@ def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor
     that a compiled caller sees steps 1 and 4); `sort` replaces `sort_pairs` for step 1 (same contract); `rows`
     replaces `moe_decode_rows_triton`, the GEMV form of steps 2-3 that T <= `max_tokens` tokens take
     (ROWS_MAX_TOKENS; 0: never) unless `overrides` ask for a tiled launch. The shared experts' tensors fold into
-    the GEMV form as one more pair per token; the tiled form takes them apart, as `_shared_rows` in torch ops (for
+    the GEMV form as one more pair per token; the tiled form takes them apart, as `_swiglu` in torch ops (for
     completeness: dsv3.infer.moe_dispatch passes them only to batches the GEMV form takes)."""
     need_triton("moe_decode_triton")
     scales = (gate_scale, up_scale, down_scale)
@@ -493,7 +493,7 @@ def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor
     if overrides:
         MoELaunch(**launch)          # validated here too (a compiled decode layer passes none)
     if T * idx.shape[1] == 0 or E == 0:
-        return _shared_rows(x, *shared).to(x.dtype) if has_shared else x.new_zeros(T, D)
+        return _swiglu(x, *shared).to(x.dtype) if has_shared else x.new_zeros(T, D)
     # 2.-3. in the GEMV form, no sort (not when a tiled launch is asked for: `overrides` name its fields)
     if not overrides and rows_form(x, gate_proj, up_proj, down_proj, max_tokens, shared if has_shared else None):
         y = (rows or moe_decode_rows_triton)(x, weights.float().contiguous(), idx, gate_proj, up_proj, down_proj,
@@ -503,7 +503,7 @@ def moe_decode_triton(x: Tensor, weights: Tensor, idx: Tensor, gate_proj: Tensor
     y = (gemms or moe_decode_sorted_triton)(x, weights.float().contiguous(), *sorted_pairs, gate_proj, up_proj,
                                             down_proj, *scales, **launch)   # 2.-3.
     if has_shared:
-        y = torch.cat([y.view(T, -1, D), _shared_rows(x, *shared)[:, None]], 1)
+        y = torch.cat([y.view(T, -1, D), _swiglu(x, *shared)[:, None]], 1)
     return y.view(T, -1, D).sum(1).to(x.dtype)                               # 4. the combine, in a fixed order
 
 
