@@ -42,6 +42,16 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
     pytest.fail(f"the run ended or stalled before step {step}: {proc.communicate()[1][-2000:]}")
 
 
+def read_until(proc: subprocess.Popen, prefix: str) -> str:
+    """The run's stderr up to and including the first line starting with `prefix` (the rest: communicate())."""
+    head = []
+    for line in proc.stderr:
+        head.append(line)
+        if line.startswith(prefix):
+            return "".join(head)
+    pytest.fail(f"the run ended without printing {prefix!r}: {''.join(head)[-2000:]}")
+
+
 def run_resume_command(line: str) -> None:
     """The printed command, with `dsv3 train` / torchrun replaced by this interpreter (dsv3 may not be on PATH)."""
     cmd = shlex.split(line.split("Resume with: ", 1)[1])
@@ -95,13 +105,41 @@ def test_a_second_sigint_aborts_at_once(cfg):
     proc = launch(cfg, run, 1, "train.batch_size=32", "train.batch_size_start=0")
     wait_for_step(proc, run, 2)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.1)
+    head = read_until(proc, "SIGINT: stopping after this step")   # acknowledged: the second press comes mid-step
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
+    err = head + err
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == \
         "dsv3 train: aborted by SIGINT; no checkpoint was written yet: nothing to resume"
     assert "SIGINT: stopping after this step" in err and latest_checkpoint(run) is None
+
+
+def test_a_second_press_after_the_save_exits_quietly(cfg):
+    """The press that comes once the step ended and the checkpoint is written lands in the shutdown: it exits at
+    once with 130, not with a KeyboardInterrupt traceback out of an exit handler after the resume line."""
+    run = cfg.parent / "late"
+    proc = launch(cfg, run)
+    wait_for_step(proc, run, 2)
+    proc.send_signal(signal.SIGINT)
+    head = read_until(proc, "dsv3 train: stopped by SIGINT after step")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in head + err, (head + err)[-3000:]
+    assert len(checkpoint_dirs(run)) == 1
+
+
+def test_after_a_stop_a_later_signal_exits_at_once_without_a_traceback():
+    code = ("import os, signal, time\n"
+            "from dsv3.train.signals import StopSignals\n"
+            "with StopSignals(announce=False, exit_after_stop=True) as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('stopped', stop.received, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(30)\n"
+            "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (130, "stopped 15\n", "")
 
 
 def test_stop_signals_record_the_first_and_raise_on_a_later_one():

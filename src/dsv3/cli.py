@@ -136,7 +136,8 @@ def _run_trainer(trainer, command: str) -> int:
               f"{trainer.device}{ranks} ({str(trainer.dtype).removeprefix('torch.')}), from step {trainer.step}",
               file=sys.stderr)
     try:
-        with StopSignals(announce=trainer.layout.is_main) as stop:
+        # exit_after_stop: once a signal stopped the run, a later press exits at once, not with a traceback at exit
+        with StopSignals(announce=trainer.layout.is_main, exit_after_stop=True) as stop:
             summary = trainer.run(stop)
     except TrainingInterrupted as e:
         if trainer.layout.is_main:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 
@@ -35,9 +36,12 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announce: bool = True, same_press_s: float | None = None):
+    def __init__(self, announce: bool = True, same_press_s: float | None = None, exit_after_stop: bool = False):
         self.received = 0                  # the first signal's number, 0 while none came
         self.announce = announce           # rank 0 acknowledges; the other ranks stay quiet
+        # a command line whose run a signal stopped only shuts down next: later signals exit at once (no window
+        # between restoring the previous handlers and installing those)
+        self.exit_after_stop = exit_after_stop
         under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
         self.same_press_s = (2.0 if under_torchrun else 0.0) if same_press_s is None else same_press_s
         self._first_at = 0.0
@@ -49,6 +53,9 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.exit_after_stop and self.received:
+            exit_at_once_on_another(ignore_until=self._first_at + self.same_press_s)
+            return
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
@@ -63,3 +70,22 @@ class StopSignals:
         if time.monotonic() - self._first_at < self.same_press_s:
             return
         raise Aborted(signum)
+
+
+def exit_at_once_on_another(ignore_until: float = 0.0) -> None:
+    """Once a signal has stopped the run (saved, or aborted), the process only shuts down: a further SIGINT / SIGTERM
+    (a second press that came after the step had ended and the save was done, or a third) exits at once with
+    128 + its number, instead of raising KeyboardInterrupt inside whichever exit handler it lands in (a traceback
+    after the resume line). Before `ignore_until` (time.monotonic) a signal is torchrun's forwarded copy of the
+    press that stopped the run: ignored. Main thread only, as signal.signal is."""
+    def _exit(signum: int, frame) -> None:
+        if time.monotonic() < ignore_until:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:           # the signal may have interrupted a write to this very stream
+                pass
+        os._exit(128 + signum)
+    for s in StopSignals.SIGNALS:
+        signal.signal(s, _exit)
