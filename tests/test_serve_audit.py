@@ -400,7 +400,7 @@ def test_7_stop_strings_are_found_from_the_tail_exactly():
     import random
 
     from dsv3.data import train_tokenizer
-    from dsv3.infer.stop_strings import is_byte_level, stop_may_end_here
+    from dsv3.infer.stop_rules import is_byte_level, stop_may_end_here
     tok = train_tokenizer(["héllo wörld ünïcode 日本語のテキスト 🎉🎉 " * 20, "def f(x):\n    return x * 2\n" * 20],
                           vocab_size=400)
     assert is_byte_level(tok)

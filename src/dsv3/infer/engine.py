@@ -37,7 +37,7 @@ from .sampling import SamplingParams, SamplingTensors, compute_logprobs, make_ge
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .speculation import SpecInFlight, Speculation
-from .stop_strings import is_byte_level, stop_may_end_here
+from .stop_rules import StopRules
 
 
 def device_memory_free(device: torch.device) -> int | None:
@@ -135,9 +135,7 @@ class Engine:
         eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos]) | set(
             config.eos_token_ids)
-        # stop strings looked for in the output's tail (byte-level tokenizers; infer/stop_strings.py)
-        self._skipped = ({i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
-                         if tokenizer is not None and is_byte_level(tokenizer) else None)
+        self.stops = StopRules(tokenizer, self.eos_ids, self.max_model_len)
         self._ids = itertools.count()
         self.seqs: dict[int, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
@@ -379,7 +377,7 @@ class Engine:
         logits = self.runner.logits(rows_h)
         # penalties and logit_bias (dsv3.infer.penalties): `scores` is `logits` itself unless a request uses them
         scores, adjusted = self.penalties.apply(done, logits)
-        scores = self._suppress_stops(done, scores)
+        scores = self.stops.suppress(done, scores)
         if all(s.params.greedy for s in done):
             # what `sample` returns for greedy rows (the race over a one-hot), without building and sorting a
             # (B, V) top-k / top-p distribution: one kernel instead of ~20 on the decode step's host path
@@ -393,24 +391,6 @@ class Engine:
         if adjusted is not None:                   # last: a step that raised must not have counted its tokens
             self.penalties.record(adjusted, tokens)
         return tokens, tuple(lp)
-
-    def _suppress_stops(self, done: list[Sequence], scores: torch.Tensor) -> torch.Tensor:
-        """min_tokens: the rows of sequences whose output is still shorter cannot sample a token that would end it
-        (EOS where not ignored, stop_token_ids): -inf there (vLLM's MinTokensLogitsProcessor), in a copy (the
-        logprobs read the model's own logits). The token sampled now is output token num_output_tokens + 1 (pending
-        ones counted). A step with no such row returns `scores` as it is, with no work."""
-        rows, cols = [], []
-        for i, seq in enumerate(done):
-            p = seq.params
-            if seq.num_output_tokens < p.min_tokens:
-                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-                rows += [i] * len(stops)
-                cols += stops
-        if not rows:
-            return scores
-        index = to_device([rows, cols], torch.long, self.device)
-        return scores.index_put((index[0], index[1]), torch.tensor(float("-inf"), dtype=scores.dtype,
-                                                                   device=scores.device))
 
     def _apply(self, pending: InFlight | SpecInFlight) -> list[RequestOutput]:
         """A step's sampled tokens, read on the host: log-probabilities, stop conditions, outputs. A sequence the
@@ -466,48 +446,11 @@ class Engine:
         seq.prompt_logprobs.extend(zip(lp, top_ids, top_lp))
 
     def _append(self, seq: Sequence, token: int) -> None:
-        """Add a generated token and check the stop conditions. The text is decoded only when something needs it:
-        a stop string that may have appeared (only the output's tail is decoded to tell: stop_strings.py) or the
-        finished output."""
+        """Add a generated token; finish the sequence if it stops there (dsv3.infer.stop_rules)."""
         seq.token_ids.append(token)
-        p = seq.params
-        reason = None
-        early = seq.num_output_tokens <= p.min_tokens     # this token is one of the first min_tokens: no stop yet
-        if ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids) and \
-                seq.num_output_tokens > p.min_tokens:
-            reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
-            reason = "length"
-        if early and not reason:
-            may_stop = False               # no stop string ends the output before min_tokens
-        elif self.tokenizer is not None and p.stop and not reason and self._skipped is not None:
-            may_stop = stop_may_end_here(self.tokenizer, seq.token_ids, p.stop, self._skipped, seq.num_prompt_tokens)
-        else:
-            may_stop = bool(p.stop)
-        if self.tokenizer is not None and (may_stop or reason):
-            # a stop token's text is left out of the text, as a stop string's is (OpenAI's `stop`, vLLM's default):
-            # the token ids keep it
-            ids = seq.output_ids[:-1] if reason == "stop" else seq.output_ids
-            seq.text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            start = self._stop_from(seq)
-            at = min((i for i in (seq.text.find(stop, start) for stop in p.stop) if i >= 0), default=-1)
-            if at >= 0:
-                seq.text, reason = seq.text[:at], "stop"
+        reason = self.stops.reason(seq)
         if reason:
             self._finish(seq, reason)
-
-    def _stop_from(self, seq: Sequence) -> int:
-        """Where in the output's text a stop string may start: past the text of its first min_tokens tokens (a
-        stop string starting there does not end it; one in the text after them cuts there, so the text keeps
-        those tokens whole). Decoded once."""
-        if not seq.params.min_tokens:
-            return 0
-        if seq.num_output_tokens < seq.params.min_tokens:      # ended short of them (the context): none may start
-            return 1 << 62
-        if seq.stop_from is None:
-            head = self.tokenizer.decode(seq.output_ids[:seq.params.min_tokens], skip_special_tokens=True)
-            seq.stop_from = len(head.rstrip("\ufffd"))     # (a character the next token completes)
-        return seq.stop_from
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason

@@ -54,7 +54,7 @@ class Speculation:
         """Speculate when every scheduled sequence is decoding, the batch is small enough for drafting to pay, no
         log-probabilities, penalties or logit_bias are asked for (a batch with them runs plain steps, which apply them:
         dsv3.infer.penalties), none is short of its min_tokens (a step accepting several drafts could end one below it:
-        plain steps mask its stops, Engine._suppress_stops), and each can get blocks for 2k more tokens (they are taken
+        plain steps mask its stops, StopRules.suppress), and each can get blocks for 2k more tokens (they are taken
         here: the k+1 verified positions, and the fused step's chained drafts up to position L + 2k - 1)."""
         e = self.engine
         if len(seqs) > e.config.speculative_max_batch or len(seqs) != len(e.scheduler.running):

@@ -52,7 +52,7 @@ MAX_N = 16
 MAX_TOP_K = 2**63 - 1      # the engine carries top_k in an int64 tensor; anything >= the vocabulary means "off" anyway
 MAX_SCHEMA_DEPTH = 64      # a tool's parameters: real schemas nest a few levels
 # Stop conditions are checked after every token: unbounded, one request made every step slow (a million stop_token_ids
-# searched per token; a stop string's length is the engine's tail window, infer/stop_strings.py). Generous bounds:
+# searched per token; a stop string's length is the engine's tail window, infer/stop_rules.py). Generous bounds:
 MAX_STOPS = 16             # stop strings
 MAX_STOP_CHARS = 1024      # characters of one stop string
 MAX_STOP_TOKEN_IDS = 1024

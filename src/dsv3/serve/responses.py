@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..data import Tokenizer
 from ..infer.engine import RequestOutput
-from ..infer.stop_strings import is_byte_level
+from ..infer.stop_rules import is_byte_level
 
 
 def new_id(prefix: str) -> str:
