@@ -134,16 +134,19 @@ def kd_run(tmp, name, teacher, student, data, **over):
 def test_a_logit_resume_keeps_the_teacher_checkpoint_of_the_start_when_the_teacher_run_moved_on(bases, tmp_path):
     """distill.teacher a training run: a resume read the teacher run's latest checkpoint again, so once that run
     had trained on, the resumed student learnt from another teacher than the uninterrupted one (as GRPO's grpo.init
-    did). The checkpoints pin it; a resume reads it, refuses it gone, and refuses distill.teacher changed."""
+    did). The checkpoints pin it; a resume reads it, refuses it gone, and refuses distill.teacher changed. The
+    student's base (distill.init, a copy of the teacher's run: one tokenizer) is pinned as SFT's is."""
     import shutil
+    from dsv3.posttrain.pinned import read_pin
     from dsv3.train import Trainer
     from test_train_loop import small_run
     data = bases[3]
     sections = dict(train={"steps": 2}, checkpoint={"interval": 2, "keep": 0}, log={"val_interval": 0})
     Trainer(small_run(tmp_path, "teacher", **sections)).run()
-    teacher = tmp_path / "teacher"
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    shutil.copytree(teacher, student)
     over = ["train.steps=4", "checkpoint.interval=2", "log.interval=1"]
-    t, _ = distill_trainer(kd_run(tmp_path, "full", teacher, teacher, data), over)
+    t, _ = distill_trainer(kd_run(tmp_path, "full", teacher, student, data), over)
     t.run()
     t.run_lock.close()
     resumed = tmp_path / "resumed"
@@ -162,6 +165,13 @@ def test_a_logit_resume_keeps_the_teacher_checkpoint_of_the_start_when_the_teach
         distill_trainer(None, [f'distill.teacher="{other}"'], resume=True, run_dir=str(resumed))
     shutil.rmtree(teacher / "checkpoints" / "step_00000002")
     with pytest.raises(ConfigError, match="distill.teacher=.*its checkpoint step_00000002, the run's teacher, is "
+                                          "gone"):
+        distill_trainer(None, [], resume=True, run_dir=str(resumed))
+    assert read_pin(resumed / "checkpoints" / "step_00000002", "base") == read_pin(
+        t.run_dir / "checkpoints" / "step_00000004", "base")
+    assert read_pin(resumed / "checkpoints" / "step_00000002", "base")["checkpoint"] == "step_00000002"
+    shutil.rmtree(student / "checkpoints" / "step_00000002")
+    with pytest.raises(ConfigError, match="distill.init=.*its checkpoint step_00000002, the run's base model, is "
                                           "gone"):
         distill_trainer(None, [], resume=True, run_dir=str(resumed))
 

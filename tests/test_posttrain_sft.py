@@ -235,3 +235,91 @@ def test_a_conversation_of_seq_len_plus_one_tokens_is_kept(tmp_path):
     trainer.run()
     assert read_metrics(trainer.run_dir, kind="train")[-1]["tokens"] == n - 1
     assert read_metrics(trainer.run_dir, kind="val")[-1]["val_loss"] > 0
+
+
+def train_base(tmp, name: str, steps: int, **model):
+    """A tiny training run as sft.init: its checkpoint at `steps`."""
+    from dsv3.train import Trainer
+    from test_train_loop import small_run
+    run = Trainer(small_run(tmp, name, train={"steps": steps}, checkpoint={"interval": steps, "keep": 0},
+                            log={"val_interval": 0}, model=model))
+    run.run()
+    run.run_lock.close()
+    return tmp / name
+
+
+def test_a_resume_reads_the_base_checkpoint_the_run_started_from(files, tmp_path):
+    """sft.init a training run that saved a newer checkpoint after the SFT run started, of another shape: a resume
+    read the base run's latest checkpoint again, so the model config (and tokenizer, chat template) came from
+    another checkpoint than the run's (here the SFT checkpoint no longer fitted the model; with the same shape the
+    data or template could change silently). The checkpoints pin the base; a resume reads that one, refuses it gone
+    (one line naming sft.init, and where a resume of the base run set it aside, if it did) or saved again."""
+    from dsv3.posttrain.pinned import checkpoint_fingerprint
+    base, ckpts = train_base(tmp_path, "base", 2), tmp_path / "base" / "checkpoints"
+    deeper = train_base(tmp_path, "deeper", 6, num_hidden_layers=3)
+    t, _ = sft_trainer(run_file(tmp_path, base, files[2], "full", train={"steps": 4}, checkpoint={"interval": 2}), [])
+    t.run()
+    t.run_lock.close()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(t.run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    shutil.copytree(deeper / "checkpoints" / "step_00000006", ckpts / "step_00000006")     # the base moves on
+    r, _ = sft_trainer(None, [], resume=True, run_dir=str(resumed))
+    assert r.cfg.model.num_hidden_layers == 2 and r.pins["base"] == t.pins["base"]
+    assert t.pins["base"]["checkpoint"] == "step_00000002"
+    r.run()
+    r.run_lock.close()
+    losses = lambda run: {m["step"]: m["loss"] for m in read_metrics(run, kind="train")}  # noqa: E731
+    assert losses(resumed) == losses(t.run_dir) and len(losses(resumed)) == 4
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+
+    def refused() -> str:
+        with pytest.raises(ConfigError) as e:
+            sft_trainer(None, [], resume=True, run_dir=str(resumed))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+    pinned, kept = ckpts / "step_00000002", tmp_path / "kept"
+    shutil.move(pinned, kept)
+    assert refused() == (f"invalid config: sft.init='{base}': its checkpoint step_00000002, the run's base model, "
+                         f"is gone; restore it or start a new run")
+    # set aside by a resume of the base run that went back past it (dsv3.train.run_dir.set_aside_newer's names),
+    # beside another history of that step, which is not the pinned one (its manifest differs)
+    other, aside = ckpts / "rewound" / "step_00000002-1600000000", ckpts / "rewound" / "step_00000002-1700000000"
+    shutil.copytree(deeper / "checkpoints" / "step_00000006", other)
+    assert "is gone; restore it or start a new run" in refused()
+    shutil.move(kept, aside)
+    assert refused().endswith(f"is gone; it was set aside by a resume of that run that went back past it: move "
+                              f"{aside} back to {pinned} to resume")
+    shutil.copytree(other, pinned)             # that run's other history of the step in its place: saved again
+    assert checkpoint_fingerprint(pinned) != t.pins["base"]["fingerprint"]
+    assert f"was saved again), so the run would go on against another model than it started with; move {pinned} " \
+           f"aside and {aside} back to {pinned} to resume" in refused()
+    shutil.rmtree(pinned)
+    shutil.move(aside, pinned)
+    r, _ = sft_trainer(None, [], resume=True, run_dir=str(resumed))
+    assert r.step == 2 and r.pins["base"] == t.pins["base"]
+    r.run_lock.close()
+
+
+def test_a_run_from_before_pins_resumes_as_it_did(full, files):
+    """A run whose checkpoints pin no base (written before pins) resumes, reading sft.init as a fresh run does,
+    and pins that base from then on."""
+    from dsv3.posttrain.pinned import read_pin
+    from dsv3.train.checkpoint import write_manifest
+    run, tmp = full[0], files[0]
+    old = tmp / "unpinned"
+    shutil.copytree(run, old)
+    shutil.rmtree(old / "checkpoints" / "step_00000008")
+    ckpt = old / "checkpoints" / "step_00000004"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state.pop("base")["checkpoint"] is None          # a Hugging Face base: its fingerprint
+    (ckpt / "state.json").write_text(json.dumps(state))
+    write_manifest(ckpt)
+    assert read_pin(ckpt, "base") is None
+    trainer, _ = sft_trainer(None, [], resume=True, run_dir=str(old))
+    trainer.run()
+    trainer.run_lock.close()
+    losses = lambda r: {m["step"]: m["loss"] for m in read_metrics(r, kind="train")}  # noqa: E731
+    assert losses(old) == losses(run)
+    assert read_pin(old / "checkpoints" / "step_00000008", "base") == read_pin(run / "checkpoints" / "step_00000008",
+                                                                              "base")

@@ -71,7 +71,7 @@ class LogitKDTrainer(Trainer):
         super().__init__(cfg, **kwargs)
         if kwargs.get("resume"):
             teacher, teacher_checkpoint = self._pinned_teacher(teacher, teacher_path, teacher_checkpoint)
-        self.teacher_pin = pin(teacher_path, teacher_checkpoint)     # in every checkpoint (_snapshot)
+        self.pins["teacher"] = pin(teacher_path, teacher_checkpoint)     # in every checkpoint
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.top_k, self.kd_weight, self.kd_temperature = top_k, kd_weight, kd_temperature
         self.kd_sum, self.kd_n = 0.0, 0
@@ -91,11 +91,6 @@ class LogitKDTrainer(Trainer):
             raise gone("distill.teacher", path, pinned, "teacher") from None
         pinned_step(pinned, "distill.teacher", path, checkpoint)       # the pinned one: saved again?
         return teacher, checkpoint
-
-    def _snapshot(self) -> dict:
-        snap = super()._snapshot()
-        snap["state"]["teacher"] = self.teacher_pin
-        return snap
 
     def interval_metrics(self) -> dict:
         out = {"kd_loss": self.kd_sum / self.kd_n} if self.kd_n else {}
@@ -182,7 +177,7 @@ def distill_trainer(config, overrides: list[str], resume: bool | str = False, ov
         make = functools.partial(LogitKDTrainer, teacher=teacher, teacher_path=s.teacher,
                                  teacher_checkpoint=teacher_checkpoint, top_k=s.top_k, kd_weight=s.kd_weight,
                                  kd_temperature=s.kd_temperature)
-    trainer, more = build_sft(sft, resume, overwrite, progress, saved=d, make_trainer=make)
+    trainer, more = build_sft(sft, resume, overwrite, progress, saved=d, make_trainer=make, init_key="distill.init")
     for line in lines:
         trainer.logger.log_event(0, line)
     return trainer, lines + more

@@ -78,7 +78,7 @@ class GRPOTrainer(Trainer):
             base = self._pinned_base(base)
         self.base_checkpoint = base.checkpoint
         if section.beta > 0:       # the frozen starting policy; beta = 0 loads none
-            self.reference_pin = pin(section.init, base.checkpoint)     # before it is read: what it was then
+            self.pins["reference"] = pin(section.init, base.checkpoint)   # before it is read: what it was then
             # built as the policy is (build_model): its parameter dtype (bf16 with train.dtype=bf16-params, so the
             # KL starts at 0 and the copy takes half the memory), on the device; a Hugging Face base is read from
             # its files tensor by tensor (hf_shards), never whole in fp32 on the host (64 GB for a 16B model)
@@ -113,11 +113,9 @@ class GRPOTrainer(Trainer):
         return base
 
     def _snapshot(self) -> dict:
-        """The Trainer's checkpoint state, plus the batch of rollouts while updates remain on it (module docstring),
-        and which model the KL reference is (_pinned_base)."""
+        """The Trainer's checkpoint state (with the KL reference's pin: _pinned_base), plus the batch of rollouts
+        while updates remain on it (module docstring)."""
         snap = super()._snapshot()
-        if self.reference is not None:
-            snap["state"]["reference"] = self.reference_pin
         if self.rollouts is not None and self.uses < self.section.updates_per_batch:
             snap["state"]["loader"] = {**snap["state"]["loader"], "batch": batch_state(self.rollouts, self.uses)}
         return snap

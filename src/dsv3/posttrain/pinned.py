@@ -1,5 +1,6 @@
-"""The model a post-training run reads at every step besides its own (GRPO's KL reference, `grpo.init`; logit
-distillation's teacher, `distill.teacher`), pinned in the run's checkpoints so that a resume reads the same one.
+"""The models a post-training run is built from besides its own checkpoints (SFT's base, `sft.init` / `distill.init`:
+its tokenizer, chat template and model config; GRPO's KL reference, `grpo.init`; logit distillation's teacher,
+`distill.teacher`), pinned in the run's checkpoints so that a resume reads the same ones.
 
 A run directory's latest checkpoint moves on when that run trains further, and a Hugging Face directory may be
 rewritten in place: a resume that read either again would go on against another model than the uninterrupted run,
@@ -18,6 +19,7 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError
+from ..train.run_dir import REWOUND
 
 # read whole: small, and what the model is (its shape, the weight map, the ids); the weights only by name, size and
 # modification time (a rewrite in place changes them; reading terabytes to check would not do)
@@ -71,22 +73,56 @@ def pinned_step(pinned: dict | None, key: str, path: str | Path, checkpoint: Pat
     rewritten, the pinned checkpoint saved again): ConfigError naming the key and the directory."""
     if pinned is None:
         return None
-    was = pinned.get("path", pinned.get("init"))      # GRPO's first pins named it "init"
-    if was is not None and Path(was).resolve() != Path(path).resolve():
-        raise ConfigError(f"--resume cannot change {key}={str(was)!r} -> {str(path)!r}: the run's checkpoints were "
-                          f"trained against the model there; start a new run to use another")
+    _same_path(pinned, key, path)
     if pinned.get("checkpoint") and checkpoint is not None and pinned["checkpoint"] != checkpoint.name:
         return int(pinned["checkpoint"][len("step_"):])
     if bool(pinned.get("checkpoint")) != (checkpoint is not None) or (pinned.get("fingerprint") and pinned[
             "fingerprint"] != (checkpoint_fingerprint(checkpoint) if checkpoint else hf_fingerprint(path))):
         what = f"its checkpoint {checkpoint.name} was saved again" if checkpoint is not None else \
             "its config, tokenizer or weight files differ"
+        aside = _set_aside(path, pinned) if checkpoint is not None else None
+        fix = f"move {checkpoint} aside and {aside} back to {checkpoint} to resume" if aside else "restore it"
         raise ConfigError(f"--resume: {key}={str(path)!r} changed since the run started ({what}), so the run would "
-                          f"go on against another model than it started with; restore it, or start a new run")
+                          f"go on against another model than it started with; {fix}, or start a new run")
     return None
 
 
+def pinned_checkpoint(pinned: dict | None, key: str, path: str | Path, role: str) -> Path | None:
+    """pinned_step before anything is read (SFT builds its data and model from the base): the run directory's
+    checkpoint to read, the pinned one (gone: `gone`), or None to read `path` as a fresh run would (nothing pinned,
+    or a Hugging Face directory, checked here)."""
+    if pinned is None:
+        return None
+    _same_path(pinned, key, path)
+    checkpoint = Path(path) / "checkpoints" / pinned["checkpoint"] if pinned.get("checkpoint") else None
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise gone(key, path, pinned, role)
+    pinned_step(pinned, key, path, checkpoint)          # a rewritten Hugging Face directory, a checkpoint saved again
+    return checkpoint
+
+
+def _same_path(pinned: dict, key: str, path: str | Path) -> None:
+    was = pinned.get("path", pinned.get("init"))      # GRPO's first pins named it "init"
+    if was is not None and Path(was).resolve() != Path(path).resolve():
+        raise ConfigError(f"--resume cannot change {key}={str(was)!r} -> {str(path)!r}: the run's checkpoints were "
+                          f"trained against the model there; start a new run to use another")
+
+
+def _set_aside(path: str | Path, pinned: dict) -> Path | None:
+    """The pinned checkpoint where a resume of the run at `path` that went back past it set it aside
+    (checkpoints/rewound/<name>-<time>: dsv3.train.run_dir.set_aside_newer): the newest of that name there with the
+    pinned fingerprint (any of that name for a pin without one); None if there is none."""
+    aside = Path(path) / "checkpoints" / REWOUND
+    found = sorted(aside.glob(f"{pinned['checkpoint']}-*")) if aside.is_dir() else []
+    if pinned.get("fingerprint"):
+        found = [d for d in found if checkpoint_fingerprint(d) == pinned["fingerprint"]]
+    return found[-1] if found else None
+
+
 def gone(key: str, path: str | Path, pinned: dict, role: str) -> ConfigError:
-    """The error for a pinned checkpoint that no longer exists."""
-    return ConfigError(f"invalid config: {key}={str(path)!r}: its checkpoint {pinned['checkpoint']}, the run's {role}, "
-                       f"is gone; restore it or start a new run")
+    """The error for a pinned checkpoint that no longer exists (where a resume of its run set it aside, if it did)."""
+    name = pinned["checkpoint"]
+    aside = _set_aside(path, pinned)
+    fix = (f"it was set aside by a resume of that run that went back past it: move {aside} back to "
+           f"{Path(path) / 'checkpoints' / name} to resume" if aside else "restore it or start a new run")
+    return ConfigError(f"invalid config: {key}={str(path)!r}: its checkpoint {name}, the run's {role}, is gone; {fix}")

@@ -64,6 +64,9 @@ class Checkpointing:
         self.checkpoint_group = checkpoint_group() if self.async_save else None
         self.in_flight: PendingSave | None = None
         self.went_back_to: Path | None = None   # a resume's checkpoint, until run() sets the newer ones aside
+        # the models a post-training run is built from besides its own checkpoints, by name (SFT's base, GRPO's
+        # reference, a teacher): in every checkpoint's state.json, so that a resume reads those (posttrain.pinned)
+        self.pins: dict[str, dict] = {}
 
     def _resume_from(self, ckpt: Path) -> None:
         """Weights, optimizer state, EMA, data position and counters from `ckpt` (verified by rank 0 in
@@ -112,7 +115,7 @@ class Checkpointing:
         (the weights and optimizer state stay as they are until the next step's update)."""
         return {"step": self.step, "rng": rng_state(), "state": {
             "tokens": self.tokens, "spikes": self.spikes, "loss_ema": self.loss_ema,
-            "loader": self.loader.state_dict()}}
+            "loader": self.loader.state_dict(), **self.pins}}
 
     def save(self, snapshot: dict | None = None, wait: bool = False, suspect: bool = False) -> Path:
         """Write the checkpoint of the step that `snapshot` was taken at (default: now), before the weights have
