@@ -31,7 +31,8 @@ import torch
 from ..infer.disagg import PREFILLED, discard_kv, parse_address, pd_key
 from ..infer.engine import RequestOutput
 from ..infer.requests import StepFailed
-from .async_engine import STEP_FAILED, AsyncEngineBase, EngineStopped, Writer
+from .async_engine import AsyncEngineBase, EngineStopped, Writer
+from .engine_loop import STEP_FAILED
 
 log = logging.getLogger(__name__)
 
