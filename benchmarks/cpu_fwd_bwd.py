@@ -68,7 +68,8 @@ def build_dsv3(cfg: dsv3.ModelConfig, seed: int) -> dsv3.Transformer:
 
 
 def hf_experts_implementations() -> list[str]:
-    """"eager" always; "grouped_mm" if this transformers has the experts interface (5.x `use_experts_implementation`)."""
+    """"eager" always; "grouped_mm" if this transformers has the experts interface (5.x
+    `use_experts_implementation`)."""
     try:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     except ImportError:

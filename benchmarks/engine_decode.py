@@ -20,7 +20,8 @@ captures the graphs it needs), over modes:
   fp8, fp8-compile, fp8-fused, fp8-auto, fp8-fusedeager: the same with weights in the released FP8 block format
   (dsv3.infer.fp8_weights). fp8 quantises the model in place, so every bf16 mode runs first.
 
-GPU:  PYTHONPATH=src python benchmarks/engine_decode.py --batches 1,32,64 --tokens 64 --modes graphs,compile,fused,fp8,fp8-compile,fp8-fused
+GPU:  PYTHONPATH=src python benchmarks/engine_decode.py --batches 1,32,64 --tokens 64 \
+        --modes graphs,compile,fused,fp8,fp8-compile,fp8-fused
       the overlap A/B: ... --batches 1,32,64 --tokens 64 --modes sync,overlap --profile --ttft-batch 0 (the profile's
       replay time against the TPOT: the host gap per token that remains)
       the shared-pair A/B: ... --batches 1 --tokens 64 --modes overlap,noshared,fp8-overlap,fp8-noshared --profile
@@ -323,7 +324,8 @@ def main() -> None:
     p.add_argument("--host-ms", action="store_true", help="after each mode's rows: the engine's host work per "
                    "decode step (step() minus forward and head, timed apart; CPU dry runs: what overlap hides)")
     p.add_argument("--profile", action="store_true", help="after each mode but eager (CUDA): GPU time of one "
-                   "graph replay and its kernels by op category (attention, GEMMs, experts, routing, elementwise, gaps)")
+                   "graph replay and its kernels by op category (attention, GEMMs, experts, routing, elementwise, "
+                   "gaps)")
     a = p.parse_args()
     t0 = time.time()
     modes = [m for m in a.modes.split(",") if m]
@@ -372,7 +374,8 @@ def main() -> None:
             host = (f", host {r['host']['host_ms']:.3f} ms + model {r['host']['model_ms']:.3f} ms per step"
                     if "host" in r else "")
             print(f"{mode:14s} batch {B:3d}: TTFT {r['ttft_s']:.3f} s, {r['tok_per_s']:9.1f} tok/s, TPOT "
-                  f"{r['tpot_ms']:.2f} ms, roofline {r['roofline_tok_per_s']:9.1f} tok/s ({r['roofline_fraction']:.1%}, "
+                  f"{r['tpot_ms']:.2f} ms, roofline {r['roofline_tok_per_s']:9.1f} tok/s "
+                  f"({r['roofline_fraction']:.1%}, "
                   f"{r['step_bytes'] / 1e9:.2f} GB/step), {r['chained_steps']} chained steps{gap}{host}; "
                   f"{r['wall_s']:.0f} s with warm-up", flush=True)
             (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))

@@ -63,9 +63,11 @@ def main() -> None:
                                              use_fast_accum=True)
                 r["rowwise_err"] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
                 r["rowwise"] = flops / bench(lambda: torch._scaled_grouped_mm(
-                    xq, wq.transpose(-2, -1), xs, wsc, offs=poffs, out_dtype=torch.bfloat16, use_fast_accum=True)) / 1e12
+                    xq, wq.transpose(-2, -1), xs, wsc, offs=poffs, out_dtype=torch.bfloat16,
+                    use_fast_accum=True)) / 1e12
                 r["rowwise_slow_accum"] = flops / bench(lambda: torch._scaled_grouped_mm(
-                    xq, wq.transpose(-2, -1), xs, wsc, offs=poffs, out_dtype=torch.bfloat16, use_fast_accum=False)) / 1e12
+                    xq, wq.transpose(-2, -1), xs, wsc, offs=poffs, out_dtype=torch.bfloat16,
+                    use_fast_accum=False)) / 1e12
                 r["quant_rowwise_ms"] = bench(lambda: rowwise(xp)) * 1e3
             except Exception as e:
                 r["rowwise_error"] = repr(e)[:300]

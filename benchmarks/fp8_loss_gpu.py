@@ -4,8 +4,8 @@ seed on the same batches, through `dsv3.train.Trainer.train_step()` (the CPU ver
 (the report: < 0.25%); and, less noisy, the validation loss after the last step on `--val-batches` held-out batches
 (the same for every arm) and the paired gap (the mean over the last 100 steps of each step's relative difference
 from the baseline on the same batch). At batch 2 the last-50 means swing: fifteenth session, H100, FP8 +1.9% and
-BF16 from another seed -1.1% on the last 50, +1.5% / -0.1% paired over the last 100. Each arm runs in this process one after the other (fresh Trainer, same seed); the loss
-curves go to a chart and JSON.
+BF16 from another seed -1.1% on the last 50, +1.5% / -0.1% paired over the last 100. Each arm runs in this process one
+after the other (fresh Trainer, same seed); the loss curves go to a chart and JSON.
 
 GPU:  PYTHONPATH=src python benchmarks/fp8_loss_gpu.py --steps 300 --out $OUT/fp8-vs-bf16-loss-gpu.png
           [--arms bf16,row-fp8-wgrad] [--experts-only] [--compile]

@@ -3,9 +3,10 @@
 Dense: the FP8-stored projections of a lite layer (q_proj 3072x2048, kv_a 576x2048, o_proj 2048x2048, dense-FFN
 gate/up 10944x2048 and down 2048x10944) at M = 1, 32, 64 rows. Grouped: the 64 routed experts (gate/up 1408x2048,
 down 2048x1408) with B = 1, 32, 64 tokens x 6 experts each, routed at random. Each case is first checked against the
-reference, then timed with `triton.testing.do_bench_cudagraph` (median; eager timing would measure the launch): the default launch config and the best of a small
-sweep (block_n, warps, stages; split-K slices for the dense ones). Bandwidth = weight bytes the call must read (fp8 + scales; for grouped, only the
-experts hit) / time, against the 4.28 TB/s copy bandwidth; the bf16 rows read twice the bytes.
+reference, then timed with `triton.testing.do_bench_cudagraph` (median; eager timing would measure the launch): the
+default launch config and the best of a small sweep (block_n, warps, stages; split-K slices for the dense ones).
+Bandwidth = weight bytes the call must read (fp8 + scales; for grouped, only the experts hit) / time, against the 4.28
+TB/s copy bandwidth; the bf16 rows read twice the bytes.
 
 GEMV rows (issue 16: FP8 >= 1.6x BF16 at batch 1): the weight-streaming GEMV (kernels/fp8_gemv.py, what
 fp8_linear_triton dispatches to for M <= 16) at M = 1, 4, 16 on the dense shapes and for one token's 6 experts

@@ -8,7 +8,8 @@ block scales gathered per column) at a few (rows per program, KW, warps), and bf
 one-row path (the same wide loads, unscaled) and through cuBLAS. Each variant is first
 checked against fp8_linear_reference. `--ncu`: one cold call of each instead (run under
 `ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats`),
-the order of the calls printed at the end (two launches each: the check's, the cold call's), so that the counters say which of latency, occupancy or issue limits it.
+the order of the calls printed at the end (two launches each: the check's, the cold call's), so that the counters say
+which of latency, occupancy or issue limits it.
 
 GPU:  PYTHONPATH=src python benchmarks/gemv_probe.py [--ncu]
 CPU:  TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/gemv_probe.py --dry-run   (correctness only, tiny shapes)

@@ -182,7 +182,8 @@ def main() -> None:
         r = bench(cfg, a, device)
         result["bench"] = r
         mem = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] is not None else "n/a"
-        print(f"{a.config}{' (tiny)' if a.tiny else ''}{' no MTP' if a.no_mtp else ''} B={a.batch} S={a.seq}: median step {r['median_step_s']:.4f} s, "
+        print(f"{a.config}{' (tiny)' if a.tiny else ''}{' no MTP' if a.no_mtp else ''} B={a.batch} S={a.seq}: "
+              f"median step {r['median_step_s']:.4f} s, "
               f"{r['tokens_per_s']:,.0f} tok/s, peak mem {mem}, loss {r['last_loss']:.4f}")
         print(f"F = {r['flops_per_token'] / 1e9:.4f} GFLOP/token (N_active matmul {r['n_active_matmul']:,}; "
               f"with norms {r['flops_per_token_incl_norms'] / 1e9:.4f}; ANCHORS lite-8L S=2048: 5.4861), "

@@ -160,8 +160,8 @@ _TOK: Tokenizer | None = None
 
 
 def _chunk(job: tuple[str, int, int, int]) -> list[str]:
-    """Documents [start, start + count) of a corpus, of the kinds in MIX (half needle, a quarter copy, a quarter repeat),
-    each from its own seed, so the file is the same whatever the number of worker processes."""
+    """Documents [start, start + count) of a corpus, of the kinds in MIX (half needle, a quarter copy, a quarter
+    repeat), each from its own seed, so the file is the same whatever the number of worker processes."""
     global _TOK
     tok_path, start, count, seq_len = job
     _TOK = _TOK or Tokenizer.load(tok_path)

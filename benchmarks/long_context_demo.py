@@ -297,8 +297,9 @@ def main() -> None:
         times["evaluation"] = time.perf_counter() - t_eval
         charts(results, Path(a.docs))
     else:
-        print(f"the pre-trained model does not retrieve at {PRE_LEN} (accuracy {gate['needle']:.2f} < --gate {a.gate}): no "
-              f"extension phase can show anything; train it longer (--steps) or on a faster machine", flush=True)
+        print(f"the pre-trained model does not retrieve at {PRE_LEN} (accuracy {gate['needle']:.2f} < --gate "
+              f"{a.gate}): no extension phase can show anything; train it longer (--steps) or on a faster machine",
+              flush=True)
     times["total"] = time.perf_counter() - t0
     results["seconds"] = times
     results["load_average"] = list(os.getloadavg())

@@ -5,10 +5,10 @@ size 64, every sequence `ctx` tokens long, blocks shuffled through the pool), ti
 `triton.testing.do_bench` (median, L2 flushed between runs) and reports the achieved bandwidth
     GB/s = sum(seq_lens) * (C + R) * 2 bytes / time
 against this GPU's copy bandwidth, measured in the same run (read + write bytes of a 1 GiB device copy: ~3.0 TB/s on an
-H100, ~4.3 on an H200; the rows before the sixteenth session divided by the H200's 4.28 on every GPU), plus TFLOP/s (2*H*(C+R) + 2*H*C flops per token per sequence).
-First it checks the kernel against the PyTorch reference at a smaller, ragged size (H 16 and 128, splits forced
-and heuristic); `--sweep` then times a grid of block shapes / warps / stages per H at B=64, ctx 16K and uses
-the fastest for the table (the defaults in mla_decode._default_config otherwise).
+H100, ~4.3 on an H200; the rows before the sixteenth session divided by the H200's 4.28 on every GPU), plus TFLOP/s
+(2*H*(C+R) + 2*H*C flops per token per sequence). First it checks the kernel against the PyTorch reference at a smaller,
+ragged size (H 16 and 128, splits forced and heuristic); `--sweep` then times a grid of block shapes / warps / stages
+per H at B=64, ctx 16K and uses the fastest for the table (the defaults in mla_decode._default_config otherwise).
 
 GPU (repo root; results also in $OUT/mla_decode_bench.json):
     PYTHONPATH=src python benchmarks/mla_decode_bench.py --sweep
@@ -173,7 +173,8 @@ def main():
 
     # 3. the table
     rows = []
-    print(f"\n{'H':>4s} {'B':>4s} {'ctx':>6s} {'splits':>6s} {'time us':>9s} {'GB/s':>8s} {'% copy':>7s} {'TFLOP/s':>8s}")
+    print(f"\n{'H':>4s} {'B':>4s} {'ctx':>6s} {'splits':>6s} {'time us':>9s} {'GB/s':>8s} {'% copy':>7s} "
+          f"{'TFLOP/s':>8s}")
     for B in batches:
         for ctx in contexts:
             kv = make_inputs([ctx] * B, 1, C, R, bs, dtype, device, seed=B + ctx)[2:]

@@ -135,7 +135,8 @@ def main() -> None:
         t = torch.tensor([step_s, result["busy_s"]], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)         # the slowest rank sets the step
         result[mode] = {"step_s": t[0].item(), "busy_s_max": t[1].item(),
-                        "bubble_this_rank": 1 - result["busy_s"] / step_s, "loss": losses_seen[-1] if losses_seen else None,
+                        "bubble_this_rank": 1 - result["busy_s"] / step_s,
+                        "loss": losses_seen[-1] if losses_seen else None,
                         "tok_per_s": a.batch * a.ep * a.seq / t[0].item()}
         if handler is not None:
             result[mode]["pairs_overlapped"] = handler.n_overlapped

@@ -398,7 +398,8 @@ def summary_lines(results: list[dict], k: int) -> list[str]:
     spread = max(torch.tensor([r[s]["pass@1"] for r in results]).std().item() if len(results) > 1 else 0.0
                  for s in ("sft", "grpo"))
     if all("distill" in r["compute"] for r in results):
-        ratio = [r["compute"]["distill"].get("sft_flops", 0) + r["compute"]["distill"]["teacher_flops"] for r in results]
+        ratio = [r["compute"]["distill"].get("sft_flops", 0) + r["compute"]["distill"]["teacher_flops"]
+                 for r in results]
         lines.append("distillation FLOPs / GRPO FLOPs per seed " + str([round(f / r["compute"]["grpo_flops"], 3)
                                                                        for f, r in zip(ratio, results)]))
     lines.append(f"GRPO - SFT pass@1 per seed {[round(x, 3) for x in gain.tolist()]}, mean {gain.mean():.3f}; "

@@ -14,9 +14,10 @@ appends its rows to a JSON under $OUT, and `report` prints every part's table fr
       TTFT = first token delivered - submitted; TPOT = (last - first) / (tokens - 1), per request; p50/p99. -> pd.json
   eplb (torchrun, 2 ranks): EPEngine with redundant experts and rebalance_interval I under a skewed prompt mix
       (most prompts drawn from a few token ids): after the prefill step, 3I decode steps of one generation, the
-      placement rebuilt live after steps I, 2I and 3I (windows of decode steps only). Per window: each GPU's expert load (the window's all-reduced loads split over the
-      placement's replicas, Placement.gpu_loads) as max/mean over the GPUs, under the placement in use, the
-      initial one (never rebalanced) and the one fit to that window; tok/s over the window's decode steps.
+      placement rebuilt live after steps I, 2I and 3I (windows of decode steps only). Per window: each GPU's expert load
+      (the window's all-reduced loads split over the placement's replicas, Placement.gpu_loads) as max/mean over the
+      GPUs, under the placement in use, the initial one (never rebalanced) and the one fit to that window; tok/s over
+      the window's decode steps.
                                                                                                      -> eplb.json
   report: every part's table.
 

@@ -6,9 +6,8 @@ The same modules that `dsv3.fp8.training.apply_fp8` runs in FP8, swapped to torc
   the issue's table). It takes only widths that are multiples of 128; the others (lite's kv_a 576, the dense FFN's
   10944) stay BF16, where dsv3 pads them: counted in what `apply_torchao` returns;
 - routed experts: torchao's row-wise FP8 grouped GEMM (`_to_fp8_rowwise_then_scaled_grouped_mm`, what its
-  `MoETrainingConfig` runs: `torch._scaled_grouped_mm`; the token groups padded to 16 rows here, as torchtitan does: torchao 0.18's own padding
-  asserts) for the
-  three GEMMs of each expert's SwiGLU, forward and backward.
+  `MoETrainingConfig` runs: `torch._scaled_grouped_mm`; the token groups padded to 16 rows here, as torchtitan does:
+  torchao 0.18's own padding asserts) for the three GEMMs of each expert's SwiGLU, forward and backward.
 Both keep the module's own weight Parameters (`Float8BlockwiseLinear.from_float` reuses the weight; the experts get
 a new `ffn` only), so the Trainer's optimizer, built before, still holds every parameter: nothing else changes.
 Apply after `Trainer(...)` and before the first step (compiled blocks trace at their first call).

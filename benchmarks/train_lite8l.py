@@ -94,7 +94,8 @@ def parse_args() -> argparse.Namespace:
                    "(optim.master)")
     p.add_argument("--compare", action="store_true", help="run the --arms with the other flags, one process each "
                    "(per --micro-batches value), and print the comparison")
-    p.add_argument("--arms", default="bf16,block,row,row-exponly", help=f"with --compare, a comma list of {', '.join(COMPARE)}")
+    p.add_argument("--arms", default="bf16,block,row,row-exponly",
+                   help=f"with --compare, a comma list of {', '.join(COMPARE)}")
     return p.parse_args()
 
 
@@ -111,7 +112,8 @@ COMPARE = {"bf16": ("BF16", ["--precision", "bf16"]),
                                                         "--fp8-experts-only"]),
            # W^T cached only (train.fp8_weight_cache = backward): half the cache, W quantised in every forward
            "row-exponly-wt": ("FP8 row experts only, W^T cache", ["--precision", "fp8", "--fp8-experts", "row",
-                                                                  "--fp8-experts-only", "--fp8-weight-cache", "backward"]),
+                                                                  "--fp8-experts-only", "--fp8-weight-cache",
+                                                                  "backward"]),
            # the experts' weight gradients in FP8 too (train.fp8_experts = row-fp8-wgrad): A/B against row-exponly
            "row-exponly-w8": ("FP8 row experts only, FP8 wgrad", ["--precision", "fp8", "--fp8-experts",
                                                                  "row-fp8-wgrad", "--fp8-experts-only"]),
@@ -258,8 +260,15 @@ def flag_run(a: argparse.Namespace, world: int) -> tuple[RunConfig, str]:
     if a.no_mtp:
         model = model.replace(num_nextn_predict_layers=0)
     tag = a.tag or (f"trainer_{a.dtype}{'_compile' if a.compile else ''}{'_recompute' if a.recompute else ''}"
-                    f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}{'_noaux' if a.alpha == 0 else ''}"
-                    f"{'_fp8' if a.precision == 'fp8' else ''}{'_rowexp' if a.fp8_experts == 'row' else '_rowexp_w8' if a.fp8_experts == 'row-fp8-wgrad' else ''}{'_exponly' if a.fp8_experts_only else ''}{'_wtcache' if a.fp8_weight_cache == 'backward' else ''}{'_bf16state' if a.state_dtype == 'bf16' else ''}{'_split' if a.master == 'split' else ''}{'' if a.torchao == 'off' else '_torchao_' + a.torchao}"
+                    f"{'_copt' if a.compile_optimizer else ''}{'_nomtp' if a.no_mtp else ''}"
+                    f"{'_noaux' if a.alpha == 0 else ''}"
+                    f"{'_fp8' if a.precision == 'fp8' else ''}"
+                    f"{'_rowexp' if a.fp8_experts == 'row' else ''}"
+                    f"{'_rowexp_w8' if a.fp8_experts == 'row-fp8-wgrad' else ''}"
+                    f"{'_exponly' if a.fp8_experts_only else ''}"
+                    f"{'_wtcache' if a.fp8_weight_cache == 'backward' else ''}"
+                    f"{'_bf16state' if a.state_dtype == 'bf16' else ''}{'_split' if a.master == 'split' else ''}"
+                    f"{'' if a.torchao == 'off' else '_torchao_' + a.torchao}"
                     f"{f'_mb{n_micro}' if n_micro > 1 else ''}")
     if world > 1 and not a.tag:
         tag += f"_w{world}_ep{a.ep}"

@@ -29,7 +29,8 @@ def full_grad(name: str, shape, expert: bool) -> torch.Tensor:
 def main(pp: int, ep: int, tmp: str) -> None:
     torch.set_num_threads(1)
     cfg = small_run(Path(tmp), "norm", model={"num_hidden_layers": 4},
-                    train={"micro_batch_size": 8, "batch_size": 32, "batch_size_start": 16}, parallel={"pp": pp, "ep": ep})
+                    train={"micro_batch_size": 8, "batch_size": 32, "batch_size_start": 16},
+                    parallel={"pp": pp, "ep": ep})
     layout = Layout(torch.device("cpu"), cfg)
     shapes = {n: p.shape for n, p in build_model(cfg, "meta").named_parameters()}
     expert_names = {n for n in shapes if ".experts." in n}

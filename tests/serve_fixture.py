@@ -58,7 +58,8 @@ def start_server(engine_config: EngineConfig | None = None, api_key: str | None 
                  seed: int = 0, process: bool = False, threads: int | None = None, extra_rows: int = 0,
                  **options) -> LiveServer:
     """With `process`, the served engine runs in a child process (EngineProcess, with `threads` torch threads);
-    `.engine` is then None and block accounting comes from its stats. `options` go to build_app (metrics_public, allowed_hosts, max_body_bytes)."""
+    `.engine` is then None and block accounting comes from its stats. `options` go to build_app (metrics_public,
+    allowed_hosts, max_body_bytes)."""
     reference = build_engine(seed, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32))
     tok = reference.tokenizer
     if process:

@@ -93,7 +93,8 @@ def test_fp8_load_with_edge_blocks_matches_float64_dequantisation(tmp_ckpt):
         ref = torch.empty_like(q)
         for i in range(s.shape[0]):
             for j in range(s.shape[1]):
-                ref[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)] = q[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)] * s[i, j]
+                block = (slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1)))
+                ref[block] = q[block] * s[i, j]
         assert torch.equal(got, ref)
     ref_w = model.layers[0].self_attn.kv_a_proj_with_mqa.weight.double()
     assert 0 < ((ours.layers[0].self_attn.kv_a_proj_with_mqa.weight - ref_w).norm() / ref_w.norm()) < 0.05

@@ -84,3 +84,40 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch):
             block = " ".join(block.split())
             assert f"(default: {shown})" in block or "default" in action.help, \
                 f"{name} {flag}: default {shown!r} not shown: {block!r}"
+
+
+def test_compile_prefill_flag_reaches_the_engine_config(monkeypatch):
+    """`--compile-prefill` (off by default) sets EngineConfig.compile_prefill of the engines `dsv3 serve` and
+    `dsv3 bench decode | prefill | serve` build."""
+    import pytest
+
+    from dsv3.cli_args import build_parser
+    from dsv3.launch import bench as launch_bench
+    from dsv3.launch.serve import serve_engine_config
+    from dsv3.serve import bench as serve_bench
+
+    class Stop(Exception):
+        """Raised by the fakes once they have what the flags made (no model is built, nothing is timed)."""
+
+    seen = {}
+
+    def record(name, compile_prefill):
+        def fake(*args, **kwargs):
+            seen[name] = compile_prefill(args, kwargs)
+            raise Stop
+        return fake
+    monkeypatch.setattr(launch_bench, "bench_model", lambda *a, **k: None)
+    monkeypatch.setattr(launch_bench, "bench_decode", record("decode", lambda a, k: k["compile_prefill"]))
+    monkeypatch.setattr(launch_bench, "bench_prefill", record("prefill", lambda a, k: k["compile_prefill"]))
+    # bench serve: its engines' factory is bench_engine(..., config); its tokenizer (trained: seconds) not needed
+    serve_config = lambda a, k: a[0].args[-1].compile_prefill          # noqa: E731
+    monkeypatch.setattr(serve_bench, "bench_serve_vs_engine", record("serve", serve_config))
+    monkeypatch.setattr(launch_bench, "bench_tokenizer", lambda: type("Tok", (), {"vocab_size": 512})())
+    parse = build_parser().parse_args
+    for flags, want in (([], False), (["--compile-prefill"], True)):
+        assert serve_engine_config(parse(["serve", "--model", "m", *flags]), []).compile_prefill is want
+        seen.clear()
+        for what in ("decode", "prefill", "serve"):
+            with pytest.raises(Stop):
+                launch_bench.run_bench(parse(["bench", what, "--batches", "1", *flags]), None)
+        assert seen == {"decode": want, "prefill": want, "serve": want}, (flags, seen)

@@ -322,8 +322,8 @@ def test_bad_task_rows_are_skipped_counted_and_named(setup, tmp_path):
     task = tmp_path / "t.jsonl"
     good = [{"question": "Which is a fox?", "choices": ["the quick brown fox", "a dog"], "answer": 0},
             {"question": "Pick the lazy one.", "choices": ["fox", "dog"], "answer": "B"}]
-    task.write_text(json.dumps(good[0]) + "\n{not json\n" + json.dumps({"question": "q", "choices": ["a"],
-                                                                        "answer": 0}) + "\n" + json.dumps(good[1]) + "\n")
+    one_choice = json.dumps({"question": "q", "choices": ["a"], "answer": 0})
+    task.write_text(json.dumps(good[0]) + "\n{not json\n" + one_choice + "\n" + json.dumps(good[1]) + "\n")
     args = ["eval", "mc", "--task", str(task), "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "float64",
             "--out", str(tmp_path / "o")]
     assert main(args) == 0

@@ -137,7 +137,8 @@ def test_release_config_round_trips_exactly(name):
 
 def test_transformers5_config_round_trips_and_reads_as_transformers_does():
     raw = transformers5(vocab_size=515, hidden_size=64, num_hidden_layers=2, first_k_dense_replace=1,
-                        rope_theta=50000.0, dtype="bfloat16", rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                        rope_theta=50000.0, dtype="bfloat16",
+                        rope_scaling={"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
                                       "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
     assert "rope_parameters" in raw and "rope_scaling" not in raw and raw["rope_interleave"] is True
     cfg = ModelConfig.from_hf(raw)

@@ -261,9 +261,10 @@ def test_generate_samples_as_the_models_generation_config_says_unless_told(capsy
     from dsv3.launch.generate import generate_sampling
     d = tmp_path / "g"
     shutil.copytree(base, d)
-    ns = lambda **kw: argparse.Namespace(model=str(d), **{"temperature": None, "top_k": None, "top_p": None,  # noqa: E731
-                                                          "repetition_penalty": None,
-                                                          "generation_config": "auto", **kw})
+
+    def ns(**kw) -> argparse.Namespace:
+        return argparse.Namespace(model=str(d), **{"temperature": None, "top_k": None, "top_p": None,
+                                                   "repetition_penalty": None, "generation_config": "auto", **kw})
     off = {"repetition_penalty": 1.0}
     assert generate_sampling(ns())[0] == {"temperature": 0.8, "top_k": 50, "top_p": 0.95, **off}    # no file
     (d / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
@@ -428,7 +429,9 @@ def test_generate_prefix_follows_the_model_directory(tmp_path):
     for d in (run / "tokenizer", hf):
         (d / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
     (plain / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
-    args = lambda model, prefix="auto": argparse.Namespace(model=str(model), tokenizer=None, prefix=prefix)  # noqa: E731
+
+    def args(model, prefix: str = "auto") -> argparse.Namespace:
+        return argparse.Namespace(model=str(model), tokenizer=None, prefix=prefix)
     assert prompt_prefix(args(run), Tok) == [1]
     assert prompt_prefix(args(hf), Tok) == [0]
     assert prompt_prefix(args(plain), Tok) == [1]

@@ -24,9 +24,9 @@ def test_ttft_counts_prefill_steps_and_first_tokens():
 
 
 def test_bench_serve_runs_every_request_through_the_server(tmp_path):
-    """`dsv3 bench serve` end to end on the CPU (configs/tiny.toml, engine in a thread): every request completes, none refused.
-    Its prompts once drew ids from the model's vocabulary, past the bench tokenizer's 512, and the server refused
-    all of them (0 tok/s, found on the GPU)."""
+    """`dsv3 bench serve` end to end on the CPU (configs/tiny.toml, engine in a thread): every request completes, none
+    refused. Its prompts once drew ids from the model's vocabulary, past the bench tokenizer's 512, and the server
+    refused all of them (0 tok/s, found on the GPU)."""
     import json
 
     from pathlib import Path

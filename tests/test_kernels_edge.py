@@ -261,7 +261,8 @@ def _coverage_cases(res: dict) -> None:
     joint = torch.cat([ckv, kpe], -1)                                      # one (.., C + R) buffer, sliced
     C = ckv.shape[-1]
     _try(res, "mla_views", lambda: _rel64(mla_decode_triton(q_view, qp, joint[..., :C], joint[..., C:], bt.long(),
-                                                             sl.long(), 0.1), _mla_oracle(q, qp, ckv, kpe, bt, sl, 0.1)))
+                                                             sl.long(), 0.1),
+                                          _mla_oracle(q, qp, ckv, kpe, bt, sl, 0.1)))
 
 
 def _interpreter_cases() -> dict:

@@ -101,7 +101,8 @@ def _grouped_case(counts, N=48, K=64, seed=0, device="cpu"):
     b, b_s = quantize_rows_reference(w.reshape(-1, K))
     offs = counts.cumsum(0).to(torch.int32)
     to = dict(device=device)
-    return a.to(**to), a_s.to(**to), b.view(len(counts), N, K).to(**to), b_s.view(len(counts), N).to(**to), offs.to(**to)
+    return (a.to(**to), a_s.to(**to), b.view(len(counts), N, K).to(**to), b_s.view(len(counts), N).to(**to),
+            offs.to(**to))
 
 
 def test_grouped_reference_equals_float64_masked_einsum():

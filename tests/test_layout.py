@@ -1,4 +1,5 @@
-"""The import direction between packages (docs/ARCHITECTURE.md): model <- kernels/fp8/parallel <- train/infer <- serve/eval."""
+"""The import direction between packages (docs/ARCHITECTURE.md): model <- kernels/fp8/parallel <- train/infer <-
+serve/eval."""
 
 import ast
 from pathlib import Path

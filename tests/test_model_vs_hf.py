@@ -95,7 +95,8 @@ V2_ROUTING = {"greedy": dict(n_group=1, topk_group=1), "group_limited_greedy": d
 
 @pytest.mark.parametrize("method", V2_ROUTING)
 def test_deepseek_v2_family_matches_hf(method, tmp_path):
-    """V2-family checkpoints: softmax scores, no selection bias, greedy or group-max-limited top-k, YaRN mscale 0.707."""
+    """V2-family checkpoints: softmax scores, no selection bias, greedy or group-max-limited top-k, YaRN mscale
+    0.707."""
     cfg = tiny_config(model_type="deepseek_v2", topk_method=method, scoring_func="softmax", norm_topk_prob=False,
                       routed_scaling_factor=1.0, num_nextn_predict_layers=0, num_experts_per_tok=3,
                       rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=4096, beta_fast=32,
@@ -109,7 +110,8 @@ def test_deepseek_v2_family_matches_hf(method, tmp_path):
         assert ref.abs().max() > 0.1
         assert (ours(ids) - ref).abs().max() < TOL
         # the routing rule matters: V3's sigmoid + top-2-sum grouping on the same weights gives other logits
-        v3 = dsv3.Transformer(cfg.replace(model_type="deepseek_v3", scoring_func="sigmoid", topk_method="noaux_tc")).eval()
+        v3 = dsv3.Transformer(cfg.replace(model_type="deepseek_v3", scoring_func="sigmoid",
+                                          topk_method="noaux_tc")).eval()
         v3.load_state_dict(ours.state_dict(), strict=False)
         assert (v3(ids) - ref).abs().max() > 1e-3
 

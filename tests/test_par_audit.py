@@ -32,9 +32,9 @@ def _sft_file(tmp, base, data, eval_data, name) -> str:
 
 
 def test_sft_validation_under_expert_parallelism_is_the_single_process_one(tmp_path):
-    """`dsv3 sft` validation at dp 1 x ep 2 and under FSDP (every rank validates its rows of every batch): the eval loss is the
-    single process's, the mean over each batch's loss tokens. Before: each rank's mean over its own loss tokens was
-    averaged (rows with more loss tokens counted less), and a batch of fewer rows than ranks gave a rank no rows."""
+    """`dsv3 sft` validation at dp 1 x ep 2 and under FSDP (every rank validates its rows of every batch): the eval loss
+    is the single process's, the mean over each batch's loss tokens. Before: each rank's mean over its own loss tokens
+    was averaged (rows with more loss tokens counted less), and a batch of fewer rows than ranks gave a rank no rows."""
     from test_train_distributed import ENV, SINGLE, _torchrun
     base = make_base(tmp_path / "base")
     data = write_chat(tmp_path / "chat.jsonl", [conversation(a, b) for a in range(1, 5) for b in range(1, 5)])

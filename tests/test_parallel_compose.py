@@ -74,7 +74,8 @@ def _step(model, opt, window, mesh=None):
         sync_loads(loads)
     update_bias(moe_layers(model), loads, BIAS_SPEED)
     bias = torch.stack([m.gate.e_score_correction_bias for _, m in moe_layers(model)]).clone()
-    return {"loss": loss.item(), "local_loss": local, "grads": grads, "norm": norm, "loads": loads.clone(), "bias": bias}
+    return {"loss": loss.item(), "local_loss": local, "grads": grads, "norm": norm, "loads": loads.clone(),
+            "bias": bias}
 
 
 def _worker(rank, init_file, out_dir):

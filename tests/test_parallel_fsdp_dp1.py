@@ -2,8 +2,8 @@
 ranks) against the single-process run: the experts are then FSDP-sharded over a dp column of one rank, whose
 reduce-scatter is a local copy. torch 2.13 divides that copy by the divide factor and then, with the sum reduction
 gloo needs, divides again: every expert gradient came out half the single process's (through `dsv3 train` the logged
-losses moved by only ~6e-6 relative, the expert weights by 7% two steps later). The building blocks of tests/test_parallel_compose.py (float64, its loss,
-step and reference), on 2 gloo ranks."""
+losses moved by only ~6e-6 relative, the expert weights by 7% two steps later). The building blocks of
+tests/test_parallel_compose.py (float64, its loss, step and reference), on 2 gloo ranks."""
 
 import pytest
 import torch

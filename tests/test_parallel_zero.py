@@ -82,7 +82,8 @@ def _worker(rank: int, init_file: str, tmp, state_dtype: str, dtype: str) -> Non
                 "entries": entries}, tmp / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("state_dtype,dtype", [("fp32", "fp32"), ("bf16", "bf16-params"), ("bf16-split", "bf16-params")],
+@pytest.mark.parametrize("state_dtype,dtype",
+                         [("fp32", "fp32"), ("bf16", "bf16-params"), ("bf16-split", "bf16-params")],
                          ids=["adamw", "adamw_bf16", "adamw_bf16_split_master"])
 def test_zero1_equals_the_whole_optimizer(tmp_path, state_dtype, dtype):
     from dsv3.train.optim import build_optimizer

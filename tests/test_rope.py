@@ -25,12 +25,14 @@ def test_v3_yarn_matches_spec_numbers():
 
 
 def test_interleaved_rotation_is_complex_multiplication():
-    """Pairs (2j, 2j+1) rotate as the complex number x_2j + i x_2j+1 times e^{i theta_j} (DeepSeek's view_as_complex)."""
+    """Pairs (2j, 2j+1) rotate as the complex number x_2j + i x_2j+1 times e^{i theta_j} (DeepSeek's
+    view_as_complex)."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 3, 8, dtype=torch.float64)
     theta = torch.randn(5, 4, dtype=torch.float64)
     out = apply_rope(x, theta.cos(), theta.sin())
-    ref = torch.view_as_real(torch.view_as_complex(x.view(2, 5, 3, 4, 2)) * torch.polar(torch.ones_like(theta), theta)[None, :, None])
+    rotation = torch.polar(torch.ones_like(theta), theta)[None, :, None]
+    ref = torch.view_as_real(torch.view_as_complex(x.view(2, 5, 3, 4, 2)) * rotation)
     assert torch.allclose(out, ref.flatten(-2), atol=1e-12)
 
 

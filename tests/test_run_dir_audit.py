@@ -166,7 +166,8 @@ def test_resume_refuses_a_change_to_the_model_or_the_data_in_one_line(tmp_path, 
 @pytest.mark.parametrize("saved_optim,saved_dtype,override,says", [
     ({}, "fp32", 'optim.state_dtype="bf16"', "optim.state_dtype='fp32' -> 'bf16'"),
     ({"state_dtype": "bf16"}, "bf16-params", 'optim.master="split"', "optim.master='fp32' -> 'split'"),
-    ({"state_dtype": "bf16", "master": "split"}, "bf16-params", 'optim.master="fp32"', "optim.master='split' -> 'fp32'"),
+    ({"state_dtype": "bf16", "master": "split"}, "bf16-params", 'optim.master="fp32"',
+     "optim.master='split' -> 'fp32'"),
     ({"state_dtype": "bf16"}, "bf16-params", 'train.dtype="fp32"', "train.dtype='bf16-params' -> 'fp32'")])
 def test_resume_refuses_a_change_to_the_optimizer_state_layout(tmp_path, capsys, saved_optim, saved_dtype, override,
                                                                says):

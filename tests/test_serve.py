@@ -194,7 +194,8 @@ def test_penalties_and_logit_bias_reach_the_engine(server, client):
                                        logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})
     assert c.choices[0].message.content == tok.decode([forced] * 5)
     for kw, field in [({"frequency_penalty": 2.5}, "frequency_penalty"), ({"presence_penalty": -3}, "presence_penalty"),
-                      ({"logit_bias": {"-1": 5}}, "logit_bias"), ({"logit_bias": {"a": 5}}, "logit_bias"), ({"logit_bias": {str(10**6): 5}}, "logit_bias"),
+                      ({"logit_bias": {"-1": 5}}, "logit_bias"), ({"logit_bias": {"a": 5}}, "logit_bias"),
+                      ({"logit_bias": {str(10**6): 5}}, "logit_bias"),
                       ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
                       ({"logit_bias": {"5": 101}}, "logit_bias"),
                       ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty")]:

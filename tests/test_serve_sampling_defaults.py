@@ -1,5 +1,5 @@
-"""The model's generation_config.json as the server's sampling defaults (checkpoint/generation_config.py): a request that
-leaves temperature / top_p / top_k out samples as the release says (DeepSeek-V3 / R1: 0.6, 0.95), its own values
+"""The model's generation_config.json as the server's sampling defaults (checkpoint/generation_config.py): a request
+that leaves temperature / top_p / top_k out samples as the release says (DeepSeek-V3 / R1: 0.6, 0.95), its own values
 win, a bad file is one line at start-up; through the real `openai` client, which sends none of them unless told."""
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def test_read_sampling_defaults(tmp_path):
     assert read_sampling_defaults(tmp_path) == {"repetition_penalty": 1.05}
     for bad, key in (({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 2.5}, "top_k"),
                      ({"temperature": True}, "temperature"), ({"top_p": "0.9"}, "top_p"),
-                     ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": 3}, "repetition_penalty")):
+                     ({"repetition_penalty": 0}, "repetition_penalty"),
+                     ({"repetition_penalty": 3}, "repetition_penalty")):
         (tmp_path / "generation_config.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=f"generation_config.json: {key}="):
             read_sampling_defaults(tmp_path)
@@ -89,7 +90,8 @@ def test_a_request_leaving_them_out_gets_the_defaults_and_its_own_values_win(tok
     assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (1.0, 1.0, 0, 1.0)   # no defaults: OpenAI's
     p = got(CompletionRequest(prompt="def f(x):", max_tokens=2), defaults={"repetition_penalty": 1.1})
     assert p.repetition_penalty == 1.1
-    p = got(CompletionRequest(prompt="def f(x):", max_tokens=2, repetition_penalty=1.0), defaults={"repetition_penalty": 1.1})
+    p = got(CompletionRequest(prompt="def f(x):", max_tokens=2, repetition_penalty=1.0),
+            defaults={"repetition_penalty": 1.1})
     assert p.repetition_penalty == 1.0
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     p = plan_chat(chat, LIMITS, tok, ChatTemplate(None), 64, d).jobs[0][1]

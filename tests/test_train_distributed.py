@@ -185,7 +185,8 @@ def test_torchrun_fsdp_matches_one_process_and_resumes_in_one_process(tmp, singl
         assert sorted(got) == list(range(1, 9)), name
         assert [got[s] for s in range(1, 9)] == pytest.approx([ref[s] for s in range(1, 9)], rel=1e-5), name
         assert _val_losses(tmp / name) == pytest.approx(_val_losses(single), rel=1e-5), name
-        # the clipping norm (dsv3.parallel.grads.grad_norm) is the global one; fp32 noise as in test_torchrun_expert_parallel_...
+        # the clipping norm (dsv3.parallel.grads.grad_norm) is the global one; fp32 noise as in
+        # test_torchrun_expert_parallel_...
         assert _metric(tmp / name, "grad_norm") == pytest.approx(_metric(single, "grad_norm"), rel=5e-3), name
     assert train_losses(tmp / "fsdp2_then_1")[5] == pytest.approx(train_losses(tmp / "fsdp2")[5], rel=1e-6)
     for step, names in ((4, ("fsdp2",)), (8, ("fsdp2", "fsdp2_then_1"))):

@@ -165,6 +165,10 @@ def _serve(sub) -> None:
     s.add_argument("--block-size", type=int, default=None, help="tokens per cache block (default: EngineConfig's)")
     s.add_argument("--compile-decode", action="store_true", help="torch.compile the layers of the graphed decode "
                    "steps (slower start, faster steps: benchmarks/RESULTS.md)")
+    s.add_argument("--compile-prefill", action="store_true", help="torch.compile the layers of steps with prefill "
+                   "rows, the token dimension dynamic (EngineConfig.compile_prefill; off by default: its GPU benefit "
+                   "is still being measured, benchmarks/RESULTS.md; on the CPU use --dtype bfloat16: in float32 the "
+                   "grouped expert GEMM does not compile)")
     s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="auto", help="routed experts of decode "
                    "batches in the fused MoE kernel (auto: on CUDA, for the batch sizes where it is faster)")
     s.add_argument("--lazy-graphs", action="store_true", help="capture each decode CUDA graph at its first step "
@@ -287,6 +291,9 @@ def _bench(sub) -> None:
     s.add_argument("--no-cuda-graphs", action="store_true", help="decode, serve: decode eagerly on CUDA")
     s.add_argument("--compile-decode", action="store_true", help="decode, serve: torch.compile the layers of the "
                    "graphed decode steps")
+    s.add_argument("--compile-prefill", action="store_true", help="decode, prefill, serve: torch.compile the layers "
+                   "of steps with prefill rows, the token dimension dynamic (EngineConfig.compile_prefill; off by "
+                   "default: its GPU benefit is still being measured; on the CPU with --dtype bfloat16 only)")
     s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="auto", help="decode, serve: routed "
                    "experts of decode batches in the fused MoE kernel (auto: on CUDA, for the batch sizes where it is "
                    "faster)")

@@ -116,9 +116,9 @@ class ModelConfig:
         if self.q_lora_rank == 0:  # DeepSeek's own configs write 0 for "no query compression"
             self.q_lora_rank = None
         positive = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
-                    "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-                    "max_position_embeddings"]
+                    "num_attention_heads", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok", "n_group",
+                    "topk_group", "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim", "max_position_embeddings"]
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

@@ -3,9 +3,10 @@
 Task rows (jsonl or parquet): `{"question": str, "choices": [str, ...], "answer": int | "A".."Z"}` (MMLU's fields;
 `answer` as an index or a letter). Also read: ARC's `{"question", "choices": {"text": [...], "label": [...]},
 "answerKey"}` and GPQA's `{"Question", "Correct Answer", "Incorrect Answer 1".."3"}` (the four put in an order
-seeded by the row's index, the same every run, as GPQA's own files leave the order to the evaluator). The prompt is MMLU's: the question, one "A. choice" line per choice, "Answer:";
-each choice is scored as the continuation " A" (`continuation="letter"`) or " <choice text>" (`"text"`, ARC /
-HellaSwag style). Few-shot examples come from a separate dev list, each shown with its answer, in the same format.
+seeded by the row's index, the same every run, as GPQA's own files leave the order to the evaluator). The prompt is
+MMLU's: the question, one "A. choice" line per choice, "Answer:"; each choice is scored as the continuation " A"
+(`continuation="letter"`) or " <choice text>" (`"text"`, ARC / HellaSwag style). Few-shot examples come from a separate
+dev list, each shown with its answer, in the same format.
 
 Scoring follows lm-eval's causal-LM conventions, so numbers are comparable with it (issue 19):
 - `encode_pair`: trailing whitespace of the context moves onto the continuation, and the continuation's ids are the

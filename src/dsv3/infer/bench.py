@@ -137,16 +137,23 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
                 spec=dict(engine.spec_stats), chained_steps=engine.step_stats["chained_steps"])
 
 
-def bench_prefill(model: Transformer, batch: int, prompt_len: int, seed: int = 0) -> dict:
+def bench_prefill(model: Transformer, batch: int, prompt_len: int, seed: int = 0,
+                  compile_prefill: bool = False) -> dict:
+    """One prefill of `batch` random prompts of `prompt_len` tokens, timed; with `compile_prefill` after an untimed
+    one (which compiles), so that the number is the compiled steps', not torch.compile's."""
     device = str(next(model.parameters()).device)
     cfg = model.config
     engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4,
-                                               max_num_batched_tokens=batch * prompt_len, prefix_caching=False))
+                                               max_num_batched_tokens=batch * prompt_len, prefix_caching=False,
+                                               compile_prefill=compile_prefill))
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(10, cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    if compile_prefill:                  # (no prefix caching: the timed run prefills every token again)
+        engine.generate(prompts, params)
     _sync(device)
     t0 = time.perf_counter()
-    engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    engine.generate(prompts, params)
     _sync(device)
     dt = time.perf_counter() - t0
     return dict(batch=batch, prompt=prompt_len, seconds=dt, tok_per_s=batch * prompt_len / dt)

@@ -224,7 +224,7 @@ def _step(engine: Engine, conn: Connection, to_client: dict[int, int]) -> None:
     try:
         outputs = engine.step()
     except Exception:
-        # as the server's own engine loop (serve/async_engine.py _EngineLoop.step): a step that fails fails the
+        # as the server's own engine loop (serve/engine_loop.py EngineLoop.step): a step that fails fails the
         # requests it ran, aborted so that the same batch does not fail again; the worker and its other requests
         # go on. (Uncaught, it ended the worker process and every request it held.)
         ran = [rid for rid in engine.step_request_ids if rid in to_client]

@@ -60,8 +60,9 @@ class FP8Experts(Experts):
 
     def ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = counts.cumsum(0).to(torch.int32)
-        gemm = lambda x, name: fp8_grouped_linear(x, getattr(self, name), getattr(self, f"{name}_scale_inv"),  # noqa: E731
-                                                  offs)
+
+        def gemm(x: torch.Tensor, name: str) -> torch.Tensor:
+            return fp8_grouped_linear(x, getattr(self, name), getattr(self, f"{name}_scale_inv"), offs)
         return gemm(F.silu(gemm(xs, "gate_proj")) * gemm(xs, "up_proj"), "down_proj")
 
 

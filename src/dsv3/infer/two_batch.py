@@ -10,8 +10,9 @@ dispatch / combine): `TwoBatchRunner.forward` splits a step's rows into two halv
 Per-token math is unchanged (every op is row-wise or per sequence), so outputs are the same.
 
 What overlaps is host-side, as in dsv3.parallel.overlap: no second CUDA stream and no SM split, so no speed-up is
-claimed; untested on GPU (two threads on two NCCL communicators is the case NCCL can deadlock in, see overlap.py). Two threads add their routing counts to the same `tokens_per_expert` buffers; a lost update there could
-only change the load statistics, and every rank still computes the same placement from their all-reduced sum.
+claimed; untested on GPU (two threads on two NCCL communicators is the case NCCL can deadlock in, see overlap.py). Two
+threads add their routing counts to the same `tokens_per_expert` buffers; a lost update there could only change the load
+statistics, and every rank still computes the same placement from their all-reduced sum.
 """
 
 from __future__ import annotations

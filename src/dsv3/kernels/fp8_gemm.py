@@ -29,9 +29,9 @@ fp8_weight_gemm (cumsum + searchsorted over an upper bound of cdiv(M, BLOCK_M) +
 return at once): no host sync, so it captures in a CUDA graph. Triton's fp8 dot needs sm_89+.
 
 `fp8_gemm_scaled_mm`: cuBLASLt's DeepSeek-style block scaling through torch (sm_90 only, cuBLASLt >= 12.9,
-K % 128 == 0; N % 128 == 0 for block-scaled b, N % 16 == 0 for tiles: other K and N are zero-padded to these). Layouts the kernels want (the `v2` rules of
-torch's ScaledBlas.cpp / _meta_registrations.py; the K-block dimension of 128x128 scales padded to a multiple of 4,
-see pytorch#166752, which fixed silent wrong answers when it was not):
+K % 128 == 0; N % 128 == 0 for block-scaled b, N % 16 == 0 for tiles: other K and N are zero-padded to these). Layouts
+the kernels want (the `v2` rules of torch's ScaledBlas.cpp / _meta_registrations.py; the K-block dimension of 128x128
+scales padded to a multiple of 4, see pytorch#166752, which fixed silent wrong answers when it was not):
     mat_a = a (M, K) row-major; mat_b = b.t() (K, N) column-major
     1x128 scale_a   (M, K/128)            strides (1, M):   "outer-dim-major": (K/128, M) storage, M fastest
     128x128 scale_b (L4, N/128)           strides (1, L4):  (N/128, L4) row-major storage, L4 = round_up(K/128, 4)
@@ -333,7 +333,8 @@ def _scaled_mm_operands(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, 
     Operands already so are used as they are (no copy)."""
     M, K = a.shape
     N, kb = b.shape[0], _cdiv(K, BLOCK)
-    Mp, Kp, Np = _cdiv(max(M, 1), 16) * 16, kb * BLOCK, _cdiv(N, BLOCK if rows > 1 else 16) * (BLOCK if rows > 1 else 16)
+    n_align = BLOCK if rows > 1 else 16             # N's padding: blocks of 128, else tiles of 16
+    Mp, Kp, Np = _cdiv(max(M, 1), 16) * 16, kb * BLOCK, _cdiv(N, n_align) * n_align
     mat_a, mat_b = _pad_fp8(a, Mp, Kp), _pad_fp8(b, Np, Kp)
     scale_a = _k_major(a_scale, Mp)                 # (Mp, kb), strides (1, Mp)
     if rows == 1:

@@ -135,7 +135,8 @@ _BLOCK_M, _BLOCK_K, _WARPS = 64, 64, 4
 
 
 def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = None, block_k: int | None = None,
-                                 num_warps: int | None = None, row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                                 num_warps: int | None = None,
+                                 row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`quantize_cols_grouped_reference` in one Triton kernel (bit-equal to it on the GPU), no host sync."""
     need_triton("quantize_cols_grouped_triton")
     M, K, E = _check(x, offs, row_scale)

@@ -22,10 +22,10 @@ sequence, mask, fp32 softmax); the CPU path of the inference engine.
 (head groups, KV splits, batch), head groups fastest so that the programs sharing one KV range run together and
 hit L2; each program holds BLOCK_H heads' queries and streams BLOCK_N-token tiles of c_kv/k_pe, each tile used by
 all BLOCK_H heads for both products (`tl.dot`, fp32 accumulation), online softmax in base 2. With more than one
-split a small combine kernel merges the partial outputs of the splits a sequence reached through their log-sum-exps. The number of splits depends
-only on shapes (B, H, block_tables.shape[1]) and the SM count, never on seq_lens' values: no host sync, so the
-call can be captured in a CUDA graph. Keep block_tables no wider than the longest sequence needs (the splits
-cover block_tables.shape[1] * block_size tokens; splits past a sequence's end return at once).
+split a small combine kernel merges the partial outputs of the splits a sequence reached through their log-sum-exps. The
+number of splits depends only on shapes (B, H, block_tables.shape[1]) and the SM count, never on seq_lens' values: no
+host sync, so the call can be captured in a CUDA graph. Keep block_tables no wider than the longest sequence needs (the
+splits cover block_tables.shape[1] * block_size tokens; splits past a sequence's end return at once).
 
 `append` (every function): this step's latents (slots (B,), c_kv (B, C), k_pe (B, R), the cache's dtype) are
 stored at their flat slots (block * block_size + offset) before attending, as a decode step's cache write then

@@ -35,9 +35,9 @@ sort, one program per (pair, strip), fp8_gemv's wide loads; with the shared expe
 K + 1 rows step 4 sums, the shared row last). Programs of tiles past the real ones return at once.
 FP8 weights are converted to x's dtype in registers (exact) with the block's scale applied to each 128-long partial
 sum (BLOCK_K = 128, BLOCK_N divides 128). The grid's first axis is the tile: programs that share an expert's weight
-slice are launched side by side (its rows read once from HBM, the other tiles' reads hit L2). The launch (`MoELaunch`: tile sizes, warps, stages per stage, split-K) comes
-from `LAUNCH_TABLE` by weight format and token count, measured by benchmarks/moe_decode_sweep.py; the token count
-is not a compile-time constant (one compile serves every decode bucket).
+slice are launched side by side (its rows read once from HBM, the other tiles' reads hit L2). The launch (`MoELaunch`:
+tile sizes, warps, stages per stage, split-K) comes from `LAUNCH_TABLE` by weight format and token count, measured by
+benchmarks/moe_decode_sweep.py; the token count is not a compile-time constant (one compile serves every decode bucket).
 
 `moe_decode_reference`: the same math in PyTorch, expert by expert (host syncs; the CPU path and the oracle).
 `moe_decode`: Triton on CUDA (sm_89+ for FP8 weights, any Triton GPU otherwise) when triton imports, else the

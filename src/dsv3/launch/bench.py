@@ -25,12 +25,13 @@ def run_bench(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     for b in map(int, args.batches.split(",")):
         if args.what == "decode":
             r = bench_decode(model, b, args.prompt, args.tokens, args.spec, cuda_graphs=not args.no_cuda_graphs,
-                             compile_decode=args.compile_decode, fused_moe=args.fused_moe)
+                             compile_decode=args.compile_decode, fused_moe=args.fused_moe,
+                             compile_prefill=args.compile_prefill)
             print(f"decode  batch {b:4d}: TTFT {r['ttft_s'] * 1e3:8.1f} ms  TPOT {r['tpot_ms']:7.2f} ms  "
                   f"{r['tok_per_s']:10.1f} tok/s  ({r['roofline_fraction']:.1%} of the {r['roofline_tok_per_s']:.0f} "
                   f"tok/s roofline)")
         else:
-            r = bench_prefill(model, b, args.prompt)
+            r = bench_prefill(model, b, args.prompt, compile_prefill=args.compile_prefill)
             print(f"prefill batch {b:4d} x {args.prompt}: {r['seconds'] * 1e3:8.1f} ms  {r['tok_per_s']:10.1f} tok/s")
 
 
@@ -52,8 +53,8 @@ def _bench_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
         config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.concurrency,
                               max_num_batched_tokens=max(2048, args.prompt * 8),
                               cuda_graphs=not args.no_cuda_graphs, compile_decode=args.compile_decode,
-                              fused_moe=args.fused_moe, admission_delay=args.admission_delay,
-                              capture_graphs_at_start=not args.lazy_graphs)
+                              compile_prefill=args.compile_prefill, fused_moe=args.fused_moe,
+                              admission_delay=args.admission_delay, capture_graphs_at_start=not args.lazy_graphs)
         factory = functools.partial(bench_engine, args.config, args.mtp, device, dtype, args.fp8, config)
         r = bench_serve_vs_engine(factory, bench_tokenizer(), prompts(args.requests), prompts(args.requests),
                                   args.tokens, args.concurrency, args.requests, process=not args.engine_thread)

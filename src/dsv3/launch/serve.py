@@ -21,6 +21,17 @@ from ..serve.state import ServeOptions
 from .loading import default_device, load_for_serving, served_engine
 
 
+def serve_engine_config(args: argparse.Namespace, eos: list[int]) -> EngineConfig:
+    """The EngineConfig `dsv3 serve`'s flags ask for (every backend's: its own process, a thread, an EP group, a PD
+    worker); `eos` the extra stop ids of generation_config.json."""
+    block = {} if args.block_size is None else dict(block_size=args.block_size)     # EngineConfig owns the default
+    return EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
+                        max_model_len=args.max_model_len, num_speculative_tokens=args.spec,
+                        admission_delay=args.admission_delay, eos_token_ids=eos, compile_decode=args.compile_decode,
+                        compile_prefill=args.compile_prefill, fused_moe=args.fused_moe,
+                        capture_graphs_at_start=not args.lazy_graphs, **block)
+
+
 def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     """Serve until stopped (a PD worker: work until stopped); `dtype` the `--dtype` asked."""
     path = Path(args.model)
@@ -34,11 +45,7 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     template = Path(args.chat_template).read_text() if args.chat_template else \
         read_chat_template(tok_dir)
     device = default_device(args.device)
-    block = {} if args.block_size is None else dict(block_size=args.block_size)     # EngineConfig owns the default
-    config = EngineConfig(cache_memory_gib=args.cache_gib, max_num_seqs=args.max_num_seqs,
-                          max_model_len=args.max_model_len, num_speculative_tokens=args.spec,
-                          admission_delay=args.admission_delay, eos_token_ids=eos, compile_decode=args.compile_decode,
-                          fused_moe=args.fused_moe, capture_graphs_at_start=not args.lazy_graphs, **block)
+    config = serve_engine_config(args, eos)
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, dtype, args.fp8, config)
     # the step loop in a process of its own, so HTTP work never competes with it for the GIL
     threads = engine_threads(args.threads)

@@ -50,7 +50,8 @@ class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         H, D = cfg.num_attention_heads, cfg.hidden_size
-        self.n_heads, self.nope_dim, self.rope_dim, self.v_dim = H, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.n_heads, self.nope_dim = H, cfg.qk_nope_head_dim
+        self.rope_dim, self.v_dim = cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.softmax_scale = cfg.softmax_scale
         qk_dim = cfg.qk_head_dim

@@ -29,10 +29,11 @@ What it does NOT do:
     freed across streams. What overlaps there is host-side (one thread blocked on a split-size sync or a collective
     while the other launches kernels) and NCCL kernels against compute kernels. Untested on GPU (the worker does set
     its CUDA device; two threads issuing on two NCCL communicators in different orders on different ranks is the
-    case NCCL can deadlock in when their kernels cannot be resident together). DeepSeek's real overlap also splits SMs between communication and compute; not here.
+    case NCCL can deadlock in when their kernels cannot be resident together). DeepSeek's real overlap also splits SMs
+    between communication and compute; not here.
   * The worker takes over no per-thread state but grad mode, the intra-op thread count, the EP groups and the CUDA
-    device (e.g. no autocast: a backward does not need it, and checkpointed regions restore their own). Recomputation with
-    `preserve_rng_state` forks the global CPU RNG on the worker while the forward runs: harmless for this model (no
+    device (e.g. no autocast: a backward does not need it, and checkpointed regions restore their own). Recomputation
+    with `preserve_rng_state` forks the global CPU RNG on the worker while the forward runs: harmless for this model (no
     dropout), a race for a model that draws random numbers in its forward.
   * It relies on private pieces of torch.distributed.pipelining (checked once by `enable_overlap`; where any is
     missing it warns and registers nothing, and torch runs the pairs sequentially, as before).

@@ -23,12 +23,12 @@ The last chunk outputs (logits, *mtp_logits), or logits alone without MTP; the t
 CE, as every layout does.
 
 PP x EP (spec 5: V3 trains with PP16 x EP64): the job's (pp, dp, ep) mesh (dsv3.parallel.mesh.ParallelMesh),
-here with dp = 1: global rank = pp_rank * ep + ep_rank. The ep ranks of one pipeline position hold the same chunks, with every MoE layer's
-routed experts sharded over them (`apply_expert_parallel(model, mesh.ep_group)`, before recomputation and before
-`build_dualpipev(..., group=mesh.pp_group)`), and each feeds its own rows of the batch through its own pipeline
-`mesh.pp_group`; the expert all-to-alls of a chunk run among the ep ranks of its pipeline position. After `step`,
-the gradients of this rank's chunks (the stages' `submod`s) are those of its own rows' mean loss; the gradient and
-load syncs of dsv3.parallel.grads turn them into the whole batch's.
+here with dp = 1: global rank = pp_rank * ep + ep_rank. The ep ranks of one pipeline position hold the same chunks, with
+every MoE layer's routed experts sharded over them (`apply_expert_parallel(model, mesh.ep_group)`, before recomputation
+and before `build_dualpipev(..., group=mesh.pp_group)`), and each feeds its own rows of the batch through its own
+pipeline `mesh.pp_group`; the expert all-to-alls of a chunk run among the ep ranks of its pipeline position. After
+`step`, the gradients of this rank's chunks (the stages' `submod`s) are those of its own rows' mean loss; the gradient
+and load syncs of dsv3.parallel.grads turn them into the whole batch's.
 No collective crosses pipeline positions except the pipeline's own sends and receives.
 
 F/B overlap (`dsv3.parallel.overlap.enable_overlap(schedule, {mesh.ep_group: mesh.ep_group_bwd})`): DualPipeV's
@@ -37,8 +37,8 @@ other chunk; torch runs them one after the other, the handler runs the backward 
 all-to-alls on a duplicate EP group (`ep_group_bwd`), so one's all-to-all waits overlap the other's compute.
 Results are bit-identical to the sequential runtime. No speed-up is measured or claimed: on the 2-core CPU
 machines both threads share the cores, and on GPU both still launch on one CUDA stream (see that module for what
-does and does not overlap there). Selective recomputation (`apply_recompute`, after `apply_expert_parallel`) composes with both:
-tested bit-identical, with and without the overlap.
+does and does not overlap there). Selective recomputation (`apply_recompute`, after `apply_expert_parallel`) composes
+with both: tested bit-identical, with and without the overlap.
 
 Sequence-wise balance loss (spec 1.7): its per-layer terms live on the chunks that hold those layers, not on the last
 stage that computes the loss. A chunk with `balance_loss` set (a callable taking the chunk's [(name, MoE)] and
@@ -204,12 +204,13 @@ def build_dualpipev(model: Transformer, rank: int, world: int, loss_fn, n_microb
 
     `model` is the full model on every rank (only the local chunks' parameters are used and get gradients; a real
     run would build only those, e.g. on the meta device, and free the rest). `loss_fn(output, target)` runs on the
-    last stage (e.g. dsv3.train.losses.PipelineLoss); `microbatch_shape` = (micro-batch size, T) of the input ids. Rank 0 calls
-    `schedule.step(input_ids, target=windows, losses=losses)` (it holds the first and the last chunk), the others
-    `schedule.step()`; input_ids must be contiguous (torch 2.11 checks each micro-batch's strides against the
-    static shapes: pass `window[:, :-1].contiguous()`, not the slice). With scale_grads the gradients are averaged over micro-batches, i.e. those of the mean loss.
-    rank and world are this rank's place in the pipeline process group `group` (default: the default group); with
-    expert parallelism see dsv3.parallel.mesh.ParallelMesh and the module docstring.
+    last stage (e.g. dsv3.train.losses.PipelineLoss); `microbatch_shape` = (micro-batch size, T) of the input ids. Rank
+    0 calls `schedule.step(input_ids, target=windows, losses=losses)` (it holds the first and the last chunk), the
+    others `schedule.step()`; input_ids must be contiguous (torch 2.11 checks each micro-batch's strides against the
+    static shapes: pass `window[:, :-1].contiguous()`, not the slice). With scale_grads the gradients are averaged over
+    micro-batches, i.e. those of the mean loss. rank and world are this rank's place in the pipeline process group
+    `group` (default: the default group); with expert parallelism see dsv3.parallel.mesh.ParallelMesh and the module
+    docstring.
     """
     if group is not None and dist.is_initialized() and (dist.get_rank(group), dist.get_world_size(group)) != \
             (rank, world):

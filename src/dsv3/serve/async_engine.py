@@ -7,9 +7,10 @@ Two backends with one interface (`check`, `submit`, `stream`, `abort`, `stats`, 
   step loop for the GIL; `dsv3 serve` uses it (vLLM's API-server / engine-core split, for the same reason).
 
 Either way exactly one thread touches the Engine (it is not thread-safe): it takes commands (add, abort, stats),
-steps while there is work, and the outputs reach each request's asyncio queue through one
-`loop.call_soon_threadsafe` per step. Requests are validated on the event-loop side against `RequestLimits` (the
-same checks as Engine.add_request), so a bad one gets its 400 before anything is queued.
+steps while there is work (that loop, and what a failed step tells its requests' clients, are engine_loop.py's), and
+the outputs reach each request's asyncio queue through one `loop.call_soon_threadsafe` per step. Requests are
+validated on the event-loop side against `RequestLimits` (the same checks as Engine.add_request), so a bad one gets
+its 400 before anything is queued.
 
 Back-pressure: at most `max_pending` requests may be queued or running; `submit` raises QueueFull beyond that
 (the server answers 429). `shutdown(drain=True)` stops accepting, lets running requests finish, then stops.
@@ -34,11 +35,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from ..infer import Engine, SamplingParams
 from ..infer.engine import RequestOutput
-from ..infer.requests import RequestLimits, RequestRefused, StepFailed, check_request
+from ..infer.requests import RequestLimits, StepFailed, check_request
+# the engine's side (its command/step loop, step failures); STEP_FAILED and refusal stay importable from here
+from .engine_loop import STEP_FAILED, EngineLoop, engine_process_main, refusal  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class AsyncEngineBase:
         """From the engine side, once per step: hand the outputs to the event loop. A failed step marks the engine
         unhealthy (/health 503 with the error); a later step that produced outputs shows it working again (a
         transient failure, e.g. one oversized batch running out of memory, fails the requests of that step, which
-        _EngineLoop.step aborts so that the same batch does not fail again; the others and later ones run)."""
+        EngineLoop.step aborts so that the same batch does not fail again; the others and later ones run)."""
         if error is not None:
             self.step_error = error
         elif items:
@@ -286,79 +287,6 @@ class AsyncEngineBase:
             handle.outputs.put_nowait(out)
 
 
-# what the client of a request whose step failed is told: the cause is the server's log's (log.exception), its text
-# (a CUDA error, paths, sizes) nothing for the client
-# (an instance per request: one raised in many tasks would gather all their tracebacks)
-STEP_FAILED = "the engine step failed: the step that ran this request did not complete; retry the request"
-
-
-def refusal(error: Exception, engine: str) -> Exception:
-    """What the client of a request `engine` would not add is told: its ValueError is the request's fault (a 400
-    with the engine's message); anything else is the engine's (logged, a 503 that says no more)."""
-    if isinstance(error, ValueError):
-        return RequestRefused(f"{engine} refused the request: {error}")
-    log.error("%s failed to add a request", engine, exc_info=error)
-    return StepFailed(f"{engine} failed to take the request; retry the request")
-
-
-class _EngineLoop:
-    """The command/step loop around one Engine, in whichever thread or process owns it. `emit(items)` receives
-    [(client request id, output or error message)] once per step; `reply(future_id, value)` answers stats."""
-
-    def __init__(self, engine: Engine, emit: Callable, reply: Callable):
-        self.engine, self.emit, self.reply = engine, emit, reply
-        self.by_client: dict[int, int] = {}       # client request id -> engine request id
-        self.by_engine: dict[int, int] = {}
-        self.stopped = False
-
-    def command(self, cmd: tuple) -> None:
-        kind = cmd[0]
-        if kind == "add":
-            _, cid, ids, params = cmd
-            try:
-                rid = self.engine.add_request(ids, params)
-            except Exception as e:          # checked before submit; an engine may check more
-                self.emit([(cid, refusal(e, "the engine"))])
-                return
-            self.by_client[cid], self.by_engine[rid] = rid, cid
-        elif kind == "abort":
-            rid = self.by_client.get(cmd[1])
-            if rid is not None:
-                self.engine.abort(rid)
-        elif kind == "stats":
-            self.reply(cmd[1], self.engine.stats() | {"torch_threads": torch.get_num_threads()})
-        elif kind == "stop":
-            self.stopped = True
-
-    def step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as e:       # a step that fails fails its requests, not the server
-            # only the requests the step ran: it leaves the engine as it was (infer/engine.py Engine.step), so the
-            # others run on (they all failed here, queued ones too); every request where the engine cannot tell
-            ran = [rid for rid in getattr(self.engine, "step_request_ids", ()) if rid in self.by_engine]
-            items = []
-            for rid in dict.fromkeys(ran or list(self.by_engine)):       # (a chained step lists a request twice)
-                cid = self.by_engine.pop(rid)
-                del self.by_client[cid]
-                self.engine.abort(rid)   # so that the same batch does not fail again; its blocks return next step
-                items.append((cid, StepFailed(STEP_FAILED)))
-            log.exception("an engine step failed; its %d requests fail with it (503)", len(items))
-            self.emit(items, error=repr(e))
-            time.sleep(0.05)             # an engine that keeps failing must not spin a core
-            return
-        items = []
-        for out in outputs:
-            cid = self.by_engine.get(out.request_id)
-            if cid is None:
-                continue
-            if out.finished:
-                del self.by_engine[out.request_id], self.by_client[cid]
-            items.append((cid, out))
-        if items:
-            self.emit(items)
-
-
 class AsyncEngine(AsyncEngineBase):
     """The Engine stepped by a thread of this process."""
 
@@ -399,7 +327,7 @@ class AsyncEngine(AsyncEngineBase):
             self._gone(reason)
 
     def _loop_commands_and_steps(self) -> None:
-        loop = _EngineLoop(self.engine, self._on_step, self._reply)
+        loop = EngineLoop(self.engine, self._on_step, self._reply)
         while not loop.stopped:
             block = not self.engine.has_unfinished()
             try:
@@ -410,28 +338,6 @@ class AsyncEngine(AsyncEngineBase):
                 pass
             if not loop.stopped and self.engine.has_unfinished():
                 loop.step()
-
-
-def _engine_process_main(factory: Callable[[], Engine], commands, outputs, threads: int) -> None:
-    """Child process: build the engine, report its limits, then run the command/step loop."""
-    torch.set_num_threads(threads)        # for loading, too
-    try:
-        engine = factory()
-    except BaseException as e:
-        outputs.send(("failed", repr(e)))
-        return
-    torch.set_num_threads(threads)        # the count asked for wins over one the factory may have set
-    outputs.send(("ready", engine.limits))
-    loop = _EngineLoop(engine, lambda items, error=None: outputs.send(("out", items, error)),
-                       lambda key, value: outputs.send(("stats", key, value)))
-    while not loop.stopped:
-        if engine.has_unfinished():
-            while commands.poll(0):
-                loop.command(commands.recv())
-            if not loop.stopped:
-                loop.step()
-        else:
-            loop.command(commands.recv())
 
 
 class Writer:
@@ -472,7 +378,7 @@ class EngineProcess(AsyncEngineBase):
         self._commands, child_commands = ctx.Pipe(duplex=False)[::-1]
         parent_outputs, child_outputs = ctx.Pipe(duplex=False)
         self._outputs = parent_outputs
-        self._process = ctx.Process(target=_engine_process_main, name="dsv3-engine", daemon=True,
+        self._process = ctx.Process(target=engine_process_main, name="dsv3-engine", daemon=True,
                                     args=(factory, child_commands, child_outputs, engine_threads(threads)))
         self._process.start()
         if not parent_outputs.poll(start_timeout):

@@ -8,18 +8,20 @@ prefill and decode workers (dsv3.infer.disagg), as an engine backend of the ordi
 A request goes to the prefill worker with the fewest requests in flight; its first token streams to the client at
 once, and its latent cache (a shared-memory file, KVHandle) goes with the request to the decode worker with the
 fewest in flight, which produces the rest. The router moves only handles; `kv_bytes` counts what the workers hand
-over. A worker whose connection drops fails the requests it held with an error naming it (a 503, as a dead engine
-process's), is skipped from then on, and every other request keeps going; a step that fails in a worker fails the
-requests it ran (as the unified engine's). With no live worker left for a role, /health is 503 and so is every
-request. The workers only need the socket address and the shared key
-(`--pd-key`, else the DSV3_PD_KEY environment variable, else a random per-user key in ~/.cache/dsv3/pd.key): the key
-is what lets a router in.
+over. A worker whose connection drops fails the requests it held with an error naming its role (a 503, as a dead
+engine process's), is skipped from then on, and every other request keeps going; a step that fails in a worker fails
+the requests it ran (as the unified engine's). With no live worker left for a role, /health is 503 and so is every
+request. What a client reads (a 503's message, /health's body) names a role only: a worker's address and the error
+that lost it are the server log's (`logging`, this module's logger), as the unified engine's step failures are.
+The workers only need the socket address and the shared key (`--pd-key`, else the DSV3_PD_KEY environment variable,
+else a random per-user key in ~/.cache/dsv3/pd.key): the key is what lets a router in.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Connection
@@ -29,7 +31,10 @@ import torch
 from ..infer.disagg import PREFILLED, discard_kv, parse_address, pd_key
 from ..infer.engine import RequestOutput
 from ..infer.requests import StepFailed
-from .async_engine import STEP_FAILED, AsyncEngineBase, EngineStopped, Writer
+from .async_engine import AsyncEngineBase, EngineStopped, Writer
+from .engine_loop import STEP_FAILED
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -70,7 +75,7 @@ class PDRouter(AsyncEngineBase):
         self.lock = threading.Lock()
         for w in self.workers:
             w.writer = Writer(lambda message, w=w: w.conn.send(message), f"dsv3-pd-{w.role}-writer",
-                              lambda e, w=w: self._lost(w))
+                              lambda e, w=w: self._lost(w, f"cannot send to it: {e!r}"))
             threading.Thread(target=self._read, args=(w,), name=f"dsv3-pd-{w.role}", daemon=True).start()
 
     @staticmethod
@@ -122,8 +127,8 @@ class PDRouter(AsyncEngineBase):
         while True:
             try:
                 msg = w.conn.recv()
-            except (EOFError, OSError):
-                self._lost(w)
+            except (EOFError, OSError) as e:
+                self._lost(w, f"connection lost: {e!r}")
                 return
             except Exception as e:          # unpickling
                 return self._unreadable(w, e)
@@ -185,7 +190,8 @@ class PDRouter(AsyncEngineBase):
                 w.in_flight.discard(cid)
 
     def _lost(self, w: Worker, why: str = "connection lost") -> None:
-        """A worker's connection dropped: fail its requests (naming it), never route to it again."""
+        """A worker's connection dropped: fail its requests (naming its role), never route to it again. Its address
+        and `why` (an exception's text) go to the log only: a client learns nothing of the deployment's insides."""
         with self.lock:
             if not w.alive or self.stopping:
                 return
@@ -195,11 +201,14 @@ class PDRouter(AsyncEngineBase):
         for _, req in lost:
             if req.handle is not None:
                 discard_kv(req.handle)
+        log.error("the %s worker at %s failed (%s); %d requests were lost with it", w.role, w.address, why, len(lost))
+        if not self.alive:
+            log.critical("no live %s worker is left (the last, at %s, was lost): every request fails with 503 from "
+                         "now on", w.role, w.address)
         # EngineStopped, as for the requests of an engine process that exits: a 503 (retry); /health turns unhealthy
-        # only when a role has no live worker left
-        self._on_step([(cid, EngineStopped(f"the {w.role} worker at {w.address} failed ({why}); this request was "
-                                           f"lost with it")) for cid, _ in lost],
-                      error=None if self.alive else f"no live {w.role} worker (last lost: {w.address})")
+        # only when a role has no live worker left (and says which role, as _stopped_reason does)
+        self._on_step([(cid, EngineStopped(f"the {w.role} worker serving this request was lost; retry the request"))
+                       for cid, _ in lost], error=None if self.alive else f"no live {w.role} worker")
 
     # ---- AsyncEngineBase ------------------------------------------------------------------------------------------
     @property
