@@ -167,8 +167,7 @@ def _serve(sub) -> None:
                    "steps (slower start, faster steps: benchmarks/RESULTS.md)")
     s.add_argument("--compile-prefill", action="store_true", help="torch.compile the layers of steps with prefill "
                    "rows, the token dimension dynamic (EngineConfig.compile_prefill; off by default: its GPU benefit "
-                   "is still being measured, benchmarks/RESULTS.md; on the CPU use --dtype bfloat16: in float32 the "
-                   "grouped expert GEMM does not compile)")
+                   "is still being measured, benchmarks/RESULTS.md)")
     s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="auto", help="routed experts of decode "
                    "batches in the fused MoE kernel (auto: on CUDA, for the batch sizes where it is faster)")
     s.add_argument("--lazy-graphs", action="store_true", help="capture each decode CUDA graph at its first step "
@@ -293,7 +292,7 @@ def _bench(sub) -> None:
                    "graphed decode steps")
     s.add_argument("--compile-prefill", action="store_true", help="decode, prefill, serve: torch.compile the layers "
                    "of steps with prefill rows, the token dimension dynamic (EngineConfig.compile_prefill; off by "
-                   "default: its GPU benefit is still being measured; on the CPU with --dtype bfloat16 only)")
+                   "default: its GPU benefit is still being measured)")
     s.add_argument("--fused-moe", choices=["auto", "on", "off"], default="auto", help="decode, serve: routed "
                    "experts of decode batches in the fused MoE kernel (auto: on CUDA, for the batch sizes where it is "
                    "faster)")

@@ -83,7 +83,9 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
         return False
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    # the CPU's grouped GEMM takes fp32 eagerly, but the fake that torch.compile traces it with takes bf16 only
+    return x.device.type == "cpu" and (x.dtype == torch.bfloat16 or x.dtype == torch.float32
+                                       and not torch.compiler.is_compiling())
 
 
 def expert_ffn(x: torch.Tensor, counts: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
@@ -99,6 +101,13 @@ def expert_ffn(x: torch.Tensor, counts: torch.Tensor, gate_proj: torch.Tensor, u
         h = F.silu(torch._grouped_mm(x, gate_proj.transpose(-2, -1), offs=offs)) * \
             torch._grouped_mm(x, up_proj.transpose(-2, -1), offs=offs)
         return torch._grouped_mm(h, down_proj.transpose(-2, -1), offs=offs)
+    return _expert_loop(x, counts, gate_proj, up_proj, down_proj)
+
+
+@torch.compiler.disable   # under torch.compile: one graph break, run eagerly (not traced per pattern of counts)
+def _expert_loop(x: torch.Tensor, counts: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor,
+                 down_proj: torch.Tensor) -> torch.Tensor:
+    """expert_ffn one expert at a time (no grouped GEMM for this device or dtype)."""
     outs, start = [], 0
     for e, n in enumerate(counts.tolist()):
         if n:
