@@ -13,6 +13,8 @@ captures the graphs it needs), over modes:
            has it on, the engine's default);
   noshared overlap with the shared experts of batch-1 steps run apart after the fused MoE kernel (shared_pair off;
            every other mode folds them into its GEMV form as one more pair per token, the engine's default);
+  skinny   overlap with the BF16 dense projections of 2..64-row steps through the tiled Triton kernel (skinny_gemm
+           on; every other mode leaves them to cuBLAS, the engine's default)
   sync, overlap: auto with EngineConfig.overlap_schedule off / on (the A/B of dsv3.infer.overlap: whether decode
            step t+1 is launched before the host reads step t's tokens; auto = on with captured graphs);
   cprefill overlap with the blocks of prefill steps compiled too (EngineConfig.compile_prefill; the A/B of its TTFT
@@ -162,6 +164,7 @@ MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused
          "unfused": dict(compile_decode=True, fused_moe="auto", fuse_projections=False),
          "nogemv": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", dense_gemv=False),
          "noshared": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", shared_pair=False),
+         "skinny": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", skinny_gemm=True),
          "sync": dict(compile_decode=True, fused_moe="auto", overlap_schedule="off"),
          "overlap": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on"),
          "cprefill": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", compile_prefill=True)}

@@ -238,5 +238,16 @@ PY
     grep -v Warn "$OUT/engine.txt" | grep -E "tok/s|graph replay|kernels .* ms" | head -40
     OUT=$OUT/ttft timeout 100 python benchmarks/engine_decode.py --batches 1 --tokens 8 --modes overlap --ttft-batch 64 \
       --ttft-budgets 0 --ttft-profile > "$OUT/ttft.txt" 2>&1; grep -A30 "prefill step" "$OUT/ttft.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C"; exit 2 ;;
+  D)    # twentieth session: bf16 projections of 2..64-row steps through the tiled Triton kernel with split-K
+        # (EngineConfig.skinny_gemm, off; cuBLAS read lite's at ~0.7 TB/s at batch 32). Its CUDA tests (SKIP_TESTS=1:
+        # not, after the gate), the per-shape probe (cold, cuBLAS beside it, a launch sweep), then lite at 32 / 64,
+        # overlap vs skinny (issue 16's 1.8x at 32 is 2,807 tok/s on an H100 against 1,559.6 for the peer)
+    install_wheels
+    [ "${SKIP_TESTS:-0}" = 1 ] || timeout 120 python -m pytest -q -n 14 -p no:cacheprovider -m gpu -rfEs \
+      tests/test_kernels_gemv.py 2>&1 | tail -4 | tee "$OUT/gate.txt"
+    timeout 200 python benchmarks/skinny_probe.py --m 8,32,64 > "$OUT/probe.txt" 2>&1; grep -v "^  " "$OUT/probe.txt"
+    timeout 240 python benchmarks/engine_decode.py --batches 32,64 --tokens 64 --modes overlap,skinny --ttft-batch 0 \
+      > "$OUT/engine.txt" 2>&1
+    grep -v Warn "$OUT/engine.txt" | grep -E "tok/s|FAILED|Error" | head -20 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D"; exit 2 ;;
 esac

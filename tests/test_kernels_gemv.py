@@ -1,6 +1,6 @@
 """The weight-streaming GEMV (dsv3.kernels.gemv) against a float64 matmul under TRITON_INTERPRET=1 (one row, ragged
 N / K, K past one wide load), its refusal of two rows, its dispatcher and custom op on CPU, and the engine with it
-switched on and off."""
+switched on and off; likewise the tiled kernel for 2..64 rows (`skinny_gemm`: dense_linear_triton, split-K)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,18 @@ def _interpreter_cases() -> dict:
         gemv_triton(torch.randn(2, 64), torch.randn(8, 64))
     except ValueError as e:
         out["two_rows_refused"] = str(e)
+    from dsv3.kernels.fp8_weight_gemm import dense_linear_triton
+    # rows across the tile heights (16 / 32 / 64), ragged N and K, forced K slices (uneven last slice) and by shape
+    for M, N, K, split in [(2, 40, 300, None), (17, 24, 1100, 3), (33, 70, 256, 2), (64, 16, 130, 1)]:
+        x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+        want = x.double() @ w.double().T
+        y = dense_linear_triton(x, w, split_k=split)
+        out[f"skinny_m{M}_n{N}_k{K}"] = [list(y.shape), y.dtype == x.dtype,
+                                         float((y.double() - want).abs().max() / want.abs().max())]
+    try:
+        dense_linear_triton(torch.randn(2, 64), torch.randn(8, 64, dtype=torch.float64))
+    except ValueError as e:
+        out["mixed_dtypes_refused"] = str(e)
     return out
 
 
@@ -38,9 +50,10 @@ def _interpreter_cases() -> dict:
                                            "(requirements-ci.txt pins triton, so CI runs it)")
 def test_triton_interpreter_matches_float64():
     res = interpreter_cases("test_kernels_gemv")
-    assert "M<=1" in res.pop("two_rows_refused") and len(res) == 4
+    assert "M<=1" in res.pop("two_rows_refused") and "one dtype" in res.pop("mixed_dtypes_refused")
+    assert len(res) == 8, res
     for name, (shape, same_dtype, err) in res.items():
-        m, n = int(name.split("_")[0][1:]), int(name.split("_")[1][1:])
+        m, n = int(name.removeprefix("skinny_").split("_")[0][1:]), int(name.removeprefix("skinny_").split("_")[1][1:])
         assert shape == [m, n] and same_dtype and err < 1e-6, (name, res)
 
 
@@ -49,7 +62,7 @@ def test_dispatcher_and_op_on_cpu():
     x, w = torch.randn(2, 3, 64), torch.randn(24, 64)
     assert torch.equal(gemv(x, w), gemv_reference(x, w))
     assert torch.equal(op(x[0], w), gemv_reference(x[0], w))
-    # more than GEMV_MAX_M rows (cuBLAS was faster there): the dispatcher's reference on any device
+    # more than GEMV_MAX_M rows on the CPU: the reference (on CUDA the tiled kernel, which the caller asks for)
     x = torch.randn(GEMV_MAX_M + 1, 64)
     assert torch.equal(gemv(x, w), gemv_reference(x, w))
 
@@ -72,6 +85,55 @@ def test_cuda_matches_float64_and_captures():
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out, gemv_reference(x, w), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()),
+                    reason="GPU-only: needs a CUDA GPU with triton (benchmarks/gpu_suite.sh gpu on the device)")
+def test_cuda_skinny_matches_float64_and_captures():
+    from dsv3.kernels.fp8_weight_gemm import dense_linear_triton
+    for M, N, K in [(2, 3648, 2048), (16, 2048, 2048), (32, 3648, 2048), (33, 2048, 10944), (64, 102400, 2048)]:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        want = x.double() @ w.double().T
+        y = dense_linear_triton(x, w)
+        # bf16 output of an fp32 sum: its rounding, 2^-8 of the largest value, with margin
+        assert y.dtype == torch.bfloat16 and (y.double() - want).abs().max() <= 8e-3 * want.abs().max(), (M, N, K)
+    x = torch.randn(32, 2048, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3648, 2048, device="cuda", dtype=torch.bfloat16)
+    dense_linear_triton(x, w)                          # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dense_linear_triton(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, gemv_reference(x, w), atol=5e-1, rtol=2e-2)
+
+
+_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU with triton (run through the device tool)")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+def test_engine_with_skinny_gemm_same_tokens(device):
+    """skinny_gemm: the modules take 2..64-row calls (1-row ones stay with dense_gemv); batches of 1-5 rows give the
+    greedy tokens of the engine without it (on the CPU the dispatcher's reference: the plumbing; on CUDA the kernel,
+    bf16)."""
+    from dsv3.infer import Engine, EngineConfig, SamplingParams
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build(tiny_config(vocab_size=96), seed=3, dtype=dtype).to(device)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 6, 7], [9], [11, 12], [3, 4, 5, 6], [8]]
+    assert not EngineConfig().skinny_gemm      # off until measured faster than cuBLAS
+    outs = []
+    for skinny, gemv_on, rows in ((False, True, (1, 1)), (True, True, (1, 64)), (True, False, (2, 64))):
+        engine = Engine(model, config=EngineConfig(block_size=8, num_blocks=32, dense_gemv=gemv_on,
+                                                   skinny_gemm=skinny, cuda_graphs=False))
+        assert model.layers[0].self_attn.gemv_rows == rows and model.lm_head.gemv_rows == rows
+        outs.append([o.token_ids for o in engine.generate(prompts, params)])
+    assert outs[0] == outs[1] == outs[2]
+    Engine(model, config=EngineConfig(block_size=8, num_blocks=32, dense_gemv=False))
+    assert type(model.lm_head).__name__ == "Linear" and "gemv_rows" not in model.lm_head.__dict__
 
 
 def test_engine_with_dense_gemv_same_tokens():

@@ -52,6 +52,11 @@ class EngineConfig:
     # weight-streaming Triton GEMV (dsv3.kernels.gemv) instead of cuBLAS: 1.08-1.50x cuBLAS per projection and +4%
     # tokens/s at lite batch 1 on an H100 (RESULTS.md seventeenth / eighteenth sessions); wider steps keep cuBLAS
     dense_gemv: bool = True
+    # the bf16 projections of 2..64-row steps (batch 2-64 decode) through the tiled Triton kernel with split-K
+    # (dsv3.kernels.fp8_weight_gemm.dense_linear_triton) instead of cuBLAS, whose few-row kernels read lite's
+    # projections at ~0.7 TB/s (H100, batch 32: RESULTS.md); off until measured faster (benchmarks/engine_decode.py
+    # mode `skinny`)
+    skinny_gemm: bool = False
     # the shared experts of a fused-MoE step of <= 2 tokens (batch-1 decode) as one more pair per token inside the
     # fused kernel's GEMV form, their weights read where they are (dsv3.infer.moe_dispatch): 3-4 fewer launches per
     # MoE layer; off: the shared MLP runs after the routed experts and is added (the A/B's before)
@@ -72,7 +77,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be an integer, got {value!r}")
         # a string is truthy: "false" would switch the feature on
         for name in ("prefix_caching", "speculative_fused", "cuda_graphs", "capture_graphs_at_start",
-                     "compile_decode", "compile_prefill", "fuse_projections", "dense_gemv", "shared_pair"):
+                     "compile_decode", "compile_prefill", "fuse_projections", "dense_gemv", "skinny_gemm",
+                     "shared_pair"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be true or false, got {getattr(self, name)!r}")
         ids = self.eos_token_ids

@@ -123,7 +123,7 @@ class Engine:
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, config.prefix_caching)
         self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, cache.block_size, cache.num_blocks)
         self.scheduler = Scheduler(config, self.blocks)
-        fuse_projections(model, config.fuse_projections, config.dense_gemv)
+        fuse_projections(model, config.fuse_projections, config.dense_gemv, config.skinny_gemm)
         self.runner = ModelRunner(model, self.cache, config)
         self.speculation = Speculation(self) if self.speculative else None
         if config.cuda_graphs and graphs_supported(model):
@@ -197,7 +197,7 @@ class Engine:
             for k, v in theirs.items():
                 own[k].copy_(v)
         # re-links the fused pairs to weights something re-pointed (dsv3.infer.fused_proj)
-        fuse_projections(self.model, self.config.fuse_projections, self.config.dense_gemv)
+        fuse_projections(self.model, self.config.fuse_projections, self.config.dense_gemv, self.config.skinny_gemm)
         self.blocks.forget_prefixes()
 
     # ---- requests -----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.decode_ops import fp8_linear, gemv
-from ..kernels.gemv import GEMV_MAX_M
+from ..kernels.gemv import GEMV_MAX_M, SKINNY_MAX_M
 from ..model.layers import MLP
 from ..model.mla import MLA
 from .fp8_weights import FP8Linear
@@ -45,7 +45,7 @@ def _fused_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     scale = getattr(module, "fused_scale_inv", None)
     lead, n = x.shape[:-1], module.fused_weight.shape[0]   # n, not -1: a 0-token batch's view would be ambiguous
     if scale is None:
-        if module.use_gemv and x.numel() // x.shape[-1] <= GEMV_MAX_M:
+        if _triton_rows(module, x):
             return gemv(x.reshape(-1, x.shape[-1]), module.fused_weight).view(*lead, n)
         return F.linear(x, module.fused_weight)
     return fp8_linear(x.reshape(-1, x.shape[-1]), module.fused_weight, scale).view(*lead, n)
@@ -72,13 +72,26 @@ class FusedMLP(MLP):
         return self.down_proj(F.silu(gate) * up)
 
 
+def _triton_rows(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether this call's row count is in the module's `gemv_rows` (lo, hi): the calls dsv3.kernels.gemv's
+    dispatcher takes (one row: the GEMV, EngineConfig.dense_gemv; 2..SKINNY_MAX_M: the tiled kernel, skinny_gemm)."""
+    lo, hi = module.gemv_rows
+    return lo <= x.numel() // x.shape[-1] <= hi
+
+
+def _gemv_rows(gemv: bool, skinny: bool) -> tuple[int, int]:
+    return (1 if gemv else GEMV_MAX_M + 1, SKINNY_MAX_M if skinny else GEMV_MAX_M if gemv else 0)
+
+
 class GemvLinear(nn.Linear):
-    """nn.Linear whose decode-sized calls (<= GEMV_MAX_M rows, no autograd) stream the weight through the Triton
-    GEMV (dsv3.kernels.gemv): every other dense projection with `EngineConfig.dense_gemv` (o_proj, down_proj, the
-    head, unfused pairs)."""
+    """nn.Linear whose decode-sized calls (rows in `gemv_rows`, no autograd) go through the Triton kernels of
+    dsv3.kernels.gemv: every other dense projection with `EngineConfig.dense_gemv` / `skinny_gemm` (o_proj,
+    down_proj, the head, unfused pairs)."""
+
+    gemv_rows = (1, GEMV_MAX_M)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.numel() // x.shape[-1] > GEMV_MAX_M:
+        if torch.is_grad_enabled() or not _triton_rows(self, x):
             return super().forward(x)
         y = gemv(x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
@@ -138,14 +151,19 @@ def _fuse(module: nn.Module) -> None:
         module.register_buffer(buffer, cat, persistent=False)
 
 
-def fuse_projections(model: nn.Module, on: bool = True, gemv: bool = False) -> int:
+def fuse_projections(model: nn.Module, on: bool = True, gemv: bool = False, skinny: bool = False) -> int:
     """Fuse (on) or unfuse every MLA / MLP of `model` in place (module docstring); returns how many are fused.
     `gemv`: the BF16 pairs and every other plain nn.Linear, for one-token calls (GEMV_MAX_M), through the
-    weight-streaming GEMV (dsv3.kernels.gemv, EngineConfig.dense_gemv) instead of cuBLAS; off restores nn.Linear."""
-    fused = 0
+    weight-streaming GEMV (dsv3.kernels.gemv, EngineConfig.dense_gemv) instead of cuBLAS; `skinny`: their calls of
+    2..SKINNY_MAX_M rows through the tiled kernel (EngineConfig.skinny_gemm); neither restores nn.Linear."""
+    fused, rows = 0, _gemv_rows(gemv, skinny)
     for module in model.modules():
         if type(module) in (nn.Linear, GemvLinear):
-            module.__class__ = GemvLinear if gemv else nn.Linear
+            module.__class__ = GemvLinear if gemv or skinny else nn.Linear
+            if gemv or skinny:
+                module.gemv_rows = rows
+            else:
+                module.__dict__.pop("gemv_rows", None)
             continue
         base, cls = (MLA, FusedMLA) if isinstance(module, MLA) else (MLP, FusedMLP) if isinstance(module, MLP) \
             else (None, None)
@@ -157,6 +175,6 @@ def fuse_projections(model: nn.Module, on: bool = True, gemv: bool = False) -> i
         if type(module) is not cls or not _linked(module):
             _fuse(module)
             module.__class__ = cls
-        module.use_gemv = gemv
+        module.use_gemv, module.gemv_rows = gemv, rows
         fused += 1
     return fused

@@ -43,8 +43,8 @@ from torch import Tensor
 from .fp8_gemv import GEMV_MAX_M, fp8_gemv, fp8_grouped_gemv
 from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, need_triton, tl, triton, use_triton
 
-__all__ = ["HAS_TRITON", "fp8_linear", "fp8_linear_reference", "fp8_linear_triton", "fp8_grouped_linear",
-           "fp8_grouped_linear_reference", "fp8_grouped_linear_triton"]
+__all__ = ["HAS_TRITON", "dense_linear_triton", "fp8_linear", "fp8_linear_reference", "fp8_linear_triton",
+           "fp8_grouped_linear", "fp8_grouped_linear_reference", "fp8_grouped_linear_triton"]
 
 
 
@@ -120,8 +120,9 @@ if HAS_TRITON:
     @triton.jit
     def _fp8_tile(X, W, S, offs_m, mask_m, n0, N, K, kb0, kb1,
                   stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
-        # K blocks kb0 .. kb1-1 (all of K, or one split-K slice)
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+                  SCALED: tl.constexpr):
+        # K blocks kb0 .. kb1-1 (all of K, or one split-K slice); SCALED=False: W in x's dtype, S unused
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_k = kb0 * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -133,8 +134,11 @@ if HAS_TRITON:
             mask_k = offs_k < K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            s = tl.load(s_ptr + kb * stride_sk)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC) * s
+            if SCALED:
+                s = tl.load(s_ptr + kb * stride_sk)
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PREC) * s
+            else:
+                acc = tl.dot(x, tl.trans(w), acc=acc, input_precision=DOT_PREC)
             offs_k += BLOCK_K
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
@@ -144,7 +148,7 @@ if HAS_TRITON:
     def _fp8_linear_kernel(X, W, S, Y, M, N, K, KB_PER_SPLIT,
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ys, stride_ym,
                            stride_yn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           DOT_PREC: tl.constexpr):
+                           DOT_PREC: tl.constexpr, SCALED: tl.constexpr = True):
         # split-K (program_id(2) > 0 exists only then): slice s sums K blocks [s * KB_PER_SPLIT, ...) into its own
         # fp32 plane of Y; the planes are summed after the kernel, in a fixed order (deterministic, no atomics)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,7 +157,7 @@ if HAS_TRITON:
         kb1 = tl.minimum(kb0 + KB_PER_SPLIT, tl.cdiv(K, BLOCK_K))
         acc, offs_n, mask_n = _fp8_tile(X, W, S, offs_m, mask_m, tl.program_id(1) * BLOCK_N, N, K, kb0, kb1,
                                         stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
-                                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
+                                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC, SCALED)
         y_ptrs = Y + tl.program_id(2).to(tl.int64) * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + \
             offs_n[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -175,7 +179,7 @@ if HAS_TRITON:
         acc, offs_n, mask_n = _fp8_tile(X, W + g64 * stride_we, S + g64 * stride_se, offs_m, mask_m,
                                         tl.program_id(1) * BLOCK_N, N, K, 0, tl.cdiv(K, BLOCK_K),
                                         stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
-                                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
+                                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC, True)
         y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -247,7 +251,15 @@ def fp8_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_m: 
     M, N, K = _check_common(x, weight, scale_inv, grouped=False)
     if _take_gemv(gemv, M, x, weight, block_m, num_stages):
         return fp8_gemv(x, weight, scale_inv, block_n=block_n, ku=ku, split=split_k, num_warps=num_warps)
-    cfg = _config(M, x.dtype, block_m, block_n)
+    return _linear_launch(x, weight, scale_inv, _config(M, x.dtype, block_m, block_n), split_k, num_warps,
+                          num_stages)
+
+
+def _linear_launch(x: Tensor, weight: Tensor, scale_inv: Tensor | None, cfg: dict, split_k: int | None,
+                   num_warps: int | None, num_stages: int | None) -> Tensor:
+    """The tiled kernel over (M tiles, N tiles, K slices); scale_inv None: an unscaled weight in x's dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return out
@@ -256,17 +268,33 @@ def fp8_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, *, block_m: 
     per = -(-kblocks // split)
     split = -(-kblocks // per)                      # no empty slice
     y = out.unsqueeze(0) if split == 1 else torch.empty(split, M, N, device=x.device, dtype=torch.float32)
-    scale_inv = scale_inv.float()
+    scaled = scale_inv is not None
+    s = scale_inv.float() if scaled else weight     # (not read unscaled)
     grid = (triton.cdiv(M, cfg["block_m"]), triton.cdiv(N, cfg["block_n"]), split)
     _fp8_linear_kernel[grid](
-        x, weight, scale_inv, y, M, N, K, per,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), scale_inv.stride(0), scale_inv.stride(1),
-        y.stride(0), y.stride(1), y.stride(2),
+        x, weight, s, y, M, N, K, per,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0) if scaled else 0,
+        s.stride(1) if scaled else 0, y.stride(0), y.stride(1), y.stride(2),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=BLOCK,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", SCALED=scaled,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"],
     )
     return out if split == 1 else y.sum(0).to(x.dtype)
+
+
+def dense_linear_triton(x: Tensor, weight: Tensor, *, block_m: int | None = None, block_n: int | None = None,
+                        num_warps: int | None = None, num_stages: int | None = None,
+                        split_k: int | None = None) -> Tensor:
+    """x (M, K) @ weight (N, K).T for a weight in x's dtype (bf16 decode projections at 2..64 rows): the FP8
+    kernel's tiles unscaled, split-K by shape as there, fp32 accumulation, x's dtype out. Why: cuBLAS's kernels
+    for a few rows leave most SMs idle on lite's projections (~0.7 TB/s of weights at 32 rows, RESULTS.md);
+    the reference is F.linear (kernels.gemv.gemv_reference)."""
+    need_triton("dense_linear_triton")
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.dtype != x.dtype:
+        raise ValueError(f"dense_linear_triton: x (M, K) and weight (N, K) of one dtype, got {tuple(x.shape)} "
+                         f"{x.dtype}, {tuple(weight.shape)} {weight.dtype}")
+    return _linear_launch(x, weight, None, _config(x.shape[0], x.dtype, block_m, block_n), split_k, num_warps,
+                          num_stages)
 
 
 def fp8_grouped_linear_triton(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor, *,

@@ -8,9 +8,13 @@ products kept per lane. On an H100 it is 1.08-1.50x bf16 cuBLAS at lite's decode
 for M = 2..8 measured 1.6-13x slower than cuBLAS there and was removed (RESULTS.md eighteenth session), so two or
 more rows (an MTP verify step, batch > 1) stay with cuBLAS.
 
-`gemv_reference` is F.linear (the oracle and the CPU path); `gemv` dispatches (Triton on CUDA for M <= GEMV_MAX_M,
+Two to SKINNY_MAX_M rows (batch 2-64 decode) take the tiled kernel with split-K instead
+(fp8_weight_gemm.dense_linear_triton: the FP8 weight GEMM's tiles, unscaled), where the caller asks for it
+(`EngineConfig.skinny_gemm`, off until measured against cuBLAS).
+
+`gemv_reference` is F.linear (the oracle and the CPU path); `gemv` dispatches (Triton on CUDA for M <= SKINNY_MAX_M,
 DSV3_GEMV=reference forces the reference). The engine takes it for its bf16 projections (`EngineConfig.dense_gemv`,
-on by default).
+on by default, for one row; `skinny_gemm` for 2..64).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fp8_gemv import fp8_gemv
+from .fp8_weight_gemm import dense_linear_triton
 from .triton_setup import need_triton, use_triton
 
-__all__ = ["GEMV_MAX_M", "gemv", "gemv_reference", "gemv_triton"]
+__all__ = ["GEMV_MAX_M", "SKINNY_MAX_M", "gemv", "gemv_reference", "gemv_triton"]
 
 GEMV_MAX_M = 1
+SKINNY_MAX_M = 64       # the tiled kernel's split-K rule and launch table cover decode-sized M up to 64
 
 
 def gemv_reference(x: Tensor, weight: Tensor) -> Tensor:
@@ -46,6 +52,8 @@ def gemv_triton(x: Tensor, weight: Tensor) -> Tensor:
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
     """Dispatcher (module docstring): x (..., K) @ weight.T."""
     flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] <= GEMV_MAX_M and use_triton(x, "DSV3_GEMV") and x.dtype == weight.dtype:
-        return gemv_triton(flat, weight).view(*x.shape[:-1], weight.shape[0])  # N, not -1: 0 rows are ambiguous
+    M = flat.shape[0]
+    if M <= SKINNY_MAX_M and use_triton(x, "DSV3_GEMV") and x.dtype == weight.dtype:
+        y = gemv_triton(flat, weight) if M <= GEMV_MAX_M else dense_linear_triton(flat, weight)
+        return y.view(*x.shape[:-1], weight.shape[0])  # N, not -1: 0 rows are ambiguous
     return gemv_reference(x, weight)
