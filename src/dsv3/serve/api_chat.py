@@ -7,12 +7,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
 
 from ..data import Tokenizer
 from .body import WorkerBodyRoute
 from .chat_output import ChatOutput, chat_message
-from .outputs import coalesced, engine_failure, engine_failure_event, final_outputs, merged, submit_all
+from .outputs import answer, engine_failure_event
 from .protocol import ChatCompletionRequest
 from .responses import Head, TextStream, chat_logprobs, marked_text, sse, usage
 from .state import get_state
@@ -27,22 +26,10 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request):
     check_model(req.model, state.model_name)
     plan = await state.run(plan_chat, req, state.limits, state.tokenizer, state.template, state.aengine.max_pending,
                            state.options.sampling_defaults, state.reasoning)
-    handles = submit_all(state.aengine, plan.jobs)
-    state.metrics.request("/v1/chat/completions", [len(plan.prompt_ids[0])])
     head = Head.new("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion", state.model_name)
-    if req.stream:
-        state.metrics.answered("/v1/chat/completions")          # the 200 goes out with the first byte
-        events = coalesced(chat_events(state.tokenizer, req, plan, head, merged(state.aengine, handles), state.run),
-                           handles)
-        return StreamingResponse(events, media_type="text/event-stream")
-    outs = await final_outputs(request, state.aengine, handles)
-    if outs is None:                # the client left; nobody reads this
-        state.metrics.answered("/v1/chat/completions", 499)
-        return Response(status_code=499)
-    engine_failure(outs)                # a 400 or 503, counted by the error handler
-    response = await state.respond(chat_response, state.tokenizer, req, plan, head, outs)
-    state.metrics.answered("/v1/chat/completions")
-    return response
+    # n choices of one prompt: its length once
+    return await answer(request, state, "/v1/chat/completions", [len(plan.prompt_ids[0])], req, plan, head,
+                        chat_events, chat_response)
 
 
 def chat_response(tokenizer: Tokenizer, req: ChatCompletionRequest, plan: Plan, head: Head, outs: list) -> dict:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
 
 from ..data import Tokenizer
 from .body import WorkerBodyRoute
-from .outputs import coalesced, engine_failure, engine_failure_event, final_outputs, merged, submit_all
+from .outputs import answer, engine_failure_event
 from .protocol import CompletionRequest
 from .responses import Head, TextOffsets, TextStream, completion_logprobs, sse, usage
 from .state import get_state
@@ -29,22 +28,9 @@ async def create_completion(req: CompletionRequest, request: Request):
     check_model(req.model, state.model_name)
     plan = await state.run(plan_completion, req, state.limits, state.tokenizer, state.aengine.max_pending,
                            state.options.sampling_defaults)
-    handles = submit_all(state.aengine, plan.jobs)
-    state.metrics.request("/v1/completions", [len(ids) for ids in plan.prompt_ids])
     head = Head.new("cmpl", "text_completion", state.model_name)
-    if req.stream:
-        state.metrics.answered("/v1/completions")          # the 200 goes out with the first byte
-        events = coalesced(completion_events(state.tokenizer, req, plan, head, merged(state.aengine, handles),
-                                             state.run), handles)
-        return StreamingResponse(events, media_type="text/event-stream")
-    outs = await final_outputs(request, state.aengine, handles)
-    if outs is None:                # the client left; nobody reads this
-        state.metrics.answered("/v1/completions", 499)
-        return Response(status_code=499)
-    engine_failure(outs)                # a 400 or 503, counted by the error handler
-    response = await state.respond(completion_response, state.tokenizer, req, plan, head, outs)
-    state.metrics.answered("/v1/completions")
-    return response
+    return await answer(request, state, "/v1/completions", [len(ids) for ids in plan.prompt_ids], req, plan, head,
+                        completion_events, completion_response)
 
 
 def choice_logprobs(tokenizer: Tokenizer, req: CompletionRequest, plan: Plan, k: int, prompt_entries: list | None,

@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
 
 from ..infer import SamplingParams
 from ..infer.requests import RequestRefused, StepFailed
@@ -136,3 +137,25 @@ def engine_failure(outs: list) -> None:
 def engine_failure_event(error: Exception) -> dict:
     """A stream has sent its 200 before the engine runs: a failure shows as this error event."""
     return failure_error(error).body()
+
+
+async def answer(request: Request, state, path: str, prompt_lengths: list[int], req, plan, head, events,
+                 respond) -> Response:
+    """A planned generation request (/v1/completions, /v1/chat/completions) from submission to its answer: an SSE
+    stream of `events(tokenizer, req, plan, head, outputs, run)`, or the final outputs through `respond(tokenizer,
+    req, plan, head, outs)` on a worker thread; 499 when the client left, a 400 / 503 when the engine refused or
+    failed a job; the route's metrics counted."""
+    handles = submit_all(state.aengine, plan.jobs)
+    state.metrics.request(path, prompt_lengths)
+    if req.stream:
+        state.metrics.answered(path)          # the 200 goes out with the first byte
+        stream = events(state.tokenizer, req, plan, head, merged(state.aengine, handles), state.run)
+        return StreamingResponse(coalesced(stream, handles), media_type="text/event-stream")
+    outs = await final_outputs(request, state.aengine, handles)
+    if outs is None:                # the client left; nobody reads this
+        state.metrics.answered(path, 499)
+        return Response(status_code=499)
+    engine_failure(outs)                # a 400 or 503, counted by the error handler
+    response = await state.respond(respond, state.tokenizer, req, plan, head, outs)
+    state.metrics.answered(path)
+    return response
