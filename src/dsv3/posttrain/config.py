@@ -18,6 +18,7 @@ from typing import Any
 from ..config import ConfigError
 from ..train.config import (FRACTION, SEED, SECTIONS, Flag, Int, Invalid, OneOf, Real, RunConfig, Text,
                             apply_overrides, check_fields, read_config_file, setting)
+from ..train.run_dir import POSTTRAIN_CONFIG
 
 # spec 7 (SFT): lr 5e-6 cosine-decayed to 1e-6 over the run; as fractions of the run so any length has the shape
 SFT_OPTIM = dict(lr=5e-6, warmup=0.0, constant_until=0.0, decay_until=1.0, min_lr_ratio=0.2, final_at=1.0,
@@ -161,9 +162,14 @@ def check_paths(kind: str, section) -> None:
                 raise ConfigError(f"invalid {kind} config: {kind}.{key}: {f} does not exist")
 
 
-def read_posttrain_dict(kind: str, path: str | Path | None, overrides: list[str]) -> dict:
-    """The TOML file (or a saved posttrain.json) with `section.key=value` overrides applied."""
-    d = apply_overrides(read_config_file(path, kind), list(overrides))
+def read_posttrain_dict(kind: str, path: str | Path | None, overrides: list[str], resume: bool | str = False,
+                        run_dir: str | None = None) -> dict:
+    """The TOML file (or a saved posttrain.json) with `section.key=value` overrides applied; `run_dir` (--run-dir)
+    is one more override, and with `resume` and no file the run directory's saved posttrain.json is the file."""
+    overrides = list(overrides) + ([f"run_dir={json.dumps(run_dir)}"] if run_dir else [])
+    if path is None and resume and run_dir:
+        path = Path(run_dir) / POSTTRAIN_CONFIG
+    d = apply_overrides(read_config_file(path, kind), overrides)
     if kind not in d:
         raise ConfigError(f"invalid {kind} config: no [{kind}] table (it names the starting model: {kind}.init)")
     for name in SECTIONS:     # RunConfig's rule, said before the commands read d[name] as a table (train = 5)

@@ -130,10 +130,7 @@ def distill_trainer(config, overrides: list[str], resume: bool | str = False, ov
                     progress: bool | None = None, run_dir: str | None = None):
     """(Trainer, lines) for a run file with a [distill] table (module docstring)."""
     from ..train.run_dir import check_start
-    overrides = list(overrides) + ([f"run_dir={json.dumps(run_dir)}"] if run_dir else [])
-    if config is None and resume and run_dir:
-        config = Path(run_dir) / SAVED
-    d = read_posttrain_dict("distill", config, overrides)
+    d = read_posttrain_dict("distill", config, overrides, resume, run_dir)
     s = section_from_table("distill", d["distill"])
     check_paths("distill", s)
     check_length("distill", d, s.epochs)

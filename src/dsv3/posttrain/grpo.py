@@ -203,10 +203,7 @@ def grpo_trainer(config, overrides: list[str], resume: bool | str = False, overw
     """A GRPOTrainer for a run file (a [grpo] table + run sections); with `resume` and no file, the run directory's
     saved posttrain.json. train.batch_size is prompts_per_step x group_size (one step's rows; another value is an
     error)."""
-    overrides = list(overrides) + ([f"run_dir={json.dumps(run_dir)}"] if run_dir else [])
-    if config is None and resume and run_dir:
-        config = Path(run_dir) / SAVED
-    d = read_posttrain_dict("grpo", config, overrides)
+    d = read_posttrain_dict("grpo", config, overrides, resume, run_dir)
     section = section_from_table("grpo", d["grpo"])
     check_paths("grpo", section)
     if "model" in d:

@@ -107,10 +107,7 @@ def examples_digest(examples: list[ChatExample]) -> str:
 def sft_trainer(config: str | Path | None, overrides: list[str], resume: bool | str = False, overwrite: bool = False,
                 progress: bool | None = None, run_dir: str | None = None):
     """(Trainer, data report) for a run file; with `resume` and no file, the run directory's saved posttrain.json."""
-    overrides = list(overrides) + ([f"run_dir={json.dumps(run_dir)}"] if run_dir else [])
-    if config is None and resume and run_dir:
-        config = Path(run_dir) / SAVED
-    d = read_posttrain_dict("sft", config, overrides)
+    d = read_posttrain_dict("sft", config, overrides, resume, run_dir)
     return build_sft(d, resume, overwrite, progress)
 
 
