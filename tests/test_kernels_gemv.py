@@ -43,6 +43,14 @@ def _interpreter_cases() -> dict:
         dense_linear_triton(torch.randn(2, 64), torch.randn(8, 64, dtype=torch.float64))
     except ValueError as e:
         out["mixed_dtypes_refused"] = str(e)
+    # the router's logits: bf16 x and weight read as they are, fp32 out (kernels.gemv.gate_logits' Triton path)
+    from dsv3.kernels.fp8_gemv import fp8_gemv
+    for K, xdt, wdt in [(300, torch.bfloat16, torch.bfloat16), (2048, torch.bfloat16, torch.float32)]:
+        x, w = torch.randn(1, K, generator=g).to(xdt), torch.randn(64, K, generator=g).to(wdt)
+        want = x.double() @ w.double().T
+        y = fp8_gemv(x, w, None, out_dtype=torch.float32)
+        out[f"gate_{K}_{str(wdt)[6:]}"] = [list(y.shape), str(y.dtype), float((y.double() - want).abs().max() /
+                                                                              want.abs().max())]
     return out
 
 
@@ -51,10 +59,26 @@ def _interpreter_cases() -> dict:
 def test_triton_interpreter_matches_float64():
     res = interpreter_cases("test_kernels_gemv")
     assert "M<=1" in res.pop("two_rows_refused") and "one dtype" in res.pop("mixed_dtypes_refused")
-    assert len(res) == 8, res
+    gate = {k: res.pop(k) for k in [k for k in res if k.startswith("gate_")]}
+    assert len(res) == 8 and len(gate) == 2, (res, gate)
+    for name, (shape, dtype, err) in gate.items():    # fp32 sums of exact products: fp32 rounding only
+        assert shape == [1, 64] and dtype == "torch.float32" and err < 1e-6, (name, gate)
     for name, (shape, same_dtype, err) in res.items():
         m, n = int(name.removeprefix("skinny_").split("_")[0][1:]), int(name.removeprefix("skinny_").split("_")[1][1:])
         assert shape == [m, n] and same_dtype and err < 1e-6, (name, res)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gate_logits_are_the_gates_on_cpu(dtype):
+    """The engine's router logits (decode_ops.gate_logits: the reference off CUDA) are Gate.logits' bit for bit."""
+    from dsv3.kernels.decode_ops import gate_logits
+    from dsv3.model.moe import Gate
+    gate = Gate(tiny_config()).to(dtype)
+    torch.nn.init.normal_(gate.weight)
+    x = torch.randn(3, gate.weight.shape[1], dtype=dtype)
+    want = gate.logits(x)
+    got = gate_logits(x, gate.weight)
+    assert got.dtype == want.dtype == torch.promote_types(dtype, torch.float32) and torch.equal(got, want)
 
 
 def test_dispatcher_and_op_on_cpu():
@@ -85,6 +109,19 @@ def test_cuda_matches_float64_and_captures():
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(out, gemv_reference(x, w), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()),
+                    reason="GPU-only: needs a CUDA GPU with triton (benchmarks/gpu_suite.sh gpu on the device)")
+def test_cuda_gate_logits_match_float64():
+    from dsv3.kernels.gemv import gate_logits
+    for wdt in (torch.bfloat16, torch.float32):
+        x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(64, 2048, device="cuda").to(wdt)
+        want = x.double() @ w.double().T
+        y = gate_logits(x, w)
+        assert y.dtype == torch.float32 and (y.double() - want).abs().max() <= 1e-6 * want.abs().max(), wdt
 
 
 @pytest.mark.gpu

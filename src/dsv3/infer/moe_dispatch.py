@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.decode_ops import moe_decode, moe_route
+from ..kernels.decode_ops import gate_logits, moe_decode, moe_route
 from ..kernels.moe_decode import ROWS_MAX_TOKENS, fused_token_range
 from ..kernels.triton_setup import BLOCK, HAS_TRITON, capability
 from ..model.layers import MLP
@@ -80,12 +80,12 @@ def expert_tensors(experts: nn.Module) -> tuple | None:
 
 def route(mlp: MoE, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gate.route's weights and ids for flat (N, D), with the loads added to `tokens_per_expert`: noaux_tc sigmoid
-    gates through the one-launch router (dsv3.kernels.moe_route) after the same fp32 gate GEMM, others as the
-    module routes."""
+    gates through the one-launch router (dsv3.kernels.moe_route) after the same fp32 gate GEMM
+    (dsv3.kernels.gemv.gate_logits), others as the module routes."""
     gate = mlp.gate
     if gate.scoring_func == "sigmoid" and gate.topk_method == "noaux_tc":
         with torch.no_grad():
-            logits = gate.logits(flat)
+            logits = gate_logits(flat, gate.weight)          # Gate.logits; one launch at batch 1 on CUDA
             weights, idx, counts = moe_route(logits, gate.e_score_correction_bias.to(logits.dtype), gate.top_k,
                                              gate.n_group, gate.topk_group, gate.norm_topk_prob, gate.route_scale)
             mlp.tokens_per_expert += counts

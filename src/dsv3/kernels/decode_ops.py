@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .fp8_weight_gemm import fp8_grouped_linear as _fp8_grouped_linear
 from .fp8_weight_gemm import fp8_linear as _fp8_linear
+from .gemv import gate_logits as _gate_logits
 from .gemv import gemv as _gemv
 from .moe_decode import moe_decode_reference, moe_decode_sorted_triton, moe_decode_triton
 from .moe_rows import moe_decode_rows_triton
@@ -23,7 +24,7 @@ from .moe_route import MOE_ROUTE_MAX_EXPERTS, sort_pairs_triton
 from .moe_route import moe_route as _moe_route
 from .triton_setup import use_triton
 
-__all__ = ["fp8_grouped_linear", "fp8_linear", "gemv", "moe_decode", "moe_route"]
+__all__ = ["fp8_grouped_linear", "fp8_linear", "gate_logits", "gemv", "moe_decode", "moe_route"]
 
 
 @torch.library.custom_op("dsv3::fp8_linear", mutates_args=())
@@ -50,13 +51,25 @@ def _(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor) -> Tensor:
 
 @torch.library.custom_op("dsv3::gemv", mutates_args=())
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
-    """x (M, K) @ weight (N, K).T -> (M, N), the weight-streaming GEMV for M <= 8 (dsv3.kernels.gemv)."""
+    """x (M, K) @ weight (N, K).T -> (M, N): the GEMV for one row, the tiled kernel for 2..64 (dsv3.kernels.gemv)."""
     return _gemv(x, weight).contiguous()
 
 
 @gemv.register_fake
 def _(x: Tensor, weight: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("dsv3::gate_logits", mutates_args=())
+def gate_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """The router's logits (M, E) in fp32 (x's dtype where wider) of x (M, K) and the gate weight (E, K)
+    (dsv3.kernels.gemv.gate_logits)."""
+    return _gate_logits(x, weight).contiguous()
+
+
+@gate_logits.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 @torch.library.custom_op("dsv3::moe_route", mutates_args=())

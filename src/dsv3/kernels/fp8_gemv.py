@@ -219,15 +219,17 @@ def _resolve(M: int, N: int, K: int, device: torch.device, rows: int, over: dict
     return cfg, per, split, even
 
 
-def _out(split: int, M: int, N: int, x: Tensor) -> Tensor:
-    return torch.empty(split, M, N, device=x.device, dtype=x.dtype if split == 1 else torch.float32)
+def _out(split: int, M: int, N: int, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty(split, M, N, device=x.device, dtype=(dtype or x.dtype) if split == 1 else torch.float32)
 
 
 def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor | None, *, block_n: int | None = None,
-             ku: int | None = None, split: int | None = None, num_warps: int | None = None) -> Tensor:
-    """x (M <= GEMV_MAX_M, K) @ dequant(weight (N, K), scale_inv).T -> (M, N) in x's dtype; inputs as
-    fp8_weight_gemm's `_check_common` validated them. Keywords override the launch table. scale_inv None: one row
-    (M = 1) times a weight in a float dtype, unscaled (the same wide-load strips: kernels.gemv's one-row path)."""
+             ku: int | None = None, split: int | None = None, num_warps: int | None = None,
+             out_dtype: torch.dtype | None = None) -> Tensor:
+    """x (M <= GEMV_MAX_M, K) @ dequant(weight (N, K), scale_inv).T -> (M, N) in `out_dtype` (default x's); inputs
+    as fp8_weight_gemm's `_check_common` validated them. Keywords override the launch table. scale_inv None: one
+    row (M = 1) times a weight in a float dtype, unscaled (the same wide-load strips: kernels.gemv's one-row path;
+    x and the weight may differ in dtype: both are read into fp32)."""
     M, K = x.shape
     N = weight.shape[0]
     if M > GEMV_MAX_M or x.dtype not in TRITON_DTYPES or weight.stride(1) != 1 or x.stride(1) != 1 or \
@@ -236,10 +238,10 @@ def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor | None, *, block_n: in
                          f"scales: one row and a float weight), got x {tuple(x.shape)} {x.dtype} stride "
                          f"{x.stride()}, weight {weight.dtype} stride {weight.stride()}")
     if M == 0 or N == 0 or K == 0:
-        return torch.zeros(M, N, device=x.device, dtype=x.dtype)
+        return torch.zeros(M, N, device=x.device, dtype=out_dtype or x.dtype)
     cfg, per, split, even = _resolve(M, N, K, x.device, 1, dict(block_n=block_n, ku=ku, split=split,
                                                                 num_warps=num_warps))
-    y = _out(split, M, N, x)
+    y = _out(split, M, N, x, out_dtype)
     use_dot = M >= 2
     bm = 16 if use_dot else 1                                # tl.dot's smallest M; rows past M masked
     scaled = scale_inv is not None
@@ -249,7 +251,7 @@ def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor | None, *, block_n: in
         x, weight, scale_inv, y, M, N, K, per, -(-K // BLOCK), x.stride(0), weight.stride(0), scale_inv.stride(0),
         y.stride(0), y.stride(1), BM=bm, BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=even, USE_DOT=use_dot,
         SCALED=scaled, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"])
-    return _sum_planes(y, x.dtype)
+    return _sum_planes(y, out_dtype or x.dtype)
 
 
 def fp8_grouped_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor, *, block_n: int | None = None,

@@ -20,13 +20,15 @@ on by default, for one row; `skinny_gemm` for 2..64).
 from __future__ import annotations
 
 import torch.nn.functional as F
+import torch
 from torch import Tensor
 
 from .fp8_gemv import fp8_gemv
 from .fp8_weight_gemm import dense_linear_triton
-from .triton_setup import need_triton, use_triton
+from .triton_setup import TRITON_DTYPES, need_triton, use_triton
 
-__all__ = ["GEMV_MAX_M", "SKINNY_MAX_M", "gemv", "gemv_reference", "gemv_triton"]
+__all__ = ["GEMV_MAX_M", "SKINNY_MAX_M", "gate_logits", "gate_logits_reference", "gemv", "gemv_reference",
+           "gemv_triton"]
 
 GEMV_MAX_M = 1
 SKINNY_MAX_M = 64       # the tiled kernel's split-K rule and launch table cover decode-sized M up to 64
@@ -57,3 +59,21 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
         y = gemv_triton(flat, weight) if M <= GEMV_MAX_M else dense_linear_triton(flat, weight)
         return y.view(*x.shape[:-1], weight.shape[0])  # N, not -1: 0 rows are ambiguous
     return gemv_reference(x, weight)
+
+
+def gate_logits_reference(x: Tensor, weight: Tensor) -> Tensor:
+    """The router's logits as dsv3.model.moe.Gate.logits computes them: x (M, K) and the gate weight (E, K) in fp32
+    (or x's dtype where wider), F.linear."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return F.linear(x.to(dtype), weight.to(dtype))
+
+
+def gate_logits(x: Tensor, weight: Tensor) -> Tensor:
+    """Dispatcher of `gate_logits_reference`: one row on CUDA through the GEMV's one-row path, which reads x and the
+    weight in their own dtypes into fp32 and writes fp32 (one launch: the upcasts and cuBLAS's dot + reduce were
+    three per MoE layer of a batch-1 decode step, RESULTS.md eighteenth session). Products of bf16 values are exact
+    in fp32, so only the summation order differs from the reference."""
+    if (x.shape[0] <= GEMV_MAX_M and use_triton(x, "DSV3_GEMV") and weight.dtype in TRITON_DTYPES
+            and x.stride(-1) == 1 and weight.stride(-1) == 1):
+        return fp8_gemv(x, weight, None, out_dtype=torch.float32)
+    return gate_logits_reference(x, weight)
