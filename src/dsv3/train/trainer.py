@@ -13,7 +13,7 @@ checkpoint with the command that resumes from it.
 SIGINT / SIGTERM (dsv3.train.signals) stop the loop after the step in progress, all ranks after the same step: it
 saves a checkpoint and raises TrainingInterrupted, whose message is the command that resumes. That save and the
 final one are of the state as it is; during a spike they are marked suspect, and keep pruning leaves the last healthy
-checkpoint besides them (dsv3.train.checkpoint.prune_checkpoints).
+checkpoint besides them (dsv3.train.step_dirs.prune_checkpoints).
 
 Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, the EMA, the data position and the RNG
 states, and the logged train and val metrics are cut back to the checkpoint's step (the events stay). It starts from
