@@ -19,8 +19,9 @@ do not share weights). GB/s = bytes of the weights of the experts hit (+ FP8 sca
 copy bandwidth measured in the same run (2 x bytes / time of a 1 GiB device copy).
 
 Writes $OUT/moe_decode_sweep.json after every (weights, T) case, a table on stdout and $OUT/moe_decode_table.py: the
-`LAUNCH_TABLE = {...}` block of src/dsv3/kernels/moe_decode.py with the best launch and the measured verdict (fused
-faster than the module) per row (rows not measured keep their current entry): paste it over the one in the source.
+`LAUNCH_TABLE = {...}` block of src/dsv3/kernels/moe_decode_launch.py with the best launch and the measured verdict
+(fused faster than the module) per row (rows not measured keep their current entry): paste it over the one in the
+source.
 Before sweeping, a pool of processes compiles every launch once (Triton's disk cache; only a speed-up: the sweep
 compiles what it misses).
 
@@ -362,7 +363,7 @@ def rows_form_sweep(row: dict, data: list, T: int, K: int, dtype, tol: float, de
 # ----------------------------------------------------------------------------------------------------------------
 
 def table_text(rows: list[dict]) -> str:
-    """The LAUNCH_TABLE block for src/dsv3/kernels/moe_decode.py: measured rows replace the current ones."""
+    """The LAUNCH_TABLE block for src/dsv3/kernels/moe_decode_launch.py: measured rows replace the current ones."""
     from dsv3.kernels.moe_decode import LAUNCH_TABLE, MoELaunch
     default = asdict(MoELaunch())
     measured = {(r["fmt"], r["T"]): r for r in rows if "best_launch" in r}

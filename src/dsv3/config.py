@@ -59,6 +59,11 @@ class ConfigError(ValueError):
     """A model configuration is invalid; the message names the field and the reason."""
 
 
+def _real(v) -> bool:
+    """A finite number, not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def did_you_mean(unknown: list[str], known) -> str:
     """" (did you mean 'steps' for 'stpes'?)" for the unknown names close to a known one (a typo), else ""."""
     close = [f"{m[0]!r} for {u!r}" for u in unknown if (m := difflib.get_close_matches(u, list(known), 1, 0.7))]
@@ -110,11 +115,20 @@ class ModelConfig:
 
     # ---- validation -------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        def fail(name: str, why: str) -> None:
-            raise ConfigError(f"invalid model config: {name}={getattr(self, name, None)!r}: {why}")
-
         if self.q_lora_rank == 0:  # DeepSeek's own configs write 0 for "no query compression"
             self.q_lora_rank = None
+        # in this order: the first field that fails is the one named
+        self._check_shapes()
+        self._check_routing()
+        self._check_values()
+        self._check_rope_scaling()
+
+    def _fail(self, name: str, why: str) -> None:
+        raise ConfigError(f"invalid model config: {name}={getattr(self, name, None)!r}: {why}")
+
+    def _check_shapes(self) -> None:
+        """The integer sizes, counts and dimensions."""
+        fail = self._fail
         positive = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok", "n_group",
                     "topk_group", "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -132,6 +146,10 @@ class ModelConfig:
             fail("q_lora_rank", "must be a positive integer or null")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)")
+
+    def _check_routing(self) -> None:
+        """The router's groups, top-k and scoring, consistent with the expert counts."""
+        fail = self._fail
         if self.n_routed_experts % self.n_group:
             fail("n_routed_experts", f"must be divisible by n_group={self.n_group}")
         if self.topk_group > self.n_group:
@@ -147,15 +165,18 @@ class ModelConfig:
             fail("n_group", "noaux_tc scores a group by its top-2 experts: each group needs >= 2 experts")
         if self.scoring_func not in ("sigmoid", "softmax"):
             fail("scoring_func", "must be 'sigmoid' or 'softmax'")
+
+    def _check_values(self) -> None:
+        """The architecture, the real-valued and boolean settings, the token ids and the file's own keys."""
+        fail = self._fail
         if self.model_type not in MODEL_TYPES:
             fail("model_type", f"expected one of {sorted(MODEL_TYPES)} (DeepSeek-V3 / V2 architectures)")
         if self.hidden_act != "silu":
             fail("hidden_act", "only 'silu' (SwiGLU) is supported")
         if self.first_k_dense_replace > self.num_hidden_layers:
             fail("first_k_dense_replace", f"cannot exceed num_hidden_layers={self.num_hidden_layers}")
-        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
         for name in ("rms_norm_eps", "rope_theta", "init_std", "routed_scaling_factor"):
-            if not (real(getattr(self, name)) and getattr(self, name) > 0):
+            if not (_real(getattr(self, name)) and getattr(self, name) > 0):
                 fail(name, "must be a number > 0")
         for name in ("norm_topk_prob", "attention_bias", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
@@ -179,6 +200,10 @@ class ModelConfig:
         _check_hf_extra(self)
         if self.rope_key not in ("rope_scaling", "rope_parameters"):
             fail("rope_key", "must be 'rope_scaling' or 'rope_parameters'")
+
+    def _check_rope_scaling(self) -> None:
+        """rope_scaling: null, or a YaRN dict (spec 1.5) of known keys and sane values."""
+        fail = self._fail
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             if not isinstance(rs, dict):
@@ -190,13 +215,13 @@ class ModelConfig:
             if kind != "yarn":
                 fail("rope_scaling", f"only YaRN scaling is supported, got type {kind!r}")
             # finite: a NaN factor passed `< 1` and every length check, and NaN / inf rotations train to a NaN loss
-            if not (real(rs.get("factor")) and rs["factor"] >= 1):
+            if not (_real(rs.get("factor")) and rs["factor"] >= 1):
                 fail("rope_scaling", "'factor' must be a number >= 1")
             orig = rs.get("original_max_position_embeddings")
             if not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
                 fail("rope_scaling", "'original_max_position_embeddings' must be a positive integer")
             for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
-                if rs.get(k) is not None and not (real(rs[k]) and rs[k] >= 0):
+                if rs.get(k) is not None and not (_real(rs[k]) and rs[k] >= 0):
                     fail("rope_scaling", f"'{k}' must be a number >= 0")
             # equal betas (Kimi-K2: 1.0 and 1.0) make the ramp a step, as transformers and DeepSeek compute it
             if not float(rs.get("beta_fast") or 32) >= float(rs.get("beta_slow") or 1):

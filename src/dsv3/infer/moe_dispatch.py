@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..kernels.decode_ops import gate_logits, moe_decode, moe_route
-from ..kernels.moe_decode import ROWS_MAX_TOKENS, fused_token_range
+from ..kernels.moe_decode import ROWS_MAX_TOKENS
+from ..kernels.moe_decode_launch import fused_token_range
 from ..kernels.triton_setup import BLOCK, HAS_TRITON, capability
 from ..model.layers import MLP
 from ..model.moe import Experts, MoE
@@ -37,7 +38,7 @@ MOE_DECODE_MAX_TOKENS = 256
 
 # `fused_moe = "auto"`: the step sizes (tokens = rows of a decode-graph bucket) whose routed experts run in the fused
 # kernel, inclusive: where the fused call measured faster than the module path (grouped GEMM), read from the `faster`
-# column of the kernel's launch table (dsv3.kernels.moe_decode.LAUNCH_TABLE, bf16 rows; filled from
+# column of the kernel's launch table (dsv3.kernels.moe_decode_launch.LAUNCH_TABLE, bf16 rows; filled from
 # benchmarks/moe_decode_sweep.py, checked by the engine rows of benchmarks/RESULTS.md, issue 16: `lite`, one H200,
 # e.g. batch 32: 1,990 tok/s module vs 2,801 fused; batch 64 a tie before the router kernel). The upper bound sits
 # halfway between the last faster and the first slower measured T.

@@ -173,8 +173,8 @@ def training_cost(cfg: ModelConfig, gpus: int, mfu: float, peak_tflops: float = 
             "days_per_trillion_tokens": hours / gpus / 24, "cost_per_trillion_tokens": hours * price_per_gpu_hour}
 
 
-def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
-    problems = []
+def _check_layout(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> int:
+    """Refuse, naming the flag, a layout that cannot be laid out on the cluster; returns dp (= GPUs / pp)."""
     pp, ep = layout.pp, layout.ep
     _positive({"--gpus": cluster.gpus, "--gpus-per-node": cluster.gpus_per_node, "--gpu-memory": cluster.memory_gib,
                "--nvlink": cluster.nvlink_gbps, "--ib": cluster.ib_gbps, "--pp": pp, "--ep": ep,
@@ -189,6 +189,36 @@ def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
         raise ValueError(f"ep={ep} must divide the {cfg.n_routed_experts} routed experts")
     if layout.schedule not in ("1f1b", "dualpipe", "dualpipev"):
         raise ValueError(f"unknown schedule {layout.schedule!r}; use 1f1b, dualpipe or dualpipev")
+    return dp
+
+
+def _busiest_rank(cfg: ModelConfig, schedule: str, pp: int, ep: int, chunks: int) -> tuple[int, int, int]:
+    """(rank, replicated, expert parameters) of the pipeline rank holding the most parameters per GPU."""
+    per_chunk = stage_params(cfg, chunks)
+    if schedule == "1f1b":
+        per_rank = per_chunk
+    elif schedule == "dualpipe":                   # rank r holds chunk r and its mirror pp-1-r
+        per_rank = [tuple(a + b for a, b in zip(per_chunk[r], per_chunk[pp - 1 - r])) for r in range(pp)]
+    else:                                                 # V shape: rank r holds chunks r and 2pp-1-r
+        per_rank = [tuple(a + b for a, b in zip(per_chunk[r], per_chunk[chunks - 1 - r])) for r in range(pp)]
+    rank = max(range(pp), key=lambda r: per_rank[r][0] + per_rank[r][1] / ep)
+    return (rank, *per_rank[rank])
+
+
+def _chunk_activation_bytes(cfg: ModelConfig, layers: list[int], last: bool, tokens: int) -> int:
+    """Activations of one micro-batch of `tokens` kept by a chunk holding `layers`. The last chunk also runs the MTP
+    modules (stage_params puts their parameters there): a MoE block each, plus eh_proj's BF16 inputs (embedding and
+    hidden state; its norms recomputed as a layer's are)."""
+    per_token = sum(activation_bytes_per_token(cfg, cfg.is_moe_layer(i)) for i in layers)
+    if last:
+        per_token += cfg.num_nextn_predict_layers * (activation_bytes_per_token(cfg, True) + 2 * 2 * cfg.hidden_size)
+    return tokens * per_token
+
+
+def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
+    problems = []
+    pp, ep = layout.pp, layout.ep
+    dp = _check_layout(cfg, cluster, layout)
     # one pipeline rank is no pipeline: every schedule is then one chunk, held once (a DualPipe "mirror" of
     # rank 0 at pp 1 would be rank 0 itself, counted twice)
     schedule = layout.schedule if pp > 1 else "1f1b"
@@ -203,31 +233,15 @@ def plan(cfg: ModelConfig, cluster: Cluster, layout: Layout) -> dict:
     if chunks > cfg.num_hidden_layers:
         raise ValueError(f"--pp {pp} cuts the {cfg.num_hidden_layers} decoder layers into {chunks} "
                          f"{schedule} chunks: some would hold no layer")
-    per_chunk = stage_params(cfg, chunks)
-    if schedule == "1f1b":
-        per_rank = per_chunk
-    elif schedule == "dualpipe":                   # rank r holds chunk r and its mirror pp-1-r
-        per_rank = [tuple(a + b for a, b in zip(per_chunk[r], per_chunk[pp - 1 - r])) for r in range(pp)]
-    else:                                                 # V shape: rank r holds chunks r and 2pp-1-r
-        per_rank = [tuple(a + b for a, b in zip(per_chunk[r], per_chunk[chunks - 1 - r])) for r in range(pp)]
-    rank = max(range(pp), key=lambda r: per_rank[r][0] + per_rank[r][1] / ep)
-    rep, exp = per_rank[rank]
+    rank, rep, exp = _busiest_rank(cfg, schedule, pp, ep, chunks)
     local = rep + exp / ep                                # parameters a GPU holds
     weights, grads = 2 * local, 4 * local
     optim = (4 + 2 * layout.moment_bytes) * (rep / dp + exp / ep / (dp // ep))
     tokens = layout.micro_batch * layout.seq_len
     layers = stage_layers(cfg, chunks)
     mine = [rank, chunks - 1 - rank] if dual else [rank]       # the chunks this rank holds
-    # the last chunk also runs the MTP modules (stage_params puts their parameters there): a MoE block each, plus
-    # eh_proj's BF16 inputs (embedding and hidden state; its norms recomputed as a layer's are)
     mtp = cfg.num_nextn_predict_layers
-
-    def chunk_act(c: int) -> int:
-        per_token = sum(activation_bytes_per_token(cfg, cfg.is_moe_layer(i)) for i in layers[c])
-        if c == chunks - 1:
-            per_token += mtp * (activation_bytes_per_token(cfg, True) + 2 * 2 * cfg.hidden_size)
-        return tokens * per_token
-    act_mb = max(chunk_act(c) for c in mine)
+    act_mb = max(_chunk_activation_bytes(cfg, layers[c], c == chunks - 1, tokens) for c in mine)
     # TR Table 2 / DualPipe's README count activations in micro-batches of one stage: PP (1F1B) or PP + 1
     # (DualPipe, DualPipeV) per device, PP the number of stages; DualPipeV runs PP = 2 pp stages on pp devices
     in_flight = 2 * pp + 1 if schedule == "dualpipev" else pp + 1 if dual else pp

@@ -24,8 +24,9 @@ from ..data.chat import ChatTemplate
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..train.config import RunConfig
 from ..train.data_parallel import refuse_ranks
+from ..train.device import compute_dtype, resolve_device
 from ..train.losses import mtp_mean, positions
-from ..train.trainer import Trainer, compute_dtype, lm_losses, resolve_device, split_batch
+from ..train.trainer import Trainer, lm_losses, split_batch
 from .base import chat_template_of, load_model, tokenizer_dir
 from .config import check_length, check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl

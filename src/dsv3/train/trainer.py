@@ -13,7 +13,7 @@ checkpoint with the command that resumes from it.
 SIGINT / SIGTERM (dsv3.train.signals) stop the loop after the step in progress, all ranks after the same step: it
 saves a checkpoint and raises TrainingInterrupted, whose message is the command that resumes. That save and the
 final one are of the state as it is; during a spike they are marked suspect, and keep pruning leaves the last healthy
-checkpoint besides them (dsv3.train.checkpoint.prune_checkpoints).
+checkpoint besides them (dsv3.train.step_dirs.prune_checkpoints).
 
 Resume is exact: the checkpoint holds weights, routing biases, AdamW moments, the EMA, the data position and the RNG
 states, and the logged train and val metrics are cut back to the checkpoint's step (the events stay). It starts from
@@ -33,7 +33,6 @@ checkpoints are sharded, every rank writing its rows (dsv3.train.checkpoint.save
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from .checkpointing import Checkpointing
 from .config import RunConfig
 from .data_parallel import Layout, NullLogger, refuse_ranks
 from .dataset import check_corpus
+from .device import compute_dtype, resolve_device
 from .ema import CPUEma
 from .hf_shards import check_hf_names, hf_source_error
 from .init_from import (Source, check_extension, find_source, load_hf_starting_weights, load_starting_weights,
@@ -72,28 +72,6 @@ __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "StepStats", "b
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the run stopped and its last checkpoint is intact."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """train.device as a torch device that exists here (a config names CUDA on a machine without it: one line).
-    Under torchrun, "auto" / "cuda" are this process's GPU (LOCAL_RANK), made the current device."""
-    if "LOCAL_RANK" in os.environ and torch.cuda.is_available() and name in ("auto", "cuda"):
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r}: this machine has no CUDA device; use 'cpu' or 'auto'")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 autocast where the device does it fast (CUDA); fp32 on the CPU unless asked."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"bf16": torch.bfloat16, "bf16-params": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def build_model(cfg: RunConfig, device: torch.device | str) -> Transformer:
