@@ -249,5 +249,14 @@ PY
     timeout 240 python benchmarks/engine_decode.py --batches 32,64 --tokens 64 --modes overlap,skinny --ttft-batch 0 \
       > "$OUT/engine.txt" 2>&1
     grep -v Warn "$OUT/engine.txt" | grep -E "tok/s|FAILED|Error" | head -20 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D"; exit 2 ;;
+  E)    # twentieth session: the router's fp32 logits at batch 1 in one GEMV launch (kernels.gemv.gate_logits) vs the
+        # upcasts + cuBLAS dot + reduce (DSV3_GATE_GEMV=reference), lite batch 1 BF16 and FP8, each side twice
+    install_wheels
+    for run in ref new ref2 new2; do
+      env=(); [[ $run == ref* ]] && env=(DSV3_GATE_GEMV=reference)
+      env "${env[@]}" timeout 140 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-overlap \
+        --ttft-batch 0 > "$OUT/gate_$run.txt" 2>&1
+      echo "== $run"; grep -v Warn "$OUT/gate_$run.txt" | grep -E "tok/s|Error" | head -4
+    done ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E"; exit 2 ;;
 esac

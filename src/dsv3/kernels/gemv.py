@@ -72,8 +72,10 @@ def gate_logits(x: Tensor, weight: Tensor) -> Tensor:
     """Dispatcher of `gate_logits_reference`: one row on CUDA through the GEMV's one-row path, which reads x and the
     weight in their own dtypes into fp32 and writes fp32 (one launch: the upcasts and cuBLAS's dot + reduce were
     three per MoE layer of a batch-1 decode step, RESULTS.md eighteenth session). Products of bf16 values are exact
-    in fp32, so only the summation order differs from the reference."""
-    if (x.shape[0] <= GEMV_MAX_M and use_triton(x, "DSV3_GEMV") and weight.dtype in TRITON_DTYPES
+    in fp32, so only the summation order differs from the reference. DSV3_GATE_GEMV=reference (or DSV3_GEMV)
+    forces the reference: the A/B."""
+    if (x.shape[0] <= GEMV_MAX_M and use_triton(x, "DSV3_GEMV") and use_triton(x, "DSV3_GATE_GEMV")
+            and weight.dtype in TRITON_DTYPES
             and x.stride(-1) == 1 and weight.stride(-1) == 1):
         return fp8_gemv(x, weight, None, out_dtype=torch.float32)
     return gate_logits_reference(x, weight)
