@@ -86,8 +86,9 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
                  seed: int = 0, cuda_graphs: bool = True, warmup: bool = True, compile_decode: bool = False,
                  fused_moe: str = "auto", padded: bool = False, fuse_projections: bool = True, dense_gemv: bool = True,
                  overlap_schedule: str = "auto", speculative_fused: bool = True, shared_pair: bool = True,
-                 compile_prefill: bool = False, make_engine: Callable[..., Engine] = Engine) -> dict:
-    """`compile_decode` / `fused_moe` / `fuse_projections` / `dense_gemv` / `overlap_schedule` /
+                 compile_prefill: bool = False, skinny_gemm: bool = False,
+                 make_engine: Callable[..., Engine] = Engine) -> dict:
+    """`compile_decode` / `fused_moe` / `fuse_projections` / `dense_gemv` / `skinny_gemm` / `overlap_schedule` /
     `speculative_fused` / `shared_pair`: EngineConfig's decode-speed switches; `compile_prefill`: its prefill one;
     `padded`: run the graph buckets eagerly where graphs cannot capture (CPU dry runs of the compiled decode);
     `make_engine(model, config=...)`: the engine to time (e.g. one rank's EPEngine: its has_unfinished is
@@ -101,7 +102,7 @@ def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: in
                                                     fused_moe=fused_moe, fuse_projections=fuse_projections,
                                                     dense_gemv=dense_gemv, overlap_schedule=overlap_schedule,
                                                     speculative_fused=speculative_fused, shared_pair=shared_pair,
-                                                    compile_prefill=compile_prefill))
+                                                    compile_prefill=compile_prefill, skinny_gemm=skinny_gemm))
     if padded and engine.runner.graphs is None:
         engine.use_decode_graphs(capture=False)
 
