@@ -1,4 +1,5 @@
-"""Weight-streaming GEMV for one-row dense projections (batch-1 decode): y (1, N) = x (1, K) @ W (N, K).T.
+"""Decode-sized unquantised projections: the weight-streaming GEMV for one row (batch-1 decode), y (1, N) = x (1, K)
+@ W (N, K).T; the tiled kernel for 2..64 rows; the router's fp32 logits at one row (`gate_logits`).
 
 Why: at batch 1 a dense projection is bound by reading W once; cuBLAS's M=1 kernels (split-K GEMVs) reached ~40%
 of copy bandwidth on `lite`'s shapes (benchmarks/RESULTS.md, issue 16). The whole job is to keep enough loads in
@@ -19,8 +20,8 @@ on by default, for one row; `skinny_gemm` for 2..64).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .fp8_gemv import fp8_gemv
@@ -75,7 +76,6 @@ def gate_logits(x: Tensor, weight: Tensor) -> Tensor:
     in fp32, so only the summation order differs from the reference. DSV3_GATE_GEMV=reference (or DSV3_GEMV)
     forces the reference: the A/B."""
     if (x.shape[0] <= GEMV_MAX_M and use_triton(x, "DSV3_GEMV") and use_triton(x, "DSV3_GATE_GEMV")
-            and weight.dtype in TRITON_DTYPES
-            and x.stride(-1) == 1 and weight.stride(-1) == 1):
+            and weight.dtype in TRITON_DTYPES and x.stride(-1) == 1 and weight.stride(-1) == 1):
         return fp8_gemv(x, weight, None, out_dtype=torch.float32)
     return gate_logits_reference(x, weight)
