@@ -250,9 +250,10 @@ PY
       > "$OUT/engine.txt" 2>&1
     grep -v Warn "$OUT/engine.txt" | grep -E "tok/s|FAILED|Error" | head -20 ;;
   E)    # twentieth session: the router's fp32 logits at batch 1 in one GEMV launch (kernels.gemv.gate_logits) vs the
-        # upcasts + cuBLAS dot + reduce (DSV3_GATE_GEMV=reference), lite batch 1 BF16 and FP8, each side twice
+        # upcasts + cuBLAS dot + reduce (DSV3_GATE_GEMV=reference), lite batch 1 BF16 and FP8 (RUNS="ref new ref2
+        # new2": each side twice, ~8 minutes; default once each)
     install_wheels
-    for run in ref new ref2 new2; do
+    for run in ${RUNS:-ref new}; do
       env=(); [[ $run == ref* ]] && env=(DSV3_GATE_GEMV=reference)
       env "${env[@]}" timeout 140 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-overlap \
         --ttft-batch 0 > "$OUT/gate_$run.txt" 2>&1
