@@ -181,7 +181,7 @@ def test_engine_with_dense_gemv_same_tokens():
     assert EngineConfig().dense_gemv          # the default since measured (RESULTS.md eighteenth session)
     for gemv_on in (False, True):
         engine = Engine(model, config=EngineConfig(block_size=8, num_blocks=32, dense_gemv=gemv_on))
-        assert model.layers[0].self_attn.use_gemv == gemv_on
+        assert model.layers[0].self_attn.gemv_rows == ((1, 1) if gemv_on else (2, 0))
         assert (type(model.lm_head).__name__ == "GemvLinear") == gemv_on
         outs.append([o.token_ids for o in engine.generate([[5, 6, 7], [9]], params)])
     assert outs[0] == outs[1]

@@ -278,7 +278,8 @@ def test_resume_with_only_suspect_checkpoints_is_refused_naming_them_and_the_exp
 
 def test_a_nan_after_a_resume_past_a_suspect_checkpoint_names_the_checkpoint_resumed_from(tmp_path):
     """Resumed from step 4 past the suspect step 6, a NaN at step 5 named step 6 as the "last healthy checkpoint"
-    (the newest by name): the spike's state, and not this run's past."""
+    (the newest by name): the spike's state, and not this run's past. Now the resume sets step 6 aside before its
+    first step, so the advice names step 4 and a plain --resume reaches it."""
     cfg, _ = spiked_run(tmp_path)
     r = Trainer(cfg, resume=True)
     assert r.step == 4

@@ -238,8 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     """Parse (dsv3.cli_args), run the command; its errors are one line and an exit status: 2 refused (bad input,
     config, checkpoint), 3 a training run diverged, 128 + the signal's number when SIGINT / SIGTERM stopped it."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "resume_from", None):     # --resume from a named checkpoint: `resume` carries its name
-        args.resume = args.resume_from
     command = " ".join(filter(None, (args.command, getattr(args, "tokenizer_command", None))))
     try:
         return COMMANDS[command](args) or 0

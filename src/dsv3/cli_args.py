@@ -69,7 +69,7 @@ def _train(sub) -> None:
     s.add_argument("--run-dir", default=None, help="overrides run_dir")
     s.add_argument("--resume", action="store_true", help="continue the run in run_dir from its newest intact "
                    "healthy checkpoint (not one saved during a loss spike)")
-    s.add_argument("--resume-from", default=None, metavar="CHECKPOINT", help=RESUME_FROM)
+    s.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT", help=RESUME_FROM)
     s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run "
                    "(its checkpoints, metrics, tensorboard, plots, baselines, tokenizer and config are deleted)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -86,7 +86,7 @@ def _posttrain(sub) -> None:
         s.add_argument("overrides", nargs="*", help="section.key=value, the value in TOML syntax")
         s.add_argument("--run-dir", default=None, help="overrides run_dir")
         s.add_argument("--resume", action="store_true", help="continue from the newest intact healthy checkpoint")
-        s.add_argument("--resume-from", default=None, metavar="CHECKPOINT", help=RESUME_FROM)
+        s.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT", help=RESUME_FROM)
         s.add_argument("--overwrite", action="store_true", help="start afresh in a run_dir that holds an earlier run")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
         s.set_defaults(posttrain=name)

@@ -83,26 +83,18 @@ def _sync(device: str) -> None:
 
 
 def bench_decode(model: Transformer, batch: int, prompt_len: int, new_tokens: int, spec_tokens: int = 0,
-                 seed: int = 0, cuda_graphs: bool = True, warmup: bool = True, compile_decode: bool = False,
-                 fused_moe: str = "auto", padded: bool = False, fuse_projections: bool = True, dense_gemv: bool = True,
-                 overlap_schedule: str = "auto", speculative_fused: bool = True, shared_pair: bool = True,
-                 compile_prefill: bool = False, skinny_gemm: bool = False,
-                 make_engine: Callable[..., Engine] = Engine) -> dict:
-    """`compile_decode` / `fused_moe` / `fuse_projections` / `dense_gemv` / `skinny_gemm` / `overlap_schedule` /
-    `speculative_fused` / `shared_pair`: EngineConfig's decode-speed switches; `compile_prefill`: its prefill one;
-    `padded`: run the graph buckets eagerly where graphs cannot capture (CPU dry runs of the compiled decode);
-    `make_engine(model, config=...)`: the engine to time (e.g. one rank's EPEngine: its has_unfinished is
-    collective, so every rank steps in lockstep)."""
+                 seed: int = 0, warmup: bool = True, padded: bool = False,
+                 make_engine: Callable[..., Engine] = Engine, **switches) -> dict:
+    """`switches`: EngineConfig's speed switches (cuda_graphs, compile_decode, fused_moe, dense_gemv, skinny_gemm,
+    overlap_schedule, ...: its defaults otherwise); `padded`: run the graph buckets eagerly where graphs cannot
+    capture (CPU dry runs of the compiled decode); `make_engine(model, config=...)`: the engine to time (e.g. one
+    rank's EPEngine: its has_unfinished is collective, so every rank steps in lockstep)."""
     device = str(next(model.parameters()).device)
     cfg = model.config
     engine = make_engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4,
                                                     max_num_batched_tokens=max(2048, batch * prompt_len),
                                                     num_speculative_tokens=spec_tokens, speculative_max_batch=batch,
-                                                    cuda_graphs=cuda_graphs, compile_decode=compile_decode,
-                                                    fused_moe=fused_moe, fuse_projections=fuse_projections,
-                                                    dense_gemv=dense_gemv, overlap_schedule=overlap_schedule,
-                                                    speculative_fused=speculative_fused, shared_pair=shared_pair,
-                                                    compile_prefill=compile_prefill, skinny_gemm=skinny_gemm))
+                                                    **switches))
     if padded and engine.runner.graphs is None:
         engine.use_decode_graphs(capture=False)
 

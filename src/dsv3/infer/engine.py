@@ -123,7 +123,7 @@ class Engine:
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, config.prefix_caching)
         self.limits = RequestLimits(cfg.vocab_size, self.max_model_len, cache.block_size, cache.num_blocks)
         self.scheduler = Scheduler(config, self.blocks)
-        fuse_projections(model, config.fuse_projections, config.dense_gemv, config.skinny_gemm)
+        self._fuse_projections()
         self.runner = ModelRunner(model, self.cache, config)
         self.speculation = Speculation(self) if self.speculative else None
         if config.cuda_graphs and graphs_supported(model):
@@ -163,6 +163,11 @@ class Engine:
         mode, graphs = self.config.overlap_schedule, self.runner.graphs
         return mode == "on" or mode == "auto" and graphs is not None and graphs.capture
 
+    def _fuse_projections(self) -> None:
+        """The decode-time projection fusion and GEMV routing the config asks for (dsv3.infer.fused_proj)."""
+        c = self.config
+        fuse_projections(self.model, c.fuse_projections, c.dense_gemv, c.skinny_gemm)
+
     def use_decode_graphs(self, capture: bool = True) -> None:
         """Run decode batches from padded buckets, replayed from CUDA graphs (capture=False: the same padded
         batches, eagerly; any device)."""
@@ -197,7 +202,7 @@ class Engine:
             for k, v in theirs.items():
                 own[k].copy_(v)
         # re-links the fused pairs to weights something re-pointed (dsv3.infer.fused_proj)
-        fuse_projections(self.model, self.config.fuse_projections, self.config.dense_gemv, self.config.skinny_gemm)
+        self._fuse_projections()
         self.blocks.forget_prefixes()
 
     # ---- requests -----------------------------------------------------------------------------------------------

@@ -175,6 +175,6 @@ def fuse_projections(model: nn.Module, on: bool = True, gemv: bool = False, skin
         if type(module) is not cls or not _linked(module):
             _fuse(module)
             module.__class__ = cls
-        module.use_gemv, module.gemv_rows = gemv, rows
+        module.gemv_rows = rows
         fused += 1
     return fused

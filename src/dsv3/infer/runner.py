@@ -153,10 +153,10 @@ class ModelRunner:
         prefill = self.compiles_prefill(batch)
         prologue, layer_fn = _compiled() if compiled or prefill else _EAGER
         x, cos, sin = prologue(model, *_dynamic_tokens(prefill, batch.input_ids, batch.positions))  # (1, N, D)
+        cos, sin = _dynamic_tokens(prefill, cos, sin)       # the same tensors for every layer: marked once
         ffn = self.ffn(batch.input_ids.numel())
         for i, layer in enumerate(model.layers):
-            x = layer_fn(layer, _dynamic_tokens(prefill, x, dim=1), *_dynamic_tokens(prefill, cos, sin),
-                         batch.ctx.at(i), ffn)
+            x = layer_fn(layer, _dynamic_tokens(prefill, x, dim=1), cos, sin, batch.ctx.at(i), ffn)
         return model.norm(x)[0]
 
     @torch.inference_mode()

@@ -66,8 +66,7 @@ class StopRules:
         token, p = seq.token_ids[-1], seq.params
         reason = None
         early = seq.num_output_tokens <= p.min_tokens     # this token is one of the first min_tokens: no stop yet
-        if ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids) and \
-                seq.num_output_tokens > p.min_tokens:
+        if ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids) and not early:
             reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"

@@ -30,7 +30,8 @@ from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
 from ..train.checkpoint import checkpoint_step
 from ..train.config import RunConfig
-from ..train.run_dir import POSTTRAIN_CONFIG, explicit_checkpoint, healthy_to_resume
+from ..train.run_dir import POSTTRAIN_CONFIG, explicit_checkpoint
+from ..train.step_dirs import checkpoint_dirs, last_healthy
 from .base import Base, load_base
 from .chat_data import ChatExample, batch_examples, read_chat_rows
 from .config import check_length, check_paths, read_posttrain_dict, section_dict, section_from_table, split_config
@@ -175,7 +176,7 @@ def resumed_checkpoint(d: dict, resume: bool | str) -> Path | None:
     if not resume:
         return None
     run_dir = Path(RunConfig.from_dict({k: d[k] for k in ("run_dir",) if k in d}).run_dir)
-    ckpt = explicit_checkpoint(run_dir, resume) if isinstance(resume, str) else healthy_to_resume(run_dir)[0]
+    ckpt = explicit_checkpoint(run_dir, resume) if isinstance(resume, str) else last_healthy(checkpoint_dirs(run_dir))
     return ckpt if isinstance(ckpt, Path) else None
 
 

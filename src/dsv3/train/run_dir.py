@@ -318,15 +318,6 @@ def set_aside_newer(run_dir: Path, ckpt: Path, layout) -> str | None:
     return note
 
 
-def healthy_to_resume(run_dir: Path, step: int | None = None) -> tuple[Path | None, str | None]:
-    """The last healthy checkpoint (at or before `step`, if given: later ones are an earlier start's, which a resume
-    went back past), and the --resume-from name that reaches it when a plain --resume would take another (a newer
-    healthy one; None: plain --resume takes it). Unverified: what a stopping run advises, not a resume's check."""
-    dirs = checkpoint_dirs(run_dir)
-    last = last_healthy([d for d in dirs if step is None or checkpoint_step(d) <= step])
-    return last, (last.name if last is not None and last != last_healthy(dirs) else None)
-
-
 def clear_run(run_dir: Path) -> list[str]:
     """--overwrite: delete what an earlier run wrote into run_dir (RUN_FILES only); returns the names deleted."""
     if foreign := foreign_run_files(run_dir):
@@ -388,14 +379,15 @@ def restart_command(run_dir: Path, world: int, *overrides: str, command: str = "
                      *map(shlex.quote, overrides)])
 
 
-def divergence_advice(run_dir: Path, world: int, lr: float, command: str = "train", step: int | None = None) -> str:
-    """Where a run that diverged at `step` can go back to: its last healthy checkpoint, which precedes the blow-up
-    (the trainer writes a periodic checkpoint only once the next step vetted its weights; a signal's or final save
-    during a spike is marked suspect), with a tenth of the LR; or, without one, a fresh start. Checkpoints after
-    `step` (an earlier start's, which a resume went back past) are not this run's past."""
-    (last, name), lower = healthy_to_resume(run_dir, step), f"optim.lr={lr / 10:g}"
+def divergence_advice(run_dir: Path, world: int, lr: float, command: str = "train") -> str:
+    """Where a diverged run can go back to: its last healthy checkpoint, which precedes the blow-up (the trainer
+    writes a periodic checkpoint only once the next step vetted its weights; a signal's or final save during a spike
+    is marked suspect), with a tenth of the LR; or, without one, a fresh start. Every checkpoint left is this run's
+    past: a resume that went back set the newer ones aside first (`set_aside_newer`), so a plain --resume takes it."""
+    dirs, lower = checkpoint_dirs(run_dir), f"optim.lr={lr / 10:g}"
+    last = last_healthy(dirs)
     if last is None:
-        suspect = [d.name for d in checkpoint_dirs(run_dir) if step is None or checkpoint_step(d) <= step]
+        suspect = [d.name for d in dirs]
         if suspect:             # only saves of a loss spike: --overwrite would delete them, so name both ways
             return (f"No healthy checkpoint precedes it, only {', '.join(suspect)}, saved during a loss spike "
                     f"(suspect): resume from one with a lower optim.lr (now {lr:g}): "
@@ -404,7 +396,7 @@ def divergence_advice(run_dir: Path, world: int, lr: float, command: str = "trai
         return (f"No checkpoint precedes it: start afresh with a lower optim.lr (now {lr:g}) or a longer "
                 f"optim.warmup: {restart_command(run_dir, world, lower, command=command)}")
     return (f"Last healthy checkpoint: {last.name}. Lower optim.lr (now {lr:g}) or raise optim.warmup and resume "
-            f"from it: {resume_command(run_dir, world, lower, command=command, checkpoint=name)}")
+            f"from it: {resume_command(run_dir, world, lower, command=command)}")
 
 
 def _free_space(path: Path) -> str:

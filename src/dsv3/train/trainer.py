@@ -314,7 +314,7 @@ class Trainer(Checkpointing):
             self.finish_checkpoint()             # the save in flight holds vetted weights: the advice names it
             msg = (f"step {step + 1}: non-finite {'loss' if not math.isfinite(total) else 'gradient norm'} "
                    f"(loss {total}, grad norm {grad_norm.item()}); stopping. "
-                   f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr, self.command, step)}")
+                   f"{divergence_advice(self.run_dir, self.layout.world, cfg.optim.lr, self.command)}")
             self.logger.log_event(step + 1, msg, echo=False)     # the CLI's "stopped:" line says it once
             raise TrainingDiverged(msg)
         self._watch_for_spikes(total, grad_norm.item())
