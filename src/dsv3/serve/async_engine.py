@@ -68,48 +68,11 @@ class EngineStopped(Exception):
     """The engine's thread or process is gone (killed, or failed): nothing can be queued or asked of it."""
 
 
-class Backlog:
-    """How many outputs wait unread in the queues of one client request's handles (its n choices, up to
-    max_pending): a stream asks after every event it sends (outputs.coalesced), in O(1), where summing the queues'
-    sizes was O(choices) each time, on the event loop."""
-    __slots__ = ("queued",)
-
-    def __init__(self, queued: int = 0):
-        self.queued = queued
-
-
-class OutputQueue(asyncio.Queue):
-    """A handle's outputs; each put and get also counts in `backlog`, its own until join_backlog shares one among a
-    request's handles. (_put / _get: the hooks every put and get of asyncio.Queue goes through, as LifoQueue's.)"""
-
-    def __init__(self):
-        super().__init__()
-        self.backlog = Backlog()
-
-    def _put(self, item) -> None:
-        super()._put(item)
-        self.backlog.queued += 1
-
-    def _get(self):
-        item = super()._get()
-        self.backlog.queued -= 1
-        return item
-
-
-def join_backlog(handles: list[RequestHandle]) -> Backlog:
-    """One Backlog for the output queues of `handles`, counting what they hold already (on the event loop, where
-    every put and get happens: nothing changes meanwhile)."""
-    backlog = Backlog(sum(h.outputs.qsize() for h in handles))
-    for h in handles:
-        h.outputs.backlog = backlog
-    return backlog
-
-
 @dataclass(eq=False)
 class RequestHandle:
     """One submitted request as the event loop sees it."""
     request_id: int
-    outputs: OutputQueue = field(default_factory=OutputQueue)
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: bool = False
