@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 
 from ..infer import Engine, SamplingParams
 from ..infer.engine import RequestOutput
-from ..infer.requests import RequestLimits, StepFailed, check_request
-# the engine's side (its command/step loop, step failures); STEP_FAILED and refusal stay importable from here
-from .engine_loop import STEP_FAILED, EngineLoop, engine_process_main, refusal  # noqa: F401
+from ..infer.requests import RequestLimits, check_request
+from .engine_loop import EngineLoop, engine_process_main     # the engine's side: its command/step loop
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +228,7 @@ class AsyncEngineBase:
         await asyncio.get_running_loop().run_in_executor(None, self._stop_backend)
 
     def _deliver_all(self, items: list) -> None:
-        """On the event loop: [(request id, RequestOutput or an error message)] from one engine step."""
+        """On the event loop: [(request id, RequestOutput or the exception it failed with)] from one engine step."""
         for rid, out in items:
             handle = self._handles.get(rid)
             if handle is None:
@@ -241,8 +240,6 @@ class AsyncEngineBase:
                     self.num_aborted += out.finish_reason == "abort"
                 if self.on_output is not None:
                     self.on_output(handle, out)
-            elif not isinstance(out, Exception):       # (an error as text: nothing of it is the client's to see)
-                out = StepFailed("the engine step failed: this request did not complete; retry it")
             if not isinstance(out, RequestOutput) or out.finished:
                 handle.finished = True
                 self._pending -= 1
