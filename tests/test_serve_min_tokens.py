@@ -86,6 +86,19 @@ def test_min_tokens_out_of_range_is_a_400_naming_it(server, route, body, says):
     assert error["param"] == "min_tokens" and says in error["message"], error
 
 
+def force_eos(engine: Engine) -> None:
+    """The model itself all but certain of EOS at every position: +100 on EOS's column of every logits the engine's
+    runner computes (the main model's and the MTP drafts'). Unlike logit_bias (which makes a request
+    `modifies_logits`, and such a batch never speculates), this leaves the speculative engine free to speculate."""
+    eos, logits = engine.tokenizer.eos_id, engine.runner.logits
+
+    def forced(hidden):
+        out = logits(hidden)
+        out[..., eos] += 100
+        return out
+    engine.runner.logits = forced
+
+
 def test_engine_min_tokens_plain_and_speculative():
     """The engine's own: suppressed EOS in plain steps, with the overlap schedule, and in a speculative engine (which
     speculates only once min_tokens is reached: a step accepting several drafts could otherwise end below it)."""
@@ -104,6 +117,19 @@ def test_engine_min_tokens_plain_and_speculative():
         out = engine.generate([PROMPT, "def f"], p)
         assert [len(o.token_ids) for o in out] == [10, 10] and all(o.finish_reason == "stop" for o in out), out
         assert all(eos not in o.token_ids[:-1] and o.token_ids[-1] == eos for o in out)
-        # the logprobs stay the model's own: EOS's logprob before min_tokens is what it was, not -inf
+    # EOS forced by the model's own logits: the speculative engine speculates (logit_bias kept it to plain steps),
+    # from min_tokens on, and still stops no earlier
+    for engine in (plain, spec, overlap):
+        force_eos(engine)
+        steps = engine.spec_stats["steps"]
+        out = engine.generate([PROMPT, "def f"], SamplingParams(temperature=0, max_tokens=30, min_tokens=9))
+        assert [len(o.token_ids) for o in out] == [10, 10] and all(o.finish_reason == "stop" for o in out), out
+        assert all(eos not in o.token_ids[:-1] and o.token_ids[-1] == eos for o in out)
+        assert (engine.spec_stats["steps"] > steps) == (engine is spec), engine.spec_stats
+        # the logprobs stay the model's own, not the masked scores': before min_tokens EOS is not sampled, yet it is
+        # the top entry, with its finite logprob (not the -inf that kept it from being sampled)
         lp = engine.generate([PROMPT], SamplingParams(temperature=0, max_tokens=3, min_tokens=3, logprobs=1))[0]
-        assert all(entry[0] > float("-inf") for entry in lp.logprobs), lp.logprobs
+        assert lp.finish_reason == "length" and eos not in lp.token_ids, lp
+        for token, (sampled, top_ids, top_lps) in zip(lp.token_ids, lp.logprobs):
+            assert top_ids[0] == eos and float("-inf") < top_lps[0] <= 0 and top_ids[0] != token, lp.logprobs
+            assert float("-inf") < sampled < top_lps[0], lp.logprobs

@@ -316,106 +316,76 @@ def test_chat_response(tok):
     assert body["usage"]["prompt_tokens"] == len(plan.prompt_ids[0])
 
 
-def test_sse_events_coalesce_only_while_outputs_are_queued():
-    """Events are joined while a handle's outputs are already queued (a lagging stream catches up in one write) and
-    sent one by one otherwise; the bytes are the same either way."""
+def _step_engine():
+    """An engine backend (AsyncEngineBase) with no engine behind it: the test hands it steps' outputs (`_on_step`,
+    as the engine's thread or pipe reader does), several per wake-up of the event loop when the stream lags."""
+    from dsv3.serve.async_engine import AsyncEngineBase
+
+    class StepEngine(AsyncEngineBase):
+        alive = True
+
+        def _put(self, command):
+            self.commands.append(command)
+    aengine = StepEngine(LIMITS, None, 64)
+    aengine.commands = []
+    return aengine
+
+
+def _stream_writes(n: int, wake_ups: int, steps_per_wake_up: int) -> tuple[list[str], list[str]]:
+    """A stream of n choices through the real merged + coalesced, its outputs delivered `steps_per_wake_up` engine
+    steps at a time (one token per choice per step): (the events, the writes)."""
     import asyncio
 
-    from dsv3.serve.async_engine import RequestHandle
-    from dsv3.serve.outputs import coalesced
+    from dsv3.infer import SamplingParams
+    from dsv3.serve.outputs import coalesced, merged, submit_all
 
-    async def run(queued: list[int]) -> list[str]:
-        handle = RequestHandle(0)
+    async def run():
+        aengine = _step_engine()
+        total = wake_ups * steps_per_wake_up
+        handles = submit_all(aengine, [([1, 2, 3], SamplingParams(max_tokens=total))] * n)
+        outputs = merged(aengine, handles)
+        events: list[str] = []
 
-        async def events():
-            for i, backlog in enumerate(queued):
-                while handle.outputs.qsize() > backlog:      # the consumer took an output: backlog left behind it
-                    handle.outputs.get_nowait()
-                while handle.outputs.qsize() < backlog:
-                    handle.outputs.put_nowait(object())
-                yield f"data: {i}\n\n"
-            while not handle.outputs.empty():
-                handle.outputs.get_nowait()
-        return [w async for w in coalesced(events(), [handle])]
+        async def sse():
+            async for k, out in outputs:
+                events.append(f"data: {k} {out.new_token_ids} {out.finish_reason}\n\n")
+                yield events[-1]
+        writes: list[str] = []
 
-    # nothing queued behind any event: one write each
-    assert asyncio.run(run([0, 0, 0])) == ["data: 0\n\n", "data: 1\n\n", "data: 2\n\n"]
-    # two more outputs queued behind event 0 and one behind event 1: events 0-2 go in one write
-    assert asyncio.run(run([2, 1, 0, 0])) == ["data: 0\n\ndata: 1\n\ndata: 2\n\n", "data: 3\n\n"]
-
-
-async def _coalesced_reference(events, handles):
-    """outputs.coalesced as it was: every choice's queue scanned after every event (O(choices) per event)."""
-    buffered = []
-    async for event in events:
-        buffered.append(event)
-        if not any(h.outputs.qsize() for h in handles):
-            yield "".join(buffered)
-            buffered = []
-    if buffered:
-        yield "".join(buffered)
-
-
-def _random_stream(seed: int, coalesce, n_choices: int, n_events: int, check=None) -> list[str]:
-    """A stream of n choices whose engine puts outputs into random choices' queues while the consumer takes some
-    (the merged pump), between the events: the writes `coalesce` makes of it. check(): after each event."""
-    import asyncio
-    import random
-
-    from dsv3.serve.async_engine import RequestHandle
-
-    rng = random.Random(seed)
-
-    async def run() -> list[str]:
-        handles = [RequestHandle(i) for i in range(n_choices)]
-        for _ in range(rng.randrange(3)):              # queued before the stream starts
-            handles[rng.randrange(n_choices)].outputs.put_nowait(object())
-
-        async def events():
-            for i in range(n_events):
-                for _ in range(rng.randrange(4)):
-                    holding = [h for h in handles if not h.outputs.empty()]
-                    if rng.random() < 0.4 or not holding:
-                        rng.choice(handles).outputs.put_nowait(object())
-                    elif rng.random() < 0.5:
-                        rng.choice(holding).outputs.get_nowait()
-                    else:
-                        await rng.choice(holding).outputs.get()
-                if rng.random() < 0.2:
-                    await asyncio.sleep(0)
-                yield f"data: {i}.{rng.randrange(10)}\n\n"
-                if check is not None:
-                    check(handles)
-        return [w async for w in coalesce(events(), handles)]
+        async def consume():
+            async for w in coalesced(sse(), outputs):
+                writes.append(w)
+        consumer = asyncio.create_task(consume())
+        step = 0
+        for _ in range(wake_ups):
+            for _ in range(steps_per_wake_up):
+                last = step == total - 1
+                aengine._on_step([(h.request_id, RequestOutput(h.request_id, [1, 2, 3], [], finished=last,
+                                                               finish_reason="length" if last else None,
+                                                               new_token_ids=[10 + step]))
+                                  for h in handles])
+                step += 1
+            await asyncio.sleep(0.01)            # the stream catches up before the next wake-up
+        await asyncio.wait_for(consumer, 10)
+        assert aengine.num_pending == 0 and not any(c[0] == "abort" for c in aengine.commands)
+        return events, writes
     return asyncio.run(run())
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_coalesced_writes_the_same_as_the_queue_scan_on_random_multi_choice_streams(seed):
-    """coalesced asks a shared count (Backlog) where it scanned every choice's queue after every event: the same
-    writes, on streams of 1-256 choices whose queues fill and drain at random."""
-    from dsv3.serve.outputs import coalesced
-
-    n_choices, n_events = [1, 2, 5, 64, 256][seed % 5], 1 + seed * 7
-
-    def counted_right(handles):
-        assert handles[0].outputs.backlog.queued == sum(h.outputs.qsize() for h in handles)
-    want = _random_stream(seed, _coalesced_reference, n_choices, n_events)
-    assert _random_stream(seed, coalesced, n_choices, n_events, check=counted_right) == want
-    assert "".join(want).count("data: ") == n_events         # every event once, in order, however joined
+@pytest.mark.parametrize("n", [1, 4, 16])
+def test_a_lagging_stream_catches_up_in_one_write_per_wake_up(n):
+    """A stream whose outputs come several steps at a time (the event loop was busy) joins the events they make
+    into one write, for one choice and for several (the choices' outputs are pumped into one queue: that queue's
+    backlog is the one that counts; asked of the choices' own queues, always empty, every event went alone)."""
+    events, writes = _stream_writes(n, wake_ups=4, steps_per_wake_up=5)
+    assert len(events) == n * 20 and "".join(writes) == "".join(events)
+    assert len(writes) == 4 < len(events), len(writes)
 
 
-def test_coalesced_does_not_scan_the_choices_queues_per_event(monkeypatch):
-    """The work per event is O(1): the queues' sizes are read once, when the stream starts (256 choices x 2,000
-    events read 512,000 sizes before)."""
-    from dsv3.serve.async_engine import OutputQueue
-    from dsv3.serve.outputs import coalesced
-
-    reads = []
-    size = OutputQueue.qsize
-    monkeypatch.setattr(OutputQueue, "qsize", lambda self: reads.append(1) or size(self))
-    writes = _random_stream(7, coalesced, 256, 2000)
-    assert len(reads) == 256 and len(writes) > 1, len(reads)
-    reads.clear()
-    _random_stream(7, _coalesced_reference, 256, 2000)
-    assert len(reads) > 2000            # the scan, for comparison: at least one size per event
+@pytest.mark.parametrize("n", [1, 4])
+def test_a_stream_that_keeps_up_writes_each_step_as_it_comes(n):
+    """One step per wake-up: nothing waits behind a step's events, so each step goes out at once (one write per
+    event for one choice; a step's n events together, as they came together, for n choices)."""
+    events, writes = _stream_writes(n, wake_ups=6, steps_per_wake_up=1)
+    assert len(events) == n * 6 and "".join(writes) == "".join(events)
+    assert len(writes) == 6, writes

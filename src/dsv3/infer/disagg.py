@@ -34,7 +34,7 @@ import torch
 
 from .config import EngineConfig
 from .engine import Engine, RequestOutput
-from .requests import RequestRefused, StepFailed
+from .requests import refusal, step_failed
 from .sampling import SamplingParams, make_generators
 from .sequence import Sequence, Status
 
@@ -211,12 +211,8 @@ def _command(engine: Engine, conn: Connection, cmd: tuple, to_client: dict[int, 
             for rid, cid in list(to_client.items()):
                 if cid == cmd[1]:
                     engine.abort(rid)
-    except Exception as e:          # a refused request (ValueError), an unreadable hand-off: that request fails
-        if isinstance(e, ValueError):       # the request's fault: the router's client gets a 400 with this message
-            error = RequestRefused(f"the {type(engine).__name__} refused the request: {e}")
-        else:                               # the worker's: logged here, a 503 there
-            log.error("the %s failed to take request %s", type(engine).__name__, cmd[1], exc_info=e)
-            error = StepFailed(f"the {type(engine).__name__} failed to take the request; retry the request")
+    except Exception as e:          # a refused request (ValueError, the router's client gets a 400 with its message),
+        error = refusal(e, f"the {type(engine).__name__}")     # an unreadable hand-off (logged here, a 503 there)
         conn.send(("step", [(cmd[1], None, error)], engine.stats()))
 
 
@@ -234,8 +230,7 @@ def _step(engine: Engine, conn: Connection, to_client: dict[int, int]) -> None:
             if isinstance(engine, PrefillEngine) and rid in engine.exported:     # its latents go nowhere now
                 discard_kv(engine.exported.pop(rid))
             # the cause is this process's log's (traceback included), not the client's answer
-            items.append((to_client.pop(rid), None, StepFailed(f"the {type(engine).__name__}'s step failed: the step "
-                                                               f"that ran this request did not complete; retry it")))
+            items.append((to_client.pop(rid), None, step_failed(type(engine).__name__)))
         log.exception("the %s's step failed; its %d requests fail with it", type(engine).__name__, len(items))
         conn.send(("step", items, engine.stats()))
         time.sleep(0.05)             # an engine that keeps failing must not spin a core

@@ -3,12 +3,15 @@ the prompt's token ids. A server process checks requests with a copy of the limi
 
 from __future__ import annotations
 
+import logging
 import numbers
 from dataclasses import dataclass
 
 import torch
 
 from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class RequestRefused(ValueError):
@@ -19,6 +22,29 @@ class RequestRefused(ValueError):
 class StepFailed(RuntimeError):
     """The engine step that ran a request failed (a forward out of memory, a kernel error): nothing the client did;
     a server's 503, to retry. The message says only that: the cause, with its traceback, is logged where it ran."""
+
+
+# what the client of a request whose step failed is told: the cause is the server's log's (log.exception), its text
+# (a CUDA error, paths, sizes) nothing for the client
+# (an instance per request: one raised in many tasks would gather all their tracebacks)
+STEP_FAILED = "the engine step failed: the step that ran this request did not complete; retry the request"
+
+
+def step_failed(worker: str | None = None) -> StepFailed:
+    """A request's StepFailed (a new one each time): STEP_FAILED, or for a disaggregated worker's engine (`worker`,
+    its class name) the message that names it."""
+    if worker is None:
+        return StepFailed(STEP_FAILED)
+    return StepFailed(f"the {worker}'s step failed: the step that ran this request did not complete; retry it")
+
+
+def refusal(error: Exception, engine: str) -> Exception:
+    """What the client of a request `engine` would not add is told: its ValueError is the request's fault (a 400
+    with the engine's message); anything else is the engine's (logged, a 503 that says no more)."""
+    if isinstance(error, ValueError):
+        return RequestRefused(f"{engine} refused the request: {error}")
+    log.error("%s failed to add a request", engine, exc_info=error)
+    return StepFailed(f"{engine} failed to take the request; retry the request")
 
 
 @dataclass(frozen=True)

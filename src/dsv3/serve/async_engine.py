@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 
 from ..infer import Engine, SamplingParams
 from ..infer.engine import RequestOutput
-from ..infer.requests import RequestLimits, StepFailed, check_request
-# the engine's side (its command/step loop, step failures); STEP_FAILED and refusal stay importable from here
-from .engine_loop import STEP_FAILED, EngineLoop, engine_process_main, refusal  # noqa: F401
+from ..infer.requests import RequestLimits, check_request
+from .engine_loop import EngineLoop, engine_process_main     # the engine's side: its command/step loop
 
 log = logging.getLogger(__name__)
 
@@ -68,48 +67,11 @@ class EngineStopped(Exception):
     """The engine's thread or process is gone (killed, or failed): nothing can be queued or asked of it."""
 
 
-class Backlog:
-    """How many outputs wait unread in the queues of one client request's handles (its n choices, up to
-    max_pending): a stream asks after every event it sends (outputs.coalesced), in O(1), where summing the queues'
-    sizes was O(choices) each time, on the event loop."""
-    __slots__ = ("queued",)
-
-    def __init__(self, queued: int = 0):
-        self.queued = queued
-
-
-class OutputQueue(asyncio.Queue):
-    """A handle's outputs; each put and get also counts in `backlog`, its own until join_backlog shares one among a
-    request's handles. (_put / _get: the hooks every put and get of asyncio.Queue goes through, as LifoQueue's.)"""
-
-    def __init__(self):
-        super().__init__()
-        self.backlog = Backlog()
-
-    def _put(self, item) -> None:
-        super()._put(item)
-        self.backlog.queued += 1
-
-    def _get(self):
-        item = super()._get()
-        self.backlog.queued -= 1
-        return item
-
-
-def join_backlog(handles: list[RequestHandle]) -> Backlog:
-    """One Backlog for the output queues of `handles`, counting what they hold already (on the event loop, where
-    every put and get happens: nothing changes meanwhile)."""
-    backlog = Backlog(sum(h.outputs.qsize() for h in handles))
-    for h in handles:
-        h.outputs.backlog = backlog
-    return backlog
-
-
 @dataclass(eq=False)
 class RequestHandle:
     """One submitted request as the event loop sees it."""
     request_id: int
-    outputs: OutputQueue = field(default_factory=OutputQueue)
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: bool = False
@@ -266,7 +228,7 @@ class AsyncEngineBase:
         await asyncio.get_running_loop().run_in_executor(None, self._stop_backend)
 
     def _deliver_all(self, items: list) -> None:
-        """On the event loop: [(request id, RequestOutput or an error message)] from one engine step."""
+        """On the event loop: [(request id, RequestOutput or the exception it failed with)] from one engine step."""
         for rid, out in items:
             handle = self._handles.get(rid)
             if handle is None:
@@ -278,8 +240,6 @@ class AsyncEngineBase:
                     self.num_aborted += out.finish_reason == "abort"
                 if self.on_output is not None:
                     self.on_output(handle, out)
-            elif not isinstance(out, Exception):       # (an error as text: nothing of it is the client's to see)
-                out = StepFailed("the engine step failed: this request did not complete; retry it")
             if not isinstance(out, RequestOutput) or out.finished:
                 handle.finished = True
                 self._pending -= 1

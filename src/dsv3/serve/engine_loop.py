@@ -1,7 +1,8 @@
 """The engine's side of the server: the command/step loop around one Engine (`EngineLoop`), run by AsyncEngine's
 thread or by EngineProcess's child process (`engine_process_main`), and what a client is told when its request
 fails there: a step that raises fails the requests it ran (StepFailed, a 503 without the exception's text, which is
-the server log's), and an add the engine refuses is a 400 if the request is at fault, else a 503 (`refusal`).
+the server log's), and an add the engine refuses is a 400 if the request is at fault, else a 503. What they are told
+is infer/requests.py's (`step_failed`, `refusal`), which a disaggregated worker (infer/disagg.py) tells too.
 
 The event-loop side (submit, stream, abort, back-pressure, /health) is async_engine.py's; the two meet only through
 the callables `emit` and `reply` and the commands handed to `EngineLoop.command`.
@@ -16,29 +17,15 @@ from collections.abc import Callable
 import torch
 
 from ..infer import Engine
-from ..infer.requests import RequestRefused, StepFailed
+from ..infer.requests import refusal, step_failed
 
 log = logging.getLogger(__name__)
 
 
-# what the client of a request whose step failed is told: the cause is the server's log's (log.exception), its text
-# (a CUDA error, paths, sizes) nothing for the client
-# (an instance per request: one raised in many tasks would gather all their tracebacks)
-STEP_FAILED = "the engine step failed: the step that ran this request did not complete; retry the request"
-
-
-def refusal(error: Exception, engine: str) -> Exception:
-    """What the client of a request `engine` would not add is told: its ValueError is the request's fault (a 400
-    with the engine's message); anything else is the engine's (logged, a 503 that says no more)."""
-    if isinstance(error, ValueError):
-        return RequestRefused(f"{engine} refused the request: {error}")
-    log.error("%s failed to add a request", engine, exc_info=error)
-    return StepFailed(f"{engine} failed to take the request; retry the request")
-
-
 class EngineLoop:
     """The command/step loop around one Engine, in whichever thread or process owns it. `emit(items)` receives
-    [(client request id, output or error message)] once per step; `reply(future_id, value)` answers stats."""
+    [(client request id, output or the exception it failed with)] once per step; `reply(future_id, value)` answers
+    stats."""
 
     def __init__(self, engine: Engine, emit: Callable, reply: Callable):
         self.engine, self.emit, self.reply = engine, emit, reply
@@ -77,7 +64,7 @@ class EngineLoop:
                 cid = self.by_engine.pop(rid)
                 del self.by_client[cid]
                 self.engine.abort(rid)   # so that the same batch does not fail again; its blocks return next step
-                items.append((cid, StepFailed(STEP_FAILED)))
+                items.append((cid, step_failed()))
             log.exception("an engine step failed; its %d requests fail with it (503)", len(items))
             self.emit(items, error=repr(e))
             time.sleep(0.05)             # an engine that keeps failing must not spin a core

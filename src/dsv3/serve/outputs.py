@@ -13,7 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from ..infer import SamplingParams
 from ..infer.requests import RequestRefused, StepFailed
-from .async_engine import AsyncEngineBase, EngineStopped, QueueFull, RequestHandle, ShuttingDown, join_backlog
+from .async_engine import AsyncEngineBase, EngineStopped, QueueFull, RequestHandle, ShuttingDown
 from .protocol import APIError
 
 log = logging.getLogger(__name__)
@@ -65,49 +65,69 @@ async def final_outputs(request: Request, aengine: AsyncEngineBase, handles: lis
                 await task
 
 
-async def merged(aengine: AsyncEngineBase, handles: list[RequestHandle]) -> AsyncIterator[tuple[int, object]]:
-    """(choice index, output or exception) from all requests as they come; closing it early aborts them all."""
-    if len(handles) == 1:           # the common case, without the fan-in tasks
+class Merged:
+    """(choice index, output or exception) from all of a request's handles as they come, to iterate once; closing
+    the iteration early aborts them all. `queued()`: how many outputs wait unread where this reads them, which is
+    where a stream asks whether to hold an event back (coalesced): the single choice's queue for n = 1, else the
+    queue the choices' pump tasks fill (they drain each choice's queue into it at once, so those stay empty)."""
+
+    def __init__(self, aengine: AsyncEngineBase, handles: list[RequestHandle]):
+        self.aengine, self.handles = aengine, handles
+        self._queue: asyncio.Queue | None = None if len(handles) == 1 else asyncio.Queue()
+
+    def queued(self) -> int:
+        return self.handles[0].outputs.qsize() if self._queue is None else self._queue.qsize()
+
+    def __aiter__(self) -> AsyncIterator[tuple[int, object]]:
+        return self._one() if self._queue is None else self._many()
+
+    async def _one(self) -> AsyncIterator[tuple[int, object]]:
+        """The common case, without the fan-in tasks."""
         try:
-            async for out in aengine.stream(handles[0]):
+            async for out in self.aengine.stream(self.handles[0]):
                 yield 0, out
         except Exception as e:
             yield 0, e
-        return
-    q: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i, h):
+    async def _many(self) -> AsyncIterator[tuple[int, object]]:
+        q = self._queue
+
+        async def pump(i, h):
+            try:
+                async for out in self.aengine.stream(h):
+                    q.put_nowait((i, out))
+            except Exception as e:          # an engine failure reaches the client as an error event
+                q.put_nowait((i, e))
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(self.handles)]
         try:
-            async for out in aengine.stream(h):
-                q.put_nowait((i, out))
-        except Exception as e:          # an engine failure reaches the client as an error event
-            q.put_nowait((i, e))
-    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-    try:
-        for _ in range(len(handles)):
-            while True:
-                i, out = await q.get()
-                yield i, out
-                if isinstance(out, Exception) or out.finished:
-                    break
-    finally:
-        for t in tasks:
-            t.cancel()
-        for h in handles:
-            aengine.abort(h)
+            for _ in range(len(self.handles)):
+                while True:
+                    i, out = await q.get()
+                    yield i, out
+                    if isinstance(out, Exception) or out.finished:
+                        break
+        finally:
+            for t in tasks:
+                t.cancel()
+            for h in self.handles:
+                self.aengine.abort(h)
 
 
-async def coalesced(events: AsyncIterator[str], handles: list[RequestHandle]) -> AsyncIterator[str]:
-    """A stream's SSE events, joined into one write while the requests' outputs are already queued: a stream that
-    lags behind the engine (the event loop serving many of them) catches up in one send through the ASGI stack
-    (~0.35 ms per send on the CPU profile, RESULTS.md issue 16) instead of one per step. The bytes are the same; a
-    stream that keeps up sends each event as it comes. Whether any output is queued is one shared count (Backlog),
-    not a scan of every choice's queue per event (256 choices x thousands of events: ~0.3 s of the event loop)."""
-    backlog = join_backlog(handles)
+def merged(aengine: AsyncEngineBase, handles: list[RequestHandle]) -> Merged:
+    """(choice index, output or exception) from all requests as they come; closing it early aborts them all."""
+    return Merged(aengine, handles)
+
+
+async def coalesced(events: AsyncIterator[str], outputs: Merged) -> AsyncIterator[str]:
+    """A stream's SSE events, joined into one write while more outputs already wait in `outputs` (what the events
+    read): a stream that lags behind the engine (the event loop serving many of them) catches up in one send through
+    the ASGI stack (~0.35 ms per send on the CPU profile, RESULTS.md issue 16) instead of one per step. The bytes are
+    the same; a stream that keeps up sends each event as it comes. `outputs.queued()` is one queue's size: O(1) per
+    event, whatever the number of choices."""
     buffered = []
     async for event in events:
         buffered.append(event)
-        if not backlog.queued:
+        if not outputs.queued():
             yield "".join(buffered)
             buffered = []
     if buffered:
@@ -149,8 +169,9 @@ async def answer(request: Request, state, path: str, prompt_lengths: list[int], 
     state.metrics.request(path, prompt_lengths)
     if req.stream:
         state.metrics.answered(path)          # the 200 goes out with the first byte
-        stream = events(state.tokenizer, req, plan, head, merged(state.aengine, handles), state.run)
-        return StreamingResponse(coalesced(stream, handles), media_type="text/event-stream")
+        outputs = merged(state.aengine, handles)
+        stream = events(state.tokenizer, req, plan, head, outputs, state.run)
+        return StreamingResponse(coalesced(stream, outputs), media_type="text/event-stream")
     outs = await final_outputs(request, state.aengine, handles)
     if outs is None:                # the client left; nobody reads this
         state.metrics.answered(path, 499)

@@ -30,9 +30,7 @@ import torch
 
 from ..infer.disagg import PREFILLED, discard_kv, parse_address, pd_key
 from ..infer.engine import RequestOutput
-from ..infer.requests import StepFailed
 from .async_engine import AsyncEngineBase, EngineStopped, Writer
-from .engine_loop import STEP_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +154,10 @@ class PDRouter(AsyncEngineBase):
         if req is None:
             return []
         if out is None:                 # refused by the worker (RequestRefused), or its step failed (StepFailed)
+            if not isinstance(handle, Exception):           # not a message of this version's workers: _unreadable
+                raise TypeError(f"a failed request's error is a {type(handle).__name__}, not an exception")
             self._done(cid, w)
-            return [(cid, handle if isinstance(handle, Exception) else StepFailed(STEP_FAILED))]
+            return [(cid, handle)]
         out.request_id = cid
         if w.role == "prefill" and out.finish_reason == PREFILLED:
             with self.lock:
