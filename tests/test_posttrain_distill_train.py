@@ -131,12 +131,15 @@ def kd_run(tmp, name, teacher, student, data, **over):
                     kd_weight=0.5, top_k=8)
 
 
-def test_a_logit_resume_keeps_the_teacher_checkpoint_of_the_start_when_the_teacher_run_moved_on(bases, tmp_path):
+def test_a_logit_resume_keeps_the_teacher_checkpoint_of_the_start_when_the_teacher_run_moved_on(bases, tmp_path,
+                                                                                                monkeypatch):
     """distill.teacher a training run: a resume read the teacher run's latest checkpoint again, so once that run
     had trained on, the resumed student learnt from another teacher than the uninterrupted one (as GRPO's grpo.init
     did). The checkpoints pin it; a resume reads it, refuses it gone, and refuses distill.teacher changed. The
-    student's base (distill.init, a copy of the teacher's run: one tokenizer) is pinned as SFT's is."""
+    student's base (distill.init, a copy of the teacher's run: one tokenizer) is pinned as SFT's is. The pinned
+    teacher is the only one read (not the latest, then the pinned one: two teachers resident)."""
     import shutil
+    from dsv3.posttrain import distill
     from dsv3.posttrain.pinned import read_pin
     from dsv3.train import Trainer
     from test_train_loop import small_run
@@ -153,7 +156,15 @@ def test_a_logit_resume_keeps_the_teacher_checkpoint_of_the_start_when_the_teach
     shutil.copytree(t.run_dir, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     Trainer(small_run(tmp_path, "teacher", **{**sections, "train": {"steps": 4}}), resume=True).run()  # moves on
-    r, _ = distill_trainer(None, [], resume=True, run_dir=str(resumed))
+    steps, load_model = [], distill.load_model
+
+    def counted(*a, step=None, **k):
+        steps.append(step)
+        return load_model(*a, step=step, **k)
+    with monkeypatch.context() as m:
+        m.setattr(distill, "load_model", counted)
+        r, _ = distill_trainer(None, [], resume=True, run_dir=str(resumed))
+    assert steps == [2] and r.pins["teacher"] == t.pins["teacher"]
     r.run()
     r.run_lock.close()
     kd = lambda run: {m["step"]: (m["loss"], m["kd_loss"]) for m in read_metrics(run, kind="train")}  # noqa: E731

@@ -167,10 +167,12 @@ def test_torchrun_is_refused_before_anything_is_written(base, tmp_path, monkeypa
     assert not (tmp_path / "ranks").exists()
 
 
-def test_a_resume_keeps_the_kl_reference_of_the_start_when_the_base_run_moved_on(base, tmp_path):
+def test_a_resume_keeps_the_kl_reference_of_the_start_when_the_base_run_moved_on(base, tmp_path, monkeypatch):
     """grpo.init a training run: the reference is the checkpoint the run started from. A resume read the base run's
     latest checkpoint again, so once the base had trained on (an SFT run continued) the resumed run's KL pulled
-    towards another policy than the uninterrupted run's; and grpo.init could be changed on resume outright."""
+    towards another policy than the uninterrupted run's; and grpo.init could be changed on resume outright. The
+    pinned checkpoint is the only one read (not the latest, then the pinned one)."""
+    from dsv3.posttrain import grpo
     from dsv3.train import Trainer
     from test_train_loop import small_run
     sections = dict(train={"steps": 2}, checkpoint={"interval": 2, "keep": 0}, log={"val_interval": 0})
@@ -183,8 +185,15 @@ def test_a_resume_keeps_the_kl_reference_of_the_start_when_the_base_run_moved_on
     Trainer(small_run(tmp_path, "sft", **{**sections, "train": {"steps": 4}}), resume=True).run()   # base moves on
     with pytest.raises(ConfigError, match=r"--resume cannot change grpo.init=.*sft' -> .*base'.*KL reference"):
         grpo_trainer(None, [f'grpo.init="{base}"'], resume=True, run_dir=str(resumed), reward_model=LengthMod3())
+    steps, load_base = [], grpo.load_base
+
+    def counted(*a, step=None, **k):
+        steps.append(step)
+        return load_base(*a, step=step, **k)
+    monkeypatch.setattr(grpo, "load_base", counted)
     r = grpo_trainer(None, [], resume=True, run_dir=str(resumed), reward_model=LengthMod3())
-    assert r.base_checkpoint.name == "step_00000002"
+    assert r.base_checkpoint.name == "step_00000002" and steps == [2]
+    assert r.pins["reference"] == t.pins["reference"]
     r.run()
     kl = lambda run: {m["step"]: (m["loss"], m["kl"]) for m in read_metrics(run, kind="train")}  # noqa: E731
     assert kl(resumed) == kl(t.run_dir)

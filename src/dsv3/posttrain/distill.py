@@ -30,9 +30,9 @@ from ..train.trainer import Trainer, lm_losses, split_batch
 from .base import chat_template_of, load_model, tokenizer_dir
 from .config import check_length, check_paths, read_posttrain_dict, section_from_table
 from .distill_loss import teacher_topk, topk_forward_kl
-from .pinned import gone, pin, pinned_step, read_pin
+from .pinned import pin, resolve_pin
 from .rewards import format_reward
-from .sft import SAVED, build_sft
+from .sft import SAVED, build_sft, resumed_checkpoint
 from .tasks import generate_tasks, verify
 
 DATA = "distill_data.jsonl"
@@ -67,31 +67,14 @@ class LogitKDTrainer(Trainer):
     command = "distill"
     """The SFT Trainer with the logit-distillation loss added (module docstring, step 2)."""
 
-    def __init__(self, cfg, *, teacher, teacher_path: str, teacher_checkpoint: Path | None, top_k: int,
-                 kd_weight: float, kd_temperature: float, **kwargs):
+    def __init__(self, cfg, *, teacher, teacher_pin: dict, top_k: int, kd_weight: float, kd_temperature: float,
+                 **kwargs):
+        """`teacher`: distill.teacher as read (on resume the pinned one: distill_trainer), `teacher_pin` its pin."""
         super().__init__(cfg, **kwargs)
-        if kwargs.get("resume"):
-            teacher, teacher_checkpoint = self._pinned_teacher(teacher, teacher_path, teacher_checkpoint)
-        self.pins["teacher"] = pin(teacher_path, teacher_checkpoint)     # in every checkpoint
+        self.pins["teacher"] = teacher_pin     # in every checkpoint
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.top_k, self.kd_weight, self.kd_temperature = top_k, kd_weight, kd_temperature
         self.kd_sum, self.kd_n = 0.0, 0
-
-    def _pinned_teacher(self, teacher, path: str, checkpoint: Path | None):
-        """A resume's teacher: the one the run started with, pinned in its checkpoints (dsv3.posttrain.pinned): a
-        run directory's checkpoint of then, not its latest (the teacher's run may have trained on), and a Hugging
-        Face directory as it was (refused if rewritten since)."""
-        pinned = read_pin(self.resumed_from, "teacher")
-        step = pinned_step(pinned, "distill.teacher", path, checkpoint)
-        if step is None:
-            return teacher, checkpoint
-        p = next(teacher.parameters())
-        try:
-            teacher, checkpoint = load_model(path, dtype=p.dtype, device=p.device, step=step)
-        except FileNotFoundError:
-            raise gone("distill.teacher", path, pinned, "teacher") from None
-        pinned_step(pinned, "distill.teacher", path, checkpoint)       # the pinned one: saved again?
-        return teacher, checkpoint
 
     def interval_metrics(self) -> dict:
         out = {"kd_loss": self.kd_sum / self.kd_n} if self.kd_n else {}
@@ -146,8 +129,16 @@ def distill_trainer(config, overrides: list[str], resume: bool | str = False, ov
         refuse_ranks("distill")                   # LogitKDTrainer's step: one process (before the teacher loads)
     device, dtype = teacher_placement(d)
     make_data = not s.train_files and not (resume and (out / DATA).exists())
+    resumed = resumed_checkpoint(d, resume)
+    # the student's base pinned as SFT's is (build_sft), checked before the teacher loads
+    resolved_base = resolve_pin(resumed, "base", "distill.init", s.init, "base model")
     if s.mode == "logit" or make_data:           # else the teacher's work is done (or none): not read at all
-        teacher, teacher_checkpoint = load_model(s.teacher, dtype=dtype, device=device)
+        # on resume the teacher the run started with, pinned in its checkpoints (logit mode; dsv3.posttrain.pinned):
+        # a run directory's checkpoint of then, not its latest (the teacher's run may have trained on), a Hugging
+        # Face directory as it was (refused if rewritten since); else what distill.teacher holds now
+        pinned, step = resolve_pin(resumed, "teacher", "distill.teacher", s.teacher, "teacher")
+        teacher, teacher_checkpoint = load_model(s.teacher, dtype=dtype, device=device, step=step)
+        teacher_pin = pin(s.teacher, teacher_checkpoint, pinned) if s.mode == "logit" else None   # KD's only
     if s.mode == "logit":         # before the teacher spends any time: logits are compared id by id
         _check_logit_pair(s, teacher.config.vocab_size)
     lines, files = [], list(s.train_files)
@@ -172,10 +163,10 @@ def distill_trainer(config, overrides: list[str], resume: bool | str = False, ov
                   "epochs": s.epochs, "seed": s.seed}
     make = None
     if s.mode == "logit":
-        make = functools.partial(LogitKDTrainer, teacher=teacher, teacher_path=s.teacher,
-                                 teacher_checkpoint=teacher_checkpoint, top_k=s.top_k, kd_weight=s.kd_weight,
-                                 kd_temperature=s.kd_temperature)
-    trainer, more = build_sft(sft, resume, overwrite, progress, saved=d, make_trainer=make, init_key="distill.init")
+        make = functools.partial(LogitKDTrainer, teacher=teacher, teacher_pin=teacher_pin, top_k=s.top_k,
+                                 kd_weight=s.kd_weight, kd_temperature=s.kd_temperature)
+    trainer, more = build_sft(sft, resume, overwrite, progress, saved=d, make_trainer=make, init_key="distill.init",
+                              resumed=resumed, resolved_base=resolved_base)
     for line in lines:
         trainer.logger.log_event(0, line)
     return trainer, lines + more

@@ -41,8 +41,9 @@ from ..verify.sandbox import self_check
 from .base import load_base
 from .config import check_paths, read_posttrain_dict, section_from_table, split_config
 from .grpo_loss import policy_loss, sequence_logprobs
-from .pinned import gone, pin, pinned_step, read_pin
+from .pinned import pin, resolve_pin
 from .rollout import PromptSource, Rollouts, batch_from_state, batch_state, sample_groups
+from .sft import resumed_checkpoint
 from .tasks import generate_tasks, read_code_tasks
 
 SAVED = POSTTRAIN_CONFIG
@@ -52,7 +53,9 @@ TASK_ARGS = {"arithmetic": lambda c: {"digits": c.digits, "ops": c.ops}, "countd
 class GRPOTrainer(Trainer):
     command = "grpo"
     def __init__(self, cfg, section, base, resume: bool | str = False, overwrite: bool = False,
-                 progress: bool | None = None, reward_model=None):
+                 progress: bool | None = None, reward_model=None, reference_pin: dict | None = None):
+        """`base`: grpo.init as read (on resume the pinned checkpoint: grpo_trainer); `reference_pin`: its pin for
+        the checkpoints (default: pin(grpo.init, base.checkpoint))."""
         from ..data.chat import ChatTemplate
         self.section, self.reward_model = section, reward_model
         if section.task == "code":
@@ -74,11 +77,9 @@ class GRPOTrainer(Trainer):
             block_size=block, num_blocks=rows * -(-longest // block) + 1, max_num_seqs=rows,
             max_num_batched_tokens=max(2048, rows), cuda_graphs=False))
         self.reference = None
-        if section.beta > 0 and resume:
-            base = self._pinned_base(base)
         self.base_checkpoint = base.checkpoint
         if section.beta > 0:       # the frozen starting policy; beta = 0 loads none
-            self.pins["reference"] = pin(section.init, base.checkpoint)   # before it is read: what it was then
+            self.pins["reference"] = reference_pin or pin(section.init, base.checkpoint)
             # built as the policy is (build_model): its parameter dtype (bf16 with train.dtype=bf16-params, so the
             # KL starts at 0 and the copy takes half the memory), on the device; a Hugging Face base is read from
             # its files tensor by tensor (hf_shards), never whole in fp32 on the host (64 GB for a 16B model)
@@ -96,24 +97,8 @@ class GRPOTrainer(Trainer):
         self.acc_rollout: dict[str, float] = defaultdict(float)    # of the batch each update used (Rollouts.stats)
         self.acc_update: dict[str, float] = defaultdict(float)     # per update (policy_loss stats)
 
-    def _pinned_base(self, base):
-        """A resume's KL reference: the checkpoint of grpo.init the run started from (its checkpoints pin it,
-        dsv3.posttrain.pinned), not that run's latest, which may have moved on since (the base trained further),
-        and a Hugging Face grpo.init as it was (refused if rewritten since): the KL term would otherwise pull
-        towards another policy than the uninterrupted run's."""
-        pinned = read_pin(self.resumed_from, "reference")
-        step = pinned_step(pinned, "grpo.init", self.section.init, base.checkpoint)
-        if step is None:
-            return base
-        try:
-            base = load_base(self.section.init, self.section.ema, step=step)
-        except FileNotFoundError:
-            raise gone("grpo.init", self.section.init, pinned, "KL reference (the starting policy)") from None
-        pinned_step(pinned, "grpo.init", self.section.init, base.checkpoint)     # the pinned one: saved again?
-        return base
-
     def _snapshot(self) -> dict:
-        """The Trainer's checkpoint state (with the KL reference's pin: _pinned_base), plus the batch of rollouts
+        """The Trainer's checkpoint state (with the KL reference's pin: grpo_trainer), plus the batch of rollouts
         while updates remain on it (module docstring)."""
         snap = super()._snapshot()
         if self.rollouts is not None and self.uses < self.section.updates_per_batch:
@@ -210,7 +195,15 @@ def grpo_trainer(config, overrides: list[str], resume: bool | str = False, overw
         raise ConfigError("invalid grpo config: [model] comes from grpo.init; remove it")
     if resume:
         _check_reference_keys(Path(d.get("run_dir", "runs/run")), section)
-    base = load_base(section.init, section.ema)
+    # the KL reference (and the policy's model config, tokenizer, chat template): on resume the one pinned in the
+    # run's checkpoint (grpo.init's checkpoint of the start, not that run's latest, which may have moved on since;
+    # a Hugging Face grpo.init as it was, refused if rewritten since), else what grpo.init holds now. beta = 0
+    # pins none (no reference): grpo.init as it is now
+    resumed = resumed_checkpoint(d, resume) if section.beta > 0 else None
+    pinned, step = resolve_pin(resumed, "reference", "grpo.init", section.init, "KL reference (the starting policy)")
+    base = load_base(section.init, section.ema, step=step)
+    # before a Hugging Face base's weights are read: what it was then
+    reference_pin = pin(section.init, base.checkpoint, pinned) if section.beta > 0 else None
     rows = section.prompts_per_step * section.group_size
     given = d.get("train", {}).get("batch_size")
     if given is not None and given != rows:          # set from the [grpo] table: a different value would be ignored
@@ -220,7 +213,7 @@ def grpo_trainer(config, overrides: list[str], resume: bool | str = False, overw
     micro = d.get("train", {}).get("micro_batch_size", max(m for m in range(1, min(rows, 8) + 1) if rows % m == 0))
     _, cfg = split_config("grpo", d, base.model_config.to_dict(),
                           train={"batch_size": rows, "batch_size_start": 0, "micro_batch_size": micro})
-    trainer = GRPOTrainer(cfg, section, base, resume, overwrite, progress, reward_model)
+    trainer = GRPOTrainer(cfg, section, base, resume, overwrite, progress, reward_model, reference_pin)
     if trainer.layout.is_main:
         write_whole(trainer.run_dir / SAVED, json.dumps(d, indent=1))
     return trainer

@@ -4,12 +4,13 @@ its tokenizer, chat template and model config; GRPO's KL reference, `grpo.init`;
 
 A run directory's latest checkpoint moves on when that run trains further, and a Hugging Face directory may be
 rewritten in place: a resume that read either again would go on against another model than the uninterrupted run,
-silently. So each checkpoint's state.json records, under the run's own name for it (`reference`, `teacher`):
+silently. So each checkpoint's state.json records, under the run's own name for it (`base`, `reference`, `teacher`):
     path         the directory as the config gave it
     checkpoint   a run directory's: the name of the checkpoint read (step_N); None for a Hugging Face directory
     fingerprint  what the model read was, cheaply: a Hugging Face directory's hf_fingerprint, a run checkpoint's
                  manifest digest (checkpoint_fingerprint)
-and a resume reads that checkpoint (refused if it is gone) and refuses one whose fingerprint changed.
+and a resume reads that checkpoint (refused if it is gone) and refuses one whose fingerprint changed, before it
+reads any model (`resolve_pin`): SFT's base, GRPO's reference and a teacher are each loaded once, the pinned one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError
+from ..train.checkpoint import MANIFEST, checkpoint_step, file_sha256
 from ..train.run_dir import REWOUND
 
 # read whole: small, and what the model is (its shape, the weight map, the ids); the weights only by name, size and
@@ -46,58 +48,60 @@ def checkpoint_fingerprint(checkpoint: Path) -> str | None:
     """A run checkpoint's fingerprint: the sha256 of its manifest (which holds every file's sha256), so a checkpoint
     of that step saved again (the run resumed from before it) reads as changed; None for one without a manifest."""
     try:
-        return hashlib.sha256((checkpoint / "manifest.json").read_bytes()).hexdigest()
+        return file_sha256(checkpoint / MANIFEST)
     except OSError:
         return None
 
 
-def pin(path: str | Path, checkpoint: Path | None) -> dict:
-    """What a checkpoint records of the model read from `path` (`checkpoint`: a run directory's, else None)."""
+def pin(path: str | Path, checkpoint: Path | None, pinned: dict | None = None) -> dict:
+    """What a checkpoint records of the model read from `path` (`checkpoint`: a run directory's, else None).
+    `pinned`: the resumed checkpoint's pin of it, which resolve_pin checked against what `path` holds: its
+    fingerprint is reused, not computed again (a pin without one, from before fingerprints, gets one)."""
+    fingerprint = (pinned or {}).get("fingerprint") or (
+        checkpoint_fingerprint(checkpoint) if checkpoint is not None else hf_fingerprint(path))
     return {"path": str(path), "checkpoint": checkpoint.name if checkpoint is not None else None,
-            "fingerprint": checkpoint_fingerprint(checkpoint) if checkpoint is not None else hf_fingerprint(path)}
+            "fingerprint": fingerprint}
 
 
-def read_pin(resumed_from: Path, name: str) -> dict | None:
+def read_pin(resumed: Path, name: str) -> dict | None:
     """The pin `name` in the state.json of the checkpoint a run resumed from (None: an older run's, without one)."""
     try:
-        pinned = json.loads((resumed_from / "state.json").read_text()).get(name)
+        pinned = json.loads((resumed / "state.json").read_text()).get(name)
     except (OSError, ValueError, AttributeError):
         return None
     return pinned if isinstance(pinned, dict) else None
 
 
-def pinned_step(pinned: dict | None, key: str, path: str | Path, checkpoint: Path | None) -> int | None:
-    """On resume: the step of the run directory's checkpoint to read in place of `checkpoint` (the one just read
-    from `path`, the config's `key`; call again once it is read, to check it), or None when what was read is the
-    pinned model (or nothing is pinned). A changed directory (`key` pointed elsewhere, a Hugging Face directory
-    rewritten, the pinned checkpoint saved again): ConfigError naming the key and the directory."""
-    if pinned is None:
-        return None
-    _same_path(pinned, key, path)
-    if pinned.get("checkpoint") and checkpoint is not None and pinned["checkpoint"] != checkpoint.name:
-        return int(pinned["checkpoint"][len("step_"):])
-    if bool(pinned.get("checkpoint")) != (checkpoint is not None) or (pinned.get("fingerprint") and pinned[
-            "fingerprint"] != (checkpoint_fingerprint(checkpoint) if checkpoint else hf_fingerprint(path))):
-        what = f"its checkpoint {checkpoint.name} was saved again" if checkpoint is not None else \
-            "its config, tokenizer or weight files differ"
-        aside = _set_aside(path, pinned) if checkpoint is not None else None
-        fix = f"move {checkpoint} aside and {aside} back to {checkpoint} to resume" if aside else "restore it"
-        raise ConfigError(f"--resume: {key}={str(path)!r} changed since the run started ({what}), so the run would "
-                          f"go on against another model than it started with; {fix}, or start a new run")
-    return None
+def resolve_pin(resumed: Path | None, name: str, key: str, path: str | Path,
+                role: str) -> tuple[dict | None, int | None]:
+    """Before any model is read: the pin `name` of the checkpoint a resume will read (`resumed`; None: a fresh
+    start), checked (pinned_checkpoint), and the step of the run directory's checkpoint to read (None: read `path`
+    as a fresh run would: nothing pinned, or a Hugging Face directory). pin(path, checkpoint read, the pin) is then
+    what the run's checkpoints record."""
+    pinned = read_pin(resumed, name) if resumed is not None else None
+    checkpoint = pinned_checkpoint(pinned, key, path, role)
+    return pinned, checkpoint_step(checkpoint) if checkpoint is not None else None
 
 
 def pinned_checkpoint(pinned: dict | None, key: str, path: str | Path, role: str) -> Path | None:
-    """pinned_step before anything is read (SFT builds its data and model from the base): the run directory's
-    checkpoint to read, the pinned one (gone: `gone`), or None to read `path` as a fresh run would (nothing pinned,
-    or a Hugging Face directory, checked here)."""
+    """On resume, before anything is read (`pinned`: the resumed checkpoint's pin of the config's `key`, `path`):
+    the run directory's checkpoint to read, the pinned one (gone: `gone`), or None to read `path` as a fresh run
+    would (nothing pinned, or a Hugging Face directory). A changed directory (`key` pointed elsewhere, a Hugging
+    Face directory rewritten, the pinned checkpoint saved again): ConfigError naming the key and the directory."""
     if pinned is None:
         return None
     _same_path(pinned, key, path)
     checkpoint = Path(path) / "checkpoints" / pinned["checkpoint"] if pinned.get("checkpoint") else None
     if checkpoint is not None and not checkpoint.is_dir():
         raise gone(key, path, pinned, role)
-    pinned_step(pinned, key, path, checkpoint)          # a rewritten Hugging Face directory, a checkpoint saved again
+    if pinned.get("fingerprint") and pinned["fingerprint"] != (
+            checkpoint_fingerprint(checkpoint) if checkpoint is not None else hf_fingerprint(path)):
+        what = f"its checkpoint {checkpoint.name} was saved again" if checkpoint is not None else \
+            "its config, tokenizer or weight files differ"
+        aside = _set_aside(path, pinned) if checkpoint is not None else None
+        fix = f"move {checkpoint} aside and {aside} back to {checkpoint} to resume" if aside else "restore it"
+        raise ConfigError(f"--resume: {key}={str(path)!r} changed since the run started ({what}), so the run would "
+                          f"go on against another model than it started with; {fix}, or start a new run")
     return checkpoint
 
 

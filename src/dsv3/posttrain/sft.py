@@ -28,14 +28,13 @@ import torch
 
 from ..checkpoint.atomic import write_whole
 from ..config import ConfigError
-from ..train.checkpoint import checkpoint_step
 from ..train.config import RunConfig
 from ..train.run_dir import POSTTRAIN_CONFIG, explicit_checkpoint
 from ..train.step_dirs import checkpoint_dirs, last_healthy
-from .base import Base, load_base
+from .base import load_base
 from .chat_data import ChatExample, batch_examples, read_chat_rows
 from .config import check_length, check_paths, read_posttrain_dict, section_dict, section_from_table, split_config
-from .pinned import pin, pinned_checkpoint, read_pin
+from .pinned import pin, resolve_pin
 
 SAVED = POSTTRAIN_CONFIG          # the run file as read (with overrides), for --resume
 
@@ -109,14 +108,16 @@ def sft_trainer(config: str | Path | None, overrides: list[str], resume: bool | 
                 progress: bool | None = None, run_dir: str | None = None):
     """(Trainer, data report) for a run file; with `resume` and no file, the run directory's saved posttrain.json."""
     d = read_posttrain_dict("sft", config, overrides, resume, run_dir)
-    return build_sft(d, resume, overwrite, progress)
+    return build_sft(d, resume, overwrite, progress, resumed=resumed_checkpoint(d, resume))
 
 
 def build_sft(d: dict, resume: bool | str = False, overwrite: bool = False, progress: bool | None = None,
-              saved: dict | None = None, make_trainer=None, init_key: str = "sft.init"):
+              saved: dict | None = None, make_trainer=None, init_key: str = "sft.init", *, resumed: Path | None,
+              resolved_base: tuple[dict | None, int | None] | None = None):
     """Steps 1-4 for a run dict with an [sft] table. `saved`: what posttrain.json keeps for --resume (default d);
     `make_trainer(cfg, **kwargs)`: a Trainer subclass (logit distillation: dsv3.posttrain.distill); `init_key`: the
-    config key that named the base, for errors (distill's is distill.init)."""
+    config key that named the base, for errors (distill's is distill.init); `resumed`: resumed_checkpoint's;
+    `resolved_base`: the base's resolve_pin, if the caller resolved it already (distill: before its teacher loads)."""
     from ..train import Trainer
     make_trainer = make_trainer or Trainer
     # step 1-2: the [sft] table, then the base model it names
@@ -126,8 +127,12 @@ def build_sft(d: dict, resume: bool | str = False, overwrite: bool = False, prog
         check_length("sft", d, section.epochs)
     if "model" in d:
         raise ConfigError("invalid sft config: [model] comes from sft.init; remove it")
-    base = pinned_base(section.init, section.ema, init_key, resumed_checkpoint(d, resume))
-    base_pin = pin(section.init, base.checkpoint)      # as read, before the Trainer reads a Hugging Face base's weights
+    # on resume the base pinned in the run's checkpoint (the base run's checkpoint of the start even if that run
+    # trained on; refused if gone, or if a Hugging Face base was rewritten: dsv3.posttrain.pinned); else (a fresh
+    # start, or a run from before pins) what sft.init holds now
+    pinned, step = resolved_base or resolve_pin(resumed, "base", init_key, section.init, "base model")
+    base = load_base(section.init, section.ema, step=step)
+    base_pin = pin(section.init, base.checkpoint, pinned)   # before the Trainer reads a Hugging Face base's weights
     _, cfg = split_config("sft", d, base.model_config.to_dict())
     # step 3: conversations (at most data.seq_len + 1 tokens), the eval split. A row of n tokens is a window of n:
     # the model reads its first n - 1 (the last is only a target; losses.lm_losses), as pre-training's seq_len + 1
@@ -171,22 +176,14 @@ def build_sft(d: dict, resume: bool | str = False, overwrite: bool = False, prog
 
 def resumed_checkpoint(d: dict, resume: bool | str) -> Path | None:
     """The checkpoint a resume of the run will read (the Trainer's choose_checkpoint settles it, verified, once the
-    base has made the data; every checkpoint of a run pins the same base, so the newest healthy one, or the one
-    --resume-from names, tells which); None for a fresh start or a resume the Trainer will refuse."""
+    base has made the data; every checkpoint of a run pins the same models, so the newest healthy one, or the one
+    --resume-from names, tells which): where SFT's, GRPO's and distill's pins are read before any model loads; None
+    for a fresh start or a resume the Trainer will refuse."""
     if not resume:
         return None
     run_dir = Path(RunConfig.from_dict({k: d[k] for k in ("run_dir",) if k in d}).run_dir)
     ckpt = explicit_checkpoint(run_dir, resume) if isinstance(resume, str) else last_healthy(checkpoint_dirs(run_dir))
     return ckpt if isinstance(ckpt, Path) else None
-
-
-def pinned_base(path: str, ema: bool, key: str, resumed: Path | None) -> Base:
-    """The base: on resume the one pinned in the run's checkpoint `resumed` (the base run's checkpoint of the start
-    even if that run trained on; refused if gone, or if a Hugging Face base was rewritten: dsv3.posttrain.pinned);
-    else (a fresh start, or a run from before pins) what `path` holds now."""
-    pinned = read_pin(resumed, "base") if resumed is not None else None
-    checkpoint = pinned_checkpoint(pinned, key, path, "base model")
-    return load_base(path, ema, step=checkpoint_step(checkpoint) if checkpoint is not None else None)
 
 
 def held_out(cfg, eval_fraction: float, n: int, resume: bool) -> int:

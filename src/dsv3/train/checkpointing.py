@@ -71,7 +71,6 @@ class Checkpointing:
     def _resume_from(self, ckpt: Path) -> None:
         """Weights, optimizer state, EMA, data position and counters from `ckpt` (verified by rank 0 in
         choose_checkpoint)."""
-        self.resumed_from = ckpt        # a subclass reads what it saved in state.json there (GRPO: its reference)
         self.went_back_to = ckpt
         ema_read = []                   # whether the sharded readers found an EMA to load in place
 
