@@ -126,7 +126,7 @@ def test_resume_on_the_teachers_data_refuses_a_change_of_what_made_it(bases):
     assert distill_trainer(None, [], resume=True, run_dir=str(run))[0].step == 1
 
 
-def kd_run(tmp, name, teacher, student, data, **over):
+def kd_run(tmp, name, teacher, student, data):
     return run_file(tmp, name, teacher=str(teacher), init=str(student), mode="logit", train_files=[str(data)],
                     kd_weight=0.5, top_k=8)
 
