@@ -5,7 +5,7 @@ micro-batches) equal eager's exactly, and so do the routing biases they move; an
 
 - CPU: the blocks compiled as parallelize compiles them (`block.compile()` on every main and MTP block), with the
   aot_eager backend: dynamo and AOT autograd's functionalisation of the buffer mutation, as on the GPU, without
-  inductor's codegen (the Trainer refuses train.compile on the CPU: inductor cannot compile the fp32 grouped GEMM);
+  inductor's codegen (bf16, through the grouped GEMM; train.compile on the CPU: tests/test_train_compile.py);
 - CUDA: train.compile=true, what `dsv3 train` runs (inductor)."""
 
 from __future__ import annotations

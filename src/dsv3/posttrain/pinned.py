@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..train.checkpoint import MANIFEST, checkpoint_step, file_sha256
-from ..train.run_dir import REWOUND
+from ..train.run_dir import set_aside_copies
 
 # read whole: small, and what the model is (its shape, the weight map, the ids); the weights only by name, size and
 # modification time (a rewrite in place changes them; reading terabytes to check would not do)
@@ -116,8 +116,7 @@ def _set_aside(path: str | Path, pinned: dict) -> Path | None:
     """The pinned checkpoint where a resume of the run at `path` that went back past it set it aside
     (checkpoints/rewound/<name>-<time>: dsv3.train.run_dir.set_aside_newer): the newest of that name there with the
     pinned fingerprint (any of that name for a pin without one); None if there is none."""
-    aside = Path(path) / "checkpoints" / REWOUND
-    found = sorted(aside.glob(f"{pinned['checkpoint']}-*")) if aside.is_dir() else []
+    found = set_aside_copies(path, pinned["checkpoint"])
     if pinned.get("fingerprint"):
         found = [d for d in found if checkpoint_fingerprint(d) == pinned["fingerprint"]]
     return found[-1] if found else None

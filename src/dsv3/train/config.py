@@ -113,7 +113,7 @@ class TrainConfig:
     # quantises W again; dsv3.fp8.weight_cache)
     fp8_weight_cache: str = setting("both", OneOf(("both", "backward")))
     compile: bool = setting(False, Flag())             # torch.compile each block and the loss
-    # CUDA: one compiled kernel set for clipping + AdamW instead of fused AdamW
+    # one compiled kernel set for clipping + AdamW instead of fused (CUDA) / foreach (CPU) AdamW
     compile_optimizer: bool = setting(False, Flag())
     seed: int = setting(0, SEED)
     # start from this model's weights (not a resume: fresh optimizer, schedule and data position): a run directory,

@@ -263,9 +263,9 @@ def explicit_checkpoint(run_dir: Path, name: str) -> Path | str:
         d = run_dir / "checkpoints" / name
     else:
         d = Path(name)
-        if d.resolve().parent == (run_dir / "checkpoints" / REWOUND).resolve():
+        if (was := set_aside_name(run_dir, d)) is not None:
             return (f"--resume-from {name}: set aside by an earlier resume that went back past it; to resume from "
-                    f"it, move it back to {run_dir / 'checkpoints' / d.name.split('-')[0]} first (moving aside the "
+                    f"it, move it back to {run_dir / 'checkpoints' / was} first (moving aside the "
                     f"checkpoint of that name, if the run has one)")
         if d.resolve().parent != (run_dir / "checkpoints").resolve():
             return (f"--resume-from {name}: not a checkpoint of the run {run_dir} ({have}); another run's weights "
@@ -277,6 +277,31 @@ def explicit_checkpoint(run_dir: Path, name: str) -> Path | str:
 
 
 REWOUND = "rewound"      # checkpoints/rewound/: the checkpoints a resume went back past, set aside (never deleted)
+
+
+def rewound_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints" / REWOUND
+
+
+def set_aside_path(run_dir: str | Path, name: str, now: int) -> Path:
+    """Where set_aside_newer moves the step directory `name` at unix time `now`: checkpoints/rewound/<name>-<now>,
+    or <name>-<now>-<i> for one set aside before in the same second (never renamed over)."""
+    aside = rewound_dir(run_dir)
+    dest, i = aside / f"{name}-{now}", 1
+    while dest.exists():
+        dest, i = aside / f"{name}-{now}-{i}", i + 1
+    return dest
+
+
+def set_aside_name(run_dir: str | Path, path: Path) -> str | None:
+    """The step directory's name that `path` was, if it is one of run_dir's set-aside checkpoints; else None."""
+    return path.name.split("-")[0] if path.resolve().parent == rewound_dir(run_dir).resolve() else None
+
+
+def set_aside_copies(run_dir: str | Path, name: str) -> list[Path]:
+    """run_dir's set-aside copies of the step directory `name`, oldest first."""
+    aside = rewound_dir(run_dir)
+    return sorted(aside.glob(f"{name}-*")) if aside.is_dir() else []
 
 
 def set_aside_newer(run_dir: Path, ckpt: Path, layout) -> str | None:
@@ -291,13 +316,11 @@ def set_aside_newer(run_dir: Path, ckpt: Path, layout) -> str | None:
         newer = [d for d in checkpoint_dirs(run_dir) if d.name > ckpt.name]
         if not newer:
             return None, ""
-        aside, now, moved = run_dir / "checkpoints" / REWOUND, int(time.time()), []
+        aside, now, moved = rewound_dir(run_dir), int(time.time()), []
         try:
             aside.mkdir(exist_ok=True)
             for d in newer:
-                dest, i = aside / f"{d.name}-{now}", 1
-                while dest.exists():            # set aside before, in the same second: never renamed over
-                    dest, i = aside / f"{d.name}-{now}-{i}", i + 1
+                dest = set_aside_path(run_dir, d.name, now)
                 os.rename(d, dest)
                 moved.append(f"{d.name} -> {dest}")
             fsync_path(aside)

@@ -160,9 +160,6 @@ class Trainer(Checkpointing):
         source (a fresh start's), checked to fit the model."""
         cfg = self.cfg
         self.device = resolve_device(cfg.train.device)
-        if (cfg.train.compile or cfg.train.compile_optimizer) and self.device.type != "cuda":
-            raise ConfigError("train.compile / train.compile_optimizer need a CUDA device (on the CPU, torch.compile "
-                              "cannot trace the fp32 grouped expert GEMM); leave them false on the CPU")
         check_start(self.run_dir, resume, overwrite, cfg)
         if source is None:
             check_corpus(cfg.data, cfg.run_dir)
@@ -237,8 +234,8 @@ class Trainer(Checkpointing):
         # fused AdamW and AdamWBF16 divide the gradients by `grad_scale` inside their kernels: clipping there saves a
         # pass over every gradient (on CPU, train_step scales the gradients). Under expert and pipeline parallelism
         # this path and compiled_step stay enabled: both take the global gradient norm that train_step computes.
-        # Under FSDP both are off (compile_optimizer is refused by the config): they are CUDA-only and unverified
-        # with DTensor gradients, and the clipping is then train_step's scaling of the local shards
+        # Under FSDP both are off (compile_optimizer is refused by the config): neither is verified with DTensor
+        # gradients, and the clipping is then train_step's scaling of the local shards
         self.clip_in_optimizer = (self.device.type == "cuda" and self.compiled_step is None and not self.layout.fsdp
                                   and (isinstance(self.optimizer, AdamWBF16)
                                        or (isinstance(self.optimizer, torch.optim.AdamW)
