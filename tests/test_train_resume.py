@@ -392,3 +392,14 @@ def test_resume_from_an_older_checkpoint_sets_the_newer_healthy_ones_aside(full,
     assert files_of(run / "checkpoints" / "step_00000008")["model.safetensors"] != old["model.safetensors"]
     with pytest.raises(CheckpointError, match="set aside by an earlier resume.*move it back to .*step_00000008 "):
         Trainer(small_run(tmp_path, "older"), resume=str(aside))
+
+
+def test_set_aside_copies_are_ordered_by_time_then_by_the_same_seconds_number(tmp_path):
+    from dsv3.train.run_dir import rewound_dir, set_aside_copies, set_aside_path
+    made = []
+    for now in (1700000000, 1700000000, 1700000009, *([1700000010] * 12)):
+        d = set_aside_path(tmp_path, "step_000004", now)
+        d.mkdir(parents=True)
+        made.append(d.name)
+    (rewound_dir(tmp_path) / "step_000005-1600000000").mkdir()       # another step's copy: not listed
+    assert [p.name for p in set_aside_copies(tmp_path, "step_000004")] == made   # -10, -11 after -2 .. -9

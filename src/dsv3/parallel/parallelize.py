@@ -7,7 +7,7 @@ materialises this rank's part, in this order (each step needs the one before):
   3. pipeline split (parallel.pp > 1): the model cut into 2 pp chunks, this rank keeping chunks p and 2pp-1-p
      (DualPipeV's V, dsv3.parallel.pipeline); the other chunks stay on meta;
   4. recomputation (train.recompute): wraps methods inside the future FSDP units (dsv3.parallel.recompute);
-  5. compilation (train.compile, CUDA): every block one graph (`Module.compile`, resolved at the first call);
+  5. compilation (train.compile): every block one graph (`Module.compile`, resolved at the first call);
   6. FSDP2 (parallel.fsdp): `shard_data_parallel` (under a pipeline each local chunk is its own FSDP root);
   7. materialisation: each rank allocates and initialises only what it holds, to exactly the values of a
      single-process init with the same seed (dsv3.parallel.materialize).

@@ -299,9 +299,16 @@ def set_aside_name(run_dir: str | Path, path: Path) -> str | None:
 
 
 def set_aside_copies(run_dir: str | Path, name: str) -> list[Path]:
-    """run_dir's set-aside copies of the step directory `name`, oldest first."""
+    """run_dir's set-aside copies of the step directory `name`, oldest first: by <unix time>, then by the same
+    second's -<i> as a number (as text, -10 would sort before -2)."""
     aside = rewound_dir(run_dir)
-    return sorted(aside.glob(f"{name}-*")) if aside.is_dir() else []
+    if not aside.is_dir():
+        return []
+
+    def when(p: Path) -> tuple[int, ...]:
+        parts = p.name[len(name) + 1:].split("-")
+        return tuple(int(x) for x in parts) if all(x.isdigit() for x in parts) else (-1,)
+    return sorted(aside.glob(f"{name}-*"), key=when)
 
 
 def set_aside_newer(run_dir: Path, ckpt: Path, layout) -> str | None:
