@@ -250,7 +250,7 @@ def test_compiled_decode_with_the_shared_pair_gives_the_eager_tokens(model):
 # CUDA: the same paths captured in CUDA graphs, bf16 and FP8 block weights
 # ---------------------------------------------------------------------------------------------------------------
 
-class routing_margin:
+class RoutingMargin:
     """Context: records the smallest gap between the k-th and (k+1)-th routing score (sigmoid + bias, groups
     ignored) over the MoE calls inside it, for a failure message: a gap below bf16's noise means the two paths
     may route a token to different experts (the GPU gate's fp8-compile-fused failure on an H200, twenty-first
@@ -310,7 +310,7 @@ def test_cuda_fast_decode_matches_plain_decode(fp8, compile_decode, fused):
         seqs = list(engine.scheduler.running)
         assert all(engine.blocks.ensure_capacity(s, s.num_cached_tokens + 1) for s in seqs)
         rows = [Row([s.token_ids[-1]], s.num_cached_tokens, s.block_table) for s in seqs]
-        with routing_margin(model) as margin:
+        with RoutingMargin(model) as margin:
             eager = engine.runner.forward(engine.runner.prepare(rows, graph=False))
         replayed = engine.runner.forward(engine.runner.prepare(rows))
         torch.testing.assert_close(replayed.float(), eager.float(), atol=3e-2, rtol=3e-2,

@@ -293,22 +293,23 @@ def set_aside_path(run_dir: str | Path, name: str, now: int) -> Path:
     return dest
 
 
+def _set_aside_parts(path: Path) -> tuple[str, tuple[int, ...]]:
+    """<name>-<unix time>[-<i>] -> (name, (time, i...)); stamps that are not numbers sort first, as (-1,)."""
+    name, *stamps = path.name.split("-")
+    return name, tuple(int(x) for x in stamps) if all(x.isdigit() for x in stamps) else (-1,)
+
+
 def set_aside_name(run_dir: str | Path, path: Path) -> str | None:
     """The step directory's name that `path` was, if it is one of run_dir's set-aside checkpoints; else None."""
-    return path.name.split("-")[0] if path.resolve().parent == rewound_dir(run_dir).resolve() else None
+    return _set_aside_parts(path)[0] if path.resolve().parent == rewound_dir(run_dir).resolve() else None
 
 
 def set_aside_copies(run_dir: str | Path, name: str) -> list[Path]:
     """run_dir's set-aside copies of the step directory `name`, oldest first: by <unix time>, then by the same
     second's -<i> as a number (as text, -10 would sort before -2)."""
     aside = rewound_dir(run_dir)
-    if not aside.is_dir():
-        return []
-
-    def when(p: Path) -> tuple[int, ...]:
-        parts = p.name[len(name) + 1:].split("-")
-        return tuple(int(x) for x in parts) if all(x.isdigit() for x in parts) else (-1,)
-    return sorted(aside.glob(f"{name}-*"), key=when)
+    found = aside.glob(f"{name}-*") if aside.is_dir() else []
+    return sorted(found, key=lambda p: _set_aside_parts(p)[1])
 
 
 def set_aside_newer(run_dir: Path, ckpt: Path, layout) -> str | None:
