@@ -265,11 +265,12 @@ PY
         # 0.21. Each variant 3 times (deterministic?), its failure message now with the eager step's smallest routing
         # margin (a tie flipped by bf16 noise, or a bug?), then with the router's GEMV and the dense GEMV off
     T="tests/test_infer_decode_compile.py::test_cuda_fast_decode_matches_plain_decode"
+    [[ -f diag_rows.py ]] && timeout 150 python diag_rows.py 2>&1 | grep -E "fp8=|Error"
     for env in "" DSV3_GATE_GEMV=reference DSV3_GEMV=reference; do
-      for i in 1 2 3; do
+      for i in ${REPS:-1 2 3}; do
         echo "== ${env:-default} $i"
         env $env timeout 90 python -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
-          "$T[fp8-compile-fused]" "$T[fp8-fused]" 2>&1 | grep -E "^E  .*(Mismatch|Greatest|margin)|passed|failed"
+          "$T[fp8-compile-fused]" "$T[fp8-fused]" 2>&1 | grep -E "^E  .*(Mismatch|Greatest|margin|rows)|passed|failed"
       done
     done ;;
   *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F"; exit 2 ;;

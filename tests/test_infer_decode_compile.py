@@ -251,21 +251,34 @@ def test_compiled_decode_with_the_shared_pair_gives_the_eager_tokens(model):
 # ---------------------------------------------------------------------------------------------------------------
 
 class RoutingMargin:
-    """Context: records the smallest gap between the k-th and (k+1)-th routing score (sigmoid + bias, groups
-    ignored) over the MoE calls inside it, for a failure message: a gap below bf16's noise means the two paths
-    may route a token to different experts (the GPU gate's fp8-compile-fused failure on an H200, twenty-first
-    session, undiagnosed)."""
+    """Context: each row's smallest routing margin over the MoE calls inside it, i.e. the gap between the last
+    group kept and the first dropped (V3's group score: the sum of a group's top-2 biased scores), and between the
+    k-th and (k+1)-th biased score inside the kept groups, as `Gate.route` decides them. A row whose margin is below
+    bf16's noise may be routed to other experts by a path that rounds its norms differently (inductor's fused ones):
+    the twenty-first session's GPU-gate failure, one row of three off by 0.21, was such a tie (the first decode row
+    of this test's model has a group margin of 1.7e-4 on the CPU)."""
 
     def __init__(self, model: torch.nn.Module):
         # the MoE's input as the norm before it writes it (a fused step calls the MoE through the runner's ffn)
         self.blocks = [m for m in model.modules() if isinstance(getattr(m, "mlp", None), MoE)]
-        self.gap, self.hooks = float("inf"), []
+        self.rows, self.hooks = None, []
+
+    @staticmethod
+    def margins(gate, x: torch.Tensor) -> torch.Tensor:
+        """(N,) fp32: the smaller of the group-selection and expert-selection margins of each row of x (N, D)."""
+        choice = torch.sigmoid(gate.logits(x).float()) + gate.e_score_correction_bias.float()
+        grouped = choice.unflatten(-1, (gate.n_group, -1))                            # (N, G, E/G)
+        groups = grouped.topk(2, dim=-1).values.sum(-1).topk(gate.topk_group + 1, dim=-1)
+        kept = torch.zeros(groups.values.shape[0], gate.n_group, dtype=torch.bool, device=x.device)
+        kept.scatter_(1, groups.indices[:, :gate.topk_group], True)
+        top = grouped.masked_fill(~kept[..., None], float("-inf")).flatten(1).topk(gate.top_k + 1, dim=-1).values
+        g = gate.topk_group
+        group_gap = groups.values[:, g - 1] - groups.values[:, g] if g < gate.n_group else torch.inf
+        return torch.minimum(top[:, gate.top_k - 1] - top[:, gate.top_k], torch.as_tensor(group_gap))
 
     def _hook(self, gate, out):
-        x = out.reshape(-1, out.shape[-1])
-        s = torch.sigmoid(gate.logits(x).float()) + gate.e_score_correction_bias.float()
-        top = s.topk(gate.top_k + 1, dim=-1).values
-        self.gap = min(self.gap, (top[:, gate.top_k - 1] - top[:, gate.top_k]).min().item())
+        m = self.margins(gate, out.reshape(-1, out.shape[-1]))
+        self.rows = m if self.rows is None else torch.minimum(self.rows, m)
 
     def __enter__(self):
         self.hooks = [b.post_attention_layernorm.register_forward_hook(
@@ -277,7 +290,40 @@ class RoutingMargin:
             h.remove()
 
     def __str__(self) -> str:
-        return f"{self.gap:.2e}"
+        return ", ".join(f"{v:.2e}" for v in self.rows.tolist())
+
+
+# a routing margin this small can flip between two correct paths: bf16 rounding moves a score by ~1e-4 here, and a
+# quarter of the margin is what every score may move without a flip (test_routing_margin_bounds_what_can_flip_...)
+ROUTING_TIE = 2e-3
+
+
+def test_routing_margin_bounds_what_can_flip_the_routing(model):
+    """The CUDA test below excuses rows by RoutingMargin: a change of every biased score by less than a quarter of a
+    row's margin (a group's score sums two scores, and two groups move apart) must leave Gate.route's experts
+    unchanged, and a made tie between the last kept group and the next reads as a margin of ~0."""
+    gate = next(m for m in model.modules() if isinstance(m, MoE)).gate
+    x = torch.randn(256, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    margin = RoutingMargin.margins(gate, x)
+    assert (margin >= 0).all() and (margin > 1e-3).sum() > 200
+    bias = gate.e_score_correction_bias.clone()
+    want = gate.route(x)[1].sort(-1).values
+    try:
+        for seed in range(8):
+            noise = torch.rand(bias.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+            for r in range(x.shape[0]):
+                gate.e_score_correction_bias.copy_(bias + noise * margin[r] * 0.24)
+                assert torch.equal(gate.route(x[r:r + 1])[1].sort(-1).values, want[r:r + 1]), (seed, r)
+        # the tie: raise the best expert of the first dropped group until its group scores as the last kept one
+        gate.e_score_correction_bias.copy_(bias)
+        choice = (torch.sigmoid(gate.logits(x[:1]).float()) + bias).unflatten(-1, (gate.n_group, -1))[0]
+        order = choice.topk(2, dim=-1).values.sum(-1).sort(descending=True)
+        kept, dropped = order.indices[gate.topk_group - 1], order.indices[gate.topk_group]
+        best = dropped * choice.shape[1] + choice[dropped].argmax()
+        gate.e_score_correction_bias[best] += order.values[gate.topk_group - 1] - order.values[gate.topk_group]
+        assert RoutingMargin.margins(gate, x[:1]).item() < 1e-6, kept
+    finally:
+        gate.e_score_correction_bias.copy_(bias)
 
 
 def _cuda_ok() -> bool:
@@ -306,6 +352,7 @@ def test_cuda_fast_decode_matches_plain_decode(fp8, compile_decode, fused):
     for p in ps:
         engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
     engine.step()                                                    # prefill
+    compared = 0
     for _ in range(4):
         seqs = list(engine.scheduler.running)
         assert all(engine.blocks.ensure_capacity(s, s.num_cached_tokens + 1) for s in seqs)
@@ -313,9 +360,13 @@ def test_cuda_fast_decode_matches_plain_decode(fp8, compile_decode, fused):
         with RoutingMargin(model) as margin:
             eager = engine.runner.forward(engine.runner.prepare(rows, graph=False))
         replayed = engine.runner.forward(engine.runner.prepare(rows))
-        torch.testing.assert_close(replayed.float(), eager.float(), atol=3e-2, rtol=3e-2,
-                                   msg=lambda m: f"{m}\nsmallest top-k score margin of this eager step: {margin}")
+        # rows at a routing near-tie may take other experts in the replay: compare every other row strictly
+        clear = margin.rows >= ROUTING_TIE
+        torch.testing.assert_close(replayed[clear].float(), eager[clear].float(), atol=3e-2, rtol=3e-2,
+                                   msg=lambda m: f"{m}\nrouting margins of this eager step's rows: {margin}")
+        compared += int(clear.sum())
         engine.step()
+    assert compared >= 8, f"only {compared} of 12 rows routed clear of a tie: the test compares too little"
     assert all(b.graph is not None for b in engine.runner.graphs.buckets.values())
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     fast = [o.token_ids for o in Engine(model, config=EngineConfig(**config)).generate(ps, params)]
