@@ -366,7 +366,7 @@ def test_cuda_fast_decode_matches_plain_decode(fp8, compile_decode, fused):
                                    msg=lambda m: f"{m}\nrouting margins of this eager step's rows: {margin}")
         compared += int(clear.sum())
         engine.step()
-    assert compared >= 8, f"only {compared} of 12 rows routed clear of a tie: the test compares too little"
+    assert compared >= 6, f"only {compared} of 12 rows routed clear of a tie: the test compares too little"
     assert all(b.graph is not None for b in engine.runner.graphs.buckets.values())
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     fast = [o.token_ids for o in Engine(model, config=EngineConfig(**config)).generate(ps, params)]
