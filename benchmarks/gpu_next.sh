@@ -38,6 +38,7 @@
 #   bash benchmarks/gpu_next.sh B   compiled prefill: its CUDA tests, TTFT at 64 x 128 tokens with / without, profiled
 #   bash benchmarks/gpu_next.sh C   the shared pair: its CUDA tests, lite batch 1 on / off profiled, the prefill's top kernels
 #   bash benchmarks/gpu_next.sh F   the twenty-first session's gate failure (fp8-compile-fused), 3 runs x 3 switches
+#   bash benchmarks/gpu_next.sh G   the same question in ~4 minutes: per-row routing margins and errors, the file's CUDA cases
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -273,5 +274,11 @@ PY
           "$T[fp8-compile-fused]" "$T[fp8-fused]" 2>&1 | grep -E "^E  .*(Mismatch|Greatest|margin|rows)|passed|failed"
       done
     done ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F"; exit 2 ;;
+  G)    # twenty-second session: F's question in one short call. Per row of the test's flow (diag_rows.py, kept out of
+        # git): the eager step's routing margin and the replay's max error (a row off with a margin below ~1e-3 is a
+        # routing tie, not a kernel bug), then every CUDA case of the file once, with rows at a tie held out
+    [[ -f diag_rows.py ]] && timeout 200 python diag_rows.py 2>&1 | grep -E "fp8=|Error"
+    timeout 200 python -m pytest -q -p no:cacheprovider -p no:logging --tb=short -m gpu -rfEs \
+      tests/test_infer_decode_compile.py 2>&1 | grep -E "^E  .*(Mismatch|Greatest|margin|rows|compares)|passed|failed|FAILED" ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G"; exit 2 ;;
 esac
