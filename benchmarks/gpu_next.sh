@@ -266,7 +266,7 @@ PY
         # 0.21. Each variant 3 times (deterministic?), its failure message now with the eager step's smallest routing
         # margin (a tie flipped by bf16 noise, or a bug?), then with the router's GEMV and the dense GEMV off
     T="tests/test_infer_decode_compile.py::test_cuda_fast_decode_matches_plain_decode"
-    [[ -f diag_rows.py ]] && timeout 150 python diag_rows.py 2>&1 | grep -E "fp8=|Error"
+    timeout 150 python benchmarks/decode_routing_ties.py 2>&1 | grep -E "fp8=|Error"
     for env in "" DSV3_GATE_GEMV=reference DSV3_GEMV=reference; do
       for i in ${REPS:-1 2 3}; do
         echo "== ${env:-default} $i"
@@ -274,10 +274,10 @@ PY
           "$T[fp8-compile-fused]" "$T[fp8-fused]" 2>&1 | grep -E "^E  .*(Mismatch|Greatest|margin|rows)|passed|failed"
       done
     done ;;
-  G)    # twenty-second session: F's question in one short call. Per row of the test's flow (diag_rows.py, kept out of
-        # git): the eager step's routing margin and the replay's max error (a row off with a margin below ~1e-3 is a
-        # routing tie, not a kernel bug), then every CUDA case of the file once, with rows at a tie held out
-    [[ -f diag_rows.py ]] && timeout 200 python diag_rows.py 2>&1 | grep -E "fp8=|Error"
+  G)    # twenty-second session: F's question in one short call. Per row of the test's flow, the eager step's routing
+        # margin and the replay's largest error (benchmarks/decode_routing_ties.py: a row off with a margin below
+        # ~1e-3 is a routing tie, not a kernel bug), then every CUDA case of the file once, rows at a tie held out
+    timeout 200 python benchmarks/decode_routing_ties.py 2>&1 | grep -E "fp8=|Error"
     timeout 200 python -m pytest -q -p no:cacheprovider -p no:logging --tb=short -m gpu -rfEs \
       tests/test_infer_decode_compile.py 2>&1 | grep -E "^E  .*(Mismatch|Greatest|margin|rows|compares)|passed|failed|FAILED" ;;
   *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G"; exit 2 ;;

@@ -254,9 +254,9 @@ class RoutingMargin:
     """Context: each row's smallest routing margin over the MoE calls inside it, i.e. the gap between the last
     group kept and the first dropped (V3's group score: the sum of a group's top-2 biased scores), and between the
     k-th and (k+1)-th biased score inside the kept groups, as `Gate.route` decides them. A row whose margin is below
-    bf16's noise may be routed to other experts by a path that rounds its norms differently (inductor's fused ones):
-    the twenty-first session's GPU-gate failure, one row of three off by 0.21, was such a tie (the first decode row
-    of this test's model has a group margin of 1.7e-4 on the CPU)."""
+    bf16's noise may be routed to other experts by a path that rounds its norms differently (inductor's fused ones).
+    The twenty-first session's GPU-gate failure, one row of three off by 0.21, reads as such a tie: this test's flow
+    has rows at margins of 1.0e-3 and 1.4e-3 on the CPU (1.7e-4 with the fused MoE off), RESULTS.md."""
 
     def __init__(self, model: torch.nn.Module):
         # the MoE's input as the norm before it writes it (a fused step calls the MoE through the runner's ffn)
