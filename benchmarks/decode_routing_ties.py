@@ -41,6 +41,11 @@ def rows_of(fp8: bool, compile_decode: bool, steps: int = 4) -> None:
         engine.step()
 
 
+CASES = {"fp8-compile": (True, True), "fp8": (True, False), "compile": (False, True)}
+
 if __name__ == "__main__":
-    for fp8, compile_decode in ((True, True), (True, False), (False, True)):
-        rows_of(fp8, compile_decode)
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    for case in ap.parse_args().cases.split(","):
+        rows_of(*CASES[case])

@@ -277,8 +277,11 @@ PY
   G)    # twenty-second session: F's question in one short call. Per row of the test's flow, the eager step's routing
         # margin and the replay's largest error (benchmarks/decode_routing_ties.py: a row off with a margin below
         # ~1e-3 is a routing tie, not a kernel bug), then every CUDA case of the file once, rows at a tie held out
-    timeout 200 python benchmarks/decode_routing_ties.py 2>&1 | grep -E "fp8=|Error"
-    timeout 200 python -m pytest -q -p no:cacheprovider -p no:logging --tb=short -m gpu -rfEs \
-      tests/test_infer_decode_compile.py 2>&1 | grep -E "^E  .*(Mismatch|Greatest|margin|rows|compares)|passed|failed|FAILED" ;;
+    # SHORT=1: the failing case only (~2 minutes)
+    cases=fp8-compile,fp8,compile; T=tests/test_infer_decode_compile.py
+    [ "${SHORT:-0}" = 1 ] && cases=fp8-compile && T="$T::test_cuda_fast_decode_matches_plain_decode[fp8-compile-fused]"
+    timeout 200 python benchmarks/decode_routing_ties.py --cases $cases 2>&1 | grep -E "fp8=|Error"
+    timeout 200 python -m pytest -q -p no:cacheprovider -p no:logging --tb=short -m gpu -rfEs "$T" 2>&1 \
+      | grep -E "^E  .*(Mismatch|Greatest|margin|rows|compares)|passed|failed|FAILED" ;;
   *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G"; exit 2 ;;
 esac
