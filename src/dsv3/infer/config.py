@@ -54,7 +54,8 @@ class EngineConfig:
     dense_gemv: bool = True
     # the bf16 projections of 2..64-row steps (batch 2-64 decode) through the tiled Triton kernel with split-K
     # (dsv3.kernels.fp8_weight_gemm.dense_linear_triton) instead of cuBLAS, whose few-row kernels read lite's
-    # projections at ~0.7 TB/s (H100, batch 32: RESULTS.md); off until measured faster (benchmarks/engine_decode.py
+    # projections at ~0.7 TB/s (H100, batch 32: RESULTS.md). Off: at lite batch 32 on an H200 the step was 0.95x
+    # cuBLAS's (3,144 vs 3,302 tok/s, twenty-second session); the H100's A/B is owed (benchmarks/engine_decode.py
     # mode `skinny`)
     skinny_gemm: bool = False
     # the shared experts of a fused-MoE step of <= 2 tokens (batch-1 decode) as one more pair per token inside the
