@@ -331,6 +331,36 @@ def _cuda_ok() -> bool:
     return torch.cuda.is_available() and HAS_TRITON and torch.cuda.get_device_capability() >= (8, 9)
 
 
+def replay_vs_eager(engine: Engine, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, RoutingMargin]:
+    """One decode step of every running sequence, eager and replayed from its graph (the same rows, nothing
+    advanced): (eager hidden states, replayed ones, the eager step's RoutingMargin)."""
+    from dsv3.infer.runner import Row
+    seqs = list(engine.scheduler.running)
+    assert all(engine.blocks.ensure_capacity(s, s.num_cached_tokens + 1) for s in seqs)
+    rows = [Row([s.token_ids[-1]], s.num_cached_tokens, s.block_table) for s in seqs]
+    with RoutingMargin(model) as margin:
+        eager = engine.runner.forward(engine.runner.prepare(rows, graph=False))
+    return eager, engine.runner.forward(engine.runner.prepare(rows)), margin
+
+
+def decode_flow(fp8: bool, compile_decode: bool, fused: str) -> tuple[torch.nn.Module, Engine, list, dict]:
+    """The CUDA test's model (bf16, or FP8 block weights) and a synchronous engine that has prefilled its three
+    prompts: (model, engine, prompts, engine config)."""
+    model = build(tiny_config(vocab_size=96), seed=3, dtype=torch.bfloat16).cuda()
+    if fp8:
+        from dsv3.infer.fp8_weights import quantize_weights
+        quantize_weights(model)
+    config = dict(block_size=16, num_blocks=64, compile_decode=compile_decode, fused_moe=fused)
+    # synchronous steps: the rows of replay_vs_eager read each sequence's last token on the host after step()
+    engine = Engine(model, config=EngineConfig(**config, overlap_schedule="off"))
+    assert engine.runner.graphs is not None and engine.runner.fused_moe == (fused == "on")
+    ps = prompts([5, 17, 30])
+    for p in ps:
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    engine.step()                                                    # prefill
+    return model, engine, ps, config
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_ok(), reason="needs a CUDA GPU of sm_89+ with triton (run through the device tool)")
 @pytest.mark.parametrize("fp8,compile_decode,fused", [(False, True, "off"), (False, False, "on"), (False, True, "on"),
@@ -339,27 +369,10 @@ def _cuda_ok() -> bool:
 def test_cuda_fast_decode_matches_plain_decode(fp8, compile_decode, fused):
     """Graph replays of the compiled / fused decode step equal the eager step of the same rows (hidden states, bf16
     tolerance) while inputs change between replays, and greedy generations agree with the plain eager engine."""
-    from dsv3.infer.runner import Row
-    model = build(tiny_config(vocab_size=96), seed=3, dtype=torch.bfloat16).cuda()
-    if fp8:
-        from dsv3.infer.fp8_weights import quantize_weights
-        quantize_weights(model)
-    config = dict(block_size=16, num_blocks=64, compile_decode=compile_decode, fused_moe=fused)
-    # synchronous steps here: the rows below read each sequence's last token on the host after step()
-    engine = Engine(model, config=EngineConfig(**config, overlap_schedule="off"))
-    assert engine.runner.graphs is not None and engine.runner.fused_moe == (fused == "on")
-    ps = prompts([5, 17, 30])
-    for p in ps:
-        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
-    engine.step()                                                    # prefill
+    model, engine, ps, config = decode_flow(fp8, compile_decode, fused)
     compared = 0
     for _ in range(4):
-        seqs = list(engine.scheduler.running)
-        assert all(engine.blocks.ensure_capacity(s, s.num_cached_tokens + 1) for s in seqs)
-        rows = [Row([s.token_ids[-1]], s.num_cached_tokens, s.block_table) for s in seqs]
-        with RoutingMargin(model) as margin:
-            eager = engine.runner.forward(engine.runner.prepare(rows, graph=False))
-        replayed = engine.runner.forward(engine.runner.prepare(rows))
+        eager, replayed, margin = replay_vs_eager(engine, model)
         # rows at a routing near-tie may take other experts in the replay: compare every other row strictly
         clear = margin.rows >= ROUTING_TIE
         torch.testing.assert_close(replayed[clear].float(), eager[clear].float(), atol=3e-2, rtol=3e-2,
