@@ -37,8 +37,8 @@
 #   bash benchmarks/gpu_next.sh A   fresh prefill rows in groups: CUDA engine tests, TTFT at 64 after / before, profiled
 #   bash benchmarks/gpu_next.sh B   compiled prefill: its CUDA tests, TTFT at 64 x 128 tokens with / without, profiled
 #   bash benchmarks/gpu_next.sh C   the shared pair: its CUDA tests, lite batch 1 on / off profiled, the prefill's top kernels
-#   bash benchmarks/gpu_next.sh F   the twenty-first session's gate failure (fp8-compile-fused), 3 runs x 3 switches
-#   bash benchmarks/gpu_next.sh G   the same question in ~4 minutes: per-row routing margins and errors, the file's CUDA cases
+#   bash benchmarks/gpu_next.sh G   the twenty-first session's gate failure (fp8-compile-fused): per-row routing margins
+#                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
 set -u
@@ -261,20 +261,7 @@ PY
         --ttft-batch 0 > "$OUT/gate_$run.txt" 2>&1
       echo "== $run"; grep -v Warn "$OUT/gate_$run.txt" | grep -E "tok/s|Error" | head -4
     done ;;
-  F)    # twenty-first session: the gate's one failure (H200), test_cuda_fast_decode_matches_plain_decode
-        # [fp8-compile-fused]: hidden states of the replayed compiled FP8 step vs the eager step, one row off by up to
-        # 0.21. Each variant 3 times (deterministic?), its failure message now with the eager step's smallest routing
-        # margin (a tie flipped by bf16 noise, or a bug?), then with the router's GEMV and the dense GEMV off
-    T="tests/test_infer_decode_compile.py::test_cuda_fast_decode_matches_plain_decode"
-    timeout 150 python benchmarks/decode_routing_ties.py 2>&1 | grep -E "fp8=|Error"
-    for env in "" DSV3_GATE_GEMV=reference DSV3_GEMV=reference; do
-      for i in ${REPS:-1 2 3}; do
-        echo "== ${env:-default} $i"
-        env $env timeout 90 python -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
-          "$T[fp8-compile-fused]" "$T[fp8-fused]" 2>&1 | grep -E "^E  .*(Mismatch|Greatest|margin|rows)|passed|failed"
-      done
-    done ;;
-  G)    # twenty-second session: F's question in one short call. Per row of the test's flow, the eager step's routing
+  G)    # twenty-second session: the twenty-first's gate failure. Per row of the test's flow, the eager step's routing
         # margin and the replay's largest error (benchmarks/decode_routing_ties.py: a row off with a margin below
         # ~1e-3 is a routing tie, not a kernel bug), then every CUDA case of the file once, rows at a tie held out
     # SHORT=1: the failing case only (~2 minutes)
@@ -283,5 +270,5 @@ PY
     timeout 200 python benchmarks/decode_routing_ties.py --cases $cases 2>&1 | grep -E "fp8=|Error"
     timeout 200 python -m pytest -q -p no:cacheprovider -p no:logging --tb=short -m gpu -rfEs "$T" 2>&1 \
       | grep -E "^E  .*(Mismatch|Greatest|margin|rows|compares)|passed|failed|FAILED" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|F|G"; exit 2 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G"; exit 2 ;;
 esac
