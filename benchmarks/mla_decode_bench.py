@@ -43,6 +43,8 @@ def _parse():
     p.add_argument("--sweep-warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--sweep-block-h", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--sweep-block-n", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--sweep-tma", type=int, nargs="+", default=[0, 1],
+                   help="1: also the TMA kernel (dsv3.kernels.mla_decode_tma; where it cannot run, the gather one)")
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for mla_decode_bench.json")
     return p.parse_args()
 
@@ -106,7 +108,7 @@ def main():
             sys.exit("no CUDA device: run with --interpret --tiny for a CPU dry run")
         device, dtype = "cuda", torch.bfloat16
     tiny = ARGS.tiny
-    C, R, bs = (32, 8, 16) if tiny else (512, 64, 64)
+    C, R, bs = (32, 16, 16) if tiny else (512, 64, 64)   # R >= 16: the TMA kernel's smallest rope tile
     heads = [4, 20] if tiny else ARGS.heads
     batches = [2, 3] if tiny else ARGS.batches
     contexts = [32, 48] if tiny else ARGS.contexts
@@ -124,10 +126,10 @@ def main():
     for H in heads:
         inp = make_inputs(check_lens, H, C, R, bs, dtype, device, seed=H)
         ref = mla_decode_reference(*inp).float()
-        for ns in (None, 1, 5):
-            err = (mla_decode_triton(*inp, num_splits=ns).float() - ref).abs().max().item()
-            checks.append(dict(H=H, num_splits=ns, max_abs_err=err))
-            print(f"check H={H:4d} splits={str(ns):>4s}: max |triton - reference| = {err:.3e}")
+        for ns, tma in itertools.product((None, 1, 5), sorted(set(ARGS.sweep_tma))):
+            err = (mla_decode_triton(*inp, num_splits=ns, tma=bool(tma)).float() - ref).abs().max().item()
+            checks.append(dict(H=H, num_splits=ns, tma=tma, max_abs_err=err))
+            print(f"check H={H:4d} splits={str(ns):>4s} tma={tma}: max |triton - reference| = {err:.3e}")
             if not err <= tol:
                 sys.exit(f"correctness check failed: {err} > {tol}")
     result["checks"] = checks
@@ -144,12 +146,12 @@ def main():
             inp = (q_abs, q_pe) + inp_kv[2:]
             nbytes = mla_decode_bytes(inp[5], C, R, dtype)
             bhs = [bh for bh in ARGS.sweep_block_h if bh <= max(16, H)]
-            grid = itertools.product(bhs, ARGS.sweep_block_n, ARGS.sweep_warps, ARGS.sweep_stages)
+            grid = itertools.product(bhs, ARGS.sweep_block_n, ARGS.sweep_warps, ARGS.sweep_stages, ARGS.sweep_tma)
             if tiny:
-                grid = [(16, 16, 4, 1), (16, 32, 4, 2)]
+                grid = [(16, 16, 4, 1, 0), (16, 32, 4, 2, 0), (16, 16, 4, 1, 1)]
             best_ms = float("inf")
-            for bh, bn, nw, ns in grid:
-                kw = dict(block_h=bh, block_n=bn, num_warps=nw, num_stages=ns)
+            for bh, bn, nw, ns, tma in grid:
+                kw = dict(block_h=bh, block_n=bn, num_warps=nw, num_stages=ns, tma=bool(tma))
                 try:
                     ms = bench(lambda inp=inp, kw=kw: mla_decode_triton(*inp, **kw), interpret)
                 except Exception as e:  # e.g. out of shared memory for this tile
@@ -157,7 +159,7 @@ def main():
                     continue
                 gbs = nbytes / (ms * 1e-3) / 1e9
                 sweep.append(dict(H=H, B=sB, ctx=sctx, **kw, ms=ms, GBps=gbs))
-                print(f"sweep H={H:4d} bh={bh:3d} bn={bn:3d} warps={nw} stages={ns}: {ms * 1e3:9.1f} us "
+                print(f"sweep H={H:4d} bh={bh:3d} bn={bn:3d} warps={nw} stages={ns} tma={tma}: {ms * 1e3:9.1f} us "
                       f"{gbs:8.1f} GB/s")
                 if ms < best_ms:
                     best_ms, best[H] = ms, kw

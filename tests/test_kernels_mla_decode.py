@@ -193,6 +193,41 @@ def _interpreter_cases() -> dict:
         got = mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, lens, scale, append=append, **kw)
         errs[name] = max((got - want).abs().max().item(), (c_kv - c_ref).abs().max().item(),
                          (k_pe - k_ref).abs().max().item())
+    errs.update(_tma_cases())
+    return errs
+
+
+def _tma_cases() -> dict:
+    """The TMA kernel (`tma=True`) under the interpreter: C / 2 and R powers of two, tiles within a page. The gather
+    kernel is replaced by None first, so a silent fall-back would fail instead of passing for the TMA path."""
+    import importlib
+    mod = importlib.import_module("dsv3.kernels.mla_decode")   # the package's `mla_decode` is the function
+    gather, mod._mla_decode_split_kernel = mod._mla_decode_split_kernel, None
+    errs = {}
+    try:
+        base = make_case([1, 16, 40, 0, 23], H=20, C=64, R=16, bs=16, seed=11, pad=-3)
+        ref = mla_decode_reference(*base)
+        for name, kw in {"tma": dict(block_h=16, block_n=16), "tma_splits4_bn8": dict(num_splits=4, block_h=16,
+                         block_n=8), "tma_bh32": dict(num_splits=2, block_h=32, block_n=16)}.items():
+            errs[name] = (mla_decode_triton(*base, tma=True, **kw) - ref).abs().max().item()
+        (q_abs, q_pe, c_kv, k_pe, bt, lens, scale), append = make_append_case([9, 30, 0, 17], H=20, C=64, R=16,
+                                                                              bs=8, seed=15)
+        c_ref, k_ref = c_kv.clone(), k_pe.clone()
+        want = mla_decode_reference(q_abs, q_pe, c_ref, k_ref, bt, lens, scale, append=append)
+        got = mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, lens, scale, append=append, tma=True, num_splits=3,
+                                block_h=16, block_n=8)
+        errs["tma_append"] = max((got - want).abs().max().item(), (c_kv - c_ref).abs().max().item(),
+                                 (k_pe - k_ref).abs().max().item())
+        # NaN past each sequence's end inside its last page (a reused block's stale rows) never counts
+        q_abs, q_pe, c_kv, k_pe, bt, lens, scale = make_case([5, 13], H=16, C=64, R=16, bs=8, seed=3)
+        ref = mla_decode_reference(q_abs, q_pe, c_kv, k_pe, bt, lens, scale)
+        for b, n in enumerate([5, 13]):
+            blk = int(bt[b, (n - 1) // 8])
+            c_kv[blk, n % 8:], k_pe[blk, n % 8:] = float("nan"), float("nan")
+        errs["tma_stale_nan"] = (mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, lens, scale, tma=True, block_h=16,
+                                                   block_n=8) - ref).abs().max().item()
+    finally:
+        mod._mla_decode_split_kernel = gather
     return errs
 
 
@@ -201,7 +236,8 @@ def _interpreter_cases() -> dict:
 def test_triton_interpreter_matches_reference():
     errs = interpreter_cases("test_kernels_mla_decode")
     assert set(errs) == {"default", "splits4", "splits2_bn32", "h20_cross_page", "all_empty", "live_splits",
-                         "append", "append_one_split"}
+                         "append", "append_one_split", "tma", "tma_splits4_bn8", "tma_bh32", "tma_append",
+                         "tma_stale_nan"}
     for name, err in errs.items():
         assert err < 1e-5, (name, errs)
 
@@ -237,6 +273,35 @@ def test_triton_cuda_append_equals_store_then_attend(num_splits):
     c_ref, k_ref = c_kv.clone(), k_pe.clone()
     want = mla_decode_reference(q_abs, q_pe, c_ref, k_ref, bt, lens, scale, append=append)
     got = mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, lens, scale, append=append, num_splits=num_splits)
+    assert torch.equal(c_kv, c_ref) and torch.equal(k_pe, k_ref)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_triton_cuda_tma_many_heads(H, num_splits):
+    """The TMA kernel at V3's head counts, bf16, against the reference; its append form against store-then-attend;
+    stale NaN past the ends inside the last pages never counts."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90+")
+    lens = [1, 64, 65, 1000, 2048, 3001, 0, 127]
+    q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale = make_case(lens, H=H, C=512, R=64, bs=64, dtype=torch.bfloat16,
+                                                             seed=25, pad=-7, device="cuda")
+    ref = mla_decode_reference(q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale)
+    for b, n in enumerate(lens):
+        if n % 64:
+            c_kv[int(bt[b, (n - 1) // 64]), n % 64:] = float("nan")
+    out = mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale, num_splits=num_splits, tma=True,
+                            block_h=64, block_n=64, num_warps=8, num_stages=2)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    (q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale), append = make_append_case(
+        [1, 64, 65, 1000, 0, 129], H=H, C=512, R=64, bs=64, dtype=torch.bfloat16, seed=26, device="cuda")
+    c_ref, k_ref = c_kv.clone(), k_pe.clone()
+    want = mla_decode_reference(q_abs, q_pe, c_ref, k_ref, bt, seq_lens, scale, append=append)
+    got = mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale, append=append, num_splits=num_splits,
+                            tma=True)
     assert torch.equal(c_kv, c_ref) and torch.equal(k_pe, k_ref)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 

@@ -46,6 +46,7 @@ import math
 import torch
 from torch import Tensor
 
+from .mla_decode_tma import launch_tma, tma_supported
 from .triton_setup import HAS_TRITON, need_triton, tl, triton, use_triton
 
 __all__ = ["HAS_TRITON", "mla_decode", "mla_decode_reference", "mla_decode_triton", "mla_decode_bytes",
@@ -302,10 +303,10 @@ def mla_decode_num_splits(B: int, H: int, max_tokens: int, block_h: int, block_n
 def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
                       seq_lens: Tensor, scale: float, *, num_splits: int | None = None, block_h: int | None = None,
                       block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                      append: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                      tma: bool | None = None, append: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Paged absorbed-MLA decode through Triton (same contract as `mla_decode_reference`, `append` included). The
     other keyword-only arguments override the tuned defaults (benchmark sweeps); `num_splits` fixes the KV split
-    count."""
+    count; `tma` asks for the TMA kernel (`dsv3.kernels.mla_decode_tma`), which runs where `tma_supported`."""
     need_triton("mla_decode_triton")
     B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
     if append is not None:
@@ -327,7 +328,8 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
         raise ValueError(f"dtypes differ: {q_abs.dtype}, {q_pe.dtype}, {c_kv_cache.dtype}, {k_pe_cache.dtype}")
 
     cfg = _default_config(H, C, q_abs.dtype, B)
-    for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages)):
+    for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages),
+                 ("tma", tma)):
         if v is not None:
             cfg[k] = v
     page = c_kv_cache.shape[1]
@@ -357,20 +359,25 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
 
     dot_prec = "ieee" if q_abs.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(H, cfg["block_h"]), S, B)
-    _mla_decode_split_kernel[grid](
-        q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse,
-        *((new_c, new_k, slots) if append is not None else (q_abs, q_abs, seq_lens)),   # unread without APPEND
-        float(scale) * math.log2(math.e),
-        q_abs.stride(0), q_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
-        c_kv_cache.stride(0), c_kv_cache.stride(1), k_pe_cache.stride(0), k_pe_cache.stride(1),
-        block_tables.stride(0),
-        *op_strides, *lse_strides,
-        H, tps,
-        C=C, R=R, PAGE=page,
-        BLOCK_C=_next_pow2(C), BLOCK_R=max(16, _next_pow2(R)), BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
-        DOT_PREC=dot_prec, WRITE_LSE=S > 1, APPEND=append is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    append_args = (new_c, new_k, slots) if append is not None else (q_abs, q_abs, seq_lens)   # unread without APPEND
+    if cfg.get("tma") and tma_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_n"]):
+        launch_tma(grid, q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse, append_args,
+                   float(scale) * math.log2(math.e), op_strides, lse_strides, H, tps, cfg, dot_prec, S > 1,
+                   append is not None)
+    else:
+        _mla_decode_split_kernel[grid](
+            q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse, *append_args,
+            float(scale) * math.log2(math.e),
+            q_abs.stride(0), q_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
+            c_kv_cache.stride(0), c_kv_cache.stride(1), k_pe_cache.stride(0), k_pe_cache.stride(1),
+            block_tables.stride(0),
+            *op_strides, *lse_strides,
+            H, tps,
+            C=C, R=R, PAGE=page,
+            BLOCK_C=_next_pow2(C), BLOCK_R=max(16, _next_pow2(R)), BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
+            DOT_PREC=dot_prec, WRITE_LSE=S > 1, APPEND=append is not None,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     if S > 1:
         _mla_decode_combine_kernel[(H, B)](
             op, lse, out, seq_lens,
