@@ -38,6 +38,7 @@
 #   bash benchmarks/gpu_next.sh B   compiled prefill: its CUDA tests, TTFT at 64 x 128 tokens with / without, profiled
 #   bash benchmarks/gpu_next.sh C   the shared pair: its CUDA tests, lite batch 1 on / off profiled, the prefill's top kernels
 #   bash benchmarks/gpu_next.sh G   the twenty-first session's gate failure (fp8-compile-fused): per-row routing margins
+#   bash benchmarks/gpu_next.sh H   the MLA decode's TMA kernel at 128 heads: its CUDA tests, a sweep beside the gather one
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
@@ -270,5 +271,14 @@ PY
     timeout 200 python benchmarks/decode_routing_ties.py --cases $cases 2>&1 | grep -E "fp8=|Error"
     timeout 200 python -m pytest -q -p no:cacheprovider -p no:logging --tb=short -m gpu -rfEs "$T" 2>&1 \
       | grep -E "^E  .*(Mismatch|Greatest|margin|rows|compares)|passed|failed|FAILED" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G"; exit 2 ;;
+  H)    # twenty-third session: the MLA decode's TMA kernel at V3's 128 heads (dsv3.kernels.mla_decode_tma, tma=True):
+        # its CUDA tests, then a sweep against the gather kernel at B = 64 x 16K, the best of each in the table at
+        # B = 64 and 128, 8K and 32K (issue 16: >= 60% of bf16 tensor peak at 128 heads; the gather kernel ~20%)
+    [ "${SKIP_TESTS:-0}" = 1 ] || timeout 150 python -m pytest -q -n 8 -p no:cacheprovider -p no:logging -m gpu -rfEs \
+      --tb=short tests/test_kernels_mla_decode.py 2>&1 | tail -6 | tee "$OUT/gate.txt"
+    timeout ${MLA_S:-330} python benchmarks/mla_decode_bench.py --sweep --graph-timing --heads 128 --batches 64 128 \
+      --contexts 8192 32768 --sweep-block-h 64 --sweep-block-n ${MLA_BN:-32 64} --sweep-warps 8 \
+      --sweep-stages ${MLA_STAGES:-1 2 3} --sweep-tma 0 1 > "$OUT/mla.txt" 2>&1
+    grep -E "sweep|best|^ *128 |failed|Error" "$OUT/mla.txt" | head -40 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H"; exit 2 ;;
 esac
