@@ -281,7 +281,10 @@ def _default_config(H: int, C: int, dtype: torch.dtype, B: int = 64) -> dict:
         return dict(block_h=16, block_n=128, num_warps=4, num_stages=3)
     if H < 64:
         return dict(block_h=32, block_n=64, num_warps=4, num_stages=2)
-    return dict(block_h=64, block_n=64, num_warps=8, num_stages=2)
+    # the TMA kernel where it runs (sm_90+, page-aligned 64-token tiles: dsv3.kernels.mla_decode_tma), else the same
+    # shapes through the gather kernel: on an H100 at B = 64 x 16K, 1,062-1,094 us vs 1,285 (1.17-1.21x, RESULTS.md
+    # twenty-third session); at 16 heads it was slower (759 vs 685 us at 64-token tiles) and stays off
+    return dict(block_h=64, block_n=64, num_warps=8, num_stages=2, tma=True)
 
 
 def mla_decode_num_splits(B: int, H: int, max_tokens: int, block_h: int, block_n: int, sm_count: int,

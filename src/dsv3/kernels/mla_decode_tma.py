@@ -16,6 +16,10 @@ formulation, which this follows where Triton lets it:
 TMA boxes past the cache's last row read zeros; rows past a sequence's end inside its page are masked as in the
 gather kernel, so a reused block's stale values (even NaN) never count.
 
+Launch config key `warp_specialize` (off): the tile loop as `tl.range(..., warp_specialize=True)`, Triton's producer /
+consumer split, the cheapest form of FlashMLA's overlap of one tile's softmax with another's MMAs; unmeasured
+(`benchmarks/mla_ws_probe.py`).
+
 `tma_supported` says whether a call can take this path (shapes, strides, alignment; a Hopper GPU or the
 interpreter); `mla_decode_triton` falls back to the gather kernel otherwise.
 """
@@ -104,7 +108,7 @@ if HAS_TRITON:
         stride_lse_b, stride_lse_h,
         H, tokens_per_split,
         HALF: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr, APPEND: tl.constexpr,
+        DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr, APPEND: tl.constexpr, WS: tl.constexpr,
     ):
         hg = tl.program_id(0)
         sp = tl.program_id(1)
@@ -146,7 +150,7 @@ if HAS_TRITON:
 
         bt_row = BT + b * stride_bt_b
         full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
-        for n0 in range(start, full_end, BLOCK_N):
+        for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
             m_i, l_i, acc_lo, acc_hi = _tile(q_lo, q_hi, qpe, m_i, l_i, acc_lo, acc_hi, ckv_desc, kpe_desc, bt_row,
                                              n0, end, sm_scale_log2, PAGE, HALF, BLOCK_N, DOT_PREC, False)
         if full_end < end:
@@ -183,6 +187,6 @@ def launch_tma(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache
         *op_strides, *lse_strides,
         H, tokens_per_split,
         HALF=C // 2, R=R, PAGE=page, BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
-        DOT_PREC=dot_prec, WRITE_LSE=write_lse, APPEND=append,
+        DOT_PREC=dot_prec, WRITE_LSE=write_lse, APPEND=append, WS=bool(cfg.get("warp_specialize", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
