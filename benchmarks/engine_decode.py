@@ -123,12 +123,13 @@ def profile_step(model, batch: int, prompt: int, **engine_kw) -> dict:
     return dict(replay_ms=replay_ms, source=source, categories=cats, busy_ms=busy)
 
 
-def profile_prefill(model, batch: int, prompt: int, **engine_kw) -> dict:
-    """One prefill step of `batch` queued prompts (every prompt in the step), after an untimed round: its wall time
-    against its kernels' GPU time by op category and their count (a host-bound step launches many short kernels)."""
+def profile_prefill(model, batch: int, prompt: int, budget: int = 0, **engine_kw) -> dict:
+    """The first prefill step of `batch` queued prompts (`budget` tokens per step; 0: every prompt in the step),
+    after an untimed round: its wall time against its kernels' GPU time by op category and their count (a host-bound
+    step launches many short kernels)."""
     cfg = model.config
     engine = Engine(model, config=EngineConfig(max_num_seqs=batch, cache_memory_gib=4,
-                                               max_num_batched_tokens=batch * prompt, **engine_kw))
+                                               max_num_batched_tokens=budget or batch * prompt, **engine_kw))
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
     def queue():
@@ -149,7 +150,8 @@ def profile_prefill(model, batch: int, prompt: int, **engine_kw) -> dict:
     events = _kernels(prof)
     cats = _categorise(events)
     busy = sum(ms for _, _, ms in cats)
-    lines = [f"  prefill step of {batch} x {prompt} tokens: {wall_ms:.1f} ms wall (profiled), kernels "
+    lines = [f"  prefill step of {batch} x {prompt} tokens, {budget or batch * prompt} a step: {wall_ms:.1f} ms wall "
+             f"(profiled), kernels "
              f"{sum(c for _, c, _ in cats)}, {busy:.1f} ms GPU busy ({busy / wall_ms:.0%})"]
     lines += [f"    {n:44s} {c:5d} kernels {ms:8.3f} ms" for n, c, ms in sorted(cats, key=lambda t: -t[2])]
     lines += [f"      {e.device_time_total / 1e3:8.3f} ms {e.count:5d}x  {e.key[:90]}"
@@ -324,6 +326,8 @@ def main() -> None:
                    "prefill step; 2048: EngineConfig's default budget, chunked prefill)")
     p.add_argument("--ttft-profile", action="store_true", help="after the TTFT rows (CUDA): one prefill step of "
                    "--ttft-batch prompts profiled, its wall time against its kernels' GPU time by category")
+    p.add_argument("--ttft-profile-budget", type=int, default=0, help="tokens per step of the profiled prefill "
+                   "step (0: every prompt in it; 2048: the first step of a chunked prefill)")
     p.add_argument("--host-ms", action="store_true", help="after each mode's rows: the engine's host work per "
                    "decode step (step() minus forward and head, timed apart; CPU dry runs: what overlap hides)")
     p.add_argument("--profile", action="store_true", help="after each mode but eager (CUDA): GPU time of one "
@@ -392,7 +396,8 @@ def main() -> None:
                       f"({r['steps']} steps): p50 {r['ttft_p50_s'] * 1e3:.1f} ms, p99 {r['ttft_p99_s'] * 1e3:.1f} ms, "
                       f"max {r['ttft_max_s'] * 1e3:.1f} ms", flush=True)
             if a.ttft_profile and a.device == "cuda":
-                rows[-1]["prefill_profile"] = profile_prefill(model, a.ttft_batch, a.prompt, **kw)
+                rows[-1]["prefill_profile"] = profile_prefill(model, a.ttft_batch, a.prompt, a.ttft_profile_budget,
+                                                              **kw)
             (out / "engine_decode.json").write_text(json.dumps(rows, indent=1))
     if a.spec_k:
         spec_rows(model, a, rows, out, t0)
