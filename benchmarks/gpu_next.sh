@@ -39,8 +39,8 @@
 #   bash benchmarks/gpu_next.sh C   the shared pair: its CUDA tests, lite batch 1 on / off profiled, the prefill's top kernels
 #   bash benchmarks/gpu_next.sh G   the twenty-first session's gate failure (fp8-compile-fused): per-row routing margins
 #   bash benchmarks/gpu_next.sh H   the MLA decode's TMA kernel at 128 heads: its CUDA tests, a sweep beside the gather one
-#   bash benchmarks/gpu_next.sh I   the next session's first call: MLA tests, warp specialisation, H's sweep, the 2K
-#                                   prefill step profiled
+#   bash benchmarks/gpu_next.sh I   the next session's second call: PDL A/B at batch 1, warp specialisation, H's
+#                                   sweep, the 2K prefill step profiled
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
@@ -282,11 +282,13 @@ PY
       --contexts 8192 32768 --sweep-block-h 64 --sweep-block-n ${MLA_BN:-32 64} --sweep-warps 8 \
       --sweep-stages ${MLA_STAGES:-1 2 3} --sweep-tma 0 1 > "$OUT/mla.txt" 2>&1
     grep -E "sweep|best|^ *128 |failed|Error" "$OUT/mla.txt" | head -40 ;;
-  I)    # twenty-fourth session's first call (~6 min): the MLA decode tests (the TMA kernel is the default at 64+ heads
-        # since the twenty-third session's last GPU call), warp specialisation on it, the sweep at 128 heads, then the
-        # first step of a chunked prefill (2,048 tokens) profiled, eager vs compiled (is a step the host's?)
-    timeout 90 python -m pytest -q -n 8 -p no:cacheprovider -p no:logging -m gpu -rfEs --tb=short \
-      tests/test_kernels_mla_decode.py 2>&1 | tail -4 | tee "$OUT/gate.txt"
+  I)    # twenty-fourth session (~8 min, after the gate): programmatic dependent launch (EngineConfig.pdl) at batch 1,
+        # BF16 and FP8, A/B in one process; warp specialisation on the TMA MLA kernel and the sweep at 128 heads;
+        # the first step of a chunked prefill (2,048 tokens) profiled, eager vs compiled (is a step the host's?)
+    [ "${SKIP_TESTS:-0}" = 1 ] || timeout 150 python -m pytest -q -n 8 -p no:cacheprovider -p no:logging -m gpu \
+      -rfEs --tb=short tests/test_kernels_mla_decode.py tests/test_infer_pdl.py 2>&1 | tail -4 | tee "$OUT/gate.txt"
+    timeout 200 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,pdl,fp8-overlap,fp8-pdl \
+      --ttft-batch 0 > "$OUT/pdl.txt" 2>&1; grep -v Warn "$OUT/pdl.txt" | grep -E "tok/s|Error" | head -8
     timeout 120 python benchmarks/mla_ws_probe.py 2>&1 | grep -E "warp_specialize|Error" | tee "$OUT/ws.txt"
     SKIP_TESTS=1 MLA_S=150 MLA_BN=64 MLA_STAGES=2 bash "$0" H
     timeout 200 python benchmarks/engine_decode.py --batches 1 --tokens 8 --modes overlap,cprefill --ttft-batch 64 \

@@ -61,7 +61,7 @@ GPU_TESTS="tests/test_gpu.py tests/test_kernels_fp8_quant.py tests/test_kernels_
   tests/test_infer_fused_proj.py tests/test_fp8_weight_cache.py tests/test_infer_overlap.py
   tests/test_infer_spec.py tests/test_kernels_grad_norm.py tests/test_train_compiled_loads.py
   tests/test_kernels_fp8_grouped_wgrad.py tests/test_fp8_shared_input.py tests/test_kernels_edge.py
-  tests/test_infer_audit.py tests/test_hf_family.py tests/test_infer_penalties.py"
+  tests/test_infer_audit.py tests/test_hf_family.py tests/test_infer_penalties.py tests/test_infer_pdl.py"
 ALL=$(ls tests/test_*.py)
 HALF1=$(for f in $ALL; do [[ $(( $(cksum <<< "$f" | cut -d' ' -f1) % 2 )) == 0 ]] && echo "$f"; done)
 HALF2=$(for f in $ALL; do [[ $(( $(cksum <<< "$f" | cut -d' ' -f1) % 2 )) == 1 ]] && echo "$f"; done)

@@ -67,6 +67,10 @@ class EngineConfig:
     # true), "off" (false). With MTP speculation the fused greedy steps chain so (dsv3.infer.speculation), the
     # other steps of such an engine run synchronously
     overlap_schedule: str | bool = "auto"
+    # decode graphs captured with programmatic dependent launch (sm_90+): each Triton kernel of the step (ours and
+    # the compiled layers') launches while the one before it finishes, instead of after (dsv3.kernels.triton_setup);
+    # the batch-1 step is ~546 kernels of a few us each (issue 16). Off until measured: engine_decode.py mode `pdl`
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         # a float, string or bool here would pass the range checks below (8.5 >= 1, True >= 1) and fail deep in
@@ -79,7 +83,7 @@ class EngineConfig:
         # a string is truthy: "false" would switch the feature on
         for name in ("prefix_caching", "speculative_fused", "cuda_graphs", "capture_graphs_at_start",
                      "compile_decode", "compile_prefill", "fuse_projections", "dense_gemv", "skinny_gemm",
-                     "shared_pair"):
+                     "shared_pair", "pdl"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be true or false, got {getattr(self, name)!r}")
         ids = self.eos_token_ids

@@ -16,10 +16,15 @@ MLA decode kernel picks its KV splits from shapes only, the MoE runs one grouped
 
 With `capture=False` the same padded static batches run eagerly: the CPU tests use this to check the padding and
 bucketing against the unpadded engine.
+
+With `pdl` (EngineConfig.pdl, sm_90+) the warm-up and the capture run inside `programmatic_launch()` with inductor's
+`triton.enable_pdl`: the captured Triton kernels (ours and the compiled layers') launch with programmatic dependent
+launch, each overlapping its launch with the tail of the kernel before it (dsv3.kernels.triton_setup).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import time
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.triton_setup import programmatic_launch
 from ..model.context import AttentionContext
 from .batch import Batch, Row
 from .cache import PagedLatentCache
@@ -60,8 +66,9 @@ class DecodeGraphs:
     buckets hold b sequences (g * b rows, max_batch sequences at most) and outputs have one row per sequence."""
 
     def __init__(self, cache: PagedLatentCache, body, max_batch: int, max_blocks: int, capture: bool = True,
-                 extra_width: int = 0, pool=None, group: int = 1):
+                 extra_width: int = 0, pool=None, group: int = 1, pdl: bool = False):
         self.cache, self.body, self.capture, self.extra_width, self.group = cache, body, capture, extra_width, group
+        self.pdl = pdl
         self.batch_sizes = [b * group for b in BATCH_BUCKETS if b < max_batch] + [max_batch * group]
         self.max_blocks = max_blocks
         self.buckets: dict[tuple[int, int], _Bucket] = {}
@@ -166,19 +173,34 @@ class DecodeGraphs:
         # it runs this step's real inputs, so it writes the same latents the replay writes
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._body(bucket)
-        torch.cuda.current_stream().wait_stream(side)
-        # garbage graphs (a dropped engine's, in reference cycles) must not be destroyed mid-capture: their reset
-        # invalidates it, and torch no longer runs gc.collect() on entering torch.cuda.graph
-        gc.collect()
-        gc.disable()
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                bucket.outputs = self._body(bucket)
-        finally:
-            gc.enable()
+        with _launch_mode(self.pdl):
+            with torch.cuda.stream(side):
+                self._body(bucket)
+            torch.cuda.current_stream().wait_stream(side)
+            # garbage graphs (a dropped engine's, in reference cycles) must not be destroyed mid-capture: their
+            # reset invalidates it, and torch no longer runs gc.collect() on entering torch.cuda.graph
+            gc.collect()
+            gc.disable()
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    bucket.outputs = self._body(bucket)
+            finally:
+                gc.enable()
         bucket.graph = graph
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
+
+
+def _launch_mode(pdl: bool) -> contextlib.AbstractContextManager:
+    """Programmatic dependent launch for the captured kernels (module docstring): ours through the kernels' switch,
+    the compiled layers' through inductor's `triton.enable_pdl` (read when a kernel is generated: the layers compiled
+    in this warm-up keep it). A no-op block without `pdl`."""
+    if not pdl:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(programmatic_launch())
+    import torch._inductor.config as inductor_config
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        stack.enter_context(inductor_config.patch({"triton.enable_pdl": True}))
+    return stack

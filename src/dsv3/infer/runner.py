@@ -105,16 +105,17 @@ class ModelRunner:
         with speculation, the fused greedy step's buckets too (k+1 rows per sequence, speculative_max_batch
         sequences at most)."""
         compiled, k = self.config.compile_decode, self.config.num_speculative_tokens
+        pdl = self.config.pdl
         self.graphs = DecodeGraphs(self.cache, functools.partial(self.forward_eager, compiled=compiled), max_batch,
-                                   max_blocks, capture)
+                                   max_blocks, capture, pdl=pdl)
         if len(self.model.mtp):
             self.mtp_graphs = DecodeGraphs(self.cache, functools.partial(self.mtp_forward_eager, compiled=compiled),
                                            max_batch, max_blocks, capture, extra_width=self.cfg.hidden_size,
-                                           pool=self.graphs.pool)
+                                           pool=self.graphs.pool, pdl=pdl)
         if k and self.config.speculative_fused and len(self.model.mtp):
             self.spec_graphs = DecodeGraphs(self.cache, functools.partial(self.spec_step_eager, compiled=compiled),
                                             max(self.config.speculative_max_batch, 1), max_blocks, capture,
-                                            pool=self.graphs.pool, group=k + 1)
+                                            pool=self.graphs.pool, group=k + 1, pdl=pdl)
 
     def all_graphs(self) -> list[DecodeGraphs]:
         return [g for g in (self.graphs, self.mtp_graphs, self.spec_graphs) if g is not None]

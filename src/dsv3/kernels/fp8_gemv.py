@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, tl, triton
+from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, pdl_entry, pdl_launch, tl, triton
 
 __all__ = ["GEMV_MAX_M", "fp8_gemv", "fp8_grouped_gemv", "gemv_launch"]
 
@@ -131,7 +131,9 @@ if HAS_TRITON:
     def _fp8_gemv_kernel(X, W, S, Y, M, N, K, KB_PER_SPLIT, NKB,
                          stride_xm, stride_wn, stride_sn, stride_ys, stride_ym,
                          BM: tl.constexpr, BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr,
-                         USE_DOT: tl.constexpr, SCALED: tl.constexpr, DOT_PREC: tl.constexpr):
+                         USE_DOT: tl.constexpr, SCALED: tl.constexpr, DOT_PREC: tl.constexpr,
+                         PDL: tl.constexpr = False):
+        pdl_entry(PDL)
         offs_m = tl.arange(0, BM)
         mask_m = offs_m < M
         kb0 = tl.program_id(1) * KB_PER_SPLIT
@@ -149,7 +151,9 @@ if HAS_TRITON:
     @triton.jit
     def _fp8_grouped_gemv_kernel(X, W, S, Y, ROW_GROUP, M, N, K, E, KB_PER_SPLIT, NKB,
                                  stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ys, stride_ym,
-                                 BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr,
+                                 PDL: tl.constexpr = False):
+        pdl_entry(PDL)
         r = tl.program_id(0)
         g = tl.load(ROW_GROUP + r)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,7 +173,8 @@ if HAS_TRITON:
 if HAS_TRITON:
 
     @triton.jit
-    def _sum_planes_kernel(P, Y, NUMEL, SPLIT, BLOCK: tl.constexpr):
+    def _sum_planes_kernel(P, Y, NUMEL, SPLIT, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_entry(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < NUMEL
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -250,7 +255,8 @@ def fp8_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor | None, *, block_n: in
     _fp8_gemv_kernel[(triton.cdiv(N, cfg["block_n"]), split)](
         x, weight, scale_inv, y, M, N, K, per, -(-K // BLOCK), x.stride(0), weight.stride(0), scale_inv.stride(0),
         y.stride(0), y.stride(1), BM=bm, BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=even, USE_DOT=use_dot,
-        SCALED=scaled, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"])
+        SCALED=scaled, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+        **pdl_launch(x))
     return _sum_planes(y, out_dtype or x.dtype)
 
 
@@ -276,7 +282,7 @@ def fp8_grouped_gemv(x: Tensor, weight: Tensor, scale_inv: Tensor, offs: Tensor,
         x, weight, scale_inv, y, row_group.to(torch.int32), M, N, K, E, per, -(-K // BLOCK),
         x.stride(0), weight.stride(0), weight.stride(1), scale_inv.stride(0), scale_inv.stride(1),
         y.stride(0), y.stride(1), BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=even,
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], **pdl_launch(x))
     return _sum_planes(y, x.dtype)
 
 
@@ -287,5 +293,6 @@ def _sum_planes(y: Tensor, dtype: torch.dtype) -> Tensor:
         return y[0]
     out = torch.empty(y.shape[1:], device=y.device, dtype=dtype)
     n = out.numel()
-    _sum_planes_kernel[(triton.cdiv(n, 1024),)](y, out, n, y.shape[0], BLOCK=1024, num_warps=4)
+    _sum_planes_kernel[(triton.cdiv(n, 1024),)](y, out, n, y.shape[0], BLOCK=1024, num_warps=4,
+                                                **pdl_launch(y))
     return out

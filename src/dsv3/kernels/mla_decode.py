@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from .mla_decode_tma import launch_tma, tma_supported
-from .triton_setup import HAS_TRITON, need_triton, tl, triton, use_triton
+from .triton_setup import HAS_TRITON, need_triton, pdl_entry, pdl_launch, tl, triton, use_triton
 
 __all__ = ["HAS_TRITON", "mla_decode", "mla_decode_reference", "mla_decode_triton", "mla_decode_bytes",
            "mla_decode_num_splits"]
@@ -143,8 +143,9 @@ if HAS_TRITON:
         H, tokens_per_split,
         C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr, APPEND: tl.constexpr,
+        DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr, APPEND: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        pdl_entry(PDL)
         hg = tl.program_id(0)
         sp = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -223,8 +224,9 @@ if HAS_TRITON:
         stride_lse_b, stride_lse_h,
         stride_o_b, stride_o_h,
         S, tokens_per_split,
-        C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+        C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        pdl_entry(PDL)
         h = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1).to(tl.int64)
         # only the splits that held tokens of this sequence: a short sequence in a wide block table (a CUDA graph's
@@ -379,7 +381,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
             C=C, R=R, PAGE=page,
             BLOCK_C=_next_pow2(C), BLOCK_R=max(16, _next_pow2(R)), BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
             DOT_PREC=dot_prec, WRITE_LSE=S > 1, APPEND=append is not None,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q_abs),
         )
     if S > 1:
         _mla_decode_combine_kernel[(H, B)](
@@ -389,7 +391,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
             out.stride(0), out.stride(1),
             S, tps,
             C=C, BLOCK_C=_next_pow2(C), BLOCK_S=_next_pow2(S),
-            num_warps=4,
+            num_warps=4, **pdl_launch(q_abs),
         )
     return out
 

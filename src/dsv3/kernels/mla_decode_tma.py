@@ -30,7 +30,7 @@ import os
 
 from torch import Tensor
 
-from .triton_setup import HAS_TRITON, capability, tl, triton
+from .triton_setup import HAS_TRITON, capability, pdl_entry, pdl_launch, tl, triton
 
 __all__ = ["tma_supported", "launch_tma"]
 
@@ -109,7 +109,9 @@ if HAS_TRITON:
         H, tokens_per_split,
         HALF: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr, APPEND: tl.constexpr, WS: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        pdl_entry(PDL)
         hg = tl.program_id(0)
         sp = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -188,5 +190,5 @@ def launch_tma(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache
         H, tokens_per_split,
         HALF=C // 2, R=R, PAGE=page, BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
         DOT_PREC=dot_prec, WRITE_LSE=write_lse, APPEND=append, WS=bool(cfg.get("warp_specialize", False)),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q_abs),
     )

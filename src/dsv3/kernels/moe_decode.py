@@ -55,7 +55,8 @@ from .fp8_quant import dequantize_blocks
 from .fp8_weight_gemm import grouped_tile_map
 from .moe_decode_launch import LAUNCH_TABLE, MoELaunch, _launch_kwargs, fused_token_range, launch_config
 from .moe_rows import ROWS_MAX_TOKENS, moe_decode_rows_triton, rows_form
-from .triton_setup import BLOCK, HAS_TRITON, TRITON_DTYPES, need_triton, tl, triton, use_triton
+from .triton_setup import (BLOCK, HAS_TRITON, TRITON_DTYPES, need_triton, pdl_entry, pdl_launch, tl, triton,
+                           use_triton)
 
 __all__ = ["HAS_TRITON", "LAUNCH_TABLE", "ROWS_MAX_TOKENS", "MoELaunch", "down_stage", "fused_token_range",
            "gate_up_stage", "launch_config", "moe_decode", "moe_decode_reference", "moe_decode_rows_triton",
@@ -180,7 +181,8 @@ if HAS_TRITON:
                         stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
                         stride_hm, stride_hn, stride_hs, stride_hw,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                        FP8: tl.constexpr, F16: tl.constexpr, DOT_PREC: tl.constexpr):
+                        FP8: tl.constexpr, F16: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_entry(PDL)
         t = tl.program_id(0)
         e = tl.load(TILE_E + t)
         if e >= E:
@@ -237,7 +239,8 @@ if HAS_TRITON:
                      stride_ys, stride_ym, stride_yn, stride_hs, stride_hw,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                      H_SPLIT: tl.constexpr, H_DTYPE: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     DOT_PREC: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_entry(PDL)
         t = tl.program_id(0)
         e = tl.load(TILE_E + t)
         if e >= E:
@@ -312,7 +315,7 @@ def gate_up_stage(x: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_r
         x.stride(0), x.stride(1), *gate_proj.stride(), *sg[1:], *_h_strides(h),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=BLOCK, SPLIT_K=S, FP8=gate_scale is not None,
         F16=f16, DOT_PREC="ieee" if x.dtype == torch.float32 and not f16 else "tf32", num_warps=launch.num_warps,
-        num_stages=launch.num_stages)
+        num_stages=launch.num_stages, **pdl_launch(x))
     return h
 
 
@@ -345,7 +348,7 @@ def down_stage(h: Tensor, pairs: Tensor, offs: Tensor, tile_e: Tensor, tile_row:
         BLOCK_M=launch.block_m, BLOCK_N=launch.down_block_n, BLOCK_K=BLOCK, SPLIT_K=launch.split_k, H_SPLIT=S,
         H_DTYPE=getattr(tl, _TL_DTYPES[act_dtype]), FP8=down_scale is not None, F16=f16,
         DOT_PREC="ieee" if act_dtype == torch.float32 and not f16 else "tf32",
-        num_warps=launch.down_num_warps, num_stages=launch.down_num_stages)
+        num_warps=launch.down_num_warps, num_stages=launch.down_num_stages, **pdl_launch(h))
     return y[0] if launch.split_k == 1 else y.sum(0)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_setup import HAS_TRITON, need_triton, tl, triton, use_triton
+from .triton_setup import HAS_TRITON, need_triton, pdl_entry, pdl_launch, tl, triton, use_triton
 
 __all__ = ["MOE_ROUTE_MAX_EXPERTS", "MOE_ROUTE_MAX_TOKENS", "moe_route", "moe_route_reference",
            "moe_route_triton", "sort_pairs_triton"]
@@ -77,7 +77,9 @@ if HAS_TRITON:
     @triton.jit
     def _route_kernel(LOGITS, BIAS, W, IDX, COUNTS, stride_l, stride_w, stride_i, route_scale,
                       S: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
-                      BG: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr):
+                      BG: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+                      PDL: tl.constexpr = False):
+        pdl_entry(PDL)
         t = tl.program_id(0).to(tl.int64)
         g = tl.arange(0, BG)[:, None]
         j = tl.arange(0, BS)[None, :]
@@ -119,7 +121,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _sort_pairs_kernel(IDX, PAIRS, OFFS, TILE_E, TILE_ROW, P, E, NT, BLOCK_M: tl.constexpr, BE: tl.constexpr,
-                           CH: tl.constexpr):
+                           CH: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_entry(PDL)
         e = tl.arange(0, BE)
         cnt = tl.zeros([BE], dtype=tl.int32)
         for c in range(0, tl.cdiv(P, CH)):                  # 1. counts per expert
@@ -167,7 +170,8 @@ def sort_pairs_triton(idx: Tensor, n_experts: int, block_m: int) -> tuple[Tensor
     tile_e = torch.empty(n_tiles, dtype=torch.int32, device=idx.device)
     tile_row = torch.empty(n_tiles, dtype=torch.int32, device=idx.device)
     _sort_pairs_kernel[(1,)](idx.contiguous(), pairs, offs, tile_e, tile_row, P, E, n_tiles, BLOCK_M=block_m,
-                             BE=triton.next_power_of_2(max(E, 2)), CH=32 if E > 64 else 64, num_warps=4)
+                             BE=triton.next_power_of_2(max(E, 2)), CH=32 if E > 64 else 64, num_warps=4,
+                             **pdl_launch(idx))
     return pairs, offs, tile_e, tile_row
 
 
@@ -189,7 +193,7 @@ def moe_route_triton(logits: Tensor, bias: Tensor, top_k: int, n_group: int, top
                             float(route_scale), S=S, G=n_group, TOPK_GROUP=topk_group, TOPK=top_k,
                             BG=triton.next_power_of_2(n_group), BS=triton.next_power_of_2(S),
                             BK=triton.next_power_of_2(top_k), NORM=bool(norm_topk_prob and top_k > 1),
-                            num_warps=4 if E > 64 else 1)
+                            num_warps=4 if E > 64 else 1, **pdl_launch(logits))
     return weights, idx, counts
 
 

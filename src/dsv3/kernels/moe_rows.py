@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .fp8_gemv import gemv_launch
-from .triton_setup import BLOCK, HAS_TRITON, tl, triton
+from .triton_setup import BLOCK, HAS_TRITON, pdl_entry, pdl_launch, tl, triton
 
 if HAS_TRITON:
     from .fp8_gemv import _row_strip, _row_strips
@@ -43,11 +43,12 @@ if HAS_TRITON:
     def _gate_up_rows_kernel(X, IDX, WG, WU, SG, SU, WGS, WUS, SGS, SUS, H, N, NS, K, NKB, TOPK, stride_xm,
                              stride_we, stride_wn, stride_se, stride_sn, stride_wsn, stride_ssn, stride_hm,
                              BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr,
-                             PAIR: tl.constexpr, SHARED: tl.constexpr):
+                             PAIR: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr = False):
         """The GEMV form of step 2, one program per (pair, BLOCK_N rows of I): h[p] = silu(x[t] g_e^T) * x[t] u_e^T
         for the pair's token t and expert e, each weight strip read with fp8_gemv's wide loads; PAIR: gate's and
         up's loads in the same steps, else gate's strip then up's. SHARED: each token's pairs are its TOPK routed ones
         then one over the shared experts' WGS / WUS (NS rows; strips past a pair's own rows return at once)."""
+        pdl_entry(PDL)
         p = tl.program_id(0)
         n0 = tl.program_id(1) * BLOCK_N
         if SHARED:
@@ -91,9 +92,10 @@ if HAS_TRITON:
     def _down_rows_kernel(H, IDX, WD, SD, WDS, SDS, TW, Y, N, K, KS, NKB, NKBS, TOPK, stride_hm, stride_we,
                           stride_wn, stride_se, stride_sn, stride_wsn, stride_ssn, stride_ym,
                           BLOCK_N: tl.constexpr, KU: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr,
-                          SHARED: tl.constexpr):
+                          SHARED: tl.constexpr, PDL: tl.constexpr = False):
         """The GEMV form of step 3: y[p] = tw[p] * h[p] d_e^T (fp32), one program per (pair, BLOCK_N rows of D);
         SHARED: each token's last pair runs the shared experts' WDS (KS columns) with weight 1."""
+        pdl_entry(PDL)
         p = tl.program_id(0)
         if SHARED:
             k = p % (TOPK + 1)
@@ -209,7 +211,7 @@ def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor
         x.stride(0), gate_proj.stride(0), gate_proj.stride(1), st(scales[0], 0), st(scales[0], 1), st(ws[0], 0),
         st(ss[0], 0), h.stride(0),
         BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=D % (cfg["ku"] * BLOCK) == 0, FP8=fp8, PAIR=cfg["pair"],
-        SHARED=has_shared, num_warps=cfg["num_warps"])
+        SHARED=has_shared, num_warps=cfg["num_warps"], **pdl_launch(x))
     y = torch.empty(P, D, device=x.device, dtype=torch.float32)
     cfg = down_cfg
     kw = cfg["ku"] * BLOCK
@@ -218,5 +220,5 @@ def moe_decode_rows_triton(x: Tensor, tw: Tensor, idx: Tensor, gate_proj: Tensor
         topk, h.stride(0), down_proj.stride(0), down_proj.stride(1), st(scales[2], 0), st(scales[2], 1),
         st(ws[2], 0), st(ss[2], 0), y.stride(0),
         BLOCK_N=cfg["block_n"], KU=cfg["ku"], EVEN_K=I % kw == 0 and I_s % kw == 0, FP8=fp8, SHARED=has_shared,
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], **pdl_launch(h))
     return y

@@ -9,12 +9,21 @@ may send to a Triton kernel.
   fp64 on the GPU), triton importable, the environment switch `env` not set to "reference", and, for kernels that
   convert to or multiply e4m3 (`fp8e4nv`), a GPU of sm_89 or newer. Device capabilities are read once per device.
 - `patch_interpreter_for_numpy2`: running these kernels on the CPU under TRITON_INTERPRET=1 (tests, dry runs).
+- Programmatic dependent launch (PDL, sm_90+): inside `programmatic_launch()`, the decode kernels launch with
+  `launch_pdl` (`pdl_launch(x)`: their launch keywords) and start with `pdl_entry(PDL)`: wait for the previous
+  kernel's completion (`griddepcontrol.wait`), then let the next one launch. A kernel's launch and prologue then
+  overlap the tail of the one before it instead of following it; nothing is read or written before the wait, so
+  the order of memory effects is the stream's. The decode step of `lite` at batch 1 is ~546 kernels of a few us
+  each (RESULTS.md, issue 16), where those gaps add up. Off by default (`EngineConfig.pdl`); CUDA graphs capture it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -32,7 +41,8 @@ FP8_MAX = 448.0
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 __all__ = ["BLOCK", "FP8_MAX", "HAS_TRITON", "TRITON_DTYPES", "capability", "need_triton",
-           "patch_interpreter_for_numpy2", "tl", "triton", "use_triton"]
+           "patch_interpreter_for_numpy2", "pdl_entry", "pdl_launch", "programmatic_launch", "tl", "triton",
+           "use_triton"]
 
 
 def need_triton(name: str) -> None:
@@ -79,3 +89,44 @@ def patch_interpreter_for_numpy2() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     interpreter._patch_lang_tensor = patched
+
+
+_PDL = contextvars.ContextVar("dsv3_programmatic_launch", default=False)
+
+if HAS_TRITON:
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        _HAS_GDC = True
+    except ImportError:  # pragma: no cover - a Triton without grid dependency control: PDL stays off
+        _HAS_GDC = False
+
+    @triton.jit
+    def pdl_entry(PDL: tl.constexpr):
+        """A kernel's first statement: with PDL, wait until the kernel before it has finished and its writes are
+        visible, then allow the next kernel to launch (its own wait keeps it from reading this one's outputs)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+else:  # pragma: no cover - exercised where triton is absent
+    _HAS_GDC = False
+    pdl_entry = None
+
+
+@contextlib.contextmanager
+def programmatic_launch(on: bool = True) -> Iterator[None]:
+    """Inside this block the decode kernels launch with programmatic dependent launch where the device has it
+    (module docstring); `on=False` is a no-op block."""
+    token = _PDL.set(bool(on))
+    try:
+        yield
+    finally:
+        _PDL.reset(token)
+
+
+def pdl_launch(x: Tensor) -> dict:
+    """The launch keywords of a kernel that starts with `pdl_entry(PDL)`, for its operand x: PDL on inside
+    `programmatic_launch()` for a CUDA tensor of an sm_90+ device (never under the interpreter), else none (the
+    kernel's PDL default, False)."""
+    if not (_HAS_GDC and _PDL.get() and isinstance(x, Tensor) and x.is_cuda and capability(x.device) >= (9, 0)):
+        return {}
+    return {"PDL": True, "launch_pdl": True}
