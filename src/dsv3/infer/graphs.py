@@ -19,7 +19,9 @@ bucketing against the unpadded engine.
 
 With `pdl` (EngineConfig.pdl, sm_90+) the warm-up and the capture run inside `programmatic_launch()` with inductor's
 `triton.enable_pdl`: the captured Triton kernels (ours and the compiled layers') launch with programmatic dependent
-launch, each overlapping its launch with the tail of the kernel before it (dsv3.kernels.triton_setup).
+launch, each overlapping its launch with the tail of the kernel before it (dsv3.kernels.triton_setup). The compiled
+layers are made once per process (runner._compiled): inductor's kernels have PDL when a PDL engine's capture was
+the first to compile them; ours follow each engine's switch.
 """
 
 from __future__ import annotations
