@@ -1,5 +1,7 @@
 """The paged MLA decode kernel with TMA tile loads: the many-head form (V3's 128 heads), an alternative body for
-`mla_decode_triton` (`tma=True`), with the same contract, grid, splits and combine (`dsv3.kernels.mla_decode`).
+`mla_decode_triton` (`tma=True`; the default at 64+ heads), with the same contract, grid, splits and combine
+(`dsv3.kernels.mla_decode`). On an H100 at 128 heads, B = 64 x 16K: 1.17-1.21x the gather kernel, 263-289 TFLOP/s
+over 8K-32K contexts (~28% of bf16 peak; RESULTS.md twenty-third session).
 
 Why (RESULTS.md, MLA decode kernel bandwidth): at 128 heads the decode is compute-bound (each 576-value latent is
 used by every head: ~240 FLOP per byte) and the pointer-gather kernel reaches ~20% of bf16 tensor peak. FlashMLA's
