@@ -150,6 +150,33 @@ def test_bytes_and_splits():
     assert mla_decode_num_splits(1, 16, 4096, 16, 64, 132, small["min_tokens_per_split"]) == (64, 64)
 
 
+def test_tma_path_is_taken_only_where_its_rules_hold(monkeypatch):
+    """`tma_supported` (the TMA kernel's gate; the gather kernel runs otherwise): the interpreter or sm_90+ only;
+    C / 2 and R powers of two within a TMA box; tiles that never cross a page; caches whose blocks flatten to rows.
+    And the default launch config asks for it at 64+ heads only (bf16)."""
+    from dsv3.kernels.mla_decode import _default_config
+    from dsv3.kernels.mla_decode_tma import tma_supported
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    q, _, c_kv, k_pe, *_ = make_case([5], H=4, C=64, R=16, bs=16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not tma_supported(q, c_kv, k_pe, 16)                 # a CPU tensor outside the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tma_supported(q, c_kv, k_pe, 16) and tma_supported(q, c_kv, k_pe, 8)
+    assert not tma_supported(q, c_kv, k_pe, 32)                 # a 32-token tile would cross a 16-token page
+    q2, _, c2, k2, *_ = make_case([5], H=4, C=64, R=8, bs=16)
+    assert not tma_supported(q2, c2, k2, 16)                    # R = 8: below the smallest rope tile
+    q3, _, c3, k3, *_ = make_case([5], H=4, C=96, R=16, bs=16)
+    assert not tma_supported(q3, c3, k3, 16)                    # C / 2 = 48: not a power of two
+    q4, _, c4, k4, *_ = make_case([5], H=4, C=1024, R=16, bs=16)
+    assert not tma_supported(q4, c4, k4, 16)                    # C / 2 = 512: wider than a TMA box
+    pad = lambda t: torch.cat([t, torch.zeros_like(t)], 1)[:, :t.shape[1]]   # noqa: E731 - blocks with a gap after
+    assert not tma_supported(q, pad(c_kv), pad(k_pe), 16)      # blocks that do not flatten to rows
+    assert _default_config(128, 512, torch.bfloat16).get("tma") is True
+    assert not _default_config(16, 512, torch.bfloat16).get("tma")
+    assert not _default_config(128, 512, torch.float32).get("tma")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton under the interpreter (subprocess)
 # ---------------------------------------------------------------------------------------------------------------
