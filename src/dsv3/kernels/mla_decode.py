@@ -46,7 +46,7 @@ import math
 import torch
 from torch import Tensor
 
-from .mla_decode_tma import launch_tma, tma_supported
+from .mla_decode_tma import launch_tma, split_bounds, tma_supported
 from .triton_setup import HAS_TRITON, need_triton, pdl_entry, pdl_launch, tl, triton, use_triton
 
 __all__ = ["HAS_TRITON", "mla_decode", "mla_decode_reference", "mla_decode_triton", "mla_decode_bytes",
@@ -146,14 +146,8 @@ if HAS_TRITON:
         DOT_PREC: tl.constexpr, WRITE_LSE: tl.constexpr, APPEND: tl.constexpr, PDL: tl.constexpr = False,
     ):
         pdl_entry(PDL)
-        hg = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-
-        seq_len = tl.load(SL + b)
-        start = sp * tokens_per_split
         # with APPEND the last position is this step's token, taken from the inputs below: the tiles stop before it
-        end = tl.minimum(start + tokens_per_split, seq_len - 1 if APPEND else seq_len)
+        hg, sp, b, seq_len, start, end = split_bounds(SL, tokens_per_split, APPEND)
 
         offs_h = hg * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
@@ -308,10 +302,12 @@ def mla_decode_num_splits(B: int, H: int, max_tokens: int, block_h: int, block_n
 def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
                       seq_lens: Tensor, scale: float, *, num_splits: int | None = None, block_h: int | None = None,
                       block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                      tma: bool | None = None, append: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                      tma: bool | None = None, warp_specialize: bool | None = None,
+                      append: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Paged absorbed-MLA decode through Triton (same contract as `mla_decode_reference`, `append` included). The
     other keyword-only arguments override the tuned defaults (benchmark sweeps); `num_splits` fixes the KV split
-    count; `tma` asks for the TMA kernel (`dsv3.kernels.mla_decode_tma`), which runs where `tma_supported`."""
+    count; `tma` asks for the TMA kernel (`dsv3.kernels.mla_decode_tma`), which runs where `tma_supported`, and
+    `warp_specialize` for its tile loop as Triton's producer / consumer split (unmeasured)."""
     need_triton("mla_decode_triton")
     B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
     if append is not None:
@@ -334,7 +330,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
 
     cfg = _default_config(H, C, q_abs.dtype, B)
     for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages),
-                 ("tma", tma)):
+                 ("tma", tma), ("warp_specialize", warp_specialize)):
         if v is not None:
             cfg[k] = v
     page = c_kv_cache.shape[1]

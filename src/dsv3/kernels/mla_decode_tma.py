@@ -18,9 +18,9 @@ formulation, which this follows where Triton lets it:
 TMA boxes past the cache's last row read zeros; rows past a sequence's end inside its page are masked as in the
 gather kernel, so a reused block's stale values (even NaN) never count.
 
-Launch config key `warp_specialize` (off): the tile loop as `tl.range(..., warp_specialize=True)`, Triton's producer /
-consumer split, the cheapest form of FlashMLA's overlap of one tile's softmax with another's MMAs; unmeasured
-(`benchmarks/mla_ws_probe.py`).
+`warp_specialize` (a keyword of `mla_decode_triton`, off): the tile loop as `tl.range(..., warp_specialize=True)`,
+Triton's producer / consumer split, the cheapest form of FlashMLA's overlap of one tile's softmax with another's
+MMAs; unmeasured (`benchmarks/mla_ws_probe.py`).
 
 `tma_supported` says whether a call can take this path (shapes, strides, alignment; a Hopper GPU or the
 interpreter); `mla_decode_triton` falls back to the gather kernel otherwise.
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .triton_setup import HAS_TRITON, capability, pdl_entry, pdl_launch, tl, triton
 
-__all__ = ["tma_supported", "launch_tma"]
+__all__ = ["launch_tma", "split_bounds", "tma_supported"]
 
 
 def _pow2(x: int) -> bool:
@@ -68,6 +68,19 @@ def tma_supported(q_abs: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_n
 
 if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def split_bounds(SL, tokens_per_split, APPEND: tl.constexpr):
+        """This program's (head group, split, sequence, its length, first token, end): the split's tiles cover
+        [start, end). With APPEND the last position is this step's token, taken from the inputs: the tiles stop
+        before it. Both MLA decode kernels (gather and TMA) split so."""
+        hg = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        seq_len = tl.load(SL + b)
+        start = sp * tokens_per_split
+        end = tl.minimum(start + tokens_per_split, seq_len - 1 if APPEND else seq_len)
+        return hg, sp, b, seq_len, start, end
 
     @triton.jit
     def _tile(q_lo, q_hi, qpe, m_i, l_i, acc_lo, acc_hi, ckv_desc, kpe_desc, bt_row, n0, end, sm_scale_log2,
@@ -114,12 +127,7 @@ if HAS_TRITON:
         PDL: tl.constexpr = False,
     ):
         pdl_entry(PDL)
-        hg = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        seq_len = tl.load(SL + b)
-        start = sp * tokens_per_split
-        end = tl.minimum(start + tokens_per_split, seq_len - 1 if APPEND else seq_len)
+        hg, sp, b, seq_len, start, end = split_bounds(SL, tokens_per_split, APPEND)
 
         offs_h = hg * BLOCK_H + tl.arange(0, BLOCK_H)
         mask_h = offs_h < H
@@ -170,6 +178,9 @@ if HAS_TRITON:
         if WRITE_LSE:
             lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
             tl.store(LSE + b * stride_lse_b + offs_h * stride_lse_h + sp, lse, mask=mask_h)
+
+else:  # pragma: no cover - exercised where triton is absent (dsv3.kernels.mla_decode imports the name)
+    split_bounds = None
 
 
 def launch_tma(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
