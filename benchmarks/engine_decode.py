@@ -170,7 +170,8 @@ MODES = {"eager": dict(cuda_graphs=False, fused_moe="off"), "graphs": dict(fused
          "sync": dict(compile_decode=True, fused_moe="auto", overlap_schedule="off"),
          "overlap": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on"),
          "cprefill": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", compile_prefill=True),
-         "pdl": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", pdl=True)}
+         "pdl": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", pdl=True),
+         "nopdl": dict(compile_decode=True, fused_moe="auto", overlap_schedule="on", pdl=False)}
 
 
 def host_ms_per_step(model, batch: int, prompt: int, steps: int = 40, count: int = 6, **engine_kw) -> dict:

@@ -69,8 +69,9 @@ class EngineConfig:
     overlap_schedule: str | bool = "auto"
     # decode graphs captured with programmatic dependent launch (sm_90+): each Triton kernel of the step (ours and
     # the compiled layers') launches while the one before it finishes, instead of after (dsv3.kernels.triton_setup);
-    # the batch-1 step is ~546 kernels of a few us each (issue 16). Off until measured: engine_decode.py mode `pdl`
-    pdl: bool = False
+    # the batch-1 step is ~546 kernels of a few us each (issue 16). Measured on an H100 (RESULTS.md, twenty-fourth
+    # session): batch 1 BF16 +5.0%, FP8 +5.7%, batches 32 / 64 unchanged; greedy outputs identical (test_infer_pdl)
+    pdl: bool = True
 
     def __post_init__(self) -> None:
         # a float, string or bool here would pass the range checks below (8.5 >= 1, True >= 1) and fail deep in

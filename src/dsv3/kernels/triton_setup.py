@@ -14,7 +14,8 @@ may send to a Triton kernel.
   kernel's completion (`griddepcontrol.wait`), then let the next one launch. A kernel's launch and prologue then
   overlap the tail of the one before it instead of following it; nothing is read or written before the wait, so
   the order of memory effects is the stream's. The decode step of `lite` at batch 1 is ~546 kernels of a few us
-  each (RESULTS.md, issue 16), where those gaps add up. Off by default (`EngineConfig.pdl`); CUDA graphs capture it.
+  each (RESULTS.md, issue 16), where those gaps add up. On by default in the decode graphs (`EngineConfig.pdl`;
+  +5-6% at batch 1 on an H100, RESULTS.md twenty-fourth session); CUDA graphs capture it.
 """
 
 from __future__ import annotations
