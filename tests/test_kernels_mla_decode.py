@@ -172,6 +172,10 @@ def test_tma_path_is_taken_only_where_its_rules_hold(monkeypatch):
     assert not tma_supported(q4, c4, k4, 16)                    # C / 2 = 512: wider than a TMA box
     pad = lambda t: torch.cat([t, torch.zeros_like(t)], 1)[:, :t.shape[1]]   # noqa: E731 - blocks with a gap after
     assert not tma_supported(q, pad(c_kv), pad(k_pe), 16)      # blocks that do not flatten to rows
+    from dsv3.kernels.mla_decode_gluon import gluon_supported
+    qg, _, cg, kg, *_ = make_case([5], H=64, C=512, R=64, bs=64, dtype=torch.bfloat16)
+    assert not gluon_supported(qg, cg, kg, 64, 64)              # the Gluon body: CUDA sm_90 only, never the CPU
+    assert not _default_config(128, 512, torch.bfloat16).get("gluon")   # not the default until measured
     assert _default_config(128, 512, torch.bfloat16).get("tma") is True
     assert not _default_config(16, 512, torch.bfloat16).get("tma")
     assert not _default_config(128, 512, torch.float32).get("tma")
@@ -306,13 +310,23 @@ def test_triton_cuda_append_equals_store_then_attend(num_splits):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("body", [dict(tma=True), dict(gluon=True), dict(gluon=True, block_n=32, num_stages=4)],
+                         ids=["tma", "gluon", "gluon-bn32"])
 @pytest.mark.parametrize("H", [64, 128])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
-def test_triton_cuda_tma_many_heads(H, num_splits):
-    """The TMA kernel at V3's head counts, bf16, against the reference; its append form against store-then-attend;
-    stale NaN past the ends inside the last pages never counts."""
+def test_triton_cuda_many_heads_bodies(H, num_splits, body):
+    """The many-head bodies (TMA, Gluon) at V3's head counts, bf16, against the reference; their append form against
+    store-then-attend; stale NaN past the ends inside the last pages never counts. The Gluon body must be the one
+    that runs (its gate holds on sm_90), not a fall-back."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs sm_90+")
+    body = dict(dict(block_h=64, block_n=64, num_warps=8, num_stages=2), **body)
+    if body.get("gluon"):
+        from dsv3.kernels.mla_decode_gluon import HAS_GLUON, gluon_supported
+        if not HAS_GLUON or torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the Gluon body is written for sm_90 (wgmma)")
+        probe = torch.zeros(2, 64, 512, device="cuda", dtype=torch.bfloat16)
+        assert gluon_supported(probe, probe, probe[..., :64].contiguous(), 64, body["block_n"])
     lens = [1, 64, 65, 1000, 2048, 3001, 0, 127]
     q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale = make_case(lens, H=H, C=512, R=64, bs=64, dtype=torch.bfloat16,
                                                              seed=25, pad=-7, device="cuda")
@@ -320,15 +334,14 @@ def test_triton_cuda_tma_many_heads(H, num_splits):
     for b, n in enumerate(lens):
         if n % 64:
             c_kv[int(bt[b, (n - 1) // 64]), n % 64:] = float("nan")
-    out = mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale, num_splits=num_splits, tma=True,
-                            block_h=64, block_n=64, num_warps=8, num_stages=2)
+    out = mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale, num_splits=num_splits, **body)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
     (q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale), append = make_append_case(
         [1, 64, 65, 1000, 0, 129], H=H, C=512, R=64, bs=64, dtype=torch.bfloat16, seed=26, device="cuda")
     c_ref, k_ref = c_kv.clone(), k_pe.clone()
     want = mla_decode_reference(q_abs, q_pe, c_ref, k_ref, bt, seq_lens, scale, append=append)
     got = mla_decode_triton(q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale, append=append, num_splits=num_splits,
-                            tma=True)
+                            **body)
     assert torch.equal(c_kv, c_ref) and torch.equal(k_pe, k_ref)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 

@@ -1,0 +1,109 @@
+"""The Gluon MLA decode body (`dsv3.kernels.mla_decode_gluon`) against the TMA body at V3's 128 heads: first every
+config's correctness against the PyTorch reference on ragged lengths (0, 1, page edges, long; NaN written past the
+ends inside the last pages; 1, default and 7 splits; the append form against store-then-attend), then times at
+B = 64 x 8K / 16K / 32K and B = 128 x 8K (bf16, C = 512, R = 64, pages of 64). A config that fails its check or
+does not compile is reported and not timed. GPU only (sm_90):
+    PYTHONPATH=src python benchmarks/mla_gluon_probe.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton.testing as tt
+
+from dsv3.kernels import mla_decode_reference, mla_decode_triton
+
+BODIES = {"tma": dict(tma=True), "gluon-bn64-s2": dict(gluon=True, block_n=64, num_stages=2),
+          "gluon-bn32-s4": dict(gluon=True, block_n=32, num_stages=4),
+          "gluon-bn32-s3": dict(gluon=True, block_n=32, num_stages=3)}
+PEAK = {"H100": 989e12, "H200": 989e12}   # dense bf16 tensor peak of the SXM parts
+
+
+def ragged(lens, H, seed, nan_tail=True):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    C, R, bs = 512, 64, 64
+    B = len(lens)
+    per = [max(1, -(-n // bs)) for n in lens]
+    nb = sum(per) + 3
+    ckv = torch.randn(nb, bs, C, generator=g).to("cuda", torch.bfloat16)
+    kpe = torch.randn(nb, bs, R, generator=g).to("cuda", torch.bfloat16)
+    perm = torch.randperm(nb, generator=g)
+    bt = torch.full((B, max(per)), -7, dtype=torch.int32)
+    k = 0
+    for b, p in enumerate(per):
+        bt[b, :p] = perm[k:k + p].to(torch.int32)
+        k += p
+    bt = bt.cuda()
+    if nan_tail:
+        for b, n in enumerate(lens):
+            if n % bs:
+                ckv[int(bt[b, (n - 1) // bs]), n % bs:] = float("nan")
+    q = torch.randn(B, H, C, generator=g).to("cuda", torch.bfloat16)
+    qpe = torch.randn(B, H, R, generator=g).to("cuda", torch.bfloat16)
+    return q, qpe, ckv, kpe, bt, torch.tensor(lens, dtype=torch.int32, device="cuda"), 0.04
+
+
+def check(name: str, kw: dict) -> float:
+    worst = 0.0
+    for H in (64, 128):
+        case = ragged([1, 64, 65, 1000, 2048, 3001, 0, 127], H, seed=H)
+        ref = mla_decode_reference(*case).float()
+        for ns in (None, 1, 7):
+            out = mla_decode_triton(*case, num_splits=ns, **kw).float()
+            worst = max(worst, (out - ref).abs().max().item())
+        # append: this step's latents at each row's last position
+        q, qpe, ckv, kpe, bt, lens, scale = ragged([1, 64, 65, 1000, 0, 129], H, seed=H + 1, nan_tail=False)
+        pos = (lens - 1).clamp(min=0).long()
+        slots = bt.long().gather(1, (pos // 64)[:, None]).squeeze(1).clamp(min=0) * 64 + pos % 64
+        new_c = torch.randn(len(lens), 512, device="cuda", dtype=torch.bfloat16)
+        new_k = torch.randn(len(lens), 64, device="cuda", dtype=torch.bfloat16)
+        c_ref, k_ref = ckv.clone(), kpe.clone()
+        want = mla_decode_reference(q, qpe, c_ref, k_ref, bt, lens, scale, append=(slots, new_c, new_k)).float()
+        got = mla_decode_triton(q, qpe, ckv, kpe, bt, lens, scale, append=(slots, new_c, new_k), num_splits=3,
+                                **kw).float()
+        stored = max((ckv.float() - c_ref.float()).abs().max().item(), (kpe.float() - k_ref.float()).abs().max().item())
+        worst = max(worst, (got - want).abs().max().item(), stored)
+    print(f"check {name:14s}: max |err| {worst:.3e}", flush=True)
+    return worst
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one shape (B = 64 x 16K)")
+    args = p.parse_args()
+    from dsv3.kernels.mla_decode_gluon import HAS_GLUON
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK.items() if k in name), 989e12)
+    print(f"{name}, capability {torch.cuda.get_device_capability()}, gluon {HAS_GLUON}", flush=True)
+    good = {}
+    for body, kw in BODIES.items():
+        try:
+            if check(body, kw) <= 2e-2:
+                good[body] = kw
+            else:
+                print(f"  {body}: wrong, not timed", flush=True)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or launch: say why, go on
+            print(f"check {body:14s}: failed ({type(e).__name__}: {str(e)[:400]})", flush=True)
+    shapes = [(64, 16384)] if args.quick else [(64, 8192), (64, 16384), (64, 32768), (128, 8192)]
+    H, C, R = 128, 512, 64
+    for B, ctx in shapes:
+        nb = B * ctx // 64
+        ckv = torch.randn(nb, 64, C, device="cuda", dtype=torch.bfloat16)
+        kpe = torch.randn(nb, 64, R, device="cuda", dtype=torch.bfloat16)
+        bt = torch.randperm(nb, device="cuda", dtype=torch.int32).view(B, -1)
+        lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+        q = torch.randn(B, H, C, device="cuda", dtype=torch.bfloat16)
+        qpe = torch.randn(B, H, R, device="cuda", dtype=torch.bfloat16)
+        flops = 2 * B * ctx * H * (2 * C + R)
+        for body, kw in good.items():
+            ms = tt.do_bench(lambda kw=kw, a=(q, qpe, ckv, kpe, bt, lens): mla_decode_triton(*a, 0.04, **kw))
+            tf = flops / ms / 1e9
+            print(f"B={B:4d} ctx={ctx:6d} {body:14s}: {ms * 1e3:9.1f} us {tf:7.1f} TFLOP/s "
+                  f"{100 * tf * 1e12 / peak:5.1f}% of bf16 peak", flush=True)
+        del ckv, kpe
+
+
+if __name__ == "__main__":
+    main()
