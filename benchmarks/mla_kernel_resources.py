@@ -1,6 +1,12 @@
 """Registers, spills and shared memory of the compiled MLA decode kernels (gather and TMA) at V3's 128 heads and
-lite's 16: where a compute-bound decode kernel loses its tensor cores' time first. GPU only:
+lite's 16: where a compute-bound decode kernel loses its tensor cores' time first. On a GPU:
     PYTHONPATH=src python benchmarks/mla_kernel_resources.py
+Without one, `--offline` compiles the many-head bodies (TMA, Gluon) for sm_90 on the CPU machine (Triton's own
+ptxas; no driver needed) and reports shared memory, registers and spills; `--dump DIR` writes each body's TTGIR and
+PTX, where the layouts and wgmma waits can be read (how the TMA body's duplicated Q K^T was found, RESULTS.md
+twenty-fourth session). Registers from Triton's bundled ptxas may differ a little from the device's (the TMA body: 255
+registers and 112 B of stack here, 243 and none on the H100):
+    PYTHONPATH=src python benchmarks/mla_kernel_resources.py --offline [--dump out/mla_ir]
 """
 
 from __future__ import annotations
@@ -13,7 +19,75 @@ from dsv3.kernels import mla_decode_triton
 from dsv3.kernels import mla_decode_tma as tma_mod
 
 
+def offline(dump: str | None) -> None:
+    """Compile the TMA and Gluon bodies at 128 heads for sm_90 without a GPU and print their resources."""
+    import glob
+    import os
+    import re
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+
+    from dsv3.kernels import mla_decode_gluon as gluon_mod
+    cache = torch.zeros(64 * 64, 576, dtype=torch.bfloat16)
+    ptrs = dict(Q=cache, QPE=cache, CKV=cache, KPE=cache, BT=torch.zeros(1, dtype=torch.int32),
+                SL=torch.zeros(1, dtype=torch.int32), OP=torch.zeros(1), LSE=torch.zeros(1), NEWC=cache, NEWK=cache,
+                SLOT=torch.zeros(1, dtype=torch.int64), sm_scale_log2=0.5)
+    bodies = []
+    for bn, stages in ((64, 2),):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        descs = dict(ckv_desc=TensorDescriptor(cache, [4096, 512], [576, 1], [bn, 256]),
+                     kpe_desc=TensorDescriptor(cache[:, :64].contiguous(), [4096, 64], [64, 1], [bn, 64]))
+        const = dict(HALF=256, R=64, PAGE=64, BLOCK_H=64, BLOCK_N=bn, DOT_PREC="tf32", WRITE_LSE=True, APPEND=False,
+                     WS=False, PDL=False)
+        bodies.append((f"tma bn={bn} stages={stages}", tma_mod._mla_decode_tma_kernel, ASTSource, descs, const,
+                       dict(num_warps=8, num_stages=stages)))
+    if gluon_mod.HAS_GLUON:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon._runtime import GluonASTSource
+        for bn, stages in ((64, 2), (32, 4), (32, 3)):
+            lay_c = gl.NVMMASharedLayout.get_default_for([bn, 256], gl.bfloat16)
+            lay_k = gl.NVMMASharedLayout.get_default_for([bn, 64], gl.bfloat16)
+            descs = dict(ckv_desc=gluon_mod.GluonDescriptor(cache, [4096, 512], [576, 1], [bn, 256], lay_c),
+                         kpe_desc=gluon_mod.GluonDescriptor(cache[:, :64].contiguous(), [4096, 64], [64, 1],
+                                                            [bn, 64], lay_k))
+            const = dict(HALF=256, R=64, PAGE=64, BLOCK_H=64, BLOCK_N=bn, STAGES=stages, WRITE_LSE=True,
+                         APPEND=False)
+            bodies.append((f"gluon bn={bn} stages={stages}", gluon_mod._mla_decode_gluon_kernel, GluonASTSource,
+                           descs, const, dict(num_warps=8)))
+    cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
+    for name, fn, source, descs, const, options in bodies:
+        values = {**ptrs, **descs}
+        sig = {a: "constexpr" if a in const else mangle_type(values[a]) if a in values else "i32"
+               for a in fn.arg_names}
+        k = triton.compile(source(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                           options=options)
+        tag = re.sub(r"\W+", "_", name)
+        out = dump or "/tmp"
+        os.makedirs(out, exist_ok=True)
+        for ext in ("ttgir", "ptx") if dump else ():
+            with open(os.path.join(out, f"{tag}.{ext}"), "w") as f:
+                f.write(k.asm[ext])
+        cubin = os.path.join(out, f"{tag}.cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+        regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+        print(f"{name:24s} shared={k.metadata.shared} B regs={regs.group(1) if regs else '?'} "
+              f"stack (spills)={stack.group(1) if stack else '?'} B")
+
+
 def main() -> None:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--offline", action="store_true", help="compile for sm_90 on this machine, no GPU needed")
+    p.add_argument("--dump", default=None, help="with --offline: write each body's TTGIR and PTX here")
+    args = p.parse_args()
+    if args.offline:
+        return offline(args.dump)
     gather_mod = importlib.import_module("dsv3.kernels.mla_decode")
     B, ctx, C, R, bs = 8, 2048, 512, 64, 64
     nb = B * ctx // bs
