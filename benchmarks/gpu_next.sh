@@ -298,5 +298,11 @@ PY
     timeout 200 python benchmarks/engine_decode.py --batches 1 --tokens 8 --modes overlap,cprefill --ttft-batch 64 \
       --ttft-budgets 2048 --ttft-profile --ttft-profile-budget 2048 > "$OUT/ttft2048.txt" 2>&1
     grep -v Warn "$OUT/ttft2048.txt" | grep -E "TTFT|prefill step|kernels .* ms$|Error" | head -30 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I"; exit 2 ;;
+  J)    # twenty-fourth session (~5 min): the Gluon MLA decode body (dsv3.kernels.mla_decode_gluon, gluon=True) at
+        # 64 / 128 heads: its CUDA tests beside the TMA body's, then mla_gluon_probe.py (every config checked against
+        # the reference first, then timed against the TMA body at B = 64 x 8K / 16K / 32K and 128 x 8K)
+    timeout 200 python -m pytest -q -n 4 -p no:cacheprovider -p no:logging -rfEs --tb=short \
+      tests/test_kernels_mla_decode.py -k many_heads_bodies 2>&1 | tail -12 | tee "$OUT/gate.txt"
+    timeout 300 python benchmarks/mla_gluon_probe.py 2>&1 | tee "$OUT/gluon.txt" | tail -30 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J"; exit 2 ;;
 esac
