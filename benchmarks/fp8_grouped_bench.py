@@ -99,11 +99,18 @@ def per_gemm(D: int, I: int, counts: torch.Tensor, dev: str) -> list[dict]:
                          "of_copy": nbytes / t / 1e9 / copy_gbps})
         if dev == "cuda":       # launch shapes of the group-column quantiser (kernels/fp8_grouped_wgrad.py)
             from dsv3.kernels.fp8_grouped_wgrad import quantize_cols_grouped_triton
-            for bm, bk, nw in ((64, 64, 4), (32, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 4), (64, 128, 8)):
-                t = bench(lambda: quantize_cols_grouped_triton(x, offs, bm, bk, nw), dev)
+            # last field: one_pass_m (groups of at most that many tokens read once, held in registers; 0 = two reads)
+            for bm, bk, nw, one in ((64, 64, 4, 0), (32, 64, 4, 0), (128, 64, 8, 0), (64, 32, 4, 0), (128, 32, 4, 0),
+                                    (64, 128, 8, 0), (64, 16, 8, 1024), (64, 16, 8, 2048), (64, 32, 16, 1024),
+                                    (64, 16, 16, 2048), (64, 32, 8, 512)):
+                try:
+                    t = bench(lambda: quantize_cols_grouped_triton(x, offs, bm, bk, nw, one_pass_m=one), dev)
+                except Exception as e:  # noqa: BLE001 - a launch shape that does not compile (registers): say so
+                    print(f"group columns sweep {bm} {bk} {nw} {one}: failed ({type(e).__name__})", flush=True)
+                    continue
                 gbps = (M * K * 3 + E * K * 4) / t / 1e9
                 rows.append({"gemm": f"{name} group columns sweep", "block_m": bm, "block_k": bk, "warps": nw,
-                             "GBps": gbps, "of_copy": gbps / copy_gbps})
+                             "one_pass_m": one, "GBps": gbps, "of_copy": gbps / copy_gbps})
     return rows
 
 

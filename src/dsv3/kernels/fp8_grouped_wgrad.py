@@ -97,17 +97,12 @@ if HAS_TRITON:
     from .fp8_quant import _absmax, _max_nan, _quant, _scale_of
 
     @triton.jit
-    def _cols_grouped_kernel(X, RS, QT, S, STARTS, ENDS, PSTARTS, PENDS, K, M_PAD, stride_xm, stride_xk,
-                             HAS_RS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-        # one program: BK columns of one group; 1. the columns' amax over the group's rows in (BM, BK) tiles read
-        # along K (coalesced); 2. the cast, each tile transposed (tl.trans, on the fp32 values) and stored along the
-        # tokens, the padding up to the next group's start written as zeros
-        e = tl.program_id(1)
-        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
-        mask_k = cols < K
-        start, end = tl.load(STARTS + e), tl.load(ENDS + e)
-        p_start, p_end = tl.load(PSTARTS + e), tl.load(PENDS + e)
-        amax = tl.zeros((BK,), dtype=tl.float32)
+    def _cols_two_pass(X, RS, QT, cols, mask_k, start, end, p_start, width, stride_xm, stride_xk, ld_q,
+                       HAS_RS: tl.constexpr, BM: tl.constexpr):
+        """1. the columns' amax over rows [start, end) in (BM, BK) tiles read along K (coalesced); 2. the cast,
+        each tile transposed (tl.trans, on the fp32 values) and stored along the tokens from p_start, `width`
+        tokens in all, zeros past end - start. Returns the scales. The strip is read twice."""
+        amax = tl.zeros(cols.shape, dtype=tl.float32)
         for r0 in range(start, end, BM):
             rows = (r0 + tl.arange(0, BM)).to(tl.int64)
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
@@ -116,7 +111,7 @@ if HAS_TRITON:
                 x = x * tl.load(RS + rows, mask=rows < end, other=0.0)[:, None]
             amax = _max_nan(amax, _absmax(x, 0))
         s = _scale_of(amax, False)
-        for i0 in range(0, p_end - p_start, BM):
+        for i0 in range(0, width, BM):
             i = (i0 + tl.arange(0, BM)).to(tl.int64)
             rows = start + i
             valid = (rows < end)[:, None] & mask_k[None, :]
@@ -125,19 +120,65 @@ if HAS_TRITON:
                 x = x * tl.load(RS + rows, mask=rows < end, other=0.0)[:, None]
             # padding stays 0 where the column's scale is NaN or inf too (0 / NaN would store NaN)
             q = tl.trans(tl.where(valid, _quant(x, s[None, :]), 0.0))    # (BK, BM)
-            tl.store(QT + cols[:, None] * M_PAD + (p_start + i)[None, :], q.to(QT.dtype.element_ty),
-                     mask=mask_k[:, None] & (i < p_end - p_start)[None, :])
+            tl.store(QT + cols[:, None] * ld_q + (p_start + i)[None, :], q.to(QT.dtype.element_ty),
+                     mask=mask_k[:, None] & (i < width)[None, :])
+        return s
+
+    @triton.jit
+    def _cols_one_pass(X, RS, QT, cols, mask_k, start, end, p_start, width, stride_xm, stride_xk, ld_q,
+                       HAS_RS: tl.constexpr, ONE_M: tl.constexpr, BM: tl.constexpr):
+        """`_cols_two_pass` with one read: the whole strip (end - start <= ONE_M rows) held in registers, its amax,
+        the e4m3 codes transposed (as codes: a quarter of the fp32 tile's shared memory) and stored; the padding
+        past the register tile (the last group's slack) as zeros. The same codes, bit for bit."""
+        i = tl.arange(0, ONE_M).to(tl.int64)
+        rows = start + i
+        valid = (rows < end)[:, None] & mask_k[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=valid, other=0.0).to(tl.float32)
+        if HAS_RS:
+            x = x * tl.load(RS + rows, mask=rows < end, other=0.0)[:, None]
+        s = _scale_of(_absmax(x, 0), False)
+        q = tl.trans(tl.where(valid, _quant(x, s[None, :]), 0.0).to(QT.dtype.element_ty))   # (BK, ONE_M)
+        tl.store(QT + cols[:, None] * ld_q + (p_start + i)[None, :], q, mask=mask_k[:, None] & (i < width)[None, :])
+        for i0 in range(ONE_M, width, BM):
+            j = (i0 + tl.arange(0, BM)).to(tl.int64)
+            zero = (cols[:, None] * 0 + j[None, :] * 0).to(tl.float32).to(QT.dtype.element_ty)
+            tl.store(QT + cols[:, None] * ld_q + (p_start + j)[None, :], zero,
+                     mask=mask_k[:, None] & (j < width)[None, :])
+        return s
+
+    @triton.jit
+    def _cols_grouped_kernel(X, RS, QT, S, STARTS, ENDS, PSTARTS, PENDS, K, M_PAD, stride_xm, stride_xk,
+                             HAS_RS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ONE_M: tl.constexpr):
+        # one program: BK columns of one group; a group of at most ONE_M tokens in one read (registers), a longer
+        # one (or ONE_M = 0) in two (the second from L2 where it still holds the strip)
+        e = tl.program_id(1)
+        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
+        mask_k = cols < K
+        start, end = tl.load(STARTS + e), tl.load(ENDS + e)
+        p_start, p_end = tl.load(PSTARTS + e), tl.load(PENDS + e)
+        if ONE_M > 0:
+            if end - start <= ONE_M:
+                s = _cols_one_pass(X, RS, QT, cols, mask_k, start, end, p_start, p_end - p_start, stride_xm,
+                                   stride_xk, M_PAD, HAS_RS, ONE_M, BM)
+            else:
+                s = _cols_two_pass(X, RS, QT, cols, mask_k, start, end, p_start, p_end - p_start, stride_xm,
+                                   stride_xk, M_PAD, HAS_RS, BM)
+        else:
+            s = _cols_two_pass(X, RS, QT, cols, mask_k, start, end, p_start, p_end - p_start, stride_xm, stride_xk,
+                               M_PAD, HAS_RS, BM)
         tl.store(S + e * K + cols, s, mask=mask_k)
 
 
-# launch shape: (BM tokens, BK columns) tiles; BK 64 keeps a 64-byte run per token row of q_t
-_BLOCK_M, _BLOCK_K, _WARPS = 64, 64, 4
+# launch shape: (BM tokens, BK columns) tiles; BK 64 keeps a 64-byte run per token row of q_t. ONE_M: the longest
+# group read once (0: every group twice; the one-pass form is unmeasured: fp8_grouped_bench.py sweeps it)
+_BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 64, 64, 4, 0
 
 
 def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = None, block_k: int | None = None,
-                                 num_warps: int | None = None,
-                                 row_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """`quantize_cols_grouped_reference` in one Triton kernel (bit-equal to it on the GPU), no host sync."""
+                                 num_warps: int | None = None, row_scale: Tensor | None = None,
+                                 one_pass_m: int | None = None) -> tuple[Tensor, Tensor]:
+    """`quantize_cols_grouped_reference` in one Triton kernel (bit-equal to it on the GPU), no host sync.
+    `one_pass_m` (a power of two, or 0): groups of at most that many tokens are read once, held in registers."""
     need_triton("quantize_cols_grouped_triton")
     M, K, E = _check(x, offs, row_scale)
     m_pad = padded_tokens(M, E)
@@ -149,7 +190,7 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
         _cols_grouped_kernel[(triton.cdiv(K, bk), E)](
             x, x if row_scale is None else row_scale, q_t, scale, starts, offs.to(torch.int32), p_starts, p_ends, K,
             m_pad, x.stride(0), x.stride(1), HAS_RS=row_scale is not None, BM=block_m or _BLOCK_M, BK=bk,
-            num_warps=num_warps or _WARPS)
+            ONE_M=_ONE_M if one_pass_m is None else one_pass_m, num_warps=num_warps or _WARPS)
     return q_t, scale
 
 
