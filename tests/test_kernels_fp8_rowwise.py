@@ -59,12 +59,21 @@ def _interpreter_cases() -> dict:
     for name, w, bn, bk in (("t_3d", w3, 32, 16), ("t_2d_bf16", w2, None, None), ("t_3d_fp16", w16, 64, 32)):
         want = quantize_rows_reference(w.transpose(-1, -2))
         out[f"{name}_cols"] = _compare(quantize_rows_transposed_triton(w, block_n=bn, block_k=bk), want)
+    # the one-pass form: w3's strips (70 rows) held in registers (ONE_M 128); w16's (150 rows) past ONE_M 128: two
+    want = quantize_rows_reference(w3.transpose(-1, -2))
+    out["t_3d_one_pass_cols"] = _compare(quantize_rows_transposed_triton(w3, block_n=32, block_k=16, one_pass_m=128),
+                                         want)
+    want = quantize_rows_reference(w16.transpose(-1, -2))
+    out["t_3d_fp16_two_pass_cols"] = _compare(
+        quantize_rows_transposed_triton(w16, block_n=32, block_k=16, one_pass_m=128), want)
     got, want = quantize_rows_transposed_triton(w2, rows=True), quantize_rows_both_reference(w2)   # + the row kernel
     out["t_both_rows"], out["t_both_cols"] = _compare(got[:2], want[:2]), _compare(got[2:], want[2:])
     bad = make_x(40, 130, seed=8)
     bad[3, 5], bad[20, 7], bad[39, 0] = float("nan"), float("inf"), -float("inf")
     got, want = quantize_rows_transposed_triton(bad, rows=True), quantize_rows_both_reference(bad)
     out["t_nonfinite"] = _compare_nonfinite(got, want)
+    got = quantize_rows_transposed_triton(bad, rows=True, block_k=32, one_pass_m=64)
+    out["t_nonfinite_one_pass"] = _compare_nonfinite(got, want)
     out["t_empty"] = _compare(quantize_rows_transposed_triton(torch.zeros(0, 16)),
                               quantize_rows_reference(torch.zeros(16, 0)))
     return out
@@ -73,9 +82,9 @@ def _interpreter_cases() -> dict:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_rowwise")
-    assert len(res) == 15
+    assert len(res) == 18
     for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
-        if name == "t_nonfinite":  # NaN scales where the reference has them (q's NaNs: GPU test)
+        if name.startswith("t_nonfinite"):  # NaN scales where the reference has them (q's NaNs: GPU test)
             assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, r
             continue
         assert r["bad"] == 0 and r["nan"] == 0 and r["scale_err"] == 0, (name, r)
@@ -131,12 +140,14 @@ def test_quantize_rows_bit_exact_on_cuda():
     for w in (w3, make_x(8 * 1408, 2048, torch.bfloat16, seed=12).view(8, 1408, 2048), make_x(576, 2048, seed=13),
               make_x(4 * 2048, 1408, seed=15).view(4, 2048, 1408), make_x(3 * 1408, 2048, torch.float16, seed=16)):
         w = w.cuda()
-        for bn, bk, nw in ((None, None, None), (64, 64, 4), (128, 64, 8), (256, 32, 8), (128, 16, 4)):
-            got = quantize_rows_transposed_triton(w, rows=True, block_n=bn, block_k=bk, num_warps=nw)
+        for bn, bk, nw, one in ((None, None, None, None), (64, 64, 4, 0), (128, 64, 8, 0), (256, 32, 8, 0),
+                                (128, 16, 4, 0), (64, 16, 8, 2048), (64, 16, 16, 2048), (64, 32, 16, 1024)):
+            got = quantize_rows_transposed_triton(w, rows=True, block_n=bn, block_k=bk, num_warps=nw,
+                                                  one_pass_m=one)
             want = quantize_rows_both_reference(w)
             for a, b in zip(got, want):
                 assert torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a,
-                                   b.view(torch.uint8) if b.dtype == E4M3 else b), (w.dtype, bn, bk, nw)
+                                   b.view(torch.uint8) if b.dtype == E4M3 else b), (w.dtype, bn, bk, nw, one)
     bad = make_x(300, 520, seed=14)
     bad[3, 5], bad[200, 7], bad[299, 0] = float("nan"), float("inf"), -float("inf")
     got, want = quantize_rows_both(bad.cuda()), quantize_rows_both_reference(bad.cuda())

@@ -67,6 +67,7 @@ def quantize_rows_both_reference(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Ten
 
 if HAS_TRITON:
     from .fp8_quant import _absmax, _max_nan, _quant, _scale_of
+    from .fp8_grouped_wgrad import _cols_one_pass
 
     @triton.jit
     def _rows_kernel(X, Q, S, M, K, stride_xb, stride_xm, stride_xk, ROWS: tl.constexpr, CHUNK: tl.constexpr):
@@ -92,17 +93,12 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _rows_t_kernel(X, QT, ST, N, K, stride_xe, stride_xn, stride_xk, BN: tl.constexpr, BK: tl.constexpr):
-        # rows of w^T for w (E, N, K), one pass over HBM: a program owns BK columns of one expert's w, (N, BK)
-        # read as coalesced (BN, BK) tiles along K. 1. the columns' max-abs over all N rows; 2. the cast, the tiles
-        # re-read in reverse order (the strip is N x BK x 2 bytes: the last tiles read are still in L2), each
-        # transposed through tl.trans (shared memory; as _tiles_t_kernel, on the fp32 values before the e4m3 cast) so
-        # that the (BK, BN) stores into q_t's rows are coalesced too
-        e = tl.program_id(1).to(tl.int64)
-        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
-        mask_k = cols < K
-        X += e * stride_xe
-        amax = tl.zeros((BK,), dtype=tl.float32)
+    def _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN: tl.constexpr):
+        """The column strip (N, BK) of one w: 1. its max-abs over all N rows in coalesced (BN, BK) tiles; 2. the
+        cast, the tiles re-read in reverse order (the last tiles read are still in L2), each transposed through
+        tl.trans (on the fp32 values) so that the (BK, BN) stores into q_t's rows (QT: this w's, N apart) are
+        coalesced too. Returns the scales."""
+        amax = tl.zeros(cols.shape, dtype=tl.float32)
         for n0 in range(0, N, BN):
             rows = (n0 + tl.arange(0, BN)).to(tl.int64)
             mask = (rows < N)[:, None] & mask_k[None, :]
@@ -116,8 +112,28 @@ if HAS_TRITON:
             x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xk,
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             q = tl.trans(_quant(x.to(tl.float32), s[None, :]))       # (BK, BN): rows of q_t are columns of w
-            tl.store(QT + (e * K + cols[:, None]) * N + rows[None, :], q.to(QT.dtype.element_ty),
+            tl.store(QT + cols[:, None] * N + rows[None, :], q.to(QT.dtype.element_ty),
                      mask=mask_k[:, None] & mask_n[None, :])
+        return s
+
+    @triton.jit
+    def _rows_t_kernel(X, QT, ST, N, K, stride_xe, stride_xn, stride_xk, BN: tl.constexpr, BK: tl.constexpr,
+                       ONE_M: tl.constexpr):
+        # rows of w^T for w (E, N, K): a program owns BK columns of one expert's w. N <= ONE_M: the strip read once
+        # and held in registers (`fp8_grouped_wgrad._cols_one_pass`, one group of N tokens); else (or ONE_M = 0)
+        # read twice, the second time from L2 (`_rows_t_two_pass`)
+        e = tl.program_id(1).to(tl.int64)
+        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
+        mask_k = cols < K
+        X += e * stride_xe
+        QT += e * K * N
+        if ONE_M > 0:
+            if N <= ONE_M:
+                s = _cols_one_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, ONE_M, BN)
+            else:
+                s = _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN)
+        else:
+            s = _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN)
         tl.store(ST + e * K + cols, s, mask=mask_k)
 
 
@@ -147,12 +163,14 @@ def quantize_rows_triton(x: Tensor, rows: int | None = None, chunk: int | None =
     return (q, scale) if x.dim() == 3 else (q[0], scale[0])
 
 
-# launch shape of the transposing quantiser: (BN, BK) tiles (benchmarks/fp8_quant_sweep.py sweeps the alternatives)
-_T_BLOCK_N, _T_BLOCK_K, _T_WARPS = 128, 32, 4
+# launch shape of the transposing quantiser: (BN, BK) tiles, and ONE_M: the widest w read once (0: every w twice;
+# the one-pass form is unmeasured) (benchmarks/fp8_quant_sweep.py sweeps the alternatives)
+_T_BLOCK_N, _T_BLOCK_K, _T_WARPS, _T_ONE_M = 128, 32, 4, 0
 
 
 def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int | None = None,
-                                    block_k: int | None = None, num_warps: int | None = None) -> tuple[Tensor, ...]:
+                                    block_k: int | None = None, num_warps: int | None = None,
+                                    one_pass_m: int | None = None) -> tuple[Tensor, ...]:
     """Rows of w^T through Triton: quantize_rows_reference(w.transpose(-1, -2)) for w (N, K) or (E, N, K), bit for
     bit, as (q_t (..., K, N) contiguous, scale_t (..., K)), from one kernel that reads w once from HBM (its second
     read of each column strip is served from L2) and writes q_t coalesced (`_rows_t_kernel`); rows=True also
@@ -170,7 +188,8 @@ def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int 
     s_t = torch.empty(E, K, device=w.device, dtype=torch.float32)
     bn, bk = block_n or _T_BLOCK_N, block_k or _T_BLOCK_K
     _rows_t_kernel[(triton.cdiv(K, bk), E)](w3, q_t, s_t, N, K, w3.stride(0), w3.stride(1), w3.stride(2),
-                                             BN=bn, BK=bk, num_warps=num_warps or _T_WARPS)
+                                             BN=bn, BK=bk, ONE_M=_T_ONE_M if one_pass_m is None else one_pass_m,
+                                             num_warps=num_warps or _T_WARPS)
     out = (q_t, s_t) if w.dim() == 3 else (q_t[0], s_t[0])
     return (*quantize_rows_triton(w), *out) if rows else out
 
