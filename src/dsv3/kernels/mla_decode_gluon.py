@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .mla_decode_tma import descriptor_kernel_args
 from .triton_setup import HAS_TRITON, capability
 
 __all__ = ["HAS_GLUON", "gluon_supported", "launch_gluon"]
@@ -281,13 +282,8 @@ def launch_gluon(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cac
     ckv = GluonDescriptor(c_kv_cache, [rows, C], [c_kv_cache.stride(1), 1], [bn, C // 2], lay_c)
     kpe = GluonDescriptor(k_pe_cache, [rows, R], [k_pe_cache.stride(1), 1], [bn, R], lay_k)
     _mla_decode_gluon_kernel[grid](
-        q_abs, q_pe, ckv, kpe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse, *append_args,
-        sm_scale_log2,
-        q_abs.stride(0), q_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
-        c_kv_cache.stride(1), k_pe_cache.stride(1),
-        block_tables.stride(0),
-        *op_strides, *lse_strides,
-        H, tokens_per_split,
+        *descriptor_kernel_args(q_abs, q_pe, ckv, kpe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse,
+                                append_args, sm_scale_log2, op_strides, lse_strides, H, tokens_per_split),
         HALF=C // 2, R=R, PAGE=page, BLOCK_H=cfg["block_h"], BLOCK_N=bn, STAGES=cfg["num_stages"],
         WRITE_LSE=write_lse, APPEND=append, num_warps=8,
     )

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .triton_setup import HAS_TRITON, capability, pdl_entry, pdl_launch, tl, triton
 
-__all__ = ["launch_tma", "split_bounds", "tma_supported"]
+__all__ = ["descriptor_kernel_args", "launch_tma", "split_bounds", "tma_supported"]
 
 
 def _pow2(x: int) -> bool:
@@ -183,6 +183,21 @@ else:  # pragma: no cover - exercised where triton is absent (dsv3.kernels.mla_d
     split_bounds = None
 
 
+def descriptor_kernel_args(q_abs: Tensor, q_pe: Tensor, ckv_desc, kpe_desc, c_kv_cache: Tensor, k_pe_cache: Tensor,
+                           block_tables: Tensor, seq_lens: Tensor, op: Tensor, lse: Tensor, append_args: tuple,
+                           sm_scale_log2: float, op_strides: tuple, lse_strides: tuple, H: int,
+                           tokens_per_split: int) -> tuple:
+    """The positional arguments of the descriptor-fed bodies (this TMA kernel and the Gluon one,
+    `dsv3.kernels.mla_decode_gluon`), which share one signature up to their constexprs."""
+    return (q_abs, q_pe, ckv_desc, kpe_desc, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse, *append_args,
+            sm_scale_log2,
+            q_abs.stride(0), q_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
+            c_kv_cache.stride(1), k_pe_cache.stride(1),
+            block_tables.stride(0),
+            *op_strides, *lse_strides,
+            H, tokens_per_split)
+
+
 def launch_tma(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
                seq_lens: Tensor, op: Tensor, lse: Tensor, append_args: tuple, sm_scale_log2: float,
                op_strides: tuple, lse_strides: tuple, H: int, tokens_per_split: int, cfg: dict, dot_prec: str,
@@ -194,13 +209,8 @@ def launch_tma(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache
     ckv = TensorDescriptor(c_kv_cache, [rows, C], [c_kv_cache.stride(1), 1], [cfg["block_n"], C // 2])
     kpe = TensorDescriptor(k_pe_cache, [rows, R], [k_pe_cache.stride(1), 1], [cfg["block_n"], R])
     _mla_decode_tma_kernel[grid](
-        q_abs, q_pe, ckv, kpe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse, *append_args,
-        sm_scale_log2,
-        q_abs.stride(0), q_abs.stride(1), q_pe.stride(0), q_pe.stride(1),
-        c_kv_cache.stride(1), k_pe_cache.stride(1),
-        block_tables.stride(0),
-        *op_strides, *lse_strides,
-        H, tokens_per_split,
+        *descriptor_kernel_args(q_abs, q_pe, ckv, kpe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse,
+                                append_args, sm_scale_log2, op_strides, lse_strides, H, tokens_per_split),
         HALF=C // 2, R=R, PAGE=page, BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
         DOT_PREC=dot_prec, WRITE_LSE=write_lse, APPEND=append, WS=bool(cfg.get("warp_specialize", False)),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q_abs),
