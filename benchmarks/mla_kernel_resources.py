@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of the compiled MLA decode kernels (gather and TMA) at V3's 128 heads and
 lite's 16: where a compute-bound decode kernel loses its tensor cores' time first. On a GPU:
     PYTHONPATH=src python benchmarks/mla_kernel_resources.py
-Without one, `--offline` compiles the many-head bodies (TMA, Gluon) for sm_90 on the CPU machine (Triton's own
+Without one, `--offline` compiles the many-head bodies (TMA, Gluon, seesaw) for sm_90 on the CPU machine (Triton's own
 ptxas; no driver needed) and reports shared memory, registers and spills; `--dump DIR` writes each body's TTGIR and
 PTX, where the layouts and wgmma waits can be read (how the TMA body's duplicated Q K^T was found, RESULTS.md
 twenty-fourth session). Registers from Triton's bundled ptxas may differ a little from the device's (the TMA body: 255
@@ -58,6 +58,14 @@ def offline(dump: str | None) -> None:
                          APPEND=False)
             bodies.append((f"gluon bn={bn} stages={stages}", gluon_mod._mla_decode_gluon_kernel, GluonASTSource,
                            descs, const, dict(num_warps=8)))
+        from dsv3.kernels import mla_decode_seesaw as seesaw_mod
+        lay_c = gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16)
+        lay_k = gl.NVMMASharedLayout.get_default_for([64, 64], gl.bfloat16)
+        descs = dict(ckv_desc=gluon_mod.GluonDescriptor(cache, [4096, 512], [576, 1], [64, 256], lay_c),
+                     kpe_desc=gluon_mod.GluonDescriptor(cache[:, :64].contiguous(), [4096, 64], [64, 1], [64, 64],
+                                                        lay_k))
+        bodies.append(("seesaw (2 warpgroups)", seesaw_mod._mla_decode_seesaw_kernel, GluonASTSource, descs,
+                       dict(PAGE=64, WRITE_LSE=True), dict(num_warps=4)))
     cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
     for name, fn, source, descs, const, options in bodies:
         values = {**ptrs, **descs}

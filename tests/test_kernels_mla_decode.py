@@ -310,8 +310,8 @@ def test_triton_cuda_append_equals_store_then_attend(num_splits):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("body", [dict(tma=True), dict(gluon=True), dict(gluon=True, block_n=32, num_stages=4)],
-                         ids=["tma", "gluon", "gluon-bn32"])
+@pytest.mark.parametrize("body", [dict(tma=True), dict(gluon=True), dict(gluon=True, block_n=32, num_stages=4),
+                                  dict(seesaw=True)], ids=["tma", "gluon", "gluon-bn32", "seesaw"])
 @pytest.mark.parametrize("H", [64, 128])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 def test_triton_cuda_many_heads_bodies(H, num_splits, body):
@@ -321,7 +321,7 @@ def test_triton_cuda_many_heads_bodies(H, num_splits, body):
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs sm_90+")
     body = dict(dict(block_h=64, block_n=64, num_warps=8, num_stages=2), **body)
-    if body.get("gluon"):
+    if body.get("gluon") or body.get("seesaw"):
         from dsv3.kernels.mla_decode_gluon import HAS_GLUON, gluon_supported
         if not HAS_GLUON or torch.cuda.get_device_capability() != (9, 0):
             pytest.skip("the Gluon body is written for sm_90 (wgmma)")

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from .mla_decode_gluon import gluon_supported, launch_gluon
+from .mla_decode_seesaw import launch_seesaw, seesaw_supported
 from .mla_decode_tma import launch_tma, split_bounds, tma_supported
 from .triton_setup import HAS_TRITON, need_triton, pdl_entry, pdl_launch, tl, triton, use_triton
 
@@ -304,13 +305,15 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
                       seq_lens: Tensor, scale: float, *, num_splits: int | None = None, block_h: int | None = None,
                       block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                       tma: bool | None = None, warp_specialize: bool | None = None, gluon: bool | None = None,
-                      append: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+                      seesaw: bool | None = None, append: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """Paged absorbed-MLA decode through Triton (same contract as `mla_decode_reference`, `append` included). The
     other keyword-only arguments override the tuned defaults (benchmark sweeps); `num_splits` fixes the KV split
     count; `tma` asks for the TMA kernel (`dsv3.kernels.mla_decode_tma`), which runs where `tma_supported`, and
     `warp_specialize` for its tile loop as Triton's producer / consumer split (no gain on an H100); `gluon` for the
     Gluon body (`dsv3.kernels.mla_decode_gluon`: S split over the warpgroups, asynchronous wgmma), which runs where
-    `gluon_supported` (Hopper, bf16, 64-head blocks of 64-token tiles) and is tried before the TMA body."""
+    `gluon_supported` (Hopper, bf16, 64-head blocks of 32- or 64-token tiles) and is tried before the TMA body;
+    `seesaw` for FlashMLA's two-warpgroup schedule in Gluon (`dsv3.kernels.mla_decode_seesaw`; 64-token tiles, no
+    `append`), tried first. Neither is a default until measured."""
     need_triton("mla_decode_triton")
     B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
     if append is not None:
@@ -333,7 +336,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
 
     cfg = _default_config(H, C, q_abs.dtype, B)
     for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages),
-                 ("tma", tma), ("warp_specialize", warp_specialize), ("gluon", gluon)):
+                 ("tma", tma), ("warp_specialize", warp_specialize), ("gluon", gluon), ("seesaw", seesaw)):
         if v is not None:
             cfg[k] = v
     page = c_kv_cache.shape[1]
@@ -364,7 +367,11 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     dot_prec = "ieee" if q_abs.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(H, cfg["block_h"]), S, B)
     append_args = (new_c, new_k, slots) if append is not None else (q_abs, q_abs, seq_lens)   # unread without APPEND
-    if cfg.get("gluon") and gluon_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_h"], cfg["block_n"]):
+    if cfg.get("seesaw") and seesaw_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_h"], cfg["block_n"],
+                                              append is not None):
+        launch_seesaw(grid, q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse, append_args,
+                      float(scale) * math.log2(math.e), op_strides, lse_strides, H, tps, S > 1)
+    elif cfg.get("gluon") and gluon_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_h"], cfg["block_n"]):
         launch_gluon(grid, q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse, append_args,
                      float(scale) * math.log2(math.e), op_strides, lse_strides, H, tps, cfg, S > 1, append is not None)
     elif cfg.get("tma") and tma_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_n"]):

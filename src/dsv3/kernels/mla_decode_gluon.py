@@ -248,23 +248,35 @@ if HAS_GLUON:
         return m_i, l_i, o_lo, o_hi
 
     @gluon.jit
+    def _store_part(OP, b, sp, hg, H, l_i, o, col0, stride_op_b, stride_op_h, stride_op_s,
+                    BLOCK_H: gl.constexpr, WIDTH: gl.constexpr, O_L: gl.constexpr):
+        """O / l for the latent columns [col0, col0 + WIDTH) into this split's slot of the partial output (or the
+        output itself with one split); an empty split (l = 0) writes zeros."""
+        inv = 1.0 / gl.where(l_i > 0.0, l_i, 1.0)
+        inv = gl.expand_dims(gl.convert_layout(inv, gl.SliceLayout(1, O_L)), 1)
+        heads = hg * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, O_L))
+        cols = gl.expand_dims(gl.arange(0, WIDTH, layout=gl.SliceLayout(0, O_L)), 0)
+        row = OP + b * stride_op_b + sp * stride_op_s + gl.expand_dims(heads, 1) * stride_op_h + col0
+        gl.store(row + cols, (o * inv).to(OP.dtype.element_ty), mask=gl.expand_dims(heads < H, 1))
+
+    @gluon.jit
+    def _store_lse(LSE, b, sp, hg, H, m_i, l_i, stride_lse_b, stride_lse_h, BLOCK_H: gl.constexpr,
+                   S_L: gl.constexpr):
+        """The split's log-sum-exp (base 2) for the combine; -inf for an empty split."""
+        nonempty = l_i > 0.0
+        lse = gl.where(nonempty, m_i + gl.log2(gl.where(nonempty, l_i, 1.0)), float("-inf"))
+        heads = hg * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, S_L))
+        gl.store(LSE + b * stride_lse_b + heads * stride_lse_h + sp, lse, mask=heads < H)
+
+    @gluon.jit
     def _store(OP, LSE, b, sp, hg, H, m_i, l_i, o_lo, o_hi, stride_op_b, stride_op_h, stride_op_s, stride_lse_b,
                stride_lse_h, BLOCK_H: gl.constexpr, HALF: gl.constexpr, O_L: gl.constexpr, S_L: gl.constexpr,
                WRITE_LSE: gl.constexpr):
-        """O / l into this split's slot of the partial output (or the output itself with one split), and the
-        log-sum-exp for the combine; an empty split writes zeros and -inf."""
-        nonempty = l_i > 0.0
-        inv = gl.expand_dims(gl.convert_layout(1.0 / gl.where(nonempty, l_i, 1.0), gl.SliceLayout(1, O_L)), 1)
-        heads = hg * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, O_L))
-        cols = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, O_L)), 0)
-        mask = gl.expand_dims(heads < H, 1)
-        row = OP + b * stride_op_b + sp * stride_op_s + gl.expand_dims(heads, 1) * stride_op_h
-        gl.store(row + cols, (o_lo * inv).to(OP.dtype.element_ty), mask=mask)
-        gl.store(row + HALF + cols, (o_hi * inv).to(OP.dtype.element_ty), mask=mask)
+        """Both halves of O / l, and the log-sum-exp with more than one split."""
+        _store_part(OP, b, sp, hg, H, l_i, o_lo, 0, stride_op_b, stride_op_h, stride_op_s, BLOCK_H, HALF, O_L)
+        _store_part(OP, b, sp, hg, H, l_i, o_hi, HALF, stride_op_b, stride_op_h, stride_op_s, BLOCK_H, HALF, O_L)
         if WRITE_LSE:
-            lse = gl.where(nonempty, m_i + gl.log2(gl.where(nonempty, l_i, 1.0)), float("-inf"))
-            heads_s = hg * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, S_L))
-            gl.store(LSE + b * stride_lse_b + heads_s * stride_lse_h + sp, lse, mask=heads_s < H)
+            _store_lse(LSE, b, sp, hg, H, m_i, l_i, stride_lse_b, stride_lse_h, BLOCK_H, S_L)
 
 
 def launch_gluon(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
