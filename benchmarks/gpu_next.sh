@@ -304,5 +304,15 @@ PY
     timeout 200 python -m pytest -q -n 4 -p no:cacheprovider -p no:logging -rfEs --tb=short \
       tests/test_kernels_mla_decode.py -k many_heads_bodies 2>&1 | tail -12 | tee "$OUT/gate.txt"
     timeout 300 python benchmarks/mla_gluon_probe.py 2>&1 | tee "$OUT/gluon.txt" | tail -30 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J"; exit 2 ;;
+  K)    # twenty-fourth session (~6 min): the one-pass FP8 quantisers (issue 15: W^T rows 47-50% and group columns
+        # 21-37% of copy; one_pass_m holds a column strip in registers, read once): their CUDA bit-equality tests
+        # with the new launch shapes, then the sweeps (set _T_ONE_M in kernels/fp8_rowwise.py and _ONE_M /
+        # _BLOCK_K / _WARPS in kernels/fp8_grouped_wgrad.py from the best exact rows)
+    timeout 200 python -m pytest -q -n 4 -p no:cacheprovider -p no:logging -rfEs --tb=short \
+      tests/test_kernels_fp8_rowwise.py tests/test_kernels_fp8_grouped_wgrad.py 2>&1 | tail -8 | tee "$OUT/gate.txt"
+    timeout 150 python benchmarks/fp8_quant_sweep.py > "$OUT/quant_sweep.txt" 2>&1
+    grep -E "W\^T|failed" "$OUT/quant_sweep.txt" | head -50
+    timeout 150 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
+    grep -E "group columns|failed" "$OUT/grouped.txt" | head -40 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K"; exit 2 ;;
 esac
