@@ -57,6 +57,16 @@ def seesaw_supported(q_abs: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, bloc
 
 
 if HAS_GLUON:
+    # every partition (and the parent region) is one warpgroup: S (64 x 64) and O's half (64 x 256) are wgmma
+    # accumulators of its 4 warps, P the register operand of P V, LD the plain layout of 256-wide bf16 rows
+    _S = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    _O = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+    S_L = gl.constexpr(_S)
+    O_L = gl.constexpr(_O)
+    P_L = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_O, k_width=2))
+    ROW = gl.constexpr(gl.SliceLayout(1, _S))
+    ROW_O = gl.constexpr(gl.SliceLayout(1, _O))
+    LD = gl.constexpr(gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0]))
 
     @gluon.jit
     def _load(desc, bt_row, n0, col, dst, bar, PAGE: gl.constexpr):
@@ -112,20 +122,17 @@ if HAS_GLUON:
                        mask=gl.expand_dims(heads < H, 1), other=0.0)
 
     @gluon.jit
+    def _partition_init(QPE, b, hg, H, stride_pe_b, stride_pe_h):
+        """A warpgroup's starting state: Q's rope part in registers, its denominator and its half of O at zero."""
+        return (_qpe_regs(QPE, b, hg, H, stride_pe_b, stride_pe_h, S_L), gl.full([64], 0.0, gl.float32, ROW),
+                gl.full([64, 256], 0.0, gl.float32, O_L))
+
+    @gluon.jit
     def _wg0(ckv_desc, kpe_desc, QPE, OP, LSE, q_lo, q_hi, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0, s_l1,
              p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
              stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
              PAGE: gl.constexpr, WRITE_LSE: gl.constexpr):
-        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, 256, 16])
-        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-        LD: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-        ROW: gl.constexpr = gl.SliceLayout(1, S_L)
-        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
-        qpe = _qpe_regs(QPE, b, hg, H, stride_pe_b, stride_pe_h, S_L)
-        l0 = gl.full([64], 0.0, gl.float32, ROW)
-        o = gl.full([64, 256], 0.0, gl.float32, O_L)
+        qpe, l0, o = _partition_init(QPE, b, hg, H, stride_pe_b, stride_pe_h)
         for j in range(gl.cdiv(n_tiles, 2)):
             ph = j & 1
             t0 = 2 * j
@@ -179,16 +186,7 @@ if HAS_GLUON:
              p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
              stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
              PAGE: gl.constexpr, WRITE_LSE: gl.constexpr):
-        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, 256, 16])
-        P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
-        LD: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-        ROW: gl.constexpr = gl.SliceLayout(1, S_L)
-        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
-        qpe = _qpe_regs(QPE, b, hg, H, stride_pe_b, stride_pe_h, S_L)
-        l1 = gl.full([64], 0.0, gl.float32, ROW)
-        o = gl.full([64, 256], 0.0, gl.float32, O_L)
+        qpe, l1, o = _partition_init(QPE, b, hg, H, stride_pe_b, stride_pe_h)
         for j in range(gl.cdiv(n_tiles, 2)):
             ph = j & 1
             t1 = 2 * j + 1
@@ -246,9 +244,7 @@ if HAS_GLUON:
         H, tokens_per_split,
         PAGE: gl.constexpr, WRITE_LSE: gl.constexpr,
     ):
-        LD: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
         VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
         hg = gl.program_id(0)
         sp = gl.program_id(1)
         b = gl.program_id(2).to(gl.int64)
