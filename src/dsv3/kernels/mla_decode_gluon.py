@@ -106,14 +106,16 @@ if HAS_GLUON:
         return m_new, l_i, o_lo, o_hi
 
     @gluon.jit
-    def _zero_tail(kv_lo, kv_hi, n0, end, BLOCK_N: gl.constexpr, HALF: gl.constexpr, LD: gl.constexpr):
+    def _zero_rows(kv_lo, kv_hi, n0, end, BLOCK_N: gl.constexpr, LD: gl.constexpr):
         """Zero, in shared memory, the rows of the last tile past the sequence's end (a reused page's stale
-        values, even NaN, must not meet P's zeros)."""
-        rows = gl.expand_dims(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LD)) < end, 1)
-        lo = kv_lo.load(LD)
-        kv_lo.store(gl.where(rows, lo, gl.zeros_like(lo)))
-        hi = kv_hi.load(LD)
-        kv_hi.store(gl.where(rows, hi, gl.zeros_like(hi)))
+        values, even NaN, must not meet P's zeros), 16 rows at a time (a whole 64 x 256 tile in registers would
+        take 64 a thread in a 4-warp partition); then fenced for the tensor cores and visible to these warps."""
+        for r in gl.static_range(BLOCK_N // 16):
+            rows = gl.expand_dims(n0 + 16 * r + gl.arange(0, 16, layout=gl.SliceLayout(1, LD)) < end, 1)
+            lo = kv_lo.slice(16 * r, 16).load(LD)
+            kv_lo.slice(16 * r, 16).store(gl.where(rows, lo, gl.zeros_like(lo)))
+            hi = kv_hi.slice(16 * r, 16).load(LD)
+            kv_hi.slice(16 * r, 16).store(gl.where(rows, hi, gl.zeros_like(hi)))
         fence_async_shared()
         gl.thread_barrier()
 
@@ -205,7 +207,7 @@ if HAS_GLUON:
             n_last = start + last * BLOCK_N
             st = last % STAGES
             if n_last + BLOCK_N > end:
-                _zero_tail(kv_lo.index(st), kv_hi.index(st), n_last, end, BLOCK_N, HALF, LD)
+                _zero_rows(kv_lo.index(st), kv_hi.index(st), n_last, end, BLOCK_N, LD)
             m_i, l_i, o_lo, o_hi = _softmax_pv(s_cur, m_i, l_i, o_lo, o_hi, kv_lo.index(st), kv_hi.index(st),
                                                n_last, end, sm_scale_log2, S_L, O_L, BLOCK_N, True)
             o_lo, o_hi = warpgroup_mma_wait(num_outstanding=0, deps=[o_lo, o_hi])

@@ -47,7 +47,7 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
 
-    from .mla_decode_gluon import GluonDescriptor, _store_lse, _store_part
+    from .mla_decode_gluon import GluonDescriptor, _store_lse, _store_part, _zero_rows
 
 
 def seesaw_supported(q_abs: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_h: int, block_n: int,
@@ -76,24 +76,17 @@ if HAS_GLUON:
         tma.async_copy_global_to_shared(desc, [blk * PAGE + n0 % PAGE, col], bar, dst)
 
     @gluon.jit
-    def _scores(q_lo, q_hi, qpe, k_lo, k_hi, k_pe, bar_lo, bar_hi, bar_pe, phase, HI_FIRST: gl.constexpr,
-                S_L: gl.constexpr):
-        """S = Q K^T of one tile, each part issued as soon as its box has arrived (rope first: it is refilled
-        first); asynchronous, the caller waits."""
+    def _scores(qpe, k_pe, bar_pe, q_a, k_a, bar_a, q_b, k_b, bar_b, phase, S_L: gl.constexpr):
+        """S = Q K^T of one tile, each part issued as soon as its box has arrived: the rope part first (it is
+        refilled first), then the latent halves a, b in the order the caller expects them back; asynchronous, the
+        caller waits."""
         s = gl.full([64, 64], 0.0, gl.float32, S_L)
         mbarrier.wait(bar_pe, phase)
         s = warpgroup_mma(qpe, k_pe.permute((1, 0)), s, use_acc=False, is_async=True)
-        if HI_FIRST:
-            mbarrier.wait(bar_hi, phase)
-            s = warpgroup_mma(q_hi, k_hi.permute((1, 0)), s, is_async=True)
-            mbarrier.wait(bar_lo, phase)
-            s = warpgroup_mma(q_lo, k_lo.permute((1, 0)), s, is_async=True)
-        else:
-            mbarrier.wait(bar_lo, phase)
-            s = warpgroup_mma(q_lo, k_lo.permute((1, 0)), s, is_async=True)
-            mbarrier.wait(bar_hi, phase)
-            s = warpgroup_mma(q_hi, k_hi.permute((1, 0)), s, is_async=True)
-        return s
+        mbarrier.wait(bar_a, phase)
+        s = warpgroup_mma(q_a, k_a.permute((1, 0)), s, is_async=True)
+        mbarrier.wait(bar_b, phase)
+        return warpgroup_mma(q_b, k_b.permute((1, 0)), s, is_async=True)
 
     @gluon.jit
     def _tail(s, k_lo, k_hi, n0, end, S_L: gl.constexpr, LD: gl.constexpr):
@@ -101,15 +94,8 @@ if HAS_GLUON:
         fenced for the tensor cores and made visible to this warpgroup's warps)."""
         cols = n0 + gl.arange(0, 64, layout=gl.SliceLayout(0, S_L))
         s = gl.where(gl.expand_dims(cols < end, 0), s, float("-inf"))
-        if n0 + 64 > end:   # 16 rows at a time: a whole 64 x 256 tile would take 64 registers a thread
-            for r in gl.static_range(4):
-                rows = gl.expand_dims(n0 + 16 * r + gl.arange(0, 16, layout=gl.SliceLayout(1, LD)) < end, 1)
-                lo = k_lo.slice(16 * r, 16).load(LD)
-                k_lo.slice(16 * r, 16).store(gl.where(rows, lo, gl.zeros_like(lo)))
-                hi = k_hi.slice(16 * r, 16).load(LD)
-                k_hi.slice(16 * r, 16).store(gl.where(rows, hi, gl.zeros_like(hi)))
-            fence_async_shared()
-            gl.thread_barrier()
+        if n0 + 64 > end:
+            _zero_rows(k_lo, k_hi, n0, end, 64, LD)
         return s
 
     @gluon.jit
@@ -137,8 +123,8 @@ if HAS_GLUON:
             ph = j & 1
             t0 = 2 * j
             n0 = start + t0 * 64
-            s = _scores(q_lo, q_hi, qpe, k_lo.index(0), k_hi.index(0), k_pe.index(0), kready.index(0),
-                        kready.index(1), kready.index(2), ph, False, S_L)
+            s = _scores(qpe, k_pe.index(0), kready.index(2), q_lo, k_lo.index(0), kready.index(0), q_hi,
+                        k_hi.index(0), kready.index(1), ph, S_L)   # K0.lo comes back before K0.hi
             s = warpgroup_mma_wait(num_outstanding=0, deps=[s])
             if t0 + 2 < n_tiles:
                 _load(kpe_desc, bt_row, n0 + 128, 0, k_pe.index(0), kready.index(2), PAGE)
@@ -194,8 +180,8 @@ if HAS_GLUON:
             has1 = t1 < n_tiles
             s = gl.full([64, 64], float("-inf"), gl.float32, S_L)
             if has1:
-                s = _scores(q_lo, q_hi, qpe, k_lo.index(1), k_hi.index(1), k_pe.index(1), kready.index(3),
-                            kready.index(4), kready.index(5), ph, True, S_L)
+                s = _scores(qpe, k_pe.index(1), kready.index(5), q_hi, k_hi.index(1), kready.index(4), q_lo,
+                            k_lo.index(1), kready.index(3), ph, S_L)   # K1.hi comes back before K1.lo
                 s = warpgroup_mma_wait(num_outstanding=0, deps=[s])
                 if t1 + 2 < n_tiles:
                     _load(kpe_desc, bt_row, n1 + 128, 0, k_pe.index(1), kready.index(5), PAGE)
