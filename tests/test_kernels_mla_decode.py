@@ -175,7 +175,7 @@ def test_tma_path_is_taken_only_where_its_rules_hold(monkeypatch):
     from dsv3.kernels.mla_decode_gluon import gluon_supported
     qg, _, cg, kg, *_ = make_case([5], H=64, C=512, R=64, bs=64, dtype=torch.bfloat16)
     assert not gluon_supported(qg, cg, kg, 64, 64)              # the Gluon body: CUDA sm_90 only, never the CPU
-    assert not _default_config(128, 512, torch.bfloat16).get("gluon")   # not the default until measured
+    assert _default_config(128, 512, torch.bfloat16).get("gluon") is True   # sm_90 default; TMA where it cannot run
     assert _default_config(128, 512, torch.bfloat16).get("tma") is True
     assert not _default_config(16, 512, torch.bfloat16).get("tma")
     assert not _default_config(128, 512, torch.float32).get("tma")

@@ -169,9 +169,11 @@ if HAS_TRITON:
         tl.store(S + e * K + cols, s, mask=mask_k)
 
 
-# launch shape: (BM tokens, BK columns) tiles; BK 64 keeps a 64-byte run per token row of q_t. ONE_M: the longest
-# group read once (0: every group twice; the one-pass form is unmeasured: fp8_grouped_bench.py sweeps it)
-_BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 64, 64, 4, 0
+# launch shape: (BM tokens, BK columns) tiles. Swept on an H100 (fp8_grouped_bench.py, RESULTS.md twenty-fifth
+# session): (128, 32, 4 warps) gives 28-35% of copy over lite / V3 widths, uniform and skewed, vs 21-34% for
+# (64, 64, 4). ONE_M: the longest group read once (0: every group twice); the one-pass form measured 7-31%, the
+# strip in registers costs more occupancy than the second read saves
+_BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
 
 
 def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = None, block_k: int | None = None,

@@ -279,10 +279,12 @@ def _default_config(H: int, C: int, dtype: torch.dtype, B: int = 64) -> dict:
         return dict(block_h=16, block_n=128, num_warps=4, num_stages=3)
     if H < 64:
         return dict(block_h=32, block_n=64, num_warps=4, num_stages=2)
-    # the TMA kernel where it runs (sm_90+, page-aligned 64-token tiles: dsv3.kernels.mla_decode_tma), else the same
-    # shapes through the gather kernel: on an H100 at B = 64 x 16K, 1,062-1,094 us vs 1,285 (1.17-1.21x, RESULTS.md
-    # twenty-third session); at 16 heads it was slower (759 vs 685 us at 64-token tiles) and stays off
-    return dict(block_h=64, block_n=64, num_warps=8, num_stages=2, tma=True)
+    # the Gluon kernel on sm_90 (dsv3.kernels.mla_decode_gluon: S split over the warpgroups by tokens), else the TMA
+    # kernel (sm_90+, page-aligned 64-token tiles: dsv3.kernels.mla_decode_tma), else the same shapes through the
+    # gather kernel. H100, 128 heads: Gluon 505 / 974 / 1,882 us at B = 64 x 8K / 16K / 32K vs TMA 550 / 1,059 /
+    # 2,058 (1.09x, RESULTS.md twenty-fifth session); TMA vs gather 1,062-1,094 us vs 1,285 at 64 x 16K (twenty-third);
+    # at 16 heads TMA was slower (759 vs 685 us at 64-token tiles) and stays off
+    return dict(block_h=64, block_n=64, num_warps=8, num_stages=2, tma=True, gluon=True)
 
 
 def mla_decode_num_splits(B: int, H: int, max_tokens: int, block_h: int, block_n: int, sm_count: int,
