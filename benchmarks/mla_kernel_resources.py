@@ -65,7 +65,7 @@ def offline(dump: str | None) -> None:
                      kpe_desc=gluon_mod.GluonDescriptor(cache[:, :64].contiguous(), [4096, 64], [64, 1], [64, 64],
                                                         lay_k))
         bodies.append(("seesaw (2 warpgroups)", seesaw_mod._mla_decode_seesaw_kernel, GluonASTSource, descs,
-                       dict(PAGE=64, WRITE_LSE=True), dict(num_warps=4)))
+                       dict(PAGE=64), dict(num_warps=4)))
     cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
     for name, fn, source, descs, const, options in bodies:
         values = {**ptrs, **descs}

@@ -356,7 +356,9 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
         tps = -(-n_tiles // max(1, num_splits)) * cfg["block_n"]
         S = max(1, -(-max_tokens // tps))
 
-    if S == 1:  # write the final output directly
+    seesaw = bool(cfg.get("seesaw")) and seesaw_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_h"],
+                                                          cfg["block_n"], append is not None)
+    if S == 1 and not seesaw:  # write the final output directly (the seesaw body always writes partials)
         op, lse = out.unsqueeze(2), out  # lse unused (WRITE_LSE=False)
         op_strides = (op.stride(0), op.stride(1), op.stride(2))
         lse_strides = (0, 0)
@@ -369,10 +371,9 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     dot_prec = "ieee" if q_abs.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(H, cfg["block_h"]), S, B)
     append_args = (new_c, new_k, slots) if append is not None else (q_abs, q_abs, seq_lens)   # unread without APPEND
-    if cfg.get("seesaw") and seesaw_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_h"], cfg["block_n"],
-                                              append is not None):
+    if seesaw:
         launch_seesaw(grid, q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse, append_args,
-                      float(scale) * math.log2(math.e), op_strides, lse_strides, H, tps, S > 1)
+                      float(scale) * math.log2(math.e), op_strides, lse_strides, H, tps)
     elif cfg.get("gluon") and gluon_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_h"], cfg["block_n"]):
         launch_gluon(grid, q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse, append_args,
                      float(scale) * math.log2(math.e), op_strides, lse_strides, H, tps, cfg, S > 1, append is not None)
@@ -394,7 +395,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
             DOT_PREC=dot_prec, WRITE_LSE=S > 1, APPEND=append is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q_abs),
         )
-    if S > 1:
+    if S > 1 or seesaw:
         _mla_decode_combine_kernel[(H, B)](
             op, lse, out, seq_lens,
             op.stride(0), op.stride(1), op.stride(2),

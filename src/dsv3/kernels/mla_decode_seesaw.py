@@ -117,7 +117,7 @@ if HAS_GLUON:
     def _wg0(ckv_desc, kpe_desc, QPE, OP, LSE, q_lo, q_hi, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0, s_l1,
              p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
              stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
-             PAGE: gl.constexpr, WRITE_LSE: gl.constexpr):
+             PAGE: gl.constexpr):
         qpe, l0, o = _partition_init(QPE, b, hg, H, stride_pe_b, stride_pe_h)
         for j in range(gl.cdiv(n_tiles, 2)):
             ph = j & 1
@@ -164,14 +164,13 @@ if HAS_GLUON:
         gl.thread_barrier()
         mbarrier.arrive(xbar.index(4))
         _store_part(OP, b, sp, hg, H, l_i, o, 0, stride_op_b, stride_op_h, stride_op_s, 64, 256, O_L)
-        if WRITE_LSE:
-            _store_lse(LSE, b, sp, hg, H, s_m.load(ROW), l_i, stride_lse_b, stride_lse_h, 64, S_L)
+        _store_lse(LSE, b, sp, hg, H, s_m.load(ROW), l_i, stride_lse_b, stride_lse_h, 64, S_L)
 
     @gluon.jit
     def _wg1(ckv_desc, kpe_desc, QPE, OP, LSE, q_lo, q_hi, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0, s_l1,
              p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
              stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
-             PAGE: gl.constexpr, WRITE_LSE: gl.constexpr):
+             PAGE: gl.constexpr):
         qpe, l1, o = _partition_init(QPE, b, hg, H, stride_pe_b, stride_pe_h)
         for j in range(gl.cdiv(n_tiles, 2)):
             ph = j & 1
@@ -228,7 +227,7 @@ if HAS_GLUON:
         stride_op_b, stride_op_h, stride_op_s,
         stride_lse_b, stride_lse_h,
         H, tokens_per_split,
-        PAGE: gl.constexpr, WRITE_LSE: gl.constexpr,
+        PAGE: gl.constexpr,
     ):
         VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         hg = gl.program_id(0)
@@ -280,15 +279,17 @@ if HAS_GLUON:
         args = (ckv_desc, kpe_desc, QPE, OP, LSE, q_lo, q_hi, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0,
                 s_l1, p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
                 stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
-                PAGE, WRITE_LSE)
+                PAGE)
         gl.warp_specialize([(_wg0, args), (_wg1, args)], [4], [256])
 
 
 def launch_seesaw(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
                   seq_lens: Tensor, op: Tensor, lse: Tensor, append_args: tuple, sm_scale_log2: float,
-                  op_strides: tuple, lse_strides: tuple, H: int, tokens_per_split: int, write_lse: bool) -> None:
+                  op_strides: tuple, lse_strides: tuple, H: int, tokens_per_split: int) -> None:
     """The seesaw kernel's launch, for `mla_decode_triton` (which checked `seesaw_supported`). No programmatic
-    dependent launch (no grid-dependency wait in the kernel)."""
+    dependent launch (no grid-dependency wait in the kernel). It always writes fp32 partials and their log-sum-exp,
+    one split included (the caller combines): with the direct bf16 store compiled in, Triton 3.6 fails an LLVM
+    assertion lowering the warp-specialised partitions (ConvertTritonGPUToLLVM, on the H100 and offline alike)."""
     page = c_kv_cache.shape[1]
     rows = c_kv_cache.shape[0] * page
     lay_c = gl.NVMMASharedLayout.get_default_for([64, 256], gl.bfloat16)
@@ -298,5 +299,5 @@ def launch_seesaw(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_ca
     _mla_decode_seesaw_kernel[grid](
         *descriptor_kernel_args(q_abs, q_pe, ckv, kpe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse,
                                 append_args, sm_scale_log2, op_strides, lse_strides, H, tokens_per_split),
-        PAGE=page, WRITE_LSE=write_lse, num_warps=4,
+        PAGE=page, num_warps=4,
     )
