@@ -4,7 +4,7 @@ ends inside the last pages; 1, default and 7 splits; the append form against sto
 body hands to the TMA body), then times at
 B = 64 x 8K / 16K / 32K and B = 128 x 8K (bf16, C = 512, R = 64, pages of 64). A config that fails its check or
 does not compile is reported and not timed. GPU only (sm_90):
-    PYTHONPATH=src python benchmarks/mla_gluon_probe.py [--quick]
+    PYTHONPATH=src python benchmarks/mla_gluon_probe.py [--quick] [--sharing] [--bodies tma,seesaw]
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def check(name: str, kw: dict) -> float:
     return worst
 
 
-def timing_inputs(B: int, ctx: int) -> tuple:
-    H, C, R = 128, 512, 64
+def timing_inputs(B: int, ctx: int, H: int = 128) -> tuple:
+    C, R = 512, 64
     nb = B * ctx // 64
     ckv = torch.randn(nb, 64, C, device="cuda", dtype=torch.bfloat16)
     kpe = torch.randn(nb, 64, R, device="cuda", dtype=torch.bfloat16)
@@ -87,12 +87,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one shape (B = 64 x 16K)")
     p.add_argument("--bodies", default=",".join(BODIES), help="comma-separated subset of " + ", ".join(BODIES))
+    p.add_argument("--sharing", action="store_true",
+                   help="add B = 128 x 16K at 64 heads: the same CTAs and FLOPs as 64 x 16K at 128 heads with no "
+                        "second head group to share each tile through L2 (twice the bytes from HBM): equal times "
+                        "say the body is not bandwidth-bound, a slower one that the two head groups share reads")
     args = p.parse_args()
     from dsv3.kernels.mla_decode_gluon import HAS_GLUON
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK.items() if k in name), 989e12)
     print(f"{name}, capability {torch.cuda.get_device_capability()}, gluon {HAS_GLUON}", flush=True)
-    shapes = [(64, 16384)] if args.quick else [(64, 8192), (64, 16384), (64, 32768), (128, 8192)]
+    shapes = [(64, 16384, 128)] if args.quick else [(64, 8192, 128), (64, 16384, 128), (64, 32768, 128),
+                                                     (128, 8192, 128)]
+    if args.sharing:
+        shapes = [(64, 16384, 128), (128, 16384, 64)]
     inputs = {shape: timing_inputs(*shape) for shape in shapes}
     # one body at a time, checked then timed: a body that hangs (a new kernel's barrier) costs only its own rows
     for body in args.bodies.split(","):
@@ -104,11 +111,12 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - a config that does not compile or launch: say why, go on
             print(f"check {body:14s}: failed ({type(e).__name__}: {str(e)[:400]})", flush=True)
             continue
-        for (B, ctx), (a, flops) in inputs.items():
+        for (B, ctx, H), (a, flops) in inputs.items():
             ms = tt.do_bench(lambda kw=kw, a=a: mla_decode_triton(*a, 0.04, **kw))
             tf = flops / ms / 1e9
-            print(f"B={B:4d} ctx={ctx:6d} {body:14s}: {ms * 1e3:9.1f} us {tf:7.1f} TFLOP/s "
-                  f"{100 * tf * 1e12 / peak:5.1f}% of bf16 peak", flush=True)
+            gbs = B * ctx * (512 + 64) * 2 / ms / 1e6    # each token's latents once
+            print(f"B={B:4d} ctx={ctx:6d} H={H:3d} {body:14s}: {ms * 1e3:9.1f} us {tf:7.1f} TFLOP/s "
+                  f"{100 * tf * 1e12 / peak:5.1f}% of bf16 peak, {gbs:6.0f} GB/s of unique latents", flush=True)
 
 
 if __name__ == "__main__":
