@@ -314,5 +314,20 @@ PY
     grep -E "W\^T|failed" "$OUT/quant_sweep.txt" | head -50
     timeout 150 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
     grep -E "group columns|failed" "$OUT/grouped.txt" | head -40 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K"; exit 2 ;;
+  L)    # twenty-fifth session (~3 min): where the 128-head MLA decode's time goes (issue 16's 60% of peak; the
+        # Gluon body at 29-31%): is the second head group's tile served from L2 (--sharing: 64 heads at twice the
+        # batch, same CTAs and FLOPs, no sharing), and ncu's speed-of-light, memory, occupancy and warp-stall
+        # sections for one launch of the Gluon and TMA bodies at B = 64 x 16K
+    F='^ *%|^ *tt\.|^ *ttg|^ *scf|^ *arith|^ *}|^#|ttng'
+    timeout 90 python benchmarks/mla_gluon_probe.py --sharing --bodies gluon-bn64-s2,tma 2>&1 | grep -Ev "$F" \
+      | tail -8 | tee "$OUT/sharing.txt"
+    for body in gluon-bn64-s2 tma; do
+      timeout 120 ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        --section ComputeWorkloadAnalysis python benchmarks/mla_gluon_probe.py --launch $body \
+        > "$OUT/ncu-$body.txt" 2>&1
+      grep -E "Duration|Throughput|Hit Rate|DRAM|Pipe|Stall|Occupancy|Registers|Warp Cycles|Issued" \
+        "$OUT/ncu-$body.txt" | head -40
+    done ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L"; exit 2 ;;
 esac

@@ -5,6 +5,8 @@ body hands to the TMA body), then times at
 B = 64 x 8K / 16K / 32K and B = 128 x 8K (bf16, C = 512, R = 64, pages of 64). A config that fails its check or
 does not compile is reported and not timed. GPU only (sm_90):
     PYTHONPATH=src python benchmarks/mla_gluon_probe.py [--quick] [--sharing] [--bodies tma,seesaw]
+    ncu --clock-control none -k regex:mla_decode --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+        python benchmarks/mla_gluon_probe.py --launch gluon-bn64-s2       (gpu_next.sh L)
 """
 
 from __future__ import annotations
@@ -91,7 +93,15 @@ def main() -> None:
                    help="add B = 128 x 16K at 64 heads: the same CTAs and FLOPs as 64 x 16K at 128 heads with no "
                         "second head group to share each tile through L2 (twice the bytes from HBM): equal times "
                         "say the body is not bandwidth-bound, a slower one that the two head groups share reads")
+    p.add_argument("--launch", metavar="BODY", help="no checks, no timing: three launches of BODY at B = 64 x 16K, "
+                   "128 heads, for a profiler (ncu --launch-skip 2 --launch-count 1 -k regex:mla_decode)")
     args = p.parse_args()
+    if args.launch:
+        a, _ = timing_inputs(64, 16384)
+        for _ in range(3):
+            mla_decode_triton(*a, 0.04, **BODIES[args.launch])
+        torch.cuda.synchronize()
+        return
     from dsv3.kernels.mla_decode_gluon import HAS_GLUON
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK.items() if k in name), 989e12)
