@@ -155,7 +155,10 @@ if HAS_TRITON:
         cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
         mask_k = cols < K
         start, end = tl.load(STARTS + e), tl.load(ENDS + e)
-        p_start, p_end = tl.load(PSTARTS + e), tl.load(PENDS + e)
+        # padded group bounds are multiples of ALIGN (padded_groups): said to the compiler, the transposed stores
+        # along the tokens become 16-byte vectors (without it, one byte per store instruction: 32 of them a thread)
+        p_start = tl.multiple_of(tl.load(PSTARTS + e), 16)
+        p_end = tl.multiple_of(tl.load(PENDS + e), 16)
         if ONE_M > 0:
             if end - start <= ONE_M:
                 s = _cols_one_pass(X, RS, QT, cols, mask_k, start, end, p_start, p_end - p_start, stride_xm,
