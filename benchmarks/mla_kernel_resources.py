@@ -21,13 +21,7 @@ from dsv3.kernels import mla_decode_tma as tma_mod
 
 def offline(dump: str | None) -> None:
     """Compile the TMA and Gluon bodies at 128 heads for sm_90 without a GPU and print their resources."""
-    import glob
-    import os
-    import re
-    import subprocess
-
-    import triton
-    from triton.backends.compiler import GPUTarget
+    from sm90_offline import compile_report
     from triton.compiler import ASTSource
     from triton.runtime.jit import mangle_type
 
@@ -66,26 +60,11 @@ def offline(dump: str | None) -> None:
                                                         lay_k))
         bodies.append(("seesaw (2 warpgroups)", seesaw_mod._mla_decode_seesaw_kernel, GluonASTSource, descs,
                        dict(PAGE=64), dict(num_warps=4)))
-    cuobjdump = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))[0]
     for name, fn, source, descs, const, options in bodies:
         values = {**ptrs, **descs}
         sig = {a: "constexpr" if a in const else mangle_type(values[a]) if a in values else "i32"
                for a in fn.arg_names}
-        k = triton.compile(source(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                           options=options)
-        tag = re.sub(r"\W+", "_", name)
-        out = dump or "/tmp"
-        os.makedirs(out, exist_ok=True)
-        for ext in ("ttgir", "ptx") if dump else ():
-            with open(os.path.join(out, f"{tag}.{ext}"), "w") as f:
-                f.write(k.asm[ext])
-        cubin = os.path.join(out, f"{tag}.cubin")
-        with open(cubin, "wb") as f:
-            f.write(k.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
-        regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
-        print(f"{name:24s} shared={k.metadata.shared} B regs={regs.group(1) if regs else '?'} "
-              f"stack (spills)={stack.group(1) if stack else '?'} B")
+        compile_report(name, fn, sig, const, options, source=source, dump=dump)
 
 
 def main() -> None:
