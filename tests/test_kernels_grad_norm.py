@@ -48,6 +48,12 @@ def _run_cases(device: str, **launch) -> dict:
     res["exact small"] = abs(sum_of_squares_triton(one, **launch).item() - 20.0)
     res["empty list"] = sum_of_squares_triton([], **launch).item()
     res["empty tensors"] = abs(sum_of_squares_triton([torch.zeros(0, device=device)] + one, **launch).item() - 20.0)
+    # a view one element into its buffer (2 bytes: not 16-byte aligned) beside aligned tensors: the launch must
+    # not promise aligned addresses (on the GPU a 16-byte vector load there would fault)
+    base = torch.randn(3001, generator=torch.Generator().manual_seed(9)).to(device, torch.bfloat16)
+    views = [base[1:], _tensors((torch.bfloat16,), seed=9, device=device)[5]]
+    assert views[0].data_ptr() % 16
+    res["misaligned view"] = abs(sum_of_squares_triton(views, **launch).item() - _exact(views)) / _exact(views)
     return res
 
 
@@ -77,7 +83,7 @@ def test_reference_equals_float64_sum(name):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_float64():
     res = interpreter_cases("test_kernels_grad_norm")
-    assert len(res) == len(CASES) + 3
+    assert len(res) == len(CASES) + 4
     _assert_close(res)
 
 

@@ -44,20 +44,36 @@ def sum_of_squares_reference(tensors: list[Tensor]) -> Tensor:
 
 if HAS_TRITON:
     @triton.jit
-    def _sumsq_kernel(PTRS, NUMELS, CHUNK_TENSOR, CHUNK_START, OUT, REF, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-        # REF: any tensor of the group's dtype; its pointer type is what the table's addresses are cast to
+    def _squares(x):
+        # FP64: the squares of bf16/fp32 values span 2^-298..2^256, FP32 only 2^-149..2^128 (a gradient of 2^64
+        # squared was inf, the norm inf, the step "diverged"; one of 1e-25 squared was 0)
+        x = x.to(tl.float32).to(tl.float64)
+        return x * x
+
+    @triton.jit
+    def _sumsq_kernel(PTRS, NUMELS, CHUNK_TENSOR, CHUNK_START, OUT, REF, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                      ALIGNED: tl.constexpr):
+        # REF: any tensor of the group's dtype; its pointer type is what the table's addresses are cast to.
+        # ALIGNED: every address is 16-byte aligned. An address read from a table carries no alignment the
+        # compiler can see, and a mask against a size it cannot see either splits loads into single elements
+        # (sm_90 PTX: 8 two-byte loads a thread per tile); said, and with the whole chunks unmasked, the loads are
+        # 16-byte vectors (benchmarks/sm90_offline.py)
         c = tl.program_id(0)
         t = tl.load(CHUNK_TENSOR + c)
         start = tl.load(CHUNK_START + c)
         n = tl.load(NUMELS + t)
         base = tl.load(PTRS + t).to(REF.dtype)
-        # FP64: the squares of bf16/fp32 values span 2^-298..2^256, FP32 only 2^-149..2^128 (a gradient of 2^64
-        # squared was inf, the norm inf, the step "diverged"; one of 1e-25 squared was 0)
+        if ALIGNED:
+            base = tl.multiple_of(base, 16)
+            start = tl.multiple_of(start, BLOCK)        # chunks start at multiples of CHUNK, itself of BLOCK
         acc = tl.zeros([BLOCK], dtype=tl.float64)
-        for i in range(0, CHUNK, BLOCK):
-            offs = start + i + tl.arange(0, BLOCK)
-            x = tl.load(base + offs, mask=offs < n, other=0.0).to(tl.float32).to(tl.float64)
-            acc += x * x
+        if start + CHUNK <= n:                          # a whole chunk: no mask
+            for i in range(0, CHUNK, BLOCK):
+                acc += _squares(tl.load(base + start + i + tl.arange(0, BLOCK)))
+        else:                                           # the tensor's last chunk
+            for i in range(0, CHUNK, BLOCK):
+                offs = start + i + tl.arange(0, BLOCK)
+                acc += _squares(tl.load(base + offs, mask=offs < n, other=0.0))
         tl.store(OUT + c, tl.sum(acc, axis=0))
 
 
@@ -90,12 +106,15 @@ def sum_of_squares_triton(tensors: list[Tensor], block: int = _BLOCK, chunk: int
     for dtype in sorted({t.dtype for t in tensors}, key=str):
         group = [t for t in tensors if t.dtype == dtype]
         numels, owner, first = _chunk_table(tuple(t.numel() for t in group), chunk, device)
-        ptrs = torch.tensor([t.data_ptr() for t in group], dtype=torch.int64)
+        addrs = [t.data_ptr() for t in group]
+        ptrs = torch.tensor(addrs, dtype=torch.int64)
         if device.type == "cuda":       # no host sync: a pinned staging copy, ordered on the stream
             ptrs = ptrs.pin_memory().to(device, non_blocking=True)
         partial = torch.empty(owner.numel(), dtype=torch.float64, device=device)
+        # a view into a flat buffer may start anywhere; PyTorch's own allocations are 256-byte aligned
+        aligned = all(a % 16 == 0 for a in addrs)
         _sumsq_kernel[(owner.numel(),)](ptrs, numels, owner, first, partial, group[0], BLOCK=block,
-                                        CHUNK=chunk, num_warps=8)
+                                        CHUNK=chunk, ALIGNED=aligned, num_warps=8)
         total += partial.sum()                    # step 3
     return total
 
