@@ -151,7 +151,7 @@ def main():
                 grid = [(16, 16, 4, 1, 0), (16, 32, 4, 2, 0), (16, 16, 4, 1, 1)]
             best_ms = float("inf")
             for bh, bn, nw, ns, tma in grid:
-                kw = dict(block_h=bh, block_n=bn, num_warps=nw, num_stages=ns, tma=bool(tma))
+                kw = dict(block_h=bh, block_n=bn, num_warps=nw, num_stages=ns, tma=bool(tma), gluon=False, seesaw=False)
                 try:
                     ms = bench(lambda inp=inp, kw=kw: mla_decode_triton(*inp, **kw), interpret)
                 except Exception as e:  # e.g. out of shared memory for this tile

@@ -26,7 +26,7 @@ def main() -> None:
     flops = 2 * B * ctx * H * (2 * C + R)
     for ws in (False, True):
         for stages in (2, 3):
-            kw = dict(tma=True, warp_specialize=ws, num_stages=stages)
+            kw = dict(tma=True, gluon=False, seesaw=False, warp_specialize=ws, num_stages=stages)
             try:
                 err = (mla_decode_triton(*small, **kw).float() - ref).abs().max().item()
                 ms = tt.do_bench(lambda kw=kw: mla_decode_triton(q, qpe, ckv, kpe, bt, lens, 0.04, **kw))

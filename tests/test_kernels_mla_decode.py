@@ -145,7 +145,7 @@ def test_bytes_and_splits():
     # 4096-token block table is read by 3 programs, not one (the others return at once, the combine skips them)
     from dsv3.kernels.mla_decode import _default_config
     small = _default_config(16, 512, torch.bfloat16, B=1)
-    assert small["block_n"] == 64 and small["min_tokens_per_split"] == 64
+    assert small["block_n"] == 64 and small["min_tokens_per_split"] == 64 and small["num_warps"] == 8
     assert "min_tokens_per_split" not in _default_config(16, 512, torch.bfloat16, B=64)
     assert mla_decode_num_splits(1, 16, 4096, 16, 64, 132, small["min_tokens_per_split"]) == (64, 64)
 
@@ -175,8 +175,8 @@ def test_tma_path_is_taken_only_where_its_rules_hold(monkeypatch):
     from dsv3.kernels.mla_decode_gluon import gluon_supported
     qg, _, cg, kg, *_ = make_case([5], H=64, C=512, R=64, bs=64, dtype=torch.bfloat16)
     assert not gluon_supported(qg, cg, kg, 64, 64)              # the Gluon body: CUDA sm_90 only, never the CPU
-    assert _default_config(128, 512, torch.bfloat16).get("gluon") is True   # sm_90 default; TMA where it cannot run
-    assert _default_config(128, 512, torch.bfloat16).get("tma") is True
+    cfg = _default_config(128, 512, torch.bfloat16)   # sm_90 default: seesaw, then Gluon, then TMA where they cannot
+    assert cfg.get("seesaw") is True and cfg.get("gluon") is True and cfg.get("tma") is True
     assert not _default_config(16, 512, torch.bfloat16).get("tma")
     assert not _default_config(128, 512, torch.float32).get("tma")
 
@@ -310,8 +310,9 @@ def test_triton_cuda_append_equals_store_then_attend(num_splits):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("body", [dict(tma=True), dict(gluon=True), dict(gluon=True, block_n=32, num_stages=4),
-                                  dict(seesaw=True)], ids=["tma", "gluon", "gluon-bn32", "seesaw"])
+@pytest.mark.parametrize("body", [dict(tma=True, gluon=False, seesaw=False), dict(gluon=True, seesaw=False),
+                                  dict(gluon=True, seesaw=False, block_n=32, num_stages=4), dict(seesaw=True)],
+                         ids=["tma", "gluon", "gluon-bn32", "seesaw"])
 @pytest.mark.parametrize("H", [64, 128])
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 def test_triton_cuda_many_heads_bodies(H, num_splits, body):
@@ -327,9 +328,9 @@ def test_triton_cuda_many_heads_bodies(H, num_splits, body):
             pytest.skip("the Gluon body is written for sm_90 (wgmma)")
         probe = torch.zeros(2, 64, 512, device="cuda", dtype=torch.bfloat16)
         assert gluon_supported(probe, probe, probe[..., :64].contiguous(), 64, body["block_n"])
-        if body.get("seesaw"):   # its append form hands over to the TMA body by design; the plain form is its own
+        if body.get("seesaw"):   # both forms are its own: with append, the latents are stored before its launch
             from dsv3.kernels.mla_decode_seesaw import seesaw_supported
-            assert seesaw_supported(probe, probe, probe[..., :64].contiguous(), 64, body["block_n"], False)
+            assert seesaw_supported(probe, probe, probe[..., :64].contiguous(), 64, body["block_n"])
     lens = [1, 64, 65, 1000, 2048, 3001, 0, 127]
     q_abs, q_pe, c_kv, k_pe, bt, seq_lens, scale = make_case(lens, H=H, C=512, R=64, bs=64, dtype=torch.bfloat16,
                                                              seed=25, pad=-7, device="cuda")

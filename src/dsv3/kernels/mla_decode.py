@@ -84,6 +84,13 @@ def _check_append(append, B: int, c_kv_cache: Tensor, k_pe_cache: Tensor) -> Non
         raise ValueError(f"append: latents in the cache's dtype expected, got {c_kv.dtype}, {k_pe.dtype}")
 
 
+def _store_append(c_kv_cache: Tensor, k_pe_cache: Tensor, append: tuple[Tensor, Tensor, Tensor]) -> None:
+    """The step's latents into their flat slots of the (contiguous) caches: `append`'s store on its own."""
+    slots, c_kv, k_pe = append
+    c_kv_cache.view(-1, c_kv_cache.shape[2]).index_copy_(0, slots.long(), c_kv)
+    k_pe_cache.view(-1, k_pe_cache.shape[2]).index_copy_(0, slots.long(), k_pe)
+
+
 def mla_decode_reference(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
                          seq_lens: Tensor, scale: float, *,
                          append: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
@@ -92,9 +99,7 @@ def mla_decode_reference(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_c
     B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
     if append is not None:
         _check_append(append, B, c_kv_cache, k_pe_cache)
-        slots, c_kv, k_pe = append
-        c_kv_cache.view(-1, C).index_copy_(0, slots.long(), c_kv)
-        k_pe_cache.view(-1, R).index_copy_(0, slots.long(), k_pe)
+        _store_append(c_kv_cache, k_pe_cache, append)
     bs = c_kv_cache.shape[1]
     dev = q_abs.device
     seq_lens = seq_lens.to(device=dev, dtype=torch.long)
@@ -270,21 +275,26 @@ def _default_config(H: int, C: int, dtype: torch.dtype, B: int = 64) -> dict:
     A small grid (H <= 16, B <= 8: the batch-1 decode of `lite`) takes 64-token tiles and splits of 64 tokens
     (`min_tokens_per_split`): with 256-token splits one program read a whole short sequence alone, ~17 us per layer
     at batch 1 and 128-192 tokens on an H100 (12% of the step, RESULTS.md fifteenth session): an SM alone does not
-    pull a 221 KB sequence fast; 64-token splits spread it over several (not yet measured: the next sweep's)."""
+    pull a 221 KB sequence fast; 64-token splits spread it over several. At batch 1, 8 warps (4 spill: 248 B of
+    stack in the sm_90 build): 9.1 / 10.6 / 15.7 us vs 11.1 / 12.6 / 17.8 at 192 / 1K / 4K tokens (CUDA-graph
+    replays, append form, H100, RESULTS.md twenty-sixth session); at B = 4-8, 8 warps won at <= 1K tokens and lost
+    at 4K (and 32-token tiles, 4 stages, won there): unchanged until measured inside the engine."""
     if dtype == torch.float32:  # twice the bytes per tile: smaller tiles (exactness tests, not speed)
         return dict(block_h=16, block_n=16, num_warps=4, num_stages=2)
     if H <= 16 and B <= 8:
-        return dict(block_h=16, block_n=64, num_warps=4, num_stages=2, min_tokens_per_split=64)
+        return dict(block_h=16, block_n=64, num_warps=8 if B == 1 else 4, num_stages=2, min_tokens_per_split=64)
     if H <= 16:
         return dict(block_h=16, block_n=128, num_warps=4, num_stages=3)
     if H < 64:
         return dict(block_h=32, block_n=64, num_warps=4, num_stages=2)
-    # the Gluon kernel on sm_90 (dsv3.kernels.mla_decode_gluon: S split over the warpgroups by tokens), else the TMA
-    # kernel (sm_90+, page-aligned 64-token tiles: dsv3.kernels.mla_decode_tma), else the same shapes through the
-    # gather kernel. H100, 128 heads: Gluon 505 / 974 / 1,882 us at B = 64 x 8K / 16K / 32K vs TMA 550 / 1,059 /
-    # 2,058 (1.09x, RESULTS.md twenty-fifth session); TMA vs gather 1,062-1,094 us vs 1,285 at 64 x 16K (twenty-third);
-    # at 16 heads TMA was slower (759 vs 685 us at 64-token tiles) and stays off
-    return dict(block_h=64, block_n=64, num_warps=8, num_stages=2, tma=True, gluon=True)
+    # the seesaw kernel on sm_90 (dsv3.kernels.mla_decode_seesaw, FlashMLA's schedule: 404 / 773 / 1,568 us at
+    # B = 64 x 8K / 16K / 32K, 36.5-38.3% of bf16 peak, 1.2x Gluon on an H100, RESULTS.md twenty-sixth session),
+    # else the Gluon kernel on sm_90 (dsv3.kernels.mla_decode_gluon: S split over the warpgroups by tokens),
+    # else the TMA kernel (sm_90+, page-aligned 64-token tiles: dsv3.kernels.mla_decode_tma), else the same shapes
+    # through the gather kernel. H100, 128 heads: Gluon 505 / 974 / 1,882 us at B = 64 x 8K / 16K / 32K vs TMA
+    # 550 / 1,059 / 2,058 (1.09x, twenty-fifth session); TMA vs gather 1,062-1,094 us vs 1,285 at 64 x 16K
+    # (twenty-third); at 16 heads TMA was slower (759 vs 685 us at 64-token tiles) and stays off
+    return dict(block_h=64, block_n=64, num_warps=8, num_stages=2, tma=True, gluon=True, seesaw=True)
 
 
 def mla_decode_num_splits(B: int, H: int, max_tokens: int, block_h: int, block_n: int, sm_count: int,
@@ -314,8 +324,8 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     `warp_specialize` for its tile loop as Triton's producer / consumer split (no gain on an H100); `gluon` for the
     Gluon body (`dsv3.kernels.mla_decode_gluon`: S split over the warpgroups, asynchronous wgmma), which runs where
     `gluon_supported` (Hopper, bf16, 64-head blocks of 32- or 64-token tiles) and is tried before the TMA body;
-    `seesaw` for FlashMLA's two-warpgroup schedule in Gluon (`dsv3.kernels.mla_decode_seesaw`; 64-token tiles, no
-    `append`), tried first. Neither is a default until measured."""
+    `seesaw` for FlashMLA's two-warpgroup schedule in Gluon (`dsv3.kernels.mla_decode_seesaw`; 64-token tiles; with
+    `append` the latents are stored before its launch), tried first. All three are on by default at 64+ heads."""
     need_triton("mla_decode_triton")
     B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
     if append is not None:
@@ -336,13 +346,13 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     if not (q_abs.dtype == q_pe.dtype == c_kv_cache.dtype == k_pe_cache.dtype):
         raise ValueError(f"dtypes differ: {q_abs.dtype}, {q_pe.dtype}, {c_kv_cache.dtype}, {k_pe_cache.dtype}")
 
+    page = c_kv_cache.shape[1]
+    max_tokens = block_tables.shape[1] * page
     cfg = _default_config(H, C, q_abs.dtype, B)
     for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages),
                  ("tma", tma), ("warp_specialize", warp_specialize), ("gluon", gluon), ("seesaw", seesaw)):
         if v is not None:
             cfg[k] = v
-    page = c_kv_cache.shape[1]
-    max_tokens = block_tables.shape[1] * page
     out = torch.empty(B, H, C, device=q_abs.device, dtype=q_abs.dtype)
     if B == 0 or H == 0:
         if append is not None and B:      # no heads to attend, the store still owed
@@ -357,7 +367,13 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
         S = max(1, -(-max_tokens // tps))
 
     seesaw = bool(cfg.get("seesaw")) and seesaw_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_h"],
-                                                          cfg["block_n"], append is not None)
+                                                          cfg["block_n"])
+    if seesaw and append is not None:
+        # the seesaw body has no append form: the latents stored first (two index copies), then attended from the
+        # cache like every other key. At 128 heads a step attends thousands of keys per sequence in ~0.4 ms or more
+        # (RESULTS.md twenty-sixth session): the copies' launches are noise there
+        _store_append(c_kv_cache, k_pe_cache, (slots, new_c, new_k))
+        append = None
     if S == 1 and not seesaw:  # write the final output directly (the seesaw body always writes partials)
         op, lse = out.unsqueeze(2), out  # lse unused (WRITE_LSE=False)
         op_strides = (op.stride(0), op.stride(1), op.stride(2))

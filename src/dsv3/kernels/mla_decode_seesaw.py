@@ -1,9 +1,9 @@
 """The many-head MLA decode body after FlashMLA's Hopper schedule ("seesaw"), in Gluon with two warp-specialised
 warpgroups: `mla_decode_triton(..., seesaw=True)`, sm_90, bf16, C = 512, R = 64, 64 heads and 64-token tiles a
-program, no `append` (the caller takes another body then). Same contract, grid, splits and combine as the other
-bodies (`dsv3.kernels.mla_decode`). Written on the CPU machine, compiled for sm_90 there
-(`benchmarks/mla_kernel_resources.py --offline`), not yet run on a GPU (`benchmarks/mla_gluon_probe.py` checks it
-against the reference before timing it).
+program; no `append` form (the caller stores the step's latents first). Same contract, grid, splits and combine as
+the other bodies (`dsv3.kernels.mla_decode`); it always writes fp32 partials and the LSE (Triton 3.6 cannot lower
+its one-split specialisation). The sm_90 default at 64+ heads: 1.2x the Gluon body on an H100 (RESULTS.md,
+twenty-sixth session).
 
 Why (RESULTS.md, twenty-fourth session): the Gluon body (`mla_decode_gluon`) splits one tile's S over both
 warpgroups by tokens, so each reads all of Q from shared memory for half the tokens (n = 32 wgmma); here each
@@ -50,10 +50,10 @@ if HAS_GLUON:
     from .mla_decode_gluon import GluonDescriptor, _store_lse, _store_part, _zero_rows
 
 
-def seesaw_supported(q_abs: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_h: int, block_n: int,
-                     append: bool) -> bool:
-    """The Gluon body's rules (`gluon_supported`) with 64-token tiles and no `append`."""
-    return not append and block_n == 64 and gluon_supported(q_abs, c_kv_cache, k_pe_cache, block_h, block_n)
+def seesaw_supported(q_abs: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_h: int, block_n: int) -> bool:
+    """The Gluon body's rules (`gluon_supported`) with 64-token tiles. No `append` form: `mla_decode_triton` stores
+    the step's latents before the launch."""
+    return block_n == 64 and gluon_supported(q_abs, c_kv_cache, k_pe_cache, block_h, block_n)
 
 
 if HAS_GLUON:
