@@ -41,6 +41,8 @@
 #   bash benchmarks/gpu_next.sh H   the MLA decode's TMA kernel at 128 heads: its CUDA tests, a sweep beside the gather one
 #   bash benchmarks/gpu_next.sh I   the next session's second call: PDL A/B at batch 1, warp specialisation, H's
 #                                   sweep, the 2K prefill step profiled
+#   bash benchmarks/gpu_next.sh O   after the gate: lite batch 1 with the 8-warp MLA split kernel; ncu on the group-
+#                                   column FP8 quantiser and the 16-head MLA split kernel (~5 min)
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
@@ -347,5 +349,37 @@ PY
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       python benchmarks/mla_gluon_probe.py --launch gluon-bn64-s2 > "$OUT/ncu-gluon.txt" 2>&1
     grep -E "Duration|Throughput|Hit Rate|Stall|Warp Cycles" "$OUT/ncu-gluon.txt" | head -30 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N"; exit 2 ;;
+  O)    # twenty-sixth session (~5 min, after the gate): lite at batch 1 with the 8-warp MLA split kernel (H100,
+        # twenty-fourth session, PDL: BF16 344.2, FP8 422.1 tok/s); then ncu on the two kernels furthest from their
+        # targets: the group-column FP8 quantiser (issue 15: 22-41% of copy; latency or bandwidth?) and the 16-head
+        # MLA split kernel at B = 32 x 8K (issue 16: 85% of copy; met only at 64 x 32K)
+    timeout 150 python benchmarks/engine_decode.py --batches 1 --tokens 64 --modes overlap,fp8-overlap \
+      --ttft-batch 0 > "$OUT/batch1.txt" 2>&1; grep -v Warn "$OUT/batch1.txt" | grep -E "tok/s|Error" | head -4
+    S='--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy
+      --section SchedulerStats --section LaunchStats'
+    cat > /tmp/cols.py <<'PY'
+import torch
+from dsv3.kernels.fp8_grouped_wgrad import quantize_cols_grouped_triton
+x = torch.randn(49152, 2048, device="cuda", dtype=torch.bfloat16)
+offs = torch.arange(1, 65, device="cuda", dtype=torch.int32) * 768
+for _ in range(3):
+    quantize_cols_grouped_triton(x, offs)
+torch.cuda.synchronize()
+PY
+    timeout 90 ncu --clock-control none -k regex:_cols_grouped --launch-skip 2 --launch-count 1 $S python /tmp/cols.py \
+      > "$OUT/ncu-cols.txt" 2>&1
+    cat > /tmp/mla16.py <<'PY'
+import torch
+from mla_gluon_probe import ragged
+from dsv3.kernels import mla_decode_triton
+case = ragged([8192] * 32, 16, seed=0, nan_tail=False)
+for _ in range(3):
+    mla_decode_triton(*case)
+torch.cuda.synchronize()
+PY
+    PYTHONPATH=$PYTHONPATH:benchmarks timeout 90 ncu --clock-control none -k regex:split_kernel --launch-skip 2 \
+      --launch-count 1 $S python /tmp/mla16.py > "$OUT/ncu-mla16.txt" 2>&1
+    K='^  [_a-z]|Duration|Throughput|Hit Rate|Warp Cycles|Registers|Occupancy|Eligible|Issued Warp|Block Limit'
+    grep -hE "$K" "$OUT/ncu-cols.txt" "$OUT/ncu-mla16.txt" | head -60 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O"; exit 2 ;;
 esac
