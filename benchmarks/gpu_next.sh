@@ -44,6 +44,7 @@
 #   bash benchmarks/gpu_next.sh O   after the gate: lite batch 1 with the 8-warp MLA split kernel; ncu on the group-
 #                                   column FP8 quantiser and the 16-head MLA split kernel; the seesaw's hand-over
 #                                   A/B and split counts (~7 min)
+#   bash benchmarks/gpu_next.sh P   the column quantisers without a reduction per tile: CUDA bit tests, sweeps (~6 min)
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
 #                                   seeds (the comparison's noise floor); the server row is in j
@@ -307,16 +308,18 @@ PY
     timeout 200 python -m pytest -q -n 4 -p no:cacheprovider -p no:logging -rfEs --tb=short \
       tests/test_kernels_mla_decode.py -k many_heads_bodies 2>&1 | tail -12 | tee "$OUT/gate.txt"
     timeout 300 python benchmarks/mla_gluon_probe.py 2>&1 | tee "$OUT/gluon.txt" | tail -30 ;;
-  K)    # twenty-fourth session (~6 min): the one-pass FP8 quantisers (issue 15: W^T rows 47-50% and group columns
+  K|P)  # twenty-fourth session (~6 min): the one-pass FP8 quantisers (issue 15: W^T rows 47-50% and group columns
         # 21-37% of copy; one_pass_m holds a column strip in registers, read once): their CUDA bit-equality tests
         # with the new launch shapes, then the sweeps (set _T_ONE_M in kernels/fp8_rowwise.py and _ONE_M /
-        # _BLOCK_K / _WARPS in kernels/fp8_grouped_wgrad.py from the best exact rows)
+        # _BLOCK_K / _WARPS in kernels/fp8_grouped_wgrad.py from the best exact rows). P, twenty-sixth session: the
+        # same after the two-pass forms' amax lost its cross-warp reduction per tile (H100 before: W^T rows 47-50%,
+        # group columns 22-41% of copy, the FP8 expert wgrad 0.97-1.25x BF16)
     timeout 200 python -m pytest -q -n 4 -p no:cacheprovider -p no:logging -rfEs --tb=short \
       tests/test_kernels_fp8_rowwise.py tests/test_kernels_fp8_grouped_wgrad.py 2>&1 | tail -8 | tee "$OUT/gate.txt"
     timeout 150 python benchmarks/fp8_quant_sweep.py > "$OUT/quant_sweep.txt" 2>&1
     grep -E "W\^T|failed" "$OUT/quant_sweep.txt" | head -50
     timeout 150 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
-    grep -E "group columns|failed" "$OUT/grouped.txt" | head -40 ;;
+    grep -E "group columns|wgrad|failed" "$OUT/grouped.txt" | head -40 ;;
   L)    # twenty-fifth session (~3 min): where the 128-head MLA decode's time goes (issue 16's 60% of peak; the
         # Gluon body at 29-31%): is the second head group's tile served from L2 (--sharing: 64 heads at twice the
         # batch, same CTAs and FLOPs, no sharing), and ncu's speed-of-light, memory, occupancy and warp-stall
@@ -404,5 +407,5 @@ for B, ctx in ((64, 8192), (64, 32768), (16, 4096)):
 PY
     PYTHONPATH=$PYTHONPATH:benchmarks timeout 150 python /tmp/seesaw_ab.py 2>&1 | grep -E "check|^B=|Error" \
       | tee "$OUT/seesaw_ab.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O"; exit 2 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P"; exit 2 ;;
 esac

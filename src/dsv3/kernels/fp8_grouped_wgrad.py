@@ -98,19 +98,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _cols_two_pass(X, RS, QT, cols, mask_k, start, end, p_start, width, stride_xm, stride_xk, ld_q,
-                       HAS_RS: tl.constexpr, BM: tl.constexpr):
+                       HAS_RS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
         """1. the columns' amax over rows [start, end) in (BM, BK) tiles read along K (coalesced); 2. the cast,
         each tile transposed (tl.trans, on the fp32 values) and stored along the tokens from p_start, `width`
-        tokens in all, zeros past end - start. Returns the scales. The strip is read twice."""
-        amax = tl.zeros(cols.shape, dtype=tl.float32)
+        tokens in all, zeros past end - start. Returns the scales. The strip is read twice. The amax runs
+        element-wise over the tiles and is reduced across the rows once, after the loop: a reduction per tile
+        crossed the warps through shared memory (three barriers a tile in the sm_90 PTX), so no tile's load could
+        start before the last one's reduction ended. Max is exact: the same scales, bit for bit."""
+        acc = tl.zeros((BM, BK), dtype=tl.float32)
         for r0 in range(start, end, BM):
             rows = (r0 + tl.arange(0, BM)).to(tl.int64)
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                         mask=(rows < end)[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             if HAS_RS:
                 x = x * tl.load(RS + rows, mask=rows < end, other=0.0)[:, None]
-            amax = _max_nan(amax, _absmax(x, 0))
-        s = _scale_of(amax, False)
+            acc = _max_nan(acc, tl.abs(x))
+        s = _scale_of(_absmax(acc, 0), False)
         for i0 in range(0, width, BM):
             i = (i0 + tl.arange(0, BM)).to(tl.int64)
             rows = start + i
@@ -165,10 +168,10 @@ if HAS_TRITON:
                                    stride_xk, M_PAD, HAS_RS, ONE_M, BM)
             else:
                 s = _cols_two_pass(X, RS, QT, cols, mask_k, start, end, p_start, p_end - p_start, stride_xm,
-                                   stride_xk, M_PAD, HAS_RS, BM)
+                                   stride_xk, M_PAD, HAS_RS, BM, BK)
         else:
             s = _cols_two_pass(X, RS, QT, cols, mask_k, start, end, p_start, p_end - p_start, stride_xm, stride_xk,
-                               M_PAD, HAS_RS, BM)
+                               M_PAD, HAS_RS, BM, BK)
         tl.store(S + e * K + cols, s, mask=mask_k)
 
 

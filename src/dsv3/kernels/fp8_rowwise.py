@@ -93,18 +93,19 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN: tl.constexpr):
+    def _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN: tl.constexpr, BK: tl.constexpr):
         """The column strip (N, BK) of one w: 1. its max-abs over all N rows in coalesced (BN, BK) tiles; 2. the
         cast, the tiles re-read in reverse order (the last tiles read are still in L2), each transposed through
         tl.trans (on the fp32 values) so that the (BK, BN) stores into q_t's rows (QT: this w's, N apart) are
-        coalesced too. Returns the scales."""
-        amax = tl.zeros(cols.shape, dtype=tl.float32)
+        coalesced too. Returns the scales. The amax is element-wise over the tiles, reduced across the rows once
+        after the loop (as `fp8_grouped_wgrad._cols_two_pass`: no cross-warp reduction per tile)."""
+        acc = tl.zeros((BN, BK), dtype=tl.float32)
         for n0 in range(0, N, BN):
             rows = (n0 + tl.arange(0, BN)).to(tl.int64)
             mask = (rows < N)[:, None] & mask_k[None, :]
             x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xk, mask=mask, other=0.0)
-            amax = _max_nan(amax, _absmax(x.to(tl.float32), 0))
-        s = _scale_of(amax, False)
+            acc = _max_nan(acc, tl.abs(x.to(tl.float32)))
+        s = _scale_of(_absmax(acc, 0), False)
         n_tiles = tl.cdiv(N, BN)
         for i in range(0, n_tiles):
             rows = ((n_tiles - 1 - i) * BN + tl.arange(0, BN)).to(tl.int64)
@@ -131,9 +132,9 @@ if HAS_TRITON:
             if N <= ONE_M:
                 s = _cols_one_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, ONE_M, BN)
             else:
-                s = _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN)
+                s = _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN, BK)
         else:
-            s = _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN)
+            s = _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN, BK)
         tl.store(ST + e * K + cols, s, mask=mask_k)
 
 
