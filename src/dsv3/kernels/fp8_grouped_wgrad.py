@@ -100,8 +100,9 @@ if HAS_TRITON:
     def _cols_two_pass(X, RS, QT, cols, mask_k, start, end, p_start, width, stride_xm, stride_xk, ld_q,
                        HAS_RS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
         """1. the columns' amax over rows [start, end) in (BM, BK) tiles read along K (coalesced); 2. the cast,
-        each tile transposed (tl.trans, on the fp32 values) and stored along the tokens from p_start, `width`
-        tokens in all, zeros past end - start. Returns the scales. The strip is read twice. The amax runs
+        the tiles re-read in reverse order (the last ones read are still in L2), each transposed (tl.trans, on the
+        fp32 values) and stored along the tokens from p_start, `width` tokens in all, zeros past end - start.
+        Returns the scales. Also the rows of W^T (`fp8_rowwise`: one group of N rows, width N). The amax runs
         element-wise over the tiles and is reduced across the rows once, after the loop: a reduction per tile
         crossed the warps through shared memory (three barriers a tile in the sm_90 PTX), so no tile's load could
         start before the last one's reduction ended. Max is exact: the same scales, bit for bit."""
@@ -114,8 +115,9 @@ if HAS_TRITON:
                 x = x * tl.load(RS + rows, mask=rows < end, other=0.0)[:, None]
             acc = _max_nan(acc, tl.abs(x))
         s = _scale_of(_absmax(acc, 0), False)
-        for i0 in range(0, width, BM):
-            i = (i0 + tl.arange(0, BM)).to(tl.int64)
+        n_tiles = tl.cdiv(width, BM)
+        for t in range(0, n_tiles):
+            i = ((n_tiles - 1 - t) * BM + tl.arange(0, BM)).to(tl.int64)
             rows = start + i
             valid = (rows < end)[:, None] & mask_k[None, :]
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=valid, other=0.0).to(tl.float32)

@@ -67,7 +67,7 @@ def quantize_rows_both_reference(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Ten
 
 if HAS_TRITON:
     from .fp8_quant import _absmax, _max_nan, _quant, _scale_of
-    from .fp8_grouped_wgrad import _cols_one_pass
+    from .fp8_grouped_wgrad import _cols_one_pass, _cols_two_pass
 
     @triton.jit
     def _rows_kernel(X, Q, S, M, K, stride_xb, stride_xm, stride_xk, ROWS: tl.constexpr, CHUNK: tl.constexpr):
@@ -93,36 +93,11 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN: tl.constexpr, BK: tl.constexpr):
-        """The column strip (N, BK) of one w: 1. its max-abs over all N rows in coalesced (BN, BK) tiles; 2. the
-        cast, the tiles re-read in reverse order (the last tiles read are still in L2), each transposed through
-        tl.trans (on the fp32 values) so that the (BK, BN) stores into q_t's rows (QT: this w's, N apart) are
-        coalesced too. Returns the scales. The amax is element-wise over the tiles, reduced across the rows once
-        after the loop (as `fp8_grouped_wgrad._cols_two_pass`: no cross-warp reduction per tile)."""
-        acc = tl.zeros((BN, BK), dtype=tl.float32)
-        for n0 in range(0, N, BN):
-            rows = (n0 + tl.arange(0, BN)).to(tl.int64)
-            mask = (rows < N)[:, None] & mask_k[None, :]
-            x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xk, mask=mask, other=0.0)
-            acc = _max_nan(acc, tl.abs(x.to(tl.float32)))
-        s = _scale_of(_absmax(acc, 0), False)
-        n_tiles = tl.cdiv(N, BN)
-        for i in range(0, n_tiles):
-            rows = ((n_tiles - 1 - i) * BN + tl.arange(0, BN)).to(tl.int64)
-            mask_n = rows < N
-            x = tl.load(X + rows[:, None] * stride_xn + cols[None, :] * stride_xk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            q = tl.trans(_quant(x.to(tl.float32), s[None, :]))       # (BK, BN): rows of q_t are columns of w
-            tl.store(QT + cols[:, None] * N + rows[None, :], q.to(QT.dtype.element_ty),
-                     mask=mask_k[:, None] & mask_n[None, :])
-        return s
-
-    @triton.jit
     def _rows_t_kernel(X, QT, ST, N, K, stride_xe, stride_xn, stride_xk, BN: tl.constexpr, BK: tl.constexpr,
                        ONE_M: tl.constexpr):
         # rows of w^T for w (E, N, K): a program owns BK columns of one expert's w. N <= ONE_M: the strip read once
         # and held in registers (`fp8_grouped_wgrad._cols_one_pass`, one group of N tokens); else (or ONE_M = 0)
-        # read twice, the second time from L2 (`_rows_t_two_pass`)
+        # read twice, the second time from L2 (`_cols_two_pass`, one group of N rows)
         e = tl.program_id(1).to(tl.int64)
         cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
         mask_k = cols < K
@@ -132,9 +107,9 @@ if HAS_TRITON:
             if N <= ONE_M:
                 s = _cols_one_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, ONE_M, BN)
             else:
-                s = _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN, BK)
+                s = _cols_two_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, BN, BK)
         else:
-            s = _rows_t_two_pass(X, QT, cols, mask_k, N, stride_xn, stride_xk, BN, BK)
+            s = _cols_two_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, BN, BK)
         tl.store(ST + e * K + cols, s, mask=mask_k)
 
 
