@@ -119,6 +119,16 @@ if HAS_GLUON:
         return s1
 
     @gluon.jit
+    def _p0_v0_right(p0_s, k_hi, o, xbar, ph, ckv_desc, bt_row, n1, t1, n_tiles, kready, PAGE: gl.constexpr):
+        """WG1: O_R += P0' V0_R once WG0 has handed P0' over, then K0.hi refilled for the next pair's first tile."""
+        mbarrier.wait(xbar.index(2), ph)
+        o = warpgroup_mma(p0_s, k_hi.index(0), o, is_async=True)
+        o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
+        if t1 + 1 < n_tiles:
+            _load(ckv_desc, bt_row, n1 + 64, 256, k_hi.index(0), kready.index(1), PAGE)
+        return o
+
+    @gluon.jit
     def _partition_init(QPE, b, hg, H, stride_pe_b, stride_pe_h):
         """A warpgroup's starting state: Q's rope part in registers, its denominator and its half of O at zero."""
         return (_qpe_regs(QPE, b, hg, H, stride_pe_b, stride_pe_h, S_L), gl.full([64], 0.0, gl.float32, ROW),
@@ -213,14 +223,14 @@ if HAS_GLUON:
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(xbar.index(1))
-            if has1:   # (an asynchronous result may not leave the branch: retired here, P0' is not ready yet anyway)
+            if OVERLAP:   # P0' comes while WG0's P0 V0_L runs: P0 V0_R first, so K0.hi (the next pair's first
+                # S needs it) is refilled a product earlier
+                o = _p0_v0_right(p0_s, k_hi, o, xbar, ph, ckv_desc, bt_row, n1, t1, n_tiles, kready, PAGE)
+            if has1:   # (an asynchronous result may not leave the branch: retired here)
                 o = warpgroup_mma(gl.convert_layout(pb, P_L), k_hi.index(1), o, is_async=True)
                 o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
-            mbarrier.wait(xbar.index(2), ph)
-            o = warpgroup_mma(p0_s, k_hi.index(0), o, is_async=True)
-            o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
-            if t1 + 1 < n_tiles:   # K0.hi is free: the pair after this one's first tile
-                _load(ckv_desc, bt_row, n1 + 64, 256, k_hi.index(0), kready.index(1), PAGE)
+            if not OVERLAP:
+                o = _p0_v0_right(p0_s, k_hi, o, xbar, ph, ckv_desc, bt_row, n1, t1, n_tiles, kready, PAGE)
             if t1 + 2 < n_tiles:
                 _load(ckv_desc, bt_row, n1 + 128, 256, k_hi.index(1), kready.index(4), PAGE)
         s_l1.store(l1)
@@ -296,8 +306,9 @@ if HAS_GLUON:
         gl.warp_specialize([(_wg0, args), (_wg1, args)], [4], [256])
 
 
-# WG0 hands P0' over while its P0 V0_L runs (True) or after it retires (False, measured: RESULTS.md twenty-sixth
-# session). An experiment's switch, A/B'd by `gpu_next.sh O`; the loser goes
+# True: WG0 hands P0' over while its P0 V0_L runs, and WG1 takes P0' V0_R before P1 V1_R, refilling K0.hi (which
+# the next pair's first S waits for) a product earlier. False: the schedule measured in the twenty-sixth session
+# (RESULTS.md). An experiment's switch, A/B'd by `gpu_next.sh O`; the loser goes
 _OVERLAP = False
 
 
