@@ -177,11 +177,11 @@ if HAS_TRITON:
         tl.store(S + e * K + cols, s, mask=mask_k)
 
 
-# launch shape: (BM tokens, BK columns) tiles. Swept on an H100 (fp8_grouped_bench.py, RESULTS.md twenty-fifth
-# session): (128, 32, 4 warps) gives 28-35% of copy over lite / V3 widths, uniform and skewed, vs 21-34% for
-# (64, 64, 4). ONE_M: the longest group read once (0: every group twice); the one-pass form measured 7-31% (both
-# before the 16-byte store hint in _cols_grouped_kernel: to re-sweep), the strip in registers costing more occupancy
-# than the second read saves
+# launch shape: (BM tokens, BK columns) tiles. Swept on an H100 (fp8_grouped_bench.py, RESULTS.md twenty-fifth and
+# twenty-sixth sessions): (128, 32, 4 warps) gives 28-35% of copy over lite / V3 widths, uniform and skewed, vs
+# 21-34% for (64, 64, 4); with the 16-byte store hint 22-41% (no clear gain). ONE_M: the longest group read once
+# (0: every group twice); the one-pass form measured 7-31%, the strip in registers costing more occupancy than the
+# second read saves. The amax loop without a reduction per tile (twenty-sixth session) is not yet measured
 _BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
 
 

@@ -346,13 +346,13 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     if not (q_abs.dtype == q_pe.dtype == c_kv_cache.dtype == k_pe_cache.dtype):
         raise ValueError(f"dtypes differ: {q_abs.dtype}, {q_pe.dtype}, {c_kv_cache.dtype}, {k_pe_cache.dtype}")
 
-    page = c_kv_cache.shape[1]
-    max_tokens = block_tables.shape[1] * page
     cfg = _default_config(H, C, q_abs.dtype, B)
     for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages),
                  ("tma", tma), ("warp_specialize", warp_specialize), ("gluon", gluon), ("seesaw", seesaw)):
         if v is not None:
             cfg[k] = v
+    page = c_kv_cache.shape[1]
+    max_tokens = block_tables.shape[1] * page
     out = torch.empty(B, H, C, device=q_abs.device, dtype=q_abs.dtype)
     if B == 0 or H == 0:
         if append is not None and B:      # no heads to attend, the store still owed
