@@ -86,13 +86,24 @@ def init_gloo(rank: int, world: int, init_file) -> None:
                             timeout=datetime.timedelta(seconds=60))
 
 
+def _leave_after(rank: int, worker, *args) -> None:
+    """Run a spawned rank's `worker`, then leave without interpreter shutdown: gloo's worker thread drops a finished
+    collective's tensors after the caller's wait returned, and a drop that falls in shutdown aborts the rank
+    ("terminate called without an active exception"; dsv3.train.checkpoint._exchange_outcomes). An exception
+    still reaches mp.spawn's report; only a rank whose results are saved skips the shutdown."""
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_ranks(worker, world: int, tmp: Path, what: str, args: tuple | None = None, name: str = "rank",
               timeout_s: int = 120) -> list:
     """Spawn `world` processes running `worker(rank, *args)` (default args: an init file and `tmp`; each saves
     `tmp/{name}{rank}.pt`) and return the saved results in rank order; a hang fails the test after `timeout_s`
     instead of blocking the suite."""
     import torch.multiprocessing as mp
-    ctx = mp.spawn(worker, args=args or (str(tmp / "init"), tmp), nprocs=world, join=False)
+    ctx = mp.spawn(_leave_after, args=(worker, *(args or (str(tmp / "init"), tmp))), nprocs=world, join=False)
     for _ in range(timeout_s):
         if ctx.join(timeout=1):
             break
