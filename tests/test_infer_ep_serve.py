@@ -1,5 +1,6 @@
 """`dsv3 serve --ep 2` under torchrun (gloo, CPU): one HTTP front end on rank 0, requests spread over both ranks,
-experts sharded with redundant slots and rebalanced while serving. Completions equal the single-process engine's,
+experts sharded with redundant slots and rebalanced while serving, plain and FP8 block weights (`--fp8`: each rank
+reads its share into them). Completions equal the single-process engine's,
 /metrics carries the placement and loads, and SIGTERM to rank 0 drains the server and stops
 both ranks cleanly (status 0)."""
 
@@ -12,10 +13,12 @@ import time
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from dsv3 import save_pretrained
-from dsv3.infer import SamplingParams
+from dsv3.infer import Engine, SamplingParams
+from dsv3.infer.ep_load import load_rank_model
 from serve_fixture import build_engine
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n"]
@@ -30,10 +33,14 @@ def _rank_pid(launcher: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} under {launcher}")
 
 
-def test_serve_ep_under_torchrun(tmp_path):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_serve_ep_under_torchrun(tmp_path, fp8):
     engine = build_engine()
     save_pretrained(engine.model, tmp_path / "m")
     engine.tokenizer.save(tmp_path / "m")
+    if fp8:     # every rank reads its share straight into FP8 block weights; one process the whole model so
+        engine = Engine(load_rank_model(tmp_path / "m", torch.float64, "cpu", fp8=True)[0], engine.tokenizer,
+                        engine.config)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -43,7 +50,7 @@ def test_serve_ep_under_torchrun(tmp_path):
            "serve", "--model", str(tmp_path / "m"), "--port", str(port), "--device", "cpu", "--dtype", "float64",
            "--max-model-len", "256",
            "--cache-gib", "0.01", "--threads", "1", "--ep", "2", "--redundant-experts", "2",
-           "--rebalance-interval", "3"]
+           "--rebalance-interval", "3"] + (["--fp8"] if fp8 else [])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

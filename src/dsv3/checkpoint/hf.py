@@ -78,6 +78,15 @@ def hf_name_map(model: Transformer) -> dict[str, tuple[str, int | None]]:
     return out
 
 
+def hf_sources(names: dict) -> dict[str, dict[int | None, str]]:
+    """Our full-model tensor name -> {expert row (None for a whole tensor): HF tensor name}, from `hf_name_map`;
+    the MTP copies of the embedding and head are not sources (the main model's tensors are read)."""
+    out: dict[str, dict[int | None, str]] = {}
+    for hf, (ours, expert) in names.items():
+        out.setdefault(ours, {}).setdefault(expert, hf)
+    return out
+
+
 def _weight_map(path: Path) -> dict[str, str]:
     index = path / INDEX_NAME
     if index.exists():
@@ -129,6 +138,10 @@ def check_quantization(qc, path: Path) -> None:
         if (key in qc and qc[key] != want) or (key == "quant_method" and key not in qc):
             raise CheckpointError(f"{path}: config.json quantization_config.{key}={qc.get(key)!r} is not supported "
                                   f"(only {key}={want!r}: DeepSeek-V3's released block-wise FP8)")
+
+
+_SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                      "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class CheckpointReader:
@@ -184,18 +197,34 @@ class CheckpointReader:
                                   f"but {name}_scale_inv is missing")
         return t
 
-    def read_stored(self, name: str) -> torch.Tensor:
-        """One tensor as the file stores it, unchecked."""
+    def _handle(self, name: str):
         file = self.weight_map[name]
         if file not in self._handles:
             try:
                 self._handles[file] = safe_open(self.path / file, framework="pt")
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise CheckpointError(f"cannot read shard {self.path / file}: {e}") from None
+        return self._handles[file]
+
+    def read_stored(self, name: str) -> torch.Tensor:
+        """One tensor as the file stores it, unchecked."""
+        handle = self._handle(name)
         try:
-            return self._handles[file].get_tensor(name)
+            return handle.get_tensor(name)
         except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from {self.path / file}: {e}") from None
+            raise CheckpointError(f"cannot read tensor {name} from {self.path / self.weight_map[name]}: {e}") from None
+
+    def stored_bytes(self, name: str) -> int:
+        """The stored size of a tensor, from the file's header (nothing read)."""
+        handle = self._handle(name)
+        try:
+            sl = handle.get_slice(name)
+            n = 1
+            for d in sl.get_shape():
+                n *= d
+            return n * _SAFETENSORS_BYTES.get(sl.get_dtype(), 4)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {name} from {self.path / self.weight_map[name]}: {e}") from None
 
     def by_file(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

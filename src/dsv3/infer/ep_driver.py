@@ -165,14 +165,16 @@ def init_ep_group(ep: int, device: str = "cuda") -> str:
     return device
 
 
-def ep_front(load: Callable[[str], tuple], config: EngineConfig, ep_config: ExpertParallelConfig,
-             ep: int, device: str = "cuda") -> EPFront | None:
+def ep_front(load: Callable[[str, ExpertParallelConfig], tuple], config: EngineConfig,
+             ep_config: ExpertParallelConfig, ep: int, device: str = "cuda") -> EPFront | None:
     """Rank 0: the front end to serve (its `close()` releases the others). Other ranks: follow rank 0 and return
     None once it says stop; they ignore SIGINT/SIGTERM (torchrun forwards them to every rank), so the front drains
-    its requests and stops them. `load(device)` gives (model, tokenizer); `device` as in init_ep_group."""
+    its requests and stops them. `load(device, ep_config)` gives (model, tokenizer, placement): the model whole
+    (placement None) or holding its slots of `placement` already (dsv3.infer.ep_load); `device` as in
+    init_ep_group."""
     device = init_ep_group(ep, device)
-    model, tokenizer = load(device)
-    engine = EPEngine(model, tokenizer, config, ep_config=ep_config)
+    model, tokenizer, placement = load(device, ep_config)
+    engine = EPEngine(model, tokenizer, config, ep_config=ep_config, placement=placement)
     control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
     if dist.get_rank() == 0:
         return EPFront(engine, control)

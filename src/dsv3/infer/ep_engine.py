@@ -28,16 +28,39 @@ from ..model.moe import moe_layers
 from ..parallel.expert import all_reduce_expert_loads
 from .config import EngineConfig, ExpertParallelConfig
 from .engine import Engine
-from .ep_experts import move_experts, place_experts
+from .ep_experts import PlacedExperts, move_experts, place_experts
 from .eplb import Placement, identity_placement, rebalance_experts
 from .batch import padding_row
 from .two_batch import TwoBatchRunner
 
 
+def initial_placement(cfg, ep_size: int, ep_config: ExpertParallelConfig) -> Placement:
+    """The placement an EP group starts from: slot e holds expert e, or, with redundant slots or rebalancing, EPLB's
+    for uniform loads (no loads seen yet; this also checks the layout before anything is loaded). `cfg`: the model
+    config."""
+    slots = cfg.n_routed_experts + ep_config.redundant_experts
+    if slots % ep_size:
+        raise ValueError(f"n_routed_experts + redundant_experts = {slots} must be a multiple of the EP size {ep_size}")
+    layers = moe_layer_count(cfg)
+    if ep_config.redundant_experts or ep_config.rebalance_interval:
+        return rebalance_experts(torch.ones(layers, cfg.n_routed_experts), slots, cfg.n_group, ep_config.num_nodes,
+                                 ep_size)
+    return identity_placement(layers, cfg.n_routed_experts)
+
+
+def moe_layer_count(cfg) -> int:
+    """MoE layers of the model `cfg` describes, MTP included (moe_layers' count, without building it)."""
+    with torch.device("meta"):
+        return len(moe_layers(Transformer(cfg)))
+
+
 class EPEngine(Engine):
     def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None,
-                 group: dist.ProcessGroup | None = None, ep_config: ExpertParallelConfig | None = None):
-        """`model` holds every expert (a loaded checkpoint); its experts are sharded in place over `group`."""
+                 group: dist.ProcessGroup | None = None, ep_config: ExpertParallelConfig | None = None,
+                 placement: Placement | None = None):
+        """`model` holds every expert (a loaded checkpoint) and its experts are sharded in place over `group`, or,
+        with `placement`, it holds its slots of that placement already (dsv3.infer.ep_load: each rank read only
+        its own)."""
         self.group = group or dist.group.WORLD
         self.ep_config = ep = ep_config or ExpertParallelConfig()
         # no graphs and no overlap schedule: the exchange reads split sizes on the host in every MoE layer, so a step
@@ -48,15 +71,16 @@ class EPEngine(Engine):
         self.ep_size, self.ep_rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.model_config = cfg = model.config
         self.num_slots = cfg.n_routed_experts + ep.redundant_experts
-        if self.num_slots % self.ep_size:
-            raise ValueError(f"n_routed_experts + redundant_experts = {self.num_slots} must be a multiple of the "
-                             f"EP size {self.ep_size}")
         layers = len(moe_layers(model))
-        self.placement = identity_placement(layers, cfg.n_routed_experts)
-        if ep.redundant_experts or ep.rebalance_interval:
-            # no loads seen yet: placed as for uniform loads (which also checks the layout now, not mid-serving)
-            self.placement = self._place(torch.ones(layers, cfg.n_routed_experts))
-        place_experts(model, self.group, self.placement)
+        if placement is None:
+            self.placement = initial_placement(cfg, self.ep_size, ep)
+            place_experts(model, self.group, self.placement)
+        else:
+            placed = [m.experts for _, m in moe_layers(model)]
+            if placement.num_physical != self.num_slots or not all(isinstance(m, PlacedExperts) for m in placed):
+                raise ValueError(f"EPEngine: the model's experts are not placed as a placement of {self.num_slots} "
+                                 f"slots says")
+            self.placement = placement
         super().__init__(model, tokenizer, config)
         if ep.two_batch_overlap:      # new_group is collective over the default group: every process calls it
             second = dist.new_group(dist.get_process_group_ranks(self.group))

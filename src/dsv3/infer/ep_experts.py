@@ -11,9 +11,13 @@ dsv3.parallel.expert's all-to-all dispatch / grouped GEMM / combine, run over th
 `move_experts` applies a new placement: every slot's new expert comes from the rank holding that expert's first
 replica in the old placement, in one all-to-all of expert weights (no rank ever needs all experts); all ranks
 compute the same placement from the same all-reduced loads, so nothing else is exchanged.
+FP8 block-weight experts (dsv3.infer.fp8_weights.FP8Experts) are placed and moved the same way, their codes and
+block scales together (as bytes: one exchange per layer whatever the dtypes).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -26,11 +30,27 @@ from .eplb import Placement
 _STACKED = ("gate_proj", "up_proj", "down_proj")
 
 
+def stacked_names(m: Experts) -> tuple[str, ...]:
+    """The (slot, ...) tensors of an experts module: the three matrices, and their block scales for FP8 experts."""
+    return _STACKED + tuple(f"{n}_scale_inv" for n in _STACKED if hasattr(m, f"{n}_scale_inv"))
+
+
 class PlacedExperts(ExpertParallelExperts):
     """ExpertParallelExperts over physical slots; forward takes logical expert ids and logical counts."""
 
     log2phy: torch.Tensor     # (E, max replicas) this layer's slots of each logical expert, -1 padded
     logcnt: torch.Tensor      # (E,) replicas per logical expert
+    placement_row: torch.Tensor   # (P,) the logical expert of each slot of the group
+
+    def local_experts(self) -> list[int]:
+        """The logical expert each of this rank's slots holds."""
+        S = self.gate_proj.shape[0]
+        return self.placement_row[self.first_expert:self.first_expert + S].tolist()
+
+    def _no_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        # serving runs no backward: the training form's touch of every local weight (FP8 experts would dequantise
+        # them all) is not needed
+        return rows.clone()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         flat = idx.flatten()
@@ -46,9 +66,18 @@ def _layers(model: nn.Module) -> list[Experts]:
     return [m.experts for _, m in moe_layers(model)]
 
 
-def place_experts(model: nn.Module, group: dist.ProcessGroup, placement: Placement) -> nn.Module:
-    """Shard the full model's routed experts over `group` as `placement` says (rows: moe_layers order), in place.
-    Every rank must hold every expert's weights when this runs (a freshly loaded model)."""
+@functools.cache
+def _placed_class(cls: type) -> type:
+    """PlacedExperts for plain experts; for FP8 experts a subclass that keeps their `ffn` (grouped FP8 GEMMs)."""
+    return PlacedExperts if cls is Experts else type(f"Placed{cls.__name__}", (PlacedExperts, cls), {})
+
+
+def place_experts(model: nn.Module, group: dist.ProcessGroup, placement: Placement,
+                  device: torch.device | str | None = None) -> nn.Module:
+    """Shard the model's routed experts over `group` as `placement` says (rows: moe_layers order), in place: each
+    rank keeps the experts of its slots. Every rank must hold every expert's weights when this runs (a freshly
+    loaded model), or the model is on the meta device (dsv3.infer.ep_load fills its slots then). Plain or FP8
+    block-weight experts. `device`: where the maps live (default: the experts' device; give it for a meta model)."""
     ep, rank = dist.get_world_size(group), dist.get_rank(group)
     layers = _layers(model)
     P = placement.num_physical
@@ -57,20 +86,21 @@ def place_experts(model: nn.Module, group: dist.ProcessGroup, placement: Placeme
                          f"{len(layers)} MoE layers on {ep} ranks")
     S = P // ep
     for i, m in enumerate(layers):
-        if isinstance(m, ExpertParallelExperts) or type(m) is not Experts:
-            raise TypeError(f"place_experts needs plain Experts modules, got {type(m).__name__}")
+        if isinstance(m, ExpertParallelExperts) or not isinstance(m, Experts):
+            raise TypeError(f"place_experts needs unsharded Experts modules, got {type(m).__name__}")
         mine = placement.phy2log[i, rank * S:(rank + 1) * S]
-        for name in _STACKED:
+        for name in stacked_names(m):
             p = getattr(m, name)
-            setattr(m, name, nn.Parameter(p.detach()[mine.to(p.device)].clone(), requires_grad=False))
-        m.__class__ = PlacedExperts
+            t = p.detach()[mine.to(p.device)].clone()
+            setattr(m, name, nn.Parameter(t, requires_grad=False) if isinstance(p, nn.Parameter) else t)
+        m.__class__ = _placed_class(type(m))
         m.group, m.ep_size, m.n_experts, m.first_expert = group, ep, P, rank * S
-        _set_maps(m, placement, i)
+        _set_maps(m, placement, i, device)
     return model
 
 
-def _set_maps(m: PlacedExperts, placement: Placement, layer: int) -> None:
-    device = m.gate_proj.device
+def _set_maps(m: PlacedExperts, placement: Placement, layer: int, device: torch.device | str | None = None) -> None:
+    device = device or m.gate_proj.device
     m.log2phy = placement.log2phy[layer].to(device)
     m.logcnt = placement.logcnt[layer].to(device)
     m.placement_row = placement.phy2log[layer].clone()
@@ -90,8 +120,9 @@ def move_experts(model: nn.Module, old: Placement, new: Placement) -> int:
         sends = [[int(src_slot[s]) - rank * S for s in range(d * S, (d + 1) * S) if src_rank[s] == rank]
                  for d in range(ep)]
         recv_counts = [int((src_rank[rank * S:(rank + 1) * S] == r).sum()) for r in range(ep)]
-        stacked = [getattr(m, name) for name in _STACKED]
-        flat = torch.cat([w.detach().flatten(1) for w in stacked], 1)              # (S, row)
+        stacked = [getattr(m, name) for name in stacked_names(m)]
+        # one row of bytes per slot: FP8 codes and their fp32 scales travel together
+        flat = torch.cat([w.detach().flatten(1).view(torch.uint8) for w in stacked], 1)     # (S, row bytes)
         out = flat.new_empty(S, flat.shape[1])
         send = flat[torch.tensor([j for d in sends for j in d], dtype=torch.long, device=flat.device)]
         dist.all_to_all_single(out, send, recv_counts, [len(d) for d in sends], group=group)
@@ -102,9 +133,9 @@ def move_experts(model: nn.Module, old: Placement, new: Placement) -> int:
         rows[torch.tensor(order, dtype=torch.long, device=out.device)] = out
         received += out.numel() * out.element_size()
         offset = 0
-        for name, w in zip(_STACKED, stacked):
-            n = w[0].numel()
-            w.copy_(rows[:, offset:offset + n].view_as(w))
+        for w in stacked:
+            n = w[0].numel() * w.element_size()
+            w.copy_(rows[:, offset:offset + n].contiguous().view(w.dtype).view_as(w))
             offset += n
         _set_maps(m, new, i)
     return received

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from pathlib import Path
 
 import torch
 
@@ -14,7 +15,7 @@ from ..config import load_model_config
 from ..data import Tokenizer
 from ..infer import Engine, EngineConfig
 from ..model import Transformer
-from ..posttrain.base import load_model_and_tokenizer
+from ..posttrain.base import is_run_dir, load_model_and_tokenizer, tokenizer_dir
 
 
 def default_device(name: str | None) -> str:
@@ -44,17 +45,45 @@ def bench_model(config_name: str, mtp: bool, device: str, dtype: torch.dtype | N
 
 def load_model(model_path: str, tokenizer_path: str | None, device: str, dtype: torch.dtype | None, fp8: bool
                ) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) of a model directory in the serving dtype, optionally with FP8 block weights."""
+    """(model, tokenizer) of a model directory in the serving dtype, optionally with FP8 block weights: a Hugging
+    Face directory's read straight into them (a released FP8 checkpoint's own codes and scales, dsv3.infer.ep_load),
+    a training run's quantised from its weights."""
+    if fp8 and not is_run_dir(model_path):
+        from ..infer.ep_load import load_rank_model
+        if not Path(model_path).is_dir():
+            raise FileNotFoundError(f"{model_path} is not a directory (a training run or a Hugging Face model "
+                                    f"directory)")
+        tokenizer = Tokenizer.load(tokenizer_dir(model_path, tokenizer_path))
+        return load_rank_model(model_path, serving_dtype(dtype, device), device, fp8=True)[0], tokenizer
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=serving_dtype(dtype, device),
                                                 device=device)
     return maybe_fp8(model, fp8), tokenizer
 
 
 def load_for_serving(args: argparse.Namespace, dtype: torch.dtype | None, device: str) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) for `dsv3 serve --ep` / `--role` processes."""
-    if args.fp8 and args.ep:
-        raise ValueError("--fp8 with --ep is not supported yet (expert slots are placed from plain expert weights)")
+    """(model, tokenizer) for `dsv3 serve --role` processes."""
     return load_model(args.model, args.tokenizer, device, dtype, args.fp8)
+
+
+def load_ep_rank(args: argparse.Namespace, dtype: torch.dtype | None, device: str, ep_config
+                 ) -> tuple[Transformer, Tokenizer, object]:
+    """(model, tokenizer, placement) of one `dsv3 serve --ep N` rank (the process group is up): from a Hugging Face
+    directory only the rank's share is read, its experts already placed (dsv3.infer.ep_load); a training run is
+    loaded whole and placed by EPEngine (placement None)."""
+    if is_run_dir(args.model):
+        return (*load_model(args.model, args.tokenizer, device, dtype, args.fp8), None)
+    import torch.distributed as dist
+
+    from ..checkpoint.hf import CheckpointReader
+    from ..infer.ep_engine import initial_placement
+    from ..infer.ep_load import load_rank_model
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"{args.model} is not a directory (a training run or a Hugging Face model directory)")
+    cfg = CheckpointReader(args.model).model_config()
+    placement = initial_placement(cfg, dist.get_world_size(), ep_config)
+    model, _ = load_rank_model(args.model, serving_dtype(dtype, device), device, args.fp8, dist.group.WORLD,
+                               placement)
+    return model, Tokenizer.load(tokenizer_dir(args.model, args.tokenizer)), placement
 
 
 def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtype: torch.dtype | None, fp8: bool,

@@ -18,7 +18,7 @@ from ..serve import EngineProcess, build_app
 from ..serve.async_engine import engine_threads
 from ..serve.guard import default_allowed_hosts
 from ..serve.state import ServeOptions
-from .loading import default_device, load_for_serving, served_engine
+from .loading import default_device, load_ep_rank, load_for_serving, served_engine
 
 
 def serve_engine_config(args: argparse.Namespace, eos: list[int]) -> EngineConfig:
@@ -60,7 +60,7 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
         engine = pd_router_from_args(args, tokenizer)
     elif args.ep:
         from ..serve.ep import ep_serving_front
-        engine = ep_serving_front(args, config, functools.partial(load_for_serving, args, dtype), threads, device)
+        engine = ep_serving_front(args, config, functools.partial(load_ep_rank, args, dtype), threads, device)
         if engine is None:           # a follower rank: rank 0 has stopped
             return
     elif args.engine_thread:

@@ -3,9 +3,11 @@
     torchrun --standalone --nproc-per-node 2 -m dsv3.cli serve --model DIR --ep 2 \
         [--redundant-experts 2 --rebalance-interval 64 --two-batch-overlap]
 
-Every process loads the model (a checkpoint holds every expert; each rank keeps its slots) and builds an EPEngine
-(dsv3.infer.ep_engine); rank 0 serves HTTP with `EPFront` as its engine (requests spread over the ranks by load)
-and the other ranks follow it (dsv3.infer.ep_driver) until it stops.
+Every process loads its share of the model (from a Hugging Face directory only the tensors outside the routed
+experts and its slots' experts, FP8 block weights with `--fp8`: dsv3.infer.ep_load; a training run whole, each rank
+then keeping its slots) and builds an EPEngine (dsv3.infer.ep_engine); rank 0 serves HTTP with `EPFront` as its
+engine (requests spread over the ranks by load) and the other ranks follow it (dsv3.infer.ep_driver) until it
+stops.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class EPAsyncEngine(AsyncEngine):
         self.engine.close()
 
 
-def ep_serving_front(args, config: EngineConfig, load: Callable[[str], tuple], threads: int,
+def ep_serving_front(args, config: EngineConfig, load: Callable[..., tuple], threads: int,
                      device: str) -> EPAsyncEngine | None:
     """`dsv3 serve --ep N`'s engine from its flags (see ep_front) on `device` ("cpu" or "cuda": one GPU per rank),
     stepped with `threads` torch threads; None on a follower rank once rank 0 has stopped."""

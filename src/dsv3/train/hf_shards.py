@@ -14,20 +14,11 @@ from safetensors import safe_open
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..checkpoint.hf import CheckpointReader, _dequantize, check_stored, hf_name_map
+from ..checkpoint.hf import CheckpointReader, _dequantize, check_stored, hf_name_map, hf_sources
 from ..config import ModelConfig
 from ..fp8 import BLOCK
 from ..model import Transformer
 from ..parallel.materialize import owned_parameters
-
-
-def hf_sources(names: dict) -> dict[str, dict[int | None, str]]:
-    """Our full-model tensor name -> {expert row (None for a whole tensor): HF tensor name}, from `hf_name_map`;
-    the MTP copies of the embedding and head are not sources (the main model's tensors are read)."""
-    out: dict[str, dict[int | None, str]] = {}
-    for hf, (ours, expert) in names.items():
-        out.setdefault(ours, {}).setdefault(expert, hf)
-    return out
 
 
 def check_hf_names(path: str | Path, config: ModelConfig) -> tuple[CheckpointReader, dict]:

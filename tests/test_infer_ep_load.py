@@ -1,0 +1,146 @@
+"""A serving rank's model read from a Hugging Face directory, only its share (dsv3.infer.ep_load), FP8 included.
+
+One process: `load_rank_model` equals `load_pretrained` (plain) and, with `fp8`, holds a released-format
+checkpoint's own e4m3 codes and block scales bit for bit (the old dequantise-in-bf16-then-requantise path moved
+the scales), and equals `quantize_weights(load_pretrained(...))` on a bf16 checkpoint. Two gloo ranks with redundant
+expert slots: each reads the tensors outside the routed experts and its slots' experts only (bytes counted against
+the file headers), its slots hold the logical experts the placement names (the same codes as one process), and
+EPEngines on the two ranks, FP8 experts rebalanced live (codes and scales moved as bytes), give the single-process
+FP8 engine's greedy tokens.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import build, init_gloo, run_ranks, tiny_config
+from safetensors import safe_open
+
+from dsv3 import load_pretrained, save_pretrained
+from dsv3.checkpoint.convert import convert_checkpoint
+from dsv3.checkpoint.hf import CheckpointReader
+from dsv3.data import train_tokenizer
+from dsv3.infer import Engine, EngineConfig, SamplingParams
+from dsv3.infer.config import ExpertParallelConfig
+from dsv3.infer.ep_engine import EPEngine, initial_placement
+from dsv3.infer.ep_load import load_rank_model
+from dsv3.infer.fp8_weights import FP8Experts, FP8Linear, quantize_weights
+from dsv3.launch.loading import load_model
+from dsv3.model.moe import moe_layers
+
+ENGINE = dict(block_size=4, num_blocks=48, max_num_batched_tokens=16)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+LENGTHS = [1, 5, 8, 9, 17, 30]
+ASSIGN = [0, 0, 1, 0, 1, 1]
+EP = ExpertParallelConfig(redundant_experts=2, rebalance_interval=2)
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(2, 96, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ep_load")
+    save_pretrained(build(tiny_config(vocab_size=96), seed=3), tmp / "bf16")
+    train_tokenizer(["def f(x):\n    return x\n"] * 4, vocab_size=300).save(tmp / "tok")
+    convert_checkpoint(tmp / "bf16", tmp / "fp8", to="fp8")
+    return tmp
+
+
+def test_plain_load_equals_load_pretrained(dirs):
+    for src in ("bf16", "fp8"):
+        ours, _ = load_rank_model(dirs / src, torch.float32, "cpu")
+        ref = load_pretrained(dirs / src, dtype=torch.float32).state_dict()
+        assert ours.state_dict().keys() == ref.keys()
+        assert all(torch.equal(v, ref[k]) for k, v in ours.state_dict().items())
+
+
+def test_fp8_holds_the_releases_own_codes_and_scales(dirs):
+    model, read = load_rank_model(dirs / "fp8", torch.bfloat16, "cpu", fp8=True)
+    reader = CheckpointReader(dirs / "fp8")
+    stored = {}
+    for f in sorted({*reader.weight_map.values()}):
+        with safe_open(dirs / "fp8" / f, framework="pt") as h:
+            stored |= {k: h.get_tensor(k) for k in h.keys()}
+    attn = model.layers[0].self_attn.q_b_proj
+    assert isinstance(attn, FP8Linear)
+    name = "model.layers.0.self_attn.q_b_proj.weight"
+    assert torch.equal(attn.weight.view(torch.uint8), stored[name].view(torch.uint8))
+    assert torch.equal(attn.weight_scale_inv, stored[name + "_scale_inv"])
+    experts = model.layers[1].mlp.experts
+    assert isinstance(experts, FP8Experts)
+    for e in range(experts.down_proj.shape[0]):
+        name = f"model.layers.1.mlp.experts.{e}.down_proj.weight"
+        assert torch.equal(experts.down_proj[e].view(torch.uint8), stored[name].view(torch.uint8))
+        assert torch.equal(experts.down_proj_scale_inv[e], stored[name + "_scale_inv"])
+    # `dsv3 serve --fp8` of a Hugging Face directory (one process) reads them the same way
+    served, _ = load_model(str(dirs / "fp8"), str(dirs / "tok"), "cpu", torch.bfloat16, True)
+    assert torch.equal(served.layers[0].self_attn.q_b_proj.weight_scale_inv, attn.weight_scale_inv)
+    # the round trip through bf16 values moves the scales (by up to a bf16 rounding); reading them does not
+    old = quantize_weights(load_pretrained(dirs / "fp8", dtype=torch.bfloat16))
+    assert not torch.equal(old.layers[0].self_attn.q_b_proj.weight_scale_inv, attn.weight_scale_inv)
+    # every stored tensor read once, except the MTP layer's copies of the embedding and the head
+    mtp = f"model.layers.{model.config.num_hidden_layers}."
+    skip = (mtp + "embed_tokens.weight", mtp + "shared_head.head.weight")
+    assert read == sum(reader.stored_bytes(k) for k in reader.weight_map if k not in skip)
+
+
+def test_fp8_from_bf16_equals_quantize_weights(dirs):
+    ours, _ = load_rank_model(dirs / "bf16", torch.bfloat16, "cpu", fp8=True)
+    ref = quantize_weights(load_pretrained(dirs / "bf16", dtype=torch.bfloat16)).state_dict()
+    assert ours.state_dict().keys() == ref.keys()
+    assert all(torch.equal(v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v,
+                           ref[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else ref[k])
+               for k, v in ours.state_dict().items())
+
+
+def _worker(rank, init_file, tmp):
+    init_gloo(rank, 2, init_file)
+    cfg = CheckpointReader(tmp / "fp8").model_config()
+    placement = initial_placement(cfg, 2, EP)
+    model, read = load_rank_model(tmp / "fp8", torch.float32, "cpu", fp8=True, group=dist.group.WORLD,
+                                  placement=placement)
+    slots = [(m.experts.local_experts(), m.experts.gate_proj.clone(), m.experts.gate_proj_scale_inv.clone())
+             for _, m in moe_layers(model)]
+    engine = EPEngine(model, config=EngineConfig(**ENGINE), ep_config=EP, placement=placement)
+    prompts, mine = _prompts(), [i for i, r in enumerate(ASSIGN) if r == rank]
+    outs = engine.generate([prompts[i] for i in mine], GREEDY)
+    result = dict(read=read, slots=slots, first=placement.phy2log.clone(), last=engine.placement.phy2log.clone(),
+                  tokens={i: o.token_ids for i, o in zip(mine, outs)}, stats=engine.stats())
+    dist.destroy_process_group()
+    torch.save(result, tmp / f"rank{rank}.pt")
+
+
+def test_two_ranks_read_their_share_and_serve_the_single_process_tokens(dirs):
+    ranks = run_ranks(_worker, 2, dirs, "ep load", args=(str(dirs / "init"), dirs))
+    ref_model, whole = load_rank_model(dirs / "fp8", torch.float32, "cpu", fp8=True)
+    want = [o.token_ids for o in Engine(ref_model, config=EngineConfig(**ENGINE)).generate(_prompts(), GREEDY)]
+    ref_moes = [m.experts for _, m in moe_layers(ref_model)]
+    reader = CheckpointReader(dirs / "fp8")
+    expert_bytes = {}           # (layer index among MoE layers, logical expert) -> its tensors' stored bytes
+    n_main = ref_model.config.num_hidden_layers          # "mtp.k" is the checkpoint's layer n_main + k
+    layer_ids = [int(n.split(".")[1]) + (n_main if n.startswith("mtp") else 0) for n, _ in moe_layers(ref_model)]
+    for i, layer in enumerate(layer_ids):
+        for e in range(ref_moes[i].gate_proj.shape[0]):
+            names = [f"model.layers.{layer}.mlp.experts.{e}.{p}.weight{s}"
+                     for p in ("gate_proj", "up_proj", "down_proj") for s in ("", "_scale_inv")]
+            expert_bytes[i, e] = sum(reader.stored_bytes(n) for n in names)
+    outside = whole - sum(expert_bytes.values())
+    got = {}
+    for rank, r in enumerate(ranks):
+        got |= r["tokens"]
+        assert r["first"].equal(ranks[0]["first"])
+        assert r["read"] == outside + sum(expert_bytes[i, e] for i, (local, _, _) in enumerate(r["slots"])
+                                          for e in local)
+        assert r["read"] < whole
+        for i, (local, codes, scales) in enumerate(r["slots"]):
+            assert local == r["first"][i, rank * 5:(rank + 1) * 5].tolist()
+            assert torch.equal(codes.view(torch.uint8), ref_moes[i].gate_proj[local].view(torch.uint8))
+            assert torch.equal(scales, ref_moes[i].gate_proj_scale_inv[local])
+        assert r["stats"]["ep_rebalances"] >= 1
+    for i in range(len(ref_moes)):      # 10 slots over both ranks hold all 8 experts, two of them twice
+        held = ranks[0]["slots"][i][0] + ranks[1]["slots"][i][0]
+        assert len(held) == 10 and set(held) == set(range(8))
+    assert not ranks[0]["last"].equal(ranks[0]["first"])          # the FP8 experts moved
+    assert [got[i] for i in range(len(LENGTHS))] == want
