@@ -14,17 +14,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fp8 import dequantize_blocks, quantize_blocks
+from ..fp8 import BLOCK, dequantize_blocks, quantize_blocks
 from ..kernels.decode_ops import fp8_grouped_linear, fp8_linear   # custom ops: opaque to torch.compile
 from ..model.mla import MLA
 from ..model.layers import MLP
 from ..model.moe import Experts
 
 
+def _blocks(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_blocks of w; on the meta device only the shapes (a layout that dsv3.infer.ep_load fills: quantising
+    V3's 45K expert matrices on meta would take minutes)."""
+    if w.is_meta:
+        scales = tuple(-(-n // BLOCK) for n in w.shape[-2:])
+        return (torch.empty(w.shape, dtype=torch.float8_e4m3fn, device="meta"),
+                torch.empty(*w.shape[:-2], *scales, dtype=torch.float32, device="meta"))
+    return quantize_blocks(w, pow2)
+
+
 class FP8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, pow2: bool = False):
         super().__init__()
-        q, s = quantize_blocks(linear.weight.detach(), pow2)
+        q, s = _blocks(linear.weight.detach(), pow2)
         self.register_buffer("weight", q)
         self.register_buffer("weight_scale_inv", s)
         self.bias = linear.bias
@@ -37,6 +47,8 @@ class FP8Linear(nn.Module):
 
 
 def _quantize_stacked(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if w.is_meta:
+        return _blocks(w, pow2)
     pairs = [quantize_blocks(m, pow2) for m in w.detach()]
     return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
 
