@@ -38,6 +38,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .speculation import SpecInFlight, Speculation
 from .stop_rules import StopRules
+from .structured import StructuredOutputs
 
 
 def device_memory_free(device: torch.device) -> int | None:
@@ -136,6 +137,7 @@ class Engine:
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos]) | set(
             config.eos_token_ids)
         self.stops = StopRules(tokenizer, self.eos_ids, self.max_model_len)
+        self.structured = StructuredOutputs(tokenizer, cfg.vocab_size, self.eos_ids)   # constrained outputs
         self._ids = itertools.count()
         self.seqs: dict[int, Sequence] = {}
         self._generators: dict[int, torch.Generator] = {}
@@ -337,6 +339,8 @@ class Engine:
         pending (sampled by that step); after a fused speculative step, the same sequences speculating again."""
         if isinstance(prev, SpecInFlight):
             return seqs == prev.seqs and self.speculation.applies(seqs, counts)
+        if any(s.params.structured_output is not None for s in seqs):
+            return False         # a constrained row's mask needs its last token on the host (dsv3.infer.structured)
         return self.overlap and bool(seqs) and all(n == 1 and s.num_pending == 1 and s.num_cached_tokens > 0
                                                    for s, n in zip(seqs, counts))
 
@@ -383,6 +387,7 @@ class Engine:
         # penalties and logit_bias (dsv3.infer.penalties): `scores` is `logits` itself unless a request uses them
         scores, adjusted = self.penalties.apply(done, logits)
         scores = self.stops.suppress(done, scores)
+        scores = self.structured.mask(done, scores)         # structured outputs (dsv3.infer.structured)
         if all(s.params.greedy for s in done):
             # what `sample` returns for greedy rows (the race over a one-hot), without building and sorting a
             # (B, V) top-k / top-p distribution: one kernel instead of ~20 on the decode step's host path
@@ -453,7 +458,12 @@ class Engine:
     def _append(self, seq: Sequence, token: int) -> None:
         """Add a generated token; finish the sequence if it stops there (dsv3.infer.stop_rules)."""
         seq.token_ids.append(token)
+        complete = self.structured.advance(seq, token)     # a grammar that is complete ends the output
         reason = self.stops.reason(seq)
+        if complete and not reason:
+            reason = "stop"
+            if self.tokenizer is not None:
+                seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         if reason:
             self._finish(seq, reason)
 
@@ -466,6 +476,7 @@ class Engine:
         self.scheduler.remove(seq)
         self._generators.pop(seq.seq_id, None)
         self.penalties.release(seq.seq_id)
+        self.structured.release(seq.seq_id)
         if reason == "abort":
             self._aborted.append(seq)
 

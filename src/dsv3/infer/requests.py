@@ -94,6 +94,9 @@ def check_request(prompt: str | list[int], params: SamplingParams, limits: Reque
         raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
     if params.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer")
+    if params.structured_output is not None:
+        from .structured import compile_check
+        compile_check(params.structured_output, tokenizer, vocab)
     if len(ids) >= limits.max_model_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {limits.max_model_len} "
                          f"(prompt + at least one generated token)")

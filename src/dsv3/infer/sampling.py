@@ -15,6 +15,7 @@ are then a correct sample of the same distribution, reproducible for the same wo
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ class SamplingParams:
     # vLLM's: until the output has this many tokens, EOS (unless ignored) and stop_token_ids cannot be sampled (their
     # logits are -inf; logprobs stay the model's) and a stop string starting inside those tokens does not end it
     min_tokens: int = 0
+    # the output constrained to a grammar (dsv3.infer.structured): {"type": "json_object"}, {"type": "json_schema",
+    # "schema": {...}}, {"type": "regex", "pattern": ...}, {"type": "choice", "choices": [...]}, {"type": "grammar",
+    # "lark": ...}
+    structured_output: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):   # a lone string is one stop string, not a list of characters
@@ -66,6 +71,8 @@ class SamplingParams:
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)   # own copies, callers may reuse
         if isinstance(self.logit_bias, dict):
             self.logit_bias = dict(self.logit_bias)
+        if isinstance(self.structured_output, dict):
+            self.structured_output = copy.deepcopy(self.structured_output)
         self._check()
 
     @property
@@ -96,6 +103,9 @@ class SamplingParams:
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not all(_is_int(i) for i in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
+        if self.structured_output is not None:
+            from .structured import check_spec
+            check_spec(self.structured_output)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         for name in ("logprobs", "prompt_logprobs"):

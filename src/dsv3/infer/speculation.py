@@ -54,8 +54,9 @@ class Speculation:
         """Speculate when every scheduled sequence is decoding, the batch is small enough for drafting to pay, no
         log-probabilities, penalties or logit_bias are asked for (a batch with them runs plain steps, which apply them:
         dsv3.infer.penalties), none is short of its min_tokens (a step accepting several drafts could end one below it:
-        plain steps mask its stops, StopRules.suppress), and each can get blocks for 2k more tokens (they are taken
-        here: the k+1 verified positions, and the fused step's chained drafts up to position L + 2k - 1)."""
+        plain steps mask its stops, StopRules.suppress), none is constrained (dsv3.infer.structured), and each can
+        get blocks for 2k more tokens (they are taken here: the k+1 verified positions, and the fused step's chained
+        drafts up to position L + 2k - 1)."""
         e = self.engine
         if len(seqs) > e.config.speculative_max_batch or len(seqs) != len(e.scheduler.running):
             return False
@@ -63,6 +64,7 @@ class Speculation:
         # leftover at the end of a step gives, has num_cached_tokens > 0 too, and must not emit drafts mid-prompt)
         if any(n != 1 or s.num_uncomputed != 1 or s.num_cached_tokens == 0 or s.params.logprobs is not None
                or s.params.modifies_logits or s.num_output_tokens < s.params.min_tokens
+               or s.params.structured_output is not None
                for s, n in zip(seqs, counts)):
             return False
         return self.reserve(seqs, max(self.k + 1, 2 * self.k))

@@ -8,8 +8,9 @@ max_tokens]) are the common extensions (vLLM's names), `split_special_tokens` is
 special-token strings as text), `chat_template_kwargs` vLLM's (a template's own switches, such as V3.1's `thinking`;
 booleans only: a string there would reach the prompt without being escaped as user text). Unknown fields are ignored, as
 clients send many (`user` ...); fields whose non-default values we cannot honour (best_of other than n, the legacy
-`functions`, a tool_choice that forces a call, a tool with `strict`, a response_format other than text: all need
-constrained decoding) are rejected with a 400 that names them. Types are strict: JSON of the wrong type is a 400, never
+`functions`, a tool_choice that forces a call, a tool with `strict`) are rejected with a 400 that names them.
+`response_format` (text, json_object, json_schema) and vLLM's `structured_outputs` constrain the output
+(dsv3.infer.structured), on both endpoints. Types are strict: JSON of the wrong type is a 400, never
 coerced (`true` is not token id 1). A chat message needs its content (OpenAI's rule; the exception, an assistant message
 with tool calls); a tool message needs the `tool_call_id` it answers.
 
@@ -20,6 +21,7 @@ given, is "object", `properties` a dict, `required` a list of names, nested at m
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, field_validator,
@@ -27,6 +29,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, S
 
 from ..data.chat import RESERVED, json_strings
 from ..infer.sampling import MAX_LOGIT_BIAS
+from ..infer.structured import check_spec
 
 # Strict: JSON of the wrong type is refused, not coerced (`true` was token id 1, "2" was 2, "no" was false).
 REQUEST = ConfigDict(extra="ignore", strict=True)
@@ -100,6 +103,39 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+_STRUCTURED = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+               "json_object": "json_object"}
+
+
+def _from_structured_outputs(so: dict) -> dict:
+    """vLLM's structured_outputs as a SamplingParams.structured_output."""
+    unknown = sorted(set(so) - set(_STRUCTURED) - {"disable_any_whitespace"})
+    if unknown:
+        raise ValueError(f"structured_outputs: {unknown} not supported by this server (one of {sorted(_STRUCTURED)}, "
+                         f"and disable_any_whitespace)")
+    given = [k for k in _STRUCTURED if so.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise ValueError(f"structured_outputs needs exactly one of {sorted(_STRUCTURED)}, got {given}")
+    key = given[0]
+    kind, value = _STRUCTURED[key], so[key]
+    spec = {"type": kind}
+    if key == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs json is not JSON: {e}") from None
+        spec["schema"] = value
+    elif key != "json_object":
+        spec[{"regex": "pattern", "choice": "choices", "grammar": "lark"}[key]] = value
+    if "disable_any_whitespace" in so:
+        if not isinstance(so["disable_any_whitespace"], bool):
+            raise ValueError("structured_outputs disable_any_whitespace must be a bool")
+        if kind.startswith("json"):
+            spec["any_whitespace"] = not so["disable_any_whitespace"]
+    return spec
+
+
 class _Sampling(BaseModel):
     model_config = REQUEST
     model: str | None = None
@@ -123,6 +159,10 @@ class _Sampling(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)] | None = None
     # JSON object keys are strings: token ids written out ("50256": -100), as OpenAI's clients send them
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
+    # structured outputs (dsv3.infer.structured): OpenAI's response_format (text, json_object, json_schema), or
+    # vLLM's structured_outputs (one of json, regex, choice, grammar (Lark), json_object; disable_any_whitespace)
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
 
     @field_validator("stop")
     @classmethod
@@ -146,10 +186,33 @@ class _Sampling(BaseModel):
     def token_bias(self) -> dict[int, float]:
         return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
+    def structured_spec(self) -> dict | None:
+        """SamplingParams.structured_output of the request's response_format / structured_outputs (None: free
+        text); ValueError names what is wrong."""
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and rf.get("type") != "text" and so is not None:
+            raise ValueError("give response_format or structured_outputs, not both")
+        if so is not None:
+            return _from_structured_outputs(so)
+        if rf is None or rf.get("type") == "text":
+            return None
+        if rf.get("type") == "json_object":
+            return {"type": "json_object"}
+        if rf.get("type") == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                raise ValueError("response_format json_schema needs json_schema.schema: a JSON schema (an object)")
+            return {"type": "json_schema", "schema": js["schema"]}
+        raise ValueError(f"response_format type must be 'text', 'json_object' or 'json_schema', got "
+                         f"{rf.get('type')!r:.60}")
+
     @model_validator(mode="after")
     def _empty_stop(self):
         if isinstance(self.stop, str) and not self.stop:
             self.stop = None
+        spec = self.structured_spec()         # its form here (a 400 naming it); whether it compiles: the engine's
+        if spec is not None:
+            check_spec(spec)
         return self
 
     @model_validator(mode="after")
@@ -348,7 +411,6 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     # refused unless they ask for what the server does: free text, and a call only where the model chooses one
     tool_choice: str | dict | None = None
-    response_format: dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
 
@@ -363,9 +425,6 @@ class ChatCompletionRequest(_Sampling):
             if getattr(self, name) not in (None, "none", "auto"):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported by this server (only 'auto' and "
                                  f"'none': forcing a call needs constrained decoding)")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported by this server "
-                             f"(only 'text': no JSON mode or schema-constrained decoding)")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self

@@ -83,7 +83,7 @@ def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | 
             prompt_logprobs=prompt_logprobs, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=d["repetition_penalty"] if req.repetition_penalty is None else req.repetition_penalty,
-            logit_bias=req.token_bias(), min_tokens=req.min_tokens)
+            logit_bias=req.token_bias(), min_tokens=req.min_tokens, structured_output=req.structured_spec())
     except ValueError as e:
         raise APIError(str(e)) from None
 

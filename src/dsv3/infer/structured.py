@@ -1,0 +1,151 @@
+"""Structured outputs: a request's output constrained to a JSON schema, any JSON object, a regular expression, one of
+a list of strings, or a Lark grammar (`SamplingParams.structured_output`; the server's `response_format` and vLLM's
+`structured_outputs`).
+
+The constraint is applied where tokens are sampled: before each sampling, a constrained row's logits are -inf at
+every token the grammar does not allow next (a token bitmask from llguidance's matcher: Microsoft's Rust library,
+the structured-output backend of vLLM and llama.cpp; an optional dependency, `pip install llguidance`); after the
+token is read on the host, the matcher consumes it. When the grammar is complete the output ends (finish reason
+"stop"; EOS is allowed only where the grammar may end). Log-probabilities stay the model's own (as for logit_bias).
+
+Each constrained sequence's mask needs its previous token on the host: such a batch does not chain under the
+overlap schedule (dsv3.infer.overlap) and takes no speculative step (dsv3.infer.speculation); batches without one
+are untouched (one Python check). A matcher is made at the sequence's first sampling and consumes whatever output
+the sequence already has (a decode worker's handed-over first token), so preemption and disaggregation need nothing
+more.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+
+from .sequence import Sequence
+
+KINDS = {"json_object": None, "json_schema": "schema", "regex": "pattern", "choice": "choices", "grammar": "lark"}
+
+
+def check_spec(spec) -> None:
+    """The form of a `SamplingParams.structured_output` (ValueError otherwise): {"type": "json_object"},
+    {"type": "json_schema", "schema": {...}}, {"type": "regex", "pattern": str}, {"type": "choice", "choices":
+    [str, ...]} or {"type": "grammar", "lark": str}; the JSON kinds take "any_whitespace" (default true). Whether it
+    compiles is `compile_check`'s."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in KINDS:
+        raise ValueError(f"structured_output must be a dict whose type is one of {sorted(KINDS)}, got {spec!r:.200}")
+    if not isinstance(spec.get("any_whitespace", True), bool) or ("any_whitespace" in spec and
+                                                                   not kind.startswith("json")):
+        raise ValueError(f"structured_output any_whitespace is a bool of the JSON kinds, got {spec!r:.200}")
+    key = KINDS[kind]
+    if key is None:
+        return
+    value = spec.get(key)
+    ok = {"schema": isinstance(value, (dict, bool)), "pattern": isinstance(value, str) and value,
+          "lark": isinstance(value, str) and value,
+          "choices": isinstance(value, list) and value and all(isinstance(c, str) for c in value)}[key]
+    if not ok:
+        what = {"schema": "a JSON schema (an object)", "pattern": "a non-empty string",
+                "lark": "a non-empty string", "choices": "a non-empty list of strings"}[key]
+        raise ValueError(f"structured_output {kind} needs {key}: {what}, got {value!r:.200}")
+
+
+def _llguidance():
+    try:
+        import llguidance
+        import llguidance.torch
+    except ImportError:
+        raise ValueError("structured outputs need the llguidance package (pip install llguidance)") from None
+    return llguidance
+
+
+def grammar_of(spec: dict) -> str:
+    """llguidance's grammar for a checked spec."""
+    M = _llguidance().LLMatcher
+    kind = spec["type"]
+    # JSON with whitespace anywhere JSON allows it (llguidance's default, as vLLM's): a model writes its JSON as it
+    # learned to; any_whitespace=false (vLLM's disable_any_whitespace) keeps a weak model from looping in whitespace
+    options = {"whitespace_flexible": spec.get("any_whitespace", True)}
+    if kind == "json_object":
+        return M.grammar_from_json_schema({"type": "object"}, defaults=options)
+    if kind == "json_schema":
+        return M.grammar_from_json_schema(json.dumps(spec["schema"]), defaults=options)
+    if kind == "regex":
+        return M.grammar_from_regex(spec["pattern"])
+    if kind == "choice":      # a Lark alternation of string literals (JSON's escapes are Lark's)
+        return M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec["choices"]))
+    return M.grammar_from_lark(spec["lark"])
+
+
+@functools.lru_cache(maxsize=8)
+def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
+    """llguidance's view of our tokenizer (its tokenizer.json), over the model's vocabulary (ids past the
+    tokenizer's are never allowed). ~ms for a small vocabulary, more for V3's: made once per tokenizer."""
+    return _llguidance().LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=list(eos_ids))
+
+
+def compile_check(spec: dict, tokenizer, vocab_size: int) -> None:
+    """ValueError with the grammar's first error line if the spec does not compile for this tokenizer."""
+    if tokenizer is None:
+        raise ValueError("structured outputs need a tokenizer")
+    try:
+        grammar = grammar_of(spec)
+        error = _llguidance().LLMatcher.validate_grammar(grammar, ll_tokenizer(tokenizer, vocab_size,
+                                                                                (tokenizer.eos_id,)))
+    except ValueError:
+        raise
+    except Exception as e:          # llguidance's own errors (a schema that is not JSON, ...)
+        error = str(e)
+    if error:
+        raise ValueError(f"structured_output {spec['type']}: {error.strip().splitlines()[0][:300]}")
+
+
+class StructuredOutputs:
+    """The matchers of an engine's constrained sequences, by sequence id."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int]):
+        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, tuple(sorted(eos_ids))
+        self.matchers: dict[int, object] = {}
+
+    def _matcher(self, seq: Sequence):
+        m = self.matchers.get(seq.seq_id)
+        if m is None:
+            g = _llguidance()
+            m = g.LLMatcher(ll_tokenizer(self.tokenizer, self.vocab_size, self.eos_ids),
+                            grammar_of(seq.params.structured_output))
+            if seq.output_ids:
+                m.consume_tokens(list(seq.output_ids))
+            self.matchers[seq.seq_id] = m
+        return m
+
+    def mask(self, done: list[Sequence], scores: torch.Tensor) -> torch.Tensor:
+        """`scores` with each constrained row's disallowed tokens at -inf, in a copy (the logprobs read the model's
+        own logits); `scores` itself when no row is constrained."""
+        rows = [i for i, s in enumerate(done) if s.params.structured_output is not None]
+        if not rows:
+            return scores
+        lt = _llguidance().torch
+        bits = lt.allocate_token_bitmask(len(rows), self.vocab_size)
+        for j, i in enumerate(rows):
+            lt.fill_next_token_bitmask(self._matcher(done[i]), bits, j)
+        if scores.is_cuda:
+            bits = bits.pin_memory().to(scores.device, non_blocking=True)
+        shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
+        allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :scores.shape[1]]
+        index = torch.tensor(rows, device=scores.device) if len(rows) < len(done) else None
+        sub = scores if index is None else scores[index]
+        sub = sub.masked_fill(~allowed, float("-inf"))
+        return sub if index is None else scores.index_put((index,), sub)
+
+    def advance(self, seq: Sequence, token: int) -> bool:
+        """The matcher of a constrained sequence consumes its new token; True when the grammar is complete (the
+        output ends there)."""
+        m = self.matchers.get(seq.seq_id)
+        if m is None:
+            return False
+        m.consume_token(token)
+        return m.is_stopped() or m.is_error()      # (an error: a token the mask allowed and the matcher did not)
+
+    def release(self, seq_id: int) -> None:
+        self.matchers.pop(seq_id, None)
