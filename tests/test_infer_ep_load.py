@@ -6,7 +6,7 @@ the scales), and equals `quantize_weights(load_pretrained(...))` on a bf16 check
 expert slots: each reads the tensors outside the routed experts and its slots' experts only (bytes counted against
 the file headers), its slots hold the logical experts the placement names (the same codes as one process), and
 EPEngines on the two ranks, FP8 experts rebalanced live (codes and scales moved as bytes), give the single-process
-FP8 engine's greedy tokens.
+FP8 engine's greedy tokens; so does an EPEngine given the whole FP8 model (a training run's path), placing it itself.
 """
 
 import pytest
@@ -108,6 +108,10 @@ def _worker(rank, init_file, tmp):
     outs = engine.generate([prompts[i] for i in mine], GREEDY)
     result = dict(read=read, slots=slots, first=placement.phy2log.clone(), last=engine.placement.phy2log.clone(),
                   tokens={i: o.token_ids for i, o in zip(mine, outs)}, stats=engine.stats())
+    # a model loaded whole (as a training run is) in FP8 block weights: EPEngine places its experts itself
+    whole, _ = load_rank_model(tmp / "fp8", torch.float32, "cpu", fp8=True)
+    engine = EPEngine(whole, config=EngineConfig(**ENGINE), ep_config=EP)
+    result["placed_here"] = {i: o.token_ids for i, o in zip(mine, engine.generate([prompts[i] for i in mine], GREEDY))}
     dist.destroy_process_group()
     torch.save(result, tmp / f"rank{rank}.pt")
 
@@ -127,9 +131,10 @@ def test_two_ranks_read_their_share_and_serve_the_single_process_tokens(dirs):
                      for p in ("gate_proj", "up_proj", "down_proj") for s in ("", "_scale_inv")]
             expert_bytes[i, e] = sum(reader.stored_bytes(n) for n in names)
     outside = whole - sum(expert_bytes.values())
-    got = {}
+    got, placed_here = {}, {}
     for rank, r in enumerate(ranks):
         got |= r["tokens"]
+        placed_here |= r["placed_here"]
         assert r["first"].equal(ranks[0]["first"])
         assert r["read"] == outside + sum(expert_bytes[i, e] for i, (local, _, _) in enumerate(r["slots"])
                                           for e in local)
@@ -144,3 +149,4 @@ def test_two_ranks_read_their_share_and_serve_the_single_process_tokens(dirs):
         assert len(held) == 10 and set(held) == set(range(8))
     assert not ranks[0]["last"].equal(ranks[0]["first"])          # the FP8 experts moved
     assert [got[i] for i in range(len(LENGTHS))] == want
+    assert [placed_here[i] for i in range(len(LENGTHS))] == want

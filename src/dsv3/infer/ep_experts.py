@@ -91,7 +91,11 @@ def place_experts(model: nn.Module, group: dist.ProcessGroup, placement: Placeme
         mine = placement.phy2log[i, rank * S:(rank + 1) * S]
         for name in stacked_names(m):
             p = getattr(m, name)
-            t = p.detach()[mine.to(p.device)].clone()
+            w = p.detach()
+            if w.element_size() == 1 and w.is_floating_point():    # e4m3 codes: rows picked as bytes
+                t = w.view(torch.uint8)[mine.to(w.device)].view(w.dtype)
+            else:
+                t = w[mine.to(w.device)].clone()
             setattr(m, name, nn.Parameter(t, requires_grad=False) if isinstance(p, nn.Parameter) else t)
         m.__class__ = _placed_class(type(m))
         m.group, m.ep_size, m.n_experts, m.first_expert = group, ep, P, rank * S
