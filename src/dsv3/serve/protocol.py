@@ -411,6 +411,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     # refused unless they ask for what the server does: free text, and a call only where the model chooses one
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True        # false: one call at most (held to it where a call is forced)
     functions: list | None = None
     function_call: str | dict | None = None
 
@@ -421,13 +422,32 @@ class ChatCompletionRequest(_Sampling):
     def _checks(self):
         if self.functions:
             raise ValueError("functions (deprecated by OpenAI) are not supported by this server: use tools")
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none", "auto"):
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by this server (only 'auto' and "
-                                 f"'none': forcing a call needs constrained decoding)")
+        if self.function_call not in (None, "none", "auto"):
+            raise ValueError(f"function_call={self.function_call!r} is not supported by this server (deprecated by "
+                             f"OpenAI: use tool_choice)")
+        self._check_tool_choice()
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self
+
+    def _check_tool_choice(self) -> None:
+        """tool_choice: "auto", "none", or, forcing a call (dsv3.serve.tool_grammar), "required" or
+        {"type": "function", "function": {"name": NAME}} naming one of the tools."""
+        tc = self.tool_choice
+        if tc in (None, "none", "auto"):
+            return
+        named = (tc.get("function") or {}).get("name") if isinstance(tc, dict) and tc.get("type") == "function" \
+            and isinstance(tc.get("function"), dict) else None
+        if tc != "required" and not isinstance(named, str):
+            raise ValueError(f"tool_choice={tc!r:.200} is not supported by this server (only 'auto', 'none', "
+                             f"'required' and {{'type': 'function', 'function': {{'name': ...}}}})")
+        if not self.tools:
+            raise ValueError("tool_choice forces a tool call, but the request has no tools")
+        if named is not None and named not in {t.function.name for t in self.tools}:
+            raise ValueError(f"tool_choice names the function {named!r:.80}, which is not one of the tools")
+        if self.structured_spec() is not None:
+            raise ValueError("a tool_choice that forces a call and response_format / structured_outputs do not "
+                             "combine (the output is the call)")
 
     def active_tools(self) -> list[Tool]:
         """The tools the model may call: none when tool_choice is 'none'."""

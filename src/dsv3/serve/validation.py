@@ -31,6 +31,7 @@ from .chat_output import ChatParsing, marker_ids
 from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest, Tool
 from .reasoning import reasoning_start
 from .tool_calls import MARKERS as TOOL_MARKERS
+from .tool_grammar import forced_call_spec
 
 
 # a request's, without the model's own (repetition_penalty is vLLM's extra field: 1 is off)
@@ -68,9 +69,11 @@ def check_batch(n_jobs: int, max_pending: int, param: str = "prompt") -> None:
 
 
 def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None, defaults: Mapping | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, defaults: Mapping | None = None,
+                    structured: dict | None = None) -> SamplingParams:
     """The engine job of a request; what it leaves out comes from `defaults` (the model's generation_config.json,
-    checkpoint/generation_config.py), else OpenAI's."""
+    checkpoint/generation_config.py), else OpenAI's. `structured`: a constraint of the server's own (a forced tool
+    call), else the request's response_format / structured_outputs."""
     d = {**OPENAI_DEFAULTS, **(defaults or {})}
     top_k = d["top_k"] if req.top_k is None else req.top_k
     try:
@@ -83,7 +86,8 @@ def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | 
             prompt_logprobs=prompt_logprobs, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=d["repetition_penalty"] if req.repetition_penalty is None else req.repetition_penalty,
-            logit_bias=req.token_bias(), min_tokens=req.min_tokens, structured_output=req.structured_spec())
+            logit_bias=req.token_bias(), min_tokens=req.min_tokens,
+            structured_output=structured or req.structured_spec())
     except ValueError as e:
         raise APIError(str(e)) from None
 
@@ -234,10 +238,15 @@ def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Toke
     check_min_tokens(req.min_tokens, max_tokens, fields)
     fits_context(limits, len(ids), max_tokens, fields)
     n_top = (req.top_logprobs or 0) if req.logprobs else None
-    check_prompt(ids, sampling_params(req, max_tokens, 0, n_top, defaults=defaults), limits, tokenizer, fields)
+    # a tool_choice that forces a call: the calls as a grammar (tool_grammar); the prompt may leave the model thinking
+    tail, is_user = pieces[-1] if pieces else ("", False)
+    forced = forced_call_spec(req, tools, tokenizer, template, reasoning_start(None if is_user else tail) == "thinking")
+    check_prompt(ids, sampling_params(req, max_tokens, 0, n_top, defaults=defaults, structured=forced), limits,
+                 tokenizer, fields)
     parsing = chat_parsing(pieces, reasoning, tools)
-    return Plan([ids], [(ids, sampling_params(req, max_tokens, j, n_top, defaults=defaults)) for j in range(req.n)],
-                parsing=parsing, keep=marker_ids(tokenizer, parsing.markers))
+    jobs = [(ids, sampling_params(req, max_tokens, j, n_top, defaults=defaults, structured=forced))
+            for j in range(req.n)]
+    return Plan([ids], jobs, parsing=parsing, keep=marker_ids(tokenizer, parsing.markers))
 
 
 def tokenize_ids(req: TokenizeRequest, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
