@@ -120,6 +120,7 @@ def test_each_layouts_grammar_takes_its_calls_only():
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "mul"}}}, "not one of the tools"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "do not combine"),
     ({"tools": TOOLS, "tool_choice": "any"}, "not supported"),
+    ({"tools": TOOLS, "parallel_tool_calls": False}, "parallel_tool_calls"),
 ])
 def test_what_cannot_be_forced_is_a_400(client, extra, says):
     with pytest.raises(openai.BadRequestError, match=says):

@@ -411,7 +411,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     # refused unless they ask for what the server does: free text, and a call only where the model chooses one
     tool_choice: str | dict | None = None
-    parallel_tool_calls: bool = True        # false: one call at most (held to it where a call is forced)
+    parallel_tool_calls: bool = True        # false: one call at most (where a call is forced; else refused)
     functions: list | None = None
     function_call: str | dict | None = None
 
@@ -435,6 +435,10 @@ class ChatCompletionRequest(_Sampling):
         {"type": "function", "function": {"name": NAME}} naming one of the tools."""
         tc = self.tool_choice
         if tc in (None, "none", "auto"):
+            if not self.parallel_tool_calls and self.tools and tc != "none":
+                raise ValueError("parallel_tool_calls=false is not supported by this server with tool_choice "
+                                 "'auto' (a call the model chooses is not held to a grammar; one it is forced to "
+                                 "make is: tool_choice 'required' or a named function)")
             return
         named = (tc.get("function") or {}).get("name") if isinstance(tc, dict) and tc.get("type") == "function" \
             and isinstance(tc.get("function"), dict) else None
