@@ -11,6 +11,8 @@ OpenAI's `response_format` with the real `openai` client, vLLM's `structured_out
 import json
 import re
 
+import httpx
+
 import pytest
 
 pytest.importorskip("llguidance")
@@ -143,6 +145,13 @@ def test_response_format_through_the_openai_client(client):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in ("red", "blue")
 
 
+def _deep(n: int) -> dict:
+    schema: dict = {"type": "object"}
+    for _ in range(n):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 @pytest.mark.parametrize("body, says", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
      "objec"),
@@ -151,8 +160,17 @@ def test_response_format_through_the_openai_client(client):
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one"),
     ({"structured_outputs": {"structural_tag": "x"}}, "not supported"),
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "not both"),
+    ({"structured_outputs": {"json": "[" * 20000}}, "not JSON"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _deep(100)}}}, "deeper"),
 ])
 def test_bad_structured_requests_are_400s(client, body, says):
     with pytest.raises(openai.BadRequestError, match=says):
         client.chat.completions.create(model="dsv3-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
                                        extra_body=body)
+
+
+def test_a_lone_surrogate_in_a_pattern_is_a_400(client):
+    raw = ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, '
+           '"structured_outputs": {"regex": "a\\ud800"}}')         # JSON's escape: no client encodes it raw
+    r = httpx.post(f"{client.base_url}chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text

@@ -123,8 +123,8 @@ def _from_structured_outputs(so: dict) -> dict:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"structured_outputs json is not JSON: {e}") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"structured_outputs json is not JSON (or nests too deep): {e}"[:300]) from None
         spec["schema"] = value
     elif key != "json_object":
         spec[{"regex": "pattern", "choice": "choices", "grammar": "lark"}[key]] = value
@@ -213,6 +213,12 @@ class _Sampling(BaseModel):
         spec = self.structured_spec()         # its form here (a 400 naming it); whether it compiles: the engine's
         if spec is not None:
             check_spec(spec)
+            try:      # as a tool's parameters: every later reader (json.dumps, the grammar compiler) walks it again
+                strings = json_strings(spec, MAX_SCHEMA_DEPTH)
+            except ValueError:
+                raise ValueError(f"the structured output's schema nests deeper than {MAX_SCHEMA_DEPTH} levels") \
+                    from None
+            _unicode(strings, "response_format / structured_outputs")
         return self
 
     @model_validator(mode="after")
