@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
 import socket
 import threading
 import time
@@ -129,6 +130,20 @@ def test_outputs_equal_the_unified_engine_and_kv_is_counted(deployment):
         time.sleep(0.05)
     # both decode workers got requests (routed by load)
     assert all(w.stats["kv_bytes_received"] > 0 for w in router.workers if w.role == "decode")
+
+
+def test_structured_outputs_across_the_handover(deployment):
+    """The prefill worker samples the first token under the grammar, the decode worker's matcher takes it over
+    (dsv3.infer.structured: a matcher consumes the output a sequence arrives with)."""
+    pytest.importorskip("llguidance")
+    client, ref = deployment["client"], deployment["reference"]
+    spec = {"regex": r"[0-9]{3}-[a-z]{2,5}"}
+    r = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[:3], max_tokens=20, temperature=0,
+                                  extra_body={"structured_outputs": spec})
+    want = ref.generate(PROMPTS[:3], SamplingParams(temperature=0.0, max_tokens=20, structured_output={
+        "type": "regex", "pattern": spec["regex"]}))
+    assert [c.text for c in r.choices] == [w.text for w in want]
+    assert all(re.fullmatch(spec["regex"], c.text) and c.finish_reason == "stop" for c in r.choices)
 
 
 def test_killed_decode_worker_fails_its_requests_only(deployment, caplog):
