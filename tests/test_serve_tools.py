@@ -306,7 +306,6 @@ def test_plan_chat_tool_rules():
     ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "parameters"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": []}}}]}, "properties"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]}, "strict"),
     ({"tools": [{"type": "retrieval"}]}, "type"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "more than once"),
     ({"tool_choice": "required"}, "tool_choice"),

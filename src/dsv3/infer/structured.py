@@ -24,14 +24,15 @@ import torch
 
 from .sequence import Sequence
 
-KINDS = {"json_object": None, "json_schema": "schema", "regex": "pattern", "choice": "choices", "grammar": "lark"}
+KINDS = {"json_object": None, "json_schema": "schema", "regex": "pattern", "choice": "choices", "grammar": "lark",
+         "llguidance": "grammar"}
 
 
 def check_spec(spec) -> None:
     """The form of a `SamplingParams.structured_output` (ValueError otherwise): {"type": "json_object"},
     {"type": "json_schema", "schema": {...}}, {"type": "regex", "pattern": str}, {"type": "choice", "choices":
-    [str, ...]} or {"type": "grammar", "lark": str}; the JSON kinds take "any_whitespace" (default true). Whether it
-    compiles is `compile_check`'s."""
+    [str, ...]}, {"type": "grammar", "lark": str} or {"type": "llguidance", "grammar": str} (a whole llguidance
+    grammar, JSON); the JSON kinds take "any_whitespace" (default true). Whether it compiles is `compile_check`'s."""
     kind = spec.get("type") if isinstance(spec, dict) else None
     if kind not in KINDS:
         raise ValueError(f"structured_output must be a dict whose type is one of {sorted(KINDS)}, got {spec!r:.200}")
@@ -43,11 +44,11 @@ def check_spec(spec) -> None:
         return
     value = spec.get(key)
     ok = {"schema": isinstance(value, (dict, bool)), "pattern": isinstance(value, str) and value,
-          "lark": isinstance(value, str) and value,
+          "lark": isinstance(value, str) and value, "grammar": isinstance(value, str) and value,
           "choices": isinstance(value, list) and value and all(isinstance(c, str) for c in value)}[key]
     if not ok:
-        what = {"schema": "a JSON schema (an object)", "pattern": "a non-empty string",
-                "lark": "a non-empty string", "choices": "a non-empty list of strings"}[key]
+        what = {"schema": "a JSON schema (an object)", "pattern": "a non-empty string", "lark": "a non-empty string",
+                "grammar": "a non-empty string", "choices": "a non-empty list of strings"}[key]
         raise ValueError(f"structured_output {kind} needs {key}: {what}, got {value!r:.200}")
 
 
@@ -75,6 +76,8 @@ def grammar_of(spec: dict) -> str:
         return M.grammar_from_regex(spec["pattern"])
     if kind == "choice":      # a Lark alternation of string literals (JSON's escapes are Lark's)
         return M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec["choices"]))
+    if kind == "llguidance":  # a whole grammar, composed (dsv3.serve.chat_grammar)
+        return spec["grammar"]
     return M.grammar_from_lark(spec["lark"])
 
 

@@ -8,11 +8,12 @@ max_tokens]) are the common extensions (vLLM's names), `split_special_tokens` is
 special-token strings as text), `chat_template_kwargs` vLLM's (a template's own switches, such as V3.1's `thinking`;
 booleans only: a string there would reach the prompt without being escaped as user text). Unknown fields are ignored, as
 clients send many (`user` ...); fields whose non-default values we cannot honour (best_of other than n, the legacy
-`functions`, a tool_choice that forces a call, a tool with `strict`) are rejected with a 400 that names them.
-`response_format` (text, json_object, json_schema) and vLLM's `structured_outputs` constrain the output
-(dsv3.infer.structured), on both endpoints. Types are strict: JSON of the wrong type is a 400, never
-coerced (`true` is not token id 1). A chat message needs its content (OpenAI's rule; the exception, an assistant message
-with tool calls); a tool message needs the `tool_call_id` it answers.
+`functions`) are rejected with a 400 that names them. `response_format` (text, json_object, json_schema) and vLLM's
+`structured_outputs` constrain the output (dsv3.infer.structured), on both endpoints; a forcing `tool_choice`, a
+`strict` tool and `parallel_tool_calls: false` are held to by grammars too (dsv3.serve.chat_grammar). Types are
+strict: JSON of the wrong type is a 400, never coerced (`true` is not token id 1). A chat message needs its content
+(OpenAI's rule; the exception, an assistant message with tool calls); a tool message needs the `tool_call_id` it
+answers.
 
 Tools are OpenAI's `{"type": "function", "function": {"name", "description", "parameters"}}`: a name of OpenAI's
 form (letters, digits, _ and -, at most 64), unique; parameters a JSON-schema object (a dict whose `type`, where
@@ -362,8 +363,6 @@ class FunctionDefinition(BaseModel):
 
     @model_validator(mode="after")
     def _schema(self):
-        if self.strict:
-            raise ValueError("strict is not supported by this server (it needs schema-constrained decoding)")
         p = self.parameters
         if p is None:
             return self
@@ -417,7 +416,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = None
     # refused unless they ask for what the server does: free text, and a call only where the model chooses one
     tool_choice: str | dict | None = None
-    parallel_tool_calls: bool = True        # false: one call at most (where a call is forced; else refused)
+    parallel_tool_calls: bool = True        # false: one call at most (held to by a grammar: serve.chat_grammar)
     functions: list | None = None
     function_call: str | dict | None = None
 
@@ -441,10 +440,6 @@ class ChatCompletionRequest(_Sampling):
         {"type": "function", "function": {"name": NAME}} naming one of the tools."""
         tc = self.tool_choice
         if tc in (None, "none", "auto"):
-            if not self.parallel_tool_calls and self.tools and tc != "none":
-                raise ValueError("parallel_tool_calls=false is not supported by this server with tool_choice "
-                                 "'auto' (a call the model chooses is not held to a grammar; one it is forced to "
-                                 "make is: tool_choice 'required' or a named function)")
             return
         named = (tc.get("function") or {}).get("name") if isinstance(tc, dict) and tc.get("type") == "function" \
             and isinstance(tc.get("function"), dict) else None

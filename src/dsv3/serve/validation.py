@@ -31,7 +31,7 @@ from .chat_output import ChatParsing, marker_ids
 from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest, Tool
 from .reasoning import reasoning_start
 from .tool_calls import MARKERS as TOOL_MARKERS
-from .tool_grammar import forced_call_spec
+from .chat_grammar import chat_output_spec
 
 
 # a request's, without the model's own (repetition_penalty is vLLM's extra field: 1 is off)
@@ -72,8 +72,8 @@ def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | 
                     prompt_logprobs: int | None = None, defaults: Mapping | None = None,
                     structured: dict | None = None) -> SamplingParams:
     """The engine job of a request; what it leaves out comes from `defaults` (the model's generation_config.json,
-    checkpoint/generation_config.py), else OpenAI's. `structured`: a constraint of the server's own (a forced tool
-    call), else the request's response_format / structured_outputs."""
+    checkpoint/generation_config.py), else OpenAI's. `structured`: the chat output's grammar (chat_grammar), else
+    the request's response_format / structured_outputs."""
     d = {**OPENAI_DEFAULTS, **(defaults or {})}
     top_k = d["top_k"] if req.top_k is None else req.top_k
     try:
@@ -87,7 +87,7 @@ def sampling_params(req, max_tokens: int, seed_offset: int = 0, logprobs: int | 
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=d["repetition_penalty"] if req.repetition_penalty is None else req.repetition_penalty,
             logit_bias=req.token_bias(), min_tokens=req.min_tokens,
-            structured_output=structured or req.structured_spec())
+            structured_output=structured if structured is not None else req.structured_spec())
     except ValueError as e:
         raise APIError(str(e)) from None
 
@@ -238,13 +238,13 @@ def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Toke
     check_min_tokens(req.min_tokens, max_tokens, fields)
     fits_context(limits, len(ids), max_tokens, fields)
     n_top = (req.top_logprobs or 0) if req.logprobs else None
-    # a tool_choice that forces a call: the calls as a grammar (tool_grammar); the prompt may leave the model thinking
+    # the grammar of the answer and the calls, after any reasoning (chat_grammar); None: free text
     tail, is_user = pieces[-1] if pieces else ("", False)
-    forced = forced_call_spec(req, tools, tokenizer, template, reasoning_start(None if is_user else tail) == "thinking")
-    check_prompt(ids, sampling_params(req, max_tokens, 0, n_top, defaults=defaults, structured=forced), limits,
+    grammar = chat_output_spec(req, tools, tokenizer, template, reasoning_start(None if is_user else tail))
+    check_prompt(ids, sampling_params(req, max_tokens, 0, n_top, defaults=defaults, structured=grammar), limits,
                  tokenizer, fields)
     parsing = chat_parsing(pieces, reasoning, tools)
-    jobs = [(ids, sampling_params(req, max_tokens, j, n_top, defaults=defaults, structured=forced))
+    jobs = [(ids, sampling_params(req, max_tokens, j, n_top, defaults=defaults, structured=grammar))
             for j in range(req.n)]
     return Plan([ids], jobs, parsing=parsing, keep=marker_ids(tokenizer, parsing.markers))
 

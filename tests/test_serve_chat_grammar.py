@@ -1,8 +1,9 @@
-"""A tool_choice that forces a call ("required", a named function) as a grammar over the template's tool-call layout
-(dsv3.serve.tool_grammar): the random tiny model, served with V3.1's template and a DeepSeek-like vocabulary, then
-always answers with calls to the allowed tools whose arguments satisfy their schemas (real `openai` client,
-non-streamed and streamed, greedy and sampled); the grammar of each layout takes the calls a model writes in it (and
-the R1 prompt's open `<think>` closed first) and nothing else; what cannot be forced is a 400 naming it.
+"""The grammars a chat request's output is held to (dsv3.serve.chat_grammar): a forcing tool_choice ("required",
+a named function), a `strict` tool or `parallel_tool_calls: false` under `auto`, a response format beside tools, and
+reasoning before any of them. Over HTTP (real `openai` client), the random tiny model served with V3.1's template
+and a DeepSeek-like vocabulary then always answers with calls to the allowed tools whose arguments satisfy their
+schemas (non-streamed and streamed, greedy and sampled); each grammar takes the outputs it should (in V3.1's and
+R1's call layouts) and nothing else; what cannot be honoured is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dsv3.infer import Engine, EngineConfig  # noqa: E402
 from dsv3.infer.structured import grammar_of, ll_tokenizer  # noqa: E402
 from dsv3.serve import build_app  # noqa: E402
 from dsv3.serve.protocol import ChatCompletionRequest  # noqa: E402
-from dsv3.serve.tool_grammar import forced_call_spec  # noqa: E402
+from dsv3.serve.chat_grammar import chat_output_spec  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
              "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]},
@@ -82,37 +83,79 @@ def test_forced_calls_over_http(client, choice, names):
         ["tool_calls"]
 
 
-def _accepts(spec: dict, tok, text: str) -> bool:
+def test_strict_tools_are_served(client):
+    strict = [dict(TOOLS[0], function=dict(TOOLS[0]["function"], strict=True))]
+    r = client.chat.completions.create(model="tiny", messages=USER, tools=strict, max_tokens=40, temperature=1.0,
+                                       seed=5)
+    c = r.choices[0]
+    assert c.finish_reason in ("stop", "length", "tool_calls")
+    assert all(_valid(t.function.name, t.function.arguments) for t in c.message.tool_calls or [])
+
+
+def _accepts(spec: dict, tok, text: str, eos: bool = False) -> bool:
+    """Whether the grammar takes `text` as a whole output (then EOS, with `eos`: an output that may go on)."""
     m = llguidance.LLMatcher(ll_tokenizer(tok, tok.vocab_size, (tok.eos_id,)), grammar_of(spec))
-    return m.consume_tokens(tok.encode(text)) and m.is_stopped()
+    ok = m.consume_tokens(tok.encode(text)) and (not eos or m.consume_token(tok.eos_id))
+    return ok and m.is_stopped()
+
+
+def _spec(tok, template=V31, start="answering", **request):
+    req = ChatCompletionRequest(messages=USER, **request)
+    return chat_output_spec(req, req.active_tools(), tok, ChatTemplate(template), start)
 
 
 def test_each_layouts_grammar_takes_its_calls_only():
     tok = deepseek_like_tokenizer()
-    req = ChatCompletionRequest(messages=USER, tools=TOOLS, tool_choice="required")
     weather, add = '{"city": "Oslo", "days": 3}', '{"a": 1, "b": -2}'
-    v31 = forced_call_spec(req, req.tools, tok, ChatTemplate(V31), thinking=False)
+    v31 = _spec(tok, tools=TOOLS, tool_choice="required")
     assert _accepts(v31, tok, f"{CB}{C1}get_weather{SEP}{weather}{C2}{C1}add{SEP}{add}{C2}{CE}")
     for wrong in (f"Sure.{CB}{C1}add{SEP}{add}{C2}{CE}",                        # content before the calls
                   f"{CB}{C1}add{SEP}{{\"a\": 1}}{C2}{CE}",                       # a required argument missing
                   f"{CB}{C1}mul{SEP}{add}{C2}{CE}",                              # not a tool
                   f"{CB}{C1}get_weather{SEP}{{\"city\": \"Rome\", \"days\": 3}}{C2}{CE}"):   # outside the enum
         assert not _accepts(v31, tok, wrong), wrong
-    single = ChatCompletionRequest(messages=USER, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
-    one_call = forced_call_spec(single, single.tools, tok, ChatTemplate(V31), thinking=False)
+    one_call = _spec(tok, tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
     assert _accepts(one_call, tok, f"{CB}{C1}get_weather{SEP}{weather}{C2}{CE}")
     assert not _accepts(one_call, tok, f"{CB}{C1}get_weather{SEP}{weather}{C2}{C1}add{SEP}{add}{C2}{CE}")
-    v3 = forced_call_spec(req, req.tools, tok, ChatTemplate(R1), thinking=True)      # R1's layout, <think> open
+    # R1's layout, the prompt inside <think>: free reasoning first, then the calls
+    v3 = _spec(tok, R1, "thinking", tools=TOOLS, tool_choice="required")
     body = f"{C1}function{SEP}get_weather\n```json\n{weather}\n```{C2}"
-    assert _accepts(v3, tok, f"</think>{CB}{body}\n{C1}function{SEP}add\n```json\n{add}\n```{C2}{CE}")
+    second = f"{C1}function{SEP}add\n```json\n{add}\n```{C2}"
+    assert _accepts(v3, tok, f"Paris is in France.</think>{CB}{body}\n{second}{CE}")
+    assert _accepts(v3, tok, f"</think>{CB}{body}{CE}")
     assert not _accepts(v3, tok, f"{CB}{body}{CE}")                              # the reasoning left open
-    named = ChatCompletionRequest(messages=USER, tools=TOOLS, tool_choice={"type": "function",
-                                                                           "function": {"name": "add"}})
-    one = forced_call_spec(named, named.tools, tok, ChatTemplate(V31), thinking=False)
-    assert _accepts(one, tok, f"{CB}{C1}add{SEP}{add}{C2}{CE}")
-    assert not _accepts(one, tok, f"{CB}{C1}add{SEP}{add}{C2}{C1}add{SEP}{add}{C2}{CE}")   # one call only
-    assert forced_call_spec(ChatCompletionRequest(messages=USER, tools=TOOLS), TOOLS, tok, ChatTemplate(V31),
-                            False) is None                                      # auto: nothing forced
+    named = _spec(tok, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}})
+    assert _accepts(named, tok, f"{CB}{C1}add{SEP}{add}{C2}{CE}")
+    assert not _accepts(named, tok, f"{CB}{C1}add{SEP}{add}{C2}{C1}add{SEP}{add}{C2}{CE}")   # one call only
+    assert _spec(tok, tools=TOOLS) is None                                      # auto, nothing to hold: free text
+
+
+def test_strict_tools_and_one_call_under_auto():
+    tok = deepseek_like_tokenizer()
+    strict = [dict(TOOLS[0], function=dict(TOOLS[0]["function"], strict=True)), TOOLS[1]]
+    g = _spec(tok, tools=strict)
+    call = f"{C1}get_weather{SEP}{{\"city\": \"Oslo\", \"days\": 3}}{C2}"
+    assert _accepts(g, tok, "Just text, no call.", eos=True)
+    assert _accepts(g, tok, f"<think>hm</think>Let me check.{CB}{call}{C1}add{SEP}{{\"x\": [1]}}{C2}{CE}")
+    assert not _accepts(g, tok, f"Checking.{CB}{C1}get_weather{SEP}{{\"city\": \"Rome\"}}{C2}{CE}")   # strict
+    one = _spec(tok, tools=TOOLS, parallel_tool_calls=False)
+    assert _accepts(one, tok, f"{CB}{call}{CE}")
+    assert not _accepts(one, tok, f"{CB}{call}{call}{CE}")
+
+
+def test_an_answer_format_beside_tools_and_after_reasoning():
+    tok = deepseek_like_tokenizer()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    g = _spec(tok, tools=TOOLS, response_format=fmt)
+    assert _accepts(g, tok, '{"ok": true}')
+    assert _accepts(g, tok, f"{CB}{C1}add{SEP}{{\"a\": 1, \"b\": 2}}{C2}{CE}")
+    assert not _accepts(g, tok, "Free text.", eos=True)
+    r1 = _spec(tok, R1, "thinking", response_format=fmt)             # no tools: reasoning, then the answer
+    assert _accepts(r1, tok, 'The user wants JSON.</think>{"ok": false}')
+    assert not _accepts(r1, tok, '{"ok": false}</think>Sure!', eos=True)
+    assert _spec(tok, response_format=fmt)["type"] == "json_schema"          # answering: the format itself
 
 
 @pytest.mark.parametrize("extra, says", [
@@ -120,7 +163,6 @@ def test_each_layouts_grammar_takes_its_calls_only():
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "mul"}}}, "not one of the tools"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "do not combine"),
     ({"tools": TOOLS, "tool_choice": "any"}, "not supported"),
-    ({"tools": TOOLS, "parallel_tool_calls": False}, "parallel_tool_calls"),
 ])
 def test_what_cannot_be_forced_is_a_400(client, extra, says):
     with pytest.raises(openai.BadRequestError, match=says):
