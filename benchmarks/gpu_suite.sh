@@ -31,6 +31,9 @@ if [[ $PART == wheels ]]; then   # CPU machine: wheels for what the device image
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT \
       -d .whl "$spec" || exit 1
   done
+  # structured outputs: llguidance's wheel is manylinux_2_31 (abi3)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT \
+    --platform manylinux_2_31_x86_64 -d .whl llguidance==1.9.1 || exit 1
   for spec in rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1; do   # sdists only: pure Python, built here
     python3 -m pip wheel -q --no-deps -w .whl "$spec" || exit 1
   done
@@ -61,7 +64,8 @@ GPU_TESTS="tests/test_gpu.py tests/test_kernels_fp8_quant.py tests/test_kernels_
   tests/test_infer_fused_proj.py tests/test_fp8_weight_cache.py tests/test_infer_overlap.py
   tests/test_infer_spec.py tests/test_kernels_grad_norm.py tests/test_train_compiled_loads.py
   tests/test_kernels_fp8_grouped_wgrad.py tests/test_fp8_shared_input.py tests/test_kernels_edge.py
-  tests/test_infer_audit.py tests/test_hf_family.py tests/test_infer_penalties.py tests/test_infer_pdl.py"
+  tests/test_infer_audit.py tests/test_hf_family.py tests/test_infer_penalties.py tests/test_infer_pdl.py
+  tests/test_infer_structured.py"
 ALL=$(ls tests/test_*.py)
 HALF1=$(for f in $ALL; do [[ $(( $(cksum <<< "$f" | cut -d' ' -f1) % 2 )) == 0 ]] && echo "$f"; done)
 HALF2=$(for f in $ALL; do [[ $(( $(cksum <<< "$f" | cut -d' ' -f1) % 2 )) == 1 ]] && echo "$f"; done)

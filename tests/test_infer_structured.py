@@ -12,6 +12,7 @@ import json
 import re
 
 import httpx
+import torch
 
 import pytest
 
@@ -88,6 +89,22 @@ def test_a_constrained_row_leaves_its_batch_alone(engine, config):
     assert all(_satisfies(k, o.text) for k, o in zip(sorted(SPECS), mixed[4:]))
     if config.get("overlap_schedule") == "on":          # the free rows alone did chain: the schedule was on
         assert e.stats()["step_chained_steps"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_masks_on_the_gpu(engine):
+    """The bitmask goes to the device through pinned memory (no sync) and masks there: bf16 on CUDA, decode graphs
+    and the overlap schedule on (their default), constrained rows beside free ones."""
+    model = build_engine().model.to(device="cuda", dtype=torch.bfloat16)
+    e = Engine(model, engine.tokenizer, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32))
+    constrained = [SamplingParams(temperature=t, seed=1, max_tokens=40, structured_output=SPECS[k])
+                   for k in sorted(SPECS) for t in (0.0, 1.0)]
+    free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = e.generate(PROMPTS * 3, constrained + [free] * 4)
+    kinds = [k for k in sorted(SPECS) for _ in (0, 1)]
+    assert all(o.finish_reason == "stop" and _satisfies(k, o.text) for k, o in zip(kinds, outs[:8]))
+    # (free rows beside them: bf16 GEMMs of another batch size may round differently, so no token equality here)
+    assert all(len(o.token_ids) == 24 for o in outs[8:]) and e.stats()["step_chained_steps"] > 0
 
 
 def test_logprobs_are_the_models_own(engine):
