@@ -190,17 +190,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.samples < 1 or args.spec < 0:
         raise ValueError(f"--samples must be >= 1 and --spec >= 0, got {args.samples} and {args.spec}")
     from .launch.generate import run_generate
-    run_generate(args, _dtype(args))
+    run_generate(_hub_model(args), _dtype(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .launch.evaluate import run_eval
-    return run_eval(args, _dtype(args))
+    return run_eval(_hub_model(args), _dtype(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from .launch.serve import run_serve
-    return run_serve(args, _dtype(args))
+    return run_serve(_hub_model(args), _dtype(args))
+
+
+def _hub_model(args: argparse.Namespace) -> argparse.Namespace:
+    """--model as a Hugging Face Hub id where no such local path exists (dsv3.checkpoint.hub)."""
+    if getattr(args, "model", None):
+        from .checkpoint.hub import resolve_model
+        args.model = resolve_model(args.model)
+    return args
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
