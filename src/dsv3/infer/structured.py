@@ -22,6 +22,7 @@ import json
 
 import torch
 
+from .overlap import to_device
 from .sequence import Sequence
 
 KINDS = {"json_object": None, "json_schema": "schema", "regex": "pattern", "choice": "choices", "grammar": "lark",
@@ -136,7 +137,7 @@ class StructuredOutputs:
             bits = bits.pin_memory().to(scores.device, non_blocking=True)
         shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
         allowed = ((bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :scores.shape[1]]
-        index = torch.tensor(rows, device=scores.device) if len(rows) < len(done) else None
+        index = to_device(rows, torch.long, scores.device) if len(rows) < len(done) else None
         sub = scores if index is None else scores[index]
         sub = sub.masked_fill(~allowed, float("-inf"))
         return sub if index is None else scores.index_put((index,), sub)
