@@ -22,7 +22,7 @@ import torch
 from dsv3.data import stdlib_files, train_tokenizer
 from dsv3.infer import Engine, EngineConfig, SamplingParams
 from dsv3.infer.sequence import Sequence
-from dsv3.infer.structured import StructuredOutputs, ll_tokenizer
+from dsv3.infer.structured import StructuredOutputs, grammar_of, ll_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {
     "type": "string", "enum": ["a", "b", "c"]}}, "score": {"type": "number"}}, "required": ["name", "score"]}
@@ -32,10 +32,10 @@ def texts(n_files: int) -> list[str]:
     return [f.read_text(errors="ignore") for f in stdlib_files()[:n_files]]
 
 
-def mask_cost(tok, vocab: int, rows: int, steps: int = 20) -> float:
+def mask_cost(tok, vocab: int, rows: int, any_whitespace: bool, steps: int = 20) -> float:
     """Microseconds per constrained row and step of StructuredOutputs.mask (plus advancing by the first allowed)."""
     so = StructuredOutputs(tok, vocab, frozenset({tok.eos_id}))
-    spec = {"type": "json_schema", "schema": SCHEMA}
+    spec = {"type": "json_schema", "schema": SCHEMA, "any_whitespace": any_whitespace}
     seqs = [Sequence(i, [1, 2, 3], SamplingParams(max_tokens=64, structured_output=spec)) for i in range(rows)]
     scores = torch.zeros(rows, vocab)
     for i, s in enumerate(seqs):                                # matchers made, one step taken (not timed)
@@ -45,6 +45,23 @@ def mask_cost(tok, vocab: int, rows: int, steps: int = 20) -> float:
         masked = so.mask(seqs, scores)
         for i, s in enumerate(seqs):
             so.advance(s, int(masked[i].argmax()))
+    return (time.perf_counter() - t0) / steps / rows * 1e6
+
+
+def fill_cost(tok, vocab: int, rows: int, any_whitespace: bool, steps: int = 20) -> float:
+    """Microseconds per row and step of llguidance's bitmask fill alone (the host part a GPU step overlaps)."""
+    import llguidance
+    import llguidance.torch as lt
+    spec = {"type": "json_schema", "schema": SCHEMA, "any_whitespace": any_whitespace}
+    grammar = grammar_of(spec)
+    matchers = [llguidance.LLMatcher(ll_tokenizer(tok, vocab, (tok.eos_id,)), grammar) for _ in range(rows)]
+    bits, ex = lt.allocate_token_bitmask(rows, vocab), llguidance.LLExecutor()
+    first = [int(t) for t in tok.encode('{"name": "a b c", "score": 1')]
+    t0 = time.perf_counter()
+    for k in range(steps):
+        lt.fill_next_token_bitmask_par(ex, [(m, j) for j, m in enumerate(matchers)], bits)
+        for m in matchers:
+            m.consume_token(first[k % len(first)]) if k < len(first) else None
     return (time.perf_counter() - t0) / steps / rows * 1e6
 
 
@@ -65,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=128_000)
     ap.add_argument("--small-vocab", type=int, default=320)
-    ap.add_argument("--files", type=int, default=600, help="stdlib files to train the large tokenizer on")
+    ap.add_argument("--files", type=int, default=5000, help="stdlib files to train the large tokenizer on")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -81,9 +98,13 @@ def main() -> None:
         t0 = time.perf_counter()
         ll_tokenizer(tok, tok.vocab_size, (tok.eos_id,))
         made = time.perf_counter() - t0
-        costs = {r: mask_cost(tok, tok.vocab_size, r) for r in args.rows}
+        costs = {ws: {r: round(mask_cost(tok, tok.vocab_size, r, ws), 1) for r in args.rows} for ws in (True, False)}
+        fills = {ws: {r: round(fill_cost(tok, tok.vocab_size, r, ws), 1) for r in args.rows} for ws in (True, False)}
         print(json.dumps({"vocab": tok.vocab_size, "llguidance_tokenizer_s": round(made, 3),
-                          "mask_us_per_row_step": {r: round(c, 1) for r, c in costs.items()}}))
+                          "mask_us_per_row_step_any_whitespace": costs[True],
+                          "mask_us_per_row_step_compact": costs[False],
+                          "llguidance_fill_us_per_row_step_any_whitespace": fills[True],
+                          "llguidance_fill_us_per_row_step_compact": fills[False]}))
     spec = {"type": "json_schema", "schema": SCHEMA, "any_whitespace": False}
     for r in args.rows:
         plain, constrained = engine_rate(small, r, None), engine_rate(small, r, spec)

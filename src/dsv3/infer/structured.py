@@ -4,9 +4,11 @@ a list of strings, or a Lark grammar (`SamplingParams.structured_output`; the se
 
 The constraint is applied where tokens are sampled: before each sampling, a constrained row's logits are -inf at
 every token the grammar does not allow next (a token bitmask from llguidance's matcher: Microsoft's Rust library,
-the structured-output backend of vLLM and llama.cpp; an optional dependency, `pip install llguidance`); after the
-token is read on the host, the matcher consumes it. When the grammar is complete the output ends (finish reason
-"stop"; EOS is allowed only where the grammar may end). Log-probabilities stay the model's own (as for logit_bias).
+the structured-output backend of vLLM and llama.cpp; an optional dependency, `pip install llguidance`; computed on
+the host while the device runs the step's forward, which it does not wait for, a batch's rows in llguidance's
+threads); after the token is read on the host, the matcher consumes it. When the grammar is complete the output
+ends (finish reason "stop"; EOS is allowed only where the grammar may end). Log-probabilities stay the model's own
+(as for logit_bias).
 
 Each constrained sequence's mask needs its previous token on the host: such a batch does not chain under the
 overlap schedule (dsv3.infer.overlap) and takes no speculative step (dsv3.infer.speculation); batches without one
@@ -111,6 +113,7 @@ class StructuredOutputs:
     def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int]):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, tuple(sorted(eos_ids))
         self.matchers: dict[int, object] = {}
+        self._executor = None       # llguidance's thread pool: several rows' masks at once (made when first needed)
 
     def _matcher(self, seq: Sequence):
         m = self.matchers.get(seq.seq_id)
@@ -129,10 +132,15 @@ class StructuredOutputs:
         rows = [i for i, s in enumerate(done) if s.params.structured_output is not None]
         if not rows:
             return scores
-        lt = _llguidance().torch
-        bits = lt.allocate_token_bitmask(len(rows), self.vocab_size)
-        for j, i in enumerate(rows):
-            lt.fill_next_token_bitmask(self._matcher(done[i]), bits, j)
+        g = _llguidance()
+        bits = g.torch.allocate_token_bitmask(len(rows), self.vocab_size)
+        if len(rows) == 1:
+            g.torch.fill_next_token_bitmask(self._matcher(done[rows[0]]), bits, 0)
+        else:       # in llguidance's threads, without the GIL: ~0.2 ms a row at a 100K vocabulary (RESULTS.md)
+            if self._executor is None:
+                self._executor = g.LLExecutor()
+            g.torch.fill_next_token_bitmask_par(self._executor, [(self._matcher(done[i]), j)
+                                                                  for j, i in enumerate(rows)], bits)
         if scores.is_cuda:
             bits = bits.pin_memory().to(scores.device, non_blocking=True)
         shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
