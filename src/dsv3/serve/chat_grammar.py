@@ -6,9 +6,9 @@ llguidance grammars; Lark with `<[token id]>` for DeepSeek's marker tokens, whic
   with `strict: true`, `parallel_tool_calls: false` or a response format makes it free text (or the answer) with
   calls optional after it. A forced call's or a strict tool's arguments satisfy its `parameters` schema (as vLLM
   holds forced calls), laid out as json.dumps writes them (the layout of the past calls the templates render); any
-  other tool's are a JSON object. The call layout
-  follows the template: V3's / R1's (`function<sep>NAME\\n```json\\nARGS\\n````, calls on lines of their own) where
-  it renders "```json", else V3.1's (`NAME<sep>ARGS`, chained). The chat layer reads the calls as any others.
+  other tool's are a JSON object. The call layout follows the template: V3's / R1's
+  (`function<sep>NAME\\n```json\\nARGS\\n````, calls on lines of their own) where it renders "```json", else V3.1's
+  (`NAME<sep>ARGS`, chained). The chat layer reads the calls as any others.
 - the answer: `response_format` / `structured_outputs` (the request's own structured output) as a sub-grammar.
 - reasoning: where the prompt leaves the model thinking (R1's `<think>\\n`, V3.1's thinking mode) the reasoning
   comes first, free, up to `</think>`; where the output may open a `<think>` block (the prompt decides nothing) it

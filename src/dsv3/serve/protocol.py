@@ -414,7 +414,7 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, StrictBool] | None = None
     tools: list[Tool] | None = None
-    # refused unless they ask for what the server does: free text, and a call only where the model chooses one
+    # auto / none, or forcing a call: required / {"type": "function", "function": {"name": ...}} (chat_grammar)
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool = True        # false: one call at most (held to by a grammar: serve.chat_grammar)
     functions: list | None = None
@@ -436,7 +436,7 @@ class ChatCompletionRequest(_Sampling):
         return self
 
     def _check_tool_choice(self) -> None:
-        """tool_choice: "auto", "none", or, forcing a call (dsv3.serve.tool_grammar), "required" or
+        """tool_choice: "auto", "none", or, forcing a call (dsv3.serve.chat_grammar), "required" or
         {"type": "function", "function": {"name": NAME}} naming one of the tools."""
         tc = self.tool_choice
         if tc in (None, "none", "auto"):
