@@ -3,10 +3,10 @@ llguidance grammars; Lark with `<[token id]>` for DeepSeek's marker tokens, whic
 
 - tools: a `tool_choice` that forces a call ("required": one or more calls to the request's tools, one with
   `parallel_tool_calls: false`; a named function: one call to it) makes the output the calls; with `auto`, a tool
-  with `strict: true`, `parallel_tool_calls: false` or a response format makes it free text (or the answer) with
-  calls optional after it. A forced call's or a strict tool's arguments satisfy its `parameters` schema (as vLLM
-  holds forced calls), laid out as json.dumps writes them (the layout of the past calls the templates render); any
-  other tool's are a JSON object. The call layout follows the template: V3's / R1's
+  with `strict: true` or `parallel_tool_calls: false` makes it free text with calls optional after it, and a
+  response format makes it the answer or the calls. A forced call's or a strict tool's arguments satisfy its
+  `parameters` schema (as vLLM holds forced calls), laid out as json.dumps writes them (the layout of the past calls
+  the templates render); any other tool's are a JSON object. The call layout follows the template: V3's / R1's
   (`function<sep>NAME\\n```json\\nARGS\\n````, calls on lines of their own) where it renders "```json", else V3.1's
   (`NAME<sep>ARGS`, chained). The chat layer reads the calls as any others.
 - the answer: `response_format` / `structured_outputs` (the request's own structured output) as a sub-grammar.
