@@ -92,12 +92,14 @@ def test_a_constrained_row_leaves_its_batch_alone(engine, config):
         assert e.stats()["step_chained_steps"] > 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
 def test_masks_on_the_gpu(engine):
     """The bitmask goes to the device through pinned memory (no sync) and masks there: bf16 on CUDA, decode graphs
     and the overlap schedule on (their default), constrained rows beside free ones."""
     model = build_engine().model.to(device="cuda", dtype=torch.bfloat16)
-    e = Engine(model, engine.tokenizer, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=32))
+    e = Engine(model, engine.tokenizer, EngineConfig(block_size=16, num_blocks=128, max_num_seqs=32))
+    assert e.runner.graphs is not None and e.overlap
     kinds = [k for k in ("choice", "json_schema", "regex") for _ in (0, 1)]     # the bounded ones: they must end
     constrained = [SamplingParams(temperature=t, seed=1, max_tokens=60, structured_output=SPECS[k])
                    for k, t in zip(kinds, (0.0, 1.0) * 3)]
