@@ -160,6 +160,9 @@ def test_response_format_through_the_openai_client(client):
     r = client.completions.create(model="dsv3-tiny", prompt="x", max_tokens=20, temperature=1.0, seed=3,
                                   extra_body={"structured_outputs": {"regex": r"[0-9]{3}-[a-z]{2,5}"}})
     assert _satisfies("regex", r.choices[0].text)
+    r = client.completions.create(model="dsv3-tiny", prompt="x", max_tokens=20, temperature=0,
+                                  extra_body={"guided_choice": ["left", "right"]})           # vLLM's older name
+    assert r.choices[0].text in ("left", "right")
     stream = client.chat.completions.create(model="dsv3-tiny", messages=messages, max_tokens=80, temperature=0,
                                             stream=True, extra_body={"structured_outputs": {"choice": ["red", "blue"]}})
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) in ("red", "blue")
@@ -181,6 +184,8 @@ def _deep(n: int) -> dict:
     ({"structured_outputs": {"structural_tag": "x"}}, "not supported"),
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "not both"),
     ({"structured_outputs": {"json": "[" * 20000}}, "not JSON"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "exactly one"),
+    ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "older names"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _deep(100)}}}, "deeper"),
 ])
 def test_bad_structured_requests_are_400s(client, body, says):

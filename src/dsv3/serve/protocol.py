@@ -164,6 +164,11 @@ class _Sampling(BaseModel):
     # vLLM's structured_outputs (one of json, regex, choice, grammar (Lark), json_object; disable_any_whitespace)
     response_format: dict | None = None
     structured_outputs: dict | None = None
+    # vLLM's older names of structured_outputs' keys (still sent by many clients): read, not ignored
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -191,6 +196,12 @@ class _Sampling(BaseModel):
         """SamplingParams.structured_output of the request's response_format / structured_outputs (None: free
         text); ValueError names what is wrong."""
         rf, so = self.response_format, self.structured_outputs
+        guided = {k: v for k, v in (("json", self.guided_json), ("regex", self.guided_regex),
+                                    ("choice", self.guided_choice), ("grammar", self.guided_grammar)) if v is not None}
+        if guided:
+            if so is not None:
+                raise ValueError("give structured_outputs or the guided_* fields (its older names), not both")
+            so = guided
         if rf is not None and rf.get("type") != "text" and so is not None:
             raise ValueError("give response_format or structured_outputs, not both")
         if so is not None:
