@@ -83,6 +83,33 @@ def test_forced_calls_over_http(client, choice, names):
         ["tool_calls"]
 
 
+def test_json_mode_after_r1_reasoning_over_http():
+    """R1's template leaves the model inside <think>: the format holds after </think>, so the JSON lands in `content`
+    and the thoughts in `reasoning_content` (the random model is steered to close its thoughts at once by a
+    logit_bias on </think>: the grammar allows it, and the answer that follows is held to the schema)."""
+    tok = deepseek_like_tokenizer()
+    model = build(tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=2048), seed=0, dtype=torch.float64)
+    engine = Engine(model, tok, EngineConfig(block_size=8, num_blocks=400, max_num_seqs=16))
+    server, thread, url = serve_app(build_app(engine, tok, "tiny", chat_template=R1))
+    try:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+                  "required": ["city"], "additionalProperties": False}
+        think_end = tok.backend.token_to_id("</think>")
+        for seed in (1, 2):
+            # compact JSON: bounded whatever a random model's rounding on another machine picks
+            r = c.chat.completions.create(
+                model="tiny", messages=USER, max_tokens=60, temperature=1.0, seed=seed,
+                logit_bias={str(think_end): 100},
+                extra_body={"structured_outputs": {"json": schema, "disable_any_whitespace": True}})
+            m = r.choices[0].message
+            assert r.choices[0].finish_reason == "stop", r
+            assert json.loads(m.content)["city"] in ("Paris", "Oslo") and not getattr(m, "reasoning_content", None)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_strict_tools_are_served(client):
     strict = [dict(TOOLS[0], function=dict(TOOLS[0]["function"], strict=True))]
     r = client.chat.completions.create(model="tiny", messages=USER, tools=strict, max_tokens=40, temperature=1.0,
