@@ -43,7 +43,10 @@ def test_a_hub_id_resolves_from_the_cache(tmp_path):
     missing = _generate("org/absent", tmp_path)
     assert missing.returncode == 2 and "org/absent is not a local directory" in missing.stderr
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
-    # a local directory named like an id is used as it is (here: no weights in it, so its own error)
+    # a local directory named like an id is used as it is (here: no weights in it, so its own error); so is a path
+    # whose parent exists here (a run not written yet)
     (tmp_path / "org" / "tiny").mkdir(parents=True)
     local = _generate("org/tiny", tmp_path, cwd=tmp_path)
     assert local.returncode == 2 and "is not a local directory" not in local.stderr, local.stderr
+    unwritten = _generate("org/later", tmp_path, cwd=tmp_path)
+    assert unwritten.returncode == 2 and "Hugging Face Hub" not in unwritten.stderr, unwritten.stderr
