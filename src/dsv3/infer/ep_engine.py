@@ -77,9 +77,10 @@ class EPEngine(Engine):
             place_experts(model, self.group, self.placement)
         else:
             placed = [m.experts for _, m in moe_layers(model)]
-            if placement.num_physical != self.num_slots or not all(isinstance(m, PlacedExperts) for m in placed):
-                raise ValueError(f"EPEngine: the model's experts are not placed as a placement of {self.num_slots} "
-                                 f"slots says")
+            if placement.num_physical != self.num_slots or placement.phy2log.shape[0] != layers or \
+                    not all(isinstance(m, PlacedExperts) for m in placed):
+                raise ValueError(f"EPEngine: the model's experts are not placed as a placement of {layers} layers x "
+                                 f"{self.num_slots} slots says")
             self.placement = placement
         super().__init__(model, tokenizer, config)
         if ep.two_batch_overlap:      # new_group is collective over the default group: every process calls it
