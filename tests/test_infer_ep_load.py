@@ -3,10 +3,11 @@
 One process: `load_rank_model` equals `load_pretrained` (plain) and, with `fp8`, holds a released-format
 checkpoint's own e4m3 codes and block scales bit for bit (the old dequantise-in-bf16-then-requantise path moved
 the scales), and equals `quantize_weights(load_pretrained(...))` on a bf16 checkpoint. Two gloo ranks with redundant
-expert slots: each reads the tensors outside the routed experts and its slots' experts only (bytes counted against
-the file headers), its slots hold the logical experts the placement names (the same codes as one process), and
-EPEngines on the two ranks, FP8 experts rebalanced live (codes and scales moved as bytes), give the single-process
-FP8 engine's greedy tokens; so does an EPEngine given the whole FP8 model (a training run's path), placing it itself.
+expert slots: each reads the tensors outside the routed experts and its slots' experts only, each once (bytes
+counted against the file headers), its slots hold the logical experts the placement names (the same codes as one
+process), and EPEngines on the two ranks, FP8 experts rebalanced live (codes and scales moved as bytes), give the
+single-process FP8 engine's greedy tokens; so does an EPEngine given the whole FP8 model (a training run's path),
+placing it itself.
 """
 
 import pytest
@@ -48,12 +49,30 @@ def dirs(tmp_path_factory):
     return tmp
 
 
-def test_plain_load_equals_load_pretrained(dirs):
-    for src in ("bf16", "fp8"):
-        ours, _ = load_rank_model(dirs / src, torch.float32, "cpu")
-        ref = load_pretrained(dirs / src, dtype=torch.float32).state_dict()
-        assert ours.state_dict().keys() == ref.keys()
-        assert all(torch.equal(v, ref[k]) for k, v in ours.state_dict().items())
+def _dequantised(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Codes times their 128x128 block scales, written out here (an independent reference, not the loader's)."""
+    n, k = q.shape
+    return q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k]
+
+
+def test_plain_load_equals_the_files(dirs):
+    """The whole model in fp32 (also load_pretrained's path, dsv3.checkpoint.fill) against the source model's own
+    weights, and against the FP8 release's codes times scales, computed here."""
+    source = build(tiny_config(vocab_size=96), seed=3).state_dict()
+    ours = load_rank_model(dirs / "bf16", torch.float32, "cpu")[0].state_dict()
+    assert ours.keys() == source.keys() and all(torch.equal(v, source[k]) for k, v in ours.items())
+    pretrained = load_pretrained(dirs / "bf16", dtype=torch.float32).state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in pretrained.items())
+    reader = CheckpointReader(dirs / "fp8")
+    fp8 = load_rank_model(dirs / "fp8", torch.float32, "cpu")[0].state_dict()
+    layer = fp8["layers.0.self_attn.q_b_proj.weight"]
+    name = "model.layers.0.self_attn.q_b_proj.weight"
+    assert torch.equal(layer, _dequantised(reader.read_stored(name), reader.read_stored(name + "_scale_inv")))
+    expert = fp8["layers.1.mlp.experts.down_proj"][5]
+    name = "model.layers.1.mlp.experts.5.down_proj.weight"
+    assert torch.equal(expert, _dequantised(reader.read_stored(name), reader.read_stored(name + "_scale_inv")))
+    gate = source["layers.1.mlp.gate.weight"].bfloat16().float()      # the router: stored in bf16, unquantised
+    assert torch.equal(fp8["layers.1.mlp.gate.weight"], gate)
 
 
 def test_fp8_holds_the_releases_own_codes_and_scales(dirs):
@@ -137,7 +156,7 @@ def test_two_ranks_read_their_share_and_serve_the_single_process_tokens(dirs):
         placed_here |= r["placed_here"]
         assert r["first"].equal(ranks[0]["first"])
         assert r["read"] == outside + sum(expert_bytes[i, e] for i, (local, _, _) in enumerate(r["slots"])
-                                          for e in local)
+                                          for e in set(local))       # an expert in two of its slots: read once
         assert r["read"] < whole
         for i, (local, codes, scales) in enumerate(r["slots"]):
             assert local == r["first"][i, rank * 5:(rank + 1) * 5].tolist()

@@ -16,7 +16,7 @@ import torch
 
 import pytest
 
-pytest.importorskip("llguidance")
+pytest.importorskip("llguidance", reason="structured outputs need llguidance (CI pins it)")
 
 import openai  # noqa: E402
 from serve_fixture import DEFAULT_CONFIG, build_engine, start_server  # noqa: E402

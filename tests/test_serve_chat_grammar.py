@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 
-pytest.importorskip("llguidance")
+pytest.importorskip("llguidance", reason="structured outputs need llguidance (CI pins it)")
 
 import llguidance  # noqa: E402
 from conftest import build, tiny_config  # noqa: E402

@@ -250,18 +250,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     name_map = hf_name_map(model)
     ckpt.check_names(name_map)
 
+    from .fill import fill_from_hf
+    fill_from_hf(model, ckpt, name_map, model.embed_tokens.weight.dtype)
     state = model.state_dict()
-    tied = []
-    for names in ckpt.by_file().values():
-        for hf_name in names:
-            if hf_name not in name_map:
-                continue  # a scale, consumed with its weight
-            ours, expert = name_map[hf_name]
-            if hf_name.startswith(mtp_prefixes) and ours in ("embed_tokens.weight", "lm_head.weight"):
-                tied.append((hf_name, ours))  # compared once the main copy is in
-                continue
-            target = state[ours] if expert is None else state[ours][expert]
-            target.copy_(ckpt.read(hf_name, target.dtype, shape=tuple(target.shape)))
+    tied = [(hf_name, ours) for hf_name, (ours, _) in name_map.items()     # compared with the main copies read
+            if hf_name.startswith(mtp_prefixes) and ours in ("embed_tokens.weight", "lm_head.weight")]
     for hf_name, ours in tied:
         if not torch.equal(ckpt.read(hf_name, shape=tuple(state[ours].shape)).to(state[ours].dtype), state[ours].cpu()):
             warnings.warn(f"{hf_name} differs from the main model's {ours}; dsv3 shares one tensor "

@@ -49,9 +49,9 @@ def initial_placement(cfg, ep_size: int, ep_config: ExpertParallelConfig) -> Pla
 
 
 def moe_layer_count(cfg) -> int:
-    """MoE layers of the model `cfg` describes, MTP included (moe_layers' count, without building it)."""
-    with torch.device("meta"):
-        return len(moe_layers(Transformer(cfg)))
+    """MoE layers of the model `cfg` describes, MTP included (moe_layers' count, without building it: the MTP block
+    k is layer num_hidden_layers + k)."""
+    return sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
 
 
 class EPEngine(Engine):

@@ -123,6 +123,10 @@ class ExpertParallelExperts(Experts):
     first_expert: int   # global id of local expert 0
     fp8_dispatch: bool = False   # dispatch (and the combine's backward) in FP8: dsv3.parallel.fp8_comm
 
+    def local_experts(self) -> list[int]:
+        """The global expert each local row holds (dsv3.checkpoint.fill reads only those)."""
+        return list(range(self.first_expert, self.first_expert + self.gate_proj.shape[0]))
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         K = idx.shape[1]
         # 1. (token, k) pairs sorted by global expert: consecutive blocks of rows for ranks 0, 1, ...
