@@ -3,8 +3,9 @@
 2 and 4 spawned gloo ranks each run an EPEngine on their own share of the prompts (uneven shares, one rank with
 none), the routed experts sharded over the ranks; their greedy outputs (fp32 tiny model) must equal those of one
 plain Engine serving every prompt, token for token. The same spawn checks redundant experts with a live rebalance
-every 2 steps (the placement changes, the outputs do not), and two-micro-batch overlap (each step's rows in two
-halves run concurrently over two groups; outputs unchanged). One spawn per group size runs every case.
+every 2 steps (the placement changes, the outputs do not), two-micro-batch overlap (each step's rows in two
+halves run concurrently over two groups; outputs unchanged), and MTP speculation (greedy: the plain engine's tokens;
+seeded sampling: the single-process speculative engine's on the same share). One spawn per group size runs every case.
 """
 
 import pytest
@@ -34,18 +35,26 @@ def _prompts():
     return [torch.randint(2, 96, (n,), generator=g).tolist() for n in LENGTHS]
 
 
+SPEC = dict(num_speculative_tokens=2)
+SAMPLED = [SamplingParams(temperature=1.0, top_k=20, max_tokens=7, ignore_eos=True, seed=i)
+           for i in range(len(LENGTHS))]
+
+
 def _cases(world):
-    return {"plain": ExpertParallelConfig(),
-            "rebalance": ExpertParallelConfig(redundant_experts=world, rebalance_interval=2),
-            "overlap": ExpertParallelConfig(two_batch_overlap=True)}
+    """name -> (EP config, engine options). "spec": MTP speculation (the fused greedy step), rebalanced live."""
+    rebalance = ExpertParallelConfig(redundant_experts=world, rebalance_interval=2)
+    return {"plain": (ExpertParallelConfig(), {}),
+            "rebalance": (rebalance, {}),
+            "overlap": (ExpertParallelConfig(two_batch_overlap=True), {}),
+            "spec": (rebalance, SPEC)}
 
 
 def _worker(rank, world, init_file, tmp):
     init_gloo(rank, world, init_file)
     prompts, mine = _prompts(), [i for i, r in enumerate(ASSIGN[world]) if r == rank]
     result = {}
-    for name, ep_config in _cases(world).items():
-        engine = EPEngine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE), ep_config=ep_config)
+    for name, (ep_config, options) in _cases(world).items():
+        engine = EPEngine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE, **options), ep_config=ep_config)
         first = engine.placement.phy2log.clone()
         outs = engine.generate([prompts[i] for i in mine], GREEDY)
         stats = engine.stats()
@@ -53,6 +62,16 @@ def _worker(rank, world, init_file, tmp):
                             first=first, last=engine.placement.phy2log.clone(),
                             local=engine.model.layers[1].mlp.experts.gate_proj.detach().clone(),
                             free=engine.blocks.num_free_blocks == engine.blocks.num_blocks)
+    # sampled speculation (draft, verify, rejection-sample: the unfused path), seeded requests
+    engine = EPEngine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE, **SPEC))
+    outs = engine.generate([prompts[i] for i in mine], [SAMPLED[i] for i in mine])
+    result["sampled"] = dict(tokens={i: o.token_ids for i, o in zip(mine, outs)}, stats=engine.stats(),
+                             mtp=type(engine.model.mtp[0].mlp.experts).__name__)
+    try:                # a speculative step's forward is not split in two, a plain one's is: refused
+        EPEngine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE, **SPEC),
+                 ep_config=ExpertParallelConfig(two_batch_overlap=True))
+    except ValueError as e:
+        result["refused"] = str(e)
     if world == 2:   # `dsv3 bench decode`'s timing loop on one EPEngine per rank (serve_x2.py ep-decode)
         made = []
         bench = bench_decode(build(_cfg(), seed=3), 2, 6, 3, seed=rank, cuda_graphs=False, warmup=False,
@@ -77,6 +96,18 @@ def _worker(rank, world, init_file, tmp):
 def reference():
     engine = Engine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE))
     return [o.token_ids for o in engine.generate(_prompts(), GREEDY)], build(_cfg(), seed=3)
+
+
+def _sampled_shares(world: int) -> dict[int, list[int]]:
+    """The single-process speculative engine's seeded samples of each rank's share, run as that rank's batch (which
+    steps speculate, and so each request's random stream, depends on the batch it runs in)."""
+    prompts, out = _prompts(), {}
+    for rank in range(world):
+        mine = [i for i, r in enumerate(ASSIGN[world]) if r == rank]
+        engine = Engine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE, **SPEC))
+        outs = engine.generate([prompts[i] for i in mine], [SAMPLED[i] for i in mine])
+        out |= {i: o.token_ids for i, o in zip(mine, outs)}
+    return out
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -108,6 +139,17 @@ def test_ep_engine_equals_single_process(world, reference, tmp_path):
         st = res["overlap"]["stats"]
         assert st["ep_tbo_steps"] == st["ep_steps"] > 0
     assert max(res["overlap"]["stats"]["ep_tbo_max_concurrent"] for res in ranks) == 2
+    # MTP speculation: every rank with requests speculated (the MTP module's experts whole, running alone), in
+    # lockstep with ranks that ran plain, prefill and padding steps; greedy tokens equal above, seeded sampled ones
+    # equal the single-process speculative engine's
+    for res in ranks:
+        assert res["spec"]["stats"]["ep_steps"] == ranks[0]["spec"]["stats"]["ep_steps"]
+        assert res["sampled"]["mtp"] == "Experts" and "two_batch_overlap" in res["refused"]
+    assert all(res["spec"]["stats"]["spec_steps"] > 0 for res in ranks if res["spec"]["tokens"])
+    assert ranks[0]["spec"]["stats"]["ep_rebalances"] >= 1
+    sampled = {i: t for res in ranks for i, t in res["sampled"]["tokens"].items()}
+    assert sampled == _sampled_shares(world)
+    assert all(res["sampled"]["stats"]["spec_steps"] > 0 for res in ranks if res["sampled"]["tokens"])
     # bench_decode timed the EPEngine it was given: prefill + 2 decode steps on every rank, in lockstep
     assert world != 2 or all(res["bench"] == dict(steps=2, engine_steps=3, made=1) for res in ranks)
     # one front end (rank 0) for the whole group: same outputs, every rank served requests, stats summed

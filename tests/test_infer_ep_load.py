@@ -118,15 +118,25 @@ def _worker(rank, init_file, tmp):
     init_gloo(rank, 2, init_file)
     cfg = CheckpointReader(tmp / "fp8").model_config()
     placement = initial_placement(cfg, 2, EP)
+    # a rank that does not speculate: no MTP module read
     model, read = load_rank_model(tmp / "fp8", torch.float32, "cpu", fp8=True, group=dist.group.WORLD,
-                                  placement=placement)
+                                  placement=placement, mtp=False)
     slots = [(m.experts.local_experts(), m.experts.gate_proj.clone(), m.experts.gate_proj_scale_inv.clone())
              for _, m in moe_layers(model)]
     engine = EPEngine(model, config=EngineConfig(**ENGINE), ep_config=EP, placement=placement)
     prompts, mine = _prompts(), [i for i, r in enumerate(ASSIGN) if r == rank]
     outs = engine.generate([prompts[i] for i in mine], GREEDY)
     result = dict(read=read, slots=slots, first=placement.phy2log.clone(), last=engine.placement.phy2log.clone(),
-                  tokens={i: o.token_ids for i, o in zip(mine, outs)}, stats=engine.stats())
+                  tokens={i: o.token_ids for i, o in zip(mine, outs)}, stats=engine.stats(), mtp=len(model.mtp))
+    # one that speculates: the MTP module too, its experts whole (dsv3.infer.ep_experts.ep_moe_layers)
+    model, read = load_rank_model(tmp / "fp8", torch.float32, "cpu", fp8=True, group=dist.group.WORLD,
+                                  placement=placement)
+    experts = model.mtp[0].mlp.experts
+    engine = EPEngine(model, config=EngineConfig(**ENGINE, num_speculative_tokens=1), ep_config=EP,
+                      placement=placement)
+    outs = engine.generate([prompts[i] for i in mine], GREEDY)
+    result["spec"] = dict(read=read, tokens={i: o.token_ids for i, o in zip(mine, outs)}, stats=engine.stats(),
+                          mtp_gate=experts.gate_proj.clone(), mtp_class=type(experts).__name__)
     # a model loaded whole (as a training run is) in FP8 block weights: EPEngine places its experts itself
     whole, _ = load_rank_model(tmp / "fp8", torch.float32, "cpu", fp8=True)
     engine = EPEngine(whole, config=EngineConfig(**ENGINE), ep_config=EP)
@@ -149,23 +159,37 @@ def test_two_ranks_read_their_share_and_serve_the_single_process_tokens(dirs):
             names = [f"model.layers.{layer}.mlp.experts.{e}.{p}.weight{s}"
                      for p in ("gate_proj", "up_proj", "down_proj") for s in ("", "_scale_inv")]
             expert_bytes[i, e] = sum(reader.stored_bytes(n) for n in names)
+    n_ep = len(ranks[0]["slots"])                         # the main model's MoE layers: the MTP one is not placed
+    assert layer_ids[n_ep:] == [n_main]
     outside = whole - sum(expert_bytes.values())
-    got, placed_here = {}, {}
+    # the MTP layer's tensors the whole load read (not its copies of the embedding and the head: never read)
+    mtp = f"model.layers.{n_main}."
+    mtp_bytes = sum(reader.stored_bytes(k) for k in reader.weight_map if k.startswith(mtp)
+                    and not k.endswith(("embed_tokens.weight", "shared_head.head.weight")))
+    mtp_experts = sum(v for (i, _), v in expert_bytes.items() if i >= n_ep)
+    got, placed_here, spec = {}, {}, {}
     for rank, r in enumerate(ranks):
         got |= r["tokens"]
         placed_here |= r["placed_here"]
-        assert r["first"].equal(ranks[0]["first"])
-        assert r["read"] == outside + sum(expert_bytes[i, e] for i, (local, _, _) in enumerate(r["slots"])
-                                          for e in set(local))       # an expert in two of its slots: read once
-        assert r["read"] < whole
+        spec |= r["spec"]["tokens"]
+        assert r["first"].equal(ranks[0]["first"]) and r["mtp"] == 0
+        placed = sum(expert_bytes[i, e] for i, (local, _, _) in enumerate(r["slots"])
+                     for e in set(local))       # an expert in two of its slots: read once
+        assert r["read"] == outside - (mtp_bytes - mtp_experts) + placed
+        # speculating: the MTP module read too, its experts whole, held whole
+        assert r["spec"]["read"] == outside + mtp_experts + placed < whole
+        assert r["spec"]["mtp_class"] == "FP8Experts"
+        assert torch.equal(r["spec"]["mtp_gate"].view(torch.uint8), ref_moes[n_ep].gate_proj.view(torch.uint8))
+        assert r["spec"]["stats"]["spec_steps"] > 0 and r["spec"]["stats"]["ep_rebalances"] >= 1
         for i, (local, codes, scales) in enumerate(r["slots"]):
             assert local == r["first"][i, rank * 5:(rank + 1) * 5].tolist()
             assert torch.equal(codes.view(torch.uint8), ref_moes[i].gate_proj[local].view(torch.uint8))
             assert torch.equal(scales, ref_moes[i].gate_proj_scale_inv[local])
         assert r["stats"]["ep_rebalances"] >= 1
-    for i in range(len(ref_moes)):      # 10 slots over both ranks hold all 8 experts, two of them twice
+    for i in range(n_ep):               # 10 slots over both ranks hold all 8 experts, two of them twice
         held = ranks[0]["slots"][i][0] + ranks[1]["slots"][i][0]
         assert len(held) == 10 and set(held) == set(range(8))
     assert not ranks[0]["last"].equal(ranks[0]["first"])          # the FP8 experts moved
     assert [got[i] for i in range(len(LENGTHS))] == want
     assert [placed_here[i] for i in range(len(LENGTHS))] == want
+    assert [spec[i] for i in range(len(LENGTHS))] == want        # greedy speculation: the plain engine's tokens

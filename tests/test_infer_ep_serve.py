@@ -1,6 +1,6 @@
 """`dsv3 serve --ep 2` under torchrun (gloo, CPU): one HTTP front end on rank 0, requests spread over both ranks,
 experts sharded with redundant slots and rebalanced while serving, plain and FP8 block weights (`--fp8`: each rank
-reads its share into them). Completions equal the single-process engine's,
+reads its share into them; with MTP speculation). Completions equal the single-process engine's,
 /metrics carries the placement and loads, and SIGTERM to rank 0 drains the server and stops
 both ranks cleanly (status 0)."""
 
@@ -35,6 +35,7 @@ def _rank_pid(launcher: int, rank: int) -> int:
 
 @pytest.mark.parametrize("fp8", [False, True])
 def test_serve_ep_under_torchrun(tmp_path, fp8):
+    """`fp8`: also with MTP speculation (`--spec 1`: each rank reads the MTP module too, its experts whole)."""
     engine = build_engine()
     save_pretrained(engine.model, tmp_path / "m")
     engine.tokenizer.save(tmp_path / "m")
@@ -50,7 +51,7 @@ def test_serve_ep_under_torchrun(tmp_path, fp8):
            "serve", "--model", str(tmp_path / "m"), "--port", str(port), "--device", "cpu", "--dtype", "float64",
            "--max-model-len", "256",
            "--cache-gib", "0.01", "--threads", "1", "--ep", "2", "--redundant-experts", "2",
-           "--rebalance-interval", "3"] + (["--fp8"] if fp8 else [])
+           "--rebalance-interval", "3"] + (["--fp8", "--spec", "1"] if fp8 else [])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -74,6 +75,7 @@ def test_serve_ep_under_torchrun(tmp_path, fp8):
         assert len(slots) > 0 and len(slots) % (E + 2) == 0      # E + 2 slots per MoE layer
         assert samples[("dsv3_eplb_rebalances_total", ())] >= 1
         assert sum(v for k, v in samples.items() if k[0] == "dsv3_expert_window_load_tokens") > 0
+        assert (samples[("dsv3_spec_decode_draft_tokens_total", ())] > 0) == fp8       # speculated (greedy: same text)
         os.kill(_rank_pid(proc.pid, 0), signal.SIGTERM)   # (torchrun itself, signalled, exits with a traceback)
         code = proc.wait(60)
         out = proc.stdout.read()

@@ -12,8 +12,15 @@ each MoE layer is a collective and the ranks must run their forwards in lockstep
   * every `rebalance_interval` steps the group's expert loads of the window are all-reduced, every rank computes the
     same new placement (dsv3.infer.eplb) and the expert weights move between steps: no request is paused or changed.
 With `two_batch_overlap` each forward runs as two overlapping micro-batches (dsv3.infer.two_batch). With one rank
-the group is trivial and the outputs are the plain Engine's. Not supported here: MTP speculation
-(drafting runs a variable number of forwards per rank) and CUDA graphs (the exchange reads split sizes on the host).
+the group is trivial and the outputs are the plain Engine's.
+
+MTP speculation (spec 1.8): a step of any kind (plain, fused greedy, draft + verify) runs the main model exactly once,
+so lockstep holds; the MTP module, which a rank runs as many times a step as its own batch needs (catch-up, chained
+drafts), keeps its experts whole on every rank and runs alone (dsv3.infer.ep_experts.ep_moe_layers): V3's cost, one
+layer's 256 experts on each rank (11.3 GB in FP8). A rank that does not speculate need not hold the module at all
+(dsv3.infer.ep_load, `mtp=False`). Not supported here: speculation with `two_batch_overlap` (a speculative step's
+forward is not split, a plain one's is: the ranks' collectives would differ), and CUDA graphs (the exchange reads
+split sizes on the host).
 """
 
 from __future__ import annotations
@@ -24,11 +31,10 @@ import torch
 import torch.distributed as dist
 
 from ..model import Transformer
-from ..model.moe import moe_layers
-from ..parallel.expert import all_reduce_expert_loads
+from ..parallel.grads import sync_loads
 from .config import EngineConfig, ExpertParallelConfig
 from .engine import Engine
-from .ep_experts import PlacedExperts, move_experts, place_experts
+from .ep_experts import PlacedExperts, ep_moe_layers, move_experts, place_experts
 from .eplb import Placement, identity_placement, rebalance_experts
 from .batch import padding_row
 from .two_batch import TwoBatchRunner
@@ -49,9 +55,9 @@ def initial_placement(cfg, ep_size: int, ep_config: ExpertParallelConfig) -> Pla
 
 
 def moe_layer_count(cfg) -> int:
-    """MoE layers of the model `cfg` describes, MTP included (moe_layers' count, without building it: the MTP block
-    k is layer num_hidden_layers + k)."""
-    return sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
+    """MoE layers an EP group places in the model `cfg` describes: the main model's (ep_moe_layers' count, without
+    building it)."""
+    return sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
 
 
 class EPEngine(Engine):
@@ -66,17 +72,18 @@ class EPEngine(Engine):
         # no graphs and no overlap schedule: the exchange reads split sizes on the host in every MoE layer, so a step
         # syncs anyway (and every rank must run its forward in the same step() call)
         config = replace(config or EngineConfig(), cuda_graphs=False, overlap_schedule="off")
-        if config.num_speculative_tokens:
-            raise ValueError("EngineConfig.num_speculative_tokens: MTP speculation is not supported with --ep")
+        if config.num_speculative_tokens and ep.two_batch_overlap:
+            raise ValueError("ExpertParallelConfig.two_batch_overlap: not with MTP speculation "
+                             "(num_speculative_tokens)")
         self.ep_size, self.ep_rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.model_config = cfg = model.config
         self.num_slots = cfg.n_routed_experts + ep.redundant_experts
-        layers = len(moe_layers(model))
+        layers = len(ep_moe_layers(model))
         if placement is None:
             self.placement = initial_placement(cfg, self.ep_size, ep)
             place_experts(model, self.group, self.placement)
         else:
-            placed = [m.experts for _, m in moe_layers(model)]
+            placed = [m.experts for _, m in ep_moe_layers(model)]
             if placement.num_physical != self.num_slots or placement.phy2log.shape[0] != layers or \
                     not all(isinstance(m, PlacedExperts) for m in placed):
                 raise ValueError(f"EPEngine: the model's experts are not placed as a placement of {layers} layers x "
@@ -87,7 +94,7 @@ class EPEngine(Engine):
             second = dist.new_group(dist.get_process_group_ranks(self.group))
             self.runner = TwoBatchRunner(model, self.cache, self.group, second)
         self.window_loads = torch.zeros(layers, cfg.n_routed_experts, dtype=torch.int64)
-        for _, m in moe_layers(model):      # the first window counts this engine's tokens only
+        for _, m in ep_moe_layers(model):   # the first window counts this engine's tokens only
             m.tokens_per_expert.zero_()
         self.ep_stats = {"steps": 0, "idle_steps": 0, "rebalances": 0, "moved_bytes": 0}
 
@@ -112,7 +119,7 @@ class EPEngine(Engine):
 
     def _idle_step(self) -> None:
         """The padding forward of a rank with nothing scheduled: one token at position 0 in the scratch block."""
-        moes = [m for _, m in moe_layers(self.model)]
+        moes = [m for _, m in ep_moe_layers(self.model)]
         loads = [m.tokens_per_expert.clone() for m in moes]
         self.runner.forward(self.runner.prepare([padding_row(self.cache)], graph=False))
         for m, load in zip(moes, loads):
@@ -124,9 +131,8 @@ class EPEngine(Engine):
     def rebalance(self) -> None:
         """Collective: the window's loads summed over the group, a new placement, the expert weights moved (only
         when the placement changed; `ep_rebalances` counts those)."""
-        all_reduce_expert_loads(self.model, self.group)
-        moes = [m for _, m in moe_layers(self.model)]
-        loads = torch.stack([m.tokens_per_expert for m in moes]).cpu()
+        moes = [m for _, m in ep_moe_layers(self.model)]
+        loads = sync_loads(torch.stack([m.tokens_per_expert for m in moes]), self.group).cpu()
         for m in moes:
             m.tokens_per_expert.zero_()
         new = self._place(loads)

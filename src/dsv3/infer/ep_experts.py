@@ -1,8 +1,9 @@
 """Routed experts for serving with expert parallelism: physical expert slots placed by EPLB, moved between steps.
 
 Each rank of the EP group holds `slots_per_rank` physical slots, slot s of the group being rank s // slots_per_rank's
-local slot s % slots_per_rank. A placement (dsv3.infer.eplb.Placement, one row per MoE layer) says which logical
-expert each slot holds; a heavy expert may hold several slots (redundant experts, TR 3.4). The forward is
+local slot s % slots_per_rank. A placement (dsv3.infer.eplb.Placement, one row per MoE layer of the main model; the
+MTP module's experts are not sharded, `ep_moe_layers`) says which logical expert each slot holds; a heavy expert may
+hold several slots (redundant experts, TR 3.4). The forward is
 dsv3.parallel.expert's all-to-all dispatch / grouped GEMM / combine, run over the *physical* slots:
   1. each (token, k) pair's logical expert becomes one of its replicas: replica (pair index mod replica count), a
      fixed rule that spreads a heavy expert's pairs over its copies (all copies hold the same weights, so which one
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.moe import Experts, moe_layers
+from ..model.moe import Experts, MoE, moe_layers
 from ..parallel.expert import ExpertParallelExperts
 from .eplb import Placement
 
@@ -62,8 +63,15 @@ class PlacedExperts(ExpertParallelExperts):
         return super().forward(x, weights, phys, phys_counts)
 
 
+def ep_moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """(name, MoE) of the layers an EP group shards: the main model's, in moe_layers order. The MTP module's experts
+    stay whole on every rank: speculation runs that module on each rank alone, as many times a step as the rank's own
+    batch needs (catch-up, chained drafts), so its MoE layer cannot be a collective (dsv3.infer.ep_engine)."""
+    return [(name, m) for name, m in moe_layers(model) if not name.startswith("mtp.")]
+
+
 def _layers(model: nn.Module) -> list[Experts]:
-    return [m.experts for _, m in moe_layers(model)]
+    return [m.experts for _, m in ep_moe_layers(model)]
 
 
 @functools.cache
@@ -74,7 +82,7 @@ def _placed_class(cls: type) -> type:
 
 def place_experts(model: nn.Module, group: dist.ProcessGroup, placement: Placement,
                   device: torch.device | str | None = None) -> nn.Module:
-    """Shard the model's routed experts over `group` as `placement` says (rows: moe_layers order), in place: each
+    """Shard the model's routed experts over `group` as `placement` says (rows: ep_moe_layers order), in place: each
     rank keeps the experts of its slots. Every rank must hold every expert's weights when this runs (a freshly
     loaded model), or the model is on the meta device (dsv3.infer.ep_load fills its slots then). Plain or FP8
     block-weight experts. `device`: where the maps live (default: the experts' device; give it for a meta model)."""

@@ -26,17 +26,20 @@ from .fp8_weights import quantize_weights
 
 
 def load_rank_model(path: str | Path, dtype: torch.dtype, device: torch.device | str, fp8: bool = False,
-                    group: dist.ProcessGroup | None = None, placement: Placement | None = None
+                    group: dist.ProcessGroup | None = None, placement: Placement | None = None, mtp: bool = True
                     ) -> tuple[Transformer, int]:
     """(model, bytes read from the files) for this rank: with `group` and `placement`, its experts placed (only its
     slots' experts read; EPEngine(..., placement=placement) then serves it), without them the whole model; `fp8`:
-    FP8 block weights as `quantize_weights` lays them out. The filling is dsv3.checkpoint.fill's, load_pretrained's."""
+    FP8 block weights as `quantize_weights` lays them out; `mtp=False`: without the MTP module (a rank that does not
+    speculate never runs it; none of its tensors is read). The filling is dsv3.checkpoint.fill's, load_pretrained's."""
     reader = CheckpointReader(path)
     cfg = reader.model_config()
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
+        reader.check_names(hf_name_map(model))  # the whole checkpoint's names, whatever this rank reads of it
+        if not mtp and cfg.num_nextn_predict_layers:
+            model = Transformer(cfg.replace(num_nextn_predict_layers=0)).to(dtype)
     names = hf_name_map(model)                  # of the plain model: our names before the FP8 / placed layout
-    reader.check_names(names)
     if fp8:
         quantize_weights(model)                 # on meta: the layout only
     if placement is not None:

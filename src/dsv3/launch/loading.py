@@ -68,8 +68,8 @@ def load_for_serving(args: argparse.Namespace, dtype: torch.dtype | None, device
 def load_ep_rank(args: argparse.Namespace, dtype: torch.dtype | None, device: str, ep_config
                  ) -> tuple[Transformer, Tokenizer, object]:
     """(model, tokenizer, placement) of one `dsv3 serve --ep N` rank (the process group is up): from a Hugging Face
-    directory only the rank's share is read, its experts already placed (dsv3.infer.ep_load); a training run is
-    loaded whole and placed by EPEngine (placement None)."""
+    directory only the rank's share is read, its experts already placed (dsv3.infer.ep_load), the MTP module only
+    with `--spec`; a training run is loaded whole and placed by EPEngine (placement None)."""
     if is_run_dir(args.model):
         return (*load_model(args.model, args.tokenizer, device, dtype, args.fp8), None)
     import torch.distributed as dist
@@ -82,7 +82,7 @@ def load_ep_rank(args: argparse.Namespace, dtype: torch.dtype | None, device: st
     cfg = CheckpointReader(args.model).model_config()
     placement = initial_placement(cfg, dist.get_world_size(), ep_config)
     model, _ = load_rank_model(args.model, serving_dtype(dtype, device), device, args.fp8, dist.group.WORLD,
-                               placement)
+                               placement, mtp=args.spec > 0)
     return model, Tokenizer.load(tokenizer_dir(args.model, args.tokenizer)), placement
 
 
