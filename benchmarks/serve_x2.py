@@ -47,8 +47,8 @@ from dsv3.infer.bench import bench_decode, random_model
 from dsv3.infer.config import ExpertParallelConfig
 from dsv3.infer.ep_driver import init_ep_group
 from dsv3.infer.ep_engine import EPEngine
+from dsv3.infer.ep_experts import ep_moe_layers
 from dsv3.infer.eplb import balance_ratio
-from dsv3.model.moe import moe_layers
 
 OUT = Path(os.environ.get("OUT", "out"))
 
@@ -264,7 +264,7 @@ def _balance(placement, loads: torch.Tensor, world: int) -> dict:
 def _restart_window(engine: EPEngine) -> None:
     """Start the step count and the expert-load counters of EPLB's window again (what has run so far not counted)."""
     engine.ep_stats["steps"] = 0
-    for _, m in moe_layers(engine.model):
+    for _, m in ep_moe_layers(engine.model):
         m.tokens_per_expert.zero_()
 
 
