@@ -61,7 +61,8 @@ def _worker(rank, world, init_file, tmp):
         result[name] = dict(tokens={i: o.token_ids for i, o in zip(mine, outs)}, stats=stats,
                             first=first, last=engine.placement.phy2log.clone(),
                             local=engine.model.layers[1].mlp.experts.gate_proj.detach().clone(),
-                            free=engine.blocks.num_free_blocks == engine.blocks.num_blocks)
+                            free=engine.blocks.num_free_blocks == engine.blocks.num_blocks,
+                            runner_config=engine.runner.config == engine.config)
     # sampled speculation (draft, verify, rejection-sample: the unfused path), seeded requests
     engine = EPEngine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE, **SPEC))
     outs = engine.generate([prompts[i] for i in mine], [SAMPLED[i] for i in mine])
@@ -120,6 +121,7 @@ def test_ep_engine_equals_single_process(world, reference, tmp_path):
         for r, res in enumerate(ranks):
             got.update(res[name]["tokens"])
             assert res[name]["free"], f"{name}: rank {r} kept cache blocks"
+            assert res[name]["runner_config"], f"{name}: the runner ignores the engine's config"
             # the rank holds exactly the experts its slots name, with the checkpoint's weights
             slots = res[name]["last"][0].view(world, -1)[r]
             assert torch.equal(res[name]["local"], full_gate[slots]), f"{name}: rank {r} holds wrong weights"

@@ -92,7 +92,7 @@ class EPEngine(Engine):
         super().__init__(model, tokenizer, config)
         if ep.two_batch_overlap:      # new_group is collective over the default group: every process calls it
             second = dist.new_group(dist.get_process_group_ranks(self.group))
-            self.runner = TwoBatchRunner(model, self.cache, self.group, second)
+            self.runner = TwoBatchRunner(model, self.cache, self.group, second, self.config)
         self.window_loads = torch.zeros(layers, cfg.n_routed_experts, dtype=torch.int64)
         for _, m in ep_moe_layers(model):   # the first window counts this engine's tokens only
             m.tokens_per_expert.zero_()

@@ -25,12 +25,14 @@ import torch.distributed as dist
 
 from ..parallel.expert import thread_groups
 from .batch import Batch, make_batch, padding_row
+from .config import EngineConfig
 from .runner import ModelRunner
 
 
 class TwoBatchRunner(ModelRunner):
-    def __init__(self, model, cache, group: dist.ProcessGroup, second_group: dist.ProcessGroup):
-        super().__init__(model, cache)
+    def __init__(self, model, cache, group: dist.ProcessGroup, second_group: dist.ProcessGroup,
+                 config: EngineConfig | None = None):
+        super().__init__(model, cache, config)
         self.groups = {group: second_group}
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="dsv3-micro-batch")
         self.steps = 0
