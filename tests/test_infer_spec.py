@@ -361,19 +361,69 @@ def test_cuda_graph_fused_step_matches_the_synchronous_path(k):
         assert agree >= 0.9, (other, agree, outs)
 
 
-def test_a_disaggregated_decode_worker_refuses_speculation_when_built(model):
-    """A decode worker imports the prefill worker's latents, which have no MTP layer (a prefill worker does not
-    speculate): a speculating DecodeEngine refused every imported request ("latents of shape ... do not fit this
-    model / prompt"), so a `dsv3 serve --role decode --spec` worker failed each request a router sent it. It is
-    refused when built, naming the setting, as a speculating prefill worker is."""
+def _pd(model, p, params, prefill_k: int, decode_k: int, chunk: int | None = None):
+    """One request through a prefill worker and a decode worker (dsv3.infer.disagg), each speculating with k drafts
+    or not; returns the final output, both engines and the decode worker's MTP-layer latents right after the import
+    (its first step). `chunk`: the prefill worker's token budget per step (chunked prefill)."""
     from dsv3.infer.disagg import DecodeEngine, PrefillEngine
-    with pytest.raises(ValueError, match="num_speculative_tokens"):
-        DecodeEngine(model, config=EngineConfig(block_size=4, num_blocks=32, num_speculative_tokens=2))
-    DecodeEngine(model, config=EngineConfig(block_size=4, num_blocks=32))
-    # refused before the cache is sized: a cache no machine holds is not what the error names
-    for worker in (DecodeEngine, PrefillEngine):
-        with pytest.raises(ValueError, match="worker does not speculate"):
-            worker(model, config=EngineConfig(block_size=4, num_blocks=2**40, num_speculative_tokens=1))
+    cfg = dict(block_size=4, num_blocks=64)
+    budget = {} if chunk is None else dict(max_num_batched_tokens=chunk)
+    prefill = PrefillEngine(model, config=EngineConfig(**cfg, **budget, num_speculative_tokens=prefill_k))
+    first = prefill.generate([p], params)[0]
+    decode = DecodeEngine(model, config=EngineConfig(**cfg, num_speculative_tokens=decode_k))
+    decode.add_prefilled(p, first, params, prefill.exported.pop(first.request_id))
+    final, mtp = [], None
+    while decode.has_unfinished():
+        final += [o for o in decode.step() if o.finished]
+        if mtp is None and decode_k:
+            seq = next(iter(decode.seqs.values()))
+            mtp = decode.cache.c_kv[-1, seq.block_table].flatten(0, 1)[:len(p) - 1].clone()
+    return final[-1], prefill, decode, mtp
+
+
+@pytest.mark.parametrize("n, chunk", [(1, None), (2, None), (9, None), (13, None), (13, 4)])
+def test_a_disaggregated_decode_worker_speculates_as_the_unified_engine(easy, n, chunk, monkeypatch):
+    """Prefill and decode workers both with MTP (`--spec`): the prefill worker catches the MTP module up over the
+    prompt and hands its latents and the last hidden state over with the request; the decode worker's speculative
+    steps then accept the very drafts a unified speculating engine accepts (same acceptance trace) and its MTP
+    latents of the prompt equal the unified engine's; greedy tokens are plain greedy's. The prefill worker never
+    drafts. n = 1: no position to catch up before the last; chunk 4: the prompt in chunks, the MTP module caught
+    up part of the way between them (Speculation.settle) and the rest at the hand-off."""
+    p = prompts([n], 8, seed=1)[0]          # (prompts whose drafts the model accepts some of)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    from dsv3.infer.disagg import MTPCatchUp
+    settled, settle = [], MTPCatchUp.settle      # the MTP module's progress between the prompt's chunks
+    monkeypatch.setattr(MTPCatchUp, "settle", lambda self, seqs: (settle(self, seqs),
+                                                                   settled.extend(s.mtp_cached for s in seqs))[0])
+    out, prefill, decode, mtp = _pd(easy, p, params, 2, 2, chunk)
+    assert max(settled, default=0) > 0 if chunk else True
+    assert out.token_ids == reference_greedy(easy, p, 12)
+    assert prefill.spec_stats["steps"] == 0 and decode.spec_stats["steps"] > 0
+    # the unified speculating engine, stepped by hand: its latents of the MTP layer after its first draft
+    unified = Engine(easy, config=EngineConfig(block_size=4, num_blocks=64, num_speculative_tokens=2))
+    rid = unified.add_request(p, params)
+    unified.step()                     # the prompt (a plain step), then the first speculative step drafts
+    unified.step()
+    seq = unified.seqs[rid]
+    want = unified.cache.c_kv[-1, seq.block_table].flatten(0, 1)[:n - 1]
+    torch.testing.assert_close(mtp, want, rtol=1e-12, atol=1e-12)
+    while unified.has_unfinished():
+        unified.step()
+    assert decode.spec_stats == unified.spec_stats and decode.spec_stats["accepted"] > 0
+
+
+def test_a_disaggregated_decode_worker_and_the_mtp_module(easy):
+    """A prefill worker with MTP serves a plain decode worker too (the extra layer dropped, tokens unchanged); a
+    speculating decode worker refuses a request prefilled without the module, naming the setting (its drafts would
+    have no MTP context), before the cache sees it."""
+    p = prompts([7], 8, seed=5)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    out, _, decode, _ = _pd(easy, p, params, 1, 0)
+    assert out.token_ids == reference_greedy(easy, p, 8) and decode.spec_stats["steps"] == 0
+    with pytest.raises(ValueError, match="prefill workers with --spec"):
+        _pd(easy, p, params, 0, 1)
+    # a plain pair, as before
+    assert _pd(easy, p, params, 0, 0)[0].token_ids == reference_greedy(easy, p, 8)
 
 
 def _pending(seq) -> int:

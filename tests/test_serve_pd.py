@@ -186,7 +186,8 @@ def test_killed_decode_worker_fails_its_requests_only(deployment, caplog):
 
 
 def test_cli_roles_end_to_end(tmp_path):
-    """`dsv3 serve --role prefill|decode|router`: the real command lines, each its own process."""
+    """`dsv3 serve --role prefill|decode|router`: the real command lines, each its own process; the workers with MTP
+    speculation (`--spec 1`: the decode worker drafts, counted in the router's /metrics)."""
     import os
     import signal
     import subprocess
@@ -202,8 +203,8 @@ def test_cli_roles_end_to_end(tmp_path):
     cli = [sys.executable, "-c", "import sys; from dsv3.cli import main; sys.exit(main())", "serve", "--model",
            str(tmp_path / "m"), "--dtype", "float64", "--max-model-len", "256", "--cache-gib", "0.01", "--threads", "1"]
     pre, dec, port = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}", _free_port()
-    procs = [subprocess.Popen(cli + ["--role", "prefill", "--pd-listen", pre], env=env),
-             subprocess.Popen(cli + ["--role", "decode", "--pd-listen", dec], env=env)]
+    procs = [subprocess.Popen(cli + ["--role", "prefill", "--pd-listen", pre, "--spec", "1"], env=env),
+             subprocess.Popen(cli + ["--role", "decode", "--pd-listen", dec, "--spec", "1"], env=env)]
     try:
         deadline = time.monotonic() + 60
         while True:          # the router needs its workers up
@@ -230,6 +231,10 @@ def test_cli_roles_end_to_end(tmp_path):
                                                       "temperature": 0}, timeout=30).json()
         want = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0]
         assert r["choices"][0]["text"] == want.text
+        from prometheus_client.parser import text_string_to_metric_families
+        drafts = [s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+                  for s in f.samples if s.name == "dsv3_spec_decode_draft_tokens_total"]
+        assert drafts and drafts[0] > 0
         router.send_signal(signal.SIGTERM)
         assert router.wait(30) in (0, -signal.SIGTERM)
         assert all(p.poll() is None for p in procs[:2])      # workers outlive a router and wait for the next

@@ -15,6 +15,14 @@ engines for the two roles, the latent-cache hand-off between them, and the worke
 What is exact: greedy requests give the unified engine's tokens (the decode worker reads the very latents the
 prefill worker computed). Seeded sampling is not reproduced token for token: the decode side starts a fresh
 generator from the request's seed after the first token.
+
+MTP speculation (spec 1.8) on the decode side: a decode worker speculates when its prefill workers run the MTP module
+too (both with `num_speculative_tokens`). Such a prefill worker never speculates itself (every request ends at its
+first token: `MTPCatchUp`); before exporting a request it catches the MTP module up over the prompt, as a unified
+engine's first draft would, and the hand-off carries that module's latents (one more cache layer) and the main model's
+hidden state at the prompt's last position (the next draft's input). The decode worker re-runs that one position and
+drafts from there. A non-speculating decode worker drops the extra layer; a speculating one refuses a request
+prefilled without it (its drafts would have no MTP context), naming the setting.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from .engine import Engine, RequestOutput
 from .requests import refusal, step_failed
 from .sampling import SamplingParams, make_generators
 from .sequence import Sequence, Status
+from .speculation import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +54,50 @@ PREFILLED = "prefilled"
 
 @dataclass(frozen=True)
 class KVHandle:
-    """A request's latent cache in a shared-memory file: c_kv (layers, n, C) then k_pe (layers, n, R)."""
+    """A request's latent cache in a shared-memory file: c_kv (layers, n, C) then k_pe (layers, n, R), then, from a
+    prefill worker that ran the MTP module (whose latents are the last layer then), the main model's hidden state
+    at the prompt's last position (D,) in `h_dtype`."""
     path: str
     c_shape: tuple[int, ...]
     r_shape: tuple[int, ...]
     dtype: str
     nbytes: int
+    h_shape: tuple[int, ...] = ()
+    h_dtype: str = ""
 
 
 def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
-def export_kv(c_kv: torch.Tensor, k_pe: torch.Tensor) -> KVHandle:
-    flat = torch.cat([c_kv.reshape(-1), k_pe.reshape(-1)]).view(torch.uint8)
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def export_kv(c_kv: torch.Tensor, k_pe: torch.Tensor, hidden: torch.Tensor | None = None) -> KVHandle:
+    parts = [c_kv.reshape(-1).view(torch.uint8), k_pe.reshape(-1).view(torch.uint8)]
+    if hidden is not None:
+        parts.append(hidden.reshape(-1).view(torch.uint8))
+    flat = torch.cat(parts)
     path = os.path.join(_shm_dir(), f"dsv3-kv-{uuid.uuid4().hex}")
     out = torch.from_file(path, shared=True, size=flat.numel(), dtype=torch.uint8)
     out.copy_(flat)
-    return KVHandle(path, tuple(c_kv.shape), tuple(k_pe.shape), str(c_kv.dtype).removeprefix("torch."), flat.numel())
+    h = {} if hidden is None else dict(h_shape=tuple(hidden.shape), h_dtype=_dtype_name(hidden))
+    return KVHandle(path, tuple(c_kv.shape), tuple(k_pe.shape), _dtype_name(c_kv), flat.numel(), **h)
 
 
-def import_kv(handle: KVHandle) -> tuple[torch.Tensor, torch.Tensor]:
-    """The latents of a handle (then removed from shared memory)."""
+def import_kv(handle: KVHandle) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The latents of a handle and its hidden state (None: the prefill worker ran no MTP module); the file is
+    removed from shared memory."""
     try:
         raw = torch.from_file(handle.path, shared=False, size=handle.nbytes, dtype=torch.uint8).clone()
     finally:
         discard_kv(handle)
-    values = raw.view(getattr(torch, handle.dtype))
-    n_c = torch.Size(handle.c_shape).numel()
-    return values[:n_c].view(handle.c_shape), values[n_c:].view(handle.r_shape)
+    dtype = getattr(torch, handle.dtype)
+    sizes = [torch.Size(shape).numel() * dtype.itemsize for shape in (handle.c_shape, handle.r_shape)]
+    c_kv, k_pe, rest = raw.split([*sizes, raw.numel() - sum(sizes)])
+    hidden = rest.view(getattr(torch, handle.h_dtype)).view(handle.h_shape) if handle.h_dtype else None
+    return c_kv.view(dtype).view(handle.c_shape), k_pe.view(dtype).view(handle.r_shape), hidden
 
 
 def discard_kv(handle: KVHandle) -> None:
@@ -83,20 +107,23 @@ def discard_kv(handle: KVHandle) -> None:
         pass
 
 
-def _refuse_speculation(role: str, config: EngineConfig | None) -> None:
-    """Before the cache is allocated: neither worker speculates. A prefill worker's requests end at their first
-    token; a decode worker's cache would have an MTP layer that the imported latents lack (every imported request
-    refused)."""
-    if config is not None and config.num_speculative_tokens:
-        raise ValueError(f"a {role} worker does not speculate (EngineConfig.num_speculative_tokens must be 0)")
+class MTPCatchUp(Speculation):
+    """A prefill worker's MTP module: it keeps up with the prompt (settle, catch_up) and never drafts (`applies`:
+    every request ends at its first token)."""
+
+    def applies(self, seqs: list[Sequence], counts: list[int]) -> bool:
+        return False
 
 
 class PrefillEngine(Engine):
-    """Each request ends after its first token; a "prefilled" one leaves its latents in `exported[request_id]`."""
+    """Each request ends after its first token; a "prefilled" one leaves its latents in `exported[request_id]`. With
+    `num_speculative_tokens` (for speculating decode workers) the MTP module's latents and the last hidden state go
+    with them (module docstring)."""
 
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
-        _refuse_speculation("prefill", config)
         super().__init__(model, tokenizer, config)
+        if self.speculation is not None:
+            self.speculation = MTPCatchUp(self)
         self.exported: dict[int, KVHandle] = {}
         self.kv_bytes_sent = 0
 
@@ -114,12 +141,20 @@ class PrefillEngine(Engine):
     def _finish(self, seq: Sequence, reason: str) -> None:
         if reason == PREFILLED:       # before the blocks go back: the prompt's latents, every layer
             n, table = seq.num_cached_tokens, torch.tensor(seq.block_table, device=self.device)
+            hidden = self._catch_up_mtp(seq, n) if self.speculative else None
             c_kv = self.cache.c_kv[:, table].flatten(1, 2)[:, :n].cpu()
             k_pe = self.cache.k_pe[:, table].flatten(1, 2)[:, :n].cpu()
-            handle = export_kv(c_kv, k_pe)
+            handle = export_kv(c_kv, k_pe, hidden)
             self.exported[seq.seq_id] = handle
             self.kv_bytes_sent += handle.nbytes
         super()._finish(seq, reason)
+
+    def _catch_up_mtp(self, seq: Sequence, n: int) -> torch.Tensor:
+        """The MTP module's latents of prompt positions < n - 1 written (those `settle` has not), and the main
+        model's hidden state at position n - 1, which the decode worker's first draft pairs with the first token."""
+        if n - 1 > seq.mtp_cached:
+            self.speculation.catch_up([seq], [n - 1])
+        return torch.cat(seq.pending_hidden)[n - 1 - seq.mtp_cached].cpu()
 
     def stats(self) -> dict:
         return super().stats() | {"kv_bytes_sent": self.kv_bytes_sent}
@@ -129,22 +164,29 @@ class DecodeEngine(Engine):
     """Imports prefilled requests (`add_prefilled`) and decodes them; plain requests work as in any Engine."""
 
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
-        _refuse_speculation("decode", config)
         super().__init__(model, tokenizer, config)
         self.kv_bytes_received = 0
-        self._imports: list[tuple[Sequence, torch.Tensor, torch.Tensor]] = []
+        self._imports: list[tuple[Sequence, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
     def add_prefilled(self, prompt_ids: list[int], first: RequestOutput, params: SamplingParams,
                       handle: KVHandle) -> int:
         """Queue a request whose prompt a prefill worker ran (`first`: its output there); ValueError if it can never
         fit here."""
-        c_kv, k_pe = import_kv(handle)
+        c_kv, k_pe, hidden = import_kv(handle)
         ids = self.check_request(prompt_ids, params)
-        if c_kv.shape[:2] != (self.cache.c_kv.shape[0], len(ids)):
+        layers = self.cache.c_kv.shape[0]
+        main = self.model.config.num_hidden_layers
+        if hidden is not None and not self.speculative:           # the MTP module's share: not used here
+            c_kv, k_pe, hidden = c_kv[:main], k_pe[:main], None
+        if self.speculative and hidden is None and c_kv.shape[0] == main:
+            raise ValueError("this decode worker speculates (num_speculative_tokens) and the request was prefilled "
+                             "without the MTP module: run the prefill workers with --spec too")
+        width = self.model.config.hidden_size
+        if c_kv.shape[:2] != (layers, len(ids)) or (hidden is not None and hidden.shape != (width,)):
             raise ValueError(f"latents of shape {tuple(c_kv.shape)} do not fit this model / prompt")
         self.kv_bytes_received += handle.nbytes
         rid = self._queue_imported(ids, first, params)
-        self._imports.append((self.seqs[rid], c_kv, k_pe))
+        self._imports.append((self.seqs[rid], c_kv, k_pe, hidden))
         return rid
 
     def _queue_imported(self, ids: list[int], first: RequestOutput, params: SamplingParams) -> int:
@@ -168,7 +210,7 @@ class DecodeEngine(Engine):
     def _admit_imports(self) -> None:
         """Imported requests join the running batch, oldest first, while blocks and the sequence limit allow."""
         while self._imports and len(self.scheduler.running) < self.config.max_num_seqs:
-            seq, c_kv, k_pe = self._imports[0]
+            seq, c_kv, k_pe, hidden = self._imports[0]
             if seq.finished:                       # aborted while waiting
                 self._imports.pop(0)
                 continue
@@ -181,13 +223,15 @@ class DecodeEngine(Engine):
             for layer in range(c_kv.shape[0]):
                 self.cache.write(layer, slots, c_kv[layer].to(self.device), k_pe[layer].to(self.device))
             seq.num_cached_tokens = n
+            if hidden is not None:     # the MTP module has seen positions < n - 1; the first draft re-runs n - 1
+                seq.mtp_cached, seq.pending_hidden = n - 1, [hidden[None].to(self.device)]
             self.blocks.mark_computed(seq)
             seq.status = Status.RUNNING
             self.scheduler.running.append(seq)
 
     def abort(self, request_id: int) -> None:
         seq = self.seqs.get(request_id)
-        if seq is not None and not seq.finished and any(s is seq for s, _, _ in self._imports):
+        if seq is not None and not seq.finished and any(s is seq for s, *_ in self._imports):
             self._imports = [i for i in self._imports if i[0] is not seq]
             seq.status, seq.finish_reason = Status.FINISHED, "abort"
             self._aborted.append(seq)

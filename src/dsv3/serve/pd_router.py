@@ -225,9 +225,12 @@ class PDRouter(AsyncEngineBase):
         decode = [w.stats for w in live if w.role == "decode"]
         blocks = sum(s["num_blocks"] for s in decode)
         free = sum(s["free_blocks"] for s in decode)
+        # running totals (counters) over every worker, gone ones too (their last stats): a total that dropped when a
+        # worker died would count again from zero in /metrics
+        total = {k: sum(w.stats.get(k, 0) for w in self.workers) for k in ("preemptions", "spec_proposed",
+                                                                            "spec_accepted")}
         return dict(running=sum(w.stats["running"] for w in live), waiting=sum(w.stats["waiting"] for w in live),
-                    cache_usage=1 - free / blocks if blocks else 0.0,
-                    preemptions=sum(w.stats["preemptions"] for w in live), spec_proposed=0, spec_accepted=0,
+                    cache_usage=1 - free / blocks if blocks else 0.0, **total,
                     torch_threads=torch.get_num_threads(), kv_bytes=self.kv_bytes,
                     workers=[dict(role=w.role, address=w.address, alive=w.alive, in_flight=len(w.in_flight))
                              for w in self.workers])
