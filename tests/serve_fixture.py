@@ -248,3 +248,12 @@ async def dropped_stream(url: str, body: dict) -> None:
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` (Linux /proc)."""
+    for child in open(f"/proc/{launcher}/task/{launcher}/children").read().split():
+        env = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise AssertionError(f"no rank {rank} under {launcher}")

@@ -19,18 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from dsv3 import save_pretrained
 from dsv3.infer import Engine, SamplingParams
 from dsv3.infer.ep_load import load_rank_model
-from serve_fixture import build_engine
+from serve_fixture import build_engine, rank_pid
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n"]
-
-
-def _rank_pid(launcher: int, rank: int) -> int:
-    """The pid of torchrun's worker of `rank` (Linux /proc)."""
-    for child in open(f"/proc/{launcher}/task/{launcher}/children").read().split():
-        env = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
-        if f"RANK={rank}".encode() in env:
-            return int(child)
-    raise AssertionError(f"no rank {rank} under {launcher}")
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -76,7 +67,7 @@ def test_serve_ep_under_torchrun(tmp_path, fp8):
         assert samples[("dsv3_eplb_rebalances_total", ())] >= 1
         assert sum(v for k, v in samples.items() if k[0] == "dsv3_expert_window_load_tokens") > 0
         assert (samples[("dsv3_spec_decode_draft_tokens_total", ())] > 0) == fp8       # speculated (greedy: same text)
-        os.kill(_rank_pid(proc.pid, 0), signal.SIGTERM)   # (torchrun itself, signalled, exits with a traceback)
+        os.kill(rank_pid(proc.pid, 0), signal.SIGTERM)   # (torchrun itself, signalled, exits with a traceback)
         code = proc.wait(60)
         out = proc.stdout.read()
         assert code == 0, out

@@ -23,7 +23,7 @@ from dsv3.infer import SamplingParams
 from dsv3.infer.disagg import run_worker
 from dsv3.serve import build_app
 from dsv3.serve.pd_router import PDRouter
-from serve_fixture import DEFAULT_CONFIG, RecordedConnection, build_engine, serve_app
+from serve_fixture import DEFAULT_CONFIG, RecordedConnection, build_engine, rank_pid, serve_app
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n"]
 
@@ -445,3 +445,74 @@ def test_losing_the_last_decode_worker_is_a_503_and_unhealthy(failing_deployment
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model="dsv3-tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0)
     assert e.value.status_code == 503 and "not running" in e.value.message, e.value
+
+
+def test_cli_ep_groups_as_workers(tmp_path):
+    """`dsv3 serve --ep 2 --role prefill|decode` under torchrun (gloo): an EP group of two processes behind each
+    worker address (experts sharded, requests spread over the ranks, hand-offs between ranks of the two groups),
+    speculating on the decode side; the router's completions equal the unified engine's. SIGTERM to a group's rank 0
+    releases its follower and the group exits cleanly (status 0)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from dsv3 import save_pretrained
+    engine = build_engine()
+    save_pretrained(engine.model, tmp_path / "m")
+    engine.tokenizer.save(tmp_path / "m")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", DSV3_PD_KEY="cli-key")
+    args = ["serve", "--model", str(tmp_path / "m"), "--dtype", "float64", "--max-model-len", "256", "--cache-gib",
+            "0.01", "--threads", "1", "--device", "cpu"]
+    group = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsv3.cli"]
+    pre, dec, port = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}", _free_port()
+    ep = ["--ep", "2", "--spec", "1", "--redundant-experts", "2", "--rebalance-interval", "2"]
+    groups = [subprocess.Popen(group + args + ep + ["--role", role, "--pd-listen", address], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+              for role, address in (("prefill", pre), ("decode", dec))]
+    router = None
+    try:
+        deadline = time.monotonic() + 120
+        for address, p in zip((pre, dec), groups):
+            while True:          # the router needs its workers up
+                try:
+                    socket.create_connection(("127.0.0.1", int(address.split(":")[1])), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and p.poll() is None, p.stdout.read() if p.poll() else ""
+                    time.sleep(0.3)
+        cli = [sys.executable, "-c", "import sys; from dsv3.cli import main; sys.exit(main())"]
+        router = subprocess.Popen(cli + args + ["--role", "router", "--prefill", pre, "--decode", dec, "--port",
+                                                str(port)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert router.poll() is None and time.monotonic() < deadline, router.stdout.read() if router.poll() else ""
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS, "max_tokens": 8,
+                                                      "temperature": 0}, timeout=60).json()
+        want = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8))
+        assert [c["text"] for c in r["choices"]] == [w.text for w in want]
+        from prometheus_client.parser import text_string_to_metric_families
+        drafts = [s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+                  for s in f.samples if s.name == "dsv3_spec_decode_draft_tokens_total"]
+        assert drafts and drafts[0] > 0
+        router.send_signal(signal.SIGTERM)
+        assert router.wait(30) in (0, -signal.SIGTERM)
+        for p in groups:             # rank 0 stops and releases rank 1: torchrun sees both exit cleanly
+            os.kill(rank_pid(p.pid, 0), signal.SIGTERM)
+            code = p.wait(60)
+            out = p.stdout.read()
+            assert code == 0 and "Traceback" not in out, out
+            assert "(EP group of 2) listening" in out
+    finally:
+        for p in groups + [router]:
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL) if p in groups else p.kill()
+            if p is not None:
+                p.stdout.close()

@@ -191,7 +191,8 @@ def _serve(sub) -> None:
     s.add_argument("--engine-thread", action="store_true", help="step the engine in a thread of the server process "
                    "(default: a process of its own)")
     s.add_argument("--ep", type=int, default=0, help="expert parallelism + DP attention over N torchrun processes "
-                   "(torchrun --nproc-per-node N -m dsv3.cli serve ... --ep N); rank 0 serves HTTP")
+                   "(torchrun --nproc-per-node N -m dsv3.cli serve ... --ep N); rank 0 serves HTTP, or, with --role "
+                   "prefill|decode, the router's connection")
     s.add_argument("--redundant-experts", type=int, default=0, help="--ep: extra expert slots per MoE layer (EPLB)")
     s.add_argument("--rebalance-interval", type=int, default=0, help="--ep: steps between EPLB placements (0: never)")
     s.add_argument("--ep-nodes", type=int, default=1, help="--ep: nodes of the group (EPLB's hierarchical policy)")

@@ -118,10 +118,13 @@ class MTPCatchUp(Speculation):
 class PrefillEngine(Engine):
     """Each request ends after its first token; a "prefilled" one leaves its latents in `exported[request_id]`. With
     `num_speculative_tokens` (for speculating decode workers) the MTP module's latents and the last hidden state go
-    with them (module docstring)."""
+    with them (module docstring). `kwargs`: for an engine class after this one (dsv3.infer.ep_disagg: an EP group's
+    prefill worker)."""
 
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
-        super().__init__(model, tokenizer, config)
+    role = "prefill"
+
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, **kwargs):
+        super().__init__(model, tokenizer, config, **kwargs)
         if self.speculation is not None:
             self.speculation = MTPCatchUp(self)
         self.exported: dict[int, KVHandle] = {}
@@ -161,33 +164,47 @@ class PrefillEngine(Engine):
 
 
 class DecodeEngine(Engine):
-    """Imports prefilled requests (`add_prefilled`) and decodes them; plain requests work as in any Engine."""
+    """Imports prefilled requests (`add_prefilled`) and decodes them; plain requests work as in any Engine.
+    `kwargs`: as PrefillEngine's."""
 
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
-        super().__init__(model, tokenizer, config)
+    role = "decode"
+
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, **kwargs):
+        super().__init__(model, tokenizer, config, **kwargs)
         self.kv_bytes_received = 0
         self._imports: list[tuple[Sequence, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
     def add_prefilled(self, prompt_ids: list[int], first: RequestOutput, params: SamplingParams,
                       handle: KVHandle) -> int:
         """Queue a request whose prompt a prefill worker ran (`first`: its output there); ValueError if it can never
-        fit here."""
+        fit here. The hand-off is consumed either way."""
+        try:
+            ids = self.check_prefilled(prompt_ids, params, handle)
+        except ValueError:
+            discard_kv(handle)
+            raise
         c_kv, k_pe, hidden = import_kv(handle)
-        ids = self.check_request(prompt_ids, params)
-        layers = self.cache.c_kv.shape[0]
-        main = self.model.config.num_hidden_layers
-        if hidden is not None and not self.speculative:           # the MTP module's share: not used here
+        if not self.speculative:         # the MTP module's share of a speculating prefill worker: not used here
+            main = self.model.config.num_hidden_layers
             c_kv, k_pe, hidden = c_kv[:main], k_pe[:main], None
-        if self.speculative and hidden is None and c_kv.shape[0] == main:
-            raise ValueError("this decode worker speculates (num_speculative_tokens) and the request was prefilled "
-                             "without the MTP module: run the prefill workers with --spec too")
-        width = self.model.config.hidden_size
-        if c_kv.shape[:2] != (layers, len(ids)) or (hidden is not None and hidden.shape != (width,)):
-            raise ValueError(f"latents of shape {tuple(c_kv.shape)} do not fit this model / prompt")
         self.kv_bytes_received += handle.nbytes
         rid = self._queue_imported(ids, first, params)
         self._imports.append((self.seqs[rid], c_kv, k_pe, hidden))
         return rid
+
+    def check_prefilled(self, prompt_ids: list[int], params: SamplingParams, handle: KVHandle) -> list[int]:
+        """The prompt's ids if this worker can take the hand-off (its shapes, from the handle alone), else ValueError;
+        the handle is the caller's to discard then."""
+        ids = self.check_request(prompt_ids, params)
+        cfg = self.model.config
+        layers, n = handle.c_shape[:2]
+        mtp = bool(handle.h_dtype)
+        if self.speculative and not mtp:
+            raise ValueError("this decode worker speculates (num_speculative_tokens) and the request was prefilled "
+                             "without the MTP module: run the prefill workers with --spec too")
+        if (layers, n) != (cfg.num_hidden_layers + mtp, len(ids)) or mtp and handle.h_shape != (cfg.hidden_size,):
+            raise ValueError(f"latents of shape {handle.c_shape} do not fit this model / prompt")
+        return ids
 
     def _queue_imported(self, ids: list[int], first: RequestOutput, params: SamplingParams) -> int:
         rid = next(self._ids)
@@ -256,7 +273,7 @@ def _command(engine: Engine, conn: Connection, cmd: tuple, to_client: dict[int, 
                 if cid == cmd[1]:
                     engine.abort(rid)
     except Exception as e:          # a refused request (ValueError, the router's client gets a 400 with its message),
-        error = refusal(e, f"the {type(engine).__name__}")     # an unreadable hand-off (logged here, a 503 there)
+        error = refusal(e, f"the {engine.role} worker")      # an unreadable hand-off (logged here, a 503 there)
         conn.send(("step", [(cmd[1], None, error)], engine.stats()))
 
 
@@ -271,7 +288,7 @@ def _step(engine: Engine, conn: Connection, to_client: dict[int, int]) -> None:
         items = []
         for rid in dict.fromkeys(ran or list(to_client)):      # (a chained step lists a request twice)
             engine.abort(rid)
-            if isinstance(engine, PrefillEngine) and rid in engine.exported:     # its latents go nowhere now
+            if rid in getattr(engine, "exported", {}):      # a prefill worker's: its latents go nowhere now
                 discard_kv(engine.exported.pop(rid))
             # the cause is this process's log's (traceback included), not the client's answer
             items.append((to_client.pop(rid), None, step_failed(type(engine).__name__)))
@@ -286,8 +303,11 @@ def _step(engine: Engine, conn: Connection, to_client: dict[int, int]) -> None:
             continue
         if out.finished:
             del to_client[out.request_id]
-        handle = engine.exported.pop(out.request_id, None) if isinstance(engine, PrefillEngine) else None
+        handle = engine.exported.pop(out.request_id, None) if engine.role == "prefill" else None
         items.append((cid, out, handle))
+    for rid, error in getattr(engine, "take_refused", list)():    # an EP group's: refused on the rank serving it
+        if rid in to_client:
+            items.append((to_client.pop(rid), None, refusal(error, f"the {engine.role} worker")))
     conn.send(("step", items, engine.stats()))
 
 
@@ -301,7 +321,7 @@ def serve_worker(engine: Engine, listener: Listener) -> None:
             continue
         to_client: dict[int, int] = {}
         try:
-            conn.send(("hello", type(engine).__name__, engine.limits, engine.stats()))
+            conn.send(("hello", engine.role, engine.limits, engine.stats()))
             while True:
                 if not engine.has_unfinished() or conn.poll(0):
                     cmd = conn.recv()

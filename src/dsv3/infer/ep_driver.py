@@ -6,10 +6,14 @@ message on a gloo control group (CPU objects, whatever the data backend is):
   * ("step", commands): the adds and aborts queued since the last step, each add tagged with the rank that serves
     it (the rank with the fewest requests in flight: DP attention spreads requests, each rank keeps its own cache);
     every rank applies its own, steps once (the EP forward is collective: idle ranks pad), and the outputs come
-    back to rank 0 (gather), renamed to the front's request ids;
-  * ("stats",): every rank's stats, gathered; the front reports the sums and each rank's part;
+    back to rank 0 (gather), renamed to the front's request ids, with each rank's stats;
+  * ("stats",): every rank's stats, gathered (before any step); the front reports the sums and each rank's part;
   * ("stop",): the followers return.
 The front steps whenever any request it handed out is unfinished, so the group stays in lockstep without a vote.
+
+An EP group as a prefill or decode worker of a disaggregated deployment (dsv3.infer.ep_disagg) uses the same front:
+adds of prefilled requests ("decode", with their hand-off) go to a rank like any add, a prefill rank's exported
+hand-offs come back with its outputs, and what a rank refuses comes back to be answered (`take_refused`).
 """
 
 from __future__ import annotations
@@ -43,19 +47,31 @@ class _Rank:
         self.rank = dist.get_rank(control)
         self.to_front: dict[int, int] = {}        # engine request id -> front request id
 
-    def apply(self, message: tuple) -> list | dict | None:
+    def apply(self, message: tuple) -> list | None:
         if message[0] == "step":
+            refused = []
             for cmd in message[1]:
-                if cmd[0] == "add" and cmd[2] == self.rank:
-                    self.to_front[self.engine.add_request(cmd[3], cmd[4])] = cmd[1]
-                elif cmd[0] == "abort":
+                if cmd[0] == "abort":
                     for rid, fid in self.to_front.items():
                         if fid == cmd[1]:
                             self.engine.abort(rid)
+                elif cmd[2] == self.rank:      # ("add", fid, rank, ids, params) / ("decode", ..., first, params, kv)
+                    try:
+                        rid = self.engine.add_request(*cmd[3:]) if cmd[0] == "add" else \
+                            self.engine.add_prefilled(*cmd[3:])
+                    except Exception as e:     # (the front checked the request; e.g. a hand-off it cannot read)
+                        refused.append((cmd[1], e))
+                        continue
+                    self.to_front[rid] = cmd[1]
             outs = self.engine.step()
+            exported = getattr(self.engine, "exported", {})
+            handles = {}
             for out in outs:
-                out.request_id = self.to_front.pop(out.request_id) if out.finished else self.to_front[out.request_id]
-            return self._gather(outs)
+                rid = out.request_id
+                out.request_id = self.to_front.pop(rid) if out.finished else self.to_front[rid]
+                if rid in exported:
+                    handles[out.request_id] = exported.pop(rid)
+            return self._gather((outs, handles, refused, self.engine.stats()))
         if message[0] == "stats":
             return self._gather(self.engine.stats())
         return None
@@ -79,24 +95,47 @@ def follow(engine: EPEngine, control: dist.ProcessGroup) -> None:
         me.apply(message)
 
 
+# the ranks' stats the front reports as sums (the rest: rank 0's, and each rank's in `ep_ranks`)
+_SUMMED = ("running", "waiting", "free_blocks", "num_blocks", "preemptions", "prefix_hits", "referenced_blocks",
+           "spec_steps", "spec_proposed", "spec_accepted", "kv_bytes_sent", "kv_bytes_received")
+
+
 class EPFront:
     def __init__(self, engine: EPEngine, control: dist.ProcessGroup):
         self.engine, self.control = engine, control
         self.limits, self.tokenizer = engine.limits, engine.tokenizer
+        self.role = getattr(engine, "role", None)          # a disaggregated worker's ("prefill" / "decode")
         self.me = _Rank(engine, control)
         self._ids = itertools.count()
         self._commands: list[tuple] = []
         self.owner: dict[int, int] = {}                      # front request id -> rank, until finished
         self.in_flight = [0] * dist.get_world_size(control)
+        self.exported: dict = {}                             # a prefill group's hand-offs, by front request id
+        self.step_request_ids: list[int] = []                # the requests the last step ran (all in flight)
+        self._refused: list[tuple[int, Exception]] = []
+        self._per_rank: list[dict] | None = None             # the ranks' stats after the last step
 
     def check_request(self, prompt, params: SamplingParams) -> list[int]:
         return self.engine.check_request(prompt, params)
 
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
         params = params or SamplingParams()
-        ids = self.check_request(prompt, params)
+        return self._queue("add", self.check_request(prompt, params), params)
+
+    def add_prefilled(self, prompt_ids: list[int], first: RequestOutput, params: SamplingParams, handle) -> int:
+        """A decode group's: a request a prefill worker ran, checked here (DecodeEngine.check_prefilled; refused: its
+        hand-off discarded) and imported by the rank it goes to."""
+        from .disagg import discard_kv
+        try:
+            ids = self.engine.check_prefilled(prompt_ids, params, handle)
+        except ValueError:
+            discard_kv(handle)
+            raise
+        return self._queue("decode", ids, first, params, handle)
+
+    def _queue(self, kind: str, ids: list[int], *rest) -> int:
         fid, rank = next(self._ids), min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
-        self._commands.append(("add", fid, rank, ids, params))
+        self._commands.append((kind, fid, rank, ids, *rest))
         self.owner[fid] = rank
         self.in_flight[rank] += 1
         return fid
@@ -111,16 +150,29 @@ class EPFront:
     def step(self) -> list[RequestOutput]:
         message = ("step", self._commands)
         self._commands = []
-        outputs = [o for outs in self.me.apply(_round(self.control, message)) for o in outs]
+        self.step_request_ids = list(self.owner)
+        per_rank = self.me.apply(_round(self.control, message))
+        outputs = [o for outs, *_ in per_rank for o in outs]
+        for _, handles, refused, _ in per_rank:
+            self.exported |= handles
+            self._refused += refused
+            for fid, _ in refused:
+                self.in_flight[self.owner.pop(fid)] -= 1
+        self._per_rank = [stats for *_, stats in per_rank]
         for out in outputs:
             if out.finished:
                 self.in_flight[self.owner.pop(out.request_id)] -= 1
         return outputs
 
+    def take_refused(self) -> list[tuple[int, Exception]]:
+        """(front request id, exception) of the requests their ranks refused since the last call."""
+        refused, self._refused = self._refused, []
+        return refused
+
     def stats(self) -> dict:
-        per_rank = self.me.apply(_round(self.control, ("stats",)))
-        total = {k: sum(s[k] for s in per_rank) for k in ("running", "waiting", "free_blocks", "num_blocks",
-                                                          "preemptions", "prefix_hits", "referenced_blocks")}
+        """The sums over the ranks (as of the last step; gathered now before the first)."""
+        per_rank = self._per_rank or self.me.apply(_round(self.control, ("stats",)))
+        total = {k: sum(s[k] for s in per_rank) for k in _SUMMED if k in per_rank[0]}
         total["cache_usage"] = 1 - total["free_blocks"] / total["num_blocks"]
         first = per_rank[0]
         return first | total | dict(unfinished=self.has_unfinished(), ep_ranks=per_rank)
@@ -166,15 +218,16 @@ def init_ep_group(ep: int, device: str = "cuda") -> str:
 
 
 def ep_front(load: Callable[[str, ExpertParallelConfig], tuple], config: EngineConfig,
-             ep_config: ExpertParallelConfig, ep: int, device: str = "cuda") -> EPFront | None:
+             ep_config: ExpertParallelConfig, ep: int, device: str = "cuda",
+             engine_class: type[EPEngine] = EPEngine) -> EPFront | None:
     """Rank 0: the front end to serve (its `close()` releases the others). Other ranks: follow rank 0 and return
     None once it says stop; they ignore SIGINT/SIGTERM (torchrun forwards them to every rank), so the front drains
     its requests and stops them. `load(device, ep_config)` gives (model, tokenizer, placement): the model whole
     (placement None) or holding its slots of `placement` already (dsv3.infer.ep_load); `device` as in
-    init_ep_group."""
+    init_ep_group; `engine_class`: EPEngine or a disaggregated worker's (dsv3.infer.ep_disagg)."""
     device = init_ep_group(ep, device)
     model, tokenizer, placement = load(device, ep_config)
-    engine = EPEngine(model, tokenizer, config, ep_config=ep_config, placement=placement)
+    engine = engine_class(model, tokenizer, config, ep_config=ep_config, placement=placement)
     control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
     if dist.get_rank() == 0:
         return EPFront(engine, control)

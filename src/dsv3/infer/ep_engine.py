@@ -105,9 +105,13 @@ class EPEngine(Engine):
     # ---- lockstep -------------------------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         """Collective: whether any rank of the group has work (then every rank must step)."""
-        flag = torch.tensor([int(super().has_unfinished())], device=self.device)
+        flag = torch.tensor([int(self._local_unfinished())], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
+
+    def _local_unfinished(self) -> bool:
+        """Whether this rank has work of its own."""
+        return Engine.has_unfinished(self)
 
     def step(self):
         outputs = super().step()

@@ -49,8 +49,14 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, dtype, args.fp8, config)
     # the step loop in a process of its own, so HTTP work never competes with it for the GIL
     threads = engine_threads(args.threads)
-    if args.ep and args.role:
-        raise ValueError("--ep and --role do not combine (yet): an EP group serves unified prefill and decode")
+    if args.ep and args.role == "router":
+        raise ValueError("--ep is for a group that holds the model (a front end, or a --role prefill / decode "
+                         "worker); a router holds none")
+    if args.role in ("prefill", "decode") and args.ep:
+        from ..infer.ep_disagg import run_ep_worker
+        from ..serve.ep import ep_config_from_args
+        return run_ep_worker(args.role, functools.partial(load_ep_rank, args, dtype), config, ep_config_from_args(args),
+                             args.ep, args.pd_listen, args.pd_key, threads, device)
     if args.role in ("prefill", "decode"):
         from ..infer.disagg import run_worker
         return run_worker(args.role, *load_for_serving(args, dtype, device), config, args.pd_listen, args.pd_key,

@@ -23,6 +23,12 @@ from ..infer.ep_driver import ep_front
 from .async_engine import AsyncEngine
 
 
+def ep_config_from_args(args) -> ExpertParallelConfig:
+    """The ExpertParallelConfig of `dsv3 serve --ep N`'s flags (a front end's and a disaggregated worker's)."""
+    return ExpertParallelConfig(redundant_experts=args.redundant_experts, rebalance_interval=args.rebalance_interval,
+                                num_nodes=args.ep_nodes, two_batch_overlap=args.two_batch_overlap)
+
+
 class EPAsyncEngine(AsyncEngine):
     """AsyncEngine over rank 0's EPFront whose shutdown (the server's lifespan end, after draining) also releases the
     follower ranks."""
@@ -37,10 +43,7 @@ def ep_serving_front(args, config: EngineConfig, load: Callable[..., tuple], thr
     """`dsv3 serve --ep N`'s engine from its flags (see ep_front) on `device` ("cpu" or "cuda": one GPU per rank),
     stepped with `threads` torch threads; None on a follower rank once rank 0 has stopped."""
     torch.set_num_threads(threads)
-    ep_config = ExpertParallelConfig(redundant_experts=args.redundant_experts,
-                                     rebalance_interval=args.rebalance_interval, num_nodes=args.ep_nodes,
-                                     two_batch_overlap=args.two_batch_overlap)
-    front = ep_front(load, config, ep_config, args.ep, device)
+    front = ep_front(load, config, ep_config_from_args(args), args.ep, device)
     if front is None:
         return None
     # torchrun forwards SIGTERM to every rank: uvicorn drains, the lifespan end releases the followers, and the

@@ -83,8 +83,7 @@ class PDRouter(AsyncEngineBase):
         except (OSError, EOFError) as e:
             raise ValueError(f"cannot reach the {role} worker at {address}: {e}") from None
         hello = conn.recv()
-        kind = "PrefillEngine" if role == "prefill" else "DecodeEngine"
-        if hello[1] != kind:
+        if hello[1] != role:
             raise ValueError(f"{address} is a {hello[1]} worker, not a {role} worker")
         return Worker(role, address, conn, hello[3] | {"limits": hello[2]})
 
