@@ -11,6 +11,7 @@ engines for the two roles, the latent-cache hand-off between them, and the worke
     both sides. (Across machines the same pair would move over NCCL or RDMA; not here.)
   * `serve_worker(engine, listener)`: a worker process's loop: one router connection at a time, commands in
     ("add", "decode", "abort"), after every step one message out with the step's outputs and the engine's stats.
+    An EP group serves as one worker through it too (dsv3.infer.ep_disagg: rank 0's EPFront as the engine).
 
 What is exact: greedy requests give the unified engine's tokens (the decode worker reads the very latents the
 prefill worker computed). Seeded sampling is not reproduced token for token: the decode side starts a fresh
