@@ -361,17 +361,24 @@ def test_cuda_graph_fused_step_matches_the_synchronous_path(k):
         assert agree >= 0.9, (other, agree, outs)
 
 
-def _pd(model, p, params, prefill_k: int, decode_k: int, chunk: int | None = None):
+def _pd(model, p, params, prefill_k: int, decode_k: int, chunk: int | None = None, handoff: str = "shm"):
     """One request through a prefill worker and a decode worker (dsv3.infer.disagg), each speculating with k drafts
     or not; returns the final output, both engines and the decode worker's MTP-layer latents right after the import
-    (its first step). `chunk`: the prefill worker's token budget per step (chunked prefill)."""
+    (its first step). `chunk`: the prefill worker's token budget per step (chunked prefill); `handoff`: the prefill
+    worker's (an inline handle goes through a pickle, as through the router's connections)."""
     from dsv3.infer.disagg import DecodeEngine, PrefillEngine
     cfg = dict(block_size=4, num_blocks=64)
     budget = {} if chunk is None else dict(max_num_batched_tokens=chunk)
-    prefill = PrefillEngine(model, config=EngineConfig(**cfg, **budget, num_speculative_tokens=prefill_k))
+    prefill = PrefillEngine(model, config=EngineConfig(**cfg, **budget, num_speculative_tokens=prefill_k),
+                            handoff=handoff)
     first = prefill.generate([p], params)[0]
     decode = DecodeEngine(model, config=EngineConfig(**cfg, num_speculative_tokens=decode_k))
-    decode.add_prefilled(p, first, params, prefill.exported.pop(first.request_id))
+    handle = prefill.exported.pop(first.request_id)
+    if handoff == "inline":
+        import pickle
+        assert handle.path == "" and len(handle.data) == handle.nbytes
+        handle = pickle.loads(pickle.dumps(handle))
+    decode.add_prefilled(p, first, params, handle)
     final, mtp = [], None
     while decode.has_unfinished():
         final += [o for o in decode.step() if o.finished]
@@ -381,21 +388,23 @@ def _pd(model, p, params, prefill_k: int, decode_k: int, chunk: int | None = Non
     return final[-1], prefill, decode, mtp
 
 
-@pytest.mark.parametrize("n, chunk", [(1, None), (2, None), (9, None), (13, None), (13, 4)])
-def test_a_disaggregated_decode_worker_speculates_as_the_unified_engine(easy, n, chunk, monkeypatch):
+@pytest.mark.parametrize("n, chunk, handoff", [(1, None, "shm"), (2, None, "shm"), (9, None, "shm"),
+                                               (13, None, "shm"), (13, 4, "shm"), (9, None, "inline")])
+def test_a_disaggregated_decode_worker_speculates_as_the_unified_engine(easy, n, chunk, handoff, monkeypatch):
     """Prefill and decode workers both with MTP (`--spec`): the prefill worker catches the MTP module up over the
     prompt and hands its latents and the last hidden state over with the request; the decode worker's speculative
     steps then accept the very drafts a unified speculating engine accepts (same acceptance trace) and its MTP
     latents of the prompt equal the unified engine's; greedy tokens are plain greedy's. The prefill worker never
     drafts. n = 1: no position to catch up before the last; chunk 4: the prompt in chunks, the MTP module caught
-    up part of the way between them (Speculation.settle) and the rest at the hand-off."""
+    up part of the way between them (Speculation.settle) and the rest at the hand-off; inline: the bytes in the
+    handle (`--pd-handoff inline`)."""
     p = prompts([n], 8, seed=1)[0]          # (prompts whose drafts the model accepts some of)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     from dsv3.infer.disagg import MTPCatchUp
     settled, settle = [], MTPCatchUp.settle      # the MTP module's progress between the prompt's chunks
     monkeypatch.setattr(MTPCatchUp, "settle", lambda self, seqs: (settle(self, seqs),
                                                                    settled.extend(s.mtp_cached for s in seqs))[0])
-    out, prefill, decode, mtp = _pd(easy, p, params, 2, 2, chunk)
+    out, prefill, decode, mtp = _pd(easy, p, params, 2, 2, chunk, handoff)
     assert max(settled, default=0) > 0 if chunk else True
     assert out.token_ids == reference_greedy(easy, p, 12)
     assert prefill.spec_stats["steps"] == 0 and decode.spec_stats["steps"] > 0

@@ -187,7 +187,8 @@ def test_killed_decode_worker_fails_its_requests_only(deployment, caplog):
 
 def test_cli_roles_end_to_end(tmp_path):
     """`dsv3 serve --role prefill|decode|router`: the real command lines, each its own process; the workers with MTP
-    speculation (`--spec 1`: the decode worker drafts, counted in the router's /metrics)."""
+    speculation (`--spec 1`: the decode worker drafts, counted in the router's /metrics), the latents handed over
+    inline (`--pd-handoff inline`: the bytes through the router, as between machines)."""
     import os
     import signal
     import subprocess
@@ -203,7 +204,8 @@ def test_cli_roles_end_to_end(tmp_path):
     cli = [sys.executable, "-c", "import sys; from dsv3.cli import main; sys.exit(main())", "serve", "--model",
            str(tmp_path / "m"), "--dtype", "float64", "--max-model-len", "256", "--cache-gib", "0.01", "--threads", "1"]
     pre, dec, port = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}", _free_port()
-    procs = [subprocess.Popen(cli + ["--role", "prefill", "--pd-listen", pre, "--spec", "1"], env=env),
+    procs = [subprocess.Popen(cli + ["--role", "prefill", "--pd-listen", pre, "--spec", "1", "--pd-handoff",
+                                     "inline"], env=env),
              subprocess.Popen(cli + ["--role", "decode", "--pd-listen", dec, "--spec", "1"], env=env)]
     try:
         deadline = time.monotonic() + 60

@@ -200,6 +200,9 @@ def _serve(sub) -> None:
     s.add_argument("--role", choices=["prefill", "decode", "router"], default=None, help="prefill/decode "
                    "disaggregation: a worker (listening on --pd-listen) or the HTTP router in front of workers")
     s.add_argument("--pd-listen", default="127.0.0.1:7001", help="--role prefill|decode: HOST:PORT to listen on")
+    s.add_argument("--pd-handoff", choices=["shm", "inline"], default="shm", help="--role prefill: how a prefilled "
+                   "request's latents reach its decode worker: a shared-memory file (decode workers on this machine) "
+                   "or inline through the router's connections (any machine)")
     s.add_argument("--prefill", default=None, help="--role router: prefill workers, HOST:PORT[,HOST:PORT]")
     s.add_argument("--decode", default=None, help="--role router: decode workers, HOST:PORT[,HOST:PORT]")
     s.add_argument("--pd-key", default=None, help="the key routers and workers share (default: $DSV3_PD_KEY, else a "

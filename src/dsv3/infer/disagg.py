@@ -8,7 +8,9 @@ engines for the two roles, the latent-cache hand-off between them, and the worke
     the first token appended) and decodes it to the end as if it had prefilled it itself.
   * the hand-off (`export_kv` / `import_kv`): one file in shared memory (/dev/shm) per request, written by the
     prefill worker and read and removed by the decode worker; only its path crosses the sockets. Bytes are counted on
-    both sides. (Across machines the same pair would move over NCCL or RDMA; not here.)
+    both sides. Between machines (`handoff="inline"`, `--pd-handoff inline` on a prefill worker) the bytes travel
+    in the handle itself, through the router's two connections (a copy in each process on the way: NCCL or RDMA
+    would move them device to device; not here).
   * `serve_worker(engine, listener)`: a worker process's loop: one router connection at a time, commands in
     ("add", "decode", "abort"), after every step one message out with the step's outputs and the engine's stats.
     An EP group serves as one worker through it too (dsv3.infer.ep_disagg: rank 0's EPFront as the engine).
@@ -58,13 +60,14 @@ class KVHandle:
     """A request's latent cache in a shared-memory file: c_kv (layers, n, C) then k_pe (layers, n, R), then, from a
     prefill worker that ran the MTP module (whose latents are the last layer then), the main model's hidden state
     at the prompt's last position (D,) in `h_dtype`."""
-    path: str
+    path: str                       # "" where the bytes are `data`'s (an inline hand-off)
     c_shape: tuple[int, ...]
     r_shape: tuple[int, ...]
     dtype: str
     nbytes: int
     h_shape: tuple[int, ...] = ()
     h_dtype: str = ""
+    data: bytes | None = None
 
 
 def _shm_dir() -> str:
@@ -75,25 +78,39 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def export_kv(c_kv: torch.Tensor, k_pe: torch.Tensor, hidden: torch.Tensor | None = None) -> KVHandle:
+HANDOFFS = ("shm", "inline")
+
+
+def export_kv(c_kv: torch.Tensor, k_pe: torch.Tensor, hidden: torch.Tensor | None = None,
+              handoff: str = "shm") -> KVHandle:
+    """A hand-off of the latents (and the hidden state): a shared-memory file, or with `handoff="inline"` the bytes
+    in the handle."""
     parts = [c_kv.reshape(-1).view(torch.uint8), k_pe.reshape(-1).view(torch.uint8)]
     if hidden is not None:
         parts.append(hidden.reshape(-1).view(torch.uint8))
     flat = torch.cat(parts)
+    h = {} if hidden is None else dict(h_shape=tuple(hidden.shape), h_dtype=_dtype_name(hidden))
+    shapes = (tuple(c_kv.shape), tuple(k_pe.shape), _dtype_name(c_kv), flat.numel())
+    if handoff == "inline":
+        return KVHandle("", *shapes, **h, data=flat.numpy().tobytes())
     path = os.path.join(_shm_dir(), f"dsv3-kv-{uuid.uuid4().hex}")
     out = torch.from_file(path, shared=True, size=flat.numel(), dtype=torch.uint8)
     out.copy_(flat)
-    h = {} if hidden is None else dict(h_shape=tuple(hidden.shape), h_dtype=_dtype_name(hidden))
-    return KVHandle(path, tuple(c_kv.shape), tuple(k_pe.shape), _dtype_name(c_kv), flat.numel(), **h)
+    return KVHandle(path, *shapes, **h)
 
 
 def import_kv(handle: KVHandle) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The latents of a handle and its hidden state (None: the prefill worker ran no MTP module); the file is
     removed from shared memory."""
-    try:
-        raw = torch.from_file(handle.path, shared=False, size=handle.nbytes, dtype=torch.uint8).clone()
-    finally:
-        discard_kv(handle)
+    if handle.data is not None:
+        if len(handle.data) != handle.nbytes:
+            raise ValueError(f"an inline hand-off of {len(handle.data)} bytes, not the {handle.nbytes} its shapes say")
+        raw = torch.frombuffer(bytearray(handle.data), dtype=torch.uint8)
+    else:
+        try:
+            raw = torch.from_file(handle.path, shared=False, size=handle.nbytes, dtype=torch.uint8).clone()
+        finally:
+            discard_kv(handle)
     dtype = getattr(torch, handle.dtype)
     sizes = [torch.Size(shape).numel() * dtype.itemsize for shape in (handle.c_shape, handle.r_shape)]
     c_kv, k_pe, rest = raw.split([*sizes, raw.numel() - sum(sizes)])
@@ -102,6 +119,8 @@ def import_kv(handle: KVHandle) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def discard_kv(handle: KVHandle) -> None:
+    if not handle.path:                 # inline: nothing outside the handle
+        return
     try:
         os.unlink(handle.path)
     except FileNotFoundError:
@@ -119,13 +138,17 @@ class MTPCatchUp(Speculation):
 class PrefillEngine(Engine):
     """Each request ends after its first token; a "prefilled" one leaves its latents in `exported[request_id]`. With
     `num_speculative_tokens` (for speculating decode workers) the MTP module's latents and the last hidden state go
-    with them (module docstring). `kwargs`: for an engine class after this one (dsv3.infer.ep_disagg: an EP group's
-    prefill worker)."""
+    with them (module docstring). `handoff`: "shm" (a shared-memory file: decode workers on this machine) or
+    "inline" (the bytes in the handle: any machine). `kwargs`: for an engine class after this one
+    (dsv3.infer.ep_disagg: an EP group's prefill worker)."""
 
     role = "prefill"
 
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, **kwargs):
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, handoff: str = "shm", **kwargs):
+        if handoff not in HANDOFFS:
+            raise ValueError(f"handoff must be one of {HANDOFFS}, got {handoff!r}")
         super().__init__(model, tokenizer, config, **kwargs)
+        self.handoff = handoff
         if self.speculation is not None:
             self.speculation = MTPCatchUp(self)
         self.exported: dict[int, KVHandle] = {}
@@ -148,7 +171,7 @@ class PrefillEngine(Engine):
             hidden = self._catch_up_mtp(seq, n) if self.speculative else None
             c_kv = self.cache.c_kv[:, table].flatten(1, 2)[:, :n].cpu()
             k_pe = self.cache.k_pe[:, table].flatten(1, 2)[:, :n].cpu()
-            handle = export_kv(c_kv, k_pe, hidden)
+            handle = export_kv(c_kv, k_pe, hidden, self.handoff)
             self.exported[seq.seq_id] = handle
             self.kv_bytes_sent += handle.nbytes
         super()._finish(seq, reason)
@@ -378,12 +401,13 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def run_worker(role: str, model, tokenizer, config, address: str, key: str | None = None,
-               threads: int | None = None) -> None:
+               threads: int | None = None, handoff: str = "shm") -> None:
     """`dsv3 serve --role prefill|decode`: the role's engine behind a socket at `address`, until a router says stop
-    (with `threads` torch threads)."""
+    (with `threads` torch threads; `handoff`: a prefill worker's, PrefillEngine's)."""
     if threads:
         torch.set_num_threads(threads)
-    engine = (PrefillEngine if role == "prefill" else DecodeEngine)(model, tokenizer, config)
+    engine = PrefillEngine(model, tokenizer, config, handoff=handoff) if role == "prefill" else \
+        DecodeEngine(model, tokenizer, config)
     host, port = parse_address(address)
     check_listen_address(host, key)
     try:

@@ -14,6 +14,7 @@ shared memory, so both groups on one machine (as the unified hand-off).
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 from collections.abc import Callable
@@ -42,20 +43,18 @@ class EPDecodeEngine(DecodeEngine, EPEngine):
         return super()._local_unfinished() or bool(self._imports)
 
 
-ENGINES = {"prefill": EPPrefillEngine, "decode": EPDecodeEngine}
-
-
 def run_ep_worker(role: str, load: Callable[..., tuple], config: EngineConfig, ep_config: ExpertParallelConfig,
                   ep: int, address: str, key: str | None = None, threads: int | None = None,
-                  device: str = "cuda") -> None:
+                  device: str = "cuda", handoff: str = "shm") -> None:
     """`dsv3 serve --ep N --role prefill|decode` under torchrun: rank 0 listens at `address` until a router says stop
     (or SIGTERM), then releases the other ranks, which follow it until then (dsv3.infer.ep_driver.ep_front: `load`,
-    `device`)."""
+    `device`; `handoff`: a prefill group's, PrefillEngine's)."""
     host, port = parse_address(address)
     check_listen_address(host, key)
     if threads:
         torch.set_num_threads(threads)
-    front = ep_front(load, config, ep_config, ep, device, engine_class=ENGINES[role])
+    engine_class = functools.partial(EPPrefillEngine, handoff=handoff) if role == "prefill" else EPDecodeEngine
+    front = ep_front(load, config, ep_config, ep, device, engine_class=engine_class)
     if front is None:                        # a follower: rank 0 has stopped
         return
     # torchrun forwards SIGTERM to every rank: the followers ignore it, rank 0 leaves its loop and releases them

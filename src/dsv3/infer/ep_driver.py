@@ -219,7 +219,7 @@ def init_ep_group(ep: int, device: str = "cuda") -> str:
 
 def ep_front(load: Callable[[str, ExpertParallelConfig], tuple], config: EngineConfig,
              ep_config: ExpertParallelConfig, ep: int, device: str = "cuda",
-             engine_class: type[EPEngine] = EPEngine) -> EPFront | None:
+             engine_class: Callable[..., EPEngine] = EPEngine) -> EPFront | None:
     """Rank 0: the front end to serve (its `close()` releases the others). Other ranks: follow rank 0 and return
     None once it says stop; they ignore SIGINT/SIGTERM (torchrun forwards them to every rank), so the front drains
     its requests and stops them. `load(device, ep_config)` gives (model, tokenizer, placement): the model whole

@@ -56,11 +56,11 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
         from ..infer.ep_disagg import run_ep_worker
         from ..serve.ep import ep_config_from_args
         return run_ep_worker(args.role, functools.partial(load_ep_rank, args, dtype), config, ep_config_from_args(args),
-                             args.ep, args.pd_listen, args.pd_key, threads, device)
+                             args.ep, args.pd_listen, args.pd_key, threads, device, args.pd_handoff)
     if args.role in ("prefill", "decode"):
         from ..infer.disagg import run_worker
         return run_worker(args.role, *load_for_serving(args, dtype, device), config, args.pd_listen, args.pd_key,
-                          threads)
+                          threads, args.pd_handoff)
     if args.role == "router":
         from ..serve.pd_router import pd_router_from_args
         engine = pd_router_from_args(args, tokenizer)
