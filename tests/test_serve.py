@@ -52,6 +52,34 @@ def test_completions_equal_the_engine(server, client):
                                      ).choices[0].text == r.choices[0].text
 
 
+def test_suffix_fills_in_the_middle(server, client):
+    """`suffix`: the prompt is the prefix of a fill-in-the-middle request in pretraining's PSM layout (TR 4.1):
+    <fim_begin> prefix <fim_hole> suffix <fim_end>, the model writing the middle; text or token-id prompts, streamed
+    or not. Refused with echo (what would be echoed is not what the model read), and, 400 naming `suffix`, where
+    the tokenizer has no FIM tokens."""
+    from types import SimpleNamespace
+
+    from dsv3.serve.protocol import APIError, CompletionRequest
+    from dsv3.serve.validation import fill_in_the_middle
+    tok = server.tokenizer
+    begin, hole, end = tok.fim_ids
+    prefix, suffix = "def add(a, b):\n    ", "\n    return c\n"
+    ids = [begin, *tok.encode(prefix), hole, *tok.encode(suffix), end]
+    want = server.reference.generate([ids], SamplingParams(temperature=0.0, max_tokens=12))[0]
+    r = client.completions.create(model="dsv3-tiny", prompt=prefix, suffix=suffix, max_tokens=12, temperature=0)
+    assert r.choices[0].text == want.text and r.usage.prompt_tokens == len(ids)
+    r = client.completions.create(model="dsv3-tiny", prompt=tok.encode(prefix), suffix=suffix, max_tokens=12,
+                                  temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in r if c.choices) == want.text
+    with pytest.raises(openai.BadRequestError, match="echo and suffix"):
+        client.completions.create(model="dsv3-tiny", prompt=prefix, suffix=suffix, echo=True, max_tokens=2)
+    no_fim = SimpleNamespace(fim_ids=None)
+    with pytest.raises(APIError, match="fill-in-the-middle") as e:
+        fill_in_the_middle(CompletionRequest(model="m", prompt="x", suffix="y"), no_fim)
+    assert e.value.param == "suffix"
+    assert fill_in_the_middle(CompletionRequest(model="m", prompt="x", suffix=""), no_fim)([5]) == [5]   # none
+
+
 def test_streaming_equals_non_streaming(server, client):
     for p in PROMPTS[4:7]:
         full = client.completions.create(model="dsv3-tiny", prompt=p, max_tokens=20, temperature=0)

@@ -249,7 +249,7 @@ class CompletionRequest(_Sampling):
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    suffix: str | None = None
+    suffix: str | None = None               # fill in the middle: the prompt is the prefix (TR 4.1's PSM layout)
     best_of: int | None = None              # = n: every choice generated is returned
     split_special_tokens: bool = False      # a text prompt's special-token strings as text, not control tokens
 
@@ -260,10 +260,15 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must not be an empty list")
         return _unicode(v, "prompt")
 
+    @field_validator("suffix")
+    @classmethod
+    def _suffix_text(cls, v):
+        return v if v is None else _unicode(v, "suffix")
+
     @model_validator(mode="after")
     def _checks(self):
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
+        if self.suffix and self.echo:
+            raise ValueError("echo and suffix do not combine (the prompt the model reads is not the text echoed)")
         if self.best_of not in (None, self.n):
             raise ValueError(f"best_of={self.best_of} is not supported by this server: it returns every choice it "
                              f"generates (best_of may only equal n={self.n})")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..data import ChatTemplate, Tokenizer
@@ -189,6 +189,20 @@ def chat_parsing(pieces: list, reasoning: bool, tools: list[Tool]) -> ChatParsin
     return ChatParsing(start, frozenset(t.function.name for t in tools) if tools else None)
 
 
+def fill_in_the_middle(req: CompletionRequest, tokenizer: Tokenizer) -> Callable[[list[int]], list[int]]:
+    """A prompt's ids as the model reads them: with `suffix`, the prompt is the prefix of a fill-in-the-middle
+    request in the layout of pretraining (TR 4.1, PSM: <fim_begin> prefix <fim_hole> suffix <fim_end>, the model
+    writing the middle and EOS); without, as they are."""
+    if not req.suffix:
+        return lambda ids: ids
+    if tokenizer.fim_ids is None:
+        raise APIError("suffix: this model's tokenizer has no fill-in-the-middle tokens (<｜fim▁begin｜>, "
+                       "<｜fim▁hole｜>, <｜fim▁end｜>)", param="suffix")
+    begin, hole, end = tokenizer.fim_ids
+    tail = [hole, *tokenizer.encode(req.suffix, req.split_special_tokens), end]
+    return lambda ids: [begin, *ids, *tail]
+
+
 def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: Tokenizer, max_pending: int,
                     defaults: Mapping | None = None) -> Plan:
     prompts, limits = req.prompts(), token_limits(limits, tokenizer)
@@ -200,12 +214,14 @@ def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: To
     score_only = req.max_tokens == 0           # echo with no completion: generate one token, drop it
     texts = [p for p in prompts if isinstance(p, str)]
     for p in texts:
-        refuse_certain_overflow(limits, len(p), tokenizer.max_token_bytes, req.max_tokens or 1)
+        refuse_certain_overflow(limits, len(p) + len(req.suffix or ""), tokenizer.max_token_bytes,
+                                req.max_tokens or 1)
     encoded = iter(tokenizer.encode_batch(texts, req.split_special_tokens) if texts else [])
+    fim = fill_in_the_middle(req, tokenizer)
     prompt_lp = (req.logprobs or 0) if req.echo and req.logprobs is not None else None
     plan = Plan([])
     for p in prompts:
-        ids = next(encoded) if isinstance(p, str) else list(p)
+        ids = fim(next(encoded) if isinstance(p, str) else list(p))
         max_tokens = 1 if score_only else (req.max_tokens or default_max_tokens(limits, len(ids)))
         check_min_tokens(req.min_tokens, 0 if score_only else max_tokens, Fields())
         fits_context(limits, len(ids), max_tokens)
