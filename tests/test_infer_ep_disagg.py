@@ -112,3 +112,33 @@ def test_ep_groups_as_prefill_and_decode_workers(tmp_path):
     got = ranks[0][2]
     assert got["refused"] == [(got["fid"], "RuntimeError")] and got["fid"] not in got["owner_after"]
     assert "prefill workers with --spec" in got["front_refusal"] and got["removed"]
+
+
+def test_the_server_loop_answers_what_a_rank_refused():
+    """EngineLoop (the HTTP server's, `dsv3 serve --ep N`) over a front whose rank refused a request when it
+    reached it: that request's client gets the refusal (a 400 for a ValueError), not a wait for an output that never
+    comes; the others are unaffected."""
+    from dsv3.infer.requests import RequestRefused
+    from dsv3.serve.engine_loop import EngineLoop
+
+    class Front:                 # the EPFront interface EngineLoop uses, the rank's refusal already gathered
+        def __init__(self):
+            self.ids, self.refused = iter(range(10)), []
+
+        def add_request(self, ids, params):
+            return next(self.ids)
+
+        def step(self):
+            self.refused = [(1, ValueError("a hand-off it cannot read"))] if not self.refused else []
+            return []
+
+        def take_refused(self):
+            return self.refused
+
+    emitted = []
+    loop = EngineLoop(Front(), lambda items, **_: emitted.extend(items), None)
+    for cid in (10, 11):
+        loop.command(("add", cid, [1, 2], GREEDY))
+    loop.step()
+    assert [(cid, type(e)) for cid, e in emitted] == [(11, RequestRefused)] and "cannot read" in str(emitted[0][1])
+    assert loop.by_client == {10: 0}

@@ -77,6 +77,12 @@ class EngineLoop:
             if out.finished:
                 del self.by_engine[out.request_id], self.by_client[cid]
             items.append((cid, out))
+        # an EP group's front (dsv3.infer.ep_driver): requests a rank refused when they reached it
+        for rid, error in getattr(self.engine, "take_refused", list)():
+            cid = self.by_engine.pop(rid, None)
+            if cid is not None:
+                del self.by_client[cid]
+                items.append((cid, refusal(error, "the engine")))
         if items:
             self.emit(items)
 
