@@ -222,6 +222,15 @@ def test_allowed_hosts_entries_no_host_can_match_are_refused_at_start(tmp_path, 
         assert f"--allowed-hosts: {bad!r}" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_an_ep_router_is_refused_before_anything_is_read(tmp_path, capsys):
+    """`--ep` is for processes that hold the model: with `--role router` it is refused in one line, before the
+    model directory (here one that does not exist) is read."""
+    from dsv3.cli import main
+    assert main(["serve", "--model", str(tmp_path / "absent"), "--ep", "2", "--role", "router"]) == 2
+    err = capsys.readouterr().err
+    assert "a router holds none" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_aborted_requests_are_a_counter():
     """dsv3_num_requests_aborted was a Gauge set to a count that only grows: a Counter (`_total`), per Prometheus."""
     from types import SimpleNamespace

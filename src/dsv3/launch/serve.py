@@ -35,6 +35,9 @@ def serve_engine_config(args: argparse.Namespace, eos: list[int]) -> EngineConfi
 def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     """Serve until stopped (a PD worker: work until stopped); `dtype` the `--dtype` asked."""
     path = Path(args.model)
+    if args.ep and args.role == "router":
+        raise ValueError("--ep is for a group that holds the model (a front end, or a --role prefill / decode "
+                         "worker); a router holds none")
     allowed_hosts = default_allowed_hosts(args.host, args.allowed_hosts)      # a bad entry: refused before loading
     ServeOptions(api_key=args.api_key)                                          # a blank key: likewise
     # before any loading: generation_config.json read once for both
@@ -49,9 +52,6 @@ def run_serve(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     factory = functools.partial(served_engine, args.model, args.tokenizer, device, dtype, args.fp8, config)
     # the step loop in a process of its own, so HTTP work never competes with it for the GIL
     threads = engine_threads(args.threads)
-    if args.ep and args.role == "router":
-        raise ValueError("--ep is for a group that holds the model (a front end, or a --role prefill / decode "
-                         "worker); a router holds none")
     if args.role in ("prefill", "decode") and args.ep:
         from ..infer.ep_disagg import run_ep_worker
         from ..serve.ep import ep_config_from_args
