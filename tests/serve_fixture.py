@@ -257,3 +257,17 @@ def rank_pid(launcher: int, rank: int) -> int:
         if f"RANK={rank}".encode() in env:
             return int(child)
     raise AssertionError(f"no rank {rank} under {launcher}")
+
+
+def wait_healthy(url: str, proc, deadline: float) -> None:
+    """Poll `url`/health until it answers 200; fail with `proc`'s output (a server started as a subprocess with
+    its stdout piped) if it exits first or `deadline` (time.monotonic) passes."""
+    import httpx
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+        time.sleep(0.2)

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dsv3 import save_pretrained
 from dsv3.infer import Engine, SamplingParams
 from dsv3.infer.ep_load import load_rank_model
-from serve_fixture import build_engine, rank_pid
+from serve_fixture import build_engine, rank_pid, wait_healthy
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n"]
 
@@ -47,14 +47,7 @@ def test_serve_ep_under_torchrun(tmp_path, fp8):
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.3)
+        wait_healthy(url, proc, deadline)
         r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS, "max_tokens": 8,
                                                       "temperature": 0}, timeout=60).json()
         want = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8))

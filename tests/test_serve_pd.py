@@ -23,7 +23,8 @@ from dsv3.infer import SamplingParams
 from dsv3.infer.disagg import run_worker
 from dsv3.serve import build_app
 from dsv3.serve.pd_router import PDRouter
-from serve_fixture import DEFAULT_CONFIG, RecordedConnection, build_engine, rank_pid, serve_app
+from serve_fixture import (DEFAULT_CONFIG, RecordedConnection, build_engine, rank_pid, serve_app,
+                           wait_healthy)
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:", "for i in range(", "x = 1\n"]
 
@@ -221,14 +222,7 @@ def test_cli_roles_end_to_end(tmp_path):
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(router)
         url = f"http://127.0.0.1:{port}"
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert router.poll() is None and time.monotonic() < deadline, router.stdout.read() if router.poll() else ""
-            time.sleep(0.2)
+        wait_healthy(url, router, deadline)
         r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS[0], "max_tokens": 8,
                                                       "temperature": 0}, timeout=30).json()
         want = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0]
@@ -488,14 +482,7 @@ def test_cli_ep_groups_as_workers(tmp_path):
                                                 str(port)], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
         url = f"http://127.0.0.1:{port}"
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert router.poll() is None and time.monotonic() < deadline, router.stdout.read() if router.poll() else ""
-            time.sleep(0.2)
+        wait_healthy(url, router, deadline)
         r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS, "max_tokens": 8,
                                                       "temperature": 0}, timeout=60).json()
         want = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8))

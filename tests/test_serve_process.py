@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from dsv3.infer import SamplingParams
-from serve_fixture import all_blocks_free, load_with_disconnects, start_server, wait_until
+from serve_fixture import all_blocks_free, load_with_disconnects, start_server, wait_healthy, wait_until
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:"]
 
@@ -86,14 +86,7 @@ def test_cli_serve_end_to_end(tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.2)
+        wait_healthy(url, proc, deadline)
         r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": PROMPTS[0], "max_tokens": 8,
                                                       "temperature": 0}, timeout=30).json()
         want = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0]

@@ -406,14 +406,20 @@ def run_worker(role: str, model, tokenizer, config, address: str, key: str | Non
     (with `threads` torch threads; `handoff`: a prefill worker's, PrefillEngine's)."""
     if threads:
         torch.set_num_threads(threads)
+    check_listen_address(parse_address(address)[0], key)
     engine = PrefillEngine(model, tokenizer, config, handoff=handoff) if role == "prefill" else \
         DecodeEngine(model, tokenizer, config)
+    with open_listener(address, key) as listener:
+        print(f"{role} worker listening on {address}", flush=True)
+        serve_worker(engine, listener)
+
+
+def open_listener(address: str, key: str | None) -> Listener:
+    """A worker's authenticated socket at `address` (HOST:PORT); ValueError naming the address where it cannot
+    listen there."""
     host, port = parse_address(address)
     check_listen_address(host, key)
     try:
-        listener = Listener((host, port), authkey=pd_key(key))
+        return Listener((host, port), authkey=pd_key(key))
     except OSError as e:
         raise ValueError(f"cannot listen on {address}: {e}") from None
-    with listener:
-        print(f"{role} worker listening on {address}", flush=True)
-        serve_worker(engine, listener)

@@ -18,12 +18,11 @@ import functools
 import signal
 import sys
 from collections.abc import Callable
-from multiprocessing.connection import Listener
 
 import torch
 
 from .config import EngineConfig, ExpertParallelConfig
-from .disagg import DecodeEngine, PrefillEngine, check_listen_address, parse_address, pd_key, serve_worker
+from .disagg import DecodeEngine, PrefillEngine, check_listen_address, open_listener, parse_address, serve_worker
 from .ep_driver import ep_front
 from .ep_engine import EPEngine
 
@@ -49,8 +48,7 @@ def run_ep_worker(role: str, load: Callable[..., tuple], config: EngineConfig, e
     """`dsv3 serve --ep N --role prefill|decode` under torchrun: rank 0 listens at `address` until a router says stop
     (or SIGTERM), then releases the other ranks, which follow it until then (dsv3.infer.ep_driver.ep_front: `load`,
     `device`; `handoff`: a prefill group's, PrefillEngine's)."""
-    host, port = parse_address(address)
-    check_listen_address(host, key)
+    check_listen_address(parse_address(address)[0], key)          # before anything is loaded
     if threads:
         torch.set_num_threads(threads)
     engine_class = functools.partial(EPPrefillEngine, handoff=handoff) if role == "prefill" else EPDecodeEngine
@@ -60,11 +58,7 @@ def run_ep_worker(role: str, load: Callable[..., tuple], config: EngineConfig, e
     # torchrun forwards SIGTERM to every rank: the followers ignore it, rank 0 leaves its loop and releases them
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        try:
-            listener = Listener((host, port), authkey=pd_key(key))
-        except OSError as e:
-            raise ValueError(f"cannot listen on {address}: {e}") from None
-        with listener:
+        with open_listener(address, key) as listener:
             print(f"{role} worker (EP group of {ep}) listening on {address}", flush=True)
             serve_worker(front, listener)
     finally:
