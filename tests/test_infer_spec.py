@@ -435,6 +435,35 @@ def test_a_disaggregated_decode_worker_and_the_mtp_module(easy):
     assert _pd(easy, p, params, 0, 0)[0].token_ids == reference_greedy(easy, p, 8)
 
 
+def test_a_disaggregated_seeded_request_samples_as_in_the_unified_engine(model):
+    """A seeded sampled request through a prefill and a decode worker: the hand-off carries its generator's state
+    after the first token, so the decode worker's draws go on from there and the tokens are the unified engine's.
+    (A fresh generator from the seed on the decode side, as before, redraws the first token's randomness: the
+    control below differs.)"""
+    from dataclasses import replace
+
+    from dsv3.infer.disagg import DecodeEngine, PrefillEngine
+    cfg = EngineConfig(block_size=4, num_blocks=64)
+    ps = prompts([3, 8, 13], 96, seed=6)
+    params = [SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=s) for s in (1, 2, 3)]
+    want = [o.token_ids for o in Engine(model, config=cfg).generate(ps, params)]
+
+    def through_workers(keep_state: bool) -> list:
+        prefill, decode = PrefillEngine(model, config=cfg), DecodeEngine(model, config=cfg)
+        order = {}
+        for i, (p, f, sp) in enumerate(zip(ps, prefill.generate(ps, params), params)):
+            h = prefill.exported.pop(f.request_id)
+            assert h.rng is not None and h.rng_device == "cpu"
+            order[decode.add_prefilled(p, f, sp, h if keep_state else replace(h, rng=None))] = i
+        final = {}
+        while decode.has_unfinished():
+            final |= {order[o.request_id]: o.token_ids for o in decode.step() if o.finished}
+        return [final[i] for i in range(len(ps))]
+
+    assert through_workers(True) == want
+    assert through_workers(False) != want
+
+
 def _pending(seq) -> int:
     return sum(h.shape[0] for h in seq.pending_hidden)
 

@@ -16,8 +16,10 @@ engines for the two roles, the latent-cache hand-off between them, and the worke
     An EP group serves as one worker through it too (dsv3.infer.ep_disagg: rank 0's EPFront as the engine).
 
 What is exact: greedy requests give the unified engine's tokens (the decode worker reads the very latents the
-prefill worker computed). Seeded sampling is not reproduced token for token: the decode side starts a fresh
-generator from the request's seed after the first token.
+prefill worker computed), and so do seeded sampled ones where both workers sample on the same kind of device: the
+hand-off carries the request's generator state after its first token, and the decode worker's generator goes on
+from it (between a CPU and a CUDA worker the decode side starts a fresh generator from the seed: the two kinds'
+states do not convert).
 
 MTP speculation (spec 1.8) on the decode side: a decode worker speculates when its prefill workers run the MTP module
 too (both with `num_speculative_tokens`). Such a prefill worker never speculates itself (every request ends at its
@@ -36,7 +38,7 @@ import secrets
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
@@ -68,6 +70,8 @@ class KVHandle:
     h_shape: tuple[int, ...] = ()
     h_dtype: str = ""
     data: bytes | None = None
+    rng: bytes | None = None        # a seeded request's generator state after its first token
+    rng_device: str = ""            # ... of a generator of this device type ("cpu", "cuda")
 
 
 def _shm_dir() -> str:
@@ -172,6 +176,10 @@ class PrefillEngine(Engine):
             c_kv = self.cache.c_kv[:, table].flatten(1, 2)[:, :n].cpu()
             k_pe = self.cache.k_pe[:, table].flatten(1, 2)[:, :n].cpu()
             handle = export_kv(c_kv, k_pe, hidden, self.handoff)
+            generator = self._generators.get(seq.seq_id)      # (dropped by Engine._finish below)
+            if generator is not None:
+                handle = replace(handle, rng=generator.get_state().numpy().tobytes(),
+                                 rng_device=generator.device.type)
             self.exported[seq.seq_id] = handle
             self.kv_bytes_sent += handle.nbytes
         super()._finish(seq, reason)
@@ -212,7 +220,7 @@ class DecodeEngine(Engine):
             main = self.model.config.num_hidden_layers
             c_kv, k_pe, hidden = c_kv[:main], k_pe[:main], None
         self.kv_bytes_received += handle.nbytes
-        rid = self._queue_imported(ids, first, params)
+        rid = self._queue_imported(ids, first, params, handle)
         self._imports.append((self.seqs[rid], c_kv, k_pe, hidden))
         return rid
 
@@ -230,7 +238,7 @@ class DecodeEngine(Engine):
             raise ValueError(f"latents of shape {handle.c_shape} do not fit this model / prompt")
         return ids
 
-    def _queue_imported(self, ids: list[int], first: RequestOutput, params: SamplingParams) -> int:
+    def _queue_imported(self, ids: list[int], first: RequestOutput, params: SamplingParams, handle: KVHandle) -> int:
         rid = next(self._ids)
         seq = Sequence(rid, ids, params)
         seq.token_ids.extend(first.new_token_ids)
@@ -238,6 +246,8 @@ class DecodeEngine(Engine):
         self.seqs[rid] = seq
         generator = make_generators([params], self.device)[0]
         if generator is not None:
+            if handle.rng is not None and handle.rng_device == generator.device.type:   # the stream goes on
+                generator.set_state(torch.frombuffer(bytearray(handle.rng), dtype=torch.uint8))
             self._generators[rid] = generator
         return rid
 
