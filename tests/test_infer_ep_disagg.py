@@ -3,7 +3,7 @@ EPPrefillEngine and an EPDecodeEngine (experts sharded over the ranks, rebalance
 prefill group takes every prompt, spreads them over the ranks, and hands each prefilled request (its latents
 written by the rank that prefilled it) to the decode group's front, which sends it to a rank of its own. Greedy
 tokens equal one unified Engine's, with and without MTP speculation on the decode side; requests the front or a rank
-refuses come back as refusals, their hand-offs removed.
+refuses come back as refusals, their hand-offs removed. A rank lost mid-serving ends the front's loop.
 """
 
 import os
@@ -142,3 +142,46 @@ def test_the_server_loop_answers_what_a_rank_refused():
     loop.step()
     assert [(cid, type(e)) for cid, e in emitted] == [(11, RequestRefused)] and "cannot read" in str(emitted[0][1])
     assert loop.by_client == {10: 0}
+
+
+def _lost_rank_worker(rank, init_file, tmp):
+    """Rank 1 follows two rounds and then is gone (os._exit: as a process killed); rank 0 serves through EngineLoop."""
+    from dsv3.infer.ep_driver import _Rank, _round
+    from dsv3.infer.ep_engine import EPEngine
+    from dsv3.serve.engine_loop import EngineLoop
+    init_gloo(rank, 2, init_file)
+    engine = EPEngine(build(_cfg(), seed=3), config=EngineConfig(**ENGINE))
+    control = dist.new_group(backend="gloo")
+    if rank == 1:
+        me = _Rank(engine, control)
+        for _ in range(2):
+            me.apply(_round(control, None))
+        torch.save({}, tmp / "rank1.pt")
+        os._exit(0)
+    front, emitted = EPFront(engine, control), []
+    loop = EngineLoop(front, lambda items, **_: emitted.extend(items), None)
+    for cid, p in enumerate(_prompts()[:3]):
+        loop.command(("add", cid, p, SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)))
+    ended = None
+    for _ in range(6):
+        try:
+            loop.step()
+        except RuntimeError as e:
+            ended = str(e)
+            break
+    try:
+        front.step()
+    except RuntimeError as e:
+        again = str(e)
+    torch.save(dict(ended=ended, broken=front.broken, again=again, stats=front.stats()["running"],
+                    failed=sorted(cid for cid, out in emitted if isinstance(out, Exception))), tmp / "rank0.pt")
+    os._exit(0)
+
+
+def test_a_lost_rank_ends_the_fronts_loop(tmp_path):
+    """A rank of an EP group gone mid-serving: rank 0's next step fails (gloo reports the closed connection), the
+    requests it ran fail (503s), and the front is `broken`: the server's engine loop ends (its health with it)
+    instead of failing every later step's requests, and a further step is refused at once, naming the remedy."""
+    r0, _ = run_ranks(_lost_rank_worker, 2, tmp_path, "lost rank")
+    assert r0["ended"] is not None and r0["broken"] and "restart the group" in r0["again"]
+    assert r0["failed"] == [0, 1, 2] and r0["stats"] == 3      # (its stats: the last step's, no round with the group)

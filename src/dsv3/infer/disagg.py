@@ -328,6 +328,8 @@ def _step(engine: Engine, conn: Connection, to_client: dict[int, int]) -> None:
             items.append((to_client.pop(rid), None, step_failed(type(engine).__name__)))
         log.exception("the %s's step failed; its %d requests fail with it", type(engine).__name__, len(items))
         conn.send(("step", items, engine.stats()))
+        if getattr(engine, "broken", False):      # it cannot step again (an EP group out of step): the worker ends,
+            raise                                 # and the router fails over to its other workers
         time.sleep(0.05)             # an engine that keeps failing must not spin a core
         return
     items = []

@@ -114,6 +114,7 @@ class EPFront:
         self.step_request_ids: list[int] = []                # the requests the last step ran (all in flight)
         self._refused: list[tuple[int, Exception]] = []
         self._per_rank: list[dict] | None = None             # the ranks' stats after the last step
+        self.broken = False                                  # a step failed: the group is out of step
 
     def check_request(self, prompt, params: SamplingParams) -> list[int]:
         return self.engine.check_request(prompt, params)
@@ -148,10 +149,19 @@ class EPFront:
         return bool(self.owner)
 
     def step(self) -> list[RequestOutput]:
+        """One lockstep step of the group. A step that raises (a rank gone, a forward that failed on this rank)
+        leaves the ranks out of step (some may wait in a collective for ever): the front is `broken` from then on,
+        and its loops end instead of stepping again (dsv3.serve.engine_loop, dsv3.infer.disagg.serve_worker)."""
+        if self.broken:
+            raise RuntimeError("this EP group stopped stepping after a failure; restart the group")
         message = ("step", self._commands)
         self._commands = []
         self.step_request_ids = list(self.owner)
-        per_rank = self.me.apply(_round(self.control, message))
+        try:
+            per_rank = self.me.apply(_round(self.control, message))
+        except Exception:
+            self.broken = True
+            raise
         outputs = [o for outs, *_ in per_rank for o in outs]
         for _, handles, refused, _ in per_rank:
             self.exported |= handles
@@ -170,8 +180,10 @@ class EPFront:
         return refused
 
     def stats(self) -> dict:
-        """The sums over the ranks (as of the last step; gathered now before the first)."""
-        per_rank = self._per_rank or self.me.apply(_round(self.control, ("stats",)))
+        """The sums over the ranks (as of the last step; gathered now before the first; rank 0's alone once the
+        group is broken)."""
+        per_rank = self._per_rank or ([self.engine.stats()] if self.broken else
+                                      self.me.apply(_round(self.control, ("stats",))))
         total = {k: sum(s[k] for s in per_rank) for k in _SUMMED if k in per_rank[0]}
         total["cache_usage"] = 1 - total["free_blocks"] / total["num_blocks"]
         first = per_rank[0]

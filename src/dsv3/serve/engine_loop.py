@@ -67,6 +67,8 @@ class EngineLoop:
                 items.append((cid, step_failed()))
             log.exception("an engine step failed; its %d requests fail with it (503)", len(items))
             self.emit(items, error=repr(e))
+            if getattr(self.engine, "broken", False):     # it cannot step again (an EP group out of step): the loop
+                raise                                     # ends, and with it the server's health
             time.sleep(0.05)             # an engine that keeps failing must not spin a core
             return
         items = []
