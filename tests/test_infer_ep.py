@@ -83,8 +83,13 @@ def _worker(rank, world, init_file, tmp):
     control = dist.new_group(backend="gloo")
     if rank == 0:
         front = EPFront(engine, control)
-        outs = front.generate(prompts, GREEDY)
-        result["front"] = dict(tokens=[o.token_ids for o in outs], stats=front.stats())
+        fids = [front.add_request(p, GREEDY) for p in prompts]
+        placed = [front.owner[f] for f in fids]
+        final = {}
+        while front.has_unfinished():
+            final |= {o.request_id: o.token_ids for o in front.step() if o.finished}
+        result["front"] = dict(tokens=[final[f] for f in fids], stats=front.stats(), placed=placed,
+                               left=list(front.tokens))
         front.close()
     else:
         follow(engine, control)
@@ -157,5 +162,11 @@ def test_ep_engine_equals_single_process(world, reference, tmp_path):
     # one front end (rank 0) for the whole group: same outputs, every rank served requests, stats summed
     front = ranks[0]["front"]
     assert front["tokens"] == want
+    # each request went to the rank with the fewest tokens in flight (prompt + max_tokens), none left counted
+    load, expect = [0] * world, []
+    for n in LENGTHS:
+        expect.append(min(range(world), key=load.__getitem__))
+        load[expect[-1]] += n + GREEDY.max_tokens
+    assert front["placed"] == expect and front["left"] == [0] * world
     assert all(res["front"]["served"] > 0 for res in ranks[1:])
     assert len(front["stats"]["ep_ranks"]) == world and front["stats"]["running"] == 0

@@ -4,7 +4,8 @@
 has_unfinished, stats, limits, tokenizer); the other ranks run `follow(engine)`. Each round rank 0 broadcasts one
 message on a gloo control group (CPU objects, whatever the data backend is):
   * ("step", commands): the adds and aborts queued since the last step, each add tagged with the rank that serves
-    it (the rank with the fewest requests in flight: DP attention spreads requests, each rank keeps its own cache);
+    it (the rank with the fewest tokens in flight, prompt + max_tokens of each request: DP attention spreads requests
+    and each rank keeps its own cache, so what fills a rank is tokens, not requests);
     every rank applies its own, steps once (the EP forward is collective: idle ranks pad), and the outputs come
     back to rank 0 (gather), renamed to the front's request ids, with each rank's stats;
   * ("stats",): every rank's stats, gathered (before any step); the front reports the sums and each rank's part;
@@ -109,7 +110,8 @@ class EPFront:
         self._ids = itertools.count()
         self._commands: list[tuple] = []
         self.owner: dict[int, int] = {}                      # front request id -> rank, until finished
-        self.in_flight = [0] * dist.get_world_size(control)
+        self.tokens = [0] * dist.get_world_size(control)     # per rank: prompt + max_tokens of its requests
+        self._cost: dict[int, int] = {}
         self.exported: dict = {}                             # a prefill group's hand-offs, by front request id
         self.step_request_ids: list[int] = []                # the requests the last step ran (all in flight)
         self._refused: list[tuple[int, Exception]] = []
@@ -121,7 +123,8 @@ class EPFront:
 
     def add_request(self, prompt, params: SamplingParams | None = None) -> int:
         params = params or SamplingParams()
-        return self._queue("add", self.check_request(prompt, params), params)
+        ids = self.check_request(prompt, params)
+        return self._queue("add", len(ids) + params.max_tokens, ids, params)
 
     def add_prefilled(self, prompt_ids: list[int], first: RequestOutput, params: SamplingParams, handle) -> int:
         """A decode group's: a request a prefill worker ran, checked here (DecodeEngine.check_prefilled; refused: its
@@ -132,14 +135,17 @@ class EPFront:
         except ValueError:
             discard_kv(handle)
             raise
-        return self._queue("decode", ids, first, params, handle)
+        return self._queue("decode", len(ids) + params.max_tokens, ids, first, params, handle)
 
-    def _queue(self, kind: str, ids: list[int], *rest) -> int:
-        fid, rank = next(self._ids), min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
-        self._commands.append((kind, fid, rank, ids, *rest))
-        self.owner[fid] = rank
-        self.in_flight[rank] += 1
+    def _queue(self, kind: str, cost: int, *args) -> int:
+        fid, rank = next(self._ids), min(range(len(self.tokens)), key=self.tokens.__getitem__)
+        self._commands.append((kind, fid, rank, *args))
+        self.owner[fid], self._cost[fid] = rank, cost
+        self.tokens[rank] += cost
         return fid
+
+    def _done(self, fid: int) -> None:
+        self.tokens[self.owner.pop(fid)] -= self._cost.pop(fid)
 
     def abort(self, request_id: int) -> None:
         if request_id in self.owner:
@@ -167,11 +173,11 @@ class EPFront:
             self.exported |= handles
             self._refused += refused
             for fid, _ in refused:
-                self.in_flight[self.owner.pop(fid)] -= 1
+                self._done(fid)
         self._per_rank = [stats for *_, stats in per_rank]
         for out in outputs:
             if out.finished:
-                self.in_flight[self.owner.pop(out.request_id)] -= 1
+                self._done(out.request_id)
         return outputs
 
     def take_refused(self) -> list[tuple[int, Exception]]:
