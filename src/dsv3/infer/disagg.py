@@ -59,9 +59,9 @@ PREFILLED = "prefilled"
 
 @dataclass(frozen=True)
 class KVHandle:
-    """A request's latent cache in a shared-memory file: c_kv (layers, n, C) then k_pe (layers, n, R), then, from a
-    prefill worker that ran the MTP module (whose latents are the last layer then), the main model's hidden state
-    at the prompt's last position (D,) in `h_dtype`."""
+    """A request's latent cache in a shared-memory file at `path` (or inline, in `data`): c_kv (layers, n, C) then
+    k_pe (layers, n, R), then, from a prefill worker that ran the MTP module (whose latents are the last layer then),
+    the main model's hidden state at the prompt's last position (D,) in `h_dtype`."""
     path: str                       # "" where the bytes are `data`'s (an inline hand-off)
     c_shape: tuple[int, ...]
     r_shape: tuple[int, ...]
@@ -234,7 +234,7 @@ class DecodeEngine(Engine):
         if self.speculative and not mtp:
             raise ValueError("this decode worker speculates (num_speculative_tokens) and the request was prefilled "
                              "without the MTP module: run the prefill workers with --spec too")
-        if (layers, n) != (cfg.num_hidden_layers + mtp, len(ids)) or mtp and handle.h_shape != (cfg.hidden_size,):
+        if (layers, n) != (cfg.num_hidden_layers + mtp, len(ids)) or (mtp and handle.h_shape != (cfg.hidden_size,)):
             raise ValueError(f"latents of shape {handle.c_shape} do not fit this model / prompt")
         return ids
 

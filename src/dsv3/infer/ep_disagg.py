@@ -8,8 +8,8 @@ run as separate groups, each with its own expert parallelism):
 Each rank runs the role's engine over its EPEngine (`EPPrefillEngine`, `EPDecodeEngine`: the role's behaviour, the
 EP group's experts, lockstep and rebalancing); rank 0 serves the router's connection (dsv3.infer.disagg's worker
 loop) with the group's EPFront (dsv3.infer.ep_driver) as its engine, which spreads requests over the ranks. A
-prefilled request's hand-off is written by the rank that prefilled it and read by the decode rank it goes to:
-shared memory, so both groups on one machine (as the unified hand-off).
+prefilled request's hand-off is written by the rank that prefilled it and read by the decode rank it goes to: in
+shared memory (both groups on one machine), or inline through the router (`--pd-handoff inline`: any machines).
 """
 
 from __future__ import annotations
