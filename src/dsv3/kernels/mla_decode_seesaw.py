@@ -108,27 +108,6 @@ if HAS_GLUON:
                        mask=gl.expand_dims(heads < H, 1), other=0.0)
 
     @gluon.jit
-    def _hand_over_p0(pb, s_s1, p0_s, xbar, ph):
-        """WG0: wait for WG1's scale s1, store P0' = P0 s1 for WG1's P0 V0_R and signal it; returns s1."""
-        mbarrier.wait(xbar.index(1), ph)
-        s1 = s_s1.load(ROW)
-        p0_s.store((pb.to(gl.float32) * gl.expand_dims(s1, 1)).to(gl.bfloat16))
-        fence_async_shared()
-        gl.thread_barrier()
-        mbarrier.arrive(xbar.index(2))
-        return s1
-
-    @gluon.jit
-    def _p0_v0_right(p0_s, k_hi, o, xbar, ph, ckv_desc, bt_row, n1, t1, n_tiles, kready, PAGE: gl.constexpr):
-        """WG1: O_R += P0' V0_R once WG0 has handed P0' over, then K0.hi refilled for the next pair's first tile."""
-        mbarrier.wait(xbar.index(2), ph)
-        o = warpgroup_mma(p0_s, k_hi.index(0), o, is_async=True)
-        o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
-        if t1 + 1 < n_tiles:
-            _load(ckv_desc, bt_row, n1 + 64, 256, k_hi.index(0), kready.index(1), PAGE)
-        return o
-
-    @gluon.jit
     def _partition_init(QPE, b, hg, H, stride_pe_b, stride_pe_h):
         """A warpgroup's starting state: Q's rope part in registers, its denominator and its half of O at zero."""
         return (_qpe_regs(QPE, b, hg, H, stride_pe_b, stride_pe_h, S_L), gl.full([64], 0.0, gl.float32, ROW),
@@ -138,7 +117,7 @@ if HAS_GLUON:
     def _wg0(ckv_desc, kpe_desc, QPE, OP, LSE, q_lo, q_hi, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0, s_l1,
              p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
              stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
-             PAGE: gl.constexpr, OVERLAP: gl.constexpr):
+             PAGE: gl.constexpr):
         qpe, l0, o = _partition_init(QPE, b, hg, H, stride_pe_b, stride_pe_h)
         for j in range(gl.cdiv(n_tiles, 2)):
             ph = j & 1
@@ -162,17 +141,15 @@ if HAS_GLUON:
             mbarrier.arrive(xbar.index(0))
             pb = p.to(gl.bfloat16)   # kept in bf16 for P0' below (FlashMLA rescales the bf16 P too)
             o = warpgroup_mma(gl.convert_layout(pb, P_L), k_lo.index(0), o, is_async=True)
-            # OVERLAP: P0' handed to WG1 while P0 V0_L runs (which reads P0 from registers: reading them is safe).
-            # (A constexpr passed through warp_specialize's argument tuple reaches the partition as a plain value,
-            # so both branches are compiled: s1 needs a value before them)
-            s1 = gl.full([64], 1.0, gl.float32, ROW)
-            if OVERLAP:
-                s1 = _hand_over_p0(pb, s_s1, p0_s, xbar, ph)
             o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
             if t0 + 2 < n_tiles:
                 _load(ckv_desc, bt_row, n0 + 128, 0, k_lo.index(0), kready.index(0), PAGE)
-            if not OVERLAP:
-                s1 = _hand_over_p0(pb, s_s1, p0_s, xbar, ph)
+            mbarrier.wait(xbar.index(1), ph)
+            s1 = s_s1.load(ROW)
+            p0_s.store((pb.to(gl.float32) * gl.expand_dims(s1, 1)).to(gl.bfloat16))
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(xbar.index(2))
             o = o * gl.expand_dims(gl.convert_layout(s1, ROW_O), 1)
             l0 = l0 * s1
             if t0 + 1 < n_tiles:
@@ -193,7 +170,7 @@ if HAS_GLUON:
     def _wg1(ckv_desc, kpe_desc, QPE, OP, LSE, q_lo, q_hi, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0, s_l1,
              p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
              stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
-             PAGE: gl.constexpr, OVERLAP: gl.constexpr):
+             PAGE: gl.constexpr):
         qpe, l1, o = _partition_init(QPE, b, hg, H, stride_pe_b, stride_pe_h)
         for j in range(gl.cdiv(n_tiles, 2)):
             ph = j & 1
@@ -223,14 +200,14 @@ if HAS_GLUON:
             fence_async_shared()
             gl.thread_barrier()
             mbarrier.arrive(xbar.index(1))
-            if OVERLAP:   # P0' comes while WG0's P0 V0_L runs: P0 V0_R first, so K0.hi (the next pair's first
-                # S needs it) is refilled a product earlier
-                o = _p0_v0_right(p0_s, k_hi, o, xbar, ph, ckv_desc, bt_row, n1, t1, n_tiles, kready, PAGE)
-            if has1:   # (an asynchronous result may not leave the branch: retired here)
+            if has1:   # (an asynchronous result may not leave the branch: retired here, P0' is not ready yet anyway)
                 o = warpgroup_mma(gl.convert_layout(pb, P_L), k_hi.index(1), o, is_async=True)
                 o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
-            if not OVERLAP:
-                o = _p0_v0_right(p0_s, k_hi, o, xbar, ph, ckv_desc, bt_row, n1, t1, n_tiles, kready, PAGE)
+            mbarrier.wait(xbar.index(2), ph)
+            o = warpgroup_mma(p0_s, k_hi.index(0), o, is_async=True)
+            o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
+            if t1 + 1 < n_tiles:   # K0.hi is free: the pair after this one's first tile
+                _load(ckv_desc, bt_row, n1 + 64, 256, k_hi.index(0), kready.index(1), PAGE)
             if t1 + 2 < n_tiles:
                 _load(ckv_desc, bt_row, n1 + 128, 256, k_hi.index(1), kready.index(4), PAGE)
         s_l1.store(l1)
@@ -250,7 +227,7 @@ if HAS_GLUON:
         stride_op_b, stride_op_h, stride_op_s,
         stride_lse_b, stride_lse_h,
         H, tokens_per_split,
-        PAGE: gl.constexpr, OVERLAP: gl.constexpr,
+        PAGE: gl.constexpr,
     ):
         VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         hg = gl.program_id(0)
@@ -302,14 +279,8 @@ if HAS_GLUON:
         args = (ckv_desc, kpe_desc, QPE, OP, LSE, q_lo, q_hi, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0,
                 s_l1, p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
                 stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
-                PAGE, OVERLAP)
+                PAGE)
         gl.warp_specialize([(_wg0, args), (_wg1, args)], [4], [256])
-
-
-# True: WG0 hands P0' over while its P0 V0_L runs, and WG1 takes P0' V0_R before P1 V1_R, refilling K0.hi (which
-# the next pair's first S waits for) a product earlier. False: the schedule measured in the twenty-sixth session
-# (RESULTS.md). An experiment's switch, A/B'd by `gpu_next.sh O`; the loser goes
-_OVERLAP = False
 
 
 def launch_seesaw(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
@@ -328,5 +299,5 @@ def launch_seesaw(grid, q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_ca
     _mla_decode_seesaw_kernel[grid](
         *descriptor_kernel_args(q_abs, q_pe, ckv, kpe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse,
                                 append_args, sm_scale_log2, op_strides, lse_strides, H, tokens_per_split),
-        PAGE=page, OVERLAP=_OVERLAP, num_warps=4,
+        PAGE=page, num_warps=4,
     )
