@@ -115,8 +115,8 @@ def test_fp8_checkpoint_loads_same_in_dsv3_and_transformers(tmp_ckpt):
     import os
     import subprocess
     import sys
-    pytest.importorskip("accelerate")
-    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="needs the optional `hf` extra (CI pins it)")
+    pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
     model = _fp8_model(aligned=True)
     dsv3.save_pretrained(model, tmp_ckpt, quantize_fp8=True)
     assert json.loads((tmp_ckpt / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"

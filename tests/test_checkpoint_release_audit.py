@@ -109,7 +109,7 @@ def test_a_chat_template_saved_as_its_own_file_is_the_models(bf16, tmp_path):
     tokenizer_config.json (a fine-tuned DeepSeek-V3 saved with it is such a directory), and reads it from there
     first. Before: serve, generate --chat, eval --chat and post-training read tokenizer_config.json only, so such a
     model was prompted in the built-in DeepSeek template, silently."""
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
     from dsv3.data import ChatTemplate, train_tokenizer
     from dsv3.posttrain.base import chat_template_of, load_base     # what serve / generate / eval / sft read
     d = tmp_path / "finetuned"
@@ -174,7 +174,7 @@ V2_RELEASES = {"DeepSeek-V2-Lite": dict(V2_LITE, **V2_SHRINK, n_routed_experts=8
 def test_v2_release_config_round_trips_and_loads_with_transformers_logits(name, tmp_path):
     """The V2 family's files as released (V3's test covers V3 / V3.1 / Moonlight / Kimi-K2): the config round-trips
     exactly through dsv3 convert both ways, and the logits equal transformers' DeepseekV2ForCausalLM's (fp32)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
     import warnings
     from dsv3 import ModelConfig
     from test_hf_family import TOL, write_release

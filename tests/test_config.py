@@ -58,7 +58,7 @@ def test_released_config_keeps_yarn_and_ignores_hub_init_range():
 
 
 def test_transformers5_rope_parameters_round_trip(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
     cfg = load_model_config("tiny")
     transformers.DeepseekV3Config(**cfg.to_hf()).save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
@@ -154,7 +154,7 @@ def _shared_fields() -> list[str]:
     """ModelConfig fields that transformers' DeepseekV3Config also has (rope_scaling stands for its rope_parameters
     and rope_theta; model_type is the file's identity, not a default)."""
     import dataclasses
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
     hf = transformers.DeepseekV3Config()
     names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "model_type" and hasattr(hf, f.name)]
     return names + ["rope_scaling"]

@@ -186,7 +186,7 @@ def test_too_small_vocab_is_rejected():
 
 def test_save_load_and_autotokenizer_agree(bpe, tmp_path):
     tok, out = bpe
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
     back = Tokenizer.load(out)
     assert Tokenizer.load(out / "tokenizer.json").fingerprint() == back.fingerprint() == tok.fingerprint()
     hf = transformers.AutoTokenizer.from_pretrained(str(out))
@@ -245,7 +245,7 @@ def test_stdlib_files():
 
 
 def test_iter_documents_formats(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = pytest.importorskip("pyarrow", reason="needs the optional `train` extra (CI pins it)")
     import pyarrow.parquet as pq
     (tmp_path / "sub" / ".hidden").mkdir(parents=True)
     (tmp_path / "a.txt").write_text("alpha")

@@ -24,7 +24,7 @@ from dsv3.config import CONFIG_DIR
 
 from conftest import build
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
 
 _AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
              "AutoModel": "modeling_deepseek.DeepseekV3Model",

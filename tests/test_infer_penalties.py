@@ -142,7 +142,7 @@ def test_engine_greedy_equals_the_adjusted_full_forward(model, name):
 
 def test_repetition_penalty_equals_hf_logits_processor(model):
     """Step by step against transformers' own RepetitionPenaltyLogitsProcessor over cache-free full forwards."""
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
     prompt, n = prompts([7], seed=5)[0], 14
     for r in (1.8, 0.6):
         proc = transformers.RepetitionPenaltyLogitsProcessor(r)

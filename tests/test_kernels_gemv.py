@@ -148,7 +148,8 @@ def test_cuda_skinny_matches_float64_and_captures():
 
 
 _CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU with triton (run through the device tool)")])
+    not (HAS_TRITON and torch.cuda.is_available()),
+    reason="needs a CUDA GPU with triton (run through the device tool)")])
 
 
 @pytest.mark.parametrize("device", ["cpu", _CUDA])

@@ -16,7 +16,7 @@ from dsv3.train import Trainer
 from dsv3.train.export import load_run_model
 from test_train_loop import small_run
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
 
 
 def yarn(factor: float, orig: int, **kw) -> dict:

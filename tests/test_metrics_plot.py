@@ -131,7 +131,7 @@ def test_progress_bar_and_event_console(tmp_path, capsys):
 
 
 def test_tensorboard_scalars(tmp_path):
-    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboard", reason="needs the optional `train` extra (CI pins it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     write_run(tmp_path, steps=20, tensorboard=True)
@@ -148,7 +148,7 @@ def test_tensorboard_scalars(tmp_path):
 
 
 def test_tensorboard_resume_purges_stale_steps(tmp_path):
-    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboard", reason="needs the optional `train` extra (CI pins it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     write_run(tmp_path, steps=10, tensorboard=True, val=False)

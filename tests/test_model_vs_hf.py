@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
 from transformers import DeepseekV3ForCausalLM
 
 import dsv3

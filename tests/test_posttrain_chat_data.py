@@ -84,7 +84,7 @@ def test_bad_rows_are_counted_and_reported(tok, tmp_path):
 
 
 def test_parquet_rows(tok, tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = pytest.importorskip("pyarrow", reason="needs the optional `train` extra (CI pins it)")
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist([{"messages": CONV[1:3]}, {"messages": CONV}]), tmp_path / "c.parquet")
     exs, report = read_chat_rows([tmp_path / "c.parquet"], tok, max_len=1024)

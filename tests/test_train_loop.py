@@ -141,7 +141,7 @@ def test_cpu_ema_is_the_exponential_average():
 
 
 def test_export_loads_in_dsv3_and_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="needs the optional `hf` extra (CI pins it)")
     cfg = small_run(tmp_path, "exp", train={"steps": 3, "ema_decay": 0.5}, log={"val_interval": 0})
     t = Trainer(cfg)
     summary = t.run()
