@@ -189,7 +189,7 @@ class PrefillEngine(Engine):
         model's hidden state at position n - 1, which the decode worker's first draft pairs with the first token."""
         if n - 1 > seq.mtp_cached:
             self.speculation.catch_up([seq], [n - 1])
-        return torch.cat(seq.pending_hidden)[n - 1 - seq.mtp_cached].cpu()
+        return seq.pending_hidden[-1][-1].cpu()     # (pending rows end at position num_cached_tokens - 1 = n - 1)
 
     def stats(self) -> dict:
         return super().stats() | {"kv_bytes_sent": self.kv_bytes_sent}

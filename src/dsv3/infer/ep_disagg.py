@@ -34,9 +34,7 @@ class EPPrefillEngine(PrefillEngine, EPEngine):
 
 class EPDecodeEngine(DecodeEngine, EPEngine):
     """A decode group's rank: DecodeEngine's imports over the EP group's forward; a rank with only imports waiting
-    has work (the group's `has_unfinished` counts them)."""
-
-    has_unfinished = EPEngine.has_unfinished
+    has work (the group's collective `has_unfinished` counts them)."""
 
     def _local_unfinished(self) -> bool:
         return super()._local_unfinished() or bool(self._imports)

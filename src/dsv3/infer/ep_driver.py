@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .config import EngineConfig, ExpertParallelConfig
+from .disagg import discard_kv
 from .engine import RequestOutput
 from .ep_engine import EPEngine
 from .sampling import SamplingParams
@@ -129,7 +130,6 @@ class EPFront:
     def add_prefilled(self, prompt_ids: list[int], first: RequestOutput, params: SamplingParams, handle) -> int:
         """A decode group's: a request a prefill worker ran, checked here (DecodeEngine.check_prefilled; refused: its
         hand-off discarded) and imported by the rank it goes to."""
-        from .disagg import discard_kv
         try:
             ids = self.engine.check_prefilled(prompt_ids, params, handle)
         except ValueError:
