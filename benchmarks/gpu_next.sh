@@ -44,6 +44,7 @@
 #   bash benchmarks/gpu_next.sh O   after the gate: lite batch 1 with the 8-warp MLA split kernel; ncu on the group-
 #                                   column FP8 quantiser and the 16-head MLA split kernel; the seesaw's split counts
 #                                   (~7 min)
+#   bash benchmarks/gpu_next.sh Q   the group-column quantiser's split form swept and under ncu, then O (~8 min)
 #   bash benchmarks/gpu_next.sh P   the column quantisers without a reduction per tile: CUDA bit tests, sweeps (~6 min)
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
@@ -403,5 +404,24 @@ for B, ctx in ((64, 4096), (64, 8192), (64, 16384), (64, 32768), (16, 4096), (32
 PY
     PYTHONPATH=$PYTHONPATH:benchmarks timeout 150 python /tmp/seesaw_splits.py 2>&1 | grep -E "check|^B=|Error" \
       | tee "$OUT/seesaw_splits.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P"; exit 2 ;;
+  Q)    # twenty-ninth session (~8 min, after the gate, which runs the split form's CUDA bit tests): the group-column
+        # quantiser's split form (a grid over every tile, amax by atomics, then the cast) swept beside the looped
+        # one, ncu on its two kernels; then O
+    timeout 200 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
+    grep -E "group columns|wgrad|failed|Error" "$OUT/grouped.txt" | head -60
+    S='--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy'
+    cat > /tmp/cols_split.py <<'PY'
+import torch
+from dsv3.kernels.fp8_grouped_wgrad import quantize_cols_grouped_triton
+x = torch.randn(49152, 2048, device="cuda", dtype=torch.bfloat16)
+offs = torch.arange(1, 65, device="cuda", dtype=torch.int32) * 768
+for _ in range(3):
+    quantize_cols_grouped_triton(x, offs, split=True)
+torch.cuda.synchronize()
+PY
+    timeout 90 ncu --clock-control none -k regex:_cols_ --launch-skip 4 --launch-count 2 $S python /tmp/cols_split.py \
+      > "$OUT/ncu-split.txt" 2>&1
+    grep -hE '^  [_a-z]|Duration|Throughput|Registers|Occupancy|Eligible' "$OUT/ncu-split.txt" | head -30
+    bash "$0" O ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q"; exit 2 ;;
 esac

@@ -67,6 +67,14 @@ def quantisers(dump: str | None) -> None:
     for bm, bk, w in ((gw._BLOCK_M, gw._BLOCK_K, gw._WARPS), (64, 64, 4)):
         run(f"group columns {bm} x {bk}, {w} warps", gw._cols_grouped_kernel,
             dict(HAS_RS=False, BM=bm, BK=bk, ONE_M=0, stride_xk=1), w, ("X", "QT", "S", "K", "M_PAD", "stride_xm"))
+    types["AMAX"] = "*i32"
+    for bm, bk, w in (gw._SPLIT_AMAX, (128, 128, 8)):
+        run(f"group columns split amax {bm} x {bk}, {w} w", gw._cols_amax_kernel,
+            dict(HAS_RS=False, LOG_E=7, BM=bm, BK=bk, stride_xk=1), w, ("X", "AMAX", "M", "K", "stride_xm"))
+    for bm, bk, w in (gw._SPLIT_CAST, (64, 64, 4)):
+        run(f"group columns split cast {bm} x {bk}, {w} w", gw._cols_cast_kernel,
+            dict(HAS_RS=False, LOG_E=7, BM=bm, BK=bk, stride_xk=1), w,
+            ("X", "QT", "S", "AMAX", "K", "M_PAD", "stride_xm"))
     run(f"W^T rows {fr._T_BLOCK_N} x {fr._T_BLOCK_K}", fr._rows_t_kernel,
         dict(BN=fr._T_BLOCK_N, BK=fr._T_BLOCK_K, ONE_M=0, stride_xk=1), fr._T_WARPS,
         ("X", "QT", "ST", "N", "K", "stride_xe", "stride_xn"))
