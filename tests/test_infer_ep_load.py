@@ -105,6 +105,24 @@ def test_fp8_holds_the_releases_own_codes_and_scales(dirs):
     assert read == sum(reader.stored_bytes(k) for k in reader.weight_map if k not in skip)
 
 
+def test_serving_without_speculation_reads_no_mtp_tensor(dirs):
+    """`dsv3 serve` without --spec (bf16 or FP8) loads the model without its MTP module, the rest as before."""
+    from dsv3.infer import EngineConfig
+    from dsv3.launch.loading import served_engine
+    full = load_model(str(dirs / "bf16"), str(dirs / "tok"), "cpu", torch.float32, False)[0].state_dict()
+    assert any(k.startswith("mtp.") for k in full)
+    for fp8 in (False, True):
+        plain = load_model(str(dirs / "bf16"), str(dirs / "tok"), "cpu", torch.float32, fp8, mtp=False)[0]
+        assert plain.config.num_nextn_predict_layers == 0 and not any(k.startswith("mtp.") for k in plain.state_dict())
+        if not fp8:
+            assert plain.state_dict().keys() == {k for k in full if not k.startswith("mtp.")}
+            assert all(torch.equal(v, full[k]) for k, v in plain.state_dict().items())
+    for spec in (0, 2):
+        engine = served_engine(str(dirs / "bf16"), str(dirs / "tok"), "cpu", torch.float32, False,
+                               EngineConfig(**ENGINE, num_speculative_tokens=spec))
+        assert engine.model.config.num_nextn_predict_layers == (1 if spec else 0)
+
+
 def test_fp8_from_bf16_equals_quantize_weights(dirs):
     ours, _ = load_rank_model(dirs / "bf16", torch.bfloat16, "cpu", fp8=True)
     ref = quantize_weights(load_pretrained(dirs / "bf16", dtype=torch.bfloat16)).state_dict()

@@ -43,26 +43,27 @@ def bench_model(config_name: str, mtp: bool, device: str, dtype: torch.dtype | N
     return maybe_fp8(random_model(cfg, device, serving_dtype(dtype, device)), fp8)
 
 
-def load_model(model_path: str, tokenizer_path: str | None, device: str, dtype: torch.dtype | None, fp8: bool
-               ) -> tuple[Transformer, Tokenizer]:
+def load_model(model_path: str, tokenizer_path: str | None, device: str, dtype: torch.dtype | None, fp8: bool,
+               mtp: bool = True) -> tuple[Transformer, Tokenizer]:
     """(model, tokenizer) of a model directory in the serving dtype, optionally with FP8 block weights: a Hugging
     Face directory's read straight into them (a released FP8 checkpoint's own codes and scales, dsv3.infer.ep_load),
-    a training run's quantised from its weights."""
-    if fp8 and not is_run_dir(model_path):
+    a training run's quantised from its weights. `mtp=False` (an engine that does not speculate never runs the MTP
+    module): a Hugging Face directory's MTP tensors are not read (V3's: 11.3 GB in FP8); a training run's are."""
+    if (fp8 or not mtp) and not is_run_dir(model_path):
         from ..infer.ep_load import load_rank_model
         if not Path(model_path).is_dir():
             raise FileNotFoundError(f"{model_path} is not a directory (a training run or a Hugging Face model "
                                     f"directory)")
         tokenizer = Tokenizer.load(tokenizer_dir(model_path, tokenizer_path))
-        return load_rank_model(model_path, serving_dtype(dtype, device), device, fp8=True)[0], tokenizer
+        return load_rank_model(model_path, serving_dtype(dtype, device), device, fp8=fp8, mtp=mtp)[0], tokenizer
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype=serving_dtype(dtype, device),
                                                 device=device)
     return maybe_fp8(model, fp8), tokenizer
 
 
 def load_for_serving(args: argparse.Namespace, dtype: torch.dtype | None, device: str) -> tuple[Transformer, Tokenizer]:
-    """(model, tokenizer) for `dsv3 serve --role` processes."""
-    return load_model(args.model, args.tokenizer, device, dtype, args.fp8)
+    """(model, tokenizer) for `dsv3 serve --role` processes (the MTP module only with `--spec`)."""
+    return load_model(args.model, args.tokenizer, device, dtype, args.fp8, mtp=args.spec > 0)
 
 
 def load_ep_rank(args: argparse.Namespace, dtype: torch.dtype | None, device: str, ep_config
@@ -88,8 +89,9 @@ def load_ep_rank(args: argparse.Namespace, dtype: torch.dtype | None, device: st
 
 def served_engine(model_path: str, tokenizer_path: str | None, device: str, dtype: torch.dtype | None, fp8: bool,
                   config: EngineConfig) -> Engine:
-    """The engine `dsv3 serve` runs (built in the engine process)."""
-    return Engine(*load_model(model_path, tokenizer_path, device, dtype, fp8), config)
+    """The engine `dsv3 serve` runs (built in the engine process; the MTP module only when it speculates)."""
+    return Engine(*load_model(model_path, tokenizer_path, device, dtype, fp8, config.num_speculative_tokens > 0),
+                  config)
 
 
 @functools.cache
