@@ -406,7 +406,9 @@ PY
       | tee "$OUT/seesaw_splits.txt" ;;
   Q)    # twenty-ninth session (~8 min, after the gate, which runs the split form's CUDA bit tests): the group-column
         # quantiser's split form (a grid over every tile, amax by atomics, then the cast) swept beside the looped
-        # one, ncu on its two kernels; then O
+        # one, ncu on its two kernels; then O. Twenty-ninth session, H100: the sweep read it slower, ncu's kernel times
+        # faster (RESULTS.md): the probe first (do_bench beside the profiler's kernel times)
+    timeout 100 python benchmarks/cols_split_probe.py 2>&1 | grep -v Warn | tee "$OUT/split_probe.txt"
     timeout 200 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
     grep -E "group columns|wgrad|failed|Error" "$OUT/grouped.txt" | head -60
     S='--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy'

@@ -255,7 +255,10 @@ if HAS_TRITON:
 # second read saves. The amax loop without a reduction per tile (twenty-sixth session) is not yet measured
 _BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
 # the split form (twenty-ninth session; ncu: the looped kernel is latency-bound, 27% occupancy, 0.83 eligible warps a
-# scheduler): a grid over every tile, no loop, the amax by atomics, then the cast; launch (BM, BK, warps) of each
+# scheduler): a grid over every tile, no loop, the amax by atomics, then the cast; launch (BM, BK, warps) of each.
+# Off: on an H100 the sweep's do_bench read it slower everywhere (lite 11-17% of copy vs 14-34% looped; V3 widths
+# 21-31% vs 22-45%), while ncu timed its kernels at 84.9 us (amax, 72% of DRAM) + 219.4 us (cast, 40%) against the
+# looped call's ~400 us: benchmarks/cols_split_probe.py says which reading holds before it goes or is kept
 _SPLIT, _SPLIT_AMAX, _SPLIT_CAST = False, (256, 64, 8), (128, 64, 8)
 
 
