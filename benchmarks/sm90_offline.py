@@ -58,7 +58,7 @@ def quantisers(dump: str | None) -> None:
     from dsv3.kernels import fp8_rowwise as fr
 
     types = dict(X="*bf16", W="*bf16", RS="*fp32", Q="*fp8e4nv", QT="*fp8e4nv", S="*fp32", ST="*fp32",
-                 STARTS="*i32", ENDS="*i32", PSTARTS="*i32", PENDS="*i32")
+                 STARTS="*i32", ENDS="*i32", PSTARTS="*i32", PENDS="*i32", OFFS="*i32")
 
     def run(name, fn, const, warps, div16):
         sig = {a: "constexpr" if a in const else types.get(a, "i32") for a in fn.arg_names}
@@ -66,7 +66,8 @@ def quantisers(dump: str | None) -> None:
 
     for bm, bk, w in ((gw._BLOCK_M, gw._BLOCK_K, gw._WARPS), (64, 64, 4)):
         run(f"group columns {bm} x {bk}, {w} warps", gw._cols_grouped_kernel,
-            dict(HAS_RS=False, BM=bm, BK=bk, ONE_M=0, stride_xk=1), w, ("X", "QT", "S", "K", "M_PAD", "stride_xm"))
+            dict(HAS_RS=False, BM=bm, BK=bk, ONE_M=0, E_P2=64, stride_xk=1), w,
+            ("X", "QT", "S", "K", "M_PAD", "stride_xm"))
     types["AMAX"] = "*i32"
     for bm, bk, w in (gw._SPLIT_AMAX, (128, 128, 8)):
         run(f"group columns split amax {bm} x {bk}, {w} w", gw._cols_amax_kernel,

@@ -126,6 +126,10 @@ def _interpreter_cases() -> dict:
     x, counts = cases["unaligned"][:2]
     got = quantize_cols_grouped_triton(x, _offs(counts), block_m=16, block_k=32, num_warps=2, one_pass_m=16)
     out["one_pass_slack"] = _compare(got, quantize_cols_grouped_reference(x, _offs(counts)))
+    # int64 group ends (the kernel reads them itself and derives the padded bounds: _group_bounds)
+    x, counts = cases["unaligned"][:2]
+    out["int64_offs"] = _compare(quantize_cols_grouped_triton(x, _offs(counts).long()),
+                                 quantize_cols_grouped_reference(x, _offs(counts)))
     # the split form: amax tiles spanning several groups (empty ones among them), cast tiles spanning several
     # padded groups and running past m_pad, an unaligned K, a strided view
     for name, launch in (("unaligned", (16, 32, 2, 32, 16, 2)), ("bf16_several_tiles", (64, 64, 4, 64, 32, 4)),
@@ -156,7 +160,7 @@ def _interpreter_cases() -> dict:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_grouped_wgrad")
-    assert len(res) == 16
+    assert len(res) == 17
     for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
         if name.startswith("nonfinite"):
             assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, r

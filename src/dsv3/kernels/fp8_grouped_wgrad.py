@@ -152,18 +152,33 @@ if HAS_TRITON:
         return s
 
     @triton.jit
-    def _cols_grouped_kernel(X, RS, QT, S, STARTS, ENDS, PSTARTS, PENDS, K, M_PAD, stride_xm, stride_xk,
-                             HAS_RS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, ONE_M: tl.constexpr):
+    def _group_bounds(OFFS, e, E, M_PAD, E_P2: tl.constexpr):
+        """padded_groups' (start, end, padded start, padded end) of group e, from the cumulative ends OFFS (E,) in
+        the program itself (E <= E_P2, a power of two): no launches of small torch ops before the kernel (there
+        were ten a call, more host time than some shapes' kernel)."""
+        j = tl.arange(0, E_P2)
+        ends = tl.load(OFFS + j, mask=j < E, other=0).to(tl.int32)
+        starts = tl.load(OFFS + j - 1, mask=(j >= 1) & (j < E), other=0).to(tl.int32)
+        blocks = tl.where(j < E, tl.maximum((ends - starts + 15) // 16, 1), 0)    # of ALIGN tokens; an empty group 1
+        mine = j == e
+        b_end = tl.sum(tl.where(mine, tl.cumsum(blocks, 0), 0), 0)
+        # counted in blocks and multiplied by 16 here, so the compiler sees the bounds' alignment (a multiple_of
+        # hint on the reduced values was dropped: the transposed stores went back to one byte each)
+        p_start = (b_end - tl.sum(tl.where(mine, blocks, 0), 0)) * 16
+        p_end = tl.where(e == E - 1, M_PAD, b_end * 16)     # the last group runs to M_PAD
+        return tl.sum(tl.where(mine, starts, 0), 0), tl.sum(tl.where(mine, ends, 0), 0), p_start, p_end
+
+    @triton.jit
+    def _cols_grouped_kernel(X, RS, QT, S, OFFS, E, K, M_PAD, stride_xm, stride_xk, HAS_RS: tl.constexpr,
+                             BM: tl.constexpr, BK: tl.constexpr, ONE_M: tl.constexpr, E_P2: tl.constexpr):
         # one program: BK columns of one group; a group of at most ONE_M tokens in one read (registers), a longer
         # one (or ONE_M = 0) in two (the second from L2 where it still holds the strip)
         e = tl.program_id(1)
         cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
         mask_k = cols < K
-        start, end = tl.load(STARTS + e), tl.load(ENDS + e)
-        # padded group bounds are multiples of ALIGN (padded_groups): said to the compiler, the transposed stores
-        # along the tokens become 16-byte vectors (without it, one byte per store instruction: 32 of them a thread)
-        p_start = tl.multiple_of(tl.load(PSTARTS + e), 16)
-        p_end = tl.multiple_of(tl.load(PENDS + e), 16)
+        # the padded bounds, multiples of ALIGN as the compiler sees (_group_bounds): the transposed stores along the
+        # tokens are 16-byte vectors (without it, one byte per store instruction: 32 of them a thread)
+        start, end, p_start, p_end = _group_bounds(OFFS, e, E, M_PAD, E_P2)
         if ONE_M > 0:
             if end - start <= ONE_M:
                 s = _cols_one_pass(X, RS, QT, cols, mask_k, start, end, p_start, p_end - p_start, stride_xm,
@@ -252,7 +267,7 @@ if HAS_TRITON:
 # twenty-sixth sessions): (128, 32, 4 warps) gives 28-35% of copy over lite / V3 widths, uniform and skewed, vs
 # 21-34% for (64, 64, 4); with the 16-byte store hint 22-41% (no clear gain). ONE_M: the longest group read once
 # (0: every group twice); the one-pass form measured 7-31%, the strip in registers costing more occupancy than the
-# second read saves. The amax loop without a reduction per tile (twenty-sixth session) is not yet measured
+# second read saves. The amax loop without a reduction per tile (twenty-sixth session): 0.88-0.96x the time (H200)
 _BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
 # the split form (twenty-ninth session; ncu: the looped kernel is latency-bound, 27% occupancy, 0.83 eligible warps a
 # scheduler): a grid over every tile, no loop, the amax by atomics, then the cast; launch (BM, BK, warps) of each.
@@ -275,9 +290,9 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
     m_pad = padded_tokens(M, E)
     q_t = torch.empty(K, m_pad, device=x.device, dtype=_E4M3)
     scale = torch.empty(E, K, device=x.device, dtype=torch.float32)
-    starts, p_starts, p_ends = padded_groups(offs, m_pad)
     split = _SPLIT if split is None else split
     if K and split:
+        starts, p_starts, p_ends = padded_groups(offs, m_pad)
         bm_a, bk_a, w_a, bm_c, bk_c, w_c = (*_SPLIT_AMAX, *_SPLIT_CAST) if split is True else split
         amax = torch.zeros(E, K, device=x.device, dtype=torch.int32)
         rs, ends, log_e = x if row_scale is None else row_scale, offs.to(torch.int32), E.bit_length()
@@ -291,9 +306,10 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
     elif K:
         bk = block_k or _BLOCK_K
         _cols_grouped_kernel[(triton.cdiv(K, bk), E)](
-            x, x if row_scale is None else row_scale, q_t, scale, starts, offs.to(torch.int32), p_starts, p_ends, K,
-            m_pad, x.stride(0), x.stride(1), HAS_RS=row_scale is not None, BM=block_m or _BLOCK_M, BK=bk,
-            ONE_M=_ONE_M if one_pass_m is None else one_pass_m, num_warps=num_warps or _WARPS)
+            x, x if row_scale is None else row_scale, q_t, scale, offs, E, K, m_pad, x.stride(0), x.stride(1),
+            HAS_RS=row_scale is not None, BM=block_m or _BLOCK_M, BK=bk,
+            ONE_M=_ONE_M if one_pass_m is None else one_pass_m, E_P2=triton.next_power_of_2(E),
+            num_warps=num_warps or _WARPS)
     return q_t, scale
 
 
