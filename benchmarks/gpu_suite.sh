@@ -55,16 +55,18 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
 # The files of each half: the GPU-heavy and the long CPU files spread over both (measured durations, RESULTS.md).
-GPU_TESTS="tests/test_gpu.py tests/test_kernels_fp8_quant.py tests/test_kernels_fp8_gemm.py
-  tests/test_kernels_fp8_weight_gemm.py tests/test_kernels_mla_decode.py tests/test_fp8_recipe.py
-  tests/test_infer_sampling.py tests/test_parallel_pipeline.py tests/test_parallel_pipeline_ep.py
-  tests/test_train_pipeline.py tests/test_kernels_adamw.py tests/test_kernels_fp8_rowwise.py
-  tests/test_infer_decode_compile.py tests/test_kernels_moe_decode.py tests/test_infer_engine.py
+# The heaviest files first (the interpreter-compiled lite shapes of the fused MoE take ~150 s each, compiled decode,
+# the engines, pipelining): xdist hands tests out roughly in this order, and on a cold H100 (twenty-ninth session) the
+# gate's last tests, these, ended at its 560 s limit.
+GPU_TESTS="tests/test_kernels_moe_decode.py tests/test_infer_decode_compile.py tests/test_infer_engine.py
+  tests/test_infer_pdl.py tests/test_train_compiled_loads.py tests/test_parallel_pipeline_ep.py
+  tests/test_parallel_pipeline.py tests/test_train_pipeline.py tests/test_gpu.py tests/test_kernels_fp8_quant.py
+  tests/test_kernels_fp8_gemm.py tests/test_kernels_fp8_weight_gemm.py tests/test_kernels_mla_decode.py
+  tests/test_fp8_recipe.py tests/test_infer_sampling.py tests/test_kernels_adamw.py tests/test_kernels_fp8_rowwise.py
   tests/test_long_context_extend.py tests/test_kernels_moe_route.py tests/test_kernels_gemv.py
-  tests/test_infer_fused_proj.py tests/test_fp8_weight_cache.py tests/test_infer_overlap.py
-  tests/test_infer_spec.py tests/test_kernels_grad_norm.py tests/test_train_compiled_loads.py
-  tests/test_kernels_fp8_grouped_wgrad.py tests/test_fp8_shared_input.py tests/test_kernels_edge.py
-  tests/test_infer_audit.py tests/test_hf_family.py tests/test_infer_penalties.py tests/test_infer_pdl.py
+  tests/test_infer_fused_proj.py tests/test_fp8_weight_cache.py tests/test_infer_overlap.py tests/test_infer_spec.py
+  tests/test_kernels_grad_norm.py tests/test_kernels_fp8_grouped_wgrad.py tests/test_fp8_shared_input.py
+  tests/test_kernels_edge.py tests/test_infer_audit.py tests/test_hf_family.py tests/test_infer_penalties.py
   tests/test_infer_structured.py"
 ALL=$(ls tests/test_*.py)
 HALF1=$(for f in $ALL; do [[ $(( $(cksum <<< "$f" | cut -d' ' -f1) % 2 )) == 0 ]] && echo "$f"; done)
