@@ -68,6 +68,7 @@ def quantisers(dump: str | None) -> None:
         run(f"group columns {bm} x {bk}, {w} warps", gw._cols_grouped_kernel,
             dict(HAS_RS=False, BM=bm, BK=bk, ONE_M=0, E_P2=64, stride_xk=1), w,
             ("X", "QT", "S", "K", "M_PAD", "stride_xm"))
+    run("padded groups (64 experts)", gw._padded_groups_kernel, dict(E_P2=64), 4, ())
     types["AMAX"] = "*i32"
     for bm, bk, w in (gw._SPLIT_AMAX, (128, 128, 8)):
         run(f"group columns split amax {bm} x {bk}, {w} w", gw._cols_amax_kernel,

@@ -126,6 +126,14 @@ def _interpreter_cases() -> dict:
     x, counts = cases["unaligned"][:2]
     got = quantize_cols_grouped_triton(x, _offs(counts), block_m=16, block_k=32, num_warps=2, one_pass_m=16)
     out["one_pass_slack"] = _compare(got, quantize_cols_grouped_reference(x, _offs(counts)))
+    # padded_groups in one launch against its torch form: empty groups first, last and between, one group, int64
+    from dsv3.kernels.fp8_grouped_wgrad import padded_groups_reference, padded_groups_triton
+    for counts in ([5, 0, 40, 16, 1], [0, 0, 3], [20], [0, 17, 0, 0, 33, 16, 0], [7] * 9):
+        for offs in (_offs(counts), _offs(counts).long()):
+            m_pad = padded_tokens(sum(counts), len(counts))
+            got, want = padded_groups_triton(offs, m_pad), padded_groups_reference(offs, m_pad)
+            out[f"padded_groups_{counts}_{offs.dtype}"] = dict(
+                bad=sum(int(not torch.equal(g, w)) for g, w in zip(got, want)), nan=0, scale_err=0)
     # int64 group ends (the kernel reads them itself and derives the padded bounds: _group_bounds)
     x, counts = cases["unaligned"][:2]
     out["int64_offs"] = _compare(quantize_cols_grouped_triton(x, _offs(counts).long()),
@@ -160,7 +168,7 @@ def _interpreter_cases() -> dict:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_grouped_wgrad")
-    assert len(res) == 17
+    assert len(res) == 27
     for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
         if name.startswith("nonfinite"):
             assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, r
@@ -181,6 +189,10 @@ def test_quantize_cols_grouped_bit_exact_on_cuda():
                       (make_x(64 * 48, 1408, torch.bfloat16, seed=3), [48] * 64),
                       (torch.randn(3000, 576, generator=g), [1000, 0, 2000])):
         offs = _offs(counts, "cuda")
+        m_pad = padded_tokens(sum(counts), len(counts))
+        from dsv3.kernels.fp8_grouped_wgrad import padded_groups_reference
+        assert all(torch.equal(g.cpu(), w) for g, w in zip(padded_groups(offs, m_pad),
+                                                           padded_groups_reference(offs.cpu(), m_pad)))
         for launch in ((None, None, None), (32, 64, 4), (128, 32, 8), (64, 16, 8, None, 1024), (64, 32, 16, None, 512),
                        (None, None, None, None, None, True), (None, None, None, None, None, (128, 128, 8, 64, 32, 4))):
             q, s = quantize_cols_grouped_triton(x.cuda(), offs, *launch)

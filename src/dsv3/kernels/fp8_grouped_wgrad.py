@@ -35,7 +35,8 @@ from .fp8_quant import _scales
 from .triton_setup import FP8_MAX, HAS_TRITON, capability, need_triton, tl, triton, use_triton
 
 __all__ = ["ALIGN", "fp8_grouped_wgrad_rowwise", "fp8_grouped_wgrad_rowwise_reference", "padded_groups",
-           "padded_tokens", "quantize_cols_grouped", "quantize_cols_grouped_reference", "quantize_cols_grouped_triton"]
+           "padded_groups_reference", "padded_groups_triton", "padded_tokens", "quantize_cols_grouped",
+           "quantize_cols_grouped_reference", "quantize_cols_grouped_triton"]
 
 _E4M3 = torch.float8_e4m3fn
 ALIGN = 16       # tokens: a group's start along the contiguous token dim is 16-byte aligned in FP8
@@ -50,7 +51,16 @@ def padded_tokens(M: int, E: int) -> int:
 def padded_groups(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tensor]:
     """(starts, padded starts, padded ends) of the groups whose cumulative ends are offs (E,), as int32 on offs'
     device: group e's tokens x[starts[e]:offs[e]] go to columns [p_starts[e], p_starts[e] + count) of q_t, and the
-    GEMM's group e spans [p_starts[e], p_ends[e]); the last group ends at m_pad (= padded_tokens(M, E))."""
+    GEMM's group e spans [p_starts[e], p_ends[e]); the last group ends at m_pad (= padded_tokens(M, E)). On CUDA
+    one Triton launch (the reference is ten small torch ops, each a launch and host time: the FP8 weight gradient
+    paid them on every GEMM, the split quantiser on every call)."""
+    if HAS_TRITON and offs.is_cuda:
+        return padded_groups_triton(offs, m_pad)
+    return padded_groups_reference(offs, m_pad)
+
+
+def padded_groups_reference(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`padded_groups` in torch ops."""
     ends = offs.long()
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     # an expert without tokens gets 16 zero columns: a zero-length group would leave its output to the GEMM
@@ -152,16 +162,29 @@ if HAS_TRITON:
         return s
 
     @triton.jit
-    def _group_bounds(OFFS, e, E, M_PAD, E_P2: tl.constexpr):
-        """padded_groups' (start, end, padded start, padded end) of group e, from the cumulative ends OFFS (E,) in
-        the program itself (E <= E_P2, a power of two): no launches of small torch ops before the kernel (there
-        were ten a call, more host time than some shapes' kernel)."""
+    def _padded_blocks(OFFS, E, E_P2: tl.constexpr):
+        """Every group's (index, start, end, padded width in ALIGN-token blocks, cumulative blocks) as (E_P2,)
+        vectors from the cumulative ends OFFS (E,) (E <= E_P2, a power of two; zeros past E)."""
         j = tl.arange(0, E_P2)
         ends = tl.load(OFFS + j, mask=j < E, other=0).to(tl.int32)
         starts = tl.load(OFFS + j - 1, mask=(j >= 1) & (j < E), other=0).to(tl.int32)
-        blocks = tl.where(j < E, tl.maximum((ends - starts + 15) // 16, 1), 0)    # of ALIGN tokens; an empty group 1
+        blocks = tl.where(j < E, tl.maximum((ends - starts + 15) // 16, 1), 0)    # an empty group: one block
+        return j, starts, ends, blocks, tl.cumsum(blocks, 0)
+
+    @triton.jit
+    def _padded_groups_kernel(OFFS, STARTS, PSTARTS, PENDS, E, M_PAD, E_P2: tl.constexpr):
+        j, starts, _, blocks, b_ends = _padded_blocks(OFFS, E, E_P2)
+        tl.store(STARTS + j, starts, mask=j < E)
+        tl.store(PSTARTS + j, (b_ends - blocks) * 16, mask=j < E)
+        tl.store(PENDS + j, tl.where(j == E - 1, M_PAD, b_ends * 16), mask=j < E)
+
+    @triton.jit
+    def _group_bounds(OFFS, e, E, M_PAD, E_P2: tl.constexpr):
+        """padded_groups' (start, end, padded start, padded end) of group e, in the program itself: no launches
+        before the kernel (padded_groups' reference was ten small torch ops a call)."""
+        j, starts, ends, blocks, b_ends = _padded_blocks(OFFS, E, E_P2)
         mine = j == e
-        b_end = tl.sum(tl.where(mine, tl.cumsum(blocks, 0), 0), 0)
+        b_end = tl.sum(tl.where(mine, b_ends, 0), 0)
         # counted in blocks and multiplied by 16 here, so the compiler sees the bounds' alignment (a multiple_of
         # hint on the reduced values was dropped: the transposed stores went back to one byte each)
         p_start = (b_end - tl.sum(tl.where(mine, blocks, 0), 0)) * 16
@@ -275,6 +298,15 @@ _BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
 # 21-31% vs 22-45%), while ncu timed its kernels at 84.9 us (amax, 72% of DRAM) + 219.4 us (cast, 40%) against the
 # looped call's ~400 us: benchmarks/cols_split_probe.py says which reading holds before it goes or is kept
 _SPLIT, _SPLIT_AMAX, _SPLIT_CAST = False, (256, 64, 8), (128, 64, 8)
+
+
+def padded_groups_triton(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`padded_groups` in one Triton launch."""
+    need_triton("padded_groups_triton")
+    E = offs.shape[0]
+    starts, p_starts, p_ends = (torch.empty(E, device=offs.device, dtype=torch.int32) for _ in range(3))
+    _padded_groups_kernel[(1,)](offs, starts, p_starts, p_ends, E, m_pad, E_P2=triton.next_power_of_2(E))
+    return starts, p_starts, p_ends
 
 
 def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = None, block_k: int | None = None,
