@@ -214,7 +214,6 @@ if HAS_TRITON:
                                M_PAD, HAS_RS, BM, BK)
         tl.store(S + e * K + cols, s, mask=mask_k)
 
-
     @triton.jit
     def _group_of(ENDS, r, E, LOG_E: tl.constexpr):
         """the group holding row r (scalar or vector): the number of cumulative ends <= r, by binary search over
@@ -327,13 +326,13 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
         starts, p_starts, p_ends = padded_groups(offs, m_pad)
         bm_a, bk_a, w_a, bm_c, bk_c, w_c = (*_SPLIT_AMAX, *_SPLIT_CAST) if split is True else split
         amax = torch.zeros(E, K, device=x.device, dtype=torch.int32)
-        rs, ends, log_e = x if row_scale is None else row_scale, offs.to(torch.int32), E.bit_length()
+        rs, log_e = x if row_scale is None else row_scale, E.bit_length()
         if M:
             _cols_amax_kernel[(triton.cdiv(M, bm_a), triton.cdiv(K, bk_a))](
-                x, rs, amax, starts, ends, M, K, E, x.stride(0), x.stride(1), HAS_RS=row_scale is not None,
+                x, rs, amax, starts, offs, M, K, E, x.stride(0), x.stride(1), HAS_RS=row_scale is not None,
                 LOG_E=log_e, BM=bm_a, BK=bk_a, num_warps=w_a)
         _cols_cast_kernel[(triton.cdiv(m_pad, bm_c), triton.cdiv(K, bk_c))](
-            x, rs, q_t, scale, amax, starts, ends, p_starts, p_ends, K, E, m_pad, x.stride(0), x.stride(1),
+            x, rs, q_t, scale, amax, starts, offs, p_starts, p_ends, K, E, m_pad, x.stride(0), x.stride(1),
             HAS_RS=row_scale is not None, LOG_E=log_e, BM=bm_c, BK=bk_c, num_warps=w_c)
     elif K:
         bk = block_k or _BLOCK_K
