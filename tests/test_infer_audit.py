@@ -348,18 +348,23 @@ def test_generate_repetition_penalty_reaches_the_engine(capsys, base, monkeypatc
 
 
 def test_generate_runs_on_the_device_and_dtype_asked(capsys, base, monkeypatch):
-    """--device / --dtype (default: cuda in bf16 where there is one): generate always ran on the CPU in fp32."""
+    """--device / --dtype (default: cuda in bf16 where there is one): generate always ran on the CPU in fp32. The
+    model the engine gets is looked at; without --spec it has no MTP module (none of its tensors read)."""
     import dsv3.launch.generate
     seen = {}
-    real = dsv3.launch.generate.load_model_and_tokenizer
+    real = dsv3.launch.generate.Engine
 
-    def spy(*a, **k):
-        seen.update(k)
-        return real(*a, **k)
-    monkeypatch.setattr(dsv3.launch.generate, "load_model_and_tokenizer", spy)
+    def spy(model, *a, **k):
+        p = next(model.parameters())
+        seen.update(device=p.device.type, dtype=p.dtype, mtp=len(model.mtp))
+        return real(model, *a, **k)
+    monkeypatch.setattr(dsv3.launch.generate, "Engine", spy)
     rc, out, _ = generate(capsys, "--model", str(base), "--prompt", "x", "--max-tokens", "3", "--device", "cpu",
                           "--dtype", "bf16")
-    assert rc == 0 and seen["device"] == "cpu" and seen["dtype"] == torch.bfloat16
+    assert rc == 0 and seen == dict(device="cpu", dtype=torch.bfloat16, mtp=0)
+    rc, out, _ = generate(capsys, "--model", str(base), "--prompt", "x", "--max-tokens", "3", "--spec", "1",
+                          "--device", "cpu")
+    assert rc == 0 and seen["mtp"] == 1
     rc, out, _ = generate(capsys, "--model", str(base), "--prompt", "x", "--max-tokens", "3")
     assert rc == 0 and seen["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -33,7 +33,7 @@ def run_eval(args: argparse.Namespace, dtype: torch.dtype | None) -> int:
             raise ValueError("pass --model (a run or HF directory) or --server URL")
         device = default_device(args.device)
         tok_dir = tokenizer_dir(args.model, args.tokenizer)
-        model, tokenizer = load_model(args.model, args.tokenizer, device, dtype, fp8=False)
+        model, tokenizer = load_model(args.model, args.tokenizer, device, dtype, fp8=False, mtp=False)  # no --spec
         # generations end where `dsv3 serve` ends them: the tokenizer's EOS and generation_config.json's
         backend = EngineBackend(Engine(model, tokenizer, EngineConfig(cache_memory_gib=args.cache_gib,
                                                                       max_num_seqs=args.max_num_seqs,

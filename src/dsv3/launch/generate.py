@@ -12,7 +12,7 @@ from ..data import Tokenizer, read_tokenizer_config
 from ..data.tokenizer import DOCUMENT_START_KEY
 from ..infer import Engine, EngineConfig, SamplingParams
 from ..posttrain.base import is_run_dir, load_model_and_tokenizer, tokenizer_dir
-from .loading import default_device, serving_dtype
+from .loading import default_device, load_model, serving_dtype
 
 
 def prompt_prefix(args: argparse.Namespace, tokenizer: Tokenizer) -> list[int]:
@@ -50,8 +50,11 @@ def run_generate(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
     sampling, eos = generate_sampling(args)
     params = [SamplingParams(**sampling, max_tokens=args.max_tokens, seed=args.seed + i) for i in range(args.samples)]
     device = default_device(args.device)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema,
-                                                dtype=serving_dtype(dtype, device), device=device)
+    if args.ema or is_run_dir(args.model):
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema,
+                                                    dtype=serving_dtype(dtype, device), device=device)
+    else:       # a Hugging Face directory: its MTP module only with --spec (dsv3.launch.loading)
+        model, tokenizer = load_model(args.model, args.tokenizer, device, dtype, False, mtp=args.spec > 0)
     # unicode_escape reads bytes as Latin-1: the prompt's other characters go in as escapes themselves, so "é\\n"
     # stays "é" + newline (its UTF-8 bytes would come back as "Ã©")
     prompt = (args.prompt.encode("latin-1", "backslashreplace").decode("unicode_escape") if args.escapes
