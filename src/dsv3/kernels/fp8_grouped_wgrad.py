@@ -232,12 +232,15 @@ if HAS_TRITON:
     def _cols_amax_kernel(X, RS, AMAX, STARTS, ENDS, M, K, E, stride_xm, stride_xk, HAS_RS: tl.constexpr,
                           LOG_E: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
         # split form, pass 1: one (BM, BK) tile of x per program, no loop (every program's loads in flight at
-        # once); its column maxima go to AMAX (E, K) int32 by atomic max on the fp32 bits of |x| (non-negative,
-        # so the bits order as the values do; NaN's above +inf: torch's amax propagates it), once per group the
-        # tile holds (almost always one)
-        r0 = tl.program_id(0) * BM
+        # once), the column blocks of a row tile side by side in the grid, so that programs running together read
+        # whole rows of x (token tiles first, ncu saw the cast pass at 40% of DRAM: BK-wide strips of thousands
+        # of rows, each row's other strips read much later; the looped form and the tiles of x^T, 83% of copy,
+        # run column blocks first). Its column maxima go to AMAX (E, K) int32 by atomic max on the fp32 bits of
+        # |x| (non-negative, so the bits order as the values do; NaN's above +inf: torch's amax propagates it),
+        # once per group the tile holds (almost always one)
+        r0 = tl.program_id(1) * BM
         rows = (r0 + tl.arange(0, BM)).to(tl.int64)
-        cols = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)
+        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
         mask_k = cols < K
         in_x = rows < M
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x[:, None] & mask_k[None, :],
@@ -259,9 +262,9 @@ if HAS_TRITON:
         # almost always; several where groups are short: each is padded to 16) are walked twice, once for each
         # token's source row, once for the codes with that group's scales (a row of BK, not a gather per element:
         # that cost 229 registers); the program holding a group's first padded token writes the group's scales
-        p0 = tl.program_id(0) * BM
+        p0 = tl.program_id(1) * BM
         p = p0 + tl.arange(0, BM)
-        cols = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)
+        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
         mask_k = cols < K
         g_lo = _group_of(PENDS, p0, E, LOG_E)
         g_hi = tl.minimum(_group_of(PENDS, tl.minimum(p0 + BM, M_PAD) - 1, E, LOG_E), E - 1)
@@ -295,7 +298,8 @@ _BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
 # scheduler): a grid over every tile, no loop, the amax by atomics, then the cast; launch (BM, BK, warps) of each.
 # Off: on an H100 the sweep's do_bench read it slower everywhere (lite 11-17% of copy vs 14-34% looped; V3 widths
 # 21-31% vs 22-45%), while ncu timed its kernels at 84.9 us (amax, 72% of DRAM) + 219.4 us (cast, 40%) against the
-# looped call's ~400 us: benchmarks/cols_split_probe.py says which reading holds before it goes or is kept
+# looped call's ~400 us: benchmarks/cols_split_probe.py says which reading holds before it goes or is kept. Since
+# then (unmeasured): both grids run column blocks first, as the looped form's does
 _SPLIT, _SPLIT_AMAX, _SPLIT_CAST = False, (256, 64, 8), (128, 64, 8)
 
 
@@ -322,16 +326,17 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
     q_t = torch.empty(K, m_pad, device=x.device, dtype=_E4M3)
     scale = torch.empty(E, K, device=x.device, dtype=torch.float32)
     split = _SPLIT if split is None else split
-    if K and split:
+    bm_a, bk_a, w_a, bm_c, bk_c, w_c = (*_SPLIT_AMAX, *_SPLIT_CAST) if split in (True, False) else split
+    # the split form's token tiles are its grids' second dimension (at most 65,535): past it, the looped form
+    if K and split and max(triton.cdiv(M, bm_a), triton.cdiv(m_pad, bm_c)) <= 65535:
         starts, p_starts, p_ends = padded_groups(offs, m_pad)
-        bm_a, bk_a, w_a, bm_c, bk_c, w_c = (*_SPLIT_AMAX, *_SPLIT_CAST) if split is True else split
         amax = torch.zeros(E, K, device=x.device, dtype=torch.int32)
         rs, log_e = x if row_scale is None else row_scale, E.bit_length()
         if M:
-            _cols_amax_kernel[(triton.cdiv(M, bm_a), triton.cdiv(K, bk_a))](
+            _cols_amax_kernel[(triton.cdiv(K, bk_a), triton.cdiv(M, bm_a))](  # column blocks fastest (below)
                 x, rs, amax, starts, offs, M, K, E, x.stride(0), x.stride(1), HAS_RS=row_scale is not None,
                 LOG_E=log_e, BM=bm_a, BK=bk_a, num_warps=w_a)
-        _cols_cast_kernel[(triton.cdiv(m_pad, bm_c), triton.cdiv(K, bk_c))](
+        _cols_cast_kernel[(triton.cdiv(K, bk_c), triton.cdiv(m_pad, bm_c))](
             x, rs, q_t, scale, amax, starts, offs, p_starts, p_ends, K, E, m_pad, x.stride(0), x.stride(1),
             HAS_RS=row_scale is not None, LOG_E=log_e, BM=bm_c, BK=bk_c, num_warps=w_c)
     elif K:
