@@ -83,7 +83,14 @@ def per_gemm(D: int, I: int, counts: torch.Tensor, dev: str) -> list[dict]:
                            lambda: fp8_grouped_gemm_rowwise_reference(*dyq, *wtq, offs, torch.float32)),
                  "wgrad": (lambda: torch._grouped_mm(dy.t(), x, offs=offs),
                            lambda: fp8_grouped_wgrad_rowwise(*dyc, *xc, offs),
-                           lambda: fp8_grouped_wgrad_rowwise_reference(*dyc, *xc, offs, torch.float32))}
+                           lambda: fp8_grouped_wgrad_rowwise_reference(*dyc, *xc, offs, torch.float32)),
+                 # what the training step pays for an FP8 weight gradient: both operands' group-column quantisers
+                 # and the GEMM (the row above: the GEMM alone, operands quantised beforehand)
+                 "wgrad with its quantisers": (
+                     lambda: torch._grouped_mm(dy.t(), x, offs=offs),
+                     lambda: fp8_grouped_wgrad_rowwise(*quantize_cols_grouped(dy, offs),
+                                                       *quantize_cols_grouped(x, offs), offs),
+                     lambda: fp8_grouped_wgrad_rowwise_reference(*dyc, *xc, offs, torch.float32))}
         for gemm, (bf16, fp8, ref) in cases.items():
             r = {"gemm": f"{name} {gemm}", "M": M, "N": N, "K": K, "err_vs_ref": rel(fp8(), ref())}
             r["bf16_tflops"] = flops / bench(bf16, dev) / 1e12
