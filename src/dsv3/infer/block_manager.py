@@ -30,9 +30,6 @@ class BlockManager:
         self.by_hash: dict[int, int] = {}
         self.free: deque[int] = deque(range(num_blocks))
         self.prefix_hits = 0          # blocks reused, for statistics and tests
-        # blocks with a reference, counted as references come and go (not from the free list: the two agree
-        # unless a block leaks, which is what the servers' tests check; stats() read it by a pass over ref_count)
-        self.num_referenced = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -57,7 +54,6 @@ class BlockManager:
         elif self.ref_count[bid] == 0:
             self.free.remove(bid)
         self.ref_count[bid] += 1
-        self.num_referenced += self.ref_count[bid] == 1
         return bid
 
     def _cached_block(self, seq: Sequence, i: int, prefix: int) -> tuple[int | None, int]:
@@ -117,7 +113,6 @@ class BlockManager:
             bid = seq.block_table.pop()
             self.ref_count[bid] -= 1
             assert self.ref_count[bid] == 0 and self.hash_of[bid] is None, "trimmed a shared or registered block"
-            self.num_referenced -= 1
             self.free.appendleft(bid)
 
     def mark_computed(self, seq: Sequence) -> None:
@@ -142,6 +137,5 @@ class BlockManager:
             self.ref_count[bid] -= 1
             assert self.ref_count[bid] >= 0
             if self.ref_count[bid] == 0:
-                self.num_referenced -= 1
                 self.free.append(bid)
         seq.block_table, seq.block_hashes, seq.num_cached_tokens = [], [], 0

@@ -251,7 +251,7 @@ class Engine:
         b = self.blocks
         return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                     unfinished=Engine.has_unfinished(self), free_blocks=b.num_free_blocks, num_blocks=b.num_blocks,
-                    referenced_blocks=b.num_referenced,
+                    referenced_blocks=b.num_blocks - b.num_free_blocks,    # a block is free exactly when unreferenced
                     cache_usage=1 - b.num_free_blocks / b.num_blocks, preemptions=self.scheduler.num_preemptions,
                     prefix_hits=b.prefix_hits, graph_captures=sum(g.captures for g in self.runner.all_graphs()),
                     graph_capture_seconds=sum(g.capture_seconds for g in self.runner.all_graphs()),

@@ -326,12 +326,13 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
     q_t = torch.empty(K, m_pad, device=x.device, dtype=_E4M3)
     scale = torch.empty(E, K, device=x.device, dtype=torch.float32)
     split = _SPLIT if split is None else split
-    bm_a, bk_a, w_a, bm_c, bk_c, w_c = (*_SPLIT_AMAX, *_SPLIT_CAST) if split in (True, False) else split
+    bm_a, bk_a, w_a, bm_c, bk_c, w_c = split if isinstance(split, tuple) else (*_SPLIT_AMAX, *_SPLIT_CAST)
+    rs = x if row_scale is None else row_scale      # (a pointer the kernels ignore without HAS_RS)
     # the split form's token tiles are its grids' second dimension (at most 65,535): past it, the looped form
     if K and split and max(triton.cdiv(M, bm_a), triton.cdiv(m_pad, bm_c)) <= 65535:
         starts, p_starts, p_ends = padded_groups(offs, m_pad)
         amax = torch.zeros(E, K, device=x.device, dtype=torch.int32)
-        rs, log_e = x if row_scale is None else row_scale, E.bit_length()
+        log_e = E.bit_length()
         if M:
             _cols_amax_kernel[(triton.cdiv(K, bk_a), triton.cdiv(M, bm_a))](  # column blocks fastest (below)
                 x, rs, amax, starts, offs, M, K, E, x.stride(0), x.stride(1), HAS_RS=row_scale is not None,
@@ -342,7 +343,7 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
     elif K:
         bk = block_k or _BLOCK_K
         _cols_grouped_kernel[(triton.cdiv(K, bk), E)](
-            x, x if row_scale is None else row_scale, q_t, scale, offs, E, K, m_pad, x.stride(0), x.stride(1),
+            x, rs, q_t, scale, offs, E, K, m_pad, x.stride(0), x.stride(1),
             HAS_RS=row_scale is not None, BM=block_m or _BLOCK_M, BK=bk,
             ONE_M=_ONE_M if one_pass_m is None else one_pass_m, E_P2=triton.next_power_of_2(E),
             num_warps=num_warps or _WARPS)
