@@ -45,6 +45,8 @@
 #                                   column FP8 quantiser and the 16-head MLA split kernel; the seesaw's split counts
 #                                   (~7 min)
 #   bash benchmarks/gpu_next.sh Q   the group-column quantiser's split form swept and under ncu, then O (~8 min)
+#   bash benchmarks/gpu_next.sh R   the group-column quantiser probed and swept again, then the lite-8L step with
+#                                   the FP8 expert wgrad vs BF16 wgrad (~8 min)
 #   bash benchmarks/gpu_next.sh P   the column quantisers without a reduction per tile: CUDA bit tests, sweeps (~6 min)
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
@@ -425,5 +427,14 @@ PY
       > "$OUT/ncu-split.txt" 2>&1
     grep -hE '^  [_a-z]|Duration|Throughput|Registers|Occupancy|Eligible' "$OUT/ncu-split.txt" | head -30
     bash "$0" O ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q"; exit 2 ;;
+  R)    # thirtieth session (~8 min, after the gate): has the looped group-column quantiser, now free of its ten
+        # small torch ops a call, moved to ncu's kernel time (probe and sweep), and does the FP8 expert wgrad now pay
+        # in the lite-8L step (twelfth-session H200: 486.0 vs 447.4 ms, 0.92x, five column quantisations a layer)?
+    timeout 100 python benchmarks/cols_split_probe.py 2>&1 | grep -v Warn | tee "$OUT/split_probe.txt"
+    timeout 200 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
+    grep -E "group columns|wgrad|failed|Error" "$OUT/grouped.txt" | head -60
+    timeout 250 python benchmarks/train_lite8l.py --compare --arms row-exponly,row-exponly-w8 --compile \
+      --dtype bf16-params --state-dtype bf16 --no-mtp --steps 5 --warmup 2 > "$OUT/wgrad_step.txt" 2>&1
+    grep -v Warn "$OUT/wgrad_step.txt" | tail -12 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R"; exit 2 ;;
 esac
