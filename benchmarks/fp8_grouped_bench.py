@@ -118,14 +118,6 @@ def per_gemm(D: int, I: int, counts: torch.Tensor, dev: str) -> list[dict]:
                 gbps = (M * K * 3 + E * K * 4) / t / 1e9
                 rows.append({"gemm": f"{name} group columns sweep", "block_m": bm, "block_k": bk, "warps": nw,
                              "one_pass_m": one, "GBps": gbps, "of_copy": gbps / copy_gbps})
-            # the split form: (BM, BK, warps) of the amax pass, then of the cast pass
-            for split in ((256, 64, 8, 128, 64, 8), (128, 64, 4, 128, 64, 8), (512, 64, 8, 128, 64, 8),
-                          (256, 128, 8, 128, 64, 8), (256, 64, 8, 64, 64, 4), (256, 64, 8, 128, 128, 8),
-                          (256, 64, 8, 256, 64, 8), (256, 32, 4, 128, 32, 4)):
-                t = bench(lambda: quantize_cols_grouped_triton(x, offs, split=split), dev)
-                gbps = (M * K * 3 + E * K * 4) / t / 1e9
-                rows.append({"gemm": f"{name} group columns split", "launch": split, "GBps": gbps,
-                             "of_copy": gbps / copy_gbps})
     return rows
 
 

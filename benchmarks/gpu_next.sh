@@ -44,7 +44,7 @@
 #   bash benchmarks/gpu_next.sh O   after the gate: lite batch 1 with the 8-warp MLA split kernel; ncu on the group-
 #                                   column FP8 quantiser and the 16-head MLA split kernel; the seesaw's split counts
 #                                   (~7 min)
-#   bash benchmarks/gpu_next.sh Q   the group-column quantiser's split form swept and under ncu, then O (~8 min)
+#   bash benchmarks/gpu_next.sh Q   O (the split form it swept was removed)
 #   bash benchmarks/gpu_next.sh R   the group-column quantiser probed and swept again, then the lite-8L step with
 #                                   the FP8 expert wgrad vs BF16 wgrad (~8 min)
 #   bash benchmarks/gpu_next.sh P   the column quantisers without a reduction per tile: CUDA bit tests, sweeps (~6 min)
@@ -406,31 +406,13 @@ for B, ctx in ((64, 4096), (64, 8192), (64, 16384), (64, 32768), (16, 4096), (32
 PY
     PYTHONPATH=$PYTHONPATH:benchmarks timeout 150 python /tmp/seesaw_splits.py 2>&1 | grep -E "check|^B=|Error" \
       | tee "$OUT/seesaw_splits.txt" ;;
-  Q)    # twenty-ninth session (~8 min, after the gate, which runs the split form's CUDA bit tests): the group-column
-        # quantiser's split form (a grid over every tile, amax by atomics, then the cast) swept beside the looped
-        # one, ncu on its two kernels; then O. Twenty-ninth session, H100: the sweep read it slower, ncu's kernel times
-        # faster (RESULTS.md): the probe first (do_bench beside the profiler's kernel times)
-    timeout 100 python benchmarks/cols_split_probe.py 2>&1 | grep -v Warn | tee "$OUT/split_probe.txt"
-    timeout 200 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
-    grep -E "group columns|wgrad|failed|Error" "$OUT/grouped.txt" | head -60
-    S='--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy'
-    cat > /tmp/cols_split.py <<'PY'
-import torch
-from dsv3.kernels.fp8_grouped_wgrad import quantize_cols_grouped_triton
-x = torch.randn(49152, 2048, device="cuda", dtype=torch.bfloat16)
-offs = torch.arange(1, 65, device="cuda", dtype=torch.int32) * 768
-for _ in range(3):
-    quantize_cols_grouped_triton(x, offs, split=True)
-torch.cuda.synchronize()
-PY
-    timeout 90 ncu --clock-control none -k regex:_cols_ --launch-skip 4 --launch-count 2 $S python /tmp/cols_split.py \
-      > "$OUT/ncu-split.txt" 2>&1
-    grep -hE '^  [_a-z]|Duration|Throughput|Registers|Occupancy|Eligible' "$OUT/ncu-split.txt" | head -30
+  Q)    # twenty-ninth session: the group-column quantiser's split form swept and under ncu, then O. The split form
+        # lost and was removed (thirtieth session, RESULTS.md); what is left of Q is O
     bash "$0" O ;;
   R)    # thirtieth session (~8 min, after the gate): has the looped group-column quantiser, now free of its ten
         # small torch ops a call, moved to ncu's kernel time (probe and sweep), and does the FP8 expert wgrad now pay
         # in the lite-8L step (twelfth-session H200: 486.0 vs 447.4 ms, 0.92x, five column quantisations a layer)?
-    timeout 100 python benchmarks/cols_split_probe.py 2>&1 | grep -v Warn | tee "$OUT/split_probe.txt"
+    timeout 100 python benchmarks/cols_probe.py 2>&1 | grep -v Warn | tee "$OUT/cols_probe.txt"
     timeout 200 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
     grep -E "group columns|wgrad|failed|Error" "$OUT/grouped.txt" | head -60
     timeout 250 python benchmarks/train_lite8l.py --compare --arms row-exponly,row-exponly-w8 --compile \

@@ -58,7 +58,7 @@ def quantisers(dump: str | None) -> None:
     from dsv3.kernels import fp8_rowwise as fr
 
     types = dict(X="*bf16", W="*bf16", RS="*fp32", Q="*fp8e4nv", QT="*fp8e4nv", S="*fp32", ST="*fp32",
-                 STARTS="*i32", ENDS="*i32", PSTARTS="*i32", PENDS="*i32", OFFS="*i32")
+                 STARTS="*i32", PSTARTS="*i32", PENDS="*i32", OFFS="*i32")
 
     def run(name, fn, const, warps, div16):
         sig = {a: "constexpr" if a in const else types.get(a, "i32") for a in fn.arg_names}
@@ -69,14 +69,6 @@ def quantisers(dump: str | None) -> None:
             dict(HAS_RS=False, BM=bm, BK=bk, ONE_M=0, E_P2=64, stride_xk=1), w,
             ("X", "QT", "S", "K", "M_PAD", "stride_xm"))
     run("padded groups (64 experts)", gw._padded_groups_kernel, dict(E_P2=64), 4, ())
-    types["AMAX"] = "*i32"
-    for bm, bk, w in (gw._SPLIT_AMAX, (128, 128, 8)):
-        run(f"group columns split amax {bm} x {bk}, {w} w", gw._cols_amax_kernel,
-            dict(HAS_RS=False, LOG_E=7, BM=bm, BK=bk, stride_xk=1), w, ("X", "AMAX", "M", "K", "stride_xm"))
-    for bm, bk, w in (gw._SPLIT_CAST, (64, 64, 4)):
-        run(f"group columns split cast {bm} x {bk}, {w} w", gw._cols_cast_kernel,
-            dict(HAS_RS=False, LOG_E=7, BM=bm, BK=bk, stride_xk=1), w,
-            ("X", "QT", "S", "AMAX", "K", "M_PAD", "stride_xm"))
     run(f"W^T rows {fr._T_BLOCK_N} x {fr._T_BLOCK_K}", fr._rows_t_kernel,
         dict(BN=fr._T_BLOCK_N, BK=fr._T_BLOCK_K, ONE_M=0, stride_xk=1), fr._T_WARPS,
         ("X", "QT", "ST", "N", "K", "stride_xe", "stride_xn"))

@@ -138,21 +138,10 @@ def _interpreter_cases() -> dict:
     x, counts = cases["unaligned"][:2]
     out["int64_offs"] = _compare(quantize_cols_grouped_triton(x, _offs(counts).long()),
                                  quantize_cols_grouped_reference(x, _offs(counts)))
-    # the split form: amax tiles spanning several groups (empty ones among them), cast tiles spanning several
-    # padded groups and running past m_pad, an unaligned K, a strided view
-    for name, launch in (("unaligned", (16, 32, 2, 32, 16, 2)), ("bf16_several_tiles", (64, 64, 4, 64, 32, 4)),
-                         ("strided", (32, 128, 4, 16, 64, 2)), ("empty_last", (16, 16, 2, 128, 16, 4))):
-        x, counts = cases[name][:2]
-        offs = _offs(counts).long() if name == "strided" else _offs(counts)     # int64 ends read as they are
-        got = quantize_cols_grouped_triton(x, offs, split=launch)
-        out[f"split_{name}"] = _compare(got, quantize_cols_grouped_reference(x, _offs(counts)))
     from dsv3.kernels.fp8_rowwise import quantize_rows_reference
     q, rs = quantize_rows_reference(make_x(150, 96, torch.bfloat16, seed=6))
     out["row_scaled_codes"] = _compare(quantize_cols_grouped_triton(q, _offs([60, 0, 90]), row_scale=rs),
                                        quantize_cols_grouped_reference(q, _offs([60, 0, 90]), rs))
-    out["split_row_scaled_codes"] = _compare(
-        quantize_cols_grouped_triton(q, _offs([60, 0, 90]), row_scale=rs, split=(32, 32, 2, 32, 32, 2)),
-        quantize_cols_grouped_reference(q, _offs([60, 0, 90]), rs))
     bad = make_x(40, 130, seed=8)
     bad[3, 5], bad[20, 7], bad[39, 0] = float("nan"), float("inf"), -float("inf")
     out["nonfinite"] = _compare_nonfinite(quantize_cols_grouped_triton(bad, _offs([10, 30])),
@@ -160,16 +149,13 @@ def _interpreter_cases() -> dict:
     out["nonfinite_one_pass"] = _compare_nonfinite(
         quantize_cols_grouped_triton(bad, _offs([10, 30]), block_k=64, one_pass_m=32),
         quantize_cols_grouped_reference(bad, _offs([10, 30])))
-    out["nonfinite_split"] = _compare_nonfinite(
-        quantize_cols_grouped_triton(bad, _offs([10, 30]), split=(16, 64, 2, 32, 64, 2)),
-        quantize_cols_grouped_reference(bad, _offs([10, 30])))
     return out
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_grouped_wgrad")
-    assert len(res) == 27
+    assert len(res) == 21
     for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
         if name.startswith("nonfinite"):
             assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, r
@@ -194,17 +180,15 @@ def test_quantize_cols_grouped_bit_exact_on_cuda():
         from dsv3.kernels.fp8_grouped_wgrad import padded_groups_reference
         assert all(torch.equal(g.cpu(), w) for g, w in zip(padded_groups(offs, m_pad),
                                                            padded_groups_reference(offs.cpu(), m_pad)))
-        for launch in ((None, None, None), (32, 64, 4), (128, 32, 8), (64, 16, 8, None, 1024), (64, 32, 16, None, 512),
-                       (None, None, None, None, None, True), (None, None, None, None, None, (128, 128, 8, 64, 32, 4))):
+        for launch in ((None, None, None), (32, 64, 4), (128, 32, 8), (64, 16, 8, None, 1024), (64, 32, 16, None, 512)):
             q, s = quantize_cols_grouped_triton(x.cuda(), offs, *launch)
             qr, sr = quantize_cols_grouped_reference(x.cuda(), offs)
             assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (counts[:4], launch)
         from dsv3.kernels.fp8_rowwise import quantize_rows
         xq, xs = quantize_rows(x.cuda())                     # the saved FP8 activation, requantised per column
         qr, sr = quantize_cols_grouped_reference(xq, offs, xs)
-        for split in (None, True):
-            q, s = quantize_cols_grouped_triton(xq, offs, row_scale=xs, split=split)
-            assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (counts[:4], split)
+        q, s = quantize_cols_grouped_triton(xq, offs, row_scale=xs)
+        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), counts[:4]
 
 
 @pytest.mark.gpu

@@ -53,7 +53,7 @@ def padded_groups(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tensor]:
     device: group e's tokens x[starts[e]:offs[e]] go to columns [p_starts[e], p_starts[e] + count) of q_t, and the
     GEMM's group e spans [p_starts[e], p_ends[e]); the last group ends at m_pad (= padded_tokens(M, E)). On CUDA
     one Triton launch (the reference is ten small torch ops, each a launch and host time: the FP8 weight gradient
-    paid them on every GEMM, the split quantiser on every call)."""
+    paid them on every GEMM)."""
     if HAS_TRITON and offs.is_cuda:
         return padded_groups_triton(offs, m_pad)
     return padded_groups_reference(offs, m_pad)
@@ -214,79 +214,6 @@ if HAS_TRITON:
                                M_PAD, HAS_RS, BM, BK)
         tl.store(S + e * K + cols, s, mask=mask_k)
 
-    @triton.jit
-    def _group_of(ENDS, r, E, LOG_E: tl.constexpr):
-        """the group holding row r (scalar or vector): the number of cumulative ends <= r, by binary search over
-        ENDS (E,) (LOG_E >= log2(E + 1) halvings)."""
-        lo = r * 0
-        hi = lo + E
-        for _ in tl.static_range(LOG_E):
-            mid = (lo + hi) // 2
-            active = lo < hi
-            below = tl.load(ENDS + tl.minimum(mid, E - 1), mask=active, other=0) <= r
-            lo = tl.where(active & below, mid + 1, lo)
-            hi = tl.where(active & ~below, mid, hi)
-        return lo
-
-    @triton.jit
-    def _cols_amax_kernel(X, RS, AMAX, STARTS, ENDS, M, K, E, stride_xm, stride_xk, HAS_RS: tl.constexpr,
-                          LOG_E: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-        # split form, pass 1: one (BM, BK) tile of x per program, no loop (every program's loads in flight at
-        # once), the column blocks of a row tile side by side in the grid, so that programs running together read
-        # whole rows of x (token tiles first, ncu saw the cast pass at 40% of DRAM: BK-wide strips of thousands
-        # of rows, each row's other strips read much later; the looped form and the tiles of x^T, 83% of copy,
-        # run column blocks first). Its column maxima go to AMAX (E, K) int32 by atomic max on the fp32 bits of
-        # |x| (non-negative, so the bits order as the values do; NaN's above +inf: torch's amax propagates it),
-        # once per group the tile holds (almost always one)
-        r0 = tl.program_id(1) * BM
-        rows = (r0 + tl.arange(0, BM)).to(tl.int64)
-        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
-        mask_k = cols < K
-        in_x = rows < M
-        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=in_x[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)
-        if HAS_RS:
-            x = x * tl.load(RS + rows, mask=in_x, other=0.0)[:, None]
-        ax = tl.abs(x)
-        g0 = _group_of(ENDS, r0, E, LOG_E)
-        g1 = _group_of(ENDS, tl.minimum(r0 + BM, M) - 1, E, LOG_E)
-        for g in range(g0, g1 + 1):
-            inside = (rows >= tl.load(STARTS + g)) & (rows < tl.load(ENDS + g))
-            m = tl.reduce(tl.where(inside[:, None], ax, 0.0), 0, _max_nan)
-            tl.atomic_max(AMAX + g * K + cols, m.to(tl.int32, bitcast=True), mask=mask_k, sem="relaxed")
-
-    @triton.jit
-    def _cols_cast_kernel(X, RS, QT, S, AMAX, STARTS, ENDS, PSTARTS, PENDS, K, E, M_PAD, stride_xm, stride_xk,
-                          HAS_RS: tl.constexpr, LOG_E: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-        # split form, pass 2: one (BM padded tokens, BK columns) tile of q_t per program. The tile's groups (one
-        # almost always; several where groups are short: each is padded to 16) are walked twice, once for each
-        # token's source row, once for the codes with that group's scales (a row of BK, not a gather per element:
-        # that cost 229 registers); the program holding a group's first padded token writes the group's scales
-        p0 = tl.program_id(1) * BM
-        p = p0 + tl.arange(0, BM)
-        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
-        mask_k = cols < K
-        g_lo = _group_of(PENDS, p0, E, LOG_E)
-        g_hi = tl.minimum(_group_of(PENDS, tl.minimum(p0 + BM, M_PAD) - 1, E, LOG_E), E - 1)
-        rows = tl.full((BM,), -1, tl.int64)            # -1: padding (or past M_PAD)
-        for g in range(g_lo, g_hi + 1):
-            ps, src = tl.load(PSTARTS + g), tl.load(STARTS + g)
-            take = (p >= ps) & (p - ps < tl.load(ENDS + g) - src)
-            rows = tl.where(take, (src + p - ps).to(tl.int64), rows)
-        valid = (rows >= 0)[:, None] & mask_k[None, :]
-        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=valid, other=0.0).to(tl.float32)
-        if HAS_RS:
-            x = x * tl.load(RS + rows, mask=rows >= 0, other=0.0)[:, None]
-        q = tl.zeros((BM, BK), tl.float32)
-        for g in range(g_lo, g_hi + 1):
-            ps = tl.load(PSTARTS + g)
-            s = _scale_of(tl.load(AMAX + g * K + cols, mask=mask_k, other=0).to(tl.float32, bitcast=True), False)
-            tl.store(S + g * K + cols, s, mask=mask_k & (ps >= p0) & (ps < p0 + BM))
-            # padding stays 0 where the column's scale is NaN or inf too (0 / NaN would store NaN)
-            q = tl.where(valid & ((p >= ps) & (p < tl.load(PENDS + g)))[:, None], _quant(x, s[None, :]), q)
-        tl.store(QT + cols[:, None] * M_PAD + p[None, :], tl.trans(q).to(QT.dtype.element_ty),
-                 mask=mask_k[:, None] & (p < M_PAD)[None, :])
-
 
 # launch shape: (BM tokens, BK columns) tiles. Swept on an H100 (fp8_grouped_bench.py, RESULTS.md twenty-fifth and
 # twenty-sixth sessions): (128, 32, 4 warps) gives 28-35% of copy over lite / V3 widths, uniform and skewed, vs
@@ -294,13 +221,9 @@ if HAS_TRITON:
 # (0: every group twice); the one-pass form measured 7-31%, the strip in registers costing more occupancy than the
 # second read saves. The amax loop without a reduction per tile (twenty-sixth session): 0.88-0.96x the time (H200)
 _BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
-# the split form (twenty-ninth session; ncu: the looped kernel is latency-bound, 27% occupancy, 0.83 eligible warps a
-# scheduler): a grid over every tile, no loop, the amax by atomics, then the cast; launch (BM, BK, warps) of each.
-# Off: on an H100 the sweep's do_bench read it slower everywhere (lite 11-17% of copy vs 14-34% looped; V3 widths
-# 21-31% vs 22-45%), while ncu timed its kernels at 84.9 us (amax, 72% of DRAM) + 219.4 us (cast, 40%) against the
-# looped call's ~400 us: benchmarks/cols_split_probe.py says which reading holds before it goes or is kept. Since
-# then (unmeasured): both grids run column blocks first, as the looped form's does
-_SPLIT, _SPLIT_AMAX, _SPLIT_CAST = False, (256, 64, 8), (128, 64, 8)
+# A split form (two kernels over every tile, no loop: column maxima by atomics, then the cast; twenty-ninth
+# session) measured slower at every shape on an H100 and was removed (thirtieth session, RESULTS.md): 22-32% of copy
+# vs 39-47% looped; the profiler's kernel times agreed (85 + 214 us vs 232 us at lite gate/up)
 
 
 def padded_groups_triton(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -314,33 +237,17 @@ def padded_groups_triton(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tens
 
 def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = None, block_k: int | None = None,
                                  num_warps: int | None = None, row_scale: Tensor | None = None,
-                                 one_pass_m: int | None = None,
-                                 split: bool | tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+                                 one_pass_m: int | None = None) -> tuple[Tensor, Tensor]:
     """`quantize_cols_grouped_reference` in Triton (bit-equal to it on the GPU), no host sync. By default one
     kernel looping over each group's tokens (`one_pass_m`, a power of two or 0: groups of at most that many tokens
-    are read once, held in registers); `split` (True, or the six launch numbers BM, BK, warps of the amax pass then
-    of the cast pass) two kernels over every tile, no loop: column maxima by atomics, then the cast."""
+    are read once, held in registers)."""
     need_triton("quantize_cols_grouped_triton")
     M, K, E = _check(x, offs, row_scale)
     m_pad = padded_tokens(M, E)
     q_t = torch.empty(K, m_pad, device=x.device, dtype=_E4M3)
     scale = torch.empty(E, K, device=x.device, dtype=torch.float32)
-    split = _SPLIT if split is None else split
-    bm_a, bk_a, w_a, bm_c, bk_c, w_c = split if isinstance(split, tuple) else (*_SPLIT_AMAX, *_SPLIT_CAST)
-    rs = x if row_scale is None else row_scale      # (a pointer the kernels ignore without HAS_RS)
-    # the split form's token tiles are its grids' second dimension (at most 65,535): past it, the looped form
-    if K and split and max(triton.cdiv(M, bm_a), triton.cdiv(m_pad, bm_c)) <= 65535:
-        starts, p_starts, p_ends = padded_groups(offs, m_pad)
-        amax = torch.zeros(E, K, device=x.device, dtype=torch.int32)
-        log_e = E.bit_length()
-        if M:
-            _cols_amax_kernel[(triton.cdiv(K, bk_a), triton.cdiv(M, bm_a))](  # column blocks fastest (below)
-                x, rs, amax, starts, offs, M, K, E, x.stride(0), x.stride(1), HAS_RS=row_scale is not None,
-                LOG_E=log_e, BM=bm_a, BK=bk_a, num_warps=w_a)
-        _cols_cast_kernel[(triton.cdiv(K, bk_c), triton.cdiv(m_pad, bm_c))](
-            x, rs, q_t, scale, amax, starts, offs, p_starts, p_ends, K, E, m_pad, x.stride(0), x.stride(1),
-            HAS_RS=row_scale is not None, LOG_E=log_e, BM=bm_c, BK=bk_c, num_warps=w_c)
-    elif K:
+    rs = x if row_scale is None else row_scale      # (a pointer the kernel ignores without HAS_RS)
+    if K:
         bk = block_k or _BLOCK_K
         _cols_grouped_kernel[(triton.cdiv(K, bk), E)](
             x, rs, q_t, scale, offs, E, K, m_pad, x.stride(0), x.stride(1),

@@ -1,15 +1,16 @@
-"""The group-column FP8 quantiser (issue 15, the expert wgrad's operands), looped vs split form, lite gate/up X
-(49,152 x 2,048 bf16, 64 groups of 768): do_bench's median beside each kernel's own time from the profiler. Why: on
-an H100 (twenty-ninth session) ncu timed the split form's two kernels at 84.9 + 219.4 us, while the sweep's do_bench
-read ~690 us for the whole call (the looped form: ~400 us); this says which side holds the difference.
-    PYTHONPATH=src python benchmarks/cols_split_probe.py
+"""The group-column FP8 quantiser (issue 15, the expert wgrad's operands), lite gate/up X (49,152 x 2,048 bf16, 64
+groups of 768): do_bench's median beside each kernel's own time from the profiler, so that host time and launches
+around the kernel show. Thirtieth session, H100: 237.5 us by do_bench, 232.3 us the kernel (before the kernel
+derived its group bounds itself, ten small torch ops a call made do_bench read ~400 us); the split form, since
+removed, 308 us (85 + 214 us).
+    PYTHONPATH=src python benchmarks/cols_probe.py
 """
 import torch, triton.testing
 from torch.profiler import profile, ProfilerActivity
 from dsv3.kernels.fp8_grouped_wgrad import quantize_cols_grouped_triton
 x = torch.randn(49152, 2048, device="cuda", dtype=torch.bfloat16)
 offs = torch.arange(1, 65, device="cuda", dtype=torch.int32) * 768
-for name, kw in (("looped", {}), ("split", dict(split=True)), ("split-c64", dict(split=(256, 64, 8, 64, 64, 4)))):
+for name, kw in (("default", {}), ("64 x 64, 4 warps", dict(block_m=64, block_k=64, num_warps=4))):
     f = lambda: quantize_cols_grouped_triton(x, offs, **kw)
     t = triton.testing.do_bench(f, warmup=10, rep=60, return_mode="median")
     f(); torch.cuda.synchronize()
