@@ -10,7 +10,8 @@ from torch.profiler import profile, ProfilerActivity
 from dsv3.kernels.fp8_grouped_wgrad import quantize_cols_grouped_triton
 x = torch.randn(49152, 2048, device="cuda", dtype=torch.bfloat16)
 offs = torch.arange(1, 65, device="cuda", dtype=torch.int32) * 768
-for name, kw in (("default", {}), ("64 x 64, 4 warps", dict(block_m=64, block_k=64, num_warps=4))):
+for name, kw in (("default", {}), ("64 x 64, 4 warps", dict(block_m=64, block_k=64, num_warps=4)),
+                 ("default, loops pipelined 3 deep", dict(stages=3))):
     f = lambda: quantize_cols_grouped_triton(x, offs, **kw)
     t = triton.testing.do_bench(f, warmup=10, rep=60, return_mode="median")
     f(); torch.cuda.synchronize()

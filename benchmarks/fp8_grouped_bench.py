@@ -106,18 +106,21 @@ def per_gemm(D: int, I: int, counts: torch.Tensor, dev: str) -> list[dict]:
                          "of_copy": nbytes / t / 1e9 / copy_gbps})
         if dev == "cuda":       # launch shapes of the group-column quantiser (kernels/fp8_grouped_wgrad.py)
             from dsv3.kernels.fp8_grouped_wgrad import quantize_cols_grouped_triton
-            # last field: one_pass_m (groups of at most that many tokens read once, held in registers; 0 = two reads)
-            for bm, bk, nw, one in ((64, 64, 4, 0), (32, 64, 4, 0), (128, 64, 8, 0), (64, 32, 4, 0), (128, 32, 4, 0),
-                                    (64, 128, 8, 0), (64, 16, 8, 1024), (64, 16, 8, 2048), (64, 32, 16, 1024),
-                                    (64, 16, 16, 2048), (64, 32, 8, 512)):
+            # one_pass_m: groups of at most that many tokens read once, held in registers (0 = two reads); stages:
+            # the two-pass loops' pipelining depth (cp.async through shared memory for 2 and up)
+            for bm, bk, nw, one, st in ((64, 64, 4, 0, 1), (128, 64, 8, 0, 1), (64, 32, 4, 0, 1), (128, 32, 4, 0, 1),
+                                        (64, 16, 8, 1024, 1), (64, 32, 8, 512, 1), (128, 32, 4, 0, 2),
+                                        (128, 32, 4, 0, 3), (128, 32, 4, 0, 4), (64, 32, 4, 0, 3), (64, 64, 4, 0, 3),
+                                        (128, 64, 8, 0, 3), (256, 32, 8, 0, 3), (64, 32, 2, 0, 4)):
                 try:
-                    t = bench(lambda: quantize_cols_grouped_triton(x, offs, bm, bk, nw, one_pass_m=one), dev)
+                    t = bench(lambda: quantize_cols_grouped_triton(x, offs, bm, bk, nw, one_pass_m=one, stages=st),
+                              dev)
                 except Exception as e:  # noqa: BLE001 - a launch shape that does not compile (registers): say so
-                    print(f"group columns sweep {bm} {bk} {nw} {one}: failed ({type(e).__name__})", flush=True)
+                    print(f"group columns sweep {bm} {bk} {nw} {one} {st}: failed ({type(e).__name__})", flush=True)
                     continue
                 gbps = (M * K * 3 + E * K * 4) / t / 1e9
                 rows.append({"gemm": f"{name} group columns sweep", "block_m": bm, "block_k": bk, "warps": nw,
-                             "one_pass_m": one, "GBps": gbps, "of_copy": gbps / copy_gbps})
+                             "one_pass_m": one, "stages": st, "GBps": gbps, "of_copy": gbps / copy_gbps})
     return rows
 
 

@@ -95,13 +95,14 @@ def main() -> None:
     for name, t in (("W^T rows, transposing", w), ("down W^T rows, transposing", wdown),
                     ("dense W^T rows, transposing", wd)):
         ref = quantize_rows_reference(t.transpose(-1, -2))
-        # last field: one_pass_m (a strip of at most that many rows read once, held in registers; 0 = two reads)
-        for bn, bk, nw, one in ((None, None, None, None), (128, 32, 4, 0), (64, 64, 4, 0), (128, 64, 8, 0),
-                                (64, 32, 4, 0), (256, 32, 8, 0), (128, 16, 4, 0), (256, 16, 4, 0), (64, 128, 8, 0),
-                                (64, 16, 8, 2048), (64, 16, 16, 2048), (64, 32, 16, 2048), (64, 8, 8, 2048),
-                                (64, 8, 16, 4096)):
-            sw.run(name, t, lambda: quantize_rows_transposed_triton(t, False, bn, bk, nw, one_pass_m=one), ref,
-                   block_n=bn, block_k=bk, warps=nw, one_pass_m=one)
+        # one_pass_m: a strip of at most that many rows read once, held in registers (0 = two reads); stages: the
+        # two passes' pipelining depth (cp.async through shared memory for 2 and up)
+        for bn, bk, nw, one, st in ((None, None, None, None, None), (64, 64, 4, 0, 1), (128, 64, 8, 0, 1),
+                                    (256, 32, 8, 0, 1), (128, 16, 4, 0, 1), (64, 16, 8, 2048, 1), (128, 32, 4, 0, 2),
+                                    (128, 32, 4, 0, 3), (128, 32, 4, 0, 4), (64, 64, 4, 0, 3), (128, 64, 8, 0, 3),
+                                    (256, 32, 8, 0, 3), (64, 32, 4, 0, 3), (64, 32, 2, 0, 4)):
+            sw.run(name, t, lambda: quantize_rows_transposed_triton(t, False, bn, bk, nw, one_pass_m=one, stages=st),
+                   ref, block_n=bn, block_k=bk, warps=nw, one_pass_m=one, stages=st)
     ref = quantize_rows_both_reference(w)
     sw.run("W rows + W^T rows", w, lambda: quantize_rows_transposed_triton(w, True), ref)
     sw.run("tiles", x, lambda: quantize_tiles(x), quantize_tiles(x))

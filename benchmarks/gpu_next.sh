@@ -47,6 +47,8 @@
 #   bash benchmarks/gpu_next.sh Q   O (the split form it swept was removed)
 #   bash benchmarks/gpu_next.sh R   the group-column quantiser probed and swept again, then the lite-8L step with
 #                                   the FP8 expert wgrad vs BF16 wgrad (~8 min)
+#   bash benchmarks/gpu_next.sh S   the column quantisers with pipelined loops (stages 1-4) swept, then the seesaw
+#                                   MLA body's split counts 1-8 over B = 8-128 x 4K-16K (~8 min)
 #   bash benchmarks/gpu_next.sh P   the column quantisers without a reduction per tile: CUDA bit tests, sweeps (~6 min)
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
@@ -418,5 +420,16 @@ PY
     timeout 250 python benchmarks/train_lite8l.py --compare --arms row-exponly,row-exponly-w8 --compile \
       --dtype bf16-params --state-dtype bf16 --no-mtp --steps 5 --warmup 2 > "$OUT/wgrad_step.txt" 2>&1
     grep -v Warn "$OUT/wgrad_step.txt" | tail -12 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R"; exit 2 ;;
+  S)    # thirtieth session (~8 min, after the gate, which runs the pipelined quantisers' CUDA bit tests): the two-pass
+        # column quantisers (group columns, W^T rows) with their loops software-pipelined (stages 2-4: cp.async
+        # through shared memory; ncu read them latency-bound) swept beside stages 1, then the seesaw MLA body's split
+        # counts 1-8 over B = 8-128 x 4K-16K (to fit a rule: the default lost 10-14% at three shapes)
+    timeout 60 python benchmarks/cols_probe.py 2>&1 | grep -v Warn | tee "$OUT/cols_probe.txt"
+    timeout 120 python benchmarks/fp8_quant_sweep.py > "$OUT/quant_sweep.txt" 2>&1
+    grep -E "W\^T rows|failed|Error" "$OUT/quant_sweep.txt" | head -50
+    timeout 150 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
+    grep -E "group columns|wgrad with|failed|Error" "$OUT/grouped.txt" | head -80
+    PYTHONPATH=$PYTHONPATH:benchmarks timeout 200 python benchmarks/mla_seesaw_splits.py 2>&1 | grep -v Warn \
+      | tee "$OUT/seesaw_splits.txt" ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R|S"; exit 2 ;;
 esac

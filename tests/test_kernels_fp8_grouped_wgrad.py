@@ -180,15 +180,19 @@ def test_quantize_cols_grouped_bit_exact_on_cuda():
         from dsv3.kernels.fp8_grouped_wgrad import padded_groups_reference
         assert all(torch.equal(g.cpu(), w) for g, w in zip(padded_groups(offs, m_pad),
                                                            padded_groups_reference(offs.cpu(), m_pad)))
-        for launch in ((None, None, None), (32, 64, 4), (128, 32, 8), (64, 16, 8, None, 1024), (64, 32, 16, None, 512)):
+        # the last field: the two-pass loops' pipelining depth (cp.async through shared memory for 2 and up)
+        for launch in ((None, None, None), (32, 64, 4), (128, 32, 8), (64, 16, 8, None, 1024), (64, 32, 16, None, 512),
+                       (None, None, None, None, None, 2), (None, None, None, None, None, 3), (64, 64, 4, None, 0, 4),
+                       (64, 32, 4, None, 512, 3)):
             q, s = quantize_cols_grouped_triton(x.cuda(), offs, *launch)
             qr, sr = quantize_cols_grouped_reference(x.cuda(), offs)
             assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (counts[:4], launch)
         from dsv3.kernels.fp8_rowwise import quantize_rows
         xq, xs = quantize_rows(x.cuda())                     # the saved FP8 activation, requantised per column
         qr, sr = quantize_cols_grouped_reference(xq, offs, xs)
-        q, s = quantize_cols_grouped_triton(xq, offs, row_scale=xs)
-        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), counts[:4]
+        for stages in (None, 3):
+            q, s = quantize_cols_grouped_triton(xq, offs, row_scale=xs, stages=stages)
+            assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (counts[:4], stages)
 
 
 @pytest.mark.gpu

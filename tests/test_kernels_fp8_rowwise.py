@@ -140,14 +140,17 @@ def test_quantize_rows_bit_exact_on_cuda():
     for w in (w3, make_x(8 * 1408, 2048, torch.bfloat16, seed=12).view(8, 1408, 2048), make_x(576, 2048, seed=13),
               make_x(4 * 2048, 1408, seed=15).view(4, 2048, 1408), make_x(3 * 1408, 2048, torch.float16, seed=16)):
         w = w.cuda()
-        for bn, bk, nw, one in ((None, None, None, None), (64, 64, 4, 0), (128, 64, 8, 0), (256, 32, 8, 0),
-                                (128, 16, 4, 0), (64, 16, 8, 2048), (64, 16, 16, 2048), (64, 32, 16, 1024)):
+        # last field: the two passes' pipelining depth (cp.async through shared memory for 2 and up)
+        for bn, bk, nw, one, st in ((None, None, None, None, None), (64, 64, 4, 0, 1), (128, 64, 8, 0, 1),
+                                    (256, 32, 8, 0, 1), (128, 16, 4, 0, 1), (64, 16, 8, 2048, 1), (64, 16, 16, 2048, 1),
+                                    (64, 32, 16, 1024, 1), (None, None, None, 0, 2), (None, None, None, 0, 3),
+                                    (64, 64, 4, 0, 4), (256, 32, 8, 0, 3)):
             got = quantize_rows_transposed_triton(w, rows=True, block_n=bn, block_k=bk, num_warps=nw,
-                                                  one_pass_m=one)
+                                                  one_pass_m=one, stages=st)
             want = quantize_rows_both_reference(w)
             for a, b in zip(got, want):
                 assert torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a,
-                                   b.view(torch.uint8) if b.dtype == E4M3 else b), (w.dtype, bn, bk, nw, one)
+                                   b.view(torch.uint8) if b.dtype == E4M3 else b), (w.dtype, bn, bk, nw, one, st)
     bad = make_x(300, 520, seed=14)
     bad[3, 5], bad[200, 7], bad[299, 0] = float("nan"), float("inf"), -float("inf")
     got, want = quantize_rows_both(bad.cuda()), quantize_rows_both_reference(bad.cuda())

@@ -108,16 +108,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _cols_two_pass(X, RS, QT, cols, mask_k, start, end, p_start, width, stride_xm, stride_xk, ld_q,
-                       HAS_RS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+                       HAS_RS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
         """1. the columns' amax over rows [start, end) in (BM, BK) tiles read along K (coalesced); 2. the cast,
         the tiles re-read in reverse order (the last ones read are still in L2), each transposed (tl.trans, on the
         fp32 values) and stored along the tokens from p_start, `width` tokens in all, zeros past end - start.
-        Returns the scales. Also the rows of W^T (`fp8_rowwise`: one group of N rows, width N). The amax runs
+        Returns the scales. Also the rows of W^T (`fp8_rowwise`: one group of N rows, width N). STAGES > 1: both
+        loops software-pipelined (`tl.range(num_stages=)`: the tiles ahead copied to shared memory by cp.async,
+        in flight without registers; ncu: the kernel is latency-bound at 0.69 eligible warps a scheduler). The amax runs
         element-wise over the tiles and is reduced across the rows once, after the loop: a reduction per tile
         crossed the warps through shared memory (three barriers a tile in the sm_90 PTX), so no tile's load could
         start before the last one's reduction ended. Max is exact: the same scales, bit for bit."""
         acc = tl.zeros((BM, BK), dtype=tl.float32)
-        for r0 in range(start, end, BM):
+        for r0 in tl.range(start, end, BM, num_stages=STAGES):
             rows = (r0 + tl.arange(0, BM)).to(tl.int64)
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                         mask=(rows < end)[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
@@ -126,7 +128,7 @@ if HAS_TRITON:
             acc = _max_nan(acc, tl.abs(x))
         s = _scale_of(_absmax(acc, 0), False)
         n_tiles = tl.cdiv(width, BM)
-        for t in range(0, n_tiles):
+        for t in tl.range(0, n_tiles, num_stages=STAGES):
             i = ((n_tiles - 1 - t) * BM + tl.arange(0, BM)).to(tl.int64)
             rows = start + i
             valid = (rows < end)[:, None] & mask_k[None, :]
@@ -193,7 +195,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _cols_grouped_kernel(X, RS, QT, S, OFFS, E, K, M_PAD, stride_xm, stride_xk, HAS_RS: tl.constexpr,
-                             BM: tl.constexpr, BK: tl.constexpr, ONE_M: tl.constexpr, E_P2: tl.constexpr):
+                             BM: tl.constexpr, BK: tl.constexpr, ONE_M: tl.constexpr, E_P2: tl.constexpr,
+                             STAGES: tl.constexpr):
         # one program: BK columns of one group; a group of at most ONE_M tokens in one read (registers), a longer
         # one (or ONE_M = 0) in two (the second from L2 where it still holds the strip)
         e = tl.program_id(1)
@@ -208,10 +211,10 @@ if HAS_TRITON:
                                    stride_xk, M_PAD, HAS_RS, ONE_M, BM)
             else:
                 s = _cols_two_pass(X, RS, QT, cols, mask_k, start, end, p_start, p_end - p_start, stride_xm,
-                                   stride_xk, M_PAD, HAS_RS, BM, BK)
+                                   stride_xk, M_PAD, HAS_RS, BM, BK, STAGES)
         else:
             s = _cols_two_pass(X, RS, QT, cols, mask_k, start, end, p_start, p_end - p_start, stride_xm, stride_xk,
-                               M_PAD, HAS_RS, BM, BK)
+                               M_PAD, HAS_RS, BM, BK, STAGES)
         tl.store(S + e * K + cols, s, mask=mask_k)
 
 
@@ -221,6 +224,9 @@ if HAS_TRITON:
 # (0: every group twice); the one-pass form measured 7-31%, the strip in registers costing more occupancy than the
 # second read saves. The amax loop without a reduction per tile (twenty-sixth session): 0.88-0.96x the time (H200)
 _BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
+# STAGES: 1 = plain loops. 2-4 pipeline the loads through shared memory (cp.async, 16-byte copies, same registers
+# in the sm_90 build: thirtieth session, CPU); unmeasured on the GPU until then, so off
+_STAGES = 1
 # A split form (two kernels over every tile, no loop: column maxima by atomics, then the cast; twenty-ninth
 # session) measured slower at every shape on an H100 and was removed (thirtieth session, RESULTS.md): 22-32% of copy
 # vs 39-47% looped; the profiler's kernel times agreed (85 + 214 us vs 232 us at lite gate/up)
@@ -237,10 +243,10 @@ def padded_groups_triton(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tens
 
 def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = None, block_k: int | None = None,
                                  num_warps: int | None = None, row_scale: Tensor | None = None,
-                                 one_pass_m: int | None = None) -> tuple[Tensor, Tensor]:
+                                 one_pass_m: int | None = None, stages: int | None = None) -> tuple[Tensor, Tensor]:
     """`quantize_cols_grouped_reference` in Triton (bit-equal to it on the GPU), no host sync. By default one
     kernel looping over each group's tokens (`one_pass_m`, a power of two or 0: groups of at most that many tokens
-    are read once, held in registers)."""
+    are read once, held in registers; `stages`: the two-pass loops' software-pipelining depth, 1 = none)."""
     need_triton("quantize_cols_grouped_triton")
     M, K, E = _check(x, offs, row_scale)
     m_pad = padded_tokens(M, E)
@@ -253,7 +259,7 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
             x, rs, q_t, scale, offs, E, K, m_pad, x.stride(0), x.stride(1),
             HAS_RS=row_scale is not None, BM=block_m or _BLOCK_M, BK=bk,
             ONE_M=_ONE_M if one_pass_m is None else one_pass_m, E_P2=triton.next_power_of_2(E),
-            num_warps=num_warps or _WARPS)
+            STAGES=stages or _STAGES, num_warps=num_warps or _WARPS)
     return q_t, scale
 
 

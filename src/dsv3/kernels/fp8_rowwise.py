@@ -94,7 +94,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _rows_t_kernel(X, QT, ST, N, K, stride_xe, stride_xn, stride_xk, BN: tl.constexpr, BK: tl.constexpr,
-                       ONE_M: tl.constexpr):
+                       ONE_M: tl.constexpr, STAGES: tl.constexpr):
         # rows of w^T for w (E, N, K): a program owns BK columns of one expert's w. N <= ONE_M: the strip read once
         # and held in registers (`fp8_grouped_wgrad._cols_one_pass`, one group of N tokens); else (or ONE_M = 0)
         # read twice, the second time from L2 (`_cols_two_pass`, one group of N rows)
@@ -107,9 +107,9 @@ if HAS_TRITON:
             if N <= ONE_M:
                 s = _cols_one_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, ONE_M, BN)
             else:
-                s = _cols_two_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, BN, BK)
+                s = _cols_two_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, BN, BK, STAGES)
         else:
-            s = _cols_two_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, BN, BK)
+            s = _cols_two_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, BN, BK, STAGES)
         tl.store(ST + e * K + cols, s, mask=mask_k)
 
 
@@ -140,13 +140,14 @@ def quantize_rows_triton(x: Tensor, rows: int | None = None, chunk: int | None =
 
 
 # launch shape of the transposing quantiser: (BN, BK) tiles, and ONE_M: the widest w read once (0: every w twice;
-# the one-pass form is unmeasured) (benchmarks/fp8_quant_sweep.py sweeps the alternatives)
-_T_BLOCK_N, _T_BLOCK_K, _T_WARPS, _T_ONE_M = 128, 32, 4, 0
+# the one-pass form is unmeasured), STAGES: the two passes' pipelining depth (fp8_grouped_wgrad._STAGES; 1 = none)
+# (benchmarks/fp8_quant_sweep.py sweeps the alternatives)
+_T_BLOCK_N, _T_BLOCK_K, _T_WARPS, _T_ONE_M, _T_STAGES = 128, 32, 4, 0, 1
 
 
 def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int | None = None,
                                     block_k: int | None = None, num_warps: int | None = None,
-                                    one_pass_m: int | None = None) -> tuple[Tensor, ...]:
+                                    one_pass_m: int | None = None, stages: int | None = None) -> tuple[Tensor, ...]:
     """Rows of w^T through Triton: quantize_rows_reference(w.transpose(-1, -2)) for w (N, K) or (E, N, K), bit for
     bit, as (q_t (..., K, N) contiguous, scale_t (..., K)), from one kernel that reads w once from HBM (its second
     read of each column strip is served from L2) and writes q_t coalesced (`_rows_t_kernel`); rows=True also
@@ -165,7 +166,7 @@ def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int 
     bn, bk = block_n or _T_BLOCK_N, block_k or _T_BLOCK_K
     _rows_t_kernel[(triton.cdiv(K, bk), E)](w3, q_t, s_t, N, K, w3.stride(0), w3.stride(1), w3.stride(2),
                                              BN=bn, BK=bk, ONE_M=_T_ONE_M if one_pass_m is None else one_pass_m,
-                                             num_warps=num_warps or _T_WARPS)
+                                             STAGES=stages or _T_STAGES, num_warps=num_warps or _T_WARPS)
     out = (q_t, s_t) if w.dim() == 3 else (q_t[0], s_t[0])
     return (*quantize_rows_triton(w), *out) if rows else out
 
