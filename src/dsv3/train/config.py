@@ -103,7 +103,9 @@ class TrainConfig:
     precision: str = setting("bf16", OneOf(("bf16", "fp8")))
     # with precision=fp8, the routed experts' scaling: block (the report's, as above) or row (one scale per token and
     # per weight row through torch._scaled_grouped_mm on sm_90: faster, coarser; dsv3.kernels.fp8_rowwise) or
-    # row-fp8-wgrad (row, and the experts' weight gradients in FP8 too: dsv3.kernels.fp8_grouped_wgrad)
+    # row-fp8-wgrad (row, and the experts' weight gradients in FP8 too: dsv3.kernels.fp8_grouped_wgrad; slower than
+    # row at lite's widths on an H100, 0.95x the step: the operands' column quantisation costs more than the FP8 GEMM
+    # saves, benchmarks/RESULTS.md thirtieth session)
     fp8_experts: str = setting("block", OneOf(("block", "row", "row-fp8-wgrad")))
     # with precision=fp8: the MLA projections and dense / shared FFNs in FP8 too (the report's recipe); false runs
     # only the routed experts in FP8
