@@ -222,7 +222,9 @@ if HAS_TRITON:
 # twenty-sixth sessions): (128, 32, 4 warps) gives 28-35% of copy over lite / V3 widths, uniform and skewed, vs
 # 21-34% for (64, 64, 4); with the 16-byte store hint 22-41% (no clear gain). ONE_M: the longest group read once
 # (0: every group twice); the one-pass form measured 7-31%, the strip in registers costing more occupancy than the
-# second read saves. The amax loop without a reduction per tile (twenty-sixth session): 0.88-0.96x the time (H200)
+# second read saves. The amax loop without a reduction per tile (twenty-sixth session): 0.88-0.96x the time (H200).
+# Thirtieth session (H100), the group bounds derived in the kernel (no torch ops before it): 39-47% of copy, the
+# default the sweep's best; ncu: latency-bound (27% occupancy, 0.69 eligible warps a scheduler)
 _BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
 # STAGES: 1 = plain loops. 2-4 pipeline the loads through shared memory (cp.async, 16-byte copies, same registers
 # in the sm_90 build: thirtieth session, CPU); unmeasured on the GPU until then, so off
