@@ -313,6 +313,43 @@ def mla_decode_num_splits(B: int, H: int, max_tokens: int, block_h: int, block_n
     return splits, tokens_per_split
 
 
+def _kernel_inputs(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
+                   seq_lens: Tensor, append: tuple[Tensor, Tensor, Tensor] | None) -> tuple:
+    """The layouts the kernels read (last dims contiguous, int32 tables and lengths, int64 slots), copying only
+    what is not already so; the caches are never copied (they are written in place), so a strided one is an
+    error, as are mixed dtypes. Returns (q_abs, q_pe, block_tables, seq_lens, append)."""
+    if append is not None:
+        _check_append(append, q_abs.shape[0], c_kv_cache, k_pe_cache)
+        slots, new_c, new_k = append
+        # int64: a flat slot times a stride may pass 2**31
+        append = (slots.to(torch.int64).contiguous(), new_c.contiguous(), new_k.contiguous())
+    if q_abs.stride(-1) != 1:
+        q_abs = q_abs.contiguous()
+    if q_pe.stride(-1) != 1:
+        q_pe = q_pe.contiguous()
+    if c_kv_cache.stride(-1) != 1 or k_pe_cache.stride(-1) != 1:
+        raise ValueError("the caches' last dimension must be contiguous")
+    if block_tables.dtype != torch.int32 or block_tables.stride(-1) != 1:
+        block_tables = block_tables.to(torch.int32).contiguous()
+    if seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
+        seq_lens = seq_lens.to(torch.int32).contiguous()
+    if not (q_abs.dtype == q_pe.dtype == c_kv_cache.dtype == k_pe_cache.dtype):
+        raise ValueError(f"dtypes differ: {q_abs.dtype}, {q_pe.dtype}, {c_kv_cache.dtype}, {k_pe_cache.dtype}")
+    return q_abs, q_pe, block_tables, seq_lens, append
+
+
+def _splits(B: int, H: int, max_tokens: int, cfg: dict, num_splits: int | None,
+            device: torch.device) -> tuple[int, int]:
+    """(num_splits, tokens_per_split): `mla_decode_num_splits`' choice, or num_splits asked for (rounded to whole
+    tiles: the count that results may be smaller)."""
+    if num_splits is None:
+        return mla_decode_num_splits(B, H, max_tokens, cfg["block_h"], cfg["block_n"], _sm_count(device),
+                                     cfg.get("min_tokens_per_split", 256))
+    n_tiles = max(1, -(-max_tokens // cfg["block_n"]))
+    tps = -(-n_tiles // max(1, num_splits)) * cfg["block_n"]
+    return max(1, -(-max_tokens // tps)), tps
+
+
 def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: Tensor, block_tables: Tensor,
                       seq_lens: Tensor, scale: float, *, num_splits: int | None = None, block_h: int | None = None,
                       block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
@@ -328,24 +365,8 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
     `append` the latents are stored before its launch), tried first. All three are on by default at 64+ heads."""
     need_triton("mla_decode_triton")
     B, H, C, R = _check_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens)
-    if append is not None:
-        _check_append(append, B, c_kv_cache, k_pe_cache)
-        slots, new_c, new_k = append
-        slots = slots.to(torch.int64).contiguous()        # int64: a flat slot times a stride may pass 2**31
-        new_c, new_k = new_c.contiguous(), new_k.contiguous()
-    if q_abs.stride(-1) != 1:
-        q_abs = q_abs.contiguous()
-    if q_pe.stride(-1) != 1:
-        q_pe = q_pe.contiguous()
-    if c_kv_cache.stride(-1) != 1 or k_pe_cache.stride(-1) != 1:
-        raise ValueError("the caches' last dimension must be contiguous")
-    if block_tables.dtype != torch.int32 or block_tables.stride(-1) != 1:
-        block_tables = block_tables.to(torch.int32).contiguous()
-    if seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
-        seq_lens = seq_lens.to(torch.int32).contiguous()
-    if not (q_abs.dtype == q_pe.dtype == c_kv_cache.dtype == k_pe_cache.dtype):
-        raise ValueError(f"dtypes differ: {q_abs.dtype}, {q_pe.dtype}, {c_kv_cache.dtype}, {k_pe_cache.dtype}")
-
+    q_abs, q_pe, block_tables, seq_lens, append = _kernel_inputs(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables,
+                                                                 seq_lens, append)
     cfg = _default_config(H, C, q_abs.dtype, B)
     for k, v in (("block_h", block_h), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages),
                  ("tma", tma), ("warp_specialize", warp_specialize), ("gluon", gluon), ("seesaw", seesaw)):
@@ -358,13 +379,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
         if append is not None and B:      # no heads to attend, the store still owed
             mla_decode_reference(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale, append=append)
         return out
-    if num_splits is None:
-        S, tps = mla_decode_num_splits(B, H, max_tokens, cfg["block_h"], cfg["block_n"], _sm_count(q_abs.device),
-                                       cfg.get("min_tokens_per_split", 256))
-    else:
-        n_tiles = max(1, -(-max_tokens // cfg["block_n"]))
-        tps = -(-n_tiles // max(1, num_splits)) * cfg["block_n"]
-        S = max(1, -(-max_tokens // tps))
+    S, tps = _splits(B, H, max_tokens, cfg, num_splits, q_abs.device)
 
     seesaw = bool(cfg.get("seesaw")) and seesaw_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_h"],
                                                           cfg["block_n"])
@@ -372,7 +387,7 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
         # the seesaw body has no append form: the latents stored first (two index copies), then attended from the
         # cache like every other key. At 128 heads a step attends thousands of keys per sequence in ~0.4 ms or more
         # (RESULTS.md twenty-sixth session): the copies' launches are noise there
-        _store_append(c_kv_cache, k_pe_cache, (slots, new_c, new_k))
+        _store_append(c_kv_cache, k_pe_cache, append)
         append = None
     if S == 1 and not seesaw:  # write the final output directly (the seesaw body always writes partials)
         op, lse = out.unsqueeze(2), out  # lse unused (WRITE_LSE=False)
@@ -386,7 +401,8 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
 
     dot_prec = "ieee" if q_abs.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(H, cfg["block_h"]), S, B)
-    append_args = (new_c, new_k, slots) if append is not None else (q_abs, q_abs, seq_lens)   # unread without APPEND
+    # (new latents, new rope keys, slots); without APPEND unread placeholders
+    append_args = (append[1], append[2], append[0]) if append is not None else (q_abs, q_abs, seq_lens)
     if seesaw:
         launch_seesaw(grid, q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, op, lse, append_args,
                       float(scale) * math.log2(math.e), op_strides, lse_strides, H, tps)
