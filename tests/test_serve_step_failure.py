@@ -55,7 +55,7 @@ def test_a_failed_step_fails_only_its_requests():
         assert second.json()["choices"][0]["finish_reason"] == "length"
         # and so is a new one; the engine is healthy again
         third = httpx.post(s.url + "/v1/completions", json={"prompt": "x = 1", "max_tokens": 3}, timeout=60)
-        assert third.status_code == 200 and httpx.get(s.url + "/health").status_code == 200
+        assert third.status_code == 200 and httpx.get(s.url + "/health", timeout=60).status_code == 200
         assert wait_until(lambda: aengine.num_pending == 0) and all_blocks_free(engine)
     finally:
         s.stop()
@@ -98,7 +98,7 @@ def test_a_request_the_engine_refuses_is_a_400(process):
         assert error["type"] == "invalid_request_error" and "injected refusal" in error["message"], error
         # the engine is healthy and serves the next request
         ok = httpx.post(url + "/v1/completions", json={"prompt": "import os", "max_tokens": 3}, timeout=60)
-        assert ok.status_code == 200 and httpx.get(url + "/health").status_code == 200
+        assert ok.status_code == 200 and httpx.get(url + "/health", timeout=60).status_code == 200
         assert wait_until(lambda: app.state.async_engine.num_pending == 0)
     finally:
         server.should_exit = True
@@ -137,14 +137,16 @@ def test_an_engine_exceptions_text_never_reaches_a_response_body(caplog):
         engine.step = failing_step
         with caplog.at_level(logging.ERROR):
             requests()
-            assert httpx.get(s.url + "/health").json() == {"status": "unhealthy", "error": "engine step failed"}
+            health = httpx.get(s.url + "/health", timeout=60).json()
+            assert health == {"status": "unhealthy", "error": "engine step failed"}, health
             engine.step = real_step
 
             def broken():
                 raise RuntimeError(f"engine loop broke: token {SECRET}")
             engine.has_unfinished = broken        # read by the engine's loop outside the step: its thread dies
             requests()
-            assert httpx.get(s.url + "/health").json() == {"status": "unhealthy", "error": "engine thread died"}
+            health = httpx.get(s.url + "/health", timeout=60).json()
+            assert health == {"status": "unhealthy", "error": "engine thread died"}, health
         # a failed step: its requests' 503 (a stream's error event after its 200); a dead engine: 503s at submit
         assert [status for route, status, _ in bodies if route != "/metrics"] == [503, 200, 200, 503, 503] + \
             [503] * 5, bodies
