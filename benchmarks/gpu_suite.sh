@@ -56,9 +56,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
 # The files of each half: the GPU-heavy and the long CPU files spread over both (measured durations, RESULTS.md).
-# The heaviest files first (the interpreter-compiled lite shapes of the fused MoE take ~150 s each, compiled decode,
-# the engines, pipelining): xdist hands tests out roughly in this order, and on a cold H100 (twenty-ninth session) the
-# gate's last tests, these, ended at its 560 s limit.
+# The heaviest files first (the fused MoE's CUDA lite shapes, compiled decode, the engines, pipelining): xdist hands
+# tests out roughly in this order, and on a cold H100 (twenty-ninth session) the gate's last tests, these, ended at
+# its 560 s limit (then with the interpreter tests, since left to CI: below).
 GPU_TESTS="tests/test_kernels_moe_decode.py tests/test_infer_decode_compile.py tests/test_infer_engine.py
   tests/test_infer_pdl.py tests/test_train_compiled_loads.py tests/test_parallel_pipeline_ep.py
   tests/test_parallel_pipeline.py tests/test_train_pipeline.py tests/test_gpu.py tests/test_kernels_fp8_quant.py

@@ -54,7 +54,7 @@ def run_generate(args: argparse.Namespace, dtype: torch.dtype | None) -> None:
         model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.ema,
                                                     dtype=serving_dtype(dtype, device), device=device)
     else:       # a Hugging Face directory: its MTP module only with --spec (dsv3.launch.loading)
-        model, tokenizer = load_model(args.model, args.tokenizer, device, dtype, False, mtp=args.spec > 0)
+        model, tokenizer = load_model(args.model, args.tokenizer, device, dtype, fp8=False, mtp=args.spec > 0)
     # unicode_escape reads bytes as Latin-1: the prompt's other characters go in as escapes themselves, so "é\\n"
     # stays "é" + newline (its UTF-8 bytes would come back as "Ã©")
     prompt = (args.prompt.encode("latin-1", "backslashreplace").decode("unicode_escape") if args.escapes
