@@ -225,7 +225,7 @@ def load_with_disconnects(server: LiveServer, requests: int, streams: int, dropp
     assert all_blocks_free(server)
     assert wait_until(lambda: aengine.num_aborted - aborted >= len(drop))
     assert wait_until(lambda: aengine.num_pending == 0)
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health", timeout=60).json() == {"status": "ok"}
     return {"finished": len(finished), "aborted": aengine.num_aborted - aborted, "seconds": round(seconds, 2)}
 
 

@@ -53,7 +53,8 @@ def test_serve_ep_under_torchrun(tmp_path, fp8):
         want = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8))
         assert [c["text"] for c in r["choices"]] == [w.text for w in want]
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for f in text_string_to_metric_families(httpx.get(url + "/metrics").text) for s in f.samples}
+                   for f in text_string_to_metric_families(httpx.get(url + "/metrics",
+                                                                     timeout=60).text) for s in f.samples}
         slots = {k: v for k, v in samples.items() if k[0] == "dsv3_expert_slot_logical_expert"}
         E = engine.model.config.n_routed_experts
         assert len(slots) > 0 and len(slots) % (E + 2) == 0      # E + 2 slots per MoE layer

@@ -197,5 +197,6 @@ def test_bad_structured_requests_are_400s(client, body, says):
 def test_a_lone_surrogate_in_a_pattern_is_a_400(client):
     raw = ('{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, '
            '"structured_outputs": {"regex": "a\\ud800"}}')         # JSON's escape: no client encodes it raw
-    r = httpx.post(f"{client.base_url}chat/completions", content=raw, headers={"content-type": "application/json"})
+    r = httpx.post(f"{client.base_url}chat/completions", content=raw, headers={"content-type": "application/json"},
+                   timeout=60)
     assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text

@@ -92,7 +92,7 @@ def test_streaming_equals_non_streaming(server, client):
 
 def test_chat_and_chat_streaming_equal_the_engine(server, client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def read_file"}]
-    ids = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()["tokens"]
+    ids = httpx.post(server.url + "/tokenize", json={"messages": messages}, timeout=60).json()["tokens"]
     want = greedy(server, ids, 10)
     r = client.chat.completions.create(model="dsv3-tiny", messages=messages, max_tokens=10, temperature=0)
     assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
@@ -257,21 +257,23 @@ def test_disconnect_mid_stream_frees_blocks(server):
 
 
 def client_ok(server) -> bool:
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": "import os", "max_tokens": 4, "temperature": 0})
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "import os", "max_tokens": 4, "temperature": 0},
+                   timeout=60)
     return r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(server, "import os", 4).text
 
 
 def test_models_health_tokenize_metrics(server, client):
     assert [m.id for m in client.models.list()] == ["dsv3-tiny"]
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    ids = httpx.post(server.url + "/tokenize", json={"prompt": "def f(x):"}).json()["tokens"]
+    assert httpx.get(server.url + "/health", timeout=60).json() == {"status": "ok"}
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "def f(x):"}, timeout=60).json()["tokens"]
     assert ids == server.tokenizer.encode("def f(x):")
-    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "def f(x):"}
-    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}, timeout=60).json() == {"prompt": "def f(x):"}
+    info = httpx.get(server.url + "/tokenizer_info", timeout=60).json()
     assert info["eos_token"] == server.tokenizer.decode([server.tokenizer.eos_id]) and "chat_template" in info
     assert client_ok(server)          # at least one answered completion, whichever tests ran before on this worker
     from prometheus_client.parser import text_string_to_metric_families
-    samples = {s.name: s.value for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+    samples = {s.name: s.value for f in text_string_to_metric_families(httpx.get(server.url + "/metrics",
+                                                                                 timeout=60).text)
                for s in f.samples if not s.labels or s.name.endswith("_count")}
     # client_ok's request was counted: 4 tokens generated, a first token timed, a request answered
     assert samples["dsv3_generation_tokens_total"] >= 4
@@ -279,7 +281,7 @@ def test_models_health_tokenize_metrics(server, client):
     assert samples["dsv3_time_per_output_token_seconds_count"] >= 1
     for name in ("dsv3_kv_cache_usage_ratio", "dsv3_num_requests_waiting", "dsv3_spec_decode_acceptance_ratio"):
         assert name in samples, name
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", timeout=60).text
     assert 'dsv3_requests_total{endpoint="/v1/completions",status="200"}' in text
 
 
@@ -287,12 +289,12 @@ def test_api_key_queue_limit_and_graceful_drain():
     s = start_server(EngineConfig(block_size=8, num_blocks=200, max_num_seqs=4), api_key="sekret", max_pending=3)
     try:
         body = {"prompt": "import os", "max_tokens": 120, "temperature": 0, "ignore_eos": True}
-        assert httpx.post(s.url + "/v1/completions", json=body).status_code == 401
+        assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 401
         wrong = {"Authorization": "Bearer nope"}
-        assert httpx.post(s.url + "/v1/completions", json=body, headers=wrong).status_code == 401
+        assert httpx.post(s.url + "/v1/completions", json=body, headers=wrong, timeout=60).status_code == 401
         auth = {"Authorization": "Bearer sekret"}
-        assert httpx.get(s.url + "/health").status_code == 200          # open without the key
-        assert httpx.post(s.url + "/v1/completions", json=body, headers=auth).status_code == 200
+        assert httpx.get(s.url + "/health", timeout=60).status_code == 200          # open without the key
+        assert httpx.post(s.url + "/v1/completions", json=body, headers=auth, timeout=60).status_code == 200
 
         long = dict(body, max_tokens=300)        # long enough that the burst overlaps on any machine
 
@@ -380,7 +382,7 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_recovers(caplog)
         assert "step failed" in r.json()["error"]["message"] and "injected" not in r.text, r.text
         logged = [rec for rec in caplog.records if rec.exc_info and "injected failure" in str(rec.exc_info[1])]
         assert logged, "the failed step's traceback was not logged"
-        health = httpx.get(s.url + "/health")
+        health = httpx.get(s.url + "/health", timeout=60)
         assert health.status_code == 503 and health.json() == {"status": "unhealthy", "error": "engine step failed"}
         failures[0] = 3             # the steps that would return the aborted request's blocks fail too
         with httpx.stream("POST", s.url + "/v1/completions", json=dict(body, stream=True), timeout=30) as r:
@@ -392,6 +394,6 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_recovers(caplog)
         assert all_blocks_free(s.engine)
         want = s.reference.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0].text
         assert httpx.post(s.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"] == want
-        assert httpx.get(s.url + "/health").json() == {"status": "ok"}
+        assert httpx.get(s.url + "/health", timeout=60).json() == {"status": "ok"}
     finally:
         s.stop()

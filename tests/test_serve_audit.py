@@ -161,7 +161,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 ])
 def test_3_what_cannot_be_honoured_is_refused(server, route, extra, word):
     base = {"prompt": "hi", "max_tokens": 2} if route == "/v1/completions" else CHAT
-    err = assert_openai_error(httpx.post(server.url + route, json=base | extra), 400)
+    err = assert_openai_error(httpx.post(server.url + route, json=base | extra, timeout=60), 400)
     assert word in err["message"] and "not supported" in err["message"], err
 
 
@@ -175,7 +175,7 @@ def test_3_what_cannot_be_honoured_is_refused(server, route, extra, word):
 ])
 def test_3_what_the_server_does_anyway_is_accepted(server, route, extra):
     base = {"prompt": "hi", "max_tokens": 2} if route == "/v1/completions" else CHAT
-    r = httpx.post(server.url + route, json=base | extra)
+    r = httpx.post(server.url + route, json=base | extra, timeout=60)
     assert r.status_code == 200, r.text
 
 
@@ -191,7 +191,7 @@ def test_3_what_the_server_does_anyway_is_accepted(server, route, extra):
     ("/detokenize", {"tokens": [True]}, "tokens"),
 ])
 def test_3_json_of_the_wrong_type_is_refused_not_coerced(server, route, body, field):
-    err = assert_openai_error(httpx.post(server.url + route, json=body), 400)
+    err = assert_openai_error(httpx.post(server.url + route, json=body, timeout=60), 400)
     assert field in err["message"], err
 
 
@@ -209,17 +209,19 @@ def test_4_a_body_that_is_not_json_says_so(server):
     body = b'{"prompt": "hi", "max_tokens": 2}'
     for ct in ("text/plain", "application/x-www-form-urlencoded"):         # curl -d without -H sends the latter
         err = assert_openai_error(httpx.post(server.url + "/v1/completions", content=body,
-                                             headers={"content-type": ct}), 415)
+                                             headers={"content-type": ct}, timeout=60), 415)
         assert "JSON" in err["message"] and ct in err["message"]
     for ct in ("application/json", "application/json; charset=utf-8", "APPLICATION/JSON", None):
-        r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": ct} if ct else {})
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": ct} if ct else {},
+                       timeout=60)
         assert r.status_code == 200, (ct, r.text)
     assert "JSON body" in assert_openai_error(httpx.post(server.url + "/v1/completions", content=b"",
-                                                         headers={"content-type": "application/json"}), 400)["message"]
+                                                         headers={"content-type": "application/json"},
+                                                         timeout=60), 400)["message"]
     for raw in (b'{"prompt": "h\xffi"}', b"[" * 100_000, b'{"prompt": "a",}', b'{"messages": [{"role": "user", '
                                                                                b'"content": "\\ud800"}]}'):
         err = assert_openai_error(httpx.post(server.url + "/v1/chat/completions", content=raw,
-                                             headers={"content-type": "application/json"}), 400)
+                                             headers={"content-type": "application/json"}, timeout=60), 400)
         assert "JSON" in err["message"] or "surrogate" in err["message"] or "messages" in err["message"], err
 
 
@@ -227,11 +229,11 @@ def test_4_bearer_scheme_is_case_insensitive_and_health_answers_head():
     s = start_server(api_key="sekret-ключ")
     try:
         for value in ("Bearer sekret-ключ", "bearer sekret-ключ", "BEARER  sekret-ключ"):
-            r = httpx.get(s.url + "/v1/models", headers={"Authorization": value.encode()})
+            r = httpx.get(s.url + "/v1/models", headers={"Authorization": value.encode()}, timeout=60)
             assert r.status_code == 200, (value, r.text)
         for value in ("Bearer sekret", "Basic sekret-ключ", "sekret-ключ", "Bearer", "Bearer sekret-ключx",
                       ""):
-            r = httpx.get(s.url + "/v1/models", headers={"Authorization": value.encode()})
+            r = httpx.get(s.url + "/v1/models", headers={"Authorization": value.encode()}, timeout=60)
             assert assert_openai_error(r, 401)["type"] == "authentication_error", value
             assert "sekret" not in r.text
         r = httpx.head(s.url + "/health")
@@ -288,18 +290,18 @@ def test_5_a_dead_engine_process_gets_503s_not_500s():
     s = start_server(process=True, threads=1)
     try:
         aengine = s.app.state.async_engine
-        assert httpx.get(s.url + "/metrics").status_code == 200
+        assert httpx.get(s.url + "/metrics", timeout=60).status_code == 200
         os.kill(aengine._process.pid, signal.SIGKILL)
         aengine._process.join(30)
-        r = httpx.get(s.url + "/health")
+        r = httpx.get(s.url + "/health", timeout=60)
         assert r.status_code == 503 and r.json() == {"status": "unhealthy",
                                                      "error": "engine process exited with code -9"}, r.text
         for route, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
                             ("/v1/completions", {"prompt": ["hi", "ho"], "max_tokens": 2, "stream": True}),
                             ("/v1/chat/completions", CHAT)):
-            err = assert_openai_error(httpx.post(s.url + route, json=body), 503)
+            err = assert_openai_error(httpx.post(s.url + route, json=body, timeout=60), 503)
             assert err["type"] == "service_unavailable" and "engine" in err["message"]
-        assert assert_openai_error(httpx.get(s.url + "/metrics"), 503)["type"] == "service_unavailable"
+        assert assert_openai_error(httpx.get(s.url + "/metrics", timeout=60), 503)["type"] == "service_unavailable"
         assert aengine.num_pending == 0
     finally:
         s.stop()
@@ -433,6 +435,7 @@ def test_7_the_engine_stops_where_it_did(server):
         if not stop:
             continue
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "import os", "max_tokens": 120, "seed": 11,
-                                                             "temperature": 1.0, "ignore_eos": True, "stop": stop})
+                                                             "temperature": 1.0, "ignore_eos": True, "stop": stop},
+                       timeout=60)
         c = r.json()["choices"][0]
         assert c["text"] == full[:full.index(stop)] and c["finish_reason"] == "stop", (stop, c["text"][-20:])

@@ -63,7 +63,8 @@ def assert_openai_error(r: httpx.Response, status: int) -> dict:
 
 def test_1_chat_content_is_encoded_as_text(server, client):
     tok = server.tokenizer
-    ids = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": FORGED}]}).json()
+    ids = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": FORGED}]},
+                     timeout=60).json()
     # the request gave the ids of a real assistant turn and a real end-of-sentence
     assert ids["tokens"] == [tok.bos_id, tok.user_id] + text_ids(tok, FORGED) + [tok.assistant_id]
     r = client.chat.completions.create(model="dsv3-tiny", messages=[{"role": "user", "content": FORGED}],
@@ -75,13 +76,14 @@ def test_1_chat_content_is_encoded_as_text(server, client):
                 {"role": "user", "content": [{"type": "text", "text": SPECIAL_TOKENS["bos"]}]},
                 {"role": "assistant", "content": SPECIAL_TOKENS["user"] + "ok"},
                 {"role": "developer", "content": SPECIAL_TOKENS["assistant"]}, {"role": "user", "content": "q"}]
-    got = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()["tokens"]
+    got = httpx.post(server.url + "/tokenize", json={"messages": messages}, timeout=60).json()["tokens"]
     assert [t for t in got if t in special_ids(tok)] == [tok.bos_id, tok.user_id, tok.assistant_id, tok.eos_id,
                                                          tok.user_id, tok.assistant_id]
     # raw prompts keep their control tokens (documented) unless the request asks for text
-    raw = httpx.post(server.url + "/tokenize", json={"prompt": FORGED}).json()["tokens"]
+    raw = httpx.post(server.url + "/tokenize", json={"prompt": FORGED}, timeout=60).json()["tokens"]
     assert raw == tok.encode(FORGED) and tok.assistant_id in raw
-    split = httpx.post(server.url + "/tokenize", json={"prompt": FORGED, "split_special_tokens": True}).json()
+    split = httpx.post(server.url + "/tokenize", json={"prompt": FORGED, "split_special_tokens": True},
+                       timeout=60).json()
     assert split["tokens"] == text_ids(tok, FORGED)
     for flag, n in ((False, len(raw)), (True, split["count"])):
         c = client.completions.create(model="dsv3-tiny", prompt=FORGED, max_tokens=2, temperature=0,
@@ -99,18 +101,19 @@ def test_2_chat_content_is_required(server, client, message):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="dsv3-tiny", messages=messages, max_tokens=4)
     assert "content" in e.value.body["message"]
-    r = httpx.post(server.url + "/tokenize", json={"messages": messages})
+    r = httpx.post(server.url + "/tokenize", json={"messages": messages}, timeout=60)
     assert "content" in assert_openai_error(r, 400)["message"]
 
 
 def test_2_assistant_tool_calls_need_no_content_but_are_not_served(server):
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 2}, timeout=60)
     msg = assert_openai_error(r, 400)["message"]
     assert "tool" in msg and "content" not in msg           # OpenAI's exception to the rule; no tools here
     ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}, {"role": "user", "content": ""}]
-    assert httpx.post(server.url + "/v1/chat/completions", json={"messages": ok, "max_tokens": 2}).status_code == 200
+    assert httpx.post(server.url + "/v1/chat/completions", json={"messages": ok, "max_tokens": 2},
+                      timeout=60).status_code == 200
 
 
 # ---- 3. the API key guards everything but /health; metrics series are bounded -----------------------------------
@@ -124,18 +127,18 @@ def test_3_api_key_guards_every_surface_but_health():
     try:
         auth = {"Authorization": "Bearer sekret"}
         for path in GUARDED:
-            assert assert_openai_error(httpx.get(s.url + path), 401)["type"] == "authentication_error", path
-        assert_openai_error(httpx.post(s.url + "/tokenize", json={"prompt": "hi"}), 401)
-        assert httpx.get(s.url + "/health").status_code == 200
+            assert assert_openai_error(httpx.get(s.url + path, timeout=60), 401)["type"] == "authentication_error", path
+        assert_openai_error(httpx.post(s.url + "/tokenize", json={"prompt": "hi"}, timeout=60), 401)
+        assert httpx.get(s.url + "/health", timeout=60).status_code == 200
         for path in GUARDED[:-1]:
-            assert httpx.get(s.url + path, headers=auth).status_code == 200, path
-        assert httpx.get(s.url + "/no/such/path", headers=auth).status_code == 404
+            assert httpx.get(s.url + path, headers=auth, timeout=60).status_code == 200, path
+        assert httpx.get(s.url + "/no/such/path", headers=auth, timeout=60).status_code == 404
     finally:
         s.stop()
     s = start_server(api_key="sekret", metrics_public=True)      # for scrapers that cannot send a key
     try:
-        assert "dsv3_requests_total" in httpx.get(s.url + "/metrics").text
-        assert_openai_error(httpx.get(s.url + "/openapi.json"), 401)
+        assert "dsv3_requests_total" in httpx.get(s.url + "/metrics", timeout=60).text
+        assert_openai_error(httpx.get(s.url + "/openapi.json", timeout=60), 401)
     finally:
         s.stop()
 
@@ -153,22 +156,22 @@ def test_3_a_blank_or_padded_api_key_is_refused(key):
 
 
 def request_series(url: str) -> dict[tuple[str, str], float]:
-    text = httpx.get(url + "/metrics").text
+    text = httpx.get(url + "/metrics", timeout=60).text
     return {(s.labels["endpoint"], s.labels["status"]): s.value for f in text_string_to_metric_families(text)
             if f.name == "dsv3_requests" for s in f.samples if s.name == "dsv3_requests_total"}
 
 
 def test_3_unknown_paths_share_one_metrics_series(server):
     before = request_series(server.url)
-    size = len(httpx.get(server.url + "/metrics").text)
-    with httpx.Client(base_url=server.url) as http:
+    size = len(httpx.get(server.url + "/metrics", timeout=60).text)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
         for _ in range(200):
             assert http.get(f"/x{uuid.uuid4().hex}").status_code == 404
             assert http.get(f"/v1/models/m{uuid.uuid4().hex}").status_code == 404
     after = request_series(server.url)
     assert after[("unmatched", "404")] - before.get(("unmatched", "404"), 0) == 200
     assert after[("/v1/models/{model_id:path}", "404")] - before.get(("/v1/models/{model_id:path}", "404"), 0) == 200
-    assert len(after) - len(before) <= 2 and len(httpx.get(server.url + "/metrics").text) < size + 400
+    assert len(after) - len(before) <= 2 and len(httpx.get(server.url + "/metrics", timeout=60).text) < size + 400
 
 
 # ---- 4. large inputs ------------------------------------------------------------------------------------------
@@ -177,7 +180,7 @@ def test_4_body_size_limit():
     s = start_server(max_body_bytes=64 * 1024)
     try:
         big = {"prompt": "x" * 100_000, "max_tokens": 1}
-        err = assert_openai_error(httpx.post(s.url + "/v1/completions", json=big), 413)
+        err = assert_openai_error(httpx.post(s.url + "/v1/completions", json=big, timeout=60), 413)
         assert "65536" in err["message"] and err["code"] == "request_too_large"
         # no Content-Length (chunked): counted as it arrives, and refused alike (its `code` was null)
         body = httpx.Request("POST", "/", json=big).content
@@ -186,10 +189,10 @@ def test_4_body_size_limit():
             for i in range(0, len(body), 8192):
                 yield body[i:i + 8192]
         err = assert_openai_error(httpx.post(s.url + "/tokenize", content=chunks(),
-                                             headers={"content-type": "application/json"}), 413)
+                                             headers={"content-type": "application/json"}, timeout=60), 413)
         assert "65536" in err["message"] and err["code"] == "request_too_large", err
-        assert httpx.post(s.url + "/tokenize", json={"prompt": "x" * 50_000}).status_code == 200
-        assert httpx.get(s.url + "/health").json() == {"status": "ok"}
+        assert httpx.post(s.url + "/tokenize", json={"prompt": "x" * 50_000}, timeout=60).status_code == 200
+        assert httpx.get(s.url + "/health", timeout=60).json() == {"status": "ok"}
     finally:
         s.stop()
 
@@ -235,15 +238,15 @@ def test_4_tokenizing_runs_off_the_event_loop(server, monkeypatch):
 def test_5_host_header_is_checked(server):
     port = server.url.rsplit(":", 1)[1]
     for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.nip.io:{port}", "localhost.evil.example"):
-        err = assert_openai_error(httpx.get(server.url + "/v1/models", headers={"host": host}), 400)
+        err = assert_openai_error(httpx.get(server.url + "/v1/models", headers={"host": host}, timeout=60), 400)
         assert "Host" in err["message"], host
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "LOCALHOST"):
-        assert httpx.get(server.url + "/v1/models", headers={"host": host}).status_code == 200, host
+        assert httpx.get(server.url + "/v1/models", headers={"host": host}, timeout=60).status_code == 200, host
     s = start_server(allowed_hosts=["api.example.com"])
     try:
-        assert httpx.get(s.url + "/v1/models", headers={"host": "api.example.com"}).status_code == 200
-        assert httpx.get(s.url + "/v1/models").status_code == 200                  # loopback names stay allowed
-        assert_openai_error(httpx.get(s.url + "/v1/models", headers={"host": "evil.example"}), 400)
+        assert httpx.get(s.url + "/v1/models", headers={"host": "api.example.com"}, timeout=60).status_code == 200
+        assert httpx.get(s.url + "/v1/models", timeout=60).status_code == 200   # loopback names stay allowed
+        assert_openai_error(httpx.get(s.url + "/v1/models", headers={"host": "evil.example"}, timeout=60), 400)
     finally:
         s.stop()
 

@@ -228,7 +228,7 @@ def test_cli_roles_end_to_end(tmp_path):
         want = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0]
         assert r["choices"][0]["text"] == want.text
         from prometheus_client.parser import text_string_to_metric_families
-        drafts = [s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+        drafts = [s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=60).text)
                   for s in f.samples if s.name == "dsv3_spec_decode_draft_tokens_total"]
         assert drafts and drafts[0] > 0
         router.send_signal(signal.SIGTERM)
@@ -319,7 +319,7 @@ def test_a_message_the_router_cannot_read_fails_that_worker_cleanly(deployment, 
     assert victim.address in caplog.text and "cannot read" in caplog.text and "injected" in caplog.text, caplog.text
     router.workers[1].in_flight.discard(-1)
     assert not victim.alive and not router.requests
-    health = httpx.get(deployment["base"] + "/health")
+    health = httpx.get(deployment["base"] + "/health", timeout=60)
     if router.workers[1].alive:
         assert health.status_code == 200, health.text
     else:
@@ -353,7 +353,7 @@ def test_a_failed_worker_step_fails_its_requests_and_the_worker_serves_on(failin
     assert r.status_code == 200 and lines[-1] == "data: [DONE]", lines
     assert '"service_unavailable"' in lines[-2] and "injected" not in lines[-2], lines
     assert all(w.alive for w in router.workers) and all(p.is_alive() for p in d["procs"])
-    assert httpx.get(d["base"] + "/health").status_code == 200
+    assert httpx.get(d["base"] + "/health", timeout=60).status_code == 200
     r = client.completions.create(model="dsv3-tiny", prompt=PROMPTS[2], max_tokens=8, temperature=0)
     want = d["reference"].generate([PROMPTS[2]], SamplingParams(temperature=0.0, max_tokens=8))[0]
     assert r.choices[0].text == want.text
@@ -375,7 +375,7 @@ def test_a_request_a_worker_refuses_is_a_400(failing_deployment):
         lines = [line for line in r.iter_lines() if line]
     assert r.status_code == 200 and lines[-1] == "data: [DONE]", lines
     assert '"invalid_request_error"' in lines[-2] and "injected refusal" in lines[-2], lines
-    assert all(w.alive for w in router.workers) and httpx.get(d["base"] + "/health").status_code == 200
+    assert all(w.alive for w in router.workers) and httpx.get(d["base"] + "/health", timeout=60).status_code == 200
     assert not router.requests and {w["in_flight"] for w in router.stats_now()["workers"]} == {0}
 
 
@@ -435,7 +435,7 @@ def test_losing_the_last_decode_worker_is_a_503_and_unhealthy(failing_deployment
     assert e.value.body["type"] == "service_unavailable" and "decode worker" in e.value.message, e.value.body
     assert decode.address not in e.value.message, e.value.body
     assert decode.address in caplog.text, caplog.text
-    health = httpx.get(d["base"] + "/health")
+    health = httpx.get(d["base"] + "/health", timeout=60)
     assert health.status_code == 503 and "decode" in health.json()["error"], health.text
     assert decode.address not in health.text, health.text
     with pytest.raises(openai.APIStatusError) as e:
@@ -488,7 +488,7 @@ def test_cli_ep_groups_as_workers(tmp_path):
         want = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8))
         assert [c["text"] for c in r["choices"]] == [w.text for w in want]
         from prometheus_client.parser import text_string_to_metric_families
-        drafts = [s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+        drafts = [s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=60).text)
                   for s in f.samples if s.name == "dsv3_spec_decode_draft_tokens_total"]
         assert drafts and drafts[0] > 0
         router.send_signal(signal.SIGTERM)

@@ -51,10 +51,10 @@ def test_load_with_disconnects_across_the_process_boundary(server):
 
 
 def test_metrics_and_stop(server):
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", timeout=60).text
     assert "dsv3_kv_cache_usage_ratio 0.0" in text and "dsv3_generation_tokens_total" in text
     assert "dsv3_engine_torch_threads 2.0" in text             # issue 14 (7): the engine process's thread count
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health", timeout=60).json() == {"status": "ok"}
     process = server.app.state.async_engine._process
     server.stop()                       # lifespan shutdown: drain, then the child exits
     assert not process.is_alive()
@@ -91,7 +91,7 @@ def test_cli_serve_end_to_end(tmp_path):
                                                       "temperature": 0}, timeout=30).json()
         want = engine.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0]
         assert r["choices"][0]["text"] == want.text
-        assert "dsv3_engine_torch_threads 1.0" in httpx.get(url + "/metrics").text
+        assert "dsv3_engine_torch_threads 1.0" in httpx.get(url + "/metrics", timeout=60).text
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the captured signal: exit by SIGTERM, without a traceback
         assert proc.wait(30) in (0, -signal.SIGTERM)

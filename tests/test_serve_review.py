@@ -38,7 +38,7 @@ def server():
 
 
 def request_series(url: str) -> dict[tuple[str, str], float]:
-    text = httpx.get(url + "/metrics").text
+    text = httpx.get(url + "/metrics", timeout=60).text
     return {(s.labels["endpoint"], s.labels["status"]): s.value for f in text_string_to_metric_families(text)
             if f.name == "dsv3_requests" for s in f.samples if s.name == "dsv3_requests_total"}
 
@@ -101,9 +101,11 @@ def test_2_stop_token_ids_outside_the_vocabulary_get_a_short_error_naming_them(s
     assert err["param"] == "stop_token_ids" and "stop_token_ids" in err["message"]
     assert len(err["message"]) < 300, f"a {len(err['message'])}-character error message"
     # an id of the model's padded rows is no token either (as for logit_bias and prompt ids)
-    r = httpx.post(server.url + route, json=body | {"max_tokens": 2, "stop_token_ids": [server.tokenizer.vocab_size]})
+    r = httpx.post(server.url + route, json=body | {"max_tokens": 2, "stop_token_ids": [server.tokenizer.vocab_size]},
+                   timeout=60)
     assert assert_openai_error(r, 400)["param"] == "stop_token_ids"
-    assert httpx.post(server.url + route, json=body | {"max_tokens": 2, "stop_token_ids": [5]}).status_code == 200
+    assert httpx.post(server.url + route, json=body | {"max_tokens": 2, "stop_token_ids": [5]},
+                      timeout=60).status_code == 200
 
 
 # ---- 3. /detokenize ---------------------------------------------------------------------------------------------
@@ -112,9 +114,9 @@ def test_3_detokenize_refuses_ids_past_the_tokenizer_as_the_completions_api_does
     n = server.tokenizer.vocab_size
     assert server.app.state.async_engine.limits.vocab_size > n         # the padded rows this is about
     for route, body in (("/detokenize", {"tokens": [1, n, 2]}), ("/v1/completions", {"prompt": [1, n, 2]})):
-        err = assert_openai_error(httpx.post(server.url + route, json=body), 400)
+        err = assert_openai_error(httpx.post(server.url + route, json=body, timeout=60), 400)
         assert str(n) in err["message"] and f"[0, {n})" in err["message"], (route, err)
-    assert httpx.post(server.url + "/detokenize", json={"tokens": [1, n - 1, 2]}).status_code == 200
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [1, n - 1, 2]}, timeout=60).status_code == 200
 
 
 # ---- 4. tool calls ----------------------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 ])
 def test_5_an_error_quoting_a_huge_value_stays_short(server, route, body, word):
     """The error message quoted the client's value whole: a 200 KB message (8 MB for a body at the limit)."""
-    r = httpx.post(server.url + route, json=body)
+    r = httpx.post(server.url + route, json=body, timeout=60)
     err = assert_openai_error(r, 404 if word == "model" else 400)
     assert word in err["message"] and len(err["message"]) <= 1100, (len(err["message"]), err["message"][:200])
 
@@ -210,20 +212,20 @@ def test_7_a_page_of_another_site_cannot_drive_a_loopback_server(server):
     https://evil.example: no Content-Type, the page's Origin, a loopback Host."""
     body = b'{"prompt": "hi", "max_tokens": 2}'
     for origin in ("https://evil.example", "null", "http://127.0.0.1.evil.example"):
-        r = httpx.post(server.url + "/v1/completions", content=body, headers={"Origin": origin})
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={"Origin": origin}, timeout=60)
         err = assert_openai_error(r, 403)
         assert err["param"] == "origin" and "Origin" in err["message"], err
     for origin in ("http://127.0.0.1:8000", "http://localhost:3000", "http://[::1]:8080"):    # local pages, /docs
-        r = httpx.post(server.url + "/v1/completions", content=body, headers={"Origin": origin})
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={"Origin": origin}, timeout=60)
         assert r.status_code == 200, (origin, r.text[:200])
-    assert httpx.post(server.url + "/v1/completions", content=body).status_code == 200      # API clients send none
+    assert httpx.post(server.url + "/v1/completions", content=body, timeout=60).status_code == 200  # API clients: none
 
 
 def test_7_a_server_open_to_any_host_takes_any_origin():
     s = start_server(allowed_hosts=["*"])
     try:
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2},
-                       headers={"Origin": "https://ui.example"})
+                       headers={"Origin": "https://ui.example"}, timeout=60)
         assert r.status_code == 200, r.text[:200]
     finally:
         s.stop()

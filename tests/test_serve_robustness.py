@@ -72,7 +72,7 @@ def test_1_requests_waiting_on_a_dead_engine_thread_get_503():
             t.join(60)
         assert_waiters_got_503(out, aengine, "the engine thread died")
         assert not any("injected" in line for line in out["lines"]) and "injected" not in out["plain"].text
-        health = httpx.get(s.url + "/health")            # a generic reason: the exception's text is the log's
+        health = httpx.get(s.url + "/health", timeout=60)  # a generic reason: the exception's text is the log's
         assert health.status_code == 503 and health.json() == {"status": "unhealthy", "error": "engine thread died"}
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.APIStatusError) as e:
