@@ -431,5 +431,34 @@ PY
     grep -E "group columns|wgrad with|failed|Error" "$OUT/grouped.txt" | head -80
     PYTHONPATH=$PYTHONPATH:benchmarks timeout 200 python benchmarks/mla_seesaw_splits.py 2>&1 | grep -v Warn \
       | tee "$OUT/seesaw_splits.txt" ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R|S"; exit 2 ;;
+  T)    # thirty-first session (~4 min; after S, whose stages it reads): ncu on the two kernels whose next step the
+        # numbers alone do not say. The seesaw MLA body at 128 heads (issue 16: 36.5-38.3% of bf16 peak at B = 64 x
+        # 8K-32K, target 60%; never under ncu: is a warpgroup waiting on its TMA loads, on the other's barrier or on
+        # wgmma?) and the W^T rows quantiser (issue 15: ~45% of copy), stages 1 and 2, with the stall reasons
+    S='--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy
+      --section SchedulerStats --section ComputeWorkloadAnalysis'
+    cat > /tmp/seesaw.py <<'PY'
+import torch
+from mla_gluon_probe import ragged
+from dsv3.kernels import mla_decode_triton
+case = ragged([8192] * 64, 128, seed=0, nan_tail=False)
+for _ in range(3):
+    mla_decode_triton(*case)
+torch.cuda.synchronize()
+PY
+    PYTHONPATH=$PYTHONPATH:benchmarks timeout 120 ncu --clock-control none -k regex:seesaw --launch-skip 2 \
+      --launch-count 1 $S python /tmp/seesaw.py > "$OUT/ncu-seesaw.txt" 2>&1
+    cat > /tmp/wt.py <<'PY'
+import torch
+from dsv3.kernels.fp8_rowwise import quantize_rows_transposed_triton
+w = torch.randn(64, 1408, 2048, device="cuda", dtype=torch.bfloat16)     # lite's gate / up experts
+for stages in (1, 1, 2, 2):
+    quantize_rows_transposed_triton(w, stages=stages)
+torch.cuda.synchronize()
+PY
+    timeout 120 ncu --clock-control none -k regex:_rows_t_kernel --launch-skip 1 --launch-count 3 $S python /tmp/wt.py \
+      > "$OUT/ncu-wt.txt" 2>&1
+    K='^  [_a-z]|Duration|Throughput|Hit Rate|Warp Cycles|Registers|Occupancy|Eligible|Issued Warp|Block Limit|Stall|Pipe'
+    grep -hE "$K" "$OUT/ncu-seesaw.txt" "$OUT/ncu-wt.txt" | head -90 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R|S|T"; exit 2 ;;
 esac
