@@ -460,5 +460,15 @@ PY
       > "$OUT/ncu-wt.txt" 2>&1
     K='^  [_a-z]|Duration|Throughput|Hit Rate|Warp Cycles|Registers|Occupancy|Eligible|Issued Warp|Block Limit|Stall|Pipe'
     grep -hE "$K" "$OUT/ncu-seesaw.txt" "$OUT/ncu-wt.txt" | head -90 ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R|S|T"; exit 2 ;;
+  U)    # thirty-first session (~6 min; the gate runs the tests first): train.cuda_graphs (the compiled blocks'
+        # forward and backward as CUDA graphs; issue 17's profile had the GPU idle 6.7 ms of a 126 ms step). Its
+        # CUDA tests (eager's loads, biases and weights, one and two micro-batches), then lite-8L's full recipe as
+        # `dsv3 train --config configs/lite-8L.toml` runs it, without and with the graphs, one process each
+    timeout 150 python -m pytest -q -p no:cacheprovider -rfEs tests/test_train_compiled_loads.py 2>&1 | tail -4
+    for g in false true; do
+      timeout 200 python benchmarks/train_lite8l.py --config configs/lite-8L.toml --set train.cuda_graphs=$g \
+        --steps 10 --warmup 3 --tag graphs_$g > "$OUT/graphs_$g.txt" 2>&1
+      grep -vE "Warn|warn" "$OUT/graphs_$g.txt" | grep -E "ms|tok/s|MFU|GiB|Error|error" | tail -4
+    done ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R|S|T|U"; exit 2 ;;
 esac

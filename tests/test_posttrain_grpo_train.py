@@ -150,7 +150,8 @@ def test_resume_is_exact(base, tmp_path):
 @pytest.mark.parametrize("override,match", [
     ('grpo.aggregation="mean"', "grpo.aggregation='mean'"), ("grpo.group_size=1", "grpo.group_size=1"),
     ('grpo.ops="/"', "grpo.ops='/'"), ("grpo.max_new_tokens=600", "exceed the model's context"),
-    ("train.micro_batch_size=3", "train.batch_size=8 is not a multiple of train.micro_batch_size=3")])
+    ("train.micro_batch_size=3", "train.batch_size=8 is not a multiple of train.micro_batch_size=3"),
+    ("train.cuda_graphs=true", "train.cuda_graphs is for dsv3 train and distill, not GRPO's rollouts")])
 def test_config_errors_name_the_key(base, tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         grpo_trainer(run_file(tmp_path, base, "bad"), [override])

@@ -72,10 +72,24 @@ def test_the_issue_examples_and_relations_are_one_line_errors(tmp_path, monkeypa
                            ("data.val_fraction=1.5", "data.val_fraction=1.5: must be a number in [0, 1)"),
                            ("train.device=bogus", "train.device='bogus': must be one of 'auto', 'cpu', 'cuda'"),
                            ("optim.warmup=0.9", "need optim.warmup=0.9 <= constant_until=0.676"),
-                           ("train.micro_batch_size=3", "train.batch_size=16 is not a multiple of")]:
+                           ("train.micro_batch_size=3", "train.batch_size=16 is not a multiple of"),
+                           ("train.cuda_graphs=true", "train.cuda_graphs needs train.compile=true, parallel.pp=1")]:
         assert main(["train", "--config", TINY, override, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err, (override, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_graphs_refuse_fsdp_a_pipeline_and_a_cpu_device_before_any_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    graphs = ["train.cuda_graphs=true", "train.compile=true"]
+    for extra, says in [(["parallel.fsdp=true"], "train.cuda_graphs needs train.compile=true, parallel.pp=1 and "
+                                                  "parallel.fsdp=false"),
+                        (["parallel.pp=2"], "train.cuda_graphs needs train.compile=true, parallel.pp=1"),
+                        (['train.device="cpu"'], "train.cuda_graphs needs a CUDA device; train.device='cpu' is cpu")]:
+        assert main(["train", "--config", TINY, *graphs, *extra, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, (extra, err)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -93,8 +93,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh | None, cfg, device: torch.
     if train.recompute:                                                   # 4. recomputation
         apply_recompute(model)
     if train.compile:                                                     # 5. compilation (resolved at first call)
+        mode = "reduce-overhead" if train.cuda_graphs else None           #    (+ CUDA graphs: the Trainer marks steps)
         for block in list(model.layers) + list(model.mtp):
-            block.compile()
+            block.compile(mode=mode)
     if fsdp:                                                              # 6. FSDP2
         shard_data_parallel(model, mesh, chunks=roots if par.pp > 1 else None)
     materialize(roots, device, train.seed, cfg.model.init_std)           # 7. this rank's part only

@@ -92,6 +92,7 @@ class LogitKDTrainer(Trainer):
             for _, m in self.layers:
                 m.tokens_per_expert.zero_()
                 m.keep_routing = False
+            self._new_graph_step()
             with self.autocast():
                 main, mtp, logits, _ = lm_losses(self.model, window, self.ce, targets)
                 with torch.no_grad():

@@ -193,6 +193,9 @@ def grpo_trainer(config, overrides: list[str], resume: bool | str = False, overw
     check_paths("grpo", section)
     if "model" in d:
         raise ConfigError("invalid grpo config: [model] comes from grpo.init; remove it")
+    if d.get("train", {}).get("cuda_graphs"):
+        # the rollouts run the policy's blocks at every batch and length the engine forms: a graph recorded for each
+        raise ConfigError("invalid grpo config: train.cuda_graphs is for dsv3 train and distill, not GRPO's rollouts")
     if resume:
         _check_reference_keys(Path(d.get("run_dir", "runs/run")), section)
     # the KL reference (and the policy's model config, tokenizer, chat template): on resume the one pinned in the

@@ -115,6 +115,9 @@ class TrainConfig:
     # quantises W again; dsv3.fp8.weight_cache)
     fp8_weight_cache: str = setting("both", OneOf(("both", "backward")))
     compile: bool = setting(False, Flag())             # torch.compile each block and the loss
+    # with compile: the blocks' forward and backward replayed as CUDA graphs (torch.compile's "reduce-overhead": no
+    # launch gaps between their kernels; issue 17's profile had the GPU idle 6.7 ms of a 126 ms lite-8L step)
+    cuda_graphs: bool = setting(False, Flag())
     # one compiled kernel set for clipping + AdamW instead of fused (CUDA) / foreach (CPU) AdamW
     compile_optimizer: bool = setting(False, Flag())
     seed: int = setting(0, SEED)
@@ -268,6 +271,12 @@ class RunConfig:
                 and par.ranks_per_node % ep:
             raise ConfigError(f"invalid run config: parallel.ranks_per_node={par.ranks_per_node} and parallel.ep={ep}: "
                               f"one must divide the other (every node holds the same number of an EP group's ranks)")
+        if t.cuda_graphs and not (t.compile and pp == 1 and not self.parallel.fsdp):
+            # graphs replay fixed addresses: FSDP gathers each block's weights into fresh memory per use, and the
+            # pipeline's schedules run other micro-batches' forwards before a backward (not verified under graphs);
+            # the device is checked where it is resolved (Trainer)
+            raise ConfigError("invalid run config: train.cuda_graphs needs train.compile=true, parallel.pp=1 and "
+                              "parallel.fsdp=false")
         if self.parallel.fsdp and t.compile_optimizer:
             # compiled_clip_and_step scales the gradients with torch._foreach_mul_ inside a compiled graph: not
             # verified on FSDP's DTensor gradients (CUDA-only); the eager optimizer step is used under FSDP instead

@@ -160,6 +160,9 @@ class Trainer(Checkpointing):
         source (a fresh start's), checked to fit the model."""
         cfg = self.cfg
         self.device = resolve_device(cfg.train.device)
+        if cfg.train.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError(f"train.cuda_graphs needs a CUDA device; train.device={cfg.train.device!r} is "
+                              f"{self.device.type} here")
         check_start(self.run_dir, resume, overwrite, cfg)
         if source is None:
             check_corpus(cfg.data, cfg.run_dir)
@@ -245,6 +248,23 @@ class Trainer(Checkpointing):
         enabled = self.dtype != torch.float32 and self.cfg.train.dtype != "bf16-params"
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
+    def _new_graph_step(self) -> None:
+        """train.cuda_graphs: a forward starts a new replay of the blocks' graphs. Their outputs live in the graphs'
+        memory until the next replay overwrites them; each micro-batch reads what it needs (loss, loads, routing)
+        before the next one starts, which this mark tells torch."""
+        if self.cfg.train.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def _stable_gradients(self) -> None:
+        """Zeroed .grad buffers of our own before a step of several micro-batches under train.cuda_graphs. A first
+        backward into no .grad takes the graph's output tensor as the gradient, and that memory is the graphs' to
+        overwrite at the next micro-batch's replay; into a buffer the gradient is added instead. One micro-batch
+        needs none: its gradients are read (clipping, the update) before the next replay, then set to None. A step
+        of several holds the gradients from its first backward on anyway, so the buffers add no peak memory."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
     def _forward_backward(self, n_micro: int, lam: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's micro-batches forward and backward (gradient accumulation), gradients synced over the ranks;
         returns (loads (layers, E) summed over the step and the ranks, [total, main, mtp, aux] means)."""
@@ -259,6 +279,7 @@ class Trainer(Checkpointing):
                 targets = self.layout.shard(targets).to(self.device, non_blocking=True)
             for _, m in self.layers:
                 m.tokens_per_expert.zero_()
+            self._new_graph_step()
             with self.autocast():
                 main, mtp, _, _ = lm_losses(self.model, window, self.ce, targets)
                 aux = collect_balance_loss(self.layers)
@@ -289,6 +310,8 @@ class Trainer(Checkpointing):
         for _, m in self.layers:
             m.keep_routing = alpha > 0
         self.step_tokens = 0              # positions the step trains on, counted by _forward_backward
+        if cfg.train.cuda_graphs and n_micro > 1:
+            self._stable_gradients()
         if self.pipeline is not None:     # the whole step through DualPipeV; gradients synced, sums reduced
             windows = [self.loader.next_batch(cfg.train.micro_batch_size) for _ in range(n_micro)]
             self.step_tokens = sum(map(positions, windows))
@@ -400,6 +423,7 @@ class Trainer(Checkpointing):
             window = window.to(self.device)
             if targets is not None:
                 targets = targets.to(self.device)
+            self._new_graph_step()
             with self.autocast():
                 main, mtp, logits, mtp_logits = lm_losses(self.model, window, self.ce, targets)
             if sharded:       # (a weight of 0: no loss token here, the CE is 0/0)
