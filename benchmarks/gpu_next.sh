@@ -464,11 +464,18 @@ PY
         # forward and backward as CUDA graphs; issue 17's profile had the GPU idle 6.7 ms of a 126 ms step). Its
         # CUDA tests (eager's loads, biases and weights, one and two micro-batches), then lite-8L's full recipe as
         # `dsv3 train --config configs/lite-8L.toml` runs it, without and with the graphs, one process each
-    timeout 150 python -m pytest -q -p no:cacheprovider -rfEs tests/test_train_compiled_loads.py 2>&1 | tail -4
+    [ "${SKIP_TESTS:-0}" = 1 ] || timeout 150 python -m pytest -q -p no:cacheprovider -rfEs \
+      tests/test_train_compiled_loads.py 2>&1 | tail -4
+    # the corpus's tokenizer and shards first, once (both runs read them; two first runs would build them at once)
+    timeout 150 python -c "from dsv3.train.config import DataConfig; from dsv3.train.dataset import prepare_dataset
+prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, progress=False)" > "$OUT/data.log" 2>&1
     for g in false true; do
       timeout 200 python benchmarks/train_lite8l.py --config configs/lite-8L.toml --set train.cuda_graphs=$g \
         --steps 10 --warmup 3 --tag graphs_$g > "$OUT/graphs_$g.txt" 2>&1
       grep -vE "Warn|warn" "$OUT/graphs_$g.txt" | grep -E "ms|tok/s|MFU|GiB|Error|error" | tail -4
     done ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R|S|T|U"; exit 2 ;;
+  V)    # thirty-first session's second call, after the gate (~8 min): U's A/B, then S's column-quantiser probe
+    SKIP_TESTS=1 bash "$0" U
+    timeout 60 python benchmarks/cols_probe.py 2>&1 | grep -v Warn | tee "$OUT/cols_probe.txt" ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R|S|T|U|V"; exit 2 ;;
 esac
