@@ -49,6 +49,10 @@
 #                                   the FP8 expert wgrad vs BF16 wgrad (~8 min)
 #   bash benchmarks/gpu_next.sh S   the column quantisers with pipelined loops (stages 1-4) swept, then the seesaw
 #                                   MLA body's split counts 1-8 over B = 8-128 x 4K-16K (~8 min)
+#   bash benchmarks/gpu_next.sh T   ncu on the seesaw MLA body (128 heads) and on the W^T rows quantiser (~4 min)
+#   bash benchmarks/gpu_next.sh U   train.cuda_graphs: its CUDA tests, lite-8L's full recipe without / with (~6 min)
+#   bash benchmarks/gpu_next.sh V   after the gate: U's A/B, the column-quantiser probe (~7 min)
+#   bash benchmarks/gpu_next.sh W   the changed files' CUDA tests (a short gate), then U's A/B (~8 min)
 #   bash benchmarks/gpu_next.sh P   the column quantisers without a reduction per tile: CUDA bit tests, sweeps (~6 min)
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
