@@ -474,7 +474,8 @@ PY
     timeout 150 python -c "from dsv3.train.config import DataConfig; from dsv3.train.dataset import prepare_dataset
 prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, progress=False)" > "$OUT/data.log" 2>&1
     for g in false true; do
-      timeout 200 python benchmarks/train_lite8l.py --config configs/lite-8L.toml --set train.cuda_graphs=$g \
+      timeout "${RUN_S:-200}" python benchmarks/train_lite8l.py --config configs/lite-8L.toml \
+        --set train.cuda_graphs=$g \
         --steps 10 --warmup 3 --tag graphs_$g > "$OUT/graphs_$g.txt" 2>&1
       grep -vE "Warn|warn" "$OUT/graphs_$g.txt" | grep -E "ms|tok/s|MFU|GiB|Error|error" | tail -4
     done ;;
@@ -485,9 +486,12 @@ prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, prog
         # the CUDA tests of the files changed since the last gate (the quantisers' stages, the split form's removal,
         # the MLA decode refactor, train.cuda_graphs), then U's A/B
     install_wheels
-    timeout 240 python -m pytest -q -n 14 -p no:cacheprovider -rfEs -k "not interpreter and not dry_run" \
+    timeout 150 python -c "from dsv3.train.config import DataConfig; from dsv3.train.dataset import prepare_dataset
+prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, progress=False)" > "$OUT/data.log" 2>&1 &
+    timeout 170 python -m pytest -q -n 12 -p no:cacheprovider -rfEs -k "not interpreter and not dry_run" \
       tests/test_kernels_fp8_grouped_wgrad.py tests/test_kernels_fp8_rowwise.py tests/test_kernels_fp8_quant.py \
       tests/test_kernels_mla_decode.py tests/test_train_compiled_loads.py 2>&1 | tail -6 | tee "$OUT/gate.txt"
-    SKIP_TESTS=1 bash "$0" U ;;
+    wait                  # the corpus (U's own prepare_dataset then finds it built)
+    SKIP_TESTS=1 RUN_S=185 bash "$0" U ;;
   *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R|S|T|U|V|W"; exit 2 ;;
 esac
