@@ -227,7 +227,8 @@ if HAS_TRITON:
 # default the sweep's best; ncu: latency-bound (27% occupancy, 0.69 eligible warps a scheduler)
 _BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
 # STAGES: 1 = plain loops. 2-4 pipeline the loads through shared memory (cp.async, 16-byte copies, same registers
-# in the sm_90 build: thirtieth session, CPU); unmeasured on the GPU until then, so off
+# in the sm_90 build). Thirty-first session (H100, benchmarks/cols_probe.py, lite gate/up X): 3 deep 247.3 us a
+# kernel vs 232.4 plain (0.94x), so off; the W^T rows quantiser, which shares the loops, gains from it (fp8_rowwise)
 _STAGES = 1
 # A split form (two kernels over every tile, no loop: column maxima by atomics, then the cast; twenty-ninth
 # session) measured slower at every shape on an H100 and was removed (thirtieth session, RESULTS.md): 22-32% of copy

@@ -140,9 +140,11 @@ def quantize_rows_triton(x: Tensor, rows: int | None = None, chunk: int | None =
 
 
 # launch shape of the transposing quantiser: (BN, BK) tiles, and ONE_M: the widest w read once (0: every w twice;
-# the one-pass form is unmeasured), STAGES: the two passes' pipelining depth (fp8_grouped_wgrad._STAGES; 1 = none)
-# (benchmarks/fp8_quant_sweep.py sweeps the alternatives)
-_T_BLOCK_N, _T_BLOCK_K, _T_WARPS, _T_ONE_M, _T_STAGES = 128, 32, 4, 0, 1
+# the one-pass form is unmeasured), STAGES: the two passes' pipelining depth (fp8_grouped_wgrad._STAGES; 1 = none).
+# benchmarks/fp8_quant_sweep.py sweeps the alternatives: 64 x 64 tiles pipelined 3 deep read lite's expert weights at
+# 56% / 55% of copy (gate-up / down; bit-exact) against 51% / 49% for the earlier 128 x 32 unpipelined (H100,
+# thirty-first session); 128 x 32 at depths 2-4 gained nothing (the group-column quantiser's depth 3 lost 6%)
+_T_BLOCK_N, _T_BLOCK_K, _T_WARPS, _T_ONE_M, _T_STAGES = 64, 64, 4, 0, 3
 
 
 def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int | None = None,

@@ -116,7 +116,8 @@ class TrainConfig:
     fp8_weight_cache: str = setting("both", OneOf(("both", "backward")))
     compile: bool = setting(False, Flag())             # torch.compile each block and the loss
     # with compile: the blocks' forward and backward replayed as CUDA graphs (torch.compile's "reduce-overhead": no
-    # launch gaps between their kernels; issue 17's profile had the GPU idle 6.7 ms of a 126 ms lite-8L step)
+    # launch gaps between their kernels). lite-8L's full recipe on an H100: 170.1 vs 170.9 ms a step (no gain: its
+    # idle time is not between the blocks' kernels; benchmarks/RESULTS.md thirty-first session)
     cuda_graphs: bool = setting(False, Flag())
     # one compiled kernel set for clipping + AdamW instead of fused (CUDA) / foreach (CPU) AdamW
     compile_optimizer: bool = setting(False, Flag())
