@@ -53,6 +53,7 @@
 #   bash benchmarks/gpu_next.sh U   train.cuda_graphs: its CUDA tests, lite-8L's full recipe without / with (~6 min)
 #   bash benchmarks/gpu_next.sh V   after the gate: U's A/B, the column-quantiser probe (~7 min)
 #   bash benchmarks/gpu_next.sh W   the changed files' CUDA tests (a short gate), then U's A/B (~8 min)
+#   bash benchmarks/gpu_next.sh X   U's A/B on configs/small-gpu.toml (~4 min)
 #   bash benchmarks/gpu_next.sh P   the column quantisers without a reduction per tile: CUDA bit tests, sweeps (~6 min)
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
@@ -474,11 +475,14 @@ PY
     timeout 150 python -c "from dsv3.train.config import DataConfig; from dsv3.train.dataset import prepare_dataset
 prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, progress=False)" > "$OUT/data.log" 2>&1
     for g in false true; do
-      timeout "${RUN_S:-200}" python benchmarks/train_lite8l.py --config configs/lite-8L.toml \
-        --set train.cuda_graphs=$g \
+      timeout "${RUN_S:-200}" python benchmarks/train_lite8l.py --config "${CONFIG:-configs/lite-8L.toml}" \
+        --set train.compile=true train.cuda_graphs=$g \
         --steps 10 --warmup 3 --tag graphs_$g > "$OUT/graphs_$g.txt" 2>&1
       grep -vE "Warn|warn" "$OUT/graphs_$g.txt" | grep -E "ms|tok/s|MFU|GiB|Error|error" | tail -4
     done ;;
+  X)    # thirty-first session: U's A/B on small-gpu (~4 min; ~40M parameters, 2 micro-batches of 16 x 512: a step
+        # of many small kernels, where graphs should matter more than at lite-8L's +0.5%)
+    CONFIG=configs/small-gpu.toml SKIP_TESTS=1 RUN_S=150 bash "$0" U ;;
   V)    # thirty-first session's second call, after the gate (~8 min): U's A/B, then S's column-quantiser probe
     SKIP_TESTS=1 bash "$0" U
     timeout 60 python benchmarks/cols_probe.py 2>&1 | grep -v Warn | tee "$OUT/cols_probe.txt" ;;
@@ -493,5 +497,5 @@ prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, prog
       tests/test_kernels_mla_decode.py tests/test_train_compiled_loads.py 2>&1 | tail -6 | tee "$OUT/gate.txt"
     wait                  # the corpus (U's own prepare_dataset then finds it built)
     SKIP_TESTS=1 RUN_S=185 bash "$0" U ;;
-  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R|S|T|U|V|W"; exit 2 ;;
+  *) echo "usage: $0 a|b|c|d|e|f|g|h|i|j|k|l|n|o|p|q|r|s|t|u|v|w|x|y|z|A|B|C|D|E|G|H|I|J|K|L|N|O|P|Q|R|S|T|U|V|W|X"; exit 2 ;;
 esac
