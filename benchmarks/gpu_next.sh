@@ -471,8 +471,9 @@ PY
         # `dsv3 train --config configs/lite-8L.toml` runs it, without and with the graphs, one process each
     [ "${SKIP_TESTS:-0}" = 1 ] || timeout 150 python -m pytest -q -p no:cacheprovider -rfEs \
       tests/test_train_compiled_loads.py 2>&1 | tail -4
-    # the corpus's tokenizer and shards first, once (both runs read them; two first runs would build them at once)
-    timeout 150 python -c "from dsv3.train.config import DataConfig; from dsv3.train.dataset import prepare_dataset
+    # lite-8L's corpus (tokenizer and shards) first, once (both runs read them; two first runs would build them at
+    # once); another CONFIG's first run builds its own
+    [ -n "${CONFIG:-}" ] || timeout 150 python -c "from dsv3.train.config import DataConfig; from dsv3.train.dataset import prepare_dataset
 prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, progress=False)" > "$OUT/data.log" 2>&1
     for g in false true; do
       timeout "${RUN_S:-200}" python benchmarks/train_lite8l.py --config "${CONFIG:-configs/lite-8L.toml}" \
