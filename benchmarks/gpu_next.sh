@@ -475,11 +475,11 @@ PY
     # once); another CONFIG's first run builds its own
     [ -n "${CONFIG:-}" ] || timeout 150 python -c "from dsv3.train.config import DataConfig; from dsv3.train.dataset import prepare_dataset
 prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, progress=False)" > "$OUT/data.log" 2>&1
-    for g in false true; do
-      timeout "${RUN_S:-200}" python benchmarks/train_lite8l.py --config "${CONFIG:-configs/lite-8L.toml}" \
+    for g in false true; do   # perf_hints: inductor says there why it skipped a graph (thirty-first session: unknown)
+      TORCH_LOGS=perf_hints timeout "${RUN_S:-200}" python benchmarks/train_lite8l.py --config "${CONFIG:-configs/lite-8L.toml}" \
         --set train.compile=true train.cuda_graphs=$g \
         --steps 10 --warmup 3 --tag graphs_$g > "$OUT/graphs_$g.txt" 2>&1
-      grep -vE "Warn|warn" "$OUT/graphs_$g.txt" | grep -E "ms|tok/s|MFU|GiB|Error|error" | tail -4
+      grep -vE "Warn|warn" "$OUT/graphs_$g.txt" | grep -E "ms|tok/s|MFU|GiB|Error|error|skipping" | tail -6
     done ;;
   X)    # thirty-first session: U's A/B on small-gpu (~4 min; ~40M parameters, 2 micro-batches of 16 x 512: a step
         # of many small kernels, where graphs should matter more than at lite-8L's +0.5%)
