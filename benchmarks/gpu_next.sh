@@ -439,7 +439,8 @@ PY
   T)    # thirty-first session (~4 min; after S, whose stages it reads): ncu on the two kernels whose next step the
         # numbers alone do not say. The seesaw MLA body at 128 heads (issue 16: 36.5-38.3% of bf16 peak at B = 64 x
         # 8K-32K, target 60%; never under ncu: is a warpgroup waiting on its TMA loads, on the other's barrier or on
-        # wgmma?) and the W^T rows quantiser (issue 15: ~45% of copy), stages 1 and 2, with the stall reasons
+        # wgmma?) and the W^T rows quantiser (issue 15: 55-56% of copy), its default (64 x 64, 3 deep) beside the
+        # 128 x 32 unpipelined launch it replaced, with the stall reasons
     S='--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy
       --section SchedulerStats --section ComputeWorkloadAnalysis'
     cat > /tmp/seesaw.py <<'PY'
@@ -457,8 +458,8 @@ PY
 import torch
 from dsv3.kernels.fp8_rowwise import quantize_rows_transposed_triton
 w = torch.randn(64, 1408, 2048, device="cuda", dtype=torch.bfloat16)     # lite's gate / up experts
-for stages in (1, 1, 2, 2):
-    quantize_rows_transposed_triton(w, stages=stages)
+for old in (True, True, False, False):     # the launch before the thirty-first session, then the default
+    quantize_rows_transposed_triton(w, block_n=128, block_k=32, stages=1) if old else quantize_rows_transposed_triton(w)
 torch.cuda.synchronize()
 PY
     timeout 120 ncu --clock-control none -k regex:_rows_t_kernel --launch-skip 1 --launch-count 3 $S python /tmp/wt.py \
