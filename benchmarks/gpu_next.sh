@@ -66,6 +66,20 @@ install_wheels() {   # the carried .whl (the device image has no network)
   compgen -G ".whl/*.whl" > /dev/null && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
 }
+mla_ncu() {   # mla_ncu FILE KERNEL_REGEX B H: ncu (sections $S) on the third MLA decode launch, B x 8K tokens, H heads
+  cat > /tmp/mla_ncu.py <<'PY'
+import sys
+import torch
+from mla_gluon_probe import ragged
+from dsv3.kernels import mla_decode_triton
+case = ragged([8192] * int(sys.argv[1]), int(sys.argv[2]), seed=0, nan_tail=False)
+for _ in range(3):
+    mla_decode_triton(*case)
+torch.cuda.synchronize()
+PY
+  PYTHONPATH=$PYTHONPATH:benchmarks timeout 120 ncu --clock-control none -k "regex:$2" --launch-skip 2 --launch-count 1 \
+    $S python /tmp/mla_ncu.py "$3" "$4" > "$OUT/$1" 2>&1
+}
 case $PART in
   a)
     bash benchmarks/gpu_suite.sh gpu
@@ -382,17 +396,7 @@ torch.cuda.synchronize()
 PY
     timeout 90 ncu --clock-control none -k regex:_cols_grouped --launch-skip 2 --launch-count 1 $S python /tmp/cols.py \
       > "$OUT/ncu-cols.txt" 2>&1
-    cat > /tmp/mla16.py <<'PY'
-import torch
-from mla_gluon_probe import ragged
-from dsv3.kernels import mla_decode_triton
-case = ragged([8192] * 32, 16, seed=0, nan_tail=False)
-for _ in range(3):
-    mla_decode_triton(*case)
-torch.cuda.synchronize()
-PY
-    PYTHONPATH=$PYTHONPATH:benchmarks timeout 90 ncu --clock-control none -k regex:split_kernel --launch-skip 2 \
-      --launch-count 1 $S python /tmp/mla16.py > "$OUT/ncu-mla16.txt" 2>&1
+    mla_ncu ncu-mla16.txt split_kernel 32 16
     K='^  [_a-z]|Duration|Throughput|Hit Rate|Warp Cycles|Registers|Occupancy|Eligible|Issued Warp|Block Limit'
     grep -hE "$K" "$OUT/ncu-cols.txt" "$OUT/ncu-mla16.txt" | head -60
     # the seesaw body's split counts (twenty-eighth session, H200: the _OVERLAP hand-over lost by 2-8% and went;
@@ -443,17 +447,7 @@ PY
         # 128 x 32 unpipelined launch it replaced, with the stall reasons
     S='--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy
       --section SchedulerStats --section ComputeWorkloadAnalysis'
-    cat > /tmp/seesaw.py <<'PY'
-import torch
-from mla_gluon_probe import ragged
-from dsv3.kernels import mla_decode_triton
-case = ragged([8192] * 64, 128, seed=0, nan_tail=False)
-for _ in range(3):
-    mla_decode_triton(*case)
-torch.cuda.synchronize()
-PY
-    PYTHONPATH=$PYTHONPATH:benchmarks timeout 120 ncu --clock-control none -k regex:seesaw --launch-skip 2 \
-      --launch-count 1 $S python /tmp/seesaw.py > "$OUT/ncu-seesaw.txt" 2>&1
+    mla_ncu ncu-seesaw.txt seesaw 64 128
     cat > /tmp/wt.py <<'PY'
 import torch
 from dsv3.kernels.fp8_rowwise import quantize_rows_transposed_triton

@@ -193,7 +193,7 @@ def grpo_trainer(config, overrides: list[str], resume: bool | str = False, overw
     check_paths("grpo", section)
     if "model" in d:
         raise ConfigError("invalid grpo config: [model] comes from grpo.init; remove it")
-    if d.get("train", {}).get("cuda_graphs"):
+    if d.get("train", {}).get("cuda_graphs") is True:     # (another value: the field's own type error, later)
         # the rollouts run the policy's blocks at every batch and length the engine forms: a graph recorded for each
         raise ConfigError("invalid grpo config: train.cuda_graphs is for dsv3 train and distill, not GRPO's rollouts")
     if resume:
