@@ -58,9 +58,8 @@ def offline(dump: str | None) -> None:
         descs = dict(ckv_desc=gluon_mod.GluonDescriptor(cache, [4096, 512], [576, 1], [64, 256], lay_c),
                      kpe_desc=gluon_mod.GluonDescriptor(cache[:, :64].contiguous(), [4096, 64], [64, 1], [64, 64],
                                                         lay_k))
-        for overlap in (False, True):
-            bodies.append((f"seesaw (2 warpgroups) overlap={int(overlap)}", seesaw_mod._mla_decode_seesaw_kernel,
-                           GluonASTSource, descs, dict(PAGE=64, OVERLAP=overlap), dict(num_warps=4)))
+        bodies.append(("seesaw (2 warpgroups)", seesaw_mod._mla_decode_seesaw_kernel,
+                       GluonASTSource, descs, dict(PAGE=64), dict(num_warps=4)))
     for name, fn, source, descs, const, options in bodies:
         values = {**ptrs, **descs}
         sig = {a: "constexpr" if a in const else mangle_type(values[a]) if a in values else "i32"

@@ -1,5 +1,6 @@
 """The seesaw MLA decode body's KV split count at V3's 128 heads (issue 16): every count from 1 to 8 beside the
-default (`mla_decode_num_splits`: programs for ~2 waves over the SMs), timed as CUDA-graph replays, over batch and
+default (`mla_decode_num_splits(one_wave=True)`, the rule fitted on this script's H100 rows in the thirty-second
+session; before it, programs for ~2 waves over the SMs), timed as CUDA-graph replays, over batch and
 context. Why: on an H100 (thirtieth session, RESULTS.md) the default was within 2% of the best at B = 64 from 8K
 up but 10-14% slower at 64 x 4K, 16 x 4K and 32 x 8K, where one wave of programs won; these rows are for fitting a
 rule that holds everywhere. Checks each count against the reference first (one ragged batch with NaN tails).
@@ -20,7 +21,7 @@ from dsv3.kernels.mla_decode import mla_decode_num_splits
 def _time(B: int, ctx: int, splits: list[int], sms: int) -> tuple[int, float, dict]:
     """(the default's split count, its us, {split count: us}) at B sequences of ctx tokens, 128 heads."""
     c = ragged([ctx] * B, 128, seed=2, nan_tail=False)
-    default_s, _ = mla_decode_num_splits(B, 128, c[4].shape[1] * c[2].shape[1], 64, 64, sms)
+    default_s, _ = mla_decode_num_splits(B, 128, c[4].shape[1] * c[2].shape[1], 64, 64, sms, one_wave=True)
     t = {s: bench(lambda: mla_decode_triton(*c, num_splits=s)) for s in splits}
     return default_s, bench(lambda: mla_decode_triton(*c)), t
 

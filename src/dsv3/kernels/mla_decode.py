@@ -298,12 +298,23 @@ def _default_config(H: int, C: int, dtype: torch.dtype, B: int = 64) -> dict:
 
 
 def mla_decode_num_splits(B: int, H: int, max_tokens: int, block_h: int, block_n: int, sm_count: int,
-                          min_tokens_per_split: int = 256, max_splits: int = 64) -> tuple[int, int]:
+                          min_tokens_per_split: int = 256, max_splits: int = 64,
+                          one_wave: bool = False) -> tuple[int, int]:
     """(num_splits, tokens_per_split) for a launch: enough programs for ~2 waves over the SMs, each split at
-    least `min_tokens_per_split` tokens (a multiple of block_n). Depends on shapes only (graph-capturable)."""
+    least `min_tokens_per_split` tokens (a multiple of block_n). Depends on shapes only (graph-capturable).
+
+    `one_wave` (the seesaw kernel, whose program fills an SM with its two warpgroups): one program per SM while
+    the batch's head groups leave SMs idle; once they fill a wave, one split per 4K tokens, at most 3. Fitted on an
+    H100 (`benchmarks/mla_seesaw_splits.py`, 128 heads, B = 8-128 x 4K-16K, RESULTS.md thirty-second session):
+    best or within 4% of the best split count at every point, where the two-wave rule lost up to 1.4x (B = 8 x
+    4K; a second partial wave of 60-160 programs at B = 16-32)."""
     n_hg = -(-H // block_h)
     base = max(1, B * n_hg)
-    want = -(-2 * sm_count // base)
+    if one_wave:
+        per_wave = sm_count // base
+        want = per_wave if per_wave >= 2 else max(1, min(3, max_tokens // 4096))
+    else:
+        want = -(-2 * sm_count // base)
     cap = max(1, -(-max_tokens // min_tokens_per_split))
     splits = max(1, min(want, cap, max_splits))
     n_tiles = max(1, -(-max_tokens // block_n))
@@ -344,7 +355,7 @@ def _splits(B: int, H: int, max_tokens: int, cfg: dict, num_splits: int | None,
     tiles: the count that results may be smaller)."""
     if num_splits is None:
         return mla_decode_num_splits(B, H, max_tokens, cfg["block_h"], cfg["block_n"], _sm_count(device),
-                                     cfg.get("min_tokens_per_split", 256))
+                                     cfg.get("min_tokens_per_split", 256), one_wave=bool(cfg.get("seesaw")))
     n_tiles = max(1, -(-max_tokens // cfg["block_n"]))
     tps = -(-n_tiles // max(1, num_splits)) * cfg["block_n"]
     return max(1, -(-max_tokens // tps)), tps

@@ -116,8 +116,10 @@ class TrainConfig:
     fp8_weight_cache: str = setting("both", OneOf(("both", "backward")))
     compile: bool = setting(False, Flag())             # torch.compile each block and the loss
     # with compile: the blocks' forward and backward replayed as CUDA graphs (torch.compile's "reduce-overhead": no
-    # launch gaps between their kernels). lite-8L's full recipe on an H100: 170.1 vs 170.9 ms a step (no gain: its
-    # idle time is not between the blocks' kernels; benchmarks/RESULTS.md thirty-first session)
+    # launch gaps between their kernels). Pays where kernels are small: small-gpu (2 x 16 x 512 tokens a step) on an
+    # H100 48.1 vs 89.9 ms a step (1.87x), per-step losses equal to compiled eager's over 16 steps; lite-8L's full
+    # recipe 170.1 vs 170.9 ms (no gain: its idle time is not between the blocks' kernels). benchmarks/RESULTS.md,
+    # thirty-first and thirty-second sessions
     cuda_graphs: bool = setting(False, Flag())
     # one compiled kernel set for clipping + AdamW instead of fused (CUDA) / foreach (CPU) AdamW
     compile_optimizer: bool = setting(False, Flag())

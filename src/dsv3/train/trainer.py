@@ -162,7 +162,7 @@ class Trainer(Checkpointing):
         self.device = resolve_device(cfg.train.device)
         if cfg.train.cuda_graphs and self.device.type != "cuda":
             raise ConfigError(f"train.cuda_graphs needs a CUDA device; train.device={cfg.train.device!r} is "
-                              f"{self.device.type} here")
+                              f"{self.device.type} here (pass train.cuda_graphs=false)")
         check_start(self.run_dir, resume, overwrite, cfg)
         if source is None:
             check_corpus(cfg.data, cfg.run_dir)
