@@ -121,6 +121,15 @@ def per_gemm(D: int, I: int, counts: torch.Tensor, dev: str) -> list[dict]:
                 gbps = (M * K * 3 + E * K * 4) / t / 1e9
                 rows.append({"gemm": f"{name} group columns sweep", "block_m": bm, "block_k": bk, "warps": nw,
                              "one_pass_m": one, "stages": st, "GBps": gbps, "of_copy": gbps / copy_gbps})
+            # the looping grid (`programs` per SM x SMs): fewer strips in flight, so L2 keeps each between its reads
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            for bm, bk, nw, st, per_sm in ((128, 32, 4, 1, 2), (128, 32, 4, 1, 4), (128, 32, 4, 3, 2),
+                                           (64, 32, 4, 3, 4), (128, 64, 8, 3, 1), (128, 64, 8, 3, 2)):
+                t = bench(lambda: quantize_cols_grouped_triton(x, offs, bm, bk, nw, stages=st,
+                                                               programs=per_sm * sms), dev)
+                gbps = (M * K * 3 + E * K * 4) / t / 1e9
+                rows.append({"gemm": f"{name} group columns sweep", "block_m": bm, "block_k": bk, "warps": nw,
+                             "stages": st, "programs": per_sm * sms, "GBps": gbps, "of_copy": gbps / copy_gbps})
     return rows
 
 

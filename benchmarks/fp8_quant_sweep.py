@@ -73,6 +73,7 @@ def main() -> None:
         from dsv3.kernels.triton_setup import patch_interpreter_for_numpy2
         patch_interpreter_for_numpy2()
     (dev, f), sw = ("cpu", 64) if DRY else ("cuda", 1), Sweep()
+    sms = 2 if DRY else torch.cuda.get_device_properties(0).multi_processor_count
     x = torch.randn(49152 // f, 2048 // f, device=dev, dtype=torch.bfloat16)      # lite experts' sorted tokens
     w = torch.randn(64 // f or 2, 1408 // f, 2048 // f, device=dev, dtype=torch.bfloat16)  # lite gate_proj (E, I, D)
     wd = torch.randn(7168 // f, 2048 // f, device=dev, dtype=torch.bfloat16)      # a dense weight (N, K)
@@ -103,6 +104,13 @@ def main() -> None:
                                     (256, 32, 8, 0, 3), (64, 32, 4, 0, 3), (64, 32, 2, 0, 4)):
             sw.run(name, t, lambda: quantize_rows_transposed_triton(t, False, bn, bk, nw, one_pass_m=one, stages=st),
                    ref, block_n=bn, block_k=bk, warps=nw, one_pass_m=one, stages=st)
+        # the looping grid: `programs` programs over the strips, fewer in flight so that L2 holds each strip between
+        # its two reads (ncu, thirty-second session: 26% L2 hits with one program a strip)
+        for bn, bk, nw, st, per_sm in ((64, 64, 4, 3, 1), (64, 64, 4, 3, 2), (64, 64, 4, 3, 4), (128, 32, 4, 1, 2),
+                                       (64, 32, 4, 3, 2), (64, 32, 4, 3, 4), (128, 64, 8, 3, 1)):
+            progs = per_sm * sms
+            sw.run(name, t, lambda: quantize_rows_transposed_triton(t, False, bn, bk, nw, stages=st, programs=progs),
+                   ref, block_n=bn, block_k=bk, warps=nw, stages=st, programs=progs)
     ref = quantize_rows_both_reference(w)
     sw.run("W rows + W^T rows", w, lambda: quantize_rows_transposed_triton(w, True), ref)
     sw.run("tiles", x, lambda: quantize_tiles(x), quantize_tiles(x))

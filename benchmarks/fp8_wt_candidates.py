@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from dsv3.kernels.fp8_quant import _absmax, _quant, _scale_of
-from dsv3.kernels.fp8_rowwise import _rows_t_kernel, quantize_rows_reference, quantize_rows_transposed_triton
+from dsv3.kernels.fp8_rowwise import quantize_rows_reference, quantize_rows_transposed_triton
 from fp8_quant_sweep import DRY, bench     # benchmarks/ is on sys.path when this file runs as a script
 
 E4M3 = torch.float8_e4m3fn
@@ -87,12 +87,7 @@ def split(w: torch.Tensor, group: int = 4, bn: int = 32, bka: int = 256, bn2: in
 
 def staged(w: torch.Tensor, stages: int, bn: int = 128, bk: int = 32, warps: int = 4):
     """The library's one-pass kernel, launched with num_stages."""
-    E, N, K = w.shape
-    q_t = torch.empty(E, K, N, device=w.device, dtype=E4M3)
-    s_t = torch.empty(E, K, device=w.device, dtype=torch.float32)
-    _rows_t_kernel[(triton.cdiv(K, bk), E)](w, q_t, s_t, N, K, w.stride(0), w.stride(1), w.stride(2),
-                                             BN=bn, BK=bk, num_warps=warps, num_stages=stages)
-    return q_t, s_t
+    return quantize_rows_transposed_triton(w, block_n=bn, block_k=bk, num_warps=warps, stages=stages)
 
 
 def check(got, want) -> tuple[bool, bool]:

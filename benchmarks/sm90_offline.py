@@ -66,13 +66,13 @@ def quantisers(dump: str | None) -> None:
 
     for bm, bk, w, st in ((gw._BLOCK_M, gw._BLOCK_K, gw._WARPS, gw._STAGES), (64, 64, 4, 1), (128, 32, 4, 3)):
         run(f"group columns {bm} x {bk}, {w} w, {st} st", gw._cols_grouped_kernel,
-            dict(HAS_RS=False, BM=bm, BK=bk, ONE_M=0, E_P2=64, STAGES=st, stride_xk=1), w,
+            dict(HAS_RS=False, BM=bm, BK=bk, ONE_M=0, E_P2=64, STAGES=st, PERSIST=False, stride_xk=1), w,
             ("X", "QT", "S", "K", "M_PAD", "stride_xm"))
     run("padded groups (64 experts)", gw._padded_groups_kernel, dict(E_P2=64), 4, ())
-    for st in (fr._T_STAGES, 3):
-        run(f"W^T rows {fr._T_BLOCK_N} x {fr._T_BLOCK_K}, {st} st", fr._rows_t_kernel,
-            dict(BN=fr._T_BLOCK_N, BK=fr._T_BLOCK_K, ONE_M=0, STAGES=st, stride_xk=1), fr._T_WARPS,
-            ("X", "QT", "ST", "N", "K", "stride_xe", "stride_xn"))
+    for st, persist in ((fr._T_STAGES, False), (3, False), (fr._T_STAGES, True)):
+        run(f"W^T rows {fr._T_BLOCK_N} x {fr._T_BLOCK_K}, {st} st{', looping grid' if persist else ''}",
+            fr._rows_t_kernel, dict(BN=fr._T_BLOCK_N, BK=fr._T_BLOCK_K, ONE_M=0, STAGES=st, PERSIST=persist,
+                                    stride_xk=1), fr._T_WARPS, ("X", "QT", "ST", "N", "K", "stride_xe", "stride_xn"))
     run("rows 1 x 2048", fr._rows_kernel, dict(ROWS=1, CHUNK=2048, stride_xk=1), 4,
         ("X", "Q", "S", "M", "K", "stride_xb", "stride_xm"))
     run("rows 4 x 256 (K = 1408)", fr._rows_kernel, dict(ROWS=4, CHUNK=256, stride_xk=1), 4,

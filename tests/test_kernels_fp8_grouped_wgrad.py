@@ -118,6 +118,12 @@ def _interpreter_cases() -> dict:
         bm, bk, nw = launch or (None, None, None)
         got = quantize_cols_grouped_triton(x, _offs(counts), block_m=bm, block_k=bk, num_warps=nw)
         out[name] = _compare(got, quantize_cols_grouped_reference(x, _offs(counts)))
+    # the looping grid: 3 programs over unaligned's 5 x 3 strips (uneven), 5 over bf16_several_tiles' 4 x 9, and
+    # more programs than strips
+    for name, progs in (("unaligned", 3), ("bf16_several_tiles", 5), ("empty_last", 64)):
+        x, counts = cases[name][:2]
+        got = quantize_cols_grouped_triton(x, _offs(counts), block_m=16, block_k=16, num_warps=2, programs=progs)
+        out[f"{name}_persist"] = _compare(got, quantize_cols_grouped_reference(x, _offs(counts)))
     # the one-pass form: groups of <= 64 tokens in registers, the longer ones (150, 147) in two passes, the last
     # group's slack past the register tile as zeros
     x, counts = cases["bf16_several_tiles"][:2]
@@ -155,7 +161,7 @@ def _interpreter_cases() -> dict:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_grouped_wgrad")
-    assert len(res) == 21
+    assert len(res) == 24
     for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
         if name.startswith("nonfinite"):
             assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, r
@@ -183,7 +189,8 @@ def test_quantize_cols_grouped_bit_exact_on_cuda():
         # the last field: the two-pass loops' pipelining depth (cp.async through shared memory for 2 and up)
         for launch in ((None, None, None), (32, 64, 4), (128, 32, 8), (64, 16, 8, None, 1024), (64, 32, 16, None, 512),
                        (None, None, None, None, None, 2), (None, None, None, None, None, 3), (64, 64, 4, None, 0, 4),
-                       (64, 32, 4, None, 512, 3)):
+                       (64, 32, 4, None, 512, 3), (None, None, None, None, None, None, 7),
+                       (128, 32, 4, None, None, 3, 264)):   # the looping grid (programs): uneven, and 2 a SM
             q, s = quantize_cols_grouped_triton(x.cuda(), offs, *launch)
             qr, sr = quantize_cols_grouped_reference(x.cuda(), offs)
             assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr), (counts[:4], launch)

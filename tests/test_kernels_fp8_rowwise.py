@@ -59,6 +59,12 @@ def _interpreter_cases() -> dict:
     for name, w, bn, bk in (("t_3d", w3, 32, 16), ("t_2d_bf16", w2, None, None), ("t_3d_fp16", w16, 64, 32)):
         want = quantize_rows_reference(w.transpose(-1, -2))
         out[f"{name}_cols"] = _compare(quantize_rows_transposed_triton(w, block_n=bn, block_k=bk), want)
+    # the looping grid (programs): 3 programs over w3's 27 strips (9 each), 4 over w16's 6 (uneven), and more
+    # programs than strips
+    for name, w, progs in (("t_3d_persist", w3, 3), ("t_3d_fp16_persist", w16, 4), ("t_3d_persist_wide", w3, 64)):
+        want = quantize_rows_reference(w.transpose(-1, -2))
+        out[f"{name}_cols"] = _compare(quantize_rows_transposed_triton(w, block_n=32, block_k=16, programs=progs),
+                                       want)
     # the one-pass form: w3's strips (70 rows) held in registers (ONE_M 128); w16's (150 rows) past ONE_M 128: two
     want = quantize_rows_reference(w3.transpose(-1, -2))
     out["t_3d_one_pass_cols"] = _compare(quantize_rows_transposed_triton(w3, block_n=32, block_k=16, one_pass_m=128),
@@ -82,7 +88,7 @@ def _interpreter_cases() -> dict:
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (requirements-ci.txt pins it, so CI runs this)")
 def test_triton_interpreter_matches_reference():
     res = interpreter_cases("test_kernels_fp8_rowwise")
-    assert len(res) == 18
+    assert len(res) == 21
     for name, r in res.items():   # the interpreter's e4m3 conversion quirks are allowed (see _compare), nothing else
         if name.startswith("t_nonfinite"):  # NaN scales where the reference has them (q's NaNs: GPU test)
             assert r["nan_s_agree"] and r["scales_equal"] and r["bad"] == 0, r
@@ -141,16 +147,20 @@ def test_quantize_rows_bit_exact_on_cuda():
               make_x(4 * 2048, 1408, seed=15).view(4, 2048, 1408), make_x(3 * 1408, 2048, torch.float16, seed=16)):
         w = w.cuda()
         # last field: the two passes' pipelining depth (cp.async through shared memory for 2 and up)
-        for bn, bk, nw, one, st in ((None, None, None, None, None), (64, 64, 4, 0, 1), (128, 64, 8, 0, 1),
-                                    (256, 32, 8, 0, 1), (128, 16, 4, 0, 1), (64, 16, 8, 2048, 1), (64, 16, 16, 2048, 1),
-                                    (64, 32, 16, 1024, 1), (None, None, None, 0, 2), (None, None, None, 0, 3),
-                                    (64, 64, 4, 0, 4), (256, 32, 8, 0, 3)):
+        # the last: the looping grid's program count (None: one program a strip)
+        for bn, bk, nw, one, st, pr in ((None, None, None, None, None, None), (64, 64, 4, 0, 1, None),
+                                        (128, 64, 8, 0, 1, None), (256, 32, 8, 0, 1, None), (128, 16, 4, 0, 1, None),
+                                        (64, 16, 8, 2048, 1, None), (64, 16, 16, 2048, 1, None),
+                                        (64, 32, 16, 1024, 1, None), (None, None, None, 0, 2, None),
+                                        (None, None, None, 0, 3, None), (64, 64, 4, 0, 4, None),
+                                        (256, 32, 8, 0, 3, None), (None, None, None, None, None, 7),
+                                        (64, 64, 4, 0, 3, 264)):
             got = quantize_rows_transposed_triton(w, rows=True, block_n=bn, block_k=bk, num_warps=nw,
-                                                  one_pass_m=one, stages=st)
+                                                  one_pass_m=one, stages=st, programs=pr)
             want = quantize_rows_both_reference(w)
             for a, b in zip(got, want):
                 assert torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a,
-                                   b.view(torch.uint8) if b.dtype == E4M3 else b), (w.dtype, bn, bk, nw, one, st)
+                                   b.view(torch.uint8) if b.dtype == E4M3 else b), (w.dtype, bn, bk, nw, one, st, pr)
     bad = make_x(300, 520, seed=14)
     bad[3, 5], bad[200, 7], bad[299, 0] = float("nan"), float("inf"), -float("inf")
     got, want = quantize_rows_both(bad.cuda()), quantize_rows_both_reference(bad.cuda())

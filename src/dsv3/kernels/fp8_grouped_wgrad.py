@@ -194,13 +194,12 @@ if HAS_TRITON:
         return tl.sum(tl.where(mine, starts, 0), 0), tl.sum(tl.where(mine, ends, 0), 0), p_start, p_end
 
     @triton.jit
-    def _cols_grouped_kernel(X, RS, QT, S, OFFS, E, K, M_PAD, stride_xm, stride_xk, HAS_RS: tl.constexpr,
-                             BM: tl.constexpr, BK: tl.constexpr, ONE_M: tl.constexpr, E_P2: tl.constexpr,
-                             STAGES: tl.constexpr):
-        # one program: BK columns of one group; a group of at most ONE_M tokens in one read (registers), a longer
-        # one (or ONE_M = 0) in two (the second from L2 where it still holds the strip)
-        e = tl.program_id(1)
-        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
+    def _cols_group_strip(X, RS, QT, S, OFFS, E, K, M_PAD, e, kb, stride_xm, stride_xk, HAS_RS: tl.constexpr,
+                          BM: tl.constexpr, BK: tl.constexpr, ONE_M: tl.constexpr, E_P2: tl.constexpr,
+                          STAGES: tl.constexpr):
+        # BK columns (block kb) of group e; a group of at most ONE_M tokens in one read (registers), a longer one
+        # (or ONE_M = 0) in two (the second from L2 where it still holds the strip)
+        cols = (kb * BK + tl.arange(0, BK)).to(tl.int64)
         mask_k = cols < K
         # the padded bounds, multiples of ALIGN as the compiler sees (_group_bounds): the transposed stores along the
         # tokens are 16-byte vectors (without it, one byte per store instruction: 32 of them a thread)
@@ -217,6 +216,22 @@ if HAS_TRITON:
                                M_PAD, HAS_RS, BM, BK, STAGES)
         tl.store(S + e * K + cols, s, mask=mask_k)
 
+    @triton.jit
+    def _cols_grouped_kernel(X, RS, QT, S, OFFS, E, K, M_PAD, stride_xm, stride_xk, HAS_RS: tl.constexpr,
+                             BM: tl.constexpr, BK: tl.constexpr, ONE_M: tl.constexpr, E_P2: tl.constexpr,
+                             STAGES: tl.constexpr, PERSIST: tl.constexpr):
+        # one strip (BK columns of one group) a program, grid (K / BK, E); or PERSIST: a 1-D grid of fewer programs
+        # taking every num_programs-th strip in the same order, fewer strips in flight (L2 keeps each between its
+        # two reads: `fp8_rowwise._rows_t_kernel`)
+        if PERSIST:
+            n_kb = tl.cdiv(K, BK)
+            for t in range(tl.program_id(0), E * n_kb, tl.num_programs(0)):
+                _cols_group_strip(X, RS, QT, S, OFFS, E, K, M_PAD, t // n_kb, t % n_kb, stride_xm, stride_xk,
+                                  HAS_RS, BM, BK, ONE_M, E_P2, STAGES)
+        else:
+            _cols_group_strip(X, RS, QT, S, OFFS, E, K, M_PAD, tl.program_id(1), tl.program_id(0), stride_xm,
+                              stride_xk, HAS_RS, BM, BK, ONE_M, E_P2, STAGES)
+
 
 # launch shape: (BM tokens, BK columns) tiles. Swept on an H100 (fp8_grouped_bench.py, RESULTS.md twenty-fifth and
 # twenty-sixth sessions): (128, 32, 4 warps) gives 28-35% of copy over lite / V3 widths, uniform and skewed, vs
@@ -230,6 +245,9 @@ _BLOCK_M, _BLOCK_K, _WARPS, _ONE_M = 128, 32, 4, 0
 # in the sm_90 build). Thirty-first session (H100, benchmarks/cols_probe.py, lite gate/up X): 3 deep 247.3 us a
 # kernel vs 232.4 plain (0.94x), so off; the W^T rows quantiser, which shares the loops, gains from it (fp8_rowwise)
 _STAGES = 1
+# PROGRAMS: 0 = one program a strip; N = N programs looping over the strips (`programs`). Unmeasured: 0 until
+# benchmarks/fp8_grouped_bench.py times it
+_PROGRAMS = 0
 # A split form (two kernels over every tile, no loop: column maxima by atomics, then the cast; twenty-ninth
 # session) measured slower at every shape on an H100 and was removed (thirtieth session, RESULTS.md): 22-32% of copy
 # vs 39-47% looped; the profiler's kernel times agreed (85 + 214 us vs 232 us at lite gate/up)
@@ -246,7 +264,8 @@ def padded_groups_triton(offs: Tensor, m_pad: int) -> tuple[Tensor, Tensor, Tens
 
 def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = None, block_k: int | None = None,
                                  num_warps: int | None = None, row_scale: Tensor | None = None,
-                                 one_pass_m: int | None = None, stages: int | None = None) -> tuple[Tensor, Tensor]:
+                                 one_pass_m: int | None = None, stages: int | None = None,
+                                 programs: int | None = None) -> tuple[Tensor, Tensor]:
     """`quantize_cols_grouped_reference` in Triton (bit-equal to it on the GPU), no host sync. By default one
     kernel looping over each group's tokens (`one_pass_m`, a power of two or 0: groups of at most that many tokens
     are read once, held in registers; `stages`: the two-pass loops' software-pipelining depth, 1 = none)."""
@@ -258,11 +277,13 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
     rs = x if row_scale is None else row_scale      # (a pointer the kernel ignores without HAS_RS)
     if K:
         bk = block_k or _BLOCK_K
-        _cols_grouped_kernel[(triton.cdiv(K, bk), E)](
+        programs = _PROGRAMS if programs is None else programs
+        grid = (min(programs, triton.cdiv(K, bk) * E),) if programs else (triton.cdiv(K, bk), E)
+        _cols_grouped_kernel[grid](
             x, rs, q_t, scale, offs, E, K, m_pad, x.stride(0), x.stride(1),
             HAS_RS=row_scale is not None, BM=block_m or _BLOCK_M, BK=bk,
             ONE_M=_ONE_M if one_pass_m is None else one_pass_m, E_P2=triton.next_power_of_2(E),
-            STAGES=stages or _STAGES, num_warps=num_warps or _WARPS)
+            STAGES=stages or _STAGES, PERSIST=bool(programs), num_warps=num_warps or _WARPS)
     return q_t, scale
 
 

@@ -93,13 +93,13 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _rows_t_kernel(X, QT, ST, N, K, stride_xe, stride_xn, stride_xk, BN: tl.constexpr, BK: tl.constexpr,
-                       ONE_M: tl.constexpr, STAGES: tl.constexpr):
-        # rows of w^T for w (E, N, K): a program owns BK columns of one expert's w. N <= ONE_M: the strip read once
+    def _rows_t_strip(X, QT, ST, N, K, e, kb, stride_xe, stride_xn, stride_xk, BN: tl.constexpr, BK: tl.constexpr,
+                      ONE_M: tl.constexpr, STAGES: tl.constexpr):
+        # rows of w^T for w (E, N, K): BK columns (block kb) of expert e's w. N <= ONE_M: the strip read once
         # and held in registers (`fp8_grouped_wgrad._cols_one_pass`, one group of N tokens); else (or ONE_M = 0)
         # read twice, the second time from L2 (`_cols_two_pass`, one group of N rows)
-        e = tl.program_id(1).to(tl.int64)
-        cols = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)
+        e = e.to(tl.int64)
+        cols = (kb * BK + tl.arange(0, BK)).to(tl.int64)
         mask_k = cols < K
         X += e * stride_xe
         QT += e * K * N
@@ -111,6 +111,22 @@ if HAS_TRITON:
         else:
             s = _cols_two_pass(X, X, QT, cols, mask_k, 0, N, 0, N, stride_xn, stride_xk, N, False, BN, BK, STAGES)
         tl.store(ST + e * K + cols, s, mask=mask_k)
+
+    @triton.jit
+    def _rows_t_kernel(X, QT, ST, E, N, K, stride_xe, stride_xn, stride_xk, BN: tl.constexpr, BK: tl.constexpr,
+                       ONE_M: tl.constexpr, STAGES: tl.constexpr, PERSIST: tl.constexpr):
+        # one strip a program (grid (K / BK, E)), or PERSIST: a 1-D grid of fewer programs, each taking every
+        # num_programs-th strip, so that fewer strips are in flight at once and each one's second read (the cast
+        # pass) can still find it in L2 (ncu, thirty-second session: the one-strip-a-program grid moved DRAM at 80%
+        # of peak with a 26% L2 hit rate: its strips were re-read from HBM)
+        if PERSIST:
+            n_kb = tl.cdiv(K, BK)
+            for t in range(tl.program_id(0), E * n_kb, tl.num_programs(0)):
+                _rows_t_strip(X, QT, ST, N, K, t // n_kb, t % n_kb, stride_xe, stride_xn, stride_xk, BN, BK, ONE_M,
+                              STAGES)
+        else:
+            _rows_t_strip(X, QT, ST, N, K, tl.program_id(1), tl.program_id(0), stride_xe, stride_xn, stride_xk, BN,
+                          BK, ONE_M, STAGES)
 
 
 def quantize_rows_triton(x: Tensor, rows: int | None = None, chunk: int | None = None,
@@ -145,11 +161,15 @@ def quantize_rows_triton(x: Tensor, rows: int | None = None, chunk: int | None =
 # 56% / 55% of copy (gate-up / down; bit-exact) against 51% / 49% for the earlier 128 x 32 unpipelined (H100,
 # thirty-first session); 128 x 32 at depths 2-4 gained nothing (the group-column quantiser's depth 3 lost 6%)
 _T_BLOCK_N, _T_BLOCK_K, _T_WARPS, _T_ONE_M, _T_STAGES = 64, 64, 4, 0, 3
+# PROGRAMS: 0 = one program a strip; N = N programs looping over the strips (fewer in flight: L2 keeps each one
+# between its two reads). Unmeasured: 0 until benchmarks/fp8_quant_sweep.py times it
+_T_PROGRAMS = 0
 
 
 def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int | None = None,
                                     block_k: int | None = None, num_warps: int | None = None,
-                                    one_pass_m: int | None = None, stages: int | None = None) -> tuple[Tensor, ...]:
+                                    one_pass_m: int | None = None, stages: int | None = None,
+                                    programs: int | None = None) -> tuple[Tensor, ...]:
     """Rows of w^T through Triton: quantize_rows_reference(w.transpose(-1, -2)) for w (N, K) or (E, N, K), bit for
     bit, as (q_t (..., K, N) contiguous, scale_t (..., K)), from one kernel that reads w once from HBM (its second
     read of each column strip is served from L2) and writes q_t coalesced (`_rows_t_kernel`); rows=True also
@@ -166,9 +186,12 @@ def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int 
     q_t = torch.empty(E, K, N, device=w.device, dtype=_E4M3)
     s_t = torch.empty(E, K, device=w.device, dtype=torch.float32)
     bn, bk = block_n or _T_BLOCK_N, block_k or _T_BLOCK_K
-    _rows_t_kernel[(triton.cdiv(K, bk), E)](w3, q_t, s_t, N, K, w3.stride(0), w3.stride(1), w3.stride(2),
-                                             BN=bn, BK=bk, ONE_M=_T_ONE_M if one_pass_m is None else one_pass_m,
-                                             STAGES=stages or _T_STAGES, num_warps=num_warps or _T_WARPS)
+    strips = triton.cdiv(K, bk) * E
+    programs = programs if programs is not None else _T_PROGRAMS
+    grid = (min(programs, strips),) if programs else (triton.cdiv(K, bk), E)
+    _rows_t_kernel[grid](w3, q_t, s_t, E, N, K, w3.stride(0), w3.stride(1), w3.stride(2),
+                         BN=bn, BK=bk, ONE_M=_T_ONE_M if one_pass_m is None else one_pass_m,
+                         STAGES=stages or _T_STAGES, PERSIST=bool(programs), num_warps=num_warps or _T_WARPS)
     out = (q_t, s_t) if w.dim() == 3 else (q_t[0], s_t[0])
     return (*quantize_rows_triton(w), *out) if rows else out
 
