@@ -288,7 +288,8 @@ def _default_config(H: int, C: int, dtype: torch.dtype, B: int = 64) -> dict:
     if H < 64:
         return dict(block_h=32, block_n=64, num_warps=4, num_stages=2)
     # the seesaw kernel on sm_90 (dsv3.kernels.mla_decode_seesaw, FlashMLA's schedule: 404 / 773 / 1,568 us at
-    # B = 64 x 8K / 16K / 32K, 36.5-38.3% of bf16 peak, 1.2x Gluon on an H100, RESULTS.md twenty-sixth session),
+    # B = 64 x 8K / 16K / 32K, 36.5-38.3% of bf16 peak, 1.2x Gluon on an H100, RESULTS.md twenty-sixth session;
+    # without its spills and one wave of splits, 559 us at 64 x 16K, 52.8%: thirty-second session),
     # else the Gluon kernel on sm_90 (dsv3.kernels.mla_decode_gluon: S split over the warpgroups by tokens),
     # else the TMA kernel (sm_90+, page-aligned 64-token tiles: dsv3.kernels.mla_decode_tma), else the same shapes
     # through the gather kernel. H100, 128 heads: Gluon 505 / 974 / 1,882 us at B = 64 x 8K / 16K / 32K vs TMA
@@ -303,16 +304,14 @@ def mla_decode_num_splits(B: int, H: int, max_tokens: int, block_h: int, block_n
     """(num_splits, tokens_per_split) for a launch: enough programs for ~2 waves over the SMs, each split at
     least `min_tokens_per_split` tokens (a multiple of block_n). Depends on shapes only (graph-capturable).
 
-    `one_wave` (the seesaw kernel, whose program fills an SM with its two warpgroups): one program per SM while
-    the batch's head groups leave SMs idle; once they fill a wave, one split per 4K tokens, at most 3. Fitted on an
-    H100 (`benchmarks/mla_seesaw_splits.py`, 128 heads, B = 8-128 x 4K-16K, RESULTS.md thirty-second session):
-    best or within 4% of the best split count at every point, where the two-wave rule lost up to 1.4x (B = 8 x
-    4K; a second partial wave of 60-160 programs at B = 16-32)."""
+    `one_wave` (the seesaw kernel, whose program fills an SM with its two warpgroups): one program per SM, at
+    least one split. Fitted on an H100 (`benchmarks/mla_seesaw_splits.py`, 128 heads, B = 8-128 x 4K-16K, RESULTS.md
+    thirty-second session), after the body's spills went: the best count at every point measured (1.10-1.11x the
+    next at B = 128, 1.08x at 64 x 16K); the two-wave rule lost up to 1.4x (B = 8 x 4K)."""
     n_hg = -(-H // block_h)
     base = max(1, B * n_hg)
     if one_wave:
-        per_wave = sm_count // base
-        want = per_wave if per_wave >= 2 else max(1, min(3, max_tokens // 4096))
+        want = max(1, sm_count // base)
     else:
         want = -(-2 * sm_count // base)
     cap = max(1, -(-max_tokens // min_tokens_per_split))

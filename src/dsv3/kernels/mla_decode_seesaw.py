@@ -3,7 +3,8 @@ warpgroups: `mla_decode_triton(..., seesaw=True)`, sm_90, bf16, C = 512, R = 64,
 program; no `append` form (the caller stores the step's latents first). Same contract, grid, splits and combine as
 the other bodies (`dsv3.kernels.mla_decode`); it always writes fp32 partials and the LSE (Triton 3.6 cannot lower
 its one-split specialisation). The sm_90 default at 64+ heads: 1.2x the Gluon body on an H100 (RESULTS.md,
-twenty-sixth session).
+twenty-sixth session), 1.3-1.4x more since its wgmma descriptors stopped spilling (`_opaque_zero`; 52.8% of bf16
+peak at B = 64 x 16K, thirty-second session).
 
 Why (RESULTS.md, twenty-fourth session): the Gluon body (`mla_decode_gluon`) splits one tile's S over both
 warpgroups by tokens, so each reads all of Q from shared memory for half the tokens (n = 32 wgmma); here each
@@ -69,6 +70,15 @@ if HAS_GLUON:
     LD = gl.constexpr(gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0]))
 
     @gluon.jit
+    def _opaque_zero(j):
+        """0, computed from the loop counter by an instruction LLVM cannot see through. The loops index Q's and
+        the K buffers' shared memory with it, so their ~80 wgmma descriptors (64-bit each) are built inside the loop
+        instead of hoisted above it and held live across it: hoisted, they spilled 208 B per thread in WG1, ~20
+        local loads per pair on the path of its S (ncu, thirty-second session: 1.2M local requests a launch at
+        B = 64 x 8K; `benchmarks/mla_kernel_resources.py --offline` reads the spill count without a GPU)."""
+        return gl.inline_asm_elementwise("mov.u32 $0, 0;", "=r,r", [j], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
     def _load(desc, bt_row, n0, col, dst, bar, PAGE: gl.constexpr):
         """One TMA box (rows of the tile at token n0, columns from col) into dst, signalling bar."""
         blk = gl.load(bt_row + n0 // PAGE)
@@ -114,7 +124,7 @@ if HAS_GLUON:
                 gl.full([64, 256], 0.0, gl.float32, O_L))
 
     @gluon.jit
-    def _wg0(ckv_desc, kpe_desc, QPE, OP, LSE, q_lo, q_hi, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0, s_l1,
+    def _wg0(ckv_desc, kpe_desc, QPE, OP, LSE, q, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0, s_l1,
              p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
              stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
              PAGE: gl.constexpr):
@@ -123,8 +133,9 @@ if HAS_GLUON:
             ph = j & 1
             t0 = 2 * j
             n0 = start + t0 * 64
-            s = _scores(qpe, k_pe.index(0), kready.index(2), q_lo, k_lo.index(0), kready.index(0), q_hi,
-                        k_hi.index(0), kready.index(1), ph, S_L)   # K0.lo comes back before K0.hi
+            z = _opaque_zero(j)
+            s = _scores(qpe, k_pe.index(z), kready.index(2), q.index(z), k_lo.index(z), kready.index(0),
+                        q.index(z + 1), k_hi.index(z), kready.index(1), ph, S_L)   # K0.lo comes back before K0.hi
             s = warpgroup_mma_wait(num_outstanding=0, deps=[s])
             if t0 + 2 < n_tiles:
                 _load(kpe_desc, bt_row, n0 + 128, 0, k_pe.index(0), kready.index(2), PAGE)
@@ -140,7 +151,7 @@ if HAS_GLUON:
             gl.thread_barrier()
             mbarrier.arrive(xbar.index(0))
             pb = p.to(gl.bfloat16)   # kept in bf16 for P0' below (FlashMLA rescales the bf16 P too)
-            o = warpgroup_mma(gl.convert_layout(pb, P_L), k_lo.index(0), o, is_async=True)
+            o = warpgroup_mma(gl.convert_layout(pb, P_L), k_lo.index(z), o, is_async=True)
             o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
             if t0 + 2 < n_tiles:
                 _load(ckv_desc, bt_row, n0 + 128, 0, k_lo.index(0), kready.index(0), PAGE)
@@ -153,7 +164,7 @@ if HAS_GLUON:
             o = o * gl.expand_dims(gl.convert_layout(s1, ROW_O), 1)
             l0 = l0 * s1
             if t0 + 1 < n_tiles:
-                o = warpgroup_mma(p1_s, k_lo.index(1), o, is_async=True)
+                o = warpgroup_mma(p1_s, k_lo.index(z + 1), o, is_async=True)
                 o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
                 if t0 + 3 < n_tiles:
                     _load(ckv_desc, bt_row, n0 + 192, 0, k_lo.index(1), kready.index(3), PAGE)
@@ -167,7 +178,7 @@ if HAS_GLUON:
         _store_lse(LSE, b, sp, hg, H, s_m.load(ROW), l_i, stride_lse_b, stride_lse_h, 64, S_L)
 
     @gluon.jit
-    def _wg1(ckv_desc, kpe_desc, QPE, OP, LSE, q_lo, q_hi, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0, s_l1,
+    def _wg1(ckv_desc, kpe_desc, QPE, OP, LSE, q, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0, s_l1,
              p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
              stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
              PAGE: gl.constexpr):
@@ -177,10 +188,12 @@ if HAS_GLUON:
             t1 = 2 * j + 1
             n1 = start + t1 * 64
             has1 = t1 < n_tiles
+            z = _opaque_zero(j)
             s = gl.full([64, 64], float("-inf"), gl.float32, S_L)
             if has1:
-                s = _scores(qpe, k_pe.index(1), kready.index(5), q_hi, k_hi.index(1), kready.index(4), q_lo,
-                            k_lo.index(1), kready.index(3), ph, S_L)   # K1.hi comes back before K1.lo
+                s = _scores(qpe, k_pe.index(z + 1), kready.index(5), q.index(z + 1), k_hi.index(z + 1),
+                            kready.index(4), q.index(z), k_lo.index(z + 1), kready.index(3), ph,
+                            S_L)   # K1.hi comes back before K1.lo
                 s = warpgroup_mma_wait(num_outstanding=0, deps=[s])
                 if t1 + 2 < n_tiles:
                     _load(kpe_desc, bt_row, n1 + 128, 0, k_pe.index(1), kready.index(5), PAGE)
@@ -201,10 +214,10 @@ if HAS_GLUON:
             gl.thread_barrier()
             mbarrier.arrive(xbar.index(1))
             if has1:   # (an asynchronous result may not leave the branch: retired here, P0' is not ready yet anyway)
-                o = warpgroup_mma(gl.convert_layout(pb, P_L), k_hi.index(1), o, is_async=True)
+                o = warpgroup_mma(gl.convert_layout(pb, P_L), k_hi.index(z + 1), o, is_async=True)
                 o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
             mbarrier.wait(xbar.index(2), ph)
-            o = warpgroup_mma(p0_s, k_hi.index(0), o, is_async=True)
+            o = warpgroup_mma(p0_s, k_hi.index(z), o, is_async=True)
             o = warpgroup_mma_wait(num_outstanding=0, deps=[o])
             if t1 + 1 < n_tiles:   # K0.hi is free: the pair after this one's first tile
                 _load(ckv_desc, bt_row, n1 + 64, 256, k_hi.index(0), kready.index(1), PAGE)
@@ -242,10 +255,10 @@ if HAS_GLUON:
         cols = gl.expand_dims(gl.arange(0, 256, layout=gl.SliceLayout(0, LD)), 0)
         q_row = Q + b * stride_q_b + gl.expand_dims(heads, 1) * stride_q_h
         mask_h = gl.expand_dims(heads < H, 1)
-        q_lo = gl.allocate_shared_memory(gl.bfloat16, [64, 256], ckv_desc.layout,
-                                         gl.load(q_row + cols, mask=mask_h, other=0.0))
-        q_hi = gl.allocate_shared_memory(gl.bfloat16, [64, 256], ckv_desc.layout,
-                                         gl.load(q_row + 256 + cols, mask=mask_h, other=0.0))
+        q = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 256], ckv_desc.layout)
+        q.index(0).store(gl.load(q_row + cols, mask=mask_h, other=0.0))
+        q.index(1).store(gl.load(q_row + 256 + cols, mask=mask_h, other=0.0))
+        fence_async_shared()
         k_lo = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 256], ckv_desc.layout)
         k_hi = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 256], ckv_desc.layout)
         k_pe = gl.allocate_shared_memory(gl.bfloat16, [2, 64, 64], kpe_desc.layout)
@@ -276,7 +289,7 @@ if HAS_GLUON:
             _load(ckv_desc, bt_row, start + 64, 0, k_lo.index(1), kready.index(3), PAGE)
             _load(ckv_desc, bt_row, start + 64, 256, k_hi.index(1), kready.index(4), PAGE)
             _load(kpe_desc, bt_row, start + 64, 0, k_pe.index(1), kready.index(5), PAGE)
-        args = (ckv_desc, kpe_desc, QPE, OP, LSE, q_lo, q_hi, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0,
+        args = (ckv_desc, kpe_desc, QPE, OP, LSE, q, k_lo, k_hi, k_pe, kready, xbar, s_m, s_s0, s_s1, s_l0,
                 s_l1, p0_s, p1_s, bt_row, b, hg, sp, H, start, end, n_tiles, sm_scale_log2,
                 stride_pe_b, stride_pe_h, stride_op_b, stride_op_h, stride_op_s, stride_lse_b, stride_lse_h,
                 PAGE)
