@@ -54,8 +54,8 @@
 #   bash benchmarks/gpu_next.sh V   after the gate: U's A/B, the column-quantiser probe (~7 min)
 #   bash benchmarks/gpu_next.sh W   the changed files' CUDA tests (a short gate), then U's A/B (~8 min)
 #   bash benchmarks/gpu_next.sh X   U's A/B on configs/small-gpu.toml (~4 min)
-#   bash benchmarks/gpu_next.sh Y   the seesaw body without its spills and the looping-grid quantisers: their CUDA
-#                                   tests, the seesaw splits after / before (BEFORE=file: the old kernel), sweeps (~7 min)
+#   bash benchmarks/gpu_next.sh Y   the column quantisers' looping grid: CUDA bit tests, W^T and group-column sweeps
+#                                   (~6 min)
 #   bash benchmarks/gpu_next.sh P   the column quantisers without a reduction per tile: CUDA bit tests, sweeps (~6 min)
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
@@ -478,23 +478,12 @@ prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, prog
         --steps 10 --warmup 3 --tag graphs_$g > "$OUT/graphs_$g.txt" 2>&1
       grep -vE "Warn|warn" "$OUT/graphs_$g.txt" | grep -E "ms|tok/s|MFU|GiB|Error|error|skipping" | tail -6
     done ;;
-  Y)    # thirty-second session (~7 min; each part bounded, most needed first): the seesaw MLA body with its wgmma
-        # descriptors built in the loop (0 B of spills offline, 208 B before) and the quantisers' looping grid
-        # (`programs`): their CUDA tests; the seesaw split sweep, then the same with the kernel before the change
-        # (BEFORE: a copy of the old mla_decode_seesaw.py, carried untracked), both under the new split rule; then
-        # the W^T and group-column sweeps with the looping grid
+  Y)    # thirty-second session, owed (~6 min): the quantisers' looping grid (`programs`: fewer column strips in
+        # flight, so each one's second read finds it in L2; ncu read the one-program-a-strip W^T kernel at 80% of DRAM
+        # peak with 26% L2 hits): its CUDA bit tests, then the W^T and group-column sweeps with it beside the defaults
     install_wheels
     timeout 130 python -m pytest -q -n 8 -p no:cacheprovider -rfEs -k "not interpreter and not dry_run" \
-      tests/test_kernels_mla_decode.py tests/test_kernels_fp8_rowwise.py tests/test_kernels_fp8_grouped_wgrad.py 2>&1 \
-      | tail -4 | tee "$OUT/tests.txt"
-    PYTHONPATH=$PYTHONPATH:benchmarks timeout 60 python benchmarks/mla_seesaw_splits.py --batches 8 32 64 128 2>&1 \
-      | grep -v Warn | tee "$OUT/seesaw_after.txt"
-    if [ -n "${BEFORE:-}" ] && [ -f "$BEFORE" ]; then
-      cp src/dsv3/kernels/mla_decode_seesaw.py /tmp/seesaw_after.py && cp "$BEFORE" src/dsv3/kernels/mla_decode_seesaw.py
-      PYTHONPATH=$PYTHONPATH:benchmarks timeout 60 python benchmarks/mla_seesaw_splits.py --batches 8 32 64 128 2>&1 \
-        | grep -v Warn | tee "$OUT/seesaw_before.txt"
-      cp /tmp/seesaw_after.py src/dsv3/kernels/mla_decode_seesaw.py
-    fi
+      tests/test_kernels_fp8_rowwise.py tests/test_kernels_fp8_grouped_wgrad.py 2>&1 | tail -4 | tee "$OUT/tests.txt"
     timeout 90 python benchmarks/fp8_quant_sweep.py > "$OUT/quant_sweep.txt" 2>&1
     grep -E "W\^T rows|failed|Error" "$OUT/quant_sweep.txt" | head -60
     timeout 150 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
