@@ -268,7 +268,8 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
                                  programs: int | None = None) -> tuple[Tensor, Tensor]:
     """`quantize_cols_grouped_reference` in Triton (bit-equal to it on the GPU), no host sync. By default one
     kernel looping over each group's tokens (`one_pass_m`, a power of two or 0: groups of at most that many tokens
-    are read once, held in registers; `stages`: the two-pass loops' software-pipelining depth, 1 = none)."""
+    are read once, held in registers; `stages`: the two-pass loops' software-pipelining depth, 1 = none;
+    `programs`: a looping grid of that many programs over the (group, column block) strips, 0 = one a strip)."""
     need_triton("quantize_cols_grouped_triton")
     M, K, E = _check(x, offs, row_scale)
     m_pad = padded_tokens(M, E)

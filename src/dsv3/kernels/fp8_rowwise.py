@@ -173,7 +173,8 @@ def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int 
     """Rows of w^T through Triton: quantize_rows_reference(w.transpose(-1, -2)) for w (N, K) or (E, N, K), bit for
     bit, as (q_t (..., K, N) contiguous, scale_t (..., K)), from one kernel that reads w once from HBM (its second
     read of each column strip is served from L2) and writes q_t coalesced (`_rows_t_kernel`); rows=True also
-    returns the rows of w first (`quantize_rows_both_reference`'s contract; the row kernel, a second read)."""
+    returns the rows of w first (`quantize_rows_both_reference`'s contract; the row kernel, a second read).
+    `programs`: a looping grid of that many programs over the column strips (0: one program a strip)."""
     need_triton("quantize_rows_transposed_triton")
     _check_x(w)
     if not w.numel():     # nothing to read: the reference gives the shapes (and EPS / 448 for empty rows)
