@@ -31,6 +31,16 @@ def offline(dump: str | None) -> None:
                 SL=torch.zeros(1, dtype=torch.int32), OP=torch.zeros(1), LSE=torch.zeros(1), NEWC=cache, NEWK=cache,
                 SLOT=torch.zeros(1, dtype=torch.int64), sm_scale_log2=0.5)
     bodies = []
+    split_mod = importlib.import_module("dsv3.kernels.mla_decode")   # (the package exports a function of that name)
+    # the gather ("split") kernel at lite's 16 heads, bf16, with the launches _default_config picks: batch 1, 2-8, 9+
+    for B in (1, 4, 64):
+        cfg = split_mod._default_config(16, 512, torch.bfloat16, B=B)
+        for append in (False, True):
+            const = dict(C=512, R=64, PAGE=64, BLOCK_C=512, BLOCK_R=64, BLOCK_H=cfg["block_h"],
+                         BLOCK_N=cfg["block_n"], DOT_PREC="tf32", WRITE_LSE=True, APPEND=append, PDL=False)
+            bodies.append((f"split 16 heads B={B} append={int(append)} ({cfg['block_n']}, {cfg['num_warps']} w, "
+                           f"{cfg['num_stages']} st)", split_mod._mla_decode_split_kernel, ASTSource, {}, const,
+                           dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
     for bn, stages in ((64, 2),):
         from triton.tools.tensor_descriptor import TensorDescriptor
         descs = dict(ckv_desc=TensorDescriptor(cache, [4096, 512], [576, 1], [bn, 256]),
