@@ -233,6 +233,12 @@ if HAS_TRITON:
                               stride_xk, HAS_RS, BM, BK, ONE_M, E_P2, STAGES)
 
 
+def _strip_grid(n_kb: int, groups: int, programs: int) -> tuple[int, ...]:
+    """The column quantisers' grid over their (column block, group) strips: one program a strip, (n_kb, groups);
+    or, with programs, a looping grid of that many (at most one a strip): the kernels' PERSIST form."""
+    return (min(programs, n_kb * groups),) if programs else (n_kb, groups)
+
+
 # launch shape: (BM tokens, BK columns) tiles. Swept on an H100 (fp8_grouped_bench.py, RESULTS.md twenty-fifth and
 # twenty-sixth sessions): (128, 32, 4 warps) gives 28-35% of copy over lite / V3 widths, uniform and skewed, vs
 # 21-34% for (64, 64, 4); with the 16-byte store hint 22-41% (no clear gain). ONE_M: the longest group read once
@@ -279,8 +285,7 @@ def quantize_cols_grouped_triton(x: Tensor, offs: Tensor, block_m: int | None = 
     if K:
         bk = block_k or _BLOCK_K
         programs = _PROGRAMS if programs is None else programs
-        grid = (min(programs, triton.cdiv(K, bk) * E),) if programs else (triton.cdiv(K, bk), E)
-        _cols_grouped_kernel[grid](
+        _cols_grouped_kernel[_strip_grid(triton.cdiv(K, bk), E, programs)](
             x, rs, q_t, scale, offs, E, K, m_pad, x.stride(0), x.stride(1),
             HAS_RS=row_scale is not None, BM=block_m or _BLOCK_M, BK=bk,
             ONE_M=_ONE_M if one_pass_m is None else one_pass_m, E_P2=triton.next_power_of_2(E),

@@ -67,7 +67,7 @@ def quantize_rows_both_reference(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Ten
 
 if HAS_TRITON:
     from .fp8_quant import _absmax, _max_nan, _quant, _scale_of
-    from .fp8_grouped_wgrad import _cols_one_pass, _cols_two_pass
+    from .fp8_grouped_wgrad import _cols_one_pass, _cols_two_pass, _strip_grid
 
     @triton.jit
     def _rows_kernel(X, Q, S, M, K, stride_xb, stride_xm, stride_xk, ROWS: tl.constexpr, CHUNK: tl.constexpr):
@@ -187,12 +187,11 @@ def quantize_rows_transposed_triton(w: Tensor, rows: bool = False, block_n: int 
     q_t = torch.empty(E, K, N, device=w.device, dtype=_E4M3)
     s_t = torch.empty(E, K, device=w.device, dtype=torch.float32)
     bn, bk = block_n or _T_BLOCK_N, block_k or _T_BLOCK_K
-    strips = triton.cdiv(K, bk) * E
-    programs = programs if programs is not None else _T_PROGRAMS
-    grid = (min(programs, strips),) if programs else (triton.cdiv(K, bk), E)
-    _rows_t_kernel[grid](w3, q_t, s_t, E, N, K, w3.stride(0), w3.stride(1), w3.stride(2),
-                         BN=bn, BK=bk, ONE_M=_T_ONE_M if one_pass_m is None else one_pass_m,
-                         STAGES=stages or _T_STAGES, PERSIST=bool(programs), num_warps=num_warps or _T_WARPS)
+    programs = _T_PROGRAMS if programs is None else programs
+    _rows_t_kernel[_strip_grid(triton.cdiv(K, bk), E, programs)](
+        w3, q_t, s_t, E, N, K, w3.stride(0), w3.stride(1), w3.stride(2), BN=bn, BK=bk,
+        ONE_M=_T_ONE_M if one_pass_m is None else one_pass_m, STAGES=stages or _T_STAGES, PERSIST=bool(programs),
+        num_warps=num_warps or _T_WARPS)
     out = (q_t, s_t) if w.dim() == 3 else (q_t[0], s_t[0])
     return (*quantize_rows_triton(w), *out) if rows else out
 

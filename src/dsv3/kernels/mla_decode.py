@@ -349,12 +349,13 @@ def _kernel_inputs(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cache: 
 
 
 def _splits(B: int, H: int, max_tokens: int, cfg: dict, num_splits: int | None,
-            device: torch.device) -> tuple[int, int]:
-    """(num_splits, tokens_per_split): `mla_decode_num_splits`' choice, or num_splits asked for (rounded to whole
-    tiles: the count that results may be smaller)."""
+            device: torch.device, one_wave: bool = False) -> tuple[int, int]:
+    """(num_splits, tokens_per_split): `mla_decode_num_splits`' choice (one_wave: the seesaw body's rule, for the
+    launches that run it), or num_splits asked for (rounded to whole tiles: the count that results may be
+    smaller)."""
     if num_splits is None:
         return mla_decode_num_splits(B, H, max_tokens, cfg["block_h"], cfg["block_n"], _sm_count(device),
-                                     cfg.get("min_tokens_per_split", 256), one_wave=bool(cfg.get("seesaw")))
+                                     cfg.get("min_tokens_per_split", 256), one_wave=one_wave)
     n_tiles = max(1, -(-max_tokens // cfg["block_n"]))
     tps = -(-n_tiles // max(1, num_splits)) * cfg["block_n"]
     return max(1, -(-max_tokens // tps)), tps
@@ -389,10 +390,9 @@ def mla_decode_triton(q_abs: Tensor, q_pe: Tensor, c_kv_cache: Tensor, k_pe_cach
         if append is not None and B:      # no heads to attend, the store still owed
             mla_decode_reference(q_abs, q_pe, c_kv_cache, k_pe_cache, block_tables, seq_lens, scale, append=append)
         return out
-    S, tps = _splits(B, H, max_tokens, cfg, num_splits, q_abs.device)
-
     seesaw = bool(cfg.get("seesaw")) and seesaw_supported(q_abs, c_kv_cache, k_pe_cache, cfg["block_h"],
                                                           cfg["block_n"])
+    S, tps = _splits(B, H, max_tokens, cfg, num_splits, q_abs.device, one_wave=seesaw)
     if seesaw and append is not None:
         # the seesaw body has no append form: the latents stored first (two index copies), then attended from the
         # cache like every other key. At 128 heads a step attends thousands of keys per sequence in ~0.4 ms or more
