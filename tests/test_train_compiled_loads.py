@@ -97,3 +97,29 @@ def test_cuda_graph_blocks_keep_expert_loads_and_bias_updates(tmp_path, micro):
     _check(runs[False], runs[True])
     for k, w in weights[False].items():      # fp32 compile changes roundings only (~1e-6); a lost gradient far more
         torch.testing.assert_close(weights[True][k], w, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+def test_cuda_graphs_with_fp8_read_each_steps_refreshed_weight_codes(tmp_path):
+    """train.cuda_graphs with train.precision=fp8 and two micro-batches a step: the FP8 weight cache is refreshed
+    in place after each optimizer step (dsv3.fp8.weight_cache), so the captured graphs must read the new codes.
+    Stale codes would move the losses by the update's size (lr 3e-3 on ~0.02 weights: far above 1e-4); the same
+    compiled blocks without graphs are the reference, step for step."""
+    from torch._dynamo.utils import counters
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch._dynamo.reset()
+    counters.clear()
+    losses = {}
+    for graphs in (False, True):
+        train = {"device": "cuda", "dtype": "fp32", "precision": "fp8", "compile": True, "cuda_graphs": graphs,
+                 "batch_size_start": 0, "micro_batch_size": 2}
+        t = Trainer(small_run(tmp_path, f"fp8graphs{graphs}", train=train, log={"val_batches": 0}), progress=False)
+        assert t.fp8_cache
+        losses[graphs] = []
+        for _ in range(5):
+            stats, _ = t.train_step()
+            losses[graphs].append(stats.loss)
+        t.logger.close()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert len(set(losses[False])) == 5, "the loss never moved: nothing to tell stale codes from fresh ones"
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=0)
