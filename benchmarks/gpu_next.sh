@@ -56,6 +56,8 @@
 #   bash benchmarks/gpu_next.sh X   U's A/B on configs/small-gpu.toml (~4 min)
 #   bash benchmarks/gpu_next.sh Y   the column quantisers' looping grid: CUDA bit tests, W^T and group-column sweeps
 #                                   (~6 min)
+#   bash benchmarks/gpu_next.sh Z   the 16-head gather MLA kernel's launch grid at every B x context of lite's decode
+#                                   (1-64 x 256-16K, CUDA-graph replays) beside the default launch (~6 min)
 #   bash benchmarks/gpu_next.sh P   the column quantisers without a reduction per tile: CUDA bit tests, sweeps (~6 min)
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
@@ -488,6 +490,15 @@ prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, prog
     grep -E "W\^T rows|failed|Error" "$OUT/quant_sweep.txt" | head -60
     timeout 150 python benchmarks/fp8_grouped_bench.py > "$OUT/grouped.txt" 2>&1
     grep -E "group columns|failed|Error" "$OUT/grouped.txt" | head -80 ;;
+  Z)    # thirty-third session (~6 min): the 16-head gather kernel (lite's MLA decode) at the launches a decode step
+        # makes. Offline (mla_kernel_resources.py --offline, with the launch's divisibility hints) the B = 2-8 default
+        # (64-token tiles, 4 warps) spills 248 B where 8 warps or 32-token tiles spill none; the B = 9+ default does
+        # not spill. The sweep that chose the defaults ran at 64 x 16K only
+    install_wheels
+    timeout 480 python benchmarks/mla_decode_bench.py --heads 16 --batches 1 4 8 32 64 \
+      --contexts 256 1024 4096 16384 --sweep-each --graph-timing --sweep-stages 2 3 4 --sweep-tma 0 \
+      > "$OUT/mla16_sweep.txt" 2>&1
+    grep -E "^ *16 |best of|failed|Error" "$OUT/mla16_sweep.txt" | head -80 ;;
   X)    # thirty-first session: U's A/B on small-gpu (~4 min; ~40M parameters, 2 micro-batches of 16 x 512: a step
         # of many small kernels, where graphs should matter more than at lite-8L's +0.5%)
     CONFIG=configs/small-gpu.toml SKIP_TESTS=1 RUN_S=150 bash "$0" U ;;

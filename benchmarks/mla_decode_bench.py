@@ -45,6 +45,11 @@ def _parse():
     p.add_argument("--sweep-block-n", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--sweep-tma", type=int, nargs="+", default=[0, 1],
                    help="1: also the TMA kernel (dsv3.kernels.mla_decode_tma; where it cannot run, the gather one)")
+    p.add_argument("--sweep-each", action="store_true",
+                   help="time the sweep's grid (gather kernel) at every (H, B, ctx) of the table beside its default "
+                        "launch, and print the best per point (short decode contexts differ from 64 x 16K)")
+    p.add_argument("--sweep-splits", type=int, nargs="+", default=[0],
+                   help="with --sweep-each: split counts to try (0: the heuristic's)")
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for mla_decode_bench.json")
     return p.parse_args()
 
@@ -96,6 +101,29 @@ def bench(fn, interpret):
     if ARGS.graph_timing:   # replays from a CUDA graph: no launch gaps (the L2 is not flushed)
         return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sweep_point(inp, H, default_ms, nbytes, interpret):
+    """--sweep-each: the gather kernel's grid (block_n x warps x stages x split counts, 16-row head blocks at 16
+    heads) at one table point; prints the best beside the default launch and returns every timing."""
+    timings, best = [], (default_ms, "default")
+    grid = itertools.product(ARGS.sweep_block_n, ARGS.sweep_warps, ARGS.sweep_stages, ARGS.sweep_splits)
+    if ARGS.tiny:
+        grid = [(16, 4, 1, 0), (32, 4, 2, 0), (16, 4, 1, 2)]
+    for bn, nw, ns, sp in grid:
+        kw = dict(block_h=16 if H <= 16 else 64, block_n=bn, num_warps=nw, num_stages=ns, tma=False, gluon=False,
+                  seesaw=False, num_splits=sp or None)
+        try:
+            ms = bench(lambda kw=kw: mla_decode_triton(*inp, **kw), interpret)
+        except Exception as e:  # e.g. out of shared memory for this tile
+            print(f"    {kw}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+            continue
+        timings.append(dict(kw, ms=ms))
+        if ms < best[0]:
+            best = (ms, f"bn={bn} warps={nw} stages={ns} splits={sp or 'heuristic'}")
+    print(f"    best of {len(timings)}: {best[0] * 1e3:.1f} us ({nbytes / (best[0] * 1e-3) / 1e9:.1f} GB/s), "
+          f"{best[1]}; default {default_ms * 1e3:.1f} us: {default_ms / best[0]:.2f}x")
+    return dict(timings=timings, best_ms=best[0], best=best[1])
 
 
 def main():
@@ -197,6 +225,8 @@ def main():
                 rows.append(row)
                 print(f"{H:4d} {B:4d} {ctx:6d} {splits:6d} {ms * 1e3:9.1f} {gbs:8.1f} "
                       f"{100 * row['frac_copy_bw']:6.1f}% {row['TFLOPs']:8.1f}")
+                if ARGS.sweep_each:
+                    row["sweep"] = sweep_point(inp, H, ms, nbytes, interpret)
             del kv, inp
             if device == "cuda":
                 torch.cuda.empty_cache()
