@@ -58,6 +58,8 @@
 #                                   (~6 min)
 #   bash benchmarks/gpu_next.sh Z   the 16-head gather MLA kernel's launch grid at every B x context of lite's decode
 #                                   (1-64 x 256-16K, CUDA-graph replays) beside the default launch (~6 min)
+#   bash benchmarks/gpu_next.sh F   issue 17: lite-8L's full recipe (configs/lite-8L.toml, as `dsv3 train` runs it)
+#                                   profiled by op category, the GPU's idle time included (~4 min)
 #   bash benchmarks/gpu_next.sh P   the column quantisers without a reduction per tile: CUDA bit tests, sweeps (~6 min)
 #                                   beside the replay's errors, then the file's CUDA cases (SHORT=1: that case only)
 #   bash benchmarks/gpu_next.sh e   FP8 (block, row-fp8-wgrad) vs BF16 loss over 300 steps beside BF16 from two more
@@ -499,6 +501,16 @@ prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, prog
       --contexts 256 1024 4096 16384 --sweep-each --graph-timing --sweep-stages 2 3 4 --sweep-tma 0 \
       > "$OUT/mla16_sweep.txt" 2>&1
     grep -E "^ *16 |best of|failed|Error" "$OUT/mla16_sweep.txt" | head -80 ;;
+  F)    # thirty-third session (~4 min): where lite-8L's full recipe (MTP, balance loss, split masters, BF16
+        # moments, compiled) spends its step today: 26.7% MFU against 45% asked. The last profile by category was of
+        # the peer-equivalent work (no MTP) before the one-pass AdamW and gradient norm; the thirty-second session
+        # judged the host reads (`sums.tolist()`, `grad_norm.item()`) < 1 ms a step: the table's idle row says
+    install_wheels
+    timeout 150 python -c "from dsv3.train.config import DataConfig; from dsv3.train.dataset import prepare_dataset
+prepare_dataset(DataConfig(sources=['stdlib'], cache_dir='out/data'), 8192, progress=False)" > "$OUT/data.log" 2>&1
+    OUT=$OUT/prof timeout 220 python benchmarks/train_lite8l.py --config configs/lite-8L.toml \
+      --steps 8 --warmup 3 --profile --tag full_recipe > "$OUT/full_recipe.txt" 2>&1
+    grep -vE "Warn|warn" "$OUT/full_recipe.txt" | tail -40 ;;
   X)    # thirty-first session: U's A/B on small-gpu (~4 min; ~40M parameters, 2 micro-batches of 16 x 512: a step
         # of many small kernels, where graphs should matter more than at lite-8L's +0.5%)
     CONFIG=configs/small-gpu.toml SKIP_TESTS=1 RUN_S=150 bash "$0" U ;;

@@ -374,6 +374,10 @@ def main() -> None:
             print(f"[{tag}] {'GPU' if dev.type == 'cuda' else 'CPU'} time per step by op category:")
             for c in cats:
                 print(f"  {c['category']:30s} {c['ms_per_step']:8.2f} ms  {c['share']:6.1%}")
+            if dev.type == "cuda":   # kernels serialise on one stream: the timed step less their sum is idle time
+                busy = sum(c["ms_per_step"] for c in cats)
+                res["profile_idle_ms"] = sec * 1e3 - busy
+                print(f"  {'GPU idle (timed step - kernels)':30s} {sec * 1e3 - busy:8.2f} ms  of {sec * 1e3:.1f}")
     if main_rank:
         (out / f"{tag}.json").write_text(json.dumps(res, indent=1))
     if torch.distributed.is_initialized():
