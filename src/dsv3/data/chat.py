@@ -6,8 +6,14 @@ those characters, not a forged assistant turn. So before rendering, every specia
 (found as the tokenizer finds them) is swapped for a sentinel that no text can hold (random digits, drawn per call);
 the template then renders as usual (its own edits of content, a trim or a split, still apply), and the result is
 encoded piece by piece: the text between sentinels with special tokens recognised (only the template's own are left
-there), each sentinel as its special string split into ordinary tokens. Content without special-token strings thus
-encodes exactly like the plain rendered text.
+there), each sentinel as its special string split into ordinary tokens.
+
+A marker can also be spelled across strings: two system messages "<｜Assis" and "tant｜>" that a template joins, or
+content ending "<｜end▁of▁" before text that completes it. So each message content's edges are escaped as well: its
+longest ending that begins a special-token string, its longest start that ends one, and the whole content when it lies
+inside one (any marker spelled across contents takes one of those from some content). Content that holds no
+special-token string and has no such edge encodes exactly like the plain rendered text; an escaped edge is encoded on
+its own (a ">" that starts a quote: the same ids wherever the pre-tokenizer splits there anyway).
 
 Every string a request carries is user text, not only `content`: a past tool call's name and arguments, a tool's
 output, the tool definitions (names, descriptions, JSON-schema keys and values) are escaped the same way. The
@@ -85,12 +91,17 @@ class ChatTemplate:
         # every added token is text.
         strings = json_strings((messages, tools))
         spans = dict(zip(strings, tokenizer.special_spans(strings)))
-        if not any(spans.values()):
-            return [(self.render(messages, add_generation_prompt, tools, **variables), False)]
-        own = [m["content"] for m in messages if m.get("role") == "assistant" and isinstance(m.get("content"), str)]
+        # contents get their own tables (with their edges): a role or key equal to some content is left as it is
+        texts = [(m.get("role") == "assistant", m["content"]) for m in messages if isinstance(m.get("content"), str)]
+        contents, own = [t for a, t in texts if not a], [t for a, t in texts if a]
+        affixes = tokenizer.added_affixes
         added = tokenizer.backend.get_added_tokens_decoder().values() if own else ()
         tags = {t.content for t in added if t.content in REASONING_TAGS and not t.special}
-        own_spans = {text: [(a, b) for a, b in spans[text] if text[a:b] not in tags] for text in own}
+        content_spans = {text: _with_edges(text, spans[text], affixes) for text in contents}
+        own_spans = {text: _with_edges(text, [(a, b) for a, b in spans[text] if text[a:b] not in tags], affixes)
+                     for text in own}
+        if not any(spans.values()) and not any(content_spans.values()) and not any(own_spans.values()):
+            return [(self.render(messages, add_generation_prompt, tools, **variables), False)]
         mark = f"\ue000{secrets.randbelow(10**16):016d}:"
         found: list[str] = []                                   # sentinel k stands for found[k]
 
@@ -103,10 +114,11 @@ class ChatTemplate:
                     end = b
                 return "".join(out) + text[end:]
             return escape
-        escape, escape_own = escaper(spans), escaper(own_spans)
+        escape, escape_own, escape_content = escaper(spans), escaper(own_spans), escaper(content_spans)
         escaped_messages = [
-            {k: escape_own(v) if k == "content" and m.get("role") == "assistant" and isinstance(v, str)
-             else _map_strings(v, escape) for k, v in m.items()} for m in messages]
+            {k: (escape_own if m.get("role") == "assistant" else escape_content)(v)
+             if k == "content" and isinstance(v, str) else _map_strings(v, escape) for k, v in m.items()}
+            for m in messages]
         escaped_tools = _map_strings(tools, escape)
         rendered = self.render(escaped_messages, add_generation_prompt, escaped_tools, **variables)
         parts = re.split(re.escape(mark) + r"(\d+)" + MARK_END, rendered)
@@ -117,6 +129,25 @@ class ChatTemplate:
     def encode(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                tools: list[dict] | None = None, **variables) -> list[int]:
         return encode_pieces(tokenizer, self.pieces(tokenizer, messages, add_generation_prompt, tools, **variables))
+
+
+def _with_edges(text: str, spans: list[tuple[int, int]], affixes: tuple) -> list[tuple[int, int]]:
+    """`spans` (the special-token strings in text, in order) plus the edges through which text could spell one with
+    what a template puts beside it: the longest ending of its last stretch that is a proper prefix of some added-token
+    string, the longest start of its first stretch that is a proper suffix of one, or the whole text when it has none
+    and lies inside one."""
+    prefixes, suffixes, strings, longest = affixes
+    if not text or not longest:
+        return spans
+    if not spans and len(text) < longest and any(text in t for t in strings):
+        return [(0, len(text))]
+    head_end = spans[0][0] if spans else len(text)
+    tail_start = spans[-1][1] if spans else 0
+    head = next((i for i in range(min(head_end, longest - 1), 0, -1) if text[:i] in suffixes), 0)
+    tail = next((i for i in range(min(len(text) - tail_start, longest - 1), 0, -1) if text[-i:] in prefixes), 0)
+    if not spans and head + tail >= len(text):      # the two edges meet: the whole text
+        return [(0, len(text))] if head or tail else spans
+    return ([(0, head)] if head else []) + list(spans) + ([(len(text) - tail, len(text))] if tail else [])
 
 
 def json_strings(value, max_depth: int | None = None) -> list[str]:

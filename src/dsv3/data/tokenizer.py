@@ -148,6 +148,14 @@ class Tokenizer:
         return finder
 
     @functools.cached_property
+    def added_affixes(self) -> tuple[frozenset[str], frozenset[str], tuple[str, ...], int]:
+        """(proper prefixes, proper suffixes, strings, longest length) of the added-token strings (flagged special or
+        not, as `special_spans` finds them): what a chat content's edges are checked against (dsv3.data.chat)."""
+        strings = tuple(sorted({t.content for t in self._tok.get_added_tokens_decoder().values()}))
+        return (frozenset(t[:i] for t in strings for i in range(1, len(t))),
+                frozenset(t[i:] for t in strings for i in range(1, len(t))), strings, max(map(len, strings), default=0))
+
+    @functools.cached_property
     def max_token_bytes(self) -> int:
         """The most UTF-8 bytes one token stands for (at least): a text of n characters has at least
         n / max_token_bytes tokens, a bound that refuses an over-long prompt without tokenising it."""
