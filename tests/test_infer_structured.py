@@ -21,7 +21,9 @@ pytest.importorskip("llguidance", reason="structured outputs need llguidance (CI
 import openai  # noqa: E402
 from serve_fixture import DEFAULT_CONFIG, build_engine, start_server  # noqa: E402
 
+from dsv3.data import SPECIAL_TOKENS  # noqa: E402
 from dsv3.infer import Engine, EngineConfig, SamplingParams  # noqa: E402
+from dsv3.infer.structured import GRAMMAR_ERROR  # noqa: E402
 from dsv3.infer.requests import check_request  # noqa: E402
 
 PROMPTS = ["def read_file(path):", "import os", "The quick brown", "class Point:"]
@@ -121,10 +123,41 @@ def test_logprobs_are_the_models_own(engine):
     assert out.logprobs[0][0] < free.logprobs[0][0]
 
 
+def test_marker_text_and_long_choice_lists_are_held_as_text(engine):
+    """A choice spelling a marker's text comes out as that text in ordinary tokens (llguidance's forced text was
+    tokenised with the markers recognised: the marker alone was allowed, then refused once sampled, and the output
+    ended as a "stop" on an empty text); a list of 2,500 choices is held to the end (as a rule of alternatives it
+    passed llguidance's 2,000 items a row and failed mid-output)."""
+    tok = engine.tokenizer
+    marker = SPECIAL_TOKENS["user"]
+    long = [f"option number {i}" for i in range(2500)]
+    for spec, allowed in (({"type": "choice", "choices": [marker]}, {marker}),
+                          ({"type": "choice", "choices": long}, set(long))):
+        for o in engine.generate(PROMPTS[:2], [SamplingParams(temperature=t, seed=1, max_tokens=40,
+                                                              structured_output=spec) for t in (0.0, 1.0)]):
+            assert o.finish_reason == "stop" and o.text in allowed, (o.text, o.token_ids)
+            assert all(t >= len(SPECIAL_TOKENS) for t in o.token_ids if t != tok.eos_id), o.token_ids
+
+
+WIDE = "start: a\na: " + " | ".join(f'"x{i}"' for i in range(2500))    # a row of 2,500 items: past llguidance's limit
+
+
+def test_a_grammar_that_fails_mid_output_is_not_a_stop(engine):
+    """A grammar that compiles and takes its first token, then passes a parser limit, ends the output with
+    GRAMMAR_ERROR (before: "stop", as if its text satisfied it); the batch beside it is untouched."""
+    params = [SamplingParams(temperature=0.0, max_tokens=20, structured_output={"type": "grammar", "lark": WIDE}),
+              SamplingParams(temperature=0.0, max_tokens=8)]
+    failed, free = engine.generate(PROMPTS[:2], params)
+    assert failed.finish_reason == GRAMMAR_ERROR
+    assert free.text == engine.generate(PROMPTS[1:2], params[1])[0].text
+
+
 @pytest.mark.parametrize("spec, says", [
     ({"type": "regex", "pattern": "[0-9"}, "regex"),
     ({"type": "grammar", "lark": "start: missing_rule"}, "unknown name"),
     ({"type": "json_schema", "schema": {"type": "objec"}}, "objec"),
+    ({"type": "regex", "pattern": "[^\\x00-\\x{10FFFF}]"}, "no output can satisfy"),     # matches nothing
+    ({"type": "grammar", "lark": "start: start"}, "no output can satisfy"),
 ])
 def test_a_spec_that_does_not_compile_is_one_error(engine, spec, says):
     with pytest.raises(ValueError, match=says) as e:
@@ -192,6 +225,43 @@ def test_bad_structured_requests_are_400s(client, body, says):
     with pytest.raises(openai.BadRequestError, match=says):
         client.chat.completions.create(model="dsv3-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
                                        extra_body=body)
+
+
+def test_a_grammar_failed_mid_output_is_a_400_or_an_error_event(client):
+    """Through the server the failed grammar is the client's 400 (streamed: an error event, then [DONE]), not a 200
+    whose text breaks the constraint."""
+    body = {"model": "dsv3-tiny", "prompt": "x", "max_tokens": 20, "temperature": 0,
+            "structured_outputs": {"grammar": WIDE}}
+    r = httpx.post(f"{client.base_url}completions", json=body, timeout=60)
+    assert r.status_code == 400 and "structured output failed" in r.json()["error"]["message"], r.text
+    with httpx.stream("POST", f"{client.base_url}completions", json=dict(body, stream=True), timeout=60) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]", events
+    assert "structured output failed" in json.loads(events[-2].removeprefix("data: "))["error"]["message"]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs"),
+    ({"guided_regex": "[a-"}, "guided_regex"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+     "response_format"),
+])
+def test_a_structured_output_that_does_not_compile_names_its_field(client, extra, param):
+    for path, body in (("completions", {"prompt": "x"}), ("chat/completions",
+                                                          {"messages": [{"role": "user", "content": "hi"}]})):
+        r = httpx.post(f"{client.base_url}{path}", json={"model": "dsv3-tiny", "max_tokens": 5, **body, **extra},
+                       timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
+
+
+def test_the_schema_true_is_any_json_value(client):
+    r = httpx.post(f"{client.base_url}completions", json={"model": "dsv3-tiny", "prompt": "x", "max_tokens": 30,
+                                                          "temperature": 0, "structured_outputs": {"json": True}},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        json.loads(choice["text"])
 
 
 def test_a_lone_surrogate_in_a_pattern_is_a_400(client):

@@ -38,7 +38,7 @@ from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .speculation import SpecInFlight, Speculation
 from .stop_rules import StopRules
-from .structured import StructuredOutputs
+from .structured import GRAMMAR_ERROR, StructuredOutputs
 
 
 def device_memory_free(device: torch.device) -> int | None:
@@ -458,10 +458,10 @@ class Engine:
     def _append(self, seq: Sequence, token: int) -> None:
         """Add a generated token; finish the sequence if it stops there (dsv3.infer.stop_rules)."""
         seq.token_ids.append(token)
-        complete = self.structured.advance(seq, token)     # a grammar that is complete ends the output
+        grammar = self.structured.advance(seq, token)      # a grammar that is complete (or failed) ends the output
         reason = self.stops.reason(seq)
-        if complete and not reason:
-            reason = "stop"
+        if grammar == GRAMMAR_ERROR or (grammar and not reason):
+            reason = grammar
             if self.tokenizer is not None:
                 seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         if reason:

@@ -19,6 +19,11 @@ class RequestRefused(ValueError):
     What a server's engine loop or a disaggregated worker hands back for the request, across a pipe if need be."""
 
 
+class GrammarFailed(RequestRefused):
+    """A request's structured output failed mid-way (finish reason dsv3.infer.structured.GRAMMAR_ERROR: a grammar
+    past the parser's limits at run time): its output does not satisfy the constraint; a server's 400."""
+
+
 class StepFailed(RuntimeError):
     """The engine step that ran a request failed (a forward out of memory, a kernel error): nothing the client did;
     a server's 503, to retry. The message says only that: the cause, with its traceback, is logged where it ran."""

@@ -7,8 +7,9 @@ every token the grammar does not allow next (a token bitmask from llguidance's m
 the structured-output backend of vLLM and llama.cpp; an optional dependency, `pip install llguidance`; computed on
 the host while the device runs the step's forward, which it does not wait for, a batch's rows in llguidance's
 threads); after the token is read on the host, the matcher consumes it. When the grammar is complete the output
-ends (finish reason "stop"; EOS is allowed only where the grammar may end). Log-probabilities stay the model's own
-(as for logit_bias).
+ends (finish reason "stop"; EOS is allowed only where the grammar may end); when the matcher fails mid-way (one of
+its resource limits), the finish reason is GRAMMAR_ERROR. Log-probabilities stay the model's own (as for
+logit_bias).
 
 Each constrained sequence's mask needs its previous token on the host: such a batch does not chain under the
 overlap schedule (dsv3.infer.overlap) and takes no speculative step (dsv3.infer.speculation); batches without one
@@ -21,11 +22,18 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 
 import torch
 
 from .overlap import to_device
 from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+# the finish reason of an output whose grammar failed mid-way (StructuredOutputs.advance); a server answers it as a
+# 400 (dsv3.infer.requests.GrammarFailed), not as a finished output
+GRAMMAR_ERROR = "grammar_error"
 
 KINDS = {"json_object": None, "json_schema": "schema", "regex": "pattern", "choice": "choices", "grammar": "lark",
          "llguidance": "grammar"}
@@ -74,11 +82,18 @@ def grammar_of(spec: dict) -> str:
     if kind == "json_object":
         return M.grammar_from_json_schema({"type": "object"}, defaults=options)
     if kind == "json_schema":
-        return M.grammar_from_json_schema(json.dumps(spec["schema"]), defaults=options)
+        schema = spec["schema"]
+        if schema is False:
+            raise ValueError("structured_output json_schema: the schema false accepts no value")
+        # true, JSON Schema's "any value", is {} to llguidance (which refuses a boolean beside its options)
+        return M.grammar_from_json_schema(json.dumps({} if schema is True else schema), defaults=options)
     if kind == "regex":
         return M.grammar_from_regex(spec["pattern"])
-    if kind == "choice":      # a Lark alternation of string literals (JSON's escapes are Lark's)
-        return M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec["choices"]))
+    if kind == "choice":
+        # one terminal, an alternation of string literals (JSON's escapes are Lark's): the lexer's automaton holds
+        # them; as a rule of alternatives each choice was an Earley item, and a list past llguidance's 2,000 items a
+        # row failed mid-output
+        return M.grammar_from_lark("start: CHOICE\nCHOICE: " + " | ".join(json.dumps(c) for c in spec["choices"]))
     if kind == "llguidance":  # a whole grammar, composed (dsv3.serve.chat_grammar)
         return spec["grammar"]
     return M.grammar_from_lark(spec["lark"])
@@ -87,8 +102,24 @@ def grammar_of(spec: dict) -> str:
 @functools.lru_cache(maxsize=8)
 def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
     """llguidance's view of our tokenizer (its tokenizer.json), over the model's vocabulary (ids past the
-    tokenizer's are never allowed). ~ms for a small vocabulary, more for V3's: made once per tokenizer."""
-    return _llguidance().LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=list(eos_ids))
+    tokenizer's are never allowed). ~ms for a small vocabulary, more for V3's: made once per tokenizer.
+
+    The special tokens' strings are renamed in llguidance's copy: it masks special tokens out of text, but tokenises
+    the text a grammar forces with the tokenizer itself, which reads "<｜User｜>" as the marker; the mask then allowed
+    only the marker and the matcher refused it once sampled (an output cut short as a "stop"). Renamed, forced text is
+    text tokens, as chat content is (dsv3.data.chat); grammars name markers by id (`<[id]>`, dsv3.serve.chat_grammar),
+    which is unchanged."""
+    spec = json.loads(tokenizer.backend.to_str())
+    vocab = spec.get("model", {}).get("vocab")
+    for t in spec.get("added_tokens", []):
+        if t.get("special"):
+            name = f"\x00dsv3-special-{t['id']}\x00"
+            if isinstance(vocab, dict) and vocab.get(t["content"]) == t["id"]:    # the same token, not a new one
+                vocab[name] = vocab.pop(t["content"])
+            elif isinstance(vocab, list) and t["id"] < len(vocab) and vocab[t["id"]][0] == t["content"]:  # unigram
+                vocab[t["id"]][0] = name
+            t["content"] = name
+    return _llguidance().LLTokenizer(json.dumps(spec), n_vocab=vocab_size, eos_token=list(eos_ids))
 
 
 def compile_check(spec: dict, tokenizer, vocab_size: int) -> None:
@@ -97,8 +128,15 @@ def compile_check(spec: dict, tokenizer, vocab_size: int) -> None:
         raise ValueError("structured outputs need a tokenizer")
     try:
         grammar = grammar_of(spec)
-        error = _llguidance().LLMatcher.validate_grammar(grammar, ll_tokenizer(tokenizer, vocab_size,
-                                                                                (tokenizer.eos_id,)))
+        llt = ll_tokenizer(tokenizer, vocab_size, (tokenizer.eos_id,))
+        error = _llguidance().LLMatcher.validate_grammar(grammar, llt)
+        if not error:
+            # the first mask: a grammar that matches no text at all ("start: start", a regex of an empty class)
+            # compiles, then fails at its first token (vLLM and a JSON schema's own check refuse these up front)
+            m = _llguidance().LLMatcher(llt, grammar, log_level=0)
+            m.compute_bitmask()
+            if m.is_error():
+                error = f"no output can satisfy it ({m.get_error().strip().splitlines()[0][:200]})"
     except ValueError:
         raise
     except Exception as e:          # llguidance's own errors (a schema that is not JSON, ...)
@@ -150,14 +188,20 @@ class StructuredOutputs:
         sub = sub.masked_fill(~allowed, float("-inf"))
         return sub if index is None else scores.index_put((index,), sub)
 
-    def advance(self, seq: Sequence, token: int) -> bool:
-        """The matcher of a constrained sequence consumes its new token; True when the grammar is complete (the
-        output ends there)."""
+    def advance(self, seq: Sequence, token: int) -> str | None:
+        """The matcher of a constrained sequence consumes its new token: "stop" when the grammar is complete (the
+        output ends there), GRAMMAR_ERROR when the matcher failed (a parser limit reached mid-output, or a token the
+        mask allowed and the matcher refused: the output does not satisfy the constraint, and is not a "stop"),
+        else None."""
         m = self.matchers.get(seq.seq_id)
         if m is None:
-            return False
+            return None
         m.consume_token(token)
-        return m.is_stopped() or m.is_error()      # (an error: a token the mask allowed and the matcher did not)
+        if m.is_error():
+            log.warning("request %s: its structured output failed after %d tokens: %s", seq.seq_id,
+                        seq.num_output_tokens, m.get_error().strip().splitlines()[0][:300])
+            return GRAMMAR_ERROR
+        return "stop" if m.is_stopped() else None
 
     def release(self, seq_id: int) -> None:
         self.matchers.pop(seq_id, None)

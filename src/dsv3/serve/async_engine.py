@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 from ..infer import Engine, SamplingParams
 from ..infer.engine import RequestOutput
-from ..infer.requests import RequestLimits, check_request
+from ..infer.requests import GrammarFailed, RequestLimits, check_request
+from ..infer.structured import GRAMMAR_ERROR
 from .engine_loop import EngineLoop, engine_process_main     # the engine's side: its command/step loop
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,10 @@ class AsyncEngineBase:
                     self.num_aborted += out.finish_reason == "abort"
                 if self.on_output is not None:
                     self.on_output(handle, out)
+                if out.finished and out.finish_reason == GRAMMAR_ERROR:   # not an output that met its constraint
+                    out = GrammarFailed(f"structured output failed after {len(out.token_ids)} tokens: the output "
+                                        "could not be held to its grammar (a parser limit reached at run time; "
+                                        "a simpler grammar may pass)")
             if not isinstance(out, RequestOutput) or out.finished:
                 handle.finished = True
                 self._pending -= 1

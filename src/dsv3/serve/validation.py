@@ -139,11 +139,27 @@ def fits_context(limits: RequestLimits, n_prompt: int, max_tokens: int, fields: 
 
 
 def check_prompt(ids: list[int], params: SamplingParams, limits: RequestLimits, tokenizer: Tokenizer,
-                 fields: Fields = Fields()) -> list[int]:
+                 fields: Fields = Fields(), req=None) -> list[int]:
+    """check_request as the API's 400, naming the prompt's field, or for a structured output that does not compile
+    the field that asked for it (`req`'s)."""
     try:
         return check_request(ids, params, limits, tokenizer)
     except (ValueError, TypeError) as e:
-        raise APIError(str(e), param=fields.prompt) from None
+        param = structured_param(req) if req is not None and str(e).startswith("structured_output") else None
+        raise APIError(str(e), param=param or fields.prompt) from None
+
+
+def structured_param(req) -> str:
+    """The request field a structured output came from: response_format, structured_outputs or one of its older
+    guided_* names; else (a chat's forced or strict tool calls, dsv3.serve.chat_grammar) tool_choice."""
+    rf = getattr(req, "response_format", None)
+    if rf is not None and rf.get("type") != "text":
+        return "response_format"
+    if getattr(req, "structured_outputs", None) is not None:
+        return "structured_outputs"
+    guided = [k for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+              if getattr(req, k, None) is not None]
+    return guided[0] if guided else "tool_choice"
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -226,7 +242,8 @@ def plan_completion(req: CompletionRequest, limits: RequestLimits, tokenizer: To
         check_min_tokens(req.min_tokens, 0 if score_only else max_tokens, Fields())
         fits_context(limits, len(ids), max_tokens)
         # the choices differ only in their seed: the prompt and max_tokens are checked once
-        check_prompt(ids, sampling_params(req, max_tokens, 0, req.logprobs, prompt_lp, defaults), limits, tokenizer)
+        check_prompt(ids, sampling_params(req, max_tokens, 0, req.logprobs, prompt_lp, defaults), limits, tokenizer,
+                     req=req)
         plan.prompt_ids.append(ids)
         plan.jobs += [(ids, sampling_params(req, max_tokens, j, req.logprobs, prompt_lp, defaults))
                       for j in range(req.n)]
@@ -258,7 +275,7 @@ def plan_chat(req: ChatCompletionRequest, limits: RequestLimits, tokenizer: Toke
     tail, is_user = pieces[-1] if pieces else ("", False)
     grammar = chat_output_spec(req, tools, tokenizer, template, reasoning_start(None if is_user else tail))
     check_prompt(ids, sampling_params(req, max_tokens, 0, n_top, defaults=defaults, structured=grammar), limits,
-                 tokenizer, fields)
+                 tokenizer, fields, req)
     parsing = chat_parsing(pieces, reasoning, tools)
     jobs = [(ids, sampling_params(req, max_tokens, j, n_top, defaults=defaults, structured=grammar))
             for j in range(req.n)]
