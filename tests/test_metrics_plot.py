@@ -216,3 +216,31 @@ def test_compare_runs(tmp_path):
         assert out.read_bytes().startswith(PNG_SIGNATURE)
     with pytest.raises(ValueError, match="nonexistent"), pytest.warns(UserWarning, match="has no"):
         compare_runs(runs, tmp_path / "x.png", metric="nonexistent")
+
+
+def test_a_tensorboard_writer_that_fails_stops_tensorboard_not_the_run(tmp_path, capsys):
+    """TensorBoard's writer thread re-raises a full disk's OSError through every later call and close(): the run
+    died with a traceback before its checkpoint. Now the first failure is said once, TensorBoard logging stops and
+    metrics.jsonl goes on."""
+    pytest.importorskip("tensorboard", reason="needs the optional `train` extra (CI pins it)")
+
+    class Full:
+        calls = 0
+
+        def __getattr__(self, name):
+            def fail(*args):
+                Full.calls += 1
+                raise OSError(28, "No space left on device")
+            return fail
+
+    log = MetricsLogger(tmp_path, total_steps=3, tensorboard=True, progress=False)
+    log._tb.close()
+    log._tb = Full()
+    for step in (1, 2, 3):
+        log.log_train(step, loss=5.0, lr=1e-3, max_vio=[0.5], moe_layers=["1"])
+        log.log_event(step, "checkpoint saved")
+    log.close()
+    err = capsys.readouterr().err
+    assert err.count("TensorBoard logging stops") == 1 and "No space left" in err
+    assert Full.calls == 2                              # the failed call, then the close that follows it
+    assert [r["step"] for r in read_metrics(tmp_path, kind="train")] == [1, 2, 3]

@@ -65,6 +65,36 @@ def test_a_run_directory_with_user_files_still_starts_and_overwrites(tmp_path):
     assert clear_run(run) == ["config.json", "tokenizer"] and (run / "notes.md").exists()
 
 
+def test_overwrite_deletes_a_runs_files_not_the_users_beside_them(tmp_path):
+    """--overwrite deleted checkpoints/, tensorboard/, plots/ and tokenizer/ whole: a user's notes inside them and
+    the checkpoints a resume had set aside (checkpoints/rewound/, "never deleted") went too. Now file by file; a
+    step directory left holding a user's file is set aside too (the new run's save of that step replaces the
+    directory whole)."""
+    run = tmp_path / "run"
+    save(run, 1)
+    save(run, 2)
+    (run / "config.json").write_text(json.dumps(small_run(tmp_path).to_dict()))
+    mine = {run / "checkpoints" / "README-mine.txt": "a", ck.checkpoint_path(run, 2) / "mynote.txt": "b",
+            run / "tensorboard" / "mine.txt": "c", run / "checkpoints" / "rewound" / "step_00000003-1" / "x": "d",
+            run / "plots" / "my.png": "e"}
+    for f, text in mine.items():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    (run / "tensorboard" / "events.out.tfevents.1.host").write_text("run's")
+    (run / "plots" / "loss.png").write_text("run's")
+    gone = clear_run(run)
+    assert gone[0].startswith("checkpoints (kept: checkpoints/README-mine.txt, checkpoints/rewound")
+    assert "config.json" in gone and not (run / "config.json").exists()
+    assert not (run / "tensorboard" / "events.out.tfevents.1.host").exists()
+    assert not (run / "plots" / "loss.png").exists()
+    moved = list((run / "checkpoints" / "rewound").glob("step_00000002-*"))
+    assert checkpoint_dirs(run) == [] and len(moved) == 1 and (moved[0] / "mynote.txt").read_text() == "b"
+    assert sorted(p.name for p in moved[0].iterdir()) == ["mynote.txt"]           # the save's files are gone
+    for f, text in mine.items():
+        if f.parent.name != "step_00000002":
+            assert f.read_text() == text
+
+
 def tiny_state(value: float) -> dict:
     return {"w": torch.full((4, 4), value)}
 

@@ -208,7 +208,7 @@ class MetricsLogger:
         if rec.get("max_vio") and self._tb is not None:
             names = rec.get("moe_layers") or [str(i) for i in range(len(rec["max_vio"]))]
             for name, v in zip(names, rec["max_vio"]):
-                self._tb.add_scalar(f"balance/max_vio/{name}", v, step)
+                self._tensorboard("add_scalar", f"balance/max_vio/{name}", v, step)
         # the bar shows the main-token loss: the total adds lambda * MTP and alpha * balance terms
         main = rec.get("main_loss")
         self.update(step, main if main is not None else rec.get("loss"), rec.get("lr"), rec.get("tok_per_s"))
@@ -226,8 +226,7 @@ class MetricsLogger:
         rec = self._write({"kind": "event", "step": int(step), "time": time.time(), "message": str(message)})
         if echo:
             tqdm.write(f"[step {step}] {message}", file=sys.stderr)
-        if self._tb is not None:
-            self._tb.add_text("events", str(message), step)
+        self._tensorboard("add_text", "events", str(message), step)
         return rec
 
     def update(self, step: int, loss: float | None = None, lr: float | None = None,
@@ -252,15 +251,35 @@ class MetricsLogger:
         for key, tag in TB_TAGS[kind].items():
             v = rec.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                self._tb.add_scalar(tag, v, rec["step"])
+                self._tensorboard("add_scalar", tag, v, rec["step"])
+
+    def _tensorboard(self, method: str, *args) -> None:
+        """A TensorBoard call that cannot stop the run: its writer thread re-raises a full disk's OSError through
+        every later call (and close), which killed the run with a traceback before its checkpoint. The first
+        failure is said once and TensorBoard logging stops; metrics.jsonl (its own rule: records dropped while
+        it cannot be written) goes on."""
+        if self._tb is None:
+            return
+        try:
+            getattr(self._tb, method)(*args)
+        except Exception as e:  # noqa: BLE001 - anything the writer raises: this log is optional
+            tqdm.write(f"warning: cannot write {self.run_dir / 'tensorboard'} ({e}); TensorBoard logging stops, "
+                       f"{METRICS_FILE} goes on", file=sys.stderr)
+            tb, self._tb = self._tb, None
+            try:
+                tb.close()
+            except Exception:  # noqa: BLE001 - the same failure again
+                pass
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:             # its flush, on a full disk: those records are lost, as _write's are
+                pass
             self._f = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self._tensorboard("close")
+        self._tb = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

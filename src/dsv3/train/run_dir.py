@@ -4,8 +4,9 @@ that continue a run (printed when it stops).
 
 A run directory holds what `dsv3 train` writes (RUN_FILES) and nothing of a run may be mixed with an earlier one:
 a fresh start refuses a directory holding checkpoints (continue it with --resume) or an earlier start's metrics
-(its steps would interleave with the new ones); --overwrite starts afresh, deleting exactly RUN_FILES and nothing
-else the directory holds. check_start reads files only, so every rank of a torchrun job reaches the same answer;
+(its steps would interleave with the new ones); --overwrite starts afresh, deleting what a run wrote of RUN_FILES
+(file by file: a user's file inside checkpoints/ or tensorboard/ stays, and so does checkpoints/rewound/) and
+nothing else the directory holds. check_start reads files only, so every rank of a torchrun job reaches the same answer;
 a resume's checkpoint is verified by every rank, each its share of the checksums (choose_checkpoint).
 """
 
@@ -25,7 +26,8 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..checkpoint.atomic import fsync_path
 from .checkpoint import (checkpoint_dirs, checkpoint_path, checkpoint_step, is_suspect, last_healthy, latest_checkpoint,
-                         verify_checkpoint)
+                         remove_unfinished_saves, verify_checkpoint)
+from .step_dirs import delete_checkpoint
 from .metrics import METRICS_FILE
 
 RUN_FILES = ("checkpoints", METRICS_FILE, "tensorboard", "plots", "baselines.json", "config.json", "tokenizer")
@@ -349,20 +351,49 @@ def set_aside_newer(run_dir: Path, ckpt: Path, layout) -> str | None:
     return note
 
 
+# what a run writes inside RUN_FILES' directories (tensorboard's event files, `dsv3 plot`'s PNGs, the tokenizer's
+# two files); --overwrite deletes these and leaves anything else a user put there
+_OWN = {"tensorboard": lambda f: f.name.startswith("events.out.tfevents."),
+        "plots": lambda f: f.name in ("loss.png", "lr.png", "mtp.png", "maxvio.png", "expert_load.png"),
+        "tokenizer": lambda f: f.name in ("tokenizer.json", "tokenizer_config.json")}
+
+
 def clear_run(run_dir: Path) -> list[str]:
-    """--overwrite: delete what an earlier run wrote into run_dir (RUN_FILES only); returns the names deleted."""
+    """--overwrite: delete what an earlier run wrote into run_dir (RUN_FILES), file by file: a checkpoint's saved
+    files (not a file a user put in its directory: that directory is set aside into checkpoints/rewound/, where the
+    new run's save of the same step cannot replace it), tensorboard's event files, the plots and tokenizer a run
+    writes; checkpoints/rewound/ (what resumes set aside: never deleted) and anything else stay, with the
+    directories holding them. Returns the names deleted (a directory's with what of it was kept)."""
     if foreign := foreign_run_files(run_dir):
         raise FileExistsError(f"{run_dir} is not a run directory; not deleting {', '.join(foreign)}")
     gone = []
     for name in RUN_FILES:
         p = run_dir / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
-        else:
+        if not (p.exists() or p.is_symlink()):
             continue
-        gone.append(name)
+        if not p.is_dir() or p.is_symlink():
+            p.unlink()
+            gone.append(name)
+            continue
+        if name == "checkpoints":
+            remove_unfinished_saves(run_dir)
+            now = int(time.time())
+            for d in checkpoint_dirs(run_dir):
+                delete_checkpoint(d)
+                if d.exists():          # a user's files: out of the way of the new run's save of that step (which
+                    rewound_dir(run_dir).mkdir(exist_ok=True)      # replaces the directory whole)
+                    os.rename(d, set_aside_path(run_dir, d.name, now))
+        else:
+            for f in sorted(p.rglob("*"), reverse=True):       # files before the directories holding them
+                if f.is_file() and not f.is_symlink() and _OWN[name](f):
+                    f.unlink()
+        for d in sorted((q for q in p.rglob("*") if q.is_dir() and not q.is_symlink()), reverse=True):
+            if not any(d.iterdir()):
+                d.rmdir()
+        kept = sorted(str(q.relative_to(run_dir)) for q in p.iterdir())
+        if not kept:
+            p.rmdir()
+        gone.append(name if not kept else f"{name} (kept: {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''})")
     return gone
 
 
