@@ -560,3 +560,30 @@ def test_val_batches_fixed_file_order_and_wraparound(tmp_path):
     empty = make_shards(tmp_path / "e", docs, val_fraction=0.0)
     with pytest.raises(ValueError, match="no documents"):
         val_batches(empty, seq_len=8, n_batches=1, batch_size=1, eos_id=EOS)
+
+
+def test_a_ctrl_c_while_tokenising_stops_the_build(bpe, tmp_path, monkeypatch):
+    """tokenizers' encode_batch swallows a SIGINT that lands inside it (the run then trained to the end): the
+    build records SIGINT / SIGTERM and stops between chunks with a KeyboardInterrupt carrying the signal's number
+    (dsv3.cli's "aborted by SIGINT", 130); the shard directory is not left complete."""
+    import os
+    import signal
+    tok, _ = bpe
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"t{i}.txt").write_text(f"document {i} " * 50)
+    real = type(tok).encode_batch
+
+    def swallowing(self, texts, *args, **kwargs):        # as tokenizers does: the signal lands, nothing raises
+        try:
+            os.kill(os.getpid(), signal.SIGINT)       # its handler runs here, before the next line
+        except KeyboardInterrupt:
+            pass
+        return real(self, texts, *args, **kwargs)
+    monkeypatch.setattr(type(tok), "encode_batch", swallowing)
+    with pytest.raises(KeyboardInterrupt) as e:
+        build_shards(tok, [str(src)], tmp_path / "out", val_fraction=0.0, progress=False)
+    assert e.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler          # the handlers are put back
+    assert not (tmp_path / "out").exists()                                      # built whole or not at all

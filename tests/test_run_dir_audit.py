@@ -95,6 +95,31 @@ def test_overwrite_deletes_a_runs_files_not_the_users_beside_them(tmp_path):
             assert f.read_text() == text
 
 
+def test_a_start_that_fails_before_writing_leaves_no_directory_or_lock(tmp_path, monkeypatch, capsys):
+    """A bad data.tokenizer and data.val_fraction=0 with validation batches are refused before the run claims its
+    directory; a failure after the claim (a Ctrl-C while tokenising) removes the lock file it made and the
+    directory, if it made that too; a directory that was there stays, with the user's files."""
+    import dsv3.train.trainer as trainer_mod
+    cfg = tmp_path / "run.json"
+    for name, extra, says in (("a", {"data": {"tokenizer": str(tmp_path / "nope")}}, "data.tokenizer"),
+                              ("b", {"data": {"val_fraction": 0.0}}, "log.val_batches=2")):
+        cfg.write_text(json.dumps(small_run(tmp_path, name, **extra).to_dict()))
+        assert main(["train", "--config", str(cfg), "--quiet"]) == 2
+        assert says in capsys.readouterr().err and not (tmp_path / name).exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer_mod, "prepare_run_data", interrupted)
+    cfg.write_text(json.dumps(small_run(tmp_path, "c").to_dict()))
+    assert main(["train", "--config", str(cfg), "--quiet"]) == 130
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.md").write_text("mine")
+    cfg.write_text(json.dumps(small_run(tmp_path, "d").to_dict()))
+    assert main(["train", "--config", str(cfg), "--quiet"]) == 130
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["notes.md"]
+
+
 def tiny_state(value: float) -> dict:
     return {"w": torch.full((4, 4), value)}
 

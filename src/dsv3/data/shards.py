@@ -11,11 +11,14 @@ a killed build leaves the previous dataset or none, never a half-written one.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import re
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +201,30 @@ def _build(tokenizer: Tokenizer, out: Path, key: dict, dtype: np.dtype, val_frac
     return ShardSet.open(out)
 
 
+@contextlib.contextmanager
+def _signals_between_chunks() -> Iterator[Callable[[], None]]:
+    """SIGINT / SIGTERM recorded while tokenising and raised between chunks (as KeyboardInterrupt, with the signal's
+    number: dsv3.cli's "aborted by"): `tokenizers`' encode_batch swallows a Ctrl-C that lands inside it, so a run
+    stopped while tokenising its corpus went on to train to the end. Off the main thread: nothing installed."""
+    got: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, lambda signum, frame: got.append(signum))
+
+    def check() -> None:
+        if got:
+            e = KeyboardInterrupt(signal.Signals(got[0]).name)
+            e.signum = got[0]
+            raise e
+    try:
+        yield check
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    check()
+
+
 def _tokenise(tokenizer: Tokenizer, docs: Iterator[Document], writers: dict[str, _SplitWriter],
               val_fraction: float, seed: int, progress: bool) -> None:
     bar = _progress(progress)
@@ -205,19 +232,22 @@ def _tokenise(tokenizer: Tokenizer, docs: Iterator[Document], writers: dict[str,
     # Each document is written one step late, so the last one can still go to a split that would be empty.
     pending: tuple[str, np.ndarray, bool] | None = None
     try:
-        for chunk in _chunks(docs):
-            # documents are text: a special-token string in one ("<｜end▁of▁sentence｜>", "<｜User｜>") is its
-            # characters, never the control token (the chat path's user text: data/chat.py's encode_pieces)
-            for doc, ids in zip(chunk, tokenizer.encode_batch([d.text for d in chunk], split_special_tokens=True)):
-                if not ids:
-                    continue
-                if pending is not None:
-                    writers[pending[0]].add(pending[1], pending[2])
-                split = "val" if val_score(doc.text, seed) < val_fraction else "train"
-                pending = (split, np.asarray(ids, dtype=dtype), doc.is_code)
-            if bar is not None:
-                bar.update(len(chunk))
-                bar.set_postfix(tokens=sum(w.n_tokens for w in writers.values()), refresh=False)
+        with _signals_between_chunks() as check:
+            for chunk in _chunks(docs):
+                # documents are text: a special-token string in one ("<｜end▁of▁sentence｜>", "<｜User｜>") is its
+                # characters, never the control token (the chat path's user text: data/chat.py's encode_pieces)
+                texts = [d.text for d in chunk]
+                for doc, ids in zip(chunk, tokenizer.encode_batch(texts, split_special_tokens=True)):
+                    if not ids:
+                        continue
+                    if pending is not None:
+                        writers[pending[0]].add(pending[1], pending[2])
+                    split = "val" if val_score(doc.text, seed) < val_fraction else "train"
+                    pending = (split, np.asarray(ids, dtype=dtype), doc.is_code)
+                check()
+                if bar is not None:
+                    bar.update(len(chunk))
+                    bar.set_postfix(tokens=sum(w.n_tokens for w in writers.values()), refresh=False)
     finally:
         if bar is not None:
             bar.close()

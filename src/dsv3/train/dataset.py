@@ -32,6 +32,10 @@ def check_corpus(cfg: DataConfig, run_dir: str) -> None:
     cache (data.sources = ["."] around both): their files (config.json, metrics.jsonl, tokenizer.json) would be
     trained on, and as they change the corpus would, so a --resume finds other data and is refused, or stops on
     metrics.jsonl as a malformed JSONL source."""
+    tok = Path(cfg.tokenizer)
+    if cfg.tokenizer and not (tok.is_file() or (tok / "tokenizer.json").is_file()):
+        raise ConfigError(f"invalid run config: data.tokenizer={cfg.tokenizer!r} is neither a tokenizer.json nor a "
+                          f"directory holding one")
     for source in cfg.sources:
         if source != "stdlib":
             source_files(source)

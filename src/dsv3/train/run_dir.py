@@ -169,8 +169,10 @@ def lock_run_dir(run_dir: Path, layout, resume: bool, overwrite: bool, cfg) -> I
     held, error = None, None
     if layout.is_main:
         try:
+            created = (not run_dir.exists(), not (run_dir / LOCK_FILE).exists())
             run_dir.mkdir(parents=True, exist_ok=True)
             held = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held for the run: the lock lives with it)
+            held.dsv3_created = created
             try:
                 fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -395,6 +397,22 @@ def clear_run(run_dir: Path) -> list[str]:
             p.rmdir()
         gone.append(name if not kept else f"{name} (kept: {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''})")
     return gone
+
+
+def release_unused_run_dir(run_dir: Path, held: IO | None) -> None:
+    """A start that failed after lock_run_dir (rank 0's `held`, None elsewhere): the lock file it created is
+    removed, and the directory too if the lock created it and nothing else is there (its refusal wrote nothing)."""
+    if held is None:
+        return
+    created_dir, created_file = getattr(held, "dsv3_created", (False, False))
+    try:
+        held.close()
+        if created_file:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        if created_dir and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _launcher(world: int, command: str = "train") -> str:

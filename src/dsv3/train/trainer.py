@@ -63,7 +63,7 @@ from .metrics import MetricsLogger
 from .adamw_bf16 import AdamWBF16
 from .optim import build_optimizer, compiled_clip_and_step, set_learning_rate
 from .run_data import prepare_run_data, write_run_config
-from .run_dir import check_start, choose_checkpoint, divergence_advice, lock_run_dir
+from .run_dir import check_start, choose_checkpoint, divergence_advice, lock_run_dir, release_unused_run_dir
 from .signals import StopSignals, TrainingInterrupted
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "StepStats", "build_model", "compute_dtype",
@@ -129,31 +129,37 @@ class Trainer(Checkpointing):
         self.layout = Layout(self.device, cfg)     # 2. the process group and the mesh; validates the layout
         # rank 0 claims the run directory before anything is written there: a second run at once is refused
         self.run_lock = lock_run_dir(self.run_dir, self.layout, resume, overwrite, cfg)
-        ckpt, skipped = choose_checkpoint(self.run_dir, self.layout, resume if isinstance(resume, str) else None,
-                                          self.command) if resume else (None, [])
-        self.dtype = compute_dtype(cfg.train.dtype, self.device)
-        show = cfg.log.progress if progress is None else progress
-        data = prepare_run_data(cfg, self.layout, source, resume, overwrite, progress=show)  # 3.
-        self.tokenizer, self.shards, self.loader, self.val = data.tokenizer, data.shards, data.loader, data.val
-        shard_note = self._build_model(init_state, init_source)                              # 4.
-        self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None                  # 5.
-        self._init_checkpointing()
-        if resume:
-            self._resume_from(ckpt)
-            if self.layout.is_main:
-                write_run_config(cfg)      # the resume's overrides, now that its checkpoint has loaded
-        self._prepare_steps()                                                                # 6.
-        self.layout.apply_timeout()         # parallel.timeout_minutes on the groups made since the mesh
-        self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
-                                    start_step=self.step) if self.layout.is_main else NullLogger()   # 7.
-        if resume:
-            self.logger.truncate_after(self.step)
-            for note in skipped:
+        try:
+            ckpt, skipped = choose_checkpoint(self.run_dir, self.layout, resume if isinstance(resume, str) else None,
+                                              self.command) if resume else (None, [])
+            self.dtype = compute_dtype(cfg.train.dtype, self.device)
+            show = cfg.log.progress if progress is None else progress
+            data = prepare_run_data(cfg, self.layout, source, resume, overwrite, progress=show)  # 3.
+            self.tokenizer, self.shards, self.loader, self.val = data.tokenizer, data.shards, data.loader, data.val
+            shard_note = self._build_model(init_state, init_source)                              # 4.
+            self.step, self.tokens, self.spikes, self.loss_ema = 0, 0, 0, None                  # 5.
+            self._init_checkpointing()
+            if resume:
+                self._resume_from(ckpt)
+                if self.layout.is_main:
+                    write_run_config(cfg)      # the resume's overrides, now that its checkpoint has loaded
+            self._prepare_steps()                                                                # 6.
+            self.layout.apply_timeout()         # parallel.timeout_minutes on the groups made since the mesh
+            self.logger = MetricsLogger(self.run_dir, cfg.train.steps, tensorboard=cfg.log.tensorboard, progress=show,
+                                        start_step=self.step) if self.layout.is_main else NullLogger()   # 7.
+            if resume:
+                self.logger.truncate_after(self.step)
+                for note in skipped:
+                    self.logger.log_event(self.step, note)
+                self.logger.log_event(self.step, f"resumed from {ckpt}" + (
+                    " (the newest valid checkpoint)" if skipped and not isinstance(resume, str) else ""))
+            for note in data.notes + ([shard_note] if shard_note else []):
                 self.logger.log_event(self.step, note)
-            self.logger.log_event(self.step, f"resumed from {ckpt}" + (
-                " (the newest valid checkpoint)" if skipped and not isinstance(resume, str) else ""))
-        for note in data.notes + ([shard_note] if shard_note else []):
-            self.logger.log_event(self.step, note)
+        except BaseException:
+            # a start refused or stopped before it wrote anything (its corpus, a Ctrl-C while tokenising): the
+            # directory the lock made goes with it, not left holding only the lock file
+            release_unused_run_dir(self.run_dir, self.run_lock)
+            raise
 
     def _validate_start(self, resume: bool, overwrite: bool, source) -> Source | None:
         """Everything that can refuse the run, before a file is written; sets the device. Returns train.init_from's
@@ -166,6 +172,10 @@ class Trainer(Checkpointing):
         check_start(self.run_dir, resume, overwrite, cfg)
         if source is None:
             check_corpus(cfg.data, cfg.run_dir)
+            if cfg.log.val_batches and cfg.data.val_fraction == 0:
+                raise ConfigError(f"invalid run config: log.val_batches={cfg.log.val_batches} needs validation "
+                                  f"documents, but data.val_fraction=0 sends none; set log.val_batches=0 or raise "
+                                  f"data.val_fraction")
         if source is not None and cfg.parallel.pp > 1:
             raise ConfigError("parallel.pp > 1 trains only on the pre-training corpus (a batch source with a loss "
                               "mask does not go through DualPipeV); use parallel.pp=1")
