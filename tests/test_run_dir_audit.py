@@ -288,6 +288,18 @@ def test_init_from_a_damaged_checkpoint_names_the_file(tmp_path):
         find_source(ck.checkpoint_path(run, 4))
 
 
+def test_init_from_a_run_whose_newest_checkpoint_is_damaged_asks_for_one_by_name(tmp_path):
+    """train.init_from=<run> took an older checkpoint past a damaged newest one without a word."""
+    from dsv3.config import ConfigError
+    from dsv3.train.init_from import find_source
+    run = fake_run(tmp_path)
+    f = save(run, 6) / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:40])
+    with pytest.raises(ConfigError, match=r"skipping checkpoint step_00000006: .*truncated.*name the checkpoint.*"
+                                          r"step_00000004"):
+        find_source(run)
+
+
 def test_an_emptied_checkpoint_without_manifest_is_skipped_not_resumed(tmp_path):
     run = tmp_path / "run"
     save(run, 1)
@@ -298,6 +310,29 @@ def test_an_emptied_checkpoint_without_manifest_is_skipped_not_resumed(tmp_path)
     assert good == ck.checkpoint_path(run, 1)
     assert "has no manifest.json and lacks model.safetensors, optimizer.pt, rng.pt, state.json, config.json" \
         in skipped[0]
+
+
+def test_a_checkpoint_whose_manifest_went_is_skipped_and_an_edited_manifest_is_named(tmp_path):
+    """A checkpoint without manifest.json passed unchecked (the pre-manifest rule) even where the run's other
+    checkpoints have theirs: resumed unverified, or its damage a failed resume with no fallback. A manifest edited
+    into another shape was a KeyError / TypeError traceback."""
+    run = tmp_path / "run"
+    save(run, 1)
+    newest = save(run, 2)
+    (newest / "manifest.json").unlink()
+    good, skipped = newest_valid_checkpoint(run)
+    assert good == ck.checkpoint_path(run, 1) and "which the run's other checkpoints have" in skipped[0]
+    newest = save(run, 3)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    for files in ({k: {"bytes": v["bytes"]} for k, v in manifest["files"].items()}, {k: 5 for k in manifest["files"]},
+                  ["model.safetensors"]):
+        (newest / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+        with pytest.raises(ck.CheckpointError, match="manifest.json is unreadable"):
+            verify_checkpoint(newest)
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    (newest / "state.json").write_text("{")
+    with pytest.raises(ck.CheckpointError, match="state.json"):
+        verify_checkpoint(newest)
 
 
 def test_resume_with_an_edited_config_file_says_what_it_does_not_apply(tmp_path):

@@ -85,9 +85,10 @@ def write_manifest(directory: Path, known: dict[str, dict] | None = None) -> Non
 
 def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> None:
     """Raise CheckpointError naming the first file that is missing, truncated or garbled. A checkpoint written
-    before manifests existed (no manifest.json) passes unchecked. share = (i, n): of the sha256 checks (the slow
-    part: the whole checkpoint is read) only every n-th file from the i-th, the ranks of a job each taking theirs
-    (dsv3.train.run_dir.choose_checkpoint); everything else is checked whole."""
+    before manifests existed (no manifest.json, nor have the run's other checkpoints) passes unchecked. share =
+    (i, n): of the sha256 checks (the slow part: the whole checkpoint is read) only every n-th file from the i-th,
+    the ranks of a job each taking theirs (dsv3.train.run_dir.choose_checkpoint); everything else is checked
+    whole."""
     path = Path(path)
     if not (path / MANIFEST).exists():
         if is_sharded(path):            # the sharded format always had one: written last, it marks the commit
@@ -95,9 +96,18 @@ def verify_checkpoint(path: str | Path, share: tuple[int, int] = (0, 1)) -> None
         lacking = [f for f in SAVED_FILES if f != "ema.safetensors" and not (path / f).is_file()]
         if lacking:                     # emptied by hand, or not a checkpoint at all: never a resume's choice
             raise CheckpointError(f"{path} has no {MANIFEST} and lacks {', '.join(lacking)}")
+        if any((d / MANIFEST).exists() for d in path.parent.glob("step_*") if d != path):
+            # the run writes manifests (its other checkpoints have theirs): this one's was deleted, and nothing
+            # in the directory can be checked
+            raise CheckpointError(f"{path} has no {MANIFEST}, which the run's other checkpoints have: its files "
+                                  f"cannot be verified")
         return
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
+        if not isinstance(files, dict) or not all(
+                isinstance(w, dict) and isinstance(w.get("bytes"), int) and isinstance(w.get("sha256"), str)
+                for w in files.values()):
+            raise ValueError("files must map each name to its bytes and sha256")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / MANIFEST} is unreadable ({e})") from None
     # a file the save writes that the manifest does not list was never checked: the manifest was edited or is of
@@ -202,7 +212,7 @@ def _state_and_rng(path: Path, restore_rng: bool) -> dict:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text())
+    return _read(path / "state.json", lambda f: json.loads(f.read_text()))
 
 
 def _read(path: Path, load: Callable[[Path], object]):

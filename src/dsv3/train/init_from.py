@@ -42,7 +42,7 @@ class Source:
 
 def find_source(path: str | Path) -> Source:
     """Where the weights come from and what the source's model was (reads configs only)."""
-    from .checkpoint import newest_valid_checkpoint
+    from .checkpoint import is_suspect, newest_valid_checkpoint
     from .config import RunConfig
     p = Path(path)
     if not p.is_dir():
@@ -50,9 +50,15 @@ def find_source(path: str | Path) -> Source:
                           f"checkpoints, or a Hugging Face model directory)")
     ckpt = None
     if (p / "checkpoints").is_dir():
-        ckpt, _ = newest_valid_checkpoint(p)
+        ckpt, skipped = newest_valid_checkpoint(p)
         if ckpt is None:
             raise ConfigError(f"invalid run config: train.init_from={str(path)!r}: the run has no valid checkpoint")
+        # a run names its newest checkpoint: an older one (past a damaged or spiking newer one) is taken only when
+        # named, not silently
+        why = skipped[0] if skipped else (f"{ckpt.name} was saved during a loss spike" if is_suspect(ckpt) else "")
+        if why:
+            raise ConfigError(f"invalid run config: train.init_from={str(path)!r}: {why}; name the checkpoint to "
+                              f"start from (e.g. train.init_from={str(ckpt)!r})")
     elif (p / "state.json").exists():
         try:
             verify_checkpoint(p)
