@@ -96,3 +96,18 @@ def test_a_killed_overwrite_never_leaves_a_directory_that_loads_old_and_new_file
     assert main(["export", str(run), str(tmp_path / "fresh")]) == 0
     assert tree(out) == tree(tmp_path / "fresh")
     assert load_pretrained(out).lm_head.weight.dtype == torch.float32
+
+
+def test_a_garbled_checkpoint_config_is_named_with_the_newest_valid_one(tmp_path):
+    """The checkpoint's config.json was read before the checkpoint was verified: a garbled one was a bare JSON
+    error (`dsv3 export` and `dsv3 generate --model RUN`), naming no file."""
+    import shutil
+    from dsv3.train.checkpoint import CheckpointError, checkpoint_dirs
+    from dsv3.train.export import load_run_model
+    t = Trainer(small_run(tmp_path, "y", train={"steps": 4}, log={"val_interval": 0}, checkpoint={"interval": 2}))
+    t.run()
+    newest = checkpoint_dirs(t.run_dir)[-1]
+    (newest / "config.json").write_text('{"model":')
+    with pytest.raises(CheckpointError, match=r"config\.json cannot be read .*newest valid checkpoint is step_0+2"):
+        load_run_model(t.run_dir)
+    shutil.rmtree(t.run_dir)

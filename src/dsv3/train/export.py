@@ -81,7 +81,11 @@ def load_run_model(run_dir: str | Path, step: int | None = None, ema: bool = Fal
 
 
 def _meta_model(ckpt: Path) -> Transformer:
-    cfg = RunConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+    try:        # read before the checkpoint is verified: a damaged one is named as verify_checkpoint names it
+        cfg = RunConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'} cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
     with torch.device("meta"):
         return Transformer(cfg.model)
 
