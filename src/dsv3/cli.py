@@ -245,7 +245,16 @@ def _rank_tag() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse (dsv3.cli_args), run the command; its errors are one line and an exit status: 2 refused (bad input,
     config, checkpoint), 3 a training run diverged, 128 + the signal's number when SIGINT / SIGTERM stopped it."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # section.key=value overrides after an option (`... train.steps=2 --overwrite log.interval=1`): argparse takes
+    # only one run of a positional list (and its intermixed parsing refuses subcommands)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides, extra = [*args.overrides, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "resume", None) == "":
+        parser.error("--resume-from needs a checkpoint: a step, step_N or its path")
     command = " ".join(filter(None, (args.command, getattr(args, "tokenizer_command", None))))
     try:
         return COMMANDS[command](args) or 0

@@ -115,7 +115,8 @@ class ModelConfig:
 
     # ---- validation -------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        if self.q_lora_rank == 0:  # DeepSeek's own configs write 0 for "no query compression"
+        # DeepSeek's own configs write 0 for "no query compression" (false, which equals 0, is refused below)
+        if self.q_lora_rank == 0 and not isinstance(self.q_lora_rank, bool):
             self.q_lora_rank = None
         # in this order: the first field that fails is the one named
         self._check_shapes()
@@ -169,7 +170,7 @@ class ModelConfig:
     def _check_values(self) -> None:
         """The architecture, the real-valued and boolean settings, the token ids and the file's own keys."""
         fail = self._fail
-        if self.model_type not in MODEL_TYPES:
+        if not isinstance(self.model_type, str) or self.model_type not in MODEL_TYPES:
             fail("model_type", f"expected one of {sorted(MODEL_TYPES)} (DeepSeek-V3 / V2 architectures)")
         if self.hidden_act != "silu":
             fail("hidden_act", "only 'silu' (SwiGLU) is supported")

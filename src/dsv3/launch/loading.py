@@ -19,7 +19,21 @@ from ..posttrain.base import is_run_dir, load_model_and_tokenizer, tokenizer_dir
 
 
 def default_device(name: str | None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    """`--device` checked to exist here (one line, before a model is read: a typo or CUDA on a CPU machine was a
+    traceback after loading), else CUDA where there is one."""
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return name
 
 
 def serving_dtype(dtype: torch.dtype | None, device: str) -> torch.dtype:

@@ -406,7 +406,14 @@ def read_config_file(path: str | Path | None, what: str) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{what} config {path} does not exist")
+    kind = "JSON" if path.suffix == ".json" else "TOML"
     try:
-        return json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is not valid {path.suffix[1:].upper() or 'TOML'}: {e}") from None
+        text = path.read_text(encoding="utf-8")
+        d = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid {kind}: {e}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} config {path} is a directory, not a file") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} is not a {what} config: its top level is a {type(d).__name__}, not a table")
+    return d
