@@ -226,3 +226,54 @@ def test_runs_finishing_into_one_directory_keep_every_task(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda i: write_results(tmp_path, f"task{i}", {"acc": 0.5}, [{"i": i}], "v", {}), range(12)))
     assert set(json.loads((tmp_path / "results.json").read_text())) == {f"task{i}" for i in range(12)}
+
+
+def test_files_the_report_did_not_write_are_refused_before_any_question(tmp_path):
+    """A user's samples_t.jsonl or results.png in --out was replaced silently; a results.json that is JSON but not
+    ours was rewritten and the chart then crashed; --out naming a file failed only after the whole evaluation."""
+    task = _task(tmp_path / "t.jsonl", 2)
+    for name, text, says in (("samples_t.jsonl", "mine", "holds samples_t.jsonl"),
+                             ("results.png", "mine", "holds results.png"),
+                             ("results.json", '{"mine": 1, "list": [1, 2]}', "is not a results file")):
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        (out / name).write_text(text)
+        b = Counting()
+        with pytest.raises(ResultsExist, match=says):
+            run.evaluate_mc(b, CharTokenizer(), task, out)
+        assert b.calls == 0 and (out / name).read_text() == text
+    run.evaluate_mc(Counting(), CharTokenizer(), task, tmp_path / "samples_t_jsonl", overwrite=True)   # asked
+    (tmp_path / "file").write_text("data")
+    b = Counting()
+    with pytest.raises(ResultsExist, match="is not a directory"):
+        run.evaluate_mc(b, CharTokenizer(), task, tmp_path / "file")
+    assert b.calls == 0
+
+
+def test_a_non_json_body_and_nan_log_probabilities_fail_their_samples():
+    """A 200 whose body is not JSON ended the run with "Expecting value: line 1 column 1"; NaN log-probabilities
+    were summed, and the argmax over NaNs picked choice 0: scored right where it was the answer."""
+    def html(h):
+        data = b"<html>hello</html>"
+        h.send_response(200)
+        h.send_header("content-type", "application/json")
+        h.send_header("content-length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+    nan = '{"id": "x", "object": "text_completion", "created": 0, "model": "m", "choices": [{"index": 0, ' \
+          '"text": "", "finish_reason": "length", "logprobs": {"token_logprobs": [null, NaN, NaN]}}]}'
+
+    def nan_reply(h):
+        data = nan.encode()
+        h.send_response(200)
+        h.send_header("content-type", "application/json")
+        h.send_header("content-length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+    for reply, says in ((html, "not JSON"), (nan_reply, "no finite log-probabilities")):
+        srv = _Server(reply)
+        try:
+            out = OpenAIBackend(srv.url, "m", max_retries=0, batch=1).loglikelihoods([([5], [6, 7])])
+        finally:
+            srv.close()
+        assert isinstance(out[0], Failure) and says in out[0].error, out

@@ -14,6 +14,8 @@ count it as wrong, and the rest of the run goes on.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,9 +75,12 @@ class EngineBackend:
         from ..infer import SamplingParams
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
         outs = self._run([ctx + cont for ctx, cont in pairs], [params] * len(pairs))
-        return [out if isinstance(out, Failure) else
+        sums = [out if isinstance(out, Failure) else
                 sum(e[0] for e in out.prompt_logprobs[len(ctx) - 1:len(ctx) - 1 + len(cont)])
                 for (ctx, cont), out in zip(pairs, outs)]
+        # a model whose logits overflowed scores NaN: that sample's error, not an argmax over NaNs
+        return [x if isinstance(x, Failure) or math.isfinite(x) else Failure("the model's log-likelihood is not "
+                                                                             "finite (overflow?)") for x in sums]
 
     def generate(self, prompts: list[list[int]], k: int, temperature: float, max_tokens: int, stop: list[str],
                  seed: int) -> list[list[str | Failure]]:
@@ -124,6 +129,8 @@ class OpenAIBackend:
             return Failure(_one_line(e))
         except openai.OpenAIError as e:          # refused (4xx): this request's samples fail, not the run
             return Failure(_one_line(e))
+        except ValueError as e:                  # a 200 whose body is not JSON (a proxy's HTML page)
+            return Failure(f"malformed response from {self.client.base_url}: not JSON ({_one_line(e)})")
         self.failed_in_a_row = 0
         return r
 
@@ -158,8 +165,11 @@ class OpenAIBackend:
             for (ctx, cont), choice in zip(chunk, choices):
                 lps = getattr(getattr(choice, "logprobs", None), "token_logprobs", None)
                 span = lps[len(ctx):len(ctx) + len(cont)] if isinstance(lps, list) else []
-                ok = len(span) == len(cont) and all(isinstance(x, (int, float)) for x in span)
-                out.append(sum(span) if ok else Failure(f"malformed response: no log-probabilities for the "
+                # finite numbers: a NaN (a server's fp16 overflow) compares false with everything, and the argmax
+                # then picked choice 0, scored right where it was the answer
+                ok = len(span) == len(cont) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                    and math.isfinite(x) for x in span)
+                out.append(sum(span) if ok else Failure(f"malformed response: no finite log-probabilities for the "
                                                         f"{len(cont)} continuation tokens"))
         return out
 

@@ -44,18 +44,32 @@ def _read_results(results_file: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ResultsExist(f"{results_file} is not a results file ({e}); move it away or choose another output "
                            f"directory") from None
-    if not isinstance(results, dict):
-        raise ResultsExist(f"{results_file} is not a results file (not an object keyed by task)")
+    if not isinstance(results, dict) or not all(isinstance(v, dict) and isinstance(v.get("metrics"), dict)
+                                                for v in results.values()):
+        raise ResultsExist(f"{results_file} is not a results file (not an object of tasks and their metrics); move "
+                           f"it away or choose another output directory")
     return results
 
 
 def check_out(out_dir: str | Path, task: str, overwrite: bool = False) -> None:
-    """Before a run: refuse to replace `task`'s earlier results in `out_dir` unless `overwrite`."""
-    results_file = Path(out_dir) / "results.json"
+    """Before a run: refuse an `out_dir` that is not a directory, a results.json that is not ours, and to replace
+    `task`'s earlier results, or files of those names that no results.json entry accounts for (a user's), unless
+    `overwrite`."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ResultsExist(f"--out {out} is not a directory")
+    results_file = out / "results.json"
     results = _read_results(results_file)
     if task in results and not overwrite:
         raise ResultsExist(f"{results_file} already holds results for task {task!r}; choose another output "
                            f"directory (--out) or replace them (--overwrite)")
+    # the samples of a task results.json lists, and the chart of a results.json, are ours; the same names otherwise
+    # are someone else's files
+    theirs = [f for f, ours in ((out / f"samples_{task}.jsonl", task in results), (out / "results.png", results))
+              if f.exists() and not ours]
+    if theirs and not overwrite:
+        raise ResultsExist(f"{out} holds {', '.join(f.name for f in theirs)}, which no results.json entry accounts "
+                           f"for; choose another output directory (--out) or replace it (--overwrite)")
 
 
 def write_results(out_dir: str | Path, task: str, metrics: dict, records: list[dict], prompt_version: str,
