@@ -171,6 +171,23 @@ def test_distill_logit_pairs_are_checked_before_the_teacher_runs(base, tmp_path)
         distill_trainer(tmp_path / "kd.json", ['distill.teacher="/nonexistent"'])
 
 
+@pytest.mark.parametrize("override, says", [
+    (["distill.mode=\"logit\"", "distill.top_k=100000"], "distill.top_k=100000 must be at most"),   # a traceback
+    (["distill.max_new_tokens=100000"], "exceed the teacher's context"),        # a cache sized past the context
+    (["distill.samples=3", "distill.temperature=0"], "the same greedy answer"),
+])
+def test_distill_settings_the_teacher_cannot_use_are_refused_before_anything_is_written(base, tmp_path, override,
+                                                                                        says):
+    from dsv3.posttrain.distill import distill_trainer
+    d = {"run_dir": str(tmp_path / "kd"), "distill": {"teacher": str(base), "init": str(base), "prompts": 4,
+                                                       "samples": 1, "max_new_tokens": 4},
+         "train": {"steps": 1, "batch_size": 2, "micro_batch_size": 2, "device": "cpu", "dtype": "fp32"}}
+    (tmp_path / "kd.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=says):
+        distill_trainer(tmp_path / "kd.json", override)
+    assert not (tmp_path / "kd").exists()
+
+
 @pytest.mark.parametrize("kind", ["sft", "grpo", "distill"])
 def test_shipped_configs_validate(kind):
     from dsv3.posttrain.config import read_posttrain_dict, section_from_table

@@ -142,6 +142,16 @@ def test_config_errors_name_the_key(files, override, match):
         sft_trainer(run_file(tmp, base, data, "bad"), [override])
 
 
+def test_an_eval_file_with_no_conversation_is_refused(files):
+    """sft.eval_files naming an empty file trained on without any eval loss, logging "eval data 0 conversations"."""
+    tmp, base, data = files
+    empty = tmp / "empty_eval.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="sft.eval_files: no conversation to evaluate on"):
+        sft_trainer(run_file(tmp, base, data, "noeval"), [f"sft.eval_files={json.dumps([str(empty)])}"])
+    assert not (tmp / "noeval").exists()
+
+
 def test_tokens_count_the_positions_trained_on(files):
     """An SFT step's tokens are its batches' positions (rows x (padded length - 1)), not micro-batches x
     data.seq_len: short conversations padded to their batch's longest made tokens and tok/s several times too high."""

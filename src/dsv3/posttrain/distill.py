@@ -46,6 +46,10 @@ def teacher_conversations(model, tokenizer, template: ChatTemplate, tasks, sampl
     prompts = [template.encode(tokenizer, [{"role": "user", "content": t.prompt}], True) for t in tasks]
     rows = len(tasks) * samples
     longest = max(map(len, prompts)) + max_new_tokens
+    if longest > model.config.max_position_embeddings:      # as grpo refuses it: the cache is sized from it
+        raise ConfigError(f"invalid distill config: prompts of up to {longest - max_new_tokens} tokens + "
+                          f"distill.max_new_tokens={max_new_tokens} exceed the teacher's context of "
+                          f"{model.config.max_position_embeddings}")
     batch = min(rows, 256)
     engine = Engine(model, tokenizer, EngineConfig(block_size=16, num_blocks=batch * -(-longest // 16) + 1,
                                                    max_num_seqs=batch, cuda_graphs=False))
@@ -119,6 +123,9 @@ def distill_trainer(config, overrides: list[str], resume: bool | str = False, ov
     s = section_from_table("distill", d["distill"])
     check_paths("distill", s)
     check_length("distill", d, s.epochs)
+    if s.samples > 1 and s.temperature == 0:
+        raise ConfigError(f"invalid distill config: distill.samples={s.samples} tries at distill.temperature=0 are "
+                          f"the same greedy answer; sample (temperature > 0) or set distill.samples=1")
     if not s.teacher:
         raise ConfigError("invalid distill config: distill.teacher is required (a run directory or a HF directory)")
     # validated (one line naming run_dir) before the teacher samples into it: run_dir="" would be the cwd
@@ -151,14 +158,14 @@ def distill_trainer(config, overrides: list[str], resume: bool | str = False, ov
                                    **({"digits": s.digits, "ops": s.ops} if s.task == "arithmetic" else {}))
             kept, stats = teacher_conversations(teacher, tok, ChatTemplate(chat_template_of(tokenizer_dir(s.teacher))),
                                                 tasks, s.samples, s.temperature, s.max_new_tokens, s.seed)
-            out.mkdir(parents=True, exist_ok=True)
-            write_whole(out / DATA, "".join(json.dumps(r) + "\n" for r in kept))   # resume reads it as done
             lines.append(f"teacher {s.teacher}: kept {stats['kept']} of {stats['problems']} problems "
                          f"({stats['tries']} tries)")
-            if not kept:
+            if not kept:                # before the file: an empty one a --resume would take as the finished data
                 raise ValueError(f"{lines[-1]}: no training conversations (no answer was verified and "
                                  f"well-formatted, <think>...</think><answer>...</answer>); use a stronger "
                                  f"teacher, more distill.samples, or distill.train_files")
+            out.mkdir(parents=True, exist_ok=True)
+            write_whole(out / DATA, "".join(json.dumps(r) + "\n" for r in kept))   # resume reads it as done
     sft = {k: v for k, v in d.items() if k != "distill"}
     sft["sft"] = {"init": s.init, "ema": s.ema, "train_files": files, "eval_fraction": s.eval_fraction,
                   "epochs": s.epochs, "seed": s.seed}
@@ -218,6 +225,9 @@ def _check_logit_pair(s, teacher_vocab: int) -> None:
             (tokenizer_dir(s.teacher) / "tokenizer.json").read_text():
         raise ConfigError("distill.mode='logit' needs the teacher's tokenizer on the student (logits are compared "
                           "id by id); use mode='sequence'")
+    if s.top_k > teacher_vocab:
+        raise ConfigError(f"invalid distill config: distill.top_k={s.top_k} must be at most the teacher's vocab_size "
+                          f"({teacher_vocab})")
     student_vocab = _model_vocab(s.init)
     if student_vocab is not None and student_vocab != teacher_vocab:
         raise ConfigError(f"distill.mode='logit': the teacher's vocab_size {teacher_vocab} != the student's "

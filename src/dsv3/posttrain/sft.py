@@ -144,6 +144,8 @@ def build_sft(d: dict, resume: bool | str = False, overwrite: bool = False, prog
     if section.eval_files:
         val, val_report = read_chat_rows(section.eval_files, base.tokenizer, max_len, _template(base),
                                          section.strict)
+        if not val:              # named files that hold nothing: not a run without its eval loss, said nowhere
+            raise ValueError(f"sft.eval_files: no conversation to evaluate on: {val_report.summary()}")
     else:
         n_val = held_out(cfg, section.eval_fraction, len(train), resume)
         order = list(range(len(train)))
