@@ -277,3 +277,13 @@ def test_a_non_json_body_and_nan_log_probabilities_fail_their_samples():
         finally:
             srv.close()
         assert isinstance(out[0], Failure) and says in out[0].error, out
+
+
+@pytest.mark.parametrize("flags, says", [(["gen", "--k", "0"], "--k must be"), (["mc", "--chat"], "--chat applies"),
+                                         (["needle", "--depths", "2"], "--depths must be")])
+def test_eval_flags_are_checked_before_the_model_is_read(tmp_path, capsys, flags, says):
+    """The flags' ranges were checked only after the model had loaded (minutes for a large checkpoint)."""
+    task = _task(tmp_path / "t.jsonl", 1)
+    assert main(["eval", flags[0], "--task", str(task), "--model", str(tmp_path / "absent"), *flags[1:],
+                 "--out", str(tmp_path / "o")]) == 2
+    assert says in capsys.readouterr().err

@@ -67,8 +67,11 @@ def test_code_config_and_task_file_errors(tmp_path):
     bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"prompt": "no tests"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: a code task row needs"):
         read_code_tasks(bad)
+    with pytest.raises(ValueError, match=r"missing.jsonl does not exist"):        # was: "must be a .jsonl file"
+        read_code_tasks(tmp_path / "missing.jsonl")
+    (tmp_path / "tasks.txt").write_text("x")
     with pytest.raises(ValueError, match=r"must be a .jsonl or .parquet file"):
-        read_code_tasks(tmp_path / "missing.txt")
+        read_code_tasks(tmp_path / "tasks.txt")
 
 
 def test_grpo_run_on_code_tasks(tmp_path, tasks):

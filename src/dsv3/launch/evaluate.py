@@ -14,14 +14,32 @@ from ..checkpoint.generation_config import read_eos_ids
 from ..data import Tokenizer
 from ..data.chat import ChatTemplate
 from ..eval import EngineBackend, OpenAIBackend, run
+from ..eval.report import check_out
 from ..infer import Engine, EngineConfig
 from ..posttrain.base import chat_template_of, tokenizer_dir
 from ..verify import SandboxUnavailable
 from .loading import default_device, load_model
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags' ranges and the output directory, before a model is read (minutes for a large checkpoint): the
+    evaluators check them again where they run (dsv3.eval.run), for their Python callers."""
+    if args.chat and args.mode != "gen":
+        raise ValueError("--chat applies to dsv3 eval gen")
+    per_mode = {"mc": ("limit", "fewshot"), "gen": ("limit", "fewshot", "k", "max_tokens", "temperature"),
+                "code": ("limit", "k", "max_tokens", "temperature", "workers", "memory_mb"), "needle": ()}[args.mode]
+    options = {name: getattr(args, name) for name in per_mode}
+    if args.mode == "code":
+        options["timeout_s"] = args.timeout
+    if args.mode == "needle":
+        options.update(lengths=numbers(args.lengths, int, "--lengths"), depths=numbers(args.depths, float, "--depths"))
+    run.check_options(**options)
+    check_out(args.out, "needle" if args.mode == "needle" else Path(args.task).stem, args.overwrite)
+
+
 def run_eval(args: argparse.Namespace, dtype: torch.dtype | None) -> int:
     """The exit status: 1 when every request failed, else 0; `dtype` the `--dtype` asked (a local engine's)."""
+    check_flags(args)
     if args.server:
         if not args.tokenizer:
             raise ValueError("--server scores token ids: pass --tokenizer (the served model's tokenizer.json)")
@@ -39,8 +57,6 @@ def run_eval(args: argparse.Namespace, dtype: torch.dtype | None) -> int:
                                                                       max_num_seqs=args.max_num_seqs,
                                                                       eos_token_ids=read_eos_ids(args.model))))
     add_bos = run.tokenizer_adds_bos(tok_dir) if args.add_bos == "auto" else args.add_bos == "yes"
-    if args.chat and args.mode != "gen":
-        raise ValueError("--chat applies to dsv3 eval gen")
     if args.mode == "mc":
         metrics = run.evaluate_mc(backend, tokenizer, args.task, args.out, args.fewshot_file, args.fewshot, add_bos,
                                   args.continuation, args.limit, args.seed, args.strict, overwrite=args.overwrite)
