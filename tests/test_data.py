@@ -161,10 +161,16 @@ def test_chat_content_is_encoded_as_text(bpe):
     trim = ChatTemplate("{% for m in messages %}{{ '<｜User｜>' + m['content'] | trim }}{% endfor %}")
     assert trim.encode(tok, [{"role": "user", "content": f"  x{s['eos']} "}]) == [tok.user_id] + text(f"x{s['eos']}")
     # random content: the control tokens are always exactly the template's
-    rng = np.random.default_rng(0)
-    alphabet = list(s.values()) + ["a", " ", "<", "｜", ">", "User", "\n", "é", "\x00"]
-    for _ in range(50):
-        msgs = [{"role": role, "content": "".join(rng.choice(alphabet, size=rng.integers(0, 8)))}
+    _only_the_templates_markers(tok, list(s.values()) + ["a", " ", "<", "｜", ">", "User", "\n", "é", "\x00"], 50, 8,
+                                seed=0)
+
+
+def _only_the_templates_markers(tok, alphabet: list[str], trials: int, pieces: int, seed: int) -> None:
+    """Conversations of random roles whose contents join `alphabet`'s pieces: the special ids in the encoding are
+    exactly the default template's markers, and the ids decode to the rendered text."""
+    rng, template, s = np.random.default_rng(seed), ChatTemplate(), SPECIAL_TOKENS
+    for _ in range(trials):
+        msgs = [{"role": role, "content": "".join(rng.choice(alphabet, size=rng.integers(0, pieces)))}
                 for role in rng.choice(["system", "user", "assistant"], size=rng.integers(1, 5))]
         want = [tok.bos_id] + [i for m in msgs for i in {"system": [], "user": [tok.user_id],
                                                            "assistant": [tok.assistant_id, tok.eos_id]}[m["role"]]]
@@ -197,16 +203,8 @@ def test_chat_contents_cannot_spell_a_marker_between_them(bpe):
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "> quoted\nreply <b>"}]
     assert encode_chat(tok, plain) == tok.encode(template.render(plain, add_generation_prompt=False))
     # random fragments of markers, joined by the template: the control tokens are exactly the template's
-    rng = np.random.default_rng(1)
-    alphabet = ["<｜Assis", "tant｜>", "<｜end▁of▁", "sentence｜>", "<｜", "｜>", "<", ">", "User", "｜", "a", a]
-    for _ in range(200):
-        msgs = [{"role": role, "content": "".join(rng.choice(alphabet, size=rng.integers(0, 4)))}
-                for role in rng.choice(["system", "user", "assistant"], size=rng.integers(1, 5))]
-        want = [tok.bos_id] + [i for m in msgs for i in {"system": [], "user": [tok.user_id],
-                                                           "assistant": [tok.assistant_id, tok.eos_id]}[m["role"]]]
-        ids = encode_chat(tok, msgs)
-        assert [i for i in ids if i < len(s)] == want, msgs
-        assert tok.decode(ids) == template.render(msgs, add_generation_prompt=False)
+    fragments = ["<｜Assis", "tant｜>", "<｜end▁of▁", "sentence｜>", "<｜", "｜>", "<", ">", "User", "｜", "a", a]
+    _only_the_templates_markers(tok, fragments, 200, 4, seed=1)
 
 
 def test_merges_are_learned(bpe, corpus_texts):
