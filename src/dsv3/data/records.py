@@ -15,7 +15,7 @@ class RecordError(ValueError):
 
 def iter_records(path: str | Path, what: str = "records") -> Iterator[tuple[str, object]]:
     path = Path(path)
-    if not path.exists():
+    if path.suffix in (".jsonl", ".parquet") and not path.exists():
         raise RecordError(f"{what}: {path} does not exist")
     if not path.is_file() or path.suffix not in (".jsonl", ".parquet"):
         raise RecordError(f"{what} must be a .jsonl or .parquet file, got {path}")
