@@ -378,3 +378,15 @@ def test_an_output_cut_off_right_after_the_begin_marker_keeps_it_as_content():
     for text in (f"hi{CB}", f"hi{CB}  "):
         message, reason = chat_message(ChatParsing(tools=NAMES), text, "length")
         assert (message["content"], reason) == (text, "length") and "tool_calls" not in message
+
+
+def test_an_assistant_turn_keeps_its_reasoning_tags_and_escapes_their_halves():
+    """The edge escaping (dsv3.data.chat) must not take a whole kept tag for a content lying inside a marker: an
+    assistant turn that is exactly "<think>" keeps the tag's token; one ending "</think" (half a tag) is text."""
+    tok = deepseek_like_tokenizer()
+    template = ChatTemplate()
+    think = tok.backend.token_to_id("<think>")
+    ids = template.encode(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>"}], False)
+    assert think in ids
+    half = template.encode(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a</think"}], False)
+    assert tok.backend.token_to_id("</think>") not in half and tok.decode(half).endswith("a</think" + E)

@@ -98,7 +98,8 @@ class ChatTemplate:
         added = tokenizer.backend.get_added_tokens_decoder().values() if own else ()
         tags = {t.content for t in added if t.content in REASONING_TAGS and not t.special}
         content_spans = {text: _with_edges(text, spans[text], affixes) for text in contents}
-        own_spans = {text: _with_edges(text, [(a, b) for a, b in spans[text] if text[a:b] not in tags], affixes)
+        # the edges are found beside every added token (a kept tag bounds a stretch too), then the tags kept
+        own_spans = {text: [(a, b) for a, b in _with_edges(text, spans[text], affixes) if text[a:b] not in tags]
                      for text in own}
         if not any(spans.values()) and not any(content_spans.values()) and not any(own_spans.values()):
             return [(self.render(messages, add_generation_prompt, tools, **variables), False)]
