@@ -122,10 +122,16 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
     return _llguidance().LLTokenizer(json.dumps(spec), n_vocab=vocab_size, eos_token=list(eos_ids))
 
 
+class StructuredOutputError(ValueError):
+    """A structured output that cannot be followed for this tokenizer (compile_check): a server names the request
+    field that asked for it (dsv3.serve.validation), not the prompt."""
+
+
 def compile_check(spec: dict, tokenizer, vocab_size: int) -> None:
-    """ValueError with the grammar's first error line if the spec does not compile for this tokenizer."""
+    """StructuredOutputError with the grammar's first error line if the spec does not compile for this tokenizer,
+    or no text satisfies it."""
     if tokenizer is None:
-        raise ValueError("structured outputs need a tokenizer")
+        raise StructuredOutputError("structured outputs need a tokenizer")
     try:
         grammar = grammar_of(spec)
         llt = ll_tokenizer(tokenizer, vocab_size, (tokenizer.eos_id,))
@@ -137,12 +143,12 @@ def compile_check(spec: dict, tokenizer, vocab_size: int) -> None:
             m.compute_bitmask()
             if m.is_error():
                 error = f"no output can satisfy it ({m.get_error().strip().splitlines()[0][:200]})"
-    except ValueError:
-        raise
+    except ValueError as e:         # grammar_of's own (schema false, llguidance missing): already named
+        raise StructuredOutputError(str(e)) from None
     except Exception as e:          # llguidance's own errors (a schema that is not JSON, ...)
         error = str(e)
     if error:
-        raise ValueError(f"structured_output {spec['type']}: {error.strip().splitlines()[0][:300]}")
+        raise StructuredOutputError(f"structured_output {spec['type']}: {error.strip().splitlines()[0][:300]}")
 
 
 class StructuredOutputs:

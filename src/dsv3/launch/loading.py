@@ -16,6 +16,7 @@ from ..data import Tokenizer
 from ..infer import Engine, EngineConfig
 from ..model import Transformer
 from ..posttrain.base import is_run_dir, load_model_and_tokenizer, tokenizer_dir
+from ..train.device import check_device
 
 
 def default_device(name: str | None) -> str:
@@ -23,16 +24,7 @@ def default_device(name: str | None) -> str:
     traceback after loading), else CUDA where there is one."""
     if not name:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device (cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: this machine has no CUDA device; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    check_device(name, "--device", "--device cpu")
     return name
 
 

@@ -27,6 +27,7 @@ from ..data import ChatTemplate, Tokenizer
 from ..data.chat import encode_pieces
 from ..infer import SamplingParams
 from ..infer.requests import RequestLimits, check_request
+from ..infer.structured import StructuredOutputError
 from .chat_output import ChatParsing, marker_ids
 from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, TokenizeRequest, Tool
 from .reasoning import reasoning_start
@@ -145,7 +146,7 @@ def check_prompt(ids: list[int], params: SamplingParams, limits: RequestLimits, 
     try:
         return check_request(ids, params, limits, tokenizer)
     except (ValueError, TypeError) as e:
-        param = structured_param(req) if req is not None and str(e).startswith("structured_output") else None
+        param = structured_param(req) if req is not None and isinstance(e, StructuredOutputError) else None
         raise APIError(str(e), param=param or fields.prompt) from None
 
 

@@ -32,10 +32,7 @@ def check_corpus(cfg: DataConfig, run_dir: str) -> None:
     cache (data.sources = ["."] around both): their files (config.json, metrics.jsonl, tokenizer.json) would be
     trained on, and as they change the corpus would, so a --resume finds other data and is refused, or stops on
     metrics.jsonl as a malformed JSONL source."""
-    tok = Path(cfg.tokenizer)
-    if cfg.tokenizer and not (tok.is_file() or (tok / "tokenizer.json").is_file()):
-        raise ConfigError(f"invalid run config: data.tokenizer={cfg.tokenizer!r} is neither a tokenizer.json nor a "
-                          f"directory holding one")
+    check_tokenizer(cfg)
     for source in cfg.sources:
         if source != "stdlib":
             source_files(source)
@@ -47,12 +44,17 @@ def check_corpus(cfg: DataConfig, run_dir: str) -> None:
                                   f"corpus's own files or directories instead")
 
 
-def prepare_dataset(cfg: DataConfig, vocab_size: int, progress: bool = True) -> tuple[Tokenizer, ShardSet, Path]:
-    """Tokenizer and shards for `cfg`, built on first use. The tokenizer's vocabulary must fit the model's."""
+def check_tokenizer(cfg: DataConfig) -> None:
+    """data.tokenizer, when given, names a tokenizer.json or a directory holding one."""
     tok = Path(cfg.tokenizer)
     if cfg.tokenizer and not (tok.is_file() or (tok / "tokenizer.json").is_file()):
         raise FileNotFoundError(f"data.tokenizer={cfg.tokenizer!r} is neither a tokenizer.json nor a directory "
                                 f"holding one")
+
+
+def prepare_dataset(cfg: DataConfig, vocab_size: int, progress: bool = True) -> tuple[Tokenizer, ShardSet, Path]:
+    """Tokenizer and shards for `cfg`, built on first use. The tokenizer's vocabulary must fit the model's."""
+    check_tokenizer(cfg)
     root = Path(cfg.cache_dir) / dataset_key(cfg, vocab_size)
     tok_dir = root / "tokenizer"
     if cfg.tokenizer:

@@ -17,11 +17,22 @@ def resolve_device(name: str) -> torch.device:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))      # torchrun: one GPU per process
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    return check_device(name, "train.device", "'cpu' or 'auto'")
+
+
+def check_device(name: str, what: str, instead: str) -> torch.device:
+    """`name` as a device this machine has (cpu, or an existing cuda[:N]); else one line naming `what` (the setting
+    or flag that asked) and what to use `instead` (ConfigError, before anything is read or written)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{what}={name!r} is not a device (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what}={name!r}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r}: this machine has no CUDA device; use 'cpu' or 'auto'")
+        raise ConfigError(f"{what}={name!r}: this machine has no CUDA device; use {instead}")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"train.device={name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        raise ConfigError(f"{what}={name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 
